@@ -1,0 +1,57 @@
+"""The ``aurl`` command line: the only place that parses argv.
+
+Each subcommand lives in a small module of this package with ``register(subparsers)``; heavy
+imports (torch, music21) happen inside the command, so ``aurl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aurl import __version__
+from aurl.errors import AurlError, ConfigError
+
+COMMANDS = ("data", "config", "train", "generate", "evaluate", "analyze")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="aurl",
+        description=(
+            "Aurl learns from MIDI collections and composes new music. Typical session:\n"
+            "  aurl data corpus --name bach-chorales --out corpus/\n"
+            "  aurl data prepare corpus/ --out cache/\n"
+            "  aurl train --preset small data.cache=cache/ --out runs/small\n"
+            "  aurl generate --num-samples 4 --out pieces/\n"
+            "Run 'aurl COMMAND --help' for each command's options."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"aurl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"aurl.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``aurl`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except AurlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

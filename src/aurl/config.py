@@ -1,0 +1,426 @@
+"""Typed, frozen configuration for every layer of Aurl.
+
+One dataclass per concern with its defaults in code. YAML files and ``key=value`` overrides only
+change fields; an unknown key, a wrong type or an out-of-range value raises :class:`ConfigError`
+naming the key and what is allowed, before any work starts.
+
+A YAML file may name another file to inherit from with ``base: other.yaml`` (relative to the
+file); presets are small YAML files shipped in ``aurl/configs/`` (``tiny``, ``small``, ``full``).
+
+This module imports no layer of Aurl (only ``aurl.errors``); every layer imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from aurl.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def _num(default: Any, lo: float | None = None, hi: float | None = None, **kw: Any) -> Any:
+    """A numeric field whose value must lie in ``[lo, hi]`` (either bound optional)."""
+    return field(default=default, metadata={"range": (lo, hi), **kw})
+
+
+# --------------------------------------------------------------------------------------------
+# Concerns
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VocabConfig:
+    """The event vocabulary. Defaults give the design's 774 tokens; counts keep their order."""
+
+    time_unit: Literal["beat", "seconds"] = "beat"
+    steps_per_beat: int = _num(32, 1, 960)  # beat mode: one TIME_SHIFT step = 1/32 beat
+    step_seconds: float = _num(0.015625, 1e-4, 1.0)  # seconds mode: 15.625 ms per step
+    max_shift_steps: int = _num(512, 1, 4096)
+    pitch_min: int = _num(21, 0, 127)
+    pitch_max: int = _num(108, 0, 127)
+    velocity_bins: int = _num(32, 1, 127)
+    tempo_bins: int = _num(32, 1, 256)
+    tempo_min: float = _num(60.0, 1.0, 1000.0)
+    tempo_max: float = _num(200.0, 1.0, 1000.0)
+    num_instruments: int = _num(16, 1, 16)  # General MIDI program families (program // 8)
+
+    def __post_init__(self) -> None:
+        if self.pitch_max < self.pitch_min:
+            raise ConfigError(
+                f"vocab.pitch_max ({self.pitch_max}) is below vocab.pitch_min "
+                f"({self.pitch_min}): set pitch_min <= pitch_max"
+            )
+        if self.tempo_max <= self.tempo_min:
+            raise ConfigError(
+                f"vocab.tempo_max ({self.tempo_max}) must exceed vocab.tempo_min ({self.tempo_min})"
+            )
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Batch-time augmentation on token arrays; each transform fires with its probability."""
+
+    transpose_prob: float = _num(0.5, 0.0, 1.0)
+    transpose_max: int = _num(6, 0, 24)  # semitones, either way; notes kept in range
+    stretch_prob: float = _num(0.0, 0.0, 1.0)
+    stretch_min: float = _num(0.9, 0.1, 10.0)
+    stretch_max: float = _num(1.1, 0.1, 10.0)
+    velocity_prob: float = _num(0.3, 0.0, 1.0)
+    velocity_min: float = _num(0.8, 0.0, 10.0)
+    velocity_max: float = _num(1.2, 0.0, 10.0)
+    instrument_prob: float = _num(0.0, 0.0, 1.0)
+    jitter_prob: float = _num(0.0, 0.0, 1.0)
+    jitter_steps: int = _num(1, 0, 64)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Reading, repairing, splitting, caching and batching."""
+
+    corpus: str = "bach-chorales"
+    cache: str = ""  # token cache folder (``aurl data prepare`` output)
+    out_of_range: Literal["fold", "drop"] = "fold"  # pitches outside the vocab's range
+    drums: Literal["drop", "keep"] = "drop"  # keep: drum notes go to their own family id
+    max_events_per_file: int = _num(2_000_000, 1)  # refuse bigger files: bounded time/memory
+    max_file_bytes: int = _num(64 * 1024 * 1024, 1)
+    valid_fraction: float = _num(0.1, 0.0, 0.5)
+    test_fraction: float = _num(0.1, 0.0, 0.5)
+    polyphony_cap: int = _num(16, 1, 128)
+    window: int = _num(512, 8, 65536)
+    # curriculum: (step, window) pairs; the window grows at each listed step. Empty: fixed window.
+    curriculum: tuple[tuple[int, int], ...] = ()
+    batch_size: int = _num(16, 1, 65536)
+    num_workers: int = _num(0, 0, 256)
+    length_grouped: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """MusicTransformerVAEGAN: backbone, attention variant, VAE and discriminator."""
+
+    mode: Literal["transformer", "vae", "vae_gan"] = "transformer"
+    d_model: int = _num(256, 8, 16384)
+    n_layers: int = _num(4, 1, 256)
+    n_heads: int = _num(4, 1, 256)
+    ff_mult: int = _num(4, 1, 16)
+    dropout: float = _num(0.1, 0.0, 0.9)
+    max_seq_len: int = _num(2048, 8, 1_000_000)
+    attention: Literal["full", "local", "hierarchical"] = "full"
+    local_window: int = _num(256, 1, 1_000_000)
+    global_tokens: int = _num(64, 0, 1_000_000)
+    musical_position: bool = True  # beat/bar embedding derived from the ids
+    grammar_features: bool = True  # sounding-pitch state fed to the model
+    # VAE
+    latent_dim: int = _num(128, 1, 4096)
+    latent_levels: int = _num(3, 1, 3)
+    segment_len: int = _num(64, 4, 65536)
+    encoder_layers: int = _num(2, 1, 64)
+    # GAN discriminator
+    disc_d_model: int = _num(128, 8, 4096)
+    disc_layers: int = _num(2, 1, 64)
+    disc_scales: tuple[int, ...] = (32, 128, 0)  # window lengths; 0 = the whole sequence
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the named losses and their schedules."""
+
+    label_smoothing: float = _num(0.0, 0.0, 0.5)
+    grammar_masked: bool = True  # score over the grammar-allowed ids only
+    grammar_weight: float = _num(0.0, 0.0)
+    kl_weight: float = _num(1.0, 0.0)  # beta
+    kl_anneal_steps: int = _num(2000, 0)
+    free_bits: float = _num(0.25, 0.0)
+    adv_weight: float = _num(0.1, 0.0)
+    feature_matching_weight: float = _num(1.0, 0.0)
+    auto_balance: bool = False  # learned uncertainty weighting
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The explicit training loop."""
+
+    lr: float = _num(3e-4, 0.0, 10.0)
+    min_lr_ratio: float = _num(0.1, 0.0, 1.0)
+    weight_decay: float = _num(0.1, 0.0, 10.0)
+    beta1: float = _num(0.9, 0.0, 1.0)
+    beta2: float = _num(0.95, 0.0, 1.0)
+    warmup_steps: int = _num(200, 0)
+    max_steps: int = _num(5000, 1)
+    grad_accum: int = _num(1, 1, 4096)
+    grad_clip: float = _num(1.0, 0.0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = _num(250, 1)
+    eval_batches: int = _num(50, 1)
+    save_every: int = _num(250, 1)
+    keep_best: int = _num(3, 0)
+    sample_every: int = _num(1000, 0)  # 0 disables sample monitoring
+    sample_tokens: int = _num(256, 1)
+    log_every: int = _num(10, 1)
+    patience: int = _num(0, 0)  # early stopping after this many evaluations; 0: never
+    min_delta: float = _num(0.0, 0.0)
+    max_minutes: float = _num(0.0, 0.0)  # wall-clock budget; 0: none
+    disc_warmup_steps: int = _num(500, 0)
+    disc_lr: float = _num(1e-4, 0.0, 10.0)
+    # multi-stage: (mode, steps) pairs run in order, each starting from the last
+    stages: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling and musical constraints."""
+
+    max_tokens: int = _num(1024, 1)
+    seconds: float = _num(0.0, 0.0)  # 0: no limit in seconds
+    temperature: float = _num(1.0, 0.0, 100.0)
+    top_k: int = _num(0, 0)
+    top_p: float = _num(1.0, 0.0, 1.0)
+    min_p: float = _num(0.0, 0.0, 1.0)
+    repetition_penalty: float = _num(1.0, 0.0, 100.0)
+    beam: int = _num(1, 1, 256)
+    key: str = ""  # e.g. "D minor"; empty: no key constraint
+    key_strictness: float = _num(1.0, 0.0, 1.0)  # 1: out-of-key NOTE_ONs masked
+    pitch_low: int = _num(21, 0, 127)
+    pitch_high: int = _num(108, 0, 127)
+    tempo: float = _num(0.0, 0.0, 1000.0)  # 0: free
+    instruments: tuple[int, ...] = ()  # allowed GM families; empty: all
+    density: float = _num(0.0, 0.0)  # target notes per beat; 0: free
+    polyphony_cap: int = _num(8, 1, 128)
+    window: int = _num(512, 8)
+    window_overlap: int = _num(128, 0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything, nested by concern. Travels inside every checkpoint and output folder."""
+
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion and validation
+# --------------------------------------------------------------------------------------------
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain dicts and lists (JSON/YAML-safe)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "list of " + ", ".join(_type_name(a) for a in typing.get_args(tp) if a is not ...)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in the field's own type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: {value!r} is not allowed")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        if len(args) == 2 and args[1] is ...:
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} items ({_type_name(tp)}), got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build(tp, value, prefix=key)
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a coding error
+
+
+def build(cls: type, values: dict[str, Any] | None = None, *, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (possibly partial, nested) dict, validating every key."""
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in names:
+            raise ConfigError(
+                f"unknown config key {key!r}; known keys here: {', '.join(sorted(names))}"
+            )
+        coerced = _coerce(key, value, hints[name])
+        lo, hi = names[name].metadata.get("range", (None, None))
+        if lo is not None and coerced < lo or hi is not None and coerced > hi:
+            bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise ConfigError(f"{key}: {coerced!r} is out of range; allowed {bounds}")
+        kwargs[name] = coerced
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config YAML, resolving ``base:`` inheritance (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: check the path")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+    if not base_path.is_file() and (PRESET_DIR / f"{base}.yaml").is_file():
+        base_path = PRESET_DIR / f"{base}.yaml"
+    return _merge(read_yaml(base_path, _seen + (path.resolve(),)), data)
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``"training.lr=3e-4"`` -> ``{"training": {"lr": 0.0003}}`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key; use section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Defaults, then the preset, then the YAML file, then ``key=value`` overrides."""
+    merged: dict[str, Any] = {}
+    if preset:
+        preset_path = PRESET_DIR / f"{preset}.yaml"
+        if not preset_path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {preset_names()}")
+        merged = _merge(merged, read_yaml(preset_path))
+    if path is not None:
+        merged = _merge(merged, read_yaml(path))
+    for item in overrides:
+        merged = _merge(merged, parse_override(item))
+    return build(Config, merged)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint)."""
+    return build(Config, values)
+
+
+def write_config(config: Config, folder: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config beside an output folder's contents, atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    text = config.to_yaml() if name.endswith((".yaml", ".yml")) else json.dumps(config.to_dict())
+    tmp.write_text(text)
+    tmp.replace(target)
+    return target

@@ -1,0 +1,31 @@
+"""The one progress helper. Library functions take ``progress=`` (default: silent); the CLI
+passes :func:`bar`, so nothing below the CLI draws bars on its own."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class Progress(Protocol):
+    def __call__(
+        self, items: Iterable[T], *, total: int | None = None, desc: str = ""
+    ) -> Iterator[T]: ...
+
+
+def silent(items: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
+    """No output: the default for library calls and tests."""
+    yield from items
+
+
+def bar(items: Iterable[T], *, total: int | None = None, desc: str = "", **kw: Any) -> Iterator[T]:
+    """A tqdm bar on stderr (plain, greppable; disabled when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    yield from tqdm(
+        items, total=total, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(),
+        dynamic_ncols=True, **kw,
+    )  # fmt: skip
