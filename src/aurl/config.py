@@ -12,6 +12,7 @@ This module imports no layer of Aurl (only ``aurl.errors``); every layer imports
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import types
@@ -273,7 +274,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if len(args) == 2 and args[1] is ...:
             return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} items ({_type_name(tp)}), got {value!r}")
+            raise ConfigError(
+                f"{key}: expected {len(args)} items ({_type_name(tp)}), got {value!r}"
+            )
         return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if tp is bool:
         if isinstance(value, bool):
@@ -371,10 +374,8 @@ def parse_override(item: str) -> dict[str, Any]:
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            pass
     out: dict[str, Any] = {}
     node = out
     parts = key.split(".")

@@ -7,7 +7,9 @@ import argparse
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The config options every command that builds a Config shares."""
-    parser.add_argument("--config", metavar="FILE", help="YAML file (may name a 'base:' to inherit)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file (may name a 'base:' to inherit)"
+    )
     parser.add_argument("--preset", metavar="NAME", help="preset: tiny, small or full")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value",
