@@ -198,6 +198,7 @@ class GenerationConfig:
     pitch_low: int = _num(21, 0, 127)
     pitch_high: int = _num(108, 0, 127)
     tempo: float = _num(0.0, 0.0, 1000.0)  # 0: free
+    tempo_range: tuple[float, ...] = ()  # (low, high) BPM; empty: free
     instruments: tuple[int, ...] = ()  # allowed GM families; empty: all
     density: float = _num(0.0, 0.0)  # target notes per beat; 0: free
     polyphony_cap: int = _num(8, 1, 128)
