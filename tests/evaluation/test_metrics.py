@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from aurl.analysis.keys import parse_key
 from aurl.data.notes import DRUM_PROGRAM, empty_notes, make_notes, notes_from_file
 from aurl.evaluation import metrics as m
 
@@ -57,16 +58,19 @@ def test_pitch_class_entropy_is_log2_12_for_chromatic_scale() -> None:
 
 def test_pitch_in_scale_rate_and_scale_consistency() -> None:
     # D major holds D E G of the six notes (C C C D E G): 3 / 6.
-    assert m.pitch_in_scale_rate(PIECE, 2, "major") == pytest.approx(0.5)
-    assert m.pitch_in_scale_rate(PIECE, 0, "major") == 1.0
-    # A natural minor = C major's classes.
-    assert m.pitch_in_scale_rate(PIECE, 9, "minor") == 1.0
+    assert m.pitch_in_scale_rate(PIECE, "D major") == pytest.approx(0.5)
+    assert m.pitch_in_scale_rate(PIECE, parse_key("C major")) == 1.0
+    # A natural minor = C major's classes; C minor holds C C C D G of six.
+    assert m.pitch_in_scale_rate(PIECE, "A minor") == 1.0
+    assert m.pitch_in_scale_rate(PIECE, "C minor") == pytest.approx(5 / 6)
+    # no key given: the key finder's key (C major here)
+    assert m.pitch_in_scale_rate(PIECE) == 1.0
+    one_class = make_notes(onset=[0, 1], duration=1, pitch=[60, 72])
+    assert math.isnan(m.pitch_in_scale_rate(one_class))  # no key can be found
     assert m.scale_consistency(PIECE) == 1.0
     # C C# D E: no diatonic scale holds three chromatic neighbours, best is 3 of 4.
     cluster = make_notes(onset=[0, 1, 2, 3], duration=1, pitch=[60, 61, 62, 64])
     assert m.scale_consistency(cluster) == pytest.approx(0.75)
-    with pytest.raises(ValueError, match="mode"):
-        m.pitch_in_scale_rate(PIECE, 0, "dorian")
 
 
 def test_polyphony_and_rate() -> None:

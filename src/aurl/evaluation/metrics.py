@@ -23,15 +23,22 @@ import math
 
 import numpy as np
 
+from aurl.analysis.keys import Key, estimate_key, key_from_index, scale_pitch_classes
 from aurl.data.notes import DRUM_PROGRAM
+from aurl.errors import DataError
 
 NAN = float("nan")
 
-# C major and C natural minor as pitch-class masks (MusPy ``_get_scale``); rolled to each root.
-_MAJOR = np.array([1, 0, 1, 0, 1, 1, 0, 1, 0, 1, 0, 1], dtype=bool)
-_MINOR = np.array([1, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 0], dtype=bool)
-# (24, 12): rows 0..11 major on C..B, rows 12..23 natural minor on C..B.
-SCALES = np.stack([np.roll(_MAJOR, r) for r in range(12)] + [np.roll(_MINOR, r) for r in range(12)])
+
+def _scale_masks() -> np.ndarray:
+    """(24, 12) bool: row ``Key.index`` marks the pitch classes of that key's (natural) scale."""
+    masks = np.zeros((24, 12), dtype=bool)
+    for index in range(24):
+        masks[index, scale_pitch_classes(key_from_index(index))] = True
+    return masks
+
+
+SCALES = _scale_masks()
 
 # Note-length classes of Yang & Lerch (mgeval ``note_length_hist``), in beats: whole, half,
 # quarter, 8th, 16th, dotted half .. dotted 16th, half / quarter / 8th triplets.
@@ -155,20 +162,32 @@ def pitch_class_entropy(notes: np.ndarray) -> float:
     return _entropy2(np.bincount(p % 12, minlength=12))
 
 
-def pitch_in_scale_rate(notes: np.ndarray, root: int, mode: str) -> float:
-    """Share of notes whose pitch class lies in the scale (MusPy ``pitch_in_scale_rate``).
+def pitch_in_scale_rate(notes: np.ndarray, key: Key | str | None = None) -> float:
+    """Share of notes whose pitch class lies in the key's scale (MusPy ``pitch_in_scale_rate``).
 
-    ``#(notes in scale) / #(notes)``; the scale is major or natural minor on ``root``
-    (0 = C .. 11 = B), as in MusPy and MuseGAN (Dong et al., AAAI 2018). NaN with no notes.
-    For the key a piece is in, pass the root and mode from ``aurl.analysis.keys``.
+    ``#(notes in scale) / #(notes)``; the scale is the major or natural minor scale of ``key``
+    (from :func:`aurl.analysis.keys.scale_pitch_classes`), as in MusPy and MuseGAN (Dong et al.,
+    AAAI 2018). NaN with no notes.
+
+    Args:
+        notes: Note array.
+        key: A :class:`~aurl.analysis.keys.Key`, a name such as ``"D minor"``, or None for the
+            key :func:`aurl.analysis.keys.estimate_key` finds in the notes (NaN when it cannot
+            find one: fewer than two pitch classes).
+
+    Differs: MusPy takes a root and a mode; None (estimate the key) is ours.
     """
-    if mode not in ("major", "minor"):
-        raise ValueError(f"mode must be 'major' or 'minor', got {mode!r}")
     p = _pitched(notes)["pitch"].astype(np.int64)
     if p.shape[0] == 0:
         return NAN
-    scale = SCALES[(root % 12) + (12 if mode == "minor" else 0)]
-    return float(scale[p % 12].mean())
+    if key is None:
+        try:
+            key = estimate_key(notes)
+        except DataError:
+            return NAN
+    in_scale = np.zeros(12, dtype=bool)
+    in_scale[scale_pitch_classes(key)] = True
+    return float(in_scale[p % 12].mean())
 
 
 def scale_consistency(notes: np.ndarray) -> float:
@@ -401,6 +420,7 @@ SCALAR_METRICS = {
     "pitch_classes_used": pitch_classes_used,
     "pitch_entropy": pitch_entropy,
     "pitch_class_entropy": pitch_class_entropy,
+    "pitch_in_scale_rate": pitch_in_scale_rate,
     "scale_consistency": scale_consistency,
     "polyphony": polyphony,
     "polyphony_rate": polyphony_rate,
