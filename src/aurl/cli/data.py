@@ -55,8 +55,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_corpus(args: argparse.Namespace) -> int:
-    print("aurl data corpus is not built yet")
-    return 1
+    """Write the corpus; print what was written, skipped (with reasons) and capped."""
+    from collections import Counter
+
+    from aurl.data.corpus import MANIFEST, build_corpus
+    from aurl.errors import DataError
+    from aurl.progress import bar
+
+    report = build_corpus(
+        args.name, args.out, rebuild=args.rebuild, workers=args.workers, progress=bar
+    )
+    splits = Counter(f["split"] for f in report.files)
+    print(
+        f"wrote {len(report.files)} MIDI files to {report.out} ({report.copied} copied, "
+        f"{report.converted} converted): {report.duration_s / 60:.1f} min of music, "
+        f"{report.notes:,} notes"
+    )
+    print("split: " + ", ".join(f"{s} {splits[s]}" for s in ("train", "valid", "test")))
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} scores:")
+        for s in report.skipped:
+            print(f"  {s['source']}: {s['reason']}")
+    if report.capped:
+        print(f"repeat expansion capped in {len(report.capped)} scores:")
+        for f in report.capped:
+            print(f"  {f['source']}: {f['repeats']}")
+    print(f"manifest: {report.out / MANIFEST}")
+    if not report.files:
+        raise DataError(f"{report.out}: no score could be converted; see the reasons above")
+    return 0
 
 
 def run_check(args: argparse.Namespace) -> int:
