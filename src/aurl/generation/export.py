@@ -1,0 +1,213 @@
+"""Export generated pieces: MIDI, MusicXML, piano-roll PNG and WAV.
+
+Every writer takes a ``symusic.Score`` (what the tokenizer decodes to) and a path. Heavy
+libraries load only when their format is asked for: music21 for MusicXML, matplotlib for PNG.
+Files are written to a temporary name and renamed, so an interrupted run leaves no half file.
+
+Output names are deterministic (:func:`output_paths`): the same command writes the same names,
+and :func:`check_free` refuses to overwrite existing files unless ``force`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aurl.errors import ConfigError, ConstraintError
+
+FORMATS = ("mid", "musicxml", "png", "wav")
+EXTENSIONS = {"mid": ".mid", "musicxml": ".musicxml", "png": ".png", "wav": ".wav"}
+GRID_PER_BEAT = 4  # MusicXML grid: sixteenth notes
+
+
+def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"mid,png"`` -> ``("mid", "png")``, checked against :data:`FORMATS`.
+
+    Raises:
+        ConfigError: an unknown format.
+    """
+    items = text.split(",") if isinstance(text, str) else list(text)
+    formats = tuple(dict.fromkeys(f.strip().lower() for f in items if f.strip()))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ConfigError(f"--format {','.join(items)}: choose from {','.join(FORMATS)}")
+    return formats
+
+
+def output_paths(
+    out_dir: str | Path, count: int, formats: Sequence[str], *, stem: str = "sample"
+) -> list[dict[str, Path]]:
+    """Deterministic file names: ``{stem}_{i:03d}.{ext}`` for each piece and format."""
+    out = Path(out_dir)
+    return [
+        {fmt: out / f"{stem}_{i:03d}{EXTENSIONS[fmt]}" for fmt in formats} for i in range(count)
+    ]
+
+
+def check_free(paths: Sequence[dict[str, Path]], *, force: bool) -> None:
+    """Refuse to overwrite: raise unless no target exists or ``force`` is set.
+
+    Raises:
+        ConfigError: a target file exists (the message names it and says to pass --force).
+    """
+    if force:
+        return
+    existing = [p for piece in paths for p in piece.values() if p.exists()]
+    if existing:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise ConfigError(
+            f"{existing[0]}{more} already exist: choose another --out or pass --force to overwrite"
+        )
+
+
+def _atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_midi(score: Any, path: str | Path) -> Path:
+    """Standard MIDI file with the score's tempo, velocities, pedal and programs."""
+    return _atomic(Path(path), lambda p: score.dump_midi(str(p)))
+
+
+def score_to_music21(score: Any, *, grid: int = GRID_PER_BEAT) -> Any:
+    """A music21 score of ``score``: one part per program, onsets and durations quantized to a
+    grid of ``1/grid`` beat, simultaneous notes of equal length merged into chords.
+
+    The beat is the score's quarter note (its ticks per quarter, written from the TEMPO tokens),
+    and the first tempo becomes a metronome mark, so the notation follows the generated tempo.
+    """
+    from music21 import chord, instrument, note, stream, tempo
+
+    from aurl.data.notes import DRUM_PROGRAM, notes_from_score
+
+    notes = notes_from_score(score)
+    onset = np.round(notes["onset"] * grid) / grid
+    duration = np.maximum(np.round(notes["duration"] * grid) / grid, 1.0 / grid)
+    out = stream.Score()
+    for program in np.unique(notes["program"]):
+        part = stream.Part()
+        inst = (
+            instrument.UnpitchedPercussion()
+            if program == DRUM_PROGRAM
+            else instrument.instrumentFromMidiProgram(int(program))
+        )
+        part.insert(0, inst)
+        sel = np.flatnonzero(notes["program"] == program)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i in sel:
+            groups.setdefault((float(onset[i]), float(duration[i])), []).append(int(i))
+        for (start, length), members in groups.items():
+            pitches = [int(notes["pitch"][i]) for i in members]
+            element = (
+                note.Note(pitches[0], quarterLength=length)
+                if len(pitches) == 1
+                else chord.Chord(pitches, quarterLength=length)
+            )
+            element.volume.velocity = int(notes["velocity"][members[0]])
+            part.insert(start, element)
+        out.insert(0, part)
+    if len(out.parts) and len(score.tempos):
+        out.parts[0].insert(0, tempo.MetronomeMark(number=round(float(score.tempos[0].qpm))))
+    return out
+
+
+def write_musicxml(score: Any, path: str | Path) -> Path:
+    """MusicXML through music21 (quantized, see :func:`score_to_music21`)."""
+    m21 = score_to_music21(score)
+    return _atomic(Path(path), lambda p: m21.write("musicxml", fp=str(p)))
+
+
+def write_piano_roll(notes: np.ndarray, path: str | Path, *, title: str = "") -> Path:
+    """Piano-roll PNG of a note array: time in seconds across, pitch up, one colour per program.
+
+    Args:
+        notes: Note array (:data:`aurl.data.notes.NOTE_DTYPE`).
+        path: Target ``.png``.
+        title: Optional plot title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    if len(notes):
+        x0, w = notes["onset_s"], np.maximum(notes["duration_s"], 1e-3)
+        y0 = notes["pitch"].astype(np.float64) - 0.4
+        # One rectangle per note, (N, 4 corners, xy), drawn as a single collection (fast).
+        verts = np.stack(
+            [
+                np.stack([x0, y0], -1),
+                np.stack([x0 + w, y0], -1),
+                np.stack([x0 + w, y0 + 0.8], -1),
+                np.stack([x0, y0 + 0.8], -1),
+            ],
+            axis=1,
+        )
+        colours = matplotlib.colormaps["tab20"](notes["program"] % 20)
+        ax.add_collection(PolyCollection(verts, facecolors=colours, edgecolors="none"))
+        ax.set_xlim(0, float((x0 + w).max()) * 1.01)
+        ax.set_ylim(int(notes["pitch"].min()) - 2, int(notes["pitch"].max()) + 2)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("MIDI pitch")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _atomic(Path(path), lambda p: fig.savefig(str(p), format="png"))
+
+
+def write_wav(score: Any, path: str | Path, soundfont: str | Path, sample_rate: int = 44100) -> Path:
+    """Render the score with symusic's synthesizer and a SoundFont (.sf2 / .sf3) to 16-bit WAV.
+
+    Raises:
+        ConfigError: the SoundFont file does not exist.
+    """
+    import symusic
+
+    soundfont = Path(soundfont)
+    if not soundfont.is_file():
+        raise ConfigError(f"--soundfont {soundfont} does not exist: give an .sf2 or .sf3 file")
+    synth = symusic.Synthesizer(sf_path=str(soundfont), sample_rate=sample_rate)
+    audio = np.asfortranarray(synth.render(score, stereo=True), dtype=np.float32)
+    return _atomic(Path(path), lambda p: symusic.dump_wav(str(p), audio, sample_rate, True))
+
+
+def export_piece(
+    score: Any,
+    notes: np.ndarray,
+    paths: dict[str, Path],
+    *,
+    soundfont: str | Path | None = None,
+    title: str = "",
+) -> list[Path]:
+    """Write one piece in every format of ``paths``; returns the paths written, in order.
+
+    Raises:
+        ConstraintError: WAV asked for without a SoundFont.
+    """
+    written = []
+    for fmt, path in paths.items():
+        if fmt == "mid":
+            written.append(write_midi(score, path))
+        elif fmt == "musicxml":
+            written.append(write_musicxml(score, path))
+        elif fmt == "png":
+            written.append(write_piano_roll(notes, path, title=title))
+        elif fmt == "wav":
+            if soundfont is None:
+                raise ConstraintError("--format wav needs --soundfont PATH (an .sf2 or .sf3 file)")
+            written.append(write_wav(score, path, soundfont))
+    return written
