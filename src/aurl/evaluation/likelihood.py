@@ -1,0 +1,203 @@
+"""Likelihood of token sequences under a model: loss, perplexity and bits per note.
+
+Bits per note is the total negative log-likelihood in bits divided by the number of notes
+(NOTE_ON tokens), so models with different tokenizations (our events, MidiTok REMI, an n-gram
+over either) compare on the same pieces. Loss and perplexity are per token and only compare
+within one vocabulary.
+
+Each sequence is a START ... END id array; every token after the first is predicted from the
+tokens before it. A piece longer than ``window`` is scored in overlapping windows: the first
+window scores all its positions, each later window moves on by ``window - context`` tokens and
+scores only its new positions, so every token is scored once with at least ``context`` tokens of
+history (fewer only at the very start of the piece). In ``vae``/``vae_gan`` modes the model
+conditions on the posterior mean of each window itself, so the number is a reconstruction
+loss, not a likelihood bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from aurl.data.vocab import PAD, Kind, Vocab
+from aurl.errors import DataError
+from aurl.progress import Progress, silent
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class LikelihoodResult:
+    """Totals over a set of sequences; the rates are derived from them.
+
+    Attributes:
+        nll: Total negative log-likelihood in nats.
+        tokens: Number of scored tokens (every token after the first of each sequence).
+        notes: Number of NOTE_ON tokens among them.
+        sequences: Number of sequences scored.
+        grammar_violations: Scored tokens the grammar did not allow (scored unmasked instead).
+    """
+
+    nll: float
+    tokens: int
+    notes: int
+    sequences: int = 0
+    grammar_violations: int = 0
+
+    @property
+    def loss(self) -> float:
+        """Mean NLL per token in nats (the cross-entropy the trainer reports)."""
+        return self.nll / self.tokens if self.tokens else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.tokens else float("nan")
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.loss / LN2
+
+    @property
+    def bits_per_note(self) -> float:
+        """Total NLL in bits divided by the number of notes."""
+        return self.nll / LN2 / self.notes if self.notes else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Totals and rates as plain numbers (for ``metrics.json`` and logs)."""
+        return {
+            "nll": self.nll,
+            "tokens": self.tokens,
+            "notes": self.notes,
+            "sequences": self.sequences,
+            "grammar_violations": self.grammar_violations,
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_token": self.bits_per_token,
+            "bits_per_note": self.bits_per_note,
+        }
+
+
+def plan_windows(length: int, window: int, context: int) -> list[tuple[int, int, int]]:
+    """Windows ``(start, end, first)`` covering target positions ``1 .. length - 1`` once.
+
+    The window feeds ``ids[start:end]`` and scores the targets ``first .. end - 1``; each later
+    window keeps ``context`` tokens of the previous one. ``window >= 2``, ``0 <= context <
+    window``.
+    """
+    if window < 2 or not 0 <= context < window:
+        raise ValueError(f"need window >= 2 and 0 <= context < window, got {window}, {context}")
+    if length < 2:
+        return []
+    end = min(length, window)
+    out = [(0, end, 1)]
+    stride = window - context
+    while end < length:
+        new_end = min(end + stride, length)
+        out.append((max(0, new_end - window), new_end, end))
+        end = new_end
+    return out
+
+
+def _note_on_mask(vocab: Vocab) -> np.ndarray:
+    return vocab.kind == Kind.NOTE_ON
+
+
+@torch.no_grad()
+def score_sequences(
+    model: torch.nn.Module,
+    sequences: Iterable[np.ndarray] | Sequence[np.ndarray],
+    *,
+    window: int,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    grammar: Any = None,
+    context: int | None = None,
+    vocab: Vocab | None = None,
+    progress: Progress = silent,
+) -> LikelihoodResult:
+    """Negative log-likelihood of ``sequences`` under ``model`` (``model(ids).logits``).
+
+    Args:
+        model: Maps ids (B, T) to an object with ``.logits`` (B, T, V). Put in eval mode for the
+            call and restored to its previous mode after.
+        sequences: int id arrays, each START ... END.
+        window: Longest input fed at once (the model's training window is a good choice).
+        batch_size: Windows per forward pass.
+        device: Where the ids go; default: the model's device.
+        grammar: Optional :class:`aurl.data.grammar.Grammar`; with it the distribution at each
+            position is renormalised over the ids ``grammar.sequence_masks`` allows (how the
+            sampler draws). Tokens the grammar forbids are scored unmasked and counted in
+            ``grammar_violations``.
+        context: History each later window keeps (default ``window // 2``).
+        vocab: Which ids are notes; default ``model.vocab`` or the default vocabulary.
+        progress: Progress wrapper over batches.
+
+    Returns:
+        The totals; ``.loss``, ``.perplexity`` and ``.bits_per_note`` derive from them.
+
+    Raises:
+        DataError: An id is outside the model's vocabulary (a cache of another vocabulary).
+    """
+    vocab = vocab or getattr(model, "vocab", None) or Vocab()
+    is_note = torch.from_numpy(_note_on_mask(vocab))
+    context = window // 2 if context is None else context
+    if device is None:
+        device = next(model.parameters()).device
+    seqs = [np.asarray(s, dtype=np.int64) for s in sequences]
+    for i, s in enumerate(seqs):
+        if s.size and (s.min() < 0 or s.max() >= vocab.size):
+            raise DataError(
+                f"sequence {i} has id {int(s.max())} outside the model's vocabulary of "
+                f"{vocab.size}: the data was tokenized with another vocabulary; re-prepare it "
+                "with the model's config"
+            )
+    chunks = [
+        (i, start, end, first)
+        for i, s in enumerate(seqs)
+        for start, end, first in plan_windows(len(s), window, context)
+    ]
+    # Grammar masks need the whole prefix, so they are built per sequence and kept only while
+    # that sequence still has windows to score (windows come in sequence order).
+    last_chunk = {i: k for k, (i, *_) in enumerate(chunks)}
+    masks: dict[int, torch.Tensor] = {}
+
+    was_training = model.training
+    model.eval()
+    nll, tokens, notes, violations = 0.0, 0, 0, 0
+    try:
+        batches = range(0, len(chunks), batch_size)
+        for b0 in progress(batches, total=len(batches), desc="likelihood"):
+            batch = chunks[b0 : b0 + batch_size]
+            T = max(end - start for _, start, end, _ in batch)
+            ids = torch.full((len(batch), T), PAD, dtype=torch.long)  # (B, T), right-padded
+            for r, (i, start, end, _) in enumerate(batch):
+                ids[r, : end - start] = torch.from_numpy(seqs[i][start:end])
+            logits = model(ids.to(device)).logits.float()  # (B, T, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            for r, (i, start, end, first) in enumerate(batch):
+                # logits at local position j predict token start + j + 1
+                rows = slice(first - 1 - start, end - 1 - start)
+                target = ids[r, first - start : end - start].to(device)  # (n,)
+                lp = logp[r, rows]  # (n, V)
+                if grammar is not None:
+                    if i not in masks:
+                        full = torch.from_numpy(seqs[i])[None].to(device)  # (1, L)
+                        masks[i] = grammar.sequence_masks(full)[0]  # (L, V)
+                    allowed = masks[i][first - 1 : end - 1].to(device)  # (n, V)
+                    masked = torch.log_softmax(logits[r, rows].masked_fill(~allowed, -math.inf), -1)
+                    ok = allowed.gather(1, target[:, None])[:, 0]
+                    violations += int((~ok).sum())
+                    lp = torch.where(ok[:, None], masked, lp)
+                nll -= float(lp.gather(1, target[:, None]).sum())
+                tokens += target.shape[0]
+                notes += int(is_note[target.cpu()].sum())
+                if last_chunk[i] == b0 + r:
+                    masks.pop(i, None)
+    finally:
+        model.train(was_training)
+    return LikelihoodResult(nll, tokens, notes, len(seqs), violations)
