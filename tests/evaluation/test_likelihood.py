@@ -72,7 +72,10 @@ def test_windows_equal_the_full_pass_for_a_local_model() -> None:
     model = tiny_model(attention="local", local_window=8, musical_position=False)
     seqs = random_sequences([150, 90])
     windowed = score_sequences(model, seqs, window=48, context=32, batch_size=3)
-    assert windowed.nll == pytest.approx(sum(direct_nll(model, s) for s in seqs), rel=1e-5)
+    full = sum(direct_nll(model, s) for s in seqs)
+    # A freshly initialised model barely uses context (too little context is off by ~2e-5
+    # relative here), so the tolerance is tight.
+    assert windowed.nll == pytest.approx(full, rel=2e-6)
     assert windowed.tokens == 149 + 89
 
 
