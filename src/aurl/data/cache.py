@@ -1,0 +1,731 @@
+"""The token cache: a folder of uint16 token shards plus one index, built incrementally.
+
+Layout of a cache folder::
+
+    index.npz        the commit point: per-file columns + meta (JSON). Replaced atomically, last.
+    meta.json        a readable copy of the meta (vocab config, totals); never read back
+    shards/*.u16     raw little-endian uint16 token streams, appended to and then never changed
+    parts/i-of-n/    part caches written by ``prepare(..., shard=(i, n))``; merged by ``prepare``
+    .lock            held (flock) while a process writes the cache
+
+Per file the index keeps: relative path, shard, offset and length (in tokens), split, notes,
+content hash (BLAKE2b-128), size and mtime (a quick "unchanged" test before hashing).
+
+Crash safety: shards are only ever appended to and fsynced before the index that points into
+them is written (temp file + fsync + rename, then fsync of the folder). Whatever the moment of a
+crash, ``index.npz`` is either the old or the new one and every byte it points to is on disk.
+Shards no committed index refers to (left by a crash) are deleted by the next writer. During a
+long run the index is committed every ``commit_every`` files, so an interrupted run keeps its work.
+
+Scale: tokens stream from the worker processes straight to the shard file; the index is columnar
+numpy (about 60 bytes per file plus its path); readers ``np.memmap`` the shards, lazily and once
+per process (so DataLoader workers each open their own maps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aurl.config import DataConfig, VocabConfig, build
+from aurl.data.vocab import Kind, Vocab
+from aurl.errors import AurlError, DataError
+from aurl.progress import Progress, silent
+
+FORMAT = 1
+SPLITS = ("train", "valid", "test")
+MIDI_SUFFIXES = (".mid", ".midi", ".kar")
+TOKEN_DTYPE = np.dtype("<u2")
+HASH_BYTES = 16
+DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MB per shard file
+# The DataConfig fields that change what the tokenizer writes; a change invalidates every entry.
+TOKENIZER_FIELDS = ("out_of_range", "drums", "max_events_per_file", "max_file_bytes")
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write ``path`` through ``write(fileobj)`` to a temp file, fsync, rename, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def file_hash(path: str | Path) -> bytes:
+    """BLAKE2b-128 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.blake2b(digest_size=HASH_BYTES)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.digest()
+
+
+def shard_of(relpath: str, n: int) -> int:
+    """The part (0..n-1) a file belongs to under ``--shard i/n``: a hash of its relative path, so
+    it never depends on the other files."""
+    return int.from_bytes(hashlib.blake2b(relpath.encode(), digest_size=8).digest(), "little") % n
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` -> ``(2, 8)``; parts are numbered 0..n-1."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise DataError(f"--shard {text!r}: expected i/n with integers, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise DataError(f"--shard {text!r}: need n >= 1 and 0 <= i < n (parts are 0..n-1)")
+    return i, n
+
+
+def _split_id(relpath: str, data_config: DataConfig) -> int:
+    from aurl.data.split import split_of
+
+    split = split_of(relpath, data_config.valid_fraction, data_config.test_fraction)
+    return SPLITS.index(split) if isinstance(split, str) else int(split)
+
+
+def fingerprint(vocab_config: VocabConfig, data_config: DataConfig) -> dict[str, Any]:
+    """What a cache's tokens depend on: the vocab and the tokenizer's data options."""
+    return {
+        "format": FORMAT,
+        "vocab": dataclasses.asdict(vocab_config),
+        "tokenizer": {k: getattr(data_config, k) for k in TOKENIZER_FIELDS},
+    }
+
+
+def find_midi_files(root: str | Path, *, skip: Iterable[Path] = ()) -> Iterator[str]:
+    """Relative POSIX paths of the MIDI files under ``root``, sorted, hidden folders skipped."""
+    root = Path(root)
+    skip_set = {Path(p).resolve() for p in skip}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip_set
+        )
+        for name in sorted(filenames):
+            if name.lower().endswith(MIDI_SUFFIXES) and not name.startswith("."):
+                yield (here / name).relative_to(root).as_posix()
+
+
+# --------------------------------------------------------------------------------------------
+# The index: columnar arrays, one row per file
+# --------------------------------------------------------------------------------------------
+
+_COLUMNS = {
+    "shard": np.int32,
+    "offset": np.int64,
+    "length": np.int64,
+    "split": np.uint8,
+    "notes": np.int64,
+    "size": np.int64,
+    "mtime_ns": np.int64,
+}
+
+
+@dataclass
+class _Index:
+    """Rows of a cache index. ``paths`` is a list of str; the rest are numpy columns."""
+
+    paths: list[str]
+    cols: dict[str, np.ndarray]
+    hashes: np.ndarray  # (N, 16) uint8
+    shards: list[str]
+    failed: list[dict[str, Any]] = field(default_factory=list)  # {path, size, mtime_ns, error}
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls) -> _Index:
+        cols = {k: np.zeros(0, dtype=t) for k, t in _COLUMNS.items()}
+        return cls([], cols, np.zeros((0, HASH_BYTES), np.uint8), [])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @classmethod
+    def load(cls, path: Path) -> _Index:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                blob, offs = z["path_blob"].tobytes(), z["path_offsets"]
+                paths = [blob[a:b].decode() for a, b in zip(offs[:-1], offs[1:])]
+                cols = {k: z[k].astype(t, copy=False) for k, t in _COLUMNS.items()}
+                hashes = z["hash"]
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(
+                f"cache index {path} is unreadable ({e}); delete the cache folder and prepare again"
+            ) from None
+        if meta.get("format") != FORMAT:
+            raise DataError(
+                f"cache {path.parent} has format {meta.get('format')}, this Aurl reads {FORMAT}: "
+                "prepare it again"
+            )
+        return cls(paths, cols, hashes, list(meta.pop("shards")), meta.pop("failed", []), meta)
+
+    def save(self, path: Path) -> None:
+        encoded = [p.encode() for p in self.paths]
+        offs = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=offs[1:])
+        meta = {**self.meta, "shards": self.shards, "failed": self.failed}
+        arrays = {
+            "meta": np.array(json.dumps(meta)),
+            "path_blob": np.frombuffer(b"".join(encoded), dtype=np.uint8),
+            "path_offsets": offs,
+            "hash": self.hashes,
+            **self.cols,
+        }
+        _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+    def select(self, rows: np.ndarray) -> _Index:
+        """The rows ``rows`` (indices or bool mask), same shard list."""
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows
+        cols = {k: v[rows] for k, v in self.cols.items()}
+        paths = [self.paths[i] for i in rows]
+        return _Index(paths, cols, self.hashes[rows], list(self.shards), [], dict(self.meta))
+
+    def concat(self, other: _Index) -> _Index:
+        """Rows of ``self`` then ``other``; shard ids of ``other`` remapped into one list."""
+        names = list(self.shards)
+        pos = {s: i for i, s in enumerate(names)}
+        for s in other.shards:
+            if s not in pos:
+                pos[s] = len(names)
+                names.append(s)
+        remap = np.array([pos[s] for s in other.shards] or [0], dtype=np.int32)
+        cols = {k: np.concatenate([self.cols[k], other.cols[k]]) for k in _COLUMNS}
+        cols["shard"] = np.concatenate([self.cols["shard"], remap[other.cols["shard"]]])
+        hashes = np.concatenate([self.hashes, other.hashes])
+        return _Index(self.paths + other.paths, cols, hashes, names, [], dict(self.meta))
+
+    def drop_unused_shards(self) -> None:
+        used = np.unique(self.cols["shard"])
+        self.shards = [self.shards[i] for i in used]
+        remap = np.zeros(max(len(used), int(used.max(initial=0)) + 1), dtype=np.int32)
+        remap[used] = np.arange(len(used), dtype=np.int32)
+        self.cols["shard"] = remap[self.cols["shard"]]
+
+
+class _Rows:
+    """New rows accumulated during a run, turned into an :class:`_Index` at each commit."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.cols: dict[str, list[int]] = {k: [] for k in _COLUMNS}
+        self.hashes: list[bytes] = []
+
+    def add(self, path: str, hash_: bytes, **values: int) -> None:
+        self.paths.append(path)
+        self.hashes.append(hash_)
+        for k in _COLUMNS:
+            self.cols[k].append(values[k])
+
+    def to_index(self, shards: list[str]) -> _Index:
+        cols = {
+            k: np.asarray(v, dtype=t) for (k, v), t in zip(self.cols.items(), _COLUMNS.values())
+        }
+        hashes = np.frombuffer(b"".join(self.hashes), dtype=np.uint8).reshape(-1, HASH_BYTES)
+        return _Index(list(self.paths), cols, hashes, list(shards))
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Appends token arrays to ``shards/<run>-<k>.u16``, starting a new file past ``max_tokens``."""
+
+    def __init__(self, folder: Path, max_tokens: int) -> None:
+        self.folder = folder
+        self.run = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
+        self.max_tokens = max_tokens
+        self.names: list[str] = []
+        self.file: Any = None
+        self.used = 0
+
+    def append(self, tokens: np.ndarray) -> tuple[str, int]:
+        """Write ``tokens``; return (shard name, offset in tokens)."""
+        if self.file is None or (self.used and self.used + len(tokens) > self.max_tokens):
+            self.close()
+            name = f"{self.run}-{len(self.names):05d}.u16"
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.folder / name, "ab")  # noqa: SIM115 - closed in close()
+            self.names.append(name)
+            self.used = 0
+        offset = self.used
+        self.file.write(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).tobytes())
+        self.used += len(tokens)
+        return self.names[-1], offset
+
+    def sync(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            _fsync_dir(self.folder)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.sync()
+            self.file.close()
+            self.file = None
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(
+                f"cache {folder} is being written by another process; wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _clean_unreferenced(folder: Path, keep: Iterable[str]) -> None:
+    """Delete shard and temp files no committed index refers to (a crash's leftovers)."""
+    keep = set(keep)
+    shard_dir = folder / "shards"
+    if shard_dir.is_dir():
+        for p in shard_dir.iterdir():
+            if p.name not in keep:
+                p.unlink()
+    for p in folder.glob("*.tmp"):
+        p.unlink()
+
+
+def _commit(folder: Path, index: _Index, writer: _ShardWriter | None) -> _Index:
+    """Make ``index`` the cache's state: shards on disk first, then the index, then meta.json.
+
+    Returns the index as committed (rows sorted by path, unused shards dropped)."""
+    if writer is not None:
+        writer.sync()
+    meta, failed = index.meta, sorted(index.failed, key=lambda f: f["path"])
+    # rows sorted by path: the same folder gives the same row numbers whatever the worker timing
+    index = index.select(np.array(sorted(range(len(index)), key=index.paths.__getitem__), int))
+    index.meta, index.failed = meta, failed
+    index.drop_unused_shards()
+    index.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    index.meta["totals"] = _totals(index)
+    index.save(folder / "index.npz")
+    readable = {**index.meta, "files": len(index), "shards": len(index.shards)}
+    _atomic_write(folder / "meta.json", lambda f: f.write(json.dumps(readable, indent=2).encode()))
+    return index
+
+
+def _totals(index: _Index) -> dict[str, dict[str, int]]:
+    out = {}
+    for i, name in enumerate(SPLITS):
+        rows = index.cols["split"] == i
+        out[name] = {
+            "files": int(rows.sum()),
+            "tokens": int(index.cols["length"][rows].sum()),
+            "notes": int(index.cols["notes"][rows].sum()),
+        }
+    return out
+
+
+# Worker side: one Tokenizer per process, built once by the pool initializer.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(vocab_config: VocabConfig, data_config: DataConfig) -> None:
+    from aurl.data.tokenizer import Tokenizer
+
+    vocab = Vocab(vocab_config)
+    _WORKER["tokenizer"] = Tokenizer(vocab_config, data_config)
+    _WORKER["is_note_on"] = vocab.kind == Kind.NOTE_ON
+
+
+def _work(task: tuple[str, str, bytes | None]) -> tuple:
+    """Hash and (if changed) tokenize one file. Never raises: errors come back as a reason."""
+    relpath, path, old_hash = task
+    try:
+        st = os.stat(path)
+        digest = file_hash(path)
+        if digest == old_hash:
+            return ("same", relpath, digest, st.st_size, st.st_mtime_ns)
+        ids = _WORKER["tokenizer"].encode_file(path)
+        notes = int(_WORKER["is_note_on"][ids].sum())
+        tokens = np.asarray(ids).astype(TOKEN_DTYPE)
+        return ("ok", relpath, digest, st.st_size, st.st_mtime_ns, tokens, notes)
+    except (AurlError, OSError) as e:
+        return ("failed", relpath, None, 0, 0, f"{type(e).__name__}: {e}")
+    except Exception as e:  # a tokenizer bug on one file must not stop a 1M-file run
+        return ("failed", relpath, None, 0, 0, f"unexpected {type(e).__name__}: {e}")
+
+
+def _results(
+    tasks: list[tuple[str, str, bytes | None]],
+    workers: int,
+    vocab_config: VocabConfig,
+    data_config: DataConfig,
+) -> Iterator[tuple]:
+    """Results of :func:`_work` in completion order, from ``workers`` processes (1: in-process)."""
+    if workers <= 1 or len(tasks) <= 1:
+        _init_worker(vocab_config, data_config)
+        yield from map(_work, tasks)
+        return
+    import multiprocessing as mp
+
+    # fork where available: workers start in milliseconds and share the parent's imports
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if "fork" in methods else None)
+    chunk = max(1, min(16, len(tasks) // (workers * 8)))
+    with ctx.Pool(workers, _init_worker, (vocab_config, data_config)) as pool:
+        # waves keep the pool's task queue (and so memory) bounded on million-file folders
+        wave = 4096 * workers
+        for start in range(0, len(tasks), wave):
+            yield from pool.imap_unordered(_work, tasks[start : start + wave], chunksize=chunk)
+
+
+@dataclass
+class PrepareReport:
+    """What one ``prepare`` run did."""
+
+    cache: Path
+    files: int = 0  # MIDI files found (in this part, with --shard)
+    tokenized: int = 0  # new or changed files tokenized in this run
+    unchanged: int = 0
+    removed: int = 0
+    merged: int = 0  # entries imported from part caches
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
+    totals: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """Plain, greppable lines: counts, then per-split totals."""
+        lines = [
+            f"cache {self.cache}: {self.files} files, {self.tokenized} tokenized, "
+            f"{self.unchanged} unchanged, {self.removed} removed, {self.merged} merged, "
+            f"{len(self.failed)} failed, {self.seconds:.1f} s"
+        ]
+        for name, t in self.totals.items():
+            lines.append(f"  {name:5s} {t['files']} files {t['tokens']} tokens {t['notes']} notes")
+        return "\n".join(lines)
+
+
+def prepare(
+    source: str | Path,
+    out: str | Path,
+    *,
+    vocab_config: VocabConfig | None = None,
+    data_config: DataConfig | None = None,
+    workers: int = 0,
+    shard: tuple[int, int] | None = None,
+    commit_every: int = 10_000,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    progress: Progress = silent,
+) -> PrepareReport:
+    """Tokenize every MIDI file under ``source`` into the cache ``out``, incrementally.
+
+    Only new or changed files (by content hash) are tokenized; files gone from ``source`` are
+    dropped; unchanged files that failed before are reported again without a retry. A change of
+    vocabulary or tokenizer options redoes everything. Part caches found in ``out/parts/`` (from
+    runs with ``shard``) are merged in first, so that a run without ``shard`` joins them.
+
+    Args:
+        source: Folder of MIDI files (searched recursively; ``.mid``, ``.midi``, ``.kar``).
+        out: Cache folder (created). With ``shard=(i, n)`` the part goes to
+            ``out/parts/<i>-of-<n>``.
+        vocab_config: The vocabulary (stored in the cache).
+        data_config: Tokenizer options and the valid/test fractions of the split.
+        workers: Tokenizer processes; 0 means all cores.
+        shard: ``(i, n)``: prepare only the files with :func:`shard_of` ``== i``.
+        commit_every: Commit the index after this many processed files (crash checkpoints).
+        shard_tokens: Tokens per shard file before a new one is started.
+        progress: Progress wrapper (``aurl.progress.bar`` in the CLI).
+
+    Returns:
+        A :class:`PrepareReport` with counts, per-file failures and per-split totals.
+
+    Raises:
+        DataError: ``source`` is not a folder, or the cache is locked or unreadable.
+    """
+    t0 = time.perf_counter()
+    vocab_config = vocab_config or VocabConfig()
+    data_config = data_config or DataConfig()
+    if Vocab(vocab_config).size > np.iinfo(TOKEN_DTYPE).max:
+        raise DataError(f"vocabulary of {Vocab(vocab_config).size} ids does not fit in uint16")
+    source, out = Path(source), Path(out)
+    if not source.is_dir():
+        raise DataError(f"{source} is not a folder of MIDI files: check the path")
+    folder = out / "parts" / f"{shard[0]}-of-{shard[1]}" if shard else out
+    workers = workers or os.cpu_count() or 1
+    fp = fingerprint(vocab_config, data_config)
+    report = PrepareReport(cache=folder)
+
+    if shard is None and (out / "parts").is_dir():
+        parts = sorted(p for p in (out / "parts").iterdir() if (p / "index.npz").is_file())
+        if parts:
+            report.merged = merge_caches(parts, out, remove_parts=True)
+
+    with _locked(folder):
+        old = _Index.load(folder / "index.npz") if (folder / "index.npz").is_file() else None
+        if old is not None and {k: old.meta.get(k) for k in fp} != fp:
+            old = None  # another vocabulary or tokenizer: every entry is stale
+        old = old or _Index.empty()
+        _clean_unreferenced(folder, old.shards)
+        old_row = {p: i for i, p in enumerate(old.paths)}
+        old_failed = {f["path"]: f for f in old.failed}
+
+        # Sort files: unchanged (same size and mtime) are kept without reading them.
+        keep = np.zeros(len(old), dtype=bool)
+        tasks: list[tuple[str, str, bytes | None]] = []
+        failed: list[dict[str, Any]] = []
+        for rel in find_midi_files(source, skip=[out]):
+            if shard and shard_of(rel, shard[1]) != shard[0]:
+                continue
+            report.files += 1
+            path = str(source / rel)
+            st = os.stat(path)
+            i = old_row.get(rel)
+            if i is not None:
+                keep[i] = True  # kept until redone: an interrupted run still has the old tokens
+                if old.cols["size"][i] == st.st_size and old.cols["mtime_ns"][i] == st.st_mtime_ns:
+                    report.unchanged += 1
+                    continue
+                tasks.append((rel, path, old.hashes[i].tobytes()))
+                continue
+            f = old_failed.get(rel)
+            if f and f["size"] == st.st_size and f["mtime_ns"] == st.st_mtime_ns:
+                failed.append(f)
+                continue
+            tasks.append((rel, path, None))
+        report.removed = int(len(old) - keep.sum())
+        base = old.select(keep)
+        base.cols["split"] = np.array([_split_id(p, data_config) for p in base.paths], np.uint8)
+        base.meta = {**fp, "source": str(source.resolve()), "shard": list(shard) if shard else None}
+        base_row = {p: i for i, p in enumerate(base.paths)}
+
+        writer = _ShardWriter(folder / "shards", shard_tokens)
+        rows = _Rows()
+        redone = np.zeros(len(base), dtype=bool)  # base rows replaced by a new row or a failure
+
+        def state() -> _Index:
+            index = base.select(~redone).concat(rows.to_index(writer.names))
+            index.meta, index.failed = base.meta, failed
+            return index
+
+        try:
+            results = _results(tasks, workers, vocab_config, data_config)
+            for n, res in enumerate(progress(results, total=len(tasks), desc="tokenize"), 1):
+                kind, rel, digest, size, mtime = res[:5]
+                i = base_row.get(rel)
+                if kind == "same":  # touched, not changed: keep the tokens, note the new stat
+                    base.cols["size"][i], base.cols["mtime_ns"][i] = size, mtime
+                    report.unchanged += 1
+                    continue
+                if i is not None:
+                    redone[i] = True
+                if kind == "failed":
+                    st = os.stat(source / rel) if (source / rel).exists() else None
+                    failed.append({
+                        "path": rel, "error": res[5],
+                        "size": st.st_size if st else -1, "mtime_ns": st.st_mtime_ns if st else -1,
+                    })  # fmt: skip
+                    continue
+                tokens, notes = res[5], res[6]
+                name, offset = writer.append(tokens)
+                rows.add(
+                    rel, digest, shard=len(writer.names) - 1, offset=offset, length=len(tokens),
+                    split=_split_id(rel, data_config), notes=notes, size=size, mtime_ns=mtime,
+                )  # fmt: skip
+                report.tokenized += 1
+                if n % commit_every == 0:
+                    _commit(folder, state(), writer)
+        except KeyboardInterrupt:  # keep what is done; the next run goes on from there
+            writer.close()
+            _commit(folder, state(), None)
+            raise
+        finally:
+            writer.close()
+        final = _commit(folder, state(), None)
+        _clean_unreferenced(folder, final.shards)
+
+    report.failed = [(f["path"], f["error"]) for f in failed]
+    report.totals = final.meta["totals"]
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def merge_caches(
+    parts: Iterable[str | Path], out: str | Path, *, remove_parts: bool = False
+) -> int:
+    """Join part caches (same vocabulary) into ``out``; return the number of entries imported.
+
+    Shard files are hard-linked (copied across file systems), never rewritten; a file present in
+    several caches keeps the entry of the last part. ``out`` keeps its own entries for files no
+    part has. With ``remove_parts`` the parts are deleted once the merged index is committed.
+
+    Raises:
+        DataError: A part was built with another vocabulary or tokenizer options than the others.
+    """
+    import shutil
+
+    out = Path(out)
+    parts = [Path(p) for p in parts]
+    with _locked(out):
+        merged = _Index.load(out / "index.npz") if (out / "index.npz").is_file() else None
+        imported = 0
+        for part in parts:
+            with _locked(part):
+                idx = _Index.load(part / "index.npz")
+                fp = {k: idx.meta.get(k) for k in ("format", "vocab", "tokenizer")}
+                if merged is None:
+                    merged = _Index.empty()
+                    merged.meta = {**fp, "source": idx.meta.get("source"), "shard": None}
+                elif {k: merged.meta.get(k) for k in fp} != fp:
+                    raise DataError(
+                        f"cache part {part} was built with another vocabulary or tokenizer "
+                        f"options than {out}: prepare it again with the same config"
+                    )
+                (out / "shards").mkdir(parents=True, exist_ok=True)
+                for name in idx.shards:
+                    target = out / "shards" / name
+                    if not target.exists():
+                        try:
+                            os.link(part / "shards" / name, target)
+                        except OSError:
+                            shutil.copyfile(part / "shards" / name, target)
+                in_part = set(idx.paths)
+                stay = np.array([p not in in_part for p in merged.paths], dtype=bool)
+                failed = [f for f in merged.failed if f["path"] not in in_part] + idx.failed
+                meta = merged.meta
+                merged = merged.select(stay).concat(idx)
+                merged.meta, merged.failed = meta, failed
+                imported += len(idx)
+        if merged is None:
+            return 0
+        _fsync_dir(out / "shards")
+        merged = _commit(out, merged, None)
+        _clean_unreferenced(out, merged.shards)
+    if remove_parts:
+        for part in parts:
+            shutil.rmtree(part)
+        with contextlib.suppress(OSError):  # the parts/ folder itself, once empty
+            (out / "parts").rmdir()
+    return imported
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+class TokenCache:
+    """Read access to a prepared cache: per-file token arrays as memory-mapped uint16 views.
+
+    Shards are mapped lazily on first access in each process (and again after a fork), so the
+    object can be handed to DataLoader workers. Only the index lives in memory.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        index_path = self.path / "index.npz"
+        if not index_path.is_file():
+            raise DataError(
+                f"{self.path} is not a token cache (no index.npz): run "
+                f"'aurl data prepare MIDI_DIR --out {self.path}' first"
+            )
+        self._index = _Index.load(index_path)
+        self.meta = self._index.meta
+        self.vocab_config: VocabConfig = build(VocabConfig, self.meta["vocab"])
+        self.lengths: np.ndarray = self._index.cols["length"]  # (N,) tokens per file
+        self.splits: np.ndarray = self._index.cols["split"]  # (N,) 0 train, 1 valid, 2 test
+        self.notes: np.ndarray = self._index.cols["notes"]  # (N,) NOTE_ONs per file
+        self.failed: list[dict[str, Any]] = self._index.failed
+        self._maps: dict[int, np.ndarray] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __repr__(self) -> str:
+        return f"TokenCache({str(self.path)!r}, files={len(self)}, tokens={self.total_tokens()})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = {}  # maps are per process; reopened lazily after unpickling
+        return state
+
+    def relpath(self, i: int) -> str:
+        """Relative path (inside the prepared folder) of file ``i``."""
+        return self._index.paths[i]
+
+    def content_hash(self, i: int) -> str:
+        return self._index.hashes[i].tobytes().hex()
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """(n,) int64 indices of the files of ``split`` ("train", "valid" or "test")."""
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+        return np.flatnonzero(self.splits == SPLITS.index(split))
+
+    def tokens(self, i: int) -> np.ndarray:
+        """(length,) uint16 token ids of file ``i``: a read-only view into the shard's mmap."""
+        if os.getpid() != self._pid:  # forked: do not share the parent's maps
+            self._maps, self._pid = {}, os.getpid()
+        cols = self._index.cols
+        s = int(cols["shard"][i])
+        mm = self._maps.get(s)
+        if mm is None:
+            path = self.path / "shards" / self._index.shards[s]
+            try:
+                mm = self._maps[s] = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(f"cache shard {path} cannot be read ({e}): prepare again") from None
+        off = int(cols["offset"][i])
+        return mm[off : off + int(cols["length"][i])]
+
+    def total_tokens(self, split: str | None = None) -> int:
+        """Tokens in ``split`` (all splits when None)."""
+        rows = slice(None) if split is None else self.split_indices(split)
+        return int(self.lengths[rows].sum())
+
+    def total_notes(self, split: str | None = None) -> int:
+        rows = slice(None) if split is None else self.split_indices(split)
+        return int(self.notes[rows].sum())
+
+    def check_vocab(self, vocab_config: VocabConfig) -> None:
+        """Raise DataError unless this cache was built with ``vocab_config``."""
+        if vocab_config != self.vocab_config:
+            diff = [
+                f"{k}={getattr(self.vocab_config, k)!r} (wanted {getattr(vocab_config, k)!r})"
+                for k in dataclasses.asdict(vocab_config)
+                if getattr(vocab_config, k) != getattr(self.vocab_config, k)
+            ]
+            raise DataError(
+                f"cache {self.path} was built with another vocabulary: {', '.join(diff)}; "
+                "prepare it again with this config or use the matching model"
+            )

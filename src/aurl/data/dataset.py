@@ -1,0 +1,373 @@
+"""Training windows over a token cache: a lazy Dataset, length-grouped batches, curriculum,
+padding collate, exact resumption, and a deterministic evaluation iterator.
+
+Items are *window slots*: a piece of ``L`` tokens owns ``max(1, ceil(L / window))`` slots of
+the reference window (``data.window``), so long pieces are seen in proportion to their length.
+A slot is read at a random offset drawn from ``(seed, epoch, slot)``, moved forward to the
+next time step's first event when one is near (a window then starts on an event boundary),
+and augmented with a generator drawn from the same key: every window is a pure function of
+``(seed, epoch, slot, window length)``, whatever the number of workers or processes.
+
+The batch sampler hands the dataset keys ``(slot, window, epoch)``, so the curriculum's window
+length for a step travels with the batch into worker processes. Plain integer keys (e.g. from
+``torch.utils.data.DistributedSampler``) use the dataset's own ``window`` and ``epoch``.
+
+Batches are dicts: ``ids`` (B, T) int64 padded with PAD, ``attention_mask`` (B, T) bool (True on
+real tokens), ``index`` (B,) cache row, ``offset`` (B,) first token's position in the piece.
+A language-model loss predicts ``ids[:, 1:]`` from ``ids[:, :-1]`` under the mask.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aurl.config import DataConfig, VocabConfig
+from aurl.data.augment import Augmenter
+from aurl.data.cache import TokenCache
+from aurl.data.vocab import PAD, Kind, Vocab
+from aurl.errors import DataError
+
+Key = int | tuple[int, int, int]
+
+
+def window_at(step: int, window: int, curriculum: Sequence[tuple[int, int]]) -> int:
+    """The window length at optimizer ``step``: the last curriculum entry reached, else ``window``.
+
+    >>> window_at(1500, 256, ((0, 256), (1000, 512), (2000, 1024)))
+    512
+    """
+    length = window
+    for start, w in sorted(curriculum):
+        if step >= start:
+            length = w
+    return length
+
+
+def _open(cache: TokenCache | str | Path) -> TokenCache:
+    return cache if isinstance(cache, TokenCache) else TokenCache(cache)
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Fixed-length windows of one split of a cache, read lazily through the cache's mmaps.
+
+    Args:
+        cache: A :class:`TokenCache` or its folder.
+        split: "train", "valid" or "test".
+        window: Reference window: slots per piece and the length for integer keys.
+        seed: Seeds offsets and augmentation (with the epoch and the slot).
+        augment: ``f(ids, rng) -> ids`` (e.g. an :class:`Augmenter`), or None.
+        vocab_config: When given, the cache must have been built with it.
+        boundary_search: How far (tokens) to look forward for a time-step boundary.
+    """
+
+    def __init__(
+        self,
+        cache: TokenCache | str | Path,
+        split: str = "train",
+        *,
+        window: int = 512,
+        seed: int = 0,
+        augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+        vocab_config: VocabConfig | None = None,
+        boundary_search: int = 64,
+    ) -> None:
+        self.cache = _open(cache)
+        if vocab_config is not None:
+            self.cache.check_vocab(vocab_config)
+        self.pieces = self.cache.split_indices(split)  # (P,) cache rows
+        if len(self.pieces) == 0:
+            raise DataError(
+                f"cache {self.cache.path} has no {split!r} pieces: prepare more files or change "
+                "data.valid_fraction / data.test_fraction"
+            )
+        self.split, self.window, self.seed, self.epoch = split, window, seed, 0
+        self.augment, self.boundary_search = augment, boundary_search
+        self.piece_lengths = self.cache.lengths[self.pieces]  # (P,)
+        slots = np.maximum(1, -(-self.piece_lengths // window))  # (P,) ceil, at least one
+        self.slot_piece = np.repeat(np.arange(len(self.pieces)), slots)  # (N,) slot -> piece
+        vocab = Vocab(self.cache.vocab_config)
+        # a time step's first event follows a TIME_SHIFT and is not one itself
+        self._is_shift = vocab.kind == Kind.TIME_SHIFT
+
+    def __len__(self) -> int:
+        return len(self.slot_piece)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for integer keys (as with ``DistributedSampler.set_epoch``)."""
+        self.epoch = epoch
+
+    def slot_lengths(self, window: int | None = None) -> np.ndarray:
+        """(N,) length of each slot's window: ``min(piece length, window)``."""
+        return np.minimum(self.piece_lengths[self.slot_piece], window or self.window)
+
+    def _start(self, tokens: np.ndarray, offset: int, latest: int) -> int:
+        """``offset`` moved forward to the first event of the next time step, if one is near."""
+        if offset == 0:
+            return 0
+        head = np.asarray(tokens[offset - 1 : min(offset + self.boundary_search, latest + 1)])
+        shift = self._is_shift[head]
+        hits = np.flatnonzero(shift[:-1] & ~shift[1:])  # head[j] shift, head[j + 1] event
+        return offset + int(hits[0]) if hits.size else offset
+
+    def __getitem__(self, key: Key) -> dict[str, Any]:
+        slot, window, epoch = (int(key), self.window, self.epoch) if np.isscalar(key) else key
+        row = int(self.pieces[self.slot_piece[slot]])
+        tokens = self.cache.tokens(row)
+        rng = np.random.default_rng([self.seed, epoch, slot])
+        latest = len(tokens) - window  # last offset giving a full window
+        offset = 0 if latest <= 0 else self._start(tokens, int(rng.integers(latest + 1)), latest)
+        # a little slack so that augmentation (which may drop tokens) still fills the window
+        margin = 16 if self.augment is not None else 0
+        ids = np.asarray(tokens[offset : offset + window + margin], dtype=np.int64)
+        if self.augment is not None:
+            ids = self.augment(ids, rng)
+        return {"ids": ids[:window], "index": row, "offset": offset}
+
+
+def collate(items: Sequence[dict[str, Any]], pad_id: int = PAD) -> dict[str, torch.Tensor]:
+    """Pad ``ids`` on the right to the longest item; mask True on real tokens."""
+    lengths = [len(it["ids"]) for it in items]
+    ids = torch.full((len(items), max(lengths)), pad_id, dtype=torch.long)  # (B, T)
+    for b, it in enumerate(items):
+        ids[b, : lengths[b]] = torch.from_numpy(np.asarray(it["ids"], dtype=np.int64))
+    mask = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+    return {
+        "ids": ids,
+        "attention_mask": mask,
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "offset": torch.tensor([it["offset"] for it in items], dtype=torch.long),
+    }
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of slots of similar window length, shuffled per epoch, shared out across ranks.
+
+    Each epoch draws a permutation from ``(seed, epoch)``, cuts it into groups of ``group``
+    batches, sorts each group by window length (less padding), and shuffles the batch order.
+    Rank ``r`` of ``world`` takes batches ``r, r + world, ...`` (the count is rounded down to a
+    multiple of ``world`` so that every rank runs the same number of steps).
+
+    Args:
+        dataset: The :class:`WindowDataset`.
+        batch_size: Windows per batch (per rank).
+        seed: Seeds the order.
+        shuffle: False: slots in order, no grouping (evaluation).
+        length_grouped: Sort inside groups by length.
+        rank, world: This process's share.
+        window: Reference window length (``data.window``) when no curriculum applies.
+        curriculum: ``(step, window)`` pairs; the window of batch ``b`` is that of step
+            ``b // batches_per_step`` counted from the start of training.
+        batches_per_step: Batches per optimizer step (gradient accumulation).
+        group: Batches per sorting group.
+    """
+
+    def __init__(
+        self,
+        dataset: WindowDataset,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        length_grouped: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        window: int | None = None,
+        curriculum: Sequence[tuple[int, int]] = (),
+        batches_per_step: int = 1,
+        group: int = 64,
+    ) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.shuffle, self.length_grouped = shuffle, length_grouped
+        self.rank, self.world = rank, world
+        self.window = window or dataset.window
+        self.curriculum, self.batches_per_step = tuple(curriculum), batches_per_step
+        self.group = group
+        self.epoch, self.start = 0, 0  # start: batches of this epoch to skip (resumption)
+        n = len(dataset)
+        if n < batch_size * world:
+            raise DataError(
+                f"{n} windows in split {dataset.split!r} cannot fill one batch of {batch_size} "
+                f"on each of {world} processes: lower data.batch_size or add data"
+            )
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.dataset) // self.batch_size // self.world
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def window_of(self, batch: int) -> int:
+        """Window length of batch ``batch`` of the current epoch (curriculum)."""
+        step = (self.epoch * len(self) + batch) // self.batches_per_step
+        return window_at(step, self.window, self.curriculum)
+
+    def epoch_batches(self) -> np.ndarray:
+        """(batches on this rank, batch_size) slot ids of the current epoch."""
+        n = len(self.dataset)
+        per_rank = len(self)
+        total = per_rank * self.world * self.batch_size
+        if not self.shuffle:
+            order = np.arange(total)
+            return order.reshape(-1, self.batch_size)[self.rank :: self.world]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n)[:total]
+        if self.length_grouped:
+            lengths = self.dataset.slot_lengths(self.window)
+            size = self.group * self.batch_size
+            for g in range(0, total, size):
+                chunk = order[g : g + size]
+                order[g : g + size] = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches = order.reshape(-1, self.batch_size)  # (batches, batch_size)
+        batches = batches[rng.permutation(len(batches))]
+        return batches[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        batches = self.epoch_batches()
+        for b in range(self.start, len(batches)):
+            w = self.window_of(b)
+            yield [(int(s), w, self.epoch) for s in batches[b]]
+
+
+class Loader:
+    """Endless training batches with an exact, checkpointable position.
+
+    The DataLoader prefetches, so the position is counted here, on the batches handed to the
+    caller: ``state_dict()`` after ``k`` batches resumes at batch ``k + 1`` exactly.
+
+    Args:
+        dataset: The :class:`WindowDataset`.
+        sampler: Its :class:`LengthGroupedBatchSampler`.
+        num_workers: DataLoader worker processes (each maps the shards itself).
+    """
+
+    def __init__(
+        self, dataset: WindowDataset, sampler: LengthGroupedBatchSampler, *, num_workers: int = 0
+    ) -> None:
+        self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
+        self.epoch, self.position = 0, 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            self.sampler.set_epoch(self.epoch, self.position)
+            self.dataset.set_epoch(self.epoch)
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=self.sampler,
+                collate_fn=collate,
+                num_workers=self.num_workers,
+                persistent_workers=False,
+            )
+            for batch in loader:
+                self.position += 1
+                yield batch
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def window(self) -> int:
+        """Window length of the next batch."""
+        self.sampler.set_epoch(self.epoch, self.position)
+        return self.sampler.window_of(self.position)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.sampler.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.sampler.seed) != self.sampler.seed:
+            raise DataError(
+                f"loader state was saved with seed {state['seed']}, this run uses "
+                f"{self.sampler.seed}: resume with the same training.seed"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def build_loader(
+    cache: TokenCache | str | Path,
+    data_config: DataConfig,
+    *,
+    split: str = "train",
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    augment: bool = True,
+    batches_per_step: int = 1,
+    vocab_config: VocabConfig | None = None,
+) -> Loader:
+    """The training loader of ``data_config``: window, curriculum, batch size, workers, grouping
+    and augmentation (with ``augment``), for process ``rank`` of ``world``."""
+    cache = _open(cache)
+    augmenter = Augmenter(data_config.augment, Vocab(cache.vocab_config)) if augment else None
+    dataset = WindowDataset(
+        cache, split, window=data_config.window, seed=seed, augment=augmenter,
+        vocab_config=vocab_config,
+    )  # fmt: skip
+    sampler = LengthGroupedBatchSampler(
+        dataset, data_config.batch_size, seed=seed, length_grouped=data_config.length_grouped,
+        rank=rank, world=world, curriculum=data_config.curriculum,
+        batches_per_step=batches_per_step,
+    )  # fmt: skip
+    return Loader(dataset, sampler, num_workers=data_config.num_workers)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: whole pieces, deterministic
+# --------------------------------------------------------------------------------------------
+
+
+def iter_pieces(cache: TokenCache | str | Path, split: str) -> Iterator[tuple[int, np.ndarray]]:
+    """``(cache row, (L,) int64 ids)`` of every piece of ``split``, in cache order."""
+    cache = _open(cache)
+    for row in cache.split_indices(split):
+        yield int(row), np.asarray(cache.tokens(int(row)), dtype=np.int64)
+
+
+def eval_batches(
+    cache: TokenCache | str | Path,
+    split: str,
+    *,
+    window: int,
+    batch_size: int,
+    stride: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Every token of every piece of ``split``, scored exactly once, in a fixed order.
+
+    Pieces are cut into windows starting every ``stride`` tokens (default ``window // 2``) so
+    that later windows give their tokens ``window - stride`` tokens of context. Besides the
+    :func:`collate` keys, each batch has ``score_mask`` (B, T) bool: True where the token is a
+    target to score (predicted from the tokens before it); each token but a piece's first is
+    True exactly once over the whole iteration.
+    """
+    cache = _open(cache)
+    stride = stride or max(1, window // 2)
+    if not 0 < stride <= window:
+        raise DataError(f"evaluation stride {stride} must lie in 1..window ({window})")
+    items: list[dict[str, Any]] = []
+    for row, ids in iter_pieces(cache, split):
+        n_windows = 1 + max(0, math.ceil((len(ids) - window) / stride))
+        scored_until = 1  # tokens [0, scored_until) are scored already (or have no context)
+        for k in range(n_windows):
+            start = k * stride
+            piece = ids[start : start + window]
+            score = np.zeros(len(piece), dtype=bool)
+            score[max(0, scored_until - start) :] = True
+            scored_until = start + len(piece)
+            items.append({"ids": piece, "index": row, "offset": start, "score": score})
+            if len(items) == batch_size:
+                yield _eval_collate(items)
+                items = []
+    if items:
+        yield _eval_collate(items)
+
+
+def _eval_collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    batch = collate(items)
+    score = torch.zeros_like(batch["attention_mask"])
+    for b, it in enumerate(items):
+        score[b, : len(it["score"])] = torch.from_numpy(it["score"])
+    batch["score_mask"] = score
+    return batch
