@@ -92,6 +92,18 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    _ = config_from_args  # used once prepare is built
-    print("aurl data prepare is not built yet")
-    return 1
+    from aurl.config import write_config
+    from aurl.data.cache import parse_shard, prepare
+    from aurl.progress import bar
+
+    config = config_from_args(args)
+    shard = parse_shard(args.shard) if args.shard else None
+    report = prepare(
+        args.dir, args.out, vocab_config=config.vocab, data_config=config.data,
+        workers=args.workers, shard=shard, progress=bar,
+    )  # fmt: skip
+    write_config(config, report.cache)
+    for path, reason in report.failed:
+        print(f"failed {path}: {reason}")
+    print(report.summary())
+    return 0
