@@ -1,0 +1,197 @@
+"""The named losses of every mode, in one function returning a dict.
+
+- ``ce``: next-token cross-entropy (optional label smoothing). With ``loss.grammar_masked`` and
+  a grammar mask it is computed over the allowed ids only: the model is scored as it will be
+  sampled, and never pays for probability it would put on impossible ids.
+- ``grammar``: the probability mass the unmasked distribution gives to forbidden ids.
+- ``kl`` (VAE modes): KL(q(z|x) || N(0, I)) with free bits (Kingma et al. 2016: each latent
+  dimension's batch-mean KL counts at least ``free_bits`` nats, so the gradient leaves the
+  dimensions below it alone and the posterior does not collapse), per token, weighted by
+  ``kl_weight`` ramped linearly over ``kl_anneal_steps`` (Bowman et al. 2016). ``kl_raw`` is the
+  plain KL per token.
+- ``adv``, ``fm`` (``vae_gan``): hinge generator loss on Gumbel-softmax samples of the decoder
+  fed as soft one-hots through the discriminator, and L1 feature matching on its pooled layer
+  activations (Salimans et al. 2016). ``disc``: the discriminator's hinge loss on real ids and
+  detached fakes. The generator terms are computed with the discriminator's weights frozen, so
+  ``total`` never puts gradients into the discriminator and ``disc`` never into the generator:
+  ``(total + disc).backward()`` with two optimizers is one correct GAN step.
+- ``total``: the weighted sum; with ``loss.auto_balance`` the learned uncertainty weighting of
+  Kendall et al. 2018 (``exp(-s_i) * w_i * L_i + s_i``, ``s_i`` the model's ``loss_log_vars``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aurl.config import LossConfig
+from aurl.data.vocab import PAD
+from aurl.models.model import MusicTransformerVAEGAN
+
+GUMBEL_TAU = 1.0
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters of ``module`` need no gradient inside the block (restored after)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def kl_weight_at(step: int, loss_config: LossConfig) -> float:
+    """beta ramped linearly from 0 over ``kl_anneal_steps`` (constant beta when 0)."""
+    n = loss_config.kl_anneal_steps
+    return loss_config.kl_weight * (1.0 if n == 0 else min(1.0, step / n))
+
+
+def kl_free_bits(kl_per_element: list[Tensor], free_bits: float, tokens: int) -> Tensor:
+    """Sum over levels, units and dims of max(free_bits, batch-mean KL), per token."""
+    total = sum(k.mean(dim=0).clamp(min=free_bits).sum() for k in kl_per_element)
+    return total / max(tokens, 1)
+
+
+def masked_cross_entropy(
+    logits: Tensor, targets: Tensor, allowed: Tensor | None, smoothing: float
+) -> Tensor:
+    """Per-position CE (B, T) over the ``allowed`` ids (all when None), label-smoothed
+    uniformly over the same ids. The target always counts as allowed, so a sequence the
+    grammar would reject still gives a finite loss."""
+    if allowed is not None:
+        allowed = allowed.scatter(-1, targets[..., None], True)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
+    if smoothing == 0.0:
+        return nll
+    if allowed is None:
+        smooth = -logp.mean(dim=-1)
+    else:
+        smooth = -logp.masked_fill(~allowed, 0.0).sum(-1) / allowed.sum(-1)
+    return (1.0 - smoothing) * nll + smoothing * smooth
+
+
+def _mean(x: Tensor, valid: Tensor) -> Tensor:
+    return (x * valid).sum() / valid.sum().clamp_min(1)
+
+
+def compute_losses(
+    model: MusicTransformerVAEGAN,
+    batch: Tensor | dict[str, Tensor],
+    loss_config: LossConfig,
+    *,
+    step: int,
+    allowed: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """All named losses for one batch.
+
+    Args:
+        model: the model, in any mode.
+        batch: ids (B, T), or a dict with ``ids`` and optionally ``attention_mask`` (B, T)
+            (1 for real tokens). PAD targets never count.
+        loss_config: weights and schedules.
+        step: the optimizer step (for the KL schedule).
+        allowed: (B, T, V) bool grammar mask, row t = ids allowed after ``ids[:, :t+1]``.
+
+    Returns:
+        ``total`` (generator objective), ``ce``, ``grammar``, ``kl``, ``kl_raw``, ``adv``,
+        ``fm``, ``disc`` (0 where the mode has no such part), ``kl_weight``.
+    """
+    if isinstance(batch, dict):
+        ids, attention_mask = batch["ids"], batch.get("attention_mask")
+    else:
+        ids, attention_mask = batch, None
+    out = model(ids, attention_mask=attention_mask)
+    logits, targets = out.logits[:, :-1], ids[:, 1:]  # position t predicts token t+1
+    valid = targets != PAD
+    if attention_mask is not None:
+        valid = valid & attention_mask[:, 1:].bool()
+    valid = valid.float()
+    allow = allowed[:, :-1] if allowed is not None else None
+    zero = logits.new_zeros(())
+
+    ce_mask = allow if loss_config.grammar_masked else None
+    ce = _mean(masked_cross_entropy(logits, targets, ce_mask, loss_config.label_smoothing), valid)
+    grammar = zero
+    if allow is not None:
+        forbidden = F.softmax(logits.float(), dim=-1).masked_fill(allow, 0.0).sum(-1)
+        grammar = _mean(forbidden, valid)
+
+    kl = kl_raw = zero
+    if out.posterior is not None:
+        per_elem = out.posterior.kl()
+        tokens = ids.shape[1]
+        kl_raw = sum(k.sum() for k in per_elem) / (ids.shape[0] * tokens)
+        kl = kl_free_bits(per_elem, loss_config.free_bits, tokens)
+
+    adv = fm = disc = zero
+    if model.discriminator is not None:
+        adv, fm, disc = _gan_losses(model, ids, out.logits, allowed)
+
+    beta = kl_weight_at(step, loss_config)
+    weighted = {
+        "ce": (1.0, ce),
+        "kl": (beta, kl),
+        "adv": (loss_config.adv_weight, adv),
+        "fm": (loss_config.feature_matching_weight, fm),
+        "grammar": (loss_config.grammar_weight, grammar),
+    }
+    total = zero
+    log_vars = model.loss_log_vars
+    for i, name in enumerate(model.LOSS_TERMS):
+        w, value = weighted[name]
+        if w == 0.0 or (name != "ce" and value is zero):
+            continue
+        if log_vars is not None:
+            total = total + torch.exp(-log_vars[i]) * w * value + log_vars[i]
+        else:
+            total = total + w * value
+    return {
+        "total": total,
+        "ce": ce,
+        "grammar": grammar,
+        "kl": kl,
+        "kl_raw": kl_raw,
+        "adv": adv,
+        "fm": fm,
+        "disc": disc,
+        "kl_weight": torch.tensor(beta),
+    }
+
+
+def _gan_losses(
+    model: MusicTransformerVAEGAN, ids: Tensor, logits: Tensor, allowed: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(generator hinge loss, feature matching, discriminator hinge loss)."""
+    gen_logits = logits[:, :-1]
+    if allowed is not None:  # fakes drawn from the grammar-masked distribution
+        gen_logits = gen_logits.masked_fill(~allowed[:, :-1], float("-inf"))
+    soft = F.gumbel_softmax(gen_logits.float(), tau=GUMBEL_TAU, hard=False, dim=-1)  # (B,T-1,V)
+    first = F.one_hot(ids[:, :1], soft.shape[-1]).to(soft.dtype)  # the prompt token is real
+    fake = torch.cat([first, soft], dim=1)  # (B, T, V), aligned with ids
+
+    real_scores, real_feats = model.discriminate(ids)
+    with _frozen(model.discriminator):
+        fake_scores, fake_feats = model.discriminate(fake)
+    adv = -torch.stack([s.mean() for s in fake_scores]).mean()
+    fm = torch.stack(
+        [(f.mean(0) - r.detach().mean(0)).abs().mean() for f, r in zip(fake_feats, real_feats)]
+    ).mean()
+
+    detached_scores, _ = model.discriminate(fake.detach())
+    disc = torch.stack(
+        [
+            F.relu(1.0 - r).mean() + F.relu(1.0 + f).mean()
+            for r, f in zip(real_scores, detached_scores)
+        ]
+    ).mean()
+    return adv, fm, disc

@@ -1,0 +1,419 @@
+"""MusicTransformerVAEGAN: a decoder-only Transformer over event tokens, optionally a VAE and a GAN.
+
+Reads top to bottom like nanoGPT's ``model.py``: small modules (rotary positions, attention,
+feed-forward, block, musical time), then the decode state, then the top model. The VAE encoder
+lives in :mod:`aurl.models.vae`, the discriminator in :mod:`aurl.models.discriminator`, the
+losses in :mod:`aurl.models.losses`, weights I/O in :mod:`aurl.models.pretrained`.
+
+Shapes: ``B`` batch, ``T`` tokens, ``D`` model width, ``H`` heads, ``hd`` head width, ``V`` vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from aurl.config import Config, ModelConfig, VocabConfig
+from aurl.data.vocab import Kind, Vocab
+from aurl.models.discriminator import MultiScaleDiscriminator
+from aurl.models.layers import Rotary, attention_mask_for, make_blocks
+from aurl.models.vae import LatentConditioner, LatentEncoder, Latents, Posterior
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# --------------------------------------------------------------------------------------------
+# Musical time (the other small modules live in aurl.models.layers)
+# --------------------------------------------------------------------------------------------
+
+PHASE_BINS = 32  # position inside the beat, in 1/32 beat
+BEATS_PER_BAR = 4  # no meter token in the vocabulary: 4/4 assumed, the common case
+
+
+class MusicalTime(nn.Module):
+    """Beat-aware position: where in the beat and the bar each token falls, and the tempo.
+
+    Derived from the ids alone: cumulative TIME_SHIFT steps (converted to 1/32-beat ticks
+    through the current TEMPO in ``seconds`` mode) -> (phase in beat, beat in bar), plus the
+    current tempo bin. The time of token t includes token t's own shift: it is the time at
+    which token t+1, the one predicted from position t, happens. Incremental through
+    ``(ticks, tempo)`` per sequence, kept in the decode state.
+    """
+
+    def __init__(self, vocab: Vocab, d_model: int) -> None:
+        super().__init__()
+        c = vocab.config
+        kind = torch.as_tensor(vocab.kind, dtype=torch.long)
+        value = torch.as_tensor(vocab.value, dtype=torch.long)
+        shift = torch.where(kind == Kind.TIME_SHIFT, value, 0)  # (V,) steps of each id
+        tempo = torch.where(kind == Kind.TEMPO, value, -1)  # (V,) tempo bin, -1: not a tempo
+        self.register_buffer("shift", shift, persistent=False)
+        self.register_buffer("tempo_of", tempo, persistent=False)
+        # ticks[tempo + 1, steps]: 1/32-beat ticks a shift of ``steps`` lasts at that tempo
+        # (row 0: no tempo seen yet, read as 120 BPM). Integer, so cumulative sums are exact.
+        steps = torch.arange(c.max_shift_steps + 1, dtype=torch.float64)
+        if c.time_unit == "beat":
+            self.ticks_per_beat = c.steps_per_beat
+            table = steps.expand(c.tempo_bins + 1, -1).round()
+        else:
+            self.ticks_per_beat = PHASE_BINS
+            bpm = torch.cat([torch.tensor([120.0]), torch.as_tensor(vocab.bin_tempo)])
+            table = (steps[None, :] * c.step_seconds * bpm[:, None] / 60.0 * PHASE_BINS).round()
+        self.register_buffer("ticks", table.long(), persistent=False)
+        self.phase = nn.Embedding(PHASE_BINS, d_model)
+        self.beat = nn.Embedding(BEATS_PER_BAR, d_model)
+        self.tempo = nn.Embedding(c.tempo_bins + 1, d_model)
+
+    def positions(
+        self, ids: Tensor, ticks0: Tensor | None = None, tempo0: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``ids`` (B, T) -> (phase in beat 0..31, beat in bar 0..3, tempo bin or -1, ticks),
+        each (B, T). ``ticks0``/``tempo0`` (B,) continue from an earlier call."""
+        B, T = ids.shape
+        if tempo0 is None:
+            tempo0 = torch.full((B,), -1, dtype=torch.long, device=ids.device)
+        tempo_here = torch.cat([tempo0[:, None], self.tempo_of[ids]], dim=1)  # (B, 1+T)
+        # the current tempo is the last TEMPO at or before t (column 0: the carried one)
+        idx = torch.arange(T + 1, device=ids.device).expand_as(tempo_here)
+        last = torch.where(tempo_here >= 0, idx, 0).cummax(dim=1).values
+        tempo = tempo_here.gather(1, last)[:, 1:]  # (B, T)
+        cum = self.ticks[tempo + 1, self.shift[ids]].cumsum(dim=1)  # (B, T)
+        if ticks0 is not None:
+            cum = cum + ticks0[:, None]
+        r = self.ticks_per_beat
+        return (cum % r) * PHASE_BINS // r, (cum // r) % BEATS_PER_BAR, tempo, cum
+
+    def forward(
+        self, ids: Tensor, ticks0: Tensor | None = None, tempo0: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``ids`` (B, T) -> (embedding (B, T, D), last ticks (B,), last tempo (B,))."""
+        phase, beat, tempo, cum = self.positions(ids, ticks0, tempo0)
+        emb = self.phase(phase) + self.beat(beat) + self.tempo(tempo + 1)
+        return emb, cum[:, -1], tempo[:, -1]
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs and decode state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelOutput:
+    """What :meth:`MusicTransformerVAEGAN.forward` returns."""
+
+    logits: Tensor  # (B, T, V)
+    hidden: Tensor  # (B, T, D), after the final norm
+    posterior: Posterior | None = None  # VAE modes
+    latents: Latents | None = None  # VAE modes: the latents the decoder was conditioned on
+
+
+@dataclass
+class DecodeState:
+    """Everything incremental decoding carries between :meth:`step` calls."""
+
+    k: list[Tensor]  # per layer (B, H, capacity, hd): preallocated KV cache
+    v: list[Tensor]
+    pos: int = 0  # tokens consumed so far
+    ticks: Tensor | None = None  # (B,) musical time in ticks
+    tempo: Tensor | None = None  # (B,) current tempo bin, -1 before the first TEMPO
+    latents: Latents | None = None
+    key_mask: Tensor | None = None  # (B, capacity) bool, only once step() got a mask
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class MusicTransformerVAEGAN(nn.Module):
+    """Autoregressive Transformer (``transformer``), Transformer-VAE (``vae``) or VAE-GAN
+    (``vae_gan``) over the event vocabulary of ``vocab_config``.
+
+    Args:
+        model_config: sizes, attention variant, VAE and discriminator settings.
+        vocab_config: the vocabulary the ids come from (its size and time tables).
+        auto_balance: add learned uncertainty weights for the named losses
+            (``loss.auto_balance``; see :mod:`aurl.models.losses`).
+    """
+
+    LOSS_TERMS = ("ce", "kl", "adv", "fm", "grammar")
+
+    def __init__(
+        self,
+        model_config: ModelConfig | None = None,
+        vocab_config: VocabConfig | None = None,
+        *,
+        auto_balance: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = c = model_config or ModelConfig()
+        self.vocab_config = vocab_config or VocabConfig()
+        self.vocab = Vocab(self.vocab_config)
+        self.auto_balance = auto_balance
+        V, D = self.vocab.size, c.d_model
+        self.window = None if c.attention == "full" else c.local_window
+        self.n_global = c.global_tokens if c.attention == "hierarchical" else 0
+
+        self.embed = nn.Embedding(V, D)
+        self.time = MusicalTime(self.vocab, D) if c.musical_position else None
+        self.rotary = Rotary(D // c.n_heads, c.max_seq_len)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = make_blocks(c.n_layers, D, c.n_heads, c.ff_mult, c.dropout, causal=True)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.embed.weight  # tied: one table for ids in and logits out
+
+        vae = c.mode in ("vae", "vae_gan")
+        self.encoder = LatentEncoder(c, V) if vae else None
+        self.conditioner = LatentConditioner(c) if vae else None
+        self.discriminator = MultiScaleDiscriminator(c, V) if c.mode == "vae_gan" else None
+        self.loss_log_vars = (
+            nn.Parameter(torch.zeros(len(self.LOSS_TERMS))) if auto_balance else None
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2 init; residual projections scaled by 1/sqrt(2 * layers) so depth keeps the
+        # residual stream's variance (nanoGPT).
+        for name, p in self.named_parameters():
+            if name.startswith("discriminator") or name == "loss_log_vars":
+                continue
+            if p.dim() >= 2:
+                std = 0.02
+                if name.endswith(("attn.proj.weight", "ff.proj.weight")):
+                    std = 0.02 / math.sqrt(2 * self.config.n_layers)
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    # -- backbone ------------------------------------------------------------------------------
+
+    def _mask(self, q_start: int, Tq: int, k_pos: Tensor, key_mask: Tensor | None):
+        """Attention mask (1 or B, 1, Tq, Tk) bool for queries ``q_start..q_start+Tq-1`` over
+        keys at ``k_pos``, or None where SDPA needs none (one query that sees every key it is
+        given, or plain causal over the same positions)."""
+        Tk = k_pos.shape[0]
+        if key_mask is None:
+            if Tq == 1:
+                return None
+            aligned = Tq == Tk and q_start == 0
+            if aligned and (self.window is None or Tk <= self.window):
+                return None
+        q_pos = torch.arange(q_start, q_start + Tq, device=k_pos.device)
+        mask = attention_mask_for(q_pos, k_pos, self.window, self.n_global)[None, None]
+        if key_mask is not None:
+            # each query always sees itself, so padded rows stay finite (their outputs unused)
+            mask = (mask & key_mask[:, None, None, :]) | (q_pos[:, None] == k_pos[None, :])
+        return mask
+
+    def _input(self, ids: Tensor, cond: Tensor | None, time_emb: Tensor | None) -> Tensor:
+        x = self.embed(ids)
+        if time_emb is not None:
+            x = x + time_emb
+        if cond is not None:
+            x = x + cond
+        return self.drop(x)
+
+    def _logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.norm(x)
+        return self.head(h), h
+
+    def forward(
+        self,
+        ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        latents: Latents | None = None,
+    ) -> ModelOutput:
+        """Logits for every position of ``ids`` (B, T).
+
+        Args:
+            ids: token ids (B, T).
+            attention_mask: (B, T), 1/True for real tokens; masked keys are never attended.
+            latents: VAE modes: condition on these instead of encoding ``ids`` (which are then
+                only decoded). Without them the posterior is sampled (mean in eval mode).
+        """
+        B, T = ids.shape
+        posterior = None
+        if self.encoder is not None and latents is None:
+            posterior = self.encoder(ids, self.embed, attention_mask)
+            latents = posterior.sample() if self.training else posterior.mean()
+        cond = self.conditioner(latents, 0, T) if latents is not None else None
+        time_emb = self.time(ids)[0] if self.time is not None else None
+        x = self._input(ids, cond, time_emb)
+        key_mask = attention_mask.bool() if attention_mask is not None else None
+        mask = self._mask(0, T, torch.arange(T, device=ids.device), key_mask)
+        cos, sin = self.rotary.tables(0, T)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        logits, h = self._logits(x)
+        return ModelOutput(logits=logits, hidden=h, posterior=posterior, latents=latents)
+
+    # -- incremental decoding ------------------------------------------------------------------
+
+    def init_state(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        latents: Latents | None = None,
+        capacity: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> DecodeState:
+        """A fresh decode state with a preallocated KV cache of ``capacity`` positions
+        (default ``max_seq_len``); generation past it re-primes a new state on a window."""
+        p = self.embed.weight
+        device = torch.device(device) if device is not None else p.device
+        dtype = dtype or p.dtype
+        cap = capacity or self.config.max_seq_len
+        H, hd = self.config.n_heads, self.config.d_model // self.config.n_heads
+        shape = (batch_size, H, cap, hd)
+        n = len(self.blocks)
+        state = DecodeState(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            latents=latents,
+        )
+        if self.time is not None:
+            state.ticks = torch.zeros(batch_size, dtype=torch.long, device=device)
+            state.tempo = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        return state
+
+    def _keys_for(self, start: int, T: int, device: torch.device) -> slice | Tensor:
+        """Cache positions the queries at ``start..start+T-1`` may read: everything so far,
+        or for windowed attention only the window of the first query (plus the globals)."""
+        end = start + T
+        lo = 0 if self.window is None else max(0, start - self.window + 1)
+        if lo <= self.n_global:
+            return slice(0, end)
+        if self.n_global == 0:
+            return slice(lo, end)
+        return torch.cat([torch.arange(self.n_global), torch.arange(lo, end)]).to(device)
+
+    @torch.no_grad()
+    def step(
+        self, ids: Tensor, state: DecodeState, *, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """Feed ``ids`` (B, t) after what ``state`` has seen; returns their logits (B, t, V)
+        and advances the state in place (KV cache, musical time)."""
+        B, T = ids.shape
+        start = state.pos
+        if start + T > state.capacity:
+            raise ValueError(
+                f"decode state is full ({state.capacity} positions): start a new state on the "
+                "last window of tokens (init_state(capacity=...) for a longer one)"
+            )
+        device = ids.device
+        if attention_mask is not None and state.key_mask is None:
+            state.key_mask = torch.ones(B, state.capacity, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            state.key_mask[:, start : start + T] = attention_mask.bool()
+        time_emb = None
+        if self.time is not None:
+            time_emb, state.ticks, state.tempo = self.time(ids, state.ticks, state.tempo)
+        cond = None
+        if state.latents is not None:
+            cond = self.conditioner(state.latents, start, T)
+        x = self._input(ids, cond, time_emb)
+
+        keys = self._keys_for(start, T, device)
+        if isinstance(keys, slice):
+            k_pos = torch.arange(keys.start, keys.stop, device=device)
+        else:
+            k_pos = keys
+        key_mask = None
+        if state.key_mask is not None:
+            key_mask = state.key_mask.index_select(1, k_pos)
+        mask = self._mask(start, T, k_pos, key_mask)
+        cos, sin = self.rotary.tables(start, T)
+        for block, k_cache, v_cache in zip(self.blocks, state.k, state.v):
+            x = block(x, cos, sin, mask, (k_cache, v_cache, start, keys))
+        state.pos = start + T
+        return self._logits(x)[0]
+
+    # -- VAE -----------------------------------------------------------------------------------
+
+    def _require(self, part: str) -> None:
+        if getattr(self, part) is None:
+            raise ValueError(
+                f"model.mode={self.config.mode!r} has no {part}: use mode 'vae' or 'vae_gan'"
+            )
+
+    def encode(self, ids: Tensor, *, attention_mask: Tensor | None = None) -> Posterior:
+        """The approximate posterior q(z | ids); ``.sample()`` or ``.mean()`` gives latents."""
+        self._require("encoder")
+        return self.encoder(ids, self.embed, attention_mask)
+
+    def decode(self, latents: Latents, ids: Tensor) -> Tensor:
+        """Teacher-forced logits (B, T, V) of ``ids`` conditioned on ``latents``. To generate
+        from latents, pass them to :meth:`init_state` and feed :meth:`step`."""
+        self._require("encoder")
+        return self.forward(ids, latents=latents).logits
+
+    def sample_prior(
+        self, n: int, *, length: int | None = None, generator: torch.Generator | None = None
+    ) -> Latents:
+        """``n`` latents from the prior N(0, I), covering ``length`` tokens (default context)."""
+        self._require("encoder")
+        return self.encoder.sample_prior(
+            n, length or self.config.max_seq_len, self.embed.weight.device, generator
+        )
+
+    def interpolate(self, a: Latents, b: Latents, steps: int) -> list[Latents]:
+        """``steps`` latents from ``a`` to ``b`` (spherical, which stays on the prior's shell)."""
+        return [Latents.slerp(a, b, float(t)) for t in torch.linspace(0, 1, steps)]
+
+    # -- GAN -----------------------------------------------------------------------------------
+
+    def discriminate(self, ids_or_soft: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Real/fake scores per scale and the features used for feature matching.
+
+        ``ids_or_soft``: ids (B, T) or soft one-hots (B, T, V), e.g. Gumbel-softmax samples
+        of the decoder, which keep the generator differentiable."""
+        self._require("discriminator")
+        return self.discriminator(ids_or_soft)
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """Every parameter but the discriminator's (the generator optimizer's)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("discriminator.")]
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per component (the tied output head counts once, under embedding)."""
+        groups: dict[str, int] = {}
+        for name, p in self.named_parameters():  # shared tensors are listed once
+            top = name.split(".")[0]
+            key = {"embed": "embedding", "time": "musical_time", "norm": "blocks"}.get(top, top)
+            groups[key] = groups.get(key, 0) + p.numel()
+        groups["total"] = sum(groups.values())
+        return groups
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Weights as safetensors plus ``config.json`` (model and vocab config)."""
+        from aurl.models.pretrained import save_pretrained
+
+        return save_pretrained(self, folder)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, *, map_location: str | torch.device = "cpu"
+    ) -> MusicTransformerVAEGAN:
+        """Rebuild from :meth:`save_pretrained` output. Never unpickles."""
+        from aurl.models.pretrained import load_pretrained
+
+        return load_pretrained(folder, map_location=map_location)
+
+
+def build_model(config: Config) -> MusicTransformerVAEGAN:
+    """The model a full :class:`Config` describes."""
+    return MusicTransformerVAEGAN(config.model, config.vocab, auto_balance=config.loss.auto_balance)

@@ -1,0 +1,95 @@
+"""Named losses: masked CE by hand, grammar mass, KL >= 0 and free bits, the GAN split."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from aurl.config import LossConfig
+from aurl.models.losses import compute_losses, kl_free_bits, kl_weight_at, masked_cross_entropy
+from aurl.models.vae import Posterior
+
+
+def test_masked_cross_entropy_by_hand():
+    logits = torch.tensor([[[0.0, 1.0, 2.0, 3.0]]])
+    target = torch.tensor([[1]])
+    allowed = torch.tensor([[[True, False, True, False]]])  # target forced allowed: {0, 1, 2}
+    got = masked_cross_entropy(logits, target, allowed, 0.0)
+    expected = -(1.0 - math.log(math.exp(0) + math.exp(1) + math.exp(2)))
+    assert abs(got.item() - expected) < 1e-6
+    unmasked = masked_cross_entropy(logits, target, None, 0.0)
+    assert abs(unmasked.item() - (-(1.0 - math.log(sum(math.exp(i) for i in range(4)))))) < 1e-6
+    # smoothing 0.5: half the nll, half the mean -log p over the three allowed ids
+    logp = [i - math.log(math.exp(0) + math.exp(1) + math.exp(2)) for i in range(3)]
+    smooth = masked_cross_entropy(logits, target, allowed, 0.5).item()
+    assert abs(smooth - (0.5 * -logp[1] + 0.5 * -sum(logp) / 3)) < 1e-6
+
+
+def test_grammar_loss_is_forbidden_probability_mass(make_model, ids):
+    model = make_model().eval()
+    allowed = torch.zeros(3, 40, 774, dtype=torch.bool)
+    allowed[..., :100] = True
+    losses = compute_losses(model, ids, LossConfig(grammar_weight=1.0), step=0, allowed=allowed)
+    p = torch.softmax(model(ids).logits[:, :-1], -1)
+    assert torch.allclose(losses["grammar"], p[..., 100:].sum(-1).mean(), atol=1e-6)
+    everything = torch.ones_like(allowed)
+    none_forbidden = compute_losses(model, ids, LossConfig(), step=0, allowed=everything)
+    assert none_forbidden["grammar"].item() == 0.0
+    # all ids allowed: the masked CE is the plain CE
+    plain = compute_losses(model, ids, LossConfig(), step=0)
+    assert torch.allclose(none_forbidden["ce"], plain["ce"])
+    assert losses["ce"] < plain["ce"]  # scoring over 100 ids (+ target) only
+
+
+def test_pad_targets_do_not_count(make_model, ids):
+    model = make_model().eval()
+    padded = torch.cat([ids, torch.full((3, 10), 2)], dim=1)
+    a = compute_losses(model, ids, LossConfig(), step=0)["ce"]
+    b = compute_losses(model, padded, LossConfig(), step=0)["ce"]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_kl_nonnegative_and_free_bits_honoured():
+    g = torch.Generator().manual_seed(0)
+    mu = [torch.randn(4, 1, 8, generator=g), torch.randn(4, 3, 8, generator=g)]
+    logvar = [torch.randn(4, 1, 8, generator=g), torch.randn(4, 3, 8, generator=g)]
+    post = Posterior(mu, logvar)
+    assert all((k >= 0).all() for k in post.kl())
+    # at the prior the KL is 0, and free bits charge exactly free_bits per latent dimension
+    prior = Posterior([torch.zeros(4, 1, 8, requires_grad=True)], [torch.zeros(4, 1, 8)])
+    assert prior.kl()[0].abs().max() == 0
+    fb = kl_free_bits(prior.kl(), 0.25, tokens=2)
+    assert abs(fb.item() - 0.25 * 8 / 2) < 1e-6
+    fb.backward()  # below the floor: no gradient pushes the posterior further to the prior
+    assert prior.mu[0].grad.abs().max() == 0
+    assert kl_weight_at(0, LossConfig(kl_anneal_steps=100)) == 0.0
+    assert kl_weight_at(50, LossConfig(kl_anneal_steps=100, kl_weight=0.5)) == 0.25
+    assert kl_weight_at(500, LossConfig(kl_anneal_steps=100, kl_weight=0.5)) == 0.5
+
+
+def test_vae_losses_and_gan_split(make_model, ids):
+    model = make_model(mode="vae_gan")
+    model.train()
+    losses = compute_losses(model, ids, LossConfig(), step=5)
+    assert losses["kl_raw"] >= 0 and losses["kl"] >= losses["kl_raw"] - 1e-6
+    # total (generator) never reaches the discriminator; disc never reaches the generator
+    losses["total"].backward(retain_graph=True)
+    assert all(p.grad is None for p in model.discriminator.parameters())
+    model.zero_grad()
+    losses["disc"].backward()
+    assert all(p.grad is None for p in model.generator_parameters())
+    assert any(p.grad is not None for p in model.discriminator.parameters())
+
+
+def test_auto_balance_uses_learned_log_variances(make_model, ids):
+    from aurl.config import VocabConfig
+    from aurl.models import MusicTransformerVAEGAN
+
+    torch.manual_seed(0)
+    base = make_model()
+    model = MusicTransformerVAEGAN(base.config, VocabConfig(), auto_balance=True).eval()
+    with torch.no_grad():
+        model.loss_log_vars[0] = math.log(2.0)
+    losses = compute_losses(model, ids, LossConfig(), step=0)
+    assert torch.allclose(losses["total"], losses["ce"] / 2 + math.log(2.0))

@@ -1,0 +1,181 @@
+"""MusicTransformerVAEGAN: shapes, causality, KV-cache equivalence, attention variants,
+musical time, gradients, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aurl.config import VocabConfig, load_config
+from aurl.data.vocab import Vocab
+from aurl.models import build_model
+from aurl.models.model import MusicalTime
+
+MODES = ("transformer", "vae", "vae_gan")
+ATTENTIONS = ("full", "local", "hierarchical")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shapes_every_mode(mode, ids, make_model):
+    model = make_model(mode=mode).eval()
+    out = model(ids)
+    assert out.logits.shape == (3, 40, 774)
+    assert out.hidden.shape == (3, 40, 32)
+    if mode == "transformer":
+        assert out.posterior is None and out.latents is None
+        return
+    # levels: global (1 unit), segments of 16 tokens (3), fine units of 4 tokens (10)
+    assert [z.shape for z in out.latents.levels] == [(3, 1, 8), (3, 3, 8), (3, 10, 2)]
+    assert [m.shape for m in out.posterior.mu] == [z.shape for z in out.latents.levels]
+    assert model.decode(out.latents, ids).shape == (3, 40, 774)
+    prior = model.sample_prior(2, length=40)
+    assert [z.shape[1:] for z in prior.levels] == [(1, 8), (3, 8), (10, 2)]
+    path = model.interpolate(prior, model.sample_prior(2, length=40), 5)
+    assert len(path) == 5 and torch.allclose(path[0].levels[1], prior.levels[1], atol=1e-5)
+    if mode == "vae_gan":
+        scores, feats = model.discriminate(ids)
+        # scales 8, 16, whole: 40 // 8 = 5 windows, 40 // 16 = 2, 1
+        assert [s.shape for s in scores] == [(3, 5), (3, 2), (3, 1)]
+        soft = torch.softmax(torch.randn(3, 40, 774), -1)
+        assert [s.shape for s in model.discriminate(soft)[0]] == [(3, 5), (3, 2), (3, 1)]
+        assert len(feats) == 3
+    else:
+        with pytest.raises(ValueError, match="discriminator"):
+            model.discriminate(ids)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_causal_later_tokens_never_change_earlier_logits(attention, ids, make_model):
+    model = make_model(attention=attention).eval()
+    changed = ids.clone()
+    changed[:, 25:] = torch.randint(4, 774, changed[:, 25:].shape)
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :25], b[:, :25])
+    assert not torch.allclose(a[:, 25:], b[:, 25:])
+
+
+def test_causal_in_vae_mode_given_latents(ids, make_model):
+    model = make_model(mode="vae").eval()
+    z = model.encode(ids).mean()
+    changed = ids.clone()
+    changed[:, 30:] = 5
+    torch.testing.assert_close(model.decode(z, ids)[:, :30], model.decode(z, changed)[:, :30])
+
+
+def _incremental(model, ids, chunks, latents=None):
+    state = model.init_state(ids.shape[0], latents=latents)
+    out, t = [], 0
+    for n in chunks:
+        out.append(model.step(ids[:, t : t + n], state))
+        t += n
+    assert state.pos == ids.shape[1]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kv_cache_matches_forward(attention, batch, ids, make_model):
+    model = make_model(attention=attention).eval()
+    x = ids[:batch]
+    full = model(x).logits
+    # a prompt longer than the window, then single tokens, then a chunk in the middle
+    chunks = [11] + [1] * 15 + [6] + [1] * 8
+    torch.testing.assert_close(_incremental(model, x, chunks), full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_incremental(model, x, [1] * 40), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["vae", "vae_gan"])
+def test_kv_cache_matches_forward_with_latents(mode, ids, make_model):
+    model = make_model(mode=mode, attention="hierarchical").eval()
+    z = model.encode(ids).mean()
+    full = model(ids, latents=z).logits
+    torch.testing.assert_close(
+        _incremental(model, ids, [1] * 40, latents=z), full, atol=1e-5, rtol=1e-4
+    )
+
+
+def test_left_padding_gives_the_unpadded_logits(ids, make_model):
+    model = make_model(attention="local").eval()
+    seq = ids[:1, :20]
+    padded = torch.cat([torch.full((1, 5), 2), seq], dim=1)  # PAD = 2
+    mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 20)], dim=1)
+    ref = model(seq).logits
+    torch.testing.assert_close(
+        model(padded, attention_mask=mask).logits[:, 5:], ref, atol=1e-5, rtol=1e-4
+    )
+    state = model.init_state(1)
+    got = model.step(padded, state, attention_mask=mask)[:, 5:]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["local", "hierarchical"])
+def test_local_equals_full_when_the_window_covers_the_sequence(attention, ids, make_model):
+    full = make_model(attention="full").eval()
+    covering = make_model(attention=attention, local_window=40).eval()
+    covering.load_state_dict(full.state_dict())
+    torch.testing.assert_close(covering(ids).logits, full(ids).logits)
+    narrow = make_model(attention=attention, local_window=8).eval()
+    narrow.load_state_dict(full.state_dict())
+    assert not torch.allclose(narrow(ids).logits[:, 8:], full(ids).logits[:, 8:])
+    torch.testing.assert_close(narrow(ids).logits[:, :8], full(ids).logits[:, :8])
+
+
+def test_hierarchical_sees_the_global_positions(ids, make_model):
+    local = make_model(attention="local").eval()
+    hier = make_model(attention="hierarchical").eval()
+    hier.load_state_dict(local.state_dict())
+    ids, changed = ids.clone(), ids.clone()
+    # two NOTE_ONs (no musical-time change) inside the 3 global positions; position 30 is
+    # beyond the reach of 2 layers of 8-token windows: only the global positions reach it
+    ids[:, 1], changed[:, 1] = 10, 11
+    torch.testing.assert_close(local(ids).logits[:, 30], local(changed).logits[:, 30])
+    assert not torch.allclose(hier(ids).logits[:, 30], hier(changed).logits[:, 30])
+
+
+def test_musical_time_hand_computed():
+    v = Vocab()
+    start, tempo5, on60, off60 = 0, v.tempo + 5, v.note_on_id(60), v.note_off_id(60)
+    s16, s32, s40 = v.shift_id(16), v.shift_id(32), v.shift_id(40)
+    ids = torch.tensor([[start, tempo5, on60, s16, off60, s16, s32, v.tempo + 7, s40]])
+    mt = MusicalTime(v, 8)
+    phase, beat, tempo, ticks = mt.positions(ids)
+    assert ticks.tolist() == [[0, 0, 0, 16, 16, 32, 64, 64, 104]]
+    assert phase.tolist() == [[0, 0, 0, 16, 16, 0, 0, 0, 8]]
+    assert beat.tolist() == [[0, 0, 0, 0, 0, 1, 2, 2, 3]]
+    assert tempo.tolist() == [[-1, 5, 5, 5, 5, 5, 5, 7, 7]]
+    # continuing from a carried state gives the same as one pass
+    p2, b2, t2, k2 = mt.positions(ids[:, 4:], ticks[:, 3], tempo[:, 3])
+    assert k2.tolist() == [ticks[0, 4:].tolist()] and t2.tolist() == [tempo[0, 4:].tolist()]
+
+
+def test_musical_time_seconds_mode_reads_the_tempo():
+    v = Vocab(VocabConfig(time_unit="seconds"))
+    bpm = v.bin_tempo
+    # at 120 BPM (no TEMPO yet) one 15.625 ms step is exactly 1/32 beat
+    ids = torch.tensor([[v.shift_id(32), v.tempo + 0, v.shift_id(32)]])
+    _, beat, tempo, ticks = MusicalTime(v, 8).positions(ids)
+    expected = 32 + round(32 * 0.015625 * bpm[0] / 60 * 32)  # 60 BPM: half as many beats
+    assert ticks.tolist() == [[32, 32, expected]] and expected == 48
+    assert beat.tolist() == [[1, 1, 1]] and tempo.tolist() == [[-1, 0, 0]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_reach_every_parameter(mode, ids, make_model):
+    from aurl.config import LossConfig
+    from aurl.models.losses import compute_losses
+
+    model = make_model(mode=mode, attention="hierarchical")
+    model.train()
+    losses = compute_losses(model, ids, LossConfig(grammar_weight=0.1), step=10)
+    (losses["total"] + losses["disc"]).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == []
+
+
+def test_presets_sizes_and_counts():
+    tiny = build_model(load_config(preset="tiny"))
+    counts = tiny.parameter_counts()
+    assert counts["total"] == sum(p.numel() for p in tiny.parameters()) < 200_000
+    assert {"embedding", "musical_time", "blocks"} <= set(counts)
+    full = load_config(preset="full").model
+    assert (full.d_model, full.n_layers, full.n_heads, full.latent_dim) == (512, 8, 8, 128)

@@ -1,0 +1,54 @@
+"""save_pretrained -> from_pretrained gives identical logits; pickles are refused unexecuted."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from aurl.errors import CheckpointError
+from aurl.models import MusicTransformerVAEGAN
+
+
+@pytest.mark.parametrize("mode", ["transformer", "vae_gan"])
+def test_save_load_identical_logits(tmp_path, make_model, ids, mode):
+    model = make_model(mode=mode, attention="hierarchical").eval()
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["model"]["mode"] == mode and meta["vocab"]["pitch_min"] == 21
+    loaded = MusicTransformerVAEGAN.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    assert loaded.head.weight is loaded.embed.weight  # tying survives
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # unpickling would create the marker file
+
+
+def test_pickle_payload_refused_without_executing(tmp_path, make_model):
+    make_model().save_pretrained(tmp_path)
+    marker = tmp_path / "pwned"
+    (tmp_path / "model.safetensors").write_bytes(pickle.dumps(_Payload(marker), protocol=2))
+    with pytest.raises(CheckpointError, match="pickle"):
+        MusicTransformerVAEGAN.from_pretrained(tmp_path)
+    torch.save({"x": _Payload(marker)}, tmp_path / "model.safetensors")  # zip-format pickle
+    with pytest.raises(CheckpointError, match="pickle"):
+        MusicTransformerVAEGAN.from_pretrained(tmp_path)
+    assert not marker.exists()
+
+
+def test_mismatched_or_missing_files(tmp_path, make_model):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        MusicTransformerVAEGAN.from_pretrained(tmp_path)
+    make_model().save_pretrained(tmp_path / "a")
+    make_model(d_model=16).save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="shape"):
+        MusicTransformerVAEGAN.from_pretrained(tmp_path / "b")
