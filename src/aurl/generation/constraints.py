@@ -43,7 +43,7 @@ class Clock:
     beats: torch.Tensor  # elapsed time in beats
     notes: torch.Tensor  # NOTE_ONs so far (primer excluded)
     tempo_bin: torch.Tensor  # current tempo bin (long)
-    family: torch.Tensor  # current instrument family (long)
+    family: torch.Tensor  # current instrument family (long); num_instruments: none yet
     finished: torch.Tensor  # bool: END emitted
 
 
@@ -79,7 +79,9 @@ class _Tables:
         self.seconds_per_step = torch.tensor(sps, dtype=torch.float64, device=device)
         c = vocab.config
         # Seconds mode decodes at 120 BPM, where a step is step_seconds * 2 beats.
-        self.beats_per_step = 1.0 / c.steps_per_beat if c.time_unit == "beat" else c.step_seconds * 2
+        self.beats_per_step = (
+            1.0 / c.steps_per_beat if c.time_unit == "beat" else c.step_seconds * 2
+        )
         self.default_tempo_bin = int(vocab.tempo_bin(120.0))
 
 
@@ -150,7 +152,9 @@ def tempo_bias(vocab: Vocab, tempo: float, tempo_range: tuple[float, ...]) -> np
         keep = vocab.value[is_tempo] == int(vocab.tempo_bin(tempo))
     elif tempo_range:
         if len(tempo_range) != 2 or tempo_range[0] > tempo_range[1]:
-            raise ConstraintError(f"tempo range {list(tempo_range)}: give two BPM values, low <= high")
+            raise ConstraintError(
+                f"tempo range {list(tempo_range)}: give two BPM values, low <= high"
+            )
         keep = (bpm >= tempo_range[0]) & (bpm <= tempo_range[1])
         if not keep.any():
             raise ConstraintError(
@@ -261,11 +265,15 @@ class LogitMasker:
         self.t = _Tables(vocab, self.device)
         self.static = torch.as_tensor(constraints.static, dtype=torch.float32, device=self.device)
         self.has_static = bool((constraints.static != 0).any())
-        self.family_ok = torch.ones(vocab.config.num_instruments, dtype=torch.bool)
+        # family_ok[f]: NOTE_ON allowed in family f; the last entry stands for "no INSTRUMENT
+        # yet", which is fine only without an instrument constraint.
+        n_fam = vocab.config.num_instruments
+        self.family_ok = torch.ones(n_fam + 1, dtype=torch.bool)
         if constraints.families:
-            self.family_ok = torch.zeros_like(self.family_ok)
+            self.family_ok[:] = False
             self.family_ok[list(constraints.families)] = True
         self.family_ok = self.family_ok.to(self.device)
+        self.no_family = n_fam
         self.end_only = torch.full((vocab.size,), NEG_INF, device=self.device)
         self.end_only[END] = 0.0
         self.pad_only = torch.full((vocab.size,), NEG_INF, device=self.device)
@@ -282,7 +290,7 @@ class LogitMasker:
             beats=torch.zeros(batch, dtype=torch.float64, device=d),
             notes=torch.zeros(batch, dtype=torch.long, device=d),
             tempo_bin=torch.full((batch,), self.t.default_tempo_bin, dtype=torch.long, device=d),
-            family=torch.zeros(batch, dtype=torch.long, device=d),
+            family=torch.full((batch,), self.no_family, dtype=torch.long, device=d),
             finished=torch.zeros(batch, dtype=torch.bool, device=d),
         )
         return MaskState(self.grammar.initial_state(batch, d), clock)
@@ -376,7 +384,9 @@ def index_state(state: Any, index: torch.Tensor) -> Any:
     if isinstance(state, torch.Tensor):
         return state.index_select(0, index) if state.dim() > 0 else state
     if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        changes = {f.name: index_state(getattr(state, f.name), index) for f in dataclasses.fields(state)}
+        changes = {
+            f.name: index_state(getattr(state, f.name), index) for f in dataclasses.fields(state)
+        }
         return dataclasses.replace(state, **changes)
     if isinstance(state, dict):
         return {k: index_state(v, index) for k, v in state.items()}
@@ -388,4 +398,3 @@ def index_state(state: Any, index: torch.Tensor) -> Any:
         new.__dict__.update({k: index_state(v, index) for k, v in vars(state).items()})
         return new
     return state
-

@@ -169,7 +169,9 @@ def write_piano_roll(notes: np.ndarray, path: str | Path, *, title: str = "") ->
     return _atomic(Path(path), lambda p: fig.savefig(str(p), format="png"))
 
 
-def write_wav(score: Any, path: str | Path, soundfont: str | Path, sample_rate: int = 44100) -> Path:
+def write_wav(
+    score: Any, path: str | Path, soundfont: str | Path, sample_rate: int = 44100
+) -> Path:
     """Render the score with symusic's synthesizer and a SoundFont (.sf2 / .sf3) to 16-bit WAV.
 
     Raises:

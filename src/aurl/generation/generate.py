@@ -1,0 +1,321 @@
+"""The generation loop: model step -> grammar and constraint masks -> sampling filters -> id.
+
+:func:`generate` runs a batch of pieces together on the model's KV cache. Every row starts from
+the same prefix (START, or a primer), optionally conditioned on VAE latents, one set per row.
+Sampling strategies are set by :class:`aurl.config.GenerationConfig`: ``temperature == 0`` is
+greedy, ``beam > 1`` is beam search over the masked distribution, otherwise ancestral sampling
+with temperature, top-k, top-p, min-p and a repetition penalty. The same seed and options give
+the same ids.
+
+Pieces longer than the model's context slide the window: when the cache holds ``window`` tokens
+the model restarts on the last ``window_overlap`` of them (with the musical time carried over),
+while the grammar and the constraints keep following the whole piece, so the output stays valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aurl.config import GenerationConfig
+from aurl.data.vocab import END, PAD, START, Kind, Vocab
+from aurl.errors import ConstraintError
+from aurl.generation.constraints import LogitMasker, build_constraints, index_state
+from aurl.generation.sampling import SamplingOptions, filter_logits, sample
+from aurl.progress import Progress, silent
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One generated piece: its ids (START .. END, primer included) and where the primer ends."""
+
+    ids: np.ndarray
+    primer_length: int
+
+    @property
+    def generated(self) -> np.ndarray:
+        return self.ids[self.primer_length :]
+
+
+def sampling_options(config: GenerationConfig) -> SamplingOptions:
+    return SamplingOptions(
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        min_p=config.min_p,
+        repetition_penalty=config.repetition_penalty,
+    )
+
+
+def make_masker(
+    vocab: Vocab, config: GenerationConfig, device: torch.device | str = "cpu"
+) -> LogitMasker:
+    """Grammar (always on, with the generation polyphony cap) and the checked constraints.
+
+    Raises:
+        ConstraintError: bad or unsatisfiable constraints (before anything is generated).
+    """
+    from aurl.data.grammar import Grammar
+
+    constraints = build_constraints(vocab, config)
+    grammar = Grammar(vocab, polyphony_cap=config.polyphony_cap)
+    return LogitMasker(vocab, grammar, constraints, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# Primers and latents
+# --------------------------------------------------------------------------------------------
+
+
+def token_seconds(ids: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """Time in seconds at which each token happens (after the shifts before it), vectorized."""
+    kind, value = vocab.kind[ids], vocab.value[ids]
+    is_tempo = kind == Kind.TEMPO
+    # Current tempo bin at each token: the last TEMPO at or before it (120 BPM before any).
+    last = np.maximum.accumulate(np.where(is_tempo, np.arange(len(ids)), -1))
+    default_bin = int(vocab.tempo_bin(120.0))
+    tempo_bin = np.where(last >= 0, value[np.maximum(last, 0)], default_bin)
+    sps = np.array([vocab.seconds_per_step(float(b)) for b in vocab.bin_tempo])[tempo_bin]
+    steps = np.where(kind == Kind.TIME_SHIFT, value, 0)
+    elapsed = np.cumsum(steps * sps)
+    return elapsed - steps * sps  # time before each token's own shift
+
+
+def load_primer(path: str | Path, tokenizer: Any, *, seconds: float = 0.0) -> np.ndarray:
+    """Ids of a primer MIDI file, START first, without END, cut after ``seconds`` (0: whole).
+
+    Raises:
+        MidiReadError: the file is missing or not MIDI (from the tokenizer).
+        ConstraintError: the primer holds no notes before the cut.
+    """
+    ids = np.asarray(tokenizer.encode_file(path), dtype=np.int64)
+    ids = ids[(ids != END) & (ids != PAD)]
+    if seconds > 0:
+        ids = ids[token_seconds(ids, tokenizer.vocab) < seconds]
+    if not (tokenizer.vocab.kind[ids] == Kind.NOTE_ON).any():
+        cut = f" in its first {seconds:g} s" if seconds > 0 else ""
+        raise ConstraintError(f"primer {path} has no notes{cut}: give a MIDI file with notes")
+    return ids
+
+
+def file_latents(
+    model: Any, path: str | Path, tokenizer: Any, *, n: int, generator: torch.Generator | None
+) -> Any:
+    """``n`` latents around the encoding of a MIDI file: row 0 its posterior mean, the others
+    samples from its posterior (variations)."""
+    ids = torch.as_tensor(tokenizer.encode_file(path)[: model.config.max_seq_len])[None]
+    ids = ids.to(model.embed.weight.device)
+    posterior = model.encode(ids)
+    rep = torch.zeros(n, dtype=torch.long, device=ids.device)
+    mean = index_state(posterior.mean(), rep)
+    noisy = index_state(posterior, rep).sample(generator)
+    levels = [torch.cat([m[:1], z[1:]]) for m, z in zip(mean.levels, noisy.levels)]
+    return type(mean)(levels)
+
+
+def interpolation_latents(
+    model: Any, a: str | Path, b: str | Path, tokenizer: Any, *, steps: int
+) -> Any:
+    """``steps`` latents from file ``a`` to file ``b`` (posterior means, spherical path)."""
+    za = file_latents(model, a, tokenizer, n=1, generator=None)
+    zb = file_latents(model, b, tokenizer, n=1, generator=None)
+    path = model.interpolate(za, zb, steps)
+    return type(za)([torch.cat(level) for level in zip(*(z.levels for z in path))])
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+class _Context:
+    """The model side of the loop: KV-cache state, sliding window, logits of the last token."""
+
+    def __init__(self, model: Any, latents: Any, batch: int, window: int, overlap: int) -> None:
+        self.model, self.latents, self.batch = model, latents, batch
+        self.window, self.overlap = window, overlap
+        self.state: Any = None
+
+    def start(self, buffer: torch.Tensor, n: int) -> torch.Tensor:
+        """(Re)start the model on the tokens ``buffer[:, :n]`` (the last ``overlap`` of them if
+        they do not fit the window); returns the logits (B, V) after them."""
+        first = 0 if n <= self.window - 1 else n - self.overlap
+        self.state = self.model.init_state(
+            self.batch, device=buffer.device, latents=self.latents, capacity=self.window
+        )
+        if first > 0 and getattr(self.model, "time", None) is not None:
+            # carry the musical time (ticks, tempo) of the tokens left behind
+            _, self.state.ticks, self.state.tempo = self.model.time(buffer[:, :first])
+        return self.model.step(buffer[:, first:n], self.state)[:, -1]
+
+    def next(self, buffer: torch.Tensor, n: int) -> torch.Tensor:
+        """Logits after ``buffer[:, n-1]``, sliding the window when the cache is full."""
+        if self.state.pos >= self.window:
+            return self.start(buffer, n)
+        return self.model.step(buffer[:, n - 1 : n], self.state)[:, -1]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.state = index_state(self.state, rows)
+
+
+def _prefix_tensor(primer: np.ndarray | None, batch: int, device: torch.device) -> torch.Tensor:
+    """(B, P) prefix: START alone, or the primer (1-d shared, or 2-d one per row)."""
+    if primer is None:
+        return torch.full((batch, 1), START, dtype=torch.long, device=device)
+    p = torch.as_tensor(np.asarray(primer), dtype=torch.long, device=device)
+    if p.dim() == 1:
+        p = p[None].expand(batch, -1)
+    if p.shape[0] != batch:
+        raise ConstraintError(
+            f"{p.shape[0]} primers for {batch} samples: give one or one per sample"
+        )
+    if bool((p[:, 0] != START).any()):
+        raise ConstraintError("a primer must start with START (use load_primer or encode_file)")
+    return p.contiguous()
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    config: GenerationConfig,
+    *,
+    num_samples: int = 1,
+    primer: np.ndarray | None = None,
+    latents: Any = None,
+    masker: LogitMasker | None = None,
+    progress: Progress = silent,
+) -> list[Piece]:
+    """Generate ``num_samples`` pieces in one batch.
+
+    Args:
+        model: A ``MusicTransformerVAEGAN`` (``init_state``/``step``), in eval mode.
+        config: Sampling options, constraints, length, window and seed.
+        num_samples: Rows of the batch (beam search keeps ``config.beam`` beams per row).
+        primer: Ids to continue (START first, no END): (P,) shared or (B, P) per row.
+        latents: VAE latents with one row per sample, or None.
+        masker: A prebuilt :func:`make_masker` (built from ``config`` when None).
+        progress: Progress helper over the generated tokens.
+
+    Returns:
+        One :class:`Piece` per sample, each ending with END.
+
+    Raises:
+        ConstraintError: bad constraints or primer, before anything is generated.
+    """
+    vocab = model.vocab
+    device = model.embed.weight.device
+    masker = masker or make_masker(vocab, config, device)
+    prefix = _prefix_tensor(primer, num_samples, device)
+    if latents is not None and latents.batch_size != num_samples:
+        raise ConstraintError(f"{latents.batch_size} latents for {num_samples} samples")
+    window = min(config.window, model.config.max_seq_len)
+    overlap = min(config.window_overlap, window // 2)
+    if config.beam > 1:
+        ids = _beam_search(model, masker, prefix, latents, config, window, overlap, progress)
+    else:
+        ids = _sample(model, masker, prefix, latents, config, window, overlap, progress)
+    out = []
+    for row in ids.cpu().numpy():
+        end = np.flatnonzero(row == END)
+        out.append(Piece(ids=row[: end[0] + 1], primer_length=prefix.shape[1]))
+    return out
+
+
+def _sample(
+    model: Any,
+    masker: LogitMasker,
+    prefix: torch.Tensor,
+    latents: Any,
+    config: GenerationConfig,
+    window: int,
+    overlap: int,
+    progress: Progress,
+) -> torch.Tensor:
+    """Ancestral sampling (or greedy): (B, P + generated) ids, PAD after END."""
+    B, P = prefix.shape
+    device = prefix.device
+    options = sampling_options(config)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    buffer = torch.full((B, P + config.max_tokens), PAD, dtype=torch.long, device=device)
+    buffer[:, :P] = prefix
+    state = masker.prime(masker.initial_state(B), prefix)
+    ctx = _Context(model, latents, B, window, overlap)
+    logits = ctx.start(buffer, P)
+    seen = None
+    if options.repetition_penalty != 1.0:
+        seen = torch.zeros(B, masker.vocab.size, dtype=torch.bool, device=device)
+    n = P
+    for _ in progress(range(config.max_tokens), total=config.max_tokens, desc="generate"):
+        masked = masker.apply(logits.float(), state)
+        ids = sample(filter_logits(masked, options, seen), options, generator)  # (B,)
+        buffer[:, n] = ids
+        n += 1
+        state = masker.advance(state, ids)
+        if seen is not None:
+            seen[torch.arange(B, device=device), ids] = True
+        if bool(state.clock.finished.all()):
+            break
+        logits = ctx.next(buffer, n)
+    return buffer[:, :n]
+
+
+def _beam_search(
+    model: Any,
+    masker: LogitMasker,
+    prefix: torch.Tensor,
+    latents: Any,
+    config: GenerationConfig,
+    window: int,
+    overlap: int,
+    progress: Progress,
+) -> torch.Tensor:
+    """Beam search over the masked distribution, ranked by length-normalised log-probability
+    (sum of log p over generated tokens / their count). Returns the best beam of each row."""
+    B, P = prefix.shape
+    K, V = config.beam, masker.vocab.size
+    device = prefix.device
+    rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) row of each beam
+    if latents is not None:
+        latents = index_state(latents, rows)
+    buffer = torch.full((B * K, P + config.max_tokens), PAD, dtype=torch.long, device=device)
+    buffer[:, :P] = prefix[rows]
+    state = masker.prime(masker.initial_state(B * K), buffer[:, :P])
+    ctx = _Context(model, latents, B * K, window, overlap)
+    logits = ctx.start(buffer, P)
+    scores = torch.zeros(B, K, dtype=torch.float64, device=device)
+    scores[:, 1:] = float("-inf")  # all beams start equal: keep one so they do not duplicate
+    lengths = torch.zeros(B, K, dtype=torch.float64, device=device)
+    base = (torch.arange(B, device=device) * K)[:, None]  # (B, 1) first beam of each row
+    n = P
+    for _ in progress(range(config.max_tokens), total=config.max_tokens, desc="beam search"):
+        masked = masker.apply(logits.float(), state)
+        logp = torch.log_softmax(masked.double(), dim=-1).view(B, K, V)  # finished: PAD = 0
+        live = ~state.clock.finished.view(B, K)
+        new_len = lengths + live.double()
+        total = scores[..., None] + logp  # (B, K, V)
+        ranked = total / new_len.clamp(min=1.0)[..., None]
+        top = ranked.view(B, K * V).topk(K, dim=-1).indices  # (B, K)
+        beam, token = top // V, top % V
+        new_scores = total.view(B, K * V).gather(1, top)
+        # Fewer valid continuations than beams: dead beams copy the best one, score -inf.
+        dead = torch.isneginf(new_scores)
+        beam = torch.where(dead, beam[:, :1], beam)
+        token = torch.where(dead, token[:, :1], token)
+        src = (base + beam).view(-1)  # (B*K,)
+        scores, lengths = new_scores, new_len.gather(1, beam)
+        buffer = buffer[src]
+        state = index_state(state, src)
+        ctx.reorder(src)
+        ids = token.reshape(-1)
+        buffer[:, n] = ids
+        n += 1
+        state = masker.advance(state, ids)
+        if bool(state.clock.finished.all()):
+            break
+        logits = ctx.next(buffer, n)
+    best = (scores / lengths.clamp(min=1.0)).argmax(dim=-1)  # (B,)
+    return buffer[(base[:, 0] + best), :n]

@@ -1,0 +1,117 @@
+"""Constraint masks on the real vocabulary, with hand-computed expectations."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from aurl.config import GenerationConfig
+from aurl.data.vocab import Kind, Vocab
+from aurl.errors import ConstraintError
+from aurl.generation.constraints import (
+    build_constraints,
+    index_state,
+    instrument_bias,
+    key_bias,
+    pitch_range_bias,
+    tempo_bias,
+)
+
+VOCAB = Vocab()
+NOTE_ON = VOCAB.kind == Kind.NOTE_ON
+
+
+def on(pitch: int) -> int:
+    return int(VOCAB.note_on_id(pitch))
+
+
+def test_key_mask_d_minor() -> None:
+    bias = key_bias(VOCAB, "D minor", 1.0)
+    # D natural minor: D E F G A Bb C
+    for pitch in (62, 64, 65, 67, 69, 70, 72, 50, 86):
+        assert bias[on(pitch)] == 0.0
+    for pitch in (61, 63, 66, 68, 71, 73):
+        assert bias[on(pitch)] == -math.inf
+    assert (bias[~NOTE_ON] == 0).all()  # NOTE_OFFs, shifts, ... untouched
+    assert (
+        np.isneginf(bias[NOTE_ON]).sum()
+        == (~np.isin(VOCAB.value[NOTE_ON] % 12, [2, 4, 5, 7, 9, 10, 0])).sum()
+    )
+
+
+def test_key_strictness_down_weights() -> None:
+    assert key_bias(VOCAB, "C major", 0.5)[on(61)] == pytest.approx(math.log(0.5))
+    assert key_bias(VOCAB, "C major", 0.0)[on(61)] == 0.0
+    assert key_bias(VOCAB, "C major", 0.5)[on(60)] == 0.0
+
+
+def test_pitch_range() -> None:
+    bias = pitch_range_bias(VOCAB, 60, 64)
+    allowed = VOCAB.value[NOTE_ON & np.isfinite(bias)]
+    assert allowed.tolist() == [60, 61, 62, 63, 64]
+    assert np.isfinite(bias[~NOTE_ON]).all()
+
+
+def test_tempo_fixed_and_range() -> None:
+    is_tempo = VOCAB.kind == Kind.TEMPO
+    fixed = tempo_bias(VOCAB, 100.0, ())
+    kept = VOCAB.value[is_tempo & np.isfinite(fixed)]
+    assert kept.tolist() == [int(VOCAB.tempo_bin(100.0))]
+    ranged = tempo_bias(VOCAB, 0.0, (90.0, 120.0))
+    bpm = VOCAB.bin_tempo[VOCAB.value[is_tempo & np.isfinite(ranged)]]
+    expected = VOCAB.bin_tempo[(VOCAB.bin_tempo >= 90) & (VOCAB.bin_tempo <= 120)]
+    assert bpm.tolist() == expected.tolist() and len(bpm) >= 2
+    assert np.isfinite(tempo_bias(VOCAB, 0.0, ())).all()
+
+
+def test_instrument_set() -> None:
+    bias = instrument_bias(VOCAB, (0, 5))
+    is_inst = VOCAB.kind == Kind.INSTRUMENT
+    assert VOCAB.value[is_inst & np.isfinite(bias)].tolist() == [0, 5]
+
+
+def test_build_folds_static_constraints() -> None:
+    cfg = GenerationConfig(key="C major", pitch_low=60, pitch_high=72, tempo=120.0)
+    cons = build_constraints(VOCAB, cfg)
+    allowed = sorted(VOCAB.value[NOTE_ON & np.isfinite(cons.static)].tolist())
+    assert allowed == [60, 62, 64, 65, 67, 69, 71, 72]
+    assert np.isfinite(cons.static[VOCAB.kind == Kind.TEMPO]).sum() == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"key": "H minor"}, "unknown key"),
+        ({"pitch_low": 70, "pitch_high": 60}, "empty"),
+        ({"pitch_low": 0, "pitch_high": 10}, "outside the model"),
+        ({"key": "C major", "pitch_low": 61, "pitch_high": 61}, "no note can be played"),
+        ({"tempo": 300.0}, "outside the model"),
+        ({"tempo_range": (121.0, 122.0)}, "holds no tempo"),
+        ({"tempo_range": (130.0, 90.0)}, "low <= high"),
+        ({"tempo": 100.0, "tempo_range": (90.0, 120.0)}, "not both"),
+        ({"instruments": (3, 16)}, "do not exist"),
+        ({"max_tokens": 1}, "at least 2"),
+    ],
+)
+def test_impossible_constraints_raise(overrides: dict, message: str) -> None:
+    cfg = dataclasses.replace(GenerationConfig(), **overrides)
+    with pytest.raises(ConstraintError, match=message):
+        build_constraints(VOCAB, cfg)
+
+
+def test_index_state_reorders_nested_rows() -> None:
+    @dataclasses.dataclass
+    class Inner:
+        a: torch.Tensor
+        pos: int
+
+    state = {"x": [torch.tensor([10, 11, 12]), Inner(torch.arange(6).view(3, 2), 7)], "s": 3}
+    out = index_state(state, torch.tensor([2, 2, 0]))
+    assert out["x"][0].tolist() == [12, 12, 10]
+    assert out["x"][1].a.tolist() == [[4, 5], [4, 5], [0, 1]]
+    assert out["x"][1].pos == 7 and out["s"] == 3
+    assert state["x"][0].tolist() == [10, 11, 12]  # the original is untouched
