@@ -1,0 +1,371 @@
+"""The grammar state machine: which ids may come next (torch, batched).
+
+One implementation serves generation (a logit mask, stepped token by token with
+:meth:`Grammar.advance`, O(1) per token), training (:meth:`Grammar.sequence_masks`, the same
+masks for a whole batch of sequences at once, vectorized over time) and validity checks
+(:meth:`Grammar.count_violations`). The rules follow the tokenizer's canonical order exactly
+(:mod:`aurl.data.tokenizer`), so every encoded file has zero violations:
+
+- START first, then a TEMPO; TEMPO only right after START or a TIME_SHIFT, and never the bin
+  already in force.
+- INSTRUMENT f: not right after another INSTRUMENT, f differs from the current family, and once
+  the current family has had events at this step, f must be higher (ascending families).
+- Within one family at one step: at most one SUSTAIN change first (ON only while off, OFF only
+  while on), then NOTE_OFFs of sounding pitches in ascending order, then NOTE_ONs of silent pitches
+  in ascending order, while fewer than ``polyphony_cap`` notes sound (all families together).
+  NOTE_ON needs a velocity: one VELOCITY must have come before (the first note's); a VELOCITY
+  must differ from the last one and is followed by a NOTE_ON only.
+- TIME_SHIFT: not right after INSTRUMENT, and after a shift shorter than the maximum only an
+  event (a gap is written full shifts first).
+- END: not right after START, INSTRUMENT, VELOCITY or TIME_SHIFT; it closes every sounding note.
+  After END only PAD. UNK is never allowed.
+
+The state is a :class:`GrammarState` of small tensors. Every token, valid or not, updates it by a
+fixed rule ("the last token of this kind wins"), which is what lets :meth:`sequence_masks`
+compute every position at once with cumulative maxima and still equal stepping the machine.
+The state also carries what a model may use as features: the sounding pitches (``sounding``,
+``(B, families, pitches)``), the time in steps, the current family and the polyphony.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aurl.data.vocab import END, PAD, START, Kind, Vocab
+
+_NONE = -1  # last_kind before any token
+
+
+@dataclass
+class GrammarState:
+    """The machine's state for a batch of B sequences (all tensors on one device)."""
+
+    sounding: torch.Tensor  # (B, F, P) bool: sounding pitches per family
+    sustain: torch.Tensor  # (B, F) bool: pedal down per family
+    count: torch.Tensor  # (B,) long: notes sounding, all families
+    family: torch.Tensor  # (B,) long: current family, F = none yet
+    last_velocity: torch.Tensor  # (B,) long: last VELOCITY bin, -1 = none yet
+    tempo: torch.Tensor  # (B,) long: tempo bin in force, -1 = none yet
+    last_kind: torch.Tensor  # (B,) long: Kind of the last token, -1 = no token yet
+    last_value: torch.Tensor  # (B,) long: its value (steps, pitch, bin, family)
+    phase: torch.Tensor  # (B,) long: 0 segment start, 1 after sustain, 2 offs, 3 ons
+    last_pitch: torch.Tensor  # (B,) long: last NOTE pitch in this family segment, -1 none
+    family_events: torch.Tensor  # (B,) bool: family events since the last TIME_SHIFT/START
+    started: torch.Tensor  # (B,) bool
+    ended: torch.Tensor  # (B,) bool
+    time: torch.Tensor  # (B,) long: steps since START
+
+    def clone(self) -> GrammarState:
+        return GrammarState(
+            **{f.name: getattr(self, f.name).clone() for f in dataclasses.fields(self)}
+        )
+
+    def index(self, rows: torch.Tensor) -> GrammarState:
+        """The states of some batch rows (e.g. to reorder beams)."""
+        return GrammarState(
+            **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)}
+        )
+
+
+@dataclass
+class SequenceFeatures:
+    """Per-position grammar state after each token of a (B, T) batch."""
+
+    sounding: torch.Tensor  # (B, T, P) bool: pitches sounding in any family
+    polyphony: torch.Tensor  # (B, T) long
+    family: torch.Tensor  # (B, T) long, F = none yet
+    time: torch.Tensor  # (B, T) long: steps since START
+
+
+class Grammar:
+    """The grammar of a :class:`Vocab` (see the module docstring for the rules).
+
+    Args:
+        vocab: the vocabulary.
+        polyphony_cap: most notes sounding at once (all families together).
+    """
+
+    def __init__(self, vocab: Vocab, polyphony_cap: int = 16) -> None:
+        self.vocab = vocab
+        self.polyphony_cap = int(polyphony_cap)
+        c = vocab.config
+        self.F = c.num_instruments
+        self.P = vocab.n_pitches
+        self.max_shift = c.max_shift_steps
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # phase after each kind (only read where the kind sets the phase)
+        ph = np.zeros(len(Kind), np.int64)
+        ph[[Kind.SUSTAIN_ON, Kind.SUSTAIN_OFF]] = 1
+        ph[Kind.NOTE_OFF], ph[Kind.NOTE_ON] = 2, 3
+        self._phase_of = torch.from_numpy(ph)
+
+    def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kind and value of each id; ids outside the vocabulary read as UNK."""
+        dev = ids.device
+        if dev not in self._tables:
+            self._tables[dev] = (
+                torch.as_tensor(self.vocab.kind.astype(np.int64), device=dev),
+                torch.as_tensor(self.vocab.value.astype(np.int64), device=dev),
+            )
+        kind_t, value_t = self._tables[dev]
+        ids = ids.long()
+        inside = (ids >= 0) & (ids < self.vocab.size)
+        safe = torch.where(inside, ids, torch.zeros_like(ids))
+        kind = torch.where(inside, kind_t[safe], torch.full_like(ids, int(Kind.UNK)))
+        return kind, torch.where(inside, value_t[safe], torch.zeros_like(ids))
+
+    # -------------------------------------------------------------------------------------------
+    # Incremental machine
+    # -------------------------------------------------------------------------------------------
+
+    def initial_state(self, batch: int, device: torch.device | str = "cpu") -> GrammarState:
+        """The state before any token (only START allowed)."""
+        z = torch.zeros(batch, dtype=torch.long, device=device)
+        return GrammarState(
+            sounding=torch.zeros(batch, self.F, self.P, dtype=torch.bool, device=device),
+            sustain=torch.zeros(batch, self.F, dtype=torch.bool, device=device),
+            count=z.clone(), family=z + self.F, last_velocity=z - 1, tempo=z - 1,
+            last_kind=z + _NONE, last_value=z.clone(), phase=z.clone(), last_pitch=z - 1,
+            family_events=z.bool(), started=z.bool(), ended=z.bool(), time=z.clone(),
+        )  # fmt: skip
+
+    def advance(self, state: GrammarState, ids: torch.Tensor) -> GrammarState:
+        """The state after one more token per sequence; ``ids`` (B,). Returns a new state."""
+        k, v = self._lookup(ids.reshape(-1))
+        s = state.clone()
+        has_fam = s.family < self.F
+        fam = s.family.clamp(max=self.F - 1)
+        rows = torch.arange(k.shape[0], device=k.device)
+        note = ((k == Kind.NOTE_ON) | (k == Kind.NOTE_OFF)) & has_fam
+        if bool(note.any()):
+            p = (v - self.vocab.config.pitch_min).clamp(0, self.P - 1)
+            r = rows[note]
+            s.sounding[r, fam[note], p[note]] = k[note] == Kind.NOTE_ON
+            s.count = s.sounding.flatten(1).sum(1)
+        sus = ((k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF)) & has_fam
+        if bool(sus.any()):
+            s.sustain[rows[sus], fam[sus]] = k[sus] == Kind.SUSTAIN_ON
+        s.family = torch.where(k == Kind.INSTRUMENT, v, s.family)
+        s.last_velocity = torch.where(k == Kind.VELOCITY, v, s.last_velocity)
+        s.tempo = torch.where(k == Kind.TEMPO, v, s.tempo)
+        s.time = s.time + torch.where(k == Kind.TIME_SHIFT, v, 0)
+        reset = (k == Kind.INSTRUMENT) | (k == Kind.TIME_SHIFT) | (k == Kind.START)
+        notes = (k == Kind.NOTE_ON) | (k == Kind.NOTE_OFF)
+        sets_phase = reset | notes | (k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF)
+        s.phase = torch.where(sets_phase, self._phase_of.to(k.device)[k], s.phase)
+        s.last_pitch = torch.where(notes, v, torch.where(reset, -1, s.last_pitch))
+        fam_ev = notes | (k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF) | (k == Kind.VELOCITY)
+        step_start = (k == Kind.TIME_SHIFT) | (k == Kind.START)
+        s.family_events = torch.where(fam_ev, True, torch.where(step_start, False, s.family_events))
+        s.started = s.started | (k == Kind.START)
+        s.ended = s.ended | (k == Kind.END)
+        s.last_kind, s.last_value = k, v
+        return s
+
+    def allowed(self, state: GrammarState) -> torch.Tensor:
+        """(B, V) bool: the ids allowed next in each sequence."""
+        has_fam = state.family < self.F
+        fam = state.family.clamp(max=self.F - 1)
+        rows = torch.arange(fam.shape[0], device=fam.device)
+        cur_sounding = state.sounding[rows, fam] & has_fam[:, None]
+        cur_sustain = state.sustain[rows, fam] & has_fam
+        return self._mask(state, cur_sounding, cur_sustain)
+
+    # -------------------------------------------------------------------------------------------
+    # The rules: one function for both the incremental and the whole-sequence path
+    # -------------------------------------------------------------------------------------------
+
+    def _mask(self, s, cur_sounding: torch.Tensor, cur_sustain: torch.Tensor) -> torch.Tensor:
+        """(..., V) bool from state fields of leading shape (...) (B or B, T)."""
+        c = self.vocab.config
+        lk = s.last_kind
+        dev = lk.device
+        lead = lk.shape
+        none_yet = lk == _NONE
+        general = s.started & ~s.ended & (lk != Kind.START)
+        pending = lk == Kind.VELOCITY
+        has_fam = s.family < self.F
+        free = general & has_fam
+
+        pitches = torch.arange(c.pitch_min, c.pitch_max + 1, device=dev)  # (P,)
+        above = (s.phase[..., None] < 3) | (pitches > s.last_pitch[..., None])  # (..., P)
+        can_on = (free & (s.count < self.polyphony_cap))[..., None] & ~cur_sounding & above
+        note_on = can_on & ((s.last_velocity >= 0) | pending)[..., None]
+        off_order = (s.phase[..., None] < 2) | (
+            (s.phase[..., None] == 2) & (pitches > s.last_pitch[..., None])
+        )
+        note_off = (free & ~pending)[..., None] & cur_sounding & off_order
+
+        vb = torch.arange(c.velocity_bins, device=dev)
+        velocity = ((free & ~pending) & can_on.any(-1))[..., None] & (
+            vb != s.last_velocity[..., None]
+        )
+        sus_ok = free & ~pending & (s.phase == 0)
+        sustain_on, sustain_off = sus_ok & ~cur_sustain, sus_ok & cur_sustain
+
+        fams = torch.arange(self.F, device=dev)
+        instrument = (general & ~pending & (lk != Kind.INSTRUMENT))[..., None] & (
+            fams != s.family[..., None]
+        )
+        instrument = instrument & (~s.family_events[..., None] | (fams > s.family[..., None]))
+
+        short_shift = (lk == Kind.TIME_SHIFT) & (s.last_value < self.max_shift)
+        shift_ok = general & ~pending & (lk != Kind.INSTRUMENT) & ~short_shift
+        tb = torch.arange(c.tempo_bins, device=dev)
+        tempo_ok = s.started & ~s.ended & ((lk == Kind.START) | (lk == Kind.TIME_SHIFT))
+        tempo = tempo_ok[..., None] & (tb != s.tempo[..., None])
+        end_ok = general & ~pending & (lk != Kind.INSTRUMENT) & (lk != Kind.TIME_SHIFT)
+
+        specials = torch.stack(
+            [none_yet, end_ok, s.ended, torch.zeros(lead, dtype=torch.bool, device=dev)], -1
+        )  # START, END, PAD, UNK
+        return torch.cat(
+            [
+                specials,
+                note_on,
+                note_off,
+                shift_ok[..., None].expand(*lead, self.max_shift),
+                velocity,
+                sustain_on[..., None],
+                sustain_off[..., None],
+                tempo,
+                instrument,
+            ],
+            dim=-1,
+        )
+
+    # -------------------------------------------------------------------------------------------
+    # Whole sequences at once
+    # -------------------------------------------------------------------------------------------
+
+    def _scan(self, ids: torch.Tensor, state: GrammarState | None):
+        """State fields after every position of ``ids`` (B, T), vectorized over T.
+
+        Returns (fields at (B, T), current-family sounding (B, T, P), current-family sustain
+        (B, T), any-family sounding (B, T, P), final sounding (B, F, P), final sustain (B, F)).
+        """
+        B, T = ids.shape
+        dev = ids.device
+        s0 = state if state is not None else self.initial_state(B, dev)
+        k, v = self._lookup(ids)
+        pos = torch.arange(T, device=dev).expand(B, T)
+
+        def last(mask: torch.Tensor, values: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
+            idx = torch.where(mask, pos, -1).cummax(dim=1).values
+            got = values.gather(1, idx.clamp(min=0))
+            return torch.where(idx >= 0, got, default[:, None].to(values.dtype))
+
+        is_on, is_off = k == Kind.NOTE_ON, k == Kind.NOTE_OFF
+        notes = is_on | is_off
+        sus_on, sus_any = k == Kind.SUSTAIN_ON, (k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF)
+        reset = (k == Kind.INSTRUMENT) | (k == Kind.TIME_SHIFT) | (k == Kind.START)
+        step_start = (k == Kind.TIME_SHIFT) | (k == Kind.START)
+        family = last(k == Kind.INSTRUMENT, v, s0.family)
+        f = dict(
+            family=family,
+            last_velocity=last(k == Kind.VELOCITY, v, s0.last_velocity),
+            tempo=last(k == Kind.TEMPO, v, s0.tempo),
+            last_kind=k,
+            last_value=v,
+            phase=last(reset | notes | sus_any, self._phase_of.to(dev)[k], s0.phase),
+            last_pitch=last(reset | notes, torch.where(notes, v, -1), s0.last_pitch),
+            family_events=last(
+                notes | sus_any | (k == Kind.VELOCITY) | step_start,
+                ~step_start,
+                s0.family_events,
+            ),  # fmt: skip
+            started=s0.started[:, None] | (k == Kind.START).cummax(1).values,
+            ended=s0.ended[:, None] | (k == Kind.END).cummax(1).values,
+            time=s0.time[:, None] + torch.where(k == Kind.TIME_SHIFT, v, 0).cumsum(1),
+        )
+        # sounding pitches, one family at a time: (B, T, P) "last NOTE event on this pitch"
+        p_idx = (v - self.vocab.config.pitch_min).clamp(0, self.P - 1)
+        onehot = torch.nn.functional.one_hot(p_idx, self.P).bool() & notes[..., None]
+        cur_sounding = torch.zeros(B, T, self.P, dtype=torch.bool, device=dev)
+        any_sounding = torch.zeros_like(cur_sounding)
+        cur_sustain = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        count = torch.zeros(B, T, dtype=torch.long, device=dev)
+        final_sounding = s0.sounding.clone()
+        final_sustain = s0.sustain.clone()
+        present = set(family[notes | sus_any].unique().tolist())
+        present |= set(torch.nonzero(s0.sounding.any(-1) | s0.sustain)[:, 1].unique().tolist())
+        pos3 = pos[..., None]
+        for fam in sorted(present):
+            if fam >= self.F:
+                continue
+            here = family == fam  # (B, T): this family is current after the token
+            ev = onehot & here[..., None]  # (B, T, P)
+            idx = torch.where(ev, pos3, -1).cummax(dim=1).values
+            got = is_on[..., None].expand(B, T, self.P).gather(1, idx.clamp(min=0))
+            snd = torch.where(idx >= 0, got, s0.sounding[:, fam, None, :])  # (B, T, P)
+            count += snd.sum(-1)
+            any_sounding |= snd
+            cur_sounding |= snd & here[..., None]
+            sus = last(sus_any & here, sus_on, s0.sustain[:, fam])
+            cur_sustain |= sus & here
+            final_sounding[:, fam] = snd[:, -1]
+            final_sustain[:, fam] = sus[:, -1]
+        # families with initial notes but no events still count towards the polyphony
+        quiet = [g for g in range(self.F) if g not in present]
+        if quiet:
+            count += s0.sounding[:, quiet].flatten(1).sum(1)[:, None]
+        f["count"] = count
+        return f, cur_sounding, cur_sustain, any_sounding, final_sounding, final_sustain
+
+    def sequence_masks(self, ids: torch.Tensor, state: GrammarState | None = None) -> torch.Tensor:
+        """(B, T, V) bool: row t = the ids allowed after ``ids[:, : t + 1]``.
+
+        Equal to stepping :meth:`advance` and :meth:`allowed` token by token (tested), but
+        vectorized over the whole sequence. ``state``: where the sequences start (default: the
+        initial state; for a window cut from a longer piece pass :meth:`state_after` of the
+        prefix).
+        """
+        f, cur_sounding, cur_sustain, *_ = self._scan(ids, state)
+        return self._mask(_Fields(f), cur_sounding, cur_sustain)
+
+    def state_after(self, ids: torch.Tensor, state: GrammarState | None = None) -> GrammarState:
+        """The state after all of ``ids`` (B, T), computed vectorized."""
+        f, _, _, _, final_sounding, final_sustain = self._scan(ids, state)
+        last = {name: t[:, -1] for name, t in f.items()}
+        return GrammarState(sounding=final_sounding, sustain=final_sustain, **last)
+
+    def sequence_features(
+        self, ids: torch.Tensor, state: GrammarState | None = None
+    ) -> SequenceFeatures:
+        """What a model may use as input features, after each token of ``ids`` (B, T)."""
+        f, _, _, any_sounding, _, _ = self._scan(ids, state)
+        return SequenceFeatures(
+            sounding=any_sounding, polyphony=f["count"], family=f["family"], time=f["time"]
+        )
+
+    def violations(self, ids: torch.Tensor, state: GrammarState | None = None) -> torch.Tensor:
+        """(B, T) bool: where a token was not allowed by the state before it."""
+        B = ids.shape[0]
+        s0 = state if state is not None else self.initial_state(B, ids.device)
+        first = self.allowed(s0)[:, None, :]  # (B, 1, V)
+        masks = torch.cat([first, self.sequence_masks(ids, s0)[:, :-1]], dim=1)  # (B, T, V)
+        safe = ids.long().clamp(0, self.vocab.size - 1)
+        ok = masks.gather(2, safe[..., None])[..., 0]
+        inside = (ids >= 0) & (ids < self.vocab.size)
+        return ~(ok & inside)
+
+    def count_violations(self, ids: torch.Tensor | np.ndarray) -> int:
+        """How many tokens break the grammar; ``ids`` (T,) or (B, T)."""
+        ids = torch.as_tensor(np.asarray(ids) if not torch.is_tensor(ids) else ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        return int(self.violations(ids).sum())
+
+
+class _Fields:
+    """Attribute access to a dict of per-position fields (what ``_mask`` reads)."""
+
+    def __init__(self, d: dict[str, torch.Tensor]) -> None:
+        self.__dict__.update(d)
+
+
+__all__ = ["Grammar", "GrammarState", "SequenceFeatures", "START", "END", "PAD"]

@@ -1,0 +1,404 @@
+"""MIDI <-> token ids, vectorized over whole note arrays (numpy; no Python loop per note).
+
+Canonical event order (docs/design.md). Time advances only with TIME_SHIFT tokens; a gap longer
+than ``max_shift_steps`` is several shifts (full ones first, then the remainder). At each time
+step the events come in this order:
+
+1. TEMPO, when the tempo bin changes (always one right after START);
+2. for each instrument family with events at this step, in ascending family order:
+   INSTRUMENT (only when it differs from the current family), at most one SUSTAIN_OFF/ON change,
+   NOTE_OFFs by ascending pitch, then NOTE_ONs by ascending pitch, each NOTE_ON preceded by
+   VELOCITY when its bin differs from the last VELOCITY emitted;
+3. END after the last event (it closes every sounding note); PAD only after END.
+
+So a piece reads ``START TEMPO [INSTRUMENT] [SUSTAIN] NOTE_OFF* (VELOCITY? NOTE_ON)* TIME_SHIFT+
+...  END``. A NOTE_OFF closes that pitch in the current family. The first INSTRUMENT and the first
+VELOCITY are always written.
+
+Time unit (``vocab.time_unit``): ``beat`` -- one step is 1/``steps_per_beat`` of a quarter note,
+read from the file's ticks (score-derived music lands on the grid); decoding writes 480 ticks per
+quarter and the TEMPO events. ``seconds`` -- one step is ``step_seconds`` whatever the tempo;
+TEMPO tokens are still written (they describe the music) but decoding writes 120 BPM, where a
+15.625 ms step is exactly 1/32 beat.
+
+Encoding rounds onsets and offsets to the nearest step (so each lands within half a step), gives
+every note at least one step, and within one family cuts a note at the next onset of the same
+pitch (the tokens cannot hold two). A NOTE_ON that would take the sounding notes over
+``data.polyphony_cap`` is dropped (counted in the report), so every encoded file obeys the
+grammar (:mod:`aurl.data.grammar`).
+
+Decoding never fails: ids outside the vocabulary, UNK and stray START/PAD are skipped and counted
+(``Tokenizer.last_decode_unknown``); a NOTE_OFF with no sounding note is dropped; a NOTE_ON on a
+sounding pitch ends the earlier note there; notes still sounding at END (or at the end of the ids)
+are closed there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aurl.config import DataConfig, VocabConfig
+from aurl.data.midi_io import (
+    DRUM_FAMILY,
+    MidiData,
+    RepairReport,
+    _from_symusic,
+    read_midi_data,
+    repair,
+)
+from aurl.data.notes import DRUM_PROGRAM, NOTE_DTYPE
+from aurl.data.vocab import END, PAD, START, UNK, Kind, Vocab
+from aurl.errors import MidiReadError
+
+DECODE_TPQ = 480
+
+# event categories, in their order within one family at one step
+_TEMPO, _SUSTAIN, _OFF, _ON = 0, 1, 2, 3
+
+
+@dataclass
+class Decoded:
+    """A token sequence read back as events on the step grid."""
+
+    on: np.ndarray  # (N,) int64 onset step
+    off: np.ndarray  # (N,) int64 offset step
+    pitch: np.ndarray  # (N,) int64
+    velocity_bin: np.ndarray  # (N,) int64
+    family: np.ndarray  # (N,) int64
+    tempo_step: np.ndarray
+    tempo_bin: np.ndarray
+    pedal_step: np.ndarray
+    pedal_family: np.ndarray
+    pedal_on: np.ndarray
+    unknown: int  # ids skipped: outside the vocabulary, UNK, START/PAD in the middle
+
+
+def _round_div(a: np.ndarray, b: int) -> np.ndarray:
+    """Integer a / b rounded half up, exactly (ticks -> steps)."""
+    return (2 * a + b) // (2 * b)
+
+
+def _last_per_group(keys: np.ndarray) -> np.ndarray:
+    """Mask of the last element of each run of equal consecutive keys."""
+    return np.append(keys[1:] != keys[:-1], True) if len(keys) else np.zeros(0, bool)
+
+
+class Tokenizer:
+    """Encode MIDI files and Scores to ids and decode ids back (see the module docstring).
+
+    Args:
+        vocab_config: the vocabulary (default: the design's 774 ids, ``beat`` time unit).
+        data_config: repair policy, size limits and ``polyphony_cap``.
+    """
+
+    def __init__(
+        self, vocab_config: VocabConfig | None = None, data_config: DataConfig | None = None
+    ) -> None:
+        self.vocab = Vocab(vocab_config)
+        self.vocab_config = self.vocab.config
+        self.data_config = data_config or DataConfig()
+        self.last_decode_unknown = 0
+        # hot lookup tables, as plain arrays
+        self._kind = self.vocab.kind.astype(np.int64)
+        self._value = self.vocab.value.astype(np.int64)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.vocab!r})"
+
+    # -------------------------------------------------------------------------------------------
+    # Encoding
+    # -------------------------------------------------------------------------------------------
+
+    def encode_file(self, path: str | Path) -> np.ndarray:
+        """Read, repair and encode a MIDI file: (n,) int64 ids, START ... END.
+
+        Raises:
+            MidiReadError: the file cannot be read or would make too many tokens.
+        """
+        return self.encode_file_with_report(path)[0]
+
+    def encode_file_with_report(self, path: str | Path) -> tuple[np.ndarray, RepairReport]:
+        """:meth:`encode_file` plus the file's :class:`RepairReport`."""
+        md, report = read_midi_data(path, self.data_config, self.vocab_config)
+        return self.encode_data(md, report, name=str(path)), report
+
+    def encode_score(self, score, report: RepairReport | None = None) -> np.ndarray:
+        """Encode a ``symusic.Score`` (any time unit); it is repaired like a file first."""
+        import symusic
+
+        if score.ttype != symusic.TimeUnit.tick:
+            score = score.to("tick")
+        report = report if report is not None else RepairReport(path="<score>")
+        md = repair(_from_symusic(score), report, self.data_config, self.vocab_config)
+        return self.encode_data(md, report, name=report.path)
+
+    def encode_data(
+        self, md: MidiData, report: RepairReport | None = None, name: str = "<score>"
+    ) -> np.ndarray:
+        """Encode a repaired :class:`MidiData` table (the vectorized core)."""
+        vc, v = self.vocab_config, self.vocab
+        fam, on, off, pitch, vel = self.grid_notes(md)
+        # tempo: the bin in effect at step 0 (MIDI's 120 BPM if none at tick 0), then changes
+        t_time, t_qpm = md.tempo_time, md.tempo_qpm
+        if len(t_time) == 0 or t_time[0] > 0:
+            t_time, t_qpm = np.concatenate([[0], t_time]), np.concatenate([[120.0], t_qpm])
+        t_step = self._steps(md, t_time)
+        keep = _last_per_group(t_step)  # the last tempo at each step wins
+        t_step, t_bin = t_step[keep], v.tempo_bin(t_qpm[keep])
+        change = np.append(True, t_bin[1:] != t_bin[:-1])
+        t_step, t_bin = t_step[change], t_bin[change]
+        # sustain: the last state per (family, step), written where it changes (off at first)
+        p_fam = md.track_family(vc.num_instruments)[md.pedal_track]
+        p_step = self._steps(md, md.pedal_time)
+        o = np.lexsort((md.pedal_time, p_step, p_fam))
+        p_fam, p_step, p_on = p_fam[o], p_step[o], md.pedal_on[o]
+        keep = _last_per_group(p_fam * (1 << 40) + p_step)
+        p_fam, p_step, p_on = p_fam[keep], p_step[keep], p_on[keep]
+        prev_on = np.append(False, p_on[:-1]) & np.append(False, p_fam[1:] == p_fam[:-1])
+        change = p_on != prev_on
+        p_fam, p_step, p_on = p_fam[change], p_step[change], p_on[change]
+
+        n, nt, npd = len(on), len(t_step), len(p_step)
+        step = np.concatenate([t_step, p_step, off, on])
+        efam = np.concatenate([np.full(nt, -1), p_fam, fam, fam])
+        cat = np.concatenate([np.full(nt, _TEMPO), np.full(npd, _SUSTAIN), np.full(n, _OFF),
+                              np.full(n, _ON)])  # fmt: skip
+        sub = np.concatenate([np.zeros(nt + npd, np.int64), pitch, pitch])
+        tok = np.concatenate([
+            v.tempo + t_bin,
+            np.where(p_on, v.sustain_on, v.sustain_off),
+            v.note_off + pitch - vc.pitch_min,
+            v.note_on + pitch - vc.pitch_min,
+        ])  # fmt: skip
+        vbin = np.concatenate([np.full(nt + npd + n, -1), v.velocity_bin(vel)])
+        order = np.lexsort((sub, cat, efam, step))
+        step, efam, cat, tok, vbin = step[order], efam[order], cat[order], tok[order], vbin[order]
+
+        if n and self._over_cap(cat):
+            dropped = self._cap_polyphony(order, cat, n, nt + npd)
+            if report is not None:
+                report.polyphony_dropped += int(dropped.sum())
+                report.notes -= int(dropped.sum())
+            keep_ev = np.ones(len(order), bool)
+            keep_ev[nt + npd :] = ~np.concatenate([dropped, dropped])
+            keep_ev = keep_ev[order]
+            step, efam, cat, tok, vbin = (a[keep_ev] for a in (step, efam, cat, tok, vbin))
+        return self._assemble(step, efam, cat, tok, vbin, name)
+
+    def grid_notes(self, md: MidiData) -> tuple[np.ndarray, ...]:
+        """Notes on the step grid: (family, on, off, pitch, velocity), overlaps resolved."""
+        vc = self.vocab_config
+        fam = md.track_family(vc.num_instruments)[md.track]
+        on = self._steps(md, md.time)
+        off = np.maximum(self._steps(md, md.time + md.duration), on + 1)
+        pitch, vel = md.pitch, md.velocity
+        if len(on) > 1:  # grid rounding can make same-pitch notes of one family collide
+            key = fam * 128 + pitch
+            o = np.lexsort((-off, on, key))
+            key, on, off, pitch, vel, fam = key[o], on[o], off[o], pitch[o], vel[o], fam[o]
+            same = np.append(False, key[1:] == key[:-1])
+            dup = same & np.append(False, on[1:] == on[:-1])
+            if dup.any():
+                k = ~dup
+                key, on, off, pitch, vel, fam = key[k], on[k], off[k], pitch[k], vel[k], fam[k]
+                same = np.append(False, key[1:] == key[:-1])
+            nxt_same = np.append(same[1:], False)
+            off = np.where(nxt_same, np.minimum(off, np.append(on[1:], 0)), off)
+        return fam, on, off, pitch, vel
+
+    def _steps(self, md: MidiData, ticks: np.ndarray) -> np.ndarray:
+        vc = self.vocab_config
+        if vc.time_unit == "beat":
+            return _round_div(np.asarray(ticks, np.int64) * vc.steps_per_beat, md.tpq)
+        return np.floor(md.seconds(ticks) / vc.step_seconds + 0.5).astype(np.int64)
+
+    def _over_cap(self, cat: np.ndarray) -> bool:
+        """Would any NOTE_ON (in token order) take the sounding count over the cap?"""
+        delta = np.where(cat == _ON, 1, np.where(cat == _OFF, -1, 0))
+        return bool(np.cumsum(delta).max(initial=0) > self.data_config.polyphony_cap)
+
+    def _cap_polyphony(self, order: np.ndarray, cat: np.ndarray, n: int, base: int) -> np.ndarray:
+        """Drop NOTE_ONs over the cap, in token order (a Python loop: only for rare files)."""
+        cap = self.data_config.polyphony_cap
+        dropped = np.zeros(n, bool)
+        count = 0
+        for j, c in zip(order.tolist(), cat.tolist()):
+            if c == _ON:
+                i = j - base - n
+                if count >= cap:
+                    dropped[i] = True
+                else:
+                    count += 1
+            elif c == _OFF and not dropped[j - base]:
+                count -= 1
+        return dropped
+
+    def _assemble(self, step, efam, cat, tok, vbin, name: str) -> np.ndarray:
+        """Sorted events -> ids: shifts, INSTRUMENT and VELOCITY tokens inserted (vectorized)."""
+        v, max_shift = self.vocab, self.vocab_config.max_shift_steps
+        m = len(step)
+        delta = np.diff(step, prepend=0)
+        nshift = -(-delta // max_shift)  # ceil
+        # INSTRUMENT before the first event of a family run (tempo events do not count)
+        is_fam = cat != _TEMPO
+        fam_ev = efam[is_fam]
+        new_fam = np.zeros(m, bool)
+        new_fam[is_fam] = np.append(True, fam_ev[1:] != fam_ev[:-1])
+        # VELOCITY before a NOTE_ON whose bin differs from the previous NOTE_ON's
+        is_on = cat == _ON
+        on_bins = vbin[is_on]
+        new_vel = np.zeros(m, bool)
+        new_vel[is_on] = np.append(True, on_bins[1:] != on_bins[:-1])
+        length = nshift + new_fam + new_vel + 1
+        total = int(length.sum()) + 2
+        if total > self.data_config.max_events_per_file:
+            raise MidiReadError(
+                f"{name}: would make {total} tokens, over data.max_events_per_file="
+                f"{self.data_config.max_events_per_file}; raise it to encode this file"
+            )
+        ids = np.empty(total, np.int64)
+        ids[0], ids[-1] = START, END
+        start = 1 + np.cumsum(length) - length  # where each event's block begins
+        # shifts: full ones, then the remainder
+        ns = int(nshift.sum())
+        if ns:
+            owner = np.repeat(np.arange(m), nshift)
+            j = np.arange(ns) - np.repeat(np.cumsum(nshift) - nshift, nshift)
+            last = j == nshift[owner] - 1
+            size = np.where(last, delta[owner] - max_shift * (nshift[owner] - 1), max_shift)
+            ids[start[owner] + j] = v.time_shift - 1 + size
+        pos = start + nshift
+        ids[pos[new_fam]] = v.instrument + efam[new_fam]
+        pos = pos + new_fam
+        ids[pos[new_vel]] = v.velocity + vbin[new_vel]
+        ids[pos + new_vel] = tok
+        return ids
+
+    # -------------------------------------------------------------------------------------------
+    # Decoding
+    # -------------------------------------------------------------------------------------------
+
+    def decode_events(self, ids: np.ndarray) -> Decoded:
+        """Ids -> events on the grid (never raises; see the module docstring for the rules)."""
+        v = self.vocab
+        ids = np.asarray(ids).ravel().astype(np.int64, copy=False)
+        ends = np.flatnonzero(ids == END)
+        if len(ends):
+            ids = ids[: ends[0]]
+        inside = (ids >= 0) & (ids < v.size)
+        k = np.where(inside, self._kind[np.where(inside, ids, 0)], Kind.UNK)
+        meaningful = (k != Kind.UNK) & (k != Kind.PAD) & (k != Kind.START)
+        unknown = int((~meaningful).sum()) - int(len(ids) > 0 and ids[0] == START)
+        ids, k = ids[meaningful], k[meaningful]
+        val = self._value[ids]
+        shift = np.where(k == Kind.TIME_SHIFT, val, 0)
+        after = np.cumsum(shift)
+        step = after - shift
+        end_step = int(after[-1]) if len(after) else 0
+        idx = np.arange(len(ids))
+        last_fam = (
+            np.maximum.accumulate(np.where(k == Kind.INSTRUMENT, idx, -1)) if len(ids) else idx
+        )
+        fam = np.where(last_fam >= 0, val[np.maximum(last_fam, 0)], 0)
+        last_vel = np.maximum.accumulate(np.where(k == Kind.VELOCITY, idx, -1)) if len(ids) else idx
+        default_bin = int(v.velocity_bin(64))
+        vel = np.where(last_vel >= 0, val[np.maximum(last_vel, 0)], default_bin)
+
+        # pair NOTE_ON/NOTE_OFF per (family, pitch) in token order
+        note = (k == Kind.NOTE_ON) | (k == Kind.NOTE_OFF)
+        key = (fam * 128 + val)[note]
+        o = np.argsort(key, kind="stable")
+        key_s, pos = key[o], np.flatnonzero(note)[o]
+        is_on = k[pos] == Kind.NOTE_ON
+        nxt_same = np.append(key_s[1:] == key_s[:-1], False)
+        nxt_pos = np.append(pos[1:], 0)
+        on_at = np.flatnonzero(is_on)
+        start = step[pos[on_at]]
+        closed = nxt_same[on_at]
+        stop = np.where(closed, step[nxt_pos[on_at]], end_step)
+        retrig = closed & is_on[np.minimum(on_at + 1, len(is_on) - 1)]
+        keep = ~(retrig & (stop == start))  # re-struck at once: the first strike is nothing
+        stop = np.maximum(stop, start + 1)
+        p = pos[on_at][keep]
+        order = np.lexsort((val[p], start[keep]))
+        p = p[order]
+        t_sel = k == Kind.TEMPO
+        s_sel = (k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF)
+        return Decoded(
+            on=start[keep][order], off=stop[keep][order], pitch=val[p], velocity_bin=vel[p],
+            family=fam[p], tempo_step=step[t_sel], tempo_bin=val[t_sel],
+            pedal_step=step[s_sel], pedal_family=fam[s_sel], pedal_on=k[s_sel] == Kind.SUSTAIN_ON,
+            unknown=max(unknown, 0),
+        )  # fmt: skip
+
+    def decode_to_data(self, ids: np.ndarray) -> MidiData:
+        """Ids -> a :class:`MidiData` table at 480 ticks per quarter (one track per family)."""
+        vc, v = self.vocab_config, self.vocab
+        d = self.decode_events(ids)
+        self.last_decode_unknown = d.unknown
+        if vc.time_unit == "beat":
+            ticks_per_step = DECODE_TPQ / vc.steps_per_beat
+            keep = _last_per_group(d.tempo_step)
+            t_time = np.round(d.tempo_step[keep] * ticks_per_step).astype(np.int64)
+            t_qpm = v.bin_tempo[d.tempo_bin[keep]]
+        else:  # 120 BPM: a quarter is 0.5 s
+            ticks_per_step = vc.step_seconds * 2 * DECODE_TPQ
+            t_time, t_qpm = np.zeros(1, np.int64), np.array([120.0])
+        fams = np.union1d(d.family, d.pedal_family).astype(np.int64)
+        track_of = np.zeros(max(vc.num_instruments, 1), np.int64)
+        track_of[fams] = np.arange(len(fams))
+        drums = self.data_config.drums == "keep"
+        tracks = [
+            ("drums" if drums and f == DRUM_FAMILY else "", int(v.family_program(f)),
+             bool(drums and f == DRUM_FAMILY))
+            for f in fams.tolist()
+        ]  # fmt: skip
+        on = np.round(d.on * ticks_per_step).astype(np.int64)
+        off = np.round(d.off * ticks_per_step).astype(np.int64)
+        return MidiData(
+            tpq=DECODE_TPQ, time=on, duration=np.maximum(off - on, 1), pitch=d.pitch,
+            velocity=v.bin_velocity[d.velocity_bin].astype(np.int64), track=track_of[d.family],
+            tracks=tracks, tempo_time=t_time, tempo_qpm=t_qpm,
+            pedal_time=np.round(d.pedal_step * ticks_per_step).astype(np.int64),
+            pedal_track=track_of[d.pedal_family], pedal_on=d.pedal_on,
+        )  # fmt: skip
+
+    def decode_to_score(self, ids: np.ndarray):
+        """Ids -> ``symusic.Score`` in ticks (480 per quarter). Never raises on bad ids."""
+        return self.decode_to_data(ids).to_score()
+
+    def decode_to_midi(self, ids: np.ndarray, path: str | Path) -> Path:
+        """Ids -> a MIDI file at ``path`` (parent folders created)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.decode_to_score(ids).dump_midi(str(path))
+        return path
+
+    def decode_to_bytes(self, ids: np.ndarray) -> bytes:
+        """Ids -> the bytes of a MIDI file."""
+        return self.decode_to_score(ids).dumps_midi()
+
+    def decode_to_notes(self, ids: np.ndarray) -> np.ndarray:
+        """Ids -> a note array (:data:`aurl.data.notes.NOTE_DTYPE`), sorted by (onset, pitch)."""
+        return data_to_notes(self.decode_to_data(ids))
+
+
+def data_to_notes(md: MidiData) -> np.ndarray:
+    """A :class:`MidiData` table as a note array (beats and seconds; drums get program 128)."""
+    out = np.zeros(len(md.time), dtype=NOTE_DTYPE)
+    out["onset"] = md.time / md.tpq
+    out["duration"] = md.duration / md.tpq
+    start = md.seconds(md.time)
+    out["onset_s"] = start
+    out["duration_s"] = md.seconds(md.time + md.duration) - start
+    out["pitch"] = md.pitch
+    out["velocity"] = md.velocity
+    programs = np.array([DRUM_PROGRAM if d else p for _, p, d in md.tracks] or [0], np.int64)
+    out["program"] = programs[md.track] if len(md.time) else 0
+    return np.sort(out, order=["onset", "pitch"])
+
+
+__all__ = ["Tokenizer", "Decoded", "data_to_notes", "PAD", "UNK"]
