@@ -1,10 +1,109 @@
-"""``aurl train``: placeholder until its issue lands."""
+"""``aurl train`` and ``aurl checkpoint list|average|export``."""
 
 from __future__ import annotations
 
 import argparse
 
+from aurl.cli.config import add_config_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="(not built yet)")
-    p.set_defaults(func=lambda args: print("aurl train is not built yet") or 1)
+    p = sub.add_parser(
+        "train",
+        help="train a model on a token cache (resumable; DDP under torchrun)",
+        description="Train the model the config describes on a token cache from 'aurl data "
+        "prepare'. The resolved config, checkpoints (checkpoints/step-NNNNNNN: the last one and "
+        "the training.keep_best best by validation loss), metrics.jsonl, train.log, TensorBoard "
+        "scalars (tb/) and samples go to --out. Run it again with the same --out to resume "
+        "where it stopped. Several processes: torchrun --nproc_per_node N -m aurl train ...",
+        epilog="example: aurl train --preset small --data cache/ --out runs/small "
+        "training.max_minutes=60",
+    )
+    add_config_arguments(p)
+    p.add_argument("--data", metavar="CACHE", help="token cache folder (sets data.cache)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (created; resumed)")
+    p.add_argument(
+        "--resume", metavar="PATH", help="start from this checkpoint folder instead of the latest"
+    )
+    p.set_defaults(func=run_train)
+
+    c = sub.add_parser(
+        "checkpoint",
+        help="list, average or export checkpoints of a run",
+        description="Work with the checkpoints of a training run folder.",
+    )
+    csub = c.add_subparsers(dest="checkpoint_command", metavar="ACTION")
+    ls = csub.add_parser("list", help="list a run's checkpoints with their metrics")
+    ls.add_argument("run", metavar="RUN", help="training run folder")
+    ls.set_defaults(func=run_list)
+    avg = csub.add_parser(
+        "average",
+        help="average the weights of the best N checkpoints into a pretrained model folder",
+        description="Average the weights of the N checkpoints with the lowest validation loss "
+        "(verified against their SHA-256 first) and write model.safetensors + config.json, "
+        "loadable with MusicTransformerVAEGAN.from_pretrained and 'aurl generate --checkpoint'.",
+    )
+    avg.add_argument("run", metavar="RUN", help="training run folder")
+    avg.add_argument("--best", type=int, default=3, metavar="N", help="how many (default 3)")
+    avg.add_argument("--out", required=True, metavar="DIR", help="output model folder")
+    avg.set_defaults(func=run_average)
+    exp = csub.add_parser(
+        "export",
+        help="export the weights alone (safetensors + config.json) of one checkpoint",
+        description="Write a checkpoint's weights and config without the optimizer state: "
+        "a pretrained model folder. CHECKPOINT is a checkpoint folder, or a run folder (its "
+        "best checkpoint by validation loss, else its latest).",
+    )
+    exp.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint or run folder")
+    exp.add_argument("--out", required=True, metavar="DIR", help="output model folder")
+    exp.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+        help="store the weights in this precision (bfloat16/float16 halve the file)",
+    )  # fmt: skip
+    exp.set_defaults(func=run_export)
+    c.set_defaults(func=lambda args: c.print_help() or 2)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from aurl.config import load_config
+    from aurl.progress import bar
+    from aurl.training.trainer import train
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.cache={args.data}")
+    config = load_config(args.config, preset=args.preset, overrides=overrides)
+    result = train(config, args.out, resume=args.resume, progress=bar)
+    return 0 if result.step > 0 else 1
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from aurl.training.checkpoint import best_checkpoints, checkpoint_metrics, list_checkpoints
+
+    found = list_checkpoints(args.run)
+    if not found:
+        print(f"{args.run}: no checkpoints")
+        return 1
+    best = best_checkpoints(args.run, len(found))
+    for p in found:
+        vl = checkpoint_metrics(p).get("valid_loss")
+        rank = f"  best #{best.index(p) + 1}" if p in best else ""
+        print(f"{p.name}  valid_loss {'-' if vl is None else f'{vl:.4f}'}{rank}")
+    return 0
+
+
+def run_average(args: argparse.Namespace) -> int:
+    from aurl.training.checkpoint import average_checkpoints, best_checkpoints
+
+    paths = best_checkpoints(args.run, args.best)
+    out = average_checkpoints(paths, args.out)
+    print(f"averaged {', '.join(p.name for p in paths)} -> {out}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from aurl.training.checkpoint import export_weights
+
+    out = export_weights(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"exported {out}")
+    return 0

@@ -15,7 +15,6 @@ checkpoint or none, and the previous ones untouched. Loading verifies every hash
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -339,35 +338,76 @@ def check_compatible(
             )
 
 
-def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
-    """Average the weights of several verified checkpoints into one safetensors file.
+def _model_from(config: Config, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A model built from ``config`` holding ``weights`` (tied tensors stored once)."""
+    from aurl.models import build_model
 
-    Returns the written file. The config of the first checkpoint goes beside it as JSON.
+    model = build_model(config)
+    state = model.state_dict()
+    for a, b in (("head.weight", "embed.weight"), ("embed.weight", "head.weight")):
+        if a in state and a not in weights and b in weights:
+            weights[a] = weights[b]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights do not fit their config: {str(e).splitlines()[0]}") from e
+    return model.eval()
+
+
+def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
+    """Average the weights of verified checkpoints into a pretrained model folder.
+
+    Writes ``model.safetensors`` + ``config.json`` (``save_pretrained``'s format, loadable by
+    ``MusicTransformerVAEGAN.from_pretrained``) and returns the folder. Averaging the last few
+    good checkpoints usually gives a slightly lower validation loss than any one of them.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if not paths:
         raise CheckpointError("no checkpoints to average: the run has none with a validation loss")
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
+    config = None
     for p in paths:
         verify(p)
-        weights = load_file(str(Path(p) / "model.safetensors"))
-        if total and set(weights) != set(total):
-            raise CheckpointError(f"{p} has different weights from {paths[0]}: cannot average")
-        for k, v in weights.items():
+        state = json.loads((Path(p) / "state.json").read_text())
+        cfg = config_from_dict(state["config"])
+        if config is not None and (cfg.model != config.model or cfg.vocab != config.vocab):
+            raise CheckpointError(f"{p} has another architecture than {paths[0]}: cannot average")
+        config = cfg
+        for k, v in load_file(str(Path(p) / "model.safetensors")).items():
             dtypes[k] = v.dtype
             # accumulate in float64: the mean of N float32 tensors is then exact to float32
             total[k] = (total.get(k, 0) + v.double()) if v.is_floating_point() else v
     avg = {
         k: (v / len(paths)).to(dtypes[k]) if v.is_floating_point() else v for k, v in total.items()
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(avg, str(tmp), metadata={"averaged": ",".join(Path(p).name for p in paths)})
-    os.replace(tmp, out / "model.safetensors")
-    state = json.loads((Path(paths[0]) / "state.json").read_text())
-    with contextlib.suppress(OSError):
-        (out / "config.json").write_text(json.dumps(state["config"]))
-    return out / "model.safetensors"
+    _model_from(config, avg).save_pretrained(out)
+    return Path(out)
+
+
+def export_weights(source: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
+    """The weights alone of one checkpoint (or a run's best, else latest) as a pretrained folder.
+
+    ``dtype`` ``bfloat16``/``float16`` halves the file (the weights load back into float32).
+    """
+    from safetensors.torch import load_file, save_file
+
+    source = Path(source)
+    if not (source / "manifest.json").is_file() and (source / "checkpoints").is_dir():
+        best = best_checkpoints(source, 1) or list_checkpoints(source)[-1:]
+        if not best:
+            raise CheckpointError(f"run folder {source} holds no complete checkpoint")
+        source = best[0]
+    c = load_checkpoint(source)
+    model = _model_from(c.config, load_file(str(c.path / "model.safetensors")))
+    out = model.save_pretrained(out)
+    if dtype != "float32":
+        weights = Path(out) / "model.safetensors"
+        tensors = load_file(str(weights))
+        cast = getattr(torch, dtype)
+        tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in tensors.items()}
+        tmp = weights.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, weights)
+    return Path(out)

@@ -101,8 +101,8 @@ def train_line(step: int, values: dict[str, float]) -> str:
     parts.append(f"lr {values['lr']:.1e}")
     if "grad_norm" in values:
         parts.append(f"gnorm {values['grad_norm']:.2f}")
-    for k, v in values.items():
-        if k.startswith("loss_") and k != "loss_total":
+    for k, v in values.items():  # the named losses this mode has (zero ones are not shown)
+        if k.startswith("loss_") and k not in ("loss_kl_raw", "loss_kl_weight") and v != 0.0:
             parts.append(f"{k[5:]} {v:.3f}")
     return " ".join(parts)
 

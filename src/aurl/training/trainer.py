@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 from aurl.config import Config, LossConfig, write_config
-from aurl.errors import CheckpointError, ConfigError
+from aurl.errors import CheckpointError, ConfigError, DataError
 from aurl.progress import Progress, silent
 from aurl.training import checkpoint as ckpt
 from aurl.training import distributed
 from aurl.training.checkpoint import unwrap
-from aurl.training.data import CacheSplit, WindowStream, open_cache
 from aurl.training.monitor import AnomalyDetector, Monitor, train_line
 
 LN2 = math.log(2.0)
@@ -199,21 +198,61 @@ def evaluate(
     }
 
 
-def valid_subset(cache_split: Sequence[np.ndarray], config: Config) -> list[int]:
-    """Validation pieces: the first ones holding about ``eval_batches`` batches of tokens."""
+def valid_count(lengths: np.ndarray, config: Config) -> int:
+    """How many of the first validation pieces hold about ``eval_batches`` batches of tokens."""
     budget = config.training.eval_batches * config.data.batch_size * config.data.window
-    lengths = getattr(cache_split, "lengths", None)
-    if lengths is None:
-        lengths = np.array([len(x) for x in cache_split])
-    n = int(np.searchsorted(np.cumsum(lengths), budget)) + 1
-    return list(range(min(n, len(cache_split))))
+    return min(len(lengths), int(np.searchsorted(np.cumsum(lengths), budget)) + 1)
 
 
-def _allowed(grammar, batch: dict[str, torch.Tensor], config: Config) -> torch.Tensor | None:
-    """The grammar's (B, T, V) masks when the loss uses them."""
-    if grammar is None or not (config.loss.grammar_masked or config.loss.grammar_weight > 0):
-        return None
-    return grammar.sequence_masks(batch["ids"])
+def open_cache(config: Config):
+    """Open ``data.cache``; DataError naming what to do when it is missing or unusable."""
+    from aurl.data.cache import TokenCache
+
+    path = config.data.cache
+    if not path:
+        raise DataError("no training data: pass --data CACHE (a folder from 'aurl data prepare')")
+    if not Path(path).exists():
+        raise DataError(
+            f"data cache {path} does not exist: run 'aurl data prepare MIDI_DIR --out {path}'"
+        )
+    cache = TokenCache(path)
+    cache.check_vocab(config.vocab)
+    if cache.total_tokens("train") == 0:
+        raise DataError(
+            f"data cache {path} has no tokens in its train split: prepare it from a folder of "
+            "MIDI files (see 'aurl data prepare --help')"
+        )
+    return cache
+
+
+def grammar_masks(grammar, batch: dict[str, torch.Tensor], cache) -> torch.Tensor:
+    """(B, T, V) grammar masks of a batch of windows cut from longer pieces.
+
+    A window starting at ``offset`` inside its piece is masked from the grammar state after the
+    piece's first ``offset`` tokens (``Grammar.state_after``), not from the initial state (which
+    would expect START and forbid nearly everything). Augmentation changes the window but not
+    the prefix, so after a transposition the state's sounding pitches are approximate; the loss
+    always counts the target as allowed, so this never gives an infinite loss.
+    """
+    from aurl.data.grammar import GrammarState
+
+    ids = batch["ids"]
+    states = []
+    for row, off in zip(batch["index"].tolist(), batch["offset"].tolist()):
+        if off == 0:
+            states.append(grammar.initial_state(1, ids.device))
+            continue
+        prefix = torch.as_tensor(
+            np.asarray(cache.tokens(row)[:off], dtype=np.int64), device=ids.device
+        )
+        states.append(grammar.state_after(prefix[None]))  # (1, off) -> state of one row
+    state = GrammarState(
+        **{
+            f.name: torch.cat([getattr(s, f.name) for s in states])
+            for f in dataclasses.fields(GrammarState)
+        }
+    )
+    return grammar.sequence_masks(ids, state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +289,7 @@ def train(
 
 
 def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainResult:  # noqa: C901
+    from aurl.data.dataset import build_loader
     from aurl.data.grammar import Grammar
     from aurl.data.vocab import Vocab
     from aurl.models import build_model
@@ -263,7 +303,6 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
 
     # ---- bad input: all checks before any work ---------------------------------------------
     cache = open_cache(config)
-    train_docs, valid_docs = CacheSplit(cache, "train"), CacheSplit(cache, "valid")
     start: ckpt.Checkpoint | None = None
     source = resume if resume is not None else ckpt.latest_checkpoint(run_dir)
     if source is not None:
@@ -279,12 +318,21 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
         log(f"resuming from {start.path} at step {start.step}")
 
     grammar = Grammar(vocab, config.data.polyphony_cap)
-    augment = _augmenter(config)
-    stream = WindowStream(
-        train_docs, batch_size=config.data.batch_size, window=config.data.window, seed=t.seed,
-        rank=d.rank, world=d.world, augment=augment, curriculum=config.data.curriculum,
+    use_grammar = config.loss.grammar_masked or config.loss.grammar_weight > 0
+    a = config.data.augment
+    augment = any((a.transpose_prob, a.stretch_prob, a.velocity_prob, a.instrument_prob,
+                   a.jitter_prob))  # fmt: skip
+    # the data layer's loader: rank r takes batches r, r + world, ... of each epoch's order, so
+    # N processes see at each step what one process sees with grad_accum * N micro-batches
+    loader = build_loader(
+        cache, config.data, split="train", seed=t.seed, rank=d.rank, world=d.world,
+        augment=augment, batches_per_step=t.grad_accum, vocab_config=config.vocab,
     )  # fmt: skip
-    valid_set = [valid_docs[i] for i in valid_subset(valid_docs, config)]
+    valid_rows = cache.split_indices("valid")
+    valid_set = [
+        np.asarray(cache.tokens(int(r)), dtype=np.int64)
+        for r in valid_rows[: valid_count(cache.lengths[valid_rows], config)]
+    ]
     if not valid_set:
         log("no valid split in the cache: validation and best-checkpoint tracking are off")
 
@@ -295,7 +343,8 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
     detector = AnomalyDetector()
     if start is not None:
         detector.load_state_dict(start.state.get("anomaly", {}))
-        stream.load_state_dict(start.state["data"])
+        loader.load_state_dict(start.state["data"])
+    batches = iter(loader)
     valid_loss: float | None = None
     last_loss = float("nan")
     stopped = "max_steps"
@@ -378,11 +427,17 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
             loss_sum = torch.zeros((), device=device)
             tokens = 0
             for micro in range(t.grad_accum):
+                next_batch = next(batches)
                 batch = {
-                    k: v.to(device, non_blocking=True) for k, v in stream.next_batch(step).items()
+                    k: next_batch[k].to(device, non_blocking=True)
+                    for k in ("ids", "attention_mask")
                 }
                 tokens += int(batch["attention_mask"].sum()) * d.world
-                allowed = _allowed(grammar, batch, config)
+                allowed = None
+                if use_grammar:  # built on the CPU beside the loader, then moved
+                    allowed = grammar_masks(grammar, next_batch, cache).to(
+                        device, non_blocking=True
+                    )
                 sync = micro == t.grad_accum - 1 or not d.enabled
                 with (
                     contextlib.nullcontext() if sync else train_model.no_sync(),
@@ -489,7 +544,7 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
                 ckpt.save_checkpoint(
                     run_dir, step=step, model=model, config=stage_cfg, optimizers=optimizers,
                     scaler=scaler, metrics=metrics,
-                    state={"stage": stage, "data": stream.state_dict(),
+                    state={"stage": stage, "data": loader.state_dict(),
                            "anomaly": detector.state_dict(), "lr_scale": lr_scale,
                            "best_valid": best_valid, "bad_evals": bad_evals},
                 )  # fmt: skip
@@ -526,18 +581,6 @@ def _enable_grad_checkpointing(model: torch.nn.Module) -> None:
     if fn is None:
         raise ConfigError("training.grad_checkpointing: this model does not support it; set false")
     fn(True)
-
-
-def _augmenter(config: Config):
-    """``f(ids, rng) -> ids`` from ``data.augment``, or None when every probability is 0."""
-    a = config.data.augment
-    probs = (a.transpose_prob, a.stretch_prob, a.velocity_prob, a.instrument_prob, a.jitter_prob)
-    if not any(probs):
-        return None
-    from aurl.data.augment import Augmenter
-    from aurl.data.vocab import Vocab
-
-    return Augmenter(a, Vocab(config.vocab), seed=config.training.seed)
 
 
 def _sample(
