@@ -11,8 +11,10 @@ comes back) and keeps a grammar-valid sequence valid:
   one step long, so the order of events never changes; :func:`stretch` (times scaled by a
   factor) and :func:`jitter` (each run end moved by a few steps) are built on it. Long gaps are
   split into shifts of at most ``max_shift_steps`` again.
-- :func:`remap_instruments` renames the instrument families through a permutation (a bijection,
-  so distinct parts stay distinct and a NOTE_OFF still finds its note).
+- :func:`remap_instruments` renames the instrument families through a map that is one-to-one
+  (distinct parts stay distinct, a NOTE_OFF still finds its note) and increasing on the families
+  present (the grammar wants ascending families within a time step);
+  :func:`random_family_map` draws one.
 
 :class:`Augmenter` applies them with the probabilities of :class:`~aurl.config.AugmentConfig`,
 drawing from a ``numpy.random.Generator``: its own (``state_dict``/``load_state_dict`` save it
@@ -54,7 +56,9 @@ def transpose(ids: np.ndarray, k: int, vocab: Vocab) -> np.ndarray:
     out = np.array(ids, dtype=np.int64)
     notes = _is_note(out, vocab)
     pitch = vocab.value[out[notes]] + k
-    if pitch.size and (pitch.min() < vocab.config.pitch_min or pitch.max() > vocab.config.pitch_max):
+    if pitch.size and (
+        pitch.min() < vocab.config.pitch_min or pitch.max() > vocab.config.pitch_max
+    ):
         raise ValueError(f"transposing by {k} moves notes outside the vocabulary's pitch range")
     out[notes] += k  # NOTE_ON and NOTE_OFF ids are consecutive in pitch
     return out
@@ -135,12 +139,23 @@ def jitter(ids: np.ndarray, steps: int, rng: np.random.Generator, vocab: Vocab) 
     return retime(ids, times + rng.integers(-steps, steps + 1, size=times.shape[0]), vocab)
 
 
-def remap_instruments(ids: np.ndarray, perm: np.ndarray, vocab: Vocab) -> np.ndarray:
-    """INSTRUMENT family ``f`` becomes ``perm[f]`` (``perm``: a permutation of the families)."""
+def remap_instruments(ids: np.ndarray, family_map: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """INSTRUMENT family ``f`` becomes ``family_map[f]``."""
     out = np.array(ids, dtype=np.int64)
     pos = vocab.kind[out] == Kind.INSTRUMENT
-    out[pos] = vocab.instrument + np.asarray(perm)[vocab.value[out[pos]]]
+    out[pos] = vocab.instrument + np.asarray(family_map)[vocab.value[out[pos]]]
     return out
+
+
+def random_family_map(ids: np.ndarray, vocab: Vocab, rng: np.random.Generator) -> np.ndarray:
+    """(families,) map sending the k families present in ``ids``, in order, to k random distinct
+    families, in order (increasing, so ascending families at a step stay ascending)."""
+    n = vocab.config.num_instruments
+    ids = np.asarray(ids)
+    present = np.unique(vocab.value[ids[vocab.kind[ids] == Kind.INSTRUMENT]])
+    family_map = np.arange(n)
+    family_map[present] = np.sort(rng.choice(n, size=present.size, replace=False))
+    return family_map
 
 
 class Augmenter:
@@ -165,7 +180,7 @@ class Augmenter:
         rng = self.rng if rng is None else rng
         out = np.array(ids, dtype=np.int64)
         if c.instrument_prob and rng.random() < c.instrument_prob:
-            out = remap_instruments(out, rng.permutation(v.config.num_instruments), v)
+            out = remap_instruments(out, random_family_map(out, v, rng), v)
         if c.transpose_prob and c.transpose_max and rng.random() < c.transpose_prob:
             lo, hi = transpose_range(out, v, c.transpose_max)
             choices = np.setdiff1d(np.arange(lo, hi + 1), [0])  # 0 would waste the draw
