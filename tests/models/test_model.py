@@ -179,3 +179,52 @@ def test_presets_sizes_and_counts():
     assert {"embedding", "musical_time", "blocks"} <= set(counts)
     full = load_config(preset="full").model
     assert (full.d_model, full.n_layers, full.n_heads, full.latent_dim) == (512, 8, 8, 128)
+
+
+@pytest.fixture(scope="module")
+def chorale() -> torch.Tensor:
+    from pathlib import Path
+
+    from aurl.data.tokenizer import Tokenizer
+
+    path = Path(__file__).parents[1] / "fixtures" / "midi" / "bach_bwv66.6.mid"
+    return torch.as_tensor(Tokenizer().encode_file(path))[None]  # (1, 364)
+
+
+def test_grammar_features_on_a_real_chorale(chorale):
+    # START TEMPO INSTRUMENT_0 VELOCITY ON57 ON64 ON73 SHIFT16 OFF57 OFF73 ON56 ON59 ON71 SHIFT16
+    from aurl.models.model import GrammarFeatures
+
+    gf = GrammarFeatures(Vocab(), 8)
+    snd, age, family, _ = gf.features(chorale[:, :14])
+    sounding = [(torch.nonzero(snd[0, t]).flatten() + 21).tolist() for t in (6, 7, 8, 12, 13)]
+    assert sounding == [[57, 64, 73], [57, 64, 73], [64, 73], [56, 59, 64, 71], [56, 59, 64, 71]]
+    assert age[0, 7, [57 - 21, 64 - 21, 73 - 21]].tolist() == [16, 16, 16]
+    assert age[0, 13, [56 - 21, 59 - 21, 64 - 21, 71 - 21]].tolist() == [16, 16, 32, 16]
+    assert family[0].tolist()[:4] == [16, 16, 0, 0]  # 16 = no family yet
+    # token by token gives the same features
+    carry = gf.initial(1, torch.device("cpu"))
+    for t in range(14):
+        emb, carry = gf.advance(chorale[:, t : t + 1], carry)
+        torch.testing.assert_close(emb[:, 0], gf(chorale[:, :14])[0][:, t])
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_kv_cache_matches_forward_on_a_real_chorale(attention, chorale, make_model):
+    model = make_model(attention=attention).eval()
+    x = chorale[:, :120]
+    full = model(x).logits
+    chunks = [30] + [1] * 50 + [40]
+    torch.testing.assert_close(_incremental(model, x, chunks), full, atol=1e-5, rtol=1e-4)
+
+
+def test_history_carries_time_and_grammar_state(chorale, make_model):
+    model = make_model().eval()
+    stepped = model.init_state(1)
+    for t in range(100):
+        model.step(chorale[:, t : t + 1], stepped)
+    carried = model.init_state(1, history=chorale[:, :100])
+    assert carried.pos == 0 and torch.equal(carried.ticks, stepped.ticks)
+    assert torch.equal(carried.tempo, stepped.tempo)
+    assert torch.equal(carried.grammar[1], stepped.grammar[1])  # pitch onsets
+    assert torch.equal(carried.grammar[0].sounding, stepped.grammar[0].sounding)

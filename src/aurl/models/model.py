@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from aurl.config import Config, ModelConfig, VocabConfig
+from aurl.data.grammar import Grammar, GrammarState
 from aurl.data.vocab import Kind, Vocab
 from aurl.models.discriminator import MultiScaleDiscriminator
 from aurl.models.layers import Rotary, attention_mask_for, make_blocks
@@ -96,6 +97,76 @@ class MusicalTime(nn.Module):
         return emb, cum[:, -1], tempo[:, -1]
 
 
+class GrammarFeatures(nn.Module):
+    """What the grammar state knows, as an input embedding: which pitches sound, how long they
+    have sounded (log1p of beats), and the current instrument family.
+
+    The state comes from the one grammar implementation (:mod:`aurl.data.grammar`): vectorized
+    over a whole sequence in :meth:`forward`, token by token in :meth:`advance`. Knowing which
+    notes are open is what an event vocabulary with NOTE_OFFs needs to pair them cheaply.
+    """
+
+    def __init__(self, vocab: Vocab, d_model: int) -> None:
+        super().__init__()
+        c = vocab.config
+        self.grammar = Grammar(vocab)
+        # beats per TIME_SHIFT step (seconds mode: at 120 BPM, as the decoder writes)
+        spb = c.steps_per_beat if c.time_unit == "beat" else 1.0 / (2.0 * c.step_seconds)
+        self.beats_per_step = 1.0 / spb
+        P = vocab.n_pitches
+        self.sounding = nn.Linear(P, d_model, bias=False)
+        self.age = nn.Linear(P, d_model, bias=False)
+        self.family = nn.Embedding(c.num_instruments + 1, d_model)
+
+    def _embed(self, sounding: Tensor, age_steps: Tensor, family: Tensor) -> Tensor:
+        age = torch.log1p(age_steps.to(self.age.weight.dtype) * self.beats_per_step)
+        return self.sounding(sounding.to(age.dtype)) + self.age(age) + self.family(family)
+
+    def initial(self, batch: int, device: torch.device) -> tuple[GrammarState, Tensor]:
+        """(grammar state, onset step of each pitch (B, P)) before any token."""
+        onset = torch.zeros(batch, self.sounding.in_features, dtype=torch.long, device=device)
+        return self.grammar.initial_state(batch, device), onset
+
+    def features(
+        self, ids: Tensor, carry: tuple[GrammarState, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``ids`` (B, T) -> (sounding (B, T, P) bool, steps each has sounded (B, T, P),
+        family (B, T), onset step of each pitch at the end (B, P)), after each token.
+        ``carry``: the state before ``ids`` (default: the initial state)."""
+        B, T = ids.shape
+        gstate, onset0 = carry if carry is not None else self.initial(B, ids.device)
+        f = self.grammar.sequence_features(ids, gstate)
+        snd = f.sounding  # (B, T, P)
+        before = torch.cat([gstate.sounding.any(1)[:, None], snd[:, :-1]], dim=1)
+        # a pitch's onset: the time at the last position where it started sounding
+        pos = torch.arange(T, device=ids.device)[None, :, None]
+        idx = torch.where(snd & ~before, pos, -1).cummax(dim=1).values  # (B, T, P)
+        time = f.time[..., None].expand_as(idx)
+        onset = torch.where(idx >= 0, time.gather(1, idx.clamp(min=0)), onset0[:, None, :])
+        return snd, torch.where(snd, time - onset, 0), f.family, onset[:, -1]
+
+    def forward(
+        self, ids: Tensor, carry: tuple[GrammarState, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``ids`` (B, T) -> (embedding (B, T, D), onset step of each pitch at the end (B, P))."""
+        snd, age, family, onset = self.features(ids, carry)
+        return self._embed(snd, age, family), onset
+
+    def advance(
+        self, ids: Tensor, carry: tuple[GrammarState, Tensor]
+    ) -> tuple[Tensor, tuple[GrammarState, Tensor]]:
+        """One token per sequence, ``ids`` (B, 1) -> (embedding (B, 1, D), new carry)."""
+        gstate, onset = carry
+        before = gstate.sounding.any(1)  # (B, P)
+        gstate = self.grammar.advance(gstate, ids[:, 0])
+        snd = gstate.sounding.any(1)
+        time = gstate.time[:, None]  # (B, 1)
+        onset = torch.where(snd & ~before, time, onset)
+        age = torch.where(snd, time - onset, 0)
+        emb = self._embed(snd[:, None], age[:, None], gstate.family[:, None])
+        return emb, (gstate, onset)
+
+
 # --------------------------------------------------------------------------------------------
 # Outputs and decode state
 # --------------------------------------------------------------------------------------------
@@ -122,6 +193,7 @@ class DecodeState:
     tempo: Tensor | None = None  # (B,) current tempo bin, -1 before the first TEMPO
     latents: Latents | None = None
     key_mask: Tensor | None = None  # (B, capacity) bool, only once step() got a mask
+    grammar: tuple[GrammarState, Tensor] | None = None  # grammar state, pitch onsets (B, P)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -165,6 +237,7 @@ class MusicTransformerVAEGAN(nn.Module):
 
         self.embed = nn.Embedding(V, D)
         self.time = MusicalTime(self.vocab, D) if c.musical_position else None
+        self.grammar_features = GrammarFeatures(self.vocab, D) if c.grammar_features else None
         self.rotary = Rotary(D // c.n_heads, c.max_seq_len)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = make_blocks(c.n_layers, D, c.n_heads, c.ff_mult, c.dropout, causal=True)
@@ -215,10 +288,11 @@ class MusicTransformerVAEGAN(nn.Module):
             mask = (mask & key_mask[:, None, None, :]) | (q_pos[:, None] == k_pos[None, :])
         return mask
 
-    def _input(self, ids: Tensor, cond: Tensor | None, time_emb: Tensor | None) -> Tensor:
+    def _input(self, ids: Tensor, cond: Tensor | None, *features: Tensor | None) -> Tensor:
         x = self.embed(ids)
-        if time_emb is not None:
-            x = x + time_emb
+        for f in features:
+            if f is not None:
+                x = x + f
         if cond is not None:
             x = x + cond
         return self.drop(x)
@@ -249,7 +323,8 @@ class MusicTransformerVAEGAN(nn.Module):
             latents = posterior.sample() if self.training else posterior.mean()
         cond = self.conditioner(latents, 0, T) if latents is not None else None
         time_emb = self.time(ids)[0] if self.time is not None else None
-        x = self._input(ids, cond, time_emb)
+        gram_emb = self.grammar_features(ids)[0] if self.grammar_features is not None else None
+        x = self._input(ids, cond, time_emb, gram_emb)
         key_mask = attention_mask.bool() if attention_mask is not None else None
         mask = self._mask(0, T, torch.arange(T, device=ids.device), key_mask)
         cos, sin = self.rotary.tables(0, T)
@@ -268,9 +343,14 @@ class MusicTransformerVAEGAN(nn.Module):
         latents: Latents | None = None,
         capacity: int | None = None,
         dtype: torch.dtype | None = None,
+        history: Tensor | None = None,
     ) -> DecodeState:
         """A fresh decode state with a preallocated KV cache of ``capacity`` positions
-        (default ``max_seq_len``); generation past it re-primes a new state on a window."""
+        (default ``max_seq_len``); generation past it re-primes a new state on a window.
+
+        ``history`` (B, n): tokens that came before the first :meth:`step` (e.g. those a
+        sliding window left behind): the musical time and the grammar features continue from
+        them, while attention starts fresh."""
         p = self.embed.weight
         device = torch.device(device) if device is not None else p.device
         dtype = dtype or p.dtype
@@ -286,7 +366,22 @@ class MusicTransformerVAEGAN(nn.Module):
         if self.time is not None:
             state.ticks = torch.zeros(batch_size, dtype=torch.long, device=device)
             state.tempo = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        if self.grammar_features is not None:
+            state.grammar = self.grammar_features.initial(batch_size, device)
+        if history is not None and history.shape[1] > 0:
+            self._carry(state, history.to(device))
         return state
+
+    @torch.no_grad()
+    def _carry(self, state: DecodeState, history: Tensor) -> None:
+        """Advance the musical-time and grammar-feature state over ``history`` (B, n) without
+        caching its keys."""
+        if self.time is not None:
+            _, state.ticks, state.tempo = self.time(history, state.ticks, state.tempo)
+        if self.grammar_features is not None:
+            gstate, onset = state.grammar
+            _, onset = self.grammar_features(history, (gstate, onset))
+            state.grammar = (self.grammar_features.grammar.state_after(history, gstate), onset)
 
     def _keys_for(self, start: int, T: int, device: torch.device) -> slice | Tensor:
         """Cache positions the queries at ``start..start+T-1`` may read: everything so far,
@@ -323,7 +418,15 @@ class MusicTransformerVAEGAN(nn.Module):
         cond = None
         if state.latents is not None:
             cond = self.conditioner(state.latents, start, T)
-        x = self._input(ids, cond, time_emb)
+        gram_emb = None
+        if self.grammar_features is not None:
+            if T == 1:
+                gram_emb, state.grammar = self.grammar_features.advance(ids, state.grammar)
+            else:
+                gstate = state.grammar[0]
+                gram_emb, onset = self.grammar_features(ids, state.grammar)
+                state.grammar = (self.grammar_features.grammar.state_after(ids, gstate), onset)
+        x = self._input(ids, cond, time_emb, gram_emb)
 
         keys = self._keys_for(start, T, device)
         if isinstance(keys, slice):
