@@ -70,7 +70,7 @@ def test_key_scores_equal_numpy_pearson():
 
     major = np.asarray(PROFILES["krumhansl"][0])
     expected = np.corrcoef(hist, np.roll(major, 7))[0, 1]  # G major: profile moved up 7
-    assert key_scores(hist)[7] == pytest.approx(expected)
+    assert key_scores(hist, "krumhansl")[7] == pytest.approx(expected)
 
 
 def test_estimate_key_major_and_minor():
@@ -82,6 +82,16 @@ def test_estimate_key_major_and_minor():
     )
     key = estimate_key(d_minor)
     assert key.name == "D minor" and 0 < key.confidence <= 1
+
+
+def test_final_bass_settles_relative_keys():
+    # A C-major-leaning tune whose last bass note decides between C major and A minor
+    melody = make_notes(np.arange(12.0), 1.0, [60, 64, 67, 72, 71, 69, 67, 65, 64, 62, 60, 69])
+    ending_on_a = np.concatenate([melody, make_notes([11.0], [1.0], [45])])
+    ending_on_c = np.concatenate([melody, make_notes([11.0], [1.0], [48])])
+    assert estimate_key(ending_on_a, final_bass_weight=0.0).name == "C major"
+    assert estimate_key(ending_on_a).name == "A minor"
+    assert estimate_key(ending_on_c).name == "C major"
 
 
 @pytest.mark.parametrize(

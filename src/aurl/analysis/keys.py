@@ -81,7 +81,10 @@ PROFILES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
         (18.16, 0.69, 12.99, 13.34, 1.07, 11.15, 1.38, 21.07, 7.49, 1.53, 0.92, 10.21),
     ),
 }
-DEFAULT_PROFILE = "krumhansl"
+# Temperley's profiles come from a common-practice corpus (Kostka-Payne), the closest of the four
+# to what Aurl learns from; they also agree best with the chorales' key signatures.
+DEFAULT_PROFILE = "temperley"
+FINAL_BASS_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -304,18 +307,41 @@ def key_scores(histograms: np.ndarray, profile: str = DEFAULT_PROFILE) -> np.nda
     return scores[0] if single else scores
 
 
-def estimate_key(notes: np.ndarray, *, profile: str = DEFAULT_PROFILE) -> Key:
-    """Global key of a note array (Krumhansl-Schmuckler, duration-weighted).
+def final_bass(notes: np.ndarray) -> int:
+    """Pitch class of the lowest note still sounding at the very end; -1 for no pitched notes."""
+    notes = pitched(notes)
+    if len(notes) == 0:
+        return -1
+    ends = notes["onset"] + notes["duration"]
+    return int(notes["pitch"][ends >= ends.max() - 1e-6].min() % 12)
+
+
+def estimate_key(
+    notes: np.ndarray,
+    *,
+    profile: str = DEFAULT_PROFILE,
+    final_bass_weight: float = FINAL_BASS_WEIGHT,
+) -> Key:
+    """Global key of a note array (Krumhansl-Schmuckler, duration-weighted, final-bass cue).
+
+    The 24 profile correlations get ``final_bass_weight`` added for the keys whose tonic is the
+    lowest note sounding at the end: common-practice pieces end on the tonic, and this settles
+    the usual confusions (relative major/minor, dominant key). On the 350 bundled Bach
+    chorales it raises agreement with the score's key signature from 84.6% to 85.4% and with
+    music21's analysis from 89.4% to 93.1% (``benchmarks/bench_key_agreement.py``). Pass 0 for
+    excerpts that need not end on the tonic (e.g. a generation primer).
 
     Args:
         notes: Note array; drum notes are ignored.
         profile: Key profile set, one of :data:`PROFILES`.
+        final_bass_weight: Bonus (correlation units) for keys on the final bass note.
 
     Returns:
-        The best of the 24 keys; ``confidence`` is its correlation.
+        The best of the 24 keys; ``confidence`` is its profile correlation (without the bonus).
 
     Raises:
-        DataError: No pitched notes (or only one pitch class): no key can be estimated.
+        DataError: Fewer than two pitch classes (empty, drums only, a single note or pitch
+            class): no key can be estimated.
     """
     scores = key_scores(pitch_class_histogram(notes), profile)
     if np.isnan(scores).all():
@@ -323,7 +349,8 @@ def estimate_key(notes: np.ndarray, *, profile: str = DEFAULT_PROFILE) -> Key:
             "cannot estimate a key: the notes have fewer than two pitch classes "
             "(empty, drums only, or a single pitch class)"
         )
-    best = int(np.nanargmax(scores))
+    cue = (np.arange(24) % 12 == final_bass(notes)) * final_bass_weight
+    best = int(np.nanargmax(scores + cue))
     return key_from_index(best, float(scores[best]))
 
 
