@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import linalg
 
 from aurl.data.notes import empty_notes
 from aurl.evaluation import metrics as M
@@ -205,12 +204,12 @@ def frechet_distance(generated: np.ndarray, reference: np.ndarray) -> float:
     mu_g, mu_r = g.mean(axis=0), r.mean(axis=0)
     s_g = np.atleast_2d(np.cov(g, rowvar=False))
     s_r = np.atleast_2d(np.cov(r, rowvar=False))
-    covmean = linalg.sqrtm(s_g @ s_r)
-    if not np.isfinite(covmean).all():  # near-singular product: nudge the diagonals (as FID does)
-        eps = 1e-6 * np.eye(s_g.shape[0])
-        covmean = linalg.sqrtm((s_g + eps) @ (s_r + eps))
-    covmean = np.real(covmean)
-    value = ((mu_g - mu_r) ** 2).sum() + np.trace(s_g + s_r - 2 * covmean)
+    # Tr((S_g S_r)^(1/2)) = sum of sqrt(eigenvalues of A S_g A) with A = S_r^(1/2): the
+    # symmetric form stays stable when a covariance is singular (a constant feature).
+    w, v = np.linalg.eigh(s_r)
+    a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(a @ s_g @ a), 0, None)).sum()
+    value = ((mu_g - mu_r) ** 2).sum() + np.trace(s_g) + np.trace(s_r) - 2 * tr_covmean
     return float(max(value, 0.0))
 
 
