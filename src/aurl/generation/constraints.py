@@ -4,8 +4,8 @@ Each constraint turns the generation state into an additive bias over the vocabu
 leaves an id alone, ``-inf`` forbids it, a finite negative value down-weights it. Static
 constraints (key, pitch range, tempo) are folded into one ``(V,)`` vector at construction, so
 they cost one add per step; dynamic ones (instrument set, note density, length in tokens or
-seconds) read a small :class:`Clock` of per-row counters that :meth:`LogitMasker.advance` keeps
-up to date with a handful of gathers.
+seconds) read the grammar's state (family, tempo, time) and a :class:`MaskState` with the few
+counters it lacks, kept only while a constraint reads them.
 
 The grammar (:class:`aurl.data.grammar.Grammar`, the one grammar of Aurl) is always on and always
 wins: a constraint can only remove ids the grammar allows. If the constraints leave a row with
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from aurl.config import GenerationConfig
-from aurl.data.vocab import END, PAD, Kind, Vocab
+from aurl.data.vocab import END, Kind, Vocab
 from aurl.errors import AurlError, ConstraintError
 
 NEG_INF = float("-inf")
@@ -35,24 +35,19 @@ DENSITY_MAX_BIAS = 8.0
 
 
 @dataclass
-class Clock:
-    """Per-row counters the dynamic constraints read. All tensors are (B,)."""
-
-    length: torch.Tensor  # tokens generated so far (primer excluded)
-    seconds: torch.Tensor  # elapsed time in seconds (primer included)
-    beats: torch.Tensor  # elapsed time in beats
-    notes: torch.Tensor  # NOTE_ONs so far (primer excluded)
-    tempo_bin: torch.Tensor  # current tempo bin (long)
-    family: torch.Tensor  # current instrument family (long); num_instruments: none yet
-    finished: torch.Tensor  # bool: END emitted
-
-
-@dataclass
 class MaskState:
-    """What the masker carries between steps: the grammar's state and the clock."""
+    """What the masker carries between steps.
 
-    grammar: Any
-    clock: Clock
+    The grammar's state already tracks the current family, tempo bin, time in steps and END
+    (``GrammarState.family``, ``tempo``, ``time``, ``ended``); the masker adds only what the
+    constraints need beyond it, and counts only while a constraint reads it.
+    """
+
+    grammar: Any  # aurl.data.grammar.GrammarState
+    step: int  # tokens generated so far (the same for every unfinished row)
+    notes: torch.Tensor  # (B,) NOTE_ONs so far, primer included
+    seconds: torch.Tensor  # (B,) float64 elapsed seconds, primer included
+    all_started: bool  # every row has played a note
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,12 +67,17 @@ class _Tables:
         self.is_shift = kind == Kind.TIME_SHIFT
         self.is_tempo = kind == Kind.TEMPO
         self.is_instrument = kind == Kind.INSTRUMENT
+        # ids that start a note (VELOCITY is always followed by a NOTE_ON)
+        self.starts_note = self.is_note_on | (kind == Kind.VELOCITY)
+        # ids after which the grammar does not allow END, and new notes (zero length at END)
+        self.blocks_end = self.starts_note | self.is_shift | self.is_instrument
         self.shift_steps = torch.where(self.is_shift, value, 0).double()  # (V,)
         # Seconds per step for each tempo bin (beat mode) or the fixed step (seconds mode).
         bins = np.arange(vocab.config.tempo_bins)
         sps = [vocab.seconds_per_step(float(vocab.bin_tempo[b])) for b in bins]
         self.seconds_per_step = torch.tensor(sps, dtype=torch.float64, device=device)
         c = vocab.config
+        self.step_seconds = c.step_seconds
         # Seconds mode decodes at 120 BPM, where a step is step_seconds * 2 beats.
         self.beats_per_step = (
             1.0 / c.steps_per_beat if c.time_unit == "beat" else c.step_seconds * 2
@@ -247,7 +247,7 @@ class LogitMasker:
 
     Args:
         vocab: The model's vocabulary.
-        grammar: The grammar state machine (``initial_state``, ``allowed``, ``advance``).
+        grammar: The grammar state machine (:class:`aurl.data.grammar.Grammar`).
         constraints: From :func:`build_constraints`.
         device: Where the masks live (the model's device).
     """
@@ -261,116 +261,161 @@ class LogitMasker:
         device: torch.device | str = "cpu",
     ) -> None:
         self.vocab, self.grammar, self.constraints = vocab, grammar, constraints
-        self.device = torch.device(device)
-        self.t = _Tables(vocab, self.device)
-        self.static = torch.as_tensor(constraints.static, dtype=torch.float32, device=self.device)
-        self.has_static = bool((constraints.static != 0).any())
+        self.device = d = torch.device(device)
+        self.t = _Tables(vocab, d)
+        static = torch.as_tensor(constraints.static, dtype=torch.float32, device=d)
+        self.static = static if bool((static != 0).any()) else None
         # family_ok[f]: NOTE_ON allowed in family f; the last entry stands for "no INSTRUMENT
-        # yet", which is fine only without an instrument constraint.
+        # yet" (the grammar's family F), fine only without an instrument constraint.
         n_fam = vocab.config.num_instruments
         self.family_ok = torch.ones(n_fam + 1, dtype=torch.bool)
         if constraints.families:
             self.family_ok[:] = False
             self.family_ok[list(constraints.families)] = True
-        self.family_ok = self.family_ok.to(self.device)
-        self.no_family = n_fam
-        self.end_only = torch.full((vocab.size,), NEG_INF, device=self.device)
+        self.family_ok = self.family_ok.to(d)
+        self.end_only = torch.full((vocab.size,), NEG_INF, device=d)
         self.end_only[END] = 0.0
-        self.pad_only = torch.full((vocab.size,), NEG_INF, device=self.device)
-        self.pad_only[PAD] = 0.0
+        self.opens_silence = self.t.is_shift | (self.t.kind == Kind.END)
+        # Seconds must be accumulated tempo by tempo in beat mode; in seconds mode they are
+        # the grammar's step count times the step.
+        self.beat_mode = vocab.config.time_unit == "beat"
+        self.count_seconds = constraints.seconds > 0 and self.beat_mode
+        # Constraints that can leave a row with nothing: check for empty rows only then.
+        self.can_empty = (
+            self.static is not None or bool(constraints.families) or constraints.seconds > 0
+        )
 
     # -- state ----------------------------------------------------------------------------------
 
     def initial_state(self, batch: int) -> MaskState:
         """State before any token (the first token must be START)."""
         d = self.device
-        clock = Clock(
-            length=torch.zeros(batch, dtype=torch.long, device=d),
-            seconds=torch.zeros(batch, dtype=torch.float64, device=d),
-            beats=torch.zeros(batch, dtype=torch.float64, device=d),
+        return MaskState(
+            grammar=self.grammar.initial_state(batch, d),
+            step=0,
             notes=torch.zeros(batch, dtype=torch.long, device=d),
-            tempo_bin=torch.full((batch,), self.t.default_tempo_bin, dtype=torch.long, device=d),
-            family=torch.full((batch,), self.no_family, dtype=torch.long, device=d),
-            finished=torch.zeros(batch, dtype=torch.bool, device=d),
+            seconds=torch.zeros(batch, dtype=torch.float64, device=d),
+            all_started=False,
         )
-        return MaskState(self.grammar.initial_state(batch, d), clock)
+
+    def _tempo_bin(self, grammar_tempo: torch.Tensor) -> torch.Tensor:
+        return torch.where(grammar_tempo >= 0, grammar_tempo, self.t.default_tempo_bin)
 
     def prime(self, state: MaskState, ids: torch.Tensor) -> MaskState:
-        """Advance over a primer (B, P) without counting it against the length limits."""
-        for t in range(ids.shape[1]):
-            state = self.advance(state, ids[:, t], count=False)
-        return state
-
-    def advance(self, state: MaskState, ids: torch.Tensor, *, count: bool = True) -> MaskState:
-        """Advance grammar and clock by one token per row; ``ids`` is (B,)."""
-        new_grammar = self.grammar.advance(state.grammar, ids)
-        grammar = state.grammar if new_grammar is None else new_grammar  # in place or returned
-        c, t = state.clock, self.t
-        kind, value = t.kind[ids], t.value[ids]
-        steps = t.shift_steps[ids]  # (B,) 0 for non-shifts
-        is_tempo = kind == Kind.TEMPO
-        is_instrument = kind == Kind.INSTRUMENT
-        live = ~c.finished
-        clock = Clock(
-            length=c.length + live.long() if count else c.length,
-            seconds=c.seconds + steps * t.seconds_per_step[c.tempo_bin],
-            beats=c.beats + steps * t.beats_per_step,
-            notes=c.notes + ((kind == Kind.NOTE_ON) & live).long() if count else c.notes,
-            tempo_bin=torch.where(is_tempo, value, c.tempo_bin),
-            family=torch.where(is_instrument, value, c.family),
-            finished=c.finished | (ids == END),
+        """The state after a primer (B, P) (from :meth:`initial_state`), computed vectorized;
+        the primer does not count against the length limit in tokens."""
+        t = self.t
+        kind, value = t.kind[ids], t.value[ids]  # (B, P)
+        seconds = state.seconds
+        if self.count_seconds:
+            # Tempo in force before each token: the last TEMPO strictly before it.
+            pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            last = torch.where(kind == Kind.TEMPO, pos, -1).cummax(dim=1).values
+            tempo = torch.where(last >= 0, value.gather(1, last.clamp(min=0)), -1)
+            before = torch.cat([state.grammar.tempo[:, None], tempo[:, :-1]], dim=1)
+            sps = t.seconds_per_step[self._tempo_bin(before)]  # (B, P)
+            seconds = seconds + (t.shift_steps[ids] * sps).sum(1)
+        return MaskState(
+            grammar=self.grammar.state_after(ids, state.grammar),
+            step=state.step,
+            notes=state.notes + (kind == Kind.NOTE_ON).sum(1),
+            seconds=seconds,
+            all_started=state.all_started,
         )
-        return MaskState(grammar, clock)
+
+    def advance(self, state: MaskState, ids: torch.Tensor) -> MaskState:
+        """Advance by one generated token per row; ``ids`` is (B,)."""
+        t, cons = self.t, self.constraints
+        notes, seconds = state.notes, state.seconds
+        if cons.density > 0 or not state.all_started:
+            notes = notes + t.is_note_on[ids].long()
+        if self.count_seconds:
+            sps = t.seconds_per_step[self._tempo_bin(state.grammar.tempo)]
+            seconds = seconds + t.shift_steps[ids] * sps
+        return MaskState(
+            grammar=self.grammar.advance(state.grammar, ids),
+            step=state.step + 1,
+            notes=notes,
+            seconds=seconds,
+            all_started=state.all_started or bool((notes > 0).all()),
+        )
+
+    def finished(self, state: MaskState) -> torch.Tensor:
+        """(B,) bool: rows that emitted END."""
+        return state.grammar.ended
 
     # -- masking ----------------------------------------------------------------------------
 
-    def bias(self, state: MaskState) -> torch.Tensor:
-        """(B, V) or (V,) additive bias of the constraints alone (grammar excluded)."""
-        cons, t, c = self.constraints, self.t, state.clock
+    def bias(self, state: MaskState, allowed: torch.Tensor) -> torch.Tensor | None:
+        """Additive bias of the constraints, (B, V) or (V,) or None (nothing to add), given
+        the grammar's (B, V) mask.
+
+        Rows that must stop (out of tokens or time) get END alone where the grammar allows
+        END; otherwise every id after which END cannot come (shift, velocity, instrument) and
+        new notes are removed there, so the row can end at the next token.
+        """
+        cons, t, g = self.constraints, self.t, state.grammar
         bias = self.static
+        masks = []  # (B, V) bool: ids to forbid
         if cons.families:
-            wrong_family = ~self.family_ok[c.family]  # (B,)
-            bias = bias + torch.where(wrong_family[:, None] & t.is_note_on, NEG_INF, 0.0)
+            masks.append(~self.family_ok[g.family][:, None] & t.starts_note)
+        if not state.all_started:
+            # A piece opens with a note: no leading silence, and never an empty piece.
+            masks.append((state.notes == 0)[:, None] & self.opens_silence)
         if cons.density > 0:
-            actual = c.notes.double() / c.beats.clamp(min=1.0)
-            # log(target/actual), clamped: pushes NOTE_ON up when too sparse, down when too dense
+            beats = (g.time.double() * t.beats_per_step).clamp(min=1.0)
+            actual = state.notes.double() / beats
+            # log(target / actual), clamped: NOTE_ON up when too sparse, down when too dense
             push = torch.log((cons.density + 1e-3) / (actual + 1e-3)) * DENSITY_STRENGTH
             push = push.clamp(-DENSITY_MAX_BIAS, DENSITY_MAX_BIAS).float()
-            bias = bias + torch.where(t.is_note_on, push[:, None], 0.0)
+            dens = torch.where(t.is_note_on, push[:, None], 0.0)
+            bias = dens if bias is None else bias + dens
+        left = cons.max_tokens - state.step
+        stop = None  # (B,) rows that must end now
+        if left <= 2:
+            masks.append(t.blocks_end.expand_as(allowed))
+            if left <= 1:
+                stop = torch.ones_like(allowed[:, 0])
         if cons.seconds > 0:
-            sps = t.seconds_per_step[c.tempo_bin]  # (B,)
-            remaining = cons.seconds - c.seconds  # (B,)
-            too_long = t.shift_steps * sps[:, None] > remaining[:, None] + 1e-9  # (B, V)
-            bias = bias + torch.where(t.is_shift & too_long, NEG_INF, 0.0)
-            # No time left for a sixteenth note: stop starting notes; no step left: end.
-            sixteenth = sps * (0.25 / t.beats_per_step)
-            no_notes = remaining < sixteenth
-            bias = bias + torch.where(no_notes[:, None] & t.is_note_on, NEG_INF, 0.0)
-            out_of_time = remaining < sps
-            bias = torch.where(out_of_time[:, None], self.end_only, bias)
-        # The last token must be END; keep the one before it free of NOTE_ONs so that no note
-        # is born with zero length.
-        left = cons.max_tokens - c.length  # (B,)
-        bias = bias + torch.where((left <= 2)[:, None] & t.is_note_on, NEG_INF, 0.0)
-        bias = torch.where((left <= 1)[:, None], self.end_only, bias)
+            sps = t.seconds_per_step[self._tempo_bin(g.tempo)]  # (B,)
+            elapsed = state.seconds if self.beat_mode else g.time.double() * t.step_seconds
+            remaining = cons.seconds - elapsed  # (B,)
+            masks.append(t.shift_steps * sps[:, None] > remaining[:, None] + 1e-9)
+            # Less than a sixteenth note left: no new notes; end as soon as the grammar lets.
+            late = remaining < sps * (0.25 / t.beats_per_step)
+            masks.append(late[:, None] & t.blocks_end)
+            stop = late if stop is None else stop | late
+        if masks:
+            forbid = masks[0]
+            for m in masks[1:]:
+                forbid = forbid | m
+            hard = torch.where(forbid, NEG_INF, 0.0)
+            bias = hard if bias is None else bias + hard
+        if stop is not None:
+            end_now = (stop & allowed[:, END])[:, None]
+            base = bias if bias is not None else torch.zeros_like(self.end_only)
+            bias = torch.where(end_now, self.end_only, base)
         return bias
 
     def apply(self, logits: torch.Tensor, state: MaskState) -> torch.Tensor:
-        """Mask (B, V) logits: grammar-forbidden ids and constraint-forbidden ids get -inf.
+        """Mask (B, V) logits: grammar-forbidden ids get -inf, constraints add their bias.
 
-        Finished rows may only continue with PAD. A row the constraints would leave empty may
-        only end (or, if the grammar forbids ending there, do anything the grammar allows).
+        After END the grammar allows only PAD. A row the constraints would leave empty falls
+        back to what the grammar alone allows (END alone where it can end), so the output is
+        always valid.
         """
         allowed = self.grammar.allowed(state.grammar)  # (B, V) bool
-        biased = logits + self.bias(state)
-        out = torch.where(allowed, biased, NEG_INF)
-        out = torch.where(state.clock.finished[:, None], self.pad_only, out)
-        empty = torch.isneginf(out).all(dim=-1)  # (B,)
-        if bool(empty.any()):
-            fallback = torch.where(allowed, logits, NEG_INF)
-            can_end = allowed[:, END]
-            fallback = torch.where(can_end[:, None], self.end_only + logits, fallback)
-            out = torch.where(empty[:, None], fallback, out)
+        bias = self.bias(state, allowed)
+        if bias is None:
+            return logits.masked_fill(~allowed, NEG_INF)
+        out = torch.where(allowed, logits + bias, NEG_INF)
+        if self.can_empty or state.step >= self.constraints.max_tokens - 2:
+            empty = torch.isneginf(out).all(dim=-1)  # (B,)
+            if bool(empty.any()):
+                fallback = torch.where(allowed, logits, NEG_INF)
+                can_end = allowed[:, END]
+                fallback = torch.where(can_end[:, None], self.end_only + logits, fallback)
+                out = torch.where(empty[:, None], fallback, out)
         return out
 
 
@@ -378,7 +423,7 @@ def index_state(state: Any, index: torch.Tensor) -> Any:
     """Select rows ``index`` (a (B',) long tensor) of every batched tensor inside ``state``.
 
     Works on tensors, dataclasses, dicts, lists, tuples and plain objects, so beam search can
-    reorder the grammar, the clock and the model's cache without knowing their layout. Tensors
+    reorder the grammar, the masker's counters and the model's cache without knowing their layout. Tensors
     are assumed to be batch-first; 0-d tensors and non-tensors are kept.
     """
     if isinstance(state, torch.Tensor):

@@ -28,6 +28,9 @@ from aurl.generation.constraints import LogitMasker, build_constraints, index_st
 from aurl.generation.sampling import SamplingOptions, filter_logits, sample
 from aurl.progress import Progress, silent
 
+# Tokens the grammar may need past max_tokens to end cleanly (e.g. a NOTE_ON after a VELOCITY).
+END_SLACK = 8
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -221,6 +224,8 @@ def generate(
     out = []
     for row in ids.cpu().numpy():
         end = np.flatnonzero(row == END)
+        if len(end) == 0:  # the masks force END within END_SLACK tokens: a bug if not
+            raise RuntimeError(f"generation did not end within {config.max_tokens} tokens")
         out.append(Piece(ids=row[: end[0] + 1], primer_length=prefix.shape[1]))
     return out
 
@@ -240,7 +245,8 @@ def _sample(
     device = prefix.device
     options = sampling_options(config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    buffer = torch.full((B, P + config.max_tokens), PAD, dtype=torch.long, device=device)
+    steps = config.max_tokens + END_SLACK
+    buffer = torch.full((B, P + steps), PAD, dtype=torch.long, device=device)
     buffer[:, :P] = prefix
     state = masker.prime(masker.initial_state(B), prefix)
     ctx = _Context(model, latents, B, window, overlap)
@@ -249,7 +255,7 @@ def _sample(
     if options.repetition_penalty != 1.0:
         seen = torch.zeros(B, masker.vocab.size, dtype=torch.bool, device=device)
     n = P
-    for _ in progress(range(config.max_tokens), total=config.max_tokens, desc="generate"):
+    for _ in progress(range(steps), total=steps, desc="generate"):
         masked = masker.apply(logits.float(), state)
         ids = sample(filter_logits(masked, options, seen), options, generator)  # (B,)
         buffer[:, n] = ids
@@ -257,7 +263,7 @@ def _sample(
         state = masker.advance(state, ids)
         if seen is not None:
             seen[torch.arange(B, device=device), ids] = True
-        if bool(state.clock.finished.all()):
+        if bool(masker.finished(state).all()):
             break
         logits = ctx.next(buffer, n)
     return buffer[:, :n]
@@ -281,7 +287,8 @@ def _beam_search(
     rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) row of each beam
     if latents is not None:
         latents = index_state(latents, rows)
-    buffer = torch.full((B * K, P + config.max_tokens), PAD, dtype=torch.long, device=device)
+    steps = config.max_tokens + END_SLACK
+    buffer = torch.full((B * K, P + steps), PAD, dtype=torch.long, device=device)
     buffer[:, :P] = prefix[rows]
     state = masker.prime(masker.initial_state(B * K), buffer[:, :P])
     ctx = _Context(model, latents, B * K, window, overlap)
@@ -291,10 +298,10 @@ def _beam_search(
     lengths = torch.zeros(B, K, dtype=torch.float64, device=device)
     base = (torch.arange(B, device=device) * K)[:, None]  # (B, 1) first beam of each row
     n = P
-    for _ in progress(range(config.max_tokens), total=config.max_tokens, desc="beam search"):
+    for _ in progress(range(steps), total=steps, desc="beam search"):
         masked = masker.apply(logits.float(), state)
         logp = torch.log_softmax(masked.double(), dim=-1).view(B, K, V)  # finished: PAD = 0
-        live = ~state.clock.finished.view(B, K)
+        live = ~masker.finished(state).view(B, K)
         new_len = lengths + live.double()
         total = scores[..., None] + logp  # (B, K, V)
         ranked = total / new_len.clamp(min=1.0)[..., None]
@@ -314,7 +321,7 @@ def _beam_search(
         buffer[:, n] = ids
         n += 1
         state = masker.advance(state, ids)
-        if bool(state.clock.finished.all()):
+        if bool(masker.finished(state).all()):
             break
         logits = ctx.next(buffer, n)
     best = (scores / lengths.clamp(min=1.0)).argmax(dim=-1)  # (B,)
