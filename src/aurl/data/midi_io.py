@@ -103,6 +103,7 @@ class MidiData:
     pedal_time: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     pedal_track: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     pedal_on: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    name: str = "<score>"  # the file, for error messages
 
     def track_family(self, num_instruments: int = 16) -> np.ndarray:
         """(n_tracks,) family of each track."""
@@ -199,27 +200,28 @@ def _smpte_patch(data: bytes) -> tuple[bytes, int]:
 
 
 def _from_symusic(score) -> MidiData:
-    tracks, parts, pedals = [], [], []
+    tracks, arrays, pedals = [], [], []
     for i, tr in enumerate(score.tracks):
         tracks.append((tr.name, int(tr.program), bool(tr.is_drum)))
-        a = tr.notes.numpy()
-        parts.append(
-            (a["time"], a["duration"], a["pitch"], a["velocity"], np.full(len(a["time"]), i))
-        )
+        arrays.append(tr.notes.numpy())
         if len(tr.controls):
             c = tr.controls.numpy()
             sel = c["number"] == 64
             if sel.any():
                 pedals.append((c["time"][sel], np.full(int(sel.sum()), i), c["value"][sel] >= 64))
-    cols = [np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in range(5)]
-    # int8 pitch/velocity from symusic: a byte over 127 wraps negative, so mask to 7 bits
+
+    def column(name: str) -> np.ndarray:
+        if not arrays:
+            return np.zeros(0, np.int64)
+        return np.concatenate([a[name] for a in arrays]).astype(np.int64)
+
     t = score.tempos.numpy()
     md = MidiData(
-        tpq=max(MIN_TPQ, int(score.tpq)),
-        time=cols[0].astype(np.int64), duration=cols[1].astype(np.int64),
-        pitch=cols[2].astype(np.int64) & 0x7F, velocity=cols[3].astype(np.int64) & 0x7F,
-        track=cols[4].astype(np.int64), tracks=tracks,
-        tempo_time=t["time"].astype(np.int64),
+        tpq=max(MIN_TPQ, int(score.tpq)), time=column("time"), duration=column("duration"),
+        # int8 pitch/velocity from symusic: a byte over 127 wraps negative, so keep 7 bits
+        pitch=column("pitch") & 0x7F, velocity=column("velocity") & 0x7F,
+        track=np.repeat(np.arange(len(arrays)), [len(a["time"]) for a in arrays]),
+        tracks=tracks, tempo_time=t["time"].astype(np.int64),
         tempo_qpm=60e6 / np.maximum(t["mspq"].astype(np.float64), 1.0),
     )  # fmt: skip
     if pedals:
@@ -335,8 +337,14 @@ def repair(
     report: RepairReport,
     data_config: DataConfig | None = None,
     vocab_config: VocabConfig | None = None,
+    *,
+    overlaps: bool = True,
 ) -> MidiData:
-    """Validate and repair ``md`` in place (vectorized); counts go to ``report``."""
+    """Validate and repair ``md`` in place (vectorized); counts go to ``report``.
+
+    ``overlaps=False`` leaves same-pitch overlaps to the tokenizer, which resolves them on its
+    grid (the same rule, after rounding) and counts them there.
+    """
     cfg = data_config or DataConfig()
     vc = vocab_config or VocabConfig()
     drum_tracks = np.array([d for _, _, d in md.tracks], dtype=bool)
@@ -351,7 +359,8 @@ def repair(
         md.select(~silent)
     # 3. absurd ticks: negative, far beyond the music, or endless notes
     bad = md.time < 0
-    if len(md.time):
+    # a silence longer than MAX_GAP_BEATS needs the notes to span at least that long
+    if len(md.time) and int(md.time.max()) - int(md.time.min()) > MAX_GAP_BEATS * md.tpq:
         order = np.argsort(md.time, kind="stable")
         t = md.time[order]
         reach = np.maximum.accumulate(t + np.maximum(md.duration[order], 0))
@@ -382,7 +391,8 @@ def repair(
         report.out_of_range_folded += int((out & ~still).sum())
         md.select(~still)
     # 6. same-pitch overlaps within one family
-    report.overlaps += resolve_overlaps(md, md.track_family(vc.num_instruments)[md.track])
+    if overlaps:
+        report.overlaps += resolve_overlaps(md, md.track_family(vc.num_instruments)[md.track])
     # 7. tracks without notes
     used = np.bincount(md.track, minlength=len(md.tracks)) > 0
     if not used.all():
@@ -438,10 +448,13 @@ def read_midi_data(
     path: str | Path,
     data_config: DataConfig | None = None,
     vocab_config: VocabConfig | None = None,
+    *,
+    overlaps: bool = True,
 ) -> tuple[MidiData, RepairReport]:
     """Parse and repair ``path`` into a :class:`MidiData` table (the tokenizer's fast path)."""
     md, report = parse_midi(path, data_config)
-    return repair(md, report, data_config, vocab_config), report
+    md.name = str(path)
+    return repair(md, report, data_config, vocab_config, overlaps=overlaps), report
 
 
 def read_midi(

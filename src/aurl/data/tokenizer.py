@@ -81,9 +81,18 @@ def _round_div(a: np.ndarray, b: int) -> np.ndarray:
     return (2 * a + b) // (2 * b)
 
 
-def _last_per_group(keys: np.ndarray) -> np.ndarray:
+def _last_of_run(keys: np.ndarray) -> np.ndarray:
     """Mask of the last element of each run of equal consecutive keys."""
-    return np.append(keys[1:] != keys[:-1], True) if len(keys) else np.zeros(0, bool)
+    out = np.ones(len(keys), bool)
+    np.not_equal(keys[1:], keys[:-1], out=out[:-1])
+    return out
+
+
+def _first_of_run(keys: np.ndarray) -> np.ndarray:
+    """Mask of the first element of each run of equal consecutive keys."""
+    out = np.ones(len(keys), bool)
+    np.not_equal(keys[1:], keys[:-1], out=out[1:])
+    return out
 
 
 class Tokenizer:
@@ -104,6 +113,9 @@ class Tokenizer:
         # hot lookup tables, as plain arrays
         self._kind = self.vocab.kind.astype(np.int64)
         self._value = self.vocab.value.astype(np.int64)
+        # nearest tempo bin in log space = the bin whose log-midpoint interval holds log(qpm)
+        log_t = np.log(self.vocab.bin_tempo)
+        self._tempo_edges = (log_t[1:] + log_t[:-1]) / 2
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.vocab!r})"
@@ -122,8 +134,8 @@ class Tokenizer:
 
     def encode_file_with_report(self, path: str | Path) -> tuple[np.ndarray, RepairReport]:
         """:meth:`encode_file` plus the file's :class:`RepairReport`."""
-        md, report = read_midi_data(path, self.data_config, self.vocab_config)
-        return self.encode_data(md, report, name=str(path)), report
+        md, report = read_midi_data(path, self.data_config, self.vocab_config, overlaps=False)
+        return self.encode_data(md, report), report
 
     def encode_score(self, score, report: RepairReport | None = None) -> np.ndarray:
         """Encode a ``symusic.Score`` (any time unit); it is repaired like a file first."""
@@ -132,82 +144,120 @@ class Tokenizer:
         if score.ttype != symusic.TimeUnit.tick:
             score = score.to("tick")
         report = report if report is not None else RepairReport(path="<score>")
-        md = repair(_from_symusic(score), report, self.data_config, self.vocab_config)
-        return self.encode_data(md, report, name=report.path)
+        md = _from_symusic(score)
+        md.name = report.path
+        # same-pitch overlaps are resolved once, on the grid (grid_notes), where they count
+        md = repair(md, report, self.data_config, self.vocab_config, overlaps=False)
+        return self.encode_data(md, report)
 
-    def encode_data(
-        self, md: MidiData, report: RepairReport | None = None, name: str = "<score>"
-    ) -> np.ndarray:
+    def encode_data(self, md: MidiData, report: RepairReport | None = None) -> np.ndarray:
         """Encode a repaired :class:`MidiData` table (the vectorized core)."""
         vc, v = self.vocab_config, self.vocab
-        fam, on, off, pitch, vel = self.grid_notes(md)
+        fam, on, off, pitch, vel = self.grid_notes(md, report)
+        n = len(on)
         # tempo: the bin in effect at step 0 (MIDI's 120 BPM if none at tick 0), then changes
         t_time, t_qpm = md.tempo_time, md.tempo_qpm
         if len(t_time) == 0 or t_time[0] > 0:
-            t_time, t_qpm = np.concatenate([[0], t_time]), np.concatenate([[120.0], t_qpm])
+            t_time, t_qpm = np.concatenate(([0], t_time)), np.concatenate(([120.0], t_qpm))
         t_step = self._steps(md, t_time)
-        keep = _last_per_group(t_step)  # the last tempo at each step wins
-        t_step, t_bin = t_step[keep], v.tempo_bin(t_qpm[keep])
-        change = np.append(True, t_bin[1:] != t_bin[:-1])
-        t_step, t_bin = t_step[change], t_bin[change]
+        if len(t_step) > 1:
+            keep = _last_of_run(t_step)  # the last tempo at each step wins
+            t_step, t_bin = t_step[keep], self._tempo_bin(t_qpm[keep])
+            change = _first_of_run(t_bin)
+            t_step, t_bin = t_step[change], t_bin[change]
+        else:
+            t_bin = self._tempo_bin(t_qpm)
         # sustain: the last state per (family, step), written where it changes (off at first)
-        p_fam = md.track_family(vc.num_instruments)[md.pedal_track]
-        p_step = self._steps(md, md.pedal_time)
-        o = np.lexsort((md.pedal_time, p_step, p_fam))
-        p_fam, p_step, p_on = p_fam[o], p_step[o], md.pedal_on[o]
-        keep = _last_per_group(p_fam * (1 << 40) + p_step)
-        p_fam, p_step, p_on = p_fam[keep], p_step[keep], p_on[keep]
-        prev_on = np.append(False, p_on[:-1]) & np.append(False, p_fam[1:] == p_fam[:-1])
-        change = p_on != prev_on
-        p_fam, p_step, p_on = p_fam[change], p_step[change], p_on[change]
+        if len(md.pedal_time):
+            p_fam = md.track_family(vc.num_instruments)[md.pedal_track]
+            p_step = self._steps(md, md.pedal_time)
+            o = np.lexsort((md.pedal_time, p_step, p_fam))
+            p_fam, p_step, p_on = p_fam[o], p_step[o], md.pedal_on[o]
+            keep = _last_of_run((p_fam << 40) + p_step)
+            p_fam, p_step, p_on = p_fam[keep], p_step[keep], p_on[keep]
+            prev_on = np.zeros(len(p_on), bool)
+            prev_on[1:] = p_on[:-1] & (p_fam[1:] == p_fam[:-1])
+            change = p_on != prev_on
+            p_fam, p_step, p_on = p_fam[change], p_step[change], p_on[change]
+            p_tok = np.where(p_on, v.sustain_on, v.sustain_off)
+        else:
+            p_fam = p_step = p_tok = np.zeros(0, np.int64)
 
-        n, nt, npd = len(on), len(t_step), len(p_step)
-        step = np.concatenate([t_step, p_step, off, on])
-        efam = np.concatenate([np.full(nt, -1), p_fam, fam, fam])
-        cat = np.concatenate([np.full(nt, _TEMPO), np.full(npd, _SUSTAIN), np.full(n, _OFF),
-                              np.full(n, _ON)])  # fmt: skip
-        sub = np.concatenate([np.zeros(nt + npd, np.int64), pitch, pitch])
-        tok = np.concatenate([
-            v.tempo + t_bin,
-            np.where(p_on, v.sustain_on, v.sustain_off),
-            v.note_off + pitch - vc.pitch_min,
-            v.note_on + pitch - vc.pitch_min,
-        ])  # fmt: skip
-        vbin = np.concatenate([np.full(nt + npd + n, -1), v.velocity_bin(vel)])
-        order = np.lexsort((sub, cat, efam, step))
+        nt, npd = len(t_step), len(p_step)
+        step = np.concatenate((t_step, p_step, off, on))
+        efam = np.concatenate((np.full(nt, -1), p_fam, fam, fam))
+        cat = np.repeat(np.array([_TEMPO, _SUSTAIN, _OFF, _ON]), (nt, npd, n, n))
+        tok = np.concatenate((v.tempo + t_bin, p_tok, v.note_off - vc.pitch_min + pitch,
+                              v.note_on - vc.pitch_min + pitch))  # fmt: skip
+        vbin = np.concatenate((np.full(nt + npd + n, -1), (vel - 1) * vc.velocity_bins // 127))
+        # one int64 sort key per event: step, family, category, pitch (unique by now)
+        sub = np.concatenate((np.zeros(nt + npd, np.int64), pitch, pitch))
+        order = np.argsort((((step << 5) + efam + 1) << 9) + (cat << 7) + sub)
         step, efam, cat, tok, vbin = step[order], efam[order], cat[order], tok[order], vbin[order]
 
-        if n and self._over_cap(cat):
+        if n > self.data_config.polyphony_cap and self._over_cap(cat):
             dropped = self._cap_polyphony(order, cat, n, nt + npd)
             if report is not None:
                 report.polyphony_dropped += int(dropped.sum())
                 report.notes -= int(dropped.sum())
             keep_ev = np.ones(len(order), bool)
-            keep_ev[nt + npd :] = ~np.concatenate([dropped, dropped])
+            keep_ev[nt + npd :] = ~np.concatenate((dropped, dropped))
             keep_ev = keep_ev[order]
             step, efam, cat, tok, vbin = (a[keep_ev] for a in (step, efam, cat, tok, vbin))
-        return self._assemble(step, efam, cat, tok, vbin, name)
+        return self._assemble(step, efam, cat, tok, vbin, md.name)
 
-    def grid_notes(self, md: MidiData) -> tuple[np.ndarray, ...]:
-        """Notes on the step grid: (family, on, off, pitch, velocity), overlaps resolved."""
+    def grid_notes(
+        self, md: MidiData, report: RepairReport | None = None
+    ) -> tuple[np.ndarray, ...]:
+        """Notes on the step grid: (family, on, off, pitch, velocity).
+
+        Sorted by (family, pitch, onset). Same-pitch notes of one family that collide on the
+        grid are resolved as the tick-level repair does (equal onsets: the longest kept; else
+        the earlier note cut at the later onset) and counted in ``report.overlaps``.
+
+        Raises:
+            MidiReadError: the notes reach so far that the shifts alone would pass
+                ``data.max_events_per_file`` tokens.
+        """
         vc = self.vocab_config
         fam = md.track_family(vc.num_instruments)[md.track]
         on = self._steps(md, md.time)
         off = np.maximum(self._steps(md, md.time + md.duration), on + 1)
         pitch, vel = md.pitch, md.velocity
-        if len(on) > 1:  # grid rounding can make same-pitch notes of one family collide
-            key = fam * 128 + pitch
-            o = np.lexsort((-off, on, key))
-            key, on, off, pitch, vel, fam = key[o], on[o], off[o], pitch[o], vel[o], fam[o]
-            same = np.append(False, key[1:] == key[:-1])
-            dup = same & np.append(False, on[1:] == on[:-1])
-            if dup.any():
-                k = ~dup
-                key, on, off, pitch, vel, fam = key[k], on[k], off[k], pitch[k], vel[k], fam[k]
-                same = np.append(False, key[1:] == key[:-1])
-            nxt_same = np.append(same[1:], False)
-            off = np.where(nxt_same, np.minimum(off, np.append(on[1:], 0)), off)
+        n = len(on)
+        if n and int(off.max()) // vc.max_shift_steps > self.data_config.max_events_per_file:
+            raise MidiReadError(
+                f"{md.name}: lasts {int(off.max())} steps, which would make more than "
+                f"data.max_events_per_file={self.data_config.max_events_per_file} tokens"
+            )
+        if n < 2:
+            return fam, on, off, pitch, vel
+        base = ((fam << 7) + pitch) << 40  # steps < 2**40: bounded by the check above
+        key = base + on
+        o = np.argsort(key)
+        ks = key[o]
+        dup = np.zeros(n, bool)
+        np.equal(ks[1:], ks[:-1], out=dup[1:])
+        n_dup = int(dup.sum())
+        if n_dup:  # equal onsets: order the longest first, then drop the others
+            o = np.lexsort((-md.duration, -off, key))
+            ks = key[o]
+            dup[1:] = ks[1:] == ks[:-1]
+            o = o[~dup]
+        fam, on, off, pitch, vel, kb = fam[o], on[o], off[o], pitch[o], vel[o], base[o]
+        cut = np.zeros(len(o), bool)
+        cut[:-1] = (kb[1:] == kb[:-1]) & (off[:-1] > on[1:])
+        n_cut = int(cut.sum())
+        if n_cut:
+            off[:-1] = np.where(cut[:-1], on[1:], off[:-1])
+        if report is not None and (n_dup or n_cut):
+            report.overlaps += n_dup + n_cut
+            report.notes -= n_dup
         return fam, on, off, pitch, vel
+
+    def _tempo_bin(self, qpm: np.ndarray) -> np.ndarray:
+        """Vocab.tempo_bin, faster: one searchsorted on the log-midpoints between bins."""
+        return np.searchsorted(self._tempo_edges, np.log(qpm))
 
     def _steps(self, md: MidiData, ticks: np.ndarray) -> np.ndarray:
         vc = self.vocab_config
@@ -217,8 +267,8 @@ class Tokenizer:
 
     def _over_cap(self, cat: np.ndarray) -> bool:
         """Would any NOTE_ON (in token order) take the sounding count over the cap?"""
-        delta = np.where(cat == _ON, 1, np.where(cat == _OFF, -1, 0))
-        return bool(np.cumsum(delta).max(initial=0) > self.data_config.polyphony_cap)
+        delta = (cat == _ON).view(np.int8) - (cat == _OFF).view(np.int8)
+        return bool(np.cumsum(delta, dtype=np.int64).max() > self.data_config.polyphony_cap)
 
     def _cap_polyphony(self, order: np.ndarray, cat: np.ndarray, n: int, base: int) -> np.ndarray:
         """Drop NOTE_ONs over the cap, in token order (a Python loop: only for rare files)."""
@@ -240,18 +290,19 @@ class Tokenizer:
         """Sorted events -> ids: shifts, INSTRUMENT and VELOCITY tokens inserted (vectorized)."""
         v, max_shift = self.vocab, self.vocab_config.max_shift_steps
         m = len(step)
-        delta = np.diff(step, prepend=0)
+        delta = step.copy()
+        delta[1:] -= step[:-1]
         nshift = -(-delta // max_shift)  # ceil
         # INSTRUMENT before the first event of a family run (tempo events do not count)
         is_fam = cat != _TEMPO
         fam_ev = efam[is_fam]
         new_fam = np.zeros(m, bool)
-        new_fam[is_fam] = np.append(True, fam_ev[1:] != fam_ev[:-1])
+        new_fam[is_fam] = _first_of_run(fam_ev)
         # VELOCITY before a NOTE_ON whose bin differs from the previous NOTE_ON's
         is_on = cat == _ON
         on_bins = vbin[is_on]
         new_vel = np.zeros(m, bool)
-        new_vel[is_on] = np.append(True, on_bins[1:] != on_bins[:-1])
+        new_vel[is_on] = _first_of_run(on_bins)
         length = nshift + new_fam + new_vel + 1
         total = int(length.sum()) + 2
         if total > self.data_config.max_events_per_file:
@@ -313,8 +364,8 @@ class Tokenizer:
         o = np.argsort(key, kind="stable")
         key_s, pos = key[o], np.flatnonzero(note)[o]
         is_on = k[pos] == Kind.NOTE_ON
-        nxt_same = np.append(key_s[1:] == key_s[:-1], False)
-        nxt_pos = np.append(pos[1:], 0)
+        nxt_same = ~_last_of_run(key_s)
+        nxt_pos = np.roll(pos, -1)
         on_at = np.flatnonzero(is_on)
         start = step[pos[on_at]]
         closed = nxt_same[on_at]
@@ -341,7 +392,7 @@ class Tokenizer:
         self.last_decode_unknown = d.unknown
         if vc.time_unit == "beat":
             ticks_per_step = DECODE_TPQ / vc.steps_per_beat
-            keep = _last_per_group(d.tempo_step)
+            keep = _last_of_run(d.tempo_step)
             t_time = np.round(d.tempo_step[keep] * ticks_per_step).astype(np.int64)
             t_qpm = v.bin_tempo[d.tempo_bin[keep]]
         else:  # 120 BPM: a quarter is 0.5 s
