@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from aurl.config import ModelConfig, VocabConfig
+from aurl.data.tokenizer import Tokenizer
 from aurl.data.vocab import Vocab
 from aurl.errors import DataError
 from aurl.evaluation.likelihood import LikelihoodResult, plan_windows, score_sequences
@@ -66,17 +67,21 @@ def test_matches_direct_cross_entropy_when_the_window_fits() -> None:
     assert r.loss == pytest.approx(r.nll / r.tokens)
 
 
-def test_windows_equal_the_full_pass_for_a_local_model() -> None:
-    # Two layers of 8-token local attention see 14 tokens back, rotary is relative and there is
-    # no musical-time embedding, so windows with 32 tokens of context give the exact logits.
-    model = tiny_model(attention="local", local_window=8, musical_position=False)
-    seqs = random_sequences([150, 90])
+def test_windows_equal_the_full_pass_for_a_local_model(fixtures_dir) -> None:
+    # Two layers of 8-token local attention see 14 tokens back and rotary is relative; musical
+    # time and grammar features are carried over the history, so windows with 32 tokens of
+    # context give the logits of one full pass.
+    model = tiny_model(attention="local", local_window=8)
+    tok = Tokenizer()
+    seqs = [tok.encode_file(fixtures_dir / "midi" / "bach_bwv66.6.mid")[:150]]
+    seqs += random_sequences([90])
     windowed = score_sequences(model, seqs, window=48, context=32, batch_size=3)
     full = sum(direct_nll(model, s) for s in seqs)
     # A freshly initialised model barely uses context (too little context is off by ~2e-5
     # relative here), so the tolerance is tight.
     assert windowed.nll == pytest.approx(full, rel=2e-6)
     assert windowed.tokens == 149 + 89
+    assert model.grammar_features is not None and model.time is not None
 
 
 def test_batched_equals_single() -> None:

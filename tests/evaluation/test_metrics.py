@@ -170,6 +170,24 @@ def test_pianoroll_matches_note_by_note_reference(fixtures_dir) -> None:
     np.testing.assert_array_equal(roll, ref)
 
 
+@pytest.mark.parametrize("name", ["bach_bwv66.6.mid", "haydn_op74no1_mvt2.mid"])
+def test_polyphony_equals_the_dense_piano_roll_path(fixtures_dir, name: str) -> None:
+    notes = notes_from_file(fixtures_dir / "midi" / name)
+    roll = m.pianoroll(notes, resolution=24)
+    per_step = roll.sum(axis=1)
+    assert m.polyphony(notes) == pytest.approx(per_step.sum() / np.count_nonzero(per_step))
+    for threshold in (1, 2, 3, 4):
+        expected = np.count_nonzero(per_step >= threshold) / roll.shape[0]
+        assert m.polyphony_rate(notes, threshold=threshold) == pytest.approx(expected)
+
+
+def test_polyphony_of_a_very_long_piece_needs_little_memory() -> None:
+    # ends after 10 million beats: a dense roll would need over 30 GB
+    far = make_notes(onset=[0, 0, 1e7], duration=[1, 1, 1], pitch=[60, 64, 67])
+    assert m.polyphony(far) == pytest.approx(3 / 2)  # two pitches for a beat, then one
+    assert m.polyphony_rate(far) == pytest.approx(1 / (1e7 + 1))
+
+
 def test_metrics_on_a_real_chorale_are_in_range(fixtures_dir) -> None:
     notes = notes_from_file(fixtures_dir / "midi" / "bach_bwv66.6.mid")
     values = m.scalar_metrics(notes)

@@ -9,13 +9,16 @@ Each sequence is a START ... END id array; every token after the first is predic
 tokens before it. A piece longer than ``window`` is scored in overlapping windows: the first
 window scores all its positions, each later window moves on by ``window - context`` tokens and
 scores only its new positions, so every token is scored once with at least ``context`` tokens of
-history (fewer only at the very start of the piece). In ``vae``/``vae_gan`` modes the model
-conditions on the posterior mean of each window itself, so the number is a reconstruction
-loss, not a likelihood bound.
+history (fewer only at the very start of the piece). A later window starts from the model's
+musical-time and grammar state after the whole prefix (``init_state(history=)``), as generation
+with a sliding window does; only attention is cut to the window. In ``vae``/``vae_gan`` modes
+the model conditions on the posterior mean of each window itself (through ``forward``), so the
+number is a reconstruction loss, not a likelihood bound.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -107,6 +110,15 @@ def _note_on_mask(vocab: Vocab) -> np.ndarray:
     return vocab.kind == Kind.NOTE_ON
 
 
+def _can_carry(model: Any) -> bool:
+    """Whether later windows can start from the state of the whole prefix: the model has
+    ``init_state(history=)`` and ``step`` and no VAE encoder (whose latents come from forward)."""
+    init = getattr(model, "init_state", None)
+    if init is None or not hasattr(model, "step") or getattr(model, "encoder", None) is not None:
+        return False
+    return "history" in inspect.signature(init).parameters
+
+
 @torch.no_grad()
 def score_sequences(
     model: torch.nn.Module,
@@ -161,23 +173,44 @@ def score_sequences(
         for i, s in enumerate(seqs)
         for start, end, first in plan_windows(len(s), window, context)
     ]
-    # Grammar masks need the whole prefix, so they are built per sequence and kept only while
-    # that sequence still has windows to score (windows come in sequence order).
-    last_chunk = {i: k for k, (i, *_) in enumerate(chunks)}
+    # Windows at the start of a piece go through forward() in batches; later windows, when the
+    # model can carry its musical-time and grammar state over the history, go one by one
+    # through init_state(history=) + step(), so their positions see the state of the whole
+    # prefix (as in generation with a sliding window).
+    carry = _can_carry(model)
+    batches = [
+        batch
+        for group in (
+            [c for c in chunks if c[1] == 0 or not carry],
+            [c for c in chunks if c[1] > 0 and carry],
+        )
+        for batch in (
+            [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
+            if group and (group[0][1] == 0 or not carry)
+            else [[c] for c in group]
+        )
+    ]
+    # Grammar masks need the whole prefix, so they are built once per sequence and dropped
+    # after the last batch that uses them.
+    last_use = {i: b for b, batch in enumerate(batches) for i, *_ in batch}
     masks: dict[int, torch.Tensor] = {}
 
     was_training = model.training
     model.eval()
     nll, tokens, notes, violations = 0.0, 0, 0, 0
     try:
-        batches = range(0, len(chunks), batch_size)
-        for b0 in progress(batches, total=len(batches), desc="likelihood"):
-            batch = chunks[b0 : b0 + batch_size]
+        for b, batch in enumerate(progress(batches, total=len(batches), desc="likelihood")):
             T = max(end - start for _, start, end, _ in batch)
             ids = torch.full((len(batch), T), PAD, dtype=torch.long)  # (B, T), right-padded
             for r, (i, start, end, _) in enumerate(batch):
                 ids[r, : end - start] = torch.from_numpy(seqs[i][start:end])
-            logits = model(ids.to(device)).logits.float()  # (B, T, V)
+            i0, start0 = batch[0][0], batch[0][1]
+            if carry and start0 > 0:
+                history = torch.from_numpy(seqs[i0][:start0])[None].to(device)  # (1, start)
+                state = model.init_state(1, device=device, capacity=T, history=history)
+                logits = model.step(ids.to(device), state).float()  # (1, T, V)
+            else:
+                logits = model(ids.to(device)).logits.float()  # (B, T, V)
             logp = torch.log_softmax(logits, dim=-1)
             for r, (i, start, end, first) in enumerate(batch):
                 # logits at local position j predict token start + j + 1
@@ -196,7 +229,8 @@ def score_sequences(
                 nll -= float(lp.gather(1, target[:, None]).sum())
                 tokens += target.shape[0]
                 notes += int(is_note[target.cpu()].sum())
-                if last_chunk[i] == b0 + r:
+            for i in {c[0] for c in batch}:
+                if last_use[i] == b:
                     masks.pop(i, None)
     finally:
         model.train(was_training)

@@ -76,7 +76,8 @@ def _steps(notes: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]:
 def pianoroll(notes: np.ndarray, resolution: int = 24) -> np.ndarray:
     """Binary piano roll ``(T, 128)`` of the pitched notes, ``resolution`` steps per beat.
 
-    ``T`` is the end of the last note in steps (time starts at 0). Built from a difference array
+    ``T`` is the end of the last note in steps (time starts at 0); memory is ``T * 128`` bytes,
+    so the metrics use a run-length form of it instead. Built from a difference array
     (one ``+1`` at each start and ``-1`` at each end, summed over time), so it is vectorized and
     two overlapping notes of one pitch still read as one sounding pitch.
     """
@@ -90,6 +91,29 @@ def pianoroll(notes: np.ndarray, resolution: int = 24) -> np.ndarray:
     np.add.at(diff, (start, pitch), 1)
     np.add.at(diff, (end, pitch), -1)
     return np.cumsum(diff[:-1], axis=0) > 0
+
+
+def _sounding(notes: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The piano roll run-length encoded: ``(steps, pitches, length)``.
+
+    Between consecutive note boundaries the set of sounding pitches is constant, so only those
+    boundaries are visited: ``steps[k]`` is the length of segment ``k`` in time steps and
+    ``pitches[k]`` how many distinct pitches sound in it; ``length`` is the end of the last
+    note. Memory grows with the number of notes, not with the length of the piece (a garbled
+    sample may be hours long).
+    """
+    notes = _pitched(notes)
+    if notes.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
+    start, end = _steps(notes, resolution)
+    times, inv = np.unique(np.concatenate([start, end]), return_inverse=True)  # (E,), (2N,)
+    pitch = notes["pitch"].astype(np.int64)
+    diff = np.zeros((times.shape[0], 128), dtype=np.int32)  # (E, 128) on the boundary axis
+    n = start.shape[0]
+    np.add.at(diff, (inv[:n], pitch), 1)
+    np.add.at(diff, (inv[n:], pitch), -1)
+    pitches = (np.cumsum(diff[:-1], axis=0) > 0).sum(axis=1)  # (E - 1,)
+    return np.diff(times), pitches, int(times[-1])
 
 
 def _length_class(values: np.ndarray) -> np.ndarray:
@@ -239,10 +263,9 @@ def polyphony(notes: np.ndarray, resolution: int = 24) -> float:
     ``sum_t n_t / #(t : n_t > 0)`` with ``n_t`` the distinct pitches sounding at step ``t``.
     NaN with no notes.
     """
-    roll = pianoroll(notes, resolution)
-    per_step = roll.sum(axis=1)
-    busy = np.count_nonzero(per_step)
-    return float(per_step.sum() / busy) if busy else NAN
+    steps, pitches, _ = _sounding(notes, resolution)
+    busy = steps[pitches > 0].sum()
+    return float((steps * pitches).sum() / busy) if busy else NAN
 
 
 def polyphony_rate(notes: np.ndarray, threshold: int = 2, resolution: int = 24) -> float:
@@ -254,10 +277,10 @@ def polyphony_rate(notes: np.ndarray, threshold: int = 2, resolution: int = 24) 
     Differs: MusPy's code counts ``n_t > threshold`` while its text says "multiple pitches" for
     the default 2; we count ``n_t >= threshold`` so the default means two or more pitches.
     """
-    roll = pianoroll(notes, resolution)
-    if roll.shape[0] == 0:
+    steps, pitches, length = _sounding(notes, resolution)
+    if length == 0:
         return NAN
-    return float(np.count_nonzero(roll.sum(axis=1) >= threshold) / roll.shape[0])
+    return float(steps[pitches >= threshold].sum() / length)
 
 
 def empty_beat_rate(notes: np.ndarray) -> float:

@@ -18,6 +18,7 @@ import numpy as np
 
 from aurl.evaluation import metrics as M
 from aurl.evaluation.distances import (
+    bandwidth,
     compare_sets,
     inter_set_distances,
     intra_set_distances,
@@ -145,7 +146,7 @@ def plot_metric_distributions(gen: dict, ref: dict, path: Path) -> Path:
     for ax in axes.ravel()[len(names) :]:
         ax.axis("off")
     axes.ravel()[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.04, top=0.96, hspace=0.45, wspace=0.3)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -169,14 +170,14 @@ def plot_distance_densities(gen: dict, ref: dict, path: Path) -> Path:
             hi = max(v.max() for v in present)
             grid = np.linspace(0, hi if hi > 0 else 1, 200)
             for label, d in curves.items():
-                if d.size:
-                    ax.plot(grid, kde(d, grid), label=label)
+                if d.size:  # a floor on the bandwidth keeps zero-spread sets from 1e5 spikes
+                    ax.plot(grid, kde(d, grid, max(bandwidth(d), grid[-1] / 100)), label=label)
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes.ravel()[len(names) :]:
         ax.axis("off")
     axes.ravel()[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.04, top=0.96, hspace=0.45, wspace=0.3)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
