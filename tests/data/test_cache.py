@@ -119,6 +119,21 @@ def test_incremental_rebuild_redoes_only_new_and_changed(corpus: Path, tmp_path:
     assert sorted(os.listdir(out / "shards")) == sorted(cache._index.shards)
 
 
+def test_mostly_dead_shards_are_compacted(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    prepare(corpus, out, data_config=DATA, workers=1)
+    first = os.listdir(out / "shards")
+    for k, name in enumerate(NAMES[:4]):  # 4 of 6 pieces replaced: the old shard is mostly dead
+        shutil.copy(CHORALES / NAMES[7 - k % 2], corpus / name)
+    report = prepare(corpus, out, data_config=DATA, workers=1)
+    cache = TokenCache(out)
+    assert report.tokenized == 4 and report.compacted == 2
+    assert not set(first) & set(os.listdir(out / "shards"))  # the old shard file is gone
+    size = sum((out / "shards" / s).stat().st_size for s in os.listdir(out / "shards"))
+    assert size == 2 * cache.total_tokens()  # no dead tokens left
+    assert_matches(cache, reference(corpus))
+
+
 def test_vocabulary_change_redoes_everything(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache"
     prepare(corpus, out, data_config=DATA, workers=1)
@@ -230,6 +245,9 @@ def test_merge_caches_joins_and_refuses_other_vocab(corpus: Path, tmp_path: Path
 def test_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a folder"):
         prepare(tmp_path / "missing", tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no MIDI files"):
+        prepare(tmp_path / "empty", tmp_path / "cache")
     with pytest.raises(DataError, match="not a token cache"):
         TokenCache(tmp_path)
     assert parse_shard("2/8") == (2, 8)

@@ -385,28 +385,101 @@ def _work(task: tuple[str, str, bytes | None]) -> tuple:
         return ("failed", relpath, None, 0, 0, f"unexpected {type(e).__name__}: {e}")
 
 
+def _work_many(tasks: list[tuple[str, str, bytes | None]]) -> list[tuple]:
+    return [_work(t) for t in tasks]
+
+
+def _crashed(task: tuple[str, str, bytes | None]) -> tuple:
+    return ("failed", task[0], None, 0, 0, "the tokenizer process died on this file (crash)")
+
+
 def _results(
     tasks: list[tuple[str, str, bytes | None]],
     workers: int,
     vocab_config: VocabConfig,
     data_config: DataConfig,
 ) -> Iterator[tuple]:
-    """Results of :func:`_work` in completion order, from ``workers`` processes (1: in-process)."""
+    """Results of :func:`_work` in completion order, from ``workers`` processes (1: in-process).
+
+    A worker that dies (e.g. a crash inside a MIDI parser) must not hang or end a long run: the
+    pool is restarted, the files that were in flight are retried one at a time, and the file
+    on which a lone worker dies is reported as failed.
+    """
+    _init_worker(vocab_config, data_config)  # fail fast here, not in every worker
     if workers <= 1 or len(tasks) <= 1:
-        _init_worker(vocab_config, data_config)
         yield from map(_work, tasks)
         return
     import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     # fork where available: workers start in milliseconds and share the parent's imports
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else None)
-    chunk = max(1, min(16, len(tasks) // (workers * 8)))
-    with ctx.Pool(workers, _init_worker, (vocab_config, data_config)) as pool:
-        # waves keep the pool's task queue (and so memory) bounded on million-file folders
-        wave = 4096 * workers
-        for start in range(0, len(tasks), wave):
-            yield from pool.imap_unordered(_work, tasks[start : start + wave], chunksize=chunk)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    size = max(1, min(16, len(tasks) // (workers * 8)))
+    chunks = deque(tasks[i : i + size] for i in range(0, len(tasks), size))
+    suspects: deque[tuple[str, str, bytes | None]] = deque()  # in flight when a worker died
+    while chunks or suspects:
+        pool = ProcessPoolExecutor(workers, ctx, _init_worker, (vocab_config, data_config))
+        pending: dict[Any, list[tuple[str, str, bytes | None]]] = {}
+        try:
+            broken = False
+            while (chunks or suspects or pending) and not broken:
+                # suspects run alone, so that a death names its file; else a bounded queue
+                if not pending and suspects:
+                    lone = [suspects.popleft()]
+                    pending[pool.submit(_work_many, lone)] = lone
+                while chunks and not suspects and len(pending) < 4 * workers:
+                    chunk = chunks.popleft()
+                    pending[pool.submit(_work_many, chunk)] = chunk
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    chunk = pending.pop(future)
+                    try:
+                        yield from future.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        if len(pending) == 0 and len(chunk) == 1:
+                            yield _crashed(chunk[0])  # it ran alone: this file did it
+                        else:
+                            suspects.extend(chunk)
+            for chunk in pending.values():  # lost with the pool: retry one by one
+                suspects.extend(chunk)
+            pending.clear()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _compact(
+    folder: Path, base: _Index, redone: np.ndarray, rows: _Rows, writer: _ShardWriter
+) -> int:
+    """Copy the live pieces of shards that are mostly dead (replaced or removed files) into the
+    writer's shards, so that dead tokens never pile up; the old files go after the commit.
+
+    Returns the number of pieces copied (streamed one at a time through the mmap).
+    """
+    live_rows = np.flatnonzero(~redone)
+    shard_ids = base.cols["shard"][live_rows]
+    live = np.bincount(
+        shard_ids, weights=base.cols["length"][live_rows], minlength=len(base.shards)
+    )
+    size = np.array([(folder / "shards" / s).stat().st_size // 2 for s in base.shards], np.int64)
+    sparse = np.flatnonzero(live < size // 2)
+    moved = 0
+    for s in sparse:
+        mm = np.memmap(folder / "shards" / base.shards[s], dtype=TOKEN_DTYPE, mode="r")
+        for i in live_rows[shard_ids == s]:
+            off, length = int(base.cols["offset"][i]), int(base.cols["length"][i])
+            name, offset = writer.append(mm[off : off + length])
+            values = {k: int(base.cols[k][i]) for k in ("split", "notes", "size", "mtime_ns")}
+            rows.add(
+                base.paths[i], base.hashes[i].tobytes(), shard=len(writer.names) - 1,
+                offset=offset, length=length, **values,
+            )  # fmt: skip
+            redone[i] = True
+            moved += 1
+        del mm
+    return moved
 
 
 @dataclass
@@ -419,6 +492,7 @@ class PrepareReport:
     unchanged: int = 0
     removed: int = 0
     merged: int = 0  # entries imported from part caches
+    compacted: int = 0  # entries copied out of mostly-dead shards
     failed: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
     totals: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -428,7 +502,7 @@ class PrepareReport:
         lines = [
             f"cache {self.cache}: {self.files} files, {self.tokenized} tokenized, "
             f"{self.unchanged} unchanged, {self.removed} removed, {self.merged} merged, "
-            f"{len(self.failed)} failed, {self.seconds:.1f} s"
+            f"{self.compacted} compacted, {len(self.failed)} failed, {self.seconds:.1f} s"
         ]
         for name, t in self.totals.items():
             lines.append(f"  {name:5s} {t['files']} files {t['tokens']} tokens {t['notes']} notes")
@@ -522,6 +596,10 @@ def prepare(
                 failed.append(f)
                 continue
             tasks.append((rel, path, None))
+        if report.files == 0 and shard is None:
+            raise DataError(
+                f"no MIDI files ({', '.join(MIDI_SUFFIXES)}) under {source}: check the path"
+            )
         report.removed = int(len(old) - keep.sum())
         base = old.select(keep)
         base.cols["split"] = np.array([_split_id(p, data_config) for p in base.paths], np.uint8)
@@ -564,6 +642,7 @@ def prepare(
                 report.tokenized += 1
                 if n % commit_every == 0:
                     _commit(folder, state(), writer)
+            report.compacted = _compact(folder, base, redone, rows, writer)
         except KeyboardInterrupt:  # keep what is done; the next run goes on from there
             writer.close()
             _commit(folder, state(), None)
