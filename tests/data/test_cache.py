@@ -119,6 +119,18 @@ def test_incremental_rebuild_redoes_only_new_and_changed(corpus: Path, tmp_path:
     assert sorted(os.listdir(out / "shards")) == sorted(cache._index.shards)
 
 
+def test_new_split_fractions_resplit_without_tokenizing(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    prepare(corpus, out, data_config=DATA, workers=1)
+    other = DataConfig(valid_fraction=0.0, test_fraction=0.5)
+    report = prepare(corpus, out, data_config=other, workers=1)
+    assert report.tokenized == 0
+    cache = TokenCache(out)
+    splits = [("train", "valid", "test")[s] for s in cache.splits]
+    assert splits == [split_of(cache.relpath(i), 0.0, 0.5) for i in range(len(cache))]
+    assert "valid" not in splits and {"train", "test"} <= set(splits)
+
+
 def test_mostly_dead_shards_are_compacted(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache"
     prepare(corpus, out, data_config=DATA, workers=1)
@@ -237,9 +249,12 @@ def test_merge_caches_joins_and_refuses_other_vocab(corpus: Path, tmp_path: Path
     assert (a / "parts" / "0-of-2" / "index.npz").is_file()  # inputs kept by default
 
     c = tmp_path / "c"
-    prepare(corpus, c, vocab_config=VocabConfig(max_shift_steps=64), data_config=DATA, workers=1)
+    other = VocabConfig(max_shift_steps=64)
+    prepare(corpus, c, vocab_config=other, data_config=DATA, workers=1)
     with pytest.raises(DataError, match="another vocabulary"):
-        merge_caches([c], tmp_path / "m")
+        merge_caches([a / "parts" / "0-of-2", c], tmp_path / "m")
+    assert merge_caches([c], tmp_path / "m") == 6  # a cache of another vocabulary is replaced
+    assert TokenCache(tmp_path / "m").vocab_config == other
 
 
 def test_errors_name_the_path(tmp_path: Path) -> None:

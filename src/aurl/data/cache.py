@@ -24,6 +24,7 @@ per process (so DataLoader workers each open their own maps).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import fcntl
@@ -120,18 +121,39 @@ def fingerprint(vocab_config: VocabConfig, data_config: DataConfig) -> dict[str,
     }
 
 
-def find_midi_files(root: str | Path, *, skip: Iterable[Path] = ()) -> Iterator[str]:
-    """Relative POSIX paths of the MIDI files under ``root``, sorted, hidden folders skipped."""
-    root = Path(root)
-    skip_set = {Path(p).resolve() for p in skip}
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip_set
-        )
-        for name in sorted(filenames):
-            if name.lower().endswith(MIDI_SUFFIXES) and not name.startswith("."):
-                yield (here / name).relative_to(root).as_posix()
+def scan_midi_files(
+    root: str | Path, *, skip: Iterable[str | Path] = ()
+) -> Iterator[tuple[str, os.stat_result | OSError]]:
+    """``(relative POSIX path, stat or the OSError of stat)`` of every MIDI file under ``root``.
+
+    Hidden names are skipped, and so are the folders in ``skip``; symlinked folders are not
+    followed (no loops). Strings and ``os.scandir`` rather than pathlib: a million files.
+    """
+    skip_set = {os.path.realpath(p) for p in skip}
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        with os.scandir(os.path.join(root, rel_dir)) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            if e.is_dir(follow_symlinks=False):
+                if os.path.realpath(e.path) not in skip_set:
+                    subdirs.append(rel)
+            elif e.name.lower().endswith(MIDI_SUFFIXES):
+                try:
+                    yield rel, e.stat()
+                except OSError as err:  # e.g. a dangling symlink: reported, not fatal
+                    yield rel, err
+        stack.extend(reversed(subdirs))  # depth first, in name order
+
+
+def find_midi_files(root: str | Path, *, skip: Iterable[str | Path] = ()) -> Iterator[str]:
+    """Relative POSIX paths of the MIDI files under ``root`` (see :func:`scan_midi_files`)."""
+    return (rel for rel, _ in scan_midi_files(root, skip=skip))
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,20 +258,19 @@ class _Rows:
 
     def __init__(self) -> None:
         self.paths: list[str] = []
-        self.cols: dict[str, list[int]] = {k: [] for k in _COLUMNS}
-        self.hashes: list[bytes] = []
+        # packed 8-byte columns, not lists of int objects: a million rows stay ~60 MB
+        self.cols = {k: array.array("q") for k in _COLUMNS}
+        self.hashes = bytearray()
 
     def add(self, path: str, hash_: bytes, **values: int) -> None:
         self.paths.append(path)
-        self.hashes.append(hash_)
+        self.hashes += hash_
         for k in _COLUMNS:
             self.cols[k].append(values[k])
 
     def to_index(self, shards: list[str]) -> _Index:
-        cols = {
-            k: np.asarray(v, dtype=t) for (k, v), t in zip(self.cols.items(), _COLUMNS.values())
-        }
-        hashes = np.frombuffer(b"".join(self.hashes), dtype=np.uint8).reshape(-1, HASH_BYTES)
+        cols = {k: np.frombuffer(v, np.int64).astype(_COLUMNS[k]) for k, v in self.cols.items()}
+        hashes = np.frombuffer(bytes(self.hashes), dtype=np.uint8).reshape(-1, HASH_BYTES)
         return _Index(list(self.paths), cols, hashes, list(shards))
 
 
@@ -359,17 +380,19 @@ def _totals(index: _Index) -> dict[str, dict[str, int]]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(vocab_config: VocabConfig, data_config: DataConfig) -> None:
+def _init_worker(root: Path, vocab_config: VocabConfig, data_config: DataConfig) -> None:
     from aurl.data.tokenizer import Tokenizer
 
     vocab = Vocab(vocab_config)
+    _WORKER["root"] = root
     _WORKER["tokenizer"] = Tokenizer(vocab_config, data_config)
     _WORKER["is_note_on"] = vocab.kind == Kind.NOTE_ON
 
 
-def _work(task: tuple[str, str, bytes | None]) -> tuple:
+def _work(task: tuple[str, bytes | None]) -> tuple:
     """Hash and (if changed) tokenize one file. Never raises: errors come back as a reason."""
-    relpath, path, old_hash = task
+    relpath, old_hash = task
+    path = _WORKER["root"] / relpath
     try:
         st = os.stat(path)
         digest = file_hash(path)
@@ -385,16 +408,17 @@ def _work(task: tuple[str, str, bytes | None]) -> tuple:
         return ("failed", relpath, None, 0, 0, f"unexpected {type(e).__name__}: {e}")
 
 
-def _work_many(tasks: list[tuple[str, str, bytes | None]]) -> list[tuple]:
+def _work_many(tasks: list[tuple[str, bytes | None]]) -> list[tuple]:
     return [_work(t) for t in tasks]
 
 
-def _crashed(task: tuple[str, str, bytes | None]) -> tuple:
+def _crashed(task: tuple[str, bytes | None]) -> tuple:
     return ("failed", task[0], None, 0, 0, "the tokenizer process died on this file (crash)")
 
 
 def _results(
-    tasks: list[tuple[str, str, bytes | None]],
+    root: Path,
+    tasks: list[tuple[str, bytes | None]],
     workers: int,
     vocab_config: VocabConfig,
     data_config: DataConfig,
@@ -405,7 +429,8 @@ def _results(
     pool is restarted, the files that were in flight are retried one at a time, and the file
     on which a lone worker dies is reported as failed.
     """
-    _init_worker(vocab_config, data_config)  # fail fast here, not in every worker
+    init_args = (root, vocab_config, data_config)
+    _init_worker(*init_args)  # fail fast here, not in every worker
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_work, tasks)
         return
@@ -418,10 +443,10 @@ def _results(
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
     size = max(1, min(16, len(tasks) // (workers * 8)))
     chunks = deque(tasks[i : i + size] for i in range(0, len(tasks), size))
-    suspects: deque[tuple[str, str, bytes | None]] = deque()  # in flight when a worker died
+    suspects: deque[tuple[str, bytes | None]] = deque()  # in flight when a worker died
     while chunks or suspects:
-        pool = ProcessPoolExecutor(workers, ctx, _init_worker, (vocab_config, data_config))
-        pending: dict[Any, list[tuple[str, str, bytes | None]]] = {}
+        pool = ProcessPoolExecutor(workers, ctx, _init_worker, init_args)
+        pending: dict[Any, list[tuple[str, bytes | None]]] = {}
         try:
             broken = False
             while (chunks or suspects or pending) and not broken:
@@ -575,35 +600,41 @@ def prepare(
 
         # Sort files: unchanged (same size and mtime) are kept without reading them.
         keep = np.zeros(len(old), dtype=bool)
-        tasks: list[tuple[str, str, bytes | None]] = []
+        tasks: list[tuple[str, bytes | None]] = []
         failed: list[dict[str, Any]] = []
-        for rel in find_midi_files(source, skip=[out]):
+        for rel, st in scan_midi_files(source, skip=[out]):
             if shard and shard_of(rel, shard[1]) != shard[0]:
                 continue
             report.files += 1
-            path = str(source / rel)
-            st = os.stat(path)
+            if isinstance(st, OSError):
+                failed.append({"path": rel, "error": f"OSError: {st}", "size": -1, "mtime_ns": -1})
+                continue
             i = old_row.get(rel)
             if i is not None:
                 keep[i] = True  # kept until redone: an interrupted run still has the old tokens
                 if old.cols["size"][i] == st.st_size and old.cols["mtime_ns"][i] == st.st_mtime_ns:
                     report.unchanged += 1
                     continue
-                tasks.append((rel, path, old.hashes[i].tobytes()))
+                tasks.append((rel, old.hashes[i].tobytes()))
                 continue
             f = old_failed.get(rel)
             if f and f["size"] == st.st_size and f["mtime_ns"] == st.st_mtime_ns:
                 failed.append(f)
                 continue
-            tasks.append((rel, path, None))
+            tasks.append((rel, None))
         if report.files == 0 and shard is None:
             raise DataError(
                 f"no MIDI files ({', '.join(MIDI_SUFFIXES)}) under {source}: check the path"
             )
         report.removed = int(len(old) - keep.sum())
         base = old.select(keep)
-        base.cols["split"] = np.array([_split_id(p, data_config) for p in base.paths], np.uint8)
-        base.meta = {**fp, "source": str(source.resolve()), "shard": list(shard) if shard else None}
+        fractions = [data_config.valid_fraction, data_config.test_fraction]
+        if old.meta.get("split_fractions") != fractions:  # the split rule changed: apply it
+            base.cols["split"] = np.array([_split_id(p, data_config) for p in base.paths], np.uint8)
+        base.meta = {
+            **fp, "split_fractions": fractions, "source": str(source.resolve()),
+            "shard": list(shard) if shard else None,
+        }  # fmt: skip
         base_row = {p: i for i, p in enumerate(base.paths)}
 
         writer = _ShardWriter(folder / "shards", shard_tokens)
@@ -616,7 +647,7 @@ def prepare(
             return index
 
         try:
-            results = _results(tasks, workers, vocab_config, data_config)
+            results = _results(source, tasks, workers, vocab_config, data_config)
             for n, res in enumerate(progress(results, total=len(tasks), desc="tokenize"), 1):
                 kind, rel, digest, size, mtime = res[:5]
                 i = base_row.get(rel)
@@ -665,7 +696,8 @@ def merge_caches(
 
     Shard files are hard-linked (copied across file systems), never rewritten; a file present in
     several caches keeps the entry of the last part. ``out`` keeps its own entries for files no
-    part has. With ``remove_parts`` the parts are deleted once the merged index is committed.
+    part has, unless it was built with another vocabulary (then the parts replace it). With
+    ``remove_parts`` the parts are deleted once the merged index is committed.
 
     Raises:
         DataError: A part was built with another vocabulary or tokenizer options than the others.
@@ -674,21 +706,30 @@ def merge_caches(
 
     out = Path(out)
     parts = [Path(p) for p in parts]
+    keys = ("format", "vocab", "tokenizer")
     with _locked(out):
         merged = _Index.load(out / "index.npz") if (out / "index.npz").is_file() else None
+        first: dict[str, Any] | None = None
         imported = 0
         for part in parts:
             with _locked(part):
                 idx = _Index.load(part / "index.npz")
-                fp = {k: idx.meta.get(k) for k in ("format", "vocab", "tokenizer")}
-                if merged is None:
-                    merged = _Index.empty()
-                    merged.meta = {**fp, "source": idx.meta.get("source"), "shard": None}
-                elif {k: merged.meta.get(k) for k in fp} != fp:
+                fp = {k: idx.meta.get(k) for k in keys}
+                if first is None:
+                    first = fp
+                    if merged is None or {k: merged.meta.get(k) for k in keys} != fp:
+                        merged = _Index.empty()  # tokens of another vocabulary: replaced
+                        merged.meta = {
+                            **fp, "source": idx.meta.get("source"), "shard": None,
+                            "split_fractions": idx.meta.get("split_fractions"),
+                        }  # fmt: skip
+                elif fp != first:
                     raise DataError(
                         f"cache part {part} was built with another vocabulary or tokenizer "
-                        f"options than {out}: prepare it again with the same config"
+                        f"options than {parts[0]}: prepare it again with the same config"
                     )
+                if idx.meta.get("split_fractions") != merged.meta.get("split_fractions"):
+                    merged.meta["split_fractions"] = None  # mixed: prepare recomputes splits
                 (out / "shards").mkdir(parents=True, exist_ok=True)
                 for name in idx.shards:
                     target = out / "shards" / name
