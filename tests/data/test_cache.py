@@ -282,3 +282,8 @@ def test_cli_prepare(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert (out / "config.yaml").is_file()
     assert len(TokenCache(out)) == 6
     assert main(["data", "prepare", str(corpus), "--out", str(out), "--shard", "3/2"]) == 1
+    assert "--shard '3/2'" in capsys.readouterr().err
+    only_broken = tmp_path / "broken"
+    only_broken.mkdir()
+    shutil.copy(corpus / "broken.mid", only_broken / "broken.mid")
+    assert main(["data", "prepare", str(only_broken), "--out", str(tmp_path / "c2")]) == 1

@@ -106,4 +106,5 @@ def run_prepare(args: argparse.Namespace) -> int:
     for path, reason in report.failed:
         print(f"failed {path}: {reason}")
     print(report.summary())
-    return 0
+    # per-file problems are normal in a big folder; an empty result is not
+    return 1 if report.failed and not any(t["files"] for t in report.totals.values()) else 0
