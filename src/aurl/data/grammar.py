@@ -284,7 +284,7 @@ class Grammar:
         )
         # sounding pitches, one family at a time: (B, T, P) "last NOTE event on this pitch"
         p_idx = (v - self.vocab.config.pitch_min).clamp(0, self.P - 1)
-        onehot = torch.nn.functional.one_hot(p_idx, self.P).bool() & notes[..., None]
+        onehot = (p_idx[..., None] == torch.arange(self.P, device=dev)) & notes[..., None]
         cur_sounding = torch.zeros(B, T, self.P, dtype=torch.bool, device=dev)
         any_sounding = torch.zeros_like(cur_sounding)
         cur_sustain = torch.zeros(B, T, dtype=torch.bool, device=dev)
@@ -293,22 +293,27 @@ class Grammar:
         final_sustain = s0.sustain.clone()
         present = set(family[notes | sus_any].unique().tolist())
         present |= set(torch.nonzero(s0.sounding.any(-1) | s0.sustain)[:, 1].unique().tolist())
-        pos3 = pos[..., None]
+        # last NOTE event per pitch, as 2 * position + is_on so one cummax carries both
+        code = torch.arange(T, device=dev, dtype=torch.int32)[None, :, None] * 2
+        code = code + is_on[..., None].int()  # (B, T, 1)
         for fam in sorted(present):
             if fam >= self.F:
                 continue
-            here = family == fam  # (B, T): this family is current after the token
-            ev = onehot & here[..., None]  # (B, T, P)
-            idx = torch.where(ev, pos3, -1).cummax(dim=1).values
-            got = is_on[..., None].expand(B, T, self.P).gather(1, idx.clamp(min=0))
-            snd = torch.where(idx >= 0, got, s0.sounding[:, fam, None, :])  # (B, T, P)
-            count += snd.sum(-1)
-            any_sounding |= snd
-            cur_sounding |= snd & here[..., None]
-            sus = last(sus_any & here, sus_on, s0.sustain[:, fam])
-            cur_sustain |= sus & here
-            final_sounding[:, fam] = snd[:, -1]
-            final_sustain[:, fam] = sus[:, -1]
+            here_all = family == fam  # (B, T): this family is current after the token
+            # only the rows where this family plays (a batch of one corpus rarely mixes many)
+            rows = here_all.any(1) | s0.sounding[:, fam].any(-1) | s0.sustain[:, fam]
+            r = slice(None) if bool(rows.all()) else torch.nonzero(rows)[:, 0]
+            here = here_all[r]
+            ev = onehot[r] & here[..., None]  # (b, T, P)
+            last_ev = torch.where(ev, code[r], -1).cummax(dim=1).values
+            snd = torch.where(last_ev >= 0, (last_ev & 1).bool(), s0.sounding[r, fam, None, :])
+            count[r] += snd.sum(-1)
+            any_sounding[r] |= snd
+            cur_sounding[r] |= snd & here[..., None]
+            sus = last(sus_any & here_all, sus_on, s0.sustain[:, fam])[r]
+            cur_sustain[r] |= sus & here
+            final_sounding[r, fam] = snd[:, -1]
+            final_sustain[r, fam] = sus[:, -1]
         # families with initial notes but no events still count towards the polyphony
         quiet = [g for g in range(self.F) if g not in present]
         if quiet:
