@@ -150,6 +150,14 @@ def test_vocabulary_change_redoes_everything(corpus: Path, tmp_path: Path) -> No
     out = tmp_path / "cache"
     prepare(corpus, out, data_config=DATA, workers=1)
     other = VocabConfig(max_shift_steps=64)
+
+    def dies_at_once(items, total=None, desc=""):
+        raise RuntimeError("machine lost")
+        yield from items
+
+    with pytest.raises(RuntimeError):  # before the first commit of the new vocabulary
+        prepare(corpus, out, vocab_config=other, data_config=DATA, progress=dies_at_once)
+    assert_matches(TokenCache(out), reference(corpus))  # the old cache is intact
     report = prepare(corpus, out, vocab_config=other, data_config=DATA, workers=1)
     assert report.tokenized == 6
     cache = TokenCache(out)

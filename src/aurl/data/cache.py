@@ -591,10 +591,11 @@ def prepare(
 
     with _locked(folder):
         old = _Index.load(folder / "index.npz") if (folder / "index.npz").is_file() else None
-        if old is not None and {k: old.meta.get(k) for k in fp} != fp:
-            old = None  # another vocabulary or tokenizer: every entry is stale
         old = old or _Index.empty()
+        # leftovers of a crash go now; the committed index's shards stay until the next commit
         _clean_unreferenced(folder, old.shards)
+        if {k: old.meta.get(k) for k in fp} != fp:
+            old = _Index.empty()  # another vocabulary or tokenizer: every entry is stale
         old_row = {p: i for i, p in enumerate(old.paths)}
         old_failed = {f["path"]: f for f in old.failed}
 
