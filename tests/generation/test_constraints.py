@@ -94,7 +94,7 @@ def test_build_folds_static_constraints() -> None:
         ({"tempo_range": (130.0, 90.0)}, "low <= high"),
         ({"tempo": 100.0, "tempo_range": (90.0, 120.0)}, "not both"),
         ({"instruments": (3, 16)}, "do not exist"),
-        ({"max_tokens": 1}, "at least 2"),
+        ({"max_tokens": 7}, "at least 8"),
     ],
 )
 def test_impossible_constraints_raise(overrides: dict, message: str) -> None:

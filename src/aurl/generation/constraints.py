@@ -32,6 +32,7 @@ from aurl.errors import AurlError, ConstraintError
 NEG_INF = float("-inf")
 DENSITY_STRENGTH = 2.0  # bias per unit of log(target / actual density) on NOTE_ON
 DENSITY_MAX_BIAS = 8.0
+MIN_TOKENS = 8  # the shortest limit that leaves room for one note and a clean END
 
 
 @dataclass
@@ -68,7 +69,8 @@ class _Tables:
         self.is_tempo = kind == Kind.TEMPO
         self.is_instrument = kind == Kind.INSTRUMENT
         # ids that start a note (VELOCITY is always followed by a NOTE_ON)
-        self.starts_note = self.is_note_on | (kind == Kind.VELOCITY)
+        self.is_velocity = kind == Kind.VELOCITY
+        self.starts_note = self.is_note_on | self.is_velocity
         # ids after which the grammar does not allow END, and new notes (zero length at END)
         self.blocks_end = self.starts_note | self.is_shift | self.is_instrument
         self.shift_steps = torch.where(self.is_shift, value, 0).double()  # (V,)
@@ -215,8 +217,11 @@ def build_constraints(vocab: Vocab, config: GenerationConfig) -> Constraints:
         ConstraintError: an unknown key, an empty or out-of-vocabulary range, or constraints
             that leave no NOTE_ON at all (e.g. a pitch range with no note of the key).
     """
-    if config.max_tokens < 2:
-        raise ConstraintError(f"max tokens {config.max_tokens}: give at least 2")
+    if config.max_tokens < MIN_TOKENS:
+        raise ConstraintError(
+            f"max tokens {config.max_tokens}: give at least {MIN_TOKENS} (a piece needs TEMPO, "
+            "INSTRUMENT, VELOCITY, NOTE_ON, a TIME_SHIFT and END)"
+        )
     static = pitch_range_bias(vocab, config.pitch_low, config.pitch_high)
     if config.key:
         static = static + key_bias(vocab, config.key, config.key_strictness)
@@ -275,7 +280,11 @@ class LogitMasker:
         self.family_ok = self.family_ok.to(d)
         self.end_only = torch.full((vocab.size,), NEG_INF, device=d)
         self.end_only[END] = 0.0
-        self.opens_silence = self.t.is_shift | (self.t.kind == Kind.END)
+        # Before the first note: no time, no END, no pedal, so a note comes within 3 tokens.
+        pedal = (self.t.kind == Kind.SUSTAIN_ON) | (self.t.kind == Kind.SUSTAIN_OFF)
+        self.opens_silence = self.t.is_shift | (self.t.kind == Kind.END) | pedal
+        beats = self.t.shift_steps.float() * self.t.beats_per_step  # (V,) length of each shift
+        self.density_weight = self.t.is_note_on.float() - torch.log1p(beats)
         # Seconds must be accumulated tempo by tempo in beat mode; in seconds mode they are
         # the grammar's step count times the step.
         self.beat_mode = vocab.config.time_unit == "beat"
@@ -368,10 +377,14 @@ class LogitMasker:
             # log(target / actual), clamped: NOTE_ON up when too sparse, down when too dense
             push = torch.log((cons.density + 1e-3) / (actual + 1e-3)) * DENSITY_STRENGTH
             push = push.clamp(-DENSITY_MAX_BIAS, DENSITY_MAX_BIAS).float()
-            dens = torch.where(t.is_note_on, push[:, None], 0.0)
+            # NOTE_ON up and long shifts down when too sparse (and the reverse when too dense):
+            # density is notes per beat, so the length of the shifts matters as much.
+            dens = push[:, None] * self.density_weight  # (B, V)
             bias = dens if bias is None else bias + dens
         left = cons.max_tokens - state.step
         stop = None  # (B,) rows that must end now
+        if left <= 3:  # a VELOCITY now would need a NOTE_ON at left == 2, where none may come
+            masks.append(t.is_velocity.expand_as(allowed))
         if left <= 2:
             masks.append(t.blocks_end.expand_as(allowed))
             if left <= 1:
@@ -409,14 +422,28 @@ class LogitMasker:
         if bias is None:
             return logits.masked_fill(~allowed, NEG_INF)
         out = torch.where(allowed, logits + bias, NEG_INF)
-        if self.can_empty or state.step >= self.constraints.max_tokens - 2:
+        if self.can_empty:
+            # A VELOCITY must be followed by a NOTE_ON: where the grammar allows notes but the
+            # constraints remove them all, a VELOCITY would lead nowhere. (Before the first
+            # VELOCITY the grammar allows no NOTE_ON at all; then there is nothing to judge.)
+            notes_ok = allowed & self.t.is_note_on
+            no_note = notes_ok.any(-1) & torch.isneginf(out.masked_fill(~notes_ok, NEG_INF)).all(-1)
+            out = out.masked_fill(no_note[:, None] & self.t.is_velocity, NEG_INF)
+        if self.can_empty or state.step >= self.constraints.max_tokens - 3:
             empty = torch.isneginf(out).all(dim=-1)  # (B,)
             if bool(empty.any()):
-                fallback = torch.where(allowed, logits, NEG_INF)
-                can_end = allowed[:, END]
-                fallback = torch.where(can_end[:, None], self.end_only + logits, fallback)
-                out = torch.where(empty[:, None], fallback, out)
+                out = torch.where(empty[:, None], self._fallback(logits, allowed), out)
         return out
+
+    def _fallback(self, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """For rows the constraints left empty: END where the grammar allows it, else the
+        grammar's ids that keep the static constraints, else anything the grammar allows."""
+        out = torch.where(allowed, logits, NEG_INF)
+        if self.static is not None:
+            keep = torch.where(allowed & torch.isfinite(self.static), logits, NEG_INF)
+            some = ~torch.isneginf(keep).all(dim=-1, keepdim=True)
+            out = torch.where(some, keep, out)
+        return torch.where(allowed[:, END : END + 1], self.end_only + logits, out)
 
 
 def index_state(state: Any, index: torch.Tensor) -> Any:

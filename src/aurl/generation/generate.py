@@ -105,15 +105,20 @@ def load_primer(path: str | Path, tokenizer: Any, *, seconds: float = 0.0) -> np
     return ids
 
 
+def _encode_file(model: Any, path: str | Path, tokenizer: Any, length: int | None = None) -> Any:
+    """The VAE posterior of a MIDI file's first ``length`` tokens (default: the context)."""
+    ids = np.asarray(tokenizer.encode_file(path))[: length or model.config.max_seq_len]
+    ids_t = torch.as_tensor(ids, dtype=torch.long, device=model.embed.weight.device)[None]
+    return model.encode(ids_t)
+
+
 def file_latents(
     model: Any, path: str | Path, tokenizer: Any, *, n: int, generator: torch.Generator | None
 ) -> Any:
     """``n`` latents around the encoding of a MIDI file: row 0 its posterior mean, the others
     samples from its posterior (variations)."""
-    ids = torch.as_tensor(tokenizer.encode_file(path)[: model.config.max_seq_len])[None]
-    ids = ids.to(model.embed.weight.device)
-    posterior = model.encode(ids)
-    rep = torch.zeros(n, dtype=torch.long, device=ids.device)
+    posterior = _encode_file(model, path, tokenizer)
+    rep = torch.zeros(n, dtype=torch.long, device=model.embed.weight.device)
     mean = index_state(posterior.mean(), rep)
     noisy = index_state(posterior, rep).sample(generator)
     levels = [torch.cat([m[:1], z[1:]]) for m, z in zip(mean.levels, noisy.levels)]
@@ -123,9 +128,15 @@ def file_latents(
 def interpolation_latents(
     model: Any, a: str | Path, b: str | Path, tokenizer: Any, *, steps: int
 ) -> Any:
-    """``steps`` latents from file ``a`` to file ``b`` (posterior means, spherical path)."""
-    za = file_latents(model, a, tokenizer, n=1, generator=None)
-    zb = file_latents(model, b, tokenizer, n=1, generator=None)
+    """``steps`` latents from file ``a`` to file ``b`` (posterior means, spherical path).
+
+    Both files are encoded over the same number of tokens (the shorter file's, at most the
+    context), so their latents have the same shape.
+    """
+    length = min(len(tokenizer.encode_file(a)), len(tokenizer.encode_file(b)))
+    length = min(length, model.config.max_seq_len)
+    za = _encode_file(model, a, tokenizer, length).mean()
+    zb = _encode_file(model, b, tokenizer, length).mean()
     path = model.interpolate(za, zb, steps)
     return type(za)([torch.cat(level) for level in zip(*(z.levels for z in path))])
 
