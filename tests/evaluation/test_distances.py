@@ -72,3 +72,18 @@ def test_a_set_compared_with_itself(fixtures_dir) -> None:
         assert out[name]["overlap_area"] < 1.0  # inter also pairs each piece with itself (0)
     summary = D.summarize_set(feats)
     assert summary["polyphony"]["defined"] == len(pieces)
+
+
+def test_summary_matches_the_pairwise_functions() -> None:
+    rng = np.random.default_rng(4)
+    gen, ref = rng.normal(0.5, 1.0, (30, 3)), rng.normal(0.0, 1.0, (40, 3))
+    comp = D.compare_feature(gen, ref)
+    s = comp.summary()
+    assert comp.inter.shape == (30 * 40,) and comp.intra_reference.shape == (40 * 39 // 2,)
+    oa = D.overlap_area(comp.intra_reference, comp.inter, points=4000)
+    kl = D.kl_divergence(comp.intra_reference, comp.inter, points=4000)
+    assert s["overlap_area"] == pytest.approx(oa, abs=2e-3)
+    assert s["kl_divergence"] == pytest.approx(kl, abs=2e-3)
+    assert s["intra_overlap_area"] == pytest.approx(
+        D.overlap_area(comp.intra_reference, comp.intra_generated, points=4000), abs=2e-3
+    )

@@ -108,12 +108,22 @@ def kde(values: np.ndarray, grid: np.ndarray, bw: float | None = None) -> np.nda
     return np.exp(-0.5 * z * z).sum(axis=1) / (values.shape[0] * bw * np.sqrt(2 * np.pi))
 
 
-def common_grid(a: np.ndarray, b: np.ndarray, points: int = GRID_POINTS) -> np.ndarray:
-    """A grid covering both samples plus five bandwidths on each side (all but 6e-7 of a kernel)."""
-    pad = 5 * max(bandwidth(a), bandwidth(b))
-    lo = min(a.min(), b.min()) - pad
-    hi = max(a.max(), b.max()) + pad
+def common_grid(*samples: np.ndarray, points: int = GRID_POINTS) -> np.ndarray:
+    """A grid covering all samples plus five bandwidths on each side (all but 6e-7 of a kernel)."""
+    pad = 5 * max(bandwidth(x) for x in samples)
+    lo = min(x.min() for x in samples) - pad
+    hi = max(x.max() for x in samples) + pad
     return np.linspace(lo, hi, points)
+
+
+def _overlap(pa: np.ndarray, pb: np.ndarray, grid: np.ndarray) -> float:
+    return float(np.trapezoid(np.minimum(pa, pb), grid))
+
+
+def _kl(pa: np.ndarray, pb: np.ndarray, grid: np.ndarray) -> float:
+    pa, pb = np.maximum(pa, _FLOOR), np.maximum(pb, _FLOOR)
+    pa, pb = pa / np.trapezoid(pa, grid), pb / np.trapezoid(pb, grid)
+    return float(max(np.trapezoid(pa * np.log(pa / pb), grid), 0.0))
 
 
 def overlap_area(a: np.ndarray, b: np.ndarray, points: int = GRID_POINTS) -> float:
@@ -124,25 +134,21 @@ def overlap_area(a: np.ndarray, b: np.ndarray, points: int = GRID_POINTS) -> flo
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.size == 0 or b.size == 0:
         return float("nan")
-    grid = common_grid(a, b, points)
-    return float(np.trapezoid(np.minimum(kde(a, grid), kde(b, grid)), grid))
+    grid = common_grid(a, b, points=points)
+    return _overlap(kde(a, grid), kde(b, grid), grid)
 
 
 def kl_divergence(a: np.ndarray, b: np.ndarray, points: int = GRID_POINTS) -> float:
     """``KL(p_a || p_b) = integral p_a log(p_a / p_b) dx`` of the two samples' KDEs, in nats.
 
-    Both densities are renormalised on the common grid and floored at 1e-12. NaN when either
+    Both densities are floored at 1e-12 and renormalised on the common grid. NaN when either
     sample is empty.
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.size == 0 or b.size == 0:
         return float("nan")
-    grid = common_grid(a, b, points)
-    pa = np.maximum(kde(a, grid), _FLOOR)
-    pb = np.maximum(kde(b, grid), _FLOOR)
-    pa /= np.trapezoid(pa, grid)
-    pb /= np.trapezoid(pb, grid)
-    return float(max(np.trapezoid(pa * np.log(pa / pb), grid), 0.0))
+    grid = common_grid(a, b, points=points)
+    return _kl(kde(a, grid), kde(b, grid), grid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,18 +171,33 @@ class FeatureComparison:
         def stat(x: np.ndarray, fn) -> float:
             return float(fn(x)) if x.size else float("nan")
 
-        return {
+        out = {
             "intra_reference_mean": stat(self.intra_reference, np.mean),
             "intra_reference_std": stat(self.intra_reference, np.std),
             "intra_generated_mean": stat(self.intra_generated, np.mean),
             "intra_generated_std": stat(self.intra_generated, np.std),
             "inter_mean": stat(self.inter, np.mean),
             "inter_std": stat(self.inter, np.std),
-            "overlap_area": overlap_area(self.intra_reference, self.inter),
-            "kl_divergence": kl_divergence(self.intra_reference, self.inter),
-            "intra_overlap_area": overlap_area(self.intra_reference, self.intra_generated),
-            "intra_kl_divergence": kl_divergence(self.intra_reference, self.intra_generated),
         }
+        ref, gen, inter = self.intra_reference, self.intra_generated, self.inter
+        nan = float("nan")
+        out.update(overlap_area=nan, kl_divergence=nan, intra_overlap_area=nan)
+        out.update(intra_kl_divergence=nan)
+        if ref.size == 0:
+            return out
+        # one grid and one density per distance set (the KDEs are the costly part)
+        present = [x for x in (ref, gen, inter) if x.size]
+        grid = common_grid(*present)
+        p_ref = kde(ref, grid)
+        if inter.size:
+            p_inter = kde(inter, grid)
+            out["overlap_area"] = _overlap(p_ref, p_inter, grid)
+            out["kl_divergence"] = _kl(p_ref, p_inter, grid)
+        if gen.size:
+            p_gen = kde(gen, grid)
+            out["intra_overlap_area"] = _overlap(p_ref, p_gen, grid)
+            out["intra_kl_divergence"] = _kl(p_ref, p_gen, grid)
+        return out
 
 
 def compare_feature(generated: np.ndarray, reference: np.ndarray) -> FeatureComparison:
