@@ -109,3 +109,20 @@ def test_evaluate_without_a_shipped_model_fails_in_one_line(tmp_path: Path, caps
     rc = main(["evaluate", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err.startswith("error: no shipped model") and "\n" not in err
+
+
+def test_evaluate_a_training_run_folder(tmp_path: Path, fixtures_dir: Path) -> None:
+    from aurl.training.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    config = load_config(preset="tiny")
+    model = build_model(config)
+    run = tmp_path / "run"
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(run, step=5, model=model, config=config, optimizers={"model": opt})
+    (run / "metrics.jsonl").write_text('{"step": 5, "kind": "train", "loss": 6.0}\n')
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", str(run), "--data", str(fixtures_dir / "midi")]
+    assert main(args + ["--split", "train", "--samples", "0", "--out", str(out)]) == 0
+    assert (out / "plots" / "training.png").is_file()  # curves from the run folder
+    assert "Training curves" in (out / "report.md").read_text()
