@@ -87,8 +87,22 @@ def run_corpus(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    print("aurl data check is not built yet")
-    return 1
+    import json
+    import sys
+
+    from aurl.data.check import check_paths, format_table
+    from aurl.errors import DataError
+    from aurl.progress import bar
+
+    config = config_from_args(args)
+    try:
+        result = check_paths(args.path, config, progress=bar)
+    except DataError as e:  # a missing path or an empty folder: a usage error
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = result.to_dict()
+    print(json.dumps(summary, indent=1) if args.json else format_table(result))
+    return 1 if summary["failed"] else 0
 
 
 def run_prepare(args: argparse.Namespace) -> int:
