@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from aurl.errors import ConfigError, ConstraintError
+from aurl.errors import AurlError, ConfigError, ConstraintError
 
 FORMATS = ("mid", "musicxml", "png", "wav")
 EXTENSIONS = {"mid": ".mid", "musicxml": ".musicxml", "png": ".png", "wav": ".wav"}
@@ -81,40 +81,41 @@ def write_midi(score: Any, path: str | Path) -> Path:
 
 
 def score_to_music21(score: Any, *, grid: int = GRID_PER_BEAT) -> Any:
-    """A music21 score of ``score``: one part per program, onsets and durations quantized to a
+    """A music21 score of ``score``: one part per track, onsets and durations quantized to a
     grid of ``1/grid`` beat, simultaneous notes of equal length merged into chords.
 
     The beat is the score's quarter note (its ticks per quarter, written from the TEMPO tokens),
     and the first tempo becomes a metronome mark, so the notation follows the generated tempo.
     """
+    import symusic
     from music21 import chord, instrument, note, stream, tempo
 
-    from aurl.data.notes import DRUM_PROGRAM, notes_from_score
-
-    notes = notes_from_score(score)
-    onset = np.round(notes["onset"] * grid) / grid
-    duration = np.maximum(np.round(notes["duration"] * grid) / grid, 1.0 / grid)
+    if score.ttype != symusic.TimeUnit.tick:
+        score = score.to("tick")
+    tpq = float(score.tpq)
     out = stream.Score()
-    for program in np.unique(notes["program"]):
+    for track in score.tracks:
+        arr = track.notes.numpy()
+        if len(arr["time"]) == 0:
+            continue
+        onset = np.round(arr["time"] / tpq * grid) / grid
+        duration = np.maximum(np.round(arr["duration"] / tpq * grid) / grid, 1.0 / grid)
         part = stream.Part()
-        inst = (
-            instrument.UnpitchedPercussion()
-            if program == DRUM_PROGRAM
-            else instrument.instrumentFromMidiProgram(int(program))
-        )
-        part.insert(0, inst)
-        sel = np.flatnonzero(notes["program"] == program)
+        part.partName = track.name or None
+        drum = track.is_drum
+        part.insert(0, instrument.UnpitchedPercussion() if drum else
+                    instrument.instrumentFromMidiProgram(int(track.program)))  # fmt: skip
         groups: dict[tuple[float, float], list[int]] = {}
-        for i in sel:
+        for i in np.lexsort((arr["pitch"], onset)):
             groups.setdefault((float(onset[i]), float(duration[i])), []).append(int(i))
         for (start, length), members in groups.items():
-            pitches = [int(notes["pitch"][i]) for i in members]
+            pitches = sorted({int(arr["pitch"][i]) for i in members})
             element = (
                 note.Note(pitches[0], quarterLength=length)
                 if len(pitches) == 1
                 else chord.Chord(pitches, quarterLength=length)
             )
-            element.volume.velocity = int(notes["velocity"][members[0]])
+            element.volume.velocity = int(arr["velocity"][members[0]])
             part.insert(start, element)
         out.insert(0, part)
     if len(out.parts) and len(score.tempos):
@@ -183,7 +184,13 @@ def write_wav(
     if not soundfont.is_file():
         raise ConfigError(f"--soundfont {soundfont} does not exist: give an .sf2 or .sf3 file")
     synth = symusic.Synthesizer(sf_path=str(soundfont), sample_rate=sample_rate)
-    audio = np.asfortranarray(synth.render(score, stereo=True), dtype=np.float32)
+    try:
+        audio = np.asfortranarray(synth.render(score, stereo=True), dtype=np.float32)
+    except TypeError as e:  # symusic 0.6.0 wheels fail to hand the buffer to numpy 2.x
+        raise AurlError(
+            f"WAV rendering failed inside symusic's synthesizer ({str(e).splitlines()[0]}): "
+            "write MIDI and render it with fluidsynth, or install a symusic build that works"
+        ) from None
     return _atomic(Path(path), lambda p: symusic.dump_wav(str(p), audio, sample_rate, True))
 
 

@@ -1,0 +1,111 @@
+"""``aurl generate`` end to end with a tiny saved model: files, names, summaries, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import symusic
+import torch
+
+import aurl.cli.generate as cli_generate
+from aurl.cli import main
+from aurl.config import load_config
+from aurl.models import build_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    build_model(load_config(preset="tiny")).save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["generate", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_writes_files_and_summaries(checkpoint, tmp_path, capsys) -> None:
+    out = tmp_path / "pieces"
+    args = ["--checkpoint", str(checkpoint), "--num-samples", "2", "--max-tokens", "48"]
+    args += ["--seed", "3", "--format", "mid,musicxml,png", "--key", "G major", "--out", str(out)]
+    code, stdout, err = run(capsys, *args)
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        f"sample_seed3_{i:03d}.{ext}" for i in range(2) for ext in ("mid", "musicxml", "png")
+    ]
+    for i in range(2):
+        assert symusic.Score(str(out / f"sample_seed3_{i:03d}.mid")).note_num() > 0
+        assert (out / f"sample_seed3_{i:03d}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<score-partwise" in (out / f"sample_seed3_{i:03d}.musicxml").read_bytes()
+        assert f"wrote {out / f'sample_seed3_{i:03d}.mid'}" in stdout
+    summaries = [line for line in stdout.splitlines() if line.startswith("sample_seed3_")]
+    assert len(summaries) == 2
+    assert all(" notes, " in s and " s, " in s and "key " in s for s in summaries)
+
+    # no overwrite without --force; --force rewrites the same bytes (same seed, same options)
+    before = (out / "sample_seed3_000.mid").read_bytes()
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "already exist" in err and "--force" in err
+    assert err.count("\n") == 1  # one line
+    code, _, err = run(capsys, *args, "--force")
+    assert code == 0, err
+    assert (out / "sample_seed3_000.mid").read_bytes() == before
+
+
+def test_primer_continuation(checkpoint, tmp_path, capsys, fixtures_dir) -> None:
+    primer = fixtures_dir / "midi" / "bach_bwv269.mid"
+    code, stdout, err = run(
+        capsys, "--checkpoint", str(checkpoint), "--primer", str(primer), "--primer-seconds",
+        "3", "--max-tokens", "32", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    assert symusic.Score(str(tmp_path / "sample_seed0_000.mid")).note_num() > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--key", "Q major"], "unknown key"),
+        (["--pitch-range", "61", "61", "--key", "C major"], "no note can be played"),
+        (["--tempo", "fast"], "--tempo"),
+        (["--format", "mid,mp3"], "--format"),
+        (["--format", "wav"], "--soundfont"),
+        (["--variations", "x.mid"], "VAE model"),
+    ],
+)
+def test_bad_options_fail_with_one_line(checkpoint, tmp_path, capsys, extra, message) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "--checkpoint", str(checkpoint), "--out", str(out), *extra)
+    assert code in (1, 2)
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not out.exists() or not any(out.iterdir())  # nothing generated
+
+
+def test_primer_that_is_not_midi(checkpoint, tmp_path, capsys) -> None:
+    bad = tmp_path / "primer.mid"
+    bad.write_bytes(b"RIFF not a midi file")
+    code, _, err = run(capsys, "--checkpoint", str(checkpoint), "--primer", str(bad), "--out",
+                       str(tmp_path / "o"))  # fmt: skip
+    assert code == 1 and err.startswith("error: ") and "primer.mid" in err
+
+
+def test_checkpoint_with_another_vocabulary(checkpoint, tmp_path, capsys) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+    meta = json.loads((checkpoint / "config.json").read_text())
+    meta["vocab"]["pitch_max"] = 100  # fewer ids than the weights hold
+    (other / "config.json").write_text(json.dumps(meta))
+    code, _, err = run(capsys, "--checkpoint", str(other), "--out", str(tmp_path / "o"))
+    assert code == 1 and err.startswith("error: ") and "embed.weight" in err
+
+
+def test_without_a_shipped_model(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli_generate, "SHIPPED", tmp_path / "pretrained")
+    code, _, err = run(capsys, "--out", str(tmp_path / "o"))
+    assert code == 1 and "no shipped model" in err and "--checkpoint" in err
