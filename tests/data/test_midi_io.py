@@ -207,3 +207,27 @@ def test_written_score_reads_back(tmp_path):
     again, report = read_midi(out)
     assert notes_of(again) == notes_of(score) and not report.repaired
     assert os.path.getsize(out) > 0
+
+
+def test_fuzzed_files_read_or_raise_midi_read_error(tmp_path):
+    """Random byte damage never escapes as anything but MidiReadError, and never hangs."""
+    from aurl.data import Tokenizer
+
+    tok = Tokenizer()
+    rng = np.random.default_rng(0)
+    bases = [(EDGE / "multi_instrument.mid").read_bytes(), CORPUS[0].read_bytes()]
+    outcomes = {"ok": 0, "error": 0}
+    path = tmp_path / "fuzzed.mid"
+    for i in range(200):
+        data = bytearray(bases[i % 2])
+        for pos in rng.integers(0, len(data), rng.integers(1, 8)):
+            data[pos] = rng.integers(0, 256)
+        if i % 5 == 0:
+            data = data[: rng.integers(0, len(data))]
+        path.write_bytes(bytes(data))
+        try:
+            tok.decode_to_bytes(tok.encode_file(path))
+            outcomes["ok"] += 1
+        except MidiReadError:
+            outcomes["error"] += 1
+    assert outcomes["ok"] > 20 and outcomes["error"] > 20

@@ -40,6 +40,7 @@ MAX_GAP_BEATS = 4096  # ~34 min of silence at 120 BPM: anything after that is a 
 MAX_DURATION_BEATS = 1024  # ~8.5 min at 120 BPM: longer notes are clipped to this
 DRUM_FAMILY = 14  # kept drums share GM family 14 ("percussive"): the vocabulary has 16 families
 MIN_TPQ = 1
+FALLBACK_MAX_BYTES = 8 * 1024 * 1024  # the mido fallback is a Python loop: bound its time
 
 
 @dataclass
@@ -299,10 +300,12 @@ def parse_midi(
     try:
         md = _from_symusic(symusic.Score.from_midi(data, sanitize_data=True))
     except Exception as first:  # symusic rejects it: try the tolerant reader before giving up
+        reason = str(first).replace("MiniMidi: ", "").replace(": iostream error", "")
+        if len(data) > FALLBACK_MAX_BYTES:
+            raise MidiReadError(f"{path}: damaged MIDI file ({reason})") from None
         try:
             md, _ = _from_mido(data)
         except Exception:
-            reason = str(first).replace("MiniMidi: ", "").replace(": iostream error", "")
             raise MidiReadError(f"{path}: damaged MIDI file ({reason})") from None
         report.reader = "mido"
     if tps:  # one tick = 1/tps s; at 120 BPM with tpq=tps that needs every time doubled
