@@ -219,7 +219,7 @@ def score_sequences(
                 lp = logp[r, rows]  # (n, V)
                 if grammar is not None:
                     if i not in masks:
-                        full = torch.from_numpy(seqs[i])[None].to(device)  # (1, L)
+                        full = torch.from_numpy(seqs[i])[None]  # (1, L), masks built on CPU
                         masks[i] = grammar.sequence_masks(full)[0]  # (L, V)
                     allowed = masks[i][first - 1 : end - 1].to(device)  # (n, V)
                     masked = torch.log_softmax(logits[r, rows].masked_fill(~allowed, -math.inf), -1)
