@@ -16,6 +16,7 @@ plain triad, and a passing eighth note in four voices (w ~ 0.06) does not make a
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -262,10 +263,9 @@ def key_at(key: Key | Sequence[KeySegment], beat: float) -> Key:
     """The key at a beat: a fixed key, or the segment of a windowed analysis holding it."""
     if isinstance(key, Key):
         return key
-    for seg in key:
-        if seg.start <= beat < seg.end:
-            return seg.key
-    return key[-1].key if beat >= key[-1].end else key[0].key
+    # segments are consecutive and sorted: the last one starting at or before the beat
+    i = bisect.bisect_right([seg.start for seg in key], beat) - 1
+    return key[max(i, 0)].key
 
 
 def progression(

@@ -6,7 +6,6 @@ two notes sounding at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,9 +180,11 @@ def find_motifs(
     """Transposition-invariant motifs: interval n-grams that repeat without overlapping.
 
     Every n-gram of intervals (``min_notes - 1`` .. ``max_notes - 1`` long) is grouped with
-    ``np.unique`` over a sliding-window view; occurrences are counted greedily left to right
-    without overlap. A motif is dropped when a longer kept motif covers each of its occurrences
-    (it is only a piece of that one). Patterns of only repeated notes are ignored.
+    ``np.unique`` over a sliding-window view, longest first; occurrences are counted greedily
+    left to right without overlap. A motif is dropped when each of its occurrences lies inside
+    an occurrence of a longer kept motif (it is only a piece of that one). Patterns of only
+    repeated notes are ignored. Per length only the ``8 * top`` most frequent patterns are
+    examined, which bounds the work on long pieces.
 
     Args:
         melody: Monophonic note array (e.g. from :func:`skyline`).
@@ -196,29 +197,31 @@ def find_motifs(
         Motifs, best first.
     """
     iv = intervals(melody)
+    pitches = melody["pitch"].astype(np.int64)
     found: list[Motif] = []
-    covered: list[tuple[int, int, set[int]]] = []  # (length, count, starts) of kept motifs
-    for n in range(min(max_notes, len(iv) + 1) - 1, min_notes - 2, -1):  # longest first
-        if n < 1 or len(iv) < n:
-            continue
+    # reach[p]: furthest end (in intervals) of a kept occurrence starting at p; its running
+    # maximum says how far kept motifs cover from any position on
+    reach = np.full(len(iv) + 1, -1, dtype=np.int64)
+    for n in range(min(max_notes - 1, len(iv)), max(min_notes - 1, 1) - 1, -1):
         grams = np.lib.stride_tricks.sliding_window_view(iv, n)  # (len(iv) - n + 1, n)
         uniq, inverse, counts = np.unique(grams, axis=0, return_inverse=True, return_counts=True)
-        for g in np.flatnonzero(counts >= min_count):
+        members = np.split(np.argsort(inverse.reshape(-1), kind="stable"), np.cumsum(counts)[:-1])
+        candidates = np.flatnonzero(counts >= min_count)
+        candidates = candidates[np.argsort(-counts[candidates], kind="stable")][: 8 * top]
+        covered_to = np.maximum.accumulate(reach)
+        for g in candidates.tolist():
             if not uniq[g].any():  # a repeated single pitch is not a motif
                 continue
-            starts = _non_overlapping(np.flatnonzero(inverse.reshape(-1) == g), n)
-            if len(starts) < min_count:
+            starts = np.array(_non_overlapping(members[g], n), dtype=np.int64)
+            if len(starts) < min_count or (covered_to[starts] >= starts + n).all():
                 continue
-            if any(_inside(starts, n, kept) for kept in covered):
-                continue
-            covered.append((n, len(starts), set(starts)))
-            pitches = melody["pitch"].astype(np.int64)
+            reach[starts] = np.maximum(reach[starts], starts + n)
             found.append(
                 Motif(
                     intervals=tuple(int(x) for x in uniq[g]),
-                    starts=tuple(int(s) for s in starts),
-                    onsets=tuple(float(melody["onset"][s]) for s in starts),
-                    transpositions=tuple(int(pitches[s] - pitches[starts[0]]) for s in starts),
+                    starts=tuple(int(x) for x in starts),
+                    onsets=tuple(float(melody["onset"][x]) for x in starts),
+                    transpositions=tuple(int(pitches[x] - pitches[starts[0]]) for x in starts),
                 )
             )
     found.sort(key=lambda m: (-(len(m.intervals) + 1) * m.count, -len(m.intervals)))
@@ -232,9 +235,3 @@ def _non_overlapping(positions: np.ndarray, n: int) -> list[int]:
         if not chosen or p >= chosen[-1] + n:
             chosen.append(p)
     return chosen
-
-
-def _inside(starts: Sequence[int], n: int, kept: tuple[int, int, set[int]]) -> bool:
-    """True when every occurrence of an n-gram lies within an occurrence of a kept motif."""
-    length, _, kept_starts = kept
-    return all(any(k <= s and s + n <= k + length for k in kept_starts) for s in starts)

@@ -146,7 +146,12 @@ def analyze_notes(
     return out
 
 
+MAX_SIMILARITY_CELLS = 256
+MAX_TIMELINE_BEATS = 256.0
+
+
 def _structure_dict(s: st.Structure) -> dict[str, Any]:
+    step = max(1, -(-len(s.similarity) // MAX_SIMILARITY_CELLS))
     return {
         "bars": int(len(s.similarity)),
         "form": s.form,
@@ -162,8 +167,21 @@ def _structure_dict(s: st.Structure) -> dict[str, Any]:
             for r in s.repeats[:TOP]
         ],
         "novelty": np.round(s.novelty, 3).tolist(),
-        "similarity": np.round(s.similarity, 3).tolist(),
+        # long pieces: block means, at most MAX_SIMILARITY_CELLS a side (JSON stays small)
+        "similarity_bars_per_cell": step,
+        "similarity": np.round(_pool(s.similarity, step), 3).tolist(),
     }
+
+
+def _pool(m: np.ndarray, step: int) -> np.ndarray:
+    """Mean over ``step`` x ``step`` blocks (the last block may be partial)."""
+    if step <= 1:
+        return m
+    n = len(m)
+    pad = -n % step
+    padded = np.pad(m, ((0, pad), (0, pad)), constant_values=np.nan)
+    k = padded.shape[0] // step
+    return np.nanmean(padded.reshape(k, step, k, step), axis=(1, 3))  # (k, k)
 
 
 def _melody_dict(m: np.ndarray) -> dict[str, Any]:
@@ -277,20 +295,24 @@ def _plt():
 def plot_chords(result: dict[str, Any], path: Path) -> None:
     """Chord timeline: one bar per chord, coloured by root, labelled with its numeral."""
     plt = _plt()
-    chords = [c for c in result["chords"] if c["label"] != "N"]
-    fig, ax = plt.subplots(figsize=(max(6.0, min(40.0, result["beats"] / 4)), 2.2))
+    # a readable timeline holds a few hundred chords: long pieces show their opening
+    limit = min(result["beats"], MAX_TIMELINE_BEATS)
+    chords = [c for c in result["chords"] if c["label"] != "N" and c["start"] < limit]
+    fig, ax = plt.subplots(figsize=(max(6.0, min(40.0, limit / 4)), 2.2))
     cmap = plt.get_cmap("hsv")
     for c in chords:
         ax.barh(0, c["end"] - c["start"], left=c["start"], color=cmap(c["root"] / 12), alpha=0.6)
         ax.text((c["start"] + c["end"]) / 2, 0, c["roman"] or c["label"], ha="center",
                 va="center", fontsize=7, rotation=90)  # fmt: skip
     for seg in result["key_segments"]:
-        ax.axvline(seg["start"], color="k", lw=0.8)
-        ax.text(seg["start"], 0.55, seg["name"], fontsize=8, va="bottom")
+        if seg["start"] < limit:
+            ax.axvline(seg["start"], color="k", lw=0.8)
+            ax.text(seg["start"], 0.55, seg["name"], fontsize=8, va="bottom")
     ax.set_yticks([])
     ax.set_ylim(-0.5, 0.9)
     ax.set_xlabel("beat")
-    ax.set_title("Chords (Roman numerals in the global key; lines: local keys)")
+    shown = "" if limit >= result["beats"] else f", first {limit:g} beats"
+    ax.set_title(f"Chords (Roman numerals in the global key; lines: local keys{shown})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -301,15 +323,19 @@ def plot_similarity(result: dict[str, Any], path: Path) -> None:
     plt = _plt()
     s = result["structure"]
     sim = np.asarray(s["similarity"])
+    bars = s["bars"]
     fig, ax = plt.subplots(figsize=(5, 4.4))
-    im = ax.imshow(sim, cmap="magma", vmin=-1, vmax=1, origin="lower")
-    for sec in s["sections"]:
-        ax.axvline(sec["start"] - 0.5, color="c", lw=0.8)
-        ax.axhline(sec["start"] - 0.5, color="c", lw=0.8)
-        ax.text(sec["start"], len(sim) - 0.5, sec["label"], color="c", va="top")
+    extent = (-0.5, bars - 0.5, -0.5, bars - 0.5)  # pooled cells still read in bars
+    im = ax.imshow(sim, cmap="magma", vmin=-1, vmax=1, origin="lower", extent=extent)
+    if len(s["sections"]) <= 40:  # more lines than that only hide the picture
+        for sec in s["sections"]:
+            ax.axvline(sec["start"] - 0.5, color="c", lw=0.8)
+            ax.axhline(sec["start"] - 0.5, color="c", lw=0.8)
+            ax.text(sec["start"], bars - 0.5, sec["label"], color="c", va="top")
     ax.set_xlabel("bar")
     ax.set_ylabel("bar")
-    ax.set_title(f"Bar self-similarity; form {s['form']}")
+    form = s["form"] if len(s["sections"]) <= 12 else f"{len(s['sections'])} sections"
+    ax.set_title(f"Bar self-similarity; form {form}")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -322,8 +348,9 @@ def plot_contour(result: dict[str, Any], path: Path) -> None:
     c = result["melody"]["contour"]
     fig, ax = plt.subplots(figsize=(max(6.0, min(40.0, result["beats"] / 4)), 2.6))
     ax.step(c["onset"], c["pitch"], where="post", lw=1.2)
-    for ph in result["phrases"]:
-        ax.axvline(ph["end"], color="0.6", lw=0.8, ls="--")
+    ends = [ph["end"] for ph in result["phrases"]]
+    if ends:
+        ax.vlines(ends, min(c["pitch"]), max(c["pitch"]), colors="0.6", lw=0.8, linestyles="--")
     ax.set_xlabel("beat")
     ax.set_ylabel("MIDI pitch")
     ax.set_title("Melody contour (skyline); dashed: phrase ends")

@@ -161,16 +161,25 @@ def label_sections(
     sim: np.ndarray, bounds: list[int], *, same: float = 0.85, variant: float = 0.6
 ) -> list[Section]:
     """Form letters: the first section like an earlier one (>= ``same``) takes its label, a
-    looser match (>= ``variant``) the same letter primed, anything else the next letter."""
+    looser match (>= ``variant``) the same letter primed, anything else the next letter.
+
+    Similarities are :func:`segment_similarity`, read in O(1) from cumulative sums along each
+    diagonal, so long pieces with hundreds of sections stay fast.
+    """
+    n = len(sim)
+    # diag_cums[d][i] = sum of sim[j, j + d] for j < i
+    diag_cums = [np.concatenate([[0.0], np.cumsum(np.diagonal(sim, d))]) for d in range(n)]
     sections: list[Section] = []
     letters = 0
     primes: dict[str, int] = {}
     for a, b in zip(bounds[:-1], bounds[1:]):
         best, best_sim = None, -np.inf
-        for s in sections:
-            v = segment_similarity(sim, (s.start, s.end), (a, b))
+        for sec in sections:  # earlier sections start before this one: offset a - sec.start > 0
+            m = min(sec.end - sec.start, b - a)
+            cums = diag_cums[a - sec.start]
+            v = (cums[sec.start + m] - cums[sec.start]) / max(sec.end - sec.start, b - a)
             if v > best_sim:
-                best, best_sim = s, v
+                best, best_sim = sec, v
         if best is not None and best_sim >= same:
             label = best.label
         elif best is not None and best_sim >= variant:
