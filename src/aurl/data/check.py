@@ -138,7 +138,8 @@ def midi_files_under(path: str | Path) -> list[str]:
     if path.is_file():
         return [str(path)]
     if not path.is_dir():
-        raise DataError(f"{path}: no such file or folder")
+        what = "not a regular file or folder" if path.exists() else "no such file or folder"
+        raise DataError(f"{path}: {what}")
     files = [os.path.join(path, rel) for rel in find_midi_files(path)]
     if not files:
         raise DataError(f"{path}: no MIDI files (.mid, .midi, .kar) in this folder")

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,7 +111,7 @@ class MidiData:
     def track_family(self, num_instruments: int = 16) -> np.ndarray:
         """(n_tracks,) family of each track."""
         fam = [DRUM_FAMILY if drum else program // 8 for _, program, drum in self.tracks]
-        return np.minimum(np.asarray(fam, dtype=np.int64), num_instruments - 1)
+        return np.minimum(np.array(fam, dtype=np.int64), num_instruments - 1)
 
     def select(self, keep: np.ndarray) -> None:
         for name in ("time", "duration", "pitch", "velocity", "track"):
@@ -166,19 +168,26 @@ def ticks_to_seconds(
 
 
 def _load_bytes(path: Path, cfg: DataConfig) -> bytes:
-    if not path.exists():
-        raise MidiReadError(f"{path}: no such file")
-    if not path.is_file():
+    try:  # stat before open: opening a FIFO or a device could block forever
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MidiReadError(f"{path}: no such file") from None
+    except OSError as e:
+        raise MidiReadError(f"{path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
         raise MidiReadError(f"{path}: not a file")
-    size = path.stat().st_size
-    if size == 0:
+    if st.st_size == 0:
         raise MidiReadError(f"{path}: empty file (zero bytes)")
-    if size > cfg.max_file_bytes:
+    if st.st_size > cfg.max_file_bytes:
         raise MidiReadError(
-            f"{path}: {size} bytes is over data.max_file_bytes={cfg.max_file_bytes}; "
+            f"{path}: {st.st_size} bytes is over data.max_file_bytes={cfg.max_file_bytes}; "
             "raise it to read this file"
         )
-    data = path.read_bytes()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(cfg.max_file_bytes + 1)
+    except OSError as e:
+        raise MidiReadError(f"{path}: cannot read ({e.strerror})") from None
     if data[:4] == b"RIFF" and b"MThd" in data[:64]:  # RMID: a standard MIDI file inside RIFF
         data = data[data.index(b"MThd") :]
     if data[:4] != b"MThd":
