@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--batch-size", type=int, default=8, help="windows / samples per batch")
-    p.add_argument("--window", type=int, default=0, help="scoring window (0: the model's limit)")
+    p.add_argument("--window", type=int, default=0, help="scoring window (0: the training window)")
     p.add_argument("--ngram-order", type=int, default=4, help="order of the n-gram baseline")
     p.add_argument("--run", metavar="DIR", help="training run folder for the curves plot")
     p.add_argument("--workers", type=int, default=0, help="processes to prepare a MIDI folder")
@@ -54,16 +54,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def load_model(checkpoint: str | None, device: str) -> tuple[Any, Path | None]:
-    """The model to evaluate (eval mode) and the run folder it came from, if any.
+def load_model(checkpoint: str | None, device: str) -> tuple[Any, Path | None, int]:
+    """The model to evaluate (eval mode), the run folder it came from (or None) and the window
+    it was trained on (``data.window``; the default for model folders, which do not record it).
 
     Raises:
         CheckpointError: no shipped model, or a missing, damaged or mismatched checkpoint.
     """
     from aurl.cli.generate import load_model as load_pretrained_folder
+    from aurl.config import DataConfig
 
     if checkpoint is None or (Path(checkpoint) / "config.json").is_file():
-        return load_pretrained_folder(checkpoint, device), None
+        model = load_pretrained_folder(checkpoint, device)
+        return model, None, min(DataConfig().window, model.config.max_seq_len)
     from aurl.errors import CheckpointError
 
     path = Path(checkpoint)
@@ -76,7 +79,7 @@ def load_model(checkpoint: str | None, device: str) -> tuple[Any, Path | None]:
     model = build_model(ck.config).to(device)
     ck.load_weights(model)
     run_dir = path if (path / "checkpoints").is_dir() else ck.path.parent.parent
-    return model.eval(), run_dir
+    return model.eval(), run_dir, min(ck.config.data.window, model.config.max_seq_len)
 
 
 def open_data(data: str, out: Path, vocab_config: Any, workers: int) -> Any:
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from aurl.evaluation.report import evaluate_sets, write_report
     from aurl.progress import bar
 
-    model, run_dir = load_model(args.checkpoint, args.device)
+    model, run_dir, trained_window = load_model(args.checkpoint, args.device)
     out.mkdir(parents=True, exist_ok=True)
     cache = open_data(args.data, out, model.vocab_config, args.workers)
     cache.check_vocab(model.vocab_config)  # a checkpoint of another vocabulary: clear error
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         )
     seqs = [np.asarray(cache.tokens(i), dtype=np.int64) for i in rows]
     cap = cache.meta.get("tokenizer", {}).get("polyphony_cap", DataConfig().polyphony_cap)
-    window = args.window or model.config.max_seq_len
+    window = args.window or trained_window  # scoring past the training length would extrapolate
     common = dict(window=window, batch_size=args.batch_size, device=args.device, progress=bar)
     likelihood = {
         "model": score_sequences(model, seqs, **common).to_dict(),
