@@ -119,3 +119,22 @@ def test_windowed_keys_find_the_modulation():
     assert 28.0 <= segments[1].start <= 32.0
     ((beat, old, new),) = modulations(segments)
     assert (old.name, new.name) == ("C major", "A major") and beat == segments[1].start
+
+
+def test_chroma_equals_sampled_brute_force():
+    rng = np.random.default_rng(1)
+    n = 40
+    notes = make_notes(
+        rng.integers(0, 32, n) / 4, rng.integers(1, 12, n) / 4, rng.integers(48, 84, n)
+    )
+    edges = np.array([0.0, 0.8, 2.0, 3.3, 5.0, 8.0, 11.0])
+    # sounding time per pitch class on a fine grid of midpoints (exact for quarter-beat notes
+    # and edges on a 0.1 grid)
+    grid = np.arange(0, 11.0, 0.05) + 0.025
+    ends = notes["onset"] + notes["duration"]
+    sounding = (notes["onset"][None, :] <= grid[:, None]) & (ends[None, :] > grid[:, None])
+    expect = np.zeros((len(edges) - 1, 12))
+    cell = np.searchsorted(edges, grid, side="right") - 1
+    for i, pc in zip(*np.nonzero(sounding)):
+        expect[cell[i], notes["pitch"][pc] % 12] += 0.05
+    np.testing.assert_allclose(chroma(notes, edges), expect, atol=1e-9)

@@ -41,6 +41,7 @@ def test_analyze_notes_on_a_hand_built_piece():
         (make_notes([], [], []), "empty"),
         (make_notes([0.0, 1.0], 1.0, [36, 38], program=DRUM_PROGRAM), "drums-only"),
         (make_notes([0.0], [1.0], [60]), "single-note"),
+        (make_notes([0.0, 30000.0], [1.0, 1.0], [60, 64]), "too-long"),
     ],
 )
 def test_nothing_to_analyse_gives_a_report_that_says_so(tmp_path, notes, status):
@@ -49,6 +50,13 @@ def test_nothing_to_analyse_gives_a_report_that_says_so(tmp_path, notes, status)
     write_report(result, tmp_path)
     assert "Not analysed: " + result["message"] in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "analysis.json").read_text())["status"] == status
+
+
+def test_zero_length_notes_have_no_key_and_no_chords():
+    result = analyze_notes(make_notes([0.0, 1.0, 2.0], 0.0, [60, 64, 67]))
+    assert result["status"] == "ok" and result["key"] is None
+    assert [c["label"] for c in result["chords"]] == ["N"]
+    json.dumps(result, allow_nan=False)
 
 
 def test_one_pitch_class_has_no_key_but_a_melody():

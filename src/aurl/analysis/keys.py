@@ -346,8 +346,8 @@ def estimate_key(
     scores = key_scores(pitch_class_histogram(notes), profile)
     if np.isnan(scores).all():
         raise DataError(
-            "cannot estimate a key: the notes have fewer than two pitch classes "
-            "(empty, drums only, or a single pitch class)"
+            "cannot estimate a key: fewer than two pitch classes sound "
+            "(no notes, drums only, zero-length notes, or a single pitch class)"
         )
     cue = (np.arange(24) % 12 == final_bass(notes)) * final_bass_weight
     best = int(np.nanargmax(scores + cue))

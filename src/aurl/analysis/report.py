@@ -32,6 +32,9 @@ from aurl.data.notes import DRUM_PROGRAM
 from aurl.errors import DataError
 
 TOP = 15  # rows in "most common" tables
+# Longest piece analysed (about 2 h 45 min at 120 BPM): the bar self-similarity matrix grows
+# with the square of the bar count (5000 bars: 200 MB).
+MAX_BEATS = 20_000.0
 
 
 def _r(x: float, nd: int = 3) -> float | None:
@@ -58,6 +61,12 @@ def input_status(notes: np.ndarray) -> tuple[str, str]:
         return "drums-only", f"drums only ({len(notes)} drum notes): no pitched notes to analyse"
     if len(p) == 1:
         return "single-note", "a single note: no key, chords, structure or melody to analyse"
+    beats = float(np.max(p["onset"] + p["duration"]))
+    if beats > MAX_BEATS:
+        return "too-long", (
+            f"the notes span {beats:.0f} beats, over the {MAX_BEATS:.0f} analysed "
+            "(a stray late note?): trim the file"
+        )
     return "ok", ""
 
 
@@ -77,7 +86,8 @@ def analyze_notes(
         resolution: Chord cell length in beats (1: per beat; ``beats_per_bar / 2``: half bar).
 
     Returns:
-        A dict with ``status`` (``ok``, ``empty``, ``drums-only``, ``single-note``) and
+        A dict with ``status`` (``ok``, ``empty``, ``drums-only``, ``single-note``,
+        ``too-long``) and
         ``message``; for ``ok`` also ``key``, ``key_segments``, ``modulations``, ``chords``,
         ``progression``, ``ngrams``, ``transitions``, ``cadences``, ``phrases``, ``structure``
         and ``melody`` (see the report for their meaning).
