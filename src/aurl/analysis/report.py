@@ -208,7 +208,11 @@ def _melody_dict(m: np.ndarray) -> dict[str, Any]:
             }
             for x in mel.find_motifs(m)
         ],
-        "contour": {"onset": m["onset"].round(4).tolist(), "pitch": m["pitch"].tolist()},
+        "contour": {
+            "onset": m["onset"].round(4).tolist(),
+            "duration": m["duration"].round(4).tolist(),
+            "pitch": m["pitch"].tolist(),
+        },
     }
 
 
@@ -357,7 +361,13 @@ def plot_contour(result: dict[str, Any], path: Path) -> None:
     plt = _plt()
     c = result["melody"]["contour"]
     fig, ax = plt.subplots(figsize=(max(6.0, min(40.0, result["beats"] / 4)), 2.6))
-    ax.step(c["onset"], c["pitch"], where="post", lw=1.2)
+    # the step plot needs one more point to draw the last note to its end
+    ax.step(
+        [*c["onset"], c["onset"][-1] + c["duration"][-1]],
+        [*c["pitch"], c["pitch"][-1]],
+        where="post",
+        lw=1.2,
+    )
     ends = [ph["end"] for ph in result["phrases"]]
     if ends:
         ax.vlines(ends, min(c["pitch"]), max(c["pitch"]), colors="0.6", lw=0.8, linestyles="--")
