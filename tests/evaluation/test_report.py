@@ -126,3 +126,5 @@ def test_evaluate_a_training_run_folder(tmp_path: Path, fixtures_dir: Path) -> N
     assert main(args + ["--split", "train", "--samples", "0", "--out", str(out)]) == 0
     assert (out / "plots" / "training.png").is_file()  # curves from the run folder
     assert "Training curves" in (out / "report.md").read_text()
+    summary = json.loads((out / "metrics.json").read_text())["reference"]
+    assert summary["polyphony"]["defined"] > 0  # the split is described even without samples

@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from aurl.config import DataConfig
     from aurl.data.grammar import Grammar
     from aurl.data.tokenizer import Tokenizer
+    from aurl.evaluation.distances import set_features, summarize_set
     from aurl.evaluation.likelihood import score_sequences
     from aurl.evaluation.ngram import NgramModel
     from aurl.evaluation.report import evaluate_sets, write_report
@@ -197,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
     if generated:
         sets, gen_features, ref_features = evaluate_sets(generated, reference, progress=bar)
         results.update(sets)
+    else:  # no samples: still describe the reference set
+        results["reference"] = summarize_set(set_features(reference, progress=bar))
     report = write_report(
         out,
         results,
