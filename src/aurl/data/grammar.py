@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aurl.data.vocab import END, PAD, START, Kind, Vocab
+from aurl.data.vocab import Kind, Vocab
 
 _NONE = -1  # last_kind before any token
 
@@ -373,4 +373,4 @@ class _Fields:
         self.__dict__.update(d)
 
 
-__all__ = ["Grammar", "GrammarState", "SequenceFeatures", "START", "END", "PAD"]
+__all__ = ["Grammar", "GrammarState", "SequenceFeatures"]
