@@ -231,3 +231,18 @@ def test_fuzzed_files_read_or_raise_midi_read_error(tmp_path):
         except MidiReadError:
             outcomes["error"] += 1
     assert outcomes["ok"] > 20 and outcomes["error"] > 20
+
+
+def test_type2_tracks_read_like_type1(tmp_path):
+    """Type 2 (independent sequences) is read as symusic, mido and pretty_midi do: overlaid."""
+    import mido
+
+    mf = mido.MidiFile(type=2, ticks_per_beat=480)
+    for pitch in (60, 64):
+        tr = mido.MidiTrack()
+        tr.append(mido.Message("note_on", note=pitch, velocity=80, time=0))
+        tr.append(mido.Message("note_off", note=pitch, velocity=0, time=480))
+        mf.tracks.append(tr)
+    mf.save(tmp_path / "type2.mid")
+    score, report = read_midi(tmp_path / "type2.mid")
+    assert report.format == 2 and notes_of(score) == [(0, 480, 60, 80, 0), (0, 480, 64, 80, 0)]

@@ -19,7 +19,9 @@ Repairs, in order (each counted in :class:`RepairReport`):
    exact duplicates dropped (the longest kept), earlier notes cut at the later onset;
 7. tracks left without notes removed.
 
-SMPTE time division is converted to ticks per quarter at 120 BPM (the file's seconds are kept).
+Files of type 0 (one track: split by channel), 1 and 2 (independent sequences, overlaid as
+symusic, mido and pretty_midi read them) are accepted. SMPTE time division is converted to ticks
+per quarter at 120 BPM (the file's seconds are kept).
 A file over ``data.max_file_bytes``, or with more than ``data.max_events_per_file`` notes, is
 refused with :class:`MidiReadError` before any large allocation; so is anything unparseable.
 """
