@@ -29,7 +29,7 @@ def test_edge_folder_audit_exact():
     assert s["tokens"] == sum(len(tok.encode_file(p)) for p in EDGE.glob("*.mid"))
     assert s["max_onset_error_steps"] == 0.0 and s["max_onset_error_ms"] == 0.0
     assert s["repairs"] == {"absurd_ticks": 2, "drum_tracks": 1, "empty_tracks": 1,
-                            "out_of_range_folded": 4, "overlaps": 2, "smpte": 1,
+                            "out_of_range_folded": 4, "duplicates": 1, "overlaps": 1, "smpte": 1,
                             "zero_duration": 1}  # fmt: skip
 
 
@@ -78,4 +78,8 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys, args):
 def test_cli_single_file_table(capsys):
     assert main(["data", "check", str(EDGE / "overlap_same_pitch.mid")]) == 0
     out = capsys.readouterr().out
-    assert "repaired" in out and "overlaps 2" in out and "1 files: 0 ok, 1 repaired" in out
+    assert (
+        "repaired" in out
+        and "duplicates 1, overlaps 1" in out
+        and "1 files: 0 ok, 1 repaired" in out
+    )

@@ -42,7 +42,7 @@ def test_overlapping_same_pitch_cut_and_duplicates_dropped():
     q = 480
     # 60: the first is cut at the second's onset; 64: two at beat 0, the longer one kept
     assert notes_of(score) == [(0, q, 60, 70, 0), (0, 3 * q, 64, 110, 0), (q, 2 * q, 60, 90, 0)]
-    assert report.overlaps == 2
+    assert report.overlaps == 1 and report.duplicates == 1
 
 
 def test_out_of_range_fold_and_drop():
@@ -196,7 +196,7 @@ def test_fallback_reader_recovers_what_symusic_rejects(tmp_path):
 
 def test_report_lists_only_nonzero_repairs():
     _, report = read_midi(EDGE / "overlap_same_pitch.mid")
-    assert report.repairs == {"overlaps": 2}
+    assert report.repairs == {"duplicates": 1, "overlaps": 1}
     assert report.to_dict()["path"].endswith("overlap_same_pitch.mid")
 
 

@@ -15,8 +15,9 @@ Repairs, in order (each counted in :class:`RepairReport`):
    event far beyond the music), durations over ``MAX_DURATION_BEATS`` (clipped);
 4. zero/negative durations set to one grid step;
 5. pitches outside the vocabulary's range folded by octaves or dropped (``data.out_of_range``);
-6. overlapping same-pitch notes within one instrument family (the tokens cannot tell them apart):
-   exact duplicates dropped (the longest kept), earlier notes cut at the later onset;
+6. same-pitch notes within one instrument family (the tokens cannot tell them apart): duplicates
+   at one onset (e.g. two voices in unison) dropped but the longest, overlapping notes cut at
+   the later onset;
 7. tracks left without notes removed.
 
 Files of type 0 (one track: split by channel), 1 and 2 (independent sequences, overlaid as
@@ -61,14 +62,15 @@ class RepairReport:
     zero_duration: int = 0
     out_of_range_folded: int = 0
     out_of_range_dropped: int = 0
-    overlaps: int = 0
+    duplicates: int = 0  # same family, pitch and onset (e.g. two voices in unison): one kept
+    overlaps: int = 0  # same family and pitch, overlapping: the earlier note cut
     empty_tracks: int = 0
     polyphony_dropped: int = 0  # NOTE_ONs over data.polyphony_cap (counted by the tokenizer)
     notes: int = 0  # notes kept
 
     COUNTS = (
         "smpte", "drum_tracks", "velocity_zero", "absurd_ticks", "zero_duration",
-        "out_of_range_folded", "out_of_range_dropped", "overlaps", "empty_tracks",
+        "out_of_range_folded", "out_of_range_dropped", "duplicates", "overlaps", "empty_tracks",
         "polyphony_dropped",
     )  # fmt: skip
 
@@ -406,7 +408,9 @@ def repair(
         md.select(~still)
     # 6. same-pitch overlaps within one family
     if overlaps:
-        report.overlaps += resolve_overlaps(md, md.track_family(vc.num_instruments)[md.track])
+        dups, cuts = resolve_overlaps(md, md.track_family(vc.num_instruments)[md.track])
+        report.duplicates += dups
+        report.overlaps += cuts
     # 7. tracks without notes
     used = np.bincount(md.track, minlength=len(md.tracks)) > 0
     if not used.all():
@@ -430,11 +434,13 @@ def repair(
     return md
 
 
-def resolve_overlaps(md: MidiData, family: np.ndarray) -> int:
-    """Cut same-pitch notes of one family so they never overlap; returns the number changed."""
+def resolve_overlaps(md: MidiData, family: np.ndarray) -> tuple[int, int]:
+    """Cut same-pitch notes of one family so they never overlap.
+
+    Returns (duplicates dropped, notes cut)."""
     n = len(md.time)
     if n < 2:
-        return 0
+        return 0, 0
     key = family * 128 + md.pitch
     order = np.lexsort((-md.duration, md.time, key))  # by key, onset, longest first
     k, t, d = key[order], md.time[order], md.duration[order]
@@ -448,14 +454,14 @@ def resolve_overlaps(md: MidiData, family: np.ndarray) -> int:
     nxt_same = np.append(same[1:], False)
     nxt_t = np.append(t[1:], 0)
     cut = nxt_same & (t + d > nxt_t)
-    changed = int(dup.sum() + cut.sum())
-    if changed:
+    n_dup, n_cut = int(dup.sum()), int(cut.sum())
+    if n_dup or n_cut:
         d = np.where(cut, nxt_t - t, d)
         md.select(np.sort(order))
         new_d = np.empty(n, dtype=np.int64)
         new_d[order] = d
         md.duration = new_d[np.sort(order)]
-    return changed
+    return n_dup, n_cut
 
 
 def read_midi_data(

@@ -213,7 +213,8 @@ class Tokenizer:
 
         Sorted by (family, pitch, onset). Same-pitch notes of one family that collide on the
         grid are resolved as the tick-level repair does (equal onsets: the longest kept; else
-        the earlier note cut at the later onset) and counted in ``report.overlaps``.
+        the earlier note cut at the later onset) and counted in ``report.duplicates`` and
+        ``report.overlaps``.
 
         Raises:
             MidiReadError: the notes reach so far that the shifts alone would pass
@@ -251,7 +252,8 @@ class Tokenizer:
         if n_cut:
             off[:-1] = np.where(cut[:-1], on[1:], off[:-1])
         if report is not None and (n_dup or n_cut):
-            report.overlaps += n_dup + n_cut
+            report.duplicates += n_dup
+            report.overlaps += n_cut
             report.notes -= n_dup
         return fam, on, off, pitch, vel
 
