@@ -228,3 +228,30 @@ def test_history_carries_time_and_grammar_state(chorale, make_model):
     assert torch.equal(carried.tempo, stepped.tempo)
     assert torch.equal(carried.grammar[1], stepped.grammar[1])  # pitch onsets
     assert torch.equal(carried.grammar[0].sounding, stepped.grammar[0].sounding)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(ids, make_model):
+    model = make_model()
+    model.train()
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad()
+        model.set_gradient_checkpointing(enabled)
+        model(ids).logits.square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_weights_and_autocast(chorale, make_model):
+    model = make_model(attention="local").eval()
+    x = chorale[:, :40]
+    ref = model(x).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = model(x).logits
+    assert auto.dtype == torch.bfloat16 and (auto.float() - ref).abs().max() < 0.1
+    half = model.to(torch.bfloat16)
+    full = half(x).logits
+    steps = _incremental(half, x, [10] + [1] * 30)
+    assert steps.dtype == torch.bfloat16
+    assert (steps.float() - full.float()).abs().max() < 0.1

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from aurl.config import Config, ModelConfig, VocabConfig
 from aurl.data.grammar import Grammar, GrammarState
@@ -75,6 +76,12 @@ class MusicalTime(nn.Module):
         """``ids`` (B, T) -> (phase in beat 0..31, beat in bar 0..3, tempo bin or -1, ticks),
         each (B, T). ``ticks0``/``tempo0`` (B,) continue from an earlier call."""
         B, T = ids.shape
+        if T == 1 and tempo0 is not None and ticks0 is not None:  # generation: fewer ops
+            t = self.tempo_of[ids]  # (B, 1)
+            tempo = torch.where(t >= 0, t, tempo0[:, None])
+            cum = ticks0[:, None] + self.ticks[tempo + 1, self.shift[ids]]
+            r = self.ticks_per_beat
+            return (cum % r) * PHASE_BINS // r, (cum // r) % BEATS_PER_BAR, tempo, cum
         if tempo0 is None:
             tempo0 = torch.full((B,), -1, dtype=torch.long, device=ids.device)
         tempo_here = torch.cat([tempo0[:, None], self.tempo_of[ids]], dim=1)  # (B, 1+T)
@@ -249,6 +256,7 @@ class MusicTransformerVAEGAN(nn.Module):
         self.encoder = LatentEncoder(c, V) if vae else None
         self.conditioner = LatentConditioner(c) if vae else None
         self.discriminator = MultiScaleDiscriminator(c, V) if c.mode == "vae_gan" else None
+        self.grad_checkpointing = False
         self.loss_log_vars = (
             nn.Parameter(torch.zeros(len(self.LOSS_TERMS))) if auto_balance else None
         )
@@ -328,10 +336,18 @@ class MusicTransformerVAEGAN(nn.Module):
         key_mask = attention_mask.bool() if attention_mask is not None else None
         mask = self._mask(0, T, torch.arange(T, device=ids.device), key_mask)
         cos, sin = self.rotary.tables(0, T)
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin, mask)
+            if ckpt:  # keep only block inputs; recompute the inside during backward
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask)
         logits, h = self._logits(x)
         return ModelOutput(logits=logits, hidden=h, posterior=posterior, latents=latents)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in backward instead of storing its activations (training)."""
+        self.grad_checkpointing = enabled
 
     # -- incremental decoding ------------------------------------------------------------------
 
