@@ -368,44 +368,8 @@ def repair(
     if cfg.drums == "drop" and drum_tracks.any():
         report.drum_tracks += int(drum_tracks.sum())
         md.select(~drum_tracks[md.track])
-    # 2. velocity 0 (a silent note is no note); velocities are 1..127 from here on
-    silent = md.velocity <= 0
-    if silent.any():
-        report.velocity_zero += int(silent.sum())
-        md.select(~silent)
-    # 3. absurd ticks: negative, far beyond the music, or endless notes
-    bad = md.time < 0
-    # a silence longer than MAX_GAP_BEATS needs the notes to span at least that long
-    if len(md.time) and int(md.time.max()) - int(md.time.min()) > MAX_GAP_BEATS * md.tpq:
-        order = np.argsort(md.time, kind="stable")
-        t = md.time[order]
-        reach = np.maximum.accumulate(t + np.maximum(md.duration[order], 0))
-        gap = np.zeros(len(t), dtype=bool)
-        gap[1:] = t[1:] - reach[:-1] > MAX_GAP_BEATS * md.tpq
-        stray = np.zeros(len(t), dtype=bool)
-        stray[order] = np.logical_or.accumulate(gap)  # everything after the first huge silence
-        bad |= stray
-    if bad.any():
-        report.absurd_ticks += int(bad.sum())
-        md.select(~bad)
-    long = md.duration > MAX_DURATION_BEATS * md.tpq
-    if long.any():
-        report.absurd_ticks += int(long.sum())
-        md.duration = np.minimum(md.duration, MAX_DURATION_BEATS * md.tpq)
-    # 4. zero / negative durations -> one grid step
-    short = md.duration <= 0
-    if short.any():
-        report.zero_duration += int(short.sum())
-        md.duration = np.where(short, max(1, round(md.tpq / vc.steps_per_beat)), md.duration)
-    # 5. pitch range
-    out = (md.pitch < vc.pitch_min) | (md.pitch > vc.pitch_max)
-    if out.any():
-        if cfg.out_of_range == "fold":
-            md.pitch = np.where(out, fold_pitch(md.pitch, vc.pitch_min, vc.pitch_max), md.pitch)
-        still = (md.pitch < vc.pitch_min) | (md.pitch > vc.pitch_max)
-        report.out_of_range_dropped += int(still.sum())
-        report.out_of_range_folded += int((out & ~still).sum())
-        md.select(~still)
+    if len(md.time):
+        _repair_notes(md, report, cfg, vc)
     # 6. same-pitch overlaps within one family
     if overlaps:
         dups, cuts = resolve_overlaps(md, md.track_family(vc.num_instruments)[md.track])
@@ -413,7 +377,7 @@ def repair(
         report.overlaps += cuts
     # 7. tracks without notes
     used = np.bincount(md.track, minlength=len(md.tracks)) > 0
-    if not used.all():
+    if not used.all():  # (also after dropping drum tracks)
         empty_non_drum = ~used & ~(drum_tracks & (cfg.drums == "drop"))
         report.empty_tracks += int(empty_non_drum.sum())
         remap = np.cumsum(used) - 1
@@ -424,7 +388,8 @@ def repair(
         md.tracks = [t for t, u in zip(md.tracks, used) if u]
     # tempo: drop impossible events, keep the last one at each tick
     ok = np.isfinite(md.tempo_qpm) & (md.tempo_qpm > 0) & (md.tempo_time >= 0)
-    md.tempo_time, md.tempo_qpm = md.tempo_time[ok], md.tempo_qpm[ok]
+    if not ok.all():
+        md.tempo_time, md.tempo_qpm = md.tempo_time[ok], md.tempo_qpm[ok]
     if len(md.tempo_time) > 1:
         o = np.argsort(md.tempo_time, kind="stable")
         tt, tq = md.tempo_time[o], md.tempo_qpm[o]
@@ -432,6 +397,50 @@ def repair(
         md.tempo_time, md.tempo_qpm = tt[last], tq[last]
     report.notes = len(md.time)
     return md
+
+
+def _repair_notes(md: MidiData, report: RepairReport, cfg: DataConfig, vc: VocabConfig) -> None:
+    """Repairs 2-5 on a non-empty table; a few reductions first decide which can be needed."""
+    t_min, t_max = int(md.time.min()), int(md.time.max())
+    d_min, d_max = int(md.duration.min()), int(md.duration.max())
+    # 2. velocity 0 (a silent note is no note); velocities are 1..127 from here on
+    if int(md.velocity.min()) <= 0:
+        silent = md.velocity <= 0
+        report.velocity_zero += int(silent.sum())
+        md.select(~silent)
+    # 3. absurd ticks: negative, far beyond the music (a silence longer than MAX_GAP_BEATS,
+    # which needs the notes to span at least that long), or endless notes
+    max_gap = MAX_GAP_BEATS * md.tpq
+    if t_min < 0 or t_max - t_min > max_gap:
+        bad = md.time < 0
+        order = np.argsort(md.time, kind="stable")
+        t = md.time[order]
+        reach = np.maximum.accumulate(t + np.maximum(md.duration[order], 0))
+        gap = np.zeros(len(t), dtype=bool)
+        gap[1:] = t[1:] - reach[:-1] > max_gap
+        stray = np.zeros(len(t), dtype=bool)
+        stray[order] = np.logical_or.accumulate(gap)  # everything after the first huge silence
+        bad |= stray
+        if bad.any():
+            report.absurd_ticks += int(bad.sum())
+            md.select(~bad)
+    if d_max > MAX_DURATION_BEATS * md.tpq:
+        report.absurd_ticks += int((md.duration > MAX_DURATION_BEATS * md.tpq).sum())
+        md.duration = np.minimum(md.duration, MAX_DURATION_BEATS * md.tpq)
+    # 4. zero / negative durations -> one grid step
+    if d_min <= 0:
+        short = md.duration <= 0
+        report.zero_duration += int(short.sum())
+        md.duration = np.where(short, max(1, round(md.tpq / vc.steps_per_beat)), md.duration)
+    # 5. pitch range
+    if len(md.pitch) and (md.pitch.min() < vc.pitch_min or md.pitch.max() > vc.pitch_max):
+        out = (md.pitch < vc.pitch_min) | (md.pitch > vc.pitch_max)
+        if cfg.out_of_range == "fold":
+            md.pitch = np.where(out, fold_pitch(md.pitch, vc.pitch_min, vc.pitch_max), md.pitch)
+        still = (md.pitch < vc.pitch_min) | (md.pitch > vc.pitch_max)
+        report.out_of_range_dropped += int(still.sum())
+        report.out_of_range_folded += int((out & ~still).sum())
+        md.select(~still)
 
 
 def resolve_overlaps(md: MidiData, family: np.ndarray) -> tuple[int, int]:
