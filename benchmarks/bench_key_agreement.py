@@ -16,6 +16,7 @@ corpus:
   tonic and mode.
 
 Run:  .venv/bin/python benchmarks/bench_key_agreement.py [--limit N] [--profile NAME]
+          [--final-bass-weight W]
 """
 
 from __future__ import annotations
@@ -49,20 +50,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=0, help="first N chorales only (0: all)")
     parser.add_argument("--profile", default=None, help="key profile (default: aurl's default)")
+    parser.add_argument(
+        "--final-bass-weight", type=float, default=None, help="key-finder final-bass cue"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write per-file results here")
     args = parser.parse_args(argv)
 
-    from aurl.analysis.keys import DEFAULT_PROFILE, estimate_key, parse_key
+    from aurl.analysis.keys import DEFAULT_PROFILE, FINAL_BASS_WEIGHT, estimate_key, parse_key
     from aurl.data.notes import notes_from_file
 
     profile = args.profile or DEFAULT_PROFILE
+    weight = FINAL_BASS_WEIGHT if args.final_bass_weight is None else args.final_bass_weight
     files = json.loads((CORPUS / "manifest.json").read_text())["files"]
     if args.limit:
         files = files[: args.limit]
     rows = []
     t0 = time.perf_counter()
     for entry in files:
-        ours = estimate_key(notes_from_file(CORPUS / entry["file"]), profile=profile)
+        ours = estimate_key(
+            notes_from_file(CORPUS / entry["file"]), profile=profile, final_bass_weight=weight
+        )
         m21_name, sharps, sig_name = source_keys(entry["source"])
         rows.append(
             {
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 "music21": m21_name,
                 "signature_sharps": sharps,
                 "signature_key": sig_name,
-                "agree_music21": ours == parse_key(m21_name) or ours.name == m21_name,
+                "agree_music21": ours.index == parse_key(m21_name).index,
                 "agree_signature": ours.sharps == sharps or {ours.sharps, sharps} == {6, -6},
                 # Dorian pieces were notated with one flat fewer than their minor key and
                 # Mixolydian ones with one sharp fewer than their major key
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 or (ours.sharps - sharps == (-1 if ours.mode == "minor" else 1)),
                 "agree_signature_key": None
                 if sig_name is None
-                else ours.name == parse_key(sig_name).name,
+                else ours.index == parse_key(sig_name).index,
             }
         )
     n = len(rows)
@@ -88,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     modal = sum(r["agree_signature_modal"] for r in rows)
     with_mode = [r for r in rows if r["agree_signature_key"] is not None]
     sig_key = sum(r["agree_signature_key"] for r in with_mode)
-    print(f"chorales {n}  profile {profile}  seconds {time.perf_counter() - t0:.0f}")
+    print(
+        f"chorales {n}  profile {profile}  final-bass weight {weight}  seconds {time.perf_counter() - t0:.0f}"
+    )
     print(f"agree with music21 analyze('key')      {m21}/{n} = {m21 / n:.1%}")
     print(f"agree with key signature (or relative) {sig}/{n} = {sig / n:.1%}")
     print(f"  ... or its modal (Dorian/Mixolydian) reading {modal}/{n} = {modal / n:.1%}")
