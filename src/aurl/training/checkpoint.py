@@ -144,6 +144,7 @@ def save_checkpoint(
         CheckpointError: when writing fails (e.g. the disk is full); the partial folder is
             removed and every earlier checkpoint stays intact.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     root = Path(run_dir) / "checkpoints"
@@ -189,13 +190,13 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync(root)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # e.g. ENOSPC / EFBIG, however wrapped
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         keep = f"; {previous} is intact" if previous else ""
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise CheckpointError(
-            f"could not write checkpoint {final}: {e.strerror or e}{keep}; free disk space and "
-            "resume"
+            f"could not write checkpoint {final}: {reason}{keep}; free disk space and resume"
         ) from e
     return final
 

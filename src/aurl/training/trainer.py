@@ -43,6 +43,7 @@ class TrainResult:
     best_valid_loss: float | None
     stopped: str  # "max_steps", "early_stopping" or "time_budget"
     run_dir: Path
+    model: torch.nn.Module | None = None  # the trained model (unwrapped), on its device
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +351,9 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
     stopped = "max_steps"
     t0 = time.perf_counter()
     prev_state: dict[str, torch.Tensor] | None = None
+    model: torch.nn.Module | None = None
+    if step >= ends[-1]:
+        log(f"step {step}: the run is already complete (raise training.max_steps to go on)")
 
     for stage, (mode, steps) in enumerate(plan):
         stage_start = ends[stage] - steps
@@ -427,7 +431,11 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
             loss_sum = torch.zeros((), device=device)
             tokens = 0
             for micro in range(t.grad_accum):
-                next_batch = next(batches)
+                # a DataLoader draws its workers' base seed from the global torch RNG whenever it
+                # starts an epoch; isolated here so that a resumed run, which starts one at a
+                # different step, keeps the same dropout stream as an uninterrupted run
+                with torch.random.fork_rng(devices=[]):
+                    next_batch = next(batches)
                 batch = {
                     k: next_batch[k].to(device, non_blocking=True)
                     for k in ("ids", "attention_mask")
@@ -562,7 +570,7 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
         monitor.line(f"done step {step} stopped {stopped} loss {last_loss:.4f}"
                      + (f" best valid {best_valid:.4f}" if best_valid is not None else ""))  # fmt: skip
         monitor.close()
-    return TrainResult(step, last_loss, valid_loss, best_valid, stopped, run_dir)
+    return TrainResult(step, last_loss, valid_loss, best_valid, stopped, run_dir, model)
 
 
 def _memory(device: torch.device) -> dict[str, float]:

@@ -1,0 +1,78 @@
+"""Exact resumption: N steps, kill -9, resume for N more == 2N steps in one go (bitwise, CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from aurl.training.checkpoint import list_checkpoints, load_checkpoint
+from aurl.training.trainer import train
+
+N = 4
+
+# Runs the same training in a child process whose save at step N blocks after the checkpoint is
+# complete (and announces it), so that the parent's SIGKILL lands at a known point.
+CHILD = """
+import sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads({threads})
+from aurl.config import load_config
+from aurl.training import checkpoint, trainer
+original = checkpoint.save_checkpoint
+def save_then_hang(run_dir, *, step, **kw):
+    path = original(run_dir, step=step, **kw)
+    if step == {n}:
+        Path("{marker}").touch()
+        time.sleep(600)
+    return path
+checkpoint.save_checkpoint = save_then_hang
+trainer.train(load_config("{config}"), "{run}", echo=lambda line: None)
+"""
+
+
+def test_kill_9_then_resume_is_bitwise_identical(fixture_cache, tmp_path, tiny_config):
+    # dropout and augmentation on: their RNG streams must resume exactly too
+    cfg = tiny_config(
+        fixture_cache, f"training.max_steps={2 * N}", f"training.save_every={N}",
+        "training.eval_every=100", "model.dropout=0.1", "data.augment.transpose_prob=0.5",
+        "data.augment.velocity_prob=0.5",
+    )  # fmt: skip
+    straight = train(cfg, tmp_path / "straight", echo=lambda line: None)
+
+    run, marker = tmp_path / "killed", tmp_path / "saved"
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    code = CHILD.format(threads=torch.get_num_threads(), n=N, marker=marker,
+                        config=tmp_path / "cfg.yaml", run=run)  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the child never reached its checkpoint"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stderr.close()
+    assert [p.name for p in list_checkpoints(run)] == [f"step-{N:07d}"]
+
+    resumed = train(cfg, run, echo=lambda line: None)  # picks up step N from the folder
+    assert resumed.step == straight.step == 2 * N
+    assert resumed.train_loss == straight.train_loss  # bitwise
+    a = load_file(str(list_checkpoints(tmp_path / "straight")[-1] / "model.safetensors"))
+    b = load_file(str(list_checkpoints(run)[-1] / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the optimizer moments too
+    sa = load_checkpoint(list_checkpoints(tmp_path / "straight")[-1]).train_state["optimizers"]
+    sb = load_checkpoint(list_checkpoints(run)[-1]).train_state["optimizers"]
+    for pa, pb in zip(sa["model"]["state"].values(), sb["model"]["state"].values()):
+        assert torch.equal(pa["exp_avg"], pb["exp_avg"])

@@ -1,0 +1,166 @@
+"""The training loop end to end on real token caches, its schedules, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from aurl.cli import main
+from aurl.config import load_config
+from aurl.data.cache import prepare
+from aurl.errors import CheckpointError, ConfigError, DataError
+from aurl.training.checkpoint import best_checkpoints, list_checkpoints, load_checkpoint
+from aurl.training.monitor import AnomalyDetector
+from aurl.training.trainer import gan_schedule, lr_at, train
+
+FIXTURE_MIDI = Path(__file__).parents[1] / "fixtures" / "midi"
+
+
+def records(run, kind):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_lr_schedule_exact_values():
+    kw = dict(lr=1.0, warmup=4, total=14, min_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.25)  # linear warmup: (step + 1) / warmup
+    assert lr_at(3, **kw) == pytest.approx(1.0)
+    assert lr_at(4, **kw) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_at(9, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert lr_at(14, **kw) == pytest.approx(0.1)
+    assert lr_at(0, lr=1.0, warmup=0, total=10, min_ratio=0.0) == pytest.approx(1.0)
+
+
+def test_gan_schedule_warmup_then_ramp():
+    cfg = load_config(overrides=["training.disc_warmup_steps=10", "loss.adv_weight=0.1"])
+    assert gan_schedule(cfg, 5).adv_weight == 0.0  # discriminator warm-up: no adversarial signal
+    assert gan_schedule(cfg, 15).adv_weight == pytest.approx(0.05)
+    assert gan_schedule(cfg, 25).adv_weight == pytest.approx(0.1)
+    assert gan_schedule(cfg, 15).feature_matching_weight == pytest.approx(0.5)
+
+
+def test_anomaly_detector_actions():
+    det = AnomalyDetector(max_bad=3, spike_factor=3.0, warmup=3)
+    assert [det.check(2.0, 1.0)[0] for _ in range(4)] == ["ok"] * 4
+    assert det.check(float("nan"), 1.0) == ("skip", "nan_loss")
+    assert det.check(2.0, float("inf")) == ("skip", "nan_grad")
+    assert det.check(float("nan"), 1.0) == ("rollback", "nan_loss")  # third in a row
+    assert det.check(7.0, 1.0) == ("spike", "loss_spike")  # 7 > 3 x running mean 2
+    assert det.check(2.0, 10.0) == ("spike", "grad_spike")
+    det.check(float("nan"), 1.0)
+    det.check(2.0, 1.0)  # a good step resets the count: the next NaN only skips
+    assert det.check(float("nan"), 1.0)[0] == "skip"
+
+
+def test_tiny_run_loss_falls_and_is_logged(chorale_cache, tmp_path, tiny_config):
+    run = tmp_path / "run"
+    cfg = tiny_config(chorale_cache, "training.max_steps=40", "training.lr=3e-3",
+                      "training.eval_every=20", "training.save_every=20")  # fmt: skip
+    result = train(cfg, run, echo=lambda line: None)
+    train_recs = records(run, "train")
+    first = train_recs[0]["loss"]
+    last = sum(r["loss"] for r in train_recs[-5:]) / 5
+    # untrained, the loss is about ln(#ids the grammar allows) ~ 6; 40 steps must take 2 nats off
+    assert first > 5.5
+    assert last < first - 2.0, (first, last)
+    valid = records(run, "valid")
+    assert [r["step"] for r in valid] == [20, 40]
+    assert valid[-1]["loss"] < valid[0]["loss"]
+    assert valid[-1]["ppl"] == pytest.approx(math.exp(valid[-1]["loss"]))
+    assert 0 < valid[-1]["bits_per_note"] < 30
+    assert result.best_valid_loss == pytest.approx(valid[-1]["loss"])
+    assert {"lr", "grad_norm", "tok_per_s", "loss_ce"} <= set(train_recs[-1])
+    log = (run / "train.log").read_text()
+    assert re.search(r"^step 40 loss \d+\.\d{3} tok/s \S+ lr \d\.\de-\d\d", log, re.M)
+    assert re.search(r"^step 40 valid loss \d\.\d{3} ppl [\d.]+ bits/note [\d.]+", log, re.M)
+    assert any((run / "tb").iterdir())
+    assert load_config(run / "config.yaml") == cfg  # the resolved config beside the run
+    # the last checkpoint holds the final step and its validation loss
+    last_ckpt = load_checkpoint(list_checkpoints(run)[-1])
+    assert last_ckpt.step == 40
+    assert last_ckpt.metrics["valid_loss"] == pytest.approx(valid[-1]["loss"])
+
+
+def test_keeps_best_n_plus_last(fixture_cache, tmp_path, tiny_config):
+    run = tmp_path / "run"
+    cfg = tiny_config(fixture_cache, "training.max_steps=8", "training.eval_every=2",
+                      "training.save_every=2", "training.keep_best=1", "training.lr=1e-2")  # fmt: skip
+    train(cfg, run, echo=lambda line: None)
+    kept = list_checkpoints(run)
+    valid = {r["step"]: r["loss"] for r in records(run, "valid")}
+    best_step = min(valid, key=valid.get)
+    assert kept[-1].name == "step-0000008"
+    assert {p.name for p in kept} == {"step-0000008", f"step-{best_step:07d}"}
+    assert best_checkpoints(run, 1)[0].name == f"step-{best_step:07d}"
+
+
+def test_stages_transformer_vae_vae_gan(fixture_cache, tmp_path, tiny_config):
+    run = tmp_path / "run"
+    cfg = tiny_config(
+        fixture_cache, "training.stages=[[transformer, 2], [vae, 2], [vae_gan, 3]]",
+        "training.eval_every=100", "training.save_every=100", "training.disc_warmup_steps=1",
+        "loss.kl_anneal_steps=0",
+    )  # fmt: skip
+    result = train(cfg, run, echo=lambda line: None)
+    assert result.step == 7
+    recs = {r["step"]: r for r in records(run, "train")}
+    assert recs[2]["loss_kl"] == 0.0 and recs[4]["loss_kl"] > 0.0  # the VAE stage has a KL
+    assert recs[7]["loss_disc"] > 0.0 and recs[7]["loss_adv"] != 0.0  # the GAN stage
+    ckpts = [load_checkpoint(p) for p in list_checkpoints(run)]
+    assert [(c.step, c.config.model.mode) for c in ckpts[-1:]] == [(7, "vae_gan")]
+    # stage 2 started from stage 1's weights: the shared embedding moved on from there
+    assert result.model.discriminator is not None
+
+
+def test_early_stopping(fixture_cache, tmp_path, tiny_config):
+    cfg = tiny_config(fixture_cache, "training.max_steps=50", "training.eval_every=2",
+                      "training.patience=1", "training.min_delta=100")  # fmt: skip
+    result = train(cfg, tmp_path / "run", echo=lambda line: None)
+    # the first evaluation sets the best; the second cannot beat it by 100 nats: stop
+    assert (result.stopped, result.step) == ("early_stopping", 4)
+
+
+def test_bad_input_errors_before_training(fixture_cache, tmp_path, capsys, tiny_config):
+    with pytest.raises(DataError, match="--data"):
+        train(tiny_config(""), tmp_path / "a", echo=lambda line: None)
+    with pytest.raises(DataError, match="does not exist"):
+        train(tiny_config(tmp_path / "nope"), tmp_path / "a", echo=lambda line: None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="not a token cache"):
+        train(tiny_config(empty), tmp_path / "a", echo=lambda line: None)
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        train(tiny_config(fixture_cache, "training.precision=fp16", "training.device=cpu"),
+              tmp_path / "a", echo=lambda line: None)  # fmt: skip
+    # a cache tokenized with another vocabulary: the CLI says so in one line and exits 1
+    other = tmp_path / "other"
+    prepare(FIXTURE_MIDI, other, vocab_config=load_config(overrides=["vocab.velocity_bins=16"]).vocab,
+            workers=1)  # fmt: skip
+    code = main(["train", "--preset", "tiny", "--data", str(other), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and "velocity_bins" in err
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_resume_with_incompatible_config_is_refused(fixture_cache, tmp_path, tiny_config):
+    run = tmp_path / "run"
+    train(tiny_config(fixture_cache, "training.max_steps=2"), run, echo=lambda line: None)
+    bigger = tiny_config(fixture_cache, "training.max_steps=4", "model.d_model=48")
+    with pytest.raises(CheckpointError, match="model.d_model=32"):
+        train(bigger, run, echo=lambda line: None)
+    # a compatible change (more steps) resumes and goes on from step 2
+    result = train(tiny_config(fixture_cache, "training.max_steps=4"), run, echo=lambda line: None)
+    assert result.step == 4
+    assert "resuming from" in (run / "train.log").read_text()
+
+
+def test_bf16_autocast_on_cpu(fixture_cache, tmp_path, tiny_config):
+    cfg = tiny_config(fixture_cache, "training.max_steps=3", "training.precision=bf16")
+    result = train(cfg, tmp_path / "run", echo=lambda line: None)
+    assert math.isfinite(result.train_loss)
+    assert next(result.model.parameters()).dtype == torch.float32  # master weights stay fp32
