@@ -12,6 +12,8 @@ corpus:
 - ``modal``: the signature, or the same signature read as Dorian (our minor key has one flat
   more) or Mixolydian (our major key has one sharp more): chorale melodies in those modes kept
   their modal signature;
+- phrase ends (:func:`aurl.analysis.structure.phrase_boundaries`, the arrival notes) against
+  the soprano's fermatas, for the files whose repeats were not expanded;
 - ``signature+mode``: where the score's signature carries a mode (a music21 ``Key``), same
   tonic and mode.
 
@@ -31,11 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "src" / "aurl" / "data" / "bundled" / "bach-chorales"
 
 
-def source_keys(source: str) -> tuple[str, int, str | None]:
+def source_keys(score) -> tuple[str, int, str | None]:
     """(music21 analysed key name, key-signature sharps, signature key name or None)."""
     import music21
 
-    score = music21.corpus.parse(source)
     analysed = score.analyze("key")
     m21_name = f"{analysed.tonic.name.replace('-', 'b')} {analysed.mode}"
     sigs = list(score.recurse().getElementsByClass(music21.key.KeySignature))
@@ -44,6 +45,17 @@ def source_keys(source: str) -> tuple[str, int, str | None]:
     if sigs and isinstance(sigs[0], music21.key.Key) and sigs[0].mode in ("major", "minor"):
         sig_name = f"{sigs[0].tonic.name.replace('-', 'b')} {sigs[0].mode}"
     return m21_name, sharps, sig_name
+
+
+def fermatas(score) -> set[float]:
+    """Offsets (beats) of the soprano's fermata notes: the chorale's phrase ends."""
+    import music21
+
+    return {
+        float(n.offset)
+        for n in score.parts[0].flatten().notes
+        if any(isinstance(x, music21.expressions.Fermata) for x in n.expressions)
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write per-file results here")
     args = parser.parse_args(argv)
 
+    import music21
+
     from aurl.analysis.keys import DEFAULT_PROFILE, FINAL_BASS_WEIGHT, estimate_key, parse_key
+    from aurl.analysis.structure import phrase_boundaries
     from aurl.data.notes import notes_from_file
 
     profile = args.profile or DEFAULT_PROFILE
@@ -66,11 +81,20 @@ def main(argv: list[str] | None = None) -> int:
         files = files[: args.limit]
     rows = []
     t0 = time.perf_counter()
+    found = true_ends = hits = 0  # phrase ends: ours, the score's fermatas, both
     for entry in files:
-        ours = estimate_key(
-            notes_from_file(CORPUS / entry["file"]), profile=profile, final_bass_weight=weight
-        )
-        m21_name, sharps, sig_name = source_keys(entry["source"])
+        notes = notes_from_file(CORPUS / entry["file"])
+        ours = estimate_key(notes, profile=profile, final_bass_weight=weight)
+        score = music21.corpus.parse(entry["source"])
+        m21_name, sharps, sig_name = source_keys(score)
+        if entry.get("repeats") == "none":  # expanded repeats move the offsets
+            ends = {p.arrival for p in phrase_boundaries(notes)}
+            truth = fermatas(score)
+            found, true_ends, hits = (
+                found + len(ends),
+                true_ends + len(truth),
+                hits + len(ends & truth),
+            )
         rows.append(
             {
                 "file": entry["file"],
@@ -104,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     if with_mode:
         k = len(with_mode)
         print(f"agree with signature key incl. mode    {sig_key}/{k} = {sig_key / k:.1%}")
+    if true_ends:
+        print(
+            f"phrase ends vs soprano fermatas (files without repeats): recall "
+            f"{hits}/{true_ends} = {hits / true_ends:.1%}, precision {hits}/{found} = "
+            f"{hits / max(found, 1):.1%}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
