@@ -132,6 +132,7 @@ def test_cli_single_file_and_errors(tmp_path, capsys):
     assert main([*args, "--chords-per", "half-bar"]) == 0
     result = json.loads((out / "analysis.json").read_text())
     assert result["resolution"] == 2.0 and result["beats_per_bar"] == 4.0
+    assert main([*args, "--beats-per-bar", "-3"]) == 2  # a usage error
     assert main(["analyze", str(tmp_path / "missing"), "--out", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "bad.mid").write_bytes(b"not midi")

@@ -75,9 +75,11 @@ def run(args: argparse.Namespace) -> int:
         write_aggregate_report,
         write_report,
     )
-    from aurl.errors import AurlError, DataError
+    from aurl.errors import AurlError, ConfigError, DataError
     from aurl.progress import bar
 
+    if args.beats_per_bar < 0:
+        raise ConfigError(f"--beats-per-bar {args.beats_per_bar:g}: give a positive bar length")
     src, out = Path(args.path), Path(args.out)
     if src.is_dir():
         files = sorted(p for p in src.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES)
