@@ -34,6 +34,20 @@ class Dist:
         return self.world > 1
 
 
+class DDP(torch.nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel that also exposes the wrapped model's attributes.
+
+    The loss function reads ``model.discriminator``, ``model.loss_log_vars`` and so on; the
+    forward pass still goes through DDP so that gradients are averaged across processes.
+    """
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` under DDP -> this process's GPU."""
     if name == "auto":

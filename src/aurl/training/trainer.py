@@ -397,7 +397,7 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
             torch.manual_seed(hash((t.seed, d.rank, step)) % 2**63)
         train_model: torch.nn.Module = model
         if d.enabled:
-            train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model = distributed.DDP(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=mode != "transformer",
             )  # fmt: skip
