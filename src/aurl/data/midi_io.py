@@ -133,7 +133,9 @@ class MidiData:
         if len(self.tempo_time):
             mspq = np.round(60e6 / self.tempo_qpm).astype(np.int32)
             score.tempos = symusic.Tempo.from_numpy(self.tempo_time.astype(np.int32), mspq)
-        order = np.lexsort((self.pitch, self.time, self.track))
+        # group by track keeping (time, pitch) order within each: a stable 16-bit radix sort
+        order = np.argsort((self.time << 7) + self.pitch)  # by time, then pitch
+        order = order[np.argsort(self.track[order].astype(np.int16), kind="stable")]
         bounds = np.searchsorted(self.track[order], np.arange(len(self.tracks) + 1))
         for i, (name, program, drum) in enumerate(self.tracks):
             sel = order[bounds[i] : bounds[i + 1]]

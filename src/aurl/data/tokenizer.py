@@ -55,6 +55,11 @@ from aurl.errors import MidiReadError
 
 DECODE_TPQ = 480
 
+# Kind values as plain ints: comparing an array with an IntEnum member is much slower
+_K_NOTE_ON, _K_NOTE_OFF, _K_TIME_SHIFT = int(Kind.NOTE_ON), int(Kind.NOTE_OFF), int(Kind.TIME_SHIFT)
+_K_VELOCITY, _K_TEMPO, _K_INSTRUMENT = int(Kind.VELOCITY), int(Kind.TEMPO), int(Kind.INSTRUMENT)
+_K_SUSTAIN_ON, _K_SUSTAIN_OFF, _K_UNK = int(Kind.SUSTAIN_ON), int(Kind.SUSTAIN_OFF), int(Kind.UNK)
+
 # event categories, in their order within one family at one step
 _TEMPO, _SUSTAIN, _OFF, _ON = 0, 1, 2, 3
 
@@ -111,7 +116,8 @@ class Tokenizer:
         self.data_config = data_config or DataConfig()
         self.last_decode_unknown = 0
         # hot lookup tables, as plain arrays
-        self._kind = self.vocab.kind.astype(np.int64)
+        self._kind = self.vocab.kind.astype(np.int8)
+        self._bin_velocity = self.vocab.bin_velocity.astype(np.int64)
         self._value = self.vocab.value.astype(np.int64)
         # nearest tempo bin in log space = the bin whose log-midpoint interval holds log(qpm)
         log_t = np.log(self.vocab.bin_tempo)
@@ -344,31 +350,33 @@ class Tokenizer:
         ends = np.flatnonzero(ids == END)
         if len(ends):
             ids = ids[: ends[0]]
-        inside = (ids >= 0) & (ids < v.size)
-        k = np.where(inside, self._kind[np.where(inside, ids, 0)], Kind.UNK)
-        meaningful = (k != Kind.UNK) & (k != Kind.PAD) & (k != Kind.START)
-        unknown = int((~meaningful).sum()) - int(len(ids) > 0 and ids[0] == START)
-        ids, k = ids[meaningful], k[meaningful]
+        lead = int(len(ids) > 0 and ids[0] == START)
+        ids = ids[lead:]
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= v.size):
+            inside = (ids >= 0) & (ids < v.size)
+            k = np.where(inside, self._kind[np.where(inside, ids, 0)], _K_UNK)
+        else:
+            k = self._kind[ids]
+        meaningful = k >= _K_NOTE_ON  # START, END, PAD and UNK are the kinds below
+        unknown = len(ids) - int(np.count_nonzero(meaningful))
+        if unknown:
+            ids, k = ids[meaningful], k[meaningful]
         val = self._value[ids]
-        shift = np.where(k == Kind.TIME_SHIFT, val, 0)
+        shift = np.where(k == _K_TIME_SHIFT, val, 0)
         after = np.cumsum(shift)
         step = after - shift
         end_step = int(after[-1]) if len(after) else 0
-        idx = np.arange(len(ids))
-        last_fam = (
-            np.maximum.accumulate(np.where(k == Kind.INSTRUMENT, idx, -1)) if len(ids) else idx
-        )
-        fam = np.where(last_fam >= 0, val[np.maximum(last_fam, 0)], 0)
-        last_vel = np.maximum.accumulate(np.where(k == Kind.VELOCITY, idx, -1)) if len(ids) else idx
-        default_bin = int(v.velocity_bin(64))
-        vel = np.where(last_vel >= 0, val[np.maximum(last_vel, 0)], default_bin)
+        # forward fill: the family / velocity bin in force at each token (run index by cumsum)
+        is_fam, is_vel = k == _K_INSTRUMENT, k == _K_VELOCITY
+        fam = np.concatenate(([0], val[is_fam]))[np.cumsum(is_fam)]
+        vel = np.concatenate(([int(v.velocity_bin(64))], val[is_vel]))[np.cumsum(is_vel)]
 
-        # pair NOTE_ON/NOTE_OFF per (family, pitch) in token order
-        note = (k == Kind.NOTE_ON) | (k == Kind.NOTE_OFF)
-        key = (fam * 128 + val)[note]
-        o = np.argsort(key, kind="stable")
-        key_s, pos = key[o], np.flatnonzero(note)[o]
-        is_on = k[pos] == Kind.NOTE_ON
+        # pair NOTE_ON/NOTE_OFF per (family, pitch) in token order: sort by (key, position)
+        note_at = np.flatnonzero((k == _K_NOTE_ON) | (k == _K_NOTE_OFF))
+        key = ((fam[note_at] << 7) + val[note_at]) << 32  # positions < 2**32
+        o = np.argsort(key + note_at)
+        key_s, pos = key[o], note_at[o]
+        is_on = k[pos] == _K_NOTE_ON
         nxt_same = ~_last_of_run(key_s)
         nxt_pos = np.roll(pos, -1)
         on_at = np.flatnonzero(is_on)
@@ -379,15 +387,16 @@ class Tokenizer:
         keep = ~(retrig & (stop == start))  # re-struck at once: the first strike is nothing
         stop = np.maximum(stop, start + 1)
         p = pos[on_at][keep]
-        order = np.lexsort((val[p], start[keep]))
+        start, stop = start[keep], stop[keep]
+        order = np.argsort((start << 11) + (fam[p] << 7) + val[p])  # by onset, family, pitch
         p = p[order]
-        t_sel = k == Kind.TEMPO
-        s_sel = (k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF)
+        t_sel = k == _K_TEMPO
+        s_sel = (k == _K_SUSTAIN_ON) | (k == _K_SUSTAIN_OFF)
         return Decoded(
-            on=start[keep][order], off=stop[keep][order], pitch=val[p], velocity_bin=vel[p],
+            on=start[order], off=stop[order], pitch=val[p], velocity_bin=vel[p],
             family=fam[p], tempo_step=step[t_sel], tempo_bin=val[t_sel],
-            pedal_step=step[s_sel], pedal_family=fam[s_sel], pedal_on=k[s_sel] == Kind.SUSTAIN_ON,
-            unknown=max(unknown, 0),
+            pedal_step=step[s_sel], pedal_family=fam[s_sel], pedal_on=k[s_sel] == _K_SUSTAIN_ON,
+            unknown=unknown,
         )  # fmt: skip
 
     def decode_to_data(self, ids: np.ndarray) -> MidiData:
@@ -403,8 +412,12 @@ class Tokenizer:
         else:  # 120 BPM: a quarter is 0.5 s
             ticks_per_step = vc.step_seconds * 2 * DECODE_TPQ
             t_time, t_qpm = np.zeros(1, np.int64), np.array([120.0])
-        fams = np.union1d(d.family, d.pedal_family).astype(np.int64)
-        track_of = np.zeros(max(vc.num_instruments, 1), np.int64)
+        n_fam = max(vc.num_instruments, 1)
+        present = np.bincount(d.family, minlength=n_fam) + np.bincount(
+            d.pedal_family, minlength=n_fam
+        )
+        fams = np.flatnonzero(present)
+        track_of = np.zeros(n_fam, np.int64)
         track_of[fams] = np.arange(len(fams))
         drums = self.data_config.drums == "keep"
         tracks = [
@@ -412,13 +425,17 @@ class Tokenizer:
              bool(drums and f == DRUM_FAMILY))
             for f in fams.tolist()
         ]  # fmt: skip
-        on = np.round(d.on * ticks_per_step).astype(np.int64)
-        off = np.round(d.off * ticks_per_step).astype(np.int64)
+
+        def ticks(steps: np.ndarray) -> np.ndarray:
+            if float(ticks_per_step).is_integer():  # the default grid: exact integer ticks
+                return steps * int(ticks_per_step)
+            return np.round(steps * ticks_per_step).astype(np.int64)
+
+        on, off = ticks(d.on), ticks(d.off)
         return MidiData(
             tpq=DECODE_TPQ, time=on, duration=np.maximum(off - on, 1), pitch=d.pitch,
-            velocity=v.bin_velocity[d.velocity_bin].astype(np.int64), track=track_of[d.family],
-            tracks=tracks, tempo_time=t_time, tempo_qpm=t_qpm,
-            pedal_time=np.round(d.pedal_step * ticks_per_step).astype(np.int64),
+            velocity=self._bin_velocity[d.velocity_bin], track=track_of[d.family],
+            tracks=tracks, tempo_time=t_time, tempo_qpm=t_qpm, pedal_time=ticks(d.pedal_step),
             pedal_track=track_of[d.pedal_family], pedal_on=d.pedal_on,
         )  # fmt: skip
 
