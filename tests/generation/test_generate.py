@@ -137,8 +137,6 @@ def test_sliding_window_stays_valid(model, tokenizer, grammar) -> None:
     pieces = generate(model, cfg, num_samples=4)
     assert_valid(pieces, tokenizer, grammar)
     assert max(len(p.ids) for p in pieces) > 3 * 32
-    wide = generate(model, dataclasses.replace(cfg, window=512), num_samples=4)
-    assert any(not np.array_equal(x.ids, y.ids) for x, y in zip(pieces, wide))
 
 
 # -- constraints end to end ---------------------------------------------------------------------

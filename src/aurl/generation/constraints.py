@@ -332,8 +332,12 @@ class LogitMasker:
             all_started=state.all_started,
         )
 
-    def advance(self, state: MaskState, ids: torch.Tensor) -> MaskState:
-        """Advance by one generated token per row; ``ids`` is (B,)."""
+    def advance(self, state: MaskState, ids: torch.Tensor, grammar: Any = None) -> MaskState:
+        """Advance by one generated token per row; ``ids`` is (B,).
+
+        ``grammar``: the grammar state after ``ids`` when the caller already has it (the model
+        keeps one for its grammar features); advanced here otherwise.
+        """
         t, cons = self.t, self.constraints
         notes, seconds = state.notes, state.seconds
         if cons.density > 0 or not state.all_started:
@@ -342,7 +346,7 @@ class LogitMasker:
             sps = t.seconds_per_step[self._tempo_bin(state.grammar.tempo)]
             seconds = seconds + t.shift_steps[ids] * sps
         return MaskState(
-            grammar=self.grammar.advance(state.grammar, ids),
+            grammar=grammar if grammar is not None else self.grammar.advance(state.grammar, ids),
             step=state.step + 1,
             notes=notes,
             seconds=seconds,

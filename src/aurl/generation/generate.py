@@ -158,12 +158,11 @@ class _Context:
         """(Re)start the model on the tokens ``buffer[:, :n]`` (the last ``overlap`` of them if
         they do not fit the window); returns the logits (B, V) after them."""
         first = 0 if n <= self.window - 1 else n - self.overlap
+        # the tokens left behind still set the musical time and the grammar features
         self.state = self.model.init_state(
-            self.batch, device=buffer.device, latents=self.latents, capacity=self.window
-        )
-        if first > 0 and getattr(self.model, "time", None) is not None:
-            # carry the musical time (ticks, tempo) of the tokens left behind
-            _, self.state.ticks, self.state.tempo = self.model.time(buffer[:, :first])
+            self.batch, device=buffer.device, latents=self.latents, capacity=self.window,
+            history=buffer[:, :first] if first > 0 else None,
+        )  # fmt: skip
         return self.model.step(buffer[:, first:n], self.state)[:, -1]
 
     def next(self, buffer: torch.Tensor, n: int) -> torch.Tensor:
@@ -171,6 +170,12 @@ class _Context:
         if self.state.pos >= self.window:
             return self.start(buffer, n)
         return self.model.step(buffer[:, n - 1 : n], self.state)[:, -1]
+
+    def grammar_state(self) -> Any:
+        """The grammar state after every token fed so far, when the model keeps one (for its
+        grammar features), so the loop need not advance a second copy; else None."""
+        carried = getattr(self.state, "grammar", None)
+        return carried[0] if carried is not None else None
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.state = index_state(self.state, rows)
@@ -271,12 +276,12 @@ def _sample(
         ids = sample(filter_logits(masked, options, seen), options, generator)  # (B,)
         buffer[:, n] = ids
         n += 1
-        state = masker.advance(state, ids)
+        logits = ctx.next(buffer, n)  # one step past the last END at most: cheaper than a
+        state = masker.advance(state, ids, ctx.grammar_state())  # second grammar copy
         if seen is not None:
             seen[torch.arange(B, device=device), ids] = True
         if bool(masker.finished(state).all()):
             break
-        logits = ctx.next(buffer, n)
     return buffer[:, :n]
 
 
@@ -331,9 +336,9 @@ def _beam_search(
         ids = token.reshape(-1)
         buffer[:, n] = ids
         n += 1
-        state = masker.advance(state, ids)
+        logits = ctx.next(buffer, n)
+        state = masker.advance(state, ids, ctx.grammar_state())
         if bool(masker.finished(state).all()):
             break
-        logits = ctx.next(buffer, n)
     best = (scores / lengths.clamp(min=1.0)).argmax(dim=-1)  # (B,)
     return buffer[(base[:, 0] + best), :n]

@@ -1,0 +1,164 @@
+"""Generation speed: the full loop with grammar and constraints against the bare model step.
+
+Side by side in one process, alternating, same model, same number of steps:
+
+- bare: ``model.step`` + temperature sampling, nothing masked (the floor any loop pays);
+- grammar: :func:`aurl.generation.generate.generate` with no constraint (grammar always on);
+- constrained: ``generate`` with key, pitch range, tempo range, instrument set and density on.
+
+Tokens/s count every row of every step (B x steps). Overhead = 1 - loop / bare. Batch 8 against
+batch 1 throughput comes from the same runs. Cold start: ``aurl generate --max-tokens 512`` to a
+MIDI file on disk, as a fresh process, against ``python -c 'import torch'``.
+
+The model: ``--checkpoint DIR``, else the shipped model (``src/aurl/pretrained``), else a random
+model of the ``small`` preset (the shipped model's shape; speed does not depend on the weights).
+
+Run:  .venv/bin/python benchmarks/bench_generate.py [--threads 2] [--tokens 256] [--rounds 3]
+      [--checkpoint DIR] [--device cpu] [--skip-cold]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "src" / "aurl" / "pretrained"
+
+
+def model_folder(checkpoint: str | None, tmp: Path) -> tuple[Path, str]:
+    if checkpoint:
+        return Path(checkpoint), checkpoint
+    if (SHIPPED / "config.json").is_file():
+        return SHIPPED, "shipped"
+    import torch
+
+    from aurl.config import load_config
+    from aurl.models import build_model
+
+    torch.manual_seed(0)
+    build_model(load_config(preset="small")).save_pretrained(tmp / "small")
+    return tmp / "small", "random small preset"
+
+
+def bare_loop(model, batch: int, tokens: int, device) -> float:
+    """Seconds for ``tokens`` steps of model.step + sampling, no masks."""
+    import torch
+
+    from aurl.generation.sampling import SamplingOptions, filter_logits, sample
+
+    opts = SamplingOptions()
+    gen = torch.Generator(device=device).manual_seed(0)
+    state = model.init_state(batch, device=device, capacity=tokens + 2)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    logits = model.step(ids, state)[:, -1]
+    for _ in range(tokens):
+        nxt = sample(filter_logits(logits.float(), opts), opts, gen)
+        logits = model.step(nxt[:, None], state)[:, -1]
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def full_loop(model, batch: int, tokens: int, constrained: bool, device) -> tuple[float, int]:
+    """Seconds and steps of ``generate`` (stops early only if every row ends)."""
+    from aurl.config import GenerationConfig
+    from aurl.generation.generate import generate
+
+    extra = {}
+    if constrained:
+        extra = dict(key="C major", pitch_low=48, pitch_high=84, tempo_range=(80.0, 140.0),
+                     instruments=(0, 5), density=2.0)  # fmt: skip
+    cfg = GenerationConfig(max_tokens=tokens, seed=0, window=tokens + 16, **extra)
+    sync(device)
+    t0 = time.perf_counter()
+    pieces = generate(model, cfg, num_samples=batch)
+    sync(device)
+    return time.perf_counter() - t0, max(len(p.generated) for p in pieces)
+
+
+def sync(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cold_start(folder: Path, tmp: Path, rounds: int) -> dict[str, float]:
+    py = sys.executable
+    base, cmd = [], []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        subprocess.run([py, "-c", "import torch"], check=True)
+        base.append(time.perf_counter() - t0)
+        out = tmp / f"cold{r}"
+        argv = [py, "-m", "aurl", "generate", "--checkpoint", str(folder), "--max-tokens", "512",
+                "--out", str(out)]  # fmt: skip
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True, capture_output=True)
+        cmd.append(time.perf_counter() - t0)
+        assert any(out.glob("*.mid"))
+    return {"import_torch_s": min(base), "aurl_generate_512_s": min(cmd)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-cold", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from aurl.models import MusicTransformerVAEGAN
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        folder, label = model_folder(args.checkpoint, tmp)
+        model = MusicTransformerVAEGAN.from_pretrained(folder, map_location=args.device).eval()
+        print(f"model {label}: {model.parameter_counts()['total']:,} parameters, "
+              f"device {args.device}, threads {args.threads}")  # fmt: skip
+        results: dict[str, dict[str, float]] = {}
+        for batch in (1, 8):
+            full_loop(model, batch, 16, True, args.device)  # warm-up
+            best = {"bare": float("inf"), "grammar": float("inf"), "constrained": float("inf")}
+            for _ in range(args.rounds):  # alternate so load changes hit all three alike
+                t = bare_loop(model, batch, args.tokens, args.device)
+                best["bare"] = min(best["bare"], t / args.tokens)
+                for name in ("grammar", "constrained"):
+                    t, steps = full_loop(model, batch, args.tokens, name == "constrained",
+                                         args.device)  # fmt: skip
+                    best[name] = min(best[name], t / steps)
+            tps = {k: batch / v for k, v in best.items()}
+            results[f"batch{batch}"] = {
+                **{f"{k}_tok_s": round(v, 1) for k, v in tps.items()},
+                "grammar_overhead": round(1 - tps["grammar"] / tps["bare"], 3),
+                "constrained_overhead": round(1 - tps["constrained"] / tps["bare"], 3),
+            }
+            r = results[f"batch{batch}"]
+            print(f"batch {batch}: bare {r['bare_tok_s']} tok/s, grammar {r['grammar_tok_s']} "
+                  f"tok/s (overhead {r['grammar_overhead']:.1%}), constrained "
+                  f"{r['constrained_tok_s']} tok/s (overhead {r['constrained_overhead']:.1%})")  # fmt: skip
+        speedup = results["batch8"]["constrained_tok_s"] / results["batch1"]["constrained_tok_s"]
+        results["batch8_vs_batch1"] = {"throughput_ratio": round(speedup, 2)}
+        print(f"batch 8 vs 1 (constrained loop): {speedup:.2f}x tokens/s")
+        if not args.skip_cold:
+            results["cold_start"] = cold_start(folder, tmp, args.rounds)
+            c = results["cold_start"]
+            print(f"cold start: aurl generate 512 tokens -> MIDI {c['aurl_generate_512_s']:.2f} s "
+                  f"(import torch alone {c['import_torch_s']:.2f} s)")  # fmt: skip
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
