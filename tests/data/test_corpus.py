@@ -223,6 +223,7 @@ def test_badly_formed_repeats_are_skipped_with_the_reason():
 def test_manifest_is_json_with_the_documented_fields(bundled):
     entry = bundled["files"][0]
     assert set(entry) == {
-        "file", "source", "composer", "title", "duration_s", "notes", "tracks", "repeats", "split"
+        "file", "source", "composer", "title", "duration_s", "notes", "tracks", "repeats",
+        "warnings", "split",
     }  # fmt: skip
     assert json.loads(json.dumps(bundled)) == bundled

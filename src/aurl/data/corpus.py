@@ -14,7 +14,8 @@ reported. A runaway expansion (longer than ``max_repeat_factor`` times the writt
 ``max_minutes``) is capped: the score is written once through in its written order instead.
 
 Every corpus folder gets a ``manifest.json``: per file its source path inside music21's corpus,
-composer, title, duration in seconds, note count, how repeats were handled, and its split.
+composer, title, duration in seconds, note and track counts, how repeats were handled, music21's
+warnings while reading it, and its split.
 File names are deterministic: the source path with ``/`` turned into ``_`` and ``.mid``.
 """
 
@@ -24,6 +25,7 @@ import copy
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -213,13 +215,15 @@ def stream_to_score(
     Raises:
         ScoreSkipped: music21 cannot expand the repeats or the score has no notes.
     """
-    from music21 import repeat
+    from music21 import exceptions21, repeat
 
     written = float(stream.highestTime)
     try:
         score = _midi_score(stream)
     except repeat.ExpanderException as e:
         raise ScoreSkipped(f"music21 cannot expand its repeats ({e})") from e
+    except exceptions21.Music21Exception as e:
+        raise ScoreSkipped(f"music21 cannot write it as MIDI ({type(e).__name__}: {e})") from e
     if not score.tracks:
         raise ScoreSkipped("no notes")
     factor = _quarters(score) / written if written > 0 else 1.0
@@ -256,13 +260,17 @@ def convert_score(
     from music21 import converter
 
     path = Path(root or _corpus_root()) / source.path
-    try:
-        stream = converter.parse(str(path))
-    except Exception as e:  # music21 raises many types for a score it cannot read
-        raise ScoreSkipped(f"music21 cannot read it ({type(e).__name__}: {e})") from e
-    score, repeats = stream_to_score(
-        stream, max_repeat_factor=max_repeat_factor, max_minutes=max_minutes
-    )
+    # music21 warns about oddities of the score (overfull bars, ...): they go to the manifest,
+    # not to stderr, where they would tear through the progress bar.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            stream = converter.parse(str(path))
+        except Exception as e:  # music21 raises many types for a score it cannot read
+            raise ScoreSkipped(f"music21 cannot read it ({type(e).__name__}: {e})") from e
+        score, repeats = stream_to_score(
+            stream, max_repeat_factor=max_repeat_factor, max_minutes=max_minutes
+        )
     title = source.title or _title_of(stream) or Path(source.path).with_suffix("").as_posix()
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -277,6 +285,7 @@ def convert_score(
         "notes": int(sum(len(t.notes) for t in score.tracks)),
         "tracks": len(score.tracks),
         "repeats": repeats,
+        "warnings": list(dict.fromkeys(str(w.message).split("\n")[0][:200] for w in caught)),
     }
 
 
