@@ -201,8 +201,9 @@ class Tokenizer:
         order = np.argsort((((step << 5) + efam + 1) << 9) + (cat << 7) + sub)
         step, efam, cat, tok, vbin = step[order], efam[order], cat[order], tok[order], vbin[order]
 
-        if n > self.data_config.polyphony_cap and self._over_cap(cat):
-            dropped = self._cap_polyphony(order, cat, n, nt + npd)
+        first = self._first_over_cap(cat) if n > self.data_config.polyphony_cap else -1
+        if first >= 0:
+            dropped = self._cap_polyphony(order, cat, n, nt + npd, first)
             if report is not None:
                 report.polyphony_dropped += int(dropped.sum())
                 report.notes -= int(dropped.sum())
@@ -273,26 +274,32 @@ class Tokenizer:
             return _round_div(np.asarray(ticks, np.int64) * vc.steps_per_beat, md.tpq)
         return np.floor(md.seconds(ticks) / vc.step_seconds + 0.5).astype(np.int64)
 
-    def _over_cap(self, cat: np.ndarray) -> bool:
-        """Would any NOTE_ON (in token order) take the sounding count over the cap?"""
+    def _first_over_cap(self, cat: np.ndarray) -> int:
+        """Index of the first NOTE_ON (in token order) that takes the sounding count over the
+        cap, or -1."""
         delta = (cat == _ON).view(np.int8) - (cat == _OFF).view(np.int8)
-        return bool(np.cumsum(delta, dtype=np.int64).max() > self.data_config.polyphony_cap)
+        count = np.cumsum(delta, dtype=np.int32)
+        over = np.flatnonzero(count > self.data_config.polyphony_cap)
+        return int(over[0]) if len(over) else -1
 
-    def _cap_polyphony(self, order: np.ndarray, cat: np.ndarray, n: int, base: int) -> np.ndarray:
-        """Drop NOTE_ONs over the cap, in token order (a Python loop: only for rare files)."""
+    def _cap_polyphony(
+        self, order: np.ndarray, cat: np.ndarray, n: int, base: int, first: int
+    ) -> np.ndarray:
+        """Drop NOTE_ONs over the cap, in token order, from the first one over it on (a Python
+        loop over the rest of the events: only files denser than the cap pay for it)."""
         cap = self.data_config.polyphony_cap
-        dropped = np.zeros(n, bool)
-        count = 0
-        for j, c in zip(order.tolist(), cat.tolist()):
-            if c == _ON:
-                i = j - base - n
+        dropped = [False] * n
+        count = cap  # the count just before event ``first``, which would take it over
+        ons, offs = _ON, _OFF
+        for j, c in zip(order[first:].tolist(), cat[first:].tolist()):
+            if c == ons:
                 if count >= cap:
-                    dropped[i] = True
+                    dropped[j - base - n] = True
                 else:
                     count += 1
-            elif c == _OFF and not dropped[j - base]:
+            elif c == offs and not dropped[j - base]:
                 count -= 1
-        return dropped
+        return np.array(dropped, dtype=bool)
 
     def _assemble(self, step, efam, cat, tok, vbin, name: str) -> np.ndarray:
         """Sorted events -> ids: shifts, INSTRUMENT and VELOCITY tokens inserted (vectorized)."""
