@@ -21,9 +21,13 @@ quarter and the TEMPO events. ``seconds`` -- one step is ``step_seconds`` whatev
 TEMPO tokens are still written (they describe the music) but decoding writes 120 BPM, where a
 15.625 ms step is exactly 1/32 beat.
 
+Instruments: the family is the General MIDI program // 8; tracks of one family share its notes.
+Kept drums (``data.drums = "keep"``) use family 14 ("percussive": the vocabulary has no 17th
+family) and decode as a drum track; decoded tracks get the family's first program.
+
 Encoding rounds onsets and offsets to the nearest step (so each lands within half a step), gives
-every note at least one step, and within one family cuts a note at the next onset of the same
-pitch (the tokens cannot hold two). A NOTE_ON that would take the sounding notes over
+every note at least one step, and within one family keeps the longest of same-pitch notes at
+one step and cuts a note at the next onset of its pitch (the tokens cannot hold two). A NOTE_ON that would take the sounding notes over
 ``data.polyphony_cap`` is dropped (counted in the report), so every encoded file obeys the
 grammar (:mod:`aurl.data.grammar`).
 
