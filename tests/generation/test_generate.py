@@ -28,7 +28,7 @@ from aurl.generation.generate import (
 from aurl.models import build_model
 
 N = 100  # samples per strategy
-TOKENS = 64
+TOKENS = 40
 VOCAB = Vocab()
 POLY = GenerationConfig().polyphony_cap
 
@@ -99,7 +99,7 @@ def test_every_strategy_gives_valid_pieces(name, model, tokenizer, grammar, prim
 
 
 def test_beam_search_gives_valid_pieces(model, tokenizer, grammar, primers) -> None:
-    cfg = GenerationConfig(max_tokens=48, beam=3, window=64, window_overlap=16)
+    cfg = GenerationConfig(max_tokens=32, beam=3, window=64, window_overlap=16)
     pieces = generate(model, cfg, num_samples=N, primer=primers)
     assert_valid(pieces, tokenizer, grammar)
     assert all(np.array_equal(p.ids[:6], q) for p, q in zip(pieces, primers))
