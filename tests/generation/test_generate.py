@@ -219,6 +219,8 @@ def test_bad_requests_fail_before_generating(model) -> None:
         generate(model, GenerationConfig(key="X dorian"))
     with pytest.raises(ConstraintError, match="no note can be played"):
         generate(model, GenerationConfig(key="C major", pitch_low=61, pitch_high=61))
+    with pytest.raises(ConstraintError, match="breaks the grammar at token 1"):
+        generate(model, GenerationConfig(), primer=np.array([START, int(VOCAB.note_off_id(60))]))
     with pytest.raises(ConstraintError, match="primers for"):
         generate(model, GenerationConfig(), num_samples=3, primer=np.zeros((2, 4), np.int64))
 

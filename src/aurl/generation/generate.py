@@ -229,6 +229,14 @@ def generate(
     device = model.embed.weight.device
     masker = masker or make_masker(vocab, config, device)
     prefix = _prefix_tensor(primer, num_samples, device)
+    bad = masker.grammar.violations(prefix)  # (B, P) bool
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ConstraintError(
+            f"primer row {row} breaks the grammar at token {col} "
+            f"({vocab.names()[int(prefix[row, col])]}): encode primers with the tokenizer, "
+            f"with data.polyphony_cap <= generation.polyphony_cap ({config.polyphony_cap})"
+        )
     if latents is not None and latents.batch_size != num_samples:
         raise ConstraintError(f"{latents.batch_size} latents for {num_samples} samples")
     window = min(config.window, model.config.max_seq_len)
