@@ -285,3 +285,14 @@ def test_pieces_round_trip_through_midi_files(model, tokenizer, tmp_path) -> Non
         back = symusic.Score(str(path))
         notes = tokenizer.decode_to_notes(p.ids)
         assert back.note_num() == len(notes) > 0
+
+
+def test_long_limits_grow_the_buffer(model, monkeypatch) -> None:
+    import aurl.generation.generate as gen
+
+    monkeypatch.setattr(gen, "CHUNK", 16)  # a small chunk: the growth path runs within 40 tokens
+    small = generate(model, GenerationConfig(max_tokens=40, seed=2), num_samples=3)
+    monkeypatch.setattr(gen, "CHUNK", 4096)
+    large = generate(model, GenerationConfig(max_tokens=40, seed=2), num_samples=3)
+    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(small, large))
+    assert max(len(p.ids) for p in small) > 16

@@ -30,6 +30,7 @@ from aurl.progress import Progress, silent
 
 # Tokens the grammar may need past max_tokens to end cleanly (e.g. a NOTE_ON after a VELOCITY).
 END_SLACK = 8
+CHUNK = 4096  # the token buffer grows by this much: a limit in seconds may allow a great many
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,14 @@ class _Context:
         self.state = index_state(self.state, rows)
 
 
+def _room(buffer: torch.Tensor, n: int) -> torch.Tensor:
+    """``buffer`` with a free column at ``n`` (grown by :data:`CHUNK` columns of PAD)."""
+    if n < buffer.shape[1]:
+        return buffer
+    more = torch.full((buffer.shape[0], CHUNK), PAD, dtype=buffer.dtype, device=buffer.device)
+    return torch.cat([buffer, more], dim=1)
+
+
 def _prefix_tensor(primer: np.ndarray | None, batch: int, device: torch.device) -> torch.Tensor:
     """(B, P) prefix: START alone, or the primer (1-d shared, or 2-d one per row)."""
     if primer is None:
@@ -270,7 +279,7 @@ def _sample(
     options = sampling_options(config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     steps = config.max_tokens + END_SLACK
-    buffer = torch.full((B, P + steps), PAD, dtype=torch.long, device=device)
+    buffer = torch.full((B, P + min(steps, CHUNK)), PAD, dtype=torch.long, device=device)
     buffer[:, :P] = prefix
     state = masker.prime(masker.initial_state(B), prefix)
     ctx = _Context(model, latents, B, window, overlap)
@@ -282,6 +291,7 @@ def _sample(
     for _ in progress(range(steps), total=steps, desc="generate"):
         masked = masker.apply(logits.float(), state)
         ids = sample(filter_logits(masked, options, seen), options, generator)  # (B,)
+        buffer = _room(buffer, n)
         buffer[:, n] = ids
         n += 1
         logits = ctx.next(buffer, n)  # one step past the last END at most: cheaper than a
@@ -312,7 +322,7 @@ def _beam_search(
     if latents is not None:
         latents = index_state(latents, rows)
     steps = config.max_tokens + END_SLACK
-    buffer = torch.full((B * K, P + steps), PAD, dtype=torch.long, device=device)
+    buffer = torch.full((B * K, P + min(steps, CHUNK)), PAD, dtype=torch.long, device=device)
     buffer[:, :P] = prefix[rows]
     state = masker.prime(masker.initial_state(B * K), buffer[:, :P])
     ctx = _Context(model, latents, B * K, window, overlap)
@@ -342,6 +352,7 @@ def _beam_search(
         state = index_state(state, src)
         ctx.reorder(src)
         ids = token.reshape(-1)
+        buffer = _room(buffer, n)
         buffer[:, n] = ids
         n += 1
         logits = ctx.next(buffer, n)
