@@ -312,3 +312,53 @@ def test_random_off_grid_scores_within_half_a_step(spans, tpq, unit):
         assert len(got) == 1
         start = on / tpq if unit == "beat" else on / tpq * sec
         assert abs(got[key][0] - start) <= step_beats / 2 + 1e-9
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.tuples(st.integers(0, 300), st.floats(60, 200)), min_size=1, max_size=6),
+    st.lists(st.tuples(st.integers(0, 300), st.booleans()), max_size=10),
+)
+def test_random_tempo_maps_and_pedals_round_trip(tempos, pedals):
+    tok = Tokenizer()
+    v = tok.vocab
+    score = make_score([(0, 15 * 320, 60, 80, 0)])  # one long note: the music spans the events
+    score.tempos = symusic.Tempo.from_numpy(
+        np.array([0] + [15 * s for s, _ in tempos], np.int32),
+        np.array([500000] + [round(60e6 / q) for _, q in tempos], np.int32),
+    )
+    score.tracks[0].controls = symusic.ControlChange.from_numpy(
+        np.array([15 * s for s, _ in pedals], np.int32), np.full(len(pedals), 64, np.uint8),
+        np.array([127 if on else 0 for _, on in pedals], np.uint8),
+    )  # fmt: skip
+    back = tok.decode_to_score(tok.encode_score(score))
+    # tempo: the bin in force at every step equals the original's (last event per tick wins)
+    md_in, _ = read_midi_data_from_score(score)
+    md_out, _ = read_midi_data_from_score(back)
+    for step in range(0, 330, 5):
+        want = tempo_at(md_in, step * 15)
+        got = tempo_at(md_out, step * 15)
+        assert int(v.tempo_bin(got)) == int(v.tempo_bin(want))
+    # pedal: the state in force at every step equals the original's
+    for step in range(0, 330, 3):
+        assert pedal_at(md_out, step * 15) == pedal_at(md_in, step * 15)
+
+
+def read_midi_data_from_score(score):
+    from aurl.data.midi_io import RepairReport, _from_symusic, repair
+
+    report = RepairReport()
+    return repair(_from_symusic(score), report), report
+
+
+def tempo_at(md, tick: int) -> float:
+    if len(md.tempo_time) == 0 or md.tempo_time[0] > tick:
+        return 120.0
+    return float(md.tempo_qpm[np.searchsorted(md.tempo_time, tick, "right") - 1])
+
+
+def pedal_at(md, tick: int) -> bool:
+    o = np.argsort(md.pedal_time, kind="stable")
+    t, on = md.pedal_time[o], md.pedal_on[o]
+    i = np.searchsorted(t, tick, "right") - 1
+    return bool(on[i]) if i >= 0 else False
