@@ -13,11 +13,13 @@ from aurl.cli import main
 from aurl.data.corpus import (
     BUNDLED_DIR,
     MANIFEST,
+    CorpusReport,
     ScoreSkipped,
     Source,
     build_corpus,
     convert_score,
     convert_sources,
+    drop_duplicates,
     list_sources,
     read_manifest,
     stream_to_score,
@@ -92,6 +94,21 @@ def test_cli_corpus_prints_a_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"wrote 350 MIDI files to {tmp_path} (350 copied, 0 converted)" in out
     assert "manifest:" in out and (tmp_path / MANIFEST).is_file()
+
+
+def test_identical_music_is_kept_once(tmp_path, bundled):
+    a, b = bundled["files"][:2]
+    twin = {**a, "file": "zz_twin.mid", "source": "elsewhere/twin.mxl"}
+    for entry, src in [(a, a), (b, b), (twin, a)]:
+        (tmp_path / entry["file"]).write_bytes((CHORALES / src["file"]).read_bytes())
+    report = CorpusReport("test", tmp_path, files=[a, b, twin])
+    drop_duplicates(report, copied_names={a["file"]})
+    assert [e["file"] for e in report.files] == [a["file"], b["file"]]
+    assert report.skipped == [
+        {"source": "elsewhere/twin.mxl", "reason": f"same music as {a['file']}"}
+    ]
+    assert (report.copied, report.converted) == (1, 1)
+    assert not (tmp_path / "zz_twin.mid").exists()
 
 
 def test_unknown_corpus_and_missing_manifest_are_data_errors(tmp_path):

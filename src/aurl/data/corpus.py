@@ -22,6 +22,7 @@ File names are deterministic: the source path with ``/`` turned into ``_`` and `
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -443,11 +444,12 @@ def build_corpus(
     sources = list_sources(name)
     report = CorpusReport(name=name, out=Path(out))
     to_convert = sources
+    copied_names: set[str] = set()
     if not rebuild:
         entries, skipped = _copy_bundled("bach-chorales", report.out, progress)
         report.files += entries
         report.skipped += skipped
-        report.copied = len(entries)
+        copied_names = {e["file"] for e in entries}
         done = {e["source"] for e in entries} | {s["source"] for s in skipped}
         to_convert = [s for s in sources if s.path not in done]
     if to_convert:
@@ -456,8 +458,31 @@ def build_corpus(
         )
         report.files += entries
         report.skipped += skipped
-        report.converted = len(entries)
     report.files.sort(key=lambda e: e["file"])
+    drop_duplicates(report, copied_names)
     report.skipped.sort(key=lambda s: s["source"])
     write_manifest(report, valid_fraction=valid_fraction, test_fraction=test_fraction)
     return report
+
+
+def drop_duplicates(
+    report: CorpusReport, copied_names: set[str] | frozenset[str] = frozenset()
+) -> None:
+    """Keep one file of each identical MIDI content (music21 ships some pieces twice, e.g.
+    Dichterliebe no. 2 as ``dichterliebe_no2`` and ``opus48no2``): a duplicate would land in
+    two splits and leak test music into training."""
+    first: dict[str, str] = {}
+    kept = []
+    for entry in report.files:  # sorted by name: the first name is kept
+        path = report.out / entry["file"]
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in first:
+            path.unlink()
+            reason = f"same music as {first[digest]}"
+            report.skipped.append({"source": entry["source"], "reason": reason})
+        else:
+            first[digest] = entry["file"]
+            kept.append(entry)
+    report.files = kept
+    report.copied = sum(e["file"] in copied_names for e in kept)
+    report.converted = len(kept) - report.copied
