@@ -86,16 +86,21 @@ def test_tiny_run_loss_falls_and_is_logged(chorale_cache, tmp_path, tiny_config)
     assert last_ckpt.metrics["valid_loss"] == pytest.approx(valid[-1]["loss"])
 
 
-def test_keeps_best_n_plus_last(fixture_cache, tmp_path, tiny_config):
+def test_cli_run_keeps_best_n_plus_last(fixture_cache, tmp_path, capsys):
     run = tmp_path / "run"
-    cfg = tiny_config(fixture_cache, "training.max_steps=8", "training.eval_every=2",
-                      "training.save_every=2", "training.keep_best=1", "training.lr=1e-2")  # fmt: skip
-    train(cfg, run, echo=lambda line: None)
+    code = main([
+        "train", "--preset", "tiny", "--data", str(fixture_cache), "--out", str(run),
+        "training.max_steps=6", "training.eval_every=3", "training.save_every=3",
+        "training.keep_best=1", "training.lr=1e-2", "data.window=64",
+    ])  # fmt: skip
+    assert code == 0
+    assert "step 6 loss" in capsys.readouterr().err  # plain log lines on stderr
     kept = list_checkpoints(run)
     valid = {r["step"]: r["loss"] for r in records(run, "valid")}
     best_step = min(valid, key=valid.get)
-    assert kept[-1].name == "step-0000008"
-    assert {p.name for p in kept} == {"step-0000008", f"step-{best_step:07d}"}
+    assert sorted(valid) == [3, 6]
+    assert kept[-1].name == "step-0000006"
+    assert {p.name for p in kept} == {"step-0000006", f"step-{best_step:07d}"}
     assert best_checkpoints(run, 1)[0].name == f"step-{best_step:07d}"
 
 
@@ -118,11 +123,12 @@ def test_stages_transformer_vae_vae_gan(fixture_cache, tmp_path, tiny_config):
 
 
 def test_early_stopping(fixture_cache, tmp_path, tiny_config):
-    cfg = tiny_config(fixture_cache, "training.max_steps=50", "training.eval_every=2",
+    cfg = tiny_config(fixture_cache, "training.max_steps=50", "training.eval_every=1",
                       "training.patience=1", "training.min_delta=100")  # fmt: skip
     result = train(cfg, tmp_path / "run", echo=lambda line: None)
     # the first evaluation sets the best; the second cannot beat it by 100 nats: stop
-    assert (result.stopped, result.step) == ("early_stopping", 4)
+    assert (result.stopped, result.step) == ("early_stopping", 2)
+    assert "step 2 stop early_stopping" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_bad_input_errors_before_training(fixture_cache, tmp_path, capsys, tiny_config):
@@ -164,3 +170,36 @@ def test_bf16_autocast_on_cpu(fixture_cache, tmp_path, tiny_config):
     result = train(cfg, tmp_path / "run", echo=lambda line: None)
     assert math.isfinite(result.train_loss)
     assert next(result.model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_grammar_masks_batched_equal_one_state_per_row(chorale_cache, tiny_config):
+    import dataclasses
+
+    import numpy as np
+
+    from aurl.data.cache import TokenCache
+    from aurl.data.dataset import build_loader
+    from aurl.data.grammar import Grammar, GrammarState
+    from aurl.data.vocab import Vocab
+    from aurl.training.trainer import grammar_masks
+
+    cfg = tiny_config(chorale_cache, "data.batch_size=8", "data.window=128")
+    cache, grammar = TokenCache(chorale_cache), Grammar(Vocab(), cfg.data.polyphony_cap)
+    loader = iter(build_loader(cache, cfg.data, seed=3, augment=False))
+    # a batch with windows from the start of a piece and from inside one
+    batch = next(b for b in loader if (b["offset"] > 0).any() and (b["offset"] == 0).any())
+    states = [
+        grammar.state_after(torch.as_tensor(np.asarray(cache.tokens(r)[:o], dtype=np.int64))[None])
+        if o else grammar.initial_state(1)
+        for r, o in zip(batch["index"].tolist(), batch["offset"].tolist())
+    ]  # fmt: skip
+    fields = dataclasses.fields(GrammarState)
+    state = GrammarState(
+        **{f.name: torch.cat([getattr(s, f.name) for s in states]) for f in fields}
+    )
+    expected = grammar.sequence_masks(batch["ids"], state)
+    assert torch.equal(grammar_masks(grammar, batch, cache), expected)
+    # without augmentation every real target is allowed by its window's masks
+    ids, mask = batch["ids"], batch["attention_mask"]
+    ok = expected[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
+    assert bool(ok[mask[:, 1:]].all())

@@ -171,23 +171,24 @@ class AnomalyDetector:
 # --------------------------------------------------------------------------------------------
 
 
-def sample_metrics(ids: np.ndarray, vocab, grammar=None) -> dict[str, float]:
-    """Musical-quality numbers of one generated sample (evaluation metrics when available)."""
-    from aurl.data.tokenizer import Tokenizer
+def sample_metrics(notes: np.ndarray, ids: np.ndarray, grammar=None) -> dict[str, float]:
+    """Musical-quality numbers of one generated sample, from :mod:`aurl.evaluation.metrics`.
 
-    out: dict[str, float] = {"tokens": float(len(ids))}
-    notes = Tokenizer(vocab.config).decode_to_notes(ids)
-    out["notes"] = float(len(notes))
-    from aurl.evaluation import metrics as m
+    ``pitch_class_entropy`` (bits), ``scale_consistency`` (fraction of notes in the best-fitting
+    major/minor scale), ``note_density`` (notes per beat), and ``grammar_valid`` (1 when the
+    grammar state machine accepts every token; ``grammar_violations`` counts the others).
+    """
+    from aurl.evaluation import metrics
 
-    for name in ("pitch_class_entropy", "scale_consistency", "note_density"):
-        fn = getattr(m, name, None)
-        if fn is not None:
-            out[name] = float(fn(notes))
+    out = {
+        "tokens": float(len(ids)),
+        "notes": float(len(notes)),
+        "pitch_class_entropy": float(metrics.pitch_class_entropy(notes)),
+        "scale_consistency": float(metrics.scale_consistency(notes)),
+        "note_density": float(metrics.note_density(notes)),
+    }
     if grammar is not None:
-        import torch
-
-        t = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
-        out["grammar_violations"] = float(grammar.count_violations(t))
-        out["grammar_valid"] = float(out["grammar_violations"] == 0)
+        violations = grammar.count_violations(np.asarray(ids, dtype=np.int64))
+        out["grammar_violations"] = float(violations)
+        out["grammar_valid"] = float(violations == 0)
     return out

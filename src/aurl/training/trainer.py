@@ -230,29 +230,32 @@ def grammar_masks(grammar, batch: dict[str, torch.Tensor], cache) -> torch.Tenso
     """(B, T, V) grammar masks of a batch of windows cut from longer pieces.
 
     A window starting at ``offset`` inside its piece is masked from the grammar state after the
-    piece's first ``offset`` tokens (``Grammar.state_after``), not from the initial state (which
-    would expect START and forbid nearly everything). Augmentation changes the window but not
-    the prefix, so after a transposition the state's sounding pitches are approximate; the loss
-    always counts the target as allowed, so this never gives an infinite loss.
+    piece's first ``offset`` tokens, not from the initial state (which would expect START and
+    forbid nearly everything). The prefixes go through ``Grammar.state_after`` in one batched
+    call, right-aligned behind PAD tokens, which change nothing but the "last token" fields
+    that the prefix's own last token then sets (tested against one call per row).
+    Augmentation changes the window but not the prefix, so after a transposition the state's
+    sounding pitches are approximate; the loss always counts the target as allowed, so this
+    never gives an infinite loss.
     """
-    from aurl.data.grammar import GrammarState
+    from aurl.data.vocab import PAD
 
-    ids = batch["ids"]
-    states = []
-    for row, off in zip(batch["index"].tolist(), batch["offset"].tolist()):
-        if off == 0:
-            states.append(grammar.initial_state(1, ids.device))
-            continue
-        prefix = torch.as_tensor(
-            np.asarray(cache.tokens(row)[:off], dtype=np.int64), device=ids.device
-        )
-        states.append(grammar.state_after(prefix[None]))  # (1, off) -> state of one row
-    state = GrammarState(
-        **{
-            f.name: torch.cat([getattr(s, f.name) for s in states])
-            for f in dataclasses.fields(GrammarState)
-        }
-    )
+    ids, offsets = batch["ids"], batch["offset"].tolist()
+    B, L = ids.shape[0], max(offsets)
+    state = grammar.initial_state(B, ids.device)
+    if L > 0:
+        prefix = torch.full((B, L), PAD, dtype=torch.long)  # (B, L), right-aligned prefixes
+        for r, (row, off) in enumerate(zip(batch["index"].tolist(), offsets)):
+            if off:
+                prefix[r, L - off :] = torch.from_numpy(
+                    np.asarray(cache.tokens(row)[:off], dtype=np.int64)
+                )
+        after = grammar.state_after(prefix.to(ids.device))
+        has = torch.tensor([off > 0 for off in offsets], device=ids.device)
+        for f in dataclasses.fields(state):
+            a, b = getattr(after, f.name), getattr(state, f.name)
+            keep = has.view(B, *([1] * (a.dim() - 1)))
+            setattr(state, f.name, torch.where(keep, a, b))
     return grammar.sequence_masks(ids, state)
 
 
@@ -541,7 +544,7 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
                     monitor.line(f"step {step} valid loss {v['loss']:.3f} ppl {v['ppl']:.2f} "
                                  f"bits/note {v['bits_per_note']:.3f}")  # fmt: skip
             if monitor and t.sample_every and step % t.sample_every == 0:
-                _sample(model, stage_cfg, step, run_dir, monitor, grammar, device)
+                _sample(model, stage_cfg, step, run_dir, monitor, grammar)
 
             out_of_time = t.max_minutes > 0 and (time.perf_counter() - t0) / 60 >= t.max_minutes
             out_of_time = distributed.any_flag(out_of_time, d)
@@ -591,26 +594,24 @@ def _enable_grad_checkpointing(model: torch.nn.Module) -> None:
     fn(True)
 
 
-def _sample(
-    model, cfg: Config, step: int, run_dir: Path, monitor: Monitor, grammar, device
-) -> None:
-    """A short sample saved as MIDI with its musical numbers (monitoring only)."""
+def _sample(model, cfg: Config, step: int, run_dir: Path, monitor: Monitor, grammar) -> None:
+    """A short sample (``aurl.generation``, temperature 1) saved as MIDI with its numbers."""
     from aurl.data.tokenizer import Tokenizer
-    from aurl.data.vocab import Vocab
-    from aurl.generation import generate_ids
+    from aurl.generation.generate import generate
     from aurl.training.monitor import sample_metrics
 
-    vocab = Vocab(cfg.vocab)
     was = model.training
     model.eval()
     gen = dataclasses.replace(cfg.generation, max_tokens=cfg.training.sample_tokens, seed=step)
-    ids = generate_ids(model, gen, cfg.vocab)
+    # generation seeds its own sampler; the training RNG streams must not move
+    with torch.random.fork_rng(devices=[]):
+        ids = generate(unwrap(model), gen, num_samples=1)[0].ids
     model.train(was)
-    ids = np.asarray(ids).reshape(-1)
     out = run_dir / "samples" / f"step-{step:07d}.mid"
     out.parent.mkdir(parents=True, exist_ok=True)
-    Tokenizer(cfg.vocab, cfg.data).decode_to_midi(ids, out)
-    values = sample_metrics(ids, vocab, grammar)
+    tokenizer = Tokenizer(cfg.vocab, cfg.data)
+    tokenizer.decode_to_midi(ids, out)
+    values = sample_metrics(tokenizer.decode_to_notes(ids), ids, grammar)
     monitor.scalars(step, "sample", values)
     monitor.line(
         f"step {step} sample {out.name} " + " ".join(f"{k} {v:.3g}" for k, v in values.items())
