@@ -10,7 +10,8 @@ model), alternating baseline and ours, on the same tokenized Bach chorales:
   once the model, optimizer and data exist.
 - generate: batch 1, KV cache, 1024 new tokens, greedy (ours: ``init_state`` + ``step``;
   HF: ``generate``); tokens/s. ``--variants int8,bf16`` also times ours with weight-only int8
-  (:mod:`aurl.models.quantize`) or bf16 weights and cache.
+  (``aurl.models.quantize.quantize_int8``: int8 weights, bf16 activations and cache) or with
+  bf16 weights and cache.
 
 Run:  .venv/bin/python benchmarks/bench_model.py [--threads 2] [--steps 2] [--rounds 1]
       [--tokens 1024] [--only train|generate] [--variants int8,bf16]
@@ -133,14 +134,17 @@ def worker_generate(impl: str, tokens: int, variant: str) -> dict:
         model = quantize_int8(model)
     start = torch.zeros(1, 1, dtype=torch.long)  # START
     with torch.inference_mode():
-        run_generate(model, impl, start, 8)  # warm-up: first-call allocations, kernel choice
+        # warm-up (first-call allocations, kernel choice, compilation), same cache size
+        t_warm = time.perf_counter()
+        run_generate(model, impl, start, 8, tokens + 1)
+        t_warm = time.perf_counter() - t_warm
         t0 = time.perf_counter()
-        n = run_generate(model, impl, start, tokens)
+        n = run_generate(model, impl, start, tokens, tokens + 1)
         dt = time.perf_counter() - t0
-    return {"tokens_per_s": n / dt}
+    return {"tokens_per_s": n / dt, "warmup_s": t_warm}
 
 
-def run_generate(model, impl: str, start, tokens: int) -> int:
+def run_generate(model, impl: str, start, tokens: int, capacity: int) -> int:
     """Generate ``tokens`` greedy tokens after ``start``; returns how many came."""
     import torch
 
@@ -150,7 +154,7 @@ def run_generate(model, impl: str, start, tokens: int) -> int:
             min_new_tokens=tokens, do_sample=False, use_cache=True, pad_token_id=2,
         )  # fmt: skip
         return out.shape[1] - 1
-    state = model.init_state(1, capacity=tokens + 1)
+    state = model.init_state(1, capacity=capacity)
     tok = start
     for _ in range(tokens):
         tok = model.step(tok, state)[:, -1].argmax(-1, keepdim=True)
@@ -163,7 +167,11 @@ def run_worker(kind: str, impl: str, args) -> dict:
     if impl.startswith("aurl-"):
         cmd[cmd.index("--impl") + 1] = "aurl"
         cmd += ["--variant", impl.split("-", 1)[1]]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        print(f"{kind} {impl} failed: {tail[0]}", flush=True)
+        return {}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -175,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="alternating baseline/ours rounds")
     ap.add_argument("--only", choices=["train", "generate"], default=None)
     ap.add_argument(
-        "--variants", default="int8", help="also generate with these weights: int8,bf16 or ''"
+        "--variants",
+        default="int8",
+        help="also generate with: int8 (quantize_int8: int8 weights, bf16 activations), "
+        "bf16 (weights and cache); comma-separated, '' for none",
     )
     ap.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["train", "generate"], help=argparse.SUPPRESS)
@@ -201,13 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for impl in impls:
                 res = run_worker(kind, impl, args)
+                if not res:
+                    continue
                 line = " ".join(f"{k} {v:.4g}" for k, v in res.items())
                 print(f"{kind} round {r} {impl}: {line}", flush=True)
                 if impl not in best or res["tokens_per_s"] > best[impl]["tokens_per_s"]:
                     best[impl] = res
-        hf = best["hf"]
+        hf = best.get("hf")
         for impl in impls[1:]:
-            ours = best[impl]
+            ours = best.get(impl)
+            if hf is None or ours is None:
+                continue
             msg = f"{kind} {impl}/hf tokens/s ratio {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}"
             if kind == "train":
                 msg += f" peak-memory ratio {ours['peak_growth_mb'] / hf['peak_growth_mb']:.2f}"

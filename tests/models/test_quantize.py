@@ -14,7 +14,7 @@ def test_int8_linear_by_hand():
         lin.bias.copy_(torch.tensor([0.5, -1.0]))
     q = Int8Linear(lin)
     assert q.weight_int8[0].tolist() == [127, -64, 32, 0]  # round(w / (1 / 127))
-    x = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0]])  # fp32 activations work too (slowly)
     expected = (q.weight_int8.float() * q.scale[:, None]).sum(1) + lin.bias
     torch.testing.assert_close(q(x)[0], expected.detach())
 
@@ -23,10 +23,11 @@ def test_int8_model_close_to_float_and_cached(make_model, ids):
     model = make_model(attention="hierarchical").eval()
     q = quantize_int8(model)
     ref, got = model(ids).logits, q(ids).logits
-    assert (ref.softmax(-1) - got.softmax(-1)).abs().max() < 1e-3
+    assert got.dtype == torch.bfloat16
+    assert (ref.softmax(-1) - got.float().softmax(-1)).abs().max() < 1e-3
     assert model.head.weight is model.embed.weight  # the original stays tied and float
     state = q.init_state(3)
     steps = torch.cat(
         [q.step(ids[:, :9], state)] + [q.step(ids[:, t : t + 1], state) for t in range(9, 40)], 1
     )
-    torch.testing.assert_close(steps, got, atol=1e-5, rtol=1e-4)
+    assert (steps.float() - got.float()).abs().max() < 1e-2  # bf16 rounding, two orders

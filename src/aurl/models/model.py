@@ -454,9 +454,24 @@ class MusicTransformerVAEGAN(nn.Module):
             key_mask = state.key_mask.index_select(1, k_pos)
         mask = self._mask(start, T, k_pos, key_mask)
         cos, sin = self.rotary.tables(start, T)
-        for block, k_cache, v_cache in zip(self.blocks, state.k, state.v):
-            x = block(x, cos, sin, mask, (k_cache, v_cache, start, keys))
+        logits = self._decode_blocks(x, cos, sin, mask, state.k, state.v, start, keys)
         state.pos = start + T
+        return logits
+
+    def _decode_blocks(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        k: list[Tensor],
+        v: list[Tensor],
+        start: int,
+        keys: slice | Tensor,
+    ) -> Tensor:
+        """The blocks and the head over new positions, reading and filling the KV cache."""
+        for block, k_cache, v_cache in zip(self.blocks, k, v):
+            x = block(x, cos, sin, mask, (k_cache, v_cache, start, keys))
         return self._logits(x)[0]
 
     # -- VAE -----------------------------------------------------------------------------------
