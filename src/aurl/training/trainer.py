@@ -417,11 +417,13 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
             log(f"stage {stage + 1}/{len(plan)} mode {mode} steps {stage_start}-{ends[stage]} "
                 f"params {n_params / 1e6:.2f}M device {device} precision {t.precision} world {d.world}")  # fmt: skip
 
-        tokens_since, time_since = 0, time.perf_counter()
+        # throughput counts the training steps only (not validation, samples, checkpoints)
+        tokens_since, time_since, steps_since = 0, 0.0, 0
         # a rollback moves ``step`` back, so the loop runs on ``step``, not on a range
         for _ in progress(itertools.count(), total=ends[stage] - step, desc=f"train {mode}"):
             if step >= ends[stage]:
                 break
+            step_t0 = time.perf_counter()
             local = step - stage_start
             lr = lr_at(local, lr=t.lr, warmup=t.warmup_steps, total=steps, min_ratio=t.min_lr_ratio)
             lr *= lr_scale
@@ -514,20 +516,24 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
                 scaler.update()
             model.zero_grad(set_to_none=True)
             step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the step's kernels belong to its time
             tokens_since += tokens
+            time_since += time.perf_counter() - step_t0
+            steps_since += 1
             if action == "spike" and monitor:
                 monitor.event(step, what, "flagged", loss=float(loss_all), grad_norm=float(gnorm))
 
             if monitor and (step % t.log_every == 0 or step == ends[stage]):
-                now = time.perf_counter()
                 values = {
                     "loss": float(loss_all), "lr": lr, "grad_norm": float(gnorm),
-                    "tok_per_s": tokens_since / max(now - time_since, 1e-9),
+                    "tok_per_s": tokens_since / max(time_since, 1e-9),
+                    "step_s": time_since / max(steps_since, 1),
                     **{f"loss_{k}": v for k, v in parts.items()}, **_memory(device),
                 }  # fmt: skip
                 monitor.scalars(step, "train", values)
                 monitor.line(train_line(step, values))
-                tokens_since, time_since = 0, now
+                tokens_since, time_since, steps_since = 0, 0.0, 0
 
             evaluated = False
             metrics: dict[str, float] | None = None
