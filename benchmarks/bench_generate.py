@@ -7,20 +7,22 @@ Side by side in one process, alternating, same model, same number of steps:
 - constrained: ``generate`` with key, pitch range, tempo range, instrument set and density on.
 
 Tokens/s count every row of every step (B x steps). Overhead = 1 - loop / bare. Batch 8 against
-batch 1 throughput comes from the same runs. Cold start: ``aurl generate --max-tokens 512`` to a
+batch 1 throughput comes from the same runs. Times are the process's CPU time (all threads), which
+a machine shared with other jobs disturbs far less than wall time; ``--clock wall`` for wall time. Cold start: ``aurl generate --max-tokens 512`` to a
 MIDI file on disk, as a fresh process, against ``python -c 'import torch'``.
 
 The model: ``--checkpoint DIR``, else the shipped model (``src/aurl/pretrained``), else a random
 model of the ``small`` preset (the shipped model's shape; speed does not depend on the weights).
 
 Run:  .venv/bin/python benchmarks/bench_generate.py [--threads 2] [--tokens 256] [--rounds 3]
-      [--checkpoint DIR] [--device cpu] [--skip-cold]
+      [--checkpoint DIR] [--device cpu] [--clock cpu|wall] [--skip-cold]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -46,6 +48,9 @@ def model_folder(checkpoint: str | None, tmp: Path) -> tuple[Path, str]:
     return tmp / "small", "random small preset"
 
 
+CLOCK = time.process_time
+
+
 def bare_loop(model, batch: int, tokens: int, device) -> float:
     """Seconds for ``tokens`` steps of model.step + sampling, no masks."""
     import torch
@@ -57,13 +62,13 @@ def bare_loop(model, batch: int, tokens: int, device) -> float:
     state = model.init_state(batch, device=device, capacity=tokens + 2)
     ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     sync(device)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     logits = model.step(ids, state)[:, -1]
     for _ in range(tokens):
         nxt = sample(filter_logits(logits.float(), opts), opts, gen)
         logits = model.step(nxt[:, None], state)[:, -1]
     sync(device)
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def full_loop(model, batch: int, tokens: int, constrained: bool, device) -> tuple[float, int]:
@@ -77,10 +82,10 @@ def full_loop(model, batch: int, tokens: int, constrained: bool, device) -> tupl
                      instruments=(0, 5), density=2.0)  # fmt: skip
     cfg = GenerationConfig(max_tokens=tokens, seed=0, window=tokens + 16, **extra)
     sync(device)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     pieces = generate(model, cfg, num_samples=batch)
     sync(device)
-    return time.perf_counter() - t0, max(len(p.generated) for p in pieces)
+    return CLOCK() - t0, max(len(p.generated) for p in pieces)
 
 
 def sync(device) -> None:
@@ -90,21 +95,31 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def timed(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the child: user + system) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def cold_start(folder: Path, tmp: Path, rounds: int) -> dict[str, float]:
     py = sys.executable
     base, cmd = [], []
     for r in range(rounds):
-        t0 = time.perf_counter()
-        subprocess.run([py, "-c", "import torch"], check=True)
-        base.append(time.perf_counter() - t0)
+        base.append(timed([py, "-c", "import torch"]))
         out = tmp / f"cold{r}"
-        argv = [py, "-m", "aurl", "generate", "--checkpoint", str(folder), "--max-tokens", "512",
-                "--out", str(out)]  # fmt: skip
-        t0 = time.perf_counter()
-        subprocess.run(argv, check=True, capture_output=True)
-        cmd.append(time.perf_counter() - t0)
+        cmd.append(timed([py, "-m", "aurl", "generate", "--checkpoint", str(folder),
+                          "--max-tokens", "512", "--out", str(out)]))  # fmt: skip
         assert any(out.glob("*.mid"))
-    return {"import_torch_s": min(base), "aurl_generate_512_s": min(cmd)}
+    return {
+        "import_torch_wall_s": min(w for w, _ in base),
+        "import_torch_cpu_s": min(c for _, c in base),
+        "aurl_generate_512_wall_s": min(w for w, _ in cmd),
+        "aurl_generate_512_cpu_s": min(c for _, c in cmd),
+    }
 
 
 def main() -> None:
@@ -115,7 +130,10 @@ def main() -> None:
     ap.add_argument("--checkpoint")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-cold", action="store_true")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     import torch
 
@@ -127,7 +145,7 @@ def main() -> None:
         folder, label = model_folder(args.checkpoint, tmp)
         model = MusicTransformerVAEGAN.from_pretrained(folder, map_location=args.device).eval()
         print(f"model {label}: {model.parameter_counts()['total']:,} parameters, "
-              f"device {args.device}, threads {args.threads}")  # fmt: skip
+              f"device {args.device}, threads {args.threads}, {args.clock} clock")  # fmt: skip
         results: dict[str, dict[str, float]] = {}
         for batch in (1, 8):
             full_loop(model, batch, 16, True, args.device)  # warm-up
@@ -155,8 +173,9 @@ def main() -> None:
         if not args.skip_cold:
             results["cold_start"] = cold_start(folder, tmp, args.rounds)
             c = results["cold_start"]
-            print(f"cold start: aurl generate 512 tokens -> MIDI {c['aurl_generate_512_s']:.2f} s "
-                  f"(import torch alone {c['import_torch_s']:.2f} s)")  # fmt: skip
+            print(f"cold start: aurl generate 512 tokens -> MIDI {c['aurl_generate_512_wall_s']:.2f}"
+                  f" s wall, {c['aurl_generate_512_cpu_s']:.2f} s CPU (import torch alone "
+                  f"{c['import_torch_wall_s']:.2f} s wall, {c['import_torch_cpu_s']:.2f} s CPU)")  # fmt: skip
         print(json.dumps(results))
 
 

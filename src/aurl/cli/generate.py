@@ -58,6 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--soundfont", metavar="SF2", help="SoundFont for --format wav")
     o.add_argument("--force", action="store_true", help="overwrite existing files")
     o.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    o.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU threads (default 1: token-by-token decoding of a small batch gains little "
+        "from more, and loses much when other jobs share the cores)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -156,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
     check_free(paths, force=args.force)
 
     import torch
+
+    if args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: give 1 or more")
+    torch.set_num_threads(args.threads)
 
     from aurl.config import DataConfig
     from aurl.data.tokenizer import Tokenizer
