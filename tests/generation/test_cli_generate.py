@@ -57,13 +57,14 @@ def test_generate_writes_files_and_summaries(checkpoint, tmp_path, capsys) -> No
     assert (out / "sample_seed3_000.mid").read_bytes() == before
 
 
-def test_primer_continuation(checkpoint, tmp_path, capsys, fixtures_dir) -> None:
+def test_primer_continuation_in_the_primers_key(checkpoint, tmp_path, capsys, fixtures_dir):
     primer = fixtures_dir / "midi" / "bach_bwv269.mid"
     code, stdout, err = run(
         capsys, "--checkpoint", str(checkpoint), "--primer", str(primer), "--primer-seconds",
-        "3", "--max-tokens", "32", "--out", str(tmp_path),
+        "3", "--max-tokens", "32", "--key", "primer", "--out", str(tmp_path),
     )  # fmt: skip
     assert code == 0, err
+    assert "key of the primer: " in stdout and "(asked " in stdout
     assert symusic.Score(str(tmp_path / "sample_seed0_000.mid")).note_num() > 0
 
 
@@ -76,6 +77,7 @@ def test_primer_continuation(checkpoint, tmp_path, capsys, fixtures_dir) -> None
         (["--format", "mid,mp3"], "--format"),
         (["--format", "wav"], "--soundfont"),
         (["--variations", "x.mid"], "VAE model"),
+        (["--key", "primer"], "needs --primer"),
     ],
 )
 def test_bad_options_fail_with_one_line(checkpoint, tmp_path, capsys, extra, message) -> None:

@@ -8,6 +8,7 @@ when needed, so the command starts fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--beam", type=int, metavar="B", help="beam search with B beams")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c = p.add_argument_group("constraints")
-    c.add_argument("--key", metavar="KEY", help="e.g. 'D minor', 'Bb major'")
+    c.add_argument("--key", metavar="KEY", help="e.g. 'D minor', 'Bb major'; 'primer': its key")
     c.add_argument("--key-strictness", type=float, metavar="S", help="1 masks out-of-key notes")
     c.add_argument("--pitch-range", nargs=2, type=int, metavar=("LOW", "HIGH"), help="MIDI pitches")
     c.add_argument("--tempo", metavar="BPM|LOW-HIGH", help="fixed tempo or a range, e.g. 90-120")
@@ -138,6 +139,23 @@ def load_model(checkpoint: str | None, device: str):
     return model.eval()
 
 
+def primer_key(primer, tokenizer) -> str:
+    """The key of the primer's notes (``--key primer``).
+
+    Raises:
+        ConstraintError: no primer, or too few pitch classes to find a key.
+    """
+    from aurl.analysis.keys import estimate_key
+    from aurl.errors import ConstraintError, DataError
+
+    if primer is None:
+        raise ConstraintError("--key primer needs --primer FILE")
+    try:
+        return estimate_key(tokenizer.decode_to_notes(primer)).name
+    except DataError as e:
+        raise ConstraintError(f"--key primer: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -179,14 +197,15 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint, args.device)
     device = model.embed.weight.device
-    masker = make_masker(model.vocab, config, device)  # constraint errors before any work
     # Primers are encoded under the generation polyphony cap, so they obey the same grammar.
     tokenizer = Tokenizer(model.vocab_config, DataConfig(polyphony_cap=config.polyphony_cap))
-    primer = (
-        load_primer(args.primer, tokenizer, seconds=args.primer_seconds or 0.0)
-        if args.primer
-        else None
-    )
+    primer = None
+    if args.primer:
+        primer = load_primer(args.primer, tokenizer, seconds=args.primer_seconds or 0.0)
+    if config.key.lower() == "primer":
+        config = dataclasses.replace(config, key=primer_key(primer, tokenizer))
+        print(f"key of the primer: {config.key}")
+    masker = make_masker(model.vocab, config, device)  # constraint errors before any work
     latents = None
     is_vae = model.config.mode in ("vae", "vae_gan")
     if (args.variations or args.interpolate) and not is_vae:
