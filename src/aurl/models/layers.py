@@ -31,13 +31,14 @@ class Rotary(nn.Module):
     def _build(self, n: int) -> None:
         t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
         freqs = torch.outer(t, self.inv_freq)  # (n, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (n, hd)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([freqs.cos(), freqs.cos()], -1), persistent=False)
+        # sin with the rotation's sign folded in: x * cos + swap_halves(x) * sin
+        sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)  # (n, hd)
+        self.register_buffer("sin", sin, persistent=False)
 
     def tables(self, start: int, length: int) -> tuple[Tensor, Tensor]:
-        """cos, sin of positions ``start .. start+length-1``, each (length, 1, 1, hd) to
-        broadcast over (B, T, 2, H, hd)."""
+        """cos, signed sin of positions ``start .. start+length-1``, each (length, 1, 1, hd)
+        to broadcast over (B, T, 2, H, hd)."""
         if start + length > self.cos.shape[0]:
             self._build(max(2 * self.cos.shape[0], start + length))
         sl = slice(start, start + length)
@@ -45,9 +46,12 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` (B, T, ..., hd) by position; ``cos``/``sin`` broadcast from (T, 1, .., hd)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+    """Rotate ``x`` (B, T, ..., hd) by position (half-rotation layout); ``cos`` and the signed
+    ``sin`` of :meth:`Rotary.tables` broadcast from (T, 1, .., hd). Three kernels."""
+    if cos.dtype != x.dtype:  # autocast: activations in bf16/fp16, tables in fp32
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 def attention_mask_for(q_pos: Tensor, k_pos: Tensor, window: int | None, n_global: int) -> Tensor:
@@ -91,13 +95,14 @@ class Attention(nn.Module):
                 k, v = k_cache[:, :, keys], v_cache[:, :, keys]
             else:
                 k, v = k_cache.index_select(2, keys), v_cache.index_select(2, keys)
-            q = q.to(k.dtype)
+            if q.dtype != k.dtype:
+                q = q.to(k.dtype)
         # without a mask: causal when queries and keys are the same positions (T > 1); a single
         # cached query sees every key it was given
         causal = mask is None and self.causal and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        return self.proj(y.to(x.dtype))
+        return self.proj(y if y.dtype == x.dtype else y.to(x.dtype))
 
 
 class FeedForward(nn.Module):

@@ -532,6 +532,15 @@ class MusicTransformerVAEGAN(nn.Module):
         groups["total"] = sum(groups.values())
         return groups
 
+    def parameter_summary(self) -> str:
+        """One greppable line, e.g. ``parameters embedding 396.3k blocks 25.2M total 25.8M``."""
+
+        def human(n: int) -> str:
+            return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+        parts = " ".join(f"{k} {human(v)}" for k, v in self.parameter_counts().items())
+        return f"parameters {parts}"
+
     def save_pretrained(self, folder: str | Path) -> Path:
         """Weights as safetensors plus ``config.json`` (model and vocab config)."""
         from aurl.models.pretrained import save_pretrained
