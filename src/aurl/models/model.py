@@ -134,6 +134,9 @@ class GrammarFeatures(nn.Module):
         onset = torch.zeros(batch, self.sounding.in_features, dtype=torch.long, device=device)
         return self.grammar.initial_state(batch, device), onset
 
+    # the grammar scan is data-dependent Python (families present, dict state): it runs eagerly
+    # inside a torch.compile'd model, and the rest of the model compiles around it
+    @torch.compiler.disable
     def features(
         self, ids: Tensor, carry: tuple[GrammarState, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
