@@ -60,7 +60,7 @@ def test_anomaly_detector_actions():
 def test_tiny_run_loss_falls_and_is_logged(chorale_cache, tmp_path, tiny_config):
     run = tmp_path / "run"
     cfg = tiny_config(chorale_cache, "training.max_steps=40", "training.lr=3e-3",
-                      "training.eval_every=20", "training.save_every=20")  # fmt: skip
+                      "training.eval_every=40", "training.save_every=20")  # fmt: skip
     result = train(cfg, run, echo=lambda line: None)
     train_recs = records(run, "train")
     first = train_recs[0]["loss"]
@@ -69,12 +69,12 @@ def test_tiny_run_loss_falls_and_is_logged(chorale_cache, tmp_path, tiny_config)
     assert first > 5.5
     assert last < first - 2.0, (first, last)
     valid = records(run, "valid")
-    assert [r["step"] for r in valid] == [20, 40]
-    assert valid[-1]["loss"] < valid[0]["loss"]
-    assert valid[-1]["ppl"] == pytest.approx(math.exp(valid[-1]["loss"]))
-    assert 0 < valid[-1]["bits_per_note"] < 30
-    assert result.best_valid_loss == pytest.approx(valid[-1]["loss"])
-    assert {"lr", "grad_norm", "tok_per_s", "loss_ce"} <= set(train_recs[-1])
+    assert [r["step"] for r in valid] == [40]
+    assert valid[0]["loss"] < first - 1.5  # held-out chorales too
+    assert valid[0]["ppl"] == pytest.approx(math.exp(valid[0]["loss"]))
+    assert 0 < valid[0]["bits_per_note"] < 30
+    assert result.best_valid_loss == pytest.approx(valid[0]["loss"])
+    assert {"lr", "grad_norm", "tok_per_s", "step_s", "loss_ce"} <= set(train_recs[-1])
     log = (run / "train.log").read_text()
     assert re.search(r"^step 40 loss \d+\.\d{3} tok/s \S+ lr \d\.\de-\d\d", log, re.M)
     assert re.search(r"^step 40 valid loss \d\.\d{3} ppl [\d.]+ bits/note [\d.]+", log, re.M)
@@ -83,7 +83,7 @@ def test_tiny_run_loss_falls_and_is_logged(chorale_cache, tmp_path, tiny_config)
     # the last checkpoint holds the final step and its validation loss
     last_ckpt = load_checkpoint(list_checkpoints(run)[-1])
     assert last_ckpt.step == 40
-    assert last_ckpt.metrics["valid_loss"] == pytest.approx(valid[-1]["loss"])
+    assert last_ckpt.metrics["valid_loss"] == pytest.approx(valid[0]["loss"])
 
 
 def test_cli_run_keeps_best_n_plus_last(fixture_cache, tmp_path, capsys):

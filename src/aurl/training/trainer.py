@@ -396,6 +396,8 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
             )  # fmt: skip
         elif step == 0 or stage_start == step:
             seed_everything(t.seed + 1000 * (stage + 1))
+            if stage > 0:  # a new objective: early stopping starts over
+                best_valid, bad_evals = None, 0
         if d.rank > 0:  # different dropout masks per rank, reproducible per (seed, rank, step)
             torch.manual_seed(hash((t.seed, d.rank, step)) % 2**63)
         train_model: torch.nn.Module = model
@@ -537,7 +539,9 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
 
             evaluated = False
             metrics: dict[str, float] | None = None
-            if valid_set and (step % t.eval_every == 0 or step == ends[stage]):
+            # also at the end of the run (not of earlier stages: losses of another mode do not
+            # rank against this one's)
+            if valid_set and (step % t.eval_every == 0 or step == ends[-1]):
                 v = evaluate(model, valid_set, stage_cfg, device=device, d=d, grammar=grammar)
                 valid_loss, evaluated = v["loss"], True
                 metrics = {"valid_loss": v["loss"], "train_loss": float(loss_all)}
