@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,3 +46,12 @@ def ids() -> torch.Tensor:
 def make_model():
     """``make_model(seed=0, **ModelConfig overrides)`` -> a tiny model."""
     return tiny_model
+
+
+@pytest.fixture(scope="session")
+def chorale() -> torch.Tensor:
+    """A real Bach chorale (tests/fixtures/midi/bach_bwv66.6.mid) as ids (1, 364)."""
+    from aurl.data.tokenizer import Tokenizer
+
+    path = Path(__file__).parents[1] / "fixtures" / "midi" / "bach_bwv66.6.mid"
+    return torch.as_tensor(Tokenizer().encode_file(path))[None]

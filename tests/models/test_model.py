@@ -181,16 +181,6 @@ def test_presets_sizes_and_counts():
     assert (full.d_model, full.n_layers, full.n_heads, full.latent_dim) == (512, 8, 8, 128)
 
 
-@pytest.fixture(scope="module")
-def chorale() -> torch.Tensor:
-    from pathlib import Path
-
-    from aurl.data.tokenizer import Tokenizer
-
-    path = Path(__file__).parents[1] / "fixtures" / "midi" / "bach_bwv66.6.mid"
-    return torch.as_tensor(Tokenizer().encode_file(path))[None]  # (1, 364)
-
-
 def test_grammar_features_on_a_real_chorale(chorale):
     # START TEMPO INSTRUMENT_0 VELOCITY ON57 ON64 ON73 SHIFT16 OFF57 OFF73 ON56 ON59 ON71 SHIFT16
     from aurl.models.model import GrammarFeatures
