@@ -203,3 +203,30 @@ def test_grammar_masks_batched_equal_one_state_per_row(chorale_cache, tiny_confi
     ids, mask = batch["ids"], batch["attention_mask"]
     ok = expected[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
     assert bool(ok[mask[:, 1:]].all())
+
+
+def test_nan_steps_are_skipped_then_rolled_back(fixture_cache, tmp_path, tiny_config, monkeypatch):
+    import aurl.models.losses as losses_module
+
+    real = losses_module.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):  # the real losses; the 6th to 8th calls return NaN
+        out = real(*args, **kw)
+        calls["n"] += 1
+        if 6 <= calls["n"] <= 8:
+            out["total"] = out["total"] * float("nan")
+        return out
+
+    monkeypatch.setattr(losses_module, "compute_losses", poisoned)
+    run = tmp_path / "run"
+    cfg = tiny_config(fixture_cache, "training.max_steps=10", "training.save_every=4",
+                      "training.eval_every=100")  # fmt: skip
+    result = train(cfg, run, echo=lambda line: None)
+    events = [(r["step"], r["what"], r["action"]) for r in records(run, "event")]
+    # steps 5 and 6 (0-based: the 6th and 7th updates) skipped, the 3rd in a row rolls back to
+    # the checkpoint of step 4 with half the learning rate, and training goes on to the end
+    assert events == [(5, "nan_loss", "skip"), (6, "nan_loss", "skip"),
+                      (7, "nan_loss", "rollback"), (4, "nan_loss", "rolled_back")]  # fmt: skip
+    assert result.step == 10 and math.isfinite(result.train_loss)
+    assert load_checkpoint(list_checkpoints(run)[-1]).state["lr_scale"] == 0.5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from aurl.cli.config import add_config_arguments
 
@@ -74,7 +75,11 @@ def run_train(args: argparse.Namespace) -> int:
         overrides.append(f"data.cache={args.data}")
     config = load_config(args.config, preset=args.preset, overrides=overrides)
     result = train(config, args.out, resume=args.resume, progress=bar)
-    return 0 if result.step > 0 else 1
+    if result.stopped == "interrupted":
+        print(f"interrupted at step {result.step}: checkpoint saved; run the same command to "
+              "resume", file=sys.stderr)  # fmt: skip
+        return 130
+    return 0
 
 
 def run_list(args: argparse.Namespace) -> int:

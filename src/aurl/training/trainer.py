@@ -14,10 +14,13 @@ import dataclasses
 import itertools
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +44,7 @@ class TrainResult:
     train_loss: float  # loss of the last optimizer step (this process's, before averaging)
     valid_loss: float | None  # last validation
     best_valid_loss: float | None
-    stopped: str  # "max_steps", "early_stopping" or "time_budget"
+    stopped: str  # "max_steps", "early_stopping", "time_budget" or "interrupted"
     run_dir: Path
     model: torch.nn.Module | None = None  # the trained model (unwrapped), on its device
 
@@ -286,13 +289,34 @@ def train(
         ConfigError, DataError, CheckpointError: bad input, before the first step.
     """
     d = distributed.init(config.training.device)
+    stop = _StopRequest()
     try:
-        return _run(config, Path(run_dir), resume, progress, echo, d)
+        return _run(config, Path(run_dir), resume, progress, echo, d, stop)
     finally:
+        stop.restore()
         distributed.shutdown()
 
 
-def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainResult:  # noqa: C901
+class _StopRequest:
+    """Ctrl-C or SIGTERM: finish the step, save a checkpoint, stop (a second Ctrl-C: at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> TrainResult:  # noqa: C901
     from aurl.data.dataset import build_loader
     from aurl.data.grammar import Grammar
     from aurl.data.vocab import Vocab
@@ -558,9 +582,14 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
 
             out_of_time = t.max_minutes > 0 and (time.perf_counter() - t0) / 60 >= t.max_minutes
             out_of_time = distributed.any_flag(out_of_time, d)
+            interrupted = distributed.any_flag(stop.requested, d)
             patience_out = bool(t.patience) and evaluated and bad_evals >= t.patience
             if d.is_main and (
-                step % t.save_every == 0 or step == ends[stage] or out_of_time or patience_out
+                step % t.save_every == 0
+                or step == ends[stage]
+                or out_of_time
+                or patience_out
+                or interrupted
             ):
                 ckpt.save_checkpoint(
                     run_dir, step=step, model=model, config=stage_cfg, optimizers=optimizers,
@@ -570,8 +599,11 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist) -> TrainR
                            "best_valid": best_valid, "bad_evals": bad_evals},
                 )  # fmt: skip
                 ckpt.prune_checkpoints(run_dir, t.keep_best)
-            if patience_out or out_of_time:
-                stopped = "early_stopping" if patience_out else "time_budget"
+            if patience_out or out_of_time or interrupted:
+                stopped = (
+                    "interrupted" if interrupted
+                    else "early_stopping" if patience_out else "time_budget"
+                )  # fmt: skip
                 log(f"step {step} stop {stopped}")
                 break
         prev_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
