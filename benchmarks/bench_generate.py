@@ -113,7 +113,7 @@ def full_length_seed(model, tokens: int) -> int:
 
     for seed in range(50):
         piece = generate(model, GenerationConfig(max_tokens=tokens, seed=seed))[0]
-        if len(piece.generated) == tokens:
+        if len(piece.generated) >= tokens - 4:  # the last tokens may be spent ending cleanly
             return seed
     raise SystemExit(f"no seed in 0..49 gives {tokens} tokens with this model")
 
