@@ -95,6 +95,11 @@ def test_cli_run_keeps_best_n_plus_last(fixture_cache, tmp_path, capsys):
     ])  # fmt: skip
     assert code == 0
     assert "step 6 loss" in capsys.readouterr().err  # plain log lines on stderr
+    # the best checkpoint's weights alone, ready for aurl generate --checkpoint RUN/model
+    from aurl.models import MusicTransformerVAEGAN
+
+    exported = MusicTransformerVAEGAN.from_pretrained(run / "model")
+    assert exported.config.d_model == 32
     kept = list_checkpoints(run)
     valid = {r["step"]: r["loss"] for r in records(run, "valid")}
     best_step = min(valid, key=valid.get)

@@ -387,6 +387,17 @@ def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
     return Path(out)
 
 
+def export_source(source: str | Path) -> Path:
+    """A checkpoint folder as is; a run folder: its best checkpoint, else its latest."""
+    source = Path(source)
+    if not (source / "manifest.json").is_file() and (source / "checkpoints").is_dir():
+        best = best_checkpoints(source, 1) or list_checkpoints(source)[-1:]
+        if not best:
+            raise CheckpointError(f"run folder {source} holds no complete checkpoint")
+        return best[0]
+    return source
+
+
 def export_weights(source: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
     """The weights alone of one checkpoint (or a run's best, else latest) as a pretrained folder.
 
@@ -394,13 +405,7 @@ def export_weights(source: str | Path, out: str | Path, *, dtype: str = "float32
     """
     from safetensors.torch import load_file, save_file
 
-    source = Path(source)
-    if not (source / "manifest.json").is_file() and (source / "checkpoints").is_dir():
-        best = best_checkpoints(source, 1) or list_checkpoints(source)[-1:]
-        if not best:
-            raise CheckpointError(f"run folder {source} holds no complete checkpoint")
-        source = best[0]
-    c = load_checkpoint(source)
+    c = load_checkpoint(export_source(source))
     model = _model_from(c.config, load_file(str(c.path / "model.safetensors")))
     out = model.save_pretrained(out)
     if dtype != "float32":

@@ -458,7 +458,7 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> 
             if disc_opt is not None:
                 loss_cfg = gan_schedule(stage_cfg, local)
                 set_lr(disc_opt, t.disc_lr * lr_scale)
-            parts: dict[str, float] = {}
+            parts: dict[str, torch.Tensor] = {}  # kept on the device: no sync per micro-batch
             loss_sum = torch.zeros((), device=device)
             tokens = 0
             for micro in range(t.grad_accum):
@@ -493,7 +493,7 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> 
                 loss_sum += loss.detach().float()
                 for k, v in losses.items():
                     if k != "total":
-                        parts[k] = parts.get(k, 0.0) + float(v.detach()) / t.grad_accum
+                        parts[k] = parts.get(k, 0.0) + v.detach().float() / t.grad_accum
             if scaler is not None:
                 for o in optimizers.values():
                     scaler.unscale_(o)
@@ -555,7 +555,7 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> 
                     "loss": float(loss_all), "lr": lr, "grad_norm": float(gnorm),
                     "tok_per_s": tokens_since / max(time_since, 1e-9),
                     "step_s": time_since / max(steps_since, 1),
-                    **{f"loss_{k}": v for k, v in parts.items()}, **_memory(device),
+                    **{f"loss_{k}": float(v) for k, v in parts.items()}, **_memory(device),
                 }  # fmt: skip
                 monitor.scalars(step, "train", values)
                 monitor.line(train_line(step, values))
@@ -611,6 +611,11 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> 
             break
 
     distributed.barrier(d)
+    if d.is_main and model is not None and ckpt.list_checkpoints(run_dir):
+        # the weights alone, ready for ``aurl generate --checkpoint RUN/model``: the best
+        # checkpoint by validation loss, else the last one
+        exported = ckpt.export_weights(run_dir, run_dir / "model")
+        log(f"model weights in {exported} (from {ckpt.export_source(run_dir).name})")
     if monitor:
         monitor.line(f"done step {step} stopped {stopped} loss {last_loss:.4f}"
                      + (f" best valid {best_valid:.4f}" if best_valid is not None else ""))  # fmt: skip
