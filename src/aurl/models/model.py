@@ -126,7 +126,7 @@ class GrammarFeatures(nn.Module):
         self.family = nn.Embedding(c.num_instruments + 1, d_model)
 
     def _embed(self, sounding: Tensor, age_steps: Tensor, family: Tensor) -> Tensor:
-        age = torch.log1p(age_steps.to(self.age.weight.dtype) * self.beats_per_step)
+        age = torch.log1p(age_steps.to(self.family.weight.dtype) * self.beats_per_step)
         return self.sounding(sounding.to(age.dtype)) + self.age(age) + self.family(family)
 
     def initial(self, batch: int, device: torch.device) -> tuple[GrammarState, Tensor]:

@@ -18,11 +18,27 @@ from torch import Tensor, nn
 from aurl.models.model import MusicTransformerVAEGAN
 
 
+class FloatLinear(nn.Module):
+    """A small ``nn.Linear`` kept in fp32 inside a bf16 model (bf16 GEMV is slow on CPU)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear.float()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.float()).to(x.dtype)
+
+
 class Int8Linear(nn.Module):
     """A frozen ``nn.Linear`` with int8 weights and one float scale per output channel."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        if linear.in_features % 32:  # the kernel reads K in blocks: other widths give garbage
+            raise ValueError(
+                f"int8 linear needs in_features divisible by 32, got {linear.in_features}"
+            )
         w = linear.weight.detach().float()  # (N, K)
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         self.register_buffer("weight_int8", torch.round(w / scale[:, None]).to(torch.int8))
@@ -46,16 +62,23 @@ def quantize_int8(
 ) -> MusicTransformerVAEGAN:
     """A copy of ``model`` for inference: backbone linears and output head with int8 weights,
     every other weight, the activations and the KV cache in ``dtype``."""
-    q = copy.deepcopy(model).eval().to(dtype)
+    q = copy.deepcopy(model).eval()  # quantized from the fp32 weights
     for block in q.blocks:
         for parent in (block.attn, block.ff):
             for name in ("qkv", "fc", "proj"):
                 layer = getattr(parent, name, None)
                 if isinstance(layer, nn.Linear):
                     setattr(parent, name, Int8Linear(layer))
+    gf = q.grammar_features
+    if gf is not None:  # 88 pitches: too narrow for the int8 kernel
+        gf.sounding, gf.age = FloatLinear(gf.sounding), FloatLinear(gf.age)
     head = nn.Linear(q.head.in_features, q.head.out_features, bias=False)
     head.weight = nn.Parameter(q.embed.weight.detach().clone(), requires_grad=False)
     q.head = Int8Linear(head)  # untied: the int8 head and the float embedding
     for p in q.parameters():
         p.requires_grad_(False)
-    return q.to(dtype)  # the new int8 layers' scales and biases too
+    q = q.to(dtype)  # float weights, scales and biases; the int8 weights stay int8
+    for layer in q.modules():
+        if isinstance(layer, FloatLinear):
+            layer.linear.float()
+    return q
