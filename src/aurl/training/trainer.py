@@ -322,6 +322,7 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> 
     from aurl.data.vocab import Vocab
     from aurl.models import build_model
     from aurl.models.losses import compute_losses
+    from aurl.models.model import compile_model
 
     t = config.training
     device = d.device
@@ -431,7 +432,7 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> 
                 find_unused_parameters=mode != "transformer",
             )  # fmt: skip
         if t.compile:
-            train_model = torch.compile(train_model)
+            train_model = compile_model(train_model)
         params = [p for p in model.parameters() if p.requires_grad]
         disc_params = [p for n, p in model.named_parameters() if is_disc_param(n)]
         gen_params = [
