@@ -151,7 +151,8 @@ def primer_key(primer, tokenizer) -> str:
     if primer is None:
         raise ConstraintError("--key primer needs --primer FILE")
     try:
-        return estimate_key(tokenizer.decode_to_notes(primer)).name
+        # a primer is an excerpt: its last bass note need not be the tonic
+        return estimate_key(tokenizer.decode_to_notes(primer), final_bass_weight=0.0).name
     except DataError as e:
         raise ConstraintError(f"--key primer: {e}") from None
 
