@@ -22,10 +22,17 @@ def silent(items: Iterable[T], *, total: int | None = None, desc: str = "") -> I
 
 
 def bar(items: Iterable[T], *, total: int | None = None, desc: str = "", **kw: Any) -> Iterator[T]:
-    """A tqdm bar on stderr (plain, greppable; disabled when stderr is not a terminal)."""
+    """A tqdm bar on stderr (rate and ETA; disabled when stderr is not a terminal)."""
     from tqdm import tqdm
 
-    yield from tqdm(
+    return tqdm(
         items, total=total, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(),
         dynamic_ncols=True, **kw,
     )  # fmt: skip
+
+
+def set_status(it: Iterator[Any], text: str) -> None:
+    """Show ``text`` (e.g. ``loss 1.83 tok/s 41k lr 3.0e-04``) beside a bar; no-op when silent."""
+    setter = getattr(it, "set_postfix_str", None)
+    if setter is not None:
+        setter(text, refresh=False)

@@ -27,7 +27,7 @@ import torch
 
 from aurl.config import Config, LossConfig, write_config
 from aurl.errors import CheckpointError, ConfigError, DataError
-from aurl.progress import Progress, silent
+from aurl.progress import Progress, set_status, silent
 from aurl.training import checkpoint as ckpt
 from aurl.training import distributed
 from aurl.training.checkpoint import unwrap
@@ -447,7 +447,8 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> 
         # throughput counts the training steps only (not validation, samples, checkpoints)
         tokens_since, time_since, steps_since = 0, 0.0, 0
         # a rollback moves ``step`` back, so the loop runs on ``step``, not on a range
-        for _ in progress(itertools.count(), total=ends[stage] - step, desc=f"train {mode}"):
+        pbar = progress(itertools.count(), total=ends[stage] - step, desc=f"train {mode}")
+        for _ in pbar:
             if step >= ends[stage]:
                 break
             step_t0 = time.perf_counter()
@@ -560,6 +561,7 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> 
                 }  # fmt: skip
                 monitor.scalars(step, "train", values)
                 monitor.line(train_line(step, values))
+                set_status(pbar, " ".join(train_line(step, values).split()[2:8]))
                 tokens_since, time_since, steps_since = 0, 0.0, 0
 
             evaluated = False
