@@ -7,7 +7,8 @@ naming the key and what is allowed, before any work starts.
 A YAML file may name another file to inherit from with ``base: other.yaml`` (relative to the
 file); presets are small YAML files shipped in ``aurl/configs/`` (``tiny``, ``small``, ``full``).
 
-This module imports no layer of Aurl (only ``aurl.errors``); every layer imports it.
+This module imports no layer of Aurl (only the leaves ``aurl.errors`` and ``aurl.fileio``);
+every layer imports it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from aurl.errors import ConfigError
+from aurl.fileio import atomic_write_text
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -418,11 +420,5 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 def write_config(config: Config, folder: str | Path, name: str = "config.yaml") -> Path:
     """Write the resolved config beside an output folder's contents, atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / name
-    tmp = target.with_suffix(target.suffix + ".tmp")
     text = config.to_yaml() if name.endswith((".yaml", ".yml")) else json.dumps(config.to_dict())
-    tmp.write_text(text)
-    tmp.replace(target)
-    return target
+    return atomic_write_text(Path(folder) / name, text)

@@ -43,6 +43,7 @@ import numpy as np
 from aurl.config import DataConfig, VocabConfig, build
 from aurl.data.vocab import Kind, Vocab
 from aurl.errors import AurlError, DataError
+from aurl.fileio import atomic_write, atomic_write_text, fsync_path
 from aurl.progress import Progress, silent
 
 FORMAT = 1
@@ -58,25 +59,6 @@ TOKENIZER_FIELDS = ("out_of_range", "drums", "max_events_per_file", "max_file_by
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write ``path`` through ``write(fileobj)`` to a temp file, fsync, rename, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def file_hash(path: str | Path) -> bytes:
@@ -222,7 +204,12 @@ class _Index:
             "hash": self.hashes,
             **self.cols,
         }
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write(path, write)
 
     def select(self, rows: np.ndarray) -> _Index:
         """The rows ``rows`` (indices or bool mask), same shard list."""
@@ -308,7 +295,7 @@ class _ShardWriter:
         if self.file is not None:
             self.file.flush()
             os.fsync(self.file.fileno())
-            _fsync_dir(self.folder)
+            fsync_path(self.folder)
 
     def close(self) -> None:
         if self.file is not None:
@@ -341,8 +328,9 @@ def _clean_unreferenced(folder: Path, keep: Iterable[str]) -> None:
         for p in shard_dir.iterdir():
             if p.name not in keep:
                 p.unlink()
-    for p in folder.glob("*.tmp"):
-        p.unlink()
+    for pattern in ("*.tmp", ".*.tmp.*"):  # older and current temp names
+        for p in folder.glob(pattern):
+            p.unlink()
 
 
 def _commit(folder: Path, index: _Index, writer: _ShardWriter | None) -> _Index:
@@ -360,7 +348,7 @@ def _commit(folder: Path, index: _Index, writer: _ShardWriter | None) -> _Index:
     index.meta["totals"] = _totals(index)
     index.save(folder / "index.npz")
     readable = {**index.meta, "files": len(index), "shards": len(index.shards)}
-    _atomic_write(folder / "meta.json", lambda f: f.write(json.dumps(readable, indent=2).encode()))
+    atomic_write_text(folder / "meta.json", json.dumps(readable, indent=2))
     return index
 
 
@@ -748,7 +736,7 @@ def merge_caches(
                 imported += len(idx)
         if merged is None:
             return 0
-        _fsync_dir(out / "shards")
+        fsync_path(out / "shards")
         merged = _commit(out, merged, None)
         _clean_unreferenced(out, merged.shards)
     if remove_parts:

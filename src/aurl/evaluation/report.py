@@ -26,6 +26,7 @@ from aurl.evaluation.distances import (
     set_features,
     summarize_set,
 )
+from aurl.fileio import atomic_write_text
 from aurl.progress import Progress, silent
 
 PITCH_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "G#", "A", "Bb", "B")
@@ -78,11 +79,7 @@ def _clean(x: Any) -> Any:
 
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
     """``data`` as indented JSON (NaN written as null), atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,14 +10,14 @@ and :func:`check_free` refuses to overwrite existing files unless ``force`` is s
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from aurl.errors import AurlError, ConfigError, ConstraintError
+from aurl.fileio import atomic_write
 
 FORMATS = ("mid", "musicxml", "png", "wav")
 EXTENSIONS = {"mid": ".mid", "musicxml": ".musicxml", "png": ".png", "wav": ".wav"}
@@ -64,20 +64,9 @@ def check_free(paths: Sequence[dict[str, Path]], *, force: bool) -> None:
         )
 
 
-def _atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_midi(score: Any, path: str | Path) -> Path:
     """Standard MIDI file with the score's tempo, velocities, pedal and programs."""
-    return _atomic(Path(path), lambda p: score.dump_midi(str(p)))
+    return atomic_write(path, lambda p: score.dump_midi(str(p)))
 
 
 def score_to_music21(score: Any, *, grid: int = GRID_PER_BEAT) -> Any:
@@ -126,7 +115,7 @@ def score_to_music21(score: Any, *, grid: int = GRID_PER_BEAT) -> Any:
 def write_musicxml(score: Any, path: str | Path) -> Path:
     """MusicXML through music21 (quantized, see :func:`score_to_music21`)."""
     m21 = score_to_music21(score)
-    return _atomic(Path(path), lambda p: m21.write("musicxml", fp=str(p)))
+    return atomic_write(path, lambda p: m21.write("musicxml", fp=str(p)))
 
 
 def write_piano_roll(notes: np.ndarray, path: str | Path, *, title: str = "") -> Path:
@@ -167,7 +156,7 @@ def write_piano_roll(notes: np.ndarray, path: str | Path, *, title: str = "") ->
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    return _atomic(Path(path), lambda p: fig.savefig(str(p), format="png"))
+    return atomic_write(path, lambda p: fig.savefig(str(p), format="png"))
 
 
 def write_wav(
@@ -191,7 +180,7 @@ def write_wav(
             f"WAV rendering failed inside symusic's synthesizer ({str(e).splitlines()[0]}): "
             "write MIDI and render it with fluidsynth, or install a symusic build that works"
         ) from None
-    return _atomic(Path(path), lambda p: symusic.dump_wav(str(p), audio, sample_rate, True))
+    return atomic_write(path, lambda p: symusic.dump_wav(str(p), audio, sample_rate, True))
 
 
 def export_piece(

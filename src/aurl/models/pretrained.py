@@ -15,6 +15,7 @@ import torch
 
 from aurl.config import ModelConfig, VocabConfig, build, to_dict
 from aurl.errors import CheckpointError, ConfigError
+from aurl.fileio import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from aurl.models.model import MusicTransformerVAEGAN
@@ -38,10 +39,11 @@ def save_pretrained(model: MusicTransformerVAEGAN, folder: str | Path) -> Path:
         "vocab": to_dict(model.vocab_config),
         "auto_balance": model.auto_balance,
     }
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_model(model, str(tmp), metadata={"format": "pt"})  # shared (tied) tensors stored once
-    tmp.replace(folder / WEIGHTS)
-    (folder / CONFIG).write_text(json.dumps(meta, indent=2))
+    # shared (tied) tensors stored once
+    atomic_write(
+        folder / WEIGHTS, lambda tmp: save_model(model, str(tmp), metadata={"format": "pt"})
+    )
+    atomic_write_text(folder / CONFIG, json.dumps(meta, indent=2))
     return folder
 
 

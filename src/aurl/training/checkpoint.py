@@ -29,6 +29,7 @@ import torch
 
 from aurl.config import Config, config_from_dict, to_dict
 from aurl.errors import CheckpointError, ConfigError
+from aurl.fileio import atomic_write, fsync_path
 
 FORMAT = 1
 FILES = ("model.safetensors", "train_state.pt", "state.json")
@@ -85,14 +86,6 @@ def sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -177,11 +170,11 @@ def save_checkpoint(
             },
         )
         for name in FILES:
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         _write_json(
             tmp / "manifest.json", {"step": step, "sha256": {n: sha256(tmp / n) for n in FILES}}
         )
-        _fsync(tmp)
+        fsync_path(tmp)
         if final.exists():  # re-saving a step after a rollback: swap, never delete first
             old = root / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
@@ -189,7 +182,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     except (OSError, RuntimeError, SafetensorError) as e:  # e.g. ENOSPC / EFBIG, however wrapped
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
@@ -413,7 +406,5 @@ def export_weights(source: str | Path, out: str | Path, *, dtype: str = "float32
         tensors = load_file(str(weights))
         cast = getattr(torch, dtype)
         tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in tensors.items()}
-        tmp = weights.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, weights)
+        atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     return Path(out)
