@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from aurl.data.notes import DRUM_PROGRAM
+from aurl.data.notes import pitched
 from aurl.errors import ConfigError, DataError
 
 Mode = Literal["major", "minor"]
@@ -214,11 +214,6 @@ def scale_pitch_classes(
 # --------------------------------------------------------------------------------------------
 # Pitch-class histograms
 # --------------------------------------------------------------------------------------------
-
-
-def pitched(notes: np.ndarray) -> np.ndarray:
-    """The non-drum notes of a note array (drums carry no pitch class)."""
-    return notes[notes["program"] != DRUM_PROGRAM]
 
 
 def pitch_class_histogram(notes: np.ndarray, *, weight: str = "duration") -> np.ndarray:

@@ -29,6 +29,11 @@ NOTE_DTYPE = np.dtype(
 DRUM_PROGRAM = 128
 
 
+def pitched(notes: np.ndarray) -> np.ndarray:
+    """The non-drum notes of a note array (drums carry no pitch in the musical sense)."""
+    return notes[notes["program"] != DRUM_PROGRAM]
+
+
 def empty_notes() -> np.ndarray:
     return np.zeros(0, dtype=NOTE_DTYPE)
 

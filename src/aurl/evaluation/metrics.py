@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from aurl.analysis.keys import Key, estimate_key, key_from_index, scale_pitch_classes
-from aurl.data.notes import DRUM_PROGRAM
+from aurl.data.notes import pitched
 from aurl.errors import DataError
 
 NAN = float("nan")
@@ -52,11 +52,6 @@ LENGTH_CLASSES = np.array(
 # --------------------------------------------------------------------------------------------
 
 
-def _pitched(notes: np.ndarray) -> np.ndarray:
-    """The notes that have a pitch in the musical sense (drums left out)."""
-    return notes[notes["program"] != DRUM_PROGRAM]
-
-
 def _entropy2(counts: np.ndarray) -> float:
     """Shannon entropy in bits of a histogram of counts; NaN for an empty histogram."""
     total = counts.sum()
@@ -81,7 +76,7 @@ def pianoroll(notes: np.ndarray, resolution: int = 24) -> np.ndarray:
     (one ``+1`` at each start and ``-1`` at each end, summed over time), so it is vectorized and
     two overlapping notes of one pitch still read as one sounding pitch.
     """
-    notes = _pitched(notes)
+    notes = pitched(notes)
     if notes.shape[0] == 0:
         return np.zeros((0, 128), dtype=bool)
     start, end = _steps(notes, resolution)
@@ -102,7 +97,7 @@ def _sounding(notes: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarra
     note. Memory grows with the number of notes, not with the length of the piece (a garbled
     sample may be hours long).
     """
-    notes = _pitched(notes)
+    notes = pitched(notes)
     if notes.shape[0] == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
     start, end = _steps(notes, resolution)
@@ -133,7 +128,7 @@ def pitch_range(notes: np.ndarray) -> float:
 
     Differs: NaN with no notes (MusPy returns 0).
     """
-    p = _pitched(notes)["pitch"]
+    p = pitched(notes)["pitch"]
     return float(p.max() - p.min()) if p.shape[0] else NAN
 
 
@@ -142,7 +137,7 @@ def pitches_used(notes: np.ndarray) -> float:
 
     ``|{pitch}|`` over pitched notes. Differs: NaN with no notes (MusPy returns 0).
     """
-    p = _pitched(notes)["pitch"]
+    p = pitched(notes)["pitch"]
     return float(np.unique(p).shape[0]) if p.shape[0] else NAN
 
 
@@ -151,7 +146,7 @@ def pitch_classes_used(notes: np.ndarray) -> float:
 
     ``|{pitch mod 12}|`` over pitched notes. Differs: NaN with no notes (MusPy returns 0).
     """
-    p = _pitched(notes)["pitch"]
+    p = pitched(notes)["pitch"]
     return float(np.unique(p % 12).shape[0]) if p.shape[0] else NAN
 
 
@@ -161,7 +156,7 @@ def pitch_entropy(notes: np.ndarray) -> float:
     ``-sum_{i=0}^{127} P(pitch=i) log2 P(pitch=i)``, notes counted once each, no duration weight.
     NaN with no notes.
     """
-    p = _pitched(notes)["pitch"].astype(np.int64)
+    p = pitched(notes)["pitch"].astype(np.int64)
     return _entropy2(np.bincount(p, minlength=128))
 
 
@@ -170,7 +165,7 @@ def pitch_class_histogram(notes: np.ndarray) -> np.ndarray:
 
     ``h[c] = #(notes with pitch mod 12 = c) / #(notes)`` (counts, not durations).
     """
-    p = _pitched(notes)["pitch"].astype(np.int64)
+    p = pitched(notes)["pitch"].astype(np.int64)
     if p.shape[0] == 0:
         return np.full(12, NAN)
     return np.bincount(p % 12, minlength=12) / p.shape[0]
@@ -182,7 +177,7 @@ def pitch_class_entropy(notes: np.ndarray) -> float:
     ``-sum_{c=0}^{11} P(pc=c) log2 P(pc=c)``; Wu & Yang, "The Jazz Transformer on the Front
     Line" (ISMIR 2020). NaN with no notes.
     """
-    p = _pitched(notes)["pitch"].astype(np.int64)
+    p = pitched(notes)["pitch"].astype(np.int64)
     return _entropy2(np.bincount(p % 12, minlength=12))
 
 
@@ -201,7 +196,7 @@ def pitch_in_scale_rate(notes: np.ndarray, key: Key | str | None = None) -> floa
 
     Differs: MusPy takes a root and a mode; None (estimate the key) is ours.
     """
-    p = _pitched(notes)["pitch"].astype(np.int64)
+    p = pitched(notes)["pitch"].astype(np.int64)
     if p.shape[0] == 0:
         return NAN
     if key is None:
@@ -220,7 +215,7 @@ def scale_consistency(notes: np.ndarray) -> float:
     ``max_{root, mode} pitch_in_scale_rate(root, mode)``; Mogren, "C-RNN-GAN" (2016).
     NaN with no notes.
     """
-    p = _pitched(notes)["pitch"].astype(np.int64)
+    p = pitched(notes)["pitch"].astype(np.int64)
     if p.shape[0] == 0:
         return NAN
     counts = np.bincount(p % 12, minlength=12)  # (12,)
@@ -238,7 +233,7 @@ def pitch_class_transition_matrix(notes: np.ndarray) -> np.ndarray:
     end; here successive onset groups are linked, which also covers staccato and rests and needs
     no threshold.
     """
-    n = _pitched(notes)
+    n = pitched(notes)
     if n.shape[0] == 0:
         return np.full((12, 12), NAN)
     times, group = np.unique(n["onset"], return_inverse=True)
@@ -420,7 +415,7 @@ def repetition_rate(notes: np.ndarray, n: int = 4, resolution: int = 24) -> floa
     ``n`` notes. A compact stand-in for the self-similarity measures of Wu & Yang (2020);
     MusPy has no repetition metric.
     """
-    p = _pitched(notes)
+    p = pitched(notes)
     if p.shape[0] < n:
         return NAN
     start, end = _steps(p, resolution)
