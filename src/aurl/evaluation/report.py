@@ -123,14 +123,34 @@ def plot_pitch_classes(gen: dict, ref: dict, path: Path) -> Path:
     return path
 
 
+def _panels(plt, names: list[str]) -> tuple[Any, np.ndarray]:
+    """A figure with one small panel per name, four across; the axes flattened."""
+    cols = 4
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows))
+    return fig, axes.ravel()
+
+
+def _save_panels(plt, fig: Any, axes: np.ndarray, names: list[str], path: Path) -> Path:
+    """Title each panel, hide the unused ones, add the legend and write the figure."""
+    for ax, name in zip(axes, names):
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(names) :]:
+        ax.axis("off")
+    axes[0].legend(fontsize=7)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.04, top=0.96, hspace=0.45, wspace=0.3)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot_metric_distributions(gen: dict, ref: dict, path: Path) -> Path:
     """One panel per scalar metric: the per-piece values of both sets as histograms."""
     plt = _plt()
     names = list(M.SCALAR_METRICS)
-    cols = 4
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows))
-    for ax, name in zip(axes.ravel(), names):
+    fig, axes = _panels(plt, names)
+    for ax, name in zip(axes, names):
         g, r = gen[name][np.isfinite(gen[name])], ref[name][np.isfinite(ref[name])]
         both = np.concatenate([g, r])
         if both.size:
@@ -138,25 +158,15 @@ def plot_metric_distributions(gen: dict, ref: dict, path: Path) -> Path:
             bins = np.linspace(lo, hi if hi > lo else lo + 1, 20)
             ax.hist(r, bins=bins, alpha=0.6, density=True, label="reference")
             ax.hist(g, bins=bins, alpha=0.6, density=True, label="generated")
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=7)
-    for ax in axes.ravel()[len(names) :]:
-        ax.axis("off")
-    axes.ravel()[0].legend(fontsize=7)
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.04, top=0.96, hspace=0.45, wspace=0.3)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_panels(plt, fig, axes, names, path)
 
 
 def plot_distance_densities(gen: dict, ref: dict, path: Path) -> Path:
     """Yang & Lerch's view: KDEs of intra-set (reference, generated) and inter-set distances."""
     plt = _plt()
     names = list(M.SCALAR_METRICS) + list(M.VECTOR_METRICS)
-    cols = 4
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows))
-    for ax, name in zip(axes.ravel(), names):
+    fig, axes = _panels(plt, names)
+    for ax, name in zip(axes, names):
         curves = {
             "intra reference": intra_set_distances(ref[name]),
             "intra generated": intra_set_distances(gen[name]),
@@ -169,15 +179,7 @@ def plot_distance_densities(gen: dict, ref: dict, path: Path) -> Path:
             for label, d in curves.items():
                 if d.size:  # a floor on the bandwidth keeps zero-spread sets from 1e5 spikes
                     ax.plot(grid, kde(d, grid, max(bandwidth(d), grid[-1] / 100)), label=label)
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=7)
-    for ax in axes.ravel()[len(names) :]:
-        ax.axis("off")
-    axes.ravel()[0].legend(fontsize=7)
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.04, top=0.96, hspace=0.45, wspace=0.3)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_panels(plt, fig, axes, names, path)
 
 
 def plot_piano_roll(notes: np.ndarray, path: Path, title: str = "") -> Path:
