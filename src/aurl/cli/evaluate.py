@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from aurl.data.tokenizer import Tokenizer
     from aurl.evaluation.distances import set_features, summarize_set
     from aurl.evaluation.likelihood import score_sequences
-    from aurl.evaluation.ngram import NgramModel
+    from aurl.evaluation.ngram import ngram_baseline
     from aurl.evaluation.report import evaluate_sets, write_report
     from aurl.progress import bar
 
@@ -163,12 +163,9 @@ def run(args: argparse.Namespace) -> int:
             model, seqs, grammar=Grammar(model.vocab, cap), **common
         ).to_dict(),
     }
-    train = [cache.tokens(i) for i in cache.split_indices("train")]
-    if train:
-        ngram = NgramModel(args.ngram_order, model.vocab.size).fit(train)
-        likelihood[f"{args.ngram_order}-gram (Kneser-Ney)"] = ngram.score(
-            seqs, model.vocab
-        ).to_dict()
+    if cache.split_indices("train").size:
+        baseline = ngram_baseline(cache, order=args.ngram_order, split=args.split)
+        likelihood[f"{args.ngram_order}-gram (Kneser-Ney)"] = baseline.to_dict()
 
     tokenizer = Tokenizer(model.vocab_config)
     reference = [tokenizer.decode_to_notes(s) for s in seqs]
