@@ -255,7 +255,7 @@ class MusicTransformerVAEGAN(nn.Module):
         self.head.weight = self.embed.weight  # tied: one table for ids in and logits out
 
         vae = c.mode in ("vae", "vae_gan")
-        self.encoder = LatentEncoder(c, V) if vae else None
+        self.encoder = LatentEncoder(c) if vae else None
         self.conditioner = LatentConditioner(c) if vae else None
         self.discriminator = MultiScaleDiscriminator(c, V) if c.mode == "vae_gan" else None
         self.grad_checkpointing = False

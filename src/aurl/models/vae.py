@@ -117,7 +117,7 @@ class LatentEncoder(nn.Module):
     context the piece-level code already carries.
     """
 
-    def __init__(self, config: ModelConfig, vocab_size: int) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = config
         self.spans, self.dims = level_spans(c), level_dims(c)
