@@ -522,6 +522,47 @@ class PrepareReport:
         return "\n".join(lines)
 
 
+def _plan(
+    source: Path, out: Path, shard: tuple[int, int] | None, old: _Index, report: PrepareReport
+) -> tuple[np.ndarray, list[tuple[str, bytes | None]], list[dict[str, Any]]]:
+    """Sort the files under ``source`` against the committed index ``old``.
+
+    Unchanged files (same size and mtime) are kept without reading them; files that failed
+    before and did not change are failed again without a retry. Counts ``report.files`` and
+    ``report.unchanged``.
+
+    Returns:
+        ``(keep, tasks, failed)``: a bool mask over ``old``'s rows still present, the
+        ``(relpath, old hash or None)`` files to hash and maybe tokenize, and the failures.
+    """
+    old_row = {p: i for i, p in enumerate(old.paths)}
+    old_failed = {f["path"]: f for f in old.failed}
+    keep = np.zeros(len(old), dtype=bool)
+    tasks: list[tuple[str, bytes | None]] = []
+    failed: list[dict[str, Any]] = []
+    for rel, st in scan_midi_files(source, skip=[out]):
+        if shard and shard_of(rel, shard[1]) != shard[0]:
+            continue
+        report.files += 1
+        if isinstance(st, OSError):
+            failed.append({"path": rel, "error": f"OSError: {st}", "size": -1, "mtime_ns": -1})
+            continue
+        i = old_row.get(rel)
+        if i is not None:
+            keep[i] = True  # kept until redone: an interrupted run still has the old tokens
+            if old.cols["size"][i] == st.st_size and old.cols["mtime_ns"][i] == st.st_mtime_ns:
+                report.unchanged += 1
+                continue
+            tasks.append((rel, old.hashes[i].tobytes()))
+            continue
+        f = old_failed.get(rel)
+        if f and f["size"] == st.st_size and f["mtime_ns"] == st.st_mtime_ns:
+            failed.append(f)
+            continue
+        tasks.append((rel, None))
+    return keep, tasks, failed
+
+
 def prepare(
     source: str | Path,
     out: str | Path,
@@ -584,33 +625,7 @@ def prepare(
         _clean_unreferenced(folder, old.shards)
         if {k: old.meta.get(k) for k in fp} != fp:
             old = _Index.empty()  # another vocabulary or tokenizer: every entry is stale
-        old_row = {p: i for i, p in enumerate(old.paths)}
-        old_failed = {f["path"]: f for f in old.failed}
-
-        # Sort files: unchanged (same size and mtime) are kept without reading them.
-        keep = np.zeros(len(old), dtype=bool)
-        tasks: list[tuple[str, bytes | None]] = []
-        failed: list[dict[str, Any]] = []
-        for rel, st in scan_midi_files(source, skip=[out]):
-            if shard and shard_of(rel, shard[1]) != shard[0]:
-                continue
-            report.files += 1
-            if isinstance(st, OSError):
-                failed.append({"path": rel, "error": f"OSError: {st}", "size": -1, "mtime_ns": -1})
-                continue
-            i = old_row.get(rel)
-            if i is not None:
-                keep[i] = True  # kept until redone: an interrupted run still has the old tokens
-                if old.cols["size"][i] == st.st_size and old.cols["mtime_ns"][i] == st.st_mtime_ns:
-                    report.unchanged += 1
-                    continue
-                tasks.append((rel, old.hashes[i].tobytes()))
-                continue
-            f = old_failed.get(rel)
-            if f and f["size"] == st.st_size and f["mtime_ns"] == st.st_mtime_ns:
-                failed.append(f)
-                continue
-            tasks.append((rel, None))
+        keep, tasks, failed = _plan(source, out, shard, old, report)
         if report.files == 0 and shard is None:
             raise DataError(
                 f"no MIDI files ({', '.join(MIDI_SUFFIXES)}) under {source}: check the path"
