@@ -267,7 +267,8 @@ def convert_score(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            stream = converter.parse(str(path))
+            # forceSource: music21's pickle cache would skip the warnings and write to ~/
+            stream = converter.parse(str(path), forceSource=True)
         except Exception as e:  # music21 raises many types for a score it cannot read
             raise ScoreSkipped(f"music21 cannot read it ({type(e).__name__}: {e})") from e
         score, repeats = stream_to_score(
