@@ -30,6 +30,7 @@ from aurl.analysis.keys import (
 )
 from aurl.data.notes import DRUM_PROGRAM
 from aurl.errors import DataError
+from aurl.fileio import atomic_write_text
 
 TOP = 15  # rows in "most common" tables
 # Longest piece analysed (about 2 h 45 min at 120 BPM): the bar self-similarity matrix grows
@@ -452,9 +453,9 @@ def _to_html(blocks: list[Block], title: str) -> str:
 
 
 def _write_docs(blocks: list[Block], out: Path, title: str, data: dict[str, Any]) -> None:
-    (out / "analysis.json").write_text(json.dumps(data, indent=1))
-    (out / "report.md").write_text(_to_markdown(blocks))
-    (out / "report.html").write_text(_to_html(blocks, title))
+    atomic_write_text(out / "analysis.json", json.dumps(data, indent=1))
+    atomic_write_text(out / "report.md", _to_markdown(blocks))
+    atomic_write_text(out / "report.html", _to_html(blocks, title))
 
 
 def _ngram_rows(ngrams: dict[str, list], n: int) -> list[list[Any]]:
@@ -542,32 +543,12 @@ def write_report(result: dict[str, Any], out: str | Path, *, plots: bool = True)
         blocks.append(("img", "similarity.png", "self-similarity matrix"))
     m = result["melody"]
     blocks.append(("h2", "Melody"))
-    blocks.append(
-        _table(
-            [
-                "notes",
-                "range",
-                "lowest",
-                "highest",
-                "steps",
-                "leaps",
-                "step/leap",
-                "mean |interval|",
-            ],
-            [
-                [
-                    m["notes"],
-                    m["range"],
-                    m["lowest"],
-                    m["highest"],
-                    m["steps"],
-                    m["leaps"],
-                    m["step_leap_ratio"],
-                    m["mean_abs_interval"],
-                ]
-            ],
-        )  # fmt: skip
-    )
+    columns = {  # header -> key of result["melody"]
+        "notes": "notes", "range": "range", "lowest": "lowest", "highest": "highest",
+        "steps": "steps", "leaps": "leaps", "step/leap": "step_leap_ratio",
+        "mean |interval|": "mean_abs_interval",
+    }  # fmt: skip
+    blocks.append(_table(list(columns), [[m[k] for k in columns.values()]]))
     if plots:
         blocks.append(("img", "contour.png", "melody contour"))
     if m["motifs"]:
