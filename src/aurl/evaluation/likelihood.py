@@ -178,18 +178,10 @@ def score_sequences(
     # through init_state(history=) + step(), so their positions see the state of the whole
     # prefix (as in generation with a sliding window).
     carry = _can_carry(model)
-    batches = [
-        batch
-        for group in (
-            [c for c in chunks if c[1] == 0 or not carry],
-            [c for c in chunks if c[1] > 0 and carry],
-        )
-        for batch in (
-            [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
-            if group and (group[0][1] == 0 or not carry)
-            else [[c] for c in group]
-        )
-    ]
+    batched = [c for c in chunks if c[1] == 0 or not carry]
+    alone = [c for c in chunks if c[1] > 0 and carry]  # each with its own history
+    batches = [batched[k : k + batch_size] for k in range(0, len(batched), batch_size)]
+    batches += [[c] for c in alone]
     # Grammar masks need the whole prefix, so they are built once per sequence and dropped
     # after the last batch that uses them.
     last_use = {i: b for b, batch in enumerate(batches) for i, *_ in batch}
