@@ -188,6 +188,7 @@ class GenerationConfig:
     """Sampling and musical constraints."""
 
     max_tokens: int = _num(1024, 1)
+    min_tokens: int = _num(0, 0)  # END not before this many generated tokens
     seconds: float = _num(0.0, 0.0)  # 0: no limit in seconds
     temperature: float = _num(1.0, 0.0, 100.0)
     top_k: int = _num(0, 0)

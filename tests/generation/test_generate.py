@@ -204,6 +204,28 @@ def test_max_tokens_holds_and_ends_cleanly(model, tokenizer, grammar) -> None:
     assert max(lengths) == 33  # the untrained model rarely ends on its own: the limit does
 
 
+def test_min_tokens_masks_end_until_reached() -> None:
+    on, off = int(VOCAB.note_on_id(60)), int(VOCAB.note_off_id(60))
+    on2, off2 = int(VOCAB.note_on_id(62)), int(VOCAB.note_off_id(62))
+    piece = [START, VOCAB.tempo + 10, VOCAB.instrument, VOCAB.velocity + 20, on, off, on2, off2]
+
+    def end_allowed(min_tokens: int) -> list[bool]:
+        masker = make_masker(VOCAB, GenerationConfig(max_tokens=64, min_tokens=min_tokens))
+        state, out = masker.initial_state(1), []
+        for tok in piece:
+            state = masker.advance(state, torch.tensor([tok]))
+            out.append(
+                bool(torch.isfinite(masker.apply(torch.zeros(1, VOCAB.size), state)[0, END]))
+            )
+        return out
+
+    # once the first note has started the grammar allows END (it closes sounding notes)
+    assert end_allowed(0) == [False] * 4 + [True] * 4
+    assert end_allowed(7) == [False] * 6 + [True] * 2
+    with pytest.raises(ConstraintError, match="min tokens"):
+        make_masker(VOCAB, GenerationConfig(max_tokens=16, min_tokens=10))
+
+
 def test_density_target_moves_density(model) -> None:
     def notes_per_step(density: float) -> float:
         cfg = GenerationConfig(max_tokens=TOKENS, density=density, polyphony_cap=16)

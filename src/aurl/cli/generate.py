@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-tokens", type=int, metavar="N", help="length limit in tokens")
     length.add_argument("--seconds", type=float, metavar="S", help="length limit in seconds")
+    p.add_argument(
+        "--min-tokens", type=int, metavar="N", help="no END before N generated tokens (default 0)"
+    )
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (default 1)")
     s.add_argument("--top-k", type=int, metavar="K", help="keep the K likeliest ids (0: off)")
@@ -94,7 +97,7 @@ def generation_config(args: argparse.Namespace):
         "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
         "repetition_penalty": args.repetition_penalty, "beam": args.beam, "key": args.key,
         "key_strictness": args.key_strictness, "density": args.density,
-        "polyphony_cap": args.polyphony,
+        "polyphony_cap": args.polyphony, "min_tokens": args.min_tokens,
     }  # fmt: skip
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.seconds is not None and args.max_tokens is None:

@@ -70,6 +70,7 @@ class _Tables:
         self.is_instrument = kind == Kind.INSTRUMENT
         # ids that start a note (VELOCITY is always followed by a NOTE_ON)
         self.is_velocity = kind == Kind.VELOCITY
+        self.is_end = kind == Kind.END
         self.starts_note = self.is_note_on | self.is_velocity
         # ids after which the grammar does not allow END, and new notes (zero length at END)
         self.blocks_end = self.starts_note | self.is_shift | self.is_instrument
@@ -201,6 +202,7 @@ class Constraints:
         density: target NOTE_ONs per beat (0: free).
         max_tokens: tokens to generate at most, END included.
         seconds: length limit in seconds (0: none).
+        min_tokens: END is masked until this many tokens are generated (0: free).
     """
 
     static: np.ndarray
@@ -208,6 +210,7 @@ class Constraints:
     density: float = 0.0
     max_tokens: int = 1024
     seconds: float = 0.0
+    min_tokens: int = 0
 
 
 def build_constraints(vocab: Vocab, config: GenerationConfig) -> Constraints:
@@ -221,6 +224,11 @@ def build_constraints(vocab: Vocab, config: GenerationConfig) -> Constraints:
         raise ConstraintError(
             f"max tokens {config.max_tokens}: give at least {MIN_TOKENS} (a piece needs TEMPO, "
             "INSTRUMENT, VELOCITY, NOTE_ON, a TIME_SHIFT and END)"
+        )
+    if config.min_tokens > config.max_tokens - MIN_TOKENS:
+        raise ConstraintError(
+            f"min tokens {config.min_tokens} leaves no room to end within max tokens "
+            f"{config.max_tokens}: give at most {config.max_tokens - MIN_TOKENS}"
         )
     static = pitch_range_bias(vocab, config.pitch_low, config.pitch_high)
     if config.key:
@@ -239,6 +247,7 @@ def build_constraints(vocab: Vocab, config: GenerationConfig) -> Constraints:
         density=config.density,
         max_tokens=config.max_tokens,
         seconds=config.seconds,
+        min_tokens=config.min_tokens,
     )
 
 
@@ -385,6 +394,8 @@ class LogitMasker:
             # density is notes per beat, so the length of the shifts matters as much.
             dens = push[:, None] * self.density_weight  # (B, V)
             bias = dens if bias is None else bias + dens
+        if state.step < cons.min_tokens:  # too short to end yet (a length or time stop wins)
+            masks.append(self.t.is_end.expand_as(allowed))
         left = cons.max_tokens - state.step
         stop = None  # (B,) rows that must end now
         if left <= 3:  # a VELOCITY now would need a NOTE_ON at left == 2, where none may come
