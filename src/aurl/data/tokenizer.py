@@ -123,9 +123,6 @@ class Tokenizer:
         self._kind = self.vocab.kind.astype(np.int8)
         self._bin_velocity = self.vocab.bin_velocity.astype(np.int64)
         self._value = self.vocab.value.astype(np.int64)
-        # nearest tempo bin in log space = the bin whose log-midpoint interval holds log(qpm)
-        log_t = np.log(self.vocab.bin_tempo)
-        self._tempo_edges = (log_t[1:] + log_t[:-1]) / 2
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.vocab!r})"
@@ -172,11 +169,11 @@ class Tokenizer:
         t_step = self._steps(md, t_time)
         if len(t_step) > 1:
             keep = _last_of_run(t_step)  # the last tempo at each step wins
-            t_step, t_bin = t_step[keep], self._tempo_bin(t_qpm[keep])
+            t_step, t_bin = t_step[keep], v.tempo_bin(t_qpm[keep])
             change = _first_of_run(t_bin)
             t_step, t_bin = t_step[change], t_bin[change]
         else:
-            t_bin = self._tempo_bin(t_qpm)
+            t_bin = v.tempo_bin(t_qpm)
         # sustain: the last state per (family, step), written where it changes (off at first)
         if len(md.pedal_time):
             p_fam = md.track_family(vc.num_instruments)[md.pedal_track]
@@ -267,10 +264,6 @@ class Tokenizer:
             report.overlaps += n_cut
             report.notes -= n_dup
         return fam, on, off, pitch, vel
-
-    def _tempo_bin(self, qpm: np.ndarray) -> np.ndarray:
-        """Vocab.tempo_bin, faster: one searchsorted on the log-midpoints between bins."""
-        return np.searchsorted(self._tempo_edges, np.log(qpm))
 
     def _steps(self, md: MidiData, ticks: np.ndarray) -> np.ndarray:
         vc = self.vocab_config

@@ -149,11 +149,19 @@ class Vocab:
             return np.array([np.sqrt(c.tempo_min * c.tempo_max)])
         return np.geomspace(c.tempo_min, c.tempo_max, c.tempo_bins)
 
+    @cached_property
+    def _tempo_edges(self) -> np.ndarray:
+        """(tempo_bins - 1,) log-BPM midpoints between neighbouring tempo bins."""
+        log_t = np.log(self.bin_tempo)
+        return (log_t[1:] + log_t[:-1]) / 2
+
     def tempo_bin(self, qpm: np.ndarray | float) -> np.ndarray:
-        """Beats per minute -> nearest tempo bin (in log space); out of range -> end bins."""
+        """Beats per minute -> nearest tempo bin (in log space); out of range -> end bins.
+
+        The one tempo quantizer (the tokenizer's too): a searchsorted on the log-midpoints.
+        """
         q = np.clip(np.asarray(qpm, dtype=np.float64), self.config.tempo_min, self.config.tempo_max)
-        centers = np.log(self.bin_tempo)
-        return np.abs(np.log(q)[..., None] - centers).argmin(axis=-1)
+        return np.searchsorted(self._tempo_edges, np.log(q))
 
     @staticmethod
     def program_family(program: np.ndarray | int) -> np.ndarray:
