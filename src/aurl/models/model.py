@@ -161,6 +161,13 @@ class GrammarFeatures(nn.Module):
         snd, age, family, onset = self.features(ids, carry)
         return self._embed(snd, age, family), onset
 
+    def extend(
+        self, ids: Tensor, carry: tuple[GrammarState, Tensor]
+    ) -> tuple[Tensor, tuple[GrammarState, Tensor]]:
+        """Several tokens per sequence, ``ids`` (B, T) -> (embedding (B, T, D), new carry)."""
+        emb, onset = self(ids, carry)
+        return emb, (self.grammar.state_after(ids, carry[0]), onset)
+
     def advance(
         self, ids: Tensor, carry: tuple[GrammarState, Tensor]
     ) -> tuple[Tensor, tuple[GrammarState, Tensor]]:
@@ -397,9 +404,7 @@ class MusicTransformerVAEGAN(nn.Module):
         if self.time is not None:
             _, state.ticks, state.tempo = self.time(history, state.ticks, state.tempo)
         if self.grammar_features is not None:
-            gstate, onset = state.grammar
-            _, onset = self.grammar_features(history, (gstate, onset))
-            state.grammar = (self.grammar_features.grammar.state_after(history, gstate), onset)
+            _, state.grammar = self.grammar_features.extend(history, state.grammar)
 
     def _keys_for(self, start: int, T: int, device: torch.device) -> slice | Tensor:
         """Cache positions the queries at ``start..start+T-1`` may read: everything so far,
@@ -438,12 +443,8 @@ class MusicTransformerVAEGAN(nn.Module):
             cond = self.conditioner(state.latents, start, T)
         gram_emb = None
         if self.grammar_features is not None:
-            if T == 1:
-                gram_emb, state.grammar = self.grammar_features.advance(ids, state.grammar)
-            else:
-                gstate = state.grammar[0]
-                gram_emb, onset = self.grammar_features(ids, state.grammar)
-                state.grammar = (self.grammar_features.grammar.state_after(ids, gstate), onset)
+            g = self.grammar_features
+            gram_emb, state.grammar = (g.advance if T == 1 else g.extend)(ids, state.grammar)
         x = self._input(ids, cond, time_emb, gram_emb)
 
         keys = self._keys_for(start, T, device)
