@@ -8,6 +8,7 @@ rebuilds from the folder alone.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,16 @@ def _check_safetensors(path: Path) -> None:
         raise CheckpointError(f"{path} is not a safetensors file: re-save it with save_pretrained")
 
 
+def fill_tied(tensors: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Tied tensors (output head = embedding) are stored once under one of their names: fill in
+    the other wherever ``names`` (the model's state-dict keys) expects it. Returns ``tensors``."""
+    names = set(names)
+    for a, b in (("head.weight", "embed.weight"), ("embed.weight", "head.weight")):
+        if a in names and a not in tensors and b in tensors:
+            tensors[a] = tensors[b]
+    return tensors
+
+
 def load_pretrained(
     folder: str | Path, *, map_location: str | torch.device = "cpu"
 ) -> MusicTransformerVAEGAN:
@@ -92,13 +103,8 @@ def load_pretrained(
     model = MusicTransformerVAEGAN(
         model_cfg, vocab_cfg, auto_balance=bool(meta.get("auto_balance", False))
     ).to(map_location)
-    # tied tensors were stored once under one of their names; fill in the other
     state = model.state_dict()
-    for name in state:
-        if name not in tensors and name == "head.weight" and "embed.weight" in tensors:
-            tensors[name] = tensors["embed.weight"]
-        elif name not in tensors and name == "embed.weight" and "head.weight" in tensors:
-            tensors[name] = tensors["head.weight"]
+    fill_tied(tensors, state)
     missing = sorted(set(state) - set(tensors))
     unexpected = sorted(set(tensors) - set(state))
     if missing or unexpected:

@@ -335,14 +335,11 @@ def check_compatible(
 def _model_from(config: Config, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A model built from ``config`` holding ``weights`` (tied tensors stored once)."""
     from aurl.models import build_model
+    from aurl.models.pretrained import fill_tied
 
     model = build_model(config)
-    state = model.state_dict()
-    for a, b in (("head.weight", "embed.weight"), ("embed.weight", "head.weight")):
-        if a in state and a not in weights and b in weights:
-            weights[a] = weights[b]
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(fill_tied(weights, model.state_dict()))
     except RuntimeError as e:
         raise CheckpointError(f"weights do not fit their config: {str(e).splitlines()[0]}") from e
     return model.eval()
