@@ -64,12 +64,6 @@ class GrammarState:
             **{f.name: getattr(self, f.name).clone() for f in dataclasses.fields(self)}
         )
 
-    def index(self, rows: torch.Tensor) -> GrammarState:
-        """The states of some batch rows (e.g. to reorder beams)."""
-        return GrammarState(
-            **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)}
-        )
-
 
 @dataclass
 class SequenceFeatures:
