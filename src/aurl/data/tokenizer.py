@@ -56,6 +56,7 @@ from aurl.data.midi_io import (
 from aurl.data.notes import DRUM_PROGRAM, NOTE_DTYPE
 from aurl.data.vocab import END, START, Kind, Vocab
 from aurl.errors import MidiReadError
+from aurl.fileio import atomic_write
 
 DECODE_TPQ = 480
 
@@ -448,11 +449,9 @@ class Tokenizer:
         return self.decode_to_data(ids).to_score()
 
     def decode_to_midi(self, ids: np.ndarray, path: str | Path) -> Path:
-        """Ids -> a MIDI file at ``path`` (parent folders created)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.decode_to_score(ids).dump_midi(str(path))
-        return path
+        """Ids -> a MIDI file at ``path``, written atomically (parent folders created)."""
+        score = self.decode_to_score(ids)
+        return atomic_write(path, lambda tmp: score.dump_midi(str(tmp)))
 
     def decode_to_bytes(self, ids: np.ndarray) -> bytes:
         """Ids -> the bytes of a MIDI file."""
