@@ -351,6 +351,4 @@ def write_report(
             plot_training_curves(curves, plots / "training.png")
             images["Training curves"] = "plots/training.png"
     write_json(results, out / "metrics.json")
-    report = out / "report.md"
-    report.write_text(_markdown(results, images))
-    return report
+    return atomic_write_text(out / "report.md", _markdown(results, images))
