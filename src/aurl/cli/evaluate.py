@@ -126,9 +126,13 @@ def run(args: argparse.Namespace) -> int:
     from aurl.errors import ConfigError, DataError
 
     t0 = time.perf_counter()
-    if args.samples < 0 or args.max_tokens < 2 or args.batch_size < 1 or args.ngram_order < 1:
+    if (
+        args.samples < 0 or args.max_tokens < 2 or args.batch_size < 1 or args.ngram_order < 1
+        or args.window < 0 or args.window == 1
+    ):  # fmt: skip
         raise ConfigError(
-            "--samples >= 0, --max-tokens >= 2, --batch-size >= 1, --ngram-order >= 1"
+            "--samples >= 0, --max-tokens >= 2, --batch-size >= 1, --ngram-order >= 1, "
+            "--window 0 or >= 2"
         )
     out = Path(args.out)
 
@@ -139,11 +143,15 @@ def run(args: argparse.Namespace) -> int:
     from aurl.data.tokenizer import Tokenizer
     from aurl.evaluation.distances import set_features, summarize_set
     from aurl.evaluation.likelihood import score_sequences
-    from aurl.evaluation.ngram import ngram_baseline
+    from aurl.evaluation.ngram import NgramModel, ngram_baseline
     from aurl.evaluation.report import evaluate_sets, write_report
     from aurl.progress import bar
 
     model, run_dir, trained_window = load_model(args.checkpoint, args.device)
+    try:  # an order too high for the vocabulary fails here, before any scoring
+        NgramModel(args.ngram_order, model.vocab.size)
+    except ValueError as e:
+        raise ConfigError(f"--ngram-order {args.ngram_order}: {e}; choose a lower order") from None
     out.mkdir(parents=True, exist_ok=True)
     cache = open_data(args.data, out, model.vocab_config, args.workers)
     cache.check_vocab(model.vocab_config)  # a checkpoint of another vocabulary: clear error
