@@ -133,6 +133,14 @@ class ModelConfig:
     disc_layers: int = _num(2, 1, 64)
     disc_scales: tuple[int, ...] = (32, 128, 0)  # window lengths; 0 = the whole sequence
 
+    def __post_init__(self) -> None:
+        # rotary positions rotate pairs of a head's dimensions: the head width must be even
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
+                f"({self.n_heads}) into an even head width: change one of them"
+            )
+
 
 @dataclass(frozen=True)
 class LossConfig:
