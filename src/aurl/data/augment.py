@@ -23,6 +23,8 @@ in checkpoints) or one passed per call (e.g. seeded by ``(seed, epoch, index)`` 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from aurl.config import AugmentConfig
@@ -191,3 +193,10 @@ class Augmenter:
         if c.jitter_prob and c.jitter_steps and rng.random() < c.jitter_prob:
             out = jitter(out, c.jitter_steps, rng, v)
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state (JSON-safe), for training checkpoints."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
