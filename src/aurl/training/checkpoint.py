@@ -273,7 +273,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not (path / "manifest.json").exists() and (path / "checkpoints").is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise CheckpointError(f"run folder {path} holds no complete checkpoint")
+            raise CheckpointError(
+                f"run folder {path} holds no complete checkpoint: train longer or pick another"
+            )
         path = latest
     verify(path)
     try:
@@ -285,7 +287,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from e
     if state.get("format") != FORMAT:
         raise CheckpointError(
-            f"checkpoint {path} has format {state.get('format')}, expected {FORMAT}"
+            f"checkpoint {path} has format {state.get('format')}, this Aurl reads {FORMAT}: "
+            "load it with the Aurl version that wrote it"
         )
     try:
         config = config_from_dict(state["config"])
@@ -364,7 +367,9 @@ def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
         state = json.loads((Path(p) / "state.json").read_text())
         cfg = config_from_dict(state["config"])
         if config is not None and (cfg.model != config.model or cfg.vocab != config.vocab):
-            raise CheckpointError(f"{p} has another architecture than {paths[0]}: cannot average")
+            raise CheckpointError(
+                f"{p} has another architecture than {paths[0]}: average checkpoints of one run"
+            )
         config = cfg
         for k, v in load_file(str(Path(p) / "model.safetensors")).items():
             dtypes[k] = v.dtype
@@ -383,7 +388,9 @@ def export_source(source: str | Path) -> Path:
     if not (source / "manifest.json").is_file() and (source / "checkpoints").is_dir():
         best = best_checkpoints(source, 1) or list_checkpoints(source)[-1:]
         if not best:
-            raise CheckpointError(f"run folder {source} holds no complete checkpoint")
+            raise CheckpointError(
+                f"run folder {source} holds no complete checkpoint: train longer or pick another"
+            )
         return best[0]
     return source
 
