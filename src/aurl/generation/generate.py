@@ -247,7 +247,9 @@ def generate(
             f"with data.polyphony_cap <= generation.polyphony_cap ({config.polyphony_cap})"
         )
     if latents is not None and latents.batch_size != num_samples:
-        raise ConstraintError(f"{latents.batch_size} latents for {num_samples} samples")
+        raise ConstraintError(
+            f"{latents.batch_size} latents for {num_samples} samples: give one row per sample"
+        )
     window = min(config.window, model.config.max_seq_len)
     overlap = min(config.window_overlap, window // 2)
     if config.beam > 1:
