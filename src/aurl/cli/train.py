@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aurl.cli.config import add_config_arguments
+from aurl.cli.config import add_config_arguments, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,14 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from aurl.config import load_config
     from aurl.progress import bar
     from aurl.training.trainer import train
 
-    overrides = list(args.overrides)
     if args.data:
-        overrides.append(f"data.cache={args.data}")
-    config = load_config(args.config, preset=args.preset, overrides=overrides)
+        args.overrides = [*args.overrides, f"data.cache={args.data}"]
+    config = config_from_args(args)
     result = train(config, args.out, resume=args.resume, progress=bar)
     if result.stopped == "interrupted":
         print(f"interrupted at step {result.step}: checkpoint saved; run the same command to "
