@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aurl.analysis.keys import Key, KeySegment, chroma, pitched
+from aurl.analysis.keys import Key, KeySegment, chroma
 from aurl.analysis.melody import sounding_extreme
+from aurl.data.notes import pitched
 
 # name: intervals above the root (the first three define the triad for inversions)
 QUALITIES: dict[str, tuple[int, ...]] = {

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aurl.analysis.keys import pitched
+from aurl.data.notes import pitched
 
 # Onsets closer than this (beats) count as simultaneous: about a 1/64 note, below the 1/32-beat
 # grid of the tokenizer, so quantised and lightly humanised files behave the same.

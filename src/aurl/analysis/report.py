@@ -21,14 +21,8 @@ import numpy as np
 from aurl.analysis import chords as ch
 from aurl.analysis import melody as mel
 from aurl.analysis import structure as st
-from aurl.analysis.keys import (
-    Key,
-    estimate_key,
-    estimate_keys_windowed,
-    modulations,
-    pitched,
-)
-from aurl.data.notes import DRUM_PROGRAM
+from aurl.analysis.keys import Key, estimate_key, estimate_keys_windowed, modulations
+from aurl.data.notes import DRUM_PROGRAM, pitched
 from aurl.errors import DataError
 from aurl.fileio import atomic_write_text
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aurl.analysis.keys import chroma, pitched
+from aurl.analysis.keys import chroma
 from aurl.analysis.melody import skyline
+from aurl.data.notes import pitched
 
 
 def bar_features(notes: np.ndarray, beats_per_bar: float = 4.0) -> np.ndarray:
