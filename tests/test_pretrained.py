@@ -15,7 +15,9 @@ import aurl
 
 SHIPPED = Path(aurl.__file__).parent / "pretrained"
 CHORALES = Path(aurl.__file__).parent / "data" / "bundled" / "bach-chorales"
-MAX_TEST_BITS_PER_NOTE = 6.5
+# 0.8 x the best baseline measured on the chorales (HF GPT-2 on REMI, 5.58): the project's goal.
+# An untrained model scores about 21; the shipped one 3.0 on the whole test split (MODEL_CARD.md).
+MAX_TEST_BITS_PER_NOTE = 4.46
 
 pytestmark = pytest.mark.skipif(
     not (SHIPPED / "config.json").is_file(), reason="no shipped model in src/aurl/pretrained yet"
@@ -50,11 +52,15 @@ def test_shipped_model_does_not_collapse(model):
     from aurl.data.tokenizer import Tokenizer
     from aurl.generation.generate import generate
 
-    # pieces may END before 1024 tokens (a chorale is ~650): sample a batch, judge 1024 tokens
-    cfg = GenerationConfig(max_tokens=1024, temperature=1.0, seed=0)
-    ids = np.concatenate([p.ids for p in generate(model, cfg, num_samples=4)])[:1024]
-    assert len(ids) == 1024
+    # one 1024-token sample: END is masked until the last few tokens (a chorale is ~650)
+    cfg = GenerationConfig(max_tokens=1024, min_tokens=1016, temperature=1.0, seed=0)
+    ids = generate(model, cfg, num_samples=1)[0].ids[1:]  # without START
+    assert len(ids) >= 1016
     share = np.bincount(ids).max() / len(ids)
     assert share <= 0.25, f"one id is {share:.0%} of the sample"
     notes = Tokenizer(model.vocab_config).decode_to_notes(ids)
     assert len(np.unique(notes["pitch"] % 12)) >= 5
+    # no single pitch repeated or held for most of the piece
+    assert np.bincount(notes["pitch"]).max() / len(notes) < 0.5
+    length = (notes["onset_s"] + notes["duration_s"]).max()
+    assert notes["duration_s"].max() < 0.5 * length
