@@ -164,11 +164,6 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     )
 
 
-def _count_notes(ids: torch.Tensor, vocab) -> torch.Tensor:
-    lo, hi = vocab.note_on, vocab.note_on + vocab.n_pitches
-    return ((ids >= lo) & (ids < hi)).sum()
-
-
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
