@@ -128,3 +128,5 @@ def test_evaluate_a_training_run_folder(tmp_path: Path, fixtures_dir: Path) -> N
     assert "Training curves" in (out / "report.md").read_text()
     summary = json.loads((out / "metrics.json").read_text())["reference"]
     assert summary["polyphony"]["defined"] > 0  # the split is described even without samples
+    resolved = load_config(out / "config.yaml")  # the settings travel with the report
+    assert resolved.model == config.model and resolved.vocab == config.vocab

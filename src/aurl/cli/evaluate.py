@@ -213,6 +213,15 @@ def run(args: argparse.Namespace) -> int:
         samples=generated,
         run_dir=args.run or run_dir,
     )
+    from aurl.config import Config, GenerationConfig, write_config
+
+    # the resolved settings beside the report: the model's vocabulary and architecture, the
+    # scoring window and the sampling of the generated set
+    data = DataConfig(window=window)
+    sampling = GenerationConfig(max_tokens=args.max_tokens, seed=args.seed)
+    write_config(
+        Config(vocab=model.vocab_config, model=model.config, data=data, generation=sampling), out
+    )
     bpn = " ".join(f"{k!r} {v['bits_per_note']:.3f}" for k, v in likelihood.items())
     print(f"bits/note {bpn}")
     print(f"wrote {out / 'metrics.json'} and {report} in {time.perf_counter() - t0:.1f} s")

@@ -227,6 +227,11 @@ def run(args: argparse.Namespace) -> int:
         model, config, num_samples=n, primer=primer, latents=latents, masker=masker, progress=bar
     )
     write_pieces(pieces, paths, tokenizer, config, soundfont=args.soundfont)
+    from aurl.config import Config, write_config
+
+    # the resolved settings beside the pieces: vocabulary and model of the checkpoint, sampling
+    resolved = Config(vocab=model.vocab_config, model=model.config, generation=config)
+    write_config(resolved, args.out)
     print(f"generated {n} piece(s) in {time.perf_counter() - t0:.1f} s")
     return 0
 
