@@ -10,7 +10,10 @@ import torch
 
 import aurl.cli.generate as cli_generate
 from aurl.cli import main
-from aurl.config import load_config
+from aurl.config import GenerationConfig, load_config
+from aurl.data.grammar import Grammar
+from aurl.data.tokenizer import Tokenizer
+from aurl.data.vocab import Vocab
 from aurl.models import build_model
 
 
@@ -114,3 +117,15 @@ def test_without_a_shipped_model(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(cli_generate, "SHIPPED", tmp_path / "pretrained")
     code, _, err = run(capsys, "--out", str(tmp_path / "o"))
     assert code == 1 and "no shipped model" in err and "--checkpoint" in err
+
+
+def test_int8_generation_gives_valid_pieces(checkpoint, tmp_path, capsys) -> None:
+    out = tmp_path / "int8"
+    args = ["--checkpoint", str(checkpoint), "--num-samples", "3", "--max-tokens", "64"]
+    code, stdout, err = run(capsys, *args, "--int8", "--out", str(out))
+    assert code == 0, err
+    grammar = Grammar(Vocab(), GenerationConfig().polyphony_cap)
+    for i in range(3):
+        ids = Tokenizer().encode_file(out / f"sample_seed0_{i:03d}.mid")
+        assert len(Tokenizer().decode_to_notes(ids)) > 0
+        assert grammar.count_violations(torch.as_tensor(ids)[None]) == 0

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     length.add_argument("--max-tokens", type=int, metavar="N", help="length limit in tokens")
     length.add_argument("--seconds", type=float, metavar="S", help="length limit in seconds")
     p.add_argument(
+        "--int8", action="store_true", help="int8 weights, bf16 activations: faster on CPU"
+    )
+    p.add_argument(
         "--min-tokens", type=int, metavar="N", help="no END before N generated tokens (default 0)"
     )
     s = p.add_argument_group("sampling")
@@ -200,6 +203,10 @@ def run(args: argparse.Namespace) -> int:
     from aurl.progress import bar
 
     model = load_model(args.checkpoint, args.device)
+    if args.int8:
+        from aurl.models.quantize import quantize_int8
+
+        model = quantize_int8(model)  # about 2x faster decoding on CPU; weights read as int8
     device = model.embed.weight.device
     # Primers are encoded under the generation polyphony cap, so they obey the same grammar.
     tokenizer = Tokenizer(model.vocab_config, DataConfig(polyphony_cap=config.polyphony_cap))
