@@ -49,14 +49,18 @@ class DDP(torch.nn.parallel.DistributedDataParallel):
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` under DDP -> this process's GPU."""
+    """``auto`` -> CUDA when available, else MPS (Apple GPUs), else CPU; ``cuda`` under DDP ->
+    this process's GPU."""
     if name == "auto":
+        mps = getattr(torch.backends, "mps", None)
         name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu" and mps is not None and mps.is_available():
+            name = "mps"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(
-            f"training.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+            f"training.device: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
         ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
