@@ -300,7 +300,10 @@ class LogitMasker:
         self.count_seconds = constraints.seconds > 0 and self.beat_mode
         # Constraints that can leave a row with nothing: check for empty rows only then.
         self.can_empty = (
-            self.static is not None or bool(constraints.families) or constraints.seconds > 0
+            self.static is not None
+            or bool(constraints.families)
+            or constraints.seconds > 0
+            or constraints.min_tokens > 0  # where the grammar allows END alone
         )
 
     # -- state ----------------------------------------------------------------------------------
