@@ -35,9 +35,66 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aurl.data.vocab import Kind, Vocab
+from aurl.data.vocab import END, PAD, START, UNK, Kind, Vocab
 
 _NONE = -1  # last_kind before any token
+# the kinds as plain ints: an IntEnum member costs a conversion in every comparison
+_START, _END, _UNK = int(Kind.START), int(Kind.END), int(Kind.UNK)
+_ON, _OFF, _SHIFT, _VEL = (
+    int(k) for k in (Kind.NOTE_ON, Kind.NOTE_OFF, Kind.TIME_SHIFT, Kind.VELOCITY)
+)
+_SUS_ON, _SUS_OFF, _TEMPO, _INSTR = (
+    int(k) for k in (Kind.SUSTAIN_ON, Kind.SUSTAIN_OFF, Kind.TEMPO, Kind.INSTRUMENT)
+)
+
+
+class _TorchOps:
+    """The few array functions whose names differ between torch and numpy (torch side)."""
+
+    @staticmethod
+    def empty(shape: tuple, like):
+        return torch.empty(shape, dtype=torch.bool, device=like.device)
+
+    @staticmethod
+    def copy(x):
+        return x.clone()
+
+    @staticmethod
+    def clamp_max(x, high: int):
+        return x.clamp(max=high)
+
+
+class _NumpyOps:
+    """The same functions for numpy (the incremental path on CPU)."""
+
+    @staticmethod
+    def empty(shape: tuple, like):
+        return np.empty(shape, dtype=bool)
+
+    @staticmethod
+    def copy(x):
+        return x.copy()
+
+    @staticmethod
+    def clamp_max(x, high: int):
+        return np.minimum(x, high)
+
+
+class _Consts:
+    """Lookup tables and aranges of one grammar on one backend and device."""
+
+    def __init__(self, grammar: Grammar, as_array) -> None:
+        vocab, c = grammar.vocab, grammar.vocab.config
+        self.kind = as_array(vocab.kind.astype(np.int64))
+        self.value = as_array(vocab.value.astype(np.int64))
+        ph = np.zeros(len(Kind), np.int64)  # phase after each kind (read where it sets one)
+        ph[[Kind.SUSTAIN_ON, Kind.SUSTAIN_OFF]] = 1
+        ph[Kind.NOTE_OFF], ph[Kind.NOTE_ON] = 2, 3
+        self.phase_of = as_array(ph)
+        self.pitches = as_array(np.arange(c.pitch_min, c.pitch_max + 1))
+        self.velocities = as_array(np.arange(c.velocity_bins))
+        self.tempos = as_array(np.arange(c.tempo_bins))
+        self.families = as_array(np.arange(grammar.F))
 
 
 @dataclass
@@ -78,10 +135,18 @@ class SequenceFeatures:
 class Grammar:
     """The grammar of a :class:`Vocab` (see the module docstring for the rules).
 
+    The incremental path (:meth:`advance`, :meth:`allowed`) runs in numpy on views of the
+    state's tensors when they are on the CPU: at the batch sizes of generation a torch call costs
+    more than the work it does, and numpy's calls are 2-4x cheaper. The rules are written once,
+    against either backend; the state stays torch tensors either way. ``numpy_on_cpu = False``
+    keeps everything in torch (the tests compare the two).
+
     Args:
         vocab: the vocabulary.
         polyphony_cap: most notes sounding at once (all families together).
     """
+
+    numpy_on_cpu: bool = True
 
     def __init__(self, vocab: Vocab, polyphony_cap: int = 16) -> None:
         self.vocab = vocab
@@ -90,27 +155,36 @@ class Grammar:
         self.F = c.num_instruments
         self.P = vocab.n_pitches
         self.max_shift = c.max_shift_steps
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        # phase after each kind (only read where the kind sets the phase)
-        ph = np.zeros(len(Kind), np.int64)
-        ph[[Kind.SUSTAIN_ON, Kind.SUSTAIN_OFF]] = 1
-        ph[Kind.NOTE_OFF], ph[Kind.NOTE_ON] = 2, 3
-        self._phase_of = torch.from_numpy(ph)
+        self._consts: dict[object, _Consts] = {}
+        # first id of each kind (the vocabulary lays the kinds out in blocks, in this order)
+        kinds = vocab.kind.astype(np.int64)
+        self._offset = {int(k): int(np.argmax(kinds == k)) for k in Kind}
+        if not np.all(np.diff(kinds) >= 0):
+            raise ValueError("the grammar needs the vocabulary's kinds in blocks, in Kind order")
 
-    def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kind and value of each id; ids outside the vocabulary read as UNK."""
-        dev = ids.device
-        if dev not in self._tables:
-            self._tables[dev] = (
-                torch.as_tensor(self.vocab.kind.astype(np.int64), device=dev),
-                torch.as_tensor(self.vocab.value.astype(np.int64), device=dev),
-            )
-        kind_t, value_t = self._tables[dev]
-        ids = ids.long()
+    def _tables(self, like) -> tuple[_Consts, type]:
+        """The constants and backend functions for arrays like ``like`` (numpy or torch)."""
+        if isinstance(like, np.ndarray):
+            if "numpy" not in self._consts:
+                self._consts["numpy"] = _Consts(self, np.asarray)
+            return self._consts["numpy"], _NumpyOps
+        dev = like.device
+        if dev not in self._consts:
+            self._consts[dev] = _Consts(self, lambda a: torch.as_tensor(a, device=dev))
+        return self._consts[dev], _TorchOps
+
+    def _lookup(self, ids):
+        """Kind and value of each id (numpy or torch); ids outside the vocabulary read as UNK."""
+        t, _ = self._tables(ids)
         inside = (ids >= 0) & (ids < self.vocab.size)
-        safe = torch.where(inside, ids, torch.zeros_like(ids))
-        kind = torch.where(inside, kind_t[safe], torch.full_like(ids, int(Kind.UNK)))
-        return kind, torch.where(inside, value_t[safe], torch.zeros_like(ids))
+        safe = ids * inside  # 0 where outside
+        kind = t.kind[safe]
+        kind[~inside] = _UNK
+        value = t.value[safe] * inside
+        return kind, value
+
+    def _numpy(self, state: GrammarState) -> bool:
+        return self.numpy_on_cpu and state.family.device.type == "cpu"
 
     # -------------------------------------------------------------------------------------------
     # Incremental machine
@@ -128,109 +202,133 @@ class Grammar:
         )  # fmt: skip
 
     def advance(self, state: GrammarState, ids: torch.Tensor) -> GrammarState:
-        """The state after one more token per sequence; ``ids`` (B,). Returns a new state."""
-        k, v = self._lookup(ids.reshape(-1))
-        s = state.clone()
-        has_fam = s.family < self.F
-        fam = s.family.clamp(max=self.F - 1)
-        rows = torch.arange(k.shape[0], device=k.device)
-        note = ((k == Kind.NOTE_ON) | (k == Kind.NOTE_OFF)) & has_fam
-        if bool(note.any()):
-            p = (v - self.vocab.config.pitch_min).clamp(0, self.P - 1)
-            r = rows[note]
-            s.sounding[r, fam[note], p[note]] = k[note] == Kind.NOTE_ON
-            s.count = s.sounding.flatten(1).sum(1)
-        sus = ((k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF)) & has_fam
-        if bool(sus.any()):
-            s.sustain[rows[sus], fam[sus]] = k[sus] == Kind.SUSTAIN_ON
-        s.family = torch.where(k == Kind.INSTRUMENT, v, s.family)
-        s.last_velocity = torch.where(k == Kind.VELOCITY, v, s.last_velocity)
-        s.tempo = torch.where(k == Kind.TEMPO, v, s.tempo)
-        s.time = s.time + torch.where(k == Kind.TIME_SHIFT, v, 0)
-        reset = (k == Kind.INSTRUMENT) | (k == Kind.TIME_SHIFT) | (k == Kind.START)
-        notes = (k == Kind.NOTE_ON) | (k == Kind.NOTE_OFF)
-        sets_phase = reset | notes | (k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF)
-        s.phase = torch.where(sets_phase, self._phase_of.to(k.device)[k], s.phase)
-        s.last_pitch = torch.where(notes, v, torch.where(reset, -1, s.last_pitch))
-        fam_ev = notes | (k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF) | (k == Kind.VELOCITY)
-        step_start = (k == Kind.TIME_SHIFT) | (k == Kind.START)
-        s.family_events = torch.where(fam_ev, True, torch.where(step_start, False, s.family_events))
-        s.started = s.started | (k == Kind.START)
-        s.ended = s.ended | (k == Kind.END)
-        s.last_kind, s.last_value = k, v
+        """The state after one more token per sequence; ``ids`` (B,). Returns a new state
+        (fields the token leaves alone are shared with ``state``; nothing is changed in place)."""
+        if not self._numpy(state):
+            fields = {name: getattr(state, name) for name in _FIELDS}
+            return GrammarState(**self._advance(fields, ids.reshape(-1).long()))
+        fields = _views(state)
+        new = self._advance(fields, ids.reshape(-1).cpu().numpy().astype(np.int64))
+        out = GrammarState(
+            **{
+                name: getattr(state, name) if a is fields[name] else torch.from_numpy(a)
+                for name, a in new.items()
+            }
+        )
+        out.__dict__[_VIEWS] = new  # the new tensors' memory, for the next call
+        return out
+
+    def _advance(self, s: dict, ids) -> dict:
+        """:meth:`advance` on a dict of arrays, numpy or torch alike."""
+        t, ops = self._tables(ids)
+        k, v = self._lookup(ids)
+        s = dict(s)
+        has_fam = s["family"] < self.F
+        fam = ops.clamp_max(s["family"], self.F - 1)
+        is_on, is_off = k == _ON, k == _OFF
+        notes = is_on | is_off
+        sus_any = (k == _SUS_ON) | (k == _SUS_OFF)
+        note = notes & has_fam
+        if note.any():
+            rows = note.nonzero()[0] if isinstance(note, np.ndarray) else note.nonzero()[:, 0]
+            p = (v[rows] - self.vocab.config.pitch_min).clip(0, self.P - 1)
+            s["sounding"] = ops.copy(s["sounding"])
+            s["sounding"][rows, fam[rows], p] = is_on[rows]
+            s["count"] = s["sounding"].reshape(len(ids), -1).sum(1)
+        sus = sus_any & has_fam
+        if sus.any():
+            rows = sus.nonzero()[0] if isinstance(sus, np.ndarray) else sus.nonzero()[:, 0]
+            s["sustain"] = ops.copy(s["sustain"])
+            s["sustain"][rows, fam[rows]] = k[rows] == _SUS_ON
+        where = np.where if isinstance(ids, np.ndarray) else torch.where
+        is_shift, is_start = k == _SHIFT, k == _START
+        s["family"] = where(k == _INSTR, v, s["family"])
+        s["last_velocity"] = where(k == _VEL, v, s["last_velocity"])
+        s["tempo"] = where(k == _TEMPO, v, s["tempo"])
+        s["time"] = s["time"] + v * is_shift
+        step_start = is_shift | is_start
+        reset = step_start | (k == _INSTR)
+        s["phase"] = where(reset | notes | sus_any, t.phase_of[k], s["phase"])
+        s["last_pitch"] = where(notes, v, where(reset, -1, s["last_pitch"]))
+        fam_ev = notes | sus_any | (k == _VEL)
+        s["family_events"] = (s["family_events"] | fam_ev) & ~step_start  # disjoint kinds
+        s["started"] = s["started"] | is_start
+        s["ended"] = s["ended"] | (k == _END)
+        s["last_kind"], s["last_value"] = k, v
         return s
 
     def allowed(self, state: GrammarState) -> torch.Tensor:
         """(B, V) bool: the ids allowed next in each sequence."""
-        has_fam = state.family < self.F
-        fam = state.family.clamp(max=self.F - 1)
-        rows = torch.arange(fam.shape[0], device=fam.device)
-        cur_sounding = state.sounding[rows, fam] & has_fam[:, None]
-        cur_sustain = state.sustain[rows, fam] & has_fam
-        return self._mask(state, cur_sounding, cur_sustain)
+        if not self._numpy(state):
+            return self._allowed(state)
+        return torch.from_numpy(self._allowed(_Fields(_views(state))))
+
+    def _allowed(self, s):
+        _, ops = self._tables(s.family)
+        has_fam = s.family < self.F
+        fam = ops.clamp_max(s.family, self.F - 1)
+        n = len(fam)
+        rows = np.arange(n) if isinstance(fam, np.ndarray) else torch.arange(n, device=fam.device)
+        cur_sounding = s.sounding[rows, fam] & has_fam[:, None]
+        cur_sustain = s.sustain[rows, fam] & has_fam
+        return self._mask(s, cur_sounding, cur_sustain)
 
     # -------------------------------------------------------------------------------------------
     # The rules: one function for both the incremental and the whole-sequence path
     # -------------------------------------------------------------------------------------------
 
-    def _mask(self, s, cur_sounding: torch.Tensor, cur_sustain: torch.Tensor) -> torch.Tensor:
-        """(..., V) bool from state fields of leading shape (...) (B or B, T)."""
-        c = self.vocab.config
+    def _mask(self, s, cur_sounding, cur_sustain):
+        """(..., V) bool from state fields of leading shape (...) (B or B, T), numpy or torch."""
+        t, ops = self._tables(s.last_kind)
         lk = s.last_kind
-        dev = lk.device
-        lead = lk.shape
+        lead = tuple(lk.shape)
         none_yet = lk == _NONE
-        general = s.started & ~s.ended & (lk != Kind.START)
-        pending = lk == Kind.VELOCITY
-        has_fam = s.family < self.F
-        free = general & has_fam
+        general = s.started & ~s.ended & (lk != _START)
+        pending = lk == _VEL
+        free = general & (s.family < self.F)
+        no_pending = ~pending
+        phase, last_pitch = s.phase[..., None], s.last_pitch[..., None]
 
-        pitches = torch.arange(c.pitch_min, c.pitch_max + 1, device=dev)  # (P,)
-        above = (s.phase[..., None] < 3) | (pitches > s.last_pitch[..., None])  # (..., P)
+        above = (phase < 3) | (t.pitches > last_pitch)  # (..., P)
         can_on = (free & (s.count < self.polyphony_cap))[..., None] & ~cur_sounding & above
         note_on = can_on & ((s.last_velocity >= 0) | pending)[..., None]
-        off_order = (s.phase[..., None] < 2) | (
-            (s.phase[..., None] == 2) & (pitches > s.last_pitch[..., None])
-        )
-        note_off = (free & ~pending)[..., None] & cur_sounding & off_order
+        off_order = (phase < 2) | ((phase == 2) & (t.pitches > last_pitch))
+        note_off = (free & no_pending)[..., None] & cur_sounding & off_order
 
-        vb = torch.arange(c.velocity_bins, device=dev)
-        velocity = ((free & ~pending) & can_on.any(-1))[..., None] & (
-            vb != s.last_velocity[..., None]
+        free_now = free & no_pending
+        velocity = (free_now & can_on.any(-1))[..., None] & (
+            t.velocities != s.last_velocity[..., None]
         )
-        sus_ok = free & ~pending & (s.phase == 0)
-        sustain_on, sustain_off = sus_ok & ~cur_sustain, sus_ok & cur_sustain
+        sus_ok = free_now & (s.phase == 0)
 
-        fams = torch.arange(self.F, device=dev)
-        instrument = (general & ~pending & (lk != Kind.INSTRUMENT))[..., None] & (
-            fams != s.family[..., None]
+        not_instr = lk != _INSTR
+        family = s.family[..., None]
+        instrument = (general & no_pending & not_instr)[..., None] & (t.families != family)
+        instrument = instrument & (~s.family_events[..., None] | (t.families > family))
+
+        short_shift = (lk == _SHIFT) & (s.last_value < self.max_shift)
+        shift_ok = general & no_pending & not_instr & ~short_shift
+        tempo_ok = s.started & ~s.ended & ((lk == _START) | (lk == _SHIFT))
+        tempo = tempo_ok[..., None] & (t.tempos != s.tempo[..., None])
+        end_ok = general & no_pending & not_instr & (lk != _SHIFT)
+
+        out = ops.empty((*lead, self.vocab.size), like=lk)
+        o = self._offset
+        out[..., START], out[..., END], out[..., PAD], out[..., UNK] = (
+            none_yet,
+            end_ok,
+            s.ended,
+            False,
         )
-        instrument = instrument & (~s.family_events[..., None] | (fams > s.family[..., None]))
-
-        short_shift = (lk == Kind.TIME_SHIFT) & (s.last_value < self.max_shift)
-        shift_ok = general & ~pending & (lk != Kind.INSTRUMENT) & ~short_shift
-        tb = torch.arange(c.tempo_bins, device=dev)
-        tempo_ok = s.started & ~s.ended & ((lk == Kind.START) | (lk == Kind.TIME_SHIFT))
-        tempo = tempo_ok[..., None] & (tb != s.tempo[..., None])
-        end_ok = general & ~pending & (lk != Kind.INSTRUMENT) & (lk != Kind.TIME_SHIFT)
-
-        specials = torch.stack(
-            [none_yet, end_ok, s.ended, torch.zeros(lead, dtype=torch.bool, device=dev)], -1
-        )  # START, END, PAD, UNK
-        return torch.cat(
-            [
-                specials,
-                note_on,
-                note_off,
-                shift_ok[..., None].expand(*lead, self.max_shift),
-                velocity,
-                sustain_on[..., None],
-                sustain_off[..., None],
-                tempo,
-                instrument,
-            ],
-            dim=-1,
-        )
+        out[..., o[_ON] : o[_ON] + self.P] = note_on
+        out[..., o[_OFF] : o[_OFF] + self.P] = note_off
+        out[..., o[_SHIFT] : o[_SHIFT] + self.max_shift] = shift_ok[..., None]
+        out[..., o[_VEL] : o[_VEL] + len(t.velocities)] = velocity
+        out[..., o[_SUS_ON]] = sus_ok & ~cur_sustain
+        out[..., o[_SUS_OFF]] = sus_ok & cur_sustain
+        out[..., o[_TEMPO] : o[_TEMPO] + len(t.tempos)] = tempo
+        out[..., o[_INSTR] : o[_INSTR] + self.F] = instrument
+        return out
 
     # -------------------------------------------------------------------------------------------
     # Whole sequences at once
@@ -245,7 +343,7 @@ class Grammar:
         B, T = ids.shape
         dev = ids.device
         s0 = state if state is not None else self.initial_state(B, dev)
-        k, v = self._lookup(ids)
+        k, v = self._lookup(ids.long())
         pos = torch.arange(T, device=dev).expand(B, T)
 
         def last(mask: torch.Tensor, values: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
@@ -265,7 +363,7 @@ class Grammar:
             tempo=last(k == Kind.TEMPO, v, s0.tempo),
             last_kind=k,
             last_value=v,
-            phase=last(reset | notes | sus_any, self._phase_of.to(dev)[k], s0.phase),
+            phase=last(reset | notes | sus_any, self._tables(k)[0].phase_of[k], s0.phase),
             last_pitch=last(reset | notes, torch.where(notes, v, -1), s0.last_pitch),
             family_events=last(
                 notes | sus_any | (k == Kind.VELOCITY) | step_start,
@@ -358,6 +456,20 @@ class Grammar:
         if ids.dim() == 1:
             ids = ids[None]
         return int(self.violations(ids).sum())
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(GrammarState))
+_VIEWS = "_numpy_views"  # a GrammarState's numpy views of its CPU tensors, when known
+
+
+def _views(state: GrammarState) -> dict[str, np.ndarray]:
+    """Numpy views of a CPU state's tensors (kept on states that :meth:`Grammar.advance` made:
+    its fields are never changed in place, and copies made by ``dataclasses.replace`` or
+    :meth:`GrammarState.clone` do not inherit them)."""
+    views = state.__dict__.get(_VIEWS)
+    if views is None:
+        views = {name: getattr(state, name).numpy() for name in _FIELDS}
+    return views
 
 
 class _Fields:

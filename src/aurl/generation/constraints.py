@@ -256,6 +256,12 @@ def build_constraints(vocab: Vocab, config: GenerationConfig) -> Constraints:
 # --------------------------------------------------------------------------------------------
 
 
+def _block(vocab: Vocab, kind: Kind) -> slice:
+    """The ids of ``kind``, which the vocabulary lays out as one block."""
+    ids = np.flatnonzero(vocab.kind == kind)
+    return slice(int(ids[0]), int(ids[-1]) + 1)
+
+
 class LogitMasker:
     """Grammar and constraints applied together to next-token logits, vectorized over rows.
 
@@ -277,18 +283,27 @@ class LogitMasker:
         self.vocab, self.grammar, self.constraints = vocab, grammar, constraints
         self.device = d = torch.device(device)
         self.t = _Tables(vocab, d)
+        # the static bias split: -inf entries remove ids, finite ones down-weight them
         static = torch.as_tensor(constraints.static, dtype=torch.float32, device=d)
-        self.static = static if bool((static != 0).any()) else None
+        hard = torch.isneginf(static)
+        self.static_keep = ~hard if bool(hard.any()) else None
+        soft = static.masked_fill(hard, 0.0)
+        self.static_soft = soft if bool((soft != 0).any()) else None
         # family_ok[f]: NOTE_ON allowed in family f; the last entry stands for "no INSTRUMENT
         # yet" (the grammar's family F), fine only without an instrument constraint.
+        # family_keep[f]: (V,) what the instrument constraint keeps while family f is current:
+        # everything where NOTE_ON is fine, all but the ids that start a note elsewhere.
         n_fam = vocab.config.num_instruments
-        self.family_ok = torch.ones(n_fam + 1, dtype=torch.bool)
+        family_ok = torch.ones(n_fam + 1, dtype=torch.bool, device=d)
         if constraints.families:
-            self.family_ok[:] = False
-            self.family_ok[list(constraints.families)] = True
-        self.family_ok = self.family_ok.to(d)
-        self.end_only = torch.full((vocab.size,), NEG_INF, device=d)
-        self.end_only[END] = 0.0
+            family_ok[:] = False
+            family_ok[list(constraints.families)] = True
+        self.family_keep = family_ok[:, None] | ~self.t.starts_note
+        self.end_only = torch.zeros(vocab.size, dtype=torch.bool, device=d)
+        self.end_only[END] = True
+        # the NOTE_ON and VELOCITY ids are blocks of the vocabulary: slices are cheaper
+        self.note_on_ids = _block(vocab, Kind.NOTE_ON)
+        self.velocity_ids = _block(vocab, Kind.VELOCITY)
         # Before the first note: no time, no END, no pedal, so a note comes within 3 tokens.
         pedal = (self.t.kind == Kind.SUSTAIN_ON) | (self.t.kind == Kind.SUSTAIN_OFF)
         self.opens_silence = self.t.is_shift | (self.t.kind == Kind.END) | pedal
@@ -300,7 +315,7 @@ class LogitMasker:
         self.count_seconds = constraints.seconds > 0 and self.beat_mode
         # Constraints that can leave a row with nothing: check for empty rows only then.
         self.can_empty = (
-            self.static is not None
+            self.static_keep is not None
             or bool(constraints.families)
             or constraints.seconds > 0
             or constraints.min_tokens > 0  # where the grammar allows END alone
@@ -371,97 +386,96 @@ class LogitMasker:
 
     # -- masking ----------------------------------------------------------------------------
 
-    def bias(self, state: MaskState, allowed: torch.Tensor) -> torch.Tensor | None:
-        """Additive bias of the constraints, (B, V) or (V,) or None (nothing to add), given
-        the grammar's (B, V) mask.
+    def constrain(
+        self, state: MaskState, allowed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the constraints keep of the grammar's (B, V) mask ``allowed``: (keep (B, V)
+        bool, additive soft bias (B, V) or (V,) or None).
 
-        Rows that must stop (out of tokens or time) get END alone where the grammar allows
-        END; otherwise every id after which END cannot come (shift, velocity, instrument) and
-        new notes are removed there, so the row can end at the next token.
+        Hard constraints remove ids from ``keep``; soft ones (key strictness below 1, note
+        density) add a finite bias. Rows that must stop (out of tokens or time) keep END alone
+        where the grammar allows END; otherwise every id after which END cannot come (shift,
+        velocity, instrument) and new notes are removed there, so the row can end at the next
+        token.
         """
         cons, t, g = self.constraints, self.t, state.grammar
-        bias = self.static
-        masks = []  # (B, V) bool: ids to forbid
+        keep = allowed if self.static_keep is None else allowed & self.static_keep
+        soft = self.static_soft
         if cons.families:
-            masks.append(~self.family_ok[g.family][:, None] & t.starts_note)
+            keep = keep & self.family_keep[g.family]
         if not state.all_started:
             # A piece opens with a note: no leading silence, and never an empty piece.
-            masks.append((state.notes == 0)[:, None] & self.opens_silence)
+            keep = keep & ~((state.notes == 0)[:, None] & self.opens_silence)
         if cons.density > 0:
-            beats = (g.time.double() * t.beats_per_step).clamp(min=1.0)
-            actual = state.notes.double() / beats
+            beats = (g.time * t.beats_per_step).clamp_(min=1.0)
+            actual = state.notes / beats
             # log(target / actual), clamped: NOTE_ON up when too sparse, down when too dense
-            push = torch.log((cons.density + 1e-3) / (actual + 1e-3)) * DENSITY_STRENGTH
-            push = push.clamp(-DENSITY_MAX_BIAS, DENSITY_MAX_BIAS).float()
+            push = torch.log((cons.density + 1e-3) / (actual + 1e-3)).mul_(DENSITY_STRENGTH)
+            push = push.clamp_(-DENSITY_MAX_BIAS, DENSITY_MAX_BIAS)
             # NOTE_ON up and long shifts down when too sparse (and the reverse when too dense):
             # density is notes per beat, so the length of the shifts matters as much.
-            dens = push[:, None] * self.density_weight  # (B, V)
-            bias = dens if bias is None else bias + dens
+            dens = push[:, None].float() * self.density_weight  # (B, V)
+            soft = dens if soft is None else dens.add_(soft)
         if state.step < cons.min_tokens:  # too short to end yet (a length or time stop wins)
-            masks.append(self.t.is_end.expand_as(allowed))
+            keep = keep & ~t.is_end
         left = cons.max_tokens - state.step
         stop = None  # (B,) rows that must end now
         if left <= 3:  # a VELOCITY now would need a NOTE_ON at left == 2, where none may come
-            masks.append(t.is_velocity.expand_as(allowed))
+            keep = keep & ~t.is_velocity
         if left <= 2:
-            masks.append(t.blocks_end.expand_as(allowed))
+            keep = keep & ~t.blocks_end
             if left <= 1:
                 stop = torch.ones_like(allowed[:, 0])
         if cons.seconds > 0:
             sps = t.seconds_per_step[self._tempo_bin(g.tempo)]  # (B,)
             elapsed = state.seconds if self.beat_mode else g.time.double() * t.step_seconds
             remaining = cons.seconds - elapsed  # (B,)
-            masks.append(t.shift_steps * sps[:, None] > remaining[:, None] + 1e-9)
+            keep = keep & ~(t.shift_steps * sps[:, None] > remaining[:, None] + 1e-9)
             # Less than a sixteenth note left: no new notes; end as soon as the grammar lets.
             late = remaining < sps * (0.25 / t.beats_per_step)
-            masks.append(late[:, None] & t.blocks_end)
+            keep = keep & ~(late[:, None] & t.blocks_end)
             stop = late if stop is None else stop | late
-        if masks:
-            forbid = masks[0]
-            for m in masks[1:]:
-                forbid = forbid | m
-            hard = torch.where(forbid, NEG_INF, 0.0)
-            bias = hard if bias is None else bias + hard
         if stop is not None:
             end_now = (stop & allowed[:, END])[:, None]
-            base = bias if bias is not None else torch.zeros_like(self.end_only)
-            bias = torch.where(end_now, self.end_only, base)
-        return bias
+            keep = torch.where(end_now, self.end_only, keep)
+        return keep, soft
 
     def apply(self, logits: torch.Tensor, state: MaskState) -> torch.Tensor:
-        """Mask (B, V) logits: grammar-forbidden ids get -inf, constraints add their bias.
+        """Mask (B, V) logits: grammar-forbidden ids get -inf, constraints remove ids or add
+        their soft bias.
 
         After END the grammar allows only PAD. A row the constraints would leave empty falls
         back to what the grammar alone allows (END alone where it can end), so the output is
         always valid.
         """
         allowed = self.grammar.allowed(state.grammar)  # (B, V) bool
-        bias = self.bias(state, allowed)
-        if bias is None:
-            return logits.masked_fill(~allowed, NEG_INF)
-        out = torch.where(allowed, logits + bias, NEG_INF)
-        if self.can_empty:
+        keep, soft = self.constrain(state, allowed)
+        if keep is not allowed and self.can_empty:
             # A VELOCITY must be followed by a NOTE_ON: where the grammar allows notes but the
             # constraints remove them all, a VELOCITY would lead nowhere. (Before the first
             # VELOCITY the grammar allows no NOTE_ON at all; then there is nothing to judge.)
-            notes_ok = allowed & self.t.is_note_on
-            no_note = notes_ok.any(-1) & torch.isneginf(out.masked_fill(~notes_ok, NEG_INF)).all(-1)
-            out = out.masked_fill(no_note[:, None] & self.t.is_velocity, NEG_INF)
-        if self.can_empty or state.step >= self.constraints.max_tokens - 3:
-            empty = torch.isneginf(out).all(dim=-1)  # (B,)
+            on, vel = self.note_on_ids, self.velocity_ids
+            no_note = allowed[:, on].any(-1) & ~keep[:, on].any(-1)
+            if bool(no_note.any()):
+                keep[:, vel] &= ~no_note[:, None]
+        if keep is not allowed and (
+            self.can_empty or state.step >= self.constraints.max_tokens - 3
+        ):
+            empty = ~keep.any(-1)  # (B,)
             if bool(empty.any()):
-                out = torch.where(empty[:, None], self._fallback(logits, allowed), out)
-        return out
+                keep = torch.where(empty[:, None], self._fallback(allowed), keep)
+        if soft is None:
+            return logits.masked_fill(~keep, NEG_INF)
+        return torch.where(keep, logits + soft, NEG_INF)
 
-    def _fallback(self, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def _fallback(self, allowed: torch.Tensor) -> torch.Tensor:
         """For rows the constraints left empty: END where the grammar allows it, else the
         grammar's ids that keep the static constraints, else anything the grammar allows."""
-        out = torch.where(allowed, logits, NEG_INF)
-        if self.static is not None:
-            keep = torch.where(allowed & torch.isfinite(self.static), logits, NEG_INF)
-            some = ~torch.isneginf(keep).all(dim=-1, keepdim=True)
-            out = torch.where(some, keep, out)
-        return torch.where(allowed[:, END : END + 1], self.end_only + logits, out)
+        keep = allowed
+        if self.static_keep is not None:
+            kept = allowed & self.static_keep
+            keep = torch.where(kept.any(-1, keepdim=True), kept, allowed)
+        return torch.where(allowed[:, END : END + 1], self.end_only, keep)
 
 
 def index_state(state: Any, index: torch.Tensor) -> Any:
