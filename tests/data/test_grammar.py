@@ -3,6 +3,7 @@ states allow exactly what the rules say."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from aurl.config import DataConfig, VocabConfig
 from aurl.data import Grammar, Tokenizer, Vocab
+from aurl.data.grammar import GrammarState
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 ALL_FILES = sorted((FIXTURES / "midi").glob("*.mid")) + sorted((FIXTURES / "edge").glob("*.mid"))
@@ -25,14 +27,33 @@ def ids_of(text: str) -> torch.Tensor:
     return torch.tensor([[ID[n] for n in text.split()]])
 
 
+PATHS = {  # (numpy_on_cpu, row_batch_max): the incremental machine's three implementations
+    "torch": (False, 0),
+    "numpy": (True, 0),
+    "numpy rows": (True, 10**9),
+}
+
+
 def step_masks(grammar: Grammar, ids: torch.Tensor) -> torch.Tensor:
-    """The reference: advance the incremental machine one token at a time."""
-    state = grammar.initial_state(ids.shape[0], ids.device)
-    rows = []
-    for t in range(ids.shape[1]):
-        state = grammar.advance(state, ids[:, t])
-        rows.append(grammar.allowed(state))
-    return torch.stack(rows, 1)  # (B, T, V)
+    """The reference: advance the incremental machine one token at a time, on every path
+    (torch, numpy vectorized, numpy row by row), which must agree exactly."""
+    out, final = {}, {}
+    for name, (numpy_on_cpu, row_batch_max) in PATHS.items():
+        grammar.numpy_on_cpu, grammar.row_batch_max = numpy_on_cpu, row_batch_max
+        state = grammar.initial_state(ids.shape[0], ids.device)
+        rows = []
+        for t in range(ids.shape[1]):
+            state = grammar.advance(state, ids[:, t])
+            rows.append(grammar.allowed(state))
+        out[name] = torch.stack(rows, 1)  # (B, T, V)
+        final[name] = state
+    del grammar.numpy_on_cpu, grammar.row_batch_max  # back to the class defaults
+    for name, masks in out.items():
+        assert torch.equal(masks, out["torch"]), f"{name} path differs from the torch path"
+        for f in dataclasses.fields(GrammarState):  # every field, time and counts included
+            a, b = getattr(final[name], f.name), getattr(final["torch"], f.name)
+            assert torch.equal(a, b), f"{name} path: state field {f.name} differs"
+    return out["torch"]
 
 
 def allowed_names(grammar: Grammar, text: str) -> set[str]:

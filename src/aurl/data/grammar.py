@@ -83,14 +83,19 @@ class _NumpyOps:
 class _Consts:
     """Lookup tables and aranges of one grammar on one backend and device."""
 
+    @staticmethod
+    def phase_table() -> np.ndarray:
+        """The phase after each kind (read only where the kind sets one)."""
+        ph = np.zeros(len(Kind), np.int64)
+        ph[[Kind.SUSTAIN_ON, Kind.SUSTAIN_OFF]] = 1
+        ph[Kind.NOTE_OFF], ph[Kind.NOTE_ON] = 2, 3
+        return ph
+
     def __init__(self, grammar: Grammar, as_array) -> None:
         vocab, c = grammar.vocab, grammar.vocab.config
         self.kind = as_array(vocab.kind.astype(np.int64))
         self.value = as_array(vocab.value.astype(np.int64))
-        ph = np.zeros(len(Kind), np.int64)  # phase after each kind (read where it sets one)
-        ph[[Kind.SUSTAIN_ON, Kind.SUSTAIN_OFF]] = 1
-        ph[Kind.NOTE_OFF], ph[Kind.NOTE_ON] = 2, 3
-        self.phase_of = as_array(ph)
+        self.phase_of = as_array(self.phase_table())
         self.pitches = as_array(np.arange(c.pitch_min, c.pitch_max + 1))
         self.velocities = as_array(np.arange(c.velocity_bins))
         self.tempos = as_array(np.arange(c.tempo_bins))
@@ -147,6 +152,7 @@ class Grammar:
     """
 
     numpy_on_cpu: bool = True
+    row_batch_max: int = 4  # allowed() goes row by row up to this many rows (on CPU)
 
     def __init__(self, vocab: Vocab, polyphony_cap: int = 16) -> None:
         self.vocab = vocab
@@ -159,6 +165,8 @@ class Grammar:
         # first id of each kind (the vocabulary lays the kinds out in blocks, in this order)
         kinds = vocab.kind.astype(np.int64)
         self._offset = {int(k): int(np.argmax(kinds == k)) for k in Kind}
+        self._kind_list, self._value_list = kinds.tolist(), vocab.value.astype(np.int64).tolist()
+        self._phase_list = _Consts.phase_table().tolist()
         if not np.all(np.diff(kinds) >= 0):
             raise ValueError("the grammar needs the vocabulary's kinds in blocks, in Kind order")
 
@@ -208,7 +216,10 @@ class Grammar:
             fields = {name: getattr(state, name) for name in _FIELDS}
             return GrammarState(**self._advance(fields, ids.reshape(-1).long()))
         fields = _views(state)
-        new = self._advance(fields, ids.reshape(-1).cpu().numpy().astype(np.int64))
+        if len(state.family) <= self.row_batch_max:
+            new = self._advance_rows(fields, ids.reshape(-1).tolist())
+        else:
+            new = self._advance(fields, ids.reshape(-1).cpu().numpy().astype(np.int64))
         out = GrammarState(
             **{
                 name: getattr(state, name) if a is fields[name] else torch.from_numpy(a)
@@ -217,6 +228,49 @@ class Grammar:
         )
         out.__dict__[_VIEWS] = new  # the new tensors' memory, for the next call
         return out
+
+    def _advance_rows(self, s: dict[str, np.ndarray], ids: list[int]) -> dict[str, np.ndarray]:
+        """:meth:`_advance` row by row with Python scalars (the rules once more, as plain
+        branches; cheaper at a handful of rows, and held equal to it by the tests)."""
+        new = {name: a if name in ("sounding", "sustain") else a.copy() for name, a in s.items()}
+        kinds, values, V = self._kind_list, self._value_list, self.vocab.size
+        for b, i in enumerate(ids):
+            k, v = (kinds[i], values[i]) if 0 <= i < V else (_UNK, 0)
+            fam = int(new["family"][b])
+            if k in (_ON, _OFF) or k in (_SUS_ON, _SUS_OFF):
+                if fam < self.F and k in (_ON, _OFF):
+                    if new["sounding"] is s["sounding"]:
+                        new["sounding"] = s["sounding"].copy()
+                    p = min(max(v - self.vocab.config.pitch_min, 0), self.P - 1)
+                    new["sounding"][b, fam, p] = k == _ON
+                    new["count"][b] = new["sounding"][b].sum()
+                elif fam < self.F:
+                    if new["sustain"] is s["sustain"]:
+                        new["sustain"] = s["sustain"].copy()
+                    new["sustain"][b, fam] = k == _SUS_ON
+                new["phase"][b] = self._phase_list[k]
+                if k in (_ON, _OFF):
+                    new["last_pitch"][b] = v
+                new["family_events"][b] = True
+            elif k == _INSTR:
+                new["family"][b] = v
+                new["phase"][b], new["last_pitch"][b] = 0, -1
+            elif k in (_SHIFT, _START):
+                new["phase"][b], new["last_pitch"][b] = 0, -1
+                new["family_events"][b] = False
+                if k == _SHIFT:
+                    new["time"][b] += v
+                else:
+                    new["started"][b] = True
+            elif k == _VEL:
+                new["last_velocity"][b] = v
+                new["family_events"][b] = True
+            elif k == _TEMPO:
+                new["tempo"][b] = v
+            elif k == _END:
+                new["ended"][b] = True
+            new["last_kind"][b], new["last_value"][b] = k, v
+        return new
 
     def _advance(self, s: dict, ids) -> dict:
         """:meth:`advance` on a dict of arrays, numpy or torch alike."""
@@ -261,7 +315,68 @@ class Grammar:
         """(B, V) bool: the ids allowed next in each sequence."""
         if not self._numpy(state):
             return self._allowed(state)
-        return torch.from_numpy(self._allowed(_Fields(_views(state))))
+        views = _views(state)
+        if len(state.family) <= self.row_batch_max:
+            return torch.from_numpy(self._allowed_rows(views))
+        return torch.from_numpy(self._allowed(_Fields(views)))
+
+    def _allowed_rows(self, v: dict[str, np.ndarray]) -> np.ndarray:
+        """:meth:`allowed` row by row with Python scalars: the rules of :meth:`_mask` once more,
+        as plain branches. At a handful of rows this is several times cheaper than any
+        vectorized form (a generation step pays for calls, not for data); the tests hold the two
+        equal on real, corrupted and random sequences."""
+        o, P, F, pmin = self._offset, self.P, self.F, self.vocab.config.pitch_min
+        B = len(v["family"])
+        out = np.zeros((B, self.vocab.size), dtype=bool)
+        scalars = zip(*(v[name].tolist() for name in _ROW_FIELDS))
+        for b, (lk, started, ended, fam, count, phase, lp, lv, tempo, fe, last_value) in enumerate(
+            scalars
+        ):
+            row = out[b]
+            row[START], row[PAD] = lk == _NONE, ended
+            if not started or ended:
+                continue
+            if lk in (_START, _SHIFT):
+                row[o[_TEMPO] : o[_TEMPO] + self.vocab.config.tempo_bins] = True
+                if tempo >= 0:
+                    row[o[_TEMPO] + tempo] = False
+            if lk == _START:  # nothing else right after START
+                continue
+            pending = lk == _VEL
+            if not pending and lk != _INSTR:
+                if not (lk == _SHIFT and last_value < self.max_shift):
+                    row[o[_SHIFT] : o[_SHIFT] + self.max_shift] = True
+                row[END] = lk != _SHIFT
+                # another family: ascending once this one has had events at this step
+                if fe:
+                    row[o[_INSTR] + fam + 1 : o[_INSTR] + F] = True
+                else:
+                    row[o[_INSTR] : o[_INSTR] + F] = True
+                    if fam < F:
+                        row[o[_INSTR] + fam] = False
+            if fam >= F:  # no family yet: no notes, velocities or pedal
+                continue
+            cur = v["sounding"][b, fam]  # (P,) sounding pitches of this family
+            can_on = False
+            if count < self.polyphony_cap:
+                first = 0 if phase < 3 else min(max(lp - pmin + 1, 0), P)  # ascending NOTE_ONs
+                silent = ~cur[first:]
+                can_on = bool(silent.any())
+                if lv >= 0 or pending:
+                    row[o[_ON] + first : o[_ON] + P] = silent
+            if pending:
+                continue
+            if phase < 3:  # NOTE_OFFs before NOTE_ONs, ascending
+                first = 0 if phase < 2 else min(max(lp - pmin + 1, 0), P)
+                row[o[_OFF] + first : o[_OFF] + P] = cur[first:]
+            if can_on:
+                row[o[_VEL] : o[_VEL] + self.vocab.config.velocity_bins] = True
+                if lv >= 0:
+                    row[o[_VEL] + lv] = False
+            if phase == 0:
+                pedal = bool(v["sustain"][b, fam])
+                row[o[_SUS_ON]], row[o[_SUS_OFF]] = not pedal, pedal
+        return out
 
     def _allowed(self, s):
         _, ops = self._tables(s.family)
@@ -459,6 +574,8 @@ class Grammar:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(GrammarState))
+_ROW_FIELDS = ("last_kind", "started", "ended", "family", "count", "phase", "last_pitch",
+               "last_velocity", "tempo", "family_events", "last_value")  # fmt: skip
 _VIEWS = "_numpy_views"  # a GrammarState's numpy views of its CPU tensors, when known
 
 

@@ -289,16 +289,19 @@ class LogitMasker:
         self.static_keep = ~hard if bool(hard.any()) else None
         soft = static.masked_fill(hard, 0.0)
         self.static_soft = soft if bool((soft != 0).any()) else None
-        # family_ok[f]: NOTE_ON allowed in family f; the last entry stands for "no INSTRUMENT
-        # yet" (the grammar's family F), fine only without an instrument constraint.
-        # family_keep[f]: (V,) what the instrument constraint keeps while family f is current:
-        # everything where NOTE_ON is fine, all but the ids that start a note elsewhere.
+        # keep_table[f]: (V,) what the hard static constraints keep while family f is current
+        # (the last entry stands for "no INSTRUMENT yet", the grammar's family F): the static
+        # mask, less the ids that start a note where the instrument constraint forbids notes.
+        # One lookup per step; None when there is nothing to remove.
         n_fam = vocab.config.num_instruments
         family_ok = torch.ones(n_fam + 1, dtype=torch.bool, device=d)
         if constraints.families:
             family_ok[:] = False
             family_ok[list(constraints.families)] = True
-        self.family_keep = family_ok[:, None] | ~self.t.starts_note
+        keep_table = family_ok[:, None] | ~self.t.starts_note
+        if self.static_keep is not None:
+            keep_table = keep_table & self.static_keep
+        self.keep_table = None if bool(keep_table.all()) else keep_table
         self.end_only = torch.zeros(vocab.size, dtype=torch.bool, device=d)
         self.end_only[END] = True
         # the NOTE_ON and VELOCITY ids are blocks of the vocabulary: slices are cheaper
@@ -399,22 +402,21 @@ class LogitMasker:
         token.
         """
         cons, t, g = self.constraints, self.t, state.grammar
-        keep = allowed if self.static_keep is None else allowed & self.static_keep
+        keep = allowed if self.keep_table is None else allowed & self.keep_table[g.family]
         soft = self.static_soft
-        if cons.families:
-            keep = keep & self.family_keep[g.family]
         if not state.all_started:
             # A piece opens with a note: no leading silence, and never an empty piece.
             keep = keep & ~((state.notes == 0)[:, None] & self.opens_silence)
         if cons.density > 0:
-            beats = (g.time * t.beats_per_step).clamp_(min=1.0)
+            # log(target / actual) with actual = notes / beats, clamped: NOTE_ON up when too
+            # sparse, down when too dense
+            beats = (g.time * t.beats_per_step).clamp_(min=1.0)  # float32
             actual = state.notes / beats
-            # log(target / actual), clamped: NOTE_ON up when too sparse, down when too dense
             push = torch.log((cons.density + 1e-3) / (actual + 1e-3)).mul_(DENSITY_STRENGTH)
             push = push.clamp_(-DENSITY_MAX_BIAS, DENSITY_MAX_BIAS)
             # NOTE_ON up and long shifts down when too sparse (and the reverse when too dense):
             # density is notes per beat, so the length of the shifts matters as much.
-            dens = push[:, None].float() * self.density_weight  # (B, V)
+            dens = push[:, None] * self.density_weight  # (B, V)
             soft = dens if soft is None else dens.add_(soft)
         if state.step < cons.min_tokens:  # too short to end yet (a length or time stop wins)
             keep = keep & ~t.is_end
@@ -454,19 +456,15 @@ class LogitMasker:
             # A VELOCITY must be followed by a NOTE_ON: where the grammar allows notes but the
             # constraints remove them all, a VELOCITY would lead nowhere. (Before the first
             # VELOCITY the grammar allows no NOTE_ON at all; then there is nothing to judge.)
-            on, vel = self.note_on_ids, self.velocity_ids
-            no_note = allowed[:, on].any(-1) & ~keep[:, on].any(-1)
-            if bool(no_note.any()):
-                keep[:, vel] &= ~no_note[:, None]
+            on = self.note_on_ids
+            keep[:, self.velocity_ids] &= (keep[:, on].any(-1) | ~allowed[:, on].any(-1))[:, None]
         if keep is not allowed and (
             self.can_empty or state.step >= self.constraints.max_tokens - 3
         ):
-            empty = ~keep.any(-1)  # (B,)
-            if bool(empty.any()):
-                keep = torch.where(empty[:, None], self._fallback(allowed), keep)
-        if soft is None:
-            return logits.masked_fill(~keep, NEG_INF)
-        return torch.where(keep, logits + soft, NEG_INF)
+            kept = keep.any(-1, keepdim=True)  # (B, 1)
+            if not bool(kept.all()):  # some row left with nothing
+                keep = torch.where(kept, keep, self._fallback(allowed))
+        return torch.where(keep, logits if soft is None else logits + soft, NEG_INF)
 
     def _fallback(self, allowed: torch.Tensor) -> torch.Tensor:
         """For rows the constraints left empty: END where the grammar allows it, else the
