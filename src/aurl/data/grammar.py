@@ -140,11 +140,15 @@ class SequenceFeatures:
 class Grammar:
     """The grammar of a :class:`Vocab` (see the module docstring for the rules).
 
-    The incremental path (:meth:`advance`, :meth:`allowed`) runs in numpy on views of the
-    state's tensors when they are on the CPU: at the batch sizes of generation a torch call costs
-    more than the work it does, and numpy's calls are 2-4x cheaper. The rules are written once,
-    against either backend; the state stays torch tensors either way. ``numpy_on_cpu = False``
-    keeps everything in torch (the tests compare the two).
+    Speed of the incremental path (:meth:`advance`, :meth:`allowed`, one call per generated
+    token): at the batch sizes of generation a call costs more than the work it does, so on the
+    CPU it runs on numpy views of the state's tensors (numpy's calls are 2-4x cheaper than
+    torch's), and up to ``row_batch_max`` rows it goes row by row with Python scalars, a handful
+    of calls per row (batch 1: ``allowed`` 215 -> 12 us, ``advance`` 281 -> 30 us). The
+    vectorized rules are written once for torch and numpy (:meth:`_mask`, :meth:`_advance`); the
+    row-by-row ones restate them as plain branches, and the tests hold all three paths equal on
+    real, corrupted and random sequences. ``numpy_on_cpu = False`` keeps everything in torch.
+    The state stays torch tensors on every path.
 
     Args:
         vocab: the vocabulary.
@@ -152,7 +156,7 @@ class Grammar:
     """
 
     numpy_on_cpu: bool = True
-    row_batch_max: int = 4  # allowed() goes row by row up to this many rows (on CPU)
+    row_batch_max: int = 8  # allowed() and advance() go row by row up to this many rows (CPU)
 
     def __init__(self, vocab: Vocab, polyphony_cap: int = 16) -> None:
         self.vocab = vocab
