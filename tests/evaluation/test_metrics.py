@@ -194,3 +194,20 @@ def test_metrics_on_a_real_chorale_are_in_range(fixtures_dir) -> None:
     assert 3.5 <= values["polyphony"] <= 4.0  # four voices, nearly always sounding
     assert values["scale_consistency"] > 0.9
     assert 0.0 <= values["empty_beat_rate"] < 0.1
+
+
+def test_tonal_pitch_class_histogram() -> None:
+    # C C C D E G in D major: (pitch - 2) mod 12 -> C = 10 (three), D = 0, E = 2, G = 5
+    expected = np.zeros(12)
+    expected[[10, 0, 2, 5]] = [3 / 6, 1 / 6, 1 / 6, 1 / 6]
+    np.testing.assert_allclose(m.tonal_pitch_class_histogram(PIECE, "D major"), expected)
+    # no key given: the key finder's (C major) -> the absolute histogram
+    np.testing.assert_allclose(m.tonal_pitch_class_histogram(PIECE), m.pitch_class_histogram(PIECE))
+    # transposing a piece leaves it unchanged (its key moves with it)
+    up = PIECE.copy()
+    up["pitch"] += 5
+    np.testing.assert_allclose(
+        m.tonal_pitch_class_histogram(up), m.tonal_pitch_class_histogram(PIECE)
+    )
+    one_class = make_notes(onset=[0, 1], duration=1, pitch=[60, 72])
+    assert np.isnan(m.tonal_pitch_class_histogram(one_class)).all()

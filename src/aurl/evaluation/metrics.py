@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from aurl.analysis.keys import Key, estimate_key, key_from_index, scale_pitch_classes
+from aurl.analysis.keys import Key, estimate_key, key_from_index, parse_key, scale_pitch_classes
 from aurl.data.notes import pitched
 from aurl.errors import DataError
 
@@ -169,6 +169,35 @@ def pitch_class_histogram(notes: np.ndarray) -> np.ndarray:
     if p.shape[0] == 0:
         return np.full(12, NAN)
     return np.bincount(p % 12, minlength=12) / p.shape[0]
+
+
+def tonal_pitch_class_histogram(notes: np.ndarray, key: Key | str | None = None) -> np.ndarray:
+    """(12,) pitch-class histogram relative to the key's tonic; all NaN with no key.
+
+    ``h[i] = #(notes with (pitch - tonic) mod 12 = i) / #(notes)``: entry 0 is the tonic, 7 the
+    dominant, 3 or 4 the third. Unlike :func:`pitch_class_histogram` it compares pieces in
+    different keys (e.g. generated pieces of a model trained with transposition against a
+    corpus in its written keys) by what each note does in its key.
+
+    Args:
+        notes: Note array.
+        key: A :class:`~aurl.analysis.keys.Key`, a name, or None for the key
+            :func:`aurl.analysis.keys.estimate_key` finds (all NaN when it cannot: fewer than two
+            pitch classes).
+
+    Differs: not in MusPy or Yang & Lerch (their PCH is absolute); ours.
+    """
+    p = pitched(notes)["pitch"].astype(np.int64)
+    if p.shape[0] == 0:
+        return np.full(12, NAN)
+    if key is None:
+        try:
+            key = estimate_key(notes)
+        except DataError:
+            return np.full(12, NAN)
+    elif isinstance(key, str):
+        key = parse_key(key)
+    return np.bincount((p - key.tonic) % 12, minlength=12) / p.shape[0]
 
 
 def pitch_class_entropy(notes: np.ndarray) -> float:
@@ -454,6 +483,7 @@ SCALAR_METRICS = {
 #: The vector metrics (name -> function returning a flat-able array).
 VECTOR_METRICS = {
     "pitch_class_histogram": pitch_class_histogram,
+    "tonal_pitch_class_histogram": tonal_pitch_class_histogram,
     "pitch_class_transition_matrix": pitch_class_transition_matrix,
     "ioi_histogram": ioi_histogram,
     "note_length_histogram": note_length_histogram,

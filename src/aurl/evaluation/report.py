@@ -30,6 +30,8 @@ from aurl.fileio import atomic_write_text
 from aurl.progress import Progress, silent
 
 PITCH_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "G#", "A", "Bb", "B")
+# semitones above the tonic, as scale degrees (b = lowered)
+DEGREE_NAMES = ("1", "b2", "2", "b3", "3", "4", "#4", "5", "b6", "6", "b7", "7")
 
 
 def evaluate_sets(
@@ -97,26 +99,28 @@ def _plt():
 
 
 def plot_pitch_classes(gen: dict, ref: dict, path: Path) -> Path:
-    """Mean pitch-class histogram of each set, side by side."""
+    """Mean pitch-class histogram of each set, side by side: by absolute pitch class, and
+    relative to each piece's key (which compares pieces written in different keys fairly)."""
     plt = _plt()
-    g = (
-        np.nanmean(gen["pitch_class_histogram"], axis=0)
-        if len(gen["pitch_class_histogram"])
-        else np.zeros(12)
-    )
-    r = (
-        np.nanmean(ref["pitch_class_histogram"], axis=0)
-        if len(ref["pitch_class_histogram"])
-        else np.zeros(12)
-    )
-    fig, ax = plt.subplots(figsize=(7, 3))
+
+    def mean(features: dict, name: str) -> np.ndarray:
+        rows = np.asarray(features.get(name, []), dtype=float).reshape(-1, 12)
+        rows = rows[~np.isnan(rows).all(axis=1)]
+        return rows.mean(axis=0) if len(rows) else np.zeros(12)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3))
     x = np.arange(12)
-    ax.bar(x - 0.2, r, width=0.4, label="reference")
-    ax.bar(x + 0.2, g, width=0.4, label="generated")
-    ax.set_xticks(x, PITCH_NAMES)
-    ax.set_ylabel("share of notes")
-    ax.set_title("Pitch-class histogram (mean over pieces)")
-    ax.legend()
+    panels = (
+        ("pitch_class_histogram", PITCH_NAMES, "Pitch classes"),
+        ("tonal_pitch_class_histogram", DEGREE_NAMES, "Relative to the key's tonic"),
+    )
+    for ax, (name, labels, title) in zip(axes, panels):
+        ax.bar(x - 0.2, mean(ref, name), width=0.4, label="reference")
+        ax.bar(x + 0.2, mean(gen, name), width=0.4, label="generated")
+        ax.set_xticks(x, labels)
+        ax.set_ylabel("share of notes")
+        ax.set_title(f"{title} (mean over pieces)")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
