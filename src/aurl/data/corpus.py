@@ -35,6 +35,7 @@ from typing import Any
 
 from aurl.data.split import check_fractions, split_of
 from aurl.errors import DataError
+from aurl.fileio import atomic_write, atomic_write_text
 from aurl.progress import Progress, silent
 
 CORPORA = ("bach-chorales", "classical")
@@ -276,9 +277,7 @@ def convert_score(
         )
     title = source.title or _title_of(stream) or Path(source.path).with_suffix("").as_posix()
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    score.dump_midi(str(tmp))
-    os.replace(tmp, out_path)
+    atomic_write(out_path, lambda tmp: score.dump_midi(str(tmp)))
     return {
         "file": out_path.name,
         "source": source.path,
@@ -344,9 +343,7 @@ def write_manifest(report: CorpusReport, *, valid_fraction: float, test_fraction
         "skipped": report.skipped,
     }
     path = report.out / MANIFEST
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return path
 
 
