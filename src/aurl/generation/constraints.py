@@ -310,6 +310,7 @@ class LogitMasker:
         # Before the first note: no time, no END, no pedal, so a note comes within 3 tokens.
         pedal = (self.t.kind == Kind.SUSTAIN_ON) | (self.t.kind == Kind.SUSTAIN_OFF)
         self.opens_silence = self.t.is_shift | (self.t.kind == Kind.END) | pedal
+        self.note_on_count = self.t.is_note_on.long()  # (V,) 1 for NOTE_ON ids
         beats = self.t.shift_steps.float() * self.t.beats_per_step  # (V,) length of each shift
         self.density_weight = self.t.is_note_on.float() - torch.log1p(beats)
         # Seconds must be accumulated tempo by tempo in beat mode; in seconds mode they are
@@ -371,7 +372,7 @@ class LogitMasker:
         t, cons = self.t, self.constraints
         notes, seconds = state.notes, state.seconds
         if cons.density > 0 or not state.all_started:
-            notes = notes + t.is_note_on[ids].long()
+            notes = notes + self.note_on_count[ids]
         if self.count_seconds:
             sps = t.seconds_per_step[self._tempo_bin(state.grammar.tempo)]
             seconds = seconds + t.shift_steps[ids] * sps
@@ -416,8 +417,8 @@ class LogitMasker:
             push = push.clamp_(-DENSITY_MAX_BIAS, DENSITY_MAX_BIAS)
             # NOTE_ON up and long shifts down when too sparse (and the reverse when too dense):
             # density is notes per beat, so the length of the shifts matters as much.
-            dens = push[:, None] * self.density_weight  # (B, V)
-            soft = dens if soft is None else dens.add_(soft)
+            w = self.density_weight
+            soft = push[:, None] * w if soft is None else torch.addcmul(soft, push[:, None], w)
         if state.step < cons.min_tokens:  # too short to end yet (a length or time stop wins)
             keep = keep & ~t.is_end
         left = cons.max_tokens - state.step
