@@ -166,6 +166,7 @@ class Grammar:
         self.P = vocab.n_pitches
         self.max_shift = c.max_shift_steps
         self._consts: dict[object, _Consts] = {}
+        self._ones = b"\x01" * vocab.size  # runs of True for the row path's bytearray slices
         # first id of each kind (the vocabulary lays the kinds out in blocks, in this order)
         kinds = vocab.kind.astype(np.int64)
         self._offset = {int(k): int(np.argmax(kinds == k)) for k in Kind}
@@ -326,61 +327,72 @@ class Grammar:
 
     def _allowed_rows(self, v: dict[str, np.ndarray]) -> np.ndarray:
         """:meth:`allowed` row by row with Python scalars: the rules of :meth:`_mask` once more,
-        as plain branches. At a handful of rows this is several times cheaper than any
-        vectorized form (a generation step pays for calls, not for data); the tests hold the two
-        equal on real, corrupted and random sequences."""
-        o, P, F, pmin = self._offset, self.P, self.F, self.vocab.config.pitch_min
+        as plain branches, written into a ``bytearray`` with built-in slice assignments. At a
+        handful of rows this is several times cheaper than any vectorized form (a generation
+        step pays for calls, not for data); the tests hold the paths equal on real, corrupted
+        and random sequences."""
+        o, P, F, V, pmin = (
+            self._offset,
+            self.P,
+            self.F,
+            self.vocab.size,
+            self.vocab.config.pitch_min,
+        )
+        n_tempo, n_vel = self.vocab.config.tempo_bins, self.vocab.config.velocity_bins
         B = len(v["family"])
-        out = np.zeros((B, self.vocab.size), dtype=bool)
+        out = bytearray(B * V)  # 0/1 bytes: numpy reads them as bool
         scalars = zip(*(v[name].tolist() for name in _ROW_FIELDS))
         for b, (lk, started, ended, fam, count, phase, lp, lv, tempo, fe, last_value) in enumerate(
             scalars
         ):
-            row = out[b]
-            row[START], row[PAD] = lk == _NONE, ended
+            r = b * V  # the row's first byte
+            out[r + START], out[r + PAD] = lk == _NONE, ended
             if not started or ended:
                 continue
             if lk in (_START, _SHIFT):
-                row[o[_TEMPO] : o[_TEMPO] + self.vocab.config.tempo_bins] = True
+                out[r + o[_TEMPO] : r + o[_TEMPO] + n_tempo] = self._ones[:n_tempo]
                 if tempo >= 0:
-                    row[o[_TEMPO] + tempo] = False
+                    out[r + o[_TEMPO] + tempo] = 0
             if lk == _START:  # nothing else right after START
                 continue
             pending = lk == _VEL
             if not pending and lk != _INSTR:
                 if not (lk == _SHIFT and last_value < self.max_shift):
-                    row[o[_SHIFT] : o[_SHIFT] + self.max_shift] = True
-                row[END] = lk != _SHIFT
+                    out[r + o[_SHIFT] : r + o[_SHIFT] + self.max_shift] = self._ones[
+                        : self.max_shift
+                    ]
+                out[r + END] = lk != _SHIFT
                 # another family: ascending once this one has had events at this step
+                i = r + o[_INSTR]
                 if fe:
-                    row[o[_INSTR] + fam + 1 : o[_INSTR] + F] = True
+                    out[i + fam + 1 : i + F] = self._ones[: max(F - fam - 1, 0)]
                 else:
-                    row[o[_INSTR] : o[_INSTR] + F] = True
+                    out[i : i + F] = self._ones[:F]
                     if fam < F:
-                        row[o[_INSTR] + fam] = False
+                        out[i + fam] = 0
             if fam >= F:  # no family yet: no notes, velocities or pedal
                 continue
-            cur = v["sounding"][b, fam]  # (P,) sounding pitches of this family
+            cur = v["sounding"][b, fam].tobytes()  # (P,) 0/1: sounding pitches of this family
             can_on = False
             if count < self.polyphony_cap:
                 first = 0 if phase < 3 else min(max(lp - pmin + 1, 0), P)  # ascending NOTE_ONs
-                silent = ~cur[first:]
-                can_on = bool(silent.any())
+                silent = cur[first:].translate(_FLIP)
+                can_on = 1 in silent
                 if lv >= 0 or pending:
-                    row[o[_ON] + first : o[_ON] + P] = silent
+                    out[r + o[_ON] + first : r + o[_ON] + P] = silent
             if pending:
                 continue
             if phase < 3:  # NOTE_OFFs before NOTE_ONs, ascending
                 first = 0 if phase < 2 else min(max(lp - pmin + 1, 0), P)
-                row[o[_OFF] + first : o[_OFF] + P] = cur[first:]
+                out[r + o[_OFF] + first : r + o[_OFF] + P] = cur[first:]
             if can_on:
-                row[o[_VEL] : o[_VEL] + self.vocab.config.velocity_bins] = True
+                out[r + o[_VEL] : r + o[_VEL] + n_vel] = self._ones[:n_vel]
                 if lv >= 0:
-                    row[o[_VEL] + lv] = False
+                    out[r + o[_VEL] + lv] = 0
             if phase == 0:
                 pedal = bool(v["sustain"][b, fam])
-                row[o[_SUS_ON]], row[o[_SUS_OFF]] = not pedal, pedal
-        return out
+                out[r + o[_SUS_ON]], out[r + o[_SUS_OFF]] = not pedal, pedal
+        return np.frombuffer(out, dtype=bool).reshape(B, V)
 
     def _allowed(self, s):
         _, ops = self._tables(s.family)
@@ -580,7 +592,10 @@ class Grammar:
 _FIELDS = tuple(f.name for f in dataclasses.fields(GrammarState))
 _ROW_FIELDS = ("last_kind", "started", "ended", "family", "count", "phase", "last_pitch",
                "last_velocity", "tempo", "family_events", "last_value")  # fmt: skip
-_VIEWS = "_numpy_views"  # a GrammarState's numpy views of its CPU tensors, when known
+_VIEWS = "_numpy_views"
+_FLIP = bytes([1, 0]) + bytes(
+    254
+)  # bytes.translate table: 0 <-> 1  # a GrammarState's numpy views of its CPU tensors, when known
 
 
 def _views(state: GrammarState) -> dict[str, np.ndarray]:
