@@ -17,7 +17,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,21 +311,110 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
-def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> TrainResult:  # noqa: C901
+@dataclass
+class _Run:
+    """What lasts from the first stage to the last: data, monitoring and the loop's counters
+    (the counters travel in every checkpoint's ``state``)."""
+
+    config: Config
+    run_dir: Path
+    d: distributed.Dist
+    plan: list[tuple[str, int]]
+    ends: list[int]  # global step at which each stage ends
+    start: ckpt.Checkpoint | None  # the checkpoint resumed from
+    monitor: Monitor | None  # rank 0 only
+    cache: Any  # aurl.data.cache.TokenCache
+    grammar: Any  # aurl.data.grammar.Grammar
+    use_grammar: bool  # the loss needs grammar masks
+    loader: Any
+    batches: Iterator[dict[str, torch.Tensor]]
+    valid_set: list[np.ndarray]
+    detector: AnomalyDetector
+    step: int = 0
+    best_valid: float | None = None
+    bad_evals: int = 0
+    lr_scale: float = 1.0  # halved by every rollback
+    valid_loss: float | None = None
+    last_loss: float = float("nan")
+    stopped: str = "max_steps"
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def log(self, line: str) -> None:
+        if self.monitor:
+            self.monitor.line(line)
+
+
+@dataclass
+class _Stage:
+    """One stage of the plan, built: its model, the wrapper that trains it (DDP and/or
+    ``torch.compile``), its optimizers (``model`` and, in vae_gan mode, ``disc``)."""
+
+    index: int
+    mode: str
+    config: Config  # the run's config with ``model.mode = mode``
+    start: int  # global step at which the stage starts
+    end: int
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    optimizers: dict[str, torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler | None = None
+    gen_params: list[torch.Tensor] = dataclasses.field(init=False)
+    disc_params: list[torch.Tensor] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        named = list(self.model.named_parameters())
+        self.gen_params = [p for n, p in named if p.requires_grad and not is_disc_param(n)]
+        self.disc_params = [p for n, p in named if is_disc_param(n)]
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        return self.optimizers["model"]
+
+    @property
+    def disc_opt(self) -> torch.optim.Optimizer | None:
+        return self.optimizers.get("disc")
+
+
+@dataclass
+class _Step:
+    """What one optimizer step computed and what the anomaly check made of it."""
+
+    loss: float  # generator objective, mean over all ranks
+    grad_norm: float  # generator's, before clipping
+    lr: float
+    tokens: int  # all ranks
+    parts: dict[str, torch.Tensor]  # the named losses (this rank's), mean over micro-batches
+    action: str  # AnomalyDetector's: ok, spike, skip or rollback
+    what: str
+
+
+def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> TrainResult:
+    run = _open_run(config, run_dir, resume, echo, d)
+    prev_state: dict[str, torch.Tensor] | None = None
+    model: torch.nn.Module | None = None
+    for index, (mode, _) in enumerate(run.plan):
+        if run.step >= run.ends[index]:
+            continue
+        stage = _build_stage(run, index, mode, prev_state)
+        model = stage.model
+        _train_stage(run, stage, progress, stop)
+        prev_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if run.stopped != "max_steps":
+            break
+    return _finish(run, model)
+
+
+def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist) -> _Run:
+    """Every check of the input before any work, then the checkpoint to resume from, the
+    monitor, the training batches and the validation pieces."""
     from aurl.data.dataset import build_loader
     from aurl.data.grammar import Grammar
     from aurl.data.vocab import Vocab
-    from aurl.models import build_model
-    from aurl.models.losses import compute_losses
-    from aurl.models.model import compile_model
 
     t = config.training
-    device = d.device
-    check_precision(t.precision, device)
+    check_precision(t.precision, d.device)
     plan = stage_plan(config)
     ends = np.cumsum([s for _, s in plan]).tolist()
-
-    # ---- bad input: all checks before any work ---------------------------------------------
     cache = open_cache(config)
     start: ckpt.Checkpoint | None = None
     source = resume if resume is not None else ckpt.latest_checkpoint(run_dir)
@@ -335,14 +424,11 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> 
     vocab = Vocab(config.vocab)
 
     monitor = Monitor(run_dir, echo=echo) if d.is_main else None
-    log = monitor.line if monitor else (lambda line: None)
     if d.is_main:
         write_config(config, run_dir)
-    if start is not None:
-        log(f"resuming from {start.path} at step {start.step}")
+    if monitor and start is not None:
+        monitor.line(f"resuming from {start.path} at step {start.step}")
 
-    grammar = Grammar(vocab, config.data.polyphony_cap)
-    use_grammar = config.loss.grammar_masked or config.loss.grammar_weight > 0
     a = config.data.augment
     augment = any((a.transpose_prob, a.stretch_prob, a.velocity_prob, a.instrument_prob,
                    a.jitter_prob))  # fmt: skip
@@ -357,268 +443,341 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> 
         np.asarray(cache.tokens(int(r)), dtype=np.int64)
         for r in valid_rows[: valid_count(cache.lengths[valid_rows], config)]
     ]
-    if not valid_set:
-        log("no valid split in the cache: validation and best-checkpoint tracking are off")
+    if monitor and not valid_set:
+        monitor.line("no valid split in the cache: validation and best-checkpoint tracking are off")
 
-    step = start.step if start is not None else 0
-    best_valid = start.state.get("best_valid") if start else None
-    bad_evals = int(start.state.get("bad_evals", 0)) if start else 0
-    lr_scale = float(start.state.get("lr_scale", 1.0)) if start else 1.0
     detector = AnomalyDetector()
     if start is not None:
         detector.load_state_dict(start.state.get("anomaly", {}))
         loader.load_state_dict(start.state["data"])
-    batches = iter(loader)
-    valid_loss: float | None = None
-    last_loss = float("nan")
-    stopped = "max_steps"
-    t0 = time.perf_counter()
-    prev_state: dict[str, torch.Tensor] | None = None
-    model: torch.nn.Module | None = None
-    if step >= ends[-1]:
-        log(f"step {step}: the run is already complete (raise training.max_steps to go on)")
+    run = _Run(
+        config=config, run_dir=run_dir, d=d, plan=plan, ends=ends, start=start, monitor=monitor,
+        cache=cache, grammar=Grammar(vocab, config.data.polyphony_cap),
+        use_grammar=config.loss.grammar_masked or config.loss.grammar_weight > 0,
+        loader=loader, batches=iter(loader), valid_set=valid_set, detector=detector,
+    )  # fmt: skip
+    if start is not None:
+        run.step = start.step
+        run.best_valid = start.state.get("best_valid")
+        run.bad_evals = int(start.state.get("bad_evals", 0))
+        run.lr_scale = float(start.state.get("lr_scale", 1.0))
+    if run.step >= ends[-1]:
+        run.log(f"step {run.step}: the run is already complete (raise training.max_steps to go on)")
+    return run
 
-    for stage, (mode, steps) in enumerate(plan):
-        stage_start = ends[stage] - steps
-        if step >= ends[stage]:
+
+def _build_stage(
+    run: _Run, index: int, mode: str, prev_state: dict[str, torch.Tensor] | None
+) -> _Stage:
+    """The model of stage ``index`` (from the last stage's weights, or the checkpoint's when
+    resuming inside it), its optimizers, and its DDP / compiled wrapper."""
+    from aurl.models import build_model
+
+    config, t, d, start = run.config, run.config.training, run.d, run.start
+    device = d.device
+    cfg = dataclasses.replace(config, model=dataclasses.replace(config.model, mode=mode))
+    # identical initial weights on every rank and in every resumed run
+    seed_everything(t.seed + index)
+    model = build_model(cfg).to(device)
+    if t.grad_checkpointing:
+        _enable_grad_checkpointing(model)
+    end = run.ends[index]
+    resuming = start is not None and start.state.get("stage") == index and start.step < end
+    if prev_state is None and start is not None and not resuming:
+        # resuming exactly at a stage boundary: the new stage starts from the saved weights
+        from safetensors.torch import load_file
+
+        prev_state = load_file(str(start.path / "model.safetensors"), device=str(device))
+    if prev_state is not None:  # a new stage starts from the last one's weights
+        own = model.state_dict()
+        fit = {k: v for k, v in prev_state.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(fit, strict=False)
+    optimizers = {"model": make_optimizer(model, cfg)}
+    if mode == "vae_gan":
+        optimizers["disc"] = make_optimizer(model, cfg, disc=True)
+    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    stage_start = end - run.plan[index][1]
+    if resuming:
+        start.load_weights(model)
+        for name, o in optimizers.items():
+            o.load_state_dict(start.train_state["optimizers"][name])
+        if scaler is not None and start.train_state["scaler"]:
+            scaler.load_state_dict(start.train_state["scaler"])
+        ckpt.set_rng_state(
+            {**start.state["rng"], "torch": start.train_state["torch_rng"],
+             "cuda": start.train_state["cuda_rng"]}
+        )  # fmt: skip
+    elif run.step == 0 or stage_start == run.step:
+        seed_everything(t.seed + 1000 * (index + 1))
+        if index > 0:  # a new objective: early stopping starts over
+            run.best_valid, run.bad_evals = None, 0
+    if d.rank > 0:  # different dropout masks per rank, reproducible per (seed, rank, step)
+        torch.manual_seed(hash((t.seed, d.rank, run.step)) % 2**63)
+    stage = _Stage(
+        index=index, mode=mode, config=cfg, start=stage_start, end=end, model=model,
+        train_model=_wrap(model, mode, d, t.compile), optimizers=optimizers, scaler=scaler,
+    )  # fmt: skip
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.log(f"stage {index + 1}/{len(run.plan)} mode {mode} steps {stage_start}-{end} "
+            f"params {n_params / 1e6:.2f}M device {device} precision {t.precision} world {d.world}")  # fmt: skip
+    return stage
+
+
+def _wrap(
+    model: torch.nn.Module, mode: str, d: distributed.Dist, compiled: bool
+) -> torch.nn.Module:
+    """The module the training step calls: ``model`` under DDP (several processes) and
+    ``torch.compile`` (``training.compile``)."""
+    from aurl.models.model import compile_model
+
+    train_model = model
+    if d.enabled:
+        train_model = distributed.DDP(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            find_unused_parameters=mode != "transformer",
+        )  # fmt: skip
+    return compile_model(train_model) if compiled else train_model
+
+
+def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopRequest) -> None:
+    """Optimizer steps until the stage ends or a stop (early stopping, time budget, Ctrl-C)."""
+    t, d = run.config.training, run.d
+    # throughput counts the training steps only (not validation, samples, checkpoints)
+    tokens_since, time_since, steps_since = 0, 0.0, 0
+    # a rollback moves ``run.step`` back, so the loop runs on it, not on a range
+    pbar = progress(itertools.count(), total=stage.end - run.step, desc=f"train {stage.mode}")
+    for _ in pbar:
+        if run.step >= stage.end:
+            break
+        step_t0 = time.perf_counter()
+        out = _train_step(run, stage)
+        if out.action in ("skip", "rollback"):
+            _handle_anomaly(run, stage, out)
             continue
-        stage_cfg = dataclasses.replace(config, model=dataclasses.replace(config.model, mode=mode))
-        # identical initial weights on every rank and in every resumed run
-        seed_everything(t.seed + stage)
-        model = build_model(stage_cfg).to(device)
-        if t.grad_checkpointing:
-            _enable_grad_checkpointing(model)
-        resuming = (
-            start is not None and start.state.get("stage") == stage and start.step < ends[stage]
-        )
-        if prev_state is None and start is not None and not resuming:
-            # resuming exactly at a stage boundary: the new stage starts from the saved weights
-            from safetensors.torch import load_file
+        run.step += 1
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)  # the step's kernels belong to its time
+        tokens_since += out.tokens
+        time_since += time.perf_counter() - step_t0
+        steps_since += 1
+        if out.action == "spike" and run.monitor:
+            run.monitor.event(run.step, out.what, "flagged", loss=out.loss, grad_norm=out.grad_norm)
+        if run.monitor and (run.step % t.log_every == 0 or run.step == stage.end):
+            values = {
+                "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
+                "tok_per_s": tokens_since / max(time_since, 1e-9),
+                "step_s": time_since / max(steps_since, 1),
+                **{f"loss_{k}": float(v) for k, v in out.parts.items()}, **_memory(d.device),
+            }  # fmt: skip
+            run.monitor.scalars(run.step, "train", values)
+            run.monitor.line(train_line(run.step, values))
+            set_status(pbar, " ".join(train_line(run.step, values).split()[2:8]))
+            tokens_since, time_since, steps_since = 0, 0.0, 0
 
-            prev_state = load_file(str(start.path / "model.safetensors"), device=str(device))
-        if prev_state is not None:  # a new stage starts from the last one's weights
-            own = model.state_dict()
-            fit = {k: v for k, v in prev_state.items() if k in own and own[k].shape == v.shape}
-            model.load_state_dict(fit, strict=False)
-        opt = make_optimizer(model, stage_cfg)
-        disc_opt = make_optimizer(model, stage_cfg, disc=True) if mode == "vae_gan" else None
-        optimizers = {"model": opt} | ({"disc": disc_opt} if disc_opt is not None else {})
-        scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-        if resuming:
-            start.load_weights(model)
-            for name, o in optimizers.items():
-                o.load_state_dict(start.train_state["optimizers"][name])
-            if scaler is not None and start.train_state["scaler"]:
-                scaler.load_state_dict(start.train_state["scaler"])
-            ckpt.set_rng_state(
-                {**start.state["rng"], "torch": start.train_state["torch_rng"],
-                 "cuda": start.train_state["cuda_rng"]}
+        metrics = _validate(run, stage, out.loss)
+        if run.monitor and t.sample_every and run.step % t.sample_every == 0:
+            _sample(stage.model, stage.config, run.step, run.run_dir, run.monitor, run.grammar)
+
+        out_of_time = t.max_minutes > 0 and (time.perf_counter() - run.t0) / 60 >= t.max_minutes
+        out_of_time = distributed.any_flag(out_of_time, d)
+        interrupted = distributed.any_flag(stop.requested, d)
+        patience_out = bool(t.patience) and metrics is not None and run.bad_evals >= t.patience
+        if d.is_main and (
+            run.step % t.save_every == 0
+            or run.step == stage.end
+            or out_of_time
+            or patience_out
+            or interrupted
+        ):
+            _save(run, stage, metrics)
+        if patience_out or out_of_time or interrupted:
+            run.stopped = (
+                "interrupted" if interrupted
+                else "early_stopping" if patience_out else "time_budget"
             )  # fmt: skip
-        elif step == 0 or stage_start == step:
-            seed_everything(t.seed + 1000 * (stage + 1))
-            if stage > 0:  # a new objective: early stopping starts over
-                best_valid, bad_evals = None, 0
-        if d.rank > 0:  # different dropout masks per rank, reproducible per (seed, rank, step)
-            torch.manual_seed(hash((t.seed, d.rank, step)) % 2**63)
-        train_model: torch.nn.Module = model
-        if d.enabled:
-            train_model = distributed.DDP(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=mode != "transformer",
-            )  # fmt: skip
-        if t.compile:
-            train_model = compile_model(train_model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        disc_params = [p for n, p in model.named_parameters() if is_disc_param(n)]
-        gen_params = [
-            p for n, p in model.named_parameters() if p.requires_grad and not is_disc_param(n)
-        ]
-        model.train()
-        if d.is_main:
-            n_params = sum(p.numel() for p in params)
-            log(f"stage {stage + 1}/{len(plan)} mode {mode} steps {stage_start}-{ends[stage]} "
-                f"params {n_params / 1e6:.2f}M device {device} precision {t.precision} world {d.world}")  # fmt: skip
-
-        # throughput counts the training steps only (not validation, samples, checkpoints)
-        tokens_since, time_since, steps_since = 0, 0.0, 0
-        # a rollback moves ``step`` back, so the loop runs on ``step``, not on a range
-        pbar = progress(itertools.count(), total=ends[stage] - step, desc=f"train {mode}")
-        for _ in pbar:
-            if step >= ends[stage]:
-                break
-            step_t0 = time.perf_counter()
-            local = step - stage_start
-            lr = lr_at(local, lr=t.lr, warmup=t.warmup_steps, total=steps, min_ratio=t.min_lr_ratio)
-            lr *= lr_scale
-            set_lr(opt, lr)
-            loss_cfg = stage_cfg.loss
-            if disc_opt is not None:
-                loss_cfg = gan_schedule(stage_cfg, local)
-                set_lr(disc_opt, t.disc_lr * lr_scale)
-            parts: dict[str, torch.Tensor] = {}  # kept on the device: no sync per micro-batch
-            loss_sum = torch.zeros((), device=device)
-            tokens = 0
-            for micro in range(t.grad_accum):
-                # a DataLoader draws its workers' base seed from the global torch RNG whenever it
-                # starts an epoch; isolated here so that a resumed run, which starts one at a
-                # different step, keeps the same dropout stream as an uninterrupted run
-                with torch.random.fork_rng(devices=[]):
-                    next_batch = next(batches)
-                batch = {
-                    k: next_batch[k].to(device, non_blocking=True)
-                    for k in ("ids", "attention_mask")
-                }
-                tokens += int(batch["attention_mask"].sum()) * d.world
-                allowed = None
-                if use_grammar:  # built on the CPU beside the loader, then moved
-                    allowed = grammar_masks(grammar, next_batch, cache).to(
-                        device, non_blocking=True
-                    )
-                sync = micro == t.grad_accum - 1 or not d.enabled
-                with (
-                    contextlib.nullcontext() if sync else train_model.no_sync(),
-                    autocast(t.precision, device),
-                ):
-                    losses = compute_losses(
-                        train_model, batch, loss_cfg, step=local, allowed=allowed
-                    )
-                    loss = losses["total"] / t.grad_accum
-                    # the generator terms never reach the discriminator and ``disc`` never the
-                    # generator (aurl.models.losses), so one backward feeds both optimizers
-                    objective = loss + losses["disc"] / t.grad_accum if disc_opt else loss
-                (scaler.scale(objective) if scaler is not None else objective).backward()
-                loss_sum += loss.detach().float()
-                for k, v in losses.items():
-                    if k != "total":
-                        parts[k] = parts.get(k, 0.0) + v.detach().float() / t.grad_accum
-            if scaler is not None:
-                for o in optimizers.values():
-                    scaler.unscale_(o)
-            gnorm = grad_norm(gen_params)
-            loss_all = distributed.mean(loss_sum, d)
-            last_loss = float(loss_sum)
-            action, what = detector.check(float(loss_all), float(gnorm))
-            if scaler is not None and action == "skip" and math.isfinite(float(loss_all)):
-                action = "ok"  # fp16 overflow: the scaler skips the update and lowers its scale
-                detector.bad_in_row = 0
-            if action in ("skip", "rollback"):
-                model.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.update()
-                if monitor:
-                    monitor.event(step, what, action, loss=float(loss_all), grad_norm=float(gnorm))
-                if action == "rollback":
-                    lr_scale *= 0.5
-                    good = ckpt.latest_checkpoint(run_dir)
-                    if good is not None:
-                        back = ckpt.load_checkpoint(good)
-                        back.load_weights(model)
-                        for name, o in optimizers.items():
-                            o.load_state_dict(back.train_state["optimizers"][name])
-                        step = back.step
-                        if monitor:
-                            monitor.event(
-                                step, what, "rolled_back", to=good.name, lr_scale=lr_scale
-                            )
-                    elif monitor:
-                        monitor.event(step, what, "lowered_lr", lr_scale=lr_scale)
-                    distributed.barrier(d)
-                    if step < stage_start:  # the last good checkpoint is from an earlier stage
-                        raise CheckpointError(
-                            f"training diverged at the start of stage {stage + 1}: lower training.lr"
-                        )
-                step += 1 if action == "skip" else 0
-                continue
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(gen_params, t.grad_clip)
-            if disc_opt is not None and t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(disc_params, t.grad_clip)
-            for o in optimizers.values():  # one generator and (vae_gan) one discriminator update
-                scaler.step(o) if scaler is not None else o.step()
-            if scaler is not None:
-                scaler.update()
-            model.zero_grad(set_to_none=True)
-            step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the step's kernels belong to its time
-            tokens_since += tokens
-            time_since += time.perf_counter() - step_t0
-            steps_since += 1
-            if action == "spike" and monitor:
-                monitor.event(step, what, "flagged", loss=float(loss_all), grad_norm=float(gnorm))
-
-            if monitor and (step % t.log_every == 0 or step == ends[stage]):
-                values = {
-                    "loss": float(loss_all), "lr": lr, "grad_norm": float(gnorm),
-                    "tok_per_s": tokens_since / max(time_since, 1e-9),
-                    "step_s": time_since / max(steps_since, 1),
-                    **{f"loss_{k}": float(v) for k, v in parts.items()}, **_memory(device),
-                }  # fmt: skip
-                monitor.scalars(step, "train", values)
-                monitor.line(train_line(step, values))
-                set_status(pbar, " ".join(train_line(step, values).split()[2:8]))
-                tokens_since, time_since, steps_since = 0, 0.0, 0
-
-            evaluated = False
-            metrics: dict[str, float] | None = None
-            # also at the end of the run (not of earlier stages: losses of another mode do not
-            # rank against this one's)
-            if valid_set and (step % t.eval_every == 0 or step == ends[-1]):
-                v = evaluate(model, valid_set, stage_cfg, device=device, d=d, grammar=grammar)
-                valid_loss, evaluated = v["loss"], True
-                metrics = {"valid_loss": v["loss"], "train_loss": float(loss_all)}
-                if best_valid is None or v["loss"] < best_valid - t.min_delta:
-                    best_valid, bad_evals = v["loss"], 0
-                else:
-                    bad_evals += 1
-                if monitor:
-                    monitor.scalars(step, "valid", v)
-                    monitor.line(f"step {step} valid loss {v['loss']:.3f} ppl {v['ppl']:.2f} "
-                                 f"bits/note {v['bits_per_note']:.3f}")  # fmt: skip
-            if monitor and t.sample_every and step % t.sample_every == 0:
-                _sample(model, stage_cfg, step, run_dir, monitor, grammar)
-
-            out_of_time = t.max_minutes > 0 and (time.perf_counter() - t0) / 60 >= t.max_minutes
-            out_of_time = distributed.any_flag(out_of_time, d)
-            interrupted = distributed.any_flag(stop.requested, d)
-            patience_out = bool(t.patience) and evaluated and bad_evals >= t.patience
-            if d.is_main and (
-                step % t.save_every == 0
-                or step == ends[stage]
-                or out_of_time
-                or patience_out
-                or interrupted
-            ):
-                ckpt.save_checkpoint(
-                    run_dir, step=step, model=model, config=stage_cfg, optimizers=optimizers,
-                    scaler=scaler, metrics=metrics,
-                    state={"stage": stage, "data": loader.state_dict(),
-                           "anomaly": detector.state_dict(), "lr_scale": lr_scale,
-                           "best_valid": best_valid, "bad_evals": bad_evals},
-                )  # fmt: skip
-                ckpt.prune_checkpoints(run_dir, t.keep_best)
-            if patience_out or out_of_time or interrupted:
-                stopped = (
-                    "interrupted" if interrupted
-                    else "early_stopping" if patience_out else "time_budget"
-                )  # fmt: skip
-                log(f"step {step} stop {stopped}")
-                break
-        prev_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if stopped != "max_steps":
+            run.log(f"step {run.step} stop {run.stopped}")
             break
 
-    distributed.barrier(d)
-    if d.is_main and model is not None and ckpt.list_checkpoints(run_dir):
+
+def _train_step(run: _Run, stage: _Stage) -> _Step:
+    """Forward and backward over ``grad_accum`` micro-batches, the anomaly check, and (unless it
+    says skip or rollback) the clipped update; ``run.step`` is left to the caller."""
+    t, d = run.config.training, run.d
+    local = run.step - stage.start
+    steps = stage.end - stage.start
+    lr = lr_at(local, lr=t.lr, warmup=t.warmup_steps, total=steps, min_ratio=t.min_lr_ratio)
+    lr *= run.lr_scale
+    set_lr(stage.opt, lr)
+    loss_cfg = stage.config.loss
+    if stage.disc_opt is not None:
+        loss_cfg = gan_schedule(stage.config, local)
+        set_lr(stage.disc_opt, t.disc_lr * run.lr_scale)
+    micro = _micro_batches(run)
+    loss_sum, parts = _backward(stage, micro, loss_cfg, step=local, d=d, precision=t.precision)
+    scaler = stage.scaler
+    if scaler is not None:
+        for o in stage.optimizers.values():
+            scaler.unscale_(o)
+    gnorm = grad_norm(stage.gen_params)
+    loss_all = distributed.mean(loss_sum, d)
+    run.last_loss = float(loss_sum)
+    action, what = run.detector.check(float(loss_all), float(gnorm))
+    if scaler is not None and action == "skip" and math.isfinite(float(loss_all)):
+        action = "ok"  # fp16 overflow: the scaler skips the update and lowers its scale
+        run.detector.bad_in_row = 0
+    if action not in ("skip", "rollback"):
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(stage.gen_params, t.grad_clip)
+        if stage.disc_opt is not None and t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(stage.disc_params, t.grad_clip)
+        for o in stage.optimizers.values():  # one generator and (vae_gan) one discriminator update
+            scaler.step(o) if scaler is not None else o.step()
+        if scaler is not None:
+            scaler.update()
+        stage.model.zero_grad(set_to_none=True)
+    tokens = sum(int(batch["attention_mask"].sum()) for batch, _ in micro) * d.world
+    return _Step(
+        loss=float(loss_all), grad_norm=float(gnorm), lr=lr,
+        tokens=tokens, parts=parts, action=action, what=what,
+    )  # fmt: skip
+
+
+def _micro_batches(run: _Run) -> list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """The next ``grad_accum`` batches on the device, each with its grammar masks (or None)."""
+    device = run.d.device
+    out = []
+    for _ in range(run.config.training.grad_accum):
+        # a DataLoader draws its workers' base seed from the global torch RNG whenever it
+        # starts an epoch; isolated here so that a resumed run, which starts one at a
+        # different step, keeps the same dropout stream as an uninterrupted run
+        with torch.random.fork_rng(devices=[]):
+            next_batch = next(run.batches)
+        batch = {k: next_batch[k].to(device, non_blocking=True) for k in ("ids", "attention_mask")}
+        allowed = None
+        if run.use_grammar:  # built on the CPU beside the loader, then moved
+            allowed = grammar_masks(run.grammar, next_batch, run.cache).to(
+                device, non_blocking=True
+            )
+        out.append((batch, allowed))
+    return out
+
+
+def _backward(
+    stage: _Stage, micro: list, loss_cfg: LossConfig, *, step: int, d: distributed.Dist,
+    precision: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """Accumulate the gradients of every micro-batch; returns (this rank's objective, named
+    losses), each the mean over the micro-batches and kept on the device (no sync per
+    micro-batch)."""
+    from aurl.models import losses as model_losses
+
+    n = len(micro)
+    parts: dict[str, torch.Tensor] = {}
+    loss_sum = torch.zeros((), device=d.device)
+    for i, (batch, allowed) in enumerate(micro):
+        sync = i == n - 1 or not d.enabled
+        with (
+            contextlib.nullcontext() if sync else stage.train_model.no_sync(),
+            autocast(precision, d.device),
+        ):
+            losses = model_losses.compute_losses(
+                stage.train_model, batch, loss_cfg, step=step, allowed=allowed
+            )
+            loss = losses["total"] / n
+            # the generator terms never reach the discriminator and ``disc`` never the
+            # generator (aurl.models.losses), so one backward feeds both optimizers
+            objective = loss + losses["disc"] / n if stage.disc_opt else loss
+        (stage.scaler.scale(objective) if stage.scaler is not None else objective).backward()
+        loss_sum += loss.detach().float()
+        for k, v in losses.items():
+            if k != "total":
+                parts[k] = parts.get(k, 0.0) + v.detach().float() / n
+    return loss_sum, parts
+
+
+def _handle_anomaly(run: _Run, stage: _Stage, out: _Step) -> None:
+    """A non-finite step: drop its gradients; ``skip`` goes on with the next batch, ``rollback``
+    restores the last checkpoint's weights and optimizers with half the learning rate."""
+    stage.model.zero_grad(set_to_none=True)
+    if stage.scaler is not None:
+        stage.scaler.update()
+    if run.monitor:
+        run.monitor.event(run.step, out.what, out.action, loss=out.loss, grad_norm=out.grad_norm)
+    if out.action == "skip":
+        run.step += 1
+        return
+    run.lr_scale *= 0.5
+    good = ckpt.latest_checkpoint(run.run_dir)
+    if good is not None:
+        back = ckpt.load_checkpoint(good)
+        back.load_weights(stage.model)
+        for name, o in stage.optimizers.items():
+            o.load_state_dict(back.train_state["optimizers"][name])
+        run.step = back.step
+        if run.monitor:
+            run.monitor.event(
+                run.step, out.what, "rolled_back", to=good.name, lr_scale=run.lr_scale
+            )
+    elif run.monitor:
+        run.monitor.event(run.step, out.what, "lowered_lr", lr_scale=run.lr_scale)
+    distributed.barrier(run.d)
+    if run.step < stage.start:  # the last good checkpoint is from an earlier stage
+        raise CheckpointError(
+            f"training diverged at the start of stage {stage.index + 1}: lower training.lr"
+        )
+
+
+def _validate(run: _Run, stage: _Stage, train_loss: float) -> dict[str, float] | None:
+    """Validation at ``eval_every`` and at the end of the run (not of earlier stages: losses of
+    another mode do not rank against this one's), with early stopping's bookkeeping; returns
+    the metrics a checkpoint keeps, or None when it did not run."""
+    t = run.config.training
+    if not run.valid_set or not (run.step % t.eval_every == 0 or run.step == run.ends[-1]):
+        return None
+    v = evaluate(stage.model, run.valid_set, stage.config, device=run.d.device, d=run.d,
+                 grammar=run.grammar)  # fmt: skip
+    run.valid_loss = v["loss"]
+    if run.best_valid is None or v["loss"] < run.best_valid - t.min_delta:
+        run.best_valid, run.bad_evals = v["loss"], 0
+    else:
+        run.bad_evals += 1
+    if run.monitor:
+        run.monitor.scalars(run.step, "valid", v)
+        run.monitor.line(f"step {run.step} valid loss {v['loss']:.3f} ppl {v['ppl']:.2f} "
+                         f"bits/note {v['bits_per_note']:.3f}")  # fmt: skip
+    return {"valid_loss": v["loss"], "train_loss": train_loss}
+
+
+def _save(run: _Run, stage: _Stage, metrics: dict[str, float] | None) -> None:
+    """A checkpoint of this step (rank 0), then pruning to the best ``keep_best`` + the last."""
+    ckpt.save_checkpoint(
+        run.run_dir, step=run.step, model=stage.model, config=stage.config,
+        optimizers=stage.optimizers, scaler=stage.scaler, metrics=metrics,
+        state={"stage": stage.index, "data": run.loader.state_dict(),
+               "anomaly": run.detector.state_dict(), "lr_scale": run.lr_scale,
+               "best_valid": run.best_valid, "bad_evals": run.bad_evals},
+    )  # fmt: skip
+    ckpt.prune_checkpoints(run.run_dir, run.config.training.keep_best)
+
+
+def _finish(run: _Run, model: torch.nn.Module | None) -> TrainResult:
+    """Export the best (else the last) checkpoint's weights beside the run, close the monitor."""
+    distributed.barrier(run.d)
+    if run.d.is_main and model is not None and ckpt.list_checkpoints(run.run_dir):
         # the weights alone, ready for ``aurl generate --checkpoint RUN/model``: the best
         # checkpoint by validation loss, else the last one
-        exported = ckpt.export_weights(run_dir, run_dir / "model")
-        log(f"model weights in {exported} (from {ckpt.export_source(run_dir).name})")
-    if monitor:
-        monitor.line(f"done step {step} stopped {stopped} loss {last_loss:.4f}"
-                     + (f" best valid {best_valid:.4f}" if best_valid is not None else ""))  # fmt: skip
-        monitor.close()
-    return TrainResult(step, last_loss, valid_loss, best_valid, stopped, run_dir, model)
+        exported = ckpt.export_weights(run.run_dir, run.run_dir / "model")
+        run.log(f"model weights in {exported} (from {ckpt.export_source(run.run_dir).name})")
+    if run.monitor:
+        best = f" best valid {run.best_valid:.4f}" if run.best_valid is not None else ""
+        run.monitor.line(
+            f"done step {run.step} stopped {run.stopped} loss {run.last_loss:.4f}{best}"
+        )
+        run.monitor.close()
+    return TrainResult(
+        run.step, run.last_loss, run.valid_loss, run.best_valid, run.stopped, run.run_dir, model
+    )
 
 
 def _memory(device: torch.device) -> dict[str, float]:
