@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from aurl.config import AugmentConfig
 from aurl.data.augment import (
     Augmenter,
+    AugmentParams,
+    apply_params,
     jitter,
     random_family_map,
     remap_instruments,
@@ -24,6 +26,7 @@ from aurl.data.augment import (
     stretch,
     transpose,
     transpose_range,
+    velocity_map,
 )
 from aurl.data.grammar import Grammar
 from aurl.data.tokenizer import Tokenizer
@@ -161,6 +164,10 @@ def test_scale_velocity_exact() -> None:
     out = scale_velocity(HAND, 3.0, V)
     assert [n for n in names(out) if n.startswith("VELOCITY")] == ["VELOCITY_31"]
     assert len(out) == len(HAND) - 1
+    # the bin map behind it: 20 -> 30, 10 -> 15 at x1.5; the identity at x1
+    assert velocity_map(1.5, V)[[20, 10]].tolist() == [30, 15]
+    np.testing.assert_array_equal(velocity_map(1.0, V), np.arange(32))
+    assert velocity_map(np.array([1.0, 3.0]), V).shape == (2, 32)
 
 
 def test_remap_instruments_is_one_to_one_and_ordered() -> None:
@@ -170,6 +177,7 @@ def test_remap_instruments_is_one_to_one_and_ordered() -> None:
         fmap = random_family_map(duet, V, rng)
         out = remap_instruments(duet, fmap, V)
         assert fmap[0] < fmap[5] < fmap[9]
+        np.testing.assert_array_equal(np.sort(fmap), np.arange(16))  # a permutation
         inverse = np.arange(16)
         inverse[fmap[[0, 5, 9]]] = [0, 5, 9]
         np.testing.assert_array_equal(remap_instruments(out, inverse, V), duet)
@@ -195,6 +203,28 @@ def test_state_dict_restores_the_stream() -> None:
         np.testing.assert_array_equal(a, b)
     fresh = Augmenter(ALL, V, seed=8)
     assert any(len(a) != len(b) or (a != b).any() for a, b in zip(first, map(fresh, PIECES)))
+
+
+def test_apply_returns_what_it_drew_and_apply_params_replays_it() -> None:
+    aug = Augmenter(ALL, V)
+    for seed, ids in enumerate(PIECES):
+        out, params = aug.apply(ids, np.random.default_rng(seed))
+        np.testing.assert_array_equal(out, aug(ids, np.random.default_rng(seed)))
+        assert params.transpose != 0 and 0.8 <= params.velocity <= 1.2
+        assert 0.9 <= params.stretch <= 1.1 and params.jitter == 3
+        np.testing.assert_array_equal(np.sort(params.family_map), np.arange(16))
+        rng = np.random.default_rng(seed)
+        assert aug.draw(ids, rng).transpose == params.transpose
+        np.testing.assert_array_equal(apply_params(ids, params, V, rng), out)  # jitter: rng
+    # without jitter no generator is needed: the transforms one after the other
+    steady = AugmentParams(family_map=params.family_map, transpose=params.transpose,
+                           velocity=params.velocity, stretch=params.stretch)  # fmt: skip
+    by_hand = remap_instruments(ids, params.family_map, V)
+    by_hand = scale_velocity(transpose(by_hand, params.transpose, V), params.velocity, V)
+    np.testing.assert_array_equal(apply_params(ids, steady, V), stretch(by_hand, params.stretch, V))
+    np.testing.assert_array_equal(apply_params(ids, AugmentParams(), V), ids)
+    with pytest.raises(ValueError, match="generator"):
+        apply_params(ids, params, V)
 
 
 notes_strategy = st.lists(

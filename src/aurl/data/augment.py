@@ -14,15 +14,19 @@ comes back) and keeps a grammar-valid sequence valid:
 - :func:`remap_instruments` renames the instrument families through a map that is one-to-one
   (distinct parts stay distinct, a NOTE_OFF still finds its note) and increasing on the families
   present (the grammar wants ascending families within a time step);
-  :func:`random_family_map` draws one.
+  :func:`random_family_map` draws one (a permutation of all the families).
 
 :class:`Augmenter` applies them with the probabilities of :class:`~aurl.config.AugmentConfig`,
 drawing from a ``numpy.random.Generator``: its own (``state_dict``/``load_state_dict`` save it
 in checkpoints) or one passed per call (e.g. seeded by ``(seed, epoch, index)`` in a loader).
+:meth:`Augmenter.apply` also returns what it drew, an :class:`AugmentParams`, which
+:func:`apply_params` replays; :mod:`aurl.data.window_state` uses it to carry a window's grammar
+state across the augmentation.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -64,14 +68,24 @@ def transpose(ids: np.ndarray, k: int, vocab: Vocab) -> np.ndarray:
     return out
 
 
+def velocity_map(factor: float | np.ndarray, vocab: Vocab) -> np.ndarray:
+    """(..., bins) int64: the bin each velocity bin becomes when scaled by ``factor`` (...).
+
+    Bin ``b`` decodes to ``bin_velocity[b]``, times the factor, rounded, clipped to 1..127 and
+    binned again. Not one-to-one in general (a factor below 1 or clipping merges bins); the
+    identity for a factor of exactly 1.
+    """
+    factor = np.asarray(factor, dtype=np.float64)[..., None]
+    return vocab.velocity_bin(np.clip(np.rint(vocab.bin_velocity * factor), 1, 127))
+
+
 def scale_velocity(ids: np.ndarray, factor: float, vocab: Vocab) -> np.ndarray:
     """Velocities times ``factor`` (clipped to 1..127), re-binned; repeated bins dropped."""
     out = np.array(ids, dtype=np.int64)
     pos = np.flatnonzero(vocab.kind[out] == Kind.VELOCITY)
     if pos.size == 0:
         return out
-    velocity = vocab.bin_velocity[vocab.value[out[pos]]] * factor
-    bins = vocab.velocity_bin(np.clip(np.rint(velocity), 1, 127))
+    bins = velocity_map(factor, vocab)[vocab.value[out[pos]]]
     out[pos] = vocab.velocity + bins
     repeated = np.zeros(out.shape[0], dtype=bool)
     repeated[pos[1:]] = bins[1:] == bins[:-1]  # the bin in force does not change: not needed
@@ -148,14 +162,68 @@ def remap_instruments(ids: np.ndarray, family_map: np.ndarray, vocab: Vocab) -> 
 
 
 def random_family_map(ids: np.ndarray, vocab: Vocab, rng: np.random.Generator) -> np.ndarray:
-    """(families,) map sending the k families present in ``ids``, in order, to k random distinct
-    families, in order (increasing, so ascending families at a step stay ascending)."""
+    """(families,) permutation sending the k families present in ``ids``, in order, to k random
+    distinct families, in order (increasing, so ascending families at a step stay ascending).
+
+    The other families take the families left over, in order: the map is one-to-one on every
+    family, so a state that holds families absent from ``ids`` (the grammar state before a
+    window) can be carried across it too.
+    """
     n = vocab.config.num_instruments
     ids = np.asarray(ids)
     present = np.unique(vocab.value[ids[vocab.kind[ids] == Kind.INSTRUMENT]])
-    family_map = np.arange(n)
-    family_map[present] = np.sort(rng.choice(n, size=present.size, replace=False))
+    chosen = np.sort(rng.choice(n, size=present.size, replace=False))
+    family_map = np.empty(n, dtype=np.int64)
+    family_map[present] = chosen
+    family_map[np.setdiff1d(np.arange(n), present)] = np.setdiff1d(np.arange(n), chosen)
     return family_map
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """What one :meth:`Augmenter.apply` drew; None or 0: that transform did not fire.
+
+    Attributes:
+        family_map: (families,) int64 permutation of the instrument families.
+        transpose: Semitones.
+        velocity: Velocity factor (:func:`scale_velocity`).
+        stretch: Time factor (:func:`stretch`).
+        jitter: Jitter steps; the per-step offsets are drawn when applied.
+    """
+
+    family_map: np.ndarray | None = None
+    transpose: int = 0
+    velocity: float | None = None
+    stretch: float | None = None
+    jitter: int = 0
+
+
+def apply_params(
+    ids: np.ndarray,
+    params: AugmentParams,
+    vocab: Vocab,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """``ids`` augmented with ``params``, in the :class:`Augmenter`'s order: instruments,
+    transposition, velocity, stretch, jitter (which alone draws from ``rng``).
+
+    Raises:
+        ValueError: ``params.jitter`` without a generator, or a transposition out of range.
+    """
+    out = np.array(ids, dtype=np.int64)
+    if params.family_map is not None:
+        out = remap_instruments(out, params.family_map, vocab)
+    if params.transpose:
+        out = transpose(out, params.transpose, vocab)
+    if params.velocity is not None:
+        out = scale_velocity(out, params.velocity, vocab)
+    if params.stretch is not None:
+        out = stretch(out, params.stretch, vocab)
+    if params.jitter:
+        if rng is None:
+            raise ValueError("jitter draws its offsets: pass a generator to apply_params")
+        out = jitter(out, params.jitter, rng, vocab)
+    return out
 
 
 class Augmenter:
@@ -176,23 +244,42 @@ class Augmenter:
 
     def __call__(self, ids: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """(T,) ids -> (T',) int64 augmented ids (T' differs only by shift/velocity tokens)."""
+        return self.apply(ids, rng)[0]
+
+    def apply(
+        self, ids: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, AugmentParams]:
+        """``(augmented ids, what was drawn)``: the ids are those of a plain call."""
+        rng = self.rng if rng is None else rng
+        params = self.draw(ids, rng)
+        return apply_params(ids, params, self.vocab, rng), params
+
+    def draw(self, ids: np.ndarray, rng: np.random.Generator | None = None) -> AugmentParams:
+        """The parameters of one augmentation of ``ids`` (all but jitter's offsets, which
+        :func:`apply_params` draws last from the same generator).
+
+        No transform changes what a later one's draw reads (the families present, the range
+        of the notes), so drawing everything first takes the same numbers, in the same order,
+        as drawing each transform's parameters just before applying it.
+        """
         c, v = self.config, self.vocab
         rng = self.rng if rng is None else rng
-        out = np.array(ids, dtype=np.int64)
+        ids = np.asarray(ids)
+        drawn: dict[str, Any] = {}
         if c.instrument_prob and rng.random() < c.instrument_prob:
-            out = remap_instruments(out, random_family_map(out, v, rng), v)
+            drawn["family_map"] = random_family_map(ids, v, rng)
         if c.transpose_prob and c.transpose_max and rng.random() < c.transpose_prob:
-            lo, hi = transpose_range(out, v, c.transpose_max)
+            lo, hi = transpose_range(ids, v, c.transpose_max)
             choices = np.setdiff1d(np.arange(lo, hi + 1), [0])  # 0 would waste the draw
             if choices.size:
-                out = transpose(out, int(rng.choice(choices)), v)
+                drawn["transpose"] = int(rng.choice(choices))
         if c.velocity_prob and rng.random() < c.velocity_prob:
-            out = scale_velocity(out, rng.uniform(c.velocity_min, c.velocity_max), v)
+            drawn["velocity"] = float(rng.uniform(c.velocity_min, c.velocity_max))
         if c.stretch_prob and rng.random() < c.stretch_prob:
-            out = stretch(out, rng.uniform(c.stretch_min, c.stretch_max), v)
+            drawn["stretch"] = float(rng.uniform(c.stretch_min, c.stretch_max))
         if c.jitter_prob and c.jitter_steps and rng.random() < c.jitter_prob:
-            out = jitter(out, c.jitter_steps, rng, v)
-        return out
+            drawn["jitter"] = int(c.jitter_steps)
+        return AugmentParams(**drawn)
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state (JSON-safe), for training checkpoints."""
