@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from aurl.config import AugmentConfig, DataConfig, VocabConfig
-from aurl.data.augment import Augmenter
+from aurl.data.augment import Augmenter, AugmentParams, apply_params
 from aurl.data.cache import TokenCache, prepare
 from aurl.data.dataset import (
     LengthGroupedBatchSampler,
     WindowDataset,
+    augment_fields,
     build_loader,
     collate,
     eval_batches,
@@ -92,6 +93,18 @@ def test_collate_pads_and_masks() -> None:
     assert batch["attention_mask"].tolist() == [[True, True, True], [True, False, False]]
     assert batch["index"].tolist() == [4, 2] and batch["offset"].tolist() == [0, 9]
     assert batch["ids"].dtype == torch.long
+    assert "family_map" not in batch  # no augmentation records: none in the batch
+    # augmentation records stack; a transform that did not fire reads as the identity
+    drawn = [
+        AugmentParams(transpose=-3, velocity=1.1),
+        AugmentParams(family_map=np.arange(16)[::-1]),
+    ]
+    batch = collate([{**it, **augment_fields(p, 16)} for it, p in zip(items, drawn)])
+    assert batch["transpose"].tolist() == [-3, 0]
+    assert batch["family_map"].tolist() == [list(range(16)), list(range(15, -1, -1))]
+    assert batch["velocity_factor"].tolist() == [1.1, 1.0]
+    assert batch["stretch_factor"].tolist() == [1.0, 1.0]
+    assert batch["velocity_factor"].dtype == torch.float64
 
 
 def test_length_grouping_cuts_padding(cache: TokenCache) -> None:
@@ -157,8 +170,9 @@ def test_loader_resumes_exactly_and_workers_agree(cache: TokenCache) -> None:
         stream = iter(resumed)
         for expected in run[at : at + 3]:
             got = next(stream)
-            assert torch.equal(got["ids"], expected["ids"])
-            assert torch.equal(got["attention_mask"], expected["attention_mask"])
+            assert got.keys() == expected.keys()
+            for key in expected:  # ids, mask, and what augmentation drew
+                assert torch.equal(got[key], expected[key])
 
     two = build_loader(cache, dataclasses.replace(data, num_workers=2), seed=1)
     stream = iter(two)
@@ -203,6 +217,29 @@ def test_augmented_windows_are_deterministic_and_in_range(cache: TokenCache) -> 
         assert V.value[x[notes]].min() >= 21 and V.value[x[notes]].max() <= 108
         moved += not np.array_equal(x, p)
     assert moved > 0.9 * len(a)
+
+
+def test_augmented_windows_record_what_was_drawn(cache: TokenCache) -> None:
+    config = AugmentConfig(
+        transpose_prob=1.0, instrument_prob=1.0, velocity_prob=0.5, stretch_prob=0.5
+    )
+    ds = WindowDataset(cache, "train", window=64, seed=4, augment=Augmenter(config, V))
+    for slot in range(len(ds)):
+        item = ds[slot]
+        drawn = AugmentParams(
+            family_map=item["family_map"], transpose=item["transpose"],
+            velocity=None if item["velocity_factor"] == 1.0 else item["velocity_factor"],
+            stretch=None if item["stretch_factor"] == 1.0 else item["stretch_factor"],
+        )  # fmt: skip
+        tokens = np.asarray(cache.tokens(item["index"]), dtype=np.int64)
+        source = tokens[item["offset"] : item["offset"] + 64 + 16]  # the window and its slack
+        np.testing.assert_array_equal(item["ids"], apply_params(source, drawn, V)[:64])
+        assert item["transpose"] != 0
+    batch = collate([ds[s] for s in range(4)])
+    assert batch["family_map"].shape == (4, V.config.num_instruments)
+    # a plain function augments too, but records nothing
+    plain = WindowDataset(cache, "train", window=64, augment=lambda ids, rng: ids)
+    assert "family_map" not in plain[0]
 
 
 def test_eval_batches_score_every_token_once(cache: TokenCache) -> None:

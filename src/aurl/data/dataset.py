@@ -15,6 +15,12 @@ length for a step travels with the batch into worker processes. Plain integer ke
 Batches are dicts: ``ids`` (B, T) int64 padded with PAD, ``attention_mask`` (B, T) bool (True on
 real tokens), ``index`` (B,) cache row, ``offset`` (B,) first token's position in the piece.
 A language-model loss predicts ``ids[:, 1:]`` from ``ids[:, :-1]`` under the mask.
+
+When the dataset augments with an :class:`~aurl.data.augment.Augmenter`, batches also say what
+was drawn for each window (identity values where a transform did not fire): ``transpose`` (B,)
+int64 semitones, ``family_map`` (B, families) int64 permutation, ``velocity_factor`` and
+``stretch_factor`` (B,) float64. :func:`aurl.data.window_state.window_masks` reads them to give
+each window the grammar state of its augmented prefix.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 
 from aurl.config import DataConfig, VocabConfig
-from aurl.data.augment import Augmenter
+from aurl.data.augment import Augmenter, AugmentParams
 from aurl.data.cache import TokenCache
 from aurl.data.vocab import PAD, Kind, Vocab
 from aurl.errors import DataError
@@ -94,6 +100,7 @@ class WindowDataset(torch.utils.data.Dataset):
         vocab = Vocab(self.cache.vocab_config)
         # a time step's first event follows a TIME_SHIFT and is not one itself
         self._is_shift = vocab.kind == Kind.TIME_SHIFT
+        self._families = vocab.config.num_instruments
 
     def __len__(self) -> int:
         return len(self.slot_piece)
@@ -125,24 +132,48 @@ class WindowDataset(torch.utils.data.Dataset):
         # a little slack so that augmentation (which may drop tokens) still fills the window
         margin = 16 if self.augment is not None else 0
         ids = np.asarray(tokens[offset : offset + window + margin], dtype=np.int64)
-        if self.augment is not None:
+        drawn = {}
+        if isinstance(self.augment, Augmenter):  # record what was drawn (window_state)
+            ids, params = self.augment.apply(ids, rng)
+            drawn = augment_fields(params, self._families)
+        elif self.augment is not None:
             ids = self.augment(ids, rng)
-        return {"ids": ids[:window], "index": row, "offset": offset}
+        return {"ids": ids[:window], "index": row, "offset": offset, **drawn}
+
+
+def augment_fields(params: AugmentParams, families: int) -> dict[str, Any]:
+    """An item's record of its augmentation, in the form :func:`collate` stacks: identity
+    values (0, ``arange(families)``, 1.0) where a transform did not fire."""
+    fmap = params.family_map
+    return {
+        "transpose": params.transpose,
+        "family_map": np.arange(families) if fmap is None else np.asarray(fmap, dtype=np.int64),
+        "velocity_factor": 1.0 if params.velocity is None else params.velocity,
+        "stretch_factor": 1.0 if params.stretch is None else params.stretch,
+    }
 
 
 def collate(items: Sequence[dict[str, Any]], pad_id: int = PAD) -> dict[str, torch.Tensor]:
-    """Pad ``ids`` on the right to the longest item; mask True on real tokens."""
+    """Pad ``ids`` on the right to the longest item; mask True on real tokens; stack the
+    augmentation records (:func:`augment_fields`) when the items have them."""
     lengths = [len(it["ids"]) for it in items]
     ids = torch.full((len(items), max(lengths)), pad_id, dtype=torch.long)  # (B, T)
     for b, it in enumerate(items):
         ids[b, : lengths[b]] = torch.from_numpy(np.asarray(it["ids"], dtype=np.int64))
     mask = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
-    return {
+    batch = {
         "ids": ids,
         "attention_mask": mask,
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
         "offset": torch.tensor([it["offset"] for it in items], dtype=torch.long),
     }
+    if "family_map" in items[0]:
+        batch["transpose"] = torch.tensor([it["transpose"] for it in items], dtype=torch.long)
+        fmaps = np.stack([it["family_map"] for it in items])  # (B, families)
+        batch["family_map"] = torch.from_numpy(fmaps.astype(np.int64))
+        for key in ("velocity_factor", "stretch_factor"):
+            batch[key] = torch.tensor([it[key] for it in items], dtype=torch.float64)
+    return batch
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
