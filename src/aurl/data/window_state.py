@@ -1,0 +1,163 @@
+"""The grammar state at the start of each training window, augmentation included.
+
+A window cut at ``offset`` from a cached piece is masked (grammar-masked cross-entropy) from the
+state the grammar reaches after the piece's first ``offset`` tokens, not from the initial state
+(which would expect START). The dataset augments the window but the prefix comes from the
+cache as it is, so this module carries the prefix's state across the window's augmentation (the
+:class:`~aurl.data.augment.AugmentParams` that :mod:`aurl.data.dataset` records in each batch).
+The masks are then those of the augmented prefix followed by the window, read as one sequence.
+
+Only the fields that ``Grammar._mask`` reads matter (``time`` is not one of them):
+
+- transposition by ``k``: the sounding pitches move by ``k``; ``last_pitch``, and ``last_value``
+  after a note, too.
+- family map (a permutation of all the families): sounding pitches and sustain move to their
+  family's image; ``family``, and ``last_value`` after an INSTRUMENT, are mapped.
+- velocity factor: ``last_velocity``, and ``last_value`` after a VELOCITY, go through
+  :func:`~aurl.data.augment.velocity_map`.
+- stretch and jitter: nothing. They move the window's TIME_SHIFT runs (times counted from the
+  window's start) and never touch TEMPO; the prefix keeps its own shifts, and the one rule that
+  reads a shift (after a shift shorter than the maximum comes an event) reads the prefix's last
+  token, which stays what it was.
+
+The state is transformed, not the prefix's tokens: that costs one gather over (families,
+pitches) per window instead of a pass over the prefix, and a pitch moved past the vocabulary's
+range still counts as ``last_pitch`` (a token could not say it).
+
+What stays approximate (counted on real data in ``tests/data/test_window_state.py``):
+
+1. Velocity: :func:`~aurl.data.augment.scale_velocity` drops a VELOCITY that repeats the bin
+   in force *within the window*; the window's first VELOCITY has nothing to compare with. When
+   the factor merges its bin with the prefix's last one (``b1 != b0`` but ``map[b1] ==
+   map[b0]``) the window repeats the bin in force: the masks are those of the augmented prefix
+   plus window, and that one token breaks them. No start state avoids it without lying about
+   the bin in force, which the window's NOTE_ONs before that VELOCITY play with.
+2. Transposition: the shift is drawn to keep the window's notes in range. A note sounding at the
+   window's start and still sounding at its end (its NOTE_OFF is not in the window) does not
+   take part; moved out of range it cannot sound in the state, so the polyphony counts one note
+   fewer while it lasts (a NOTE_ON over the cap may be allowed).
+3. Family map: it keeps the order of the families that have an INSTRUMENT token in the window.
+   When a window starts inside a time step (no step boundary near the drawn offset) in the
+   middle of family ``f``'s events and ``f`` has no INSTRUMENT in the window, the next
+   INSTRUMENT ``g > f`` of that step may map below ``f``'s image: the ascending-family rule
+   breaks at that token, as it would in the augmented prefix plus window.
+
+The trainer's grammar-masked loss always counts the target as allowed, so none of these makes
+the loss infinite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from aurl.data.augment import velocity_map
+from aurl.data.grammar import Grammar, GrammarState
+from aurl.data.vocab import PAD, Kind
+
+
+class _Tokens(Protocol):
+    def tokens(self, i: int) -> np.ndarray: ...
+
+
+def prefix_states(grammar: Grammar, batch: dict[str, torch.Tensor], cache: _Tokens) -> GrammarState:
+    """The state after each window's un-augmented prefix: the first ``offset`` tokens of piece
+    ``index`` of ``cache``; the initial state where ``offset`` is 0.
+
+    The prefixes go through ``Grammar.state_after`` in one batched call, right-aligned behind
+    PAD tokens, which change nothing but the "last token" fields that the prefix's own last
+    token then sets.
+    """
+    ids, offsets = batch["ids"], batch["offset"].tolist()
+    B, L = ids.shape[0], max(offsets)
+    state = grammar.initial_state(B, ids.device)
+    if L == 0:
+        return state
+    prefix = torch.full((B, L), PAD, dtype=torch.long)  # (B, L), right-aligned prefixes
+    for r, (row, off) in enumerate(zip(batch["index"].tolist(), offsets)):
+        if off:
+            prefix[r, L - off :] = torch.from_numpy(np.asarray(cache.tokens(row)[:off], np.int64))
+    after = grammar.state_after(prefix.to(ids.device))
+    has = torch.tensor([off > 0 for off in offsets], device=ids.device)  # (B,)
+    for f in dataclasses.fields(state):
+        a, b = getattr(after, f.name), getattr(state, f.name)
+        keep = has.view(B, *([1] * (a.dim() - 1)))
+        setattr(state, f.name, torch.where(keep, a, b))
+    return state
+
+
+def augment_state(
+    grammar: Grammar,
+    state: GrammarState,
+    *,
+    transpose: torch.Tensor,
+    family_map: torch.Tensor,
+    velocity_factor: torch.Tensor,
+) -> GrammarState:
+    """``state`` carried across each row's augmentation (see the module docstring).
+
+    Args:
+        grammar: The grammar of ``state``.
+        state: B states.
+        transpose: (B,) semitones.
+        family_map: (B, families) permutations of the families.
+        velocity_factor: (B,) velocity factors (1.0: the identity).
+
+    Raises:
+        ValueError: A row of ``family_map`` is not a permutation.
+    """
+    dev = state.family.device
+    B, F, P = state.sounding.shape
+    k = transpose.to(dev).long()  # (B,)
+    fmap = family_map.to(dev).long()  # (B, F)
+    fams = torch.arange(F, device=dev)
+    if not torch.equal(fmap.sort(dim=1).values, fams.expand(B, F)):
+        raise ValueError("family_map rows must be permutations of the families")
+    vmap = torch.from_numpy(velocity_map(velocity_factor.cpu().numpy(), grammar.vocab)).to(dev)
+    # family g of the new state is family inverse[g] of the old one
+    inverse = fmap.argsort(dim=1)  # (B, F)
+    sounding = state.sounding.gather(1, inverse[:, :, None].expand(B, F, P))  # (B, F, P)
+    src = torch.arange(P, device=dev)[None, :] - k[:, None]  # (B, P) old index of new pitch
+    inside = (src >= 0) & (src < P)
+    sounding = sounding.gather(2, src.clamp(0, P - 1)[:, None, :].expand(B, F, P))
+    sounding = sounding & inside[:, None, :]
+    sustain = state.sustain.gather(1, inverse)  # (B, F)
+
+    def mapped(table: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``table[row, x]`` where ``valid``, else ``x``."""
+        got = table.gather(1, x.clamp(0, table.shape[1] - 1)[:, None])[:, 0]
+        return torch.where(valid, got, x)
+
+    family = mapped(fmap, state.family, state.family < F)
+    last_velocity = mapped(vmap, state.last_velocity, state.last_velocity >= 0)
+    last_pitch = torch.where(state.last_pitch >= 0, state.last_pitch + k, state.last_pitch)
+    lk, lv = state.last_kind, state.last_value
+    note = (lk == int(Kind.NOTE_ON)) | (lk == int(Kind.NOTE_OFF))
+    last_value = torch.where(note, lv + k, lv)
+    last_value = mapped(vmap, last_value, lk == int(Kind.VELOCITY))
+    last_value = mapped(fmap, last_value, lk == int(Kind.INSTRUMENT))
+    return dataclasses.replace(
+        state, sounding=sounding, sustain=sustain, count=sounding.flatten(1).sum(1),
+        family=family, last_velocity=last_velocity, last_pitch=last_pitch, last_value=last_value,
+    )  # fmt: skip
+
+
+def window_states(grammar: Grammar, batch: dict[str, torch.Tensor], cache: _Tokens) -> GrammarState:
+    """The grammar state at the start of each window of ``batch``: its prefix's state carried
+    across the window's augmentation (batches without augmentation records: the prefix's)."""
+    state = prefix_states(grammar, batch, cache)
+    if "family_map" not in batch:
+        return state
+    return augment_state(
+        grammar, state, transpose=batch["transpose"], family_map=batch["family_map"],
+        velocity_factor=batch["velocity_factor"],
+    )  # fmt: skip
+
+
+def window_masks(grammar: Grammar, batch: dict[str, torch.Tensor], cache: _Tokens) -> torch.Tensor:
+    """(B, T, V) bool: row t = the ids the grammar allows after ``batch["ids"][:, : t + 1]``,
+    each window starting from :func:`window_states`."""
+    return grammar.sequence_masks(batch["ids"], window_states(grammar, batch, cache))
