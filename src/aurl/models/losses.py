@@ -12,9 +12,11 @@
 - ``adv``, ``fm`` (``vae_gan``): hinge generator loss on Gumbel-softmax samples of the decoder
   fed as soft one-hots through the discriminator, and L1 feature matching on its pooled layer
   activations (Salimans et al. 2016). ``disc``: the discriminator's hinge loss on real ids and
-  detached fakes. The generator terms are computed with the discriminator's weights frozen, so
-  ``total`` never puts gradients into the discriminator and ``disc`` never into the generator:
-  ``(total + disc).backward()`` with two optimizers is one correct GAN step.
+  detached fakes (:func:`discriminator_loss`). The generator terms are computed with the
+  discriminator's weights frozen, so ``total`` never puts gradients into the discriminator and
+  ``disc`` never into the generator. The trainer alternates: a discriminator step on
+  :func:`discriminator_loss` of :func:`soft_fakes` drawn without gradient, then a generator
+  step on ``compute_losses(..., disc=False)`` through the updated discriminator.
 - ``total``: the weighted sum; with ``loss.auto_balance`` the learned uncertainty weighting of
   Kendall et al. 2018 (``exp(-s_i) * w_i * L_i + s_i``, ``s_i`` the model's ``loss_log_vars``).
 """
@@ -91,6 +93,7 @@ def compute_losses(
     *,
     step: int,
     allowed: Tensor | None = None,
+    disc: bool = True,
 ) -> dict[str, Tensor]:
     """All named losses for one batch.
 
@@ -101,6 +104,8 @@ def compute_losses(
         loss_config: weights and schedules.
         step: the optimizer step (for the KL schedule).
         allowed: (B, T, V) bool grammar mask, row t = ids allowed after ``ids[:, :t+1]``.
+        disc: also compute the discriminator's loss (vae_gan); without it the discriminator
+            runs only frozen, for the generator's terms.
 
     Returns:
         ``total`` (generator objective), ``ce``, ``grammar``, ``kl``, ``kl_raw``, ``adv``,
@@ -133,9 +138,9 @@ def compute_losses(
         kl_raw = sum(k.sum() for k in per_elem) / (ids.shape[0] * tokens)
         kl = kl_free_bits(per_elem, loss_config.free_bits, tokens)
 
-    adv = fm = disc = zero
+    adv = fm = disc_loss = zero
     if model.discriminator is not None:
-        adv, fm, disc = _gan_losses(model, ids, out.logits, allowed)
+        adv, fm, disc_loss = _gan_losses(model, ids, out.logits, allowed, disc=disc)
 
     beta = kl_weight_at(step, loss_config)
     weighted = {
@@ -163,35 +168,60 @@ def compute_losses(
         "kl_raw": kl_raw,
         "adv": adv,
         "fm": fm,
-        "disc": disc,
+        "disc": disc_loss,
         "kl_weight": torch.tensor(beta),
     }
 
 
-def _gan_losses(
-    model: MusicTransformerVAEGAN, ids: Tensor, logits: Tensor, allowed: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(generator hinge loss, feature matching, discriminator hinge loss)."""
+def soft_fakes(ids: Tensor, logits: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """Generated sequences as soft one-hots (B, T, V), aligned with ``ids`` (B, T): position 0
+    is the real first token, position t + 1 a Gumbel-softmax sample of the decoder's
+    distribution at t (``logits`` (B, T, V); grammar-masked where ``allowed`` is given)."""
     gen_logits = logits[:, :-1]
     if allowed is not None:  # fakes drawn from the grammar-masked distribution
         gen_logits = gen_logits.masked_fill(~allowed[:, :-1], float("-inf"))
     soft = F.gumbel_softmax(gen_logits.float(), tau=GUMBEL_TAU, hard=False, dim=-1)  # (B,T-1,V)
     first = F.one_hot(ids[:, :1], soft.shape[-1]).to(soft.dtype)  # the prompt token is real
-    fake = torch.cat([first, soft], dim=1)  # (B, T, V), aligned with ids
+    return torch.cat([first, soft], dim=1)  # (B, T, V)
 
-    real_scores, real_feats = model.discriminate(ids)
+
+def _hinge(real_scores: list[Tensor], fake_scores: list[Tensor]) -> Tensor:
+    """The discriminator's hinge loss, mean over scales: real above +1, fake below -1."""
+    return torch.stack(
+        [F.relu(1.0 - r).mean() + F.relu(1.0 + f).mean() for r, f in zip(real_scores, fake_scores)]
+    ).mean()
+
+
+def discriminator_loss(model: MusicTransformerVAEGAN, ids: Tensor, fake: Tensor) -> Tensor:
+    """The discriminator's hinge loss on real ``ids`` (B, T) and ``fake`` soft one-hots
+    (B, T, V), detached here: its gradient reaches the discriminator only.
+
+    Real and fake go through the discriminator together, as one batch of one-hots, so that in
+    training mode its spectral norms make one power iteration per call, not one per half."""
+    B = ids.shape[0]
+    real = F.one_hot(ids, fake.shape[-1]).to(fake.dtype)  # (B, T, V)
+    scores, _ = model.discriminate(torch.cat([real, fake.detach()]))  # each (2B, windows)
+    return _hinge([s[:B] for s in scores], [s[B:] for s in scores])
+
+
+def _gan_losses(
+    model: MusicTransformerVAEGAN, ids: Tensor, logits: Tensor, allowed: Tensor | None, *,
+    disc: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(generator hinge loss, feature matching, discriminator hinge loss or 0 without
+    ``disc``)."""
+    fake = soft_fakes(ids, logits, allowed)
+    if disc:  # the real scores serve the discriminator's loss too
+        real_scores, real_feats = model.discriminate(ids)
+    else:
+        with _frozen(model.discriminator):
+            real_scores, real_feats = model.discriminate(ids)
     with _frozen(model.discriminator):
         fake_scores, fake_feats = model.discriminate(fake)
     adv = -torch.stack([s.mean() for s in fake_scores]).mean()
     fm = torch.stack(
         [(f.mean(0) - r.detach().mean(0)).abs().mean() for f, r in zip(fake_feats, real_feats)]
     ).mean()
-
-    detached_scores, _ = model.discriminate(fake.detach())
-    disc = torch.stack(
-        [
-            F.relu(1.0 - r).mean() + F.relu(1.0 + f).mean()
-            for r, f in zip(real_scores, detached_scores)
-        ]
-    ).mean()
-    return adv, fm, disc
+    if not disc:
+        return adv, fm, adv.new_zeros(())
+    return adv, fm, _hinge(real_scores, model.discriminate(fake.detach())[0])
