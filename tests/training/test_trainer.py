@@ -235,3 +235,202 @@ def test_nan_steps_are_skipped_then_rolled_back(fixture_cache, tmp_path, tiny_co
                       (7, "nan_loss", "rollback"), (4, "nan_loss", "rolled_back")]  # fmt: skip
     assert result.step == 10 and math.isfinite(result.train_loss)
     assert load_checkpoint(list_checkpoints(run)[-1]).state["lr_scale"] == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# vae_gan: alternating discriminator and generator steps
+# --------------------------------------------------------------------------------------------
+
+
+def _weights(model, disc):
+    """The generator's (``disc`` False) or the discriminator's parameters, copied."""
+    named = model.named_parameters()
+    return {n: p.detach().clone() for n, p in named if n.startswith("discriminator.") == disc}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vae_gan_step_is_a_discriminator_step_then_a_generator_step(fixture_cache, tiny_config):
+    import copy
+
+    from aurl.data.cache import TokenCache
+    from aurl.data.dataset import build_loader
+    from aurl.models import build_model
+    from aurl.models.losses import compute_losses, discriminator_loss, soft_fakes
+    from aurl.training import trainer as tr
+    from aurl.training.distributed import Dist
+
+    cfg = tiny_config(fixture_cache, "model.mode=vae_gan", "training.disc_warmup_steps=0",
+                      "training.disc_lr=1e-2", "model.dropout=0.1")  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    reference = copy.deepcopy(model)
+    raw = next(iter(build_loader(TokenCache(fixture_cache), cfg.data, seed=0, augment=False)))
+    batch = {"ids": raw["ids"], "attention_mask": raw["attention_mask"]}
+    optimizers = {
+        "model": tr.make_optimizer(model, cfg),
+        "disc": tr.make_optimizer(model, cfg, disc=True),
+    }
+    stage = tr._Stage(index=0, mode="vae_gan", config=cfg, start=0, end=1, model=model,
+                   train_model=model, optimizers=optimizers)  # fmt: skip
+    d, cpu, clip = Dist(), torch.device("cpu"), cfg.training.grad_clip
+    seeds = tr.micro_seeds(cfg.training.seed, 0, 1, d)
+    gen0, disc0 = _weights(model, False), _weights(model, True)
+
+    # (a) the discriminator's step: every discriminator weight moves, no generator weight does
+    out = tr._discriminator_step(stage, [(batch, None)], seeds=seeds, d=d, precision="fp32",
+                              grad_clip=clip)  # fmt: skip
+    disc1 = _weights(model, True)
+    assert out.ok and math.isfinite(out.loss) and out.grad_norm > 0
+    assert _same(_weights(model, False), gen0)
+    assert not any(torch.equal(disc1[k], disc0[k]) for k in disc0)
+    # ... exactly as one AdamW step on the discriminator's hinge loss alone moves it, on fakes
+    # sampled without gradient from the same random draws
+    with tr._replay(seeds[0], cpu):
+        with torch.no_grad():
+            logits = reference(batch["ids"], attention_mask=batch["attention_mask"]).logits
+            fake = soft_fakes(batch["ids"], logits)
+        loss = discriminator_loss(reference, batch["ids"], fake)
+    loss.backward()
+    assert all(p.grad is None for p in reference.generator_parameters())
+    torch.nn.utils.clip_grad_norm_(reference.discriminator.parameters(), clip)
+    tr.make_optimizer(reference, cfg, disc=True).step()
+    assert out.loss == loss.item()
+    assert _same(_weights(reference, True), disc1)
+
+    # (b) the generator's pass reads the updated discriminator and sends it no gradient
+    loss_sum, parts = tr._generator_backward(stage, [(batch, None)], cfg.loss, step=0, d=d,
+                                          precision="fp32", seeds=seeds)  # fmt: skip
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("discrim"))
+    reference.discriminator.eval()  # this step's power iteration is done
+    with tr._replay(seeds[0], cpu):
+        expected = compute_losses(reference, batch, cfg.loss, step=0, disc=False)
+    assert parts["adv"] == expected["adv"] and parts["fm"] == expected["fm"] != 0
+    assert loss_sum == expected["total"]
+    optimizers["model"].step()  # the generator's update leaves the discriminator alone
+    assert _same(_weights(model, True), disc1) and not _same(_weights(model, False), gen0)
+
+
+def test_vae_gan_training_alternates_the_two_updates(fixture_cache, tmp_path, tiny_config,
+                                                     monkeypatch):  # fmt: skip
+    from aurl.training import trainer
+
+    seen = []  # per phase: (name, weights before, weights after, discriminator grads after)
+
+    def watch(name, phase):
+        def run(stage, *args, **kw):
+            before = _weights(stage.model, False), _weights(stage.model, True)
+            out = phase(stage, *args, **kw)
+            after = _weights(stage.model, False), _weights(stage.model, True)
+            grads = [p.grad for n, p in stage.model.named_parameters() if n.startswith("discrim")]
+            seen.append((name, before, after, grads))
+            return out
+
+        return run
+
+    monkeypatch.setattr(trainer, "_discriminator_step", watch("d", trainer._discriminator_step))
+    monkeypatch.setattr(trainer, "_generator_backward", watch("g", trainer._generator_backward))
+    cfg = tiny_config(fixture_cache, "model.mode=vae_gan", "training.max_steps=2",
+                      "training.eval_every=100", "training.disc_warmup_steps=0")  # fmt: skip
+    result = train(cfg, tmp_path / "run", echo=lambda line: None)
+    assert [name for name, *_ in seen] == ["d", "g"] * 2
+    for name, (gen0, disc0), (gen1, disc1), grads in seen:
+        assert all(g is None for g in grads)  # cleared by its optimizer, or never sent
+        assert _same(gen1, gen0)  # neither pass changes the generator itself
+        if name == "d":  # the discriminator's update
+            assert not any(torch.equal(disc1[k], disc0[k]) for k in disc0)
+        else:  # the generator's pass only reads it
+            assert _same(disc1, disc0)
+    # between a generator pass and the next step (or the end): the generator's update, which
+    # moves the generator and leaves the discriminator as it was
+    nexts = [before for _, before, _, _ in seen[2::2]]
+    nexts.append((_weights(result.model, False), _weights(result.model, True)))
+    for (_, _, (gen1, disc1), _), (gen2, disc2) in zip(seen[1::2], nexts):
+        assert not _same(gen2, gen1) and _same(disc2, disc1)
+
+
+def test_tiny_vae_gan_run_learns(chorale_cache, tmp_path, tiny_config):
+    run = tmp_path / "run"
+    cfg = tiny_config(chorale_cache, "model.mode=vae_gan", "training.max_steps=16",
+                      "training.lr=3e-3", "training.disc_lr=1e-3", "training.disc_warmup_steps=4",
+                      "training.eval_every=100", "training.save_every=100")  # fmt: skip
+    train(cfg, run, echo=lambda line: None)
+    recs = records(run, "train")
+    for r in recs:  # both players' losses are finite at every step
+        assert all(math.isfinite(r[k]) for k in ("loss", "loss_disc", "loss_adv", "loss_fm"))
+        assert r["disc_grad_norm"] > 0
+    first, last = recs[0], recs[-4:]
+    # the generator's cross-entropy falls (untrained: ~6.2 nats) and the discriminator learns
+    assert sum(r["loss_ce"] for r in last) / 4 < first["loss_ce"] - 1.0, (first, last)
+    assert first["loss_disc"] == pytest.approx(2.0, abs=0.01)  # hinge: every score near 0
+    assert sum(r["loss_disc"] for r in last) / 4 < first["loss_disc"] - 0.02
+    log = (run / "train.log").read_text()
+    assert re.search(r"^step 16 loss .* adv -?\d\.\d{3} fm \d\.\d{3} disc \d\.\d{3}", log, re.M)
+
+
+def test_vae_gan_non_finite_discriminator_step_is_skipped(
+    fixture_cache, tmp_path, tiny_config, monkeypatch
+):
+    import aurl.models.losses as losses_module
+
+    real = losses_module.discriminator_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):  # the real loss; the 2nd call (step 2's) returns NaN
+        calls["n"] += 1
+        out = real(*args, **kw)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(losses_module, "discriminator_loss", poisoned)
+    run = tmp_path / "run"
+    cfg = tiny_config(fixture_cache, "model.mode=vae_gan", "training.max_steps=3",
+                      "training.eval_every=100", "training.disc_warmup_steps=0")  # fmt: skip
+    result = train(cfg, run, echo=lambda line: None)
+    # the whole step is dropped (neither network learns from it) and training goes on
+    events = [(r["step"], r["what"], r["action"]) for r in records(run, "event")]
+    assert events == [(1, "disc_nan_loss", "skip")]
+    assert [r["step"] for r in records(run, "train")] == [1, 3]
+    assert result.step == 3 and math.isfinite(result.train_loss)
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_vae_gan_resume_is_bitwise_identical(fixture_cache, tmp_path, tiny_config, monkeypatch):
+    from aurl.training import checkpoint
+
+    # every random draw of the step in play: dropout, posterior samples, Gumbel noise,
+    # augmentation; both optimizers, the discriminator's spectral-norm vectors
+    cfg = tiny_config(
+        fixture_cache, "model.mode=vae_gan", "training.max_steps=3", "training.save_every=2",
+        "training.eval_every=100", "training.disc_warmup_steps=1", "training.grad_accum=2",
+        "model.dropout=0.1", "data.augment.transpose_prob=0.5",
+    )  # fmt: skip
+    straight = train(cfg, tmp_path / "straight", echo=lambda line: None)
+
+    original = checkpoint.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(run_dir, *, step, **kw):  # the process dies right after the save
+        original(run_dir, step=step, **kw)
+        raise Crash(f"crash after saving step {step}")
+
+    run = tmp_path / "crashed"
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash, match="step 2"):
+        train(cfg, run, echo=lambda line: None)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
+    resumed = train(cfg, run, echo=lambda line: None)  # from step 2, in a fresh model
+    assert resumed.step == straight.step == 3
+    assert resumed.train_loss == straight.train_loss
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert any(k.startswith("discriminator.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # weights and spectral-norm vectors
+    sa = load_checkpoint(list_checkpoints(tmp_path / "straight")[-1]).train_state["optimizers"]
+    sb = load_checkpoint(list_checkpoints(run)[-1]).train_state["optimizers"]
+    for name in ("model", "disc"):
+        for pa, pb in zip(sa[name]["state"].values(), sb[name]["state"].values(), strict=True):
+            assert torch.equal(pa["exp_avg"], pb["exp_avg"])
+            assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])

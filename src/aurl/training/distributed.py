@@ -99,6 +99,21 @@ def mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
     return value / d.world
 
 
+def average_gradients(params: list[torch.Tensor], d: Dist) -> None:
+    """Average the gradients of ``params`` over all processes, in one all-reduce (nothing in
+    one process). For parameters no DDP wrapper manages: the discriminator's."""
+    if not d.enabled or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= d.world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
 def any_flag(flag: bool, d: Dist) -> bool:
     """True when ``flag`` is true on any process: every rank then takes the same branch."""
     if not d.enabled:

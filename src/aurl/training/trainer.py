@@ -383,9 +383,10 @@ class _Step:
     grad_norm: float  # generator's, before clipping
     lr: float
     tokens: int  # all ranks
-    parts: dict[str, torch.Tensor]  # the named losses (this rank's), mean over micro-batches
+    parts: dict[str, torch.Tensor]  # named losses, this rank's mean over its micro-batches
     action: str  # AnomalyDetector's: ok, spike, skip or rollback
     what: str
+    disc_grad_norm: float | None = None  # vae_gan: the discriminator's, before clipping
 
 
 def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> TrainResult:
@@ -563,16 +564,20 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
         steps_since += 1
         if out.action == "spike" and run.monitor:
             run.monitor.event(run.step, out.what, "flagged", loss=out.loss, grad_norm=out.grad_norm)
-        if run.monitor and (run.step % t.log_every == 0 or run.step == stage.end):
+        if run.step % t.log_every == 0 or run.step == stage.end:
+            parts = {k: float(v) for k, v in out.parts.items()}
             values = {
                 "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
                 "tok_per_s": tokens_since / max(time_since, 1e-9),
                 "step_s": time_since / max(steps_since, 1),
-                **{f"loss_{k}": float(v) for k, v in out.parts.items()}, **_memory(d.device),
+                **{f"loss_{k}": v for k, v in parts.items()}, **_memory(d.device),
             }  # fmt: skip
-            run.monitor.scalars(run.step, "train", values)
-            run.monitor.line(train_line(run.step, values))
-            set_status(pbar, " ".join(train_line(run.step, values).split()[2:8]))
+            if out.disc_grad_norm is not None:
+                values["disc_grad_norm"] = out.disc_grad_norm
+            if run.monitor:
+                run.monitor.scalars(run.step, "train", values)
+                run.monitor.line(train_line(run.step, values))
+                set_status(pbar, " ".join(train_line(run.step, values).split()[2:8]))
             tokens_since, time_since, steps_since = 0, 0.0, 0
 
         metrics = _validate(run, stage, out.loss)
@@ -601,8 +606,10 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
 
 
 def _train_step(run: _Run, stage: _Stage) -> _Step:
-    """Forward and backward over ``grad_accum`` micro-batches, the anomaly check, and (unless it
-    says skip or rollback) the clipped update; ``run.step`` is left to the caller."""
+    """One optimizer step over ``grad_accum`` micro-batches: in vae_gan mode first the
+    discriminator's (:func:`_discriminator_step`), then the generator's forward and backward
+    through the updated discriminator, the anomaly check, and (unless it says skip or rollback)
+    the clipped update. ``run.step`` is left to the caller."""
     t, d = run.config.training, run.d
     local = run.step - stage.start
     steps = stage.end - stage.start
@@ -610,15 +617,30 @@ def _train_step(run: _Run, stage: _Stage) -> _Step:
     lr *= run.lr_scale
     set_lr(stage.opt, lr)
     loss_cfg = stage.config.loss
+    micro = _micro_batches(run)
+    tokens = sum(int(batch["attention_mask"].sum()) for batch, _ in micro) * d.world
+    seeds = None
+    disc: _DiscStep | None = None
     if stage.disc_opt is not None:
         loss_cfg = gan_schedule(stage.config, local)
         set_lr(stage.disc_opt, t.disc_lr * run.lr_scale)
-    micro = _micro_batches(run)
-    loss_sum, parts = _backward(stage, micro, loss_cfg, step=local, d=d, precision=t.precision)
+        seeds = micro_seeds(t.seed, run.step, len(micro), d)
+        disc = _discriminator_step(stage, micro, seeds=seeds, d=d, precision=t.precision,
+                                   grad_clip=t.grad_clip)  # fmt: skip
+        if not disc.ok:  # neither network learns from this step
+            action, what = run.detector.check(disc.loss, disc.grad_norm)
+            run.last_loss = float("nan")
+            return _Step(
+                loss=disc.loss, grad_norm=disc.grad_norm, lr=lr, tokens=tokens, parts={},
+                action=action, what=f"disc_{what}", disc_grad_norm=disc.grad_norm,
+            )  # fmt: skip
+    loss_sum, parts = _generator_backward(stage, micro, loss_cfg, step=local, d=d,
+                                          precision=t.precision, seeds=seeds)  # fmt: skip
+    if disc is not None:
+        parts["disc"] = disc.own_loss
     scaler = stage.scaler
     if scaler is not None:
-        for o in stage.optimizers.values():
-            scaler.unscale_(o)
+        scaler.unscale_(stage.opt)
     gnorm = grad_norm(stage.gen_params)
     loss_all = distributed.mean(loss_sum, d)
     run.last_loss = float(loss_sum)
@@ -629,18 +651,92 @@ def _train_step(run: _Run, stage: _Stage) -> _Step:
     if action not in ("skip", "rollback"):
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(stage.gen_params, t.grad_clip)
-        if stage.disc_opt is not None and t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(stage.disc_params, t.grad_clip)
-        for o in stage.optimizers.values():  # one generator and (vae_gan) one discriminator update
-            scaler.step(o) if scaler is not None else o.step()
+        scaler.step(stage.opt) if scaler is not None else stage.opt.step()
         if scaler is not None:
             scaler.update()
         stage.model.zero_grad(set_to_none=True)
-    tokens = sum(int(batch["attention_mask"].sum()) for batch, _ in micro) * d.world
     return _Step(
-        loss=float(loss_all), grad_norm=float(gnorm), lr=lr,
-        tokens=tokens, parts=parts, action=action, what=what,
+        loss=float(loss_all), grad_norm=float(gnorm), lr=lr, tokens=tokens, parts=parts,
+        action=action, what=what, disc_grad_norm=disc.grad_norm if disc is not None else None,
     )  # fmt: skip
+
+
+def micro_seeds(seed: int, step: int, n: int, d: distributed.Dist) -> list[int]:
+    """A seed for each of this rank's ``n`` micro-batches of ``step`` (vae_gan mode).
+
+    Named by the micro-batch's place in the global batch (rank r's micro-batch i is number
+    ``i * world + r``, as the loader deals them out), so that N processes draw the same
+    posterior samples, Gumbel noise and dropout masks as one process with N times the
+    accumulation; and the discriminator's and the generator's passes over a micro-batch replay
+    the same draws, so both judge the same sample of the generator.
+    """
+    seed &= 2**64 - 1  # SeedSequence takes non-negative entropy
+    ids = [i * d.world + d.rank for i in range(n)]
+    return [int(np.random.SeedSequence([seed, step, g]).generate_state(1)[0]) for g in ids]
+
+
+@contextlib.contextmanager
+def _replay(seed: int | None, device: torch.device) -> Iterator[None]:
+    """The block's random draws come from ``seed``; the global streams are left as they were
+    (nothing changes for None)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class _DiscStep:
+    """What the discriminator's step computed."""
+
+    loss: float  # hinge loss, mean over all ranks
+    own_loss: torch.Tensor  # this rank's, on the device
+    grad_norm: float  # before clipping, all ranks' gradients averaged
+    ok: bool  # finite: the update was made (under fp16 the scaler may still skip it)
+
+
+def _discriminator_step(
+    stage: _Stage, micro: list, *, seeds: list[int], d: distributed.Dist, precision: str,
+    grad_clip: float,
+) -> _DiscStep:  # fmt: skip
+    """The discriminator's half of a vae_gan step: its hinge loss on the real micro-batches
+    against sequences the generator samples without gradient (the same draws its own pass will
+    make), gradients accumulated over the micro-batches, averaged over the processes (the
+    generator's DDP leaves the discriminator alone), clipped, one update. The generator's
+    parameters get no gradient and do not move."""
+    from aurl.models import losses as model_losses
+
+    model, opt, scaler = stage.model, stage.disc_opt, stage.scaler
+    n = len(micro)
+    loss_sum = torch.zeros((), device=d.device)
+    for i, ((batch, allowed), seed) in enumerate(zip(micro, seeds)):
+        ids = batch["ids"]
+        # spectral norm: one power iteration per step, in its first forward, however many
+        # micro-batches or processes share the step (every other forward reads the vectors)
+        model.discriminator.train(i == 0)
+        with _replay(seed, d.device), autocast(precision, d.device):
+            with torch.no_grad():
+                out = model(ids, attention_mask=batch["attention_mask"])
+                fake = model_losses.soft_fakes(ids, out.logits, allowed)
+            loss = model_losses.discriminator_loss(model, ids, fake) / n
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += loss.detach().float()
+    model.discriminator.eval()
+    distributed.average_gradients(stage.disc_params, d)
+    if scaler is not None:
+        scaler.unscale_(opt)
+    gnorm = float(grad_norm(stage.disc_params))
+    loss_all = float(distributed.mean(loss_sum, d))
+    # under fp16 an overflow leaves the gradients non-finite: scaler.step skips the update
+    ok = math.isfinite(loss_all) and (math.isfinite(gnorm) or scaler is not None)
+    if ok:
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(stage.disc_params, grad_clip)
+        scaler.step(opt) if scaler is not None else opt.step()
+    opt.zero_grad(set_to_none=True)
+    return _DiscStep(loss=loss_all, own_loss=loss_sum, grad_norm=gnorm, ok=ok)
 
 
 def _micro_batches(run: _Run) -> list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
@@ -663,36 +759,39 @@ def _micro_batches(run: _Run) -> list[tuple[dict[str, torch.Tensor], torch.Tenso
     return out
 
 
-def _backward(
+def _generator_backward(
     stage: _Stage, micro: list, loss_cfg: LossConfig, *, step: int, d: distributed.Dist,
-    precision: str,
+    precision: str, seeds: list[int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-    """Accumulate the gradients of every micro-batch; returns (this rank's objective, named
-    losses), each the mean over the micro-batches and kept on the device (no sync per
-    micro-batch)."""
+    """Accumulate the generator's gradients over every micro-batch (each under its seed, when
+    given); returns (this rank's objective, named losses), each the mean over the micro-batches
+    and kept on the device (no sync per micro-batch). A discriminator is only read: its
+    parameters are frozen inside the loss and get no gradient."""
     from aurl.models import losses as model_losses
 
     n = len(micro)
     parts: dict[str, torch.Tensor] = {}
     loss_sum = torch.zeros((), device=d.device)
+    if stage.disc_opt is not None:
+        stage.model.discriminator.eval()  # the vectors of this step's power iteration
     for i, (batch, allowed) in enumerate(micro):
         sync = i == n - 1 or not d.enabled
         with (
             contextlib.nullcontext() if sync else stage.train_model.no_sync(),
+            _replay(seeds[i] if seeds is not None else None, d.device),
             autocast(precision, d.device),
         ):
             losses = model_losses.compute_losses(
-                stage.train_model, batch, loss_cfg, step=step, allowed=allowed
+                stage.train_model, batch, loss_cfg, step=step, allowed=allowed, disc=False
             )
             loss = losses["total"] / n
-            # the generator terms never reach the discriminator and ``disc`` never the
-            # generator (aurl.models.losses), so one backward feeds both optimizers
-            objective = loss + losses["disc"] / n if stage.disc_opt else loss
-        (stage.scaler.scale(objective) if stage.scaler is not None else objective).backward()
+        (stage.scaler.scale(loss) if stage.scaler is not None else loss).backward()
         loss_sum += loss.detach().float()
         for k, v in losses.items():
             if k != "total":
                 parts[k] = parts.get(k, 0.0) + v.detach().float() / n
+    if stage.disc_opt is not None:
+        stage.model.discriminator.train()
     return loss_sum, parts
 
 
