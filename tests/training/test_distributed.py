@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,6 +17,7 @@ STEPS = 5
 
 WORKER = """
 import os, sys
+import pytest
 import torch
 from safetensors.torch import save_file
 from aurl.config import load_config
@@ -26,17 +28,33 @@ save_file(state, os.path.join(sys.argv[2], "rank%s.safetensors" % os.environ["RA
 """
 
 
-def losses(run):
+def losses(run, key="loss"):
     recs = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+    return {r["step"]: r[key] for r in recs if r["kind"] == "train"}
 
 
-def test_two_process_gloo_matches_one_process(fixture_cache, tmp_path, tiny_config):
-    # DDP: 2 ranks x batch 4. Reference: 1 process x batch 4 x 2 accumulated micro-batches, which
-    # sees the same 8 windows per step (rank r takes batches r, r + 2, ... of each epoch's order)
-    common = [f"training.max_steps={STEPS}", "training.eval_every=100", "training.lr=3e-3"]
-    ddp_cfg = tiny_config(fixture_cache, *common)
-    ref_cfg = tiny_config(fixture_cache, *common, "training.grad_accum=2")
+# vae_gan: alternating discriminator / generator steps with the adversarial terms on from the
+# second step, a discriminator that learns fast enough to matter, and every random draw of the
+# step (posterior samples, Gumbel noise, dropout) in play
+GAN = ["model.mode=vae_gan", "training.disc_warmup_steps=1", "training.disc_lr=3e-3",
+       "model.dropout=0.1", "loss.kl_anneal_steps=0"]  # fmt: skip
+MODES = {  # (overrides, micro-batches per rank)
+    "transformer": ([], 1),
+    "vae_gan": (GAN, 1),
+    "vae_gan-accum": (GAN, 2),  # no_sync on the first micro-batch of each step
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_process_gloo_matches_one_process(mode, fixture_cache, tmp_path, tiny_config):
+    # DDP: 2 ranks x batch 4 (x accum). Reference: 1 process x batch 4 x 2 (x accum) micro-batches,
+    # which sees the same windows per step (rank r takes batches r, r + 2, ... of each epoch's
+    # order)
+    overrides, accum = MODES[mode]
+    common = [f"training.max_steps={STEPS}", "training.eval_every=100", "training.lr=3e-3",
+              *overrides]  # fmt: skip
+    ddp_cfg = tiny_config(fixture_cache, *common, f"training.grad_accum={accum}")
+    ref_cfg = tiny_config(fixture_cache, *common, f"training.grad_accum={2 * accum}")
     (tmp_path / "ddp.yaml").write_text(ddp_cfg.to_yaml())
     (tmp_path / "worker.py").write_text(WORKER)
     ddp = tmp_path / "ddp"
@@ -49,16 +67,35 @@ def test_two_process_gloo_matches_one_process(fixture_cache, tmp_path, tiny_conf
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     r0, r1 = load_file(str(ddp / "rank0.safetensors")), load_file(str(ddp / "rank1.safetensors"))
-    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # identical parameters on both ranks
+    # identical parameters (generator and discriminator) and buffers on both ranks
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    gan = mode.startswith("vae_gan")
+    assert any(k.startswith("discriminator.") for k in r0) == gan
 
-    ref = train(ref_cfg, tmp_path / "ref", echo=lambda line: None)
-    a, b = losses(ddp), losses(tmp_path / "ref")
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-    for step in a:  # the same loss, up to float summation order
-        assert abs(a[step] - b[step]) < 1e-4 * abs(b[step]), (step, a[step], b[step])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each worker: the same float summation order in the kernels
+    try:
+        ref = train(ref_cfg, tmp_path / "ref", echo=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    # the generator's objective and cross-entropy, and the discriminator's loss: all ranks' means
+    for key in ["loss", "loss_ce"] + (["loss_disc"] if gan else []):
+        a, b = losses(ddp, key), losses(tmp_path / "ref", key)
+        assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+        for step in a:  # the same loss, up to float summation order
+            assert abs(a[step] - b[step]) < 1e-4 * abs(b[step]), (key, step, a[step], b[step])
+    if gan:  # the discriminator learned (its hinge loss starts at 2: every score near 0)
+        disc = losses(ddp, "loss_disc")
+        assert disc[STEPS] < disc[1] - 0.01, disc
     ref_state = ref.model.state_dict()
     for k, v in r0.items():
-        torch.testing.assert_close(v, ref_state[k], rtol=1e-4, atol=1e-5)
+        atol = 1e-5
+        if accum > 1 and k.startswith("discriminator."):
+            # 4 micro-batches' gradients summed as (a + c) + (b + d) here, ((a + b) + c) + d in
+            # the reference: a discriminator channel whose gradient cancels to rounding noise
+            # (~1e-10) gets Adam steps of ~1% of disc_lr in either run, of different sizes
+            atol = 1e-3
+        torch.testing.assert_close(v, ref_state[k], rtol=1e-4, atol=atol, msg=k)
     # logging and checkpoints came from rank 0 only: one line per step, one checkpoint
     log = (ddp / "train.log").read_text()
     assert log.count(f"step {STEPS} loss") == 1 and "world 2" in log

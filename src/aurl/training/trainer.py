@@ -534,6 +534,13 @@ def _wrap(
 
     train_model = model
     if d.enabled:
+        if mode == "vae_gan":
+            # the discriminator learns in a step of its own (_discriminator_step), which
+            # averages its gradients itself: the generator's DDP must not hook its parameters
+            # (the discriminator's backward would fire them) nor sync its buffers
+            named = itertools.chain(model.named_parameters(), model.named_buffers())
+            ignore = [n for n, _ in named if is_disc_param(n)]
+            distributed.DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
         train_model = distributed.DDP(
             model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
             find_unused_parameters=mode != "transformer",
@@ -565,7 +572,7 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
         if out.action == "spike" and run.monitor:
             run.monitor.event(run.step, out.what, "flagged", loss=out.loss, grad_norm=out.grad_norm)
         if run.step % t.log_every == 0 or run.step == stage.end:
-            parts = {k: float(v) for k, v in out.parts.items()}
+            parts = _mean_over_ranks(out.parts, d)  # a collective: every rank takes part
             values = {
                 "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
                 "tok_per_s": tokens_since / max(time_since, 1e-9),
@@ -603,6 +610,15 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
             )  # fmt: skip
             run.log(f"step {run.step} stop {run.stopped}")
             break
+
+
+def _mean_over_ranks(parts: dict[str, torch.Tensor], d: distributed.Dist) -> dict[str, float]:
+    """The named losses averaged over all processes, in one all-reduce."""
+    if not parts:
+        return {}
+    values = torch.stack([torch.as_tensor(v, device=d.device).float() for v in parts.values()])
+    values = distributed.mean(values, d)
+    return dict(zip(parts, values.tolist()))
 
 
 def _train_step(run: _Run, stage: _Stage) -> _Step:
