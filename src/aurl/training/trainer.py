@@ -5,6 +5,8 @@ vae -> vae_gan, each starting from the weights of the last) in one process or un
 (DDP), checkpointing atomically and resuming exactly from the output folder's latest checkpoint.
 Everything the loop does is visible here; small helpers compute the learning rate
 (:func:`lr_at`), validation (:func:`evaluate`) and the optimizer (:func:`make_optimizer`).
+In vae_gan mode each optimizer step is two: the discriminator's (:func:`_discriminator_step`),
+then the generator's through the updated discriminator (:func:`_train_step`).
 """
 
 from __future__ import annotations
@@ -389,6 +391,16 @@ class _Step:
     disc_grad_norm: float | None = None  # vae_gan: the discriminator's, before clipping
 
 
+@dataclass
+class _DiscStep:
+    """What the discriminator's step computed."""
+
+    loss: float  # hinge loss, mean over all ranks
+    own_loss: torch.Tensor  # this rank's, on the device
+    grad_norm: float  # before clipping, all ranks' gradients averaged
+    ok: bool  # finite: the update was made (under fp16 the scaler may still skip it)
+
+
 def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> TrainResult:
     run = _open_run(config, run_dir, resume, echo, d)
     prev_state: dict[str, torch.Tensor] | None = None
@@ -701,16 +713,6 @@ def _replay(seed: int | None, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
-
-
-@dataclass
-class _DiscStep:
-    """What the discriminator's step computed."""
-
-    loss: float  # hinge loss, mean over all ranks
-    own_loss: torch.Tensor  # this rank's, on the device
-    grad_norm: float  # before clipping, all ranks' gradients averaged
-    ok: bool  # finite: the update was made (under fp16 the scaler may still skip it)
 
 
 def _discriminator_step(
