@@ -227,36 +227,12 @@ def open_cache(config: Config):
 
 
 def grammar_masks(grammar, batch: dict[str, torch.Tensor], cache) -> torch.Tensor:
-    """(B, T, V) grammar masks of a batch of windows cut from longer pieces.
+    """(B, T, V) grammar masks of a batch of windows cut from longer pieces, each window from the
+    grammar state of its prefix carried across the window's augmentation
+    (:func:`aurl.data.window_state.window_masks`; what stays approximate is listed there)."""
+    from aurl.data.window_state import window_masks
 
-    A window starting at ``offset`` inside its piece is masked from the grammar state after the
-    piece's first ``offset`` tokens, not from the initial state (which would expect START and
-    forbid nearly everything). The prefixes go through ``Grammar.state_after`` in one batched
-    call, right-aligned behind PAD tokens, which change nothing but the "last token" fields
-    that the prefix's own last token then sets (tested against one call per row).
-    Augmentation changes the window but not the prefix, so after a transposition the state's
-    sounding pitches are approximate; the loss always counts the target as allowed, so this
-    never gives an infinite loss.
-    """
-    from aurl.data.vocab import PAD
-
-    ids, offsets = batch["ids"], batch["offset"].tolist()
-    B, L = ids.shape[0], max(offsets)
-    state = grammar.initial_state(B, ids.device)
-    if L > 0:
-        prefix = torch.full((B, L), PAD, dtype=torch.long)  # (B, L), right-aligned prefixes
-        for r, (row, off) in enumerate(zip(batch["index"].tolist(), offsets)):
-            if off:
-                prefix[r, L - off :] = torch.from_numpy(
-                    np.asarray(cache.tokens(row)[:off], dtype=np.int64)
-                )
-        after = grammar.state_after(prefix.to(ids.device))
-        has = torch.tensor([off > 0 for off in offsets], device=ids.device)
-        for f in dataclasses.fields(state):
-            a, b = getattr(after, f.name), getattr(state, f.name)
-            keep = has.view(B, *([1] * (a.dim() - 1)))
-            setattr(state, f.name, torch.where(keep, a, b))
-    return grammar.sequence_masks(ids, state)
+    return window_masks(grammar, batch, cache)
 
 
 # --------------------------------------------------------------------------------------------
