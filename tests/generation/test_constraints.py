@@ -115,3 +115,32 @@ def test_index_state_reorders_nested_rows() -> None:
     assert out["x"][1].a.tolist() == [[4, 5], [4, 5], [0, 1]]
     assert out["x"][1].pos == 7 and out["s"] == 3
     assert state["x"][0].tolist() == [10, 11, 12]  # the original is untouched
+
+
+def masked_after(names: str, config: GenerationConfig) -> torch.Tensor:
+    """(V,) bool: the ids ``LogitMasker.apply`` leaves finite after the tokens ``names``."""
+    from aurl.data.grammar import Grammar
+    from aurl.generation.constraints import LogitMasker
+
+    index = {name: i for i, name in enumerate(VOCAB.names())}
+    ids = torch.tensor([[index[n] for n in names.split()]])
+    masker = LogitMasker(VOCAB, Grammar(VOCAB), build_constraints(VOCAB, config))
+    state = masker.prime(masker.initial_state(1), ids)
+    return torch.isfinite(masker.apply(torch.zeros(1, VOCAB.size), state))[0]
+
+
+def test_no_velocity_where_the_constraints_leave_no_note_to_follow() -> None:
+    names = VOCAB.names()
+    vel = VOCAB.kind == Kind.VELOCITY
+    # NOTE_ON 80 just played: the grammar allows only higher NOTE_ONs at this step (ascending),
+    # and a VELOCITY before them; a range up to 76 removes every one of those notes, so a
+    # VELOCITY would lead nowhere, while shifts (and END) stay.
+    tempo = next(n for n in names if n.startswith("TEMPO"))
+    piano = next(n for n in names if n.startswith("INSTRUMENT"))
+    velocity = next(n for n in names if n.startswith("VELOCITY"))
+    opening = f"START {tempo} {piano} {velocity} {names[on(80)]}"
+    free = masked_after(opening, GenerationConfig(pitch_low=21, pitch_high=108))
+    assert free[vel].any() and free[on(81)]  # without the range: more notes, velocities too
+    capped = masked_after(opening, GenerationConfig(pitch_low=40, pitch_high=76))
+    assert not capped[vel].any() and not capped[NOTE_ON].any()
+    assert capped[VOCAB.kind == Kind.TIME_SHIFT].all() and capped[1]  # END

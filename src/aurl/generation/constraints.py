@@ -409,16 +409,18 @@ class LogitMasker:
             # A piece opens with a note: no leading silence, and never an empty piece.
             keep = keep & ~((state.notes == 0)[:, None] & self.opens_silence)
         if cons.density > 0:
-            # log(target / actual) with actual = notes / beats, clamped: NOTE_ON up when too
-            # sparse, down when too dense
-            beats = (g.time * t.beats_per_step).clamp_(min=1.0)  # float32
-            actual = state.notes / beats
-            push = torch.log((cons.density + 1e-3) / (actual + 1e-3)).mul_(DENSITY_STRENGTH)
-            push = push.clamp_(-DENSITY_MAX_BIAS, DENSITY_MAX_BIAS)
+            # log(target / actual), clamped: NOTE_ON up when too sparse, down when too dense;
+            # one number per row, so in Python (three torch calls instead of a dozen)
+            push = [
+                math.log((cons.density + 1e-3) / (n / max(steps * t.beats_per_step, 1.0) + 1e-3))
+                for n, steps in zip(state.notes.tolist(), g.time.tolist())
+            ]
+            push = torch.tensor(push, device=allowed.device).mul_(DENSITY_STRENGTH)
+            push = push.clamp_(-DENSITY_MAX_BIAS, DENSITY_MAX_BIAS)[:, None]
             # NOTE_ON up and long shifts down when too sparse (and the reverse when too dense):
             # density is notes per beat, so the length of the shifts matters as much.
             w = self.density_weight
-            soft = push[:, None] * w if soft is None else torch.addcmul(soft, push[:, None], w)
+            soft = push * w if soft is None else torch.addcmul(soft, push, w)
         if state.step < cons.min_tokens:  # too short to end yet (a length or time stop wins)
             keep = keep & ~t.is_end
         left = cons.max_tokens - state.step
@@ -453,18 +455,23 @@ class LogitMasker:
         """
         allowed = self.grammar.allowed(state.grammar)  # (B, V) bool
         keep, soft = self.constrain(state, allowed)
-        if keep is not allowed and self.can_empty:
-            # A VELOCITY must be followed by a NOTE_ON: where the grammar allows notes but the
-            # constraints remove them all, a VELOCITY would lead nowhere. (Before the first
-            # VELOCITY the grammar allows no NOTE_ON at all; then there is nothing to judge.)
-            on = self.note_on_ids
-            keep[:, self.velocity_ids] &= (keep[:, on].any(-1) | ~allowed[:, on].any(-1))[:, None]
         if keep is not allowed and (
             self.can_empty or state.step >= self.constraints.max_tokens - 3
         ):
-            kept = keep.any(-1, keepdim=True)  # (B, 1)
-            if not bool(kept.all()):  # some row left with nothing
-                keep = torch.where(kept, keep, self._fallback(allowed))
+            # One look at every row (a single transfer): what is kept at all, and whether the
+            # grammar's and the constraints' NOTE_ONs are empty; the rare fixes row by row.
+            on = self.note_on_ids
+            looks = torch.stack([keep.any(-1), keep[:, on].any(-1), allowed[:, on].any(-1)], 1)
+            for row, (kept, kept_note, allowed_note) in enumerate(looks.tolist()):
+                if self.can_empty and allowed_note and not kept_note:
+                    # A VELOCITY must be followed by a NOTE_ON: where the grammar allows notes
+                    # but the constraints remove them all, a VELOCITY would lead nowhere.
+                    # (Before the first VELOCITY the grammar allows no NOTE_ON at all; then
+                    # there is nothing to judge.)
+                    keep[row, self.velocity_ids] = False
+                    kept = bool(keep[row].any())
+                if not kept:  # left with nothing: what the grammar alone allows
+                    keep[row] = self._fallback(allowed[row : row + 1])[0]
         return torch.where(keep, logits if soft is None else logits + soft, NEG_INF)
 
     def _fallback(self, allowed: torch.Tensor) -> torch.Tensor:
