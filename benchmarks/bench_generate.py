@@ -6,7 +6,9 @@ Side by side in one process, alternating, same model, same number of steps:
 - grammar: :func:`aurl.generation.generate.generate` with no constraint (grammar always on);
 - constrained: ``generate`` with key, pitch range, tempo range, instrument set and density on.
 
-Tokens/s count every row of every step (B x steps). Overhead = 1 - loop / bare. Batch 8 against
+Tokens/s count every row of every step (B x steps), best of the rounds. Overhead = 1 - loop / bare
+tokens/s, taken per round (the three loops run back to back) and the median over rounds reported:
+a paired ratio, so a shared machine's drift between rounds cancels. Batch 8 against
 batch 1 throughput comes from the same runs. Times are the process's CPU time (all threads), which
 a machine shared with other jobs disturbs far less than wall time; ``--clock wall`` for wall time. Cold start: ``aurl generate --max-tokens 512`` to a
 MIDI file on disk, as a fresh process, against ``python -c 'import torch'``.
@@ -28,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "aurl" / "pretrained"
@@ -86,6 +90,12 @@ def full_loop(model, batch: int, tokens: int, constrained: bool, device) -> tupl
     pieces = generate(model, cfg, num_samples=batch)
     sync(device)
     return CLOCK() - t0, max(len(p.generated) for p in pieces)
+
+
+def paired_overhead(rounds: list[dict[str, float]], name: str) -> float:
+    """Median over rounds of 1 - bare / loop (seconds per step), each round's loops run back to
+    back: a paired ratio, so the machine's drift between rounds cancels."""
+    return round(float(np.median([1 - r["bare"] / r[name] for r in rounds])), 3)
 
 
 def sync(device) -> None:
@@ -162,19 +172,20 @@ def main() -> None:
         results: dict[str, dict[str, float]] = {}
         for batch in (1, 8):
             full_loop(model, batch, 16, True, args.device)  # warm-up
-            best = {"bare": float("inf"), "grammar": float("inf"), "constrained": float("inf")}
+            rounds = []  # seconds per step of the three loops, run back to back
             for _ in range(args.rounds):  # alternate so load changes hit all three alike
-                t = bare_loop(model, batch, args.tokens, args.device)
-                best["bare"] = min(best["bare"], t / args.tokens)
+                r = {"bare": bare_loop(model, batch, args.tokens, args.device) / args.tokens}
                 for name in ("grammar", "constrained"):
                     t, steps = full_loop(model, batch, args.tokens, name == "constrained",
                                          args.device)  # fmt: skip
-                    best[name] = min(best[name], t / steps)
+                    r[name] = t / steps
+                rounds.append(r)
+            best = {k: min(r[k] for r in rounds) for k in rounds[0]}
             tps = {k: batch / v for k, v in best.items()}
             results[f"batch{batch}"] = {
                 **{f"{k}_tok_s": round(v, 1) for k, v in tps.items()},
-                "grammar_overhead": round(1 - tps["grammar"] / tps["bare"], 3),
-                "constrained_overhead": round(1 - tps["constrained"] / tps["bare"], 3),
+                "grammar_overhead": paired_overhead(rounds, "grammar"),
+                "constrained_overhead": paired_overhead(rounds, "constrained"),
             }
             r = results[f"batch{batch}"]
             print(f"batch {batch}: bare {r['bare_tok_s']} tok/s, grammar {r['grammar_tok_s']} "

@@ -144,3 +144,44 @@ def test_no_velocity_where_the_constraints_leave_no_note_to_follow() -> None:
     capped = masked_after(opening, GenerationConfig(pitch_low=40, pitch_high=76))
     assert not capped[vel].any() and not capped[NOTE_ON].any()
     assert capped[VOCAB.kind == Kind.TIME_SHIFT].all() and capped[1]  # END
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"key": "D minor", "pitch_low": 55, "pitch_high": 76, "density": 2.0},
+        {"key": "C major", "key_strictness": 0.5, "instruments": (0, 5), "tempo_range": (80, 140)},
+        {"seconds": 6.0, "min_tokens": 40, "max_tokens": 96},
+    ],
+    ids=["grammar only", "key range density", "soft key instruments tempo", "seconds lengths"],
+)
+def test_numpy_and_torch_paths_agree(overrides: dict) -> None:
+    """The masker combines masks in numpy on the CPU and in torch elsewhere: on every state of
+    real pieces (the prefixes of three encoded files) the two give the same keep mask and bias."""
+    from pathlib import Path
+
+    from aurl.data import Tokenizer
+    from aurl.data.grammar import Grammar
+    from aurl.generation.constraints import LogitMasker
+
+    files = sorted((Path(__file__).parents[1] / "fixtures" / "midi").glob("*.mid"))[:3]
+    tok = Tokenizer()
+    config = GenerationConfig(**{"max_tokens": 1024, **overrides})
+    masker = LogitMasker(VOCAB, Grammar(VOCAB), build_constraints(VOCAB, config))
+    checked = 0
+    for path in files:
+        ids = torch.as_tensor(tok.encode_file(path)[:120])[None]
+        state = masker.prime(masker.initial_state(1), ids[:, :1])
+        for t in range(1, ids.shape[1]):
+            allowed = masker.grammar.allowed(state.grammar)
+            keep_np, soft_np = masker.constrain(state, allowed.numpy().copy())
+            keep_t, soft_t = masker.constrain(state, allowed.clone())
+            assert np.array_equal(keep_np, keep_t.numpy())
+            assert (soft_np is None) == (soft_t is None)
+            if soft_np is not None:
+                np.testing.assert_allclose(soft_np, soft_t.numpy(), rtol=1e-6, atol=1e-6)
+            state = masker.advance(state, ids[:, t])
+            state = dataclasses.replace(state, step=t)  # walk the length limits too
+            checked += 1
+    assert checked > 300

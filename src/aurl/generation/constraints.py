@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -317,6 +318,18 @@ class LogitMasker:
         # the grammar's step count times the step.
         self.beat_mode = vocab.config.time_unit == "beat"
         self.count_seconds = constraints.seconds > 0 and self.beat_mode
+        # The tables constrain() reads, as torch tensors and (for the CPU path) numpy arrays.
+        t = self.t
+        tables = SimpleNamespace(
+            keep_table=self.keep_table, static_keep=self.static_keep,
+            static_soft=self.static_soft, opens_silence=self.opens_silence,
+            density_weight=self.density_weight, end_only=self.end_only, is_end=t.is_end,
+            is_velocity=t.is_velocity, blocks_end=t.blocks_end, shift_steps=t.shift_steps,
+            seconds_per_step=t.seconds_per_step,
+        )  # fmt: skip
+        self._torch = _Backend(tables, numpy=False)
+        as_numpy = {k: None if v is None else v.cpu().numpy() for k, v in vars(tables).items()}
+        self._np = _Backend(SimpleNamespace(**as_numpy), numpy=True)
         # Constraints that can leave a row with nothing: check for empty rows only then.
         self.can_empty = (
             self.static_keep is not None
@@ -390,37 +403,38 @@ class LogitMasker:
 
     # -- masking ----------------------------------------------------------------------------
 
-    def constrain(
-        self, state: MaskState, allowed: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def constrain(self, state: MaskState, allowed: Any) -> tuple[Any, Any]:
         """What the constraints keep of the grammar's (B, V) mask ``allowed``: (keep (B, V)
-        bool, additive soft bias (B, V) or (V,) or None).
+        bool, additive soft bias (B, V) or (V,) or None), as numpy arrays when ``allowed`` is
+        one (the CPU path of :meth:`apply`) and torch tensors otherwise.
 
         Hard constraints remove ids from ``keep``; soft ones (key strictness below 1, note
         density) add a finite bias. Rows that must stop (out of tokens or time) keep END alone
         where the grammar allows END; otherwise every id after which END cannot come (shift,
         velocity, instrument) and new notes are removed there, so the row can end at the next
-        token.
+        token. A VELOCITY is kept only where a NOTE_ON the constraints keep can follow it, and a
+        row left with nothing gets what the grammar alone allows (:meth:`_fallback`).
         """
-        cons, t, g = self.constraints, self.t, state.grammar
-        keep = allowed if self.keep_table is None else allowed & self.keep_table[g.family]
-        soft = self.static_soft
+        cons, g = self.constraints, state.grammar
+        x = self._np if isinstance(allowed, np.ndarray) else self._torch
+        t = x.tables
+        keep = allowed if t.keep_table is None else allowed & t.keep_table[x.of(g.family)]
+        soft = t.static_soft
         if not state.all_started:
             # A piece opens with a note: no leading silence, and never an empty piece.
-            keep = keep & ~((state.notes == 0)[:, None] & self.opens_silence)
+            keep = keep & ~((x.of(state.notes) == 0)[:, None] & t.opens_silence)
         if cons.density > 0:
             # log(target / actual), clamped: NOTE_ON up when too sparse, down when too dense;
-            # one number per row, so in Python (three torch calls instead of a dozen)
+            # one number per row, so in Python. NOTE_ON up and long shifts down when too
+            # sparse (and the reverse): density is notes per beat, so shift lengths matter too.
+            target, m, bps = cons.density + 1e-3, DENSITY_MAX_BIAS, self.t.beats_per_step
             push = [
-                math.log((cons.density + 1e-3) / (n / max(steps * t.beats_per_step, 1.0) + 1e-3))
+                [min(max(DENSITY_STRENGTH * math.log(target / (n / beats + 1e-3)), -m), m)]
                 for n, steps in zip(state.notes.tolist(), g.time.tolist())
+                for beats in [max(steps * bps, 1.0)]
             ]
-            push = torch.tensor(push, device=allowed.device).mul_(DENSITY_STRENGTH)
-            push = push.clamp_(-DENSITY_MAX_BIAS, DENSITY_MAX_BIAS)[:, None]
-            # NOTE_ON up and long shifts down when too sparse (and the reverse when too dense):
-            # density is notes per beat, so the length of the shifts matters as much.
-            w = self.density_weight
-            soft = push * w if soft is None else torch.addcmul(soft, push, w)
+            dens = x.array(push, t.density_weight) * t.density_weight  # (B, V)
+            soft = dens if soft is None else dens + soft
         if state.step < cons.min_tokens:  # too short to end yet (a length or time stop wins)
             keep = keep & ~t.is_end
         left = cons.max_tokens - state.step
@@ -430,20 +444,42 @@ class LogitMasker:
         if left <= 2:
             keep = keep & ~t.blocks_end
             if left <= 1:
-                stop = torch.ones_like(allowed[:, 0])
+                stop = allowed[:, END] | True  # every row
         if cons.seconds > 0:
-            sps = t.seconds_per_step[self._tempo_bin(g.tempo)]  # (B,)
-            elapsed = state.seconds if self.beat_mode else g.time.double() * t.step_seconds
+            tempo = x.of(g.tempo)
+            sps = t.seconds_per_step[x.where(tempo >= 0, tempo, self.t.default_tempo_bin)]
+            seconds = state.seconds if self.beat_mode else g.time * self.t.step_seconds
+            elapsed = x.of(seconds.double())  # (B,) float64
             remaining = cons.seconds - elapsed  # (B,)
             keep = keep & ~(t.shift_steps * sps[:, None] > remaining[:, None] + 1e-9)
             # Less than a sixteenth note left: no new notes; end as soon as the grammar lets.
-            late = remaining < sps * (0.25 / t.beats_per_step)
+            late = remaining < sps * (0.25 / self.t.beats_per_step)
             keep = keep & ~(late[:, None] & t.blocks_end)
             stop = late if stop is None else stop | late
         if stop is not None:
             end_now = (stop & allowed[:, END])[:, None]
-            keep = torch.where(end_now, self.end_only, keep)
+            keep = x.where(end_now, t.end_only, keep)
+        if keep is not allowed and (self.can_empty or left <= 3):
+            keep = self._repair(keep, allowed, x)
         return keep, soft
+
+    def _repair(self, keep: Any, allowed: Any, x: Any) -> Any:
+        """``keep`` with dead VELOCITYs removed and empty rows refilled (see :meth:`constrain`):
+        one look at every row (a single transfer), the rare fixes row by row."""
+        on, vel = self.note_on_ids, self.velocity_ids
+        looks = zip(
+            keep.any(-1).tolist(), keep[:, on].any(-1).tolist(), allowed[:, on].any(-1).tolist()
+        )
+        for row, (kept, kept_note, allowed_note) in enumerate(looks):
+            if self.can_empty and allowed_note and not kept_note:
+                # A VELOCITY must be followed by a NOTE_ON: where the grammar allows notes but
+                # the constraints remove them all, a VELOCITY would lead nowhere. (Before the
+                # first VELOCITY the grammar allows no NOTE_ON at all: nothing to judge.)
+                keep[row, vel] = False
+                kept = bool(keep[row].any())
+            if not kept:  # left with nothing: what the grammar alone allows
+                keep[row] = self._fallback(allowed[row : row + 1], x)[0]
+        return keep
 
     def apply(self, logits: torch.Tensor, state: MaskState) -> torch.Tensor:
         """Mask (B, V) logits: grammar-forbidden ids get -inf, constraints remove ids or add
@@ -451,37 +487,44 @@ class LogitMasker:
 
         After END the grammar allows only PAD. A row the constraints would leave empty falls
         back to what the grammar alone allows (END alone where it can end), so the output is
-        always valid.
+        always valid. On the CPU the masks are combined in numpy (a generation step pays for
+        calls, not data, and numpy's are cheaper), on other devices in torch.
         """
         allowed = self.grammar.allowed(state.grammar)  # (B, V) bool
+        if allowed.device.type == "cpu" and logits.device.type == "cpu":
+            keep, soft = self.constrain(state, allowed.numpy())
+            x = logits.detach().numpy()
+            out = np.where(keep, x if soft is None else x + soft, NEG_INF)
+            return torch.from_numpy(out.astype(x.dtype, copy=False))
         keep, soft = self.constrain(state, allowed)
-        if keep is not allowed and (
-            self.can_empty or state.step >= self.constraints.max_tokens - 3
-        ):
-            # One look at every row (a single transfer): what is kept at all, and whether the
-            # grammar's and the constraints' NOTE_ONs are empty; the rare fixes row by row.
-            on = self.note_on_ids
-            looks = torch.stack([keep.any(-1), keep[:, on].any(-1), allowed[:, on].any(-1)], 1)
-            for row, (kept, kept_note, allowed_note) in enumerate(looks.tolist()):
-                if self.can_empty and allowed_note and not kept_note:
-                    # A VELOCITY must be followed by a NOTE_ON: where the grammar allows notes
-                    # but the constraints remove them all, a VELOCITY would lead nowhere.
-                    # (Before the first VELOCITY the grammar allows no NOTE_ON at all; then
-                    # there is nothing to judge.)
-                    keep[row, self.velocity_ids] = False
-                    kept = bool(keep[row].any())
-                if not kept:  # left with nothing: what the grammar alone allows
-                    keep[row] = self._fallback(allowed[row : row + 1])[0]
         return torch.where(keep, logits if soft is None else logits + soft, NEG_INF)
 
-    def _fallback(self, allowed: torch.Tensor) -> torch.Tensor:
+    def _fallback(self, allowed: Any, x: Any) -> Any:
         """For rows the constraints left empty: END where the grammar allows it, else the
         grammar's ids that keep the static constraints, else anything the grammar allows."""
-        keep = allowed
-        if self.static_keep is not None:
-            kept = allowed & self.static_keep
-            keep = torch.where(kept.any(-1, keepdim=True), kept, allowed)
-        return torch.where(allowed[:, END : END + 1], self.end_only, keep)
+        keep, static_keep = allowed, x.tables.static_keep
+        if static_keep is not None:
+            kept = allowed & static_keep
+            keep = x.where(kept.any(-1)[:, None], kept, allowed)
+        return x.where(allowed[:, END : END + 1], x.tables.end_only, keep)
+
+
+class _Backend:
+    """The masker's tables and the few functions whose names differ, for numpy or torch."""
+
+    def __init__(self, tables: Any, numpy: bool) -> None:
+        self.tables, self.numpy = tables, numpy
+        self.where = np.where if numpy else torch.where
+
+    def of(self, tensor: torch.Tensor) -> Any:
+        """A state tensor in this backend (a numpy view on the CPU)."""
+        return tensor.numpy() if self.numpy else tensor
+
+    def array(self, rows: list, like: Any) -> Any:
+        """(B, 1) float rows of Python numbers, next to ``like``."""
+        if self.numpy:
+            return np.array(rows, dtype=like.dtype)
+        return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
 def index_state(state: Any, index: torch.Tensor) -> Any:
