@@ -300,7 +300,7 @@ def _sample(
         state = masker.advance(state, ids, ctx.grammar_state())  # second grammar copy
         if seen is not None:
             seen[torch.arange(B, device=device), ids] = True
-        if bool(masker.finished(state).all()):
+        if masker.all_finished(state):
             break
     return buffer[:, :n]
 
@@ -359,7 +359,7 @@ def _beam_search(
         n += 1
         logits = ctx.next(buffer, n)
         state = masker.advance(state, ids, ctx.grammar_state())
-        if bool(masker.finished(state).all()):
+        if masker.all_finished(state):
             break
     best = (scores / lengths.clamp(min=1.0)).argmax(dim=-1)  # (B,)
     return buffer[(base[:, 0] + best), :n]
