@@ -16,7 +16,7 @@ from aurl.data.cache import prepare
 from aurl.errors import CheckpointError, ConfigError, DataError
 from aurl.training.checkpoint import best_checkpoints, list_checkpoints, load_checkpoint
 from aurl.training.monitor import AnomalyDetector
-from aurl.training.trainer import gan_schedule, lr_at, train
+from aurl.training.trainer import check_precision, gan_schedule, lr_at, train
 
 FIXTURE_MIDI = Path(__file__).parents[1] / "fixtures" / "midi"
 
@@ -146,8 +146,7 @@ def test_bad_input_errors_before_training(fixture_cache, tmp_path, capsys, tiny_
     with pytest.raises(DataError, match="not a token cache"):
         train(tiny_config(empty), tmp_path / "a", echo=lambda line: None)
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
-        train(tiny_config(fixture_cache, "training.precision=fp16", "training.device=cpu"),
-              tmp_path / "a", echo=lambda line: None)  # fmt: skip
+        check_precision("fp16", torch.device("mps"))
     # a cache tokenized with another vocabulary: the CLI says so in one line and exits 1
     other = tmp_path / "other"
     prepare(FIXTURE_MIDI, other, vocab_config=load_config(overrides=["vocab.velocity_bins=16"]).vocab,
@@ -434,3 +433,41 @@ def test_vae_gan_resume_is_bitwise_identical(fixture_cache, tmp_path, tiny_confi
         for pa, pb in zip(sa[name]["state"].values(), sb[name]["state"].values(), strict=True):
             assert torch.equal(pa["exp_avg"], pb["exp_avg"])
             assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+
+
+def test_fp16_with_a_grad_scaler_learns_and_resumes(
+    chorale_cache, tmp_path, tiny_config, monkeypatch
+):
+    """fp16 autocast with a grad scaler: the CUDA recipe, run on the CPU (same code path). The
+    loss falls, the scaler's state goes into the checkpoint, and a crashed run resumes to the
+    same weights and scale as a straight one."""
+    from aurl.training import checkpoint
+
+    cfg = tiny_config(chorale_cache, "training.precision=fp16", "training.max_steps=24",
+                      "training.lr=3e-3", "training.save_every=12", "training.eval_every=100")  # fmt: skip
+    straight = train(cfg, tmp_path / "straight", echo=lambda line: None)
+    recs = records(tmp_path / "straight", "train")
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    assert sum(r["loss"] for r in recs[-4:]) / 4 < recs[0]["loss"] - 1.0
+    scaler = load_checkpoint(list_checkpoints(tmp_path / "straight")[-1]).train_state["scaler"]
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+
+    original = checkpoint.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(run_dir, *, step, **kw):
+        original(run_dir, step=step, **kw)
+        raise Crash(f"crash after saving step {step}")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash, match="step 12"):
+        train(cfg, tmp_path / "crashed", echo=lambda line: None)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
+    resumed = train(cfg, tmp_path / "crashed", echo=lambda line: None)
+    assert resumed.train_loss == straight.train_loss
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed_scaler = load_checkpoint(list_checkpoints(tmp_path / "crashed")[-1]).train_state
+    assert resumed_scaler["scaler"] == scaler

@@ -91,8 +91,11 @@ def autocast(precision: str, device: torch.device):
 
 
 def check_precision(precision: str, device: torch.device) -> None:
-    """bf16/fp16 where the device cannot run them is an error, never a silent fallback."""
-    if precision == "fp16" and device.type != "cuda":
+    """bf16/fp16 where the device cannot run them is an error, never a silent fallback.
+
+    fp16 (with a grad scaler) is for CUDA; the CPU runs it too (slowly, but the same code:
+    that is how the tests cover it), other devices do not."""
+    if precision == "fp16" and device.type not in ("cuda", "cpu"):
         raise ConfigError(
             f"training.precision: fp16 needs CUDA (device is {device.type}); use bf16 or fp32"
         )
@@ -484,7 +487,7 @@ def _build_stage(
     optimizers = {"model": make_optimizer(model, cfg)}
     if mode == "vae_gan":
         optimizers["disc"] = make_optimizer(model, cfg, disc=True)
-    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
     stage_start = end - run.plan[index][1]
     if resuming:
         start.load_weights(model)
