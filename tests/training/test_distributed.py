@@ -42,6 +42,8 @@ MODES = {  # (overrides, micro-batches per rank)
     "transformer": ([], 1),
     "vae_gan": (GAN, 1),
     "vae_gan-accum": (GAN, 2),  # no_sync on the first micro-batch of each step
+    # learned loss weights: used after the forward, averaged outside DDP
+    "vae-auto_balance": (["model.mode=vae", "loss.auto_balance=true", "loss.kl_anneal_steps=0"], 1),
 }
 
 

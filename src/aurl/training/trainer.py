@@ -525,12 +525,19 @@ def _wrap(
 
     train_model = model
     if d.enabled:
-        if mode == "vae_gan":
-            # the discriminator learns in a step of its own (_discriminator_step), which
-            # averages its gradients itself: the generator's DDP must not hook its parameters
-            # (the discriminator's backward would fire them) nor sync its buffers
-            named = itertools.chain(model.named_parameters(), model.named_buffers())
-            ignore = [n for n, _ in named if is_disc_param(n)]
+        # Parameters the step averages itself (distributed.average_gradients), so DDP must not
+        # hook them: the learned loss weights (used after the forward, in the losses: DDP's
+        # search for unused parameters would mark them ready before their backward), and in
+        # vae_gan the discriminator, which learns in a step of its own (_discriminator_step)
+        # whose backward would fire the hooks (its buffers are not synced either).
+        named = itertools.chain(model.named_parameters(), model.named_buffers())
+        ignore = [
+            n for n, _ in named
+            if n == "loss_log_vars" or (mode == "vae_gan" and is_disc_param(n))
+        ]  # fmt: skip
+        if model.loss_log_vars is not None:
+            ignore.append(".loss_log_vars")  # DDP names the root module's parameters ".name"
+        if ignore:
             distributed.DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
         train_model = distributed.DDP(
             model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
@@ -626,12 +633,13 @@ def _train_step(run: _Run, stage: _Stage) -> _Step:
     loss_cfg = stage.config.loss
     micro = _micro_batches(run)
     tokens = sum(int(batch["attention_mask"].sum()) for batch, _ in micro) * d.world
-    seeds = None
+    # VAE modes draw posterior samples (and vae_gan Gumbel noise) in every micro-batch: seeded
+    # by the micro-batch's place in the global batch, N processes draw what one process does
+    seeds = micro_seeds(t.seed, run.step, len(micro), d) if stage.mode != "transformer" else None
     disc: _DiscStep | None = None
     if stage.disc_opt is not None:
         loss_cfg = gan_schedule(stage.config, local)
         set_lr(stage.disc_opt, t.disc_lr * run.lr_scale)
-        seeds = micro_seeds(t.seed, run.step, len(micro), d)
         disc = _discriminator_step(stage, micro, seeds=seeds, d=d, precision=t.precision,
                                    grad_clip=t.grad_clip)  # fmt: skip
         if not disc.ok:  # neither network learns from this step
@@ -645,6 +653,8 @@ def _train_step(run: _Run, stage: _Stage) -> _Step:
                                           precision=t.precision, seeds=seeds)  # fmt: skip
     if disc is not None:
         parts["disc"] = disc.own_loss
+    if stage.model.loss_log_vars is not None:  # outside DDP (see _wrap)
+        distributed.average_gradients([stage.model.loss_log_vars], d)
     scaler = stage.scaler
     if scaler is not None:
         scaler.unscale_(stage.opt)
