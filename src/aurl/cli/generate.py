@@ -118,11 +118,12 @@ def generation_config(args: argparse.Namespace):
     return build(GenerationConfig, values, prefix="generation")
 
 
-def load_model(checkpoint: str | None, device: str):
-    """The model of ``checkpoint`` (a save_pretrained folder) or the shipped one, in eval mode.
+def model_folder(checkpoint: str | None) -> Path:
+    """The folder of ``checkpoint`` or of the shipped model, checked without loading anything
+    (so a wrong path fails before torch is imported).
 
     Raises:
-        CheckpointError: no shipped model, or a missing, damaged or mismatched checkpoint.
+        CheckpointError: no shipped model, or ``checkpoint`` is not a folder.
     """
     from aurl.errors import CheckpointError
 
@@ -133,6 +134,18 @@ def load_model(checkpoint: str | None, device: str):
         )
     if not folder.is_dir():
         raise CheckpointError(f"--checkpoint {folder} is not a folder: give a model folder")
+    return folder
+
+
+def load_model(checkpoint: str | None, device: str):
+    """The model of ``checkpoint`` (a save_pretrained folder) or the shipped one, in eval mode.
+
+    Raises:
+        CheckpointError: no shipped model, or a missing, damaged or mismatched checkpoint.
+    """
+    from aurl.errors import CheckpointError
+
+    folder = model_folder(checkpoint)
     from aurl.data.vocab import Vocab
     from aurl.models import MusicTransformerVAEGAN
 
@@ -184,11 +197,12 @@ def run(args: argparse.Namespace) -> int:
     n = args.steps if args.interpolate else args.num_samples
     paths = output_paths(args.out, n, formats, stem=f"sample_seed{args.seed}")
     check_free(paths, force=args.force)
+    if args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: give 1 or more")
+    model_folder(args.checkpoint)  # a wrong path fails here, before torch loads (~1 s)
 
     import torch
 
-    if args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}: give 1 or more")
     torch.set_num_threads(args.threads)
 
     from aurl.config import DataConfig
