@@ -38,10 +38,10 @@ def test_generate_writes_files_and_summaries(checkpoint, tmp_path, capsys) -> No
     code, stdout, err = run(capsys, *args)
     assert code == 0, err
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.yaml"] + [
+    assert names == ["sample_seed3.yaml"] + [
         f"sample_seed3_{i:03d}.{ext}" for i in range(2) for ext in ("mid", "musicxml", "png")
     ]
-    resolved = load_config(out / "config.yaml")  # the settings travel with the pieces
+    resolved = load_config(out / "sample_seed3.yaml")  # the settings travel with the pieces
     assert resolved.generation.key == "G major" and resolved.generation.seed == 3
     for i in range(2):
         assert symusic.Score(str(out / f"sample_seed3_{i:03d}.mid")).note_num() > 0

@@ -195,8 +195,12 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.steps < 2:
         raise ConfigError("--num-samples must be >= 1 and --steps >= 2")
     n = args.steps if args.interpolate else args.num_samples
-    paths = output_paths(args.out, n, formats, stem=f"sample_seed{args.seed}")
-    check_free(paths, force=args.force)
+    stem = f"sample_seed{args.seed}"
+    paths = output_paths(args.out, n, formats, stem=stem)
+    # the resolved settings beside the pieces, named like them: another run (another seed)
+    # into the same folder keeps its own
+    settings = Path(args.out) / f"{stem}.yaml"
+    check_free([*paths, {"settings": settings}], force=args.force)
     if args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: give 1 or more")
     model_folder(args.checkpoint)  # a wrong path fails here, before torch loads (~1 s)
@@ -250,9 +254,9 @@ def run(args: argparse.Namespace) -> int:
     write_pieces(pieces, paths, tokenizer, config, soundfont=args.soundfont)
     from aurl.config import Config, write_config
 
-    # the resolved settings beside the pieces: vocabulary and model of the checkpoint, sampling
+    # vocabulary and model of the checkpoint, sampling and constraints
     resolved = Config(vocab=model.vocab_config, model=model.config, generation=config)
-    write_config(resolved, args.out)
+    print(f"wrote {write_config(resolved, settings.parent, settings.name)}")
     print(f"generated {n} piece(s) in {time.perf_counter() - t0:.1f} s")
     return 0
 
