@@ -26,7 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--out", required=True, metavar="DIR",
+        help="output folder: sample_seed{S}_{i}.mid etc., and sample_seed{S}.yaml with the "
+        "settings that made them",
+    )  # fmt: skip
     p.add_argument("--checkpoint", metavar="DIR", help="model folder (default: shipped model)")
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="pieces (default 1)")
     length = p.add_mutually_exclusive_group()
