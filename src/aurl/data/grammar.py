@@ -3,7 +3,9 @@
 One implementation serves generation (a logit mask, stepped token by token with
 :meth:`Grammar.advance`, O(1) per token), training (:meth:`Grammar.sequence_masks`, the same
 masks for a whole batch of sequences at once, vectorized over time) and validity checks
-(:meth:`Grammar.count_violations`). The rules follow the tokenizer's canonical order exactly
+(:meth:`Grammar.count_violations`); for speed, the token-by-token calls also have a
+row-by-row restatement of the rules for small batches, held equal to the rest by the tests (see
+:class:`Grammar`). The rules follow the tokenizer's canonical order exactly
 (:mod:`aurl.data.tokenizer`), so every encoded file has zero violations:
 
 - START first, then a TEMPO; TEMPO only right after START or a TIME_SHIFT, and never the bin
