@@ -51,20 +51,24 @@ def test_cli_bad_files_exit_1_without_traceback(tmp_path, capsys):
     (tmp_path / "trunc.mid").write_bytes((EDGE / "multi_instrument.mid").read_bytes()[:60])
     (tmp_path / "zero.mid").write_bytes(b"")
     (tmp_path / "text.mid").write_text("not music")
+    div0 = bytearray((EDGE / "chords.mid").read_bytes())
+    div0[12:14] = b"\0\0"
+    (tmp_path / "div0.mid").write_bytes(bytes(div0))
     assert main(["data", "check", str(tmp_path), "--json"]) == 1
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert "Traceback" not in captured.err
-    assert (out["files"], out["ok"], out["notes"]) == (4, 1, 6)
+    assert (out["files"], out["ok"], out["repaired"], out["notes"]) == (5, 1, 1, 7)
+    assert out["repaired_files"][0]["repairs"] == {"truncated_tracks": 1, "header_fixed": 1}
     failed = {Path(f["path"]).name: f["error"] for f in out["failed"]}
-    assert set(failed) == {"trunc.mid", "zero.mid", "text.mid"}
+    assert set(failed) == {"div0.mid", "zero.mid", "text.mid"}
     assert "empty file" in failed["zero.mid"] and "not a MIDI file" in failed["text.mid"]
-    assert "damaged" in failed["trunc.mid"]
+    assert "division of 0 ticks per quarter" in failed["div0.mid"]
     # the table names the reasons too
     assert main(["data", "check", str(tmp_path)]) == 1
     table = capsys.readouterr().out
     assert "failed" in table and "zero.mid: empty file" in table
-    assert "4 files: 1 ok, 0 repaired, 3 failed" in table
+    assert "5 files: 1 ok, 1 repaired, 3 failed" in table
 
 
 @pytest.mark.parametrize("args", [["/no/such/path"], ["EMPTY"]])

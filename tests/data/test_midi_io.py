@@ -133,14 +133,13 @@ def test_real_files_read(path):
 @pytest.mark.parametrize(
     "make, reason",
     [
-        (lambda: (EDGE / "multi_instrument.mid").read_bytes()[:60], "damaged"),
         (lambda: np.random.default_rng(0).bytes(400), "not a MIDI file"),
         (lambda: b"MThd" + np.random.default_rng(1).bytes(400), "damaged"),
         (lambda: b"", "empty file"),
         (lambda: b"title: not a MIDI file\n" * 5, "not a MIDI file"),
         (lambda: b"MThd\x00\x00", "truncated"),
     ],
-    ids=["truncated", "random", "random-after-header", "zero-length", "text", "short-header"],
+    ids=["random", "random-after-header", "zero-length", "text", "short-header"],
 )
 def test_damaged_files_raise_midi_read_error_naming_path(tmp_path, make, reason):
     path = tmp_path / "bad.mid"
@@ -181,8 +180,19 @@ def test_huge_declared_event_count_is_refused_fast(tmp_path):
         read_midi(path, DataConfig(max_events_per_file=1000))
 
 
-def test_fallback_reader_recovers_what_symusic_rejects(tmp_path):
-    """A header with an unknown format number (3): symusic refuses, mido (clipping) reads it."""
+def test_truncated_file_keeps_its_complete_events(tmp_path):
+    """Cut inside the second track: its complete events are kept, the cut one and the rest go."""
+    whole, _ = read_midi(EDGE / "multi_instrument.mid")
+    path = tmp_path / "cut.mid"
+    path.write_bytes((EDGE / "multi_instrument.mid").read_bytes()[:60])
+    score, report = read_midi(path)
+    assert report.truncated_tracks == 1 and report.header_fixed == 1  # 1 of 2 tracks left
+    assert report.reader == "symusic" and 0 < report.notes < whole.note_num()
+    assert set(notes_of(score)) < set(notes_of(whole))
+
+
+def test_unknown_format_number_read_as_type_1(tmp_path):
+    """A header with format 3: symusic refuses it as is, the pre-pass rewrites it as type 1."""
     data = bytearray((EDGE / "chords.mid").read_bytes())
     data[8:10] = (3).to_bytes(2, "big")
     path = tmp_path / "format3.mid"
@@ -190,7 +200,7 @@ def test_fallback_reader_recovers_what_symusic_rejects(tmp_path):
     with pytest.raises(RuntimeError):
         symusic.Score(str(path))
     score, report = read_midi(path)
-    assert report.reader == "mido" and report.repairs == {"fallback_reader": 1}
+    assert report.reader == "symusic" and report.repairs == {"header_fixed": 1}
     assert notes_of(score) == notes_of(read_midi(EDGE / "chords.mid")[0])
 
 

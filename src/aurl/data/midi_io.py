@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from aurl.config import DataConfig, VocabConfig
+from aurl.data.smf import check_smf
 from aurl.errors import MidiReadError
 
 MAX_GAP_BEATS = 4096  # ~34 min of silence at 120 BPM: anything after that is a stray event
@@ -46,6 +47,9 @@ MAX_DURATION_BEATS = 1024  # ~8.5 min at 120 BPM: longer notes are clipped to th
 DRUM_FAMILY = 14  # kept drums share GM family 14 ("percussive"): the vocabulary has 16 families
 MIN_TPQ = 1
 FALLBACK_MAX_BYTES = 8 * 1024 * 1024  # the mido fallback is a Python loop: bound its time
+# symusic's own sanitizer on: measured on the fuzz corpus (docs/design.md, "Hostile input"),
+# the mode in which no checked mutant crashed a process; the repairs stay ours (smf, repair)
+SANITIZE_DATA = True
 
 
 @dataclass
@@ -66,12 +70,20 @@ class RepairReport:
     overlaps: int = 0  # same family and pitch, overlapping: the earlier note cut
     empty_tracks: int = 0
     polyphony_dropped: int = 0  # NOTE_ONs over data.polyphony_cap (counted by the tokenizer)
+    # the container, repaired by the pre-pass (aurl.data.smf.SmfRepairs) before any native parse
+    truncated_tracks: int = 0
+    end_of_track_added: int = 0
+    overlong_tracks: int = 0
+    dropped_chunks: int = 0
+    junk_bytes: int = 0
+    header_fixed: int = 0
     notes: int = 0  # notes kept
 
     COUNTS = (
         "smpte", "drum_tracks", "velocity_zero", "absurd_ticks", "zero_duration",
         "out_of_range_folded", "out_of_range_dropped", "duplicates", "overlaps", "empty_tracks",
-        "polyphony_dropped",
+        "polyphony_dropped", "truncated_tracks", "end_of_track_added", "overlong_tracks",
+        "dropped_chunks", "junk_bytes", "header_fixed",
     )  # fmt: skip
 
     @property
@@ -301,19 +313,32 @@ def _from_mido(data: bytes) -> tuple[MidiData, int]:
     return md, int(mf.type)
 
 
+def checked_bytes(path: str | Path, data_config: DataConfig | None = None):
+    """The file's bytes after the container pre-pass (:func:`aurl.data.smf.check_smf`): what
+    every native parser is given. Returns ``(bytes, SmfRepairs)``; raises MidiReadError."""
+    path = Path(path)
+    return check_smf(_load_bytes(path, data_config or DataConfig()), str(path))
+
+
 def parse_midi(
     path: str | Path, data_config: DataConfig | None = None
 ) -> tuple[MidiData, RepairReport]:
-    """Parse a file into a :class:`MidiData` table (no repair yet); refuse what is too big."""
+    """Parse a file into a :class:`MidiData` table (no repair yet); refuse what is too big.
+
+    The bytes pass :func:`aurl.data.smf.check_smf` first (container repaired or refused), so
+    symusic never sees a chunk that runs past the buffer."""
     import symusic
 
     cfg = data_config or DataConfig()
     path = Path(path)
     data = _load_bytes(path, cfg)
     report = RepairReport(path=str(path), format=int.from_bytes(data[8:10], "big"))
+    data, smf = check_smf(data, str(path))
+    for k, v in smf.items():
+        setattr(report, k, v)
     data, tps = _smpte_patch(data)
     try:
-        md = _from_symusic(symusic.Score.from_midi(data, sanitize_data=True))
+        md = _from_symusic(symusic.Score.from_midi(data, sanitize_data=SANITIZE_DATA))
     except Exception as first:  # symusic rejects it: try the tolerant reader before giving up
         reason = str(first).replace("MiniMidi: ", "").replace(": iostream error", "")
         if len(data) > FALLBACK_MAX_BYTES:
