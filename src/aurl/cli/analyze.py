@@ -55,12 +55,25 @@ def read_piece(path: Path):
     return notes_from_score(score), _beats_per_bar(path)
 
 
+def _read_in_worker(path: Path):
+    """:func:`read_piece` in a worker process: the piece, or the reason it cannot be read."""
+    from aurl.errors import AurlError
+
+    try:
+        return read_piece(path)
+    except AurlError as e:
+        return str(e)
+
+
 def _beats_per_bar(path: Path) -> float:
     """Quarter-note beats per bar from the first time signature; 4 when there is none."""
     import symusic
 
+    from aurl.data.midi_io import SANITIZE_DATA, checked_bytes
+
     try:  # read_midi already validated the file; this second read only looks for the meter
-        sigs = symusic.Score(str(path)).time_signatures
+        data, _ = checked_bytes(path)  # never the raw bytes: see aurl.data.smf
+        sigs = symusic.Score.from_midi(data, sanitize_data=SANITIZE_DATA).time_signatures
     except Exception:  # noqa: BLE001 - a file read_midi repaired may still trip symusic
         return 4.0
     if len(sigs) == 0 or sigs[0].denominator <= 0:
@@ -69,13 +82,16 @@ def _beats_per_bar(path: Path) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from aurl.analysis.report import (
         aggregate,
         analyze_notes,
         write_aggregate_report,
         write_report,
     )
-    from aurl.errors import AurlError, ConfigError, DataError
+    from aurl.data.isolate import Failed, in_order, isolated_map
+    from aurl.errors import ConfigError, DataError
     from aurl.progress import bar
 
     if args.beats_per_bar < 0:
@@ -91,13 +107,16 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{src} does not exist: give a MIDI file or a folder of them")
 
     results, skipped = [], []
-    for path in bar(files, total=len(files), desc="analyze"):
-        try:
-            notes, beats_per_bar = read_piece(path)
-        except AurlError as e:
-            print(f"skipped {path}: {e}", file=sys.stderr)
-            skipped.append({"file": str(path), "error": str(e)})
+    # read in worker processes: a reader that crashes or hangs on a file skips that file
+    workers = min(os.cpu_count() or 1, len(files))
+    pieces = in_order(isolated_map(_read_in_worker, files, workers=workers))
+    for path, piece in zip(files, bar(pieces, total=len(files), desc="analyze")):
+        if isinstance(piece, (str, Failed)):
+            error = piece if isinstance(piece, str) else f"{path}: {piece.reason}"
+            print(f"skipped {path}: {error}", file=sys.stderr)
+            skipped.append({"file": str(path), "error": error})
             continue
+        notes, beats_per_bar = piece
         bpb = args.beats_per_bar or beats_per_bar
         resolution = 1.0 if args.chords_per == "beat" else bpb / 2
         name = str(path.relative_to(src)) if src.is_dir() else path.name

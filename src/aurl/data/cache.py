@@ -396,12 +396,8 @@ def _work(task: tuple[str, bytes | None]) -> tuple:
         return ("failed", relpath, None, 0, 0, f"unexpected {type(e).__name__}: {e}")
 
 
-def _work_many(tasks: list[tuple[str, bytes | None]]) -> list[tuple]:
-    return [_work(t) for t in tasks]
-
-
-def _crashed(task: tuple[str, bytes | None]) -> tuple:
-    return ("failed", task[0], None, 0, 0, "the tokenizer process died on this file (crash)")
+def _crashed(task: tuple[str, bytes | None], reason: str) -> tuple:
+    return ("failed", task[0], None, 0, 0, reason)
 
 
 def _results(
@@ -411,56 +407,22 @@ def _results(
     vocab_config: VocabConfig,
     data_config: DataConfig,
 ) -> Iterator[tuple]:
-    """Results of :func:`_work` in completion order, from ``workers`` processes (1: in-process).
+    """Results of :func:`_work` in completion order, from ``workers`` processes.
 
-    A worker that dies (e.g. a crash inside a MIDI parser) must not hang or end a long run: the
-    pool is restarted, the files that were in flight are retried one at a time, and the file
-    on which a lone worker dies is reported as failed.
+    The files are read in workers (:func:`aurl.data.isolate.isolated_map`, even with one): a
+    worker that dies on a file (a crash inside a MIDI parser) or runs past its time bound is
+    replaced, and that file alone is reported as failed ("reader crashed (signal 11)").
     """
+    from aurl.data.isolate import Failed, isolated_map, time_bound
+
     init_args = (root, vocab_config, data_config)
     _init_worker(*init_args)  # fail fast here, not in every worker
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(_work, tasks)
-        return
-    import multiprocessing as mp
-    from collections import deque
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    # fork where available: workers start in milliseconds and share the parent's imports
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    size = max(1, min(16, len(tasks) // (workers * 8)))
-    chunks = deque(tasks[i : i + size] for i in range(0, len(tasks), size))
-    suspects: deque[tuple[str, bytes | None]] = deque()  # in flight when a worker died
-    while chunks or suspects:
-        pool = ProcessPoolExecutor(workers, ctx, _init_worker, init_args)
-        pending: dict[Any, list[tuple[str, bytes | None]]] = {}
-        try:
-            broken = False
-            while (chunks or suspects or pending) and not broken:
-                # suspects run alone, so that a death names its file; else a bounded queue
-                if not pending and suspects:
-                    lone = [suspects.popleft()]
-                    pending[pool.submit(_work_many, lone)] = lone
-                while chunks and not suspects and len(pending) < 4 * workers:
-                    chunk = chunks.popleft()
-                    pending[pool.submit(_work_many, chunk)] = chunk
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    chunk = pending.pop(future)
-                    try:
-                        yield from future.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        if len(pending) == 0 and len(chunk) == 1:
-                            yield _crashed(chunk[0])  # it ran alone: this file did it
-                        else:
-                            suspects.extend(chunk)
-            for chunk in pending.values():  # lost with the pool: retry one by one
-                suspects.extend(chunk)
-            pending.clear()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    done = isolated_map(
+        _work, tasks, workers=workers, initializer=_init_worker, initargs=init_args,
+        seconds=lambda task: time_bound(root / task[0]),
+    )  # fmt: skip
+    for i, res in done:
+        yield _crashed(tasks[i], res.reason) if isinstance(res, Failed) else res
 
 
 def _compact(

@@ -207,6 +207,8 @@ def check_smf(data: bytes, name: str = "<bytes>") -> tuple[bytes, SmfRepairs]:
         rep.junk_bytes += stop_at - pos
         pos = stop_at
     rep.junk_bytes += n - pos if pos < n else 0
+    if not pieces and ntracks == 0 and not rep.items():
+        return data + PADDING, rep  # a valid file without tracks (an empty piece)
     if not pieces:
         raise MidiReadError(f"{name}: no complete track chunk ('MTrk') in the file")
     if len(pieces) != ntracks:
