@@ -17,6 +17,7 @@ takes well under a second per MiB, so only a hang reaches it.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import multiprocessing as mp
 import os
 import signal
@@ -56,6 +57,7 @@ def death_reason(exitcode: int | None) -> str:
 def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) -> None:
     """Worker loop: receive (index, item), send back (index, ok, result or exception)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    faulthandler.disable()  # a crash is reported once, by the parent, as one line
     if initializer is not None:
         initializer(*initargs)
     while True:
