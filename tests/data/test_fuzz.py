@@ -207,34 +207,6 @@ def test_crashers_never_reach_symusic_as_they_were():
         assert checked != data + PADDING and repairs.items(), f"{name} passed unchanged"
 
 
-def test_isolated_map_survives_a_dying_worker():
-    """The pool itself: a worker killed by a signal is one Failed item, the rest complete."""
-    res = dict(isolated_map(_die_on_three, range(8), workers=2, seconds=_watchdog))
-    assert res.pop(3) == Failed("reader crashed (signal 11)")
-    assert res == {k: k * k for k in range(8) if k != 3}
-
-
-def _die_on_three(k: int) -> int:
-    import signal
-
-    if k == 3:
-        os.kill(os.getpid(), signal.SIGSEGV)
-    return k * k
-
-
-def test_hang_is_killed_by_the_watchdog():
-    res = dict(isolated_map(_hang_on_one, range(3), workers=1, seconds=lambda _: 1.0))
-    assert res == {0: 0, 1: Failed("reader timed out after 1.0 s"), 2: 2}
-
-
-def _hang_on_one(k: int) -> int:
-    import time
-
-    if k == 1:
-        time.sleep(600)
-    return k
-
-
 # -- decoding random ids -----------------------------------------------------------------------
 
 

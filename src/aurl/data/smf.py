@@ -128,12 +128,17 @@ def _starts_with_status(data: bytes, start: int, end: int) -> bool:
     return 0 <= pos < end and data[pos] >= 0x80
 
 
-def check_smf(data: bytes, name: str = "<bytes>") -> tuple[bytes, SmfRepairs]:
+def check_smf(
+    data: bytes, name: str = "<bytes>", *, walk_all: bool = False
+) -> tuple[bytes, SmfRepairs]:
     """Check and repair the SMF container of ``data``; return bytes safe for a native parser.
 
     Args:
         data: the whole file, starting with ``MThd`` (RIFF already unwrapped).
         name: the file, for error messages.
+        walk_all: walk the events of every track, not only of those that look wrong (done
+            by itself when the tracks found are not the header's count: a length that lies
+            long can swallow the next chunk and still end with an End of Track).
 
     Returns:
         ``(bytes, repairs)``: the checked file (the input plus padding when nothing was wrong)
@@ -172,7 +177,8 @@ def check_smf(data: bytes, name: str = "<bytes>") -> tuple[bytes, SmfRepairs]:
         if cid == b"MTrk":
             end = min(declared_end, n)
             if (
-                declared_end <= n
+                not walk_all
+                and declared_end <= n
                 and length >= 4
                 and data[end - 3 : end] == END_OF_TRACK
                 and _starts_with_status(data, body, end)
@@ -192,11 +198,9 @@ def check_smf(data: bytes, name: str = "<bytes>") -> tuple[bytes, SmfRepairs]:
                 rep.end_of_track_added += 1
             track = data[body:stop] + (b"" if closed else b"\x00" + END_OF_TRACK)
             pieces.append(b"MTrk" + len(track).to_bytes(4, "big") + track)
-            if closed and stop < end:  # overlong: the declared length ran past End of Track
+            if closed and stop < declared_end:  # overlong: the length ran past End of Track
                 rep.overlong_tracks += 1
-                pos = stop
-            else:
-                pos = end
+            pos = stop if closed else end
             continue
         if cid.isalpha() and declared_end <= n:  # another chunk type: not ours, dropped
             rep.dropped_chunks += 1
@@ -212,6 +216,8 @@ def check_smf(data: bytes, name: str = "<bytes>") -> tuple[bytes, SmfRepairs]:
     if not pieces:
         raise MidiReadError(f"{name}: no complete track chunk ('MTrk') in the file")
     if len(pieces) != ntracks:
+        if not walk_all:
+            return check_smf(data, name, walk_all=True)
         rep.header_fixed = 1
     if not rep.items():
         return data + PADDING, rep
