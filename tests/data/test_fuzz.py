@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -113,17 +112,17 @@ def mutant(k: int) -> tuple[str, bytes]:
 _STATE: dict = {}
 
 
-def _init() -> None:
+def _init(folder: str) -> None:
     from aurl.data.tokenizer import Tokenizer
 
     _STATE["tokenizer"] = Tokenizer()
-    _STATE["dir"] = tempfile.mkdtemp(prefix="aurl-fuzz-")
+    _STATE["path"] = Path(folder) / f"mutant-{os.getpid()}.mid"  # one per worker
 
 
 def _read(k: int) -> tuple[str, str, str]:
     """Read + repair + tokenize mutant k: (description, "ok" / "refused" / "error", detail)."""
     name, data = mutant(k)
-    path = Path(_STATE["dir"]) / "mutant.mid"
+    path = _STATE["path"]
     path.write_bytes(data)
     try:
         ids = _STATE["tokenizer"].encode_file(path)
@@ -164,11 +163,16 @@ def test_mutants_cover_every_kind():
     assert mutant(123) == mutant(123) and mutant(123) != mutant(124)
 
 
-def test_every_mutant_reads_or_is_refused():
+def test_every_mutant_reads_or_is_refused(tmp_path):
     """>= 2000 mutants: each gives ids or MidiReadError; no crash, hang or other exception."""
     outcomes, bad = {"ok": 0, "refused": 0}, []
     for k, res in isolated_map(
-        _read, range(MUTANTS), workers=2, initializer=_init, seconds=_watchdog
+        _read,
+        range(MUTANTS),
+        workers=2,
+        initializer=_init,
+        initargs=(str(tmp_path),),
+        seconds=_watchdog,
     ):
         if isinstance(res, Failed):
             bad.append(f"{mutant(k)[0]}: {res.reason}")
@@ -182,9 +186,18 @@ def test_every_mutant_reads_or_is_refused():
     assert outcomes["ok"] > outcomes["refused"] > 0, outcomes
 
 
-def test_64mib_inputs_are_bounded():
+def test_64mib_inputs_are_bounded(tmp_path):
     """At the size limit: read (the junk tail dropped); past it: refused by size."""
-    res = dict(isolated_map(_read, [-1, -2], workers=2, initializer=_init, seconds=_big_watchdog))
+    res = dict(
+        isolated_map(
+            _read,
+            [-1, -2],
+            workers=2,
+            initializer=_init,
+            initargs=(str(tmp_path),),
+            seconds=_big_watchdog,
+        )
+    )
     assert not isinstance(res[0], Failed) and not isinstance(res[1], Failed), res
     assert res[0][1] == "ok", res[0]
     assert res[1][1] == "refused" and "max_file_bytes" in res[1][2], res[1]

@@ -93,7 +93,11 @@ def notes_from_score(score) -> np.ndarray:  # score: symusic.Score (any time uni
 
 
 def notes_from_file(path: str | Path) -> np.ndarray:
-    """Notes of a MIDI file (no repair; see ``aurl.data.midi_io`` for validated reading)."""
+    """Notes of a MIDI file (no repair; see ``aurl.data.midi_io`` for validated reading). The
+    bytes pass the SMF pre-pass first (:func:`aurl.data.midi_io.checked_bytes`): never raw."""
     import symusic
 
-    return notes_from_score(symusic.Score(str(path)))
+    from aurl.data.midi_io import SANITIZE_DATA, checked_bytes
+
+    data, _ = checked_bytes(path)
+    return notes_from_score(symusic.Score.from_midi(data, sanitize_data=SANITIZE_DATA))
