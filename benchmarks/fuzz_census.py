@@ -7,6 +7,9 @@ Every mutant of tests/data/test_fuzz.py (same seed, same generator) is parsed by
 counts as a crash.
 
     PYTHONPATH=src python benchmarks/fuzz_census.py --mutants 20000 --rounds 2
+
+``--fresh N``: instead, the junk-tail mutants among the first N, raw, each parse in a fresh
+interpreter (the issue's report: "about 1 in 20 crash a fresh process").
 """
 
 from __future__ import annotations
@@ -48,12 +51,36 @@ def _parse(task: tuple[int, bool, bool]) -> str:
         return "rejected"
 
 
+def fresh(n: int) -> None:
+    """One fresh interpreter per parse of each junk-tail mutant, both modes, raw bytes."""
+    import subprocess
+    import tempfile
+
+    ks = [k for k in range(n) if "(junk_tail" in fuzz.mutant(k)[0]]
+    crashes = {False: 0, True: 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in ks:
+            path = Path(tmp) / "m.mid"
+            path.write_bytes(fuzz.mutant(k)[1])
+            for sanitize in crashes:
+                code = (
+                    "import symusic, pathlib\ntry: symusic.Score.from_midi("
+                    f"pathlib.Path({str(path)!r}).read_bytes(), sanitize_data={sanitize})\n"
+                    "except Exception: pass"
+                )
+                crashes[sanitize] += subprocess.run([sys.executable, "-c", code]).returncode < 0
+    print(f"{len(ks)} junk-tail mutants, fresh process each: crashes by sanitize_data {crashes}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mutants", type=int, default=fuzz.MUTANTS)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--fresh", type=int, default=0, metavar="N")
     args = ap.parse_args()
+    if args.fresh:
+        return fresh(args.fresh)
     print(f"{args.mutants} mutants (seed {fuzz.SEED}) x {args.rounds} rounds")
     for prepass, sanitize in CONFIGS:
         t0 = time.perf_counter()
