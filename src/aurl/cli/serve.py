@@ -36,8 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        f"(default: {DEFAULT_MODEL!r}, the shipped chorale model)")  # fmt: skip
     which.add_argument("--checkpoint", nargs="+", metavar="DIR",
                        help="model folders to serve (named by the folder)")  # fmt: skip
-    p.add_argument("--db", default="aurl-listen.sqlite", metavar="PATH",
-                   help="SQLite file of the listening test's answers (default ./aurl-listen.sqlite)")
+    p.add_argument(
+        "--db",
+        default="aurl-listen.sqlite",
+        metavar="PATH",
+        help="SQLite file of the listening test's answers (default ./aurl-listen.sqlite)",
+    )
     lim = p.add_argument_group("limits (over a limit a request gets a 4xx naming it)")
     lim.add_argument("--max-upload-bytes", type=int, default=1_000_000, metavar="N")
     lim.add_argument("--max-tokens", type=int, default=4096, metavar="N",

@@ -264,7 +264,9 @@ class ContinuousBatcher:
     def _concat(self, state: Any, logits: torch.Tensor, rows: list[Row]) -> None:
         for s in (self.state, state):
             if s.key_mask is None:  # every cached position of such rows is their own token
-                s.key_mask = torch.ones(len(s.k[0]), s.capacity, dtype=torch.bool, device=self.device)
+                s.key_mask = torch.ones(
+                    len(s.k[0]), s.capacity, dtype=torch.bool, device=self.device
+                )
         self.state = cat_state([self.state, state])
         self.logits = torch.cat([self.logits, logits])
         self.rows = self.rows + rows

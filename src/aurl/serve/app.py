@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -19,7 +20,7 @@ import logging
 import random
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile, WebSocket, WebSocketDisconnect
@@ -31,7 +32,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from aurl.errors import AurlError, ConfigError
 from aurl.serve import listen
-from aurl.serve.engine import Limits, LimitError, ModelServer
+from aurl.serve.engine import LimitError, Limits, ModelServer
 from aurl.serve.uploads import UploadError, parse_upload
 
 log = logging.getLogger("aurl.serve")
@@ -157,23 +158,27 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         raise ConfigError("aurl serve needs at least one model")
     s = settings or Settings()
     lim = s.limits
+    servers: dict[str, ModelServer] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        for server in servers.values():
+            server.close()
+        store.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Aurl",
         version=_version(),
         description="Compose, harmonize, infill and analyse MIDI with Aurl. Errors are JSON "
         '`{"error", "limit", "field"}` with a 4xx status. See docs/serve.md.',
     )
-    servers = {name: ModelServer(name, m, lim) for name, m in models.items()}
+    servers.update({name: ModelServer(name, m, lim) for name, m in models.items()})
     store = listen.Store(s.db)
     app.state.servers, app.state.store, app.state.settings = servers, store, s
     if s.loopback:  # a page elsewhere cannot reach this server through DNS rebinding
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*LOOPBACK_HOSTS, "testserver"])
-
-    @app.on_event("shutdown")
-    def _close() -> None:
-        for server in servers.values():
-            server.close()
-        store.close()
 
     # -- errors --------------------------------------------------------------------------------
 
@@ -183,7 +188,7 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
     @app.exception_handler(LimitError)
     async def _limit(request: Request, exc: LimitError):
-        return _error(exc.status, str(exc), limit=exc.limit)
+        return _error(exc.status, str(exc), limit=exc.limit, field=exc.field)
 
     @app.exception_handler(UploadError)
     async def _upload(request: Request, exc: UploadError):
@@ -267,9 +272,9 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                 data, "ids", name="primer", timeout=lim.parse_seconds,
                 memory_mb=lim.parse_memory_mb,
                 options={"vocab": dataclasses.asdict(srv.model.vocab_config),
-                         "polyphony_cap": opts.polyphony, "seconds": opts.primer_seconds},
+                         "polyphony_cap": opts.polyphony},
             )  # fmt: skip
-            primer = np.asarray(result["ids"], dtype=np.int64)
+            primer = _primer_ids(np.asarray(result["ids"], dtype=np.int64), srv, opts)
         config = _generation_config(opts, srv, lim, primer)
         return srv, srv.submit(config, primer)
 
@@ -310,7 +315,7 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
     @app.post("/api/analyze", tags=["analysis"], responses=ERRORS)
     async def analyze(
-        file: UploadFile = File(..., description="a MIDI file"),
+        file: Annotated[UploadFile, File(description="a MIDI file")],
         beats_per_bar: float = Form(0.0, ge=0, le=64, description="0: from the file's meter"),
     ) -> dict[str, Any]:
         """Keys, chords, cadences, form and melody of the file (``aurl analyze``'s JSON)."""
@@ -322,12 +327,17 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         )  # fmt: skip
 
     @app.post("/api/notes", tags=["analysis"], responses=ERRORS)
-    async def notes(file: UploadFile = File(..., description="a MIDI file")) -> dict[str, Any]:
+    async def notes(file: Annotated[UploadFile, File(description="a MIDI file")]) -> dict[str, Any]:
         """The file's notes as ``[pitch, start, end, velocity]`` rows in seconds (what the
         studio draws), and the bar length in beats."""
         data = await _read_upload(file, lim)
-        result = await parse_upload(data, "notes", name=file.filename or "file",
-                                    timeout=lim.parse_seconds, memory_mb=lim.parse_memory_mb)
+        result = await parse_upload(
+            data,
+            "notes",
+            name=file.filename or "file",
+            timeout=lim.parse_seconds,
+            memory_mb=lim.parse_memory_mb,
+        )
         n = result["notes"]
         rows = [[p, round(o, 4), round(o + d, 4), v] for p, o, d, v in
                 zip(n["pitch"], n["onset_s"], n["duration_s"], n["velocity"])]  # fmt: skip
@@ -337,7 +347,7 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
     @app.post("/api/harmonize", tags=["compose"], responses={**ERRORS, 200: {
         "content": {"audio/midi": {}}, "description": "the harmonization"}})  # fmt: skip
     async def harmonize(
-        file: UploadFile = File(..., description="a MIDI file with one melodic line"),
+        file: Annotated[UploadFile, File(description="a MIDI file with one melodic line")],
         model: str | None = Form(None, max_length=100),
         seed: int = Form(0, ge=0, le=2**63 - 1),
         key: str = Form("", max_length=40),
@@ -353,10 +363,11 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
     @app.post("/api/infill", tags=["compose"], responses={**ERRORS, 200: {
         "content": {"audio/midi": {}}, "description": "the piece with new bars"}})  # fmt: skip
     async def infill(
-        file: UploadFile = File(..., description="a MIDI file"),
+        file: Annotated[UploadFile, File(description="a MIDI file")],
         bars: str | None = Form(None, pattern=r"^\d{1,5}-\d{1,5}$", description="A-B, 1-based"),
         span: str | None = Form(
-            None, pattern=r"^\d{1,5}(\.\d{1,3})?-\d{1,5}(\.\d{1,3})?$",
+            None,
+            pattern=r"^\d{1,5}(\.\d{1,3})?-\d{1,5}(\.\d{1,3})?$",
             description="S-T in seconds (instead of bars)",
         ),
         model: str | None = Form(None, max_length=100),
@@ -422,10 +433,8 @@ def _version() -> str:
 
 def _authorized(headers: Any, cookies: dict[str, str], token: str) -> bool:
     given = headers.get("authorization", "")
-    if given.lower().startswith("bearer "):
-        given = given[7:].strip()
-    else:
-        given = cookies.get(COOKIE, "")
+    bearer = given.lower().startswith("bearer ")
+    given = given[7:].strip() if bearer else cookies.get(COOKIE, "")
     return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
 
@@ -467,13 +476,17 @@ def _server(servers: dict[str, ModelServer], name: str | None) -> ModelServer:
 
 
 def _b64(text: str, lim: Limits) -> bytes:
+    too_big = LimitError(f"primer is over max_upload_bytes={lim.max_upload_bytes}",
+                         limit="max_upload_bytes", status=413, field="primer")  # fmt: skip
     if len(text) > lim.max_upload_bytes * 4 // 3 + 4:
-        raise LimitError(f"primer is over max_upload_bytes={lim.max_upload_bytes}",
-                         limit="max_upload_bytes", status=413)  # fmt: skip
+        raise too_big
     try:
-        return base64.b64decode(text, validate=True)
+        data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ConfigError("primer: not base64 (send the MIDI file's bytes base64-encoded)") from None
+    if len(data) > lim.max_upload_bytes:
+        raise too_big
+    return data
 
 
 async def _read_upload(file: UploadFile, lim: Limits) -> bytes:
@@ -506,10 +519,12 @@ def _generation_config(
         raise ConfigError("give max_tokens or seconds, not both")
     if opts.max_tokens is not None and opts.max_tokens > lim.max_tokens:
         raise LimitError(f"max_tokens {opts.max_tokens} is over this server's limit "
-                         f"max_tokens={lim.max_tokens}", limit="max_tokens", status=422)  # fmt: skip
+                         f"max_tokens={lim.max_tokens}", limit="max_tokens", status=422,
+                         field="max_tokens")  # fmt: skip
     if opts.seconds is not None and opts.seconds > lim.max_seconds:
         raise LimitError(f"seconds {opts.seconds:g} is over this server's limit "
-                         f"max_seconds={lim.max_seconds:g}", limit="max_seconds", status=422)  # fmt: skip
+                         f"max_seconds={lim.max_seconds:g}", limit="max_seconds", status=422,
+                         field="seconds")  # fmt: skip
     values: dict[str, Any] = {
         "seed": opts.seed, "temperature": opts.temperature, "top_k": opts.top_k,
         "top_p": opts.top_p, "min_p": opts.min_p, "repetition_penalty": opts.repetition_penalty,
@@ -530,6 +545,22 @@ def _generation_config(
     if opts.key.strip().lower() == "primer":
         values["key"] = _primer_key(primer, srv)
     return build(GenerationConfig, values, prefix="generation")
+
+
+def _primer_ids(ids: np.ndarray, srv: ModelServer, opts: GenerateOptions) -> np.ndarray:
+    """A primer's ids as :func:`aurl.generation.generate.load_primer` makes them: no END or
+    PAD, cut after ``primer_seconds``, and holding a note."""
+    from aurl.data.vocab import END, PAD, Kind
+    from aurl.errors import ConstraintError
+    from aurl.generation.generate import token_seconds
+
+    ids = ids[(ids != END) & (ids != PAD)]
+    if opts.primer_seconds > 0:
+        ids = ids[token_seconds(ids, srv.vocab) < opts.primer_seconds]
+    if not (srv.vocab.kind[ids] == Kind.NOTE_ON).any():
+        cut = f" in its first {opts.primer_seconds:g} s" if opts.primer_seconds > 0 else ""
+        raise ConstraintError(f"primer has no notes{cut}: give a MIDI file with notes")
+    return ids
 
 
 def _primer_key(primer: np.ndarray | None, srv: ModelServer) -> str:
@@ -640,7 +671,11 @@ def _compose_lock(srv: ModelServer) -> asyncio.Semaphore:
 
 def _midi_bytes(result: Any, srv: ModelServer) -> bytes:
     """MIDI bytes from what a composing function returns (bytes, a Score, ids, or a list)."""
-    if isinstance(result, (list, tuple)) and result and not isinstance(result[0], (int, np.integer)):
+    if (
+        isinstance(result, (list, tuple))
+        and result
+        and not isinstance(result[0], (int, np.integer))
+    ):
         result = result[0]
     if isinstance(result, (bytes, bytearray)):
         return bytes(result)

@@ -42,9 +42,9 @@ class Limits:
 class LimitError(AurlError):
     """A request went over one of the server's :class:`Limits`."""
 
-    def __init__(self, message: str, *, limit: str, status: int) -> None:
+    def __init__(self, message: str, *, limit: str, status: int, field: str | None = None):
         super().__init__(message)
-        self.limit, self.status = limit, status
+        self.limit, self.status, self.field = limit, status, field
 
 
 _DONE = object()
@@ -136,11 +136,13 @@ class ModelServer:
         job.error = job.error or error
         job.tokens.put_nowait(_DONE)
 
-    def _deliver(self, events: list[tuple[Job, int | None, Exception | None]]) -> None:
-        for job, token, error in events:
+    def _deliver(self, events: list[tuple[Job, int | None, bool, Exception | None]]) -> None:
+        """On the loop: hand each job its token; ``last`` (or no token) ends the job. The flag
+        travels with the token because the thread may be steps ahead of the loop."""
+        for job, token, last, error in events:
             if token is not None:
                 job.tokens.put_nowait(token)
-            if token is None or job.row is not None and job.row.done:
+            if token is None or last:
                 self._finish(job, error)
 
     def stats(self) -> dict[str, Any]:
@@ -168,7 +170,7 @@ class ModelServer:
                 self.batcher = self._new_batcher()
                 for row in rows:
                     job = row.tag
-                    job.loop.call_soon_threadsafe(self._deliver, [(job, None, e)])
+                    job.loop.call_soon_threadsafe(self._deliver, [(job, None, True, e)])
 
     def _cycle(self) -> None:
         b = self.batcher
@@ -196,15 +198,15 @@ class ModelServer:
                     "server is less busy",
                     limit="request_seconds", status=408,
                 )  # fmt: skip
-                events.setdefault(job.loop, []).append((job, None, err))
+                events.setdefault(job.loop, []).append((job, None, True, err))
             if row.cancelled and job.cancelled:
-                events.setdefault(job.loop, []).append((job, None, None))
+                events.setdefault(job.loop, []).append((job, None, True, None))
         stepped = b.step()
         if stepped:
             self.steps += 1
             self.tokens_out += len(stepped)
         for row in stepped:
-            events.setdefault(row.tag.loop, []).append((row.tag, row.ids[-1], None))
+            events.setdefault(row.tag.loop, []).append((row.tag, row.ids[-1], row.finished, None))
         for loop, items in events.items():
             loop.call_soon_threadsafe(self._deliver, items)
 
@@ -212,4 +214,4 @@ class ModelServer:
         try:
             job.row = self.batcher.add(job.config, primer=job.primer, masker=job.masker, tag=job)
         except AurlError as e:
-            job.loop.call_soon_threadsafe(self._deliver, [(job, None, e)])
+            job.loop.call_soon_threadsafe(self._deliver, [(job, None, True, e)])

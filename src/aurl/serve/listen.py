@@ -187,11 +187,14 @@ def results_svg(rows: list[dict[str, Any]], width: int = 520) -> str:
 
 def results_html(rows: list[dict[str, Any]]) -> str:
     """The /listen/results page: a table and the plot (no scripts, nothing off the host)."""
-    body = "".join(
-        f"<tr><td>{escape(r['model'])}</td><td>{r['answers']}</td><td>{r['correct']}</td>"
-        f"<td>{r['accuracy']:.1%}</td><td>{r['ci_low']:.1%} - {r['ci_high']:.1%}</td></tr>"
-        for r in rows
-    ) or '<tr><td colspan="5">no answers yet</td></tr>'
+    body = (
+        "".join(
+            f"<tr><td>{escape(r['model'])}</td><td>{r['answers']}</td><td>{r['correct']}</td>"
+            f"<td>{r['accuracy']:.1%}</td><td>{r['ci_low']:.1%} - {r['ci_high']:.1%}</td></tr>"
+            for r in rows
+        )
+        or '<tr><td colspan="5">no answers yet</td></tr>'
+    )
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         "<title>Aurl listening test: results</title>"

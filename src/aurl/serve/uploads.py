@@ -6,7 +6,7 @@ child is ``python -m aurl.serve.uploads TASK OPTIONS_JSON``: it reads the file's
 stdin, sets its own limits before parsing, and writes one JSON object to stdout (JSON only in
 either direction: nothing is unpickled).
 
-Tasks: ``ids`` (a primer: the tokenizer's ids, START first, no END), ``notes`` (a note array as
+Tasks: ``ids`` (the tokenizer's ids of the file), ``notes`` (a note array as
 JSON columns, plus the bar length in beats), ``analyze`` (:func:`aurl.analysis.report.
 analyze_notes` of the file).
 """
@@ -129,15 +129,13 @@ def _run_task(task: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
 
     from aurl.config import DataConfig, VocabConfig, build
 
-    if task == "ids":
+    if task == "ids":  # the tokenizer only (no torch here: the child starts fast)
         from aurl.data.tokenizer import Tokenizer
-        from aurl.generation.generate import load_primer
 
         vocab = build(VocabConfig, options.get("vocab", {}), prefix="vocab")
         cap = int(options.get("polyphony_cap", DataConfig().polyphony_cap))
         tok = Tokenizer(vocab, DataConfig(polyphony_cap=cap))
-        ids = load_primer(path, tok, seconds=float(options.get("seconds", 0.0)))
-        return {"ids": np.asarray(ids).tolist()}
+        return {"ids": np.asarray(tok.encode_file(path)).tolist()}
     notes, beats_per_bar = _read_notes(path)
     if task == "notes":
         cols = {name: notes[name].tolist() for name in notes.dtype.names}
