@@ -31,7 +31,12 @@ def tiny_model(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_model()
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `aurl serve` runs: threads only contend when decoding
+    yield tiny_model()
+    torch.set_num_threads(threads)
 
 
 def make_client(tmp_path: Path, models: dict, **settings):
