@@ -153,3 +153,28 @@ def test_note_stream_gives_the_decoders_notes(model, source):
     assert [r[0] for r in got_rows] == [r[0] for r in want_rows]
     assert [r[3] for r in got_rows] == [r[3] for r in want_rows]
     np.testing.assert_allclose([r[1:3] for r in got_rows], [r[1:3] for r in want_rows], atol=1e-9)
+
+
+def test_note_stream_follows_the_decoders_edge_rules(model):
+    """Hand-made ids: a re-strike at the same step (the first strike is nothing), a re-strike
+    later (closes the earlier note), a NOTE_OFF of a silent pitch, a tempo change mid-note,
+    notes open at END."""
+    v = model.vocab
+    c = v.config
+
+    on = lambda p: 4 + p - c.pitch_min  # noqa: E731
+    off = lambda p: 4 + 88 + p - c.pitch_min  # noqa: E731
+    shift = lambda n: 180 + n - 1  # noqa: E731
+    tempo = lambda bpm: 726 + int(v.tempo_bin(bpm))  # noqa: E731
+    vel, instr = 692 + 20, 758
+    ids = [0, tempo(120), instr, vel, on(60), on(60), shift(16), on(60), on(64), shift(8),
+           off(67), tempo(60), shift(32), off(64), on(67), shift(4), 1]  # fmt: skip
+    tok = Tokenizer(model.vocab_config)
+    stream = NoteStream(v)
+    got = sorted((n["pitch"], n["start"], n["end"]) for t in ids for n in stream.feed(t))
+    want = tok.decode_to_notes(np.asarray(ids))
+    want_rows = sorted(
+        (int(n["pitch"]), float(n["onset_s"]), float(n["onset_s"] + n["duration_s"])) for n in want
+    )
+    assert len(got) == len(want_rows) == 4
+    np.testing.assert_allclose(np.array(got), np.array(want_rows), atol=1e-9)

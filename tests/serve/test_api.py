@@ -70,9 +70,7 @@ def test_an_empty_body_object_uses_the_defaults(client):
 
 def test_primer_is_continued(client):
     primer = base64.b64encode(CHORALE.read_bytes()).decode()
-    r = client.post(
-        "/api/generate", json={"max_tokens": 40, "primer": primer, "primer_seconds": 3}
-    )
+    r = client.post("/api/generate", json={"max_tokens": 40, "primer": primer, "primer_seconds": 3})
     assert r.status_code == 200, r.text
     score = symusic.Score.from_midi(r.content)
     first = {n.pitch for t in score.tracks for n in t.notes if n.time == 0}
@@ -173,7 +171,9 @@ def test_values_the_library_rejects_are_422_with_its_message(client):
 
 
 def test_a_body_that_is_not_json_or_not_an_object(client):
-    r = client.post("/api/generate", content=b"{not json", headers={"content-type": "application/json"})
+    r = client.post(
+        "/api/generate", content=b"{not json", headers={"content-type": "application/json"}
+    )
     error_of(r, 422)
     error_of(client.post("/api/generate", json=[1, 2]), 422)
     for text in (b'{"temperature": NaN}', b'{"top_p": Infinity}'):
@@ -190,7 +190,12 @@ def test_primer_that_is_not_base64_or_not_midi(client):
 
 @pytest.mark.parametrize(
     "data",
-    [b"hello, not MIDI", b"MThd\x00\x00\x00\x06\x00\x01", CHORALE.read_bytes()[:300], b"\x00" * 5000],
+    [
+        b"hello, not MIDI",
+        b"MThd\x00\x00\x00\x06\x00\x01",
+        CHORALE.read_bytes()[:300],
+        b"\x00" * 5000,
+    ],
     ids=["text", "header-only", "truncated", "zeros"],
 )
 def test_uploads_that_are_not_midi(client, data):

@@ -483,7 +483,9 @@ def _b64(text: str, lim: Limits) -> bytes:
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ConfigError("primer: not base64 (send the MIDI file's bytes base64-encoded)") from None
+        raise ConfigError(
+            "primer: not base64 (send the MIDI file's bytes base64-encoded)"
+        ) from None
     if len(data) > lim.max_upload_bytes:
         raise too_big
     return data
