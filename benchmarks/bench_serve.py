@@ -7,7 +7,7 @@ just below it, so every request does the same work):
 1. one client, requests one after another: the baseline tokens/s;
 2. 8 clients at once: aggregate tokens/s, as a ratio to (1) (goal >= 4x);
 3. 16 clients x 10 requests: errors (goal 0), p50 / p99 request latency, aggregate tokens/s,
-   server RSS before and after (no growth);
+   server RSS before and after, and after 16 x 3 more (no growth once warm);
 4. time to first note of a lone request (goal 0.5 s on 2 cores);
 5. a client that disconnects mid-stream frees its slot (the server reports 0 active rows).
 
@@ -137,6 +137,9 @@ def main() -> None:
         sixteen, wall16 = asyncio.run(clients(url, 16, args.requests, args.tokens))
         s16 = summary(sixteen, wall16)
         rss1 = rss_mb(proc.pid)
+        again, wall_again = asyncio.run(clients(url, 16, 3, args.tokens))  # the same load again
+        s_again = summary(again, wall_again)
+        rss2 = rss_mb(proc.pid)
         firsts = [asyncio.run(request(url, 32, seed=i))["first"] for i in range(5)]
         freed = asyncio.run(leave_mid_stream(url))
     finally:
@@ -144,12 +147,15 @@ def main() -> None:
         proc.wait(timeout=30)
         db.unlink(missing_ok=True)
     print(f"load: {os.getloadavg()[0]:.1f} (1-min average), {os.cpu_count()} cores")
-    for name, s in (("1 client", s1), ("8 clients", s8), ("16 clients x10", s16)):
+    rows = (("1 client", s1), ("8 clients", s8), (f"16 clients x{args.requests}", s16),
+            ("16 clients x3", s_again))  # fmt: skip
+    for name, s in rows:
         print(f"{name:>15}: {s['requests']} requests, {s['errors']} errors, "
               f"{s['tok_s']:.0f} tokens/s, latency p50 {s['p50']:.2f} s p99 {s['p99']:.2f} s")  # fmt: skip
     print(f"aggregate tokens/s, 8 clients / 1 client: {s8['tok_s'] / s1['tok_s']:.2f}x")
     print(f"aggregate tokens/s, 16 clients / 1 client: {s16['tok_s'] / s1['tok_s']:.2f}x")
-    print(f"server RSS before / after the 16-client phase: {rss0:.0f} / {rss1:.0f} MB")
+    print(f"server RSS before / after the 16-client phase / after 48 more requests: "
+          f"{rss0:.0f} / {rss1:.0f} / {rss2:.0f} MB")  # fmt: skip
     print(f"time to first note (lone request, median of 5): {statistics.median(firsts):.3f} s")
     print(f"a client leaving mid-stream freed its slot: {freed}")
 

@@ -695,7 +695,7 @@ async def _make_trial(srv: ModelServer, store: listen.Store, lim: Limits) -> dic
     seed = rng.randrange(2**31)
     from aurl.config import GenerationConfig
 
-    config = GenerationConfig(max_tokens=min(lim.max_tokens, 1024), seed=seed)
+    config = GenerationConfig(max_tokens=min(lim.max_tokens, 400), seed=seed)  # > 4 bars
     job = srv.submit(config)
     try:
         ids = await job.ids()
