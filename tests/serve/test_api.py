@@ -325,7 +325,8 @@ def test_loopback_server_refuses_foreign_host_headers(client):
 def test_pages_and_assets_point_nowhere_off_the_host(client):
     from aurl.serve.app import STATIC
 
-    texts = [client.get("/").text, client.get("/listen").text, client.get("/listen/results").text]
+    pages = ["/", "/listen", "/listen/results", "/docs"]
+    texts = [client.get(p).text for p in pages]
     texts += [p.read_text() for p in STATIC.iterdir()]
     assert len(texts) >= 8
     refs = []
@@ -345,5 +346,6 @@ def test_openapi_documents_the_schemas(client):
             "/api/health"} <= set(spec["paths"])  # fmt: skip
     props = spec["components"]["schemas"]["GenerateOptions"]["properties"]
     assert {"temperature", "top_k", "top_p", "key", "tempo", "seed", "primer"} <= set(props)
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "temperature" in docs.text and "/api/infill" in docs.text
     assert np.isfinite(props["top_p"]["maximum"])

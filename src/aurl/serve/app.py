@@ -169,6 +169,8 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
     app = FastAPI(
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load Swagger/ReDoc from a CDN: ours is self-contained
+        redoc_url=None,
         title="Aurl",
         version=_version(),
         description="Compose, harmonize, infill and analyse MIDI with Aurl. Errors are JSON "
@@ -237,6 +239,10 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
     @app.get("/", include_in_schema=False)
     async def studio():
         return FileResponse(STATIC / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return HTMLResponse(_api_docs(app.openapi()))
 
     @app.get("/listen", include_in_schema=False)
     async def listen_page():
@@ -429,6 +435,58 @@ def _version() -> str:
     from aurl import __version__
 
     return __version__
+
+
+def _schema_rows(schema: dict[str, Any], spec: dict[str, Any]) -> str:
+    """Table rows for an object schema's properties (resolving one ``$ref``)."""
+    from html import escape
+
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    rows = []
+    for name, p in schema.get("properties", {}).items():
+        kinds = [x.get("type", "") for x in p.get("anyOf", [p])]
+        bounds = ", ".join(f"{k} {p[k]}" for k in ("minimum", "maximum", "exclusiveMinimum",
+                                                    "exclusiveMaximum", "maxLength") if k in p)  # fmt: skip
+        rows.append(
+            f"<tr><td><code>{escape(name)}</code></td><td>{escape(' | '.join(filter(None, kinds)))}"
+            f"</td><td>{escape(str(p.get('default', '')))}</td><td>{escape(bounds)}</td>"
+            f"<td>{escape(p.get('description', ''))}</td></tr>"
+        )
+    return "".join(rows)
+
+
+def _api_docs(spec: dict[str, Any]) -> str:
+    """The OpenAPI description as one plain HTML page (no scripts, nothing off the host)."""
+    from html import escape
+
+    parts = [
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Aurl API</title>'
+        '<link rel="stylesheet" href="/static/style.css"></head><body>'
+        '<header><a href="/">Studio</a><a href="/listen">Listening test</a>'
+        '<a href="/openapi.json">openapi.json</a></header><main>'
+        f"<h1>{escape(spec['info']['title'])} API {escape(spec['info']['version'])}</h1>"
+        f"<p>{escape(spec['info'].get('description', ''))}</p>"
+        "<p><code>WS /api/generate/stream</code>: send the GenerateOptions below as one JSON "
+        'message; receive <code>{"type": "note", "pitch", "start", "end", "velocity"}</code> '
+        'per note (seconds), then <code>{"type": "done", "tokens", "notes", "midi"}</code>; '
+        "closing the socket cancels the work. See docs/serve.md.</p>"
+    ]
+    head = "<tr><th>field</th><th>type</th><th>default</th><th>range</th><th>meaning</th></tr>"
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            parts.append(f"<h2><code>{method.upper()} {escape(path)}</code></h2>"
+                         f"<p>{escape(op.get('description') or op.get('summary', ''))}</p>")  # fmt: skip
+            body = op.get("requestBody", {}).get("content", {})
+            for kind, content in body.items():
+                rows = _schema_rows(content.get("schema", {}), spec)
+                if rows:
+                    parts.append(f"<p>{escape(kind)}</p><table>{head}{rows}</table>")
+            codes = ", ".join(f"{c} {escape(r.get('description', ''))}"
+                              for c, r in op.get("responses", {}).items())  # fmt: skip
+            parts.append(f"<p>responses: {codes}</p>")
+    parts.append("</main></body></html>")
+    return "".join(parts)
 
 
 def _authorized(headers: Any, cookies: dict[str, str], token: str) -> bool:
