@@ -1,0 +1,164 @@
+"""Load test of `aurl serve` on loopback (bounded in count and time).
+
+Starts `aurl serve --port 0` (the shipped model) in a subprocess and drives it with WebSocket
+clients (`/api/generate/stream`), each request a fixed length (``--tokens``, with min_tokens
+just below it, so every request does the same work):
+
+1. one client, requests one after another: the baseline tokens/s;
+2. 8 clients at once: aggregate tokens/s, as a ratio to (1) (goal >= 4x);
+3. 16 clients x 10 requests: errors (goal 0), p50 / p99 request latency, aggregate tokens/s,
+   server RSS before and after, and after 16 x 3 more (no growth once warm);
+4. time to first note of a lone request (goal 0.5 s on 2 cores);
+5. a client that disconnects mid-stream frees its slot (the server reports 0 active rows).
+
+    python benchmarks/bench_serve.py [--tokens 96] [--requests 10] [--threads 1]
+
+Numbers go to BENCHMARKS.md with the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import websockets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_server(threads: int, db: Path) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "aurl", "serve", "--port", "0", "--db", str(db),
+           "--threads", str(threads), "--max-queue", "256"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)  # fmt: skip
+    line = proc.stdout.readline()
+    m = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+    if not m:
+        proc.kill()
+        raise SystemExit(f"aurl serve did not start: {line}")
+    url = m.group(1)
+    for _ in range(300):
+        try:
+            httpx.get(url + "/api/health", timeout=2)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise SystemExit("aurl serve never answered")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def request(url: str, tokens: int, seed: int) -> dict:
+    """One streamed request: latency, time to first note, tokens, or the error."""
+    t0 = time.perf_counter()
+    first = None
+    opts = {"max_tokens": tokens, "min_tokens": tokens - 8, "seed": seed}
+    try:
+        async with websockets.connect(url.replace("http", "ws") + "/api/generate/stream",
+                                      max_size=2**24) as ws:  # fmt: skip
+            await ws.send(json.dumps(opts))
+            async for text in ws:
+                m = json.loads(text)
+                if m["type"] == "note" and first is None:
+                    first = time.perf_counter() - t0
+                elif m["type"] == "done":
+                    return {"latency": time.perf_counter() - t0, "first": first,
+                            "tokens": m["tokens"]}  # fmt: skip
+                elif m["type"] == "error":
+                    return {"error": m["error"]}
+    except (OSError, websockets.WebSocketException) as e:
+        return {"error": repr(e)}
+    return {"error": "closed without done"}
+
+
+async def clients(url: str, n: int, per_client: int, tokens: int) -> tuple[list[dict], float]:
+    async def client(c: int) -> list[dict]:
+        return [await request(url, tokens, seed=1000 * c + i) for i in range(per_client)]
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(client(c) for c in range(n)))
+    return [r for rs in results for r in rs], time.perf_counter() - t0
+
+
+def summary(results: list[dict], wall: float) -> dict:
+    ok = [r for r in results if "error" not in r]
+    lat = sorted(r["latency"] for r in ok)
+    tokens = sum(r["tokens"] for r in ok)
+    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
+    return {"requests": len(results), "errors": len(results) - len(ok), "tokens": tokens,
+            "tok_s": tokens / wall, "p50": pick(0.5), "p99": pick(0.99), "wall": wall}  # fmt: skip
+
+
+async def leave_mid_stream(url: str) -> bool:
+    """A client leaves after 3 notes of a long request; True once the server shows no rows."""
+    async with websockets.connect(url.replace("http", "ws") + "/api/generate/stream") as ws:
+        await ws.send(json.dumps({"max_tokens": 4000, "min_tokens": 3900}))
+        for _ in range(3):
+            await ws.recv()
+    async with httpx.AsyncClient() as http:
+        for _ in range(100):
+            h = (await http.get(url + "/api/health")).json()["details"][0]
+            if h["active"] == 0 and h["waiting"] == 0:
+                return True
+            await asyncio.sleep(0.1)
+    return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=96, help="tokens per request")
+    ap.add_argument("--requests", type=int, default=10, help="requests per client (phase 3)")
+    ap.add_argument("--threads", type=int, default=1, help="server torch threads")
+    args = ap.parse_args()
+    db = Path("/tmp") / f"bench_serve_{os.getpid()}.sqlite"
+    proc, url = start_server(args.threads, db)
+    try:
+        asyncio.run(request(url, args.tokens, seed=0))  # warm-up
+        one, wall1 = asyncio.run(clients(url, 1, 4, args.tokens))
+        s1 = summary(one, wall1)
+        eight, wall8 = asyncio.run(clients(url, 8, 2, args.tokens))
+        s8 = summary(eight, wall8)
+        rss0 = rss_mb(proc.pid)
+        sixteen, wall16 = asyncio.run(clients(url, 16, args.requests, args.tokens))
+        s16 = summary(sixteen, wall16)
+        rss1 = rss_mb(proc.pid)
+        again, wall_again = asyncio.run(clients(url, 16, 3, args.tokens))  # the same load again
+        s_again = summary(again, wall_again)
+        rss2 = rss_mb(proc.pid)
+        firsts = [asyncio.run(request(url, 32, seed=i))["first"] for i in range(5)]
+        freed = asyncio.run(leave_mid_stream(url))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        db.unlink(missing_ok=True)
+    print(f"load: {os.getloadavg()[0]:.1f} (1-min average), {os.cpu_count()} cores")
+    rows = (("1 client", s1), ("8 clients", s8), (f"16 clients x{args.requests}", s16),
+            ("16 clients x3", s_again))  # fmt: skip
+    for name, s in rows:
+        print(f"{name:>15}: {s['requests']} requests, {s['errors']} errors, "
+              f"{s['tok_s']:.0f} tokens/s, latency p50 {s['p50']:.2f} s p99 {s['p99']:.2f} s")  # fmt: skip
+    print(f"aggregate tokens/s, 8 clients / 1 client: {s8['tok_s'] / s1['tok_s']:.2f}x")
+    print(f"aggregate tokens/s, 16 clients / 1 client: {s16['tok_s'] / s1['tok_s']:.2f}x")
+    print(f"server RSS before / after the 16-client phase / after 48 more requests: "
+          f"{rss0:.0f} / {rss1:.0f} / {rss2:.0f} MB")  # fmt: skip
+    print(f"time to first note (lone request, median of 5): {statistics.median(firsts):.3f} s")
+    print(f"a client leaving mid-stream freed its slot: {freed}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""``aurl serve``: the HTTP API, the studio page and the listening test (see docs/serve.md).
+
+Loopback (127.0.0.1) by default. Any other address needs a bearer token in the ``AURL_TOKEN``
+environment variable (never on the command line, where other users could read it); clients send
+``Authorization: Bearer <token>``, the pages ask for it once and keep it in a cookie.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from pathlib import Path
+
+from aurl.cli.generate import SHIPPED
+
+DEFAULT_MODEL = "default"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the models over HTTP: API, studio page, listening test",
+        description=(
+            "Start the Aurl server: the studio at http://HOST:PORT/, the listening test at "
+            "/listen, the API documented at /docs. Example:\n"
+            "  aurl serve --port 8000 --db listen.sqlite"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; "
+                   "another address needs AURL_TOKEN set)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", nargs="+", metavar="NAME", help="shipped models to serve "
+                       f"(default: {DEFAULT_MODEL!r}, the shipped chorale model)")  # fmt: skip
+    which.add_argument("--checkpoint", nargs="+", metavar="DIR",
+                       help="model folders to serve (named by the folder)")  # fmt: skip
+    p.add_argument(
+        "--db",
+        default="aurl-listen.sqlite",
+        metavar="PATH",
+        help="SQLite file of the listening test's answers (default ./aurl-listen.sqlite)",
+    )
+    lim = p.add_argument_group("limits (over a limit a request gets a 4xx naming it)")
+    lim.add_argument("--max-upload-bytes", type=int, default=1_000_000, metavar="N")
+    lim.add_argument("--max-tokens", type=int, default=4096, metavar="N",
+                     help="tokens per request (default 4096)")  # fmt: skip
+    lim.add_argument("--slots", type=int, default=16, metavar="N",
+                     help="requests decoding together per model (default 16)")  # fmt: skip
+    lim.add_argument("--max-queue", type=int, default=64, metavar="N",
+                     help="requests waiting for a slot per model (default 64)")  # fmt: skip
+    lim.add_argument("--request-seconds", type=float, default=120.0, metavar="S",
+                     help="wall-clock seconds per request (default 120)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    p.set_defaults(func=run)
+
+
+def shipped_model(name: str) -> Path:
+    """The folder of a shipped model: ``default`` is ``aurl/pretrained``; other names are
+    sub-folders of it that hold a ``config.json``.
+
+    Raises:
+        CheckpointError: no shipped model of that name (the message lists the names).
+    """
+    from aurl.errors import CheckpointError
+
+    folder = SHIPPED if name == DEFAULT_MODEL else SHIPPED / name
+    if (folder / "config.json").is_file():
+        return folder
+    names = [DEFAULT_MODEL] * (SHIPPED / "config.json").is_file() + sorted(
+        d.name for d in SHIPPED.iterdir() if (d / "config.json").is_file()
+    )
+    raise CheckpointError(f"--model {name}: no such shipped model; shipped: {', '.join(names)}")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def model_folders(args: argparse.Namespace) -> dict[str, Path]:
+    """Name -> folder of each model to serve, checked before anything loads.
+
+    Raises:
+        CheckpointError: a missing shipped model or checkpoint folder.
+        ConfigError: two models with one name.
+    """
+    from aurl.cli.generate import model_folder
+    from aurl.errors import ConfigError
+
+    if args.checkpoint:
+        pairs = [(Path(c).resolve().name, model_folder(c)) for c in args.checkpoint]
+    else:
+        pairs = [(n, shipped_model(n)) for n in (args.model or [DEFAULT_MODEL])]
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two models named alike ({', '.join(names)}): give distinct folders")
+    return dict(pairs)
+
+
+def run(args: argparse.Namespace) -> int:
+    from aurl.errors import ConfigError
+
+    loopback = is_loopback(args.host)
+    token = os.environ.get("AURL_TOKEN") or None
+    if not loopback and not token:
+        raise ConfigError(
+            f"--host {args.host} is not a loopback address: set AURL_TOKEN to a secret "
+            "(clients then send 'Authorization: Bearer $AURL_TOKEN'), or serve on 127.0.0.1"
+        )
+    for flag in ("max_upload_bytes", "max_tokens", "slots", "max_queue", "threads"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give 1 or more")
+    if args.request_seconds <= 0:
+        raise ConfigError(f"--request-seconds {args.request_seconds:g}: give a positive time")
+    folders = model_folders(args)
+
+    import torch
+    import uvicorn
+
+    from aurl.cli.generate import load_model
+    from aurl.serve.app import Settings, create_app
+    from aurl.serve.engine import Limits
+
+    torch.set_num_threads(args.threads)
+    models = {name: load_model(str(folder), "cpu") for name, folder in folders.items()}
+    limits = Limits(
+        max_upload_bytes=args.max_upload_bytes, max_tokens=args.max_tokens, slots=args.slots,
+        max_queue=args.max_queue, request_seconds=args.request_seconds,
+    )  # fmt: skip
+    settings = Settings(limits=limits, token=token, loopback=loopback, db=Path(args.db))
+    app = create_app(models, settings)
+    import socket
+
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host.strip("[]"), args.port))
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror}): "
+                          "pick another --port") from None  # fmt: skip
+    port = sock.getsockname()[1]
+    host = f"[{args.host.strip('[]')}]" if ":" in args.host else args.host
+    print(f"aurl serve: http://{host}:{port}/ (models: {', '.join(models)}; answers in "
+          f"{args.db}; Ctrl-C stops)", flush=True)  # fmt: skip
+    config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio")
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

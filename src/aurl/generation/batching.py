@@ -1,0 +1,384 @@
+"""Continuous batching: many independent requests decode together on one model's KV cache.
+
+:func:`aurl.generation.generate.generate` decodes a batch whose rows all start together and
+share one set of options. A server gets requests one by one, each with its own options, seed
+and length. :class:`ContinuousBatcher` keeps one batch of *rows* (one per request) and advances
+all of them by one token per :meth:`ContinuousBatcher.step`: the model runs once for the whole
+batch, while each row keeps its own grammar/constraint masker (:func:`make_masker`), sampling
+options and random generator, exactly as ``generate`` would for that request alone. A row that
+ends (END) or is cancelled leaves the batch at once, freeing its slot; a request that arrives
+while others are decoding joins at the next step (iteration-level scheduling, as in Orca, Yu et
+al. 2022, "Orca: A Distributed Serving System for Transformer-Based Generative Models").
+
+How a row joins a running batch: the batch shares one cache position ``pos``. A newcomer's
+prefix is run on its own and placed so that it ends at ``pos`` (positions before it are masked
+out of its attention with the model's per-row key mask). Rotary positions make attention depend
+only on distances, so the row sees what it would see from position 0. Models where absolute
+positions matter (VAE latents indexed by position, hierarchical attention's global tokens) only
+take newcomers when the batch is empty. When ``pos`` reaches the window, every row restarts on
+its last ``window_overlap`` tokens (``generate`` slides the same way, row by row).
+
+One request alone decodes exactly the ids ``generate(model, config)`` gives with the same seed
+(the tests hold that); rows sharing a batch follow the same rules with per-row seeds.
+
+:class:`NoteStream` turns a row's tokens into notes (seconds) as they complete, matching the
+tokenizer's decoder, for streaming to a client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from aurl.config import GenerationConfig
+from aurl.data.vocab import END, PAD, START, Kind, Vocab
+from aurl.errors import ConstraintError
+from aurl.generation.constraints import LogitMasker, MaskState, index_state
+from aurl.generation.generate import make_masker, sampling_options
+from aurl.generation.sampling import SamplingOptions, filter_logits, sample
+
+
+@dataclass(eq=False)
+class Row:
+    """One request in the batch. ``ids`` grows by one token per step (START .. END)."""
+
+    config: GenerationConfig
+    masker: LogitMasker
+    options: SamplingOptions
+    generator: torch.Generator
+    ids: list[int]
+    primer_length: int
+    mask_state: MaskState
+    latents: Any = None
+    seen: torch.Tensor | None = None  # (1, V) ids generated so far (repetition penalty)
+    offset: int = 0  # cache position of the row's first cached token
+    finished: bool = False  # emitted END
+    cancelled: bool = False
+    tag: Any = None  # the caller's handle (e.g. the server's job)
+
+    @property
+    def generated(self) -> int:
+        return len(self.ids) - self.primer_length
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.cancelled
+
+
+def cat_state(states: list[Any]) -> Any:
+    """Concatenate batch-first states along the batch (the inverse of :func:`index_state`).
+
+    Tensors are concatenated on dim 0 (0-d tensors and plain values are taken from the first);
+    dataclasses, dicts, lists and tuples field by field; all-None stays None.
+    """
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(states, dim=0) if first.dim() > 0 else first
+    if first is None:
+        return None
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        changes = {
+            f.name: cat_state([getattr(s, f.name) for s in states])
+            for f in dataclasses.fields(first)
+        }
+        return dataclasses.replace(first, **changes)
+    if isinstance(first, dict):
+        return {k: cat_state([s[k] for s in states]) for k in first}
+    if isinstance(first, (list, tuple)):
+        items = [cat_state(list(parts)) for parts in zip(*states)]
+        return type(first)(items) if not hasattr(first, "_fields") else type(first)(*items)
+    return first
+
+
+class ContinuousBatcher:
+    """Rows decoding together; see the module docstring.
+
+    Args:
+        model: A ``MusicTransformerVAEGAN`` (``init_state`` / ``step``), in eval mode.
+        slots: Most rows decoding at once; more wait in :attr:`pending`.
+        window: Cache positions (default ``GenerationConfig.window``, at most the context).
+        overlap: Tokens a row keeps when the window slides (default ``window_overlap``).
+
+    Not thread-safe: one thread calls :meth:`add`, :meth:`cancel` and :meth:`step`.
+    """
+
+    def __init__(
+        self, model: Any, *, slots: int = 16, window: int | None = None, overlap: int | None = None
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots {slots}: give 1 or more")
+        defaults = GenerationConfig()
+        self.model, self.vocab, self.slots = model, model.vocab, slots
+        self.device = model.embed.weight.device
+        self.window = min(window or defaults.window, model.config.max_seq_len)
+        ov = defaults.window_overlap if overlap is None else overlap
+        self.overlap = max(1, min(ov, self.window // 2))
+        # rows may join at any position only where attention depends on distances alone
+        self.joins_anywhere = model.config.mode == "transformer" and model.n_global == 0
+        self.rows: list[Row] = []
+        self.pending: list[Row] = []
+        self.state: Any = None  # the model's DecodeState for self.rows
+        self.logits: torch.Tensor | None = None  # (B, V) after each row's last token
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add(
+        self,
+        config: GenerationConfig,
+        *,
+        primer: np.ndarray | None = None,
+        masker: LogitMasker | None = None,
+        tag: Any = None,
+    ) -> Row:
+        """Queue one request; it joins the batch at the next :meth:`step` with a free slot.
+
+        Raises:
+            ConstraintError: bad constraints, beam search, or a primer that breaks the grammar.
+        """
+        if config.beam > 1:
+            raise ConstraintError("beam search does not batch with other requests: use beam 1")
+        masker = masker or make_masker(self.vocab, config, self.device)
+        prefix = np.asarray([START] if primer is None else primer, dtype=np.int64)
+        if prefix.ndim != 1 or len(prefix) == 0 or prefix[0] != START:
+            raise ConstraintError("a primer must start with START (use load_primer)")
+        prefix_t = torch.as_tensor(prefix, device=self.device)[None]
+        bad = masker.grammar.violations(prefix_t)
+        if bool(bad.any()):
+            col = int(bad.nonzero()[0][1])
+            raise ConstraintError(
+                f"primer breaks the grammar at token {col} "
+                f"({self.vocab.names()[int(prefix[col])]}): encode primers with the tokenizer"
+            )
+        options = sampling_options(config)
+        generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        latents = None
+        if self.model.config.mode in ("vae", "vae_gan"):
+            g = torch.Generator(device=self.device).manual_seed(config.seed)
+            latents = self.model.sample_prior(1, generator=g)
+        seen = None
+        if options.repetition_penalty != 1.0:
+            seen = torch.zeros(1, self.vocab.size, dtype=torch.bool, device=self.device)
+        row = Row(
+            config=config, masker=masker, options=options, generator=generator,
+            ids=prefix.tolist(), primer_length=len(prefix),
+            mask_state=masker.prime(masker.initial_state(1), prefix_t), latents=latents,
+            seen=seen, tag=tag,
+        )  # fmt: skip
+        self.pending.append(row)
+        return row
+
+    def cancel(self, row: Row) -> None:
+        """Stop ``row``: it leaves the batch (or the queue) at the next :meth:`step`."""
+        row.cancelled = True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.pending)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Row]:
+        """Drop cancelled rows, admit waiting ones, and give every row one more token.
+
+        Returns:
+            The rows that got a token (each ``row.ids`` one longer); those that emitted END have
+            ``finished`` set and have left the batch.
+        """
+        self.pending = [r for r in self.pending if not r.cancelled]
+        self._keep([not r.cancelled for r in self.rows])
+        self._admit()
+        if not self.rows:
+            return []
+        tokens = []
+        for i, row in enumerate(self.rows):
+            masked = row.masker.apply(self.logits[i : i + 1].float(), row.mask_state)
+            tid = sample(filter_logits(masked, row.options, row.seen), row.options, row.generator)
+            row.mask_state = row.masker.advance(row.mask_state, tid)
+            token = int(tid[0])
+            row.ids.append(token)
+            if row.seen is not None:
+                row.seen[0, token] = True
+            row.finished = token == END or bool(row.mask_state.grammar.ended[0])
+            tokens.append(token)
+        stepped = list(self.rows)
+        live = [not r.finished for r in self.rows]
+        ids = torch.tensor([t for t, k in zip(tokens, live) if k], device=self.device)[:, None]
+        self._keep(live)
+        if self.rows:
+            if self.state.pos >= self.window:
+                self._slide()
+            else:
+                mask = None
+                if self.state.key_mask is not None:  # new positions are the rows' own tokens
+                    mask = torch.ones(len(self.rows), 1, dtype=torch.bool, device=self.device)
+                self.logits = self.model.step(ids, self.state, attention_mask=mask)[:, -1]
+        return stepped
+
+    def _keep(self, keep: list[bool]) -> None:
+        """Keep only the rows where ``keep`` is True (their cache rows and logits too)."""
+        if all(keep):
+            return
+        index = [i for i, k in enumerate(keep) if k]
+        self.rows = [self.rows[i] for i in index]
+        if not self.rows:
+            self.state, self.logits = None, None
+            return
+        rows = torch.tensor(index, device=self.device)
+        self.state = index_state(self.state, rows)
+        self.logits = self.logits.index_select(0, rows)
+
+    def _prefix_keep(self, row: Row) -> int:
+        """Tokens of a newcomer's prefix to run (``generate``'s rule for the first window)."""
+        n = len(row.ids)
+        return n if n <= self.window - 1 else self.overlap
+
+    def _admit(self) -> None:
+        free = self.slots - len(self.rows)
+        if free <= 0 or not self.pending:
+            return
+        if self.rows and not self.joins_anywhere:
+            return  # wait for the batch to empty
+        take = self.pending[:free]
+        if not self.joins_anywhere:  # rows of one batch start together, at one length
+            k0 = self._prefix_keep(take[0])
+            take = [r for r in take if self._prefix_keep(r) == k0]
+        self.pending = [r for r in self.pending if r not in take]
+        keeps = [self._prefix_keep(r) for r in take]
+        need = max(keeps)
+        if not self.rows:
+            self.state, self.logits = self._build(take, keeps, need)
+            self.rows = take
+        elif need <= self.state.pos:
+            state, logits = self._build(take, keeps, self.state.pos)
+            self._concat(state, logits, take)
+        else:  # a long primer: rebuild the running rows to end at ``need`` too
+            cached = [self.state.pos - r.offset for r in self.rows]
+            self.state, self.logits = self._build(self.rows + take, cached + keeps, need)
+            self.rows = self.rows + take
+
+    def _concat(self, state: Any, logits: torch.Tensor, rows: list[Row]) -> None:
+        for s in (self.state, state):
+            if s.key_mask is None:  # every cached position of such rows is their own token
+                s.key_mask = torch.ones(
+                    len(s.k[0]), s.capacity, dtype=torch.bool, device=self.device
+                )
+        self.state = cat_state([self.state, state])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows = self.rows + rows
+
+    def _slide(self) -> None:
+        """The window is full: every row restarts on its last ``overlap`` tokens."""
+        keeps = [min(len(r.ids), self.overlap) for r in self.rows]
+        self.state, self.logits = self._build(self.rows, keeps, max(keeps))
+
+    def _build(self, rows: list[Row], keeps: list[int], end: int) -> tuple[Any, torch.Tensor]:
+        """A decode state where row i holds its last ``keeps[i]`` ids at positions
+        ``end - keeps[i] .. end - 1`` (the ids before them carried as history), and the logits
+        (B, V) after each row's last id. Each row runs alone, so no padding enters its state."""
+        states, logits = [], []
+        any_offset = any(k < end for k in keeps)
+        for row, k in zip(rows, keeps):
+            ids = torch.as_tensor(row.ids, device=self.device)[None]  # (1, L)
+            history = ids[:, : ids.shape[1] - k]
+            state = self.model.init_state(
+                1, device=self.device, latents=row.latents, capacity=self.window,
+                history=history if history.shape[1] > 0 else None,
+            )  # fmt: skip
+            mask = None
+            if any_offset:
+                state.pos = end - k
+                state.key_mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
+                mask = torch.ones(1, k, dtype=torch.bool, device=self.device)
+            logits.append(self.model.step(ids[:, -k:], state, attention_mask=mask)[:, -1])
+            row.offset = end - k
+            states.append(state)
+        return cat_state(states), torch.cat(logits)
+
+
+# --------------------------------------------------------------------------------------------
+# Notes as they complete
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NoteStream:
+    """Feed a row's ids one by one; get each note (seconds) once it is complete.
+
+    Follows the decoder's rules (:meth:`aurl.data.tokenizer.Tokenizer.decode_events`): a
+    NOTE_OFF closes its pitch in the current family, a NOTE_ON on a sounding pitch closes the
+    earlier note (dropped if struck at the same step), END closes every note, every note lasts
+    at least one step; time flows with TIME_SHIFTs at the tempo in force (120 BPM before any
+    TEMPO; ``seconds`` vocabularies use the fixed step). So the notes streamed for a piece are
+    the notes :meth:`Tokenizer.decode_to_notes` gives for its ids, in completion order.
+    """
+
+    vocab: Vocab
+    step: int = 0
+    seconds: float = 0.0
+    bpm: float = 120.0
+    family: int = 0
+    velocity_bin: int = -1
+    open: dict[tuple[int, int], tuple[int, float, int]] = field(default_factory=dict)
+    ended: bool = False
+
+    def __post_init__(self) -> None:
+        v = self.vocab
+        self._kind = v.kind.astype(np.int64).tolist()
+        self._value = v.value.astype(np.int64).tolist()
+        self._bin_bpm = [float(x) for x in v.bin_tempo]
+        self._bin_velocity = [int(x) for x in v.bin_velocity]
+        if self.velocity_bin < 0:
+            self.velocity_bin = int(v.velocity_bin(64))
+
+    def _sps(self) -> float:
+        return self.vocab.seconds_per_step(self.bpm)
+
+    def _close(self, key: tuple[int, int], out: list[dict]) -> None:
+        on_step, start, vbin = self.open.pop(key)
+        end = self.seconds if self.step > on_step else start + self._sps()
+        out.append(
+            {"pitch": key[1], "start": start, "end": end, "velocity": self._bin_velocity[vbin]}
+        )
+
+    def feed(self, token: int) -> list[dict]:
+        """The notes ``token`` completes (``pitch``, ``start``, ``end`` in s, ``velocity``)."""
+        out: list[dict] = []
+        if self.ended or not 0 <= token < len(self._kind):
+            return out
+        kind, value = self._kind[token], self._value[token]
+        if kind == Kind.TIME_SHIFT:
+            self.step += value
+            self.seconds += value * self._sps()
+        elif kind == Kind.TEMPO:
+            self.bpm = self._bin_bpm[value]
+        elif kind == Kind.INSTRUMENT:
+            self.family = value
+        elif kind == Kind.VELOCITY:
+            self.velocity_bin = value
+        elif kind == Kind.NOTE_ON:
+            key = (self.family, value)
+            if key in self.open:
+                if self.open[key][0] == self.step:  # re-struck at once: the first is nothing
+                    del self.open[key]
+                else:
+                    self._close(key, out)
+            self.open[key] = (self.step, self.seconds, self.velocity_bin)
+        elif kind == Kind.NOTE_OFF:
+            key = (self.family, value)
+            if key in self.open:
+                self._close(key, out)
+        elif token == END:
+            for key in sorted(self.open):
+                self._close(key, out)
+            self.ended = True
+        elif token == PAD:
+            pass
+        return out
+
+
+__all__ = ["ContinuousBatcher", "NoteStream", "Row", "cat_state"]

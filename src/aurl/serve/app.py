@@ -1,0 +1,769 @@
+"""The FastAPI app: JSON/MIDI endpoints, the streaming socket, the studio and listening pages.
+
+Every error a client can cause comes back as a 4xx with a JSON body
+``{"error": "<what was wrong and what to do>", "limit": <name or null>, "field": <name or
+null>}``: fields out of range or of the wrong type (422, never clamped), uploads that are not
+MIDI (422), bodies over ``max_upload_bytes`` (413), a full queue (429), a request over its time
+(408). The schemas are documented in the OpenAPI page at ``/docs`` and in docs/serve.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import random
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from aurl.errors import AurlError, ConfigError
+from aurl.serve import listen
+from aurl.serve.engine import LimitError, Limits, ModelServer
+from aurl.serve.uploads import UploadError, parse_upload
+
+log = logging.getLogger("aurl.serve")
+STATIC = Path(str(resources.files("aurl.serve") / "static"))
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+COOKIE = "aurl_token"
+MAX_FIELD_BYTES = 64 * 1024  # room for the form fields / JSON around an uploaded file
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas
+# --------------------------------------------------------------------------------------------
+
+
+class GenerateOptions(BaseModel):
+    """Options of ``POST /api/generate`` and the first message of ``WS /api/generate/stream``.
+    Every field is optional; the defaults are ``aurl generate``'s."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+
+    model: str | None = Field(None, description="a model from /api/health (default: the first)")
+    max_tokens: int | None = Field(
+        None, ge=8, description="length limit in tokens (default 1024; at most the server's "
+        "max_tokens limit)",
+    )  # fmt: skip
+    seconds: float | None = Field(
+        None, gt=0, description="length limit in seconds of music (instead of max_tokens)"
+    )
+    min_tokens: int = Field(0, ge=0, description="no END before this many generated tokens")
+    temperature: float = Field(1.0, ge=0, le=100, description="0 = greedy")
+    top_k: int = Field(0, ge=0, le=100_000, description="keep the K likeliest ids (0: off)")
+    top_p: float = Field(1.0, ge=0, le=1, description="nucleus mass (1: off)")
+    min_p: float = Field(0.0, ge=0, le=1, description="min-p threshold (0: off)")
+    repetition_penalty: float = Field(1.0, gt=0, le=100, description="> 1 discourages repeats")
+    key: str = Field("", max_length=40, description="e.g. 'D minor'; 'primer': the primer's")
+    key_strictness: float = Field(1.0, ge=0, le=1, description="1 masks out-of-key notes")
+    pitch_low: int = Field(21, ge=0, le=127)
+    pitch_high: int = Field(108, ge=0, le=127)
+    tempo: float | None = Field(None, gt=0, le=1000, description="fixed tempo in BPM")
+    tempo_range: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="[low, high] BPM"
+    )
+    instruments: list[int] | None = Field(
+        None, max_length=16, description="allowed General MIDI families (program // 8)"
+    )
+    density: float = Field(0.0, ge=0, le=64, description="target notes per beat (0: free)")
+    polyphony: int = Field(8, ge=1, le=128, description="most notes sounding at once")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    primer: str | None = Field(None, description="a MIDI file to continue, base64")
+    primer_seconds: float = Field(0.0, ge=0, le=3600, description="use only its first S s")
+
+
+class HealthModel(BaseModel):
+    name: str
+    vocab_size: int
+    mode: str
+    parameters: int
+    active: int
+    waiting: int
+    slots: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    models: list[str]
+    vocab_size: int
+    details: list[HealthModel]
+    limits: dict[str, float | int]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    limit: str | None = None
+    field: str | None = None
+
+
+class TrialRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str | None = None
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    trial: str = Field(..., max_length=64)
+    choice: Literal["A", "B"] = Field(..., description="the side the listener thinks is Bach")
+
+
+ERRORS = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in [
+        (408, "over request_seconds"), (413, "over max_upload_bytes"),
+        (422, "a field or file is wrong (the message says which)"),
+        (429, "over max_queue"), (501, "this build cannot compose yet"),
+    ]
+}  # fmt: skip
+
+
+def _error(status: int, message: str, *, limit: str | None = None, field: str | None = None):
+    return JSONResponse({"error": message, "limit": limit, "field": field}, status_code=status)
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Settings:
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    token: str | None = None  # bearer token (AURL_TOKEN); None: no authentication
+    loopback: bool = True  # bound to a loopback address: only loopback Host headers
+    db: Path = Path("aurl-listen.sqlite")
+
+
+def create_app(models: dict[str, Any], settings: Settings | None = None) -> FastAPI:
+    """The app serving ``models`` (name -> a loaded model in eval mode).
+
+    Args:
+        models: At least one model; the first is the default.
+        settings: Limits, token, host policy and the listening test's database.
+    """
+    if not models:
+        raise ConfigError("aurl serve needs at least one model")
+    s = settings or Settings()
+    lim = s.limits
+    servers: dict[str, ModelServer] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        for server in servers.values():
+            server.close()
+        store.close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load Swagger/ReDoc from a CDN: ours is self-contained
+        redoc_url=None,
+        title="Aurl",
+        version=_version(),
+        description="Compose, harmonize, infill and analyse MIDI with Aurl. Errors are JSON "
+        '`{"error", "limit", "field"}` with a 4xx status. See docs/serve.md.',
+    )
+    servers.update({name: ModelServer(name, m, lim) for name, m in models.items()})
+    store = listen.Store(s.db)
+    app.state.servers, app.state.store, app.state.settings = servers, store, s
+    if s.loopback:  # a page elsewhere cannot reach this server through DNS rebinding
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*LOOPBACK_HOSTS, "testserver"])
+
+    # -- errors --------------------------------------------------------------------------------
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _error(422, _validation_message(exc.errors()), field=_first_field(exc.errors()))
+
+    @app.exception_handler(LimitError)
+    async def _limit(request: Request, exc: LimitError):
+        return _error(exc.status, str(exc), limit=exc.limit, field=exc.field)
+
+    @app.exception_handler(UploadError)
+    async def _upload(request: Request, exc: UploadError):
+        return _error(exc.status, str(exc), limit=exc.limit, field="file")
+
+    @app.exception_handler(AurlError)
+    async def _aurl(request: Request, exc: AurlError):
+        return _error(422, str(exc))
+
+    # -- authentication and body size ---------------------------------------------------------
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if s.token and not _authorized(request.headers, request.cookies, s.token):
+            path = request.url.path
+            if path == "/login" or path.startswith("/static/"):
+                return await call_next(request)
+            if request.method == "GET" and not path.startswith("/api"):
+                return HTMLResponse(_login_page(), status_code=401)
+            return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer "
+                          "$AURL_TOKEN'", limit="token")  # fmt: skip
+        if request.method in ("POST", "PUT", "PATCH"):
+            most = lim.max_upload_bytes * 4 // 3 + MAX_FIELD_BYTES  # base64 or multipart
+            length = request.headers.get("content-length")
+            if length is None:
+                return _error(411, "send a Content-Length header with the body",
+                              limit="max_upload_bytes")  # fmt: skip
+            if not length.isdigit() or int(length) > most:
+                return _error(413, f"the body is {length} bytes, over this server's limit "
+                              f"max_upload_bytes={lim.max_upload_bytes} for a MIDI file",
+                              limit="max_upload_bytes")  # fmt: skip
+        return await call_next(request)
+
+    @app.post("/login", include_in_schema=False)
+    async def login(token: str = Form(..., max_length=4096)):
+        if not s.token or not hmac.compare_digest(token.encode(), s.token.encode()):
+            return HTMLResponse(_login_page("wrong token"), status_code=401)
+        r = RedirectResponse("/", status_code=303)
+        r.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        return r
+
+    # -- pages ---------------------------------------------------------------------------------
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def studio():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return HTMLResponse(_api_docs(app.openapi()))
+
+    @app.get("/listen", include_in_schema=False)
+    async def listen_page():
+        return FileResponse(STATIC / "listen.html")
+
+    @app.get("/listen/results", include_in_schema=False)
+    async def listen_results_page():
+        return HTMLResponse(listen.results_html(listen.results(store)))
+
+    # -- API -----------------------------------------------------------------------------------
+
+    @app.get("/api/health", response_model=Health, tags=["info"])
+    async def health():
+        """Status, the models served (the first is the default) and the vocabulary size."""
+        details = []
+        for name, srv in servers.items():
+            st = srv.stats()
+            details.append(HealthModel(
+                name=name, vocab_size=srv.vocab.size, mode=srv.model.config.mode,
+                parameters=sum(p.numel() for p in srv.model.parameters()),
+                active=st["active"], waiting=st["waiting"], slots=st["slots"],
+            ))  # fmt: skip
+        first = next(iter(servers.values()))
+        return Health(status="ok", models=list(servers), vocab_size=first.vocab.size,
+                      details=details, limits=dataclasses.asdict(lim))  # fmt: skip
+
+    async def start_job(opts: GenerateOptions):
+        srv = _server(servers, opts.model)
+        primer = None
+        if opts.primer:
+            data = _b64(opts.primer, lim)
+            result = await parse_upload(
+                data, "ids", name="primer", timeout=lim.parse_seconds,
+                memory_mb=lim.parse_memory_mb,
+                options={"vocab": dataclasses.asdict(srv.model.vocab_config),
+                         "polyphony_cap": opts.polyphony},
+            )  # fmt: skip
+            primer = _primer_ids(np.asarray(result["ids"], dtype=np.int64), srv, opts)
+        config = _generation_config(opts, srv, lim, primer)
+        return srv, srv.submit(config, primer)
+
+    @app.post(
+        "/api/generate", tags=["compose"], responses={**ERRORS, 200: {
+            "content": {"audio/midi": {}}, "description": "the piece as a MIDI file"}},
+    )  # fmt: skip
+    async def generate(opts: GenerateOptions, request: Request):
+        """Compose one piece; returns it as a MIDI file (header ``X-Aurl-Tokens``: its length)."""
+        srv, job = await start_job(opts)
+        ids = await _until_done_or_gone(job, request)
+        midi = await asyncio.to_thread(srv.tokenizer.decode_to_bytes, np.asarray(ids))
+        return Response(midi, media_type="audio/midi", headers={
+            "X-Aurl-Tokens": str(len(ids) - job.row.primer_length),
+            "Content-Disposition": f'attachment; filename="aurl_seed{opts.seed}.mid"'})  # fmt: skip
+
+    @app.websocket("/api/generate/stream")
+    async def stream(ws: WebSocket):
+        """First message: GenerateOptions as JSON. Then one ``{"type": "note", "pitch",
+        "start", "end", "velocity"}`` (seconds) per decoded note, and ``{"type": "done",
+        "tokens", "notes", "midi"}`` (base64 MIDI). Errors: ``{"type": "error", "error",
+        "limit", "status"}`` and a close code 4000 + the HTTP status. Closing the socket
+        cancels the work."""
+        if s.token and not _authorized(ws.headers, ws.cookies, s.token):
+            await ws.close(code=4401)
+            return
+        await ws.accept()
+        try:
+            first = await asyncio.wait_for(ws.receive_text(), timeout=30)
+            opts = GenerateOptions.model_validate(json.loads(first))
+            srv, job = await start_job(opts)
+        except WebSocketDisconnect:
+            return
+        except (asyncio.TimeoutError, json.JSONDecodeError, ValidationError, AurlError) as e:
+            await _ws_error(ws, e)
+            return
+        await _stream_job(ws, srv, job)
+
+    @app.post("/api/analyze", tags=["analysis"], responses=ERRORS)
+    async def analyze(
+        file: Annotated[UploadFile, File(description="a MIDI file")],
+        beats_per_bar: float = Form(0.0, ge=0, le=64, description="0: from the file's meter"),
+    ) -> dict[str, Any]:
+        """Keys, chords, cadences, form and melody of the file (``aurl analyze``'s JSON)."""
+        data = await _read_upload(file, lim)
+        return await parse_upload(
+            data, "analyze", name=file.filename or "file", timeout=lim.parse_seconds,
+            memory_mb=lim.parse_memory_mb,
+            options={"beats_per_bar": beats_per_bar, "name": file.filename or ""},
+        )  # fmt: skip
+
+    @app.post("/api/notes", tags=["analysis"], responses=ERRORS)
+    async def notes(file: Annotated[UploadFile, File(description="a MIDI file")]) -> dict[str, Any]:
+        """The file's notes as ``[pitch, start, end, velocity]`` rows in seconds (what the
+        studio draws), and the bar length in beats."""
+        data = await _read_upload(file, lim)
+        result = await parse_upload(
+            data,
+            "notes",
+            name=file.filename or "file",
+            timeout=lim.parse_seconds,
+            memory_mb=lim.parse_memory_mb,
+        )
+        n = result["notes"]
+        rows = [[p, round(o, 4), round(o + d, 4), v] for p, o, d, v in
+                zip(n["pitch"], n["onset_s"], n["duration_s"], n["velocity"])]  # fmt: skip
+        beats = [round(x, 4) for x in n["onset"]]
+        return {"notes": rows, "onset_beats": beats, "beats_per_bar": result["beats_per_bar"]}
+
+    @app.post("/api/harmonize", tags=["compose"], responses={**ERRORS, 200: {
+        "content": {"audio/midi": {}}, "description": "the harmonization"}})  # fmt: skip
+    async def harmonize(
+        file: Annotated[UploadFile, File(description="a MIDI file with one melodic line")],
+        model: str | None = Form(None, max_length=100),
+        seed: int = Form(0, ge=0, le=2**63 - 1),
+        key: str = Form("", max_length=40),
+        voices: int = Form(4, ge=2, le=8),
+    ):
+        """Compose lower voices under the uploaded melody (``aurl harmonize``)."""
+        srv = _server(servers, model)
+        data = await _read_upload(file, lim)
+        melody = await _upload_notes(data, file.filename, lim)
+        out = await _compose("harmonize", srv, melody, seed=seed, key=key or None, voices=voices)
+        return Response(out, media_type="audio/midi")
+
+    @app.post("/api/infill", tags=["compose"], responses={**ERRORS, 200: {
+        "content": {"audio/midi": {}}, "description": "the piece with new bars"}})  # fmt: skip
+    async def infill(
+        file: Annotated[UploadFile, File(description="a MIDI file")],
+        bars: str | None = Form(None, pattern=r"^\d{1,5}-\d{1,5}$", description="A-B, 1-based"),
+        span: str | None = Form(
+            None,
+            pattern=r"^\d{1,5}(\.\d{1,3})?-\d{1,5}(\.\d{1,3})?$",
+            description="S-T in seconds (instead of bars)",
+        ),
+        model: str | None = Form(None, max_length=100),
+        seed: int = Form(0, ge=0, le=2**63 - 1),
+    ):
+        """Regenerate bars A..B (or the span S..T seconds) of the uploaded piece
+        (``aurl infill``)."""
+        if (bars is None) == (span is None):
+            return _error(422, "give bars A-B or span S-T (seconds), one of them", field="bars")
+        where: dict[str, Any]
+        if bars is not None:
+            first, last = (int(x) for x in bars.split("-"))
+            if not 1 <= first <= last:
+                return _error(422, f"bars {bars}: give A-B with 1 <= A <= B", field="bars")
+            where = {"bars": (first, last)}
+        else:
+            start, end = (float(x) for x in span.split("-"))
+            if not start < end:
+                return _error(422, f"span {span}: give S-T with S < T", field="span")
+            where = {"span": (start, end)}
+        srv = _server(servers, model)
+        data = await _read_upload(file, lim)
+        piece = await _upload_notes(data, file.filename, lim)
+        out = await _compose("infill", srv, piece, seed=seed, **where)
+        return Response(out, media_type="audio/midi")
+
+    # -- listening test -------------------------------------------------------------------------
+
+    @app.post("/api/listen/trial", tags=["listening test"], responses=ERRORS)
+    async def trial(req: TrialRequest | None = None) -> dict[str, Any]:
+        """A new blind trial: two excerpts ``a`` and ``b`` (``[pitch, onset, duration]`` in
+        beats), one a held-out chorale, one composed now; play both at ``bpm``."""
+        srv = _server(servers, req.model if req else None)
+        return await _make_trial(srv, store, lim)
+
+    @app.post("/api/listen/answer", tags=["listening test"], responses=ERRORS)
+    async def answer(a: Answer, request: Request) -> dict[str, Any]:
+        """Record which side the listener thinks is Bach; the reply says which one was."""
+        listener = request.headers.get("x-listener", "")[:64] or "anonymous"
+        try:
+            return store.answer(a.trial, a.choice, listener)
+        except listen.TrialError as e:
+            return _error(e.status, str(e), field="trial")
+
+    @app.get("/api/listen/results", tags=["listening test"])
+    async def listen_results() -> list[dict[str, Any]]:
+        """Per model: answers, correct, accuracy and its exact 95% interval."""
+        return listen.results(store)
+
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _version() -> str:
+    from aurl import __version__
+
+    return __version__
+
+
+def _schema_rows(schema: dict[str, Any], spec: dict[str, Any]) -> str:
+    """Table rows for an object schema's properties (resolving one ``$ref``)."""
+    from html import escape
+
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    rows = []
+    for name, p in schema.get("properties", {}).items():
+        kinds = [x.get("type", "") for x in p.get("anyOf", [p])]
+        bounds = ", ".join(f"{k} {p[k]}" for k in ("minimum", "maximum", "exclusiveMinimum",
+                                                    "exclusiveMaximum", "maxLength") if k in p)  # fmt: skip
+        rows.append(
+            f"<tr><td><code>{escape(name)}</code></td><td>{escape(' | '.join(filter(None, kinds)))}"
+            f"</td><td>{escape(str(p.get('default', '')))}</td><td>{escape(bounds)}</td>"
+            f"<td>{escape(p.get('description', ''))}</td></tr>"
+        )
+    return "".join(rows)
+
+
+def _api_docs(spec: dict[str, Any]) -> str:
+    """The OpenAPI description as one plain HTML page (no scripts, nothing off the host)."""
+    from html import escape
+
+    parts = [
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Aurl API</title>'
+        '<link rel="stylesheet" href="/static/style.css"></head><body>'
+        '<header><a href="/">Studio</a><a href="/listen">Listening test</a>'
+        '<a href="/openapi.json">openapi.json</a></header><main>'
+        f"<h1>{escape(spec['info']['title'])} API {escape(spec['info']['version'])}</h1>"
+        f"<p>{escape(spec['info'].get('description', ''))}</p>"
+        "<p><code>WS /api/generate/stream</code>: send the GenerateOptions below as one JSON "
+        'message; receive <code>{"type": "note", "pitch", "start", "end", "velocity"}</code> '
+        'per note (seconds), then <code>{"type": "done", "tokens", "notes", "midi"}</code>; '
+        "closing the socket cancels the work. See docs/serve.md.</p>"
+    ]
+    head = "<tr><th>field</th><th>type</th><th>default</th><th>range</th><th>meaning</th></tr>"
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            parts.append(f"<h2><code>{method.upper()} {escape(path)}</code></h2>"
+                         f"<p>{escape(op.get('description') or op.get('summary', ''))}</p>")  # fmt: skip
+            body = op.get("requestBody", {}).get("content", {})
+            for kind, content in body.items():
+                rows = _schema_rows(content.get("schema", {}), spec)
+                if rows:
+                    parts.append(f"<p>{escape(kind)}</p><table>{head}{rows}</table>")
+            codes = ", ".join(f"{c} {escape(r.get('description', ''))}"
+                              for c, r in op.get("responses", {}).items())  # fmt: skip
+            parts.append(f"<p>responses: {codes}</p>")
+    parts.append("</main></body></html>")
+    return "".join(parts)
+
+
+def _authorized(headers: Any, cookies: dict[str, str], token: str) -> bool:
+    given = headers.get("authorization", "")
+    bearer = given.lower().startswith("bearer ")
+    given = given[7:].strip() if bearer else cookies.get(COOKIE, "")
+    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def _login_page(note: str = "") -> str:
+    msg = f"<p class='error'>{note}</p>" if note else ""
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Aurl: sign in</title>'
+        '<link rel="stylesheet" href="/static/style.css"></head><body><main>'
+        f"<h1>Aurl</h1>{msg}<form method='post' action='/login'><label>Token "
+        "<input type='password' name='token' autofocus></label> <button>Sign in</button>"
+        "</form></main></body></html>"
+    )
+
+
+def _first_field(errors: Any) -> str | None:
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "form")]
+        if loc:
+            return ".".join(loc)
+    return None
+
+
+def _validation_message(errors: Any) -> str:
+    parts = []
+    for e in list(errors)[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "form"))
+        got = e.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {str(got)[:40]!r})"
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}{shown}")
+    return "; ".join(parts)
+
+
+def _server(servers: dict[str, ModelServer], name: str | None) -> ModelServer:
+    if name is None:
+        return next(iter(servers.values()))
+    if name not in servers:
+        raise ConfigError(f"model {name!r} is not served here: choose one of {', '.join(servers)}")
+    return servers[name]
+
+
+def _b64(text: str, lim: Limits) -> bytes:
+    too_big = LimitError(f"primer is over max_upload_bytes={lim.max_upload_bytes}",
+                         limit="max_upload_bytes", status=413, field="primer")  # fmt: skip
+    if len(text) > lim.max_upload_bytes * 4 // 3 + 4:
+        raise too_big
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(
+            "primer: not base64 (send the MIDI file's bytes base64-encoded)"
+        ) from None
+    if len(data) > lim.max_upload_bytes:
+        raise too_big
+    return data
+
+
+async def _read_upload(file: UploadFile, lim: Limits) -> bytes:
+    data = await file.read(lim.max_upload_bytes + 1)
+    if len(data) > lim.max_upload_bytes:
+        raise LimitError(f"{file.filename or 'file'} is over max_upload_bytes="
+                         f"{lim.max_upload_bytes}", limit="max_upload_bytes", status=413)  # fmt: skip
+    return data
+
+
+async def _upload_notes(data: bytes, name: str | None, lim: Limits) -> np.ndarray:
+    from aurl.data.notes import NOTE_DTYPE
+
+    result = await parse_upload(data, "notes", name=name or "file", timeout=lim.parse_seconds,
+                                memory_mb=lim.parse_memory_mb)  # fmt: skip
+    cols = result["notes"]
+    notes = np.zeros(len(cols["pitch"]), dtype=NOTE_DTYPE)
+    for field in NOTE_DTYPE.names:
+        notes[field] = cols[field]
+    return notes
+
+
+def _generation_config(
+    opts: GenerateOptions, srv: ModelServer, lim: Limits, primer: np.ndarray | None
+):
+    """The GenerationConfig of a request, checked against the server's limits (never clamped)."""
+    from aurl.config import GenerationConfig, build
+
+    if opts.max_tokens is not None and opts.seconds is not None:
+        raise ConfigError("give max_tokens or seconds, not both")
+    if opts.max_tokens is not None and opts.max_tokens > lim.max_tokens:
+        raise LimitError(f"max_tokens {opts.max_tokens} is over this server's limit "
+                         f"max_tokens={lim.max_tokens}", limit="max_tokens", status=422,
+                         field="max_tokens")  # fmt: skip
+    if opts.seconds is not None and opts.seconds > lim.max_seconds:
+        raise LimitError(f"seconds {opts.seconds:g} is over this server's limit "
+                         f"max_seconds={lim.max_seconds:g}", limit="max_seconds", status=422,
+                         field="seconds")  # fmt: skip
+    values: dict[str, Any] = {
+        "seed": opts.seed, "temperature": opts.temperature, "top_k": opts.top_k,
+        "top_p": opts.top_p, "min_p": opts.min_p, "repetition_penalty": opts.repetition_penalty,
+        "key": opts.key, "key_strictness": opts.key_strictness, "pitch_low": opts.pitch_low,
+        "pitch_high": opts.pitch_high, "density": opts.density, "polyphony_cap": opts.polyphony,
+        "min_tokens": opts.min_tokens,
+    }  # fmt: skip
+    if opts.max_tokens is not None:
+        values["max_tokens"] = opts.max_tokens
+    if opts.seconds is not None:
+        values["seconds"], values["max_tokens"] = opts.seconds, lim.max_tokens
+    if opts.tempo is not None:
+        values["tempo"] = opts.tempo
+    if opts.tempo_range is not None:
+        values["tempo_range"] = opts.tempo_range
+    if opts.instruments:
+        values["instruments"] = opts.instruments
+    if opts.key.strip().lower() == "primer":
+        values["key"] = _primer_key(primer, srv)
+    return build(GenerationConfig, values, prefix="generation")
+
+
+def _primer_ids(ids: np.ndarray, srv: ModelServer, opts: GenerateOptions) -> np.ndarray:
+    """A primer's ids as :func:`aurl.generation.generate.load_primer` makes them: no END or
+    PAD, cut after ``primer_seconds``, and holding a note."""
+    from aurl.data.vocab import END, PAD, Kind
+    from aurl.errors import ConstraintError
+    from aurl.generation.generate import token_seconds
+
+    ids = ids[(ids != END) & (ids != PAD)]
+    if opts.primer_seconds > 0:
+        ids = ids[token_seconds(ids, srv.vocab) < opts.primer_seconds]
+    if not (srv.vocab.kind[ids] == Kind.NOTE_ON).any():
+        cut = f" in its first {opts.primer_seconds:g} s" if opts.primer_seconds > 0 else ""
+        raise ConstraintError(f"primer has no notes{cut}: give a MIDI file with notes")
+    return ids
+
+
+def _primer_key(primer: np.ndarray | None, srv: ModelServer) -> str:
+    from aurl.analysis.keys import estimate_key
+    from aurl.errors import ConstraintError, DataError
+
+    if primer is None:
+        raise ConstraintError("key 'primer' needs a primer")
+    try:
+        notes = srv.tokenizer.decode_to_notes(primer)
+        return estimate_key(notes, final_bass_weight=0.0).name
+    except DataError as e:
+        raise ConstraintError(f"key 'primer': {e}") from None
+
+
+async def _until_done_or_gone(job: Any, request: Request) -> list[int]:
+    """The job's ids; a client that goes away meanwhile cancels it (its slot is freed)."""
+    task = asyncio.ensure_future(job.ids())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                job.cancel()
+    finally:
+        job.cancel()  # a no-op once the job is done
+        if not task.done():
+            task.cancel()
+
+
+async def _ws_error(ws: WebSocket, e: Exception) -> None:
+    status, limit = 422, None
+    if isinstance(e, (LimitError, UploadError)):
+        status, limit = e.status, e.limit
+    if isinstance(e, asyncio.TimeoutError):
+        message, status, limit = "no options within 30 s: send them first", 408, "options_seconds"
+    elif isinstance(e, ValidationError):
+        message = _validation_message(e.errors())
+    elif isinstance(e, json.JSONDecodeError):
+        message = f"the first message is not JSON ({e.msg}): send the options as a JSON object"
+    else:
+        message = str(e)
+    try:
+        await ws.send_json({"type": "error", "error": message, "limit": limit, "status": status})
+        await ws.close(code=4000 + status)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+
+
+async def _stream_job(ws: WebSocket, srv: ModelServer, job: Any) -> None:
+    """Send the job's notes as they complete; cancel it when the client goes away."""
+    from aurl.generation.batching import NoteStream
+
+    async def watch() -> None:  # the client closing (or sending anything) cancels the work
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        job.cancel()
+
+    watcher = asyncio.create_task(watch())
+    notes = NoteStream(srv.vocab)
+    sent = 0
+    try:
+        async for token in job.stream():
+            for n in notes.feed(token):
+                await ws.send_json({"type": "note", **n})
+                sent += 1
+        ids = np.asarray(job.row.ids)
+        midi = await asyncio.to_thread(srv.tokenizer.decode_to_bytes, ids)
+        await ws.send_json({"type": "done", "tokens": int(len(ids) - job.row.primer_length),
+                            "notes": sent, "midi": base64.b64encode(midi).decode()})  # fmt: skip
+        await ws.close()
+    except (WebSocketDisconnect, RuntimeError):
+        job.cancel()
+    except AurlError as e:
+        await _ws_error(ws, e)
+    finally:
+        job.cancel()
+        watcher.cancel()
+
+
+async def _compose(kind: str, srv: ModelServer, notes: np.ndarray, **options: Any) -> bytes:
+    """Call ``aurl.generation.compose.<kind>`` (when this build has it) and return MIDI bytes."""
+    try:
+        from aurl.generation import compose
+    except ImportError:
+        raise LimitError(
+            f"this server's build has no composing yet ({kind} needs aurl.generation.compose): "
+            "update Aurl", limit="compose", status=501,
+        ) from None  # fmt: skip
+    fn = getattr(compose, kind)
+    async with _compose_lock(srv):
+        result = await asyncio.to_thread(fn, srv.model, notes, **options)
+    return await asyncio.to_thread(_midi_bytes, result, srv)
+
+
+def _compose_lock(srv: ModelServer) -> asyncio.Semaphore:
+    lock = getattr(srv, "_compose_lock", None)
+    if lock is None:
+        lock = srv._compose_lock = asyncio.Semaphore(1)
+    return lock
+
+
+def _midi_bytes(result: Any, srv: ModelServer) -> bytes:
+    """MIDI bytes from what a composing function returns (bytes, a Score, ids, or a list)."""
+    if (
+        isinstance(result, (list, tuple))
+        and result
+        and not isinstance(result[0], (int, np.integer))
+    ):
+        result = result[0]
+    if isinstance(result, (bytes, bytearray)):
+        return bytes(result)
+    if hasattr(result, "dumps_midi"):
+        return result.dumps_midi()
+    ids = getattr(result, "ids", result)
+    return srv.tokenizer.decode_to_bytes(np.asarray(ids))
+
+
+async def _make_trial(srv: ModelServer, store: listen.Store, lim: Limits) -> dict[str, Any]:
+    rng = random.SystemRandom()
+    chorales = listen.test_chorales()
+    chorale = rng.choice(chorales)
+    bach = await asyncio.to_thread(listen.chorale_notes, chorale)
+    seed = rng.randrange(2**31)
+    from aurl.config import GenerationConfig
+
+    config = GenerationConfig(max_tokens=min(lim.max_tokens, 400), seed=seed)  # > 4 bars
+    job = srv.submit(config)
+    try:
+        ids = await job.ids()
+    finally:
+        job.cancel()
+    aurl_notes = await asyncio.to_thread(srv.tokenizer.decode_to_notes, np.asarray(ids))
+    beats = listen.excerpt_beats(bach, aurl_notes)
+    bach_side = rng.choice("AB")
+    pieces = {bach_side: listen.excerpt(bach, beats),
+              "B" if bach_side == "A" else "A": listen.excerpt(aurl_notes, beats)}  # fmt: skip
+    trial = store.add_trial(srv.name, chorale.source, bach_side, beats, seed)
+    return {"trial": trial, "model": srv.name, "bpm": listen.TRIAL_BPM, "beats": beats,
+            "velocity": listen.TRIAL_VELOCITY, "a": pieces["A"], "b": pieces["B"]}  # fmt: skip

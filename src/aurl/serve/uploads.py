@@ -1,0 +1,168 @@
+"""Uploaded MIDI files are parsed in a separate process, with a time and a memory limit.
+
+A damaged or hostile upload can at worst crash, hang or exhaust that process: the request
+fails with a 4xx naming the file, and the server (its model threads above all) goes on. The
+child is ``python -m aurl.serve.uploads TASK OPTIONS_JSON``: it reads the file's bytes from
+stdin, sets its own limits before parsing, and writes one JSON object to stdout (JSON only in
+either direction: nothing is unpickled).
+
+Tasks: ``ids`` (the tokenizer's ids of the file), ``notes`` (a note array as
+JSON columns, plus the bar length in beats), ``analyze`` (:func:`aurl.analysis.report.
+analyze_notes` of the file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aurl.errors import MidiReadError
+
+TASKS = ("ids", "notes", "analyze")
+
+
+class UploadError(MidiReadError):
+    """An upload could not be parsed (bad file, or the parser crashed or ran out of time)."""
+
+    def __init__(self, message: str, *, limit: str | None = None, status: int = 422) -> None:
+        super().__init__(message)
+        self.limit, self.status = limit, status
+
+
+async def parse_upload(
+    data: bytes,
+    task: str,
+    *,
+    name: str = "file",
+    options: dict[str, Any] | None = None,
+    timeout: float = 20.0,
+    memory_mb: int = 2048,
+) -> dict[str, Any]:
+    """Run ``task`` on the MIDI bytes ``data`` in a child process and return its JSON result.
+
+    Raises:
+        UploadError: the file is not readable MIDI (the message says why), or the child
+            crashed or took longer than ``timeout`` seconds (``limit`` names the limit).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task {task!r}: one of {TASKS}")
+    if not data:
+        raise UploadError(f"{name}: empty upload (zero bytes): send a MIDI file")
+    opts = json.dumps({**(options or {}), "memory_mb": memory_mb, "cpu_seconds": timeout})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aurl.serve.uploads", task, opts,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(data), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise UploadError(
+            f"{name}: parsing took over parse_seconds={timeout:g} s: send a smaller or simpler file",
+            limit="parse_seconds", status=422,
+        ) from None  # fmt: skip
+    except asyncio.CancelledError:  # the client went away
+        proc.kill()
+        await proc.wait()
+        raise
+    try:
+        result = json.loads(out.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        result = None
+    if proc.returncode != 0 or not isinstance(result, dict):
+        how = f"signal {-proc.returncode}" if (proc.returncode or 0) < 0 else "an error"
+        tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        raise UploadError(
+            f"{name}: the MIDI parser stopped with {how} ({tail[0][:200]}): the file is "
+            "damaged or too demanding; check it with 'aurl data check'"
+        )
+    if "error" in result:
+        raise UploadError(f"{name}: {result['error']}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The child
+# --------------------------------------------------------------------------------------------
+
+
+def _limit_self(memory_mb: int, cpu_seconds: float) -> None:
+    import resource
+
+    nbytes = int(memory_mb) * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
+    cpu = max(1, int(cpu_seconds) + 1)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _read_notes(path: Path) -> tuple[Any, float]:
+    """Notes (drums kept) and the bar length in beats from the first time signature (4 when
+    there is none)."""
+    from aurl.config import DataConfig
+    from aurl.data.midi_io import read_midi
+    from aurl.data.notes import notes_from_score
+
+    score, _ = read_midi(path, DataConfig(drums="keep"))
+    bpb = 4.0
+    try:  # the repaired score keeps no meter: read it from the file (which read_midi accepted)
+        import symusic
+
+        sigs = symusic.Score(str(path)).time_signatures
+        if len(sigs) and sigs[0].denominator > 0 and sigs[0].numerator > 0:
+            bpb = sigs[0].numerator * 4.0 / sigs[0].denominator
+    except Exception:  # noqa: BLE001 - a file read_midi repaired may still trip symusic
+        pass
+    return notes_from_score(score), bpb
+
+
+def _run_task(task: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from aurl.config import DataConfig, VocabConfig, build
+
+    if task == "ids":  # the tokenizer only (no torch here: the child starts fast)
+        from aurl.data.tokenizer import Tokenizer
+
+        vocab = build(VocabConfig, options.get("vocab", {}), prefix="vocab")
+        cap = int(options.get("polyphony_cap", DataConfig().polyphony_cap))
+        tok = Tokenizer(vocab, DataConfig(polyphony_cap=cap))
+        return {"ids": np.asarray(tok.encode_file(path)).tolist()}
+    notes, beats_per_bar = _read_notes(path)
+    if task == "notes":
+        cols = {name: notes[name].tolist() for name in notes.dtype.names}
+        return {"notes": cols, "beats_per_bar": beats_per_bar}
+    from aurl.analysis.report import analyze_notes
+
+    bpb = float(options.get("beats_per_bar") or beats_per_bar)
+    return analyze_notes(notes, name=str(options.get("name", "")), beats_per_bar=bpb)
+
+
+def main(argv: list[str]) -> int:
+    """Child entry point: ``TASK OPTIONS_JSON``, MIDI bytes on stdin, JSON on stdout."""
+    from aurl.errors import AurlError
+
+    task, options = argv[0], json.loads(argv[1])
+    _limit_self(options.pop("memory_mb", 2048), options.pop("cpu_seconds", 20.0))
+    data = sys.stdin.buffer.read()
+    with tempfile.TemporaryDirectory(prefix="aurl-upload-") as tmp:
+        path = Path(tmp) / "upload.mid"
+        path.write_bytes(data)
+        try:
+            result = _run_task(task, path, options)
+        except AurlError as e:  # bad input: say why (the temporary path means nothing)
+            result = {"error": str(e).replace(str(path), "upload").replace("upload: ", "")}
+    sys.stdout.write(json.dumps(result, allow_nan=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,86 @@
+"""A real browser against a real `aurl serve`: headless Chromium (Debian's package) driven by
+Playwright. Generate on the studio page, wait for notes on the roll, download the MIDI and
+parse it; answer one listening trial and find the answer in SQLite.
+
+Skipped, with the reason, only where Chromium or Playwright is not installed (`.ci/run`
+installs both: `apt-get install -y chromium chromium-driver`, `pip install -e '.[dev]'`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import symusic
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--autoplay-policy=no-user-gesture-required",
+]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.skipif(
+        not Path(CHROMIUM).is_file(),
+        reason="no Chromium: apt-get install -y chromium chromium-driver (as .ci/run does)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="no Playwright: pip install -e '.[dev]'"
+    )
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+def test_studio_generates_streams_and_downloads_a_midi_file(browser, live_server, tmp_path):
+    page = browser.new_page(accept_downloads=True)
+    offhost = []
+    page.on("request", lambda r: None if r.url.startswith(live_server.url.replace("http", "ws"))
+            or r.url.startswith(live_server.url) else offhost.append(r.url))  # fmt: skip
+    page.goto(live_server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.fill("#seconds", "6")
+    page.fill("#seed", "7")
+    page.click("#generate")
+    page.wait_for_function("Number(document.getElementById('roll').dataset.notes) > 0",
+                           timeout=60_000)  # fmt: skip
+    page.wait_for_selector("#download:not([disabled])", timeout=60_000)
+    shown = int(page.get_attribute("#roll", "data-notes"))
+    with page.expect_download() as info:
+        page.click("#download")
+    path = tmp_path / "piece.mid"
+    info.value.save_as(path)
+    score = symusic.Score(str(path))
+    notes = sum(len(t.notes) for t in score.tracks)
+    assert notes == shown > 0  # every streamed note is in the file, and nothing else
+    assert score.to("second").end() <= 6.5
+    assert offhost == []  # the page loaded nothing from anywhere else
+    page.close()
+
+
+def test_listening_page_records_an_answer_in_sqlite(browser, live_server):
+    page = browser.new_page()
+    page.goto(live_server.url + "/listen")
+    page.click("#new")
+    page.wait_for_selector("#pick-a:not([disabled])", timeout=60_000)
+    trial = page.evaluate("document.body.dataset.trial")
+    page.click("#pick-a")
+    page.wait_for_function("document.body.dataset.answered === '1'", timeout=30_000)
+    with sqlite3.connect(live_server.db) as db:
+        rows = db.execute(
+            "SELECT choice, correct FROM answers WHERE trial_id = ?", (trial,)
+        ).fetchall()
+        bach = db.execute("SELECT bach_side FROM trials WHERE id = ?", (trial,)).fetchone()[0]
+    assert rows == [("A", int(bach == "A"))]
+    page.goto(live_server.url + "/listen/results")
+    assert "default" in page.inner_text("#results")
+    page.close()
