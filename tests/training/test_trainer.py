@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import re
@@ -109,7 +110,19 @@ def test_cli_run_keeps_best_n_plus_last(fixture_cache, tmp_path, capsys):
     assert best_checkpoints(run, 1)[0].name == f"step-{best_step:07d}"
 
 
-def test_stages_transformer_vae_vae_gan(fixture_cache, tmp_path, tiny_config):
+def test_stages_transformer_vae_vae_gan(fixture_cache, tmp_path, tiny_config, monkeypatch):
+    from aurl.training import trainer
+
+    # each stage's weights as it starts and as it ends (the real stage loop, watched)
+    entries, exits = [], []
+    real_stage = trainer._train_stage
+
+    def watched(run, stage, *args, **kw):
+        entries.append({k: v.clone() for k, v in stage.model.state_dict().items()})
+        real_stage(run, stage, *args, **kw)
+        exits.append({k: v.clone() for k, v in stage.model.state_dict().items()})
+
+    monkeypatch.setattr(trainer, "_train_stage", watched)
     run = tmp_path / "run"
     cfg = tiny_config(
         fixture_cache, "training.stages=[[transformer, 2], [vae, 2], [vae_gan, 3]]",
@@ -123,8 +136,17 @@ def test_stages_transformer_vae_vae_gan(fixture_cache, tmp_path, tiny_config):
     assert recs[7]["loss_disc"] > 0.0 and recs[7]["loss_adv"] != 0.0  # the GAN stage
     ckpts = [load_checkpoint(p) for p in list_checkpoints(run)]
     assert [(c.step, c.config.model.mode) for c in ckpts[-1:]] == [(7, "vae_gan")]
-    # stage 2 started from stage 1's weights: the shared embedding moved on from there
     assert result.model.discriminator is not None
+    # stages 2 and 3 start from the weights the stage before ended with (not a fresh model):
+    # every weight they share, the whole decoder
+    assert len(entries) == len(exits) == 3
+    for before, after in zip(exits, entries[1:]):
+        shared = [k for k in before if k in after]
+        assert "embed.weight" in shared and len(shared) > 0.5 * len(after)
+        assert all(torch.equal(before[k], after[k]) for k in shared)
+    assert not torch.equal(entries[0]["embed.weight"], exits[0]["embed.weight"])  # it trained
+    new = [k for k in entries[2] if k not in exits[1]]  # the discriminator starts fresh
+    assert new and all(k.startswith("discriminator.") for k in new)
 
 
 def test_early_stopping(fixture_cache, tmp_path, tiny_config):
@@ -170,10 +192,31 @@ def test_resume_with_incompatible_config_is_refused(fixture_cache, tmp_path, tin
 
 
 def test_bf16_autocast_on_cpu(fixture_cache, tmp_path, tiny_config):
-    cfg = tiny_config(fixture_cache, "training.max_steps=3", "training.precision=bf16")
-    result = train(cfg, tmp_path / "run", echo=lambda line: None)
-    assert math.isfinite(result.train_loss)
-    assert next(result.model.parameters()).dtype == torch.float32  # master weights stay fp32
+    from torch.nn.modules.module import register_module_forward_hook
+
+    seen = collections.Counter()  # (training mode, output dtype) of every linear layer run
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Linear) and isinstance(output, torch.Tensor):
+            seen[module.training, output.dtype] += 1
+
+    handle = register_module_forward_hook(record)
+    try:
+        for precision in ("fp32", "bf16"):
+            seen.clear()
+            cfg = tiny_config(fixture_cache, "training.max_steps=2",
+                              f"training.precision={precision}")  # fmt: skip
+            result = train(cfg, tmp_path / precision, echo=lambda line: None)
+            assert math.isfinite(result.train_loss)
+            assert next(result.model.parameters()).dtype == torch.float32  # master weights
+            if precision == "fp32":
+                fp32 = dict(seen)
+    finally:
+        handle.remove()
+    # the training steps' linears ran in bf16 under bf16 autocast, in fp32 without it
+    steps = fp32[True, torch.float32]
+    assert steps > 0 and (True, torch.bfloat16) not in fp32
+    assert seen[True, torch.bfloat16] == steps and seen[True, torch.float32] == 0
 
 
 def test_grammar_masks_batched_equal_one_state_per_row(chorale_cache, tiny_config):
