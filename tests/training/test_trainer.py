@@ -514,3 +514,75 @@ def test_fp16_with_a_grad_scaler_learns_and_resumes(
     assert all(torch.equal(a[k], b[k]) for k in a)
     resumed_scaler = load_checkpoint(list_checkpoints(tmp_path / "crashed")[-1]).train_state
     assert resumed_scaler["scaler"] == scaler
+
+
+# --------------------------------------------------------------------------------------------
+# time budget, sample monitoring, spikes
+# --------------------------------------------------------------------------------------------
+
+
+def test_time_budget_stops_and_saves(fixture_cache, tmp_path, tiny_config):
+    run = tmp_path / "run"
+    cfg = tiny_config(fixture_cache, "training.max_steps=50", "training.max_minutes=1e-6",
+                      "training.save_every=100", "training.eval_every=100")  # fmt: skip
+    result = train(cfg, run, echo=lambda line: None)
+    # the budget is spent by the first step: stop there, with a checkpoint to resume from
+    assert (result.stopped, result.step) == ("time_budget", 1)
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000001"]
+    assert "step 1 stop time_budget" in (run / "train.log").read_text()
+
+
+def test_samples_are_written_and_scored_during_training(fixture_cache, tmp_path, tiny_config):
+    import symusic
+
+    common = ["training.max_steps=4", "training.eval_every=100", "training.save_every=100",
+              "training.sample_tokens=24"]  # fmt: skip
+    quiet = lambda line: None  # noqa: E731
+    plain = train(tiny_config(fixture_cache, *common), tmp_path / "plain", echo=quiet)
+    run = tmp_path / "run"
+    cfg = tiny_config(fixture_cache, *common, "training.sample_every=2")
+    result = train(cfg, run, echo=lambda line: None)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-0000002.mid", "step-0000004.mid",
+    ]  # fmt: skip
+    samples = records(run, "sample")
+    assert [r["step"] for r in samples] == [2, 4]
+    for r in samples:
+        midi = symusic.Score(str(run / "samples" / f"step-{r['step']:07d}.mid"))
+        assert r["notes"] == midi.note_num() > 0 and 0 < r["tokens"] <= 25
+        assert r["grammar_valid"] == 1.0 and 0 <= r["scale_consistency"] <= 1
+    log = (run / "train.log").read_text()
+    assert re.search(r"^step 2 sample step-0000002\.mid tokens \d+ notes \d+ ", log, re.M)
+    # sampling draws from its own generator: the training itself is unchanged
+    assert result.train_loss == plain.train_loss
+    assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(),
+                                                 plain.model.state_dict().values()))  # fmt: skip
+
+
+def test_a_loss_spike_is_flagged_and_the_step_kept(fixture_cache, tmp_path, tiny_config,
+                                                   monkeypatch):  # fmt: skip
+    import aurl.models.losses as losses_module
+
+    real = losses_module.compute_losses
+    calls = {"n": 0}
+
+    def spiked(*args, **kw):  # the real losses; the 23rd call's total is 10x (after warm-up)
+        out = real(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 23:
+            out["total"] = out["total"] * 10.0
+        return out
+
+    monkeypatch.setattr(losses_module, "compute_losses", spiked)
+    run = tmp_path / "run"
+    cfg = tiny_config(fixture_cache, "training.max_steps=24", "training.eval_every=100",
+                      "training.save_every=100")  # fmt: skip
+    result = train(cfg, run, echo=lambda line: None)
+    # the detector's 20 warm-up steps passed: step 23 is flagged, not skipped nor rolled back
+    events = [(r["step"], r["what"], r["action"]) for r in records(run, "event")]
+    assert events == [(23, "loss_spike", "flagged")]
+    steps = {r["step"]: r["loss"] for r in records(run, "train")}
+    assert sorted(steps) == list(range(1, 25))  # every step was taken, the spiked one too
+    assert steps[23] > 5 * steps[22]
+    assert "step 23 anomaly loss_spike action flagged" in (run / "train.log").read_text()
+    assert result.step == 24 and load_checkpoint(run).state["lr_scale"] == 1.0
