@@ -12,3 +12,40 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def assert_playable_notes(notes, *, polyphony_cap: int, ids=None) -> None:
+    """Check generated notes by their times alone, without the grammar or the tokenizer's rules:
+    every note has a positive length, no two notes of one pitch overlap within an instrument
+    family, at most ``polyphony_cap`` notes sound at once (all families together). Given the
+    ``ids`` they were decoded from: END closed every note (each NOTE_ON became a note that ends
+    by END's time)."""
+    import numpy as np
+
+    assert len(notes) > 0
+    onset, end = notes["onset"], notes["onset"] + notes["duration"]
+    assert (notes["duration"] > 0).all() and (notes["duration_s"] > 0).all()
+    family = np.where(notes["program"] == 128, 16, notes["program"] // 8)  # GM family; drums
+    key = family.astype(np.int64) * 128 + notes["pitch"]
+    order = np.lexsort((onset, key))
+    same = key[order][1:] == key[order][:-1]
+    assert (onset[order][1:][same] >= end[order][:-1][same]).all(), "same-pitch notes overlap"
+    times = np.concatenate([onset, end])
+    delta = np.concatenate([np.ones(len(notes)), -np.ones(len(notes))])
+    sweep = np.lexsort((delta, times))  # at one time, notes end before others start
+    assert np.cumsum(delta[sweep]).max() <= polyphony_cap, "polyphony above the cap"
+    if ids is not None:
+        from aurl.data.vocab import END, Kind, Vocab
+        from aurl.generation.generate import token_seconds
+
+        vocab, ids = Vocab(), np.asarray(ids)
+        assert ids[-1] == END
+        assert int((vocab.kind[ids] == Kind.NOTE_ON).sum()) == len(notes), "a note was lost"
+        last = (notes["onset_s"] + notes["duration_s"]).max()
+        assert last <= token_seconds(ids, vocab)[-1] + 1e-6, "a note sounds past END"
+
+
+@pytest.fixture(scope="session")
+def playable():
+    """:func:`assert_playable_notes`, for tests in any folder."""
+    return assert_playable_notes

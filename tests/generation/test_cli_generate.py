@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -119,13 +120,37 @@ def test_without_a_shipped_model(tmp_path, capsys, monkeypatch) -> None:
     assert code == 1 and "no shipped model" in err and "--checkpoint" in err
 
 
-def test_int8_generation_gives_valid_pieces(checkpoint, tmp_path, capsys) -> None:
+def test_int8_generation_gives_valid_pieces(checkpoint, tmp_path, capsys, playable) -> None:
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from aurl.data.notes import notes_from_file
+    from aurl.models.quantize import Int8Linear
+
+    ran = collections.Counter()  # the layers that computed, by the dtype of their weights
+
+    def record(module, args, output):
+        if isinstance(module, Int8Linear):
+            ran["int8", module.weight_int8.dtype] += 1
+        elif isinstance(module, torch.nn.Linear):
+            ran["linear", module.weight.dtype] += 1
+
     out = tmp_path / "int8"
     args = ["--checkpoint", str(checkpoint), "--num-samples", "3", "--max-tokens", "64"]
-    code, stdout, err = run(capsys, *args, "--int8", "--out", str(out))
+    handle = register_module_forward_hook(record)
+    try:
+        code, stdout, err = run(capsys, *args, "--int8", "--out", str(out))
+    finally:
+        handle.remove()
     assert code == 0, err
-    grammar = Grammar(Vocab(), GenerationConfig().polyphony_cap)
+    # the model that generated held int8 weights: its backbone and head ran as Int8Linear,
+    # and no fp32 linear ran (the small grammar-feature linears stay in fp32 by design)
+    assert ran["int8", torch.int8] > 0
+    assert {k for k in ran if k[0] == "linear"} <= {("linear", torch.float32)}
+    assert ran["linear", torch.float32] < ran["int8", torch.int8]
+    cap = GenerationConfig().polyphony_cap
+    grammar = Grammar(Vocab(), cap)
     for i in range(3):
-        ids = Tokenizer().encode_file(out / f"sample_seed0_{i:03d}.mid")
-        assert len(Tokenizer().decode_to_notes(ids)) > 0
+        path = out / f"sample_seed0_{i:03d}.mid"
+        playable(notes_from_file(path), polyphony_cap=cap)  # the notes as written to the file
+        ids = Tokenizer().encode_file(path)
         assert grammar.count_violations(torch.as_tensor(ids)[None]) == 0
