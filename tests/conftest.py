@@ -36,13 +36,13 @@ def assert_playable_notes(notes, *, polyphony_cap: int, ids=None) -> None:
     assert np.cumsum(delta[sweep]).max() <= polyphony_cap, "polyphony above the cap"
     if ids is not None:
         from aurl.data.vocab import END, Kind, Vocab
-        from aurl.generation.generate import token_seconds
 
-        vocab, ids = Vocab(), np.asarray(ids)
+        vocab, ids = Vocab(), np.asarray(ids)  # the default vocabulary: time in beats
         assert ids[-1] == END
         assert int((vocab.kind[ids] == Kind.NOTE_ON).sum()) == len(notes), "a note was lost"
-        last = (notes["onset_s"] + notes["duration_s"]).max()
-        assert last <= token_seconds(ids, vocab)[-1] + 1e-6, "a note sounds past END"
+        shifts = vocab.value[ids[vocab.kind[ids] == Kind.TIME_SHIFT]]
+        end_beat = shifts.sum() / vocab.config.steps_per_beat  # END's time, in beats
+        assert end.max() <= end_beat + 1e-9, "a note sounds past END"
 
 
 @pytest.fixture(scope="session")

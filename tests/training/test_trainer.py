@@ -523,7 +523,7 @@ def test_fp16_with_a_grad_scaler_learns_and_resumes(
 
 def test_time_budget_stops_and_saves(fixture_cache, tmp_path, tiny_config):
     run = tmp_path / "run"
-    cfg = tiny_config(fixture_cache, "training.max_steps=50", "training.max_minutes=1e-6",
+    cfg = tiny_config(fixture_cache, "training.max_steps=6", "training.max_minutes=1e-6",
                       "training.save_every=100", "training.eval_every=100")  # fmt: skip
     result = train(cfg, run, echo=lambda line: None)
     # the budget is spent by the first step: stop there, with a checkpoint to resume from
