@@ -249,7 +249,7 @@ def test_manifest_is_json_with_the_documented_fields(bundled):
 
 def test_classical_corpus_converts_a_score_beside_the_copied_chorales(tmp_path, monkeypatch):
     """``build_corpus("classical")`` on a music21 corpus folder that holds one small score (the
-    exposition of Mozart's K. 545, two staves): the chorales are copied, the score converted."""
+    exposition of the piano sonata K. 545, two staves): the chorales are copied, the score converted."""
     import music21.common
     from music21 import corpus as m21corpus
 
