@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -98,6 +99,7 @@ trainer.train(load_config("{config}"), "{run}", echo=lambda line: None)
 """
 
 
+@pytest.mark.timeout(600)  # three short runs, one in a fresh interpreter: slow on a busy machine
 def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(
     fixture_cache, tmp_path, tiny_config
 ):
