@@ -12,3 +12,45 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def assert_playable_notes(notes, *, polyphony_cap: int, ids=None) -> None:
+    """Check generated notes by their times alone, without the grammar or the tokenizer's rules:
+    every note has a positive length, no two notes of one pitch overlap within an instrument
+    family, at most ``polyphony_cap`` notes sound at once (all families together). Given the
+    ``ids`` they were decoded from: END closed every note (each NOTE_ON became a note that ends
+    by END's time, or one step after it for a note struck at END's step)."""
+    import numpy as np
+
+    assert len(notes) > 0
+    onset, end = notes["onset"], notes["onset"] + notes["duration"]
+    assert (notes["duration"] > 0).all() and (notes["duration_s"] > 0).all()
+    family = np.where(notes["program"] == 128, 16, notes["program"] // 8)  # GM family; drums
+    key = family.astype(np.int64) * 128 + notes["pitch"]
+    order = np.lexsort((onset, key))
+    same = key[order][1:] == key[order][:-1]
+    assert (onset[order][1:][same] >= end[order][:-1][same]).all(), "same-pitch notes overlap"
+    times = np.concatenate([onset, end])
+    delta = np.concatenate([np.ones(len(notes)), -np.ones(len(notes))])
+    sweep = np.lexsort((delta, times))  # at one time, notes end before others start
+    assert np.cumsum(delta[sweep]).max() <= polyphony_cap, "polyphony above the cap"
+    if ids is not None:
+        from aurl.data.vocab import END, Kind, Vocab
+
+        vocab, ids = Vocab(), np.asarray(ids)  # the default vocabulary: time in beats
+        assert ids[-1] == END
+        assert int((vocab.kind[ids] == Kind.NOTE_ON).sum()) == len(notes), "a note was lost"
+        shifts = vocab.value[ids[vocab.kind[ids] == Kind.TIME_SHIFT]]
+        step = 1 / vocab.config.steps_per_beat
+        end_beat = shifts.sum() * step  # END's time, in beats
+        # END closes every note; one struck at END's own step keeps the minimum length, a step
+        late = end > end_beat + 1e-9
+        assert np.allclose(onset[late], end_beat) and np.allclose(end[late], end_beat + step), (
+            "a note sounds past END"
+        )
+
+
+@pytest.fixture(scope="session")
+def playable():
+    """:func:`assert_playable_notes`, for tests in any folder."""
+    return assert_playable_notes

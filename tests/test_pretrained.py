@@ -1,7 +1,7 @@
 """The shipped model (src/aurl/pretrained/): trained for real, and it does not collapse.
 
-Skipped until the model is committed; the thresholds below are what any trained ``small``
-model must meet (an untrained one scores about 21 bits per note).
+Skipped until the model is committed; the likelihood bar below is the shipped model's own
+measured value plus a small margin, so that a worse model put in its place fails.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import aurl
 
 SHIPPED = Path(aurl.__file__).parent / "pretrained"
 CHORALES = Path(aurl.__file__).parent / "data" / "bundled" / "bach-chorales"
-# 0.8 x the best baseline measured on the chorales (HF GPT-2 on REMI, 5.58): the project's goal.
-# An untrained model scores about 21; the shipped one 3.0 on the whole test split (MODEL_CARD.md).
-MAX_TEST_BITS_PER_NOTE = 4.46
+# The shipped model scores 2.945 bits per note on the 8 chorales below (MODEL_CARD.md; 3.005 on
+# the whole test split). The bar sits 0.035 (~1%) above that: the scoring is deterministic fp32
+# on fixed tokens, so only summation order moves it (~1e-4 across thread counts and BLAS builds),
+# while a retrained or damaged model that is 1% worse fails. An untrained model scores about 21,
+# the project's goal (0.8 x the best baseline, HF GPT-2 on REMI at 5.58) is 4.46.
+MAX_TEST_BITS_PER_NOTE = 2.98
 
 pytestmark = pytest.mark.skipif(
     not (SHIPPED / "config.json").is_file(), reason="no shipped model in src/aurl/pretrained yet"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -244,3 +245,37 @@ def test_manifest_is_json_with_the_documented_fields(bundled):
         "warnings", "split",
     }  # fmt: skip
     assert json.loads(json.dumps(bundled)) == bundled
+
+
+def test_classical_corpus_converts_a_score_beside_the_copied_chorales(tmp_path, monkeypatch):
+    """``build_corpus("classical")`` on a music21 corpus folder that holds one small score (the
+    exposition of the piano sonata K. 545, two staves): the chorales are copied, the score converted."""
+    import music21.common
+    from music21 import corpus as m21corpus
+
+    import aurl.data.corpus as corpus_module
+
+    rel = "mozart/k545/movement1_exposition.mxl"
+    root = tmp_path / "music21"
+    (root / "mozart" / "k545").mkdir(parents=True)
+    (root / rel).symlink_to(Path(music21.common.getCorpusFilePath()) / rel)
+    monkeypatch.setattr(corpus_module, "_corpus_root", lambda: root)
+    report = build_corpus("classical", tmp_path / "out", workers=1)
+    assert (report.copied, report.converted, report.skipped) == (350, 1, [])
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["name"] == "classical" and len(manifest["files"]) == 351
+    entry = next(e for e in manifest["files"] if e["source"] == rel)
+    assert entry["file"] == "mozart_k545_movement1_exposition.mid"
+    assert entry["composer"] == "Wolfgang Amadeus Mozart"
+    assert entry["title"] == "movement1_exposition.mxl"  # music21's movement name: no title
+    assert entry["split"] == split_of(entry["file"], 0.1, 0.1)
+    midi = symusic.Score(str(tmp_path / "out" / entry["file"]))
+    assert entry["tracks"] == len(midi.tracks) == 2  # the two staves
+    assert entry["notes"] == midi.note_num()
+    # the notes are music21's: the same pitches, each note as often as the repeats play it
+    score = m21corpus.parse(rel).stripTies()
+    pitches = collections.Counter(p.midi for n in score.recurse().notes for p in n.pitches)
+    ours = collections.Counter(notes_from_file(tmp_path / "out" / entry["file"])["pitch"].tolist())
+    assert set(ours) == set(pitches)
+    plays = 2 if entry["repeats"] == "expanded" else 1
+    assert sum(ours.values()) == plays * sum(pitches.values())

@@ -4,6 +4,7 @@ workers; evaluation covers every token once."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import shutil
 from pathlib import Path
@@ -193,15 +194,42 @@ def state_after(cache: TokenCache, data: DataConfig, batches: int) -> dict[str, 
 
 
 def test_works_with_distributed_sampler(cache: TokenCache) -> None:
-    ds = WindowDataset(cache, "train", window=64)
-    seen = []
+    """Two ranks under torch's DistributedSampler read disjoint windows that together are the
+    epoch: every window the dataset holds, each once (a window = its piece, offset and ids;
+    compared as multisets, since two slots of a piece can draw the same window)."""
+    ds = WindowDataset(cache, "train", window=32, seed=5)  # 292 windows: no sampler padding
+
+    def key(row: int, offset: int, ids: np.ndarray) -> tuple:
+        return row, offset, ids[ids != PAD].tobytes()
+
+    epoch = collections.Counter(
+        key(it["index"], it["offset"], it["ids"]) for it in map(ds.__getitem__, range(len(ds)))
+    )
+    assert len(ds) % 2 == 0  # the sampler pads nothing: each slot is read once
+    ranks = []
     for rank in range(2):
-        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=False)
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=rank, seed=1)
+        sampler.set_epoch(3)
         dl = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=collate)
+        seen = collections.Counter()
         for batch in dl:
-            assert batch["ids"].shape[1] <= 64
-            seen.append(batch["ids"].shape[0])
-    assert sum(seen) >= len(ds)
+            assert batch["ids"].shape[1] <= 32
+            rows, offsets = batch["index"].tolist(), batch["offset"].tolist()
+            seen.update(key(r, o, ids.numpy()) for r, o, ids in zip(rows, offsets, batch["ids"]))
+        ranks.append(seen)
+    assert sum(ranks[0].values()) == sum(ranks[1].values()) == len(ds) // 2
+    unique = {k for k, n in epoch.items() if n == 1}  # a few slots snap to the same offset
+    assert len(unique) > 0.6 * len(ds) and not set(ranks[0]) & set(ranks[1]) & unique  # disjoint
+    assert ranks[0] + ranks[1] == epoch  # together: the whole epoch, nothing twice
+    # ... and the epoch is every piece of the split, ceil(length / window) windows each, each a
+    # slice of its piece
+    rows = cache.split_indices("train")
+    expected = {int(r): max(1, -(-int(cache.lengths[r]) // 32)) for r in rows}
+    read = collections.Counter(row for rank in ranks for row, _, _ in rank.elements())
+    assert read == expected
+    for row, offset, ids in (ranks[0] + ranks[1]).elements():
+        piece = np.asarray(cache.tokens(row), dtype=np.int64)[offset : offset + 32]
+        assert piece.tobytes() == ids
 
 
 def test_augmented_windows_are_deterministic_and_in_range(cache: TokenCache) -> None:

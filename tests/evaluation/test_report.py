@@ -101,11 +101,12 @@ def test_evaluate_command_errors(tmp_path: Path, fixtures_dir: Path, tiny_model_
     assert "another vocabulary" in capsys.readouterr().err
 
 
-def test_evaluate_without_a_shipped_model_fails_in_one_line(tmp_path: Path, capsys) -> None:
-    from aurl.cli.generate import SHIPPED
+def test_evaluate_without_a_shipped_model_fails_in_one_line(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import aurl.cli.generate as cli_generate
 
-    if (SHIPPED / "config.json").is_file():
-        pytest.skip("a shipped model exists")
+    monkeypatch.setattr(cli_generate, "SHIPPED", tmp_path / "pretrained")  # an empty install
     rc = main(["evaluate", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err.startswith("error: no shipped model") and "\n" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -12,6 +13,7 @@ import aurl.cli.generate as cli_generate
 from aurl.cli import main
 from aurl.config import GenerationConfig, load_config
 from aurl.data.grammar import Grammar
+from aurl.data.notes import notes_from_file
 from aurl.data.tokenizer import Tokenizer
 from aurl.data.vocab import Vocab
 from aurl.models import build_model
@@ -119,13 +121,76 @@ def test_without_a_shipped_model(tmp_path, capsys, monkeypatch) -> None:
     assert code == 1 and "no shipped model" in err and "--checkpoint" in err
 
 
-def test_int8_generation_gives_valid_pieces(checkpoint, tmp_path, capsys) -> None:
+def test_int8_generation_gives_valid_pieces(checkpoint, tmp_path, capsys, playable) -> None:
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from aurl.models.quantize import Int8Linear
+
+    ran = collections.Counter()  # the layers that computed, by the dtype of their weights
+
+    def record(module, args, output):
+        if isinstance(module, Int8Linear):
+            ran["int8", module.weight_int8.dtype] += 1
+        elif isinstance(module, torch.nn.Linear):
+            ran["linear", module.weight.dtype] += 1
+
     out = tmp_path / "int8"
     args = ["--checkpoint", str(checkpoint), "--num-samples", "3", "--max-tokens", "64"]
-    code, stdout, err = run(capsys, *args, "--int8", "--out", str(out))
+    handle = register_module_forward_hook(record)
+    try:
+        code, stdout, err = run(capsys, *args, "--int8", "--out", str(out))
+    finally:
+        handle.remove()
     assert code == 0, err
-    grammar = Grammar(Vocab(), GenerationConfig().polyphony_cap)
+    # the model that generated held int8 weights: its backbone and head ran as Int8Linear,
+    # and no fp32 linear ran (the small grammar-feature linears stay in fp32 by design)
+    assert ran["int8", torch.int8] > 0
+    assert {k for k in ran if k[0] == "linear"} <= {("linear", torch.float32)}
+    assert ran["linear", torch.float32] < ran["int8", torch.int8]
+    cap = GenerationConfig().polyphony_cap
+    grammar = Grammar(Vocab(), cap)
     for i in range(3):
-        ids = Tokenizer().encode_file(out / f"sample_seed0_{i:03d}.mid")
-        assert len(Tokenizer().decode_to_notes(ids)) > 0
+        path = out / f"sample_seed0_{i:03d}.mid"
+        playable(notes_from_file(path), polyphony_cap=cap)  # the notes as written to the file
+        ids = Tokenizer().encode_file(path)
         assert grammar.count_violations(torch.as_tensor(ids)[None]) == 0
+
+
+@pytest.fixture(scope="module")
+def vae_checkpoint(tmp_path_factory, fixtures_dir):
+    """A tiny vae-mode model trained for 3 steps by ``aurl train`` on the fixture files."""
+    from aurl.data.cache import prepare
+
+    root = tmp_path_factory.mktemp("vae_run")
+    prepare(fixtures_dir / "midi", root / "cache", workers=1)
+    assert main([
+        "train", "--preset", "tiny", "--data", str(root / "cache"), "--out", str(root / "run"),
+        "model.mode=vae", "training.max_steps=3", "training.eval_every=3", "data.window=64",
+        "data.batch_size=4", "training.sample_every=0", "training.log_every=3",
+    ]) == 0  # fmt: skip
+    return root / "run" / "model"
+
+
+def test_interpolate_from_the_cli(vae_checkpoint, tmp_path, capsys, fixtures_dir, playable):
+    a, b = fixtures_dir / "midi" / "bach_bwv66.6.mid", fixtures_dir / "midi" / "bach_bwv269.mid"
+
+    def path(first, second, steps: int) -> list[bytes]:
+        out = tmp_path / f"{first.stem}-{second.stem}-{steps}"
+        code, stdout, err = run(
+            capsys, "--checkpoint", str(vae_checkpoint), "--interpolate", str(first),
+            str(second), "--steps", str(steps), "--temperature", "0", "--max-tokens", "32",
+            "--out", str(out),
+        )  # fmt: skip
+        assert code == 0, err
+        files = sorted(out.glob("*.mid"))
+        assert [f.name for f in files] == [f"sample_seed0_{i:03d}.mid" for i in range(steps)]
+        for f in files:
+            playable(notes_from_file(f), polyphony_cap=GenerationConfig().polyphony_cap)
+        return [f.read_bytes() for f in files]
+
+    c = fixtures_dir / "midi" / "bach_bwv347.mid"
+    three, two, other = path(a, b, 3), path(a, b, 2), path(a, c, 2)
+    # greedy decoding from the path's latents: the first piece is A's whatever the end, the
+    # last is B's whatever the number of steps
+    assert three[0] == two[0] == other[0] and three[-1] == two[-1]
+    assert two[-1] != other[-1] and two[0] != two[-1]  # A, B and C give different pieces

@@ -63,13 +63,15 @@ def primers(model) -> np.ndarray:
     return np.stack([p.ids[:6] for p in pieces])
 
 
-def assert_valid(pieces, tokenizer: Tokenizer, grammar: Grammar) -> None:
-    """Every piece: ends with END, no grammar violation, decodes to MIDI that symusic parses
-    back with notes."""
+def assert_valid(pieces, tokenizer: Tokenizer, grammar: Grammar, playable, cap: int = POLY) -> None:
+    """Every piece: ends with END, no grammar violation, notes that are playable by their
+    times alone (``playable``, tests/conftest.py: independent of the grammar), decodes to MIDI
+    that symusic parses back with notes."""
     for piece in pieces:
         ids = piece.ids
         assert ids[0] == START and ids[-1] == END and (ids[:-1] != END).all()
         assert grammar.count_violations(ids) == 0
+        playable(tokenizer.decode_to_notes(ids), polyphony_cap=cap, ids=ids)
         data = tokenizer.decode_to_bytes(ids)
         assert tokenizer.last_decode_unknown == 0
         score = symusic.Score.from_midi(data)
@@ -87,21 +89,23 @@ STRATEGIES = {
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
-def test_every_strategy_gives_valid_pieces(name, model, tokenizer, grammar, primers) -> None:
+def test_every_strategy_gives_valid_pieces(
+    name, model, tokenizer, grammar, primers, playable
+) -> None:
     cfg = GenerationConfig(max_tokens=TOKENS, seed=1, **STRATEGIES[name])
     deterministic = cfg.temperature == 0.0
     pieces = generate(model, cfg, num_samples=N, primer=primers if deterministic else None)
     assert len(pieces) == N
-    assert_valid(pieces, tokenizer, grammar)
+    assert_valid(pieces, tokenizer, grammar, playable)
     assert all(len(p.generated) <= TOKENS for p in pieces)
     distinct = {p.ids.tobytes() for p in pieces}
     assert len(distinct) > N // 2  # batched rows are independent samples, not copies
 
 
-def test_beam_search_gives_valid_pieces(model, tokenizer, grammar, primers) -> None:
+def test_beam_search_gives_valid_pieces(model, tokenizer, grammar, primers, playable) -> None:
     cfg = GenerationConfig(max_tokens=32, beam=3, window=64, window_overlap=16)
     pieces = generate(model, cfg, num_samples=N, primer=primers)
-    assert_valid(pieces, tokenizer, grammar)
+    assert_valid(pieces, tokenizer, grammar, playable)
     assert all(np.array_equal(p.ids[:6], q) for p, q in zip(pieces, primers))
 
 
@@ -131,11 +135,11 @@ def test_same_seed_same_piece(model) -> None:
     assert any(not np.array_equal(x.ids, y.ids) for x, y in zip(a, c))
 
 
-def test_sliding_window_stays_valid(model, tokenizer, grammar) -> None:
+def test_sliding_window_stays_valid(model, tokenizer, grammar, playable) -> None:
     # The tiny model's KV cache is sized to the window, so feeding it more would raise.
     cfg = GenerationConfig(max_tokens=200, window=32, window_overlap=8, seed=3)
     pieces = generate(model, cfg, num_samples=4)
-    assert_valid(pieces, tokenizer, grammar)
+    assert_valid(pieces, tokenizer, grammar, playable)
     assert max(len(p.ids) for p in pieces) > 3 * 32
 
 
@@ -147,14 +151,26 @@ def note_on_pitches(pieces) -> np.ndarray:
     return VOCAB.value[ids[VOCAB.kind[ids] == Kind.NOTE_ON]]
 
 
-def test_key_and_range_hold(model, tokenizer, grammar) -> None:
+def test_key_and_range_hold(model, tokenizer, grammar, playable) -> None:
     cfg = GenerationConfig(max_tokens=TOKENS, key="D minor", pitch_low=55, pitch_high=76)
     pieces = generate(model, cfg, num_samples=20)
-    assert_valid(pieces, tokenizer, grammar)
+    assert_valid(pieces, tokenizer, grammar, playable)
     pitches = note_on_pitches(pieces)
     assert len(pitches) > 20
     assert np.isin(pitches % 12, [2, 4, 5, 7, 9, 10, 0]).all()
     assert pitches.min() >= 55 and pitches.max() <= 76
+
+
+def test_a_low_polyphony_cap_holds_in_the_notes(model, tokenizer, playable) -> None:
+    pieces = generate(model, GenerationConfig(max_tokens=TOKENS, polyphony_cap=2), num_samples=40)
+    assert_valid(pieces, tokenizer, Grammar(VOCAB, 2), playable, cap=2)
+    # the cap is what holds the pieces down: without it, the untrained model stacks notes
+    most = []
+    for p in pieces:
+        notes = tokenizer.decode_to_notes(p.ids)
+        onset, end = notes["onset"], notes["onset"] + notes["duration"]
+        most.append(max(int(((onset <= t) & (end > t)).sum()) for t in onset))
+    assert max(most) == 2
 
 
 def test_key_strictness_is_graded(model) -> None:
@@ -167,10 +183,10 @@ def test_key_strictness_is_graded(model) -> None:
     assert strict == 0.0 < half < free
 
 
-def test_tempo_and_instruments_hold(model, tokenizer, grammar) -> None:
+def test_tempo_and_instruments_hold(model, tokenizer, grammar, playable) -> None:
     cfg = GenerationConfig(max_tokens=TOKENS, tempo=100.0, instruments=(5, 7))
     pieces = generate(model, cfg, num_samples=20)
-    assert_valid(pieces, tokenizer, grammar)
+    assert_valid(pieces, tokenizer, grammar, playable)
     ids = np.concatenate([p.ids for p in pieces])
     assert set(VOCAB.value[ids[VOCAB.kind[ids] == Kind.TEMPO]]) == {int(VOCAB.tempo_bin(100.0))}
     for p in pieces:
@@ -185,20 +201,22 @@ def test_tempo_range_holds(model) -> None:
     assert len(bpm) >= 20 and bpm.min() >= 90 and bpm.max() <= 120
 
 
-def test_seconds_limit(model, tokenizer, grammar) -> None:
+def test_seconds_limit(model, tokenizer, grammar, playable) -> None:
     cfg = GenerationConfig(max_tokens=100_000, seconds=6.0)
     pieces = generate(model, cfg, num_samples=20)
-    assert_valid(pieces, tokenizer, grammar)
+    assert_valid(pieces, tokenizer, grammar, playable)
     for p in pieces:
         assert token_seconds(p.ids, VOCAB)[-1] <= 6.0 + 1e-9
         notes = tokenizer.decode_to_notes(p.ids)
         assert (notes["onset_s"] + notes["duration_s"]).max() <= 6.0 + 1e-3
 
 
-def test_max_tokens_holds_and_ends_cleanly(model, tokenizer, grammar) -> None:
+def test_max_tokens_holds_and_ends_cleanly(model, tokenizer, grammar, playable) -> None:
     for n in (8, 9, 33):
         pieces = generate(model, GenerationConfig(max_tokens=n), num_samples=30)
-        assert_valid(pieces, tokenizer, grammar)  # a note even in 8 tokens, and a clean END
+        assert_valid(
+            pieces, tokenizer, grammar, playable
+        )  # a note even in 8 tokens, and a clean END
         lengths = [len(p.generated) for p in pieces]
         assert max(lengths) <= n
     assert max(lengths) == 33  # the untrained model rarely ends on its own: the limit does
@@ -260,7 +278,7 @@ def test_token_seconds_hand_computed() -> None:
     assert np.allclose(token_seconds(ids, VOCAB), expected)
 
 
-def test_primer_continuation(model, tokenizer, grammar, fixtures_dir) -> None:
+def test_primer_continuation(model, tokenizer, grammar, fixtures_dir, playable) -> None:
     path = fixtures_dir / "midi" / "bach_bwv66.6.mid"
     full = Tokenizer(data_config=None)
     primer = load_primer(path, Tokenizer(), seconds=4.0)
@@ -268,7 +286,7 @@ def test_primer_continuation(model, tokenizer, grammar, fixtures_dir) -> None:
     assert token_seconds(primer, VOCAB)[-1] < 4.0
     assert len(primer) < len(full.encode_file(path)) - 1
     pieces = generate(model, GenerationConfig(max_tokens=48), num_samples=3, primer=primer)
-    assert_valid(pieces, tokenizer, grammar)
+    assert_valid(pieces, tokenizer, grammar, playable)
     assert all(np.array_equal(p.ids[: len(primer)], primer) for p in pieces)
 
 
@@ -279,7 +297,9 @@ def test_primer_that_is_not_midi(tmp_path) -> None:
         load_primer(bad, Tokenizer())
 
 
-def test_vae_prior_variations_interpolation(vae_model, tokenizer, grammar, fixtures_dir) -> None:
+def test_vae_prior_variations_interpolation(
+    vae_model, tokenizer, grammar, fixtures_dir, playable
+) -> None:
     a = fixtures_dir / "midi" / "bach_bwv66.6.mid"
     b = fixtures_dir / "midi" / "bach_bwv269.mid"
     cfg = GenerationConfig(max_tokens=48)
@@ -290,7 +310,7 @@ def test_vae_prior_variations_interpolation(vae_model, tokenizer, grammar, fixtu
         interpolation_latents(vae_model, a, b, tokenizer, steps=4),
     ):
         pieces = generate(vae_model, cfg, num_samples=4, latents=latents)
-        assert_valid(pieces, tokenizer, grammar)
+        assert_valid(pieces, tokenizer, grammar, playable)
     # the interpolation path starts at a's latents: its first piece is a's reconstruction
     path = interpolation_latents(vae_model, a, b, tokenizer, steps=3)
     ends = interpolation_latents(vae_model, a, b, tokenizer, steps=2)

@@ -54,6 +54,23 @@ def test_checkpoint_files_and_hashes(run):
     assert {"data", "rng", "lr_scale", "anomaly"} <= set(c.state)
 
 
+def test_cli_list_shows_every_checkpoint_with_its_rank(run, tmp_path, capsys):
+    valid = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "valid":
+            valid[record["step"]] = record["loss"]
+    assert sorted(valid) == [2, 4]
+    better, worse = sorted(valid, key=valid.get)
+    assert main(["checkpoint", "list", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rank = {better: "  best #1", worse: "  best #2"}
+    assert lines == [f"step-{s:07d}  valid_loss {valid[s]:.4f}{rank[s]}" for s in (2, 4)]
+    # a folder without checkpoints: said so, exit 1
+    assert main(["checkpoint", "list", str(tmp_path)]) == 1
+    assert capsys.readouterr().out == f"{tmp_path}: no checkpoints\n"
+
+
 def test_corrupt_file_is_detected(run, tmp_path):
     bad = copy_checkpoint(list_checkpoints(run)[-1], tmp_path / "step-0000004")
     data = bytearray((bad / "model.safetensors").read_bytes())

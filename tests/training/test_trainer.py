@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import re
@@ -109,7 +110,19 @@ def test_cli_run_keeps_best_n_plus_last(fixture_cache, tmp_path, capsys):
     assert best_checkpoints(run, 1)[0].name == f"step-{best_step:07d}"
 
 
-def test_stages_transformer_vae_vae_gan(fixture_cache, tmp_path, tiny_config):
+def test_stages_transformer_vae_vae_gan(fixture_cache, tmp_path, tiny_config, monkeypatch):
+    from aurl.training import trainer
+
+    # each stage's weights as it starts and as it ends (the real stage loop, watched)
+    entries, exits = [], []
+    real_stage = trainer._train_stage
+
+    def watched(run, stage, *args, **kw):
+        entries.append({k: v.clone() for k, v in stage.model.state_dict().items()})
+        real_stage(run, stage, *args, **kw)
+        exits.append({k: v.clone() for k, v in stage.model.state_dict().items()})
+
+    monkeypatch.setattr(trainer, "_train_stage", watched)
     run = tmp_path / "run"
     cfg = tiny_config(
         fixture_cache, "training.stages=[[transformer, 2], [vae, 2], [vae_gan, 3]]",
@@ -123,8 +136,17 @@ def test_stages_transformer_vae_vae_gan(fixture_cache, tmp_path, tiny_config):
     assert recs[7]["loss_disc"] > 0.0 and recs[7]["loss_adv"] != 0.0  # the GAN stage
     ckpts = [load_checkpoint(p) for p in list_checkpoints(run)]
     assert [(c.step, c.config.model.mode) for c in ckpts[-1:]] == [(7, "vae_gan")]
-    # stage 2 started from stage 1's weights: the shared embedding moved on from there
     assert result.model.discriminator is not None
+    # stages 2 and 3 start from the weights the stage before ended with (not a fresh model):
+    # every weight they share, the whole decoder
+    assert len(entries) == len(exits) == 3
+    for before, after in zip(exits, entries[1:]):
+        shared = [k for k in before if k in after]
+        assert "embed.weight" in shared and len(shared) > 0.5 * len(after)
+        assert all(torch.equal(before[k], after[k]) for k in shared)
+    assert not torch.equal(entries[0]["embed.weight"], exits[0]["embed.weight"])  # it trained
+    new = [k for k in entries[2] if k not in exits[1]]  # the discriminator starts fresh
+    assert new and all(k.startswith("discriminator.") for k in new)
 
 
 def test_early_stopping(fixture_cache, tmp_path, tiny_config):
@@ -170,10 +192,31 @@ def test_resume_with_incompatible_config_is_refused(fixture_cache, tmp_path, tin
 
 
 def test_bf16_autocast_on_cpu(fixture_cache, tmp_path, tiny_config):
-    cfg = tiny_config(fixture_cache, "training.max_steps=3", "training.precision=bf16")
-    result = train(cfg, tmp_path / "run", echo=lambda line: None)
-    assert math.isfinite(result.train_loss)
-    assert next(result.model.parameters()).dtype == torch.float32  # master weights stay fp32
+    from torch.nn.modules.module import register_module_forward_hook
+
+    seen = collections.Counter()  # (training mode, output dtype) of every linear layer run
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Linear) and isinstance(output, torch.Tensor):
+            seen[module.training, output.dtype] += 1
+
+    handle = register_module_forward_hook(record)
+    try:
+        for precision in ("fp32", "bf16"):
+            seen.clear()
+            cfg = tiny_config(fixture_cache, "training.max_steps=2",
+                              f"training.precision={precision}")  # fmt: skip
+            result = train(cfg, tmp_path / precision, echo=lambda line: None)
+            assert math.isfinite(result.train_loss)
+            assert next(result.model.parameters()).dtype == torch.float32  # master weights
+            if precision == "fp32":
+                fp32 = dict(seen)
+    finally:
+        handle.remove()
+    # the training steps' linears ran in bf16 under bf16 autocast, in fp32 without it
+    steps = fp32[True, torch.float32]
+    assert steps > 0 and (True, torch.bfloat16) not in fp32
+    assert seen[True, torch.bfloat16] == steps and seen[True, torch.float32] == 0
 
 
 def test_grammar_masks_batched_equal_one_state_per_row(chorale_cache, tiny_config):
@@ -471,3 +514,76 @@ def test_fp16_with_a_grad_scaler_learns_and_resumes(
     assert all(torch.equal(a[k], b[k]) for k in a)
     resumed_scaler = load_checkpoint(list_checkpoints(tmp_path / "crashed")[-1]).train_state
     assert resumed_scaler["scaler"] == scaler
+
+
+# --------------------------------------------------------------------------------------------
+# time budget, sample monitoring, spikes
+# --------------------------------------------------------------------------------------------
+
+
+def test_time_budget_stops_and_saves(fixture_cache, tmp_path, tiny_config):
+    run = tmp_path / "run"
+    cfg = tiny_config(fixture_cache, "training.max_steps=6", "training.max_minutes=1e-6",
+                      "training.save_every=100", "training.eval_every=100")  # fmt: skip
+    result = train(cfg, run, echo=lambda line: None)
+    # the budget is spent by the first step: stop there, with a checkpoint to resume from
+    assert (result.stopped, result.step) == ("time_budget", 1)
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000001"]
+    assert "step 1 stop time_budget" in (run / "train.log").read_text()
+
+
+def test_samples_are_written_and_scored_during_training(fixture_cache, tmp_path, tiny_config):
+    import symusic
+
+    # dropout on: the training draws from torch's RNG, which sampling must leave alone
+    common = ["training.max_steps=4", "training.eval_every=100", "training.save_every=100",
+              "training.sample_tokens=24", "model.dropout=0.1"]  # fmt: skip
+    quiet = lambda line: None  # noqa: E731
+    plain = train(tiny_config(fixture_cache, *common), tmp_path / "plain", echo=quiet)
+    run = tmp_path / "run"
+    cfg = tiny_config(fixture_cache, *common, "training.sample_every=2")
+    result = train(cfg, run, echo=lambda line: None)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-0000002.mid", "step-0000004.mid",
+    ]  # fmt: skip
+    samples = records(run, "sample")
+    assert [r["step"] for r in samples] == [2, 4]
+    for r in samples:
+        midi = symusic.Score(str(run / "samples" / f"step-{r['step']:07d}.mid"))
+        assert r["notes"] == midi.note_num() > 0 and 0 < r["tokens"] <= 25
+        assert r["grammar_valid"] == 1.0 and 0 <= r["scale_consistency"] <= 1
+    log = (run / "train.log").read_text()
+    assert re.search(r"^step 2 sample step-0000002\.mid tokens \d+ notes \d+ ", log, re.M)
+    # sampling draws from its own generator: the training itself is unchanged
+    assert result.train_loss == plain.train_loss
+    assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(),
+                                                 plain.model.state_dict().values()))  # fmt: skip
+
+
+def test_a_loss_spike_is_flagged_and_the_step_kept(fixture_cache, tmp_path, tiny_config,
+                                                   monkeypatch):  # fmt: skip
+    import aurl.models.losses as losses_module
+
+    real = losses_module.compute_losses
+    calls = {"n": 0}
+
+    def spiked(*args, **kw):  # the real losses; the 23rd call's total is 10x (after warm-up)
+        out = real(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 23:
+            out["total"] = out["total"] * 10.0
+        return out
+
+    monkeypatch.setattr(losses_module, "compute_losses", spiked)
+    run = tmp_path / "run"
+    cfg = tiny_config(fixture_cache, "training.max_steps=24", "training.eval_every=100",
+                      "training.save_every=100")  # fmt: skip
+    result = train(cfg, run, echo=lambda line: None)
+    # the detector's 20 warm-up steps passed: step 23 is flagged, not skipped nor rolled back
+    events = [(r["step"], r["what"], r["action"]) for r in records(run, "event")]
+    assert events == [(23, "loss_spike", "flagged")]
+    steps = {r["step"]: r["loss"] for r in records(run, "train")}
+    assert sorted(steps) == list(range(1, 25))  # every step was taken, the spiked one too
+    assert steps[23] > 5 * steps[22]
+    assert "step 23 anomaly loss_spike action flagged" in (run / "train.log").read_text()
+    assert result.step == 24 and load_checkpoint(run).state["lr_scale"] == 1.0
