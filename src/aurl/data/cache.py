@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from aurl.config import DataConfig, VocabConfig, build
+from aurl.data.corpus import manifest_groups
 from aurl.data.vocab import Kind, Vocab
 from aurl.errors import AurlError, DataError
 from aurl.fileio import atomic_write, atomic_write_text, fsync_path
@@ -87,10 +88,13 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _split_id(relpath: str, data_config: DataConfig) -> int:
+def _split_id(relpath: str, data_config: DataConfig, groups: dict[str, str]) -> int:
+    """The split of ``relpath``: a hash of its tune group (``groups``, from the corpus
+    manifest) or, for a file no manifest lists, of its path."""
     from aurl.data.split import split_of
 
-    split = split_of(relpath, data_config.valid_fraction, data_config.test_fraction)
+    key = groups.get(relpath, relpath)
+    split = split_of(key, data_config.valid_fraction, data_config.test_fraction)
     return SPLITS.index(split) if isinstance(split, str) else int(split)
 
 
@@ -633,8 +637,12 @@ def prepare(
         report.removed = int(len(old) - keep.sum())
         base = old.select(keep)
         fractions = [data_config.valid_fraction, data_config.test_fraction]
-        if old.meta.get("split_fractions") != fractions:  # the split rule changed: apply it
-            base.cols["split"] = np.array([_split_id(p, data_config) for p in base.paths], np.uint8)
+        # the split is recomputed for every file each run (a hash per file): the fractions or
+        # the manifest's tune groups may have changed while the tokens did not
+        groups = manifest_groups(source)
+        base.cols["split"] = np.array(
+            [_split_id(p, data_config, groups) for p in base.paths], np.uint8
+        )
         base.meta = {
             **fp, "split_fractions": fractions, "source": str(source.resolve()),
             "shard": list(shard) if shard else None,
@@ -672,7 +680,7 @@ def prepare(
                 name, offset = writer.append(tokens)
                 rows.add(
                     rel, digest, shard=len(writer.names) - 1, offset=offset, length=len(tokens),
-                    split=_split_id(rel, data_config), notes=notes, size=size, mtime_ns=mtime,
+                    split=_split_id(rel, data_config, groups), notes=notes, size=size, mtime_ns=mtime,
                 )  # fmt: skip
                 report.tokenized += 1
                 if n % commit_every == 0:
