@@ -106,7 +106,10 @@ def bundled() -> tuple[dict, dict[str, tuple[int, ...]]]:
 
 
 def test_normalize_title_names_the_hymn():
-    assert normalize_title("Meine Seel’ erhebt den Herren (BWV 10.7)") == "meine seel erhebt den herren"
+    assert (
+        normalize_title("Meine Seel’ erhebt den Herren (BWV 10.7)")
+        == "meine seel erhebt den herren"
+    )
     assert normalize_title("Wer nur den lieben Gott läßt walten (BWV 88.7)") == (
         "wer nur den lieben gott lasst walten"
     )
