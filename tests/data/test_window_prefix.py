@@ -162,3 +162,16 @@ def test_three_four_chorales_are_counted_in_three(
     old = MusicTransformerVAEGAN(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=512))
     assert torch.equal(old.time.positions(ids, meter=three)[1][0], beats % 4)
     assert "time.meter.weight" not in old.state_dict() and old.time.beat.num_embeddings == 4
+
+
+def test_the_start_state_gives_the_window_masks(cache: TokenCache, model) -> None:
+    """The trainer builds the grammar masks from the start state's grammar part (one scan of
+    the prefixes, not two): the same masks as :func:`window_masks`."""
+    from aurl.data.grammar import Grammar
+    from aurl.data.window_state import window_masks
+
+    grammar = Grammar(V, DATA.polyphony_cap)
+    for batch in batches(cache, 2, seed=3):
+        start = window_start(model, batch, cache)
+        expected = window_masks(grammar, batch, cache)
+        assert torch.equal(grammar.sequence_masks(batch["ids"], start.grammar[0]), expected)

@@ -180,11 +180,26 @@ class GrammarFeatures(nn.Module):
         """``ids`` (B, T) -> (sounding (B, T, P) bool, steps each has sounded (B, T, P),
         family (B, T), onset step of each pitch at the end (B, P)), after each token.
         ``carry``: the state before ``ids`` (default: the initial state)."""
-        B, T = ids.shape
+        B = ids.shape[0]
         gstate, onset0 = carry if carry is not None else self.initial(B, ids.device)
-        f = self.grammar.sequence_features(ids, gstate)
+        return self._from(ids, self.grammar.sequence_features(ids, gstate), gstate, onset0)
+
+    def carry_after(
+        self, ids: Tensor, carry: tuple[GrammarState, Tensor]
+    ) -> tuple[GrammarState, Tensor]:
+        """The carry after ``ids`` (B, T), from one grammar scan and no embedding (a window's
+        past: :meth:`MusicTransformerVAEGAN.start_after`)."""
+        f, after = self.grammar.features_and_state(ids, carry[0])
+        return after, self._from(ids, f, carry[0], carry[1])[3]
+
+    def _from(
+        self, ids: Tensor, f: Any, gstate: GrammarState, onset0: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-position features from the grammar's ``f`` over ``ids`` started at ``gstate``."""
+        T = ids.shape[1]
+        sounding0 = gstate.sounding.any(1)  # (B, P) before the first token
         snd = f.sounding  # (B, T, P)
-        before = torch.cat([gstate.sounding.any(1)[:, None], snd[:, :-1]], dim=1)
+        before = torch.cat([sounding0[:, None], snd[:, :-1]], dim=1)
         # a pitch's onset: the time at the last position where it started sounding
         pos = torch.arange(T, device=ids.device)[None, :, None]
         idx = torch.where(snd & ~before, pos, -1).cummax(dim=1).values  # (B, T, P)
@@ -484,7 +499,7 @@ class MusicTransformerVAEGAN(nn.Module):
         if self.grammar_features is not None:
             carry = self.grammar_features.initial(B, device)
             if history.shape[1]:
-                _, after = self.grammar_features.extend(history, carry)
+                after = self.grammar_features.carry_after(history, carry)
                 carry = after if empty is None else _where_rows(~empty.to(device), after, carry)
             start.grammar = carry
         return start

@@ -775,7 +775,10 @@ def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch
         if "meter" in next_batch:
             batch["meter"] = next_batch["meter"].to(device, non_blocking=True)
         allowed = None
-        if run.use_grammar:  # built on the CPU beside the loader, then moved
+        carried = getattr(batch.get("start"), "grammar", None)
+        if run.use_grammar and carried is not None:  # the start state's scan serves the masks
+            allowed = run.grammar.sequence_masks(batch["ids"], carried[0])
+        elif run.use_grammar:  # built on the CPU beside the loader, then moved
             allowed = grammar_masks(run.grammar, next_batch, run.cache).to(
                 device, non_blocking=True
             )
