@@ -123,6 +123,8 @@ class ModelConfig:
     global_tokens: int = _num(64, 0, 1_000_000)
     musical_position: bool = True  # beat/bar embedding derived from the ids
     grammar_features: bool = True  # sounding-pitch state fed to the model
+    # bars follow each piece's time signature (cache index, ``--meter``); off: 4/4 (old models)
+    meter: bool = False
     # VAE
     latent_dim: int = _num(128, 1, 4096)
     latent_levels: int = _num(3, 1, 3)
@@ -216,6 +218,7 @@ class GenerationConfig:
     window: int = _num(512, 8)
     window_overlap: int = _num(128, 0)
     seed: int = 0
+    meter: str = ""  # time signature the bars follow, e.g. "3/4" (meter models); "": 4/4
 
 
 @dataclass(frozen=True)

@@ -295,3 +295,20 @@ def test_cli_prepare(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     only_broken.mkdir()
     shutil.copy(corpus / "broken.mid", only_broken / "broken.mid")
     assert main(["data", "prepare", str(only_broken), "--out", str(tmp_path / "c2")]) == 1
+
+
+def test_split_follows_the_manifest_groups(corpus: Path, tmp_path: Path) -> None:
+    """A corpus manifest's tune groups decide the split: files of one group share it, whatever
+    their paths hash to; a file the manifest does not list keeps its path's split."""
+    import json
+
+    top = sorted(p.name for p in corpus.glob("*.mid") if p.name != "broken.mid")
+    groups = {name: "one tune" for name in top[:3]}
+    assert len({split_of(n, 0.3, 0.3) for n in groups}) > 1  # by path they would part
+    files = [{"file": n, "group": g} for n, g in groups.items()]
+    (corpus / "manifest.json").write_text(json.dumps({"files": files}))
+    prepare(corpus, tmp_path / "cache", data_config=DATA, workers=1)
+    cache = TokenCache(tmp_path / "cache")
+    split = {cache.relpath(i): ("train", "valid", "test")[s] for i, s in enumerate(cache.splits)}
+    assert {split[n] for n in groups} == {split_of("one tune", 0.3, 0.3)}
+    assert split[top[3]] == split_of(top[3], 0.3, 0.3)

@@ -67,7 +67,7 @@ def test_bundled_manifest_numbers_match_the_files(bundled):
         assert sum(len(t.notes) for t in score.tracks) == e["notes"], e["file"]
         assert len(score.tracks) == e["tracks"] and all(len(t.notes) for t in score.tracks)
         assert score.to("second").end() == pytest.approx(e["duration_s"], abs=1e-3), e["file"]
-        assert e["split"] == split_of(e["file"], 0.1, 0.1)
+        assert e["split"] == split_of(e["group"], 0.1, 0.1)
         assert e["repeats"] in ("none", "expanded")
     total = len(bundled["files"])
     n_train = sum(e["split"] == "train" for e in bundled["files"])
@@ -87,7 +87,7 @@ def test_copy_recomputes_splits_for_other_fractions(tmp_path):
     report = build_corpus("bach-chorales", tmp_path, valid_fraction=0.0, test_fraction=0.5)
     splits = {e["split"] for e in read_manifest(tmp_path)["files"]}
     assert splits == {"train", "test"}
-    assert all(e["split"] == split_of(e["file"], 0.0, 0.5) for e in report.files)
+    assert all(e["split"] == split_of(e["group"], 0.0, 0.5) for e in report.files)
 
 
 def test_cli_corpus_prints_a_summary(tmp_path, capsys):
@@ -242,7 +242,7 @@ def test_manifest_is_json_with_the_documented_fields(bundled):
     entry = bundled["files"][0]
     assert set(entry) == {
         "file", "source", "composer", "title", "duration_s", "notes", "tracks", "repeats",
-        "warnings", "split",
+        "warnings", "group", "split",
     }  # fmt: skip
     assert json.loads(json.dumps(bundled)) == bundled
 

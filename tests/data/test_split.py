@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 
 import pytest
 
+from aurl.data.corpus import read_manifest
 from aurl.data.split import SPLITS, hash_unit, normalize_relpath, split_counts, split_of
+from aurl.data.tunes import (
+    SAME_TUNE,
+    normalize_title,
+    similar_pairs,
+    soprano_intervals,
+    tune_groups,
+)
 from aurl.errors import ConfigError
 
 
@@ -79,3 +88,75 @@ def test_growing_a_fraction_only_takes_files_from_train():
 def test_bad_fractions_raise_config_error_naming_the_key(valid, test):
     with pytest.raises(ConfigError, match=r"data\.(valid|test)_fraction"):
         split_of("a.mid", valid, test)
+
+
+# --------------------------------------------------------------------------------------------
+# Tune groups: the split of the bundled corpus has no melodic leak
+# --------------------------------------------------------------------------------------------
+
+CHORALES = Path(__file__).parents[2] / "src" / "aurl" / "data" / "bundled" / "bach-chorales"
+
+
+@pytest.fixture(scope="module")
+def bundled() -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """The bundled manifest and every file's soprano intervals."""
+    manifest = read_manifest(CHORALES)
+    melodies = {e["file"]: soprano_intervals(CHORALES / e["file"]) for e in manifest["files"]}
+    return manifest, melodies
+
+
+def test_normalize_title_names_the_hymn():
+    assert (
+        normalize_title("Meine Seel’ erhebt den Herren (BWV 10.7)")
+        == "meine seel erhebt den herren"
+    )
+    assert normalize_title("Wer nur den lieben Gott läßt walten (BWV 88.7)") == (
+        "wer nur den lieben gott lasst walten"
+    )
+    assert normalize_title("") == ""
+
+
+def test_soprano_intervals_of_a_chorale():
+    # BWV 10.7's track "Soprano" (mean pitch 72.4, above the alto's 65.6) opens on
+    # D5 F5 D5 D5 D5: intervals +3 -3 0 0
+    melody = soprano_intervals(CHORALES / "bach_bwv10.7.mid")
+    assert melody[:4] == (3, -3, 0, 0) and len(melody) > 20
+
+
+def test_tune_groups_join_titles_and_tunes_and_bridge():
+    tune = (2, 2, -1, -3, 5, 0, -2, 1, 1, -4)
+    titles = {"a.mid": "Hymn One (BWV 1.1)", "b.mid": "Hymn one (BWV 2.2)", "c.mid": "",
+              "d.mid": "Other", "e.mid": ""}  # fmt: skip
+    melodies = {"a.mid": (1,) * 10, "b.mid": tune, "c.mid": tune[:-1] + (3,), "d.mid": (5, -5) * 5,
+                "e.mid": (7,) * 10}  # fmt: skip
+    groups = tune_groups(titles, melodies)
+    # a ~ b by title, b ~ c by tune (ratio 0.9): one group keyed by its smallest title
+    assert groups["a.mid"] == groups["b.mid"] == groups["c.mid"] == "hymn one"
+    assert groups["d.mid"] == "other" and groups["e.mid"] == "e.mid"
+    # one note more in c's tune (ratio 0.85 < 0.9): c stands alone, keyed by its file name
+    melodies["c.mid"] = tune[:-2] + (3, 3)
+    assert tune_groups(titles, melodies)["c.mid"] == "c.mid"
+
+
+def test_bundled_split_has_no_melodic_leak(bundled):
+    manifest, melodies = bundled
+    split = {e["file"]: e["split"] for e in manifest["files"]}
+    train = [f for f, s in split.items() if s == "train"]
+    held = [f for f, s in split.items() if s != "train"]
+    assert len(held) >= 0.12 * len(split)  # the fractions still hold out files (50 groups)
+    assert similar_pairs(melodies, SAME_TUNE, among=held, against=train) == []
+    # and the path hash alone would leak: the test can see a leak when there is one
+    by_path = {f: split_of(f) for f in split}
+    held_p = [f for f, s in by_path.items() if s != "train"]
+    train_p = [f for f, s in by_path.items() if s == "train"]
+    assert len(similar_pairs(melodies, SAME_TUNE, among=held_p, against=train_p)) >= 10
+
+
+def test_bundled_manifest_is_what_the_rule_gives(bundled):
+    manifest, melodies = bundled
+    titles = {e["file"]: e["title"] for e in manifest["files"]}
+    groups = tune_groups(titles, melodies)
+    for e in manifest["files"]:
+        assert e["group"] == groups[e["file"]]
+        assert e["split"] == split_of(e["group"], manifest["valid_fraction"],
+                                      manifest["test_fraction"])  # fmt: skip

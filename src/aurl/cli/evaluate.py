@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     seqs = [np.asarray(cache.tokens(i), dtype=np.int64) for i in rows]
     cap = cache.meta.get("tokenizer", {}).get("polyphony_cap", DataConfig().polyphony_cap)
     window = args.window or trained_window  # scoring past the training length would extrapolate
-    common = dict(window=window, batch_size=args.batch_size, device=args.device, progress=bar)
+    common = dict(window=window, batch_size=args.batch_size, device=args.device, progress=bar,
+                  meters=[cache.meters[i] for i in rows])  # fmt: skip
     likelihood = {
         "model": score_sequences(model, seqs, **common).to_dict(),
         "model, grammar-masked": score_sequences(

@@ -58,6 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--instruments", metavar="F,F", help="allowed GM families (program // 8)")
     c.add_argument("--density", type=float, metavar="D", help="target notes per beat")
     c.add_argument("--polyphony", type=int, metavar="N", help="most notes sounding at once")
+    c.add_argument(
+        "--meter", metavar="N/D",
+        help="time signature the bars follow, e.g. 3/4 (models trained with model.meter; "
+        "default 4/4)",
+    )  # fmt: skip
     k = p.add_argument_group("conditioning")
     k.add_argument("--primer", metavar="FILE", help="MIDI file to continue")
     k.add_argument("--primer-seconds", type=float, metavar="S", help="use only its first S s")
@@ -119,6 +124,10 @@ def generation_config(args: argparse.Namespace):
                 f"--instruments {args.instruments!r}: give family numbers like 0,5"
             ) from None
     values.update(_tempo(args.tempo))
+    if args.meter:
+        from aurl.data.meter import parse_meter
+
+        values["meter"] = "{}/{}".format(*parse_meter(args.meter))
     return build(GenerationConfig, values, prefix="generation")
 
 

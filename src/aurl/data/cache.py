@@ -9,7 +9,10 @@ Layout of a cache folder::
     .lock            held (flock) while a process writes the cache
 
 Per file the index keeps: relative path, shard, offset and length (in tokens), split, notes,
-content hash (BLAKE2b-128), size and mtime (a quick "unchanged" test before hashing).
+time signature (the file's first: numerator and denominator, 4/4 where it has none), content
+hash (BLAKE2b-128), size and mtime (a quick "unchanged" test before hashing). Format 2 added the
+time signature; a cache of format 1 is refused with "run aurl data prepare again", and
+``prepare`` rebuilds it.
 
 Crash safety: shards are only ever appended to and fsynced before the index that points into
 them is written (temp file + fsync + rename, then fsync of the folder). Whatever the moment of a
@@ -41,12 +44,14 @@ from typing import Any
 import numpy as np
 
 from aurl.config import DataConfig, VocabConfig, build
+from aurl.data.corpus import manifest_groups
+from aurl.data.meter import read_meter
 from aurl.data.vocab import Kind, Vocab
 from aurl.errors import AurlError, DataError
 from aurl.fileio import atomic_write, atomic_write_text, fsync_path
 from aurl.progress import Progress, silent
 
-FORMAT = 1
+FORMAT = 2  # 2: time signatures in the index
 SPLITS = ("train", "valid", "test")
 MIDI_SUFFIXES = (".mid", ".midi", ".kar")
 TOKEN_DTYPE = np.dtype("<u2")
@@ -87,10 +92,13 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _split_id(relpath: str, data_config: DataConfig) -> int:
+def _split_id(relpath: str, data_config: DataConfig, groups: dict[str, str]) -> int:
+    """The split of ``relpath``: a hash of its tune group (``groups``, from the corpus
+    manifest) or, for a file no manifest lists, of its path."""
     from aurl.data.split import split_of
 
-    split = split_of(relpath, data_config.valid_fraction, data_config.test_fraction)
+    key = groups.get(relpath, relpath)
+    split = split_of(key, data_config.valid_fraction, data_config.test_fraction)
     return SPLITS.index(split) if isinstance(split, str) else int(split)
 
 
@@ -148,6 +156,8 @@ _COLUMNS = {
     "length": np.int64,
     "split": np.uint8,
     "notes": np.int64,
+    "meter_num": np.int16,
+    "meter_den": np.int16,
     "size": np.int64,
     "mtime_ns": np.int64,
 }
@@ -173,7 +183,9 @@ class _Index:
         return len(self.paths)
 
     @classmethod
-    def load(cls, path: Path) -> _Index:
+    def load(cls, path: Path, *, stale: bool = False) -> _Index:
+        """The index at ``path``; with ``stale``, an index of another format reads as empty
+        (``prepare`` redoes it) instead of raising."""
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
@@ -181,15 +193,24 @@ class _Index:
                 paths = [blob[a:b].decode() for a, b in zip(offs[:-1], offs[1:])]
                 cols = {k: z[k].astype(t, copy=False) for k, t in _COLUMNS.items()}
                 hashes = z["hash"]
-        except (OSError, ValueError, KeyError) as e:
+        except KeyError as e:  # a column this format has and an older one lacks
+            found = _format_of(path)
+            if found == FORMAT:
+                raise DataError(
+                    f"cache index {path} is unreadable ({e}); delete the cache folder and "
+                    "prepare again"
+                ) from None
+            if stale:
+                return cls.empty()
+            raise _stale_error(path, found) from None
+        except (OSError, ValueError) as e:
             raise DataError(
                 f"cache index {path} is unreadable ({e}); delete the cache folder and prepare again"
             ) from None
         if meta.get("format") != FORMAT:
-            raise DataError(
-                f"cache {path.parent} has format {meta.get('format')}, this Aurl reads {FORMAT}: "
-                "prepare it again"
-            )
+            if stale:
+                return cls.empty()
+            raise _stale_error(path, meta.get("format"))
         return cls(paths, cols, hashes, list(meta.pop("shards")), meta.pop("failed", []), meta)
 
     def save(self, path: Path) -> None:
@@ -238,6 +259,21 @@ class _Index:
         remap = np.zeros(max(len(used), int(used.max(initial=0)) + 1), dtype=np.int32)
         remap[used] = np.arange(len(used), dtype=np.int32)
         self.cols["shard"] = remap[self.cols["shard"]]
+
+
+def _format_of(path: Path) -> Any:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["meta"])).get("format")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _stale_error(path: Path, found: Any) -> DataError:
+    return DataError(
+        f"cache {path.parent} has format {found}, this Aurl reads format {FORMAT} (it adds time "
+        f"signatures): run 'aurl data prepare MIDI_DIR --out {path.parent}' again"
+    )
 
 
 class _Rows:
@@ -389,7 +425,8 @@ def _work(task: tuple[str, bytes | None]) -> tuple:
         ids = _WORKER["tokenizer"].encode_file(path)
         notes = int(_WORKER["is_note_on"][ids].sum())
         tokens = np.asarray(ids).astype(TOKEN_DTYPE)
-        return ("ok", relpath, digest, st.st_size, st.st_mtime_ns, tokens, notes)
+        meter = read_meter(path)
+        return ("ok", relpath, digest, st.st_size, st.st_mtime_ns, tokens, notes, meter)
     except (AurlError, OSError) as e:
         return ("failed", relpath, None, 0, 0, f"{type(e).__name__}: {e}")
     except Exception as e:  # a tokenizer bug on one file must not stop a 1M-file run
@@ -446,7 +483,8 @@ def _compact(
         for i in live_rows[shard_ids == s]:
             off, length = int(base.cols["offset"][i]), int(base.cols["length"][i])
             name, offset = writer.append(mm[off : off + length])
-            values = {k: int(base.cols[k][i]) for k in ("split", "notes", "size", "mtime_ns")}
+            keys = ("split", "notes", "meter_num", "meter_den", "size", "mtime_ns")
+            values = {k: int(base.cols[k][i]) for k in keys}
             rows.add(
                 base.paths[i], base.hashes[i].tobytes(), shard=len(writer.names) - 1,
                 offset=offset, length=length, **values,
@@ -581,8 +619,8 @@ def prepare(
             report.merged = merge_caches(parts, out, remove_parts=True)
 
     with _locked(folder):
-        old = _Index.load(folder / "index.npz") if (folder / "index.npz").is_file() else None
-        old = old or _Index.empty()
+        index_file = folder / "index.npz"
+        old = _Index.load(index_file, stale=True) if index_file.is_file() else _Index.empty()
         # leftovers of a crash go now; the committed index's shards stay until the next commit
         _clean_unreferenced(folder, old.shards)
         if {k: old.meta.get(k) for k in fp} != fp:
@@ -595,8 +633,12 @@ def prepare(
         report.removed = int(len(old) - keep.sum())
         base = old.select(keep)
         fractions = [data_config.valid_fraction, data_config.test_fraction]
-        if old.meta.get("split_fractions") != fractions:  # the split rule changed: apply it
-            base.cols["split"] = np.array([_split_id(p, data_config) for p in base.paths], np.uint8)
+        # the split is recomputed for every file each run (a hash per file): the fractions or
+        # the manifest's tune groups may have changed while the tokens did not
+        groups = manifest_groups(source)
+        base.cols["split"] = np.array(
+            [_split_id(p, data_config, groups) for p in base.paths], np.uint8
+        )
         base.meta = {
             **fp, "split_fractions": fractions, "source": str(source.resolve()),
             "shard": list(shard) if shard else None,
@@ -630,11 +672,12 @@ def prepare(
                         "size": st.st_size if st else -1, "mtime_ns": st.st_mtime_ns if st else -1,
                     })  # fmt: skip
                     continue
-                tokens, notes = res[5], res[6]
+                tokens, notes, (num, den) = res[5], res[6], res[7]
                 name, offset = writer.append(tokens)
                 rows.add(
                     rel, digest, shard=len(writer.names) - 1, offset=offset, length=len(tokens),
-                    split=_split_id(rel, data_config), notes=notes, size=size, mtime_ns=mtime,
+                    split=_split_id(rel, data_config, groups), notes=notes,
+                    meter_num=num, meter_den=den, size=size, mtime_ns=mtime,
                 )  # fmt: skip
                 report.tokenized += 1
                 if n % commit_every == 0:
@@ -674,7 +717,9 @@ def merge_caches(
     parts = [Path(p) for p in parts]
     keys = ("format", "vocab", "tokenizer")
     with _locked(out):
-        merged = _Index.load(out / "index.npz") if (out / "index.npz").is_file() else None
+        merged = (
+            _Index.load(out / "index.npz", stale=True) if (out / "index.npz").is_file() else None
+        )
         first: dict[str, Any] | None = None
         imported = 0
         for part in parts:
@@ -750,6 +795,10 @@ class TokenCache:
         self.lengths: np.ndarray = self._index.cols["length"]  # (N,) tokens per file
         self.splits: np.ndarray = self._index.cols["split"]  # (N,) 0 train, 1 valid, 2 test
         self.notes: np.ndarray = self._index.cols["notes"]  # (N,) NOTE_ONs per file
+        # (N, 2) int64 time signature (numerator, denominator) of each file
+        self.meters: np.ndarray = np.stack(
+            [self._index.cols["meter_num"], self._index.cols["meter_den"]], axis=1
+        ).astype(np.int64)
         self.failed: list[dict[str, Any]] = self._index.failed
         self._maps: dict[int, np.ndarray] = {}
         self._pid = os.getpid()

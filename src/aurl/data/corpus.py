@@ -15,7 +15,9 @@ reported. A runaway expansion (longer than ``max_repeat_factor`` times the writt
 
 Every corpus folder gets a ``manifest.json``: per file its source path inside music21's corpus,
 composer, title, duration in seconds, note and track counts, how repeats were handled, music21's
-warnings while reading it, and its split.
+warnings while reading it, its tune group (:mod:`aurl.data.tunes`: same hymn title or the same
+soprano line) and its split, a hash of the group (:func:`aurl.data.split.split_of`), so that two
+settings of one tune never land in two splits. ``aurl data prepare`` reads the groups back.
 File names are deterministic: the source path with ``/`` turned into ``_`` and ``.mid``.
 """
 
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from aurl.data.split import check_fractions, split_of
+from aurl.data.tunes import folder_groups
 from aurl.errors import DataError
 from aurl.fileio import atomic_write, atomic_write_text
 from aurl.progress import Progress, silent
@@ -328,12 +331,23 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         ) from e
 
 
+def manifest_groups(folder: str | Path) -> dict[str, str]:
+    """file name -> tune group of the corpus manifest in ``folder``; ``{}`` where the folder has
+    no manifest (any folder of MIDI files) or the manifest predates groups."""
+    if not (Path(folder) / MANIFEST).is_file():
+        return {}
+    entries = read_manifest(folder).get("files", [])
+    return {e["file"]: e["group"] for e in entries if "group" in e}
+
+
 def write_manifest(report: CorpusReport, *, valid_fraction: float, test_fraction: float) -> Path:
-    """Write ``report.out/manifest.json`` atomically (splits recomputed from the fractions)."""
+    """Write ``report.out/manifest.json`` atomically (groups and splits recomputed)."""
     import music21
 
+    groups = folder_groups(report.out, report.files)
     for entry in report.files:
-        entry["split"] = split_of(entry["file"], valid_fraction, test_fraction)
+        entry["group"] = groups[entry["file"]]
+        entry["split"] = split_of(entry["group"], valid_fraction, test_fraction)
     manifest = {
         "name": report.name,
         "source": f"music21 {music21.__version__} corpus",

@@ -13,7 +13,10 @@ length for a step travels with the batch into worker processes. Plain integer ke
 ``torch.utils.data.DistributedSampler``) use the dataset's own ``window`` and ``epoch``.
 
 Batches are dicts: ``ids`` (B, T) int64 padded with PAD, ``attention_mask`` (B, T) bool (True on
-real tokens), ``index`` (B,) cache row, ``offset`` (B,) first token's position in the piece.
+real tokens), ``index`` (B,) cache row, ``offset`` (B,) first token's position in the piece,
+``meter`` (B, 2) int64 the piece's time signature (numerator, denominator) from the cache index.
+The tokens before ``offset`` are the window's past: :func:`aurl.data.window_state.window_start`
+turns them into the state a model's first position starts from.
 A language-model loss predicts ``ids[:, 1:]`` from ``ids[:, :-1]`` under the mask.
 
 When the dataset augments with an :class:`~aurl.data.augment.Augmenter`, batches also say what
@@ -138,7 +141,8 @@ class WindowDataset(torch.utils.data.Dataset):
             drawn = augment_fields(params, self._families)
         elif self.augment is not None:
             ids = self.augment(ids, rng)
-        return {"ids": ids[:window], "index": row, "offset": offset, **drawn}
+        meter = self.cache.meters[row]
+        return {"ids": ids[:window], "index": row, "offset": offset, "meter": meter, **drawn}
 
 
 def augment_fields(params: AugmentParams, families: int) -> dict[str, Any]:
@@ -167,6 +171,8 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int = PAD) -> dict[str, tor
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
         "offset": torch.tensor([it["offset"] for it in items], dtype=torch.long),
     }
+    if "meter" in items[0]:
+        batch["meter"] = torch.from_numpy(np.stack([it["meter"] for it in items]).astype(np.int64))
     if "family_map" in items[0]:
         batch["transpose"] = torch.tensor([it["transpose"] for it in items], dtype=torch.long)
         fmaps = np.stack([it["family_map"] for it in items])  # (B, families)
@@ -387,7 +393,8 @@ def eval_batches(
             score = np.zeros(len(piece), dtype=bool)
             score[max(0, scored_until - start) :] = True
             scored_until = start + len(piece)
-            items.append({"ids": piece, "index": row, "offset": start, "score": score})
+            item = {"ids": piece, "index": row, "offset": start, "score": score}
+            items.append({**item, "meter": cache.meters[row]})
             if len(items) == batch_size:
                 yield _eval_collate(items)
                 items = []

@@ -572,6 +572,17 @@ class Grammar:
             sounding=any_sounding, polyphony=f["count"], family=f["family"], time=f["time"]
         )
 
+    def features_and_state(
+        self, ids: torch.Tensor, state: GrammarState | None = None
+    ) -> tuple[SequenceFeatures, GrammarState]:
+        """:meth:`sequence_features` and :meth:`state_after` of ``ids`` from one scan."""
+        f, _, _, any_sounding, final_sounding, final_sustain = self._scan(ids, state)
+        features = SequenceFeatures(
+            sounding=any_sounding, polyphony=f["count"], family=f["family"], time=f["time"]
+        )
+        last = {name: t[:, -1] for name, t in f.items()}
+        return features, GrammarState(sounding=final_sounding, sustain=final_sustain, **last)
+
     def violations(self, ids: torch.Tensor, state: GrammarState | None = None) -> torch.Tensor:
         """(B, T) bool: where a token was not allowed by the state before it."""
         B = ids.shape[0]

@@ -1,7 +1,9 @@
-"""Deterministic train/valid/test split from a hash of each file's relative path.
+"""Deterministic train/valid/test split from a hash of each file's key.
 
-A file's split depends on its own path and the two fractions only, so it never changes when
-other files are added or removed, on any machine or Python version (SHA-1, not ``hash()``).
+The key is the file's tune group where its corpus manifest records one (:mod:`aurl.data.tunes`:
+settings of one hymn tune share a group, so they share a split), else its relative path. A
+file's split depends on its key and the two fractions only, so it never changes when unrelated
+files are added or removed, on any machine or Python version (SHA-1, not ``hash()``).
 The hash maps each path to a point ``u`` in [0, 1): ``u < test`` is test, ``u < test + valid``
 is valid, the rest train. Growing a fraction therefore only moves files out of train, never
 between valid and test the other way.

@@ -1,4 +1,5 @@
-"""The grammar state at the start of each training window, augmentation included.
+"""The state at the start of each training window, augmentation included: the grammar's (for
+the masks) and a model's (musical time and grammar features, :func:`window_start`).
 
 A window cut at ``offset`` from a cached piece is masked (grammar-masked cross-entropy) from the
 state the grammar reaches after the piece's first ``offset`` tokens, not from the initial state
@@ -49,7 +50,7 @@ the loss infinite.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -61,6 +62,22 @@ from aurl.data.vocab import PAD, Kind
 
 class _Tokens(Protocol):
     def tokens(self, i: int) -> np.ndarray: ...
+
+
+class _Model(Protocol):
+    def start_after(self, history: torch.Tensor, *, empty: torch.Tensor) -> Any: ...
+
+
+def prefix_ids(batch: dict[str, torch.Tensor], cache: _Tokens) -> torch.Tensor:
+    """(B, L) each window's un-augmented prefix, the first ``offset`` tokens of piece ``index``
+    of ``cache``, right-aligned behind PAD tokens (L: the longest offset, 0 when none)."""
+    offsets = batch["offset"].tolist()
+    B, L = len(offsets), max(offsets, default=0)
+    prefix = torch.full((B, L), PAD, dtype=torch.long)  # (B, L)
+    for r, (row, off) in enumerate(zip(batch["index"].tolist(), offsets)):
+        if off:
+            prefix[r, L - off :] = torch.from_numpy(np.asarray(cache.tokens(row)[:off], np.int64))
+    return prefix
 
 
 def prefix_states(grammar: Grammar, batch: dict[str, torch.Tensor], cache: _Tokens) -> GrammarState:
@@ -76,11 +93,7 @@ def prefix_states(grammar: Grammar, batch: dict[str, torch.Tensor], cache: _Toke
     state = grammar.initial_state(B, ids.device)
     if L == 0:
         return state
-    prefix = torch.full((B, L), PAD, dtype=torch.long)  # (B, L), right-aligned prefixes
-    for r, (row, off) in enumerate(zip(batch["index"].tolist(), offsets)):
-        if off:
-            prefix[r, L - off :] = torch.from_numpy(np.asarray(cache.tokens(row)[:off], np.int64))
-    after = grammar.state_after(prefix.to(ids.device))
+    after = grammar.state_after(prefix_ids(batch, cache).to(ids.device))
     has = torch.tensor([off > 0 for off in offsets], device=ids.device)  # (B,)
     for f in dataclasses.fields(state):
         a, b = getattr(after, f.name), getattr(state, f.name)
@@ -155,6 +168,35 @@ def window_states(grammar: Grammar, batch: dict[str, torch.Tensor], cache: _Toke
         grammar, state, transpose=batch["transpose"], family_map=batch["family_map"],
         velocity_factor=batch["velocity_factor"],
     )  # fmt: skip
+
+
+def augment_onsets(onset: torch.Tensor, transpose: torch.Tensor) -> torch.Tensor:
+    """Pitch onsets (B, P) of a model's grammar-feature state carried across a transposition by
+    ``transpose`` (B,) semitones (pitches moved in from outside the range: 0, never sounding)."""
+    B, P = onset.shape
+    src = torch.arange(P, device=onset.device)[None, :] - transpose.to(onset.device).long()[:, None]
+    inside = (src >= 0) & (src < P)
+    return torch.where(inside, onset.gather(1, src.clamp(0, P - 1)), 0)
+
+
+def window_start(model: _Model, batch: dict[str, torch.Tensor], cache: _Tokens) -> Any:
+    """The state each window of ``batch`` starts from in ``model`` (its ``start_after`` over the
+    window's prefix: musical time, grammar-feature state), carried across the window's
+    augmentation as :func:`window_states` carries the grammar's; for ``forward(start=...)``.
+
+    Musical time needs no carrying: transposition, family and velocity maps leave it alone, and
+    stretch and jitter retime the window only (module docstring). The returned object is the
+    model's (e.g. :class:`aurl.models.model.WindowStart`), changed in place.
+    """
+    start = model.start_after(prefix_ids(batch, cache), empty=batch["offset"] == 0)
+    if "family_map" in batch and getattr(start, "grammar", None) is not None:
+        state, onset = start.grammar
+        state = augment_state(
+            model.grammar_features.grammar, state, transpose=batch["transpose"],
+            family_map=batch["family_map"], velocity_factor=batch["velocity_factor"],
+        )  # fmt: skip
+        start.grammar = (state, augment_onsets(onset, batch["transpose"]))
+    return start
 
 
 def window_masks(grammar: Grammar, batch: dict[str, torch.Tensor], cache: _Tokens) -> torch.Tensor:

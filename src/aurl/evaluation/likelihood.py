@@ -131,6 +131,7 @@ def score_sequences(
     context: int | None = None,
     vocab: Vocab | None = None,
     progress: Progress = silent,
+    meters: Sequence[Any] | None = None,
 ) -> LikelihoodResult:
     """Negative log-likelihood of ``sequences`` under ``model`` (``model(ids).logits``).
 
@@ -148,6 +149,8 @@ def score_sequences(
         context: History each later window keeps (default ``window // 2``).
         vocab: Which ids are notes; default ``model.vocab`` or the default vocabulary.
         progress: Progress wrapper over batches.
+        meters: Each sequence's time signature ``(numerator, denominator)``, passed to a model
+            with meter conditioning (``model.config.meter``); default 4/4.
 
     Returns:
         The totals; ``.loss``, ``.perplexity`` and ``.bits_per_note`` derive from them.
@@ -197,12 +200,17 @@ def score_sequences(
             for r, (i, start, end, _) in enumerate(batch):
                 ids[r, : end - start] = torch.from_numpy(seqs[i][start:end])
             i0, start0 = batch[0][0], batch[0][1]
+            meter = None
+            if meters is not None and getattr(getattr(model, "config", None), "meter", False):
+                meter = torch.tensor(np.array([meters[c[0]] for c in batch]), dtype=torch.long)
+                meter = meter.to(device)
+            kw = {"meter": meter} if meter is not None else {}
             if carry and start0 > 0:
                 history = torch.from_numpy(seqs[i0][:start0])[None].to(device)  # (1, start)
-                state = model.init_state(1, device=device, capacity=T, history=history)
+                state = model.init_state(1, device=device, capacity=T, history=history, **kw)
                 logits = model.step(ids.to(device), state).float()  # (1, T, V)
             else:
-                logits = model(ids.to(device)).logits.float()  # (B, T, V)
+                logits = model(ids.to(device), **kw).logits.float()  # (B, T, V)
             logp = torch.log_softmax(logits, dim=-1)
             for r, (i, start, end, first) in enumerate(batch):
                 # logits at local position j predict token start + j + 1

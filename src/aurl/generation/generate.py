@@ -150,9 +150,12 @@ def interpolation_latents(
 class _Context:
     """The model side of the loop: KV-cache state, sliding window, logits of the last token."""
 
-    def __init__(self, model: Any, latents: Any, batch: int, window: int, overlap: int) -> None:
+    def __init__(
+        self, model: Any, latents: Any, batch: int, window: int, overlap: int, meter: Any = None
+    ) -> None:
         self.model, self.latents, self.batch = model, latents, batch
         self.window, self.overlap = window, overlap
+        self.meter = meter  # (B, 2) time signatures for a meter-conditioned model, or None
         self.state: Any = None
 
     def start(self, buffer: torch.Tensor, n: int) -> torch.Tensor:
@@ -160,9 +163,10 @@ class _Context:
         they do not fit the window); returns the logits (B, V) after them."""
         first = 0 if n <= self.window - 1 else n - self.overlap
         # the tokens left behind still set the musical time and the grammar features
+        meter = {"meter": self.meter} if self.meter is not None else {}
         self.state = self.model.init_state(
             self.batch, device=buffer.device, latents=self.latents, capacity=self.window,
-            history=buffer[:, :first] if first > 0 else None,
+            history=buffer[:, :first] if first > 0 else None, **meter,
         )  # fmt: skip
         return self.model.step(buffer[:, first:n], self.state)[:, -1]
 
@@ -180,6 +184,17 @@ class _Context:
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.state = index_state(self.state, rows)
+
+
+def meter_tensor(model: Any, config: GenerationConfig, batch: int, device: Any) -> Any:
+    """(B, 2) ``generation.meter`` for a model with meter conditioning; None otherwise (the
+    model counts in 4/4, and so does a meter model given none)."""
+    if not config.meter or not getattr(getattr(model, "config", None), "meter", False):
+        return None
+    from aurl.data.meter import parse_meter
+
+    meter = torch.tensor(parse_meter(config.meter), dtype=torch.long, device=device)
+    return meter.expand(batch, 2).contiguous()
 
 
 def _room(buffer: torch.Tensor, n: int) -> torch.Tensor:
@@ -284,7 +299,7 @@ def _sample(
     buffer = torch.full((B, P + min(steps, CHUNK)), PAD, dtype=torch.long, device=device)
     buffer[:, :P] = prefix
     state = masker.prime(masker.initial_state(B), prefix)
-    ctx = _Context(model, latents, B, window, overlap)
+    ctx = _Context(model, latents, B, window, overlap, meter_tensor(model, config, B, device))
     logits = ctx.start(buffer, P)
     seen = None
     if options.repetition_penalty != 1.0:
@@ -327,7 +342,9 @@ def _beam_search(
     buffer = torch.full((B * K, P + min(steps, CHUNK)), PAD, dtype=torch.long, device=device)
     buffer[:, :P] = prefix[rows]
     state = masker.prime(masker.initial_state(B * K), buffer[:, :P])
-    ctx = _Context(model, latents, B * K, window, overlap)
+    ctx = _Context(
+        model, latents, B * K, window, overlap, meter_tensor(model, config, B * K, device)
+    )
     logits = ctx.start(buffer, P)
     scores = torch.zeros(B, K, dtype=torch.float64, device=device)
     scores[:, 1:] = float("-inf")  # all beams start equal: keep one so they do not duplicate

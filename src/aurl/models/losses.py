@@ -111,11 +111,13 @@ def compute_losses(
         ``total`` (generator objective), ``ce``, ``grammar``, ``kl``, ``kl_raw``, ``adv``,
         ``fm``, ``disc`` (0 where the mode has no such part), ``kl_weight``.
     """
+    context = {}  # where the windows start in their pieces, and the pieces' meters
     if isinstance(batch, dict):
         ids, attention_mask = batch["ids"], batch.get("attention_mask")
+        context = {k: batch[k] for k in ("start", "meter") if batch.get(k) is not None}
     else:
         ids, attention_mask = batch, None
-    out = model(ids, attention_mask=attention_mask)
+    out = model(ids, attention_mask=attention_mask, **context)
     logits, targets = out.logits[:, :-1], ids[:, 1:]  # position t predicts token t+1
     valid = targets != PAD
     if attention_mask is not None:

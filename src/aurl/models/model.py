@@ -33,7 +33,16 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------------
 
 PHASE_BINS = 32  # position inside the beat, in 1/32 beat
-BEATS_PER_BAR = 4  # no meter token in the vocabulary: 4/4 assumed, the common case
+BEATS_PER_BAR = 4  # models without meter conditioning (``model.meter`` off) count in 4/4
+MAX_BEATS = 12  # with meter conditioning: bars of up to 12 quarter notes (12/8, 3/1)
+
+
+def bar_ticks(meter: Tensor, ticks_per_beat: int) -> Tensor:
+    """Ticks per bar of each meter ``(numerator, denominator)`` (B, 2), counting in quarter-note
+    beats of ``ticks_per_beat`` ticks: 3/4 -> 3 beats, 6/8 -> 3, 3/2 -> 6; at most
+    :data:`MAX_BEATS` beats. (B,) long."""
+    num, den = meter[:, 0].long(), meter[:, 1].long().clamp(min=1)
+    return (ticks_per_beat * 4 * num // den).clamp(1, MAX_BEATS * ticks_per_beat)
 
 
 class MusicalTime(nn.Module):
@@ -44,9 +53,14 @@ class MusicalTime(nn.Module):
     current tempo bin. The time of token t includes token t's own shift: it is the time at
     which token t+1, the one predicted from position t, happens. Incremental through
     ``(ticks, tempo)`` per sequence, kept in the decode state.
+
+    With ``meter`` the bar follows each sequence's time signature (conditioning outside the
+    vocabulary: the file's, from the cache index, or ``aurl generate --meter``), and an
+    embedding of the bar's length in beats is added; without it (models trained before meter
+    conditioning) every bar has 4 beats and a meter passed in is ignored.
     """
 
-    def __init__(self, vocab: Vocab, d_model: int) -> None:
+    def __init__(self, vocab: Vocab, d_model: int, *, meter: bool = False) -> None:
         super().__init__()
         c = vocab.config
         kind = torch.as_tensor(vocab.kind, dtype=torch.long)
@@ -67,21 +81,38 @@ class MusicalTime(nn.Module):
             table = (steps[None, :] * c.step_seconds * bpm[:, None] / 60.0 * PHASE_BINS).round()
         self.register_buffer("ticks", table.long(), persistent=False)
         self.phase = nn.Embedding(PHASE_BINS, d_model)
-        self.beat = nn.Embedding(BEATS_PER_BAR, d_model)
+        self.beat = nn.Embedding(MAX_BEATS if meter else BEATS_PER_BAR, d_model)
         self.tempo = nn.Embedding(c.tempo_bins + 1, d_model)
+        self.meter = nn.Embedding(MAX_BEATS + 1, d_model) if meter else None
+
+    def _bar(self, meter: Tensor | None, B: int, device: torch.device) -> Tensor:
+        """(B, 1) ticks per bar: the meter's with meter conditioning, else 4 beats."""
+        r = self.ticks_per_beat
+        if self.meter is None or meter is None:
+            return torch.full((B, 1), BEATS_PER_BAR * r, dtype=torch.long, device=device)
+        return bar_ticks(meter.to(device), r)[:, None]
+
+    def _phase_beat(self, cum: Tensor, bar: Tensor) -> tuple[Tensor, Tensor]:
+        r = self.ticks_per_beat
+        return (cum % r) * PHASE_BINS // r, (cum % bar) // r
 
     def positions(
-        self, ids: Tensor, ticks0: Tensor | None = None, tempo0: Tensor | None = None
+        self,
+        ids: Tensor,
+        ticks0: Tensor | None = None,
+        tempo0: Tensor | None = None,
+        meter: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``ids`` (B, T) -> (phase in beat 0..31, beat in bar 0..3, tempo bin or -1, ticks),
-        each (B, T). ``ticks0``/``tempo0`` (B,) continue from an earlier call."""
+        """``ids`` (B, T) -> (phase in beat 0..31, beat in bar, tempo bin or -1, ticks), each
+        (B, T). ``ticks0``/``tempo0`` (B,) continue from an earlier call (a window's prefix);
+        ``meter`` (B, 2) ``(numerator, denominator)``, default 4/4."""
         B, T = ids.shape
+        bar = self._bar(meter, B, ids.device)  # (B, 1)
         if T == 1 and tempo0 is not None and ticks0 is not None:  # generation: fewer ops
             t = self.tempo_of[ids]  # (B, 1)
             tempo = torch.where(t >= 0, t, tempo0[:, None])
             cum = ticks0[:, None] + self.ticks[tempo + 1, self.shift[ids]]
-            r = self.ticks_per_beat
-            return (cum % r) * PHASE_BINS // r, (cum // r) % BEATS_PER_BAR, tempo, cum
+            return (*self._phase_beat(cum, bar), tempo, cum)
         if tempo0 is None:
             tempo0 = torch.full((B,), -1, dtype=torch.long, device=ids.device)
         tempo_here = torch.cat([tempo0[:, None], self.tempo_of[ids]], dim=1)  # (B, 1+T)
@@ -92,15 +123,22 @@ class MusicalTime(nn.Module):
         cum = self.ticks[tempo + 1, self.shift[ids]].cumsum(dim=1)  # (B, T)
         if ticks0 is not None:
             cum = cum + ticks0[:, None]
-        r = self.ticks_per_beat
-        return (cum % r) * PHASE_BINS // r, (cum // r) % BEATS_PER_BAR, tempo, cum
+        return (*self._phase_beat(cum, bar), tempo, cum)
 
     def forward(
-        self, ids: Tensor, ticks0: Tensor | None = None, tempo0: Tensor | None = None
+        self,
+        ids: Tensor,
+        ticks0: Tensor | None = None,
+        tempo0: Tensor | None = None,
+        meter: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``ids`` (B, T) -> (embedding (B, T, D), last ticks (B,), last tempo (B,))."""
-        phase, beat, tempo, cum = self.positions(ids, ticks0, tempo0)
+        phase, beat, tempo, cum = self.positions(ids, ticks0, tempo0, meter)
         emb = self.phase(phase) + self.beat(beat) + self.tempo(tempo + 1)
+        if self.meter is not None:
+            r = self.ticks_per_beat
+            beats = -(-self._bar(meter, ids.shape[0], ids.device) // r)  # (B, 1) ceil
+            emb = emb + self.meter(beats)
         return emb, cum[:, -1], tempo[:, -1]
 
 
@@ -142,11 +180,26 @@ class GrammarFeatures(nn.Module):
         """``ids`` (B, T) -> (sounding (B, T, P) bool, steps each has sounded (B, T, P),
         family (B, T), onset step of each pitch at the end (B, P)), after each token.
         ``carry``: the state before ``ids`` (default: the initial state)."""
-        B, T = ids.shape
+        B = ids.shape[0]
         gstate, onset0 = carry if carry is not None else self.initial(B, ids.device)
-        f = self.grammar.sequence_features(ids, gstate)
+        return self._from(ids, self.grammar.sequence_features(ids, gstate), gstate, onset0)
+
+    def carry_after(
+        self, ids: Tensor, carry: tuple[GrammarState, Tensor]
+    ) -> tuple[GrammarState, Tensor]:
+        """The carry after ``ids`` (B, T), from one grammar scan and no embedding (a window's
+        past: :meth:`MusicTransformerVAEGAN.start_after`)."""
+        f, after = self.grammar.features_and_state(ids, carry[0])
+        return after, self._from(ids, f, carry[0], carry[1])[3]
+
+    def _from(
+        self, ids: Tensor, f: Any, gstate: GrammarState, onset0: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-position features from the grammar's ``f`` over ``ids`` started at ``gstate``."""
+        T = ids.shape[1]
+        sounding0 = gstate.sounding.any(1)  # (B, P) before the first token
         snd = f.sounding  # (B, T, P)
-        before = torch.cat([gstate.sounding.any(1)[:, None], snd[:, :-1]], dim=1)
+        before = torch.cat([sounding0[:, None], snd[:, :-1]], dim=1)
         # a pitch's onset: the time at the last position where it started sounding
         pos = torch.arange(T, device=ids.device)[None, :, None]
         idx = torch.where(snd & ~before, pos, -1).cummax(dim=1).values  # (B, T, P)
@@ -199,6 +252,18 @@ class ModelOutput:
 
 
 @dataclass
+class WindowStart:
+    """What the tokens before a window leave to its first position (:meth:`~MusicTransformerVAEGAN.start_after`):
+    musical time and the grammar features' state. Passed to ``forward(start=...)`` so that a
+    training window cut from the middle of a piece sees the features evaluation and generation
+    see there (which carry the same state through ``init_state(history=...)``)."""
+
+    ticks: Tensor | None = None  # (B,) musical time in ticks
+    tempo: Tensor | None = None  # (B,) current tempo bin, -1 before the first TEMPO
+    grammar: tuple[GrammarState, Tensor] | None = None  # grammar state, pitch onsets (B, P)
+
+
+@dataclass
 class DecodeState:
     """Everything incremental decoding carries between :meth:`step` calls."""
 
@@ -210,6 +275,7 @@ class DecodeState:
     latents: Latents | None = None
     key_mask: Tensor | None = None  # (B, capacity) bool, only once step() got a mask
     grammar: tuple[GrammarState, Tensor] | None = None  # grammar state, pitch onsets (B, P)
+    meter: Tensor | None = None  # (B, 2) time signature (numerator, denominator); None: 4/4
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -252,7 +318,7 @@ class MusicTransformerVAEGAN(nn.Module):
         self.n_global = c.global_tokens if c.attention == "hierarchical" else 0
 
         self.embed = nn.Embedding(V, D)
-        self.time = MusicalTime(self.vocab, D) if c.musical_position else None
+        self.time = MusicalTime(self.vocab, D, meter=c.meter) if c.musical_position else None
         self.grammar_features = GrammarFeatures(self.vocab, D) if c.grammar_features else None
         self.rotary = Rotary(D // c.n_heads, c.max_seq_len)
         self.drop = nn.Dropout(c.dropout)
@@ -324,6 +390,8 @@ class MusicTransformerVAEGAN(nn.Module):
         *,
         attention_mask: Tensor | None = None,
         latents: Latents | None = None,
+        start: WindowStart | None = None,
+        meter: Tensor | None = None,
     ) -> ModelOutput:
         """Logits for every position of ``ids`` (B, T).
 
@@ -332,6 +400,10 @@ class MusicTransformerVAEGAN(nn.Module):
             attention_mask: (B, T), 1/True for real tokens; masked keys are never attended.
             latents: VAE modes: condition on these instead of encoding ``ids`` (which are then
                 only decoded). Without them the posterior is sampled (mean in eval mode).
+            start: the state the tokens before ``ids`` left (:meth:`start_after`); default:
+                ``ids`` start the piece. Attention still sees ``ids`` only.
+            meter: (B, 2) time signatures ``(numerator, denominator)``; default 4/4. Read only
+                by a model with ``model.meter``.
         """
         B, T = ids.shape
         posterior = None
@@ -339,8 +411,12 @@ class MusicTransformerVAEGAN(nn.Module):
             posterior = self.encoder(ids, self.embed, attention_mask)
             latents = posterior.sample() if self.training else posterior.mean()
         cond = self.conditioner(latents, 0, T) if latents is not None else None
-        time_emb = self.time(ids)[0] if self.time is not None else None
-        gram_emb = self.grammar_features(ids)[0] if self.grammar_features is not None else None
+        start = start or WindowStart()
+        time_emb = gram_emb = None
+        if self.time is not None:
+            time_emb = self.time(ids, start.ticks, start.tempo, meter)[0]
+        if self.grammar_features is not None:
+            gram_emb = self.grammar_features(ids, start.grammar)[0]
         x = self._input(ids, cond, time_emb, gram_emb)
         key_mask = attention_mask.bool() if attention_mask is not None else None
         mask = self._mask(0, T, torch.arange(T, device=ids.device), key_mask)
@@ -369,13 +445,15 @@ class MusicTransformerVAEGAN(nn.Module):
         capacity: int | None = None,
         dtype: torch.dtype | None = None,
         history: Tensor | None = None,
+        meter: Tensor | None = None,
     ) -> DecodeState:
         """A fresh decode state with a preallocated KV cache of ``capacity`` positions
         (default ``max_seq_len``); generation past it re-primes a new state on a window.
 
         ``history`` (B, n): tokens that came before the first :meth:`step` (e.g. those a
         sliding window left behind): the musical time and the grammar features continue from
-        them, while attention starts fresh."""
+        them, while attention starts fresh. ``meter`` (B, 2): the time signatures the bars
+        follow (models with ``model.meter``; default 4/4)."""
         p = self.embed.weight
         device = torch.device(device) if device is not None else p.device
         dtype = dtype or p.dtype
@@ -387,24 +465,44 @@ class MusicTransformerVAEGAN(nn.Module):
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
             latents=latents,
+            meter=meter.to(device) if meter is not None else None,
         )
-        if self.time is not None:
-            state.ticks = torch.zeros(batch_size, dtype=torch.long, device=device)
-            state.tempo = torch.full((batch_size,), -1, dtype=torch.long, device=device)
-        if self.grammar_features is not None:
-            state.grammar = self.grammar_features.initial(batch_size, device)
-        if history is not None and history.shape[1] > 0:
-            self._carry(state, history.to(device))
+        start = self.start_after(
+            history if history is not None else torch.zeros(batch_size, 0, dtype=torch.long),
+            device=device,
+        )
+        state.ticks, state.tempo, state.grammar = start.ticks, start.tempo, start.grammar
         return state
 
     @torch.no_grad()
-    def _carry(self, state: DecodeState, history: Tensor) -> None:
-        """Advance the musical-time and grammar-feature state over ``history`` (B, n) without
-        caching its keys."""
+    def start_after(
+        self,
+        history: Tensor,
+        *,
+        empty: Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> WindowStart:
+        """The musical-time and grammar-feature state after ``history`` (B, n), the tokens
+        before a window, without attending to them. Rows may be right-aligned behind PAD
+        tokens (which move neither time nor the grammar's sounding notes); rows marked in
+        ``empty`` (B,) bool have no history and get the initial state."""
+        device = torch.device(device) if device is not None else self.embed.weight.device
+        history = history.to(device)
+        B = history.shape[0]
+        start = WindowStart()
         if self.time is not None:
-            _, state.ticks, state.tempo = self.time(history, state.ticks, state.tempo)
+            ticks = torch.zeros(B, dtype=torch.long, device=device)
+            tempo = torch.full((B,), -1, dtype=torch.long, device=device)
+            if history.shape[1]:
+                _, ticks, tempo = self.time(history, ticks, tempo)
+            start.ticks, start.tempo = ticks, tempo
         if self.grammar_features is not None:
-            _, state.grammar = self.grammar_features.extend(history, state.grammar)
+            carry = self.grammar_features.initial(B, device)
+            if history.shape[1]:
+                after = self.grammar_features.carry_after(history, carry)
+                carry = after if empty is None else _where_rows(~empty.to(device), after, carry)
+            start.grammar = carry
+        return start
 
     def _keys_for(self, start: int, T: int, device: torch.device) -> slice | Tensor:
         """Cache positions the queries at ``start..start+T-1`` may read: everything so far,
@@ -437,7 +535,9 @@ class MusicTransformerVAEGAN(nn.Module):
             state.key_mask[:, start : start + T] = attention_mask.bool()
         time_emb = None
         if self.time is not None:
-            time_emb, state.ticks, state.tempo = self.time(ids, state.ticks, state.tempo)
+            time_emb, state.ticks, state.tempo = self.time(
+                ids, state.ticks, state.tempo, state.meter
+            )
         cond = None
         if state.latents is not None:
             cond = self.conditioner(state.latents, start, T)
@@ -558,6 +658,22 @@ class MusicTransformerVAEGAN(nn.Module):
         from aurl.models.pretrained import load_pretrained
 
         return load_pretrained(folder, map_location=map_location)
+
+
+def _where_rows(
+    keep: Tensor, a: tuple[GrammarState, Tensor], b: tuple[GrammarState, Tensor]
+) -> tuple[GrammarState, Tensor]:
+    """Rows of carry ``a`` where ``keep`` (B,), else of ``b``."""
+    import dataclasses
+
+    def pick(x: Tensor, y: Tensor) -> Tensor:
+        return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, y)
+
+    state = dataclasses.replace(
+        a[0], **{f.name: pick(getattr(a[0], f.name), getattr(b[0], f.name))
+                 for f in dataclasses.fields(a[0])}
+    )  # fmt: skip
+    return state, pick(a[1], b[1])
 
 
 def compile_model(module: nn.Module) -> nn.Module:

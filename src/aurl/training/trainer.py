@@ -177,6 +177,7 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
 def evaluate(
     model: torch.nn.Module, docs: Sequence[np.ndarray], config: Config, *,
     device: torch.device, d: distributed.Dist, grammar=None,
+    meters: Sequence[np.ndarray] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Loss, perplexity and bits per note of the validation pieces, all ranks together.
 
@@ -186,9 +187,10 @@ def evaluate(
     from aurl.evaluation.likelihood import score_sequences
 
     mine = [docs[i] for i in range(d.rank, len(docs), d.world)]
+    my_meters = None if meters is None else [meters[i] for i in range(d.rank, len(docs), d.world)]
     r = score_sequences(
         unwrap(model), mine, window=config.data.window, batch_size=config.data.batch_size,
-        device=device, grammar=grammar if config.loss.grammar_masked else None,
+        device=device, grammar=grammar if config.loss.grammar_masked else None, meters=my_meters,
     )  # fmt: skip
     totals = torch.tensor([r.nll, r.tokens, r.notes], dtype=torch.float64, device=device)
     if d.enabled:
@@ -310,6 +312,7 @@ class _Run:
     loader: Any
     batches: Iterator[dict[str, torch.Tensor]]
     valid_set: list[np.ndarray]
+    valid_meters: list[np.ndarray]  # (2,) time signature of each validation piece
     detector: AnomalyDetector
     step: int = 0
     best_valid: float | None = None
@@ -431,10 +434,9 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist) 
         augment=augment, batches_per_step=t.grad_accum, vocab_config=config.vocab,
     )  # fmt: skip
     valid_rows = cache.split_indices("valid")
-    valid_set = [
-        np.asarray(cache.tokens(int(r)), dtype=np.int64)
-        for r in valid_rows[: valid_count(cache.lengths[valid_rows], config)]
-    ]
+    valid_rows = valid_rows[: valid_count(cache.lengths[valid_rows], config)]
+    valid_set = [np.asarray(cache.tokens(int(r)), dtype=np.int64) for r in valid_rows]
+    valid_meters = [cache.meters[int(r)] for r in valid_rows]
     if monitor and not valid_set:
         monitor.line("no valid split in the cache: validation and best-checkpoint tracking are off")
 
@@ -447,6 +449,7 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist) 
         cache=cache, grammar=Grammar(vocab, config.data.polyphony_cap),
         use_grammar=config.loss.grammar_masked or config.loss.grammar_weight > 0,
         loader=loader, batches=iter(loader), valid_set=valid_set, detector=detector,
+        valid_meters=valid_meters,
     )  # fmt: skip
     if start is not None:
         run.step = start.step
@@ -631,7 +634,7 @@ def _train_step(run: _Run, stage: _Stage) -> _Step:
     lr *= run.lr_scale
     set_lr(stage.opt, lr)
     loss_cfg = stage.config.loss
-    micro = _micro_batches(run)
+    micro = _micro_batches(run, stage)
     tokens = sum(int(batch["attention_mask"].sum()) for batch, _ in micro) * d.world
     # VAE modes draw posterior samples (and vae_gan Gumbel noise) in every micro-batch: seeded
     # by the micro-batch's place in the global batch, N processes draw what one process does
@@ -725,7 +728,10 @@ def _discriminator_step(
         model.discriminator.train(i == 0)
         with _replay(seed, d.device), autocast(precision, d.device):
             with torch.no_grad():
-                out = model(ids, attention_mask=batch["attention_mask"])
+                out = model(
+                    ids, attention_mask=batch["attention_mask"], start=batch.get("start"),
+                    meter=batch.get("meter"),
+                )  # fmt: skip
                 fake = model_losses.soft_fakes(ids, out.logits, allowed)
             loss = model_losses.discriminator_loss(model, ids, fake) / n
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -746,8 +752,12 @@ def _discriminator_step(
     return _DiscStep(loss=loss_all, own_loss=loss_sum, grad_norm=gnorm, ok=ok)
 
 
-def _micro_batches(run: _Run) -> list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
-    """The next ``grad_accum`` batches on the device, each with its grammar masks (or None)."""
+def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch.Tensor | None]]:
+    """The next ``grad_accum`` batches on the device, each with its grammar masks (or None),
+    the state its windows start from (``start``: the musical time and grammar features their
+    prefixes leave, :func:`aurl.data.window_state.window_start`) and the pieces' ``meter``."""
+    from aurl.data.window_state import window_start
+
     device = run.d.device
     out = []
     for _ in range(run.config.training.grad_accum):
@@ -756,9 +766,19 @@ def _micro_batches(run: _Run) -> list[tuple[dict[str, torch.Tensor], torch.Tenso
         # different step, keeps the same dropout stream as an uninterrupted run
         with torch.random.fork_rng(devices=[]):
             next_batch = next(run.batches)
-        batch = {k: next_batch[k].to(device, non_blocking=True) for k in ("ids", "attention_mask")}
+        batch: dict[str, Any] = {
+            k: next_batch[k].to(device, non_blocking=True) for k in ("ids", "attention_mask")
+        }
+        model = stage.model
+        if model.time is not None or model.grammar_features is not None:
+            batch["start"] = window_start(model, next_batch, run.cache)
+        if "meter" in next_batch:
+            batch["meter"] = next_batch["meter"].to(device, non_blocking=True)
         allowed = None
-        if run.use_grammar:  # built on the CPU beside the loader, then moved
+        carried = getattr(batch.get("start"), "grammar", None)
+        if run.use_grammar and carried is not None:  # the start state's scan serves the masks
+            allowed = run.grammar.sequence_masks(batch["ids"], carried[0])
+        elif run.use_grammar:  # built on the CPU beside the loader, then moved
             allowed = grammar_masks(run.grammar, next_batch, run.cache).to(
                 device, non_blocking=True
             )
@@ -842,6 +862,7 @@ def _validate(run: _Run, stage: _Stage, train_loss: float) -> dict[str, float] |
     if not run.valid_set or not (run.step % t.eval_every == 0 or run.step == run.ends[-1]):
         return None
     v = evaluate(stage.model, run.valid_set, stage.config, device=run.d.device, d=run.d,
+                 meters=run.valid_meters,
                  grammar=run.grammar)  # fmt: skip
     run.valid_loss = v["loss"]
     if run.best_valid is None or v["loss"] < run.best_valid - t.min_delta:
