@@ -13,6 +13,7 @@ from aurl import __version__
 from aurl.errors import AurlError, ConfigError
 
 COMMANDS = ("data", "config", "train", "generate", "evaluate", "analyze")
+COMMANDS += ("export",)  # aurl export --format onnx
 
 
 def build_parser() -> argparse.ArgumentParser:

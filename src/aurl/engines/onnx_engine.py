@@ -4,8 +4,10 @@ import torch).
 
 Duck-typed like the model for the generation loop: :meth:`OnnxEngine.init_state` and
 :meth:`OnnxEngine.step` (logits as numpy (B, T, V) float32). The musical-time and grammar-feature
-state is computed beside the graphs in numpy (:mod:`aurl.engines.features`); the KV cache lives
-in the state as the graphs' ``present`` outputs, fed back as ``past`` inputs.
+state is computed beside the graphs in numpy (:mod:`aurl.engines.features`); the KV cache is a
+preallocated (B, capacity, D) array per layer in the state: each call passes its filled rows as
+the graphs' ``past`` inputs (a view, no copy, at batch 1) and writes the new rows the graphs
+return.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ CONFIG = "config.json"
 class OnnxState:
     """The decode state of the onnx engine."""
 
-    past: list[np.ndarray] | None  # per layer key, value (B, H, L, hd); None before any token
+    cache: list[np.ndarray] | None  # per layer key, value (B, capacity, D); None before any token
     features: FeatureState
     capacity: int
     pos: int = 0  # tokens in the cache
@@ -163,6 +165,14 @@ class OnnxEngine:
             _, feats = self.features(np.asarray(history, dtype=np.int64), feats)
         return OnnxState(None, feats, capacity or self.config.max_seq_len)
 
+    def _store(self, state: OnnxState, new: list[np.ndarray]) -> None:
+        """Write the new tokens' keys and values (B, T, D) after the cached ones."""
+        B, T, D = new[0].shape
+        if state.cache is None:
+            state.cache = [np.empty((B, state.capacity, D), np.float32) for _ in new]
+        for buf, rows in zip(state.cache, new):
+            buf[:, state.pos : state.pos + T] = rows
+
     def step(self, ids: np.ndarray, state: OnnxState, **_: Any) -> np.ndarray:
         """Feed ``ids`` (B, T) after what ``state`` has seen; returns their logits (B, T, V)
         float32 and advances ``state`` in place."""
@@ -172,15 +182,16 @@ class OnnxEngine:
             raise ValueError(
                 f"decode state is full ({state.capacity} positions): start a new state"
             )
-        if state.past is not None and T > 1:  # the step graph takes one token at a time
+        if state.pos > 0 and T > 1:  # the step graph takes one token at a time
             return np.concatenate([self.step(ids[:, j : j + 1], state) for j in range(T)], 1)
         feed, state.features = self.features(ids, state.features)
-        if state.past is None:
+        if state.pos == 0:
             out = self.prefill.run(None, feed)
         else:
-            feed.update(zip(self.past_names, state.past))
+            L = state.pos
+            feed.update(zip(self.past_names, (c[:, :L] for c in state.cache)))
             out = self.step_graph.run(None, feed)
-        state.past = out[1:]
+        self._store(state, out[1:])
         state.pos += T
         return out[0]
 
@@ -191,5 +202,5 @@ class OnnxEngine:
 
     def reorder(self, state: OnnxState, rows: np.ndarray) -> OnnxState:
         """The state of rows ``rows`` (beam search)."""
-        past = None if state.past is None else [p[rows] for p in state.past]
-        return OnnxState(past, state.features.take(rows), state.capacity, state.pos)
+        cache = None if state.cache is None else [c[rows] for c in state.cache]
+        return OnnxState(cache, state.features.take(rows), state.capacity, state.pos)

@@ -16,12 +16,17 @@ Inputs of both graphs (``B`` batch, ``T`` new tokens, ``P`` pitches, ``L`` cache
   (0..3), tempo bin + 1 (0: no TEMPO yet), after each token (models with musical time);
 - ``sounding`` (B, T, P) float32 (0/1), ``age`` (B, T, P) float32 in TIME_SHIFT steps, ``family``
   (B, T) int64 (F = none yet), after each token (models with grammar features);
-- step graph only: ``past_key.{i}``, ``past_value.{i}`` (B, H, L, hd) float32 per layer.
+- step graph only: ``past_key.{i}``, ``past_value.{i}`` (B, L, D) float32 per layer: the cached
+  keys (rotated) and values, heads side by side (D = H * hd).
 
-Outputs: ``logits`` (B, T, V) float32, ``present_key.{i}``, ``present_value.{i}`` (B, H, L + T,
-hd). The prefill graph has no past (causal attention over its T tokens); the step graph takes
-T = 1 and attends to every cached key. Rotary positions start at L (read from the past's
-shape). Batch, T (prefill) and L (step) are dynamic axes. Opset :data:`OPSET`.
+Outputs: ``logits`` (B, T, V) float32 and the new tokens' cache entries ``key.{i}``,
+``value.{i}`` (B, T, D). The caller owns the cache: a preallocated (B, capacity, D) array per
+layer whose first L rows it passes as ``past`` (a zero-copy view at batch 1) and into which it
+writes the new entries, so no step copies the cache (an in-graph Concat would, every step).
+The prefill graph has no past (causal attention over its T tokens); the step graph takes T = 1
+and attends to every cached key and its own, with per-head dot products as one MatMul against a
+block-diagonal copy of the query. Rotary positions start at L (read from the past's shape).
+Batch, T (prefill) and L (step) are dynamic axes. Opset :data:`OPSET`.
 
 ``config.json`` beside the graphs records the model and vocab config, the input names, the
 weights (``fp32`` or ``int8``: onnxruntime dynamic quantization of the MatMul weights) and a
@@ -86,7 +91,27 @@ class _Decoder(nn.Module):
         super().__init__()
         self.m, self.with_past = model, with_past
         self.names = input_names(model)
-        self.n_layers = len(model.blocks)
+        H, D = model.config.n_heads, model.config.d_model
+        # sel[h * hd + d, h] = 1: sums each head's block of a (.., D) vector
+        sel = torch.zeros(D, H)
+        sel[torch.arange(D), torch.arange(D) // (D // H)] = 1.0
+        self.register_buffer("sel", sel, persistent=False)
+
+    def _attend_cached(
+        self, q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor
+    ) -> Tensor:
+        """One query per row over the cache and its own key, reading the cache once in place:
+        q, k, v (B, D) (heads side by side), past (B, L, D) -> (B, D). The per-head dot
+        products are one MatMul against a block-diagonal copy of q (H columns), so the cache
+        is never transposed or concatenated (which would copy it every step)."""
+        B, D = q.shape
+        q = q * (1.0 / math.sqrt(D // self.sel.shape[1]))
+        s_past = torch.matmul(past_k, q[:, :, None] * self.sel)  # (B, L, H)
+        s_new = torch.matmul(q * k, self.sel)[:, None]  # (B, 1, H)
+        p = torch.softmax(torch.cat([s_past, s_new], dim=1), dim=1)  # (B, L + 1, H)
+        r = torch.matmul(p[:, :-1].transpose(1, 2), past_v)  # (B, H, D)
+        y = (r * self.sel.t()).sum(1)  # (B, D): head h's block from row h
+        return y + torch.matmul(p[:, -1], self.sel.t()) * v
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         m = self.m
@@ -102,7 +127,7 @@ class _Decoder(nn.Module):
             g = m.grammar_features
             age = torch.log1p(feats["age"] * g.beats_per_step)
             x = x + (g.sounding(feats["sounding"]) + g.age(age) + g.family(feats["family"]))
-        start = past[0].shape[2] if self.with_past else 0
+        start = past[0].shape[1] if self.with_past else 0
         pos = (torch.arange(T, device=ids.device) + start).float()
         freqs = pos[:, None] * m.rotary.inv_freq[None, :]  # (T, hd/2)
         cos = torch.cat([freqs.cos(), freqs.cos()], -1)[:, None, None]  # (T, 1, 1, hd)
@@ -110,18 +135,23 @@ class _Decoder(nn.Module):
         present = []
         for i, block in enumerate(m.blocks):
             a = block.attn
-            h = block.norm1(x)
-            qkv = a.qkv(h).view(B, T, 3, a.n_heads, a.head_dim)  # (B, T, 3, H, hd)
+            H, hd = a.n_heads, a.head_dim
+            qkv = a.qkv(block.norm1(x)).view(B, T, 3, H, hd)  # (B, T, 3, H, hd)
             qk = apply_rotary(qkv[:, :, :2], cos, sin)  # (B, T, 2, H, hd)
-            q = qk[:, :, 0].transpose(1, 2)  # (B, H, T, hd)
-            k = qk[:, :, 1].transpose(1, 2)
-            v = qkv[:, :, 2].transpose(1, 2)
-            if self.with_past:
-                k = torch.cat([past[2 * i], k], dim=2)  # (B, H, L + T, hd)
-                v = torch.cat([past[2 * i + 1], v], dim=2)
-            present += [k, v]
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=not self.with_past)
-            y = y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim)  # (B, T, D)
+            k_flat = qk[:, :, 1].reshape(B, T, H * hd)  # (B, T, D): the cache's layout
+            v_flat = qkv[:, :, 2].reshape(B, T, H * hd)
+            present += [k_flat, v_flat]
+            if self.with_past:  # T == 1
+                y = self._attend_cached(
+                    qk[:, 0, 0].reshape(B, H * hd), k_flat[:, 0], v_flat[:, 0],
+                    past[2 * i], past[2 * i + 1],
+                )[:, None]  # fmt: skip
+            else:
+                q = qk[:, :, 0].transpose(1, 2)  # (B, H, T, hd)
+                k = qk[:, :, 1].transpose(1, 2)
+                v = qkv[:, :, 2].transpose(1, 2)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, D)
             x = x + a.proj(y)
             x = x + block.ff(block.norm2(x))
         return (m.head(m.norm(x)), *present)
@@ -149,12 +179,12 @@ def export_graph(model: MusicTransformerVAEGAN, path: Path, *, with_past: bool) 
     tok_axes = {0: "batch"} if with_past else {0: "batch", 1: "tokens"}
     dynamic: dict[str, dict[int, str]] = {name: dict(tok_axes) for name in names}
     past_names = [f"past_{kv}.{i}" for i in range(n) for kv in ("key", "value")]
-    present_names = [f"present_{kv}.{i}" for i in range(n) for kv in ("key", "value")]
+    present_names = [f"{kv}.{i}" for i in range(n) for kv in ("key", "value")]
     if with_past:
-        args += [torch.zeros(2, H, 5, hd) for _ in past_names]
-        dynamic.update({p: {0: "batch", 2: "past"} for p in past_names})
+        args += [torch.zeros(2, 5, H * hd) for _ in past_names]
+        dynamic.update({p: {0: "batch", 1: "past"} for p in past_names})
     dynamic["logits"] = dict(tok_axes)
-    dynamic.update({p: {0: "batch", 2: "total"} for p in present_names})
+    dynamic.update({p: dict(tok_axes) for p in present_names})
     wrapper = _Decoder(model, with_past).eval()
 
     def write(tmp: Path) -> None:
@@ -180,6 +210,18 @@ def quantize_graph(path: Path) -> None:
 
     # without VNNI, u8s8 products can saturate in AVX2's VPMADDUBSW: 7-bit weights avoid it
     reduce = not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic's advice to pre-process, on every call
+    try:
+        _quantize(path, quantize_dynamic, QuantType, reduce)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(path: Path, quantize_dynamic: Any, QuantType: Any, reduce: bool) -> None:
     atomic_write(
         path,
         lambda tmp: quantize_dynamic(
@@ -228,9 +270,3 @@ def export_onnx(
     }
     atomic_write_text(out / CONFIG, json.dumps(meta, indent=2))
     return out
-
-
-def beats_per_step(model: MusicTransformerVAEGAN) -> float:
-    """What the graph multiplies ``age`` by before ``log1p`` (for the docs and tests)."""
-    g = model.grammar_features
-    return g.beats_per_step if g is not None else math.nan
