@@ -12,3 +12,17 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _aurl_cache(tmp_path_factory):
+    """ONNX exports cached by ``aurl generate`` go to a temporary folder, never the home."""
+    import os
+
+    old = os.environ.get("AURL_CACHE")
+    os.environ["AURL_CACHE"] = str(tmp_path_factory.mktemp("aurl-cache"))
+    yield
+    if old is None:
+        os.environ.pop("AURL_CACHE", None)
+    else:
+        os.environ["AURL_CACHE"] = old

@@ -140,3 +140,16 @@ def test_a_model_folder_is_not_an_export(tmp_path, capsys) -> None:
     assert len(lines) == 1 and "is a model folder, not an ONNX export" in lines[0]
     with pytest.raises(CheckpointError, match="does not exist"):
         OnnxEngine(tmp_path)
+
+
+def test_int8_path_follows_the_cpu(tiny_model, tmp_path, capsys) -> None:
+    """`aurl generate --int8` runs torch's int8 (bf16 activations) only where the CPU has bf16
+    instructions; elsewhere onnxruntime's int8 graphs, and says so."""
+    from aurl.engines.cpu import has_bf16
+
+    folder = tiny_model.save_pretrained(tmp_path / "model")
+    args = ["generate", "--checkpoint", str(folder), "--int8", "--max-tokens", "48"]
+    assert main([*args, "--out", str(tmp_path / "pieces")]) == 0
+    said = "no bf16 instructions, so int8 runs on onnxruntime" in capsys.readouterr().out
+    assert said == (not has_bf16())
+    assert (tmp_path / "pieces" / "sample_seed0_000.mid").is_file()

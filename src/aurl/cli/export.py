@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from aurl.cli.generate import model_folder
+    from aurl.cli.generate import model_folder, require_torch
     from aurl.errors import ConfigError
 
     t0 = time.perf_counter()
@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     taken = [out / n for n in ("config.json", "prefill.onnx", "decoder_step.onnx")]
     if not args.force and any(p.exists() for p in taken):
         raise ConfigError(f"{out} already holds an export: pass --force to overwrite it")
+    require_torch("aurl export")
     try:
         import onnx  # noqa: F401  (the exporter writes through it)
     except ImportError:

@@ -218,8 +218,12 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "onnx":
         engine = onnx_engine(args)
         return finish(args, config, engine, None, paths, settings, t0)
+    if args.int8 and args.device == "cpu":
+        engine = int8_onnx_engine(args, config)
+        if engine is not None:
+            return finish(args, config, engine, None, paths, settings, t0)
     model_folder(args.checkpoint)  # a wrong path fails here, before torch loads (~1 s)
-
+    require_torch("--engine torch")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -232,6 +236,47 @@ def run(args: argparse.Namespace) -> int:
 
         model = quantize_int8(model)  # about 2x faster decoding on CPU; weights read as int8
     return finish(args, config, TorchEngine(model), model, paths, settings, t0)
+
+
+def require_torch(what: str) -> None:
+    """Raise :class:`ConfigError` with the install command when torch is missing."""
+    import importlib.util
+
+    from aurl.errors import ConfigError
+
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError(
+            f"{what} needs PyTorch, which is not installed: pip install 'aurl[torch]' "
+            "(or generate with --engine onnx --checkpoint EXPORT_DIR)"
+        )
+
+
+def int8_onnx_engine(args: argparse.Namespace, config):
+    """The int8 path of a CPU without bf16 instructions (AVX512-BF16 or AMX): PyTorch's int8
+    runs its activations in bf16, emulated there, so ``--int8`` runs onnxruntime's integer
+    kernels on int8 graphs instead (exported once to the cache, :mod:`aurl.engines.shipped`).
+    None where the CPU has bf16 or the request needs the torch engine (then torch's int8)."""
+    from aurl.engines.cpu import cpu_summary, has_bf16
+
+    if has_bf16() or (config.beam > 1) or args.variations or args.interpolate:
+        return None
+    import importlib.util
+    import json
+
+    folder = model_folder(args.checkpoint)
+    try:
+        model = json.loads((folder / "config.json").read_text()).get("model", {})
+    except (OSError, json.JSONDecodeError):
+        return None  # the torch loader names the problem
+    if model.get("mode") != "transformer" or model.get("attention", "full") != "full":
+        return None
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    from aurl.engines.onnx_engine import OnnxEngine
+    from aurl.engines.shipped import ensure_shipped_onnx
+
+    print(f"--int8 on {cpu_summary()}: no bf16 instructions, so int8 runs on onnxruntime")
+    return OnnxEngine(ensure_shipped_onnx(folder, int8=True), threads=args.threads)
 
 
 def onnx_engine(args: argparse.Namespace):
