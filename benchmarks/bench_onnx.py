@@ -11,8 +11,8 @@ fresh subprocess, the variants alternating round by round; the median tokens/s o
 reported, with the ratio to HF and the CPU (model name and instruction sets) in every row.
 
 Cold start: ``aurl generate --engine onnx --checkpoint EXPORT --max-tokens 512 --min-tokens 504``
-to a MIDI file, wall time of the whole process (median of ``--rounds``), beside ``python -c
-'import torch'`` and the torch engine's same command.
+to a MIDI file: wall time and CPU time (user + system) of the whole process (medians over
+``--rounds``), beside ``python -c 'import torch'`` and the torch engine's same command.
 
 Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens 1024]
       [--rounds 3] [--threads 1] [--only decode|cold]
@@ -129,10 +129,18 @@ def sub(args: list[str]) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def wall(cmd: list[str]) -> float:
+def wall(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user + system) of one run of ``cmd``; the CPU time is what
+    the process itself needed, which other jobs on shared cores inflate far less."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
-    return time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return dt, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             for name, cmd in rows.items():
                 if cmd is None:
                     continue
-                times = [wall(cmd) for _ in range(args.rounds)]
+                runs = [wall(cmd) for _ in range(args.rounds)]
+                times, cpus = [r[0] for r in runs], [r[1] for r in runs]
                 print(
-                    f"cold start {name}: {statistics.median(times):.2f} s "
-                    f"(rounds {[round(t, 2) for t in times]}) cpu {cpu}"
+                    f"cold start {name}: wall {statistics.median(times):.2f} s, process CPU "
+                    f"{statistics.median(cpus):.2f} s (rounds {[round(t, 2) for t in times]}) "
+                    f"cpu {cpu}"
                 )
     return 0
 
