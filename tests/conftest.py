@@ -54,3 +54,17 @@ def assert_playable_notes(notes, *, polyphony_cap: int, ids=None) -> None:
 def playable():
     """:func:`assert_playable_notes`, for tests in any folder."""
     return assert_playable_notes
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _aurl_cache(tmp_path_factory):
+    """ONNX exports cached by ``aurl generate`` go to a temporary folder, never the home."""
+    import os
+
+    old = os.environ.get("AURL_CACHE")
+    os.environ["AURL_CACHE"] = str(tmp_path_factory.mktemp("aurl-cache"))
+    yield
+    if old is None:
+        os.environ.pop("AURL_CACHE", None)
+    else:
+        os.environ["AURL_CACHE"] = old

@@ -11,6 +11,7 @@ from aurl.config import GenerationConfig, load_config
 from aurl.data.meter import parse_meter
 from aurl.data.tokenizer import Tokenizer
 from aurl.errors import ConfigError
+from aurl.engines import as_engine
 from aurl.generation.generate import generate, meter_tensor
 from aurl.models import build_model
 
@@ -36,10 +37,10 @@ def test_parse_meter_and_its_errors() -> None:
 
 def test_generation_counts_bars_in_the_given_meter(model) -> None:
     three = GenerationConfig(meter="3/4", max_tokens=40, seed=1)
-    assert meter_tensor(model, three, 2, "cpu").tolist() == [[3, 4], [3, 4]]
-    assert meter_tensor(model, GenerationConfig(), 2, "cpu") is None  # 4/4
+    assert meter_tensor(as_engine(model), three, 2).tolist() == [[3, 4], [3, 4]]
+    assert meter_tensor(as_engine(model), GenerationConfig(), 2) is None  # 4/4
     old = build_model(load_config(preset="tiny", overrides=["model.meter=false"]))
-    assert meter_tensor(old, three, 2, "cpu") is None  # a model without meter: unchanged
+    assert meter_tensor(as_engine(old), three, 2) is None  # a model without meter: unchanged
     # the decode state counts the beats of 3/4
     state = model.init_state(1, meter=torch.tensor([[3, 4]]))
     ids = torch.from_numpy(np.asarray(generate(model, three)[0].ids, np.int64))[None]

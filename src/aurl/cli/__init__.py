@@ -14,6 +14,7 @@ from aurl.errors import AurlError, ConfigError
 
 COMMANDS = ("data", "config", "train", "generate", "evaluate", "analyze")
 COMMANDS += ("serve",)
+COMMANDS += ("export",)  # aurl export --format onnx
 
 
 def build_parser() -> argparse.ArgumentParser:

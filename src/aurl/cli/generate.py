@@ -31,7 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="output folder: sample_seed{S}_{i}.mid etc., and sample_seed{S}.yaml with the "
         "settings that made them",
     )  # fmt: skip
-    p.add_argument("--checkpoint", metavar="DIR", help="model folder (default: shipped model)")
+    p.add_argument(
+        "--checkpoint", metavar="DIR",
+        help="model folder (default: shipped model); with --engine onnx an ONNX export folder",
+    )  # fmt: skip
+    p.add_argument(
+        "--engine", choices=("torch", "onnx"), default="torch",
+        help="torch (default) or onnx: onnxruntime on the CPU, never imports torch (the shipped "
+        "model's graphs are written once to ~/.cache/aurl/onnx, see docs/design.md)",
+    )  # fmt: skip
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="pieces (default 1)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-tokens", type=int, metavar="N", help="length limit in tokens")
@@ -216,59 +224,155 @@ def run(args: argparse.Namespace) -> int:
     check_free([*paths, {"settings": settings}], force=args.force)
     if args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: give 1 or more")
+    if args.engine == "onnx":
+        engine = onnx_engine(args)
+        return finish(args, config, engine, None, paths, settings, t0)
+    if args.int8 and args.device == "cpu":
+        engine = int8_onnx_engine(args, config)
+        if engine is not None:
+            return finish(args, config, engine, None, paths, settings, t0)
     model_folder(args.checkpoint)  # a wrong path fails here, before torch loads (~1 s)
-
+    require_torch("--engine torch")
     import torch
 
     torch.set_num_threads(args.threads)
 
-    from aurl.config import DataConfig
-    from aurl.data.tokenizer import Tokenizer
-    from aurl.generation.generate import (
-        file_latents,
-        generate,
-        interpolation_latents,
-        load_primer,
-        make_masker,
-    )
-    from aurl.progress import bar
+    from aurl.engines.torch_engine import TorchEngine
 
     model = load_model(args.checkpoint, args.device)
     if args.int8:
         from aurl.models.quantize import quantize_int8
 
         model = quantize_int8(model)  # about 2x faster decoding on CPU; weights read as int8
-    device = model.embed.weight.device
+    return finish(args, config, TorchEngine(model), model, paths, settings, t0)
+
+
+def require_torch(what: str) -> None:
+    """Raise :class:`ConfigError` with the install command when torch is missing."""
+    import importlib.util
+
+    from aurl.errors import ConfigError
+
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError(
+            f"{what} needs PyTorch, which is not installed: pip install 'aurl[torch]' "
+            "(or generate with --engine onnx --checkpoint EXPORT_DIR)"
+        )
+
+
+def int8_onnx_engine(args: argparse.Namespace, config):
+    """The int8 path of a CPU without bf16 instructions (AVX512-BF16 or AMX): PyTorch's int8
+    runs its activations in bf16, emulated there, so ``--int8`` runs onnxruntime's integer
+    kernels on int8 graphs instead (exported once to the cache, :mod:`aurl.engines.shipped`).
+    None where the CPU has bf16 or the request needs the torch engine (then torch's int8)."""
+    from aurl.engines.cpu import cpu_summary, has_bf16
+
+    if has_bf16() or (config.beam > 1) or args.variations or args.interpolate:
+        return None
+    import importlib.util
+    import json
+
+    folder = model_folder(args.checkpoint)
+    try:
+        model = json.loads((folder / "config.json").read_text()).get("model", {})
+    except (OSError, json.JSONDecodeError):
+        return None  # the torch loader names the problem
+    if model.get("mode") != "transformer" or model.get("attention", "full") != "full":
+        return None
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    from aurl.engines.onnx_engine import OnnxEngine
+    from aurl.engines.shipped import ensure_shipped_onnx
+
+    print(f"--int8 on {cpu_summary()}: no bf16 instructions, so int8 runs on onnxruntime")
+    return OnnxEngine(ensure_shipped_onnx(folder, int8=True), threads=args.threads)
+
+
+def onnx_engine(args: argparse.Namespace):
+    """The onnx engine of ``--checkpoint`` (an export folder) or of the shipped model.
+
+    Raises:
+        ConfigError: a flag the onnx engine cannot honour, or no onnxruntime.
+        CheckpointError: not an export folder, or one of another version or vocabulary.
+    """
+    from aurl.errors import CheckpointError, ConfigError
+
+    unsupported = {
+        "--int8": args.int8 and "export int8 graphs with `aurl export --format onnx --int8`",
+        "--beam": (args.beam or 1) > 1 and "beam search runs on --engine torch",
+        "--variations": args.variations and "VAE latents run on --engine torch",
+        "--interpolate": args.interpolate and "VAE latents run on --engine torch",
+        "--device": args.device != "cpu" and "onnxruntime runs here on the CPU only",
+    }
+    for flag, why in unsupported.items():
+        if why:
+            raise ConfigError(f"--engine onnx does not support {flag}: {why}")
+    from aurl.engines.onnx_engine import OnnxEngine, import_onnxruntime
+
+    import_onnxruntime()  # a missing onnxruntime fails before any export
+    if args.checkpoint is None:
+        from aurl.engines.shipped import ensure_shipped_onnx
+
+        folder = ensure_shipped_onnx(model_folder(None))
+    else:
+        folder = Path(args.checkpoint)
+        if (folder / "model.safetensors").is_file():
+            raise CheckpointError(
+                f"--checkpoint {folder} is a model folder, not an ONNX export: run `aurl export "
+                f"--format onnx --checkpoint {folder} --out DIR` and pass --checkpoint DIR"
+            )
+    return OnnxEngine(folder, threads=args.threads)
+
+
+def finish(args, config, engine, model, paths, settings, t0: float) -> int:
+    """Primer, constraints, latents, generation and the written files, for either engine
+    (``model``: the torch model behind a torch engine, for VAE latents; None for onnx)."""
+    import time
+
+    from aurl.config import DataConfig
+    from aurl.data.tokenizer import Tokenizer
+    from aurl.errors import ConstraintError
+    from aurl.generation.generate import generate, load_primer, make_masker
+    from aurl.progress import bar
+
+    n = len(paths)
+    vocab_config = engine.vocab.config
     # Primers are encoded under the generation polyphony cap, so they obey the same grammar.
-    tokenizer = Tokenizer(model.vocab_config, DataConfig(polyphony_cap=config.polyphony_cap))
+    tokenizer = Tokenizer(vocab_config, DataConfig(polyphony_cap=config.polyphony_cap))
     primer = None
     if args.primer:
         primer = load_primer(args.primer, tokenizer, seconds=args.primer_seconds or 0.0)
     if config.key.lower() == "primer":
         config = dataclasses.replace(config, key=primer_key(primer, tokenizer))
         print(f"key of the primer: {config.key}")
-    masker = make_masker(model.vocab, config, device)  # constraint errors before any work
+    device = None if engine.numpy else engine.device
+    masker = make_masker(engine.vocab, config, device)  # constraint errors before any work
     latents = None
-    is_vae = model.config.mode in ("vae", "vae_gan")
+    is_vae = engine.config.mode in ("vae", "vae_gan")
     if (args.variations or args.interpolate) and not is_vae:
         raise ConstraintError(
-            f"--variations/--interpolate need a VAE model; this one is {model.config.mode!r}"
+            f"--variations/--interpolate need a VAE model; this one is {engine.config.mode!r}"
         )
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    if args.variations:
-        latents = file_latents(model, args.variations, tokenizer, n=n, generator=generator)
-    elif args.interpolate:
-        latents = interpolation_latents(model, *args.interpolate, tokenizer, steps=n)
-    elif is_vae:
-        latents = model.sample_prior(n, generator=generator)
+    if model is not None and is_vae:
+        import torch
+
+        from aurl.generation.generate import file_latents, interpolation_latents
+
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        if args.variations:
+            latents = file_latents(model, args.variations, tokenizer, n=n, generator=generator)
+        elif args.interpolate:
+            latents = interpolation_latents(model, *args.interpolate, tokenizer, steps=n)
+        else:
+            latents = model.sample_prior(n, generator=generator)
     pieces = generate(
-        model, config, num_samples=n, primer=primer, latents=latents, masker=masker, progress=bar
+        engine, config, num_samples=n, primer=primer, latents=latents, masker=masker, progress=bar
     )
     write_pieces(pieces, paths, tokenizer, config, soundfont=args.soundfont)
     from aurl.config import Config, write_config
 
     # vocabulary and model of the checkpoint, sampling and constraints
-    resolved = Config(vocab=model.vocab_config, model=model.config, generation=config)
+    resolved = Config(vocab=vocab_config, model=engine.config, generation=config)
     print(f"wrote {write_config(resolved, settings.parent, settings.name)}")
     print(f"generated {n} piece(s) in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -1,4 +1,4 @@
-"""The grammar state machine: which ids may come next (torch, batched).
+"""The grammar state machine: which ids may come next (torch or numpy, batched).
 
 One implementation serves generation (a logit mask, stepped token by token with
 :meth:`Grammar.advance`, O(1) per token), training (:meth:`Grammar.sequence_masks`, the same
@@ -22,7 +22,9 @@ row-by-row restatement of the rules for small batches, held equal to the rest by
 - END: not right after START, INSTRUMENT, VELOCITY or TIME_SHIFT; it closes every sounding note.
   After END only PAD. UNK is never allowed.
 
-The state is a :class:`GrammarState` of small tensors. Every token, valid or not, updates it by a
+The state is a :class:`GrammarState` of small tensors (torch; or numpy arrays from
+:meth:`Grammar.initial_numpy_state`, which the incremental calls keep in numpy, so a generation
+loop runs without torch: this module imports torch only where a torch path runs). Every token, valid or not, updates it by a
 fixed rule ("the last token of this kind wins"), which is what lets :meth:`sequence_masks`
 compute every position at once with cumulative maxima and still equal stepping the machine.
 The state also carries what a model may use as features: the sounding pitches (``sounding``,
@@ -33,11 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from aurl.data.vocab import END, PAD, START, UNK, Kind, Vocab
+
+if TYPE_CHECKING:
+    import torch
 
 _NONE = -1  # last_kind before any token
 # the kinds as plain ints: an IntEnum member costs a conversion in every comparison
@@ -55,6 +60,8 @@ class _TorchOps:
 
     @staticmethod
     def empty(shape: tuple, like):
+        import torch
+
         return torch.empty(shape, dtype=torch.bool, device=like.device)
 
     @staticmethod
@@ -183,6 +190,8 @@ class Grammar:
             if "numpy" not in self._consts:
                 self._consts["numpy"] = _Consts(self, np.asarray)
             return self._consts["numpy"], _NumpyOps
+        import torch
+
         dev = like.device
         if dev not in self._consts:
             self._consts[dev] = _Consts(self, lambda a: torch.as_tensor(a, device=dev))
@@ -199,6 +208,8 @@ class Grammar:
         return kind, value
 
     def _numpy(self, state: GrammarState) -> bool:
+        if isinstance(state.family, np.ndarray):
+            return True
         return self.numpy_on_cpu and state.family.device.type == "cpu"
 
     # -------------------------------------------------------------------------------------------
@@ -207,13 +218,22 @@ class Grammar:
 
     def initial_state(self, batch: int, device: torch.device | str = "cpu") -> GrammarState:
         """The state before any token (only START allowed)."""
-        z = torch.zeros(batch, dtype=torch.long, device=device)
+        import torch
+
+        s = self.initial_numpy_state(batch)
+        return GrammarState(**{f: torch.as_tensor(getattr(s, f), device=device) for f in _FIELDS})
+
+    def initial_numpy_state(self, batch: int) -> GrammarState:
+        """:meth:`initial_state` as numpy arrays: :meth:`advance` and :meth:`allowed` then keep
+        it in numpy (no torch)."""
+        z = np.zeros(batch, dtype=np.int64)
         return GrammarState(
-            sounding=torch.zeros(batch, self.F, self.P, dtype=torch.bool, device=device),
-            sustain=torch.zeros(batch, self.F, dtype=torch.bool, device=device),
-            count=z.clone(), family=z + self.F, last_velocity=z - 1, tempo=z - 1,
-            last_kind=z + _NONE, last_value=z.clone(), phase=z.clone(), last_pitch=z - 1,
-            family_events=z.bool(), started=z.bool(), ended=z.bool(), time=z.clone(),
+            sounding=np.zeros((batch, self.F, self.P), dtype=bool),
+            sustain=np.zeros((batch, self.F), dtype=bool),
+            count=z.copy(), family=z + self.F, last_velocity=z - 1, tempo=z - 1,
+            last_kind=z + _NONE, last_value=z.copy(), phase=z.copy(), last_pitch=z - 1,
+            family_events=z.astype(bool), started=z.astype(bool), ended=z.astype(bool),
+            time=z.copy(),
         )  # fmt: skip
 
     def advance(self, state: GrammarState, ids: torch.Tensor) -> GrammarState:
@@ -223,10 +243,18 @@ class Grammar:
             fields = {name: getattr(state, name) for name in _FIELDS}
             return GrammarState(**self._advance(fields, ids.reshape(-1).long()))
         fields = _views(state)
-        if len(state.family) <= self.row_batch_max:
-            new = self._advance_rows(fields, ids.reshape(-1).tolist())
+        if isinstance(ids, np.ndarray):
+            ids_np = ids.reshape(-1).astype(np.int64, copy=False)
         else:
-            new = self._advance(fields, ids.reshape(-1).cpu().numpy().astype(np.int64))
+            ids_np = ids.reshape(-1).cpu().numpy().astype(np.int64)
+        if len(state.family) <= self.row_batch_max:
+            new = self._advance_rows(fields, ids_np.tolist())
+        else:
+            new = self._advance(fields, ids_np)
+        if isinstance(state.family, np.ndarray):  # a numpy state stays numpy
+            return GrammarState(**new)
+        import torch
+
         out = GrammarState(
             **{
                 name: getattr(state, name) if a is fields[name] else torch.from_numpy(a)
@@ -301,7 +329,12 @@ class Grammar:
             rows = sus.nonzero()[0] if isinstance(sus, np.ndarray) else sus.nonzero()[:, 0]
             s["sustain"] = ops.copy(s["sustain"])
             s["sustain"][rows, fam[rows]] = k[rows] == _SUS_ON
-        where = np.where if isinstance(ids, np.ndarray) else torch.where
+        if isinstance(ids, np.ndarray):
+            where = np.where
+        else:
+            import torch
+
+            where = torch.where
         is_shift, is_start = k == _SHIFT, k == _START
         s["family"] = where(k == _INSTR, v, s["family"])
         s["last_velocity"] = where(k == _VEL, v, s["last_velocity"])
@@ -324,8 +357,14 @@ class Grammar:
             return self._allowed(state)
         views = _views(state)
         if len(state.family) <= self.row_batch_max:
-            return torch.from_numpy(self._allowed_rows(views))
-        return torch.from_numpy(self._allowed(_Fields(views)))
+            mask = self._allowed_rows(views)
+        else:
+            mask = self._allowed(_Fields(views))
+        if isinstance(state.family, np.ndarray):  # a numpy state gets a numpy mask
+            return mask
+        import torch
+
+        return torch.from_numpy(mask)
 
     def _allowed_rows(self, v: dict[str, np.ndarray]) -> np.ndarray:
         """:meth:`allowed` row by row with Python scalars: the rules of :meth:`_mask` once more,
@@ -401,7 +440,12 @@ class Grammar:
         has_fam = s.family < self.F
         fam = ops.clamp_max(s.family, self.F - 1)
         n = len(fam)
-        rows = np.arange(n) if isinstance(fam, np.ndarray) else torch.arange(n, device=fam.device)
+        if isinstance(fam, np.ndarray):
+            rows = np.arange(n)
+        else:
+            import torch
+
+            rows = torch.arange(n, device=fam.device)
         cur_sounding = s.sounding[rows, fam] & has_fam[:, None]
         cur_sustain = s.sustain[rows, fam] & has_fam
         return self._mask(s, cur_sounding, cur_sustain)
@@ -473,6 +517,8 @@ class Grammar:
         Returns (fields at (B, T), current-family sounding (B, T, P), current-family sustain
         (B, T), any-family sounding (B, T, P), final sounding (B, F, P), final sustain (B, F)).
         """
+        import torch
+
         B, T = ids.shape
         dev = ids.device
         s0 = state if state is not None else self.initial_state(B, dev)
@@ -585,6 +631,8 @@ class Grammar:
 
     def violations(self, ids: torch.Tensor, state: GrammarState | None = None) -> torch.Tensor:
         """(B, T) bool: where a token was not allowed by the state before it."""
+        import torch
+
         B = ids.shape[0]
         s0 = state if state is not None else self.initial_state(B, ids.device)
         first = self.allowed(s0)[:, None, :]  # (B, 1, V)
@@ -596,6 +644,8 @@ class Grammar:
 
     def count_violations(self, ids: torch.Tensor | np.ndarray) -> int:
         """How many tokens break the grammar; ``ids`` (T,) or (B, T)."""
+        import torch
+
         ids = torch.as_tensor(np.asarray(ids) if not torch.is_tensor(ids) else ids)
         if ids.dim() == 1:
             ids = ids[None]
@@ -615,6 +665,8 @@ def _views(state: GrammarState) -> dict[str, np.ndarray]:
     """Numpy views of a CPU state's tensors (kept on states that :meth:`Grammar.advance` made:
     its fields are never changed in place, and copies made by ``dataclasses.replace`` or
     :meth:`GrammarState.clone` do not inherit them)."""
+    if isinstance(state.family, np.ndarray):
+        return {name: getattr(state, name) for name in _FIELDS}
     views = state.__dict__.get(_VIEWS)
     if views is None:
         views = {name: getattr(state, name).numpy() for name in _FIELDS}

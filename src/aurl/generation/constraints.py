@@ -11,6 +11,10 @@ The grammar (:class:`aurl.data.grammar.Grammar`, the one grammar of Aurl) is alw
 wins: a constraint can only remove ids the grammar allows. If the constraints leave a row with
 nothing, that row may only end (END closes every note), so the output stays valid.
 
+The masker works on torch tensors (``device`` given) or on numpy arrays alone (``device=None``:
+the loop of the onnx engine, which never imports torch); this module imports torch only where a
+torch path runs.
+
 Every option is checked in :func:`build_constraints`; a bad or unsatisfiable combination raises
 :class:`ConstraintError` before anything is generated.
 """
@@ -21,14 +25,16 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from aurl.config import GenerationConfig
 from aurl.data.vocab import END, Kind, Vocab
 from aurl.errors import AurlError, ConstraintError
+
+if TYPE_CHECKING:
+    import torch
 
 NEG_INF = float("-inf")
 DENSITY_STRENGTH = 2.0  # bias per unit of log(target / actual density) on NOTE_ON
@@ -47,7 +53,7 @@ class MaskState:
 
     grammar: Any  # aurl.data.grammar.GrammarState
     step: int  # tokens generated so far (the same for every unfinished row)
-    notes: torch.Tensor  # (B,) NOTE_ONs so far, primer included
+    notes: torch.Tensor  # (B,) NOTE_ONs so far, primer included (numpy in numpy mode)
     seconds: torch.Tensor  # (B,) float64 elapsed seconds, primer included
     all_started: bool  # every row has played a note
 
@@ -58,12 +64,12 @@ class MaskState:
 
 
 class _Tables:
-    """Vocabulary lookups as tensors on one device, shared by every constraint."""
+    """Vocabulary lookups as numpy arrays (``device`` None) or tensors on one device, shared
+    by every constraint."""
 
-    def __init__(self, vocab: Vocab, device: torch.device | str = "cpu") -> None:
+    def __init__(self, vocab: Vocab, device: torch.device | str | None = None) -> None:
         self.vocab = vocab
-        kind = torch.as_tensor(vocab.kind.astype(np.int64), device=device)
-        value = torch.as_tensor(vocab.value.astype(np.int64), device=device)
+        kind, value = vocab.kind.astype(np.int64), vocab.value.astype(np.int64)
         self.kind, self.value = kind, value
         self.is_note_on = kind == Kind.NOTE_ON
         self.is_shift = kind == Kind.TIME_SHIFT
@@ -75,11 +81,17 @@ class _Tables:
         self.starts_note = self.is_note_on | self.is_velocity
         # ids after which the grammar does not allow END, and new notes (zero length at END)
         self.blocks_end = self.starts_note | self.is_shift | self.is_instrument
-        self.shift_steps = torch.where(self.is_shift, value, 0).double()  # (V,)
+        self.shift_steps = np.where(self.is_shift, value, 0).astype(np.float64)  # (V,)
         # Seconds per step for each tempo bin (beat mode) or the fixed step (seconds mode).
         bins = np.arange(vocab.config.tempo_bins)
         sps = [vocab.seconds_per_step(float(vocab.bin_tempo[b])) for b in bins]
-        self.seconds_per_step = torch.tensor(sps, dtype=torch.float64, device=device)
+        self.seconds_per_step = np.array(sps, dtype=np.float64)
+        if device is not None:
+            import torch
+
+            for name, a in list(vars(self).items()):
+                if isinstance(a, np.ndarray):
+                    setattr(self, name, torch.as_tensor(a, device=device))
         c = vocab.config
         self.step_seconds = c.step_seconds
         # Seconds mode decodes at 120 BPM, where a step is step_seconds * 2 beats.
@@ -270,7 +282,8 @@ class LogitMasker:
         vocab: The model's vocabulary.
         grammar: The grammar state machine (:class:`aurl.data.grammar.Grammar`).
         constraints: From :func:`build_constraints`.
-        device: Where the masks live (the model's device).
+        device: Where the masks live (the model's device); None: numpy arrays throughout,
+            for states from :meth:`initial_state` in numpy (no torch).
     """
 
     def __init__(
@@ -279,57 +292,68 @@ class LogitMasker:
         grammar: Any,
         constraints: Constraints,
         *,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = "cpu",
     ) -> None:
         self.vocab, self.grammar, self.constraints = vocab, grammar, constraints
-        self.device = d = torch.device(device)
-        self.t = _Tables(vocab, d)
+        self.numpy = device is None
+        t = self.t = _Tables(vocab)  # numpy here; torch tensors below where a device is given
         # the static bias split: -inf entries remove ids, finite ones down-weight them
-        static = torch.as_tensor(constraints.static, dtype=torch.float32, device=d)
-        hard = torch.isneginf(static)
-        self.static_keep = ~hard if bool(hard.any()) else None
-        soft = static.masked_fill(hard, 0.0)
-        self.static_soft = soft if bool((soft != 0).any()) else None
+        static = constraints.static.astype(np.float32)
+        hard = np.isneginf(static)
+        static_keep = ~hard if hard.any() else None
+        soft = np.where(hard, np.float32(0.0), static)
+        static_soft = soft if (soft != 0).any() else None
         # keep_table[f]: (V,) what the hard static constraints keep while family f is current
         # (the last entry stands for "no INSTRUMENT yet", the grammar's family F): the static
         # mask, less the ids that start a note where the instrument constraint forbids notes.
         # One lookup per step; None when there is nothing to remove.
         n_fam = vocab.config.num_instruments
-        family_ok = torch.ones(n_fam + 1, dtype=torch.bool, device=d)
+        family_ok = np.ones(n_fam + 1, dtype=bool)
         if constraints.families:
             family_ok[:] = False
             family_ok[list(constraints.families)] = True
-        keep_table = family_ok[:, None] | ~self.t.starts_note
-        if self.static_keep is not None:
-            keep_table = keep_table & self.static_keep
-        self.keep_table = None if bool(keep_table.all()) else keep_table
-        self.end_only = torch.zeros(vocab.size, dtype=torch.bool, device=d)
-        self.end_only[END] = True
+        keep_table = family_ok[:, None] | ~t.starts_note
+        if static_keep is not None:
+            keep_table = keep_table & static_keep
+        end_only = np.zeros(vocab.size, dtype=bool)
+        end_only[END] = True
         # the NOTE_ON and VELOCITY ids are blocks of the vocabulary: slices are cheaper
         self.note_on_ids = _block(vocab, Kind.NOTE_ON)
         self.velocity_ids = _block(vocab, Kind.VELOCITY)
         # Before the first note: no time, no END, no pedal, so a note comes within 3 tokens.
-        pedal = (self.t.kind == Kind.SUSTAIN_ON) | (self.t.kind == Kind.SUSTAIN_OFF)
-        self.opens_silence = self.t.is_shift | (self.t.kind == Kind.END) | pedal
-        self.note_on_count = self.t.is_note_on.long()  # (V,) 1 for NOTE_ON ids
-        beats = self.t.shift_steps.float() * self.t.beats_per_step  # (V,) length of each shift
-        self.density_weight = self.t.is_note_on.float() - torch.log1p(beats)
+        pedal = (t.kind == Kind.SUSTAIN_ON) | (t.kind == Kind.SUSTAIN_OFF)
+        beats = t.shift_steps.astype(np.float32) * np.float32(t.beats_per_step)  # (V,) shifts
+        # The tables constrain() reads, as numpy arrays and (device given) torch tensors.
+        tables = SimpleNamespace(
+            keep_table=None if keep_table.all() else keep_table, static_keep=static_keep,
+            static_soft=static_soft, opens_silence=t.is_shift | (t.kind == Kind.END) | pedal,
+            density_weight=t.is_note_on.astype(np.float32) - np.log1p(beats), end_only=end_only,
+            is_end=t.is_end, is_velocity=t.is_velocity, blocks_end=t.blocks_end,
+            shift_steps=t.shift_steps, seconds_per_step=t.seconds_per_step,
+            note_on_count=t.is_note_on.astype(np.int64),  # (V,) 1 for NOTE_ON ids
+        )  # fmt: skip
+        self._np = _Backend(tables, numpy=True)
+        self.device = None
+        if not self.numpy:
+            import torch
+
+            self.device = d = torch.device(device)
+            self.t = _Tables(vocab, d)
+            as_torch = {
+                k: None if v is None else torch.as_tensor(v, device=d)
+                for k, v in vars(tables).items()
+            }
+            tables = SimpleNamespace(**as_torch)
+            self._torch = _Backend(tables, numpy=False)
+        # the tables of this masker's own backend, by name
+        self.static_keep, self.static_soft = tables.static_keep, tables.static_soft
+        self.keep_table, self.end_only = tables.keep_table, tables.end_only
+        self.opens_silence, self.density_weight = tables.opens_silence, tables.density_weight
+        self.note_on_count = tables.note_on_count
         # Seconds must be accumulated tempo by tempo in beat mode; in seconds mode they are
         # the grammar's step count times the step.
         self.beat_mode = vocab.config.time_unit == "beat"
         self.count_seconds = constraints.seconds > 0 and self.beat_mode
-        # The tables constrain() reads, as torch tensors and (for the CPU path) numpy arrays.
-        t = self.t
-        tables = SimpleNamespace(
-            keep_table=self.keep_table, static_keep=self.static_keep,
-            static_soft=self.static_soft, opens_silence=self.opens_silence,
-            density_weight=self.density_weight, end_only=self.end_only, is_end=t.is_end,
-            is_velocity=t.is_velocity, blocks_end=t.blocks_end, shift_steps=t.shift_steps,
-            seconds_per_step=t.seconds_per_step,
-        )  # fmt: skip
-        self._torch = _Backend(tables, numpy=False)
-        as_numpy = {k: None if v is None else v.cpu().numpy() for k, v in vars(tables).items()}
-        self._np = _Backend(SimpleNamespace(**as_numpy), numpy=True)
         # Constraints that can leave a row with nothing: check for empty rows only then.
         self.can_empty = (
             self.static_keep is not None
@@ -342,6 +366,13 @@ class LogitMasker:
 
     def initial_state(self, batch: int) -> MaskState:
         """State before any token (the first token must be START)."""
+        if self.numpy:
+            return MaskState(
+                grammar=self.grammar.initial_numpy_state(batch), step=0,
+                notes=np.zeros(batch, dtype=np.int64), seconds=np.zeros(batch), all_started=False,
+            )  # fmt: skip
+        import torch
+
         d = self.device
         return MaskState(
             grammar=self.grammar.initial_state(batch, d),
@@ -352,11 +383,16 @@ class LogitMasker:
         )
 
     def _tempo_bin(self, grammar_tempo: torch.Tensor) -> torch.Tensor:
-        return torch.where(grammar_tempo >= 0, grammar_tempo, self.t.default_tempo_bin)
+        where = self._np.where if self.numpy else self._torch.where
+        return where(grammar_tempo >= 0, grammar_tempo, self.t.default_tempo_bin)
 
     def prime(self, state: MaskState, ids: torch.Tensor) -> MaskState:
         """The state after a primer (B, P) (from :meth:`initial_state`), computed vectorized;
         the primer does not count against the length limit in tokens."""
+        if self.numpy:
+            return self._prime_numpy(state, np.asarray(ids, dtype=np.int64))
+        import torch
+
         t = self.t
         kind, value = t.kind[ids], t.value[ids]  # (B, P)
         seconds = state.seconds
@@ -375,6 +411,22 @@ class LogitMasker:
             seconds=seconds,
             all_started=state.all_started,
         )
+
+    def _prime_numpy(self, state: MaskState, ids: np.ndarray) -> MaskState:
+        """:meth:`prime` in numpy, token by token (a primer is fed once)."""
+        g, seconds, t = state.grammar, state.seconds, self.t
+        for j in range(ids.shape[1]):
+            if self.count_seconds:  # at the tempo in force before the token
+                seconds = (
+                    seconds
+                    + t.shift_steps[ids[:, j]] * t.seconds_per_step[self._tempo_bin(g.tempo)]
+                )
+            g = self.grammar.advance(g, ids[:, j])
+        return MaskState(
+            grammar=g, step=state.step,
+            notes=state.notes + (t.kind[ids] == Kind.NOTE_ON).sum(1), seconds=seconds,
+            all_started=state.all_started,
+        )  # fmt: skip
 
     def advance(self, state: MaskState, ids: torch.Tensor, grammar: Any = None) -> MaskState:
         """Advance by one generated token per row; ``ids`` is (B,).
@@ -454,7 +506,7 @@ class LogitMasker:
             tempo = x.of(g.tempo)
             sps = t.seconds_per_step[x.where(tempo >= 0, tempo, self.t.default_tempo_bin)]
             seconds = state.seconds if self.beat_mode else g.time * self.t.step_seconds
-            elapsed = x.of(seconds.double())  # (B,) float64
+            elapsed = x.f64(seconds)  # (B,) float64
             remaining = cons.seconds - elapsed  # (B,)
             keep = keep & ~(t.shift_steps * sps[:, None] > remaining[:, None] + 1e-9)
             # Less than a sixteenth note left: no new notes; end as soon as the grammar lets.
@@ -501,6 +553,8 @@ class LogitMasker:
         always valid. On the CPU the masks are combined in numpy (a generation step pays for
         calls, not data, and numpy's are cheaper), on other devices in torch.
         """
+        import torch
+
         allowed = self.grammar.allowed(state.grammar)  # (B, V) bool
         if allowed.device.type == "cpu" and logits.device.type == "cpu":
             keep, soft = self.constrain(state, allowed.numpy())
@@ -509,6 +563,12 @@ class LogitMasker:
             return torch.from_numpy(out.astype(x.dtype, copy=False))
         keep, soft = self.constrain(state, allowed)
         return torch.where(keep, logits if soft is None else logits + soft, NEG_INF)
+
+    def apply_numpy(self, logits: np.ndarray, state: MaskState) -> np.ndarray:
+        """:meth:`apply` for numpy (B, V) logits and a numpy state (``device=None``)."""
+        keep, soft = self.constrain(state, self.grammar.allowed(state.grammar))
+        out = np.where(keep, logits if soft is None else logits + soft, NEG_INF)
+        return out.astype(logits.dtype, copy=False)
 
     def _fallback(self, allowed: Any, x: Any) -> Any:
         """For rows the constraints left empty: END where the grammar allows it, else the
@@ -525,16 +585,31 @@ class _Backend:
 
     def __init__(self, tables: Any, numpy: bool) -> None:
         self.tables, self.numpy = tables, numpy
-        self.where = np.where if numpy else torch.where
+        if numpy:
+            self.where = np.where
+        else:
+            import torch
+
+            self.where = torch.where
 
     def of(self, tensor: torch.Tensor) -> Any:
         """A state tensor in this backend (a numpy view on the CPU)."""
+        if isinstance(tensor, np.ndarray):
+            return tensor
         return tensor.numpy() if self.numpy else tensor
+
+    def f64(self, tensor: Any) -> Any:
+        """:meth:`of` as float64."""
+        if isinstance(tensor, np.ndarray):
+            return tensor.astype(np.float64, copy=False)
+        return self.of(tensor.double())
 
     def array(self, rows: list, like: Any) -> Any:
         """(B, 1) float rows of Python numbers, next to ``like``."""
         if self.numpy:
             return np.array(rows, dtype=like.dtype)
+        import torch
+
         return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
@@ -545,6 +620,8 @@ def index_state(state: Any, index: torch.Tensor) -> Any:
     reorder the grammar, the masker's counters and the model's cache without knowing their layout. Tensors
     are assumed to be batch-first; 0-d tensors and non-tensors are kept.
     """
+    import torch
+
     if isinstance(state, torch.Tensor):
         return state.index_select(0, index) if state.dim() > 0 else state
     if dataclasses.is_dataclass(state) and not isinstance(state, type):

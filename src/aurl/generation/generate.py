@@ -1,6 +1,9 @@
-"""The generation loop: model step -> grammar and constraint masks -> sampling filters -> id.
+"""The generation loop: engine step -> grammar and constraint masks -> sampling filters -> id.
 
-:func:`generate` runs a batch of pieces together on the model's KV cache. Every row starts from
+:func:`generate` runs a batch of pieces together on an engine's KV cache (:mod:`aurl.engines`:
+a torch model, or an ONNX export on onnxruntime). With a numpy engine the whole loop runs in
+numpy and never imports torch (the masker in numpy mode, the numpy sampling filters, a numpy
+random generator, so the same seed draws other ids than the torch engine). Every row starts from
 the same prefix (START, or a primer), optionally conditioned on VAE latents, one set per row.
 Sampling strategies are set by :class:`aurl.config.GenerationConfig`: ``temperature == 0`` is
 greedy, ``beam > 1`` is beam search over the masked distribution, otherwise ancestral sampling
@@ -16,17 +19,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from aurl.config import GenerationConfig
 from aurl.data.vocab import END, PAD, START, Kind, Vocab
 from aurl.errors import ConstraintError
 from aurl.generation.constraints import LogitMasker, build_constraints, index_state
-from aurl.generation.sampling import SamplingOptions, filter_logits, sample
+from aurl.generation.sampling import (
+    SamplingOptions,
+    filter_logits,
+    filter_logits_numpy,
+    sample,
+    sample_numpy,
+)
 from aurl.progress import Progress, silent
+
+if TYPE_CHECKING:
+    import torch
 
 # Tokens the grammar may need past max_tokens to end cleanly (e.g. a NOTE_ON after a VELOCITY).
 END_SLACK = 8
@@ -56,9 +67,10 @@ def sampling_options(config: GenerationConfig) -> SamplingOptions:
 
 
 def make_masker(
-    vocab: Vocab, config: GenerationConfig, device: torch.device | str = "cpu"
+    vocab: Vocab, config: GenerationConfig, device: torch.device | str | None = "cpu"
 ) -> LogitMasker:
-    """Grammar (always on, with the generation polyphony cap) and the checked constraints.
+    """Grammar (always on, with the generation polyphony cap) and the checked constraints;
+    ``device`` None: a numpy masker (for a numpy engine).
 
     Raises:
         ConstraintError: bad or unsatisfiable constraints (before anything is generated).
@@ -108,6 +120,8 @@ def load_primer(path: str | Path, tokenizer: Any, *, seconds: float = 0.0) -> np
 
 def _encode_file(model: Any, path: str | Path, tokenizer: Any, length: int | None = None) -> Any:
     """The VAE posterior of a MIDI file's first ``length`` tokens (default: the context)."""
+    import torch
+
     ids = np.asarray(tokenizer.encode_file(path))[: length or model.config.max_seq_len]
     ids_t = torch.as_tensor(ids, dtype=torch.long, device=model.embed.weight.device)[None]
     return model.encode(ids_t)
@@ -118,6 +132,8 @@ def file_latents(
 ) -> Any:
     """``n`` latents around the encoding of a MIDI file: row 0 its posterior mean, the others
     samples from its posterior (variations)."""
+    import torch
+
     posterior = _encode_file(model, path, tokenizer)
     rep = torch.zeros(n, dtype=torch.long, device=model.embed.weight.device)
     mean = index_state(posterior.mean(), rep)
@@ -136,6 +152,8 @@ def interpolation_latents(
     """
     length = min(len(tokenizer.encode_file(a)), len(tokenizer.encode_file(b)))
     length = min(length, model.config.max_seq_len)
+    import torch
+
     za = _encode_file(model, a, tokenizer, length).mean()
     zb = _encode_file(model, b, tokenizer, length).mean()
     path = model.interpolate(za, zb, steps)
@@ -148,80 +166,172 @@ def interpolation_latents(
 
 
 class _Context:
-    """The model side of the loop: KV-cache state, sliding window, logits of the last token."""
+    """The engine side of the loop: decode state, sliding window, logits of the last token."""
 
     def __init__(
-        self, model: Any, latents: Any, batch: int, window: int, overlap: int, meter: Any = None
+        self, engine: Any, latents: Any, batch: int, window: int, overlap: int, meter: Any = None
     ) -> None:
-        self.model, self.latents, self.batch = model, latents, batch
+        self.engine, self.latents, self.batch = engine, latents, batch
         self.window, self.overlap = window, overlap
         self.meter = meter  # (B, 2) time signatures for a meter-conditioned model, or None
         self.state: Any = None
 
-    def start(self, buffer: torch.Tensor, n: int) -> torch.Tensor:
-        """(Re)start the model on the tokens ``buffer[:, :n]`` (the last ``overlap`` of them if
+    def start(self, buffer: Any, n: int) -> Any:
+        """(Re)start the engine on the tokens ``buffer[:, :n]`` (the last ``overlap`` of them if
         they do not fit the window); returns the logits (B, V) after them."""
         first = 0 if n <= self.window - 1 else n - self.overlap
         # the tokens left behind still set the musical time and the grammar features
         meter = {"meter": self.meter} if self.meter is not None else {}
-        self.state = self.model.init_state(
-            self.batch, device=buffer.device, latents=self.latents, capacity=self.window,
+        self.state = self.engine.init_state(
+            self.batch, latents=self.latents, capacity=self.window,
             history=buffer[:, :first] if first > 0 else None, **meter,
         )  # fmt: skip
-        return self.model.step(buffer[:, first:n], self.state)[:, -1]
+        return self.engine.step(buffer[:, first:n], self.state)[:, -1]
 
-    def next(self, buffer: torch.Tensor, n: int) -> torch.Tensor:
+    def next(self, buffer: Any, n: int) -> Any:
         """Logits after ``buffer[:, n-1]``, sliding the window when the cache is full."""
         if self.state.pos >= self.window:
             return self.start(buffer, n)
-        return self.model.step(buffer[:, n - 1 : n], self.state)[:, -1]
+        return self.engine.step(buffer[:, n - 1 : n], self.state)[:, -1]
 
     def grammar_state(self) -> Any:
-        """The grammar state after every token fed so far, when the model keeps one (for its
-        grammar features), so the loop need not advance a second copy; else None."""
-        carried = getattr(self.state, "grammar", None)
-        return carried[0] if carried is not None else None
+        """The grammar state after every token fed so far, when the engine keeps one (for the
+        model's grammar features), so the loop need not advance a second copy; else None."""
+        return self.engine.grammar_state(self.state)
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.state = index_state(self.state, rows)
 
 
-def meter_tensor(model: Any, config: GenerationConfig, batch: int, device: Any) -> Any:
+def meter_tensor(engine: Any, config: GenerationConfig, batch: int) -> Any:
     """(B, 2) ``generation.meter`` for a model with meter conditioning; None otherwise (the
     model counts in 4/4, and so does a meter model given none)."""
-    if not config.meter or not getattr(getattr(model, "config", None), "meter", False):
+    if not config.meter or not getattr(engine.config, "meter", False):
         return None
+    if engine.numpy:
+        raise ConfigError("the onnx engine cannot condition on a meter: use --engine torch")
+    import torch
+
     from aurl.data.meter import parse_meter
 
-    meter = torch.tensor(parse_meter(config.meter), dtype=torch.long, device=device)
+    meter = torch.tensor(parse_meter(config.meter), dtype=torch.long, device=engine.device)
     return meter.expand(batch, 2).contiguous()
 
 
-def _room(buffer: torch.Tensor, n: int) -> torch.Tensor:
+class _TorchArrays:
+    """The loop's array calls for a torch engine (tensors on its device)."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.torch, self.device = torch, device
+
+    def prefix(self, primer: np.ndarray | None, batch: int) -> torch.Tensor:
+        """(B, P) prefix: START alone, or the primer (1-d shared, or 2-d one per row)."""
+        torch = self.torch
+        if primer is None:
+            return torch.full((batch, 1), START, dtype=torch.long, device=self.device)
+        p = torch.as_tensor(np.asarray(primer), dtype=torch.long, device=self.device)
+        return p[None].expand(batch, -1).contiguous() if p.dim() == 1 else p.contiguous()
+
+    def float(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float()
+
+    def full(self, rows: int, cols: int) -> torch.Tensor:
+        return self.torch.full((rows, cols), PAD, dtype=self.torch.long, device=self.device)
+
+    def cat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.torch.cat([a, b], dim=1)
+
+    def first_violation(self, grammar: Any, prefix: torch.Tensor) -> tuple[int, int] | None:
+        bad = grammar.violations(prefix)  # (B, P) bool
+        return tuple(int(i) for i in bad.nonzero()[0]) if bool(bad.any()) else None
+
+    def generator(self, seed: int) -> torch.Generator:
+        return self.torch.Generator(device=self.device).manual_seed(seed)
+
+    def draw(self, masked: Any, options: SamplingOptions, seen: Any, generator: Any) -> Any:
+        return sample(filter_logits(masked, options, seen), options, generator)
+
+    def seen(self, rows: int, size: int) -> torch.Tensor:
+        return self.torch.zeros(rows, size, dtype=self.torch.bool, device=self.device)
+
+    def mark(self, seen: torch.Tensor, ids: torch.Tensor) -> None:
+        seen[self.torch.arange(len(ids), device=self.device), ids] = True
+
+    def rows(self, ids: torch.Tensor) -> np.ndarray:
+        return ids.cpu().numpy()
+
+
+class _NumpyArrays:
+    """The same calls in numpy, for a numpy engine (no torch)."""
+
+    def prefix(self, primer: np.ndarray | None, batch: int) -> np.ndarray:
+        if primer is None:
+            return np.full((batch, 1), START, dtype=np.int64)
+        p = np.asarray(primer, dtype=np.int64)
+        return np.ascontiguousarray(np.broadcast_to(p, (batch, len(p)))) if p.ndim == 1 else p
+
+    def float(self, logits: np.ndarray) -> np.ndarray:
+        return logits
+
+    def full(self, rows: int, cols: int) -> np.ndarray:
+        return np.full((rows, cols), PAD, dtype=np.int64)
+
+    def cat(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, b], axis=1)
+
+    def first_violation(self, grammar: Any, prefix: np.ndarray) -> tuple[int, int] | None:
+        """The first token (row, column) the grammar does not allow, stepping the numpy
+        machine along the prefix."""
+        state = grammar.initial_numpy_state(len(prefix))
+        rows = np.arange(len(prefix))
+        for col in range(prefix.shape[1]):
+            ok = grammar.allowed(state)[rows, prefix[:, col]]
+            if not ok.all():
+                return int(np.flatnonzero(~ok)[0]), col
+            state = grammar.advance(state, prefix[:, col])
+        return None
+
+    def generator(self, seed: int) -> np.random.Generator:
+        return np.random.default_rng(seed)
+
+    def draw(self, masked: Any, options: SamplingOptions, seen: Any, generator: Any) -> Any:
+        return sample_numpy(filter_logits_numpy(masked, options, seen), options, generator)
+
+    def seen(self, rows: int, size: int) -> np.ndarray:
+        return np.zeros((rows, size), dtype=bool)
+
+    def mark(self, seen: np.ndarray, ids: np.ndarray) -> None:
+        seen[np.arange(len(ids)), ids] = True
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return ids
+
+
+def _arrays(engine: Any) -> Any:
+    return _NumpyArrays() if engine.numpy else _TorchArrays(engine.device)
+
+
+def _room(buffer: Any, n: int, arrays: Any) -> Any:
     """``buffer`` with a free column at ``n`` (grown by :data:`CHUNK` columns of PAD)."""
     if n < buffer.shape[1]:
         return buffer
-    more = torch.full((buffer.shape[0], CHUNK), PAD, dtype=buffer.dtype, device=buffer.device)
-    return torch.cat([buffer, more], dim=1)
+    return arrays.cat(buffer, arrays.full(buffer.shape[0], CHUNK))
 
 
-def _prefix_tensor(primer: np.ndarray | None, batch: int, device: torch.device) -> torch.Tensor:
+def _prefix(primer: np.ndarray | None, batch: int, arrays: Any) -> Any:
     """(B, P) prefix: START alone, or the primer (1-d shared, or 2-d one per row)."""
-    if primer is None:
-        return torch.full((batch, 1), START, dtype=torch.long, device=device)
-    p = torch.as_tensor(np.asarray(primer), dtype=torch.long, device=device)
-    if p.dim() == 1:
-        p = p[None].expand(batch, -1)
+    p = arrays.prefix(primer, batch)
     if p.shape[0] != batch:
         raise ConstraintError(
             f"{p.shape[0]} primers for {batch} samples: give one or one per sample"
         )
     if bool((p[:, 0] != START).any()):
         raise ConstraintError("a primer must start with START (use load_primer or encode_file)")
-    return p.contiguous()
+    return p
 
 
-@torch.no_grad()
 def generate(
     model: Any,
     config: GenerationConfig,
@@ -235,12 +345,14 @@ def generate(
     """Generate ``num_samples`` pieces in one batch.
 
     Args:
-        model: A ``MusicTransformerVAEGAN`` (``init_state``/``step``), in eval mode.
+        model: An engine (:mod:`aurl.engines`) or a ``MusicTransformerVAEGAN`` in eval mode
+            (wrapped in the torch engine).
         config: Sampling options, constraints, length, window and seed.
         num_samples: Rows of the batch (beam search keeps ``config.beam`` beams per row).
         primer: Ids to continue (START first, no END): (P,) shared or (B, P) per row.
         latents: VAE latents with one row per sample, or None.
-        masker: A prebuilt :func:`make_masker` (built from ``config`` when None).
+        masker: A prebuilt :func:`make_masker` (built from ``config`` when None; a numpy
+            engine needs a numpy masker, ``device=None``).
         progress: Progress helper over the generated tokens.
 
     Returns:
@@ -248,14 +360,23 @@ def generate(
 
     Raises:
         ConstraintError: bad constraints or primer, before anything is generated.
+        ConfigError: a numpy engine asked for what it cannot do (beam search, latents).
     """
-    vocab = model.vocab
-    device = model.embed.weight.device
-    masker = masker or make_masker(vocab, config, device)
-    prefix = _prefix_tensor(primer, num_samples, device)
-    bad = masker.grammar.violations(prefix)  # (B, P) bool
-    if bool(bad.any()):
-        row, col = (int(i) for i in bad.nonzero()[0])
+    from aurl.engines import as_engine
+
+    engine = as_engine(model)
+    vocab = engine.vocab
+    if engine.numpy and (config.beam > 1 or latents is not None):
+        from aurl.errors import ConfigError
+
+        what = "beam search (--beam)" if config.beam > 1 else "VAE latents"
+        raise ConfigError(f"the onnx engine cannot do {what}: use --engine torch")
+    arrays = _arrays(engine)
+    masker = masker or make_masker(vocab, config, None if engine.numpy else engine.device)
+    prefix = _prefix(primer, num_samples, arrays)
+    bad = arrays.first_violation(masker.grammar, prefix)
+    if bad is not None:
+        row, col = bad
         raise ConstraintError(
             f"primer row {row} breaks the grammar at token {col} "
             f"({vocab.names()[int(prefix[row, col])]}): encode primers with the tokenizer, "
@@ -265,14 +386,14 @@ def generate(
         raise ConstraintError(
             f"{latents.batch_size} latents for {num_samples} samples: give one row per sample"
         )
-    window = min(config.window, model.config.max_seq_len)
+    window = min(config.window, engine.config.max_seq_len)
     overlap = min(config.window_overlap, window // 2)
     if config.beam > 1:
-        ids = _beam_search(model, masker, prefix, latents, config, window, overlap, progress)
+        ids = _beam_search(engine, masker, prefix, latents, config, window, overlap, progress)
     else:
-        ids = _sample(model, masker, prefix, latents, config, window, overlap, progress)
+        ids = _sample(engine, masker, prefix, latents, config, window, overlap, progress, arrays)
     out = []
-    for row in ids.cpu().numpy():
+    for row in arrays.rows(ids):
         end = np.flatnonzero(row == END)
         if len(end) == 0:  # the masks force END within END_SLACK tokens: a bug if not
             raise RuntimeError(f"generation did not end within {config.max_tokens} tokens")
@@ -281,47 +402,47 @@ def generate(
 
 
 def _sample(
-    model: Any,
+    engine: Any,
     masker: LogitMasker,
-    prefix: torch.Tensor,
+    prefix: Any,
     latents: Any,
     config: GenerationConfig,
     window: int,
     overlap: int,
     progress: Progress,
-) -> torch.Tensor:
+    arrays: Any,
+) -> Any:
     """Ancestral sampling (or greedy): (B, P + generated) ids, PAD after END."""
     B, P = prefix.shape
-    device = prefix.device
     options = sampling_options(config)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = arrays.generator(config.seed)
     steps = config.max_tokens + END_SLACK
-    buffer = torch.full((B, P + min(steps, CHUNK)), PAD, dtype=torch.long, device=device)
+    buffer = arrays.full(B, P + min(steps, CHUNK))
     buffer[:, :P] = prefix
     state = masker.prime(masker.initial_state(B), prefix)
-    ctx = _Context(model, latents, B, window, overlap, meter_tensor(model, config, B, device))
+    ctx = _Context(engine, latents, B, window, overlap, meter_tensor(engine, config, B))
     logits = ctx.start(buffer, P)
     seen = None
     if options.repetition_penalty != 1.0:
-        seen = torch.zeros(B, masker.vocab.size, dtype=torch.bool, device=device)
+        seen = arrays.seen(B, masker.vocab.size)
+    apply = masker.apply_numpy if engine.numpy else masker.apply
     n = P
     for _ in progress(range(steps), total=steps, desc="generate"):
-        masked = masker.apply(logits.float(), state)
-        ids = sample(filter_logits(masked, options, seen), options, generator)  # (B,)
-        buffer = _room(buffer, n)
+        ids = arrays.draw(apply(arrays.float(logits), state), options, seen, generator)  # (B,)
+        buffer = _room(buffer, n, arrays)
         buffer[:, n] = ids
         n += 1
         logits = ctx.next(buffer, n)  # one step past the last END at most: cheaper than a
         state = masker.advance(state, ids, ctx.grammar_state())  # second grammar copy
         if seen is not None:
-            seen[torch.arange(B, device=device), ids] = True
+            arrays.mark(seen, ids)
         if masker.all_finished(state):
             break
     return buffer[:, :n]
 
 
 def _beam_search(
-    model: Any,
+    engine: Any,
     masker: LogitMasker,
     prefix: torch.Tensor,
     latents: Any,
@@ -332,6 +453,11 @@ def _beam_search(
 ) -> torch.Tensor:
     """Beam search over the masked distribution, ranked by length-normalised log-probability
     (sum of log p over generated tokens / their count). Returns the best beam of each row."""
+    import torch
+
+    from aurl.engines import as_engine
+
+    engine = as_engine(engine)  # a model passed directly
     B, P = prefix.shape
     K, V = config.beam, masker.vocab.size
     device = prefix.device
@@ -342,9 +468,7 @@ def _beam_search(
     buffer = torch.full((B * K, P + min(steps, CHUNK)), PAD, dtype=torch.long, device=device)
     buffer[:, :P] = prefix[rows]
     state = masker.prime(masker.initial_state(B * K), buffer[:, :P])
-    ctx = _Context(
-        model, latents, B * K, window, overlap, meter_tensor(model, config, B * K, device)
-    )
+    ctx = _Context(engine, latents, B * K, window, overlap, meter_tensor(engine, config, B * K))
     logits = ctx.start(buffer, P)
     scores = torch.zeros(B, K, dtype=torch.float64, device=device)
     scores[:, 1:] = float("-inf")  # all beams start equal: keep one so they do not duplicate
@@ -371,7 +495,7 @@ def _beam_search(
         state = index_state(state, src)
         ctx.reorder(src)
         ids = token.reshape(-1)
-        buffer = _room(buffer, n)
+        buffer = _room(buffer, n, _TorchArrays(device))
         buffer[:, n] = ids
         n += 1
         logits = ctx.next(buffer, n)

@@ -5,6 +5,10 @@ and returns new logits; removed ids get ``-inf``. They compose in the order of
 :func:`filter_logits`: repetition penalty, temperature, then top-k, top-p and min-p. Nothing here
 knows about music: the musical masks live in :mod:`aurl.generation.constraints`.
 
+The same filters exist for numpy arrays (:func:`filter_logits_numpy`, :func:`sample_numpy`), for
+the loop that runs without torch (the onnx engine); the tests hold both sides equal. This module
+imports torch only inside the torch functions.
+
 References: nucleus sampling (Holtzman et al. 2020, "The Curious Case of Neural Text
 Degeneration"), min-p (Nguyen et al. 2024), repetition penalty (Keskar et al. 2019, CTRL).
 """
@@ -12,8 +16,12 @@ Degeneration"), min-p (Nguyen et al. 2024), repetition penalty (Keskar et al. 20
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 NEG_INF = float("-inf")
 
@@ -44,6 +52,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest logits of each row (ties at the k-th value are all kept)."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
+    import torch
+
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
     return logits.masked_fill(logits < kth, NEG_INF)
 
@@ -55,6 +65,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """
     if p >= 1.0:
         return logits
+    import torch
+
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     # Mass strictly before each id: an id is kept while the ids above it have not reached p yet.
@@ -69,6 +81,8 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     """Keep ids whose probability is at least ``min_p`` times the row's largest probability."""
     if min_p <= 0.0:
         return logits
+    import torch
+
     # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p) (softmax's normaliser cancels)
     threshold = logits.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(min_p))
     return logits.masked_fill(logits < threshold, NEG_INF)
@@ -84,6 +98,8 @@ def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float)
     """
     if penalty == 1.0:
         return logits
+    import torch
+
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
@@ -112,5 +128,81 @@ def sample(
     """
     if options.greedy:
         return logits.argmax(dim=-1)
+    import torch
+
     probs = torch.softmax(logits.float(), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The same filters in numpy (float32 logits, as the torch side computes them)
+# --------------------------------------------------------------------------------------------
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def top_k_filter_numpy(logits: np.ndarray, k: int) -> np.ndarray:
+    """:func:`top_k_filter` for numpy."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = -np.partition(-logits, k - 1, axis=-1)[..., k - 1 : k]  # (B, 1) k-th largest
+    return np.where(logits < kth, np.float32(NEG_INF), logits)
+
+
+def top_p_filter_numpy(logits: np.ndarray, p: float) -> np.ndarray:
+    """:func:`top_p_filter` for numpy."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    probs = _softmax(np.take_along_axis(logits, order, axis=-1))
+    remove_sorted = np.cumsum(probs, axis=-1) - probs >= p
+    remove_sorted[..., 0] = False
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, np.float32(NEG_INF), logits)
+
+
+def min_p_filter_numpy(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """:func:`min_p_filter` for numpy."""
+    if min_p <= 0.0:
+        return logits
+    threshold = logits.max(axis=-1, keepdims=True) + np.log(np.float32(min_p))
+    return np.where(logits < threshold, np.float32(NEG_INF), logits)
+
+
+def filter_logits_numpy(
+    logits: np.ndarray, options: SamplingOptions, seen: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`filter_logits` for numpy (B, V) logits."""
+    if seen is not None and options.repetition_penalty != 1.0:
+        r = np.float32(options.repetition_penalty)
+        logits = np.where(seen, np.where(logits > 0, logits / r, logits * r), logits)
+    if options.greedy:
+        return logits
+    if options.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {options.temperature}")
+    if options.temperature != 1.0:
+        logits = logits / np.float32(options.temperature)
+    logits = top_k_filter_numpy(logits, options.top_k)
+    logits = top_p_filter_numpy(logits, options.top_p)
+    return min_p_filter_numpy(logits, options.min_p)
+
+
+def sample_numpy(
+    logits: np.ndarray, options: SamplingOptions, rng: np.random.Generator
+) -> np.ndarray:
+    """:func:`sample` for numpy: one id per row by inverting the cumulative distribution with
+    one uniform draw per row (another random stream than torch's, so other ids per seed).
+
+    Returns:
+        (B,) int64 ids.
+    """
+    if options.greedy:
+        return logits.argmax(axis=-1)
+    cdf = np.cumsum(_softmax(logits.astype(np.float64)), axis=-1)  # (B, V)
+    u = rng.random((len(cdf), 1)) * cdf[:, -1:]
+    ids = (cdf <= u).sum(axis=-1)  # first id whose cumulative mass passes u
+    return np.minimum(ids, logits.shape[-1] - 1).astype(np.int64)

@@ -1,0 +1,218 @@
+"""CPU decoding, batch 1, through the whole generation loop: onnxruntime fp32 / int8 against
+PyTorch fp32 / int8 and Hugging Face ``generate`` (fp32), side by side in one run; and the cold
+start of ``aurl generate --engine onnx``.
+
+Model: the shipped model's shape and weights (``--shape shipped``, 3.4M parameters) or the
+``full`` preset's shape with seeded random weights (``--shape full``, 26M). Ours: ``generate()``
+with constraints on (key D minor, pitch range 36..96, sampling at temperature 1), 1024 tokens
+(``min_tokens`` holds END back); HF: ``GPT2LMHeadModel`` of the same shape, ``generate`` greedy
+with ``min_new_tokens`` (no constraints: the baseline's own loop). Each measurement runs in a
+fresh subprocess, the variants alternating round by round; the median tokens/s over rounds is
+reported, with the ratio to HF and the CPU (model name and instruction sets) in every row.
+
+Cold start: ``aurl generate --engine onnx --checkpoint EXPORT --max-tokens 512 --min-tokens 504``
+to a MIDI file: wall time and CPU time (user + system) of the whole process (medians over
+``--rounds``), beside ``python -c 'import torch'`` and the torch engine's same command.
+
+Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens 1024]
+      [--rounds 3] [--threads 1] [--only decode|cold]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "src" / "aurl" / "pretrained"
+VARIANTS = ("hf", "torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8")
+
+
+def torch_model(shape: str):
+    import torch
+
+    from aurl.config import load_config
+    from aurl.models import MusicTransformerVAEGAN, build_model
+
+    if shape == "shipped":
+        return MusicTransformerVAEGAN.from_pretrained(SHIPPED)
+    torch.manual_seed(0)
+    cfg = load_config(preset="full", overrides=["model.mode=transformer"])
+    return build_model(cfg).eval()
+
+
+def prepare(shape: str, folder: Path) -> None:
+    """The fp32 and int8 exports of the model, once per run."""
+    from aurl.models.onnx_export import export_onnx
+
+    model = torch_model(shape)
+    export_onnx(model, folder / "fp32")
+    export_onnx(model, folder / "int8", int8=True)
+
+
+def worker(variant: str, shape: str, tokens: int, threads: int, folder: Path) -> dict:
+    from aurl.config import GenerationConfig
+    from aurl.generation.generate import generate
+
+    cfg = GenerationConfig(
+        max_tokens=tokens, min_tokens=tokens - 8, key="D minor", pitch_low=36, pitch_high=96,
+        seed=0, window=max(tokens + 16, 512),
+    )  # fmt: skip
+    if variant.startswith("onnx"):
+        from aurl.engines.onnx_engine import OnnxEngine
+
+        engine = OnnxEngine(folder / variant.split("-")[1], threads=threads)
+        run = lambda n: generate(engine, dataclasses_replace(cfg, n))  # noqa: E731
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        model = torch_model(shape)
+        if variant == "hf":
+            return hf_worker(model, tokens)
+        if variant == "torch-int8":
+            from aurl.models.quantize import quantize_int8
+
+            model = quantize_int8(model)
+        run = lambda n: generate(model, dataclasses_replace(cfg, n))  # noqa: E731
+    run(16)  # warm-up
+    t0 = time.perf_counter()
+    pieces = run(tokens)
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": len(pieces[0].generated) / dt}
+
+
+def dataclasses_replace(cfg, n: int):
+    import dataclasses
+
+    return dataclasses.replace(cfg, max_tokens=n, min_tokens=max(n - 8, 0))
+
+
+def hf_worker(ours, tokens: int) -> dict:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = ours.config
+    hf = GPT2Config(
+        vocab_size=774, n_positions=max(m.max_seq_len, tokens + 1), n_embd=m.d_model,
+        n_layer=m.n_layers, n_head=m.n_heads, n_inner=m.ff_mult * m.d_model, bos_token_id=0,
+        eos_token_id=1, pad_token_id=2,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(hf).eval()
+    start = torch.zeros(1, 1, dtype=torch.long)
+
+    def run(n: int) -> int:
+        out = model.generate(
+            input_ids=start, attention_mask=torch.ones_like(start), max_new_tokens=n,
+            min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=2,
+        )  # fmt: skip
+        return out.shape[1] - 1
+
+    with torch.inference_mode():
+        run(16)
+        t0 = time.perf_counter()
+        n = run(tokens)
+        dt = time.perf_counter() - t0
+    return {"tokens_per_s": n / dt}
+
+
+def sub(args: list[str]) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wall(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user + system) of one run of ``cmd``; the CPU time is what
+    the process itself needed, which other jobs on shared cores inflate far less."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return dt, cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=["shipped", "full"], default="shipped")
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", choices=["decode", "cold"])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        res = worker(args.worker, args.shape, args.tokens, args.threads, Path(args.folder))
+        print(json.dumps(res))
+        return 0
+    from aurl.engines.cpu import cpu_summary
+
+    cpu = cpu_summary()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        prepare(args.shape, folder)
+        if args.only != "cold":
+            results: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for _ in range(args.rounds):
+                for v in VARIANTS:
+                    common = ["--shape", args.shape, "--tokens", str(args.tokens)]
+                    common += ["--threads", str(args.threads), "--folder", tmp]
+                    results[v].append(sub(["--worker", v, *common])["tokens_per_s"])
+            hf = statistics.median(results["hf"])
+            for v in VARIANTS:
+                tps = statistics.median(results[v])
+                print(
+                    f"decode {args.shape} batch 1 {args.tokens} tokens {v}: {tps:.0f} tokens/s "
+                    f"({tps / hf:.2f}x hf) rounds {[round(x) for x in results[v]]} cpu {cpu}"
+                )
+        if args.only != "decode":
+            env_py = sys.executable
+            gen = [env_py, "-m", "aurl", "generate", "--max-tokens", "512", "--min-tokens", "504",
+                   "--force", "--out", str(folder / "pieces")]  # fmt: skip
+            rows = {
+                "import torch": [env_py, "-c", "import torch"],
+                "generate --engine torch": [*gen, "--checkpoint", str(SHIPPED)]
+                if args.shape == "shipped"
+                else None,
+                "generate --engine onnx (fp32)": [
+                    *gen,
+                    "--engine",
+                    "onnx",
+                    "--checkpoint",
+                    str(folder / "fp32"),
+                ],  # fmt: skip
+                "generate --engine onnx (int8)": [
+                    *gen,
+                    "--engine",
+                    "onnx",
+                    "--checkpoint",
+                    str(folder / "int8"),
+                ],  # fmt: skip
+            }
+            for name, cmd in rows.items():
+                if cmd is None:
+                    continue
+                runs = [wall(cmd) for _ in range(args.rounds)]
+                times, cpus = [r[0] for r in runs], [r[1] for r in runs]
+                print(
+                    f"cold start {name}: wall {statistics.median(times):.2f} s, process CPU "
+                    f"{statistics.median(cpus):.2f} s (rounds {[round(t, 2) for t in times]}) "
+                    f"cpu {cpu}"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

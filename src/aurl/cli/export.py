@@ -1,0 +1,75 @@
+"""``aurl export``: a model as files another runtime loads (ONNX for onnxruntime).
+
+``aurl export --format onnx`` writes ``prefill.onnx``, ``decoder_step.onnx`` and
+``config.json`` into ``--out`` (see :mod:`aurl.models.onnx_export` for the graphs' inputs and
+outputs); ``aurl generate --engine onnx --checkpoint OUT`` then runs without torch.
+(``aurl checkpoint export`` is another command: a training checkpoint to a model folder.)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SHIPPED_NAME = "default"  # --model NAME: the shipped model (the only named model so far)
+FORMATS = ("onnx",)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a model as ONNX graphs (for onnxruntime, no torch)",
+        description=(
+            "Export a model for another runtime. Example:\n"
+            "  aurl export --format onnx --out model-onnx/\n"
+            "  aurl generate --engine onnx --checkpoint model-onnx/ --out pieces/"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--model", metavar="NAME", help=f"a shipped model: {SHIPPED_NAME!r} (the default)"
+    )
+    src.add_argument("--checkpoint", metavar="DIR", help="a model folder (aurl train / save)")
+    p.add_argument(
+        "--int8", action="store_true",
+        help="int8 MatMul weights (onnxruntime dynamic quantization): about 4x smaller",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the .onnx files")
+    p.add_argument("--force", action="store_true", help="overwrite an existing export")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from aurl.cli.generate import model_folder, require_torch
+    from aurl.errors import ConfigError
+
+    t0 = time.perf_counter()
+    if args.model is not None and args.model != SHIPPED_NAME:
+        raise ConfigError(
+            f"--model {args.model!r}: the only shipped model is {SHIPPED_NAME!r}; for your own "
+            "model pass --checkpoint DIR"
+        )
+    folder = model_folder(args.checkpoint)  # a wrong path fails before torch loads
+    out = Path(args.out)
+    taken = [out / n for n in ("config.json", "prefill.onnx", "decoder_step.onnx")]
+    if not args.force and any(p.exists() for p in taken):
+        raise ConfigError(f"{out} already holds an export: pass --force to overwrite it")
+    require_torch("aurl export")
+    try:
+        import onnx  # noqa: F401  (the exporter writes through it)
+    except ImportError:
+        raise ConfigError("aurl export needs the onnx package: pip install onnx") from None
+
+    from aurl.cli.generate import load_model
+    from aurl.models.onnx_export import export_onnx
+
+    model = load_model(args.checkpoint, "cpu")
+    export_onnx(model, out, int8=args.int8, source={"model": str(folder)})
+    for name in ("prefill.onnx", "decoder_step.onnx", "config.json"):
+        print(f"wrote {out / name}")
+    print(f"exported in {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,0 +1,54 @@
+"""The CPU's instruction set, from ``/proc/cpuinfo`` (Linux; empty elsewhere), and the int8 path
+it favours.
+
+Weight-only int8 in PyTorch (:func:`aurl.models.quantize.quantize_int8`) runs its activations in
+bf16, which pays off only where the CPU has bf16 instructions (AVX512-BF16 or AMX): elsewhere the
+bf16 arithmetic is emulated and int8 decodes slower than fp32 (measured on an AVX512-VNNI Xeon
+without AVX512-BF16, and on AVX2-only EPYC cores). onnxruntime's dynamic int8 uses integer dot
+products (VNNI where present, AVX2 otherwise) and has no such cliff.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The flags of the first CPU in ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The CPU model name (``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def has_bf16() -> bool:
+    """Whether the CPU computes in bf16 natively (AVX512-BF16 or AMX)."""
+    return bool(BF16_FLAGS & cpu_flags())
+
+
+def cpu_summary() -> str:
+    """One line for benchmark rows: the model name and the instruction sets that matter."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    have = [f for f in wanted if f in cpu_flags()]
+    return f"{cpu_name()} [{' '.join(have) or 'no avx2'}]"

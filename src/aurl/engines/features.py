@@ -1,0 +1,124 @@
+"""The model's musical-time and grammar-feature inputs, computed in numpy (no torch).
+
+The ONNX graphs (:mod:`aurl.models.onnx_export`) take, for each token, the indices and vectors
+that :class:`aurl.models.model.MusicalTime` and :class:`aurl.models.model.GrammarFeatures`
+derive from the ids; this module derives them the same way, incrementally, from a small state
+carried between calls:
+
+- musical time: ``ticks`` (B,) cumulative 1/32-beat ticks (beat mode: TIME_SHIFT steps) and
+  ``tempo`` (B,) the tempo bin in force (-1 before the first TEMPO). Per token: the shift's
+  ticks at the current tempo, read from one precomputed (tempo bins + 1, shifts) table; phase
+  = position in the beat in 1/32, beat = beat in the 4/4 bar.
+- grammar features: the grammar state (:class:`aurl.data.grammar.GrammarState` with numpy
+  fields, advanced by the one grammar implementation), which pitches sound in any family
+  (``sounding`` (B, P)) and the step at which each started (``onset`` (B, P)); ``age`` = time -
+  onset where sounding. Kept incrementally: one grammar step and three small array operations
+  per token.
+
+The tests hold these inputs equal to the torch model's own (:mod:`tests.engines`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+
+from aurl.data.grammar import Grammar
+from aurl.data.vocab import Kind, Vocab
+
+PHASE_BINS = 32  # as aurl.models.model.PHASE_BINS (held equal by the tests)
+BEATS_PER_BAR = 4  # as aurl.models.model.BEATS_PER_BAR
+
+
+@dataclass
+class FeatureState:
+    """What the features carry between calls, for B rows (numpy arrays)."""
+
+    ticks: np.ndarray  # (B,) int64
+    tempo: np.ndarray  # (B,) int64, -1: no TEMPO yet
+    grammar: Any  # GrammarState with numpy fields (None: the model has no grammar features)
+    sounding: np.ndarray  # (B, P) bool: pitches sounding in any family
+    onset: np.ndarray  # (B, P) int64: step at which each sounding pitch started
+
+    def take(self, rows: np.ndarray) -> FeatureState:
+        """The state of rows ``rows`` (beam search reorders)."""
+        g = self.grammar
+        if g is not None:
+            g = type(g)(**{f.name: getattr(g, f.name)[rows] for f in fields(g)})
+        return FeatureState(self.ticks[rows], self.tempo[rows], g, self.sounding[rows],
+                            self.onset[rows])  # fmt: skip
+
+
+class Features:
+    """Feature inputs of one vocabulary (see the module docstring).
+
+    Args:
+        vocab: the model's vocabulary.
+        musical_time: the model has musical-time embeddings (``model.musical_position``).
+        grammar_features: the model has grammar-feature embeddings (``model.grammar_features``).
+    """
+
+    def __init__(self, vocab: Vocab, *, musical_time: bool, grammar_features: bool) -> None:
+        c = vocab.config
+        self.vocab, self.musical_time, self.grammar_features = vocab, musical_time, grammar_features
+        self.grammar = Grammar(vocab)
+        self.shift = np.where(vocab.kind == Kind.TIME_SHIFT, vocab.value, 0).astype(np.int64)
+        self.tempo_of = np.where(vocab.kind == Kind.TEMPO, vocab.value, -1).astype(np.int64)
+        steps = np.arange(c.max_shift_steps + 1, dtype=np.float64)
+        if c.time_unit == "beat":
+            self.ticks_per_beat = c.steps_per_beat
+            table = np.broadcast_to(steps, (c.tempo_bins + 1, len(steps))).round()
+        else:
+            self.ticks_per_beat = PHASE_BINS
+            bpm = np.concatenate([[120.0], np.asarray(vocab.bin_tempo, dtype=np.float64)])
+            table = (steps[None, :] * c.step_seconds * bpm[:, None] / 60.0 * PHASE_BINS).round()
+        self.ticks = table.astype(np.int64)  # (tempo bins + 1, shifts)
+        self.P = vocab.n_pitches
+
+    def initial(self, batch: int) -> FeatureState:
+        """The state before any token."""
+        z = np.zeros(batch, dtype=np.int64)
+        return FeatureState(
+            ticks=z, tempo=z - 1,
+            grammar=self.grammar.initial_numpy_state(batch) if self.grammar_features else None,
+            sounding=np.zeros((batch, self.P), dtype=bool),
+            onset=np.zeros((batch, self.P), dtype=np.int64),
+        )  # fmt: skip
+
+    def __call__(self, ids: np.ndarray, state: FeatureState) -> tuple[dict, FeatureState]:
+        """Inputs after each token of ``ids`` (B, T) and the state after the last one."""
+        B, T = ids.shape
+        out: dict[str, np.ndarray] = {"ids": ids}
+        ticks, tempo = state.ticks, state.tempo
+        if self.musical_time:
+            t = self.tempo_of[ids]  # (B, T)
+            if T == 1:
+                cur = np.where(t >= 0, t, tempo[:, None])
+            else:  # the last TEMPO at or before each token (column 0: the carried one)
+                here = np.concatenate([tempo[:, None], t], axis=1)  # (B, 1 + T)
+                last = np.maximum.accumulate(np.where(here >= 0, np.arange(T + 1), 0), axis=1)
+                cur = np.take_along_axis(here, last, axis=1)[:, 1:]
+            cum = ticks[:, None] + np.cumsum(self.ticks[cur + 1, self.shift[ids]], axis=1)
+            r = self.ticks_per_beat
+            out["phase"] = (cum % r) * PHASE_BINS // r
+            out["beat"] = (cum // r) % BEATS_PER_BAR
+            out["tempo"] = cur + 1
+            ticks, tempo = cum[:, -1], cur[:, -1]
+        g, snd, onset = state.grammar, state.sounding, state.onset
+        if self.grammar_features:
+            sounding = np.empty((B, T, self.P), dtype=np.float32)
+            age = np.empty((B, T, self.P), dtype=np.float32)
+            family = np.empty((B, T), dtype=np.int64)
+            for j in range(T):
+                g = self.grammar.advance(g, ids[:, j])
+                now = g.sounding.any(1)  # (B, P)
+                time = g.time[:, None]  # (B, 1)
+                onset = np.where(now & ~snd, time, onset)
+                sounding[:, j] = now
+                age[:, j] = np.where(now, time - onset, 0)
+                family[:, j] = g.family
+                snd = now
+            out.update(sounding=sounding, age=age, family=family)
+        return out, replace(state, ticks=ticks, tempo=tempo, grammar=g, sounding=snd, onset=onset)

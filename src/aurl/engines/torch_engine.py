@@ -1,0 +1,33 @@
+"""The torch engine: a ``MusicTransformerVAEGAN`` behind the engine interface (torch tensors)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class TorchEngine:
+    """The model's own ``init_state`` / ``step`` (KV cache, musical time, grammar features).
+
+    Args:
+        model: a ``MusicTransformerVAEGAN`` (or its int8 copy) in eval mode.
+    """
+
+    numpy = False
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.vocab, self.config = model.vocab, model.config
+        self.device = model.embed.weight.device
+
+    def init_state(self, batch_size: int, **kwargs: Any) -> Any:
+        return self.model.init_state(batch_size, device=self.device, **kwargs)
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, state: Any) -> torch.Tensor:
+        return self.model.step(ids, state)
+
+    def grammar_state(self, state: Any) -> Any:
+        carried = getattr(state, "grammar", None)
+        return carried[0] if carried is not None else None

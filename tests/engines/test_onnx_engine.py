@@ -1,0 +1,155 @@
+"""The onnx engine: the same pieces as the torch engine, a loop without torch, and one clear line
+for every bad folder or unsupported request."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aurl.cli import main
+from aurl.config import GenerationConfig
+from aurl.data.grammar import Grammar
+from aurl.engines.onnx_engine import OnnxEngine
+from aurl.errors import CheckpointError
+from aurl.generation.generate import generate, make_masker
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+PY = sys.executable
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"key": "D minor", "key_strictness": 1.0, "pitch_low": 48, "pitch_high": 84},
+        {"tempo": 100.0, "instruments": (0, 5), "density": 2.0},
+        {"window": 24, "window_overlap": 8, "seconds": 6.0, "max_tokens": 1000},  # slides
+    ],
+)
+def test_greedy_pieces_equal_the_torch_engine(tiny_model, tiny_export, overrides) -> None:
+    """Greedy decoding under constraints gives the same ids on both engines (fp32 logits agree
+    to ~1e-6, far below the gaps argmax sees), through the prefill, the step graph, the numpy
+    masker and, with a small window, the sliding window's history."""
+    cfg = GenerationConfig(**{"temperature": 0.0, "max_tokens": 96, "seed": 0, **overrides})
+    want = generate(tiny_model, cfg, num_samples=2)
+    engine = OnnxEngine(tiny_export)
+    got = generate(engine, cfg, num_samples=2, masker=make_masker(engine.vocab, cfg, None))
+    for a, b in zip(want, got):
+        assert np.array_equal(a.ids, b.ids)
+
+
+def test_sampled_pieces_are_valid_and_seeded(tiny_export) -> None:
+    engine = OnnxEngine(tiny_export)
+    cfg = GenerationConfig(max_tokens=80, top_p=0.9, repetition_penalty=1.2, seed=3)
+    first = generate(engine, cfg, num_samples=3)
+    again = generate(engine, cfg, num_samples=3)
+    grammar = Grammar(engine.vocab, cfg.polyphony_cap)
+    for a, b in zip(first, again):
+        assert np.array_equal(a.ids, b.ids)
+        assert grammar.count_violations(a.ids) == 0
+
+
+def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PY, "-c", code], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(SRC), **(env or {})},
+    )  # fmt: skip
+
+
+def test_cli_generation_never_imports_torch(tiny_export, tmp_path) -> None:
+    """A whole `aurl generate --engine onnx` (constraints, sampling, MIDI export) in a fresh
+    process: torch is never imported."""
+    out = tmp_path / "pieces"
+    code = (
+        "import sys\nfrom aurl.cli import main\n"
+        f"rc = main(['generate', '--engine', 'onnx', '--checkpoint', {str(tiny_export)!r}, "
+        f"'--out', {str(out)!r}, '--max-tokens', '64', '--key', 'G major', '--num-samples', '2'])\n"
+        "assert rc == 0\nprint('torch' in sys.modules)\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False"
+    assert sorted(p.name for p in out.glob("*.mid")) == [
+        "sample_seed0_000.mid",
+        "sample_seed0_001.mid",
+    ]
+
+
+def test_missing_onnxruntime_is_one_line(tiny_export, tmp_path) -> None:
+    code = (
+        "import sys\nsys.modules['onnxruntime'] = None\nfrom aurl.cli import main\n"
+        f"sys.exit(main(['generate', '--engine', 'onnx', '--checkpoint', {str(tiny_export)!r}, "
+        f"'--out', {str(tmp_path)!r}]))\n"
+    )
+    r = _run(code)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install onnxruntime" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, name",
+    [
+        (["--beam", "3"], "--beam"),
+        (["--int8"], "--int8"),
+        (["--variations", "x.mid"], "--variations"),
+        (["--device", "cuda"], "--device"),
+    ],
+)
+def test_unsupported_flags_name_the_flag(tiny_export, tmp_path, capsys, flags, name) -> None:
+    args = ["generate", "--engine", "onnx", "--checkpoint", str(tiny_export)]
+    assert main([*args, "--out", str(tmp_path), *flags]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--engine onnx does not support {name}:" in lines[0]
+
+
+def _broken(tiny_export: Path, tmp_path: Path, change) -> Path:
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    meta = json.loads((folder / "config.json").read_text())
+    change(meta)
+    (folder / "config.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(version=99), "export version 99"),
+        (lambda m: m["vocab"].update(velocity_bins=16), "vocabulary of 774 ids"),
+        (lambda m: m.update(format="aurl-model"), "not an ONNX export"),
+    ],
+)
+def test_bad_export_folders_are_refused(tiny_export, tmp_path, change, message) -> None:
+    with pytest.raises(CheckpointError, match=message):
+        OnnxEngine(_broken(tiny_export, tmp_path, change))
+
+
+def test_a_model_folder_is_not_an_export(tmp_path, capsys) -> None:
+    from aurl.cli.generate import SHIPPED
+
+    args = ["generate", "--engine", "onnx", "--checkpoint", str(SHIPPED), "--out", str(tmp_path)]
+    assert main(args) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "is a model folder, not an ONNX export" in lines[0]
+    with pytest.raises(CheckpointError, match="does not exist"):
+        OnnxEngine(tmp_path)
+
+
+def test_int8_path_follows_the_cpu(tiny_model, tmp_path, capsys) -> None:
+    """`aurl generate --int8` runs torch's int8 (bf16 activations) only where the CPU has bf16
+    instructions; elsewhere onnxruntime's int8 graphs, and says so."""
+    from aurl.engines.cpu import has_bf16
+
+    folder = tiny_model.save_pretrained(tmp_path / "model")
+    args = ["generate", "--checkpoint", str(folder), "--int8", "--max-tokens", "48"]
+    assert main([*args, "--out", str(tmp_path / "pieces")]) == 0
+    said = "no bf16 instructions, so int8 runs on onnxruntime" in capsys.readouterr().out
+    assert said == (not has_bf16())
+    assert (tmp_path / "pieces" / "sample_seed0_000.mid").is_file()
