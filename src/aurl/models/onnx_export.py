@@ -72,6 +72,11 @@ def check_exportable(model: MusicTransformerVAEGAN) -> None:
             f"ONNX export supports model.attention 'full', this model uses {c.attention!r}: "
             "use the torch engine"
         )
+    if getattr(c, "meter", False):
+        raise CheckpointError(
+            "ONNX export does not carry model.meter conditioning (the bar length per piece) "
+            "yet: use the torch engine for this model"
+        )
 
 
 def input_names(model: MusicTransformerVAEGAN) -> list[str]:
