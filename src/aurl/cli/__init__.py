@@ -13,6 +13,7 @@ from aurl import __version__
 from aurl.errors import AurlError, ConfigError
 
 COMMANDS = ("data", "config", "train", "generate", "evaluate", "analyze")
+COMMANDS += ("compose",)  # harmonize, infill, accompany
 
 
 def build_parser() -> argparse.ArgumentParser:
