@@ -61,7 +61,8 @@ def assign_voices(notes: np.ndarray, n: int) -> np.ndarray:
     # where each voice starts before it has sung: an even spread over the piece's pitches
     last = list(np.quantile(pitch, np.linspace(1.0, 0.0, n)))
     busy_until = [-np.inf] * n
-    order = np.lexsort((-pitch, onset))  # by onset, highest pitch first
+    # by onset, highest pitch first, longer first among unisons (the input order never matters)
+    order = np.lexsort((-(end - onset), -pitch, onset))
     eps = 1e-6
     i = 0
     while i < len(order):
