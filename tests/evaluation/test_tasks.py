@@ -71,7 +71,9 @@ def test_short_harmonize_run_keeps_melody_and_beats_unconditional_bits() -> None
     for v in voices:
         v["duration"] = np.minimum(v["duration"], 6 - v["onset"])
     bach = voice_rules(voices)
-    assert rows["bach"]["crossings_per_100_slices"] == pytest.approx(bach["crossings_per_100_slices"])
+    assert rows["bach"]["crossings_per_100_slices"] == pytest.approx(
+        bach["crossings_per_100_slices"]
+    )
     lik = result["likelihood"]
     assert lik["conditional_bits_per_note"] < lik["unconditional_bits_per_note"]
     assert "| forcing |" in harmonize_table(result)

@@ -222,3 +222,30 @@ def test_generate_seconds_lasts_that_long(model) -> None:
         length = float((notes["onset_s"] + notes["duration_s"]).max())
         beat = float(notes["duration_s"][0] / notes["duration"][0])  # seconds per beat
         assert 6.0 - beat - 1e-6 <= length <= 6.0 + 1e-6
+
+
+def test_plan_mask_forces_the_melody_and_keeps_new_notes_under_it() -> None:
+    from aurl.data.vocab import Vocab
+    from aurl.generation.compose import plan_allows
+
+    vocab = Vocab()
+    melody = make_notes([0, 4], [4, 2], [67, 69])  # G4 held for a bar, then A4
+    plan = make_plan(melody, vocab, ceiling=True, max_free=3)
+    vel = vocab.velocity + 22
+    first = plan_allows(vocab, plan, [])
+    assert first[vel] and not first[vocab.shift_id(1)]  # a note must come: velocity first
+    after_vel = plan_allows(vocab, plan, [vel])
+    assert after_vel[vocab.note_on_id(67)]
+    assert after_vel[vocab.note_on_id(60)] and not after_vel[vocab.note_on_id(70)]
+    # inside the held G4 (beat 1): new notes only below it; no shift past beat 4 (step 128)
+    held = plan_allows(vocab, plan, [vel, vocab.note_on_id(67), vocab.shift_id(32)])
+    on = np.flatnonzero(held[vocab.note_on : vocab.note_off]) + vocab.config.pitch_min
+    assert len(on) and on.max() < 67
+    assert not held[vocab.time_shift : vocab.velocity].any()  # after a short shift: an event
+    moved = plan_allows(vocab, plan, [vel, vocab.note_on_id(67), vocab.shift_id(32),
+                                      vocab.note_on_id(60)])  # fmt: skip
+    shifts = np.flatnonzero(moved[vocab.time_shift : vocab.velocity]) + 1
+    assert shifts.max() == 96
+    # at beat 4 the G4 must end before anything else, then the A4 must start
+    at4 = plan_allows(vocab, plan, [vel, vocab.note_on_id(67), vocab.shift_id(128)])
+    assert np.flatnonzero(at4).tolist() == [vocab.note_off_id(67)]

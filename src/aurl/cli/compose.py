@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     h.add_argument("melody", metavar="MELODY", help="MIDI or MusicXML file")
     h.add_argument("--voices", type=int, default=4, help="voices in all, melody included (2-4)")
-    h.add_argument("--key", metavar="KEY", help="favour this key for the new voices, e.g. 'G major'")
+    h.add_argument(
+        "--key", metavar="KEY", help="favour this key for the new voices, e.g. 'G major'"
+    )
     _common(h)
     h.set_defaults(func=run_harmonize)
 
@@ -107,7 +109,9 @@ def read_score(path: str | Path) -> Any:
         return symusic.Score(str(path)).to("tick")
     except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MidiReadError(f"{path} cannot be read ({first}): give a MIDI or MusicXML file")
+        raise MidiReadError(
+            f"{path} cannot be read ({first}): give a MIDI or MusicXML file"
+        ) from None
 
 
 def track_notes(score: Any) -> list[tuple[str, Any]]:

@@ -113,12 +113,16 @@ def voice_rules(voices: list[np.ndarray]) -> dict[str, float]:
             par = moving & same_way & (before == after) & np.isin(after, PERFECT)
             moves += int(moving.sum())
             parallels += int(par.sum())
+
     def both(x: int, y: int) -> np.ndarray:
         return (grid[:, x] >= 0) & (grid[:, y] >= 0)
 
-    crossings = sum(int((both(k, k + 1) & (grid[:, k + 1] > grid[:, k])).sum()) for k in range(n - 1))
+    crossings = sum(
+        int((both(k, k + 1) & (grid[:, k + 1] > grid[:, k])).sum()) for k in range(n - 1)
+    )
     spacing = sum(
-        int((both(k, k + 1) & (grid[:, k] - grid[:, k + 1] > 12)).sum()) for k in range(min(2, n - 1))
+        int((both(k, k + 1) & (grid[:, k] - grid[:, k + 1] > 12)).sum())
+        for k in range(min(2, n - 1))
     )
     out = total = 0
     for v, (lo, hi) in zip(voices, SATB_RANGES):
@@ -289,9 +293,9 @@ def evaluate_harmonize(
         rows[name] = {k: _mean(items, k) for k in keys}
         if items:  # pooled parallels: per 100 moves over all pieces together
             moves = sum(r["moves"] for r in items)
-            rows[name]["parallels_per_100_moves"] = 100.0 * sum(
-                r["parallels"] for r in items
-            ) / max(1, moves)
+            rows[name]["parallels_per_100_moves"] = (
+                100.0 * sum(r["parallels"] for r in items) / max(1, moves)
+            )
     notes = sum(r["notes"] for r in likelihood)
     lik = {
         "atb_notes": notes,
@@ -375,8 +379,7 @@ def run_task(args: Any, load_model: Any) -> int:
     atomic_write_text(out / "harmonize.json", json.dumps(body, indent=1, default=float) + "\n")
     atomic_write_text(
         out / "harmonize.md",
-        f"# Harmonizing held-out chorales ({len(files)} files, split {args.split})\n\n"
-        f"{table}\n",
+        f"# Harmonizing held-out chorales ({len(files)} files, split {args.split})\n\n{table}\n",
     )
     print(table)
     print(f"wrote {out / 'harmonize.md'} and {out / 'harmonize.json'} "

@@ -855,3 +855,12 @@ def melody_kept(written: np.ndarray, given: np.ndarray, *, tolerance: float = 1.
     w_end = written["onset"] + written["duration"]
     close_end = np.abs(g_end[:, None] - w_end[None, :]) <= tolerance
     return float((same & close_on & close_end).any(1).mean())
+
+
+def plan_allows(vocab: Vocab, plan: Plan, ids: list[int] | np.ndarray) -> np.ndarray:
+    """(V,) bool: what ``plan`` allows after the generated ids ``ids`` (those after START,
+    TEMPO, INSTRUMENT), before the grammar is applied: the decoder's mask, for inspection."""
+    masks, row = _Masks(vocab, plan), _Row(plan)
+    for tok in ids:
+        masks.advance(row, int(tok))
+    return masks.allowed(row)
