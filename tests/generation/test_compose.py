@@ -249,3 +249,12 @@ def test_plan_mask_forces_the_melody_and_keeps_new_notes_under_it() -> None:
     # at beat 4 the G4 must end before anything else, then the A4 must start
     at4 = plan_allows(vocab, plan, [vel, vocab.note_on_id(67), vocab.shift_id(128)])
     assert np.flatnonzero(at4).tolist() == [vocab.note_off_id(67)]
+
+
+def test_a_seconds_time_model_cannot_compose() -> None:
+    from aurl.config import VocabConfig
+    from aurl.data.vocab import Vocab
+
+    vocab = Vocab(VocabConfig(time_unit="seconds"))
+    with pytest.raises(ConstraintError, match="counts time in seconds"):
+        make_plan(make_notes([0, 1], 1, [67, 69]), vocab)
