@@ -121,9 +121,8 @@ def test_infill_one_part_and_accompany(model) -> None:
     part = np.concatenate([np.full(len(v), i == 1) for i, v in enumerate(voices)])  # Alto
     order = np.lexsort((notes["pitch"], notes["onset"]))
     notes, part = notes[order], part[order]
-    (c,) = infill(model, notes, (2.0, 6.0), part, max_free=1,
-                  options=ComposeOptions(particles=1, seed=0))  # fmt: skip
-    # one voice at a time, inside the span
+    (c,) = infill(model, notes, (2.0, 6.0), part, options=ComposeOptions(particles=1, seed=0))
+    # one voice at a time (the alto's own polyphony), inside the span
     t = np.unique(c.notes["onset"])
     sounding = ((c.notes["onset"][None] <= t[:, None]) &
                 (c.notes["onset"][None] + c.notes["duration"][None] > t[:, None])).sum(1)  # fmt: skip
@@ -258,3 +257,11 @@ def test_a_seconds_time_model_cannot_compose() -> None:
     vocab = Vocab(VocabConfig(time_unit="seconds"))
     with pytest.raises(ConstraintError, match="counts time in seconds"):
         make_plan(make_notes([0, 1], 1, [67, 69]), vocab)
+
+
+def test_max_polyphony_hand_computed() -> None:
+    from aurl.generation.compose import max_polyphony
+
+    # C4 over two beats; E4 ends at beat 1 where G4 starts: two at once, never three
+    assert max_polyphony(make_notes([0, 0, 1], [2, 1, 1], [60, 64, 67])) == 2
+    assert max_polyphony(make_notes([], [], [])) == 0

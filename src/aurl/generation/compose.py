@@ -715,13 +715,14 @@ def infill(
     span: tuple[float, float],
     part: np.ndarray | None = None,
     *,
-    max_free: int = 4,
+    max_free: int | None = None,
     options: ComposeOptions = ComposeOptions(),
     qpm: float = 120.0,
     progress: Progress = silent,
 ) -> list[Composition]:
     """Regenerate the notes that start in ``span`` (beats, [start, end)), of the notes selected
-    by ``part`` (a bool mask over ``notes``; None: all), keeping every other note.
+    by ``part`` (a bool mask over ``notes``; None: all), keeping every other note. At most
+    ``max_free`` new notes sound at once (default: the chosen notes' own most at once).
 
     Returns:
         Compositions whose ``notes`` are the new notes only (``score`` None: the caller puts
@@ -742,9 +743,21 @@ def infill(
     chosen = np.ones(len(notes), bool) if part is None else np.asarray(part, bool)
     regen = chosen & (notes["onset"] >= a - 1e-9) & (notes["onset"] < b - 1e-9)
     given = notes[~regen]
+    if max_free is None:  # as many voices as the replaced notes had at once (at least one)
+        max_free = max(1, max_polyphony(notes[chosen]))
     engine = as_engine(model)
     plan = make_plan(given, engine.vocab, free_span=(a, min(b, last)), max_free=max_free, qpm=qpm)
     return decode(engine, plan, options, progress=progress)
+
+
+def max_polyphony(notes: np.ndarray) -> int:
+    """Most notes sounding at once (0 for none)."""
+    if len(notes) == 0:
+        return 0
+    t = np.concatenate([notes["onset"], notes["onset"] + notes["duration"]])
+    step = np.concatenate([np.ones(len(notes)), -np.ones(len(notes))])
+    order = np.lexsort((step, t))  # ends before starts at the same time
+    return int(np.cumsum(step[order]).max())
 
 
 def infill_regenerated(notes: np.ndarray, span: tuple[float, float], part: Any = None) -> Any:
