@@ -265,3 +265,11 @@ def test_max_polyphony_hand_computed() -> None:
     # C4 over two beats; E4 ends at beat 1 where G4 starts: two at once, never three
     assert max_polyphony(make_notes([0, 0, 1], [2, 1, 1], [60, 64, 67])) == 2
     assert max_polyphony(make_notes([], [], [])) == 0
+
+
+def test_cli_generate_voices_writes_satb_tracks(tmp_path: Path) -> None:
+    out = tmp_path / "pieces"
+    assert main(["generate", "--max-tokens", "64", "--voices", "4", "--out", str(out)]) == 0
+    score = symusic.Score(str(out / "sample_seed0_000.mid"))
+    assert [t.name for t in score.tracks] == list(SATB)
+    assert sum(len(t.notes) for t in score.tracks) > 0
