@@ -273,3 +273,23 @@ def test_cli_generate_voices_writes_satb_tracks(tmp_path: Path) -> None:
     score = symusic.Score(str(out / "sample_seed0_000.mid"))
     assert [t.name for t in score.tracks] == list(SATB)
     assert sum(len(t.notes) for t in score.tracks) > 0
+
+
+def test_plan_mask_closes_new_notes_at_the_end_of_the_span() -> None:
+    from aurl.data.vocab import Vocab
+    from aurl.generation.compose import plan_allows
+
+    vocab = Vocab()
+    given = make_notes([0, 2], [2, 1], [72, 74])  # C5 for two beats, then D5 at beat 2
+    plan = make_plan(given, vocab, free_span=(0.0, 2.0), max_free=2)
+    vel = vocab.velocity + 22
+    start = [vel, vocab.note_on_id(60), vocab.note_on_id(72)]  # a new C4 under the C5
+    inside = plan_allows(vocab, plan, start)
+    shifts = np.flatnonzero(inside[vocab.time_shift : vocab.velocity]) + 1
+    assert shifts.max() == 64  # no shift past the end of the span (beat 2)
+    at_end = [*start, vocab.shift_id(64)]
+    # the new C4 must close there, first (ascending offs), before the given C5 ends
+    assert np.flatnonzero(plan_allows(vocab, plan, at_end)).tolist() == [vocab.note_off_id(60)]
+    closed = [*at_end, vocab.note_off_id(60), vocab.note_off_id(72), vocab.note_on_id(74)]
+    after = plan_allows(vocab, plan, closed)
+    assert np.flatnonzero(after).tolist() == [vocab.shift_id(32)]  # outside: exactly the gap
