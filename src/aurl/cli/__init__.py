@@ -13,8 +13,9 @@ from aurl import __version__
 from aurl.errors import AurlError, ConfigError
 
 COMMANDS = ("data", "config", "train", "generate", "evaluate", "analyze")
-COMMANDS += ("serve",)
+COMMANDS += ("compose",)  # harmonize, infill, accompany
 COMMANDS += ("export",)  # aurl export --format onnx
+COMMANDS += ("serve",)
 
 
 def build_parser() -> argparse.ArgumentParser:

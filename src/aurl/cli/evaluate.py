@@ -31,8 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(its latest checkpoint; its training curves go into the report)",
     )
     p.add_argument(
-        "--data", required=True, metavar="DIR_OR_CACHE", help="token cache or MIDI folder"
-    )
+        "--data", metavar="DIR_OR_CACHE",
+        help="token cache or MIDI folder (required; with --task harmonize: a folder of "
+        "four-track chorales with a manifest.json, default the bundled Bach chorales)",
+    )  # fmt: skip
+    p.add_argument(
+        "--task", choices=["harmonize"],
+        help="evaluate a composing task instead: harmonize the soprano of each held-out "
+        "chorale (--split), compare with Bach (likelihood, four-part rules, chords, cadences)",
+    )  # fmt: skip
+    p.add_argument("--limit", type=int, metavar="N", help="--task: the first N chorales only")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument(
         "--samples", type=int, default=16, metavar="N", help="pieces to generate (0: none)"
@@ -126,6 +134,12 @@ def run(args: argparse.Namespace) -> int:
     from aurl.errors import ConfigError, DataError
 
     t0 = time.perf_counter()
+    if args.task:
+        from aurl.evaluation.tasks import run_task
+
+        return run_task(args, load_model)
+    if not args.data:
+        raise ConfigError("--data is required: give a token cache or a MIDI folder")
     if (
         args.samples < 0 or args.max_tokens < 2 or args.batch_size < 1 or args.ngram_order < 1
         or args.window < 0 or args.window == 1

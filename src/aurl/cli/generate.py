@@ -80,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--format", default="mid", metavar="LIST", help="mid,musicxml,png,wav")
     o.add_argument("--soundfont", metavar="SF2", help="SoundFont for --format wav")
+    o.add_argument(
+        "--voices", type=int, metavar="N",
+        help="write the notes as N voices on N tracks (4: Soprano, Alto, Tenor, Bass)",
+    )  # fmt: skip
     o.add_argument("--force", action="store_true", help="overwrite existing files")
     o.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     o.add_argument(
@@ -215,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"use one of --primer, --variations, --interpolate (got {conditioning})")
     if args.num_samples < 1 or args.steps < 2:
         raise ConfigError("--num-samples must be >= 1 and --steps >= 2")
+    if args.voices is not None and not 1 <= args.voices <= 8:
+        raise ConfigError(f"--voices {args.voices}: give 1 to 8 (4 for SATB)")
     n = args.steps if args.interpolate else args.num_samples
     stem = f"sample_seed{args.seed}"
     paths = output_paths(args.out, n, formats, stem=stem)
@@ -368,7 +374,7 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
     pieces = generate(
         engine, config, num_samples=n, primer=primer, latents=latents, masker=masker, progress=bar
     )
-    write_pieces(pieces, paths, tokenizer, config, soundfont=args.soundfont)
+    write_pieces(pieces, paths, tokenizer, config, soundfont=args.soundfont, voices=args.voices)
     from aurl.config import Config, write_config
 
     # vocabulary and model of the checkpoint, sampling and constraints
@@ -378,14 +384,21 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
     return 0
 
 
-def write_pieces(pieces, paths, tokenizer, config, *, soundfont: str | None) -> None:
-    """Decode, export and print what was written with a one-line summary per piece."""
+def write_pieces(
+    pieces, paths, tokenizer, config, *, soundfont: str | None, voices: int | None = None
+) -> None:
+    """Decode, export and print what was written with a one-line summary per piece (split into
+    ``voices`` tracks when given, see :func:`aurl.generation.export.voice_score`)."""
     from aurl.analysis.keys import estimate_key
     from aurl.errors import DataError
     from aurl.generation.export import export_piece
 
     for piece, targets in zip(pieces, paths):
         score = tokenizer.decode_to_score(piece.ids)
+        if voices:
+            from aurl.generation.export import voice_score
+
+            score = voice_score(score, voices)
         notes = tokenizer.decode_to_notes(piece.ids)
         duration = float((notes["onset_s"] + notes["duration_s"]).max()) if len(notes) else 0.0
         try:

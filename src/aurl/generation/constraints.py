@@ -509,6 +509,9 @@ class LogitMasker:
             elapsed = x.f64(seconds)  # (B,) float64
             remaining = cons.seconds - elapsed  # (B,)
             keep = keep & ~(t.shift_steps * sps[:, None] > remaining[:, None] + 1e-9)
+            # The piece lasts the time asked, within a beat: no END before its last beat.
+            early = remaining > sps / self.t.beats_per_step + 1e-9
+            keep = keep & ~(early[:, None] & t.is_end)
             # Less than a sixteenth note left: no new notes; end as soon as the grammar lets.
             late = remaining < sps * (0.25 / self.t.beats_per_step)
             keep = keep & ~(late[:, None] & t.blocks_end)

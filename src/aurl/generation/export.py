@@ -209,3 +209,59 @@ def export_piece(
                 raise ConstraintError("--format wav needs --soundfont PATH (an .sf2 or .sf3 file)")
             written.append(write_wav(score, path, soundfont))
     return written
+
+
+# --------------------------------------------------------------------------------------------
+# Voices on tracks (SATB)
+# --------------------------------------------------------------------------------------------
+
+
+def notes_track(name: str, notes: np.ndarray, tpq: int, *, program: int = 0) -> Any:
+    """A symusic track named ``name`` holding a note array (beats -> ticks at ``tpq``)."""
+    import symusic
+
+    track = symusic.Track(name=name, program=program, ttype="tick")
+    onset = np.round(notes["onset"] * tpq).astype(np.int64)
+    end = np.round((notes["onset"] + notes["duration"]) * tpq).astype(np.int64)
+    for t, e, p, v in zip(onset.tolist(), end.tolist(), notes["pitch"].tolist(),
+                          notes["velocity"].tolist()):  # fmt: skip
+        track.notes.append(symusic.Note(t, max(e - t, 1), int(p), int(v)))
+    track.notes.sort()
+    return track
+
+
+def score_like(like: Any, tracks: Sequence[Any]) -> Any:
+    """A tick score with ``like``'s resolution, tempos, time and key signatures and ``tracks``."""
+    import symusic
+
+    if like.ttype != symusic.TimeUnit.tick:
+        like = like.to("tick")
+    out = symusic.Score(like.tpq)
+    out.tempos = like.tempos.copy()
+    out.time_signatures = like.time_signatures.copy()
+    out.key_signatures = like.key_signatures.copy()
+    for track in tracks:
+        out.tracks.append(track)
+    return out
+
+
+def voice_score(score: Any, n: int) -> Any:
+    """``score`` with its pitched notes split into ``n`` voices on ``n`` tracks named by
+    :func:`aurl.generation.voices.voice_names` (Soprano, Alto, Tenor, Bass for 4), by
+    :func:`aurl.generation.voices.assign_voices`; drum tracks are kept as they are."""
+    import symusic
+
+    from aurl.data.notes import notes_from_score, pitched
+    from aurl.generation.voices import assign_voices, voice_names
+
+    if score.ttype != symusic.TimeUnit.tick:
+        score = score.to("tick")
+    notes = pitched(notes_from_score(score))
+    voice = assign_voices(notes, n)
+    program = int(notes["program"][0]) if len(notes) else 0
+    tracks = [
+        notes_track(name, notes[voice == v], score.tpq, program=program)
+        for v, name in enumerate(voice_names(n))
+    ]
+    tracks += [t.copy() for t in score.tracks if t.is_drum]
+    return score_like(score, tracks)

@@ -1,0 +1,409 @@
+"""``aurl harmonize``, ``aurl infill`` and ``aurl accompany``: composing around given notes.
+
+Each command reads its file, checks everything (the given notes, the span, the output names, the
+checkpoint) before the model runs, calls one function of :mod:`aurl.generation.compose`, and
+writes one file per sample (MIDI, MusicXML with ``--format musicxml``) with the input's tempo,
+time and key signatures. The given notes are copied from the input, never re-decoded, and the
+written file is read back to check that they are all there.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+MUSICXML = (".musicxml", ".xml", ".mxl")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    h = sub.add_parser(
+        "harmonize",
+        help="compose lower voices under a melody (a chorale from a tune)",
+        description="Harmonize MELODY (a MIDI or MusicXML file with one line, or a score whose "
+        "highest track is the melody): the melody is kept exactly and the model composes the "
+        "voices under it. Example:\n  aurl harmonize tune.mid --out harmonized/ --num-samples 4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    h.add_argument("melody", metavar="MELODY", help="MIDI or MusicXML file")
+    h.add_argument("--voices", type=int, default=4, help="voices in all, melody included (2-4)")
+    h.add_argument(
+        "--key", metavar="KEY", help="favour this key for the new voices, e.g. 'G major'"
+    )
+    _common(h)
+    h.set_defaults(func=run_harmonize)
+
+    i = sub.add_parser(
+        "infill",
+        help="regenerate bars (or seconds) of a piece, joining what comes before and after",
+        description="Regenerate bars A-B (1-based, inclusive, in the file's own meter) or "
+        "seconds S-T of PIECE; everything outside the span is kept note for note. With --part "
+        "only one track is regenerated over the others. Example:\n"
+        "  aurl infill chorale.mid --bars 3-4 --part Alto --out infilled/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    i.add_argument("piece", metavar="PIECE", help="MIDI or MusicXML file")
+    span = i.add_mutually_exclusive_group(required=True)
+    span.add_argument("--bars", metavar="A-B", help="bars to regenerate, e.g. 3-4")
+    span.add_argument("--span", metavar="S-T", help="seconds to regenerate, e.g. 4.5-9")
+    i.add_argument("--part", metavar="NAME|INDEX", help="regenerate only this track")
+    _common(i)
+    i.set_defaults(func=run_infill)
+
+    a = sub.add_parser(
+        "accompany",
+        help="compose the other voices around a part",
+        description="Keep the notes of PART (a MIDI or MusicXML file) and compose the other "
+        "voices around them, above and below. Example:\n  aurl accompany alto.mid --out acc/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a.add_argument("part", metavar="PART", help="MIDI or MusicXML file")
+    a.add_argument("--voices", type=int, default=4, help="voices in all, the part included")
+    _common(a)
+    a.set_defaults(func=run_accompany)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--checkpoint", metavar="DIR", help="model folder (default: shipped model)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="results (default 1)")
+    p.add_argument(
+        "--particles", type=int, default=8, metavar="K",
+        help="sequential Monte Carlo rows per result (1: forcing alone; default 8)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="default 1")
+    p.add_argument("--format", default="mid", metavar="LIST", help="mid,musicxml,png")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def read_score(path: str | Path) -> Any:
+    """A tick ``symusic.Score`` of a MIDI or MusicXML file.
+
+    Raises:
+        MidiReadError: missing, unreadable or not a MIDI / MusicXML file.
+    """
+    import symusic
+
+    from aurl.errors import MidiReadError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MidiReadError(f"{path} does not exist: give a MIDI or MusicXML file")
+    try:
+        if path.suffix.lower() in MUSICXML:
+            import tempfile
+
+            from music21 import converter
+
+            with tempfile.TemporaryDirectory() as tmp:
+                mid = Path(tmp) / "score.mid"
+                converter.parse(str(path)).write("midi", fp=str(mid))
+                return symusic.Score(str(mid)).to("tick")
+        return symusic.Score(str(path)).to("tick")
+    except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MidiReadError(
+            f"{path} cannot be read ({first}): give a MIDI or MusicXML file"
+        ) from None
+
+
+def track_notes(score: Any) -> list[tuple[str, Any]]:
+    """``(name, note array)`` for each track with notes (drums keep program 128)."""
+    import symusic
+
+    from aurl.data.notes import notes_from_score
+
+    out = []
+    for i, track in enumerate(score.tracks):
+        one = symusic.Score(score.tpq)
+        one.tempos = score.tempos.copy()
+        one.tracks.append(track.copy())
+        notes = notes_from_score(one)
+        if len(notes):
+            out.append((track.name or f"Track {i}", notes))
+    return out
+
+
+def top_track(score: Any) -> tuple[str, Any]:
+    """The melody of a score: its only track, or the pitched track with the highest median."""
+    import numpy as np
+
+    from aurl.data.notes import empty_notes, pitched
+
+    tracks = track_notes(score)
+    if not tracks:
+        return "melody", empty_notes()
+    tonal = [(n, pitched(x)) for n, x in tracks if len(pitched(x))]
+    if not tonal:
+        return tracks[0]
+    return max(tonal, key=lambda t: float(np.median(t[1]["pitch"])))
+
+
+def first_qpm(score: Any) -> float:
+    return float(score.tempos[0].qpm) if len(score.tempos) else 120.0
+
+
+# --------------------------------------------------------------------------------------------
+# Shared steps
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, Any]:
+    """Check the output names, formats and checkpoint folder; returns (paths, formats)."""
+    from aurl.cli.generate import model_folder
+    from aurl.errors import ConfigError
+    from aurl.generation.export import check_free, output_paths, parse_formats
+
+    formats = parse_formats(args.format)
+    if "wav" in formats:
+        raise ConfigError("--format wav is not offered here: write mid and render it")
+    if args.num_samples < 1 or args.particles < 1 or args.threads < 1:
+        raise ConfigError("--num-samples, --particles and --threads must be >= 1")
+    if args.temperature <= 0:
+        raise ConfigError(f"--temperature {args.temperature}: give a value > 0")
+    stem = f"{Path(source).stem}_{kind}_seed{args.seed}"
+    paths = output_paths(args.out, args.num_samples, formats, stem=stem)
+    check_free(paths, force=args.force)
+    model_folder(args.checkpoint)
+    return paths, formats
+
+
+def _model(args: argparse.Namespace) -> Any:
+    import torch
+
+    from aurl.cli.generate import load_model
+    from aurl.errors import ConstraintError
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.checkpoint, "cpu")
+    vc = model.vocab_config
+    if model.config.mode != "transformer" or vc.time_unit != "beat":
+        raise ConstraintError(
+            f"this checkpoint ({model.config.mode}, time in {vc.time_unit}) cannot compose "
+            "around given notes: use a transformer-mode, beat-time model such as the shipped one"
+        )
+    return model
+
+
+def _options(args: argparse.Namespace, key: str = "") -> Any:
+    from aurl.generation.compose import ComposeOptions
+
+    return ComposeOptions(
+        num_samples=args.num_samples, particles=args.particles, temperature=args.temperature,
+        seed=args.seed, key=key,
+    )  # fmt: skip
+
+
+def _write(results: list, paths: list, given: Any, kept_track: str | None) -> None:
+    """Write each result; read the MIDI back and check that the given notes are all there."""
+    from aurl.data.notes import notes_from_score
+    from aurl.generation.compose import melody_kept
+    from aurl.generation.export import export_piece
+
+    for c, targets in zip(results, paths):
+        notes = notes_from_score(c.score)
+        written = export_piece(c.score, notes, targets, title=next(iter(targets.values())).stem)
+        for path in written:
+            print(f"wrote {path}")
+        if "mid" in targets:
+            kept = melody_kept(_read_back(targets["mid"], kept_track), given)
+            s = c.stats
+            print(
+                f"{targets['mid'].stem}: {len(c.notes)} new notes, given notes kept "
+                f"{kept:.0%}, {s['given_bits_per_note']:.2f} bits per given note, "
+                f"{s['tokens']} tokens, {s['seconds']:.1f} s"
+            )
+
+
+def _read_back(path: Path, track: str | None) -> Any:
+    import numpy as np
+
+    from aurl.data.notes import empty_notes
+
+    tracks = track_notes(read_score(path))
+    if track is None:
+        return np.concatenate([n for _, n in tracks]) if tracks else empty_notes()
+    return next((n for name, n in tracks if name == track), empty_notes())
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def run_harmonize(args: argparse.Namespace) -> int:
+    from aurl.analysis.keys import parse_key
+    from aurl.errors import ConfigError, ConstraintError
+    from aurl.generation.compose import harmonize, melody_line
+
+    if not 2 <= args.voices <= 4:
+        raise ConfigError(f"--voices {args.voices}: give 2, 3 or 4")
+    if args.key:
+        try:
+            parse_key(args.key)
+        except Exception as e:  # noqa: BLE001
+            raise ConstraintError(f"--key {args.key!r}: {e}") from None
+    score = read_score(args.melody)
+    name, notes = top_track(score)
+    line = melody_line(notes, name=f"{args.melody} ({name})")  # bad melodies fail here
+    paths, _ = _prepare(args, args.melody, "harmonized")
+    model = _model(args)
+    from aurl.progress import bar
+
+    results = harmonize(
+        model, line, voices=args.voices, options=_options(args, args.key or ""),
+        qpm=first_qpm(score), like=score, progress=bar,
+    )  # fmt: skip
+    _write(results, paths, line, "Soprano")
+    return 0
+
+
+def run_accompany(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from aurl.data.notes import pitched
+    from aurl.errors import ConfigError, ConstraintError
+    from aurl.generation.compose import accompany
+
+    if not 2 <= args.voices <= 4:
+        raise ConfigError(f"--voices {args.voices}: give 2, 3 or 4")
+    score = read_score(args.part)
+    tracks = track_notes(score)
+    notes = pitched(np.concatenate([n for _, n in tracks])) if tracks else []
+    if len(notes) == 0:
+        what = "drums only" if tracks else "no notes"
+        raise ConstraintError(f"{args.part} has {what}: give a part with pitched notes")
+    name = tracks[0][0] if len(tracks) == 1 else "Part"
+    paths, _ = _prepare(args, args.part, "accompanied")
+    model = _model(args)
+    from aurl.progress import bar
+
+    results = accompany(
+        model, notes, voices=args.voices, part_name=name, options=_options(args),
+        qpm=first_qpm(score), like=score, progress=bar,
+    )  # fmt: skip
+    _write(results, paths, np.sort(notes, order=["onset", "pitch"]), name)
+    return 0
+
+
+def parse_range(text: str, flag: str, *, integer: bool) -> tuple[float, float]:
+    """``"3-4"`` -> (3, 4).
+
+    Raises:
+        ConfigError: not two numbers A-B.
+    """
+    from aurl.errors import ConfigError
+
+    try:
+        a, b = text.split("-", 1)
+        lo, hi = (int(a), int(b)) if integer else (float(a), float(b))
+    except ValueError:
+        kind = "bar numbers like 3-4" if integer else "seconds like 4.5-9"
+        raise ConfigError(f"{flag} {text!r}: give {kind}") from None
+    return lo, hi
+
+
+def bar_starts(score: Any, until: float) -> list[float]:
+    """Beat of each bar start from the time signatures, up to ``until`` beats (and one more)."""
+    tpq = float(score.tpq)
+    sigs = [(float(s.time) / tpq, s.numerator * 4.0 / s.denominator) for s in score.time_signatures]
+    sigs = sigs or [(0.0, 4.0)]
+    if sigs[0][0] > 0:
+        sigs.insert(0, (0.0, 4.0))
+    starts, beat, k = [], 0.0, 0
+    while beat <= until + 1e-9:
+        while k + 1 < len(sigs) and sigs[k + 1][0] <= beat + 1e-9:
+            k += 1
+        starts.append(beat)
+        beat += sigs[k][1]
+    starts.append(beat)
+    return starts
+
+
+def seconds_to_beats(score: Any, seconds: float) -> float:
+    """The beat at ``seconds`` through the score's tempo map."""
+    tpq = float(score.tpq)
+    tempos = [(float(t.time) / tpq, float(t.qpm)) for t in score.tempos] or [(0.0, 120.0)]
+    if tempos[0][0] > 0:
+        tempos.insert(0, (0.0, 120.0))
+    beat, elapsed = 0.0, 0.0
+    for (b0, qpm), nxt in zip(tempos, [*tempos[1:], (float("inf"), 0.0)]):
+        length = (nxt[0] - b0) * 60.0 / qpm
+        if elapsed + length >= seconds:
+            return b0 + (seconds - elapsed) * qpm / 60.0
+        elapsed += length
+        beat = nxt[0]
+    return beat
+
+
+def run_infill(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from aurl.errors import ConfigError, ConstraintError
+    from aurl.generation.compose import infill, infill_regenerated, parts_score
+    from aurl.generation.voices import assign_voices
+
+    score = read_score(args.piece)
+    tracks = track_notes(score)
+    if not tracks:
+        raise ConstraintError(f"{args.piece} has no notes: nothing to infill around")
+    notes = np.concatenate([n for _, n in tracks])
+    owner = np.concatenate([np.full(len(n), i) for i, (_, n) in enumerate(tracks)])
+    last = float((notes["onset"] + notes["duration"]).max())
+    if args.bars:
+        a, b = parse_range(args.bars, "--bars", integer=True)
+        starts = bar_starts(score, last)
+        n_bars = len(starts) - 1 if starts[-2] < last - 1e-9 else len(starts) - 2
+        if not 1 <= a <= b <= n_bars:
+            raise ConfigError(
+                f"--bars {args.bars}: {args.piece} has bars 1-{n_bars}; give 1 <= A <= B <= {n_bars}"
+            )
+        span = (starts[a - 1], starts[b])
+    else:
+        s, t = parse_range(args.span, "--span", integer=False)
+        end_s = float((notes["onset_s"] + notes["duration_s"]).max())
+        if not 0 <= s < t or s >= end_s:
+            raise ConfigError(
+                f"--span {args.span}: give 0 <= S < T with S before the end ({end_s:.1f} s)"
+            )
+        span = (seconds_to_beats(score, s), seconds_to_beats(score, t))
+    part = None
+    if args.part is not None:
+        names = [n.lower() for n, _ in tracks]
+        if args.part.lower() in names:
+            index = names.index(args.part.lower())
+        elif args.part.isdigit() and int(args.part) < len(tracks):
+            index = int(args.part)
+        else:
+            listed = ", ".join(f"{i}:{n}" for i, (n, _) in enumerate(tracks))
+            raise ConfigError(f"--part {args.part!r}: no such track; the tracks are {listed}")
+        part = owner == index
+    paths, _ = _prepare(args, args.piece, "infilled")
+    model = _model(args)
+    from aurl.progress import bar
+
+    results = infill(
+        model, notes, span, part, options=_options(args), qpm=first_qpm(score), progress=bar
+    )
+    regen = infill_regenerated(notes, span, part)
+    kept = notes[~regen]
+    for c in results:
+        if part is not None:  # the new notes join the chosen track
+            new_owner = np.full(len(c.notes), index)
+        else:  # spread over the tracks by voice, highest voice to the highest track
+            order = np.argsort([-float(np.median(n["pitch"])) for _, n in tracks])
+            new_owner = order[assign_voices(c.notes, len(tracks))]
+        parts = []
+        for i, (name, _) in enumerate(tracks):
+            mine = np.concatenate([notes[(owner == i) & ~regen], c.notes[new_owner == i]])
+            parts.append((name, np.sort(mine, order=["onset", "pitch"])))
+        c.score = parts_score(parts, like=score)
+    _write(results, paths, np.sort(kept, order=["onset", "pitch"]), None)
+    return 0

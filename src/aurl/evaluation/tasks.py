@@ -1,0 +1,387 @@
+"""Task evaluations: harmonizing held-out chorales (``aurl evaluate --task harmonize``).
+
+For each held-out chorale (read from its MIDI file, where the four voices are four tracks; the
+token cache does not keep voices), Bach's soprano is harmonized and the result is compared with
+Bach's own alto, tenor and bass and with the rules of four-part writing:
+
+- **Likelihood**: bits per note of Bach's ATB tokens under the decoder's constrained
+  distribution (soprano forced, time clipped: :func:`aurl.generation.compose.score_plan`), next
+  to the same tokens under the unconditional model (grammar only).
+- **Rules** (:func:`voice_rules`), on the four voices sampled at every onset of any voice
+  (a "slice"): parallel fifths and octaves per 100 voice-pair moves (a pair moves when one of its
+  voices changes pitch between two slices where both sound; a parallel is the same perfect
+  interval class, 7 or 0 semitones mod 12, in both slices with both voices moving the same
+  way), voice crossings (a lower voice above the next higher one) and spacing wider than an
+  octave between neighbouring upper voices (S-A, A-T), each per 100 slices, and notes outside
+  the textbook SATB ranges (:data:`aurl.generation.voices.SATB_RANGES`), per 100 notes. Bach's
+  own rates on the same pieces are the reference row: he breaks rules too.
+- **Harmony**: chord agreement with Bach, the share of beats whose Roman numeral (chords per
+  beat from :func:`aurl.analysis.chords.recognize_chords`, in the key Bach's piece is in) is the
+  same; and the share of the melody's phrase ends
+  (:func:`aurl.analysis.structure.phrase_boundaries`) that arrive on a cadence.
+- **Melody kept**: share of the soprano's notes found, same pitch, onset and end within 1/64
+  beat, in the written and re-read MIDI file.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aurl.data.notes import notes_from_score
+from aurl.progress import Progress, silent
+
+BUNDLED = Path(__file__).resolve().parent.parent / "data" / "bundled" / "bach-chorales"
+PERFECT = (0, 7)  # interval classes of parallel octaves/unisons and fifths
+
+
+def held_out_chorales(folder: str | Path = BUNDLED, split: str = "test") -> list[Path]:
+    """The four-track chorales of a split, from the folder's ``manifest.json`` (its ``split``
+    field) or, without one, by :func:`aurl.data.split.split_of` on the file names."""
+    folder = Path(folder)
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        files = json.loads(manifest.read_text())["files"]
+        return sorted(
+            folder / f["file"] for f in files if f.get("split") == split and f.get("tracks") == 4
+        )
+    from aurl.data.split import split_of
+
+    return sorted(p for p in folder.glob("*.mid") if split_of(p.name) == split)
+
+
+def chorale_voices(path: str | Path) -> list[np.ndarray]:
+    """The four voices (S, A, T, B note arrays) of a four-track chorale MIDI file."""
+    import symusic
+
+    score = symusic.Score(str(path)).to("tick")
+    voices = []
+    for track in score.tracks[:4]:
+        one = symusic.Score(score.tpq)
+        one.tempos = score.tempos.copy()
+        one.tracks.append(track.copy())
+        voices.append(notes_from_score(one))
+    return voices
+
+
+# --------------------------------------------------------------------------------------------
+# Rules of four-part writing
+# --------------------------------------------------------------------------------------------
+
+
+def slices(voices: list[np.ndarray]) -> np.ndarray:
+    """(n_slices, n_voices) pitch sounding in each voice at every onset of any voice (-1: rest).
+
+    A voice holding a chord (more than one note at once) reads as its highest note."""
+    onsets = np.unique(np.concatenate([v["onset"] for v in voices if len(v)]))
+    grid = np.full((len(onsets), len(voices)), -1, dtype=np.int64)
+    for j, v in enumerate(voices):
+        for n in np.sort(v, order=["onset", "pitch"]):
+            inside = (onsets >= n["onset"] - 1e-9) & (onsets < n["onset"] + n["duration"] - 1e-9)
+            grid[inside, j] = np.maximum(grid[inside, j], int(n["pitch"]))
+    return grid
+
+
+def voice_rules(voices: list[np.ndarray]) -> dict[str, float]:
+    """Rule-breaking rates of four voices (S, A, T, B; see the module docstring).
+
+    Returns:
+        ``parallels_per_100_moves``, ``crossings_per_100_slices``,
+        ``spacing_per_100_slices``, ``out_of_range_per_100_notes``, and the counts
+        ``moves``, ``parallels``, ``slices``.
+    """
+    from aurl.generation.voices import SATB_RANGES
+
+    grid = slices(voices)
+    a, b = grid[:-1], grid[1:]  # consecutive slices
+    moves = parallels = 0
+    n = grid.shape[1]
+    for i in range(n):
+        for j in range(i + 1, n):
+            sound = (a[:, i] >= 0) & (a[:, j] >= 0) & (b[:, i] >= 0) & (b[:, j] >= 0)
+            di, dj = b[:, i] - a[:, i], b[:, j] - a[:, j]
+            moving = sound & ((di != 0) | (dj != 0))
+            before = np.abs(a[:, i] - a[:, j]) % 12
+            after = np.abs(b[:, i] - b[:, j]) % 12
+            same_way = (np.sign(di) == np.sign(dj)) & (di != 0)
+            par = moving & same_way & (before == after) & np.isin(after, PERFECT)
+            moves += int(moving.sum())
+            parallels += int(par.sum())
+
+    def both(x: int, y: int) -> np.ndarray:
+        return (grid[:, x] >= 0) & (grid[:, y] >= 0)
+
+    crossings = sum(
+        int((both(k, k + 1) & (grid[:, k + 1] > grid[:, k])).sum()) for k in range(n - 1)
+    )
+    spacing = sum(
+        int((both(k, k + 1) & (grid[:, k] - grid[:, k + 1] > 12)).sum())
+        for k in range(min(2, n - 1))
+    )
+    out = total = 0
+    for v, (lo, hi) in zip(voices, SATB_RANGES):
+        out += int(((v["pitch"] < lo) | (v["pitch"] > hi)).sum())
+        total += len(v)
+    s = max(1, len(grid))
+    return {
+        "parallels_per_100_moves": 100.0 * parallels / max(1, moves),
+        "crossings_per_100_slices": 100.0 * crossings / s,
+        "spacing_per_100_slices": 100.0 * spacing / s,
+        "out_of_range_per_100_notes": 100.0 * out / max(1, total),
+        "moves": moves,
+        "parallels": parallels,
+        "slices": len(grid),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Harmony against Bach
+# --------------------------------------------------------------------------------------------
+
+
+def beat_numerals(notes: np.ndarray, key: Any, end: float) -> list[str]:
+    """Roman numeral of the chord on each beat (unmerged chords per beat)."""
+    from aurl.analysis.chords import recognize_chords, roman_numeral
+
+    return [roman_numeral(c, key) for c in recognize_chords(notes, merge=False, end=end)]
+
+
+def chord_agreement(notes: np.ndarray, reference: np.ndarray) -> float:
+    """Share of beats where ``notes`` and ``reference`` have the same Roman numeral, both read
+    in the key of ``reference`` (NaN for no beats)."""
+    from aurl.analysis.keys import estimate_key
+
+    key = estimate_key(reference)
+    end = float((reference["onset"] + reference["duration"]).max())
+    a, b = beat_numerals(notes, key, end), beat_numerals(reference, key, end)
+    n = min(len(a), len(b))
+    if n == 0:
+        return float("nan")
+    return float(np.mean([x == y for x, y in zip(a[:n], b[:n])]))
+
+
+def cadence_rate(notes: np.ndarray, melody: np.ndarray, key: Any) -> float:
+    """Share of the melody's phrase ends that arrive on a cadence (NaN: no phrases)."""
+    from aurl.analysis.chords import detect_cadences, recognize_chords
+    from aurl.analysis.structure import phrase_boundaries
+
+    phrases = phrase_boundaries(melody)
+    if not phrases:
+        return float("nan")
+    arrivals = [p.arrival for p in phrases]
+    chords = recognize_chords(notes)
+    found = {c.beat for c in detect_cadences(chords, key, arrivals=arrivals)}
+    starts = np.array([c.start for c in chords if c.quality != "N"])
+    hit = 0
+    for t in arrivals:  # the chord sounding at the arrival is the one detect_cadences judged
+        i = int(np.searchsorted(starts, t, side="right")) - 1
+        hit += int(i >= 0 and float(starts[i]) in found)
+    return hit / len(arrivals)
+
+
+# --------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of decoding: a name and the number of SMC particles (1: forcing alone)."""
+
+    name: str
+    particles: int
+
+
+VARIANTS = (Variant("forcing", 1), Variant("forcing+smc8", 8))
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if np.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def evaluate_harmonize(
+    model: Any,
+    files: list[Path],
+    *,
+    variants: tuple[Variant, ...] = VARIANTS,
+    seed: int = 0,
+    max_beats: float | None = None,
+    progress: Progress = silent,
+) -> dict[str, Any]:
+    """Harmonize the soprano of each chorale in ``files`` with each variant; score everything.
+
+    Args:
+        model: The torch model (likelihood needs its forward pass).
+        files: Four-track chorale MIDI files.
+        variants: Decoding variants to compare.
+        seed: Sampling seed.
+        max_beats: Cut each chorale to its first ``max_beats`` beats (tests); None: whole.
+        progress: Progress helper over files.
+
+    Returns:
+        ``{"rows": {name: averaged metrics}, "pieces": per-piece metrics, "files": n}``; rows
+        ``bach`` (the reference) and one per variant.
+    """
+    import symusic
+
+    from aurl.analysis.keys import estimate_key
+    from aurl.data.tokenizer import Tokenizer
+    from aurl.generation.compose import (
+        ComposeOptions,
+        harmonize,
+        make_plan,
+        melody_kept,
+        melody_line,
+        score_plan,
+    )
+    from aurl.generation.export import write_midi
+
+    tokenizer = Tokenizer(model.vocab_config)
+    per: dict[str, list[dict]] = {"bach": [], **{v.name: [] for v in variants}}
+    likelihood: list[dict] = []
+    for path in progress(files, total=len(files), desc="harmonize"):
+        voices = chorale_voices(path)
+        if max_beats is not None:
+            voices = [v[v["onset"] < max_beats] for v in voices]
+            for v in voices:
+                v["duration"] = np.minimum(v["duration"], max_beats - v["onset"])
+        line = melody_line(voices[0], name=str(path))
+        bach = np.sort(np.concatenate(voices), order=["onset", "pitch"])
+        key = estimate_key(bach)
+        plan = make_plan(line, model.vocab, ceiling=True, max_free=3)
+        ids = _encode_notes(bach, tokenizer, path)
+        ls = score_plan(model, plan, ids)
+        likelihood.append({
+            "conditional": ls.conditional_bits, "unconditional": ls.unconditional_bits,
+            "notes": ls.free_notes, "outside": ls.outside,
+        })  # fmt: skip
+        per["bach"].append({
+            **voice_rules(voices), "chord_agreement": 1.0,
+            "cadence_rate": cadence_rate(bach, line, key), "melody_kept": 1.0, "seconds": 0.0,
+        })  # fmt: skip
+        for v in variants:
+            t0 = time.perf_counter()
+            (c,) = harmonize(model, line, options=ComposeOptions(particles=v.particles, seed=seed))
+            seconds = time.perf_counter() - t0
+            with tempfile.TemporaryDirectory() as tmp:
+                written = write_midi(c.score, Path(tmp) / "h.mid")
+                back = symusic.Score(str(written))
+                tracks = {t.name: t for t in back.tracks}
+                got = []
+                for name in ("Soprano", "Alto", "Tenor", "Bass"):
+                    one = symusic.Score(back.tpq)
+                    if name in tracks:
+                        one.tracks.append(tracks[name].copy())
+                    got.append(notes_from_score(one))
+            full = np.sort(np.concatenate(got), order=["onset", "pitch"])
+            per[v.name].append({
+                **voice_rules(got), "chord_agreement": chord_agreement(full, bach),
+                "cadence_rate": cadence_rate(full, line, key),
+                "melody_kept": melody_kept(got[0], line), "seconds": seconds,
+                "given_bits_per_note": c.stats["given_bits_per_note"],
+            })  # fmt: skip
+    rows = {}
+    for name, items in per.items():
+        keys = [k for k in items[0] if k not in ("moves", "parallels", "slices")] if items else []
+        rows[name] = {k: _mean(items, k) for k in keys}
+        if items:  # pooled parallels: per 100 moves over all pieces together
+            moves = sum(r["moves"] for r in items)
+            rows[name]["parallels_per_100_moves"] = (
+                100.0 * sum(r["parallels"] for r in items) / max(1, moves)
+            )
+    notes = sum(r["notes"] for r in likelihood)
+    lik = {
+        "atb_notes": notes,
+        "conditional_bits_per_note": sum(r["conditional"] for r in likelihood) / max(1, notes),
+        "unconditional_bits_per_note": sum(r["unconditional"] for r in likelihood) / max(1, notes),
+        "tokens_outside_plan": sum(r["outside"] for r in likelihood),
+    }
+    return {"rows": rows, "likelihood": lik, "files": len(files), "pieces": per}
+
+
+def _encode_notes(notes: np.ndarray, tokenizer: Any, path: Path) -> np.ndarray:
+    """Ids of a note array (one family, program 0), as the tokenizer encodes a file."""
+    import symusic
+
+    from aurl.generation.compose import parts_score
+
+    score = parts_score([("all", notes)], like=symusic.Score(str(path)))
+    return np.asarray(tokenizer.encode_score(score), dtype=np.int64)
+
+
+def harmonize_table(result: dict[str, Any]) -> str:
+    """The Markdown table of :func:`evaluate_harmonize` (rules and harmony per row, likelihood
+    below)."""
+    cols = [
+        ("parallels_per_100_moves", "par. 5ths/8ves /100 moves"),
+        ("crossings_per_100_slices", "crossings /100 slices"),
+        ("spacing_per_100_slices", "spacing > 8ve /100 slices"),
+        ("out_of_range_per_100_notes", "out of range /100 notes"),
+        ("chord_agreement", "chord agreement"),
+        ("cadence_rate", "cadence at phrase ends"),
+        ("melody_kept", "melody kept"),
+        ("seconds", "s per piece"),
+    ]
+    lines = [
+        "| row | " + " | ".join(c[1] for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for name, row in result["rows"].items():
+        cells = [f"{row.get(k, float('nan')):.3f}" for k, _ in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lik = result["likelihood"]
+    lines += [
+        "",
+        f"Bach's alto, tenor and bass ({lik['atb_notes']} notes, {result['files']} chorales): "
+        f"**{lik['conditional_bits_per_note']:.3f}** bits per note given the soprano "
+        f"(constrained decoder) vs **{lik['unconditional_bits_per_note']:.3f}** under the "
+        f"unconditional model; {lik['tokens_outside_plan']} of Bach's tokens fall outside the "
+        "plan (unisons of a lower voice with the soprano, which one instrument family cannot "
+        "hold).",
+    ]
+    return "\n".join(lines)
+
+
+def run_task(args: Any, load_model: Any) -> int:
+    """``aurl evaluate --task harmonize``: the table into ``OUT/harmonize.md`` and the numbers
+    into ``OUT/harmonize.json`` (written atomically), the table also on stdout.
+
+    Raises:
+        DataError: no four-track chorales in the split.
+    """
+    from aurl.errors import DataError
+    from aurl.fileio import atomic_write_text
+    from aurl.progress import bar
+
+    folder = Path(args.data) if args.data else BUNDLED
+    files = held_out_chorales(folder, args.split)
+    if args.limit:
+        files = files[: args.limit]
+    if not files:
+        raise DataError(
+            f"{folder} has no four-track chorales in split {args.split!r}: give a folder with "
+            "a manifest.json (aurl data corpus) or choose another --split"
+        )
+    model, _, _ = load_model(args.checkpoint, args.device)
+    t0 = time.perf_counter()
+    result = evaluate_harmonize(model, files, seed=args.seed, progress=bar)
+    table = harmonize_table(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    body = {k: v for k, v in result.items() if k != "pieces"}
+    atomic_write_text(out / "harmonize.json", json.dumps(body, indent=1, default=float) + "\n")
+    atomic_write_text(
+        out / "harmonize.md",
+        f"# Harmonizing held-out chorales ({len(files)} files, split {args.split})\n\n{table}\n",
+    )
+    print(table)
+    print(f"wrote {out / 'harmonize.md'} and {out / 'harmonize.json'} "
+          f"in {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    return 0

@@ -1,0 +1,879 @@
+"""Composing around given notes: harmonize a melody, infill a span, accompany a part.
+
+The method is constrained decoding with the shipped left-to-right model (no retraining): the
+decode loop walks musical time, and at each time step the given notes' NOTE_OFFs and NOTE_ONs
+are forced in the canonical order (docs/design.md, "Canonical event order": offs by ascending
+pitch, then ons by ascending pitch), while the model fills in the other notes between them.
+A :class:`Plan` holds the given events by step and where the model may add notes; one mask per
+row and token (:meth:`_Row.allowed`) keeps, of what the grammar allows:
+
+- the next forced event, and the model's own NOTE_OFFs / NOTE_ONs whose pitches fit below it in
+  the ascending order (NOTE_ONs only inside the free span, below the melody when ``ceiling`` is
+  set, never on a pitch the given part holds, while fewer than ``max_free`` of them sound);
+- a TIME_SHIFT only once every event of the step is out, and never past the next given event,
+  the edges of the free span or the end (outside the free span: exactly the gap);
+- END only at the end of the plan, after its last events.
+
+Plain forcing cannot see the next melody note coming. The cheap remedy is sequential Monte Carlo
+(``particles > 1``): rows sample from the constrained distribution ``q`` and carry the
+importance weight ``log p(token) - log q(token)``, where ``p`` is the model under the grammar
+alone; a forced token therefore weighs in with its model probability (how well the row's
+harmony prepared the given note). Every ``resample_every`` tokens, when the effective sample
+size falls under half the rows, the rows are resampled by weight (systematic resampling) and
+the model state is reordered with them; at the end the heaviest row of each sample is kept. The
+weights make the kept row a draw from the model's own joint distribution restricted to
+continuations that contain the given notes, which forcing alone does not approximate
+(docs/design.md, "Composing around given notes").
+
+The loop talks to the model only through an engine: ``init_state(batch)`` and
+``step(ids, state) -> logits`` on numpy arrays, plus ``reorder(state, rows)`` for resampling
+(:class:`TorchEngine` adapts a torch model; torch is imported only there), so the same loop can
+run on an onnx engine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from aurl.data.notes import NOTE_DTYPE, pitched
+from aurl.data.vocab import END, PAD, START, Kind, Vocab
+from aurl.errors import ConstraintError
+from aurl.progress import Progress, silent
+
+CHORALE_FAMILY = 0  # the family the shipped model's chorales are written in (piano, program 0)
+DEFAULT_VELOCITY = 90  # the chorales' velocity
+NO_CEILING = 128
+MIN_MELODY_PITCH = 52  # E3: lower, three voices cannot go under the melody
+MAX_MELODY_PITCH = 96
+MIN_FREE_PITCH, MAX_FREE_PITCH = 33, 84  # where the model's own notes may go (A1..C6)
+
+
+# --------------------------------------------------------------------------------------------
+# Options, results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComposeOptions:
+    """How to sample.
+
+    Attributes:
+        num_samples: Compositions to return.
+        particles: Rows per sample for sequential Monte Carlo (1: forcing alone).
+        temperature: Sampling temperature of the proposal (1: the model's own distribution).
+        seed: Random seed (same seed and options, same notes).
+        resample_every: Tokens between resampling checks.
+        key: Optional key name; the model's own notes outside its scale are down-weighted by
+            ``log(1 - key_strictness)`` (the weights correct for it).
+        key_strictness: See ``key``.
+    """
+
+    num_samples: int = 1
+    particles: int = 8
+    temperature: float = 1.0
+    seed: int = 0
+    resample_every: int = 8
+    key: str = ""
+    key_strictness: float = 0.9
+
+
+@dataclass
+class Composition:
+    """One result: the model's new notes, the whole score and statistics.
+
+    Attributes:
+        notes: The generated notes only (note array, beats; seconds at the plan's tempo).
+        score: A ``symusic.Score`` (tick) with the given and the new notes on named tracks, or
+            None where the caller builds it.
+        stats: ``log_weight`` (nats, the row's importance weight), ``given_bits`` (bits the model
+            spent on the forced tokens: how unexpected the given notes were), ``tokens``,
+            ``seconds`` (wall), ``resamples``, ``particles``, ``fallbacks``.
+    """
+
+    notes: np.ndarray
+    score: Any = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: given events by step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What is forced and where the model may write, in steps (1/32 beat in beat mode).
+
+    Attributes:
+        offs: step -> ascending pitches of given NOTE_OFFs at that step.
+        ons: step -> ascending pitches of given NOTE_ONs at that step.
+        free_start, free_end: the model's notes may start in [free_start, free_end) and are
+            closed at free_end at the latest.
+        end: the last step (END comes here).
+        ceiling_steps, ceiling: the model's NOTE_ONs stay below ``ceiling[i]`` from step
+            ``ceiling_steps[i]`` on (NO_CEILING: no limit).
+        max_free: most of the model's notes sounding at once.
+        tempo_bin: the TEMPO token's bin.
+    """
+
+    offs: dict[int, list[int]]
+    ons: dict[int, list[int]]
+    free_start: int
+    free_end: int
+    end: int
+    ceiling_steps: np.ndarray
+    ceiling: np.ndarray
+    max_free: int
+    tempo_bin: int
+    event_steps: np.ndarray  # sorted steps with given events, edges and the end
+
+    def ceiling_at(self, t: int) -> int:
+        i = int(np.searchsorted(self.ceiling_steps, t, side="right")) - 1
+        return int(self.ceiling[i]) if i >= 0 else NO_CEILING
+
+    def next_event(self, t: int) -> int:
+        i = int(np.searchsorted(self.event_steps, t, side="right"))
+        return int(self.event_steps[i]) if i < len(self.event_steps) else self.end
+
+
+def note_steps(notes: np.ndarray, steps_per_beat: int) -> tuple[np.ndarray, np.ndarray]:
+    """(onset, end) steps of each note, end > onset, a re-struck pitch cut where it restarts."""
+    on = np.round(notes["onset"] * steps_per_beat).astype(np.int64)
+    off = np.round((notes["onset"] + notes["duration"]) * steps_per_beat).astype(np.int64)
+    off = np.maximum(off, on + 1)
+    pitch = notes["pitch"].astype(np.int64)
+    order = np.lexsort((on, pitch))
+    for a, b in zip(order[:-1], order[1:]):  # same pitch, next onset: cut the earlier note
+        if pitch[a] == pitch[b] and off[a] > on[b]:
+            off[a] = max(on[b], on[a] + 1) if on[b] > on[a] else off[a]
+    return on, off
+
+
+def make_plan(
+    given: np.ndarray,
+    vocab: Vocab,
+    *,
+    free_span: tuple[float, float] | None = None,
+    ceiling: bool = False,
+    max_free: int = 3,
+    qpm: float = 120.0,
+) -> Plan:
+    """The :class:`Plan` for given notes (beats) and a free span in beats (default: from the
+    first given onset to the last given end).
+
+    Raises:
+        ConstraintError: the vocabulary counts time in seconds (the plan needs beats).
+    """
+    if vocab.config.time_unit != "beat":
+        raise ConstraintError(
+            "this checkpoint counts time in seconds (vocab.time_unit=seconds): composing around "
+            "given notes needs a beat-time model such as the shipped one"
+        )
+    spb = vocab.config.steps_per_beat
+    on, off = note_steps(given, spb) if len(given) else (np.zeros(0, int), np.zeros(0, int))
+    pitch = given["pitch"].astype(np.int64)
+    ons: dict[int, list[int]] = {}
+    offs: dict[int, list[int]] = {}
+    for t, p in zip(on.tolist(), pitch.tolist()):
+        ons.setdefault(t, []).append(p)
+    for t, p in zip(off.tolist(), pitch.tolist()):
+        offs.setdefault(t, []).append(p)
+    ons = {t: sorted(set(v)) for t, v in ons.items()}
+    offs = {t: sorted(set(v)) for t, v in offs.items()}
+    if free_span is None:
+        a, b = int(on.min()), int(off.max())
+    else:
+        a, b = (int(round(x * spb)) for x in free_span)
+    end = max(int(off.max()) if len(off) else 0, b)
+    steps = np.unique(np.concatenate([on, off, [a, b, end]]))
+    # the ceiling: the highest given pitch sounding after each event step; in a rest, the next
+    # given note's pitch
+    if ceiling and len(given):
+        top = np.full(len(steps), -1, dtype=np.int64)
+        for s_on, s_off, p in zip(on, off, pitch):
+            inside = (steps >= s_on) & (steps < s_off)
+            top[inside] = np.maximum(top[inside], p)
+        for i in range(len(top) - 2, -1, -1):
+            if top[i] < 0:
+                top[i] = top[i + 1]
+        top[top < 0] = NO_CEILING
+    else:
+        top = np.full(len(steps), NO_CEILING, dtype=np.int64)
+    return Plan(
+        offs=offs, ons=ons, free_start=a, free_end=b, end=end, ceiling_steps=steps, ceiling=top,
+        max_free=max_free, tempo_bin=int(vocab.tempo_bin(qpm)), event_steps=steps,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# One row of the decode: where it stands in the plan
+# --------------------------------------------------------------------------------------------
+
+
+class _Row:
+    """The plan-side state of one row (copied when resampling)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.t = 0
+        self.given: set[int] = set()
+        self.free: dict[int, int] = {}  # sounding pitch -> onset step
+        self.made: list[tuple[int, int, int, int]] = []  # (onset, end, pitch, velocity bin)
+        self.velocity: int | None = None
+        self.after_velocity = False
+        self.short_shift = False
+        self.ended = False
+        self.given_nll = 0.0
+        self.enter(plan, 0)
+
+    def copy(self) -> _Row:
+        new = object.__new__(_Row)
+        new.__dict__.update(self.__dict__)
+        new.given, new.free, new.made = set(self.given), dict(self.free), list(self.made)
+        new.offs, new.ons = list(self.offs), list(self.ons)
+        return new
+
+    def enter(self, plan: Plan, t: int) -> None:
+        """Arrive at step ``t``: the offs and ons forced here (free notes on a pitch a given note
+        takes, and every free note at the end of the free span, are closed here)."""
+        self.t = t
+        ons = plan.ons.get(t, [])
+        close = {p for p in self.free if p in ons or t >= plan.free_end}
+        self.offs = sorted(set(plan.offs.get(t, [])) | close)
+        self.ons = list(ons)
+        self.k_off = self.k_on = 0
+        self.phase, self.lo = 0, -1
+
+    def done_here(self) -> bool:
+        return self.k_off == len(self.offs) and self.k_on == len(self.ons)
+
+
+class _Masks:
+    """Id blocks of the vocabulary and the mask builder of one plan."""
+
+    def __init__(self, vocab: Vocab, plan: Plan) -> None:
+        self.vocab, self.plan = vocab, plan
+        self.V = vocab.size
+        self.on0, self.off0 = vocab.note_on, vocab.note_off
+        self.pmin = vocab.config.pitch_min
+        self.vel = slice(vocab.velocity, vocab.sustain_on)
+        self.max_shift = vocab.config.max_shift_steps
+
+    def _ons(self, m: np.ndarray, row: _Row, lo: int) -> None:
+        """NOTE_ONs (or the VELOCITY before them) that may come after pitch ``lo``."""
+        plan = self.plan
+        f = row.ons[row.k_on] if row.k_on < len(row.ons) else NO_CEILING
+        if row.k_on < len(row.ons):
+            if row.velocity is None:
+                m[self.vel] = True
+            else:
+                m[self.on0 + f - self.pmin] = True
+        if plan.free_start <= row.t < plan.free_end and len(row.free) < plan.max_free:
+            hi = min(f, plan.ceiling_at(row.t), MAX_FREE_PITCH + 1)
+            taken = row.given | set(row.free) | set(row.ons)
+            cand = [p for p in range(max(lo + 1, MIN_FREE_PITCH), hi) if p not in taken]
+            if cand:
+                if row.velocity is not None:
+                    m[[self.on0 + p - self.pmin for p in cand]] = True
+                if not row.after_velocity:
+                    m[self.vel] = True
+
+    def allowed(self, row: _Row) -> np.ndarray:
+        """(V,) bool: what the plan allows next in ``row``."""
+        m = np.zeros(self.V, dtype=bool)
+        if row.ended:
+            m[PAD] = True
+            return m
+        if row.after_velocity:
+            self._ons(m, row, row.lo)
+            m[self.vel] = False
+            return m
+        if row.t >= self.plan.end:  # END closes every note: the last offs may come or not
+            m[END] = True
+        if row.phase == 0:
+            f = row.offs[row.k_off] if row.k_off < len(row.offs) else NO_CEILING
+            free_offs = [p for p in row.free if row.lo < p < f and p not in row.offs]
+            if free_offs:
+                m[[self.off0 + p - self.pmin for p in free_offs]] = True
+            if row.k_off < len(row.offs):
+                m[self.off0 + f - self.pmin] = True
+                return m
+        self._ons(m, row, row.lo if row.phase == 1 else -1)
+        if row.done_here():
+            plan = self.plan
+            if row.t >= plan.end:
+                m[END] = True
+            elif not row.short_shift:
+                gap = min(plan.next_event(row.t) - row.t, self.max_shift)
+                if plan.free_start <= row.t < plan.free_end:
+                    m[self.vocab.time_shift : self.vocab.time_shift + gap] = True
+                else:
+                    m[self.vocab.shift_id(gap)] = True
+        return m
+
+    def advance(self, row: _Row, tok: int) -> bool:
+        """Step ``row`` past ``tok``; True when ``tok`` was a given note's event."""
+        kind, value = int(self.vocab.kind[tok]), int(self.vocab.value[tok])
+        given = (kind == Kind.NOTE_OFF and value in row.given) or (
+            kind == Kind.NOTE_ON and row.k_on < len(row.ons) and value == row.ons[row.k_on]
+        )
+        if kind == Kind.NOTE_OFF:
+            if row.k_off < len(row.offs) and value == row.offs[row.k_off]:
+                row.k_off += 1
+            if value in row.free:
+                row.made.append((row.free.pop(value), row.t, value, row.velocity or 0))
+            else:
+                row.given.discard(value)
+            row.lo = value
+        elif kind == Kind.NOTE_ON:
+            if row.phase == 0:
+                row.phase, row.lo = 1, -1
+            if row.k_on < len(row.ons) and value == row.ons[row.k_on]:
+                row.k_on += 1
+                row.given.add(value)
+            else:
+                row.free[value] = row.t
+            row.lo = value
+            row.after_velocity = False
+        elif kind == Kind.VELOCITY:
+            if row.phase == 0:
+                row.phase, row.lo = 1, -1
+            row.velocity, row.after_velocity = value, True
+        elif kind == Kind.TIME_SHIFT:
+            row.short_shift = value < self.max_shift
+            row.enter(self.plan, row.t + value)
+            return False
+        elif kind == Kind.END:
+            for p, start in row.free.items():
+                row.made.append((start, row.t, p, row.velocity or 0))
+            row.free.clear()
+            row.ended = True
+        row.short_shift = False
+        return given
+
+
+# --------------------------------------------------------------------------------------------
+# The engine seam
+# --------------------------------------------------------------------------------------------
+
+
+class TorchEngine:
+    """A torch model (``init_state`` / ``step``) behind numpy in, numpy out.
+
+    The window slides when the cache is full: the state restarts on the last ``overlap`` tokens
+    with the earlier ones as ``history`` (their musical time and grammar state carry over).
+    """
+
+    def __init__(self, model: Any, *, overlap: int = 1024) -> None:
+        import torch
+
+        self.torch, self.model = torch, model
+        self.vocab: Vocab = model.vocab
+        self.device = model.embed.weight.device
+        self.capacity = int(model.config.max_seq_len)
+        self.overlap = min(overlap, self.capacity // 2)
+
+    def init_state(self, ids: np.ndarray) -> tuple[Any, np.ndarray]:
+        """A state after the prefix ``ids`` (B, P); returns (state, logits (B, V))."""
+        state = {"ids": ids.copy()}
+        return state, self._start(state)
+
+    def _start(self, state: dict) -> np.ndarray:
+        torch, ids = self.torch, state["ids"]
+        n = ids.shape[1]
+        first = 0 if n < self.capacity else n - self.overlap
+        t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            state["model"] = self.model.init_state(
+                ids.shape[0], device=self.device, capacity=self.capacity,
+                history=t[:, :first] if first > 0 else None,
+            )  # fmt: skip
+            logits = self.model.step(t[:, first:], state["model"])[:, -1]
+        return logits.float().cpu().numpy()
+
+    def step(self, ids: np.ndarray, state: dict) -> np.ndarray:
+        """Feed one id per row (B,); returns the logits (B, V) after it."""
+        torch = self.torch
+        state["ids"] = np.concatenate([state["ids"], ids[:, None]], axis=1)
+        if state["model"].pos >= self.capacity:
+            return self._start(state)
+        t = torch.as_tensor(ids[:, None], dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            logits = self.model.step(t, state["model"])[:, -1]
+        return logits.float().cpu().numpy()
+
+    def reorder(self, state: dict, rows: np.ndarray) -> dict:
+        from aurl.generation.constraints import index_state
+
+        index = self.torch.as_tensor(rows, dtype=self.torch.long, device=self.device)
+        return {"ids": state["ids"][rows], "model": index_state(state["model"], index)}
+
+
+def as_engine(model: Any) -> Any:
+    """``model`` as an engine: a torch model is wrapped in :class:`TorchEngine`; anything
+    that already has ``init_state`` / ``step`` / ``reorder`` on numpy arrays is used as is."""
+    if hasattr(model, "embed"):
+        return TorchEngine(model)
+    missing = [m for m in ("init_state", "step", "reorder", "vocab") if not hasattr(model, m)]
+    if missing:
+        raise ConstraintError(
+            f"this model cannot compose: it lacks {', '.join(missing)} (give an Aurl model or "
+            "engine)"
+        )
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The decode loop
+# --------------------------------------------------------------------------------------------
+
+
+def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    top = np.max(x, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.exp(x - top).sum(axis=axis, keepdims=True)) + top).squeeze(axis)
+
+
+def _grammar_masks(grammar: Any, gstate: Any) -> np.ndarray:
+    return grammar.allowed(gstate).cpu().numpy()
+
+
+def decode(
+    model: Any,
+    plan: Plan,
+    options: ComposeOptions = ComposeOptions(),
+    *,
+    progress: Progress = silent,
+) -> list[Composition]:
+    """Sample ``options.num_samples`` compositions that hold ``plan``'s given events.
+
+    Returns:
+        One :class:`Composition` per sample (``score`` None: the callers build it), its
+        ``notes`` the model's own notes.
+    """
+    import torch
+
+    from aurl.data.grammar import Grammar
+    from aurl.generation.constraints import key_bias
+
+    t0 = time.perf_counter()
+    engine = as_engine(model)
+    vocab: Vocab = engine.vocab
+    masks = _Masks(vocab, plan)
+    S, K = options.num_samples, max(1, options.particles)
+    B = S * K
+    rng = np.random.default_rng(options.seed)
+    grammar = Grammar(vocab, polyphony_cap=max(16, plan.max_free + 8))
+    prefix = np.array([START, vocab.tempo + plan.tempo_bin, vocab.instrument + CHORALE_FAMILY])
+    ids = np.tile(prefix, (B, 1))
+    gstate = grammar.state_after(torch.as_tensor(ids))
+    state, logits = engine.init_state(ids)
+    rows = [_Row(plan) for _ in range(B)]
+    weight = np.zeros(B)
+    bias = np.zeros(vocab.size)
+    if options.key:
+        bias = key_bias(vocab, options.key, options.key_strictness)
+    free_on = np.zeros(vocab.size, dtype=bool)
+    free_on[vocab.note_on : vocab.note_off] = True
+    resamples = fallbacks = n = 0
+    limit = 64 + 8 * (plan.end + 1)  # a bug guard: far more tokens than any plan needs
+    for _ in progress(iter(int, 1), desc="compose"):
+        if all(r.ended for r in rows):
+            break
+        if n > limit:
+            raise RuntimeError(f"composing did not end within {limit} tokens")
+        g_allowed = _grammar_masks(grammar, gstate)  # (B, V)
+        plan_allowed = np.stack([masks.allowed(r) for r in rows])
+        keep = g_allowed & plan_allowed
+        empty = ~keep.any(-1)
+        if empty.any():  # never expected: the plan alone decides (counted in the stats)
+            fallbacks += int(empty.sum())
+            keep[empty] = plan_allowed[empty]
+        # p: the model under the grammar; q: what is sampled (plan, key bias, temperature)
+        logp = np.where(g_allowed, logits, -np.inf)
+        logp = logp - _logsumexp(logp)[:, None]
+        proposal = np.where(keep, logits / options.temperature, -np.inf)
+        is_free_on = free_on[None, :] & keep
+        proposal = proposal + np.where(is_free_on, bias, 0.0)
+        logq = proposal - _logsumexp(proposal)[:, None]
+        u = rng.random(B)
+        cdf = np.cumsum(np.exp(logq), axis=1)
+        tok = np.minimum((cdf < (u * cdf[:, -1])[:, None]).sum(1), vocab.size - 1)
+        lp = logp[np.arange(B), tok]
+        lq = logq[np.arange(B), tok]
+        for b, r in enumerate(rows):
+            if r.ended:
+                continue
+            if masks.advance(r, int(tok[b])) and np.isfinite(lp[b]):
+                r.given_nll -= lp[b]
+            if np.isfinite(lp[b]):
+                weight[b] += lp[b] - lq[b]
+        gstate = grammar.advance(gstate, torch.as_tensor(tok))
+        logits = engine.step(tok.astype(np.int64), state)
+        n += 1
+        if K > 1 and n % options.resample_every == 0:
+            w = weight.reshape(S, K)
+            pw = np.exp(w - w.max(1, keepdims=True))
+            ess = pw.sum(1) ** 2 / (pw**2).sum(1)
+            if (ess < K / 2).any():
+                index = np.arange(B)
+                for s in np.flatnonzero(ess < K / 2):
+                    p = pw[s] / pw[s].sum()
+                    pos = (rng.random() + np.arange(K)) / K  # systematic resampling
+                    pick = np.minimum(np.searchsorted(np.cumsum(p), pos), K - 1)
+                    index[s * K : (s + 1) * K] = s * K + pick
+                    # resampled rows share the mean weight (the estimate of p(given) stays)
+                    weight[s * K : (s + 1) * K] = _logsumexp(w[s]) - math.log(K)
+                rows = [rows[i].copy() for i in index]
+                state = engine.reorder(state, index)
+                gstate = _index_grammar(gstate, index)
+                logits = logits[index]
+                resamples += 1
+    out = []
+    spb = vocab.config.steps_per_beat
+    for s in range(S):
+        best = s * K + int(np.argmax(weight[s * K : (s + 1) * K]))
+        r = rows[best]
+        made = np.array(r.made, dtype=np.int64).reshape(-1, 4)
+        notes = np.zeros(len(made), dtype=NOTE_DTYPE)
+        notes["onset"] = made[:, 0] / spb
+        notes["duration"] = (made[:, 1] - made[:, 0]) / spb
+        qpm = float(vocab.bin_tempo[plan.tempo_bin])
+        notes["onset_s"] = notes["onset"] * 60.0 / qpm
+        notes["duration_s"] = notes["duration"] * 60.0 / qpm
+        notes["pitch"] = made[:, 2]
+        notes["velocity"] = DEFAULT_VELOCITY
+        notes = np.sort(notes, order=["onset", "pitch"])
+        n_given = sum(len(v) for v in plan.ons.values())
+        stats = {
+            "log_weight": float(weight[best]),
+            "given_bits": float(r.given_nll / math.log(2)),
+            "given_bits_per_note": float(r.given_nll / math.log(2) / max(1, n_given)),
+            "tokens": n,
+            "seconds": time.perf_counter() - t0,
+            "resamples": resamples,
+            "particles": K,
+            "fallbacks": fallbacks,
+        }
+        out.append(Composition(notes=notes, stats=stats))
+    return out
+
+
+def _index_grammar(gstate: Any, index: np.ndarray) -> Any:
+    import torch
+
+    from aurl.generation.constraints import index_state
+
+    return index_state(gstate, torch.as_tensor(index, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------
+# Checks on the given notes
+# --------------------------------------------------------------------------------------------
+
+
+def melody_line(notes: np.ndarray, *, name: str = "melody") -> np.ndarray:
+    """The one melodic line of ``notes``: its notes, the highest where notes start together,
+    each cut where the next starts.
+
+    Raises:
+        ConstraintError: no notes, drums only, chords at most onsets, or a range the voices
+            cannot go under.
+    """
+    if len(notes) == 0:
+        raise ConstraintError(f"{name} has no notes: give a MIDI or MusicXML file with a melody")
+    notes = pitched(notes)
+    if len(notes) == 0:
+        raise ConstraintError(f"{name} holds drums only: give a pitched melody")
+    notes = np.sort(notes, order=["onset", "pitch"])
+    onsets, counts = np.unique(np.round(notes["onset"] * 64), return_counts=True)
+    if (counts > 1).mean() > 0.5:
+        raise ConstraintError(
+            f"{name} has chords at {(counts > 1).mean():.0%} of its onsets: give one melodic "
+            "line (or a score whose top track is the melody)"
+        )
+    key = np.round(notes["onset"] * 64)
+    last_of_onset = np.r_[key[1:] != key[:-1], True]  # sorted by pitch: the top note
+    line = notes[last_of_onset].copy()
+    ends = line["onset"] + line["duration"]
+    nxt = np.r_[line["onset"][1:], np.inf]
+    line["duration"] = np.minimum(ends, nxt) - line["onset"]
+    lo, hi = int(line["pitch"].min()), int(line["pitch"].max())
+    if lo < MIN_MELODY_PITCH or hi > MAX_MELODY_PITCH:
+        raise ConstraintError(
+            f"{name} spans MIDI pitches {lo}..{hi}: three voices need it within "
+            f"{MIN_MELODY_PITCH}..{MAX_MELODY_PITCH}; transpose it by octaves into that range"
+        )
+    return line
+
+
+# --------------------------------------------------------------------------------------------
+# The library API
+# --------------------------------------------------------------------------------------------
+
+
+def _with_seconds(notes: np.ndarray, qpm: float) -> np.ndarray:
+    notes = notes.copy()
+    notes["onset_s"] = notes["onset"] * 60.0 / qpm
+    notes["duration_s"] = notes["duration"] * 60.0 / qpm
+    return notes
+
+
+def harmonize(
+    model: Any,
+    melody_notes: np.ndarray,
+    *,
+    voices: int = 4,
+    options: ComposeOptions = ComposeOptions(),
+    qpm: float = 120.0,
+    like: Any = None,
+    progress: Progress = silent,
+) -> list[Composition]:
+    """Compose ``voices - 1`` voices under a melody (kept exactly).
+
+    Args:
+        model: A model (or engine) that speaks the shipped vocabulary in beat time.
+        melody_notes: The melody as a note array (beats); see :func:`melody_line`.
+        voices: Voices in all, the melody included (2..4 for SATB names).
+        options: Sampling options.
+        qpm: Tempo for the model's TEMPO token.
+        like: A symusic Score whose tempos, time and key signatures the result copies.
+        progress: Progress helper over tokens.
+
+    Returns:
+        ``options.num_samples`` compositions; ``score`` holds the melody (Soprano) and the new
+        voices on tracks named by :func:`aurl.generation.voices.voice_names`.
+
+    Raises:
+        ConstraintError: a melody the voices cannot go under, or a model that cannot compose.
+    """
+    from aurl.generation.voices import assign_voices, voice_names
+
+    if voices < 2:
+        raise ConstraintError(f"--voices {voices}: harmonizing needs at least 2 voices")
+    line = melody_line(melody_notes)
+    engine = as_engine(model)
+    plan = make_plan(line, engine.vocab, ceiling=True, max_free=voices - 1, qpm=qpm)
+    results = decode(engine, plan, options, progress=progress)
+    names = voice_names(voices)
+    for c in results:
+        parts = [(names[0], line)]
+        v = assign_voices(c.notes, voices - 1)
+        parts += [(names[i + 1], c.notes[v == i]) for i in range(voices - 1)]
+        c.score = parts_score(parts, like=like)
+    return results
+
+
+def accompany(
+    model: Any,
+    part_notes: np.ndarray,
+    *,
+    voices: int = 4,
+    part_name: str = "Part",
+    options: ComposeOptions = ComposeOptions(),
+    qpm: float = 120.0,
+    like: Any = None,
+    progress: Progress = silent,
+) -> list[Composition]:
+    """Compose ``voices - 1`` voices around a part (kept exactly), above and below it.
+
+    The part's track keeps its name; the new voices take the SATB names the part does not
+    (the part's place among them: its median pitch ranked against theirs).
+
+    Raises:
+        ConstraintError: no pitched notes, or a model that cannot compose.
+    """
+    from aurl.generation.voices import assign_voices, voice_names
+
+    notes = pitched(part_notes)
+    if len(notes) == 0:
+        raise ConstraintError(f"{part_name} has no pitched notes: give a part to accompany")
+    engine = as_engine(model)
+    plan = make_plan(notes, engine.vocab, ceiling=False, max_free=voices - 1, qpm=qpm)
+    results = decode(engine, plan, options, progress=progress)
+    for c in results:
+        v = assign_voices(c.notes, voices - 1)
+        groups = [c.notes[v == i] for i in range(voices - 1)]
+        medians = [float(np.median(g["pitch"])) if len(g) else 0.0 for g in groups]
+        place = sum(m > float(np.median(notes["pitch"])) for m in medians)
+        names = list(voice_names(voices))
+        own = names.pop(place)
+        parts = [(f"{part_name}" if part_name else own, notes)]
+        parts += list(zip(names, groups))
+        c.score = parts_score(parts, like=like)
+    return results
+
+
+def infill(
+    model: Any,
+    notes: np.ndarray,
+    span: tuple[float, float],
+    part: np.ndarray | None = None,
+    *,
+    max_free: int | None = None,
+    options: ComposeOptions = ComposeOptions(),
+    qpm: float = 120.0,
+    progress: Progress = silent,
+) -> list[Composition]:
+    """Regenerate the notes that start in ``span`` (beats, [start, end)), of the notes selected
+    by ``part`` (a bool mask over ``notes``; None: all), keeping every other note. At most
+    ``max_free`` new notes sound at once (default: the chosen notes' own most at once).
+
+    Returns:
+        Compositions whose ``notes`` are the new notes only (``score`` None: the caller puts
+        them on its tracks, see :func:`tracks_for`).
+
+    Raises:
+        ConstraintError: an empty or reversed span, or a span outside the piece.
+    """
+    a, b = span
+    notes = pitched(notes)
+    if len(notes) == 0:
+        raise ConstraintError("the piece has no pitched notes: nothing to infill around")
+    last = float((notes["onset"] + notes["duration"]).max())
+    if not 0 <= a < b:
+        raise ConstraintError(f"span {a:g}-{b:g} beats is empty or reversed: give start < end")
+    if a >= last:
+        raise ConstraintError(f"span starts at beat {a:g}, after the piece ends ({last:g})")
+    chosen = np.ones(len(notes), bool) if part is None else np.asarray(part, bool)
+    regen = chosen & (notes["onset"] >= a - 1e-9) & (notes["onset"] < b - 1e-9)
+    given = notes[~regen]
+    if max_free is None:  # as many voices as the replaced notes had at once (at least one)
+        max_free = max(1, max_polyphony(notes[chosen]))
+    engine = as_engine(model)
+    plan = make_plan(given, engine.vocab, free_span=(a, min(b, last)), max_free=max_free, qpm=qpm)
+    return decode(engine, plan, options, progress=progress)
+
+
+def max_polyphony(notes: np.ndarray) -> int:
+    """Most notes sounding at once (0 for none)."""
+    if len(notes) == 0:
+        return 0
+    t = np.concatenate([notes["onset"], notes["onset"] + notes["duration"]])
+    step = np.concatenate([np.ones(len(notes)), -np.ones(len(notes))])
+    order = np.lexsort((step, t))  # ends before starts at the same time
+    return int(np.cumsum(step[order]).max())
+
+
+def infill_regenerated(notes: np.ndarray, span: tuple[float, float], part: Any = None) -> Any:
+    """(N,) bool: the notes :func:`infill` replaces (the chosen part's notes starting in span)."""
+    chosen = np.ones(len(notes), bool) if part is None else np.asarray(part, bool)
+    return chosen & (notes["onset"] >= span[0] - 1e-9) & (notes["onset"] < span[1] - 1e-9)
+
+
+def parts_score(parts: list[tuple[str, np.ndarray]], *, tpq: int = 480, like: Any = None) -> Any:
+    """A tick score with one named track per ``(name, notes)``; tempo, time and key signatures
+    from ``like`` (a symusic Score) when given."""
+    import symusic
+
+    from aurl.generation.export import notes_track, score_like
+
+    like = like if like is not None else symusic.Score(tpq)
+    return score_like(like, [notes_track(name, n, like.tpq) for name, n in parts])
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a known answer under the plan (evaluation)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanScore:
+    """Bits of the model's part of a known sequence (e.g. Bach's alto, tenor and bass).
+
+    Attributes:
+        conditional_bits: sum over the free tokens of -log2 q, q the plan-constrained
+            distribution the decoder samples from (given notes forced, time clipped).
+        unconditional_bits: the same tokens under the model with the grammar alone.
+        free_notes: NOTE_ONs of the free part (the denominator of bits per note).
+        given_bits: -log2 p of the given notes' NOTE_ON/NOTE_OFF tokens under the model.
+        outside: tokens the plan did not allow (0 when the sequence holds the given notes).
+    """
+
+    conditional_bits: float
+    unconditional_bits: float
+    free_notes: int
+    given_bits: float
+    outside: int
+
+    @property
+    def conditional_bits_per_note(self) -> float:
+        return self.conditional_bits / max(1, self.free_notes)
+
+    @property
+    def unconditional_bits_per_note(self) -> float:
+        return self.unconditional_bits / max(1, self.free_notes)
+
+
+def score_plan(model: Any, plan: Plan, ids: np.ndarray) -> PlanScore:
+    """Score a token sequence (START TEMPO INSTRUMENT ... END) against ``plan``: what the
+    decoder's constrained distribution and the plain model assign to its free tokens.
+
+    The model runs once over the whole sequence (teacher forcing, the context at most); the
+    plan's masks are stepped along it exactly as :func:`decode` steps them.
+    """
+    import torch
+
+    from aurl.data.grammar import Grammar
+
+    vocab: Vocab = model.vocab
+    ids = np.asarray(ids, dtype=np.int64)[: model.config.max_seq_len]
+    with torch.no_grad():
+        logits = model(torch.as_tensor(ids)[None]).logits[0].float().numpy()  # (T, V)
+    grammar = Grammar(vocab, polyphony_cap=max(16, plan.max_free + 8))
+    g = grammar.sequence_masks(torch.as_tensor(ids)[None])[0].numpy()  # (T, V)
+    masks = _Masks(vocab, plan)
+    row = _Row(plan)
+    cond = uncond = given = 0.0
+    notes = outside = 0
+    for i in range(3, len(ids)):  # after START TEMPO INSTRUMENT
+        tok = int(ids[i])
+        plan_ok = masks.allowed(row)
+        keep = g[i - 1] & plan_ok
+        x = logits[i - 1]
+        logp = np.where(g[i - 1], x, -np.inf)
+        logp = logp - _logsumexp(logp)
+        if not keep[tok]:
+            outside += 1
+            keep = g[i - 1]
+        logq = np.where(keep, x, -np.inf)
+        logq = logq - _logsumexp(logq)
+        if masks.advance(row, tok):
+            given -= logp[tok]
+        else:
+            cond -= logq[tok]
+            uncond -= logp[tok]
+            notes += int(vocab.kind[tok] == Kind.NOTE_ON)
+        if row.ended:
+            break
+    ln2 = math.log(2)
+    return PlanScore(cond / ln2, uncond / ln2, notes, given / ln2, outside)
+
+
+def melody_kept(written: np.ndarray, given: np.ndarray, *, tolerance: float = 1.0 / 64) -> float:
+    """Share of the ``given`` notes found in ``written`` with the same pitch and onset and end
+    within ``tolerance`` beats (1.0 when all are kept; NaN for no given notes)."""
+    if len(given) == 0:
+        return float("nan")
+    if len(written) == 0:
+        return 0.0
+    same = given["pitch"][:, None] == written["pitch"][None, :]  # (G, W)
+    close_on = np.abs(given["onset"][:, None] - written["onset"][None, :]) <= tolerance
+    g_end = given["onset"] + given["duration"]
+    w_end = written["onset"] + written["duration"]
+    close_end = np.abs(g_end[:, None] - w_end[None, :]) <= tolerance
+    return float((same & close_on & close_end).any(1).mean())
+
+
+def plan_allows(vocab: Vocab, plan: Plan, ids: list[int] | np.ndarray) -> np.ndarray:
+    """(V,) bool: what ``plan`` allows after the generated ids ``ids`` (those after START,
+    TEMPO, INSTRUMENT), before the grammar is applied: the decoder's mask, for inspection."""
+    masks, row = _Masks(vocab, plan), _Row(plan)
+    for tok in ids:
+        masks.advance(row, int(tok))
+    return masks.allowed(row)
