@@ -12,10 +12,8 @@ import sys
 from aurl import __version__
 from aurl.errors import AurlError, ConfigError
 
-COMMANDS = ("data", "config", "train", "generate", "evaluate", "analyze")
-COMMANDS += ("compose",)  # harmonize, infill, accompany
-COMMANDS += ("export",)  # aurl export --format onnx
-COMMANDS += ("serve",)
+# modules of aurl.cli; compose registers harmonize, infill and accompany
+COMMANDS = ("data", "config", "train", "generate", "compose", "evaluate", "analyze", "export", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
