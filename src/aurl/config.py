@@ -121,6 +121,9 @@ class ModelConfig:
     attention: Literal["full", "local", "hierarchical"] = "full"
     local_window: int = _num(256, 1, 1_000_000)
     global_tokens: int = _num(64, 0, 1_000_000)
+    # hierarchical: mean-pooled keys/values of each complete segment of this many tokens that
+    # begins before a query's window (0: window plus global tokens only)
+    summary_len: int = _num(64, 0, 1_000_000)
     musical_position: bool = True  # beat/bar embedding derived from the ids
     grammar_features: bool = True  # sounding-pitch state fed to the model
     # VAE
