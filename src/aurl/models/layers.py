@@ -180,7 +180,7 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, sparse: Sparse) -> Tensor:
 
     extra_k, extra_v, extra_m = [], [], []
     if G > 0:  # the global prefix, where it is not already in the block pair
-        gm = (torch.arange(G, device=q.device)[None, :] < (blk[:, :, 0] - 1) * W)  # (nb, G)
+        gm = torch.arange(G, device=q.device)[None, :] < (blk[:, :, 0] - 1) * W  # (nb, G)
         gm = gm[None, :, None, :] & km[:, None, None, :G]  # (B, nb, 1, G)
         extra_k.append(k[:, :, None, :G].expand(-1, -1, nb, -1, -1))  # (B, H, nb, G, hd)
         extra_v.append(v[:, :, None, :G].expand(-1, -1, nb, -1, -1))

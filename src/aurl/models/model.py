@@ -344,7 +344,7 @@ class MusicTransformerVAEGAN(nn.Module):
         gram_emb = self.grammar_features(ids)[0] if self.grammar_features is not None else None
         x = self._input(ids, cond, time_emb, gram_emb)
         key_mask = attention_mask.bool() if attention_mask is not None else None
-        if self.window is not None and T > self.window:  # block-local, linear in T
+        if self.window is not None and self.window < T:  # block-local, linear in T
             mask = Sparse(self.window, self.n_global, self.summary_len, key_mask)
         else:
             mask = self._mask(0, T, torch.arange(T, device=ids.device), key_mask)
