@@ -157,6 +157,10 @@ class LossConfig:
     free_bits: float = _num(0.25, 0.0)
     adv_weight: float = _num(0.1, 0.0)
     feature_matching_weight: float = _num(1.0, 0.0)
+    # vae_gan: fakes as straight-through hard Gumbel samples (one-hot forward, soft gradient)
+    # or soft Gumbel-softmax samples; the adversarial objective, hinge or non-saturating
+    gan_fakes: Literal["hard", "soft"] = "hard"
+    gan_loss: Literal["hinge", "non_saturating"] = "hinge"
     auto_balance: bool = False  # learned uncertainty weighting
 
 

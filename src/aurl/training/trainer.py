@@ -726,8 +726,9 @@ def _discriminator_step(
         with _replay(seed, d.device), autocast(precision, d.device):
             with torch.no_grad():
                 out = model(ids, attention_mask=batch["attention_mask"])
-                fake = model_losses.soft_fakes(ids, out.logits, allowed)
-            loss = model_losses.discriminator_loss(model, ids, fake) / n
+                hard = stage.config.loss.gan_fakes == "hard"
+                fake = model_losses.soft_fakes(ids, out.logits, allowed, hard=hard)
+            loss = model_losses.discriminator_loss(model, ids, fake, stage.config.loss.gan_loss) / n
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach().float()
     model.discriminator.eval()
