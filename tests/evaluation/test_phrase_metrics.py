@@ -33,7 +33,9 @@ def _piece(seq: list[tuple[float, str]]) -> np.ndarray:
 # (IV -> vi: no cadence). The soprano's 8 notes, 4 per phrase.
 OPEN_END = _piece([(0, "C"), (1, "F"), (2, "G"), (3, "C"), (5, "C"), (6, "G"), (7, "F"), (8, "Am")])
 # The same first phrase; the second ends C F G C: authentic again.
-CLOSED_END = _piece([(0, "C"), (1, "F"), (2, "G"), (3, "C"), (5, "C"), (6, "F"), (7, "G"), (8, "C")])
+CLOSED_END = _piece(
+    [(0, "C"), (1, "F"), (2, "G"), (3, "C"), (5, "C"), (6, "F"), (7, "G"), (8, "C")]
+)
 
 
 def test_phrase_metrics_by_hand():
