@@ -155,6 +155,9 @@ class LossConfig:
     kl_weight: float = _num(1.0, 0.0)  # beta
     kl_anneal_steps: int = _num(2000, 0)
     free_bits: float = _num(0.25, 0.0)
+    # what the free_bits floor applies to: each latent group (one unit's vector of a level:
+    # the global code, one segment's, one fine unit's) or each latent dimension
+    free_bits_per: Literal["group", "dim"] = "group"
     adv_weight: float = _num(0.1, 0.0)
     feature_matching_weight: float = _num(1.0, 0.0)
     # vae_gan: fakes as straight-through hard Gumbel samples (one-hot forward, soft gradient)

@@ -5,10 +5,16 @@
   sampled, and never pays for probability it would put on impossible ids.
 - ``grammar``: the probability mass the unmasked distribution gives to forbidden ids.
 - ``kl`` (VAE modes): KL(q(z|x) || N(0, I)) with free bits (Kingma et al. 2016: each latent
-  dimension's batch-mean KL counts at least ``free_bits`` nats, so the gradient leaves the
-  dimensions below it alone and the posterior does not collapse), per token, weighted by
-  ``kl_weight`` ramped linearly over ``kl_anneal_steps`` (Bowman et al. 2016). ``kl_raw`` is the
-  plain KL per token.
+  group's batch-mean KL counts at least ``free_bits`` nats, so the gradient leaves the groups
+  below it alone and the posterior does not collapse), per token, weighted by ``kl_weight``
+  ramped linearly over ``kl_anneal_steps`` (Bowman et al. 2016). A group (``loss.free_bits_per
+  = "group"``, the default) is one unit's latent vector of one level: the floor then frees about
+  ``free_bits * units / tokens`` nats per token (0.02 for ``small``), where a floor per
+  dimension (``"dim"``) freed ``dim`` times as much (0.5 for ``small``: about the whole CE, so
+  the latents could carry the sequence for free). ``kl_raw`` is the plain KL per token;
+  ``kl_level0..`` the plain KL per token of each level (global, segment, fine);
+  ``active_units`` the latent dimensions whose posterior mean varies over the batch (variance
+  > 0.01, Burda et al. 2016), summed over levels.
 - ``adv``, ``fm`` (``vae_gan``): the generator's adversarial loss on Gumbel samples of the
   decoder fed through the discriminator, and L1 feature matching on its pooled layer
   activations (Salimans et al. 2016). ``disc``: the discriminator's loss on real ids and
@@ -68,6 +74,25 @@ def kl_free_bits(kl_per_element: list[Tensor], free_bits: float, tokens: int) ->
     return total / max(tokens, 1)
 
 
+def kl_free_bits_grouped(kl_per_element: list[Tensor], free_bits: float, tokens: int) -> Tensor:
+    """Sum over levels and units of max(free_bits, batch-mean KL of the unit's whole latent
+    vector), per token. ``kl_per_element``: per level (B, units, dim)."""
+    total = sum(k.sum(dim=-1).mean(dim=0).clamp(min=free_bits).sum() for k in kl_per_element)
+    return total / max(tokens, 1)
+
+
+def active_units(mu: list[Tensor], threshold: float = 0.01) -> Tensor:
+    """Latent dimensions whose posterior mean varies over the data (Burda et al. 2016):
+    ``sum over levels and dims of [Var_x E[z_d | x] > threshold]``, the variance taken over
+    the batch and the level's units (B * units samples; 0 with fewer than 2)."""
+    count = mu[0].new_zeros(())
+    for m in mu:
+        flat = m.detach().reshape(-1, m.shape[-1])  # (B * units, dim)
+        if flat.shape[0] >= 2:
+            count = count + (flat.float().var(dim=0) > threshold).sum()
+    return count
+
+
 def masked_cross_entropy(
     logits: Tensor, targets: Tensor, allowed: Tensor | None, smoothing: float
 ) -> Tensor:
@@ -115,7 +140,8 @@ def compute_losses(
 
     Returns:
         ``total`` (generator objective), ``ce``, ``grammar``, ``kl``, ``kl_raw``, ``adv``,
-        ``fm``, ``disc`` (0 where the mode has no such part), ``kl_weight``.
+        ``fm``, ``disc`` (0 where the mode has no such part), ``kl_weight``; in VAE modes also
+        ``kl_level0..`` and ``active_units`` (detached: for the log).
     """
     if isinstance(batch, dict):
         ids, attention_mask = batch["ids"], batch.get("attention_mask")
@@ -138,11 +164,16 @@ def compute_losses(
         grammar = _mean(forbidden, valid)
 
     kl = kl_raw = zero
+    vae_log: dict[str, Tensor] = {}
     if out.posterior is not None:
         per_elem = out.posterior.kl()
         tokens = ids.shape[1]
         kl_raw = sum(k.sum() for k in per_elem) / (ids.shape[0] * tokens)
-        kl = kl_free_bits(per_elem, loss_config.free_bits, tokens)
+        floor = kl_free_bits_grouped if loss_config.free_bits_per == "group" else kl_free_bits
+        kl = floor(per_elem, loss_config.free_bits, tokens)
+        for i, k in enumerate(per_elem):
+            vae_log[f"kl_level{i}"] = k.detach().sum() / (ids.shape[0] * tokens)
+        vae_log["active_units"] = active_units(out.posterior.mu)
 
     adv = fm = disc_loss = zero
     if model.discriminator is not None:
@@ -179,6 +210,7 @@ def compute_losses(
         "fm": fm,
         "disc": disc_loss,
         "kl_weight": torch.tensor(beta),
+        **vae_log,
     }
 
 
