@@ -22,7 +22,7 @@ from aurl.config import Config, ModelConfig, VocabConfig
 from aurl.data.grammar import Grammar, GrammarState
 from aurl.data.vocab import Kind, Vocab
 from aurl.models.discriminator import MultiScaleDiscriminator
-from aurl.models.layers import Rotary, attention_mask_for, make_blocks
+from aurl.models.layers import Rotary, Sparse, attention_mask_for, make_blocks
 from aurl.models.vae import LatentConditioner, LatentEncoder, Latents, Posterior
 
 if TYPE_CHECKING:
@@ -316,6 +316,7 @@ class MusicTransformerVAEGAN(nn.Module):
         V, D = self.vocab.size, c.d_model
         self.window = None if c.attention == "full" else c.local_window
         self.n_global = c.global_tokens if c.attention == "hierarchical" else 0
+        self.summary_len = c.summary_len if c.attention == "hierarchical" else 0
 
         self.embed = nn.Embedding(V, D)
         self.time = MusicalTime(self.vocab, D, meter=c.meter) if c.musical_position else None
@@ -419,7 +420,10 @@ class MusicTransformerVAEGAN(nn.Module):
             gram_emb = self.grammar_features(ids, start.grammar)[0]
         x = self._input(ids, cond, time_emb, gram_emb)
         key_mask = attention_mask.bool() if attention_mask is not None else None
-        mask = self._mask(0, T, torch.arange(T, device=ids.device), key_mask)
+        if self.window is not None and self.window < T:  # block-local, linear in T
+            mask = Sparse(self.window, self.n_global, self.summary_len, key_mask)
+        else:
+            mask = self._mask(0, T, torch.arange(T, device=ids.device), key_mask)
         cos, sin = self.rotary.tables(0, T)
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
@@ -556,6 +560,12 @@ class MusicTransformerVAEGAN(nn.Module):
         if state.key_mask is not None:
             key_mask = state.key_mask.index_select(1, k_pos)
         mask = self._mask(start, T, k_pos, key_mask)
+        if self.summary_len > 0:  # hierarchical: the summaries come from the whole cache
+            if mask is None and T > 1:
+                q_pos = torch.arange(start, start + T, device=device)
+                mask = attention_mask_for(q_pos, k_pos, self.window, self.n_global)[None, None]
+            sk = state.key_mask[:, : start + T] if state.key_mask is not None else None
+            mask = Sparse(self.window, self.n_global, self.summary_len, sk, mask, start)
         cos, sin = self.rotary.tables(start, T)
         logits = self._decode_blocks(x, cos, sin, mask, state.k, state.v, start, keys)
         state.pos = start + T
