@@ -209,6 +209,8 @@ def meter_tensor(engine: Any, config: GenerationConfig, batch: int) -> Any:
     if not config.meter or not getattr(engine.config, "meter", False):
         return None
     if engine.numpy:
+        from aurl.errors import ConfigError
+
         raise ConfigError("the onnx engine cannot condition on a meter: use --engine torch")
     import torch
 
