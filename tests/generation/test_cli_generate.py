@@ -121,10 +121,22 @@ def test_without_a_shipped_model(tmp_path, capsys, monkeypatch) -> None:
     assert code == 1 and "no shipped model" in err and "--checkpoint" in err
 
 
-def test_int8_generation_gives_valid_pieces(checkpoint, tmp_path, capsys, playable) -> None:
+@pytest.mark.parametrize("bf16", [True, False], ids=["cpu-with-bf16", "cpu-without-bf16"])
+def test_int8_generation_gives_valid_pieces(
+    checkpoint, tmp_path, capsys, playable, monkeypatch, bf16
+) -> None:
+    """``--int8`` runs int8 weights on either CPU path: PyTorch's Int8Linear where the CPU has
+    bf16 instructions, onnxruntime's integer graphs where it has not (aurl.engines.cpu)."""
     from torch.nn.modules.module import register_module_forward_hook
 
+    from aurl.engines import cpu
     from aurl.models.quantize import Int8Linear
+
+    monkeypatch.setattr(cpu, "has_bf16", lambda: bf16)  # which CPU this is, not what runs
+    if not bf16:  # the int8 graphs, exported before the hook listens (export traces torch)
+        from aurl.engines.shipped import ensure_shipped_onnx
+
+        ensure_shipped_onnx(checkpoint, int8=True, log=lambda _: None)
 
     ran = collections.Counter()  # the layers that computed, by the dtype of their weights
 
@@ -142,11 +154,21 @@ def test_int8_generation_gives_valid_pieces(checkpoint, tmp_path, capsys, playab
     finally:
         handle.remove()
     assert code == 0, err
-    # the model that generated held int8 weights: its backbone and head ran as Int8Linear,
-    # and no fp32 linear ran (the small grammar-feature linears stay in fp32 by design)
-    assert ran["int8", torch.int8] > 0
-    assert {k for k in ran if k[0] == "linear"} <= {("linear", torch.float32)}
-    assert ran["linear", torch.float32] < ran["int8", torch.int8]
+    if bf16:
+        # the model that generated held int8 weights: its backbone and head ran as Int8Linear,
+        # and no fp32 linear ran (the small grammar-feature linears stay in fp32 by design)
+        assert ran["int8", torch.int8] > 0
+        assert {k for k in ran if k[0] == "linear"} <= {("linear", torch.float32)}
+        assert ran["linear", torch.float32] < ran["int8", torch.int8]
+    else:  # no torch linear computed a token; the graphs that did multiply in integers
+        import onnx
+
+        from aurl.engines.shipped import shipped_onnx_folder
+
+        assert "int8 runs on onnxruntime" in stdout and not ran
+        graph = onnx.load(str(shipped_onnx_folder(checkpoint, int8=True) / "decoder_step.onnx"))
+        ops = {node.op_type for node in graph.graph.node}
+        assert "MatMulInteger" in ops or "QLinearMatMul" in ops, sorted(ops)
     cap = GenerationConfig().polyphony_cap
     grammar = Grammar(Vocab(), cap)
     for i in range(3):
