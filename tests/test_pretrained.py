@@ -15,12 +15,13 @@ import aurl
 
 SHIPPED = Path(aurl.__file__).parent / "pretrained"
 CHORALES = Path(aurl.__file__).parent / "data" / "bundled" / "bach-chorales"
-# The shipped model scores 2.945 bits per note on the 8 chorales below (MODEL_CARD.md; 3.005 on
-# the whole test split). The bar sits 0.035 (~1%) above that: the scoring is deterministic fp32
-# on fixed tokens, so only summation order moves it (~1e-4 across thread counts and BLAS builds),
-# while a retrained or damaged model that is 1% worse fails. An untrained model scores about 21,
-# the project's goal (0.8 x the best baseline, HF GPT-2 on REMI at 5.58) is 4.46.
-MAX_TEST_BITS_PER_NOTE = 2.98
+# The shipped model scores 3.058 bits per note on the first 8 chorales of the tune-grouped test
+# split (MODEL_CARD.md). The bar sits ~1% above that: the scoring is deterministic fp32 on fixed
+# tokens, so only summation order moves it (~1e-4 across thread counts and BLAS builds), while a
+# retrained or damaged model that is 1% worse fails. An untrained model scores about 21. (This
+# model was trained before the grouped split and saw 35 of its 43 test files, 5 of these 8: the
+# value is a regression bar for these weights, not a held-out quality figure.)
+MAX_TEST_BITS_PER_NOTE = 3.09
 
 pytestmark = pytest.mark.skipif(
     not (SHIPPED / "config.json").is_file(), reason="no shipped model in src/aurl/pretrained yet"
@@ -41,7 +42,7 @@ def test_shipped_model_scores_the_test_split(model, tmp_path):
 
     prepare(CHORALES, tmp_path / "cache", vocab_config=model.vocab_config, workers=1)
     cache = TokenCache(tmp_path / "cache")
-    rows = cache.split_indices("test")[:8]  # chorales the model never trained on
+    rows = cache.split_indices("test")[:8]  # the first 8 of the tune-grouped test split
     pieces = [np.asarray(cache.tokens(int(r)), dtype=np.int64) for r in rows]
     result = score_sequences(
         model, pieces, window=512, grammar=Grammar(model.vocab, 16), vocab=model.vocab
