@@ -7,8 +7,10 @@ stdin, sets its own limits before parsing, and writes one JSON object to stdout 
 either direction: nothing is unpickled).
 
 Tasks: ``ids`` (the tokenizer's ids of the file), ``notes`` (a note array as
-JSON columns, plus the bar length in beats), ``analyze`` (:func:`aurl.analysis.report.
-analyze_notes` of the file).
+JSON columns, plus the bar length in beats), ``piece`` (the notes track by track,
+``{"tracks": [{"name", "notes": columns}, ...], "time_map": TimeMap.to_json()}``: what
+composing around the file needs, its bars and seconds included), ``analyze``
+(:func:`aurl.analysis.report.analyze_notes` of the file).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from aurl.errors import MidiReadError
 
-TASKS = ("ids", "notes", "analyze")
+TASKS = ("ids", "notes", "piece", "analyze")
 
 
 class UploadError(MidiReadError):
@@ -124,6 +126,28 @@ def _read_notes(path: Path) -> tuple[Any, float]:
     return notes_from_score(score), bpb
 
 
+def _read_piece(path: Path) -> dict[str, Any]:
+    """The file's tracks with notes (name and note columns each) and its time map."""
+    from aurl.config import DataConfig
+    from aurl.data.midi_io import read_midi
+    from aurl.generation.compose import TimeMap, track_notes
+
+    score, _ = read_midi(path, DataConfig(drums="keep"))
+    meter = None
+    try:  # the repaired score keeps no meter: read it from the file (which read_midi accepted)
+        import symusic
+
+        meter = symusic.Score(str(path))
+    except Exception:  # noqa: BLE001 - a file read_midi repaired may still trip symusic
+        pass
+    times = TimeMap.of_score(score, meter_from=meter)
+    tracks = [
+        {"name": name, "notes": {f: notes[f].tolist() for f in notes.dtype.names}}
+        for name, notes in track_notes(score)
+    ]
+    return {"tracks": tracks, "time_map": times.to_json()}
+
+
 def _run_task(task: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
@@ -136,6 +160,8 @@ def _run_task(task: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
         cap = int(options.get("polyphony_cap", DataConfig().polyphony_cap))
         tok = Tokenizer(vocab, DataConfig(polyphony_cap=cap))
         return {"ids": np.asarray(tok.encode_file(path)).tolist()}
+    if task == "piece":
+        return _read_piece(path)
     notes, beats_per_bar = _read_notes(path)
     if task == "notes":
         cols = {name: notes[name].tolist() for name in notes.dtype.names}
