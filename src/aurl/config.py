@@ -121,6 +121,9 @@ class ModelConfig:
     attention: Literal["full", "local", "hierarchical"] = "full"
     local_window: int = _num(256, 1, 1_000_000)
     global_tokens: int = _num(64, 0, 1_000_000)
+    # hierarchical: mean-pooled keys/values of each complete segment of this many tokens that
+    # begins before a query's window (0: window plus global tokens only)
+    summary_len: int = _num(64, 0, 1_000_000)
     musical_position: bool = True  # beat/bar embedding derived from the ids
     grammar_features: bool = True  # sounding-pitch state fed to the model
     # bars follow each piece's time signature (cache index, ``--meter``); off: 4/4 (old models)
@@ -154,8 +157,15 @@ class LossConfig:
     kl_weight: float = _num(1.0, 0.0)  # beta
     kl_anneal_steps: int = _num(2000, 0)
     free_bits: float = _num(0.25, 0.0)
+    # what the free_bits floor applies to: each latent group (one unit's vector of a level:
+    # the global code, one segment's, one fine unit's) or each latent dimension
+    free_bits_per: Literal["group", "dim"] = "group"
     adv_weight: float = _num(0.1, 0.0)
     feature_matching_weight: float = _num(1.0, 0.0)
+    # vae_gan: fakes as straight-through hard Gumbel samples (one-hot forward, soft gradient)
+    # or soft Gumbel-softmax samples; the adversarial objective, hinge or non-saturating
+    gan_fakes: Literal["hard", "soft"] = "hard"
+    gan_loss: Literal["hinge", "non_saturating"] = "hinge"
     auto_balance: bool = False  # learned uncertainty weighting
 
 

@@ -256,3 +256,21 @@ def test_type2_tracks_read_like_type1(tmp_path):
     mf.save(tmp_path / "type2.mid")
     score, report = read_midi(tmp_path / "type2.mid")
     assert report.format == 2 and notes_of(score) == [(0, 480, 60, 80, 0), (0, 480, 64, 80, 0)]
+
+
+def test_read_score_sees_only_checked_bytes(tmp_path):
+    """The raw-Score reader (meters, tune groups, composing inputs) goes through the pre-pass:
+    a cut file keeps its complete events, a junk tail is dropped, refusals are MidiReadError."""
+    from aurl.data.midi_io import read_score
+
+    raw = (EDGE / "multi_instrument.mid").read_bytes()
+    cut = tmp_path / "cut.mid"
+    cut.write_bytes(raw[:60] + np.random.default_rng(3).bytes(3000))  # cut + junk tail
+    whole, _ = read_midi(EDGE / "multi_instrument.mid")
+    got = read_score(cut)
+    assert 0 < got.note_num() < whole.note_num()
+    bad = tmp_path / "division0.mid"
+    bad.write_bytes(raw[:12] + b"\x00\x00" + raw[14:])  # division 0: refused by the pre-pass
+    with pytest.raises(MidiReadError, match="division") as err:
+        read_score(bad)
+    assert str(bad) in str(err.value)

@@ -14,7 +14,9 @@ from aurl.models import model as M
 
 
 def test_constants_match_the_model() -> None:
-    assert (F.PHASE_BINS, F.BEATS_PER_BAR) == (M.PHASE_BINS, M.BEATS_PER_BAR)
+    assert (F.PHASE_BINS, F.BEATS_PER_BAR, F.MAX_BEATS) == (
+        M.PHASE_BINS, M.BEATS_PER_BAR, M.MAX_BEATS
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("time_unit", ["beat", "seconds"])
@@ -47,3 +49,40 @@ def test_features_equal_the_models_own(time_unit, fixtures_dir) -> None:
         assert np.array_equal(got["sounding"], snd.numpy().astype(np.float32))
         assert np.array_equal(got["age"], age.numpy().astype(np.float32))
         assert np.array_equal(got["family"], family.numpy())
+
+
+METERS = [(3, 4), (6, 8), (4, 4), (5, 8), (12, 8), (3, 2), (7, 4), (2, 4)]
+
+
+@pytest.mark.parametrize("time_unit", ["beat", "seconds"])
+def test_beats_follow_each_rows_meter_as_the_model_counts_them(time_unit, fixtures_dir) -> None:
+    """A meter model: one real piece in eight rows, each in another time signature, fed as a
+    prefix and then token by token; beat in bar and the bar length equal the model's own for
+    that row's meter (and a meter-less model's features ignore a meter, as the model does)."""
+    vcfg = VocabConfig(time_unit=time_unit)
+    model = MusicTransformerVAEGAN(ModelConfig(d_model=32, n_layers=1, n_heads=2, meter=True), vcfg)
+    path = fixtures_dir / "midi" / "bach_bwv66.6.mid"
+    ids = np.asarray(Tokenizer(vcfg).encode_file(path), dtype=np.int64)[:300]
+    rows = np.tile(ids, (len(METERS), 1))  # (B, T)
+    meter = np.asarray(METERS, dtype=np.int64)
+    feats = F.Features(model.vocab, musical_time=True, grammar_features=False, meter=True)
+    state = feats.initial(len(METERS), meter)
+    first, state = feats(rows[:, :100], state)
+    beats, bar_beats = [first["beat"]], {tuple(first["bar_beats"])}
+    for j in range(100, rows.shape[1]):
+        parts, state = feats(rows[:, j : j + 1], state)
+        beats.append(parts["beat"])
+        bar_beats.add(tuple(parts["bar_beats"]))
+    got = np.concatenate(beats, axis=1)
+    _, want, _, cum = model.time.positions(torch.from_numpy(rows), meter=torch.from_numpy(meter))
+    assert np.array_equal(got, want.numpy())
+    assert not np.array_equal(got[0], got[2])  # 3/4 counts other beats than 4/4 ...
+    assert np.array_equal(got[0], got[1])  # ... and the same as 6/8 (3 quarter notes)
+    assert bar_beats == {(3, 3, 4, 3, 6, 6, 7, 2)}  # 5/8: 2.5 beats, rounded up
+    r = model.time.ticks_per_beat
+    assert np.array_equal(-(-M.bar_ticks(torch.from_numpy(meter), r) // r).numpy(),
+                          first["bar_beats"])  # fmt: skip
+    plain = F.Features(model.vocab, musical_time=True, grammar_features=False)
+    parts, _ = plain(rows, plain.initial(len(METERS), meter))
+    assert "bar_beats" not in parts
+    assert np.array_equal(parts["beat"], (cum.numpy() // r) % 4)

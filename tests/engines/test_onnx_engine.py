@@ -63,13 +63,14 @@ def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_cli_generation_never_imports_torch(tiny_export, tmp_path) -> None:
-    """A whole `aurl generate --engine onnx` (constraints, sampling, MIDI export) in a fresh
-    process: torch is never imported."""
+    """A whole `aurl generate --engine onnx` (constraints, a meter, sampling, MIDI export) in a
+    fresh process: torch is never imported."""
     out = tmp_path / "pieces"
     code = (
         "import sys\nfrom aurl.cli import main\n"
         f"rc = main(['generate', '--engine', 'onnx', '--checkpoint', {str(tiny_export)!r}, "
-        f"'--out', {str(out)!r}, '--max-tokens', '64', '--key', 'G major', '--num-samples', '2'])\n"
+        f"'--out', {str(out)!r}, '--max-tokens', '64', '--key', 'G major', '--num-samples', '2', "
+        "'--meter', '3/4'])\n"
         "assert rc == 0\nprint('torch' in sys.modules)\n"
     )
     r = _run(code)
@@ -79,6 +80,7 @@ def test_cli_generation_never_imports_torch(tiny_export, tmp_path) -> None:
         "sample_seed0_000.mid",
         "sample_seed0_001.mid",
     ]
+    assert "meter: 3/4" in (out / "sample_seed0.yaml").read_text()
 
 
 def test_missing_onnxruntime_is_one_line(tiny_export, tmp_path) -> None:
@@ -124,6 +126,7 @@ def _broken(tiny_export: Path, tmp_path: Path, change) -> Path:
         (lambda m: m.update(version=99), "export version 99"),
         (lambda m: m["vocab"].update(velocity_bins=16), "vocabulary of 774 ids"),
         (lambda m: m.update(format="aurl-model"), "not an ONNX export"),
+        (lambda m: m["inputs"].remove("bar_beats"), "take no bar_beats input"),
     ],
 )
 def test_bad_export_folders_are_refused(tiny_export, tmp_path, change, message) -> None:

@@ -10,8 +10,8 @@ from aurl.cli import main
 from aurl.config import GenerationConfig, load_config
 from aurl.data.meter import parse_meter
 from aurl.data.tokenizer import Tokenizer
-from aurl.errors import ConfigError
 from aurl.engines import as_engine
+from aurl.errors import ConfigError
 from aurl.generation.generate import generate, meter_tensor
 from aurl.models import build_model
 

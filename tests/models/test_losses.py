@@ -129,3 +129,75 @@ def test_a_few_steps_of_training_lower_the_loss(make_model, chorale):
         opt.step()
         first = first if first is not None else losses["ce"].item()
     assert losses["ce"].item() < first - 2.0  # from about ln(774) = 6.65 nats
+
+
+def test_hard_fakes_are_exact_one_hots_with_a_soft_gradient(make_model, chorale):
+    from aurl.data.grammar import Grammar
+    from aurl.data.vocab import Vocab
+    from aurl.models.losses import soft_fakes
+
+    model = make_model().eval()
+    ids = chorale[:, :64]
+    allowed = Grammar(Vocab()).sequence_masks(ids)
+    logits = model(ids).logits.detach().requires_grad_(True)
+    torch.manual_seed(0)
+    fake = soft_fakes(ids, logits, allowed)
+    # every row one exact 1.0, the rest exact zeros, as in a real one-hot
+    assert bool((fake.max(-1).values == 1.0).all())
+    assert bool(((fake == 0.0) | (fake == 1.0)).all())
+    assert bool((fake.sum(-1) == 1.0).all())
+    # the sampled ids obey the grammar
+    picked = fake[:, 1:].argmax(-1)
+    assert bool(allowed[:, :-1].gather(-1, picked[..., None]).all())
+    # the Gumbel-softmax gradient reaches the logits
+    weights = torch.randn(fake.shape, generator=torch.Generator().manual_seed(1))
+    (fake * weights).sum().backward()
+    assert logits.grad is not None and logits.grad[:, :-1].abs().sum() > 0
+    # the relaxed samples are what the old default fed the discriminator: soft, max < 1
+    torch.manual_seed(0)
+    relaxed = soft_fakes(ids, logits.detach(), allowed, hard=False)
+    assert relaxed[:, 1:].max(-1).values.mean() < 0.99
+    assert bool((relaxed[:, 1:].argmax(-1) == picked).all())  # same draw, hardened
+
+
+def test_non_saturating_and_hinge_by_hand():
+    from aurl.models.losses import discriminator_objective, generator_objective
+
+    real = [torch.tensor([[0.0, 2.0]]), torch.tensor([[-1.0]])]
+    fake = [torch.tensor([[-1.0, 1.0]]), torch.tensor([[0.5]])]
+
+    def sp(x):  # softplus
+        return math.log1p(math.exp(x))
+
+    d_ns = ((sp(0.0) + sp(-2.0)) / 2 + (sp(-1.0) + sp(1.0)) / 2 + sp(1.0) + sp(0.5)) / 2
+    g_ns = ((sp(1.0) + sp(-1.0)) / 2 + sp(-0.5)) / 2
+    d_hinge = ((1.0 + 0.0) / 2 + (0.0 + 2.0) / 2 + 2.0 + 1.5) / 2
+    g_hinge = -((-1.0 + 1.0) / 2 + 0.5) / 2
+    assert abs(discriminator_objective(real, fake, "non_saturating").item() - d_ns) < 1e-6
+    assert abs(generator_objective(fake, "non_saturating").item() - g_ns) < 1e-6
+    assert abs(discriminator_objective(real, fake, "hinge").item() - d_hinge) < 1e-6
+    assert abs(generator_objective(fake, "hinge").item() - g_hinge) < 1e-6
+
+
+def test_non_saturating_losses_in_compute_losses(make_model, ids):
+    from aurl.models.losses import soft_fakes
+
+    model = make_model(mode="vae_gan").eval()  # posterior mean: the fakes are the only draw
+    config = LossConfig(gan_loss="non_saturating")
+    torch.manual_seed(3)
+    losses = compute_losses(model, ids, config, step=0)
+    torch.manual_seed(3)
+    fake = soft_fakes(ids, model(ids).logits)
+    fake_scores, _ = model.discriminate(fake)
+    real_scores, _ = model.discriminate(ids)
+    adv = sum(torch.nn.functional.softplus(-s).mean() for s in fake_scores) / len(fake_scores)
+    disc = sum(
+        torch.nn.functional.softplus(-r).mean() + torch.nn.functional.softplus(f).mean()
+        for r, f in zip(real_scores, fake_scores)
+    ) / len(real_scores)
+    torch.testing.assert_close(losses["adv"], adv)
+    torch.testing.assert_close(losses["disc"], disc)
+    # the generator's gradient flows through the hard fakes into the decoder
+    model.zero_grad()
+    losses["adv"].backward()
+    assert model.embed.weight.grad is not None and model.embed.weight.grad.abs().sum() > 0

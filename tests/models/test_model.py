@@ -267,3 +267,22 @@ def test_bf16_weights_and_autocast(chorale, make_model):
     assert steps.dtype == torch.bfloat16
     # the same bf16 ops token by token (measured: equal; an fp8 key cache: 0.0044)
     assert (steps.float() - full.float()).abs().max() < 2e-3
+
+
+def test_a_model_bigger_than_memory_is_refused_before_allocating():
+    """d_model 16384 x 256 layers (~800 G parameters) is within the config's ranges but could
+    only end in the kernel killing the process: refused by a size check, in well under a
+    second and with nothing allocated."""
+    import resource
+
+    from aurl.config import ModelConfig
+    from aurl.errors import ConfigError
+    from aurl.models.model import MusicTransformerVAEGAN, weight_count_lower_bound
+
+    huge = ModelConfig(d_model=16384, n_layers=256, n_heads=64)
+    assert weight_count_lower_bound(huge, 774) > 8 * 10**11
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ConfigError, match="model.d_model=16384.*choose a smaller model"):
+        MusicTransformerVAEGAN(huge)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+    MusicTransformerVAEGAN(ModelConfig(d_model=32, n_layers=2, n_heads=2))  # small ones build

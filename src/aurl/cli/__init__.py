@@ -13,7 +13,17 @@ from aurl import __version__
 from aurl.errors import AurlError, ConfigError
 
 # modules of aurl.cli; compose registers harmonize, infill and accompany
-COMMANDS = ("data", "config", "train", "generate", "compose", "evaluate", "analyze", "export", "serve")
+COMMANDS = (
+    "data",
+    "config",
+    "train",
+    "generate",
+    "compose",
+    "evaluate",
+    "analyze",
+    "export",
+    "serve",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,14 +67,12 @@ def _read_in_worker(path: Path):
 
 def _beats_per_bar(path: Path) -> float:
     """Quarter-note beats per bar from the first time signature; 4 when there is none."""
-    import symusic
-
-    from aurl.data.midi_io import SANITIZE_DATA, checked_bytes
+    from aurl.data.midi_io import read_score
+    from aurl.errors import MidiReadError
 
     try:  # read_midi already validated the file; this second read only looks for the meter
-        data, _ = checked_bytes(path)  # never the raw bytes: see aurl.data.smf
-        sigs = symusic.Score.from_midi(data, sanitize_data=SANITIZE_DATA).time_signatures
-    except Exception:  # noqa: BLE001 - a file read_midi repaired may still trip symusic
+        sigs = read_score(path).time_signatures
+    except MidiReadError:
         return 4.0
     if len(sigs) == 0 or sigs[0].denominator <= 0:
         return 4.0

@@ -91,6 +91,7 @@ def read_score(path: str | Path) -> Any:
     """
     import symusic
 
+    from aurl.data.midi_io import read_score as read_midi_score
     from aurl.errors import MidiReadError
 
     path = Path(path)
@@ -105,8 +106,8 @@ def read_score(path: str | Path) -> Any:
             with tempfile.TemporaryDirectory() as tmp:
                 mid = Path(tmp) / "score.mid"
                 converter.parse(str(path)).write("midi", fp=str(mid))
-                return symusic.Score(str(mid)).to("tick")
-        return symusic.Score(str(path)).to("tick")
+                return symusic.Score(str(mid)).to("tick")  # written by music21 just now
+        return read_midi_score(path).to("tick")  # checked bytes only (aurl.data.smf)
     except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MidiReadError(

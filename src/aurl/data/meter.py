@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aurl.errors import ConfigError
+from aurl.errors import ConfigError, MidiReadError
 
 DEFAULT_METER = (4, 4)
 _DENOMINATORS = (1, 2, 4, 8, 16, 32)
@@ -19,11 +19,11 @@ _DENOMINATORS = (1, 2, 4, 8, 16, 32)
 def read_meter(path: str | Path) -> tuple[int, int]:
     """``(numerator, denominator)`` of a MIDI file's first time signature; 4/4 where it has
     none or the file cannot be parsed for it (the tokenizer reports unreadable files)."""
-    import symusic
+    from aurl.data.midi_io import read_score
 
     try:
-        score = symusic.Score(str(path))
-    except Exception:  # symusic raises several types; the meter then is the MIDI default
+        score = read_score(path)
+    except MidiReadError:  # the meter then is the MIDI default
         return DEFAULT_METER
     signatures = sorted(score.time_signatures, key=lambda t: t.time)
     if not signatures:

@@ -320,6 +320,21 @@ def checked_bytes(path: str | Path, data_config: DataConfig | None = None):
     return check_smf(_load_bytes(path, data_config or DataConfig()), str(path))
 
 
+def read_score(path: str | Path, data_config: DataConfig | None = None):
+    """The file as symusic reads it, unrepaired (tracks, tempos, time and key signatures as
+    written), from the checked bytes of :func:`checked_bytes` only: the one way to a raw
+    ``symusic.Score`` of a file from outside. Raises MidiReadError (symusic's own complaint
+    included)."""
+    import symusic
+
+    data, _ = checked_bytes(path, data_config)
+    try:
+        return symusic.Score.from_midi(data, sanitize_data=SANITIZE_DATA)
+    except Exception as e:  # noqa: BLE001 - symusic raises several types
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MidiReadError(f"{path}: damaged MIDI file ({first})") from None
+
+
 def parse_midi(
     path: str | Path, data_config: DataConfig | None = None
 ) -> tuple[MidiData, RepairReport]:

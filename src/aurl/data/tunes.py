@@ -54,9 +54,9 @@ def soprano_intervals(path: str | Path) -> tuple[int, ...]:
     The top voice is the track with the highest mean pitch; within it, the highest note at
     each onset. Empty for a file without notes or with one note.
     """
-    import symusic
+    from aurl.data.midi_io import read_score
 
-    score = symusic.Score(str(path))
+    score = read_score(path)
     tracks = [t.notes.numpy() for t in score.tracks if len(t.notes)]
     if not tracks:
         return ()

@@ -1,6 +1,6 @@
 """Engines: what the generation loop calls to get logits, below generation and above models.
 
-An engine is duck-typed: ``init_state(batch, *, capacity, history, latents)`` -> state,
+An engine is duck-typed: ``init_state(batch, *, capacity, history, latents, meter)`` -> state,
 ``step(ids, state)`` -> logits (B, T, V) advancing the state, ``grammar_state(state)`` (the
 grammar state after the tokens fed, when the engine keeps one, else None), plus ``vocab``, ``config`` (the model config: ``max_seq_len``, ``mode``),
 ``device`` and ``numpy`` (True: ids, logits and states are numpy arrays and nothing imports

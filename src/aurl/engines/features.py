@@ -8,7 +8,11 @@ carried between calls:
 - musical time: ``ticks`` (B,) cumulative 1/32-beat ticks (beat mode: TIME_SHIFT steps) and
   ``tempo`` (B,) the tempo bin in force (-1 before the first TEMPO). Per token: the shift's
   ticks at the current tempo, read from one precomputed (tempo bins + 1, shifts) table; phase
-  = position in the beat in 1/32, beat = beat in the 4/4 bar.
+  = position in the beat in 1/32, beat = beat in the bar. The bar is 4 beats, or, for a model
+  with meter conditioning (``model.meter``), each row's time signature counted in quarter-note
+  beats (``bar`` (B,) ticks per bar, set once by :meth:`Features.initial`; 3/4 -> 3 beats, 6/8
+  -> 3), whose length in beats is one more input, ``bar_beats`` (B,), for the graphs' embedding
+  of the bar length.
 - grammar features: the grammar state (:class:`aurl.data.grammar.GrammarState` with numpy
   fields, advanced by the one grammar implementation), which pitches sound in any family
   (``sounding`` (B, P)) and the step at which each started (``onset`` (B, P)); ``age`` = time -
@@ -30,6 +34,16 @@ from aurl.data.vocab import Kind, Vocab
 
 PHASE_BINS = 32  # as aurl.models.model.PHASE_BINS (held equal by the tests)
 BEATS_PER_BAR = 4  # as aurl.models.model.BEATS_PER_BAR
+MAX_BEATS = 12  # as aurl.models.model.MAX_BEATS
+
+
+def bar_ticks(meter: np.ndarray, ticks_per_beat: int) -> np.ndarray:
+    """Ticks per bar of each meter ``(numerator, denominator)`` (B, 2) in quarter-note beats of
+    ``ticks_per_beat`` ticks, at most :data:`MAX_BEATS` beats (``aurl.models.model.bar_ticks``
+    in numpy). (B,) int64."""
+    meter = np.asarray(meter, dtype=np.int64).reshape(-1, 2)
+    num, den = meter[:, 0], np.maximum(meter[:, 1], 1)
+    return np.clip(ticks_per_beat * 4 * num // den, 1, MAX_BEATS * ticks_per_beat)
 
 
 @dataclass
@@ -41,6 +55,7 @@ class FeatureState:
     grammar: Any  # GrammarState with numpy fields (None: the model has no grammar features)
     sounding: np.ndarray  # (B, P) bool: pitches sounding in any family
     onset: np.ndarray  # (B, P) int64: step at which each sounding pitch started
+    bar: np.ndarray  # (B,) int64: ticks per bar (4 beats, or the row's meter)
 
     def take(self, rows: np.ndarray) -> FeatureState:
         """The state of rows ``rows`` (beam search reorders)."""
@@ -48,7 +63,7 @@ class FeatureState:
         if g is not None:
             g = type(g)(**{f.name: getattr(g, f.name)[rows] for f in fields(g)})
         return FeatureState(self.ticks[rows], self.tempo[rows], g, self.sounding[rows],
-                            self.onset[rows])  # fmt: skip
+                            self.onset[rows], self.bar[rows])  # fmt: skip
 
 
 class Features:
@@ -58,11 +73,17 @@ class Features:
         vocab: the model's vocabulary.
         musical_time: the model has musical-time embeddings (``model.musical_position``).
         grammar_features: the model has grammar-feature embeddings (``model.grammar_features``).
+        meter: the model has meter conditioning (``model.meter``): bars follow the meter given
+            to :meth:`initial`, and ``bar_beats`` is an input; without it every bar has 4 beats
+            and a meter given is ignored (as the model does).
     """
 
-    def __init__(self, vocab: Vocab, *, musical_time: bool, grammar_features: bool) -> None:
+    def __init__(
+        self, vocab: Vocab, *, musical_time: bool, grammar_features: bool, meter: bool = False
+    ) -> None:
         c = vocab.config
         self.vocab, self.musical_time, self.grammar_features = vocab, musical_time, grammar_features
+        self.meter = meter and musical_time
         self.grammar = Grammar(vocab)
         self.shift = np.where(vocab.kind == Kind.TIME_SHIFT, vocab.value, 0).astype(np.int64)
         self.tempo_of = np.where(vocab.kind == Kind.TEMPO, vocab.value, -1).astype(np.int64)
@@ -77,14 +98,20 @@ class Features:
         self.ticks = table.astype(np.int64)  # (tempo bins + 1, shifts)
         self.P = vocab.n_pitches
 
-    def initial(self, batch: int) -> FeatureState:
-        """The state before any token."""
+    def initial(self, batch: int, meter: np.ndarray | None = None) -> FeatureState:
+        """The state before any token. ``meter`` (B, 2) or (2,): the time signatures
+        ``(numerator, denominator)`` the bars follow (meter models; default 4/4)."""
         z = np.zeros(batch, dtype=np.int64)
+        r = self.ticks_per_beat
+        if self.meter and meter is not None:
+            bar = np.broadcast_to(bar_ticks(meter, r), (batch,)).copy()
+        else:
+            bar = np.full(batch, BEATS_PER_BAR * r, dtype=np.int64)
         return FeatureState(
             ticks=z, tempo=z - 1,
             grammar=self.grammar.initial_numpy_state(batch) if self.grammar_features else None,
             sounding=np.zeros((batch, self.P), dtype=bool),
-            onset=np.zeros((batch, self.P), dtype=np.int64),
+            onset=np.zeros((batch, self.P), dtype=np.int64), bar=bar,
         )  # fmt: skip
 
     def __call__(self, ids: np.ndarray, state: FeatureState) -> tuple[dict, FeatureState]:
@@ -103,8 +130,10 @@ class Features:
             cum = ticks[:, None] + np.cumsum(self.ticks[cur + 1, self.shift[ids]], axis=1)
             r = self.ticks_per_beat
             out["phase"] = (cum % r) * PHASE_BINS // r
-            out["beat"] = (cum // r) % BEATS_PER_BAR
+            out["beat"] = (cum % state.bar[:, None]) // r
             out["tempo"] = cur + 1
+            if self.meter:  # the bar's length in whole beats (rounded up), as the model embeds it
+                out["bar_beats"] = -(-state.bar // r)
             ticks, tempo = cum[:, -1], cur[:, -1]
         g, snd, onset = state.grammar, state.sounding, state.onset
         if self.grammar_features:

@@ -93,6 +93,12 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
             f"{path}: the graphs were exported for a vocabulary of {meta.get('vocab_size')} ids, "
             f"its vocab config gives {size}: the folder mixes exports; export the model again"
         )
+    inputs = meta.get("inputs", [])
+    if model_cfg.meter and "phase" in inputs and "bar_beats" not in inputs:
+        raise CheckpointError(
+            f"{path}: the model has meter conditioning (model.meter) but its graphs take no "
+            "bar_beats input: export the model again with this version of Aurl"
+        )
     for name in meta.get("graphs", {}).values():
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder / name} is missing: export the model again")
@@ -127,7 +133,7 @@ class OnnxEngine:
         self.heads, self.head_dim = int(meta["n_heads"]), int(meta["head_dim"])
         self.features = Features(
             self.vocab, musical_time="phase" in self.inputs,
-            grammar_features="sounding" in self.inputs,
+            grammar_features="sounding" in self.inputs, meter="bar_beats" in self.inputs,
         )  # fmt: skip
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
@@ -155,12 +161,15 @@ class OnnxEngine:
         latents: Any = None,
         device: Any = None,
         dtype: Any = None,
+        meter: np.ndarray | None = None,
     ) -> OnnxState:
         """A fresh state for ``batch_size`` rows (the model's ``init_state``): ``history``
-        (B, n) sets the musical time and grammar features without entering the cache."""
+        (B, n) sets the musical time and grammar features without entering the cache;
+        ``meter`` (B, 2) the time signatures ``(numerator, denominator)`` the bars follow
+        (exports of meter models; default 4/4; ignored by others, as by the model)."""
         if latents is not None:
             raise ConfigError("the onnx engine has no latent conditioning: use --engine torch")
-        feats = self.features.initial(batch_size)
+        feats = self.features.initial(batch_size, meter)
         if history is not None and history.shape[1] > 0:
             _, feats = self.features(np.asarray(history, dtype=np.int64), feats)
         return OnnxState(None, feats, capacity or self.config.max_seq_len)

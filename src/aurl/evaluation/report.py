@@ -26,6 +26,12 @@ from aurl.evaluation.distances import (
     set_features,
     summarize_set,
 )
+from aurl.evaluation.phrases import (
+    LENGTH_BINS,
+    PHRASE_METRICS,
+    phrase_features,
+    phrase_summary,
+)
 from aurl.fileio import atomic_write_text
 from aurl.progress import Progress, silent
 
@@ -45,8 +51,9 @@ def evaluate_sets(
     Returns:
         ``(results, generated_features, reference_features)``; ``results`` has ``generated``
         and ``reference`` (per scalar metric: mean, std, defined count), ``distances`` (per
-        metric: Yang & Lerch intra/inter statistics, OA, KL; and ``frechet_distance``) and the
-        set sizes.
+        metric: Yang & Lerch intra/inter statistics, OA, KL; and ``frechet_distance``), the
+        set sizes, and ``phrases`` (:func:`aurl.evaluation.phrases.phrase_summary` of each set:
+        cadences per phrase and per beat, share ending on a cadence, phrase lengths).
     """
     gen = set_features(generated, progress=progress)
     ref = set_features(reference, progress=progress)
@@ -55,6 +62,10 @@ def evaluate_sets(
         "generated": summarize_set(gen),
         "reference": summarize_set(ref),
         "distances": compare_sets(gen, ref),
+        "phrases": {
+            "generated": phrase_summary(*phrase_features(generated)),
+            "reference": phrase_summary(*phrase_features(reference)),
+        },
     }
     return results, gen, ref
 
@@ -304,11 +315,47 @@ def _markdown(results: dict[str, Any], images: dict[str, str]) -> str:
             f"{_f(dist.get('frechet_distance'))}",
             "",
         ]
+    if "phrases" in results:
+        lines += _phrase_markdown(results["phrases"])
     if images:
         lines += ["## Plots", ""]
         for title, rel in images.items():
             lines += [f"### {title}", "", f"![{title}]({rel})", ""]
     return "\n".join(lines)
+
+
+def _phrase_markdown(phrases: dict[str, Any]) -> list[str]:
+    gen, ref = phrases["generated"], phrases["reference"]
+    lines = [
+        "## Phrases and cadences",
+        "",
+        "Phrases of the skyline melody (ending at rests and held notes), cadences at their"
+        " arrivals in the local key, as `aurl analyze` reads them. ends_on_cadence: the share"
+        " of pieces whose last phrase closes on a cadence.",
+        "",
+        "| metric | generated | reference | pieces (gen / ref) |",
+        "|---|---|---|---|",
+    ]
+    for name in PHRASE_METRICS:
+        g, r = gen[name], ref[name]
+        lines.append(
+            f"| {name} | {_f(g['mean'])} ± {_f(g['std'])} | {_f(r['mean'])} ± {_f(r['std'])} | "
+            f"{g['defined']} / {r['defined']} |"
+        )
+    lines += [
+        "",
+        "| phrase length (beats) | generated | reference |",
+        "|---|---|---|",
+    ]
+    edges = [f"{LENGTH_BINS[i]:g}-{LENGTH_BINS[i + 1]:g}" for i in range(len(LENGTH_BINS) - 1)]
+    for i, label in enumerate(edges):
+        g, r = gen["phrase_length_histogram"][i], ref["phrase_length_histogram"][i]
+        lines.append(f"| {label} | {_f(g, 2)} | {_f(r, 2)} |")
+    lines += [
+        f"| median | {_f(gen['phrase_length_median'], 1)} | {_f(ref['phrase_length_median'], 1)} |",
+        "",
+    ]
+    return lines
 
 
 def write_report(

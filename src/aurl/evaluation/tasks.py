@@ -60,7 +60,9 @@ def chorale_voices(path: str | Path) -> list[np.ndarray]:
     """The four voices (S, A, T, B note arrays) of a four-track chorale MIDI file."""
     import symusic
 
-    score = symusic.Score(str(path)).to("tick")
+    from aurl.data.midi_io import read_score
+
+    score = read_score(path).to("tick")
     voices = []
     for track in score.tracks[:4]:
         one = symusic.Score(score.tpq)
@@ -308,11 +310,10 @@ def evaluate_harmonize(
 
 def _encode_notes(notes: np.ndarray, tokenizer: Any, path: Path) -> np.ndarray:
     """Ids of a note array (one family, program 0), as the tokenizer encodes a file."""
-    import symusic
-
+    from aurl.data.midi_io import read_score
     from aurl.generation.compose import parts_score
 
-    score = parts_score([("all", notes)], like=symusic.Score(str(path)))
+    score = parts_score([("all", notes)], like=read_score(path))
     return np.asarray(tokenizer.encode_score(score), dtype=np.int64)
 
 

@@ -204,17 +204,19 @@ class _Context:
 
 
 def meter_tensor(engine: Any, config: GenerationConfig, batch: int) -> Any:
-    """(B, 2) ``generation.meter`` for a model with meter conditioning; None otherwise (the
-    model counts in 4/4, and so does a meter model given none)."""
+    """(B, 2) ``generation.meter`` for a model with meter conditioning (a numpy array for a
+    numpy engine, else a tensor on the engine's device); None otherwise (the model counts in
+    4/4, and so does a meter model given none)."""
     if not config.meter or not getattr(engine.config, "meter", False):
         return None
-    if engine.numpy:
-        raise ConfigError("the onnx engine cannot condition on a meter: use --engine torch")
-    import torch
-
     from aurl.data.meter import parse_meter
 
-    meter = torch.tensor(parse_meter(config.meter), dtype=torch.long, device=engine.device)
+    pair = parse_meter(config.meter)
+    if engine.numpy:
+        return np.tile(np.asarray(pair, dtype=np.int64), (batch, 1))
+    import torch
+
+    meter = torch.tensor(pair, dtype=torch.long, device=engine.device)
     return meter.expand(batch, 2).contiguous()
 
 

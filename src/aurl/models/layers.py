@@ -6,6 +6,8 @@ Shapes: ``B`` batch, ``T`` tokens, ``D`` width, ``H`` heads, ``hd`` head width.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -64,6 +66,151 @@ def attention_mask_for(q_pos: Tensor, k_pos: Tensor, window: int | None, n_globa
     return ok
 
 
+def summary_mask_for(q_pos: Tensor, n: int, length: int, window: int) -> Tensor:
+    """Which of ``n`` segment summaries (segment j: positions ``j*length .. (j+1)*length - 1``)
+    each query sees: those of segments complete at the query (causal) that begin before its
+    window, i.e. ``(j+1)*length - 1 <= q`` and ``j*length <= q - window``. (Tq, n) bool. A
+    query whose window reaches back to position 0 sees none, so windowed attention equals full
+    attention wherever the window covers the past."""
+    start = torch.arange(n, device=q_pos.device) * length  # (n,)
+    q = q_pos[:, None]
+    return (start[None, :] + length - 1 <= q) & (start[None, :] <= q - window)
+
+
+def segment_summaries(
+    k: Tensor, v: Tensor, n: int, length: int, key_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Mean key and value of each of the first ``n`` segments of ``length`` positions.
+
+    Compressive Transformer-style mean pooling (Rae et al. 2020): a coarse memory of the far
+    past. ``k``, ``v`` (B, H, >= n*length, hd); ``key_mask`` (B, >= n*length) True for real
+    tokens (padding is left out of the means). Returns (keys, values (B, H, n, hd), which
+    summaries hold at least one real token (B, n) or None when every token is real)."""
+    B, H, _, hd = k.shape
+    ks = k[:, :, : n * length].unflatten(2, (n, length))  # (B, H, n, L, hd)
+    vs = v[:, :, : n * length].unflatten(2, (n, length))
+    if key_mask is None:
+        return ks.mean(3), vs.mean(3), None
+    w = key_mask[:, : n * length].view(B, 1, n, length, 1).to(k.dtype)  # (B, 1, n, L, 1)
+    count = w.sum(3)  # (B, 1, n, 1)
+    denom = count.clamp_min(1.0)
+    return (ks * w).sum(3) / denom, (vs * w).sum(3) / denom, count[:, 0, :, 0] > 0
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """A windowed causal attention pattern (``local``/``hierarchical``), in place of a mask.
+
+    Queries see the last ``window`` positions (itself included), the first ``n_global``
+    positions, and the mean-pooled summaries of complete ``summary_len`` segments that begin
+    before the window (:func:`summary_mask_for`; 0: none).
+
+    Without a KV cache (training, scoring) the queries are all positions 0..T-1 and attention
+    runs block-local (:func:`local_attention`). With one (decoding), ``mask`` is the dense
+    mask over the keys the cache hands over, and ``key_mask`` covers cache positions from 0.
+    """
+
+    window: int
+    n_global: int = 0
+    summary_len: int = 0
+    key_mask: Tensor | None = None  # (B, positions) True for real tokens
+    mask: Tensor | None = None  # cached path: (1 or B, 1, Tq, Tk) over the gathered keys
+    q_start: int = 0
+
+
+def dense_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sparse: Sparse, past_k: Tensor,
+    past_v: Tensor,
+) -> Tensor:  # fmt: skip
+    """Reference path: SDPA over the given keys (``mask`` (1|B, 1, Tq, Tk), None: all) plus the
+    summaries of ``past_k``/``past_v`` (B, H, positions from 0, hd). q (B, H, Tq, hd)."""
+    B, H, Tq, _ = q.shape
+    L = sparse.summary_len
+    n = 0 if L == 0 else (sparse.q_start + Tq) // L
+    if n == 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ks, vs, valid = segment_summaries(past_k, past_v, n, L, sparse.key_mask)
+    q_pos = torch.arange(sparse.q_start, sparse.q_start + Tq, device=q.device)
+    smask = summary_mask_for(q_pos, n, L, sparse.window)[None, None]  # (1, 1, Tq, n)
+    if valid is not None:
+        smask = smask & valid[:, None, None, :]
+    if mask is None:
+        mask = torch.ones(1, 1, Tq, k.shape[2], dtype=torch.bool, device=q.device)
+    mask = torch.cat([mask.expand(smask.shape[0], -1, -1, -1),
+                      smask.expand(mask.shape[0], -1, -1, -1)], dim=-1)  # fmt: skip
+    return F.scaled_dot_product_attention(
+        q, torch.cat([k, ks.to(k.dtype)], 2), torch.cat([v, vs.to(v.dtype)], 2), attn_mask=mask
+    )
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, sparse: Sparse) -> Tensor:
+    """Causal windowed attention of positions 0..T-1 over themselves, block by block.
+
+    Queries in blocks of ``W = sparse.window`` attend to the keys of their own block and the
+    previous one (which hold every key of their windows), plus the global prefix and the
+    segment summaries: one SDPA call over (blocks, W, 2W + globals + summaries) scores, so time
+    and memory grow linearly in T (with summaries: plus T * T / summary_len). Equal to SDPA
+    with the dense mask of :func:`attention_mask_for` and :func:`summary_mask_for`.
+    q, k, v (B, H, T, hd) -> (B, H, T, hd).
+    """
+    B, H, T, hd = q.shape
+    W, G, L = sparse.window, min(sparse.n_global, T), sparse.summary_len
+    nb = -(-T // W)
+    pad = nb * W - T
+    km = sparse.key_mask
+    if km is None:
+        km = torch.ones(B, T, dtype=torch.bool, device=q.device)
+    km = km[:, :T]
+    # one block of empty keys in front (the "previous block" of block 0), padding at the end
+    kb = F.pad(k, (0, 0, W, pad)).unflatten(2, (nb + 1, W))  # (B, H, nb+1, W, hd)
+    vb = F.pad(v, (0, 0, W, pad)).unflatten(2, (nb + 1, W))
+    mb = F.pad(km, (W, pad)).unflatten(1, (nb + 1, W))  # (B, nb+1, W)
+    keys = torch.cat([kb[:, :, :-1], kb[:, :, 1:]], dim=3)  # (B, H, nb, 2W, hd)
+    vals = torch.cat([vb[:, :, :-1], vb[:, :, 1:]], dim=3)
+    real = torch.cat([mb[:, :-1], mb[:, 1:]], dim=2)  # (B, nb, 2W)
+
+    blk = torch.arange(nb, device=q.device)[:, None, None]  # (nb, 1, 1)
+    a = torch.arange(W, device=q.device)[None, :, None]  # query offset in its block
+    b = torch.arange(2 * W, device=q.device)[None, None, :]  # key offset in its pair
+    k_pos = (blk - 1) * W + b  # (nb, 1, 2W)
+    diff = W + a - b  # q_pos - k_pos, (1, W, 2W)
+    band = (diff >= 0) & ((diff < W) | (k_pos < G)) & (k_pos >= 0)  # (nb, W, 2W)
+    mask = (band[None] & real[:, :, None, :]) | (diff == 0)  # (B, nb, W, 2W); itself always
+    q_pos = (blk[:, :, 0] * W + a[0, :, 0][None]).reshape(-1)  # (nb*W,)
+
+    extra_k, extra_v, extra_m = [], [], []
+    if G > 0:  # the global prefix, where it is not already in the block pair
+        gm = torch.arange(G, device=q.device)[None, :] < (blk[:, :, 0] - 1) * W  # (nb, G)
+        gm = gm[None, :, None, :] & km[:, None, None, :G]  # (B, nb, 1, G)
+        extra_k.append(k[:, :, None, :G].expand(-1, -1, nb, -1, -1))  # (B, H, nb, G, hd)
+        extra_v.append(v[:, :, None, :G].expand(-1, -1, nb, -1, -1))
+        extra_m.append(gm.expand(-1, -1, W, -1))
+    n = 0 if L == 0 else T // L
+    if n > 0:
+        ks, vs, valid = segment_summaries(k, v, n, L, sparse.key_mask)  # (B, H, n, hd)
+        sm = summary_mask_for(q_pos, n, L, W).view(1, nb, W, n)
+        if valid is not None:
+            sm = sm & valid[:, None, None, :]
+        extra_k.append(ks[:, :, None].expand(-1, -1, nb, -1, -1))  # (B, H, nb, n, hd)
+        extra_v.append(vs[:, :, None].expand(-1, -1, nb, -1, -1))
+        extra_m.append(sm.expand(B, -1, -1, -1))
+    if extra_k:
+        keys = torch.cat([*extra_k, keys], dim=3)  # (B, H, nb, Kb, hd)
+        vals = torch.cat([*extra_v, vals], dim=3)
+        mask = torch.cat([*extra_m, mask], dim=3)  # (B, nb, W, Kb)
+    Kb = keys.shape[3]
+    qb = F.pad(q, (0, 0, 0, pad)).unflatten(2, (nb, W))  # (B, H, nb, W, hd)
+    # blocks into the batch: (B*nb, H, W, hd) against (B*nb, H, Kb, hd), mask (B*nb, 1, W, Kb)
+    y = F.scaled_dot_product_attention(
+        qb.transpose(1, 2).reshape(B * nb, H, W, hd),
+        keys.transpose(1, 2).reshape(B * nb, H, Kb, hd),
+        vals.transpose(1, 2).reshape(B * nb, H, Kb, hd),
+        attn_mask=mask.reshape(B * nb, 1, W, Kb),
+    )
+    y = y.view(B, nb, H, W, hd).transpose(1, 2).reshape(B, H, nb * W, hd)  # (B, H, T+pad, hd)
+    return y[:, :, :T]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention: one fused QKV matmul, rotary on q and k together, SDPA.
 
@@ -79,7 +226,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | Sparse | None,
+        cache: KVCache | None,
     ) -> Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, hd)
@@ -87,6 +239,9 @@ class Attention(nn.Module):
         q = qk[:, :, 0].transpose(1, 2)  # (B, H, T, hd)
         k = qk[:, :, 1].transpose(1, 2)
         v = qkv[:, :, 2].transpose(1, 2)
+        if isinstance(mask, Sparse) and cache is None:
+            y = local_attention(q, k, v, mask)
+            return self._out(y, x)
         if cache is not None:
             k_cache, v_cache, start, keys = cache
             k_cache[:, :, start : start + T] = k
@@ -99,8 +254,18 @@ class Attention(nn.Module):
                 q = q.to(k.dtype)
         # without a mask: causal when queries and keys are the same positions (T > 1); a single
         # cached query sees every key it was given
+        if isinstance(mask, Sparse):  # cached windowed decoding: the dense reference path
+            end = start + T
+            y = dense_sparse_attention(q, k, v, mask.mask, mask, k_cache[:, :, :end],
+                                       v_cache[:, :, :end])  # fmt: skip
+            return self._out(y, x)
         causal = mask is None and self.causal and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self._out(y, x)
+
+    def _out(self, y: Tensor, x: Tensor) -> Tensor:
+        """(B, H, T, hd) heads -> the output projection (B, T, D), in ``x``'s dtype."""
+        B, T, D = x.shape
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(y if y.dtype == x.dtype else y.to(x.dtype))
 
@@ -129,7 +294,12 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | Sparse | None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         a = self.attn(self.norm1(x), cos, sin, mask, cache)
         # skipping the no-op dropout call saves Python time per generated token

@@ -5,14 +5,26 @@
   sampled, and never pays for probability it would put on impossible ids.
 - ``grammar``: the probability mass the unmasked distribution gives to forbidden ids.
 - ``kl`` (VAE modes): KL(q(z|x) || N(0, I)) with free bits (Kingma et al. 2016: each latent
-  dimension's batch-mean KL counts at least ``free_bits`` nats, so the gradient leaves the
-  dimensions below it alone and the posterior does not collapse), per token, weighted by
-  ``kl_weight`` ramped linearly over ``kl_anneal_steps`` (Bowman et al. 2016). ``kl_raw`` is the
-  plain KL per token.
-- ``adv``, ``fm`` (``vae_gan``): hinge generator loss on Gumbel-softmax samples of the decoder
-  fed as soft one-hots through the discriminator, and L1 feature matching on its pooled layer
-  activations (Salimans et al. 2016). ``disc``: the discriminator's hinge loss on real ids and
-  detached fakes (:func:`discriminator_loss`). The generator terms are computed with the
+  group's batch-mean KL counts at least ``free_bits`` nats, so the gradient leaves the groups
+  below it alone and the posterior does not collapse), per token, weighted by ``kl_weight``
+  ramped linearly over ``kl_anneal_steps`` (Bowman et al. 2016). A group (``loss.free_bits_per
+  = "group"``, the default) is one unit's latent vector of one level: the floor then frees about
+  ``free_bits * units / tokens`` nats per token (0.02 for ``small``), where a floor per
+  dimension (``"dim"``) freed ``dim`` times as much (0.5 for ``small``: about the whole CE, so
+  the latents could carry the sequence for free). ``kl_raw`` is the plain KL per token;
+  ``kl_level0..`` the plain KL per token of each level (global, segment, fine);
+  ``active_units`` the latent dimensions whose posterior mean varies over the batch (variance
+  > 0.01, Burda et al. 2016), summed over levels.
+- ``adv``, ``fm`` (``vae_gan``): the generator's adversarial loss on Gumbel samples of the
+  decoder fed through the discriminator, and L1 feature matching on its pooled layer
+  activations (Salimans et al. 2016). ``disc``: the discriminator's loss on real ids and
+  detached fakes (:func:`discriminator_loss`). Fakes (``loss.gan_fakes``) are by default
+  straight-through hard Gumbel samples (Jang et al. 2017): exact one-hots forward, like real
+  ids, so the discriminator cannot win on softness alone, with the Gumbel-softmax gradient
+  backward; ``soft`` keeps the relaxed samples (largest entry ~0.75 at tau 1). The objective
+  (``loss.gan_loss``): ``hinge`` (D: relu(1 - D(real)) + relu(1 + D(fake)), G: -D(fake)) or
+  ``non_saturating`` (Goodfellow et al. 2014; D: softplus(-D(real)) + softplus(D(fake)),
+  G: softplus(-D(fake)) = -log sigmoid(D(fake))), each a mean over windows and scales. The generator terms are computed with the
   discriminator's weights frozen, so ``total`` never puts gradients into the discriminator and
   ``disc`` never into the generator. The trainer alternates: a discriminator step on
   :func:`discriminator_loss` of :func:`soft_fakes` drawn without gradient, then a generator
@@ -62,6 +74,25 @@ def kl_free_bits(kl_per_element: list[Tensor], free_bits: float, tokens: int) ->
     return total / max(tokens, 1)
 
 
+def kl_free_bits_grouped(kl_per_element: list[Tensor], free_bits: float, tokens: int) -> Tensor:
+    """Sum over levels and units of max(free_bits, batch-mean KL of the unit's whole latent
+    vector), per token. ``kl_per_element``: per level (B, units, dim)."""
+    total = sum(k.sum(dim=-1).mean(dim=0).clamp(min=free_bits).sum() for k in kl_per_element)
+    return total / max(tokens, 1)
+
+
+def active_units(mu: list[Tensor], threshold: float = 0.01) -> Tensor:
+    """Latent dimensions whose posterior mean varies over the data (Burda et al. 2016):
+    ``sum over levels and dims of [Var_x E[z_d | x] > threshold]``, the variance taken over
+    the batch and the level's units (B * units samples; 0 with fewer than 2)."""
+    count = mu[0].new_zeros(())
+    for m in mu:
+        flat = m.detach().reshape(-1, m.shape[-1])  # (B * units, dim)
+        if flat.shape[0] >= 2:
+            count = count + (flat.float().var(dim=0) > threshold).sum()
+    return count
+
+
 def masked_cross_entropy(
     logits: Tensor, targets: Tensor, allowed: Tensor | None, smoothing: float
 ) -> Tensor:
@@ -109,7 +140,8 @@ def compute_losses(
 
     Returns:
         ``total`` (generator objective), ``ce``, ``grammar``, ``kl``, ``kl_raw``, ``adv``,
-        ``fm``, ``disc`` (0 where the mode has no such part), ``kl_weight``.
+        ``fm``, ``disc`` (0 where the mode has no such part), ``kl_weight``; in VAE modes also
+        ``kl_level0..`` and ``active_units`` (detached: for the log).
     """
     context = {}  # where the windows start in their pieces, and the pieces' meters
     if isinstance(batch, dict):
@@ -134,15 +166,23 @@ def compute_losses(
         grammar = _mean(forbidden, valid)
 
     kl = kl_raw = zero
+    vae_log: dict[str, Tensor] = {}
     if out.posterior is not None:
         per_elem = out.posterior.kl()
         tokens = ids.shape[1]
         kl_raw = sum(k.sum() for k in per_elem) / (ids.shape[0] * tokens)
-        kl = kl_free_bits(per_elem, loss_config.free_bits, tokens)
+        floor = kl_free_bits_grouped if loss_config.free_bits_per == "group" else kl_free_bits
+        kl = floor(per_elem, loss_config.free_bits, tokens)
+        for i, k in enumerate(per_elem):
+            vae_log[f"kl_level{i}"] = k.detach().sum() / (ids.shape[0] * tokens)
+        vae_log["active_units"] = active_units(out.posterior.mu)
 
     adv = fm = disc_loss = zero
     if model.discriminator is not None:
-        adv, fm, disc_loss = _gan_losses(model, ids, out.logits, allowed, disc=disc)
+        adv, fm, disc_loss = _gan_losses(
+            model, ids, out.logits, allowed, disc=disc, hard=loss_config.gan_fakes == "hard",
+            kind=loss_config.gan_loss,
+        )  # fmt: skip
 
     beta = kl_weight_at(step, loss_config)
     weighted = {
@@ -172,47 +212,79 @@ def compute_losses(
         "fm": fm,
         "disc": disc_loss,
         "kl_weight": torch.tensor(beta),
+        **vae_log,
     }
 
 
-def soft_fakes(ids: Tensor, logits: Tensor, allowed: Tensor | None = None) -> Tensor:
-    """Generated sequences as soft one-hots (B, T, V), aligned with ``ids`` (B, T): position 0
-    is the real first token, position t + 1 a Gumbel-softmax sample of the decoder's
-    distribution at t (``logits`` (B, T, V); grammar-masked where ``allowed`` is given)."""
+def soft_fakes(
+    ids: Tensor, logits: Tensor, allowed: Tensor | None = None, *, hard: bool = True
+) -> Tensor:
+    """Generated sequences as one-hots (B, T, V), aligned with ``ids`` (B, T): position 0 is
+    the real first token, position t + 1 a Gumbel sample of the decoder's distribution at t
+    (``logits`` (B, T, V); grammar-masked where ``allowed`` is given).
+
+    ``hard``: straight-through: the forward value is the exact one-hot of the sampled id (every
+    entry exactly 0.0 or 1.0), the gradient that of the Gumbel-softmax relaxation. Otherwise
+    the relaxed sample itself."""
     gen_logits = logits[:, :-1]
     if allowed is not None:  # fakes drawn from the grammar-masked distribution
         gen_logits = gen_logits.masked_fill(~allowed[:, :-1], float("-inf"))
-    soft = F.gumbel_softmax(gen_logits.float(), tau=GUMBEL_TAU, hard=False, dim=-1)  # (B,T-1,V)
+    # hard: one_hot - soft.detach() + soft, whose forward value is the exact one-hot
+    soft = F.gumbel_softmax(gen_logits.float(), tau=GUMBEL_TAU, hard=hard, dim=-1)  # (B,T-1,V)
     first = F.one_hot(ids[:, :1], soft.shape[-1]).to(soft.dtype)  # the prompt token is real
     return torch.cat([first, soft], dim=1)  # (B, T, V)
 
 
-def _hinge(real_scores: list[Tensor], fake_scores: list[Tensor]) -> Tensor:
-    """The discriminator's hinge loss, mean over scales: real above +1, fake below -1."""
-    return torch.stack(
-        [F.relu(1.0 - r).mean() + F.relu(1.0 + f).mean() for r, f in zip(real_scores, fake_scores)]
-    ).mean()
+def discriminator_objective(
+    real_scores: list[Tensor], fake_scores: list[Tensor], kind: str = "hinge"
+) -> Tensor:
+    """The discriminator's loss, mean over scales (each score tensor (B, windows)).
+
+    hinge: ``mean relu(1 - D(real)) + mean relu(1 + D(fake))``; non_saturating: ``mean
+    softplus(-D(real)) + mean softplus(D(fake))`` (= -log sigmoid(D(real)) - log(1 -
+    sigmoid(D(fake)))).
+    """
+    if kind == "hinge":
+        terms = [F.relu(1.0 - r).mean() + F.relu(1.0 + f).mean() for r, f in zip(real_scores, fake_scores)]  # fmt: skip
+    elif kind == "non_saturating":
+        terms = [F.softplus(-r).mean() + F.softplus(f).mean() for r, f in zip(real_scores, fake_scores)]  # fmt: skip
+    else:
+        raise ValueError(f"loss.gan_loss must be 'hinge' or 'non_saturating', not {kind!r}")
+    return torch.stack(terms).mean()
 
 
-def discriminator_loss(model: MusicTransformerVAEGAN, ids: Tensor, fake: Tensor) -> Tensor:
-    """The discriminator's hinge loss on real ``ids`` (B, T) and ``fake`` soft one-hots
-    (B, T, V), detached here: its gradient reaches the discriminator only.
+def generator_objective(fake_scores: list[Tensor], kind: str = "hinge") -> Tensor:
+    """The generator's adversarial loss, mean over scales: hinge ``-mean D(fake)``;
+    non_saturating ``mean softplus(-D(fake))`` (= -log sigmoid(D(fake)), whose gradient does
+    not vanish while the discriminator rejects the fakes)."""
+    if kind == "hinge":
+        return -torch.stack([s.mean() for s in fake_scores]).mean()
+    if kind == "non_saturating":
+        return torch.stack([F.softplus(-s).mean() for s in fake_scores]).mean()
+    raise ValueError(f"loss.gan_loss must be 'hinge' or 'non_saturating', not {kind!r}")
+
+
+def discriminator_loss(
+    model: MusicTransformerVAEGAN, ids: Tensor, fake: Tensor, kind: str = "hinge"
+) -> Tensor:
+    """The discriminator's loss (:func:`discriminator_objective`) on real ``ids`` (B, T) and
+    ``fake`` one-hots (B, T, V), detached here: its gradient reaches the discriminator only.
 
     Real and fake go through the discriminator together, as one batch of one-hots, so that in
     training mode its spectral norms make one power iteration per call, not one per half."""
     B = ids.shape[0]
     real = F.one_hot(ids, fake.shape[-1]).to(fake.dtype)  # (B, T, V)
     scores, _ = model.discriminate(torch.cat([real, fake.detach()]))  # each (2B, windows)
-    return _hinge([s[:B] for s in scores], [s[B:] for s in scores])
+    return discriminator_objective([s[:B] for s in scores], [s[B:] for s in scores], kind)
 
 
 def _gan_losses(
     model: MusicTransformerVAEGAN, ids: Tensor, logits: Tensor, allowed: Tensor | None, *,
-    disc: bool = True,
+    disc: bool = True, hard: bool = True, kind: str = "hinge",
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(generator hinge loss, feature matching, discriminator hinge loss or 0 without
+    """(generator adversarial loss, feature matching, discriminator loss or 0 without
     ``disc``)."""
-    fake = soft_fakes(ids, logits, allowed)
+    fake = soft_fakes(ids, logits, allowed, hard=hard)
     if disc:  # the real scores serve the discriminator's loss too
         real_scores, real_feats = model.discriminate(ids)
     else:
@@ -220,10 +292,11 @@ def _gan_losses(
             real_scores, real_feats = model.discriminate(ids)
     with _frozen(model.discriminator):
         fake_scores, fake_feats = model.discriminate(fake)
-    adv = -torch.stack([s.mean() for s in fake_scores]).mean()
+    adv = generator_objective(fake_scores, kind)
     fm = torch.stack(
         [(f.mean(0) - r.detach().mean(0)).abs().mean() for f, r in zip(fake_feats, real_feats)]
     ).mean()
     if not disc:
         return adv, fm, adv.new_zeros(())
-    return adv, fm, _hinge(real_scores, model.discriminate(fake.detach())[0])
+    fake_now = model.discriminate(fake.detach())[0]
+    return adv, fm, discriminator_objective(real_scores, fake_now, kind)

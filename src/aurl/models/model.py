@@ -21,8 +21,9 @@ from torch.utils.checkpoint import checkpoint
 from aurl.config import Config, ModelConfig, VocabConfig
 from aurl.data.grammar import Grammar, GrammarState
 from aurl.data.vocab import Kind, Vocab
+from aurl.errors import ConfigError
 from aurl.models.discriminator import MultiScaleDiscriminator
-from aurl.models.layers import Rotary, attention_mask_for, make_blocks
+from aurl.models.layers import Rotary, Sparse, attention_mask_for, make_blocks
 from aurl.models.vae import LatentConditioner, LatentEncoder, Latents, Posterior
 
 if TYPE_CHECKING:
@@ -314,8 +315,10 @@ class MusicTransformerVAEGAN(nn.Module):
         self.vocab = Vocab(self.vocab_config)
         self.auto_balance = auto_balance
         V, D = self.vocab.size, c.d_model
+        check_fits_memory(c, V)
         self.window = None if c.attention == "full" else c.local_window
         self.n_global = c.global_tokens if c.attention == "hierarchical" else 0
+        self.summary_len = c.summary_len if c.attention == "hierarchical" else 0
 
         self.embed = nn.Embedding(V, D)
         self.time = MusicalTime(self.vocab, D, meter=c.meter) if c.musical_position else None
@@ -419,7 +422,10 @@ class MusicTransformerVAEGAN(nn.Module):
             gram_emb = self.grammar_features(ids, start.grammar)[0]
         x = self._input(ids, cond, time_emb, gram_emb)
         key_mask = attention_mask.bool() if attention_mask is not None else None
-        mask = self._mask(0, T, torch.arange(T, device=ids.device), key_mask)
+        if self.window is not None and self.window < T:  # block-local, linear in T
+            mask = Sparse(self.window, self.n_global, self.summary_len, key_mask)
+        else:
+            mask = self._mask(0, T, torch.arange(T, device=ids.device), key_mask)
         cos, sin = self.rotary.tables(0, T)
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
@@ -556,6 +562,12 @@ class MusicTransformerVAEGAN(nn.Module):
         if state.key_mask is not None:
             key_mask = state.key_mask.index_select(1, k_pos)
         mask = self._mask(start, T, k_pos, key_mask)
+        if self.summary_len > 0:  # hierarchical: the summaries come from the whole cache
+            if mask is None and T > 1:
+                q_pos = torch.arange(start, start + T, device=device)
+                mask = attention_mask_for(q_pos, k_pos, self.window, self.n_global)[None, None]
+            sk = state.key_mask[:, : start + T] if state.key_mask is not None else None
+            mask = Sparse(self.window, self.n_global, self.summary_len, sk, mask, start)
         cos, sin = self.rotary.tables(start, T)
         logits = self._decode_blocks(x, cos, sin, mask, state.k, state.v, start, keys)
         state.pos = start + T
@@ -686,6 +698,32 @@ def compile_model(module: nn.Module) -> nn.Module:
     if not getattr(GrammarFeatures.features, "_torchdynamo_disable", False):
         GrammarFeatures.features = torch.compiler.disable(GrammarFeatures.features)
     return torch.compile(module)
+
+
+def weight_count_lower_bound(c: ModelConfig, vocab_size: int) -> int:
+    """Parameters the blocks and the embedding alone take (attention 4 D^2 and MLP 2 f D^2 per
+    block; the VAE encoder's blocks too): a lower bound of the model's size, from the config."""
+    per_block = (4 + 2 * c.ff_mult) * c.d_model**2
+    blocks = c.n_layers + (c.encoder_layers if c.mode != "transformer" else 0)
+    return blocks * per_block + vocab_size * c.d_model
+
+
+def check_fits_memory(c: ModelConfig, vocab_size: int) -> None:
+    """Refuse, before any allocation, a model whose fp32 weights alone exceed this machine's
+    memory (building it would only end in the kernel killing the process)."""
+    import os
+
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform: nothing to check
+        return
+    need = 4 * weight_count_lower_bound(c, vocab_size)
+    if need > memory:
+        raise ConfigError(
+            f"model.d_model={c.d_model}, model.n_layers={c.n_layers}, model.ff_mult={c.ff_mult}: "
+            f"at least {need / 2**30:.0f} GiB of weights, more than this machine's "
+            f"{memory / 2**30:.0f} GiB of memory: choose a smaller model"
+        )
 
 
 def build_model(config: Config) -> MusicTransformerVAEGAN:

@@ -13,7 +13,11 @@ Inputs of both graphs (``B`` batch, ``T`` new tokens, ``P`` pitches, ``L`` cache
 
 - ``ids`` (B, T) int64: token ids;
 - ``phase``, ``beat``, ``tempo`` (B, T) int64: position in the beat (0..31), beat in the bar
-  (0..3), tempo bin + 1 (0: no TEMPO yet), after each token (models with musical time);
+  (0..3, with meter conditioning 0..bar length - 1), tempo bin + 1 (0: no TEMPO yet), after each
+  token (models with musical time);
+- ``bar_beats`` (B,) int64: each row's bar length in quarter-note beats, rounded up (1..12; 4
+  for 4/4), the index of the bar-length embedding (models with musical time and
+  ``model.meter``; the caller counts ``beat`` in that row's meter);
 - ``sounding`` (B, T, P) float32 (0/1), ``age`` (B, T, P) float32 in TIME_SHIFT steps, ``family``
   (B, T) int64 (F = none yet), after each token (models with grammar features);
 - step graph only: ``past_key.{i}``, ``past_value.{i}`` (B, L, D) float32 per layer: the cached
@@ -31,7 +35,8 @@ Batch, T (prefill) and L (step) are dynamic axes. Opset :data:`OPSET`.
 ``config.json`` beside the graphs records the model and vocab config, the input names, the
 weights (``fp32`` or ``int8``: onnxruntime dynamic quantization of the MatMul weights) and a
 format version that the onnx engine checks. Supported: ``transformer`` mode with ``full``
-attention (latent conditioning and windowed attention are not exported).
+attention (latent conditioning and windowed attention are not exported), with or without meter
+conditioning (exports of meter-less models have no ``bar_beats`` input, as before it existed).
 """
 
 from __future__ import annotations
@@ -72,11 +77,6 @@ def check_exportable(model: MusicTransformerVAEGAN) -> None:
             f"ONNX export supports model.attention 'full', this model uses {c.attention!r}: "
             "use the torch engine"
         )
-    if getattr(c, "meter", False):
-        raise CheckpointError(
-            "ONNX export does not carry model.meter conditioning (the bar length per piece) "
-            "yet: use the torch engine for this model"
-        )
 
 
 def input_names(model: MusicTransformerVAEGAN) -> list[str]:
@@ -84,6 +84,8 @@ def input_names(model: MusicTransformerVAEGAN) -> list[str]:
     names = ["ids"]
     if model.time is not None:
         names += ["phase", "beat", "tempo"]
+        if model.time.meter is not None:
+            names.append("bar_beats")
     if model.grammar_features is not None:
         names += ["sounding", "age", "family"]
     return names
@@ -127,7 +129,10 @@ class _Decoder(nn.Module):
         x = m.embed(ids)
         if m.time is not None:
             t = m.time
-            x = x + (t.phase(feats["phase"]) + t.beat(feats["beat"]) + t.tempo(feats["tempo"]))
+            emb = t.phase(feats["phase"]) + t.beat(feats["beat"]) + t.tempo(feats["tempo"])
+            if t.meter is not None:  # the bar length's embedding, one per row
+                emb = emb + t.meter(feats["bar_beats"])[:, None]
+            x = x + emb
         if m.grammar_features is not None:
             g = m.grammar_features
             age = torch.log1p(feats["age"] * g.beats_per_step)
@@ -169,6 +174,8 @@ def _example(model: MusicTransformerVAEGAN, B: int, T: int) -> list[Tensor]:
     for name in input_names(model):
         if name in shapes:
             out.append(torch.zeros(shapes[name]))
+        elif name == "bar_beats":
+            out.append(torch.full((B,), 4, dtype=torch.long))
         else:
             out.append(torch.zeros(B, T, dtype=torch.long))
     return out
@@ -183,6 +190,8 @@ def export_graph(model: MusicTransformerVAEGAN, path: Path, *, with_past: bool) 
     args = _example(model, 2, T)
     tok_axes = {0: "batch"} if with_past else {0: "batch", 1: "tokens"}
     dynamic: dict[str, dict[int, str]] = {name: dict(tok_axes) for name in names}
+    if "bar_beats" in dynamic:  # one per row
+        dynamic["bar_beats"] = {0: "batch"}
     past_names = [f"past_{kv}.{i}" for i in range(n) for kv in ("key", "value")]
     present_names = [f"{kv}.{i}" for i in range(n) for kv in ("key", "value")]
     if with_past:

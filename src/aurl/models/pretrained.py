@@ -257,9 +257,12 @@ def load_pretrained(
     header = read_header(weights)
     check_sizes(weights, header, model_cfg)
     with _no_init():  # parameters allocated but never written: no page touched until loading
-        model = MusicTransformerVAEGAN(
-            model_cfg, vocab_cfg, auto_balance=bool(meta.get("auto_balance", False))
-        )
+        try:
+            model = MusicTransformerVAEGAN(
+                model_cfg, vocab_cfg, auto_balance=bool(meta.get("auto_balance", False))
+            )
+        except ConfigError as e:  # too big for this machine
+            raise CheckpointError(f"{cfg_path}: {e}") from None
     check_state(weights, header, model.state_dict())
     model.to(map_location)
     try:

@@ -732,8 +732,9 @@ def _discriminator_step(
                     ids, attention_mask=batch["attention_mask"], start=batch.get("start"),
                     meter=batch.get("meter"),
                 )  # fmt: skip
-                fake = model_losses.soft_fakes(ids, out.logits, allowed)
-            loss = model_losses.discriminator_loss(model, ids, fake) / n
+                hard = stage.config.loss.gan_fakes == "hard"
+                fake = model_losses.soft_fakes(ids, out.logits, allowed, hard=hard)
+            loss = model_losses.discriminator_loss(model, ids, fake, stage.config.loss.gan_loss) / n
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach().float()
     model.discriminator.eval()
