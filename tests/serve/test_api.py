@@ -299,15 +299,24 @@ def test_primer_that_is_not_base64_or_not_midi(client):
     [
         b"hello, not MIDI",
         b"MThd\x00\x00\x00\x06\x00\x01",
-        CHORALE.read_bytes()[:300],
         b"\x00" * 5000,
     ],
-    ids=["text", "header-only", "truncated", "zeros"],
+    ids=["text", "header-only", "zeros"],
 )
 def test_uploads_that_are_not_midi(client, data):
     r = client.post("/api/analyze", files={"file": ("bad.mid", data)})
     assert r.status_code == 422 and r.json()["field"] == "file", r.text
     assert "bad.mid" in r.json()["error"]
+    assert client.get("/api/health").status_code == 200
+
+
+def test_a_truncated_upload_is_read_up_to_where_it_breaks(client):
+    """The SMF pre-pass (aurl.data.smf) clips a truncated track to its complete events."""
+    whole = client.post("/api/notes", files={"file": ("c.mid", CHORALE.read_bytes())})
+    r = client.post("/api/notes", files={"file": ("cut.mid", CHORALE.read_bytes()[:300])})
+    assert r.status_code == 200, r.text
+    got, full = r.json()["notes"], whole.json()["notes"]
+    assert 0 < len(got) < len(full)
     assert client.get("/api/health").status_code == 200
 
 

@@ -115,15 +115,24 @@ def _read_notes(path: Path) -> tuple[Any, float]:
 
     score, _ = read_midi(path, DataConfig(drums="keep"))
     bpb = 4.0
-    try:  # the repaired score keeps no meter: read it from the file (which read_midi accepted)
-        import symusic
-
-        sigs = symusic.Score(str(path)).time_signatures
-        if len(sigs) and sigs[0].denominator > 0 and sigs[0].numerator > 0:
-            bpb = sigs[0].numerator * 4.0 / sigs[0].denominator
-    except Exception:  # noqa: BLE001 - a file read_midi repaired may still trip symusic
-        pass
+    sigs = _raw_meter(path).signatures
+    if sigs:
+        bpb = sigs[0][1] * 4.0 / sigs[0][2]
     return notes_from_score(score), bpb
+
+
+def _raw_meter(path: Path) -> Any:
+    """The file's time and key signatures as a ``TimeMap`` (the repaired score keeps none),
+    read from its checked bytes; none when the raw reader refuses a file ``read_midi``
+    repaired."""
+    from aurl.data.midi_io import read_score
+    from aurl.errors import MidiReadError
+    from aurl.generation.compose import TimeMap
+
+    try:
+        return TimeMap.of_score(read_score(path))
+    except MidiReadError:
+        return TimeMap()
 
 
 def _read_piece(path: Path) -> dict[str, Any]:
@@ -133,14 +142,9 @@ def _read_piece(path: Path) -> dict[str, Any]:
     from aurl.generation.compose import TimeMap, track_notes
 
     score, _ = read_midi(path, DataConfig(drums="keep"))
-    meter = None
-    try:  # the repaired score keeps no meter: read it from the file (which read_midi accepted)
-        import symusic
-
-        meter = symusic.Score(str(path))
-    except Exception:  # noqa: BLE001 - a file read_midi repaired may still trip symusic
-        pass
-    times = TimeMap.of_score(score, meter_from=meter)
+    meter = _raw_meter(path)
+    times = TimeMap(signatures=meter.signatures, tempos=TimeMap.of_score(score).tempos,
+                    keys=meter.keys)  # fmt: skip
     tracks = [
         {"name": name, "notes": {f: notes[f].tolist() for f in notes.dtype.names}}
         for name, notes in track_notes(score)
