@@ -293,3 +293,23 @@ def test_plan_mask_closes_new_notes_at_the_end_of_the_span() -> None:
     closed = [*at_end, vocab.note_off_id(60), vocab.note_off_id(72), vocab.note_on_id(74)]
     after = plan_allows(vocab, plan, closed)
     assert np.flatnonzero(after).tolist() == [vocab.shift_id(32)]  # outside: exactly the gap
+
+
+def test_time_map_bars_and_seconds_hand_computed() -> None:
+    from aurl.errors import ConfigError
+    from aurl.generation.compose import TimeMap
+
+    # 3/4 for two bars, then 4/4; 60 BPM for four beats, then 120
+    tm = TimeMap(signatures=((0.0, 3, 4), (6.0, 4, 4)), tempos=((0.0, 60.0), (4.0, 120.0)))
+    assert tm.bar_starts(10) == [0.0, 3.0, 6.0, 10.0, 14.0]
+    assert tm.seconds_to_beats(2.0) == 2.0 and tm.seconds_to_beats(5.0) == 6.0
+    assert tm.bar_span(2, 3, 9.5) == (3.0, 10.0)  # a piece ending in bar 3 has bars 1-3
+    with pytest.raises(ConfigError, match="bars 4-4: the piece has bars 1-3"):
+        tm.bar_span(4, 4, 9.5)
+    with pytest.raises(ConfigError, match="--bars 3-2"):
+        tm.bar_span(3, 2, 9.5, field="--bars")
+    assert tm.seconds_span(2.0, 5.0, 7.0) == (2.0, 6.0)
+    with pytest.raises(ConfigError, match="span 8-9"):
+        tm.seconds_span(8.0, 9.0, 7.0)
+    assert TimeMap.of_score(tm.like_score()) == tm
+    assert TimeMap.from_json(tm.to_json()) == tm and tm.first_qpm == 60.0

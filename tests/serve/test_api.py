@@ -7,7 +7,6 @@ none may be a 5xx. The app runs a random tiny model (its pieces still obey the g
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 from pathlib import Path
 
@@ -123,15 +122,122 @@ def test_notes_endpoint_gives_seconds(client):
     assert max(e for _, _, e, _ in rows) == pytest.approx(22.5, abs=0.05)
 
 
-def test_harmonize_and_infill_answer_without_a_server_error(client):
+BUNDLED = Path(__file__).resolve().parents[2] / "src/aurl/data/bundled/bach-chorales"
+
+
+def _excerpt(name: str, beats: float, tracks: int | None = None) -> bytes:
+    """The first ``beats`` beats of a bundled chorale (its first ``tracks`` tracks), as MIDI."""
+    score = symusic.Score(str(BUNDLED / name))
+    out = symusic.Score(score.tpq)
+    out.tempos, out.time_signatures = score.tempos.copy(), score.time_signatures.copy()
+    for track in list(score.tracks)[:tracks]:
+        track = track.copy()
+        track.notes = track.notes.filter(lambda n: n.time < beats * score.tpq)
+        out.tracks.append(track)
+    return out.dumps_midi()
+
+
+def _by_track(data: bytes) -> dict[str, np.ndarray]:
+    """(pitch, onset, duration) rows in beats of each named track of a MIDI file."""
+    from aurl.data.notes import notes_from_score
+
+    score = symusic.Score.from_midi(data)
+    out = {}
+    for track in score.tracks:
+        one = symusic.Score(score.tpq)
+        one.tracks.append(track.copy())
+        n = np.sort(notes_from_score(one), order=["onset", "pitch"])
+        out[track.name] = np.stack([n["pitch"], n["onset"], n["duration"]], 1).astype(float)
+    return out
+
+
+def test_harmonize_keeps_the_melody_on_the_soprano_track(client):
+    melody = _excerpt("bach_bwv117.4.mid", 8, tracks=1)  # two bars of the soprano
+    r = client.post("/api/harmonize", files={"file": ("tune.mid", melody)},
+                    data={"particles": "1", "seed": "3"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "audio/midi"
+    got, given = _by_track(r.content), _by_track(melody)
+    assert list(got) == ["Soprano", "Alto", "Tenor", "Bass"]
+    (want,) = given.values()
+    assert len(want) >= 6
+    np.testing.assert_array_equal(got["Soprano"], want)
+    assert sum(len(v) for k, v in got.items() if k != "Soprano") > 0
+    three = client.post("/api/harmonize", files={"file": ("tune.mid", melody)},
+                        data={"particles": "1", "voices": "3"})  # fmt: skip
+    assert list(_by_track(three.content)) == ["Soprano", "Alto", "Bass"]
+
+
+def test_infill_of_one_bar_keeps_everything_outside_it(client):
+    piece = _excerpt("bach_bwv117.4.mid", 12)  # three bars of 4/4, four voices
+    r = client.post("/api/infill", files={"file": ("c.mid", piece)},
+                    data={"bars": "2-2", "particles": "1"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    got, given = _by_track(r.content), _by_track(piece)
+    assert list(got) == list(given) and len(given) == 4
+    new, old_inside, got_inside = 0, set(), set()
+    for name, want in given.items():
+        old_inside |= {(name, *row) for row in want[(want[:, 1] >= 4) & (want[:, 1] < 8)]}
+        inside = (got[name][:, 1] >= 4) & (got[name][:, 1] < 8)
+        np.testing.assert_array_equal(
+            got[name][~inside], want[(want[:, 1] < 4) | (want[:, 1] >= 8)]
+        )
+        assert (got[name][inside, 1] + got[name][inside, 2] <= 8 + 1e-9).all()
+        new += int(inside.sum())
+        got_inside |= {(name, *row) for row in got[name][inside]}
+    assert new > 0 and old_inside  # bar 2 was written again ...
+    assert not old_inside <= got_inside  # ... in place of Bach's notes, not beside them
+
+
+def _chords_midi() -> bytes:
+    s, t = symusic.Score(480), symusic.Track(name="piano")
+    for beat in range(4):
+        for p in (60, 64, 67):
+            t.notes.append(symusic.Note(beat * 480, 480, p, 80))
+    s.tracks.append(t)
+    return s.dumps_midi()
+
+
+def _drums_midi() -> bytes:
+    s, t = symusic.Score(480), symusic.Track(name="kit", program=0, is_drum=True)
+    for beat in range(8):
+        t.notes.append(symusic.Note(beat * 480, 240, 36 + beat % 3, 100))
+    s.tracks.append(t)
+    return s.dumps_midi()
+
+
+@pytest.mark.parametrize(
+    "data, words", [(_chords_midi(), "chords at"), (_drums_midi(), "drums only")],
+    ids=["chords", "drums"],
+)  # fmt: skip
+def test_harmonize_refuses_a_melody_it_cannot_keep(client, data, words):
+    r = client.post("/api/harmonize", files={"file": ("bad.mid", data)}, data={"particles": "1"})
+    assert words in error_of(r, 422)
+    if words == "drums only":
+        r = client.post("/api/infill", files={"file": ("bad.mid", data)}, data={"bars": "1-1"})
+        assert "drums only" in error_of(r, 422, field="file")
+
+
+def test_harmonize_voices_are_two_to_four(client):
     files = {"file": ("c.mid", CHORALE.read_bytes())}
-    a = client.post("/api/harmonize", files=files)
-    b = client.post("/api/infill", files=files, data={"bars": "2-3"})
-    if importlib.util.find_spec("aurl.generation.compose") is None:
-        assert "no composing yet" in error_of(a, 501, limit="compose")
-        error_of(b, 501, limit="compose")
-    else:
-        assert a.status_code in (200, 422) and b.status_code in (200, 422)
+    for voices in ("1", "5", "8"):
+        error_of(client.post("/api/harmonize", files=files, data={"voices": voices}), 422,
+                 field="voices")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "data, field, words",
+    [({"bars": "9-3"}, "bars", "bars 9-3: c.mid has bars 1-3"),
+     ({"bars": "4-5"}, "bars", "has bars 1-3"),
+     ({"span": "30-31"}, "span", "before the end (6.0 s)"),
+     ({"span": "3-2"}, "span", "S < T")],
+    ids=["reversed", "outside", "span outside", "span reversed"],
+)  # fmt: skip
+def test_infill_span_outside_the_piece_or_reversed_names_the_field(client, data, field, words):
+    piece = _excerpt("bach_bwv117.4.mid", 12)
+    r = client.post("/api/infill", files={"file": ("c.mid", piece)}, data=data)
+    assert words in error_of(r, 422, field=field)
+    assert client.get("/api/health").status_code == 200
 
 
 # -- bad input: one clear 4xx each ------------------------------------------------------------------
@@ -193,15 +299,24 @@ def test_primer_that_is_not_base64_or_not_midi(client):
     [
         b"hello, not MIDI",
         b"MThd\x00\x00\x00\x06\x00\x01",
-        CHORALE.read_bytes()[:300],
         b"\x00" * 5000,
     ],
-    ids=["text", "header-only", "truncated", "zeros"],
+    ids=["text", "header-only", "zeros"],
 )
 def test_uploads_that_are_not_midi(client, data):
     r = client.post("/api/analyze", files={"file": ("bad.mid", data)})
     assert r.status_code == 422 and r.json()["field"] == "file", r.text
     assert "bad.mid" in r.json()["error"]
+    assert client.get("/api/health").status_code == 200
+
+
+def test_a_truncated_upload_is_read_up_to_where_it_breaks(client):
+    """The SMF pre-pass (aurl.data.smf) clips a truncated track to its complete events."""
+    whole = client.post("/api/notes", files={"file": ("c.mid", CHORALE.read_bytes())})
+    r = client.post("/api/notes", files={"file": ("cut.mid", CHORALE.read_bytes()[:300])})
+    assert r.status_code == 200, r.text
+    got, full = r.json()["notes"], whole.json()["notes"]
+    assert 0 < len(got) < len(full)
     assert client.get("/api/health").status_code == 200
 
 

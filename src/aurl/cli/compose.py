@@ -116,35 +116,18 @@ def read_score(path: str | Path) -> Any:
 
 
 def track_notes(score: Any) -> list[tuple[str, Any]]:
-    """``(name, note array)`` for each track with notes (drums keep program 128)."""
-    import symusic
+    """``(name, note array)`` for each track with notes (see
+    :func:`aurl.generation.compose.track_notes`)."""
+    from aurl.generation.compose import track_notes as tracks_of
 
-    from aurl.data.notes import notes_from_score
-
-    out = []
-    for i, track in enumerate(score.tracks):
-        one = symusic.Score(score.tpq)
-        one.tempos = score.tempos.copy()
-        one.tracks.append(track.copy())
-        notes = notes_from_score(one)
-        if len(notes):
-            out.append((track.name or f"Track {i}", notes))
-    return out
+    return tracks_of(score)
 
 
 def top_track(score: Any) -> tuple[str, Any]:
     """The melody of a score: its only track, or the pitched track with the highest median."""
-    import numpy as np
+    from aurl.generation.compose import top_track as top
 
-    from aurl.data.notes import empty_notes, pitched
-
-    tracks = track_notes(score)
-    if not tracks:
-        return "melody", empty_notes()
-    tonal = [(n, pitched(x)) for n, x in tracks if len(pitched(x))]
-    if not tonal:
-        return tracks[0]
-    return max(tonal, key=lambda t: float(np.median(t[1]["pitch"])))
+    return top(track_notes(score))
 
 
 def first_qpm(score: Any) -> float:
@@ -180,17 +163,10 @@ def _model(args: argparse.Namespace) -> Any:
     import torch
 
     from aurl.cli.generate import load_model
-    from aurl.errors import ConstraintError
+    from aurl.generation.compose import composing_model
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, "cpu")
-    vc = model.vocab_config
-    if model.config.mode != "transformer" or vc.time_unit != "beat":
-        raise ConstraintError(
-            f"this checkpoint ({model.config.mode}, time in {vc.time_unit}) cannot compose "
-            "around given notes: use a transformer-mode, beat-time model such as the shipped one"
-        )
-    return model
+    return composing_model(load_model(args.checkpoint, "cpu"))
 
 
 def _options(args: argparse.Namespace, key: str = "") -> Any:
@@ -311,71 +287,33 @@ def parse_range(text: str, flag: str, *, integer: bool) -> tuple[float, float]:
     return lo, hi
 
 
-def bar_starts(score: Any, until: float) -> list[float]:
-    """Beat of each bar start from the time signatures, up to ``until`` beats (and one more)."""
-    tpq = float(score.tpq)
-    sigs = [(float(s.time) / tpq, s.numerator * 4.0 / s.denominator) for s in score.time_signatures]
-    sigs = sigs or [(0.0, 4.0)]
-    if sigs[0][0] > 0:
-        sigs.insert(0, (0.0, 4.0))
-    starts, beat, k = [], 0.0, 0
-    while beat <= until + 1e-9:
-        while k + 1 < len(sigs) and sigs[k + 1][0] <= beat + 1e-9:
-            k += 1
-        starts.append(beat)
-        beat += sigs[k][1]
-    starts.append(beat)
-    return starts
-
-
-def seconds_to_beats(score: Any, seconds: float) -> float:
-    """The beat at ``seconds`` through the score's tempo map."""
-    tpq = float(score.tpq)
-    tempos = [(float(t.time) / tpq, float(t.qpm)) for t in score.tempos] or [(0.0, 120.0)]
-    if tempos[0][0] > 0:
-        tempos.insert(0, (0.0, 120.0))
-    beat, elapsed = 0.0, 0.0
-    for (b0, qpm), nxt in zip(tempos, [*tempos[1:], (float("inf"), 0.0)]):
-        length = (nxt[0] - b0) * 60.0 / qpm
-        if elapsed + length >= seconds:
-            return b0 + (seconds - elapsed) * qpm / 60.0
-        elapsed += length
-        beat = nxt[0]
-    return beat
-
-
 def run_infill(args: argparse.Namespace) -> int:
     import numpy as np
 
     from aurl.errors import ConfigError, ConstraintError
-    from aurl.generation.compose import infill, infill_regenerated, parts_score
-    from aurl.generation.voices import assign_voices
+    from aurl.generation.compose import (
+        TimeMap,
+        infill,
+        infill_regenerated,
+        infill_score,
+        piece_notes,
+    )
 
     score = read_score(args.piece)
     tracks = track_notes(score)
     if not tracks:
         raise ConstraintError(f"{args.piece} has no notes: nothing to infill around")
-    notes = np.concatenate([n for _, n in tracks])
-    owner = np.concatenate([np.full(len(n), i) for i, (_, n) in enumerate(tracks)])
-    last = float((notes["onset"] + notes["duration"]).max())
+    notes, owner = piece_notes(tracks)
+    times = TimeMap.of_score(score)
     if args.bars:
         a, b = parse_range(args.bars, "--bars", integer=True)
-        starts = bar_starts(score, last)
-        n_bars = len(starts) - 1 if starts[-2] < last - 1e-9 else len(starts) - 2
-        if not 1 <= a <= b <= n_bars:
-            raise ConfigError(
-                f"--bars {args.bars}: {args.piece} has bars 1-{n_bars}; give 1 <= A <= B <= {n_bars}"
-            )
-        span = (starts[a - 1], starts[b])
+        last = float((notes["onset"] + notes["duration"]).max())
+        span = times.bar_span(a, b, last, name=str(args.piece), field="--bars")
     else:
         s, t = parse_range(args.span, "--span", integer=False)
         end_s = float((notes["onset_s"] + notes["duration_s"]).max())
-        if not 0 <= s < t or s >= end_s:
-            raise ConfigError(
-                f"--span {args.span}: give 0 <= S < T with S before the end ({end_s:.1f} s)"
-            )
-        span = (seconds_to_beats(score, s), seconds_to_beats(score, t))
-    part = None
+        span = times.seconds_span(s, t, end_s, field="--span")
+    index = None
     if args.part is not None:
         names = [n.lower() for n, _ in tracks]
         if args.part.lower() in names:
@@ -385,7 +323,7 @@ def run_infill(args: argparse.Namespace) -> int:
         else:
             listed = ", ".join(f"{i}:{n}" for i, (n, _) in enumerate(tracks))
             raise ConfigError(f"--part {args.part!r}: no such track; the tracks are {listed}")
-        part = owner == index
+    part = None if index is None else owner == index
     paths, _ = _prepare(args, args.piece, "infilled")
     model = _model(args)
     from aurl.progress import bar
@@ -393,18 +331,8 @@ def run_infill(args: argparse.Namespace) -> int:
     results = infill(
         model, notes, span, part, options=_options(args), qpm=first_qpm(score), progress=bar
     )
-    regen = infill_regenerated(notes, span, part)
-    kept = notes[~regen]
+    kept = notes[~infill_regenerated(notes, span, part)]
     for c in results:
-        if part is not None:  # the new notes join the chosen track
-            new_owner = np.full(len(c.notes), index)
-        else:  # spread over the tracks by voice, highest voice to the highest track
-            order = np.argsort([-float(np.median(n["pitch"])) for _, n in tracks])
-            new_owner = order[assign_voices(c.notes, len(tracks))]
-        parts = []
-        for i, (name, _) in enumerate(tracks):
-            mine = np.concatenate([notes[(owner == i) & ~regen], c.notes[new_owner == i]])
-            parts.append((name, np.sort(mine, order=["onset", "pitch"])))
-        c.score = parts_score(parts, like=score)
+        c.score = infill_score(tracks, span, c.notes, part=index, like=score)
     _write(results, paths, np.sort(kept, order=["onset", "pitch"]), None)
     return 0

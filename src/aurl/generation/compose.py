@@ -778,6 +778,225 @@ def parts_score(parts: list[tuple[str, np.ndarray]], *, tpq: int = 480, like: An
 
 
 # --------------------------------------------------------------------------------------------
+# Pieces: tracks, meter and tempo, spans, rebuilt scores (shared by the CLI and the server)
+# --------------------------------------------------------------------------------------------
+
+
+def composing_model(model: Any) -> Any:
+    """``model`` itself when it can compose around given notes.
+
+    Raises:
+        ConstraintError: not a transformer-mode, beat-time model.
+    """
+    config, vc = getattr(model, "config", None), getattr(model, "vocab_config", None)
+    mode = getattr(config, "mode", "transformer")
+    unit = getattr(vc, "time_unit", "beat")
+    if mode != "transformer" or unit != "beat":
+        raise ConstraintError(
+            f"this checkpoint ({mode}, time in {unit}) cannot compose around given notes: use "
+            "a transformer-mode, beat-time model such as the shipped one"
+        )
+    return model
+
+
+def track_notes(score: Any) -> list[tuple[str, np.ndarray]]:
+    """``(name, note array)`` for each track of a symusic Score with notes (drums keep
+    program 128); unnamed tracks are called ``Track i``."""
+    import symusic
+
+    from aurl.data.notes import notes_from_score
+
+    out = []
+    for i, track in enumerate(score.tracks):
+        one = symusic.Score(score.tpq)
+        one.tempos = score.tempos.copy()
+        one.tracks.append(track.copy())
+        notes = notes_from_score(one)
+        if len(notes):
+            out.append((track.name or f"Track {i}", notes))
+    return out
+
+
+def top_track(tracks: list[tuple[str, np.ndarray]]) -> tuple[str, np.ndarray]:
+    """The melody of a piece given as ``(name, notes)`` tracks: its only track, or the pitched
+    track with the highest median pitch (``("melody", empty)`` for no tracks)."""
+    from aurl.data.notes import empty_notes
+
+    if not tracks:
+        return "melody", empty_notes()
+    tonal = [(n, pitched(x)) for n, x in tracks if len(pitched(x))]
+    if not tonal:
+        return tracks[0]
+    return max(tonal, key=lambda t: float(np.median(t[1]["pitch"])))
+
+
+@dataclass(frozen=True)
+class TimeMap:
+    """A piece's meter and tempo, in beats from its start (what spans in bars or seconds need).
+
+    Attributes:
+        signatures: ``(beat, numerator, denominator)`` per time signature (none: 4/4).
+        tempos: ``(beat, qpm)`` per tempo change (none, or before the first: 120).
+        keys: ``(beat, key, tonality)`` per key signature (symusic's fields), copied to results.
+    """
+
+    signatures: tuple[tuple[float, int, int], ...] = ()
+    tempos: tuple[tuple[float, float], ...] = ()
+    keys: tuple[tuple[float, int, int], ...] = ()
+
+    @classmethod
+    def of_score(cls, score: Any, *, meter_from: Any = None) -> TimeMap:
+        """The map of a tick symusic Score (time and key signatures from ``meter_from`` when
+        given: a repaired score keeps only its tempos)."""
+        tpq = float(score.tpq)
+        meter = score if meter_from is None else meter_from
+        mtpq = float(meter.tpq)
+        return cls(
+            signatures=tuple((float(s.time) / mtpq, int(s.numerator), int(s.denominator))
+                             for s in meter.time_signatures if s.numerator > 0 and s.denominator > 0),
+            tempos=tuple((float(t.time) / tpq, float(t.qpm)) for t in score.tempos if t.qpm > 0),
+            keys=tuple((float(k.time) / mtpq, int(k.key), int(k.tonality))
+                       for k in meter.key_signatures),
+        )  # fmt: skip
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TimeMap:
+        """The inverse of :meth:`to_json`."""
+        return cls(
+            signatures=tuple((float(b), int(n), int(d)) for b, n, d in obj.get("signatures", ())),
+            tempos=tuple((float(b), float(q)) for b, q in obj.get("tempos", ())),
+            keys=tuple((float(b), int(k), int(t)) for b, k, t in obj.get("keys", ())),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain lists (what the upload worker sends back)."""
+        return {"signatures": [list(s) for s in self.signatures],
+                "tempos": [list(t) for t in self.tempos], "keys": [list(k) for k in self.keys]}  # fmt: skip
+
+    @property
+    def first_qpm(self) -> float:
+        """The tempo at the start (120 when there is none)."""
+        return self.tempos[0][1] if self.tempos and self.tempos[0][0] <= 0 else 120.0
+
+    def bar_starts(self, until: float) -> list[float]:
+        """Beat of each bar start from the time signatures, up to ``until`` beats (and one
+        more)."""
+        sigs = [(b, n * 4.0 / d) for b, n, d in self.signatures] or [(0.0, 4.0)]
+        if sigs[0][0] > 0:
+            sigs.insert(0, (0.0, 4.0))
+        starts, beat, k = [], 0.0, 0
+        while beat <= until + 1e-9:
+            while k + 1 < len(sigs) and sigs[k + 1][0] <= beat + 1e-9:
+                k += 1
+            starts.append(beat)
+            beat += sigs[k][1]
+        starts.append(beat)
+        return starts
+
+    def seconds_to_beats(self, seconds: float) -> float:
+        """The beat at ``seconds`` through the tempo map."""
+        tempos = list(self.tempos) or [(0.0, 120.0)]
+        if tempos[0][0] > 0:
+            tempos.insert(0, (0.0, 120.0))
+        beat, elapsed = 0.0, 0.0
+        for (b0, qpm), nxt in zip(tempos, [*tempos[1:], (float("inf"), 0.0)]):
+            length = (nxt[0] - b0) * 60.0 / qpm
+            if elapsed + length >= seconds:
+                return b0 + (seconds - elapsed) * qpm / 60.0
+            elapsed += length
+            beat = nxt[0]
+        return beat
+
+    def bar_span(
+        self, first: int, last: int, end: float, *, name: str = "the piece", field: str = "bars"
+    ) -> tuple[float, float]:
+        """Bars ``first..last`` (1-based, inclusive) of a piece ending at beat ``end`` as a
+        beat span.
+
+        Raises:
+            ConfigError: reversed, or outside the piece (the message names ``field``).
+        """
+        from aurl.errors import ConfigError
+
+        starts = self.bar_starts(end)
+        n_bars = len(starts) - 1 if starts[-2] < end - 1e-9 else len(starts) - 2
+        if not 1 <= first <= last <= n_bars:
+            raise ConfigError(
+                f"{field} {first}-{last}: {name} has bars 1-{n_bars}; give 1 <= A <= B <= {n_bars}"
+            )
+        return starts[first - 1], starts[last]
+
+    def seconds_span(
+        self, start: float, stop: float, end_s: float, *, field: str = "span"
+    ) -> tuple[float, float]:
+        """Seconds ``start..stop`` of a piece ending at ``end_s`` seconds as a beat span.
+
+        Raises:
+            ConfigError: reversed, negative, or starting after the end (naming ``field``).
+        """
+        from aurl.errors import ConfigError
+
+        if not 0 <= start < stop or start >= end_s:
+            raise ConfigError(
+                f"{field} {start:g}-{stop:g}: give 0 <= S < T with S before the end ({end_s:.1f} s)"
+            )
+        return self.seconds_to_beats(start), self.seconds_to_beats(stop)
+
+    def like_score(self, tpq: int = 480) -> Any:
+        """An empty tick symusic Score with these tempos, time and key signatures (the
+        ``like`` of :func:`parts_score`)."""
+        import symusic
+
+        score = symusic.Score(tpq)
+        for b, qpm in self.tempos:
+            score.tempos.append(symusic.Tempo(round(b * tpq), qpm))
+        for b, n, d in self.signatures:
+            score.time_signatures.append(symusic.TimeSignature(round(b * tpq), n, d))
+        for b, k, t in self.keys:
+            score.key_signatures.append(symusic.KeySignature(round(b * tpq), k, t))
+        return score
+
+
+def piece_notes(tracks: list[tuple[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """All the notes of ``(name, notes)`` tracks, and the track index of each."""
+    from aurl.data.notes import empty_notes
+
+    if not tracks:
+        return empty_notes(), np.zeros(0, np.int64)
+    notes = np.concatenate([n for _, n in tracks])
+    owner = np.concatenate([np.full(len(n), i) for i, (_, n) in enumerate(tracks)])
+    return notes, owner
+
+
+def infill_score(
+    tracks: list[tuple[str, np.ndarray]],
+    span: tuple[float, float],
+    new_notes: np.ndarray,
+    *,
+    part: int | None = None,
+    like: Any = None,
+) -> Any:
+    """The infilled piece as a tick score: each track keeps its notes outside what
+    :func:`infill` replaced, and the new notes join the track ``part`` (when one part was
+    regenerated) or are spread over the tracks by voice, the highest voice to the track with
+    the highest median pitch."""
+    from aurl.generation.voices import assign_voices
+
+    notes, owner = piece_notes(tracks)
+    regen = infill_regenerated(notes, span, None if part is None else owner == part)
+    if part is not None:
+        new_owner = np.full(len(new_notes), part)
+    else:
+        order = np.argsort([-float(np.median(n["pitch"])) for _, n in tracks])
+        new_owner = order[assign_voices(new_notes, len(tracks))]
+    parts = []
+    for i, (name, _) in enumerate(tracks):
+        mine = np.concatenate([notes[(owner == i) & ~regen], new_notes[new_owner == i]])
+        parts.append((name, np.sort(mine, order=["onset", "pitch"])))
+    return parts_score(parts, like=like)
+
+
+# --------------------------------------------------------------------------------------------
 # Scoring a known answer under the plan (evaluation)
 # --------------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import random
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -125,7 +126,7 @@ ERRORS = {
     for code, text in [
         (408, "over request_seconds"), (413, "over max_upload_bytes"),
         (422, "a field or file is wrong (the message says which)"),
-        (429, "over max_queue"), (501, "this build cannot compose yet"),
+        (429, "over max_queue"),
     ]
 }  # fmt: skip
 
@@ -353,18 +354,32 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
     @app.post("/api/harmonize", tags=["compose"], responses={**ERRORS, 200: {
         "content": {"audio/midi": {}}, "description": "the harmonization"}})  # fmt: skip
     async def harmonize(
-        file: Annotated[UploadFile, File(description="a MIDI file with one melodic line")],
+        file: Annotated[UploadFile, File(description="a MIDI file: a melody, or its top track")],
         model: str | None = Form(None, max_length=100),
         seed: int = Form(0, ge=0, le=2**63 - 1),
-        key: str = Form("", max_length=40),
-        voices: int = Form(4, ge=2, le=8),
+        key: str = Form("", max_length=40, description="favour this key, e.g. 'G major'"),
+        voices: int = Form(4, ge=2, le=4, description="voices in all, melody included"),
+        particles: int = Form(8, ge=1, le=16, description="sequential Monte Carlo rows"),
     ):
-        """Compose lower voices under the uploaded melody (``aurl harmonize``)."""
+        """Compose lower voices under the uploaded melody (``aurl harmonize``): the melody is
+        kept note for note on the Soprano track."""
+        from aurl.generation import compose
+
         srv = _server(servers, model)
+        if key:
+            _check_key(key)
         data = await _read_upload(file, lim)
-        melody = await _upload_notes(data, file.filename, lim)
-        out = await _compose("harmonize", srv, melody, seed=seed, key=key or None, voices=voices)
-        return Response(out, media_type="audio/midi")
+        tracks, times = await _upload_piece(data, file.filename, lim)
+        name, notes = compose.top_track(tracks)
+        line = compose.melody_line(notes, name=f"{file.filename or 'file'} ({name})")
+        opts = compose.ComposeOptions(seed=seed, key=key, particles=particles)
+
+        def run(m: Any, progress: Any) -> Any:
+            (c,) = compose.harmonize(m, line, voices=voices, options=opts, qpm=times.first_qpm,
+                                     like=times.like_score(), progress=progress)  # fmt: skip
+            return c.score
+
+        return Response(await _compose(srv, run, lim), media_type="audio/midi")
 
     @app.post("/api/infill", tags=["compose"], responses={**ERRORS, 200: {
         "content": {"audio/midi": {}}, "description": "the piece with new bars"}})  # fmt: skip
@@ -378,27 +393,42 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         ),
         model: str | None = Form(None, max_length=100),
         seed: int = Form(0, ge=0, le=2**63 - 1),
+        particles: int = Form(8, ge=1, le=16, description="sequential Monte Carlo rows"),
     ):
-        """Regenerate bars A..B (or the span S..T seconds) of the uploaded piece
-        (``aurl infill``)."""
+        """Regenerate bars A..B (or the span S..T seconds) of the uploaded piece, keeping every
+        note outside it (``aurl infill``)."""
+        from aurl.data.notes import pitched
+        from aurl.generation import compose
+
         if (bars is None) == (span is None):
             return _error(422, "give bars A-B or span S-T (seconds), one of them", field="bars")
-        where: dict[str, Any]
-        if bars is not None:
-            first, last = (int(x) for x in bars.split("-"))
-            if not 1 <= first <= last:
-                return _error(422, f"bars {bars}: give A-B with 1 <= A <= B", field="bars")
-            where = {"bars": (first, last)}
-        else:
-            start, end = (float(x) for x in span.split("-"))
-            if not start < end:
-                return _error(422, f"span {span}: give S-T with S < T", field="span")
-            where = {"span": (start, end)}
         srv = _server(servers, model)
         data = await _read_upload(file, lim)
-        piece = await _upload_notes(data, file.filename, lim)
-        out = await _compose("infill", srv, piece, seed=seed, **where)
-        return Response(out, media_type="audio/midi")
+        tracks, times = await _upload_piece(data, file.filename, lim)
+        notes, _ = compose.piece_notes(tracks)
+        if len(pitched(notes)) == 0:
+            what = "drums only" if len(notes) else "no notes"
+            return _error(422, f"{file.filename or 'file'} has {what}: nothing to infill around",
+                          field="file")  # fmt: skip
+        try:
+            if bars is not None:
+                a, b = (int(x) for x in bars.split("-"))
+                end = float((notes["onset"] + notes["duration"]).max())
+                where = times.bar_span(a, b, end, name=file.filename or "file", field="bars")
+            else:
+                s, t = (float(x) for x in span.split("-"))
+                end_s = float((notes["onset_s"] + notes["duration_s"]).max())
+                where = times.seconds_span(s, t, end_s, field="span")
+        except ConfigError as e:
+            return _error(422, str(e), field="bars" if bars is not None else "span")
+        opts = compose.ComposeOptions(seed=seed, particles=particles)
+
+        def run(m: Any, progress: Any) -> Any:
+            (c,) = compose.infill(m, notes, where, options=opts, qpm=times.first_qpm,
+                                  progress=progress)  # fmt: skip
+            return compose.infill_score(tracks, where, c.notes, like=times.like_score())
+
+        return Response(await _compose(srv, run, lim), media_type="audio/midi")
 
     # -- listening test -------------------------------------------------------------------------
 
@@ -557,16 +587,21 @@ async def _read_upload(file: UploadFile, lim: Limits) -> bytes:
     return data
 
 
-async def _upload_notes(data: bytes, name: str | None, lim: Limits) -> np.ndarray:
+async def _upload_piece(data: bytes, name: str | None, lim: Limits) -> tuple[list, Any]:
+    """The upload's ``(name, notes)`` tracks and its time map, parsed in the worker process."""
     from aurl.data.notes import NOTE_DTYPE
+    from aurl.generation.compose import TimeMap
 
-    result = await parse_upload(data, "notes", name=name or "file", timeout=lim.parse_seconds,
+    result = await parse_upload(data, "piece", name=name or "file", timeout=lim.parse_seconds,
                                 memory_mb=lim.parse_memory_mb)  # fmt: skip
-    cols = result["notes"]
-    notes = np.zeros(len(cols["pitch"]), dtype=NOTE_DTYPE)
-    for field in NOTE_DTYPE.names:
-        notes[field] = cols[field]
-    return notes
+    tracks = []
+    for t in result["tracks"]:
+        cols = t["notes"]
+        notes = np.zeros(len(cols["pitch"]), dtype=NOTE_DTYPE)
+        for field in NOTE_DTYPE.names:
+            notes[field] = cols[field]
+        tracks.append((str(t["name"]), notes))
+    return tracks, TimeMap.from_json(result["time_map"])
 
 
 def _generation_config(
@@ -707,19 +742,27 @@ async def _stream_job(ws: WebSocket, srv: ModelServer, job: Any) -> None:
         watcher.cancel()
 
 
-async def _compose(kind: str, srv: ModelServer, notes: np.ndarray, **options: Any) -> bytes:
-    """Call ``aurl.generation.compose.<kind>`` (when this build has it) and return MIDI bytes."""
-    try:
-        from aurl.generation import compose
-    except ImportError:
-        raise LimitError(
-            f"this server's build has no composing yet ({kind} needs aurl.generation.compose): "
-            "update Aurl", limit="compose", status=501,
-        ) from None  # fmt: skip
-    fn = getattr(compose, kind)
+async def _compose(srv: ModelServer, run: Any, lim: Limits) -> bytes:
+    """``run(model, progress) -> score`` in a worker thread, one composition per model at a
+    time, stopped (408) when it passes ``request_seconds``; returns the score's MIDI bytes."""
+    from aurl.generation.compose import composing_model
+
+    model = composing_model(srv.model)
+    deadline = time.monotonic() + lim.request_seconds
+
+    def progress(items: Any, **_: Any) -> Any:  # checked once per token
+        for item in items:
+            if time.monotonic() > deadline:
+                raise LimitError(
+                    f"composing took over request_seconds={lim.request_seconds:g} s: send a "
+                    "shorter piece, fewer particles, or retry when the server is less busy",
+                    limit="request_seconds", status=408,
+                )  # fmt: skip
+            yield item
+
     async with _compose_lock(srv):
-        result = await asyncio.to_thread(fn, srv.model, notes, **options)
-    return await asyncio.to_thread(_midi_bytes, result, srv)
+        score = await asyncio.to_thread(run, model, progress)
+    return await asyncio.to_thread(score.dumps_midi)
 
 
 def _compose_lock(srv: ModelServer) -> asyncio.Semaphore:
@@ -729,20 +772,13 @@ def _compose_lock(srv: ModelServer) -> asyncio.Semaphore:
     return lock
 
 
-def _midi_bytes(result: Any, srv: ModelServer) -> bytes:
-    """MIDI bytes from what a composing function returns (bytes, a Score, ids, or a list)."""
-    if (
-        isinstance(result, (list, tuple))
-        and result
-        and not isinstance(result[0], (int, np.integer))
-    ):
-        result = result[0]
-    if isinstance(result, (bytes, bytearray)):
-        return bytes(result)
-    if hasattr(result, "dumps_midi"):
-        return result.dumps_midi()
-    ids = getattr(result, "ids", result)
-    return srv.tokenizer.decode_to_bytes(np.asarray(ids))
+def _check_key(key: str) -> None:
+    from aurl.analysis.keys import parse_key
+
+    try:
+        parse_key(key)
+    except Exception as e:  # noqa: BLE001 - any parse failure is one clear line
+        raise ConfigError(f"key {key!r}: {e}") from None
 
 
 async def _make_trial(srv: ModelServer, store: listen.Store, lim: Limits) -> dict[str, Any]:

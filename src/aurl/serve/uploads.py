@@ -7,8 +7,10 @@ stdin, sets its own limits before parsing, and writes one JSON object to stdout 
 either direction: nothing is unpickled).
 
 Tasks: ``ids`` (the tokenizer's ids of the file), ``notes`` (a note array as
-JSON columns, plus the bar length in beats), ``analyze`` (:func:`aurl.analysis.report.
-analyze_notes` of the file).
+JSON columns, plus the bar length in beats), ``piece`` (the notes track by track,
+``{"tracks": [{"name", "notes": columns}, ...], "time_map": TimeMap.to_json()}``: what
+composing around the file needs, its bars and seconds included), ``analyze``
+(:func:`aurl.analysis.report.analyze_notes` of the file).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from aurl.errors import MidiReadError
 
-TASKS = ("ids", "notes", "analyze")
+TASKS = ("ids", "notes", "piece", "analyze")
 
 
 class UploadError(MidiReadError):
@@ -113,15 +115,41 @@ def _read_notes(path: Path) -> tuple[Any, float]:
 
     score, _ = read_midi(path, DataConfig(drums="keep"))
     bpb = 4.0
-    try:  # the repaired score keeps no meter: read it from the file (which read_midi accepted)
-        import symusic
-
-        sigs = symusic.Score(str(path)).time_signatures
-        if len(sigs) and sigs[0].denominator > 0 and sigs[0].numerator > 0:
-            bpb = sigs[0].numerator * 4.0 / sigs[0].denominator
-    except Exception:  # noqa: BLE001 - a file read_midi repaired may still trip symusic
-        pass
+    sigs = _raw_meter(path).signatures
+    if sigs:
+        bpb = sigs[0][1] * 4.0 / sigs[0][2]
     return notes_from_score(score), bpb
+
+
+def _raw_meter(path: Path) -> Any:
+    """The file's time and key signatures as a ``TimeMap`` (the repaired score keeps none),
+    read from its checked bytes; none when the raw reader refuses a file ``read_midi``
+    repaired."""
+    from aurl.data.midi_io import read_score
+    from aurl.errors import MidiReadError
+    from aurl.generation.compose import TimeMap
+
+    try:
+        return TimeMap.of_score(read_score(path))
+    except MidiReadError:
+        return TimeMap()
+
+
+def _read_piece(path: Path) -> dict[str, Any]:
+    """The file's tracks with notes (name and note columns each) and its time map."""
+    from aurl.config import DataConfig
+    from aurl.data.midi_io import read_midi
+    from aurl.generation.compose import TimeMap, track_notes
+
+    score, _ = read_midi(path, DataConfig(drums="keep"))
+    meter = _raw_meter(path)
+    times = TimeMap(signatures=meter.signatures, tempos=TimeMap.of_score(score).tempos,
+                    keys=meter.keys)  # fmt: skip
+    tracks = [
+        {"name": name, "notes": {f: notes[f].tolist() for f in notes.dtype.names}}
+        for name, notes in track_notes(score)
+    ]
+    return {"tracks": tracks, "time_map": times.to_json()}
 
 
 def _run_task(task: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +164,8 @@ def _run_task(task: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
         cap = int(options.get("polyphony_cap", DataConfig().polyphony_cap))
         tok = Tokenizer(vocab, DataConfig(polyphony_cap=cap))
         return {"ids": np.asarray(tok.encode_file(path)).tolist()}
+    if task == "piece":
+        return _read_piece(path)
     notes, beats_per_bar = _read_notes(path)
     if task == "notes":
         cols = {name: notes[name].tolist() for name in notes.dtype.names}
