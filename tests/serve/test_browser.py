@@ -82,5 +82,5 @@ def test_listening_page_records_an_answer_in_sqlite(browser, live_server):
         bach = db.execute("SELECT bach_side FROM trials WHERE id = ?", (trial,)).fetchone()[0]
     assert rows == [("A", int(bach == "A"))]
     page.goto(live_server.url + "/listen/results")
-    assert "default" in page.inner_text("#results")
+    assert "chorales" in page.inner_text("#results")
     page.close()

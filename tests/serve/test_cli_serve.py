@@ -17,7 +17,7 @@ def test_another_address_needs_a_token(monkeypatch, capsys):
 
 def test_unknown_model_or_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert main(["serve", "--model", "nope"]) == 1
-    assert "no such shipped model; shipped: default" in capsys.readouterr().err
+    assert "no such shipped model; the shipped ones are chorales" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path / "missing")]) == 1
     assert "is not a folder" in capsys.readouterr().err
 

@@ -64,8 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from aurl.cli.generate import add_model_argument
+
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--checkpoint", metavar="DIR", help="model folder (default: shipped model)")
+    add_model_argument(p)
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="results (default 1)")
     p.add_argument(
         "--particles", type=int, default=8, metavar="K",
@@ -155,7 +158,7 @@ def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, An
     stem = f"{Path(source).stem}_{kind}_seed{args.seed}"
     paths = output_paths(args.out, args.num_samples, formats, stem=stem)
     check_free(paths, force=args.force)
-    model_folder(args.checkpoint)
+    model_folder(args.checkpoint, args.model)
     return paths, formats
 
 
@@ -166,7 +169,7 @@ def _model(args: argparse.Namespace) -> Any:
     from aurl.generation.compose import composing_model
 
     torch.set_num_threads(args.threads)
-    return composing_model(load_model(args.checkpoint, "cpu"))
+    return composing_model(load_model(args.checkpoint, "cpu", args.model))
 
 
 def _options(args: argparse.Namespace, key: str = "") -> Any:

@@ -15,6 +15,8 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from aurl.cli.generate import add_model_argument
+
     p = sub.add_parser(
         "evaluate",
         help="score a model: bits per note, musical metrics, distances to real music, report",
@@ -30,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="model folder (save_pretrained), training checkpoint, or run folder "
         "(its latest checkpoint; its training curves go into the report)",
     )
+    add_model_argument(p)
     p.add_argument(
         "--data", metavar="DIR_OR_CACHE",
         help="token cache or MIDI folder (required; with --task harmonize: a folder of "
@@ -62,7 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def load_model(checkpoint: str | None, device: str) -> tuple[Any, Path | None, int]:
+def load_model(
+    checkpoint: str | None, device: str, model_name: str | None = None
+) -> tuple[Any, Path | None, int]:
     """The model to evaluate (eval mode), the run folder it came from (or None) and the window
     it was trained on (``data.window``; the default for model folders, which do not record it).
 
@@ -73,7 +78,7 @@ def load_model(checkpoint: str | None, device: str) -> tuple[Any, Path | None, i
     from aurl.config import DataConfig
 
     if checkpoint is None or (Path(checkpoint) / "config.json").is_file():
-        model = load_pretrained_folder(checkpoint, device)
+        model = load_pretrained_folder(checkpoint, device, model_name)
         return model, None, min(DataConfig().window, model.config.max_seq_len)
     from aurl.errors import CheckpointError
 
@@ -161,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from aurl.evaluation.report import evaluate_sets, write_report
     from aurl.progress import bar
 
-    model, run_dir, trained_window = load_model(args.checkpoint, args.device)
+    model, run_dir, trained_window = load_model(args.checkpoint, args.device, args.model)
     try:  # an order too high for the vocabulary fails here, before any scoring
         NgramModel(args.ngram_order, model.vocab.size)
     except ValueError as e:

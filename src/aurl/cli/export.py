@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SHIPPED_NAME = "default"  # --model NAME: the shipped model (the only named model so far)
 FORMATS = ("onnx",)
 
 
@@ -29,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx")
     src = p.add_mutually_exclusive_group()
     src.add_argument(
-        "--model", metavar="NAME", help=f"a shipped model: {SHIPPED_NAME!r} (the default)"
+        "--model", metavar="NAME", help="a shipped model by name (default: the default model)"
     )
     src.add_argument("--checkpoint", metavar="DIR", help="a model folder (aurl train / save)")
     p.add_argument(
@@ -48,12 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from aurl.errors import ConfigError
 
     t0 = time.perf_counter()
-    if args.model is not None and args.model != SHIPPED_NAME:
-        raise ConfigError(
-            f"--model {args.model!r}: the only shipped model is {SHIPPED_NAME!r}; for your own "
-            "model pass --checkpoint DIR"
-        )
-    folder = model_folder(args.checkpoint)  # a wrong path fails before torch loads
+    folder = model_folder(args.checkpoint, args.model)  # a wrong path fails before torch loads
     out = Path(args.out)
     taken = [out / n for n in ("config.json", "prefill.onnx", "decoder_step.onnx")]
     if not args.force and any(p.exists() for p in taken):
@@ -67,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from aurl.cli.generate import load_model
     from aurl.models.onnx_export import export_onnx
 
-    model = load_model(args.checkpoint, "cpu")
+    model = load_model(args.checkpoint, "cpu", args.model)
     export_onnx(model, out, int8=args.int8, source={"model": str(folder)})
     for name in ("prefill.onnx", "decoder_step.onnx", "config.json"):
         print(f"wrote {out / name}")

@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--checkpoint", metavar="DIR",
         help="model folder (default: shipped model); with --engine onnx an ONNX export folder",
     )  # fmt: skip
+    add_model_argument(p)
     p.add_argument(
         "--engine", choices=("torch", "onnx"), default="torch",
         help="torch (default) or onnx: onnxruntime on the CPU, never imports torch (the shipped "
@@ -143,34 +144,47 @@ def generation_config(args: argparse.Namespace):
     return build(GenerationConfig, values, prefix="generation")
 
 
-def model_folder(checkpoint: str | None) -> Path:
-    """The folder of ``checkpoint`` or of the shipped model, checked without loading anything
-    (so a wrong path fails before torch is imported).
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    """``--model NAME``: a shipped model by name (:mod:`aurl.shipped`), beside --checkpoint."""
+    from aurl.shipped import DEFAULT
+
+    p.add_argument(
+        "--model", metavar="NAME",
+        help=f"a shipped model by name (default {DEFAULT!r}); --checkpoint DIR for your own",
+    )  # fmt: skip
+
+
+def model_folder(checkpoint: str | None, model: str | None = None) -> Path:
+    """The folder of ``checkpoint`` or of the shipped model ``model`` (None: the default),
+    checked without loading anything (so a wrong path fails before torch is imported).
 
     Raises:
-        CheckpointError: no shipped model, or ``checkpoint`` is not a folder.
+        CheckpointError: no such shipped model, or ``checkpoint`` is not a folder.
+        ConfigError: both given.
     """
-    from aurl.errors import CheckpointError
+    from aurl.errors import CheckpointError, ConfigError
+    from aurl.shipped import shipped_model
 
-    folder = Path(checkpoint) if checkpoint else SHIPPED
-    if checkpoint is None and not (folder / "config.json").is_file():
-        raise CheckpointError(
-            f"no shipped model in {folder}: pass --checkpoint DIR (a folder written by aurl train)"
-        )
+    if checkpoint and model:
+        raise ConfigError("give --model NAME or --checkpoint DIR, not both")
+    if not checkpoint:
+        return shipped_model(model, SHIPPED)
+    folder = Path(checkpoint)
     if not folder.is_dir():
         raise CheckpointError(f"--checkpoint {folder} is not a folder: give a model folder")
     return folder
 
 
-def load_model(checkpoint: str | None, device: str):
-    """The model of ``checkpoint`` (a save_pretrained folder) or the shipped one, in eval mode.
+def load_model(checkpoint: str | None, device: str, model_name: str | None = None):
+    """The model of ``checkpoint`` (a save_pretrained folder) or the shipped one named
+    ``model_name`` (None: the default), in eval mode.
 
     Raises:
         CheckpointError: no shipped model, or a missing, damaged or mismatched checkpoint.
     """
     from aurl.errors import CheckpointError
 
-    folder = model_folder(checkpoint)
+    folder = model_folder(checkpoint, model_name)
     from aurl.data.vocab import Vocab
     from aurl.models import MusicTransformerVAEGAN
 
@@ -237,7 +251,9 @@ def run(args: argparse.Namespace) -> int:
         engine = int8_onnx_engine(args, config)
         if engine is not None:
             return finish(args, config, engine, None, paths, settings, t0)
-    model_folder(args.checkpoint)  # a wrong path fails here, before torch loads (~1 s)
+    model_folder(
+        args.checkpoint, args.model
+    )  # a wrong path or name fails here, before torch loads (~1 s)
     require_torch("--engine torch")
     import torch
 
@@ -245,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
 
     from aurl.engines.torch_engine import TorchEngine
 
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, args.model)
     if args.int8:
         from aurl.models.quantize import quantize_int8
 
@@ -278,7 +294,7 @@ def int8_onnx_engine(args: argparse.Namespace, config):
     import importlib.util
     import json
 
-    folder = model_folder(args.checkpoint)
+    folder = model_folder(args.checkpoint, args.model)
     try:
         model = json.loads((folder / "config.json").read_text()).get("model", {})
     except (OSError, json.JSONDecodeError):
@@ -319,7 +335,7 @@ def onnx_engine(args: argparse.Namespace):
     if args.checkpoint is None:
         from aurl.engines.shipped import ensure_shipped_onnx
 
-        folder = ensure_shipped_onnx(model_folder(None))
+        folder = ensure_shipped_onnx(model_folder(None, args.model))
     else:
         folder = Path(args.checkpoint)
         if (folder / "model.safetensors").is_file():

@@ -12,9 +12,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from aurl.cli.generate import SHIPPED
-
-DEFAULT_MODEL = "default"
+from aurl.shipped import DEFAULT as DEFAULT_MODEL
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,24 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def shipped_model(name: str) -> Path:
-    """The folder of a shipped model: ``default`` is ``aurl/pretrained``; other names are
-    sub-folders of it that hold a ``config.json``.
-
-    Raises:
-        CheckpointError: no shipped model of that name (the message lists the names).
-    """
-    from aurl.errors import CheckpointError
-
-    folder = SHIPPED if name == DEFAULT_MODEL else SHIPPED / name
-    if (folder / "config.json").is_file():
-        return folder
-    names = [DEFAULT_MODEL] * (SHIPPED / "config.json").is_file() + sorted(
-        d.name for d in SHIPPED.iterdir() if (d / "config.json").is_file()
-    )
-    raise CheckpointError(f"--model {name}: no such shipped model; shipped: {', '.join(names)}")
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -96,7 +76,7 @@ def model_folders(args: argparse.Namespace) -> dict[str, Path]:
     if args.checkpoint:
         pairs = [(Path(c).resolve().name, model_folder(c)) for c in args.checkpoint]
     else:
-        pairs = [(n, shipped_model(n)) for n in (args.model or [DEFAULT_MODEL])]
+        pairs = [(n, model_folder(None, n)) for n in (args.model or [DEFAULT_MODEL])]
     names = [n for n, _ in pairs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two models named alike ({', '.join(names)}): give distinct folders")

@@ -370,7 +370,7 @@ def run_task(args: Any, load_model: Any) -> int:
             f"{folder} has no four-track chorales in split {args.split!r}: give a folder with "
             "a manifest.json (aurl data corpus) or choose another --split"
         )
-    model, _, _ = load_model(args.checkpoint, args.device)
+    model, _, _ = load_model(args.checkpoint, args.device, getattr(args, "model", None))
     t0 = time.perf_counter()
     result = evaluate_harmonize(model, files, seed=args.seed, progress=bar)
     table = harmonize_table(result)
