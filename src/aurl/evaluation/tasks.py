@@ -58,18 +58,10 @@ def held_out_chorales(folder: str | Path = BUNDLED, split: str = "test") -> list
 
 def chorale_voices(path: str | Path) -> list[np.ndarray]:
     """The four voices (S, A, T, B note arrays) of a four-track chorale MIDI file."""
-    import symusic
-
     from aurl.data.midi_io import read_score
+    from aurl.generation.compose import track_notes
 
-    score = read_score(path).to("tick")
-    voices = []
-    for track in score.tracks[:4]:
-        one = symusic.Score(score.tpq)
-        one.tempos = score.tempos.copy()
-        one.tracks.append(track.copy())
-        voices.append(notes_from_score(one))
-    return voices
+    return [notes for _, notes in track_notes(read_score(path).to("tick"))[:4]]
 
 
 # --------------------------------------------------------------------------------------------
