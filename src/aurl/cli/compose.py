@@ -118,21 +118,6 @@ def read_score(path: str | Path) -> Any:
         ) from None
 
 
-def track_notes(score: Any) -> list[tuple[str, Any]]:
-    """``(name, note array)`` for each track with notes (see
-    :func:`aurl.generation.compose.track_notes`)."""
-    from aurl.generation.compose import track_notes as tracks_of
-
-    return tracks_of(score)
-
-
-def top_track(score: Any) -> tuple[str, Any]:
-    """The melody of a score: its only track, or the pitched track with the highest median."""
-    from aurl.generation.compose import top_track as top
-
-    return top(track_notes(score))
-
-
 def first_qpm(score: Any) -> float:
     return float(score.tempos[0].qpm) if len(score.tempos) else 120.0
 
@@ -206,6 +191,7 @@ def _read_back(path: Path, track: str | None) -> Any:
     import numpy as np
 
     from aurl.data.notes import empty_notes
+    from aurl.generation.compose import track_notes
 
     tracks = track_notes(read_score(path))
     if track is None:
@@ -221,7 +207,7 @@ def _read_back(path: Path, track: str | None) -> Any:
 def run_harmonize(args: argparse.Namespace) -> int:
     from aurl.analysis.keys import parse_key
     from aurl.errors import ConfigError, ConstraintError
-    from aurl.generation.compose import harmonize, melody_line
+    from aurl.generation.compose import harmonize, melody_line, top_track, track_notes
 
     if not 2 <= args.voices <= 4:
         raise ConfigError(f"--voices {args.voices}: give 2, 3 or 4")
@@ -231,7 +217,7 @@ def run_harmonize(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001
             raise ConstraintError(f"--key {args.key!r}: {e}") from None
     score = read_score(args.melody)
-    name, notes = top_track(score)
+    name, notes = top_track(track_notes(score))
     line = melody_line(notes, name=f"{args.melody} ({name})")  # bad melodies fail here
     paths, _ = _prepare(args, args.melody, "harmonized")
     model = _model(args)
@@ -250,7 +236,7 @@ def run_accompany(args: argparse.Namespace) -> int:
 
     from aurl.data.notes import pitched
     from aurl.errors import ConfigError, ConstraintError
-    from aurl.generation.compose import accompany
+    from aurl.generation.compose import accompany, track_notes
 
     if not 2 <= args.voices <= 4:
         raise ConfigError(f"--voices {args.voices}: give 2, 3 or 4")
@@ -300,6 +286,7 @@ def run_infill(args: argparse.Namespace) -> int:
         infill_regenerated,
         infill_score,
         piece_notes,
+        track_notes,
     )
 
     score = read_score(args.piece)
