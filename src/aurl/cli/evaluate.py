@@ -114,6 +114,22 @@ def open_data(data: str, out: Path, vocab_config: Any, workers: int) -> Any:
     return TokenCache(out / "cache")
 
 
+def latent_report(model: Any, seqs: list, grammar: Any, window: int, meters: list) -> dict:
+    """Reconstruction (own vs another piece's latent vs the prior) and one interpolation path,
+    on the openings of the split's pieces (:mod:`aurl.evaluation.latent`)."""
+    from aurl.evaluation.latent import interpolation_curves, reconstruction
+
+    longest = sorted(len(s) for s in seqs)[-2] if len(seqs) > 1 else 0
+    length = min(window, 512, longest)
+    rec = reconstruction(model, seqs, length=length, grammar=grammar, meters=meters)
+    keep = [i for i, s in enumerate(seqs) if len(s) >= length][:2]
+    path = interpolation_curves(
+        model, seqs[keep[0]][:length], seqs[keep[1]][:length], grammar=grammar,
+        meter=meters[keep[0]],
+    )  # fmt: skip
+    return {"reconstruction": rec.to_dict(), "interpolation": path.to_dict()}
+
+
 def generate_samples(model: Any, n: int, *, max_tokens: int, seed: int, batch: int) -> list:
     """``n`` sampled id arrays (START .. END), in batches, with the default sampling options."""
     from aurl.config import GenerationConfig
@@ -195,6 +211,17 @@ def run(args: argparse.Namespace) -> int:
         baseline = ngram_baseline(cache, order=args.ngram_order, split=args.split)
         likelihood[f"{args.ngram_order}-gram (Kneser-Ney)"] = baseline.to_dict()
 
+    latent = None
+    if getattr(model, "encoder", None) is not None:  # a VAE: does its latent carry the piece?
+        latent = latent_report(model, seqs, Grammar(model.vocab, cap), window, common["meters"])
+        likelihood_note = "VAE: bits/note given each piece's own posterior mean (reconstruction)"
+        print(
+            f"latent: bits/note given own {latent['reconstruction']['own']:.3f}, another "
+            f"piece's {latent['reconstruction']['other']:.3f}, the prior "
+            f"{latent['reconstruction']['prior']:.3f} (first {latent['reconstruction']['length']}"
+            f" tokens of {latent['reconstruction']['pieces']} pieces); {likelihood_note}"
+        )
+
     tokenizer = Tokenizer(model.vocab_config)
     reference = [tokenizer.decode_to_notes(s) for s in seqs]
     sample_ids = []
@@ -219,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
         },
         "likelihood": likelihood,
     }
+    if latent is not None:
+        results["latent"] = latent
     gen_features = ref_features = None
     if generated:
         sets, gen_features, ref_features = evaluate_sets(generated, reference, progress=bar)
