@@ -61,8 +61,12 @@ def _rebuilt_outputs(model, ids, maps, attention_mask=None):
     [
         (),  # full causal attention: SDPA with is_causal
         ("model.attention=local", "model.local_window=8"),  # block-local windowed SDPA
-        ("model.attention=hierarchical", "model.local_window=8", "model.global_tokens=4",
-         "model.summary_len=64"),  # windows plus a global prefix  # fmt: skip
+        (
+            "model.attention=hierarchical",
+            "model.local_window=8",
+            "model.global_tokens=4",
+            "model.summary_len=64",
+        ),  # windows plus a global prefix  # fmt: skip
         ("model.mode=vae",),  # the decoder conditioned on the posterior mean
     ],
 )
