@@ -108,7 +108,10 @@ def finetune_config(config: Config, base: Base, explicit: Iterable[str] = ()) ->
         section, _, field = key.partition(".")
         if section not in ("model", "vocab") or field in FREE_MODEL_KEYS:
             continue
-        mine, theirs = getattr(getattr(config, section), field), getattr(getattr(base, section), field)
+        mine, theirs = (
+            getattr(getattr(config, section), field),
+            getattr(getattr(base, section), field),
+        )
         if mine != theirs:
             raise ConfigError(
                 f"{key}={mine!r}: the base model {base.name} has {key}={theirs!r} and "
