@@ -178,22 +178,50 @@ def test_bad_fine_tune_requests_are_refused(fixture_cache, tiny_config, base_dir
 
 
 def test_readme_commands(tmp_path, capsys):
-    """The README's "Train on your own MIDI folder" commands, on a fixture folder and the tiny
-    preset's data settings (the base is the shipped model, as in the README)."""
-    cache, run, out = tmp_path / "cache", tmp_path / "run", tmp_path / "pieces"
+    """The README's "Train on your own MIDI folder" commands, on a fixture folder with the tiny
+    preset's data and training settings (the base is the shipped model, as in the README)."""
+    cache, run, full = tmp_path / "my-cache", tmp_path / "my-run", tmp_path / "my-full"
+    fast = ["--preset", "tiny", "training.max_steps=2", "training.eval_batches=1",
+            "data.window=64", "data.batch_size=2", "training.sample_every=0"]  # fmt: skip
     assert main(["data", "prepare", str(FIXTURE_MIDI), "--out", str(cache)]) == 0
-    fast = ["training.max_steps=2", "training.eval_batches=1", "data.window=64",
-            "data.batch_size=2", "training.sample_every=0"]  # fmt: skip
     assert main(["train", "--init-from", "shipped", "--lora", "8", "--data", str(cache),
-                 "--out", str(run), "--preset", "tiny", *fast]) == 0  # fmt: skip
+                 "--out", str(run), *fast]) == 0  # fmt: skip
     assert (run / "adapter" / "adapter.json").is_file()
-    assert main(["generate", "--adapter", str(run / "adapter"), "--out", str(out),
-                 "--max-tokens", "32"]) == 0  # fmt: skip
-    assert list(out.glob("*.mid"))
+    pieces = tmp_path / "my-pieces"
+    assert main(["generate", "--adapter", str(run / "adapter"), "--num-samples", "1",
+                 "--max-tokens", "32", "--out", str(pieces)]) == 0  # fmt: skip
+    assert list(pieces.glob("*.mid"))
+    assert main(["evaluate", "--adapter", str(run / "adapter"), "--data", str(cache),
+                 "--samples", "0", "--split", "valid",  # the fixtures: no test file
+            "--out", str(tmp_path / "my-eval")]) == 0  # fmt: skip
+    assert main(["train", "--init-from", "shipped", "--data", str(cache), "--out", str(full),
+                 *fast]) == 0  # fmt: skip
+    full_pieces = tmp_path / "my-full-pieces"
+    assert main(["generate", "--checkpoint", str(full / "model"), "--num-samples", "1",
+                 "--max-tokens", "32", "--out", str(full_pieces)]) == 0  # fmt: skip
+    assert list(full_pieces.glob("*.mid"))
     capsys.readouterr()
-    # the same command again on the run folder: a new run is refused, one clear line
+    # the adapter on another base, and a new run into a used folder: one clear line each
+    assert (
+        main(
+            [
+                "generate",
+                "--adapter",
+                str(run / "adapter"),
+                "--checkpoint",
+                str(full / "model"),
+                "--max-tokens",
+                "8",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        != 0
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "was trained on chorales" in err[-1]
     code = main(["train", "--init-from", "shipped", "--lora", "8", "--data", str(cache),
-                 "--out", str(run), "--preset", "tiny", *fast])  # fmt: skip
+                 "--out", str(run), *fast])  # fmt: skip
     assert code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and "without --init-from" in err[-1]
