@@ -113,7 +113,8 @@ def main() -> None:
         "training.sample_every=0", "training.keep_best=1", "training.device=cpu",
         f"training.log_every={max(1, args.steps // 10)}", "training.eval_batches=8",
     ]  # fmt: skip
-    n_base = sum(v.numel() for v in base.tensors.values() if v.is_floating_point())
+    # parameters, tied ones once (the state dict lists the tied head and embedding both)
+    n_base = sum(p.numel() for p in load_pretrained(base.weights.parent).parameters())
     results = []
     for variant in args.variants:
         lr = {"scratch": args.lr_scratch, "full": args.lr_full, "lora": args.lr_lora}.get(variant)
