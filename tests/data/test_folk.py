@@ -31,13 +31,15 @@ VALLEY = """X: 1
 T: The Enchanted Valley
 M: 2/4
 L: 1/16
+B: "O'Neill's 1"
 K:Gm
 G3-A (Bcd=e) | f4 (g2dB) | ({d}c3-B) G2-E2 | F4 (D2=E^F) |
 G3-A (Bcd=e) | f4 d2-f2 | (g2a2 b2).g2 | {b}(a2g2 f2).d2 |
-(d2{ed}c2) B2B2 | A2G2 {AG}F2(ED) | E2-D2- D2-^C2 | D6 ||
-M: 3/4
-d2 | g4 f2 | d6 ||
-"""
+(d2{ed}c2) B2B2 | (A2G2 {AG}F2).D2 | (GABc) (d2{ed}c>A) | G2G2 G2z ||
+G | B2c2 (dcAB) | G2G2 G3G | B2d2 (gfdc) | d2g2 (g3ga) |
+(bagf) (gd)d>c | (B2AG) F-D.D2 | (GABc) d2d2 | (bgfd) cA.F2 |
+G2A2 (B2{cB}AG) | A3-G F2-D2 | (GABc) (d2{ed}c>A) | G2G2 G2z2 ||
+"""  # music21's oneills1850/0001-0050.abc, tune 1 (its N: and Z: lines left out)
 ROSE = """X: 2
 T: The Rose in the Heather
 M: 6/8
