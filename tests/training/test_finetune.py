@@ -162,6 +162,10 @@ def test_bad_fine_tune_requests_are_refused(fixture_cache, tiny_config, base_dir
     with pytest.raises(CheckpointError, match="no such folder and no shipped model"):
         load_base("no-such-model")
     base = load_base(str(base_dir))
+    # a run folder (or checkpoint) is a base too: its best, else latest, checkpoint, verified
+    from_run = load_base(tmp_path / "run")
+    assert from_run.name.endswith("step-0000001") and from_run.model.d_model == 32
+    assert from_run.sha256 == file_sha256(latest_checkpoint(tmp_path / "run") / "model.safetensors")
     # the base's shape wins over the preset's; an explicit contrary override is an error
     small = load_config(preset="small")
     assert finetune_config(small, base).model.d_model == 32
