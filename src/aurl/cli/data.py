@@ -19,7 +19,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "'bach-chorales' (~370 chorales) is bundled pre-converted and copies instantly; "
         "'classical' adds Beethoven, Mozart, Haydn, Schubert and Schumann (converted: minutes).",
     )
-    corpus.add_argument("--name", default="bach-chorales", choices=["bach-chorales", "classical"])
+    corpus.add_argument(
+        "--name", default="bach-chorales", choices=["bach-chorales", "classical", "folk"],
+        help="folk: the ABC folk collections (Essen, O'Neill, Ryan, Aird), one tune per file; "
+        "resumable (run it again to go on)",
+    )  # fmt: skip
+    corpus.add_argument(
+        "--limit", type=int, default=0, metavar="N",
+        help="folk: the first N tunes (a fixed spread over the collections; 0: all)",
+    )  # fmt: skip
     corpus.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     corpus.add_argument("--rebuild", action="store_true", help="convert from music21 again")
     corpus.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
@@ -66,8 +74,9 @@ def run_corpus(args: argparse.Namespace) -> int:
     from aurl.progress import bar
 
     report = build_corpus(
-        args.name, args.out, rebuild=args.rebuild, workers=args.workers, progress=bar
-    )
+        args.name, args.out, rebuild=args.rebuild, workers=args.workers, progress=bar,
+        limit=args.limit,
+    )  # fmt: skip
     splits = Counter(f["split"] for f in report.files)
     print(
         f"wrote {len(report.files)} MIDI files to {report.out} ({report.copied} copied, "

@@ -15,7 +15,7 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from aurl.cli.generate import add_model_argument
+    from aurl.cli.generate import add_adapter_argument, add_model_argument
 
     p = sub.add_parser(
         "evaluate",
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(its latest checkpoint; its training curves go into the report)",
     )
     add_model_argument(p)
+    add_adapter_argument(p)
     p.add_argument(
         "--data", metavar="DIR_OR_CACHE",
         help="token cache or MIDI folder (required; with --task harmonize: a folder of "
@@ -93,6 +94,24 @@ def load_model(
     ck.load_weights(model)
     run_dir = path if (path / "checkpoints").is_dir() else ck.path.parent.parent
     return model.eval(), run_dir, min(ck.config.data.window, model.config.max_seq_len)
+
+
+def adapted(loaded: tuple[Any, Path | None, int], args: argparse.Namespace) -> tuple:
+    """:func:`load_model`'s result with ``--adapter`` merged into the model (checked against
+    the weights file the model came from)."""
+    if not getattr(args, "adapter", None):
+        return loaded
+    from aurl.cli.generate import model_folder, with_adapter
+    from aurl.training.checkpoint import export_source, latest_checkpoint
+
+    model, run_dir, window = loaded
+    path = Path(args.checkpoint) if args.checkpoint else None
+    if path is None or (path / "config.json").is_file():
+        weights = model_folder(args.checkpoint, args.model) / "model.safetensors"
+    else:  # a checkpoint, or a run folder: its latest checkpoint (as load_model reads it)
+        source = latest_checkpoint(path) if (path / "checkpoints").is_dir() else export_source(path)
+        weights = Path(source) / "model.safetensors"
+    return with_adapter(model, args.adapter, weights), run_dir, window
 
 
 def open_data(data: str, out: Path, vocab_config: Any, workers: int) -> Any:
@@ -158,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task:
         from aurl.evaluation.tasks import run_task
 
-        return run_task(args, load_model)
+        return run_task(args, lambda *a: adapted(load_model(*a), args))
     if not args.data:
         raise ConfigError("--data is required: give a token cache or a MIDI folder")
     if (
@@ -182,7 +201,9 @@ def run(args: argparse.Namespace) -> int:
     from aurl.evaluation.report import evaluate_sets, write_report
     from aurl.progress import bar
 
-    model, run_dir, trained_window = load_model(args.checkpoint, args.device, args.model)
+    model, run_dir, trained_window = adapted(
+        load_model(args.checkpoint, args.device, args.model), args
+    )
     try:  # an order too high for the vocabulary fails here, before any scoring
         NgramModel(args.ngram_order, model.vocab.size)
     except ValueError as e:

@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="model folder (default: shipped model); with --engine onnx an ONNX export folder",
     )  # fmt: skip
     add_model_argument(p)
+    add_adapter_argument(p)
     p.add_argument(
         "--engine", choices=("torch", "onnx"), default="torch",
         help="torch (default) or onnx: onnxruntime on the CPU, never imports torch (the shipped "
@@ -154,6 +155,25 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_adapter_argument(p: argparse.ArgumentParser) -> None:
+    """``--adapter DIR``: a LoRA adapter folder from ``aurl train --lora`` applied to the model."""
+    p.add_argument(
+        "--adapter", metavar="DIR",
+        help="LoRA adapter folder ('aurl train --lora' writes RUN/adapter), merged into the "
+        "model; refused unless the model is the adapter's base (same weights, by SHA-256)",
+    )  # fmt: skip
+
+
+def with_adapter(model, adapter: str | None, weights: Path):
+    """``model`` with the adapter folder ``adapter`` merged in (``weights``: the file the model
+    was loaded from, which must be the adapter's base); ``model`` as is without one."""
+    if not adapter:
+        return model
+    from aurl.models.lora import apply_adapter
+
+    return apply_adapter(model, adapter, weights)
+
+
 def model_folder(checkpoint: str | None, model: str | None = None) -> Path:
     """The folder of ``checkpoint`` or of the shipped model ``model`` (None: the default),
     checked without loading anything (so a wrong path fails before torch is imported).
@@ -244,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
     check_free([*paths, {"settings": settings}], force=args.force)
     if args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: give 1 or more")
+    if args.adapter and (args.engine == "onnx" or args.int8):
+        raise ConfigError("--adapter is merged into a torch model: drop --engine onnx / --int8")
     if args.engine == "onnx":
         engine = onnx_engine(args)
         return finish(args, config, engine, None, paths, settings, t0)
@@ -262,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
     from aurl.engines.torch_engine import TorchEngine
 
     model = load_model(args.checkpoint, args.device, args.model)
+    weights = model_folder(args.checkpoint, args.model) / "model.safetensors"
+    model = with_adapter(model, args.adapter, weights)
     if args.int8:
         from aurl.models.quantize import quantize_int8
 

@@ -26,6 +26,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", metavar="PATH", help="start from this checkpoint folder instead of the latest"
     )
+    p.add_argument(
+        "--init-from", metavar="BASE",
+        help="start a NEW run from a model's weights: 'shipped' (the default shipped model), a "
+        "shipped model's name, or a model / checkpoint / run folder. The run takes the base's "
+        "model and vocabulary config; its optimizer, schedule and steps are its own",
+    )  # fmt: skip
+    p.add_argument(
+        "--lora", type=int, default=0, metavar="RANK",
+        help="with --init-from: train low-rank adapters of this rank (e.g. 8) on the base's "
+        "attention and feed-forward projections, the base frozen; written to OUT/adapter "
+        "for 'aurl generate --adapter'",
+    )  # fmt: skip
+    p.add_argument(
+        "--lora-alpha", type=float, default=None, metavar="A",
+        help="the adapters' scale numerator (alpha / rank scales them; default 2 * rank)",
+    )  # fmt: skip
     p.set_defaults(func=run_train)
 
     c = sub.add_parser(
@@ -72,12 +88,42 @@ def run_train(args: argparse.Namespace) -> int:
     if args.data:
         args.overrides = [*args.overrides, f"data.cache={args.data}"]
     config = config_from_args(args)
-    result = train(config, args.out, resume=args.resume, progress=bar)
+    base = None
+    if args.init_from:
+        from aurl.training.finetune import explicit_keys, finetune_config, load_base
+
+        base = load_base(args.init_from)
+        config = finetune_config(config, base, explicit_keys(args.overrides))
+    else:
+        config = resumed_finetune_config(config, args)
+    result = train(
+        config, args.out, resume=args.resume, progress=bar, init_from=base, lora=args.lora,
+        lora_alpha=args.lora_alpha,
+    )  # fmt: skip
     if result.stopped == "interrupted":
         print(f"interrupted at step {result.step}: checkpoint saved; run the same command to "
               "resume", file=sys.stderr)  # fmt: skip
         return 130
     return 0
+
+
+def resumed_finetune_config(config, args: argparse.Namespace):
+    """Going on with a fine-tune run (no --init-from): its model and vocabulary are the
+    checkpoint's, not the preset's (explicit contrary overrides refused)."""
+    from pathlib import Path
+
+    from aurl.training.checkpoint import latest_checkpoint, load_checkpoint
+    from aurl.training.finetune import Base, explicit_keys, finetune_config
+
+    source = args.resume or latest_checkpoint(args.out)
+    if source is None or not Path(source).exists():
+        return config
+    start = load_checkpoint(source)
+    if not start.state.get("finetune"):
+        return config
+    c = start.config
+    base = Base(str(start.path), start.path / "model.safetensors", "", c.model, c.vocab, {})
+    return finetune_config(config, base, explicit_keys(args.overrides))
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ Two corpora, no network:
 - ``bach-chorales``: the 371 Riemenschneider chorales of music21's chorale list, one file per
   distinct score (a few numbers share a score). They are kept pre-converted in
   ``aurl/data/bundled/bach-chorales/`` and copied in a moment; ``rebuild=True`` converts again.
+- ``folk``: the ABC folk-tune collections, one tune per file (:mod:`aurl.data.folk`).
 - ``classical``: the chorales plus the string quartets and other works of Beethoven, Mozart,
   Haydn, Schubert and Robert and Clara Schumann found in music21 (converted on demand: minutes).
 
@@ -41,7 +42,7 @@ from aurl.errors import DataError
 from aurl.fileio import atomic_write, atomic_write_text
 from aurl.progress import Progress, silent
 
-CORPORA = ("bach-chorales", "classical")
+CORPORA = ("bach-chorales", "classical", "folk")  # folk: aurl.data.folk
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 MANIFEST = "manifest.json"
 
@@ -140,8 +141,8 @@ def list_sources(name: str) -> list[Source]:
     Raises:
         DataError: ``name`` is not one of :data:`CORPORA`.
     """
-    if name not in CORPORA:
-        raise DataError(f"unknown corpus {name!r}: choose one of {', '.join(CORPORA)}")
+    if name not in CORPORA or name == "folk":
+        raise DataError(f"unknown corpus {name!r}: choose one of {', '.join(CORPORA[:2])}")
     from music21.corpus import chorales
 
     root = _corpus_root()
@@ -434,6 +435,7 @@ def build_corpus(
     valid_fraction: float = 0.1,
     test_fraction: float = 0.1,
     progress: Progress = silent,
+    limit: int = 0,
 ) -> CorpusReport:
     """Write corpus ``name`` as MIDI files plus ``manifest.json`` into ``out``.
 
@@ -445,6 +447,7 @@ def build_corpus(
         valid_fraction: Share of files marked ``valid`` in the manifest (``data.valid_fraction``).
         test_fraction: Share marked ``test`` (``data.test_fraction``).
         progress: Progress wrapper (:func:`aurl.progress.bar` in the CLI).
+        limit: ``folk`` only: the first N tunes (:func:`aurl.data.folk.build_folk`).
 
     Returns:
         A :class:`CorpusReport` with the manifest entries and the skipped scores with reasons.
@@ -453,6 +456,15 @@ def build_corpus(
         DataError: Unknown corpus name, or the bundled files are missing.
         ConfigError: The split fractions are out of range.
     """
+    if name == "folk":
+        from aurl.data.folk import build_folk
+
+        return build_folk(
+            out, limit=limit, workers=workers, valid_fraction=valid_fraction,
+            test_fraction=test_fraction, progress=progress,
+        )  # fmt: skip
+    if limit:
+        raise DataError(f"--limit applies to the folk corpus, not to {name!r}")
     check_fractions(valid_fraction, test_fraction)
     sources = list_sources(name)
     report = CorpusReport(name=name, out=Path(out))

@@ -252,6 +252,9 @@ def train(
     resume: str | Path | None = None,
     progress: Progress = silent,
     echo: Callable[[str], None] | None = None,
+    init_from: Any = None,
+    lora: int = 0,
+    lora_alpha: float | None = None,
 ) -> TrainResult:
     """Train every stage of ``config`` into ``run_dir``; resume from its latest checkpoint.
 
@@ -262,6 +265,16 @@ def train(
         resume: a checkpoint folder to start from; default: the latest one in ``run_dir``.
         progress: progress helper (the CLI passes :func:`aurl.progress.bar`).
         echo: where log lines go besides ``train.log`` (default: stderr).
+        init_from: start a new run from this model's weights: a
+            :class:`aurl.training.finetune.Base` or what :func:`~aurl.training.finetune.load_base`
+            reads (``"shipped"``, a shipped name, a model / checkpoint / run folder). The
+            config's model and vocabulary must be the base's (``finetune_config``); ``run_dir``
+            must hold no checkpoint yet. A resumed fine-tune run needs no ``init_from``: its
+            checkpoints say what it is.
+        lora: with ``init_from``: train LoRA adapters of this rank on the blocks' projections
+            (:mod:`aurl.models.lora`), the base frozen; the run ends by writing
+            ``run_dir/adapter``.
+        lora_alpha: the adapters' alpha (default ``2 * lora``).
 
     Raises:
         ConfigError, DataError, CheckpointError: bad input, before the first step.
@@ -269,7 +282,8 @@ def train(
     d = distributed.init(config.training.device)
     stop = _StopRequest()
     try:
-        return _run(config, Path(run_dir), resume, progress, echo, d, stop)
+        tune = _Tune(init_from, lora, lora_alpha)
+        return _run(config, Path(run_dir), resume, progress, echo, d, stop, tune)
     finally:
         stop.restore()
         distributed.shutdown()
@@ -292,6 +306,15 @@ class _StopRequest:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+@dataclass
+class _Tune:
+    """What ``train`` was asked to start from (``init_from``) and to train (``lora``)."""
+
+    init_from: Any = None
+    lora: int = 0
+    lora_alpha: float | None = None
 
 
 @dataclass
@@ -322,6 +345,10 @@ class _Run:
     last_loss: float = float("nan")
     stopped: str = "max_steps"
     t0: float = dataclasses.field(default_factory=time.perf_counter)
+    base: Any = None  # aurl.training.finetune.Base of a new fine-tune run (stage 0 starts there)
+    # {"base", "base_sha256", "lora": {"rank", "alpha"} or None}: travels in every checkpoint,
+    # so that a resumed fine-tune rebuilds its adapters and writes its adapter folder
+    finetune: dict[str, Any] | None = None
 
     def log(self, line: str) -> None:
         if self.monitor:
@@ -383,8 +410,8 @@ class _DiscStep:
     ok: bool  # finite: the update was made (under fp16 the scaler may still skip it)
 
 
-def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> TrainResult:
-    run = _open_run(config, run_dir, resume, echo, d)
+def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop, tune) -> TrainResult:
+    run = _open_run(config, run_dir, resume, echo, d, tune)
     prev_state: dict[str, torch.Tensor] | None = None
     model: torch.nn.Module | None = None
     for index, (mode, _) in enumerate(run.plan):
@@ -399,7 +426,7 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop) -> 
     return _finish(run, model)
 
 
-def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist) -> _Run:
+def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, tune) -> _Run:
     """Every check of the input before any work, then the checkpoint to resume from, the
     monitor, the training batches and the validation pieces."""
     from aurl.data.dataset import build_loader
@@ -411,6 +438,7 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist) 
     plan = stage_plan(config)
     ends = np.cumsum([s for _, s in plan]).tolist()
     cache = open_cache(config)
+    base, finetune = _open_finetune(config, run_dir, resume, tune, plan)
     start: ckpt.Checkpoint | None = None
     source = resume if resume is not None else ckpt.latest_checkpoint(run_dir)
     if source is not None:
@@ -423,6 +451,11 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist) 
         write_config(config, run_dir)
     if monitor and start is not None:
         monitor.line(f"resuming from {start.path} at step {start.step}")
+    if start is not None and finetune is None:
+        finetune = start.state.get("finetune")
+    if monitor and base is not None:
+        lora = f" lora rank {finetune['lora']['rank']}" if finetune["lora"] else ""
+        monitor.line(f"fine-tuning from {base.name} (sha256 {base.sha256[:12]}){lora}")
 
     a = config.data.augment
     augment = any((a.transpose_prob, a.stretch_prob, a.velocity_prob, a.instrument_prob,
@@ -449,7 +482,7 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist) 
         cache=cache, grammar=Grammar(vocab, config.data.polyphony_cap),
         use_grammar=config.loss.grammar_masked or config.loss.grammar_weight > 0,
         loader=loader, batches=iter(loader), valid_set=valid_set, detector=detector,
-        valid_meters=valid_meters,
+        valid_meters=valid_meters, base=base, finetune=finetune,
     )  # fmt: skip
     if start is not None:
         run.step = start.step
@@ -487,6 +520,17 @@ def _build_stage(
         own = model.state_dict()
         fit = {k: v for k, v in prev_state.items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(fit, strict=False)
+    elif run.base is not None and index == 0 and not resuming:  # a fine-tune run's first step
+        from aurl.training.finetune import load_base_weights
+
+        fresh = load_base_weights(model, run.base)
+        if fresh:
+            run.log(f"not in the base, freshly initialized: {', '.join(fresh[:6])}")
+    lora = (run.finetune or {}).get("lora")
+    if lora:  # after the base's weights are in: the adapters wrap them
+        from aurl.models.lora import add_lora
+
+        add_lora(model, lora["rank"], lora["alpha"])
     optimizers = {"model": make_optimizer(model, cfg)}
     if mode == "vae_gan":
         optimizers["disc"] = make_optimizer(model, cfg, disc=True)
@@ -514,6 +558,10 @@ def _build_stage(
     )  # fmt: skip
     model.train()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if lora:
+        total = sum(p.numel() for p in model.parameters())
+        run.log(f"lora: {n_params:,} of {total:,} parameters trained "
+                f"({100 * n_params / total:.2f}%)")  # fmt: skip
     run.log(f"stage {index + 1}/{len(run.plan)} mode {mode} steps {stage_start}-{end} "
             f"params {n_params / 1e6:.2f}M device {device} precision {t.precision} world {d.world}")  # fmt: skip
     return stage
@@ -884,7 +932,8 @@ def _save(run: _Run, stage: _Stage, metrics: dict[str, float] | None) -> None:
         optimizers=stage.optimizers, scaler=stage.scaler, metrics=metrics,
         state={"stage": stage.index, "data": run.loader.state_dict(),
                "anomaly": run.detector.state_dict(), "lr_scale": run.lr_scale,
-               "best_valid": run.best_valid, "bad_evals": run.bad_evals},
+               "best_valid": run.best_valid, "bad_evals": run.bad_evals,
+               **({"finetune": run.finetune} if run.finetune else {})},
     )  # fmt: skip
     ckpt.prune_checkpoints(run.run_dir, run.config.training.keep_best)
 
@@ -892,7 +941,11 @@ def _save(run: _Run, stage: _Stage, metrics: dict[str, float] | None) -> None:
 def _finish(run: _Run, model: torch.nn.Module | None) -> TrainResult:
     """Export the best (else the last) checkpoint's weights beside the run, close the monitor."""
     distributed.barrier(run.d)
-    if run.d.is_main and model is not None and ckpt.list_checkpoints(run.run_dir):
+    lora = (run.finetune or {}).get("lora")
+    if run.d.is_main and model is not None and lora and ckpt.list_checkpoints(run.run_dir):
+        exported = _export_adapter(run)
+        run.log(f"adapter in {exported} (from {ckpt.export_source(run.run_dir).name})")
+    elif run.d.is_main and model is not None and ckpt.list_checkpoints(run.run_dir):
         # the weights alone, ready for ``aurl generate --checkpoint RUN/model``: the best
         # checkpoint by validation loss, else the last one
         exported = ckpt.export_weights(run.run_dir, run.run_dir / "model")
@@ -906,6 +959,51 @@ def _finish(run: _Run, model: torch.nn.Module | None) -> TrainResult:
     return TrainResult(
         run.step, run.last_loss, run.valid_loss, run.best_valid, run.stopped, run.run_dir, model
     )
+
+
+def _open_finetune(config: Config, run_dir: Path, resume, tune: _Tune, plan) -> tuple[Any, Any]:
+    """The base model of a new fine-tune run and what its checkpoints record, checked before
+    any work; ``(None, None)`` for any other run (a resumed fine-tune reads its checkpoint)."""
+    if tune.init_from is None:
+        if tune.lora:
+            raise ConfigError("--lora trains adapters on a base model: add --init-from BASE")
+        return None, None
+    from aurl.training.finetune import Base, check_fits, load_base, lora_info
+
+    if resume is not None:
+        raise ConfigError(
+            "--init-from starts a new run from a model's weights, --resume goes on with a run: "
+            "give one of them"
+        )
+    if ckpt.latest_checkpoint(run_dir) is not None:
+        raise CheckpointError(
+            f"{run_dir} already holds a run's checkpoints: --init-from starts a new run, so give "
+            "a new --out folder; to go on with this run, run it again without --init-from"
+        )
+    if tune.lora and (len(plan) > 1 or plan[0][0] != "transformer"):
+        raise ConfigError(
+            "--lora adapts a transformer: set model.mode=transformer and no training.stages"
+        )
+    base = tune.init_from if isinstance(tune.init_from, Base) else load_base(tune.init_from)
+    check_fits(config, base)
+    lora = lora_info(tune.lora, tune.lora_alpha) if tune.lora else None
+    return base, {"base": base.name, "base_sha256": base.sha256, "lora": lora}
+
+
+def _export_adapter(run: _Run) -> Path:
+    """A LoRA run's adapter folder, ``RUN/adapter``, from its best (else latest) checkpoint."""
+    from safetensors.torch import load_file
+
+    from aurl.models.lora import adapter_tensors, save_adapter
+
+    source = ckpt.export_source(run.run_dir)
+    ckpt.verify(source)
+    tensors = adapter_tensors(load_file(str(source / "model.safetensors")))
+    f = run.finetune
+    return save_adapter(
+        run.run_dir / "adapter", tensors, rank=f["lora"]["rank"], alpha=f["lora"]["alpha"],
+        base_name=f["base"], base_sha256=f["base_sha256"],
+    )  # fmt: skip
 
 
 def _memory(device: torch.device) -> dict[str, float]:
