@@ -97,6 +97,9 @@ class Features:
             table = (steps[None, :] * c.step_seconds * bpm[:, None] / 60.0 * PHASE_BINS).round()
         self.ticks = table.astype(np.int64)  # (tempo bins + 1, shifts)
         self.P = vocab.n_pitches
+        # ids after which sounding pitches or their ages can change (notes and time)
+        kind = vocab.kind
+        self.moves = (kind == Kind.NOTE_ON) | (kind == Kind.NOTE_OFF) | (kind == Kind.TIME_SHIFT)
 
     def initial(self, batch: int, meter: np.ndarray | None = None) -> FeatureState:
         """The state before any token. ``meter`` (B, 2) or (2,): the time signatures
@@ -113,6 +116,54 @@ class Features:
             sounding=np.zeros((batch, self.P), dtype=bool),
             onset=np.zeros((batch, self.P), dtype=np.int64), bar=bar,
         )  # fmt: skip
+
+    def buffers(self, batch: int) -> dict[str, np.ndarray]:
+        """Input arrays for one token per row, for :meth:`advance_into` to fill: (B, 1) each,
+        (B, 1, P) float32 ``sounding`` and ``age``, (B,) ``bar_beats``; only the model's inputs."""
+        out = {"ids": np.zeros((batch, 1), np.int64)}
+        if self.musical_time:
+            out.update({n: np.zeros((batch, 1), np.int64) for n in ("phase", "beat", "tempo")})
+            if self.meter:
+                out["bar_beats"] = np.zeros(batch, np.int64)
+        if self.grammar_features:
+            out["sounding"] = np.zeros((batch, 1, self.P), np.float32)
+            out["age"] = np.zeros((batch, 1, self.P), np.float32)
+            out["family"] = np.zeros((batch, 1), np.int64)
+        return out
+
+    def advance_into(
+        self, ids: np.ndarray, state: FeatureState, out: dict[str, np.ndarray], *, fresh: bool
+    ) -> FeatureState:
+        """:meth:`__call__` for one token per row (``ids`` (B,)) without allocating: writes
+        the inputs after it into ``out`` (from :meth:`buffers`) and returns the new state.
+
+        ``fresh``: ``out`` does not hold the inputs of the previous token of this state, so
+        every array is written; otherwise ``sounding`` and ``age`` are rewritten only after a
+        note or a time shift (the only tokens that change them)."""
+        out["ids"][:, 0] = ids
+        ticks, tempo = state.ticks, state.tempo
+        if self.musical_time:
+            t = self.tempo_of[ids]  # (B,)
+            tempo = np.where(t >= 0, t, tempo)
+            ticks = ticks + self.ticks[tempo + 1, self.shift[ids]]
+            r = self.ticks_per_beat
+            out["phase"][:, 0] = (ticks % r) * PHASE_BINS // r
+            out["beat"][:, 0] = (ticks % state.bar) // r
+            out["tempo"][:, 0] = tempo + 1
+            if self.meter and fresh:
+                out["bar_beats"][:] = -(-state.bar // r)
+        g, snd, onset = state.grammar, state.sounding, state.onset
+        if self.grammar_features:
+            g = self.grammar.advance(g, ids)
+            out["family"][:, 0] = g.family
+            if fresh or self.moves[ids].any():
+                now = g.sounding.any(1)  # (B, P)
+                time = g.time[:, None]  # (B, 1)
+                onset = np.where(now & ~snd, time, onset)
+                out["sounding"][:, 0] = now
+                np.multiply(time - onset, now, out=out["age"][:, 0], casting="unsafe")
+                snd = now
+        return FeatureState(ticks, tempo, g, snd, onset, state.bar)
 
     def __call__(self, ids: np.ndarray, state: FeatureState) -> tuple[dict, FeatureState]:
         """Inputs after each token of ``ids`` (B, T) and the state after the last one."""
