@@ -189,7 +189,9 @@ class OnnxEngine:
         cache = [np.zeros(shape, np.float32) for _ in self.cache_names]
         return self._state(cache, feats, capacity, 0)
 
-    def _state(self, cache: list[np.ndarray], feats: FeatureState, capacity: int, pos: int) -> OnnxState:
+    def _state(
+        self, cache: list[np.ndarray], feats: FeatureState, capacity: int, pos: int
+    ) -> OnnxState:
         values = [self._ort.OrtValue.ortvalue_from_numpy(c) for c in cache]
         return OnnxState(cache, values, feats, capacity, pos)
 

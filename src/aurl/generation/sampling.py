@@ -202,7 +202,10 @@ def sample_numpy(
     """
     if options.greedy:
         return logits.argmax(axis=-1)
-    cdf = np.cumsum(_softmax(logits.astype(np.float64)), axis=-1)  # (B, V)
+    cdf = logits.astype(np.float64)  # a copy, made in place into the unnormalised cdf
+    cdf -= cdf.max(axis=-1, keepdims=True)
+    np.exp(cdf, out=cdf)
+    np.cumsum(cdf, axis=-1, out=cdf)
     u = rng.random((len(cdf), 1)) * cdf[:, -1:]
     ids = (cdf <= u).sum(axis=-1)  # first id whose cumulative mass passes u
-    return np.minimum(ids, logits.shape[-1] - 1).astype(np.int64)
+    return np.minimum(ids, logits.shape[-1] - 1).astype(np.int64, copy=False)
