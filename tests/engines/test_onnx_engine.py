@@ -124,6 +124,8 @@ def _broken(tiny_export: Path, tmp_path: Path, change) -> Path:
     "change, message",
     [
         (lambda m: m.update(version=99), "export version 99"),
+        # an export from before the in-place cache graph (version 2): re-export, says how
+        (lambda m: m.update(version=1), r"version 1, .*again \(aurl export --format onnx"),
         (lambda m: m["vocab"].update(velocity_bins=16), "vocabulary of 774 ids"),
         (lambda m: m.update(format="aurl-model"), "not an ONNX export"),
         (lambda m: m["inputs"].remove("bar_beats"), "take no bar_beats input"),
