@@ -4,10 +4,11 @@ import torch).
 
 Duck-typed like the model for the generation loop: :meth:`OnnxEngine.init_state` and
 :meth:`OnnxEngine.step` (logits as numpy (B, T, V) float32). The musical-time and grammar-feature
-state is computed beside the graphs in numpy (:mod:`aurl.engines.features`); the KV cache is a
-preallocated (B, capacity, D) array per layer in the state: each call passes its filled rows as
-the graphs' ``past`` inputs (a view, no copy, at batch 1) and writes the new rows the graphs
-return.
+state is computed beside the graph in numpy (:mod:`aurl.engines.features`); the KV cache is a
+preallocated (B, H, capacity, hd) array per layer in the state, bound as the graph's ``past``
+input and ``present`` output at once, so onnxruntime writes the new entries in place. One-token
+steps refill the state's bound input buffers in place: nothing is bound, allocated or copied per
+token but the logits returned.
 """
 
 from __future__ import annotations

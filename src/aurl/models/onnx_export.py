@@ -1,4 +1,5 @@
-"""ONNX export of the decoder: a prefill graph and a one-token step graph with its KV cache.
+"""ONNX export of the decoder: one graph for the first tokens and every step, over a KV cache
+that onnxruntime updates in place.
 
 What goes into the graphs and what stays outside. The model's musical time
 (:class:`aurl.models.model.MusicalTime`) and grammar features
@@ -9,7 +10,8 @@ loop already steps token by token. So the caller computes that state (in numpy:
 graphs hold every weight: the token, phase, beat, tempo and family embeddings, the sounding and
 age projections, the blocks, the final norm and the tied head.
 
-Inputs of both graphs (``B`` batch, ``T`` new tokens, ``P`` pitches, ``L`` cached positions):
+Inputs of the graph (``B`` batch, ``T`` new tokens, ``P`` pitches, ``C`` cache capacity, ``H``
+heads of ``hd`` dimensions):
 
 - ``ids`` (B, T) int64: token ids;
 - ``phase``, ``beat``, ``tempo`` (B, T) int64: position in the beat (0..31), beat in the bar
@@ -20,17 +22,20 @@ Inputs of both graphs (``B`` batch, ``T`` new tokens, ``P`` pitches, ``L`` cache
   ``model.meter``; the caller counts ``beat`` in that row's meter);
 - ``sounding`` (B, T, P) float32 (0/1), ``age`` (B, T, P) float32 in TIME_SHIFT steps, ``family``
   (B, T) int64 (F = none yet), after each token (models with grammar features);
-- step graph only: ``past_key.{i}``, ``past_value.{i}`` (B, L, D) float32 per layer: the cached
-  keys (rotated) and values, heads side by side (D = H * hd).
+- ``past_key.{i}``, ``past_value.{i}`` (B, H, C, hd) float32 per layer: the cache buffers (keys
+  unrotated: the kernel rotates);
+- ``seqlens_k`` (B,) int32: cached tokens + T - 1; ``total_sequence_length`` () int32: cached
+  tokens + T.
 
-Outputs: ``logits`` (B, T, V) float32 and the new tokens' cache entries ``key.{i}``,
-``value.{i}`` (B, T, D). The caller owns the cache: a preallocated (B, capacity, D) array per
-layer whose first L rows it passes as ``past`` (a zero-copy view at batch 1) and into which it
-writes the new entries, so no step copies the cache (an in-graph Concat would, every step).
-The prefill graph has no past (causal attention over its T tokens); the step graph takes T = 1
-and attends to every cached key and its own, with per-head dot products as one MatMul against a
-block-diagonal copy of the query. Rotary positions start at L (read from the past's shape).
-Batch, T (prefill) and L (step) are dynamic axes. Opset :data:`OPSET`.
+Outputs: ``logits`` (B, T, V) float32 and ``present_key.{i}``, ``present_value.{i}``: the cache
+buffers with the new tokens' entries. Each layer's attention is onnxruntime's
+``com.microsoft.GroupQueryAttention`` (CPU kernel: rotary positions from the cached length,
+causal attention, the new keys and values written into the cache); the caller binds the same
+buffer as ``past`` and ``present`` (IOBinding), so the kernel updates the cache in place and no
+step copies it. tanh-GELU is ``com.microsoft.FastGelu``. Batch, T and C are dynamic axes; C is at
+most the model's ``max_seq_len`` (the rotary tables' length). Opset :data:`OPSET` plus the
+``com.microsoft`` domain: the graphs run on onnxruntime (its CPU provider), not on every ONNX
+runtime.
 
 ``config.json`` beside the graphs records the model and vocab config, the input names, the
 weights (``fp32`` or ``int8``: onnxruntime dynamic quantization of the MatMul weights) and a
