@@ -18,7 +18,10 @@ to a MIDI file: wall time and CPU time (user + system) of the whole process (med
 ``--rounds``), beside ``python -c 'import torch'`` and the torch engine's same command.
 
 Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens 1024]
-      [--rounds 3] [--threads 1] [--only decode|cold]
+      [--rounds 3] [--threads 1] [--only decode|cold|parts] [--variants onnx-int8,...]
+
+``--only parts``: the onnx engine's per-token CPU time split into the graph step alone (at a few
+cached lengths) and the rest of the loop (onnxruntime stubbed out), fp32 and int8.
 """
 
 from __future__ import annotations
@@ -141,6 +144,55 @@ def hf_worker(ours, tokens: int) -> dict:
     return {"tokens_per_s": n / dt, "tokens_per_cpu_s": n / cpu}
 
 
+def parts(folder: Path, tokens: int, threads: int, cpu: str) -> None:
+    """Per-token CPU time of the onnx engine's two halves, printed as table rows: one step of
+    the graph alone (onnxruntime) at a few cached lengths, and the rest of the loop (features,
+    masks, sampling, bookkeeping) with onnxruntime replaced by a stub that returns fixed logits.
+    CPU time of this process, the minimum over rounds: the least disturbed by other jobs."""
+
+    from aurl.config import GenerationConfig
+    from aurl.engines.onnx_engine import OnnxEngine
+    from aurl.generation.generate import generate
+
+    cfg = GenerationConfig(
+        max_tokens=tokens, min_tokens=tokens - 8, key="D minor", pitch_low=36, pitch_high=96,
+        seed=0, window=tokens + 16,
+    )  # fmt: skip
+    rows: dict[str, dict[str, float]] = {}
+    for weights in ("fp32", "int8"):
+        engine = OnnxEngine(folder / weights, threads=threads)
+        ids = generate(engine, cfg)[0].ids  # a real piece to feed
+        for cached in (16, tokens // 2, tokens - 64):
+            best = float("inf")
+            for _ in range(3):
+                state = engine.init_state(1, capacity=tokens + 16)
+                engine.step(ids[None, :cached], state)
+                c0 = time.process_time()
+                for j in range(cached, cached + 32):
+                    engine.step(ids[None, j : j + 1], state)
+                best = min(best, (time.process_time() - c0) / 32)
+            rows.setdefault(f"graph step at {cached} cached tokens", {})[weights] = best
+        logits = engine.step(ids[None, :1], engine.init_state(1))[0, -1]
+
+        def stub(io: object, engine=engine, logits=logits) -> None:
+            engine._logits[(1, 1)][0][0, 0] = logits
+
+        engine.session.run_with_iobinding = stub
+        best = float("inf")
+        for _ in range(3):
+            c0 = time.process_time()
+            n = len(generate(engine, cfg)[0].generated)
+            best = min(best, (time.process_time() - c0) / n)
+        rows.setdefault("the loop without the graph (features, masks, sampling)", {})[weights] = (
+            best
+        )
+    print(f"per token, CPU time (min of 3), --threads {threads}; load average {loadavg()}")
+    print("| part | fp32 | int8 | CPU |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['fp32'] * 1e3:.3f} ms | {r['int8'] * 1e3:.3f} ms | {cpu} |")
+
+
 def sub(args: list[str]) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, *args], capture_output=True, text=True, check=True
@@ -168,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", choices=["decode", "cold"])
+    ap.add_argument("--only", choices=["decode", "cold", "parts"])
+    ap.add_argument(
+        "--variants", default=",".join(VARIANTS),
+        help="decode variants, comma-separated (hf, the baseline, always runs)",
+    )  # fmt: skip
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -182,10 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepare(args.shape, folder)
-        if args.only != "cold":
-            results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        if args.only == "parts":
+            parts(folder, args.tokens, args.threads, cpu)
+            return 0
+        if args.only not in ("cold", "parts"):
+            chosen = ["hf"] + [v for v in VARIANTS[1:] if v in args.variants.split(",")]
+            results: dict[str, list[dict]] = {v: [] for v in chosen}
             for _ in range(args.rounds):
-                for v in VARIANTS:
+                for v in chosen:
                     common = ["--shape", args.shape, "--tokens", str(args.tokens)]
                     common += ["--threads", str(args.threads), "--folder", tmp]
                     results[v].append(sub(["--worker", v, *common]))
@@ -198,13 +258,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{loadavg()}")  # fmt: skip
             print("| variant | tokens/s (wall) | vs HF | tokens per CPU second | vs HF | CPU |")
             print("|---|---|---|---|---|---|")
-            for v in VARIANTS:
+            for v in chosen:
                 wall_r, cpu_r = med(v, "tokens_per_s"), med(v, "tokens_per_cpu_s")
                 print(
                     f"| {LABELS[v]} | {wall_r:.0f} | {wall_r / med('hf', 'tokens_per_s'):.2f}x | "
                     f"{cpu_r:.0f} | {cpu_r / med('hf', 'tokens_per_cpu_s'):.2f}x | {cpu} |"
                 )
-        if args.only != "decode":
+        if args.only not in ("decode", "parts"):
             env_py = sys.executable
             gen = [env_py, "-m", "aurl", "generate", "--max-tokens", "512", "--min-tokens", "504",
                    "--force", "--out", str(folder / "pieces")]  # fmt: skip

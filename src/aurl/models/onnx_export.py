@@ -283,7 +283,7 @@ def export_onnx(
     int8: bool = False,
     source: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``prefill.onnx``, ``decoder_step.onnx`` and ``config.json`` for ``model`` into
+    """Write ``decoder.onnx`` and ``config.json`` for ``model`` into
     ``out`` (created if needed). ``source``: extra provenance recorded in the config.
 
     Raises:
