@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--checkpoint", metavar="DIR", help="a model folder (aurl train / save)")
     p.add_argument(
         "--int8", action="store_true",
-        help="int8 MatMul weights (onnxruntime dynamic quantization): about 4x smaller",
+        help="int8 MatMul weights (onnxruntime dynamic quantization): about 3x smaller",
     )  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the .onnx files")
     p.add_argument("--force", action="store_true", help="overwrite an existing export")
