@@ -188,3 +188,17 @@ def test_states_interleave_and_reorder(tiny_export, fixtures_dir) -> None:
     a = engine.reorder(a, np.array([1, 0]))
     rest = [engine.step(ids[::-1, j : j + 1], a) for j in range(40, 60)]
     np.testing.assert_allclose(np.concatenate(rest, 1), want[::-1, 40:], atol=1e-5)
+
+
+def test_format_version_is_one_number(tiny_export) -> None:
+    """The exporter, the engine that reads exports and the shipped model's cache key agree on
+    the format version (a new graph layout bumps all three, so old exports and old caches are
+    refused or bypassed, never decoded with the new engine)."""
+    from aurl.engines import onnx_engine, shipped
+    from aurl.models import onnx_export
+
+    meta = json.loads((tiny_export / "config.json").read_text())
+    assert (meta["format"], meta["version"]) == (onnx_export.FORMAT, onnx_export.VERSION)
+    assert (onnx_engine.FORMAT, onnx_engine.VERSION) == (onnx_export.FORMAT, onnx_export.VERSION)
+    assert shipped.EXPORT_VERSION == onnx_export.VERSION
+    assert meta["graphs"] == {"decoder": "decoder.onnx"}
