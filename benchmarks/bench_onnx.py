@@ -8,14 +8,20 @@ with constraints on (key D minor, pitch range 36..96, sampling at temperature 1)
 (``min_tokens`` holds END back); HF: ``GPT2LMHeadModel`` of the same shape, ``generate`` greedy
 with ``min_new_tokens`` (no constraints: the baseline's own loop). Each measurement runs in a
 fresh subprocess, the variants alternating round by round; the median tokens/s over rounds is
-reported, with the ratio to HF and the CPU (model name and instruction sets) in every row.
+reported as wall-clock tokens/s and as tokens per CPU second of the worker process (what it
+needed itself, which other jobs on shared cores inflate far less), each with the ratio to HF and
+the CPU (model name and instruction sets) in every row. The output is markdown table rows, ready
+to paste into BENCHMARKS.md, headed by the load average before and after.
 
 Cold start: ``aurl generate --engine onnx --checkpoint EXPORT --max-tokens 512 --min-tokens 504``
 to a MIDI file: wall time and CPU time (user + system) of the whole process (medians over
 ``--rounds``), beside ``python -c 'import torch'`` and the torch engine's same command.
 
 Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens 1024]
-      [--rounds 3] [--threads 1] [--only decode|cold]
+      [--rounds 3] [--threads 1] [--only decode|cold|parts] [--variants onnx-int8,...]
+
+``--only parts``: the onnx engine's per-token CPU time split into the graph step alone (at a few
+cached lengths) and the rest of the loop (onnxruntime stubbed out), fp32 and int8.
 """
 
 from __future__ import annotations
@@ -32,6 +38,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "aurl" / "pretrained"
 VARIANTS = ("hf", "torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8")
+LABELS = {
+    "hf": "HF `generate` fp32",
+    "torch-fp32": "PyTorch fp32 (`--engine torch`)",
+    "torch-int8": "PyTorch int8 (int8 weights, bf16 activations)",
+    "onnx-fp32": "onnxruntime fp32 (`--engine onnx`)",
+    "onnx-int8": "onnxruntime int8 (`aurl export --int8`)",
+}
+
+
+def loadavg() -> str:
+    """The 1-minute load average (``/proc/loadavg``), or '?' where there is none."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
 
 
 def torch_model(shape: str):
@@ -82,10 +103,11 @@ def worker(variant: str, shape: str, tokens: int, threads: int, folder: Path) ->
             model = quantize_int8(model)
         run = lambda n: generate(model, dataclasses_replace(cfg, n))  # noqa: E731
     run(16)  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     pieces = run(tokens)
-    dt = time.perf_counter() - t0
-    return {"tokens_per_s": len(pieces[0].generated) / dt}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = len(pieces[0].generated)
+    return {"tokens_per_s": n / dt, "tokens_per_cpu_s": n / cpu}
 
 
 def dataclasses_replace(cfg, n: int):
@@ -116,10 +138,59 @@ def hf_worker(ours, tokens: int) -> dict:
 
     with torch.inference_mode():
         run(16)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = run(tokens)
-        dt = time.perf_counter() - t0
-    return {"tokens_per_s": n / dt}
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"tokens_per_s": n / dt, "tokens_per_cpu_s": n / cpu}
+
+
+def parts(folder: Path, tokens: int, threads: int, cpu: str) -> None:
+    """Per-token CPU time of the onnx engine's two halves, printed as table rows: one step of
+    the graph alone (onnxruntime) at a few cached lengths, and the rest of the loop (features,
+    masks, sampling, bookkeeping) with onnxruntime replaced by a stub that returns fixed logits.
+    CPU time of this process, the minimum over rounds: the least disturbed by other jobs."""
+
+    from aurl.config import GenerationConfig
+    from aurl.engines.onnx_engine import OnnxEngine
+    from aurl.generation.generate import generate
+
+    cfg = GenerationConfig(
+        max_tokens=tokens, min_tokens=tokens - 8, key="D minor", pitch_low=36, pitch_high=96,
+        seed=0, window=tokens + 16,
+    )  # fmt: skip
+    rows: dict[str, dict[str, float]] = {}
+    for weights in ("fp32", "int8"):
+        engine = OnnxEngine(folder / weights, threads=threads)
+        ids = generate(engine, cfg)[0].ids  # a real piece to feed
+        for cached in (16, tokens // 2, tokens - 64):
+            best = float("inf")
+            for _ in range(3):
+                state = engine.init_state(1, capacity=tokens + 16)
+                engine.step(ids[None, :cached], state)
+                c0 = time.process_time()
+                for j in range(cached, cached + 32):
+                    engine.step(ids[None, j : j + 1], state)
+                best = min(best, (time.process_time() - c0) / 32)
+            rows.setdefault(f"graph step at {cached} cached tokens", {})[weights] = best
+        logits = engine.step(ids[None, :1], engine.init_state(1))[0, -1]
+
+        def stub(io: object, engine=engine, logits=logits) -> None:
+            engine._logits[(1, 1)][0][0, 0] = logits
+
+        engine.session.run_with_iobinding = stub
+        best = float("inf")
+        for _ in range(3):
+            c0 = time.process_time()
+            n = len(generate(engine, cfg)[0].generated)
+            best = min(best, (time.process_time() - c0) / n)
+        rows.setdefault("the loop without the graph (features, masks, sampling)", {})[weights] = (
+            best
+        )
+    print(f"per token, CPU time (min of 3), --threads {threads}; load average {loadavg()}")
+    print("| part | fp32 | int8 | CPU |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['fp32'] * 1e3:.3f} ms | {r['int8'] * 1e3:.3f} ms | {cpu} |")
 
 
 def sub(args: list[str]) -> dict:
@@ -149,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", choices=["decode", "cold"])
+    ap.add_argument("--only", choices=["decode", "cold", "parts"])
+    ap.add_argument(
+        "--variants", default=",".join(VARIANTS),
+        help="decode variants, comma-separated (hf, the baseline, always runs)",
+    )  # fmt: skip
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -159,57 +234,65 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from aurl.engines.cpu import cpu_summary
 
-    cpu = cpu_summary()
+    cpu, load = cpu_summary(), loadavg()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepare(args.shape, folder)
-        if args.only != "cold":
-            results: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        if args.only == "parts":
+            parts(folder, args.tokens, args.threads, cpu)
+            return 0
+        if args.only not in ("cold", "parts"):
+            chosen = ["hf"] + [v for v in VARIANTS[1:] if v in args.variants.split(",")]
+            results: dict[str, list[dict]] = {v: [] for v in chosen}
             for _ in range(args.rounds):
-                for v in VARIANTS:
+                for v in chosen:
                     common = ["--shape", args.shape, "--tokens", str(args.tokens)]
                     common += ["--threads", str(args.threads), "--folder", tmp]
-                    results[v].append(sub(["--worker", v, *common])["tokens_per_s"])
-            hf = statistics.median(results["hf"])
-            for v in VARIANTS:
-                tps = statistics.median(results[v])
+                    results[v].append(sub(["--worker", v, *common]))
+
+            def med(v: str, key: str) -> float:
+                return statistics.median(r[key] for r in results[v])
+
+            print(f"decode: {args.shape} shape, batch 1, {args.tokens} tokens, --threads "
+                  f"{args.threads}, {args.rounds} rounds; load average before/after: {load} / "
+                  f"{loadavg()}")  # fmt: skip
+            print("| variant | tokens/s (wall) | vs HF | tokens per CPU second | vs HF | CPU |")
+            print("|---|---|---|---|---|---|")
+            for v in chosen:
+                wall_r, cpu_r = med(v, "tokens_per_s"), med(v, "tokens_per_cpu_s")
                 print(
-                    f"decode {args.shape} batch 1 {args.tokens} tokens {v}: {tps:.0f} tokens/s "
-                    f"({tps / hf:.2f}x hf) rounds {[round(x) for x in results[v]]} cpu {cpu}"
+                    f"| {LABELS[v]} | {wall_r:.0f} | {wall_r / med('hf', 'tokens_per_s'):.2f}x | "
+                    f"{cpu_r:.0f} | {cpu_r / med('hf', 'tokens_per_cpu_s'):.2f}x | {cpu} |"
                 )
-        if args.only != "decode":
+        if args.only not in ("decode", "parts"):
             env_py = sys.executable
             gen = [env_py, "-m", "aurl", "generate", "--max-tokens", "512", "--min-tokens", "504",
                    "--force", "--out", str(folder / "pieces")]  # fmt: skip
+            onnx = [*gen, "--engine", "onnx", "--checkpoint"]
             rows = {
-                "import torch": [env_py, "-c", "import torch"],
-                "generate --engine torch": [*gen, "--checkpoint", str(SHIPPED)]
+                "python -c 'import torch'": [env_py, "-c", "import torch"],
+                "python -c 'import numpy, onnxruntime'": [
+                    env_py,
+                    "-c",
+                    "import numpy, onnxruntime",
+                ],  # fmt: skip
+                "aurl generate (torch engine, fp32)": [*gen, "--checkpoint", str(SHIPPED)]
                 if args.shape == "shipped"
                 else None,
-                "generate --engine onnx (fp32)": [
-                    *gen,
-                    "--engine",
-                    "onnx",
-                    "--checkpoint",
-                    str(folder / "fp32"),
-                ],  # fmt: skip
-                "generate --engine onnx (int8)": [
-                    *gen,
-                    "--engine",
-                    "onnx",
-                    "--checkpoint",
-                    str(folder / "int8"),
-                ],  # fmt: skip
+                "aurl generate --engine onnx (fp32)": [*onnx, str(folder / "fp32")],
+                "aurl generate --engine onnx (int8)": [*onnx, str(folder / "int8")],
             }
+            print(f"cold start: {args.rounds} rounds; load average before: {loadavg()}")
+            print("| command | wall | process CPU | CPU |")
+            print("|---|---|---|---|")
             for name, cmd in rows.items():
                 if cmd is None:
                     continue
                 runs = [wall(cmd) for _ in range(args.rounds)]
                 times, cpus = [r[0] for r in runs], [r[1] for r in runs]
                 print(
-                    f"cold start {name}: wall {statistics.median(times):.2f} s, process CPU "
-                    f"{statistics.median(cpus):.2f} s (rounds {[round(t, 2) for t in times]}) "
-                    f"cpu {cpu}"
+                    f"| `{name}` | {statistics.median(times):.2f} s | "
+                    f"{statistics.median(cpus):.2f} s | {cpu} |"
                 )
     return 0
 

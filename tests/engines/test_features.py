@@ -86,3 +86,30 @@ def test_beats_follow_each_rows_meter_as_the_model_counts_them(time_unit, fixtur
     parts, _ = plain(rows, plain.initial(len(METERS), meter))
     assert "bar_beats" not in parts
     assert np.array_equal(parts["beat"], (cum.numpy() // r) % 4)
+
+
+@pytest.mark.parametrize("time_unit", ["beat", "seconds"])
+def test_one_token_buffers_equal_the_general_path(time_unit, fixtures_dir) -> None:
+    """advance_into (the engine's per-token path: Python scalars, buffers refilled in place,
+    sounding and age rewritten only after notes and shifts) writes, after every token of real
+    pieces in three rows with three meters, the inputs that __call__ returns, and carries the
+    same state."""
+    vcfg = VocabConfig(time_unit=time_unit)
+    model = MusicTransformerVAEGAN(ModelConfig(d_model=32, n_layers=1, n_heads=2), vcfg)
+    tok = Tokenizer(vcfg)
+    files = sorted((fixtures_dir / "midi").glob("*.mid"))[:3]
+    pieces = [np.asarray(tok.encode_file(p), dtype=np.int64) for p in files]
+    T = min(min(len(p) for p in pieces), 400)
+    ids = np.stack([p[:T] for p in pieces])  # (3, T)
+    feats = F.Features(model.vocab, musical_time=True, grammar_features=True, meter=True)
+    meter = np.array([(3, 4), (6, 8), (4, 4)])
+    want, got = feats.initial(3, meter), feats.initial(3, meter)
+    buffers = feats.buffers(3)
+    for j in range(T):
+        inputs, want = feats(ids[:, j : j + 1], want)
+        # fresh at the start and now and then (a new binding), else incremental
+        got = feats.advance_into(ids[:, j], got, buffers, fresh=j % 97 == 0)
+        for name, value in inputs.items():
+            assert np.array_equal(buffers[name], value), (name, j)
+    for name in ("ticks", "tempo", "sounding", "onset", "bar"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name

@@ -124,6 +124,8 @@ def _broken(tiny_export: Path, tmp_path: Path, change) -> Path:
     "change, message",
     [
         (lambda m: m.update(version=99), "export version 99"),
+        # an export from before the in-place cache graph (version 2): re-export, says how
+        (lambda m: m.update(version=1), r"version 1, .*again \(aurl export --format onnx"),
         (lambda m: m["vocab"].update(velocity_bins=16), "vocabulary of 774 ids"),
         (lambda m: m.update(format="aurl-model"), "not an ONNX export"),
         (lambda m: m["inputs"].remove("bar_beats"), "take no bar_beats input"),
@@ -156,3 +158,47 @@ def test_int8_path_follows_the_cpu(tiny_model, tmp_path, capsys) -> None:
     said = "no bf16 instructions, so int8 runs on onnxruntime" in capsys.readouterr().out
     assert said == (not has_bf16())
     assert (tmp_path / "pieces" / "sample_seed0_000.mid").is_file()
+
+
+def test_states_interleave_and_reorder(tiny_export, fixtures_dir) -> None:
+    """One engine, two decode states stepped in turn (each call rebinds the other's buffers),
+    and a state reordered mid-piece: every logit equals one state decoding alone."""
+    from aurl.data.tokenizer import Tokenizer
+
+    engine = OnnxEngine(tiny_export)
+    tok = Tokenizer(engine.vocab_config)
+    files = sorted((fixtures_dir / "midi").glob("*.mid"))[:2]
+    ids = np.stack([np.asarray(tok.encode_file(p), dtype=np.int64)[:60] for p in files])
+
+    def alone(rows: np.ndarray) -> np.ndarray:
+        state = engine.init_state(len(rows), capacity=64)
+        out = [engine.step(rows[:, :20], state)]
+        out += [engine.step(rows[:, j : j + 1], state) for j in range(20, rows.shape[1])]
+        return np.concatenate(out, axis=1)
+
+    want = alone(ids)
+    a, b = engine.init_state(2, capacity=64), engine.init_state(1, capacity=64)
+    got_a = [engine.step(ids[:, :20], a)]
+    got_b = [engine.step(ids[1:, :20], b)]
+    for j in range(20, 40):
+        got_a.append(engine.step(ids[:, j : j + 1], a))
+        got_b.append(engine.step(ids[1:, j : j + 1], b))
+    np.testing.assert_allclose(np.concatenate(got_a, 1), want[:, :40], atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(got_b, 1), want[1:, :40], atol=1e-5)
+    a = engine.reorder(a, np.array([1, 0]))
+    rest = [engine.step(ids[::-1, j : j + 1], a) for j in range(40, 60)]
+    np.testing.assert_allclose(np.concatenate(rest, 1), want[::-1, 40:], atol=1e-5)
+
+
+def test_format_version_is_one_number(tiny_export) -> None:
+    """The exporter, the engine that reads exports and the shipped model's cache key agree on
+    the format version (a new graph layout bumps all three, so old exports and old caches are
+    refused or bypassed, never decoded with the new engine)."""
+    from aurl.engines import onnx_engine, shipped
+    from aurl.models import onnx_export
+
+    meta = json.loads((tiny_export / "config.json").read_text())
+    assert (meta["format"], meta["version"]) == (onnx_export.FORMAT, onnx_export.VERSION)
+    assert (onnx_engine.FORMAT, onnx_engine.VERSION) == (onnx_export.FORMAT, onnx_export.VERSION)
+    assert shipped.EXPORT_VERSION == onnx_export.VERSION
+    assert meta["graphs"] == {"decoder": "decoder.onnx"}

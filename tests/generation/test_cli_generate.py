@@ -166,7 +166,7 @@ def test_int8_generation_gives_valid_pieces(
         from aurl.engines.shipped import shipped_onnx_folder
 
         assert "int8 runs on onnxruntime" in stdout and not ran
-        graph = onnx.load(str(shipped_onnx_folder(checkpoint, int8=True) / "decoder_step.onnx"))
+        graph = onnx.load(str(shipped_onnx_folder(checkpoint, int8=True) / "decoder.onnx"))
         ops = {node.op_type for node in graph.graph.node}
         assert "MatMulInteger" in ops or "QLinearMatMul" in ops, sorted(ops)
     cap = GenerationConfig().polyphony_cap

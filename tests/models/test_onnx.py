@@ -96,7 +96,9 @@ def _bits_per_note(engine: OnnxEngine, pieces: list[np.ndarray]) -> float:
 
 def test_int8_bits_per_note_close_to_fp32(shipped, fp32_export, test_pieces, tmp_path) -> None:
     int8 = export_onnx(shipped, tmp_path / "int8", int8=True)
-    assert sum(p.stat().st_size for p in int8.glob("*.onnx")) < 0.3 * sum(
+    # int8 MatMul weights, fp32 embedding tables (a Gather of a dequantized table would
+    # dequantize all of it every step): about a third of the fp32 size
+    assert sum(p.stat().st_size for p in int8.glob("*.onnx")) < 0.36 * sum(
         p.stat().st_size for p in fp32_export.glob("*.onnx")
     )
     fp32_bits = _bits_per_note(OnnxEngine(fp32_export), test_pieces)

@@ -1,8 +1,8 @@
 """``aurl export``: a model as files another runtime loads (ONNX for onnxruntime).
 
-``aurl export --format onnx`` writes ``prefill.onnx``, ``decoder_step.onnx`` and
-``config.json`` into ``--out`` (see :mod:`aurl.models.onnx_export` for the graphs' inputs and
-outputs); ``aurl generate --engine onnx --checkpoint OUT`` then runs without torch.
+``aurl export --format onnx`` writes ``decoder.onnx`` and ``config.json`` into ``--out`` (see
+:mod:`aurl.models.onnx_export` for the graph's inputs and outputs); ``aurl generate --engine
+onnx --checkpoint OUT`` then runs without torch.
 (``aurl checkpoint export`` is another command: a training checkpoint to a model folder.)
 """
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--checkpoint", metavar="DIR", help="a model folder (aurl train / save)")
     p.add_argument(
         "--int8", action="store_true",
-        help="int8 MatMul weights (onnxruntime dynamic quantization): about 4x smaller",
+        help="int8 MatMul weights (onnxruntime dynamic quantization): about 3x smaller",
     )  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the .onnx files")
     p.add_argument("--force", action="store_true", help="overwrite an existing export")
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     folder = model_folder(args.checkpoint, args.model)  # a wrong path fails before torch loads
     out = Path(args.out)
-    taken = [out / n for n in ("config.json", "prefill.onnx", "decoder_step.onnx")]
+    taken = [out / n for n in ("config.json", "decoder.onnx", "prefill.onnx", "decoder_step.onnx")]
     if not args.force and any(p.exists() for p in taken):
         raise ConfigError(f"{out} already holds an export: pass --force to overwrite it")
     require_torch("aurl export")
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint, "cpu", args.model)
     export_onnx(model, out, int8=args.int8, source={"model": str(folder)})
-    for name in ("prefill.onnx", "decoder_step.onnx", "config.json"):
+    for name in ("decoder.onnx", "config.json"):
         print(f"wrote {out / name}")
     print(f"exported in {time.perf_counter() - t0:.1f} s")
     return 0

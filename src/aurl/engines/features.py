@@ -97,6 +97,18 @@ class Features:
             table = (steps[None, :] * c.step_seconds * bpm[:, None] / 60.0 * PHASE_BINS).round()
         self.ticks = table.astype(np.int64)  # (tempo bins + 1, shifts)
         self.P = vocab.n_pitches
+        # ids after which sounding pitches or their ages can change (notes and time)
+        kind = vocab.kind
+        self.moves = (kind == Kind.NOTE_ON) | (kind == Kind.NOTE_OFF) | (kind == Kind.TIME_SHIFT)
+        # the same lookups as Python lists, for the row-by-row path of advance_into
+        self._tempo_of, self._shift = self.tempo_of.tolist(), self.shift.tolist()
+        self._ticks = self.ticks.tolist()
+        self._note = np.where(
+            (kind == Kind.NOTE_ON) | (kind == Kind.NOTE_OFF),
+            np.clip(vocab.value - c.pitch_min, 0, self.P - 1),
+            -1,
+        ).tolist()  # fmt: skip  (pitch index of a note id, -1 otherwise)
+        self._is_shift = (kind == Kind.TIME_SHIFT).tolist()
 
     def initial(self, batch: int, meter: np.ndarray | None = None) -> FeatureState:
         """The state before any token. ``meter`` (B, 2) or (2,): the time signatures
@@ -113,6 +125,89 @@ class Features:
             sounding=np.zeros((batch, self.P), dtype=bool),
             onset=np.zeros((batch, self.P), dtype=np.int64), bar=bar,
         )  # fmt: skip
+
+    def buffers(self, batch: int) -> dict[str, np.ndarray]:
+        """Input arrays for one token per row, for :meth:`advance_into` to fill: (B, 1) each,
+        (B, 1, P) float32 ``sounding`` and ``age``, (B,) ``bar_beats``; only the model's inputs."""
+        out = {"ids": np.zeros((batch, 1), np.int64)}
+        if self.musical_time:
+            out.update({n: np.zeros((batch, 1), np.int64) for n in ("phase", "beat", "tempo")})
+            if self.meter:
+                out["bar_beats"] = np.zeros(batch, np.int64)
+        if self.grammar_features:
+            out["sounding"] = np.zeros((batch, 1, self.P), np.float32)
+            out["age"] = np.zeros((batch, 1, self.P), np.float32)
+            out["family"] = np.zeros((batch, 1), np.int64)
+        return out
+
+    def advance_into(
+        self, ids: np.ndarray, state: FeatureState, out: dict[str, np.ndarray], *, fresh: bool
+    ) -> FeatureState:
+        """:meth:`__call__` for one token per row (``ids`` (B,)) without allocating inputs:
+        writes the inputs after it into ``out`` (from :meth:`buffers`) and returns the new
+        state. Row by row in Python scalars (a handful of numpy calls cost more at the batch
+        sizes of generation); held equal to :meth:`__call__` by the tests.
+
+        ``fresh``: ``out`` does not hold the inputs of the previous token of this state, so
+        every array is written; otherwise ``sounding`` and ``age`` change only where a note or
+        a time shift changes them."""
+        rows = ids.tolist()
+        out["ids"][:, 0] = ids
+        ticks, tempo = state.ticks, state.tempo
+        if self.musical_time:
+            r, bars = self.ticks_per_beat, state.bar.tolist()
+            new_ticks, new_tempo = ticks.tolist(), tempo.tolist()
+            phase, beat, tempo_in = out["phase"], out["beat"], out["tempo"]
+            for b, i in enumerate(rows):
+                t = self._tempo_of[i]
+                cur = t if t >= 0 else new_tempo[b]
+                tk = new_ticks[b] + self._ticks[cur + 1][self._shift[i]]
+                new_ticks[b], new_tempo[b] = tk, cur
+                phase[b, 0] = (tk % r) * PHASE_BINS // r
+                beat[b, 0] = (tk % bars[b]) // r
+                tempo_in[b, 0] = cur + 1
+            ticks = np.array(new_ticks, dtype=np.int64)
+            tempo = np.array(new_tempo, dtype=np.int64)
+            if self.meter and fresh:
+                out["bar_beats"][:] = -(-state.bar // r)
+        g, snd, onset = state.grammar, state.sounding, state.onset
+        if self.grammar_features:
+            g = self.grammar.advance(g, ids)
+            out["family"][:, 0] = g.family
+            if fresh:
+                now = g.sounding.any(1)  # (B, P)
+                time = g.time[:, None]  # (B, 1)
+                onset = np.where(now & ~snd, time, onset)
+                out["sounding"][:, 0] = now
+                np.multiply(time - onset, now, out=out["age"][:, 0], casting="unsafe")
+                snd = now
+            else:
+                snd, onset = self._move(rows, g, snd, onset, out)
+        return FeatureState(ticks, tempo, g, snd, onset, state.bar)
+
+    def _move(
+        self, rows: list[int], g: Any, snd: np.ndarray, onset: np.ndarray, out: dict
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The sounding pitches, their onsets and the ``sounding`` / ``age`` inputs after one
+        token per row, from those before it (copied before any change: states are values)."""
+        copied = False
+        sounding, age = out["sounding"], out["age"]
+        for b, i in enumerate(rows):
+            p = self._note[i]
+            if p >= 0:  # a note: one pitch may start or stop sounding (in any family)
+                now = bool(g.sounding[b, :, p].any())
+                if now == snd[b, p]:
+                    continue
+                if not copied:
+                    snd, onset, copied = snd.copy(), onset.copy(), True
+                snd[b, p] = now
+                if now:
+                    onset[b, p] = g.time[b]
+                sounding[b, 0, p] = now
+                age[b, 0, p] = 0
+            elif self._is_shift[i]:  # time moved: every sounding pitch ages
+                np.multiply(g.time[b] - onset[b], snd[b], out=age[b, 0], casting="unsafe")
+        return snd, onset
 
     def __call__(self, ids: np.ndarray, state: FeatureState) -> tuple[dict, FeatureState]:
         """Inputs after each token of ``ids`` (B, T) and the state after the last one."""

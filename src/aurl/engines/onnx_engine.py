@@ -4,10 +4,11 @@ import torch).
 
 Duck-typed like the model for the generation loop: :meth:`OnnxEngine.init_state` and
 :meth:`OnnxEngine.step` (logits as numpy (B, T, V) float32). The musical-time and grammar-feature
-state is computed beside the graphs in numpy (:mod:`aurl.engines.features`); the KV cache is a
-preallocated (B, capacity, D) array per layer in the state: each call passes its filled rows as
-the graphs' ``past`` inputs (a view, no copy, at batch 1) and writes the new rows the graphs
-return.
+state is computed beside the graph in numpy (:mod:`aurl.engines.features`); the KV cache is a
+preallocated (B, H, capacity, hd) array per layer in the state, bound as the graph's ``past``
+input and ``present`` output at once, so onnxruntime writes the new entries in place. One-token
+steps refill the state's bound input buffers in place: nothing is bound, allocated or copied per
+token but the logits returned.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from aurl.data.vocab import Vocab
 from aurl.engines.features import Features, FeatureState
 from aurl.errors import CheckpointError, ConfigError
 
-FORMAT, VERSION = "aurl-onnx", 1  # as aurl.models.onnx_export (held equal by the tests)
+FORMAT, VERSION = "aurl-onnx", 2  # as aurl.models.onnx_export (held equal by the tests)
 CONFIG = "config.json"
 
 
@@ -32,10 +33,12 @@ CONFIG = "config.json"
 class OnnxState:
     """The decode state of the onnx engine."""
 
-    cache: list[np.ndarray] | None  # per layer key, value (B, capacity, D); None before any token
+    cache: list[np.ndarray]  # per layer key, value (B, H, capacity, hd), written by the graph
+    values: list[Any]  # onnxruntime OrtValues over ``cache`` (the same memory)
     features: FeatureState
     capacity: int
     pos: int = 0  # tokens in the cache
+    inputs: dict[str, np.ndarray] | None = None  # one-token inputs, bound while stepping
 
     @property
     def grammar(self) -> Any:  # what the loop reads as the model's grammar state
@@ -80,7 +83,8 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
     if meta.get("version") != VERSION:
         raise CheckpointError(
             f"{path}: ONNX export version {meta.get('version')}, this Aurl reads version "
-            f"{VERSION}: export the model again with this version"
+            f"{VERSION}: export the model again (aurl export --format onnx --checkpoint "
+            "MODEL_DIR --out DIR, or --model NAME for a shipped model)"
         )
     try:
         vocab_cfg = build(VocabConfig, meta["vocab"], prefix="vocab")
@@ -107,7 +111,12 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
 
 
 class OnnxEngine:
-    """Prefill and step graphs of an ONNX export folder on onnxruntime's CPU provider.
+    """The decoder graph of an ONNX export folder on onnxruntime's CPU provider.
+
+    Each call binds the feature inputs and the state's cache buffers (as the graph's ``past``
+    inputs and, the same memory, its ``present`` outputs: the graph writes the new keys and
+    values in place) to one IOBinding, so a step copies nothing but its small inputs and the
+    logits.
 
     Args:
         folder: written by ``aurl export --format onnx``.
@@ -123,7 +132,7 @@ class OnnxEngine:
 
     def __init__(self, folder: str | Path, *, threads: int = 1) -> None:
         meta = read_export_config(folder)
-        ort = import_onnxruntime()
+        ort = self._ort = import_onnxruntime()
         self.folder, self.meta = Path(folder), meta
         self.vocab_config, self.config = meta["_vocab_config"], meta["_model_config"]
         self.vocab = Vocab(self.vocab_config)
@@ -138,19 +147,19 @@ class OnnxEngine:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.device = "cpu"
-
-        def session(name: str) -> Any:
-            path = self.folder / meta["graphs"][name]
-            try:
-                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own untyped failures
-                raise CheckpointError(f"{path} cannot be loaded by onnxruntime: {e}") from None
-
-        self.prefill, self.step_graph = session("prefill"), session("step")
-        self.past_names = [
-            f"past_{kv}.{i}" for i in range(self.n_layers) for kv in ("key", "value")
-        ]
+        path = self.folder / meta["graphs"]["decoder"]
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped failures
+            raise CheckpointError(f"{path} cannot be loaded by onnxruntime: {e}") from None
+        self.cache_names = [
+            f"{kv}.{i}" for i in range(self.n_layers) for kv in ("key", "value")
+        ]  # fmt: skip
+        self.io = self.session.io_binding()
+        self._bound: Any = None  # the state whose one-token inputs the binding holds
+        self._logits: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
 
     def init_state(
         self,
@@ -172,37 +181,88 @@ class OnnxEngine:
         feats = self.features.initial(batch_size, meter)
         if history is not None and history.shape[1] > 0:
             _, feats = self.features(np.asarray(history, dtype=np.int64), feats)
-        return OnnxState(None, feats, capacity or self.config.max_seq_len)
+        capacity = capacity or self.config.max_seq_len
+        if capacity > self.config.max_seq_len:  # the graph's rotary tables end there
+            raise ValueError(
+                f"capacity {capacity} exceeds the model's context ({self.config.max_seq_len})"
+            )
+        shape = (batch_size, self.heads, capacity, self.head_dim)
+        cache = [np.zeros(shape, np.float32) for _ in self.cache_names]
+        return self._state(cache, feats, capacity, 0)
 
-    def _store(self, state: OnnxState, new: list[np.ndarray]) -> None:
-        """Write the new tokens' keys and values (B, T, D) after the cached ones."""
-        B, T, D = new[0].shape
-        if state.cache is None:
-            state.cache = [np.empty((B, state.capacity, D), np.float32) for _ in new]
-        for buf, rows in zip(state.cache, new):
-            buf[:, state.pos : state.pos + T] = rows
+    def _state(
+        self, cache: list[np.ndarray], feats: FeatureState, capacity: int, pos: int
+    ) -> OnnxState:
+        values = [self._ort.OrtValue.ortvalue_from_numpy(c) for c in cache]
+        return OnnxState(cache, values, feats, capacity, pos)
+
+    def _bind_cache(self, state: OnnxState) -> None:
+        """Bind ``state``'s buffers as the past inputs and present outputs."""
+        io = self.io
+        for name, value in zip(self.cache_names, state.values):
+            io.bind_ortvalue_input(f"past_{name}", value)
+            io.bind_ortvalue_output(f"present_{name}", value)
+
+    def _logits_buffer(self, B: int, T: int) -> tuple[np.ndarray, Any]:
+        """A reused (B, T, V) float32 output buffer and its OrtValue."""
+        key = (B, T)
+        if key not in self._logits:
+            buf = np.empty((B, T, self.vocab.size), np.float32)
+            self._logits[key] = (buf, self._ort.OrtValue.ortvalue_from_numpy(buf))
+        return self._logits[key]
 
     def step(self, ids: np.ndarray, state: OnnxState, **_: Any) -> np.ndarray:
         """Feed ``ids`` (B, T) after what ``state`` has seen; returns their logits (B, T, V)
-        float32 and advances ``state`` in place."""
+        float32 (a new array) and advances ``state`` in place."""
         ids = np.asarray(ids, dtype=np.int64)
         B, T = ids.shape
         if state.pos + T > state.capacity:
             raise ValueError(
                 f"decode state is full ({state.capacity} positions): start a new state"
             )
-        if state.pos > 0 and T > 1:  # the step graph takes one token at a time
+        if state.pos > 0 and T > 1:  # later calls feed one token at a time
             return np.concatenate([self.step(ids[:, j : j + 1], state) for j in range(T)], 1)
+        if T == 1:
+            return self._step_one(ids[:, 0], state)
+        io = self.io
         feed, state.features = self.features(ids, state.features)
-        if state.pos == 0:
-            out = self.prefill.run(None, feed)
-        else:
-            L = state.pos
-            feed.update(zip(self.past_names, (c[:, :L] for c in state.cache)))
-            out = self.step_graph.run(None, feed)
-        self._store(state, out[1:])
-        state.pos += T
-        return out[0]
+        for name, value in feed.items():
+            io.bind_cpu_input(name, value)
+        io.bind_cpu_input("seqlens_k", np.full(B, T - 1, np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(T, np.int32))
+        self._bind_cache(state)
+        self._bound = None  # the one-token inputs must be bound again
+        logits, value = self._logits_buffer(B, T)
+        io.bind_ortvalue_output("logits", value)
+        self.session.run_with_iobinding(io)
+        state.pos = T
+        return logits.copy()
+
+    def _step_one(self, ids: np.ndarray, state: OnnxState) -> np.ndarray:
+        """One token per row: the state's own input buffers, bound once and refilled in
+        place (no binding, allocation or copy of inputs per token)."""
+        B = len(ids)
+        fresh = self._bound is not state
+        if fresh:
+            if state.inputs is None:
+                state.inputs = self.features.buffers(B)
+                state.inputs["seqlens_k"] = np.zeros(B, np.int32)
+                state.inputs["total_sequence_length"] = np.zeros((), np.int32)
+            io = self.io
+            for name, value in state.inputs.items():
+                io.bind_cpu_input(name, value)
+            for name, value in zip(self.cache_names, state.values):
+                io.bind_ortvalue_input(f"past_{name}", value)
+                io.bind_ortvalue_output(f"present_{name}", value)
+            io.bind_ortvalue_output("logits", self._logits_buffer(B, 1)[1])
+            self._bound = state
+        inputs = state.inputs
+        state.features = self.features.advance_into(ids, state.features, inputs, fresh=fresh)
+        inputs["seqlens_k"][:] = state.pos
+        inputs["total_sequence_length"][()] = state.pos + 1
+        self.session.run_with_iobinding(self.io)
+        state.pos += 1
+        return self._logits[(B, 1)][0].copy()
 
     def grammar_state(self, state: OnnxState) -> Any:
         """The grammar state after every token fed so far (numpy), or None without grammar
@@ -211,5 +271,5 @@ class OnnxEngine:
 
     def reorder(self, state: OnnxState, rows: np.ndarray) -> OnnxState:
         """The state of rows ``rows`` (beam search)."""
-        cache = None if state.cache is None else [c[rows] for c in state.cache]
-        return OnnxState(cache, state.features.take(rows), state.capacity, state.pos)
+        cache = [np.ascontiguousarray(c[rows]) for c in state.cache]
+        return self._state(cache, state.features.take(rows), state.capacity, state.pos)

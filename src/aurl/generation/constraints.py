@@ -329,6 +329,7 @@ class LogitMasker:
             static_soft=static_soft, opens_silence=t.is_shift | (t.kind == Kind.END) | pedal,
             density_weight=t.is_note_on.astype(np.float32) - np.log1p(beats), end_only=end_only,
             is_end=t.is_end, is_velocity=t.is_velocity, blocks_end=t.blocks_end,
+            not_end=~t.is_end, not_velocity=~t.is_velocity, not_blocks_end=~t.blocks_end,
             shift_steps=t.shift_steps, seconds_per_step=t.seconds_per_step,
             note_on_count=t.is_note_on.astype(np.int64),  # (V,) 1 for NOTE_ON ids
         )  # fmt: skip
@@ -493,13 +494,13 @@ class LogitMasker:
             dens = x.array(push, t.density_weight) * t.density_weight  # (B, V)
             soft = dens if soft is None else dens + soft
         if state.step < cons.min_tokens:  # too short to end yet (a length or time stop wins)
-            keep = keep & ~t.is_end
+            keep = keep & t.not_end
         left = cons.max_tokens - state.step
         stop = None  # (B,) rows that must end now
         if left <= 3:  # a VELOCITY now would need a NOTE_ON at left == 2, where none may come
-            keep = keep & ~t.is_velocity
+            keep = keep & t.not_velocity
         if left <= 2:
-            keep = keep & ~t.blocks_end
+            keep = keep & t.not_blocks_end
             if left <= 1:
                 stop = allowed[:, END] | True  # every row
         if cons.seconds > 0:

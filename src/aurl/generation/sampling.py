@@ -202,7 +202,17 @@ def sample_numpy(
     """
     if options.greedy:
         return logits.argmax(axis=-1)
-    cdf = np.cumsum(_softmax(logits.astype(np.float64)), axis=-1)  # (B, V)
-    u = rng.random((len(cdf), 1)) * cdf[:, -1:]
-    ids = (cdf <= u).sum(axis=-1)  # first id whose cumulative mass passes u
-    return np.minimum(ids, logits.shape[-1] - 1).astype(np.int64)
+    u = rng.random(len(logits))
+    out = np.empty(len(logits), dtype=np.int64)
+    for b, row in enumerate(logits):  # the ids still possible: a few dozen of the vocabulary
+        ids = np.flatnonzero(row != NEG_INF)
+        if len(ids) == 0:  # nothing possible (the masks never leave a row so): id 0
+            out[b] = 0
+            continue
+        cdf = row[ids].astype(np.float64)
+        cdf -= cdf.max()
+        np.exp(cdf, out=cdf)
+        np.cumsum(cdf, out=cdf)  # the cumulative mass over the vocabulary, at these ids
+        k = int(np.searchsorted(cdf, u[b] * cdf[-1], side="right"))  # first past u
+        out[b] = ids[min(k, len(ids) - 1)]
+    return out

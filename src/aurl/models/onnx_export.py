@@ -1,4 +1,5 @@
-"""ONNX export of the decoder: a prefill graph and a one-token step graph with its KV cache.
+"""ONNX export of the decoder: one graph for the first tokens and every step, over a KV cache
+that onnxruntime updates in place.
 
 What goes into the graphs and what stays outside. The model's musical time
 (:class:`aurl.models.model.MusicalTime`) and grammar features
@@ -9,7 +10,8 @@ loop already steps token by token. So the caller computes that state (in numpy:
 graphs hold every weight: the token, phase, beat, tempo and family embeddings, the sounding and
 age projections, the blocks, the final norm and the tied head.
 
-Inputs of both graphs (``B`` batch, ``T`` new tokens, ``P`` pitches, ``L`` cached positions):
+Inputs of the graph (``B`` batch, ``T`` new tokens, ``P`` pitches, ``C`` cache capacity, ``H``
+heads of ``hd`` dimensions):
 
 - ``ids`` (B, T) int64: token ids;
 - ``phase``, ``beat``, ``tempo`` (B, T) int64: position in the beat (0..31), beat in the bar
@@ -20,17 +22,20 @@ Inputs of both graphs (``B`` batch, ``T`` new tokens, ``P`` pitches, ``L`` cache
   ``model.meter``; the caller counts ``beat`` in that row's meter);
 - ``sounding`` (B, T, P) float32 (0/1), ``age`` (B, T, P) float32 in TIME_SHIFT steps, ``family``
   (B, T) int64 (F = none yet), after each token (models with grammar features);
-- step graph only: ``past_key.{i}``, ``past_value.{i}`` (B, L, D) float32 per layer: the cached
-  keys (rotated) and values, heads side by side (D = H * hd).
+- ``past_key.{i}``, ``past_value.{i}`` (B, H, C, hd) float32 per layer: the cache buffers (keys
+  unrotated: the kernel rotates);
+- ``seqlens_k`` (B,) int32: cached tokens + T - 1; ``total_sequence_length`` () int32: cached
+  tokens + T.
 
-Outputs: ``logits`` (B, T, V) float32 and the new tokens' cache entries ``key.{i}``,
-``value.{i}`` (B, T, D). The caller owns the cache: a preallocated (B, capacity, D) array per
-layer whose first L rows it passes as ``past`` (a zero-copy view at batch 1) and into which it
-writes the new entries, so no step copies the cache (an in-graph Concat would, every step).
-The prefill graph has no past (causal attention over its T tokens); the step graph takes T = 1
-and attends to every cached key and its own, with per-head dot products as one MatMul against a
-block-diagonal copy of the query. Rotary positions start at L (read from the past's shape).
-Batch, T (prefill) and L (step) are dynamic axes. Opset :data:`OPSET`.
+Outputs: ``logits`` (B, T, V) float32 and ``present_key.{i}``, ``present_value.{i}``: the cache
+buffers with the new tokens' entries. Each layer's attention is onnxruntime's
+``com.microsoft.GroupQueryAttention`` (CPU kernel: rotary positions from the cached length,
+causal attention, the new keys and values written into the cache); the caller binds the same
+buffer as ``past`` and ``present`` (IOBinding), so the kernel updates the cache in place and no
+step copies it. tanh-GELU is ``com.microsoft.FastGelu``. Batch, T and C are dynamic axes; C is at
+most the model's ``max_seq_len`` (the rotary tables' length). Opset :data:`OPSET` plus the
+``com.microsoft`` domain: the graphs run on onnxruntime (its CPU provider), not on every ONNX
+runtime.
 
 ``config.json`` beside the graphs records the model and vocab config, the input names, the
 weights (``fp32`` or ``int8``: onnxruntime dynamic quantization of the MatMul weights) and a
@@ -42,7 +47,6 @@ conditioning (exports of meter-less models have no ``bar_beats`` input, as befor
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +57,12 @@ from torch import Tensor, nn
 from aurl.config import to_dict
 from aurl.errors import CheckpointError
 from aurl.fileio import atomic_write, atomic_write_text
-from aurl.models.layers import apply_rotary
 from aurl.models.model import MusicTransformerVAEGAN
 
 FORMAT = "aurl-onnx"
-VERSION = 1
+VERSION = 2  # 1: separate prefill and step graphs, the caller writing the cache
 OPSET = 17
-PREFILL = "prefill.onnx"
-STEP = "decoder_step.onnx"
+DECODER = "decoder.onnx"
 CONFIG = "config.json"
 
 
@@ -91,39 +93,83 @@ def input_names(model: MusicTransformerVAEGAN) -> list[str]:
     return names
 
 
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Half-rotation rotary of ``x`` (B, H, T, hd) by tables (T, hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[None, None], sin[None, None]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """onnxruntime's ``com.microsoft.GroupQueryAttention`` (CPU kernel) in the exported graph:
+    rotary positions and causal attention of T new tokens over a KV cache that the kernel
+    updates in place (the caller binds each layer's cache buffer as both its ``past`` input and
+    its ``present`` output). ``forward`` computes the same in torch, which the exporter traces
+    for shapes only; the parity tests hold the graphs to the model."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor,
+                seqlens: Tensor, total: Tensor, cos: Tensor, sin: Tensor,
+                heads: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        B, T, D = q.shape
+        hd, start = D // heads, int(total) - T
+        split = lambda x: x.view(B, T, heads, hd).transpose(1, 2)  # noqa: E731
+        c, s = cos[start : start + T], sin[start : start + T]
+        q, k = _rotate(split(q), c, s), _rotate(split(k), c, s)
+        pk, pv = past_k.clone(), past_v.clone()
+        pk[:, :, start : start + T], pv[:, :, start : start + T] = k, split(v)
+        keys, values = pk[:, :, : start + T], pv[:, :, : start + T]
+        mask = torch.arange(start + T)[None, :] <= (torch.arange(T) + start)[:, None]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return y.transpose(1, 2).reshape(B, T, D), pk, pv
+
+    @staticmethod
+    def symbolic(g: Any, q: Any, k: Any, v: Any, past_k: Any, past_v: Any, seqlens: Any,
+                 total: Any, cos: Any, sin: Any, heads: int) -> Any:  # fmt: skip
+        out = g.op(
+            "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens, total, cos,
+            sin, num_heads_i=heads, kv_num_heads_i=heads, do_rotary_i=1,
+            rotary_interleaved_i=0, outputs=3,
+        )  # fmt: skip
+        for o, like in zip(out, (q, past_k, past_v)):
+            o.setType(like.type())
+        return out
+
+
+class _FastGelu(torch.autograd.Function):
+    """tanh-GELU as onnxruntime's one ``com.microsoft.FastGelu`` kernel (opset 17 has no Gelu:
+    the exporter would write it as eight elementwise nodes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return F.gelu(x, approximate="tanh")
+
+    @staticmethod
+    def symbolic(g: Any, x: Any) -> Any:
+        out = g.op("com.microsoft::FastGelu", x)
+        out.setType(x.type())
+        return out
+
+
 class _Decoder(nn.Module):
-    """The backbone over explicit feature inputs; ``with_past``: the one-token step graph."""
+    """The backbone over explicit feature inputs, the KV cache and its fill (one graph for the
+    first tokens and every step)."""
 
-    def __init__(self, model: MusicTransformerVAEGAN, with_past: bool) -> None:
+    def __init__(self, model: MusicTransformerVAEGAN) -> None:
         super().__init__()
-        self.m, self.with_past = model, with_past
+        self.m = model
         self.names = input_names(model)
-        H, D = model.config.n_heads, model.config.d_model
-        # sel[h * hd + d, h] = 1: sums each head's block of a (.., D) vector
-        sel = torch.zeros(D, H)
-        sel[torch.arange(D), torch.arange(D) // (D // H)] = 1.0
-        self.register_buffer("sel", sel, persistent=False)
-
-    def _attend_cached(
-        self, q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor
-    ) -> Tensor:
-        """One query per row over the cache and its own key, reading the cache once in place:
-        q, k, v (B, D) (heads side by side), past (B, L, D) -> (B, D). The per-head dot
-        products are one MatMul against a block-diagonal copy of q (H columns), so the cache
-        is never transposed or concatenated (which would copy it every step)."""
-        B, D = q.shape
-        q = q * (1.0 / math.sqrt(D // self.sel.shape[1]))
-        s_past = torch.matmul(past_k, q[:, :, None] * self.sel)  # (B, L, H)
-        s_new = torch.matmul(q * k, self.sel)[:, None]  # (B, 1, H)
-        p = torch.softmax(torch.cat([s_past, s_new], dim=1), dim=1)  # (B, L + 1, H)
-        r = torch.matmul(p[:, :-1].transpose(1, 2), past_v)  # (B, H, D)
-        y = (r * self.sel.t()).sum(1)  # (B, D): head h's block from row h
-        return y + torch.matmul(p[:, -1], self.sel.t()) * v
+        # rotary tables of every position a cache can hold (the model's context)
+        pos = torch.arange(model.config.max_seq_len, dtype=torch.float32)
+        freqs = pos[:, None] * model.rotary.inv_freq[None, :]  # (context, hd/2)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         m = self.m
+        n = len(self.names)
         feats = dict(zip(self.names, inputs))
-        past = inputs[len(self.names) :]
+        past, (seqlens, total) = inputs[n:-2], inputs[-2:]
         ids = feats["ids"]
         B, T = ids.shape
         x = m.embed(ids)
@@ -137,33 +183,18 @@ class _Decoder(nn.Module):
             g = m.grammar_features
             age = torch.log1p(feats["age"] * g.beats_per_step)
             x = x + (g.sounding(feats["sounding"]) + g.age(age) + g.family(feats["family"]))
-        start = past[0].shape[1] if self.with_past else 0
-        pos = (torch.arange(T, device=ids.device) + start).float()
-        freqs = pos[:, None] * m.rotary.inv_freq[None, :]  # (T, hd/2)
-        cos = torch.cat([freqs.cos(), freqs.cos()], -1)[:, None, None]  # (T, 1, 1, hd)
-        sin = torch.cat([-freqs.sin(), freqs.sin()], -1)[:, None, None]
         present = []
         for i, block in enumerate(m.blocks):
             a = block.attn
-            H, hd = a.n_heads, a.head_dim
-            qkv = a.qkv(block.norm1(x)).view(B, T, 3, H, hd)  # (B, T, 3, H, hd)
-            qk = apply_rotary(qkv[:, :, :2], cos, sin)  # (B, T, 2, H, hd)
-            k_flat = qk[:, :, 1].reshape(B, T, H * hd)  # (B, T, D): the cache's layout
-            v_flat = qkv[:, :, 2].reshape(B, T, H * hd)
-            present += [k_flat, v_flat]
-            if self.with_past:  # T == 1
-                y = self._attend_cached(
-                    qk[:, 0, 0].reshape(B, H * hd), k_flat[:, 0], v_flat[:, 0],
-                    past[2 * i], past[2 * i + 1],
-                )[:, None]  # fmt: skip
-            else:
-                q = qk[:, :, 0].transpose(1, 2)  # (B, H, T, hd)
-                k = qk[:, :, 1].transpose(1, 2)
-                v = qkv[:, :, 2].transpose(1, 2)
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, D)
+            q, k, v = a.qkv(block.norm1(x)).split(a.n_heads * a.head_dim, dim=-1)
+            y, k_cache, v_cache = _GroupQueryAttention.apply(
+                q, k, v, past[2 * i], past[2 * i + 1], seqlens, total, self.cos, self.sin,
+                a.n_heads,
+            )  # fmt: skip
+            present += [k_cache, v_cache]
             x = x + a.proj(y)
-            x = x + block.ff(block.norm2(x))
+            ff = block.ff
+            x = x + ff.proj(_FastGelu.apply(ff.fc(block.norm2(x))))
         return (m.head(m.norm(x)), *present)
 
 
@@ -181,25 +212,24 @@ def _example(model: MusicTransformerVAEGAN, B: int, T: int) -> list[Tensor]:
     return out
 
 
-def export_graph(model: MusicTransformerVAEGAN, path: Path, *, with_past: bool) -> None:
-    """Write one graph (prefill or step) of ``model`` to ``path``."""
+def export_graph(model: MusicTransformerVAEGAN, path: Path) -> None:
+    """Write the decoder graph of ``model`` to ``path``."""
     names = input_names(model)
     n = len(model.blocks)
     H, hd = model.config.n_heads, model.config.d_model // model.config.n_heads
-    T = 1 if with_past else 3
-    args = _example(model, 2, T)
-    tok_axes = {0: "batch"} if with_past else {0: "batch", 1: "tokens"}
-    dynamic: dict[str, dict[int, str]] = {name: dict(tok_axes) for name in names}
+    B, T, C = 2, 3, 8
+    args = _example(model, B, T)
+    dynamic: dict[str, dict[int, str]] = {name: {0: "batch", 1: "tokens"} for name in names}
     if "bar_beats" in dynamic:  # one per row
         dynamic["bar_beats"] = {0: "batch"}
     past_names = [f"past_{kv}.{i}" for i in range(n) for kv in ("key", "value")]
-    present_names = [f"{kv}.{i}" for i in range(n) for kv in ("key", "value")]
-    if with_past:
-        args += [torch.zeros(2, 5, H * hd) for _ in past_names]
-        dynamic.update({p: {0: "batch", 1: "past"} for p in past_names})
-    dynamic["logits"] = dict(tok_axes)
-    dynamic.update({p: dict(tok_axes) for p in present_names})
-    wrapper = _Decoder(model, with_past).eval()
+    present_names = [f"present_{kv}.{i}" for i in range(n) for kv in ("key", "value")]
+    args += [torch.zeros(B, H, C, hd) for _ in past_names]
+    args += [torch.full((B,), T - 1, dtype=torch.int32), torch.tensor(T, dtype=torch.int32)]
+    dynamic.update({p: {0: "batch", 2: "capacity"} for p in past_names + present_names})
+    dynamic["seqlens_k"] = {0: "batch"}
+    dynamic["logits"] = {0: "batch", 1: "tokens"}
+    wrapper = _Decoder(model).eval()
 
     def write(tmp: Path) -> None:
         import warnings
@@ -208,8 +238,9 @@ def export_graph(model: MusicTransformerVAEGAN, path: Path, *, with_past: bool) 
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
                 wrapper, tuple(args), str(tmp), dynamo=False, opset_version=OPSET,
-                input_names=names + (past_names if with_past else []),
+                input_names=[*names, *past_names, "seqlens_k", "total_sequence_length"],
                 output_names=["logits", *present_names], dynamic_axes=dynamic,
+                custom_opsets={"com.microsoft": 1},
             )  # fmt: skip
 
     atomic_write(path, write)
@@ -240,7 +271,7 @@ def _quantize(path: Path, quantize_dynamic: Any, QuantType: Any, reduce: bool) -
         path,
         lambda tmp: quantize_dynamic(
             str(path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-            reduce_range=reduce,
+            reduce_range=reduce, op_types_to_quantize=["MatMul"],  # embeddings stay fp32
         ),
     )  # fmt: skip
 
@@ -252,7 +283,7 @@ def export_onnx(
     int8: bool = False,
     source: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``prefill.onnx``, ``decoder_step.onnx`` and ``config.json`` for ``model`` into
+    """Write ``decoder.onnx`` and ``config.json`` for ``model`` into
     ``out`` (created if needed). ``source``: extra provenance recorded in the config.
 
     Raises:
@@ -262,10 +293,9 @@ def export_onnx(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
-    for name, with_past in ((PREFILL, False), (STEP, True)):
-        export_graph(model, out / name, with_past=with_past)
-        if int8:
-            quantize_graph(out / name)
+    export_graph(model, out / DECODER)
+    if int8:
+        quantize_graph(out / DECODER)
     c = model.config
     meta = {
         "format": FORMAT,
@@ -277,7 +307,7 @@ def export_onnx(
         "n_heads": c.n_heads,
         "head_dim": c.d_model // c.n_heads,
         "inputs": input_names(model),
-        "graphs": {"prefill": PREFILL, "step": STEP},
+        "graphs": {"decoder": DECODER},
         "model": to_dict(c),
         "vocab": to_dict(model.vocab_config),
         "source": source or {},

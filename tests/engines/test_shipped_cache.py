@@ -1,0 +1,71 @@
+"""The cached ONNX export of a model folder (what `aurl generate --engine onnx` uses for the
+shipped model): keyed by the weights' bytes, written once, reused by runs that never import
+torch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from aurl.engines.shipped import ensure_shipped_onnx, shipped_onnx_folder
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def _model(tiny_model, tmp_path: Path) -> Path:
+    return tiny_model.save_pretrained(tmp_path / "model")
+
+
+def test_changed_weights_get_a_new_folder(tiny_model, tmp_path, monkeypatch) -> None:
+    """Retrained weights of the same size and the same time stamp (what a size and mtime key
+    would miss) name another cache folder; unchanged files name the same one."""
+    monkeypatch.setenv("AURL_CACHE", str(tmp_path / "cache"))
+    folder = _model(tiny_model, tmp_path)
+    first = shipped_onnx_folder(folder)
+    assert shipped_onnx_folder(folder) == first
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size
+    assert weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert shipped_onnx_folder(folder) != first
+    assert shipped_onnx_folder(folder, int8=True).name.endswith("-int8")
+
+
+def test_export_is_written_once_and_reused_without_torch(tiny_model, tmp_path) -> None:
+    """The first call writes the export (with torch); a fresh process then finds it, generates
+    from it and never imports torch."""
+    cache = tmp_path / "cache"
+    folder = _model(tiny_model, tmp_path)
+    said: list[str] = []
+    os.environ["AURL_CACHE"] = str(cache)
+    try:
+        export = ensure_shipped_onnx(folder, log=said.append)
+        assert said and "wrote the ONNX export" in said[0]
+        assert ensure_shipped_onnx(folder, log=said.append) == export and len(said) == 1
+    finally:
+        del os.environ["AURL_CACHE"]
+    assert export.parent == cache / "onnx"
+    code = (
+        "import sys\nfrom pathlib import Path\n"
+        "from aurl.config import GenerationConfig\n"
+        "from aurl.engines.onnx_engine import OnnxEngine\n"
+        "from aurl.engines.shipped import ensure_shipped_onnx\n"
+        "from aurl.generation.generate import generate\n"
+        f"folder = ensure_shipped_onnx(Path({str(folder)!r}), log=print)\n"
+        "piece = generate(OnnxEngine(folder), GenerationConfig(max_tokens=32, seed=1))[0]\n"
+        "print(folder, len(piece.ids) > 8, 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "AURL_CACHE": str(cache), "PYTHONPATH": str(SRC)}
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines() == [f"{export} True False"]
+    shutil.rmtree(cache)
