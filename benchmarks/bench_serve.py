@@ -9,9 +9,14 @@ just below it, so every request does the same work):
 3. 16 clients x 10 requests: errors (goal 0), p50 / p99 request latency, aggregate tokens/s,
    server RSS before and after, and after 16 x 3 more (no growth once warm);
 4. time to first note of a lone request (goal 0.5 s on 2 cores);
-5. a client that disconnects mid-stream frees its slot (the server reports 0 active rows).
+5. a client that disconnects mid-stream frees its slot (the server reports 0 active rows);
+6. the batcher alone, in this process, on one thread: CPU time of a decode step with 1 row
+   and with 8 rows, alternated round by round so both see the same machine (the ratio of
+   tokens per CPU second is what batching buys, whatever the load), split into the model's
+   step and the host work around it (masks, sampling, bookkeeping).
 
     python benchmarks/bench_serve.py [--tokens 96] [--requests 10] [--threads 1]
+    python benchmarks/bench_serve.py --batcher-only   # phase 6 alone (~30 s)
 
 Numbers go to BENCHMARKS.md with the command that made them.
 """
@@ -119,12 +124,70 @@ async def leave_mid_stream(url: str) -> bool:
     return False
 
 
+def batcher_steps(rows: int, steps: int, model) -> tuple[float, float]:
+    """Thread CPU ms per decode step of a batcher holding ``rows`` rows, and of its model
+    calls alone (every row decodes to the same length: min_tokens holds END off)."""
+    from aurl.config import GenerationConfig
+    from aurl.generation.batching import ContinuousBatcher
+
+    b = ContinuousBatcher(model, slots=16)
+    for i in range(rows):
+        b.add(GenerationConfig(max_tokens=steps + 40, min_tokens=steps + 20, seed=i))
+    for _ in range(8):  # admit, and past the first tokens
+        b.step()
+    spent = [0.0]
+    real_step = model.step
+
+    def timed(*a, **k):
+        t0 = time.thread_time()
+        try:
+            return real_step(*a, **k)
+        finally:
+            spent[0] += time.thread_time() - t0
+
+    model.step = timed
+    try:
+        t0 = time.thread_time()
+        for _ in range(steps):
+            assert len(b.step()) == rows
+        total = time.thread_time() - t0
+    finally:
+        del model.step
+    return 1e3 * total / steps, 1e3 * spent[0] / steps
+
+
+def batcher_ratio(rounds: int = 4, steps: int = 60, wide: int = 8) -> None:
+    """Phase 6: batch ``wide`` against batch 1, alternated; prints the medians and the ratio."""
+    import torch
+
+    from aurl.cli.generate import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(None, "cpu")
+    one, many = [], []
+    for _ in range(rounds):
+        one.append(batcher_steps(1, steps, model))
+        many.append(batcher_steps(wide, steps, model))
+    med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
+    s1, m1, s8, m8 = med(one, 0), med(one, 1), med(many, 0), med(many, 1)
+    print(f"batcher, thread CPU per step (median of {rounds} rounds x {steps} steps): "
+          f"1 row {s1:.2f} ms (model {m1:.2f}, host {s1 - m1:.2f}); {wide} rows {s8:.2f} ms "
+          f"(model {m8:.2f}, host {s8 - m8:.2f}, {(s8 - m8) / wide:.3f} per row)")  # fmt: skip
+    print(f"batcher tokens per CPU second, {wide} rows / 1 row: {wide * s1 / s8:.2f}x "
+          f"(a {wide}-row step costs {s8 / s1:.2f} one-row steps); load "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=96, help="tokens per request")
     ap.add_argument("--requests", type=int, default=10, help="requests per client (phase 3)")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads")
+    ap.add_argument("--batcher-only", action="store_true", help="phase 6 alone")
     args = ap.parse_args()
+    if args.batcher_only:
+        batcher_ratio()
+        return
     db = Path("/tmp") / f"bench_serve_{os.getpid()}.sqlite"
     proc, url = start_server(args.threads, db)
     try:
@@ -158,6 +221,7 @@ def main() -> None:
           f"{rss0:.0f} / {rss1:.0f} / {rss2:.0f} MB")  # fmt: skip
     print(f"time to first note (lone request, median of 5): {statistics.median(firsts):.3f} s")
     print(f"a client leaving mid-stream freed its slot: {freed}")
+    batcher_ratio()
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import torch
 from aurl.config import GenerationConfig
 from aurl.data.vocab import END, PAD, START, Kind, Vocab
 from aurl.errors import ConstraintError
-from aurl.generation.constraints import LogitMasker, MaskState, index_state
+from aurl.generation.constraints import NEG_INF, LogitMasker, MaskState, index_state
 from aurl.generation.generate import make_masker, sampling_options
 from aurl.generation.sampling import SamplingOptions, filter_logits, sample
 
@@ -94,6 +94,11 @@ def cat_state(states: list[Any]) -> Any:
     return first
 
 
+def _without_cache(state: Any) -> Any:
+    """A copy of a decode state without its KV cache (the batcher moves that itself)."""
+    return dataclasses.replace(state, k=[], v=[])
+
+
 class ContinuousBatcher:
     """Rows decoding together; see the module docstring.
 
@@ -123,6 +128,7 @@ class ContinuousBatcher:
         self.pending: list[Row] = []
         self.state: Any = None  # the model's DecodeState for self.rows
         self.logits: torch.Tensor | None = None  # (B, V) after each row's last token
+        self._pool: list[torch.Tensor] = []  # KV cache buffers of ``slots`` rows (k..., v...)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -194,17 +200,7 @@ class ContinuousBatcher:
         self._admit()
         if not self.rows:
             return []
-        tokens = []
-        for i, row in enumerate(self.rows):
-            masked = row.masker.apply(self.logits[i : i + 1].float(), row.mask_state)
-            tid = sample(filter_logits(masked, row.options, row.seen), row.options, row.generator)
-            row.mask_state = row.masker.advance(row.mask_state, tid)
-            token = int(tid[0])
-            row.ids.append(token)
-            if row.seen is not None:
-                row.seen[0, token] = True
-            row.finished = token == END or bool(row.mask_state.grammar.ended[0])
-            tokens.append(token)
+        tokens = self._sample_rows()
         stepped = list(self.rows)
         live = [not r.finished for r in self.rows]
         ids = torch.tensor([t for t, k in zip(tokens, live) if k], device=self.device)[:, None]
@@ -219,6 +215,68 @@ class ContinuousBatcher:
                 self.logits = self.model.step(ids, self.state, attention_mask=mask)[:, -1]
         return stepped
 
+    def _sample_rows(self) -> list[int]:
+        """One token for every row, from :attr:`logits`, with each row's own masks, filters and
+        generator; the per-row rules are ``generate``'s, the work batched across rows.
+
+        Each row's grammar and constraints give its keep mask and soft bias (the masker's own
+        :meth:`~aurl.generation.constraints.LogitMasker.constrain`); the masked logits of all
+        rows are formed in one array, rows with equal sampling options are filtered together,
+        and every row draws with its own generator. ``torch.multinomial(p, 1, generator=g)``
+        is ``argmax(p / E)`` with ``E`` one Exponential(1) draw per id from ``g`` (PyTorch's
+        CPU kernel does exactly that), so each row draws its ``E`` from its generator and one
+        division and argmax serve the batch: the ids are those of row-by-row sampling (the
+        tests hold them equal to ``generate``)."""
+        rows, B = self.rows, len(self.rows)
+        x = self.logits.float()
+        if x.device.type != "cpu":  # the masker's torch path, row by row
+            return [self._sample_one(i, row, x) for i, row in enumerate(rows)]
+        xs = x.numpy()
+        masked = np.empty_like(xs)
+        for i, row in enumerate(rows):
+            allowed = row.masker.grammar.allowed(row.mask_state.grammar).numpy()
+            keep, soft = row.masker.constrain(row.mask_state, allowed)
+            xi = xs[i : i + 1] if soft is None else xs[i : i + 1] + soft
+            masked[i : i + 1] = np.where(keep, xi, NEG_INF)
+        masked_t = torch.from_numpy(masked)
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault((row.options, row.seen is not None), []).append(i)
+        ids = [0] * B
+        for (options, has_seen), members in groups.items():
+            index = torch.tensor(members)
+            part = masked_t if len(members) == B else masked_t.index_select(0, index)
+            seen = torch.cat([rows[i].seen for i in members]) if has_seen else None
+            filtered = filter_logits(part, options, seen)
+            if options.greedy:
+                chosen = filtered.argmax(dim=-1)
+            else:
+                probs = torch.softmax(filtered.float(), dim=-1)
+                draws = torch.empty_like(probs)
+                for j, i in enumerate(members):
+                    draws[j].exponential_(1, generator=rows[i].generator)
+                chosen = (probs / draws).argmax(dim=-1)
+            for i, token in zip(members, chosen.tolist()):
+                ids[i] = token
+        for row, token in zip(rows, ids):
+            self._advance_row(row, token)
+        return ids
+
+    def _sample_one(self, i: int, row: Row, x: torch.Tensor) -> int:
+        masked = row.masker.apply(x[i : i + 1], row.mask_state)
+        tid = sample(filter_logits(masked, row.options, row.seen), row.options, row.generator)
+        token = int(tid[0])
+        self._advance_row(row, token)
+        return token
+
+    def _advance_row(self, row: Row, token: int) -> None:
+        tid = torch.tensor([token], device=self.device)
+        row.mask_state = row.masker.advance(row.mask_state, tid)
+        row.ids.append(token)
+        if row.seen is not None:
+            row.seen[0, token] = True
+        row.finished = token == END or bool(row.mask_state.grammar.ended[0])
+
     def _keep(self, keep: list[bool]) -> None:
         """Keep only the rows where ``keep`` is True (their cache rows and logits too)."""
         if all(keep):
@@ -228,9 +286,34 @@ class ContinuousBatcher:
         if not self.rows:
             self.state, self.logits = None, None
             return
+        for j, i in enumerate(index):  # the rows after a gap move up, in the slot buffers
+            if i != j:
+                for buf in self._pool:
+                    buf[j].copy_(buf[i])
         rows = torch.tensor(index, device=self.device)
-        self.state = index_state(self.state, rows)
+        self.state = self._with_pool(index_state(_without_cache(self.state), rows), len(index))
         self.logits = self.logits.index_select(0, rows)
+
+    # The KV cache lives in buffers of ``slots`` rows, allocated once; the state's k and v are
+    # views of their first B rows. Rows join and leave all the time, and copying every row's
+    # cache each time (index_select, cat: tens of ms at 8 rows) would cost several decode
+    # steps; here a leaving row moves only the rows after it, and a joining one is copied in.
+
+    def _adopt(self, state: Any) -> Any:
+        """``state`` (new from :meth:`_build`) with its cache moved into the slot buffers."""
+        caches = list(state.k) + list(state.v)
+        shapes = [(self.slots, *c.shape[1:]) for c in caches]
+        if [tuple(b.shape) for b in self._pool] != shapes:
+            self._pool = [c.new_zeros(shape) for c, shape in zip(caches, shapes)]
+        B = len(caches[0])
+        for buf, c in zip(self._pool, caches):
+            buf[:B].copy_(c)
+        return self._with_pool(_without_cache(state), B)
+
+    def _with_pool(self, state: Any, rows: int) -> Any:
+        n = len(self._pool) // 2
+        views = [buf[:rows] for buf in self._pool]
+        return dataclasses.replace(state, k=views[:n], v=views[n:])
 
     def _prefix_keep(self, row: Row) -> int:
         """Tokens of a newcomer's prefix to run (``generate``'s rule for the first window)."""
@@ -251,15 +334,15 @@ class ContinuousBatcher:
         keeps = [self._prefix_keep(r) for r in take]
         need = max(keeps)
         if not self.rows:
-            self.state, self.logits = self._build(take, keeps, need)
-            self.rows = take
+            state, self.logits = self._build(take, keeps, need)
+            self.state, self.rows = self._adopt(state), take
         elif need <= self.state.pos:
             state, logits = self._build(take, keeps, self.state.pos)
             self._concat(state, logits, take)
         else:  # a long primer: rebuild the running rows to end at ``need`` too
             cached = [self.state.pos - r.offset for r in self.rows]
-            self.state, self.logits = self._build(self.rows + take, cached + keeps, need)
-            self.rows = self.rows + take
+            state, self.logits = self._build(self.rows + take, cached + keeps, need)
+            self.state, self.rows = self._adopt(state), self.rows + take
 
     def _concat(self, state: Any, logits: torch.Tensor, rows: list[Row]) -> None:
         for s in (self.state, state):
@@ -267,14 +350,19 @@ class ContinuousBatcher:
                 s.key_mask = torch.ones(
                     len(s.k[0]), s.capacity, dtype=torch.bool, device=self.device
                 )
-        self.state = cat_state([self.state, state])
+        n, m = len(self.rows), len(rows)
+        for buf, c in zip(self._pool, list(state.k) + list(state.v)):
+            buf[n : n + m].copy_(c)
+        both = cat_state([_without_cache(self.state), _without_cache(state)])
+        self.state = self._with_pool(both, n + m)
         self.logits = torch.cat([self.logits, logits])
         self.rows = self.rows + rows
 
     def _slide(self) -> None:
         """The window is full: every row restarts on its last ``overlap`` tokens."""
         keeps = [min(len(r.ids), self.overlap) for r in self.rows]
-        self.state, self.logits = self._build(self.rows, keeps, max(keeps))
+        state, self.logits = self._build(self.rows, keeps, max(keeps))
+        self.state = self._adopt(state)
 
     def _build(self, rows: list[Row], keeps: list[int], end: int) -> tuple[Any, torch.Tensor]:
         """A decode state where row i holds its last ``keeps[i]`` ids at positions

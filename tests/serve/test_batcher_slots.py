@@ -1,0 +1,61 @@
+"""The batcher's host work and KV cache at many rows (see aurl.generation.batching).
+
+Rows leave from the middle of the batch (cancelled, or ending early) and join behind the others:
+the cache stays in the same slot buffers (no copy of every row per join or leave), and every
+remaining row's logits at every step are still those it would have alone. Batched sampling
+(one exponential draw per row from its own generator, one argmax for the batch) gives each
+row the ids `generate` gives it alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from aurl.config import GenerationConfig, ModelConfig, VocabConfig
+from aurl.generation.batching import ContinuousBatcher
+from aurl.generation.generate import generate
+from aurl.models import MusicTransformerVAEGAN
+from tests.generation.test_batching import alone_logits
+
+
+@pytest.fixture(scope="module")
+def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(1)
+    config = dataclasses.replace(
+        ModelConfig(), d_model=32, n_layers=2, n_heads=2, dropout=0.0, max_seq_len=128
+    )
+    yield MusicTransformerVAEGAN(config, VocabConfig()).eval()
+    torch.set_num_threads(threads)
+
+
+def test_rows_leaving_from_the_middle_keep_the_others_exact_and_the_buffers(model):
+    b = ContinuousBatcher(model, slots=6)
+    configs = [GenerationConfig(max_tokens=n, min_tokens=n - 8, seed=s, top_k=40 if s % 2 else 0)
+               for s, n in enumerate([60, 24, 70, 30, 50])]  # fmt: skip
+    rows = [b.add(c) for c in configs]
+    late = None
+    buffers = None
+    for step in range(200):
+        if step == 10:
+            b.cancel(rows[2])  # a row in the middle goes away
+        if step == 15:
+            late = b.add(GenerationConfig(max_tokens=40, min_tokens=32, seed=9))
+        b.step()
+        if b.state is not None:
+            ptrs = [t.data_ptr() for t in b.state.k + b.state.v]
+            buffers = buffers or ptrs
+            assert ptrs == buffers  # the cache stays in its buffers as rows come and go
+            for i, row in enumerate(b.rows):
+                want = alone_logits(model, row.ids, b.window, b.overlap)
+                torch.testing.assert_close(b.logits[i], want, atol=2e-5, rtol=1e-5)
+        if not b.busy:
+            break
+    assert not b.busy and rows[2].cancelled and late.finished
+    for row in rows[:2] + rows[3:] + [late]:
+        assert row.finished
+        assert row.ids == generate(model, row.config)[0].ids.tolist(), row.config.seed
