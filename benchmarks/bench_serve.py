@@ -220,8 +220,10 @@ def main() -> None:
     print(f"aggregate tokens/s, 16 clients / 1 client: {s16['tok_s'] / s1['tok_s']:.2f}x")
     print(f"server RSS before / after the 16-client phase / after 48 more requests: "
           f"{rss0:.0f} / {rss1:.0f} / {rss2:.0f} MB")  # fmt: skip
-    print(f"time to first note (lone request): first request to the new server {cold:.3f} s; "
-          f"then median of 5 {statistics.median(firsts):.3f} s, worst {max(firsts):.3f} s")
+    print(
+        f"time to first note (lone request): first request to the new server {cold:.3f} s; "
+        f"then median of 5 {statistics.median(firsts):.3f} s, worst {max(firsts):.3f} s"
+    )
     print(f"a client leaving mid-stream freed its slot: {freed}")
     batcher_ratio()
 

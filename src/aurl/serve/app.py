@@ -218,12 +218,14 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
     # -- authentication and body size ---------------------------------------------------------
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
+    # A plain ASGI middleware, not @app.middleware("http"): Starlette's BaseHTTPMiddleware
+    # wraps ``receive`` so that Request.is_disconnected() never sees the client leave, and
+    # the handlers stop work for clients that went away.
+    def guard(request: Request) -> Response | None:
         if s.token and not _authorized(request.headers, request.cookies, s.token):
             path = request.url.path
             if path == "/login" or path.startswith("/static/"):
-                return await call_next(request)
+                return None
             if request.method == "GET" and not path.startswith("/api"):
                 return HTMLResponse(_login_page(), status_code=401)
             return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer "
@@ -238,7 +240,9 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                 return _error(413, f"the body is {length} bytes, over this server's limit "
                               f"max_upload_bytes={lim.max_upload_bytes} for a MIDI file",
                               limit="max_upload_bytes")  # fmt: skip
-        return await call_next(request)
+        return None
+
+    app.add_middleware(_Guard, check=guard)
 
     @app.post("/login", include_in_schema=False)
     async def login(token: str = Form(..., max_length=4096)):
@@ -783,6 +787,22 @@ async def _stream_job(ws: WebSocket, srv: ModelServer, job: Any) -> None:
     finally:
         job.cancel()
         watcher.cancel()
+
+
+class _Guard:
+    """ASGI middleware: ``check(request)`` returns a response that stops an HTTP request
+    (authentication, body size), or None to pass it on with ``receive`` untouched."""
+
+    def __init__(self, app: Any, check: Any) -> None:
+        self.app, self.check = app, check
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            stop = self.check(Request(scope))
+            if stop is not None:
+                await stop(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ClientGone(AurlError):
