@@ -27,7 +27,8 @@ def xml_parts(data: bytes) -> dict[str, set[int]]:
             alter = int(float(pitch.findtext("alter") or 0))
             octave = int(pitch.findtext("octave"))
             pitches.add(12 * (octave + 1) + STEPS[pitch.findtext("step")] + alter)
-        out[names[part.get("id")]] = pitches
+        name = names[part.get("id")]
+        out[name if name not in out else f"{name} ({part.get('id')})"] = pitches
     return out
 
 

@@ -204,6 +204,10 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
     async def _upload(request: Request, exc: UploadError):
         return _error(exc.status, str(exc), limit=exc.limit, field="file")
 
+    @app.exception_handler(FieldError)
+    async def _field(request: Request, exc: FieldError):
+        return _error(422, str(exc), field=exc.field)
+
     @app.exception_handler(PartError)
     async def _part(request: Request, exc: PartError):
         return _error(422, str(exc), field="part")
@@ -343,10 +347,12 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
     @app.post("/api/analyze", tags=["analysis"], responses=ERRORS)
     async def analyze(
+        request: Request,
         file: Annotated[UploadFile, File(description="a MIDI file")],
         beats_per_bar: float = Form(0.0, ge=0, le=64, description="0: from the file's meter"),
     ) -> dict[str, Any]:
         """Keys, chords, cadences, form and melody of the file (``aurl analyze``'s JSON)."""
+        await _only_fields(request, "file", "beats_per_bar")
         data = await _read_upload(file, lim)
         return await parse_upload(
             data, "analyze", name=file.filename or "file", timeout=lim.parse_seconds,
@@ -355,9 +361,12 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         )  # fmt: skip
 
     @app.post("/api/notes", tags=["analysis"], responses=ERRORS)
-    async def notes(file: Annotated[UploadFile, File(description="a MIDI file")]) -> dict[str, Any]:
+    async def notes(
+        request: Request, file: Annotated[UploadFile, File(description="a MIDI file")]
+    ) -> dict[str, Any]:
         """The file's notes as ``[pitch, start, end, velocity]`` rows in seconds (what the
         studio draws), and the bar length in beats."""
+        await _only_fields(request, "file")
         data = await _read_upload(file, lim)
         result = await parse_upload(
             data,
@@ -386,6 +395,8 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
     ):
         """Compose lower voices under the uploaded melody (``aurl harmonize``): the melody is
         kept note for note on the Soprano track. A client that goes away stops the work."""
+        await _only_fields(request, "file", "model", "seed", "key", "voices", "particles",
+                           "format")  # fmt: skip
         from aurl.generation import compose
 
         srv = _server(servers, model)
@@ -431,6 +442,9 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         note outside it (``aurl infill``); with ``part``, only that track's notes there. A
         client that goes away stops the work."""
         from aurl.data.notes import DRUM_PROGRAM, pitched
+
+        await _only_fields(request, "file", "bars", "span", "model", "seed", "particles", "part",
+                           "format")  # fmt: skip
         from aurl.generation import compose
 
         if (bars is None) == (span is None):
@@ -470,9 +484,12 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
     @app.post("/api/musicxml", tags=["compose"], responses={**ERRORS, 200: {
         "content": {MUSICXML: {}}, "description": "the file as MusicXML"}})  # fmt: skip
-    async def musicxml(file: Annotated[UploadFile, File(description="a MIDI file")]):
+    async def musicxml(
+        request: Request, file: Annotated[UploadFile, File(description="a MIDI file")]
+    ):
         """The uploaded MIDI file as MusicXML (onsets and durations on a sixteenth-note grid,
         one part per track): the studio's MusicXML download of what is on the roll."""
+        await _only_fields(request, "file")
         data = await _read_upload(file, lim)
         stem = Path(file.filename or "piece").stem[:60] or "piece"
         return await _reply(data, "musicxml", stem, lim, None, name=file.filename or "file")
@@ -803,6 +820,23 @@ class _Guard:
                 await stop(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class FieldError(ConfigError):
+    """A form field the endpoint does not take."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+async def _only_fields(request: Request, *names: str) -> None:
+    """Refuse form fields the endpoint does not take (a misspelt option is not ignored)."""
+    form = await request.form()  # parsed once: FastAPI read this same form
+    for key in form:
+        if key not in names:
+            raise FieldError(f"{key}: not a field of {request.url.path} (its fields: "
+                             f"{', '.join(names)})", field=key)  # fmt: skip
 
 
 class ClientGone(AurlError):
