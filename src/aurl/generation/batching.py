@@ -385,6 +385,8 @@ class ContinuousBatcher:
             logits.append(self.model.step(ids[:, -k:], state, attention_mask=mask)[:, -1])
             row.offset = end - k
             states.append(state)
+        if len(states) == 1:  # a lone newcomer: no copy (the caller copies it into the slots)
+            return states[0], logits[0]
         return cat_state(states), torch.cat(logits)
 
 
