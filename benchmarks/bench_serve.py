@@ -14,7 +14,8 @@ just below it, so every request does the same work):
 6. the batcher alone, in this process, on one thread: CPU time of a decode step with 1 row
    and with 8 rows, alternated round by round so both see the same machine (the ratio of
    tokens per CPU second is what batching buys, whatever the load), split into the model's
-   step and the host work around it (masks, sampling, bookkeeping).
+   step and the host work around it (masks, sampling, bookkeeping); then the same with rows
+   joining and leaving as the server drives it (1 client vs 8, 2 requests each of 96 tokens).
 
     python benchmarks/bench_serve.py [--tokens 96] [--requests 10] [--threads 1]
     python benchmarks/bench_serve.py --batcher-only   # phase 6 alone (~30 s)
@@ -157,6 +158,35 @@ def batcher_steps(rows: int, steps: int, model) -> tuple[float, float]:
     return 1e3 * total / steps, 1e3 * spent[0] / steps
 
 
+def batcher_churn(model, clients: int, per_client: int, tokens: int) -> float:
+    """Thread CPU ms per token of ``clients`` that each send ``per_client`` requests of
+    ``tokens`` tokens one after another, straight to a batcher as the server drives it (rows
+    join and leave all the time; fold_starts as in the server)."""
+    from aurl.config import GenerationConfig
+    from aurl.generation.batching import ContinuousBatcher
+
+    b = ContinuousBatcher(model, slots=16, fold_starts=True)
+    left, seeds = dict.fromkeys(range(clients), per_client), iter(range(10**6))
+
+    def add(client: int) -> None:
+        left[client] -= 1
+        cfg = GenerationConfig(max_tokens=tokens, min_tokens=tokens - 8, seed=next(seeds))
+        b.add(cfg, tag=client)
+
+    b.add(GenerationConfig(max_tokens=16, seed=0))  # warm: the slot buffers are allocated
+    while b.busy:
+        b.step()
+    for c in range(clients):
+        add(c)
+    produced, t0 = 0, time.thread_time()
+    while b.busy:
+        for row in b.step():
+            produced += 1
+            if row.finished and left[row.tag] > 0:
+                add(row.tag)
+    return 1e3 * (time.thread_time() - t0) / produced
+
+
 def batcher_ratio(rounds: int = 4, steps: int = 60, wide: int = 8) -> None:
     """Phase 6: batch ``wide`` against batch 1, alternated; prints the medians and the ratio."""
     import torch
@@ -176,6 +206,14 @@ def batcher_ratio(rounds: int = 4, steps: int = 60, wide: int = 8) -> None:
           f"(model {m8:.2f}, host {s8 - m8:.2f}, {(s8 - m8) / wide:.3f} per row)")  # fmt: skip
     print(f"batcher tokens per CPU second, {wide} rows / 1 row: {wide * s1 / s8:.2f}x "
           f"(a {wide}-row step costs {s8 / s1:.2f} one-row steps); load "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+    one, many = [], []
+    for _ in range(2):
+        one.append(batcher_churn(model, 1, 2, 96))
+        many.append(batcher_churn(model, wide, 2, 96))
+    c1, c8 = statistics.median(one), statistics.median(many)
+    print(f"batcher with rows joining and leaving (96-token requests, 2 per client), thread CPU "
+          f"per token: 1 client {c1:.2f} ms, {wide} clients {c8:.2f} ms: {c1 / c8:.2f}x; load "
           f"{os.getloadavg()[0]:.1f}")  # fmt: skip
 
 

@@ -59,3 +59,41 @@ def test_rows_leaving_from_the_middle_keep_the_others_exact_and_the_buffers(mode
     for row in rows[:2] + rows[3:] + [late]:
         assert row.finished
         assert row.ids == generate(model, row.config)[0].ids.tolist(), row.config.seed
+
+
+def test_folded_starts_join_without_a_model_call_of_their_own_and_stay_exact(model):
+    """fold_starts (what the server uses): a row without a primer joining a running batch has
+    its START run in the batch's own model call; it samples from the next step, and decodes
+    what `generate` decodes for it alone."""
+    b = ContinuousBatcher(model, slots=6, fold_starts=True)
+    calls = []
+    real_step = model.step
+
+    def counted(ids, state, **kw):
+        calls.append(ids.shape)
+        return real_step(ids, state, **kw)
+
+    model.step = counted
+    try:
+        first = b.add(GenerationConfig(max_tokens=60, min_tokens=52, seed=0))
+        joined = []
+        for step in range(200):
+            for _ in range({4: 1, 9: 2, 20: 1}.get(step, 0)):
+                joined.append(b.add(GenerationConfig(max_tokens=30, seed=10 + len(joined),
+                                                     temperature=0.9)))  # fmt: skip
+            before = len(calls)
+            b.step()
+            if step > 0 and b.rows:
+                assert len(calls) == before + 1  # one model call per step, joins included
+            for i, row in enumerate(b.rows):  # every row's logits are its own, alone
+                want = alone_logits(model, row.ids, b.window, b.overlap)
+                torch.testing.assert_close(b.logits[i], want, atol=2e-5, rtol=1e-5)
+            if not b.busy:
+                break
+    finally:
+        del model.step
+    assert calls[0] == (1, 1)  # the first row, into an empty batch: its own START call
+    assert len(joined) == 4 and max(shape[0] for shape in calls) == 5  # 4 joined a running row
+    for row in [first, *joined]:
+        assert row.finished
+        assert row.ids == generate(model, row.config)[0].ids.tolist(), row.config.seed

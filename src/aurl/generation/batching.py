@@ -58,6 +58,7 @@ class Row:
     offset: int = 0  # cache position of the row's first cached token
     finished: bool = False  # emitted END
     cancelled: bool = False
+    warming: bool = False  # joined with its START not yet run: no logits to sample from yet
     tag: Any = None  # the caller's handle (e.g. the server's job)
 
     @property
@@ -94,6 +95,16 @@ def cat_state(states: list[Any]) -> Any:
     return first
 
 
+def _primed(masker: LogitMasker, prefix: torch.Tensor) -> MaskState:
+    """The masker's state after ``prefix`` (1, P). START alone (most requests) takes one
+    grammar step instead of the vectorised scan of a primer (a few ms a request, on the decode
+    thread); START is always allowed first, and a primer does not count as generated tokens."""
+    state = masker.initial_state(1)
+    if prefix.shape[1] > 1:
+        return masker.prime(state, prefix)
+    return dataclasses.replace(state, grammar=masker.grammar.advance(state.grammar, prefix[0]))
+
+
 def _without_cache(state: Any) -> Any:
     """A copy of a decode state without its KV cache (the batcher moves that itself)."""
     return dataclasses.replace(state, k=[], v=[])
@@ -107,17 +118,28 @@ class ContinuousBatcher:
         slots: Most rows decoding at once; more wait in :attr:`pending`.
         window: Cache positions (default ``GenerationConfig.window``, at most the context).
         overlap: Tokens a row keeps when the window slides (default ``window_overlap``).
+        fold_starts: Rows without a primer joining a running batch skip their own one-row
+            model call: their START runs in the step's batched call and they draw their first
+            token at the next step (one step later than otherwise). What a server wants: a
+            one-row call costs nearly as much as a whole batch's step.
 
     Not thread-safe: one thread calls :meth:`add`, :meth:`cancel` and :meth:`step`.
     """
 
     def __init__(
-        self, model: Any, *, slots: int = 16, window: int | None = None, overlap: int | None = None
+        self,
+        model: Any,
+        *,
+        slots: int = 16,
+        window: int | None = None,
+        overlap: int | None = None,
+        fold_starts: bool = False,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots {slots}: give 1 or more")
         defaults = GenerationConfig()
         self.model, self.vocab, self.slots = model, model.vocab, slots
+        self.fold_starts = fold_starts
         self.device = model.embed.weight.device
         self.window = min(window or defaults.window, model.config.max_seq_len)
         ov = defaults.window_overlap if overlap is None else overlap
@@ -152,8 +174,8 @@ class ContinuousBatcher:
         if prefix.ndim != 1 or len(prefix) == 0 or prefix[0] != START:
             raise ConstraintError("a primer must start with START (use load_primer)")
         prefix_t = torch.as_tensor(prefix, device=self.device)[None]
-        bad = masker.grammar.violations(prefix_t)
-        if bool(bad.any()):
+        bad = masker.grammar.violations(prefix_t) if len(prefix) > 1 else None
+        if bad is not None and bool(bad.any()):
             col = int(bad.nonzero()[0][1])
             raise ConstraintError(
                 f"primer breaks the grammar at token {col} "
@@ -171,8 +193,7 @@ class ContinuousBatcher:
         row = Row(
             config=config, masker=masker, options=options, generator=generator,
             ids=prefix.tolist(), primer_length=len(prefix),
-            mask_state=masker.prime(masker.initial_state(1), prefix_t), latents=latents,
-            seen=seen, tag=tag,
+            mask_state=_primed(masker, prefix_t), latents=latents, seen=seen, tag=tag,
         )  # fmt: skip
         self.pending.append(row)
         return row
@@ -201,10 +222,12 @@ class ContinuousBatcher:
         if not self.rows:
             return []
         tokens = self._sample_rows()
-        stepped = list(self.rows)
+        stepped = [r for r in self.rows if not r.warming]
         live = [not r.finished for r in self.rows]
         ids = torch.tensor([t for t, k in zip(tokens, live) if k], device=self.device)[:, None]
         self._keep(live)
+        for row in self.rows:  # a newcomer's START runs in this step with the others
+            row.warming = False
         if self.rows:
             if self.state.pos >= self.window:
                 self._slide()
@@ -227,10 +250,20 @@ class ContinuousBatcher:
         CPU kernel does exactly that), so each row draws its ``E`` from its generator and one
         division and argmax serve the batch: the ids are those of row-by-row sampling (the
         tests hold them equal to ``generate``)."""
-        rows, B = self.rows, len(self.rows)
-        x = self.logits.float()
+        ids = [row.ids[-1] for row in self.rows]  # warming rows feed their START
+        sampling = [i for i, row in enumerate(self.rows) if not row.warming]
+        if len(sampling) < len(self.rows):
+            if not sampling:
+                return ids
+            index = torch.tensor(sampling, device=self.device)
+            rows, x = [self.rows[i] for i in sampling], self.logits.index_select(0, index)
+        else:
+            rows, x = self.rows, self.logits
+        B, x = len(rows), x.float()
         if x.device.type != "cpu":  # the masker's torch path, row by row
-            return [self._sample_one(i, row, x) for i, row in enumerate(rows)]
+            for j, (i, row) in enumerate(zip(sampling, rows)):
+                ids[i] = self._sample_one(j, row, x)
+            return ids
         xs = x.numpy()
         masked = np.empty_like(xs)
         for i, row in enumerate(rows):
@@ -242,7 +275,7 @@ class ContinuousBatcher:
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault((row.options, row.seen is not None), []).append(i)
-        ids = [0] * B
+        drawn = [0] * B
         for (options, has_seen), members in groups.items():
             index = torch.tensor(members)
             part = masked_t if len(members) == B else masked_t.index_select(0, index)
@@ -257,9 +290,10 @@ class ContinuousBatcher:
                     draws[j].exponential_(1, generator=rows[i].generator)
                 chosen = (probs / draws).argmax(dim=-1)
             for i, token in zip(members, chosen.tolist()):
-                ids[i] = token
-        for row, token in zip(rows, ids):
+                drawn[i] = token
+        for i, row, token in zip(sampling, rows, drawn):
             self._advance_row(row, token)
+            ids[i] = token
         return ids
 
     def _sample_one(self, i: int, row: Row, x: torch.Tensor) -> int:
@@ -336,6 +370,8 @@ class ContinuousBatcher:
         if not self.rows:
             state, self.logits = self._build(take, keeps, need)
             self.state, self.rows = self._adopt(state), take
+        elif need == 1 and self.fold_starts:  # no primers: STARTs run in this step's model call
+            self._concat(*self._fresh(take), take)
         elif need <= self.state.pos:
             state, logits = self._build(take, keeps, self.state.pos)
             self._concat(state, logits, take)
@@ -343,6 +379,23 @@ class ContinuousBatcher:
             cached = [self.state.pos - r.offset for r in self.rows]
             state, self.logits = self._build(self.rows + take, cached + keeps, need)
             self.state, self.rows = self._adopt(state), self.rows + take
+
+    def _fresh(self, rows: list[Row]) -> tuple[Any, torch.Tensor]:
+        """Rows holding only START, joining a running batch without a model call of their own:
+        empty cache rows placed at the batch's position; :meth:`step` feeds their START with
+        the other rows' tokens (which saves a one-row model call per request) and they sample
+        from the next step on."""
+        pos = self.state.pos
+        states = []
+        for row in rows:
+            state = self.model.init_state(1, device=self.device, latents=row.latents,
+                                          capacity=self.window)  # fmt: skip
+            state.pos = pos
+            state.key_mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
+            row.offset, row.warming = pos, True
+            states.append(state)
+        state = states[0] if len(states) == 1 else cat_state(states)
+        return state, self.logits.new_zeros(len(rows), self.logits.shape[1])
 
     def _concat(self, state: Any, logits: torch.Tensor, rows: list[Row]) -> None:
         for s in (self.state, state):
@@ -383,7 +436,7 @@ class ContinuousBatcher:
                 state.key_mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
                 mask = torch.ones(1, k, dtype=torch.bool, device=self.device)
             logits.append(self.model.step(ids[:, -k:], state, attention_mask=mask)[:, -1])
-            row.offset = end - k
+            row.offset, row.warming = end - k, False
             states.append(state)
         if len(states) == 1:  # a lone newcomer: no copy (the caller copies it into the slots)
             return states[0], logits[0]

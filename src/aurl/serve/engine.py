@@ -95,7 +95,7 @@ class ModelServer:
         self.vocab = model.vocab
         self.tokenizer = Tokenizer(model.vocab_config, DataConfig())
         self.device = model.embed.weight.device
-        self._new_batcher = lambda: ContinuousBatcher(model, slots=limits.slots)
+        self._new_batcher = lambda: ContinuousBatcher(model, slots=limits.slots, fold_starts=True)
         self.batcher = self._new_batcher()
         self.inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.jobs: set[Job] = set()  # submitted and not finished (touched on the loop only)
