@@ -329,20 +329,23 @@ class ContinuousBatcher:
         self.logits = self.logits.index_select(0, rows)
 
     # The KV cache lives in buffers of ``slots`` rows, allocated once; the state's k and v are
-    # views of their first B rows. Rows join and leave all the time, and copying every row's
-    # cache each time (index_select, cat: tens of ms at 8 rows) would cost several decode
-    # steps; here a leaving row moves only the rows after it, and a joining one is copied in.
+    # views of their first B rows. Rows join and leave all the time, and allocating a cache per
+    # newcomer and copying every row's cache per join or leave (cat, index_select: tens of ms at
+    # 8 rows) would cost several decode steps; here a newcomer's prefix is run straight into its
+    # slot, and a leaving row moves only the rows after it.
 
-    def _adopt(self, state: Any) -> Any:
-        """``state`` (new from :meth:`_build`) with its cache moved into the slot buffers."""
-        caches = list(state.k) + list(state.v)
-        shapes = [(self.slots, *c.shape[1:]) for c in caches]
-        if [tuple(b.shape) for b in self._pool] != shapes:
-            self._pool = [c.new_zeros(shape) for c, shape in zip(caches, shapes)]
-        B = len(caches[0])
-        for buf, c in zip(self._pool, caches):
-            buf[:B].copy_(c)
-        return self._with_pool(_without_cache(state), B)
+    def _slots_ready(self) -> None:
+        if not self._pool:  # the model's own cache layout, ``slots`` rows deep
+            probe = self.model.init_state(1, device=self.device, capacity=self.window)
+            self._pool = [c.new_zeros((self.slots, *c.shape[1:])) for c in probe.k + probe.v]
+
+    def _slot_cache(self, state: Any, slot: int) -> None:
+        """Give ``state`` (one row) the zeroed cache row ``slot`` of the buffers."""
+        n = len(self._pool) // 2
+        views = [buf[slot : slot + 1] for buf in self._pool]
+        for view in views:
+            view.zero_()
+        state.k, state.v = views[:n], views[n:]
 
     def _with_pool(self, state: Any, rows: int) -> Any:
         n = len(self._pool) // 2
@@ -368,68 +371,74 @@ class ContinuousBatcher:
         keeps = [self._prefix_keep(r) for r in take]
         need = max(keeps)
         if not self.rows:
-            state, self.logits = self._build(take, keeps, need)
-            self.state, self.rows = self._adopt(state), take
+            rest, self.logits = self._build(take, keeps, need)
+            self.state, self.rows = self._with_pool(rest, len(take)), take
         elif need == 1 and self.fold_starts:  # no primers: STARTs run in this step's model call
             self._concat(*self._fresh(take), take)
         elif need <= self.state.pos:
-            state, logits = self._build(take, keeps, self.state.pos)
-            self._concat(state, logits, take)
+            rest, logits = self._build(take, keeps, self.state.pos, first=len(self.rows))
+            self._concat(rest, logits, take)
         else:  # a long primer: rebuild the running rows to end at ``need`` too
             cached = [self.state.pos - r.offset for r in self.rows]
-            state, self.logits = self._build(self.rows + take, cached + keeps, need)
-            self.state, self.rows = self._adopt(state), self.rows + take
+            rest, self.logits = self._build(self.rows + take, cached + keeps, need)
+            self.rows = self.rows + take
+            self.state = self._with_pool(rest, len(self.rows))
 
     def _fresh(self, rows: list[Row]) -> tuple[Any, torch.Tensor]:
         """Rows holding only START, joining a running batch without a model call of their own:
         empty cache rows placed at the batch's position; :meth:`step` feeds their START with
         the other rows' tokens (which saves a one-row model call per request) and they sample
-        from the next step on."""
-        pos = self.state.pos
+        from the next step on. Returns their state without cache, and placeholder logits."""
+        pos, first = self.state.pos, len(self.rows)
         states = []
-        for row in rows:
+        for j, row in enumerate(rows):
             state = self.model.init_state(1, device=self.device, latents=row.latents,
-                                          capacity=self.window)  # fmt: skip
+                                          capacity=1)  # fmt: skip
+            self._slot_cache(state, first + j)
             state.pos = pos
             state.key_mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
             row.offset, row.warming = pos, True
-            states.append(state)
-        state = states[0] if len(states) == 1 else cat_state(states)
-        return state, self.logits.new_zeros(len(rows), self.logits.shape[1])
+            states.append(_without_cache(state))
+        rest = states[0] if len(states) == 1 else cat_state(states)
+        return rest, self.logits.new_zeros(len(rows), self.logits.shape[1])
 
-    def _concat(self, state: Any, logits: torch.Tensor, rows: list[Row]) -> None:
-        for s in (self.state, state):
+    def _concat(self, rest: Any, logits: torch.Tensor, rows: list[Row]) -> None:
+        """Join ``rows`` (their caches already in the slots after the running rows; ``rest``
+        their state without cache) to the batch."""
+        for s, count in ((self.state, len(self.rows)), (rest, len(rows))):
             if s.key_mask is None:  # every cached position of such rows is their own token
-                s.key_mask = torch.ones(
-                    len(s.k[0]), s.capacity, dtype=torch.bool, device=self.device
-                )
-        n, m = len(self.rows), len(rows)
-        for buf, c in zip(self._pool, list(state.k) + list(state.v)):
-            buf[n : n + m].copy_(c)
-        both = cat_state([_without_cache(self.state), _without_cache(state)])
-        self.state = self._with_pool(both, n + m)
+                s.key_mask = torch.ones(count, self.window, dtype=torch.bool, device=self.device)
+        both = cat_state([_without_cache(self.state), rest])
+        self.state = self._with_pool(both, len(self.rows) + len(rows))
         self.logits = torch.cat([self.logits, logits])
         self.rows = self.rows + rows
 
     def _slide(self) -> None:
         """The window is full: every row restarts on its last ``overlap`` tokens."""
         keeps = [min(len(r.ids), self.overlap) for r in self.rows]
-        state, self.logits = self._build(self.rows, keeps, max(keeps))
-        self.state = self._adopt(state)
+        rest, self.logits = self._build(self.rows, keeps, max(keeps))
+        self.state = self._with_pool(rest, len(self.rows))
 
-    def _build(self, rows: list[Row], keeps: list[int], end: int) -> tuple[Any, torch.Tensor]:
-        """A decode state where row i holds its last ``keeps[i]`` ids at positions
-        ``end - keeps[i] .. end - 1`` (the ids before them carried as history), and the logits
-        (B, V) after each row's last id. Each row runs alone, so no padding enters its state."""
+    def _build(
+        self, rows: list[Row], keeps: list[int], end: int, *, first: int = 0
+    ) -> tuple[Any, torch.Tensor]:
+        """Run each row's prefix into cache slot ``first + i``: row i holds its last
+        ``keeps[i]`` ids at positions ``end - keeps[i] .. end - 1`` (the ids before them
+        carried as history). Returns the rows' decode state without its cache (the caller
+        takes views of the slots) and the logits (B, V) after each row's last id. Each row runs
+        alone, so no padding enters its state; its slot is written in place (a rebuild or a
+        slide starts from the rows' ids, not from what their slots held)."""
+        self._slots_ready()
         states, logits = [], []
         any_offset = any(k < end for k in keeps)
-        for row, k in zip(rows, keeps):
+        for j, (row, k) in enumerate(zip(rows, keeps)):
             ids = torch.as_tensor(row.ids, device=self.device)[None]  # (1, L)
             history = ids[:, : ids.shape[1] - k]
             state = self.model.init_state(
-                1, device=self.device, latents=row.latents, capacity=self.window,
+                1, device=self.device, latents=row.latents, capacity=1,
                 history=history if history.shape[1] > 0 else None,
             )  # fmt: skip
+            self._slot_cache(state, first + j)
             mask = None
             if any_offset:
                 state.pos = end - k
@@ -437,8 +446,8 @@ class ContinuousBatcher:
                 mask = torch.ones(1, k, dtype=torch.bool, device=self.device)
             logits.append(self.model.step(ids[:, -k:], state, attention_mask=mask)[:, -1])
             row.offset, row.warming = end - k, False
-            states.append(state)
-        if len(states) == 1:  # a lone newcomer: no copy (the caller copies it into the slots)
+            states.append(_without_cache(state))
+        if len(states) == 1:
             return states[0], logits[0]
         return cat_state(states), torch.cat(logits)
 
