@@ -5,7 +5,9 @@ clients (`/api/generate/stream`), each request a fixed length (``--tokens``, wit
 just below it, so every request does the same work):
 
 1. one client, requests one after another: the baseline tokens/s;
-2. 8 clients at once: aggregate tokens/s, as a ratio to (1) (goal >= 4x);
+2. 8 clients at once: aggregate tokens/s, as a ratio to (1) (goal >= 4x), and the server's
+   CPU time per token in (1) and (2) (wall-clock rates on a shared machine are noise; CPU per
+   token much less so);
 3. 16 clients x 10 requests: errors (goal 0), p50 / p99 request latency, aggregate tokens/s,
    server RSS before and after, and after 16 x 3 more (no growth once warm);
 4. time to first note of a lone request (goal 0.5 s on 2 cores): the server's very first
@@ -61,6 +63,12 @@ def start_server(threads: int, db: Path) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             time.sleep(0.1)
     raise SystemExit("aurl serve never answered")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -231,10 +239,15 @@ def main() -> None:
     proc, url = start_server(args.threads, db)
     try:
         cold = asyncio.run(request(url, 32, seed=0))["first"]  # the server's first request
+        cpu0 = cpu_seconds(proc.pid)
         one, wall1 = asyncio.run(clients(url, 1, 4, args.tokens))
         s1 = summary(one, wall1)
+        cpu1 = cpu_seconds(proc.pid)
         eight, wall8 = asyncio.run(clients(url, 8, 2, args.tokens))
         s8 = summary(eight, wall8)
+        cpu8 = cpu_seconds(proc.pid)
+        s1["cpu_ms"] = 1e3 * (cpu1 - cpu0) / max(s1["tokens"], 1)
+        s8["cpu_ms"] = 1e3 * (cpu8 - cpu1) / max(s8["tokens"], 1)
         rss0 = rss_mb(proc.pid)
         sixteen, wall16 = asyncio.run(clients(url, 16, args.requests, args.tokens))
         s16 = summary(sixteen, wall16)
@@ -255,6 +268,9 @@ def main() -> None:
         print(f"{name:>15}: {s['requests']} requests, {s['errors']} errors, "
               f"{s['tok_s']:.0f} tokens/s, latency p50 {s['p50']:.2f} s p99 {s['p99']:.2f} s")  # fmt: skip
     print(f"aggregate tokens/s, 8 clients / 1 client: {s8['tok_s'] / s1['tok_s']:.2f}x")
+    print(f"server CPU per token (all its threads): 1 client {s1['cpu_ms']:.2f} ms, 8 clients "
+          f"{s8['cpu_ms']:.2f} ms: {s1['cpu_ms'] / s8['cpu_ms']:.2f}x the tokens per CPU "
+          "second (robust to load, unlike the wall-clock ratio)")  # fmt: skip
     print(f"aggregate tokens/s, 16 clients / 1 client: {s16['tok_s'] / s1['tok_s']:.2f}x")
     print(f"server RSS before / after the 16-client phase / after 48 more requests: "
           f"{rss0:.0f} / {rss1:.0f} / {rss2:.0f} MB")  # fmt: skip
