@@ -5,13 +5,22 @@ clients (`/api/generate/stream`), each request a fixed length (``--tokens``, wit
 just below it, so every request does the same work):
 
 1. one client, requests one after another: the baseline tokens/s;
-2. 8 clients at once: aggregate tokens/s, as a ratio to (1) (goal >= 4x);
+2. 8 clients at once: aggregate tokens/s, as a ratio to (1) (goal >= 4x), and the server's
+   CPU time per token in (1) and (2) (wall-clock rates on a shared machine are noise; CPU per
+   token much less so);
 3. 16 clients x 10 requests: errors (goal 0), p50 / p99 request latency, aggregate tokens/s,
    server RSS before and after, and after 16 x 3 more (no growth once warm);
-4. time to first note of a lone request (goal 0.5 s on 2 cores);
-5. a client that disconnects mid-stream frees its slot (the server reports 0 active rows).
+4. time to first note of a lone request (goal 0.5 s on 2 cores): the server's very first
+   request (the server warms up before it prints its address), and 5 more;
+5. a client that disconnects mid-stream frees its slot (the server reports 0 active rows);
+6. the batcher alone, in this process, on one thread: CPU time of a decode step with 1 row
+   and with 8 rows, alternated round by round so both see the same machine (the ratio of
+   tokens per CPU second is what batching buys, whatever the load), split into the model's
+   step and the host work around it (masks, sampling, bookkeeping); then the same with rows
+   joining and leaving as the server drives it (1 client vs 8, 2 requests each of 96 tokens).
 
     python benchmarks/bench_serve.py [--tokens 96] [--requests 10] [--threads 1]
+    python benchmarks/bench_serve.py --batcher-only   # phase 6 alone (~30 s)
 
 Numbers go to BENCHMARKS.md with the command that made them.
 """
@@ -54,6 +63,12 @@ def start_server(threads: int, db: Path) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             time.sleep(0.1)
     raise SystemExit("aurl serve never answered")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -119,20 +134,120 @@ async def leave_mid_stream(url: str) -> bool:
     return False
 
 
+def batcher_steps(rows: int, steps: int, model) -> tuple[float, float]:
+    """Thread CPU ms per decode step of a batcher holding ``rows`` rows, and of its model
+    calls alone (every row decodes to the same length: min_tokens holds END off)."""
+    from aurl.config import GenerationConfig
+    from aurl.generation.batching import ContinuousBatcher
+
+    b = ContinuousBatcher(model, slots=16)
+    for i in range(rows):
+        b.add(GenerationConfig(max_tokens=steps + 40, min_tokens=steps + 20, seed=i))
+    for _ in range(8):  # admit, and past the first tokens
+        b.step()
+    spent = [0.0]
+    real_step = model.step
+
+    def timed(*a, **k):
+        t0 = time.thread_time()
+        try:
+            return real_step(*a, **k)
+        finally:
+            spent[0] += time.thread_time() - t0
+
+    model.step = timed
+    try:
+        t0 = time.thread_time()
+        for _ in range(steps):
+            assert len(b.step()) == rows
+        total = time.thread_time() - t0
+    finally:
+        del model.step
+    return 1e3 * total / steps, 1e3 * spent[0] / steps
+
+
+def batcher_churn(model, clients: int, per_client: int, tokens: int) -> float:
+    """Thread CPU ms per token of ``clients`` that each send ``per_client`` requests of
+    ``tokens`` tokens one after another, straight to a batcher as the server drives it (rows
+    join and leave all the time; fold_starts as in the server)."""
+    from aurl.config import GenerationConfig
+    from aurl.generation.batching import ContinuousBatcher
+
+    b = ContinuousBatcher(model, slots=16, fold_starts=True)
+    left, seeds = dict.fromkeys(range(clients), per_client), iter(range(10**6))
+
+    def add(client: int) -> None:
+        left[client] -= 1
+        cfg = GenerationConfig(max_tokens=tokens, min_tokens=tokens - 8, seed=next(seeds))
+        b.add(cfg, tag=client)
+
+    b.add(GenerationConfig(max_tokens=16, seed=0))  # warm: the slot buffers are allocated
+    while b.busy:
+        b.step()
+    for c in range(clients):
+        add(c)
+    produced, t0 = 0, time.thread_time()
+    while b.busy:
+        for row in b.step():
+            produced += 1
+            if row.finished and left[row.tag] > 0:
+                add(row.tag)
+    return 1e3 * (time.thread_time() - t0) / produced
+
+
+def batcher_ratio(rounds: int = 4, steps: int = 60, wide: int = 8) -> None:
+    """Phase 6: batch ``wide`` against batch 1, alternated; prints the medians and the ratio."""
+    import torch
+
+    from aurl.cli.generate import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(None, "cpu")
+    one, many = [], []
+    for _ in range(rounds):
+        one.append(batcher_steps(1, steps, model))
+        many.append(batcher_steps(wide, steps, model))
+    med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
+    s1, m1, s8, m8 = med(one, 0), med(one, 1), med(many, 0), med(many, 1)
+    print(f"batcher, thread CPU per step (median of {rounds} rounds x {steps} steps): "
+          f"1 row {s1:.2f} ms (model {m1:.2f}, host {s1 - m1:.2f}); {wide} rows {s8:.2f} ms "
+          f"(model {m8:.2f}, host {s8 - m8:.2f}, {(s8 - m8) / wide:.3f} per row)")  # fmt: skip
+    print(f"batcher tokens per CPU second, {wide} rows / 1 row: {wide * s1 / s8:.2f}x "
+          f"(a {wide}-row step costs {s8 / s1:.2f} one-row steps); load "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+    one, many = [], []
+    for _ in range(2):
+        one.append(batcher_churn(model, 1, 2, 96))
+        many.append(batcher_churn(model, wide, 2, 96))
+    c1, c8 = statistics.median(one), statistics.median(many)
+    print(f"batcher with rows joining and leaving (96-token requests, 2 per client), thread CPU "
+          f"per token: 1 client {c1:.2f} ms, {wide} clients {c8:.2f} ms: {c1 / c8:.2f}x; load "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=96, help="tokens per request")
     ap.add_argument("--requests", type=int, default=10, help="requests per client (phase 3)")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads")
+    ap.add_argument("--batcher-only", action="store_true", help="phase 6 alone")
     args = ap.parse_args()
+    if args.batcher_only:
+        batcher_ratio()
+        return
     db = Path("/tmp") / f"bench_serve_{os.getpid()}.sqlite"
     proc, url = start_server(args.threads, db)
     try:
-        asyncio.run(request(url, args.tokens, seed=0))  # warm-up
+        cold = asyncio.run(request(url, 32, seed=0))["first"]  # the server's first request
+        cpu0 = cpu_seconds(proc.pid)
         one, wall1 = asyncio.run(clients(url, 1, 4, args.tokens))
         s1 = summary(one, wall1)
+        cpu1 = cpu_seconds(proc.pid)
         eight, wall8 = asyncio.run(clients(url, 8, 2, args.tokens))
         s8 = summary(eight, wall8)
+        cpu8 = cpu_seconds(proc.pid)
+        s1["cpu_ms"] = 1e3 * (cpu1 - cpu0) / max(s1["tokens"], 1)
+        s8["cpu_ms"] = 1e3 * (cpu8 - cpu1) / max(s8["tokens"], 1)
         rss0 = rss_mb(proc.pid)
         sixteen, wall16 = asyncio.run(clients(url, 16, args.requests, args.tokens))
         s16 = summary(sixteen, wall16)
@@ -153,11 +268,18 @@ def main() -> None:
         print(f"{name:>15}: {s['requests']} requests, {s['errors']} errors, "
               f"{s['tok_s']:.0f} tokens/s, latency p50 {s['p50']:.2f} s p99 {s['p99']:.2f} s")  # fmt: skip
     print(f"aggregate tokens/s, 8 clients / 1 client: {s8['tok_s'] / s1['tok_s']:.2f}x")
+    print(f"server CPU per token (all its threads): 1 client {s1['cpu_ms']:.2f} ms, 8 clients "
+          f"{s8['cpu_ms']:.2f} ms: {s1['cpu_ms'] / s8['cpu_ms']:.2f}x the tokens per CPU "
+          "second (robust to load, unlike the wall-clock ratio)")  # fmt: skip
     print(f"aggregate tokens/s, 16 clients / 1 client: {s16['tok_s'] / s1['tok_s']:.2f}x")
     print(f"server RSS before / after the 16-client phase / after 48 more requests: "
           f"{rss0:.0f} / {rss1:.0f} / {rss2:.0f} MB")  # fmt: skip
-    print(f"time to first note (lone request, median of 5): {statistics.median(firsts):.3f} s")
+    print(
+        f"time to first note (lone request): first request to the new server {cold:.3f} s; "
+        f"then median of 5 {statistics.median(firsts):.3f} s, worst {max(firsts):.3f} s"
+    )
     print(f"a client leaving mid-stream freed its slot: {freed}")
+    batcher_ratio()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A real browser against a real `aurl serve`: headless Chromium (Debian's package) driven by
 Playwright. Generate on the studio page, wait for notes on the roll, download the MIDI and
-parse it; answer one listening trial and find the answer in SQLite.
+the MusicXML and parse them; answer one listening trial and find the answer in SQLite.
 
 Skipped, with the reason, only where Chromium or Playwright is not installed (`.ci/run`
 installs both: `apt-get install -y chromium chromium-driver`, `pip install -e '.[dev]'`).
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import symusic
+
+from tests.serve.test_formats_and_parts import xml_parts
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -63,6 +65,16 @@ def test_studio_generates_streams_and_downloads_a_midi_file(browser, live_server
     notes = sum(len(t.notes) for t in score.tracks)
     assert notes == shown > 0  # every streamed note is in the file, and nothing else
     assert score.to("second").end() <= 6.5
+    with page.expect_download(timeout=60_000) as info:
+        page.click("#download-xml")
+    assert info.value.suggested_filename == "aurl_seed7.musicxml"
+    xml = tmp_path / "piece.musicxml"
+    info.value.save_as(xml)
+    parts = xml_parts(xml.read_bytes())  # the same tracks, sounding the same pitches
+    assert len(parts) == len([t for t in score.tracks if len(t.notes)])
+    assert set().union(*parts.values()) == {n.pitch for t in score.tracks for n in t.notes}
+    first_ms = int(page.get_attribute("#roll", "data-first-note-ms"))
+    print(f"studio: first note on the roll {first_ms} ms after Generate")
     assert offhost == []  # the page loaded nothing from anywhere else
     page.close()
 

@@ -127,8 +127,40 @@ def run(args: argparse.Namespace) -> int:
                           "pick another --port") from None  # fmt: skip
     port = sock.getsockname()[1]
     host = f"[{args.host.strip('[]')}]" if ":" in args.host else args.host
-    print(f"aurl serve: http://{host}:{port}/ (models: {', '.join(models)}; answers in "
-          f"{args.db}; Ctrl-C stops)", flush=True)  # fmt: skip
+    line = (f"aurl serve: http://{host}:{port}/ (models: {', '.join(models)}; answers in "
+            f"{args.db}; Ctrl-C stops)")  # fmt: skip
     config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio")
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    import threading
+
+    wildcard = args.host.strip("[]") in ("0.0.0.0", "::")
+    at = ("[::1]" if ":" in args.host else "127.0.0.1") if wildcard else host
+    threading.Thread(target=announce, args=(server, f"{at}:{port}", token, line),
+                     daemon=True).start()  # fmt: skip
+    server.run(sockets=[sock])
     return 0
+
+
+def announce(server, address: str, token: str | None, line: str) -> None:
+    """Print the address once the server answers, after one short streamed request of its
+    own over loopback: the first call of every layer (the socket handshake, the handlers, the
+    masks, the model at batch 1) is paid here, not by the first listener."""
+    import json
+    import logging
+    import time
+
+    from websockets.sync.client import connect
+
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        with connect(f"ws://{address}/api/generate/stream", additional_headers=headers,
+                     open_timeout=30, close_timeout=5) as ws:  # fmt: skip
+            ws.send(json.dumps({"max_tokens": 24, "min_tokens": 16}))
+            while json.loads(ws.recv(timeout=30))["type"] == "note":
+                pass
+    except Exception:  # noqa: BLE001 - a failed warm-up only costs the first listener time
+        logging.getLogger("aurl.serve").warning("the warm-up request failed", exc_info=True)
+    print(line, flush=True)

@@ -37,7 +37,7 @@ import torch
 from aurl.config import GenerationConfig
 from aurl.data.vocab import END, PAD, START, Kind, Vocab
 from aurl.errors import ConstraintError
-from aurl.generation.constraints import LogitMasker, MaskState, index_state
+from aurl.generation.constraints import NEG_INF, LogitMasker, MaskState, index_state
 from aurl.generation.generate import make_masker, sampling_options
 from aurl.generation.sampling import SamplingOptions, filter_logits, sample
 
@@ -58,6 +58,7 @@ class Row:
     offset: int = 0  # cache position of the row's first cached token
     finished: bool = False  # emitted END
     cancelled: bool = False
+    warming: bool = False  # joined with its START not yet run: no logits to sample from yet
     tag: Any = None  # the caller's handle (e.g. the server's job)
 
     @property
@@ -94,6 +95,21 @@ def cat_state(states: list[Any]) -> Any:
     return first
 
 
+def _primed(masker: LogitMasker, prefix: torch.Tensor) -> MaskState:
+    """The masker's state after ``prefix`` (1, P). START alone (most requests) takes one
+    grammar step instead of the vectorised scan of a primer (a few ms a request, on the decode
+    thread); START is always allowed first, and a primer does not count as generated tokens."""
+    state = masker.initial_state(1)
+    if prefix.shape[1] > 1:
+        return masker.prime(state, prefix)
+    return dataclasses.replace(state, grammar=masker.grammar.advance(state.grammar, prefix[0]))
+
+
+def _without_cache(state: Any) -> Any:
+    """A copy of a decode state without its KV cache (the batcher moves that itself)."""
+    return dataclasses.replace(state, k=[], v=[])
+
+
 class ContinuousBatcher:
     """Rows decoding together; see the module docstring.
 
@@ -102,17 +118,28 @@ class ContinuousBatcher:
         slots: Most rows decoding at once; more wait in :attr:`pending`.
         window: Cache positions (default ``GenerationConfig.window``, at most the context).
         overlap: Tokens a row keeps when the window slides (default ``window_overlap``).
+        fold_starts: Rows without a primer joining a running batch skip their own one-row
+            model call: their START runs in the step's batched call and they draw their first
+            token at the next step (one step later than otherwise). What a server wants: a
+            one-row call costs nearly as much as a whole batch's step.
 
     Not thread-safe: one thread calls :meth:`add`, :meth:`cancel` and :meth:`step`.
     """
 
     def __init__(
-        self, model: Any, *, slots: int = 16, window: int | None = None, overlap: int | None = None
+        self,
+        model: Any,
+        *,
+        slots: int = 16,
+        window: int | None = None,
+        overlap: int | None = None,
+        fold_starts: bool = False,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots {slots}: give 1 or more")
         defaults = GenerationConfig()
         self.model, self.vocab, self.slots = model, model.vocab, slots
+        self.fold_starts = fold_starts
         self.device = model.embed.weight.device
         self.window = min(window or defaults.window, model.config.max_seq_len)
         ov = defaults.window_overlap if overlap is None else overlap
@@ -123,6 +150,7 @@ class ContinuousBatcher:
         self.pending: list[Row] = []
         self.state: Any = None  # the model's DecodeState for self.rows
         self.logits: torch.Tensor | None = None  # (B, V) after each row's last token
+        self._pool: list[torch.Tensor] = []  # KV cache buffers of ``slots`` rows (k..., v...)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -146,8 +174,8 @@ class ContinuousBatcher:
         if prefix.ndim != 1 or len(prefix) == 0 or prefix[0] != START:
             raise ConstraintError("a primer must start with START (use load_primer)")
         prefix_t = torch.as_tensor(prefix, device=self.device)[None]
-        bad = masker.grammar.violations(prefix_t)
-        if bool(bad.any()):
+        bad = masker.grammar.violations(prefix_t) if len(prefix) > 1 else None
+        if bad is not None and bool(bad.any()):
             col = int(bad.nonzero()[0][1])
             raise ConstraintError(
                 f"primer breaks the grammar at token {col} "
@@ -165,8 +193,7 @@ class ContinuousBatcher:
         row = Row(
             config=config, masker=masker, options=options, generator=generator,
             ids=prefix.tolist(), primer_length=len(prefix),
-            mask_state=masker.prime(masker.initial_state(1), prefix_t), latents=latents,
-            seen=seen, tag=tag,
+            mask_state=_primed(masker, prefix_t), latents=latents, seen=seen, tag=tag,
         )  # fmt: skip
         self.pending.append(row)
         return row
@@ -194,21 +221,13 @@ class ContinuousBatcher:
         self._admit()
         if not self.rows:
             return []
-        tokens = []
-        for i, row in enumerate(self.rows):
-            masked = row.masker.apply(self.logits[i : i + 1].float(), row.mask_state)
-            tid = sample(filter_logits(masked, row.options, row.seen), row.options, row.generator)
-            row.mask_state = row.masker.advance(row.mask_state, tid)
-            token = int(tid[0])
-            row.ids.append(token)
-            if row.seen is not None:
-                row.seen[0, token] = True
-            row.finished = token == END or bool(row.mask_state.grammar.ended[0])
-            tokens.append(token)
-        stepped = list(self.rows)
+        tokens = self._sample_rows()
+        stepped = [r for r in self.rows if not r.warming]
         live = [not r.finished for r in self.rows]
         ids = torch.tensor([t for t, k in zip(tokens, live) if k], device=self.device)[:, None]
         self._keep(live)
+        for row in self.rows:  # a newcomer's START runs in this step with the others
+            row.warming = False
         if self.rows:
             if self.state.pos >= self.window:
                 self._slide()
@@ -219,6 +238,79 @@ class ContinuousBatcher:
                 self.logits = self.model.step(ids, self.state, attention_mask=mask)[:, -1]
         return stepped
 
+    def _sample_rows(self) -> list[int]:
+        """One token for every row, from :attr:`logits`, with each row's own masks, filters and
+        generator; the per-row rules are ``generate``'s, the work batched across rows.
+
+        Each row's grammar and constraints give its keep mask and soft bias (the masker's own
+        :meth:`~aurl.generation.constraints.LogitMasker.constrain`); the masked logits of all
+        rows are formed in one array, rows with equal sampling options are filtered together,
+        and every row draws with its own generator. ``torch.multinomial(p, 1, generator=g)``
+        is ``argmax(p / E)`` with ``E`` one Exponential(1) draw per id from ``g`` (PyTorch's
+        CPU kernel does exactly that), so each row draws its ``E`` from its generator and one
+        division and argmax serve the batch: the ids are those of row-by-row sampling (the
+        tests hold them equal to ``generate``)."""
+        ids = [row.ids[-1] for row in self.rows]  # warming rows feed their START
+        sampling = [i for i, row in enumerate(self.rows) if not row.warming]
+        if len(sampling) < len(self.rows):
+            if not sampling:
+                return ids
+            index = torch.tensor(sampling, device=self.device)
+            rows, x = [self.rows[i] for i in sampling], self.logits.index_select(0, index)
+        else:
+            rows, x = self.rows, self.logits
+        B, x = len(rows), x.float()
+        if x.device.type != "cpu":  # the masker's torch path, row by row
+            for j, (i, row) in enumerate(zip(sampling, rows)):
+                ids[i] = self._sample_one(j, row, x)
+            return ids
+        xs = x.numpy()
+        masked = np.empty_like(xs)
+        for i, row in enumerate(rows):
+            allowed = row.masker.grammar.allowed(row.mask_state.grammar).numpy()
+            keep, soft = row.masker.constrain(row.mask_state, allowed)
+            xi = xs[i : i + 1] if soft is None else xs[i : i + 1] + soft
+            masked[i : i + 1] = np.where(keep, xi, NEG_INF)
+        masked_t = torch.from_numpy(masked)
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault((row.options, row.seen is not None), []).append(i)
+        drawn = [0] * B
+        for (options, has_seen), members in groups.items():
+            index = torch.tensor(members)
+            part = masked_t if len(members) == B else masked_t.index_select(0, index)
+            seen = torch.cat([rows[i].seen for i in members]) if has_seen else None
+            filtered = filter_logits(part, options, seen)
+            if options.greedy:
+                chosen = filtered.argmax(dim=-1)
+            else:
+                probs = torch.softmax(filtered.float(), dim=-1)
+                draws = torch.empty_like(probs)
+                for j, i in enumerate(members):
+                    draws[j].exponential_(1, generator=rows[i].generator)
+                chosen = (probs / draws).argmax(dim=-1)
+            for i, token in zip(members, chosen.tolist()):
+                drawn[i] = token
+        for i, row, token in zip(sampling, rows, drawn):
+            self._advance_row(row, token)
+            ids[i] = token
+        return ids
+
+    def _sample_one(self, i: int, row: Row, x: torch.Tensor) -> int:
+        masked = row.masker.apply(x[i : i + 1], row.mask_state)
+        tid = sample(filter_logits(masked, row.options, row.seen), row.options, row.generator)
+        token = int(tid[0])
+        self._advance_row(row, token)
+        return token
+
+    def _advance_row(self, row: Row, token: int) -> None:
+        tid = torch.tensor([token], device=self.device)
+        row.mask_state = row.masker.advance(row.mask_state, tid)
+        row.ids.append(token)
+        if row.seen is not None:
+            row.seen[0, token] = True
+        row.finished = token == END or bool(row.mask_state.grammar.ended[0])
+
     def _keep(self, keep: list[bool]) -> None:
         """Keep only the rows where ``keep`` is True (their cache rows and logits too)."""
         if all(keep):
@@ -228,9 +320,37 @@ class ContinuousBatcher:
         if not self.rows:
             self.state, self.logits = None, None
             return
+        for j, i in enumerate(index):  # the rows after a gap move up, in the slot buffers
+            if i != j:
+                for buf in self._pool:
+                    buf[j].copy_(buf[i])
         rows = torch.tensor(index, device=self.device)
-        self.state = index_state(self.state, rows)
+        self.state = self._with_pool(index_state(_without_cache(self.state), rows), len(index))
         self.logits = self.logits.index_select(0, rows)
+
+    # The KV cache lives in buffers of ``slots`` rows, allocated once; the state's k and v are
+    # views of their first B rows. Rows join and leave all the time, and allocating a cache per
+    # newcomer and copying every row's cache per join or leave (cat, index_select: tens of ms at
+    # 8 rows) would cost several decode steps; here a newcomer's prefix is run straight into its
+    # slot, and a leaving row moves only the rows after it.
+
+    def _slots_ready(self) -> None:
+        if not self._pool:  # the model's own cache layout, ``slots`` rows deep
+            probe = self.model.init_state(1, device=self.device, capacity=self.window)
+            self._pool = [c.new_zeros((self.slots, *c.shape[1:])) for c in probe.k + probe.v]
+
+    def _slot_cache(self, state: Any, slot: int) -> None:
+        """Give ``state`` (one row) the zeroed cache row ``slot`` of the buffers."""
+        n = len(self._pool) // 2
+        views = [buf[slot : slot + 1] for buf in self._pool]
+        for view in views:
+            view.zero_()
+        state.k, state.v = views[:n], views[n:]
+
+    def _with_pool(self, state: Any, rows: int) -> Any:
+        n = len(self._pool) // 2
+        views = [buf[:rows] for buf in self._pool]
+        return dataclasses.replace(state, k=views[:n], v=views[n:])
 
     def _prefix_keep(self, row: Row) -> int:
         """Tokens of a newcomer's prefix to run (``generate``'s rule for the first window)."""
@@ -251,52 +371,84 @@ class ContinuousBatcher:
         keeps = [self._prefix_keep(r) for r in take]
         need = max(keeps)
         if not self.rows:
-            self.state, self.logits = self._build(take, keeps, need)
-            self.rows = take
+            rest, self.logits = self._build(take, keeps, need)
+            self.state, self.rows = self._with_pool(rest, len(take)), take
+        elif need == 1 and self.fold_starts:  # no primers: STARTs run in this step's model call
+            self._concat(*self._fresh(take), take)
         elif need <= self.state.pos:
-            state, logits = self._build(take, keeps, self.state.pos)
-            self._concat(state, logits, take)
+            rest, logits = self._build(take, keeps, self.state.pos, first=len(self.rows))
+            self._concat(rest, logits, take)
         else:  # a long primer: rebuild the running rows to end at ``need`` too
             cached = [self.state.pos - r.offset for r in self.rows]
-            self.state, self.logits = self._build(self.rows + take, cached + keeps, need)
+            rest, self.logits = self._build(self.rows + take, cached + keeps, need)
             self.rows = self.rows + take
+            self.state = self._with_pool(rest, len(self.rows))
 
-    def _concat(self, state: Any, logits: torch.Tensor, rows: list[Row]) -> None:
-        for s in (self.state, state):
+    def _fresh(self, rows: list[Row]) -> tuple[Any, torch.Tensor]:
+        """Rows holding only START, joining a running batch without a model call of their own:
+        empty cache rows placed at the batch's position; :meth:`step` feeds their START with
+        the other rows' tokens (which saves a one-row model call per request) and they sample
+        from the next step on. Returns their state without cache, and placeholder logits."""
+        pos, first = self.state.pos, len(self.rows)
+        states = []
+        for j, row in enumerate(rows):
+            state = self.model.init_state(1, device=self.device, latents=row.latents,
+                                          capacity=1)  # fmt: skip
+            self._slot_cache(state, first + j)
+            state.pos = pos
+            state.key_mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
+            row.offset, row.warming = pos, True
+            states.append(_without_cache(state))
+        rest = states[0] if len(states) == 1 else cat_state(states)
+        return rest, self.logits.new_zeros(len(rows), self.logits.shape[1])
+
+    def _concat(self, rest: Any, logits: torch.Tensor, rows: list[Row]) -> None:
+        """Join ``rows`` (their caches already in the slots after the running rows; ``rest``
+        their state without cache) to the batch."""
+        for s, count in ((self.state, len(self.rows)), (rest, len(rows))):
             if s.key_mask is None:  # every cached position of such rows is their own token
-                s.key_mask = torch.ones(
-                    len(s.k[0]), s.capacity, dtype=torch.bool, device=self.device
-                )
-        self.state = cat_state([self.state, state])
+                s.key_mask = torch.ones(count, self.window, dtype=torch.bool, device=self.device)
+        both = cat_state([_without_cache(self.state), rest])
+        self.state = self._with_pool(both, len(self.rows) + len(rows))
         self.logits = torch.cat([self.logits, logits])
         self.rows = self.rows + rows
 
     def _slide(self) -> None:
         """The window is full: every row restarts on its last ``overlap`` tokens."""
         keeps = [min(len(r.ids), self.overlap) for r in self.rows]
-        self.state, self.logits = self._build(self.rows, keeps, max(keeps))
+        rest, self.logits = self._build(self.rows, keeps, max(keeps))
+        self.state = self._with_pool(rest, len(self.rows))
 
-    def _build(self, rows: list[Row], keeps: list[int], end: int) -> tuple[Any, torch.Tensor]:
-        """A decode state where row i holds its last ``keeps[i]`` ids at positions
-        ``end - keeps[i] .. end - 1`` (the ids before them carried as history), and the logits
-        (B, V) after each row's last id. Each row runs alone, so no padding enters its state."""
+    def _build(
+        self, rows: list[Row], keeps: list[int], end: int, *, first: int = 0
+    ) -> tuple[Any, torch.Tensor]:
+        """Run each row's prefix into cache slot ``first + i``: row i holds its last
+        ``keeps[i]`` ids at positions ``end - keeps[i] .. end - 1`` (the ids before them
+        carried as history). Returns the rows' decode state without its cache (the caller
+        takes views of the slots) and the logits (B, V) after each row's last id. Each row runs
+        alone, so no padding enters its state; its slot is written in place (a rebuild or a
+        slide starts from the rows' ids, not from what their slots held)."""
+        self._slots_ready()
         states, logits = [], []
         any_offset = any(k < end for k in keeps)
-        for row, k in zip(rows, keeps):
+        for j, (row, k) in enumerate(zip(rows, keeps)):
             ids = torch.as_tensor(row.ids, device=self.device)[None]  # (1, L)
             history = ids[:, : ids.shape[1] - k]
             state = self.model.init_state(
-                1, device=self.device, latents=row.latents, capacity=self.window,
+                1, device=self.device, latents=row.latents, capacity=1,
                 history=history if history.shape[1] > 0 else None,
             )  # fmt: skip
+            self._slot_cache(state, first + j)
             mask = None
             if any_offset:
                 state.pos = end - k
                 state.key_mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
                 mask = torch.ones(1, k, dtype=torch.bool, device=self.device)
             logits.append(self.model.step(ids[:, -k:], state, attention_mask=mask)[:, -1])
-            row.offset = end - k
-            states.append(state)
+            row.offset, row.warming = end - k, False
+            states.append(_without_cache(state))
+        if len(states) == 1:
+            return states[0], logits[0]
         return cat_state(states), torch.cat(logits)
 
 

@@ -41,6 +41,8 @@ STATIC = Path(str(resources.files("aurl.serve") / "static"))
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 COOKIE = "aurl_token"
 MAX_FIELD_BYTES = 64 * 1024  # room for the form fields / JSON around an uploaded file
+MUSICXML = "application/vnd.recordare.musicxml+xml"
+FORMAT_HELP = "the reply: 'midi' (a MIDI file) or 'musicxml' (quantized to sixteenth notes)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,6 +86,10 @@ class GenerateOptions(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     primer: str | None = Field(None, description="a MIDI file to continue, base64")
     primer_seconds: float = Field(0.0, ge=0, le=3600, description="use only its first S s")
+    format: Literal["midi", "musicxml"] = Field(
+        "midi", description="the reply: a MIDI file, or MusicXML (quantized to sixteenths); the "
+        "stream's done message always carries MIDI",
+    )  # fmt: skip
 
 
 class HealthModel(BaseModel):
@@ -94,6 +100,7 @@ class HealthModel(BaseModel):
     active: int
     waiting: int
     slots: int
+    composing: int = Field(0, description="harmonize / infill requests running (one at a time)")
 
 
 class Health(BaseModel):
@@ -197,18 +204,32 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
     async def _upload(request: Request, exc: UploadError):
         return _error(exc.status, str(exc), limit=exc.limit, field="file")
 
+    @app.exception_handler(FieldError)
+    async def _field(request: Request, exc: FieldError):
+        return _error(422, str(exc), field=exc.field)
+
+    @app.exception_handler(PartError)
+    async def _part(request: Request, exc: PartError):
+        return _error(422, str(exc), field="part")
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):  # nobody reads it: the client left
+        return _error(499, str(exc), limit="client_closed")
+
     @app.exception_handler(AurlError)
     async def _aurl(request: Request, exc: AurlError):
         return _error(422, str(exc))
 
     # -- authentication and body size ---------------------------------------------------------
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
+    # A plain ASGI middleware, not @app.middleware("http"): Starlette's BaseHTTPMiddleware
+    # wraps ``receive`` so that Request.is_disconnected() never sees the client leave, and
+    # the handlers stop work for clients that went away.
+    def guard(request: Request) -> Response | None:
         if s.token and not _authorized(request.headers, request.cookies, s.token):
             path = request.url.path
             if path == "/login" or path.startswith("/static/"):
-                return await call_next(request)
+                return None
             if request.method == "GET" and not path.startswith("/api"):
                 return HTMLResponse(_login_page(), status_code=401)
             return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer "
@@ -223,7 +244,9 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                 return _error(413, f"the body is {length} bytes, over this server's limit "
                               f"max_upload_bytes={lim.max_upload_bytes} for a MIDI file",
                               limit="max_upload_bytes")  # fmt: skip
-        return await call_next(request)
+        return None
+
+    app.add_middleware(_Guard, check=guard)
 
     @app.post("/login", include_in_schema=False)
     async def login(token: str = Form(..., max_length=4096)):
@@ -265,6 +288,7 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                 name=name, vocab_size=srv.vocab.size, mode=srv.model.config.mode,
                 parameters=sum(p.numel() for p in srv.model.parameters()),
                 active=st["active"], waiting=st["waiting"], slots=st["slots"],
+                composing=st["composing"],
             ))  # fmt: skip
         first = next(iter(servers.values()))
         return Health(status="ok", models=list(servers), vocab_size=first.vocab.size,
@@ -287,16 +311,17 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
     @app.post(
         "/api/generate", tags=["compose"], responses={**ERRORS, 200: {
-            "content": {"audio/midi": {}}, "description": "the piece as a MIDI file"}},
+            "content": {"audio/midi": {}, MUSICXML: {}},
+            "description": "the piece as a MIDI file (or MusicXML)"}},
     )  # fmt: skip
     async def generate(opts: GenerateOptions, request: Request):
-        """Compose one piece; returns it as a MIDI file (header ``X-Aurl-Tokens``: its length)."""
+        """Compose one piece; returns it as a MIDI file, or MusicXML with ``format``
+        (header ``X-Aurl-Tokens``: its length in tokens)."""
         srv, job = await start_job(opts)
         ids = await _until_done_or_gone(job, request)
         midi = await asyncio.to_thread(srv.tokenizer.decode_to_bytes, np.asarray(ids))
-        return Response(midi, media_type="audio/midi", headers={
-            "X-Aurl-Tokens": str(len(ids) - job.row.primer_length),
-            "Content-Disposition": f'attachment; filename="aurl_seed{opts.seed}.mid"'})  # fmt: skip
+        return await _reply(midi, opts.format, f"aurl_seed{opts.seed}", lim, request, headers={
+            "X-Aurl-Tokens": str(len(ids) - job.row.primer_length)})  # fmt: skip
 
     @app.websocket("/api/generate/stream")
     async def stream(ws: WebSocket):
@@ -322,10 +347,12 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
     @app.post("/api/analyze", tags=["analysis"], responses=ERRORS)
     async def analyze(
+        request: Request,
         file: Annotated[UploadFile, File(description="a MIDI file")],
         beats_per_bar: float = Form(0.0, ge=0, le=64, description="0: from the file's meter"),
     ) -> dict[str, Any]:
         """Keys, chords, cadences, form and melody of the file (``aurl analyze``'s JSON)."""
+        await _only_fields(request, "file", "beats_per_bar")
         data = await _read_upload(file, lim)
         return await parse_upload(
             data, "analyze", name=file.filename or "file", timeout=lim.parse_seconds,
@@ -334,9 +361,12 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         )  # fmt: skip
 
     @app.post("/api/notes", tags=["analysis"], responses=ERRORS)
-    async def notes(file: Annotated[UploadFile, File(description="a MIDI file")]) -> dict[str, Any]:
+    async def notes(
+        request: Request, file: Annotated[UploadFile, File(description="a MIDI file")]
+    ) -> dict[str, Any]:
         """The file's notes as ``[pitch, start, end, velocity]`` rows in seconds (what the
         studio draws), and the bar length in beats."""
+        await _only_fields(request, "file")
         data = await _read_upload(file, lim)
         result = await parse_upload(
             data,
@@ -352,17 +382,21 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         return {"notes": rows, "onset_beats": beats, "beats_per_bar": result["beats_per_bar"]}
 
     @app.post("/api/harmonize", tags=["compose"], responses={**ERRORS, 200: {
-        "content": {"audio/midi": {}}, "description": "the harmonization"}})  # fmt: skip
+        "content": {"audio/midi": {}, MUSICXML: {}}, "description": "the harmonization"}})  # fmt: skip
     async def harmonize(
+        request: Request,
         file: Annotated[UploadFile, File(description="a MIDI file: a melody, or its top track")],
         model: str | None = Form(None, max_length=100),
         seed: int = Form(0, ge=0, le=2**63 - 1),
         key: str = Form("", max_length=40, description="favour this key, e.g. 'G major'"),
         voices: int = Form(4, ge=2, le=4, description="voices in all, melody included"),
         particles: int = Form(8, ge=1, le=16, description="sequential Monte Carlo rows"),
+        format: Literal["midi", "musicxml"] = Form("midi", description=FORMAT_HELP),
     ):
         """Compose lower voices under the uploaded melody (``aurl harmonize``): the melody is
-        kept note for note on the Soprano track."""
+        kept note for note on the Soprano track. A client that goes away stops the work."""
+        await _only_fields(request, "file", "model", "seed", "key", "voices", "particles",
+                           "format")  # fmt: skip
         from aurl.generation import compose
 
         srv = _server(servers, model)
@@ -379,11 +413,13 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                                      like=times.like_score(), progress=progress)  # fmt: skip
             return c.score
 
-        return Response(await _compose(srv, run, lim), media_type="audio/midi")
+        midi = await _compose(srv, run, lim, request)
+        return await _reply(midi, format, "harmonized", lim, request)
 
     @app.post("/api/infill", tags=["compose"], responses={**ERRORS, 200: {
-        "content": {"audio/midi": {}}, "description": "the piece with new bars"}})  # fmt: skip
+        "content": {"audio/midi": {}, MUSICXML: {}}, "description": "the piece with new bars"}})  # fmt: skip
     async def infill(
+        request: Request,
         file: Annotated[UploadFile, File(description="a MIDI file")],
         bars: str | None = Form(None, pattern=r"^\d{1,5}-\d{1,5}$", description="A-B, 1-based"),
         span: str | None = Form(
@@ -394,10 +430,21 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         model: str | None = Form(None, max_length=100),
         seed: int = Form(0, ge=0, le=2**63 - 1),
         particles: int = Form(8, ge=1, le=16, description="sequential Monte Carlo rows"),
+        part: str | None = Form(
+            None,
+            max_length=100,
+            description="regenerate only this track: its name or its 0-based index (as "
+            "`aurl infill --part`); default: every track",
+        ),
+        format: Literal["midi", "musicxml"] = Form("midi", description=FORMAT_HELP),
     ):
         """Regenerate bars A..B (or the span S..T seconds) of the uploaded piece, keeping every
-        note outside it (``aurl infill``)."""
-        from aurl.data.notes import pitched
+        note outside it (``aurl infill``); with ``part``, only that track's notes there. A
+        client that goes away stops the work."""
+        from aurl.data.notes import DRUM_PROGRAM, pitched
+
+        await _only_fields(request, "file", "bars", "span", "model", "seed", "particles", "part",
+                           "format")  # fmt: skip
         from aurl.generation import compose
 
         if (bars is None) == (span is None):
@@ -405,7 +452,7 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         srv = _server(servers, model)
         data = await _read_upload(file, lim)
         tracks, times = await _upload_piece(data, file.filename, lim)
-        notes, _ = compose.piece_notes(tracks)
+        notes, owner = compose.piece_notes(tracks)
         if len(pitched(notes)) == 0:
             what = "drums only" if len(notes) else "no notes"
             return _error(422, f"{file.filename or 'file'} has {what}: nothing to infill around",
@@ -421,14 +468,31 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                 where = times.seconds_span(s, t, end_s, field="span")
         except ConfigError as e:
             return _error(422, str(e), field="bars" if bars is not None else "span")
+        index = None if part is None else _part_index(part, tracks, file.filename or "file")
+        # infill() takes the part as a mask over the pitched notes (it sets drums aside)
+        chosen = None if index is None else (owner == index)[notes["program"] != DRUM_PROGRAM]
         opts = compose.ComposeOptions(seed=seed, particles=particles)
 
         def run(m: Any, progress: Any) -> Any:
-            (c,) = compose.infill(m, notes, where, options=opts, qpm=times.first_qpm,
+            (c,) = compose.infill(m, notes, where, chosen, options=opts, qpm=times.first_qpm,
                                   progress=progress)  # fmt: skip
-            return compose.infill_score(tracks, where, c.notes, like=times.like_score())
+            return compose.infill_score(tracks, where, c.notes, part=index,
+                                        like=times.like_score())  # fmt: skip
 
-        return Response(await _compose(srv, run, lim), media_type="audio/midi")
+        midi = await _compose(srv, run, lim, request)
+        return await _reply(midi, format, "infilled", lim, request)
+
+    @app.post("/api/musicxml", tags=["compose"], responses={**ERRORS, 200: {
+        "content": {MUSICXML: {}}, "description": "the file as MusicXML"}})  # fmt: skip
+    async def musicxml(
+        request: Request, file: Annotated[UploadFile, File(description="a MIDI file")]
+    ):
+        """The uploaded MIDI file as MusicXML (onsets and durations on a sixteenth-note grid,
+        one part per track): the studio's MusicXML download of what is on the roll."""
+        await _only_fields(request, "file")
+        data = await _read_upload(file, lim)
+        stem = Path(file.filename or "piece").stem[:60] or "piece"
+        return await _reply(data, "musicxml", stem, lim, None, name=file.filename or "file")
 
     # -- listening test -------------------------------------------------------------------------
 
@@ -742,16 +806,60 @@ async def _stream_job(ws: WebSocket, srv: ModelServer, job: Any) -> None:
         watcher.cancel()
 
 
-async def _compose(srv: ModelServer, run: Any, lim: Limits) -> bytes:
+class _Guard:
+    """ASGI middleware: ``check(request)`` returns a response that stops an HTTP request
+    (authentication, body size), or None to pass it on with ``receive`` untouched."""
+
+    def __init__(self, app: Any, check: Any) -> None:
+        self.app, self.check = app, check
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            stop = self.check(Request(scope))
+            if stop is not None:
+                await stop(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class FieldError(ConfigError):
+    """A form field the endpoint does not take."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+async def _only_fields(request: Request, *names: str) -> None:
+    """Refuse form fields the endpoint does not take (a misspelt option is not ignored)."""
+    form = await request.form()  # parsed once: FastAPI read this same form
+    for key in form:
+        if key not in names:
+            raise FieldError(f"{key}: not a field of {request.url.path} (its fields: "
+                             f"{', '.join(names)})", field=key)  # fmt: skip
+
+
+class ClientGone(AurlError):
+    """The client closed the connection before its reply was ready; the work was stopped."""
+
+
+async def _compose(srv: ModelServer, run: Any, lim: Limits, request: Request) -> bytes:
     """``run(model, progress) -> score`` in a worker thread, one composition per model at a
-    time, stopped (408) when it passes ``request_seconds``; returns the score's MIDI bytes."""
+    time, stopped (408) when it passes ``request_seconds``, and stopped at the next token when
+    the client goes away (checked every 0.25 s; the slot frees as soon as the worker stops);
+    returns the score's MIDI bytes."""
+    import threading
+
     from aurl.generation.compose import composing_model
 
     model = composing_model(srv.model)
     deadline = time.monotonic() + lim.request_seconds
+    gone = threading.Event()
 
     def progress(items: Any, **_: Any) -> Any:  # checked once per token
         for item in items:
+            if gone.is_set():
+                raise ClientGone("the client went away: composing stopped")
             if time.monotonic() > deadline:
                 raise LimitError(
                     f"composing took over request_seconds={lim.request_seconds:g} s: send a "
@@ -761,8 +869,63 @@ async def _compose(srv: ModelServer, run: Any, lim: Limits) -> bytes:
             yield item
 
     async with _compose_lock(srv):
-        score = await asyncio.to_thread(run, model, progress)
+        if await request.is_disconnected():
+            raise ClientGone("the client went away before composing began")
+        srv.composing += 1
+        work = asyncio.ensure_future(asyncio.to_thread(run, model, progress))
+        try:
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=0.25)
+                if done:
+                    score = work.result()
+                    break
+                if await request.is_disconnected():
+                    gone.set()
+        finally:
+            gone.set()  # a no-op once the work is done; stops it when this handler is cancelled
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(work)  # hold the slot until the worker has stopped
+            srv.composing -= 1
     return await asyncio.to_thread(score.dumps_midi)
+
+
+async def _reply(
+    midi: bytes,
+    fmt: str,
+    stem: str,
+    lim: Limits,
+    request: Request | None,
+    *,
+    headers: dict[str, str] | None = None,
+    name: str = "piece",
+) -> Response:
+    """``midi`` as the reply in ``fmt``: the bytes themselves, or MusicXML made from them in
+    the parsing process (music21 never loads in the server)."""
+    if fmt == "midi":
+        disposition = f'attachment; filename="{stem}.mid"'
+        return Response(midi, media_type="audio/midi",
+                        headers={**(headers or {}), "Content-Disposition": disposition})  # fmt: skip
+    result = await parse_upload(midi, "musicxml", name=name, timeout=max(lim.parse_seconds, 30.0),
+                                memory_mb=lim.parse_memory_mb)  # fmt: skip
+    disposition = f'attachment; filename="{stem}.musicxml"'
+    return Response(result["musicxml"].encode("utf-8"), media_type=MUSICXML,
+                    headers={**(headers or {}), "Content-Disposition": disposition})  # fmt: skip
+
+
+def _part_index(part: str, tracks: list, filename: str) -> int:
+    """The track ``part`` names (its name, any case, or its 0-based index), as the CLI's
+    ``--part``. Raises PartError (a 422 naming the field and the tracks) otherwise."""
+    names = [n.lower() for n, _ in tracks]
+    if part.strip().lower() in names:
+        return names.index(part.strip().lower())
+    if part.strip().isdigit() and int(part) < len(tracks):
+        return int(part)
+    listed = ", ".join(f"{i}:{n}" for i, (n, _) in enumerate(tracks))
+    raise PartError(f"part {part!r}: {filename} has no such track; its tracks are {listed}")
+
+
+class PartError(ConfigError):
+    """An infill ``part`` that names no track of the upload."""
 
 
 def _compose_lock(srv: ModelServer) -> asyncio.Semaphore:

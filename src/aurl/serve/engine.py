@@ -95,15 +95,32 @@ class ModelServer:
         self.vocab = model.vocab
         self.tokenizer = Tokenizer(model.vocab_config, DataConfig())
         self.device = model.embed.weight.device
-        self._new_batcher = lambda: ContinuousBatcher(model, slots=limits.slots)
+        self._new_batcher = lambda: ContinuousBatcher(model, slots=limits.slots, fold_starts=True)
         self.batcher = self._new_batcher()
         self.inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.jobs: set[Job] = set()  # submitted and not finished (touched on the loop only)
         self.steps = 0
         self.tokens_out = 0
+        self.composing = 0  # harmonize / infill requests running (touched on the loop only)
         self._stop = threading.Event()
+        self.ready = threading.Event()  # set once the warm-up decode is done
         self.thread = threading.Thread(target=self._run, name=f"decode-{name}", daemon=True)
         self.thread.start()
+        self.ready.wait(timeout=120)
+
+    def _warm_up(self) -> None:
+        """Decode a few tokens before the first request: torch's first calls at each batch
+        shape are slower (allocations, kernel selection), and the first listener should not
+        wait for them. The server reports its address only after this."""
+        from aurl.config import GenerationConfig
+
+        b = self._new_batcher()
+        for seed in range(2):  # one row, then two: the shapes of a lone and a shared step
+            b.add(GenerationConfig(max_tokens=24, min_tokens=16, seed=seed))
+            for _ in range(12):
+                b.step()
+        while b.busy:
+            b.step()
 
     # -- the loop side ---------------------------------------------------------------------------
 
@@ -150,6 +167,7 @@ class ModelServer:
             "active": len(self.batcher.rows),
             "waiting": max(0, len(self.jobs) - len(self.batcher.rows)),
             "slots": self.limits.slots,
+            "composing": self.composing,
             "steps": self.steps,
             "tokens": self.tokens_out,
         }
@@ -161,6 +179,11 @@ class ModelServer:
     # -- the decode thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._warm_up()
+        except Exception:  # noqa: BLE001 - a failed warm-up only costs the first request time
+            log.exception("warm-up of %s failed", self.name)
+        self.ready.set()
         while not self._stop.is_set():
             try:
                 self._cycle()

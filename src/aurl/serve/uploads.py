@@ -10,7 +10,9 @@ Tasks: ``ids`` (the tokenizer's ids of the file), ``notes`` (a note array as
 JSON columns, plus the bar length in beats), ``piece`` (the notes track by track,
 ``{"tracks": [{"name", "notes": columns}, ...], "time_map": TimeMap.to_json()}``: what
 composing around the file needs, its bars and seconds included), ``analyze``
-(:func:`aurl.analysis.report.analyze_notes` of the file).
+(:func:`aurl.analysis.report.analyze_notes` of the file), ``musicxml`` (the file as MusicXML,
+``{"musicxml": text}``, through :func:`aurl.generation.export.score_to_music21`: music21
+loads in the child only).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from aurl.errors import MidiReadError
 
-TASKS = ("ids", "notes", "piece", "analyze")
+TASKS = ("ids", "notes", "piece", "analyze", "musicxml")
 
 
 class UploadError(MidiReadError):
@@ -152,6 +154,20 @@ def _read_piece(path: Path) -> dict[str, Any]:
     return {"tracks": tracks, "time_map": times.to_json()}
 
 
+def _musicxml(path: Path) -> dict[str, Any]:
+    """The file as MusicXML text (quantized as ``aurl generate --format musicxml`` writes it)."""
+    from aurl.data.midi_io import read_score
+    from aurl.errors import MidiReadError
+    from aurl.generation.export import score_to_music21
+
+    score = read_score(path)
+    if sum(len(t.notes) for t in score.tracks) == 0:
+        raise MidiReadError("upload: no notes to write as MusicXML")
+    out = path.with_suffix(".musicxml")
+    score_to_music21(score).write("musicxml", fp=str(out))
+    return {"musicxml": out.read_text(encoding="utf-8")}
+
+
 def _run_task(task: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
@@ -166,6 +182,8 @@ def _run_task(task: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
         return {"ids": np.asarray(tok.encode_file(path)).tolist()}
     if task == "piece":
         return _read_piece(path)
+    if task == "musicxml":
+        return _musicxml(path)
     notes, beats_per_bar = _read_notes(path)
     if task == "notes":
         cols = {name: notes[name].tolist() for name in notes.dtype.names}

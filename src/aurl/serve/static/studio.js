@@ -1,5 +1,5 @@
 // The studio: generate with the streaming socket, draw the piano roll as notes arrive, play,
-// upload a primer or a melody, select a span to infill, download the MIDI.
+// upload a primer or a melody, select a span to infill, download the MIDI or MusicXML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -63,7 +63,7 @@ async function showMidi(blob, name) {
   if (!r.ok) throw new Error(await errorText(r));
   const j = await r.json();
   midiBlob = blob;
-  $("download").disabled = false;
+  setDownloads(true);
   setNotes(j.notes.map(([pitch, start, end, velocity]) => ({ pitch, start, end, velocity })));
 }
 
@@ -81,7 +81,7 @@ function generate() {
   if (socket) socket.close();
   AurlSynth.stop();
   setNotes([]);
-  midiBlob = null; $("download").disabled = true;
+  midiBlob = null; setDownloads(false);
   const t0 = performance.now();
   let first = null;
   const proto = location.protocol === "https:" ? "wss" : "ws";
@@ -96,7 +96,7 @@ function generate() {
       notes.push(m); redraw();
     } else if (m.type === "done") {
       midiBlob = b64ToBlob(m.midi);
-      $("download").disabled = false;
+      setDownloads(true);
       status(`${m.notes} notes, ${m.tokens} tokens in ${((performance.now() - t0) / 1000).toFixed(1)} s (first note after ${first === null ? "-" : Math.round(first)} ms)`);
     } else if (m.type === "error") {
       status(m.error, true);
@@ -134,12 +134,29 @@ async function infill() {
   status("filled in");
 }
 
-function download() {
-  if (!midiBlob) return;
+function setDownloads(on) { $("download").disabled = $("download-xml").disabled = !on; }
+
+function save(blob, name) {
   const a = document.createElement("a");
-  a.href = URL.createObjectURL(midiBlob);
-  a.download = `aurl_seed${$("seed").value || 0}.mid`;
+  a.href = URL.createObjectURL(blob);
+  a.download = name;
   document.body.appendChild(a); a.click(); a.remove();
+}
+
+function download() {
+  if (midiBlob) save(midiBlob, `aurl_seed${$("seed").value || 0}.mid`);
+}
+
+// The piece on the roll as MusicXML: the server writes it from the MIDI (POST /api/musicxml).
+async function downloadXml() {
+  if (!midiBlob) return;
+  const form = new FormData();
+  form.append("file", midiBlob, "piece.mid");
+  status("writing MusicXML...");
+  const r = await fetch("/api/musicxml", { method: "POST", body: form });
+  if (!r.ok) return status(await errorText(r), true);
+  save(await r.blob(), `aurl_seed${$("seed").value || 0}.musicxml`);
+  status("MusicXML written");
 }
 
 function setupSelection() {
@@ -160,6 +177,7 @@ async function init() {
   $("harmonize").onclick = () => harmonize().catch((e) => status(String(e), true));
   $("infill").onclick = () => infill().catch((e) => status(String(e), true));
   $("download").onclick = download;
+  $("download-xml").onclick = () => downloadXml().catch((e) => status(String(e), true));
   $("play").onclick = () => AurlSynth.play(notes, () => {});
   $("stop").onclick = () => AurlSynth.stop();
   $("primer").onchange = async () => {
