@@ -186,10 +186,14 @@ def cadence_rate(notes: np.ndarray, melody: np.ndarray, key: Any) -> float:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of decoding: a name and the number of SMC particles (1: forcing alone)."""
+    """One way of decoding: a name, the number of SMC particles (1: forcing alone), and the
+    :class:`aurl.generation.compose.ComposeOptions` switches ``melody_key`` (bias towards the
+    melody's key) and ``voice_leading`` (mask parallel fifths and octaves)."""
 
     name: str
     particles: int
+    melody_key: bool = True
+    voice_leading: bool = True
 
 
 VARIANTS = (Variant("forcing", 1), Variant("forcing+smc8", 8))
@@ -262,7 +266,11 @@ def evaluate_harmonize(
         })  # fmt: skip
         for v in variants:
             t0 = time.perf_counter()
-            (c,) = harmonize(model, line, options=ComposeOptions(particles=v.particles, seed=seed))
+            opts = ComposeOptions(
+                particles=v.particles, seed=seed, melody_key=v.melody_key,
+                voice_leading=v.voice_leading,
+            )  # fmt: skip
+            (c,) = harmonize(model, line, options=opts)
             seconds = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as tmp:
                 written = write_midi(c.score, Path(tmp) / "h.mid")
