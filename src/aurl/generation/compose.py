@@ -77,6 +77,11 @@ class ComposeOptions:
         voice_leading: In :func:`harmonize`, never propose a NOTE_ON that would move in
             parallel fifths or octaves with the melody or a lower voice (voices read bottom-up
             in pitch order, see :meth:`_Masks.parallel_free`).
+        consonance: In :func:`harmonize`, the model's NOTE_ONs that make a dissonance (a
+            second, tritone or seventh: 1, 2, 6, 10, 11 semitones mod 12) with the melody pitch
+            of their step get ``log(1 - consonance)`` (0: none). In the canonical order the notes
+            below the melody come before its NOTE_ON at each step, so without it the model
+            chooses each chord before it sees the melody note the chord sounds under.
     """
 
     num_samples: int = 1
@@ -88,6 +93,7 @@ class ComposeOptions:
     key_strictness: float = 0.9
     melody_key: bool = True
     voice_leading: bool = True
+    consonance: float = 0.0
 
 
 @dataclass
@@ -140,6 +146,7 @@ class Plan:
     tempo_bin: int
     event_steps: np.ndarray  # sorted steps with given events, edges and the end
     voice_leading: bool = False  # mask NOTE_ONs that form parallel 5ths/8ves (see _Masks)
+    melody_top: bool = False  # the given notes are a melody above everything (harmonize)
 
     def ceiling_at(self, t: int) -> int:
         i = int(np.searchsorted(self.ceiling_steps, t, side="right")) - 1
@@ -217,7 +224,7 @@ def make_plan(
     return Plan(
         offs=offs, ons=ons, free_start=a, free_end=b, end=end, ceiling_steps=steps, ceiling=top,
         max_free=max_free, tempo_bin=int(vocab.tempo_bin(qpm)), event_steps=steps,
-        voice_leading=voice_leading,
+        voice_leading=voice_leading, melody_top=ceiling,
     )  # fmt: skip
 
 
@@ -296,7 +303,7 @@ class _Masks:
             hi = min(f, plan.ceiling_at(row.t), MAX_FREE_PITCH + 1)
             taken = row.given | set(row.free) | set(row.ons)
             cand = [p for p in range(max(lo + 1, MIN_FREE_PITCH), hi) if p not in taken]
-            if cand and plan.voice_leading:
+            if cand and plan.voice_leading and plan.melody_top:
                 cand = self.parallel_free(row, cand)
             if cand:
                 if row.velocity is not None:
@@ -573,6 +580,23 @@ def scale_bias(vocab: Vocab, key: str, strictness: float) -> np.ndarray:
     return bias
 
 
+DISSONANT = (1, 2, 6, 10, 11)  # semitones mod 12 below a melody note: seconds, tritone, sevenths
+
+
+def dissonance_bias(vocab: Vocab, strictness: float) -> np.ndarray:
+    """(13, V) bias: row ``pc`` gives NOTE_ONs a dissonant interval class (:data:`DISSONANT`)
+    below a melody note of pitch class ``pc`` ``log(1 - strictness)``; row 12 (no melody note)
+    and strictness 0 give none."""
+    bias = np.zeros((13, vocab.size))
+    if strictness <= 0:
+        return bias
+    on = np.flatnonzero(vocab.kind == Kind.NOTE_ON)
+    penalty = math.log(1.0 - strictness) if strictness < 1.0 else -np.inf
+    for pc in range(12):
+        bias[pc, on[np.isin((pc - vocab.value[on]) % 12, DISSONANT)]] = penalty
+    return bias
+
+
 def melody_key(line: np.ndarray) -> str:
     """The key name of a melody (:func:`aurl.analysis.keys.estimate_key`; "" when it has fewer
     than two pitch classes)."""
@@ -621,6 +645,7 @@ def decode(
         bias = scale_bias(vocab, options.key, options.key_strictness)
     free_on = np.zeros(vocab.size, dtype=bool)
     free_on[vocab.note_on : vocab.note_off] = True
+    against_top = dissonance_bias(vocab, options.consonance if plan.melody_top else 0.0)
     resamples = fallbacks = n = 0
     limit = 64 + 8 * (plan.end + 1)  # a bug guard: far more tokens than any plan needs
     for _ in progress(iter(int, 1), desc="compose"):
@@ -640,7 +665,8 @@ def decode(
         logp = logp - _logsumexp(logp)[:, None]
         proposal = np.where(keep, logits / options.temperature, -np.inf)
         is_free_on = free_on[None, :] & keep
-        proposal = proposal + np.where(is_free_on, bias, 0.0)
+        top = np.array([r.top % 12 if r.top >= 0 else 12 for r in rows])
+        proposal = proposal + np.where(is_free_on, bias[None, :] + against_top[top], 0.0)
         logq = proposal - _logsumexp(proposal)[:, None]
         u = rng.random(B)
         cdf = np.cumsum(np.exp(logq), axis=1)
