@@ -139,3 +139,23 @@ def test_numpy_engine_harmonizes_without_torch_in_the_loop(tiny_export) -> None:
     (c,) = harmonize(OnnxEngine(tiny_export), melody, options=opts)
     assert c.stats["fallbacks"] == 0 and c.stats["tokens"] > 10
     assert len(c.notes) == 0 or c.notes["pitch"].max() < 72
+
+
+def test_cli_harmonize_on_the_onnx_engine(tiny_export, tmp_path) -> None:
+    import symusic
+
+    from aurl.cli import main
+    from aurl.data.notes import notes_from_score
+    from aurl.generation.compose import melody_kept, parts_score
+    from aurl.generation.export import write_midi
+
+    melody = make_notes([0, 1, 2, 3], 1, [67, 69, 71, 72])
+    write_midi(parts_score([("Melody", melody)]), tmp_path / "m.mid")
+    argv = ["harmonize", str(tmp_path / "m.mid"), "--engine", "onnx", "--checkpoint",
+            str(tiny_export), "--particles", "1", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    score = symusic.Score(str(tmp_path / "out" / "m_harmonized_seed0_000.mid"))
+    soprano = next(t for t in score.tracks if t.name == "Soprano")
+    one = symusic.Score(score.tpq)
+    one.tracks.append(soprano.copy())
+    assert melody_kept(notes_from_score(one), melody) == 1.0
