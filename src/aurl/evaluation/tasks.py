@@ -220,7 +220,7 @@ class Variant:
     particles: int
     melody_key: bool = True
     voice_leading: bool = True
-    consonance: float = 0.0
+    consonance: float = 0.7
 
 
 VARIANTS = (Variant("forcing", 1), Variant("forcing+smc8", 8))

@@ -93,7 +93,7 @@ class ComposeOptions:
     key_strictness: float = 0.9
     melody_key: bool = True
     voice_leading: bool = True
-    consonance: float = 0.0
+    consonance: float = 0.7
 
 
 @dataclass
