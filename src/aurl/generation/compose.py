@@ -27,8 +27,14 @@ continuations that contain the given notes, which forcing alone does not approxi
 
 The loop talks to the model only through an engine: ``init_state(batch)`` and
 ``step(ids, state) -> logits`` on numpy arrays, plus ``reorder(state, rows)`` for resampling
-(:class:`TorchEngine` adapts a torch model; torch is imported only there), so the same loop can
-run on an onnx engine.
+(:class:`TorchEngine` adapts a torch model; torch is imported only there; :class:`NumpyEngine`
+adapts an :mod:`aurl.engines` numpy engine such as the onnx one), and the grammar state is kept
+in numpy, so the loop runs without torch on the onnx engine.
+
+Harmonizing shapes the proposal three more ways (:class:`ComposeOptions`): NOTE_ONs that would
+move in parallel fifths or octaves are masked (:meth:`_Masks.parallel_free`), the model's notes
+lean towards the melody's key (:func:`melody_key`, :func:`scale_bias`) and away from
+dissonances under the melody note of their step (:func:`dissonance_bias`).
 """
 
 from __future__ import annotations
