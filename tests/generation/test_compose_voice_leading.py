@@ -159,3 +159,18 @@ def test_cli_harmonize_on_the_onnx_engine(tiny_export, tmp_path) -> None:
     one = symusic.Score(score.tpq)
     one.tracks.append(soprano.copy())
     assert melody_kept(notes_from_score(one), melody) == 1.0
+
+
+def test_every_near_earlier_note_is_a_possible_source() -> None:
+    vocab = Vocab()
+    # slice 0: Bb3, D4, F4 under D5; at beat 1 the melody falls to C5 and the bass rests. C4 is
+    # two semitones from both Bb3 and D4; read as the D4 voice falling it makes octaves with the
+    # melody (D4-D5 -> C4-C5), so it is masked; B3 (a seventh under C5) is not
+    plan = make_plan(make_notes([0, 1], 1, [74, 72]), vocab, ceiling=True, max_free=3,
+                     voice_leading=True)  # fmt: skip
+    vel = vocab.velocity + 22
+    ids = [vel, vocab.note_on_id(58), vocab.note_on_id(62), vocab.note_on_id(65),
+           vocab.note_on_id(74), vocab.shift_id(32), vocab.note_off_id(58), vocab.note_off_id(62),
+           vocab.note_off_id(65), vocab.note_off_id(74)]  # fmt: skip
+    free = _ons(vocab, plan_allows(vocab, plan, ids))
+    assert 60 not in free and 59 in free

@@ -57,6 +57,7 @@ NO_CEILING = 128
 MIN_MELODY_PITCH = 52  # E3: lower, three voices cannot go under the melody
 MAX_MELODY_PITCH = 96
 MIN_FREE_PITCH, MAX_FREE_PITCH = 33, 84  # where the model's own notes may go (A1..C6)
+NEAR_STEP = 5  # semitones: an earlier note this close may be the one a new note continues
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,9 +324,10 @@ class _Masks:
 
         A free note continues, in the last slice (the notes sounding at the last onset), either
         the free note of the same rank counted from the bottom (where the voices keep sounding,
-        as in a four-part chorale, this is the S/A/T/B split) or the nearest free pitch (where a
-        voice has entered or dropped out: what :func:`aurl.generation.voices.assign_voices`'s
-        least-motion rule then picks); a candidate is refused when either reading makes a
+        as in a four-part chorale, this is the S/A/T/B split) or any free pitch within
+        :data:`NEAR_STEP` semitones (where a voice has entered, dropped out or crossed another:
+        what :func:`aurl.generation.voices.assign_voices`'s least-motion rule may then pick,
+        ties included); a candidate is refused when any reading makes a
         parallel with the melody (the highest given pitch: the top voice) or with a free note
         below it (onsets come in ascending pitch, so those are known). A parallel: both voices
         of a pair move, the same way, from one interval to the same interval class, 0
@@ -339,8 +341,8 @@ class _Masks:
         def sources(x: np.ndarray, rank: np.ndarray) -> list[np.ndarray]:
             """Predecessor pitches of ``x`` under each reading (-1: none)."""
             by_rank = np.where(rank < len(prev), prev[np.minimum(rank, len(prev) - 1)], -1)
-            nearest = prev[np.abs(x[:, None] - prev[None, :]).argmin(1)]
-            return [by_rank, nearest]
+            near = [np.where(np.abs(x - p) <= NEAR_STEP, p, -1) for p in prev.tolist()]
+            return [by_rank, *near]
 
         c_src = sources(c, np.searchsorted(lower, c))
         others = [(int(q), src[k], c > q) for k, q in enumerate(lower)
