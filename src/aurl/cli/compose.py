@@ -79,6 +79,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="mid", metavar="LIST", help="mid,musicxml,png")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    p.add_argument(
+        "--engine", choices=("torch", "onnx"), default="torch",
+        help="torch (default) or onnx: onnxruntime, about 3x less CPU per token; the model's "
+        "graphs are written once to ~/.cache/aurl/onnx (or give an export folder as --checkpoint)",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,13 +153,35 @@ def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, An
 
 
 def _model(args: argparse.Namespace) -> Any:
+    from aurl.generation.compose import composing_model
+
+    if getattr(args, "engine", "torch") == "onnx":
+        return composing_model(_onnx_engine(args))
     import torch
 
     from aurl.cli.generate import load_model
-    from aurl.generation.compose import composing_model
 
     torch.set_num_threads(args.threads)
     return composing_model(load_model(args.checkpoint, "cpu", args.model))
+
+
+def _onnx_engine(args: argparse.Namespace) -> Any:
+    """The onnx engine of ``--checkpoint`` (an export folder, or a model folder whose graphs are
+    written once to the cache) or of the shipped model.
+
+    Raises:
+        ConfigError: onnxruntime is not installed.
+        CheckpointError: the folder is neither a model nor an export.
+    """
+    from aurl.cli.generate import model_folder
+    from aurl.engines.onnx_engine import OnnxEngine, import_onnxruntime
+    from aurl.engines.shipped import ensure_shipped_onnx
+
+    import_onnxruntime()
+    folder = model_folder(args.checkpoint, args.model)
+    if (folder / "model.safetensors").is_file():
+        folder = ensure_shipped_onnx(folder)
+    return OnnxEngine(folder, threads=args.threads)
 
 
 def _options(args: argparse.Namespace, key: str = "") -> Any:

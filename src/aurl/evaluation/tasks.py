@@ -11,13 +11,18 @@ Bach's own alto, tenor and bass and with the rules of four-part writing:
   (a "slice"): parallel fifths and octaves per 100 voice-pair moves (a pair moves when one of its
   voices changes pitch between two slices where both sound; a parallel is the same perfect
   interval class, 7 or 0 semitones mod 12, in both slices with both voices moving the same
-  way), voice crossings (a lower voice above the next higher one) and spacing wider than an
+  way: compound intervals count as their class (a fifth to a twelfth is a parallel), unisons as
+  octaves; a repeated or held note is no motion, so oblique motion never counts; contrary
+  motion into the same class (octave to double octave) does not count; a voice resting in
+  either slice breaks the pair), voice crossings (a lower voice above the next higher one) and spacing wider than an
   octave between neighbouring upper voices (S-A, A-T), each per 100 slices, and notes outside
   the textbook SATB ranges (:data:`aurl.generation.voices.SATB_RANGES`), per 100 notes. Bach's
   own rates on the same pieces are the reference row: he breaks rules too.
 - **Harmony**: chord agreement with Bach, the share of beats whose Roman numeral (chords per
-  beat from :func:`aurl.analysis.chords.recognize_chords`, in the key Bach's piece is in) is the
-  same; and the share of the melody's phrase ends
+  beat from :func:`aurl.analysis.chords.recognize_chords`, both read in the one key Bach's piece
+  is in, so it is the same chord, not the same function in two keys) is the same; pitch-class
+  agreement, the mean Jaccard overlap of the pitch-class sets sounding at each beat start (no
+  key, no chord labels); and the share of the melody's phrase ends
   (:func:`aurl.analysis.structure.phrase_boundaries`) that arrive on a cadence.
 - **Melody kept**: share of the soprano's notes found, same pitch, onset and end within 1/64
   beat, in the written and re-read MIDI file.
@@ -160,6 +165,26 @@ def chord_agreement(notes: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean([x == y for x, y in zip(a[:n], b[:n])]))
 
 
+def beat_pitch_classes(notes: np.ndarray, end: float) -> list[frozenset[int]]:
+    """The pitch classes sounding at the start of each beat ``0, 1, ... < end``."""
+    onset, stop = notes["onset"], notes["onset"] + notes["duration"]
+    out = []
+    for b in np.arange(0.0, end - 1e-9, 1.0):
+        inside = (onset <= b + 1e-9) & (stop > b + 1e-9)
+        out.append(frozenset((notes["pitch"][inside] % 12).tolist()))
+    return out
+
+
+def pitch_class_agreement(notes: np.ndarray, reference: np.ndarray) -> float:
+    """Mean Jaccard overlap of the pitch-class sets sounding at each beat start of
+    ``reference`` (beats where it sounds) and of ``notes``: a harmony measure that needs no key
+    or chord labels (NaN for no such beat)."""
+    end = float((reference["onset"] + reference["duration"]).max()) if len(reference) else 0.0
+    a, b = beat_pitch_classes(notes, end), beat_pitch_classes(reference, end)
+    scores = [len(x & y) / len(x | y) for x, y in zip(a, b) if y]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
 def cadence_rate(notes: np.ndarray, melody: np.ndarray, key: Any) -> float:
     """Share of the melody's phrase ends that arrive on a cadence (NaN: no phrases)."""
     from aurl.analysis.chords import detect_cadences, recognize_chords
@@ -186,10 +211,16 @@ def cadence_rate(notes: np.ndarray, melody: np.ndarray, key: Any) -> float:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of decoding: a name and the number of SMC particles (1: forcing alone)."""
+    """One way of decoding: a name, the number of SMC particles (1: forcing alone), and the
+    :class:`aurl.generation.compose.ComposeOptions` switches ``melody_key`` (bias towards the
+    melody's key), ``voice_leading`` (mask parallel fifths and octaves) and ``consonance``
+    (bias against dissonances with the melody note)."""
 
     name: str
     particles: int
+    melody_key: bool = True
+    voice_leading: bool = True
+    consonance: float = 0.7
 
 
 VARIANTS = (Variant("forcing", 1), Variant("forcing+smc8", 8))
@@ -207,6 +238,7 @@ def evaluate_harmonize(
     variants: tuple[Variant, ...] = VARIANTS,
     seed: int = 0,
     max_beats: float | None = None,
+    engine: Any = None,
     progress: Progress = silent,
 ) -> dict[str, Any]:
     """Harmonize the soprano of each chorale in ``files`` with each variant; score everything.
@@ -217,6 +249,8 @@ def evaluate_harmonize(
         variants: Decoding variants to compare.
         seed: Sampling seed.
         max_beats: Cut each chorale to its first ``max_beats`` beats (tests); None: whole.
+        engine: What the variants decode with (e.g. an onnx engine of the same weights);
+            None: ``model``.
         progress: Progress helper over files.
 
     Returns:
@@ -257,12 +291,16 @@ def evaluate_harmonize(
             "notes": ls.free_notes, "outside": ls.outside,
         })  # fmt: skip
         per["bach"].append({
-            **voice_rules(voices), "chord_agreement": 1.0,
+            **voice_rules(voices), "chord_agreement": 1.0, "pc_agreement": 1.0,
             "cadence_rate": cadence_rate(bach, line, key), "melody_kept": 1.0, "seconds": 0.0,
         })  # fmt: skip
         for v in variants:
             t0 = time.perf_counter()
-            (c,) = harmonize(model, line, options=ComposeOptions(particles=v.particles, seed=seed))
+            opts = ComposeOptions(
+                particles=v.particles, seed=seed, melody_key=v.melody_key,
+                voice_leading=v.voice_leading, consonance=v.consonance,
+            )  # fmt: skip
+            (c,) = harmonize(model if engine is None else engine, line, options=opts)
             seconds = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as tmp:
                 written = write_midi(c.score, Path(tmp) / "h.mid")
@@ -277,6 +315,7 @@ def evaluate_harmonize(
             full = np.sort(np.concatenate(got), order=["onset", "pitch"])
             per[v.name].append({
                 **voice_rules(got), "chord_agreement": chord_agreement(full, bach),
+                "pc_agreement": pitch_class_agreement(full, bach),
                 "cadence_rate": cadence_rate(full, line, key),
                 "melody_kept": melody_kept(got[0], line), "seconds": seconds,
                 "given_bits_per_note": c.stats["given_bits_per_note"],
@@ -318,6 +357,7 @@ def harmonize_table(result: dict[str, Any]) -> str:
         ("spacing_per_100_slices", "spacing > 8ve /100 slices"),
         ("out_of_range_per_100_notes", "out of range /100 notes"),
         ("chord_agreement", "chord agreement"),
+        ("pc_agreement", "pitch-class agreement"),
         ("cadence_rate", "cadence at phrase ends"),
         ("melody_kept", "melody kept"),
         ("seconds", "s per piece"),
@@ -342,6 +382,28 @@ def harmonize_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def onnx_engine_of(checkpoint: str | None, model: str | None = None) -> Any:
+    """The onnx engine of a model folder (its graphs written once to the cache, see
+    :mod:`aurl.engines.shipped`), the same weights at about a third of the CPU per token; None
+    where onnxruntime is missing or the checkpoint is no model folder (then torch decodes)."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    from aurl.cli.generate import model_folder
+    from aurl.engines.onnx_engine import OnnxEngine
+    from aurl.engines.shipped import ensure_shipped_onnx
+    from aurl.errors import AurlError
+
+    try:
+        folder = model_folder(checkpoint, model)
+    except AurlError:
+        return None
+    if not (folder / "model.safetensors").is_file():
+        return None
+    return OnnxEngine(ensure_shipped_onnx(folder))
+
+
 def run_task(args: Any, load_model: Any) -> int:
     """``aurl evaluate --task harmonize``: the table into ``OUT/harmonize.md`` and the numbers
     into ``OUT/harmonize.json`` (written atomically), the table also on stdout.
@@ -363,8 +425,10 @@ def run_task(args: Any, load_model: Any) -> int:
             "a manifest.json (aurl data corpus) or choose another --split"
         )
     model, _, _ = load_model(args.checkpoint, args.device, getattr(args, "model", None))
+    engine = onnx_engine_of(args.checkpoint, getattr(args, "model", None))
+    print(f"decoding on the {'onnx' if engine is not None else 'torch'} engine")
     t0 = time.perf_counter()
-    result = evaluate_harmonize(model, files, seed=args.seed, progress=bar)
+    result = evaluate_harmonize(model, files, seed=args.seed, engine=engine, progress=bar)
     table = harmonize_table(result)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,15 +27,21 @@ continuations that contain the given notes, which forcing alone does not approxi
 
 The loop talks to the model only through an engine: ``init_state(batch)`` and
 ``step(ids, state) -> logits`` on numpy arrays, plus ``reorder(state, rows)`` for resampling
-(:class:`TorchEngine` adapts a torch model; torch is imported only there), so the same loop can
-run on an onnx engine.
+(:class:`TorchEngine` adapts a torch model; torch is imported only there; :class:`NumpyEngine`
+adapts an :mod:`aurl.engines` numpy engine such as the onnx one), and the grammar state is kept
+in numpy, so the loop runs without torch on the onnx engine.
+
+Harmonizing shapes the proposal three more ways (:class:`ComposeOptions`): NOTE_ONs that would
+move in parallel fifths or octaves are masked (:meth:`_Masks.parallel_free`), the model's notes
+lean towards the melody's key (:func:`melody_key`, :func:`scale_bias`) and away from
+dissonances under the melody note of their step (:func:`dissonance_bias`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -51,6 +57,7 @@ NO_CEILING = 128
 MIN_MELODY_PITCH = 52  # E3: lower, three voices cannot go under the melody
 MAX_MELODY_PITCH = 96
 MIN_FREE_PITCH, MAX_FREE_PITCH = 33, 84  # where the model's own notes may go (A1..C6)
+NEAR_STEP = 5  # semitones: an earlier note this close may be the one a new note continues
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,6 +78,17 @@ class ComposeOptions:
         key: Optional key name; the model's own notes outside its scale are down-weighted by
             ``log(1 - key_strictness)`` (the weights correct for it).
         key_strictness: See ``key``.
+        melody_key: With ``key`` empty, :func:`harmonize` takes the key the melody is in
+            (:func:`aurl.analysis.keys.estimate_key` on the melody): forcing cannot see the
+            melody ahead, and without a key its first chords are often in another one.
+        voice_leading: In :func:`harmonize`, never propose a NOTE_ON that would move in
+            parallel fifths or octaves with the melody or a lower voice (voices read bottom-up
+            in pitch order, see :meth:`_Masks.parallel_free`).
+        consonance: In :func:`harmonize`, the model's NOTE_ONs that make a dissonance (a
+            second, tritone or seventh: 1, 2, 6, 10, 11 semitones mod 12) with the melody pitch
+            of their step get ``log(1 - consonance)`` (0: none). In the canonical order the notes
+            below the melody come before its NOTE_ON at each step, so without it the model
+            chooses each chord before it sees the melody note the chord sounds under.
     """
 
     num_samples: int = 1
@@ -80,6 +98,9 @@ class ComposeOptions:
     resample_every: int = 8
     key: str = ""
     key_strictness: float = 0.9
+    melody_key: bool = True
+    voice_leading: bool = True
+    consonance: float = 0.7
 
 
 @dataclass
@@ -131,6 +152,8 @@ class Plan:
     max_free: int
     tempo_bin: int
     event_steps: np.ndarray  # sorted steps with given events, edges and the end
+    voice_leading: bool = False  # mask NOTE_ONs that form parallel 5ths/8ves (see _Masks)
+    melody_top: bool = False  # the given notes are a melody above everything (harmonize)
 
     def ceiling_at(self, t: int) -> int:
         i = int(np.searchsorted(self.ceiling_steps, t, side="right")) - 1
@@ -162,6 +185,7 @@ def make_plan(
     ceiling: bool = False,
     max_free: int = 3,
     qpm: float = 120.0,
+    voice_leading: bool = False,
 ) -> Plan:
     """The :class:`Plan` for given notes (beats) and a free span in beats (default: from the
     first given onset to the last given end).
@@ -207,6 +231,7 @@ def make_plan(
     return Plan(
         offs=offs, ons=ons, free_start=a, free_end=b, end=end, ceiling_steps=steps, ceiling=top,
         max_free=max_free, tempo_bin=int(vocab.tempo_bin(qpm)), event_steps=steps,
+        voice_leading=voice_leading, melody_top=ceiling,
     )  # fmt: skip
 
 
@@ -228,6 +253,9 @@ class _Row:
         self.short_shift = False
         self.ended = False
         self.given_nll = 0.0
+        self.onset_here = True
+        self.prev_free: list[int] = []  # free pitches of the last slice, ascending
+        self.prev_top = -1  # the given (melody) pitch of the last slice, -1: none
         self.enter(plan, 0)
 
     def copy(self) -> _Row:
@@ -240,11 +268,17 @@ class _Row:
     def enter(self, plan: Plan, t: int) -> None:
         """Arrive at step ``t``: the offs and ons forced here (free notes on a pitch a given note
         takes, and every free note at the end of the free span, are closed here)."""
+        if self.onset_here:  # leaving a slice (a step where notes started): remember it
+            self.prev_free = sorted(self.free)
+            self.prev_top = max(self.given, default=-1)
+            self.onset_here = False
         self.t = t
         ons = plan.ons.get(t, [])
         close = {p for p in self.free if p in ons or t >= plan.free_end}
         self.offs = sorted(set(plan.offs.get(t, [])) | close)
         self.ons = list(ons)
+        held = self.given - set(self.offs)
+        self.top = max(ons) if ons else max(held, default=-1)  # the given pitch after t
         self.k_off = self.k_on = 0
         self.phase, self.lo = 0, -1
 
@@ -276,11 +310,55 @@ class _Masks:
             hi = min(f, plan.ceiling_at(row.t), MAX_FREE_PITCH + 1)
             taken = row.given | set(row.free) | set(row.ons)
             cand = [p for p in range(max(lo + 1, MIN_FREE_PITCH), hi) if p not in taken]
+            if cand and plan.voice_leading and plan.melody_top:
+                cand = self.parallel_free(row, cand)
             if cand:
                 if row.velocity is not None:
                     m[[self.on0 + p - self.pmin for p in cand]] = True
                 if not row.after_velocity:
                     m[self.vel] = True
+
+    @staticmethod
+    def parallel_free(row: _Row, cand: list[int]) -> list[int]:
+        """The candidate pitches of a new free note that move in no parallel fifth or octave.
+
+        A free note continues, in the last slice (the notes sounding at the last onset), either
+        the free note of the same rank counted from the bottom (where the voices keep sounding,
+        as in a four-part chorale, this is the S/A/T/B split) or any free pitch within
+        :data:`NEAR_STEP` semitones (where a voice has entered, dropped out or crossed another:
+        what :func:`aurl.generation.voices.assign_voices`'s least-motion rule may then pick,
+        ties included); a candidate is refused when any reading makes a
+        parallel with the melody (the highest given pitch: the top voice) or with a free note
+        below it (onsets come in ascending pitch, so those are known). A parallel: both voices
+        of a pair move, the same way, from one interval to the same interval class, 0
+        (unison/octave) or 7 (fifth), as :func:`aurl.evaluation.tasks.voice_rules` counts."""
+        if not row.prev_free:
+            return cand
+        prev = np.asarray(row.prev_free, dtype=np.int64)
+        c = np.asarray(cand, dtype=np.int64)
+        lower = np.array(sorted(row.free), dtype=np.int64)
+
+        def sources(x: np.ndarray, rank: np.ndarray) -> list[np.ndarray]:
+            """Predecessor pitches of ``x`` under each reading (-1: none)."""
+            by_rank = np.where(rank < len(prev), prev[np.minimum(rank, len(prev) - 1)], -1)
+            near = [np.where(np.abs(x - p) <= NEAR_STEP, p, -1) for p in prev.tolist()]
+            return [by_rank, *near]
+
+        c_src = sources(c, np.searchsorted(lower, c))
+        others = [(int(q), src[k], c > q) for k, q in enumerate(lower)
+                  for src in sources(lower, np.arange(len(lower)))]  # fmt: skip
+        if row.top >= 0 and row.prev_top >= 0:
+            others.append((row.top, row.prev_top, c < row.top))
+        bad = np.zeros(len(c), dtype=bool)
+        for q, pq, side in others:
+            if q == pq or pq < 0:
+                continue
+            for pp in c_src:
+                move = (pp >= 0) & (c != pp) & (pp != pq)
+                iv, piv = np.abs(c - q) % 12, np.abs(pp - pq) % 12
+                same_way = np.sign(c - pp) == np.sign(q - pq)
+                bad |= side & move & same_way & (iv == piv) & ((iv == 0) | (iv == 7))
+        return c[~bad].tolist()
 
     def allowed(self, row: _Row) -> np.ndarray:
         """(V,) bool: what the plan allows next in ``row``."""
@@ -330,6 +408,7 @@ class _Masks:
                 row.given.discard(value)
             row.lo = value
         elif kind == Kind.NOTE_ON:
+            row.onset_here = True
             if row.phase == 0:
                 row.phase, row.lo = 1, -1
             if row.k_on < len(row.ons) and value == row.ons[row.k_on]:
@@ -413,11 +492,54 @@ class TorchEngine:
         return {"ids": state["ids"][rows], "model": index_state(state["model"], index)}
 
 
+class NumpyEngine:
+    """An :mod:`aurl.engines` engine that keeps its arrays in numpy (``numpy = True``, e.g.
+    :class:`aurl.engines.onnx_engine.OnnxEngine`) behind the compose loop's calls; nothing here
+    imports torch. Only the engine's public calls are used: ``init_state(batch, capacity=,
+    history=)``, ``step(ids (B, T), state) -> (B, T, V)`` and ``reorder(state, rows)``. When the
+    state is full, it restarts on the last ``overlap`` tokens with the earlier ones as
+    ``history`` (as :class:`TorchEngine`)."""
+
+    def __init__(self, engine: Any, *, overlap: int = 1024) -> None:
+        self.engine = engine
+        self.vocab: Vocab = engine.vocab
+        self.capacity = int(engine.config.max_seq_len)
+        self.overlap = min(overlap, self.capacity // 2)
+
+    def init_state(self, ids: np.ndarray) -> tuple[dict, np.ndarray]:
+        """A state after the prefix ``ids`` (B, P); returns (state, logits (B, V))."""
+        state = {"ids": np.asarray(ids, dtype=np.int64).copy()}
+        return state, self._start(state)
+
+    def _start(self, state: dict) -> np.ndarray:
+        ids = state["ids"]
+        n = ids.shape[1]
+        first = 0 if n < self.capacity else n - self.overlap
+        state["model"] = self.engine.init_state(
+            ids.shape[0], capacity=self.capacity, history=ids[:, :first] if first else None
+        )
+        return np.asarray(self.engine.step(ids[:, first:], state["model"])[:, -1], np.float32)
+
+    def step(self, ids: np.ndarray, state: dict) -> np.ndarray:
+        """Feed one id per row (B,); returns the logits (B, V) after it."""
+        ids = np.asarray(ids, dtype=np.int64)
+        state["ids"] = np.concatenate([state["ids"], ids[:, None]], axis=1)
+        if state["model"].pos >= self.capacity:
+            return self._start(state)
+        return np.asarray(self.engine.step(ids[:, None], state["model"])[:, -1], np.float32)
+
+    def reorder(self, state: dict, rows: np.ndarray) -> dict:
+        return {"ids": state["ids"][rows], "model": self.engine.reorder(state["model"], rows)}
+
+
 def as_engine(model: Any) -> Any:
-    """``model`` as an engine: a torch model is wrapped in :class:`TorchEngine`; anything
-    that already has ``init_state`` / ``step`` / ``reorder`` on numpy arrays is used as is."""
+    """``model`` as an engine: a torch model is wrapped in :class:`TorchEngine`, a numpy
+    :mod:`aurl.engines` engine (the onnx one) in :class:`NumpyEngine`; anything that already
+    has ``init_state`` / ``step`` / ``reorder`` on numpy arrays is used as is."""
     if hasattr(model, "embed"):
         return TorchEngine(model)
+    if getattr(model, "numpy", False) is True and hasattr(model, "grammar_state"):
+        return NumpyEngine(model)
     missing = [m for m in ("init_state", "step", "reorder", "vocab") if not hasattr(model, m)]
     if missing:
         raise ConstraintError(
@@ -440,7 +562,59 @@ def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def _grammar_masks(grammar: Any, gstate: Any) -> np.ndarray:
-    return grammar.allowed(gstate).cpu().numpy()
+    return np.asarray(grammar.allowed(gstate), dtype=bool)
+
+
+def scale_bias(vocab: Vocab, key: str, strictness: float) -> np.ndarray:
+    """(V,) bias: NOTE_ONs outside the key's scale get ``log(1 - strictness)``; a minor key's
+    scale holds its raised sixth and seventh too (the leading tone of its dominant chords).
+
+    Raises:
+        ConstraintError: ``key`` is not a key name.
+    """
+    from aurl.analysis.keys import parse_key, scale_pitch_classes
+    from aurl.errors import AurlError
+
+    try:
+        parsed = parse_key(key)
+    except AurlError as e:
+        raise ConstraintError(f"--key: {e}") from None
+    in_scale = np.zeros(12, dtype=bool)
+    for minor in ("natural", "melodic"):
+        in_scale[scale_pitch_classes(parsed, minor)] = True
+    bias = np.zeros(vocab.size)
+    out = (vocab.kind == Kind.NOTE_ON) & ~in_scale[vocab.value % 12]
+    bias[out] = math.log(1.0 - strictness) if strictness < 1.0 else -np.inf
+    return bias
+
+
+DISSONANT = (1, 2, 6, 10, 11)  # semitones mod 12 below a melody note: seconds, tritone, sevenths
+
+
+def dissonance_bias(vocab: Vocab, strictness: float) -> np.ndarray:
+    """(13, V) bias: row ``pc`` gives NOTE_ONs a dissonant interval class (:data:`DISSONANT`)
+    below a melody note of pitch class ``pc`` ``log(1 - strictness)``; row 12 (no melody note)
+    and strictness 0 give none."""
+    bias = np.zeros((13, vocab.size))
+    if strictness <= 0:
+        return bias
+    on = np.flatnonzero(vocab.kind == Kind.NOTE_ON)
+    penalty = math.log(1.0 - strictness) if strictness < 1.0 else -np.inf
+    for pc in range(12):
+        bias[pc, on[np.isin((pc - vocab.value[on]) % 12, DISSONANT)]] = penalty
+    return bias
+
+
+def melody_key(line: np.ndarray) -> str:
+    """The key name of a melody (:func:`aurl.analysis.keys.estimate_key`; "" when it has fewer
+    than two pitch classes)."""
+    from aurl.analysis.keys import estimate_key
+    from aurl.errors import DataError
+
+    try:
+        return estimate_key(line).name
+    except DataError:
+        return ""
 
 
 def decode(
@@ -456,10 +630,7 @@ def decode(
         One :class:`Composition` per sample (``score`` None: the callers build it), its
         ``notes`` the model's own notes.
     """
-    import torch
-
     from aurl.data.grammar import Grammar
-    from aurl.generation.constraints import key_bias
 
     t0 = time.perf_counter()
     engine = as_engine(model)
@@ -471,15 +642,18 @@ def decode(
     grammar = Grammar(vocab, polyphony_cap=max(16, plan.max_free + 8))
     prefix = np.array([START, vocab.tempo + plan.tempo_bin, vocab.instrument + CHORALE_FAMILY])
     ids = np.tile(prefix, (B, 1))
-    gstate = grammar.state_after(torch.as_tensor(ids))
+    gstate = grammar.initial_numpy_state(B)  # numpy all along: the loop never needs torch
+    for j in range(ids.shape[1]):
+        gstate = grammar.advance(gstate, ids[:, j])
     state, logits = engine.init_state(ids)
     rows = [_Row(plan) for _ in range(B)]
     weight = np.zeros(B)
     bias = np.zeros(vocab.size)
     if options.key:
-        bias = key_bias(vocab, options.key, options.key_strictness)
+        bias = scale_bias(vocab, options.key, options.key_strictness)
     free_on = np.zeros(vocab.size, dtype=bool)
     free_on[vocab.note_on : vocab.note_off] = True
+    against_top = dissonance_bias(vocab, options.consonance if plan.melody_top else 0.0)
     resamples = fallbacks = n = 0
     limit = 64 + 8 * (plan.end + 1)  # a bug guard: far more tokens than any plan needs
     for _ in progress(iter(int, 1), desc="compose"):
@@ -499,7 +673,8 @@ def decode(
         logp = logp - _logsumexp(logp)[:, None]
         proposal = np.where(keep, logits / options.temperature, -np.inf)
         is_free_on = free_on[None, :] & keep
-        proposal = proposal + np.where(is_free_on, bias, 0.0)
+        top = np.array([r.top % 12 if r.top >= 0 else 12 for r in rows])
+        proposal = proposal + np.where(is_free_on, bias[None, :] + against_top[top], 0.0)
         logq = proposal - _logsumexp(proposal)[:, None]
         u = rng.random(B)
         cdf = np.cumsum(np.exp(logq), axis=1)
@@ -513,7 +688,7 @@ def decode(
                 r.given_nll -= lp[b]
             if np.isfinite(lp[b]):
                 weight[b] += lp[b] - lq[b]
-        gstate = grammar.advance(gstate, torch.as_tensor(tok))
+        gstate = grammar.advance(gstate, tok.astype(np.int64))
         logits = engine.step(tok.astype(np.int64), state)
         n += 1
         if K > 1 and n % options.resample_every == 0:
@@ -565,11 +740,12 @@ def decode(
 
 
 def _index_grammar(gstate: Any, index: np.ndarray) -> Any:
-    import torch
+    """Rows ``index`` of a numpy grammar state."""
+    import dataclasses
 
-    from aurl.generation.constraints import index_state
-
-    return index_state(gstate, torch.as_tensor(index, dtype=torch.long))
+    return type(gstate)(**{
+        f.name: np.asarray(getattr(gstate, f.name))[index] for f in dataclasses.fields(gstate)
+    })  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,7 +834,12 @@ def harmonize(
         raise ConstraintError(f"--voices {voices}: harmonizing needs at least 2 voices")
     line = melody_line(melody_notes)
     engine = as_engine(model)
-    plan = make_plan(line, engine.vocab, ceiling=True, max_free=voices - 1, qpm=qpm)
+    if options.melody_key and not options.key:
+        options = replace(options, key=melody_key(line))
+    plan = make_plan(
+        line, engine.vocab, ceiling=True, max_free=voices - 1, qpm=qpm,
+        voice_leading=options.voice_leading,
+    )  # fmt: skip
     results = decode(engine, plan, options, progress=progress)
     names = voice_names(voices)
     for c in results:
