@@ -71,8 +71,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="results (default 1)")
     p.add_argument(
-        "--particles", type=int, default=8, metavar="K",
-        help="sequential Monte Carlo rows per result (1: forcing alone; default 8)",
+        "--particles", type=int, default=1, metavar="K",
+        help="sequential Monte Carlo rows per result (default 1: forcing alone, the measured "
+        "default; 8 reaches more cadences at phrase ends for ~5-6x the CPU)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="default 1")

@@ -42,6 +42,9 @@ LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 COOKIE = "aurl_token"
 MAX_FIELD_BYTES = 64 * 1024  # room for the form fields / JSON around an uploaded file
 MUSICXML = "application/vnd.recordare.musicxml+xml"
+PARTICLES_HELP = (
+    "sequential Monte Carlo rows (1: forcing alone, the default; 8: more cadences, ~5-6x the time)"
+)
 FORMAT_HELP = "the reply: 'midi' (a MIDI file) or 'musicxml' (quantized to sixteenth notes)"
 
 
@@ -390,7 +393,7 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         seed: int = Form(0, ge=0, le=2**63 - 1),
         key: str = Form("", max_length=40, description="favour this key, e.g. 'G major'"),
         voices: int = Form(4, ge=2, le=4, description="voices in all, melody included"),
-        particles: int = Form(8, ge=1, le=16, description="sequential Monte Carlo rows"),
+        particles: int = Form(1, ge=1, le=16, description=PARTICLES_HELP),
         format: Literal["midi", "musicxml"] = Form("midi", description=FORMAT_HELP),
     ):
         """Compose lower voices under the uploaded melody (``aurl harmonize``): the melody is
@@ -429,7 +432,7 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         ),
         model: str | None = Form(None, max_length=100),
         seed: int = Form(0, ge=0, le=2**63 - 1),
-        particles: int = Form(8, ge=1, le=16, description="sequential Monte Carlo rows"),
+        particles: int = Form(1, ge=1, le=16, description=PARTICLES_HELP),
         part: str | None = Form(
             None,
             max_length=100,
