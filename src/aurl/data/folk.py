@@ -52,7 +52,7 @@ from aurl.data.corpus import (
     stream_to_score,
 )
 from aurl.data.split import check_fractions, split_of
-from aurl.data.tunes import SAME_TUNE, normalize_title, similarity, soprano_intervals
+from aurl.data.tunes import SAME_TUNE, group_by, similarity, soprano_intervals
 from aurl.errors import DataError
 from aurl.fileio import atomic_write, atomic_write_text
 from aurl.progress import Progress, silent
@@ -255,36 +255,11 @@ def folk_groups(
 ) -> dict[str, str]:
     """file -> group key: the smallest normalized title of its group, else its smallest file
     name. Same title, or a MinHash candidate pair with difflib ratio >= ``threshold``, joins."""
-    parent = {f: f for f in titles}
-
-    def root(f: str) -> str:
-        while parent[f] != f:
-            parent[f] = parent[parent[f]]
-            f = parent[f]
-        return f
-
-    def join(a: str, b: str) -> None:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
-    by_title: dict[str, str] = {}
-    for f in sorted(titles):
-        t = normalize_title(titles[f])
-        if t:
-            join(by_title.setdefault(t, f), f)
     signatures = {f: minhash(melodies.get(f, ())) for f in titles}
-    for a, b in sorted(candidate_pairs(signatures)):
-        if root(a) != root(b) and similarity(melodies[a], melodies[b]) >= threshold:
-            join(a, b)
-    named: dict[str, str] = {}
-    first: dict[str, str] = {}
-    for f in sorted(titles):
-        r, t = root(f), normalize_title(titles[f])
-        first.setdefault(r, f)
-        if t and (r not in named or t < named[r]):
-            named[r] = t
-    return {f: named.get(root(f), first[root(f)]) for f in titles}
+    return group_by(
+        titles, sorted(candidate_pairs(signatures)),
+        accept=lambda a, b: similarity(melodies[a], melodies[b]) >= threshold,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

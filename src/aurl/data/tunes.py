@@ -29,7 +29,7 @@ from __future__ import annotations
 import difflib
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +121,21 @@ def tune_groups(
         file name -> group key: the smallest normalized title in its group, or the smallest
         file name where no member has a title.
     """
+    return group_by(titles, ((a, b) for a, b, _ in similar_pairs(melodies, threshold)))
+
+
+def group_by(
+    titles: Mapping[str, str],
+    pairs: Iterable[tuple[str, str]],
+    accept: Callable[[str, str], bool] | None = None,
+) -> dict[str, str]:
+    """Groups of files joined by a shared normalized title or by one of ``pairs`` (which
+    ``accept``, when given, must confirm; it is asked only about pairs not yet in one group).
+
+    Returns:
+        file name -> group key: the smallest normalized title in its group, or the smallest
+        file name where no member has a title.
+    """
     parent = {f: f for f in titles}
 
     def root(f: str) -> str:
@@ -139,8 +154,9 @@ def tune_groups(
         t = normalize_title(titles[f])
         if t:
             join(by_title.setdefault(t, f), f)
-    for a, b, _ in similar_pairs(melodies, threshold):
-        join(a, b)
+    for a, b in pairs:
+        if root(a) != root(b) and (accept is None or accept(a, b)):
+            join(a, b)
     named: dict[str, str] = {}  # root -> smallest title
     first: dict[str, str] = {}  # root -> smallest file name
     for f in sorted(titles):
