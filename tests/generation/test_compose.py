@@ -29,6 +29,7 @@ from aurl.generation.voices import SATB
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no model")
 CHORALES = Path(__file__).resolve().parents[2] / "src/aurl/data/bundled/bach-chorales"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +187,11 @@ def test_cli_harmonize_writes_satb_midi_and_musicxml(tmp_path: Path, capsys) -> 
         (["infill", "{piece}", "--bars", "4-2"], "--bars 4-2"),
         (["infill", "{piece}", "--bars", "90-91"], "has bars 1-"),
         (["infill", "{piece}", "--bars", "1-2", "--part", "Lute"], "no such track"),
+        (["infill", "{drums}", "--span", "0-1", "--part", "1"], "is a drum track"),
         (["harmonize", "{chords}"], "chords at"),
         (["harmonize", "{piece}", "--voices", "7"], "--voices 7"),
     ],
-    ids=["reversed", "outside", "no part", "chords", "voices"],
+    ids=["reversed", "outside", "no part", "drum part", "chords", "voices"],
 )
 def test_cli_bad_input_one_line_nothing_written(tmp_path: Path, capsys, args, words) -> None:
     chords = tmp_path / "chords.mid"
@@ -202,11 +204,28 @@ def test_cli_bad_input_one_line_nothing_written(tmp_path: Path, capsys, args, wo
     s.dump_midi(str(chords))
     piece = CHORALES / "bach_bwv117.4.mid"
     out = tmp_path / "out"
-    argv = [a.format(piece=piece, chords=chords) for a in args] + ["--out", str(out)]
+    drums = FIXTURES / "edge" / "drums.mid"
+    argv = [a.format(piece=piece, chords=chords, drums=drums) for a in args] + ["--out", str(out)]
     assert main(argv) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("part", [["--part", "0"], []], ids=["part", "all parts"])
+def test_cli_infill_beside_a_drum_track_keeps_the_drums(tmp_path: Path, part) -> None:
+    # --part is a mask over all the notes, drums included; infill composes pitched notes only
+    out = tmp_path / "out"
+    rc = main(["infill", str(FIXTURES / "edge" / "drums.mid"), "--span", "0-1", *part,
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    before = symusic.Score(str(FIXTURES / "edge" / "drums.mid"))
+    after = symusic.Score(str(out / "drums_infilled_seed0_000.mid"))
+    drums = [t for t in after.tracks if t.is_drum]
+    assert len(drums) == 1  # kept note for note, still a drum track
+    assert [(n.time, n.pitch) for n in drums[0].notes] == [
+        (n.time, n.pitch) for n in next(t for t in before.tracks if t.is_drum).notes
+    ]
 
 
 def test_generate_seconds_lasts_that_long(model) -> None:

@@ -307,6 +307,7 @@ def parse_range(text: str, flag: str, *, integer: bool) -> tuple[float, float]:
 def run_infill(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from aurl.data.notes import DRUM_PROGRAM
     from aurl.errors import ConfigError, ConstraintError
     from aurl.generation.compose import (
         TimeMap,
@@ -342,6 +343,8 @@ def run_infill(args: argparse.Namespace) -> int:
             listed = ", ".join(f"{i}:{n}" for i, (n, _) in enumerate(tracks))
             raise ConfigError(f"--part {args.part!r}: no such track; the tracks are {listed}")
     part = None if index is None else owner == index
+    if part is not None and (notes["program"][part] == DRUM_PROGRAM).all():
+        raise ConfigError(f"--part {args.part!r} is a drum track: choose a pitched part to infill")
     paths, _ = _prepare(args, args.piece, "infilled")
     model = _model(args)
     from aurl.progress import bar

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from aurl.data.notes import NOTE_DTYPE, pitched
+from aurl.data.notes import DRUM_PROGRAM, NOTE_DTYPE, pitched
 from aurl.data.vocab import END, PAD, START, Kind, Vocab
 from aurl.errors import ConstraintError
 from aurl.progress import Progress, silent
@@ -902,7 +902,8 @@ def infill(
     progress: Progress = silent,
 ) -> list[Composition]:
     """Regenerate the notes that start in ``span`` (beats, [start, end)), of the notes selected
-    by ``part`` (a bool mask over ``notes``; None: all), keeping every other note. At most
+    by ``part`` (a bool mask over ``notes``, or over their pitched notes only; None: all),
+    keeping every other note; drum notes are set aside. At most
     ``max_free`` new notes sound at once (default: the chosen notes' own most at once).
 
     Returns:
@@ -913,9 +914,13 @@ def infill(
         ConstraintError: an empty or reversed span, or a span outside the piece.
     """
     a, b = span
+    if part is not None and len(part) == len(notes):  # a mask over all the notes: keep the
+        part = np.asarray(part, bool)[notes["program"] != DRUM_PROGRAM]  # pitched notes' part
     notes = pitched(notes)
     if len(notes) == 0:
         raise ConstraintError("the piece has no pitched notes: nothing to infill around")
+    if part is not None and len(part) != len(notes):
+        raise ValueError(f"part has {len(part)} entries for {len(notes)} pitched notes")
     last = float((notes["onset"] + notes["duration"]).max())
     if not 0 <= a < b:
         raise ConstraintError(f"span {a:g}-{b:g} beats is empty or reversed: give start < end")
@@ -942,8 +947,10 @@ def max_polyphony(notes: np.ndarray) -> int:
 
 
 def infill_regenerated(notes: np.ndarray, span: tuple[float, float], part: Any = None) -> Any:
-    """(N,) bool: the notes :func:`infill` replaces (the chosen part's notes starting in span)."""
+    """(N,) bool: the notes :func:`infill` replaces (the chosen part's pitched notes starting in
+    span; drum notes are always kept)."""
     chosen = np.ones(len(notes), bool) if part is None else np.asarray(part, bool)
+    chosen = chosen & (notes["program"] != DRUM_PROGRAM)
     return chosen & (notes["onset"] >= span[0] - 1e-9) & (notes["onset"] < span[1] - 1e-9)
 
 
@@ -955,7 +962,14 @@ def parts_score(parts: list[tuple[str, np.ndarray]], *, tpq: int = 480, like: An
     from aurl.generation.export import notes_track, score_like
 
     like = like if like is not None else symusic.Score(tpq)
-    return score_like(like, [notes_track(name, n, like.tpq) for name, n in parts])
+    return score_like(
+        like, [notes_track(name, n, like.tpq, program=_program(n)) for name, n in parts]
+    )
+
+
+def _program(notes: np.ndarray) -> int:
+    """The track's program: its notes' most common one (0 for an empty track; 128 = drums)."""
+    return int(np.bincount(notes["program"]).argmax()) if len(notes) else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -1159,7 +1173,7 @@ def infill_score(
 ) -> Any:
     """The infilled piece as a tick score: each track keeps its notes outside what
     :func:`infill` replaced, and the new notes join the track ``part`` (when one part was
-    regenerated) or are spread over the tracks by voice, the highest voice to the track with
+    regenerated) or are spread over the pitched (non-drum) tracks by voice, the highest voice to the track with
     the highest median pitch."""
     from aurl.generation.voices import assign_voices
 
@@ -1168,8 +1182,11 @@ def infill_score(
     if part is not None:
         new_owner = np.full(len(new_notes), part)
     else:
-        order = np.argsort([-float(np.median(n["pitch"])) for _, n in tracks])
-        new_owner = order[assign_voices(new_notes, len(tracks))]
+        melodic = [i for i, (_, n) in enumerate(tracks) if _program(n) != DRUM_PROGRAM]
+        order = np.array(melodic)[
+            np.argsort([-float(np.median(tracks[i][1]["pitch"])) for i in melodic])
+        ]
+        new_owner = order[assign_voices(new_notes, len(order))]
     parts = []
     for i, (name, _) in enumerate(tracks):
         mine = np.concatenate([notes[(owner == i) & ~regen], new_notes[new_owner == i]])

@@ -217,10 +217,12 @@ def export_piece(
 
 
 def notes_track(name: str, notes: np.ndarray, tpq: int, *, program: int = 0) -> Any:
-    """A symusic track named ``name`` holding a note array (beats -> ticks at ``tpq``)."""
+    """A symusic track named ``name`` holding a note array (beats -> ticks at ``tpq``);
+    ``program`` 128 (:data:`aurl.data.notes.DRUM_PROGRAM`) makes it a drum track."""
     import symusic
 
-    track = symusic.Track(name=name, program=program, ttype="tick")
+    drum = program == 128
+    track = symusic.Track(name=name, program=0 if drum else program, is_drum=drum, ttype="tick")
     onset = np.round(notes["onset"] * tpq).astype(np.int64)
     end = np.round((notes["onset"] + notes["duration"]) * tpq).astype(np.int64)
     for t, e, p, v in zip(onset.tolist(), end.tolist(), notes["pitch"].tolist(),
