@@ -1173,8 +1173,8 @@ def infill_score(
 ) -> Any:
     """The infilled piece as a tick score: each track keeps its notes outside what
     :func:`infill` replaced, and the new notes join the track ``part`` (when one part was
-    regenerated) or are spread over the pitched (non-drum) tracks by voice, the highest voice to the track with
-    the highest median pitch."""
+    regenerated) or are spread over the pitched (non-drum) tracks by voice, the highest voice
+    to the track with the highest median pitch."""
     from aurl.generation.voices import assign_voices
 
     notes, owner = piece_notes(tracks)
