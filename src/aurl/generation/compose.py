@@ -572,20 +572,9 @@ def scale_bias(vocab: Vocab, key: str, strictness: float) -> np.ndarray:
     Raises:
         ConstraintError: ``key`` is not a key name.
     """
-    from aurl.analysis.keys import parse_key, scale_pitch_classes
-    from aurl.errors import AurlError
+    from aurl.generation.constraints import key_bias
 
-    try:
-        parsed = parse_key(key)
-    except AurlError as e:
-        raise ConstraintError(f"--key: {e}") from None
-    in_scale = np.zeros(12, dtype=bool)
-    for minor in ("natural", "melodic"):
-        in_scale[scale_pitch_classes(parsed, minor)] = True
-    bias = np.zeros(vocab.size)
-    out = (vocab.kind == Kind.NOTE_ON) & ~in_scale[vocab.value % 12]
-    bias[out] = math.log(1.0 - strictness) if strictness < 1.0 else -np.inf
-    return bias
+    return key_bias(vocab, key, strictness, minor=("natural", "melodic"))
 
 
 DISSONANT = (1, 2, 6, 10, 11)  # semitones mod 12 below a melody note: seconds, tritone, sevenths

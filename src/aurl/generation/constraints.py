@@ -106,8 +106,12 @@ class _Tables:
 # --------------------------------------------------------------------------------------------
 
 
-def key_bias(vocab: Vocab, key: str, strictness: float) -> np.ndarray:
+def key_bias(
+    vocab: Vocab, key: str, strictness: float, minor: tuple[str, ...] = ("natural",)
+) -> np.ndarray:
     """(V,) bias: out-of-scale NOTE_ONs get ``log(1 - strictness)`` (``-inf`` at strictness 1).
+    A minor key's scale is the union of the ``minor`` forms named (``natural``, ``harmonic``,
+    ``melodic``: :func:`aurl.analysis.keys.scale_pitch_classes`).
 
     Raises:
         ConstraintError: ``key`` is not a key name.
@@ -119,7 +123,8 @@ def key_bias(vocab: Vocab, key: str, strictness: float) -> np.ndarray:
     except AurlError as e:
         raise ConstraintError(f"--key: {e}") from None
     in_scale = np.zeros(12, dtype=bool)
-    in_scale[scale_pitch_classes(parsed)] = True
+    for form in minor:
+        in_scale[scale_pitch_classes(parsed, form)] = True
     bias = np.zeros(vocab.size)
     note_on = vocab.kind == Kind.NOTE_ON
     out = note_on & ~in_scale[vocab.value % 12]
