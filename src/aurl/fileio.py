@@ -1,4 +1,4 @@
-"""Atomic file writes, shared by every layer that writes files (a leaf: imports no aurl module).
+"""Atomic file writes and file digests, shared by every layer (a leaf: imports no aurl module).
 
 A file is written to a hidden temporary name beside its target, fsynced, renamed over the
 target and the folder fsynced: a crash or a full disk at any moment leaves either the old file or
@@ -7,6 +7,7 @@ the complete new one, never half a file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -50,3 +51,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """:func:`atomic_write` of a UTF-8 text."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, hex, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 
 from aurl.cli import main
 from aurl.errors import CheckpointError
+from aurl.fileio import file_sha256
 from aurl.models import MusicTransformerVAEGAN, build_model
 from aurl.training.checkpoint import (
     average_checkpoints,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
-    sha256,
 )
 from aurl.training.trainer import train
 
@@ -47,7 +47,7 @@ def test_checkpoint_files_and_hashes(run):
     assert [p.name for p in paths] == ["step-0000002", "step-0000004"]
     manifest = json.loads((paths[1] / "manifest.json").read_text())
     for name, digest in manifest["sha256"].items():
-        assert sha256(paths[1] / name) == digest
+        assert file_sha256(paths[1] / name) == digest
     c = load_checkpoint(run)  # a run folder means its latest checkpoint
     assert c.step == 4 and c.config.model.d_model == 32
     assert set(c.train_state) >= {"optimizers", "scaler", "torch_rng"}
@@ -92,7 +92,7 @@ def test_pickled_object_is_refused_without_running(run, tmp_path, monkeypatch):
     torch.save({"optimizers": _Payload()}, bad / "train_state.pt")
     # even with a matching hash (an attacker can rewrite the manifest) nothing is executed
     manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["sha256"]["train_state.pt"] = sha256(bad / "train_state.pt")
+    manifest["sha256"]["train_state.pt"] = file_sha256(bad / "train_state.pt")
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(bad)

@@ -287,6 +287,14 @@ def convert_score(
         "source": source.path,
         "composer": source.composer,
         "title": title,
+        **score_facts(score, repeats, caught),
+    }
+
+
+def score_facts(score: Any, repeats: str, caught: list) -> dict[str, Any]:
+    """The manifest fields every converted score has: duration, notes, tracks, how repeats were
+    expanded, and music21's warnings (first line of each, deduplicated)."""
+    return {
         "duration_s": round(float(score.to("second").end()), 3),
         "notes": int(sum(len(t.notes) for t in score.tracks)),
         "tracks": len(score.tracks),

@@ -49,6 +49,7 @@ from aurl.data.corpus import (
     MAX_REPEAT_FACTOR,
     CorpusReport,
     ScoreSkipped,
+    score_facts,
     stream_to_score,
 )
 from aurl.data.split import check_fractions, split_of
@@ -195,11 +196,7 @@ def convert_tune(
         "composer": "traditional",
         "style": STYLE,
         "title": title,
-        "duration_s": round(float(score.to("second").end()), 3),
-        "notes": int(sum(len(t.notes) for t in score.tracks)),
-        "tracks": len(score.tracks),
-        "repeats": repeats,
-        "warnings": list(dict.fromkeys(str(w.message).split("\n")[0][:200] for w in caught)),
+        **score_facts(score, repeats, caught),
     }
 
 

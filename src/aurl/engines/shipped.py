@@ -20,6 +20,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from aurl.fileio import file_sha256
+
 EXPORT_VERSION = 2  # aurl.models.onnx_export.VERSION (held equal by the tests)
 
 
@@ -33,8 +35,7 @@ def cache_root() -> Path:
 
 def shipped_onnx_folder(shipped: Path, *, int8: bool = False) -> Path:
     """Where the ONNX export of the model folder ``shipped`` lives (existing or not)."""
-    with open(shipped / "model.safetensors", "rb") as f:
-        key = hashlib.file_digest(f, "sha256")
+    key = hashlib.sha256(file_sha256(shipped / "model.safetensors").encode())
     key.update((shipped / "config.json").read_bytes())
     key.update(f"v{EXPORT_VERSION}".encode())
     name = "shipped" if shipped.name == "pretrained" else "model"

@@ -19,7 +19,6 @@ PEFT's unmerged ones. The folder (:func:`save_adapter`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from aurl.errors import CheckpointError
-from aurl.fileio import atomic_write, atomic_write_text
+from aurl.fileio import atomic_write, atomic_write_text, file_sha256
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -168,15 +167,6 @@ def read_adapter(folder: str | Path) -> tuple[AdapterInfo, dict[str, torch.Tenso
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} cannot be read as safetensors: {e}") from None
     return info, tensors
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file, hex (what ``adapter.json`` records of the base's weights)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_base(info: AdapterInfo, weights: str | Path, folder: str | Path) -> None:

@@ -15,7 +15,6 @@ checkpoint or none, and the previous ones untouched. Loading verifies every hash
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -29,7 +28,7 @@ import torch
 
 from aurl.config import Config, config_from_dict, to_dict
 from aurl.errors import CheckpointError, ConfigError
-from aurl.fileio import atomic_write, fsync_path
+from aurl.fileio import atomic_write, file_sha256, fsync_path
 
 FORMAT = 1
 FILES = ("model.safetensors", "train_state.pt", "state.json")
@@ -78,14 +77,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -172,7 +163,8 @@ def save_checkpoint(
         for name in FILES:
             fsync_path(tmp / name)
         _write_json(
-            tmp / "manifest.json", {"step": step, "sha256": {n: sha256(tmp / n) for n in FILES}}
+            tmp / "manifest.json",
+            {"step": step, "sha256": {n: file_sha256(tmp / n) for n in FILES}},
         )
         fsync_path(tmp)
         if final.exists():  # re-saving a step after a rollback: swap, never delete first
@@ -257,7 +249,7 @@ def verify(path: str | Path) -> dict[str, Any]:
     for name in FILES:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} lacks {name}: pick another checkpoint")
-        if sha256(path / name) != expected.get(name):
+        if file_sha256(path / name) != expected.get(name):
             raise CheckpointError(
                 f"checkpoint file {path / name} does not match its SHA-256 in manifest.json "
                 "(corrupt or modified): pick another checkpoint"

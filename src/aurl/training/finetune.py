@@ -67,7 +67,7 @@ def load_base(spec: str | Path) -> Base:
     """
     from safetensors.torch import load_file
 
-    from aurl.models.lora import file_sha256
+    from aurl.fileio import file_sha256
     from aurl.training import checkpoint as ckpt
 
     name, folder = resolve_base(spec)
