@@ -146,6 +146,32 @@ class SequenceFeatures:
     time: torch.Tensor  # (B, T) long: steps since START
 
 
+@dataclass
+class SequenceScan:
+    """Everything one pass over a (B, T) batch computes (:meth:`Grammar.scan`): the masks
+    (:meth:`Grammar.masks_of`), the model's features (:meth:`features`) and the state after
+    the last token (:meth:`state_after`) all read it, so a training batch needs one scan."""
+
+    fields: dict[str, torch.Tensor]  # GrammarState's scalar fields after each token, (B, T)
+    cur_sounding: torch.Tensor  # (B, T, P) bool: sounding pitches of the current family
+    cur_sustain: torch.Tensor  # (B, T) bool: the current family's pedal
+    any_sounding: torch.Tensor  # (B, T, P) bool: sounding in any family
+    final_sounding: torch.Tensor  # (B, F, P) bool: after the last token
+    final_sustain: torch.Tensor  # (B, F) bool
+
+    def features(self) -> SequenceFeatures:
+        """What a model may use as input features, after each token."""
+        f = self.fields
+        return SequenceFeatures(
+            sounding=self.any_sounding, polyphony=f["count"], family=f["family"], time=f["time"]
+        )
+
+    def state_after(self) -> GrammarState:
+        """The state after the last token."""
+        last = {name: t[:, -1] for name, t in self.fields.items()}
+        return GrammarState(sounding=self.final_sounding, sustain=self.final_sustain, **last)
+
+
 class Grammar:
     """The grammar of a :class:`Vocab` (see the module docstring for the rules).
 
@@ -166,6 +192,10 @@ class Grammar:
 
     numpy_on_cpu: bool = True
     row_batch_max: int = 8  # allowed() and advance() go row by row up to this many rows (CPU)
+    # the whole-sequence scan's sounding notes: True one tensor over every (family, pitch)
+    # slot, no host synchronisation (a GPU's path); False one pass per family that plays
+    # (fewer operations where few families play: the CPU's); None: dense off the CPU
+    dense: bool | None = None
 
     def __init__(self, vocab: Vocab, polyphony_cap: int = 16) -> None:
         self.vocab = vocab
@@ -202,8 +232,8 @@ class Grammar:
         t, _ = self._tables(ids)
         inside = (ids >= 0) & (ids < self.vocab.size)
         safe = ids * inside  # 0 where outside
-        kind = t.kind[safe]
-        kind[~inside] = _UNK
+        # arithmetic, not a masked assignment: on a GPU that would wait for the device
+        kind = t.kind[safe] * inside + _UNK * ~inside
         value = t.value[safe] * inside
         return kind, value
 
@@ -511,12 +541,11 @@ class Grammar:
     # Whole sequences at once
     # -------------------------------------------------------------------------------------------
 
-    def _scan(self, ids: torch.Tensor, state: GrammarState | None):
-        """State fields after every position of ``ids`` (B, T), vectorized over T.
-
-        Returns (fields at (B, T), current-family sounding (B, T, P), current-family sustain
-        (B, T), any-family sounding (B, T, P), final sounding (B, F, P), final sustain (B, F)).
-        """
+    def scan(self, ids: torch.Tensor, state: GrammarState | None = None) -> SequenceScan:
+        """The state after every position of ``ids`` (B, T), vectorized over T (and, with
+        :attr:`dense`, free of host synchronisation). ``state``: where the sequences start
+        (default: the initial state; for a window cut from a longer piece, the state after
+        its prefix)."""
         import torch
 
         B, T = ids.shape
@@ -532,7 +561,7 @@ class Grammar:
 
         is_on, is_off = k == Kind.NOTE_ON, k == Kind.NOTE_OFF
         notes = is_on | is_off
-        sus_on, sus_any = k == Kind.SUSTAIN_ON, (k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF)
+        sus_any = (k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF)
         reset = (k == Kind.INSTRUMENT) | (k == Kind.TIME_SHIFT) | (k == Kind.START)
         step_start = (k == Kind.TIME_SHIFT) | (k == Kind.START)
         family = last(k == Kind.INSTRUMENT, v, s0.family)
@@ -553,8 +582,53 @@ class Grammar:
             ended=s0.ended[:, None] | (k == Kind.END).cummax(1).values,
             time=s0.time[:, None] + torch.where(k == Kind.TIME_SHIFT, v, 0).cumsum(1),
         )
-        # sounding pitches, one family at a time: (B, T, P) "last NOTE event on this pitch"
         p_idx = (v - self.vocab.config.pitch_min).clamp(0, self.P - 1)
+        dense = self.dense if self.dense is not None else dev.type != "cpu"
+        sounding = self._sounding_dense if dense else self._sounding_by_family
+        count, *rest = sounding(s0, family, notes, is_on, sus_any, k == Kind.SUSTAIN_ON, p_idx)
+        f["count"] = count
+        return SequenceScan(f, *rest)
+
+    def _sounding_dense(self, s0, family, notes, is_on, sus_on_or_off, sus_on, p_idx):
+        """Sounding notes and pedals of every (family, pitch) slot after every token: the
+        last NOTE event of each slot, as ``2 * position + is_on`` so that one cummax over
+        (B, T, F * P) carries both; ``family`` (B, T) after each token, the rest (B, T).
+        Returns (count, current family's sounding, its sustain, any family's sounding,
+        final sounding, final sustain)."""
+        import torch
+
+        B, T = family.shape
+        F, P = self.F, self.P
+        has_fam = family < F
+        fam = family.clamp(max=F - 1)
+        code = torch.arange(T, device=family.device, dtype=torch.int32)[None, :] * 2  # (1, T)
+
+        def slots(events, on, index, width, initial):
+            """(B, T, width) bool: each slot's state after each token."""
+            grid = torch.full((B, T, width), -1, dtype=torch.int32, device=family.device)
+            at = torch.where(events & has_fam, code + on.int(), -1)  # (B, T)
+            grid.scatter_(2, index[..., None], at[..., None])
+            last_ev = grid.cummax(dim=1).values  # (B, T, width)
+            return torch.where(last_ev >= 0, (last_ev & 1).bool(), initial[:, None, :])
+
+        snd = slots(notes, is_on, fam * P + p_idx, F * P, s0.sounding.flatten(1))
+        snd = snd.view(B, T, F, P)  # (B, T, F, P)
+        sus = slots(sus_on_or_off, sus_on, fam, F, s0.sustain)  # (B, T, F)
+        cur = snd.gather(2, fam[:, :, None, None].expand(B, T, 1, P))[:, :, 0]  # (B, T, P)
+        cur_sustain = sus.gather(2, fam[..., None])[..., 0] & has_fam
+        count = snd.flatten(2).sum(-1)
+        return (count, cur & has_fam[..., None], cur_sustain, snd.any(2), snd[:, -1],
+                sus[:, -1])  # fmt: skip
+
+    def _sounding_by_family(self, s0, family, notes, is_on, sus_on_or_off, sus_on, p_idx):
+        """:meth:`_sounding_dense` one family at a time, over the families that play (and
+        the rows where they do): less work where few families play, but it reads the batch's
+        families on the host."""
+        import torch
+
+        B, T = family.shape
+        dev = family.device
+        pos = torch.arange(T, device=dev).expand(B, T)
         onehot = (p_idx[..., None] == torch.arange(self.P, device=dev)) & notes[..., None]
         cur_sounding = torch.zeros(B, T, self.P, dtype=torch.bool, device=dev)
         any_sounding = torch.zeros_like(cur_sounding)
@@ -562,7 +636,7 @@ class Grammar:
         count = torch.zeros(B, T, dtype=torch.long, device=dev)
         final_sounding = s0.sounding.clone()
         final_sustain = s0.sustain.clone()
-        present = set(family[notes | sus_any].unique().tolist())
+        present = set(family[notes | sus_on_or_off].unique().tolist())
         present |= set(torch.nonzero(s0.sounding.any(-1) | s0.sustain)[:, 1].unique().tolist())
         # last NOTE event per pitch, as 2 * position + is_on so one cummax carries both
         code = torch.arange(T, device=dev, dtype=torch.int32)[None, :, None] * 2
@@ -581,7 +655,9 @@ class Grammar:
             count[r] += snd.sum(-1)
             any_sounding[r] |= snd
             cur_sounding[r] |= snd & here[..., None]
-            sus = last(sus_any & here_all, sus_on, s0.sustain[:, fam])[r]
+            idx = torch.where(sus_on_or_off & here_all, pos, -1).cummax(dim=1).values
+            sus = torch.where(idx >= 0, sus_on.gather(1, idx.clamp(min=0)),
+                              s0.sustain[:, fam, None])[r]  # fmt: skip
             cur_sustain[r] |= sus & here
             final_sounding[r, fam] = snd[:, -1]
             final_sustain[r, fam] = sus[:, -1]
@@ -589,8 +665,12 @@ class Grammar:
         quiet = [g for g in range(self.F) if g not in present]
         if quiet:
             count += s0.sounding[:, quiet].flatten(1).sum(1)[:, None]
-        f["count"] = count
-        return f, cur_sounding, cur_sustain, any_sounding, final_sounding, final_sustain
+        return count, cur_sounding, cur_sustain, any_sounding, final_sounding, final_sustain
+
+    def masks_of(self, scan: SequenceScan) -> torch.Tensor:
+        """(B, T, V) bool masks of a :meth:`scan` (this grammar's polyphony cap: the scan
+        itself does not depend on it)."""
+        return self._mask(_Fields(scan.fields), scan.cur_sounding, scan.cur_sustain)
 
     def sequence_masks(self, ids: torch.Tensor, state: GrammarState | None = None) -> torch.Tensor:
         """(B, T, V) bool: row t = the ids allowed after ``ids[:, : t + 1]``.
@@ -600,34 +680,24 @@ class Grammar:
         initial state; for a window cut from a longer piece pass :meth:`state_after` of the
         prefix).
         """
-        f, cur_sounding, cur_sustain, *_ = self._scan(ids, state)
-        return self._mask(_Fields(f), cur_sounding, cur_sustain)
+        return self.masks_of(self.scan(ids, state))
 
     def state_after(self, ids: torch.Tensor, state: GrammarState | None = None) -> GrammarState:
         """The state after all of ``ids`` (B, T), computed vectorized."""
-        f, _, _, _, final_sounding, final_sustain = self._scan(ids, state)
-        last = {name: t[:, -1] for name, t in f.items()}
-        return GrammarState(sounding=final_sounding, sustain=final_sustain, **last)
+        return self.scan(ids, state).state_after()
 
     def sequence_features(
         self, ids: torch.Tensor, state: GrammarState | None = None
     ) -> SequenceFeatures:
         """What a model may use as input features, after each token of ``ids`` (B, T)."""
-        f, _, _, any_sounding, _, _ = self._scan(ids, state)
-        return SequenceFeatures(
-            sounding=any_sounding, polyphony=f["count"], family=f["family"], time=f["time"]
-        )
+        return self.scan(ids, state).features()
 
     def features_and_state(
         self, ids: torch.Tensor, state: GrammarState | None = None
     ) -> tuple[SequenceFeatures, GrammarState]:
         """:meth:`sequence_features` and :meth:`state_after` of ``ids`` from one scan."""
-        f, _, _, any_sounding, final_sounding, final_sustain = self._scan(ids, state)
-        features = SequenceFeatures(
-            sounding=any_sounding, polyphony=f["count"], family=f["family"], time=f["time"]
-        )
-        last = {name: t[:, -1] for name, t in f.items()}
-        return features, GrammarState(sounding=final_sounding, sustain=final_sustain, **last)
+        scan = self.scan(ids, state)
+        return scan.features(), scan.state_after()
 
     def violations(self, ids: torch.Tensor, state: GrammarState | None = None) -> torch.Tensor:
         """(B, T) bool: where a token was not allowed by the state before it."""
@@ -680,4 +750,4 @@ class _Fields:
         self.__dict__.update(d)
 
 
-__all__ = ["Grammar", "GrammarState", "SequenceFeatures"]
+__all__ = ["Grammar", "GrammarState", "SequenceFeatures", "SequenceScan"]

@@ -68,9 +68,48 @@ class _Model(Protocol):
     def start_after(self, history: torch.Tensor, *, empty: torch.Tensor) -> Any: ...
 
 
-def prefix_ids(batch: dict[str, torch.Tensor], cache: _Tokens) -> torch.Tensor:
+class TokenTable:
+    """Pieces of a cache as one flat tensor on a device, so that the windows' prefixes are
+    gathered there in one indexing operation per batch (:meth:`prefixes`), not copied row by
+    row on the host. int16 while the vocabulary fits (half of int32, a quarter of int64).
+
+    Args:
+        cache: the token cache.
+        rows: the cache rows to hold (e.g. the train split's); default all.
+        device: where the table lives (the training device).
+    """
+
+    def __init__(self, cache: _Tokens, rows: np.ndarray, device: torch.device | str) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = np.array([len(cache.tokens(int(r))) for r in rows], dtype=np.int64)
+        n_rows = int(rows.max()) + 1 if len(rows) else 0
+        starts = np.full(n_rows, -1, dtype=np.int64)  # (cache rows,) first token in the table
+        starts[rows] = np.cumsum(lengths) - lengths
+        flat = np.concatenate([np.asarray(cache.tokens(int(r))) for r in rows] or [[]])
+        dtype = torch.int16 if flat.size == 0 or int(flat.max()) < 2**15 else torch.int32
+        self.flat = torch.as_tensor(flat.astype(np.int64), device=device).to(dtype)  # (N,)
+        self.starts = torch.as_tensor(starts, device=device)
+        self.lengths = lengths
+        self.rows = rows
+
+    def prefixes(self, index: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """(B, L) on the table's device: the first ``offset`` tokens of cache row ``index``
+        (both (B,), best on the host: L, the longest offset, is read from them), right-aligned
+        behind PAD tokens, as :func:`prefix_ids` gives them."""
+        dev = self.flat.device
+        L = int(offset.max()) if len(offset) else 0
+        off = offset.to(dev, non_blocking=True)
+        j = torch.arange(L, device=dev)[None, :] - (L - off)[:, None]  # (B, L) <0: padding
+        src = self.starts[index.to(dev, non_blocking=True)][:, None] + j.clamp(min=0)
+        return torch.where(j >= 0, self.flat[src].long(), PAD)  # (B, L)
+
+
+def prefix_ids(batch: dict[str, torch.Tensor], cache: _Tokens | TokenTable) -> torch.Tensor:
     """(B, L) each window's un-augmented prefix, the first ``offset`` tokens of piece ``index``
-    of ``cache``, right-aligned behind PAD tokens (L: the longest offset, 0 when none)."""
+    of ``cache``, right-aligned behind PAD tokens (L: the longest offset, 0 when none); from a
+    :class:`TokenTable` gathered on its device, else copied row by row on the host."""
+    if isinstance(cache, TokenTable):
+        return cache.prefixes(batch["index"], batch["offset"])
     offsets = batch["offset"].tolist()
     B, L = len(offsets), max(offsets, default=0)
     prefix = torch.full((B, L), PAD, dtype=torch.long)  # (B, L)
@@ -124,12 +163,14 @@ def augment_state(
     """
     dev = state.family.device
     B, F, P = state.sounding.shape
-    k = transpose.to(dev).long()  # (B,)
-    fmap = family_map.to(dev).long()  # (B, F)
-    fams = torch.arange(F, device=dev)
-    if not torch.equal(fmap.sort(dim=1).values, fams.expand(B, F)):
+    # checked and looked up where the records are (the loader's host tensors: no device sync)
+    fams = torch.arange(F, device=family_map.device)
+    if not torch.equal(family_map.long().sort(dim=1).values, fams.expand(B, F)):
         raise ValueError("family_map rows must be permutations of the families")
-    vmap = torch.from_numpy(velocity_map(velocity_factor.cpu().numpy(), grammar.vocab)).to(dev)
+    vmap = torch.from_numpy(velocity_map(velocity_factor.cpu().numpy(), grammar.vocab))
+    vmap = vmap.to(dev, non_blocking=True)
+    k = transpose.to(dev, non_blocking=True).long()  # (B,)
+    fmap = family_map.to(dev, non_blocking=True).long()  # (B, F)
     # family g of the new state is family inverse[g] of the old one
     inverse = fmap.argsort(dim=1)  # (B, F)
     sounding = state.sounding.gather(1, inverse[:, :, None].expand(B, F, P))  # (B, F, P)
@@ -179,7 +220,9 @@ def augment_onsets(onset: torch.Tensor, transpose: torch.Tensor) -> torch.Tensor
     return torch.where(inside, onset.gather(1, src.clamp(0, P - 1)), 0)
 
 
-def window_start(model: _Model, batch: dict[str, torch.Tensor], cache: _Tokens) -> Any:
+def window_start(
+    model: _Model, batch: dict[str, torch.Tensor], cache: _Tokens | TokenTable
+) -> Any:
     """The state each window of ``batch`` starts from in ``model`` (its ``start_after`` over the
     window's prefix: musical time, grammar-feature state), carried across the window's
     augmentation as :func:`window_states` carries the grammar's; for ``forward(start=...)``.
@@ -197,6 +240,33 @@ def window_start(model: _Model, batch: dict[str, torch.Tensor], cache: _Tokens) 
         )  # fmt: skip
         start.grammar = (state, augment_onsets(onset, batch["transpose"]))
     return start
+
+
+def window_inputs(
+    model: _Model, batch: dict[str, torch.Tensor], cache: _Tokens | TokenTable,
+    grammar: Grammar | None = None,
+) -> tuple[Any, torch.Tensor | None]:  # fmt: skip
+    """What a training batch needs beside its ids, computed on the model's device: the state
+    its windows start from (:func:`window_start`) with the windows' own grammar features in
+    it (``start.features``), and with ``grammar`` the (B, T, V) masks of the grammar-masked
+    loss (else None). The features and the masks read one grammar scan of the window.
+
+    ``batch`` as the loader gives it (host tensors: offsets and augmentation records are read
+    there; ``ids`` go to the device); ``cache`` best a :class:`TokenTable` on the device.
+    """
+    features = getattr(model, "grammar_features", None)
+    start = window_start(model, batch, cache)
+    ids = batch["ids"]
+    if features is None:
+        if grammar is None:
+            return start, None
+        dev = model.embed.weight.device
+        ids = ids.to(dev, non_blocking=True)
+        return start, window_masks(grammar, {**batch, "ids": ids}, cache)
+    ids = ids.to(start.grammar[1].device, non_blocking=True)
+    scan = features.grammar.scan(ids, start.grammar[0])
+    start.features = features.from_scan(ids, scan, start.grammar)[:3]
+    return start, grammar.masks_of(scan) if grammar is not None else None
 
 
 def window_masks(grammar: Grammar, batch: dict[str, torch.Tensor], cache: _Tokens) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from aurl.config import Config, ModelConfig, VocabConfig
-from aurl.data.grammar import Grammar, GrammarState
+from aurl.data.grammar import Grammar, GrammarState, SequenceScan
 from aurl.data.vocab import Kind, Vocab
 from aurl.errors import ConfigError
 from aurl.models.discriminator import MultiScaleDiscriminator
@@ -164,7 +164,8 @@ class GrammarFeatures(nn.Module):
         self.age = nn.Linear(P, d_model, bias=False)
         self.family = nn.Embedding(c.num_instruments + 1, d_model)
 
-    def _embed(self, sounding: Tensor, age_steps: Tensor, family: Tensor) -> Tensor:
+    def embed(self, sounding: Tensor, age_steps: Tensor, family: Tensor) -> Tensor:
+        """Sounding pitches (..., P) bool, their ages in steps (..., P), family (...) -> (..., D)."""
         age = torch.log1p(age_steps.to(self.family.weight.dtype) * self.beats_per_step)
         return self.sounding(sounding.to(age.dtype)) + self.age(age) + self.family(family)
 
@@ -182,8 +183,15 @@ class GrammarFeatures(nn.Module):
         family (B, T), onset step of each pitch at the end (B, P)), after each token.
         ``carry``: the state before ``ids`` (default: the initial state)."""
         B = ids.shape[0]
-        gstate, onset0 = carry if carry is not None else self.initial(B, ids.device)
-        return self._from(ids, self.grammar.sequence_features(ids, gstate), gstate, onset0)
+        carry = carry if carry is not None else self.initial(B, ids.device)
+        return self.from_scan(ids, self.grammar.scan(ids, carry[0]), carry)
+
+    def from_scan(
+        self, ids: Tensor, scan: SequenceScan, carry: tuple[GrammarState, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`features` from a grammar scan of ``ids`` started at ``carry`` (the trainer's,
+        which its grammar masks read too: one scan per batch)."""
+        return self._from(ids, scan.features(), carry[0], carry[1])
 
     def carry_after(
         self, ids: Tensor, carry: tuple[GrammarState, Tensor]
@@ -213,7 +221,7 @@ class GrammarFeatures(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``ids`` (B, T) -> (embedding (B, T, D), onset step of each pitch at the end (B, P))."""
         snd, age, family, onset = self.features(ids, carry)
-        return self._embed(snd, age, family), onset
+        return self.embed(snd, age, family), onset
 
     def extend(
         self, ids: Tensor, carry: tuple[GrammarState, Tensor]
@@ -233,7 +241,7 @@ class GrammarFeatures(nn.Module):
         time = gstate.time[:, None]  # (B, 1)
         onset = torch.where(snd & ~before, time, onset)
         age = torch.where(snd, time - onset, 0)
-        emb = self._embed(snd[:, None], age[:, None], gstate.family[:, None])
+        emb = self.embed(snd[:, None], age[:, None], gstate.family[:, None])
         return emb, (gstate, onset)
 
 
@@ -262,6 +270,10 @@ class WindowStart:
     ticks: Tensor | None = None  # (B,) musical time in ticks
     tempo: Tensor | None = None  # (B,) current tempo bin, -1 before the first TEMPO
     grammar: tuple[GrammarState, Tensor] | None = None  # grammar state, pitch onsets (B, P)
+    # the window's own grammar features (sounding (B, T, P), age (B, T, P), family (B, T)),
+    # when the caller computed them (the trainer: from the scan its masks read); None: forward
+    # scans the window itself
+    features: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -418,7 +430,9 @@ class MusicTransformerVAEGAN(nn.Module):
         time_emb = gram_emb = None
         if self.time is not None:
             time_emb = self.time(ids, start.ticks, start.tempo, meter)[0]
-        if self.grammar_features is not None:
+        if self.grammar_features is not None and start.features is not None:
+            gram_emb = self.grammar_features.embed(*start.features)
+        elif self.grammar_features is not None:
             gram_emb = self.grammar_features(ids, start.grammar)[0]
         x = self._input(ids, cond, time_emb, gram_emb)
         key_mask = attention_mask.bool() if attention_mask is not None else None

@@ -349,6 +349,7 @@ class _Run:
     # {"base", "base_sha256", "lora": {"rank", "alpha"} or None}: travels in every checkpoint,
     # so that a resumed fine-tune rebuilds its adapters and writes its adapter folder
     finetune: dict[str, Any] | None = None
+    prefixes: Any = None  # aurl.data.window_state.TokenTable: the train pieces on the device
 
     def log(self, line: str) -> None:
         if self.monitor:
@@ -683,7 +684,7 @@ def _train_step(run: _Run, stage: _Stage) -> _Step:
     set_lr(stage.opt, lr)
     loss_cfg = stage.config.loss
     micro = _micro_batches(run, stage)
-    tokens = sum(int(batch["attention_mask"].sum()) for batch, _ in micro) * d.world
+    tokens = sum(batch["tokens"] for batch, _ in micro) * d.world
     # VAE modes draw posterior samples (and vae_gan Gumbel noise) in every micro-batch: seeded
     # by the micro-batch's place in the global batch, N processes draw what one process does
     seeds = micro_seeds(t.seed, run.step, len(micro), d) if stage.mode != "transformer" else None
@@ -805,9 +806,13 @@ def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch
     """The next ``grad_accum`` batches on the device, each with its grammar masks (or None),
     the state its windows start from (``start``: the musical time and grammar features their
     prefixes leave, :func:`aurl.data.window_state.window_start`) and the pieces' ``meter``."""
-    from aurl.data.window_state import window_start
+    from aurl.data.window_state import TokenTable, window_inputs
 
     device = run.d.device
+    model = stage.model
+    features = model.time is not None or model.grammar_features is not None
+    if (features or run.use_grammar) and run.prefixes is None:  # the train pieces, on the device
+        run.prefixes = TokenTable(run.cache, run.cache.split_indices("train"), device)
     out = []
     for _ in range(run.config.training.grad_accum):
         # a DataLoader draws its workers' base seed from the global torch RNG whenever it
@@ -818,19 +823,17 @@ def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch
         batch: dict[str, Any] = {
             k: next_batch[k].to(device, non_blocking=True) for k in ("ids", "attention_mask")
         }
-        model = stage.model
-        if model.time is not None or model.grammar_features is not None:
-            batch["start"] = window_start(model, next_batch, run.cache)
+        batch["tokens"] = int(next_batch["attention_mask"].sum())  # counted on the host
         if "meter" in next_batch:
             batch["meter"] = next_batch["meter"].to(device, non_blocking=True)
+        # everything on the device, from one grammar scan of the window (no per-batch host work
+        # but the loader's): the start state from the prefix, the features, the masks
         allowed = None
-        carried = getattr(batch.get("start"), "grammar", None)
-        if run.use_grammar and carried is not None:  # the start state's scan serves the masks
-            allowed = run.grammar.sequence_masks(batch["ids"], carried[0])
-        elif run.use_grammar:  # built on the CPU beside the loader, then moved
-            allowed = grammar_masks(run.grammar, next_batch, run.cache).to(
-                device, non_blocking=True
-            )
+        if features:
+            grammar = run.grammar if run.use_grammar else None
+            batch["start"], allowed = window_inputs(model, next_batch, run.prefixes, grammar)
+        elif run.use_grammar:
+            allowed = grammar_masks(run.grammar, {**next_batch, "ids": batch["ids"]}, run.prefixes)
         out.append((batch, allowed))
     return out
 
