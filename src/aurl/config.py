@@ -201,6 +201,8 @@ class TrainingConfig:
     disc_lr: float = _num(1e-4, 0.0, 10.0)
     # multi-stage: (mode, steps) pairs run in order, each starting from the last
     stages: tuple[tuple[str, int], ...] = ()
+    # the device's dense bf16 TFLOP/s for the MFU in the log; 0: from aurl.training.mfu's table
+    peak_tflops: float = _num(0.0, 0.0)
 
 
 @dataclass(frozen=True)

@@ -347,6 +347,7 @@ class MusicTransformerVAEGAN(nn.Module):
         self.conditioner = LatentConditioner(c) if vae else None
         self.discriminator = MultiScaleDiscriminator(c, V) if c.mode == "vae_gan" else None
         self.grad_checkpointing = False
+        self.right_padding = False  # set_right_padding
         self.loss_log_vars = (
             nn.Parameter(torch.zeros(len(self.LOSS_TERMS))) if auto_balance else None
         )
@@ -436,6 +437,8 @@ class MusicTransformerVAEGAN(nn.Module):
             gram_emb = self.grammar_features(ids, start.grammar)[0]
         x = self._input(ids, cond, time_emb, gram_emb)
         key_mask = attention_mask.bool() if attention_mask is not None else None
+        if self.right_padding and self.window is None:  # causal: no real query sees the padding
+            key_mask = None
         if self.window is not None and self.window < T:  # block-local, linear in T
             mask = Sparse(self.window, self.n_global, self.summary_len, key_mask)
         else:
@@ -449,6 +452,14 @@ class MusicTransformerVAEGAN(nn.Module):
                 x = block(x, cos, sin, mask)
         logits, h = self._logits(x)
         return ModelOutput(logits=logits, hidden=h, posterior=posterior, latents=latents)
+
+    def set_right_padding(self, enabled: bool = True) -> None:
+        """Promise that every ``attention_mask`` given to :meth:`forward` pads on the right
+        only (as the training loader and the likelihood batches do). Causal full attention then
+        needs no mask (a real token never sees a later position) and runs SDPA's causal kernel
+        (flash attention on a GPU) instead of materialising a (B, 1, T, T) mask; outputs at
+        padded positions change, those at real ones do not. The VAE encoder still reads it."""
+        self.right_padding = enabled
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations (training)."""

@@ -98,6 +98,8 @@ def train_line(step: int, values: dict[str, float]) -> str:
     parts = [f"step {step}", f"loss {values['loss']:.3f}"]
     if "tok_per_s" in values:
         parts.append(f"tok/s {human(values['tok_per_s'])}")
+    if "mfu" in values:
+        parts.append(f"mfu {100 * values['mfu']:.1f}%")
     parts.append(f"lr {values['lr']:.1e}")
     if "grad_norm" in values:
         parts.append(f"gnorm {values['grad_norm']:.2f}")

@@ -128,7 +128,11 @@ def make_optimizer(
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t.disc_lr if disc else t.lr, betas=(t.beta1, t.beta2))
+    # one fused kernel for the whole update on CUDA, instead of a loop of small kernels
+    fused = all(p.is_cuda for _, p in params)
+    return torch.optim.AdamW(
+        groups, lr=t.disc_lr if disc else t.lr, betas=(t.beta1, t.beta2), fused=fused or None
+    )
 
 
 def gan_schedule(config: Config, step: int) -> LossConfig:
@@ -508,6 +512,7 @@ def _build_stage(
     # identical initial weights on every rank and in every resumed run
     seed_everything(t.seed + index)
     model = build_model(cfg).to(device)
+    model.set_right_padding(True)  # the loader's and validation's batches pad on the right
     if t.grad_checkpointing:
         _enable_grad_checkpointing(model)
     end = run.ends[index]
@@ -600,9 +605,14 @@ def _wrap(
 
 def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopRequest) -> None:
     """Optimizer steps until the stage ends or a stop (early stopping, time budget, Ctrl-C)."""
+    from aurl.training import mfu
+
     t, d = run.config.training, run.d
     # throughput counts the training steps only (not validation, samples, checkpoints)
     tokens_since, time_since, steps_since = 0, 0.0, 0
+    peak = mfu.peak_tflops(d.device, t.peak_tflops)
+    c = stage.config.model
+    n_params = sum(p.numel() for p in stage.gen_params)
     # a rollback moves ``run.step`` back, so the loop runs on it, not on a range
     pbar = progress(itertools.count(), total=stage.end - run.step, desc=f"train {stage.mode}")
     for _ in pbar:
@@ -631,6 +641,10 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
             }  # fmt: skip
             if out.disc_grad_norm is not None:
                 values["disc_grad_norm"] = out.disc_grad_norm
+            if peak is not None:  # per device: each rank's share of the tokens on its own GPU
+                context = run.loader.window()
+                per_token = mfu.flops_per_token(n_params, c.n_layers, c.d_model, context)
+                values["mfu"] = mfu.mfu(values["tok_per_s"] / d.world, per_token, peak)
             if run.monitor:
                 run.monitor.scalars(run.step, "train", values)
                 run.monitor.line(train_line(run.step, values))
@@ -959,6 +973,8 @@ def _finish(run: _Run, model: torch.nn.Module | None) -> TrainResult:
             f"done step {run.step} stopped {run.stopped} loss {run.last_loss:.4f}{best}"
         )
         run.monitor.close()
+    if model is not None:  # the caller may pad otherwise
+        model.set_right_padding(False)
     return TrainResult(
         run.step, run.last_loss, run.valid_loss, run.best_valid, run.stopped, run.run_dir, model
     )
