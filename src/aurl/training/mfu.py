@@ -51,7 +51,7 @@ def peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
 
 def flops_per_token(params: int, n_layers: int, d_model: int, context: int) -> float:
     """``6 N + 12 L d T``: training FLOPs per token (module docstring)."""
-    return 6.0 * params + 6.0 * n_layers * d_model * context
+    return 6.0 * params + 12.0 * n_layers * d_model * context
 
 
 def mfu(tokens_per_s: float, flops_token: float, peak: float) -> float:
