@@ -348,14 +348,17 @@ class Grammar:
         notes = is_on | is_off
         sus_any = (k == _SUS_ON) | (k == _SUS_OFF)
         note = notes & has_fam
-        if note.any():
-            rows = note.nonzero()[0] if isinstance(note, np.ndarray) else note.nonzero()[:, 0]
+        sus = sus_any & has_fam
+        if not isinstance(ids, np.ndarray):  # torch: no host sync (a CUDA graph captures it)
+            s.update(self._set_slots(s, fam, (v - self.vocab.config.pitch_min).clamp(0, self.P - 1),
+                                     note, is_on, sus, k == _SUS_ON))  # fmt: skip
+        elif note.any():
+            rows = note.nonzero()[0]
             p = (v[rows] - self.vocab.config.pitch_min).clip(0, self.P - 1)
             s["sounding"] = ops.copy(s["sounding"])
             s["sounding"][rows, fam[rows], p] = is_on[rows]
             s["count"] = s["sounding"].reshape(len(ids), -1).sum(1)
-        sus = sus_any & has_fam
-        if sus.any():
+        if isinstance(ids, np.ndarray) and sus.any():
             rows = sus.nonzero()[0] if isinstance(sus, np.ndarray) else sus.nonzero()[:, 0]
             s["sustain"] = ops.copy(s["sustain"])
             s["sustain"][rows, fam[rows]] = k[rows] == _SUS_ON
@@ -380,6 +383,22 @@ class Grammar:
         s["ended"] = s["ended"] | (k == _END)
         s["last_kind"], s["last_value"] = k, v
         return s
+
+    def _set_slots(self, s: dict, fam, p, note, is_on, sus, sus_on) -> dict:
+        """Sounding notes, count and pedals after one token per row (torch), with ``where``
+        over the (B, F, P) slots instead of indexing the rows that changed: fixed shapes, no
+        host synchronisation."""
+        import torch
+
+        fams = torch.arange(self.F, device=fam.device)
+        pitches = torch.arange(self.P, device=fam.device)
+        at_fam = fams[None, :] == fam[:, None]  # (B, F)
+        slot = at_fam[:, :, None] & (pitches[None, None, :] == p[:, None, None])  # (B, F, P)
+        slot = slot & note[:, None, None]
+        sounding = torch.where(slot, is_on[:, None, None], s["sounding"])
+        count = torch.where(note, sounding.flatten(1).sum(1), s["count"])
+        sustain = torch.where(at_fam & sus[:, None], sus_on[:, None], s["sustain"])
+        return {"sounding": sounding, "count": count, "sustain": sustain}
 
     def allowed(self, state: GrammarState) -> torch.Tensor:
         """(B, V) bool: the ids allowed next in each sequence."""
