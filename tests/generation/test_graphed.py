@@ -1,0 +1,118 @@
+"""The static-cache step of :mod:`aurl.generation.graphed` (what a CUDA graph captures) equals
+the model's own step on real chorales, batch 1 and batch N; its draws obey the grammar; the
+graph itself runs only on CUDA (skipped here, refused on the CPU in one clear line)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from aurl.config import ModelConfig
+from aurl.data.grammar import Grammar
+from aurl.data.tokenizer import Tokenizer
+from aurl.data.vocab import PAD
+from aurl.generation.graphed import GraphedOptions, StaticDecoder, cut_at_end
+from aurl.models.model import MusicTransformerVAEGAN
+
+MIDI = Path(__file__).parents[1] / "fixtures" / "midi"
+TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=512, dropout=0.0, meter=True)
+PROMPT, FED = 24, 48  # prompt tokens, then tokens fed one by one
+
+
+@pytest.fixture(scope="module")
+def model() -> MusicTransformerVAEGAN:
+    torch.manual_seed(0)
+    return MusicTransformerVAEGAN(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def chorales() -> torch.Tensor:
+    """(3, PROMPT + FED) the opening tokens of three chorales."""
+    tok = Tokenizer()
+    rows = [tok.encode_file(MIDI / name)[: PROMPT + FED]
+            for name in ("bach_bwv153.1.mid", "bach_bwv269.mid", "bach_bwv347.mid")]  # fmt: skip
+    return torch.tensor([list(r) for r in rows], dtype=torch.long)
+
+
+def primed(model, ids: torch.Tensor, capacity: int = 128):
+    meter = torch.tensor([[4, 4]] * len(ids))
+    state = model.init_state(len(ids), capacity=capacity, meter=meter)
+    model.step(ids[:, : PROMPT - 1], state)  # the prompt but its last token
+    return state
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_static_step_equals_the_models_step(model, chorales, rows) -> None:
+    ids = chorales[:rows]
+    dynamic, static = primed(model, ids), StaticDecoder(model, primed(model, ids), graphs=False)
+    with torch.no_grad():
+        for t in range(PROMPT - 1, PROMPT + FED):
+            want = model.step(ids[:, t : t + 1], dynamic)[:, 0]  # (B, V)
+            got = static.logits_of(ids[:, t : t + 1])
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert int(static.pos) == dynamic.pos
+    assert torch.equal(static.ticks, dynamic.ticks) and torch.equal(static.tempo, dynamic.tempo)
+    for f in dataclasses.fields(dynamic.grammar[0]):  # the grammar features' state, bitwise
+        assert torch.equal(getattr(static.carry[0], f.name), getattr(dynamic.grammar[0], f.name))
+    assert torch.equal(static.carry[1], dynamic.grammar[1])
+
+
+def test_draws_obey_the_grammar_and_the_seed(model, chorales) -> None:
+    grammar = Grammar(model.vocab, polyphony_cap=8)
+    ids = chorales[:, :PROMPT]
+    outs = []
+    for _ in range(2):
+        dec = StaticDecoder(model, primed(model, ids), grammar=grammar, graphs=False,
+                            options=GraphedOptions(temperature=1.0, top_k=40))  # fmt: skip
+        with torch.no_grad():
+            outs.append(dec.generate(ids[:, -1], 60, seed=7))
+    assert torch.equal(outs[0], outs[1])  # same seed, same tokens
+    whole = torch.cat([ids, outs[0]], dim=1)
+    assert grammar.count_violations(whole) == 0  # every drawn id was allowed
+    assert (outs[0] != PAD).any(1).all()
+    assert all(len(r) <= 60 for r in cut_at_end(outs[0]))
+
+
+def test_greedy_draws_take_the_masked_argmax(model, chorales) -> None:
+    grammar = Grammar(model.vocab, polyphony_cap=8)
+    ids = chorales[:1, :PROMPT]
+    dec = StaticDecoder(model, primed(model, ids), grammar=grammar, graphs=False,
+                        options=GraphedOptions(temperature=0.0))  # fmt: skip
+    ref = primed(model, ids)
+    with torch.no_grad():
+        drawn = dec.generate(ids[:, -1], 10)
+        gstate = grammar.state_after(ids)
+        last = ids[:, -1:]
+        for i in range(10):  # the reference: the model's step, the grammar's mask, argmax
+            logits = model.step(last, ref)[:, 0]
+            want = logits.masked_fill(~grammar.allowed(gstate), float("-inf")).argmax(-1)
+            assert int(drawn[0, i]) == int(want[0])
+            gstate = grammar.advance(gstate, want)
+            last = want[:, None]
+
+
+def test_graphs_are_refused_off_cuda_and_windowed_models(model, chorales) -> None:
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        StaticDecoder(model, primed(model, chorales[:1]), graphs=True)
+    local = MusicTransformerVAEGAN(dataclasses.replace(TINY, attention="local", local_window=16))
+    with pytest.raises(ValueError, match="model.attention=full"):
+        StaticDecoder(local.eval(), primed(local.eval(), chorales[:1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_the_graph_replays_the_eager_step(model, chorales) -> None:  # pragma: no cover - GPU
+    cuda = MusicTransformerVAEGAN(TINY).cuda().eval()
+    cuda.load_state_dict(model.state_dict())
+    ids = chorales.cuda()
+    grammar = Grammar(cuda.vocab, polyphony_cap=8)
+    with torch.no_grad():
+        eager = StaticDecoder(cuda, primed(cuda, ids), grammar=grammar, graphs=False,
+                              options=GraphedOptions(temperature=0.0))  # fmt: skip
+        graphed = StaticDecoder(cuda, primed(cuda, ids), grammar=grammar,
+                                options=GraphedOptions(temperature=0.0))  # fmt: skip
+        a = eager.generate(ids[:, PROMPT - 1], 40)
+        b = graphed.generate(ids[:, PROMPT - 1], 40)
+    assert graphed.graph is not None and torch.equal(a, b)
