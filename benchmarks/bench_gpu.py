@@ -1,0 +1,377 @@
+"""Aurl at GPU speed, side by side with Hugging Face GPT-2 of the same shape (issue 16).
+
+One script, under 5 minutes on an H200, printing the table for BENCHMARKS.md:
+
+1. **The quality race** (default 2 minutes each, the same GPU): Aurl's ``full`` preset
+   (transformer mode, every musical feature on: musical positions with meter, grammar
+   features, the grammar-masked loss, windows starting from their prefix's state) trained by
+   :func:`aurl.training.trainer.train` on the bundled chorales' grouped split, against a
+   ``GPT2LMHeadModel`` of the same width, depth and heads (SDPA attention) trained on MidiTok
+   REMI tokens of the same train files (Aurl's own ids where MidiTok is absent; the table
+   says which) by a plain loop: AdamW (fused on CUDA), the preset's lr with linear warmup,
+   random windows of the same length and batch, bf16 autocast on CUDA. No validation inside
+   either budget. Then each scores the test split: bits per note = NLL in bits / the test
+   files' notes (one denominator for both tokenizations; Aurl renormalised over the grammar's
+   ids, as it samples).
+2. **Training throughput and MFU**, read from the race: real (non-padding) tokens per second of
+   the steps after the first logged interval, and MFU = (6 N + 12 L d T) x tokens/s / peak
+   (:mod:`aurl.training.mfu`; the H200's dense bf16 peak 989 TFLOP/s).
+3. **Decoding**, batch 1 and batch 64, ``--decode`` tokens after a 16-token prompt, sampling at
+   temperature 1: Aurl's eager step loop (``model.step``, the grammar's mask, a draw, one host
+   sync per token, as the generation loop runs), Aurl's static-cache step
+   (:class:`aurl.generation.graphed.StaticDecoder`, one CUDA graph per token on CUDA), and HF
+   ``generate`` (KV cache, sampling) of the race's GPT-2.
+
+The corpus is prepared on the CPU first (``--prepare DIR``: the cache, and the REMI ids when
+MidiTok is installed), so that the GPU machine needs only torch, transformers and Aurl's source
+(no symusic, music21 or miditok there). ``--smoke``: tiny preset, 30 chorales, seconds of
+budget, on the CPU; the test suite runs it to check the plumbing.
+
+Run:
+    .venv/bin/python benchmarks/bench_gpu.py --prepare .bench     # here, on the CPU, once
+    python3 benchmarks/bench_gpu.py --work .bench --device cuda   # on the GPU (BENCHMARKS.md)
+    .venv/bin/python benchmarks/bench_gpu.py --smoke              # seconds, on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aurl.config import load_config
+from aurl.data.cache import TokenCache, prepare
+from aurl.data.corpus import build_corpus
+from aurl.data.grammar import Grammar
+from aurl.data.vocab import PAD
+from aurl.evaluation.likelihood import score_sequences
+from aurl.training import mfu
+
+LN2 = math.log(2.0)
+PROMPT = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Data, prepared on the CPU
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_work(work: Path, smoke: bool) -> None:
+    """The grouped chorale cache in ``work/cache`` and, with MidiTok, ``work/remi.npz`` (REMI
+    ids of every cached file, by cache row). Kept when already there."""
+    cache_dir = work / "cache"
+    if not (cache_dir / "index.npz").is_file():
+        build_corpus("bach-chorales", work / "corpus", workers=1)
+        if smoke:  # 30 pieces: a few in each split
+            for path in sorted((work / "corpus").rglob("*.mid"))[30:]:
+                path.unlink()
+        prepare(work / "corpus", cache_dir, workers=1)
+    remi = work / "remi.npz"
+    if remi.is_file():
+        return
+    try:
+        from miditok import REMI, TokenizerConfig
+    except ImportError:
+        print("miditok is not installed: the GPT-2 baseline will read Aurl's ids")
+        return
+    tok = REMI(TokenizerConfig(use_programs=True, one_token_stream_for_programs=True,
+                               use_tempos=True, use_velocities=True))  # fmt: skip
+    cache = TokenCache(cache_dir)
+    rows = {}
+    for i in range(len(cache)):
+        ids = tok.encode(work / "corpus" / cache.relpath(i)).ids
+        rows[f"row{i}"] = np.array([tok.vocab["BOS_None"], *ids, tok.vocab["EOS_None"]], np.int64)
+    np.savez(remi, vocab_size=len(tok), pad=tok.pad_token_id, bos=tok.vocab["BOS_None"],
+             eos=tok.vocab["EOS_None"], **rows)  # fmt: skip
+
+
+def baseline_sequences(work: Path, cache: TokenCache) -> tuple[dict, str]:
+    """(train/test id arrays, vocab size, pad id) for GPT-2, and which tokens they are."""
+    train_rows, test_rows = cache.split_indices("train"), cache.split_indices("test")
+    remi = work / "remi.npz"
+    if remi.is_file():
+        z = np.load(remi)
+        seqs = {k: [z[f"row{i}"] for i in rows] for k, rows in
+                (("train", train_rows), ("test", test_rows))}  # fmt: skip
+        return {**seqs, "vocab": int(z["vocab_size"]), "pad": int(z["pad"])}, "REMI"
+    seqs = {k: [np.asarray(cache.tokens(int(i)), np.int64) for i in rows]
+            for k, rows in (("train", train_rows), ("test", test_rows))}  # fmt: skip
+    return {**seqs, "vocab": 774, "pad": PAD}, "aurl ids"
+
+
+# --------------------------------------------------------------------------------------------
+# The race
+# --------------------------------------------------------------------------------------------
+
+
+def aurl_race(config, work: Path, device: torch.device) -> tuple[dict, torch.nn.Module]:
+    from aurl.training.trainer import train
+
+    run = work / "race-aurl"
+    result = train(config, run, echo=lambda line: None)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if r.get("kind") == "train"]
+    steady = train_recs[1:] or train_recs  # the first interval holds the warm-up
+    model = result.model.eval()
+    cache = TokenCache(config.data.cache)
+    rows = cache.split_indices("test")
+    seqs = [np.asarray(cache.tokens(int(r)), np.int64) for r in rows]
+    scored = score_sequences(
+        model, seqs, window=config.data.window, batch_size=config.data.batch_size,
+        grammar=Grammar(model.vocab, config.data.polyphony_cap),
+        meters=[cache.meters[int(r)] for r in rows],
+    )  # fmt: skip
+    out = {
+        "steps": result.step, "bits_per_note": scored.bits_per_note,
+        "tok_per_s": statistics.median(r["tok_per_s"] for r in steady),
+        "mfu": statistics.median(r["mfu"] for r in steady) if "mfu" in steady[-1] else None,
+        "params": sum(p.numel() for p in model.parameters()),
+    }  # fmt: skip
+    return out, model
+
+
+def gpt2_model(config, vocab: int, window: int, device: torch.device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = config.model
+    cfg = GPT2Config(
+        vocab_size=vocab, n_positions=window + 1, n_embd=c.d_model, n_layer=c.n_layers,
+        n_head=c.n_heads, n_inner=c.ff_mult * c.d_model, resid_pdrop=c.dropout,
+        embd_pdrop=c.dropout, attn_pdrop=c.dropout, bos_token_id=None, eos_token_id=None,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg).to(device)
+
+
+def gpt2_race(config, seqs: dict, notes: int, minutes: float, device: torch.device,
+              peak: float | None) -> tuple[dict, torch.nn.Module]:  # fmt: skip
+    """The plain loop on random windows for ``minutes`` of wall time (module docstring)."""
+    window, batch, pad = config.data.window, config.data.batch_size, seqs["pad"]
+    torch.manual_seed(0)
+    model = gpt2_model(config, seqs["vocab"], window, device).train()
+    t = config.training
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
+                            weight_decay=t.weight_decay, fused=device.type == "cuda" or None)  # fmt: skip
+    rng = np.random.default_rng(0)
+    lengths = np.array([len(s) for s in seqs["train"]], dtype=np.float64)
+    bf16 = device.type == "cuda"
+    step, tokens, timed_s, t0 = 0, 0, 0.0, time.perf_counter()
+    rates = []
+    while time.perf_counter() - t0 < minutes * 60:
+        s0 = time.perf_counter()  # the step's time includes drawing its batch, as Aurl's does
+        ids = np.full((batch, window + 1), pad, dtype=np.int64)
+        for r, i in enumerate(rng.choice(len(lengths), size=batch, p=lengths / lengths.sum())):
+            s = seqs["train"][i]
+            start = rng.integers(0, max(1, len(s) - window))
+            piece = s[start : start + window + 1]
+            ids[r, : len(piece)] = piece
+        real = int((ids[:, 1:] != pad).sum())
+        x = torch.from_numpy(ids).to(device, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = t.lr * min(1.0, (step + 1) / max(t.warmup_steps, 1))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), ignore_index=pad
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        step += 1
+        if step % 10 == 0:
+            float(loss.detach())  # the sync a log line makes
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timed_s += time.perf_counter() - s0
+        tokens += real
+        if step % 10 == 0 or device.type == "cpu":
+            rates.append(tokens / timed_s)
+            tokens, timed_s = 0, 0.0
+    tok_s = statistics.median(rates[1:] or rates) if rates else tokens / max(timed_s, 1e-9)
+    model.eval()
+    scored = score_sequences(model, seqs["test"], window=window, batch_size=batch)
+    n = sum(p.numel() for p in model.parameters())
+    per_token = mfu.flops_per_token(n, config.model.n_layers, config.model.d_model, window)
+    out = {
+        "steps": step, "bits_per_note": scored.nll / LN2 / notes, "tok_per_s": tok_s,
+        "mfu": mfu.mfu(tok_s, per_token, peak) if peak else None, "params": n,
+    }  # fmt: skip
+    return out, model
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def aurl_decode(model, prompt: torch.Tensor, n: int, *, graphed: bool | None) -> float:
+    """Tokens per second (all rows) of ``n`` tokens after ``prompt`` (B, PROMPT): the static
+    decoder (``graphed``: its CUDA graph, or False: the same step eager) or, with None, the
+    eager loop of ``model.step``, the grammar's mask and a draw (a host sync per token)."""
+    from aurl.generation.graphed import GraphedOptions, StaticDecoder
+    from aurl.generation.sampling import SamplingOptions, sample
+
+    device, B = prompt.device, prompt.shape[0]
+    grammar = Grammar(model.vocab, polyphony_cap=8)
+    meter = torch.tensor([[4, 4]] * B, device=device)
+    state = model.init_state(B, capacity=PROMPT + n + 1, meter=meter)
+    model.step(prompt[:, :-1], state)
+    _sync(device)
+    t0 = time.perf_counter()
+    if graphed is None:
+        gstate = grammar.state_after(prompt[:, :-1])
+        last, options = prompt[:, -1:], SamplingOptions()
+        for _ in range(n):
+            gstate = grammar.advance(gstate, last[:, 0])
+            logits = model.step(last, state)[:, 0]
+            logits = logits.masked_fill(~grammar.allowed(gstate), float("-inf"))
+            last = sample(logits, options)[:, None]
+            last.cpu()  # the generation loop reads each id on the host
+    else:
+        dec = StaticDecoder(model, state, grammar=grammar, graphs=graphed,
+                            options=GraphedOptions(temperature=1.0))  # fmt: skip
+        dec.generate(prompt[:, -1], n, seed=0).cpu()
+    _sync(device)
+    return B * n / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def hf_decode(model, prompt: torch.Tensor, n: int) -> float:
+    device, B = prompt.device, prompt.shape[0]
+    model.eval()
+    _sync(device)
+    t0 = time.perf_counter()
+    model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=0,
+                   pad_token_id=0, attention_mask=torch.ones_like(prompt))  # fmt: skip
+    _sync(device)
+    return B * n / (time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+
+def table(r: dict) -> str:
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    a, g = r["aurl"], r.get("gpt2")
+    gpt = f"HF GPT-2 ({r['baseline_tokens']})"
+    lines = [
+        f"| {r['device']}, {r['preset']} shape, batch {r['batch']} x {r['window']}, "
+        f"race {r['minutes']} min | Aurl | {gpt} |",
+        "|---|---|---|",
+        f"| parameters | {a['params'] / 1e6:.1f}M | {num(g and g['params'] / 1e6, '.1f')}M |",
+        f"| train tokens/s (real tokens) | {a['tok_per_s']:,.0f} "
+        f"| {num(g and g['tok_per_s'], ',.0f')} |",
+        f"| MFU | {num(a['mfu'] and 100 * a['mfu'], '.1f')}% "
+        f"| {num(g and g['mfu'] and 100 * g['mfu'], '.1f')}% |",
+        f"| optimizer steps in the race | {a['steps']} | {num(g and g['steps'], 'd')} |",
+        f"| test bits/note | {a['bits_per_note']:.3f} | {num(g and g['bits_per_note'], '.3f')} |",
+    ]
+    for b, d in r["decode"].items():
+        lines.append(
+            f"| decode batch {b}, tokens/s: Aurl graphed / static eager / step loop; HF generate "
+            f"| {d['graphed']:,.0f} / {d['static']:,.0f} / {d['eager']:,.0f} "
+            f"| {num(d.get('hf'), ',.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--prepare", metavar="DIR", help="only prepare the data into DIR (CPU)")
+    p.add_argument("--work", help="prepared folder (default: a temp folder, prepared here)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="full")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--minutes", type=float, default=2.0, help="race budget per model")
+    p.add_argument("--decode", type=int, default=256, help="tokens per decoding run")
+    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--compile", action="store_true", help="training.compile for Aurl")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Aurl overrides")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, seconds")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.preset, args.window, args.batch = "tiny", 64, 4
+        args.minutes, args.decode, args.decode_batches = 0.05, 8, [1, 3]
+    if args.prepare:
+        prepare_work(Path(args.prepare), args.smoke)
+        return {}
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        prepare_work(work, args.smoke)  # no-op when prepared
+        results = run(args, work, device)
+    print(table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def run(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    overrides = [
+        f"data.cache={work / 'cache'}", f"data.window={args.window}",
+        f"data.batch_size={args.batch}", f"training.device={device}",
+        f"training.max_minutes={args.minutes}", "training.max_steps=100000",
+        "training.eval_every=100000", "training.save_every=100000", "training.keep_best=0",
+        "training.sample_every=0", f"training.log_every={1 if args.smoke else 10}",
+        f"training.precision={'bf16' if cuda else 'fp32'}",
+        f"training.compile={str(args.compile).lower()}", *args.set,
+    ]  # fmt: skip
+    config = load_config(preset=args.preset, overrides=overrides)
+    peak = mfu.peak_tflops(device, config.training.peak_tflops)
+    results: dict = {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "preset": args.preset,
+        "batch": args.batch, "window": args.window, "minutes": args.minutes,
+        "peak_tflops": peak, "decode": {},
+    }  # fmt: skip
+    aurl, model = aurl_race(config, work, device)
+    results["aurl"] = aurl
+    cache = TokenCache(work / "cache")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformers is not installed: no GPT-2 baseline")
+        gpt2 = None
+        results["baseline_tokens"] = "absent"
+    else:
+        seqs, results["baseline_tokens"] = baseline_sequences(work, cache)
+        notes = int(cache.notes[cache.split_indices("test")].sum())
+        results["gpt2"], gpt2 = gpt2_race(config, seqs, notes, args.minutes, device, peak)
+    row = np.asarray(cache.tokens(int(cache.split_indices("test")[0])), np.int64)[:PROMPT]
+    for b in args.decode_batches:
+        prompt = torch.from_numpy(np.tile(row, (b, 1))).to(device)
+        d = {
+            "graphed": aurl_decode(model, prompt, args.decode, graphed=cuda),
+            "static": aurl_decode(model, prompt, args.decode, graphed=False),
+            "eager": aurl_decode(model, prompt, args.decode, graphed=None),
+        }
+        if gpt2 is not None:
+            start = seqs["test"][0][:PROMPT]
+            hf_prompt = torch.from_numpy(np.tile(start, (b, 1))).to(device)
+            d["hf"] = hf_decode(gpt2, hf_prompt, args.decode)
+        results["decode"][b] = d
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""benchmarks/bench_gpu.py's plumbing on the CPU (``--smoke``: tiny preset, 30 chorales, a
+few seconds of race): every row of the table is there and finite, each decoding path ran."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_gpu.py"
+
+
+def test_bench_gpu_smoke(tmp_path, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--smoke", "--work", str(tmp_path), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    aurl = results["aurl"]
+    assert aurl["steps"] >= 1 and aurl["tok_per_s"] > 0 and math.isfinite(aurl["bits_per_note"])
+    assert aurl["mfu"] is None  # no peak known for the CPU
+    if results["baseline_tokens"] != "absent":  # transformers installed: GPT-2 raced too
+        gpt2 = results["gpt2"]
+        assert gpt2["steps"] >= 1 and math.isfinite(gpt2["bits_per_note"])
+    for b in (1, 3):
+        d = results["decode"][b]
+        assert all(d[k] > 0 for k in ("graphed", "static", "eager"))
+    assert printed.count("| decode batch") == 2 and "| test bits/note |" in printed
