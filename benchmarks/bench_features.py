@@ -34,6 +34,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,17 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return out, time.process_time() - c0
 
 
+def train_step(model, opt, config: Config, batch: dict, start, masks, device) -> None:
+    """Forward, backward and the AdamW update of one batch with its inputs."""
+    ctx = {"ids": batch["ids"].to(device), "start": start,
+           "attention_mask": batch["attention_mask"].to(device),
+           "meter": batch["meter"].to(device)}  # fmt: skip
+    loss = compute_losses(model, ctx, config.loss, step=0, allowed=masks)["total"]
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def measure(config: Config, cache_dir: Path, batches: int, device: torch.device) -> dict:
     """Median seconds per batch of each variant's inputs and whole step."""
     cache = TokenCache(cache_dir)
@@ -118,19 +130,10 @@ def measure(config: Config, cache_dir: Path, batches: int, device: torch.device)
     for i, batch in enumerate(drawn):
         order = VARIANTS[i % 3 :] + VARIANTS[: i % 3]
         for variant in order:
-            (start, masks), t_in = timed(lambda: make[variant](batch), device)
+            (start, masks), t_in = timed(partial(make[variant], batch), device)
             if variant == "before":
                 start.features = None  # forward scans the window, as it did
-
-            def step() -> None:
-                ctx = {"ids": batch["ids"].to(device), "start": start,
-                       "attention_mask": batch["attention_mask"].to(device),
-                       "meter": batch["meter"].to(device)}  # fmt: skip
-                loss = compute_losses(model, ctx, config.loss, step=0, allowed=masks)["total"]
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+            step = partial(train_step, model, opt, config, batch, start, masks, device)
             _, t_step = timed(step, device)
             if i > 0:
                 times[variant]["inputs"].append(t_in)

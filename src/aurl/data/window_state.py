@@ -220,9 +220,7 @@ def augment_onsets(onset: torch.Tensor, transpose: torch.Tensor) -> torch.Tensor
     return torch.where(inside, onset.gather(1, src.clamp(0, P - 1)), 0)
 
 
-def window_start(
-    model: _Model, batch: dict[str, torch.Tensor], cache: _Tokens | TokenTable
-) -> Any:
+def window_start(model: _Model, batch: dict[str, torch.Tensor], cache: _Tokens | TokenTable) -> Any:
     """The state each window of ``batch`` starts from in ``model`` (its ``start_after`` over the
     window's prefix: musical time, grammar-feature state), carried across the window's
     augmentation as :func:`window_states` carries the grammar's; for ``forward(start=...)``.

@@ -78,7 +78,9 @@ class StaticDecoder:
         if model.window is not None or model.summary_len:
             raise ValueError("static decoding needs model.attention=full (windowed: generate.py)")
         if state.latents is not None or state.key_mask is not None:
-            raise ValueError("static decoding has no VAE latents or padded prompts: use generate.py")
+            raise ValueError(
+                "static decoding has no VAE latents or padded prompts: use generate.py"
+            )
         device = state.k[0].device
         graphs = device.type == "cuda" if graphs is None else graphs
         if graphs and device.type != "cuda":
