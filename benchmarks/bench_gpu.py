@@ -331,6 +331,7 @@ def run(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
     overrides = [
         f"data.cache={work / 'cache'}", f"data.window={args.window}",
         f"data.batch_size={args.batch}", f"training.device={device}",
+        f"data.num_workers={4 if cuda else 0}",  # augmentation and collate beside the GPU
         f"training.max_minutes={args.minutes}", "training.max_steps=100000",
         "training.eval_every=100000", "training.save_every=100000", "training.keep_best=0",
         "training.sample_every=0", f"training.log_every={1 if args.smoke else 10}",
