@@ -177,7 +177,7 @@ def test_loader_resumes_exactly_and_workers_agree(cache: TokenCache) -> None:
 
     two = build_loader(cache, dataclasses.replace(data, num_workers=2), seed=1)
     stream = iter(two)
-    for expected in run[:4]:
+    for expected in run:  # workers that persist across the epoch boundary read the same
         assert torch.equal(next(stream)["ids"], expected["ids"])
     stream.close()
     with pytest.raises(DataError, match="seed"):

@@ -291,16 +291,19 @@ class Loader:
         self.epoch, self.position = 0, 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # one DataLoader for every epoch: its workers persist (a small corpus has an epoch
+        # every few steps, and starting workers each time would stall a GPU); the keys carry
+        # the epoch into them, and the sampler, read in this process, is set before each pass
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
         while True:
             self.sampler.set_epoch(self.epoch, self.position)
             self.dataset.set_epoch(self.epoch)
-            loader = torch.utils.data.DataLoader(
-                self.dataset,
-                batch_sampler=self.sampler,
-                collate_fn=collate,
-                num_workers=self.num_workers,
-                persistent_workers=False,
-            )
             for batch in loader:
                 self.position += 1
                 yield batch
