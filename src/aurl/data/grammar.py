@@ -29,6 +29,9 @@ fixed rule ("the last token of this kind wins"), which is what lets :meth:`seque
 compute every position at once with cumulative maxima and still equal stepping the machine.
 The state also carries what a model may use as features: the sounding pitches (``sounding``,
 ``(B, families, pitches)``), the time in steps, the current family and the polyphony.
+:meth:`Grammar.scan` computes it all for a batch once (a :class:`SequenceScan`, which the masks,
+the features and the final state read); off the CPU it synchronises nothing with the host
+(:attr:`Grammar.dense`), and neither does :meth:`Grammar.advance` on torch tensors.
 """
 
 from __future__ import annotations

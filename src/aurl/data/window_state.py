@@ -45,6 +45,11 @@ What stays approximate (counted on real data in ``tests/data/test_window_state.p
 
 The trainer's grammar-masked loss always counts the target as allowed, so none of these makes
 the loss infinite.
+
+On a GPU all of this runs on the device (:func:`window_inputs`): the prefixes are gathered from
+a :class:`TokenTable` there, the grammar's dense scan reads nothing back to the host, the
+augmentation records are checked and looked up on the host where the loader left them, and one
+scan of the window serves both the masks and the model's features.
 """
 
 from __future__ import annotations
