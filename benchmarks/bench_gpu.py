@@ -118,6 +118,8 @@ def aurl_race(config, work: Path, device: torch.device) -> tuple[dict, torch.nn.
     result = train(config, run, echo=lambda line: None)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in records if r.get("kind") == "train"]
+    if not train_recs:
+        raise SystemExit(f"no training step was logged in {run}: raise --minutes")
     steady = train_recs[1:] or train_recs  # the first interval holds the warm-up
     model = result.model.eval()
     cache = TokenCache(config.data.cache)
