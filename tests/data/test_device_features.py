@@ -153,3 +153,29 @@ def test_window_inputs_give_the_host_paths_masks_features_and_loss(
         new_losses = compute_losses(model, new, loss_cfg, step=0, allowed=masks)
         assert torch.equal(new_losses["total"], old_losses["total"])
         assert torch.equal(new_losses["ce"], old_losses["ce"])
+
+
+def test_the_device_path_traces_as_one_graph_the_host_path_does_not(
+    batches: list, model: MusicTransformerVAEGAN
+) -> None:
+    """What a GPU needs: the window scan, its masks and features trace (TorchDynamo) as one
+    graph, with no data-dependent host work (no nonzero, no reading a tensor back); the
+    per-family scan breaks the graph where it reads the batch's families on the host."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    g = model.grammar_features
+    ids = batches[0]["ids"]
+    carry = g.initial(len(ids), "cpu")
+
+    def inputs(ids, carry):
+        scan = g.grammar.scan(ids, carry[0])
+        return GRAMMAR.masks_of(scan), g.from_scan(ids, scan, carry)
+
+    breaks = {}
+    for dense in (True, False):
+        g.grammar.dense = dense
+        dynamo.reset()
+        try:
+            breaks[dense] = dynamo.explain(inputs)(ids, carry).graph_break_count
+        finally:
+            g.grammar.dense = None
+    assert breaks[True] == 0 and breaks[False] > 0

@@ -116,3 +116,25 @@ def test_the_graph_replays_the_eager_step(model, chorales) -> None:  # pragma: n
         a = eager.generate(ids[:, PROMPT - 1], 40)
         b = graphed.generate(ids[:, PROMPT - 1], 40)
     assert graphed.graph is not None and torch.equal(a, b)
+
+
+def test_the_captured_step_has_no_host_work(model, chorales) -> None:
+    """What a CUDA graph needs: the model's step, the grammar's advance and mask and the draw
+    trace (TorchDynamo) as one graph, with no data-dependent host work (grammar on its torch
+    path, as on a GPU)."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    grammar = Grammar(model.vocab, polyphony_cap=8)
+    grammar.numpy_on_cpu = False
+    features = model.grammar_features.grammar
+    features.numpy_on_cpu = False
+    try:
+        dec = StaticDecoder(model, primed(model, chorales[:2]), grammar=grammar, graphs=False,
+                            options=GraphedOptions(temperature=1.0, top_k=40))  # fmt: skip
+        dec.mask_state = dec._mask_state_from_carry()
+        dec.ids.copy_(chorales[:2, PROMPT - 1 : PROMPT])
+        dynamo.reset()
+        with torch.no_grad():
+            explained = dynamo.explain(dec._draw)()
+    finally:
+        del features.numpy_on_cpu
+    assert explained.graph_count == 1 and explained.graph_break_count == 0

@@ -581,33 +581,33 @@ class Grammar:
             got = values.gather(1, idx.clamp(min=0))
             return torch.where(idx >= 0, got, default[:, None].to(values.dtype))
 
-        is_on, is_off = k == Kind.NOTE_ON, k == Kind.NOTE_OFF
+        is_on, is_off = k == _ON, k == _OFF
         notes = is_on | is_off
-        sus_any = (k == Kind.SUSTAIN_ON) | (k == Kind.SUSTAIN_OFF)
-        reset = (k == Kind.INSTRUMENT) | (k == Kind.TIME_SHIFT) | (k == Kind.START)
-        step_start = (k == Kind.TIME_SHIFT) | (k == Kind.START)
-        family = last(k == Kind.INSTRUMENT, v, s0.family)
+        sus_any = (k == _SUS_ON) | (k == _SUS_OFF)
+        reset = (k == _INSTR) | (k == _SHIFT) | (k == _START)
+        step_start = (k == _SHIFT) | (k == _START)
+        family = last(k == _INSTR, v, s0.family)
         f = dict(
             family=family,
-            last_velocity=last(k == Kind.VELOCITY, v, s0.last_velocity),
-            tempo=last(k == Kind.TEMPO, v, s0.tempo),
+            last_velocity=last(k == _VEL, v, s0.last_velocity),
+            tempo=last(k == _TEMPO, v, s0.tempo),
             last_kind=k,
             last_value=v,
             phase=last(reset | notes | sus_any, self._tables(k)[0].phase_of[k], s0.phase),
             last_pitch=last(reset | notes, torch.where(notes, v, -1), s0.last_pitch),
             family_events=last(
-                notes | sus_any | (k == Kind.VELOCITY) | step_start,
+                notes | sus_any | (k == _VEL) | step_start,
                 ~step_start,
                 s0.family_events,
             ),  # fmt: skip
-            started=s0.started[:, None] | (k == Kind.START).cummax(1).values,
-            ended=s0.ended[:, None] | (k == Kind.END).cummax(1).values,
-            time=s0.time[:, None] + torch.where(k == Kind.TIME_SHIFT, v, 0).cumsum(1),
+            started=s0.started[:, None] | (k == _START).cummax(1).values,
+            ended=s0.ended[:, None] | (k == _END).cummax(1).values,
+            time=s0.time[:, None] + torch.where(k == _SHIFT, v, 0).cumsum(1),
         )
         p_idx = (v - self.vocab.config.pitch_min).clamp(0, self.P - 1)
         dense = self.dense if self.dense is not None else dev.type != "cpu"
         sounding = self._sounding_dense if dense else self._sounding_by_family
-        count, *rest = sounding(s0, family, notes, is_on, sus_any, k == Kind.SUSTAIN_ON, p_idx)
+        count, *rest = sounding(s0, family, notes, is_on, sus_any, k == _SUS_ON, p_idx)
         f["count"] = count
         return SequenceScan(f, *rest)
 
