@@ -179,3 +179,22 @@ def test_the_device_path_traces_as_one_graph_the_host_path_does_not(
         finally:
             g.grammar.dense = None
     assert breaks[True] == 0 and breaks[False] > 0
+
+
+def test_a_long_past_scanned_in_parts_gives_the_same_start(
+    cache: TokenCache, batches: list, model: MusicTransformerVAEGAN
+) -> None:
+    """``start_after`` scans a window's past in parts (bounded memory on a GPU): the state
+    equals one scan's, bitwise, with parts far shorter than the prefixes."""
+    for batch in batches[:2]:
+        whole = window_start(model, batch, cache)
+        model.prefix_part = 7
+        try:
+            parts = window_start(model, batch, cache)
+        finally:
+            del model.prefix_part
+        assert int(batch["offset"].max()) > 7 * 10
+        assert torch.equal(parts.ticks, whole.ticks) and torch.equal(parts.tempo, whole.tempo)
+        for f in dataclasses.fields(whole.grammar[0]):
+            assert torch.equal(getattr(parts.grammar[0], f.name), getattr(whole.grammar[0], f.name))
+        assert torch.equal(parts.grammar[1], whole.grammar[1])

@@ -313,6 +313,7 @@ class MusicTransformerVAEGAN(nn.Module):
     """
 
     LOSS_TERMS = ("ce", "kl", "adv", "fm", "grammar")
+    prefix_part = 2048  # start_after scans a window's past in parts of this many tokens
 
     def __init__(
         self,
@@ -524,13 +525,18 @@ class MusicTransformerVAEGAN(nn.Module):
         if self.time is not None:
             ticks = torch.zeros(B, dtype=torch.long, device=device)
             tempo = torch.full((B,), -1, dtype=torch.long, device=device)
-            if history.shape[1]:
-                _, ticks, tempo = self.time(history, ticks, tempo)
+            if history.shape[1]:  # positions only: no (B, n, D) embedding of the past
+                *_, tempos, cum = self.time.positions(history, ticks, tempo)
+                ticks, tempo = cum[:, -1], tempos[:, -1]
             start.ticks, start.tempo = ticks, tempo
         if self.grammar_features is not None:
             carry = self.grammar_features.initial(B, device)
             if history.shape[1]:
-                after = self.grammar_features.carry_after(history, carry)
+                after = carry
+                # in parts: a scan holds (B, part, families x pitches) on a GPU, and the state
+                # after a part is where the next one starts (the same state, bitwise)
+                for part in history.split(self.prefix_part, dim=1):
+                    after = self.grammar_features.carry_after(part, after)
                 carry = after if empty is None else _where_rows(~empty.to(device), after, carry)
             start.grammar = carry
         return start
