@@ -111,3 +111,22 @@ def test_adamw_is_fused_on_cuda(tiny_config, fixture_cache) -> None:
     model = MusicTransformerVAEGAN(cfg.model).cuda()
     assert make_optimizer(model, cfg).defaults["fused"]
     assert not make_optimizer(model.cpu(), cfg).defaults["fused"]
+
+
+def test_training_on_the_gpu_path_gives_the_same_losses(
+    chorale_cache, tmp_path, tiny_config, monkeypatch
+) -> None:
+    """The trainer with the dense grammar scan (what it runs on a GPU), here on the CPU, on
+    augmented chorale windows cut from the middle of pieces: the same losses, step by step, as
+    with the CPU's per-family scan."""
+    from aurl.data.grammar import Grammar
+
+    overrides = ("training.max_steps=3", "data.augment.transpose_prob=1",
+                 "data.augment.velocity_prob=1")  # fmt: skip
+    losses = {}
+    for dense in (False, True):
+        monkeypatch.setattr(Grammar, "dense", dense)
+        run = tmp_path / str(dense)
+        train(tiny_config(chorale_cache, *overrides), run, echo=lambda line: None)
+        losses[dense] = [(r["loss"], r["loss_ce"], r["loss_grammar"]) for r in records(run, "train")]
+    assert len(losses[True]) == 3 and losses[True] == losses[False]
