@@ -128,5 +128,7 @@ def test_training_on_the_gpu_path_gives_the_same_losses(
         monkeypatch.setattr(Grammar, "dense", dense)
         run = tmp_path / str(dense)
         train(tiny_config(chorale_cache, *overrides), run, echo=lambda line: None)
-        losses[dense] = [(r["loss"], r["loss_ce"], r["loss_grammar"]) for r in records(run, "train")]
+        losses[dense] = [
+            (r["loss"], r["loss_ce"], r["loss_grammar"]) for r in records(run, "train")
+        ]
     assert len(losses[True]) == 3 and losses[True] == losses[False]
