@@ -130,7 +130,6 @@ def test_the_captured_step_has_no_host_work(model, chorales) -> None:
     try:
         dec = StaticDecoder(model, primed(model, chorales[:2]), grammar=grammar, graphs=False,
                             options=GraphedOptions(temperature=1.0, top_k=40))  # fmt: skip
-        dec.mask_state = dec._mask_state_from_carry()
         dec.ids.copy_(chorales[:2, PROMPT - 1 : PROMPT])
         dynamo.reset()
         with torch.no_grad():

@@ -99,7 +99,12 @@ class StaticDecoder:
         self.carry = None  # the grammar features' (state, onsets), static buffers
         if state.grammar is not None:
             self.carry = (_clone_state(state.grammar[0]), state.grammar[1].clone())
-        self.mask_state = None
+        self.mask_state = None  # the grammar's state for the masks (static buffers)
+        if grammar is not None:
+            if self.carry is None:
+                raise ValueError("a grammar mask needs the state the prompt left: a model "
+                                 "with grammar features (model.grammar_features)")  # fmt: skip
+            self.mask_state = _clone_state(self.carry[0])
         cos, sin = model.rotary.tables(0, self.capacity)  # (capacity, 1, 1, hd)
         self.cos, self.sin = cos, sin
         self.keys = torch.arange(self.capacity, device=device)  # (capacity,)
@@ -149,10 +154,12 @@ class StaticDecoder:
         self.drawn.copy_(drawn)
         self.ids.copy_(drawn[:, None])
 
-    def _capture(self) -> None:
-        """Capture :meth:`_draw` once (after a warm-up on a side stream, whose writes to the
-        small state are undone; its KV writes land at the position the first replay
-        overwrites)."""
+    def capture(self) -> None:
+        """Capture :meth:`_draw` in a CUDA graph (once; :meth:`generate` does it when needed),
+        after a warm-up on a side stream whose writes to the small state are undone (its KV
+        writes land at the position the first replay overwrites). Nothing without graphs."""
+        if not self.graphs or self.graph is not None:
+            return
         saved = self._small_state()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -194,12 +201,10 @@ class StaticDecoder:
             )
         if seed is not None:
             torch.manual_seed(seed)
-        if self.grammar is not None and self.mask_state is None:
-            self.mask_state = self._mask_state_from_carry()
+        if n:
+            self.capture()
         self.ids.copy_(first.reshape(-1, 1))
         out = torch.empty(self.B, n, dtype=torch.long, device=self.device)
-        if self.graphs and self.graph is None and n:
-            self._capture()
         for i in range(n):
             if self.graph is not None:
                 self.graph.replay()
@@ -208,13 +213,6 @@ class StaticDecoder:
             out[:, i] = self.drawn
         self.host_pos += n
         return out
-
-    def _mask_state_from_carry(self) -> GrammarState:
-        if self.carry is None:
-            raise ValueError("a grammar mask needs the state after the prompt: pass a model "
-                             "with grammar features, or set mask_state")  # fmt: skip
-        # the features' state before the first token: the grammar state the prompt left
-        return _clone_state(self.carry[0])
 
 
 def _block_step(block, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
