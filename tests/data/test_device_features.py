@@ -198,3 +198,18 @@ def test_a_long_past_scanned_in_parts_gives_the_same_start(
         for f in dataclasses.fields(whole.grammar[0]):
             assert torch.equal(getattr(parts.grammar[0], f.name), getattr(whole.grammar[0], f.name))
         assert torch.equal(parts.grammar[1], whole.grammar[1])
+
+
+def test_prefix_states_in_parts_equal_one_scan(
+    cache: TokenCache, batches: list, monkeypatch
+) -> None:
+    """The grammar-only path (a model without grammar features): prefix states scanned in
+    parts equal one scan's, bitwise."""
+    from aurl.data import window_state
+
+    whole = [window_state.window_states(GRAMMAR, b, cache) for b in batches]
+    monkeypatch.setattr(window_state, "PREFIX_PART", 5)
+    for batch, want in zip(batches, whole):
+        got = window_state.window_states(GRAMMAR, batch, cache)
+        for f in dataclasses.fields(want):
+            assert torch.equal(getattr(got, f.name), getattr(want, f.name)), f.name

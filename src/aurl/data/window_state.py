@@ -73,6 +73,9 @@ class _Model(Protocol):
     def start_after(self, history: torch.Tensor, *, empty: torch.Tensor) -> Any: ...
 
 
+PREFIX_PART = 2048  # prefixes are scanned in parts of this many tokens (the same state)
+
+
 class TokenTable:
     """Pieces of a cache as one flat tensor on a device, so that the windows' prefixes are
     gathered there in one indexing operation per batch (:meth:`prefixes`), not copied row by
@@ -137,7 +140,9 @@ def prefix_states(grammar: Grammar, batch: dict[str, torch.Tensor], cache: _Toke
     state = grammar.initial_state(B, ids.device)
     if L == 0:
         return state
-    after = grammar.state_after(prefix_ids(batch, cache).to(ids.device))
+    after = None  # the prefixes in parts: a dense scan holds (B, part, families x pitches)
+    for part in prefix_ids(batch, cache).to(ids.device).split(PREFIX_PART, dim=1):
+        after = grammar.state_after(part, after)
     has = torch.tensor([off > 0 for off in offsets], device=ids.device)  # (B,)
     for f in dataclasses.fields(state):
         a, b = getattr(after, f.name), getattr(state, f.name)
