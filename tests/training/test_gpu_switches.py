@@ -114,10 +114,10 @@ def test_adamw_is_fused_on_cuda(tiny_config, fixture_cache) -> None:
 
 
 def test_training_on_the_gpu_path_gives_the_same_losses(
-    chorale_cache, tmp_path, tiny_config, monkeypatch
+    fixture_cache, tmp_path, tiny_config, monkeypatch
 ) -> None:
     """The trainer with the dense grammar scan (what it runs on a GPU), here on the CPU, on
-    augmented chorale windows cut from the middle of pieces: the same losses, step by step, as
+    augmented windows cut from the middle of real pieces: the same losses, step by step, as
     with the CPU's per-family scan."""
     from aurl.data.grammar import Grammar
 
@@ -127,7 +127,7 @@ def test_training_on_the_gpu_path_gives_the_same_losses(
     for dense in (False, True):
         monkeypatch.setattr(Grammar, "dense", dense)
         run = tmp_path / str(dense)
-        train(tiny_config(chorale_cache, *overrides), run, echo=lambda line: None)
+        train(tiny_config(fixture_cache, *overrides), run, echo=lambda line: None)
         losses[dense] = [
             (r["loss"], r["loss_ce"], r["loss_grammar"]) for r in records(run, "train")
         ]
