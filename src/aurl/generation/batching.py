@@ -169,7 +169,7 @@ class ContinuousBatcher:
         """
         if config.beam > 1:
             raise ConstraintError("beam search does not batch with other requests: use beam 1")
-        masker = masker or make_masker(self.vocab, config, self.device)
+        masker = masker or make_masker(self.vocab, config, self.masker_device)
         prefix = np.asarray([START] if primer is None else primer, dtype=np.int64)
         if prefix.ndim != 1 or len(prefix) == 0 or prefix[0] != START:
             raise ConstraintError("a primer must start with START (use load_primer)")
@@ -197,6 +197,14 @@ class ContinuousBatcher:
         )  # fmt: skip
         self.pending.append(row)
         return row
+
+    @property
+    def masker_device(self) -> Any:
+        """Where rows' maskers should live: None (numpy) for a model on the CPU, whose rows
+        mask and advance one at a time between model steps, where a numpy call costs a
+        fraction of a torch op; the model's device otherwise. The masks are the same
+        (``tests/engines/test_numpy_paths.py``), so are the ids."""
+        return None if self.device.type == "cpu" else self.device
 
     def cancel(self, row: Row) -> None:
         """Stop ``row``: it leaves the batch (or the queue) at the next :meth:`step`."""
@@ -267,7 +275,7 @@ class ContinuousBatcher:
         xs = x.numpy()
         masked = np.empty_like(xs)
         for i, row in enumerate(rows):
-            allowed = row.masker.grammar.allowed(row.mask_state.grammar).numpy()
+            allowed = np.asarray(row.masker.grammar.allowed(row.mask_state.grammar))
             keep, soft = row.masker.constrain(row.mask_state, allowed)
             xi = xs[i : i + 1] if soft is None else xs[i : i + 1] + soft
             masked[i : i + 1] = np.where(keep, xi, NEG_INF)
@@ -304,7 +312,10 @@ class ContinuousBatcher:
         return token
 
     def _advance_row(self, row: Row, token: int) -> None:
-        tid = torch.tensor([token], device=self.device)
+        if row.masker.numpy:
+            tid = np.array([token], dtype=np.int64)
+        else:
+            tid = torch.tensor([token], device=self.device)
         row.mask_state = row.masker.advance(row.mask_state, tid)
         row.ids.append(token)
         if row.seen is not None:

@@ -140,7 +140,7 @@ class ModelServer:
                 f"(limit max_queue={lim.max_queue} waiting + slots={lim.slots}); retry later",
                 limit="max_queue", status=429,
             )  # fmt: skip
-        masker = make_masker(self.vocab, config, self.device)
+        masker = make_masker(self.vocab, config, self.batcher.masker_device)
         job = Job(config, primer, masker, time.monotonic() + lim.request_seconds)
         self.jobs.add(job)
         self.inbox.put(job)
