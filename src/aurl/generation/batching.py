@@ -41,6 +41,8 @@ from aurl.generation.constraints import NEG_INF, LogitMasker, MaskState, index_s
 from aurl.generation.generate import make_masker, sampling_options
 from aurl.generation.sampling import SamplingOptions, filter_logits, sample
 
+COMPACT_MIN = 64  # cache positions no live row reads, before the batch's cache moves down
+
 
 @dataclass(eq=False)
 class Row:
@@ -146,6 +148,8 @@ class ContinuousBatcher:
         self.overlap = max(1, min(ov, self.window // 2))
         # rows may join at any position only where attention depends on distances alone
         self.joins_anywhere = model.config.mode == "transformer" and model.n_global == 0
+        # ... and the cache may move down (_compact) where rotary is the only position
+        self.compacts = self.joins_anywhere and model.summary_len == 0 and model.window is None
         self.rows: list[Row] = []
         self.pending: list[Row] = []
         self.state: Any = None  # the model's DecodeState for self.rows
@@ -237,6 +241,7 @@ class ContinuousBatcher:
         for row in self.rows:  # a newcomer's START runs in this step with the others
             row.warming = False
         if self.rows:
+            self._compact()
             if self.state.pos >= self.window:
                 self._slide()
             else:
@@ -423,6 +428,39 @@ class ContinuousBatcher:
         self.state = self._with_pool(both, len(self.rows) + len(rows))
         self.logits = torch.cat([self.logits, logits])
         self.rows = self.rows + rows
+
+    def _compact(self) -> None:
+        """Drop the cache positions no live row reads: when every row joined after position
+        ``m`` >= :data:`COMPACT_MIN` (the rows before them have left), the rows' cached keys
+        and values move ``m`` places down and the batch's position with them.
+
+        Rows join at the batch's position and leave when done, so under steady traffic the
+        position only grows: every step's attention would read ``B x pos`` cached positions
+        (mostly masked out, as old as the server's busy spell) and the batch would restart
+        every row at the window's end (:meth:`_slide`, a prefix run per row), although each
+        row holds only its own few hundred tokens. Rotary attention depends on distances
+        alone, so the keys, rotated at their old positions, are rotated back by ``m`` (values
+        carry no position); what each row attends to is unchanged, up to float rounding."""
+        if not self.compacts or self.state.key_mask is None:
+            return
+        m = min(r.offset for r in self.rows)
+        if m < COMPACT_MIN:
+            return
+        from aurl.models.layers import apply_rotary
+
+        B, pos = len(self.rows), self.state.pos
+        cos, sin = self.model.rotary.tables(m, 1)  # (1, 1, 1, hd): position m's rotation
+        n = len(self._pool) // 2
+        for i, buf in enumerate(self._pool):  # k of each layer, then v: (slots, H, cap, hd)
+            live = buf[:B, :, m:pos]
+            # rotation by -m: cos(-a) = cos(a), the signed sin flips
+            buf[:B, :, : pos - m] = apply_rotary(live, cos, -sin) if i < n else live.clone()
+        mask = self.state.key_mask  # (B, window)
+        mask[:, : pos - m] = mask[:, m:pos].clone()
+        mask[:, pos - m :] = False
+        self.state.pos = pos - m
+        for row in self.rows:
+            row.offset -= m
 
     def _slide(self) -> None:
         """The window is full: every row restarts on its last ``overlap`` tokens."""
