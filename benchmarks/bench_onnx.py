@@ -15,7 +15,11 @@ to paste into BENCHMARKS.md, headed by the load average before and after.
 
 Cold start: ``aurl generate --engine onnx --checkpoint EXPORT --max-tokens 512 --min-tokens 504``
 to a MIDI file: wall time and CPU time (user + system) of the whole process (medians over
-``--rounds``), beside ``python -c 'import torch'`` and the torch engine's same command.
+``--rounds``), beside ``python -c 'import torch'`` and the torch engine's same command. Every
+command runs once unmeasured first (writing the bytecode caches), then each row is measured
+with bytecode caching as a pip-installed package has it ("cached (as installed)") and, for the
+onnx rows, with ``PYTHONDONTWRITEBYTECODE=1`` on a copy of aurl without ``__pycache__`` (its
+modules compiled from source on every run; site-packages keep their installed ``.pyc``).
 
 Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens 1024]
       [--rounds 3] [--threads 1] [--only decode|cold|parts] [--variants onnx-int8,...]
@@ -200,18 +204,43 @@ def sub(args: list[str]) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def wall(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds user + system) of one run of ``cmd``; the CPU time is what
-    the process itself needed, which other jobs on shared cores inflate far less."""
+def wall(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user + system) of one run of ``cmd`` (in ``env``, default
+    this process's); the CPU time is what the process itself needed, which other jobs on
+    shared cores inflate far less."""
     import resource
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
     dt = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return dt, cpu
+
+
+def bytecode_envs(tmp: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The environments of the cold-start rows: ``(installed, from_source)``, both importing
+    the aurl this process imports. A pip-installed package has its ``.pyc`` files (pip
+    compiles them), so "as installed" runs with bytecode caching on (a warm-up run writes the
+    caches first); ``from_source`` runs a copy of the package without ``__pycache__`` folders
+    under ``PYTHONDONTWRITEBYTECODE=1``, so aurl's modules are compiled from source on every
+    run (site-packages keep their installed ``.pyc``), as on a source checkout of a machine
+    that disables bytecode writing (this one does)."""
+    import os
+    import shutil
+
+    import aurl
+
+    package = Path(aurl.__file__).resolve().parent
+    copy = tmp / "nopyc"
+    shutil.copytree(package, copy / "aurl", ignore=shutil.ignore_patterns("__pycache__"))
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    rest = [base["PYTHONPATH"]] if base.get("PYTHONPATH") else []
+    installed = dict(base, PYTHONPATH=os.pathsep.join([str(package.parent), *rest]))
+    from_source = dict(base, PYTHONDONTWRITEBYTECODE="1")
+    from_source["PYTHONPATH"] = os.pathsep.join([str(copy), *rest])
+    return installed, from_source
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,18 +311,27 @@ def main(argv: list[str] | None = None) -> int:
                 "aurl generate --engine onnx (fp32)": [*onnx, str(folder / "fp32")],
                 "aurl generate --engine onnx (int8)": [*onnx, str(folder / "int8")],
             }
-            print(f"cold start: {args.rounds} rounds; load average before: {loadavg()}")
-            print("| command | wall | process CPU | CPU |")
-            print("|---|---|---|---|")
+            installed, from_source = bytecode_envs(folder)
+            for cmd in rows.values():  # warm: write the .pyc files an installed package has
+                if cmd is not None:
+                    subprocess.run(cmd, check=True, capture_output=True, env=installed)
+            print(f"cold start: {args.rounds} rounds, median; load average before: {loadavg()}")
+            print("| command | bytecode | wall | process CPU | CPU |")
+            print("|---|---|---|---|---|")
             for name, cmd in rows.items():
                 if cmd is None:
                     continue
-                runs = [wall(cmd) for _ in range(args.rounds)]
-                times, cpus = [r[0] for r in runs], [r[1] for r in runs]
-                print(
-                    f"| `{name}` | {statistics.median(times):.2f} s | "
-                    f"{statistics.median(cpus):.2f} s | {cpu} |"
-                )
+                envs = {"cached (as installed)": installed}
+                if "--engine onnx" in name:
+                    envs["PYTHONDONTWRITEBYTECODE=1 (compiled from source)"] = from_source
+                for label, env in envs.items():
+                    runs = [wall(cmd, env) for _ in range(args.rounds)]
+                    times, cpus = [r[0] for r in runs], [r[1] for r in runs]
+                    print(
+                        f"| `{name}` | {label} | {statistics.median(times):.2f} s | "
+                        f"{statistics.median(cpus):.2f} s | {cpu} |"
+                    )
+            print(f"load average after: {loadavg()}")
     return 0
 
 

@@ -21,6 +21,7 @@ just below it, so every request does the same work):
 
     python benchmarks/bench_serve.py [--tokens 96] [--requests 10] [--threads 1]
     python benchmarks/bench_serve.py --batcher-only   # phase 6 alone (~30 s)
+    python benchmarks/bench_serve.py --compare OLD/src src --rounds 3   # phases 1-2, A/B
 
 Numbers go to BENCHMARKS.md with the command that made them.
 """
@@ -44,10 +45,12 @@ import websockets
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_server(threads: int, db: Path) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+def start_server(
+    threads: int, db: Path, src: Path = REPO / "src", extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": str(src)}
     cmd = [sys.executable, "-m", "aurl", "serve", "--port", "0", "--db", str(db),
-           "--threads", str(threads), "--max-queue", "256"]  # fmt: skip
+           "--threads", str(threads), "--max-queue", "256", *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)  # fmt: skip
     line = proc.stdout.readline()
@@ -225,13 +228,62 @@ def batcher_ratio(rounds: int = 4, steps: int = 60, wide: int = 8) -> None:
           f"{os.getloadavg()[0]:.1f}")  # fmt: skip
 
 
+def ratio_rounds(url: str, pid: int, tokens: int, rounds: int) -> list[tuple[float, float]]:
+    """Phases 1 and 2 ``rounds`` times, alternated: per round (aggregate tokens/s of 8 clients
+    / of 1 client, server CPU per token of 1 client / of 8)."""
+    out = []
+    for _ in range(rounds):
+        c0 = cpu_seconds(pid)
+        s1 = summary(*asyncio.run(clients(url, 1, 4, tokens)))
+        c1 = cpu_seconds(pid)
+        s8 = summary(*asyncio.run(clients(url, 8, 2, tokens)))
+        c8 = cpu_seconds(pid)
+        assert s1["errors"] == s8["errors"] == 0, (s1, s8)
+        cpu1, cpu8 = (c1 - c0) / s1["tokens"], (c8 - c1) / s8["tokens"]
+        out.append((s8["tok_s"] / s1["tok_s"], cpu1 / cpu8, s1["tok_s"], s8["tok_s"]))
+    return out
+
+
+def compare(sources: list[Path], tokens: int, rounds: int, threads: int) -> None:
+    """``--compare``: one server per source tree at a time, alternated round by round, phases
+    1-2 only: the 8/1 ratios of each, and each one's 1-client and 8-client tokens/s."""
+    results: dict[Path, list] = {src: [] for src in sources}
+    for _ in range(rounds):
+        for src in sources:
+            db = Path("/tmp") / f"bench_serve_{os.getpid()}.sqlite"
+            proc, url = start_server(threads, db, src)
+            try:
+                asyncio.run(request(url, 32, seed=0))
+                results[src] += ratio_rounds(url, proc.pid, tokens, 1)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+                db.unlink(missing_ok=True)
+    med = statistics.median
+    print(f"phases 1-2, {rounds} rounds alternated, medians; load {os.getloadavg()[0]:.1f}")
+    print("| source | 8 clients / 1 (tokens/s) | server CPU per token 1 / 8 | 1 client tokens/s |"
+          " 8 clients tokens/s |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for src, rs in results.items():
+        print(f"| {src} | {med(r[0] for r in rs):.2f}x | {med(r[1] for r in rs):.2f}x | "
+              f"{med(r[2] for r in rs):.0f} | {med(r[3] for r in rs):.0f} |")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--compare", nargs="+", metavar="SRC", type=Path,
+        help="phases 1-2 only, for each source tree (e.g. src of two checkouts), alternated",
+    )  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
     ap.add_argument("--tokens", type=int, default=96, help="tokens per request")
     ap.add_argument("--requests", type=int, default=10, help="requests per client (phase 3)")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads")
     ap.add_argument("--batcher-only", action="store_true", help="phase 6 alone")
     args = ap.parse_args()
+    if args.compare:
+        compare(args.compare, args.tokens, args.rounds, args.threads)
+        return
     if args.batcher_only:
         batcher_ratio()
         return

@@ -68,3 +68,44 @@ def _aurl_cache(tmp_path_factory):
         os.environ.pop("AURL_CACHE", None)
     else:
         os.environ["AURL_CACHE"] = old
+
+
+def assert_same_midi(ours: bytes, reference: bytes) -> None:
+    """Two MIDI files hold the same music as symusic reads them back: resolution, tempo map,
+    time and key signatures, and per track name, program, drum flag, every note (time,
+    duration, pitch, velocity) and every control change; and each track's channel messages
+    stay on one channel, the same in both (read with mido)."""
+    import io
+
+    import mido
+    import numpy as np
+    import symusic
+
+    a, b = symusic.Score.from_midi(ours), symusic.Score.from_midi(reference)
+    assert a.tpq == b.tpq
+    for events in ("tempos", "time_signatures", "key_signatures"):
+        x, y = getattr(a, events).numpy(), getattr(b, events).numpy()
+        assert x.keys() == y.keys()
+        for k in x:
+            assert np.array_equal(x[k], y[k]), f"{events}.{k}"
+    assert len(a.tracks) == len(b.tracks)
+    for s, t in zip(a.tracks, b.tracks):
+        assert (s.name, s.program, s.is_drum) == (t.name, t.program, t.is_drum)
+        for part in ("notes", "controls"):
+            x, y = getattr(s, part).numpy(), getattr(t, part).numpy()
+            for k in x:
+                assert np.array_equal(x[k], y[k]), f"track {s.name!r} {part}.{k}"
+
+    def channels(data: bytes) -> list[set[int]]:
+        tracks = mido.MidiFile(file=io.BytesIO(data)).tracks
+        chans = [{m.channel for m in t if hasattr(m, "channel")} for t in tracks]
+        return [c for c in chans if c]  # a conductor track has none
+
+    assert channels(ours) == channels(reference)
+    assert all(len(c) == 1 for c in channels(ours))
+
+
+@pytest.fixture(scope="session")
+def same_midi():
+    """:func:`assert_same_midi`, for tests in any folder."""
+    return assert_same_midi

@@ -2,8 +2,9 @@
 
 A row alone (sliding window included) gives generate()'s ids exactly; rows that join a running
 batch at different steps, one with a primer longer than the batch's position (which rebuilds the
-running rows), each give their own generate() ids; a cancelled row frees its slot for a waiting
-one; streamed notes equal the decoder's.
+running rows), each give their own generate() ids; the cache moves down when no live row reads
+its first positions; a cancelled row frees its slot for a waiting one; streamed notes equal the
+decoder's.
 """
 
 from __future__ import annotations
@@ -97,6 +98,29 @@ def test_rows_joining_at_different_steps_each_equal_their_own_generate(model):
     for req, p in zip(reqs, [None, None, primer, None]):
         want = generate(model, req.cfg, primer=p)[0].ids
         assert req.row.ids == want.tolist(), req.cfg.seed
+
+
+def test_the_cache_moves_down_once_the_first_rows_left(model):
+    """A row joins at position 66 of a running batch; once the row before it leaves, no row
+    reads positions 0..65: the cache moves down by 66 (keys rotated back), and the row still
+    sees what it would alone (logits at every step) and decodes its own generate() ids."""
+    from aurl.generation.batching import COMPACT_MIN
+
+    first = Req(GenerationConfig(max_tokens=80, min_tokens=72, seed=1))
+    late = Req(GenerationConfig(max_tokens=60, min_tokens=52, seed=2, temperature=0.9))
+    b = ContinuousBatcher(model, slots=4, fold_starts=True)  # window 96 (the context)
+    positions = []
+
+    def check(step: int) -> bool:
+        positions.append(b.state.pos if b.state is not None else None)
+        return b.state is not None
+
+    assert COMPACT_MIN <= 66
+    assert run(b, {0: [(first, None)], 66: [(late, None)]}, check=check) > 60
+    assert max(p for p in positions if p is not None) < b.window  # never slid
+    assert any(p is not None and p < 60 for p in positions[80:])  # moved down
+    for req in (first, late):
+        assert req.row.ids == generate(model, req.cfg)[0].ids.tolist(), req.cfg.seed
 
 
 def test_a_cancelled_row_frees_its_slot_for_a_waiting_one(model):

@@ -430,16 +430,18 @@ def write_pieces(
     """Decode, export and print what was written with a one-line summary per piece (split into
     ``voices`` tracks when given, see :func:`aurl.generation.export.voice_score`)."""
     from aurl.analysis.keys import estimate_key
+    from aurl.data.tokenizer import data_to_notes
     from aurl.errors import DataError
     from aurl.generation.export import export_piece
 
     for piece, targets in zip(pieces, paths):
-        score = tokenizer.decode_to_score(piece.ids)
+        data = tokenizer.decode_to_data(piece.ids)  # MIDI and PNG need no symusic score
+        notes = data_to_notes(data)
+        score = data
         if voices:
             from aurl.generation.export import voice_score
 
-            score = voice_score(score, voices)
-        notes = tokenizer.decode_to_notes(piece.ids)
+            score = voice_score(data.to_score(), voices)
         duration = float((notes["onset_s"] + notes["duration_s"]).max()) if len(notes) else 0.0
         try:
             key = estimate_key(notes).name

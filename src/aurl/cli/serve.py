@@ -129,7 +129,11 @@ def run(args: argparse.Namespace) -> int:
     host = f"[{args.host.strip('[]')}]" if ":" in args.host else args.host
     line = (f"aurl serve: http://{host}:{port}/ (models: {', '.join(models)}; answers in "
             f"{args.db}; Ctrl-C stops)")  # fmt: skip
-    config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio")
+    # no permessage-deflate: a note message is ~80 bytes, and compressing each one cost the
+    # event loop ~0.1 ms a note (zlib), time the decode thread waits for the GIL
+    config = uvicorn.Config(
+        app, log_level="warning", ws="websockets-sansio", ws_per_message_deflate=False
+    )
     server = uvicorn.Server(config)
     import threading
 

@@ -41,6 +41,8 @@ from aurl.generation.constraints import NEG_INF, LogitMasker, MaskState, index_s
 from aurl.generation.generate import make_masker, sampling_options
 from aurl.generation.sampling import SamplingOptions, filter_logits, sample
 
+COMPACT_MIN = 64  # cache positions no live row reads, before the batch's cache moves down
+
 
 @dataclass(eq=False)
 class Row:
@@ -146,6 +148,8 @@ class ContinuousBatcher:
         self.overlap = max(1, min(ov, self.window // 2))
         # rows may join at any position only where attention depends on distances alone
         self.joins_anywhere = model.config.mode == "transformer" and model.n_global == 0
+        # ... and the cache may move down (_compact) where rotary is the only position
+        self.compacts = self.joins_anywhere and model.summary_len == 0 and model.window is None
         self.rows: list[Row] = []
         self.pending: list[Row] = []
         self.state: Any = None  # the model's DecodeState for self.rows
@@ -169,7 +173,7 @@ class ContinuousBatcher:
         """
         if config.beam > 1:
             raise ConstraintError("beam search does not batch with other requests: use beam 1")
-        masker = masker or make_masker(self.vocab, config, self.device)
+        masker = masker or make_masker(self.vocab, config, self.masker_device)
         prefix = np.asarray([START] if primer is None else primer, dtype=np.int64)
         if prefix.ndim != 1 or len(prefix) == 0 or prefix[0] != START:
             raise ConstraintError("a primer must start with START (use load_primer)")
@@ -197,6 +201,14 @@ class ContinuousBatcher:
         )  # fmt: skip
         self.pending.append(row)
         return row
+
+    @property
+    def masker_device(self) -> Any:
+        """Where rows' maskers should live: None (numpy) for a model on the CPU, whose rows
+        mask and advance one at a time between model steps, where a numpy call costs a
+        fraction of a torch op; the model's device otherwise. The masks are the same
+        (``tests/engines/test_numpy_paths.py``), so are the ids."""
+        return None if self.device.type == "cpu" else self.device
 
     def cancel(self, row: Row) -> None:
         """Stop ``row``: it leaves the batch (or the queue) at the next :meth:`step`."""
@@ -229,6 +241,7 @@ class ContinuousBatcher:
         for row in self.rows:  # a newcomer's START runs in this step with the others
             row.warming = False
         if self.rows:
+            self._compact()
             if self.state.pos >= self.window:
                 self._slide()
             else:
@@ -267,7 +280,7 @@ class ContinuousBatcher:
         xs = x.numpy()
         masked = np.empty_like(xs)
         for i, row in enumerate(rows):
-            allowed = row.masker.grammar.allowed(row.mask_state.grammar).numpy()
+            allowed = np.asarray(row.masker.grammar.allowed(row.mask_state.grammar))
             keep, soft = row.masker.constrain(row.mask_state, allowed)
             xi = xs[i : i + 1] if soft is None else xs[i : i + 1] + soft
             masked[i : i + 1] = np.where(keep, xi, NEG_INF)
@@ -304,7 +317,10 @@ class ContinuousBatcher:
         return token
 
     def _advance_row(self, row: Row, token: int) -> None:
-        tid = torch.tensor([token], device=self.device)
+        if row.masker.numpy:
+            tid = np.array([token], dtype=np.int64)
+        else:
+            tid = torch.tensor([token], device=self.device)
         row.mask_state = row.masker.advance(row.mask_state, tid)
         row.ids.append(token)
         if row.seen is not None:
@@ -412,6 +428,39 @@ class ContinuousBatcher:
         self.state = self._with_pool(both, len(self.rows) + len(rows))
         self.logits = torch.cat([self.logits, logits])
         self.rows = self.rows + rows
+
+    def _compact(self) -> None:
+        """Drop the cache positions no live row reads: when every row joined after position
+        ``m`` >= :data:`COMPACT_MIN` (the rows before them have left), the rows' cached keys
+        and values move ``m`` places down and the batch's position with them.
+
+        Rows join at the batch's position and leave when done, so under steady traffic the
+        position only grows: every step's attention would read ``B x pos`` cached positions
+        (mostly masked out, as old as the server's busy spell) and the batch would restart
+        every row at the window's end (:meth:`_slide`, a prefix run per row), although each
+        row holds only its own few hundred tokens. Rotary attention depends on distances
+        alone, so the keys, rotated at their old positions, are rotated back by ``m`` (values
+        carry no position); what each row attends to is unchanged, up to float rounding."""
+        if not self.compacts or self.state.key_mask is None:
+            return
+        m = min(r.offset for r in self.rows)
+        if m < COMPACT_MIN:
+            return
+        from aurl.models.layers import apply_rotary
+
+        B, pos = len(self.rows), self.state.pos
+        cos, sin = self.model.rotary.tables(m, 1)  # (1, 1, 1, hd): position m's rotation
+        n = len(self._pool) // 2
+        for i, buf in enumerate(self._pool):  # k of each layer, then v: (slots, H, cap, hd)
+            live = buf[:B, :, m:pos]
+            # rotation by -m: cos(-a) = cos(a), the signed sin flips
+            buf[:B, :, : pos - m] = apply_rotary(live, cos, -sin) if i < n else live.clone()
+        mask = self.state.key_mask  # (B, window)
+        mask[:, : pos - m] = mask[:, m:pos].clone()
+        mask[:, pos - m :] = False
+        self.state.pos = pos - m
+        for row in self.rows:
+            row.offset -= m
 
     def _slide(self) -> None:
         """The window is full: every row restarts on its last ``overlap`` tokens."""

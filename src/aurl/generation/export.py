@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from aurl.data.midi_io import MidiData
+from aurl.data.midi_write import midi_bytes
 from aurl.errors import AurlError, ConfigError, ConstraintError
 from aurl.fileio import atomic_write
 
@@ -65,8 +67,19 @@ def check_free(paths: Sequence[dict[str, Path]], *, force: bool) -> None:
 
 
 def write_midi(score: Any, path: str | Path) -> Path:
-    """Standard MIDI file with the score's tempo, velocities, pedal and programs."""
+    """Standard MIDI file with the score's tempo, velocities, pedal and programs.
+
+    ``score``: a ``symusic.Score``, or a :class:`~aurl.data.midi_io.MidiData` table (what the
+    tokenizer decodes to), written by :mod:`aurl.data.midi_write` without importing symusic."""
+    if isinstance(score, MidiData):
+        data = midi_bytes(score)
+        return atomic_write(path, lambda p: p.write_bytes(data))
     return atomic_write(path, lambda p: score.dump_midi(str(p)))
+
+
+def as_score(score: Any) -> Any:
+    """``score`` as a ``symusic.Score`` (a :class:`~aurl.data.midi_io.MidiData` converted)."""
+    return score.to_score() if isinstance(score, MidiData) else score
 
 
 def score_to_music21(score: Any, *, grid: int = GRID_PER_BEAT) -> Any:
@@ -193,6 +206,10 @@ def export_piece(
 ) -> list[Path]:
     """Write one piece in every format of ``paths``; returns the paths written, in order.
 
+    ``score``: a ``symusic.Score`` or a :class:`~aurl.data.midi_io.MidiData` table; a table
+    becomes a score only for the formats that need one (MusicXML, WAV), so MIDI and PNG alone
+    never import symusic.
+
     Raises:
         ConstraintError: WAV asked for without a SoundFont.
     """
@@ -201,13 +218,13 @@ def export_piece(
         if fmt == "mid":
             written.append(write_midi(score, path))
         elif fmt == "musicxml":
-            written.append(write_musicxml(score, path))
+            written.append(write_musicxml(as_score(score), path))
         elif fmt == "png":
             written.append(write_piano_roll(notes, path, title=title))
         elif fmt == "wav":
             if soundfont is None:
                 raise ConstraintError("--format wav needs --soundfont PATH (an .sf2 or .sf3 file)")
-            written.append(write_wav(score, path, soundfont))
+            written.append(write_wav(as_score(score), path, soundfont))
     return written
 
 

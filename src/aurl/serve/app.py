@@ -791,10 +791,11 @@ async def _stream_job(ws: WebSocket, srv: ModelServer, job: Any) -> None:
     notes = NoteStream(srv.vocab)
     sent = 0
     try:
-        async for token in job.stream():
-            for n in notes.feed(token):
-                await ws.send_json({"type": "note", **n})
-                sent += 1
+        async for chunk in job.chunks():
+            for token in chunk:
+                for n in notes.feed(token):
+                    await ws.send_json({"type": "note", **n})
+                    sent += 1
         ids = np.asarray(job.row.ids)
         midi = await asyncio.to_thread(srv.tokenizer.decode_to_bytes, ids)
         await ws.send_json({"type": "done", "tokens": int(len(ids) - job.row.primer_length),

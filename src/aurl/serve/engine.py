@@ -3,7 +3,8 @@
 The FastAPI handlers run on the event loop; the model runs on a plain thread that owns a
 :class:`~aurl.generation.batching.ContinuousBatcher` and advances every live row by one token
 per step. Handlers :meth:`ModelServer.submit` a :class:`Job` and read its tokens from an asyncio
-queue that the thread fills (one ``call_soon_threadsafe`` per step for all rows). A job is
+queue that the thread fills (at most one ``call_soon_threadsafe`` per step for all rows, none
+while the loop has not yet taken the previous steps' tokens: they go in the same wake-up). A job is
 cancelled when its client goes away, and fails with a :class:`LimitError` when it outlives the
 per-request time limit; either way its row leaves the batch at the next step.
 """
@@ -51,7 +52,9 @@ _DONE = object()
 
 
 class Job:
-    """One request: its tokens arrive on :attr:`tokens` (ints, then the end marker)."""
+    """One request: its tokens arrive on :attr:`tokens` (lists of ints, in order, then the end
+    marker): as many as the decode thread produced since the loop last ran, so a loop that
+    falls behind catches up in one wake-up per job instead of one per token."""
 
     def __init__(self, config: Any, primer: np.ndarray | None, masker: Any, deadline: float):
         self.config, self.primer, self.masker, self.deadline = config, primer, masker, deadline
@@ -66,15 +69,22 @@ class Job:
         """The client went away: stop decoding (the thread drops the row at its next step)."""
         self.cancelled = True
 
-    async def stream(self):
-        """Yield each token as it is decoded; raise the job's error if it failed."""
+    async def chunks(self):
+        """Yield the tokens decoded so far and not yet yielded (a non-empty list, in order)
+        whenever there are some; raise the job's error if it failed."""
         while True:
-            token = await self.tokens.get()
-            if token is _DONE:
+            chunk = await self.tokens.get()
+            if chunk is _DONE:
                 if self.error is not None:
                     raise self.error
                 return
-            yield token
+            yield chunk
+
+    async def stream(self):
+        """Yield each token as it is decoded; raise the job's error if it failed."""
+        async for chunk in self.chunks():
+            for token in chunk:
+                yield token
 
     async def ids(self) -> list[int]:
         """All ids (primer included) once the job is done."""
@@ -98,6 +108,8 @@ class ModelServer:
         self._new_batcher = lambda: ContinuousBatcher(model, slots=limits.slots, fold_starts=True)
         self.batcher = self._new_batcher()
         self.inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._outbox: dict[Any, list] = {}  # per event loop: events not yet delivered
+        self._outbox_lock = threading.Lock()
         self.jobs: set[Job] = set()  # submitted and not finished (touched on the loop only)
         self.steps = 0
         self.tokens_out = 0
@@ -140,7 +152,7 @@ class ModelServer:
                 f"(limit max_queue={lim.max_queue} waiting + slots={lim.slots}); retry later",
                 limit="max_queue", status=429,
             )  # fmt: skip
-        masker = make_masker(self.vocab, config, self.device)
+        masker = make_masker(self.vocab, config, self.batcher.masker_device)
         job = Job(config, primer, masker, time.monotonic() + lim.request_seconds)
         self.jobs.add(job)
         self.inbox.put(job)
@@ -154,13 +166,43 @@ class ModelServer:
         job.tokens.put_nowait(_DONE)
 
     def _deliver(self, events: list[tuple[Job, int | None, bool, Exception | None]]) -> None:
-        """On the loop: hand each job its token; ``last`` (or no token) ends the job. The flag
-        travels with the token because the thread may be steps ahead of the loop."""
+        """On the loop: hand each job its tokens, all of this delivery's in one list; ``last``
+        (or no token) ends the job. The flag travels with the token because the thread may be
+        steps ahead of the loop."""
+        chunks: dict[Job, list[int]] = {}
+        ends: list[tuple[Job, Exception | None]] = []
         for job, token, last, error in events:
             if token is not None:
-                job.tokens.put_nowait(token)
+                chunks.setdefault(job, []).append(token)
             if token is None or last:
-                self._finish(job, error)
+                ends.append((job, error))
+        for job, chunk in chunks.items():
+            if job in self.jobs:
+                job.tokens.put_nowait(chunk)
+        for job, error in ends:
+            self._finish(job, error)
+
+    def _post(self, events: dict[Any, list]) -> None:
+        """From the decode thread: queue ``events`` (per event loop) for delivery. A loop is
+        woken only when it has nothing waiting already: one that is behind (the GIL is shared)
+        gets several steps' tokens in one wake-up, and the thread skips the wake-up write."""
+        wake = []
+        with self._outbox_lock:
+            for loop, items in events.items():
+                box = self._outbox.get(loop)
+                if box is None:
+                    self._outbox[loop] = list(items)
+                    wake.append(loop)
+                else:
+                    box.extend(items)
+        for loop in wake:
+            loop.call_soon_threadsafe(self._flush, loop)
+
+    def _flush(self, loop: Any) -> None:
+        """On ``loop``: deliver everything posted for it so far."""
+        with self._outbox_lock:
+            items = self._outbox.pop(loop, [])
+        self._deliver(items)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -230,8 +272,8 @@ class ModelServer:
             self.tokens_out += len(stepped)
         for row in stepped:
             events.setdefault(row.tag.loop, []).append((row.tag, row.ids[-1], row.finished, None))
-        for loop, items in events.items():
-            loop.call_soon_threadsafe(self._deliver, items)
+        if events:
+            self._post(events)
 
     def _add(self, job: Job) -> None:
         try:
