@@ -24,6 +24,7 @@ from aurl.data.vocab import Kind, Vocab
 from aurl.errors import ConfigError
 from aurl.models.discriminator import MultiScaleDiscriminator
 from aurl.models.layers import Rotary, Sparse, attention_mask_for, make_blocks
+from aurl.models.style import style_embedding
 from aurl.models.vae import LatentConditioner, LatentEncoder, Latents, Posterior
 
 if TYPE_CHECKING:
@@ -277,6 +278,7 @@ class DecodeState:
     key_mask: Tensor | None = None  # (B, capacity) bool, only once step() got a mask
     grammar: tuple[GrammarState, Tensor] | None = None  # grammar state, pitch onsets (B, P)
     meter: Tensor | None = None  # (B, 2) time signature (numerator, denominator); None: 4/4
+    style: Tensor | None = None  # (B,) style ids of a model with styles; None or -1: no style
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -333,6 +335,7 @@ class MusicTransformerVAEGAN(nn.Module):
         vae = c.mode in ("vae", "vae_gan")
         self.encoder = LatentEncoder(c) if vae else None
         self.conditioner = LatentConditioner(c) if vae else None
+        self.style = style_embedding(c)
         self.discriminator = MultiScaleDiscriminator(c, V) if c.mode == "vae_gan" else None
         self.grad_checkpointing = False
         self.loss_log_vars = (
@@ -395,6 +398,7 @@ class MusicTransformerVAEGAN(nn.Module):
         latents: Latents | None = None,
         start: WindowStart | None = None,
         meter: Tensor | None = None,
+        style: Tensor | None = None,
     ) -> ModelOutput:
         """Logits for every position of ``ids`` (B, T).
 
@@ -407,6 +411,8 @@ class MusicTransformerVAEGAN(nn.Module):
                 ``ids`` start the piece. Attention still sees ``ids`` only.
             meter: (B, 2) time signatures ``(numerator, denominator)``; default 4/4. Read only
                 by a model with ``model.meter``.
+            style: (B,) style ids (:mod:`aurl.models.style`; -1: none). Read only by a model
+                with ``model.styles``.
         """
         B, T = ids.shape
         posterior = None
@@ -420,7 +426,7 @@ class MusicTransformerVAEGAN(nn.Module):
             time_emb = self.time(ids, start.ticks, start.tempo, meter)[0]
         if self.grammar_features is not None:
             gram_emb = self.grammar_features(ids, start.grammar)[0]
-        x = self._input(ids, cond, time_emb, gram_emb)
+        x = self._input(ids, cond, time_emb, gram_emb, self._style(style))
         key_mask = attention_mask.bool() if attention_mask is not None else None
         if self.window is not None and self.window < T:  # block-local, linear in T
             mask = Sparse(self.window, self.n_global, self.summary_len, key_mask)
@@ -435,6 +441,12 @@ class MusicTransformerVAEGAN(nn.Module):
                 x = block(x, cos, sin, mask)
         logits, h = self._logits(x)
         return ModelOutput(logits=logits, hidden=h, posterior=posterior, latents=latents)
+
+    def _style(self, style: Tensor | None) -> Tensor | None:
+        """(B, 1, D) style vectors, or None for a model without styles or no style given."""
+        if self.style is None or style is None:
+            return None
+        return self.style(style)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations (training)."""
@@ -452,6 +464,7 @@ class MusicTransformerVAEGAN(nn.Module):
         dtype: torch.dtype | None = None,
         history: Tensor | None = None,
         meter: Tensor | None = None,
+        style: Tensor | None = None,
     ) -> DecodeState:
         """A fresh decode state with a preallocated KV cache of ``capacity`` positions
         (default ``max_seq_len``); generation past it re-primes a new state on a window.
@@ -459,7 +472,8 @@ class MusicTransformerVAEGAN(nn.Module):
         ``history`` (B, n): tokens that came before the first :meth:`step` (e.g. those a
         sliding window left behind): the musical time and the grammar features continue from
         them, while attention starts fresh. ``meter`` (B, 2): the time signatures the bars
-        follow (models with ``model.meter``; default 4/4)."""
+        follow (models with ``model.meter``; default 4/4). ``style`` (B,): style ids (models
+        with ``model.styles``; -1 or None: no style)."""
         p = self.embed.weight
         device = torch.device(device) if device is not None else p.device
         dtype = dtype or p.dtype
@@ -472,6 +486,7 @@ class MusicTransformerVAEGAN(nn.Module):
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
             latents=latents,
             meter=meter.to(device) if meter is not None else None,
+            style=style.to(device) if style is not None else None,
         )
         start = self.start_after(
             history if history is not None else torch.zeros(batch_size, 0, dtype=torch.long),
@@ -551,7 +566,7 @@ class MusicTransformerVAEGAN(nn.Module):
         if self.grammar_features is not None:
             g = self.grammar_features
             gram_emb, state.grammar = (g.advance if T == 1 else g.extend)(ids, state.grammar)
-        x = self._input(ids, cond, time_emb, gram_emb)
+        x = self._input(ids, cond, time_emb, gram_emb, self._style(state.style))
 
         keys = self._keys_for(start, T, device)
         if isinstance(keys, slice):
