@@ -85,13 +85,38 @@ def test_styles_follow_the_manifest_without_tokenizing_again(mix, tmp_path):
 
 
 def test_part_caches_merge_with_their_styles(mix, tmp_path):
+    from aurl.data.cache import merge_caches
+
+    folder = tmp_path / "mix"
+    shutil.copytree(mix, folder)
     out = tmp_path / "cache"
-    for i in range(3):
-        prepare(mix, out, workers=1, shard=(i, 3))
-    prepare(mix, out, workers=1)  # merges the parts
+    prepare(folder, out, workers=1, shard=(0, 2))
+    # the second part is prepared after the palestrina label changed: its style list differs
+    path = folder / "palestrina" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for e in manifest["files"]:
+        e["style"] = "a-cappella"
+    path.write_text(json.dumps(manifest))
+    prepare(folder, out, workers=1, shard=(1, 2))
+    parts = sorted((out / "parts").iterdir())
+    expect = {}
+    for part in parts:
+        c = TokenCache(part)
+        expect.update({c.relpath(i): c.style_names[c.styles[i]] for i in range(len(c))})
+    # part 0's list is [chorale, palestrina], part 1's [a-cappella, chorale]: ids must be remapped
+    assert set(expect.values()) == {"chorale", "palestrina", "a-cappella"}
+    merge_caches(parts, out)
+    cache = TokenCache(out)
+    assert {cache.relpath(i): cache.style_names[cache.styles[i]] for i in range(len(cache))} == (
+        expect
+    )
+    prepare(folder, out, workers=1)  # and prepare relabels every row from today's manifests
     cache = TokenCache(out)
     names = [cache.style_names[s] for s in cache.styles]
-    assert names == [cache.relpath(i).split("/")[0] for i in range(len(cache))]
+    assert names == [
+        "a-cappella" if cache.relpath(i).startswith("palestrina/") else "chorale"
+        for i in range(len(cache))
+    ]
 
 
 def test_an_index_from_before_styles_reads_as_unlabelled(mix_cache, tmp_path):
