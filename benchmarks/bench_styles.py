@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--model", help="or a shipped model by name")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--max-tokens", type=int, default=512, help="opening both classifiers see")
+    p.add_argument("--window", type=int, default=0, help="scoring window (0: the model's)")
     p.add_argument("--train-per-style", type=int, default=200, help="baseline training pieces")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -75,6 +76,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, _, window = load_model(args.checkpoint, "cpu", args.model)
+    window = args.window or window
     styles = list(model.config.styles)
     if not styles:
         raise SystemExit("the model has no styles (model.styles): train one with model.styles")
@@ -114,7 +116,7 @@ def main() -> None:
     result = {
         "cache": str(args.cache), "model": args.checkpoint or args.model, "split": args.split,
         "styles": styles, "held_out_pieces": counts, "baseline_train_pieces": train_counts,
-        "max_tokens": args.max_tokens, "load_average": os.getloadavg(),
+        "max_tokens": args.max_tokens, "window": window, "load_average": os.getloadavg(),
         "results": [summary("model likelihood (Bayes, uniform prior)", styles, truth, guesses,
                             model_cpu),
                     summary("logistic regression on metrics", styles, truth, base, base_cpu)],
