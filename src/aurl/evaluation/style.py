@@ -45,9 +45,7 @@ def style_log_likelihoods(
     meters = None if meter is None else [meter]
     nll, notes = np.zeros(len(styles)), 0
     for k in range(len(styles)):
-        r = score_sequences(
-            model, [ids], window=window, meters=meters, styles=[k], grammar=grammar
-        )
+        r = score_sequences(model, [ids], window=window, meters=meters, styles=[k], grammar=grammar)
         nll[k], notes = r.nll, r.notes
     return nll, notes
 
