@@ -128,6 +128,10 @@ class ModelConfig:
     grammar_features: bool = True  # sounding-pitch state fed to the model
     # bars follow each piece's time signature (cache index, ``--meter``); off: 4/4 (old models)
     meter: bool = False
+    # style conditioning (aurl.models.style): the style names, in id order (empty: none), and
+    # the chance a training sequence's style is dropped so the model also runs without one
+    styles: tuple[str, ...] = ()
+    style_dropout: float = _num(0.1, 0.0, 1.0)
     # VAE
     latent_dim: int = _num(128, 1, 4096)
     latent_levels: int = _num(3, 1, 3)
@@ -144,6 +148,10 @@ class ModelConfig:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
                 f"({self.n_heads}) into an even head width: change one of them"
+            )
+        if len(set(self.styles)) != len(self.styles) or not all(self.styles):
+            raise ConfigError(
+                f"model.styles {list(self.styles)}: style names must be distinct and non-empty"
             )
 
 
@@ -231,6 +239,7 @@ class GenerationConfig:
     window_overlap: int = _num(128, 0)
     seed: int = 0
     meter: str = ""  # time signature the bars follow, e.g. "3/4" (meter models); "": 4/4
+    style: str = ""  # one of the model's model.styles (style models); "": no style
 
 
 @dataclass(frozen=True)

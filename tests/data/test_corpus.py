@@ -242,8 +242,9 @@ def test_manifest_is_json_with_the_documented_fields(bundled):
     entry = bundled["files"][0]
     assert set(entry) == {
         "file", "source", "composer", "title", "duration_s", "notes", "tracks", "repeats",
-        "warnings", "group", "split",
+        "warnings", "group", "split", "style",
     }  # fmt: skip
+    assert {e["style"] for e in bundled["files"]} == {"chorale"}
     assert json.loads(json.dumps(bundled)) == bundled
 
 
@@ -267,6 +268,8 @@ def test_classical_corpus_converts_a_score_beside_the_copied_chorales(tmp_path, 
     entry = next(e for e in manifest["files"] if e["source"] == rel)
     assert entry["file"] == "mozart_k545_movement1_exposition.mid"
     assert entry["composer"] == "Wolfgang Amadeus Mozart"
+    assert entry["style"] == "classical"  # and the copied chorales "chorale"
+    assert {e["style"] for e in manifest["files"] if e is not entry} == {"chorale"}
     assert entry["title"] == "movement1_exposition.mxl"  # music21's movement name: no title
     assert entry["split"] == split_of(entry["file"], 0.1, 0.1)
     midi = symusic.Score(str(tmp_path / "out" / entry["file"]))

@@ -4,6 +4,9 @@ Writes ``analysis.json``, ``report.md``, ``report.html`` and PNG plots into ``--
 folder, one subfolder per file plus a corpus summary at the top (most common progressions,
 cadences, keys, forms). Files that cannot be read are listed and skipped; files with nothing to
 analyse (no notes, drums only, one note) get a report that says so.
+
+``--style`` (opt-in: without it the analysis loads no model) adds each file's most likely
+style with the probabilities a style model gives (:mod:`aurl.analysis.style`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="bar length in quarter-note beats (default: from the file's first time signature)",
     )
     p.add_argument("--no-plots", action="store_true", help="JSON and text reports only")
+    s = p.add_argument_group("style (opt-in: loads a model)")
+    s.add_argument(
+        "--style", action="store_true",
+        help="the most likely style of each file with probabilities, from a style model's "
+        "likelihoods (a model trained with model.styles)",
+    )  # fmt: skip
+    s.add_argument("--model", metavar="NAME", help="--style: a shipped model by name")
+    s.add_argument("--checkpoint", metavar="DIR", help="--style: a model folder, run or checkpoint")
     p.set_defaults(func=run)
+
+
+class _StyleGuesser:
+    """``--style``: the model, loaded once, and a tokenizer of its vocabulary."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from aurl.cli.evaluate import load_model
+        from aurl.data.tokenizer import Tokenizer
+        from aurl.errors import ConfigError
+
+        self.model, _, self.window = load_model(args.checkpoint, "cpu", args.model)
+        if not self.model.config.styles:
+            raise ConfigError(
+                "--style: this model was trained without styles (model.styles is empty): give "
+                "a model trained with styles (--model NAME or --checkpoint DIR)"
+            )
+        self.tokenizer = Tokenizer(self.model.vocab_config)
+
+    def __call__(self, path: Path) -> dict:
+        from aurl.data.meter import read_meter
+        from aurl.evaluation.style import classify_style
+
+        meter = read_meter(path) if self.model.config.meter else None
+        ids = self.tokenizer.encode_file(path)
+        return classify_style(self.model, ids, window=self.window, meter=meter)
 
 
 def read_piece(path: Path):
@@ -94,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.beats_per_bar < 0:
         raise ConfigError(f"--beats-per-bar {args.beats_per_bar:g}: give a positive bar length")
+    if (args.model or args.checkpoint) and not args.style:
+        raise ConfigError("--model / --checkpoint choose the model of --style: add --style")
     src, out = Path(args.path), Path(args.out)
     if src.is_dir():
         files = sorted(p for p in src.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES)
@@ -104,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise DataError(f"{src} does not exist: give a MIDI file or a folder of them")
 
+    guesser = _StyleGuesser(args) if args.style else None  # a bad model fails before any work
     results, skipped = [], []
+    styles: dict[str, int] = {}
     # read in worker processes: a reader that crashes or hangs on a file skips that file
     workers = min(os.cpu_count() or 1, len(files))
     pieces = in_order(isolated_map(_read_in_worker, files, workers=workers))
@@ -119,6 +159,11 @@ def run(args: argparse.Namespace) -> int:
         resolution = 1.0 if args.chords_per == "beat" else bpb / 2
         name = str(path.relative_to(src)) if src.is_dir() else path.name
         result = analyze_notes(notes, name=name, beats_per_bar=bpb, resolution=resolution)
+        if guesser is not None:
+            guess = guesser(path)
+            result["style"] = guess.to_dict()
+            styles[guess.style] = styles.get(guess.style, 0) + 1
+            print(f"{name}: style {guess.line()}")
         folder = out / path.relative_to(src).with_suffix("") if src.is_dir() else out
         write_report(result, folder, plots=not args.no_plots)
         results.append(result)
@@ -134,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
             f"cadences {agg['cadences']}; most common 3-chord progression "
             f"{' - '.join(top[0][0]) if top else '-'}"
         )
+        if styles:
+            ranked = sorted(styles.items(), key=lambda kv: (-kv[1], kv[0]))
+            print("styles: " + ", ".join(f"{s} {n}" for s, n in ranked))
     elif skipped:
         raise DataError(f"cannot analyse {src}: {skipped[0]['error']}")
     print(f"report in {out}")

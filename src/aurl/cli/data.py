@@ -17,16 +17,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Write a corpus of MIDI files converted from the scores that ship inside "
         "music21, with a manifest.json (source, composer, title, duration, notes, split). "
         "'bach-chorales' (~370 chorales) is bundled pre-converted and copies instantly; "
-        "'classical' adds Beethoven, Mozart, Haydn, Schubert and Schumann (converted: minutes).",
+        "'classical' adds Beethoven, Mozart, Haydn, Schubert and Schumann (converted: minutes); "
+        "'palestrina' (the masses, grouped by mass), 'renaissance' (Josquin, Monteverdi, "
+        "Trecento, ...) and 'all' (every corpus, one subfolder each, a style label per piece: "
+        "hours on 2 cores) are resumable.",
     )
     corpus.add_argument(
-        "--name", default="bach-chorales", choices=["bach-chorales", "classical", "folk"],
+        "--name", default="bach-chorales", choices=["bach-chorales", "classical", "folk", "palestrina", "renaissance", "all"],
         help="folk: the ABC folk collections (Essen, O'Neill, Ryan, Aird), one tune per file; "
-        "resumable (run it again to go on)",
+        "folk, palestrina, renaissance and all are resumable (run it again to go on)",
     )  # fmt: skip
     corpus.add_argument(
         "--limit", type=int, default=0, metavar="N",
-        help="folk: the first N tunes (a fixed spread over the collections; 0: all)",
+        help="folk, palestrina, renaissance: the first N scores (a fixed spread; 0: all); "
+        "all: the first N of each corpus",
     )  # fmt: skip
     corpus.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     corpus.add_argument("--rebuild", action="store_true", help="convert from music21 again")

@@ -74,6 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default 4/4)",
     )  # fmt: skip
     k = p.add_argument_group("conditioning")
+    k.add_argument(
+        "--style", metavar="NAME",
+        help="generate in this style (models trained with model.styles, e.g. folk, chorale)",
+    )  # fmt: skip
     k.add_argument("--primer", metavar="FILE", help="MIDI file to continue")
     k.add_argument("--primer-seconds", type=float, metavar="S", help="use only its first S s")
     k.add_argument("--variations", metavar="FILE", help="VAE: variations of this MIDI file")
@@ -138,6 +142,8 @@ def generation_config(args: argparse.Namespace):
                 f"--instruments {args.instruments!r}: give family numbers like 0,5"
             ) from None
     values.update(_tempo(args.tempo))
+    if getattr(args, "style", None):
+        values["style"] = args.style
     if args.meter:
         from aurl.data.meter import parse_meter
 

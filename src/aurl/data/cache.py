@@ -9,10 +9,13 @@ Layout of a cache folder::
     .lock            held (flock) while a process writes the cache
 
 Per file the index keeps: relative path, shard, offset and length (in tokens), split, notes,
-time signature (the file's first: numerator and denominator, 4/4 where it has none), content
-hash (BLAKE2b-128), size and mtime (a quick "unchanged" test before hashing). Format 2 added the
-time signature; a cache of format 1 is refused with "run aurl data prepare again", and
-``prepare`` rebuilds it.
+time signature (the file's first: numerator and denominator, 4/4 where it has none), style
+(an index into ``meta["styles"]``, the style labels of the corpus manifests; -1 for none),
+content hash (BLAKE2b-128), size and mtime (a quick "unchanged" test before hashing). Format 2
+added the time signature; a cache of format 1 is refused with "run aurl data prepare again",
+and ``prepare`` rebuilds it. The style column needs no new format: like the split it is
+recomputed from the manifests on every ``prepare``, and an index written before it reads as
+"no styles" (training a style model on it asks for ``aurl data prepare`` again).
 
 Crash safety: shards are only ever appended to and fsynced before the index that points into
 them is written (temp file + fsync + rename, then fsync of the folder). Whatever the moment of a
@@ -36,7 +39,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from aurl.config import DataConfig, VocabConfig, build
-from aurl.data.corpus import manifest_groups
+from aurl.data.corpora import manifest_labels
 from aurl.data.meter import read_meter
 from aurl.data.vocab import Kind, Vocab
 from aurl.errors import AurlError, DataError
@@ -158,6 +161,7 @@ _COLUMNS = {
     "notes": np.int64,
     "meter_num": np.int16,
     "meter_den": np.int16,
+    "style": np.int16,
     "size": np.int64,
     "mtime_ns": np.int64,
 }
@@ -191,7 +195,10 @@ class _Index:
                 meta = json.loads(str(z["meta"]))
                 blob, offs = z["path_blob"].tobytes(), z["path_offsets"]
                 paths = [blob[a:b].decode() for a, b in zip(offs[:-1], offs[1:])]
-                cols = {k: z[k].astype(t, copy=False) for k, t in _COLUMNS.items()}
+                cols = {
+                    k: z[k].astype(t, copy=False) if k in z.files else np.full(len(paths), -1, t)
+                    for k, t in _COLUMNS.items()
+                }  # style: optional, -1 (no style) in an index written before it
                 hashes = z["hash"]
         except KeyError as e:  # a column this format has and an older one lacks
             found = _format_of(path)
@@ -483,7 +490,7 @@ def _compact(
         for i in live_rows[shard_ids == s]:
             off, length = int(base.cols["offset"][i]), int(base.cols["length"][i])
             name, offset = writer.append(mm[off : off + length])
-            keys = ("split", "notes", "meter_num", "meter_den", "size", "mtime_ns")
+            keys = ("split", "notes", "meter_num", "meter_den", "style", "size", "mtime_ns")
             values = {k: int(base.cols[k][i]) for k in keys}
             rows.add(
                 base.paths[i], base.hashes[i].tobytes(), shard=len(writer.names) - 1,
@@ -633,15 +640,19 @@ def prepare(
         report.removed = int(len(old) - keep.sum())
         base = old.select(keep)
         fractions = [data_config.valid_fraction, data_config.test_fraction]
-        # the split is recomputed for every file each run (a hash per file): the fractions or
-        # the manifest's tune groups may have changed while the tokens did not
-        groups = manifest_groups(source)
+        # the split and the style are recomputed for every file each run (a hash per file): the
+        # fractions or the manifests' tune groups and styles may have changed, the tokens not
+        labels = manifest_labels(source)
+        groups = {f: lab["group"] for f, lab in labels.items() if "group" in lab}
+        styles = sorted({lab["style"] for lab in labels.values() if lab.get("style")})
+        style_of = {f: styles.index(lab["style"]) for f, lab in labels.items() if lab.get("style")}
         base.cols["split"] = np.array(
             [_split_id(p, data_config, groups) for p in base.paths], np.uint8
         )
+        base.cols["style"] = np.array([style_of.get(p, -1) for p in base.paths], np.int16)
         base.meta = {
             **fp, "split_fractions": fractions, "source": str(source.resolve()),
-            "shard": list(shard) if shard else None,
+            "shard": list(shard) if shard else None, "styles": styles,
         }  # fmt: skip
         base_row = {p: i for i, p in enumerate(base.paths)}
 
@@ -677,7 +688,8 @@ def prepare(
                 rows.add(
                     rel, digest, shard=len(writer.names) - 1, offset=offset, length=len(tokens),
                     split=_split_id(rel, data_config, groups), notes=notes,
-                    meter_num=num, meter_den=den, size=size, mtime_ns=mtime,
+                    meter_num=num, meter_den=den, style=style_of.get(rel, -1), size=size,
+                    mtime_ns=mtime,
                 )  # fmt: skip
                 report.tokenized += 1
                 if n % commit_every == 0:
@@ -696,6 +708,18 @@ def prepare(
     report.totals = final.meta["totals"]
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _restyle(index: _Index, styles: list[str]) -> None:
+    """Renumber ``index``'s style column into ``styles`` (extended with its new names)."""
+    own = index.meta.get("styles", [])
+    for name in own:
+        if name not in styles:
+            styles.append(name)
+    lookup = np.array([styles.index(n) for n in own] + [-1], np.int16)  # -1 stays -1
+    col = index.cols["style"]
+    index.cols["style"] = lookup[np.where(col < 0, len(own), col)]
+    index.meta["styles"] = list(styles)
 
 
 def merge_caches(
@@ -749,6 +773,7 @@ def merge_caches(
                             os.link(part / "shards" / name, target)
                         except OSError:
                             shutil.copyfile(part / "shards" / name, target)
+                _restyle(idx, merged.meta.setdefault("styles", []))
                 in_part = set(idx.paths)
                 stay = np.array([p not in in_part for p in merged.paths], dtype=bool)
                 failed = [f for f in merged.failed if f["path"] not in in_part] + idx.failed
@@ -799,6 +824,9 @@ class TokenCache:
         self.meters: np.ndarray = np.stack(
             [self._index.cols["meter_num"], self._index.cols["meter_den"]], axis=1
         ).astype(np.int64)
+        # (N,) int64 index of each file's style into ``style_names``; -1: no style
+        self.styles: np.ndarray = self._index.cols["style"].astype(np.int64)
+        self.style_names: list[str] = list(self.meta.get("styles", []))
         self.failed: list[dict[str, Any]] = self._index.failed
         self._maps: dict[int, np.ndarray] = {}
         self._pid = os.getpid()
@@ -851,6 +879,28 @@ class TokenCache:
     def total_notes(self, split: str | None = None) -> int:
         rows = slice(None) if split is None else self.split_indices(split)
         return int(self.notes[rows].sum())
+
+    def model_styles(self, styles: Sequence[str]) -> np.ndarray:
+        """(N,) int64 each file's style as an id of a model's ``styles`` (-1: no style).
+
+        Raises:
+            DataError: the cache has no style labels, or one a model without it cannot take.
+        """
+        if not self.style_names or not (self.styles >= 0).any():
+            raise DataError(
+                f"cache {self.path} has no style labels (the model has model.styles "
+                f"{list(styles)}): style labels come from the corpus manifests "
+                "('aurl data corpus'); run 'aurl data prepare MIDI_DIR --out "
+                f"{self.path}' again on the folder with the manifests"
+            )
+        missing = [n for n in self.style_names if n not in styles]
+        if missing:
+            raise DataError(
+                f"cache {self.path} has style {missing[0]!r}, which model.styles "
+                f"{list(styles)} lacks: add it to model.styles"
+            )
+        lookup = np.array([list(styles).index(n) for n in self.style_names] + [-1], np.int64)
+        return lookup[np.where(self.styles < 0, len(self.style_names), self.styles)]
 
     def check_vocab(self, vocab_config: VocabConfig) -> None:
         """Raise DataError unless this cache was built with ``vocab_config``."""

@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +42,8 @@ from aurl.errors import DataError
 from aurl.fileio import atomic_write, atomic_write_text
 from aurl.progress import Progress, silent
 
-CORPORA = ("bach-chorales", "classical", "folk")  # folk: aurl.data.folk
+CORPORA = ("bach-chorales", "classical", "folk", "palestrina", "renaissance", "all")
+# folk: aurl.data.folk; palestrina, renaissance, all: aurl.data.corpora
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 MANIFEST = "manifest.json"
 
@@ -66,6 +67,12 @@ CLASSICAL_FOLDERS = (
 )
 # One score is often stored in several formats; the first that exists is converted.
 SCORE_EXTENSIONS = (".mxl", ".xml", ".musicxml", ".krn")
+
+# The style label of each corpus's pieces (the chorales inside ``classical``: "chorale")
+CORPUS_STYLE = {
+    "bach-chorales": "chorale", "classical": "classical", "folk": "folk",
+    "palestrina": "palestrina", "renaissance": "renaissance",
+}  # fmt: skip
 
 # A written repeat at most doubles a section, and a minuet-trio-da capo taken with all its
 # repeats plays the minuet 4 times: a real expansion stays within 4x the written length
@@ -114,6 +121,17 @@ class CorpusReport:
         return [f for f in self.files if f["repeats"].startswith("capped")]
 
 
+def style_of(corpus: str, entry: Mapping[str, Any]) -> str:
+    """The style label of a manifest ``entry`` of corpus ``corpus``: the entry's own ``style``,
+    else the corpus's (:data:`CORPUS_STYLE`), the chorales of ``classical`` being ``chorale``;
+    ``""`` for a corpus of no known style."""
+    if entry.get("style"):
+        return str(entry["style"])
+    if corpus == "classical" and str(entry.get("source", "")).startswith("bach/"):
+        return "chorale"
+    return CORPUS_STYLE.get(corpus, "")
+
+
 # --------------------------------------------------------------------------------------------
 # Which scores
 # --------------------------------------------------------------------------------------------
@@ -141,8 +159,8 @@ def list_sources(name: str) -> list[Source]:
     Raises:
         DataError: ``name`` is not one of :data:`CORPORA`.
     """
-    if name not in CORPORA or name == "folk":
-        raise DataError(f"unknown corpus {name!r}: choose one of {', '.join(CORPORA[:2])}")
+    if name not in ("bach-chorales", "classical"):
+        raise DataError(f"unknown corpus {name!r}: choose one of bach-chorales, classical")
     from music21.corpus import chorales
 
     root = _corpus_root()
@@ -265,6 +283,7 @@ def convert_score(
         ScoreSkipped: music21 cannot read or expand the score, or it has no notes.
     """
     from music21 import converter
+    from music21 import stream as m21stream
 
     path = Path(root or _corpus_root()) / source.path
     # music21 warns about oddities of the score (overfull bars, ...): they go to the manifest,
@@ -274,6 +293,8 @@ def convert_score(
         try:
             # forceSource: music21's pickle cache would skip the warnings and write to ~/
             stream = converter.parse(str(path), forceSource=True)
+            if isinstance(stream, m21stream.Opus):  # Josquin's ABC: one tune per voice
+                stream = stream.mergeScores()
         except Exception as e:  # music21 raises many types for a score it cannot read
             raise ScoreSkipped(f"music21 cannot read it ({type(e).__name__}: {e})") from e
         score, repeats = stream_to_score(
@@ -357,6 +378,7 @@ def write_manifest(report: CorpusReport, *, valid_fraction: float, test_fraction
     for entry in report.files:
         entry["group"] = groups[entry["file"]]
         entry["split"] = split_of(entry["group"], valid_fraction, test_fraction)
+        entry["style"] = style_of(report.name, entry)
     manifest = {
         "name": report.name,
         "source": f"music21 {music21.__version__} corpus",
@@ -448,14 +470,15 @@ def build_corpus(
     """Write corpus ``name`` as MIDI files plus ``manifest.json`` into ``out``.
 
     Args:
-        name: ``"bach-chorales"`` or ``"classical"``.
+        name: one of :data:`CORPORA`.
         out: Output folder (created; existing files of the same names are replaced).
         rebuild: Convert the chorales from music21 again instead of copying the bundled files.
         workers: Conversion processes; 0 for all cores.
         valid_fraction: Share of files marked ``valid`` in the manifest (``data.valid_fraction``).
         test_fraction: Share marked ``test`` (``data.test_fraction``).
         progress: Progress wrapper (:func:`aurl.progress.bar` in the CLI).
-        limit: ``folk`` only: the first N tunes (:func:`aurl.data.folk.build_folk`).
+        limit: ``folk``, ``palestrina``, ``renaissance``: the first N scores in a hashed
+            order (a spread); ``all``: the first N of each corpus (:mod:`aurl.data.corpora`).
 
     Returns:
         A :class:`CorpusReport` with the manifest entries and the skipped scores with reasons.
@@ -471,8 +494,19 @@ def build_corpus(
             out, limit=limit, workers=workers, valid_fraction=valid_fraction,
             test_fraction=test_fraction, progress=progress,
         )  # fmt: skip
+    if name in ("palestrina", "renaissance", "all"):
+        from aurl.data import corpora
+
+        build = {"palestrina": corpora.build_palestrina, "renaissance": corpora.build_renaissance,
+                 "all": corpora.build_all}[name]  # fmt: skip
+        return build(
+            out, limit=limit, workers=workers, valid_fraction=valid_fraction,
+            test_fraction=test_fraction, progress=progress,
+        )  # fmt: skip
     if limit:
-        raise DataError(f"--limit applies to the folk corpus, not to {name!r}")
+        raise DataError(
+            f"--limit applies to the folk, palestrina, renaissance and all corpora, not to {name!r}"
+        )
     check_fractions(valid_fraction, test_fraction)
     sources = list_sources(name)
     report = CorpusReport(name=name, out=Path(out))

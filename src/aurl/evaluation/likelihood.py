@@ -132,6 +132,7 @@ def score_sequences(
     vocab: Vocab | None = None,
     progress: Progress = silent,
     meters: Sequence[Any] | None = None,
+    styles: Sequence[int] | None = None,
 ) -> LikelihoodResult:
     """Negative log-likelihood of ``sequences`` under ``model`` (``model(ids).logits``).
 
@@ -151,6 +152,8 @@ def score_sequences(
         progress: Progress wrapper over batches.
         meters: Each sequence's time signature ``(numerator, denominator)``, passed to a model
             with meter conditioning (``model.config.meter``); default 4/4.
+        styles: Each sequence's style id (:mod:`aurl.models.style`; -1: none), passed to a
+            model with style conditioning (``model.config.styles``); default: no style.
 
     Returns:
         The totals; ``.loss``, ``.perplexity`` and ``.bits_per_note`` derive from them.
@@ -205,6 +208,8 @@ def score_sequences(
                 meter = torch.tensor(np.array([meters[c[0]] for c in batch]), dtype=torch.long)
                 meter = meter.to(device)
             kw = {"meter": meter} if meter is not None else {}
+            if styles is not None and getattr(getattr(model, "config", None), "styles", ()):
+                kw["style"] = torch.tensor([styles[c[0]] for c in batch], device=device)
             if carry and start0 > 0:
                 history = torch.from_numpy(seqs[i0][:start0])[None].to(device)  # (1, start)
                 state = model.init_state(1, device=device, capacity=T, history=history, **kw)

@@ -25,7 +25,7 @@ import numpy as np
 
 from aurl.config import GenerationConfig
 from aurl.data.vocab import END, PAD, START, Kind, Vocab
-from aurl.errors import ConstraintError
+from aurl.errors import ConfigError, ConstraintError
 from aurl.generation.constraints import LogitMasker, build_constraints, index_state
 from aurl.generation.sampling import (
     SamplingOptions,
@@ -169,11 +169,13 @@ class _Context:
     """The engine side of the loop: decode state, sliding window, logits of the last token."""
 
     def __init__(
-        self, engine: Any, latents: Any, batch: int, window: int, overlap: int, meter: Any = None
-    ) -> None:
+        self, engine: Any, latents: Any, batch: int, window: int, overlap: int, meter: Any = None,
+        style: Any = None,
+    ) -> None:  # fmt: skip
         self.engine, self.latents, self.batch = engine, latents, batch
         self.window, self.overlap = window, overlap
         self.meter = meter  # (B, 2) time signatures for a meter-conditioned model, or None
+        self.style = style  # (B,) style ids for a style-conditioned model, or None
         self.state: Any = None
 
     def start(self, buffer: Any, n: int) -> Any:
@@ -182,6 +184,8 @@ class _Context:
         first = 0 if n <= self.window - 1 else n - self.overlap
         # the tokens left behind still set the musical time and the grammar features
         meter = {"meter": self.meter} if self.meter is not None else {}
+        if self.style is not None:
+            meter["style"] = self.style
         self.state = self.engine.init_state(
             self.batch, latents=self.latents, capacity=self.window,
             history=buffer[:, :first] if first > 0 else None, **meter,
@@ -218,6 +222,30 @@ def meter_tensor(engine: Any, config: GenerationConfig, batch: int) -> Any:
 
     meter = torch.tensor(pair, dtype=torch.long, device=engine.device)
     return meter.expand(batch, 2).contiguous()
+
+
+def style_tensor(engine: Any, config: GenerationConfig, batch: int) -> Any:
+    """(B,) the id of ``generation.style`` among the model's ``model.styles``; None without a
+    style (a style model then generates unconditioned, as style dropout trained it to).
+
+    Raises:
+        ConfigError: an unknown style (the message lists the model's), a model without
+            styles, or an engine that cannot take one.
+    """
+    if not config.style:
+        return None
+    if engine.numpy:  # checked first: aurl.models.style imports torch
+        raise ConfigError(
+            f"--style {config.style}: the onnx engine takes no style (its export has no style "
+            "input); use --engine torch"
+        )
+    import torch
+
+    from aurl.models.style import style_id
+
+    sid = style_id(tuple(getattr(engine.config, "styles", ())), config.style)
+
+    return torch.full((batch,), sid, dtype=torch.long, device=engine.device)
 
 
 class _TorchArrays:
@@ -422,7 +450,10 @@ def _sample(
     buffer = arrays.full(B, P + min(steps, CHUNK))
     buffer[:, :P] = prefix
     state = masker.prime(masker.initial_state(B), prefix)
-    ctx = _Context(engine, latents, B, window, overlap, meter_tensor(engine, config, B))
+    ctx = _Context(
+        engine, latents, B, window, overlap, meter_tensor(engine, config, B),
+        style_tensor(engine, config, B),
+    )  # fmt: skip
     logits = ctx.start(buffer, P)
     seen = None
     if options.repetition_penalty != 1.0:
@@ -470,7 +501,10 @@ def _beam_search(
     buffer = torch.full((B * K, P + min(steps, CHUNK)), PAD, dtype=torch.long, device=device)
     buffer[:, :P] = prefix[rows]
     state = masker.prime(masker.initial_state(B * K), buffer[:, :P])
-    ctx = _Context(engine, latents, B * K, window, overlap, meter_tensor(engine, config, B * K))
+    ctx = _Context(
+        engine, latents, B * K, window, overlap, meter_tensor(engine, config, B * K),
+        style_tensor(engine, config, B * K),
+    )  # fmt: skip
     logits = ctx.start(buffer, P)
     scores = torch.zeros(B, K, dtype=torch.float64, device=device)
     scores[:, 1:] = float("-inf")  # all beams start equal: keep one so they do not duplicate

@@ -24,6 +24,7 @@ from aurl.data.vocab import Kind, Vocab
 from aurl.errors import ConfigError
 from aurl.models.discriminator import MultiScaleDiscriminator
 from aurl.models.layers import Rotary, Sparse, attention_mask_for, make_blocks
+from aurl.models.style import style_embedding
 from aurl.models.vae import LatentConditioner, LatentEncoder, Latents, Posterior
 
 if TYPE_CHECKING:
@@ -289,6 +290,7 @@ class DecodeState:
     key_mask: Tensor | None = None  # (B, capacity) bool, only once step() got a mask
     grammar: tuple[GrammarState, Tensor] | None = None  # grammar state, pitch onsets (B, P)
     meter: Tensor | None = None  # (B, 2) time signature (numerator, denominator); None: 4/4
+    style: Tensor | None = None  # (B,) style ids of a model with styles; None or -1: no style
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -346,6 +348,7 @@ class MusicTransformerVAEGAN(nn.Module):
         vae = c.mode in ("vae", "vae_gan")
         self.encoder = LatentEncoder(c) if vae else None
         self.conditioner = LatentConditioner(c) if vae else None
+        self.style = style_embedding(c)
         self.discriminator = MultiScaleDiscriminator(c, V) if c.mode == "vae_gan" else None
         self.grad_checkpointing = False
         self.right_padding = False  # set_right_padding
@@ -409,6 +412,7 @@ class MusicTransformerVAEGAN(nn.Module):
         latents: Latents | None = None,
         start: WindowStart | None = None,
         meter: Tensor | None = None,
+        style: Tensor | None = None,
     ) -> ModelOutput:
         """Logits for every position of ``ids`` (B, T).
 
@@ -421,6 +425,8 @@ class MusicTransformerVAEGAN(nn.Module):
                 ``ids`` start the piece. Attention still sees ``ids`` only.
             meter: (B, 2) time signatures ``(numerator, denominator)``; default 4/4. Read only
                 by a model with ``model.meter``.
+            style: (B,) style ids (:mod:`aurl.models.style`; -1: none). Read only by a model
+                with ``model.styles``.
         """
         B, T = ids.shape
         posterior = None
@@ -436,7 +442,7 @@ class MusicTransformerVAEGAN(nn.Module):
             gram_emb = self.grammar_features.embed(*start.features)
         elif self.grammar_features is not None:
             gram_emb = self.grammar_features(ids, start.grammar)[0]
-        x = self._input(ids, cond, time_emb, gram_emb)
+        x = self._input(ids, cond, time_emb, gram_emb, self._style(style))
         key_mask = attention_mask.bool() if attention_mask is not None else None
         if self.right_padding and self.window is None:  # causal: no real query sees the padding
             key_mask = None
@@ -462,6 +468,12 @@ class MusicTransformerVAEGAN(nn.Module):
         padded positions change, those at real ones do not. The VAE encoder still reads it."""
         self.right_padding = enabled
 
+    def _style(self, style: Tensor | None) -> Tensor | None:
+        """(B, 1, D) style vectors, or None for a model without styles or no style given."""
+        if self.style is None or style is None:
+            return None
+        return self.style(style)
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations (training)."""
         self.grad_checkpointing = enabled
@@ -478,6 +490,7 @@ class MusicTransformerVAEGAN(nn.Module):
         dtype: torch.dtype | None = None,
         history: Tensor | None = None,
         meter: Tensor | None = None,
+        style: Tensor | None = None,
     ) -> DecodeState:
         """A fresh decode state with a preallocated KV cache of ``capacity`` positions
         (default ``max_seq_len``); generation past it re-primes a new state on a window.
@@ -485,7 +498,8 @@ class MusicTransformerVAEGAN(nn.Module):
         ``history`` (B, n): tokens that came before the first :meth:`step` (e.g. those a
         sliding window left behind): the musical time and the grammar features continue from
         them, while attention starts fresh. ``meter`` (B, 2): the time signatures the bars
-        follow (models with ``model.meter``; default 4/4)."""
+        follow (models with ``model.meter``; default 4/4). ``style`` (B,): style ids (models
+        with ``model.styles``; -1 or None: no style)."""
         p = self.embed.weight
         device = torch.device(device) if device is not None else p.device
         dtype = dtype or p.dtype
@@ -498,6 +512,7 @@ class MusicTransformerVAEGAN(nn.Module):
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
             latents=latents,
             meter=meter.to(device) if meter is not None else None,
+            style=style.to(device) if style is not None else None,
         )
         start = self.start_after(
             history if history is not None else torch.zeros(batch_size, 0, dtype=torch.long),
@@ -582,7 +597,7 @@ class MusicTransformerVAEGAN(nn.Module):
         if self.grammar_features is not None:
             g = self.grammar_features
             gram_emb, state.grammar = (g.advance if T == 1 else g.extend)(ids, state.grammar)
-        x = self._input(ids, cond, time_emb, gram_emb)
+        x = self._input(ids, cond, time_emb, gram_emb, self._style(state.style))
 
         keys = self._keys_for(start, T, device)
         if isinstance(keys, slice):

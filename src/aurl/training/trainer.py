@@ -182,6 +182,7 @@ def evaluate(
     model: torch.nn.Module, docs: Sequence[np.ndarray], config: Config, *,
     device: torch.device, d: distributed.Dist, grammar=None,
     meters: Sequence[np.ndarray] | None = None,
+    styles: Sequence[int] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Loss, perplexity and bits per note of the validation pieces, all ranks together.
 
@@ -192,9 +193,11 @@ def evaluate(
 
     mine = [docs[i] for i in range(d.rank, len(docs), d.world)]
     my_meters = None if meters is None else [meters[i] for i in range(d.rank, len(docs), d.world)]
+    my_styles = None if styles is None else [styles[i] for i in range(d.rank, len(docs), d.world)]
     r = score_sequences(
         unwrap(model), mine, window=config.data.window, batch_size=config.data.batch_size,
         device=device, grammar=grammar if config.loss.grammar_masked else None, meters=my_meters,
+        styles=my_styles,
     )  # fmt: skip
     totals = torch.tensor([r.nll, r.tokens, r.notes], dtype=torch.float64, device=device)
     if d.enabled:
@@ -345,6 +348,9 @@ class _Run:
     best_valid: float | None = None
     bad_evals: int = 0
     lr_scale: float = 1.0  # halved by every rollback
+    # (N,) each cache row's style as a model style id (-1: none); None: a model without styles
+    row_styles: np.ndarray | None = None
+    valid_styles: list[int] | None = None  # the style id of each validation piece
     valid_loss: float | None = None
     last_loss: float = float("nan")
     stopped: str = "max_steps"
@@ -475,6 +481,8 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
     valid_rows = valid_rows[: valid_count(cache.lengths[valid_rows], config)]
     valid_set = [np.asarray(cache.tokens(int(r)), dtype=np.int64) for r in valid_rows]
     valid_meters = [cache.meters[int(r)] for r in valid_rows]
+    row_styles = cache.model_styles(config.model.styles) if config.model.styles else None
+    valid_styles = None if row_styles is None else [int(row_styles[r]) for r in valid_rows]
     if monitor and not valid_set:
         monitor.line("no valid split in the cache: validation and best-checkpoint tracking are off")
 
@@ -487,7 +495,8 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
         cache=cache, grammar=Grammar(vocab, config.data.polyphony_cap),
         use_grammar=config.loss.grammar_masked or config.loss.grammar_weight > 0,
         loader=loader, batches=iter(loader), valid_set=valid_set, detector=detector,
-        valid_meters=valid_meters, base=base, finetune=finetune,
+        valid_meters=valid_meters, base=base, finetune=finetune, row_styles=row_styles,
+        valid_styles=valid_styles,
     )  # fmt: skip
     if start is not None:
         run.step = start.step
@@ -793,7 +802,7 @@ def _discriminator_step(
             with torch.no_grad():
                 out = model(
                     ids, attention_mask=batch["attention_mask"], start=batch.get("start"),
-                    meter=batch.get("meter"),
+                    meter=batch.get("meter"), style=batch.get("style"),
                 )  # fmt: skip
                 hard = stage.config.loss.gan_fakes == "hard"
                 fake = model_losses.soft_fakes(ids, out.logits, allowed, hard=hard)
@@ -840,6 +849,9 @@ def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch
         batch["tokens"] = int(next_batch["attention_mask"].sum())  # counted on the host
         if "meter" in next_batch:
             batch["meter"] = next_batch["meter"].to(device, non_blocking=True)
+        if run.row_styles is not None:  # the pieces' styles (the model drops some: dropout)
+            style = run.row_styles[next_batch["index"].numpy()]
+            batch["style"] = torch.from_numpy(style).to(device, non_blocking=True)
         # everything on the device, from one grammar scan of the window (no per-batch host work
         # but the loader's): the start state from the prefix, the features, the masks
         allowed = None
@@ -928,8 +940,8 @@ def _validate(run: _Run, stage: _Stage, train_loss: float) -> dict[str, float] |
     if not run.valid_set or not (run.step % t.eval_every == 0 or run.step == run.ends[-1]):
         return None
     v = evaluate(stage.model, run.valid_set, stage.config, device=run.d.device, d=run.d,
-                 meters=run.valid_meters,
-                 grammar=run.grammar)  # fmt: skip
+                 meters=run.valid_meters, grammar=run.grammar,
+                 styles=run.valid_styles)  # fmt: skip
     run.valid_loss = v["loss"]
     if run.best_valid is None or v["loss"] < run.best_valid - t.min_delta:
         run.best_valid, run.bad_evals = v["loss"], 0
