@@ -104,6 +104,9 @@ class DataConfig:
     batch_size: int = _num(16, 1, 65536)
     num_workers: int = _num(0, 0, 256)
     length_grouped: bool = True
+    # share of training windows cut into prefix / middle / suffix and reordered
+    # [SUF] suffix [PRE] prefix [MID] middle [EOM] (aurl.data.fim; needs model.fim). 0: none
+    fim_rate: float = _num(0.0, 0.0, 1.0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -128,6 +131,9 @@ class ModelConfig:
     grammar_features: bool = True  # sounding-pitch state fed to the model
     # bars follow each piece's time signature (cache index, ``--meter``); off: 4/4 (old models)
     meter: bool = False
+    # fill-in-the-middle sentinel rows (ids 774-777 beyond the music ids, aurl.data.fim):
+    # the model can infill knowing the suffix (train with data.fim_rate > 0)
+    fim: bool = False
     # VAE
     latent_dim: int = _num(128, 1, 4096)
     latent_levels: int = _num(3, 1, 3)

@@ -426,6 +426,20 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop, tun
     return _finish(run, model)
 
 
+def check_fim(config: Config) -> None:
+    """FIM windows need the sentinel rows and a plain transformer."""
+    if config.data.fim_rate > 0 and not config.model.fim:
+        raise ConfigError(
+            f"data.fim_rate={config.data.fim_rate} needs model.fim=true (the sentinel ids' rows): "
+            "set both, or data.fim_rate=0"
+        )
+    if config.data.fim_rate > 0 and config.model.mode != "transformer":
+        raise ConfigError(
+            f"data.fim_rate={config.data.fim_rate} is for model.mode=transformer (got "
+            f"{config.model.mode!r}): set data.fim_rate=0 for VAE modes"
+        )
+
+
 def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, tune) -> _Run:
     """Every check of the input before any work, then the checkpoint to resume from, the
     monitor, the training batches and the validation pieces."""
@@ -435,6 +449,7 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
 
     t = config.training
     check_precision(t.precision, d.device)
+    check_fim(config)
     plan = stage_plan(config)
     ends = np.cumsum([s for _, s in plan]).tolist()
     cache = open_cache(config)
@@ -825,7 +840,9 @@ def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch
             batch["meter"] = next_batch["meter"].to(device, non_blocking=True)
         allowed = None
         carried = getattr(batch.get("start"), "grammar", None)
-        if run.use_grammar and carried is not None:  # the start state's scan serves the masks
+        if "fim_pos" in next_batch:  # FIM windows: features and masks over the time order
+            batch["fim"], allowed = _fim_inputs(run, next_batch, carried, device)
+        elif run.use_grammar and carried is not None:  # the start state's scan serves the masks
             allowed = run.grammar.sequence_masks(batch["ids"], carried[0])
         elif run.use_grammar:  # built on the CPU beside the loader, then moved
             allowed = grammar_masks(run.grammar, next_batch, run.cache).to(
@@ -833,6 +850,21 @@ def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch
             )
         out.append((batch, allowed))
     return out
+
+
+def _fim_inputs(
+    run: _Run, batch: dict[str, Any], carried: Any, device: torch.device
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(source, pos)`` for the model's ``fim`` argument and the (B, T, V + 1) masks of a
+    batch of FIM windows (:mod:`aurl.data.fim`), each from its window's start state."""
+    from aurl.data.fim import fim_allowed
+    from aurl.data.window_state import window_states
+
+    source, pos = batch["fim_source"].to(device), batch["fim_pos"].to(device)
+    state = carried[0] if carried is not None else window_states(run.grammar, batch, run.cache)
+    allowed = fim_allowed(run.grammar, batch["ids"].to(device), source, pos,
+                          batch["fim_middle"].to(device), state)  # fmt: skip
+    return (source, pos), allowed
 
 
 def _generator_backward(
