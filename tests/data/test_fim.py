@@ -14,7 +14,15 @@ import torch
 from aurl.data.cache import TokenCache, prepare
 from aurl.data.dataset import WindowDataset, collate
 from aurl.data.fim import (
-    EOM, MID, PRE, SUF, close_middle, draw_fim, fim_allowed, fim_window, open_notes,
+    EOM,
+    MID,
+    PRE,
+    SUF,
+    close_middle,
+    draw_fim,
+    fim_allowed,
+    fim_window,
+    open_notes,
     step_boundaries,
 )  # fmt: skip
 from aurl.data.grammar import Grammar
@@ -60,7 +68,7 @@ def test_fim_window_reorders_a_valid_time_order_sequence(pieces):
             closed += len(closing)
             np.testing.assert_array_equal(w.ids[1 : s + 1], kept)
             first_off = {}
-            for k, t in enumerate(kept):
+            for t in kept:
                 if V.kind[t] in (Kind.NOTE_ON, Kind.NOTE_OFF):
                     first_off.setdefault(int(V.value[t]), V.kind[t] == Kind.NOTE_OFF)
             assert not any(first_off.get(p, False) for p in opened)

@@ -54,8 +54,6 @@ from aurl.data.vocab import FIM_SUF as SUF
 from aurl.data.vocab import PAD, Kind, Vocab
 
 
-
-
 @dataclass(frozen=True)
 class FimWindow:
     """One window in FIM order.

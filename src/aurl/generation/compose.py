@@ -922,6 +922,10 @@ def infill(
         max_free = max(1, max_polyphony(notes[chosen]))
     engine = as_engine(model)
     plan = make_plan(given, engine.vocab, free_span=(a, min(b, last)), max_free=max_free, qpm=qpm)
+    from aurl.generation.fim import FimEngine, supports_fim
+
+    if supports_fim(model):  # a FIM model writes the span knowing what follows it
+        engine = FimEngine(model, plan)
     return decode(engine, plan, options, progress=progress)
 
 

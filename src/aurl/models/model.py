@@ -341,7 +341,9 @@ class MusicTransformerVAEGAN(nn.Module):
         # fill-in-the-middle sentinels (aurl.data.fim): rows for ids V.. V+3, last so that the
         # other parameters draw the same initial values with or without them
         # (built from an empty table: constructing draws nothing, _init_weights draws it last)
-        self.fim = nn.Embedding(FIM_SENTINELS, D, _weight=torch.empty(FIM_SENTINELS, D)) if c.fim else None
+        self.fim = (
+            nn.Embedding(FIM_SENTINELS, D, _weight=torch.empty(FIM_SENTINELS, D)) if c.fim else None
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
