@@ -59,6 +59,68 @@ def middle_of(ids: np.ndarray, vocab: Vocab, meter: np.ndarray, bars: int) -> tu
     return first_event_at(ids, vocab, a), first_event_at(ids, vocab, a + span)
 
 
+def join_bits(judge, notes: np.ndarray, vocab: Vocab, a: int, b: int, bar: int, meter) -> float:
+    """Bits per note the ``judge`` (left to right) gives the bar after the span ``[a, b)``
+    (steps) of ``notes``: how well the kept music continues from what the span holds."""
+    from aurl.generation.compose import make_plan
+    from aurl.generation.fim import given_stream
+
+    ids = given_stream(make_plan(notes, vocab, free_span=(a / 32, b / 32)), vocab)
+    i, j = first_event_at(ids, vocab, b), first_event_at(ids, vocab, b + bar)
+    s = middle_bits_plain(judge, ids, i, j, meter=meter)
+    return s.bits, s.notes
+
+
+def generated_joins(shipped, fim, cache, rows, vocab: Vocab, bars: int, seed: int) -> dict:
+    """Infill each piece's middle with constrained decoding (shipped model) and with the FIM
+    model (one sample each, forcing); judge each join by the shipped model's bits per note of
+    the bar after the span, Bach's own middle as the reference; count note-level faults of the
+    written notes (overlapping same-pitch notes, notes outside the span)."""
+    from aurl.data.tokenizer import Tokenizer
+    from aurl.generation.compose import ComposeOptions, infill, infill_regenerated
+
+    tok = Tokenizer(cache.vocab_config)
+    out = {k: [0.0, 0] for k in ("bach", "constrained", "fim")}
+    faults = {"constrained": 0, "fim": 0}
+    cpu = {"constrained": 0.0, "fim": 0.0}
+    for row in rows:
+        ids = np.asarray(cache.tokens(int(row)), np.int64)
+        meter = np.asarray(cache.meters[int(row)], np.int64)
+        m = (int(meter[0]), int(meter[1]))
+        bar = int(bar_ticks(torch.as_tensor(meter)[None], vocab.config.steps_per_beat)[0])
+        i, j = middle_of(ids, vocab, meter, bars)
+        shift = np.where(vocab.kind[ids] == Kind.TIME_SHIFT, vocab.value[ids], 0)
+        a, b = int(shift[:i].sum()), int(shift[:j].sum())
+        notes = tok.decode_to_notes(ids)
+        span = (a / 32, b / 32)
+        kept = notes[~infill_regenerated(notes, span)]
+        bits, n = join_bits(shipped, notes, vocab, a, b, bar, m)
+        out["bach"][0] += bits
+        out["bach"][1] += n
+        for name, model in (("constrained", shipped), ("fim", fim)):
+            t0 = time.process_time()
+            (c,) = infill(model, notes, span, options=ComposeOptions(particles=1, seed=seed))
+            cpu[name] += time.process_time() - t0
+            new = c.notes
+            inside = (new["onset"] >= span[0]) & (new["onset"] + new["duration"] <= span[1] + 1e-9)
+            both = np.sort(np.concatenate([kept, new]), order=["onset", "pitch"])
+            end = both["onset"] + both["duration"]
+            same = both["pitch"][:, None] == both["pitch"][None, :]
+            overlap = same & (both["onset"][:, None] < end[None, :]) & (
+                both["onset"][None, :] < end[:, None])  # fmt: skip
+            np.fill_diagonal(overlap, False)
+            faults[name] += int((~inside).sum()) + int(overlap.sum() // 2)
+            bits, n = join_bits(shipped, both, vocab, a, b, bar, m)
+            out[name][0] += bits
+            out[name][1] += n
+    return {
+        "pieces": len(rows),
+        "join_bits_per_note": {k: v[0] / max(1, v[1]) for k, v in out.items()},
+        "note_faults": faults,
+        "cpu_seconds": cpu,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fim", required=True, help="the FIM model's folder (save_pretrained)")
@@ -68,6 +130,12 @@ def main() -> None:
     ap.add_argument("--bars", type=int, default=4)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--limit", type=int, default=0, help="first N pieces only (0: all)")
+    ap.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        help="also infill the first N pieces both ways and judge the joins",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -143,6 +211,12 @@ def main() -> None:
     print(f"(a) - (b) {bpn['a'] - bpn['b']:.3f} bits/note, 95% CI [{lo:.3f}, {hi:.3f}]; "
           f"(b) better on {wins}/{pieces} pieces")  # fmt: skip
     print(f"cpu {result['cpu_seconds']:.1f} s")
+    if args.generate:
+        joins = generated_joins(shipped, fim, cache, rows[: args.generate], vocab, args.bars, 0)
+        result["generated"] = joins
+        for k, v in joins["join_bits_per_note"].items():
+            print(f"join (bar after the span, shipped judge) {k:12s} {v:.3f} bits/note")
+        print(f"note faults {joins['note_faults']} cpu {joins['cpu_seconds']}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     assert math.isfinite(bpn["b"])
