@@ -24,6 +24,11 @@ was drawn for each window (identity values where a transform did not fire): ``tr
 int64 semitones, ``family_map`` (B, families) int64 permutation, ``velocity_factor`` and
 ``stretch_factor`` (B,) float64. :func:`aurl.data.window_state.window_masks` reads them to give
 each window the grammar state of its augmented prefix.
+
+With ``fim_rate > 0`` a share of the windows comes in fill-in-the-middle order
+(:mod:`aurl.data.fim`, drawn from its own stream ``(seed, epoch, slot, 1)``), and every batch
+also has ``fim_source`` (B, S) the windows in time order, ``fim_pos`` (B, T) each id's place in
+it (-1: a sentinel or padding) and ``fim_middle`` (B, T) bool (where EOM may come next).
 """
 
 from __future__ import annotations
