@@ -104,6 +104,9 @@ class DataConfig:
     batch_size: int = _num(16, 1, 65536)
     num_workers: int = _num(0, 0, 256)
     length_grouped: bool = True
+    # share of training windows cut into prefix / middle / suffix and reordered
+    # [SUF] suffix [PRE] prefix [MID] middle [EOM] (aurl.data.fim; needs model.fim). 0: none
+    fim_rate: float = _num(0.0, 0.0, 1.0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -132,6 +135,9 @@ class ModelConfig:
     # the chance a training sequence's style is dropped so the model also runs without one
     styles: tuple[str, ...] = ()
     style_dropout: float = _num(0.1, 0.0, 1.0)
+    # fill-in-the-middle sentinel rows (ids 774-777 beyond the music ids, aurl.data.fim):
+    # the model can infill knowing the suffix (train with data.fim_rate > 0)
+    fim: bool = False
     # VAE
     latent_dim: int = _num(128, 1, 4096)
     latent_levels: int = _num(3, 1, 3)

@@ -24,6 +24,11 @@ was drawn for each window (identity values where a transform did not fire): ``tr
 int64 semitones, ``family_map`` (B, families) int64 permutation, ``velocity_factor`` and
 ``stretch_factor`` (B,) float64. :func:`aurl.data.window_state.window_masks` reads them to give
 each window the grammar state of its augmented prefix.
+
+With ``fim_rate > 0`` a share of the windows comes in fill-in-the-middle order
+(:mod:`aurl.data.fim`, drawn from its own stream ``(seed, epoch, slot, 1)``), and every batch
+also has ``fim_source`` (B, S) the windows in time order, ``fim_pos`` (B, T) each id's place in
+it (-1: a sentinel or padding) and ``fim_middle`` (B, T) bool (where EOM may come next).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch
 from aurl.config import DataConfig, VocabConfig
 from aurl.data.augment import Augmenter, AugmentParams
 from aurl.data.cache import TokenCache
+from aurl.data.fim import collate_fim, draw_fim
 from aurl.data.vocab import PAD, Kind, Vocab
 from aurl.errors import DataError
 
@@ -73,6 +79,8 @@ class WindowDataset(torch.utils.data.Dataset):
         augment: ``f(ids, rng) -> ids`` (e.g. an :class:`Augmenter`), or None.
         vocab_config: When given, the cache must have been built with it.
         boundary_search: How far (tokens) to look forward for a time-step boundary.
+        fim_rate: Share of windows cut into prefix / middle / suffix and reordered
+            (:mod:`aurl.data.fim`); 0 draws nothing and leaves every window as it was.
     """
 
     def __init__(
@@ -85,6 +93,7 @@ class WindowDataset(torch.utils.data.Dataset):
         augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
         vocab_config: VocabConfig | None = None,
         boundary_search: int = 64,
+        fim_rate: float = 0.0,
     ) -> None:
         self.cache = _open(cache)
         if vocab_config is not None:
@@ -97,10 +106,11 @@ class WindowDataset(torch.utils.data.Dataset):
             )
         self.split, self.window, self.seed, self.epoch = split, window, seed, 0
         self.augment, self.boundary_search = augment, boundary_search
+        self.fim_rate = fim_rate
         self.piece_lengths = self.cache.lengths[self.pieces]  # (P,)
         slots = np.maximum(1, -(-self.piece_lengths // window))  # (P,) ceil, at least one
         self.slot_piece = np.repeat(np.arange(len(self.pieces)), slots)  # (N,) slot -> piece
-        vocab = Vocab(self.cache.vocab_config)
+        self.vocab = vocab = Vocab(self.cache.vocab_config)
         # a time step's first event follows a TIME_SHIFT and is not one itself
         self._is_shift = vocab.kind == Kind.TIME_SHIFT
         self._families = vocab.config.num_instruments
@@ -142,7 +152,12 @@ class WindowDataset(torch.utils.data.Dataset):
         elif self.augment is not None:
             ids = self.augment(ids, rng)
         meter = self.cache.meters[row]
-        return {"ids": ids[:window], "index": row, "offset": offset, "meter": meter, **drawn}
+        item = {"ids": ids[:window], "index": row, "offset": offset, "meter": meter, **drawn}
+        if self.fim_rate > 0:  # its own stream: the windows drawn above stay what they were
+            fim_rng = np.random.default_rng([self.seed, epoch, slot, 1])
+            fim = draw_fim(ids, fim_rng, self.vocab, rate=self.fim_rate, window=window)
+            item.update(ids=fim.ids, fim=fim)
+        return item
 
 
 def augment_fields(params: AugmentParams, families: int) -> dict[str, Any]:
@@ -159,7 +174,8 @@ def augment_fields(params: AugmentParams, families: int) -> dict[str, Any]:
 
 def collate(items: Sequence[dict[str, Any]], pad_id: int = PAD) -> dict[str, torch.Tensor]:
     """Pad ``ids`` on the right to the longest item; mask True on real tokens; stack the
-    augmentation records (:func:`augment_fields`) when the items have them."""
+    augmentation records (:func:`augment_fields`) when the items have them, and the FIM
+    fields (:func:`aurl.data.fim.collate_fim`) when the items are FIM windows."""
     lengths = [len(it["ids"]) for it in items]
     ids = torch.full((len(items), max(lengths)), pad_id, dtype=torch.long)  # (B, T)
     for b, it in enumerate(items):
@@ -179,6 +195,8 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int = PAD) -> dict[str, tor
         batch["family_map"] = torch.from_numpy(fmaps.astype(np.int64))
         for key in ("velocity_factor", "stretch_factor"):
             batch[key] = torch.tensor([it[key] for it in items], dtype=torch.float64)
+    if "fim" in items[0]:
+        batch.update(collate_fim([it["fim"] for it in items], pad_id))
     return batch
 
 
@@ -344,7 +362,7 @@ def build_loader(
     augmenter = Augmenter(data_config.augment, Vocab(cache.vocab_config)) if augment else None
     dataset = WindowDataset(
         cache, split, window=data_config.window, seed=seed, augment=augmenter,
-        vocab_config=vocab_config,
+        vocab_config=vocab_config, fim_rate=data_config.fim_rate,
     )  # fmt: skip
     sampler = LengthGroupedBatchSampler(
         dataset, data_config.batch_size, seed=seed, length_grouped=data_config.length_grouped,

@@ -43,6 +43,10 @@ class Kind(IntEnum):
 
 
 START, END, PAD, UNK = 0, 1, 2, 3
+# fill-in-the-middle sentinels, after the 774 music ids (only models with ``model.fim`` have
+# them; aurl.data.fim): EOM is predicted, SUF PRE MID are placed
+FIM_EOM, FIM_SUF, FIM_PRE, FIM_MID = 774, 775, 776, 777
+FIM_SENTINELS = 4
 
 GM_FAMILIES = (
     "piano", "chromatic_percussion", "organ", "guitar", "bass", "strings", "ensemble", "brass",

@@ -922,7 +922,16 @@ def infill(
         max_free = max(1, max_polyphony(notes[chosen]))
     engine = as_engine(model)
     plan = make_plan(given, engine.vocab, free_span=(a, min(b, last)), max_free=max_free, qpm=qpm)
-    return decode(engine, plan, options, progress=progress)
+    from aurl.generation.fim import FimEngine, supports_fim
+
+    if not supports_fim(model):
+        return decode(engine, plan, options, progress=progress)
+    # a FIM model writes the span knowing what follows it; it is not asked outside the span,
+    # so it gives no probability for the given notes there
+    out = decode(FimEngine(model, plan), plan, options, progress=progress)
+    for c in out:
+        c.stats.update(given_bits=math.nan, given_bits_per_note=math.nan, engine="fim")
+    return out
 
 
 def max_polyphony(notes: np.ndarray) -> int:

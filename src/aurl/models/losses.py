@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aurl.config import LossConfig
-from aurl.data.vocab import PAD
+from aurl.data.vocab import FIM_EOM, PAD
 from aurl.models.model import MusicTransformerVAEGAN
 
 GUMBEL_TAU = 1.0
@@ -134,7 +134,9 @@ def compute_losses(
             (1 for real tokens). PAD targets never count.
         loss_config: weights and schedules.
         step: the optimizer step (for the KL schedule).
-        allowed: (B, T, V) bool grammar mask, row t = ids allowed after ``ids[:, :t+1]``.
+        allowed: (B, T, V) bool grammar mask, row t = ids allowed after ``ids[:, :t+1]``;
+            (B, T, V + 1) for FIM windows (``batch["fim"]``: :func:`aurl.data.fim.fim_allowed`,
+            whose last column is EOM).
         disc: also compute the discriminator's loss (vae_gan); without it the discriminator
             runs only frozen, for the generator's terms.
 
@@ -146,11 +148,14 @@ def compute_losses(
     context = {}  # where the windows start in their pieces, and the pieces' meters
     if isinstance(batch, dict):
         ids, attention_mask = batch["ids"], batch.get("attention_mask")
-        context = {k: batch[k] for k in ("start", "meter", "style") if batch.get(k) is not None}
+        context = {k: batch[k] for k in ("start", "meter", "style", "fim") if batch.get(k) is not None}
     else:
         ids, attention_mask = batch, None
     out = model(ids, attention_mask=attention_mask, **context)
     logits, targets = out.logits[:, :-1], ids[:, 1:]  # position t predicts token t+1
+    if "fim" in context:  # FIM windows (aurl.data.fim): EOM is a target, placed sentinels not
+        logits = _core(model).eom_logits(out.logits, out.hidden)[:, :-1]  # (B, T-1, V+1)
+        targets = targets.masked_fill(targets > FIM_EOM, PAD)
     valid = targets != PAD
     if attention_mask is not None:
         valid = valid & attention_mask[:, 1:].bool()
@@ -214,6 +219,13 @@ def compute_losses(
         "kl_weight": torch.tensor(beta),
         **vae_log,
     }
+
+
+def _core(model: nn.Module) -> MusicTransformerVAEGAN:
+    """The model inside a DDP / compile wrapper."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
 
 
 def soft_fakes(

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from aurl.config import Config, ModelConfig, VocabConfig
 from aurl.data.grammar import Grammar, GrammarState, SequenceScan
-from aurl.data.vocab import Kind, Vocab
+from aurl.data.vocab import FIM_SENTINELS, Kind, Vocab
 from aurl.errors import ConfigError
 from aurl.models.discriminator import MultiScaleDiscriminator
 from aurl.models.layers import Rotary, Sparse, attention_mask_for, make_blocks
@@ -355,6 +355,12 @@ class MusicTransformerVAEGAN(nn.Module):
         self.loss_log_vars = (
             nn.Parameter(torch.zeros(len(self.LOSS_TERMS))) if auto_balance else None
         )
+        # fill-in-the-middle sentinels (aurl.data.fim): rows for ids V.. V+3, last so that the
+        # other parameters draw the same initial values with or without them
+        # (built from an empty table: constructing draws nothing, _init_weights draws it last)
+        self.fim = (
+            nn.Embedding(FIM_SENTINELS, D, _weight=torch.empty(FIM_SENTINELS, D)) if c.fim else None
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -392,13 +398,50 @@ class MusicTransformerVAEGAN(nn.Module):
         return mask
 
     def _input(self, ids: Tensor, cond: Tensor | None, *features: Tensor | None) -> Tensor:
-        x = self.embed(ids)
+        x = self.embed(ids) if self.fim is None else self._embed_fim(ids)
         for f in features:
             if f is not None:
                 x = x + f
         if cond is not None:
             x = x + cond
         return self.drop(x)
+
+    # -- fill in the middle (aurl.data.fim) -----------------------------------------------------
+
+    def _embed_fim(self, ids: Tensor) -> Tensor:
+        """Embeddings of music ids and sentinels (ids V.. V+3)."""
+        V = self.embed.num_embeddings
+        music = self.embed(ids.clamp(max=V - 1))
+        sentinel = self.fim((ids - V).clamp(0, FIM_SENTINELS - 1))
+        return torch.where((ids >= V)[..., None], sentinel, music)
+
+    def eom_logits(self, logits: Tensor, hidden: Tensor) -> Tensor:
+        """Music logits (B, T, V) with the EOM sentinel's column appended (B, T, V + 1): the
+        one sentinel a FIM model predicts (its output row is its embedding, as the music ids'
+        rows are theirs)."""
+        eom = hidden @ self.fim.weight[0].to(hidden.dtype)  # (B, T)
+        return torch.cat([logits, eom[..., None].to(logits.dtype)], dim=-1)
+
+    def fim_features(
+        self, source: Tensor, pos: Tensor, start: WindowStart | None = None,
+        meter: Tensor | None = None,
+    ) -> Tensor | None:  # fmt: skip
+        """Musical-time and grammar features (B, T, D) of a reordered window: computed over
+        ``source`` (B, S), the window in time order from ``start``, then gathered at ``pos``
+        (B, T), each token's source position; zero (neutral) where ``pos`` is -1 (sentinels,
+        padding). None for a model without either feature."""
+        start = start or WindowStart()
+        f = None
+        if self.time is not None:
+            f = self.time(source, start.ticks, start.tempo, meter)[0]  # (B, S, D)
+        if self.grammar_features is not None:
+            g = self.grammar_features(source, start.grammar)[0]
+            f = g if f is None else f + g
+        if f is None:
+            return None
+        B, T = pos.shape
+        picked = f.gather(1, pos.clamp(min=0)[:, :, None].expand(B, T, f.shape[-1]))
+        return picked * (pos >= 0)[:, :, None].to(picked.dtype)  # (B, T, D)
 
     def _logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.norm(x)
@@ -413,6 +456,7 @@ class MusicTransformerVAEGAN(nn.Module):
         start: WindowStart | None = None,
         meter: Tensor | None = None,
         style: Tensor | None = None,
+        fim: tuple[Tensor, Tensor] | None = None,
     ) -> ModelOutput:
         """Logits for every position of ``ids`` (B, T).
 
@@ -427,6 +471,8 @@ class MusicTransformerVAEGAN(nn.Module):
                 by a model with ``model.meter``.
             style: (B,) style ids (:mod:`aurl.models.style`; -1: none). Read only by a model
                 with ``model.styles``.
+            fim: ``(source (B, S), pos (B, T))`` for windows in FIM order (``model.fim``):
+                the features come from :meth:`fim_features` instead of from ``ids``.
         """
         B, T = ids.shape
         posterior = None
@@ -436,12 +482,15 @@ class MusicTransformerVAEGAN(nn.Module):
         cond = self.conditioner(latents, 0, T) if latents is not None else None
         start = start or WindowStart()
         time_emb = gram_emb = None
-        if self.time is not None:
-            time_emb = self.time(ids, start.ticks, start.tempo, meter)[0]
-        if self.grammar_features is not None and start.features is not None:
-            gram_emb = self.grammar_features.embed(*start.features)
-        elif self.grammar_features is not None:
-            gram_emb = self.grammar_features(ids, start.grammar)[0]
+        if fim is not None:
+            time_emb = self.fim_features(fim[0], fim[1], start, meter)
+        else:
+            if self.time is not None:
+                time_emb = self.time(ids, start.ticks, start.tempo, meter)[0]
+            if self.grammar_features is not None and start.features is not None:
+                gram_emb = self.grammar_features.embed(*start.features)
+            elif self.grammar_features is not None:
+                gram_emb = self.grammar_features(ids, start.grammar)[0]
         x = self._input(ids, cond, time_emb, gram_emb, self._style(style))
         key_mask = attention_mask.bool() if attention_mask is not None else None
         if self.right_padding and self.window is None:  # causal: no real query sees the padding
@@ -569,10 +618,19 @@ class MusicTransformerVAEGAN(nn.Module):
 
     @torch.no_grad()
     def step(
-        self, ids: Tensor, state: DecodeState, *, attention_mask: Tensor | None = None
+        self,
+        ids: Tensor,
+        state: DecodeState,
+        *,
+        attention_mask: Tensor | None = None,
+        features: Tensor | None = None,
     ) -> Tensor:
         """Feed ``ids`` (B, t) after what ``state`` has seen; returns their logits (B, t, V)
-        and advances the state in place (KV cache, musical time)."""
+        and advances the state in place (KV cache, musical time).
+
+        ``features`` (B, t, D): the musical-time and grammar features of ``ids``, given by the
+        caller (FIM decoding, whose order is not time order: :mod:`aurl.generation.fim`); the
+        state's time and grammar are then left as they are."""
         B, T = ids.shape
         start = state.pos
         if start + T > state.capacity:
@@ -585,8 +643,8 @@ class MusicTransformerVAEGAN(nn.Module):
             state.key_mask = torch.ones(B, state.capacity, dtype=torch.bool, device=device)
         if attention_mask is not None:
             state.key_mask[:, start : start + T] = attention_mask.bool()
-        time_emb = None
-        if self.time is not None:
+        time_emb = features
+        if features is None and self.time is not None:
             time_emb, state.ticks, state.tempo = self.time(
                 ids, state.ticks, state.tempo, state.meter
             )
@@ -594,7 +652,7 @@ class MusicTransformerVAEGAN(nn.Module):
         if state.latents is not None:
             cond = self.conditioner(state.latents, start, T)
         gram_emb = None
-        if self.grammar_features is not None:
+        if features is None and self.grammar_features is not None:
             g = self.grammar_features
             gram_emb, state.grammar = (g.advance if T == 1 else g.extend)(ids, state.grammar)
         x = self._input(ids, cond, time_emb, gram_emb, self._style(state.style))

@@ -437,6 +437,20 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop, tun
     return _finish(run, model)
 
 
+def check_fim(config: Config) -> None:
+    """FIM windows need the sentinel rows and a plain transformer."""
+    if config.data.fim_rate > 0 and not config.model.fim:
+        raise ConfigError(
+            f"data.fim_rate={config.data.fim_rate} needs model.fim=true (the sentinel ids' rows): "
+            "set both, or data.fim_rate=0"
+        )
+    if config.data.fim_rate > 0 and config.model.mode != "transformer":
+        raise ConfigError(
+            f"data.fim_rate={config.data.fim_rate} is for model.mode=transformer (got "
+            f"{config.model.mode!r}): set data.fim_rate=0 for VAE modes"
+        )
+
+
 def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, tune) -> _Run:
     """Every check of the input before any work, then the checkpoint to resume from, the
     monitor, the training batches and the validation pieces."""
@@ -446,6 +460,7 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
 
     t = config.training
     check_precision(t.precision, d.device)
+    check_fim(config)
     plan = stage_plan(config)
     ends = np.cumsum([s for _, s in plan]).tolist()
     cache = open_cache(config)
@@ -829,7 +844,7 @@ def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch
     """The next ``grad_accum`` batches on the device, each with its grammar masks (or None),
     the state its windows start from (``start``: the musical time and grammar features their
     prefixes leave, :func:`aurl.data.window_state.window_start`) and the pieces' ``meter``."""
-    from aurl.data.window_state import TokenTable, window_inputs
+    from aurl.data.window_state import TokenTable, window_inputs, window_start
 
     device = run.d.device
     model = stage.model
@@ -855,13 +870,33 @@ def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch
         # everything on the device, from one grammar scan of the window (no per-batch host work
         # but the loader's): the start state from the prefix, the features, the masks
         allowed = None
-        if features:
+        if "fim_pos" in next_batch:  # FIM windows: features and masks over the time order
+            if features:
+                batch["start"] = window_start(model, next_batch, run.prefixes)
+            carried = getattr(batch.get("start"), "grammar", None)
+            batch["fim"], allowed = _fim_inputs(run, next_batch, carried, device)
+        elif features:
             grammar = run.grammar if run.use_grammar else None
             batch["start"], allowed = window_inputs(model, next_batch, run.prefixes, grammar)
         elif run.use_grammar:
             allowed = grammar_masks(run.grammar, {**next_batch, "ids": batch["ids"]}, run.prefixes)
         out.append((batch, allowed))
     return out
+
+
+def _fim_inputs(
+    run: _Run, batch: dict[str, Any], carried: Any, device: torch.device
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(source, pos)`` for the model's ``fim`` argument and the (B, T, V + 1) masks of a
+    batch of FIM windows (:mod:`aurl.data.fim`), each from its window's start state."""
+    from aurl.data.fim import fim_allowed
+    from aurl.data.window_state import window_states
+
+    source, pos = batch["fim_source"].to(device), batch["fim_pos"].to(device)
+    state = carried[0] if carried is not None else window_states(run.grammar, batch, run.prefixes)
+    allowed = fim_allowed(run.grammar, batch["ids"].to(device), source, pos,
+                          batch["fim_middle"].to(device), state)  # fmt: skip
+    return (source, pos), allowed
 
 
 def _generator_backward(
