@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from aurl.data.corpora import read_partial
 from aurl.data.corpus import (
     MANIFEST,
     MAX_REPEAT_FACTOR,
@@ -264,26 +265,6 @@ def folk_groups(
 # --------------------------------------------------------------------------------------------
 
 
-def _read_partial(out: Path) -> tuple[list[dict], list[dict]]:
-    """Entries (their MIDI file present) and skips of an earlier run into ``out``."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return [], []
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(
-            f"{path}: unreadable manifest ({e}); delete it to convert the folder again"
-        ) from e
-    if manifest.get("name") != "folk":
-        raise DataError(
-            f"{path} belongs to corpus {manifest.get('name')!r}: write the folk corpus into "
-            "another --out folder"
-        )
-    files = [e for e in manifest.get("files", []) if (out / e["file"]).is_file()]
-    return files, list(manifest.get("skipped", []))
-
-
 def _write(out: Path, files: list[dict], skipped: list[dict], *, complete: bool,
            valid_fraction: float, test_fraction: float) -> None:  # fmt: skip
     import music21
@@ -333,7 +314,7 @@ def build_folk(
     tunes = list_tunes(root, collections)
     if limit:
         tunes = tunes[:limit]
-    files, skipped = _read_partial(out)
+    files, skipped = read_partial(out, "folk")
     done = {e["source"] for e in files} | {s["source"] for s in skipped}
     todo = [t for t in tunes if t.source not in done]
     report = CorpusReport(name="folk", out=out)
