@@ -185,11 +185,12 @@ def write_corpus_manifest(
     out: Path, name: str, files: list[dict], skipped: list[dict], *, complete: bool,
     valid_fraction: float, test_fraction: float, **extra: Any,
 ) -> None:  # fmt: skip
-    """Write ``out/manifest.json`` atomically (entries sorted by file, skips by source)."""
+    """Write ``out/manifest.json`` atomically (entries sorted by file, skips by source);
+    ``extra`` fields (e.g. ``style``, or a more precise ``source``) go beside the name."""
     import music21
 
     manifest = {
-        "name": name, **extra, "source": f"music21 {music21.__version__} corpus",
+        "name": name, "source": f"music21 {music21.__version__} corpus", **extra,
         "complete": complete, "valid_fraction": valid_fraction, "test_fraction": test_fraction,
         "files": sorted(files, key=lambda e: e["file"]),
         "skipped": sorted(skipped, key=lambda s: s["source"]),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import re
 import warnings
@@ -44,9 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from aurl.data.corpora import read_partial
+from aurl.data.corpora import read_partial, write_corpus_manifest
 from aurl.data.corpus import (
-    MANIFEST,
     MAX_REPEAT_FACTOR,
     CorpusReport,
     ScoreSkipped,
@@ -56,7 +54,7 @@ from aurl.data.corpus import (
 from aurl.data.split import check_fractions, split_of
 from aurl.data.tunes import SAME_TUNE, group_by, similarity, soprano_intervals
 from aurl.errors import DataError
-from aurl.fileio import atomic_write, atomic_write_text
+from aurl.fileio import atomic_write
 from aurl.progress import Progress, silent
 
 STYLE = "folk"
@@ -265,17 +263,11 @@ def folk_groups(
 # --------------------------------------------------------------------------------------------
 
 
-def _write(out: Path, files: list[dict], skipped: list[dict], *, complete: bool,
-           valid_fraction: float, test_fraction: float) -> None:  # fmt: skip
+def _write(out: Path, files: list[dict], skipped: list[dict], **kw: Any) -> None:
     import music21
 
-    manifest = {
-        "name": "folk", "style": STYLE, "source": f"music21 {music21.__version__} corpus (ABC)",
-        "complete": complete, "valid_fraction": valid_fraction, "test_fraction": test_fraction,
-        "files": sorted(files, key=lambda e: e["file"]),
-        "skipped": sorted(skipped, key=lambda s: s["source"]),
-    }  # fmt: skip
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    source = f"music21 {music21.__version__} corpus (ABC)"
+    write_corpus_manifest(out, "folk", files, skipped, style=STYLE, source=source, **kw)
 
 
 def build_folk(
