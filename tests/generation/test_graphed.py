@@ -60,6 +60,29 @@ def test_the_static_step_equals_the_models_step(model, chorales, rows) -> None:
     assert torch.equal(static.carry[1], dynamic.grammar[1])
 
 
+def test_a_style_model_decodes_in_its_style(chorales) -> None:
+    """The static step adds the state's style vector as the model's own step does (a style
+    model decoded unconditioned here before)."""
+    torch.manual_seed(0)
+    styled = MusicTransformerVAEGAN(dataclasses.replace(TINY, styles=("chorale", "folk"))).eval()
+    with torch.no_grad():
+        styled.style.table.weight.normal_()  # as after training: the styles differ
+    ids = chorales[:2]
+    style, meter = torch.tensor([0, 1]), torch.tensor([[4, 4]] * 2)
+
+    def state():
+        s = styled.init_state(2, capacity=128, meter=meter, style=style)
+        styled.step(ids[:, : PROMPT - 1], s)
+        return s
+
+    dynamic, static = state(), StaticDecoder(styled, state(), graphs=False)
+    with torch.no_grad():
+        for t in range(PROMPT - 1, PROMPT + 8):
+            want = styled.step(ids[:, t : t + 1], dynamic)[:, 0]
+            torch.testing.assert_close(static.logits_of(ids[:, t : t + 1]), want,
+                                       atol=2e-5, rtol=1e-5)  # fmt: skip
+
+
 def test_draws_obey_the_grammar_and_the_seed(model, chorales) -> None:
     grammar = Grammar(model.vocab, polyphony_cap=8)
     ids = chorales[:, :PROMPT]

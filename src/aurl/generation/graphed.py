@@ -96,6 +96,7 @@ class StaticDecoder:
         self.ticks = _clone(state.ticks)
         self.tempo = _clone(state.tempo)
         self.meter = state.meter
+        self.style = model._style(state.style)  # (B, 1, D) or None: fixed for the whole decode
         self.carry = None  # the grammar features' (state, onsets), static buffers
         if state.grammar is not None:
             self.carry = (_clone_state(state.grammar[0]), state.grammar[1].clone())
@@ -128,7 +129,7 @@ class StaticDecoder:
             gram_emb, (gstate, onset) = m.grammar_features.advance(ids, self.carry)
             _copy_state(self.carry[0], gstate)
             self.carry[1].copy_(onset)
-        x = m._input(ids, None, time_emb, gram_emb)  # (B, 1, D)
+        x = m._input(ids, None, time_emb, gram_emb, self.style)  # (B, 1, D)
         cos = self.cos.index_select(0, self.pos)  # (1, 1, 1, hd)
         sin = self.sin.index_select(0, self.pos)
         see = (self.keys <= self.pos)[None, None, None, :]  # (1, 1, 1, capacity)
