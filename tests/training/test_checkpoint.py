@@ -147,3 +147,11 @@ def test_average_and_export(run, tmp_path):
     torch.testing.assert_close(half(ids).logits, ref(ids).logits, rtol=0.05, atol=0.05)
     size = (tmp_path / "h" / "model.safetensors").stat().st_size
     assert size < 0.6 * (tmp_path / "e" / "model.safetensors").stat().st_size
+    # the exported folders record the training window; `aurl evaluate` scores in windows of it
+    from aurl.cli.evaluate import load_model
+
+    for folder in ("avg", "c", "e", "h"):
+        assert json.loads((tmp_path / folder / "config.json").read_text())["window"] == (
+            c.config.data.window
+        )
+    assert load_model(str(tmp_path / "e"), "cpu")[2] == c.config.data.window

@@ -70,7 +70,8 @@ def load_model(
     checkpoint: str | None, device: str, model_name: str | None = None
 ) -> tuple[Any, Path | None, int]:
     """The model to evaluate (eval mode), the run folder it came from (or None) and the window
-    it was trained on (``data.window``; the default for model folders, which do not record it).
+    it was trained on (``data.window``, recorded by the export; the default for model folders
+    written before it was recorded).
 
     Raises:
         CheckpointError: no shipped model, or a missing, damaged or mismatched checkpoint.
@@ -79,8 +80,12 @@ def load_model(
     from aurl.config import DataConfig
 
     if checkpoint is None or (Path(checkpoint) / "config.json").is_file():
+        from aurl.cli.generate import model_folder
+        from aurl.models.pretrained import trained_window
+
         model = load_pretrained_folder(checkpoint, device, model_name)
-        return model, None, min(DataConfig().window, model.config.max_seq_len)
+        window = trained_window(model_folder(checkpoint, model_name)) or DataConfig().window
+        return model, None, min(window, model.config.max_seq_len)
     from aurl.errors import CheckpointError
 
     path = Path(checkpoint)

@@ -760,11 +760,12 @@ class MusicTransformerVAEGAN(nn.Module):
         parts = " ".join(f"{k} {human(v)}" for k, v in self.parameter_counts().items())
         return f"parameters {parts}"
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Weights as safetensors plus ``config.json`` (model and vocab config)."""
+    def save_pretrained(self, folder: str | Path, *, window: int | None = None) -> Path:
+        """Weights as safetensors plus ``config.json`` (model and vocab config; the training
+        window when given)."""
         from aurl.models.pretrained import save_pretrained
 
-        return save_pretrained(self, folder)
+        return save_pretrained(self, folder, window=window)
 
     @classmethod
     def from_pretrained(

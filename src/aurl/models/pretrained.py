@@ -38,8 +38,14 @@ FORMAT = "aurl-model"
 VERSION = 1
 
 
-def save_pretrained(model: MusicTransformerVAEGAN, folder: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``folder`` (created if needed)."""
+def save_pretrained(
+    model: MusicTransformerVAEGAN, folder: str | Path, *, window: int | None = None
+) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``folder`` (created if needed).
+
+    ``window``: the training windows' length (``data.window``), recorded so that evaluation
+    scores the model in windows of the length it learned (read by :func:`trained_window`).
+    """
     from safetensors.torch import save_model
 
     folder = Path(folder)
@@ -51,12 +57,24 @@ def save_pretrained(model: MusicTransformerVAEGAN, folder: str | Path) -> Path:
         "vocab": to_dict(model.vocab_config),
         "auto_balance": model.auto_balance,
     }
+    if window is not None:
+        meta["window"] = int(window)
     # shared (tied) tensors stored once
     atomic_write(
         folder / WEIGHTS, lambda tmp: save_model(model, str(tmp), metadata={"format": "pt"})
     )
     atomic_write_text(folder / CONFIG, json.dumps(meta, indent=2))
     return folder
+
+
+def trained_window(folder: str | Path) -> int | None:
+    """The training window a model folder records (None: written before it was recorded, or
+    unreadable: the caller keeps its default)."""
+    try:
+        window = json.loads((Path(folder) / CONFIG).read_text()).get("window")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return window if isinstance(window, int) and window > 0 else None
 
 
 def _check_safetensors(path: Path) -> None:

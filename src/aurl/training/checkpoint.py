@@ -370,7 +370,7 @@ def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
     avg = {
         k: (v / len(paths)).to(dtypes[k]) if v.is_floating_point() else v for k, v in total.items()
     }
-    _model_from(config, avg).save_pretrained(out)
+    _model_from(config, avg).save_pretrained(out, window=config.data.window)
     return Path(out)
 
 
@@ -396,7 +396,7 @@ def export_weights(source: str | Path, out: str | Path, *, dtype: str = "float32
 
     c = load_checkpoint(export_source(source))
     model = _model_from(c.config, load_file(str(c.path / "model.safetensors")))
-    out = model.save_pretrained(out)
+    out = model.save_pretrained(out, window=c.config.data.window)
     if dtype != "float32":
         weights = Path(out) / "model.safetensors"
         tensors = load_file(str(weights))
