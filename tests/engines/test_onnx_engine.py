@@ -128,6 +128,9 @@ def test_missing_onnxruntime_is_one_line(tiny_export, tmp_path) -> None:
         (["--int8"], "--int8"),
         (["--variations", "x.mid"], "--variations"),
         (["--device", "cuda"], "--device"),
+        (["--interpolate", "a.mid", "b.mid"], "--interpolate"),
+        (["--adapter", "lora"], "--adapter"),
+        (["--style", "folk"], "--style"),
     ],
 )
 def test_unsupported_flags_name_the_flag(tiny_export, tmp_path, capsys, flags, name) -> None:
