@@ -85,3 +85,35 @@ def test_the_onnx_run_needs_only_the_base_dependencies(tiny_export, tmp_path) ->
     owners = packages_distributions()
     needed = {d.lower().replace("_", "-") for m in imported for d in owners.get(m, [m])}
     assert needed <= base, f"imported but not in [project] dependencies: {needed - base}"
+
+
+def test_the_readme_commands_name_real_extras_and_parse() -> None:
+    """The README's two commands and its "Without torch" commands: every extra they install
+    exists in pyproject.toml (the first installs [torch], which holds torch), and every `aurl`
+    command line in them parses (a renamed flag or command breaks this test, not a user's first
+    run)."""
+    import shlex
+
+    tomllib = pytest.importorskip("tomllib")
+    from aurl.cli import build_parser
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    without = readme.split("## Without torch", 1)[1]
+    lines = [*blocks[0].split("&&"), *blocks[1].split("&&")]
+    lines += re.findall(r"```bash\n(.*?)```", without, re.S)[0].splitlines()
+    installed, parsed = [], 0
+    for line in lines:
+        words = shlex.split(line.split("#", 1)[0])
+        if "install" in words and any(w.startswith(".[") for w in words):
+            spec = next(w for w in words if w.startswith(".["))
+            installed.append(spec[2:-1].split(","))
+        if words and words[0].endswith("aurl"):
+            build_parser(words[1:]).parse_args(words[1:])
+            parsed += 1
+    assert installed[0] == ["torch"] and "torch" in _requirement_names(extras["torch"])
+    assert all(set(names) <= set(extras) for names in installed)
+    assert parsed >= 5  # corpus, prepare, generate; export, generate --engine onnx
