@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
         return 0
 
+    from aurl.engines.cpu import cpu_summary
+
+    cpu = cpu_summary()  # every row says which CPU it ran on (issue 17)
+    print(f"CPU: {cpu}; --threads {args.threads}", flush=True)
     kinds = [args.only] if args.only else ["train", "generate"]
     for kind in kinds:
         variants = [v for v in args.variants.split(",") if v] if kind == "generate" else []
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{kind} {impl}/hf tokens/s ratio {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}"
             if kind == "train":
                 msg += f" peak-memory ratio {ours['peak_growth_mb'] / hf['peak_growth_mb']:.2f}"
-            print(msg, flush=True)
+            print(f"{msg} ({cpu})", flush=True)
     return 0
 
 

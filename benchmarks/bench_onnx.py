@@ -14,15 +14,24 @@ the CPU (model name and instruction sets) in every row. The output is markdown t
 to paste into BENCHMARKS.md, headed by the load average before and after.
 
 Cold start: ``aurl generate --engine onnx --checkpoint EXPORT --max-tokens 512 --min-tokens 504``
-to a MIDI file: wall time and CPU time (user + system) of the whole process (medians over
-``--rounds``), beside ``python -c 'import torch'`` and the torch engine's same command. Every
-command runs once unmeasured first (writing the bytecode caches), then each row is measured
-with bytecode caching as a pip-installed package has it ("cached (as installed)") and, for the
-onnx rows, with ``PYTHONDONTWRITEBYTECODE=1`` on a copy of aurl without ``__pycache__`` (its
-modules compiled from source on every run; site-packages keep their installed ``.pyc``).
+to a MIDI file, run as the ``aurl`` console script runs it: wall time and CPU time (user +
+system) of the whole process, median and range over ``--rounds`` runs (every command alternating
+round by round), beside ``python -c 'import numpy, onnxruntime'``, ``python -c 'import torch'``
+and the torch engine's same command (``--no-torch`` leaves those two out). Every command runs
+once unmeasured first (writing the bytecode caches), then each onnx row is measured with
+bytecode caching as a pip-installed package has it ("cached", the headline) and with
+``PYTHONDONTWRITEBYTECODE=1`` on a copy of aurl without ``__pycache__`` ("compiled from
+source": its modules compiled on every run; site-packages keep their installed ``.pyc``), and,
+cached, at ``--baseline`` (a commit of this repository, ``git archive``: default the commit
+before the fourth pass), so the headline is an absolute and a ratio from the same run. Last,
+one run per tree split into phases (imports, engine, generation, writing).
 
 Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens 1024]
-      [--rounds 3] [--threads 1] [--only decode|cold|parts] [--variants onnx-int8,...]
+      [--rounds 3] [--threads 1] [--only decode|cold|parts|parity] [--variants onnx-int8,...]
+      [--baseline REV] [--no-torch]
+
+``--only parity``: bits per note on the whole test split of the bundled chorales, PyTorch fp32
+against the fp32 and int8 graphs (the shipped model; the int8 goal: within 0.02 of fp32).
 
 ``--only parts``: the onnx engine's per-token CPU time split into the graph step alone (at a few
 cached lengths) and the rest of the loop (onnxruntime stubbed out), fp32 and int8.
@@ -197,6 +206,60 @@ def parts(folder: Path, tokens: int, threads: int, cpu: str) -> None:
         print(f"| {name} | {r['fp32'] * 1e3:.3f} ms | {r['int8'] * 1e3:.3f} ms | {cpu} |")
 
 
+def parity(folder: Path, window: int) -> None:
+    """Bits per note on the whole test split of the bundled chorales (every piece in full, in
+    windows of ``window`` tokens whose musical time and grammar features carry the tokens
+    before, as generation slides its window), for PyTorch fp32 and the fp32 and int8 graphs of
+    the same model, as table rows: the issue's int8 parity goal (within 0.02 of fp32) on the
+    whole split rather than the test's 256-token cuts."""
+    import numpy as np
+
+    from aurl.data.split import split_of
+    from aurl.data.tokenizer import Tokenizer
+    from aurl.data.vocab import Kind
+    from aurl.engines.onnx_engine import OnnxEngine
+    from aurl.engines.torch_engine import TorchEngine
+
+    chorales = ROOT / "src/aurl/data/bundled/bach-chorales"
+    tok = Tokenizer()
+    paths = [p for p in sorted(chorales.glob("*.mid")) if split_of(p.name) == "test"]
+    pieces = [np.asarray(tok.encode_file(p), dtype=np.int64) for p in paths]
+
+    def bits(engine) -> float:
+        import torch
+
+        arr = (lambda x: x) if engine.numpy else torch.from_numpy
+        nll, notes = 0.0, 0
+        for ids in pieces:
+            for w in range(0, len(ids) - 1, window):
+                history = arr(ids[None, :w]) if w else None
+                state = engine.init_state(1, capacity=window, history=history)
+                logits = engine.step(arr(ids[None, w : w + window]), state)[0]
+                logits = np.asarray(logits, dtype=np.float64)
+                targets = ids[w + 1 : w + 1 + window]  # the last logit predicts the next window
+                logits = logits[: len(targets)]
+                m = logits.max(-1, keepdims=True)
+                logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+                nll -= logp[np.arange(len(targets)), targets].sum()
+                notes += int((engine.vocab.kind[targets] == Kind.NOTE_ON).sum())
+        return nll / np.log(2.0) / notes
+
+    import torch
+
+    with torch.no_grad():
+        ref = bits(TorchEngine(torch_model("shipped")))
+    rows = {"PyTorch fp32": ref}
+    for weights in ("fp32", "int8"):
+        rows[f"onnxruntime {weights}"] = bits(OnnxEngine(folder / weights))
+    n = sum(len(x) for x in pieces)
+    print(f"bits/note, test split of the bundled chorales: {len(pieces)} pieces, {n} tokens, "
+          f"windows of {window}")  # fmt: skip
+    print("| engine | bits/note | minus PyTorch fp32 | minus onnxruntime fp32 |")
+    print("|---|---|---|---|")
+    for name, b in rows.items():
+        print(f"| {name} | {b:.4f} | {b - ref:+.4f} | {b - rows['onnxruntime fp32']:+.4f} |")
+
+
 def sub(args: list[str]) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, *args], capture_output=True, text=True, check=True
@@ -243,17 +306,147 @@ def bytecode_envs(tmp: Path) -> tuple[dict[str, str], dict[str, str]]:
     return installed, from_source
 
 
+# what the `aurl` console script pip writes runs (``python -m aurl`` adds runpy, ~5 ms)
+ENTRY = "import sys; from aurl.cli import main; sys.exit(main())"
+BASELINE = "4482ab1"  # the commit before the fourth cold-start pass (issue 17)
+
+
+def baseline_tree(rev: str, tmp: Path) -> Path | None:
+    """``src/`` of commit ``rev`` of this repository (``git archive``, no checkout touched),
+    or None where git or the commit is missing."""
+    import io
+    import tarfile
+
+    r = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "src/aurl"],
+        capture_output=True,
+    )
+    if r.returncode != 0:
+        print(f"no baseline: git archive {rev} failed: {r.stderr.decode().strip()}")
+        return None
+    with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
+        tar.extractall(
+            tmp / "baseline", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {})
+        )
+    return tmp / "baseline" / "src"
+
+
+PHASES = """
+import sys, time
+t0 = time.perf_counter()
+import aurl.cli as cli
+import aurl.cli.generate as g
+ends = [("aurl.cli imports", time.perf_counter())]
+def until(f, name):  # the phase ``name`` ends when ``f`` returns
+    def w(*a, **k):
+        r = f(*a, **k)
+        ends.append((name, time.perf_counter()))
+        return r
+    return w
+def before(f, name):  # the phase ``name`` ends when ``f`` is called
+    def w(*a, **k):
+        ends.append((name, time.perf_counter()))
+        return f(*a, **k)
+    return w
+g.generation_config = until(g.generation_config, "parser, the run's imports (numpy, aurl.data), options")
+g.onnx_engine = until(g.onnx_engine, "engine (onnxruntime + session)")
+g.write_pieces = before(g.write_pieces, "generation")
+cli.main(sys.argv[1:])
+ends.append(("files (MIDI, settings)", time.perf_counter()))
+prev, out = t0, []
+for name, t in ends:
+    out.append(f"{name} {1e3 * (t - prev):.0f} ms")
+    prev = t
+print("phases:", ", ".join(out))
+"""
+
+
+def cold_env(src: Path) -> dict[str, str]:
+    """This process's environment with bytecode caching on and ``src`` first on the path."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    rest = [base["PYTHONPATH"]] if base.get("PYTHONPATH") else []
+    return dict(base, PYTHONPATH=os.pathsep.join([str(src), *rest]))
+
+
+def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
+    """The cold-start rows (see the module docstring): medians over ``--rounds`` runs, every
+    command alternating round by round; the headline is the int8 command with cached bytecode,
+    beside the same command at ``--baseline`` (ratio in the same run)."""
+    py = sys.executable
+    gen = [py, "-c", ENTRY, "generate", "--max-tokens", "512", "--min-tokens", "504", "--force",
+           "--out", str(folder / "pieces")]  # fmt: skip
+    onnx = [*gen, "--engine", "onnx", "--checkpoint"]
+    installed, from_source = bytecode_envs(folder)
+    rows: list[tuple[str, str, list[str], dict[str, str]]] = [
+        ("`python -c 'import numpy, onnxruntime'`", "cached", [py, "-c", "import numpy, onnxruntime"], installed),
+    ]  # fmt: skip
+    if not args.no_torch:
+        rows.append(("`python -c 'import torch'`", "cached", [py, "-c", "import torch"], installed))
+        if args.shape == "shipped":
+            cmd = [*gen, "--checkpoint", str(SHIPPED)]
+            rows.append(("`aurl generate` (torch engine, fp32)", "cached", cmd, installed))
+    tree = Path(__import__("aurl").__file__).resolve().parents[1]
+    base = baseline_tree(args.baseline, folder) if args.baseline else None
+    for weights in ("fp32", "int8"):
+        cmd = [*onnx, str(folder / weights)]
+        name = f"`aurl generate --engine onnx` ({weights} export)"
+        rows.append((name, "cached", cmd, installed))
+        rows.append((name, "compiled from source", cmd, from_source))
+        if base is not None:
+            rows.append((f"{name} at {args.baseline}", "cached", cmd, cold_env(base)))
+    for _, _, cmd, env in rows:  # once unmeasured: writes the .pyc files an install has
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
+    load = loadavg()
+    runs: list[list[tuple[float, float]]] = [[] for _ in rows]
+    for r in range(args.rounds):
+        order = list(enumerate(rows)) if r % 2 == 0 else list(enumerate(rows))[::-1]
+        for i, (_, _, cmd, env) in order:
+            runs[i].append(wall(cmd, env))
+    print(f"cold start: {args.rounds} rounds alternating, median (min-max); load average "
+          f"{load} before, {loadavg()} after; {cpu}")  # fmt: skip
+    print("| command | bytecode | wall | process CPU | CPU |")
+    print("|---|---|---|---|---|")
+    med: dict[tuple[str, str], float] = {}
+    for (name, label, _, _), rs in zip(rows, runs):
+        times, cpus = [x[0] for x in rs], [x[1] for x in rs]
+        med[name, label] = statistics.median(times)
+        print(f"| {name} | {label} | {statistics.median(times):.3f} s ({min(times):.2f}-"
+              f"{max(times):.2f}) | {statistics.median(cpus):.3f} s | {cpu} |")  # fmt: skip
+    int8 = "`aurl generate --engine onnx` (int8 export)"
+    line = f"headline: {int8}, cached bytecode: {med[int8, 'cached']:.3f} s median wall"
+    if base is not None:
+        old = med[f"{int8} at {args.baseline}", "cached"]
+        line += (
+            f"; at {args.baseline} {old:.3f} s: ratio {old / med[int8, 'cached']:.2f}x "
+            "(baseline / this tree)"
+        )
+    print(line)
+    for label, src in [("this tree", tree)] + ([(args.baseline, base)] if base else []):
+        r = subprocess.run([py, "-c", PHASES, *onnx[3:], str(folder / "int8")],
+                           capture_output=True, text=True, env=cold_env(src))  # fmt: skip
+        tail = r.stdout.strip().splitlines()[-1:] or [r.stderr.strip()[-200:]]
+        print(f"{label}, one run: {tail[0]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=["shipped", "full"], default="shipped")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", choices=["decode", "cold", "parts"])
+    ap.add_argument("--only", choices=["decode", "cold", "parts", "parity"])
     ap.add_argument(
         "--variants", default=",".join(VARIANTS),
         help="decode variants, comma-separated (hf, the baseline, always runs)",
     )  # fmt: skip
+    ap.add_argument(
+        "--baseline", default=BASELINE,
+        help=f"cold start: also time the onnx commands at this commit (default {BASELINE}, the "
+        "commit before the fourth pass; '' for none)",
+    )  # fmt: skip
+    ap.add_argument("--no-torch", action="store_true", help="cold start: leave out the torch rows")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -269,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.shape, folder)
         if args.only == "parts":
             parts(folder, args.tokens, args.threads, cpu)
+            return 0
+        if args.only == "parity":
+            parity(folder, window=512)
             return 0
         if args.only not in ("cold", "parts"):
             chosen = ["hf"] + [v for v in VARIANTS[1:] if v in args.variants.split(",")]
@@ -294,44 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{cpu_r:.0f} | {cpu_r / med('hf', 'tokens_per_cpu_s'):.2f}x | {cpu} |"
                 )
         if args.only not in ("decode", "parts"):
-            env_py = sys.executable
-            gen = [env_py, "-m", "aurl", "generate", "--max-tokens", "512", "--min-tokens", "504",
-                   "--force", "--out", str(folder / "pieces")]  # fmt: skip
-            onnx = [*gen, "--engine", "onnx", "--checkpoint"]
-            rows = {
-                "python -c 'import torch'": [env_py, "-c", "import torch"],
-                "python -c 'import numpy, onnxruntime'": [
-                    env_py,
-                    "-c",
-                    "import numpy, onnxruntime",
-                ],  # fmt: skip
-                "aurl generate (torch engine, fp32)": [*gen, "--checkpoint", str(SHIPPED)]
-                if args.shape == "shipped"
-                else None,
-                "aurl generate --engine onnx (fp32)": [*onnx, str(folder / "fp32")],
-                "aurl generate --engine onnx (int8)": [*onnx, str(folder / "int8")],
-            }
-            installed, from_source = bytecode_envs(folder)
-            for cmd in rows.values():  # warm: write the .pyc files an installed package has
-                if cmd is not None:
-                    subprocess.run(cmd, check=True, capture_output=True, env=installed)
-            print(f"cold start: {args.rounds} rounds, median; load average before: {loadavg()}")
-            print("| command | bytecode | wall | process CPU | CPU |")
-            print("|---|---|---|---|---|")
-            for name, cmd in rows.items():
-                if cmd is None:
-                    continue
-                envs = {"cached (as installed)": installed}
-                if "--engine onnx" in name:
-                    envs["PYTHONDONTWRITEBYTECODE=1 (compiled from source)"] = from_source
-                for label, env in envs.items():
-                    runs = [wall(cmd, env) for _ in range(args.rounds)]
-                    times, cpus = [r[0] for r in runs], [r[1] for r in runs]
-                    print(
-                        f"| `{name}` | {label} | {statistics.median(times):.2f} s | "
-                        f"{statistics.median(cpus):.2f} s | {cpu} |"
-                    )
-            print(f"load average after: {loadavg()}")
+            cold(args, folder, cpu)
     return 0
 
 

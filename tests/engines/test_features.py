@@ -8,6 +8,7 @@ import torch
 
 from aurl.config import ModelConfig, VocabConfig
 from aurl.data.tokenizer import Tokenizer
+from aurl.data.vocab import Vocab
 from aurl.engines import features as F
 from aurl.models import MusicTransformerVAEGAN
 from aurl.models import model as M
@@ -113,3 +114,28 @@ def test_one_token_buffers_equal_the_general_path(time_unit, fixtures_dir) -> No
             assert np.array_equal(buffers[name], value), (name, j)
     for name in ("ticks", "tempo", "sounding", "onset", "bar"):
         assert np.array_equal(getattr(got, name), getattr(want, name)), name
+
+
+@pytest.mark.parametrize("cuts", [(1,), (37, 38, 200), (150, 151, 152, 390)])
+def test_calls_of_any_length_equal_one_call(cuts, fixtures_dir) -> None:
+    """Real pieces in three rows fed in pieces of any length, each call starting from the state
+    the one before left (notes sounding across the cut, as a window's history and its prefill
+    are fed): every input and the final state equal one call over the whole sequence."""
+    vocab = Vocab()
+    tok = Tokenizer(vocab.config)
+    files = sorted((fixtures_dir / "midi").glob("*.mid"))[:3]
+    ids = np.stack([np.asarray(tok.encode_file(p), dtype=np.int64)[:400] for p in files])
+    feats = F.Features(vocab, musical_time=True, grammar_features=True, meter=True)
+    meter = np.array([(3, 4), (6, 8), (4, 4)])
+    want, whole = feats(ids, feats.initial(3, meter))
+    state, parts = feats.initial(3, meter), []
+    for a, b in zip((0, *cuts), (*cuts, ids.shape[1])):
+        got, state = feats(ids[:, a:b], state)
+        parts.append(got)
+    for name, value in want.items():
+        if name == "bar_beats":  # (B,): one per call
+            continue
+        assert np.array_equal(np.concatenate([p[name] for p in parts], axis=1), value), name
+    assert want["age"].max() > 0  # notes did sound for a while across the cuts
+    for name in ("ticks", "tempo", "sounding", "onset", "bar"):
+        assert np.array_equal(getattr(state, name), getattr(whole, name)), name

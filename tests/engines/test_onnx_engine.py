@@ -128,6 +128,9 @@ def test_missing_onnxruntime_is_one_line(tiny_export, tmp_path) -> None:
         (["--int8"], "--int8"),
         (["--variations", "x.mid"], "--variations"),
         (["--device", "cuda"], "--device"),
+        (["--interpolate", "a.mid", "b.mid"], "--interpolate"),
+        (["--adapter", "lora"], "--adapter"),
+        (["--style", "folk"], "--style"),
     ],
 )
 def test_unsupported_flags_name_the_flag(tiny_export, tmp_path, capsys, flags, name) -> None:
@@ -228,3 +231,42 @@ def test_format_version_is_one_number(tiny_export) -> None:
     assert (onnx_engine.FORMAT, onnx_engine.VERSION) == (onnx_export.FORMAT, onnx_export.VERSION)
     assert shipped.EXPORT_VERSION == onnx_export.VERSION
     assert meta["graphs"] == {"decoder": "decoder.onnx"}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # another vocabulary: the graph's logits have another size than config.json's vocab
+        (
+            "vocab.velocity_bins=16",
+            r"exported with \d+ vocabulary ids \(logits\), its config.json gives 774",
+        ),
+        ("model.n_heads=4", "exported with 4 attention heads"),
+        ("model.n_layers=3", "more layers than the 2"),
+    ],
+)
+def test_a_graph_from_another_export_is_one_line(
+    tiny_export, tmp_path, capsys, override, message
+) -> None:
+    """A decoder.onnx copied over from another model's export (another vocabulary or shape)
+    beside this config.json: refused when the engine loads it, in one line through the CLI,
+    not by onnxruntime mid-piece."""
+    import torch
+
+    from aurl.config import load_config
+    from aurl.models import build_model
+    from aurl.models.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    other = export_onnx(
+        build_model(load_config(preset="tiny", overrides=[override])).eval(), tmp_path / "other"
+    )
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_export, folder)
+    shutil.copy(other / "decoder.onnx", folder / "decoder.onnx")
+    with pytest.raises(CheckpointError, match=message):
+        OnnxEngine(folder)
+    args = ["generate", "--engine", "onnx", "--checkpoint", str(folder)]
+    assert main([*args, "--out", str(tmp_path / "pieces")]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "the folder mixes exports; export the model again" in lines[0]

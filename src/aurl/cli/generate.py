@@ -270,8 +270,8 @@ def run(args: argparse.Namespace) -> int:
     check_free([*paths, {"settings": settings}], force=args.force)
     if args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: give 1 or more")
-    if args.adapter and (args.engine == "onnx" or args.int8):
-        raise ConfigError("--adapter is merged into a torch model: drop --engine onnx / --int8")
+    if args.adapter and args.int8 and args.engine != "onnx":
+        raise ConfigError("--adapter is merged into a torch model: drop --int8")
     if args.engine == "onnx":
         engine = onnx_engine(args)
         return finish(args, config, engine, None, paths, settings, t0)
@@ -355,6 +355,8 @@ def onnx_engine(args: argparse.Namespace):
         "--variations": args.variations and "VAE latents run on --engine torch",
         "--interpolate": args.interpolate and "VAE latents run on --engine torch",
         "--device": args.device != "cpu" and "onnxruntime runs here on the CPU only",
+        "--adapter": args.adapter and "a LoRA adapter is merged into a torch model",
+        "--style": getattr(args, "style", None) and "its export has no style input",
     }
     for flag, why in unsupported.items():
         if why:

@@ -17,17 +17,22 @@ from pathlib import Path
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The flags of the first CPU in ``/proc/cpuinfo`` (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
+def flags_of(cpuinfo: str) -> frozenset[str]:
+    """The flags of the first CPU in the text of ``/proc/cpuinfo`` (``flags`` on x86,
+    ``Features`` on ARM; empty where there is none)."""
+    for line in cpuinfo.splitlines():
         if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The flags of this machine's first CPU (``/proc/cpuinfo``; empty where there is none)."""
+    try:
+        return flags_of(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return frozenset()
 
 
 @functools.cache
@@ -42,9 +47,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def has_bf16() -> bool:
-    """Whether the CPU computes in bf16 natively (AVX512-BF16 or AMX)."""
-    return bool(BF16_FLAGS & cpu_flags())
+def has_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU (``flags``, default this machine's) computes in bf16 natively
+    (AVX512-BF16 or AMX)."""
+    return bool(BF16_FLAGS & (cpu_flags() if flags is None else flags))
 
 
 def cpu_summary() -> str:

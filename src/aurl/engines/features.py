@@ -108,6 +108,7 @@ class Features:
             np.clip(vocab.value - c.pitch_min, 0, self.P - 1),
             -1,
         ).tolist()  # fmt: skip  (pitch index of a note id, -1 otherwise)
+        self.is_note = np.asarray(self._note) >= 0  # (V,) NOTE_ON / NOTE_OFF ids
         self._is_shift = (kind == Kind.TIME_SHIFT).tolist()
 
     def initial(self, batch: int, meter: np.ndarray | None = None) -> FeatureState:
@@ -209,6 +210,24 @@ class Features:
                 np.multiply(g.time[b] - onset[b], snd[b], out=age[b, 0], casting="unsafe")
         return snd, onset
 
+    def _scan(
+        self, ids: np.ndarray, g: Any, snd: np.ndarray
+    ) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        """The grammar state after ``ids`` (B, T) from ``g``, and after each token the pitches
+        sounding in any family (B, T, P), the time (B, T) and the family (B, T): one grammar
+        step per token (the one grammar implementation), the rest gathered once (``sounding``
+        is read again only after a note; ``snd``: the pitches sounding before ``ids``)."""
+        notes = self.is_note[ids].any(0).tolist()  # (T,): a note in the column
+        nows, times, families = [], [], []
+        for j, note in enumerate(notes):
+            g = self.grammar.advance(g, ids[:, j])
+            if note:
+                snd = g.sounding.any(1)  # (B, P)
+            nows.append(snd)
+            times.append(g.time)
+            families.append(g.family)
+        return g, np.stack(nows, 1), np.stack(times, 1), np.stack(families, 1)
+
     def __call__(self, ids: np.ndarray, state: FeatureState) -> tuple[dict, FeatureState]:
         """Inputs after each token of ``ids`` (B, T) and the state after the last one."""
         B, T = ids.shape
@@ -232,17 +251,14 @@ class Features:
             ticks, tempo = cum[:, -1], cur[:, -1]
         g, snd, onset = state.grammar, state.sounding, state.onset
         if self.grammar_features:
-            sounding = np.empty((B, T, self.P), dtype=np.float32)
-            age = np.empty((B, T, self.P), dtype=np.float32)
-            family = np.empty((B, T), dtype=np.int64)
-            for j in range(T):
-                g = self.grammar.advance(g, ids[:, j])
-                now = g.sounding.any(1)  # (B, P)
-                time = g.time[:, None]  # (B, 1)
-                onset = np.where(now & ~snd, time, onset)
-                sounding[:, j] = now
-                age[:, j] = np.where(now, time - onset, 0)
-                family[:, j] = g.family
-                snd = now
-            out.update(sounding=sounding, age=age, family=family)
+            g, now, time, family = self._scan(ids, g, snd)
+            # onset: when each pitch last began to sound (kept where none began in ``ids``)
+            began = now & ~np.concatenate([snd[:, None], now[:, :-1]], axis=1)  # (B, T, P)
+            last = np.maximum.accumulate(np.where(began, np.arange(T)[:, None], -1), axis=1)
+            at = np.take_along_axis(time, last.reshape(B, -1).clip(0), axis=1).reshape(last.shape)
+            onsets = np.where(last >= 0, at, onset[:, None])  # (B, T, P)
+            out["sounding"] = now.astype(np.float32)
+            out["age"] = np.where(now, time[:, :, None] - onsets, 0).astype(np.float32)
+            out["family"] = family
+            snd, onset = now[:, -1], onsets[:, -1]
         return out, replace(state, ticks=ticks, tempo=tempo, grammar=g, sounding=snd, onset=onset)

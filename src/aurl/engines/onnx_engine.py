@@ -157,9 +157,46 @@ class OnnxEngine:
         self.cache_names = [
             f"{kv}.{i}" for i in range(self.n_layers) for kv in ("key", "value")
         ]  # fmt: skip
+        self._check_graph(path)
         self.io = self.session.io_binding()
         self._bound: Any = None  # the state whose one-token inputs the binding holds
         self._logits: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
+
+    def _check_graph(self, path: Path) -> None:
+        """The graph's own inputs and static sizes agree with its ``config.json`` (a graph
+        copied from another export, of another vocabulary or shape, is refused here rather
+        than failing inside onnxruntime mid-piece).
+
+        Raises:
+            CheckpointError: naming the first size or input that differs.
+        """
+        have = {x.name: x.shape for x in self.session.get_inputs()}
+        have.update({x.name: x.shape for x in self.session.get_outputs()})
+        want_inputs = [*self.inputs, "seqlens_k", "total_sequence_length"]
+        want_inputs += [f"past_{n}" for n in self.cache_names]
+        missing = [n for n in want_inputs if n not in have]
+        if missing:
+            raise CheckpointError(
+                f"{path} takes no input {missing[0]!r} that {self.folder / CONFIG} lists: the "
+                "folder mixes exports; export the model again"
+            )
+        sizes = [("vocabulary ids", "logits", -1, self.vocab.size)]
+        sizes += [("attention heads", "past_key.0", 1, self.heads)]
+        sizes += [("values per head", "past_key.0", 3, self.head_dim)]
+        if "sounding" in self.inputs:
+            sizes.append(("pitches", "sounding", -1, self.vocab.n_pitches))
+        for what, name, axis, want in sizes:
+            got = have.get(name, [None])[axis]
+            if isinstance(got, int) and got != want:
+                raise CheckpointError(
+                    f"{path} was exported with {got} {what} ({name}), its {CONFIG} gives "
+                    f"{want}: the folder mixes exports; export the model again"
+                )
+        if f"past_key.{self.n_layers}" in have:
+            raise CheckpointError(
+                f"{path} has more layers than the {self.n_layers} of its {CONFIG}: the folder "
+                "mixes exports; export the model again"
+            )
 
     def init_state(
         self,

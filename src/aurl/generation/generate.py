@@ -192,9 +192,13 @@ class _Context:
         )  # fmt: skip
         return self.engine.step(buffer[:, first:n], self.state)[:, -1]
 
+    def full(self) -> bool:
+        """The cache holds ``window`` tokens: the next step restarts the window."""
+        return self.state.pos >= self.window
+
     def next(self, buffer: Any, n: int) -> Any:
         """Logits after ``buffer[:, n-1]``, sliding the window when the cache is full."""
-        if self.state.pos >= self.window:
+        if self.full():
             return self.start(buffer, n)
         return self.engine.step(buffer[:, n - 1 : n], self.state)[:, -1]
 
@@ -465,6 +469,8 @@ def _sample(
         buffer = _room(buffer, n, arrays)
         buffer[:, n] = ids
         n += 1
+        if ctx.full() and all((masker.finished(state) | (ids == END)).tolist()):
+            break  # every row has ended: no window to restart for logits nobody reads
         logits = ctx.next(buffer, n)  # one step past the last END at most: cheaper than a
         state = masker.advance(state, ids, ctx.grammar_state())  # second grammar copy
         if seen is not None:

@@ -1,0 +1,82 @@
+"""What the cold start of `aurl generate --engine onnx` leaves out keeps the pieces as they were:
+no window restart once every row has ended, and a command line that registers its own command
+alone parses as the full parser does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aurl.config import GenerationConfig
+from aurl.engines.onnx_engine import OnnxEngine
+from aurl.generation.generate import generate
+
+
+class Counting:
+    """An engine whose ``init_state`` calls are counted (the engine itself does the work)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.starts = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def init_state(self, *args, **kwargs):
+        self.starts += 1
+        return self.engine.init_state(*args, **kwargs)
+
+
+@pytest.mark.parametrize("engine_kind", ["onnx", "torch"])
+def test_no_window_restart_after_the_last_end(tiny_model, tiny_export, engine_kind) -> None:
+    """A piece whose END fills the window exactly: the loop stops there instead of restarting
+    the window (history features and an overlap prefill, ~5% of a 512-token cold start) for
+    logits nobody reads; the ids equal a run whose window never fills."""
+    from aurl.engines.torch_engine import TorchEngine
+
+    base = OnnxEngine(tiny_export) if engine_kind == "onnx" else TorchEngine(tiny_model)
+    cfg = GenerationConfig(max_tokens=40, seed=2, window=512)
+    want = generate(Counting(base), cfg, num_samples=2)
+    longest = max(len(p.ids) for p in want)
+    # after the last END the cache holds every token but that END: the window is then full
+    counted = Counting(base)
+    got = generate(
+        counted, GenerationConfig(max_tokens=40, seed=2, window=longest - 1), num_samples=2
+    )
+    for a, b in zip(want, got):
+        assert np.array_equal(a.ids, b.ids)
+    assert counted.starts == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--engine", "onnx", "--checkpoint", "x", "--out", "o", "--key", "D minor"],
+        ["generate", "--out", "o", "--num-samples", "2", "--seconds", "30", "--top-p", "0.9"],
+        ["data", "corpus", "--name", "bach-chorales", "--out", "c"],
+        ["export", "--format", "onnx", "--int8", "--out", "e"],
+        ["train", "--preset", "tiny", "--out", "r", "training.lr=1e-3"],
+    ],
+)
+def test_one_command_parses_as_the_full_parser(argv) -> None:
+    from aurl.cli import build_parser
+
+    assert vars(build_parser(argv).parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
+def test_a_command_line_imports_its_own_command_alone() -> None:
+    """`aurl generate ...` builds a parser from aurl.cli.generate alone (the other commands'
+    modules and what they import are no part of its cold start); `aurl --help` lists all."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\nfrom aurl.cli import build_parser\nbuild_parser(sys.argv[1:])\n"
+        "print(*sorted(m for m in sys.modules if m.startswith('aurl.cli.')))\n"
+    )
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    run = [sys.executable, "-c", code]
+    one = subprocess.run([*run, "generate", "--out", "o"], capture_output=True, text=True, env=env)
+    assert one.stdout.split() == ["aurl.cli.generate"], one.stderr
+    every = subprocess.run([*run, "--help"], capture_output=True, text=True, env=env)
+    assert "aurl.cli.train" in every.stdout.split() and "aurl.cli.serve" in every.stdout.split()
