@@ -260,6 +260,7 @@ def evaluate_harmonize(
     import symusic
 
     from aurl.analysis.keys import estimate_key
+    from aurl.data.meter import read_meter
     from aurl.data.tokenizer import Tokenizer
     from aurl.generation.compose import (
         ComposeOptions,
@@ -285,7 +286,8 @@ def evaluate_harmonize(
         key = estimate_key(bach)
         plan = make_plan(line, model.vocab, ceiling=True, max_free=3)
         ids = _encode_notes(bach, tokenizer, path)
-        ls = score_plan(model, plan, ids)
+        meter = read_meter(path)  # as the cache gives it to the model in training
+        ls = score_plan(model, plan, ids, meter=meter)
         likelihood.append({
             "conditional": ls.conditional_bits, "unconditional": ls.unconditional_bits,
             "notes": ls.free_notes, "outside": ls.outside,
@@ -300,7 +302,7 @@ def evaluate_harmonize(
                 particles=v.particles, seed=seed, melody_key=v.melody_key,
                 voice_leading=v.voice_leading, consonance=v.consonance,
             )  # fmt: skip
-            (c,) = harmonize(model if engine is None else engine, line, options=opts)
+            (c,) = harmonize(model if engine is None else engine, line, options=opts, meter=meter)
             seconds = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as tmp:
                 written = write_midi(c.score, Path(tmp) / "h.mid")
