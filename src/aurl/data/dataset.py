@@ -42,12 +42,12 @@ import numpy as np
 import torch
 
 from aurl.config import DataConfig, VocabConfig
+from aurl.data.anticipation import draw_anticipation
 from aurl.data.augment import Augmenter, AugmentParams
 from aurl.data.cache import TokenCache
-from aurl.data.anticipation import draw_anticipation
 from aurl.data.fim import collate_fim, draw_fim
 from aurl.data.vocab import PAD, Kind, Vocab
-from aurl.errors import DataError
+from aurl.errors import ConfigError, DataError
 
 Key = int | tuple[int, int, int]
 
@@ -84,7 +84,7 @@ class WindowDataset(torch.utils.data.Dataset):
             (:mod:`aurl.data.fim`); 0 draws nothing and leaves every window as it was.
         anticipation_rate: Share of windows whose top line is copied ahead as controls
             (:mod:`aurl.data.anticipation`, in the FIM fields' form); 0 draws nothing.
-        anticipation_beats: How far ahead (beats).
+        anticipation_beats: How far ahead (beats; the model's ``model.anticipation``).
     """
 
     def __init__(
@@ -99,7 +99,7 @@ class WindowDataset(torch.utils.data.Dataset):
         boundary_search: int = 64,
         fim_rate: float = 0.0,
         anticipation_rate: float = 0.0,
-        anticipation_beats: float = 4.0,
+        anticipation_beats: float = 0.0,
     ) -> None:
         self.cache = _open(cache)
         if vocab_config is not None:
@@ -113,6 +113,11 @@ class WindowDataset(torch.utils.data.Dataset):
         self.split, self.window, self.seed, self.epoch = split, window, seed, 0
         self.augment, self.boundary_search = augment, boundary_search
         self.fim_rate = fim_rate
+        if anticipation_rate > 0 and anticipation_beats <= 0:
+            raise ConfigError(
+                f"data.anticipation_rate={anticipation_rate} needs model.anticipation > 0 "
+                "(how many beats ahead the controls come)"
+            )
         self.anticipation_rate, self.anticipation_beats = anticipation_rate, anticipation_beats
         self.piece_lengths = self.cache.lengths[self.pieces]  # (P,)
         slots = np.maximum(1, -(-self.piece_lengths // window))  # (P,) ceil, at least one
@@ -369,6 +374,7 @@ def build_loader(
     augment: bool = True,
     batches_per_step: int = 1,
     vocab_config: VocabConfig | None = None,
+    anticipation_beats: float = 0.0,
 ) -> Loader:
     """The training loader of ``data_config``: window, curriculum, batch size, workers, grouping
     and augmentation (with ``augment``), for process ``rank`` of ``world``."""
@@ -377,8 +383,7 @@ def build_loader(
     dataset = WindowDataset(
         cache, split, window=data_config.window, seed=seed, augment=augmenter,
         vocab_config=vocab_config, fim_rate=data_config.fim_rate,
-        anticipation_rate=data_config.anticipation_rate,
-        anticipation_beats=data_config.anticipation_beats,
+        anticipation_rate=data_config.anticipation_rate, anticipation_beats=anticipation_beats,
     )  # fmt: skip
     sampler = LengthGroupedBatchSampler(
         dataset, data_config.batch_size, seed=seed, length_grouped=data_config.length_grouped,

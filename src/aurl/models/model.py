@@ -365,7 +365,7 @@ class MusicTransformerVAEGAN(nn.Module):
         # ANTICIPATION_BASE, created after everything else for the same reason
         P = self.vocab.n_pitches
         self.controls = (
-            nn.Embedding(P, D, _weight=torch.empty(P, D)) if c.anticipation else None
+            nn.Embedding(P, D, _weight=torch.empty(P, D)) if c.anticipation > 0 else None
         )
         self._init_weights()
 
