@@ -92,6 +92,30 @@ def control_ids(pitches: np.ndarray, vocab: Vocab) -> np.ndarray:
     return ANTICIPATION_BASE + np.asarray(pitches, dtype=np.int64) - vocab.config.pitch_min
 
 
+def interleave(
+    ids: np.ndarray, due: np.ndarray, controls: np.ndarray, vocab: Vocab, *, keep: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Controls merged into the music ``ids[:keep]`` (time order): control ``k`` (``due[k]``
+    its stream time, ascending) goes right before the first music token read at a time
+    ``>= due[k]``, never before the first token; controls due after the last kept token are
+    left out. Returns ``(interleaved ids, pos)``: each id's index in ``ids``, -1 for a control.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    keep = len(ids) if keep is None else keep
+    tau = token_times(ids, vocab)[:keep]
+    at = np.maximum(1, np.searchsorted(tau, np.asarray(due), side="left"))
+    inside = at < keep  # a control due after the last kept token has nothing to precede
+    at, controls = at[inside], np.asarray(controls, dtype=np.int64)[inside]
+    n = keep + len(at)
+    is_ctrl = np.zeros(n, bool)
+    is_ctrl[at + np.arange(len(at))] = True  # each control moves the later ids on by one
+    out = np.empty(n, np.int64)
+    pos = np.full(n, -1, np.int64)
+    out[is_ctrl] = controls
+    out[~is_ctrl], pos[~is_ctrl] = ids[:keep], np.arange(keep)
+    return out, pos
+
+
 def anticipate(
     ids: np.ndarray, melody: np.ndarray, vocab: Vocab, *, delta: int, window: int | None = None
 ) -> FimWindow:
@@ -100,28 +124,15 @@ def anticipate(
     cut to ``window`` ids when given."""
     ids = np.asarray(ids, dtype=np.int64)
     tau = token_times(ids, vocab)
-    kind = vocab.kind[ids]
     if (ids == END).any():  # the piece ends inside: every later note is known (there is none)
         keep = len(ids)
     else:
-        last_shift = kind[-1] == Kind.TIME_SHIFT
+        last_shift = vocab.kind[ids[-1]] == Kind.TIME_SHIFT
         horizon = tau[-1] + (vocab.value[ids[-1]] if last_shift else 0)  # complete steps end
         keep = int(np.searchsorted(tau + delta >= horizon, True))  # tau ascends: a prefix
     notes = np.flatnonzero(melody[:keep])
-    due = tau[notes] - delta  # where each control goes: before the first token read at >= due
-    at = np.maximum(1, np.searchsorted(tau[:keep], due, side="left"))
     ctrl = control_ids(vocab.value[ids[notes]], vocab)
-    inside = at < keep  # a control due after the last kept token has nothing to precede
-    at, ctrl = at[inside], ctrl[inside]
-    # merge: controls sit before the music token at index ``at`` (stable: notes in time order)
-    n = keep + len(ctrl)
-    out = np.empty(n, np.int64)
-    pos = np.empty(n, np.int64)
-    slots = at + np.arange(len(at))  # each control shifts the later ones by one
-    is_ctrl = np.zeros(n, bool)
-    is_ctrl[slots] = True
-    out[is_ctrl], pos[is_ctrl] = ctrl, -1
-    out[~is_ctrl], pos[~is_ctrl] = ids[:keep], np.arange(keep)
+    out, pos = interleave(ids, tau[notes] - delta, ctrl, vocab, keep=keep)
     if window is not None:
         out, pos = out[:window], pos[:window]
     source = ids[: int(pos.max()) + 1] if (pos >= 0).any() else ids[:1]

@@ -844,6 +844,10 @@ def harmonize(
         line, engine.vocab, ceiling=True, max_free=voices - 1, qpm=qpm,
         voice_leading=options.voice_leading,
     )  # fmt: skip
+    from aurl.generation.anticipation import AnticipationEngine, supports_anticipation
+
+    if supports_anticipation(model):  # the model also reads the melody ahead of its time
+        engine = AnticipationEngine(model, plan, meter=meter)
     results = decode(engine, plan, options, progress=progress)
     names = voice_names(voices)
     for c in results:
@@ -1254,14 +1258,21 @@ class PlanScore:
 
 
 def score_plan(
-    model: Any, plan: Plan, ids: np.ndarray, *, meter: tuple[int, int] | None = None
+    model: Any,
+    plan: Plan,
+    ids: np.ndarray,
+    *,
+    meter: tuple[int, int] | None = None,
+    logits: np.ndarray | None = None,
 ) -> PlanScore:
     """Score a token sequence (START TEMPO INSTRUMENT ... END) against ``plan``: what the
     decoder's constrained distribution and the plain model assign to its free tokens.
 
     The model runs once over the whole sequence (teacher forcing, the context at most) in the
     piece's ``meter`` (None: 4/4); the plan's masks are stepped along it exactly as
-    :func:`decode` steps them.
+    :func:`decode` steps them. ``logits`` (T, V), row ``t`` predicting ``ids[t + 1]``: the
+    model's logits when the caller ran it (an anticipation model reads controls between the
+    ids: :func:`aurl.generation.anticipation.score_anticipated`).
     """
     import torch
 
@@ -1269,9 +1280,10 @@ def score_plan(
 
     vocab: Vocab = model.vocab
     ids = np.asarray(ids, dtype=np.int64)[: model.config.max_seq_len]
-    with torch.no_grad():
-        m = None if meter is None else torch.tensor([meter])
-        logits = model(torch.as_tensor(ids)[None], meter=m).logits[0].float().numpy()  # (T, V)
+    if logits is None:
+        with torch.no_grad():
+            m = None if meter is None else torch.tensor([meter])
+            logits = model(torch.as_tensor(ids)[None], meter=m).logits[0].float().numpy()  # (T, V)
     grammar = Grammar(vocab, polyphony_cap=max(16, plan.max_free + 8))
     g = grammar.sequence_masks(torch.as_tensor(ids)[None])[0].numpy()  # (T, V)
     masks = _Masks(vocab, plan)
