@@ -165,7 +165,9 @@ def test_controls_are_never_scored(ids) -> None:
     allowed = fim_allowed(grammar, x, f["fim_source"], f["fim_pos"], f["fim_middle"],
                           grammar.initial_state(1))  # fmt: skip
     kept = {}
-    model.head.register_forward_hook(lambda m, i, o: kept.setdefault("logits", o.retain_grad() or o))
+    model.head.register_forward_hook(
+        lambda m, i, o: kept.setdefault("logits", o.retain_grad() or o)
+    )
     batch = {"ids": x, "attention_mask": torch.ones_like(x, dtype=torch.bool),
              "fim": (f["fim_source"], f["fim_pos"])}  # fmt: skip
     losses = compute_losses(model, batch, LossConfig(), step=0, allowed=allowed)

@@ -846,7 +846,8 @@ def harmonize(
     )  # fmt: skip
     from aurl.generation.anticipation import AnticipationEngine, supports_anticipation
 
-    if supports_anticipation(model):  # the model also reads the melody ahead of its time
+    anticipating = supports_anticipation(model)  # the model also reads the melody ahead
+    if anticipating:
         engine = AnticipationEngine(model, plan, meter=meter)
     results = decode(engine, plan, options, progress=progress)
     names = voice_names(voices)
@@ -855,6 +856,8 @@ def harmonize(
         v = assign_voices(c.notes, voices - 1)
         parts += [(names[i + 1], c.notes[v == i]) for i in range(voices - 1)]
         c.score = parts_score(parts, like=like)
+        if anticipating:
+            c.stats["engine"] = "anticipation"
     return results
 
 
