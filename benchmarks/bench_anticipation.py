@@ -10,7 +10,9 @@ each piece in its own meter, as ``aurl evaluate --task harmonize`` scores it):
 - ``anticipation, controls``: the anticipation model with the soprano's NOTE_ONs shown
   ``model.anticipation`` beats ahead (:func:`aurl.generation.anticipation.score_anticipated`),
   under the plan's masks (and under the grammar alone: still conditioned by the controls);
-- ``anticipation, forcing only``: the same model without controls (as a plain model).
+- ``anticipation, forcing only``: the same model without controls (as a plain model);
+- ``anticipation, wrong controls``: the controls of the next piece's soprano (does the model
+  read them at all?).
 
 The difference shipped forcing - anticipation with controls is taken per piece; its 95%
 interval is a bootstrap over pieces (10,000 resamples, seed 0). With ``--generate N`` the first
@@ -106,11 +108,12 @@ def main() -> None:
     print(f"{len(files)} pieces; load average before: {loadavg()}", flush=True)
     tokenizer = Tokenizer(shipped.vocab_config)
     names = ["shipped_forcing", "shipped_forcing_44", "anticipation_controls",
-             "anticipation_forcing_only"]  # fmt: skip
+             "anticipation_forcing_only", "anticipation_wrong_controls"]  # fmt: skip
     per: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
     notes: list[int] = []
     c0 = time.process_time()
-    for path in files:
+    lines = [melody_line(chorale_voices(p)[0], name=str(p)) for p in files]
+    for i, path in enumerate(files):
         voices = chorale_voices(path)
         line = melody_line(voices[0], name=str(path))
         bach = np.sort(np.concatenate(voices), order=["onset", "pitch"])
@@ -122,7 +125,11 @@ def main() -> None:
             "shipped_forcing_44": score_plan(shipped, plan, ids),
             "anticipation_controls": score_anticipated(model, plan, ids, meter=meter),
             "anticipation_forcing_only": score_plan(model, plan, ids, meter=meter),
-        }
+            "anticipation_wrong_controls": score_anticipated(
+                model, plan, ids, meter=meter, controls_from=make_plan(
+                    lines[(i + 1) % len(files)], shipped.vocab, ceiling=True, max_free=3),
+            ),
+        }  # fmt: skip
         counts = {s.free_notes for s in scores.values()}
         assert len(counts) == 1, f"{path}: notes counted differ {counts}"
         notes.append(counts.pop())

@@ -137,12 +137,18 @@ class AnticipationEngine:
 
 
 def score_anticipated(
-    model: Any, plan: Any, ids: np.ndarray, *, meter: tuple[int, int] | None = None
+    model: Any,
+    plan: Any,
+    ids: np.ndarray,
+    *,
+    meter: tuple[int, int] | None = None,
+    controls_from: Any = None,
 ) -> Any:
     """:func:`aurl.generation.compose.score_plan` for an anticipation model: the plan's melody
     controls interleaved into ``ids`` (START TEMPO INSTRUMENT ... END) by the training rule,
     one teacher-forced pass, and each music token scored from the position before it (a
-    control or the previous music token) under the plan's masks.
+    control or the previous music token) under the plan's masks. ``controls_from``: another
+    plan whose melody gives the controls (a diagnostic: does the model read them?).
 
     Raises:
         ConstraintError: the interleaved piece is longer than the model's context.
@@ -153,7 +159,7 @@ def score_anticipated(
 
     vocab: Vocab = model.vocab
     ids = np.asarray(ids, dtype=np.int64)
-    due, ctrl = plan_controls(plan, vocab, delta_steps(model))
+    due, ctrl = plan_controls(controls_from or plan, vocab, delta_steps(model))
     inter, pos = interleave(ids, due, ctrl, vocab)
     if len(inter) > model.config.max_seq_len:
         raise ConstraintError(
