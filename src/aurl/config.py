@@ -107,6 +107,9 @@ class DataConfig:
     # share of training windows cut into prefix / middle / suffix and reordered
     # [SUF] suffix [PRE] prefix [MID] middle [EOM] (aurl.data.fim; needs model.fim). 0: none
     fim_rate: float = _num(0.0, 0.0, 1.0)
+    # share of training windows whose top line's NOTE_ONs are copied, as control ids,
+    # model.anticipation beats ahead of their time (aurl.data.anticipation). 0: none
+    anticipation_rate: float = _num(0.0, 0.0, 1.0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -138,6 +141,10 @@ class ModelConfig:
     # fill-in-the-middle sentinel rows (ids 774-777 beyond the music ids, aurl.data.fim):
     # the model can infill knowing the suffix (train with data.fim_rate > 0)
     fim: bool = False
+    # anticipation: > 0 gives control rows (ids from 778, one per pitch, aurl.data.anticipation)
+    # and says how many beats ahead the melody's NOTE_ONs come (train with
+    # data.anticipation_rate > 0); 0: none
+    anticipation: float = _num(0.0, 0.0, 64.0)
     # VAE
     latent_dim: int = _num(128, 1, 4096)
     latent_levels: int = _num(3, 1, 3)

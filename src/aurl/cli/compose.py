@@ -235,7 +235,7 @@ def _read_back(path: Path, track: str | None) -> Any:
 def run_harmonize(args: argparse.Namespace) -> int:
     from aurl.analysis.keys import parse_key
     from aurl.errors import ConfigError, ConstraintError
-    from aurl.generation.compose import harmonize, melody_line, top_track, track_notes
+    from aurl.generation.compose import TimeMap, harmonize, melody_line, top_track, track_notes
 
     if not 2 <= args.voices <= 4:
         raise ConfigError(f"--voices {args.voices}: give 2, 3 or 4")
@@ -253,7 +253,7 @@ def run_harmonize(args: argparse.Namespace) -> int:
 
     results = harmonize(
         model, line, voices=args.voices, options=_options(args, args.key or ""),
-        qpm=first_qpm(score), like=score, progress=bar,
+        qpm=first_qpm(score), like=score, meter=TimeMap.of_score(score).meter, progress=bar,
     )  # fmt: skip
     _write(results, paths, line, "Soprano")
     return 0
@@ -264,7 +264,7 @@ def run_accompany(args: argparse.Namespace) -> int:
 
     from aurl.data.notes import pitched
     from aurl.errors import ConfigError, ConstraintError
-    from aurl.generation.compose import accompany, track_notes
+    from aurl.generation.compose import TimeMap, accompany, track_notes
 
     if not 2 <= args.voices <= 4:
         raise ConfigError(f"--voices {args.voices}: give 2, 3 or 4")
@@ -281,7 +281,7 @@ def run_accompany(args: argparse.Namespace) -> int:
 
     results = accompany(
         model, notes, voices=args.voices, part_name=name, options=_options(args),
-        qpm=first_qpm(score), like=score, progress=bar,
+        qpm=first_qpm(score), like=score, meter=TimeMap.of_score(score).meter, progress=bar,
     )  # fmt: skip
     _write(results, paths, np.sort(notes, order=["onset", "pitch"]), name)
     return 0
@@ -350,8 +350,9 @@ def run_infill(args: argparse.Namespace) -> int:
     from aurl.progress import bar
 
     results = infill(
-        model, notes, span, part, options=_options(args), qpm=first_qpm(score), progress=bar
-    )
+        model, notes, span, part, options=_options(args), qpm=first_qpm(score),
+        meter=times.meter, progress=bar,
+    )  # fmt: skip
     kept = notes[~infill_regenerated(notes, span, part)]
     for c in results:
         c.score = infill_score(tracks, span, c.notes, part=index, like=score)

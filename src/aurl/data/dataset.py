@@ -42,11 +42,12 @@ import numpy as np
 import torch
 
 from aurl.config import DataConfig, VocabConfig
+from aurl.data.anticipation import draw_anticipation
 from aurl.data.augment import Augmenter, AugmentParams
 from aurl.data.cache import TokenCache
 from aurl.data.fim import collate_fim, draw_fim
 from aurl.data.vocab import PAD, Kind, Vocab
-from aurl.errors import DataError
+from aurl.errors import ConfigError, DataError
 
 Key = int | tuple[int, int, int]
 
@@ -81,6 +82,9 @@ class WindowDataset(torch.utils.data.Dataset):
         boundary_search: How far (tokens) to look forward for a time-step boundary.
         fim_rate: Share of windows cut into prefix / middle / suffix and reordered
             (:mod:`aurl.data.fim`); 0 draws nothing and leaves every window as it was.
+        anticipation_rate: Share of windows whose top line is copied ahead as controls
+            (:mod:`aurl.data.anticipation`, in the FIM fields' form); 0 draws nothing.
+        anticipation_beats: How far ahead (beats; the model's ``model.anticipation``).
     """
 
     def __init__(
@@ -94,6 +98,8 @@ class WindowDataset(torch.utils.data.Dataset):
         vocab_config: VocabConfig | None = None,
         boundary_search: int = 64,
         fim_rate: float = 0.0,
+        anticipation_rate: float = 0.0,
+        anticipation_beats: float = 0.0,
     ) -> None:
         self.cache = _open(cache)
         if vocab_config is not None:
@@ -107,6 +113,12 @@ class WindowDataset(torch.utils.data.Dataset):
         self.split, self.window, self.seed, self.epoch = split, window, seed, 0
         self.augment, self.boundary_search = augment, boundary_search
         self.fim_rate = fim_rate
+        if anticipation_rate > 0 and anticipation_beats <= 0:
+            raise ConfigError(
+                f"data.anticipation_rate={anticipation_rate} needs model.anticipation > 0 "
+                "(how many beats ahead the controls come)"
+            )
+        self.anticipation_rate, self.anticipation_beats = anticipation_rate, anticipation_beats
         self.piece_lengths = self.cache.lengths[self.pieces]  # (P,)
         slots = np.maximum(1, -(-self.piece_lengths // window))  # (P,) ceil, at least one
         self.slot_piece = np.repeat(np.arange(len(self.pieces)), slots)  # (N,) slot -> piece
@@ -157,6 +169,13 @@ class WindowDataset(torch.utils.data.Dataset):
             fim_rng = np.random.default_rng([self.seed, epoch, slot, 1])
             fim = draw_fim(ids, fim_rng, self.vocab, rate=self.fim_rate, window=window)
             item.update(ids=fim.ids, fim=fim)
+        if self.anticipation_rate > 0:  # its own stream too
+            a_rng = np.random.default_rng([self.seed, epoch, slot, 2])
+            ant = draw_anticipation(
+                ids, a_rng, self.vocab, rate=self.anticipation_rate,
+                beats=self.anticipation_beats, window=window,
+            )  # fmt: skip
+            item.update(ids=ant.ids, fim=ant)
         return item
 
 
@@ -355,6 +374,7 @@ def build_loader(
     augment: bool = True,
     batches_per_step: int = 1,
     vocab_config: VocabConfig | None = None,
+    anticipation_beats: float = 0.0,
 ) -> Loader:
     """The training loader of ``data_config``: window, curriculum, batch size, workers, grouping
     and augmentation (with ``augment``), for process ``rank`` of ``world``."""
@@ -363,6 +383,7 @@ def build_loader(
     dataset = WindowDataset(
         cache, split, window=data_config.window, seed=seed, augment=augmenter,
         vocab_config=vocab_config, fim_rate=data_config.fim_rate,
+        anticipation_rate=data_config.anticipation_rate, anticipation_beats=anticipation_beats,
     )  # fmt: skip
     sampler = LengthGroupedBatchSampler(
         dataset, data_config.batch_size, seed=seed, length_grouped=data_config.length_grouped,

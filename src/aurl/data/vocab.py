@@ -47,6 +47,9 @@ START, END, PAD, UNK = 0, 1, 2, 3
 # them; aurl.data.fim): EOM is predicted, SUF PRE MID are placed
 FIM_EOM, FIM_SUF, FIM_PRE, FIM_MID = 774, 775, 776, 777
 FIM_SENTINELS = 4
+# anticipation controls (only models with ``model.anticipation``; aurl.data.anticipation): the
+# melody's NOTE_ONs copied ahead of their time, one id per pitch from here on (inputs only)
+ANTICIPATION_BASE = FIM_EOM + FIM_SENTINELS
 
 GM_FAMILIES = (
     "piano", "chromatic_percussion", "organ", "guitar", "bass", "strings", "ensemble", "brass",

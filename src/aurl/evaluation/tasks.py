@@ -260,7 +260,9 @@ def evaluate_harmonize(
     import symusic
 
     from aurl.analysis.keys import estimate_key
+    from aurl.data.meter import read_meter
     from aurl.data.tokenizer import Tokenizer
+    from aurl.generation.anticipation import score_anticipated, supports_anticipation
     from aurl.generation.compose import (
         ComposeOptions,
         harmonize,
@@ -285,7 +287,10 @@ def evaluate_harmonize(
         key = estimate_key(bach)
         plan = make_plan(line, model.vocab, ceiling=True, max_free=3)
         ids = _encode_notes(bach, tokenizer, path)
-        ls = score_plan(model, plan, ids)
+        meter = read_meter(path)  # as the cache gives it to the model in training
+        ls = (score_anticipated if supports_anticipation(model) else score_plan)(
+            model, plan, ids, meter=meter
+        )
         likelihood.append({
             "conditional": ls.conditional_bits, "unconditional": ls.unconditional_bits,
             "notes": ls.free_notes, "outside": ls.outside,
@@ -300,7 +305,7 @@ def evaluate_harmonize(
                 particles=v.particles, seed=seed, melody_key=v.melody_key,
                 voice_leading=v.voice_leading, consonance=v.consonance,
             )  # fmt: skip
-            (c,) = harmonize(model if engine is None else engine, line, options=opts)
+            (c,) = harmonize(model if engine is None else engine, line, options=opts, meter=meter)
             seconds = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as tmp:
                 written = write_midi(c.score, Path(tmp) / "h.mid")
@@ -413,6 +418,7 @@ def run_task(args: Any, load_model: Any) -> int:
     """
     from aurl.errors import DataError
     from aurl.fileio import atomic_write_text
+    from aurl.generation.anticipation import supports_anticipation
     from aurl.progress import bar
 
     folder = Path(args.data) if args.data else BUNDLED
@@ -425,7 +431,9 @@ def run_task(args: Any, load_model: Any) -> int:
             "a manifest.json (aurl data corpus) or choose another --split"
         )
     model, _, _ = load_model(args.checkpoint, args.device, getattr(args, "model", None))
-    engine = onnx_engine_of(args.checkpoint, getattr(args, "model", None))
+    engine = None  # an anticipation model decodes on torch (its exports carry no controls)
+    if not supports_anticipation(model):
+        engine = onnx_engine_of(args.checkpoint, getattr(args, "model", None))
     print(f"decoding on the {'onnx' if engine is not None else 'torch'} engine")
     t0 = time.perf_counter()
     result = evaluate_harmonize(model, files, seed=args.seed, engine=engine, progress=bar)

@@ -447,7 +447,9 @@ class TorchEngine:
     with the earlier ones as ``history`` (their musical time and grammar state carry over).
     """
 
-    def __init__(self, model: Any, *, overlap: int = 1024) -> None:
+    def __init__(
+        self, model: Any, *, overlap: int = 1024, meter: tuple[int, int] | None = None
+    ) -> None:
         import torch
 
         self.torch, self.model = torch, model
@@ -455,6 +457,7 @@ class TorchEngine:
         self.device = model.embed.weight.device
         self.capacity = int(model.config.max_seq_len)
         self.overlap = min(overlap, self.capacity // 2)
+        self.meter = meter  # the piece's time signature (a meter model counts its bars)
 
     def init_state(self, ids: np.ndarray) -> tuple[Any, np.ndarray]:
         """A state after the prefix ``ids`` (B, P); returns (state, logits (B, V))."""
@@ -467,9 +470,12 @@ class TorchEngine:
         first = 0 if n < self.capacity else n - self.overlap
         t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         with torch.no_grad():
+            meter = None
+            if self.meter is not None:
+                meter = torch.tensor([self.meter], device=self.device).expand(ids.shape[0], 2)
             state["model"] = self.model.init_state(
                 ids.shape[0], device=self.device, capacity=self.capacity,
-                history=t[:, :first] if first > 0 else None,
+                history=t[:, :first] if first > 0 else None, meter=meter,
             )  # fmt: skip
             logits = self.model.step(t[:, first:], state["model"])[:, -1]
         return logits.float().cpu().numpy()
@@ -500,11 +506,14 @@ class NumpyEngine:
     state is full, it restarts on the last ``overlap`` tokens with the earlier ones as
     ``history`` (as :class:`TorchEngine`)."""
 
-    def __init__(self, engine: Any, *, overlap: int = 1024) -> None:
+    def __init__(
+        self, engine: Any, *, overlap: int = 1024, meter: tuple[int, int] | None = None
+    ) -> None:
         self.engine = engine
         self.vocab: Vocab = engine.vocab
         self.capacity = int(engine.config.max_seq_len)
         self.overlap = min(overlap, self.capacity // 2)
+        self.meter = meter
 
     def init_state(self, ids: np.ndarray) -> tuple[dict, np.ndarray]:
         """A state after the prefix ``ids`` (B, P); returns (state, logits (B, V))."""
@@ -515,9 +524,11 @@ class NumpyEngine:
         ids = state["ids"]
         n = ids.shape[1]
         first = 0 if n < self.capacity else n - self.overlap
+        meter = None if self.meter is None else np.tile(np.array([self.meter]), (len(ids), 1))
         state["model"] = self.engine.init_state(
-            ids.shape[0], capacity=self.capacity, history=ids[:, :first] if first else None
-        )
+            ids.shape[0], capacity=self.capacity, history=ids[:, :first] if first else None,
+            meter=meter,
+        )  # fmt: skip
         return np.asarray(self.engine.step(ids[:, first:], state["model"])[:, -1], np.float32)
 
     def step(self, ids: np.ndarray, state: dict) -> np.ndarray:
@@ -532,14 +543,15 @@ class NumpyEngine:
         return {"ids": state["ids"][rows], "model": self.engine.reorder(state["model"], rows)}
 
 
-def as_engine(model: Any) -> Any:
+def as_engine(model: Any, *, meter: tuple[int, int] | None = None) -> Any:
     """``model`` as an engine: a torch model is wrapped in :class:`TorchEngine`, a numpy
     :mod:`aurl.engines` engine (the onnx one) in :class:`NumpyEngine`; anything that already
-    has ``init_state`` / ``step`` / ``reorder`` on numpy arrays is used as is."""
+    has ``init_state`` / ``step`` / ``reorder`` on numpy arrays is used as is. ``meter``: the
+    piece's ``(numerator, denominator)`` (a meter model counts its bars in it; None: 4/4)."""
     if hasattr(model, "embed"):
-        return TorchEngine(model)
+        return TorchEngine(model, meter=meter)
     if getattr(model, "numpy", False) is True and hasattr(model, "grammar_state"):
-        return NumpyEngine(model)
+        return NumpyEngine(model, meter=meter)
     missing = [m for m in ("init_state", "step", "reorder", "vocab") if not hasattr(model, m)]
     if missing:
         raise ConstraintError(
@@ -797,6 +809,7 @@ def harmonize(
     options: ComposeOptions = ComposeOptions(),
     qpm: float = 120.0,
     like: Any = None,
+    meter: tuple[int, int] | None = None,
     progress: Progress = silent,
 ) -> list[Composition]:
     """Compose ``voices - 1`` voices under a melody (kept exactly).
@@ -808,6 +821,8 @@ def harmonize(
         options: Sampling options.
         qpm: Tempo for the model's TEMPO token.
         like: A symusic Score whose tempos, time and key signatures the result copies.
+        meter: The melody's time signature ``(numerator, denominator)`` (:attr:`TimeMap.meter`):
+            a meter model counts its bars in it (None: 4/4).
         progress: Progress helper over tokens.
 
     Returns:
@@ -822,13 +837,18 @@ def harmonize(
     if voices < 2:
         raise ConstraintError(f"--voices {voices}: harmonizing needs at least 2 voices")
     line = melody_line(melody_notes)
-    engine = as_engine(model)
+    engine = as_engine(model, meter=meter)
     if options.melody_key and not options.key:
         options = replace(options, key=melody_key(line))
     plan = make_plan(
         line, engine.vocab, ceiling=True, max_free=voices - 1, qpm=qpm,
         voice_leading=options.voice_leading,
     )  # fmt: skip
+    from aurl.generation.anticipation import AnticipationEngine, supports_anticipation
+
+    anticipating = supports_anticipation(model)  # the model also reads the melody ahead
+    if anticipating:
+        engine = AnticipationEngine(model, plan, meter=meter)
     results = decode(engine, plan, options, progress=progress)
     names = voice_names(voices)
     for c in results:
@@ -836,6 +856,8 @@ def harmonize(
         v = assign_voices(c.notes, voices - 1)
         parts += [(names[i + 1], c.notes[v == i]) for i in range(voices - 1)]
         c.score = parts_score(parts, like=like)
+        if anticipating:
+            c.stats["engine"] = "anticipation"
     return results
 
 
@@ -848,12 +870,14 @@ def accompany(
     options: ComposeOptions = ComposeOptions(),
     qpm: float = 120.0,
     like: Any = None,
+    meter: tuple[int, int] | None = None,
     progress: Progress = silent,
 ) -> list[Composition]:
     """Compose ``voices - 1`` voices around a part (kept exactly), above and below it.
 
     The part's track keeps its name; the new voices take the SATB names the part does not
-    (the part's place among them: its median pitch ranked against theirs).
+    (the part's place among them: its median pitch ranked against theirs). ``meter``: as in
+    :func:`harmonize`.
 
     Raises:
         ConstraintError: no pitched notes, or a model that cannot compose.
@@ -863,7 +887,7 @@ def accompany(
     notes = pitched(part_notes)
     if len(notes) == 0:
         raise ConstraintError(f"{part_name} has no pitched notes: give a part to accompany")
-    engine = as_engine(model)
+    engine = as_engine(model, meter=meter)
     plan = make_plan(notes, engine.vocab, ceiling=False, max_free=voices - 1, qpm=qpm)
     results = decode(engine, plan, options, progress=progress)
     for c in results:
@@ -888,12 +912,14 @@ def infill(
     max_free: int | None = None,
     options: ComposeOptions = ComposeOptions(),
     qpm: float = 120.0,
+    meter: tuple[int, int] | None = None,
     progress: Progress = silent,
 ) -> list[Composition]:
     """Regenerate the notes that start in ``span`` (beats, [start, end)), of the notes selected
     by ``part`` (a bool mask over ``notes``, or over their pitched notes only; None: all),
     keeping every other note; drum notes are set aside. At most
     ``max_free`` new notes sound at once (default: the chosen notes' own most at once).
+    ``meter``: the piece's time signature, as in :func:`harmonize`.
 
     Returns:
         Compositions whose ``notes`` are the new notes only (``score`` None: the caller puts
@@ -920,7 +946,7 @@ def infill(
     given = notes[~regen]
     if max_free is None:  # as many voices as the replaced notes had at once (at least one)
         max_free = max(1, max_polyphony(notes[chosen]))
-    engine = as_engine(model)
+    engine = as_engine(model, meter=meter)
     plan = make_plan(given, engine.vocab, free_span=(a, min(b, last)), max_free=max_free, qpm=qpm)
     from aurl.generation.fim import FimEngine, supports_fim
 
@@ -928,7 +954,7 @@ def infill(
         return decode(engine, plan, options, progress=progress)
     # a FIM model writes the span knowing what follows it; it is not asked outside the span,
     # so it gives no probability for the given notes there
-    out = decode(FimEngine(model, plan), plan, options, progress=progress)
+    out = decode(FimEngine(model, plan, meter=meter), plan, options, progress=progress)
     for c in out:
         c.stats.update(given_bits=math.nan, given_bits_per_note=math.nan, engine="fim")
     return out
@@ -1065,6 +1091,15 @@ class TimeMap:
         """Plain lists (what the upload worker sends back)."""
         return {"signatures": [list(s) for s in self.signatures],
                 "tempos": [list(t) for t in self.tempos], "keys": [list(k) for k in self.keys]}  # fmt: skip
+
+    @property
+    def meter(self) -> tuple[int, int]:
+        """The piece's time signature ``(numerator, denominator)``: its first one (4/4 where
+        there is none), as :func:`aurl.data.meter.read_meter` reads a file's for training."""
+        if not self.signatures:
+            return (4, 4)
+        _, num, den = min(self.signatures)
+        return (num, den)
 
     @property
     def first_qpm(self) -> float:
@@ -1225,12 +1260,22 @@ class PlanScore:
         return self.unconditional_bits / max(1, self.free_notes)
 
 
-def score_plan(model: Any, plan: Plan, ids: np.ndarray) -> PlanScore:
+def score_plan(
+    model: Any,
+    plan: Plan,
+    ids: np.ndarray,
+    *,
+    meter: tuple[int, int] | None = None,
+    logits: np.ndarray | None = None,
+) -> PlanScore:
     """Score a token sequence (START TEMPO INSTRUMENT ... END) against ``plan``: what the
     decoder's constrained distribution and the plain model assign to its free tokens.
 
-    The model runs once over the whole sequence (teacher forcing, the context at most); the
-    plan's masks are stepped along it exactly as :func:`decode` steps them.
+    The model runs once over the whole sequence (teacher forcing, the context at most) in the
+    piece's ``meter`` (None: 4/4); the plan's masks are stepped along it exactly as
+    :func:`decode` steps them. ``logits`` (T, V), row ``t`` predicting ``ids[t + 1]``: the
+    model's logits when the caller ran it (an anticipation model reads controls between the
+    ids: :func:`aurl.generation.anticipation.score_anticipated`).
     """
     import torch
 
@@ -1238,8 +1283,10 @@ def score_plan(model: Any, plan: Plan, ids: np.ndarray) -> PlanScore:
 
     vocab: Vocab = model.vocab
     ids = np.asarray(ids, dtype=np.int64)[: model.config.max_seq_len]
-    with torch.no_grad():
-        logits = model(torch.as_tensor(ids)[None]).logits[0].float().numpy()  # (T, V)
+    if logits is None:
+        with torch.no_grad():
+            m = None if meter is None else torch.tensor([meter])
+            logits = model(torch.as_tensor(ids)[None], meter=m).logits[0].float().numpy()  # (T, V)
     grammar = Grammar(vocab, polyphony_cap=max(16, plan.max_free + 8))
     g = grammar.sequence_masks(torch.as_tensor(ids)[None])[0].numpy()  # (T, V)
     masks = _Masks(vocab, plan)

@@ -154,8 +154,11 @@ def compute_losses(
     out = model(ids, attention_mask=attention_mask, **context)
     logits, targets = out.logits[:, :-1], ids[:, 1:]  # position t predicts token t+1
     if "fim" in context:  # FIM windows (aurl.data.fim): EOM is a target, placed sentinels not
-        logits = _core(model).eom_logits(out.logits, out.hidden)[:, :-1]  # (B, T-1, V+1)
-        targets = targets.masked_fill(targets > FIM_EOM, PAD)
+        if _core(model).fim is not None:
+            logits = _core(model).eom_logits(out.logits, out.hidden)[:, :-1]  # (B, T-1, V+1)
+        elif allowed is not None:  # anticipated windows (aurl.data.anticipation): no EOM
+            allowed = allowed[..., : logits.shape[-1]]
+        targets = targets.masked_fill(targets > FIM_EOM, PAD)  # controls are never targets
     valid = targets != PAD
     if attention_mask is not None:
         valid = valid & attention_mask[:, 1:].bool()

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from aurl.config import Config, ModelConfig, VocabConfig
 from aurl.data.grammar import Grammar, GrammarState, SequenceScan
-from aurl.data.vocab import FIM_SENTINELS, Kind, Vocab
+from aurl.data.vocab import ANTICIPATION_BASE, FIM_SENTINELS, PAD, Kind, Vocab
 from aurl.errors import ConfigError
 from aurl.models.discriminator import MultiScaleDiscriminator
 from aurl.models.layers import Rotary, Sparse, attention_mask_for, make_blocks
@@ -361,6 +361,12 @@ class MusicTransformerVAEGAN(nn.Module):
         self.fim = (
             nn.Embedding(FIM_SENTINELS, D, _weight=torch.empty(FIM_SENTINELS, D)) if c.fim else None
         )
+        # anticipation controls (aurl.data.anticipation): one row per pitch for ids from
+        # ANTICIPATION_BASE, created after everything else for the same reason
+        P = self.vocab.n_pitches
+        self.controls = (
+            nn.Embedding(P, D, _weight=torch.empty(P, D)) if c.anticipation > 0 else None
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -398,7 +404,10 @@ class MusicTransformerVAEGAN(nn.Module):
         return mask
 
     def _input(self, ids: Tensor, cond: Tensor | None, *features: Tensor | None) -> Tensor:
-        x = self.embed(ids) if self.fim is None else self._embed_fim(ids)
+        if self.controls is not None:
+            x = self._embed_controls(ids)
+        else:
+            x = self.embed(ids) if self.fim is None else self._embed_fim(ids)
         for f in features:
             if f is not None:
                 x = x + f
@@ -414,6 +423,17 @@ class MusicTransformerVAEGAN(nn.Module):
         music = self.embed(ids.clamp(max=V - 1))
         sentinel = self.fim((ids - V).clamp(0, FIM_SENTINELS - 1))
         return torch.where((ids >= V)[..., None], sentinel, music)
+
+    def _embed_controls(self, ids: Tensor) -> Tensor:
+        """Embeddings (B, T, D) of music ids, sentinels (with ``model.fim``) and anticipation
+        controls (ids ``ANTICIPATION_BASE + pitch index``, :mod:`aurl.data.anticipation`, from
+        their own table)."""
+        n = self.controls.num_embeddings
+        is_control = ids >= ANTICIPATION_BASE
+        other = ids.masked_fill(is_control, PAD)
+        x = self.embed(other) if self.fim is None else self._embed_fim(other)
+        control = self.controls((ids - ANTICIPATION_BASE).clamp(0, n - 1))
+        return torch.where(is_control[..., None], control, x)
 
     def eom_logits(self, logits: Tensor, hidden: Tensor) -> Tensor:
         """Music logits (B, T, V) with the EOM sentinel's column appended (B, T, V + 1): the

@@ -438,7 +438,20 @@ def _run(config, run_dir, resume, progress, echo, d: distributed.Dist, stop, tun
 
 
 def check_fim(config: Config) -> None:
-    """FIM windows need the sentinel rows and a plain transformer."""
+    """FIM windows need the sentinel rows and a plain transformer; anticipated windows
+    (:mod:`aurl.data.anticipation`) the control rows, a plain transformer and no FIM."""
+    a = config.data.anticipation_rate
+    if a > 0 and (config.model.anticipation <= 0 or config.model.mode != "transformer"):
+        raise ConfigError(
+            f"data.anticipation_rate={a} needs model.anticipation > 0 (beats ahead) and "
+            f"model.mode=transformer (got {config.model.anticipation}, {config.model.mode!r}): "
+            "set both, or data.anticipation_rate=0"
+        )
+    if a > 0 and config.data.fim_rate > 0:
+        raise ConfigError(
+            f"data.anticipation_rate={a} and data.fim_rate={config.data.fim_rate}: "
+            "one window order at a time; set one of them to 0"
+        )
     if config.data.fim_rate > 0 and not config.model.fim:
         raise ConfigError(
             f"data.fim_rate={config.data.fim_rate} needs model.fim=true (the sentinel ids' rows): "
@@ -491,6 +504,7 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
     loader = build_loader(
         cache, config.data, split="train", seed=t.seed, rank=d.rank, world=d.world,
         augment=augment, batches_per_step=t.grad_accum, vocab_config=config.vocab,
+        anticipation_beats=config.model.anticipation,
     )  # fmt: skip
     valid_rows = cache.split_indices("valid")
     valid_rows = valid_rows[: valid_count(cache.lengths[valid_rows], config)]
