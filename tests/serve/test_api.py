@@ -168,6 +168,28 @@ def test_harmonize_keeps_the_melody_on_the_soprano_track(client):
     assert list(_by_track(three.content)) == ["Soprano", "Alto", "Bass"]
 
 
+def test_composing_endpoints_count_in_the_pieces_meter(client, monkeypatch):
+    """A 3/4 chorale is composed in 3/4 (the endpoints passed no meter: every piece was 4/4)."""
+    from aurl.generation import compose
+
+    seen = []
+    for name in ("harmonize", "infill"):
+        real = getattr(compose, name)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(kwargs.get("meter"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(compose, name, spy)
+    waltz = _excerpt("bach_bwv342.mid", 9)  # three bars of 3/4
+    r = client.post("/api/harmonize", files={"file": ("w.mid", _excerpt("bach_bwv342.mid", 9, 1))},
+                    data={"particles": "1"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    r = client.post("/api/infill", files={"file": ("w.mid", waltz)}, data={"bars": "2-2"})
+    assert r.status_code == 200, r.text
+    assert seen == [(3, 4), (3, 4)]
+
+
 def test_infill_of_one_bar_keeps_everything_outside_it(client):
     piece = _excerpt("bach_bwv117.4.mid", 12)  # three bars of 4/4, four voices
     r = client.post("/api/infill", files={"file": ("c.mid", piece)},

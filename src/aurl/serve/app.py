@@ -413,7 +413,8 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
         def run(m: Any, progress: Any) -> Any:
             (c,) = compose.harmonize(m, line, voices=voices, options=opts, qpm=times.first_qpm,
-                                     like=times.like_score(), progress=progress)  # fmt: skip
+                                     like=times.like_score(), progress=progress,
+                                     meter=times.meter)  # fmt: skip
             return c.score
 
         midi = await _compose(srv, run, lim, request)
@@ -478,7 +479,7 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
         def run(m: Any, progress: Any) -> Any:
             (c,) = compose.infill(m, notes, where, chosen, options=opts, qpm=times.first_qpm,
-                                  progress=progress)  # fmt: skip
+                                  progress=progress, meter=times.meter)  # fmt: skip
             return compose.infill_score(tracks, where, c.notes, part=index,
                                         like=times.like_score())  # fmt: skip
 
