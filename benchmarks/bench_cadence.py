@@ -25,7 +25,8 @@ Goals (issue 12): generated cadences per beat within 25% of the chorales' (a rat
 [0.75, 1.25]) and >= 80% of pieces ending on a cadence.
 
 Run:  .venv/bin/python benchmarks/bench_cadence.py [--pieces 16] [--seconds 30]
-          [--variants plain cadence] [--particles 4] [--json out.json]
+          [--variants plain ending phrased] [--particles 4]
+          [--tail-beats 4] [--phrase-beats 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -160,19 +161,21 @@ def reference(boot: int, rng: np.random.Generator, tolerance: float, limit: int)
 # --------------------------------------------------------------------------------------------
 
 
-def variants(particles: int, tail_beats: float) -> dict[str, Callable]:
-    """name -> function(engine, config) -> one Piece."""
-    from aurl.generation.cadence import EndingOptions, generate_with_cadence
+def variants(particles: int, tail_beats: float, phrase_beats: float) -> dict[str, Callable]:
+    """name -> function(engine, config) -> one Piece: ``plain`` (``generate``), ``ending``
+    (the last ``tail_beats`` redrawn until the piece closes), ``phrased`` (particles resampled
+    every ``phrase_beats`` towards more cadences, then the ending search)."""
+    from aurl.generation.cadence import CadenceOptions, generate_with_cadence
     from aurl.generation.generate import generate
 
     def plain(engine, config):
         return generate(engine, config, num_samples=1)[0]
 
-    def cadence(engine, config):
-        options = EndingOptions(particles=particles, tail_beats=tail_beats)
-        return generate_with_cadence(engine, config, num_samples=1, options=options)[0]
+    def searched(phrase: float) -> Callable:
+        options = CadenceOptions(particles=particles, tail_beats=tail_beats, phrase_beats=phrase)
+        return lambda engine, config: generate_with_cadence(engine, config, options=options)[0]
 
-    return {"plain": plain, "cadence": cadence}
+    return {"plain": plain, "ending": searched(0.0), "phrased": searched(phrase_beats)}
 
 
 def generated(args: argparse.Namespace, boot: int, rng: np.random.Generator) -> dict:
@@ -188,7 +191,7 @@ def generated(args: argparse.Namespace, boot: int, rng: np.random.Generator) -> 
     engine = TorchEngine(load_model(args.checkpoint, "cpu"))
     base = GenerationConfig(seconds=args.seconds, max_tokens=1_000_000)
     tokenizer = Tokenizer(engine.vocab.config, DataConfig(polyphony_cap=base.polyphony_cap))
-    fns = variants(args.particles, args.tail_beats)
+    fns = variants(args.particles, args.tail_beats, args.phrase_beats)
     analyses: dict[str, list] = {v: [] for v in args.variants}
     cpu: dict[str, float] = {v: 0.0 for v in args.variants}
     lengths: dict[str, list[float]] = {v: [] for v in args.variants}
@@ -245,9 +248,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pieces", type=int, default=16, help="generated pieces per variant")
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--variants", nargs="+", default=["plain", "cadence"])
-    ap.add_argument("--particles", type=int, default=4, help="candidate endings (cadence)")
-    ap.add_argument("--tail-beats", type=float, default=4.0, help="redrawn ending (cadence)")
+    ap.add_argument("--variants", nargs="+", default=["plain", "ending", "phrased"])
+    ap.add_argument("--particles", type=int, default=4, help="rows per piece (ending, phrased)")
+    ap.add_argument("--tail-beats", type=float, default=4.0, help="redrawn ending, beats")
+    ap.add_argument("--phrase-beats", type=float, default=8.0, help="checkpoints (phrased)")
     ap.add_argument("--checkpoint", help="model folder (default: the shipped default model)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tolerance", type=float, default=0.5, help="beats, detector vs fermatas")

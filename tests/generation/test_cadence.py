@@ -13,7 +13,7 @@ from aurl.config import GenerationConfig
 from aurl.data.notes import make_notes, notes_from_file
 from aurl.data.vocab import END, START, Vocab
 from aurl.errors import ConfigError
-from aurl.generation.cadence import EndingOptions, ending_score, tail_cut, token_beats
+from aurl.generation.cadence import CadenceOptions, ending_score, tail_cut, token_beats
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "midi"
 CHORDS = {"C": [48, 64, 67, 72], "F": [53, 65, 69, 72], "G": [43, 62, 67, 71],
@@ -59,25 +59,32 @@ def test_ending_score_reads_the_last_cadence() -> None:
 
 def test_bad_options_name_the_field() -> None:
     with pytest.raises(ConfigError, match="particles 0"):
-        EndingOptions(particles=0)
+        CadenceOptions(particles=0)
     with pytest.raises(ConfigError, match="tail_beats -1"):
-        EndingOptions(tail_beats=-1.0)
+        CadenceOptions(tail_beats=-1.0)
 
 
-@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no model")
-def test_cadence_search_on_the_shipped_model() -> None:
+@pytest.fixture(scope="module")
+def shipped():
+    if not (SHIPPED / "config.json").is_file():
+        pytest.skip("no model")
     from aurl.cli.generate import load_model
+
+    return load_model(None, "cpu")
+
+
+def test_ending_search_on_the_shipped_model(shipped) -> None:
     from aurl.data.tokenizer import Tokenizer
     from aurl.generation.cadence import generate_with_cadence
     from aurl.generation.generate import generate
 
-    model = load_model(None, "cpu")
+    model = shipped
     tokenizer = Tokenizer(model.vocab_config)
     cfg = GenerationConfig(seconds=8.0, max_tokens=100_000, seed=1)
-    options = EndingOptions(particles=4, tail_beats=4.0)
+    options = CadenceOptions(particles=4, tail_beats=4.0)
     plain = generate(model, cfg, num_samples=4)
     searched = generate_with_cadence(model, cfg, num_samples=4, options=options)
-    same = generate_with_cadence(model, cfg, num_samples=4, options=EndingOptions(particles=1))
+    same = generate_with_cadence(model, cfg, num_samples=4, options=CadenceOptions(particles=1))
     assert all(np.array_equal(a.ids, b.ids) for a, b in zip(plain, same))
     changed = 0
     for a, b in zip(plain, searched):
@@ -90,3 +97,30 @@ def test_cadence_search_on_the_shipped_model() -> None:
         assert np.array_equal(b.ids[:cut], a.ids[:cut])  # the body is the plain piece's
         changed += not np.array_equal(a.ids, b.ids)
     assert changed >= 1  # some plain ending did not close, and a redrawn one did better
+
+
+def test_phrase_search_on_the_shipped_model_finds_more_cadences(shipped) -> None:
+    from aurl.data.grammar import Grammar
+    from aurl.data.tokenizer import Tokenizer
+    from aurl.generation.cadence import cadence_count, generate_with_cadence
+    from aurl.generation.generate import generate
+
+    model = shipped
+    tokenizer = Tokenizer(model.vocab_config)
+    grammar = Grammar(model.vocab, GenerationConfig().polyphony_cap)
+    cfg = GenerationConfig(seconds=12.0, max_tokens=100_000, seed=0)
+    options = CadenceOptions(particles=4, phrase_beats=4.0)
+    plain = [tokenizer.decode_to_notes(p.ids) for p in generate(model, cfg, num_samples=2)]
+    pieces = generate_with_cadence(model, cfg, num_samples=2, options=options)
+    found = [tokenizer.decode_to_notes(p.ids) for p in pieces]
+    for piece, notes in zip(pieces, found):
+        assert grammar.count_violations(piece.ids) == 0
+        length = float((notes["onset_s"] + notes["duration_s"]).max())
+        beat = float(notes["duration_s"][0] / notes["duration"][0])
+        assert 12.0 - beat - 1e-6 <= length <= 12.0 + 1e-6
+    # the 2 plain pieces of 24 beats hold no cadence and end on none; the search finds 4
+    # cadences, and both pieces end on one
+    before = sum(cadence_count(n, np.inf) for n in plain)
+    after = sum(cadence_count(n, np.inf) for n in found)
+    assert after >= before + 3, (before, after)
+    assert sum(ending_score(n) > 0 for n in found) > sum(ending_score(n) > 0 for n in plain)

@@ -52,6 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--min-tokens", type=int, metavar="N", help="no END before N generated tokens (default 0)"
     )
+    p.add_argument(
+        "--cadence", choices=("phrases", "ending", "off"), default="phrases",
+        help="with --seconds: 'phrases' (default) draws 4 rows per piece, keeps the one with "
+        "the most cadences every 8 beats, and redraws a last bar that does not close; "
+        "'ending' only redraws the ending; 'off' samples one row (see docs/design.md)",
+    )  # fmt: skip
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (default 1)")
     s.add_argument("--top-k", type=int, metavar="K", help="keep the K likeliest ids (0: off)")
@@ -417,9 +423,19 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
             latents = interpolation_latents(model, *args.interpolate, tokenizer, steps=n)
         else:
             latents = model.sample_prior(n, generator=generator)
-    pieces = generate(
-        engine, config, num_samples=n, primer=primer, latents=latents, masker=masker, progress=bar
-    )
+    if config.seconds > 0 and getattr(args, "cadence", "off") != "off":
+        from aurl.generation.cadence import CadenceOptions, generate_with_cadence
+
+        phrase_beats = 8.0 if args.cadence == "phrases" else 0.0
+        pieces = generate_with_cadence(
+            engine, config, num_samples=n, primer=primer, latents=latents, masker=masker,
+            options=CadenceOptions(phrase_beats=phrase_beats), progress=bar,
+        )  # fmt: skip
+    else:
+        pieces = generate(
+            engine, config, num_samples=n, primer=primer, latents=latents, masker=masker,
+            progress=bar,
+        )  # fmt: skip
     write_pieces(pieces, paths, tokenizer, config, soundfont=args.soundfont, voices=args.voices)
     from aurl.config import Config, write_config
 

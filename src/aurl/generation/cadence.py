@@ -41,22 +41,33 @@ CLOSING = {"authentic": 2, "plagal": 2, "half": 1, "deceptive": 1}
 
 
 @dataclass(frozen=True)
-class EndingOptions:
-    """How endings are searched.
+class CadenceOptions:
+    """How cadences are searched.
 
     Attributes:
-        particles: Candidate endings per piece, the plain one included (1: no search).
-        tail_beats: How many beats at the end of a piece are redrawn.
+        particles: Rows drawn per piece, the plain one included (1: no search at all).
+        tail_beats: How many beats at the end of a piece are redrawn when it does not close.
+        phrase_beats: Every this many beats the particles of a piece are compared and the one
+            with the most cadences so far replaces the others (0: endings only).
+        lookahead_beats: A checkpoint waits until every particle is this far past it, so a
+            phrase arriving just before it is seen to end (the skyline needs the next onset).
     """
 
     particles: int = 4
     tail_beats: float = 4.0
+    phrase_beats: float = 0.0
+    lookahead_beats: float = 2.0
 
     def __post_init__(self) -> None:
         if self.particles < 1:
             raise ConfigError(f"cadence particles {self.particles}: give 1 or more")
         if not self.tail_beats > 0:
             raise ConfigError(f"cadence tail_beats {self.tail_beats}: give a positive number")
+        if self.phrase_beats < 0 or self.lookahead_beats < 0:
+            raise ConfigError(
+                f"cadence phrase_beats {self.phrase_beats} / lookahead_beats "
+                f"{self.lookahead_beats}: give 0 or more"
+            )
 
 
 def ending_score(notes: np.ndarray) -> int:
@@ -94,13 +105,15 @@ def generate_with_cadence(
     primer: np.ndarray | None = None,
     latents: Any = None,
     masker: LogitMasker | None = None,
-    options: EndingOptions = EndingOptions(),
+    options: CadenceOptions = CadenceOptions(),
     progress: Progress = silent,
 ) -> list[Piece]:
     """:func:`aurl.generation.generate.generate`, each piece's ending searched for a cadence.
 
     Without a length in seconds (``config.seconds == 0``), with one particle, or with a vocabulary
-    that counts time in seconds, this is ``generate`` itself.
+    that counts time in seconds, this is ``generate`` itself. With ``options.phrase_beats`` the
+    pieces come from :func:`generate_phrased` (torch engines without beam search; otherwise
+    the phrase search is skipped and only the endings are searched).
 
     Args:
         model: An engine or a model (as for ``generate``).
@@ -120,14 +133,21 @@ def generate_with_cadence(
     from aurl.engines import as_engine
 
     engine = as_engine(model)
-    pieces = generate(
-        engine, config, num_samples=num_samples, primer=primer, latents=latents, masker=masker,
-        progress=progress,
-    )  # fmt: skip
     vocab = engine.vocab
-    if config.seconds <= 0 or options.particles <= 1 or vocab.config.time_unit != "beat":
-        return pieces
+    search = config.seconds > 0 and options.particles > 1 and vocab.config.time_unit == "beat"
     tokenizer = Tokenizer(vocab.config, DataConfig(polyphony_cap=config.polyphony_cap))
+    if search and options.phrase_beats > 0 and not engine.numpy and config.beam <= 1:
+        pieces = generate_phrased(
+            engine, config, tokenizer, options, num_samples=num_samples, primer=primer,
+            latents=latents, masker=masker, progress=progress,
+        )  # fmt: skip
+    else:
+        pieces = generate(
+            engine, config, num_samples=num_samples, primer=primer, latents=latents,
+            masker=masker, progress=progress,
+        )  # fmt: skip
+    if not search:
+        return pieces
     out = []
     for row, piece in enumerate(pieces):
         best = ending_score(tokenizer.decode_to_notes(piece.ids))
@@ -161,4 +181,127 @@ def generate_with_cadence(
             if score > best:
                 best, chosen = score, Piece(cand.ids, piece.primer_length)
         out.append(chosen)
+    return out
+
+
+def cadence_count(notes: np.ndarray, until: float) -> int:
+    """Cadences at the skyline phrases' arrivals up to beat ``until`` (the analysis of
+    :func:`ending_score`)."""
+    from aurl.analysis.structure import phrase_boundaries, phrase_cadences
+
+    cadences, _ = phrase_cadences(notes, phrase_boundaries(notes))
+    return sum(c.beat <= until for c in cadences)
+
+
+def generate_phrased(
+    engine: Any,
+    config: GenerationConfig,
+    tokenizer: Any,
+    options: CadenceOptions,
+    *,
+    num_samples: int = 1,
+    primer: np.ndarray | None = None,
+    latents: Any = None,
+    masker: LogitMasker | None = None,
+    progress: Progress = silent,
+) -> list[Piece]:
+    """Particles per piece, resampled at phrase checkpoints towards more cadences.
+
+    Each piece is ``options.particles`` rows of one batch, sampled as ``generate`` samples
+    (grammar, constraints, sampling filters). Every ``options.phrase_beats`` beats (once every
+    row of the piece is ``lookahead_beats`` past the checkpoint), each row's notes so far are
+    analysed and the row with the most cadences up to the checkpoint (the first on a tie) is
+    copied over the piece's other rows: the others start again from it, with their own random
+    draws. This is sequential Monte Carlo with a greedy resampling step (Lew et al. 2023), a
+    beam of ``particles`` rows whose score is the analysis. At the end, the row that closes
+    best (:func:`ending_score`, then the most cadences) is the piece.
+
+    torch engines only (the rows' decoding states are reordered as in beam search).
+
+    Raises:
+        ConfigError: a numpy engine, or beam search asked too.
+    """
+    import torch
+
+    from aurl.generation.constraints import index_state
+    from aurl.generation.generate import (
+        END_SLACK,
+        _Context,
+        _prefix,
+        _room,
+        _TorchArrays,
+        make_masker,
+        meter_tensor,
+        sampling_options,
+        style_tensor,
+    )
+
+    if engine.numpy or config.beam > 1:
+        raise ConfigError("cadence phrase search runs on --engine torch without --beam")
+    K, B = options.particles, num_samples
+    BK = B * K
+    rows = torch.arange(B, device=engine.device).repeat_interleave(K)  # (B*K,) piece of a row
+    arrays = _TorchArrays(engine.device)
+    masker = masker or make_masker(engine.vocab, config, engine.device)
+    prefix = _prefix(primer, B, arrays)[rows]  # (B*K, P)
+    if latents is not None:
+        latents = index_state(latents, rows)
+    P = prefix.shape[1]
+    window = min(config.window, engine.config.max_seq_len)
+    overlap = min(config.window_overlap, window // 2)
+    sampling = sampling_options(config)
+    generator = arrays.generator(config.seed)
+    steps = config.max_tokens + END_SLACK
+    buffer = arrays.full(BK, P + min(steps, 4096))
+    buffer[:, :P] = prefix
+    state = masker.prime(masker.initial_state(BK), prefix)
+    ctx = _Context(
+        engine, latents, BK, window, overlap, meter_tensor(engine, config, BK),
+        style_tensor(engine, config, BK),
+    )  # fmt: skip
+    logits = ctx.start(buffer, P)
+    seen = arrays.seen(BK, engine.vocab.size) if sampling.repetition_penalty != 1.0 else None
+    spb = engine.vocab.config.steps_per_beat
+    start = float(state.grammar.time.min()) / spb  # the primer's end
+    checkpoint = start + options.phrase_beats
+    n = P
+    for _ in progress(range(steps), total=steps, desc="generate"):
+        ids = arrays.draw(masker.apply(logits.float(), state), sampling, seen, generator)
+        buffer = _room(buffer, n, arrays)
+        buffer[:, n] = ids
+        n += 1
+        logits = ctx.next(buffer, n)
+        state = masker.advance(state, ids, ctx.grammar_state())
+        if seen is not None:
+            arrays.mark(seen, ids)
+        if masker.all_finished(state):
+            break
+        if bool(masker.finished(state).any()):
+            continue  # the end is near: rows are no longer compared
+        if float(state.grammar.time.min()) / spb < checkpoint + options.lookahead_beats:
+            continue
+        src = torch.arange(BK, device=engine.device)
+        for b in range(B):
+            counts = [
+                cadence_count(tokenizer.decode_to_notes(buffer[r, :n].cpu().numpy()), checkpoint)
+                for r in range(b * K, (b + 1) * K)
+            ]
+            src[b * K : (b + 1) * K] = b * K + int(np.argmax(counts))
+        buffer, logits = buffer[src], logits[src]
+        state = index_state(state, src)
+        ctx.reorder(src)
+        if seen is not None:
+            seen = seen[src]
+        checkpoint += options.phrase_beats
+    out = []
+    for b in range(B):
+        best, best_key = None, None
+        for r in range(b * K, (b + 1) * K):
+            row = buffer[r, :n].cpu().numpy()
+            ids = row[: int(np.flatnonzero(row == END)[0]) + 1]
+            notes = tokenizer.decode_to_notes(ids)
+            key = (ending_score(notes), cadence_count(notes, np.inf))
+            if best_key is None or key > best_key:
+                best, best_key = ids, key
+        out.append(Piece(ids=best, primer_length=P))
     return out
