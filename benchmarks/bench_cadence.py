@@ -26,7 +26,7 @@ Goals (issue 12): generated cadences per beat within 25% of the chorales' (a rat
 
 Run:  .venv/bin/python benchmarks/bench_cadence.py [--pieces 16] [--seconds 30]
           [--variants plain ending phrased] [--particles 4]
-          [--tail-beats 4] [--phrase-beats 8] [--json out.json]
+          [--endings 8] [--tail-beats 4] [--phrase-beats 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -161,7 +161,9 @@ def reference(boot: int, rng: np.random.Generator, tolerance: float, limit: int)
 # --------------------------------------------------------------------------------------------
 
 
-def variants(particles: int, tail_beats: float, phrase_beats: float) -> dict[str, Callable]:
+def variants(
+    particles: int, endings: int, tail_beats: float, phrase_beats: float
+) -> dict[str, Callable]:
     """name -> function(engine, config) -> one Piece: ``plain`` (``generate``), ``ending``
     (the last ``tail_beats`` redrawn until the piece closes), ``phrased`` (particles resampled
     every ``phrase_beats`` towards more cadences, then the ending search)."""
@@ -172,7 +174,9 @@ def variants(particles: int, tail_beats: float, phrase_beats: float) -> dict[str
         return generate(engine, config, num_samples=1)[0]
 
     def searched(phrase: float) -> Callable:
-        options = CadenceOptions(particles=particles, tail_beats=tail_beats, phrase_beats=phrase)
+        options = CadenceOptions(
+            particles=particles, endings=endings, tail_beats=tail_beats, phrase_beats=phrase
+        )
         return lambda engine, config: generate_with_cadence(engine, config, options=options)[0]
 
     return {"plain": plain, "ending": searched(0.0), "phrased": searched(phrase_beats)}
@@ -191,7 +195,7 @@ def generated(args: argparse.Namespace, boot: int, rng: np.random.Generator) -> 
     engine = TorchEngine(load_model(args.checkpoint, "cpu"))
     base = GenerationConfig(seconds=args.seconds, max_tokens=1_000_000)
     tokenizer = Tokenizer(engine.vocab.config, DataConfig(polyphony_cap=base.polyphony_cap))
-    fns = variants(args.particles, args.tail_beats, args.phrase_beats)
+    fns = variants(args.particles, args.endings, args.tail_beats, args.phrase_beats)
     analyses: dict[str, list] = {v: [] for v in args.variants}
     cpu: dict[str, float] = {v: 0.0 for v in args.variants}
     lengths: dict[str, list[float]] = {v: [] for v in args.variants}
@@ -249,7 +253,8 @@ def main() -> None:
     ap.add_argument("--pieces", type=int, default=16, help="generated pieces per variant")
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--variants", nargs="+", default=["plain", "ending", "phrased"])
-    ap.add_argument("--particles", type=int, default=4, help="rows per piece (ending, phrased)")
+    ap.add_argument("--particles", type=int, default=4, help="rows per piece (phrased)")
+    ap.add_argument("--endings", type=int, default=8, help="candidate endings (ending, phrased)")
     ap.add_argument("--tail-beats", type=float, default=4.0, help="redrawn ending, beats")
     ap.add_argument("--phrase-beats", type=float, default=8.0, help="checkpoints (phrased)")
     ap.add_argument("--checkpoint", help="model folder (default: the shipped default model)")

@@ -60,6 +60,8 @@ def test_ending_score_reads_the_last_cadence() -> None:
 def test_bad_options_name_the_field() -> None:
     with pytest.raises(ConfigError, match="particles 0"):
         CadenceOptions(particles=0)
+    with pytest.raises(ConfigError, match="endings 0"):
+        CadenceOptions(endings=0)
     with pytest.raises(ConfigError, match="tail_beats -1"):
         CadenceOptions(tail_beats=-1.0)
 
@@ -81,10 +83,10 @@ def test_ending_search_on_the_shipped_model(shipped) -> None:
     model = shipped
     tokenizer = Tokenizer(model.vocab_config)
     cfg = GenerationConfig(seconds=8.0, max_tokens=100_000, seed=1)
-    options = CadenceOptions(particles=4, tail_beats=4.0)
+    options = CadenceOptions(endings=4, tail_beats=4.0)
     plain = generate(model, cfg, num_samples=4)
     searched = generate_with_cadence(model, cfg, num_samples=4, options=options)
-    same = generate_with_cadence(model, cfg, num_samples=4, options=CadenceOptions(particles=1))
+    same = generate_with_cadence(model, cfg, num_samples=4, options=CadenceOptions(endings=1))
     assert all(np.array_equal(a.ids, b.ids) for a, b in zip(plain, same))
     changed = 0
     for a, b in zip(plain, searched):
@@ -124,3 +126,26 @@ def test_phrase_search_on_the_shipped_model_finds_more_cadences(shipped) -> None
     after = sum(cadence_count(n, np.inf) for n in found)
     assert after >= before + 3, (before, after)
     assert sum(ending_score(n) > 0 for n in found) > sum(ending_score(n) > 0 for n in plain)
+
+
+def test_cli_cadence_modes_write_pieces_of_the_time_asked(tmp_path, capsys) -> None:
+    import torch
+
+    from aurl.cli import main
+    from aurl.config import load_config
+    from aurl.models import build_model
+
+    torch.manual_seed(0)
+    build_model(load_config(preset="tiny")).save_pretrained(tmp_path / "tiny")
+    lengths = {}
+    for mode in ("off", "ending", "phrases"):
+        out = tmp_path / mode
+        argv = ["generate", "--checkpoint", str(tmp_path / "tiny"), "--seconds", "4"]
+        assert main([*argv, "--cadence", mode, "--out", str(out)]) == 0, capsys.readouterr().err
+        notes = notes_from_file(out / "sample_seed0_000.mid")
+        beat = float(notes["duration_s"][0] / notes["duration"][0])  # seconds per beat
+        lengths[mode] = float((notes["onset_s"] + notes["duration_s"]).max()), beat
+    assert all(4.0 - b - 1e-3 <= x <= 4.0 + 1e-3 for x, b in lengths.values()), lengths
+    with pytest.raises(SystemExit):
+        main(["generate", "--seconds", "4", "--cadence", "always", "--out", str(tmp_path)])
+    assert "invalid choice: 'always'" in capsys.readouterr().err

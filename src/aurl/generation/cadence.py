@@ -1,24 +1,26 @@
-"""Cadence-aware endings: redraw the last beats of a piece until its last phrase closes.
+"""Cadence-aware generation: particles steered towards phrases that close, and endings that do.
 
 A piece generated to a length in seconds (``GenerationConfig.seconds``) ends where the clock
-says, and the model chooses its last chord inside the last beat only: a third of the shipped
-model's pieces then stop on no cadence at all. Bach's chorales nearly all end on one.
-
-:func:`generate_with_cadence` generates as :func:`aurl.generation.generate.generate` does, then
-reads each piece's ending with the analysis every report uses
+says, and the model chooses its last chord inside the last beat only: most of the shipped
+model's pieces then stop on no cadence, and inside the piece its phrases close on a cadence
+about a third as often as Bach's do. Two searches over the same sampler help without retraining;
+both judge a piece with the analysis every report uses
 (:func:`aurl.analysis.structure.phrase_cadences`: skyline phrases, keys, chords per beat, the
-cadence at the last phrase's arrival). A piece that does not end on an authentic or plagal
-cadence gets ``particles - 1`` new endings: its tokens up to ``tail_beats`` before its end are
-the primer of a batch of continuations to the same length, drawn by the same sampler under the
-same constraints (a sequential importance resampling step with one particle per ending, in the
-spirit of Lew et al. 2023, "Sequential Monte Carlo steering of large language models", where
-the weight is the analysis's verdict). The best ending wins: authentic or plagal over half or
-deceptive over none, the first drawn on a tie, so the plain piece is kept unless a redrawn
-ending closes better. Everything before the tail is the plain piece's, so the piece still lasts
-the time asked and the primer is untouched.
+cadence at each phrase's arrival), so what they optimise is what ``aurl evaluate`` measures.
 
-Cost: the plain piece, plus, for the pieces that need it, one batch of ``particles - 1`` rows
-over ``tail_beats`` (and one prefill of the primer).
+- Phrases (:func:`generate_phrased`, ``CadenceOptions.phrase_beats > 0``): each piece is
+  ``particles`` rows of one batch; every ``phrase_beats`` beats the row with the most cadences
+  so far replaces the piece's other rows, which go on with their own random draws (sequential
+  Monte Carlo with a greedy resampling step, as in Lew et al. 2023, "Sequential Monte Carlo
+  steering of large language models"; here the potential is the analysis's count). On a CPU a
+  batch of 4 rows costs far less than 4 single rows (the step is dominated by per-call work).
+- Endings (:func:`generate_with_cadence`): a piece that does not end on an authentic or plagal
+  cadence gets ``endings - 1`` new endings: its tokens up to ``tail_beats`` before its end are
+  the primer of a batch of continuations to the same length, drawn by the same sampler under
+  the same constraints. The best ending wins: authentic or plagal over half or deceptive over
+  none, the first drawn on a tie, so a piece is kept unless a redrawn ending closes better.
+  Everything before the tail is kept, so the piece still lasts the time asked and a primer is
+  untouched.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class CadenceOptions:
     """How cadences are searched.
 
     Attributes:
-        particles: Rows drawn per piece, the plain one included (1: no search at all).
+        particles: Rows per piece of the phrase search (:func:`generate_phrased`).
+        endings: Candidate endings per piece, the piece's own included (1: none redrawn).
         tail_beats: How many beats at the end of a piece are redrawn when it does not close.
         phrase_beats: Every this many beats the particles of a piece are compared and the one
             with the most cadences so far replaces the others (0: endings only).
@@ -54,13 +57,16 @@ class CadenceOptions:
     """
 
     particles: int = 4
+    endings: int = 8
     tail_beats: float = 4.0
     phrase_beats: float = 0.0
     lookahead_beats: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.particles < 1:
-            raise ConfigError(f"cadence particles {self.particles}: give 1 or more")
+        if self.particles < 1 or self.endings < 1:
+            raise ConfigError(
+                f"cadence particles {self.particles} / endings {self.endings}: give 1 or more"
+            )
         if not self.tail_beats > 0:
             raise ConfigError(f"cadence tail_beats {self.tail_beats}: give a positive number")
         if self.phrase_beats < 0 or self.lookahead_beats < 0:
@@ -110,8 +116,8 @@ def generate_with_cadence(
 ) -> list[Piece]:
     """:func:`aurl.generation.generate.generate`, each piece's ending searched for a cadence.
 
-    Without a length in seconds (``config.seconds == 0``), with one particle, or with a vocabulary
-    that counts time in seconds, this is ``generate`` itself. With ``options.phrase_beats`` the
+    Without a length in seconds (``config.seconds == 0``), with one particle and one ending, or
+    with a vocabulary that counts time in seconds, this is ``generate`` itself. With ``options.phrase_beats`` the
     pieces come from :func:`generate_phrased` (torch engines without beam search; otherwise
     the phrase search is skipped and only the endings are searched).
 
@@ -123,7 +129,7 @@ def generate_with_cadence(
         primer: Ids to continue (START first, no END): (P,) shared or (B, P) per row.
         latents: VAE latents with one row per sample, or None.
         masker: A prebuilt masker (as for ``generate``).
-        options: Particles and tail length.
+        options: Particles, endings, tail and checkpoint lengths.
         progress: Progress helper over the plain pieces' tokens.
 
     Returns:
@@ -134,9 +140,10 @@ def generate_with_cadence(
 
     engine = as_engine(model)
     vocab = engine.vocab
-    search = config.seconds > 0 and options.particles > 1 and vocab.config.time_unit == "beat"
+    search = config.seconds > 0 and vocab.config.time_unit == "beat"
     tokenizer = Tokenizer(vocab.config, DataConfig(polyphony_cap=config.polyphony_cap))
-    if search and options.phrase_beats > 0 and not engine.numpy and config.beam <= 1:
+    phrased = options.phrase_beats > 0 and options.particles > 1
+    if search and phrased and not engine.numpy and config.beam <= 1:
         pieces = generate_phrased(
             engine, config, tokenizer, options, num_samples=num_samples, primer=primer,
             latents=latents, masker=masker, progress=progress,
@@ -146,7 +153,7 @@ def generate_with_cadence(
             engine, config, num_samples=num_samples, primer=primer, latents=latents,
             masker=masker, progress=progress,
         )  # fmt: skip
-    if not search:
+    if not search or options.endings <= 1:
         return pieces
     out = []
     for row, piece in enumerate(pieces):
@@ -168,11 +175,11 @@ def generate_with_cadence(
 
             from aurl.generation.constraints import index_state
 
-            index = torch.full((options.particles - 1,), row, dtype=torch.long)
+            index = torch.full((options.endings - 1,), row, dtype=torch.long)
             rows_latents = index_state(latents, index.to(engine.device))
         # a masker of their own (built from ``redo``): their token limits are the remainder
         candidates = generate(
-            engine, redo, num_samples=options.particles - 1, primer=piece.ids[:cut],
+            engine, redo, num_samples=options.endings - 1, primer=piece.ids[:cut],
             latents=rows_latents,
         )  # fmt: skip
         chosen = piece
