@@ -162,11 +162,12 @@ def reference(boot: int, rng: np.random.Generator, tolerance: float, limit: int)
 
 
 def variants(
-    particles: int, endings: int, tail_beats: float, phrase_beats: float
+    wanted: Sequence[str], particles: int, endings: int, tail_beats: float, phrase_beats: float
 ) -> dict[str, Callable]:
     """name -> function(engine, config) -> one Piece: ``plain`` (``generate``), ``ending``
     (the last ``tail_beats`` redrawn until the piece closes), ``phrased`` (particles resampled
-    every ``phrase_beats`` towards more cadences, then the ending search)."""
+    every ``phrase_beats`` towards more cadences, then the ending search), ``phrased:B``
+    (the same every ``B`` beats)."""
     from aurl.generation.cadence import CadenceOptions, generate_with_cadence
     from aurl.generation.generate import generate
 
@@ -179,7 +180,9 @@ def variants(
         )
         return lambda engine, config: generate_with_cadence(engine, config, options=options)[0]
 
-    return {"plain": plain, "ending": searched(0.0), "phrased": searched(phrase_beats)}
+    named = {"plain": plain, "ending": searched(0.0), "phrased": searched(phrase_beats)}
+    # "phrased:12": the phrase search with checkpoints every 12 beats
+    return {v: named[v] if v in named else searched(float(v.split(":")[1])) for v in wanted}
 
 
 def generated(args: argparse.Namespace, boot: int, rng: np.random.Generator) -> dict:
@@ -195,7 +198,7 @@ def generated(args: argparse.Namespace, boot: int, rng: np.random.Generator) -> 
     engine = TorchEngine(load_model(args.checkpoint, "cpu"))
     base = GenerationConfig(seconds=args.seconds, max_tokens=1_000_000)
     tokenizer = Tokenizer(engine.vocab.config, DataConfig(polyphony_cap=base.polyphony_cap))
-    fns = variants(args.particles, args.endings, args.tail_beats, args.phrase_beats)
+    fns = variants(args.variants, args.particles, args.endings, args.tail_beats, args.phrase_beats)
     analyses: dict[str, list] = {v: [] for v in args.variants}
     cpu: dict[str, float] = {v: 0.0 for v in args.variants}
     lengths: dict[str, list[float]] = {v: [] for v in args.variants}
