@@ -166,8 +166,8 @@ def variants(
 ) -> dict[str, Callable]:
     """name -> function(engine, config) -> one Piece: ``plain`` (``generate``), ``ending``
     (the last ``tail_beats`` redrawn until the piece closes), ``phrased`` (particles resampled
-    every ``phrase_beats`` towards more cadences, then the ending search), ``phrased:B``
-    (the same every ``B`` beats)."""
+    every ``phrase_beats`` towards the chorales' cadence rate, then the ending search),
+    ``phrased:B`` (the same every ``B`` beats), ``phrased-most`` (towards the most cadences)."""
     from aurl.generation.cadence import CadenceOptions, generate_with_cadence
     from aurl.generation.generate import generate
 
@@ -180,7 +180,15 @@ def variants(
         )
         return lambda engine, config: generate_with_cadence(engine, config, options=options)[0]
 
-    named = {"plain": plain, "ending": searched(0.0), "phrased": searched(phrase_beats)}
+    def most(engine, config):  # no target: the most cadences
+        options = CadenceOptions(particles=particles, endings=endings, tail_beats=tail_beats,
+                                 phrase_beats=phrase_beats, target_per_beat=0.0)  # fmt: skip
+        return generate_with_cadence(engine, config, options=options)[0]
+
+    named = {
+        "plain": plain, "ending": searched(0.0), "phrased": searched(phrase_beats),
+        "phrased-most": most,
+    }  # fmt: skip
     # "phrased:12": the phrase search with checkpoints every 12 beats
     return {v: named[v] if v in named else searched(float(v.split(":")[1])) for v in wanted}
 

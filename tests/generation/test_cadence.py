@@ -57,11 +57,22 @@ def test_ending_score_reads_the_last_cadence() -> None:
     assert ending_score(notes_from_file(FIXTURES / "bach_bwv66.6.mid")) == 2
 
 
+def test_pick_row_by_hand() -> None:
+    from aurl.generation.cadence import pick_row
+
+    assert pick_row(np.array([0, 2, 1, 3]), 1.2) == 2  # |1 - 1.2| is the least
+    assert pick_row(np.array([0, 2, 1, 3]), 0.0) == 3  # no target: the most
+    assert pick_row(np.array([1, 3, 3, 1]), 2.0) == 0  # four rows 1 away: the first
+    assert pick_row(np.array([2, 2]), 0.0) == 0
+
+
 def test_bad_options_name_the_field() -> None:
     with pytest.raises(ConfigError, match="particles 0"):
         CadenceOptions(particles=0)
     with pytest.raises(ConfigError, match="endings 0"):
         CadenceOptions(endings=0)
+    with pytest.raises(ConfigError, match="target_per_beat -0.1"):
+        CadenceOptions(target_per_beat=-0.1)
     with pytest.raises(ConfigError, match="tail_beats -1"):
         CadenceOptions(tail_beats=-1.0)
 
@@ -111,7 +122,7 @@ def test_phrase_search_on_the_shipped_model_finds_more_cadences(shipped) -> None
     tokenizer = Tokenizer(model.vocab_config)
     grammar = Grammar(model.vocab, GenerationConfig().polyphony_cap)
     cfg = GenerationConfig(seconds=12.0, max_tokens=100_000, seed=0)
-    options = CadenceOptions(particles=4, phrase_beats=4.0)
+    options = CadenceOptions(particles=4, phrase_beats=4.0, target_per_beat=0.0)  # the most
     plain = [tokenizer.decode_to_notes(p.ids) for p in generate(model, cfg, num_samples=2)]
     pieces = generate_with_cadence(model, cfg, num_samples=2, options=options)
     found = [tokenizer.decode_to_notes(p.ids) for p in pieces]
