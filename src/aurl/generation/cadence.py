@@ -129,9 +129,10 @@ def generate_with_cadence(
     """:func:`aurl.generation.generate.generate`, each piece's ending searched for a cadence.
 
     Without a length in seconds (``config.seconds == 0``), with one particle and one ending, or
-    with a vocabulary that counts time in seconds, this is ``generate`` itself. With ``options.phrase_beats`` the
-    pieces come from :func:`generate_phrased` (torch engines without beam search; otherwise
-    the phrase search is skipped and only the endings are searched).
+    with a vocabulary that counts time in seconds, this is ``generate`` itself. With
+    ``options.phrase_beats`` the pieces come from :func:`generate_phrased` (torch engines
+    without beam search; otherwise the phrase search is skipped and only the endings are
+    searched).
 
     Args:
         model: An engine or a model (as for ``generate``).
