@@ -149,7 +149,7 @@ def test_cli_cadence_modes_write_pieces_of_the_time_asked(tmp_path, capsys) -> N
     torch.manual_seed(0)
     build_model(load_config(preset="tiny")).save_pretrained(tmp_path / "tiny")
     lengths = {}
-    for mode in ("off", "ending", "phrases"):
+    for mode in ("off", "ending", "phrases", "thorough"):
         out = tmp_path / mode
         argv = ["generate", "--checkpoint", str(tmp_path / "tiny"), "--seconds", "4"]
         assert main([*argv, "--cadence", mode, "--out", str(out)]) == 0, capsys.readouterr().err
