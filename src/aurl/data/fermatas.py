@@ -8,7 +8,8 @@ before writing MIDI (``prepareStreamForMidi``: repeats expanded, so the beats ar
 bundled MIDI file), and records the soprano's fermata notes (the first part that has any) as
 ``[arrival, end]`` pairs in beats (quarter notes) from the start of the MIDI file: the onset of
 the fermata note (the first note of its tie) and its release. They are stored once in
-``bundled/bach-chorales/fermatas.json`` beside the MIDI files; :func:`load_fermatas` reads them.
+``bundled/bach-chorales-fermatas.json``, beside the corpus folder (which holds the MIDI files
+and their manifest only); :func:`load_fermatas` reads them.
 
 Rebuild (music21 needed, ~2 CPU-minutes):  python -m aurl.data.fermatas
 """
@@ -26,7 +27,7 @@ from aurl.fileio import atomic_write_text
 from aurl.progress import Progress, silent
 
 CHORALES = Path(__file__).parent / "bundled" / "bach-chorales"
-FERMATAS_FILE = CHORALES / "fermatas.json"
+FERMATAS_FILE = CHORALES.parent / "bach-chorales-fermatas.json"
 
 
 def score_fermatas(stream: Any) -> list[tuple[float, float]]:
