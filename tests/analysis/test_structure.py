@@ -96,3 +96,26 @@ def test_empty_piece():
     s = analyze_structure(make_notes([], [], []))
     assert s.sections == [] and s.form == ""
     assert phrase_boundaries(make_notes([], [], [])) == []
+
+
+def test_phrase_cadences_reads_each_arrival_and_the_last() -> None:
+    from aurl.analysis.structure import Phrase, phrase_cadences
+
+    # one four-voice chord per beat in C major: C F G C | C G F Am
+    chords = {"C": [48, 64, 67, 72], "F": [53, 65, 69, 72], "G": [43, 62, 67, 71],
+              "Am": [45, 64, 69, 72]}  # fmt: skip
+    names = ["C", "F", "G", "C", "C", "G", "F", "Am"]
+    notes = make_notes(
+        onset=[float(i) for i, c in enumerate(names) for _ in chords[c]],
+        duration=1.0,
+        pitch=[p for c in names for p in chords[c]],
+    )
+    first, second = Phrase(0.0, 4.0, 3.0, 4), Phrase(4.0, 8.0, 7.0, 4)
+    cadences, last = phrase_cadences(notes, [first, second])
+    assert [(c.beat, c.kind, c.approach, c.arrival) for c in cadences] == [
+        (3.0, "authentic", "V", "I")
+    ]
+    assert last is None  # F -> Am closes nothing
+    cadences, last = phrase_cadences(notes, [first])
+    assert last is not None and (last.beat, last.kind) == (3.0, "authentic")
+    assert phrase_cadences(notes, []) == ([], None)

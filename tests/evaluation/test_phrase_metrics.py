@@ -87,3 +87,29 @@ def test_the_evaluation_report_compares_phrases(tmp_path):
     report = write_report(tmp_path, results).read_text()
     assert "## Phrases and cadences" in report
     assert "| ends_on_cadence | 0.000 ± 0.000 | 0.500 ± 0.500 | 2 / 2 |" in report
+
+
+def test_phrases_at_known_ends_by_hand():
+    # OPEN_END with its phrase ends given (fermata-like): arrivals at beats 3 and 8
+    a = P.analyze_phrases_at(OPEN_END, np.array([[3.0, 4.0], [8.0, 9.0]]))
+    assert [(ph.start, ph.end, ph.arrival, ph.notes) for ph in a.phrases] == [
+        (0.0, 4.0, 3.0, 4),
+        (4.0, 9.0, 8.0, 4),
+    ]
+    assert [(c.beat, c.kind) for c in a.cadences] == [(3.0, "authentic")]
+    assert P.ends_on_cadence(a) == 0.0
+    # one phrase end only, at beat 2 (on G, after F): a half cadence, and it is the last one
+    b = P.analyze_phrases_at(CLOSED_END, np.array([[2.0, 3.0]]))
+    assert [(c.beat, c.kind) for c in b.cadences] == [(2.0, "half")]
+    assert P.ends_on_cadence(b) == 1.0
+    assert P.analyze_phrases_at(CLOSED_END, np.zeros((0, 2))).phrases == []
+
+
+def test_phrase_end_matches_by_hand():
+    a = P.analyze_phrases(OPEN_END)  # skyline arrivals at beats 3 and 8
+    # known ends at 3 (matched exactly), 7.6 (0.4 from 8: matched), 20 (nothing near)
+    known = np.array([[3.0, 4.0], [7.6, 8.0], [20.0, 21.0]])
+    assert P.phrase_end_matches(a.phrases, known, tolerance=0.5) == (2, 2, 3)
+    assert P.phrase_end_matches(a.phrases, known, tolerance=0.25) == (1, 2, 3)
+    # one detected arrival matches one known end only
+    assert P.phrase_end_matches(a.phrases, np.array([[2.9, 3.0], [3.1, 4.0]])) == (1, 2, 2)

@@ -12,12 +12,16 @@ an earlier one gets its letter, a looser match a primed letter (A'), anything el
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aurl.analysis.keys import chroma
 from aurl.analysis.melody import skyline
 from aurl.data.notes import pitched
+
+if TYPE_CHECKING:
+    from aurl.analysis.chords import Cadence
 
 
 def bar_features(notes: np.ndarray, beats_per_bar: float = 4.0) -> np.ndarray:
@@ -309,3 +313,28 @@ def phrase_boundaries(
         )
         first = i + 1
     return phrases
+
+
+def phrase_cadences(
+    notes: np.ndarray, phrases: list[Phrase], *, beats_per_bar: float = 4.0
+) -> tuple[list[Cadence], Cadence | None]:
+    """The cadences at the arrivals of ``phrases`` and the one at the last arrival (None when
+    the last phrase does not close on a cadence), read as ``aurl analyze`` reads them: keys
+    in windows of four bars every bar, chords per beat, each cadence in its local key.
+
+    The one reading of "does this phrase close" shared by the evaluation
+    (:mod:`aurl.evaluation.phrases`) and the cadence-aware ending of generation
+    (:mod:`aurl.generation.cadence`).
+    """
+    from aurl.analysis import chords as ch
+    from aurl.analysis.keys import estimate_keys_windowed
+
+    if not phrases or len(pitched(notes)) == 0:
+        return [], None
+    segments = estimate_keys_windowed(notes, hop=beats_per_bar, window=4 * beats_per_bar)
+    if not segments:
+        return [], None
+    chords = ch.recognize_chords(notes, resolution=1.0)
+    cadences = ch.detect_cadences(chords, segments, arrivals=[ph.arrival for ph in phrases])
+    last = ch.detect_cadences(chords, segments, arrivals=[phrases[-1].arrival])
+    return cadences, (last[0] if last else None)

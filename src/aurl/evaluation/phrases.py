@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from aurl.analysis import chords as ch
-from aurl.analysis.keys import estimate_keys_windowed
+from aurl.analysis.melody import skyline
 from aurl.analysis.report import input_status
-from aurl.analysis.structure import Phrase, phrase_boundaries
+from aurl.analysis.structure import Phrase, phrase_boundaries, phrase_cadences
 from aurl.data.notes import pitched
 
 NAN = float("nan")
@@ -45,18 +45,61 @@ def analyze_phrases(notes: np.ndarray) -> PhraseAnalysis:
     """Phrases and cadences of one piece (an empty analysis where ``aurl analyze`` has none:
     no notes, drums only, a single note, or too long)."""
     status, _ = input_status(notes)
-    p = pitched(notes)
     if status != "ok":
         return PhraseAnalysis([], [], False, 0.0)
+    return _with_cadences(notes, phrase_boundaries(notes))
+
+
+def analyze_phrases_at(notes: np.ndarray, ends: np.ndarray) -> PhraseAnalysis:
+    """:func:`analyze_phrases` with known phrase ends instead of the skyline detector's.
+
+    Args:
+        notes: The piece.
+        ends: (n, 2) ``[arrival, end]`` beats of each phrase's last note, sorted (Bach's
+            fermatas: :func:`aurl.data.fermatas.load_fermatas`). Phrase ``i`` runs from the
+            previous phrase's end (the first onset for the first) to its own end.
+    """
+    status, _ = input_status(notes)
+    if status != "ok" or len(ends) == 0:
+        return PhraseAnalysis([], [], False, 0.0)
+    onsets = skyline(notes)["onset"]
+    starts = np.concatenate([[float(pitched(notes)["onset"].min())], ends[:-1, 1]])
+    phrases = [
+        Phrase(float(a), float(e), float(r), int(((onsets >= a) & (onsets < e)).sum()))
+        for a, (r, e) in zip(starts, ends)
+    ]
+    return _with_cadences(notes, phrases)
+
+
+def _with_cadences(notes: np.ndarray, phrases: list[Phrase]) -> PhraseAnalysis:
+    """The cadences at the arrivals of ``phrases`` (the analysis shared by both entries)."""
+    p = pitched(notes)
     beats = float(np.max(p["onset"] + p["duration"]) - np.min(p["onset"]))
-    phrases = phrase_boundaries(notes)
-    segments = estimate_keys_windowed(notes, hop=BEATS_PER_BAR, window=4 * BEATS_PER_BAR)
-    chords = ch.recognize_chords(notes, resolution=1.0)
-    if not segments or not phrases:
-        return PhraseAnalysis(phrases, [], False, beats)
-    cadences = ch.detect_cadences(chords, segments, arrivals=[ph.arrival for ph in phrases])
-    last = ch.detect_cadences(chords, segments, arrivals=[phrases[-1].arrival])
-    return PhraseAnalysis(phrases, cadences, bool(last), beats)
+    cadences, last = phrase_cadences(notes, phrases, beats_per_bar=BEATS_PER_BAR)
+    return PhraseAnalysis(phrases, cadences, last is not None, beats)
+
+
+def phrase_end_matches(
+    phrases: Sequence[Phrase], ends: np.ndarray, *, tolerance: float = 0.5
+) -> tuple[int, int, int]:
+    """How many detected phrase arrivals match a known one: ``(matched, detected, known)``.
+
+    One-to-one, in time order: each known arrival (``ends[:, 0]``, e.g. a fermata) takes the
+    nearest unmatched detected arrival within ``tolerance`` beats. Precision is
+    ``matched / detected``, recall ``matched / known``.
+    """
+    found = sorted(ph.arrival for ph in phrases)
+    used = [False] * len(found)
+    matched = 0
+    for t in np.asarray(ends, dtype=np.float64).reshape(-1, 2)[:, 0]:
+        best, gap = -1, tolerance + 1e-9
+        for i, f in enumerate(found):
+            if not used[i] and abs(f - t) <= gap:
+                best, gap = i, abs(f - t)
+        if best >= 0:
+            used[best] = True
+            matched += 1
+    return matched, len(found), len(ends)
 
 
 def cadences_per_phrase(a: PhraseAnalysis) -> float:

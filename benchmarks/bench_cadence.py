@@ -1,0 +1,307 @@
+"""Cadences of generated pieces against the held-out chorales (issue 12, the music goals).
+
+Generates ``--pieces`` pieces of the README's kind (``aurl generate --seconds S --seed i``, one
+piece per seed ``0 .. N-1``, the shipped default model unless ``--checkpoint``) with each
+``--variants`` ending, side by side: for each seed every variant runs back to back, so load
+drifts hit them alike. Each piece and each test chorale of the grouped split (the bundled
+manifest's ``split == "test"``) is analysed by :mod:`aurl.evaluation.phrases`, the analysis
+``aurl evaluate`` and ``aurl analyze`` use (skyline phrases, cadences at their arrivals in the
+local key).
+
+Reported per set, with 95% intervals because N is small:
+
+- cadences per 8 beats: mean over pieces, percentile bootstrap over pieces (``--boot``
+  resamples); the ratio generated / chorales with a bootstrap of both sets;
+- share of pieces ending on a cadence (their last phrase's arrival is one): Clopper-Pearson;
+- cadences per phrase, phrases per piece and the pooled phrase-length histogram (beats, bins of
+  :data:`aurl.evaluation.phrases.LENGTH_BINS`) with its median;
+- for the chorales, the same metrics with Bach's fermatas as the phrase ends
+  (:mod:`aurl.data.fermatas`), and how well the skyline phrase detector finds them
+  (precision / recall of phrase arrivals within ``--tolerance`` beats);
+- CPU seconds per piece of each variant (``time.process_time``: this process, all threads;
+  ``--threads`` torch threads, 1 by default like ``aurl generate``).
+
+Goals (issue 12): generated cadences per beat within 25% of the chorales' (a ratio in
+[0.75, 1.25]) and >= 80% of pieces ending on a cadence.
+
+Run:  .venv/bin/python benchmarks/bench_cadence.py [--pieces 16] [--seconds 30]
+          [--variants plain ending phrased] [--particles 4]
+          [--endings 8] [--tail-beats 4] [--phrase-beats 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "src" / "aurl" / "data" / "bundled" / "bach-chorales"
+
+
+# --------------------------------------------------------------------------------------------
+# Intervals
+# --------------------------------------------------------------------------------------------
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial interval of ``k`` successes in ``n`` (NaN, NaN for n == 0)."""
+    from scipy.stats import beta
+
+    if n == 0:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
+def bootstrap_mean(x: np.ndarray, boot: int, rng: np.random.Generator) -> tuple[float, float]:
+    """95% percentile interval of the mean of ``x`` (finite entries) over ``boot`` resamples."""
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    means = x[rng.integers(0, len(x), (boot, len(x)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def bootstrap_ratio(
+    a: np.ndarray, b: np.ndarray, boot: int, rng: np.random.Generator
+) -> tuple[float, float]:
+    """95% percentile interval of ``mean(a) / mean(b)``, both sets resampled independently."""
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    ma = a[rng.integers(0, len(a), (boot, len(a)))].mean(1)
+    mb = b[rng.integers(0, len(b), (boot, len(b)))].mean(1)
+    r = ma / np.maximum(mb, 1e-12)
+    return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))
+
+
+# --------------------------------------------------------------------------------------------
+# One set of pieces
+# --------------------------------------------------------------------------------------------
+
+
+def summarize(analyses: Sequence, boot: int, rng: np.random.Generator) -> dict:
+    """Set metrics with intervals, from :class:`aurl.evaluation.phrases.PhraseAnalysis`es."""
+    from aurl.evaluation import phrases as P
+
+    per8 = np.array([8 * P.cadences_per_beat(a) for a in analyses])
+    ends = np.array([P.ends_on_cadence(a) for a in analyses])
+    ends = ends[np.isfinite(ends)]
+    k, n = int(ends.sum()), len(ends)
+    per_phrase = np.array([P.cadences_per_phrase(a) for a in analyses])
+    lengths = np.concatenate([P.phrase_lengths(a) for a in analyses] or [np.zeros(0)])
+    kinds: dict[str, int] = {}
+    for a in analyses:
+        for c in a.cadences:
+            kinds[c.kind] = kinds.get(c.kind, 0) + 1
+    return {
+        "pieces": len(analyses),
+        "cadences_per_8_beats": float(np.nanmean(per8)),
+        "cadences_per_8_beats_ci": bootstrap_mean(per8, boot, rng),
+        "ends_on_cadence": k / n if n else float("nan"),
+        "ends_on_cadence_k_n": (k, n),
+        "ends_on_cadence_ci": clopper_pearson(k, n),
+        "cadences_per_phrase": float(np.nanmean(per_phrase)),
+        "cadences_per_phrase_ci": bootstrap_mean(per_phrase, boot, rng),
+        "phrases_per_piece": float(np.mean([len(a.phrases) for a in analyses])),
+        "beats_per_piece": float(np.mean([a.beats for a in analyses])),
+        "phrase_length_median": float(np.median(lengths)) if len(lengths) else float("nan"),
+        "phrase_length_histogram": P.phrase_length_histogram(lengths).round(3).tolist(),
+        "cadence_kinds": kinds,
+        "_per8": per8,
+    }
+
+
+def test_chorales(limit: int = 0) -> list[tuple[str, np.ndarray]]:
+    """(file, notes) of the bundled chorales of the grouped split's test set."""
+    from aurl.data.notes import notes_from_file
+
+    manifest = json.loads((CORPUS / "manifest.json").read_text(encoding="utf-8"))
+    files = [e["file"] for e in manifest["files"] if e.get("split") == "test"]
+    files = files[:limit] if limit else files
+    return [(f, notes_from_file(CORPUS / f)) for f in files]
+
+
+def reference(boot: int, rng: np.random.Generator, tolerance: float, limit: int) -> dict:
+    """The test chorales: skyline phrases, fermata phrases, and the detector against Bach."""
+    from aurl.data.fermatas import load_fermatas
+    from aurl.evaluation import phrases as P
+
+    pieces = test_chorales(limit)
+    fermatas = load_fermatas()
+    skyline = [P.analyze_phrases(notes) for _, notes in pieces]
+    with_fermatas = [P.analyze_phrases_at(notes, fermatas[f]) for f, notes in pieces]
+    hits = found = true = 0
+    for (f, _), a in zip(pieces, skyline):
+        h, d, t = P.phrase_end_matches(a.phrases, fermatas[f], tolerance=tolerance)
+        hits, found, true = hits + h, found + d, true + t
+    return {
+        "skyline": summarize(skyline, boot, rng),
+        "fermatas": summarize(with_fermatas, boot, rng),
+        "detector": {
+            "tolerance_beats": tolerance,
+            "precision": hits / found if found else float("nan"),
+            "recall": hits / true if true else float("nan"),
+            "precision_ci": clopper_pearson(hits, found),
+            "recall_ci": clopper_pearson(hits, true),
+            "matched": hits,
+            "detected": found,
+            "fermatas": true,
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+def variants(
+    wanted: Sequence[str], particles: int, endings: int, tail_beats: float, phrase_beats: float
+) -> dict[str, Callable]:
+    """name -> function(engine, config) -> one Piece: ``plain`` (``generate``), ``ending``
+    (the last ``tail_beats`` redrawn until the piece closes), ``phrased`` (particles resampled
+    every ``phrase_beats`` towards the chorales' cadence rate, then the ending search),
+    ``phrased:B`` (the same every ``B`` beats), ``phrased-most`` (towards the most cadences)."""
+    from aurl.generation.cadence import CadenceOptions, generate_with_cadence
+    from aurl.generation.generate import generate
+
+    def plain(engine, config):
+        return generate(engine, config, num_samples=1)[0]
+
+    def searched(phrase: float) -> Callable:
+        options = CadenceOptions(
+            particles=particles, endings=endings, tail_beats=tail_beats, phrase_beats=phrase
+        )
+        return lambda engine, config: generate_with_cadence(engine, config, options=options)[0]
+
+    def most(engine, config):  # no target: the most cadences
+        options = CadenceOptions(particles=particles, endings=endings, tail_beats=tail_beats,
+                                 phrase_beats=phrase_beats, target_per_beat=0.0)  # fmt: skip
+        return generate_with_cadence(engine, config, options=options)[0]
+
+    named = {
+        "plain": plain, "ending": searched(0.0), "phrased": searched(phrase_beats),
+        "phrased-most": most,
+    }  # fmt: skip
+    # "phrased:12": the phrase search with checkpoints every 12 beats
+    return {v: named[v] if v in named else searched(float(v.split(":")[1])) for v in wanted}
+
+
+def generated(args: argparse.Namespace, boot: int, rng: np.random.Generator) -> dict:
+    import torch
+
+    from aurl.cli.generate import load_model
+    from aurl.config import DataConfig, GenerationConfig
+    from aurl.data.tokenizer import Tokenizer
+    from aurl.engines.torch_engine import TorchEngine
+    from aurl.evaluation import phrases as P
+
+    torch.set_num_threads(args.threads)
+    engine = TorchEngine(load_model(args.checkpoint, "cpu"))
+    base = GenerationConfig(seconds=args.seconds, max_tokens=1_000_000)
+    tokenizer = Tokenizer(engine.vocab.config, DataConfig(polyphony_cap=base.polyphony_cap))
+    fns = variants(args.variants, args.particles, args.endings, args.tail_beats, args.phrase_beats)
+    analyses: dict[str, list] = {v: [] for v in args.variants}
+    cpu: dict[str, float] = {v: 0.0 for v in args.variants}
+    lengths: dict[str, list[float]] = {v: [] for v in args.variants}
+    for seed in range(args.pieces):
+        config = GenerationConfig(seconds=args.seconds, max_tokens=1_000_000, seed=seed)
+        line = [f"seed {seed:2d}"]
+        for v in args.variants:
+            t0 = time.process_time()
+            piece = fns[v](engine, config)
+            cpu[v] += time.process_time() - t0
+            notes = tokenizer.decode_to_notes(piece.ids)
+            lengths[v].append(float((notes["onset_s"] + notes["duration_s"]).max()))
+            a = P.analyze_phrases(notes)
+            analyses[v].append(a)
+            last = a.cadences[-1].kind if a.last_closes else "open"
+            line.append(f"{v}: {len(a.cadences)} cad / {len(a.phrases)} phr, end {last}")
+        print("  ".join(line), flush=True)
+    out = {}
+    for v in args.variants:
+        out[v] = summarize(analyses[v], boot, rng)
+        out[v]["cpu_s_per_piece"] = cpu[v] / args.pieces
+        out[v]["seconds_min_max"] = (min(lengths[v]), max(lengths[v]))
+    return out
+
+
+def _ci(x: Sequence[float]) -> str:
+    return f"[{x[0]:.2f}, {x[1]:.2f}]"
+
+
+def table(rows: dict[str, dict], ref_per8: np.ndarray, boot: int, rng) -> list[str]:
+    head = (
+        "| set | pieces | cadences / 8 beats [95% CI] | vs chorales (skyline) [95% CI] | "
+        "ends on a cadence [95% CI] | cadences / phrase | phrases / piece | median phrase "
+        "(beats) | phrase lengths [0,2) [2,4) [4,6) [6,8) [8,12) [12,16) 16+ | CPU s / piece |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for name, r in rows.items():
+        ratio = r["cadences_per_8_beats"] / float(np.nanmean(ref_per8))
+        rci = bootstrap_ratio(r["_per8"], ref_per8, boot, rng)
+        k, n = r["ends_on_cadence_k_n"]
+        cpu = f"{r['cpu_s_per_piece']:.2f}" if "cpu_s_per_piece" in r else ""
+        lines.append(
+            f"| {name} | {r['pieces']} | {r['cadences_per_8_beats']:.3f} "
+            f"{_ci(r['cadences_per_8_beats_ci'])} | {ratio:.2f} {_ci(rci)} | "
+            f"{k}/{n} = {r['ends_on_cadence']:.2f} {_ci(r['ends_on_cadence_ci'])} | "
+            f"{r['cadences_per_phrase']:.2f} | {r['phrases_per_piece']:.1f} | "
+            f"{r['phrase_length_median']:.1f} | "
+            f"{' '.join(f'{x:.2f}' for x in r['phrase_length_histogram'])} | {cpu} |"
+        )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pieces", type=int, default=16, help="generated pieces per variant")
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--variants", nargs="+", default=["plain", "ending", "phrased"])
+    ap.add_argument("--particles", type=int, default=4, help="rows per piece (phrased)")
+    ap.add_argument("--endings", type=int, default=8, help="candidate endings (ending, phrased)")
+    ap.add_argument("--tail-beats", type=float, default=4.0, help="redrawn ending, beats")
+    ap.add_argument("--phrase-beats", type=float, default=8.0, help="checkpoints (phrased)")
+    ap.add_argument("--checkpoint", help="model folder (default: the shipped default model)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tolerance", type=float, default=0.5, help="beats, detector vs fermatas")
+    ap.add_argument("--reference-limit", type=int, default=0, help="first N test chorales")
+    ap.add_argument("--boot", type=int, default=10_000)
+    ap.add_argument("--json", help="write the numbers here")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    print(f"load average at start: {Path('/proc/loadavg').read_text().split()[:3]}")
+    ref = reference(args.boot, rng, args.tolerance, args.reference_limit)
+    gen = generated(args, args.boot, rng) if args.pieces > 0 else {}
+    rows = {
+        "chorales, skyline phrases": ref["skyline"],
+        "chorales, fermata phrases": ref["fermatas"],
+        **{f"generated, {v}": r for v, r in gen.items()},
+    }
+    print("\n".join(table(rows, ref["skyline"]["_per8"], args.boot, rng)))
+    d = ref["detector"]
+    print(
+        f"skyline phrase ends vs Bach's fermatas (within {d['tolerance_beats']} beats, "
+        f"{len(test_chorales(args.reference_limit))} test chorales): precision "
+        f"{d['precision']:.3f} {_ci(d['precision_ci'])}, recall {d['recall']:.3f} "
+        f"{_ci(d['recall_ci'])} ({d['matched']} matched of {d['detected']} detected, "
+        f"{d['fermatas']} fermatas)"
+    )
+    for v, r in gen.items():
+        print(f"{v}: lengths {r['seconds_min_max'][0]:.2f}-{r['seconds_min_max'][1]:.2f} s, "
+              f"cadence kinds {r['cadence_kinds']}")  # fmt: skip
+    print(f"load average at end: {Path('/proc/loadavg').read_text().split()[:3]}")
+    if args.json:
+        clean = {k: {kk: vv for kk, vv in r.items() if not kk.startswith("_")}
+                 for k, r in rows.items()}  # fmt: skip
+        Path(args.json).write_text(json.dumps({"sets": clean, "detector": d}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
