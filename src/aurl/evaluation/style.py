@@ -50,6 +50,14 @@ def style_log_likelihoods(
     return nll, notes
 
 
+def piece_metrics(tokenizer: Any, ids: np.ndarray) -> dict[str, float]:
+    """The scalar metrics (:data:`aurl.evaluation.metrics.SCALAR_METRICS`) of the notes ``ids``
+    decode to (NaN where undefined)."""
+    from aurl.evaluation.metrics import scalar_metrics
+
+    return scalar_metrics(tokenizer.decode_to_notes(np.asarray(ids, dtype=np.int64)))
+
+
 def classify_style(model: Any, ids: np.ndarray, **kw: Any) -> StyleGuess:
     """The most likely style of ``ids`` under ``model`` with the posterior over its styles
     (uniform prior); ``kw`` as :func:`style_log_likelihoods`."""
