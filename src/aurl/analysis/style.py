@@ -194,7 +194,9 @@ class StyleClassifier:
         }  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: dict[str, object], *, source: str = "style classifier") -> StyleClassifier:
+    def from_dict(
+        cls, d: dict[str, object], *, source: str = "style classifier"
+    ) -> StyleClassifier:
         """The classifier :meth:`to_dict` wrote.
 
         Raises:
@@ -215,8 +217,11 @@ class StyleClassifier:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{source}: field {e} missing or malformed: refit it") from None
         f, k = len(features), len(styles)
-        if lg.mean.shape != (f,) or lg.scale.shape != (f,) or lg.weights.shape != (f, k) or (
-            lg.bias.shape != (k,)
+        if (
+            lg.mean.shape != (f,)
+            or lg.scale.shape != (f,)
+            or lg.weights.shape != (f, k)
+            or (lg.bias.shape != (k,))
         ):
             raise CheckpointError(f"{source}: weights do not match {f} features x {k} styles")
         return cls(styles, features, lg, max_tokens)
