@@ -72,15 +72,21 @@ def summary(name: str, styles: list[str], truth, guess, cpu: float | None = None
     }  # fmt: skip
 
 
-def compute_features(model, cache, rows, tok, *, window: int, max_tokens: int) -> dict:
-    """Each row's NLL per style (nats), notes and metrics of its opening, with CPU seconds."""
+def compute_features(model, cache, rows, tok, *, window: int, max_tokens: int,
+                     likelihood: bool = True) -> dict:  # fmt: skip
+    """Each row's NLL per style (nats; NaN without ``likelihood``), notes and metrics of its
+    opening, with CPU seconds."""
     nll, notes, metrics = [], [], []
     t_lik = t_met = 0.0
     for r in rows:
         ids = np.asarray(cache.tokens(int(r)), dtype=np.int64)[:max_tokens]
         t0 = time.process_time()
         meter = cache.meters[int(r)] if model.config.meter else None
-        n, k = style_log_likelihoods(model, ids, window=window, meter=meter, max_tokens=max_tokens)
+        if likelihood:
+            n, k = style_log_likelihoods(model, ids, window=window, meter=meter,
+                                         max_tokens=max_tokens)  # fmt: skip
+        else:
+            n, k = np.full(len(model.config.styles), np.nan), 0
         t1 = time.process_time()
         m = piece_metrics(tok, ids)
         t_lik, t_met = t_lik + t1 - t0, t_met + time.process_time() - t1
@@ -96,7 +102,8 @@ def main() -> None:
     p.add_argument("--model", help="or a shipped model by name")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--fit-on", default="valid", help="split(s) the combined classifier is "
-                   "fitted on: valid, train or train+valid")  # fmt: skip
+                   "fitted on: valid, train or train+valid (train: likelihoods of every train "
+                   "piece, the slow part)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=512, help="opening every classifier sees")
     p.add_argument("--window", type=int, default=0, help="scoring window (0: the model's)")
     p.add_argument("--train-per-style", type=int, default=200, help="train pieces per style")
@@ -125,21 +132,23 @@ def main() -> None:
             r = np.concatenate([r[sid[r] == i][: args.train_per_style] for i in range(len(styles))])
         return r
 
-    needed = {"train", "valid", args.split, *args.fit_on.split("+")}
+    fit_splits = set(args.fit_on.split("+"))
+    needed = {"train", args.split, *fit_splits}
     feats: dict[str, dict] = {}
     if args.features and args.features.is_file():
         saved = np.load(args.features)
         for s in needed:
             if f"{s}_rows" in saved and np.array_equal(saved[f"{s}_rows"], rows(s)) and (
                 int(saved["max_tokens"]) == args.max_tokens
-            ):  # fmt: skip
+            ) and (s not in fit_splits | {args.split} or np.isfinite(saved[f"{s}_nll"]).all()):  # fmt: skip
                 feats[s] = {k: saved[f"{s}_{k}"] for k in ("rows", "nll", "notes", "metrics")}
                 feats[s].update(cpu_lik=float(saved[f"{s}_cpu_lik"]),
                                 cpu_met=float(saved[f"{s}_cpu_met"]))  # fmt: skip
     for s in sorted(needed - feats.keys()):
         print(f"scoring {s}: {len(rows(s))} pieces")
         feats[s] = compute_features(model, cache, rows(s), tok, window=window,
-                                    max_tokens=args.max_tokens)  # fmt: skip
+                                    max_tokens=args.max_tokens,
+                                    likelihood=s in fit_splits | {args.split})  # fmt: skip
     if args.features:
         flat = {f"{s}_{k}": v for s, f in feats.items() for k, v in f.items()}
         np.savez(args.features, max_tokens=args.max_tokens, **flat)
