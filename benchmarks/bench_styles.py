@@ -1,22 +1,32 @@
-"""Held-out style classification: a style model's Bayes posterior against the issue's baseline.
+"""Held-out style classification: a style model's Bayes posterior, the issue's baseline, and the
+shipped classifier that combines them.
 
-Two classifiers, the same evidence (the first ``--max-tokens`` tokens of each piece), the same
-held-out pieces (``--split``, default ``test``: the grouped split, so no test piece shares a
-tune group or a mass with a training piece):
+The same evidence for every classifier (the first ``--max-tokens`` tokens of each piece), the
+same held-out pieces (``--split``, default ``test``: the grouped split, so no test piece shares
+a tune group or a mass with a training piece):
 
-- ``model likelihood``: :func:`aurl.evaluation.style.classify_style`, the style ``s`` that
-  maximises ``p(piece | s)`` under a model trained with ``model.styles`` (uniform prior);
-- ``logistic regression on metrics``: :func:`aurl.analysis.style.fit_logistic` on the scalar
-  evaluation metrics of the same openings (decoded to notes), fitted on the train split (at
-  most ``--train-per-style`` pieces per style, the first by cache order).
+- ``model likelihood (Bayes)``: the style ``s`` that maximises ``p(piece | s)`` under a model
+  trained with ``model.styles`` (uniform prior), :func:`aurl.analysis.style.guess_style`;
+- ``logistic regression on metrics`` (the baseline): :func:`aurl.analysis.style.fit_logistic`
+  on the 16 scalar evaluation metrics of the openings, fitted on the train split (at most
+  ``--train-per-style`` pieces per style, the first by cache order);
+- ``likelihood + metrics`` (what ``aurl analyze --style`` uses when the model folder ships a
+  ``style_classifier.json``): :class:`aurl.analysis.style.StyleClassifier`, a logistic
+  regression over each style's bits per note minus their mean, plus the metrics, fitted on
+  the ``--fit-on`` split(s) (default ``valid``: pieces the model never trained on, so the
+  likelihood margins it learns from are the ones held-out pieces show); and the same fitted
+  on likelihoods alone.
 
-Reported: accuracy of each, per style, the confusion matrices, piece counts, and the process
-CPU seconds of each classifier (``--threads 1`` for numbers unaffected by other load).
+Reported: accuracy of each, per style, confusion matrices, piece counts, and the process CPU
+seconds of the feature passes (``--threads 1`` for numbers unaffected by other load). The
+features of every piece are kept in ``--features FILE.npz`` (reused when it exists, so a
+second call with other fitting options takes seconds). ``--save-classifier DIR`` writes the
+combined classifier into a model folder.
 
 Run (the cache from a corpus folder with style labels, the model from ``aurl train`` with
-``model.styles``; BENCHMARKS.md "Style classification" has the commands that built them):
+``model.styles``; BENCHMARKS.md "Styles" has the commands that built them):
     .venv/bin/python benchmarks/bench_styles.py --cache CACHE --checkpoint RUN_DIR \\
-        --threads 1 --out styles.json
+        --threads 1 --features feats.npz --out styles.json
 """
 
 from __future__ import annotations
@@ -30,18 +40,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aurl.analysis.style import fit_logistic, predict_logistic
+from aurl.analysis.style import (
+    CLASSIFIER_FILE,
+    fit_logistic,
+    fit_style_classifier,
+    guess_style,
+    predict_logistic,
+)
 from aurl.cli.evaluate import load_model
 from aurl.data.cache import TokenCache
 from aurl.data.tokenizer import Tokenizer
-from aurl.evaluation.metrics import SCALAR_METRICS, scalar_metrics
-from aurl.evaluation.style import classify_style
-
-
-def features(tok: Tokenizer, ids: np.ndarray) -> np.ndarray:
-    """(F,) the scalar metrics of the notes ``ids`` decode to (NaN where undefined)."""
-    values = scalar_metrics(tok.decode_to_notes(np.asarray(ids, dtype=np.int64)))
-    return np.array([values[k] for k in SCALAR_METRICS], dtype=np.float64)
+from aurl.evaluation.metrics import SCALAR_METRICS
+from aurl.evaluation.style import piece_metrics, style_log_likelihoods
+from aurl.fileio import atomic_write_text
 
 
 def confusion(truth: list[int], guess: list[int], k: int) -> list[list[int]]:
@@ -51,14 +62,37 @@ def confusion(truth: list[int], guess: list[int], k: int) -> list[list[int]]:
     return m.tolist()
 
 
-def summary(name: str, styles: list[str], truth: list[int], guess: list[int], cpu: float) -> dict:
-    t, g = np.array(truth), np.array(guess)
+def summary(name: str, styles: list[str], truth, guess, cpu: float | None = None) -> dict:
+    t, g = np.asarray(truth), np.asarray(guess)
     per = {s: float((g[t == i] == i).mean()) if (t == i).any() else None
            for i, s in enumerate(styles)}  # fmt: skip
     return {
         "classifier": name, "accuracy": float((t == g).mean()), "per_style": per,
-        "confusion": confusion(truth, guess, len(styles)), "cpu_s": round(cpu, 1),
+        "confusion": confusion(list(t), list(g), len(styles)), "cpu_s": cpu,
     }  # fmt: skip
+
+
+def compute_features(model, cache, rows, tok, *, window: int, max_tokens: int,
+                     likelihood: bool = True) -> dict:  # fmt: skip
+    """Each row's NLL per style (nats; NaN without ``likelihood``), notes and metrics of its
+    opening, with CPU seconds."""
+    nll, notes, metrics = [], [], []
+    t_lik = t_met = 0.0
+    for r in rows:
+        ids = np.asarray(cache.tokens(int(r)), dtype=np.int64)[:max_tokens]
+        t0 = time.process_time()
+        meter = cache.meters[int(r)] if model.config.meter else None
+        if likelihood:
+            n, k = style_log_likelihoods(model, ids, window=window, meter=meter,
+                                         max_tokens=max_tokens)  # fmt: skip
+        else:
+            n, k = np.full(len(model.config.styles), np.nan), 0
+        t1 = time.process_time()
+        m = piece_metrics(tok, ids)
+        t_lik, t_met = t_lik + t1 - t0, t_met + time.process_time() - t1
+        nll.append(n), notes.append(k), metrics.append([m[name] for name in SCALAR_METRICS])
+    return {"rows": np.asarray(rows, np.int64), "nll": np.array(nll), "notes": np.array(notes),
+            "metrics": np.array(metrics, np.float64), "cpu_lik": t_lik, "cpu_met": t_met}  # fmt: skip
 
 
 def main() -> None:
@@ -67,10 +101,17 @@ def main() -> None:
     p.add_argument("--checkpoint", help="style model: a model folder, run or checkpoint")
     p.add_argument("--model", help="or a shipped model by name")
     p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--max-tokens", type=int, default=512, help="opening both classifiers see")
+    p.add_argument("--fit-on", default="valid", help="split(s) the combined classifier is "
+                   "fitted on: valid, train or train+valid (train: likelihoods of every train "
+                   "piece, the slow part)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=512, help="opening every classifier sees")
     p.add_argument("--window", type=int, default=0, help="scoring window (0: the model's)")
-    p.add_argument("--train-per-style", type=int, default=200, help="baseline training pieces")
+    p.add_argument("--train-per-style", type=int, default=200, help="train pieces per style")
+    p.add_argument("--l2", type=float, default=1e-2, help="L2 of the combined classifier")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--features", type=Path, help="npz of every piece's features (reused)")
+    p.add_argument("--save-classifier", type=Path, metavar="DIR",
+                   help=f"write the combined classifier as DIR/{CLASSIFIER_FILE}")  # fmt: skip
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,48 +127,83 @@ def main() -> None:
 
     def rows(split: str) -> np.ndarray:
         r = cache.split_indices(split)
-        return r[sid[r] >= 0]
+        r = r[sid[r] >= 0]
+        if split == "train":
+            r = np.concatenate([r[sid[r] == i][: args.train_per_style] for i in range(len(styles))])
+        return r
 
-    held = rows(args.split)
-    train_rows = np.concatenate([rows("train")[sid[rows("train")] == i][: args.train_per_style]
-                                 for i in range(len(styles))])  # fmt: skip
-    opening = {int(r): np.asarray(cache.tokens(int(r)))[: args.max_tokens] for r in held}
-    truth = [int(sid[r]) for r in held]
+    fit_splits = set(args.fit_on.split("+"))
+    needed = {"train", args.split, *fit_splits}
+    feats: dict[str, dict] = {}
+    if args.features and args.features.is_file():
+        saved = np.load(args.features)
+        for s in needed:
+            if f"{s}_rows" in saved and np.array_equal(saved[f"{s}_rows"], rows(s)) and (
+                int(saved["max_tokens"]) == args.max_tokens
+            ) and (s not in fit_splits | {args.split} or np.isfinite(saved[f"{s}_nll"]).all()):  # fmt: skip
+                feats[s] = {k: saved[f"{s}_{k}"] for k in ("rows", "nll", "notes", "metrics")}
+                feats[s].update(cpu_lik=float(saved[f"{s}_cpu_lik"]),
+                                cpu_met=float(saved[f"{s}_cpu_met"]))  # fmt: skip
+    for s in sorted(needed - feats.keys()):
+        print(f"scoring {s}: {len(rows(s))} pieces")
+        feats[s] = compute_features(model, cache, rows(s), tok, window=window,
+                                    max_tokens=args.max_tokens,
+                                    likelihood=s in fit_splits | {args.split})  # fmt: skip
+    if args.features:
+        flat = {f"{s}_{k}": v for s, f in feats.items() for k, v in f.items()}
+        np.savez(args.features, max_tokens=args.max_tokens, **flat)
 
-    t0 = time.process_time()
-    x_train = np.stack([features(tok, np.asarray(cache.tokens(int(r)))[: args.max_tokens])
-                        for r in train_rows])  # fmt: skip
-    fitted = fit_logistic(x_train, sid[train_rows], len(styles))
-    x_held = np.stack([features(tok, opening[int(r)]) for r in held])
-    base = predict_logistic(fitted, x_held).argmax(axis=1).tolist()
-    base_cpu = time.process_time() - t0
+    def bits(f: dict) -> np.ndarray:
+        return f["nll"] / np.log(2) / np.maximum(f["notes"], 1)[:, None]  # (N, K)
 
-    t0 = time.process_time()
-    guesses = []
-    for r in held:
-        meter = cache.meters[int(r)] if model.config.meter else None
-        g = classify_style(model, opening[int(r)], window=window, meter=meter,
-                           max_tokens=args.max_tokens)  # fmt: skip
-        guesses.append(styles.index(g.style))
-    model_cpu = time.process_time() - t0
+    held = feats[args.split]
+    truth = sid[held["rows"]]
+    results = []
+    bayes = [styles.index(guess_style(styles, n.tolist(), int(k)).style)
+             for n, k in zip(held["nll"], held["notes"])]  # fmt: skip
+    results.append(summary("model likelihood (Bayes, uniform prior)", styles, truth, bayes,
+                           round(held["cpu_lik"], 1)))  # fmt: skip
+    tr = feats["train"]
+    base = fit_logistic(tr["metrics"], sid[tr["rows"]], len(styles))
+    results.append(summary("logistic regression on metrics (fit on train)", styles, truth,
+                           predict_logistic(base, held["metrics"]).argmax(1),
+                           round(held["cpu_met"], 1)))  # fmt: skip
+    fit = [feats[s] for s in args.fit_on.split("+")]
+    fit_bits = np.concatenate([bits(f) for f in fit])
+    fit_met = np.concatenate([f["metrics"] for f in fit])
+    fit_y = np.concatenate([sid[f["rows"]] for f in fit])
+    fitted = {}
+    for name, lik, met in (("likelihood + metrics", True, True), ("likelihood", True, False)):
+        clf = fit_style_classifier(styles, fit_bits, fit_met, fit_y, metric_names=list(SCALAR_METRICS),
+                                   max_tokens=args.max_tokens, l2=args.l2, use_likelihood=lik,
+                                   use_metrics=met)  # fmt: skip
+        x = np.stack([clf.vector(b, dict(zip(SCALAR_METRICS, m)))
+                      for b, m in zip(bits(held), held["metrics"])])  # fmt: skip
+        label = f"logistic regression on {name} (fit on {args.fit_on})"
+        results.append(summary(label, styles, truth, clf.predict(x).argmax(1),
+                               round(held["cpu_lik"] + held["cpu_met"], 1)))  # fmt: skip
+        fitted[name] = clf
+    if args.save_classifier:
+        path = args.save_classifier / CLASSIFIER_FILE
+        atomic_write_text(path, json.dumps(fitted["likelihood + metrics"].to_dict(), indent=1))
+        print(f"wrote {path}")
 
-    counts = {s: int(sum(t == i for t in truth)) for i, s in enumerate(styles)}
-    train_counts = {s: int((sid[train_rows] == i).sum()) for i, s in enumerate(styles)}
+    counts = {s: int((truth == i).sum()) for i, s in enumerate(styles)}
+    fit_counts = {s: int((fit_y == i).sum()) for i, s in enumerate(styles)}
     result = {
         "cache": str(args.cache), "model": args.checkpoint or args.model, "split": args.split,
-        "styles": styles, "held_out_pieces": counts, "baseline_train_pieces": train_counts,
-        "max_tokens": args.max_tokens, "window": window, "load_average": os.getloadavg(),
-        "results": [summary("model likelihood (Bayes, uniform prior)", styles, truth, guesses,
-                            model_cpu),
-                    summary("logistic regression on metrics", styles, truth, base, base_cpu)],
+        "styles": styles, "held_out_pieces": counts, "fit_on": args.fit_on,
+        "fit_pieces": fit_counts, "max_tokens": args.max_tokens, "window": window,
+        "load_average": os.getloadavg(), "results": results,
     }  # fmt: skip
-    for r in result["results"]:
+    for r in results:
         per = ", ".join(f"{s} {v:.2f}" for s, v in r["per_style"].items() if v is not None)
         print(f"{r['classifier']}: accuracy {r['accuracy']:.3f} over {len(truth)} {args.split} "
               f"pieces ({per}); CPU {r['cpu_s']} s")  # fmt: skip
-    print(f"held-out pieces per style: {counts}; load {os.getloadavg()[0]:.1f}")
+    print(f"held-out pieces per style: {counts}; fitted on {fit_counts}; "
+          f"load {os.getloadavg()[0]:.1f}")  # fmt: skip
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

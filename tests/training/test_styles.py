@@ -209,6 +209,37 @@ def test_cli_analyze_style(trained, mix, tmp_path, capsys):
     assert "add --style" in capsys.readouterr().err
 
 
+def test_cli_analyze_style_uses_the_classifier_shipped_beside_the_model(trained, mix, tmp_path,
+                                                                       capsys):  # fmt: skip
+    from aurl.analysis.style import CLASSIFIER_FILE, Logistic, StyleClassifier
+    from aurl.evaluation.metrics import SCALAR_METRICS
+
+    model, _ = trained
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    # a classifier that ignores every feature and says chorale 0.88 (bias log 0.88/0.12): the
+    # likelihoods alone say palestrina for this Kyrie (test above), so the line tells who spoke
+    names = ("bits:chorale", "bits:palestrina", *SCALAR_METRICS)
+    f = len(names)
+    bias = np.log([0.88, 0.12])
+    clf = StyleClassifier(("chorale", "palestrina"), names,
+                          Logistic(np.zeros(f), np.ones(f), np.zeros((f, 2)), bias), 320)  # fmt: skip
+    (folder / CLASSIFIER_FILE).write_text(json.dumps(clf.to_dict()))
+    piece = mix / "palestrina" / "palestrina_Kyrie_II_03.mid"
+    args = ["analyze", str(piece), "--no-plots", "--style", "--checkpoint", str(folder)]
+    assert main([*args, "--out", str(tmp_path / "r")]) == 0
+    assert "style chorale 0.88 (palestrina 0.12)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r" / "analysis.json").read_text())
+    bits = result["style"]["bits_per_note"]
+    assert bits["palestrina"] < bits["chorale"] < 12  # the likelihoods are still reported
+    # one fitted for other styles is refused in one line that says what to do
+    other = StyleClassifier(("chorale", "folk"), clf.features, clf.logistic, 320)
+    (folder / CLASSIFIER_FILE).write_text(json.dumps(other.to_dict()))
+    assert main([*args, "--out", str(tmp_path / "r2")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "fitted for styles ['chorale', 'folk']" in err and "refit" in err and "\n" not in err
+
+
 @pytest.fixture(scope="module")
 def style_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)

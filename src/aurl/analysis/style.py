@@ -130,3 +130,159 @@ def predict_logistic(model: Logistic, x: np.ndarray) -> np.ndarray:
     """(N, K) class probabilities of features ``x`` (N, F)."""
     z = _standardise(np.asarray(x, dtype=np.float64), model.mean, model.scale)
     return _softmax(z @ model.weights + model.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped classifier: likelihoods per note plus metrics, one logistic regression
+# --------------------------------------------------------------------------------------------
+
+CLASSIFIER_FILE = "style_classifier.json"  # beside a style model's weights
+CLASSIFIER_VERSION = 1
+
+
+def likelihood_features(bits_per_note: Sequence[float] | np.ndarray) -> np.ndarray:
+    """(K,) a piece's bits per note under each style minus their mean over the styles.
+
+    Why per note and relative: the Bayes posterior sums log-likelihoods over every token, so
+    its evidence grows with the piece and a small systematic bias of the model (one style's
+    vector lowering every piece's loss a little) turns into certainty over a few hundred
+    tokens. Per note, the margins are comparable across pieces of any length; relative to the
+    mean, they carry only which style explains the piece best, not how predictable the piece
+    is overall (which the metrics and the mean itself describe). The regression then learns
+    how much a margin is worth for each style, i.e. corrects the model's biases.
+    """
+    b = np.asarray(bits_per_note, dtype=np.float64)
+    return b - b.mean()
+
+
+@dataclass(frozen=True)
+class StyleClassifier:
+    """Logistic regression over :func:`likelihood_features` and the scalar metrics.
+
+    Fitted on pieces of a grouped split the model did not train on (the valid split) and
+    shipped as plain JSON beside the model (:data:`CLASSIFIER_FILE`): no pickle, and a file a
+    person can read. ``features`` names each input: ``bits:<style>`` then the metrics.
+    """
+
+    styles: tuple[str, ...]
+    features: tuple[str, ...]
+    logistic: Logistic
+    max_tokens: int  # the opening scored, as when fitted
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(f for f in self.features if not f.startswith("bits:"))
+
+    def vector(self, bits_per_note: Sequence[float], metrics: dict[str, float]) -> np.ndarray:
+        """(F,) the feature vector of one piece (``bits_per_note`` in :attr:`styles` order)."""
+        lik = likelihood_features(bits_per_note) if any(
+            f.startswith("bits:") for f in self.features
+        ) else np.zeros(0)  # fmt: skip
+        return np.concatenate([lik, [float(metrics[m]) for m in self.metrics]])
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """(N, K) style probabilities of feature rows ``x`` (N, F)."""
+        return predict_logistic(self.logistic, np.atleast_2d(x))
+
+    def to_dict(self) -> dict[str, object]:
+        lg = self.logistic
+        return {
+            "version": CLASSIFIER_VERSION, "styles": list(self.styles),
+            "features": list(self.features), "max_tokens": self.max_tokens,
+            "mean": lg.mean.tolist(), "scale": lg.scale.tolist(),
+            "weights": lg.weights.tolist(), "bias": lg.bias.tolist(),
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(
+        cls, d: dict[str, object], *, source: str = "style classifier"
+    ) -> StyleClassifier:
+        """The classifier :meth:`to_dict` wrote.
+
+        Raises:
+            CheckpointError: another version, or fields missing or of the wrong shape.
+        """
+        from aurl.errors import CheckpointError
+
+        if d.get("version") != CLASSIFIER_VERSION:
+            raise CheckpointError(
+                f"{source}: version {d.get('version')!r}, this aurl reads "
+                f"{CLASSIFIER_VERSION}: refit it (benchmarks/bench_styles.py --save-classifier)"
+            )
+        try:
+            styles, features = tuple(d["styles"]), tuple(d["features"])
+            lg = Logistic(*(np.asarray(d[k], dtype=np.float64)
+                            for k in ("mean", "scale", "weights", "bias")))  # fmt: skip
+            max_tokens = int(d["max_tokens"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: field {e} missing or malformed: refit it") from None
+        f, k = len(features), len(styles)
+        if (
+            lg.mean.shape != (f,)
+            or lg.scale.shape != (f,)
+            or lg.weights.shape != (f, k)
+            or (lg.bias.shape != (k,))
+        ):
+            raise CheckpointError(f"{source}: weights do not match {f} features x {k} styles")
+        return cls(styles, features, lg, max_tokens)
+
+
+def fit_style_classifier(
+    styles: Sequence[str], bits_per_note: np.ndarray, metrics: np.ndarray, y: np.ndarray, *,
+    metric_names: Sequence[str], max_tokens: int, l2: float = 1e-2, use_likelihood: bool = True,
+    use_metrics: bool = True,
+) -> StyleClassifier:  # fmt: skip
+    """Fit the :class:`StyleClassifier` on ``bits_per_note`` (N, K), ``metrics`` (N, M) and
+    labels ``y`` (N,) (style ids into ``styles``)."""
+    parts, names = [], []
+    if use_likelihood:
+        parts.append(np.apply_along_axis(likelihood_features, 1, bits_per_note))
+        names += [f"bits:{s}" for s in styles]
+    if use_metrics:
+        parts.append(np.asarray(metrics, dtype=np.float64))
+        names += list(metric_names)
+    x = np.concatenate(parts, axis=1)
+    fitted = fit_logistic(x, y, len(styles), l2=l2)
+    return StyleClassifier(tuple(styles), tuple(names), fitted, max_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# How much of a source piece a style transfer keeps
+# --------------------------------------------------------------------------------------------
+
+RHYTHM_GRID = 0.25  # beats: onsets are compared on a sixteenth-note grid
+
+
+def rhythm_similarity(a: np.ndarray, b: np.ndarray, *, beats: float = 0.0) -> float:
+    """Jaccard index of the two note arrays' onset positions on a sixteenth grid
+    (:data:`RHYTHM_GRID` beats), over their first ``beats`` beats (0: the span of the shorter
+    one): ``|A & B| / |A | B|``, 1 for the same rhythm, 0 for none in common. NaN where
+    neither has an onset there. Pitch, voicing and how many notes start together do not count,
+    only *when* something starts."""
+    from aurl.data.notes import pitched
+
+    a, b = pitched(a), pitched(b)
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    span = beats or min(a["onset"].max(), b["onset"].max()) + RHYTHM_GRID
+    grid_a = {int(x) for x in np.round(a["onset"][a["onset"] < span] / RHYTHM_GRID)}
+    grid_b = {int(x) for x in np.round(b["onset"][b["onset"] < span] / RHYTHM_GRID)}
+    union = grid_a | grid_b
+    return len(grid_a & grid_b) / len(union) if union else float("nan")
+
+
+def contour_similarity(a: np.ndarray, b: np.ndarray, *, max_notes: int = 64) -> float:
+    """How alike the two pieces' melodic contours are: the ``difflib`` ratio (``2 M / T``,
+    matching symbols over total) of the Parsons codes (up / down / repeat) of their skylines'
+    first ``max_notes`` notes (:func:`aurl.analysis.melody.skyline`). 1 for the same contour;
+    two random U/D/R strings score about 0.4-0.5, so compare against a baseline, not zero.
+    NaN where either has fewer than two melody notes."""
+    from difflib import SequenceMatcher
+
+    from aurl.analysis.melody import parsons_code, skyline
+
+    ca = parsons_code(skyline(a)[:max_notes])[1:]
+    cb = parsons_code(skyline(b)[:max_notes])[1:]
+    if not ca or not cb:
+        return float("nan")
+    return SequenceMatcher(None, ca, cb, autojunk=False).ratio()

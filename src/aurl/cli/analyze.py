@@ -71,6 +71,7 @@ class _StyleGuesser:
                 "a model trained with styles (--model NAME or --checkpoint DIR)"
             )
         self.tokenizer = Tokenizer(self.model.vocab_config)
+        self.classifier = style_classifier(args, tuple(self.model.config.styles))
 
     def __call__(self, path: Path) -> dict:
         from aurl.data.meter import read_meter
@@ -78,7 +79,22 @@ class _StyleGuesser:
 
         meter = read_meter(path) if self.model.config.meter else None
         ids = self.tokenizer.encode_file(path)
-        return classify_style(self.model, ids, window=self.window, meter=meter)
+        return classify_style(self.model, ids, window=self.window, meter=meter,
+                              classifier=self.classifier, tokenizer=self.tokenizer)  # fmt: skip
+
+
+def style_classifier(args: argparse.Namespace, styles: tuple[str, ...]):
+    """The classifier shipped beside the model (``style_classifier.json`` in the model folder
+    or the run's model folder), or None: then Bayes over the likelihoods."""
+    from aurl.cli.generate import model_folder
+    from aurl.evaluation.style import load_style_classifier
+
+    folder = model_folder(args.checkpoint, args.model)
+    for place in (folder, folder / "model"):
+        clf = load_style_classifier(place, styles)
+        if clf is not None:
+            return clf
+    return None
 
 
 def read_piece(path: Path):

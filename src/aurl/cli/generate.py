@@ -88,7 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     k.add_argument("--primer", metavar="FILE", help="MIDI file to continue")
     k.add_argument("--primer-seconds", type=float, metavar="S", help="use only its first S s")
-    k.add_argument("--variations", metavar="FILE", help="VAE: variations of this MIDI file")
+    k.add_argument(
+        "--variations", metavar="FILE",
+        help="VAE: variations of this MIDI file (the first from its posterior mean); with "
+        "--style, style transfer: its latent decoded in that style",
+    )  # fmt: skip
     k.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="VAE: path from A to B")
     k.add_argument("--steps", type=int, default=5, help="pieces on the --interpolate path")
     o = p.add_argument_group("output")

@@ -1,0 +1,65 @@
+"""Per-style held-out numbers of a style VAE for its model card: each style's split pieces
+scored whole (256-token windows, grammar-masked) under their own style and with none, and the
+latent check of :func:`aurl.evaluation.latent.reconstruction` on the first 10 openings of 256
+tokens per style (own posterior mean vs another piece's vs prior draws).
+
+Run:
+    .venv/bin/python benchmarks/style_card_numbers.py MODEL_DIR CACHE test card.json
+(``LIMIT=N`` in the environment: the first N pieces per style, for a quick check.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from aurl.cli.evaluate import load_model
+from aurl.data.cache import TokenCache
+from aurl.data.grammar import Grammar
+from aurl.evaluation.latent import reconstruction
+from aurl.evaluation.likelihood import score_sequences
+from aurl.fileio import atomic_write_text
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    model_dir, cache_dir, split, out_path = sys.argv[1:5]
+    model, _, _ = load_model(model_dir, "cpu")
+    cache = TokenCache(cache_dir)
+    styles = list(model.config.styles)
+    sid = cache.model_styles(styles)
+    grammar = Grammar(model.vocab)
+    limit = int(os.environ.get("LIMIT", "100000"))
+    out: dict = {"split": split, "per_style": {}}
+    t0 = time.process_time()
+    for k, style in enumerate(styles):
+        rows = cache.split_indices(split)
+        rows = rows[sid[rows] == k][:limit]
+        seqs = [np.asarray(cache.tokens(int(r)), np.int64) for r in rows]
+        meters = [cache.meters[int(r)] for r in rows]
+
+        def score(style_id: int, seqs=seqs, meters=meters):
+            return score_sequences(model, seqs, window=256, grammar=grammar, meters=meters,
+                                   styles=[style_id] * len(seqs))  # fmt: skip
+
+        own, none = score(k), score(-1)  # -1: no style (style dropout trained the model for it)
+        keep = [i for i, x in enumerate(seqs) if len(x) >= 256][:10]
+        rec = reconstruction(model, [seqs[i] for i in keep], length=256, grammar=grammar,
+                             meters=[meters[i] for i in keep], prior_draws=2)  # fmt: skip
+        out["per_style"][style] = {
+            "files": len(rows), "notes": own.notes, "tokens": own.tokens,
+            "bits_per_note": own.bits_per_note, "bits_per_note_no_style": none.bits_per_note,
+            "reconstruction": rec.to_dict(),
+        }  # fmt: skip
+        print(style, json.dumps(out["per_style"][style]), flush=True)
+    out["cpu_s"] = time.process_time() - t0
+    atomic_write_text(out_path, json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
