@@ -389,13 +389,19 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
             rows.append(("`aurl generate` (torch engine, fp32)", "cached", cmd, installed))
     tree = Path(__import__("aurl").__file__).resolve().parents[1]
     base = baseline_tree(args.baseline, folder) if args.baseline else None
+    if base is not None:  # the baseline reads its own export (newer config keys are unknown to it)
+        for weights in ("fp32", "int8"):
+            export = [py, "-c", ENTRY, "export", "--format", "onnx", "--out",
+                      str(folder / f"base-{weights}"), *(["--int8"] if weights == "int8" else [])]  # fmt: skip
+            subprocess.run(export, check=True, capture_output=True, env=cold_env(base))
     for weights in ("fp32", "int8"):
         cmd = [*onnx, str(folder / weights)]
         name = f"`aurl generate --engine onnx` ({weights} export)"
         rows.append((name, "cached", cmd, installed))
         rows.append((name, "compiled from source", cmd, from_source))
         if base is not None:
-            rows.append((f"{name} at {args.baseline}", "cached", cmd, cold_env(base)))
+            old = [*onnx, str(folder / f"base-{weights}")]
+            rows.append((f"{name} at {args.baseline}", "cached", old, cold_env(base)))
     for _, _, cmd, env in rows:  # once unmeasured: writes the .pyc files an install has
         subprocess.run(cmd, check=True, capture_output=True, env=env)
     load = loadavg()
@@ -423,8 +429,10 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
             "(baseline / this tree)"
         )
     print(line)
-    for label, src in [("this tree", tree)] + ([(args.baseline, base)] if base else []):
-        r = subprocess.run([py, "-c", PHASES, *onnx[3:], str(folder / "int8")],
+    for label, src, int8_dir in [("this tree", tree, "int8")] + (
+        [(args.baseline, base, "base-int8")] if base else []
+    ):
+        r = subprocess.run([py, "-c", PHASES, *onnx[3:], str(folder / int8_dir)],
                            capture_output=True, text=True, env=cold_env(src))  # fmt: skip
         tail = r.stdout.strip().splitlines()[-1:] or [r.stderr.strip()[-200:]]
         print(f"{label}, one run: {tail[0]}")
