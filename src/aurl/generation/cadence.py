@@ -252,85 +252,51 @@ def generate_phrased(
     import torch
 
     from aurl.generation.constraints import index_state
-    from aurl.generation.generate import (
-        END_SLACK,
-        _Context,
-        _prefix,
-        _room,
-        _TorchArrays,
-        make_masker,
-        meter_tensor,
-        sampling_options,
-        style_tensor,
-    )
+    from aurl.generation.generate import make_masker
 
     if engine.numpy or config.beam > 1:
         raise ConfigError("cadence phrase search runs on --engine torch without --beam")
     K, B = options.particles, num_samples
-    BK = B * K
-    rows = torch.arange(B, device=engine.device).repeat_interleave(K)  # (B*K,) piece of a row
-    arrays = _TorchArrays(engine.device)
-    masker = masker or make_masker(engine.vocab, config, engine.device)
-    prefix = _prefix(primer, B, arrays)[rows]  # (B*K, P)
+    vocab, spb = engine.vocab, engine.vocab.config.steps_per_beat
+    masker = masker or make_masker(vocab, config, engine.device)
+    if primer is not None and np.ndim(primer) == 2:
+        primer = np.repeat(np.asarray(primer), K, axis=0)  # each piece's rows share its primer
     if latents is not None:
-        latents = index_state(latents, rows)
-    P = prefix.shape[1]
-    window = min(config.window, engine.config.max_seq_len)
-    overlap = min(config.window_overlap, window // 2)
-    sampling = sampling_options(config)
-    generator = arrays.generator(config.seed)
-    steps = config.max_tokens + END_SLACK
-    buffer = arrays.full(BK, P + min(steps, 4096))
-    buffer[:, :P] = prefix
-    state = masker.prime(masker.initial_state(BK), prefix)
-    ctx = _Context(
-        engine, latents, BK, window, overlap, meter_tensor(engine, config, BK),
-        style_tensor(engine, config, BK),
-    )  # fmt: skip
-    logits = ctx.start(buffer, P)
-    seen = arrays.seen(BK, engine.vocab.size) if sampling.repetition_penalty != 1.0 else None
-    spb = engine.vocab.config.steps_per_beat
-    start = float(state.grammar.time.min()) / spb  # the primer's end
+        latents = index_state(latents, torch.arange(B, device=engine.device).repeat_interleave(K))
+    shared = np.atleast_2d(primer) if primer is not None else np.zeros((1, 0), dtype=np.int64)
+    shifts = np.where(vocab.kind[shared] == Kind.TIME_SHIFT, vocab.value[shared], 0)
+    start = float(shifts.sum(axis=1).min()) / spb  # the primer's end (its earliest row)
     checkpoint = start + options.phrase_beats
-    n = P
-    for _ in progress(range(steps), total=steps, desc="generate"):
-        ids = arrays.draw(masker.apply(logits.float(), state), sampling, seen, generator)
-        buffer = _room(buffer, n, arrays)
-        buffer[:, n] = ids
-        n += 1
-        logits = ctx.next(buffer, n)
-        state = masker.advance(state, ids, ctx.grammar_state())
-        if seen is not None:
-            arrays.mark(seen, ids)
-        if masker.all_finished(state):
-            break
+
+    def steer(buffer: Any, n: int, state: Any) -> Any:
+        """At each checkpoint, every piece's rows from the one nearest the target rate."""
+        nonlocal checkpoint
         if bool(masker.finished(state).any()):
-            continue  # the end is near: rows are no longer compared
+            return None  # the end is near: rows are no longer compared
         if float(state.grammar.time.min()) / spb < checkpoint + options.lookahead_beats:
-            continue
-        src = torch.arange(BK, device=engine.device)
+            return None
+        src = torch.arange(B * K, device=engine.device)
+        target = options.target_per_beat * (checkpoint - start)
         for b in range(B):
             counts = np.array([
                 cadence_count(tokenizer.decode_to_notes(buffer[r, :n].cpu().numpy()), checkpoint)
                 for r in range(b * K, (b + 1) * K)
             ])  # fmt: skip
-            target = options.target_per_beat * (checkpoint - start)
             src[b * K : (b + 1) * K] = b * K + pick_row(counts, target)
-        buffer, logits = buffer[src], logits[src]
-        state = index_state(state, src)
-        ctx.reorder(src)
-        if seen is not None:
-            seen = seen[src]
         checkpoint += options.phrase_beats
+        return src
+
+    rows = generate(
+        engine, config, num_samples=B * K, primer=primer, latents=latents, masker=masker,
+        progress=progress, steer=steer,
+    )  # fmt: skip
     out = []
     for b in range(B):
         best, best_key = None, None
-        for r in range(b * K, (b + 1) * K):
-            row = buffer[r, :n].cpu().numpy()
-            ids = row[: int(np.flatnonzero(row == END)[0]) + 1]
-            notes = tokenizer.decode_to_notes(ids)
+        for piece in rows[b * K : (b + 1) * K]:
+            notes = tokenizer.decode_to_notes(piece.ids)
             key = (ending_score(notes), cadence_count(notes, np.inf))
             if best_key is None or key > best_key:
-                best, best_key = ids, key
-        out.append(Piece(ids=best, primer_length=P))
+                best, best_key = piece, key
+        out.append(best)
     return out

@@ -17,6 +17,7 @@ while the grammar and the constraints keep following the whole piece, so the out
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 # Tokens the grammar may need past max_tokens to end cleanly (e.g. a NOTE_ON after a VELOCITY).
 END_SLACK = 8
+#: ``steer(buffer, n, state) -> rows | None``: see :func:`generate`.
+Steer = Callable[[Any, int, Any], Any]
 CHUNK = 4096  # the token buffer grows by this much: a limit in seconds may allow a great many
 
 
@@ -375,6 +378,7 @@ def generate(
     latents: Any = None,
     masker: LogitMasker | None = None,
     progress: Progress = silent,
+    steer: Steer | None = None,
 ) -> list[Piece]:
     """Generate ``num_samples`` pieces in one batch.
 
@@ -388,6 +392,11 @@ def generate(
         masker: A prebuilt :func:`make_masker` (built from ``config`` when None; a numpy
             engine needs a numpy masker, ``device=None``).
         progress: Progress helper over the generated tokens.
+        steer: Called after each sampled token with ``(buffer, n, state)`` (the ids so far,
+            their count, the masker's state); a (B,) row index it returns replaces each row by
+            the row it names (ids, decoding state, masks: sequential Monte Carlo resampling,
+            e.g. :func:`aurl.generation.cadence.generate_phrased`); None leaves the rows as
+            they are. Torch engines without beam search.
 
     Returns:
         One :class:`Piece` per sample, each ending with END.
@@ -405,6 +414,8 @@ def generate(
 
         what = "beam search (--beam)" if config.beam > 1 else "VAE latents"
         raise ConfigError(f"the onnx engine cannot do {what}: use --engine torch")
+    if steer is not None and (engine.numpy or config.beam > 1):
+        raise ConfigError("steered sampling runs on --engine torch without --beam")
     arrays = _arrays(engine)
     masker = masker or make_masker(vocab, config, None if engine.numpy else engine.device)
     prefix = _prefix(primer, num_samples, arrays)
@@ -425,7 +436,9 @@ def generate(
     if config.beam > 1:
         ids = _beam_search(engine, masker, prefix, latents, config, window, overlap, progress)
     else:
-        ids = _sample(engine, masker, prefix, latents, config, window, overlap, progress, arrays)
+        ids = _sample(
+            engine, masker, prefix, latents, config, window, overlap, progress, arrays, steer
+        )
     out = []
     for row in arrays.rows(ids):
         end = np.flatnonzero(row == END)
@@ -445,8 +458,10 @@ def _sample(
     overlap: int,
     progress: Progress,
     arrays: Any,
+    steer: Steer | None = None,
 ) -> Any:
-    """Ancestral sampling (or greedy): (B, P + generated) ids, PAD after END."""
+    """Ancestral sampling (or greedy): (B, P + generated) ids, PAD after END; ``steer`` as in
+    :func:`generate`."""
     B, P = prefix.shape
     options = sampling_options(config)
     generator = arrays.generator(config.seed)
@@ -477,6 +492,13 @@ def _sample(
             arrays.mark(seen, ids)
         if masker.all_finished(state):
             break
+        src = steer(buffer, n, state) if steer is not None else None
+        if src is not None:  # resample: each row goes on from the row it is given
+            buffer, logits = buffer[src], logits[src]
+            state = index_state(state, src)
+            ctx.reorder(src)
+            if seen is not None:
+                seen = seen[src]
     return buffer[:, :n]
 
 
