@@ -52,3 +52,50 @@ def test_mismatched_or_missing_files(tmp_path, make_model):
     (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
     with pytest.raises(CheckpointError, match="shape"):
         MusicTransformerVAEGAN.from_pretrained(tmp_path / "b")
+
+
+# ModelConfig's keys in an earlier Aurl (commit 4482ab1, before model.anticipation existed):
+# a reader that refuses unknown keys, as every Aurl does.
+EARLIER_KEYS = set(
+    [
+        "mode",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "ff_mult",
+        "dropout",
+        "max_seq_len",
+        "attention",
+        "local_window",
+        "global_tokens",
+        "summary_len",
+        "musical_position",
+        "grammar_features",
+        "meter",
+        "styles",
+        "style_dropout",
+        "fim",
+        "latent_dim",
+        "latent_levels",
+        "segment_len",
+        "encoder_layers",
+        "disc_d_model",
+        "disc_layers",
+        "disc_scales",
+    ]
+)
+
+
+def test_folders_not_using_a_newer_key_stay_readable_by_an_earlier_aurl(tmp_path, make_model):
+    make_model().save_pretrained(tmp_path / "plain")
+    written = json.loads((tmp_path / "plain" / "config.json").read_text())["model"]
+    assert set(written) <= EARLIER_KEYS
+    assert "anticipation" not in written and "fim" not in written and "styles" not in written
+    assert MusicTransformerVAEGAN.from_pretrained(tmp_path / "plain").config == make_model().config
+    # a folder that uses a newer feature says so, and reads back the same
+    model = make_model(anticipation=4.0, fim=True, styles=("a", "b"))
+    model.save_pretrained(tmp_path / "new")
+    written = json.loads((tmp_path / "new" / "config.json").read_text())["model"]
+    assert written["anticipation"] == 4.0 and written["fim"] is True
+    assert written["styles"] == ["a", "b"]
+    assert MusicTransformerVAEGAN.from_pretrained(tmp_path / "new").config == model.config

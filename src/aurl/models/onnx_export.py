@@ -58,6 +58,7 @@ from aurl.config import to_dict
 from aurl.errors import CheckpointError
 from aurl.fileio import atomic_write, atomic_write_text
 from aurl.models.model import MusicTransformerVAEGAN
+from aurl.models.pretrained import model_config_dict
 
 FORMAT = "aurl-onnx"
 VERSION = 2  # 1: separate prefill and step graphs, the caller writing the cache
@@ -308,7 +309,7 @@ def export_onnx(
         "head_dim": c.d_model // c.n_heads,
         "inputs": input_names(model),
         "graphs": {"decoder": DECODER},
-        "model": to_dict(c),
+        "model": model_config_dict(c),
         "vocab": to_dict(model.vocab_config),
         "source": source or {},
     }

@@ -36,6 +36,23 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT = "aurl-model"
 VERSION = 1
+# Model keys added after the first release whose default means "the feature is absent, as before
+# the key existed". They are written only when they differ from that default, so an older Aurl
+# still reads a folder that does not use them (it refuses keys it does not know). Their defaults
+# must never change.
+OPTIONAL_MODEL_KEYS = ("meter", "styles", "style_dropout", "fim", "anticipation")
+
+
+def model_config_dict(config: ModelConfig) -> dict:
+    """``config`` as written into a ``config.json``: every key, except the
+    :data:`OPTIONAL_MODEL_KEYS` still at their defaults (a missing key reads back as its
+    default)."""
+    out = to_dict(config)
+    defaults = to_dict(ModelConfig())
+    for key in OPTIONAL_MODEL_KEYS:
+        if out[key] == defaults[key]:
+            out.pop(key)
+    return out
 
 
 def save_pretrained(
@@ -53,7 +70,7 @@ def save_pretrained(
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "model": to_dict(model.config),
+        "model": model_config_dict(model.config),
         "vocab": to_dict(model.vocab_config),
         "auto_balance": model.auto_balance,
     }
