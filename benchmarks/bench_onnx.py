@@ -91,6 +91,64 @@ def prepare(shape: str, folder: Path) -> None:
     export_onnx(model, folder / "int8", int8=True)
 
 
+def bytes_per_token(graph: Path) -> int:
+    """Bytes of the graph's constants that every one-token step reads: every initializer but
+    the tables it looks rows up in (embeddings through ``Gather``, the rotary cos / sin caches
+    of ``GroupQueryAttention``), of which a step reads a row."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    tables |= {
+        x for n in model.graph.node if n.op_type == "GroupQueryAttention" for x in n.input[7:9]
+    }
+    return sum(
+        numpy_helper.to_array(t).nbytes for t in model.graph.initializer if t.name not in tables
+    )
+
+
+def memory_bandwidth() -> tuple[float, float]:
+    """(read, copy) GB/s of one thread on this machine: the best of 10 sums of a 100 MB int64
+    array (bytes read per second) and of 10 copies of a 100 MB array into another (bytes read
+    plus bytes written per second)."""
+    import numpy as np
+
+    a = np.ones(100_000_000 // 8, dtype=np.int64)
+    b = np.empty_like(a)
+    np.copyto(b, a)  # pages of b touched before timing
+    read = copy = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        a.sum()
+        read = min(read, time.perf_counter() - t)
+        t = time.perf_counter()
+        np.copyto(b, a)
+        copy = min(copy, time.perf_counter() - t)
+    return a.nbytes / read / 1e9, 2 * a.nbytes / copy / 1e9
+
+
+def limit_rows(folder: Path, shape: str, tokens: int) -> list[str]:
+    """What memory bandwidth allows (lines to print under the decode table): per token the
+    weights each graph reads plus the KV cache at the run's mean length (fp32 keys and values,
+    every layer), against this machine's read bandwidth measured now."""
+    import json
+
+    meta = json.loads((folder / "int8" / "config.json").read_text())
+    kv = 2 * meta["n_layers"] * meta["n_heads"] * meta["head_dim"] * 4  # bytes per cached token
+    read, copy = memory_bandwidth()
+    lines = [f"memory bandwidth, one thread: read {read:.1f} GB/s (sum of 100 MB), copy {copy:.1f} "
+             f"GB/s (read + write, 100 MB); {shape} shape, {tokens} tokens: KV cache "
+             f"{kv * tokens / 2 / 1e6:.1f} MB read per token at the mean length ({tokens // 2})"]  # fmt: skip
+    for weights in ("fp32", "int8"):
+        w = bytes_per_token(folder / weights / meta["graphs"]["decoder"])
+        total = w + kv * tokens / 2
+        lines.append(f"{weights}: weights {w / 1e6:.1f} MB per token, with the cache "
+                     f"{total / 1e6:.1f} MB: at most {read * 1e9 / total:.0f} tokens/s "
+                     f"({read * 1e9 / w:.0f} from the weights alone)")  # fmt: skip
+    return lines
+
+
 def worker(variant: str, shape: str, tokens: int, threads: int, folder: Path) -> dict:
     from aurl.config import GenerationConfig
     from aurl.generation.generate import generate
@@ -205,6 +263,54 @@ def parts(folder: Path, tokens: int, threads: int, cpu: str) -> None:
     print("|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['fp32'] * 1e3:.3f} ms | {r['int8'] * 1e3:.3f} ms | {cpu} |")
+    shares = {w: op_shares(folder / w, ids, tokens // 2, threads) for w in ("fp32", "int8")}
+    print(f"onnxruntime's profiler, 32 steps at {tokens // 2} cached tokens: share of the "
+          "kernels' time by operator (the profiler's own cost inflates every kernel alike)")  # fmt: skip
+    print("| operator | fp32 | int8 |")
+    print("|---|---|---|")
+    for op in sorted(shares["int8"], key=lambda o: -shares["int8"][o]):
+        print(
+            f"| {op} | {100 * shares['fp32'].get(op, 0):.1f}% | {100 * shares['int8'][op]:.1f}% |"
+        )
+
+
+def op_shares(folder: Path, ids: object, cached: int, threads: int) -> dict[str, float]:
+    """Share of each operator type in the kernel time of 32 one-token steps after ``cached``
+    tokens of ``ids`` (onnxruntime's profiler)."""
+    import collections
+    import os
+
+    from aurl.engines import onnx_engine
+
+    ort = onnx_engine.import_onnxruntime()
+    plain = ort.SessionOptions
+
+    class Profiled(plain):  # the engine's options, with the profiler on
+        def __init__(self) -> None:
+            super().__init__()
+            self.enable_profiling = True
+            self.profile_file_prefix = str(folder / "profile")
+
+    ort.SessionOptions = Profiled
+    try:
+        engine = onnx_engine.OnnxEngine(folder, threads=threads)
+    finally:
+        ort.SessionOptions = plain
+    state = engine.init_state(1, capacity=cached + 48)
+    engine.step(ids[None, :cached], state)
+    for j in range(cached, cached + 32):
+        engine.step(ids[None, j : j + 1], state)
+    trace = engine.session.end_profiling()
+    events = json.loads(Path(trace).read_text())
+    os.remove(trace)
+    runs = sorted(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
+    prefill_end = runs[0] if runs else 0  # the one-token steps' kernels only
+    by_op: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > prefill_end:
+            by_op[e["args"]["op_name"]] += e["dur"]
+    total = sum(by_op.values())
+    return {op: t / total for op, t in by_op.items()}
 
 
 def parity(folder: Path, window: int) -> None:
@@ -536,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {LABELS[v]} | {wall_r:.0f} | {wall_r / med('hf', 'tokens_per_s'):.2f}x | "
                     f"{cpu_r:.0f} | {cpu_r / med('hf', 'tokens_per_cpu_s'):.2f}x | {cpu} |"
                 )
+            for line in limit_rows(folder, args.shape, args.tokens):
+                print(line)
         if args.only not in ("decode", "parts"):
             cold(args, folder, cpu)
     return 0
