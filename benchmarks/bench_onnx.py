@@ -268,10 +268,10 @@ def parts(folder: Path, tokens: int, threads: int, cpu: str) -> None:
           "kernels' time by operator (the profiler's own cost inflates every kernel alike)")  # fmt: skip
     print("| operator | fp32 | int8 |")
     print("|---|---|---|")
-    for op in sorted(shares["int8"], key=lambda o: -shares["int8"][o]):
-        print(
-            f"| {op} | {100 * shares['fp32'].get(op, 0):.1f}% | {100 * shares['int8'][op]:.1f}% |"
-        )
+    ops = {*shares["fp32"], *shares["int8"]}
+    for op in sorted(ops, key=lambda o: [-shares[w].get(o, 0.0) for w in ("int8", "fp32")]):
+        fp32, int8 = (100 * shares[w].get(op, 0.0) for w in ("fp32", "int8"))
+        print(f"| {op} | {fp32:.1f}% | {int8:.1f}% |")
 
 
 def op_shares(folder: Path, ids: object, cached: int, threads: int) -> dict[str, float]:
