@@ -135,7 +135,8 @@ def console() -> NoReturn:
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):  # a closed pipe: what Python's own exit reports as 120
             code = code or 120
     os._exit(code)
