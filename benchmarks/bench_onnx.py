@@ -14,8 +14,8 @@ the CPU (model name and instruction sets) in every row. The output is markdown t
 to paste into BENCHMARKS.md, headed by the load average before and after.
 
 Cold start: ``aurl generate --engine onnx --checkpoint EXPORT --max-tokens 512 --min-tokens 504``
-to a MIDI file, run as the ``aurl`` console script runs it: wall time and CPU time (user +
-system) of the whole process, median and range over ``--rounds`` runs (every command alternating
+to a MIDI file, run as the ``aurl`` console script of each tree's pyproject.toml runs it: wall
+time (spawn to exit) and CPU time (user + system) of the whole process, median and range over ``--rounds`` runs (every command alternating
 round by round), beside ``python -c 'import numpy, onnxruntime'``, ``python -c 'import torch'``
 and the torch engine's same command (``--no-torch`` leaves those two out). Every command runs
 once unmeasured first (writing the bytecode caches), then each onnx row is measured with
@@ -23,8 +23,9 @@ bytecode caching as a pip-installed package has it ("cached", the headline) and 
 ``PYTHONDONTWRITEBYTECODE=1`` on a copy of aurl without ``__pycache__`` ("compiled from
 source": its modules compiled on every run; site-packages keep their installed ``.pyc``), and,
 cached, at ``--baseline`` (a commit of this repository, ``git archive``: default the commit
-before the fourth pass), so the headline is an absolute and a ratio from the same run. Last,
-one run per tree split into phases (imports, engine, generation, writing).
+before the fifth pass), so the headline is an absolute and a ratio from the same run. Last,
+one run per tree split into phases (imports, engine, generation, writing, and the rest of the
+process: interpreter start and exit).
 
 Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens 1024]
       [--rounds 3] [--threads 1] [--only decode|cold|parts|parity] [--variants onnx-int8,...]
@@ -88,6 +89,64 @@ def prepare(shape: str, folder: Path) -> None:
     model = torch_model(shape)
     export_onnx(model, folder / "fp32")
     export_onnx(model, folder / "int8", int8=True)
+
+
+def bytes_per_token(graph: Path) -> int:
+    """Bytes of the graph's constants that every one-token step reads: every initializer but
+    the tables it looks rows up in (embeddings through ``Gather``, the rotary cos / sin caches
+    of ``GroupQueryAttention``), of which a step reads a row."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    tables |= {
+        x for n in model.graph.node if n.op_type == "GroupQueryAttention" for x in n.input[7:9]
+    }
+    return sum(
+        numpy_helper.to_array(t).nbytes for t in model.graph.initializer if t.name not in tables
+    )
+
+
+def memory_bandwidth() -> tuple[float, float]:
+    """(read, copy) GB/s of one thread on this machine: the best of 10 sums of a 100 MB int64
+    array (bytes read per second) and of 10 copies of a 100 MB array into another (bytes read
+    plus bytes written per second)."""
+    import numpy as np
+
+    a = np.ones(100_000_000 // 8, dtype=np.int64)
+    b = np.empty_like(a)
+    np.copyto(b, a)  # pages of b touched before timing
+    read = copy = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        a.sum()
+        read = min(read, time.perf_counter() - t)
+        t = time.perf_counter()
+        np.copyto(b, a)
+        copy = min(copy, time.perf_counter() - t)
+    return a.nbytes / read / 1e9, 2 * a.nbytes / copy / 1e9
+
+
+def limit_rows(folder: Path, shape: str, tokens: int) -> list[str]:
+    """What memory bandwidth allows (lines to print under the decode table): per token the
+    weights each graph reads plus the KV cache at the run's mean length (fp32 keys and values,
+    every layer), against this machine's read bandwidth measured now."""
+    import json
+
+    meta = json.loads((folder / "int8" / "config.json").read_text())
+    kv = 2 * meta["n_layers"] * meta["n_heads"] * meta["head_dim"] * 4  # bytes per cached token
+    read, copy = memory_bandwidth()
+    lines = [f"memory bandwidth, one thread: read {read:.1f} GB/s (sum of 100 MB), copy {copy:.1f} "
+             f"GB/s (read + write, 100 MB); {shape} shape, {tokens} tokens: KV cache "
+             f"{kv * tokens / 2 / 1e6:.1f} MB read per token at the mean length ({tokens // 2})"]  # fmt: skip
+    for weights in ("fp32", "int8"):
+        w = bytes_per_token(folder / weights / meta["graphs"]["decoder"])
+        total = w + kv * tokens / 2
+        lines.append(f"{weights}: weights {w / 1e6:.1f} MB per token, with the cache "
+                     f"{total / 1e6:.1f} MB: at most {read * 1e9 / total:.0f} tokens/s "
+                     f"({read * 1e9 / w:.0f} from the weights alone)")  # fmt: skip
+    return lines
 
 
 def worker(variant: str, shape: str, tokens: int, threads: int, folder: Path) -> dict:
@@ -204,6 +263,54 @@ def parts(folder: Path, tokens: int, threads: int, cpu: str) -> None:
     print("|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['fp32'] * 1e3:.3f} ms | {r['int8'] * 1e3:.3f} ms | {cpu} |")
+    shares = {w: op_shares(folder / w, ids, tokens // 2, threads) for w in ("fp32", "int8")}
+    print(f"onnxruntime's profiler, 32 steps at {tokens // 2} cached tokens: share of the "
+          "kernels' time by operator (the profiler's own cost inflates every kernel alike)")  # fmt: skip
+    print("| operator | fp32 | int8 |")
+    print("|---|---|---|")
+    ops = {*shares["fp32"], *shares["int8"]}
+    for op in sorted(ops, key=lambda o: [-shares[w].get(o, 0.0) for w in ("int8", "fp32")]):
+        fp32, int8 = (100 * shares[w].get(op, 0.0) for w in ("fp32", "int8"))
+        print(f"| {op} | {fp32:.1f}% | {int8:.1f}% |")
+
+
+def op_shares(folder: Path, ids: object, cached: int, threads: int) -> dict[str, float]:
+    """Share of each operator type in the kernel time of 32 one-token steps after ``cached``
+    tokens of ``ids`` (onnxruntime's profiler)."""
+    import collections
+    import os
+
+    from aurl.engines import onnx_engine
+
+    ort = onnx_engine.import_onnxruntime()
+    plain = ort.SessionOptions
+
+    class Profiled(plain):  # the engine's options, with the profiler on
+        def __init__(self) -> None:
+            super().__init__()
+            self.enable_profiling = True
+            self.profile_file_prefix = str(folder / "profile")
+
+    ort.SessionOptions = Profiled
+    try:
+        engine = onnx_engine.OnnxEngine(folder, threads=threads)
+    finally:
+        ort.SessionOptions = plain
+    state = engine.init_state(1, capacity=cached + 48)
+    engine.step(ids[None, :cached], state)
+    for j in range(cached, cached + 32):
+        engine.step(ids[None, j : j + 1], state)
+    trace = engine.session.end_profiling()
+    events = json.loads(Path(trace).read_text())
+    os.remove(trace)
+    runs = sorted(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
+    prefill_end = runs[0] if runs else 0  # the one-token steps' kernels only
+    by_op: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > prefill_end:
+            by_op[e["args"]["op_name"]] += e["dur"]
+    total = sum(by_op.values())
+    return {op: t / total for op, t in by_op.items()}
 
 
 def parity(folder: Path, window: int) -> None:
@@ -306,9 +413,29 @@ def bytecode_envs(tmp: Path) -> tuple[dict[str, str], dict[str, str]]:
     return installed, from_source
 
 
-# what the `aurl` console script pip writes runs (``python -m aurl`` adds runpy, ~5 ms)
-ENTRY = "import sys; from aurl.cli import main; sys.exit(main())"
-BASELINE = "4482ab1"  # the commit before the fourth cold-start pass (issue 17)
+BASELINE = "b89066c"  # the commit before the fifth cold-start pass (issue 17)
+
+
+def entry(pyproject: str) -> str:
+    """What the ``aurl`` console script pip writes from ``pyproject`` (the text of a
+    pyproject.toml) runs: ``from MODULE import FUNC; sys.exit(FUNC())`` (``python -m aurl``
+    adds runpy, ~5 ms)."""
+    import re
+
+    found = re.search(r'^aurl\s*=\s*"([\w.]+):(\w+)"', pyproject, re.MULTILINE)
+    module, func = found.groups() if found else ("aurl.cli", "main")
+    return f"import sys; from {module} import {func}; sys.exit({func}())"
+
+
+ENTRY = entry((ROOT / "pyproject.toml").read_text())
+
+
+def baseline_entry(rev: str) -> str:
+    """:func:`entry` of commit ``rev``'s pyproject.toml (its own console script)."""
+    r = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:pyproject.toml"], capture_output=True, text=True
+    )
+    return entry(r.stdout)
 
 
 def baseline_tree(rev: str, tmp: Path) -> Path | None:
@@ -351,14 +478,33 @@ def before(f, name):  # the phase ``name`` ends when ``f`` is called
 g.generation_config = until(g.generation_config, "parser, the run's imports (numpy, aurl.data), options")
 g.onnx_engine = until(g.onnx_engine, "engine (onnxruntime + session)")
 g.write_pieces = before(g.write_pieces, "generation")
-cli.main(sys.argv[1:])
-ends.append(("files (MIDI, settings)", time.perf_counter()))
-prev, out = t0, []
-for name, t in ends:
-    out.append(f"{name} {1e3 * (t - prev):.0f} ms")
-    prev = t
-print("phases:", ", ".join(out))
+_main = cli.main
+def timed(argv=None):
+    code = _main(argv)
+    ends.append(("files (MIDI, settings)", time.perf_counter()))
+    prev, out = t0, []
+    for name, t in ends:
+        out.append(f"{name} {1e3 * (t - prev):.0f} ms")
+        prev = t
+    print("phases:", ", ".join(out), f"| total {1e3 * (prev - t0):.0f}", flush=True)
+    return code
+cli.main = timed  # the console entry (ENTRY) calls it, then exits as the tree's script does
 """
+
+
+def phases(src: Path, entry_code: str, args: list[str]) -> str:
+    """One run of the tree ``src`` in phases (:data:`PHASES`, then ``entry_code``, the tree's
+    console entry), with the rest of the process's wall time (interpreter start, the command's
+    exit) as the last phase."""
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", PHASES + entry_code, *args],
+                       capture_output=True, text=True, env=cold_env(src))  # fmt: skip
+    wall = 1e3 * (time.perf_counter() - t)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("phases:")]
+    if not lines:
+        return r.stderr.strip()[-200:]
+    line, total = lines[-1].rsplit(" | total ", 1)
+    return f"{line}, interpreter start + exit {wall - float(total):.0f} ms (process {wall:.0f} ms)"
 
 
 def cold_env(src: Path) -> dict[str, str]:
@@ -389,9 +535,10 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
             rows.append(("`aurl generate` (torch engine, fp32)", "cached", cmd, installed))
     tree = Path(__import__("aurl").__file__).resolve().parents[1]
     base = baseline_tree(args.baseline, folder) if args.baseline else None
+    base_entry = baseline_entry(args.baseline) if base is not None else ENTRY
     if base is not None:  # the baseline reads its own export (newer config keys are unknown to it)
         for weights in ("fp32", "int8"):
-            export = [py, "-c", ENTRY, "export", "--format", "onnx", "--out",
+            export = [py, "-c", base_entry, "export", "--format", "onnx", "--out",
                       str(folder / f"base-{weights}"), *(["--int8"] if weights == "int8" else [])]  # fmt: skip
             subprocess.run(export, check=True, capture_output=True, env=cold_env(base))
     for weights in ("fp32", "int8"):
@@ -400,7 +547,7 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
         rows.append((name, "cached", cmd, installed))
         rows.append((name, "compiled from source", cmd, from_source))
         if base is not None:
-            old = [*onnx, str(folder / f"base-{weights}")]
+            old = [py, "-c", base_entry, *onnx[3:], str(folder / f"base-{weights}")]
             rows.append((f"{name} at {args.baseline}", "cached", old, cold_env(base)))
     for _, _, cmd, env in rows:  # once unmeasured: writes the .pyc files an install has
         subprocess.run(cmd, check=True, capture_output=True, env=env)
@@ -432,10 +579,8 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
     for label, src, int8_dir in [("this tree", tree, "int8")] + (
         [(args.baseline, base, "base-int8")] if base else []
     ):
-        r = subprocess.run([py, "-c", PHASES, *onnx[3:], str(folder / int8_dir)],
-                           capture_output=True, text=True, env=cold_env(src))  # fmt: skip
-        tail = r.stdout.strip().splitlines()[-1:] or [r.stderr.strip()[-200:]]
-        print(f"{label}, one run: {tail[0]}")
+        code = ENTRY if src == tree else base_entry
+        print(f"{label}, one run: {phases(src, code, [*onnx[3:], str(folder / int8_dir)])}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--baseline", default=BASELINE,
         help=f"cold start: also time the onnx commands at this commit (default {BASELINE}, the "
-        "commit before the fourth pass; '' for none)",
+        "commit before the fifth pass; '' for none)",
     )  # fmt: skip
     ap.add_argument("--no-torch", action="store_true", help="cold start: leave out the torch rows")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -497,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {LABELS[v]} | {wall_r:.0f} | {wall_r / med('hf', 'tokens_per_s'):.2f}x | "
                     f"{cpu_r:.0f} | {cpu_r / med('hf', 'tokens_per_cpu_s'):.2f}x | {cpu} |"
                 )
+            for line in limit_rows(folder, args.shape, args.tokens):
+                print(line)
         if args.only not in ("decode", "parts"):
             cold(args, folder, cpu)
     return 0

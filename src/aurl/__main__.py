@@ -1,5 +1,6 @@
-"""``python -m aurl ...`` (also what ``torchrun -m aurl train ...`` runs)."""
+"""``python -m aurl ...`` (also what ``torchrun -m aurl train ...`` runs): the console script's
+entry, :func:`aurl.cli.console`."""
 
-from aurl.cli import main
+from aurl.cli import console
 
-raise SystemExit(main())
+console()

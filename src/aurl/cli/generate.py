@@ -16,6 +16,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "pretrained"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from aurl.cli import HelpFormatter
+
     p = sub.add_parser(
         "generate",
         help="compose new pieces with a trained model",
@@ -24,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "constraints, and write them to --out. Example:\n"
             "  aurl generate --num-samples 4 --seconds 30 --key 'D minor' --out pieces/"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--out", required=True, metavar="DIR",

@@ -202,17 +202,19 @@ def sample_numpy(
     """
     if options.greedy:
         return logits.argmax(axis=-1)
-    u = rng.random(len(logits))
+    u = rng.random(len(logits)).tolist()
     out = np.empty(len(logits), dtype=np.int64)
+    # array methods rather than np.* functions: a step pays for calls, and the functions'
+    # dispatch costs as much as their work on a few dozen values
     for b, row in enumerate(logits):  # the ids still possible: a few dozen of the vocabulary
-        ids = np.flatnonzero(row != NEG_INF)
+        ids = (row != NEG_INF).nonzero()[0]
         if len(ids) == 0:  # nothing possible (the masks never leave a row so): id 0
             out[b] = 0
             continue
         cdf = row[ids].astype(np.float64)
         cdf -= cdf.max()
         np.exp(cdf, out=cdf)
-        np.cumsum(cdf, out=cdf)  # the cumulative mass over the vocabulary, at these ids
-        k = int(np.searchsorted(cdf, u[b] * cdf[-1], side="right"))  # first past u
+        cdf.cumsum(out=cdf)  # the cumulative mass over the vocabulary, at these ids
+        k = int(cdf.searchsorted(u[b] * cdf[-1], side="right"))  # first past u
         out[b] = ids[min(k, len(ids) - 1)]
     return out
