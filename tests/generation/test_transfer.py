@@ -77,9 +77,10 @@ def assert_prefix(got: np.ndarray | str, want: np.ndarray | str, least: float = 
         np.testing.assert_array_equal(got, want[: len(got)])
 
 
-def test_rhythm_keeps_the_source_onsets_and_picks_new_pitches(model, tok) -> None:
-    source = opening(tok, FOLK)
-    pieces, masker = transfer(model, tok, source, "palestrina", "rhythm")
+@pytest.mark.parametrize("path, target", [(FOLK, "palestrina"), (CHORALE, "folk")])
+def test_rhythm_keeps_the_source_onsets_and_picks_new_pitches(model, tok, path, target) -> None:
+    source = opening(tok, path)
+    pieces, masker = transfer(model, tok, source, target, "rhythm")
     grammar = Grammar(tok.vocab)
     src_notes = tok.decode_to_notes(source)
     for piece in pieces:
