@@ -13,9 +13,10 @@ as the target, three decodings of ``--length`` tokens, same seed, same sampling:
 - ``rhythm``, ``contour``, ``both``: constrained transfer (:mod:`aurl.generation.transfer`,
   ``aurl generate --variations SOURCE --style t --keep K``): the source's latent in style
   ``t`` with the source's onsets, its skyline's contour, or both imposed on the decoding,
-  given up to ``--transfer-tokens`` (default twice ``--length``) so that it can cover the whole
-  opening (it ends where the source's opening ends). ``lapses``: tokens per piece at which the
-  kept masks gave way to the grammar's.
+  given ``--transfer-tokens`` (default ``--length``: the same budget as the others, so that the
+  judge compares pieces of one length; twice that lets the output cover the whole opening, as
+  it may play more notes per onset, and it ends where the opening ends). ``lapses``: tokens per
+  piece at which the kept masks gave way to the grammar's.
 
 Measured on each output against the source opening:
 
@@ -79,7 +80,7 @@ def main() -> None:
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--sources-per-style", type=int, default=6)
     p.add_argument("--length", type=int, default=256, help="tokens encoded and generated")
-    p.add_argument("--transfer-tokens", type=int, help="constrained decodings' limit (2 x length)")
+    p.add_argument("--transfer-tokens", type=int, help="constrained decodings' limit (--length)")
     p.add_argument("--judge-per-style", type=int, default=150, help="judge's train pieces")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -91,6 +92,7 @@ def main() -> None:
 
     model, _, _ = load_model(args.checkpoint, "cpu", args.model)
     styles = list(model.config.styles)
+    sid_of = {name: i for i, name in enumerate(styles)}
     if model.config.mode not in ("vae", "vae_gan") or not styles:
         raise SystemExit("style transfer needs a VAE trained with model.styles")
     cache = TokenCache(args.cache)
@@ -122,7 +124,7 @@ def main() -> None:
     def decode(
         rows: list[int], latents: Latents, style: str, seed: int, keep: str = "none"
     ) -> list[np.ndarray]:
-        tokens = args.length if keep == "none" else args.transfer_tokens or 2 * args.length
+        tokens = args.length if keep == "none" else args.transfer_tokens or args.length
         config = GenerationConfig(max_tokens=tokens, temperature=args.temperature,
                                   seed=seed, style=style, window=model.config.max_seq_len)  # fmt: skip
         masker = transfer_masker(model, config, [src_ids[r] for r in rows], tok, keep)
@@ -148,14 +150,14 @@ def main() -> None:
         for cond, pieces in outputs.items():
             for r, notes in zip(rows, pieces):
                 records.append(record(r, styles[sid[r]], target, cond, notes, src_notes[r],
-                                      src_prob[r][t], judge, metrics_of_notes(notes), t))  # fmt: skip
+                                      src_prob[r][t], judge, metrics_of_notes(notes), t, sid_of))  # fmt: skip
                 records[-1]["lapses"] = lapses.get((r, target, cond), 0.0)
     for s, name in enumerate(styles):  # the control: each source under its own style
         rows = [int(r) for r in sources if sid[r] == s]
         if rows:
             for r, notes in zip(rows, decode(rows, stack(rows), name, args.seed + 100 + s)):
                 records.append(record(r, name, name, "own style", notes, src_notes[r],
-                                      src_prob[r][s], judge, metrics_of_notes(notes), s))  # fmt: skip
+                                      src_prob[r][s], judge, metrics_of_notes(notes), s, sid_of))  # fmt: skip
 
     summary = {}
     for cond in CONDITIONS:
@@ -165,6 +167,13 @@ def main() -> None:
             "source_p_target": float(np.mean([r["source_p_target"] for r in rs])),
             "p_target": float(np.mean([r["p_target"] for r in rs])),
             "judged_target": float(np.mean([r["judged_target"] for r in rs])),
+            "median_p_target": float(np.median([r["p_target"] for r in rs])),
+            "p_source_style": float(np.mean([r["p_source_style"] for r in rs])),
+            "p_target_by_target": {
+                name: float(np.mean([r["p_target"] for r in rs if r["target"] == name]))
+                for name in styles
+                if any(r["target"] == name for r in rs)
+            },
             "rhythm": float(np.nanmean([r["rhythm"] for r in rs])),
             "contour": float(np.nanmean([r["contour"] for r in rs])),
             "lapses": float(np.mean([r.get("lapses", 0.0) for r in rs])),
@@ -192,7 +201,9 @@ def main() -> None:
     for cond, s in summary.items():
         print(f"{cond}: {s['pairs']} pairs; p(target) {s['p_target']:.3f} (source "
               f"{s['source_p_target']:.3f}), judged target {s['judged_target']:.2f}; rhythm "
-              f"{s['rhythm']:.3f}, contour {s['contour']:.3f}, lapses {s['lapses']:.1f}")  # fmt: skip
+              f"{s['rhythm']:.3f}, contour {s['contour']:.3f}, lapses {s['lapses']:.1f}; median "
+              f"p(target) {s['median_p_target']:.3f}, p(source's style) {s['p_source_style']:.3f};"
+              " by target " + ", ".join(f"{k} {v:.2f}" for k, v in s["p_target_by_target"].items()))  # fmt: skip
     for k, v in pairs.items():
         print(f"{k}: " + (f"{v:.2f}" if isinstance(v, float) else
                           f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"))  # fmt: skip
@@ -224,12 +235,13 @@ def metrics_of_notes(notes: np.ndarray) -> np.ndarray:
     return np.array([m[k] for k in SCALAR_METRICS], dtype=np.float64)
 
 
-def record(row, source_style, target, cond, notes, src, src_p, judge, feats, t) -> dict:
+def record(row, source_style, target, cond, notes, src, src_p, judge, feats, t, sid_of) -> dict:
     prob = predict_logistic(judge, feats[None])[0]
     return {
         "row": row, "source_style": source_style, "target": target, "condition": cond,
         "source_p_target": float(src_p), "p_target": float(prob[t]),
         "judged_target": bool(prob.argmax() == t), "notes": int(len(notes)),
+        "p_source_style": float(prob[int(sid_of[source_style])]),
         "rhythm": rhythm_similarity(src, notes), "contour": contour_similarity(src, notes),
     }  # fmt: skip
 

@@ -97,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--keep", choices=("rhythm", "contour", "both", "none"),
         help="with --variations: what the output keeps of the file, imposed on the decoding "
         "(rhythm: its onsets; contour: its top line's up/down/repeat; both; none: only what "
-        "the latent carries). Default with --style: both (style transfer, docs/design.md); "
+        "the latent carries). Default with --style: rhythm (style transfer, docs/design.md); "
         "without: none",
     )  # fmt: skip
     k.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="VAE: path from A to B")
@@ -482,7 +482,7 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
 
 
 def transfer_keep(args: argparse.Namespace) -> str:
-    """What ``--variations`` keeps of its file: ``--keep``, else ``both`` with ``--style``
+    """What ``--variations`` keeps of its file: ``--keep``, else ``rhythm`` with ``--style``
     (style transfer) and ``none`` without (the VAE's free variations).
 
     Raises:

@@ -27,8 +27,10 @@ durations) under the target style:
 The constraints are hard, but never at the grammar's expense: where they would leave a row
 nothing to play (e.g. the polyphony cap reached below the wanted pitch), the row takes what
 the grammar and the ordinary constraints allow at that one step (the output stays valid and the
-kept property lapses there: :func:`generate_transfer` counts no such lapses, the benchmark
-measures the result). :class:`TransferMasker` wraps the :class:`LogitMasker` that
+kept property lapses there; :attr:`TransferMasker.lapses` counts such row-steps, and the
+benchmark reports them). Beyond the source's skyline, or where its step cannot be taken (up
+from the highest pitch), the top note is free. One instrument family per row: the first the
+model picks. :class:`TransferMasker` wraps the :class:`LogitMasker` that
 :func:`aurl.generation.generate.generate` already takes, so sampling, the window and the style
 vector are the loop's own.
 """
@@ -49,7 +51,7 @@ from aurl.generation.constraints import NEG_INF, LogitMasker, MaskState
 from aurl.progress import Progress, silent
 
 KEEPS = ("rhythm", "contour", "both", "none")
-DEFAULT_KEEP = "both"
+DEFAULT_KEEP = "rhythm"  # measured: BENCHMARKS.md, "Style transfer by constrained decoding"
 
 
 @dataclass(frozen=True)
