@@ -59,6 +59,7 @@ from aurl.analysis.style import (
 from aurl.cli.evaluate import load_model
 from aurl.config import GenerationConfig
 from aurl.data.cache import TokenCache
+from aurl.data.grammar import Grammar
 from aurl.data.tokenizer import Tokenizer
 from aurl.evaluation.latent import encode_mean
 from aurl.evaluation.metrics import SCALAR_METRICS
@@ -120,6 +121,8 @@ def main() -> None:
     z = {r: encode_mean(model, ids) for r, ids in src_ids.items()}
 
     lapses: dict[tuple[int, str, str], float] = {}  # (row, target, keep) -> masks given way
+    violations: dict[str, int] = {}  # keep -> grammar violations over all its outputs
+    grammar = Grammar(tok.vocab)
 
     def decode(
         rows: list[int], latents: Latents, style: str, seed: int, keep: str = "none"
@@ -131,6 +134,10 @@ def main() -> None:
         pieces = generate(model, config, num_samples=len(rows), latents=latents, masker=masker)
         for r in rows:  # the batch's lapses shared out: a mean per piece
             lapses[(r, style, keep)] = getattr(masker, "lapses", 0) / len(rows)
+        for piece in pieces:  # every output must pass the grammar
+            violations[keep] = violations.get(keep, 0) + grammar.count_violations(
+                torch.as_tensor(piece.ids)[None]
+            )
         return [tok.decode_to_notes(piece.ids) for piece in pieces]
 
     def stack(rows: list[int]) -> Latents:
@@ -194,7 +201,7 @@ def main() -> None:
     result = {
         "cache": str(args.cache), "model": args.checkpoint or args.model, "split": args.split,
         "styles": styles, "length": args.length, "temperature": args.temperature,
-        "sources": len(sources), "summary": summary, "pairs": pairs,
+        "sources": len(sources), "summary": summary, "pairs": pairs, "violations": violations,
         "cpu_s": round(time.process_time() - t_start, 1), "load_average": os.getloadavg(),
         "records": records,
     }  # fmt: skip
@@ -207,6 +214,7 @@ def main() -> None:
     for k, v in pairs.items():
         print(f"{k}: " + (f"{v:.2f}" if isinstance(v, float) else
                           f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"))  # fmt: skip
+    print("grammar violations: " + ", ".join(f"{k} {v}" for k, v in violations.items()))
     print(f"CPU {result['cpu_s']} s, load {os.getloadavg()[0]:.1f}")
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
