@@ -95,6 +95,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="VAE: variations of this MIDI file (the first from its posterior mean); with "
         "--style, style transfer: its latent decoded in that style",
     )  # fmt: skip
+    k.add_argument(
+        "--keep", choices=("rhythm", "contour", "both", "none"),
+        help="with --variations: what the output keeps of the file, imposed on the decoding "
+        "(rhythm: its onsets; contour: its top line's up/down/repeat; both; none: only what "
+        "the latent carries). Default with --style: rhythm (style transfer, docs/design.md); "
+        "without: none",
+    )  # fmt: skip
     k.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="VAE: path from A to B")
     k.add_argument("--steps", type=int, default=5, help="pieces on the --interpolate path")
     o = p.add_argument_group("output")
@@ -271,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
     conditioning = [x for x in ("primer", "variations", "interpolate") if getattr(args, x)]
     if len(conditioning) > 1:
         raise ConfigError(f"use one of --primer, --variations, --interpolate (got {conditioning})")
+    transfer_keep(args)  # --keep without --variations fails before anything loads
     if args.num_samples < 1 or args.steps < 2:
         raise ConfigError("--num-samples must be >= 1 and --steps >= 2")
     if args.voices is not None and not 1 <= args.voices <= 8:
@@ -433,7 +441,22 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
             latents = interpolation_latents(model, *args.interpolate, tokenizer, steps=n)
         else:
             latents = model.sample_prior(n, generator=generator)
-    if config.seconds > 0 and getattr(args, "cadence", "off") != "off":
+    keep = transfer_keep(args)
+    if keep != "none":  # the file's rhythm / contour kept (aurl.generation.transfer)
+        from aurl.generation.transfer import transfer_config, transfer_masker
+
+        source = tokenizer.encode_file(args.variations)
+        if args.max_tokens is None and args.seconds is None:
+            config = transfer_config(config, [source])
+        if not config.meter and getattr(engine.config, "meter", False):
+            from aurl.data.meter import read_meter
+
+            config = dataclasses.replace(config, meter="{}/{}".format(*read_meter(args.variations)))
+        masker = transfer_masker(engine, config, [source] * n, tokenizer, keep)
+        pieces = generate(
+            engine, config, num_samples=n, latents=latents, masker=masker, progress=bar
+        )
+    elif config.seconds > 0 and getattr(args, "cadence", "off") != "off":
         from aurl.generation.cadence import CadenceOptions, generate_with_cadence
 
         options = {
@@ -458,6 +481,24 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
     print(f"wrote {write_config(resolved, settings.parent, settings.name)}")
     print(f"generated {n} piece(s) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def transfer_keep(args: argparse.Namespace) -> str:
+    """What ``--variations`` keeps of its file: ``--keep``, else ``rhythm`` with ``--style``
+    (style transfer) and ``none`` without (the VAE's free variations).
+
+    Raises:
+        ConfigError: ``--keep`` without ``--variations``.
+    """
+    from aurl.errors import ConfigError
+    from aurl.generation.transfer import DEFAULT_KEEP
+
+    keep = getattr(args, "keep", None)
+    if keep and not args.variations:
+        raise ConfigError(f"--keep {keep} needs --variations FILE (the piece to keep)")
+    if not args.variations:
+        return "none"
+    return keep or (DEFAULT_KEEP if getattr(args, "style", None) else "none")
 
 
 def write_pieces(
