@@ -85,8 +85,23 @@ def bootstrap_ratio(
 # --------------------------------------------------------------------------------------------
 
 
-def summarize(analyses: Sequence, boot: int, rng: np.random.Generator) -> dict:
-    """Set metrics with intervals, from :class:`aurl.evaluation.phrases.PhraseAnalysis`es."""
+def final_chord_beats(notes: np.ndarray, a) -> float:
+    """Beats from the arrival of the cadence a piece ends on to its last release (how long
+    its final chord sounds); NaN for a piece that ends on no cadence."""
+    from aurl.data.notes import pitched
+
+    if not a.last_closes:
+        return float("nan")
+    p = pitched(notes)
+    return float((p["onset"] + p["duration"]).max()) - a.cadences[-1].beat
+
+
+def summarize(
+    analyses: Sequence, boot: int, rng: np.random.Generator, notes: Sequence | None = None
+) -> dict:
+    """Set metrics with intervals, from :class:`aurl.evaluation.phrases.PhraseAnalysis`es
+    (and, given the pieces' ``notes``, how long the final chord of those ending on a cadence
+    sounds)."""
     from aurl.evaluation import phrases as P
 
     per8 = np.array([8 * P.cadences_per_beat(a) for a in analyses])
@@ -102,7 +117,11 @@ def summarize(analyses: Sequence, boot: int, rng: np.random.Generator) -> dict:
             kinds[c.kind] = kinds.get(c.kind, 0) + 1
         last = a.cadences[-1].kind if a.last_closes else "none"
         final[last] = final.get(last, 0) + 1
+    held = np.array([final_chord_beats(n, a) for n, a in zip(notes or [], analyses)])
+    held = held[np.isfinite(held)]
     return {
+        "final_chord_beats_median": float(np.median(held)) if len(held) else float("nan"),
+        "final_chord_1_beat_or_more": (int((held >= 1).sum()), len(held)),
         "pieces": len(analyses),
         "cadences_per_8_beats": float(np.nanmean(per8)),
         "cadences_per_8_beats_ci": bootstrap_mean(per8, boot, rng),
@@ -139,14 +158,15 @@ def reference(boot: int, rng: np.random.Generator, tolerance: float, limit: int)
     pieces = test_chorales(limit)
     fermatas = load_fermatas()
     skyline = [P.analyze_phrases(notes) for _, notes in pieces]
+    all_notes = [notes for _, notes in pieces]
     with_fermatas = [P.analyze_phrases_at(notes, fermatas[f]) for f, notes in pieces]
     hits = found = true = 0
     for (f, _), a in zip(pieces, skyline):
         h, d, t = P.phrase_end_matches(a.phrases, fermatas[f], tolerance=tolerance)
         hits, found, true = hits + h, found + d, true + t
     return {
-        "skyline": summarize(skyline, boot, rng),
-        "fermatas": summarize(with_fermatas, boot, rng),
+        "skyline": summarize(skyline, boot, rng, all_notes),
+        "fermatas": summarize(with_fermatas, boot, rng, all_notes),
         "detector": {
             "tolerance_beats": tolerance,
             "precision": hits / found if found else float("nan"),
@@ -237,6 +257,7 @@ def generated(args: argparse.Namespace, boot: int, rng: np.random.Generator) -> 
     analyses: dict[str, list] = {v: [] for v in args.variants}
     cpu: dict[str, float] = {v: 0.0 for v in args.variants}
     lengths: dict[str, list[float]] = {v: [] for v in args.variants}
+    kept: dict[str, list] = {v: [] for v in args.variants}
     for seed in range(args.first_seed, args.first_seed + args.pieces):
         config = GenerationConfig(seconds=args.seconds, max_tokens=1_000_000, seed=seed)
         line = [f"seed {seed:2d}"]
@@ -256,19 +277,20 @@ def generated(args: argparse.Namespace, boot: int, rng: np.random.Generator) -> 
                     f.write(json.dumps({"variant": v, "seed": seed, "cpu_s": spent,
                                         "notes": f"{stem}.npy"}) + "\n")  # fmt: skip
             lengths[v].append(float((notes["onset_s"] + notes["duration_s"]).max()))
+            kept[v].append(notes)
             a = P.analyze_phrases(notes)
             analyses[v].append(a)
             last = a.cadences[-1].kind if a.last_closes else "open"
             line.append(f"{v}: {len(a.cadences)} cad / {len(a.phrases)} phr, end {last}, "
                         f"{spent:.1f} s")  # fmt: skip
         print("  ".join(line), flush=True)
-    return _sets(args.variants, analyses, cpu, lengths, boot, rng)
+    return _sets(args.variants, analyses, cpu, lengths, kept, boot, rng)
 
 
-def _sets(names, analyses, cpu, lengths, boot, rng) -> dict:
+def _sets(names, analyses, cpu, lengths, kept, boot, rng) -> dict:
     out = {}
     for v in names:
-        out[v] = summarize(analyses[v], boot, rng)
+        out[v] = summarize(analyses[v], boot, rng, kept[v])
         out[v]["cpu_s_per_piece"] = cpu[v] / len(analyses[v])
         out[v]["seconds_min_max"] = (min(lengths[v]), max(lengths[v]))
     return out
@@ -288,14 +310,16 @@ def merged(folders: Sequence[str], boot: int, rng: np.random.Generator) -> dict:
     analyses = {v: [] for v in names}
     cpu = {v: 0.0 for v in names}
     lengths: dict[str, list[float]] = {v: [] for v in names}
+    kept: dict[str, list] = {v: [] for v in names}
     for (v, _), (folder, rec) in sorted(seen.items(), key=lambda kv: kv[0][1]):
         notes = np.load(folder / rec["notes"], allow_pickle=False)
         analyses[v].append(P.analyze_phrases(notes))
+        kept[v].append(notes)
         cpu[v] += rec["cpu_s"]
         lengths[v].append(float((notes["onset_s"] + notes["duration_s"]).max()))
     for v in names:
         print(f"{v}: {len(analyses[v])} pieces")
-    return _sets(names, analyses, cpu, lengths, boot, rng)
+    return _sets(names, analyses, cpu, lengths, kept, boot, rng)
 
 
 def _ci(x: Sequence[float]) -> str:
@@ -371,6 +395,10 @@ def main() -> None:
     for v, r in gen.items():
         print(f"{v}: lengths {r['seconds_min_max'][0]:.2f}-{r['seconds_min_max'][1]:.2f} s, "
               f"cadence kinds {r['cadence_kinds']}, last cadence {r['final_cadence_kinds']}")  # fmt: skip
+    for name, r in rows.items():
+        k, n = r["final_chord_1_beat_or_more"]
+        print(f"{name}: the final chord of a piece ending on a cadence sounds a median "
+              f"{r['final_chord_beats_median']:.2f} beats; {k}/{n} sound 1 beat or more")  # fmt: skip
     print(f"load average at end: {Path('/proc/loadavg').read_text().split()[:3]}")
     if args.json:
         clean = {k: {kk: vv for kk, vv in r.items() if not kk.startswith("_")}
