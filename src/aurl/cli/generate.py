@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --seconds: 'phrases' (default) draws 4 rows per piece, every 8 beats keeps "
         "the one whose cadences come nearest the chorales' rate, tries 7 more endings of a bar "
         "where the piece does not close, and up to 3 x 7 of two bars while it ends on no "
-        "cadence (~1.9x the CPU); 'thorough' tries 15 endings of two bars (~2.1x); 'ending' "
+        "cadence (~1.8x the CPU); 'thorough' tries 15 endings of two bars (~2.1x); 'ending' "
         "only redraws the ending (~1.3x); 'off' samples one row (see docs/design.md)",
     )  # fmt: skip
     s = p.add_argument_group("sampling")
