@@ -21,7 +21,9 @@ cadence at each phrase's arrival), so what they optimise is what ``aurl evaluate
   the same constraints. The best ending wins: authentic or plagal over half or deceptive over
   none, the first drawn on a tie, so a piece is kept unless a redrawn ending closes better.
   Everything before the tail is kept, so the piece still lasts the time asked and a primer is
-  untouched.
+  untouched. While the winner still ends on no cadence at all, ``retries`` further rounds
+  redraw a longer tail (:func:`close_ending`); the cost falls only on the pieces that stay
+  open, and the numpy (onnx) engine runs both searches too.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def generate_with_cadence(
         primer: Ids to continue (START first, no END): (P,) shared or (B, P) per row.
         latents: VAE latents with one row per sample, or None.
         masker: A prebuilt masker (as for ``generate``).
-        options: Particles, endings, tail and checkpoint lengths.
+        options: Particles, endings, tail and checkpoint lengths, further ending rounds.
         progress: Progress helper over the plain pieces' tokens.
 
     Returns:
