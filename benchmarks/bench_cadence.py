@@ -25,8 +25,13 @@ Goals (issue 12): generated cadences per beat within 25% of the chorales' (a rat
 [0.75, 1.25]) and >= 80% of pieces ending on a cadence.
 
 Run:  .venv/bin/python benchmarks/bench_cadence.py [--pieces 16] [--seconds 30]
-          [--variants plain ending phrased] [--particles 4]
+          [--variants plain ending phrased mode:phrases] [--particles 4]
           [--endings 8] [--tail-beats 4] [--phrase-beats 8] [--json out.json]
+          [--engine onnx] [--first-seed 16 --write DIR]   then   --merge DIR DIR ...
+
+``mode:NAME`` is ``aurl generate --cadence NAME`` as shipped; ``--write DIR`` keeps each
+piece's MIDI file, notes and CPU seconds, so seed ranges can run in separate processes and
+``--merge`` reads them back into one table (the second pass's n = 32 run, BENCHMARKS.md).
 """
 
 from __future__ import annotations
