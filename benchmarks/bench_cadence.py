@@ -25,8 +25,13 @@ Goals (issue 12): generated cadences per beat within 25% of the chorales' (a rat
 [0.75, 1.25]) and >= 80% of pieces ending on a cadence.
 
 Run:  .venv/bin/python benchmarks/bench_cadence.py [--pieces 16] [--seconds 30]
-          [--variants plain ending phrased] [--particles 4]
+          [--variants plain ending phrased mode:phrases] [--particles 4]
           [--endings 8] [--tail-beats 4] [--phrase-beats 8] [--json out.json]
+          [--engine onnx] [--first-seed 16 --write DIR]   then   --merge DIR DIR ...
+
+``mode:NAME`` is ``aurl generate --cadence NAME`` as shipped; ``--write DIR`` keeps each
+piece's MIDI file, notes and CPU seconds, so seed ranges can run in separate processes and
+``--merge`` reads them back into one table (the second pass's n = 32 run, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -85,8 +90,23 @@ def bootstrap_ratio(
 # --------------------------------------------------------------------------------------------
 
 
-def summarize(analyses: Sequence, boot: int, rng: np.random.Generator) -> dict:
-    """Set metrics with intervals, from :class:`aurl.evaluation.phrases.PhraseAnalysis`es."""
+def final_chord_beats(notes: np.ndarray, a) -> float:
+    """Beats from the arrival of the cadence a piece ends on to its last release (how long
+    its final chord sounds); NaN for a piece that ends on no cadence."""
+    from aurl.data.notes import pitched
+
+    if not a.last_closes:
+        return float("nan")
+    p = pitched(notes)
+    return float((p["onset"] + p["duration"]).max()) - a.cadences[-1].beat
+
+
+def summarize(
+    analyses: Sequence, boot: int, rng: np.random.Generator, notes: Sequence | None = None
+) -> dict:
+    """Set metrics with intervals, from :class:`aurl.evaluation.phrases.PhraseAnalysis`es
+    (and, given the pieces' ``notes``, how long the final chord of those ending on a cadence
+    sounds)."""
     from aurl.evaluation import phrases as P
 
     per8 = np.array([8 * P.cadences_per_beat(a) for a in analyses])
@@ -96,10 +116,17 @@ def summarize(analyses: Sequence, boot: int, rng: np.random.Generator) -> dict:
     per_phrase = np.array([P.cadences_per_phrase(a) for a in analyses])
     lengths = np.concatenate([P.phrase_lengths(a) for a in analyses] or [np.zeros(0)])
     kinds: dict[str, int] = {}
+    final: dict[str, int] = {}  # the kind of cadence each piece ends on ("none": no cadence)
     for a in analyses:
         for c in a.cadences:
             kinds[c.kind] = kinds.get(c.kind, 0) + 1
+        last = a.cadences[-1].kind if a.last_closes else "none"
+        final[last] = final.get(last, 0) + 1
+    held = np.array([final_chord_beats(n, a) for n, a in zip(notes or [], analyses)])
+    held = held[np.isfinite(held)]
     return {
+        "final_chord_beats_median": float(np.median(held)) if len(held) else float("nan"),
+        "final_chord_1_beat_or_more": (int((held >= 1).sum()), len(held)),
         "pieces": len(analyses),
         "cadences_per_8_beats": float(np.nanmean(per8)),
         "cadences_per_8_beats_ci": bootstrap_mean(per8, boot, rng),
@@ -113,6 +140,7 @@ def summarize(analyses: Sequence, boot: int, rng: np.random.Generator) -> dict:
         "phrase_length_median": float(np.median(lengths)) if len(lengths) else float("nan"),
         "phrase_length_histogram": P.phrase_length_histogram(lengths).round(3).tolist(),
         "cadence_kinds": kinds,
+        "final_cadence_kinds": final,
         "_per8": per8,
     }
 
@@ -135,14 +163,15 @@ def reference(boot: int, rng: np.random.Generator, tolerance: float, limit: int)
     pieces = test_chorales(limit)
     fermatas = load_fermatas()
     skyline = [P.analyze_phrases(notes) for _, notes in pieces]
+    all_notes = [notes for _, notes in pieces]
     with_fermatas = [P.analyze_phrases_at(notes, fermatas[f]) for f, notes in pieces]
     hits = found = true = 0
     for (f, _), a in zip(pieces, skyline):
         h, d, t = P.phrase_end_matches(a.phrases, fermatas[f], tolerance=tolerance)
         hits, found, true = hits + h, found + d, true + t
     return {
-        "skyline": summarize(skyline, boot, rng),
-        "fermatas": summarize(with_fermatas, boot, rng),
+        "skyline": summarize(skyline, boot, rng, all_notes),
+        "fermatas": summarize(with_fermatas, boot, rng, all_notes),
         "detector": {
             "tolerance_beats": tolerance,
             "precision": hits / found if found else float("nan"),
@@ -167,9 +196,15 @@ def variants(
     """name -> function(engine, config) -> one Piece: ``plain`` (``generate``), ``ending``
     (the last ``tail_beats`` redrawn until the piece closes), ``phrased`` (particles resampled
     every ``phrase_beats`` towards the chorales' cadence rate, then the ending search),
-    ``phrased:B`` (the same every ``B`` beats), ``phrased-most`` (towards the most cadences)."""
-    from aurl.generation.cadence import CadenceOptions, generate_with_cadence
+    ``phrased:B`` (the same every ``B`` beats), ``phrased-most`` (towards the most cadences),
+    ``mode:NAME`` (``aurl generate --cadence NAME`` as shipped: its
+    :data:`aurl.generation.cadence.CADENCE_MODES` options, the other flags ignored)."""
+    from aurl.generation.cadence import CADENCE_MODES, CadenceOptions, generate_with_cadence
     from aurl.generation.generate import generate
+
+    def mode(name: str) -> Callable:
+        options = CADENCE_MODES[name]
+        return lambda engine, config: generate_with_cadence(engine, config, options=options)[0]
 
     def plain(engine, config):
         return generate(engine, config, num_samples=1)[0]
@@ -189,8 +224,16 @@ def variants(
         "plain": plain, "ending": searched(0.0), "phrased": searched(phrase_beats),
         "phrased-most": most,
     }  # fmt: skip
-    # "phrased:12": the phrase search with checkpoints every 12 beats
-    return {v: named[v] if v in named else searched(float(v.split(":")[1])) for v in wanted}
+    # "phrased:12": the phrase search with checkpoints every 12 beats; "mode:phrases"
+    out = {}
+    for v in wanted:
+        if v in named:
+            out[v] = named[v]
+        elif v.startswith("mode:"):
+            out[v] = mode(v.split(":", 1)[1])
+        else:
+            out[v] = searched(float(v.split(":")[1]))
+    return out
 
 
 def generated(args: argparse.Namespace, boot: int, rng: np.random.Generator) -> dict:
@@ -203,33 +246,85 @@ def generated(args: argparse.Namespace, boot: int, rng: np.random.Generator) -> 
     from aurl.evaluation import phrases as P
 
     torch.set_num_threads(args.threads)
-    engine = TorchEngine(load_model(args.checkpoint, "cpu"))
+    if args.engine == "onnx":  # the shipped model's graphs (written once to ~/.cache/aurl/onnx)
+        from aurl.cli.generate import model_folder
+        from aurl.engines.onnx_engine import OnnxEngine
+        from aurl.engines.shipped import ensure_shipped_onnx
+
+        # --checkpoint: an export folder (aurl export --format onnx)
+        folder = args.checkpoint or ensure_shipped_onnx(model_folder(None, None))
+        engine = OnnxEngine(folder, threads=args.threads)
+    else:
+        engine = TorchEngine(load_model(args.checkpoint, "cpu"))
     base = GenerationConfig(seconds=args.seconds, max_tokens=1_000_000)
     tokenizer = Tokenizer(engine.vocab.config, DataConfig(polyphony_cap=base.polyphony_cap))
     fns = variants(args.variants, args.particles, args.endings, args.tail_beats, args.phrase_beats)
     analyses: dict[str, list] = {v: [] for v in args.variants}
     cpu: dict[str, float] = {v: 0.0 for v in args.variants}
     lengths: dict[str, list[float]] = {v: [] for v in args.variants}
-    for seed in range(args.pieces):
+    kept: dict[str, list] = {v: [] for v in args.variants}
+    for seed in range(args.first_seed, args.first_seed + args.pieces):
         config = GenerationConfig(seconds=args.seconds, max_tokens=1_000_000, seed=seed)
         line = [f"seed {seed:2d}"]
         for v in args.variants:
             t0 = time.process_time()
             piece = fns[v](engine, config)
-            cpu[v] += time.process_time() - t0
+            spent = time.process_time() - t0
+            cpu[v] += spent
             notes = tokenizer.decode_to_notes(piece.ids)
+            if args.write:  # MIDI for aurl analyze, the notes and the CPU for --merge
+                folder = Path(args.write)
+                folder.mkdir(parents=True, exist_ok=True)
+                stem = f"{v.replace(':', '-')}_seed{seed}"
+                tokenizer.decode_to_midi(piece.ids, folder / f"{stem}.mid")
+                np.save(folder / f"{stem}.npy", notes)
+                with open(folder / "pieces.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"variant": v, "seed": seed, "cpu_s": spent,
+                                        "notes": f"{stem}.npy"}) + "\n")  # fmt: skip
             lengths[v].append(float((notes["onset_s"] + notes["duration_s"]).max()))
+            kept[v].append(notes)
             a = P.analyze_phrases(notes)
             analyses[v].append(a)
             last = a.cadences[-1].kind if a.last_closes else "open"
-            line.append(f"{v}: {len(a.cadences)} cad / {len(a.phrases)} phr, end {last}")
+            line.append(f"{v}: {len(a.cadences)} cad / {len(a.phrases)} phr, end {last}, "
+                        f"{spent:.1f} s")  # fmt: skip
         print("  ".join(line), flush=True)
+    return _sets(args.variants, analyses, cpu, lengths, kept, boot, rng)
+
+
+def _sets(names, analyses, cpu, lengths, kept, boot, rng) -> dict:
     out = {}
-    for v in args.variants:
-        out[v] = summarize(analyses[v], boot, rng)
-        out[v]["cpu_s_per_piece"] = cpu[v] / args.pieces
+    for v in names:
+        out[v] = summarize(analyses[v], boot, rng, kept[v])
+        out[v]["cpu_s_per_piece"] = cpu[v] / len(analyses[v])
         out[v]["seconds_min_max"] = (min(lengths[v]), max(lengths[v]))
     return out
+
+
+def merged(folders: Sequence[str], boot: int, rng: np.random.Generator) -> dict:
+    """The sets of earlier runs' ``--write`` folders (seed ranges split over processes), read
+    back from their saved notes and CPU seconds: each (variant, seed) once."""
+    from aurl.evaluation import phrases as P
+
+    seen: dict[tuple[str, int], tuple[Path, dict]] = {}
+    for folder in map(Path, folders):
+        for line in (folder / "pieces.jsonl").read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            seen[(rec["variant"], rec["seed"])] = (folder, rec)
+    names = list(dict.fromkeys(v for v, _ in sorted(seen, key=lambda k: k[1])))
+    analyses = {v: [] for v in names}
+    cpu = {v: 0.0 for v in names}
+    lengths: dict[str, list[float]] = {v: [] for v in names}
+    kept: dict[str, list] = {v: [] for v in names}
+    for (v, _), (folder, rec) in sorted(seen.items(), key=lambda kv: kv[0][1]):
+        notes = np.load(folder / rec["notes"], allow_pickle=False)
+        analyses[v].append(P.analyze_phrases(notes))
+        kept[v].append(notes)
+        cpu[v] += rec["cpu_s"]
+        lengths[v].append(float((notes["onset_s"] + notes["duration_s"]).max()))
+    for v in names:
+        print(f"{v}: {len(analyses[v])} pieces")
+    return _sets(names, analyses, cpu, lengths, kept, boot, rng)
 
 
 def _ci(x: Sequence[float]) -> str:
@@ -270,15 +365,24 @@ def main() -> None:
     ap.add_argument("--phrase-beats", type=float, default=8.0, help="checkpoints (phrased)")
     ap.add_argument("--checkpoint", help="model folder (default: the shipped default model)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                    help="onnx: the shipped model on onnxruntime (its ids differ from torch's)")  # fmt: skip
     ap.add_argument("--tolerance", type=float, default=0.5, help="beats, detector vs fermatas")
     ap.add_argument("--reference-limit", type=int, default=0, help="first N test chorales")
     ap.add_argument("--boot", type=int, default=10_000)
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--write", metavar="DIR", help="write each generated piece's MIDI here")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first .. first + pieces")
+    ap.add_argument("--merge", nargs="+", metavar="DIR",
+                    help="no generation: the sets of these --write folders (seed ranges)")  # fmt: skip
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"load average at start: {Path('/proc/loadavg').read_text().split()[:3]}")
     ref = reference(args.boot, rng, args.tolerance, args.reference_limit)
-    gen = generated(args, args.boot, rng) if args.pieces > 0 else {}
+    if args.merge:
+        gen = merged(args.merge, args.boot, rng)
+    else:
+        gen = generated(args, args.boot, rng) if args.pieces > 0 else {}
     rows = {
         "chorales, skyline phrases": ref["skyline"],
         "chorales, fermata phrases": ref["fermatas"],
@@ -295,7 +399,11 @@ def main() -> None:
     )
     for v, r in gen.items():
         print(f"{v}: lengths {r['seconds_min_max'][0]:.2f}-{r['seconds_min_max'][1]:.2f} s, "
-              f"cadence kinds {r['cadence_kinds']}")  # fmt: skip
+              f"cadence kinds {r['cadence_kinds']}, last cadence {r['final_cadence_kinds']}")  # fmt: skip
+    for name, r in rows.items():
+        k, n = r["final_chord_1_beat_or_more"]
+        print(f"{name}: the final chord of a piece ending on a cadence sounds a median "
+              f"{r['final_chord_beats_median']:.2f} beats; {k}/{n} sound 1 beat or more")  # fmt: skip
     print(f"load average at end: {Path('/proc/loadavg').read_text().split()[:3]}")
     if args.json:
         clean = {k: {kk: vv for kk, vv in r.items() if not kk.startswith("_")}

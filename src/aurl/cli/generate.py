@@ -57,10 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cadence", choices=("phrases", "thorough", "ending", "off"), default="phrases",
         help="with --seconds: 'phrases' (default) draws 4 rows per piece, every 8 beats keeps "
-        "the one whose cadences come nearest the chorales' rate, and tries 7 more endings of "
-        "a bar where the piece does not close (~1.8x the CPU); 'thorough' tries 15 endings of "
-        "two bars (~2.1x); 'ending' only redraws the ending (~1.3x); 'off' samples one row "
-        "(see docs/design.md)",
+        "the one whose cadences come nearest the chorales' rate, tries 7 more endings of a bar "
+        "where the piece does not close, and up to 3 x 7 of two bars while it ends on no "
+        "cadence (~1.8x the CPU); 'thorough' tries 15 endings of two bars (~2.1x); 'ending' "
+        "only redraws the ending (~1.3x); 'off' samples one row (see docs/design.md)",
     )  # fmt: skip
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (default 1)")
@@ -457,13 +457,9 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
             engine, config, num_samples=n, latents=latents, masker=masker, progress=bar
         )
     elif config.seconds > 0 and getattr(args, "cadence", "off") != "off":
-        from aurl.generation.cadence import CadenceOptions, generate_with_cadence
+        from aurl.generation.cadence import CADENCE_MODES, generate_with_cadence
 
-        options = {
-            "phrases": CadenceOptions(phrase_beats=8.0),
-            "thorough": CadenceOptions(phrase_beats=8.0, endings=16, tail_beats=8.0),
-            "ending": CadenceOptions(phrase_beats=0.0),
-        }[args.cadence]
+        options = CADENCE_MODES[args.cadence]
         pieces = generate_with_cadence(
             engine, config, num_samples=n, primer=primer, latents=latents, masker=masker,
             options=options, progress=bar,

@@ -21,7 +21,9 @@ cadence at each phrase's arrival), so what they optimise is what ``aurl evaluate
   the same constraints. The best ending wins: authentic or plagal over half or deceptive over
   none, the first drawn on a tie, so a piece is kept unless a redrawn ending closes better.
   Everything before the tail is kept, so the piece still lasts the time asked and a primer is
-  untouched.
+  untouched. While the winner still ends on no cadence at all, ``retries`` further rounds
+  redraw a longer tail (:func:`close_ending`); the cost falls only on the pieces that stay
+  open, and the numpy (onnx) engine runs both searches too.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class CadenceOptions:
             training split, :data:`CHORALE_CADENCES_PER_BEAT`); 0 for as many as it can find.
         lookahead_beats: A checkpoint waits until every particle is this far past it, so a
             phrase arriving just before it is seen to end (the skyline needs the next onset).
+        retries: Further rounds of ``endings - 1`` redrawn endings while the piece still ends
+            on no cadence at all (0: one round); the search stops at the first round that
+            closes on any cadence (:func:`close_ending`).
+        retry_tail_beats: How many beats a further round redraws (0: ``tail_beats``).
     """
 
     particles: int = 4
@@ -73,11 +79,14 @@ class CadenceOptions:
     phrase_beats: float = 0.0
     lookahead_beats: float = 2.0
     target_per_beat: float = CHORALE_CADENCES_PER_BEAT
+    retries: int = 0
+    retry_tail_beats: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.particles < 1 or self.endings < 1:
+        if self.particles < 1 or self.endings < 1 or self.retries < 0:
             raise ConfigError(
-                f"cadence particles {self.particles} / endings {self.endings}: give 1 or more"
+                f"cadence particles {self.particles} / endings {self.endings} / retries "
+                f"{self.retries}: give 1 or more (retries: 0 or more)"
             )
         if not self.tail_beats > 0:
             raise ConfigError(f"cadence tail_beats {self.tail_beats}: give a positive number")
@@ -86,6 +95,20 @@ class CadenceOptions:
                 f"cadence phrase_beats {self.phrase_beats} / lookahead_beats "
                 f"{self.lookahead_beats} / target_per_beat {self.target_per_beat}: give 0 or more"
             )
+        if self.retry_tail_beats < 0:
+            raise ConfigError(f"cadence retry_tail_beats {self.retry_tail_beats}: give 0 or more")
+
+
+#: ``aurl generate --cadence MODE``: the searches by name (``off``: plain sampling).
+#: ``phrases`` (the default) is the phrase search, 8 endings of a bar, then up to 3 more rounds
+#: of 7 endings of two bars while the piece still ends on no cadence (the default before
+#: issue 12's second pass had no further rounds: ``retries=0``); ``thorough`` 16 endings of two
+#: bars; ``ending`` the ending search alone, with the same further rounds.
+CADENCE_MODES: dict[str, CadenceOptions] = {
+    "phrases": CadenceOptions(phrase_beats=8.0, retries=3, retry_tail_beats=8.0),
+    "thorough": CadenceOptions(phrase_beats=8.0, endings=16, tail_beats=8.0),
+    "ending": CadenceOptions(phrase_beats=0.0, retries=3, retry_tail_beats=8.0),
+}
 
 
 def ending_score(notes: np.ndarray) -> int:
@@ -130,9 +153,8 @@ def generate_with_cadence(
 
     Without a length in seconds (``config.seconds == 0``), with one particle and one ending, or
     with a vocabulary that counts time in seconds, this is ``generate`` itself. With
-    ``options.phrase_beats`` the pieces come from :func:`generate_phrased` (torch engines
-    without beam search; otherwise the phrase search is skipped and only the endings are
-    searched).
+    ``options.phrase_beats`` the pieces come from :func:`generate_phrased` (without beam
+    search; with it the phrase search is skipped and only the endings are searched).
 
     Args:
         model: An engine or a model (as for ``generate``).
@@ -142,7 +164,7 @@ def generate_with_cadence(
         primer: Ids to continue (START first, no END): (P,) shared or (B, P) per row.
         latents: VAE latents with one row per sample, or None.
         masker: A prebuilt masker (as for ``generate``).
-        options: Particles, endings, tail and checkpoint lengths.
+        options: Particles, endings, tail and checkpoint lengths, further ending rounds.
         progress: Progress helper over the plain pieces' tokens.
 
     Returns:
@@ -156,7 +178,7 @@ def generate_with_cadence(
     search = config.seconds > 0 and vocab.config.time_unit == "beat"
     tokenizer = Tokenizer(vocab.config, DataConfig(polyphony_cap=config.polyphony_cap))
     phrased = options.phrase_beats > 0 and options.particles > 1
-    if search and phrased and not engine.numpy and config.beam <= 1:
+    if search and phrased and config.beam <= 1:
         pieces = generate_phrased(
             engine, config, tokenizer, options, num_samples=num_samples, primer=primer,
             latents=latents, masker=masker, progress=progress,
@@ -168,17 +190,61 @@ def generate_with_cadence(
         )  # fmt: skip
     if not search or options.endings <= 1:
         return pieces
-    out = []
-    for row, piece in enumerate(pieces):
-        best = ending_score(tokenizer.decode_to_notes(piece.ids))
-        cut = tail_cut(piece.ids, vocab, options.tail_beats, piece.primer_length)
-        if best == max(CLOSING.values()) or cut == 0:
-            out.append(piece)
+    return [
+        close_ending(engine, config, piece, row, tokenizer, options, latents=latents)
+        for row, piece in enumerate(pieces)
+    ]
+
+
+def close_ending(
+    engine: Any,
+    config: GenerationConfig,
+    piece: Piece,
+    row: int,
+    tokenizer: Any,
+    options: CadenceOptions,
+    *,
+    latents: Any = None,
+) -> Piece:
+    """``piece`` with its ending searched for a cadence (the ending search of
+    :func:`generate_with_cadence`; any engine, torch or numpy).
+
+    A piece that closes on an authentic or plagal cadence is kept. Otherwise round 0 draws
+    ``endings - 1`` continuations of the piece cut ``tail_beats`` before its end, and the best
+    ending (:func:`ending_score`; the piece's own, then the first drawn, on a tie) wins; while
+    the winner still ends on no cadence, up to ``retries`` further rounds redraw the last
+    ``retry_tail_beats`` (of the original piece) the same way, and the first round that closes
+    on any cadence ends the search. Round ``r`` of row ``row`` draws with seed
+    ``config.seed * 1000003 + row + 1`` (round 0, as before the retries existed) or that times
+    7919 plus ``r``.
+
+    Args:
+        engine: The engine the piece was drawn with.
+        config: Its sampling options, constraints, length and seed.
+        piece: The piece (START .. END).
+        row: Its row in the batch (the seeds of its rounds, and its row of ``latents``).
+        tokenizer: Decodes ids to notes for the analysis.
+        options: Endings, tails and retries.
+        latents: The batch's VAE latents, or None.
+
+    Returns:
+        The piece, or the same piece with the best ending found.
+    """
+    vocab = engine.vocab
+    best = ending_score(tokenizer.decode_to_notes(piece.ids))
+    chosen = piece
+    base_seed = config.seed * 1_000_003 + row + 1
+    for round_ in range(options.retries + 1 if options.endings > 1 else 0):
+        if best == max(CLOSING.values()) or (round_ > 0 and best > 0):
+            break
+        tail = options.tail_beats if round_ == 0 else options.retry_tail_beats or options.tail_beats
+        cut = tail_cut(piece.ids, vocab, tail, piece.primer_length)
+        if cut == 0:
             continue
         done = cut - piece.primer_length  # tokens of the plain piece kept
         redo = dataclasses.replace(
             config,
-            seed=config.seed * 1_000_003 + row + 1,
+            seed=base_seed if round_ == 0 else base_seed * 7919 + round_,
             max_tokens=max(config.max_tokens - done, 8),
             min_tokens=max(config.min_tokens - done, 0),
         )
@@ -195,13 +261,11 @@ def generate_with_cadence(
             engine, redo, num_samples=options.endings - 1, primer=piece.ids[:cut],
             latents=rows_latents,
         )  # fmt: skip
-        chosen = piece
         for cand in candidates:
             score = ending_score(tokenizer.decode_to_notes(cand.ids))
             if score > best:
                 best, chosen = score, Piece(cand.ids, piece.primer_length)
-        out.append(chosen)
-    return out
+    return chosen
 
 
 def pick_row(counts: np.ndarray, target: float) -> int:
@@ -244,24 +308,26 @@ def generate_phrased(
     beam of ``particles`` rows whose score is the analysis. At the end, the row that closes
     best (:func:`ending_score`, then the most cadences) is the piece.
 
-    torch engines only (the rows' decoding states are reordered as in beam search).
+    Torch engines (the rows' decoding states are reordered as in beam search) and numpy
+    engines (their own ``reorder``; no torch is imported).
 
     Raises:
-        ConfigError: a numpy engine, or beam search asked too.
+        ConfigError: beam search asked too.
     """
-    import torch
-
-    from aurl.generation.constraints import index_state
     from aurl.generation.generate import make_masker
 
-    if engine.numpy or config.beam > 1:
-        raise ConfigError("cadence phrase search runs on --engine torch without --beam")
+    if config.beam > 1:
+        raise ConfigError("cadence phrase search runs without --beam")
     K, B = options.particles, num_samples
     vocab, spb = engine.vocab, engine.vocab.config.steps_per_beat
-    masker = masker or make_masker(vocab, config, engine.device)
+    masker = masker or make_masker(vocab, config, None if engine.numpy else engine.device)
     if primer is not None and np.ndim(primer) == 2:
         primer = np.repeat(np.asarray(primer), K, axis=0)  # each piece's rows share its primer
-    if latents is not None:
+    if latents is not None:  # torch engines only (generate refuses latents on numpy ones)
+        import torch
+
+        from aurl.generation.constraints import index_state
+
         latents = index_state(latents, torch.arange(B, device=engine.device).repeat_interleave(K))
     shared = np.atleast_2d(primer) if primer is not None else np.zeros((1, 0), dtype=np.int64)
     shifts = np.where(vocab.kind[shared] == Kind.TIME_SHIFT, vocab.value[shared], 0)
@@ -275,16 +341,21 @@ def generate_phrased(
             return None  # the end is near: rows are no longer compared
         if float(state.grammar.time.min()) / spb < checkpoint + options.lookahead_beats:
             return None
-        src = torch.arange(B * K, device=engine.device)
+        ids = buffer[:, :n] if engine.numpy else buffer[:, :n].cpu().numpy()
+        src = np.arange(B * K)
         target = options.target_per_beat * (checkpoint - start)
         for b in range(B):
             counts = np.array([
-                cadence_count(tokenizer.decode_to_notes(buffer[r, :n].cpu().numpy()), checkpoint)
+                cadence_count(tokenizer.decode_to_notes(ids[r]), checkpoint)
                 for r in range(b * K, (b + 1) * K)
             ])  # fmt: skip
             src[b * K : (b + 1) * K] = b * K + pick_row(counts, target)
         checkpoint += options.phrase_beats
-        return src
+        if engine.numpy:
+            return src
+        import torch
+
+        return torch.as_tensor(src, device=engine.device)
 
     rows = generate(
         engine, config, num_samples=B * K, primer=primer, latents=latents, masker=masker,

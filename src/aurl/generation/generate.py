@@ -17,6 +17,7 @@ while the grammar and the constraints keep following the whole piece, so the out
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,8 +211,13 @@ class _Context:
         model's grammar features), so the loop need not advance a second copy; else None."""
         return self.engine.grammar_state(self.state)
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        self.state = index_state(self.state, rows)
+    def reorder(self, rows: Any) -> None:
+        """Each row's decode state from the row ``rows`` names (a numpy engine's own
+        ``reorder``, a torch one's tensors indexed)."""
+        if self.engine.numpy:
+            self.state = self.engine.reorder(self.state, rows)
+        else:
+            self.state = index_state(self.state, rows)
 
 
 def meter_tensor(engine: Any, config: GenerationConfig, batch: int) -> Any:
@@ -299,6 +305,9 @@ class _TorchArrays:
     def rows(self, ids: torch.Tensor) -> np.ndarray:
         return ids.cpu().numpy()
 
+    def take(self, state: Any, rows: torch.Tensor) -> Any:
+        return index_state(state, rows)
+
 
 class _NumpyArrays:
     """The same calls in numpy, for a numpy engine (no torch)."""
@@ -344,6 +353,28 @@ class _NumpyArrays:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         return ids
+
+    def take(self, state: Any, rows: np.ndarray) -> Any:
+        return take_rows(state, rows)
+
+
+def take_rows(state: Any, rows: np.ndarray) -> Any:
+    """:func:`aurl.generation.constraints.index_state` for numpy states (no torch): rows
+    ``rows`` of every batch-first array inside dataclasses, dicts, lists and tuples; 0-d arrays
+    and non-arrays are kept."""
+    if isinstance(state, np.ndarray):
+        return state[rows] if state.ndim > 0 else state
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        changes = {
+            f.name: take_rows(getattr(state, f.name), rows) for f in dataclasses.fields(state)
+        }
+        return dataclasses.replace(state, **changes)
+    if isinstance(state, dict):
+        return {k: take_rows(v, rows) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        items = [take_rows(v, rows) for v in state]
+        return type(state)(items) if not hasattr(state, "_fields") else type(state)(*items)
+    return state
 
 
 def _arrays(engine: Any) -> Any:
@@ -396,7 +427,8 @@ def generate(
             their count, the masker's state); a (B,) row index it returns replaces each row by
             the row it names (ids, decoding state, masks: sequential Monte Carlo resampling,
             e.g. :func:`aurl.generation.cadence.generate_phrased`); None leaves the rows as
-            they are. Torch engines without beam search.
+            they are. Without beam search; a numpy engine reorders its state with its own
+            ``reorder(state, rows)`` and gets numpy rows.
 
     Returns:
         One :class:`Piece` per sample, each ending with END.
@@ -414,8 +446,8 @@ def generate(
 
         what = "beam search (--beam)" if config.beam > 1 else "VAE latents"
         raise ConfigError(f"the onnx engine cannot do {what}: use --engine torch")
-    if steer is not None and (engine.numpy or config.beam > 1):
-        raise ConfigError("steered sampling runs on --engine torch without --beam")
+    if steer is not None and config.beam > 1:
+        raise ConfigError("steered sampling runs without --beam")
     arrays = _arrays(engine)
     masker = masker or make_masker(vocab, config, None if engine.numpy else engine.device)
     prefix = _prefix(primer, num_samples, arrays)
@@ -495,7 +527,7 @@ def _sample(
         src = steer(buffer, n, state) if steer is not None else None
         if src is not None:  # resample: each row goes on from the row it is given
             buffer, logits = buffer[src], logits[src]
-            state = index_state(state, src)
+            state = arrays.take(state, src)
             ctx.reorder(src)
             if seen is not None:
                 seen = seen[src]
