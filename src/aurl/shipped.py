@@ -15,6 +15,10 @@ from aurl.errors import CheckpointError
 ROOT = Path(__file__).resolve().parent / "pretrained"
 DEFAULT = "chorales"  # the transformer trained on the bundled Bach chorales (MODEL_CARD.md)
 ALIASES = {"default": DEFAULT}
+# the shipped VAE (pretrained/styles/MODEL_CARD.md: chorales among its styles): what
+# --variations / --interpolate use when no --model / --checkpoint is given, since the default
+# model has no latent
+VAE_DEFAULT = "styles"
 
 
 def shipped_models(root: Path = ROOT) -> dict[str, Path]:

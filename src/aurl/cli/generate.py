@@ -283,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--num-samples must be >= 1 and --steps >= 2")
     if args.voices is not None and not 1 <= args.voices <= 8:
         raise ConfigError(f"--voices {args.voices}: give 1 to 8 (4 for SATB)")
+    default_vae(args)
     n = args.steps if args.interpolate else args.num_samples
     stem = f"sample_seed{args.seed}"
     paths = output_paths(args.out, n, formats, stem=stem)
@@ -319,6 +320,23 @@ def run(args: argparse.Namespace) -> int:
 
         model = quantize_int8(model)  # about 2x faster decoding on CPU; weights read as int8
     return finish(args, config, TorchEngine(model), model, paths, settings, t0)
+
+
+def default_vae(args: argparse.Namespace) -> None:
+    """``--variations`` / ``--interpolate`` with no ``--model`` / ``--checkpoint``: the shipped
+    VAE (:data:`aurl.shipped.VAE_DEFAULT`) instead of the default transformer, said on stderr."""
+    import sys
+
+    from aurl.shipped import VAE_DEFAULT, shipped_models
+
+    wants = args.variations or args.interpolate
+    if not wants or args.checkpoint or args.model or args.engine == "onnx":
+        return
+    if VAE_DEFAULT in shipped_models(SHIPPED):
+        args.model = VAE_DEFAULT
+        what = "--variations" if args.variations else "--interpolate"
+        print(f"{what}: using the shipped VAE {VAE_DEFAULT!r} (the default model has no latent)",
+              file=sys.stderr)  # fmt: skip
 
 
 def require_torch(what: str) -> None:
