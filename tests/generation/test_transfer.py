@@ -150,7 +150,7 @@ def plain_vae(tmp_path_factory) -> Path:
     "model_args, extra, message",
     [
         (["--model", "styles"], ["--style", "jazz"], "this model knows chorale, folk"),
-        ([], ["--style", "folk"], "need a VAE model"),  # the default model: no VAE
+        (["--model", "chorales"], ["--style", "folk"], "need a VAE model"),  # a transformer
         (["--checkpoint", "VAE"], ["--style", "folk"], "trained without styles"),
     ],
 )

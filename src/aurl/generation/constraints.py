@@ -631,20 +631,38 @@ def index_state(state: Any, index: torch.Tensor) -> Any:
     """
     import torch
 
-    if isinstance(state, torch.Tensor):
-        return state.index_select(0, index) if state.dim() > 0 else state
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, index) if t.dim() > 0 else t
+
+    return map_state(state, torch.Tensor, take, objects_but=(torch.nn.Module, np.ndarray))
+
+
+def map_state(
+    state: Any, leaf: type, take: Any, *, objects_but: tuple[type, ...] | None = None
+) -> Any:
+    """``state`` rebuilt with ``take(x)`` for every ``leaf`` instance ``x`` inside its
+    dataclasses, dicts, lists and tuples (named ones too) and, unless ``objects_but`` is None,
+    inside the attributes of plain objects other than those types; anything else is kept."""
+    if isinstance(state, leaf):
+        return take(state)
+
+    def inner(value: Any) -> Any:
+        return map_state(value, leaf, take, objects_but=objects_but)
+
     if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        changes = {
-            f.name: index_state(getattr(state, f.name), index) for f in dataclasses.fields(state)
-        }
+        changes = {f.name: inner(getattr(state, f.name)) for f in dataclasses.fields(state)}
         return dataclasses.replace(state, **changes)
     if isinstance(state, dict):
-        return {k: index_state(v, index) for k, v in state.items()}
+        return {k: inner(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        items = [index_state(v, index) for v in state]
+        items = [inner(v) for v in state]
         return type(state)(items) if not hasattr(state, "_fields") else type(state)(*items)
-    if hasattr(state, "__dict__") and not isinstance(state, (torch.nn.Module, np.ndarray)):
+    if (
+        objects_but is not None
+        and hasattr(state, "__dict__")
+        and not isinstance(state, objects_but)
+    ):
         new = object.__new__(type(state))
-        new.__dict__.update({k: index_state(v, index) for k, v in vars(state).items()})
+        new.__dict__.update({k: inner(v) for k, v in vars(state).items()})
         return new
     return state

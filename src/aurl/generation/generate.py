@@ -17,7 +17,6 @@ while the grammar and the constraints keep following the whole piece, so the out
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 from aurl.config import GenerationConfig
 from aurl.data.vocab import END, PAD, START, Kind, Vocab
 from aurl.errors import ConfigError, ConstraintError
-from aurl.generation.constraints import LogitMasker, build_constraints, index_state
+from aurl.generation.constraints import LogitMasker, build_constraints, index_state, map_state
 from aurl.generation.sampling import (
     SamplingOptions,
     filter_logits,
@@ -362,19 +361,7 @@ def take_rows(state: Any, rows: np.ndarray) -> Any:
     """:func:`aurl.generation.constraints.index_state` for numpy states (no torch): rows
     ``rows`` of every batch-first array inside dataclasses, dicts, lists and tuples; 0-d arrays
     and non-arrays are kept."""
-    if isinstance(state, np.ndarray):
-        return state[rows] if state.ndim > 0 else state
-    if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        changes = {
-            f.name: take_rows(getattr(state, f.name), rows) for f in dataclasses.fields(state)
-        }
-        return dataclasses.replace(state, **changes)
-    if isinstance(state, dict):
-        return {k: take_rows(v, rows) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        items = [take_rows(v, rows) for v in state]
-        return type(state)(items) if not hasattr(state, "_fields") else type(state)(*items)
-    return state
+    return map_state(state, np.ndarray, lambda a: a[rows] if a.ndim > 0 else a)
 
 
 def _arrays(engine: Any) -> Any:
