@@ -13,13 +13,7 @@ from aurl.config import GenerationConfig
 from aurl.data.notes import make_notes, notes_from_file
 from aurl.data.vocab import END, START, Vocab
 from aurl.errors import ConfigError
-from aurl.generation.cadence import (
-    CadenceOptions,
-    ending_rank,
-    ending_score,
-    tail_cut,
-    token_beats,
-)
+from aurl.generation.cadence import CadenceOptions, ending_score, tail_cut, token_beats
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "midi"
 CHORDS = {"C": [48, 64, 67, 72], "F": [53, 65, 69, 72], "G": [43, 62, 67, 71],
@@ -61,17 +55,6 @@ def test_ending_score_reads_the_last_cadence() -> None:
     assert ending_score(_piece(["C", "G", "F", "Am"])) == 0  # IV -> vi: none
     # a real chorale: BWV 66.6 closes IV -> I
     assert ending_score(notes_from_file(FIXTURES / "bach_bwv66.6.mid")) == 2
-
-
-def test_ending_rank_prefers_a_held_final_chord() -> None:
-    held = _piece(["C", "F", "G", "C"])  # the final I sounds 2 beats
-    assert ending_rank(held) == (2, True)
-    cut = held.copy()
-    last = cut["onset"] == cut["onset"].max()
-    cut["duration"][last] = 0.25  # the clock cuts the final I a quarter beat after it arrives
-    assert ending_rank(cut) == (2, False)
-    assert ending_rank(held) > ending_rank(cut) > ending_rank(_piece(["C", "F", "C", "G"]))
-    assert ending_rank(_piece(["C", "G", "F", "Am"])) == (0, False)
 
 
 def test_pick_row_by_hand() -> None:

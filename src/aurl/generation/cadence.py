@@ -43,9 +43,6 @@ from aurl.progress import Progress, silent
 
 #: Ending scores: what closes a piece best.
 CLOSING = {"authentic": 2, "plagal": 2, "half": 1, "deceptive": 1}
-#: Beats the final chord of a closing cadence sounds, at least, to count as held (every one of
-#: the 34 grouped-test chorales that end on a cadence holds it 1 beat or more).
-HOLD_BEATS = 1.0
 #: Cadences per beat of the bundled chorales' training split (262 files, skyline phrases, mean
 #: over pieces: 0.0374, i.e. 0.299 per 8 beats), as :mod:`aurl.evaluation.phrases` reads them:
 #: ``mean(cadences_per_beat(analyze_phrases(notes_from_file(f))))`` over the manifest's
@@ -117,23 +114,10 @@ CADENCE_MODES: dict[str, CadenceOptions] = {
 def ending_score(notes: np.ndarray) -> int:
     """2 when the piece's last phrase closes on an authentic or plagal cadence, 1 on a half or
     deceptive one, 0 on none (as :mod:`aurl.evaluation.phrases` reads ``ends_on_cadence``)."""
-    return ending_rank(notes)[0]
-
-
-def ending_rank(notes: np.ndarray) -> tuple[int, bool]:
-    """How well a piece ends: (:func:`ending_score`, whether the chord its closing cadence
-    arrives on sounds at least :data:`HOLD_BEATS`). The second part keeps the searches from
-    taking a cadence whose final chord the ``--seconds`` clock cuts a fraction of a beat after
-    it arrives, where an ending held as the chorales hold theirs was drawn too."""
     from aurl.analysis.structure import phrase_boundaries, phrase_cadences
-    from aurl.data.notes import pitched
 
     _, last = phrase_cadences(notes, phrase_boundaries(notes))
-    if last is None:
-        return 0, False
-    p = pitched(notes)
-    end = float((p["onset"] + p["duration"]).max()) if len(p) else last.beat
-    return CLOSING.get(last.kind, 0), end - last.beat >= HOLD_BEATS
+    return CLOSING.get(last.kind, 0) if last is not None else 0
 
 
 def token_beats(ids: np.ndarray, vocab: Any) -> np.ndarray:
@@ -225,10 +209,9 @@ def close_ending(
     """``piece`` with its ending searched for a cadence (the ending search of
     :func:`generate_with_cadence`; any engine, torch or numpy).
 
-    A piece that closes on an authentic or plagal cadence whose final chord is held
-    (:func:`ending_rank`) is kept. Otherwise round 0 draws ``endings - 1`` continuations of the
-    piece cut ``tail_beats`` before its end, and the best ending (:func:`ending_rank`: the
-    cadence, then the held final chord; the piece's own, then the first drawn, on a tie) wins; while
+    A piece that closes on an authentic or plagal cadence is kept. Otherwise round 0 draws
+    ``endings - 1`` continuations of the piece cut ``tail_beats`` before its end, and the best
+    ending (:func:`ending_score`; the piece's own, then the first drawn, on a tie) wins; while
     the winner still ends on no cadence, up to ``retries`` further rounds redraw the last
     ``retry_tail_beats`` (of the original piece) the same way, and the first round that closes
     on any cadence ends the search. Round ``r`` of row ``row`` draws with seed
@@ -248,12 +231,11 @@ def close_ending(
         The piece, or the same piece with the best ending found.
     """
     vocab = engine.vocab
-    best = ending_rank(tokenizer.decode_to_notes(piece.ids))
-    top = (max(CLOSING.values()), True)
+    best = ending_score(tokenizer.decode_to_notes(piece.ids))
     chosen = piece
     base_seed = config.seed * 1_000_003 + row + 1
     for round_ in range(options.retries + 1 if options.endings > 1 else 0):
-        if best == top or (round_ > 0 and best[0] > 0):
+        if best == max(CLOSING.values()) or (round_ > 0 and best > 0):
             break
         tail = options.tail_beats if round_ == 0 else options.retry_tail_beats or options.tail_beats
         cut = tail_cut(piece.ids, vocab, tail, piece.primer_length)
@@ -280,7 +262,7 @@ def close_ending(
             latents=rows_latents,
         )  # fmt: skip
         for cand in candidates:
-            score = ending_rank(tokenizer.decode_to_notes(cand.ids))
+            score = ending_score(tokenizer.decode_to_notes(cand.ids))
             if score > best:
                 best, chosen = score, Piece(cand.ids, piece.primer_length)
     return chosen
@@ -324,7 +306,7 @@ def generate_phrased(
     target; the first row on a tie) is copied over the piece's other rows: the others start again from it, with their own random
     draws. This is sequential Monte Carlo with a greedy resampling step (Lew et al. 2023), a
     beam of ``particles`` rows whose score is the analysis. At the end, the row that closes
-    best (:func:`ending_rank`, then the most cadences) is the piece.
+    best (:func:`ending_score`, then the most cadences) is the piece.
 
     Torch engines (the rows' decoding states are reordered as in beam search) and numpy
     engines (their own ``reorder``; no torch is imported).
@@ -384,7 +366,7 @@ def generate_phrased(
         best, best_key = None, None
         for piece in rows[b * K : (b + 1) * K]:
             notes = tokenizer.decode_to_notes(piece.ids)
-            key = (*ending_rank(notes), cadence_count(notes, np.inf))
+            key = (ending_score(notes), cadence_count(notes, np.inf))
             if best_key is None or key > best_key:
                 best, best_key = piece, key
         out.append(best)
