@@ -69,3 +69,25 @@ def test_export_is_written_once_and_reused_without_torch(tiny_model, tmp_path) -
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines() == [f"{export} True False"]
     shutil.rmtree(cache)
+
+
+def test_engine_onnx_int8_takes_the_shipped_models_int8_export(tmp_path, capsys) -> None:
+    """`aurl generate --engine onnx --int8` with no --checkpoint: the shipped model's int8
+    graphs (exported once to the cache), not a refusal; with --checkpoint EXPORT, --int8 is
+    still refused in one line (an export's precision is the export's)."""
+    import onnx
+
+    from aurl.cli import main
+    from aurl.shipped import shipped_model
+
+    out = tmp_path / "o"
+    args = ["generate", "--engine", "onnx", "--int8", "--max-tokens", "32", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert len(list(out.glob("*.mid"))) == 1
+    folder = shipped_onnx_folder(shipped_model(), int8=True)
+    ops = {node.op_type for node in onnx.load(str(folder / "decoder.onnx")).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, sorted(ops)
+    capsys.readouterr()
+    again = [*args[:4], "--checkpoint", str(folder), *args[4:6], "--out", str(tmp_path / "p")]
+    assert main(again) != 0
+    assert "--engine onnx does not support --int8:" in capsys.readouterr().err

@@ -49,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     length.add_argument("--max-tokens", type=int, metavar="N", help="length limit in tokens")
     length.add_argument("--seconds", type=float, metavar="S", help="length limit in seconds")
     p.add_argument(
-        "--int8", action="store_true", help="int8 weights, bf16 activations: faster on CPU"
+        "--int8",
+        action="store_true",
+        help="int8 weights, faster on CPU (with --engine onnx: the shipped model's int8 export)",
     )
     p.add_argument(
         "--min-tokens", type=int, metavar="N", help="no END before N generated tokens (default 0)"
@@ -390,7 +392,10 @@ def onnx_engine(args: argparse.Namespace):
     from aurl.errors import CheckpointError, ConfigError
 
     unsupported = {
-        "--int8": args.int8 and "export int8 graphs with `aurl export --format onnx --int8`",
+        "--int8": args.int8
+        and args.checkpoint is not None
+        and "--checkpoint names an export: export int8 graphs with `aurl export --format onnx "
+        "--int8` and pass that folder (without --checkpoint, --int8 takes the shipped model's)",
         "--beam": (args.beam or 1) > 1 and "beam search runs on --engine torch",
         "--variations": args.variations and "VAE latents run on --engine torch",
         "--interpolate": args.interpolate and "VAE latents run on --engine torch",
@@ -407,7 +412,7 @@ def onnx_engine(args: argparse.Namespace):
     if args.checkpoint is None:
         from aurl.engines.shipped import ensure_shipped_onnx
 
-        folder = ensure_shipped_onnx(model_folder(None, args.model))
+        folder = ensure_shipped_onnx(model_folder(None, args.model), int8=args.int8)
     else:
         folder = Path(args.checkpoint)
         if (folder / "model.safetensors").is_file():
