@@ -148,7 +148,9 @@ def compute_losses(
     context = {}  # where the windows start in their pieces, and the pieces' meters
     if isinstance(batch, dict):
         ids, attention_mask = batch["ids"], batch.get("attention_mask")
-        context = {k: batch[k] for k in ("start", "meter", "style", "fim") if batch.get(k) is not None}
+        context = {
+            k: batch[k] for k in ("start", "meter", "style", "fim") if batch.get(k) is not None
+        }
     else:
         ids, attention_mask = batch, None
     out = model(ids, attention_mask=attention_mask, **context)
