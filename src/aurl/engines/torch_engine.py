@@ -28,6 +28,12 @@ class TorchEngine:
     def step(self, ids: torch.Tensor, state: Any) -> torch.Tensor:
         return self.model.step(ids, state)
 
+    def reorder(self, state: Any, rows: torch.Tensor) -> Any:
+        """The state of rows ``rows`` (beam search, resampling)."""
+        from aurl.generation.constraints import index_state
+
+        return index_state(state, rows)
+
     def grammar_state(self, state: Any) -> Any:
         carried = getattr(state, "grammar", None)
         return carried[0] if carried is not None else None

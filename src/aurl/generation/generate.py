@@ -211,12 +211,8 @@ class _Context:
         return self.engine.grammar_state(self.state)
 
     def reorder(self, rows: Any) -> None:
-        """Each row's decode state from the row ``rows`` names (a numpy engine's own
-        ``reorder``, a torch one's tensors indexed)."""
-        if self.engine.numpy:
-            self.state = self.engine.reorder(self.state, rows)
-        else:
-            self.state = index_state(self.state, rows)
+        """Each row's decode state from the row ``rows`` names (the engine's ``reorder``)."""
+        self.state = self.engine.reorder(self.state, rows)
 
 
 def meter_tensor(engine: Any, config: GenerationConfig, batch: int) -> Any:
@@ -414,8 +410,8 @@ def generate(
             their count, the masker's state); a (B,) row index it returns replaces each row by
             the row it names (ids, decoding state, masks: sequential Monte Carlo resampling,
             e.g. :func:`aurl.generation.cadence.generate_phrased`); None leaves the rows as
-            they are. Without beam search; a numpy engine reorders its state with its own
-            ``reorder(state, rows)`` and gets numpy rows.
+            they are. Without beam search; the engine reorders its state with its
+            ``reorder(state, rows)`` (numpy rows for a numpy engine).
 
     Returns:
         One :class:`Piece` per sample, each ending with END.
