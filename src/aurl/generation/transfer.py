@@ -48,7 +48,6 @@ from aurl.config import GenerationConfig
 from aurl.data.vocab import END, Kind, Vocab
 from aurl.errors import ConfigError, ConstraintError
 from aurl.generation.constraints import NEG_INF, LogitMasker, MaskState
-from aurl.progress import Progress, silent
 
 KEEPS = ("rhythm", "contour", "both", "none")
 DEFAULT_KEEP = "rhythm"  # measured: BENCHMARKS.md, "Style transfer by constrained decoding"
@@ -131,8 +130,8 @@ class TransferMasker:
     both kept as hard masks, the base masks winning where they would leave a row nothing.
 
     It has the calls :func:`aurl.generation.generate.generate` makes of a masker (pass it as
-    ``masker``); its row state lives in numpy, so beam search and steering (which reorder
-    rows) are refused by :func:`generate_transfer`.
+    ``masker``); its row state lives in numpy on the host, so it is not for beam search
+    (refused by :func:`transfer_masker`) or a ``steer`` that reorders rows.
     """
 
     def __init__(self, base: LogitMasker, plans: Sequence[SourcePlan], keep: str) -> None:
@@ -177,7 +176,7 @@ class TransferMasker:
     def advance(self, state: TransferState, ids: Any, grammar: Any = None) -> TransferState:
         """One token per row: the base state, then the step's notes and the skyline."""
         base = self.base.advance(state.base, ids, grammar)
-        tok = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids, dtype=np.int64)
+        tok = _host(ids).astype(np.int64, copy=False)
         kind, pitch = self.kind[tok], self.value[tok] - self.pitch_min
         played, new, top = state.played.copy(), state.new.copy(), state.top.copy()
         sky_count, sky_pitch = state.sky_count.copy(), state.sky_pitch.copy()
@@ -204,9 +203,7 @@ class TransferMasker:
 
     def _sounding(self, base: MaskState) -> np.ndarray:
         """(B, P) bool: pitches sounding in any family."""
-        s = base.grammar.sounding
-        s = s.cpu().numpy() if hasattr(s, "cpu") else np.asarray(s)
-        return s.any(axis=1)
+        return _host(base.grammar.sounding).any(axis=1)
 
     # -- masking ----------------------------------------------------------------------------
 
@@ -235,11 +232,10 @@ class TransferMasker:
         ok = np.isfinite(masked)  # (B, V): what the grammar and the constraints allow
         keep = np.ones_like(ok)
         g = state.base.grammar
-        time = np.asarray(g.time.cpu() if hasattr(g.time, "cpu") else g.time, dtype=np.int64)
-        count = np.asarray(g.count.cpu() if hasattr(g.count, "cpu") else g.count)
+        time, count = _host(g.time).astype(np.int64, copy=False), _host(g.count)
         sounding = self._sounding(state.base)
         held = _held_max(sounding, state.new)
-        family = g.family.cpu().numpy() if hasattr(g.family, "cpu") else np.asarray(g.family)
+        family = _host(g.family)
         # one instrument family, the first the row picks: a change of family mid-step would
         # leave the notes of the one before unreleasable (families ascend within a step)
         keep[family < self.vocab.config.num_instruments, self.instrument] = False
@@ -355,6 +351,11 @@ class TransferMasker:
         return covered, floor
 
 
+def _host(x: Any) -> np.ndarray:
+    """A torch tensor (any device) or an array as a numpy array on the host."""
+    return x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)
+
+
 def _held_max(sounding: np.ndarray, new: np.ndarray) -> np.ndarray:
     """(B,) the highest pitch index sounding but not started at this step (-1: none)."""
     held = sounding & ~new
@@ -386,33 +387,6 @@ def transfer_masker(
     if config.beam > 1:
         raise ConfigError(f"--keep {keep} samples token by token: drop --beam (or --keep none)")
     return TransferMasker(base, [source_plan(ids, tokenizer) for ids in sources], keep)
-
-
-def generate_transfer(
-    model: Any,
-    config: GenerationConfig,
-    sources: Sequence[np.ndarray],
-    tokenizer: Any,
-    *,
-    keep: str = DEFAULT_KEEP,
-    latents: Any = None,
-    progress: Progress = silent,
-) -> list[Any]:
-    """Decode one piece per source under ``config`` (its ``style`` the target), keeping each
-    source's ``keep`` (see the module docstring); ``latents``: one row per source (the
-    sources' own, for a VAE), or None.
-
-    Raises:
-        ConfigError: an unknown ``keep``, or beam search with a kept property.
-        ConstraintError: a source without notes, or bad constraints.
-    """
-    from aurl.engines import as_engine
-    from aurl.generation.generate import generate
-
-    engine = as_engine(model)
-    masker = transfer_masker(engine, config, sources, tokenizer, keep)
-    return generate(engine, config, num_samples=len(sources), latents=latents, masker=masker,
-                    progress=progress)  # fmt: skip
 
 
 def transfer_config(config: GenerationConfig, sources: Sequence[np.ndarray]) -> GenerationConfig:
