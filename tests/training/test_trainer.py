@@ -5,7 +5,9 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from aurl.cli import main
 from aurl.config import load_config
 from aurl.data.cache import prepare
 from aurl.errors import CheckpointError, ConfigError, DataError
+from aurl.training import trainer as trainer_module
 from aurl.training.checkpoint import best_checkpoints, list_checkpoints, load_checkpoint
 from aurl.training.monitor import AnomalyDetector
 from aurl.training.trainer import check_precision, gan_schedule, lr_at, train
@@ -587,3 +590,44 @@ def test_a_loss_spike_is_flagged_and_the_step_kept(fixture_cache, tmp_path, tiny
     assert steps[23] > 5 * steps[22]
     assert "step 23 anomaly loss_spike action flagged" in (run / "train.log").read_text()
     assert result.step == 24 and load_checkpoint(run).state["lr_scale"] == 1.0
+
+
+def test_sigterm_stops_before_validating_and_the_resumed_run_validates_first(
+    fixture_cache, tmp_path, tiny_config, monkeypatch
+):
+    # step 2 validates; a SIGTERM during step 2 must stop the run right after that step (no
+    # validation pass, which takes minutes on a real set), with a checkpoint that says the
+    # validation is owed; the resumed run validates step 2 first and ends as one straight run
+    cfg = tiny_config(fixture_cache, "training.max_steps=4", "training.eval_every=2",
+                      "training.save_every=100", "model.dropout=0.1")  # fmt: skip
+    straight_lines: list[str] = []
+    straight = train(cfg, tmp_path / "straight", echo=straight_lines.append)
+
+    real_step = trainer_module._train_step
+
+    def step_then_sigterm(run, stage):
+        out = real_step(run, stage)
+        if run.step == 1:  # the step about to become step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(trainer_module, "_train_step", step_then_sigterm)
+    lines: list[str] = []
+    stopped = train(cfg, run, echo=lines.append)
+    monkeypatch.setattr(trainer_module, "_train_step", real_step)
+    assert (stopped.stopped, stopped.step) == ("interrupted", 2)
+    assert not any(" valid loss " in line for line in lines)  # the validation was skipped
+    (saved,) = list_checkpoints(run)
+    assert load_checkpoint(saved).state["pending_validation"] is True
+
+    resumed_lines: list[str] = []
+    resumed = train(cfg, run, echo=resumed_lines.append)
+    valid = [line.split()[:2] for line in resumed_lines if " valid loss " in line]
+    assert valid == [["step", "2"], ["step", "4"]]  # step 2's owed validation, then step 4's
+    assert (resumed.step, resumed.stopped) == (4, "max_steps")
+    assert resumed.best_valid_loss == straight.best_valid_loss
+    assert resumed.train_loss == straight.train_loss  # the signal changed nothing else
+    assert [line for line in straight_lines if " valid loss " in line] == [
+        line for line in lines + resumed_lines if " valid loss " in line
+    ]

@@ -352,6 +352,7 @@ class _Run:
     row_styles: np.ndarray | None = None
     valid_styles: list[int] | None = None  # the style id of each validation piece
     valid_loss: float | None = None
+    pending_validation: bool = False  # stopped by a signal before validating its last step
     last_loss: float = float("nan")
     stopped: str = "max_steps"
     t0: float = dataclasses.field(default_factory=time.perf_counter)
@@ -532,6 +533,7 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
         run.best_valid = start.state.get("best_valid")
         run.bad_evals = int(start.state.get("bad_evals", 0))
         run.lr_scale = float(start.state.get("lr_scale", 1.0))
+        run.pending_validation = bool(start.state.get("pending_validation", False))
     if run.step >= ends[-1]:
         run.log(f"step {run.step}: the run is already complete (raise training.max_steps to go on)")
     return run
@@ -652,6 +654,9 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
     c = stage.config.model
     n_params = sum(p.numel() for p in stage.gen_params)
     # a rollback moves ``run.step`` back, so the loop runs on it, not on a range
+    if run.pending_validation:  # the run stopped before validating its last step
+        run.pending_validation = False
+        _validate(run, stage, run.last_loss)
     pbar = progress(itertools.count(), total=stage.end - run.step, desc=f"train {stage.mode}")
     for _ in pbar:
         if run.step >= stage.end:
@@ -689,13 +694,19 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
                 set_status(pbar, " ".join(train_line(run.step, values).split()[2:8]))
             tokens_since, time_since, steps_since = 0, 0.0, 0
 
-        metrics = _validate(run, stage, out.loss)
-        if run.monitor and t.sample_every and run.step % t.sample_every == 0:
-            _sample(stage.model, stage.config, run.step, run.run_dir, run.monitor, run.grammar)
+        # a stop skips this step's validation and samples (minutes under load): the checkpoint
+        # says so and the resumed run validates the step first (see _train_stage's start)
+        interrupted = distributed.any_flag(stop.requested, d)
+        metrics = None
+        if interrupted:
+            run.pending_validation = _due_validation(run)
+        else:
+            metrics = _validate(run, stage, out.loss)
+            if run.monitor and t.sample_every and run.step % t.sample_every == 0:
+                _sample(stage.model, stage.config, run.step, run.run_dir, run.monitor, run.grammar)
 
         out_of_time = t.max_minutes > 0 and (time.perf_counter() - run.t0) / 60 >= t.max_minutes
         out_of_time = distributed.any_flag(out_of_time, d)
-        interrupted = distributed.any_flag(stop.requested, d)
         patience_out = bool(t.patience) and metrics is not None and run.bad_evals >= t.patience
         if d.is_main and (
             run.step % t.save_every == 0
@@ -981,13 +992,19 @@ def _handle_anomaly(run: _Run, stage: _Stage, out: _Step) -> None:
         )
 
 
+def _due_validation(run: _Run) -> bool:
+    """Whether this step validates: every ``eval_every`` steps and at the end of the run."""
+    t = run.config.training
+    return bool(run.valid_set) and (run.step % t.eval_every == 0 or run.step == run.ends[-1])
+
+
 def _validate(run: _Run, stage: _Stage, train_loss: float) -> dict[str, float] | None:
     """Validation at ``eval_every`` and at the end of the run (not of earlier stages: losses of
     another mode do not rank against this one's), with early stopping's bookkeeping; returns
     the metrics a checkpoint keeps, or None when it did not run."""
-    t = run.config.training
-    if not run.valid_set or not (run.step % t.eval_every == 0 or run.step == run.ends[-1]):
+    if not _due_validation(run):
         return None
+    t = run.config.training
     v = evaluate(stage.model, run.valid_set, stage.config, device=run.d.device, d=run.d,
                  meters=run.valid_meters, grammar=run.grammar,
                  styles=run.valid_styles)  # fmt: skip
@@ -1011,6 +1028,7 @@ def _save(run: _Run, stage: _Stage, metrics: dict[str, float] | None) -> None:
         state={"stage": stage.index, "data": run.loader.state_dict(),
                "anomaly": run.detector.state_dict(), "lr_scale": run.lr_scale,
                "best_valid": run.best_valid, "bad_evals": run.bad_evals,
+               **({"pending_validation": True} if run.pending_validation else {}),
                **({"finetune": run.finetune} if run.finetune else {})},
     )  # fmt: skip
     ckpt.prune_checkpoints(run.run_dir, run.config.training.keep_best)
