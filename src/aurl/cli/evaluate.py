@@ -163,7 +163,15 @@ def generate_samples(model: Any, n: int, *, max_tokens: int, seed: int, batch: i
     out = []
     for k, start in enumerate(range(0, n, batch)):
         config = GenerationConfig(max_tokens=max_tokens, seed=seed + k)
-        pieces = generate(model, config, num_samples=min(batch, n - start), progress=bar)
+        rows = min(batch, n - start)
+        latents = None
+        if getattr(model, "encoder", None) is not None:  # a VAE: prior draws, as generate
+            import torch
+
+            device = next(model.parameters()).device
+            generator = torch.Generator(device=device).manual_seed(seed + k)
+            latents = model.sample_prior(rows, generator=generator)
+        pieces = generate(model, config, num_samples=rows, latents=latents, progress=bar)
         out.extend(piece.ids for piece in pieces)
     return out
 

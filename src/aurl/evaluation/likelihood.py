@@ -119,6 +119,22 @@ def _can_carry(model: Any) -> bool:
     return "history" in inspect.signature(init).parameters
 
 
+def _prefix_start(model: Any, seqs: list[np.ndarray], batch: list, device: Any) -> Any:
+    """For a model that cannot carry its state through ``step`` (a VAE, whose latents come from
+    ``forward``) but can compute it (``start_after``): the musical-time and grammar state
+    after each row's prefix, so that a later window starts where its piece is, as in training;
+    None when every row starts its piece or the model has no ``start_after``."""
+    starts = [start for _, start, _, _ in batch]
+    if max(starts) == 0 or not hasattr(model, "start_after"):
+        return None
+    history = torch.full((len(batch), max(starts)), PAD, dtype=torch.long)  # right-aligned
+    for r, (i, start, _, _) in enumerate(batch):
+        if start:
+            history[r, -start:] = torch.from_numpy(seqs[i][:start])
+    empty = torch.tensor([start == 0 for start in starts])
+    return model.start_after(history, empty=empty, device=device)
+
+
 @torch.no_grad()
 def score_sequences(
     model: torch.nn.Module,
@@ -215,6 +231,9 @@ def score_sequences(
                 state = model.init_state(1, device=device, capacity=T, history=history, **kw)
                 logits = model.step(ids.to(device), state).float()  # (1, T, V)
             else:
+                begin = _prefix_start(model, seqs, batch, device)
+                if begin is not None:
+                    kw["start"] = begin
                 logits = model(ids.to(device), **kw).logits.float()  # (B, T, V)
             logp = torch.log_softmax(logits, dim=-1)
             for r, (i, start, end, first) in enumerate(batch):
