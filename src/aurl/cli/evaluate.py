@@ -157,20 +157,14 @@ def latent_report(model: Any, seqs: list, grammar: Any, window: int, meters: lis
 def generate_samples(model: Any, n: int, *, max_tokens: int, seed: int, batch: int) -> list:
     """``n`` sampled id arrays (START .. END), in batches, with the default sampling options."""
     from aurl.config import GenerationConfig
-    from aurl.generation.generate import generate
+    from aurl.generation.generate import generate, prior_latents
     from aurl.progress import bar
 
     out = []
     for k, start in enumerate(range(0, n, batch)):
         config = GenerationConfig(max_tokens=max_tokens, seed=seed + k)
         rows = min(batch, n - start)
-        latents = None
-        if getattr(model, "encoder", None) is not None:  # a VAE: prior draws, as generate
-            import torch
-
-            device = next(model.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(seed + k)
-            latents = model.sample_prior(rows, generator=generator)
+        latents = prior_latents(model, rows, seed + k)  # a VAE: as `aurl generate --seed` draws
         pieces = generate(model, config, num_samples=rows, latents=latents, progress=bar)
         out.extend(piece.ids for piece in pieces)
     return out

@@ -455,7 +455,7 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
     if model is not None and is_vae:
         import torch
 
-        from aurl.generation.generate import file_latents, interpolation_latents
+        from aurl.generation.generate import file_latents, interpolation_latents, prior_latents
 
         generator = torch.Generator(device=device).manual_seed(args.seed)
         if args.variations:
@@ -463,7 +463,7 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
         elif args.interpolate:
             latents = interpolation_latents(model, *args.interpolate, tokenizer, steps=n)
         else:
-            latents = model.sample_prior(n, generator=generator)
+            latents = prior_latents(model, n, args.seed)
     keep = transfer_keep(args)
     if keep != "none":  # the file's rhythm / contour kept (aurl.generation.transfer)
         from aurl.generation.transfer import transfer_config, transfer_masker

@@ -145,6 +145,17 @@ def file_latents(
     return type(mean)(levels)
 
 
+def prior_latents(model: Any, n: int, seed: int) -> Any:
+    """``n`` prior draws for a VAE (seeded by ``seed``, on the model's device), or None for a
+    model without an encoder: what a VAE decodes when no file gives its latents."""
+    if getattr(model, "encoder", None) is None:
+        return None
+    import torch
+
+    generator = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+    return model.sample_prior(n, generator=generator)
+
+
 def interpolation_latents(
     model: Any, a: str | Path, b: str | Path, tokenizer: Any, *, steps: int
 ) -> Any:

@@ -1125,7 +1125,7 @@ def _enable_grad_checkpointing(model: torch.nn.Module) -> None:
 def _sample(model, cfg: Config, step: int, run_dir: Path, monitor: Monitor, grammar) -> None:
     """A short sample (``aurl.generation``, temperature 1) saved as MIDI with its numbers."""
     from aurl.data.tokenizer import Tokenizer
-    from aurl.generation.generate import generate
+    from aurl.generation.generate import generate, prior_latents
     from aurl.training.monitor import sample_metrics
 
     was = model.training
@@ -1133,7 +1133,8 @@ def _sample(model, cfg: Config, step: int, run_dir: Path, monitor: Monitor, gram
     gen = dataclasses.replace(cfg.generation, max_tokens=cfg.training.sample_tokens, seed=step)
     # generation seeds its own sampler; the training RNG streams must not move
     with torch.random.fork_rng(devices=[]):
-        ids = generate(unwrap(model), gen, num_samples=1)[0].ids
+        latents = prior_latents(unwrap(model), 1, step)  # a VAE decodes a prior draw
+        ids = generate(unwrap(model), gen, num_samples=1, latents=latents)[0].ids
     model.train(was)
     out = run_dir / "samples" / f"step-{step:07d}.mid"
     out.parent.mkdir(parents=True, exist_ok=True)
