@@ -193,7 +193,8 @@ def reference(boot: int, rng: np.random.Generator, tolerance: float, limit: int)
 def variants(
     wanted: Sequence[str], particles: int, endings: int, tail_beats: float, phrase_beats: float
 ) -> dict[str, Callable]:
-    """name -> function(engine, config) -> one Piece: ``plain`` (``generate``), ``ending``
+    """name -> function(engine, config) -> one Piece: ``plain`` (``generate``), ``free-end``
+    (``generate`` without the end rule of a length in seconds), ``ending``
     (the last ``tail_beats`` redrawn until the piece closes), ``phrased`` (particles resampled
     every ``phrase_beats`` towards the chorales' cadence rate, then the ending search),
     ``phrased:B`` (the same every ``B`` beats), ``phrased-most`` (towards the most cadences),
@@ -209,6 +210,17 @@ def variants(
     def plain(engine, config):
         return generate(engine, config, num_samples=1)[0]
 
+    def free_end(engine, config):  # plain, without the end rule (issue 12's third pass)
+        import dataclasses
+
+        from aurl.generation.constraints import LogitMasker
+        from aurl.generation.generate import make_masker
+
+        masker = make_masker(engine.vocab, config, None if engine.numpy else engine.device)
+        free = dataclasses.replace(masker.constraints, hold_beats=0.0)
+        masker = LogitMasker(engine.vocab, masker.grammar, free, device=masker.device)
+        return generate(engine, config, num_samples=1, masker=masker)[0]
+
     def searched(phrase: float) -> Callable:
         options = CadenceOptions(
             particles=particles, endings=endings, tail_beats=tail_beats, phrase_beats=phrase
@@ -221,7 +233,8 @@ def variants(
         return generate_with_cadence(engine, config, options=options)[0]
 
     named = {
-        "plain": plain, "ending": searched(0.0), "phrased": searched(phrase_beats),
+        "plain": plain, "free-end": free_end, "ending": searched(0.0),
+        "phrased": searched(phrase_beats),
         "phrased-most": most,
     }  # fmt: skip
     # "phrased:12": the phrase search with checkpoints every 12 beats; "mode:phrases"
