@@ -18,6 +18,9 @@ Reported per set, with 95% intervals because N is small:
 - for the chorales, the same metrics with Bach's fermatas as the phrase ends
   (:mod:`aurl.data.fermatas`), and how well the skyline phrase detector finds them
   (precision / recall of phrase arrivals within ``--tolerance`` beats);
+- how long the final chord sounds: of the pieces ending on a cadence, from the cadence's
+  arrival; of every piece, from the latest onset among the notes sounding at its end
+  (:func:`final_hold_beats`);
 - CPU seconds per piece of each variant (``time.process_time``: this process, all threads;
   ``--threads`` torch threads, 1 by default like ``aurl generate``).
 
@@ -101,6 +104,17 @@ def final_chord_beats(notes: np.ndarray, a) -> float:
     return float((p["onset"] + p["duration"]).max()) - a.cadences[-1].beat
 
 
+def final_hold_beats(notes: np.ndarray) -> float:
+    """Beats the final chord of a piece sounds, whatever it closes on: from the latest onset
+    among the notes still sounding at the piece's last release to that release."""
+    from aurl.data.notes import pitched
+
+    p = pitched(notes)
+    release = p["onset"] + p["duration"]
+    end = float(release.max())
+    return end - float(p["onset"][release >= end - 1e-9].max())
+
+
 def summarize(
     analyses: Sequence, boot: int, rng: np.random.Generator, notes: Sequence | None = None
 ) -> dict:
@@ -124,7 +138,10 @@ def summarize(
         final[last] = final.get(last, 0) + 1
     held = np.array([final_chord_beats(n, a) for n, a in zip(notes or [], analyses)])
     held = held[np.isfinite(held)]
+    final = np.array([final_hold_beats(n) for n in notes or []])
     return {
+        "final_hold_beats_median": float(np.median(final)) if len(final) else float("nan"),
+        "final_hold_1_beat_or_more": (int((final >= 1 - 1e-9).sum()), len(final)),
         "final_chord_beats_median": float(np.median(held)) if len(held) else float("nan"),
         "final_chord_1_beat_or_more": (int((held >= 1).sum()), len(held)),
         "pieces": len(analyses),
@@ -417,6 +434,9 @@ def main() -> None:
         k, n = r["final_chord_1_beat_or_more"]
         print(f"{name}: the final chord of a piece ending on a cadence sounds a median "
               f"{r['final_chord_beats_median']:.2f} beats; {k}/{n} sound 1 beat or more")  # fmt: skip
+        k, n = r["final_hold_1_beat_or_more"]
+        print(f"{name}: the final chord of every piece (from its latest onset) sounds a median "
+              f"{r['final_hold_beats_median']:.2f} beats; {k}/{n} sound 1 beat or more")  # fmt: skip
     print(f"load average at end: {Path('/proc/loadavg').read_text().split()[:3]}")
     if args.json:
         clean = {k: {kk: vv for kk, vv in r.items() if not kk.startswith("_")}
