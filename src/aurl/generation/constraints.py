@@ -402,7 +402,6 @@ class LogitMasker:
         self.count_seconds = constraints.seconds > 0 and self.beat_mode
         # The end rule: the last beat in time steps, and the longest shift.
         self.hold_steps = round(constraints.hold_beats / self.t.beats_per_step)
-        self.max_shift = vocab.config.max_shift_steps
         # Constraints that can leave a row with nothing: check for empty rows only then.
         self.can_empty = (
             self.static_keep is not None
@@ -606,8 +605,10 @@ class LogitMasker:
         left = x.floor(remaining / sps + 1e-6)  # (B,) whole steps to the last step
         last = left < H
         keep = keep & ~((~last)[:, None] & t.is_end)
-        if x.numpy and not bool((left < H + self.max_shift).any()):
-            return keep, last  # no shift reaches the last beat yet (torch: no host sync)
+        # A shift the rule refuses is shorter than a beat and lands in the last beat: only
+        # rows less than two beats from the end have one (torch: no host sync to skip them).
+        if x.numpy and not bool((left < 2 * H).any()):
+            return keep, last
         since = x.f64(state.grammar.time) - x.of(state.onset)  # (B,) steps since the last onset
         land = left[:, None] - t.shift_steps  # (B, V) steps left after each shift
         short = t.is_shift & (land < H - 0.5) & (since[:, None] + t.shift_steps < H - 0.5)
