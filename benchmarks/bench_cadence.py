@@ -138,10 +138,10 @@ def summarize(
         final[last] = final.get(last, 0) + 1
     held = np.array([final_chord_beats(n, a) for n, a in zip(notes or [], analyses)])
     held = held[np.isfinite(held)]
-    final = np.array([final_hold_beats(n) for n in notes or []])
+    hold = np.array([final_hold_beats(n) for n in notes or []])
     return {
-        "final_hold_beats_median": float(np.median(final)) if len(final) else float("nan"),
-        "final_hold_1_beat_or_more": (int((final >= 1 - 1e-9).sum()), len(final)),
+        "final_hold_beats_median": float(np.median(hold)) if len(hold) else float("nan"),
+        "final_hold_1_beat_or_more": (int((hold >= 1 - 1e-9).sum()), len(hold)),
         "final_chord_beats_median": float(np.median(held)) if len(held) else float("nan"),
         "final_chord_1_beat_or_more": (int((held >= 1).sum()), len(held)),
         "pieces": len(analyses),
