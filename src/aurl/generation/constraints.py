@@ -234,8 +234,8 @@ class Constraints:
         max_tokens: tokens to generate at most, END included.
         seconds: length limit in seconds (0: none).
         min_tokens: END is masked until this many tokens are generated (0: free).
-        hold_beats: With ``seconds``: the last this many beats of the piece start and stop no
-            note, so its final chord sounds at least that long (0: off; see the module's end
+        hold_beats: With ``seconds``: the piece ends inside its last this many beats, where no
+            note starts, on notes struck at least that long before (0: off; the module's end
             rule).
     """
 
@@ -249,8 +249,9 @@ class Constraints:
 
 
 def end_hold_beats(meter: str = "") -> float:
-    """Quarter-note beats at the end of a piece limited in seconds in which no note starts or
-    stops: one beat of ``meter`` ("" is 4/4), never less than :data:`END_HOLD_BEATS`.
+    """The last beat of a piece limited in seconds, in quarter notes (the end rule: no note
+    starts there, the final chord has sounded this long when the piece ends): one beat of
+    ``meter`` ("" is 4/4), never less than :data:`END_HOLD_BEATS`.
 
     The beat is the denominator's note (2/2 and 3/2: a half note, 2 beats), or, in a compound
     meter (6/8, 9/8, 12/8: numerator a multiple of 3 above 3, denominator 8 or shorter), three
@@ -400,7 +401,7 @@ class LogitMasker:
         # the grammar's step count times the step.
         self.beat_mode = vocab.config.time_unit == "beat"
         self.count_seconds = constraints.seconds > 0 and self.beat_mode
-        # The end rule: the last beat in time steps, and the longest shift.
+        # The end rule: the last beat in time steps (0: off).
         self.hold_steps = round(constraints.hold_beats / self.t.beats_per_step)
         # Constraints that can leave a row with nothing: check for empty rows only then.
         self.can_empty = (
