@@ -18,6 +18,9 @@ Reported per set, with 95% intervals because N is small:
 - for the chorales, the same metrics with Bach's fermatas as the phrase ends
   (:mod:`aurl.data.fermatas`), and how well the skyline phrase detector finds them
   (precision / recall of phrase arrivals within ``--tolerance`` beats);
+- how long the final chord sounds: of the pieces ending on a cadence, from the cadence's
+  arrival; of every piece, from the latest onset among the notes sounding at its end
+  (:func:`final_hold_beats`);
 - CPU seconds per piece of each variant (``time.process_time``: this process, all threads;
   ``--threads`` torch threads, 1 by default like ``aurl generate``).
 
@@ -101,6 +104,17 @@ def final_chord_beats(notes: np.ndarray, a) -> float:
     return float((p["onset"] + p["duration"]).max()) - a.cadences[-1].beat
 
 
+def final_hold_beats(notes: np.ndarray) -> float:
+    """Beats the final chord of a piece sounds, whatever it closes on: from the latest onset
+    among the notes still sounding at the piece's last release to that release."""
+    from aurl.data.notes import pitched
+
+    p = pitched(notes)
+    release = p["onset"] + p["duration"]
+    end = float(release.max())
+    return end - float(p["onset"][release >= end - 1e-9].max())
+
+
 def summarize(
     analyses: Sequence, boot: int, rng: np.random.Generator, notes: Sequence | None = None
 ) -> dict:
@@ -124,7 +138,10 @@ def summarize(
         final[last] = final.get(last, 0) + 1
     held = np.array([final_chord_beats(n, a) for n, a in zip(notes or [], analyses)])
     held = held[np.isfinite(held)]
+    hold = np.array([final_hold_beats(n) for n in notes or []])
     return {
+        "final_hold_beats_median": float(np.median(hold)) if len(hold) else float("nan"),
+        "final_hold_1_beat_or_more": (int((hold >= 1 - 1e-9).sum()), len(hold)),
         "final_chord_beats_median": float(np.median(held)) if len(held) else float("nan"),
         "final_chord_1_beat_or_more": (int((held >= 1).sum()), len(held)),
         "pieces": len(analyses),
@@ -193,7 +210,8 @@ def reference(boot: int, rng: np.random.Generator, tolerance: float, limit: int)
 def variants(
     wanted: Sequence[str], particles: int, endings: int, tail_beats: float, phrase_beats: float
 ) -> dict[str, Callable]:
-    """name -> function(engine, config) -> one Piece: ``plain`` (``generate``), ``ending``
+    """name -> function(engine, config) -> one Piece: ``plain`` (``generate``), ``free-end``
+    (``generate`` without the end rule of a length in seconds), ``ending``
     (the last ``tail_beats`` redrawn until the piece closes), ``phrased`` (particles resampled
     every ``phrase_beats`` towards the chorales' cadence rate, then the ending search),
     ``phrased:B`` (the same every ``B`` beats), ``phrased-most`` (towards the most cadences),
@@ -209,6 +227,17 @@ def variants(
     def plain(engine, config):
         return generate(engine, config, num_samples=1)[0]
 
+    def free_end(engine, config):  # plain, without the end rule (issue 12's third pass)
+        import dataclasses
+
+        from aurl.generation.constraints import LogitMasker
+        from aurl.generation.generate import make_masker
+
+        masker = make_masker(engine.vocab, config, None if engine.numpy else engine.device)
+        free = dataclasses.replace(masker.constraints, hold_beats=0.0)
+        masker = LogitMasker(engine.vocab, masker.grammar, free, device=masker.device)
+        return generate(engine, config, num_samples=1, masker=masker)[0]
+
     def searched(phrase: float) -> Callable:
         options = CadenceOptions(
             particles=particles, endings=endings, tail_beats=tail_beats, phrase_beats=phrase
@@ -221,7 +250,8 @@ def variants(
         return generate_with_cadence(engine, config, options=options)[0]
 
     named = {
-        "plain": plain, "ending": searched(0.0), "phrased": searched(phrase_beats),
+        "plain": plain, "free-end": free_end, "ending": searched(0.0),
+        "phrased": searched(phrase_beats),
         "phrased-most": most,
     }  # fmt: skip
     # "phrased:12": the phrase search with checkpoints every 12 beats; "mode:phrases"
@@ -404,6 +434,9 @@ def main() -> None:
         k, n = r["final_chord_1_beat_or_more"]
         print(f"{name}: the final chord of a piece ending on a cadence sounds a median "
               f"{r['final_chord_beats_median']:.2f} beats; {k}/{n} sound 1 beat or more")  # fmt: skip
+        k, n = r["final_hold_1_beat_or_more"]
+        print(f"{name}: the final chord of every piece (from its latest onset) sounds a median "
+              f"{r['final_hold_beats_median']:.2f} beats; {k}/{n} sound 1 beat or more")  # fmt: skip
     print(f"load average at end: {Path('/proc/loadavg').read_text().split()[:3]}")
     if args.json:
         clean = {k: {kk: vv for kk, vv in r.items() if not kk.startswith("_")}

@@ -1,8 +1,9 @@
 """Cadence-aware generation: particles steered towards phrases that close, and endings that do.
 
 A piece generated to a length in seconds (``GenerationConfig.seconds``) ends where the clock
-says, and the model chooses its last chord inside the last beat only: most of the shipped
-model's pieces then stop on no cadence, and inside the piece its phrases close on a cadence
+says (in its last beat, on a chord struck a beat or more before: the end rule of
+:mod:`aurl.generation.constraints`, which every candidate below obeys too), and the model does
+not prepare that ending: most of the shipped model's pieces then stop on no cadence, and inside the piece its phrases close on a cadence
 about a third as often as Bach's do. Two searches over the same sampler help without retraining;
 both judge a piece with the analysis every report uses
 (:func:`aurl.analysis.structure.phrase_cadences`: skyline phrases, keys, chords per beat, the

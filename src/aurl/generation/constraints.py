@@ -17,6 +17,17 @@ torch path runs.
 
 Every option is checked in :func:`build_constraints`; a bad or unsatisfiable combination raises
 :class:`ConstraintError` before anything is generated.
+
+The end rule of a length in seconds (``Constraints.hold_beats``, one beat of
+``generation.meter``: :func:`end_hold_beats`): a piece ends in its last beat, and its final
+chord has sounded at least that beat when it does. The last beat is counted in whole time steps
+back from the last step the clock reaches, at the tempo in force. No note starts inside it, and
+a row enters it only by a time shift after which its latest note start lies a beat or more
+behind it; there the row ends at once (as the grammar lets: a NOTE_OFF after a shift, then END,
+which closes every note), so the chord sounding since that start is held to the end, never
+struck a sixteenth before the clock cuts it. A one-beat shift is always such a shift, so the
+rule never leaves a row only unlikely ids; before the last beat it changes nothing but the
+shifts that would land inside it too early.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ NEG_INF = float("-inf")
 DENSITY_STRENGTH = 2.0  # bias per unit of log(target / actual density) on NOTE_ON
 DENSITY_MAX_BIAS = 8.0
 MIN_TOKENS = 8  # the shortest limit that leaves room for one note and a clean END
+END_HOLD_BEATS = 1.0  # quarter notes: the shortest final chord of a piece limited in seconds
 
 
 @dataclass
@@ -56,6 +68,7 @@ class MaskState:
     notes: torch.Tensor  # (B,) NOTE_ONs so far, primer included (numpy in numpy mode)
     seconds: torch.Tensor  # (B,) float64 elapsed seconds, primer included
     all_started: bool  # every row has played a note
+    onset: Any = None  # (B,) float64 time step of the latest NOTE_ON (-inf: none), end rule only
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +234,9 @@ class Constraints:
         max_tokens: tokens to generate at most, END included.
         seconds: length limit in seconds (0: none).
         min_tokens: END is masked until this many tokens are generated (0: free).
+        hold_beats: With ``seconds``: the piece ends inside its last this many beats, where no
+            note starts, on notes struck at least that long before (0: off; the module's end
+            rule).
     """
 
     static: np.ndarray
@@ -229,6 +245,29 @@ class Constraints:
     max_tokens: int = 1024
     seconds: float = 0.0
     min_tokens: int = 0
+    hold_beats: float = 0.0
+
+
+def end_hold_beats(meter: str = "") -> float:
+    """The last beat of a piece limited in seconds, in quarter notes (the end rule: no note
+    starts there, the final chord has sounded this long when the piece ends): one beat of
+    ``meter`` ("" is 4/4), never less than :data:`END_HOLD_BEATS`.
+
+    The beat is the denominator's note (2/2 and 3/2: a half note, 2 beats), or, in a compound
+    meter (6/8, 9/8, 12/8: numerator a multiple of 3 above 3, denominator 8 or shorter), three
+    of them (a dotted quarter, 1.5 beats); a beat shorter than a quarter note (3/8, 5/8, 6/16)
+    holds a quarter note.
+
+    Raises:
+        ConfigError: ``meter`` is not ``N/D`` (:func:`aurl.data.meter.parse_meter`).
+    """
+    from aurl.data.meter import parse_meter
+
+    num, den = parse_meter(meter) if meter else (4, 4)
+    beat = 4.0 / den
+    if den >= 8 and num > 3 and num % 3 == 0:
+        beat *= 3
+    return max(beat, END_HOLD_BEATS)
 
 
 def build_constraints(vocab: Vocab, config: GenerationConfig) -> Constraints:
@@ -266,6 +305,7 @@ def build_constraints(vocab: Vocab, config: GenerationConfig) -> Constraints:
         max_tokens=config.max_tokens,
         seconds=config.seconds,
         min_tokens=config.min_tokens,
+        hold_beats=end_hold_beats(config.meter) if config.seconds > 0 else 0.0,
     )
 
 
@@ -337,6 +377,7 @@ class LogitMasker:
             not_end=~t.is_end, not_velocity=~t.is_velocity, not_blocks_end=~t.blocks_end,
             shift_steps=t.shift_steps, seconds_per_step=t.seconds_per_step,
             note_on_count=t.is_note_on.astype(np.int64),  # (V,) 1 for NOTE_ON ids
+            is_shift=t.is_shift,
         )  # fmt: skip
         self._np = _Backend(tables, numpy=True)
         self.device = None
@@ -360,6 +401,8 @@ class LogitMasker:
         # the grammar's step count times the step.
         self.beat_mode = vocab.config.time_unit == "beat"
         self.count_seconds = constraints.seconds > 0 and self.beat_mode
+        # The end rule: the last beat in time steps (0: off).
+        self.hold_steps = round(constraints.hold_beats / self.t.beats_per_step)
         # Constraints that can leave a row with nothing: check for empty rows only then.
         self.can_empty = (
             self.static_keep is not None
@@ -376,6 +419,7 @@ class LogitMasker:
             return MaskState(
                 grammar=self.grammar.initial_numpy_state(batch), step=0,
                 notes=np.zeros(batch, dtype=np.int64), seconds=np.zeros(batch), all_started=False,
+                onset=np.full(batch, -np.inf) if self.hold_steps else None,
             )  # fmt: skip
         import torch
 
@@ -386,6 +430,9 @@ class LogitMasker:
             notes=torch.zeros(batch, dtype=torch.long, device=d),
             seconds=torch.zeros(batch, dtype=torch.float64, device=d),
             all_started=False,
+            onset=torch.full((batch,), -math.inf, dtype=torch.float64, device=d)
+            if self.hold_steps
+            else None,
         )
 
     def _tempo_bin(self, grammar_tempo: torch.Tensor) -> torch.Tensor:
@@ -410,17 +457,23 @@ class LogitMasker:
             before = torch.cat([state.grammar.tempo[:, None], tempo[:, :-1]], dim=1)
             sps = t.seconds_per_step[self._tempo_bin(before)]  # (B, P)
             seconds = seconds + (t.shift_steps[ids] * sps).sum(1)
+        onset = state.onset
+        if onset is not None:  # the time of the primer's last NOTE_ON
+            steps = state.grammar.time[:, None].double() + t.shift_steps[ids].cumsum(1)
+            at = torch.where(kind == Kind.NOTE_ON, steps, -math.inf).max(1).values
+            onset = torch.maximum(onset, at)
         return MaskState(
             grammar=self.grammar.state_after(ids, state.grammar),
             step=state.step,
             notes=state.notes + (kind == Kind.NOTE_ON).sum(1),
             seconds=seconds,
             all_started=state.all_started,
+            onset=onset,
         )
 
     def _prime_numpy(self, state: MaskState, ids: np.ndarray) -> MaskState:
         """:meth:`prime` in numpy, token by token (a primer is fed once)."""
-        g, seconds, t = state.grammar, state.seconds, self.t
+        g, seconds, t, onset = state.grammar, state.seconds, self.t, state.onset
         for j in range(ids.shape[1]):
             if self.count_seconds:  # at the tempo in force before the token
                 seconds = (
@@ -428,10 +481,12 @@ class LogitMasker:
                     + t.shift_steps[ids[:, j]] * t.seconds_per_step[self._tempo_bin(g.tempo)]
                 )
             g = self.grammar.advance(g, ids[:, j])
+            if onset is not None:
+                onset = np.where(t.is_note_on[ids[:, j]], g.time, onset)
         return MaskState(
             grammar=g, step=state.step,
             notes=state.notes + (t.kind[ids] == Kind.NOTE_ON).sum(1), seconds=seconds,
-            all_started=state.all_started,
+            all_started=state.all_started, onset=onset,
         )  # fmt: skip
 
     def advance(self, state: MaskState, ids: torch.Tensor, grammar: Any = None) -> MaskState:
@@ -447,12 +502,18 @@ class LogitMasker:
         if self.count_seconds:
             sps = t.seconds_per_step[self._tempo_bin(state.grammar.tempo)]
             seconds = seconds + t.shift_steps[ids] * sps
+        grammar = grammar if grammar is not None else self.grammar.advance(state.grammar, ids)
+        onset = state.onset
+        if onset is not None:  # a NOTE_ON does not move time: the grammar's time is its own
+            where = np.where if self.numpy else self._torch.where
+            onset = where(t.is_note_on[ids], grammar.time, onset)
         return MaskState(
-            grammar=grammar if grammar is not None else self.grammar.advance(state.grammar, ids),
+            grammar=grammar,
             step=state.step + 1,
             notes=notes,
             seconds=seconds,
             all_started=state.all_started or bool((notes > 0).all()),
+            onset=onset,
         )
 
     def finished(self, state: MaskState) -> torch.Tensor:
@@ -515,11 +576,15 @@ class LogitMasker:
             elapsed = x.f64(seconds)  # (B,) float64
             remaining = cons.seconds - elapsed  # (B,)
             keep = keep & ~(t.shift_steps * sps[:, None] > remaining[:, None] + 1e-9)
-            # The piece lasts the time asked, within a beat: no END before its last beat.
-            early = remaining > sps / self.t.beats_per_step + 1e-9
-            keep = keep & ~(early[:, None] & t.is_end)
-            # Less than a sixteenth note left: no new notes; end as soon as the grammar lets.
-            late = remaining < sps * (0.25 / self.t.beats_per_step)
+            if self.hold_steps > 0:  # the end rule (module docstring)
+                keep, late = self._end_rule(keep, state, remaining, sps, x)
+            else:
+                # The piece lasts the time asked, within a beat: no END before its last beat.
+                early = remaining > sps / self.t.beats_per_step + 1e-9
+                keep = keep & ~(early[:, None] & t.is_end)
+                # Less than a sixteenth note left: end as soon as the grammar lets.
+                late = remaining < sps * (0.25 / self.t.beats_per_step)
+            # Rows that must end: no new notes, no shifts; END as soon as the grammar lets.
             keep = keep & ~(late[:, None] & t.blocks_end)
             stop = late if stop is None else stop | late
         if stop is not None:
@@ -528,6 +593,27 @@ class LogitMasker:
         if keep is not allowed and (self.can_empty or left <= 3):
             keep = self._repair(keep, allowed, x)
         return keep, soft
+
+    def _end_rule(
+        self, keep: Any, state: MaskState, remaining: Any, sps: Any, x: Any
+    ) -> tuple[Any, Any]:
+        """``keep`` under the end rule (the module docstring), and the (B,) rows inside their
+        last beat, which must end: a row ``left`` whole time steps from the last step its clock
+        reaches is in its last beat when ``left < hold_steps``; END comes only there, and a
+        shift may land there only when the row's latest NOTE_ON is ``hold_steps`` or more behind
+        the landing."""
+        t, H = x.tables, self.hold_steps
+        left = x.floor(remaining / sps + 1e-6)  # (B,) whole steps to the last step
+        last = left < H
+        keep = keep & ~((~last)[:, None] & t.is_end)
+        # A shift the rule refuses is shorter than a beat and lands in the last beat: only
+        # rows less than two beats from the end have one (torch: no host sync to skip them).
+        if x.numpy and not bool((left < 2 * H).any()):
+            return keep, last
+        since = x.f64(state.grammar.time) - x.of(state.onset)  # (B,) steps since the last onset
+        land = left[:, None] - t.shift_steps  # (B, V) steps left after each shift
+        short = t.is_shift & (land < H - 0.5) & (since[:, None] + t.shift_steps < H - 0.5)
+        return keep & ~short, last
 
     def _repair(self, keep: Any, allowed: Any, x: Any) -> Any:
         """``keep`` with dead VELOCITYs removed and empty rows refilled (see :meth:`constrain`):
@@ -595,11 +681,11 @@ class _Backend:
     def __init__(self, tables: Any, numpy: bool) -> None:
         self.tables, self.numpy = tables, numpy
         if numpy:
-            self.where = np.where
+            self.where, self.floor = np.where, np.floor
         else:
             import torch
 
-            self.where = torch.where
+            self.where, self.floor = torch.where, torch.floor
 
     def of(self, tensor: torch.Tensor) -> Any:
         """A state tensor in this backend (a numpy view on the CPU)."""
