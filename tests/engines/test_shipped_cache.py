@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
+import pytest
+
 from aurl.engines.shipped import ensure_shipped_onnx, shipped_onnx_folder
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -91,3 +94,46 @@ def test_engine_onnx_int8_takes_the_shipped_models_int8_export(tmp_path, capsys)
     again = [*args[:4], "--checkpoint", str(folder), *args[4:6], "--out", str(tmp_path / "p")]
     assert main(again) != 0
     assert "--engine onnx does not support --int8:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, extra, weights",
+    [
+        (None, [], "default"),  # this machine's CPU decides
+        (frozenset(), [], "fp32"),  # no integer dot products: fp32 graphs
+        (frozenset({"avx2"}), ["--fp32"], "fp32"),  # fp32 asked for
+        (frozenset(), ["--int8"], "int8"),  # int8 asked for
+    ],
+    ids=["this-cpu", "no-dot-products", "--fp32", "--int8"],
+)
+def test_engine_onnx_precision_follows_the_cpu_and_the_flags(
+    monkeypatch, tmp_path, flags, extra, weights
+) -> None:
+    """`aurl generate --engine onnx` without --checkpoint takes the shipped model's int8 export
+    where the CPU has integer dot products (AVX2, VNNI, ARM dotprod), the fp32 export elsewhere;
+    --fp32 and --int8 decide over the CPU. The engine built reads the graphs it says."""
+    from aurl.cli import build_parser
+    from aurl.cli.generate import onnx_engine
+    from aurl.engines import cpu
+
+    if flags is not None:
+        monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    if weights == "default":
+        weights = "int8" if cpu.onnx_int8_pays() else "fp32"
+    argv = ["generate", "--engine", "onnx", *extra, "--out", str(tmp_path)]
+    engine = onnx_engine(build_parser(argv).parse_args(argv))
+    assert engine.weights == weights
+    assert engine.folder.name.endswith("-int8") == (weights == "int8")
+    ops = {n.op_type for n in onnx.load(str(engine.folder / "decoder.onnx")).graph.node}
+    assert ("DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops) == (weights == "int8")
+
+
+def test_fp32_with_an_export_folder_is_one_line(tiny_export, tmp_path, capsys) -> None:
+    """An export's precision is its own: --fp32 (like --int8) with --checkpoint EXPORT is
+    refused in one line naming the flag."""
+    from aurl.cli import main
+
+    argv = ["generate", "--engine", "onnx", "--checkpoint", str(tiny_export), "--fp32"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "--engine onnx does not support --fp32:" in err[0], err
