@@ -219,6 +219,31 @@ def test_states_interleave_and_reorder(tiny_export, fixtures_dir) -> None:
     np.testing.assert_allclose(np.concatenate(rest, 1), want[::-1, 40:], atol=1e-5)
 
 
+def test_the_cache_is_written_in_place(tiny_export, fixtures_dir) -> None:
+    """Each step writes its keys and values into the state's own buffers (bound as both the
+    graph's past input and its present output): the graph's present outputs are those buffers,
+    after 30 tokens positions 0..29 hold exactly what one 30-token prefill writes, and the
+    positions after them are still the zeros they were allocated with (nothing copied or
+    cleared per step)."""
+    from aurl.data.tokenizer import Tokenizer
+
+    engine = OnnxEngine(tiny_export)
+    path = sorted((fixtures_dir / "midi").glob("*.mid"))[0]
+    ids = np.asarray(Tokenizer(engine.vocab_config).encode_file(path), dtype=np.int64)[None, :30]
+    stepped = engine.init_state(1, capacity=48)
+    engine.step(ids[:, :10], stepped)
+    for j in range(10, 30):
+        engine.step(ids[:, j : j + 1], stepped)
+    outputs = {o.data_ptr() for o in engine.io.get_outputs()}  # logits, present key / value
+    assert {c.ctypes.data for c in stepped.cache} <= outputs
+    prefilled = engine.init_state(1, capacity=48)
+    engine.step(ids, prefilled)
+    for mine, want in zip(stepped.cache, prefilled.cache):  # (B, H, capacity, hd)
+        assert np.abs(mine[:, :, :30]).min(axis=-1).max() > 0  # every position written
+        np.testing.assert_allclose(mine[:, :, :30], want[:, :, :30], atol=1e-5)
+        assert not mine[:, :, 30:].any()
+
+
 def test_format_version_is_one_number(tiny_export) -> None:
     """The exporter, the engine that reads exports and the shipped model's cache key agree on
     the format version (a new graph layout bumps all three, so old exports and old caches are
