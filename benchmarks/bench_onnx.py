@@ -312,6 +312,12 @@ def decode(args: argparse.Namespace, folder: Path, cpu: str, load: str) -> None:
         }  # fmt: skip
         print(f"| {LABELS[v]} | {wall_r:.0f} | {fmt_ratio(ratios['tokens_per_s'])} | "
               f"{cpu_r:.0f} | {fmt_ratio(ratios['tokens_per_cpu_s'])} | {cpu} |")  # fmt: skip
+    for engine in ("onnx", "torch"):  # int8 against fp32 of the same engine, piece by piece
+        fp32, int8 = results.get(f"{engine}-fp32"), results.get(f"{engine}-int8")
+        if fp32 and int8:
+            for key, what in (("tokens_per_s", "wall"), ("tokens_per_cpu_s", "CPU")):
+                st = ratio_stats([b[key] / a[key] for a, b in zip(fp32, int8)])
+                print(f"{engine} int8 / {engine} fp32 ({what}, the same round): {fmt_ratio(st)}")
     for line in limit_rows(folder, args.shape, args.tokens):
         print(line)
 

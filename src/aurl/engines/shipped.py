@@ -10,8 +10,10 @@ where ``key`` is a hash of the weights' bytes, the config's text and the export 
 so retrained weights (even of the same size and time stamp), another config or a new format get
 a new folder and no run ever decodes with stale graphs. (Hashing the ~14 MB of weights costs a
 few milliseconds per run.) Every
-later run finds the folder and never imports torch. ``aurl generate --int8`` on a CPU without
-bf16 instructions caches its int8 graphs the same way (see :mod:`aurl.engines.cpu`).
+later run finds the folder and never imports torch. ``aurl generate --engine onnx`` takes the
+int8 folder by default on CPUs with integer dot products (``--fp32``: the fp32 one), and
+``aurl generate --int8`` on a CPU without bf16 instructions caches its int8 graphs the same way
+(see :mod:`aurl.engines.cpu`).
 """
 
 from __future__ import annotations
