@@ -137,3 +137,38 @@ def test_fp32_with_an_export_folder_is_one_line(tiny_export, tmp_path, capsys) -
     assert main([*argv, "--out", str(tmp_path / "o")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and "--engine onnx does not support --fp32:" in err[0], err
+
+
+def test_the_weights_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch) -> None:
+    """The cache key's hash of the weights is remembered under the file's stat: a later run
+    reads it back (a digest planted in the memo comes back, so the file was not read); one bit
+    rewritten with the size and time stamp restored changes the stat (its ctime) and is hashed
+    again; a file written just now is not remembered at all (file times advance in ticks)."""
+    import json
+    import time
+
+    from aurl.engines import shipped
+    from aurl.fileio import file_sha256
+
+    monkeypatch.setenv("AURL_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 4096)
+    want = file_sha256(weights)
+    memo = tmp_path / "cache" / "onnx" / "digests.json"
+    assert shipped.weights_digest(weights) == want
+    assert not memo.exists()  # written less than SETTLED_NS ago: not remembered
+    monkeypatch.setattr(shipped, "SETTLED_NS", 0)
+    assert shipped.weights_digest(weights) == want
+    known = json.loads(memo.read_text())
+    assert known[str(weights.resolve())]["sha256"] == want
+    known[str(weights.resolve())]["sha256"] = "planted"
+    memo.write_text(json.dumps(known))
+    assert shipped.weights_digest(weights) == "planted"
+    time.sleep(0.05)  # past the file clock's tick
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[0] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert shipped.weights_digest(weights) == file_sha256(weights) != want
