@@ -39,8 +39,9 @@ Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens
 ``--only parity``: bits per note on the whole test split of the bundled chorales, PyTorch fp32
 against the fp32 and int8 graphs (the shipped model; the int8 goal: within 0.02 of fp32).
 
-``--only kv``: the graph step with the KV cache updated in place against separate present buffers
-(the whole cache copied per step), at 16 / 512 / 960 cached tokens (:func:`kv`).
+``--only kv``: the graph step as the engine runs it (version 3: q|k|v packed, the KV cache updated
+in place) against the version 2 graph (q, k, v split) and against separate present buffers (the
+whole cache copied per step), at 16 / 512 / 960 cached tokens (:func:`kv`).
 
 ``--only parts``: the onnx engine's per-token CPU time split into the graph step alone (at a few
 cached lengths) and the rest of the loop (onnxruntime stubbed out), fp32 and int8.
@@ -438,40 +439,66 @@ def step_time(engine, ids, cached: int, *, in_place: bool) -> float:
     return (time.process_time() - c0) / 32
 
 
+def split_export(folder: Path, weights: str) -> Path:
+    """A version 2 copy of the ``weights`` export in ``folder``: the same model's graph with
+    q, k and v split before each attention (``pack_qkv`` skipped), beside the version 3 one."""
+    import shutil
+
+    from aurl.models import onnx_export
+
+    out = folder / f"{weights}-split"
+    shutil.copytree(folder / weights, out)
+    pack, onnx_export.pack_qkv = onnx_export.pack_qkv, lambda path: None
+    try:
+        onnx_export.export_graph(torch_model("shipped"), out / "decoder.onnx")
+    finally:
+        onnx_export.pack_qkv = pack
+    if weights == "int8":
+        onnx_export.quantize_graph(out / "decoder.onnx")
+    meta = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**meta, "version": 2}))
+    return out
+
+
 def kv(folder: Path, rounds: int, threads: int, cpu: str) -> None:
-    """The graph step with the KV cache updated in place (the engine: each layer's buffer bound
-    as both ``past`` and ``present``, so GroupQueryAttention writes the new position only)
-    against the same graph given separate ``present`` buffers (the kernel then clears each
-    present buffer and copies the whole past cache into it every step: the cost of a cache
-    returned rather than updated). CPU time per step over 32 steps after 16 / 512 / 960 cached
-    tokens of a real piece, capacity 1040; the two alternating round by round, min of
-    ``rounds``; fp32 and int8 graphs of the shipped shape."""
+    """The graph step as the engine runs it (version 3: q|k|v packed into each attention, the
+    KV cache updated in place: each layer's buffer bound as both ``past`` and ``present``, so
+    GroupQueryAttention writes the new position only) against (a) the version 2 graph of the
+    same weights (q, k and v split before each attention), in place too, and (b) the version 3
+    graph given separate ``present`` buffers (the kernel then clears each present buffer and
+    copies the whole past cache into it every step: the cost of a cache returned rather than
+    updated). CPU time per step over 32 steps after 16 / 512 / 960 cached tokens of a real
+    piece, capacity 1040; the three alternating round by round, min of ``rounds``; fp32 and
+    int8 graphs of the shipped shape."""
     from aurl.config import GenerationConfig
     from aurl.engines.onnx_engine import OnnxEngine
     from aurl.generation.generate import generate
 
     cfg = GenerationConfig(max_tokens=1024, min_tokens=1016, key="D minor", pitch_low=36,
                            pitch_high=96, seed=0, window=1040)  # fmt: skip
+    hows = ("in place", "split", "copied")
     best: dict[tuple[str, int, str], float] = {}
     for weights in ("fp32", "int8"):
         engine = OnnxEngine(folder / weights, threads=threads)
+        split = OnnxEngine(split_export(folder, weights), threads=threads)
         ids = generate(engine, cfg)[0].ids
-
         for r in range(rounds):
             for cached in (16, 512, 960):
-                for how in ("in place", "copied") if r % 2 == 0 else ("copied", "in place"):
-                    t = step_time(engine, ids, cached, in_place=how == "in place")
+                for how in hows[r % 3 :] + hows[: r % 3]:
+                    e = split if how == "split" else engine
+                    t = step_time(e, ids, cached, in_place=how != "copied")
                     key = (weights, cached, how)
                     best[key] = min(best.get(key, float("inf")), t)
     print(f"graph step, CPU time per step (min of {rounds}, alternating), shipped shape, "
           f"capacity 1040, --threads {threads}; load average {loadavg()}")  # fmt: skip
-    print("| graph | cached tokens | KV cache in place | present copied each step | ratio | CPU |")
+    print("| graph | cached tokens | v3: q\\|k\\|v packed, KV cache in place (the engine) | "
+          "v2: q, k, v split, in place | v3, present copied each step | CPU |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for weights in ("fp32", "int8"):
         for cached in (16, 512, 960):
-            a, b = best[weights, cached, "in place"], best[weights, cached, "copied"]
-            print(f"| {weights} | {cached} | {a * 1e6:.0f} us | {b * 1e6:.0f} us | "
-                  f"{b / a:.2f}x | {cpu} |")  # fmt: skip
+            a, b, c = (best[weights, cached, how] for how in hows)
+            print(f"| {weights} | {cached} | {a * 1e6:.0f} us | {b * 1e6:.0f} us ({b / a:.2f}x) | "
+                  f"{c * 1e6:.0f} us ({c / a:.2f}x) | {cpu} |")  # fmt: skip
 
 
 def parity(folder: Path, window: int) -> None:

@@ -244,6 +244,42 @@ def test_the_cache_is_written_in_place(tiny_export, fixtures_dir) -> None:
         assert not mine[:, :, 30:].any()
 
 
+def test_packed_graphs_equal_the_split_ones(
+    tiny_model, tiny_export, tmp_path, monkeypatch, fixtures_dir
+) -> None:
+    """Version 3 graphs give each GroupQueryAttention its q|k|v projection packed (no Split
+    node); a version 2 folder (q, k and v split before the attention, the same inputs and
+    outputs) still loads, and both give the same logits on a prefill and 20 steps."""
+    import onnx
+
+    from aurl.models import onnx_export
+
+    nodes = onnx.load(str(tiny_export / "decoder.onnx")).graph.node
+    attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2 and all(list(n.input[1:3]) == ["", ""] for n in attention)
+    assert not [n for n in nodes if n.op_type == "Split"]
+    old = tmp_path / "v2"
+    shutil.copytree(tiny_export, old)
+    monkeypatch.setattr(onnx_export, "pack_qkv", lambda path: None)  # the version 2 graph
+    onnx_export.export_graph(tiny_model, old / "decoder.onnx")
+    meta = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**meta, "version": 2}))
+    assert [n for n in onnx.load(str(old / "decoder.onnx")).graph.node if n.op_type == "Split"]
+    from aurl.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(OnnxEngine(tiny_export).vocab_config)
+    files = sorted((fixtures_dir / "midi").glob("*.mid"))[:2]
+    ids = np.stack([np.asarray(tok.encode_file(p), dtype=np.int64)[:40] for p in files])
+    logits = []
+    for folder in (tiny_export, old):
+        engine = OnnxEngine(folder)
+        state = engine.init_state(2, capacity=48)
+        out = [engine.step(ids[:, :20], state)]
+        out += [engine.step(ids[:, j : j + 1], state) for j in range(20, 40)]
+        logits.append(np.concatenate(out, 1))
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-6)
+
+
 def test_format_version_is_one_number(tiny_export) -> None:
     """The exporter, the engine that reads exports and the shipped model's cache key agree on
     the format version (a new graph layout bumps all three, so old exports and old caches are

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from aurl.fileio import atomic_write_text, file_sha256
 
-EXPORT_VERSION = 2  # aurl.models.onnx_export.VERSION (held equal by the tests)
+EXPORT_VERSION = 3  # aurl.models.onnx_export.VERSION (held equal by the tests)
 
 
 def cache_root() -> Path:
