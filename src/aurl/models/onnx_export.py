@@ -256,8 +256,8 @@ def pack_qkv(path: Path) -> None:
     """Give each GroupQueryAttention of the graph at ``path`` the block's q|k|v projection
     whole, as its packed ``query`` input (``key`` and ``value`` left empty), instead of the
     three outputs of a Split node: the kernel reads q, k and v from the packed rows itself, and
-    the step skips four Split kernels and their copies (same logits, bit for bit; the step
-    11-26% faster at 16-960 cached tokens, BENCHMARKS.md). The exporter cannot leave an
+    the step skips four Split kernels and their copies (same logits; the step
+    1.01-1.26x faster at 16-960 cached tokens in three runs at load ~3, BENCHMARKS.md). The exporter cannot leave an
     optional input empty, hence this rewrite of its graph.
 
     Raises:
