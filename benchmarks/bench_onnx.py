@@ -4,20 +4,25 @@ start of ``aurl generate --engine onnx``.
 
 Model: the shipped model's shape and weights (``--shape shipped``, 3.4M parameters) or the
 ``full`` preset's shape with seeded random weights (``--shape full``, 26M). Ours: ``generate()``
-with constraints on (key D minor, pitch range 36..96, sampling at temperature 1), 1024 tokens
-(``min_tokens`` holds END back); HF: ``GPT2LMHeadModel`` of the same shape, ``generate`` greedy
-with ``min_new_tokens`` (no constraints: the baseline's own loop). Each measurement runs in a
-fresh subprocess, the variants alternating round by round; the median tokens/s over rounds is
-reported as wall-clock tokens/s and as tokens per CPU second of the worker process (what it
-needed itself, which other jobs on shared cores inflate far less), each with the ratio to HF and
-the CPU (model name and instruction sets) in every row. The output is markdown table rows, ready
-to paste into BENCHMARKS.md, headed by the load average before and after.
+with constraints on (key D minor, pitch range 36..96, sampling at temperature 1), pieces of
+``--tokens`` (default 1024; ``min_tokens`` holds END back); HF: ``GPT2LMHeadModel`` of the same
+shape, ``generate`` greedy with ``min_new_tokens`` (no constraints: the baseline's own loop).
+Each variant lives in one worker process, built and warmed up before any timing; the pieces
+interleave HF, every other variant (order rotating round by round), HF, ..., so each variant's
+piece lies between two HF pieces seconds apart and gives one ratio (to their geometric mean).
+Reported: the median ratio over ``--rounds`` with its interquartile range and a bootstrap 95%
+interval of the median, both for wall-clock tokens/s and for tokens per CPU second of the worker
+(what it needed itself, which other jobs on shared cores inflate far less), and the CPU (model
+name and instruction sets) in every row. (This machine's speed drifts ~1.5x within minutes: a
+ratio of totals or of medians taken minutes apart moves with it.) The output is markdown table
+rows, ready to paste into BENCHMARKS.md, headed by the load average before and after.
 
 Cold start: ``aurl generate --engine onnx --checkpoint EXPORT --max-tokens 512 --min-tokens 504``
 to a MIDI file, run as the ``aurl`` console script of each tree's pyproject.toml runs it: wall
 time (spawn to exit) and CPU time (user + system) of the whole process, median and range over ``--rounds`` runs (every command alternating
 round by round), beside ``python -c 'import numpy, onnxruntime'``, ``python -c 'import torch'``
-and the torch engine's same command (``--no-torch`` leaves those two out). Every command runs
+and the torch engine's same command (``--no-torch`` leaves those two out); the headline also gets
+the median of the per-round ratios baseline / this tree of its two rows (adjacent in each round). Every command runs
 once unmeasured first (writing the bytecode caches), then each onnx row is measured with
 bytecode caching as a pip-installed package has it ("cached", the headline) and with
 ``PYTHONDONTWRITEBYTECODE=1`` on a copy of aurl without ``__pycache__`` ("compiled from
@@ -28,11 +33,15 @@ one run per tree split into phases (imports, engine, generation, writing, and th
 process: interpreter start and exit).
 
 Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens 1024]
-      [--rounds 3] [--threads 1] [--only decode|cold|parts|parity] [--variants onnx-int8,...]
+      [--rounds 3] [--threads 1] [--only decode|cold|parts|parity|kv] [--variants onnx-int8,...]
       [--baseline REV] [--no-torch]
 
 ``--only parity``: bits per note on the whole test split of the bundled chorales, PyTorch fp32
 against the fp32 and int8 graphs (the shipped model; the int8 goal: within 0.02 of fp32).
+
+``--only kv``: the graph step as the engine runs it (version 3: q|k|v packed, the KV cache updated
+in place) against the version 2 graph (q, k, v split) and against separate present buffers (the
+whole cache copied per step), at 16 / 512 / 960 cached tokens (:func:`kv`).
 
 ``--only parts``: the onnx engine's per-token CPU time split into the graph step alone (at a few
 cached lengths) and the rest of the loop (onnxruntime stubbed out), fp32 and int8.
@@ -56,8 +65,8 @@ LABELS = {
     "hf": "HF `generate` fp32",
     "torch-fp32": "PyTorch fp32 (`--engine torch`)",
     "torch-int8": "PyTorch int8 (int8 weights, bf16 activations)",
-    "onnx-fp32": "onnxruntime fp32 (`--engine onnx`)",
-    "onnx-int8": "onnxruntime int8 (`aurl export --int8`)",
+    "onnx-fp32": "onnxruntime fp32 (`--engine onnx --fp32`)",
+    "onnx-int8": "onnxruntime int8 (`--engine onnx` on AVX2 / VNNI)",
 }
 
 
@@ -149,7 +158,9 @@ def limit_rows(folder: Path, shape: str, tokens: int) -> list[str]:
     return lines
 
 
-def worker(variant: str, shape: str, tokens: int, threads: int, folder: Path) -> dict:
+def runner(variant: str, shape: str, tokens: int, threads: int, folder: Path):
+    """A function ``run(n) -> tokens generated`` of one variant, built and warmed up once:
+    ours is ``generate()`` under constraints, HF its ``generate``."""
     from aurl.config import GenerationConfig
     from aurl.generation.generate import generate
 
@@ -160,26 +171,37 @@ def worker(variant: str, shape: str, tokens: int, threads: int, folder: Path) ->
     if variant.startswith("onnx"):
         from aurl.engines.onnx_engine import OnnxEngine
 
-        engine = OnnxEngine(folder / variant.split("-")[1], threads=threads)
-        run = lambda n: generate(engine, dataclasses_replace(cfg, n))  # noqa: E731
+        model = OnnxEngine(folder / variant.split("-")[1], threads=threads)
     else:
         import torch
 
         torch.set_num_threads(threads)
         model = torch_model(shape)
         if variant == "hf":
-            return hf_worker(model, tokens)
+            return hf_runner(model, tokens)
         if variant == "torch-int8":
             from aurl.models.quantize import quantize_int8
 
             model = quantize_int8(model)
-        run = lambda n: generate(model, dataclasses_replace(cfg, n))  # noqa: E731
+
+    def run(n: int) -> int:
+        return len(generate(model, dataclasses_replace(cfg, n))[0].generated)
+
     run(16)  # warm-up
-    t0, c0 = time.perf_counter(), time.process_time()
-    pieces = run(tokens)
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    n = len(pieces[0].generated)
-    return {"tokens_per_s": n / dt, "tokens_per_cpu_s": n / cpu}
+    return run
+
+
+def serve_worker(variant: str, shape: str, tokens: int, threads: int, folder: Path) -> None:
+    """The worker process of one variant: builds its runner, prints ``ready``, then for each
+    line ``N`` on stdin generates one piece of N tokens and prints its timing as one JSON line
+    (tokens per wall second and per CPU second of this process)."""
+    run = runner(variant, shape, tokens, threads, folder)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        t0, c0 = time.perf_counter(), time.process_time()
+        n = run(int(line))
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(json.dumps({"tokens_per_s": n / dt, "tokens_per_cpu_s": n / cpu}), flush=True)
 
 
 def dataclasses_replace(cfg, n: int):
@@ -188,7 +210,7 @@ def dataclasses_replace(cfg, n: int):
     return dataclasses.replace(cfg, max_tokens=n, min_tokens=max(n - 8, 0))
 
 
-def hf_worker(ours, tokens: int) -> dict:
+def hf_runner(ours, tokens: int):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -202,18 +224,103 @@ def hf_worker(ours, tokens: int) -> dict:
     start = torch.zeros(1, 1, dtype=torch.long)
 
     def run(n: int) -> int:
-        out = model.generate(
-            input_ids=start, attention_mask=torch.ones_like(start), max_new_tokens=n,
-            min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=2,
-        )  # fmt: skip
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=start, attention_mask=torch.ones_like(start), max_new_tokens=n,
+                min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=2,
+            )  # fmt: skip
         return out.shape[1] - 1
 
-    with torch.inference_mode():
-        run(16)
-        t0, c0 = time.perf_counter(), time.process_time()
-        n = run(tokens)
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"tokens_per_s": n / dt, "tokens_per_cpu_s": n / cpu}
+    run(16)  # warm-up
+    return run
+
+
+def ratio_stats(ratios: list[float], *, seed: int = 0, draws: int = 2000) -> dict[str, float]:
+    """Median of per-round ratios, their interquartile range and a bootstrap 95% interval of
+    the median (rounds resampled with replacement, ``draws`` times, seeded): a summary that one
+    fast or slow minute of the machine moves far less than a ratio of totals."""
+    import numpy as np
+
+    r = np.asarray(ratios, dtype=np.float64)
+    q1, med, q3 = np.percentile(r, [25, 50, 75])
+    boots = np.median(np.random.default_rng(seed).choice(r, (draws, len(r))), axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"median": float(med), "q1": float(q1), "q3": float(q3), "lo": float(lo),
+            "hi": float(hi), "n": len(r)}  # fmt: skip
+
+
+def fmt_ratio(st: dict[str, float]) -> str:
+    """``5.12x [IQR 4.90-5.31; 95% 4.85-5.40]``."""
+    return (f"{st['median']:.2f}x [IQR {st['q1']:.2f}-{st['q3']:.2f}; 95% {st['lo']:.2f}-"
+            f"{st['hi']:.2f}]")  # fmt: skip
+
+
+def bracketed(hf: list[float], ours: list[float]) -> list[float]:
+    """Per-round ratios of ``ours[r]`` to the geometric mean of the HF pieces run just before
+    and just after it (``hf[r]``, ``hf[r + 1]``): each ratio compares pieces seconds apart."""
+    return [o / (hf[r] * hf[r + 1]) ** 0.5 for r, o in enumerate(ours)]
+
+
+def decode(args: argparse.Namespace, folder: Path, cpu: str, load: str) -> None:
+    """Batch-1 decoding, every variant in its own long-lived worker process (built and warmed
+    up before any timing), pieces of ``--tokens`` interleaved: HF, then each variant (their
+    order rotating round by round), then HF again, ... so each variant's piece is bracketed by
+    two HF pieces seconds apart and gives one ratio; the table reports the median ratio over
+    ``--rounds`` with its IQR and a bootstrap 95% interval (:func:`ratio_stats`)."""
+    import subprocess as sp
+
+    chosen = ["hf"] + [v for v in VARIANTS[1:] if v in args.variants.split(",")]
+    common = ["--shape", args.shape, "--tokens", str(args.tokens), "--threads", str(args.threads)]
+    procs = {}
+    for v in chosen:
+        cmd = [sys.executable, __file__, "--worker", v, *common, "--folder", str(folder)]
+        procs[v] = sp.Popen(cmd, stdin=sp.PIPE, stdout=sp.PIPE, text=True)
+        line = procs[v].stdout.readline()
+        if line.strip() != "ready":
+            raise SystemExit(f"worker {v} failed to start: {line!r}")
+
+    def piece(v: str) -> dict:
+        procs[v].stdin.write(f"{args.tokens}\n")
+        procs[v].stdin.flush()
+        return json.loads(procs[v].stdout.readline())
+
+    results: dict[str, list[dict]] = {v: [] for v in chosen}
+    others = chosen[1:]
+    results["hf"].append(piece("hf"))
+    for r in range(args.rounds):
+        k = r % len(others) if others else 0
+        for v in others[k:] + others[:k]:
+            results[v].append(piece(v))
+        results["hf"].append(piece("hf"))
+    for p in procs.values():
+        p.stdin.close()
+        p.wait()
+    print(f"decode: {args.shape} shape, batch 1, {args.tokens}-token pieces, --threads "
+          f"{args.threads}, {args.rounds} rounds, each variant's piece between two HF pieces; "
+          f"load average before/after: {load} / {loadavg()}")  # fmt: skip
+    print("| variant | tokens/s (wall, median) | vs HF (wall): median [IQR; 95% bootstrap] | "
+          "tokens per CPU second | vs HF (CPU) | CPU |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for v in chosen:
+        wall_r = statistics.median(x["tokens_per_s"] for x in results[v])
+        cpu_r = statistics.median(x["tokens_per_cpu_s"] for x in results[v])
+        if v == "hf":
+            print(f"| {LABELS[v]} | {wall_r:.0f} | 1 | {cpu_r:.0f} | 1 | {cpu} |")
+            continue
+        ratios = {
+            key: ratio_stats(bracketed([x[key] for x in results["hf"]], [x[key] for x in results[v]]))
+            for key in ("tokens_per_s", "tokens_per_cpu_s")
+        }  # fmt: skip
+        print(f"| {LABELS[v]} | {wall_r:.0f} | {fmt_ratio(ratios['tokens_per_s'])} | "
+              f"{cpu_r:.0f} | {fmt_ratio(ratios['tokens_per_cpu_s'])} | {cpu} |")  # fmt: skip
+    for engine in ("onnx", "torch"):  # int8 against fp32 of the same engine, piece by piece
+        fp32, int8 = results.get(f"{engine}-fp32"), results.get(f"{engine}-int8")
+        if fp32 and int8:
+            for key, what in (("tokens_per_s", "wall"), ("tokens_per_cpu_s", "CPU")):
+                st = ratio_stats([b[key] / a[key] for a, b in zip(fp32, int8)])
+                print(f"{engine} int8 / {engine} fp32 ({what}, the same round): {fmt_ratio(st)}")
+    for line in limit_rows(folder, args.shape, args.tokens):
+        print(line)
 
 
 def parts(folder: Path, tokens: int, threads: int, cpu: str) -> None:
@@ -313,6 +420,87 @@ def op_shares(folder: Path, ids: object, cached: int, threads: int) -> dict[str,
     return {op: t / total for op, t in by_op.items()}
 
 
+def step_time(engine, ids, cached: int, *, in_place: bool) -> float:
+    """CPU seconds per one-token step of ``engine`` over 32 steps after ``cached`` tokens of
+    ``ids``; ``in_place`` False binds separate zeroed ``present`` buffers (see :func:`kv`)."""
+    import numpy as np
+
+    state = engine.init_state(1, capacity=1040)
+    engine.step(ids[None, :cached], state)
+    engine.step(ids[None, cached : cached + 1], state)  # binds the state's buffers
+    if not in_place:
+        ort = engine._ort
+        for name, c in zip(engine.cache_names, state.cache):
+            separate = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(c))
+            engine.io.bind_ortvalue_output(f"present_{name}", separate)
+    c0 = time.process_time()
+    for j in range(cached + 1, cached + 33):
+        engine.step(ids[None, j : j + 1], state)
+    return (time.process_time() - c0) / 32
+
+
+def split_export(folder: Path, weights: str) -> Path:
+    """A version 2 copy of the ``weights`` export in ``folder``: the same model's graph with
+    q, k and v split before each attention (``pack_qkv`` skipped), beside the version 3 one."""
+    import shutil
+
+    from aurl.models import onnx_export
+
+    out = folder / f"{weights}-split"
+    shutil.copytree(folder / weights, out)
+    pack, onnx_export.pack_qkv = onnx_export.pack_qkv, lambda path: None
+    try:
+        onnx_export.export_graph(torch_model("shipped"), out / "decoder.onnx")
+    finally:
+        onnx_export.pack_qkv = pack
+    if weights == "int8":
+        onnx_export.quantize_graph(out / "decoder.onnx")
+    meta = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**meta, "version": 2}))
+    return out
+
+
+def kv(folder: Path, rounds: int, threads: int, cpu: str) -> None:
+    """The graph step as the engine runs it (version 3: q|k|v packed into each attention, the
+    KV cache updated in place: each layer's buffer bound as both ``past`` and ``present``, so
+    GroupQueryAttention writes the new position only) against (a) the version 2 graph of the
+    same weights (q, k and v split before each attention), in place too, and (b) the version 3
+    graph given separate ``present`` buffers (the kernel then clears each present buffer and
+    copies the whole past cache into it every step: the cost of a cache returned rather than
+    updated). CPU time per step over 32 steps after 16 / 512 / 960 cached tokens of a real
+    piece, capacity 1040; the three alternating round by round, min of ``rounds``; fp32 and
+    int8 graphs of the shipped shape."""
+    from aurl.config import GenerationConfig
+    from aurl.engines.onnx_engine import OnnxEngine
+    from aurl.generation.generate import generate
+
+    cfg = GenerationConfig(max_tokens=1024, min_tokens=1016, key="D minor", pitch_low=36,
+                           pitch_high=96, seed=0, window=1040)  # fmt: skip
+    hows = ("in place", "split", "copied")
+    best: dict[tuple[str, int, str], float] = {}
+    for weights in ("fp32", "int8"):
+        engine = OnnxEngine(folder / weights, threads=threads)
+        split = OnnxEngine(split_export(folder, weights), threads=threads)
+        ids = generate(engine, cfg)[0].ids
+        for r in range(rounds):
+            for cached in (16, 512, 960):
+                for how in hows[r % 3 :] + hows[: r % 3]:
+                    e = split if how == "split" else engine
+                    t = step_time(e, ids, cached, in_place=how != "copied")
+                    key = (weights, cached, how)
+                    best[key] = min(best.get(key, float("inf")), t)
+    print(f"graph step, CPU time per step (min of {rounds}, alternating), shipped shape, "
+          f"capacity 1040, --threads {threads}; load average {loadavg()}")  # fmt: skip
+    print("| graph | cached tokens | v3: q\\|k\\|v packed, KV cache in place (the engine) | "
+          "v2: q, k, v split, in place | v3, present copied each step | CPU |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for weights in ("fp32", "int8"):
+        for cached in (16, 512, 960):
+            a, b, c = (best[weights, cached, how] for how in hows)
+            print(f"| {weights} | {cached} | {a * 1e6:.0f} us | {b * 1e6:.0f} us ({b / a:.2f}x) | "
+                  f"{c * 1e6:.0f} us ({c / a:.2f}x) | {cpu} |")  # fmt: skip
+
+
 def parity(folder: Path, window: int) -> None:
     """Bits per note on the whole test split of the bundled chorales (every piece in full, in
     windows of ``window`` tokens whose musical time and grammar features carry the tokens
@@ -365,13 +553,6 @@ def parity(folder: Path, window: int) -> None:
     print("|---|---|---|---|")
     for name, b in rows.items():
         print(f"| {name} | {b:.4f} | {b - ref:+.4f} | {b - rows['onnxruntime fp32']:+.4f} |")
-
-
-def sub(args: list[str]) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, check=True
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def wall(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
@@ -549,6 +730,13 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
         if base is not None:
             old = [py, "-c", base_entry, *onnx[3:], str(folder / f"base-{weights}")]
             rows.append((f"{name} at {args.baseline}", "cached", old, cold_env(base)))
+    if args.shape == "shipped":  # the command as users type it: the shipped model's cached export
+        from aurl.engines.cpu import onnx_int8_pays
+
+        default = "int8" if onnx_int8_pays() else "fp32"
+        env = dict(installed, AURL_CACHE=str(folder / "cache"))  # written by the unmeasured run
+        rows.append((f"`aurl generate --engine onnx` (no --checkpoint: {default}, this CPU's "
+                     "default)", "cached", [*gen, "--engine", "onnx"], env))  # fmt: skip
     for _, _, cmd, env in rows:  # once unmeasured: writes the .pyc files an install has
         subprocess.run(cmd, check=True, capture_output=True, env=env)
     load = loadavg()
@@ -575,6 +763,11 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
             f"; at {args.baseline} {old:.3f} s: ratio {old / med[int8, 'cached']:.2f}x "
             "(baseline / this tree)"
         )
+    if base is not None:  # the two int8 rows of each round, adjacent in time: one ratio each
+        names = [(name, label) for name, label, _, _ in rows]
+        ours = [x[0] for x in runs[names.index((int8, "cached"))]]
+        then = [x[0] for x in runs[names.index((f"{int8} at {args.baseline}", "cached"))]]
+        line += f"; per-round ratio {fmt_ratio(ratio_stats([b / o for b, o in zip(then, ours)]))}"
     print(line)
     for label, src, int8_dir in [("this tree", tree, "int8")] + (
         [(args.baseline, base, "base-int8")] if base else []
@@ -589,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", choices=["decode", "cold", "parts", "parity"])
+    ap.add_argument("--only", choices=["decode", "cold", "parts", "parity", "kv"])
     ap.add_argument(
         "--variants", default=",".join(VARIANTS),
         help="decode variants, comma-separated (hf, the baseline, always runs)",
@@ -604,8 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        res = worker(args.worker, args.shape, args.tokens, args.threads, Path(args.folder))
-        print(json.dumps(res))
+        serve_worker(args.worker, args.shape, args.tokens, args.threads, Path(args.folder))
         return 0
     from aurl.engines.cpu import cpu_summary
 
@@ -619,31 +811,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.only == "parity":
             parity(folder, window=512)
             return 0
+        if args.only == "kv":
+            kv(folder, args.rounds, args.threads, cpu)
+            return 0
         if args.only not in ("cold", "parts"):
-            chosen = ["hf"] + [v for v in VARIANTS[1:] if v in args.variants.split(",")]
-            results: dict[str, list[dict]] = {v: [] for v in chosen}
-            for _ in range(args.rounds):
-                for v in chosen:
-                    common = ["--shape", args.shape, "--tokens", str(args.tokens)]
-                    common += ["--threads", str(args.threads), "--folder", tmp]
-                    results[v].append(sub(["--worker", v, *common]))
-
-            def med(v: str, key: str) -> float:
-                return statistics.median(r[key] for r in results[v])
-
-            print(f"decode: {args.shape} shape, batch 1, {args.tokens} tokens, --threads "
-                  f"{args.threads}, {args.rounds} rounds; load average before/after: {load} / "
-                  f"{loadavg()}")  # fmt: skip
-            print("| variant | tokens/s (wall) | vs HF | tokens per CPU second | vs HF | CPU |")
-            print("|---|---|---|---|---|---|")
-            for v in chosen:
-                wall_r, cpu_r = med(v, "tokens_per_s"), med(v, "tokens_per_cpu_s")
-                print(
-                    f"| {LABELS[v]} | {wall_r:.0f} | {wall_r / med('hf', 'tokens_per_s'):.2f}x | "
-                    f"{cpu_r:.0f} | {cpu_r / med('hf', 'tokens_per_cpu_s'):.2f}x | {cpu} |"
-                )
-            for line in limit_rows(folder, args.shape, args.tokens):
-                print(line)
+            decode(args, folder, cpu, load)
         if args.only not in ("decode", "parts"):
             cold(args, folder, cpu)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from aurl.engines.cpu import cpu_flags, cpu_summary, flags_of, has_bf16
+from aurl.engines.cpu import cpu_flags, cpu_summary, flags_of, has_bf16, onnx_int8_pays
 
 # /proc/cpuinfo lines of three CPUs, cut to the flags that matter
 XEON_VNNI = (
@@ -24,6 +24,27 @@ def test_bf16_follows_the_flags(cpuinfo, bf16) -> None:
     """The Xeon of the issue (AVX512-VNNI, no AVX512-BF16 or AMX) gets the onnxruntime int8
     path, as AVX2-only cores do; a CPU with AVX512-BF16/AMX keeps torch's bf16 activations."""
     assert has_bf16(flags_of(cpuinfo)) is bf16
+
+
+EPYC_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx fma avx2\n"
+OLD_X86 = "processor\t: 0\nflags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx\n"
+ARM_DOTPROD = "processor\t: 0\nFeatures\t: fp asimd asimddp\n"
+ARM_PLAIN = "processor\t: 0\nFeatures\t: fp asimd\n"
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, int8",
+    [
+        (EPYC_AVX2, True), (XEON_VNNI, True), (SAPPHIRE, True), (GRAVITON, True),
+        (ARM_DOTPROD, True), (OLD_X86, False), (ARM_PLAIN, False), ("", False),
+    ],
+    ids=["epyc-avx2", "xeon-avx512-vnni", "sapphire-rapids", "arm-i8mm", "arm-dotprod",
+         "x86-avx-only", "arm-plain", "none"],
+)  # fmt: skip
+def test_onnx_int8_follows_integer_dot_products(cpuinfo, int8) -> None:
+    """The onnx engine defaults to int8 graphs where onnxruntime's int8 MatMul has integer
+    dot-product kernels (AVX2, VNNI, AMX; ARM dotprod / i8mm), fp32 elsewhere."""
+    assert onnx_int8_pays(flags_of(cpuinfo)) is int8
 
 
 def test_this_machine_is_named_in_benchmark_rows() -> None:

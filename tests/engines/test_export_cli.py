@@ -19,7 +19,7 @@ def test_export_writes_what_generate_reads(tiny_model, tmp_path, capsys) -> None
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "decoder.onnx"]
     meta = json.loads((out / "config.json").read_text())
-    assert (meta["format"], meta["version"], meta["weights"]) == ("aurl-onnx", 2, "int8")
+    assert (meta["format"], meta["version"], meta["weights"]) == ("aurl-onnx", 3, "int8")
     assert meta["opset"] == 17 and meta["vocab_size"] == 774
     assert meta["source"] == {"model": str(folder)}
     session = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])

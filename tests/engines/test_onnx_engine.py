@@ -219,6 +219,67 @@ def test_states_interleave_and_reorder(tiny_export, fixtures_dir) -> None:
     np.testing.assert_allclose(np.concatenate(rest, 1), want[::-1, 40:], atol=1e-5)
 
 
+def test_the_cache_is_written_in_place(tiny_export, fixtures_dir) -> None:
+    """Each step writes its keys and values into the state's own buffers (bound as both the
+    graph's past input and its present output): the graph's present outputs are those buffers,
+    after 30 tokens positions 0..29 hold exactly what one 30-token prefill writes, and the
+    positions after them are still the zeros they were allocated with (nothing copied or
+    cleared per step)."""
+    from aurl.data.tokenizer import Tokenizer
+
+    engine = OnnxEngine(tiny_export)
+    path = sorted((fixtures_dir / "midi").glob("*.mid"))[0]
+    ids = np.asarray(Tokenizer(engine.vocab_config).encode_file(path), dtype=np.int64)[None, :30]
+    stepped = engine.init_state(1, capacity=48)
+    engine.step(ids[:, :10], stepped)
+    for j in range(10, 30):
+        engine.step(ids[:, j : j + 1], stepped)
+    outputs = {o.data_ptr() for o in engine.io.get_outputs()}  # logits, present key / value
+    assert {c.ctypes.data for c in stepped.cache} <= outputs
+    prefilled = engine.init_state(1, capacity=48)
+    engine.step(ids, prefilled)
+    for mine, want in zip(stepped.cache, prefilled.cache):  # (B, H, capacity, hd)
+        assert np.abs(mine[:, :, :30]).min(axis=-1).max() > 0  # every position written
+        np.testing.assert_allclose(mine[:, :, :30], want[:, :, :30], atol=1e-5)
+        assert not mine[:, :, 30:].any()
+
+
+def test_packed_graphs_equal_the_split_ones(
+    tiny_model, tiny_export, tmp_path, monkeypatch, fixtures_dir
+) -> None:
+    """Version 3 graphs give each GroupQueryAttention its q|k|v projection packed (no Split
+    node); a version 2 folder (q, k and v split before the attention, the same inputs and
+    outputs) still loads, and both give the same logits on a prefill and 20 steps."""
+    import onnx
+
+    from aurl.models import onnx_export
+
+    nodes = onnx.load(str(tiny_export / "decoder.onnx")).graph.node
+    attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2 and all(list(n.input[1:3]) == ["", ""] for n in attention)
+    assert not [n for n in nodes if n.op_type == "Split"]
+    old = tmp_path / "v2"
+    shutil.copytree(tiny_export, old)
+    monkeypatch.setattr(onnx_export, "pack_qkv", lambda path: None)  # the version 2 graph
+    onnx_export.export_graph(tiny_model, old / "decoder.onnx")
+    meta = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**meta, "version": 2}))
+    assert [n for n in onnx.load(str(old / "decoder.onnx")).graph.node if n.op_type == "Split"]
+    from aurl.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(OnnxEngine(tiny_export).vocab_config)
+    files = sorted((fixtures_dir / "midi").glob("*.mid"))[:2]
+    ids = np.stack([np.asarray(tok.encode_file(p), dtype=np.int64)[:40] for p in files])
+    logits = []
+    for folder in (tiny_export, old):
+        engine = OnnxEngine(folder)
+        state = engine.init_state(2, capacity=48)
+        out = [engine.step(ids[:, :20], state)]
+        out += [engine.step(ids[:, j : j + 1], state) for j in range(20, 40)]
+        logits.append(np.concatenate(out, 1))
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-6)
+
+
 def test_format_version_is_one_number(tiny_export) -> None:
     """The exporter, the engine that reads exports and the shipped model's cache key agree on
     the format version (a new graph layout bumps all three, so old exports and old caches are

@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
+import pytest
+
 from aurl.engines.shipped import ensure_shipped_onnx, shipped_onnx_folder
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -91,3 +94,81 @@ def test_engine_onnx_int8_takes_the_shipped_models_int8_export(tmp_path, capsys)
     again = [*args[:4], "--checkpoint", str(folder), *args[4:6], "--out", str(tmp_path / "p")]
     assert main(again) != 0
     assert "--engine onnx does not support --int8:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, extra, weights",
+    [
+        (None, [], "default"),  # this machine's CPU decides
+        (frozenset(), [], "fp32"),  # no integer dot products: fp32 graphs
+        (frozenset({"avx2"}), ["--fp32"], "fp32"),  # fp32 asked for
+        (frozenset(), ["--int8"], "int8"),  # int8 asked for
+    ],
+    ids=["this-cpu", "no-dot-products", "--fp32", "--int8"],
+)
+def test_engine_onnx_precision_follows_the_cpu_and_the_flags(
+    monkeypatch, tmp_path, flags, extra, weights
+) -> None:
+    """`aurl generate --engine onnx` without --checkpoint takes the shipped model's int8 export
+    where the CPU has integer dot products (AVX2, VNNI, ARM dotprod), the fp32 export elsewhere;
+    --fp32 and --int8 decide over the CPU. The engine built reads the graphs it says."""
+    from aurl.cli import build_parser
+    from aurl.cli.generate import onnx_engine
+    from aurl.engines import cpu
+
+    if flags is not None:
+        monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    if weights == "default":
+        weights = "int8" if cpu.onnx_int8_pays() else "fp32"
+    argv = ["generate", "--engine", "onnx", *extra, "--out", str(tmp_path)]
+    engine = onnx_engine(build_parser(argv).parse_args(argv))
+    assert engine.weights == weights
+    assert engine.folder.name.endswith("-int8") == (weights == "int8")
+    ops = {n.op_type for n in onnx.load(str(engine.folder / "decoder.onnx")).graph.node}
+    assert ("DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops) == (weights == "int8")
+
+
+def test_fp32_with_an_export_folder_is_one_line(tiny_export, tmp_path, capsys) -> None:
+    """An export's precision is its own: --fp32 (like --int8) with --checkpoint EXPORT is
+    refused in one line naming the flag."""
+    from aurl.cli import main
+
+    argv = ["generate", "--engine", "onnx", "--checkpoint", str(tiny_export), "--fp32"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "--engine onnx does not support --fp32:" in err[0], err
+
+
+def test_the_weights_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch) -> None:
+    """The cache key's hash of the weights is remembered under the file's stat: a later run
+    reads it back (a digest planted in the memo comes back, so the file was not read); one bit
+    rewritten with the size and time stamp restored changes the stat (its ctime) and is hashed
+    again; a file written just now is not remembered at all (file times advance in ticks)."""
+    import json
+    import time
+
+    from aurl.engines import shipped
+    from aurl.fileio import file_sha256
+
+    monkeypatch.setenv("AURL_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 4096)
+    want = file_sha256(weights)
+    memo = tmp_path / "cache" / "onnx" / "digests.json"
+    assert shipped.weights_digest(weights) == want
+    assert not memo.exists()  # written less than SETTLED_NS ago: not remembered
+    monkeypatch.setattr(shipped, "SETTLED_NS", 0)
+    assert shipped.weights_digest(weights) == want
+    known = json.loads(memo.read_text())
+    assert known[str(weights.resolve())]["sha256"] == want
+    known[str(weights.resolve())]["sha256"] = "planted"
+    memo.write_text(json.dumps(known))
+    assert shipped.weights_digest(weights) == "planted"
+    time.sleep(0.05)  # past the file clock's tick
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[0] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert shipped.weights_digest(weights) == file_sha256(weights) != want

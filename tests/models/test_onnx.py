@@ -110,10 +110,11 @@ def test_int8_bits_per_note_close_to_fp32(shipped, fp32_export, test_pieces, tmp
 
 def test_shipped_export_is_reused_without_torch(fp32_export, cache, tmp_path) -> None:
     """The second and later runs of `aurl generate --engine onnx` (no --checkpoint) find the
-    cached export and never import torch."""
+    cached export and never import torch (--fp32: the fp32 export this module wrote; the CPU
+    may pick int8 by default)."""
     code = (
         "import sys\nfrom aurl.cli import main\n"
-        f"assert main(['generate', '--engine', 'onnx', '--out', {str(tmp_path)!r}, "
+        f"assert main(['generate', '--engine', 'onnx', '--fp32', '--out', {str(tmp_path)!r}, "
         "'--max-tokens', '48']) == 0\nprint('torch' in sys.modules)\n"
     )
     env = {

@@ -25,7 +25,8 @@ from aurl.data.vocab import Vocab
 from aurl.engines.features import Features, FeatureState
 from aurl.errors import CheckpointError, ConfigError
 
-FORMAT, VERSION = "aurl-onnx", 2  # as aurl.models.onnx_export (held equal by the tests)
+FORMAT, VERSION = "aurl-onnx", 3  # as aurl.models.onnx_export (held equal by the tests)
+READS = (2, 3)  # version 2 graphs split q, k and v before the attention: the same contract
 CONFIG = "config.json"
 
 
@@ -80,10 +81,10 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
             f"{path} is not an ONNX export (format {meta.get('format')!r}, expected {FORMAT!r}): "
             "for a model folder use --engine torch, or export it with `aurl export --format onnx`"
         )
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READS:
         raise CheckpointError(
-            f"{path}: ONNX export version {meta.get('version')}, this Aurl reads version "
-            f"{VERSION}: export the model again (aurl export --format onnx --checkpoint "
+            f"{path}: ONNX export version {meta.get('version')}, this Aurl reads versions "
+            f"{', '.join(map(str, READS))}: export the model again (aurl export --format onnx --checkpoint "
             "MODEL_DIR --out DIR, or --model NAME for a shipped model)"
         )
     try:

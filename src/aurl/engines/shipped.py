@@ -8,21 +8,26 @@ torch, into
 
 where ``key`` is a hash of the weights' bytes, the config's text and the export format version,
 so retrained weights (even of the same size and time stamp), another config or a new format get
-a new folder and no run ever decodes with stale graphs. (Hashing the ~14 MB of weights costs a
-few milliseconds per run.) Every
-later run finds the folder and never imports torch. ``aurl generate --int8`` on a CPU without
-bf16 instructions caches its int8 graphs the same way (see :mod:`aurl.engines.cpu`).
+a new folder and no run ever decodes with stale graphs. The weights' hash (~20-40 ms of CPU for
+the ~14 MB, on every cold start) is remembered in ``$AURL_CACHE/onnx/digests.json`` under the
+file's stat (:func:`weights_digest`), as git's index remembers a file's hash. Every
+later run finds the folder and never imports torch. ``aurl generate --engine onnx`` takes the
+int8 folder by default on CPUs with integer dot products (``--fp32``: the fp32 one), and
+``aurl generate --int8`` on a CPU without bf16 instructions caches its int8 graphs the same way
+(see :mod:`aurl.engines.cpu`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from pathlib import Path
 
-from aurl.fileio import file_sha256
+from aurl.fileio import atomic_write_text, file_sha256
 
-EXPORT_VERSION = 2  # aurl.models.onnx_export.VERSION (held equal by the tests)
+EXPORT_VERSION = 3  # aurl.models.onnx_export.VERSION (held equal by the tests)
 
 
 def cache_root() -> Path:
@@ -33,9 +38,44 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "aurl"
 
 
+SETTLED_NS = 2_000_000_000  # a file changed this recently may change again within one tick
+
+
+def weights_digest(path: Path) -> str:
+    """The SHA-256 of ``path``'s bytes, remembered in ``$AURL_CACHE/onnx/digests.json`` under
+    its stat: size, mtime, ctime, inode and device. Any write to the file sets its ctime, which
+    no ``utime`` call sets back, so a changed file is hashed again; a file changed less than
+    :data:`SETTLED_NS` before it was hashed is not remembered (file times advance by clock
+    ticks of a few ms: a second write within the tick would keep the stat). POSIX only (on
+    Windows ``st_ctime`` is the creation time): elsewhere every call hashes."""
+    if os.name != "posix":
+        return file_sha256(path)
+    memo = cache_root() / "onnx" / "digests.json"
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    name = str(path.resolve())
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: hash and write it again
+        known = {}
+    entry = known.get(name) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("stat") == stamp:
+        return str(entry["sha256"])
+    digest = file_sha256(path)
+    if time.time_ns() - st.st_ctime_ns > SETTLED_NS:
+        known = known if isinstance(known, dict) else {}
+        known[name] = {"stat": stamp, "sha256": digest}
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(memo, json.dumps(known, indent=1))
+        except OSError:  # a read-only cache (exports baked in): the next run hashes again
+            pass
+    return digest
+
+
 def shipped_onnx_folder(shipped: Path, *, int8: bool = False) -> Path:
     """Where the ONNX export of the model folder ``shipped`` lives (existing or not)."""
-    key = hashlib.sha256(file_sha256(shipped / "model.safetensors").encode())
+    key = hashlib.sha256(weights_digest(shipped / "model.safetensors").encode())
     key.update((shipped / "config.json").read_bytes())
     key.update(f"v{EXPORT_VERSION}".encode())
     name = "shipped" if shipped.name == "pretrained" else "model"
