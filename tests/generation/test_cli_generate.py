@@ -44,6 +44,8 @@ def test_generate_writes_files_and_summaries(checkpoint, tmp_path, capsys) -> No
         f"sample_seed3_{i:03d}.{ext}" for i in range(2) for ext in ("mid", "musicxml", "png")
     ]
     resolved = load_config(out / "sample_seed3.yaml")  # the settings travel with the pieces
+    first = (out / "sample_seed3.yaml").read_text().splitlines()[0]
+    assert first == "# aurl generate " + " ".join(args).replace("G major", "'G major'")
     assert resolved.generation.key == "G major" and resolved.generation.seed == 3
     for i in range(2):
         assert symusic.Score(str(out / f"sample_seed3_{i:03d}.mid")).note_num() > 0

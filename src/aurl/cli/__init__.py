@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.argv = list(argv)  # the command line as given, for files that record what made them
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

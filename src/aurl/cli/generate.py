@@ -47,7 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="pieces (default 1)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-tokens", type=int, metavar="N", help="length limit in tokens")
-    length.add_argument("--seconds", type=float, metavar="S", help="length limit in seconds")
+    length.add_argument(
+        "--seconds", type=float, metavar="S",
+        help="length in seconds (within a beat); no note starts in the last beat, so the piece "
+        "ends on a chord held at least a beat",
+    )  # fmt: skip
     precision = p.add_mutually_exclusive_group()
     precision.add_argument(
         "--int8",
@@ -517,11 +521,16 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
             progress=bar,
         )  # fmt: skip
     write_pieces(pieces, paths, tokenizer, config, soundfont=args.soundfont, voices=args.voices)
-    from aurl.config import Config, write_config
+    import shlex
 
-    # vocabulary and model of the checkpoint, sampling and constraints
+    from aurl.config import Config
+    from aurl.fileio import atomic_write_text
+
+    # vocabulary and model of the checkpoint, sampling and constraints, under the command line
+    # (which says what the config does not: --keep, --cadence, --variations FILE, --engine)
     resolved = Config(vocab=vocab_config, model=engine.config, generation=config)
-    print(f"wrote {write_config(resolved, settings.parent, settings.name)}")
+    header = "# " + shlex.join(["aurl", *getattr(args, "argv", ["generate"])]) + "\n"
+    print(f"wrote {atomic_write_text(settings, header + resolved.to_yaml())}")
     print(f"generated {n} piece(s) in {time.perf_counter() - t0:.1f} s")
     return 0
 
