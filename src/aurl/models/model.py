@@ -20,12 +20,12 @@ from torch.utils.checkpoint import checkpoint
 
 from aurl.config import Config, ModelConfig, VocabConfig
 from aurl.data.grammar import Grammar, GrammarState, SequenceScan
-from aurl.data.vocab import ANTICIPATION_BASE, FIM_SENTINELS, PAD, Kind, Vocab
+from aurl.data.vocab import ANTICIPATION_BASE, FIM_SENTINELS, PAD, UNK, Kind, Vocab
 from aurl.errors import ConfigError
 from aurl.models.discriminator import MultiScaleDiscriminator
 from aurl.models.layers import Rotary, Sparse, attention_mask_for, make_blocks
 from aurl.models.style import style_embedding
-from aurl.models.vae import LatentConditioner, LatentEncoder, Latents, Posterior
+from aurl.models.vae import LatentConditioner, LatentEncoder, Latents, Posterior, drop_tokens
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -511,7 +511,10 @@ class MusicTransformerVAEGAN(nn.Module):
                 gram_emb = self.grammar_features.embed(*start.features)
             elif self.grammar_features is not None:
                 gram_emb = self.grammar_features(ids, start.grammar)[0]
-        x = self._input(ids, cond, time_emb, gram_emb, self._style(style))
+        seen = ids
+        if posterior is not None and self.training:  # VAE word dropout (aurl.models.vae)
+            seen = drop_tokens(ids, self.config.decoder_token_dropout, UNK)
+        x = self._input(seen, cond, time_emb, gram_emb, self._style(style))
         key_mask = attention_mask.bool() if attention_mask is not None else None
         if self.right_padding and self.window is None:  # causal: no real query sees the padding
             key_mask = None

@@ -169,6 +169,21 @@ class LatentEncoder(nn.Module):
         )
 
 
+def drop_tokens(ids: Tensor, rate: float, unk: int) -> Tensor:
+    """VAE word dropout (Bowman et al. 2016): ``ids`` (B, T) with each position after the
+    first replaced by ``unk`` with probability ``rate`` (the first, START, always kept).
+
+    The decoder reads these ids in training while the encoder, the targets and the
+    musical-time / grammar features read the true ones: what the decoder cannot see of the
+    tokens it must take from the latent, so a strong decoder can no longer ignore it.
+    """
+    if rate <= 0.0:
+        return ids
+    drop = torch.rand(ids.shape, device=ids.device) < rate
+    drop[:, 0] = False
+    return ids.masked_fill(drop, unk)
+
+
 class LatentConditioner(nn.Module):
     """Latents -> an embedding added to the decoder input at each position."""
 
