@@ -169,19 +169,31 @@ class LatentEncoder(nn.Module):
         )
 
 
-def drop_tokens(ids: Tensor, rate: float, unk: int) -> Tensor:
-    """VAE word dropout (Bowman et al. 2016): ``ids`` (B, T) with each position after the
-    first replaced by ``unk`` with probability ``rate`` (the first, START, always kept).
-
-    The decoder reads these ids in training while the encoder, the targets and the
-    musical-time / grammar features read the true ones: what the decoder cannot see of the
-    tokens it must take from the latent, so a strong decoder can no longer ignore it.
-    """
+def token_drop_mask(ids: Tensor, rate: float) -> Tensor | None:
+    """VAE word dropout (Bowman et al. 2016): which positions of ``ids`` (B, T) the decoder
+    does not see in training, each after the first (START) with probability ``rate``; None
+    when ``rate`` is 0."""
     if rate <= 0.0:
-        return ids
+        return None
     drop = torch.rand(ids.shape, device=ids.device) < rate
     drop[:, 0] = False
-    return ids.masked_fill(drop, unk)
+    return drop
+
+
+def hide_tokens(
+    drop: Tensor, ids: Tensor, unk: int, features: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The decoder's view of a window with ``drop`` (B, T) hidden: UNK for the id, and the
+    previous position's musical-time / grammar ``features`` (B, T, D), the state *before* the
+    token, since the state after it (its pitch sounding, its time step taken) would give the
+    token away. The encoder, the targets and every other position keep the true ids and
+    state; what the decoder cannot see of the token just played it must take from the
+    latent, so a strong decoder can no longer ignore it."""
+    seen = ids.masked_fill(drop, unk)
+    if features is not None:
+        before = torch.cat([features[:, :1], features[:, :-1]], dim=1)  # position 0 never drops
+        features = torch.where(drop[..., None], before, features)
+    return seen, features
 
 
 class LatentConditioner(nn.Module):
