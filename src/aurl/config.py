@@ -154,6 +154,10 @@ class ModelConfig:
     # is replaced by UNK (musical-time and grammar features still read the true ids), so the
     # decoder must lean on the latent for what it cannot see; 0: off (models before the key)
     decoder_token_dropout: float = _num(0.0, 0.0, 1.0)
+    # the latent conditioner's projection starts at zero, so the decoder starts as a plain
+    # transformer instead of under prior-scale noise (z ~ N(0, I) projected to ~5x a token
+    # embedding's norm) and the latent's say grows as it earns it; off: GPT-2 init as before
+    latent_zero_init: bool = False
     # GAN discriminator
     disc_d_model: int = _num(128, 8, 4096)
     disc_layers: int = _num(2, 1, 64)
@@ -185,6 +189,10 @@ class LossConfig:
     # what the free_bits floor applies to: each latent group (one unit's vector of a level:
     # the global code, one segment's, one fine unit's) or each latent dimension
     free_bits_per: Literal["group", "dim"] = "group"
+    # VAE bag-of-words loss (Zhao et al. 2017): each latent unit, through the conditioner's
+    # projection and the tied token table, predicts the ids of the tokens it covers, so the
+    # encoder must put the window's content into z; 0: off
+    bow_weight: float = _num(0.0, 0.0)
     adv_weight: float = _num(0.1, 0.0)
     feature_matching_weight: float = _num(1.0, 0.0)
     # vae_gan: fakes as straight-through hard Gumbel samples (one-hot forward, soft gradient)

@@ -389,6 +389,8 @@ class MusicTransformerVAEGAN(nn.Module):
                 nn.init.normal_(p, 0.0, std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
+        if self.conditioner is not None and self.config.latent_zero_init:
+            self.conditioner.zero_init()  # after the draws: every other weight as before
 
     # -- backbone ------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ VERSION = 1
 # must never change.
 OPTIONAL_MODEL_KEYS = (
     "meter", "styles", "style_dropout", "fim", "anticipation", "decoder_token_dropout",
+    "latent_zero_init",
 )  # fmt: skip
 
 

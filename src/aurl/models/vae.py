@@ -204,6 +204,16 @@ class LatentConditioner(nn.Module):
         self.spans = level_spans(config)
         self.proj = nn.ModuleList(nn.Linear(dim, config.d_model) for dim in level_dims(config))
 
+    @torch.no_grad()
+    def zero_init(self) -> None:
+        """Zero projections (``model.latent_zero_init``): the decoder starts unconditioned.
+        Under the default init a prior-scale z reaches the decoder's input at ~5x a token
+        embedding's norm, noise that the decoder spends its first hundreds of steps learning
+        to ignore (BENCHMARKS.md, "A VAE that encodes")."""
+        for proj in self.proj:
+            proj.weight.zero_()
+            proj.bias.zero_()
+
     def forward(self, latents: Latents, start: int, length: int) -> Tensor:
         """Conditioning for positions ``start .. start+length-1`` -> (B, length, D). Positions
         past the last unit reuse the last unit (generation longer than the latents)."""

@@ -1,4 +1,4 @@
-"""VAE word dropout (``model.decoder_token_dropout``): the decoder reads UNK where the encoder,
+"""What makes the VAE's latent carry the piece: word dropout (``model.decoder_token_dropout``:
 the targets and the musical features read the true ids; off by default and outside training."""
 
 from __future__ import annotations
@@ -75,3 +75,19 @@ def test_forward_hides_each_dropped_tokens_own_state(make_model, chorale):
         expected[:, 0] = model.embed(ids[:, :1])[:, 0] + cond[:, 0] + state[:, 0]
         expected[:, 1:] += state[:, :-1]  # each hidden position: the state before its token
     torch.testing.assert_close(inputs[0], expected)
+
+
+def test_latent_zero_init_starts_the_decoder_unconditioned(make_model, chorale):
+    ids = chorale[:, :64]
+    plain, zero = make_model(mode="vae"), make_model(mode="vae", latent_zero_init=True)
+    for (name, a), (_, b) in zip(plain.named_parameters(), zero.named_parameters()):
+        if name.startswith("conditioner."):
+            assert not b.any(), name
+        else:  # the same draws: every other weight as before
+            assert torch.equal(a, b), name
+    with torch.no_grad():  # any latent decodes the same: the transformer it starts as
+        gen = torch.Generator().manual_seed(0)
+        z1, z2 = (zero.sample_prior(1, length=64, generator=gen) for _ in range(2))
+        out1 = zero.eval()(ids, latents=z1).logits
+        assert torch.equal(out1, zero(ids, latents=z2).logits)
+    assert "latent_zero_init" not in model_config_dict(ModelConfig(mode="vae"))
