@@ -189,10 +189,6 @@ class LossConfig:
     # what the free_bits floor applies to: each latent group (one unit's vector of a level:
     # the global code, one segment's, one fine unit's) or each latent dimension
     free_bits_per: Literal["group", "dim"] = "group"
-    # VAE bag-of-words loss (Zhao et al. 2017): each latent unit, through the conditioner's
-    # projection and the tied token table, predicts the ids of the tokens it covers, so the
-    # encoder must put the window's content into z; 0: off
-    bow_weight: float = _num(0.0, 0.0)
     adv_weight: float = _num(0.1, 0.0)
     feature_matching_weight: float = _num(1.0, 0.0)
     # vae_gan: fakes as straight-through hard Gumbel samples (one-hot forward, soft gradient)

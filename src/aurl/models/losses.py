@@ -15,12 +15,6 @@
   ``kl_level0..`` the plain KL per token of each level (global, segment, fine);
   ``active_units`` the latent dimensions whose posterior mean varies over the batch (variance
   > 0.01, Burda et al. 2016), summed over levels.
-- ``bow`` (VAE modes, ``loss.bow_weight`` > 0): the bag-of-words loss of Zhao et al. 2017.
-  Each latent unit's conditioning vector (the conditioner's projection of z, the very vector
-  added to the decoder's input) scores the 774 ids through the tied token table; the loss is
-  the mean NLL of the ids of the tokens the unit covers, averaged over levels. It trains the
-  encoder to put the window's content into z whether or not the decoder uses it yet, and adds
-  no parameters. Added to ``total`` outside the auto-balanced terms.
 - ``adv``, ``fm`` (``vae_gan``): the generator's adversarial loss on Gumbel samples of the
   decoder fed through the discriminator, and L1 feature matching on its pooled layer
   activations (Salimans et al. 2016). ``disc``: the discriminator's loss on real ids and
@@ -51,7 +45,6 @@ from torch import Tensor, nn
 from aurl.config import LossConfig
 from aurl.data.vocab import FIM_EOM, PAD
 from aurl.models.model import MusicTransformerVAEGAN
-from aurl.models.vae import Latents
 
 GUMBEL_TAU = 1.0
 
@@ -194,10 +187,6 @@ def compute_losses(
             vae_log[f"kl_level{i}"] = k.detach().sum() / (ids.shape[0] * tokens)
         vae_log["active_units"] = active_units(out.posterior.mu)
 
-    bow = zero
-    if out.posterior is not None and loss_config.bow_weight > 0:
-        bow = bag_of_words(_core(model), out.latents, ids, valid_ids(ids, attention_mask))
-
     adv = fm = disc_loss = zero
     if model.discriminator is not None:
         adv, fm, disc_loss = _gan_losses(
@@ -223,8 +212,6 @@ def compute_losses(
             total = total + torch.exp(-log_vars[i]) * w * value + log_vars[i]
         else:
             total = total + w * value
-    if bow is not zero:
-        total = total + loss_config.bow_weight * bow
     return {
         "total": total,
         "ce": ce,
@@ -235,35 +222,8 @@ def compute_losses(
         "fm": fm,
         "disc": disc_loss,
         "kl_weight": torch.tensor(beta),
-        **({"bow": bow} if bow is not zero else {}),
         **vae_log,
     }
-
-
-def valid_ids(ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """(B, T) bool: the real music tokens of ``ids`` (no PAD, no padding, no FIM sentinels or
-    anticipation controls)."""
-    ok = (ids != PAD) & (ids < FIM_EOM)
-    return ok if attention_mask is None else ok & attention_mask.bool()
-
-
-def bag_of_words(
-    model: MusicTransformerVAEGAN, latents: Latents, ids: Tensor, valid: Tensor
-) -> Tensor:
-    """Mean over levels of the NLL (nats per token) of each token's id under the softmax that
-    its latent unit's conditioning vector gives over the tied token table."""
-    T = ids.shape[1]
-    table = model.embed.weight  # (V, D)
-    weight = valid.to(table.dtype)
-    total = ids.new_zeros((), dtype=table.dtype)
-    for z, span, proj in zip(latents.levels, model.conditioner.spans, model.conditioner.proj):
-        logp = torch.log_softmax(proj(z) @ table.T, dim=-1)  # (B, units, V)
-        unit = torch.zeros(T, dtype=torch.long, device=ids.device)
-        if span is not None:
-            unit = (torch.arange(T, device=ids.device) // span).clamp(max=z.shape[1] - 1)
-        per_token = logp[:, unit].gather(-1, ids.clamp(max=table.shape[0] - 1)[..., None])[..., 0]
-        total = total - (per_token * weight).sum() / weight.sum().clamp_min(1.0)
-    return total / len(latents.levels)
 
 
 def _core(model: nn.Module) -> MusicTransformerVAEGAN:
