@@ -1,5 +1,7 @@
-"""What makes the VAE's latent carry the piece: word dropout (``model.decoder_token_dropout``:
-the targets and the musical features read the true ids; off by default and outside training."""
+"""What lets the VAE's latent carry the piece: word dropout (``model.decoder_token_dropout``:
+the decoder reads UNK and the state before the token where the encoder, the targets and the
+other positions read the true ids; only in training) and a zero-initialized latent projection
+(``model.latent_zero_init``); both off by default and absent from config.json when off."""
 
 from __future__ import annotations
 
