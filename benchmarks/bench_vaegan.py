@@ -17,6 +17,7 @@ shares a hymn tune with) the same way:
   * ``prior``: z drawn from the prior N(0, I) (how generation conditions).
 
   ``kl``: the KL part of ``elbo`` in bits per note, and per level in nats per token.
+  A style model (``model.styles``) is scored under ``--style NAME`` (default: no style).
 - **Active units** (Burda et al. 2016): latent dimensions whose posterior mean over the pieces'
   openings (and the level's units) varies by more than 0.01, per level.
 - **Reconstruction** (:func:`aurl.evaluation.latent.reconstruction`): the first ``--length``
@@ -83,7 +84,8 @@ PHRASES = ("cadences_per_beat", "cadences_per_phrase", "ends_on_cadence", "phras
 
 @torch.no_grad()
 def score_piece(
-    model: Any, ids: np.ndarray, meter: Any, grammar: Grammar, window: int, gen: torch.Generator
+    model: Any, ids: np.ndarray, meter: Any, grammar: Grammar, window: int, gen: torch.Generator,
+    style: int | None = None,
 ) -> dict[str, Any]:
     """Grammar-masked NLL (nats) of one piece under each conditioning, its notes and tokens,
     and the KL (nats) of its windows' posteriors per level."""
@@ -113,7 +115,8 @@ def score_piece(
         ok = allowed.gather(1, target[:, None])[:, 0]
         rows = slice(first - 1 - start, end - 1 - start)
         for name, z in latents.items():
-            logits = model(x, latents=z, start=begin, meter=mtr).logits[0, rows].float()
+            sty = None if style is None else torch.tensor([style])
+            logits = model(x, latents=z, start=begin, meter=mtr, style=sty).logits[0, rows].float()
             masked = torch.log_softmax(logits.masked_fill(~allowed, -math.inf), -1)
             lp = torch.where(ok[:, None], masked, torch.log_softmax(logits, -1))
             nll[name] -= float(lp.gather(1, target[:, None]).sum())
@@ -124,10 +127,10 @@ def score_piece(
 
 
 def likelihood(model: Any, seqs: list, meters: list, grammar: Grammar, window: int,
-               seed: int) -> dict[str, Any]:  # fmt: skip
+               seed: int, style: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Bits per note of the pieces under each conditioning, and the KL's share."""
     gen = torch.Generator().manual_seed(seed)
-    rows = [score_piece(model, s, m, grammar, window, gen) for s, m in zip(seqs, meters)]
+    rows = [score_piece(model, s, m, grammar, window, gen, style) for s, m in zip(seqs, meters)]
     notes = sum(r["notes"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
     levels = np.sum([r["kl_levels"] for r in rows], axis=0)
@@ -254,7 +257,12 @@ def measure(path: str, args: argparse.Namespace) -> dict[str, Any]:
     grammar = Grammar(model.vocab, cap)
     length = min(args.length, window)
     out: dict[str, Any] = {"checkpoint": path, "mode": model.config.mode, "window": window}
-    out["likelihood"] = likelihood(model, seqs, meters, grammar, window, args.seed)
+    style = None
+    if args.style:
+        from aurl.models.style import style_id
+
+        style = style_id(model.config.styles, args.style)
+    out["likelihood"] = likelihood(model, seqs, meters, grammar, window, args.seed, style)
     out["units"] = units(model, seqs, length)
     rec = reconstruction(model, seqs, length=length, grammar=grammar, meters=meters,
                          prior_draws=args.prior_draws, seed=args.seed)  # fmt: skip
@@ -338,6 +346,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=24, help="generated pieces per model")
     p.add_argument("--max-tokens", type=int, default=768)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", default="",
+                   help="a style model: score the likelihood rows under this style (default none)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=1, help="models measured at once (processes)")
     p.add_argument("--merge", type=Path, nargs="+", default=[],
                    help="instead of measuring: the tables of earlier --out files, side by side")  # fmt: skip
