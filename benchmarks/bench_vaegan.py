@@ -84,7 +84,12 @@ PHRASES = ("cadences_per_beat", "cadences_per_phrase", "ends_on_cadence", "phras
 
 @torch.no_grad()
 def score_piece(
-    model: Any, ids: np.ndarray, meter: Any, grammar: Grammar, window: int, gen: torch.Generator,
+    model: Any,
+    ids: np.ndarray,
+    meter: Any,
+    grammar: Grammar,
+    window: int,
+    gen: torch.Generator,
     style: int | None = None,
 ) -> dict[str, Any]:
     """Grammar-masked NLL (nats) of one piece under each conditioning, its notes and tokens,
