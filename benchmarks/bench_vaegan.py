@@ -17,6 +17,7 @@ shares a hymn tune with) the same way:
   * ``prior``: z drawn from the prior N(0, I) (how generation conditions).
 
   ``kl``: the KL part of ``elbo`` in bits per note, and per level in nats per token.
+  A style model (``model.styles``) is scored under ``--style NAME`` (default: no style).
 - **Active units** (Burda et al. 2016): latent dimensions whose posterior mean over the pieces'
   openings (and the level's units) varies by more than 0.01, per level.
 - **Reconstruction** (:func:`aurl.evaluation.latent.reconstruction`): the first ``--length``
@@ -25,8 +26,9 @@ shares a hymn tune with) the same way:
 - **Interpolation** (:func:`aurl.evaluation.latent.interpolation_curves`): ``--pairs`` pairs of
   pieces in the same meter, ``--steps`` points on the spherical path; the ends' bits per note
   along it, the largest step against the expected direction and the total change; a pair is
-  *monotone* when both ends change by at least 0.01 bits per note (a flat path is no path) and
-  that step is at most 10% of the smaller total change.
+  *monotone* when both ends move by more than its tolerance and no step goes back by more than
+  it; the tolerance is twice the path's noise, the spread of an end's bits over
+  ``--noise-draws`` latents drawn from its own posterior (at least 0.01 bits per note).
 - **Music**: ``--samples`` pieces of up to ``--max-tokens`` tokens decoded from prior latents
   (as ``aurl generate`` samples a VAE), against the split's chorales with ``aurl evaluate``'s
   metrics (:func:`aurl.evaluation.report.evaluate_sets`): the 16 scalar metrics (means, overlap
@@ -82,7 +84,13 @@ PHRASES = ("cadences_per_beat", "cadences_per_phrase", "ends_on_cadence", "phras
 
 @torch.no_grad()
 def score_piece(
-    model: Any, ids: np.ndarray, meter: Any, grammar: Grammar, window: int, gen: torch.Generator
+    model: Any,
+    ids: np.ndarray,
+    meter: Any,
+    grammar: Grammar,
+    window: int,
+    gen: torch.Generator,
+    style: int | None = None,
 ) -> dict[str, Any]:
     """Grammar-masked NLL (nats) of one piece under each conditioning, its notes and tokens,
     and the KL (nats) of its windows' posteriors per level."""
@@ -112,7 +120,8 @@ def score_piece(
         ok = allowed.gather(1, target[:, None])[:, 0]
         rows = slice(first - 1 - start, end - 1 - start)
         for name, z in latents.items():
-            logits = model(x, latents=z, start=begin, meter=mtr).logits[0, rows].float()
+            sty = None if style is None else torch.tensor([style])
+            logits = model(x, latents=z, start=begin, meter=mtr, style=sty).logits[0, rows].float()
             masked = torch.log_softmax(logits.masked_fill(~allowed, -math.inf), -1)
             lp = torch.where(ok[:, None], masked, torch.log_softmax(logits, -1))
             nll[name] -= float(lp.gather(1, target[:, None]).sum())
@@ -123,10 +132,10 @@ def score_piece(
 
 
 def likelihood(model: Any, seqs: list, meters: list, grammar: Grammar, window: int,
-               seed: int) -> dict[str, Any]:  # fmt: skip
+               seed: int, style: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Bits per note of the pieces under each conditioning, and the KL's share."""
     gen = torch.Generator().manual_seed(seed)
-    rows = [score_piece(model, s, m, grammar, window, gen) for s, m in zip(seqs, meters)]
+    rows = [score_piece(model, s, m, grammar, window, gen, style) for s, m in zip(seqs, meters)]
     notes = sum(r["notes"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
     levels = np.sum([r["kl_levels"] for r in rows], axis=0)
@@ -153,13 +162,8 @@ def units(model: Any, seqs: list, length: int) -> dict[str, Any]:
             "latent_dims_level": [int(m.shape[-1]) for m in mus[0]]}  # fmt: skip
 
 
-def monotone(change: float, worst_step_against: float) -> bool:
-    """A path whose ends both move (>= 0.01 bits per note) with no step back over 10% of that."""
-    return change >= 0.01 and worst_step_against <= 0.1 * change
-
-
 def interpolation(model: Any, seqs: list, meters: list, grammar: Grammar, *, length: int,
-                  pairs: int, steps: int) -> dict[str, Any]:  # fmt: skip
+                  pairs: int, steps: int, noise_draws: int = 4) -> dict[str, Any]:  # fmt: skip
     """Bits of the ends along ``pairs`` paths between pieces of the same meter."""
     long = [i for i, s in enumerate(seqs) if len(s) >= length]
     chosen, used = [], set()
@@ -176,15 +180,16 @@ def interpolation(model: Any, seqs: list, meters: list, grammar: Grammar, *, len
     rows = []
     for i, j in chosen:
         r = interpolation_curves(model, seqs[i][:length], seqs[j][:length], steps=steps,
-                                 grammar=grammar, meter=meters[i])  # fmt: skip
-        change = min(r.bits_a[-1] - r.bits_a[0], r.bits_b[0] - r.bits_b[-1])
-        rows.append({"pair": [i, j], "bits_a": r.bits_a, "bits_b": r.bits_b,
-                     "worst_step_against": r.worst_step_against, "change": change,
-                     "monotone": monotone(change, r.worst_step_against)})  # fmt: skip
+                                 grammar=grammar, meter=meters[i],
+                                 noise_draws=noise_draws)  # fmt: skip
+        rows.append({"pair": [i, j], **r.to_dict()})
     return {
         "pairs": len(rows), "steps": steps, "length": length,
         "monotone_pairs": sum(r["monotone"] for r in rows),
         "mean_change": float(np.mean([r["change"] for r in rows])) if rows else float("nan"),
+        "mean_tolerance": (
+            float(np.mean([r["tolerance"] for r in rows])) if rows else float("nan")
+        ),
         "mean_worst_step_against": (
             float(np.mean([r["worst_step_against"] for r in rows])) if rows else float("nan")
         ),
@@ -257,13 +262,19 @@ def measure(path: str, args: argparse.Namespace) -> dict[str, Any]:
     grammar = Grammar(model.vocab, cap)
     length = min(args.length, window)
     out: dict[str, Any] = {"checkpoint": path, "mode": model.config.mode, "window": window}
-    out["likelihood"] = likelihood(model, seqs, meters, grammar, window, args.seed)
+    style = None
+    if args.style:
+        from aurl.models.style import style_id
+
+        style = style_id(model.config.styles, args.style)
+    out["likelihood"] = likelihood(model, seqs, meters, grammar, window, args.seed, style)
     out["units"] = units(model, seqs, length)
     rec = reconstruction(model, seqs, length=length, grammar=grammar, meters=meters,
                          prior_draws=args.prior_draws, seed=args.seed)  # fmt: skip
     out["reconstruction"] = rec.to_dict()
     out["interpolation"] = interpolation(model, seqs, meters, grammar, length=length,
-                                         pairs=args.pairs, steps=args.steps)  # fmt: skip
+                                         pairs=args.pairs, steps=args.steps,
+                                         noise_draws=args.noise_draws)  # fmt: skip
     if args.samples:
         out["music"] = music(model, seqs, samples=args.samples, max_tokens=args.max_tokens,
                              seed=args.seed)  # fmt: skip
@@ -305,9 +316,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     row("own beats other / prior (pieces)",
         lambda r: (r[R]["own_better_than_other"], r[R]["own_better_than_prior"], r[R]["pieces"]),
         "{} / {} of {}")  # fmt: skip
-    row("interpolation: monotone paths",
-        lambda r: (sum(monotone(q["change"], q["worst_step_against"]) for q in r[I]["paths"]),
-                   r[I]["pairs"]), "{} of {}")  # fmt: skip
+    row("interpolation: monotone paths (within tolerance)",
+        lambda r: (r[I]["monotone_pairs"], r[I]["pairs"]), "{} of {}")  # fmt: skip
+    row("interpolation: mean tolerance (2 sd over posterior draws), bits/note",
+        lambda r: r[I]["mean_tolerance"])  # fmt: skip
     row(
         "interpolation: mean change / worst step against, bits/note",
         lambda r: (r[I]["mean_change"], r[I]["mean_worst_step_against"]),
@@ -334,9 +346,13 @@ def main() -> None:
     p.add_argument("--prior-draws", type=int, default=2)
     p.add_argument("--pairs", type=int, default=8, help="interpolation paths")
     p.add_argument("--steps", type=int, default=5, help="points on each path")
+    p.add_argument("--noise-draws", type=int, default=4,
+                   help="posterior draws per path end for its noise (the tolerance)")  # fmt: skip
     p.add_argument("--samples", type=int, default=24, help="generated pieces per model")
     p.add_argument("--max-tokens", type=int, default=768)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", default="",
+                   help="a style model: score the likelihood rows under this style (default none)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=1, help="models measured at once (processes)")
     p.add_argument("--merge", type=Path, nargs="+", default=[],
                    help="instead of measuring: the tables of earlier --out files, side by side")  # fmt: skip

@@ -6,6 +6,12 @@ tokens per style (own posterior mean vs another piece's vs prior draws).
 Run:
     .venv/bin/python benchmarks/style_card_numbers.py MODEL_DIR CACHE test card.json
 (``LIMIT=N`` in the environment: the first N pieces per style, for a quick check.)
+
+``CARRIED=1``: instead, score with ``benchmarks/bench_vaegan.py``'s :func:`score_piece`: every
+later window starts from its prefix's musical-time and grammar state (``score_sequences``
+restarts them for a model with an encoder, which costs a model that leans on that state
+dearly), under three conditionings (the negative ELBO with a posterior sample, the posterior
+mean, prior draws), each piece under its own style.
 """
 
 from __future__ import annotations
@@ -24,6 +30,19 @@ from aurl.data.grammar import Grammar
 from aurl.evaluation.latent import reconstruction
 from aurl.evaluation.likelihood import score_sequences
 from aurl.fileio import atomic_write_text
+
+
+def carried(model, seqs: list, meters: list, grammar: Grammar, style: int) -> dict:
+    """Bits per note of whole pieces in 256-token windows that carry their prefix state."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_vaegan import LN2, score_piece
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [score_piece(model, s, m, grammar, 256, gen, style) for s, m in zip(seqs, meters)]
+    notes = sum(r["notes"] for r in rows)
+    out = {f"bits_per_note_{k.replace(' ', '_')}": sum(r["nll"][k] for r in rows) / LN2 / notes
+           for k in ("elbo", "posterior mean", "prior")}  # fmt: skip
+    return {"files": len(seqs), "notes": notes, **out}
 
 
 def main() -> None:
@@ -47,6 +66,10 @@ def main() -> None:
             return score_sequences(model, seqs, window=256, grammar=grammar, meters=meters,
                                    styles=[style_id] * len(seqs))  # fmt: skip
 
+        if os.environ.get("CARRIED"):
+            out["per_style"][style] = carried(model, seqs, meters, grammar, k)
+            print(style, json.dumps(out["per_style"][style]), flush=True)
+            continue
         own, none = score(k), score(-1)  # -1: no style (style dropout trained the model for it)
         keep = [i for i, x in enumerate(seqs) if len(x) >= 256][:10]
         rec = reconstruction(model, [seqs[i] for i in keep], length=256, grammar=grammar,

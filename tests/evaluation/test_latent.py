@@ -65,3 +65,31 @@ def test_too_short_pieces_are_refused(vae_and_pieces):
     model, pieces = vae_and_pieces
     with pytest.raises(ValueError, match="at least two pieces"):
         reconstruction(model, pieces, length=10_000)
+
+
+def test_monotone_within_the_noise_by_hand():
+    from aurl.evaluation.latent import Interpolation
+
+    t = [0.0, 0.5, 1.0]
+    # A rises 4.0 -> 4.5, B falls 5.0 -> 4.6; one step back of 0.05 on A's curve
+    path = Interpolation(t, [4.0, 4.3, 4.5], [5.0, 4.7, 4.6], 0.0, noise=0.03)
+    assert path.change == pytest.approx(0.4) and path.tolerance == pytest.approx(0.06)
+    assert path.monotone()
+    back = Interpolation(t, [4.0, 4.55, 4.5], [5.0, 4.7, 4.6], 0.05, noise=0.03)
+    assert back.monotone()  # 0.05 back is within 2 x 0.03 of noise
+    assert not Interpolation(t, [4.0, 4.55, 4.5], [5.0, 4.7, 4.6], 0.05, noise=0.02).monotone()
+    # ends that move less than the noise are no path
+    assert not Interpolation(t, [4.0, 4.02, 4.04], [5.0, 4.99, 4.97], 0.0, noise=0.02).monotone()
+
+
+def test_path_noise_is_the_posteriors_spread(vae_and_pieces):
+    model, pieces = vae_and_pieces
+    path = interpolation_curves(model, pieces[0], pieces[1], steps=3, noise_draws=3)
+    assert path.noise > 0  # draws from q(z | x) decode differently
+    blind = copy.deepcopy(model)
+    with torch.no_grad():
+        for proj in blind.conditioner.proj:
+            proj.weight.zero_()
+    flat = interpolation_curves(blind, pieces[0], pieces[1], steps=3, noise_draws=3)
+    assert flat.noise == pytest.approx(0, abs=1e-9) and flat.change == 0
+    assert not flat.monotone()

@@ -14,9 +14,13 @@ grammar-masked NLL in bits / notes, as in :mod:`aurl.evaluation.likelihood`.
 
 Interpolation: on the spherical path ``z_t`` from ``A``'s latent to ``B``'s (``steps`` points),
 the bits of ``A`` given ``z_t`` should rise and the bits of ``B`` fall as ``t`` goes from 0 to 1.
-:func:`interpolation_curves` returns both curves and the largest step against the expected
-direction (``0`` for a perfectly monotone path): a smooth latent space keeps it small relative
-to the curve's total change.
+:func:`interpolation_curves` returns both curves, the largest step against the expected
+direction (``0`` for a perfectly monotone path) and the path's *noise*: the spread (standard
+deviation) of an end's bits when its latent is redrawn from its own posterior q(z | x) instead of
+taken at the mean. Two latents that close are the same piece to the model, so a difference
+smaller than that is not a direction: :meth:`Interpolation.monotone` calls a path monotone
+when both ends move by more than the tolerance (``2 * noise``, at least 0.01 bits per note) and
+no step goes back by more than it.
 """
 
 from __future__ import annotations
@@ -142,9 +146,49 @@ class Interpolation:
     bits_a: list[float]  # should rise with t
     bits_b: list[float]  # should fall with t
     worst_step_against: float  # largest step in the wrong direction, in bits per note
+    # spread (sd) of an end's bits over draws from its own posterior (0: not measured)
+    noise: float = 0.0
+
+    @property
+    def change(self) -> float:
+        """The smaller of the two ends' total moves, in the expected direction."""
+        return min(self.bits_a[-1] - self.bits_a[0], self.bits_b[0] - self.bits_b[-1])
+
+    @property
+    def tolerance(self) -> float:
+        """Twice the noise, at least 0.01 bits per note."""
+        return max(0.01, 2.0 * self.noise)
+
+    def monotone(self) -> bool:
+        """Both ends move by more than the tolerance, and no step goes back by more than it."""
+        return self.change > self.tolerance and self.worst_step_against <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            **asdict(self), "change": self.change, "tolerance": self.tolerance,
+            "monotone": self.monotone(),
+        }  # fmt: skip
+
+
+@torch.no_grad()
+def posterior_noise(
+    model: Any, ids: np.ndarray, *, draws: int, grammar: Any = None, meter: Any = None,
+    seed: int = 0,
+) -> float:  # fmt: skip
+    """Standard deviation of the bits per note of ``ids`` given ``draws`` latents drawn from
+    its own posterior q(z | ids) (0 for fewer than two draws)."""
+    if draws < 2:
+        return 0.0
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        post = model.encode(torch.as_tensor(ids, dtype=torch.long, device=device)[None])
+    finally:
+        model.train(was)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    bits = [_bits(model, ids, post.sample(gen), grammar, meter) for _ in range(draws)]
+    return float(np.std(bits, ddof=1))
 
 
 def interpolation_curves(
@@ -155,9 +199,12 @@ def interpolation_curves(
     steps: int = 5,
     grammar: Any = None,
     meter: Any = None,
+    noise_draws: int = 0,
+    seed: int = 0,
 ) -> Interpolation:
     """The ends' bits per note along the spherical path between the two pieces' latents
-    (``a`` and ``b`` are cut to the shorter one's length so their latents match)."""
+    (``a`` and ``b`` are cut to the shorter one's length so their latents match).
+    ``noise_draws``: posterior draws per end for the path's noise (0: not measured)."""
     n = min(len(a), len(b))
     a, b = np.asarray(a[:n], np.int64), np.asarray(b[:n], np.int64)
     za, zb = encode_mean(model, a), encode_mean(model, b)
@@ -169,4 +216,8 @@ def interpolation_curves(
     for k in range(1, steps):
         against.append(bits_a[k - 1] - bits_a[k])  # a falling is against
         against.append(bits_b[k] - bits_b[k - 1])  # b rising is against
-    return Interpolation(ts, bits_a, bits_b, max(0.0, max(against)))
+    noise = float(np.mean([
+        posterior_noise(model, x, draws=noise_draws, grammar=grammar, meter=meter, seed=seed)
+        for x in (a, b)
+    ]))  # fmt: skip
+    return Interpolation(ts, bits_a, bits_b, max(0.0, max(against)), noise)

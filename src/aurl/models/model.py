@@ -20,12 +20,19 @@ from torch.utils.checkpoint import checkpoint
 
 from aurl.config import Config, ModelConfig, VocabConfig
 from aurl.data.grammar import Grammar, GrammarState, SequenceScan
-from aurl.data.vocab import ANTICIPATION_BASE, FIM_SENTINELS, PAD, Kind, Vocab
+from aurl.data.vocab import ANTICIPATION_BASE, FIM_SENTINELS, PAD, UNK, Kind, Vocab
 from aurl.errors import ConfigError
 from aurl.models.discriminator import MultiScaleDiscriminator
 from aurl.models.layers import Rotary, Sparse, attention_mask_for, make_blocks
 from aurl.models.style import style_embedding
-from aurl.models.vae import LatentConditioner, LatentEncoder, Latents, Posterior
+from aurl.models.vae import (
+    LatentConditioner,
+    LatentEncoder,
+    Latents,
+    Posterior,
+    hide_tokens,
+    token_drop_mask,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -382,6 +389,8 @@ class MusicTransformerVAEGAN(nn.Module):
                 nn.init.normal_(p, 0.0, std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
+        if self.conditioner is not None and self.config.latent_zero_init:
+            self.conditioner.zero_init()  # after the draws: every other weight as before
 
     # -- backbone ------------------------------------------------------------------------------
 
@@ -511,7 +520,14 @@ class MusicTransformerVAEGAN(nn.Module):
                 gram_emb = self.grammar_features.embed(*start.features)
             elif self.grammar_features is not None:
                 gram_emb = self.grammar_features(ids, start.grammar)[0]
-        x = self._input(ids, cond, time_emb, gram_emb, self._style(style))
+        seen, drop = ids, None
+        if posterior is not None and self.training:  # VAE word dropout (aurl.models.vae)
+            drop = token_drop_mask(ids, self.config.decoder_token_dropout)
+        if drop is not None:
+            features = [f for f in (time_emb, gram_emb) if f is not None]
+            seen, feats = hide_tokens(drop, ids, UNK, sum(features) if features else None)
+            time_emb, gram_emb = feats, None
+        x = self._input(seen, cond, time_emb, gram_emb, self._style(style))
         key_mask = attention_mask.bool() if attention_mask is not None else None
         if self.right_padding and self.window is None:  # causal: no real query sees the padding
             key_mask = None

@@ -40,7 +40,10 @@ VERSION = 1
 # the key existed". They are written only when they differ from that default, so an older Aurl
 # still reads a folder that does not use them (it refuses keys it does not know). Their defaults
 # must never change.
-OPTIONAL_MODEL_KEYS = ("meter", "styles", "style_dropout", "fim", "anticipation")
+OPTIONAL_MODEL_KEYS = (
+    "meter", "styles", "style_dropout", "fim", "anticipation", "decoder_token_dropout",
+    "latent_zero_init",
+)  # fmt: skip
 
 
 def model_config_dict(config: ModelConfig) -> dict:

@@ -169,6 +169,33 @@ class LatentEncoder(nn.Module):
         )
 
 
+def token_drop_mask(ids: Tensor, rate: float) -> Tensor | None:
+    """VAE word dropout (Bowman et al. 2016): which positions of ``ids`` (B, T) the decoder
+    does not see in training, each after the first (START) with probability ``rate``; None
+    when ``rate`` is 0."""
+    if rate <= 0.0:
+        return None
+    drop = torch.rand(ids.shape, device=ids.device) < rate
+    drop[:, 0] = False
+    return drop
+
+
+def hide_tokens(
+    drop: Tensor, ids: Tensor, unk: int, features: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The decoder's view of a window with ``drop`` (B, T) hidden: UNK for the id, and the
+    previous position's musical-time / grammar ``features`` (B, T, D), the state *before* the
+    token, since the state after it (its pitch sounding, its time step taken) would give the
+    token away. The encoder, the targets and every other position keep the true ids and
+    state; what the decoder cannot see of the token just played it must take from the
+    latent, so a strong decoder can no longer ignore it."""
+    seen = ids.masked_fill(drop, unk)
+    if features is not None:
+        before = torch.cat([features[:, :1], features[:, :-1]], dim=1)  # position 0 never drops
+        features = torch.where(drop[..., None], before, features)
+    return seen, features
+
+
 class LatentConditioner(nn.Module):
     """Latents -> an embedding added to the decoder input at each position."""
 
@@ -176,6 +203,16 @@ class LatentConditioner(nn.Module):
         super().__init__()
         self.spans = level_spans(config)
         self.proj = nn.ModuleList(nn.Linear(dim, config.d_model) for dim in level_dims(config))
+
+    @torch.no_grad()
+    def zero_init(self) -> None:
+        """Zero projections (``model.latent_zero_init``): the decoder starts unconditioned.
+        Under the default init a prior-scale z reaches the decoder's input at ~5x a token
+        embedding's norm, noise that the decoder spends its first hundreds of steps learning
+        to ignore (BENCHMARKS.md, "A VAE that encodes")."""
+        for proj in self.proj:
+            proj.weight.zero_()
+            proj.bias.zero_()
 
     def forward(self, latents: Latents, start: int, length: int) -> Tensor:
         """Conditioning for positions ``start .. start+length-1`` -> (B, length, D). Positions
