@@ -75,23 +75,6 @@ def test_retries_close_an_ending_that_plain_sampling_and_round_zero_leave_open(
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_engines(tmp_path_factory):
-    pytest.importorskip("onnxruntime")
-    import torch
-
-    from aurl.config import load_config
-    from aurl.engines.onnx_engine import OnnxEngine
-    from aurl.engines.torch_engine import TorchEngine
-    from aurl.models import build_model
-    from aurl.models.onnx_export import export_onnx
-
-    torch.manual_seed(0)
-    model = build_model(load_config(preset="tiny")).eval()
-    folder = export_onnx(model, tmp_path_factory.mktemp("tiny-onnx"))
-    return {"torch": TorchEngine(model), "onnx": OnnxEngine(folder)}, folder
-
-
 @pytest.mark.parametrize("name", ["torch", "onnx"])
 def test_steer_moves_rows_with_their_decoding_state(tiny_engines, name) -> None:
     """Greedy decoding of two different primers; after 12 tokens the hook copies row 0 over
@@ -100,7 +83,7 @@ def test_steer_moves_rows_with_their_decoding_state(tiny_engines, name) -> None:
     from aurl.data.tokenizer import Tokenizer
     from aurl.generation.generate import generate
 
-    engine = tiny_engines[0][name]
+    engine = tiny_engines[name]
     tokenizer = Tokenizer(engine.vocab.config)
     files = ("bach_bwv66.6.mid", "bach_bwv269.mid")
     primer = np.stack([tokenizer.encode_file(FIXTURES / f)[:40] for f in files])
@@ -130,7 +113,7 @@ def test_phrase_search_runs_on_the_onnx_engine_without_torch(tiny_engines, tmp_p
     """``aurl generate --engine onnx --seconds 8`` (the default ``--cadence phrases``: its
     checkpoints every 8 beats are reached at a tempo of 200) in a process where torch cannot be
     imported: it writes a piece of the time asked, and the same piece twice."""
-    folder = tiny_engines[1]
+    folder = tiny_engines["folder"]
     block = "import sys\nfor m in ('torch', 'safetensors'):\n    sys.modules[m] = None\n"
     code = block + (
         "from aurl.cli import main\n"
@@ -161,7 +144,7 @@ def test_the_onnx_engine_gets_the_phrase_search(tiny_engines) -> None:
     from aurl.generation.cadence import generate_phrased, generate_with_cadence
     from aurl.generation.generate import generate
 
-    engine = tiny_engines[0]["onnx"]
+    engine = tiny_engines["onnx"]
     cfg = GenerationConfig(seconds=8.0, tempo=200.0, max_tokens=100_000, seed=3)
     options = CadenceOptions(phrase_beats=4.0, particles=3, endings=1)
     tokenizer = Tokenizer(engine.vocab.config)

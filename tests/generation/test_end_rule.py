@@ -192,21 +192,6 @@ def test_shipped_model_pieces_end_on_a_held_chord(shipped) -> None:
     assert min(held_beats) >= 1.0
 
 
-@pytest.fixture(scope="module")
-def tiny_engines(tmp_path_factory):
-    pytest.importorskip("onnxruntime")
-    from aurl.config import load_config
-    from aurl.engines.onnx_engine import OnnxEngine
-    from aurl.engines.torch_engine import TorchEngine
-    from aurl.models import build_model
-    from aurl.models.onnx_export import export_onnx
-
-    torch.manual_seed(0)
-    model = build_model(load_config(preset="tiny")).eval()
-    folder = export_onnx(model, tmp_path_factory.mktemp("tiny-onnx"))
-    return {"torch": TorchEngine(model), "onnx": OnnxEngine(folder), "model": model}
-
-
 @pytest.mark.parametrize("name", ["torch", "onnx"])
 def test_the_rule_holds_on_both_engines(tiny_engines, name) -> None:
     """An untrained tiny model strikes notes anywhere; with a length in seconds its pieces
