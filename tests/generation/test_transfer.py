@@ -149,7 +149,7 @@ def plain_vae(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "model_args, extra, message",
     [
-        (["--model", "styles"], ["--style", "jazz"], "this model knows chorale, folk"),
+        (["--model", "styles"], ["--style", "jazz"], "this model knows chorale, classical, folk"),
         (["--model", "chorales"], ["--style", "folk"], "need a VAE model"),  # a transformer
         (["--checkpoint", "VAE"], ["--style", "folk"], "trained without styles"),
     ],

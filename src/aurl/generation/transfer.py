@@ -19,7 +19,9 @@ durations) under the target style:
   before as the source's ``j``-th does (its Parsons code). NOTE_ONs come in ascending order
   within a step, so the last one is the step's top note: NOTE_ONs above the highest pitch that
   can still end the step well are removed, and the step may not end (TIME_SHIFT or END) until
-  its top note does. With rhythm kept too, each source onset's role is kept as well: where the
+  its top note does. END, which closes every sounding note, never follows a step whose top note
+  a held note covers, and (without rhythm) waits until the output's skyline has as many notes
+  as the source's. With rhythm kept too, each source onset's role is kept as well: where the
   source's next onset sounds under a held note, the output's highest note is held over it
   (no NOTE_OFF), and the new notes go under it.
 - ``both``: rhythm and contour; ``none``: plain decoding (the free VAE transfer).
@@ -258,6 +260,7 @@ class TransferMasker:
             if good is not None:
                 self._contour_row(keep[row], good, floor, sounding[row] & ~state.new[row],
                                   int(count[row]))  # fmt: skip
+                self._contour_end(keep[row], plan, state, row, int(held[row]))
             notes_left = (ok[row, self.on] & keep[row, self.on]).any()
             if ok[row, self.on].any() and not notes_left:
                 keep[row, self.vel] = False  # a VELOCITY must lead to a NOTE_ON
@@ -319,6 +322,19 @@ class TransferMasker:
         blockers = np.flatnonzero(held[floor:]) + floor
         if len(blockers):
             keep[self.off][blockers[0] + 1 :] = False
+
+    def _contour_end(
+        self, keep: np.ndarray, plan: SourcePlan, state: TransferState, row: int, held: int
+    ) -> None:
+        """No END (in ``keep``, in place) where it would break the contour: END closes every
+        sounding note, so a step's top note covered by a held note would join the skyline
+        unchecked; and, without the rhythm's last onset to wait for, not before the output's
+        skyline has as many notes as the source's."""
+        played, top = bool(state.played[row]), int(state.top[row])
+        covered = played and held > top
+        short = int(state.sky_count[row]) + played < len(plan.directions) + 1
+        if covered or (short and not self.rhythm):
+            keep[END] = False
 
     def _good_tops(
         self, plan: SourcePlan, state: TransferState, row: int, held: int, t: int
