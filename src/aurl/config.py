@@ -151,8 +151,9 @@ class ModelConfig:
     segment_len: int = _num(64, 4, 65536)
     encoder_layers: int = _num(2, 1, 64)
     # VAE word dropout (Bowman et al. 2016): in training, this share of the decoder's input ids
-    # is replaced by UNK (musical-time and grammar features still read the true ids), so the
-    # decoder must lean on the latent for what it cannot see; 0: off (models before the key)
+    # is replaced by UNK and those positions get the previous position's musical-time and
+    # grammar features (the state after a token gives it away), so the decoder must lean on
+    # the latent for what it cannot see; 0: off (models before the key)
     decoder_token_dropout: float = _num(0.0, 0.0, 1.0)
     # the latent conditioner's projection starts at zero, so the decoder starts as a plain
     # transformer instead of under prior-scale noise (z ~ N(0, I) projected to ~5x a token

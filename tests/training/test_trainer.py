@@ -631,3 +631,29 @@ def test_sigterm_stops_before_validating_and_the_resumed_run_validates_first(
     assert [line for line in straight_lines if " valid loss " in line] == [
         line for line in lines + resumed_lines if " valid loss " in line
     ]
+
+
+def test_an_owed_validation_that_exhausts_patience_stops_the_resumed_run(
+    fixture_cache, tmp_path, tiny_config, monkeypatch
+):
+    # the straight run stops early at step 2; stopped by a signal during step 2, the resumed
+    # run's owed validation of step 2 must stop it there too, not one evaluation later
+    cfg = tiny_config(fixture_cache, "training.max_steps=50", "training.eval_every=1",
+                      "training.patience=1", "training.min_delta=100")  # fmt: skip
+    straight = train(cfg, tmp_path / "straight", echo=lambda line: None)
+    assert (straight.stopped, straight.step) == ("early_stopping", 2)
+
+    real_step = trainer_module._train_step
+
+    def step_then_sigterm(run, stage):
+        out = real_step(run, stage)
+        if run.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(trainer_module, "_train_step", step_then_sigterm)
+    stopped = train(cfg, tmp_path / "run", echo=lambda line: None)
+    monkeypatch.setattr(trainer_module, "_train_step", real_step)
+    assert (stopped.stopped, stopped.step) == ("interrupted", 2)
+    resumed = train(cfg, tmp_path / "run", echo=lambda line: None)
+    assert (resumed.stopped, resumed.step) == ("early_stopping", 2)

@@ -656,7 +656,11 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
     # a rollback moves ``run.step`` back, so the loop runs on it, not on a range
     if run.pending_validation:  # the run stopped before validating its last step
         run.pending_validation = False
-        _validate(run, stage, run.last_loss)
+        owed = _validate(run, stage, run.last_loss)
+        if t.patience and owed is not None and run.bad_evals >= t.patience:
+            run.stopped = "early_stopping"  # where the straight run stopped
+            run.log(f"step {run.step} stop {run.stopped}")
+            return
     pbar = progress(itertools.count(), total=stage.end - run.step, desc=f"train {stage.mode}")
     for _ in pbar:
         if run.step >= stage.end:
