@@ -85,6 +85,16 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="torch (default) or onnx: onnxruntime, about 3x less CPU per token; the model's "
         "graphs are written once to ~/.cache/aurl/onnx (or give an export folder as --checkpoint)",
     )  # fmt: skip
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--int8", action="store_true",
+        help="with --engine onnx: the model's int8 graphs (the default on CPUs with integer dot "
+        "products: AVX2, VNNI, ARM dotprod)",
+    )  # fmt: skip
+    precision.add_argument(
+        "--fp32", action="store_true",
+        help="with --engine onnx: the model's fp32 graphs (the default on other CPUs)",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +156,9 @@ def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, An
         raise ConfigError("--num-samples, --particles and --threads must be >= 1")
     if args.temperature <= 0:
         raise ConfigError(f"--temperature {args.temperature}: give a value > 0")
+    if (args.int8 or args.fp32) and args.engine != "onnx":
+        flag = "--int8" if args.int8 else "--fp32"
+        raise ConfigError(f"{flag} chooses the onnx engine's graphs: add --engine onnx")
     stem = f"{Path(source).stem}_{kind}_seed{args.seed}"
     paths = output_paths(args.out, args.num_samples, formats, stem=stem)
     check_free(paths, force=args.force)
@@ -168,20 +181,29 @@ def _model(args: argparse.Namespace) -> Any:
 
 def _onnx_engine(args: argparse.Namespace) -> Any:
     """The onnx engine of ``--checkpoint`` (an export folder, or a model folder whose graphs are
-    written once to the cache) or of the shipped model.
+    written once to the cache) or of the shipped model. A model folder's precision follows
+    ``aurl generate --engine onnx``'s rule (:func:`aurl.cli.generate.onnx_int8`: ``--int8`` /
+    ``--fp32``, else int8 where the CPU has integer dot products); an export's is its own.
 
     Raises:
-        ConfigError: onnxruntime is not installed.
+        ConfigError: onnxruntime is not installed, or --int8 / --fp32 with an export folder.
         CheckpointError: the folder is neither a model nor an export.
     """
-    from aurl.cli.generate import model_folder
+    from aurl.cli.generate import model_folder, onnx_int8
     from aurl.engines.onnx_engine import OnnxEngine, import_onnxruntime
     from aurl.engines.shipped import ensure_shipped_onnx
+    from aurl.errors import ConfigError
 
     import_onnxruntime()
     folder = model_folder(args.checkpoint, args.model)
     if (folder / "model.safetensors").is_file():
-        folder = ensure_shipped_onnx(folder)
+        folder = ensure_shipped_onnx(folder, int8=onnx_int8(args))
+    elif args.int8 or args.fp32:
+        flag = "--int8" if args.int8 else "--fp32"
+        raise ConfigError(
+            f"{flag} with --checkpoint {folder}: an ONNX export's precision is its own; drop "
+            f"{flag} or pass the model folder it was exported from"
+        )
     return OnnxEngine(folder, threads=args.threads)
 
 

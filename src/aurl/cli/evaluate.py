@@ -45,6 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "chorale (--split), compare with Bach (likelihood, four-part rules, chords, cadences)",
     )  # fmt: skip
     p.add_argument("--limit", type=int, metavar="N", help="--task: the first N chorales only")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--int8", action="store_true",
+        help="--task: decode on the model's int8 onnx graphs (the default on CPUs with integer "
+        "dot products: AVX2, VNNI, ARM dotprod)",
+    )  # fmt: skip
+    precision.add_argument(
+        "--fp32", action="store_true", help="--task: decode on the model's fp32 onnx graphs"
+    )
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument(
         "--samples", type=int, default=16, metavar="N", help="pieces to generate (0: none)"
@@ -181,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
     from aurl.errors import ConfigError, DataError
 
     t0 = time.perf_counter()
+    if (args.int8 or args.fp32) and not args.task:
+        flag = "--int8" if args.int8 else "--fp32"
+        raise ConfigError(f"{flag} chooses --task's onnx graphs: add --task harmonize or drop it")
     if args.task:
         from aurl.evaluation.tasks import run_task
 

@@ -387,10 +387,11 @@ def harmonize_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def onnx_engine_of(checkpoint: str | None, model: str | None = None) -> Any:
-    """The onnx engine of a model folder (its graphs written once to the cache, see
-    :mod:`aurl.engines.shipped`), the same weights at about a third of the CPU per token; None
-    where onnxruntime is missing or the checkpoint is no model folder (then torch decodes)."""
+def onnx_engine_of(checkpoint: str | None, model: str | None = None, *, int8: bool) -> Any:
+    """The onnx engine of a model folder (its ``int8`` or fp32 graphs written once to the cache,
+    see :mod:`aurl.engines.shipped`), the same weights at about a third of the CPU per token;
+    None where onnxruntime is missing or the checkpoint is no model folder (then torch
+    decodes)."""
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime") is None:
@@ -406,7 +407,21 @@ def onnx_engine_of(checkpoint: str | None, model: str | None = None) -> Any:
         return None
     if not (folder / "model.safetensors").is_file():
         return None
-    return OnnxEngine(ensure_shipped_onnx(folder))
+    return OnnxEngine(ensure_shipped_onnx(folder, int8=int8))
+
+
+def task_engine(args: Any, model: Any) -> Any:
+    """What ``aurl evaluate --task`` decodes ``model`` with: its onnx engine, whose precision
+    follows ``aurl generate --engine onnx``'s rule (:func:`aurl.cli.generate.onnx_int8`:
+    ``--int8`` / ``--fp32``, else int8 where the CPU has integer dot products); None (torch)
+    for an anticipation model, whose exports carry no controls, or where
+    :func:`onnx_engine_of` finds no onnx engine."""
+    from aurl.cli.generate import onnx_int8
+    from aurl.generation.anticipation import supports_anticipation
+
+    if supports_anticipation(model):
+        return None
+    return onnx_engine_of(args.checkpoint, getattr(args, "model", None), int8=onnx_int8(args))
 
 
 def run_task(args: Any, load_model: Any) -> int:
@@ -418,7 +433,6 @@ def run_task(args: Any, load_model: Any) -> int:
     """
     from aurl.errors import DataError
     from aurl.fileio import atomic_write_text
-    from aurl.generation.anticipation import supports_anticipation
     from aurl.progress import bar
 
     folder = Path(args.data) if args.data else BUNDLED
@@ -431,10 +445,9 @@ def run_task(args: Any, load_model: Any) -> int:
             "a manifest.json (aurl data corpus) or choose another --split"
         )
     model, _, _ = load_model(args.checkpoint, args.device, getattr(args, "model", None))
-    engine = None  # an anticipation model decodes on torch (its exports carry no controls)
-    if not supports_anticipation(model):
-        engine = onnx_engine_of(args.checkpoint, getattr(args, "model", None))
-    print(f"decoding on the {'onnx' if engine is not None else 'torch'} engine")
+    engine = task_engine(args, model)
+    where = "torch" if engine is None else f"onnx ({engine.weights})"
+    print(f"decoding on the {where} engine")
     t0 = time.perf_counter()
     result = evaluate_harmonize(model, files, seed=args.seed, engine=engine, progress=bar)
     table = harmonize_table(result)
