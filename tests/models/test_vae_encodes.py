@@ -23,6 +23,34 @@ def test_drop_mask_takes_the_share_asked_and_keeps_start(chorale):
     assert token_drop_mask(ids, 0.0) is None
 
 
+def test_drop_mask_drops_music_ids_only_in_a_fim_and_anticipation_batch(chorale):
+    """FIM sentinels (SUF PRE MID EOM) and anticipation controls lay out the window: at rate 1
+    every music id after position 0 is dropped, no id above the 774 music ids is."""
+    import numpy as np
+
+    from aurl.data.anticipation import control_ids
+    from aurl.data.fim import collate_fim, fim_window, plain_window, step_boundaries
+    from aurl.data.vocab import FIM_EOM, Vocab
+
+    vocab, ids = Vocab(), chorale[0, :120].numpy()
+    cuts = step_boundaries(ids, vocab)
+    windows = [fim_window(ids, int(cuts[3]), int(cuts[9]), vocab), plain_window(ids)]
+    T = max(len(w.ids) for w in windows)
+    batch = torch.full((2, T), 2, dtype=torch.long)  # PAD
+    for b, w in enumerate(windows):
+        batch[b, : len(w.ids)] = torch.from_numpy(w.ids)
+    assert collate_fim(windows)["fim_middle"].any()  # a real FIM window beside a plain one
+    controls = torch.from_numpy(control_ids(np.array([60, 67, 72]), vocab))
+    batch[1, 5:8] = controls  # anticipated melody notes inside the window
+    above = batch >= FIM_EOM
+    assert above[0].sum() == 4 and above[1].sum() == 3
+    drop = token_drop_mask(batch, 1.0)
+    assert not drop[above].any()
+    below = ~above
+    below[:, 0] = False
+    assert drop[below].all()
+
+
 def test_hidden_position_sees_unk_and_the_state_before_its_token():
     ids = torch.tensor([[0, 10, 11, 12, 13]])
     features = torch.arange(5.0)[None, :, None].expand(1, 5, 2)  # position t carries t

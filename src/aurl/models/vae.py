@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aurl.config import ModelConfig
+from aurl.data.vocab import FIM_EOM
 from aurl.models.layers import Rotary, make_blocks
 
 
@@ -171,11 +172,13 @@ class LatentEncoder(nn.Module):
 
 def token_drop_mask(ids: Tensor, rate: float) -> Tensor | None:
     """VAE word dropout (Bowman et al. 2016): which positions of ``ids`` (B, T) the decoder
-    does not see in training, each after the first (START) with probability ``rate``; None
-    when ``rate`` is 0."""
+    does not see in training, each music id (below the 774 of the vocabulary) after the first
+    position (START) with probability ``rate``; None when ``rate`` is 0. The ids above them,
+    fill-in-the-middle sentinels and anticipation controls (:mod:`aurl.data.vocab`), are
+    never dropped: they lay out the window, and the latent does not carry them."""
     if rate <= 0.0:
         return None
-    drop = torch.rand(ids.shape, device=ids.device) < rate
+    drop = (torch.rand(ids.shape, device=ids.device) < rate) & (ids < FIM_EOM)
     drop[:, 0] = False
     return drop
 
