@@ -633,6 +633,46 @@ def test_sigterm_stops_before_validating_and_the_resumed_run_validates_first(
     ]
 
 
+@pytest.mark.parametrize(
+    "save_every, saved", [(2, [2, 4, 6]), (4, [4, 6])], ids=["step-2-saves", "step-2-does-not"]
+)
+def test_an_owed_validation_saves_the_checkpoint_the_straight_run_saved(
+    fixture_cache, tmp_path, tiny_config, monkeypatch, save_every, saved
+):
+    # stopped by a signal during step 2 (a validating step), then resumed: the run's
+    # checkpoints, their metrics and the kept-best set are the straight run's. Where step 2
+    # saves, the owed validation re-saves it with its metrics; where it does not, the stop's
+    # checkpoint keeps no metrics and goes at the next save, as the straight run never had it
+    cfg = tiny_config(fixture_cache, "training.max_steps=6", "training.eval_every=2",
+                      f"training.save_every={save_every}", "training.keep_best=3",
+                      "model.dropout=0.1")  # fmt: skip
+
+    def kept(run):
+        found = {p.name: load_checkpoint(p) for p in list_checkpoints(run)}
+        metrics = {name: c.state["metrics"] for name, c in found.items()}
+        state = {name: (c.state["best_valid"], c.state["bad_evals"], "pending_validation" in c.state)
+                 for name, c in found.items()}  # fmt: skip
+        return metrics, state, [p.name for p in best_checkpoints(run, 3)]
+
+    train(cfg, tmp_path / "straight", echo=lambda line: None)
+    real_step = trainer_module._train_step
+
+    def step_then_sigterm(run, stage):
+        out = real_step(run, stage)
+        if run.step == 1:  # the step about to become step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(trainer_module, "_train_step", step_then_sigterm)
+    assert train(cfg, run, echo=lambda line: None).stopped == "interrupted"
+    monkeypatch.setattr(trainer_module, "_train_step", real_step)
+    train(cfg, run, echo=lambda line: None)
+    straight = kept(tmp_path / "straight")
+    assert list(straight[0]) == [f"step-{n:07d}" for n in saved] and all(straight[0].values())
+    assert kept(run) == straight
+
+
 def test_an_owed_validation_that_exhausts_patience_stops_the_resumed_run(
     fixture_cache, tmp_path, tiny_config, monkeypatch
 ):

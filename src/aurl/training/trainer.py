@@ -353,6 +353,7 @@ class _Run:
     valid_styles: list[int] | None = None  # the style id of each validation piece
     valid_loss: float | None = None
     pending_validation: bool = False  # stopped by a signal before validating its last step
+    owed_train_loss: float = float("nan")  # that step's training loss, for its metrics
     last_loss: float = float("nan")
     stopped: str = "max_steps"
     t0: float = dataclasses.field(default_factory=time.perf_counter)
@@ -534,6 +535,7 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
         run.bad_evals = int(start.state.get("bad_evals", 0))
         run.lr_scale = float(start.state.get("lr_scale", 1.0))
         run.pending_validation = bool(start.state.get("pending_validation", False))
+        run.owed_train_loss = float(start.state.get("owed_train_loss", float("nan")))
     if run.step >= ends[-1]:
         run.log(f"step {run.step}: the run is already complete (raise training.max_steps to go on)")
     return run
@@ -656,8 +658,11 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
     # a rollback moves ``run.step`` back, so the loop runs on it, not on a range
     if run.pending_validation:  # the run stopped before validating its last step
         run.pending_validation = False
-        owed = _validate(run, stage, run.last_loss)
-        if t.patience and owed is not None and run.bad_evals >= t.patience:
+        owed = _validate(run, stage, run.owed_train_loss)
+        patience_out = bool(t.patience) and owed is not None and run.bad_evals >= t.patience
+        if d.is_main and owed is not None and (_save_due(run, stage) or patience_out):
+            _save(run, stage, owed)  # the step's checkpoint as the straight run saved it
+        if patience_out:
             run.stopped = "early_stopping"  # where the straight run stopped
             run.log(f"step {run.step} stop {run.stopped}")
             return
@@ -704,6 +709,7 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
         metrics = None
         if interrupted:
             run.pending_validation = _due_validation(run)
+            run.owed_train_loss = out.loss
         else:
             metrics = _validate(run, stage, out.loss)
             if run.monitor and t.sample_every and run.step % t.sample_every == 0:
@@ -712,13 +718,7 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
         out_of_time = t.max_minutes > 0 and (time.perf_counter() - run.t0) / 60 >= t.max_minutes
         out_of_time = distributed.any_flag(out_of_time, d)
         patience_out = bool(t.patience) and metrics is not None and run.bad_evals >= t.patience
-        if d.is_main and (
-            run.step % t.save_every == 0
-            or run.step == stage.end
-            or out_of_time
-            or patience_out
-            or interrupted
-        ):
+        if d.is_main and (_save_due(run, stage) or out_of_time or patience_out or interrupted):
             _save(run, stage, metrics)
         if patience_out or out_of_time or interrupted:
             run.stopped = (
@@ -1002,6 +1002,12 @@ def _due_validation(run: _Run) -> bool:
     return bool(run.valid_set) and (run.step % t.eval_every == 0 or run.step == run.ends[-1])
 
 
+def _save_due(run: _Run, stage: _Stage) -> bool:
+    """Whether this step saves a checkpoint whatever else happens: every ``save_every`` steps
+    and at the end of each stage (a stop saves too, see :func:`_train_stage`)."""
+    return run.step % run.config.training.save_every == 0 or run.step == stage.end
+
+
 def _validate(run: _Run, stage: _Stage, train_loss: float) -> dict[str, float] | None:
     """Validation at ``eval_every`` and at the end of the run (not of earlier stages: losses of
     another mode do not rank against this one's), with early stopping's bookkeeping; returns
@@ -1032,7 +1038,8 @@ def _save(run: _Run, stage: _Stage, metrics: dict[str, float] | None) -> None:
         state={"stage": stage.index, "data": run.loader.state_dict(),
                "anomaly": run.detector.state_dict(), "lr_scale": run.lr_scale,
                "best_valid": run.best_valid, "bad_evals": run.bad_evals,
-               **({"pending_validation": True} if run.pending_validation else {}),
+               **({"pending_validation": True, "owed_train_loss": run.owed_train_loss}
+                  if run.pending_validation else {}),
                **({"finetune": run.finetune} if run.finetune else {})},
     )  # fmt: skip
     ckpt.prune_checkpoints(run.run_dir, run.config.training.keep_best)
