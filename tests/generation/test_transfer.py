@@ -169,3 +169,45 @@ def test_keep_without_variations_is_refused(tmp_path, capsys) -> None:
     code = main(["generate", "--keep", "rhythm", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err == "error: --keep rhythm needs --variations FILE (the piece to keep)\n"
+
+
+FIXTURE_FILES = sorted((Path(__file__).parents[1] / "fixtures").glob("*/*.mid"))
+
+
+@pytest.mark.parametrize("path", [*FIXTURE_FILES, FOLK], ids=lambda p: p.name)
+def test_read_source_gives_what_the_three_reads_gave(tok, path) -> None:
+    """One read of the --variations file gives the ids ``encode_file`` gives and the meter
+    ``read_meter`` gives, SMPTE and damaged fixtures included (they take the fallback)."""
+    from aurl.data.meter import read_meter
+    from aurl.errors import MidiReadError
+    from aurl.generation.transfer import read_source
+
+    try:
+        want = tok.encode_file(path)
+    except MidiReadError:
+        with pytest.raises(MidiReadError):
+            read_source(path, tok)
+        return
+    got = read_source(path, tok)
+    np.testing.assert_array_equal(got.ids, want)
+    assert got.meter == read_meter(path)
+
+
+def test_variations_read_the_file_once(tmp_path, capsys, monkeypatch) -> None:
+    """`aurl generate --variations FILE --style NAME` on the shipped styles VAE (a meter model
+    keeping the rhythm): the file's bytes are loaded once, for the latents, the kept rhythm and
+    the meter together."""
+    from aurl.data import midi_io
+
+    loads: list[Path] = []
+    real = midi_io._load_bytes
+
+    def counted(path, cfg):
+        loads.append(Path(path))
+        return real(path, cfg)
+
+    monkeypatch.setattr(midi_io, "_load_bytes", counted)
+    code = main(["generate", "--model", "styles", "--variations", str(FOLK), "--style", "folk",
+                 "--max-tokens", "48", "--out", str(tmp_path / "o")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert loads.count(FOLK) == 1, loads

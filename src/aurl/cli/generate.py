@@ -480,14 +480,19 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
         raise ConstraintError(
             f"--variations/--interpolate need a VAE model; this one is {engine.config.mode!r}"
         )
+    source = None  # the --variations piece, read once (aurl.generation.transfer.read_source)
+    if args.variations and model is not None and is_vae:
+        from aurl.generation.transfer import read_source
+
+        source = read_source(args.variations, tokenizer)
     if model is not None and is_vae:
         import torch
 
-        from aurl.generation.generate import file_latents, interpolation_latents, prior_latents
+        from aurl.generation.generate import interpolation_latents, piece_latents, prior_latents
 
         generator = torch.Generator(device=device).manual_seed(args.seed)
         if args.variations:
-            latents = file_latents(model, args.variations, tokenizer, n=n, generator=generator)
+            latents = piece_latents(model, source.ids, n=n, generator=generator)
         elif args.interpolate:
             latents = interpolation_latents(model, *args.interpolate, tokenizer, steps=n)
         else:
@@ -496,14 +501,11 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
     if keep != "none":  # the file's rhythm / contour kept (aurl.generation.transfer)
         from aurl.generation.transfer import transfer_config, transfer_masker
 
-        source = tokenizer.encode_file(args.variations)
         if args.max_tokens is None and args.seconds is None:
-            config = transfer_config(config, [source])
+            config = transfer_config(config, [source.ids])
         if not config.meter and getattr(engine.config, "meter", False):
-            from aurl.data.meter import read_meter
-
-            config = dataclasses.replace(config, meter="{}/{}".format(*read_meter(args.variations)))
-        masker = transfer_masker(engine, config, [source] * n, tokenizer, keep)
+            config = dataclasses.replace(config, meter="{}/{}".format(*source.meter))
+        masker = transfer_masker(engine, config, [source.ids] * n, tokenizer, keep)
         pieces = generate(
             engine, config, num_samples=n, latents=latents, masker=masker, progress=bar
         )

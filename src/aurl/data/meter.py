@@ -25,6 +25,12 @@ def read_meter(path: str | Path) -> tuple[int, int]:
         score = read_score(path)
     except MidiReadError:  # the meter then is the MIDI default
         return DEFAULT_METER
+    return score_meter(score)
+
+
+def score_meter(score) -> tuple[int, int]:
+    """``(numerator, denominator)`` of a ``symusic.Score``'s first time signature, by the rules
+    of :func:`read_meter` (4/4 where it has none or an unusable one)."""
     signatures = sorted(score.time_signatures, key=lambda t: t.time)
     if not signatures:
         return DEFAULT_METER

@@ -135,9 +135,16 @@ def file_latents(
 ) -> Any:
     """``n`` latents around the encoding of a MIDI file: row 0 its posterior mean, the others
     samples from its posterior (variations)."""
+    return piece_latents(model, tokenizer.encode_file(path), n=n, generator=generator)
+
+
+def piece_latents(model: Any, ids: np.ndarray, *, n: int, generator: torch.Generator | None) -> Any:
+    """:func:`file_latents` of a piece's ids already read (its first ``max_seq_len``)."""
     import torch
 
-    posterior = _encode_file(model, path, tokenizer)
+    ids_t = torch.as_tensor(np.asarray(ids)[: model.config.max_seq_len], dtype=torch.long,
+                            device=model.embed.weight.device)[None]  # fmt: skip
+    posterior = model.encode(ids_t)
     rep = torch.zeros(n, dtype=torch.long, device=model.embed.weight.device)
     mean = index_state(posterior.mean(), rep)
     noisy = index_state(posterior, rep).sample(generator)

@@ -42,13 +42,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from aurl.config import GenerationConfig
 from aurl.data.vocab import END, Kind, Vocab
-from aurl.errors import ConfigError, ConstraintError
+from aurl.errors import ConfigError, ConstraintError, MidiReadError
 from aurl.generation.constraints import NEG_INF, LogitMasker, MaskState
 
 KEEPS = ("rhythm", "contour", "both", "none")
@@ -74,6 +75,37 @@ class SourcePlan:
     tempo_bin: int
     sky: np.ndarray
     directions: np.ndarray
+
+
+@dataclass(frozen=True)
+class SourcePiece:
+    """The piece of ``aurl generate --variations FILE``, read once: its ids (for the VAE's
+    latents and for :func:`source_plan`) and its meter (for a model that takes one)."""
+
+    ids: np.ndarray
+    meter: tuple[int, int]
+
+
+def read_source(path: str | Path, tokenizer: Any) -> SourcePiece:
+    """Read ``path`` once: the raw score (checked bytes, :func:`aurl.data.midi_io.read_score`)
+    gives the meter (:func:`aurl.data.meter.score_meter`) and, repaired like a file, the ids
+    (:meth:`Tokenizer.encode_score`, equal to ``encode_file``'s). A file symusic does not read
+    as it is (SMPTE time, a damaged file the tolerant reader takes) goes through
+    ``encode_file`` instead (a second read, of these files only), with the MIDI default meter,
+    as :func:`aurl.data.meter.read_meter` gives it.
+
+    Raises:
+        MidiReadError: the file cannot be read.
+    """
+    from aurl.data.meter import DEFAULT_METER, score_meter
+    from aurl.data.midi_io import RepairReport, read_score
+
+    try:
+        score = read_score(path, tokenizer.data_config)
+    except MidiReadError:
+        return SourcePiece(tokenizer.encode_file(path), DEFAULT_METER)
+    report = RepairReport(path=str(path))
+    return SourcePiece(tokenizer.encode_score(score, report), score_meter(score))
 
 
 def source_plan(ids: np.ndarray, tokenizer: Any) -> SourcePlan:
