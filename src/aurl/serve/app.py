@@ -93,6 +93,12 @@ class GenerateOptions(BaseModel):
         "midi", description="the reply: a MIDI file, or MusicXML (quantized to sixteenths); the "
         "stream's done message always carries MIDI",
     )  # fmt: skip
+    cadence: Literal["off", "phrases", "thorough", "ending"] = Field(
+        "off", description="with seconds, POST /api/generate only: `aurl generate --cadence`'s "
+        "search for phrases and an ending that close ('phrases', the CLI's default: ~1.8x the "
+        "CPU, most pieces end on a cadence); it runs outside the shared batch, one such request "
+        "per model at a time, so 'off' is the server's default (docs/design.md)",
+    )  # fmt: skip
 
 
 class HealthModel(BaseModel):
@@ -297,7 +303,8 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         return Health(status="ok", models=list(servers), vocab_size=first.vocab.size,
                       details=details, limits=dataclasses.asdict(lim))  # fmt: skip
 
-    async def start_job(opts: GenerateOptions):
+    async def request_config(opts: GenerateOptions):
+        """The server, GenerationConfig and primer ids of a request, checked."""
         srv = _server(servers, opts.model)
         primer = None
         if opts.primer:
@@ -309,7 +316,15 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                          "polyphony_cap": opts.polyphony},
             )  # fmt: skip
             primer = _primer_ids(np.asarray(result["ids"], dtype=np.int64), srv, opts)
-        config = _generation_config(opts, srv, lim, primer)
+        return srv, _generation_config(opts, srv, lim, primer), primer
+
+    async def start_job(opts: GenerateOptions):
+        if opts.cadence != "off":
+            raise FieldError(
+                f"cadence {opts.cadence!r}: the search redraws phrases and endings a stream has "
+                "already sent; use POST /api/generate, or cadence 'off'", field="cadence",
+            )  # fmt: skip
+        srv, config, primer = await request_config(opts)
         return srv, srv.submit(config, primer)
 
     @app.post(
@@ -319,12 +334,42 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
     )  # fmt: skip
     async def generate(opts: GenerateOptions, request: Request):
         """Compose one piece; returns it as a MIDI file, or MusicXML with ``format``
-        (header ``X-Aurl-Tokens``: its length in tokens)."""
+        (header ``X-Aurl-Tokens``: its length in tokens). With ``cadence`` (and ``seconds``)
+        the piece comes from ``aurl generate --cadence``'s search, outside the shared batch."""
+        if opts.cadence != "off":
+            return await _generate_with_cadence(opts, request)
         srv, job = await start_job(opts)
         ids = await _until_done_or_gone(job, request)
         midi = await asyncio.to_thread(srv.tokenizer.decode_to_bytes, np.asarray(ids))
         return await _reply(midi, opts.format, f"aurl_seed{opts.seed}", lim, request, headers={
             "X-Aurl-Tokens": str(len(ids) - job.row.primer_length)})  # fmt: skip
+
+    async def _generate_with_cadence(opts: GenerateOptions, request: Request):
+        """``aurl generate --seconds S --cadence MODE`` on the served model, in a worker thread
+        as a composition (:func:`_compose`): the phrase search decodes a piece's particles as
+        rows of one batch and resamples them, and the ending search redraws a finished piece's
+        tail, neither of which one row of the shared batch can do (docs/design.md)."""
+        if opts.seconds is None:
+            raise FieldError(
+                f"cadence {opts.cadence!r} searches a piece of a length in seconds: give "
+                "seconds, or cadence 'off'", field="cadence",
+            )  # fmt: skip
+        srv, config, primer = await request_config(opts)
+        tokens: list[int] = []
+
+        def run(model: Any, progress: Any) -> Any:
+            from aurl.generation.cadence import CADENCE_MODES, generate_with_cadence
+
+            (piece,) = generate_with_cadence(
+                model, config, primer=primer, options=CADENCE_MODES[opts.cadence],
+                progress=progress,
+            )  # fmt: skip
+            tokens.append(len(piece.generated))
+            return srv.tokenizer.decode_to_score(piece.ids)
+
+        midi = await _compose(srv, run, lim, request, composing=False)
+        return await _reply(midi, opts.format, f"aurl_seed{opts.seed}", lim, request,
+                            headers={"X-Aurl-Tokens": str(tokens[0])})  # fmt: skip
 
     @app.websocket("/api/generate/stream")
     async def stream(ws: WebSocket):
@@ -848,16 +893,19 @@ class ClientGone(AurlError):
     """The client closed the connection before its reply was ready; the work was stopped."""
 
 
-async def _compose(srv: ModelServer, run: Any, lim: Limits, request: Request) -> bytes:
+async def _compose(
+    srv: ModelServer, run: Any, lim: Limits, request: Request, *, composing: bool = True
+) -> bytes:
     """``run(model, progress) -> score`` in a worker thread, one composition per model at a
     time, stopped (408) when it passes ``request_seconds``, and stopped at the next token when
     the client goes away (checked every 0.25 s; the slot frees as soon as the worker stops);
-    returns the score's MIDI bytes."""
+    returns the score's MIDI bytes. ``composing``: the model must compose around given notes
+    (:func:`aurl.generation.compose.composing_model`); not for a cadence search."""
     import threading
 
     from aurl.generation.compose import composing_model
 
-    model = composing_model(srv.model)
+    model = composing_model(srv.model) if composing else srv.model
     deadline = time.monotonic() + lim.request_seconds
     gone = threading.Event()
 
