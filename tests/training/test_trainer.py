@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import re
 import signal
 from pathlib import Path
@@ -608,7 +607,7 @@ def test_sigterm_stops_before_validating_and_the_resumed_run_validates_first(
     def step_then_sigterm(run, stage):
         out = real_step(run, stage)
         if run.step == 1:  # the step about to become step 2
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # to this thread: handled before the next check
         return out
 
     run = tmp_path / "run"
@@ -660,7 +659,7 @@ def test_an_owed_validation_saves_the_checkpoint_the_straight_run_saved(
     def step_then_sigterm(run, stage):
         out = real_step(run, stage)
         if run.step == 1:  # the step about to become step 2
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # to this thread: handled before the next check
         return out
 
     run = tmp_path / "run"
@@ -688,7 +687,7 @@ def test_an_owed_validation_that_exhausts_patience_stops_the_resumed_run(
     def step_then_sigterm(run, stage):
         out = real_step(run, stage)
         if run.step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # to this thread: handled before the next check
         return out
 
     monkeypatch.setattr(trainer_module, "_train_step", step_then_sigterm)
