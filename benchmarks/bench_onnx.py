@@ -37,7 +37,8 @@ Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens
       [--baseline REV] [--no-torch]
 
 ``--only parity``: bits per note on the whole test split of the bundled chorales, PyTorch fp32
-against the fp32 and int8 graphs (the shipped model; the int8 goal: within 0.02 of fp32).
+against the fp32, int8 and int4 graphs (the shipped model; the int8 goal: within 0.02 of fp32;
+int4 is an opt-in, ``--variants ...,onnx-int4`` adds it to the decode table).
 
 ``--only kv``: the graph step as the engine runs it (version 3: q|k|v packed, the KV cache updated
 in place) against the version 2 graph (q, k, v split) and against separate present buffers (the
@@ -60,13 +61,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "aurl" / "pretrained"
-VARIANTS = ("hf", "torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8")
+VARIANTS = ("hf", "torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8", "onnx-int4")
+DEFAULT_VARIANTS = VARIANTS[:-1]  # int4 is an opt-in: --variants ...,onnx-int4
 LABELS = {
     "hf": "HF `generate` fp32",
     "torch-fp32": "PyTorch fp32 (`--engine torch`)",
     "torch-int8": "PyTorch int8 (int8 weights, bf16 activations)",
     "onnx-fp32": "onnxruntime fp32 (`--engine onnx --fp32`)",
     "onnx-int8": "onnxruntime int8 (`--engine onnx` on AVX2 / VNNI)",
+    "onnx-int4": "onnxruntime int4 (`aurl export --int4`, MatMulNBits, opt-in)",
 }
 
 
@@ -91,13 +94,15 @@ def torch_model(shape: str):
     return build_model(cfg).eval()
 
 
-def prepare(shape: str, folder: Path) -> None:
-    """The fp32 and int8 exports of the model, once per run."""
+def prepare(shape: str, folder: Path, int4: bool = False) -> None:
+    """The fp32 and int8 exports of the model (and the int4 one if ``int4``), once per run."""
     from aurl.models.onnx_export import export_onnx
 
     model = torch_model(shape)
     export_onnx(model, folder / "fp32")
     export_onnx(model, folder / "int8", int8=True)
+    if int4:
+        export_onnx(model, folder / "int4", int4=True)
 
 
 def bytes_per_token(graph: Path) -> int:
@@ -149,7 +154,7 @@ def limit_rows(folder: Path, shape: str, tokens: int) -> list[str]:
     lines = [f"memory bandwidth, one thread: read {read:.1f} GB/s (sum of 100 MB), copy {copy:.1f} "
              f"GB/s (read + write, 100 MB); {shape} shape, {tokens} tokens: KV cache "
              f"{kv * tokens / 2 / 1e6:.1f} MB read per token at the mean length ({tokens // 2})"]  # fmt: skip
-    for weights in ("fp32", "int8"):
+    for weights in [w for w in ("fp32", "int8", "int4") if (folder / w).is_dir()]:
         w = bytes_per_token(folder / weights / meta["graphs"]["decoder"])
         total = w + kv * tokens / 2
         lines.append(f"{weights}: weights {w / 1e6:.1f} MB per token, with the cache "
@@ -313,12 +318,13 @@ def decode(args: argparse.Namespace, folder: Path, cpu: str, load: str) -> None:
         }  # fmt: skip
         print(f"| {LABELS[v]} | {wall_r:.0f} | {fmt_ratio(ratios['tokens_per_s'])} | "
               f"{cpu_r:.0f} | {fmt_ratio(ratios['tokens_per_cpu_s'])} | {cpu} |")  # fmt: skip
-    for engine in ("onnx", "torch"):  # int8 against fp32 of the same engine, piece by piece
-        fp32, int8 = results.get(f"{engine}-fp32"), results.get(f"{engine}-int8")
-        if fp32 and int8:
+    pairs = [("onnx-fp32", "onnx-int8"), ("torch-fp32", "torch-int8"), ("onnx-int8", "onnx-int4")]
+    for a_name, b_name in pairs:  # one precision against another of the same engine, piece by piece
+        a_runs, b_runs = results.get(a_name), results.get(b_name)
+        if a_runs and b_runs:
             for key, what in (("tokens_per_s", "wall"), ("tokens_per_cpu_s", "CPU")):
-                st = ratio_stats([b[key] / a[key] for a, b in zip(fp32, int8)])
-                print(f"{engine} int8 / {engine} fp32 ({what}, the same round): {fmt_ratio(st)}")
+                st = ratio_stats([b[key] / a[key] for a, b in zip(a_runs, b_runs)])
+                print(f"{b_name} / {a_name} ({what}, the same round): {fmt_ratio(st)}")
     for line in limit_rows(folder, args.shape, args.tokens):
         print(line)
 
@@ -544,7 +550,7 @@ def parity(folder: Path, window: int) -> None:
     with torch.no_grad():
         ref = bits(TorchEngine(torch_model("shipped")))
     rows = {"PyTorch fp32": ref}
-    for weights in ("fp32", "int8"):
+    for weights in [w for w in ("fp32", "int8", "int4") if (folder / w).is_dir()]:
         rows[f"onnxruntime {weights}"] = bits(OnnxEngine(folder / weights))
     n = sum(len(x) for x in pieces)
     print(f"bits/note, test split of the bundled chorales: {len(pieces)} pieces, {n} tokens, "
@@ -784,8 +790,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", choices=["decode", "cold", "parts", "parity", "kv"])
     ap.add_argument(
-        "--variants", default=",".join(VARIANTS),
-        help="decode variants, comma-separated (hf, the baseline, always runs)",
+        "--variants", default=",".join(DEFAULT_VARIANTS),
+        help="decode variants, comma-separated (hf, the baseline, always runs; onnx-int4 only "
+        "when named)",
     )  # fmt: skip
     ap.add_argument(
         "--baseline", default=BASELINE,
@@ -804,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu, load = cpu_summary(), loadavg()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        prepare(args.shape, folder)
+        int4 = "onnx-int4" in args.variants.split(",") or args.only == "parity"
+        prepare(args.shape, folder, int4=int4)
         if args.only == "parts":
             parts(folder, args.tokens, args.threads, cpu)
             return 0
