@@ -838,6 +838,9 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
         if base is not None:
             old = [py, "-c", base_entry, *onnx[3:], str(folder / f"base-{weights}")]
             rows.append((f"{name} at {args.baseline}", "cached", old, cold_env(base)))
+    if (folder / "int4").is_dir():  # the opt-in (--variants ...,onnx-int4): cached bytecode only
+        rows.append(("`aurl generate --engine onnx` (int4 export, opt-in)", "cached",
+                     [*onnx, str(folder / "int4")], installed))  # fmt: skip
     if args.shape == "shipped":  # the command as users type it: the shipped model's cached export
         from aurl.engines.cpu import onnx_int8_pays
 
