@@ -33,15 +33,19 @@ one run per tree split into phases (imports, engine, generation, writing, and th
 process: interpreter start and exit).
 
 Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens 1024]
-      [--rounds 3] [--threads 1] [--only decode|cold|parts|parity|kv] [--variants onnx-int8,...]
+      [--rounds 3] [--threads 1] [--only decode|cold|parts|parity|kv|attention] [--variants onnx-int8,...]
       [--baseline REV] [--no-torch]
 
 ``--only parity``: bits per note on the whole test split of the bundled chorales, PyTorch fp32
-against the fp32 and int8 graphs (the shipped model; the int8 goal: within 0.02 of fp32).
+against the fp32, int8 and int4 graphs (the shipped model; the int8 goal: within 0.02 of fp32;
+int4 is an opt-in, ``--variants ...,onnx-int4`` adds it to the decode table).
 
 ``--only kv``: the graph step as the engine runs it (version 3: q|k|v packed, the KV cache updated
 in place) against the version 2 graph (q, k, v split) and against separate present buffers (the
 whole cache copied per step), at 16 / 512 / 960 cached tokens (:func:`kv`).
+
+``--only attention``: GroupQueryAttention alone (the engine's node, the same with ``scale`` 1,
+numpy) over 16 / 512 / 960 cached tokens, and the bytes of keys and values it reads per second.
 
 ``--only parts``: the onnx engine's per-token CPU time split into the graph step alone (at a few
 cached lengths) and the rest of the loop (onnxruntime stubbed out), fp32 and int8.
@@ -60,13 +64,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "aurl" / "pretrained"
-VARIANTS = ("hf", "torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8")
+VARIANTS = ("hf", "torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8", "onnx-int4")
+DEFAULT_VARIANTS = VARIANTS[:-1]  # int4 is an opt-in: --variants ...,onnx-int4
 LABELS = {
     "hf": "HF `generate` fp32",
     "torch-fp32": "PyTorch fp32 (`--engine torch`)",
     "torch-int8": "PyTorch int8 (int8 weights, bf16 activations)",
     "onnx-fp32": "onnxruntime fp32 (`--engine onnx --fp32`)",
     "onnx-int8": "onnxruntime int8 (`--engine onnx` on AVX2 / VNNI)",
+    "onnx-int4": "onnxruntime int4 (`aurl export --int4`, MatMulNBits, opt-in)",
 }
 
 
@@ -91,13 +97,15 @@ def torch_model(shape: str):
     return build_model(cfg).eval()
 
 
-def prepare(shape: str, folder: Path) -> None:
-    """The fp32 and int8 exports of the model, once per run."""
+def prepare(shape: str, folder: Path, int4: bool = False) -> None:
+    """The fp32 and int8 exports of the model (and the int4 one if ``int4``), once per run."""
     from aurl.models.onnx_export import export_onnx
 
     model = torch_model(shape)
     export_onnx(model, folder / "fp32")
     export_onnx(model, folder / "int8", int8=True)
+    if int4:
+        export_onnx(model, folder / "int4", int4=True)
 
 
 def bytes_per_token(graph: Path) -> int:
@@ -149,7 +157,7 @@ def limit_rows(folder: Path, shape: str, tokens: int) -> list[str]:
     lines = [f"memory bandwidth, one thread: read {read:.1f} GB/s (sum of 100 MB), copy {copy:.1f} "
              f"GB/s (read + write, 100 MB); {shape} shape, {tokens} tokens: KV cache "
              f"{kv * tokens / 2 / 1e6:.1f} MB read per token at the mean length ({tokens // 2})"]  # fmt: skip
-    for weights in ("fp32", "int8"):
+    for weights in [w for w in ("fp32", "int8", "int4") if (folder / w).is_dir()]:
         w = bytes_per_token(folder / weights / meta["graphs"]["decoder"])
         total = w + kv * tokens / 2
         lines.append(f"{weights}: weights {w / 1e6:.1f} MB per token, with the cache "
@@ -313,12 +321,13 @@ def decode(args: argparse.Namespace, folder: Path, cpu: str, load: str) -> None:
         }  # fmt: skip
         print(f"| {LABELS[v]} | {wall_r:.0f} | {fmt_ratio(ratios['tokens_per_s'])} | "
               f"{cpu_r:.0f} | {fmt_ratio(ratios['tokens_per_cpu_s'])} | {cpu} |")  # fmt: skip
-    for engine in ("onnx", "torch"):  # int8 against fp32 of the same engine, piece by piece
-        fp32, int8 = results.get(f"{engine}-fp32"), results.get(f"{engine}-int8")
-        if fp32 and int8:
+    pairs = [("onnx-fp32", "onnx-int8"), ("torch-fp32", "torch-int8"), ("onnx-int8", "onnx-int4")]
+    for a_name, b_name in pairs:  # one precision against another of the same engine, piece by piece
+        a_runs, b_runs = results.get(a_name), results.get(b_name)
+        if a_runs and b_runs:
             for key, what in (("tokens_per_s", "wall"), ("tokens_per_cpu_s", "CPU")):
-                st = ratio_stats([b[key] / a[key] for a, b in zip(fp32, int8)])
-                print(f"{engine} int8 / {engine} fp32 ({what}, the same round): {fmt_ratio(st)}")
+                st = ratio_stats([b[key] / a[key] for a, b in zip(a_runs, b_runs)])
+                print(f"{b_name} / {a_name} ({what}, the same round): {fmt_ratio(st)}")
     for line in limit_rows(folder, args.shape, args.tokens):
         print(line)
 
@@ -501,6 +510,105 @@ def kv(folder: Path, rounds: int, threads: int, cpu: str) -> None:
                   f"{c * 1e6:.0f} us ({c / a:.2f}x) | {cpu} |")  # fmt: skip
 
 
+def attention(rounds: int, cpu: str) -> None:
+    """onnxruntime's GroupQueryAttention alone, as the engine runs it (4 layers of the shipped
+    shape: 4 heads of 64, q|k|v packed, the KV cache bound as past and present, capacity 1040,
+    one new token), against the same node with ``scale`` 1 (q scaled beforehand: MLAS then
+    takes its M=1 kernel for q.K^T, which it takes only when alpha is 1, instead of packing
+    K^T) and against numpy (OpenBLAS gemv) over the same cache, at 16 / 512 / 960 cached
+    tokens: CPU time per step (200 steps, min of ``rounds``, alternating), and the bytes of
+    keys and values read per second."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    H, hd, C, L = 4, 64, 1040, 4
+    D = H * hd
+
+    def session(scale: float | None):
+        f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+        ins = [helper.make_tensor_value_info("qkv", f32, [1, 1, 3 * D]),
+               helper.make_tensor_value_info("seqlens_k", i32, [1]),
+               helper.make_tensor_value_info("total", i32, []),
+               helper.make_tensor_value_info("cos", f32, [C, hd // 2]),
+               helper.make_tensor_value_info("sin", f32, [C, hd // 2])]  # fmt: skip
+        nodes, outs = [], []
+        attrs = {"num_heads": H, "kv_num_heads": H, "do_rotary": 1, "rotary_interleaved": 0}
+        if scale is not None:
+            attrs["scale"] = scale
+        for i in range(L):
+            ins += [helper.make_tensor_value_info(f"pk{i}", f32, [1, H, C, hd]),
+                    helper.make_tensor_value_info(f"pv{i}", f32, [1, H, C, hd])]  # fmt: skip
+            outs += [helper.make_tensor_value_info(n, f32, None) for n in (f"y{i}", f"k{i}", f"v{i}")]
+            nodes.append(helper.make_node(
+                "GroupQueryAttention", ["qkv", "", "", f"pk{i}", f"pv{i}", "seqlens_k", "total",
+                                        "cos", "sin"],
+                [f"y{i}", f"k{i}", f"v{i}"], domain="com.microsoft", **attrs,
+            ))  # fmt: skip
+        model = helper.make_model(
+            helper.make_graph(nodes, "attention", ins, outs),
+            opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    rng = np.random.default_rng(0)
+    cache = [rng.standard_normal((1, H, C, hd)).astype(np.float32) for _ in range(2 * L)]
+    values = [ort.OrtValue.ortvalue_from_numpy(c) for c in cache]
+    angle = np.arange(C)[:, None] * 10000.0 ** (-np.arange(hd // 2) / (hd // 2))[None]
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    qkv = rng.standard_normal((1, 1, 3 * D)).astype(np.float32)
+
+    def graph_step(sess, cached: int, n: int = 200) -> float:
+        io = sess.io_binding()
+        feeds = {"qkv": qkv, "seqlens_k": np.array([cached], np.int32),
+                 "total": np.array(cached + 1, np.int32), "cos": cos, "sin": sin}  # fmt: skip
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        for i in range(L):
+            for kv, j in (("k", 2 * i), ("v", 2 * i + 1)):
+                io.bind_ortvalue_input(f"p{kv}{i}", values[j])
+                io.bind_ortvalue_output(f"{kv}{i}", values[j])
+            io.bind_output(f"y{i}")
+        sess.run_with_iobinding(io)
+        c0 = time.process_time()
+        for _ in range(n):
+            sess.run_with_iobinding(io)
+        return (time.process_time() - c0) / n
+
+    def numpy_step(cached: int, n: int = 200) -> float:
+        q = qkv[0, 0, :D].reshape(H, 1, hd)
+        c0 = time.process_time()
+        for _ in range(n):
+            for i in range(L):
+                k, v = cache[2 * i][0, :, : cached + 1], cache[2 * i + 1][0, :, : cached + 1]
+                s = np.matmul(q, k.transpose(0, 2, 1)) * np.float32(hd**-0.5)
+                s = np.exp(s - s.max(-1, keepdims=True))
+                np.matmul(s / s.sum(-1, keepdims=True), v)
+        return (time.process_time() - c0) / n
+
+    sessions = {"GroupQueryAttention (the engine's)": session(None),
+                "GroupQueryAttention, scale 1 (q scaled before)": session(1.0)}  # fmt: skip
+    best: dict[tuple[str, int], float] = {}
+    names = [*sessions, "numpy (OpenBLAS, run with OPENBLAS_NUM_THREADS=1) over the same cache"]
+    for r in range(rounds):
+        for cached in (16, 512, 960):
+            for name in names[r % 3 :] + names[: r % 3]:  # the order rotates round by round
+                sess = sessions.get(name)
+                t = graph_step(sess, cached) if sess is not None else numpy_step(cached)
+                best[name, cached] = min(best.get((name, cached), float("inf")), t)
+    print(f"attention alone, 4 layers x 4 heads of 64, one new token, CPU time per step (min of "
+          f"{rounds}); load average {loadavg()}")  # fmt: skip
+    print("| kernel | 16 cached | 512 cached | 960 cached | keys + values read at 960 | CPU |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        t = [best[name, c] for c in (16, 512, 960)]
+        rate = 2 * L * H * 961 * hd * 4 / t[2] / 1e9
+        print(f"| {name} | {t[0] * 1e6:.0f} us | {t[1] * 1e6:.0f} us | {t[2] * 1e6:.0f} us | "
+              f"{rate:.1f} GB/s | {cpu} |")  # fmt: skip
+
+
 def parity(folder: Path, window: int) -> None:
     """Bits per note on the whole test split of the bundled chorales (every piece in full, in
     windows of ``window`` tokens whose musical time and grammar features carry the tokens
@@ -544,7 +652,7 @@ def parity(folder: Path, window: int) -> None:
     with torch.no_grad():
         ref = bits(TorchEngine(torch_model("shipped")))
     rows = {"PyTorch fp32": ref}
-    for weights in ("fp32", "int8"):
+    for weights in [w for w in ("fp32", "int8", "int4") if (folder / w).is_dir()]:
         rows[f"onnxruntime {weights}"] = bits(OnnxEngine(folder / weights))
     n = sum(len(x) for x in pieces)
     print(f"bits/note, test split of the bundled chorales: {len(pieces)} pieces, {n} tokens, "
@@ -730,6 +838,9 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
         if base is not None:
             old = [py, "-c", base_entry, *onnx[3:], str(folder / f"base-{weights}")]
             rows.append((f"{name} at {args.baseline}", "cached", old, cold_env(base)))
+    if (folder / "int4").is_dir():  # the opt-in (--variants ...,onnx-int4): cached bytecode only
+        rows.append(("`aurl generate --engine onnx` (int4 export, opt-in)", "cached",
+                     [*onnx, str(folder / "int4")], installed))  # fmt: skip
     if args.shape == "shipped":  # the command as users type it: the shipped model's cached export
         from aurl.engines.cpu import onnx_int8_pays
 
@@ -782,10 +893,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", choices=["decode", "cold", "parts", "parity", "kv"])
+    ap.add_argument("--only", choices=["decode", "cold", "parts", "parity", "kv", "attention"])
     ap.add_argument(
-        "--variants", default=",".join(VARIANTS),
-        help="decode variants, comma-separated (hf, the baseline, always runs)",
+        "--variants", default=",".join(DEFAULT_VARIANTS),
+        help="decode variants, comma-separated (hf, the baseline, always runs; onnx-int4 only "
+        "when named)",
     )  # fmt: skip
     ap.add_argument(
         "--baseline", default=BASELINE,
@@ -802,9 +914,13 @@ def main(argv: list[str] | None = None) -> int:
     from aurl.engines.cpu import cpu_summary
 
     cpu, load = cpu_summary(), loadavg()
+    if args.only == "attention":  # no export needed
+        attention(args.rounds, cpu)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        prepare(args.shape, folder)
+        int4 = "onnx-int4" in args.variants.split(",") or args.only == "parity"
+        prepare(args.shape, folder, int4=int4)
         if args.only == "parts":
             parts(folder, args.tokens, args.threads, cpu)
             return 0

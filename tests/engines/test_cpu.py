@@ -51,3 +51,49 @@ def test_this_machine_is_named_in_benchmark_rows() -> None:
     summary = cpu_summary()
     assert summary and summary.endswith("]")
     assert ("avx2" in summary) == ("avx2" in cpu_flags())
+
+
+def test_numpy_names_this_machines_instruction_sets_as_cpuinfo_does() -> None:
+    """Where /proc/cpuinfo exists, numpy's detection of this machine gives the same answer for
+    every flag both can name (the fallback of macOS and Windows, checked on this CPU)."""
+    from aurl.engines.cpu import NUMPY_FLAGS, flags_of_numpy, numpy_cpu_features
+
+    features = numpy_cpu_features()
+    assert features, "numpy no longer exposes __cpu_features__"
+    cpuinfo = cpu_flags()
+    if not cpuinfo:
+        pytest.skip("no /proc/cpuinfo on this machine to compare with")
+    from_numpy = flags_of_numpy(features)
+    for flag in NUMPY_FLAGS.values():
+        if flag in ("asimd", "asimddp") and "asimd" not in cpuinfo:  # x86: ARM names absent
+            assert flag not in from_numpy
+            continue
+        assert (flag in from_numpy) == (flag in cpuinfo), flag
+
+
+def test_without_cpuinfo_the_flags_come_from_numpy(tmp_path) -> None:
+    """No /proc/cpuinfo (macOS, Windows): the int8 default follows numpy's detection, not a
+    blanket fp32."""
+    from aurl.engines.cpu import flags_of_numpy, machine_flags, numpy_cpu_features
+
+    flags = machine_flags(tmp_path / "no-cpuinfo")
+    assert flags and flags == flags_of_numpy(numpy_cpu_features())
+    assert onnx_int8_pays(flags) is onnx_int8_pays(cpu_flags())
+
+
+@pytest.mark.parametrize(
+    "features, int8, bf16",
+    [
+        ({"AVX": True, "FMA3": True, "AVX2": True, "AVX512F": False}, True, False),
+        ({"AVX512F": True, "AVX2": True, "AVX512VNNI": True, "AVX512BF16": True}, True, True),
+        ({"ASIMD": True, "ASIMDDP": True}, True, False),  # Apple M1 and later
+        ({"AVX": True, "AVX2": False}, False, False),
+        ({"ASIMD": True, "ASIMDDP": False}, False, False),
+    ],
+    ids=["avx2", "avx512-bf16", "apple-m1", "avx-only", "arm-plain"],
+)
+def test_numpy_features_decide_like_cpuinfo_flags(features, int8, bf16) -> None:
+    from aurl.engines.cpu import flags_of_numpy
+
+    flags = flags_of_numpy(features)
+    assert onnx_int8_pays(flags) is int8 and has_bf16(flags) is bf16

@@ -1,5 +1,5 @@
-"""The CPU's instruction set, from ``/proc/cpuinfo`` (Linux; empty elsewhere), and the int8 path
-it favours.
+"""The CPU's instruction set, from ``/proc/cpuinfo`` (Linux) or else numpy's run-time CPU
+feature detection (macOS, Windows: :func:`flags_of_numpy`), and the int8 path it favours.
 
 Weight-only int8 in PyTorch (:func:`aurl.models.quantize.quantize_int8`) runs its activations in
 bf16, which pays off only where the CPU has bf16 instructions (AVX512-BF16 or AMX): elsewhere the
@@ -26,6 +26,34 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 INT8_FLAGS = frozenset({"avx2", "avx_vnni", "avx512_vnni", "amx_int8", "asimddp", "i8mm"})
 
 
+# numpy's run-time CPU feature names (``__cpu_features__``, detected on every platform) -> the
+# /proc/cpuinfo flag names this module reads (numpy has no AVX-VNNI, AMX or i8mm: an AVX-VNNI
+# CPU has AVX2, which already decides the int8 path)
+NUMPY_FLAGS = {
+    "AVX": "avx", "FMA3": "fma", "AVX2": "avx2", "AVX512F": "avx512f",
+    "AVX512VNNI": "avx512_vnni", "AVX512BF16": "avx512_bf16", "ASIMD": "asimd",
+    "ASIMDDP": "asimddp",
+}  # fmt: skip
+
+
+def flags_of_numpy(features: dict[str, bool]) -> frozenset[str]:
+    """The flags (named as in ``/proc/cpuinfo``) of numpy's ``__cpu_features__`` dict
+    ``features`` (name -> present)."""
+    return frozenset(flag for name, flag in NUMPY_FLAGS.items() if features.get(name))
+
+
+def numpy_cpu_features() -> dict[str, bool]:
+    """numpy's run-time CPU feature detection of this machine (empty if numpy hides it)."""
+    try:  # numpy 2 moved numpy.core to numpy._core
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return {}
+    return dict(__cpu_features__)
+
+
 def flags_of(cpuinfo: str) -> frozenset[str]:
     """The flags of the first CPU in the text of ``/proc/cpuinfo`` (``flags`` on x86,
     ``Features`` on ARM; empty where there is none)."""
@@ -35,13 +63,20 @@ def flags_of(cpuinfo: str) -> frozenset[str]:
     return frozenset()
 
 
+def machine_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The flags of the first CPU in the file ``cpuinfo``, else (no such file: macOS, Windows)
+    numpy's detection of the same instruction sets (:func:`flags_of_numpy`)."""
+    try:
+        flags = flags_of(cpuinfo.read_text())
+    except OSError:
+        flags = frozenset()
+    return flags or flags_of_numpy(numpy_cpu_features())
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The flags of this machine's first CPU (``/proc/cpuinfo``; empty where there is none)."""
-    try:
-        return flags_of(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return frozenset()
+    """The flags of this machine's first CPU (:func:`machine_flags`)."""
+    return machine_flags()
 
 
 @functools.cache

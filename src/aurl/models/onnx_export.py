@@ -320,19 +320,66 @@ def _quantize(path: Path, quantize_dynamic: Any, QuantType: Any, reduce: bool) -
     )  # fmt: skip
 
 
+INT4_BLOCK = 32  # weights per fp32 scale along the input axis (MatMulNBits' block_size)
+
+
+def quantize_graph_int4(path: Path, block_size: int = INT4_BLOCK) -> None:
+    """Replace the graph at ``path`` by its 4-bit weight-only quantization: each MatMul on a
+    weight becomes onnxruntime's ``com.microsoft.MatMulNBits`` (symmetric int4 weights, one
+    scale per ``block_size`` inputs of each output, activations quantized to int8 per block
+    inside the kernel: ``accuracy_level`` 4). An opt-in (``aurl export --int4``): half the
+    weight bytes of int8, at a larger likelihood cost (BENCHMARKS.md, issue 17, seventh pass).
+
+    Raises:
+        CheckpointError: onnxruntime has no 4-bit quantizer (onnxruntime < 1.17).
+    """
+    import logging
+
+    import onnx
+
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+    except ImportError:
+        raise CheckpointError(
+            "--int4 needs onnxruntime's MatMulNBits quantizer (onnxruntime >= 1.17): pip install "
+            "-U onnxruntime"
+        ) from None
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs every node it quantizes
+    try:
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=True, accuracy_level=4
+        )
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), algo_config=config)
+        quantizer.process()
+    finally:
+        root.setLevel(level)
+    atomic_write(path, lambda tmp: quantizer.model.save_model_to_file(str(tmp), False))
+
+
 def export_onnx(
     model: MusicTransformerVAEGAN,
     out: str | Path,
     *,
     int8: bool = False,
+    int4: bool = False,
     source: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``decoder.onnx`` and ``config.json`` for ``model`` into
-    ``out`` (created if needed). ``source``: extra provenance recorded in the config.
+    ``out`` (created if needed). ``int8`` / ``int4``: quantized MatMul weights
+    (:func:`quantize_graph`, :func:`quantize_graph_int4`; not both). ``source``: extra
+    provenance recorded in the config.
 
     Raises:
-        CheckpointError: the model has a feature the graphs cannot express.
+        CheckpointError: the model has a feature the graphs cannot express, or both int8 and
+            int4 are asked.
     """
+    if int8 and int4:
+        raise CheckpointError("give one of --int8 and --int4, not both")
     check_exportable(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -340,12 +387,14 @@ def export_onnx(
     export_graph(model, out / DECODER)
     if int8:
         quantize_graph(out / DECODER)
+    if int4:
+        quantize_graph_int4(out / DECODER)
     c = model.config
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "opset": OPSET,
-        "weights": "int8" if int8 else "fp32",
+        "weights": "int8" if int8 else "int4" if int4 else "fp32",
         "vocab_size": model.vocab.size,
         "n_layers": len(model.blocks),
         "n_heads": c.n_heads,
