@@ -130,8 +130,9 @@ def console() -> NoReturn:
     So this does what a normal exit does first (join the non-daemon threads, run the
     ``atexit`` handlers, flush stdout and stderr) and ends the process with ``os._exit``.
     :func:`main` itself never exits: tests and other callers run it in-process. The commands of
-    :data:`NO_GC` run with the cyclic garbage collector off (reference counting still frees
-    everything acyclic, which is all a generation makes).
+    :data:`NO_GC` start with the cyclic garbage collector off: the imports and the engine's
+    build make only objects that live as long as the run; ``aurl generate`` then freezes them
+    (``gc.freeze``) and turns the collector back on for what the generation makes.
     """
     import atexit
     import gc

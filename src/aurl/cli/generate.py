@@ -454,6 +454,7 @@ def onnx_int8(args: argparse.Namespace) -> bool:
 def finish(args, config, engine, model, paths, settings, t0: float) -> int:
     """Primer, constraints, latents, generation and the written files, for either engine
     (``model``: the torch model behind a torch engine, for VAE latents; None for onnx)."""
+    import gc
     import time
 
     from aurl.config import DataConfig
@@ -463,6 +464,12 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
     from aurl.progress import bar
 
     n = len(paths)
+    if not gc.isenabled():
+        # the console ran the imports and the engine's build without the cyclic collector
+        # (cli.NO_GC): what they made stays for the run, out of the collector's sight; it
+        # watches again what the generation makes, so a long run of many pieces stays bounded
+        gc.freeze()
+        gc.enable()
     vocab_config = engine.vocab.config
     # Primers are encoded under the generation polyphony cap, so they obey the same grammar.
     tokenizer = Tokenizer(vocab_config, DataConfig(polyphony_cap=config.polyphony_cap))
