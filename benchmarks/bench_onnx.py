@@ -36,7 +36,7 @@ Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens
       [--rounds 3] [--threads 1] [--only decode|cold|parts|parity|kv|attention] [--variants onnx-int8,...]
       [--baseline REV] [--no-torch]
 
-``--only parity``: bits per note on the whole test split of the bundled chorales, PyTorch fp32
+``--only parity``: bits per note (grammar-masked, and raw) on the whole tune-grouped test split of the bundled chorales, PyTorch fp32
 against the fp32, int8 and int4 graphs (the shipped model; the int8 goal: within 0.02 of fp32;
 int4 is an opt-in, ``--variants ...,onnx-int4`` adds it to the decode table).
 
@@ -610,57 +610,74 @@ def attention(rounds: int, cpu: str) -> None:
 
 
 def parity(folder: Path, window: int) -> None:
-    """Bits per note on the whole test split of the bundled chorales (every piece in full, in
-    windows of ``window`` tokens whose musical time and grammar features carry the tokens
-    before, as generation slides its window), for PyTorch fp32 and the fp32 and int8 graphs of
-    the same model, as table rows: the issue's int8 parity goal (within 0.02 of fp32) on the
-    whole split rather than the test's 256-token cuts."""
-    import numpy as np
+    """Bits per note on the whole tune-grouped test split of the bundled chorales (the split
+    of the model card and ``aurl evaluate``; every piece in full, in windows of ``window``
+    tokens whose musical time and grammar features carry the tokens before, as generation
+    slides its window; each piece's meter from the cache's index), for PyTorch fp32 and the
+    fp32, int8 and int4 graphs of the same model, as table rows, two measures each: the
+    **grammar-masked** bits per note (each distribution renormalised over the ids the grammar
+    allows, as the sampler draws and the model card reports) and the raw logits' (every id,
+    the earlier passes' measure). The issue's int8 parity goal: within 0.02 of fp32."""
+    import tempfile
 
-    from aurl.data.split import split_of
-    from aurl.data.tokenizer import Tokenizer
+    import numpy as np
+    import torch
+
+    from aurl.data.cache import TokenCache, prepare
+    from aurl.data.grammar import Grammar
     from aurl.data.vocab import Kind
     from aurl.engines.onnx_engine import OnnxEngine
     from aurl.engines.torch_engine import TorchEngine
 
     chorales = ROOT / "src/aurl/data/bundled/bach-chorales"
-    tok = Tokenizer()
-    paths = [p for p in sorted(chorales.glob("*.mid")) if split_of(p.name) == "test"]
-    pieces = [np.asarray(tok.encode_file(p), dtype=np.int64) for p in paths]
+    model = torch_model("shipped").eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(chorales, Path(tmp) / "cache", vocab_config=model.vocab_config, workers=1)
+        cache = TokenCache(Path(tmp) / "cache")
+        rows = [int(r) for r in cache.split_indices("test")]
+        pieces = [np.asarray(cache.tokens(r), dtype=np.int64) for r in rows]
+        meters = [np.asarray(cache.meters[r], dtype=np.int64)[None] for r in rows]
+    grammar = Grammar(model.vocab, 16)
+    with torch.no_grad():  # row t: the ids allowed after ids[: t + 1]
+        allowed = [grammar.sequence_masks(torch.from_numpy(ids[None]))[0].numpy()
+                   for ids in pieces]  # fmt: skip
 
-    def bits(engine) -> float:
-        import torch
-
+    def bits(engine) -> tuple[float, float]:
         arr = (lambda x: x) if engine.numpy else torch.from_numpy
-        nll, notes = 0.0, 0
-        for ids in pieces:
+        nll = np.zeros(2)
+        notes = 0
+        for ids, meter, ok in zip(pieces, meters, allowed):
             for w in range(0, len(ids) - 1, window):
                 history = arr(ids[None, :w]) if w else None
-                state = engine.init_state(1, capacity=window, history=history)
+                state = engine.init_state(1, capacity=window, history=history,
+                                          meter=arr(meter))  # fmt: skip
                 logits = engine.step(arr(ids[None, w : w + window]), state)[0]
                 logits = np.asarray(logits, dtype=np.float64)
                 targets = ids[w + 1 : w + 1 + window]  # the last logit predicts the next window
-                logits = logits[: len(targets)]
-                m = logits.max(-1, keepdims=True)
-                logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-                nll -= logp[np.arange(len(targets)), targets].sum()
+                n = len(targets)
+                for k, x in enumerate((np.where(ok[w : w + n], logits[:n], -np.inf), logits[:n])):
+                    m = x.max(-1, keepdims=True)
+                    logp = x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+                    nll[k] -= logp[np.arange(n), targets].sum()
                 notes += int((engine.vocab.kind[targets] == Kind.NOTE_ON).sum())
-        return nll / np.log(2.0) / notes
-
-    import torch
+        masked, raw = nll / np.log(2.0) / notes
+        return float(masked), float(raw)
 
     with torch.no_grad():
-        ref = bits(TorchEngine(torch_model("shipped")))
-    rows = {"PyTorch fp32": ref}
+        ref = bits(TorchEngine(model))
+    rows_out = {"PyTorch fp32": ref}
     for weights in [w for w in ("fp32", "int8", "int4") if (folder / w).is_dir()]:
-        rows[f"onnxruntime {weights}"] = bits(OnnxEngine(folder / weights))
+        rows_out[f"onnxruntime {weights}"] = bits(OnnxEngine(folder / weights))
     n = sum(len(x) for x in pieces)
-    print(f"bits/note, test split of the bundled chorales: {len(pieces)} pieces, {n} tokens, "
-          f"windows of {window}")  # fmt: skip
-    print("| engine | bits/note | minus PyTorch fp32 | minus onnxruntime fp32 |")
-    print("|---|---|---|---|")
-    for name, b in rows.items():
-        print(f"| {name} | {b:.4f} | {b - ref:+.4f} | {b - rows['onnxruntime fp32']:+.4f} |")
+    fp32 = rows_out.get("onnxruntime fp32", ref)
+    print(f"bits/note, tune-grouped test split of the bundled chorales: {len(pieces)} pieces, "
+          f"{n} tokens, windows of {window}, meters from the cache")  # fmt: skip
+    print("| engine | bits/note, grammar-masked | minus onnxruntime fp32 | raw logits | minus "
+          "onnxruntime fp32 |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for name, (masked, raw) in rows_out.items():
+        print(f"| {name} | {masked:.4f} | {masked - fp32[0]:+.4f} | {raw:.4f} | "
+              f"{raw - fp32[1]:+.4f} |")  # fmt: skip
 
 
 def wall(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:

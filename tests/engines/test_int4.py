@@ -37,9 +37,18 @@ def exports(tmp_path_factory) -> dict[str, Path]:
 
 
 def _bits_per_note(engine: OnnxEngine, pieces: list[np.ndarray]) -> float:
+    """Grammar-masked bits per note (each distribution over the ids the grammar allows, as the
+    sampler draws and the model card reports)."""
+    import torch
+
+    from aurl.data.grammar import Grammar
+
+    grammar = Grammar(engine.vocab, 16)
     nll, notes = 0.0, 0
     for ids in pieces:
         logits = engine.step(ids[None], engine.init_state(1))[0].astype(np.float64)  # (T, V)
+        allowed = grammar.sequence_masks(torch.from_numpy(ids[None]))[0].numpy()
+        logits = np.where(allowed, logits, -np.inf)[:-1]
         m = logits.max(-1, keepdims=True)
         logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
         nll -= logp[np.arange(len(ids) - 1), ids[1:]].sum()
