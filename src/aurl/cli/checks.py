@@ -86,7 +86,9 @@ def device(name: str, flag: str = "--device") -> str:
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"{flag} {name!r} is not a device: give cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(
+            f"{flag} {name!r} is not a device: give cpu, cuda, cuda:N or mps"
+        ) from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0 or (dev.index or 0) >= n:

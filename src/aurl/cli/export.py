@@ -9,7 +9,6 @@ onnx --checkpoint OUT`` then runs without torch.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 FORMATS = ("onnx",)
 
@@ -47,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from aurl.errors import ConfigError
 
     t0 = time.perf_counter()
+    from aurl.cli import checks
+
     folder = model_folder(args.checkpoint, args.model)  # a wrong path fails before torch loads
-    out = Path(args.out)
+    out = checks.out_dir(args.out)
     taken = [out / n for n in ("config.json", "decoder.onnx", "prefill.onnx", "decoder_step.onnx")]
     if not args.force and any(p.exists() for p in taken):
         raise ConfigError(f"{out} already holds an export: pass --force to overwrite it")

@@ -82,7 +82,8 @@ def file_hash(path: str | Path) -> bytes:
 def shard_of(relpath: str, n: int) -> int:
     """The part (0..n-1) a file belongs to under ``--shard i/n``: a hash of its relative path, so
     it never depends on the other files."""
-    return int.from_bytes(hashlib.blake2b(relpath.encode(errors="surrogateescape"), digest_size=8).digest(), "little") % n
+    key = relpath.encode(errors="surrogateescape")  # a name that is not UTF-8: its bytes
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % n
 
 
 def parse_shard(text: str) -> tuple[int, int]:
