@@ -196,7 +196,9 @@ class _Index:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 blob, offs = z["path_blob"].tobytes(), z["path_offsets"]
-                paths = [blob[a:b].decode(errors="surrogateescape") for a, b in zip(offs[:-1], offs[1:])]
+                paths = [
+                    blob[a:b].decode(errors="surrogateescape") for a, b in zip(offs[:-1], offs[1:])
+                ]
                 cols = {
                     k: z[k].astype(t, copy=False) if k in z.files else np.full(len(paths), -1, t)
                     for k, t in _COLUMNS.items()

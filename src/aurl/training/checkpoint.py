@@ -279,8 +279,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     except Exception as e:  # the unpickler refuses objects: say so, do not execute them
         raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from e
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(
-        state.get("config"), dict
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("step"), int)
+        or not isinstance(state.get("config"), dict)
     ):
         raise CheckpointError(
             f"{path}/state.json is damaged (needs an object with an integer 'step' and a "
