@@ -41,8 +41,10 @@ def threads(n: int, flag: str = "--threads") -> int:
     """A CPU thread count in 1..:data:`MAX_THREADS`."""
     from aurl.errors import ConfigError
 
-    if not 1 <= n <= MAX_THREADS:
-        raise ConfigError(f"{flag} {n}: give 1 to {MAX_THREADS}")
+    if n < 1:
+        raise ConfigError(f"{flag} {n}: give 1 or more")
+    if n > MAX_THREADS:
+        raise ConfigError(f"{flag} {n}: give at most {MAX_THREADS}")
     return n
 
 

@@ -51,7 +51,7 @@ from aurl.config import DataConfig, VocabConfig, build
 from aurl.data.corpora import manifest_labels
 from aurl.data.meter import read_meter
 from aurl.data.vocab import Kind, Vocab
-from aurl.errors import AurlError, DataError
+from aurl.errors import AurlError, ConfigError, DataError
 from aurl.fileio import atomic_write, atomic_write_text, fsync_path
 from aurl.progress import Progress, silent
 
@@ -820,7 +820,13 @@ class TokenCache:
             )
         self._index = _Index.load(index_path)
         self.meta = self._index.meta
-        self.vocab_config: VocabConfig = build(VocabConfig, self.meta["vocab"])
+        try:
+            self.vocab_config: VocabConfig = build(VocabConfig, self.meta["vocab"])
+        except (KeyError, TypeError, ConfigError) as e:
+            raise DataError(
+                f"cache index {index_path} holds no valid vocabulary ({e}); delete the cache "
+                "folder and prepare again"
+            ) from None
         self.lengths: np.ndarray = self._index.cols["length"]  # (N,) tokens per file
         self.splits: np.ndarray = self._index.cols["split"]  # (N,) 0 train, 1 valid, 2 test
         self.notes: np.ndarray = self._index.cols["notes"]  # (N,) NOTE_ONs per file
