@@ -169,6 +169,13 @@ CASES = {
                                "nan_weights/model.safetensors"),
     "export out is a file": (["export", "--format", "onnx", "--checkpoint", "{tiny}", "--out",
                               "{afile}"], 2, "--out"),
+    # checkpoint: FileExistsError after averaging; --best 0 said "none with a validation loss"
+    "checkpoint average best 0": (["checkpoint", "average", "{dir}", "--best", "0", "--out",
+                                   "{out}"], 2, "--best"),
+    "checkpoint average out is a file": (["checkpoint", "average", "{dir}", "--out", "{afile}"],
+                                         2, "--out"),
+    "checkpoint export out is a file": (["checkpoint", "export", "{ckpt}", "--out", "{afile}"],
+                                        2, "--out"),
 }
 # fmt: on
 

@@ -158,8 +158,11 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_average(args: argparse.Namespace) -> int:
+    from aurl.cli import checks
     from aurl.training.checkpoint import average_checkpoints, best_checkpoints
 
+    checks.count(args.best, "--best", most=10_000)  # 0 and -1 read as "none with a loss"
+    checks.out_dir(args.out)
     paths = best_checkpoints(args.run, args.best)
     out = average_checkpoints(paths, args.out)
     print(f"averaged {', '.join(p.name for p in paths)} -> {out}")
@@ -167,8 +170,10 @@ def run_average(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from aurl.cli import checks
     from aurl.training.checkpoint import export_weights
 
+    checks.out_dir(args.out)
     out = export_weights(args.checkpoint, args.out, dtype=args.dtype)
     print(f"exported {out}")
     return 0
