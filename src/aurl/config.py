@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -234,18 +235,24 @@ class TrainingConfig:
     peak_tflops: float = _num(0.0, 0.0)
 
 
+# a piece of at most an hour (--seconds; ~1M tokens at the chorales' density)
+MAX_SECONDS = 3600.0
+# below it, logits / temperature overflow float32 to inf and the softmax gives NaN; 0 is greedy
+MIN_TEMPERATURE = 1e-3
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Sampling and musical constraints."""
 
     max_tokens: int = _num(1024, 1)
     min_tokens: int = _num(0, 0)  # END not before this many generated tokens
-    seconds: float = _num(0.0, 0.0)  # 0: no limit in seconds
-    temperature: float = _num(1.0, 0.0, 100.0)
+    seconds: float = _num(0.0, 0.0, MAX_SECONDS)  # 0: no limit in seconds
+    temperature: float = _num(1.0, 0.0, 100.0)  # 0: greedy; else >= MIN_TEMPERATURE
     top_k: int = _num(0, 0)
     top_p: float = _num(1.0, 0.0, 1.0)
     min_p: float = _num(0.0, 0.0, 1.0)
-    repetition_penalty: float = _num(1.0, 0.0, 100.0)
+    repetition_penalty: float = _num(1.0, 0.01, 100.0)  # divides logits: 0 would be inf
     beam: int = _num(1, 1, 256)
     key: str = ""  # e.g. "D minor"; empty: no key constraint
     key_strictness: float = _num(1.0, 0.0, 1.0)  # 1: out-of-key NOTE_ONs masked
@@ -258,9 +265,16 @@ class GenerationConfig:
     polyphony_cap: int = _num(8, 1, 128)
     window: int = _num(512, 8)
     window_overlap: int = _num(128, 0)
-    seed: int = 0
+    seed: int = _num(0, 0, 2**63 - 1)  # torch's and numpy's generators take 64 bits
     meter: str = ""  # time signature the bars follow, e.g. "3/4" (meter models); "": 4/4
     style: str = ""  # one of the model's model.styles (style models); "": no style
+
+    def __post_init__(self) -> None:
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(
+                f"generation.temperature: {self.temperature!r} is too small to sample with: "
+                f"give 0 (greedy) or at least {MIN_TEMPERATURE}"
+            )
 
 
 @dataclass(frozen=True)
@@ -422,6 +436,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN passes every range check; inf overflows later
+                raise ConfigError(f"{key}: {value!r} is not a finite number: give a number")
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
@@ -484,6 +500,10 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text: give a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror}): check it") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     base = data.pop("base", None)

@@ -83,3 +83,29 @@ def test_uploads_over_the_size_limit_are_413_on_every_endpoint(tmp_path, tiny):
         for path, data in UPLOADS.items():
             r = c.post(path, files={"file": ("p.mid", piece)}, data=data)
             assert "p.mid" in error_of(r, 413, limit="max_upload_bytes"), path
+
+
+# -- hunted in session 7 (docs/design.md, "Hostile inputs, hunted") -------------------------
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [(b'{"temperature": 1e-300, "max_tokens": 8}', "temperature"),  # was 408 after 120 s
+     (b'{"repetition_penalty": 1e-300, "max_tokens": 8}', "repetition_penalty"),
+     (b'{"temperature": 0.0001, "max_tokens": 8}', "temperature"),
+     (b'{"temperature": ', "body")],  # field was "16", the character offset
+)  # fmt: skip
+def test_generate_options_that_break_the_sampler_are_422_naming_the_field(client, body, field):
+    r = client.post("/api/generate", content=body, headers={"content-type": "application/json"})
+    error_of(r, 422, field=field)
+    assert client.get("/api/health").status_code == 200
+
+
+def test_a_bar_too_short_to_analyse_is_422_naming_beats_per_bar(client):
+    # 1e-9 beats asked the parser for 268 GiB of key windows, reported as a broken MIDI file
+    files = {"file": ("c.mid", CHORALE.read_bytes())}
+    for bpb in ("1e-9", "0.001"):
+        r = client.post("/api/analyze", files=files, data={"beats_per_bar": bpb})
+        assert "beats_per_bar" in error_of(r, 422, field="beats_per_bar")
+    r = client.post("/api/analyze", files=files, data={"beats_per_bar": "0.25"})
+    assert r.status_code == 200, r.text

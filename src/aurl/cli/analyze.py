@@ -131,6 +131,10 @@ def _beats_per_bar(path: Path) -> float:
     return sigs[0].numerator * 4.0 / sigs[0].denominator
 
 
+# the shortest bar --beats-per-bar takes, in quarter-note beats (a 1/16 bar)
+MIN_BAR = 0.25
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -140,12 +144,14 @@ def run(args: argparse.Namespace) -> int:
         write_aggregate_report,
         write_report,
     )
+    from aurl.cli import checks
     from aurl.data.isolate import Failed, in_order, isolated_map
     from aurl.errors import ConfigError, DataError
     from aurl.progress import bar
 
-    if args.beats_per_bar < 0:
-        raise ConfigError(f"--beats-per-bar {args.beats_per_bar:g}: give a positive bar length")
+    if args.beats_per_bar != 0:  # 0: each file's own; a tiny bar is billions of key windows
+        checks.finite(args.beats_per_bar, "--beats-per-bar", least=MIN_BAR, most=64)
+    checks.out_dir(args.out)
     if (args.model or args.checkpoint) and not args.style:
         raise ConfigError("--model / --checkpoint choose the model of --style: add --style")
     src, out = Path(args.path), Path(args.out)
@@ -174,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
         bpb = args.beats_per_bar or beats_per_bar
         resolution = 1.0 if args.chords_per == "beat" else bpb / 2
         name = str(path.relative_to(src)) if src.is_dir() else path.name
+        # a file name that is not UTF-8 (surrogates from os.fsdecode) cannot go into the
+        # UTF-8 reports: its bad bytes show as U+FFFD there
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         result = analyze_notes(notes, name=name, beats_per_bar=bpb, resolution=resolution)
         if guesser is not None:
             guess = guesser(path)

@@ -152,18 +152,30 @@ def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, An
     formats = parse_formats(args.format)
     if "wav" in formats:
         raise ConfigError("--format wav is not offered here: write mid and render it")
+    from aurl.cli import checks
+    from aurl.config import MIN_TEMPERATURE
+
     if args.num_samples < 1 or args.particles < 1 or args.threads < 1:
         raise ConfigError("--num-samples, --particles and --threads must be >= 1")
-    if args.temperature <= 0:
+    if not args.temperature > 0:  # NaN too
         raise ConfigError(f"--temperature {args.temperature}: give a value > 0")
     if (args.int8 or args.fp32) and args.engine != "onnx":
         flag = "--int8" if args.int8 else "--fp32"
         raise ConfigError(f"{flag} chooses the onnx engine's graphs: add --engine onnx")
+    checks.finite(args.temperature, "--temperature", least=MIN_TEMPERATURE, most=100)
+    checks.count(args.num_samples, "--num-samples")
+    checks.count(args.particles, "--particles", most=MAX_PARTICLES)
+    checks.threads(args.threads)
+    checks.out_dir(args.out)
     stem = f"{Path(source).stem}_{kind}_seed{args.seed}"
     paths = output_paths(args.out, args.num_samples, formats, stem=stem)
     check_free(paths, force=args.force)
     model_folder(args.checkpoint, args.model)
     return paths, formats
+
+
+# rows decoded together per result: 8 is the measured useful most; 256 is already ~200x the CPU
+MAX_PARTICLES = 256
 
 
 def _model(args: argparse.Namespace) -> Any:
@@ -299,6 +311,13 @@ def run_accompany(args: argparse.Namespace) -> int:
     name = tracks[0][0] if len(tracks) == 1 else "Part"
     paths, _ = _prepare(args, args.part, "accompanied")
     model = _model(args)
+    vc = model.vocab_config
+    lo, hi = int(notes["pitch"].min()), int(notes["pitch"].max())
+    if lo < vc.pitch_min or hi > vc.pitch_max:  # forced notes the vocabulary cannot write
+        raise ConstraintError(
+            f"{args.part} spans MIDI pitches {lo}..{hi}, the model's are {vc.pitch_min}.."
+            f"{vc.pitch_max}: transpose it by octaves into that range"
+        )
     from aurl.progress import bar
 
     results = accompany(

@@ -73,10 +73,15 @@ def run_corpus(args: argparse.Namespace) -> int:
     """Write the corpus; print what was written, skipped (with reasons) and capped."""
     from collections import Counter
 
+    from aurl.cli import checks
     from aurl.data.corpus import MANIFEST, build_corpus
-    from aurl.errors import DataError
+    from aurl.errors import ConfigError, DataError
     from aurl.progress import bar
 
+    checks.out_dir(args.out)
+    checks.workers(args.workers)
+    if args.limit < 0:  # a negative limit sliced off the end: all but N, hours of converting
+        raise ConfigError(f"--limit {args.limit}: give 0 (all) or a number of scores")
     report = build_corpus(
         args.name, args.out, rebuild=args.rebuild, workers=args.workers, progress=bar,
         limit=args.limit,
@@ -106,10 +111,12 @@ def run_check(args: argparse.Namespace) -> int:
     import json
     import sys
 
+    from aurl.cli import checks
     from aurl.data.check import check_paths, format_table
     from aurl.errors import DataError
     from aurl.progress import bar
 
+    checks.workers(args.workers)
     config = config_from_args(args)
     try:
         result = check_paths(args.path, config, workers=args.workers, progress=bar)
@@ -122,10 +129,13 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    from aurl.cli import checks
     from aurl.config import write_config
     from aurl.data.cache import parse_shard, prepare
     from aurl.progress import bar
 
+    checks.out_dir(args.out)
+    checks.workers(args.workers)
     config = config_from_args(args)
     shard = parse_shard(args.shard) if args.shard else None
     report = prepare(

@@ -187,12 +187,18 @@ def generate_samples(model: Any, n: int, *, max_tokens: int, seed: int, batch: i
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from aurl.cli import checks
     from aurl.errors import ConfigError, DataError
 
     t0 = time.perf_counter()
     if (args.int8 or args.fp32) and not args.task:
         flag = "--int8" if args.int8 else "--fp32"
         raise ConfigError(f"{flag} chooses --task's onnx graphs: add --task harmonize or drop it")
+    checks.out_dir(args.out)
+    checks.workers(args.workers)
+    if args.limit is not None and args.limit < 1:  # 0 read as "no limit" ran every chorale
+        raise ConfigError(f"--limit {args.limit}: give 1 or more chorales (omit it for all)")
+    checks.device(args.device)
     if args.task:
         from aurl.evaluation.tasks import run_task
 

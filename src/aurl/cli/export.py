@@ -9,7 +9,6 @@ onnx --checkpoint OUT`` then runs without torch.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 FORMATS = ("onnx",)
 
@@ -54,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.int8 and args.int4:
         raise ConfigError("give one of --int8 and --int4, not both")
+    from aurl.cli import checks
+
     folder = model_folder(args.checkpoint, args.model)  # a wrong path fails before torch loads
-    out = Path(args.out)
+    out = checks.out_dir(args.out)
     taken = [out / n for n in ("config.json", "decoder.onnx", "prefill.onnx", "decoder_step.onnx")]
     if not args.force and any(p.exists() for p in taken):
         raise ConfigError(f"{out} already holds an export: pass --force to overwrite it")

@@ -278,6 +278,7 @@ def primer_key(primer, tokenizer) -> str:
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from aurl.cli import checks
     from aurl.errors import ConfigError, ConstraintError
     from aurl.generation.export import check_free, output_paths, parse_formats
 
@@ -286,8 +287,13 @@ def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     if "wav" in formats and not args.soundfont:
         raise ConstraintError("--format wav needs --soundfont PATH (an .sf2 or .sf3 file)")
-    if args.soundfont and not Path(args.soundfont).is_file():
-        raise ConfigError(f"--soundfont {args.soundfont} does not exist: give an .sf2 or .sf3 file")
+    checks.soundfont(args.soundfont)
+    checks.out_dir(args.out)
+    checks.threads(args.threads)
+    checks.count(args.num_samples, "--num-samples")
+    checks.finite(args.primer_seconds, "--primer-seconds", least=0, most=3600)
+    if args.interpolate:
+        checks.count(args.steps, "--steps", least=2)
     conditioning = [x for x in ("primer", "variations", "interpolate") if getattr(args, x)]
     if len(conditioning) > 1:
         raise ConfigError(f"use one of --primer, --variations, --interpolate (got {conditioning})")
@@ -321,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
     require_torch("--engine torch")
     import torch
 
+    checks.device(args.device)
     torch.set_num_threads(args.threads)
 
     from aurl.engines.torch_engine import TorchEngine

@@ -81,10 +81,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=lambda args: c.print_help() or 2)
 
 
+# a rank above the model's width adds parameters and nothing else (rank 100,000 on a 32-wide
+# model was 102M parameters); the base's own width is checked once it is read
+MAX_LORA_RANK = 4096
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from aurl.cli import checks
+    from aurl.errors import ConfigError
     from aurl.progress import bar
     from aurl.training.trainer import train
 
+    checks.out_dir(args.out)
+    if args.lora:  # 0: no adapters
+        checks.count(args.lora, "--lora", most=MAX_LORA_RANK)
+    checks.finite(args.lora_alpha, "--lora-alpha", least=1e-3, most=1e6)
     if args.data:
         args.overrides = [*args.overrides, f"data.cache={args.data}"]
     config = config_from_args(args)
@@ -93,6 +104,11 @@ def run_train(args: argparse.Namespace) -> int:
         from aurl.training.finetune import explicit_keys, finetune_config, load_base
 
         base = load_base(args.init_from)
+        if args.lora > base.model.d_model:
+            raise ConfigError(
+                f"--lora {args.lora}: above the base's width (model.d_model "
+                f"{base.model.d_model}) an adapter only adds parameters: give at most that"
+            )
         config = finetune_config(config, base, explicit_keys(args.overrides))
     else:
         config = resumed_finetune_config(config, args)
@@ -142,8 +158,11 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_average(args: argparse.Namespace) -> int:
+    from aurl.cli import checks
     from aurl.training.checkpoint import average_checkpoints, best_checkpoints
 
+    checks.count(args.best, "--best", most=10_000)  # 0 and -1 read as "none with a loss"
+    checks.out_dir(args.out)
     paths = best_checkpoints(args.run, args.best)
     out = average_checkpoints(paths, args.out)
     print(f"averaged {', '.join(p.name for p in paths)} -> {out}")
@@ -151,8 +170,10 @@ def run_average(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from aurl.cli import checks
     from aurl.training.checkpoint import export_weights
 
+    checks.out_dir(args.out)
     out = export_weights(args.checkpoint, args.out, dtype=args.dtype)
     print(f"exported {out}")
     return 0

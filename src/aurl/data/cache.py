@@ -39,6 +39,7 @@ import json
 import os
 import secrets
 import time
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from aurl.config import DataConfig, VocabConfig, build
 from aurl.data.corpora import manifest_labels
 from aurl.data.meter import read_meter
 from aurl.data.vocab import Kind, Vocab
-from aurl.errors import AurlError, DataError
+from aurl.errors import AurlError, ConfigError, DataError
 from aurl.fileio import atomic_write, atomic_write_text, fsync_path
 from aurl.progress import Progress, silent
 
@@ -81,7 +82,8 @@ def file_hash(path: str | Path) -> bytes:
 def shard_of(relpath: str, n: int) -> int:
     """The part (0..n-1) a file belongs to under ``--shard i/n``: a hash of its relative path, so
     it never depends on the other files."""
-    return int.from_bytes(hashlib.blake2b(relpath.encode(), digest_size=8).digest(), "little") % n
+    key = relpath.encode(errors="surrogateescape")  # a name that is not UTF-8: its bytes
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % n
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -194,7 +196,9 @@ class _Index:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 blob, offs = z["path_blob"].tobytes(), z["path_offsets"]
-                paths = [blob[a:b].decode() for a, b in zip(offs[:-1], offs[1:])]
+                paths = [
+                    blob[a:b].decode(errors="surrogateescape") for a, b in zip(offs[:-1], offs[1:])
+                ]
                 cols = {
                     k: z[k].astype(t, copy=False) if k in z.files else np.full(len(paths), -1, t)
                     for k, t in _COLUMNS.items()
@@ -210,7 +214,7 @@ class _Index:
             if stale:
                 return cls.empty()
             raise _stale_error(path, found) from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated or not a zip
             raise DataError(
                 f"cache index {path} is unreadable ({e}); delete the cache folder and prepare again"
             ) from None
@@ -221,7 +225,7 @@ class _Index:
         return cls(paths, cols, hashes, list(meta.pop("shards")), meta.pop("failed", []), meta)
 
     def save(self, path: Path) -> None:
-        encoded = [p.encode() for p in self.paths]
+        encoded = [p.encode(errors="surrogateescape") for p in self.paths]
         offs = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in encoded], out=offs[1:])
         meta = {**self.meta, "shards": self.shards, "failed": self.failed}
@@ -272,7 +276,7 @@ def _format_of(path: Path) -> Any:
     try:
         with np.load(path, allow_pickle=False) as z:
             return json.loads(str(z["meta"])).get("format")
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
 
 
@@ -816,7 +820,13 @@ class TokenCache:
             )
         self._index = _Index.load(index_path)
         self.meta = self._index.meta
-        self.vocab_config: VocabConfig = build(VocabConfig, self.meta["vocab"])
+        try:
+            self.vocab_config: VocabConfig = build(VocabConfig, self.meta["vocab"])
+        except (KeyError, TypeError, ConfigError) as e:
+            raise DataError(
+                f"cache index {index_path} holds no valid vocabulary ({e}); delete the cache "
+                "folder and prepare again"
+            ) from None
         self.lengths: np.ndarray = self._index.cols["length"]  # (N,) tokens per file
         self.splits: np.ndarray = self._index.cols["split"]  # (N,) 0 train, 1 valid, 2 test
         self.notes: np.ndarray = self._index.cols["notes"]  # (N,) NOTE_ONs per file

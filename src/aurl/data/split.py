@@ -32,8 +32,9 @@ def normalize_relpath(relpath: str | PurePath) -> str:
 
 
 def hash_unit(relpath: str | PurePath) -> float:
-    """The path's fixed point in [0, 1): the first 8 bytes of SHA-1 of its UTF-8 key / 2**64."""
-    digest = hashlib.sha1(normalize_relpath(relpath).encode("utf-8")).digest()
+    """The path's fixed point in [0, 1): the first 8 bytes of SHA-1 of its UTF-8 key / 2**64
+    (a name that is not UTF-8 hashes by its bytes on disk, as :func:`os.fsencode` gives them)."""
+    digest = hashlib.sha1(normalize_relpath(relpath).encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 

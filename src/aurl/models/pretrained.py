@@ -285,11 +285,20 @@ def load_pretrained(
             raise CheckpointError(f"{p} does not exist: point at a folder from save_pretrained")
     try:
         meta = json.loads(cfg_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{cfg_path}: not an Aurl model config (format {FORMAT!r})")
+    except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
+        raise CheckpointError(f"{cfg_path} is damaged (not JSON text: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: not an Aurl model config (format {FORMAT!r})")
+    for section in ("model", "vocab"):
+        if not isinstance(meta.get(section), dict):
+            raise CheckpointError(
+                f"{cfg_path}: '{section}' is missing or not a mapping of {section} settings: "
+                "re-save the model with save_pretrained"
+            )
+    try:
         model_cfg = build(ModelConfig, meta["model"], prefix="model")
         vocab_cfg = build(VocabConfig, meta["vocab"], prefix="vocab")
-    except (json.JSONDecodeError, KeyError, ConfigError, AttributeError) as e:
+    except ConfigError as e:
         raise CheckpointError(f"{cfg_path} is damaged or incompatible: {e}") from None
     _check_safetensors(weights)
     header = read_header(weights)
@@ -307,6 +316,19 @@ def load_pretrained(
         tensors = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} cannot be read as safetensors: {e}") from None
+    check_finite(weights, tensors)
     model.load_state_dict(fill_tied(tensors, model.state_dict()))
     model.eval()
     return model
+
+
+def check_finite(weights: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run saved): every logit of such a
+    model is NaN, which no sampler can draw from. One pass over the weights (~10 ms for the
+    shipped model)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"{weights}: {name} holds NaN or infinite values (a diverged run?): "
+                "use an earlier checkpoint"
+            )

@@ -401,6 +401,11 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
     ) -> dict[str, Any]:
         """Keys, chords, cadences, form and melody of the file (``aurl analyze``'s JSON)."""
         await _only_fields(request, "file", "beats_per_bar")
+        if 0 < beats_per_bar < MIN_BAR:  # 1e-9 asked the parser for 268 GiB of key windows
+            raise FieldError(
+                f"beats_per_bar {beats_per_bar:g}: give 0 (the file's meter) or {MIN_BAR} to 64",
+                field="beats_per_bar",
+            )
         data = await _read_upload(file, lim)
         return await parse_upload(
             data, "analyze", name=file.filename or "file", timeout=lim.parse_seconds,
@@ -652,6 +657,8 @@ def _login_page(note: str = "") -> str:
 
 def _first_field(errors: Any) -> str | None:
     for e in errors:
+        if e.get("type") == "json_invalid":  # its loc is ("body", character offset)
+            return "body"
         loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "form")]
         if loc:
             return ".".join(loc)
@@ -661,6 +668,10 @@ def _first_field(errors: Any) -> str | None:
 def _validation_message(errors: Any) -> str:
     parts = []
     for e in list(errors)[:5]:
+        if e.get("type") == "json_invalid":
+            at = e.get("loc", ("body", "?"))[-1]
+            parts.append(f"body: not valid JSON (at character {at}): send a JSON object")
+            continue
         loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "form"))
         got = e.get("input")
         shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {str(got)[:40]!r})"
@@ -752,7 +763,14 @@ def _generation_config(
         values["instruments"] = opts.instruments
     if opts.key.strip().lower() == "primer":
         values["key"] = _primer_key(primer, srv)
-    return build(GenerationConfig, values, prefix="generation")
+    try:
+        return build(GenerationConfig, values, prefix="generation")
+    except ConfigError as e:  # name the request's field, as pydantic's own errors do
+        name = str(e).split(":", 1)[0].removeprefix("generation.")
+        name = {"polyphony_cap": "polyphony"}.get(name, name)
+        if name in GenerateOptions.model_fields:
+            raise FieldError(str(e), field=name) from None
+        raise
 
 
 def _primer_ids(ids: np.ndarray, srv: ModelServer, opts: GenerateOptions) -> np.ndarray:
@@ -870,6 +888,10 @@ class _Guard:
                 await stop(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+# the shortest bar /api/analyze takes, in quarter-note beats (as `aurl analyze`)
+MIN_BAR = 0.25
 
 
 class FieldError(ConfigError):

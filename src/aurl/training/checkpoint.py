@@ -242,7 +242,9 @@ def verify(path: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads((path / "manifest.json").read_text())
         expected = manifest["sha256"]
-    except (ValueError, KeyError) as e:
+        if not isinstance(expected, dict):
+            raise ValueError("'sha256' is not a mapping of file names to hashes")
+    except (ValueError, KeyError, TypeError, OSError) as e:
         raise CheckpointError(
             f"{path}/manifest.json is damaged ({e}): pick another checkpoint"
         ) from None
@@ -277,6 +279,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     except Exception as e:  # the unpickler refuses objects: say so, do not execute them
         raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from e
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("step"), int)
+        or not isinstance(state.get("config"), dict)
+    ):
+        raise CheckpointError(
+            f"{path}/state.json is damaged (needs an object with an integer 'step' and a "
+            "'config' mapping): pick another checkpoint"
+        )
     if state.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint {path} has format {state.get('format')}, this Aurl reads {FORMAT}: "

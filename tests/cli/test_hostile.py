@@ -1,0 +1,212 @@
+"""Hostile inputs to every command, each of which once escaped as a traceback, a crash, a hang
+or a fork storm (docs/design.md, "Hostile inputs, hunted (session 7)"): now each gets its exit
+code and one ``error:`` line on stderr naming the flag, file or key, before any work.
+
+Run in-process through :func:`aurl.cli.main` on a tiny model (dim 32, 2 layers) and files made
+in a temporary folder; the cases that load the model share one process's torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aurl.cli import main
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+CHORALE = FIXTURES / "midi" / "bach_bwv269.mid"
+
+
+def _melody(path: Path, pitch: int, n: int = 8) -> Path:
+    import symusic
+
+    score = symusic.Score(480)
+    track = symusic.Track("part", 0, False)
+    for i in range(n):
+        track.notes.append(symusic.Note(i * 480, 480, pitch, 80))
+    score.tracks.append(track)
+    score.dump_midi(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """Every input the cases name, made once: a tiny model and damaged copies of it, a file
+    where a folder belongs, a truncated cache index, a fake checkpoint."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from aurl.config import ModelConfig, VocabConfig
+    from aurl.models import MusicTransformerVAEGAN
+    from aurl.models.pretrained import save_pretrained
+
+    d = tmp_path_factory.mktemp("hostile")
+    torch.manual_seed(0)
+    config = dataclasses.replace(
+        ModelConfig(), d_model=32, n_layers=2, n_heads=2, dropout=0.0, max_seq_len=256
+    )
+    save_pretrained(MusicTransformerVAEGAN(config, VocabConfig()).eval(), d / "tiny")
+
+    def variant(name: str) -> Path:
+        shutil.copytree(d / "tiny", d / name)
+        return d / name
+
+    def meta_variant(name: str, change) -> None:
+        path = variant(name) / "config.json"
+        meta = json.loads(path.read_text())
+        change(meta)
+        path.write_text(json.dumps(meta))  # NaN written as the JSON extension NaN
+
+    meta_variant("model_list", lambda m: m.__setitem__("model", [1, 2]))
+    meta_variant("vocab_nan", lambda m: m["vocab"].__setitem__("tempo_min", float("nan")))
+    (variant("config_latin1") / "config.json").write_bytes(b"\xff\xfe not UTF-8")
+    weights = variant("nan_weights") / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+    (d / "afile").write_text("a file, not a folder")
+    (d / "cfg.yaml").write_bytes(b"model:\n  d_model: \xe4\xf6\n")  # Latin-1, not UTF-8
+    cache = d / "cache"
+    cache.mkdir()
+    np.savez(cache / "index.npz", meta=np.array("{}"), hash=np.zeros(3))
+    index = (cache / "index.npz").read_bytes()
+    (cache / "index.npz").write_bytes(index[: len(index) // 2])
+    ckpt = d / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_text("[]")
+    (d / "corpus").mkdir()
+    shutil.copy(CHORALE, d / "corpus" / "a.mid")
+    return {
+        "dir": str(d), "tiny": str(d / "tiny"), "out": str(d / "out"), "afile": str(d / "afile"),
+        "chorale": str(CHORALE), "high": str(_melody(d / "high.mid", 127)), "cfg": str(d / "cfg.yaml"),
+        "cache": str(cache), "ckpt": str(ckpt), "corpus": str(d / "corpus"),
+    }  # fmt: skip
+
+
+GEN = ["generate", "--checkpoint", "{tiny}", "--out", "{out}", "--max-tokens", "8"]
+HARM = ["harmonize", "{chorale}", "--checkpoint", "{tiny}", "--out", "{out}"]
+EVAL = ["evaluate", "--checkpoint", "{tiny}", "--data", "{cache}", "--out", "{out}"]
+TRAIN = ["train", "--preset", "tiny", "--data", "{cache}", "--out", "{out}"]
+# (argv, exit code, what the one line must name); before: the escape each one was
+# fmt: off
+CASES = {
+    # generate: NaN and tiny temperatures reached the sampler (RuntimeError), inf / 1e9
+    # seconds and 10**8 samples ran for ever, a 2**76 seed overflowed torch's generator
+    "temperature nan": ([*GEN, "--temperature", "nan"], 2, "generation.temperature"),
+    "temperature 1e-300": ([*GEN, "--temperature", "1e-300"], 2, "generation.temperature"),
+    "repetition penalty 0": ([*GEN, "--repetition-penalty", "0"], 2, "repetition_penalty"),
+    "top-p nan": ([*GEN, "--top-p", "nan"], 2, "generation.top_p"),
+    "seconds inf": ([*GEN[:-2], "--seconds", "inf"], 2, "generation.seconds"),
+    "seconds 1e9": ([*GEN[:-2], "--seconds", "1e9", "--cadence", "off"], 2, "generation.seconds"),
+    "seed 10**23": ([*GEN, "--seed", str(10**23)], 2, "generation.seed"),
+    "num-samples 10**8": ([*GEN, "--num-samples", str(10**8)], 2, "--num-samples"),
+    "primer-seconds nan": ([*GEN, "--primer", "{chorale}", "--primer-seconds", "nan"], 2,
+                           "--primer-seconds"),
+    # --threads 100000 killed the process (SIGSEGV in OpenMP)
+    "threads 100000": ([*GEN, "--threads", "100000"], 2, "--threads"),
+    "device tpu": ([*GEN, "--device", "tpu"], 2, "--device"),
+    "device cuda:7": ([*GEN, "--device", "cuda:7"], 2, "--device"),
+    # the pieces were generated, then writing the first one raised FileExistsError
+    "out is a file": ([*GEN[:-4], "--out", "{afile}", "--max-tokens", "8"], 2, "--out"),
+    "out holds NUL": ([*GEN[:-4], "--out", "{dir}/a\0b", "--max-tokens", "8"], 2, "--out"),
+    "soundfont not sf2": ([*GEN, "--format", "wav", "--soundfont", "{chorale}"], 2,
+                          "--soundfont"),
+    # checkpoints: TypeError, UnicodeDecodeError, OverflowError at the MIDI write, NaN logits
+    "config.json model a list": (["generate", "--checkpoint", "{dir}/model_list", "--out",
+                                  "{out}"], 1, "model_list/config.json"),
+    "config.json not UTF-8": (["generate", "--checkpoint", "{dir}/config_latin1", "--out",
+                               "{out}"], 1, "config_latin1/config.json"),
+    "config.json vocab NaN": (["generate", "--checkpoint", "{dir}/vocab_nan", "--out", "{out}"],
+                              1, "vocab.tempo_min"),
+    "NaN weights": (["generate", "--checkpoint", "{dir}/nan_weights", "--out", "{out}"], 1,
+                    "nan_weights/model.safetensors"),
+    # composing: NaN temperature ran to "did not end", 10**9 particles a MemoryError, a part
+    # at pitch 127 ran to "composing did not end within 2120 tokens"
+    "harmonize temperature nan": ([*HARM, "--temperature", "nan"], 2, "--temperature"),
+    "harmonize particles 10**9": ([*HARM, "--particles", str(10**9)], 2, "--particles"),
+    "harmonize out is a file": ([*HARM[:-2], "--out", "{afile}"], 2, "--out"),
+    "accompany out of range": (["accompany", "{high}", "--checkpoint", "{tiny}", "--out",
+                                "{out}"], 1, "high.mid"),
+    # evaluate: BadZipFile, FileExistsError, torch's device RuntimeError, --limit 0 ran all
+    "evaluate truncated index": ([*EVAL, "--samples", "0"], 1, "index.npz"),
+    "evaluate device tpu": ([*EVAL, "--device", "tpu"], 2, "--device"),
+    "evaluate out is a file": ([*EVAL[:-2], "--out", "{afile}"], 2, "--out"),
+    "evaluate task limit 0": (["evaluate", "--checkpoint", "{tiny}", "--task", "harmonize",
+                               "--limit", "0", "--out", "{out}"], 2, "--limit"),
+    # analyze: ValueError (NaN), IndexError (1e300), MemoryError of 417 GiB (1e-9)
+    "analyze bar nan": (["analyze", "{chorale}", "--out", "{out}", "--beats-per-bar", "nan"], 2,
+                        "--beats-per-bar"),
+    "analyze bar 1e-9": (["analyze", "{chorale}", "--out", "{out}", "--beats-per-bar", "1e-9"],
+                         2, "--beats-per-bar"),
+    "analyze out is a file": (["analyze", "{chorale}", "--out", "{afile}"], 2, "--out"),
+    # data: 100000 workers forked 3,358 processes; --limit -3 converted all but 3 scores
+    "prepare workers 10**5": (["data", "prepare", "{corpus}", "--out", "{out}", "--workers",
+                               "100000"], 2, "--workers"),
+    "prepare out is a file": (["data", "prepare", "{corpus}", "--out", "{afile}"], 2, "--out"),
+    "prepare into a damaged cache": (["data", "prepare", "{corpus}", "--out", "{cache}",
+                                      "--workers", "1"], 1, "index.npz"),
+    "check workers -5": (["data", "check", "{corpus}", "--workers", "-5"], 2, "--workers"),
+    "corpus limit -3": (["data", "corpus", "--name", "folk", "--limit", "-3", "--out", "{out}"],
+                        2, "--limit"),
+    "corpus out is a file": (["data", "corpus", "--out", "{afile}"], 2, "--out"),
+    # train: UnicodeDecodeError, FileExistsError, TypeError on a manifest that is a list,
+    # a rank-100000 adapter (102M parameters), NaN alpha and NaN weights trained to loss nan
+    "train config not UTF-8": (["train", "--config", "{cfg}", "--out", "{out}"], 2, "cfg.yaml"),
+    "train out is a file": ([*TRAIN[:-2], "--out", "{afile}"], 2, "--out"),
+    "train resume manifest list": ([*TRAIN, "--resume", "{ckpt}"], 1, "manifest.json"),
+    "train lora 10**5": ([*TRAIN, "--init-from", "{tiny}", "--lora", "100000"], 2, "--lora"),
+    "train lora over width": ([*TRAIN, "--init-from", "{tiny}", "--lora", "64"], 2, "--lora"),
+    "train lora alpha nan": ([*TRAIN, "--init-from", "{tiny}", "--lora", "2", "--lora-alpha",
+                              "nan"], 2, "--lora-alpha"),
+    "train from NaN weights": ([*TRAIN, "--init-from", "{dir}/nan_weights"], 1,
+                               "nan_weights/model.safetensors"),
+    "export out is a file": (["export", "--format", "onnx", "--checkpoint", "{tiny}", "--out",
+                              "{afile}"], 2, "--out"),
+    # checkpoint: FileExistsError after averaging; --best 0 said "none with a validation loss"
+    "checkpoint average best 0": (["checkpoint", "average", "{dir}", "--best", "0", "--out",
+                                   "{out}"], 2, "--best"),
+    "checkpoint average out is a file": (["checkpoint", "average", "{dir}", "--out", "{afile}"],
+                                         2, "--out"),
+    "checkpoint export out is a file": (["checkpoint", "export", "{ckpt}", "--out", "{afile}"],
+                                        2, "--out"),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_input_gets_one_line_naming_it(case, files, capsys) -> None:
+    argv, code, names = CASES[case]
+    argv = [a.format(**files) for a in argv]
+    shutil.rmtree(files["out"], ignore_errors=True)
+    assert main(argv) == code, capsys.readouterr().err
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert names.format(**files) in lines[0], lines[0]
+    out = Path(files["out"])
+    assert not out.exists() or not any(out.iterdir()), f"wrote {list(out.iterdir())} first"
+
+
+def test_file_names_that_are_not_utf8_are_read_and_reported(files, tmp_path) -> None:
+    """A folder holding a file whose name is not UTF-8 (Latin-1 bytes) once stopped
+    ``aurl data prepare`` (UnicodeEncodeError in the split's hash) and ``aurl analyze``
+    (its UTF-8 report): both now read it; the report shows the bad bytes as U+FFFD."""
+    src = tmp_path / "latin1"
+    src.mkdir()
+    shutil.copy(CHORALE, os.path.join(os.fsencode(src), b"chor\xe4le.mid"))
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "cache"), "--preset",
+                 "tiny", "--workers", "1"]) == 0  # fmt: skip
+    from aurl.data.cache import TokenCache
+
+    cache = TokenCache(tmp_path / "cache")
+    assert len(cache.lengths) == 1 and os.fsencode(cache.relpath(0)) == b"chor\xe4le.mid"
+    assert main(["analyze", str(src), "--out", str(tmp_path / "an"), "--no-plots"]) == 0
+    report = json.loads((tmp_path / "an" / "chor\udce4le" / "analysis.json").read_text())
+    assert report["name"] == "chor\ufffdle.mid"
