@@ -132,7 +132,9 @@ def test_values_the_fast_path_cannot_write_go_to_pyyaml(value) -> None:
     if text is not None:
         assert text == yaml.safe_dump(data, sort_keys=False)
     back = yaml.safe_load(text if text is not None else yaml.safe_dump(data, sort_keys=False))
-    assert back == data or (value != value and back["generation"]["key"] != back["generation"]["key"])
+    assert back == data or (
+        value != value and back["generation"]["key"] != back["generation"]["key"]
+    )
 
 
 def test_generate_never_imports_pyyaml(tiny_export, tmp_path) -> None:
