@@ -132,7 +132,8 @@ def console() -> NoReturn:
     :func:`main` itself never exits: tests and other callers run it in-process. The commands of
     :data:`NO_GC` start with the cyclic garbage collector off: the imports and the engine's
     build make only objects that live as long as the run; ``aurl generate`` then freezes them
-    (``gc.freeze``) and turns the collector back on for what the generation makes.
+    (``gc.freeze``) and turns the collector back on for what the generation makes; they also
+    keep numpy's OpenBLAS to one thread unless ``OPENBLAS_NUM_THREADS`` says otherwise.
     """
     import atexit
     import gc
@@ -141,6 +142,9 @@ def console() -> NoReturn:
 
     if sys.argv[1:2] and sys.argv[1] in NO_GC:
         gc.disable()
+        # numpy's OpenBLAS starts one spinning thread per core at import (~0.12 s of another
+        # core's CPU on 2 cores); a generation's numpy products are too small to share out
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     code = main()
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
