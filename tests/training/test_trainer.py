@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import re
@@ -591,6 +592,26 @@ def test_a_loss_spike_is_flagged_and_the_step_kept(fixture_cache, tmp_path, tiny
     assert result.step == 24 and load_checkpoint(run).state["lr_scale"] == 1.0
 
 
+@contextlib.contextmanager
+def sigterm_during_step_2(monkeypatch):
+    """Inside: ``train`` gets a SIGTERM during its step 2, raised in this thread (the C handler
+    runs before ``raise_signal`` returns), so the stop check after that step sees it whatever
+    the load; ``os.kill`` to the process may hand it to another thread, later."""
+    real_step = trainer_module._train_step
+
+    def step_then_sigterm(run, stage):
+        out = real_step(run, stage)
+        if run.step == 1:  # the step about to become step 2
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(trainer_module, "_train_step", step_then_sigterm)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(trainer_module, "_train_step", real_step)
+
+
 def test_sigterm_stops_before_validating_and_the_resumed_run_validates_first(
     fixture_cache, tmp_path, tiny_config, monkeypatch
 ):
@@ -602,19 +623,10 @@ def test_sigterm_stops_before_validating_and_the_resumed_run_validates_first(
     straight_lines: list[str] = []
     straight = train(cfg, tmp_path / "straight", echo=straight_lines.append)
 
-    real_step = trainer_module._train_step
-
-    def step_then_sigterm(run, stage):
-        out = real_step(run, stage)
-        if run.step == 1:  # the step about to become step 2
-            signal.raise_signal(signal.SIGTERM)  # to this thread: handled before the next check
-        return out
-
     run = tmp_path / "run"
-    monkeypatch.setattr(trainer_module, "_train_step", step_then_sigterm)
     lines: list[str] = []
-    stopped = train(cfg, run, echo=lines.append)
-    monkeypatch.setattr(trainer_module, "_train_step", real_step)
+    with sigterm_during_step_2(monkeypatch):
+        stopped = train(cfg, run, echo=lines.append)
     assert (stopped.stopped, stopped.step) == ("interrupted", 2)
     assert not any(" valid loss " in line for line in lines)  # the validation was skipped
     (saved,) = list_checkpoints(run)
@@ -654,18 +666,9 @@ def test_an_owed_validation_saves_the_checkpoint_the_straight_run_saved(
         return metrics, state, [p.name for p in best_checkpoints(run, 3)]
 
     train(cfg, tmp_path / "straight", echo=lambda line: None)
-    real_step = trainer_module._train_step
-
-    def step_then_sigterm(run, stage):
-        out = real_step(run, stage)
-        if run.step == 1:  # the step about to become step 2
-            signal.raise_signal(signal.SIGTERM)  # to this thread: handled before the next check
-        return out
-
     run = tmp_path / "run"
-    monkeypatch.setattr(trainer_module, "_train_step", step_then_sigterm)
-    assert train(cfg, run, echo=lambda line: None).stopped == "interrupted"
-    monkeypatch.setattr(trainer_module, "_train_step", real_step)
+    with sigterm_during_step_2(monkeypatch):
+        assert train(cfg, run, echo=lambda line: None).stopped == "interrupted"
     train(cfg, run, echo=lambda line: None)
     straight = kept(tmp_path / "straight")
     assert list(straight[0]) == [f"step-{n:07d}" for n in saved] and all(straight[0].values())
@@ -682,17 +685,8 @@ def test_an_owed_validation_that_exhausts_patience_stops_the_resumed_run(
     straight = train(cfg, tmp_path / "straight", echo=lambda line: None)
     assert (straight.stopped, straight.step) == ("early_stopping", 2)
 
-    real_step = trainer_module._train_step
-
-    def step_then_sigterm(run, stage):
-        out = real_step(run, stage)
-        if run.step == 1:
-            signal.raise_signal(signal.SIGTERM)  # to this thread: handled before the next check
-        return out
-
-    monkeypatch.setattr(trainer_module, "_train_step", step_then_sigterm)
-    stopped = train(cfg, tmp_path / "run", echo=lambda line: None)
-    monkeypatch.setattr(trainer_module, "_train_step", real_step)
+    with sigterm_during_step_2(monkeypatch):
+        stopped = train(cfg, tmp_path / "run", echo=lambda line: None)
     assert (stopped.stopped, stopped.step) == ("interrupted", 2)
     resumed = train(cfg, tmp_path / "run", echo=lambda line: None)
     assert (resumed.stopped, resumed.step) == ("early_stopping", 2)
