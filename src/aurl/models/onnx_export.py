@@ -342,10 +342,10 @@ def quantize_graph_int4(path: Path, block_size: int = INT4_BLOCK) -> None:
             DefaultWeightOnlyQuantConfig,
             MatMulNBitsQuantizer,
         )
-    except ImportError:
+    except ImportError as e:  # an old onnxruntime, or the quantizer's own imports (onnx-ir)
         raise CheckpointError(
-            "--int4 needs onnxruntime's MatMulNBits quantizer (onnxruntime >= 1.17): pip install "
-            "-U onnxruntime"
+            f"--int4 needs onnxruntime's MatMulNBits quantizer ({e}): pip install -U onnxruntime "
+            "onnx-ir (both come with pip install 'aurl[torch]')"
         ) from None
     root = logging.getLogger()
     level = root.level
