@@ -155,10 +155,6 @@ def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, An
     from aurl.cli import checks
     from aurl.config import MIN_TEMPERATURE
 
-    if args.num_samples < 1 or args.particles < 1 or args.threads < 1:
-        raise ConfigError("--num-samples, --particles and --threads must be >= 1")
-    if not args.temperature > 0:  # NaN too
-        raise ConfigError(f"--temperature {args.temperature}: give a value > 0")
     if (args.int8 or args.fp32) and args.engine != "onnx":
         flag = "--int8" if args.int8 else "--fp32"
         raise ConfigError(f"{flag} chooses the onnx engine's graphs: add --engine onnx")

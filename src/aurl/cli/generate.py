@@ -292,14 +292,11 @@ def run(args: argparse.Namespace) -> int:
     checks.threads(args.threads)
     checks.count(args.num_samples, "--num-samples")
     checks.finite(args.primer_seconds, "--primer-seconds", least=0, most=3600)
-    if args.interpolate:
-        checks.count(args.steps, "--steps", least=2)
+    checks.count(args.steps, "--steps", least=2)
     conditioning = [x for x in ("primer", "variations", "interpolate") if getattr(args, x)]
     if len(conditioning) > 1:
         raise ConfigError(f"use one of --primer, --variations, --interpolate (got {conditioning})")
     transfer_keep(args)  # --keep without --variations fails before anything loads
-    if args.num_samples < 1 or args.steps < 2:
-        raise ConfigError("--num-samples must be >= 1 and --steps >= 2")
     if args.voices is not None and not 1 <= args.voices <= 8:
         raise ConfigError(f"--voices {args.voices}: give 1 to 8 (4 for SATB)")
     default_vae(args)
@@ -310,8 +307,6 @@ def run(args: argparse.Namespace) -> int:
     # into the same folder keeps its own
     settings = Path(args.out) / f"{stem}.yaml"
     check_free([*paths, {"settings": settings}], force=args.force)
-    if args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}: give 1 or more")
     if args.adapter and args.int8 and args.engine != "onnx":
         raise ConfigError("--adapter is merged into a torch model: drop --int8")
     if args.engine == "onnx":
