@@ -1,0 +1,118 @@
+"""benchmarks/bench_kernels.py times the kernels it says it times: each one-node graph computes
+x @ W of its own copy of the weights (fp32 MatMul, int8 DynamicQuantizeMatMul, 4- and 8-bit
+MatMulNBits), its byte count is the graph's constants, and the graph without kernels keeps
+every other node of an export and drops every kernel."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_kernels.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH.parent))  # bench_kernels imports bench_onnx beside it
+    try:
+        spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_kernels"] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    return module
+
+
+def dequantized(kind: str, inits: dict[str, np.ndarray], i: int, K: int) -> np.ndarray:
+    """Copy ``i``'s (K, N) weights as the kernel reads them, from the graph's constants."""
+    w = inits[f"w{i}"]
+    if kind == "fp32":
+        return w
+    if kind == "int8":  # per output channel: (q - zero point) x scale
+        return (w.astype(np.float32) - inits[f"z{i}"]) * inits[f"s{i}"]
+    bits = {"int4": 4, "nbits8": 8}[kind]
+    N, blocks, _ = w.shape
+    if bits == 4:  # two weights a byte, the low nibble first
+        q = np.stack([w & 0x0F, w >> 4], axis=-1).reshape(N, blocks, 32)
+    else:
+        q = w
+    q = (q.astype(np.float32) - 2 ** (bits - 1)) * inits[f"s{i}"][:, :, None]
+    return q.reshape(N, -1)[:, :K].T
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4", "nbits8"])
+def test_each_copy_is_its_own_matmul(bench, kind: str) -> None:
+    """Three copies at K=64, N=96: copy i's output is x @ W_i (+ bias) to the kernel's
+    precision (int8 / 4-bit / 8-bit quantize x per call: ~1% of the output's scale), the copies
+    differ, and weight_bytes counts every constant of a node."""
+    import onnxruntime as ort
+
+    K, N, copies = 64, 96, 3
+    blob = bench.matmul_model(kind, K, N, copies)
+    model = onnx.load_from_string(blob)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert sum(a.nbytes for a in inits.values()) == copies * bench.weight_bytes(kind, K, N)
+    sess = ort.InferenceSession(blob, bench.session_options(ort), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(5).standard_normal((1, 1, K)).astype(np.float32)
+    ys = sess.run(None, {"x": x})
+    for i, y in enumerate(ys):
+        want = x[0, 0] @ dequantized(kind, inits, i, K) + inits.get(f"b{i}", 0.0)
+        tol = 1e-5 if kind == "fp32" else 0.02
+        assert np.abs(y[0, 0] - want).max() <= tol * np.abs(want).max(), (kind, i)
+    assert not np.allclose(ys[0], ys[1])
+
+
+def test_the_attention_writes_its_own_cache_in_place(bench) -> None:
+    """Two layers at 5 cached tokens, each with its own buffers bound as past and present (as
+    the engine binds them): a step writes the new key and value at position 5 of every
+    buffer and leaves every other position as it was."""
+    import onnxruntime as ort
+
+    k = bench.attention_kernel(ort, 2, 2, 64, 32, cached=5)
+    caches = [a for a in k.keep if isinstance(a, np.ndarray) and a.ndim == 4]
+    assert len(caches) == 4 and len({id(c) for c in caches}) == 4  # k, v of 2 layers
+    for c in caches:
+        c[:, :, 5] = 0.0
+    before = [c.copy() for c in caches]
+    k.run(1)
+    for c, b in zip(caches, before):
+        assert np.abs(c[:, :, 5]).min() > 0  # written
+        c[:, :, 5] = 0.0
+        np.testing.assert_array_equal(c, b)  # nothing else moved
+    assert k.nbytes == 2 * 2 * 6 * 64 * 4
+
+
+def test_the_rest_keeps_the_graph_without_its_kernels(bench, tmp_path) -> None:
+    """A tiny model's int4 export: the rest graph has no MatMulNBits, no GroupQueryAttention,
+    no KV cache; every other operator of the export is still there (minus the bias Adds the
+    kernels absorb), and it runs on the engine's inputs."""
+    import onnxruntime as ort
+    import torch
+
+    from aurl.config import load_config
+    from aurl.models import build_model
+    from aurl.models.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = build_model(load_config(preset="tiny", overrides=["model.mode=transformer"])).eval()
+    export_onnx(model, tmp_path / "int4", int4=True)
+    graph = bench.Graph(tmp_path / "int4", cached=10)
+    full = onnx.load(str(tmp_path / "int4" / "decoder.onnx"))
+    rest = onnx.load_from_string(bench.rest_model(tmp_path / "int4" / "decoder.onnx"))
+    ops, kept = (collections.Counter(n.op_type for n in g.graph.node) for g in (full, rest))
+    assert kept["MatMulNBits"] == kept["GroupQueryAttention"] == 0
+    assert kept["Slice"] + kept["Pad"] == ops["MatMulNBits"] + ops["GroupQueryAttention"]
+    for op in ("LayerNormalization", "FastGelu", "Gather", "Log"):
+        assert kept[op] == ops[op] > 0, op
+    assert 0 < kept["Add"] < ops["Add"]
+    assert not [i.name for i in rest.graph.input if i.name.startswith("past_")]
+    r = bench.Rest(ort, graph)
+    assert r.run(2) > 0 and np.isfinite(r.logits).all()
