@@ -40,10 +40,8 @@ def dequantized(kind: str, inits: dict[str, np.ndarray], i: int, K: int) -> np.n
         return (w.astype(np.float32) - inits[f"z{i}"]) * inits[f"s{i}"]
     bits = {"int4": 4, "nbits8": 8}[kind]
     N, blocks, _ = w.shape
-    if bits == 4:  # two weights a byte, the low nibble first
-        q = np.stack([w & 0x0F, w >> 4], axis=-1).reshape(N, blocks, 32)
-    else:
-        q = w
+    # 4 bits: two weights a byte, the low nibble first
+    q = np.stack([w & 0x0F, w >> 4], axis=-1).reshape(N, blocks, 32) if bits == 4 else w
     q = (q.astype(np.float32) - 2 ** (bits - 1)) * inits[f"s{i}"][:, :, None]
     return q.reshape(N, -1)[:, :K].T
 
@@ -60,7 +58,9 @@ def test_each_copy_is_its_own_matmul(bench, kind: str) -> None:
     model = onnx.load_from_string(blob)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     assert sum(a.nbytes for a in inits.values()) == copies * bench.weight_bytes(kind, K, N)
-    sess = ort.InferenceSession(blob, bench.session_options(ort), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        blob, bench.session_options(ort), providers=["CPUExecutionProvider"]
+    )
     x = np.random.default_rng(5).standard_normal((1, 1, K)).astype(np.float32)
     ys = sess.run(None, {"x": x})
     for i, y in enumerate(ys):
