@@ -3,36 +3,43 @@ alone, at the model's sizes, against one thread's read bandwidth and against the
 
 One run, one thread (onnxruntime with 1 intra-op thread, spinning off, sequential, every graph
 optimization on, as ``OnnxEngine`` builds its session), side by side, the CPU named in every
-row and the load average printed:
+row and the load average printed. Every time is CPU time (``process_time``: what other jobs
+on shared cores inflate least), the minimum over ``--rounds``, the configurations rotating
+round by round.
 
 1. One thread's read bandwidth: ``bench_onnx.memory_bandwidth`` (the sum of a 100 MB int64
-   array: DRAM) and the same sum over 26 MB (the int8 step's weights, which may sit partly in
-   the L3) and over 8 MB (L3-resident: what eight layers of one matrix occupy).
-2. Each weight matrix of the step (taken from the exported graph: the q|k|v projection, the
-   attention's output projection, the two feed-forward matrices, the head, and the two 88-wide
-   input projections) as a graph of independent copies of one node, each with its own
-   weights, all fed the same one-token input ``(1, 1, K)``: fp32 ``MatMul``, int8
-   ``com.microsoft.DynamicQuantizeMatMul`` (what onnxruntime fuses the export's
-   ``DynamicQuantizeLinear`` + ``MatMulInteger`` + scale into: int8 weights per output channel
-   with their fp32 scales, int8 zero points and fp32 bias) and int4
-   ``com.microsoft.MatMulNBits`` (4-bit symmetric, blocks of 32, ``accuracy_level`` 4, fp32
-   bias: ``aurl export --int4``). Two sets of copies: 8 (the layers: larger than L1 / L2, and
-   in the L3 between calls) and enough to fill 3x the L3 (streamed from DRAM each call, as the
-   whole step's working set, larger than the L3, mostly is). CPU time per node, min over
-   ``--rounds`` (the configurations rotate round by round); GB/s of the weight bytes as
-   stored in the graph and the fraction of the read bandwidth of the same memory level.
-   GroupQueryAttention too: the export's node at 512 cached tokens (``--cached``), 8 layers
-   and enough layers that their keys and values fill 3x the L3.
-3. The whole graph's step (fp32, int8, int4 exports of the ``--shape``; the engine's session,
-   its KV cache bound in place, capacity 1040 or the context if shorter) at ``--cached`` tokens: CPU time per step, the
-   bytes it reads (weights + KV cache) and the fraction of the read bound; the sum of its
-   kernels' times alone (every MatMul of the graph and every attention) against it: the gap
-   is the graph's own work (the small ops and their dispatch); onnxruntime's profiler splits
-   the step by operator, so that each operator's time inside the graph stands beside its time
+   array, wall clock: the bound the earlier passes used) and the same sum in CPU time over
+   100 MB (DRAM), 26 MB (the int8 step's weights), 8 MB and 4 MB (in the L3).
+2. Each weight matrix of the step (the shapes and counts read from the fp32 export: the q|k|v
+   projection, the attention's output projection, the two feed-forward matrices, the head,
+   the two 88-wide input projections) as a graph of independent copies of one node, each with
+   its own random weights, all fed the same one-token input (1, 1, K): fp32 ``MatMul``; int8
+   ``com.microsoft.DynamicQuantizeMatMul`` (what onnxruntime fuses the int8 export's
+   ``DynamicQuantizeLinear`` + ``MatMulInteger`` + scales + bias into: int8 weights per output
+   channel, an fp32 scale, an int8 zero point and an fp32 bias per output); 4-bit
+   ``com.microsoft.MatMulNBits`` (symmetric, blocks of 32, ``accuracy_level`` 4, fp32 bias:
+   ``aurl export --int4``); and 8-bit ``MatMulNBits`` for comparison (not exported). Three
+   sets of copies: as many as fill 4 MB (they stay in the L3 between calls: the kernel's own
+   compute ceiling), 8 (the layers, as the brief of this bench asked: larger than L1 / L2, in
+   the L3 only where 8 copies fit in what this VM gets of it) and enough to fill 3x the L3
+   (streamed from DRAM every call, as the whole step's working set is). Reported: CPU time
+   per node, GB/s of the bytes it reads (as stored in the graph), and that rate against a
+   numpy read of as many bytes as all the copies, timed right after it in every round.
+   GroupQueryAttention likewise (the export's node, 512 cached tokens by default: keys and
+   values read per layer), with two variants the export does not make: ``scale`` 1 (q scaled
+   beforehand: MLAS's M=1 path) and 2 KV heads for the 8 query heads (grouped-query
+   attention, a model change: a quarter of the cache's bytes).
+3. The whole graph's step at ``--cached`` tokens (fp32, int8 and int4 exports of ``--shape``,
+   the engine's own session, its KV cache bound in place, capacity 1040 or the context if
+   shorter): CPU time per step, the bytes it reads (weights + KV cache) and the fraction of
+   the read bound; against it the sum of its kernels alone (count x time per node) plus the
+   graph without its kernels (the int4 graph with every kernel replaced by a Slice or a Pad:
+   the step's own work outside its kernels, with the session's run and every node's
+   dispatch). Last, onnxruntime's profiler splits the step by operator, each beside its time
    alone.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_kernels.py [--shape full|shipped]
-      [--rounds 5] [--cached 512] [--quick]
+      [--rounds 5] [--cached 512] [--quick] [--exports DIR]
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ KERNELS = (*KINDS, "nbits8")  # nbits8: 8-bit MatMulNBits, the int8 kernel the e
 OPS = {"fp32": "MatMul fp32", "int8": "DynamicQuantizeMatMul int8 (the int8 export's)",
        "int4": "MatMulNBits 4-bit (the int4 export's)", "nbits8": "MatMulNBits 8-bit (not used)",
        "attention": "GroupQueryAttention (the export's)",
-       "attention-scale1": "GroupQueryAttention, scale 1 (q scaled before)"}  # fmt: skip
+       "attention-scale1": "GroupQueryAttention, scale 1 (q scaled before)",
+       "attention-kv2": "GroupQueryAttention, 2 KV heads (a model change, not exported)"}  # fmt: skip
 NBITS = {"int4": 4, "nbits8": 8}
 INT4_BLOCK = 32
 CAPACITY = 1040  # the KV cache's capacity, as bench_onnx's decode of 1024 tokens binds it
@@ -171,33 +179,35 @@ def matmul_model(kind: str, K: int, N: int, copies: int, seed: int = 0) -> bytes
 
 
 def attention_model(layers: int, heads: int, head_dim: int, max_len: int,
-                    scale: float | None = None) -> bytes:  # fmt: skip
+                    scale: float | None = None, kv_heads: int | None = None) -> bytes:  # fmt: skip
     """A graph of ``layers`` GroupQueryAttention nodes as the export makes them (q|k|v packed
-    in ``query``, rotary inside, ``num_heads`` = ``kv_num_heads``; ``scale`` None: the
-    default 1/sqrt(head_dim), as exported), each with its own past /
-    present cache ``pk{i}`` / ``pv{i}`` (1, heads, capacity, head_dim), all fed the same
-    q|k|v ``qkv`` (1, 1, 3 * heads * head_dim). Serialized."""
+    in ``query``, rotary inside; ``kv_heads`` None: ``kv_num_heads`` = ``num_heads``, as
+    exported; ``scale`` None: the default 1/sqrt(head_dim), as exported), each with its own
+    past / present cache ``pk{i}`` / ``pv{i}`` (1, kv_heads, capacity, head_dim), all fed the
+    same q|k|v ``qkv`` (1, 1, (heads + 2 kv_heads) * head_dim). Serialized."""
     from onnx import TensorProto, helper, numpy_helper
 
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
-    D = heads * head_dim
+    kv_heads = kv_heads or heads
     angle = np.arange(max_len)[:, None] * 10000.0 ** (-np.arange(head_dim // 2) / (head_dim // 2))
     inits = [numpy_helper.from_array(np.cos(angle).astype(np.float32), "cos"),
              numpy_helper.from_array(np.sin(angle).astype(np.float32), "sin")]  # fmt: skip
-    ins = [helper.make_tensor_value_info("qkv", f32, [1, 1, 3 * D]),
+    width = (heads + 2 * kv_heads) * head_dim
+    ins = [helper.make_tensor_value_info("qkv", f32, [1, 1, width]),
            helper.make_tensor_value_info("seqlens_k", i32, [1]),
            helper.make_tensor_value_info("total", i32, [])]  # fmt: skip
     nodes, outs = [], []
     attrs = {} if scale is None else {"scale": scale}
+    cache = [1, kv_heads, "capacity", head_dim]
     for i in range(layers):
-        ins += [helper.make_tensor_value_info(f"pk{i}", f32, [1, heads, "capacity", head_dim]),
-                helper.make_tensor_value_info(f"pv{i}", f32, [1, heads, "capacity", head_dim])]  # fmt: skip
+        ins += [helper.make_tensor_value_info(f"pk{i}", f32, cache),
+                helper.make_tensor_value_info(f"pv{i}", f32, cache)]  # fmt: skip
         outs += [helper.make_tensor_value_info(n, f32, None) for n in (f"y{i}", f"k{i}", f"v{i}")]
         nodes.append(helper.make_node(
             "GroupQueryAttention",
             ["qkv", "", "", f"pk{i}", f"pv{i}", "seqlens_k", "total", "cos", "sin"],
             [f"y{i}", f"k{i}", f"v{i}"], domain="com.microsoft",
-            num_heads=heads, kv_num_heads=heads, do_rotary=1, rotary_interleaved=0, **attrs,
+            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, **attrs,
         ))  # fmt: skip
     model = helper.make_model(
         helper.make_graph(nodes, "attention", ins, outs, inits),
@@ -242,28 +252,32 @@ def matmul_kernel(ort: Any, kind: str, K: int, N: int, copies: int) -> Kernel:
 
 
 def attention_kernel(ort: Any, layers: int, heads: int, head_dim: int, max_len: int,
-                     cached: int, scale: float | None = None) -> Kernel:  # fmt: skip
+                     cached: int, scale: float | None = None,
+                     kv_heads: int | None = None) -> Kernel:  # fmt: skip
     """The session of :func:`attention_model` at ``cached`` tokens: each layer's random cache
-    (capacity 1040, or ``max_len`` if shorter) bound as both past and present (in place, as the engine binds it)."""
-    sess = ort.InferenceSession(attention_model(layers, heads, head_dim, max_len, scale),
-                                session_options(ort), providers=["CPUExecutionProvider"])  # fmt: skip
+    (capacity 1040, or ``max_len`` if shorter) bound as both past and present (in place, as
+    the engine binds it)."""
+    kv_heads = kv_heads or heads
+    blob = attention_model(layers, heads, head_dim, max_len, scale, kv_heads)
+    sess = ort.InferenceSession(blob, session_options(ort), providers=["CPUExecutionProvider"])
     io = sess.io_binding()
     rng = np.random.default_rng(2)
-    feeds = {"qkv": rng.standard_normal((1, 1, 3 * heads * head_dim)).astype(np.float32),
+    width = (heads + 2 * kv_heads) * head_dim
+    feeds = {"qkv": rng.standard_normal((1, 1, width)).astype(np.float32),
              "seqlens_k": np.array([cached], np.int32), "total": np.array(cached + 1, np.int32)}  # fmt: skip
     for name, value in feeds.items():
         io.bind_cpu_input(name, value)
     keep = list(feeds.values())
     for i in range(layers):
         for kv in "kv":
-            c = rng.standard_normal((1, heads, min(CAPACITY, max_len), head_dim))
+            c = rng.standard_normal((1, kv_heads, min(CAPACITY, max_len), head_dim))
             c = c.astype(np.float32)
             value = ort.OrtValue.ortvalue_from_numpy(c)
             keep += [c, value]
             io.bind_ortvalue_input(f"p{kv}{i}", value)
             io.bind_ortvalue_output(f"{kv}{i}", value)
         io.bind_output(f"y{i}")
-    kernel = Kernel(io, sess, layers, 2 * heads * (cached + 1) * head_dim * 4)
+    kernel = Kernel(io, sess, layers, 2 * kv_heads * (cached + 1) * head_dim * 4)
     kernel.keep = keep  # type: ignore[attr-defined]
     sess.run_with_iobinding(io)
     return kernel
@@ -442,11 +456,13 @@ def measure_kernels(ort: Any, shapes: Counter, dims: tuple[int, int, int, int], 
     for block in (*shapes, "attention"):
         kernels: dict[Slot, Kernel] = {}
         if block == "attention":
-            per_layer = 2 * H * (cached + 1) * hd * 4
-            for kind, scale in (("attention", None), ("attention-scale1", 1.0)):
+            variants = {"attention": (None, H), "attention-scale1": (1.0, H),
+                        "attention-kv2": (None, 2)}  # fmt: skip
+            for kind, (scale, kv_heads) in variants.items():
+                per_layer = 2 * kv_heads * (cached + 1) * hd * 4
                 for where, n in copies(per_layer, L).items():
-                    kernels[kind, block, where] = attention_kernel(ort, n, H, hd, max_len,
-                                                                   cached, scale)  # fmt: skip
+                    kernels[kind, block, where] = attention_kernel(
+                        ort, n, H, hd, max_len, cached, scale, kv_heads)  # fmt: skip
         else:
             for kind in KERNELS:
                 for where, n in copies(weight_bytes(kind, *block), 8).items():
@@ -579,11 +595,16 @@ def report(res: Result) -> None:
     print(f"| kernel | K x N | in the step | reads | {' | '.join(WHERE.values())} | CPU |")
     print("|---|---|---|---|---|---|---|---|")
     rows = [(k, s) for k in KERNELS for s in res.shapes] + [
-        ("attention", "attention"), ("attention-scale1", "attention")]  # fmt: skip
+        ("attention", "attention"), ("attention-scale1", "attention"),
+        ("attention-kv2", "attention")]  # fmt: skip
     for kind, shape in rows:
         b = res.nbytes[kind, shape, "DRAM"]
         if shape == "attention":
             what, kxn, count = f"{OPS[kind]}, {res.cached} cached", f"{H} heads x {hd}", L
+            if kind != "attention":
+                count = "-"
+            if kind == "attention-kv2":
+                kxn = f"{H} q / 2 KV heads x {hd}"
         else:
             what, kxn = f"{OPS[kind]}: {res.names[shape]}", f"{shape[0]}x{shape[1]}"
             count = res.shapes[shape] if kind in KINDS else "-"
