@@ -70,7 +70,7 @@ OPS = {"fp32": "MatMul fp32", "int8": "DynamicQuantizeMatMul int8 (the int8 expo
 NBITS = {"int4": 4, "nbits8": 8}
 INT4_BLOCK = 32
 CAPACITY = 1040  # the KV cache's capacity, as bench_onnx's decode of 1024 tokens binds it
-NAMES = {  # (K, N) of the full and shipped shapes' matrices, for the rows
+NAMES = {  # row names of the matrices, by the module the export names their MatMul after
     "qkv": "q|k|v projection", "proj": "attention output", "fc": "feed-forward in",
     "proj_1": "feed-forward out", "head": "head", "sounding": "input projections (sounding, age)",
 }  # fmt: skip
@@ -120,8 +120,8 @@ def session_options(ort: Any) -> Any:
 
 def weight_bytes(kind: str, K: int, N: int) -> int:
     """Bytes one node's constants take in the graph: fp32 weights; int8 weights with an fp32
-    scale, an int8 zero point and an fp32 bias per output; int4 weights with an fp32 scale per
-    block of 32 inputs and an fp32 bias per output."""
+    scale, an int8 zero point and an fp32 bias per output; 4- or 8-bit weights (int4, nbits8)
+    with an fp32 scale per block of 32 inputs and an fp32 bias per output."""
     if kind == "fp32":
         return 4 * K * N
     if kind == "int8":
@@ -132,8 +132,9 @@ def weight_bytes(kind: str, K: int, N: int) -> int:
 
 def matmul_model(kind: str, K: int, N: int, copies: int, seed: int = 0) -> bytes:
     """A graph of ``copies`` independent nodes of ``kind`` (fp32 ``MatMul``, int8
-    ``DynamicQuantizeMatMul``, int4 / nbits8 ``MatMulNBits`` of 4 / 8 bits), each with its own random (K, N) weights,
-    all reading the input ``x`` (1, 1, K); outputs ``y0``... (1, 1, N). Serialized."""
+    ``DynamicQuantizeMatMul``, int4 / nbits8 ``MatMulNBits`` of 4 / 8 bits), each with its own
+    random (K, N) weights, all reading the input ``x`` (1, 1, K); outputs ``y0``... (1, 1, N).
+    Serialized."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
