@@ -1,20 +1,21 @@
 """A model folder's ONNX export, written once to a cache folder and reused.
 
 The shipped model (``src/aurl/pretrained``) ships as safetensors only: its ONNX graphs (about
-29 MB in fp32) are written on first use of ``aurl generate --engine onnx`` by a run that imports
-torch, into
+15 MB in fp32, 5 MB int8, 4 MB int4) are written on first use of ``aurl generate --engine
+onnx`` by a run that imports torch, into
 
-    $AURL_CACHE/onnx/<name>-<key>[-int8]/   (AURL_CACHE default: $XDG_CACHE_HOME/aurl, else ~/.cache/aurl)
+    $AURL_CACHE/onnx/<name>-<key>[-int8|-int4]/   (AURL_CACHE default: $XDG_CACHE_HOME/aurl, else ~/.cache/aurl)
 
-where ``key`` is a hash of the weights' bytes, the config's text and the export format version,
-so retrained weights (even of the same size and time stamp), another config or a new format get
+where ``name`` is ``shipped`` for the shipped model's folder and ``model`` for any other, and
+``key`` is a hash of the weights' bytes, the config's text and the export format version, so
+retrained weights (even of the same size and time stamp), another config or a new format get
 a new folder and no run ever decodes with stale graphs. The weights' hash (~20-40 ms of CPU for
 the ~14 MB, on every cold start) is remembered in ``$AURL_CACHE/onnx/digests.json`` under the
 file's stat (:func:`weights_digest`), as git's index remembers a file's hash. Every
-later run finds the folder and never imports torch. ``aurl generate --engine onnx`` takes the
-int8 folder by default on CPUs with integer dot products (``--fp32``: the fp32 one), and
-``aurl generate --int8`` on a CPU without bf16 instructions caches its int8 graphs the same way
-(see :mod:`aurl.engines.cpu`).
+later run finds the folder and never imports torch. Which precision a command takes is
+:func:`aurl.engines.cpu.onnx_precision`'s rule (int4 where the CPU has integer dot products,
+else fp32; ``--fp32`` / ``--int8`` / ``--int4`` choose), and ``aurl generate --int8`` on a CPU
+without bf16 instructions caches its int8 graphs the same way (see :mod:`aurl.engines.cpu`).
 """
 
 from __future__ import annotations
@@ -73,19 +74,32 @@ def weights_digest(path: Path) -> str:
     return digest
 
 
-def shipped_onnx_folder(shipped: Path, *, int8: bool = False) -> Path:
-    """Where the ONNX export of the model folder ``shipped`` lives (existing or not)."""
+PRECISIONS = ("fp32", "int8", "int4")  # what the cache holds; fp32 folders have no suffix
+
+
+def shipped_onnx_folder(shipped: Path, *, precision: str = "fp32") -> Path:
+    """Where the ``precision`` ONNX export of the model folder ``shipped`` lives (existing or
+    not): ``$AURL_CACHE/onnx/<name>-<key>[-int8|-int4]``.
+
+    Raises:
+        ConfigError: ``precision`` is none of :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        from aurl.errors import ConfigError
+
+        raise ConfigError(f"precision {precision!r}: give one of {', '.join(PRECISIONS)}")
     key = hashlib.sha256(weights_digest(shipped / "model.safetensors").encode())
     key.update((shipped / "config.json").read_bytes())
     key.update(f"v{EXPORT_VERSION}".encode())
     name = "shipped" if shipped.name == "pretrained" else "model"
-    return cache_root() / "onnx" / f"{name}-{key.hexdigest()[:16]}{'-int8' if int8 else ''}"
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return cache_root() / "onnx" / f"{name}-{key.hexdigest()[:16]}{suffix}"
 
 
-def ensure_shipped_onnx(shipped: Path, *, int8: bool = False, log=print) -> Path:
-    """The export folder of the model folder ``shipped`` (by default the shipped model),
-    written first if missing (this imports torch)."""
-    folder = shipped_onnx_folder(shipped, int8=int8)
+def ensure_shipped_onnx(shipped: Path, *, precision: str = "fp32", log=print) -> Path:
+    """The ``precision`` export folder of the model folder ``shipped`` (by default the shipped
+    model), written first if missing (this imports torch)."""
+    folder = shipped_onnx_folder(shipped, precision=precision)
     if (folder / "config.json").is_file():
         return folder
     import importlib.util
@@ -102,6 +116,22 @@ def ensure_shipped_onnx(shipped: Path, *, int8: bool = False, log=print) -> Path
     from aurl.models.onnx_export import export_onnx
 
     model = MusicTransformerVAEGAN.from_pretrained(shipped)
-    export_onnx(model, folder, int8=int8, source={"model": str(shipped)})  # config.json last
+    source = {"model": str(shipped.resolve())}
+    export_onnx(model, folder, int8=precision == "int8", int4=precision == "int4",
+                source=source)  # config.json last  # fmt: skip
     log(f"wrote the ONNX export of {shipped} to {folder} (once; later runs reuse it)")
     return folder
+
+
+def load_shipped_onnx(shipped: Path, *, precision: str = "fp32", threads: int = 1, log=print):
+    """The onnx engine (:class:`aurl.engines.onnx_engine.OnnxEngine`) of the ``precision``
+    export of the model folder ``shipped``, written first if missing
+    (:func:`ensure_shipped_onnx`).
+
+    Raises:
+        CheckpointError: see :func:`ensure_shipped_onnx` and the engine.
+    """
+    from aurl.engines.onnx_engine import OnnxEngine
+
+    folder = ensure_shipped_onnx(shipped, precision=precision, log=log)
+    return OnnxEngine(folder, threads=threads)
