@@ -871,7 +871,7 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
         rows.append((default, "cached", [*gen, "--engine", "onnx"], env))
         if base is not None:  # the baseline's default, from its own cache, right after ours
             env = dict(cold_env(base), AURL_CACHE=str(folder / "base-cache"))
-            rows.append((f"{default} at {args.baseline}", "cached",
+            rows.append((BASE_DEFAULT.format(args.baseline), "cached",
                          [py, "-c", base_entry, *gen[3:], "--engine", "onnx"], env))  # fmt: skip
     for _, _, cmd, env in rows:  # once unmeasured: writes the .pyc files an install has
         subprocess.run(cmd, check=True, capture_output=True, env=env)
@@ -910,7 +910,7 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
     if default is not None and base is not None:  # the default command, ours against the baseline's
         names = [(name, label) for name, label, _, _ in rows]
         ours = [x[0] for x in runs[names.index((default, "cached"))]]
-        then = [x[0] for x in runs[names.index((f"{default} at {args.baseline}", "cached"))]]
+        then = [x[0] for x in runs[names.index((BASE_DEFAULT.format(args.baseline), "cached"))]]
         print(f"headline: {default}, cached bytecode: {med[default, 'cached']:.3f} s median wall; "
               f"at {args.baseline} (its own default) {statistics.median(then):.3f} s; per-round "
               f"ratio {fmt_ratio(ratio_stats([b / o for b, o in zip(then, ours)]))} "
@@ -923,6 +923,7 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
 
 
 DEFAULT = "`aurl generate --engine onnx` (no --checkpoint: {}, this CPU's default)"
+BASE_DEFAULT = "`aurl generate --engine onnx` (no --checkpoint) at {}: that tree's default"
 
 
 def default_graphs(folder: Path, baseline: str | None) -> str:
