@@ -144,7 +144,7 @@ def first_qpm(score: Any) -> float:
 
 def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, Any]:
     """Check the output names, formats and checkpoint folder; returns (paths, formats)."""
-    from aurl.cli.generate import model_folder
+    from aurl.cli.generate import model_folder, precision_flag
     from aurl.errors import ConfigError
     from aurl.generation.export import check_free, output_paths, parse_formats
 
@@ -154,7 +154,7 @@ def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, An
     from aurl.cli import checks
     from aurl.config import MIN_TEMPERATURE
 
-    flag = next((f"--{p}" for p in ("int8", "int4", "fp32") if getattr(args, p)), None)
+    flag = precision_flag(args)
     if flag and args.engine != "onnx":
         raise ConfigError(f"{flag} chooses the onnx engine's graphs: add --engine onnx")
     checks.finite(args.temperature, "--temperature", least=MIN_TEMPERATURE, most=100)
@@ -197,7 +197,7 @@ def _onnx_engine(args: argparse.Namespace) -> Any:
         ConfigError: onnxruntime is not installed, or a precision flag with an export folder.
         CheckpointError: the folder is neither a model nor an export.
     """
-    from aurl.cli.generate import chosen_precision, model_folder
+    from aurl.cli.generate import chosen_precision, model_folder, precision_flag
     from aurl.engines.onnx_engine import OnnxEngine, import_onnxruntime
     from aurl.engines.shipped import load_shipped_onnx
     from aurl.errors import ConfigError
@@ -206,7 +206,7 @@ def _onnx_engine(args: argparse.Namespace) -> Any:
     folder = model_folder(args.checkpoint, args.model)
     if (folder / "model.safetensors").is_file():
         return load_shipped_onnx(folder, precision=chosen_precision(args), threads=args.threads)
-    flag = next((f"--{p}" for p in ("int8", "int4", "fp32") if getattr(args, p)), None)
+    flag = precision_flag(args)
     if flag:
         raise ConfigError(
             f"{flag} with --checkpoint {folder}: an ONNX export's precision is its own; drop "

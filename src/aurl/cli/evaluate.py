@@ -186,10 +186,11 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from aurl.cli import checks
+    from aurl.cli.generate import precision_flag
     from aurl.errors import ConfigError, DataError
 
     t0 = time.perf_counter()
-    flag = next((f"--{p}" for p in ("int8", "int4", "fp32") if getattr(args, p)), None)
+    flag = precision_flag(args)
     if flag and not args.task:
         raise ConfigError(f"{flag} chooses --task's onnx graphs: add --task harmonize or drop it")
     checks.out_dir(args.out)

@@ -459,6 +459,12 @@ def chosen_precision(args: argparse.Namespace) -> str:
     return onnx_precision()
 
 
+def precision_flag(args: argparse.Namespace) -> str | None:
+    """The precision flag given (``--int8``, ``--int4`` or ``--fp32``; argparse allows one), or
+    None."""
+    return next((f"--{p}" for p in PRECISIONS if getattr(args, p, False)), None)
+
+
 def default_precision() -> Any:
     """The lazy ``--help`` words for the onnx engine's default precision on this CPU
     (:class:`aurl.engines.cpu.DefaultPrecision`)."""
