@@ -30,15 +30,19 @@ source": its modules compiled on every run; site-packages keep their installed `
 cached, at ``--baseline`` (a commit of this repository, ``git archive``: default the commit
 before the fifth pass), so the headline is an absolute and a ratio from the same run. Last,
 one run per tree split into phases (imports, engine, generation, writing, and the rest of the
-process: interpreter start and exit).
+process: interpreter start and exit). With the shipped shape, the command as users type it
+(``aurl generate --engine onnx`` without ``--checkpoint``: the shipped model's export of this
+CPU's default precision, :func:`aurl.engines.cpu.onnx_precision`, from a cache the unmeasured
+run writes) is a row too, and with ``--baseline`` the baseline's own default command beside it
+(its own cache): the second headline is their per-round ratio, and the graphs each read (the
+cache folders and their ``config.json`` precision) are printed and checked first.
 
 Run:  .venv/bin/python benchmarks/bench_onnx.py [--shape shipped|full] [--tokens 1024]
       [--rounds 3] [--threads 1] [--only decode|cold|parts|parity|kv|attention] [--variants onnx-int8,...]
       [--baseline REV] [--no-torch]
 
 ``--only parity``: bits per note (grammar-masked, and raw) on the whole tune-grouped test split of the bundled chorales, PyTorch fp32
-against the fp32, int8 and int4 graphs (the shipped model; the int8 goal: within 0.02 of fp32;
-int4 is an opt-in, ``--variants ...,onnx-int4`` adds it to the decode table).
+against the fp32, int8 and int4 graphs (the shipped model; the goal: within 0.02 of fp32).
 
 ``--only kv``: the graph step as the engine runs it (version 3: q|k|v packed, the KV cache updated
 in place) against the version 2 graph (q, k, v split) and against separate present buffers (the
@@ -65,14 +69,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "aurl" / "pretrained"
 VARIANTS = ("hf", "torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8", "onnx-int4")
-DEFAULT_VARIANTS = VARIANTS[:-1]  # int4 is an opt-in: --variants ...,onnx-int4
+DEFAULT_VARIANTS = VARIANTS  # int4: `--engine onnx`'s default where the CPU has dot products
 LABELS = {
     "hf": "HF `generate` fp32",
     "torch-fp32": "PyTorch fp32 (`--engine torch`)",
     "torch-int8": "PyTorch int8 (int8 weights, bf16 activations)",
     "onnx-fp32": "onnxruntime fp32 (`--engine onnx --fp32`)",
-    "onnx-int8": "onnxruntime int8 (`--engine onnx` on AVX2 / VNNI)",
-    "onnx-int4": "onnxruntime int4 (`aurl export --int4`, MatMulNBits, opt-in)",
+    "onnx-int8": "onnxruntime int8 (`--engine onnx --int8`)",
+    "onnx-int4": "onnxruntime int4 (`--engine onnx` on AVX2 / VNNI, MatMulNBits)",
 }
 
 
@@ -855,18 +859,24 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
         if base is not None:
             old = [py, "-c", base_entry, *onnx[3:], str(folder / f"base-{weights}")]
             rows.append((f"{name} at {args.baseline}", "cached", old, cold_env(base)))
-    if (folder / "int4").is_dir():  # the opt-in (--variants ...,onnx-int4): cached bytecode only
-        rows.append(("`aurl generate --engine onnx` (int4 export, opt-in)", "cached",
+    if (folder / "int4").is_dir():  # with onnx-int4 in --variants (the default): cached only
+        rows.append(("`aurl generate --engine onnx` (int4 export)", "cached",
                      [*onnx, str(folder / "int4")], installed))  # fmt: skip
-    if args.shape == "shipped":  # the command as users type it: the shipped model's cached export
-        from aurl.engines.cpu import onnx_int8_pays
+    default = None  # the command as users type it: the shipped model's cached export
+    if args.shape == "shipped":
+        from aurl.engines.cpu import onnx_precision
 
-        default = "int8" if onnx_int8_pays() else "fp32"
+        default = DEFAULT.format(onnx_precision())
         env = dict(installed, AURL_CACHE=str(folder / "cache"))  # written by the unmeasured run
-        rows.append((f"`aurl generate --engine onnx` (no --checkpoint: {default}, this CPU's "
-                     "default)", "cached", [*gen, "--engine", "onnx"], env))  # fmt: skip
+        rows.append((default, "cached", [*gen, "--engine", "onnx"], env))
+        if base is not None:  # the baseline's default, from its own cache, right after ours
+            env = dict(cold_env(base), AURL_CACHE=str(folder / "base-cache"))
+            rows.append((BASE_DEFAULT.format(args.baseline), "cached",
+                         [py, "-c", base_entry, *gen[3:], "--engine", "onnx"], env))  # fmt: skip
     for _, _, cmd, env in rows:  # once unmeasured: writes the .pyc files an install has
         subprocess.run(cmd, check=True, capture_output=True, env=env)
+    if default is not None:
+        print(default_graphs(folder, args.baseline if base is not None else None))
     load = loadavg()
     runs: list[list[tuple[float, float]]] = [[] for _ in rows]
     for r in range(args.rounds):
@@ -897,11 +907,42 @@ def cold(args: argparse.Namespace, folder: Path, cpu: str) -> None:
         then = [x[0] for x in runs[names.index((f"{int8} at {args.baseline}", "cached"))]]
         line += f"; per-round ratio {fmt_ratio(ratio_stats([b / o for b, o in zip(then, ours)]))}"
     print(line)
+    if default is not None and base is not None:  # the default command, ours against the baseline's
+        names = [(name, label) for name, label, _, _ in rows]
+        ours = [x[0] for x in runs[names.index((default, "cached"))]]
+        then = [x[0] for x in runs[names.index((BASE_DEFAULT.format(args.baseline), "cached"))]]
+        print(f"headline: {default}, cached bytecode: {med[default, 'cached']:.3f} s median wall; "
+              f"at {args.baseline} (its own default) {statistics.median(then):.3f} s; per-round "
+              f"ratio {fmt_ratio(ratio_stats([b / o for b, o in zip(then, ours)]))} "
+              "(baseline / this tree)")  # fmt: skip
     for label, src, int8_dir in [("this tree", tree, "int8")] + (
         [(args.baseline, base, "base-int8")] if base else []
     ):
         code = ENTRY if src == tree else base_entry
         print(f"{label}, one run: {phases(src, code, [*onnx[3:], str(folder / int8_dir)])}")
+
+
+DEFAULT = "`aurl generate --engine onnx` (no --checkpoint: {}, this CPU's default)"
+BASE_DEFAULT = "`aurl generate --engine onnx` (no --checkpoint) at {}: that tree's default"
+
+
+def default_graphs(folder: Path, baseline: str | None) -> str:
+    """Which graphs the default command's rows read: the export folders its unmeasured run
+    wrote into each cache (``cache``: this tree's, ``base-cache``: ``baseline``'s), with the
+    precision each ``config.json`` records. Raises SystemExit when this tree's cache holds
+    other than one folder of :func:`aurl.engines.cpu.onnx_precision`'s precision (the rows
+    would not time the default command)."""
+    from aurl.engines.cpu import onnx_precision
+
+    said = []
+    for label, cache in [("this tree", "cache")] + ([(baseline, "base-cache")] if baseline else []):
+        found = sorted(p for p in (folder / cache / "onnx").glob("*/config.json"))
+        weights = [json.loads(p.read_text()).get("weights", "fp32") for p in found]
+        names = ", ".join(f"{p.parent.name} ({w})" for p, w in zip(found, weights))
+        said.append(f"{label}: {names}")
+        if cache == "cache" and weights != [onnx_precision()]:
+            raise SystemExit(f"the default command read {weights}, not [{onnx_precision()!r}]")
+    return "the default command's graphs: " + "; ".join(said)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -913,8 +954,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["decode", "cold", "parts", "parity", "kv", "attention"])
     ap.add_argument(
         "--variants", default=",".join(DEFAULT_VARIANTS),
-        help="decode variants, comma-separated (hf, the baseline, always runs; onnx-int4 only "
-        "when named)",
+        help="decode variants, comma-separated (hf, the baseline, always runs)",
     )  # fmt: skip
     ap.add_argument(
         "--baseline", default=BASELINE,

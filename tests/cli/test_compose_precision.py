@@ -1,7 +1,8 @@
 """The composing commands and ``aurl evaluate --task`` take the onnx graphs' precision by the
-rule of ``aurl generate --engine onnx`` (:func:`aurl.cli.generate.onnx_int8`): int8 where the CPU
-has integer dot products, fp32 elsewhere, ``--int8`` / ``--fp32`` over the CPU. The engines built
-read the shipped model's graphs they say (exported once to the session's cache)."""
+rule of ``aurl generate --engine onnx`` (:func:`aurl.cli.generate.chosen_precision`): int4 where
+the CPU has integer dot products, fp32 elsewhere, ``--int8`` / ``--int4`` / ``--fp32`` over the
+CPU. The engines built read the shipped model's graphs they say (exported once to the session's
+cache), from the cache folder of that precision."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from aurl.data.notes import make_notes
 CASES = [
     (None, [], "default"),  # this machine's CPU decides
     (frozenset(), [], "fp32"),  # no integer dot products: fp32 graphs
-    (frozenset({"avx2"}), [], "int8"),  # integer dot products: int8 graphs
+    (frozenset({"avx2"}), [], "int4"),  # integer dot products: int4 graphs
     (frozenset({"avx2"}), ["--fp32"], "fp32"),  # fp32 asked for
-    (frozenset(), ["--int8"], "int8"),  # int8 asked for
+    (frozenset({"avx2"}), ["--int8"], "int8"),  # int8 asked for
+    (frozenset(), ["--int4"], "int4"),  # int4 asked for
 ]
-IDS = ["this-cpu", "no-dot-products", "avx2", "--fp32", "--int8"]
+IDS = ["this-cpu", "no-dot-products", "avx2", "--fp32", "--int8", "--int4"]
 
 
 def _weights(monkeypatch, flags, weights: str) -> str:
@@ -25,8 +27,15 @@ def _weights(monkeypatch, flags, weights: str) -> str:
     if flags is not None:
         monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
     if weights == "default":
-        return "int8" if cpu.onnx_int8_pays() else "fp32"
+        return "int4" if cpu.onnx_int8_pays() else "fp32"
     return weights
+
+
+def _folder(weights: str):
+    from aurl.engines.shipped import shipped_onnx_folder
+    from aurl.shipped import shipped_model
+
+    return shipped_onnx_folder(shipped_model(), precision=weights)
 
 
 @pytest.mark.parametrize("flags, extra, weights", CASES, ids=IDS)
@@ -38,7 +47,7 @@ def test_harmonize_engine_onnx_follows_generates_rule(monkeypatch, tmp_path, fla
     argv = ["harmonize", "m.mid", "--engine", "onnx", *extra, "--out", str(tmp_path)]
     engine = _onnx_engine(build_parser(argv).parse_args(argv))
     assert engine.weights == weights
-    assert engine.folder.name.endswith("-int8") == (weights == "int8")
+    assert engine.folder == _folder(weights)
 
 
 @pytest.mark.parametrize("flags, extra, weights", CASES, ids=IDS)
@@ -51,16 +60,19 @@ def test_evaluate_task_follows_generates_rule(monkeypatch, tmp_path, flags, extr
     argv = ["evaluate", "--task", "harmonize", *extra, "--out", str(tmp_path)]
     engine = task_engine(build_parser(argv).parse_args(argv), load_model(None, "cpu"))
     assert engine.weights == weights
-    assert engine.folder.name.endswith("-int8") == (weights == "int8")
+    assert engine.folder == _folder(weights)
 
 
 @pytest.mark.parametrize(
     "argv, line",
     [
         (["harmonize", "m.mid", "--int8"], "--int8 chooses the onnx engine's graphs"),
+        (["infill", "m.mid", "--bars", "1-1", "--int4"], "--int4 chooses the onnx engine's graphs"),
+        (["generate", "--int4"], "--int4 chooses the onnx engine's graphs: add --engine onnx"),
         (["evaluate", "--data", "d", "--fp32"], "--fp32 chooses --task's onnx graphs"),
+        (["evaluate", "--data", "d", "--int4"], "--int4 chooses --task's onnx graphs"),
     ],
-    ids=["harmonize-torch", "evaluate-no-task"],
+    ids=["harmonize-torch", "infill-torch", "generate-torch", "evaluate-no-task", "evaluate-int4"],
 )
 def test_precision_without_onnx_is_one_line(tmp_path, capsys, argv, line) -> None:
     from aurl.cli import main
@@ -72,3 +84,19 @@ def test_precision_without_onnx_is_one_line(tmp_path, capsys, argv, line) -> Non
     assert main([*argv, "--out", str(tmp_path / "o")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and line in err[0], err
+
+
+@pytest.mark.parametrize("command", ["generate", "harmonize", "evaluate"])
+@pytest.mark.parametrize("pair", [("--int8", "--int4"), ("--int4", "--fp32"), ("--fp32", "--int8")])
+def test_two_precisions_are_an_argparse_error(tmp_path, capsys, command, pair) -> None:
+    """Two of --int8 / --int4 / --fp32 in one command line: argparse's usage error (exit 2)
+    naming both, before anything loads."""
+    from aurl.cli import main
+
+    argv = {"generate": ["generate", "--engine", "onnx"], "harmonize": ["harmonize", "m.mid"],
+            "evaluate": ["evaluate", "--task", "harmonize"]}[command]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, *pair, "--max-tokens", "8", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {pair[1]}: not allowed with argument {pair[0]}" in err, err

@@ -39,3 +39,29 @@ def test_ratio_summary_is_the_median_with_its_spread(bench) -> None:
     wild = bench.ratio_stats([5.0, 5.1, 4.9, 5.0, 50.0])
     assert wild["median"] == 5.0
     assert bench.fmt_ratio(st) == f"5.00x [IQR 3.00-7.00; 95% {st['lo']:.2f}-{st['hi']:.2f}]"
+
+
+def test_the_cold_start_checks_which_graphs_the_default_command_read(bench, tmp_path) -> None:
+    """The default command's rows time the export of this CPU's default precision (int4 on
+    AVX2): the bench reads the precision of every folder its warm-up wrote to each cache and
+    stops when this tree's is not that one (e.g. the int8 graphs, the old default)."""
+    import json
+
+    from aurl.engines.cpu import onnx_precision
+
+    def wrote(cache: str, name: str, weights: str) -> None:
+        folder = tmp_path / cache / "onnx" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"weights": weights}))
+
+    default = onnx_precision()
+    wrote("cache", "shipped-0123456789abcdef-x", default)
+    wrote("base-cache", "shipped-0123456789abcdef-int8", "int8")
+    said = bench.default_graphs(tmp_path, "eead5bc")
+    assert said == (
+        f"the default command's graphs: this tree: shipped-0123456789abcdef-x ({default}); "
+        "eead5bc: shipped-0123456789abcdef-int8 (int8)"
+    )
+    wrote("cache", "shipped-0123456789abcdef-y", "int8" if default != "int8" else "fp32")
+    with pytest.raises(SystemExit, match="the default command read"):
+        bench.default_graphs(tmp_path, None)

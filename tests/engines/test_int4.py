@@ -1,4 +1,5 @@
-"""4-bit weights (`aurl export --int4`, onnxruntime's MatMulNBits), an opt-in: every weight
+"""4-bit weights (`aurl export --int4`, onnxruntime's MatMulNBits; what `--engine onnx` takes by
+default where the CPU has integer dot products, tests/engines/test_shipped_cache.py): every weight
 MatMul quantized, under a quarter of the fp32 graph's size, and bits per note on the test split of the
 bundled chorales within 0.02 of the fp32 graphs (the shipped model)."""
 

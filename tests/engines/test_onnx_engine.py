@@ -126,6 +126,8 @@ def test_missing_onnxruntime_is_one_line(tiny_export, tmp_path) -> None:
     [
         (["--beam", "3"], "--beam"),
         (["--int8"], "--int8"),
+        (["--int4"], "--int4"),
+        (["--fp32"], "--fp32"),
         (["--variations", "x.mid"], "--variations"),
         (["--device", "cuda"], "--device"),
         (["--interpolate", "a.mid", "b.mid"], "--interpolate"),

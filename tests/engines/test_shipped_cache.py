@@ -38,22 +38,24 @@ def test_changed_weights_get_a_new_folder(tiny_model, tmp_path, monkeypatch) -> 
     assert weights.stat().st_size == stat.st_size
     assert weights.stat().st_mtime_ns == stat.st_mtime_ns
     assert shipped_onnx_folder(folder) != first
-    assert shipped_onnx_folder(folder, int8=True).name.endswith("-int8")
+    second = shipped_onnx_folder(folder)
+    assert shipped_onnx_folder(folder, precision="int8") == second.with_name(second.name + "-int8")
+    assert shipped_onnx_folder(folder, precision="int4") == second.with_name(second.name + "-int4")
 
 
-def test_export_is_written_once_and_reused_without_torch(tiny_model, tmp_path) -> None:
+def test_export_is_written_once_and_reused_without_torch(tiny_model, tmp_path, monkeypatch) -> None:
     """The first call writes the export (with torch); a fresh process then finds it, generates
     from it and never imports torch."""
     cache = tmp_path / "cache"
     folder = _model(tiny_model, tmp_path)
     said: list[str] = []
-    os.environ["AURL_CACHE"] = str(cache)
-    try:
-        export = ensure_shipped_onnx(folder, log=said.append)
-        assert said and "wrote the ONNX export" in said[0]
-        assert ensure_shipped_onnx(folder, log=said.append) == export and len(said) == 1
-    finally:
-        del os.environ["AURL_CACHE"]
+    # monkeypatch restores the session's cache (tests/conftest.py) afterwards: deleting the
+    # variable sent every later test of the session to the user's ~/.cache/aurl
+    monkeypatch.setenv("AURL_CACHE", str(cache))
+    export = ensure_shipped_onnx(folder, log=said.append)
+    assert said and "wrote the ONNX export" in said[0]
+    assert ensure_shipped_onnx(folder, log=said.append) == export and len(said) == 1
+    monkeypatch.undo()
     assert export.parent == cache / "onnx"
     code = (
         "import sys\nfrom pathlib import Path\n"
@@ -87,7 +89,7 @@ def test_engine_onnx_int8_takes_the_shipped_models_int8_export(tmp_path, capsys)
     args = ["generate", "--engine", "onnx", "--int8", "--max-tokens", "32", "--out", str(out)]
     assert main(args) == 0, capsys.readouterr().err
     assert len(list(out.glob("*.mid"))) == 1
-    folder = shipped_onnx_folder(shipped_model(), int8=True)
+    folder = shipped_onnx_folder(shipped_model(), precision="int8")
     ops = {node.op_type for node in onnx.load(str(folder / "decoder.onnx")).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, sorted(ops)
     capsys.readouterr()
@@ -96,36 +98,70 @@ def test_engine_onnx_int8_takes_the_shipped_models_int8_export(tmp_path, capsys)
     assert "--engine onnx does not support --int8:" in capsys.readouterr().err
 
 
+# the weights' MatMul of each precision (int8: MatMulInteger after DynamicQuantizeLinear, or
+# fused where onnxruntime's optimizer ran first)
+OPS = {
+    "fp32": {"MatMul"},
+    "int8": {"MatMulInteger", "DynamicQuantizeMatMul"},
+    "int4": {"MatMulNBits"},
+}
+
+
 @pytest.mark.parametrize(
     "flags, extra, weights",
     [
         (None, [], "default"),  # this machine's CPU decides
         (frozenset(), [], "fp32"),  # no integer dot products: fp32 graphs
+        (frozenset({"avx2"}), [], "int4"),  # integer dot products: int4 graphs
         (frozenset({"avx2"}), ["--fp32"], "fp32"),  # fp32 asked for
-        (frozenset(), ["--int8"], "int8"),  # int8 asked for
+        (frozenset({"avx2"}), ["--int8"], "int8"),  # int8 asked for
+        (frozenset(), ["--int4"], "int4"),  # int4 asked for
     ],
-    ids=["this-cpu", "no-dot-products", "--fp32", "--int8"],
+    ids=["this-cpu", "no-dot-products", "avx2", "--fp32", "--int8", "--int4"],
 )
 def test_engine_onnx_precision_follows_the_cpu_and_the_flags(
     monkeypatch, tmp_path, flags, extra, weights
 ) -> None:
-    """`aurl generate --engine onnx` without --checkpoint takes the shipped model's int8 export
+    """`aurl generate --engine onnx` without --checkpoint takes the shipped model's int4 export
     where the CPU has integer dot products (AVX2, VNNI, ARM dotprod), the fp32 export elsewhere;
-    --fp32 and --int8 decide over the CPU. The engine built reads the graphs it says."""
+    --fp32, --int8 and --int4 decide over the CPU. The engine built reads the graphs it says,
+    from the cache folder of that precision."""
     from aurl.cli import build_parser
     from aurl.cli.generate import onnx_engine
     from aurl.engines import cpu
+    from aurl.shipped import shipped_model
 
     if flags is not None:
         monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
     if weights == "default":
-        weights = "int8" if cpu.onnx_int8_pays() else "fp32"
+        weights = "int4" if cpu.onnx_int8_pays() else "fp32"
     argv = ["generate", "--engine", "onnx", *extra, "--out", str(tmp_path)]
     engine = onnx_engine(build_parser(argv).parse_args(argv))
     assert engine.weights == weights
-    assert engine.folder.name.endswith("-int8") == (weights == "int8")
+    assert engine.folder == shipped_onnx_folder(shipped_model(), precision=weights)
+    assert engine.folder.name.endswith("" if weights == "fp32" else f"-{weights}")
     ops = {n.op_type for n in onnx.load(str(engine.folder / "decoder.onnx")).graph.node}
-    assert ("DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops) == (weights == "int8")
+    others = set().union(*(OPS[w] for w in OPS if w not in ("fp32", weights)))
+    assert ops & OPS[weights] and not ops & others, sorted(ops)
+
+
+def test_engine_onnx_on_this_avx2_machine_reads_the_int4_folder(tmp_path, capsys) -> None:
+    """This machine (AVX2): `aurl generate --engine onnx` with no precision flag decodes on the
+    shipped model's int4 graphs, `--int8` on the int8 ones, `--fp32` on the fp32 ones: the
+    whole command, each run's settings file naming the graphs it decoded on."""
+    from aurl.cli import main
+    from aurl.engines import cpu
+    from aurl.shipped import shipped_model
+
+    if "avx2" not in cpu.cpu_flags():
+        pytest.skip("the default on a CPU without AVX2 is the test above's")
+    for flag, weights in ((None, "int4"), ("--int8", "int8"), ("--fp32", "fp32")):
+        out = tmp_path / str(flag)
+        argv = ["generate", "--engine", "onnx", "--max-tokens", "24", "--out", str(out)]
+        assert main(argv + ([flag] if flag else [])) == 0, capsys.readouterr().err
+        folder = shipped_onnx_folder(shipped_model(), precision=weights)
+        header = (out / "sample_seed0.yaml").read_text().splitlines()[1]
+        assert header == f"# engine: onnx, {weights} graphs in {folder}", header
 
 
 def test_fp32_with_an_export_folder_is_one_line(tiny_export, tmp_path, capsys) -> None:

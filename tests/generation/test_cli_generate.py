@@ -138,7 +138,7 @@ def test_int8_generation_gives_valid_pieces(
     if not bf16:  # the int8 graphs, exported before the hook listens (export traces torch)
         from aurl.engines.shipped import ensure_shipped_onnx
 
-        ensure_shipped_onnx(checkpoint, int8=True, log=lambda _: None)
+        ensure_shipped_onnx(checkpoint, precision="int8", log=lambda _: None)
 
     ran = collections.Counter()  # the layers that computed, by the dtype of their weights
 
@@ -168,7 +168,7 @@ def test_int8_generation_gives_valid_pieces(
         from aurl.engines.shipped import shipped_onnx_folder
 
         assert "int8 runs on onnxruntime" in stdout and not ran
-        graph = onnx.load(str(shipped_onnx_folder(checkpoint, int8=True) / "decoder.onnx"))
+        graph = onnx.load(str(shipped_onnx_folder(checkpoint, precision="int8") / "decoder.onnx"))
         ops = {node.op_type for node in graph.graph.node}
         assert "MatMulInteger" in ops or "QLinearMatMul" in ops, sorted(ops)
     cap = GenerationConfig().polyphony_cap

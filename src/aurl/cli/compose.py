@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from aurl.cli.generate import add_model_argument
+    from aurl.cli.generate import add_model_argument, add_precision_arguments, default_precision
 
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--checkpoint", metavar="DIR", help="model folder (default: shipped model)")
@@ -80,21 +80,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="mid", metavar="LIST", help="mid,musicxml,png")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument(
+    engine = p.add_argument(
         "--engine", choices=("torch", "onnx"), default="torch",
         help="torch (default) or onnx: onnxruntime, about 3x less CPU per token; the model's "
-        "graphs are written once to ~/.cache/aurl/onnx (or give an export folder as --checkpoint)",
+        "graphs are written once to ~/.cache/aurl/onnx (or give an export folder as "
+        "--checkpoint); their precision: %(default_precision)s, unless --int8 / --int4 / --fp32",
     )  # fmt: skip
-    precision = p.add_mutually_exclusive_group()
-    precision.add_argument(
-        "--int8", action="store_true",
-        help="with --engine onnx: the model's int8 graphs (the default on CPUs with integer dot "
+    engine.default_precision = default_precision()
+    add_precision_arguments(
+        p,
+        int8="with --engine onnx: the model's int8 graphs",
+        int4="with --engine onnx: the model's int4 graphs (the default on CPUs with integer dot "
         "products: AVX2, VNNI, ARM dotprod)",
-    )  # fmt: skip
-    precision.add_argument(
-        "--fp32", action="store_true",
-        help="with --engine onnx: the model's fp32 graphs (the default on other CPUs)",
-    )  # fmt: skip
+        fp32="with --engine onnx: the model's fp32 graphs (the default on other CPUs)",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +144,7 @@ def first_qpm(score: Any) -> float:
 
 def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, Any]:
     """Check the output names, formats and checkpoint folder; returns (paths, formats)."""
-    from aurl.cli.generate import model_folder
+    from aurl.cli.generate import model_folder, precision_flag
     from aurl.errors import ConfigError
     from aurl.generation.export import check_free, output_paths, parse_formats
 
@@ -155,8 +154,8 @@ def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, An
     from aurl.cli import checks
     from aurl.config import MIN_TEMPERATURE
 
-    if (args.int8 or args.fp32) and args.engine != "onnx":
-        flag = "--int8" if args.int8 else "--fp32"
+    flag = precision_flag(args)
+    if flag and args.engine != "onnx":
         raise ConfigError(f"{flag} chooses the onnx engine's graphs: add --engine onnx")
     checks.finite(args.temperature, "--temperature", least=MIN_TEMPERATURE, most=100)
     checks.count(args.num_samples, "--num-samples")
@@ -190,24 +189,25 @@ def _model(args: argparse.Namespace) -> Any:
 def _onnx_engine(args: argparse.Namespace) -> Any:
     """The onnx engine of ``--checkpoint`` (an export folder, or a model folder whose graphs are
     written once to the cache) or of the shipped model. A model folder's precision follows
-    ``aurl generate --engine onnx``'s rule (:func:`aurl.cli.generate.onnx_int8`: ``--int8`` /
-    ``--fp32``, else int8 where the CPU has integer dot products); an export's is its own.
+    ``aurl generate --engine onnx``'s rule (:func:`aurl.cli.generate.chosen_precision`:
+    ``--int8`` / ``--int4`` / ``--fp32``, else int4 where the CPU has integer dot products,
+    fp32 elsewhere); an export's is its own.
 
     Raises:
-        ConfigError: onnxruntime is not installed, or --int8 / --fp32 with an export folder.
+        ConfigError: onnxruntime is not installed, or a precision flag with an export folder.
         CheckpointError: the folder is neither a model nor an export.
     """
-    from aurl.cli.generate import model_folder, onnx_int8
+    from aurl.cli.generate import chosen_precision, model_folder, precision_flag
     from aurl.engines.onnx_engine import OnnxEngine, import_onnxruntime
-    from aurl.engines.shipped import ensure_shipped_onnx
+    from aurl.engines.shipped import load_shipped_onnx
     from aurl.errors import ConfigError
 
     import_onnxruntime()
     folder = model_folder(args.checkpoint, args.model)
     if (folder / "model.safetensors").is_file():
-        folder = ensure_shipped_onnx(folder, int8=onnx_int8(args))
-    elif args.int8 or args.fp32:
-        flag = "--int8" if args.int8 else "--fp32"
+        return load_shipped_onnx(folder, precision=chosen_precision(args), threads=args.threads)
+    flag = precision_flag(args)
+    if flag:
         raise ConfigError(
             f"{flag} with --checkpoint {folder}: an ONNX export's precision is its own; drop "
             f"{flag} or pass the model folder it was exported from"

@@ -15,7 +15,7 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from aurl.cli.generate import add_adapter_argument, add_model_argument
+    from aurl.cli.generate import add_adapter_argument, add_model_argument, add_precision_arguments
 
     p = sub.add_parser(
         "evaluate",
@@ -45,14 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "chorale (--split), compare with Bach (likelihood, four-part rules, chords, cadences)",
     )  # fmt: skip
     p.add_argument("--limit", type=int, metavar="N", help="--task: the first N chorales only")
-    precision = p.add_mutually_exclusive_group()
-    precision.add_argument(
-        "--int8", action="store_true",
-        help="--task: decode on the model's int8 onnx graphs (the default on CPUs with integer "
-        "dot products: AVX2, VNNI, ARM dotprod)",
-    )  # fmt: skip
-    precision.add_argument(
-        "--fp32", action="store_true", help="--task: decode on the model's fp32 onnx graphs"
+    add_precision_arguments(
+        p,
+        int8="--task: decode on the model's int8 onnx graphs",
+        int4="--task: decode on the model's int4 onnx graphs, the default on CPUs with integer "
+        "dot products (AVX2, VNNI, ARM dotprod); the default: %(default_precision)s",
+        fp32="--task: decode on the model's fp32 onnx graphs (the default on other CPUs)",
     )
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument(
@@ -188,11 +186,12 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from aurl.cli import checks
+    from aurl.cli.generate import precision_flag
     from aurl.errors import ConfigError, DataError
 
     t0 = time.perf_counter()
-    if (args.int8 or args.fp32) and not args.task:
-        flag = "--int8" if args.int8 else "--fp32"
+    flag = precision_flag(args)
+    if flag and not args.task:
         raise ConfigError(f"{flag} chooses --task's onnx graphs: add --task harmonize or drop it")
     checks.out_dir(args.out)
     checks.workers(args.workers)

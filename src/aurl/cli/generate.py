@@ -39,11 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_model_argument(p)
     add_adapter_argument(p)
-    p.add_argument(
+    engine = p.add_argument(
         "--engine", choices=("torch", "onnx"), default="torch",
         help="torch (default) or onnx: onnxruntime on the CPU, never imports torch (the shipped "
-        "model's graphs are written once to ~/.cache/aurl/onnx, see docs/design.md)",
+        "model's graphs are written once to ~/.cache/aurl/onnx, see docs/design.md); their "
+        "precision: %(default_precision)s, unless --int8 / --int4 / --fp32",
     )  # fmt: skip
+    engine.default_precision = default_precision()
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="pieces (default 1)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-tokens", type=int, metavar="N", help="length limit in tokens")
@@ -52,18 +54,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="length in seconds (within a beat); no note starts in the last beat, so the piece "
         "ends on a chord held at least a beat",
     )  # fmt: skip
-    precision = p.add_mutually_exclusive_group()
-    precision.add_argument(
-        "--int8",
-        action="store_true",
-        help="int8 weights, faster on CPU (with --engine onnx: the shipped model's int8 export)",
+    add_precision_arguments(
+        p,
+        int8="int8 weights, faster on CPU: PyTorch's int8 on the torch engine (onnxruntime's "
+        "int8 graphs on a CPU without bf16); with --engine onnx the model's int8 graphs",
+        int4="with --engine onnx: the model's int4 graphs (onnxruntime MatMulNBits, 4-bit "
+        "weights in blocks of 32), the default on CPUs with integer dot products (AVX2, VNNI, "
+        "ARM dotprod)",
+        fp32="fp32 weights: the torch engine's default; with --engine onnx the model's fp32 "
+        "graphs (the default on CPUs without integer dot products)",
     )
-    precision.add_argument(
-        "--fp32", action="store_true",
-        help="fp32 weights: the torch engine's default; with --engine onnx the shipped model's "
-        "fp32 export instead of the int8 one it takes on CPUs with integer dot products (AVX2, "
-        "VNNI, ARM dotprod)",
-    )  # fmt: skip
     p.add_argument(
         "--min-tokens", type=int, metavar="N", help="no END before N generated tokens (default 0)"
     )
@@ -309,6 +309,8 @@ def run(args: argparse.Namespace) -> int:
     check_free([*paths, {"settings": settings}], force=args.force)
     if args.adapter and args.int8 and args.engine != "onnx":
         raise ConfigError("--adapter is merged into a torch model: drop --int8")
+    if args.int4 and args.engine != "onnx":
+        raise ConfigError("--int4 chooses the onnx engine's graphs: add --engine onnx")
     if args.engine == "onnx":
         engine = onnx_engine(args)
         return finish(args, config, engine, None, paths, settings, t0)
@@ -388,11 +390,10 @@ def int8_onnx_engine(args: argparse.Namespace, config):
         return None
     if importlib.util.find_spec("onnxruntime") is None:
         return None
-    from aurl.engines.onnx_engine import OnnxEngine
-    from aurl.engines.shipped import ensure_shipped_onnx
+    from aurl.engines.shipped import load_shipped_onnx
 
     print(f"--int8 on {cpu_summary()}: no bf16 instructions, so int8 runs on onnxruntime")
-    return OnnxEngine(ensure_shipped_onnx(folder, int8=True), threads=args.threads)
+    return load_shipped_onnx(folder, precision="int8", threads=args.threads)
 
 
 def onnx_engine(args: argparse.Namespace):
@@ -404,16 +405,16 @@ def onnx_engine(args: argparse.Namespace):
     """
     from aurl.errors import CheckpointError, ConfigError
 
-    fp32 = getattr(args, "fp32", False)
+    given = args.checkpoint is not None
     unsupported = {
-        "--int8": args.int8
-        and args.checkpoint is not None
-        and "--checkpoint names an export: export int8 graphs with `aurl export --format onnx "
-        "--int8` and pass that folder (without --checkpoint, --int8 takes the shipped model's)",
-        "--fp32": fp32
-        and args.checkpoint is not None
-        and "--checkpoint names an export, whose precision is its own: pass an fp32 export "
-        "(without --checkpoint, --fp32 takes the shipped model's fp32 export)",
+        f"--{p}": given
+        and getattr(args, p, False)
+        and f"--checkpoint names an export, whose precision is its own: export {p} graphs "
+        f"with `aurl export --format onnx{'' if p == 'fp32' else ' --' + p}` and pass that "
+        f"folder (without --checkpoint, --{p} takes the shipped model's {p} export)"
+        for p in PRECISIONS
+    }
+    unsupported |= {
         "--beam": (args.beam or 1) > 1 and "beam search runs on --engine torch",
         "--variations": args.variations and "VAE latents run on --engine torch",
         "--interpolate": args.interpolate and "VAE latents run on --engine torch",
@@ -428,29 +429,58 @@ def onnx_engine(args: argparse.Namespace):
 
     import_onnxruntime()  # a missing onnxruntime fails before any export
     if args.checkpoint is None:
-        from aurl.engines.shipped import ensure_shipped_onnx
+        from aurl.engines.shipped import load_shipped_onnx
 
-        folder = ensure_shipped_onnx(model_folder(None, args.model), int8=onnx_int8(args))
-    else:
-        folder = Path(args.checkpoint)
-        if (folder / "model.safetensors").is_file():
-            raise CheckpointError(
-                f"--checkpoint {folder} is a model folder, not an ONNX export: run `aurl export "
-                f"--format onnx --checkpoint {folder} --out DIR` and pass --checkpoint DIR"
-            )
+        folder = model_folder(None, args.model)
+        return load_shipped_onnx(folder, precision=chosen_precision(args), threads=args.threads)
+    folder = Path(args.checkpoint)
+    if (folder / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"--checkpoint {folder} is a model folder, not an ONNX export: run `aurl export "
+            f"--format onnx --checkpoint {folder} --out DIR` and pass --checkpoint DIR"
+        )
     return OnnxEngine(folder, threads=args.threads)
 
 
-def onnx_int8(args: argparse.Namespace) -> bool:
-    """Whether ``--engine onnx`` without ``--checkpoint`` takes the int8 export: ``--int8`` /
-    ``--fp32`` when given, else int8 where the CPU has integer dot products
-    (:func:`aurl.engines.cpu.onnx_int8_pays`; 1.7-2x the fp32 graphs' speed on AVX2, within
-    0.02 bits/note)."""
-    if args.int8 or getattr(args, "fp32", False):
-        return bool(args.int8)
-    from aurl.engines.cpu import onnx_int8_pays
+PRECISIONS = ("fp32", "int8", "int4")  # aurl.engines.cpu.PRECISIONS, without importing it
 
-    return onnx_int8_pays()
+
+def chosen_precision(args: argparse.Namespace) -> str:
+    """The precision of a model's graphs on the onnx engine (``aurl generate --engine onnx``
+    without ``--checkpoint``, the composing commands, ``aurl evaluate --task``): ``--int8`` /
+    ``--int4`` / ``--fp32`` when given, else :func:`aurl.engines.cpu.onnx_precision` (int4
+    where the CPU has integer dot products: 1.12x the int8 graphs' speed on AVX2, within 0.005
+    grammar-masked bits/note of fp32; fp32 elsewhere)."""
+    for precision in PRECISIONS:
+        if getattr(args, precision, False):
+            return precision
+    from aurl.engines.cpu import onnx_precision
+
+    return onnx_precision()
+
+
+def precision_flag(args: argparse.Namespace) -> str | None:
+    """The precision flag given (``--int8``, ``--int4`` or ``--fp32``; argparse allows one), or
+    None."""
+    return next((f"--{p}" for p in PRECISIONS if getattr(args, p, False)), None)
+
+
+def default_precision() -> Any:
+    """The lazy ``--help`` words for the onnx engine's default precision on this CPU
+    (:class:`aurl.engines.cpu.DefaultPrecision`)."""
+    from aurl.engines.cpu import DefaultPrecision
+
+    return DefaultPrecision()
+
+
+def add_precision_arguments(p: argparse.ArgumentParser, *, int8: str, int4: str, fp32: str) -> None:
+    """``--int8`` / ``--int4`` / ``--fp32`` on ``p``, mutually exclusive (argparse refuses two
+    in one line), with these help texts; ``%(default_precision)s`` in one reads this CPU's
+    default when the help is printed (:func:`default_precision`)."""
+    group = p.add_mutually_exclusive_group()
+    for flag, text in (("--int8", int8), ("--int4", int4), ("--fp32", fp32)):
+        action = group.add_argument(flag, action="store_true", help=text)
+        action.default_precision = default_precision()
 
 
 def finish(args, config, engine, model, paths, settings, t0: float) -> int:
@@ -541,6 +571,8 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
     # (which says what the config does not: --keep, --cadence, --variations FILE, --engine)
     resolved = Config(vocab=vocab_config, model=engine.config, generation=config)
     header = "# " + shlex.join(["aurl", *getattr(args, "argv", ["generate"])]) + "\n"
+    if engine.numpy:  # which graphs: the precision is the CPU's default unless a flag chose
+        header += f"# engine: onnx, {engine.weights} graphs in {engine.folder}\n"
     print(f"wrote {atomic_write_text(settings, header + resolved.to_yaml())}")
     print(f"generated {n} piece(s) in {time.perf_counter() - t0:.1f} s")
     return 0

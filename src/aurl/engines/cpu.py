@@ -7,11 +7,14 @@ bf16 arithmetic is emulated and int8 decodes slower than fp32 (measured on an AV
 without AVX512-BF16, and on AVX2-only EPYC cores). onnxruntime's dynamic int8 uses integer dot
 products (VNNI where present, AVX2 otherwise) and has no such cliff.
 
-The onnx engine's default precision follows from that (:func:`onnx_int8_pays`): int8 graphs
-where onnxruntime's int8 MatMul has integer dot-product kernels (x86: AVX2, AVX-VNNI,
-AVX512-VNNI or AMX-INT8; ARM: the dot-product or int8 matrix extensions), fp32 elsewhere, where
-int8 was never measured to pay. Measured on AVX2-only EPYC cores (BENCHMARKS.md, issue 17):
-int8 graphs decode 1.7-2.0x faster than fp32 graphs, within 0.02 bits/note of them.
+The onnx engine's default precision follows from that (:func:`onnx_precision`): int4 graphs
+(onnxruntime's MatMulNBits, 4-bit weights in blocks of 32, int8 compute) where onnxruntime's
+quantized MatMuls have integer dot-product kernels (:func:`onnx_int8_pays`; x86: AVX2,
+AVX-VNNI, AVX512-VNNI or AMX-INT8; ARM: the dot-product or int8 matrix extensions), fp32
+elsewhere, where neither int8 nor int4 was measured to pay. Measured on AVX2-only EPYC cores
+(BENCHMARKS.md, issue 17): int8 graphs decode 1.65x faster than fp32 graphs and int4 1.12x
+faster than int8 (6.13x HF ``generate`` idle), grammar-masked bits/note on the test split
+within 0.005 of fp32 for both. (Until the eighth pass the default was int8.)
 """
 
 from __future__ import annotations
@@ -109,3 +112,25 @@ def cpu_summary() -> str:
               "asimddp", "i8mm")  # fmt: skip
     have = [f for f in wanted if f in cpu_flags()]
     return f"{cpu_name()} [{' '.join(have) or 'no avx2'}]"
+
+
+PRECISIONS = ("fp32", "int8", "int4")  # of the onnx engine's graphs (aurl.engines.shipped)
+
+
+def onnx_precision(flags: frozenset[str] | None = None) -> str:
+    """The onnx engine's default precision for a model's cached graphs on the CPU with
+    ``flags`` (default this machine's): ``"int4"`` where it has integer dot products
+    (:func:`onnx_int8_pays`), else ``"fp32"``."""
+    return "int4" if onnx_int8_pays(flags) else "fp32"
+
+
+class DefaultPrecision:
+    """The ``--help`` words for the onnx engine's default precision on this CPU, read only when
+    the help is printed (``%(default_precision)s`` in a help string, this object set as the
+    action's ``default_precision``): building the parser never reads ``/proc/cpuinfo``."""
+
+    def __str__(self) -> str:
+        flags = sorted(INT8_FLAGS & cpu_flags())
+        if flags:
+            return f"int4 on this CPU ({cpu_name()}: integer dot products, {' '.join(flags)})"
+        return f"fp32 on this CPU ({cpu_name()}: no integer dot products for int8 / int4)"

@@ -387,18 +387,19 @@ def harmonize_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def onnx_engine_of(checkpoint: str | None, model: str | None = None, *, int8: bool) -> Any:
-    """The onnx engine of a model folder (its ``int8`` or fp32 graphs written once to the cache,
-    see :mod:`aurl.engines.shipped`), the same weights at about a third of the CPU per token;
-    None where onnxruntime is missing or the checkpoint is no model folder (then torch
-    decodes)."""
+def onnx_engine_of(
+    checkpoint: str | None, model: str | None = None, *, precision: str = "fp32"
+) -> Any:
+    """The onnx engine of a model folder (its ``precision`` graphs, ``"fp32"``, ``"int8"`` or
+    ``"int4"``, written once to the cache, see :mod:`aurl.engines.shipped`), the same weights
+    at about a third of the CPU per token; None where onnxruntime is missing or the checkpoint
+    is no model folder (then torch decodes)."""
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime") is None:
         return None
     from aurl.cli.generate import model_folder
-    from aurl.engines.onnx_engine import OnnxEngine
-    from aurl.engines.shipped import ensure_shipped_onnx
+    from aurl.engines.shipped import load_shipped_onnx
     from aurl.errors import AurlError
 
     try:
@@ -407,21 +408,22 @@ def onnx_engine_of(checkpoint: str | None, model: str | None = None, *, int8: bo
         return None
     if not (folder / "model.safetensors").is_file():
         return None
-    return OnnxEngine(ensure_shipped_onnx(folder, int8=int8))
+    return load_shipped_onnx(folder, precision=precision)
 
 
 def task_engine(args: Any, model: Any) -> Any:
     """What ``aurl evaluate --task`` decodes ``model`` with: its onnx engine, whose precision
-    follows ``aurl generate --engine onnx``'s rule (:func:`aurl.cli.generate.onnx_int8`:
-    ``--int8`` / ``--fp32``, else int8 where the CPU has integer dot products); None (torch)
-    for an anticipation model, whose exports carry no controls, or where
-    :func:`onnx_engine_of` finds no onnx engine."""
-    from aurl.cli.generate import onnx_int8
+    follows ``aurl generate --engine onnx``'s rule (:func:`aurl.cli.generate.chosen_precision`:
+    ``--int8`` / ``--int4`` / ``--fp32``, else int4 where the CPU has integer dot products,
+    fp32 elsewhere); None (torch) for an anticipation model, whose exports carry no controls,
+    or where :func:`onnx_engine_of` finds no onnx engine."""
+    from aurl.cli.generate import chosen_precision
     from aurl.generation.anticipation import supports_anticipation
 
     if supports_anticipation(model):
         return None
-    return onnx_engine_of(args.checkpoint, getattr(args, "model", None), int8=onnx_int8(args))
+    precision = chosen_precision(args)
+    return onnx_engine_of(args.checkpoint, getattr(args, "model", None), precision=precision)
 
 
 def run_task(args: Any, load_model: Any) -> int:

@@ -39,10 +39,11 @@ most the model's ``max_seq_len`` (the rotary tables' length). Opset :data:`OPSET
 runtime.
 
 ``config.json`` beside the graphs records the model and vocab config, the input names, the
-weights (``fp32`` or ``int8``: onnxruntime dynamic quantization of the MatMul weights) and a
-format version that the onnx engine checks. Supported: ``transformer`` mode with ``full``
-attention (latent conditioning and windowed attention are not exported), with or without meter
-conditioning (exports of meter-less models have no ``bar_beats`` input, as before it existed).
+weights (``fp32``, ``int8``: onnxruntime dynamic quantization of the MatMul weights, or
+``int4``: its MatMulNBits) and a format version that the onnx engine checks. Supported:
+``transformer`` mode with ``full`` attention (latent conditioning and windowed attention are not
+exported), with or without meter conditioning (exports of meter-less models have no
+``bar_beats`` input, as before it existed).
 """
 
 from __future__ import annotations
@@ -327,8 +328,10 @@ def quantize_graph_int4(path: Path, block_size: int = INT4_BLOCK) -> None:
     """Replace the graph at ``path`` by its 4-bit weight-only quantization: each MatMul on a
     weight becomes onnxruntime's ``com.microsoft.MatMulNBits`` (symmetric int4 weights, one
     scale per ``block_size`` inputs of each output, activations quantized to int8 per block
-    inside the kernel: ``accuracy_level`` 4). An opt-in (``aurl export --int4``): half the
-    weight bytes of int8, at a larger likelihood cost (BENCHMARKS.md, issue 17, seventh pass).
+    inside the kernel: ``accuracy_level`` 4): ``aurl export --int4``, and the onnx engine's
+    default precision where the CPU has integer dot products (:func:`aurl.engines.cpu.
+    onnx_precision`): 0.64x the weight bytes of int8, 1.12x its decoding speed on AVX2, within
+    0.005 grammar-masked bits/note of fp32 (BENCHMARKS.md, issue 17, seventh and eighth pass).
 
     Raises:
         CheckpointError: onnxruntime has no 4-bit quantizer (onnxruntime < 1.17).
