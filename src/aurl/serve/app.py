@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import time
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,7 +29,8 @@ from fastapi import FastAPI, File, Form, Request, UploadFile, WebSocket, WebSock
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from aurl.errors import AurlError, ConfigError
@@ -53,7 +55,30 @@ FORMAT_HELP = "the reply: 'midi' (a MIDI file) or 'musicxml' (quantized to sixte
 # --------------------------------------------------------------------------------------------
 
 
-class GenerateOptions(BaseModel):
+def is_numeric(annotation: Any) -> bool:
+    """Whether a field's type holds an int or a float anywhere (``float | None``, ``list[int]``),
+    bool aside."""
+    if annotation in (int, float):
+        return True
+    return any(is_numeric(a) for a in typing.get_args(annotation))
+
+
+class JsonBody(BaseModel):
+    """A JSON request body. JSON ``true`` / ``false`` is no number: pydantic's lax mode reads
+    ``true`` as 1 (Python's bool is an int), so every int or float field, and every item of a
+    list of them, refuses it here, naming the field (422)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any, info: Any) -> Any:
+        items = value if isinstance(value, list) else [value]
+        numeric = is_numeric(cls.model_fields[info.field_name].annotation)
+        if numeric and any(isinstance(v, bool) for v in items):
+            raise PydanticCustomError("bool_not_number", "expected a number, got true or false")
+        return value
+
+
+class GenerateOptions(JsonBody):
     """Options of ``POST /api/generate`` and the first message of ``WS /api/generate/stream``.
     Every field is optional; the defaults are ``aurl generate``'s."""
 
@@ -126,12 +151,12 @@ class ErrorBody(BaseModel):
     field: str | None = None
 
 
-class TrialRequest(BaseModel):
+class TrialRequest(JsonBody):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str | None = None
 
 
-class Answer(BaseModel):
+class Answer(JsonBody):
     model_config = ConfigDict(extra="forbid")
     trial: str = Field(..., max_length=64)
     choice: Literal["A", "B"] = Field(..., description="the side the listener thinks is Bach")
