@@ -236,7 +236,8 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
     @app.exception_handler(UploadError)
     async def _upload(request: Request, exc: UploadError):
-        return _error(exc.status, str(exc), limit=exc.limit, field="file")
+        return _error(exc.status, str(exc), limit=exc.limit,
+                      field="file" if exc.status < 500 else None)  # fmt: skip
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, exc: FieldError):
