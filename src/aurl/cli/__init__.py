@@ -110,9 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     except AurlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except PermissionError as e:  # a file or folder this user may not open (session 8)
+        print(f"error: {denied(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def denied(e: PermissionError) -> str:
+    """One line for a file or folder the operating system refused (mode bits, ownership, a
+    read-only mount): which one, and what to do."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or str(e)
+    why = (e.strerror or "permission denied").lower()  # or "operation not permitted"
+    return (f"{where}: {why}: run aurl as a user who may read it (and write where it writes), "
+            "or change its permissions")  # fmt: skip
 
 
 # one-shot commands whose objects live until the process ends and make no cyclic garbage worth

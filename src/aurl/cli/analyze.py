@@ -156,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--model / --checkpoint choose the model of --style: add --style")
     src, out = Path(args.path), Path(args.out)
     if src.is_dir():
+        import os
+
+        os.scandir(src).close()  # rglob hides a folder it may not list: say so, not "no MIDI"
         files = sorted(p for p in src.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES)
         if not files:
             raise DataError(f"{src} holds no MIDI files (*.mid, *.midi): point at a MIDI folder")

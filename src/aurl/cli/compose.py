@@ -279,14 +279,28 @@ def run_harmonize(args: argparse.Namespace) -> int:
     line = melody_line(notes, name=f"{args.melody} ({name})")  # bad melodies fail here
     paths, _ = _prepare(args, args.melody, "harmonized")
     model = _model(args)
-    from aurl.progress import bar
-
+    progress = _say_length(args.melody, len(line), args.voices)
     results = harmonize(
         model, line, voices=args.voices, options=_options(args, args.key or ""),
-        qpm=first_qpm(score), like=score, meter=TimeMap.of_score(score).meter, progress=bar,
+        qpm=first_qpm(score), like=score, meter=TimeMap.of_score(score).meter, progress=progress,
     )  # fmt: skip
     _write(results, paths, line, "Soprano")
     return 0
+
+
+def _say_length(melody: str, notes: int, voices: int) -> Any:
+    """Say on stderr how many tokens harmonizing ``notes`` melody notes takes (estimated), and
+    return the progress helper that reports the time left (:mod:`aurl.cli.eta`). No melody is
+    too long: 10,000 notes is ~125,000 tokens, tens of minutes on one core, said up front."""
+    import sys
+
+    from aurl.cli.eta import LONG_TOKENS, estimated, harmonize_tokens
+
+    tokens = harmonize_tokens(notes, voices)
+    long = " (a long run: progress and the time left follow here)" if tokens > LONG_TOKENS else ""
+    print(f"{melody}: {notes:,} melody notes in {voices} voices, about {tokens:,} tokens to "
+          f"compose{long}", file=sys.stderr, flush=True)  # fmt: skip
+    return estimated(tokens, "harmonize")
 
 
 def run_accompany(args: argparse.Namespace) -> int:

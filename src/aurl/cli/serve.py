@@ -99,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
     if args.request_seconds <= 0:
         raise ConfigError(f"--request-seconds {args.request_seconds:g}: give a positive time")
     folders = model_folders(args)
+    from aurl.serve.listen import Store
 
+    Store(args.db).close()  # an unusable --db, or no upload folder: one line before models load
+    upload_folder()
     import torch
     import uvicorn
 
@@ -143,6 +146,27 @@ def run(args: argparse.Namespace) -> int:
                      daemon=True).start()  # fmt: skip
     server.run(sockets=[sock])
     return 0
+
+
+def upload_folder() -> None:
+    """Refuse to serve when no temporary folder is writable: each upload is parsed from a file
+    written there (:mod:`aurl.serve.uploads`), so every upload would fail.
+
+    Raises:
+        ConfigError: TMPDIR, /tmp, /var/tmp and the working folder are all unwritable.
+    """
+    import tempfile
+
+    from aurl.errors import ConfigError
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="aurl-upload-"):
+            pass
+    except OSError as e:  # FileNotFoundError: "No usable temporary directory found in [...]"
+        raise ConfigError(
+            f"no writable temporary folder for uploads ({e}): set TMPDIR to a folder this "
+            "user may write"
+        ) from None
 
 
 def announce(server, address: str, token: str | None, line: str) -> None:

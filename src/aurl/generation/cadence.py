@@ -166,7 +166,9 @@ def generate_with_cadence(
         latents: VAE latents with one row per sample, or None.
         masker: A prebuilt masker (as for ``generate``).
         options: Particles, endings, tail and checkpoint lengths, further ending rounds.
-        progress: Progress helper over the plain pieces' tokens.
+        progress: Progress helper over the tokens of the plain pieces and of every redrawn
+            ending, and over the redrawn endings' analysis (:func:`close_ending`): a hook that
+            raises (the server's time limit, a client gone) stops the whole search.
 
     Returns:
         One :class:`Piece` per sample, each ending with END.
@@ -192,7 +194,9 @@ def generate_with_cadence(
     if not search or options.endings <= 1:
         return pieces
     return [
-        close_ending(engine, config, piece, row, tokenizer, options, latents=latents)
+        close_ending(
+            engine, config, piece, row, tokenizer, options, latents=latents, progress=progress
+        )
         for row, piece in enumerate(pieces)
     ]
 
@@ -206,6 +210,7 @@ def close_ending(
     options: CadenceOptions,
     *,
     latents: Any = None,
+    progress: Progress = silent,
 ) -> Piece:
     """``piece`` with its ending searched for a cadence (the ending search of
     :func:`generate_with_cadence`; any engine, torch or numpy).
@@ -227,6 +232,9 @@ def close_ending(
         tokenizer: Decodes ids to notes for the analysis.
         options: Endings, tails and retries.
         latents: The batch's VAE latents, or None.
+        progress: Progress helper over each round's tokens (``desc`` "ending") and its
+            candidates' analysis (``desc`` "endings"), as ``generate`` takes it: the server's
+            hook checks its time limit and its client there.
 
     Returns:
         The piece, or the same piece with the best ending found.
@@ -260,13 +268,22 @@ def close_ending(
         # a masker of their own (built from ``redo``): their token limits are the remainder
         candidates = generate(
             engine, redo, num_samples=options.endings - 1, primer=piece.ids[:cut],
-            latents=rows_latents,
+            latents=rows_latents, progress=_named(progress, "ending"),
         )  # fmt: skip
-        for cand in candidates:
+        for cand in progress(candidates, total=len(candidates), desc="endings"):
             score = ending_score(tokenizer.decode_to_notes(cand.ids))
             if score > best:
                 best, chosen = score, Piece(cand.ids, piece.primer_length)
     return chosen
+
+
+def _named(progress: Progress, label: str) -> Progress:
+    """``progress`` with its bars labelled ``label``."""
+
+    def named(items: Any, *, total: int | None = None, desc: str = "") -> Any:
+        return progress(items, total=total, desc=label)
+
+    return named
 
 
 def pick_row(counts: np.ndarray, target: float) -> int:

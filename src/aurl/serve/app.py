@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import time
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,7 +29,8 @@ from fastapi import FastAPI, File, Form, Request, UploadFile, WebSocket, WebSock
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from aurl.errors import AurlError, ConfigError
@@ -53,7 +55,30 @@ FORMAT_HELP = "the reply: 'midi' (a MIDI file) or 'musicxml' (quantized to sixte
 # --------------------------------------------------------------------------------------------
 
 
-class GenerateOptions(BaseModel):
+def is_numeric(annotation: Any) -> bool:
+    """Whether a field's type holds an int or a float anywhere (``float | None``, ``list[int]``),
+    bool aside."""
+    if annotation in (int, float):
+        return True
+    return any(is_numeric(a) for a in typing.get_args(annotation))
+
+
+class JsonBody(BaseModel):
+    """A JSON request body. JSON ``true`` / ``false`` is no number: pydantic's lax mode reads
+    ``true`` as 1 (Python's bool is an int), so every int or float field, and every item of a
+    list of them, refuses it here, naming the field (422)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any, info: Any) -> Any:
+        items = value if isinstance(value, list) else [value]
+        numeric = is_numeric(cls.model_fields[info.field_name].annotation)
+        if numeric and any(isinstance(v, bool) for v in items):
+            raise PydanticCustomError("bool_not_number", "expected a number, got true or false")
+        return value
+
+
+class GenerateOptions(JsonBody):
     """Options of ``POST /api/generate`` and the first message of ``WS /api/generate/stream``.
     Every field is optional; the defaults are ``aurl generate``'s."""
 
@@ -126,12 +151,12 @@ class ErrorBody(BaseModel):
     field: str | None = None
 
 
-class TrialRequest(BaseModel):
+class TrialRequest(JsonBody):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str | None = None
 
 
-class Answer(BaseModel):
+class Answer(JsonBody):
     model_config = ConfigDict(extra="forbid")
     trial: str = Field(..., max_length=64)
     choice: Literal["A", "B"] = Field(..., description="the side the listener thinks is Bach")
@@ -211,7 +236,8 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
     @app.exception_handler(UploadError)
     async def _upload(request: Request, exc: UploadError):
-        return _error(exc.status, str(exc), limit=exc.limit, field="file")
+        return _error(exc.status, str(exc), limit=exc.limit,
+                      field="file" if exc.status < 500 else None)  # fmt: skip
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, exc: FieldError):
@@ -303,15 +329,14 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         return Health(status="ok", models=list(servers), vocab_size=first.vocab.size,
                       details=details, limits=dataclasses.asdict(lim))  # fmt: skip
 
-    async def request_config(opts: GenerateOptions):
+    async def request_config(opts: GenerateOptions, clock: Clock):
         """The server, GenerationConfig and primer ids of a request, checked."""
         srv = _server(servers, opts.model)
         primer = None
         if opts.primer:
             data = _b64(opts.primer, lim)
-            result = await parse_upload(
-                data, "ids", name="primer", timeout=lim.parse_seconds,
-                memory_mb=lim.parse_memory_mb,
+            result = await clock.parse(
+                data, "ids", name="primer",
                 options={"vocab": dataclasses.asdict(srv.model.vocab_config),
                          "polyphony_cap": opts.polyphony},
             )  # fmt: skip
@@ -324,8 +349,9 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                 f"cadence {opts.cadence!r}: the search redraws phrases and endings a stream has "
                 "already sent; use POST /api/generate, or cadence 'off'", field="cadence",
             )  # fmt: skip
-        srv, config, primer = await request_config(opts)
-        return srv, srv.submit(config, primer)
+        clock = Clock(lim)
+        srv, config, primer = await request_config(opts, clock)
+        return srv, srv.submit(config, primer, deadline=clock.deadline), clock
 
     @app.post(
         "/api/generate", tags=["compose"], responses={**ERRORS, 200: {
@@ -338,10 +364,10 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         the piece comes from ``aurl generate --cadence``'s search, outside the shared batch."""
         if opts.cadence != "off":
             return await _generate_with_cadence(opts, request)
-        srv, job = await start_job(opts)
+        srv, job, clock = await start_job(opts)
         ids = await _until_done_or_gone(job, request)
         midi = await asyncio.to_thread(srv.tokenizer.decode_to_bytes, np.asarray(ids))
-        return await _reply(midi, opts.format, f"aurl_seed{opts.seed}", lim, request, headers={
+        return await _reply(midi, opts.format, f"aurl_seed{opts.seed}", clock, request, headers={
             "X-Aurl-Tokens": str(len(ids) - job.row.primer_length)})  # fmt: skip
 
     async def _generate_with_cadence(opts: GenerateOptions, request: Request):
@@ -354,7 +380,8 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                 f"cadence {opts.cadence!r} searches a piece of a length in seconds: give "
                 "seconds, or cadence 'off'", field="cadence",
             )  # fmt: skip
-        srv, config, primer = await request_config(opts)
+        clock = Clock(lim)
+        srv, config, primer = await request_config(opts, clock)
         tokens: list[int] = []
 
         def run(model: Any, progress: Any) -> Any:
@@ -367,8 +394,8 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
             tokens.append(len(piece.generated))
             return srv.tokenizer.decode_to_score(piece.ids)
 
-        midi = await _compose(srv, run, lim, request, composing=False)
-        return await _reply(midi, opts.format, f"aurl_seed{opts.seed}", lim, request,
+        midi = await _compose(srv, run, clock, request, composing=False)
+        return await _reply(midi, opts.format, f"aurl_seed{opts.seed}", clock, request,
                             headers={"X-Aurl-Tokens": str(tokens[0])})  # fmt: skip
 
     @app.websocket("/api/generate/stream")
@@ -385,7 +412,7 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         try:
             first = await asyncio.wait_for(ws.receive_text(), timeout=30)
             opts = GenerateOptions.model_validate(json.loads(first))
-            srv, job = await start_job(opts)
+            srv, job, _ = await start_job(opts)
         except WebSocketDisconnect:
             return
         except (asyncio.TimeoutError, json.JSONDecodeError, ValidationError, AurlError) as e:
@@ -406,10 +433,10 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                 f"beats_per_bar {beats_per_bar:g}: give 0 (the file's meter) or {MIN_BAR} to 64",
                 field="beats_per_bar",
             )
+        clock = Clock(lim)
         data = await _read_upload(file, lim)
-        return await parse_upload(
-            data, "analyze", name=file.filename or "file", timeout=lim.parse_seconds,
-            memory_mb=lim.parse_memory_mb,
+        return await clock.parse(
+            data, "analyze", name=file.filename or "file",
             options={"beats_per_bar": beats_per_bar, "name": file.filename or ""},
         )  # fmt: skip
 
@@ -420,14 +447,9 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         """The file's notes as ``[pitch, start, end, velocity]`` rows in seconds (what the
         studio draws), and the bar length in beats."""
         await _only_fields(request, "file")
+        clock = Clock(lim)
         data = await _read_upload(file, lim)
-        result = await parse_upload(
-            data,
-            "notes",
-            name=file.filename or "file",
-            timeout=lim.parse_seconds,
-            memory_mb=lim.parse_memory_mb,
-        )
+        result = await clock.parse(data, "notes", name=file.filename or "file")
         n = result["notes"]
         rows = [[p, round(o, 4), round(o + d, 4), v] for p, o, d, v in
                 zip(n["pitch"], n["onset_s"], n["duration_s"], n["velocity"])]  # fmt: skip
@@ -452,11 +474,12 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                            "format")  # fmt: skip
         from aurl.generation import compose
 
+        clock = Clock(lim)
         srv = _server(servers, model)
         if key:
             _check_key(key)
         data = await _read_upload(file, lim)
-        tracks, times = await _upload_piece(data, file.filename, lim)
+        tracks, times = await _upload_piece(data, file.filename, clock)
         name, notes = compose.top_track(tracks)
         line = compose.melody_line(notes, name=f"{file.filename or 'file'} ({name})")
         opts = compose.ComposeOptions(seed=seed, key=key, particles=particles)
@@ -467,8 +490,8 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                                      meter=times.meter)  # fmt: skip
             return c.score
 
-        midi = await _compose(srv, run, lim, request)
-        return await _reply(midi, format, "harmonized", lim, request)
+        midi = await _compose(srv, run, clock, request)
+        return await _reply(midi, format, "harmonized", clock, request)
 
     @app.post("/api/infill", tags=["compose"], responses={**ERRORS, 200: {
         "content": {"audio/midi": {}, MUSICXML: {}}, "description": "the piece with new bars"}})  # fmt: skip
@@ -503,9 +526,10 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
 
         if (bars is None) == (span is None):
             return _error(422, "give bars A-B or span S-T (seconds), one of them", field="bars")
+        clock = Clock(lim)
         srv = _server(servers, model)
         data = await _read_upload(file, lim)
-        tracks, times = await _upload_piece(data, file.filename, lim)
+        tracks, times = await _upload_piece(data, file.filename, clock)
         notes, owner = compose.piece_notes(tracks)
         if len(pitched(notes)) == 0:
             what = "drums only" if len(notes) else "no notes"
@@ -533,8 +557,8 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
             return compose.infill_score(tracks, where, c.notes, part=index,
                                         like=times.like_score())  # fmt: skip
 
-        midi = await _compose(srv, run, lim, request)
-        return await _reply(midi, format, "infilled", lim, request)
+        midi = await _compose(srv, run, clock, request)
+        return await _reply(midi, format, "infilled", clock, request)
 
     @app.post("/api/musicxml", tags=["compose"], responses={**ERRORS, 200: {
         "content": {MUSICXML: {}}, "description": "the file as MusicXML"}})  # fmt: skip
@@ -544,9 +568,10 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         """The uploaded MIDI file as MusicXML (onsets and durations on a sixteenth-note grid,
         one part per track): the studio's MusicXML download of what is on the roll."""
         await _only_fields(request, "file")
+        clock = Clock(lim)
         data = await _read_upload(file, lim)
         stem = Path(file.filename or "piece").stem[:60] or "piece"
-        return await _reply(data, "musicxml", stem, lim, None, name=file.filename or "file")
+        return await _reply(data, "musicxml", stem, clock, None, name=file.filename or "file")
 
     # -- listening test -------------------------------------------------------------------------
 
@@ -711,13 +736,12 @@ async def _read_upload(file: UploadFile, lim: Limits) -> bytes:
     return data
 
 
-async def _upload_piece(data: bytes, name: str | None, lim: Limits) -> tuple[list, Any]:
+async def _upload_piece(data: bytes, name: str | None, clock: Clock) -> tuple[list, Any]:
     """The upload's ``(name, notes)`` tracks and its time map, parsed in the worker process."""
     from aurl.data.notes import NOTE_DTYPE
     from aurl.generation.compose import TimeMap
 
-    result = await parse_upload(data, "piece", name=name or "file", timeout=lim.parse_seconds,
-                                memory_mb=lim.parse_memory_mb)  # fmt: skip
+    result = await clock.parse(data, "piece", name=name or "file")
     tracks = []
     for t in result["tracks"]:
         cols = t["notes"]
@@ -915,20 +939,60 @@ class ClientGone(AurlError):
     """The client closed the connection before its reply was ready; the work was stopped."""
 
 
+class Clock:
+    """One request's time: ``request_seconds`` from the handler's start bound all of it (the
+    upload's parsing, the wait for the composing slot, composing, a MusicXML reply), so no
+    request outlives its limit by the time of a step that had a clock of its own."""
+
+    def __init__(self, lim: Limits) -> None:
+        self.lim = lim
+        self.deadline = time.monotonic() + lim.request_seconds
+
+    def over(self, what: str = "the request") -> LimitError:
+        return LimitError(
+            f"{what} took over request_seconds={self.lim.request_seconds:g} s: send a shorter "
+            "piece, fewer particles, or retry when the server is less busy",
+            limit="request_seconds", status=408,
+        )  # fmt: skip
+
+    def left(self) -> float:
+        """Seconds left; raises the 408 when none are."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.over()
+        return left
+
+    async def parse(
+        self, data: bytes, task: str, *, name: str, options: dict | None = None, most: float = 0
+    ) -> dict[str, Any]:
+        """:func:`parse_upload` within ``parse_seconds`` (or ``most``) and the time left: a
+        parse stopped by the request's time is its 408, not the file's fault."""
+        cap = most or self.lim.parse_seconds
+        left = self.left()
+        try:
+            return await parse_upload(data, task, name=name, options=options,
+                                      timeout=min(cap, left), memory_mb=self.lim.parse_memory_mb)  # fmt: skip
+        except UploadError as e:
+            if e.limit == "parse_seconds" and left < cap:
+                raise self.over() from None
+            raise
+
+
 async def _compose(
-    srv: ModelServer, run: Any, lim: Limits, request: Request, *, composing: bool = True
+    srv: ModelServer, run: Any, clock: Clock, request: Request, *, composing: bool = True
 ) -> bytes:
     """``run(model, progress) -> score`` in a worker thread, one composition per model at a
-    time, stopped (408) when it passes ``request_seconds``, and stopped at the next token when
-    the client goes away (checked every 0.25 s; the slot frees as soon as the worker stops);
-    returns the score's MIDI bytes. ``composing``: the model must compose around given notes
+    time, stopped (408) when the request passes ``request_seconds`` (waiting for the slot
+    included), and stopped at the next token when the client goes away (checked every 0.25 s;
+    the slot frees as soon as the worker stops); returns the score's MIDI bytes.
+    ``composing``: the model must compose around given notes
     (:func:`aurl.generation.compose.composing_model`); not for a cadence search."""
     import threading
 
     from aurl.generation.compose import composing_model
 
     model = composing_model(srv.model) if composing else srv.model
-    deadline = time.monotonic() + lim.request_seconds
+    deadline = clock.deadline
     gone = threading.Event()
 
     def progress(items: Any, **_: Any) -> Any:  # checked once per token
@@ -936,14 +1000,15 @@ async def _compose(
             if gone.is_set():
                 raise ClientGone("the client went away: composing stopped")
             if time.monotonic() > deadline:
-                raise LimitError(
-                    f"composing took over request_seconds={lim.request_seconds:g} s: send a "
-                    "shorter piece, fewer particles, or retry when the server is less busy",
-                    limit="request_seconds", status=408,
-                )  # fmt: skip
+                raise clock.over("composing")
             yield item
 
-    async with _compose_lock(srv):
+    lock = _compose_lock(srv)
+    try:
+        await asyncio.wait_for(lock.acquire(), clock.left())
+    except asyncio.TimeoutError:
+        raise clock.over("waiting for the composing slot") from None
+    try:
         if await request.is_disconnected():
             raise ClientGone("the client went away before composing began")
         srv.composing += 1
@@ -961,6 +1026,8 @@ async def _compose(
             with contextlib.suppress(BaseException):
                 await asyncio.shield(work)  # hold the slot until the worker has stopped
             srv.composing -= 1
+    finally:
+        lock.release()
     return await asyncio.to_thread(score.dumps_midi)
 
 
@@ -968,7 +1035,7 @@ async def _reply(
     midi: bytes,
     fmt: str,
     stem: str,
-    lim: Limits,
+    clock: Clock,
     request: Request | None,
     *,
     headers: dict[str, str] | None = None,
@@ -980,8 +1047,7 @@ async def _reply(
         disposition = f'attachment; filename="{stem}.mid"'
         return Response(midi, media_type="audio/midi",
                         headers={**(headers or {}), "Content-Disposition": disposition})  # fmt: skip
-    result = await parse_upload(midi, "musicxml", name=name, timeout=max(lim.parse_seconds, 30.0),
-                                memory_mb=lim.parse_memory_mb)  # fmt: skip
+    result = await clock.parse(midi, "musicxml", name=name, most=max(clock.lim.parse_seconds, 30))
     disposition = f'attachment; filename="{stem}.musicxml"'
     return Response(result["musicxml"].encode("utf-8"), media_type=MUSICXML,
                     headers={**(headers or {}), "Content-Disposition": disposition})  # fmt: skip

@@ -136,8 +136,12 @@ class ModelServer:
 
     # -- the loop side ---------------------------------------------------------------------------
 
-    def submit(self, config: Any, primer: np.ndarray | None = None) -> Job:
+    def submit(
+        self, config: Any, primer: np.ndarray | None = None, *, deadline: float | None = None
+    ) -> Job:
         """Queue a request (options already checked); raises LimitError when the queue is full.
+        ``deadline`` (``time.monotonic()``): when it fails with a 408 (default:
+        ``request_seconds`` from now; the handler's own, so parsing a primer counts).
 
         Raises:
             ConstraintError: the constraints cannot be met (from the masker).
@@ -153,7 +157,8 @@ class ModelServer:
                 limit="max_queue", status=429,
             )  # fmt: skip
         masker = make_masker(self.vocab, config, self.batcher.masker_device)
-        job = Job(config, primer, masker, time.monotonic() + lim.request_seconds)
+        deadline = time.monotonic() + lim.request_seconds if deadline is None else deadline
+        job = Job(config, primer, masker, deadline)
         self.jobs.add(job)
         self.inbox.put(job)
         return job

@@ -58,13 +58,28 @@ class Store:
     """The listening test's SQLite file (created with its tables when missing)."""
 
     def __init__(self, path: str | Path) -> None:
+        """Open (or create) the file.
+
+        Raises:
+            ConfigError: the file or its folder cannot be opened or written (permissions, a
+                read-only disk, a file that is not SQLite).
+        """
+        from aurl.errors import ConfigError
+
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), isolation_level=None,
+                                       check_same_thread=False)  # fmt: skip
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except (sqlite3.Error, OSError) as e:
+            raise ConfigError(
+                f"--db {self.path}: cannot open the listening test's database ({e}): give a "
+                "file in a folder this user may write"
+            ) from None
 
     def add_trial(self, model: str, source: str, bach_side: str, beats: float, seed: int) -> str:
         trial = secrets.token_hex(8)

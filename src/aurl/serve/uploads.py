@@ -88,6 +88,8 @@ async def parse_upload(
             f"{name}: the MIDI parser stopped with {how} ({tail[0][:200]}): the file is "
             "damaged or too demanding; check it with 'aurl data check'"
         )
+    if "error" in result and result.get("status") == 503:  # the server's own folder
+        raise UploadError(result["error"], limit=result.get("limit"), status=503)
     if "error" in result:
         raise UploadError(f"{name}: {result['error']}")
     return result
@@ -201,7 +203,13 @@ def main(argv: list[str]) -> int:
     task, options = argv[0], json.loads(argv[1])
     _limit_self(options.pop("memory_mb", 2048), options.pop("cpu_seconds", 20.0))
     data = sys.stdin.buffer.read()
-    with tempfile.TemporaryDirectory(prefix="aurl-upload-") as tmp:
+    try:
+        folder = tempfile.TemporaryDirectory(prefix="aurl-upload-")
+    except OSError as e:  # the server's fault, not the file's: no writable temporary folder
+        error = f"the server cannot write its upload folder ({e}): tell its operator (TMPDIR)"
+        sys.stdout.write(json.dumps({"error": error, "status": 503, "limit": "upload_folder"}))
+        return 0
+    with folder as tmp:
         path = Path(tmp) / "upload.mid"
         path.write_bytes(data)
         try:
