@@ -229,3 +229,34 @@ def test_readme_commands(tmp_path, capsys):
     assert code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and "without --init-from" in err[-1]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [("rank", True, "rank is True"), ("rank", 4.5, "rank is 4.5"), ("rank", "4", "rank is '4'"),
+     ("alpha", False, "alpha is False"), ("alpha", "8", "alpha is '8'")],
+)  # fmt: skip
+def test_adapter_metadata_of_the_wrong_type_is_refused(lora_run, tmp_path, key, value, words):
+    """JSON true / 4.5 / "4" as the rank (or a boolean alpha) is a damaged adapter, not rank 1."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for f in (lora_run / "adapter").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((folder / "adapter.json").read_text())
+    meta[key] = value
+    (folder / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"adapter.json is damaged.*{words}"):
+        read_adapter(folder)
+
+
+def test_a_boolean_training_window_is_not_a_window(base_dir, tmp_path):
+    """``"window": true`` in a model folder's config reads as no window, not a window of 1."""
+    from aurl.models.pretrained import trained_window
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    meta = json.loads((base_dir / "config.json").read_text())
+    for window, expected in ((True, None), (64, 64)):
+        meta["window"] = window
+        (folder / "config.json").write_text(json.dumps(meta))
+        assert trained_window(folder) == expected

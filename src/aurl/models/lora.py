@@ -20,6 +20,7 @@ PEFT's unmerged ones. The folder (:func:`save_adapter`):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,17 @@ def read_adapter(folder: str | Path) -> tuple[AdapterInfo, dict[str, torch.Tenso
         meta = json.loads(cfg_path.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
+        rank, alpha = meta["rank"], meta["alpha"]
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise ValueError(f"rank is {rank!r}, not a whole number")
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, int | float)
+            or not math.isfinite(alpha)
+        ):
+            raise ValueError(f"alpha is {alpha!r}, not a finite number")
         info = AdapterInfo(
-            rank=int(meta["rank"]), alpha=float(meta["alpha"]),
+            rank=rank, alpha=float(alpha),
             target_modules=str(meta["target_modules"]), base_name=str(meta["base"]["name"]),
             base_sha256=str(meta["base"]["sha256"]),
         )  # fmt: skip

@@ -94,7 +94,8 @@ def trained_window(folder: str | Path) -> int | None:
         window = json.loads((Path(folder) / CONFIG).read_text()).get("window")
     except (OSError, ValueError, AttributeError):
         return None
-    return window if isinstance(window, int) and window > 0 else None
+    ok = isinstance(window, int) and not isinstance(window, bool) and window > 0
+    return window if ok else None
 
 
 def _check_safetensors(path: Path) -> None:
