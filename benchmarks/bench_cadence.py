@@ -282,7 +282,9 @@ def generated(args: argparse.Namespace, boot: int, rng: np.random.Generator) -> 
         from aurl.engines.shipped import ensure_shipped_onnx
 
         # --checkpoint: an export folder (aurl export --format onnx)
-        folder = args.checkpoint or ensure_shipped_onnx(model_folder(None, None))
+        folder = args.checkpoint or ensure_shipped_onnx(
+            model_folder(None, None), precision=args.precision
+        )
         engine = OnnxEngine(folder, threads=args.threads)
     else:
         engine = TorchEngine(load_model(args.checkpoint, "cpu"))
@@ -397,6 +399,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--engine", choices=("torch", "onnx"), default="torch",
                     help="onnx: the shipped model on onnxruntime (its ids differ from torch's)")  # fmt: skip
+    ap.add_argument("--precision", choices=("fp32", "int8", "int4"), default="fp32",
+                    help="--engine onnx without --checkpoint: which of the shipped model's graphs")  # fmt: skip
     ap.add_argument("--tolerance", type=float, default=0.5, help="beats, detector vs fermatas")
     ap.add_argument("--reference-limit", type=int, default=0, help="first N test chorales")
     ap.add_argument("--boot", type=int, default=10_000)

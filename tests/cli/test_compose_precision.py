@@ -1,7 +1,8 @@
 """The composing commands and ``aurl evaluate --task`` take the onnx graphs' precision by the
-rule of ``aurl generate --engine onnx`` (:func:`aurl.cli.generate.chosen_precision`): int4 where
-the CPU has integer dot products, fp32 elsewhere, ``--int8`` / ``--int4`` / ``--fp32`` over the
-CPU. The engines built read the shipped model's graphs they say (exported once to the session's
+rule of ``aurl generate --engine onnx`` (:func:`aurl.cli.generate.chosen_precision`), with int8
+(:data:`aurl.engines.cpu.COMPOSING_QUANTIZED`, where ``aurl generate`` takes int4) where the CPU
+has integer dot products, fp32 elsewhere, ``--int8`` / ``--int4`` / ``--fp32`` over the CPU.
+The engines built read the shipped model's graphs they say (exported once to the session's
 cache), from the cache folder of that precision."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from aurl.data.notes import make_notes
 CASES = [
     (None, [], "default"),  # this machine's CPU decides
     (frozenset(), [], "fp32"),  # no integer dot products: fp32 graphs
-    (frozenset({"avx2"}), [], "int4"),  # integer dot products: int4 graphs
+    (frozenset({"avx2"}), [], "int8"),  # integer dot products: int8 graphs (generate: int4)
     (frozenset({"avx2"}), ["--fp32"], "fp32"),  # fp32 asked for
     (frozenset({"avx2"}), ["--int8"], "int8"),  # int8 asked for
     (frozenset(), ["--int4"], "int4"),  # int4 asked for
@@ -27,7 +28,7 @@ def _weights(monkeypatch, flags, weights: str) -> str:
     if flags is not None:
         monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
     if weights == "default":
-        return "int4" if cpu.onnx_int8_pays() else "fp32"
+        return "int8" if cpu.onnx_int8_pays() else "fp32"
     return weights
 
 
@@ -100,3 +101,20 @@ def test_two_precisions_are_an_argparse_error(tmp_path, capsys, command, pair) -
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {pair[1]}: not allowed with argument {pair[0]}" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [(["generate", "--help"], "int4 on this CPU"), (["harmonize", "--help"], "int8 on this CPU"),
+     (["evaluate", "--help"], "int8 on this CPU")],
+)  # fmt: skip
+def test_help_names_each_commands_default(monkeypatch, capsys, argv, words) -> None:
+    """On a CPU with integer dot products, ``--help`` names the default the command takes:
+    int4 for ``aurl generate``, int8 for the composing commands and ``evaluate --task``."""
+    from aurl.cli import main
+    from aurl.engines import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert words in " ".join(capsys.readouterr().out.split())

@@ -65,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     from aurl.cli.generate import add_model_argument, add_precision_arguments, default_precision
+    from aurl.engines.cpu import COMPOSING_QUANTIZED
 
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--checkpoint", metavar="DIR", help="model folder (default: shipped model)")
@@ -86,13 +87,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         "graphs are written once to ~/.cache/aurl/onnx (or give an export folder as "
         "--checkpoint); their precision: %(default_precision)s, unless --int8 / --int4 / --fp32",
     )  # fmt: skip
-    engine.default_precision = default_precision()
+    engine.default_precision = default_precision(COMPOSING_QUANTIZED)
     add_precision_arguments(
         p,
-        int8="with --engine onnx: the model's int8 graphs",
-        int4="with --engine onnx: the model's int4 graphs (the default on CPUs with integer dot "
-        "products: AVX2, VNNI, ARM dotprod)",
+        int8="with --engine onnx: the model's int8 graphs (the default on CPUs with integer dot "
+        "products: AVX2, VNNI, ARM dotprod; int4 there reached fewer cadences at phrase ends)",
+        int4="with --engine onnx: the model's int4 graphs (aurl generate's default there)",
         fp32="with --engine onnx: the model's fp32 graphs (the default on other CPUs)",
+        quantized=COMPOSING_QUANTIZED,
     )
 
 
@@ -190,14 +192,16 @@ def _onnx_engine(args: argparse.Namespace) -> Any:
     """The onnx engine of ``--checkpoint`` (an export folder, or a model folder whose graphs are
     written once to the cache) or of the shipped model. A model folder's precision follows
     ``aurl generate --engine onnx``'s rule (:func:`aurl.cli.generate.chosen_precision`:
-    ``--int8`` / ``--int4`` / ``--fp32``, else int4 where the CPU has integer dot products,
-    fp32 elsewhere); an export's is its own.
+    ``--int8`` / ``--int4`` / ``--fp32``, else fp32 where the CPU has no integer dot products),
+    but where it has them the default is :data:`aurl.engines.cpu.COMPOSING_QUANTIZED` (int8,
+    not int4: fewer cadences at phrase ends on int4); an export's is its own.
 
     Raises:
         ConfigError: onnxruntime is not installed, or a precision flag with an export folder.
         CheckpointError: the folder is neither a model nor an export.
     """
     from aurl.cli.generate import chosen_precision, model_folder, precision_flag
+    from aurl.engines.cpu import COMPOSING_QUANTIZED
     from aurl.engines.onnx_engine import OnnxEngine, import_onnxruntime
     from aurl.engines.shipped import load_shipped_onnx
     from aurl.errors import ConfigError
@@ -205,7 +209,11 @@ def _onnx_engine(args: argparse.Namespace) -> Any:
     import_onnxruntime()
     folder = model_folder(args.checkpoint, args.model)
     if (folder / "model.safetensors").is_file():
-        return load_shipped_onnx(folder, precision=chosen_precision(args), threads=args.threads)
+        return load_shipped_onnx(
+            folder,
+            precision=chosen_precision(args, quantized=COMPOSING_QUANTIZED),
+            threads=args.threads,
+        )
     flag = precision_flag(args)
     if flag:
         raise ConfigError(

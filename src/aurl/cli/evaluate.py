@@ -16,6 +16,7 @@ from typing import Any
 
 def register(sub: argparse._SubParsersAction) -> None:
     from aurl.cli.generate import add_adapter_argument, add_model_argument, add_precision_arguments
+    from aurl.engines.cpu import COMPOSING_QUANTIZED
 
     p = sub.add_parser(
         "evaluate",
@@ -47,10 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="--task: the first N chorales only")
     add_precision_arguments(
         p,
-        int8="--task: decode on the model's int8 onnx graphs",
-        int4="--task: decode on the model's int4 onnx graphs, the default on CPUs with integer "
-        "dot products (AVX2, VNNI, ARM dotprod); the default: %(default_precision)s",
+        int8="--task: decode on the model's int8 onnx graphs, the default on CPUs with integer "
+        "dot products (AVX2, VNNI, ARM dotprod), as for aurl harmonize; the default: "
+        "%(default_precision)s",
+        int4="--task: decode on the model's int4 onnx graphs",
         fp32="--task: decode on the model's fp32 onnx graphs (the default on other CPUs)",
+        quantized=COMPOSING_QUANTIZED,
     )
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument(

@@ -445,18 +445,20 @@ def onnx_engine(args: argparse.Namespace):
 PRECISIONS = ("fp32", "int8", "int4")  # aurl.engines.cpu.PRECISIONS, without importing it
 
 
-def chosen_precision(args: argparse.Namespace) -> str:
+def chosen_precision(args: argparse.Namespace, *, quantized: str = "int4") -> str:
     """The precision of a model's graphs on the onnx engine (``aurl generate --engine onnx``
     without ``--checkpoint``, the composing commands, ``aurl evaluate --task``): ``--int8`` /
     ``--int4`` / ``--fp32`` when given, else :func:`aurl.engines.cpu.onnx_precision` (int4
     where the CPU has integer dot products: 1.12x the int8 graphs' speed on AVX2, within 0.005
-    grammar-masked bits/note of fp32; fp32 elsewhere)."""
+    grammar-masked bits/note of fp32; fp32 elsewhere). ``quantized``: the default where the CPU
+    has integer dot products (the composing commands pass
+    :data:`aurl.engines.cpu.COMPOSING_QUANTIZED`)."""
     for precision in PRECISIONS:
         if getattr(args, precision, False):
             return precision
     from aurl.engines.cpu import onnx_precision
 
-    return onnx_precision()
+    return onnx_precision(quantized=quantized)
 
 
 def precision_flag(args: argparse.Namespace) -> str | None:
@@ -465,22 +467,25 @@ def precision_flag(args: argparse.Namespace) -> str | None:
     return next((f"--{p}" for p in PRECISIONS if getattr(args, p, False)), None)
 
 
-def default_precision() -> Any:
+def default_precision(quantized: str = "int4") -> Any:
     """The lazy ``--help`` words for the onnx engine's default precision on this CPU
     (:class:`aurl.engines.cpu.DefaultPrecision`)."""
     from aurl.engines.cpu import DefaultPrecision
 
-    return DefaultPrecision()
+    return DefaultPrecision(quantized)
 
 
-def add_precision_arguments(p: argparse.ArgumentParser, *, int8: str, int4: str, fp32: str) -> None:
+def add_precision_arguments(
+    p: argparse.ArgumentParser, *, int8: str, int4: str, fp32: str, quantized: str = "int4"
+) -> None:
     """``--int8`` / ``--int4`` / ``--fp32`` on ``p``, mutually exclusive (argparse refuses two
     in one line), with these help texts; ``%(default_precision)s`` in one reads this CPU's
-    default when the help is printed (:func:`default_precision`)."""
+    default (``quantized`` where it has integer dot products) when the help is printed
+    (:func:`default_precision`)."""
     group = p.add_mutually_exclusive_group()
     for flag, text in (("--int8", int8), ("--int4", int4), ("--fp32", fp32)):
         action = group.add_argument(flag, action="store_true", help=text)
-        action.default_precision = default_precision()
+        action.default_precision = default_precision(quantized)
 
 
 def finish(args, config, engine, model, paths, settings, t0: float) -> int:

@@ -117,20 +117,33 @@ def cpu_summary() -> str:
 PRECISIONS = ("fp32", "int8", "int4")  # of the onnx engine's graphs (aurl.engines.shipped)
 
 
-def onnx_precision(flags: frozenset[str] | None = None) -> str:
+COMPOSING_QUANTIZED = "int8"
+"""The quantized graphs the composing commands (``aurl harmonize | infill | accompany``, ``aurl
+evaluate --task``) take by default, where ``aurl generate`` takes int4: harmonizing the 41
+held-out chorales, int4 reached fewer cadences at phrase ends than int8 in each of 4 seeds (mean
+0.110 vs 0.142; BENCHMARKS.md "Issue 17, eighth pass: int4 by default"), for 1.15x less CPU; a
+generated piece's cadences were the same on both (0.334 vs 0.329 per 8 beats, 32 seeds)."""
+
+
+def onnx_precision(flags: frozenset[str] | None = None, *, quantized: str = "int4") -> str:
     """The onnx engine's default precision for a model's cached graphs on the CPU with
-    ``flags`` (default this machine's): ``"int4"`` where it has integer dot products
+    ``flags`` (default this machine's): ``quantized`` (``"int4"`` for ``aurl generate``,
+    :data:`COMPOSING_QUANTIZED` for the composing commands) where it has integer dot products
     (:func:`onnx_int8_pays`), else ``"fp32"``."""
-    return "int4" if onnx_int8_pays(flags) else "fp32"
+    return quantized if onnx_int8_pays(flags) else "fp32"
 
 
 class DefaultPrecision:
     """The ``--help`` words for the onnx engine's default precision on this CPU, read only when
     the help is printed (``%(default_precision)s`` in a help string, this object set as the
-    action's ``default_precision``): building the parser never reads ``/proc/cpuinfo``."""
+    action's ``default_precision``): building the parser never reads ``/proc/cpuinfo``.
+    ``quantized``: the command's default where the CPU has integer dot products."""
+
+    def __init__(self, quantized: str = "int4") -> None:
+        self.quantized = quantized
 
     def __str__(self) -> str:
         flags = sorted(INT8_FLAGS & cpu_flags())
         if flags:
-            return f"int4 on this CPU ({cpu_name()}: integer dot products, {' '.join(flags)})"
+            return f"{self.quantized} on this CPU ({cpu_name()}: integer dot products, {' '.join(flags)})"
         return f"fp32 on this CPU ({cpu_name()}: no integer dot products for int8 / int4)"

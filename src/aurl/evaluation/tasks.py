@@ -413,16 +413,17 @@ def onnx_engine_of(
 
 def task_engine(args: Any, model: Any) -> Any:
     """What ``aurl evaluate --task`` decodes ``model`` with: its onnx engine, whose precision
-    follows ``aurl generate --engine onnx``'s rule (:func:`aurl.cli.generate.chosen_precision`:
-    ``--int8`` / ``--int4`` / ``--fp32``, else int4 where the CPU has integer dot products,
-    fp32 elsewhere); None (torch) for an anticipation model, whose exports carry no controls,
+    follows the composing commands' rule (:func:`aurl.cli.generate.chosen_precision`:
+    ``--int8`` / ``--int4`` / ``--fp32``, else :data:`aurl.engines.cpu.COMPOSING_QUANTIZED`,
+    int8, where the CPU has integer dot products, fp32 elsewhere); None (torch) for an anticipation model, whose exports carry no controls,
     or where :func:`onnx_engine_of` finds no onnx engine."""
     from aurl.cli.generate import chosen_precision
+    from aurl.engines.cpu import COMPOSING_QUANTIZED
     from aurl.generation.anticipation import supports_anticipation
 
     if supports_anticipation(model):
         return None
-    precision = chosen_precision(args)
+    precision = chosen_precision(args, quantized=COMPOSING_QUANTIZED)
     return onnx_engine_of(args.checkpoint, getattr(args, "model", None), precision=precision)
 
 
