@@ -49,6 +49,8 @@ def tree(tmp_path_factory) -> Path:
     save_pretrained(MusicTransformerVAEGAN(config, VocabConfig()).eval(), d / "tiny")
     shutil.copytree(d / "tiny", d / "noweights")
     (d / "noweights" / "model.safetensors").chmod(0)
+    shutil.copytree(d / "tiny", d / "noconfig")
+    (d / "noconfig" / "config.json").chmod(0)
     (d / "locked").mkdir()
     shutil.copy(CHORALE, d / "locked" / "a.mid")
     (d / "locked" / "index.npz").write_bytes(b"")
@@ -61,7 +63,8 @@ def tree(tmp_path_factory) -> Path:
     if probe.returncode == 0:
         pytest.skip("cannot drop the rights that ignore mode bits here (a container's policy)")
     yield d
-    for p in (d / "locked", d / "ro", d / "noweights" / "model.safetensors"):
+    for p in (d / "locked", d / "ro", d / "noweights" / "model.safetensors",
+              d / "noconfig" / "config.json"):  # fmt: skip
         p.chmod(0o755)
 
 
@@ -85,6 +88,10 @@ CASES = {  # name -> (arguments with {d} for the tree, what the line names); was
     "generate: unreadable weights": (
         "generate --checkpoint {d}/noweights --max-tokens 16 --out {d}/rw/g",
         "noweights/model.safetensors: permission denied",
+    ),
+    "generate: an unreadable config": (  # was "config.json is damaged (... Permission denied)"
+        "generate --checkpoint {d}/noconfig --max-tokens 16 --out {d}/rw/g2",
+        "noconfig/config.json: permission denied",
     ),
     "harmonize: a melody in a folder it may not open": (
         "harmonize {d}/locked/a.mid --out {d}/rw/h",

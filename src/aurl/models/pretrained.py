@@ -286,6 +286,8 @@ def load_pretrained(
             raise CheckpointError(f"{p} does not exist: point at a folder from save_pretrained")
     try:
         meta = json.loads(cfg_path.read_text())
+    except PermissionError:  # not damaged: the caller's one line names the file (cli.denied)
+        raise
     except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
         raise CheckpointError(f"{cfg_path} is damaged (not JSON text: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
