@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n N`: N workers share the cores
+    _per_worker = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _per_worker)))  # before torch loads
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +97,6 @@ def tiny_engines(tiny_model, tiny_export) -> dict:
 @pytest.fixture(autouse=True, scope="session")
 def _aurl_cache(tmp_path_factory):
     """ONNX exports cached by ``aurl generate`` go to a temporary folder, never the home."""
-    import os
 
     old = os.environ.get("AURL_CACHE")
     os.environ["AURL_CACHE"] = str(tmp_path_factory.mktemp("aurl-cache"))
