@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n N`: N workers share the cores
+    _per_worker = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _per_worker)))  # before torch loads
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +61,42 @@ def playable():
     return assert_playable_notes
 
 
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny random model (the ``tiny`` preset, seed 0, eval mode), built once per session for
+    every folder's tests: do not train or modify it in place."""
+    import torch
+
+    from aurl.config import load_config
+    from aurl.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(load_config(preset="tiny")).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model, tmp_path_factory) -> Path:
+    """:func:`tiny_model`'s ONNX export folder, written once per session."""
+    from aurl.models.onnx_export import export_onnx
+
+    return export_onnx(tiny_model, tmp_path_factory.mktemp("tiny-onnx"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_model, tiny_export) -> dict:
+    """:func:`tiny_model` behind both engines: ``torch`` and ``onnx`` (its export), plus
+    ``model`` and the export's ``folder``."""
+    pytest.importorskip("onnxruntime")
+    from aurl.engines.onnx_engine import OnnxEngine
+    from aurl.engines.torch_engine import TorchEngine
+
+    return {"torch": TorchEngine(tiny_model), "onnx": OnnxEngine(tiny_export),
+            "model": tiny_model, "folder": tiny_export}  # fmt: skip
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _aurl_cache(tmp_path_factory):
     """ONNX exports cached by ``aurl generate`` go to a temporary folder, never the home."""
-    import os
 
     old = os.environ.get("AURL_CACHE")
     os.environ["AURL_CACHE"] = str(tmp_path_factory.mktemp("aurl-cache"))

@@ -14,24 +14,6 @@ from aurl.data.vocab import Vocab
 from aurl.generation.compose import make_plan, plan_allows, scale_bias
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    import torch
-
-    from aurl.config import load_config
-    from aurl.models import build_model
-
-    torch.manual_seed(0)
-    return build_model(load_config(preset="tiny")).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tiny_model, tmp_path_factory):
-    from aurl.models.onnx_export import export_onnx
-
-    return export_onnx(tiny_model, tmp_path_factory.mktemp("tiny-onnx"))
-
-
 def _ons(vocab: Vocab, mask: np.ndarray) -> set[int]:
     return set(
         (np.flatnonzero(mask[vocab.note_on : vocab.note_off]) + vocab.config.pitch_min).tolist()

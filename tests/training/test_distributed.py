@@ -17,14 +17,19 @@ STEPS = 5
 
 WORKER = """
 import os, sys
-import pytest
 import torch
 from safetensors.torch import save_file
 from aurl.config import load_config
+from aurl.training import distributed
 from aurl.training.trainer import train
-result = train(load_config(sys.argv[1]), sys.argv[2], echo=lambda line: None)
-state = {k: v.contiguous() for k, v in result.model.state_dict().items() if k != "head.weight"}
-save_file(state, os.path.join(sys.argv[2], "rank%s.safetensors" % os.environ["RANK"]))
+# one launch, every mode: the process group joined by the first run stays for the next ones
+# (torchrun's store does not take a second init after a destroy), left after the last
+distributed.shutdown, leave = (lambda: None), distributed.shutdown
+for config, run in zip(sys.argv[1::2], sys.argv[2::2]):
+    result = train(load_config(config), run, echo=lambda line: None)
+    state = {k: v.contiguous() for k, v in result.model.state_dict().items() if k != "head.weight"}
+    save_file(state, os.path.join(run, "rank%s.safetensors" % os.environ["RANK"]))
+leave()
 """
 
 
@@ -50,27 +55,43 @@ MODES = {  # (overrides, micro-batches per rank)
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_two_process_gloo_matches_one_process(mode, fixture_cache, tmp_path, tiny_config):
-    # DDP: 2 ranks x batch 4 (x accum). Reference: 1 process x batch 4 x 2 (x accum) micro-batches,
-    # which sees the same windows per step (rank r takes batches r, r + 2, ... of each epoch's
-    # order)
+def configs(mode, cache, tiny_config):
+    """(DDP config, reference config) of one mode. DDP: 2 ranks x batch 4 (x accum). Reference:
+    1 process x batch 4 x 2 (x accum) micro-batches, which sees the same windows per step (rank r
+    takes batches r, r + 2, ... of each epoch's order)."""
     overrides, accum = MODES[mode]
     common = [f"training.max_steps={STEPS}", "training.eval_every=100", "training.lr=3e-3",
               *overrides]  # fmt: skip
-    ddp_cfg = tiny_config(fixture_cache, *common, f"training.grad_accum={accum}")
-    ref_cfg = tiny_config(fixture_cache, *common, f"training.grad_accum={2 * accum}")
-    (tmp_path / "ddp.yaml").write_text(ddp_cfg.to_yaml())
-    (tmp_path / "worker.py").write_text(WORKER)
-    ddp = tmp_path / "ddp"
+    return (tiny_config(cache, *common, f"training.grad_accum={accum}"),
+            tiny_config(cache, *common, f"training.grad_accum={2 * accum}"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(fixture_cache, tmp_path_factory, tiny_config) -> dict:
+    """Every mode's DDP run, one after another in one ``torchrun`` launch of two gloo processes
+    (the launch and its three torch imports cost more than the runs): ``{mode: run folder}``."""
+    root = tmp_path_factory.mktemp("ddp")
+    args = []
+    for mode in MODES:
+        (root / f"{mode}.yaml").write_text(configs(mode, fixture_cache, tiny_config)[0].to_yaml())
+        args += [str(root / f"{mode}.yaml"), str(root / mode)]
+    (root / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "worker.py"), str(tmp_path / "ddp.yaml"), str(ddp)],
+         str(root / "worker.py"), *args],
         capture_output=True, text=True, env=env, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return {mode: root / mode for mode in MODES}
 
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_process_gloo_matches_one_process(mode, ddp_runs, fixture_cache, tmp_path,
+                                              tiny_config):  # fmt: skip
+    _, accum = MODES[mode]
+    ref_cfg = configs(mode, fixture_cache, tiny_config)[1]
+    ddp = ddp_runs[mode]
     r0, r1 = load_file(str(ddp / "rank0.safetensors")), load_file(str(ddp / "rank1.safetensors"))
     # identical parameters (generator and discriminator) and buffers on both ranks
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
