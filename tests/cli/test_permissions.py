@@ -134,11 +134,13 @@ def test_a_path_it_may_not_open_is_one_line(tree, case):
 
 
 def masked_tmp(command: list[str], cwd: str) -> subprocess.CompletedProcess:
-    """``command`` with /tmp and /var/tmp read-only, in ``cwd`` (read-only too), no TMPDIR."""
+    """``command`` with /tmp and /var/tmp read-only (still readable: the checkout may be under
+    /tmp), in ``cwd`` (read-only too), no TMPDIR."""
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"):
         pytest.skip("a mount namespace needs root, unshare and setpriv")
-    script = ("mount -t tmpfs -o ro none /tmp && mount -t tmpfs -o ro none /var/tmp && cd "
-              f"{cwd} && exec {' '.join(DROP)} \"$@\"")  # fmt: skip
+    # read-only bind mounts, not empty ones: a checkout or venv under /tmp stays readable
+    script = ("for d in /tmp /var/tmp; do mount --bind $d $d && mount -o remount,ro,bind $d "
+              f"|| exit 1; done && cd {cwd} && exec {' '.join(DROP)} \"$@\"")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
     env.update(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
     r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *command], env=env,
