@@ -5,21 +5,24 @@ composing and decoding counted, and the parse-only endpoints ignored the limit."
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from tests.serve.conftest import make_client
 from tests.serve.test_api import CHORALE, error_of
 
+BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_time_limits.py"
+
 
 def long_melody(n: int) -> bytes:
-    import symusic
-
-    score = symusic.Score(480)
-    track = symusic.Track("melody", 0, False)
-    for i in range(n):
-        track.notes.append(symusic.Note(i * 480, 480, (60, 62, 64, 65, 67, 65, 64, 62)[i % 8], 80))
-    score.tracks.append(track)
-    return score.dumps_midi()
+    """``n`` quarter notes up and down a fifth: the melody ``benchmarks/bench_time_limits.py``
+    times (its ``melody``)."""
+    spec = importlib.util.spec_from_file_location("bench_time_limits", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.melody(n)
 
 
 @pytest.mark.parametrize("path", ["/api/analyze", "/api/notes", "/api/musicxml"])
