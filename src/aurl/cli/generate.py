@@ -469,10 +469,21 @@ def precision_flag(args: argparse.Namespace) -> str | None:
 
 def default_precision(quantized: str = "int4") -> Any:
     """The lazy ``--help`` words for the onnx engine's default precision on this CPU
-    (:class:`aurl.engines.cpu.DefaultPrecision`)."""
-    from aurl.engines.cpu import DefaultPrecision
+    (:class:`aurl.engines.cpu.DefaultPrecision`, imported only when the help is printed: a
+    run with ``--checkpoint EXPORT`` never imports ``aurl.engines.cpu`` and ``platform``)."""
+    return _HelpWords(quantized)
 
-    return DefaultPrecision(quantized)
+
+class _HelpWords:
+    """``str()`` of :class:`aurl.engines.cpu.DefaultPrecision`, imported at that moment."""
+
+    def __init__(self, quantized: str) -> None:
+        self.quantized = quantized
+
+    def __str__(self) -> str:
+        from aurl.engines.cpu import DefaultPrecision
+
+        return str(DefaultPrecision(self.quantized))
 
 
 def add_precision_arguments(
