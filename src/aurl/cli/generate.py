@@ -12,6 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from aurl.engines.cpu import PRECISIONS
+
 SHIPPED = Path(__file__).resolve().parent.parent / "pretrained"
 
 
@@ -442,9 +444,6 @@ def onnx_engine(args: argparse.Namespace):
     return OnnxEngine(folder, threads=args.threads)
 
 
-PRECISIONS = ("fp32", "int8", "int4")  # aurl.engines.cpu.PRECISIONS, without importing it
-
-
 def chosen_precision(args: argparse.Namespace, *, quantized: str = "int4") -> str:
     """The precision of a model's graphs on the onnx engine (``aurl generate --engine onnx``
     without ``--checkpoint``, the composing commands, ``aurl evaluate --task``): ``--int8`` /
@@ -469,21 +468,10 @@ def precision_flag(args: argparse.Namespace) -> str | None:
 
 def default_precision(quantized: str = "int4") -> Any:
     """The lazy ``--help`` words for the onnx engine's default precision on this CPU
-    (:class:`aurl.engines.cpu.DefaultPrecision`, imported only when the help is printed: a
-    run with ``--checkpoint EXPORT`` never imports ``aurl.engines.cpu`` and ``platform``)."""
-    return _HelpWords(quantized)
+    (:class:`aurl.engines.cpu.DefaultPrecision`)."""
+    from aurl.engines.cpu import DefaultPrecision
 
-
-class _HelpWords:
-    """``str()`` of :class:`aurl.engines.cpu.DefaultPrecision`, imported at that moment."""
-
-    def __init__(self, quantized: str) -> None:
-        self.quantized = quantized
-
-    def __str__(self) -> str:
-        from aurl.engines.cpu import DefaultPrecision
-
-        return str(DefaultPrecision(self.quantized))
+    return DefaultPrecision(quantized)
 
 
 def add_precision_arguments(

@@ -114,7 +114,7 @@ def cpu_summary() -> str:
     return f"{cpu_name()} [{' '.join(have) or 'no avx2'}]"
 
 
-PRECISIONS = ("fp32", "int8", "int4")  # of the onnx engine's graphs (aurl.engines.shipped)
+PRECISIONS = ("fp32", "int8", "int4")  # of the onnx engine's graphs (and of its cache folders)
 
 
 COMPOSING_QUANTIZED = "int8"

@@ -43,6 +43,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from aurl.engines.cpu import PRECISIONS  # what the cache holds; fp32 folders have no suffix
 from aurl.fileio import atomic_write_text, file_sha256
 
 EXPORT_VERSION = 3  # aurl.models.onnx_export.VERSION (held equal by the tests)
@@ -91,7 +92,6 @@ def weights_digest(path: Path) -> str:
     return digest
 
 
-PRECISIONS = ("fp32", "int8", "int4")  # what the cache holds; fp32 folders have no suffix
 EXPORT_NAME = re.compile(r"(shipped|model)-([0-9a-f]{16})(?:-(int8|int4))?")
 
 
