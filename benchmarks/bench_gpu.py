@@ -38,9 +38,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -111,10 +113,12 @@ def baseline_sequences(work: Path, cache: TokenCache) -> tuple[dict, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def aurl_race(config, work: Path, device: torch.device) -> tuple[dict, torch.nn.Module]:
+def aurl_race(config, work: Path, device: torch.device, *, scored: bool = True
+              ) -> tuple[dict, torch.nn.Module]:  # fmt: skip
     from aurl.training.trainer import train
 
     run = work / "race-aurl"
+    shutil.rmtree(run, ignore_errors=True)  # a fresh run each time (a second call would resume)
     result = train(config, run, echo=lambda line: None)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in records if r.get("kind") == "train"]
@@ -122,16 +126,18 @@ def aurl_race(config, work: Path, device: torch.device) -> tuple[dict, torch.nn.
         raise SystemExit(f"no training step was logged in {run}: raise --minutes")
     steady = train_recs[1:] or train_recs  # the first interval holds the warm-up
     model = result.model.eval()
-    cache = TokenCache(config.data.cache)
-    rows = cache.split_indices("test")
-    seqs = [np.asarray(cache.tokens(int(r)), np.int64) for r in rows]
-    scored = score_sequences(
-        model, seqs, window=config.data.window, batch_size=config.data.batch_size,
-        grammar=Grammar(model.vocab, config.data.polyphony_cap),
-        meters=[cache.meters[int(r)] for r in rows],
-    )  # fmt: skip
+    bits = None
+    if scored:
+        cache = TokenCache(config.data.cache)
+        rows = cache.split_indices("test")
+        seqs = [np.asarray(cache.tokens(int(r)), np.int64) for r in rows]
+        bits = score_sequences(
+            model, seqs, window=config.data.window, batch_size=config.data.batch_size,
+            grammar=Grammar(model.vocab, config.data.polyphony_cap),
+            meters=[cache.meters[int(r)] for r in rows],
+        ).bits_per_note  # fmt: skip
     out = {
-        "steps": result.step, "bits_per_note": scored.bits_per_note,
+        "steps": result.step, "bits_per_note": bits,
         "tok_per_s": statistics.median(r["tok_per_s"] for r in steady),
         "mfu": statistics.median(r["mfu"] for r in steady) if "mfu" in steady[-1] else None,
         "params": sum(p.numel() for p in model.parameters()),
@@ -153,7 +159,7 @@ def gpt2_model(config, vocab: int, window: int, device: torch.device):
 
 
 def gpt2_race(config, seqs: dict, notes: int, minutes: float, device: torch.device,
-              peak: float | None) -> tuple[dict, torch.nn.Module]:  # fmt: skip
+              peak: float | None, *, scored: bool = True) -> tuple[dict, torch.nn.Module]:  # fmt: skip
     """The plain loop on random windows for ``minutes`` of wall time (module docstring)."""
     window, batch, pad = config.data.window, config.data.batch_size, seqs["pad"]
     torch.manual_seed(0)
@@ -199,11 +205,15 @@ def gpt2_race(config, seqs: dict, notes: int, minutes: float, device: torch.devi
             tokens, timed_s = 0, 0.0
     tok_s = statistics.median(rates[1:] or rates) if rates else tokens / max(timed_s, 1e-9)
     model.eval()
-    scored = score_sequences(model, seqs["test"], window=window, batch_size=batch)
+    bits = None
+    if scored:
+        bits = (
+            score_sequences(model, seqs["test"], window=window, batch_size=batch).nll / LN2 / notes
+        )
     n = sum(p.numel() for p in model.parameters())
     per_token = mfu.flops_per_token(n, config.model.n_layers, config.model.d_model, window)
     out = {
-        "steps": step, "bits_per_note": scored.nll / LN2 / notes, "tok_per_s": tok_s,
+        "steps": step, "bits_per_note": bits, "tok_per_s": tok_s,
         "mfu": mfu.mfu(tok_s, per_token, peak) if peak else None, "params": n,
     }  # fmt: skip
     return out, model
@@ -287,12 +297,13 @@ def table(r: dict) -> str:
         f"| MFU | {num(a['mfu'] and 100 * a['mfu'], '.1f')}% "
         f"| {num(g and g['mfu'] and 100 * g['mfu'], '.1f')}% |",
         f"| optimizer steps in the race | {a['steps']} | {num(g and g['steps'], 'd')} |",
-        f"| test bits/note | {a['bits_per_note']:.3f} | {num(g and g['bits_per_note'], '.3f')} |",
+        f"| test bits/note | {num(a['bits_per_note'], '.3f')} "
+        f"| {num(g and g['bits_per_note'], '.3f')} |",
     ]
     for b, d in r["decode"].items():
         lines.append(
             f"| decode batch {b}, tokens/s: Aurl graphed / static eager / step loop; HF generate "
-            f"| {d['graphed']:,.0f} / {d['static']:,.0f} / {d['eager']:,.0f} "
+            f"| {num(d['graphed'], ',.0f')} / {num(d['static'], ',.0f')} / {num(d['eager'], ',.0f')} "
             f"| {num(d.get('hf'), ',.0f')} |"
         )
     return "\n".join(lines)
@@ -311,7 +322,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--compile", action="store_true", help="training.compile for Aurl")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Aurl overrides")
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--out", help="write the results as JSON here (also after each part)")
+    p.add_argument(
+        "--throughput",
+        action="store_true",
+        help="training tokens/s and MFU only: no scoring, no decoding",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, seconds")
     args = p.parse_args(argv)
     if args.smoke:
@@ -324,14 +340,31 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         prepare_work(work, args.smoke)  # no-op when prepared
-        results = run(args, work, device)
+        results = run(args, work, device, save=lambda r: _save(r, args.out))
     print(table(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    _save(results, args.out)
     return results
 
 
-def run(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
+def _save(results: dict, out: str | None) -> None:
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _guarded(what: str, fn, results: dict):
+    """``fn()``, or None with the error recorded in ``results["errors"]`` (a lent GPU's minutes
+    are few: one part that fails must not take the others' numbers with it)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - recorded and printed, the run goes on
+        import traceback
+
+        traceback.print_exc()
+        results.setdefault("errors", {})[what] = f"{type(e).__name__}: {e}"
+        return None
+
+
+def run(args: argparse.Namespace, work: Path, device: torch.device, save=lambda r: None) -> dict:
     cuda = device.type == "cuda"
     overrides = [
         f"data.cache={work / 'cache'}", f"data.window={args.window}",
@@ -350,8 +383,11 @@ def run(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
         "batch": args.batch, "window": args.window, "minutes": args.minutes,
         "peak_tflops": peak, "decode": {},
     }  # fmt: skip
-    aurl, model = aurl_race(config, work, device)
+    scored = not args.throughput
+    aurl, model = aurl_race(config, work, device, scored=scored)
     results["aurl"] = aurl
+    print("aurl:", json.dumps(aurl), flush=True)
+    save(results)
     cache = TokenCache(work / "cache")
     try:
         import transformers  # noqa: F401
@@ -362,20 +398,29 @@ def run(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
     else:
         seqs, results["baseline_tokens"] = baseline_sequences(work, cache)
         notes = int(cache.notes[cache.split_indices("test")].sum())
-        results["gpt2"], gpt2 = gpt2_race(config, seqs, notes, args.minutes, device, peak)
+        raced = _guarded("gpt2", lambda: gpt2_race(config, seqs, notes, args.minutes, device,
+                                                   peak, scored=scored), results)  # fmt: skip
+        results["gpt2"], gpt2 = raced or (None, None)
+        print("gpt2:", json.dumps(results["gpt2"]), flush=True)
+        save(results)
+    if args.throughput:
+        return results
     row = np.asarray(cache.tokens(int(cache.split_indices("test")[0])), np.int64)[:PROMPT]
     for b in args.decode_batches:
         prompt = torch.from_numpy(np.tile(row, (b, 1))).to(device)
         d = {
-            "graphed": aurl_decode(model, prompt, args.decode, graphed=cuda),
-            "static": aurl_decode(model, prompt, args.decode, graphed=False),
-            "eager": aurl_decode(model, prompt, args.decode, graphed=None),
-        }
+            name: _guarded(f"decode {b} {name}",
+                           partial(aurl_decode, model, prompt, args.decode, graphed=g), results)
+            for name, g in (("graphed", cuda), ("static", False), ("eager", None))
+        }  # fmt: skip
         if gpt2 is not None:
             start = seqs["test"][0][:PROMPT]
             hf_prompt = torch.from_numpy(np.tile(start, (b, 1))).to(device)
-            d["hf"] = hf_decode(gpt2, hf_prompt, args.decode)
+            d["hf"] = _guarded(f"decode {b} hf", partial(hf_decode, gpt2, hf_prompt, args.decode),
+                               results)  # fmt: skip
         results["decode"][b] = d
+        print(f"decode {b}:", json.dumps(d), flush=True)
+        save(results)
     return results
 
 

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The one prepared command for a lent GPU (BENCHMARKS.md "The GPU run"; issues 12, 15, 16).
+#
+# Prepared here first (on the CPU, in the checkout the device tool sends):
+#   echo /.bench/ >> .git/info/exclude; echo /.whl/ >> .git/info/exclude
+#   .venv/bin/python benchmarks/bench_gpu.py --prepare .bench        # chorale cache + remi.npz
+#   cp -r CACHE_OF_ALL .bench/cache-all                              # aurl data prepare of `all`
+#   python3 -m pip download ... -d .whl symusic==0.5.9 pysmartdl platformdirs mido
+# Then one device call, carry [".bench", ".whl"], timeout_s 600:
+#   bash benchmarks/gpu_run.sh
+# About 9 minutes:
+#   1. three release candidates trained side by side on the one GPU (benchmarks/gpu_models.py,
+#      ~3 min): `small` on the chorales (the default model's shape), a 384-wide 6-layer model on
+#      the chorales, and the `small` shape with styles on `all` (issue 15's comparison); the
+#      CUDA tests (graph capture, training switches) run beside them;
+#   2. the race and decoding of benchmarks/bench_gpu.py, alone on the GPU (~5 min);
+#   3. training throughput and MFU at 2048 x 32 (~1 min).
+# Everything lands in $OUT: the log, the JSON reports, and (right after step 1) the models and
+# their logs as a tar in 15 MB parts.
+# SMOKE=1: the same plumbing on the CPU in about a minute (tiny sizes; OUT defaults to a temp dir).
+set -u
+OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
+W=.bench/run
+mkdir -p "$W"
+exec > >(tee "$OUT/log.txt") 2>&1
+if [ -d .whl ] && [ "${SMOKE:-}" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl/*.whl
+fi
+export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+date; nvidia-smi -L 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"
+
+if [ "${SMOKE:-}" = 1 ]; then
+  BUDGET=8; CALIB=4; MODELS=(--preset tiny); RACE=(--smoke); WIDE=(--smoke --throughput)
+  SETS=(data.window=64 data.batch_size=4); MEDIUM=(model.d_model=48 model.n_heads=2)
+  CACHE=.bench/smoke/cache; ALL=$CACHE; STYLES="[chorale,classical]"
+  $PY benchmarks/bench_gpu.py --prepare .bench/smoke --smoke
+  TESTS=()
+else
+  BUDGET=120; CALIB=40; MODELS=(); RACE=(--work .bench --device cuda); SETS=(data.batch_size=32)
+  WIDE=(--work .bench --device cuda --throughput --window 2048 --minutes 0.4)
+  MEDIUM=(model.d_model=384 model.n_layers=6 model.n_heads=6 data.window=1024 training.lr=6e-4)
+  CACHE=.bench/cache; ALL=.bench/cache-all; STYLES="[chorale,classical,folk,palestrina,renaissance]"
+  TESTS=(tests/generation/test_graphed.py tests/training/test_gpu_switches.py)
+fi
+RECIPE=(model.dropout=0.2 data.augment.transpose_prob=1.0 training.warmup_steps=100)
+
+echo "== 1. release candidates, side by side ($(date +%T))"
+job() { timeout $((BUDGET + 100)) $PY benchmarks/gpu_models.py --out "$W/models" \
+        --budget "$BUDGET" --calib "$CALIB" "$@" > "$W/$2.log" 2>&1; echo "job $2 rc=$?"; }
+job --job small --cache "$CACHE" --preset small "${MODELS[@]}" -- "${SETS[@]}" "${RECIPE[@]}" &
+JOBS=($!)
+job --job medium --cache "$CACHE" --preset full "${MODELS[@]}" --dtype float16 -- \
+  "${SETS[@]}" "${RECIPE[@]}" "${MEDIUM[@]}" &
+JOBS+=($!)
+job --job styles --cache "$ALL" --eval-cache "$CACHE" --style chorale --preset small \
+  "${MODELS[@]}" -- "${SETS[@]}" "${RECIPE[@]}" "model.styles=$STYLES" &
+JOBS+=($!)
+if [ ${#TESTS[@]} -gt 0 ]; then
+  timeout 200 $PY -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -15
+fi
+wait "${JOBS[@]}"  # (a bare wait would also wait for the log's tee)
+for j in small medium styles; do tail -3 "$W/$j.log"; done
+(cd "$W" && tar cf - models/*.json models/*-model models/*-run/metrics.jsonl \
+  models/*-run/train.log ./*.log 2>/dev/null) | split -b 15m - "$OUT/models.tar."
+
+echo "== 2. the race and decoding ($(date +%T))"
+timeout 360 $PY benchmarks/bench_gpu.py "${RACE[@]}" --out "$OUT/bench_gpu.json"
+
+echo "== 3. throughput at 2048 x 32 ($(date +%T))"
+timeout 120 $PY benchmarks/bench_gpu.py "${WIDE[@]}" --out "$OUT/bench_gpu_2048.json"
+
+ls -la "$OUT"; date
