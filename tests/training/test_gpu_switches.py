@@ -41,8 +41,9 @@ def test_mfu_is_logged_from_the_configured_peak(fixture_cache, tmp_path, tiny_co
     assert rec["mfu"] == pytest.approx(per_token * rec["tok_per_s"] / 1e9, rel=1e-9)
     log = (run / "train.log").read_text()
     assert re.search(r"^step 3 loss \S+ tok/s \S+ mfu \d+\.\d%", log, re.M)
-    plain = tmp_path / "plain"  # no peak known (the CPU): no MFU
-    train(tiny_config(fixture_cache, "training.max_steps=1"), plain, echo=lambda line: None)
+    plain = tmp_path / "plain"  # no peak known (the CPU; a GPU has its own): no MFU
+    plain_cfg = tiny_config(fixture_cache, "training.max_steps=1", "training.device=cpu")
+    train(plain_cfg, plain, echo=lambda line: None)
     assert "mfu" not in records(plain, "train")[-1]
 
 
