@@ -22,7 +22,7 @@ Every row sees at most ``--context`` tokens (512: the training window): (a)/(c) 
 suffix and prefix. Musical time and grammar state always come from the whole piece before.
 
 The plain cost of FIM training is measured by ``aurl evaluate`` over the whole split (the
-command is printed; the shipped model's 2.851 comes from the same command).
+command is printed; the CPU-trained shipped model's 2.851 came from the same command).
 
 Run (the FIM model trained with the shipped recipe plus ``model.fim=true data.fim_rate=0.5``):
     OMP_NUM_THREADS=1 python benchmarks/bench_infill.py --fim runs/fim-800/model \\
