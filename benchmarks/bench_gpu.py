@@ -19,8 +19,9 @@ One script, under 5 minutes on an H200, printing the table for BENCHMARKS.md:
 3. **Decoding**, batch 1 and batch 64, ``--decode`` tokens after a 16-token prompt, sampling at
    temperature 1: Aurl's eager step loop (``model.step``, the grammar's mask, a draw, one host
    sync per token, as the generation loop runs), Aurl's static-cache step
-   (:class:`aurl.generation.graphed.StaticDecoder`, one CUDA graph per token on CUDA), and HF
-   ``generate`` (KV cache, sampling) of the race's GPT-2.
+   (:class:`aurl.generation.graphed.StaticDecoder`, one CUDA graph per token on CUDA; also with
+   the step fused by ``torch.compile`` before the capture, on CUDA only, its compile untimed),
+   and HF ``generate`` (KV cache, sampling) of the race's GPT-2.
 
 The corpus is prepared on the CPU first (``--prepare DIR``: the cache, and the REMI ids when
 MidiTok is installed), so that the GPU machine needs only torch, transformers and Aurl's source
@@ -230,7 +231,8 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def aurl_decode(model, prompt: torch.Tensor, n: int, *, graphed: bool | None) -> float:
+def aurl_decode(model, prompt: torch.Tensor, n: int, *, graphed: bool | None,
+                fused: bool = False) -> float:  # fmt: skip
     """Tokens per second (all rows) of ``n`` tokens after ``prompt`` (B, PROMPT): the static
     decoder (``graphed``: its CUDA graph, or False: the same step eager) or, with None, the
     eager loop of ``model.step``, the grammar's mask and a draw (a host sync per token). The
@@ -245,7 +247,7 @@ def aurl_decode(model, prompt: torch.Tensor, n: int, *, graphed: bool | None) ->
     model.step(prompt[:, :-1], state)
     if graphed is not None:  # the capture (once per decoder) is not timed
         dec = StaticDecoder(model, state, grammar=grammar, graphs=graphed,
-                            options=GraphedOptions(temperature=1.0))  # fmt: skip
+                            options=GraphedOptions(temperature=1.0, compile=fused))  # fmt: skip
         dec.capture()
     _sync(device)
     t0 = time.perf_counter()
@@ -302,8 +304,10 @@ def table(r: dict) -> str:
     ]
     for b, d in r["decode"].items():
         lines.append(
-            f"| decode batch {b}, tokens/s: Aurl graphed / static eager / step loop; HF generate "
-            f"| {num(d['graphed'], ',.0f')} / {num(d['static'], ',.0f')} / {num(d['eager'], ',.0f')} "
+            f"| decode batch {b}, tokens/s: Aurl graphed / graphed + compiled / static eager / "
+            f"step loop; HF generate | {num(d['graphed'], ',.0f')} / "
+            f"{num(d.get('compiled'), ',.0f')} / {num(d['static'], ',.0f')} / "
+            f"{num(d['eager'], ',.0f')} "
             f"| {num(d.get('hf'), ',.0f')} |"
         )
     return "\n".join(lines)
@@ -410,8 +414,11 @@ def run(args: argparse.Namespace, work: Path, device: torch.device, save=lambda 
         prompt = torch.from_numpy(np.tile(row, (b, 1))).to(device)
         d = {
             name: _guarded(f"decode {b} {name}",
-                           partial(aurl_decode, model, prompt, args.decode, graphed=g), results)
-            for name, g in (("graphed", cuda), ("static", False), ("eager", None))
+                           partial(aurl_decode, model, prompt, args.decode, graphed=g, fused=f),
+                           results)  # fmt: skip
+            for name, g, f in (("graphed", cuda, False), ("compiled", cuda, True),
+                               ("static", False, False), ("eager", None, False))
+            if cuda or not f  # inductor on the CPU: a minute of C++ for a smoke run
         }  # fmt: skip
         if gpt2 is not None:
             start = seqs["test"][0][:PROMPT]

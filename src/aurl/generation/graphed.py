@@ -48,6 +48,11 @@ class GraphedOptions:
 
     temperature: float = 1.0
     top_k: int = 0  # 0: all ids
+    # fuse the step's many small kernels with torch.compile (inductor) before the capture: the
+    # model's step, the grammar's advance and mask and the filters, not the draw's noise (the
+    # eager torch.rand, which a CUDA graph replays with fresh numbers each time)
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": traced, unfused)
 
 
 class StaticDecoder:
@@ -113,6 +118,10 @@ class StaticDecoder:
         self.logits = torch.zeros(self.B, model.vocab.size, device=device)
         self.drawn = torch.full((self.B,), PAD, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._scores = self._masked_logits
+        if self.options.compile:
+            self._scores = torch.compile(self._masked_logits, fullgraph=True, dynamic=False,
+                                         backend=self.options.compile_backend)  # fmt: skip
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -138,18 +147,25 @@ class StaticDecoder:
         self.pos += 1
         return m._logits(x)[0][:, 0]  # (B, V)
 
-    def _draw(self) -> None:
-        """One token: logits of ``self.ids``, masked, filtered, drawn; fed back as input."""
+    def _masked_logits(self) -> Tensor:
+        """The logits of ``self.ids`` (kept in ``self.logits``), masked by the grammar, tempered
+        and top-k filtered: everything of a token but the draw (what ``compile`` fuses)."""
         logits = self.logits_of(self.ids)
         self.logits.copy_(logits)
         if self.grammar is not None:
             self.mask_state = _advance_into(self.grammar, self.mask_state, self.ids[:, 0])
             logits = logits.masked_fill(~self.grammar.allowed(self.mask_state), float("-inf"))
         if self.options.temperature == 0:
+            return logits
+        return top_k_filter(apply_temperature(logits, self.options.temperature),
+                            self.options.top_k)  # fmt: skip
+
+    def _draw(self) -> None:
+        """One token: logits of ``self.ids``, masked, filtered, drawn; fed back as input."""
+        logits = self._scores()
+        if self.options.temperature == 0:
             drawn = logits.argmax(-1)
         else:
-            logits = top_k_filter(apply_temperature(logits, self.options.temperature),
-                                  self.options.top_k)  # fmt: skip
             u = torch.rand(logits.shape, device=logits.device).clamp_(1e-20, 1.0)
             drawn = (logits.float() - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max
         self.drawn.copy_(drawn)
