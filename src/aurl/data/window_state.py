@@ -70,10 +70,12 @@ class _Tokens(Protocol):
 
 
 class _Model(Protocol):
-    def start_after(self, history: torch.Tensor, *, empty: torch.Tensor) -> Any: ...
+    def start_after(self, history: torch.Tensor, *, empty: torch.Tensor | None = None,
+                    device: Any = None, initial: Any = None) -> Any: ...  # fmt: skip
 
 
 PREFIX_PART = 2048  # prefixes are scanned in parts of this many tokens (the same state)
+CHECKPOINT_EVERY = 1024  # PrefixCheckpoints: a piece's state after every this many tokens
 
 
 class TokenTable:
@@ -99,6 +101,13 @@ class TokenTable:
         self.starts = torch.as_tensor(starts, device=device)
         self.lengths = lengths
         self.rows = rows
+        # a model's states every CHECKPOINT_EVERY tokens (add_checkpoints), used by window_start
+        self.checkpoints: PrefixCheckpoints | None = None
+
+    def add_checkpoints(self, model: _Model, every: int = CHECKPOINT_EVERY) -> None:
+        """Keep ``model``'s window-start state every ``every`` tokens of each piece, so that
+        :func:`window_start` scans at most ``every - 1`` tokens of a window's prefix."""
+        self.checkpoints = PrefixCheckpoints(model, self, every)
 
     def prefixes(self, index: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """(B, L) on the table's device: the first ``offset`` tokens of cache row ``index``
@@ -110,6 +119,143 @@ class TokenTable:
         j = torch.arange(L, device=dev)[None, :] - (L - off)[:, None]  # (B, L) <0: padding
         src = self.starts[index.to(dev, non_blocking=True)][:, None] + j.clamp(min=0)
         return torch.where(j >= 0, self.flat[src].long(), PAD)  # (B, L)
+
+    def span(self, index: torch.Tensor, begin: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        """(B, L) on the table's device: tokens ``begin:end`` of cache row ``index`` (all (B,),
+        best on the host), right-aligned behind PAD tokens (L: the longest span)."""
+        dev = self.flat.device
+        n = end - begin
+        L = int(n.max()) if len(n) else 0
+        j = torch.arange(L, device=dev)[None, :] - (L - n.to(dev, non_blocking=True))[:, None]
+        first = self.starts[index.to(dev, non_blocking=True)] + begin.to(dev, non_blocking=True)
+        src = first[:, None] + j.clamp(min=0)
+        return torch.where(j >= 0, self.flat[src].long(), PAD)  # (B, L)
+
+
+class PrefixCheckpoints:
+    """A model's window-start state (:meth:`start_after`: musical time, grammar features) after
+    every ``every`` tokens of each piece of a :class:`TokenTable`, computed once, on the table's
+    device, so that a window's prefix is scanned from its last checkpoint (fewer than ``every``
+    tokens) rather than from the piece's start.
+
+    What it saves grows with the pieces: a window 30,000 tokens into a Palestrina mass or a
+    quartet movement (``all``) cost every row of its batch a scan of 30,000 tokens (prefixes are
+    right-aligned to the batch's longest). The states are those of the whole-prefix scan,
+    bitwise: a scan in parts carries the same state from part to part
+    (``tests/data/test_prefix_checkpoints.py``). They read no weights, so training never makes
+    them stale.
+
+    Args:
+        model: the model whose ``start_after`` states are kept.
+        table: the pieces (their tokens and where each starts).
+        every: tokens between checkpoints.
+        rows_at_once: pieces scanned together while building (bounds the scan's memory).
+    """
+
+    def __init__(self, model: _Model, table: TokenTable, every: int = CHECKPOINT_EVERY,
+                 rows_at_once: int = 64) -> None:  # fmt: skip
+        self.every = every
+        dev = table.flat.device
+        counts = table.lengths // every  # checkpoints per piece (at every, 2 every, ...)
+        n_rows = len(table.starts)
+        first = np.full(n_rows, -1, dtype=np.int64)  # (cache rows,) its first checkpoint
+        first[table.rows] = np.cumsum(counts) - counts
+        self.first = torch.as_tensor(first, device=dev)
+        self.total = int(counts.sum())
+        states: list[tuple[np.ndarray, Any]] = []  # (checkpoint numbers, start) per part
+        for j in range(1, int(counts.max(initial=0)) + 1):  # round j: tokens (j-1)e .. je
+            live = np.flatnonzero(counts >= j)
+            for lo in range(0, len(live), rows_at_once):
+                chunk = live[lo : lo + rows_at_once]
+                rows = torch.as_tensor(table.rows[chunk], device=dev)
+                begin = torch.full((len(chunk),), (j - 1) * every, dtype=torch.long)
+                part = table.span(rows, begin, begin + every)
+                before = None
+                if j > 1:
+                    before = self._gather(torch.as_tensor(first[table.rows[chunk]] + j - 2))
+                start = model.start_after(part, initial=before, device=dev)
+                states.append((first[table.rows[chunk]] + j - 1, start))
+            self._store(states)
+
+    def _store(self, parts: list[tuple[np.ndarray, Any]]) -> None:
+        """Write the finished rounds' states into the flat tables (created on first use)."""
+        for numbers, start in parts:
+            at = torch.as_tensor(numbers, device=_device_of(start))
+            if not hasattr(self, "table"):
+                self.table = _empty_like(start, self.total)
+            _scatter(self.table, at, start)
+        parts.clear()
+
+    def _gather(self, numbers: torch.Tensor) -> Any:
+        return _index(self.table, numbers.to(_device_of(self.table)))
+
+    def start(self, model: _Model, batch: dict[str, torch.Tensor], table: TokenTable) -> Any:
+        """:func:`window_start`'s state before augmentation, from each window's last checkpoint
+        plus the scan of what follows it (rows whose offset is 0 or a checkpoint: no scan)."""
+        offset, index = batch["offset"], batch["index"]
+        done = offset // self.every  # (B,) checkpoints passed (host)
+        begin = done * self.every
+        rest = table.span(index, begin, offset)
+        dev = rest.device
+        has = (done > 0).to(dev)
+        initial = None
+        if bool(has.any()):
+            at = self.first[index.to(dev)] + done.to(dev) - 1
+            initial = _index(self.table, torch.where(has, at, 0))  # row 0: replaced below
+            if not bool(has.all()):  # rows before their first checkpoint: a piece's start
+                fresh = model.start_after(rest[:, :0], device=dev)
+                initial = _where(has, initial, fresh)
+        return model.start_after(rest, empty=(offset == begin).to(dev), initial=initial,
+                                 device=dev)  # fmt: skip
+
+
+def _fields(start: Any) -> dict[str, Any]:
+    """The tensors of a WindowStart (ticks, tempo, the grammar state's fields, onsets)."""
+    out: dict[str, Any] = {"ticks": start.ticks, "tempo": start.tempo}
+    if start.grammar is not None:
+        state, onset = start.grammar
+        out.update({f"g.{f.name}": getattr(state, f.name) for f in dataclasses.fields(state)})
+        out["onset"] = onset
+    return out
+
+
+def _rebuild(like: Any, values: dict[str, Any]) -> Any:
+    new = dataclasses.replace(like, ticks=values["ticks"], tempo=values["tempo"], features=None)
+    if like.grammar is not None:
+        state = dataclasses.replace(
+            like.grammar[0],
+            **{f.name: values[f"g.{f.name}"] for f in dataclasses.fields(like.grammar[0])},
+        )
+        new.grammar = (state, values["onset"])
+    return new
+
+
+def _device_of(start: Any) -> torch.device:
+    return next(v.device for v in _fields(start).values() if v is not None)
+
+
+def _empty_like(start: Any, n: int) -> Any:
+    return _rebuild(start, {k: None if v is None else v.new_zeros((n, *v.shape[1:]))
+                            for k, v in _fields(start).items()})  # fmt: skip
+
+
+def _scatter(table: Any, at: torch.Tensor, start: Any) -> None:
+    dst = _fields(table)
+    for k, v in _fields(start).items():
+        if v is not None:
+            dst[k][at] = v
+
+
+def _index(table: Any, at: torch.Tensor) -> Any:
+    return _rebuild(table, {k: None if v is None else v[at] for k, v in _fields(table).items()})
+
+
+def _where(keep: torch.Tensor, a: Any, b: Any) -> Any:
+    fb = _fields(b)
+    return _rebuild(a, {
+        k: None if v is None else torch.where(keep.view(-1, *([1] * (v.dim() - 1))), v, fb[k])
+        for k, v in _fields(a).items()
+    })  # fmt: skip
 
 
 def prefix_ids(batch: dict[str, torch.Tensor], cache: _Tokens | TokenTable) -> torch.Tensor:
@@ -239,7 +385,11 @@ def window_start(model: _Model, batch: dict[str, torch.Tensor], cache: _Tokens |
     stretch and jitter retime the window only (module docstring). The returned object is the
     model's (e.g. :class:`aurl.models.model.WindowStart`), changed in place.
     """
-    start = model.start_after(prefix_ids(batch, cache), empty=batch["offset"] == 0)
+    checkpoints = getattr(cache, "checkpoints", None)
+    if checkpoints is not None:
+        start = checkpoints.start(model, batch, cache)
+    else:
+        start = model.start_after(prefix_ids(batch, cache), empty=batch["offset"] == 0)
     if "family_map" in batch and getattr(start, "grammar", None) is not None:
         state, onset = start.grammar
         state = augment_state(

@@ -613,11 +613,14 @@ class MusicTransformerVAEGAN(nn.Module):
         *,
         empty: Tensor | None = None,
         device: torch.device | str | None = None,
+        initial: WindowStart | None = None,
     ) -> WindowStart:
         """The musical-time and grammar-feature state after ``history`` (B, n), the tokens
         before a window, without attending to them. Rows may be right-aligned behind PAD
         tokens (which move neither time nor the grammar's sounding notes); rows marked in
-        ``empty`` (B,) bool have no history and get the initial state."""
+        ``empty`` (B,) bool have no history and get the initial state. ``initial``: the state
+        ``history`` continues from (default: a piece's start), e.g. a checkpoint of the piece
+        (:class:`aurl.data.window_state.PrefixCheckpoints`)."""
         device = torch.device(device) if device is not None else self.embed.weight.device
         history = history.to(device)
         B = history.shape[0]
@@ -625,12 +628,16 @@ class MusicTransformerVAEGAN(nn.Module):
         if self.time is not None:
             ticks = torch.zeros(B, dtype=torch.long, device=device)
             tempo = torch.full((B,), -1, dtype=torch.long, device=device)
+            if initial is not None:
+                ticks, tempo = initial.ticks, initial.tempo
             if history.shape[1]:  # positions only: no (B, n, D) embedding of the past
                 *_, tempos, cum = self.time.positions(history, ticks, tempo)
                 ticks, tempo = cum[:, -1], tempos[:, -1]
             start.ticks, start.tempo = ticks, tempo
         if self.grammar_features is not None:
             carry = self.grammar_features.initial(B, device)
+            if initial is not None:
+                carry = initial.grammar
             if history.shape[1]:
                 after = carry
                 # in parts: a scan holds (B, part, families x pitches) on a GPU, and the state

@@ -880,6 +880,9 @@ def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch
     features = model.time is not None or model.grammar_features is not None
     if (features or run.use_grammar) and run.prefixes is None:  # the train pieces, on the device
         run.prefixes = TokenTable(run.cache, run.cache.split_indices("train"), device)
+        if features:  # the model's state every 1024 tokens: a long piece's windows scan less
+            with torch.no_grad():
+                run.prefixes.add_checkpoints(unwrap(model))
     out = []
     for _ in range(run.config.training.grad_accum):
         # a DataLoader draws its workers' base seed from the global torch RNG whenever it
