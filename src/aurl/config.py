@@ -104,6 +104,9 @@ class DataConfig:
     batch_size: int = _num(16, 1, 65536)
     num_workers: int = _num(0, 0, 256)
     length_grouped: bool = True
+    # (style, n) pairs: a training piece of that style (the cache's manifest label) is drawn n
+    # times an epoch, e.g. [[chorale, 8]] so the chorales are not 3.5% of `all`. Empty: once each
+    style_repeat: tuple[tuple[str, int], ...] = ()
     # share of training windows cut into prefix / middle / suffix and reordered
     # [SUF] suffix [PRE] prefix [MID] middle [EOM] (aurl.data.fim; needs model.fim). 0: none
     fim_rate: float = _num(0.0, 0.0, 1.0)

@@ -277,3 +277,30 @@ def test_cli_unknown_style_and_a_model_without_styles_say_so_in_one_line(
     assert main([*args, "--checkpoint", str(plain), "--style", "folk"]) != 0
     err = capsys.readouterr().err.strip()
     assert "trained without styles" in err and "\n" not in err
+
+
+def test_style_repeat_draws_a_style_n_times_an_epoch(mix_cache):
+    """``data.style_repeat`` multiplies the windows of one style's training pieces in an epoch
+    (the others and the validation split as they were); a style the cache lacks, or a count
+    below 1, is one clear error."""
+    from aurl.config import DataConfig
+    from aurl.data.dataset import WindowDataset, build_loader
+    from aurl.errors import ConfigError
+
+    cache = TokenCache(mix_cache)
+    plain = WindowDataset(cache, "train", window=64)
+    more = WindowDataset(cache, "train", window=64, style_repeat=(("palestrina", 3),))
+    styles = (
+        cache.styles[plain.pieces[plain.slot_piece]],
+        cache.styles[more.pieces[more.slot_piece]],
+    )
+    pal = cache.style_names.index("palestrina")
+    assert (styles[1] == pal).sum() == 3 * (styles[0] == pal).sum() > 0
+    assert (styles[1] != pal).sum() == (styles[0] != pal).sum() > 0
+    data = DataConfig(window=64, batch_size=4, style_repeat=(("palestrina", 3),))
+    valid = build_loader(cache, data, split="valid", augment=False)
+    assert len(valid.dataset) == len(WindowDataset(cache, "valid", window=64))
+    with pytest.raises(ConfigError, match=r"no style 'folk'; its styles are \['chorale', 'pal"):
+        WindowDataset(cache, "train", window=64, style_repeat=(("folk", 2),))
+    with pytest.raises(ConfigError, match="palestrina 0; give a count of at least 1"):
+        WindowDataset(cache, "train", window=64, style_repeat=(("palestrina", 0),))

@@ -100,6 +100,7 @@ class WindowDataset(torch.utils.data.Dataset):
         fim_rate: float = 0.0,
         anticipation_rate: float = 0.0,
         anticipation_beats: float = 0.0,
+        style_repeat: tuple[tuple[str, int], ...] = (),
     ) -> None:
         self.cache = _open(cache)
         if vocab_config is not None:
@@ -121,6 +122,7 @@ class WindowDataset(torch.utils.data.Dataset):
         self.anticipation_rate, self.anticipation_beats = anticipation_rate, anticipation_beats
         self.piece_lengths = self.cache.lengths[self.pieces]  # (P,)
         slots = np.maximum(1, -(-self.piece_lengths // window))  # (P,) ceil, at least one
+        slots = slots * piece_repeats(self.cache, self.pieces, style_repeat)
         self.slot_piece = np.repeat(np.arange(len(self.pieces)), slots)  # (N,) slot -> piece
         self.vocab = vocab = Vocab(self.cache.vocab_config)
         # a time step's first event follows a TIME_SHIFT and is not one itself
@@ -363,6 +365,33 @@ class Loader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+def piece_repeats(
+    cache: TokenCache, pieces: np.ndarray, style_repeat: tuple[tuple[str, int], ...]
+) -> np.ndarray:
+    """(P,) how many times an epoch each of ``pieces`` (cache rows) is drawn: ``data.style_repeat``
+    by the pieces' style labels, 1 for the rest.
+
+    Raises:
+        ConfigError: a style the cache has no pieces of (the message lists the ones it has), or
+            a count below 1.
+    """
+    repeats = np.ones(len(pieces), dtype=np.int64)
+    if not style_repeat:
+        return repeats
+    names = cache.style_names
+    labels = cache.styles[pieces]
+    for name, n in style_repeat:
+        if name not in names:
+            raise ConfigError(
+                f"data.style_repeat: the cache {cache.path} has no style {name!r}; its styles "
+                f"are {names or 'none (prepare a corpus with a manifest)'}"
+            )
+        if n < 1:
+            raise ConfigError(f"data.style_repeat: {name} {n}; give a count of at least 1")
+        repeats[labels == names.index(name)] = n
+    return repeats
+
+
 def build_loader(
     cache: TokenCache | str | Path,
     data_config: DataConfig,
@@ -384,6 +413,7 @@ def build_loader(
         cache, split, window=data_config.window, seed=seed, augment=augmenter,
         vocab_config=vocab_config, fim_rate=data_config.fim_rate,
         anticipation_rate=data_config.anticipation_rate, anticipation_beats=anticipation_beats,
+        style_repeat=data_config.style_repeat if split == "train" else (),
     )  # fmt: skip
     sampler = LengthGroupedBatchSampler(
         dataset, data_config.batch_size, seed=seed, length_grouped=data_config.length_grouped,
