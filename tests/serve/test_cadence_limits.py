@@ -95,17 +95,18 @@ def serving(app):
 
 
 def test_a_client_gone_during_the_endings_stops_them(tmp_path, shipped):
-    """The shipped model's 8-second piece of seed 11 ends on no cadence, and so does its first
-    round of redrawn endings: the search runs two rounds of 7 rows (135 steps, ~2 s of CPU).
-    The client closes its socket at the first of them; the server sees it within 0.25 s and
-    the work stops at the next token."""
+    """The shipped model's 8-second piece of seed 22 ends on no cadence, and so do its first
+    rounds of redrawn endings: the search decodes 156 steps of 7 rows (~3 s of CPU; seeds 6
+    and 22 of 0-23 search that long with the GPU-trained model, seed 11 only 50). The client
+    closes its socket at the first of them; the server sees it within 0.25 s and the work
+    stops at the next token."""
     from aurl.config import GenerationConfig
     from aurl.generation.cadence import generate_with_cadence
     from aurl.serve.app import Settings, create_app
     from aurl.serve.engine import Limits
 
-    body = {"seconds": 8, "seed": 11, "cadence": "ending"}
-    config = GenerationConfig(seconds=8, max_tokens=Limits().max_tokens, seed=11)
+    body = {"seconds": 8, "seed": 22, "cadence": "ending"}
+    config = GenerationConfig(seconds=8, max_tokens=Limits().max_tokens, seed=22)
     with at_ending_batch(shipped, lambda: None) as rows:  # the whole search, for comparison
         generate_with_cadence(shipped, config, options=CADENCE_MODES["ending"])
     whole = rows.count(ROWS)
