@@ -19,10 +19,14 @@ def test_bench_gpu_smoke(tmp_path, capsys) -> None:
     aurl = results["aurl"]
     assert aurl["steps"] >= 1 and aurl["tok_per_s"] > 0 and math.isfinite(aurl["bits_per_note"])
     assert aurl["mfu"] is None  # no peak known for the CPU
+    # --select 8 (the default): validated inside the budget, the best state scored too
+    assert math.isfinite(aurl["bits_per_note_best"]) and 1 <= aurl["best_step"] <= aurl["steps"]
     if results["baseline_tokens"] != "absent":  # transformers installed: GPT-2 raced too
         gpt2 = results["gpt2"]
         assert gpt2["steps"] >= 1 and math.isfinite(gpt2["bits_per_note"])
+        assert math.isfinite(gpt2["bits_per_note_best"]) and gpt2["best_step"] <= gpt2["steps"]
     for b in (1, 3):
         d = results["decode"][b]
         assert all(d[k] > 0 for k in ("graphed", "static", "eager"))
-    assert printed.count("| decode batch") == 2 and "| test bits/note |" in printed
+    assert printed.count("| decode batch") == 2 and "| test bits/note, last step |" in printed
+    assert "| test bits/note, best of the validations (its step) |" in printed
