@@ -1,10 +1,13 @@
 """Training windows with their past, on real chorales: every window cut from the middle of a
 piece (and augmented) gets the musical time, grammar features and meter that the whole piece
 gives at the same positions, as evaluation and generation compute them incrementally; and the
-cache's time signatures reach the bars (3/4 chorales counted in 3)."""
+cache's time signatures reach the bars (3/4 chorales counted in 3). The prefix checkpoints the
+trainer keeps (:class:`PrefixCheckpoints`) give those start states bitwise: offsets at the
+piece's start, before the first checkpoint, on one, between two, augmented loader batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from aurl.data.augment import remap_instruments, transpose, velocity_map
 from aurl.data.cache import TokenCache, prepare
 from aurl.data.dataset import build_loader
 from aurl.data.vocab import Kind, Vocab
-from aurl.data.window_state import window_start
+from aurl.data.window_state import TokenTable, window_start
 from aurl.errors import DataError
 from aurl.models.model import MusicTransformerVAEGAN
 
@@ -175,3 +178,72 @@ def test_the_start_state_gives_the_window_masks(cache: TokenCache, model) -> Non
         start = window_start(model, batch, cache)
         expected = window_masks(grammar, batch, cache)
         assert torch.equal(grammar.sequence_masks(batch["ids"], start.grammar[0]), expected)
+
+
+# --- prefix checkpoints -------------------------------------------------------------------
+
+
+def tensors(start) -> dict[str, torch.Tensor]:
+    state, onset = start.grammar
+    out = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return {**out, "onset": onset, "ticks": start.ticks, "tempo": start.tempo}
+
+
+def assert_same(a, b) -> None:
+    ta, tb = tensors(a), tensors(b)
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
+
+
+@pytest.mark.parametrize("every", [37, 128])
+def test_checkpointed_starts_equal_whole_prefix_scans(cache, model, every) -> None:
+    rows = cache.split_indices("train")
+    plain = TokenTable(cache, rows, "cpu")
+    fast = TokenTable(cache, rows, "cpu")
+    fast.add_checkpoints(model, every=every)
+    assert fast.checkpoints.total == int((plain.lengths // every).sum()) > 0
+    lengths = {int(r): int(n) for r, n in zip(rows, plain.lengths)}
+    # hand-made offsets: start, before the first checkpoint, on one, between, the last token
+    index, offset = [], []
+    for r, n in list(lengths.items())[:4]:
+        for off in (0, every - 1, every, every + 1, 2 * every, n - 1):
+            if off < n:
+                index.append(r)
+                offset.append(off)
+    batch = {"index": torch.tensor(index), "offset": torch.tensor(offset)}
+    with torch.no_grad():
+        assert_same(window_start(model, batch, fast), window_start(model, batch, plain))
+    # the loader's own augmented batches (transposition and the rest carried after the start)
+    stream = iter(build_loader(cache, DATA, seed=3, augment=True))
+    for _ in range(4):
+        b = next(stream)
+        with torch.no_grad():
+            assert_same(window_start(model, b, fast), window_start(model, b, plain))
+
+
+def test_no_piece_long_enough_keeps_no_checkpoint(cache, model) -> None:
+    rows = cache.split_indices("train")
+    table = TokenTable(cache, rows, "cpu")
+    table.add_checkpoints(model, every=int(np.max(table.lengths)) + 1)
+    batch = {"index": torch.tensor([int(rows[0])] * 2), "offset": torch.tensor([0, 5])}
+    plain = TokenTable(cache, rows, "cpu")
+    assert table.checkpoints.total == 0
+    with torch.no_grad():
+        assert_same(window_start(model, batch, table), window_start(model, batch, plain))
+
+
+def test_a_batch_mixing_pieces_with_and_without_checkpoints(cache, model) -> None:
+    """The table's last piece has none (it is the shortest and ``every`` passes its length):
+    its rows take the piece's start while the others take their checkpoints."""
+    rows = cache.split_indices("train")
+    lengths = np.array([len(cache.tokens(int(r))) for r in rows])
+    rows = rows[np.argsort(-lengths, kind="stable")]  # the shortest last
+    shortest, longest = int(lengths.min()), int(lengths.max())
+    assert shortest < longest
+    table = TokenTable(cache, rows, "cpu")
+    table.add_checkpoints(model, every=shortest + 1)
+    plain = TokenTable(cache, rows, "cpu")
+    batch = {"index": torch.tensor([int(rows[-1]), int(rows[0]), int(rows[-1])]),
+             "offset": torch.tensor([3, shortest + 5, 0])}  # fmt: skip
+    with torch.no_grad():
+        assert_same(window_start(model, batch, table), window_start(model, batch, plain))

@@ -142,7 +142,7 @@ class PrefixCheckpoints:
     quartet movement (``all``) cost every row of its batch a scan of 30,000 tokens (prefixes are
     right-aligned to the batch's longest). The states are those of the whole-prefix scan,
     bitwise: a scan in parts carries the same state from part to part
-    (``tests/data/test_prefix_checkpoints.py``). They read no weights, so training never makes
+    (``tests/data/test_window_prefix.py``). They read no weights, so training never makes
     them stale.
 
     Args:
