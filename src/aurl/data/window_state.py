@@ -113,12 +113,7 @@ class TokenTable:
         """(B, L) on the table's device: the first ``offset`` tokens of cache row ``index``
         (both (B,), best on the host: L, the longest offset, is read from them), right-aligned
         behind PAD tokens, as :func:`prefix_ids` gives them."""
-        dev = self.flat.device
-        L = int(offset.max()) if len(offset) else 0
-        off = offset.to(dev, non_blocking=True)
-        j = torch.arange(L, device=dev)[None, :] - (L - off)[:, None]  # (B, L) <0: padding
-        src = self.starts[index.to(dev, non_blocking=True)][:, None] + j.clamp(min=0)
-        return torch.where(j >= 0, self.flat[src].long(), PAD)  # (B, L)
+        return self.span(index, torch.zeros_like(offset), offset)
 
     def span(self, index: torch.Tensor, begin: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         """(B, L) on the table's device: tokens ``begin:end`` of cache row ``index`` (all (B,),
@@ -127,6 +122,7 @@ class TokenTable:
         n = end - begin
         L = int(n.max()) if len(n) else 0
         j = torch.arange(L, device=dev)[None, :] - (L - n.to(dev, non_blocking=True))[:, None]
+        # j: (B, L) position in the span, < 0 for the padding in front
         first = self.starts[index.to(dev, non_blocking=True)] + begin.to(dev, non_blocking=True)
         src = first[:, None] + j.clamp(min=0)
         return torch.where(j >= 0, self.flat[src].long(), PAD)  # (B, L)
@@ -162,6 +158,7 @@ class PrefixCheckpoints:
         first[table.rows] = np.cumsum(counts) - counts
         self.first = torch.as_tensor(first, device=dev)
         self.total = int(counts.sum())
+        self.table: Any = None  # every checkpoint's state, one row each (a WindowStart)
         states: list[tuple[np.ndarray, Any]] = []  # (checkpoint numbers, start) per part
         for j in range(1, int(counts.max(initial=0)) + 1):  # round j: tokens (j-1)e .. je
             live = np.flatnonzero(counts >= j)
@@ -181,7 +178,7 @@ class PrefixCheckpoints:
         """Write the finished rounds' states into the flat tables (created on first use)."""
         for numbers, start in parts:
             at = torch.as_tensor(numbers, device=_device_of(start))
-            if not hasattr(self, "table"):
+            if self.table is None:
                 self.table = _empty_like(start, self.total)
             _scatter(self.table, at, start)
         parts.clear()
@@ -192,17 +189,17 @@ class PrefixCheckpoints:
     def start(self, model: _Model, batch: dict[str, torch.Tensor], table: TokenTable) -> Any:
         """:func:`window_start`'s state before augmentation, from each window's last checkpoint
         plus the scan of what follows it (rows whose offset is 0 or a checkpoint: no scan)."""
-        offset, index = batch["offset"], batch["index"]
-        done = offset // self.every  # (B,) checkpoints passed (host)
+        offset, index = batch["offset"], batch["index"]  # host tensors: no device sync here
+        done = offset // self.every  # (B,) checkpoints passed
         begin = done * self.every
         rest = table.span(index, begin, offset)
         dev = rest.device
-        has = (done > 0).to(dev)
         initial = None
-        if bool(has.any()):
+        if bool((done > 0).any()):
+            has = (done > 0).to(dev)
             at = self.first[index.to(dev)] + done.to(dev) - 1
             initial = _index(self.table, torch.where(has, at, 0))  # row 0: replaced below
-            if not bool(has.all()):  # rows before their first checkpoint: a piece's start
+            if not bool((done > 0).all()):  # rows before their first checkpoint: a piece's start
                 fresh = model.start_after(rest[:, :0], device=dev)
                 initial = _where(has, initial, fresh)
         return model.start_after(rest, empty=(offset == begin).to(dev), initial=initial,
