@@ -85,6 +85,9 @@ class AugmentConfig:
     jitter_steps: int = _num(1, 0, 64)
 
 
+MAX_STYLE_REPEAT = 1000  # data.style_repeat's largest count
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Reading, repairing, splitting, caching and batching."""
@@ -114,6 +117,16 @@ class DataConfig:
     # model.anticipation beats ahead of their time (aurl.data.anticipation). 0: none
     anticipation_rate: float = _num(0.0, 0.0, 1.0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.style_repeat]
+        for name, n in self.style_repeat:
+            if not 1 <= n <= MAX_STYLE_REPEAT:  # an epoch's slots are materialised: bounded
+                raise ConfigError(
+                    f"data.style_repeat: {name} {n}; give a count from 1 to {MAX_STYLE_REPEAT}"
+                )
+            if names.count(name) > 1:
+                raise ConfigError(f"data.style_repeat: {name} is listed twice; give it once")
 
 
 @dataclass(frozen=True)

@@ -302,5 +302,13 @@ def test_style_repeat_draws_a_style_n_times_an_epoch(mix_cache):
     assert len(valid.dataset) == len(WindowDataset(cache, "valid", window=64))
     with pytest.raises(ConfigError, match=r"no style 'folk'; its styles are \['chorale', 'pal"):
         WindowDataset(cache, "train", window=64, style_repeat=(("folk", 2),))
-    with pytest.raises(ConfigError, match="palestrina 0; give a count of at least 1"):
+    with pytest.raises(ConfigError, match="palestrina 0; give a count from 1 to 1000"):
         WindowDataset(cache, "train", window=64, style_repeat=(("palestrina", 0),))
+    with pytest.raises(ConfigError, match="palestrina 1000000000; give a count from 1 to 1000"):
+        WindowDataset(cache, "train", window=64, style_repeat=(("palestrina", 10**9),))
+    for bad, says in (
+        ("[[palestrina, 1000000000]]", "palestrina 1000000000; give a count"),
+        ("[[palestrina, 2], [palestrina, 3]]", "palestrina is listed twice"),
+    ):
+        with pytest.raises(ConfigError, match=says):  # at the config, before a run starts
+            load_config(preset="tiny", overrides=[f"data.style_repeat={bad}"])

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aurl.config import DataConfig, VocabConfig
+from aurl.config import MAX_STYLE_REPEAT, DataConfig, VocabConfig
 from aurl.data.anticipation import draw_anticipation
 from aurl.data.augment import Augmenter, AugmentParams
 from aurl.data.cache import TokenCache
@@ -373,7 +373,7 @@ def piece_repeats(
 
     Raises:
         ConfigError: a style the cache has no pieces of (the message lists the ones it has), or
-            a count below 1.
+            a count outside 1..MAX_STYLE_REPEAT.
     """
     repeats = np.ones(len(pieces), dtype=np.int64)
     if not style_repeat:
@@ -386,8 +386,10 @@ def piece_repeats(
                 f"data.style_repeat: the cache {cache.path} has no style {name!r}; its styles "
                 f"are {names or 'none (prepare a corpus with a manifest)'}"
             )
-        if n < 1:
-            raise ConfigError(f"data.style_repeat: {name} {n}; give a count of at least 1")
+        if not 1 <= n <= MAX_STYLE_REPEAT:  # DataConfig checks it too, before anything runs
+            raise ConfigError(
+                f"data.style_repeat: {name} {n}; give a count from 1 to {MAX_STYLE_REPEAT}"
+            )
         repeats[labels == names.index(name)] = n
     return repeats
 
