@@ -188,7 +188,7 @@ def test_the_compiled_step_draws_what_the_eager_one_draws(model, chorales) -> No
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_the_compiled_graph_draws_fresh_noise(model, chorales) -> None:  # pragma: no cover - GPU
+def test_the_compiled_graph_draws_like_the_plain_graph(model, chorales) -> None:  # pragma: no cover - GPU
     """Inductor's kernels inside the captured graph: greedy draws equal the plain graph's; at
     temperature 1 a seed repeats its draws, another seed differs, and every draw is allowed."""
     cuda = MusicTransformerVAEGAN(TINY).cuda().eval()
