@@ -23,6 +23,8 @@ def test_defaults_and_preset_and_overrides(tmp_path):
         ("training.lrr=1", "training.lrr"),
         ("model.attention=foo", "full"),
         ("training.lr=-1", "out of range"),
+        ("training.seed=-1", "training.seed: -1 is out of range"),  # was numpy's traceback
+        ("training.seed=18446744073709551616", "training.seed"),  # 2**64: torch's overflow
         ("training.max_steps=abc", "integer"),
         ("nosection.x=1", "nosection"),
         ("vocab.pitch_min=110", "pitch_max"),
@@ -31,6 +33,25 @@ def test_defaults_and_preset_and_overrides(tmp_path):
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError, match=words):
         load_config(overrides=[override])
+
+
+def test_every_number_in_the_config_has_a_range():
+    """A numeric key without bounds reaches the code unchecked (``training.seed=-1`` was a
+    traceback from numpy's seeding); every int and float field declares its range."""
+    import dataclasses
+    import typing
+
+    import aurl.config as config_module
+
+    unbounded = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (int, float) and "range" not in f.metadata:
+                unbounded.append(f"{section.name}.{f.name}")
+    assert unbounded == [], unbounded
+    assert config_module.GenerationConfig.__dataclass_fields__["seed"].metadata["range"]
 
 
 def test_round_trip_through_dict(tmp_path):

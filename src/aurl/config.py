@@ -231,7 +231,7 @@ class TrainingConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     grad_checkpointing: bool = False
-    seed: int = 0
+    seed: int = _num(0, 0, 2**63 - 1)  # torch's and numpy's generators take 64 bits
     device: str = "auto"
     eval_every: int = _num(250, 1)
     eval_batches: int = _num(50, 1)
