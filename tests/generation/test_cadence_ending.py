@@ -42,8 +42,8 @@ def shipped_engine():
 def test_retries_close_an_ending_that_plain_sampling_and_round_zero_leave_open(
     shipped_engine,
 ) -> None:
-    """A short piece of the shipped model (seed 6, 8 s; seed 0 until the end rule of issue
-    12's third pass made its plain piece end on a half cadence) ends on no cadence; one redrawn
+    """A short piece of the shipped model (seed 0, 8 s; of seeds 0-39, 0, 11, 18, 22, 24, 27, 34
+    and 38 behave so with the annealed model of the tenth session) ends on no cadence; one redrawn
     ending of a bar does not close it either; the further rounds (two bars, one candidate
     each) do, by the analysis the metric uses, and keep the piece's length and its body."""
     from aurl.data.tokenizer import Tokenizer
@@ -52,7 +52,7 @@ def test_retries_close_an_ending_that_plain_sampling_and_round_zero_leave_open(
 
     engine = shipped_engine
     tokenizer = Tokenizer(engine.vocab.config)
-    cfg = GenerationConfig(seconds=8.0, max_tokens=100_000, seed=6)
+    cfg = GenerationConfig(seconds=8.0, max_tokens=100_000, seed=0)
     plain = generate(engine, cfg)[0]
     once = close_ending(engine, cfg, plain, 0, tokenizer, CadenceOptions(endings=2))
     options = CadenceOptions(endings=2, retries=4, retry_tail_beats=8.0)

@@ -96,8 +96,8 @@ def serving(app):
 
 def test_a_client_gone_during_the_endings_stops_them(tmp_path, shipped):
     """The shipped model's 8-second piece of seed 22 ends on no cadence, and so do its first
-    rounds of redrawn endings: the search decodes 156 steps of 7 rows (~3 s of CPU; seeds 6
-    and 22 of 0-23 search that long with the GPU-trained model, seed 11 only 50). The client
+    rounds of redrawn endings: the search decodes 164 steps of 7 rows (~3 s of CPU; of seeds
+    0-23 only 0, 17 and 22 search that long with the annealed model, most 40-60 steps). The client
     closes its socket at the first of them; the server sees it within 0.25 s and the work
     stops at the next token."""
     from aurl.config import GenerationConfig
