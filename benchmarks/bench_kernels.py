@@ -64,16 +64,19 @@ KINDS = ("fp32", "int8", "int4")  # the exports: the graph's step of each
 # nbits8: 8-bit MatMulNBits, the int8 kernel the export does not use; gemv: the int8 product in
 # the form that reaches MLAS's matrix-vector kernel (:func:`gemv_nodes`); mmi-gemv / mmi-packed:
 # a bare u8 x s8 MatMulInteger without zero points, B not prepacked (MLAS's GEMV) / prepacked
-# (its packed GEMM): the two kernels alone, int32 out
-KERNELS = (*KINDS, "nbits8", "gemv", "mmi-gemv", "mmi-packed")
+# (its packed GEMM): the two kernels alone, int32 out; unfused: the int8 product as a prepacked
+# MatMulInteger with A's zero point and its scales in separate nodes (:func:`unfused_nodes`)
+KERNELS = (*KINDS, "nbits8", "gemv", "mmi-gemv", "mmi-packed", "unfused")
 UNPACKED = ("gemv", "mmi-gemv")  # kernels whose sessions run with prepacking off
-STEPS = (*KINDS, "int8-gemv")  # the whole steps timed: the exports and the int8 one rewritten
-STEP_KERNEL = {"fp32": "fp32", "int8": "int8", "int4": "int4", "int8-gemv": "gemv"}
+FORMS = {"gemv": "int8-gemv", "unfused": "int8-unfused"}  # the int8 step rewritten per form
+STEPS = (*KINDS, *FORMS.values())  # the whole steps timed
+STEP_KERNEL = {**{k: k for k in KINDS}, **{step: form for form, step in FORMS.items()}}
 OPS = {"fp32": "MatMul fp32", "int8": "DynamicQuantizeMatMul int8 (the int8 export's)",
        "int4": "MatMulNBits 4-bit (the int4 export's)", "nbits8": "MatMulNBits 8-bit (not used)",
        "gemv": "int8, the GEMV form (zero points 0, B not prepacked; not used)",
        "mmi-gemv": "MatMulInteger u8 x s8 alone, B not prepacked (MLAS's GEMV kernel)",
        "mmi-packed": "MatMulInteger u8 x s8 alone, B prepacked (MLAS's packed GEMM kernel)",
+       "unfused": "int8, MatMulInteger prepacked with scales after (not used)",
        "attention": "GroupQueryAttention (the export's)",
        "attention-scale1": "GroupQueryAttention, scale 1 (q scaled before)",
        "attention-kv2": "GroupQueryAttention, 2 KV heads (a model change, not exported)"}  # fmt: skip
@@ -136,7 +139,8 @@ def session_options(ort: Any, prepack: bool = True) -> Any:
 def weight_bytes(kind: str, K: int, N: int) -> int:
     """Bytes one node's constants take in the graph: fp32 weights; int8 weights with an fp32
     scale, an int8 zero point and an fp32 bias per output; the GEMV form's int8 weights with an
-    int32 column sum, an fp32 scale and an fp32 bias per output; the bare MatMulIntegers' int8
+    int32 column sum, an fp32 scale and an fp32 bias per output (unfused: without the column
+    sum); the bare MatMulIntegers' int8
     weights; 4- or 8-bit weights (int4, nbits8) with an fp32 scale per block of 32 inputs and
     an fp32 bias per output."""
     if kind == "fp32":
@@ -145,6 +149,8 @@ def weight_bytes(kind: str, K: int, N: int) -> int:
         return K * N + 9 * N
     if kind == "gemv":
         return K * N + 12 * N
+    if kind == "unfused":
+        return K * N + 8 * N
     if kind.startswith("mmi"):
         return K * N
     blocks = -(-K // INT4_BLOCK)
@@ -176,12 +182,31 @@ def gemv_nodes(name: str, xq: str, xs: str, xz: str, w: str, colsum: str, scale:
     ]
 
 
+def unfused_nodes(name: str, xq: str, xs: str, xz: str, w: str, scale: str, out: str) -> list[Any]:
+    """The int8 product x @ W as a ``MatMulInteger`` with A's zero point (``xq``, ``xs``,
+    ``xz`` from ``DynamicQuantizeLinear``; ``w`` int8 with zero point 0) that onnxruntime
+    prepacks but does not fuse, its per-column ``scale`` and A's scale applied by two Muls
+    after its Cast (Mul(Mul(Cast, scale), xs): the MatMulIntegerToFloat fusion looks for
+    Mul(Cast(MatMulInteger), Mul(...)), so no output processor is attached). ``out``: (1, 1, N)
+    fp32, before any bias."""
+    from onnx import TensorProto, helper
+
+    p = name
+    return [
+        helper.make_node("MatMulInteger", [xq, w, xz], [f"{p}_acc"], name=f"{p}_packed"),
+        helper.make_node("Cast", [f"{p}_acc"], [f"{p}_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{p}_f", scale], [f"{p}_w"]),
+        helper.make_node("Mul", [f"{p}_w", xs], [out]),
+    ]
+
+
 def matmul_model(kind: str, K: int, N: int, copies: int, seed: int = 0) -> bytes:
     """A graph of ``copies`` independent nodes of ``kind`` (fp32 ``MatMul``, int8
-    ``DynamicQuantizeMatMul``, int4 / nbits8 ``MatMulNBits`` of 4 / 8 bits, ``gemv``: the int8
-    product as :func:`gemv_nodes` plus its bias, ``mmi-gemv`` / ``mmi-packed``: a bare
-    ``MatMulInteger``), each with its own random (K, N) weights, all reading the input ``x``
-    (1, 1, K; uint8 for the bare MatMulIntegers) but ``gemv``'s copies, each of which reads
+    ``DynamicQuantizeMatMul``, int4 / nbits8 ``MatMulNBits`` of 4 / 8 bits, ``gemv`` /
+    ``unfused``: the int8 product as :func:`gemv_nodes` / :func:`unfused_nodes` plus its bias,
+    ``mmi-gemv`` / ``mmi-packed``: a bare ``MatMulInteger``), each with its own random (K, N)
+    weights, all reading the input ``x`` (1, 1, K; uint8 for the bare MatMulIntegers) but the
+    ``FORMS``' copies, each of which reads
     its own input ``x{i}`` (bound to the same array: the optimizer would otherwise merge their
     quantizations into one, which the step's products on distinct inputs cannot share);
     outputs ``y0``... (1, 1, N), int32 for the bare MatMulIntegers. Serialized."""
@@ -205,17 +230,20 @@ def matmul_model(kind: str, K: int, N: int, copies: int, seed: int = 0) -> bytes
                 "DynamicQuantizeMatMul", ["x", f"w{i}", f"s{i}", f"z{i}", f"b{i}"], [f"y{i}"],
                 domain="com.microsoft",
             ))  # fmt: skip
-        elif kind == "gemv":
+        elif kind in FORMS:
             w = rng.integers(-64, 64, (K, N), dtype=np.int8)
             inits += [
                 numpy_helper.from_array(w, f"w{i}"),
-                numpy_helper.from_array(w.sum(0, dtype=np.int32), f"c{i}"),
                 numpy_helper.from_array(rng.uniform(1e-3, 2e-3, N).astype(np.float32), f"s{i}"),
                 numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), f"b{i}"),
             ]  # fmt: skip
             q = [f"x{i}_q", f"x{i}_s", f"x{i}_z"]
             nodes.append(helper.make_node("DynamicQuantizeLinear", [f"x{i}"], q))
-            nodes += gemv_nodes(f"n{i}", *q, f"w{i}", f"c{i}", f"s{i}", f"n{i}_y")
+            if kind == "gemv":
+                inits.append(numpy_helper.from_array(w.sum(0, dtype=np.int32), f"c{i}"))
+                nodes += gemv_nodes(f"n{i}", *q, f"w{i}", f"c{i}", f"s{i}", f"n{i}_y")
+            else:
+                nodes += unfused_nodes(f"n{i}", *q, f"w{i}", f"s{i}", f"n{i}_y")
             nodes.append(helper.make_node("Add", [f"n{i}_y", f"b{i}"], [f"y{i}"]))
         elif kind.startswith("mmi"):
             inits.append(numpy_helper.from_array(rng.integers(-64, 64, (K, N), dtype=np.int8),
@@ -237,7 +265,7 @@ def matmul_model(kind: str, K: int, N: int, copies: int, seed: int = 0) -> bytes
             ))  # fmt: skip
         out_type = TensorProto.INT32 if kind.startswith("mmi") else TensorProto.FLOAT
         outs.append(helper.make_tensor_value_info(f"y{i}", out_type, [1, 1, N]))
-    if kind == "gemv":
+    if kind in FORMS:
         ins = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, 1, K])
                for i in range(copies)]  # fmt: skip
     else:
@@ -393,16 +421,17 @@ def shape_names(fp32_graph: Path) -> dict[tuple[int, int], str]:
     return names
 
 
-def gemv_graph(int8_graph: Path) -> bytes:
-    """The int8 export's graph with each of its quantized products in the GEMV form: the
-    ``MatMulInteger`` (A's and B's zero points), ``Cast`` and scale ``Mul`` nodes that
-    ``quantize_dynamic`` writes (and onnxruntime fuses with the ``DynamicQuantizeLinear`` before
-    them into ``DynamicQuantizeMatMul``) replaced by :func:`gemv_nodes` on the same
-    ``DynamicQuantizeLinear`` outputs and weights, with the weights' int32 column sums added;
-    the bias ``Add`` after each product is kept. Same inputs and outputs. Serialized.
+def form_graph(int8_graph: Path, form: str) -> bytes:
+    """The int8 export's graph with each of its quantized products in ``form`` (a key of
+    ``FORMS``): the ``MatMulInteger`` (A's and B's zero points), ``Cast`` and scale ``Mul``
+    nodes that ``quantize_dynamic`` writes (and onnxruntime fuses with the
+    ``DynamicQuantizeLinear`` before them into ``DynamicQuantizeMatMul``) replaced by
+    :func:`gemv_nodes` (the weights' int32 column sums added) or :func:`unfused_nodes` on the
+    same ``DynamicQuantizeLinear`` outputs and weights; the bias ``Add`` after each product is
+    kept. Same inputs and outputs. Serialized.
 
     Raises:
-        ValueError: a product whose weights have a nonzero zero point (the form needs 0)."""
+        ValueError: a product whose weights have a nonzero zero point (both forms drop it)."""
     import onnx
     from onnx import numpy_helper
 
@@ -426,10 +455,13 @@ def gemv_graph(int8_graph: Path) -> bytes:
         scales = made[next(i for i in mul.input if i != cast.output[0])]  # A's x B's scales
         w_scale = next(i for i in scales.input if i in inits)
         xs = next(i for i in scales.input if i != w_scale)
-        colsum = f"{w}_colsum"
-        q = numpy_helper.to_array(inits[w])
-        g.initializer.append(numpy_helper.from_array(q.sum(0, dtype=np.int32), colsum))
-        replaced[id(n)] = gemv_nodes(n.name, xq, xs, xz, w, colsum, w_scale, mul.output[0])
+        if form == "gemv":
+            colsum = f"{w}_colsum"
+            q = numpy_helper.to_array(inits[w])
+            g.initializer.append(numpy_helper.from_array(q.sum(0, dtype=np.int32), colsum))
+            replaced[id(n)] = gemv_nodes(n.name, xq, xs, xz, w, colsum, w_scale, mul.output[0])
+        else:
+            replaced[id(n)] = unfused_nodes(n.name, xq, xs, xz, w, w_scale, mul.output[0])
         replaced.update({id(cast): [], id(mul): [], id(scales): []})
     nodes = [m for n in g.node for m in replaced.get(id(n), [n])]
     del g.node[:]
@@ -441,13 +473,13 @@ def gemv_graph(int8_graph: Path) -> bytes:
     return model.SerializeToString()
 
 
-def write_gemv_export(int8: Path, out: Path) -> None:
-    """``out``: the int8 export folder ``int8`` with its graph in the GEMV form
-    (:func:`gemv_graph`), its ``config.json`` as is."""
+def write_form_export(int8: Path, out: Path, form: str) -> None:
+    """``out``: the int8 export folder ``int8`` with its graph in ``form``
+    (:func:`form_graph`), its ``config.json`` as is."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text((int8 / "config.json").read_text())
     decoder = json.loads((int8 / "config.json").read_text())["graphs"]["decoder"]
-    (out / decoder).write_bytes(gemv_graph(int8 / decoder))
+    (out / decoder).write_bytes(form_graph(int8 / decoder, form))
 
 
 def rest_model(int4_graph: Path) -> bytes:
@@ -683,10 +715,12 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3: the whole graph's step, the three exports and the graph without its kernels
         # alternating round by round
-        if not (folder / "int8-gemv" / "config.json").is_file():
-            write_gemv_export(folder / "int8", folder / "int8-gemv")
+        for form, step in FORMS.items():
+            if not (folder / step / "config.json").is_file():
+                write_form_export(folder / "int8", folder / step, form)
         graphs: dict[str, Any] = {kind: Graph(folder / kind, args.cached) for kind in KINDS}
-        graphs["int8-gemv"] = Graph(folder / "int8-gemv", args.cached, prepack=False)
+        for form, step in FORMS.items():
+            graphs[step] = Graph(folder / step, args.cached, prepack=form not in UNPACKED)
         graphs["rest"] = Rest(ort, graphs["int4"])
         step: dict[str, float] = {}
         order = list(graphs)
@@ -770,8 +804,8 @@ def report(res: Result) -> None:
     kv = 2 * L * H * (res.cached + 1) * hd * 4
     rest = res.step["rest"]
     print(f"\n3. The whole step at {res.cached} cached tokens (the engine's session, CPU time per "
-          "step, min of every round; int8-gemv: the int8 export in the GEMV form, prepacking "
-          "off) against its bytes and against its kernels alone (count x "
+          "step, min of every round; int8-gemv / int8-unfused: the int8 export in the GEMV "
+          "form, prepacking off / its products prepacked and unfused) against its bytes and against its kernels alone (count x "
           "time per node, from DRAM / in the L3) plus the graph without its kernels (the int4 "
           f"graph, every kernel replaced by a Slice or Pad: {rest * 1e3:.3f} ms)\n")  # fmt: skip
     print("| graph | step | reads (weights + KV) | at the DRAM read rate | of that bound | "

@@ -36,7 +36,7 @@ def dequantized(kind: str, inits: dict[str, np.ndarray], i: int, K: int) -> np.n
     w = inits[f"w{i}"]
     if kind == "fp32" or kind.startswith("mmi"):  # the bare MatMulIntegers: int8, exact
         return w
-    if kind == "gemv":  # per output channel, zero point 0
+    if kind in ("gemv", "unfused"):  # per output channel, zero point 0
         return w.astype(np.float32) * inits[f"s{i}"]
     if kind == "int8":  # per output channel: (q - zero point) x scale
         return (w.astype(np.float32) - inits[f"z{i}"]) * inits[f"s{i}"]
@@ -49,7 +49,7 @@ def dequantized(kind: str, inits: dict[str, np.ndarray], i: int, K: int) -> np.n
 
 
 @pytest.mark.parametrize(
-    "kind", ["fp32", "int8", "int4", "nbits8", "gemv", "mmi-gemv", "mmi-packed"]
+    "kind", ["fp32", "int8", "int4", "nbits8", "gemv", "mmi-gemv", "mmi-packed", "unfused"]
 )
 def test_each_copy_is_its_own_matmul(bench, kind: str) -> None:
     """Three copies at K=64, N=96, in the session the bench times (prepacking off for the
@@ -131,56 +131,73 @@ def test_the_rest_keeps_the_graph_without_its_kernels(bench, tmp_path) -> None:
     assert r.run(2) > 0 and np.isfinite(r.logits).all()
 
 
-def test_the_gemv_form_survives_the_optimizer_unpacked(bench, tmp_path) -> None:
-    """The GEMV form as onnxruntime runs it: after every graph optimization each product is
-    still a MatMulInteger of two inputs (no zero point: MLAS tries its matrix-vector kernel
-    only with both zero points 0), none fused into MatMulIntegerToFloat or
-    DynamicQuantizeMatMul (their output processor rules the GEMV out), and the session the
-    bench times has prepacking off (a prepacked B runs the packed GEMM, which has no GEMV)."""
+@pytest.mark.parametrize("form", ["gemv", "unfused"])
+def test_the_forms_survive_the_optimizer(bench, tmp_path, form: str) -> None:
+    """Each int8 form as onnxruntime runs it: after every graph optimization each product is
+    still a MatMulInteger, none fused into MatMulIntegerToFloat or DynamicQuantizeMatMul
+    (their output processor rules MLAS's GEMV out); the GEMV form's has two inputs (no zero
+    point: MLAS tries its matrix-vector kernel only with both zero points 0) and its session
+    has prepacking off (a prepacked B runs the packed GEMM, which has no GEMV); the unfused
+    form's keeps A's zero point and its session prepacks."""
     import onnxruntime as ort
 
     key = "session.disable_prepacking"
-    opts = bench.kernel_options(ort, "gemv")
+    opts = bench.kernel_options(ort, form)
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    sess = ort.InferenceSession(bench.matmul_model("gemv", 64, 96, 2), opts,
+    sess = ort.InferenceSession(bench.matmul_model(form, 64, 96, 2), opts,
                                 providers=["CPUExecutionProvider"])  # fmt: skip
-    assert sess.get_session_options().get_session_config_entry(key) == "1"
-    with pytest.raises(RuntimeError, match="does not have configuration"):
-        bench.kernel_options(ort, "mmi-packed").get_session_config_entry(key)  # prepacked
+    if form == "gemv":
+        assert sess.get_session_options().get_session_config_entry(key) == "1"
+    else:
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            sess.get_session_options().get_session_config_entry(key)  # prepacked
     nodes = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
     ops = collections.Counter(n.op_type for n in nodes)
     assert ops["MatMulInteger"] == 2 and not ops["MatMulIntegerToFloat"]
     assert not ops["DynamicQuantizeMatMul"]
-    assert all(len([i for i in n.input if i]) == 2 for n in nodes if n.op_type == "MatMulInteger")
+    inputs = {"gemv": 2, "unfused": 3}[form]
+    assert all(
+        len([i for i in n.input if i]) == inputs for n in nodes if n.op_type == "MatMulInteger"
+    )
     assert ops["DynamicQuantizeLinear"] == 2  # each copy quantizes its own input
 
 
-def test_the_gemv_graph_computes_the_int8_graph(bench, tmp_path, fixtures_dir) -> None:
-    """A tiny model's int8 export in the GEMV form: every product is a MatMulInteger of two
-    inputs (the weights' zero points gone), as many as in the export, and its logits on a real
-    token sequence, one token a step with prepacking off (so M = 1 runs the GEMV), equal the
-    int8 export's: the same int32 sums, scaled in another order (float rounding only)."""
+@pytest.fixture(scope="module")
+def tiny_int8(tmp_path_factory) -> Path:
+    """A tiny transformer's int8 export folder."""
     import torch
 
     from aurl.config import load_config
-    from aurl.data.tokenizer import Tokenizer
-    from aurl.engines.onnx_engine import OnnxEngine
     from aurl.models import build_model
     from aurl.models.onnx_export import export_onnx
 
     torch.manual_seed(0)
     model = build_model(load_config(preset="tiny", overrides=["model.mode=transformer"])).eval()
-    export_onnx(model, tmp_path / "int8", int8=True)
-    bench.write_gemv_export(tmp_path / "int8", tmp_path / "gemv")
-    graphs = [onnx.load(str(tmp_path / k / "decoder.onnx")).graph for k in ("int8", "gemv")]
+    return export_onnx(model, tmp_path_factory.mktemp("tiny") / "int8", int8=True)
+
+
+@pytest.mark.parametrize("form", ["gemv", "unfused"])
+def test_each_form_computes_the_int8_graph(bench, tiny_int8, tmp_path, fixtures_dir, form) -> None:
+    """A tiny model's int8 export in each form: every product is a MatMulInteger without the
+    weights' zero points, as many as in the export, and its logits on a real token sequence,
+    one token a step (M = 1) in the session the bench times (the GEMV form's with prepacking
+    off, so the GEMV runs), equal the int8 export's: the same int32 sums, corrected and scaled
+    in another order (float rounding only)."""
+    from aurl.data.tokenizer import Tokenizer
+    from aurl.engines.onnx_engine import OnnxEngine
+
+    bench.write_form_export(tiny_int8, tmp_path / form, form)
+    graphs = [onnx.load(str(f / "decoder.onnx")).graph for f in (tiny_int8, tmp_path / form)]
     products = [[n for n in g.node if n.op_type == "MatMulInteger"] for g in graphs]
     assert len(products[0]) == len(products[1]) > 0
-    assert all(len(n.input) == 2 for n in products[1])
+    assert all(len(n.input) == {"gemv": 2, "unfused": 3}[form] for n in products[1])
     assert not [t for t in graphs[1].initializer if t.name.endswith("zero_point")]
 
+    engine = OnnxEngine(tiny_int8)
     piece = fixtures_dir / "midi" / "bach_bwv66.6.mid"
-    ids = np.asarray(Tokenizer(model.vocab_config).encode_file(piece), np.int64)[None, :24]
-    engines = [OnnxEngine(tmp_path / "int8"), bench.Graph(tmp_path / "gemv", 3, False).engine]
+    ids = np.asarray(Tokenizer(engine.vocab_config).encode_file(piece), np.int64)[None, :24]
+    prepack = form not in bench.UNPACKED
+    engines = [engine, bench.Graph(tmp_path / form, 3, prepack).engine]
     logits = []
     for engine in engines:
         state = engine.init_state(1, capacity=32)
