@@ -18,7 +18,14 @@ round by round.
    ``DynamicQuantizeLinear`` + ``MatMulInteger`` + scales + bias into: int8 weights per output
    channel, an fp32 scale, an int8 zero point and an fp32 bias per output); 4-bit
    ``com.microsoft.MatMulNBits`` (symmetric, blocks of 32, ``accuracy_level`` 4, fp32 bias:
-   ``aurl export --int4``); and 8-bit ``MatMulNBits`` for comparison (not exported). Three
+   ``aurl export --int4``); and, not exported, for comparison: 8-bit ``MatMulNBits``; the int8
+   product in two other forms onnxruntime does not fuse, each copy quantizing its own input
+   with ``DynamicQuantizeLinear``: the GEMV form (:func:`gemv_nodes`: ``MatMulInteger``
+   without zero points, B not prepacked, so M = 1 reaches MLAS's u8 x s8 matrix-vector
+   kernel; A's zero point corrected by the weights' column sums) and the unfused form
+   (:func:`unfused_nodes`: a prepacked ``MatMulInteger`` with A's zero point, scales after);
+   and the two MLAS kernels alone, a bare u8 x s8 ``MatMulInteger`` without zero points, B
+   not prepacked (the GEMV) and prepacked (the packed GEMM), int32 out. Three
    sets of copies: as many as fill 4 MB (they stay in the L3 between calls: the kernel's own
    compute ceiling), 8 (the layers, as the brief of this bench asked: larger than L1 / L2, in
    the L3 only where 8 copies fit in what this VM gets of it) and enough to fill 3x the L3
@@ -31,7 +38,8 @@ round by round.
    attention, a model change: a quarter of the cache's bytes).
 3. The whole graph's step at ``--cached`` tokens (fp32, int8 and int4 exports of ``--shape``,
    the engine's own session, its KV cache bound in place, capacity 1040 or the context if
-   shorter): CPU time per step, the bytes it reads (weights + KV cache) and the fraction of
+   shorter; and the int8 export rewritten into each of the two forms above, ``int8-gemv``
+   with prepacking off and ``int8-unfused``: :func:`form_graph`): CPU time per step, the bytes it reads (weights + KV cache) and the fraction of
    the read bound; against it the sum of its kernels alone (count x time per node) plus the
    graph without its kernels (the int4 graph with every kernel replaced by a Slice or a Pad:
    the step's own work outside its kernels, with the session's run and every node's
