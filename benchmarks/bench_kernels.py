@@ -18,7 +18,14 @@ round by round.
    ``DynamicQuantizeLinear`` + ``MatMulInteger`` + scales + bias into: int8 weights per output
    channel, an fp32 scale, an int8 zero point and an fp32 bias per output); 4-bit
    ``com.microsoft.MatMulNBits`` (symmetric, blocks of 32, ``accuracy_level`` 4, fp32 bias:
-   ``aurl export --int4``); and 8-bit ``MatMulNBits`` for comparison (not exported). Three
+   ``aurl export --int4``); and, not exported, for comparison: 8-bit ``MatMulNBits``; the int8
+   product in two other forms onnxruntime does not fuse, each copy quantizing its own input
+   with ``DynamicQuantizeLinear``: the GEMV form (:func:`gemv_nodes`: ``MatMulInteger``
+   without zero points, B not prepacked, so M = 1 reaches MLAS's u8 x s8 matrix-vector
+   kernel; A's zero point corrected by the weights' column sums) and the unfused form
+   (:func:`unfused_nodes`: a prepacked ``MatMulInteger`` with A's zero point, scales after);
+   and the two MLAS kernels alone, a bare u8 x s8 ``MatMulInteger`` without zero points, B
+   not prepacked (the GEMV) and prepacked (the packed GEMM), int32 out. Three
    sets of copies: as many as fill 4 MB (they stay in the L3 between calls: the kernel's own
    compute ceiling), 8 (the layers, as the brief of this bench asked: larger than L1 / L2, in
    the L3 only where 8 copies fit in what this VM gets of it) and enough to fill 3x the L3
@@ -31,7 +38,8 @@ round by round.
    attention, a model change: a quarter of the cache's bytes).
 3. The whole graph's step at ``--cached`` tokens (fp32, int8 and int4 exports of ``--shape``,
    the engine's own session, its KV cache bound in place, capacity 1040 or the context if
-   shorter): CPU time per step, the bytes it reads (weights + KV cache) and the fraction of
+   shorter; and the int8 export rewritten into each of the two forms above, ``int8-gemv``
+   with prepacking off and ``int8-unfused``: :func:`form_graph`): CPU time per step, the bytes it reads (weights + KV cache) and the fraction of
    the read bound; against it the sum of its kernels alone (count x time per node) plus the
    graph without its kernels (the int4 graph with every kernel replaced by a Slice or a Pad:
    the step's own work outside its kernels, with the session's run and every node's
@@ -61,9 +69,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_onnx  # noqa: E402  (the helpers: exports, bandwidth, bytes per token, profiler)
 
 KINDS = ("fp32", "int8", "int4")  # the exports: the graph's step of each
-KERNELS = (*KINDS, "nbits8")  # nbits8: 8-bit MatMulNBits, the int8 kernel the export does not use
+# nbits8: 8-bit MatMulNBits, the int8 kernel the export does not use; gemv: the int8 product in
+# the form that reaches MLAS's matrix-vector kernel (:func:`gemv_nodes`); mmi-gemv / mmi-packed:
+# a bare u8 x s8 MatMulInteger without zero points, B not prepacked (MLAS's GEMV) / prepacked
+# (its packed GEMM): the two kernels alone, int32 out; unfused: the int8 product as a prepacked
+# MatMulInteger with A's zero point and its scales in separate nodes (:func:`unfused_nodes`)
+KERNELS = (*KINDS, "nbits8", "gemv", "mmi-gemv", "mmi-packed", "unfused")
+UNPACKED = ("gemv", "mmi-gemv")  # kernels whose sessions run with prepacking off
+FORMS = {"gemv": "int8-gemv", "unfused": "int8-unfused"}  # the int8 step rewritten per form
+STEPS = (*KINDS, *FORMS.values())  # the whole steps timed
+STEP_KERNEL = {**{k: k for k in KINDS}, **{step: form for form, step in FORMS.items()}}
 OPS = {"fp32": "MatMul fp32", "int8": "DynamicQuantizeMatMul int8 (the int8 export's)",
        "int4": "MatMulNBits 4-bit (the int4 export's)", "nbits8": "MatMulNBits 8-bit (not used)",
+       "gemv": "int8, the GEMV form (zero points 0, B not prepacked; not used)",
+       "mmi-gemv": "MatMulInteger u8 x s8 alone, B not prepacked (MLAS's GEMV kernel)",
+       "mmi-packed": "MatMulInteger u8 x s8 alone, B prepacked (MLAS's packed GEMM kernel)",
+       "unfused": "int8, MatMulInteger prepacked with scales after (not used)",
        "attention": "GroupQueryAttention (the export's)",
        "attention-scale1": "GroupQueryAttention, scale 1 (q scaled before)",
        "attention-kv2": "GroupQueryAttention, 2 KV heads (a model change, not exported)"}  # fmt: skip
@@ -108,33 +129,95 @@ class Reader:
         return a.nbytes / best / 1e9
 
 
-def session_options(ort: Any) -> Any:
-    """``OnnxEngine``'s session settings at one thread, with the pool's spinning off."""
+def session_options(ort: Any, prepack: bool = True) -> Any:
+    """``OnnxEngine``'s session settings at one thread, with the pool's spinning off;
+    ``prepack`` False: constant weights are not prepacked (``session.disable_prepacking``), the
+    one way a MatMulInteger on a constant B reaches MLAS's matrix-vector kernel (its packed-B
+    driver has none: ``MlasGemmQuantPackedOperation`` in ``onnxruntime/core/mlas/lib/qgemm.h``)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     return opts
 
 
 def weight_bytes(kind: str, K: int, N: int) -> int:
     """Bytes one node's constants take in the graph: fp32 weights; int8 weights with an fp32
-    scale, an int8 zero point and an fp32 bias per output; 4- or 8-bit weights (int4, nbits8)
-    with an fp32 scale per block of 32 inputs and an fp32 bias per output."""
+    scale, an int8 zero point and an fp32 bias per output; the GEMV form's int8 weights with an
+    int32 column sum, an fp32 scale and an fp32 bias per output (unfused: without the column
+    sum); the bare MatMulIntegers' int8
+    weights; 4- or 8-bit weights (int4, nbits8) with an fp32 scale per block of 32 inputs and
+    an fp32 bias per output."""
     if kind == "fp32":
         return 4 * K * N
     if kind == "int8":
         return K * N + 9 * N
+    if kind == "gemv":
+        return K * N + 12 * N
+    if kind == "unfused":
+        return K * N + 8 * N
+    if kind.startswith("mmi"):
+        return K * N
     blocks = -(-K // INT4_BLOCK)
     return N * blocks * (INT4_BLOCK * NBITS[kind] // 8) + 4 * N * blocks + 4 * N
 
 
+def gemv_nodes(name: str, xq: str, xs: str, xz: str, w: str, colsum: str, scale: str,
+               out: str) -> list[Any]:  # fmt: skip
+    """The int8 product x @ W in the form that reaches MLAS's u8 x s8 matrix-vector kernel
+    (``MlasGemmQuantOperation``'s GEMV, taken only at M = 1 with both zero points 0 and no
+    output processor): ``xq``, ``xs``, ``xz`` are ``DynamicQuantizeLinear``'s outputs (x = xs
+    (xq - xz)), ``w`` the int8 (K, N) weights (zero point 0), ``colsum`` their int32 column
+    sums, ``scale`` the per-column fp32 scale. Since x @ W = xs scale (xq @ w - xz colsum(w)),
+    ``MatMulInteger`` gets no zero point and the correction and scales are separate nodes; the
+    correction, in int32 between the MatMulInteger and its Cast, also keeps onnxruntime's
+    MatMulIntegerToFloat fusion off it (that fusion matches Mul(Cast(MatMulInteger), Mul), and
+    its fused kernel has an output processor). ``out``: (1, 1, N) fp32, before any bias."""
+    from onnx import TensorProto, helper
+
+    p = name
+    return [
+        helper.make_node("MatMulInteger", [xq, w], [f"{p}_acc"], name=f"{p}_gemv"),
+        helper.make_node("Cast", [xz], [f"{p}_zp"], to=TensorProto.INT32),
+        helper.make_node("Mul", [f"{p}_zp", colsum], [f"{p}_corr"]),
+        helper.make_node("Sub", [f"{p}_acc", f"{p}_corr"], [f"{p}_int"]),
+        helper.make_node("Cast", [f"{p}_int"], [f"{p}_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{p}_f", scale], [f"{p}_w"]),
+        helper.make_node("Mul", [f"{p}_w", xs], [out]),
+    ]
+
+
+def unfused_nodes(name: str, xq: str, xs: str, xz: str, w: str, scale: str, out: str) -> list[Any]:
+    """The int8 product x @ W as a ``MatMulInteger`` with A's zero point (``xq``, ``xs``,
+    ``xz`` from ``DynamicQuantizeLinear``; ``w`` int8 with zero point 0) that onnxruntime
+    prepacks but does not fuse, its per-column ``scale`` and A's scale applied by two Muls
+    after its Cast (Mul(Mul(Cast, scale), xs): the MatMulIntegerToFloat fusion looks for
+    Mul(Cast(MatMulInteger), Mul(...)), so no output processor is attached). ``out``: (1, 1, N)
+    fp32, before any bias."""
+    from onnx import TensorProto, helper
+
+    p = name
+    return [
+        helper.make_node("MatMulInteger", [xq, w, xz], [f"{p}_acc"], name=f"{p}_packed"),
+        helper.make_node("Cast", [f"{p}_acc"], [f"{p}_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{p}_f", scale], [f"{p}_w"]),
+        helper.make_node("Mul", [f"{p}_w", xs], [out]),
+    ]
+
+
 def matmul_model(kind: str, K: int, N: int, copies: int, seed: int = 0) -> bytes:
     """A graph of ``copies`` independent nodes of ``kind`` (fp32 ``MatMul``, int8
-    ``DynamicQuantizeMatMul``, int4 / nbits8 ``MatMulNBits`` of 4 / 8 bits), each with its own
-    random (K, N) weights, all reading the input ``x`` (1, 1, K); outputs ``y0``... (1, 1, N).
-    Serialized."""
+    ``DynamicQuantizeMatMul``, int4 / nbits8 ``MatMulNBits`` of 4 / 8 bits, ``gemv`` /
+    ``unfused``: the int8 product as :func:`gemv_nodes` / :func:`unfused_nodes` plus its bias,
+    ``mmi-gemv`` / ``mmi-packed``: a bare ``MatMulInteger``), each with its own random (K, N)
+    weights, all reading the input ``x`` (1, 1, K; uint8 for the bare MatMulIntegers) but the
+    ``FORMS``' copies, each of which reads
+    its own input ``x{i}`` (bound to the same array: the optimizer would otherwise merge their
+    quantizations into one, which the step's products on distinct inputs cannot share);
+    outputs ``y0``... (1, 1, N), int32 for the bare MatMulIntegers. Serialized."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -155,6 +238,25 @@ def matmul_model(kind: str, K: int, N: int, copies: int, seed: int = 0) -> bytes
                 "DynamicQuantizeMatMul", ["x", f"w{i}", f"s{i}", f"z{i}", f"b{i}"], [f"y{i}"],
                 domain="com.microsoft",
             ))  # fmt: skip
+        elif kind in FORMS:
+            w = rng.integers(-64, 64, (K, N), dtype=np.int8)
+            inits += [
+                numpy_helper.from_array(w, f"w{i}"),
+                numpy_helper.from_array(rng.uniform(1e-3, 2e-3, N).astype(np.float32), f"s{i}"),
+                numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), f"b{i}"),
+            ]  # fmt: skip
+            q = [f"x{i}_q", f"x{i}_s", f"x{i}_z"]
+            nodes.append(helper.make_node("DynamicQuantizeLinear", [f"x{i}"], q))
+            if kind == "gemv":
+                inits.append(numpy_helper.from_array(w.sum(0, dtype=np.int32), f"c{i}"))
+                nodes += gemv_nodes(f"n{i}", *q, f"w{i}", f"c{i}", f"s{i}", f"n{i}_y")
+            else:
+                nodes += unfused_nodes(f"n{i}", *q, f"w{i}", f"s{i}", f"n{i}_y")
+            nodes.append(helper.make_node("Add", [f"n{i}_y", f"b{i}"], [f"y{i}"]))
+        elif kind.startswith("mmi"):
+            inits.append(numpy_helper.from_array(rng.integers(-64, 64, (K, N), dtype=np.int8),
+                                                 f"w{i}"))  # fmt: skip
+            nodes.append(helper.make_node("MatMulInteger", ["x", f"w{i}"], [f"y{i}"]))
         else:
             bits, blocks = NBITS[kind], -(-K // INT4_BLOCK)
             packed = rng.integers(0, 256, (N, blocks, INT4_BLOCK * bits // 8), dtype=np.uint8)
@@ -169,11 +271,15 @@ def matmul_model(kind: str, K: int, N: int, copies: int, seed: int = 0) -> bytes
                 domain="com.microsoft", K=K, N=N, bits=bits, block_size=INT4_BLOCK,
                 accuracy_level=4,
             ))  # fmt: skip
-        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 1, N]))
-    graph = helper.make_graph(
-        nodes, kind, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, K])], outs,
-        inits,
-    )  # fmt: skip
+        out_type = TensorProto.INT32 if kind.startswith("mmi") else TensorProto.FLOAT
+        outs.append(helper.make_tensor_value_info(f"y{i}", out_type, [1, 1, N]))
+    if kind in FORMS:
+        ins = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, 1, K])
+               for i in range(copies)]  # fmt: skip
+    else:
+        in_type = TensorProto.UINT8 if kind.startswith("mmi") else TensorProto.FLOAT
+        ins = [helper.make_tensor_value_info("x", in_type, [1, 1, K])]
+    graph = helper.make_graph(nodes, kind, ins, outs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])  # fmt: skip
     return model.SerializeToString()
@@ -234,16 +340,28 @@ class Kernel:
         return (time.process_time() - c0) / (calls * self.copies)
 
 
+def kernel_options(ort: Any, kind: str) -> Any:
+    """The session settings of a :func:`matmul_model` of ``kind``: prepacking off for the
+    kinds in ``UNPACKED``."""
+    return session_options(ort, prepack=kind not in UNPACKED)
+
+
 def matmul_kernel(ort: Any, kind: str, K: int, N: int, copies: int) -> Kernel:
-    """The session of :func:`matmul_model`, its input and outputs bound once."""
-    sess = ort.InferenceSession(matmul_model(kind, K, N, copies), session_options(ort),
+    """The session of :func:`matmul_model` (:func:`kernel_options`), its inputs (one array)
+    and outputs bound once."""
+    sess = ort.InferenceSession(matmul_model(kind, K, N, copies), kernel_options(ort, kind),
                                 providers=["CPUExecutionProvider"])  # fmt: skip
     io = sess.io_binding()
-    x = np.random.default_rng(1).standard_normal((1, 1, K)).astype(np.float32)
-    io.bind_cpu_input("x", x)
+    rng = np.random.default_rng(1)
+    if kind.startswith("mmi"):
+        x = rng.integers(0, 256, (1, 1, K), dtype=np.uint8)
+    else:
+        x = rng.standard_normal((1, 1, K)).astype(np.float32)
+    for name in sess.get_inputs():
+        io.bind_cpu_input(name.name, x)
     keep = [x]
     for i in range(copies):
-        y = np.empty((1, 1, N), np.float32)
+        y = np.empty((1, 1, N), np.int32 if kind.startswith("mmi") else np.float32)
         keep.append(y)
         io.bind_ortvalue_output(f"y{i}", ort.OrtValue.ortvalue_from_numpy(y))
     kernel = Kernel(io, sess, copies, weight_bytes(kind, K, N))
@@ -309,6 +427,67 @@ def shape_names(fp32_graph: Path) -> dict[tuple[int, int], str]:
             module = n.name.strip("/").split("/")[0]
             names.setdefault(inits[n.input[1]], NAMES.get(module, module))
     return names
+
+
+def form_graph(int8_graph: Path, form: str) -> bytes:
+    """The int8 export's graph with each of its quantized products in ``form`` (a key of
+    ``FORMS``): the ``MatMulInteger`` (A's and B's zero points), ``Cast`` and scale ``Mul``
+    nodes that ``quantize_dynamic`` writes (and onnxruntime fuses with the
+    ``DynamicQuantizeLinear`` before them into ``DynamicQuantizeMatMul``) replaced by
+    :func:`gemv_nodes` (the weights' int32 column sums added) or :func:`unfused_nodes` on the
+    same ``DynamicQuantizeLinear`` outputs and weights; the bias ``Add`` after each product is
+    kept. Same inputs and outputs. Serialized.
+
+    Raises:
+        ValueError: a product whose weights have a nonzero zero point (both forms drop it)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(int8_graph))
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    made = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    replaced: dict[int, list[Any]] = {}  # id of a node -> the nodes in its place
+    for n in g.node:
+        if n.op_type != "MatMulInteger":
+            continue
+        xq, w, xz, wz = n.input
+        if numpy_helper.to_array(inits[wz]).any():
+            raise ValueError(f"{int8_graph}: {n.name} has nonzero weight zero points")
+        (cast,) = consumers[n.output[0]]
+        (mul,) = consumers[cast.output[0]]
+        scales = made[next(i for i in mul.input if i != cast.output[0])]  # A's x B's scales
+        w_scale = next(i for i in scales.input if i in inits)
+        xs = next(i for i in scales.input if i != w_scale)
+        if form == "gemv":
+            colsum = f"{w}_colsum"
+            q = numpy_helper.to_array(inits[w])
+            g.initializer.append(numpy_helper.from_array(q.sum(0, dtype=np.int32), colsum))
+            replaced[id(n)] = gemv_nodes(n.name, xq, xs, xz, w, colsum, w_scale, mul.output[0])
+        else:
+            replaced[id(n)] = unfused_nodes(n.name, xq, xs, xz, w, w_scale, mul.output[0])
+        replaced.update({id(cast): [], id(mul): [], id(scales): []})
+    nodes = [m for n in g.node for m in replaced.get(id(n), [n])]
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in g.initializer if t.name in used]  # the weights' zero points go
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return model.SerializeToString()
+
+
+def write_form_export(int8: Path, out: Path, form: str) -> None:
+    """``out``: the int8 export folder ``int8`` with its graph in ``form``
+    (:func:`form_graph`), its ``config.json`` as is."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text((int8 / "config.json").read_text())
+    decoder = json.loads((int8 / "config.json").read_text())["graphs"]["decoder"]
+    (out / decoder).write_bytes(form_graph(int8 / decoder, form))
 
 
 def rest_model(int4_graph: Path) -> bytes:
@@ -409,12 +588,20 @@ def bound_run(session: Any, io: Any, calls: int) -> float:
 class Graph:
     """The engine's session of one export, its KV cache (capacity 1040 or the model's context
     if shorter; random values) bound in place at ``cached`` tokens; ``run(n)`` returns CPU
-    seconds per step of one token."""
+    seconds per step of one token. ``prepack`` False: the session is built again with
+    prepacking off (:func:`session_options`; the engine has no such setting)."""
 
-    def __init__(self, folder: Path, cached: int) -> None:
-        from aurl.engines.onnx_engine import OnnxEngine
+    def __init__(self, folder: Path, cached: int, prepack: bool = True) -> None:
+        from aurl.engines.onnx_engine import OnnxEngine, import_onnxruntime
 
         self.engine = OnnxEngine(folder, threads=1)
+        if not prepack:
+            ort = import_onnxruntime()
+            path = self.engine.folder / self.engine.meta["graphs"]["decoder"]
+            self.engine.session = ort.InferenceSession(
+                str(path), session_options(ort, prepack=False), providers=["CPUExecutionProvider"]
+            )  # fmt: skip
+            self.engine.io = self.engine.session.io_binding()
         capacity = min(CAPACITY, self.engine.config.max_seq_len)
         state = self.engine.init_state(1, capacity=capacity)
         rng = np.random.default_rng(3)
@@ -536,19 +723,24 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3: the whole graph's step, the three exports and the graph without its kernels
         # alternating round by round
+        for form, step in FORMS.items():
+            if not (folder / step / "config.json").is_file():
+                write_form_export(folder / "int8", folder / step, form)
         graphs: dict[str, Any] = {kind: Graph(folder / kind, args.cached) for kind in KINDS}
+        for form, step in FORMS.items():
+            graphs[step] = Graph(folder / step, args.cached, prepack=form not in UNPACKED)
         graphs["rest"] = Rest(ort, graphs["int4"])
         step: dict[str, float] = {}
         order = list(graphs)
         for r in range(rounds):
             bandwidth()
-            for kind in order[r % 4 :] + order[: r % 4]:
+            for kind in order[r % len(order) :] + order[: r % len(order)]:
                 calls = 32 if kind != "rest" else 256
                 step[kind] = min(step.get(kind, math.inf), graphs[kind].run(calls))
         del graphs
         ids = np.random.default_rng(0).integers(0, meta["vocab_size"], args.cached + 40)
         shares = {k: bench_onnx.op_shares(folder / k, ids, args.cached, 1) for k in KINDS}
-        weights = {k: bench_onnx.bytes_per_token(folder / k / decoder) for k in KINDS}
+        weights = {k: bench_onnx.bytes_per_token(folder / k / decoder) for k in STEPS}
 
     print(f"# load average {bench_onnx.loadavg()} after")
     report(Result(args.cached, dims, cpu, read, best, ref, nbytes, shapes, names, step, shares,
@@ -574,9 +766,9 @@ class Result:
     weights: dict[str, int]  # bytes of constants each export's step reads
 
     def kernels_alone(self, kind: str, where: str) -> tuple[float, float]:
-        """Seconds per step of the export ``kind``'s MatMuls alone and of its attention alone
-        (every node of the step: count x time per node)."""
-        mm = sum(c * self.best[kind, s, where] for s, c in self.shapes.items())
+        """Seconds per step of the graph ``kind``'s (one of ``STEPS``) MatMuls alone and of its
+        attention alone (every node of the step: count x time per node)."""
+        mm = sum(c * self.best[STEP_KERNEL[kind], s, where] for s, c in self.shapes.items())
         return mm, self.dims[0] * self.best["attention", "attention", where]
 
 
@@ -620,14 +812,15 @@ def report(res: Result) -> None:
     kv = 2 * L * H * (res.cached + 1) * hd * 4
     rest = res.step["rest"]
     print(f"\n3. The whole step at {res.cached} cached tokens (the engine's session, CPU time per "
-          "step, min of every round) against its bytes and against its kernels alone (count x "
+          "step, min of every round; int8-gemv / int8-unfused: the int8 export in the GEMV "
+          "form, prepacking off / its products prepacked and unfused) against its bytes and against its kernels alone (count x "
           "time per node, from DRAM / in the L3) plus the graph without its kernels (the int4 "
           f"graph, every kernel replaced by a Slice or Pad: {rest * 1e3:.3f} ms)\n")  # fmt: skip
     print("| graph | step | reads (weights + KV) | at the DRAM read rate | of that bound | "
           "MatMuls alone | attention alone | kernels + the rest | step / (kernels + rest) | "
           "CPU |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for kind in KINDS:
+    for kind in STEPS:
         bound = (res.weights[kind] + kv) / (dram * 1e9)
         mmd, atd = res.kernels_alone(kind, "DRAM")
         mm3, at3 = res.kernels_alone(kind, "L3")
