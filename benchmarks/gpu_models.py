@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--margin", type=float, default=0.8, help="share of the budget for steps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--style", help="score the test split under this style")
+    p.add_argument(
+        "--init-from", metavar="BASE",
+        help="start both runs from this model (aurl train --init-from: shipped, a name, a folder)",
+    )  # fmt: skip
     p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     p.add_argument("--out", required=True, help="folder for the runs, the model and the report")
     p.add_argument("--smoke", action="store_true", help="tiny preset on 30 chorales, the CPU")
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--preset", args.preset, "--data", args.cache, f"training.device={device}",
         f"training.precision={'bf16' if device.startswith('cuda') else 'fp32'}",
         f"data.num_workers={4 if device.startswith('cuda') else 0}", "training.sample_every=0",
-        *args.overrides,
+        *(["--init-from", args.init_from] if args.init_from else []), *args.overrides,
     ]  # fmt: skip
     report: dict = {"job": args.job, "device": device, "budget_s": args.budget}
     t0 = time.perf_counter()

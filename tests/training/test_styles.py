@@ -17,7 +17,7 @@ from aurl.data import corpora
 from aurl.data.cache import TokenCache, prepare
 from aurl.data.corpus import _corpus_root
 from aurl.data.tokenizer import Tokenizer
-from aurl.errors import DataError
+from aurl.errors import ConfigError, DataError
 from aurl.models import build_model
 from aurl.training.trainer import seed_everything, train
 
@@ -312,3 +312,40 @@ def test_style_repeat_draws_a_style_n_times_an_epoch(mix_cache):
     ):
         with pytest.raises(ConfigError, match=says):  # at the config, before a run starts
             load_config(preset="tiny", overrides=[f"data.style_repeat={bad}"])
+
+
+def test_a_fine_tune_teaches_styles_to_a_model_without_them(mix_cache, tmp_path, tiny_config):
+    """``--init-from BASE model.styles=[...]`` on a base trained without styles: the run's model
+    starts computing exactly what the base computes (the new table is zero, i.e. "no style"
+    for every style), then learns each style's vector; a base that has styles keeps its own."""
+    from aurl.models.pretrained import load_pretrained
+    from aurl.training.finetune import finetune_config, load_base, load_base_weights
+
+    torch.manual_seed(123)
+    build_model(tiny_config(mix_cache)).save_pretrained(tmp_path / "base")
+    base = load_base(tmp_path / "base")
+    assert base.model.styles == ()
+    asked = tiny_config(mix_cache, "model.styles=[chorale,palestrina]", "model.style_dropout=0",
+                        "training.max_steps=6", "training.lr=3e-3", "training.eval_every=6")
+    cfg = finetune_config(asked, base, ["model.styles", "model.style_dropout"])
+    assert cfg.model.styles == ("chorale", "palestrina") and cfg.model.d_model == 32
+    model = build_model(cfg).eval()
+    assert load_base_weights(model, base) == ["style.table.weight"]
+    reference = load_pretrained(tmp_path / "base").eval()
+    ids = torch.tensor(np.array(TokenCache(mix_cache).tokens(0)[:64]), dtype=torch.long)[None]
+    with torch.no_grad():
+        want = reference(ids).logits
+        for s in (0, 1, -1):
+            got = model(ids, style=torch.tensor([s])).logits
+            assert torch.equal(got, want), s
+    result = train(cfg, tmp_path / "run", init_from=base, echo=lambda line: None)
+    table = result.model.style.table.weight.detach().cpu()
+    assert table.abs().amax(dim=1).min() > 1e-3, table.abs().amax(dim=1)  # both styles learned
+    # the base's other keys stay the base's: a contrary override is still refused
+    with pytest.raises(ConfigError, match="model.d_model=64: the base model"):
+        finetune_config(tiny_config(mix_cache, "model.d_model=64"), base, ["model.d_model"])
+    # a base with styles keeps them: another list is a contradiction
+    styled = load_base(tmp_path / "run")
+    other = tiny_config(mix_cache, "model.styles=[chorale]")
+    with pytest.raises(ConfigError, match="model.styles=.*the base model .* has model.styles"):
+        finetune_config(other, styled, ["model.styles"])

@@ -5,7 +5,11 @@ The base is a shipped model (``shipped`` = the default, or its name), a model fo
 checkpoint, else its latest). :func:`load_base` reads it, checked and hashed; the run's config
 takes the base's model and vocabulary configs (:func:`finetune_config`): the shape and the ids
 are the base's, whatever the preset says, and an explicit ``model.*`` / ``vocab.*`` override
-that contradicts the base is refused (``model.dropout`` is a training choice and may differ).
+that contradicts the base is refused (``model.dropout`` and ``model.style_dropout`` are
+training choices and may differ). One addition is allowed: ``model.styles=[...]`` on a base
+trained without styles gives it a style table (:data:`ADDABLE_MODEL_KEYS`), zero at the start,
+so the run starts computing exactly what the base computes and learns what each style adds
+(teaching the chorale model the other corpora's styles without losing what it knows).
 Everything else -- optimizer, schedule, data, steps -- is the new run's own, from step 0.
 """
 
@@ -21,7 +25,10 @@ import torch
 from aurl.config import Config, ModelConfig, VocabConfig, to_dict
 from aurl.errors import CheckpointError, ConfigError
 
-FREE_MODEL_KEYS = ("dropout",)  # model keys a fine-tune may set differently from its base
+# model keys a fine-tune may set differently from its base
+FREE_MODEL_KEYS = ("dropout", "style_dropout")
+# model keys a fine-tune may set where the base has none (an empty value): new conditioning
+ADDABLE_MODEL_KEYS = ("styles",)
 SHIPPED = "shipped"  # --init-from shipped: the default shipped model
 
 
@@ -112,6 +119,8 @@ def finetune_config(config: Config, base: Base, explicit: Iterable[str] = ()) ->
             getattr(getattr(config, section), field),
             getattr(getattr(base, section), field),
         )
+        if section == "model" and field in ADDABLE_MODEL_KEYS and not theirs:
+            continue
         if mine != theirs:
             raise ConfigError(
                 f"{key}={mine!r}: the base model {base.name} has {key}={theirs!r} and "
@@ -119,15 +128,16 @@ def finetune_config(config: Config, base: Base, explicit: Iterable[str] = ()) ->
                 "from scratch without --init-from"
             )
     model = base.model
-    for field in FREE_MODEL_KEYS:
+    for field in (*FREE_MODEL_KEYS, *ADDABLE_MODEL_KEYS):
         if f"model.{field}" in explicit:
             model = dataclasses.replace(model, **{field: getattr(config.model, field)})
     return dataclasses.replace(config, model=model, vocab=base.vocab)
 
 
 def check_fits(config: Config, base: Base) -> None:
-    """The run's model and vocabulary configs must be the base's (``mode`` and the free keys
-    aside: a later stage may add a VAE to a transformer base).
+    """The run's model and vocabulary configs must be the base's (``mode``, the free keys and
+    an addable key the base leaves empty aside: a later stage may add a VAE to a transformer
+    base, a fine-tune styles to a base without them).
 
     Raises:
         ConfigError: naming the first key that differs and what to do.
@@ -135,7 +145,8 @@ def check_fits(config: Config, base: Base) -> None:
     for section in ("vocab", "model"):
         a, b = to_dict(getattr(base, section)), to_dict(getattr(config, section))
         for k in a:
-            if a[k] != b.get(k) and k not in ("mode", *FREE_MODEL_KEYS):
+            added = section == "model" and k in ADDABLE_MODEL_KEYS and not a[k]
+            if a[k] != b.get(k) and k not in ("mode", *FREE_MODEL_KEYS) and not added:
                 raise ConfigError(
                     f"{section}.{k}: the run's config says {b.get(k)!r}, the base model "
                     f"{base.name} has {a[k]!r}; build the config with finetune_config (the CLI "
@@ -145,7 +156,9 @@ def check_fits(config: Config, base: Base) -> None:
 
 def load_base_weights(model: torch.nn.Module, base: Base) -> list[str]:
     """Copy the base's tensors into ``model``; returns the model's tensors the base lacks (a
-    stage of another mode: they keep their fresh initialization).
+    stage of another mode: they keep their fresh initialization; a style table added to a
+    base without styles starts at zero, so the model starts as the base: "no style" is the
+    zero vector, and each new style starts from it).
 
     Raises:
         CheckpointError: a base tensor the model lacks, or of another shape.
@@ -166,7 +179,12 @@ def load_base_weights(model: torch.nn.Module, base: Base) -> list[str]:
             )
     fit = {k: v for k, v in tensors.items() if k not in skip}
     model.load_state_dict(fit, strict=False)
-    return sorted(k for k in own if k not in fit and k not in skip)
+    fresh = sorted(k for k in own if k not in fit and k not in skip)
+    style = getattr(model, "style", None)
+    if style is not None and "style.table.weight" in fresh:
+        with torch.no_grad():
+            style.table.weight.zero_()
+    return fresh
 
 
 def explicit_keys(overrides: Iterable[str]) -> list[str]:
