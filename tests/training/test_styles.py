@@ -349,3 +349,44 @@ def test_a_fine_tune_teaches_styles_to_a_model_without_them(mix_cache, tmp_path,
     other = tiny_config(mix_cache, "model.styles=[chorale]")
     with pytest.raises(ConfigError, match="model.styles=.*the base model .* has model.styles"):
         finetune_config(other, styled, ["model.styles"])
+
+
+def test_cli_evaluate_scores_a_split_under_a_style(trained, mix_cache, tmp_path, capsys):
+    """``aurl evaluate --style NAME`` scores every piece under that style, ``--style each``
+    each piece under its own label from the cache: the numbers are the likelihood scorer's with
+    those style ids, and they differ from each other and from no style."""
+    from aurl.data.grammar import Grammar
+    from aurl.evaluation.likelihood import score_sequences
+
+    model, _ = trained
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    bits = {}
+    for style in ("chorale", "palestrina", "each", None):
+        out = tmp_path / f"eval-{style}"
+        argv = ["evaluate", "--checkpoint", str(folder), "--data", str(mix_cache), "--split",
+                "valid", "--samples", "0", "--out", str(out), "--window", "64"]  # fmt: skip
+        assert main(argv + (["--style", style] if style else [])) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["info"]["style"] == (style or "none")
+        bits[style] = metrics["likelihood"]["model, grammar-masked"]["bits_per_note"]
+    assert len(set(bits.values())) == 4, bits
+    cache = TokenCache(mix_cache)
+    rows = cache.split_indices("valid")
+    own = [int(s) for s in cache.model_styles(model.config.styles)[rows]]
+    assert sorted(set(own)) == [0, 1]  # the valid split has both styles: 'each' is a mix
+    for style, ids in (("each", own), ("palestrina", [1] * len(rows)), (None, None)):
+        direct = score_sequences(
+            model, [np.asarray(cache.tokens(int(r)), np.int64) for r in rows], window=64,
+            grammar=Grammar(model.vocab, 16), meters=[cache.meters[int(r)] for r in rows],
+            styles=ids,
+        )  # fmt: skip
+        assert bits[style] == pytest.approx(direct.bits_per_note, abs=1e-9), style
+    # bad requests: one line each
+    for extra, words in ((["--style", "folk"], "unknown style; this model knows chorale, "
+                          "palestrina"), (["--style", "each", "--task", "harmonize"], "takes none")):
+        assert main(["evaluate", "--checkpoint", str(folder), "--data", str(mix_cache),
+                     "--out", str(tmp_path / "bad"), "--samples", "0", "--split", "valid",
+                     *extra]) != 0  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err

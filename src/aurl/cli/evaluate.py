@@ -57,6 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument(
+        "--style", metavar="NAME|each",
+        help="a style model (model.styles): score every piece, and draw the samples, under style "
+        "NAME; 'each': score each piece under its own style label from the cache (samples "
+        "unconditioned); default: no style",
+    )  # fmt: skip
+    p.add_argument(
         "--samples", type=int, default=16, metavar="N", help="pieces to generate (0: none)"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="report folder")
@@ -164,15 +170,37 @@ def latent_report(model: Any, seqs: list, grammar: Any, window: int, meters: lis
     return {"reconstruction": rec.to_dict(), "interpolation": path.to_dict()}
 
 
-def generate_samples(model: Any, n: int, *, max_tokens: int, seed: int, batch: int) -> list:
-    """``n`` sampled id arrays (START .. END), in batches, with the default sampling options."""
+def piece_styles(model: Any, cache: Any, rows: Any, style: str | None) -> list[int] | None:
+    """Each scored piece's style id for ``--style`` (None: no style): one name for all, or
+    ``each``: the cache's label of each piece (-1 where it has none).
+
+    Raises:
+        ConfigError: the model has no styles, or not that one (the message lists them).
+        DataError: ``each`` on a cache without labels, or with one the model lacks.
+    """
+    if not style:
+        return None
+    from aurl.models.style import style_id
+
+    styles = tuple(getattr(model.config, "styles", ()))
+    if style == "each":
+        style_id(styles, styles[0] if styles else "each")  # a model without styles: its error
+        return [int(s) for s in cache.model_styles(styles)[rows]]
+    return [style_id(styles, style)] * len(rows)
+
+
+def generate_samples(
+    model: Any, n: int, *, max_tokens: int, seed: int, batch: int, style: str = ""
+) -> list:
+    """``n`` sampled id arrays (START .. END), in batches, with the default sampling options
+    (under ``style``, a name of a style model's styles; "": none)."""
     from aurl.config import GenerationConfig
     from aurl.generation.generate import generate, prior_latents
     from aurl.progress import bar
 
     out = []
     for k, start in enumerate(range(0, n, batch)):
-        config = GenerationConfig(max_tokens=max_tokens, seed=seed + k)
+        config = GenerationConfig(max_tokens=max_tokens, seed=seed + k, style=style)
         rows = min(batch, n - start)
         latents = prior_latents(model, rows, seed + k)  # a VAE: as `aurl generate --seed` draws
         pieces = generate(model, config, num_samples=rows, latents=latents, progress=bar)
@@ -202,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit {args.limit}: give 1 or more chorales (omit it for all)")
     checks.device(args.device)
     if args.task:
+        if args.style:
+            raise ConfigError(f"--style {args.style} scores a split; --task harmonize takes none")
         from aurl.evaluation.tasks import run_task
 
         return run_task(args, lambda *a: adapted(load_model(*a), args))
@@ -245,10 +275,11 @@ def run(args: argparse.Namespace) -> int:
             "prepare more data"
         )
     seqs = [np.asarray(cache.tokens(i), dtype=np.int64) for i in rows]
+    styles = piece_styles(model, cache, rows, args.style)
     cap = cache.meta.get("tokenizer", {}).get("polyphony_cap", DataConfig().polyphony_cap)
     window = args.window or trained_window  # scoring past the training length would extrapolate
     common = dict(window=window, batch_size=args.batch_size, device=args.device, progress=bar,
-                  meters=[cache.meters[i] for i in rows])  # fmt: skip
+                  meters=[cache.meters[i] for i in rows], styles=styles)  # fmt: skip
     likelihood = {
         "model": score_sequences(model, seqs, **common).to_dict(),
         "model, grammar-masked": score_sequences(
@@ -275,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
     sample_ids = []
     if args.samples:
         sample_ids = generate_samples(
-            model, args.samples, max_tokens=args.max_tokens, seed=args.seed, batch=args.batch_size
+            model, args.samples, max_tokens=args.max_tokens, seed=args.seed, batch=args.batch_size,
+            style="" if args.style == "each" else (args.style or ""),
         )
         (out / "samples").mkdir(exist_ok=True)
         for i, ids in enumerate(sample_ids):
@@ -287,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint": args.checkpoint or "shipped model",
             "data": str(args.data),
             "split": args.split,
+            "style": args.style or "none",
             "pieces in split": int(rows.size),
             "generated samples": len(generated),
             "max tokens per sample": args.max_tokens,
