@@ -149,7 +149,7 @@ def compute_losses(
     if isinstance(batch, dict):
         ids, attention_mask = batch["ids"], batch.get("attention_mask")
         context = {
-            k: batch[k] for k in ("start", "meter", "style", "fim") if batch.get(k) is not None
+            k: batch[k] for k in ("start", "meter", "style", "fim", "pack") if batch.get(k) is not None
         }
     else:
         ids, attention_mask = batch, None
