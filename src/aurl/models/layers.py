@@ -129,7 +129,10 @@ class Packing:
     back, so the head and the loss read the segments as unpacked rows. Attention is causal
     inside each segment and blind across segments (:meth:`attention`); rotary positions count
     from each segment's start (``pos``), so every segment sees the positions, the keys and the
-    rotations it would see alone in a row. Build with :meth:`plan`.
+    rotations it would see alone in a row. (Rotary is relative, so the packed row's own column
+    positions would do up to rounding: on the ``tiny`` model at width 256 they moved the logits
+    by at most 1.5e-7, the per-segment ones by 1.2e-7; the gather of the tables costs nothing
+    next to the blocks.) Build with :meth:`plan`.
     """
 
     rows: int
