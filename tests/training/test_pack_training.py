@@ -18,12 +18,18 @@ import torch
 from safetensors.torch import load_file
 
 from aurl.config import DataConfig
-from aurl.data.cache import prepare
+from aurl.data.cache import TokenCache, prepare
+from aurl.data.dataset import build_loader
+from aurl.data.grammar import Grammar
+from aurl.data.window_state import TokenTable, window_inputs
 from aurl.errors import ConfigError
+from aurl.models import build_model
+from aurl.models.layers import Block
+from aurl.models.losses import compute_losses
 from aurl.training import mfu
 from aurl.training import trainer as trainer_module
 from aurl.training.checkpoint import list_checkpoints
-from aurl.training.trainer import train
+from aurl.training.trainer import seed_everything, train
 
 CHORALES = Path(__file__).parents[2] / "src" / "aurl" / "data" / "bundled" / "bach-chorales"
 # whole chorales are one window each at 1024, one to three to a row
@@ -87,11 +93,54 @@ def test_packed_run_learns_and_resumes_bitwise(cache, tmp_path, tiny_config, mon
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_packed_steps_score_each_segment_as_an_unpacked_row(cache, tmp_path, tiny_config):
+    # the trainer's packed steps (start states from the prefixes, grammar masks, the packing
+    # plan) have the loss an unpacked forward of their segments has at the same weights (lr 0:
+    # the initial ones at every step)
+    cfg = tiny_config(cache, *PACK, "data.window=2048", "training.max_steps=3", "training.lr=0",
+                      "model.dropout=0",
+                      "data.augment.transpose_prob=1", "data.augment.velocity_prob=1")  # fmt: skip
+    seen: list[tuple[int, ...]] = []  # the shapes the training blocks ran over
+
+    def spy(module, args, out):  # noqa: ANN001, ANN202 - a forward hook
+        if isinstance(module, Block) and module.training:  # validation runs in eval mode
+            seen.append(tuple(args[0].shape))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(spy)
+    try:
+        train(cfg, tmp_path / "run", echo=lambda line: None)
+    finally:
+        hook.remove()
+    logged = [r["loss"] for r in records(tmp_path / "run", "train")]
+    # the blocks ran over the packed rows, not over one row per segment
+    assert seen and all(shape[0] == cfg.data.batch_size for shape in seen), seen
+
+    seed_everything(cfg.training.seed)  # the trainer's initial weights
+    model = build_model(cfg)
+    model.set_right_padding(True)
+    table = TokenTable(TokenCache(cache), TokenCache(cache).split_indices("train"), "cpu")
+    grammar = Grammar(model.vocab, cfg.data.polyphony_cap)
+    stream = iter(build_loader(cache, cfg.data, seed=cfg.training.seed, vocab_config=cfg.vocab))
+    segments = 0
+    for step_loss in logged:
+        batch = next(stream)
+        segments += len(batch["ids"])
+        start, allowed = window_inputs(model, batch, table, grammar)
+        rows = {k: batch[k] for k in ("ids", "attention_mask", "meter")}
+        loss = compute_losses(model, {**rows, "start": start}, cfg.loss, step=0, allowed=allowed)
+        assert float(loss["total"]) == pytest.approx(step_loss, rel=1e-6, abs=0)
+    assert len(logged) == 3 and segments > 2 * 3 * cfg.data.batch_size  # several to a row
+
+
 @pytest.mark.parametrize(
     "settings",
-    [["model.mode=vae"], ["model.attention=local"], ["data.curriculum=[[0, 512]]"],
-     ["data.fim_rate=0.5", "model.fim=true"],
-     ["data.anticipation_rate=0.5", "model.anticipation=2"]],  # fmt: skip
+    [
+        ["model.mode=vae"],
+        ["model.attention=local"],
+        ["data.curriculum=[[0, 512]]"],
+        ["data.fim_rate=0.5", "model.fim=true"],
+        ["data.anticipation_rate=0.5", "model.anticipation=2"],
+    ],  # fmt: skip
     ids=lambda s: s[0].split("=")[0],
 )
 def test_settings_packing_cannot_serve_are_refused(settings, cache, tmp_path, tiny_config):
