@@ -88,22 +88,24 @@ def test_segments_are_the_unpacked_windows_back_to_back(cache: TokenCache) -> No
             for key in ("index", "offset", "meter", "transpose", "family_map",
                         "velocity_factor", "stretch_factor"):  # fmt: skip
                 assert torch.equal(batch[key][s], one[key][0]), key
-        width = int(batch["pack_width"])
+        width, longest = int(batch["pack_width"]), 0
         for row in range(DATA.batch_size):  # back to back from column 0, in the sampler's order
             mine = [s for s in range(len(keys)) if keys[s][1] == row]
             cols = batch["pack_col"][mine].tolist()
             ends = (batch["pack_col"][mine] + lengths[mine]).tolist()
-            assert cols == [0, *ends[:-1]] and ends[-1] <= width
+            assert cols == [0, *ends[:-1]]
+            longest = max(longest, ends[-1])
+        assert width == max(2048, longest)  # rows of the window, longer only to hold a row
         real += int(lengths.sum())
         positions += DATA.batch_size * width
         segments += len(keys)
     assert segments > 2 * DATA.batch_size * len(plan)  # several windows per row
-    # the rows are real tokens but for their ends (measured 0.970 on these 52 chorales); the
+    # the rows are real tokens but for their ends (measured 0.946 on these 52 chorales); the
     # unpacked loader's rows of 2048 hold one window each (0.323)
     unpacked = build_loader(cache, dataclasses.replace(DATA, pack=False), seed=1)
     rows = epoch(unpacked, len(unpacked.sampler))
     unpacked_share = sum(int(b["attention_mask"].sum()) for b in rows) / (len(rows) * 2 * 2048)
-    assert real / positions > 0.95 > 0.5 > unpacked_share, (real / positions, unpacked_share)
+    assert real / positions > 0.93 > 0.5 > unpacked_share, (real / positions, unpacked_share)
 
 
 def test_packed_loader_resumes_exactly(cache: TokenCache) -> None:

@@ -74,11 +74,11 @@ def test_packed_run_learns_and_resumes_bitwise(cache, tmp_path, tiny_config, mon
     straight = train(cfg, tmp_path / "straight", echo=lambda line: None)
     valid = {r["step"]: r["loss"] for r in records(tmp_path / "straight", "valid")}
     assert sorted(valid) == [4, 8, 12]
-    assert valid[12] < valid[4] - 0.3, valid  # held-out chorales
-    train_recs = records(tmp_path / "straight", "train")
-    # real tokens / (2 x row width), per step: measured 0.80-1.00, mean 0.905
-    fill = [r["fill"] for r in train_recs]
-    assert all(0.5 < f <= 1.0 for f in fill) and sum(fill) / len(fill) > 0.85, fill
+    assert valid[12] < valid[4] - 0.3, valid  # held-out chorales (measured 5.787 -> 5.263)
+    # real tokens / (2 rows x 1024), per step: measured 0.63-0.98, mean 0.750 (whole chorales
+    # of 300-1000 tokens fill rows of 1024 less well than rows of 2048)
+    fill = [r["fill"] for r in records(tmp_path / "straight", "train")]
+    assert all(0.5 < f <= 1.0 for f in fill) and sum(fill) / len(fill) > 0.7, fill
 
     run = tmp_path / "run"
     sigterm_after_step(monkeypatch, 6)

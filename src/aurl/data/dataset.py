@@ -24,7 +24,7 @@ varying number of windows (*segments*), each exactly the window the unpacked loa
 its key, in the same form (one row per segment, padded to the longest); besides they say where
 each segment goes in the ``batch_size`` rows the model's blocks see: ``pack_row`` (S,) its
 row, ``pack_col`` (S,) its first column there (segments back to back in key order), and
-``pack_width`` () the rows' length.
+``pack_width`` () the rows' length (``window``, PAD after a row's last segment).
 
 When the dataset augments with an :class:`~aurl.data.augment.Augmenter`, batches also say what
 was drawn for each window (identity values where a transform did not fire): ``transpose`` (B,)
@@ -182,7 +182,7 @@ class WindowDataset(torch.utils.data.Dataset):
         meter = self.cache.meters[row]
         item = {"ids": ids[:window], "index": row, "offset": offset, "meter": meter, **drawn}
         if row_in_pack is not None:
-            item["pack_row"] = row_in_pack
+            item["pack"] = (row_in_pack, window)  # its packed row, and the rows' length
         if self.fim_rate > 0:  # its own stream: the windows drawn above stay what they were
             fim_rng = np.random.default_rng([self.seed, epoch, slot, 1])
             fim = draw_fim(ids, fim_rng, self.vocab, rate=self.fim_rate, window=window)
@@ -241,19 +241,21 @@ def collate_packed(items: Sequence[dict[str, Any]], pad_id: int = PAD) -> dict[s
     """:func:`collate` of the segments of a packed batch, plus where each lies in the packed
     rows: ``pack_row`` (S,), ``pack_col`` (S,) and ``pack_width`` () (module docstring).
 
-    Columns come from the segments' actual lengths, back to back in the order the sampler gave
-    (its plan used ``min(piece length, window)``; augmentation may add or drop a few shift or
-    velocity tokens of a piece shorter than the window, so a row may end a few tokens past
-    ``window``, and the width is the longest row's)."""
+    Columns come from the segments' actual lengths, back to back in the order the sampler gave.
+    The rows are ``window`` long (one shape for every batch: a compiled kernel is not rebuilt
+    per batch), or as long as the longest row where that is longer: the sampler planned with
+    ``min(piece length, window)``, and augmentation may add a few shift tokens to a piece
+    shorter than the window."""
     batch = collate(items, pad_id)
-    rows = torch.tensor([it["pack_row"] for it in items], dtype=torch.long)  # (S,)
+    rows = torch.tensor([it["pack"][0] for it in items], dtype=torch.long)  # (S,)
     lengths = batch["attention_mask"].sum(1)  # (S,)
     cols = torch.zeros_like(rows)
     used: dict[int, int] = {}
     for s, (r, n) in enumerate(zip(rows.tolist(), lengths.tolist())):
         cols[s] = used.get(r, 0)
         used[r] = cols[s].item() + n
-    batch.update(pack_row=rows, pack_col=cols, pack_width=torch.tensor(max(used.values())))
+    width = max(items[0]["pack"][1], *used.values())
+    batch.update(pack_row=rows, pack_col=cols, pack_width=torch.tensor(width))
     return batch
 
 
