@@ -19,7 +19,13 @@ One script, under 5 minutes on an H200, printing the table for BENCHMARKS.md:
    GPU run, BENCHMARKS.md), so the last step alone measures over-fitting, not quality.
 2. **Training throughput and MFU**, read from the race: real (non-padding) tokens per second of
    the steps after the first logged interval, and MFU = (6 N + 12 L d T) x tokens/s / peak
-   (:mod:`aurl.training.mfu`; the H200's dense bf16 peak 989 TFLOP/s).
+   (:mod:`aurl.training.mfu`; the H200's dense bf16 peak 989 TFLOP/s), with T each window's
+   own real length (sum T_i^2 / sum T_i); ``mfu_at_window`` counts T = the window for every
+   token, as the ninth session did (it credits attention over padding). ``fill``: the real
+   share of the positions the blocks ran over (rows x their width). With ``--throughput`` Aurl
+   trains twice, unpacked and packed (``data.pack``: several windows back to back in each row,
+   block-diagonal attention); GPT-2 trains as before on random windows of its REMI sequences,
+   right-padded to the window where a piece is shorter (its ``fill`` says how much).
 3. **Decoding**, batch 1 and batch 64, ``--decode`` tokens after a 16-token prompt, sampling at
    temperature 1: Aurl's eager step loop (``model.step``, the grammar's mask, a draw, one host
    sync per token, as the generation loop runs), Aurl's static-cache step
@@ -166,12 +172,18 @@ def aurl_race(config, work: Path, device: torch.device, *, scored: bool = True,
         if best:
             load_weights(model, best[0] / "model.safetensors")
             best_step, best_bits = int(best[0].name.split("-")[-1]), test_bits()
+    tok_s = statistics.median(r["tok_per_s"] for r in steady)
+    params = sum(p.numel() for p in model.parameters())
+    peak = mfu.peak_tflops(device, config.training.peak_tflops)
+    c = config.model
+    at_window = mfu.flops_per_token(params, c.n_layers, c.d_model, config.data.window)
     out = {
         "steps": result.step, "bits_per_note": bits, "bits_per_note_best": best_bits,
-        "best_step": best_step, "eval_every": every,
-        "tok_per_s": statistics.median(r["tok_per_s"] for r in steady),
+        "best_step": best_step, "eval_every": every, "tok_per_s": tok_s,
         "mfu": statistics.median(r["mfu"] for r in steady) if "mfu" in steady[-1] else None,
-        "params": sum(p.numel() for p in model.parameters()),
+        "mfu_at_window": mfu.mfu(tok_s, at_window, peak) if peak else None,
+        "fill": statistics.median(r["fill"] for r in steady), "params": params,
+        "pack": config.data.pack,
     }  # fmt: skip
     return out, model
 
@@ -204,6 +216,7 @@ def gpt2_race(config, seqs: dict, notes: int, minutes: float, device: torch.devi
     lengths = np.array([len(s) for s in seqs["train"]], dtype=np.float64)
     bf16 = device.type == "cuda"
     step, tokens, timed_s, t0 = 0, 0, 0.0, time.perf_counter()
+    all_real = all_sq = all_positions = 0  # the whole run's: rows' real share, MFU's context
     rates = []
     best: tuple[float, int, dict] | None = None  # (valid nll, step, state)
     next_eval = minutes * 60 / select if select else math.inf
@@ -222,7 +235,10 @@ def gpt2_race(config, seqs: dict, notes: int, minutes: float, device: torch.devi
             start = rng.integers(0, max(1, len(s) - window))
             piece = s[start : start + window + 1]
             ids[r, : len(piece)] = piece
-        real = int((ids[:, 1:] != pad).sum())
+        row_real = (ids[:, 1:] != pad).sum(1)  # (batch,) real targets of each row
+        real = int(row_real.sum())
+        all_real, all_sq = all_real + real, all_sq + int((row_real**2).sum())
+        all_positions += batch * window
         x = torch.from_numpy(ids).to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = t.lr * min(1.0, (step + 1) / max(t.warmup_steps, 1))
@@ -257,11 +273,15 @@ def gpt2_race(config, seqs: dict, notes: int, minutes: float, device: torch.devi
             test = score_sequences(model, seqs["test"], window=window, batch_size=batch)
             best_bits = test.nll / LN2 / notes
     n = sum(p.numel() for p in model.parameters())
-    per_token = mfu.flops_per_token(n, config.model.n_layers, config.model.d_model, window)
+    L, d = config.model.n_layers, config.model.d_model
+    per_token = mfu.flops_per_token(n, L, d, mfu.attention_context(all_sq, all_real))
+    at_window = mfu.flops_per_token(n, L, d, window)
     out = {
         "steps": step, "bits_per_note": bits, "tok_per_s": tok_s, "bits_per_note_best": best_bits,
         "best_step": best[1] if best is not None else None,
-        "mfu": mfu.mfu(tok_s, per_token, peak) if peak else None, "params": n,
+        "mfu": mfu.mfu(tok_s, per_token, peak) if peak else None,
+        "mfu_at_window": mfu.mfu(tok_s, at_window, peak) if peak else None,
+        "fill": all_real / max(all_positions, 1), "params": n,
     }  # fmt: skip
     return out, model
 
@@ -342,8 +362,14 @@ def table(r: dict) -> str:
         f"| parameters | {a['params'] / 1e6:.1f}M | {num(g and g['params'] / 1e6, '.1f')}M |",
         f"| train tokens/s (real tokens) | {a['tok_per_s']:,.0f} "
         f"| {num(g and g['tok_per_s'], ',.0f')} |",
-        f"| MFU | {num(a['mfu'] and 100 * a['mfu'], '.1f')}% "
+        f"| MFU (attention over each window's own length) "
+        f"| {num(a['mfu'] and 100 * a['mfu'], '.1f')}% "
         f"| {num(g and g['mfu'] and 100 * g['mfu'], '.1f')}% |",
+        f"| MFU (attention over the whole window, the ninth session's count) "
+        f"| {num(a.get('mfu_at_window') and 100 * a['mfu_at_window'], '.1f')}% "
+        f"| {num(g and g.get('mfu_at_window') and 100 * g['mfu_at_window'], '.1f')}% |",
+        f"| real share of the rows | {num(a.get('fill'), '.3f')} "
+        f"| {num(g and g.get('fill'), '.3f')} |",
         f"| optimizer steps in the race | {a['steps']} | {num(g and g['steps'], 'd')} |",
         f"| test bits/note, last step | {num(a['bits_per_note'], '.3f')} "
         f"| {num(g and g['bits_per_note'], '.3f')} |",
@@ -352,6 +378,14 @@ def table(r: dict) -> str:
         f"| {num(g and g.get('bits_per_note_best'), '.3f')} "
         f"({num(g and g.get('best_step'), 'd')}) |",
     ]
+    p = r.get("aurl_packed")
+    if p:
+        lines.append(
+            f"| Aurl packed (data.pack): train tokens/s (real) / MFU / at window / real share "
+            f"| {p['tok_per_s']:,.0f} / {num(p['mfu'] and 100 * p['mfu'], '.1f')}% / "
+            f"{num(p['mfu_at_window'] and 100 * p['mfu_at_window'], '.1f')}% / "
+            f"{p['fill']:.3f} (x{p['tok_per_s'] / a['tok_per_s']:.2f} unpacked) | - |"
+        )
     for b, d in r["decode"].items():
         lines.append(
             f"| decode batch {b}, tokens/s: Aurl graphed / graphed + compiled / static eager / "
@@ -446,6 +480,13 @@ def run(args: argparse.Namespace, work: Path, device: torch.device, save=lambda 
     results["aurl"] = aurl
     print("aurl:", json.dumps(aurl), flush=True)
     save(results)
+    if args.throughput:  # the same training on packed rows (data.pack), right after
+        packed = load_config(preset=args.preset, overrides=[*overrides, "data.pack=true"])
+        raced = _guarded("aurl packed", lambda: aurl_race(packed, work, device, scored=False),
+                         results)  # fmt: skip
+        results["aurl_packed"] = raced[0] if raced else None
+        print("aurl packed:", json.dumps(results["aurl_packed"]), flush=True)
+        save(results)
     cache = TokenCache(work / "cache")
     try:
         import transformers  # noqa: F401

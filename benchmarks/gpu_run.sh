@@ -17,7 +17,8 @@
 #      ninth session's jobs, at 0.8, were all stopped by the clock before their cosine ended);
 #      the CUDA tests (graph capture, the fused graph, training switches) run beside them;
 #   2. the race and decoding of benchmarks/bench_gpu.py, alone on the GPU (~5 min);
-#   3. training throughput and MFU at 2048 x 32 (~1 min).
+#   3. training throughput and MFU at 2048 x 32 (~1.5 min): Aurl unpacked, Aurl packed
+#      (data.pack: several windows to a row, block-diagonal attention) and GPT-2, 0.3 min each.
 # Everything lands in $OUT: the log, the JSON reports, and (right after step 1) the models and
 # their logs as a tar in 15 MB parts.
 # SMOKE=1: the same plumbing on the CPU in about a minute (tiny sizes; OUT defaults to a temp dir).
@@ -42,7 +43,7 @@ if [ "${SMOKE:-}" = 1 ]; then
   TESTS=()
 else
   BUDGET=120; CALIB=40; MODELS=(); RACE=(--work .bench --device cuda); SETS=(data.batch_size=32)
-  WIDE=(--work .bench --device cuda --throughput --window 2048 --minutes 0.4)
+  WIDE=(--work .bench --device cuda --throughput --window 2048 --minutes 0.3)
   CACHE=.bench/cache; ALL=.bench/cache-all; STYLES="[chorale,classical,folk,palestrina,renaissance]"
   TESTS=(tests/generation/test_graphed.py tests/training/test_gpu_switches.py)
 fi
@@ -69,6 +70,6 @@ echo "== 2. the race and decoding ($(date +%T))"
 timeout 360 $PY benchmarks/bench_gpu.py "${RACE[@]}" --out "$OUT/bench_gpu.json"
 
 echo "== 3. throughput at 2048 x 32 ($(date +%T))"
-timeout 120 $PY benchmarks/bench_gpu.py "${WIDE[@]}" --out "$OUT/bench_gpu_2048.json"
+timeout 150 $PY benchmarks/bench_gpu.py "${WIDE[@]}" --out "$OUT/bench_gpu_2048.json"
 
 ls -la "$OUT"; date
