@@ -179,9 +179,11 @@ class Packing:
 
     def attention(self) -> Tensor | BlockDiagonal:
         """What the blocks attend under: on CUDA a FlexAttention document mask
-        (:class:`BlockDiagonal`), elsewhere the explicit (rows, 1, width, width) bool mask for
-        SDPA, True where query and key share a segment and the key is not later."""
-        if self.segment.device.type == "cuda":
+        (:class:`BlockDiagonal`; torch >= 2.5), elsewhere the explicit (rows, 1, width, width)
+        bool mask for SDPA, True where query and key share a segment and the key is not later.
+        The dense mask computes every row's whole width x width square (on the CPU packed rows
+        cost more per real token than unpacked ones: BENCHMARKS.md "Packed training rows")."""
+        if self.segment.device.type == "cuda" and _has_flex():
             return BlockDiagonal.of(self.segment)
         same = self.segment[:, :, None] == self.segment[:, None, :]  # (rows, width, width)
         return (same & torch.ones_like(same[0]).tril())[:, None]
@@ -211,6 +213,13 @@ class BlockDiagonal:
 
 
 _FLEX: dict[str, Any] = {}
+
+
+def _has_flex() -> bool:
+    """FlexAttention is there (torch >= 2.5; the project allows 2.4)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def _flex_attention(device: torch.device) -> Any:
