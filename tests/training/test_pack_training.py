@@ -128,7 +128,7 @@ def test_packed_steps_score_each_segment_as_an_unpacked_row(cache, tmp_path, tin
         start, allowed = window_inputs(model, batch, table, grammar)
         rows = {k: batch[k] for k in ("ids", "attention_mask", "meter")}
         loss = compute_losses(model, {**rows, "start": start}, cfg.loss, step=0, allowed=allowed)
-        assert float(loss["total"]) == pytest.approx(step_loss, rel=1e-6, abs=0)
+        assert loss["total"].item() == pytest.approx(step_loss, rel=1e-6, abs=0)
     assert len(logged) == 3 and segments > 2 * 3 * cfg.data.batch_size  # several to a row
 
 
