@@ -6,6 +6,7 @@ segment sees another; the CUDA path's FlexAttention mask is the CPU path's dense
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -36,7 +37,7 @@ ROWS, WIDTH = 3, 256  # row 2 is mostly padding
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
-    """(model, segment batch with start states and masks, the Packing plan, the cache table)."""
+    """(model, segment batch with start states, grammar masks, the Packing plan, the cache)."""
     src = tmp_path_factory.mktemp("midi")
     for name in sorted(p.name for p in CHORALES.glob("*.mid"))[:8]:
         shutil.copy(CHORALES / name, src / name)
@@ -65,7 +66,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     row, col = (torch.tensor(x) for x in zip(*PLACES))
     pack = Packing.plan(row, col, batch["attention_mask"].sum(1), rows=ROWS, width=WIDTH,
                         seg_len=batch["ids"].shape[1])  # fmt: skip
-    return model, {**batch, "start": start}, allowed, pack
+    return model, {**batch, "start": start}, allowed, pack, cache
 
 
 def forward(model, batch, pack=None) -> torch.Tensor:
@@ -74,7 +75,7 @@ def forward(model, batch, pack=None) -> torch.Tensor:
 
 
 def test_packed_forward_loss_and_gradients_equal_unpacked(setup) -> None:
-    model, batch, allowed, pack = setup
+    model, batch, allowed, pack, _ = setup
     real = batch["attention_mask"]
     with torch.no_grad():
         plain, packed = forward(model, batch), forward(model, batch, pack)
@@ -100,7 +101,7 @@ def test_packed_forward_loss_and_gradients_equal_unpacked(setup) -> None:
 
 
 def test_no_segment_sees_another(setup) -> None:
-    model, batch, _, pack = setup
+    model, batch, _, pack, _ = setup
     # the mask, from the places alone: causal inside each segment; a row's padding (its end)
     # sees only padding, so that its outputs stay finite
     expected = torch.zeros(ROWS, WIDTH, WIDTH, dtype=torch.bool)
@@ -126,7 +127,7 @@ def test_no_segment_sees_another(setup) -> None:
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_mask_is_the_dense_mask(setup) -> None:
-    *_, pack = setup
+    *_, pack, _ = setup
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(ROWS, 2, WIDTH, 16, generator=g) for _ in range(3))
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=pack.attention())
@@ -135,7 +136,7 @@ def test_flex_attention_mask_is_the_dense_mask(setup) -> None:
 
 
 def test_packing_plan_layout(setup) -> None:
-    _, batch, _, pack = setup
+    _, batch, _, pack, _ = setup
     for s, (r, c) in enumerate(PLACES):
         n = LENGTHS[s]
         assert pack.segment[r, c : c + n].eq(s).all()
@@ -148,3 +149,36 @@ def test_packing_plan_layout(setup) -> None:
     back = pack.to_segments(pack.to_rows(x), batch["ids"].shape[1])
     real = batch["attention_mask"]
     assert torch.equal(back[real], x[real])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's kernel runs on CUDA")
+def test_packed_forward_on_cuda_under_flex_attention(setup) -> None:
+    # the GPU's path (compiled FlexAttention, a document BlockMask) against the unpacked rows on
+    # the same GPU, fp32; the tolerance is a guess made without a GPU (TF32 off by default)
+    model, batch, _, _, cache = setup
+    dev = torch.device("cuda")
+    model = copy.deepcopy(model).to(dev)
+    table = TokenTable(cache, cache.split_indices("train"), dev)
+    grammar = Grammar(model.vocab, 16)
+    start, allowed = window_inputs(model, batch, table, grammar)
+    rows = {k: batch[k].to(dev) for k in ("ids", "attention_mask", "meter")}
+    row, col = (torch.tensor(x, device=dev) for x in zip(*PLACES))
+    pack = Packing.plan(row, col, rows["attention_mask"].sum(1), rows=ROWS, width=WIDTH,
+                        seg_len=rows["ids"].shape[1])  # fmt: skip
+    assert isinstance(pack.attention(), BlockDiagonal)
+    data = {**rows, "start": start}
+    with torch.no_grad():
+        plain, packed = forward(model, data), forward(model, data, pack)
+    real = rows["attention_mask"]
+    torch.testing.assert_close(packed[real], plain[real], rtol=0, atol=1e-4)
+    losses = []
+    for p in (None, pack):
+        model.zero_grad()
+        loss = compute_losses(model, {**data, "pack": p} if p is not None else data,
+                              LossConfig(), step=0, allowed=allowed)["total"]  # fmt: skip
+        loss.backward()
+        losses.append((loss.item(), [q.grad.clone() for q in model.parameters()
+                                     if q.grad is not None]))  # fmt: skip
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-5)
+    for a, b in zip(losses[0][1], losses[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)

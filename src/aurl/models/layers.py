@@ -183,7 +183,7 @@ class Packing:
         bool mask for SDPA, True where query and key share a segment and the key is not later.
         The dense mask computes every row's whole width x width square (on the CPU packed rows
         cost more per real token than unpacked ones: BENCHMARKS.md "Packed training rows")."""
-        if self.segment.device.type == "cuda" and _has_flex():
+        if self.segment.device.type == "cuda" and FLEX_ON_CUDA and has_flex_attention():
             return BlockDiagonal.of(self.segment)
         same = self.segment[:, :, None] == self.segment[:, None, :]  # (rows, width, width)
         return (same & torch.ones_like(same[0]).tril())[:, None]
@@ -212,10 +212,13 @@ class BlockDiagonal:
         return _flex_attention(q.device)(q, k, v, block_mask=self.block_mask)
 
 
+# False: packed rows attend under the dense mask on CUDA too (bench_gpu.py's second try when
+# FlexAttention fails on a lent GPU, so that its minutes still measure packing)
+FLEX_ON_CUDA = True
 _FLEX: dict[str, Any] = {}
 
 
-def _has_flex() -> bool:
+def has_flex_attention() -> bool:
     """FlexAttention is there (torch >= 2.5; the project allows 2.4)."""
     import importlib.util
 
