@@ -8,7 +8,7 @@
 #   python3 -m pip download ... -d .whl symusic==0.5.9 pysmartdl platformdirs mido
 # Then one device call, carry [".bench", ".whl"], timeout_s 600:
 #   bash benchmarks/gpu_run.sh
-# About 9 minutes:
+# About 10-11 minutes in all (phase 3 grew with packing; see PHASES below):
 #   1. two release candidates trained side by side on the one GPU (benchmarks/gpu_models.py,
 #      ~3 min): `small` on the chorales (the default model's shape) and the `small` shape with
 #      styles on `all`, the chorales drawn 8 times an epoch (issue 15's comparison: the
