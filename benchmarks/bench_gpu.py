@@ -19,7 +19,13 @@ One script, under 5 minutes on an H200, printing the table for BENCHMARKS.md:
    GPU run, BENCHMARKS.md), so the last step alone measures over-fitting, not quality.
 2. **Training throughput and MFU**, read from the race: real (non-padding) tokens per second of
    the steps after the first logged interval, and MFU = (6 N + 12 L d T) x tokens/s / peak
-   (:mod:`aurl.training.mfu`; the H200's dense bf16 peak 989 TFLOP/s).
+   (:mod:`aurl.training.mfu`; the H200's dense bf16 peak 989 TFLOP/s), with T each window's
+   own real length (sum T_i^2 / sum T_i); ``mfu_at_window`` counts T = the window for every
+   token, as the ninth session did (it credits attention over padding). ``fill``: the real
+   share of the positions the blocks ran over (rows x their width). With ``--throughput`` Aurl
+   trains twice, unpacked and packed (``data.pack``: several windows back to back in each row,
+   block-diagonal attention); GPT-2 trains as before on random windows of its REMI sequences,
+   right-padded to the window where a piece is shorter (its ``fill`` says how much).
 3. **Decoding**, batch 1 and batch 64, ``--decode`` tokens after a 16-token prompt, sampling at
    temperature 1: Aurl's eager step loop (``model.step``, the grammar's mask, a draw, one host
    sync per token, as the generation loop runs), Aurl's static-cache step
@@ -60,6 +66,7 @@ from aurl.data.corpus import build_corpus
 from aurl.data.grammar import Grammar
 from aurl.data.vocab import PAD
 from aurl.evaluation.likelihood import score_sequences
+from aurl.models import layers
 from aurl.training import mfu
 
 LN2 = math.log(2.0)
@@ -145,7 +152,7 @@ def aurl_race(config, work: Path, device: torch.device, *, scored: bool = True,
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in records if r.get("kind") == "train"]
     if not train_recs:
-        raise SystemExit(f"no training step was logged in {run}: raise --minutes")
+        raise RuntimeError(f"no training step was logged in {run}: raise --minutes")
     steady = train_recs[1:] or train_recs  # the first interval holds the warm-up
     model = result.model.eval()
     bits = best_bits = best_step = None
@@ -166,14 +173,37 @@ def aurl_race(config, work: Path, device: torch.device, *, scored: bool = True,
         if best:
             load_weights(model, best[0] / "model.safetensors")
             best_step, best_bits = int(best[0].name.split("-")[-1]), test_bits()
+    tok_s = statistics.median(r["tok_per_s"] for r in steady)
+    params = sum(p.numel() for p in model.parameters())
+    peak = mfu.peak_tflops(device, config.training.peak_tflops)
+    c = config.model
+    at_window = mfu.flops_per_token(params, c.n_layers, c.d_model, config.data.window)
     out = {
         "steps": result.step, "bits_per_note": bits, "bits_per_note_best": best_bits,
-        "best_step": best_step, "eval_every": every,
-        "tok_per_s": statistics.median(r["tok_per_s"] for r in steady),
+        "best_step": best_step, "eval_every": every, "tok_per_s": tok_s,
         "mfu": statistics.median(r["mfu"] for r in steady) if "mfu" in steady[-1] else None,
-        "params": sum(p.numel() for p in model.parameters()),
+        "mfu_at_window": mfu.mfu(tok_s, at_window, peak) if peak else None,
+        "fill": statistics.median(r["fill"] for r in steady), "params": params,
+        "pack": config.data.pack,
     }  # fmt: skip
     return out, model
+
+
+def warm_flex_attention(config, device: torch.device) -> None:
+    """Compile FlexAttention's forward and backward for the packed rows' shape (batch x heads x
+    window x head width, bf16) before a packed race, so its first step does not spend the
+    compile inside the race's minutes (the trainer's later calls reuse the kernels: same
+    shapes, a new document mask per batch). Nothing to do off CUDA."""
+    if device.type != "cuda" or not layers.has_flex_attention():
+        return
+    c, B, W = config.model, config.data.batch_size, config.data.window
+    segment = (torch.arange(W, device=device) * 3 // W).expand(B, W).contiguous()  # 3 a row
+    mask = layers.BlockDiagonal.of(segment)
+    shape = (B, c.n_heads, W, c.d_model // c.n_heads)
+    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    mask.attend(q, k, v).float().sum().backward()
+    torch.cuda.synchronize(device)
 
 
 def gpt2_model(config, vocab: int, window: int, device: torch.device):
@@ -204,6 +234,7 @@ def gpt2_race(config, seqs: dict, notes: int, minutes: float, device: torch.devi
     lengths = np.array([len(s) for s in seqs["train"]], dtype=np.float64)
     bf16 = device.type == "cuda"
     step, tokens, timed_s, t0 = 0, 0, 0.0, time.perf_counter()
+    all_real = all_sq = all_positions = 0  # the whole run's: rows' real share, MFU's context
     rates = []
     best: tuple[float, int, dict] | None = None  # (valid nll, step, state)
     next_eval = minutes * 60 / select if select else math.inf
@@ -222,7 +253,10 @@ def gpt2_race(config, seqs: dict, notes: int, minutes: float, device: torch.devi
             start = rng.integers(0, max(1, len(s) - window))
             piece = s[start : start + window + 1]
             ids[r, : len(piece)] = piece
-        real = int((ids[:, 1:] != pad).sum())
+        row_real = (ids[:, 1:] != pad).sum(1)  # (batch,) real targets of each row
+        real = int(row_real.sum())
+        all_real, all_sq = all_real + real, all_sq + int((row_real**2).sum())
+        all_positions += batch * window
         x = torch.from_numpy(ids).to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = t.lr * min(1.0, (step + 1) / max(t.warmup_steps, 1))
@@ -257,11 +291,15 @@ def gpt2_race(config, seqs: dict, notes: int, minutes: float, device: torch.devi
             test = score_sequences(model, seqs["test"], window=window, batch_size=batch)
             best_bits = test.nll / LN2 / notes
     n = sum(p.numel() for p in model.parameters())
-    per_token = mfu.flops_per_token(n, config.model.n_layers, config.model.d_model, window)
+    L, d = config.model.n_layers, config.model.d_model
+    per_token = mfu.flops_per_token(n, L, d, mfu.attention_context(all_sq, all_real))
+    at_window = mfu.flops_per_token(n, L, d, window)
     out = {
         "steps": step, "bits_per_note": bits, "tok_per_s": tok_s, "bits_per_note_best": best_bits,
         "best_step": best[1] if best is not None else None,
-        "mfu": mfu.mfu(tok_s, per_token, peak) if peak else None, "params": n,
+        "mfu": mfu.mfu(tok_s, per_token, peak) if peak else None,
+        "mfu_at_window": mfu.mfu(tok_s, at_window, peak) if peak else None,
+        "fill": all_real / max(all_positions, 1), "params": n,
     }  # fmt: skip
     return out, model
 
@@ -342,8 +380,14 @@ def table(r: dict) -> str:
         f"| parameters | {a['params'] / 1e6:.1f}M | {num(g and g['params'] / 1e6, '.1f')}M |",
         f"| train tokens/s (real tokens) | {a['tok_per_s']:,.0f} "
         f"| {num(g and g['tok_per_s'], ',.0f')} |",
-        f"| MFU | {num(a['mfu'] and 100 * a['mfu'], '.1f')}% "
+        f"| MFU (attention over each window's own length) "
+        f"| {num(a['mfu'] and 100 * a['mfu'], '.1f')}% "
         f"| {num(g and g['mfu'] and 100 * g['mfu'], '.1f')}% |",
+        f"| MFU (attention over the whole window, the ninth session's count) "
+        f"| {num(a.get('mfu_at_window') and 100 * a['mfu_at_window'], '.1f')}% "
+        f"| {num(g and g.get('mfu_at_window') and 100 * g['mfu_at_window'], '.1f')}% |",
+        f"| real share of the rows | {num(a.get('fill'), '.3f')} "
+        f"| {num(g and g.get('fill'), '.3f')} |",
         f"| optimizer steps in the race | {a['steps']} | {num(g and g['steps'], 'd')} |",
         f"| test bits/note, last step | {num(a['bits_per_note'], '.3f')} "
         f"| {num(g and g['bits_per_note'], '.3f')} |",
@@ -352,6 +396,15 @@ def table(r: dict) -> str:
         f"| {num(g and g.get('bits_per_note_best'), '.3f')} "
         f"({num(g and g.get('best_step'), 'd')}) |",
     ]
+    p = r.get("aurl_packed")
+    if p:
+        lines.append(
+            f"| Aurl packed (data.pack, {p['attention']}): train tokens/s (real) / MFU / "
+            f"at window / real share "
+            f"| {p['tok_per_s']:,.0f} / {num(p['mfu'] and 100 * p['mfu'], '.1f')}% / "
+            f"{num(p['mfu_at_window'] and 100 * p['mfu_at_window'], '.1f')}% / "
+            f"{p['fill']:.3f} (x{p['tok_per_s'] / a['tok_per_s']:.2f} unpacked) | - |"
+        )
     for b, d in r["decode"].items():
         lines.append(
             f"| decode batch {b}, tokens/s: Aurl graphed / graphed + compiled / static eager / "
@@ -446,6 +499,26 @@ def run(args: argparse.Namespace, work: Path, device: torch.device, save=lambda 
     results["aurl"] = aurl
     print("aurl:", json.dumps(aurl), flush=True)
     save(results)
+    if args.throughput:  # the same training on packed rows (data.pack), right after
+        packed = load_config(preset=args.preset, overrides=[*overrides, "data.pack=true"])
+        attention = "FlexAttention" if cuda and layers.has_flex_attention() else "dense mask"
+        t0 = time.perf_counter()
+        _guarded("flex warm-up", lambda: warm_flex_attention(packed, device), results)
+        results["flex_warmup_s"] = time.perf_counter() - t0
+        raced = None
+        if "flex warm-up" not in results.get("errors", {}):  # compiled, or nothing to compile
+            raced = _guarded("aurl packed", lambda: aurl_race(packed, work, device, scored=False),
+                             results)  # fmt: skip
+        if raced is None and cuda:  # a second try under the dense mask, recorded as such
+            layers.FLEX_ON_CUDA, attention = False, "dense mask"
+            raced = _guarded(
+                "aurl packed, dense mask",
+                lambda: aurl_race(packed, work, device, scored=False),
+                results,
+            )
+        results["aurl_packed"] = {**raced[0], "attention": attention} if raced else None
+        print("aurl packed:", json.dumps(results["aurl_packed"]), flush=True)
+        save(results)
     cache = TokenCache(work / "cache")
     try:
         import transformers  # noqa: F401

@@ -8,16 +8,20 @@
 #   python3 -m pip download ... -d .whl symusic==0.5.9 pysmartdl platformdirs mido
 # Then one device call, carry [".bench", ".whl"], timeout_s 600:
 #   bash benchmarks/gpu_run.sh
-# About 9 minutes:
+# About 10-11 minutes in all (phase 3 grew with packing; see PHASES below):
 #   1. two release candidates trained side by side on the one GPU (benchmarks/gpu_models.py,
 #      ~3 min): `small` on the chorales (the default model's shape) and the `small` shape with
 #      styles on `all`, the chorales drawn 8 times an epoch (issue 15's comparison: the
 #      multi-style model's chorale bits/note against the chorale-only model's); a margin of 0.6
 #      of the budget for steps, since sharing the GPU slows both past their calibrations (the
 #      ninth session's jobs, at 0.8, were all stopped by the clock before their cosine ended);
-#      the CUDA tests (graph capture, the fused graph, training switches) run beside them;
+#      the CUDA tests (graph capture, the fused graph, training switches, packed rows under
+#      FlexAttention) run beside them;
 #   2. the race and decoding of benchmarks/bench_gpu.py, alone on the GPU (~5 min);
-#   3. training throughput and MFU at 2048 x 32 (~1 min).
+#   3. training throughput and MFU at 2048 x 32 (~2-3 min): Aurl unpacked, Aurl packed
+#      (data.pack: several windows to a row, block-diagonal attention; FlexAttention compiled
+#      before its clock starts, the dense mask as a second try) and GPT-2, 0.3 min each.
+# All three may not fit one 600-s device call any more: PHASES="3" (or "1 2") runs only those.
 # Everything lands in $OUT: the log, the JSON reports, and (right after step 1) the models and
 # their logs as a tar in 15 MB parts.
 # SMOKE=1: the same plumbing on the CPU in about a minute (tiny sizes; OUT defaults to a temp dir).
@@ -42,12 +46,15 @@ if [ "${SMOKE:-}" = 1 ]; then
   TESTS=()
 else
   BUDGET=120; CALIB=40; MODELS=(); RACE=(--work .bench --device cuda); SETS=(data.batch_size=32)
-  WIDE=(--work .bench --device cuda --throughput --window 2048 --minutes 0.4)
+  WIDE=(--work .bench --device cuda --throughput --window 2048 --minutes 0.3)
   CACHE=.bench/cache; ALL=.bench/cache-all; STYLES="[chorale,classical,folk,palestrina,renaissance]"
-  TESTS=(tests/generation/test_graphed.py tests/training/test_gpu_switches.py)
+  TESTS=(tests/generation/test_graphed.py tests/training/test_gpu_switches.py
+         tests/models/test_packing.py)
 fi
 RECIPE=(model.dropout=0.2 data.augment.transpose_prob=1.0 training.warmup_steps=100)
 
+PHASES=" ${PHASES:-1 2 3} "
+if [[ $PHASES == *" 1 "* ]]; then
 echo "== 1. release candidates, side by side ($(date +%T))"
 job() { timeout $((BUDGET + 100)) $PY benchmarks/gpu_models.py --out "$W/models" \
         --budget "$BUDGET" --calib "$CALIB" --margin 0.6 "$@" > "$W/$2.log" 2>&1; echo "job $2 rc=$?"; }
@@ -65,10 +72,16 @@ for j in small styles; do tail -3 "$W/$j.log"; done
 (cd "$W" && tar cf - models/*.json models/*-model models/*-run/metrics.jsonl \
   models/*-run/train.log ./*.log 2>/dev/null) | split -b 15m - "$OUT/models.tar."
 
+fi
+
+if [[ $PHASES == *" 2 "* ]]; then
 echo "== 2. the race and decoding ($(date +%T))"
 timeout 360 $PY benchmarks/bench_gpu.py "${RACE[@]}" --out "$OUT/bench_gpu.json"
+fi
 
+if [[ $PHASES == *" 3 "* ]]; then
 echo "== 3. throughput at 2048 x 32 ($(date +%T))"
-timeout 120 $PY benchmarks/bench_gpu.py "${WIDE[@]}" --out "$OUT/bench_gpu_2048.json"
+timeout 220 $PY benchmarks/bench_gpu.py "${WIDE[@]}" --out "$OUT/bench_gpu_2048.json"
+fi
 
 ls -la "$OUT"; date

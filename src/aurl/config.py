@@ -107,6 +107,11 @@ class DataConfig:
     batch_size: int = _num(16, 1, 65536)
     num_workers: int = _num(0, 0, 256)
     length_grouped: bool = True
+    # several windows back to back in each batch row (block-diagonal attention, each window from
+    # its own start state; PAD only at a row's end): rows of data.window tokens that are mostly
+    # real tokens instead of one short piece and padding (aurl.data.dataset). Transformer mode;
+    # not with FIM, anticipation or a curriculum. Replaces length_grouped's sorting
+    pack: bool = False
     # (style, n) pairs: a training piece of that style (the cache's manifest label) is drawn n
     # times an epoch, e.g. [[chorale, 8]] so the chorales are not 3.5% of `all`. Empty: once each
     style_repeat: tuple[tuple[str, int], ...] = ()

@@ -19,6 +19,13 @@ The tokens before ``offset`` are the window's past: :func:`aurl.data.window_stat
 turns them into the state a model's first position starts from.
 A language-model loss predicts ``ids[:, 1:]`` from ``ids[:, :-1]`` under the mask.
 
+Packed batches (``data.pack``, :class:`PackedBatchSampler` and :func:`collate_packed`) hold a
+varying number of windows (*segments*), each exactly the window the unpacked loader makes for
+its key, in the same form (one row per segment, padded to the longest); besides they say where
+each segment goes in the ``batch_size`` rows the model's blocks see: ``pack_row`` (S,) its
+row, ``pack_col`` (S,) its first column there (segments back to back in key order), and
+``pack_width`` () the rows' length (``window``, PAD after a row's last segment).
+
 When the dataset augments with an :class:`~aurl.data.augment.Augmenter`, batches also say what
 was drawn for each window (identity values where a transform did not fire): ``transpose`` (B,)
 int64 semitones, ``family_map`` (B, families) int64 permutation, ``velocity_factor`` and
@@ -49,7 +56,9 @@ from aurl.data.fim import collate_fim, draw_fim
 from aurl.data.vocab import PAD, Kind, Vocab
 from aurl.errors import ConfigError, DataError
 
-Key = int | tuple[int, int, int]
+LOOKAHEAD = 2  # pack_batches: slots considered per packed batch, in batches' worth of tokens
+
+Key = int | tuple[int, int, int] | tuple[int, int, int, int]  # (slot, window, epoch[, row])
 
 
 def window_at(step: int, window: int, curriculum: Sequence[tuple[int, int]]) -> int:
@@ -150,7 +159,12 @@ class WindowDataset(torch.utils.data.Dataset):
         return offset + int(hits[0]) if hits.size else offset
 
     def __getitem__(self, key: Key) -> dict[str, Any]:
-        slot, window, epoch = (int(key), self.window, self.epoch) if np.isscalar(key) else key
+        row_in_pack = None  # packed batches: the row the sampler put this window in
+        if np.isscalar(key):
+            slot, window, epoch = int(key), self.window, self.epoch
+        else:
+            slot, window, epoch, *rest = key
+            row_in_pack = rest[0] if rest else None
         row = int(self.pieces[self.slot_piece[slot]])
         tokens = self.cache.tokens(row)
         rng = np.random.default_rng([self.seed, epoch, slot])
@@ -167,6 +181,8 @@ class WindowDataset(torch.utils.data.Dataset):
             ids = self.augment(ids, rng)
         meter = self.cache.meters[row]
         item = {"ids": ids[:window], "index": row, "offset": offset, "meter": meter, **drawn}
+        if row_in_pack is not None:
+            item["pack"] = (row_in_pack, window)  # its packed row, and the rows' length
         if self.fim_rate > 0:  # its own stream: the windows drawn above stay what they were
             fim_rng = np.random.default_rng([self.seed, epoch, slot, 1])
             fim = draw_fim(ids, fim_rng, self.vocab, rate=self.fim_rate, window=window)
@@ -219,6 +235,70 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int = PAD) -> dict[str, tor
     if "fim" in items[0]:
         batch.update(collate_fim([it["fim"] for it in items], pad_id))
     return batch
+
+
+def collate_packed(items: Sequence[dict[str, Any]], pad_id: int = PAD) -> dict[str, torch.Tensor]:
+    """:func:`collate` of the segments of a packed batch, plus where each lies in the packed
+    rows: ``pack_row`` (S,), ``pack_col`` (S,) and ``pack_width`` () (module docstring).
+
+    Columns come from the segments' actual lengths, back to back in the order the sampler gave.
+    The rows are ``window`` long (one shape for every batch: a compiled kernel is not rebuilt
+    per batch), or as long as the longest row where that is longer: the sampler planned with
+    ``min(piece length, window)``, and augmentation may add a few shift tokens to a piece
+    shorter than the window."""
+    batch = collate(items, pad_id)
+    rows = torch.tensor([it["pack"][0] for it in items], dtype=torch.long)  # (S,)
+    lengths = batch["attention_mask"].sum(1)  # (S,)
+    cols = torch.zeros_like(rows)
+    used: dict[int, int] = {}
+    for s, (r, n) in enumerate(zip(rows.tolist(), lengths.tolist())):
+        cols[s] = used.get(r, 0)
+        used[r] = cols[s].item() + n
+    width = max(items[0]["pack"][1], *used.values())
+    batch.update(pack_row=rows, pack_col=cols, pack_width=torch.tensor(width))
+    return batch
+
+
+def pack_batches(
+    order: np.ndarray, lengths: np.ndarray, rows: int, width: int, lookahead: int = LOOKAHEAD
+) -> list[list[tuple[int, int]]]:
+    """Slots in ``order`` packed into batches of ``rows`` rows of ``width`` tokens:
+    ``[[(slot, row), ...], ...]``.
+
+    The rule: take slots in order (after those the last batch could not place) until their
+    lengths (``lengths[slot] <= width``) add up to ``lookahead`` batches' ``rows x width``
+    tokens; place them longest first (stable), each in the first row with room (first-fit
+    decreasing); those that fit nowhere wait for the next batch. The lookahead gives the short
+    windows that fill the rows' ends; once the order is spent, batches are made while the
+    waiting slots fill one, and the rest (less than a batch) are dropped for the epoch, as the
+    unpacked sampler drops its last partial batch. Deterministic: a function of ``order`` and
+    ``lengths`` only.
+    """
+    capacity = rows * width
+    batches: list[list[tuple[int, int]]] = []
+    waiting: list[int] = []
+    next_i = 0
+    while True:
+        total = int(lengths[waiting].sum()) if waiting else 0
+        while total < lookahead * capacity and next_i < len(order):
+            waiting.append(int(order[next_i]))
+            total += int(lengths[order[next_i]])
+            next_i += 1
+        if total < capacity:
+            return batches
+        free = np.full(rows, width, dtype=np.int64)  # (rows,) room left in each row
+        placed: list[tuple[int, int]] = []
+        left: list[int] = []
+        for slot in sorted(waiting, key=lambda s: -int(lengths[s])):  # stable: ties in order
+            fits = np.flatnonzero(free >= lengths[slot])
+            if fits.size:
+                free[fits[0]] -= lengths[slot]
+                placed.append((slot, int(fits[0])))
+            else:
+                left.append(slot)
+        batches.append(placed)
+        wait = set(left)
+        waiting = [s for s in waiting if s in wait]  # in their order, for the next batch
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
@@ -311,6 +391,67 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
             yield [(int(s), w, self.epoch) for s in batches[b]]
 
 
+class PackedBatchSampler(torch.utils.data.Sampler):
+    """Packed batches (``data.pack``): each epoch's slots, in the order the unpacked sampler
+    draws (a permutation from ``(seed, epoch)``), packed by :func:`pack_batches` into
+    ``batch_size`` rows of ``window`` tokens; rank ``r`` of ``world`` takes batches ``r, r +
+    world, ...`` (the count rounded down to a multiple of ``world``). Keys are ``(slot, window,
+    epoch, row)``; :func:`collate_packed` lays the segments out. A batch is a function of
+    ``(seed, epoch, batch number)``, so a resumed loader sees the same batches.
+
+    Args:
+        dataset: The :class:`WindowDataset`.
+        batch_size: Packed rows per batch (per rank).
+        seed: Seeds the order.
+        rank, world: This process's share.
+        window: Row length (``data.window``).
+    """
+
+    def __init__(self, dataset: WindowDataset, batch_size: int, *, seed: int = 0, rank: int = 0,
+                 world: int = 1, window: int | None = None) -> None:  # fmt: skip
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world = rank, world
+        self.window = window or dataset.window
+        self.epoch, self.start = 0, 0  # start: batches of this epoch to skip (resumption)
+        self._plans: dict[int, list[list[tuple[int, int]]]] = {}  # epoch -> its batches
+        if len(self._plan()) < world:
+            raise DataError(
+                f"the {len(dataset)} windows of split {dataset.split!r} cannot fill "
+                f"{world} packed batch(es) of {batch_size} x {self.window} tokens: lower "
+                "data.batch_size or data.window, or add data"
+            )
+
+    def _plan(self) -> list[list[tuple[int, int]]]:
+        """This rank's batches of the current epoch (computed once per epoch)."""
+        if self.epoch not in self._plans:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
+            lengths = self.dataset.slot_lengths(self.window)
+            plan = pack_batches(order, lengths, self.batch_size, self.window)
+            plan = plan[: len(plan) // self.world * self.world]
+            self._plans = {self.epoch: plan[self.rank :: self.world]}  # keep one epoch's
+        return self._plans[self.epoch]
+
+    def __len__(self) -> int:
+        """Batches of the current epoch on this rank (it varies a little by epoch)."""
+        return len(self._plan())
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def window_of(self, batch: int) -> int:
+        """The row length (no curriculum with packing)."""
+        return self.window
+
+    def epoch_batches(self) -> list[list[tuple[int, int]]]:
+        """This rank's batches of the current epoch: ``[(slot, row), ...]`` each."""
+        return self._plan()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
+        plan = self._plan()
+        for b in range(self.start, len(plan)):
+            yield [(slot, self.window, self.epoch, row) for slot, row in plan[b]]
+
+
 class Loader:
     """Endless training batches with an exact, checkpointable position.
 
@@ -324,8 +465,9 @@ class Loader:
     """
 
     def __init__(
-        self, dataset: WindowDataset, sampler: LengthGroupedBatchSampler, *, num_workers: int = 0
-    ) -> None:
+        self, dataset: WindowDataset, sampler: LengthGroupedBatchSampler | PackedBatchSampler,
+        *, num_workers: int = 0,
+    ) -> None:  # fmt: skip
         self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
         self.epoch, self.position = 0, 0
 
@@ -336,7 +478,7 @@ class Loader:
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
-            collate_fn=collate,
+            collate_fn=collate_packed if isinstance(self.sampler, PackedBatchSampler) else collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -417,11 +559,18 @@ def build_loader(
         anticipation_rate=data_config.anticipation_rate, anticipation_beats=anticipation_beats,
         style_repeat=data_config.style_repeat if split == "train" else (),
     )  # fmt: skip
-    sampler = LengthGroupedBatchSampler(
-        dataset, data_config.batch_size, seed=seed, length_grouped=data_config.length_grouped,
-        rank=rank, world=world, curriculum=data_config.curriculum,
-        batches_per_step=batches_per_step,
-    )  # fmt: skip
+    sampler: LengthGroupedBatchSampler | PackedBatchSampler
+    if data_config.pack and split == "train":
+        if data_config.curriculum:  # the trainer refuses it first, with the other checks
+            raise ConfigError("data.pack=true packs rows of one length: set data.curriculum=[]")
+        sampler = PackedBatchSampler(dataset, data_config.batch_size, seed=seed, rank=rank,
+                                     world=world)  # fmt: skip
+    else:
+        sampler = LengthGroupedBatchSampler(
+            dataset, data_config.batch_size, seed=seed, length_grouped=data_config.length_grouped,
+            rank=rank, world=world, curriculum=data_config.curriculum,
+            batches_per_step=batches_per_step,
+        )  # fmt: skip
     return Loader(dataset, sampler, num_workers=data_config.num_workers)
 
 

@@ -7,6 +7,7 @@ Shapes: ``B`` batch, ``T`` tokens, ``D`` width, ``H`` heads, ``hd`` head width.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,123 @@ class Sparse:
     key_mask: Tensor | None = None  # (B, positions) True for real tokens
     mask: Tensor | None = None  # cached path: (1 or B, 1, Tq, Tk) over the gathered keys
     q_start: int = 0
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where the segments of a packed batch (``data.pack``) lie in the rows the blocks see.
+
+    The model embeds the segments as rows of their own, ``(S, Ts, D)`` padded on the right,
+    each from its own start state; :meth:`to_rows` moves them into ``rows`` rows of ``width``
+    positions, back to back, for the blocks, and :meth:`to_segments` brings the blocks' output
+    back, so the head and the loss read the segments as unpacked rows. Attention is causal
+    inside each segment and blind across segments (:meth:`attention`); rotary positions count
+    from each segment's start (``pos``), so every segment sees the positions, the keys and the
+    rotations it would see alone in a row. (Rotary is relative, so the packed row's own column
+    positions would do up to rounding: on the ``tiny`` model at width 256 they moved the logits
+    by at most 1.5e-7, the per-segment ones by 1.2e-7; the gather of the tables costs nothing
+    next to the blocks.) Build with :meth:`plan`.
+    """
+
+    rows: int
+    width: int
+    src: Tensor  # (rows * width,) each packed position's flat segment position (S*Ts: none)
+    back: Tensor  # (S * Ts,) each segment position's flat packed position
+    pos: Tensor  # (rows, width) position inside its segment (padding: its column)
+    segment: Tensor  # (rows, width) segment number (-1: padding, which sees only padding)
+
+    @classmethod
+    def plan(cls, row: Tensor, col: Tensor, length: Tensor, *, rows: int, width: int,
+             seg_len: int) -> Packing:  # fmt: skip
+        """From each segment's packed ``row``, first ``col`` and real ``length`` (all (S,), on
+        the model's device) and the segment rows' length ``seg_len`` (Ts)."""
+        S, dev = row.shape[0], row.device
+        t = torch.arange(seg_len, device=dev)[None, :].expand(S, seg_len)  # (S, Ts)
+        real = t < length[:, None]  # (S, Ts)
+        first = row * width + col  # (S,) flat packed position of each segment's start
+        flat = first[:, None] + t  # (S, Ts)
+        n = rows * width
+        dst = torch.where(real, flat, n).flatten()  # (S*Ts,); slot n: padding, dropped below
+        src = torch.full((n + 1,), S * seg_len, dtype=torch.long, device=dev)
+        src = src.scatter(0, dst, torch.arange(S * seg_len, device=dev))
+        pos = torch.cat([torch.arange(width, device=dev).repeat(rows), t.new_zeros(1)])
+        pos = pos.scatter(0, dst, t.flatten())
+        segment = torch.full((n + 1,), -1, dtype=torch.long, device=dev)
+        segment = segment.scatter(0, dst, torch.arange(S, device=dev).repeat_interleave(seg_len))
+        last = first + (length - 1).clamp(min=0)  # a segment's padding reads its last token
+        back = torch.minimum(flat, last[:, None]).flatten()
+        return cls(rows, width, src[:n], back, pos[:n].view(rows, width),
+                   segment[:n].view(rows, width))  # fmt: skip
+
+    def to_rows(self, x: Tensor) -> Tensor:
+        """Segment rows (S, Ts, D) -> packed rows (rows, width, D), zeros where no segment."""
+        D = x.shape[-1]
+        flat = torch.cat([x.reshape(-1, D), x.new_zeros(1, D)])  # (S*Ts + 1, D)
+        return flat.index_select(0, self.src).view(self.rows, self.width, D)
+
+    def to_segments(self, x: Tensor, seg_len: int) -> Tensor:
+        """Packed rows (rows, width, D) -> segment rows (S, Ts, D); a segment's padding holds
+        its last real position's vector (read by nothing)."""
+        D = x.shape[-1]
+        return x.reshape(-1, D).index_select(0, self.back).view(-1, seg_len, D)
+
+    def attention(self) -> Tensor | BlockDiagonal:
+        """What the blocks attend under: on CUDA a FlexAttention document mask
+        (:class:`BlockDiagonal`; torch >= 2.5), elsewhere the explicit (rows, 1, width, width)
+        bool mask for SDPA, True where query and key share a segment and the key is not later.
+        The dense mask computes every row's whole width x width square (on the CPU packed rows
+        cost more per real token than unpacked ones: BENCHMARKS.md "Packed training rows")."""
+        if self.segment.device.type == "cuda" and FLEX_ON_CUDA and has_flex_attention():
+            return BlockDiagonal.of(self.segment)
+        same = self.segment[:, :, None] == self.segment[:, None, :]  # (rows, width, width)
+        return (same & torch.ones_like(same[0]).tril())[:, None]
+
+
+@dataclass(frozen=True)
+class BlockDiagonal:
+    """Causal attention inside segments only, as a FlexAttention ``BlockMask`` (CUDA: its
+    kernel skips the blocks no segment reaches, where a dense mask costs the whole square)."""
+
+    block_mask: Any  # torch.nn.attention.flex_attention.BlockMask
+
+    @classmethod
+    def of(cls, segment: Tensor) -> BlockDiagonal:
+        """From the segment number of every packed position (rows, width)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_segment_causal(b, h, q, k):  # noqa: ANN001, ANN202 - FlexAttention's mask_mod
+            return (segment[b, q] == segment[b, k]) & (k <= q)
+
+        B, W = segment.shape
+        return cls(create_block_mask(same_segment_causal, B, None, W, W, device=segment.device))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """(B, H, T, hd) each -> (B, H, T, hd)."""
+        return _flex_attention(q.device)(q, k, v, block_mask=self.block_mask)
+
+
+# False: packed rows attend under the dense mask on CUDA too (bench_gpu.py's second try when
+# FlexAttention fails on a lent GPU, so that its minutes still measure packing)
+FLEX_ON_CUDA = True
+_FLEX: dict[str, Any] = {}
+
+
+def has_flex_attention() -> bool:
+    """FlexAttention is there (torch >= 2.5; the project allows 2.4)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def _flex_attention(device: torch.device) -> Any:
+    """FlexAttention, compiled on CUDA (its fused kernel; eager it materialises the scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if "cuda" not in _FLEX:
+        _FLEX["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["cuda"]
 
 
 def dense_sparse_attention(
@@ -239,6 +357,8 @@ class Attention(nn.Module):
         q = qk[:, :, 0].transpose(1, 2)  # (B, H, T, hd)
         k = qk[:, :, 1].transpose(1, 2)
         v = qkv[:, :, 2].transpose(1, 2)
+        if isinstance(mask, BlockDiagonal):  # packed segments (Packing), FlexAttention
+            return self._out(mask.attend(q, k, v), x)
         if isinstance(mask, Sparse) and cache is None:
             y = local_attention(q, k, v, mask)
             return self._out(y, x)

@@ -148,9 +148,8 @@ def compute_losses(
     context = {}  # where the windows start in their pieces, and the pieces' meters
     if isinstance(batch, dict):
         ids, attention_mask = batch["ids"], batch.get("attention_mask")
-        context = {
-            k: batch[k] for k in ("start", "meter", "style", "fim") if batch.get(k) is not None
-        }
+        keys = ("start", "meter", "style", "fim", "pack")  # pack: data.pack's Packing plan
+        context = {k: batch[k] for k in keys if batch.get(k) is not None}
     else:
         ids, attention_mask = batch, None
     out = model(ids, attention_mask=attention_mask, **context)

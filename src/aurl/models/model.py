@@ -23,7 +23,7 @@ from aurl.data.grammar import Grammar, GrammarState, SequenceScan
 from aurl.data.vocab import ANTICIPATION_BASE, FIM_SENTINELS, PAD, UNK, Kind, Vocab
 from aurl.errors import ConfigError
 from aurl.models.discriminator import MultiScaleDiscriminator
-from aurl.models.layers import Rotary, Sparse, attention_mask_for, make_blocks
+from aurl.models.layers import Packing, Rotary, Sparse, attention_mask_for, make_blocks
 from aurl.models.style import style_embedding
 from aurl.models.vae import (
     LatentConditioner,
@@ -486,6 +486,7 @@ class MusicTransformerVAEGAN(nn.Module):
         meter: Tensor | None = None,
         style: Tensor | None = None,
         fim: tuple[Tensor, Tensor] | None = None,
+        pack: Packing | None = None,
     ) -> ModelOutput:
         """Logits for every position of ``ids`` (B, T).
 
@@ -502,8 +503,17 @@ class MusicTransformerVAEGAN(nn.Module):
                 with ``model.styles``.
             fim: ``(source (B, S), pos (B, T))`` for windows in FIM order (``model.fim``):
                 the features come from :meth:`fim_features` instead of from ``ids``.
+            pack: the rows of ``ids`` are segments of a packed batch (``data.pack``): they are
+                embedded as rows (each from its own ``start``, ``meter`` and ``style``), run
+                through the blocks packed as ``pack`` says, and come back as rows, so the
+                outputs keep ``ids``' shape. Transformer mode with full attention only.
         """
         B, T = ids.shape
+        if pack is not None and (self.encoder is not None or self.window is not None):
+            raise ValueError(
+                "packed segments need model.mode=transformer and model.attention=full "
+                f"(got {self.config.mode!r}, {self.config.attention!r})"
+            )
         posterior = None
         if self.encoder is not None and latents is None:
             posterior = self.encoder(ids, self.embed, attention_mask)
@@ -531,17 +541,25 @@ class MusicTransformerVAEGAN(nn.Module):
         key_mask = attention_mask.bool() if attention_mask is not None else None
         if self.right_padding and self.window is None:  # causal: no real query sees the padding
             key_mask = None
-        if self.window is not None and self.window < T:  # block-local, linear in T
-            mask = Sparse(self.window, self.n_global, self.summary_len, key_mask)
+        if pack is not None:  # (S, T, D) segments -> (rows, width, D), each at its own positions
+            x = pack.to_rows(x)
+            mask = pack.attention()
+            cos, sin = self.rotary.tables(0, pack.width)
+            cos, sin = cos[pack.pos], sin[pack.pos]  # (rows, width, 1, 1, hd)
         else:
-            mask = self._mask(0, T, torch.arange(T, device=ids.device), key_mask)
-        cos, sin = self.rotary.tables(0, T)
+            if self.window is not None and self.window < T:  # block-local, linear in T
+                mask = Sparse(self.window, self.n_global, self.summary_len, key_mask)
+            else:
+                mask = self._mask(0, T, torch.arange(T, device=ids.device), key_mask)
+            cos, sin = self.rotary.tables(0, T)
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if ckpt:  # keep only block inputs; recompute the inside during backward
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask)
+        if pack is not None:
+            x = pack.to_segments(x, T)  # (S, T, D) again: the head and the loss read rows
         logits, h = self._logits(x)
         return ModelOutput(logits=logits, hidden=h, posterior=posterior, latents=latents)
 

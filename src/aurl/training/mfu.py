@@ -9,7 +9,16 @@ too), so ``6 N`` the matmul FLOPs of forward and backward per token; ``12 L d T`
 attention scores and their weighted sum, forward and backward, for ``L`` layers of width
 ``d`` over a context of ``T`` tokens (counted over the whole T x T square, as PaLM does; a
 causal kernel skips half of it, so a causal model's MFU reads high by ``6 L d T / (6 N + 12 L
-d T)``: 6% for ``full`` at 1024). Recomputation (gradient checkpointing) is not model
+d T)``: 6% for ``full`` at 1024).
+
+``T`` is each sequence's own real length: a token attends only inside its window, whether the
+window is a row of its own (right-padded: the padding is no model arithmetic) or a segment of
+a packed row (``data.pack``: block-diagonal attention). Over sequences of real lengths
+``T_i`` the attention FLOPs are ``sum_i 12 L d T_i^2``, so per real token the context is
+:func:`attention_context` ``= sum_i T_i^2 / sum_i T_i``. (Until the packing work the trainer
+counted ``T = data.window`` for every real token, which credits unpacked rows with attention
+over their padding: the ninth session's 11.4% at 2048 x 32 is in that convention.)
+Recomputation (gradient checkpointing) is not model
 arithmetic and not counted. ``peak``: the device's dense bf16 (or fp16) tensor throughput, from
 :data:`PEAK_TFLOPS` by device name, or ``training.peak_tflops``; unknown devices (and the CPU)
 log no MFU unless it is given.
@@ -52,6 +61,12 @@ def peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
 def flops_per_token(params: int, n_layers: int, d_model: int, context: int) -> float:
     """``6 N + 12 L d T``: training FLOPs per token (module docstring)."""
     return 6.0 * params + 12.0 * n_layers * d_model * context
+
+
+def attention_context(token_sq: float, tokens: float) -> float:
+    """``sum T_i^2 / sum T_i``: the context per real token of sequences of real lengths ``T_i``
+    (module docstring), from the two sums; 0 without tokens."""
+    return token_sq / tokens if tokens else 0.0
 
 
 def mfu(tokens_per_s: float, flops_token: float, peak: float) -> float:

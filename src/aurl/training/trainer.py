@@ -411,6 +411,12 @@ class _Step:
     action: str  # AnomalyDetector's: ok, spike, skip or rollback
     what: str
     disc_grad_norm: float | None = None  # vae_gan: the discriminator's, before clipping
+    # this rank's real tokens, the sum of their sequences' squared lengths (each window's own
+    # length: a segment of a packed row, or an unpacked row's real tokens) and the positions
+    # the blocks ran over (rows x their width): attention FLOPs and the rows' real share
+    own_tokens: int = 0
+    token_sq: int = 0
+    positions: int = 0
 
 
 @dataclass
@@ -466,6 +472,29 @@ def check_fim(config: Config) -> None:
         )
 
 
+def check_pack(config: Config) -> None:
+    """Packed rows (``data.pack``) hold windows in time order under full causal attention, one
+    row length: a transformer without FIM, anticipation or a window curriculum."""
+    if not config.data.pack:
+        return
+    modes = {mode for mode, _ in stage_plan(config)}
+    wrong = [
+        f"{key}={value}" for key, value, bad in (
+            ("model.mode", "/".join(sorted(modes)), modes != {"transformer"}),
+            ("model.attention", config.model.attention, config.model.attention != "full"),
+            ("data.fim_rate", config.data.fim_rate, config.data.fim_rate > 0),
+            ("data.anticipation_rate", config.data.anticipation_rate,
+             config.data.anticipation_rate > 0),
+            ("data.curriculum", list(config.data.curriculum), bool(config.data.curriculum)),
+        ) if bad
+    ]  # fmt: skip
+    if wrong:
+        raise ConfigError(
+            f"data.pack=true packs plain windows for model.mode=transformer with full attention, "
+            f"one row length; got {', '.join(wrong)}: change those or set data.pack=false"
+        )
+
+
 def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, tune) -> _Run:
     """Every check of the input before any work, then the checkpoint to resume from, the
     monitor, the training batches and the validation pieces."""
@@ -476,6 +505,7 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
     t = config.training
     check_precision(t.precision, d.device)
     check_fim(config)
+    check_pack(config)
     plan = stage_plan(config)
     ends = np.cumsum([s for _, s in plan]).tolist()
     cache = open_cache(config)
@@ -652,6 +682,7 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
     t, d = run.config.training, run.d
     # throughput counts the training steps only (not validation, samples, checkpoints)
     tokens_since, time_since, steps_since = 0, 0.0, 0
+    own_since, sq_since, positions_since = 0, 0, 0  # this rank's (MFU's attention, fill)
     peak = mfu.peak_tflops(d.device, t.peak_tflops)
     c = stage.config.model
     n_params = sum(p.numel() for p in stage.gen_params)
@@ -681,6 +712,9 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
         tokens_since += out.tokens
         time_since += time.perf_counter() - step_t0
         steps_since += 1
+        own_since += out.own_tokens
+        sq_since += out.token_sq
+        positions_since += out.positions
         if out.action == "spike" and run.monitor:
             run.monitor.event(run.step, out.what, "flagged", loss=out.loss, grad_norm=out.grad_norm)
         if run.step % t.log_every == 0 or run.step == stage.end:
@@ -689,12 +723,13 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
                 "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
                 "tok_per_s": tokens_since / max(time_since, 1e-9),
                 "step_s": time_since / max(steps_since, 1),
+                "fill": own_since / max(positions_since, 1),  # real share of the rows
                 **{f"loss_{k}": v for k, v in parts.items()}, **_memory(d.device),
             }  # fmt: skip
             if out.disc_grad_norm is not None:
                 values["disc_grad_norm"] = out.disc_grad_norm
             if peak is not None:  # per device: each rank's share of the tokens on its own GPU
-                context = run.loader.window()
+                context = mfu.attention_context(sq_since, own_since)
                 per_token = mfu.flops_per_token(n_params, c.n_layers, c.d_model, context)
                 values["mfu"] = mfu.mfu(values["tok_per_s"] / d.world, per_token, peak)
             if run.monitor:
@@ -702,6 +737,7 @@ def _train_stage(run: _Run, stage: _Stage, progress: Progress, stop: _StopReques
                 run.monitor.line(train_line(run.step, values))
                 set_status(pbar, " ".join(train_line(run.step, values).split()[2:8]))
             tokens_since, time_since, steps_since = 0, 0.0, 0
+            own_since, sq_since, positions_since = 0, 0, 0
 
         # a stop skips this step's validation and samples (minutes under load): the checkpoint
         # says so and the resumed run validates the step first (see _train_stage's start)
@@ -751,7 +787,8 @@ def _train_step(run: _Run, stage: _Stage) -> _Step:
     set_lr(stage.opt, lr)
     loss_cfg = stage.config.loss
     micro = _micro_batches(run, stage)
-    tokens = sum(batch["tokens"] for batch, _ in micro) * d.world
+    own = {k: sum(batch[k] for batch, _ in micro) for k in ("tokens", "token_sq", "positions")}
+    tokens = own["tokens"] * d.world
     # VAE modes draw posterior samples (and vae_gan Gumbel noise) in every micro-batch: seeded
     # by the micro-batch's place in the global batch, N processes draw what one process does
     seeds = micro_seeds(t.seed, run.step, len(micro), d) if stage.mode != "transformer" else None
@@ -794,6 +831,7 @@ def _train_step(run: _Run, stage: _Stage) -> _Step:
     return _Step(
         loss=float(loss_all), grad_norm=float(gnorm), lr=lr, tokens=tokens, parts=parts,
         action=action, what=what, disc_grad_norm=disc.grad_norm if disc is not None else None,
+        own_tokens=own["tokens"], token_sq=own["token_sq"], positions=own["positions"],
     )  # fmt: skip
 
 
@@ -874,6 +912,7 @@ def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch
     the state its windows start from (``start``: the musical time and grammar features their
     prefixes leave, :func:`aurl.data.window_state.window_start`) and the pieces' ``meter``."""
     from aurl.data.window_state import TokenTable, window_inputs, window_start
+    from aurl.models.layers import Packing
 
     device = run.d.device
     model = stage.model
@@ -893,7 +932,17 @@ def _micro_batches(run: _Run, stage: _Stage) -> list[tuple[dict[str, Any], torch
         batch: dict[str, Any] = {
             k: next_batch[k].to(device, non_blocking=True) for k in ("ids", "attention_mask")
         }
-        batch["tokens"] = int(next_batch["attention_mask"].sum())  # counted on the host
+        lengths = next_batch["attention_mask"].sum(1)  # (B,) or (S,) counted on the host
+        batch["tokens"] = int(lengths.sum())
+        batch["token_sq"] = int((lengths**2).sum())
+        batch["positions"] = next_batch["ids"].numel()
+        if "pack_row" in next_batch:  # data.pack: the segments' places in the packed rows
+            rows, width = run.config.data.batch_size, int(next_batch["pack_width"])
+            batch["positions"] = rows * width
+            batch["pack"] = Packing.plan(
+                next_batch["pack_row"].to(device), next_batch["pack_col"].to(device),
+                lengths.to(device), rows=rows, width=width, seg_len=next_batch["ids"].shape[1],
+            )  # fmt: skip
         if "meter" in next_batch:
             batch["meter"] = next_batch["meter"].to(device, non_blocking=True)
         if run.row_styles is not None:  # the pieces' styles (the model drops some: dropout)
