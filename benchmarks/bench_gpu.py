@@ -373,6 +373,10 @@ def table(r: dict) -> str:
 
     a, g = r["aurl"], r.get("gpt2")
     gpt = f"HF GPT-2 ({r['baseline_tokens']})"
+    if a is None:  # --decode-only
+        lines = [f"| {r['device']}, {r['preset']} shape, untrained weights | Aurl | {gpt} |",
+                 "|---|---|---|"]  # fmt: skip
+        return "\n".join(lines + _decode_lines(r, num))
     lines = [
         f"| {r['device']}, {r['preset']} shape, batch {r['batch']} x {r['window']}, "
         f"race {r['minutes']} min | Aurl | {gpt} |",
@@ -405,6 +409,11 @@ def table(r: dict) -> str:
             f"{num(p['mfu_at_window'] and 100 * p['mfu_at_window'], '.1f')}% / "
             f"{p['fill']:.3f} (x{p['tok_per_s'] / a['tok_per_s']:.2f} unpacked) | - |"
         )
+    return "\n".join(lines + _decode_lines(r, num))
+
+
+def _decode_lines(r: dict, num) -> list[str]:
+    lines = []
     for b, d in r["decode"].items():
         lines.append(
             f"| decode batch {b}, tokens/s: Aurl graphed / graphed + compiled / static eager / "
@@ -413,7 +422,7 @@ def table(r: dict) -> str:
             f"{num(d['eager'], ',.0f')} "
             f"| {num(d.get('hf'), ',.0f')} |"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -438,6 +447,10 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="training tokens/s and MFU only: no scoring, no decoding",
     )
+    p.add_argument(
+        "--decode-only", action="store_true",
+        help="decoding speeds only, on untrained models of the same shapes (no race: seconds)",
+    )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, seconds")
     args = p.parse_args(argv)
     if args.smoke:
@@ -493,6 +506,8 @@ def run(args: argparse.Namespace, work: Path, device: torch.device, save=lambda 
         "batch": args.batch, "window": args.window, "minutes": args.minutes,
         "peak_tflops": peak, "decode": {},
     }  # fmt: skip
+    if args.decode_only:  # decoding speed does not depend on the weights: no race
+        return decode_only(args, config, work, device, results, save)
     scored = not args.throughput
     select = 0 if args.throughput else args.select
     aurl, model = aurl_race(config, work, device, scored=scored, select=select)
@@ -537,6 +552,40 @@ def run(args: argparse.Namespace, work: Path, device: torch.device, save=lambda 
         save(results)
     if args.throughput:
         return results
+    decode_all(args, cache, model, gpt2, seqs if gpt2 is not None else None, device, results,
+               save)  # fmt: skip
+    return results
+
+
+def decode_only(args: argparse.Namespace, config, work: Path, device: torch.device,
+                results: dict, save) -> dict:  # fmt: skip
+    """``--decode-only``: the decoding part alone, on untrained models of the race's shapes
+    (Aurl's preset, GPT-2 of the same width and depth over the REMI vocabulary): every path
+    decodes exactly ``--decode`` tokens whatever the weights say (HF's ``min_new_tokens``, no
+    END in the static and eager loops' counts), so the speeds are those of trained models, in
+    seconds instead of the race's four minutes."""
+    from aurl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(config).to(device).eval()
+    results["aurl"] = results["gpt2"] = None
+    cache = TokenCache(work / "cache")
+    gpt2 = seqs = None
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        results["baseline_tokens"] = "absent"
+    else:
+        seqs, results["baseline_tokens"] = baseline_sequences(work, cache)
+        gpt2 = gpt2_model(config, seqs["vocab"], args.window, device).eval()
+    decode_all(args, cache, model, gpt2, seqs, device, results, save)
+    return results
+
+
+def decode_all(args: argparse.Namespace, cache: TokenCache, model, gpt2, seqs: dict | None,
+               device: torch.device, results: dict, save) -> None:  # fmt: skip
+    """Batch-1 and batch-64 decoding (module docstring, part 3) into ``results["decode"]``."""
+    cuda = device.type == "cuda"
     row = np.asarray(cache.tokens(int(cache.split_indices("test")[0])), np.int64)[:PROMPT]
     for b in args.decode_batches:
         prompt = torch.from_numpy(np.tile(row, (b, 1))).to(device)
@@ -556,7 +605,6 @@ def run(args: argparse.Namespace, work: Path, device: torch.device, save=lambda 
         results["decode"][b] = d
         print(f"decode {b}:", json.dumps(d), flush=True)
         save(results)
-    return results
 
 
 if __name__ == "__main__":

@@ -30,3 +30,20 @@ def test_bench_gpu_smoke(tmp_path, capsys) -> None:
         assert all(d[k] > 0 for k in ("graphed", "static", "eager"))
     assert printed.count("| decode batch") == 2 and "| test bits/note, last step |" in printed
     assert "| test bits/note, best of the validations (its step) |" in printed
+
+
+def test_bench_gpu_decode_only(tmp_path, capsys) -> None:
+    """``--decode-only``: no race, every decoding path on untrained models of the same shapes
+    (what a lent GPU's short budget measures when the race is not the question)."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--smoke", "--decode-only", "--work", str(tmp_path), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert results["aurl"] is None and "aurl:" not in printed  # nothing trained
+    for b in (1, 3):
+        d = results["decode"][b]
+        assert all(d[k] > 0 for k in ("graphed", "static", "eager"))
+        if results["baseline_tokens"] != "absent":
+            assert d["hf"] > 0
+    assert printed.count("| decode batch") == 2 and "untrained weights" in printed
