@@ -154,6 +154,7 @@ def _tempo(text: str | None) -> dict[str, Any]:
 
 def generation_config(args: argparse.Namespace):
     """The :class:`GenerationConfig` the flags describe (defaults for anything not given)."""
+    from aurl.cli import checks
     from aurl.config import GenerationConfig, build
     from aurl.errors import ConfigError
 
@@ -178,8 +179,9 @@ def generation_config(args: argparse.Namespace):
                 f"--instruments {args.instruments!r}: give family numbers like 0,5"
             ) from None
     values.update(_tempo(args.tempo))
-    if getattr(args, "style", None):
-        values["style"] = args.style
+    style = checks.nonempty(getattr(args, "style", None), "--style", "a model.styles name")
+    if style:
+        values["style"] = style
     if args.meter:
         from aurl.data.meter import parse_meter
 
