@@ -158,6 +158,7 @@ def generation_config(args: argparse.Namespace):
     from aurl.config import GenerationConfig, build
     from aurl.errors import ConfigError
 
+    checks.nonempty(args.key, "--key", "a key such as 'D minor'")  # '' ran without a key
     values: dict[str, Any] = {"seed": args.seed}
     flags = {
         "max_tokens": args.max_tokens, "seconds": args.seconds, "temperature": args.temperature,
