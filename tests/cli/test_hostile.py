@@ -203,6 +203,8 @@ CASES = {
     "train style_repeat unknown": ([*GOOD, "data.style_repeat=[[jazz,3]]"], 2,
                                    "data.style_repeat"),
     "train init-from empty": ([*GOOD, "--init-from", ""], 2, "--init-from"),
+    "train lora-alpha without lora": ([*GOOD, "--init-from", "{tiny}", "--lora-alpha", "3"], 2,
+                                      "--lora-alpha"),
     # '' ran as if the flag were absent
     "generate style empty": ([*GEN, "--style", ""], 2, "--style"),
     "generate key empty": ([*GEN, "--key", ""], 2, "--key"),
