@@ -476,6 +476,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def build(cls: type, values: dict[str, Any] | None = None, *, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a (possibly partial, nested) dict, validating every key."""
+    if values is not None and not isinstance(values, dict):  # e.g. a damaged file's list
+        raise ConfigError(
+            f"{prefix or cls.__name__}: expected a mapping of keys, got {type(values).__name__} "
+            f"{str(values)[:40]!r}"
+        )
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}

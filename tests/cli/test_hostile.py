@@ -83,10 +83,27 @@ def files(tmp_path_factory) -> dict[str, str]:
     (ckpt / "manifest.json").write_text("[]")
     (d / "corpus").mkdir()
     shutil.copy(CHORALE, d / "corpus" / "a.mid")
+    # session 11: a good one-piece cache (no style labels), damaged export and adapter configs
+    assert main(["data", "prepare", str(d / "corpus"), "--out", str(d / "good"), "--workers",
+                 "1"]) == 0  # fmt: skip
+    exports = {
+        "onnx_list": [1, 2],
+        "onnx_graphs": {"format": "aurl-onnx", "version": 3, "vocab": {}, "model": {},
+                        "vocab_size": 774, "graphs": ["decoder.onnx"]},
+        "onnx_model": {"format": "aurl-onnx", "version": 3, "vocab": {}, "model": "x"},
+    }  # fmt: skip
+    for name, meta in exports.items():
+        (d / name).mkdir()
+        (d / name / "config.json").write_text(json.dumps(meta))
+    for name, meta in {"adapter_list": [], "adapter_alpha": {"format": "aurl-lora-adapter",
+                       "rank": 2, "alpha": -1.0}}.items():  # fmt: skip
+        (d / name).mkdir()
+        (d / name / "adapter.json").write_text(json.dumps(meta))
+        (d / name / "adapter.safetensors").write_bytes(b"")
     return {
         "dir": str(d), "tiny": str(d / "tiny"), "out": str(d / "out"), "afile": str(d / "afile"),
         "chorale": str(CHORALE), "high": str(_melody(d / "high.mid", 127)), "cfg": str(d / "cfg.yaml"),
-        "cache": str(cache), "ckpt": str(ckpt), "corpus": str(d / "corpus"),
+        "cache": str(cache), "ckpt": str(ckpt), "corpus": str(d / "corpus"), "good": str(d / "good"),
     }  # fmt: skip
 
 
@@ -94,6 +111,7 @@ GEN = ["generate", "--checkpoint", "{tiny}", "--out", "{out}", "--max-tokens", "
 HARM = ["harmonize", "{chorale}", "--checkpoint", "{tiny}", "--out", "{out}"]
 EVAL = ["evaluate", "--checkpoint", "{tiny}", "--data", "{cache}", "--out", "{out}"]
 TRAIN = ["train", "--preset", "tiny", "--data", "{cache}", "--out", "{out}"]
+GOOD = ["train", "--preset", "tiny", "--data", "{good}", "--out", "{out}", "training.max_steps=1"]
 # (argv, exit code, what the one line must name); before: the escape each one was
 # fmt: off
 CASES = {
@@ -176,6 +194,33 @@ CASES = {
                                          2, "--out"),
     "checkpoint export out is a file": (["checkpoint", "export", "{ckpt}", "--out", "{afile}"],
                                         2, "--out"),
+    # -- session 11 (docs/design.md, "Hostile inputs, session 11") --------------------------------
+    # train: these stopped in the data checks after config.yaml, train.log, metrics.jsonl and
+    # tb/ were written under --out; --init-from '' trained from scratch
+    "train pack cannot fill": ([*GOOD, "data.pack=true", "data.batch_size=65536"], 1,
+                               "cannot fill"),
+    "train styles, cache unlabelled": ([*GOOD, "model.styles=[chorale]"], 1, "no style labels"),
+    "train style_repeat unknown": ([*GOOD, "data.style_repeat=[[jazz,3]]"], 2,
+                                   "data.style_repeat"),
+    "train init-from empty": ([*GOOD, "--init-from", ""], 2, "--init-from"),
+    "train lora-alpha without lora": ([*GOOD, "--init-from", "{tiny}", "--lora-alpha", "3"], 2,
+                                      "--lora-alpha"),
+    # '' ran as if the flag were absent
+    "generate style empty": ([*GEN, "--style", ""], 2, "--style"),
+    "generate key empty": ([*GEN, "--key", ""], 2, "--key"),
+    "harmonize key empty": ([*HARM, "--key", ""], 2, "--key"),
+    "evaluate style empty": ([*EVAL, "--style", ""], 2, "--style"),
+    # damaged export / adapter configs: AttributeError, TypeError; alpha -1 ran
+    "onnx config a list": (["generate", "--engine", "onnx", "--checkpoint", "{dir}/onnx_list",
+                            "--out", "{out}"], 1, "onnx_list/config.json"),
+    "onnx graphs a list": (["generate", "--engine", "onnx", "--checkpoint", "{dir}/onnx_graphs",
+                            "--out", "{out}"], 1, "onnx_graphs/config.json"),
+    "onnx model a string": (["generate", "--engine", "onnx", "--checkpoint", "{dir}/onnx_model",
+                             "--out", "{out}"], 1, "onnx_model/config.json"),
+    "adapter.json a list": ([*GEN, "--adapter", "{dir}/adapter_list"], 1,
+                            "adapter_list/adapter.json"),
+    "adapter alpha -1": ([*GEN, "--adapter", "{dir}/adapter_alpha"], 1,
+                         "adapter.json is damaged or not an Aurl adapter (alpha is -1"),
 }
 # fmt: on
 

@@ -109,3 +109,27 @@ def test_a_bar_too_short_to_analyse_is_422_naming_beats_per_bar(client):
         assert "beats_per_bar" in error_of(r, 422, field="beats_per_bar")
     r = client.post("/api/analyze", files=files, data={"beats_per_bar": "0.25"})
     assert r.status_code == 200, r.text
+
+
+# -- hunted in session 11 (docs/design.md, "Hostile inputs, session 11") --------------------
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [({"min_tokens": 100, "max_tokens": 8}, "min_tokens"),
+     ({"tempo_range": [200, 20]}, "tempo_range"), ({"tempo": 999}, "tempo"),
+     ({"instruments": [99]}, "instruments"), ({"pitch_low": 100, "pitch_high": 20}, "pitch_low"),
+     ({"key": "H"}, "key"), ({"key": "primer"}, "key"), ({"primer": "!!!"}, "primer"),
+     ({"model": "nope"}, "model"), ({"max_tokens": 8, "seconds": 2}, "seconds"),
+     ({"key": "C major", "pitch_low": 61, "pitch_high": 61}, "key")],
+)  # fmt: skip
+def test_generate_options_the_sampler_cannot_meet_name_their_field(client, body, field):
+    # each was a 422 with field null (the constraints were built when the job started)
+    error_of(client.post("/api/generate", json={"max_tokens": 16, **body}), 422, field=field)
+
+
+def test_an_unknown_model_names_the_field_on_every_endpoint(client):
+    error_of(client.post("/api/listen/trial", json={"model": "nope"}), 422, field="model")
+    files = {"file": ("c.mid", CHORALE.read_bytes())}
+    r = client.post("/api/harmonize", files=files, data={"model": "nope", "particles": "1"})
+    error_of(r, 422, field="model")

@@ -78,6 +78,15 @@ def finite(x: float | None, flag: str, *, least: float, most: float) -> float | 
     return x
 
 
+def nonempty(value: str | None, flag: str, hint: str) -> str | None:
+    """A name option given as ``''`` (None passes: not given): once read as "not given"."""
+    from aurl.errors import ConfigError
+
+    if value is not None and not value.strip():
+        raise ConfigError(f"{flag} {value!r}: give {hint}, or leave {flag} out")
+    return value
+
+
 def device(name: str, flag: str = "--device") -> str:
     """A torch device this machine has: ``cpu``, ``cuda``, ``cuda:N`` (N below the GPU count)
     or ``mps``. Imports torch (call it where the model is about to load)."""

@@ -272,11 +272,13 @@ def _read_back(path: Path, track: str | None) -> Any:
 
 def run_harmonize(args: argparse.Namespace) -> int:
     from aurl.analysis.keys import parse_key
+    from aurl.cli import checks
     from aurl.errors import ConfigError, ConstraintError
     from aurl.generation.compose import TimeMap, harmonize, melody_line, top_track, track_notes
 
     if not 2 <= args.voices <= 4:
         raise ConfigError(f"--voices {args.voices}: give 2, 3 or 4")
+    checks.nonempty(args.key, "--key", "a key such as 'D minor'")  # '' ran without a key
     if args.key:
         try:
             parse_key(args.key)

@@ -226,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{flag} chooses --task's onnx graphs: add --task harmonize or drop it")
     checks.out_dir(args.out)
     checks.workers(args.workers)
+    checks.nonempty(args.style, "--style", "a style of the model's model.styles or 'each'")
     if args.limit is not None and args.limit < 1:  # 0 read as "no limit" ran every chorale
         raise ConfigError(f"--limit {args.limit}: give 1 or more chorales (omit it for all)")
     checks.device(args.device)

@@ -154,9 +154,11 @@ def _tempo(text: str | None) -> dict[str, Any]:
 
 def generation_config(args: argparse.Namespace):
     """The :class:`GenerationConfig` the flags describe (defaults for anything not given)."""
+    from aurl.cli import checks
     from aurl.config import GenerationConfig, build
     from aurl.errors import ConfigError
 
+    checks.nonempty(args.key, "--key", "a key such as 'D minor'")  # '' ran without a key
     values: dict[str, Any] = {"seed": args.seed}
     flags = {
         "max_tokens": args.max_tokens, "seconds": args.seconds, "temperature": args.temperature,
@@ -178,8 +180,9 @@ def generation_config(args: argparse.Namespace):
                 f"--instruments {args.instruments!r}: give family numbers like 0,5"
             ) from None
     values.update(_tempo(args.tempo))
-    if getattr(args, "style", None):
-        values["style"] = args.style
+    style = checks.nonempty(getattr(args, "style", None), "--style", "a model.styles name")
+    if style:
+        values["style"] = style
     if args.meter:
         from aurl.data.meter import parse_meter
 

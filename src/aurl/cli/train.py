@@ -96,6 +96,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.lora:  # 0: no adapters
         checks.count(args.lora, "--lora", most=MAX_LORA_RANK)
     checks.finite(args.lora_alpha, "--lora-alpha", least=1e-3, most=1e6)
+    if args.lora_alpha is not None and not args.lora:  # was ignored: a full fine-tune ran
+        raise ConfigError(f"--lora-alpha {args.lora_alpha:g} scales adapters: add --lora RANK")
+    if args.init_from is not None and not args.init_from.strip():  # was: trained from scratch
+        raise ConfigError(
+            "--init-from '': give 'shipped', a shipped model's name, or a model / checkpoint / "
+            "run folder (or leave --init-from out to train from scratch)"
+        )
     if args.data:
         args.overrides = [*args.overrides, f"data.cache={args.data}"]
     config = config_from_args(args)

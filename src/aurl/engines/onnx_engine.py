@@ -76,7 +76,8 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is damaged: {e}; export the model again") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         raise CheckpointError(
             f"{path} is not an ONNX export (format {meta.get('format')!r}, expected {FORMAT!r}): "
             "for a model folder use --engine torch, or export it with `aurl export --format onnx`"
@@ -95,16 +96,23 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
     size = Vocab(vocab_cfg).size
     if meta.get("vocab_size") != size:
         raise CheckpointError(
-            f"{path}: the graphs were exported for a vocabulary of {meta.get('vocab_size')} ids, "
+            f"{path}: the graphs were exported for a vocabulary of {meta.get('vocab_size')!r} ids, "
             f"its vocab config gives {size}: the folder mixes exports; export the model again"
         )
-    inputs = meta.get("inputs", [])
+    inputs, graphs = meta.get("inputs", []), meta.get("graphs", {})
+    if not (isinstance(inputs, list) and all(isinstance(n, str) for n in inputs)) or not (
+        isinstance(graphs, dict) and all(isinstance(n, str) for n in graphs.values())
+    ):
+        raise CheckpointError(
+            f"{path} is damaged: 'inputs' must be a list of names and 'graphs' a mapping of "
+            "file names; export the model again"
+        )
     if model_cfg.meter and "phase" in inputs and "bar_beats" not in inputs:
         raise CheckpointError(
             f"{path}: the model has meter conditioning (model.meter) but its graphs take no "
             "bar_beats input: export the model again with this version of Aurl"
         )
-    for name in meta.get("graphs", {}).values():
+    for name in graphs.values():
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder / name} is missing: export the model again")
     meta["_vocab_config"], meta["_model_config"] = vocab_cfg, model_cfg

@@ -149,6 +149,8 @@ def read_adapter(folder: str | Path) -> tuple[AdapterInfo, dict[str, torch.Tenso
             )
     try:
         meta = json.loads(cfg_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"a {type(meta).__name__}, not a mapping")
         if meta.get("format") != FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
         rank, alpha = meta["rank"], meta["alpha"]
@@ -158,8 +160,9 @@ def read_adapter(folder: str | Path) -> tuple[AdapterInfo, dict[str, torch.Tenso
             isinstance(alpha, bool)
             or not isinstance(alpha, int | float)
             or not math.isfinite(alpha)
+            or alpha <= 0  # 'aurl train --lora-alpha' gives at least 0.001
         ):
-            raise ValueError(f"alpha is {alpha!r}, not a finite number")
+            raise ValueError(f"alpha is {alpha!r}, not a finite positive number")
         info = AdapterInfo(
             rank=rank, alpha=float(alpha),
             target_modules=str(meta["target_modules"]), base_name=str(meta["base"]["name"]),

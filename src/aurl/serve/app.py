@@ -708,7 +708,9 @@ def _server(servers: dict[str, ModelServer], name: str | None) -> ModelServer:
     if name is None:
         return next(iter(servers.values()))
     if name not in servers:
-        raise ConfigError(f"model {name!r} is not served here: choose one of {', '.join(servers)}")
+        raise FieldError(
+            f"model {name!r} is not served here: choose one of {', '.join(servers)}", field="model"
+        )
     return servers[name]
 
 
@@ -720,8 +722,8 @@ def _b64(text: str, lim: Limits) -> bytes:
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ConfigError(
-            "primer: not base64 (send the MIDI file's bytes base64-encoded)"
+        raise FieldError(
+            "primer: not base64 (send the MIDI file's bytes base64-encoded)", field="primer"
         ) from None
     if len(data) > lim.max_upload_bytes:
         raise too_big
@@ -759,7 +761,7 @@ def _generation_config(
     from aurl.config import GenerationConfig, build
 
     if opts.max_tokens is not None and opts.seconds is not None:
-        raise ConfigError("give max_tokens or seconds, not both")
+        raise FieldError("give max_tokens or seconds, not both", field="seconds")
     if opts.max_tokens is not None and opts.max_tokens > lim.max_tokens:
         raise LimitError(f"max_tokens {opts.max_tokens} is over this server's limit "
                          f"max_tokens={lim.max_tokens}", limit="max_tokens", status=422,
@@ -788,20 +790,44 @@ def _generation_config(
     if opts.key.strip().lower() == "primer":
         values["key"] = _primer_key(primer, srv)
     try:
-        return build(GenerationConfig, values, prefix="generation")
+        config = build(GenerationConfig, values, prefix="generation")
     except ConfigError as e:  # name the request's field, as pydantic's own errors do
         name = str(e).split(":", 1)[0].removeprefix("generation.")
         name = {"polyphony_cap": "polyphony"}.get(name, name)
         if name in GenerateOptions.model_fields:
             raise FieldError(str(e), field=name) from None
         raise
+    _check_constraints(config, srv, opts)
+    return config
+
+
+def _check_constraints(config: Any, srv: ModelServer, opts: GenerateOptions) -> None:
+    """The sampler's constraints built once here, each naming its request field (they were a
+    422 with no field, found when the job started: session 11's sweep)."""
+    from aurl.errors import ConstraintError
+    from aurl.generation import constraints as c
+
+    vocab = srv.vocab
+    room = config.min_tokens <= config.max_tokens - c.MIN_TOKENS
+    steps = (
+        ("pitch_low", lambda: c.pitch_range_bias(vocab, config.pitch_low, config.pitch_high)),
+        ("key", lambda: config.key and c.key_bias(vocab, config.key, config.key_strictness)),
+        ("tempo_range" if opts.tempo_range is not None else "tempo",
+         lambda: c.tempo_bias(vocab, config.tempo, config.tempo_range)),
+        ("instruments", lambda: c.instrument_bias(vocab, config.instruments)),
+        ("key" if room else "min_tokens", lambda: c.build_constraints(vocab, config)),
+    )  # fmt: skip
+    for field, step in steps:
+        try:
+            step()
+        except ConstraintError as e:
+            raise FieldError(str(e), field=field) from None
 
 
 def _primer_ids(ids: np.ndarray, srv: ModelServer, opts: GenerateOptions) -> np.ndarray:
     """A primer's ids as :func:`aurl.generation.generate.load_primer` makes them: no END or
     PAD, cut after ``primer_seconds``, and holding a note."""
     from aurl.data.vocab import END, PAD, Kind
-    from aurl.errors import ConstraintError
     from aurl.generation.generate import token_seconds
 
     ids = ids[(ids != END) & (ids != PAD)]
@@ -809,21 +835,21 @@ def _primer_ids(ids: np.ndarray, srv: ModelServer, opts: GenerateOptions) -> np.
         ids = ids[token_seconds(ids, srv.vocab) < opts.primer_seconds]
     if not (srv.vocab.kind[ids] == Kind.NOTE_ON).any():
         cut = f" in its first {opts.primer_seconds:g} s" if opts.primer_seconds > 0 else ""
-        raise ConstraintError(f"primer has no notes{cut}: give a MIDI file with notes")
+        raise FieldError(f"primer has no notes{cut}: give a MIDI file with notes", field="primer")
     return ids
 
 
 def _primer_key(primer: np.ndarray | None, srv: ModelServer) -> str:
     from aurl.analysis.keys import estimate_key
-    from aurl.errors import ConstraintError, DataError
+    from aurl.errors import DataError
 
     if primer is None:
-        raise ConstraintError("key 'primer' needs a primer")
+        raise FieldError("key 'primer' needs a primer", field="key")
     try:
         notes = srv.tokenizer.decode_to_notes(primer)
         return estimate_key(notes, final_bass_weight=0.0).name
     except DataError as e:
-        raise ConstraintError(f"key 'primer': {e}") from None
+        raise FieldError(f"key 'primer': {e}", field="key") from None
 
 
 async def _until_done_or_gone(job: Any, request: Request) -> list[int]:

@@ -516,17 +516,8 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
         start = ckpt.load_checkpoint(source)
         ckpt.check_compatible(start.config, config, start.path, ignore_mode=bool(t.stages))
     vocab = Vocab(config.vocab)
-
-    monitor = Monitor(run_dir, echo=echo) if d.is_main else None
-    if d.is_main:
-        write_config(config, run_dir)
-    if monitor and start is not None:
-        monitor.line(f"resuming from {start.path} at step {start.step}")
     if start is not None and finetune is None:
         finetune = start.state.get("finetune")
-    if monitor and base is not None:
-        lora = f" lora rank {finetune['lora']['rank']}" if finetune["lora"] else ""
-        monitor.line(f"fine-tuning from {base.name} (sha256 {base.sha256[:12]}){lora}")
 
     a = config.data.augment
     augment = any((a.transpose_prob, a.stretch_prob, a.velocity_prob, a.instrument_prob,
@@ -544,6 +535,17 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
     valid_meters = [cache.meters[int(r)] for r in valid_rows]
     row_styles = cache.model_styles(config.model.styles) if config.model.styles else None
     valid_styles = None if row_styles is None else [int(row_styles[r]) for r in valid_rows]
+
+    # the run folder is written only now: a cache that cannot fill a batch, a style the cache
+    # or the model lacks leave no half-made run behind (docs/design.md, session 11's sweep)
+    monitor = Monitor(run_dir, echo=echo) if d.is_main else None
+    if d.is_main:
+        write_config(config, run_dir)
+    if monitor and start is not None:
+        monitor.line(f"resuming from {start.path} at step {start.step}")
+    if monitor and base is not None:
+        lora = f" lora rank {finetune['lora']['rank']}" if finetune["lora"] else ""
+        monitor.line(f"fine-tuning from {base.name} (sha256 {base.sha256[:12]}){lora}")
     if monitor and not valid_set:
         monitor.line("no valid split in the cache: validation and best-checkpoint tracking are off")
 
