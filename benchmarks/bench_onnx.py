@@ -543,7 +543,9 @@ def attention(rounds: int, cpu: str) -> None:
         for i in range(L):
             ins += [helper.make_tensor_value_info(f"pk{i}", f32, [1, H, C, hd]),
                     helper.make_tensor_value_info(f"pv{i}", f32, [1, H, C, hd])]  # fmt: skip
-            outs += [helper.make_tensor_value_info(n, f32, None) for n in (f"y{i}", f"k{i}", f"v{i}")]
+            outs += [
+                helper.make_tensor_value_info(n, f32, None) for n in (f"y{i}", f"k{i}", f"v{i}")
+            ]
             nodes.append(helper.make_node(
                 "GroupQueryAttention", ["qkv", "", "", f"pk{i}", f"pv{i}", "seqlens_k", "total",
                                         "cos", "sin"],
@@ -555,7 +557,9 @@ def attention(rounds: int, cpu: str) -> None:
         )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
 
     rng = np.random.default_rng(0)
     cache = [rng.standard_normal((1, H, C, hd)).astype(np.float32) for _ in range(2 * L)]

@@ -325,8 +325,14 @@ def test_a_fine_tune_teaches_styles_to_a_model_without_them(mix_cache, tmp_path,
     build_model(tiny_config(mix_cache)).save_pretrained(tmp_path / "base")
     base = load_base(tmp_path / "base")
     assert base.model.styles == ()
-    asked = tiny_config(mix_cache, "model.styles=[chorale,palestrina]", "model.style_dropout=0",
-                        "training.max_steps=6", "training.lr=3e-3", "training.eval_every=6")
+    asked = tiny_config(
+        mix_cache,
+        "model.styles=[chorale,palestrina]",
+        "model.style_dropout=0",
+        "training.max_steps=6",
+        "training.lr=3e-3",
+        "training.eval_every=6",
+    )
     cfg = finetune_config(asked, base, ["model.styles", "model.style_dropout"])
     assert cfg.model.styles == ("chorale", "palestrina") and cfg.model.d_model == 32
     model = build_model(cfg).eval()
@@ -383,8 +389,10 @@ def test_cli_evaluate_scores_a_split_under_a_style(trained, mix_cache, tmp_path,
         )  # fmt: skip
         assert bits[style] == pytest.approx(direct.bits_per_note, abs=1e-9), style
     # bad requests: one line each
-    for extra, words in ((["--style", "folk"], "unknown style; this model knows chorale, "
-                          "palestrina"), (["--style", "each", "--task", "harmonize"], "takes none")):
+    for extra, words in (
+        (["--style", "folk"], "unknown style; this model knows chorale, palestrina"),
+        (["--style", "each", "--task", "harmonize"], "takes none"),
+    ):
         assert main(["evaluate", "--checkpoint", str(folder), "--data", str(mix_cache),
                      "--out", str(tmp_path / "bad"), "--samples", "0", "--split", "valid",
                      *extra]) != 0  # fmt: skip

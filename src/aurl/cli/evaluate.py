@@ -307,7 +307,11 @@ def run(args: argparse.Namespace) -> int:
     sample_ids = []
     if args.samples:
         sample_ids = generate_samples(
-            model, args.samples, max_tokens=args.max_tokens, seed=args.seed, batch=args.batch_size,
+            model,
+            args.samples,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            batch=args.batch_size,
             style="" if args.style == "each" else (args.style or ""),
         )
         (out / "samples").mkdir(exist_ok=True)
