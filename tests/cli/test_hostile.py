@@ -83,7 +83,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     (ckpt / "manifest.json").write_text("[]")
     (d / "corpus").mkdir()
     shutil.copy(CHORALE, d / "corpus" / "a.mid")
-    # session 11: a good one-piece cache (no style labels), damaged export and adapter configs
+    # session 10: a good one-piece cache (no style labels), damaged export and adapter configs
     assert main(["data", "prepare", str(d / "corpus"), "--out", str(d / "good"), "--workers",
                  "1"]) == 0  # fmt: skip
     exports = {
@@ -194,7 +194,7 @@ CASES = {
                                          2, "--out"),
     "checkpoint export out is a file": (["checkpoint", "export", "{ckpt}", "--out", "{afile}"],
                                         2, "--out"),
-    # -- session 11 (docs/design.md, "Hostile inputs, session 11") --------------------------------
+    # -- session 10 (docs/design.md, "Hostile inputs, session 10") --------------------------------
     # train: these stopped in the data checks after config.yaml, train.log, metrics.jsonl and
     # tb/ were written under --out; --init-from '' trained from scratch
     "train pack cannot fill": ([*GOOD, "data.pack=true", "data.batch_size=65536"], 1,

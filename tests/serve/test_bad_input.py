@@ -111,7 +111,7 @@ def test_a_bar_too_short_to_analyse_is_422_naming_beats_per_bar(client):
     assert r.status_code == 200, r.text
 
 
-# -- hunted in session 11 (docs/design.md, "Hostile inputs, session 11") --------------------
+# -- hunted in session 10 (docs/design.md, "Hostile inputs, session 10") --------------------
 
 
 @pytest.mark.parametrize(

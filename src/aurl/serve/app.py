@@ -803,7 +803,7 @@ def _generation_config(
 
 def _check_constraints(config: Any, srv: ModelServer, opts: GenerateOptions) -> None:
     """The sampler's constraints built once here, each naming its request field (they were a
-    422 with no field, found when the job started: session 11's sweep)."""
+    422 with no field, found when the job started: session 10's sweep)."""
     from aurl.errors import ConstraintError
     from aurl.generation import constraints as c
 

@@ -537,7 +537,7 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
     valid_styles = None if row_styles is None else [int(row_styles[r]) for r in valid_rows]
 
     # the run folder is written only now: a cache that cannot fill a batch, a style the cache
-    # or the model lacks leave no half-made run behind (docs/design.md, session 11's sweep)
+    # or the model lacks leave no half-made run behind (docs/design.md, session 10's sweep)
     monitor = Monitor(run_dir, echo=echo) if d.is_main else None
     if d.is_main:
         write_config(config, run_dir)
