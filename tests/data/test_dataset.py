@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch
 
 from aurl.config import AugmentConfig, DataConfig, VocabConfig
 from aurl.data.augment import Augmenter, AugmentParams, apply_params
-from aurl.data.cache import TokenCache, prepare
+from aurl.data.cache import TokenCache
 from aurl.data.dataset import (
     LengthGroupedBatchSampler,
     WindowDataset,
@@ -28,20 +26,15 @@ from aurl.data.dataset import (
 )
 from aurl.data.vocab import PAD, Kind, Vocab
 from aurl.errors import DataError
+from tests.data.conftest import first_chorales_cache
 
-CHORALES = Path(__file__).parents[2] / "src" / "aurl" / "data" / "bundled" / "bach-chorales"
 DATA = DataConfig(valid_fraction=0.2, test_fraction=0.0)
 V = Vocab()
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> TokenCache:
-    src = tmp_path_factory.mktemp("midi")
-    for name in sorted(p.name for p in CHORALES.glob("*.mid"))[:16]:
-        shutil.copy(CHORALES / name, src / name)
-    out = tmp_path_factory.mktemp("cache")
-    prepare(src, out, data_config=DATA, workers=1)
-    return TokenCache(out)
+    return first_chorales_cache(tmp_path_factory, 16, DATA)
 
 
 def test_window_at_follows_the_schedule() -> None:

@@ -6,8 +6,6 @@ a resumed loader and the ranks of a DDP run see the batches one process sees."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch
 
 from aurl.config import AugmentConfig, DataConfig
 from aurl.data.augment import Augmenter
-from aurl.data.cache import TokenCache, prepare
+from aurl.data.cache import TokenCache
 from aurl.data.dataset import (
     PackedBatchSampler,
     WindowDataset,
@@ -25,8 +23,8 @@ from aurl.data.dataset import (
 )
 from aurl.data.vocab import Vocab
 from aurl.errors import ConfigError, DataError
+from tests.data.conftest import first_chorales_cache
 
-CHORALES = Path(__file__).parents[2] / "src" / "aurl" / "data" / "bundled" / "bach-chorales"
 ALL = AugmentConfig(
     transpose_prob=1.0, instrument_prob=1.0, velocity_prob=1.0, stretch_prob=1.0,
     jitter_prob=1.0, jitter_steps=2,
@@ -38,12 +36,7 @@ DATA = DataConfig(valid_fraction=0.2, test_fraction=0.0, window=2048, batch_size
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> TokenCache:
-    src = tmp_path_factory.mktemp("midi")
-    for name in sorted(p.name for p in CHORALES.glob("*.mid"))[:60]:
-        shutil.copy(CHORALES / name, src / name)
-    out = tmp_path_factory.mktemp("cache")
-    prepare(src, out, data_config=DATA, workers=1)
-    return TokenCache(out)
+    return first_chorales_cache(tmp_path_factory, 60, DATA)
 
 
 def test_packing_rule_on_hand_made_lengths() -> None:

@@ -44,3 +44,18 @@ def tiny_config():
         return load_config(preset="tiny", overrides=[*TINY, f"data.cache={cache}", *overrides])
 
     return make
+
+
+def train_single_threaded(config: Config, out: Path):
+    """``train(config, out)`` on one torch thread, as each DDP worker runs: the same float
+    summation order in the kernels, so a gloo run can be compared with it step by step."""
+    import torch
+
+    from aurl.training.trainer import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(config, out, echo=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)

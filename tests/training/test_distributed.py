@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aurl.training.trainer import train
+from tests.training.conftest import train_single_threaded
 
 STEPS = 5
 
@@ -98,12 +98,7 @@ def test_two_process_gloo_matches_one_process(mode, ddp_runs, fixture_cache, tmp
     gan = mode.startswith("vae_gan")
     assert any(k.startswith("discriminator.") for k in r0) == gan
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like each worker: the same float summation order in the kernels
-    try:
-        ref = train(ref_cfg, tmp_path / "ref", echo=lambda line: None)
-    finally:
-        torch.set_num_threads(threads)
+    ref = train_single_threaded(ref_cfg, tmp_path / "ref")  # as each worker runs
     # the generator's objective and cross-entropy, and the discriminator's loss: all ranks' means
     for key in ["loss", "loss_ce"] + (["loss_disc"] if gan else []):
         a, b = losses(ddp, key), losses(tmp_path / "ref", key)

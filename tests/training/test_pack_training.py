@@ -30,6 +30,7 @@ from aurl.training import mfu
 from aurl.training import trainer as trainer_module
 from aurl.training.checkpoint import list_checkpoints
 from aurl.training.trainer import seed_everything, train
+from tests.training.conftest import train_single_threaded
 
 CHORALES = Path(__file__).parents[2] / "src" / "aurl" / "data" / "bundled" / "bach-chorales"
 # whole chorales are one window each at 1024, one to three to a row
@@ -186,12 +187,7 @@ def test_two_gloo_processes_equal_one_with_two_micro_batches(cache, tmp_path, ti
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = load_file(str(ddp / "rank0.safetensors")), load_file(str(ddp / "rank1.safetensors"))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like each worker: the same float summation order in the kernels
-    try:
-        ref = train(ref_cfg, tmp_path / "ref", echo=lambda line: None)
-    finally:
-        torch.set_num_threads(threads)
+    ref = train_single_threaded(ref_cfg, tmp_path / "ref")  # as each worker runs
     a = {r["step"]: r["loss"] for r in records(ddp, "train")}
     b = {r["step"]: r["loss"] for r in records(tmp_path / "ref", "train")}
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
