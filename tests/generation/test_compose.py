@@ -332,3 +332,19 @@ def test_time_map_bars_and_seconds_hand_computed() -> None:
         tm.seconds_span(8.0, 9.0, 7.0)
     assert TimeMap.of_score(tm.like_score()) == tm
     assert TimeMap.from_json(tm.to_json()) == tm and tm.first_qpm == 60.0
+
+
+def test_cli_infill_of_every_note_says_so(tmp_path: Path, capsys) -> None:
+    """A one-bar melody whose bar 1 is regenerated whole has no given notes: the summary says
+    so (it printed "given notes kept nan%")."""
+    piece = tmp_path / "one_bar.mid"
+    s = symusic.Score(480)
+    s.time_signatures.append(symusic.TimeSignature(0, 4, 4))
+    t = symusic.Track(name="soprano")
+    for beat, p in enumerate((67, 69, 71, 72)):
+        t.notes.append(symusic.Note(beat * 480, 480, p, 80))
+    s.tracks.append(t)
+    s.dump_midi(str(piece))
+    assert main(["infill", str(piece), "--bars", "1-1", "--out", str(tmp_path / "out")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "no given notes (the span held every note)" in line and "nan" not in line, line

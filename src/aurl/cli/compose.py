@@ -244,11 +244,15 @@ def _write(results: list, paths: list, given: Any, kept_track: str | None) -> No
         for path in written:
             print(f"wrote {path}")
         if "mid" in targets:
-            kept = melody_kept(_read_back(targets["mid"], kept_track), given)
             s = c.stats
+            if len(given):
+                kept = melody_kept(_read_back(targets["mid"], kept_track), given)
+                about = (f"given notes kept {kept:.0%}, {s['given_bits_per_note']:.2f} bits per "
+                         "given note")  # fmt: skip
+            else:  # the span held every note (0 of 0 kept read "nan%")
+                about = "no given notes (the span held every note)"
             print(
-                f"{targets['mid'].stem}: {len(c.notes)} new notes, given notes kept "
-                f"{kept:.0%}, {s['given_bits_per_note']:.2f} bits per given note, "
+                f"{targets['mid'].stem}: {len(c.notes)} new notes, {about}, "
                 f"{s['tokens']} tokens, {s['seconds']:.1f} s"
             )
 
