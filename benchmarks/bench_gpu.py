@@ -535,14 +535,9 @@ def run(args: argparse.Namespace, work: Path, device: torch.device, save=lambda 
         print("aurl packed:", json.dumps(results["aurl_packed"]), flush=True)
         save(results)
     cache = TokenCache(work / "cache")
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        print("transformers is not installed: no GPT-2 baseline")
-        gpt2 = None
-        results["baseline_tokens"] = "absent"
-    else:
-        seqs, results["baseline_tokens"] = baseline_sequences(work, cache)
+    gpt2 = None
+    seqs = hf_sequences(work, cache, results)
+    if seqs is not None:
         notes = int(cache.notes[cache.split_indices("test")].sum())
         raced = _guarded("gpt2", lambda: gpt2_race(config, seqs, notes, args.minutes, device,
                                                    peak, scored=scored, select=select),
@@ -552,9 +547,21 @@ def run(args: argparse.Namespace, work: Path, device: torch.device, save=lambda 
         save(results)
     if args.throughput:
         return results
-    decode_all(args, cache, model, gpt2, seqs if gpt2 is not None else None, device, results,
-               save)  # fmt: skip
+    decode_all(args, cache, model, gpt2, seqs, device, results, save)
     return results
+
+
+def hf_sequences(work: Path, cache: TokenCache, results: dict) -> dict | None:
+    """GPT-2's sequences (:func:`baseline_sequences`), or None where transformers is not
+    installed; ``results["baseline_tokens"]`` says which tokens (or ``absent``)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformers is not installed: no GPT-2 baseline")
+        results["baseline_tokens"] = "absent"
+        return None
+    seqs, results["baseline_tokens"] = baseline_sequences(work, cache)
+    return seqs
 
 
 def decode_only(args: argparse.Namespace, config, work: Path, device: torch.device,
@@ -570,14 +577,8 @@ def decode_only(args: argparse.Namespace, config, work: Path, device: torch.devi
     model = build_model(config).to(device).eval()
     results["aurl"] = results["gpt2"] = None
     cache = TokenCache(work / "cache")
-    gpt2 = seqs = None
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        results["baseline_tokens"] = "absent"
-    else:
-        seqs, results["baseline_tokens"] = baseline_sequences(work, cache)
-        gpt2 = gpt2_model(config, seqs["vocab"], args.window, device).eval()
+    seqs = hf_sequences(work, cache, results)
+    gpt2 = None if seqs is None else gpt2_model(config, seqs["vocab"], args.window, device).eval()
     decode_all(args, cache, model, gpt2, seqs, device, results, save)
     return results
 

@@ -184,7 +184,8 @@ def piece_styles(model: Any, cache: Any, rows: Any, style: str | None) -> list[i
 
     styles = tuple(getattr(model.config, "styles", ()))
     if style == "each":
-        style_id(styles, styles[0] if styles else "each")  # a model without styles: its error
+        if not styles:
+            style_id(styles, style)  # raises: the model was trained without styles
         return [int(s) for s in cache.model_styles(styles)[rows]]
     return [style_id(styles, style)] * len(rows)
 
