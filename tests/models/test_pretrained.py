@@ -44,6 +44,25 @@ def test_pickle_payload_refused_without_executing(tmp_path, make_model):
     assert not marker.exists()
 
 
+def test_a_header_length_that_begins_with_0x80_is_not_a_pickle(tmp_path, make_model, ids):
+    """A safetensors header of 0x..80 bytes makes the file begin with 0x80, as a pickle does:
+    the float16 export of the shipped `styles` model had one (5,248 bytes) and was refused."""
+    import struct
+
+    model = make_model().eval()
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    head = data[8 : 8 + n].rstrip(b" ")
+    head += b" " * ((0x80 - len(head)) % 256)  # the format pads its header with spaces
+    assert len(head) % 256 == 0x80
+    path.write_bytes(struct.pack("<Q", len(head)) + head + data[8 + n :])
+    assert path.read_bytes()[:1] == b"\x80"
+    loaded = MusicTransformerVAEGAN.from_pretrained(tmp_path)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_mismatched_or_missing_files(tmp_path, make_model):
     with pytest.raises(CheckpointError, match="does not exist"):
         MusicTransformerVAEGAN.from_pretrained(tmp_path)

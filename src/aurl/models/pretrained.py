@@ -100,16 +100,19 @@ def trained_window(folder: str | Path) -> int | None:
 
 def _check_safetensors(path: Path) -> None:
     """Refuse anything that is not a safetensors file before any parser sees it: a pickle
-    (``torch.save``) begins with 0x80, a zip-format ``torch.save`` with ``PK``."""
+    (``torch.save``) begins with 0x80, a zip-format ``torch.save`` with ``PK``. A safetensors
+    file begins with its header's length (8 bytes, little-endian) and then ``{``: that length's
+    first byte may be 0x80 too (a 5,248-byte header), so ``{`` at byte 8 decides first."""
     with path.open("rb") as f:
         head = f.read(9)
+    if head[8:9] == b"{":
+        return  # the header parser checks the length and every tensor next
     if head[:1] == b"\x80" or head[:2] == b"PK":
         raise CheckpointError(
             f"{path} holds a pickle (torch.save) payload, not safetensors: refusing to load it "
             "(pickles can run code); convert it with save_pretrained from a trusted session"
         )
-    if len(head) < 9 or head[8:9] != b"{":
-        raise CheckpointError(f"{path} is not a safetensors file: re-save it with save_pretrained")
+    raise CheckpointError(f"{path} is not a safetensors file: re-save it with save_pretrained")
 
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
