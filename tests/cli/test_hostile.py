@@ -239,6 +239,15 @@ def test_hostile_input_gets_one_line_naming_it(case, files, capsys) -> None:
     assert not out.exists() or not any(out.iterdir()), f"wrote {list(out.iterdir())} first"
 
 
+@pytest.mark.parametrize("style", ["folk", "each"])
+def test_evaluate_a_style_the_model_lacks_makes_no_out_folder(style, files, capsys) -> None:
+    argv = [a.format(**files) for a in [*EVAL, "--samples", "0", "--style", style]]
+    shutil.rmtree(files["out"], ignore_errors=True)
+    assert main(argv) == 2
+    assert "trained without styles" in capsys.readouterr().err
+    assert not Path(files["out"]).exists()  # it was made, empty, before the style was checked
+
+
 def test_file_names_that_are_not_utf8_are_read_and_reported(files, tmp_path) -> None:
     """A folder holding a file whose name is not UTF-8 (Latin-1 bytes) once stopped
     ``aurl data prepare`` (UnicodeEncodeError in the split's hash) and ``aurl analyze``

@@ -267,6 +267,12 @@ def run(args: argparse.Namespace) -> int:
         NgramModel(args.ngram_order, model.vocab.size)
     except ValueError as e:
         raise ConfigError(f"--ngram-order {args.ngram_order}: {e}; choose a lower order") from None
+    if args.style:  # a style the model lacks fails before the --out folder is made
+        from aurl.models.style import style_id
+
+        styles = tuple(getattr(model.config, "styles", ()))
+        if args.style != "each" or not styles:
+            style_id(styles, args.style)
     out.mkdir(parents=True, exist_ok=True)
     cache = open_data(args.data, out, model.vocab_config, args.workers)
     cache.check_vocab(model.vocab_config)  # a checkpoint of another vocabulary: clear error
