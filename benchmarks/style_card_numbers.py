@@ -1,7 +1,8 @@
-"""Per-style held-out numbers of a style VAE for its model card: each style's split pieces
-scored whole (256-token windows, grammar-masked) under their own style and with none, and the
-latent check of :func:`aurl.evaluation.latent.reconstruction` on the first 10 openings of 256
-tokens per style (own posterior mean vs another piece's vs prior draws).
+"""Per-style held-out numbers of a style model for its model card: each style's split pieces
+scored whole (256-token windows, grammar-masked; ``WINDOW=N``: N-token windows) under their own
+style and with none, and, for a VAE, the latent check of
+:func:`aurl.evaluation.latent.reconstruction` on the first 10 openings of 256 tokens per style
+(own posterior mean vs another piece's vs prior draws).
 
 Run:
     .venv/bin/python benchmarks/style_card_numbers.py MODEL_DIR CACHE test card.json
@@ -54,6 +55,7 @@ def main() -> None:
     sid = cache.model_styles(styles)
     grammar = Grammar(model.vocab)
     limit = int(os.environ.get("LIMIT", "100000"))
+    window = int(os.environ.get("WINDOW", "256"))
     out: dict = {"split": split, "per_style": {}}
     t0 = time.process_time()
     for k, style in enumerate(styles):
@@ -63,7 +65,7 @@ def main() -> None:
         meters = [cache.meters[int(r)] for r in rows]
 
         def score(style_id: int, seqs=seqs, meters=meters):
-            return score_sequences(model, seqs, window=256, grammar=grammar, meters=meters,
+            return score_sequences(model, seqs, window=window, grammar=grammar, meters=meters,
                                    styles=[style_id] * len(seqs))  # fmt: skip
 
         if os.environ.get("CARRIED"):
@@ -71,14 +73,15 @@ def main() -> None:
             print(style, json.dumps(out["per_style"][style]), flush=True)
             continue
         own, none = score(k), score(-1)  # -1: no style (style dropout trained the model for it)
-        keep = [i for i, x in enumerate(seqs) if len(x) >= 256][:10]
-        rec = reconstruction(model, [seqs[i] for i in keep], length=256, grammar=grammar,
-                             meters=[meters[i] for i in keep], prior_draws=2)  # fmt: skip
         out["per_style"][style] = {
-            "files": len(rows), "notes": own.notes, "tokens": own.tokens,
+            "files": len(rows), "notes": own.notes, "tokens": own.tokens, "window": window,
             "bits_per_note": own.bits_per_note, "bits_per_note_no_style": none.bits_per_note,
-            "reconstruction": rec.to_dict(),
         }  # fmt: skip
+        if getattr(model, "encoder", None) is not None:  # a VAE: does its latent carry the piece?
+            keep = [i for i, x in enumerate(seqs) if len(x) >= 256][:10]
+            rec = reconstruction(model, [seqs[i] for i in keep], length=256, grammar=grammar,
+                                 meters=[meters[i] for i in keep], prior_draws=2)  # fmt: skip
+            out["per_style"][style]["reconstruction"] = rec.to_dict()
         print(style, json.dumps(out["per_style"][style]), flush=True)
     out["cpu_s"] = time.process_time() - t0
     atomic_write_text(out_path, json.dumps(out, indent=1) + "\n")

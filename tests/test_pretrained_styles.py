@@ -1,10 +1,10 @@
-"""The shipped multi-style VAE (src/aurl/pretrained/styles/): trained for real, it knows its
-styles, its classifier tells them apart, and its latent carries the piece.
+"""The shipped style model `styles` (src/aurl/pretrained/styles/): the default chorale model taught
+five styles. It keeps the chorales (issue 15's goal: its chorale bits/note no worse than the
+chorale-only model's), it knows the other styles, and its classifier tells them apart.
 
 Skipped until the model is committed. Every bar below is the shipped model's own measured value
-on the 15 held-out pieces of tests/fixtures/styles/ (3 per style, test split: MODEL_CARD.md)
-plus a small margin, so that a worse model put in its place fails. Scoring is deterministic
-fp32 on fixed tokens (only summation order moves it, ~1e-4 bits per note).
+(MODEL_CARD.md) plus a small margin, so that a worse model put in its place fails. Scoring is
+deterministic fp32 on fixed tokens (only summation order moves it, ~1e-4 bits per note).
 """
 
 from __future__ import annotations
@@ -17,24 +17,25 @@ import pytest
 import aurl
 from aurl.cli import main
 
-MODEL = Path(aurl.__file__).parent / "pretrained" / "styles"
+SHIPPED = Path(aurl.__file__).parent / "pretrained"
+MODEL = SHIPPED / "styles"
+CHORALES = SHIPPED.parent / "data" / "bundled" / "bach-chorales"
 PIECES = Path(__file__).parent / "fixtures" / "styles"
 STYLES = ("chorale", "classical", "folk", "palestrina", "renaissance")
-LENGTH = 256  # the opening scored and encoded (the model's training window)
-# bits per note of each style's 3 openings under their own style, measured 4.053, 6.645, 4.960,
-# 4.005, 5.091 (MODEL_CARD.md), bars ~1% above
-MAX_BITS = {
-    "chorale": 4.09,
-    "classical": 6.71,
-    "folk": 5.01,
-    "palestrina": 4.05,
-    "renaissance": 5.14,
+# the first 8 chorales of the tune-grouped test split (as tests/test_pretrained.py scores the
+# default): measured 2.487 under `chorale` (2.491 with no style), the default model 2.590 on the
+# same notes; the first taught step alone (300 steps, MODEL_CARD.md) 2.526
+CHORALE_BITS = 2.487
+# each style's 3 held-out openings of 512 tokens (tests/fixtures/styles/) under their own style,
+# measured (MODEL_CARD.md); bars ~1% above
+MEASURED = {
+    "chorale": 2.073,
+    "classical": 8.651,
+    "folk": 5.388,
+    "palestrina": 3.794,
+    "renaissance": 5.294,
 }
-MIN_RIGHT = 13  # of the 15 pieces the shipped classifier names (measured: 14)
-# reconstruction, bits per note of the 15 openings given their own posterior-mean latent vs
-# another piece's: measured 5.051 vs 5.333 (-0.282; prior draws 5.343); a collapsed latent
-# gives 0
-MAX_OWN_MINUS_OTHER = -0.23
+MIN_RIGHT = 14  # of the 15 pieces the shipped classifier names (measured: 15)
 
 pytestmark = pytest.mark.skipif(
     not (MODEL / "config.json").is_file(), reason="no shipped styles model yet"
@@ -50,7 +51,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def pieces(model) -> list[tuple[str, Path, np.ndarray, tuple[int, int]]]:
-    """(style, file, ids, meter) of the 12 held-out pieces, by style then name."""
+    """(style, file, ids, meter) of the 15 held-out pieces, by style then name."""
     from aurl.data.meter import read_meter
     from aurl.data.tokenizer import Tokenizer
 
@@ -59,9 +60,31 @@ def pieces(model) -> list[tuple[str, Path, np.ndarray, tuple[int, int]]]:
             for s in STYLES for f in sorted((PIECES / s).glob("*.mid"))]  # fmt: skip
 
 
-def test_the_styles_model_is_a_vae_with_five_styles(model, pieces):
-    assert model.config.mode == "vae" and model.config.styles == STYLES
-    assert len(pieces) == 15 and all(len(ids) >= LENGTH for *_, ids, _ in pieces)
+def test_the_styles_model_is_the_default_taught_five_styles(model):
+    from aurl.models import MusicTransformerVAEGAN
+
+    default = MusicTransformerVAEGAN.from_pretrained(SHIPPED).config
+    assert model.config.mode == "transformer" and model.config.styles == STYLES
+    shape = ("d_model", "n_layers", "n_heads", "ff_mult", "meter", "grammar_features")
+    assert all(getattr(model.config, k) == getattr(default, k) for k in shape)
+
+
+def test_it_scores_the_chorales_no_worse_than_the_chorale_model(model, tmp_path):
+    from aurl.data.cache import TokenCache, prepare
+    from aurl.data.grammar import Grammar
+    from aurl.evaluation.likelihood import score_sequences
+    from aurl.models import MusicTransformerVAEGAN
+
+    prepare(CHORALES, tmp_path / "cache", vocab_config=model.vocab_config, workers=1)
+    cache = TokenCache(tmp_path / "cache")
+    rows = cache.split_indices("test")[:8]  # the first 8 of the tune-grouped test split
+    pieces = [np.asarray(cache.tokens(int(r)), dtype=np.int64) for r in rows]
+    common = dict(window=512, grammar=Grammar(model.vocab, 16), vocab=model.vocab,
+                  meters=[cache.meters[int(r)] for r in rows])  # fmt: skip
+    ours = score_sequences(model, pieces, styles=[0] * len(pieces), **common).bits_per_note
+    default = MusicTransformerVAEGAN.from_pretrained(SHIPPED).eval()
+    theirs = score_sequences(default, pieces, **common).bits_per_note
+    assert ours <= theirs and ours < CHORALE_BITS * 1.01, (ours, theirs)
 
 
 def test_held_out_pieces_score_as_the_card_says(model, pieces):
@@ -71,11 +94,11 @@ def test_held_out_pieces_score_as_the_card_says(model, pieces):
     grammar, got = Grammar(model.vocab), {}
     for k, style in enumerate(STYLES):
         mine = [p for p in pieces if p[0] == style]
-        r = score_sequences(model, [ids[:LENGTH] for _, _, ids, _ in mine], window=LENGTH,
+        r = score_sequences(model, [ids[:512] for _, _, ids, _ in mine], window=512,
                             grammar=grammar, meters=[m for *_, m in mine],
                             styles=[k] * len(mine))  # fmt: skip
         got[style] = round(r.bits_per_note, 3)
-    assert all(got[s] < MAX_BITS[s] for s in STYLES), got
+    assert all(got[s] < MEASURED[s] * 1.01 for s in STYLES), got
 
 
 def test_the_shipped_classifier_names_the_styles(model, pieces):
@@ -85,39 +108,15 @@ def test_the_shipped_classifier_names_the_styles(model, pieces):
     clf = load_style_classifier(MODEL, STYLES)
     assert clf is not None and clf.max_tokens == 512
     tok = Tokenizer(model.vocab_config)
-    guesses = [classify_style(model, ids, classifier=clf, tokenizer=tok, window=LENGTH,
+    guesses = [classify_style(model, ids, classifier=clf, tokenizer=tok, window=512,
                               meter=meter).style for _, _, ids, meter in pieces]  # fmt: skip
     right = sum(g == s for g, (s, *_) in zip(guesses, pieces))
     assert right >= MIN_RIGHT, list(zip([p[0] for p in pieces], guesses))
-
-
-def test_the_latent_carries_the_piece(model, pieces):
-    from aurl.data.grammar import Grammar
-    from aurl.evaluation.latent import reconstruction
-
-    r = reconstruction(model, [ids for *_, ids, _ in pieces], length=LENGTH,
-                       grammar=Grammar(model.vocab), meters=[m for *_, m in pieces],
-                       prior_draws=2)  # fmt: skip
-    assert r.own - r.other < MAX_OWN_MINUS_OTHER and r.own < r.prior, r
 
 
 def test_generate_names_the_styles_of_the_model(tmp_path, capsys):
     args = ["generate", "--model", "styles", "--max-tokens", "20", "--out", str(tmp_path)]
     assert main([*args, "--style", "jazz"]) != 0
     err = capsys.readouterr().err.strip()
-    assert (
-        "unknown style; this model knows chorale, classical, folk, palestrina, renaissance" in err
-    )
+    assert err.endswith("unknown style; this model knows " + ", ".join(STYLES))
     assert "\n" not in err
-
-
-def test_style_transfer_runs_from_the_command_line(tmp_path, capsys):
-    # the path only: how far transfer moves a piece is measured by benchmarks/bench_transfer.py
-    # (BENCHMARKS.md: the target style, yes; the source's rhythm and contour, hardly)
-    source = PIECES / "chorale" / "bach_bwv421.mid"
-    out = tmp_path / "folk"
-    args = ["generate", "--model", "styles", "--variations", str(source), "--style", "folk",
-            "--max-tokens", "64", "--num-samples", "2", "--out", str(out)]  # fmt: skip
-    assert main(args) == 0, capsys.readouterr().err
-    assert len(list(out.glob("*.mid"))) == 2
-    assert "style: folk" in next(out.glob("*.yaml")).read_text()

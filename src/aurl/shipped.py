@@ -15,10 +15,26 @@ from aurl.errors import CheckpointError
 ROOT = Path(__file__).resolve().parent / "pretrained"
 DEFAULT = "chorales"  # the transformer trained on the bundled Bach chorales (MODEL_CARD.md)
 ALIASES = {"default": DEFAULT}
-# the shipped VAE (pretrained/styles/MODEL_CARD.md: chorales among its styles): what
+# the shipped VAE (pretrained/styles-vae/MODEL_CARD.md: chorales among its styles): what
 # --variations / --interpolate use when no --model / --checkpoint is given, since the default
 # model has no latent
-VAE_DEFAULT = "styles"
+VAE_DEFAULT = "styles-vae"
+# the shipped style model (pretrained/styles/MODEL_CARD.md: the default taught five styles):
+# what --style uses (generate, analyze) when no --model / --checkpoint is given, since the
+# default model has no styles
+STYLES_DEFAULT = "styles"
+
+
+def default_for(what: str, name: str, kind: str, why: str, root: Path = ROOT) -> str | None:
+    """``name`` when it is shipped under ``root`` (else None), said on stderr as ``what: using
+    the shipped KIND 'name' (why)``: the model a flag that the default model cannot serve
+    (``--variations``, ``--style``) falls back to when no model is named."""
+    import sys
+
+    if name not in shipped_models(root):
+        return None
+    print(f"{what}: using the shipped {kind} {name!r} ({why})", file=sys.stderr)
+    return name
 
 
 def shipped_models(root: Path = ROOT) -> dict[str, Path]:

@@ -52,3 +52,25 @@ def test_an_explicit_model_is_not_replaced(two_chorales, tmp_path, capsys) -> No
     assert main(args) != 0
     err = capsys.readouterr().err
     assert "need a VAE model" in err and "using the shipped VAE" not in err
+
+
+def test_style_uses_the_shipped_style_model_by_default(tmp_path, capsys) -> None:
+    from aurl.shipped import STYLES_DEFAULT
+
+    out = tmp_path / "palestrina"
+    args = ["generate", "--style", "palestrina", "--max-tokens", "48", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--style: using the shipped style model {STYLES_DEFAULT!r}" in err
+    settings = next(out.glob("*.yaml")).read_text()
+    assert "style: palestrina" in settings and "  - palestrina\n" in settings  # model.styles
+
+
+def test_analyze_style_uses_the_shipped_style_model_by_default(two_chorales, tmp_path,
+                                                               capsys) -> None:  # fmt: skip
+    from aurl.shipped import STYLES_DEFAULT
+
+    assert main(["analyze", str(two_chorales[0]), "--style", "--out", str(tmp_path / "r")]) == 0
+    captured = capsys.readouterr()
+    assert f"--style: using the shipped style model {STYLES_DEFAULT!r}" in captured.err
+    assert f"{two_chorales[0].name}: style " in captured.out

@@ -22,7 +22,7 @@ from aurl.generation.transfer import source_plan, transfer_masker
 from aurl.models import build_model
 from aurl.models.vae import Latents
 
-MODEL = Path(aurl.__file__).parent / "pretrained" / "styles"
+MODEL = Path(aurl.__file__).parent / "pretrained" / "styles-vae"
 PIECES = Path(__file__).parents[1] / "fixtures" / "styles"
 FOLK = PIECES / "folk" / "airdsAirs_book2_0122.mid"  # 6/8, dotted rhythms, one line
 CHORALE = PIECES / "chorale" / "bach_bwv291.mid"  # four voices: covered inner notes
@@ -128,7 +128,7 @@ def test_plan_of_a_source_with_an_opening_rest(tok) -> None:
 
 def test_cli_style_transfer_writes_a_valid_midi(tok, tmp_path, capsys) -> None:
     out = tmp_path / "pieces"
-    code = main(["generate", "--model", "styles", "--variations", str(FOLK), "--style",
+    code = main(["generate", "--model", "styles-vae", "--variations", str(FOLK), "--style",
                  "chorale", "--max-tokens", "300", "--out", str(out)])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     written = tok.encode_file(out / "sample_seed0_000.mid")
@@ -149,7 +149,7 @@ def plain_vae(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "model_args, extra, message",
     [
-        (["--model", "styles"], ["--style", "jazz"], "this model knows chorale, classical, folk"),
+        (["--model", "styles-vae"], ["--style", "jazz"], "this model knows chorale, classical"),
         (["--model", "chorales"], ["--style", "folk"], "need a VAE model"),  # a transformer
         (["--checkpoint", "VAE"], ["--style", "folk"], "trained without styles"),
     ],
@@ -207,7 +207,7 @@ def test_variations_read_the_file_once(tmp_path, capsys, monkeypatch) -> None:
         return real(path, cfg)
 
     monkeypatch.setattr(midi_io, "_load_bytes", counted)
-    code = main(["generate", "--model", "styles", "--variations", str(FOLK), "--style", "folk",
+    code = main(["generate", "--model", "styles-vae", "--variations", str(FOLK), "--style", "folk",
                  "--max-tokens", "48", "--out", str(tmp_path / "o")])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert loads.count(FOLK) == 1, loads

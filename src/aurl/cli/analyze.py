@@ -154,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
     checks.out_dir(args.out)
     if (args.model or args.checkpoint) and not args.style:
         raise ConfigError("--model / --checkpoint choose the model of --style: add --style")
+    if args.style and not (args.model or args.checkpoint):
+        from aurl.shipped import STYLES_DEFAULT, default_for
+
+        args.model = default_for("--style", STYLES_DEFAULT, "style model",
+                                 "the default model has no styles")  # fmt: skip
     src, out = Path(args.path), Path(args.out)
     if src.is_dir():
         import os

@@ -345,20 +345,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def default_vae(args: argparse.Namespace) -> None:
-    """``--variations`` / ``--interpolate`` with no ``--model`` / ``--checkpoint``: the shipped
-    VAE (:data:`aurl.shipped.VAE_DEFAULT`) instead of the default transformer, said on stderr."""
-    import sys
+    """No ``--model`` / ``--checkpoint``: ``--variations`` / ``--interpolate`` take the shipped
+    VAE (:data:`aurl.shipped.VAE_DEFAULT`), ``--style`` the shipped style model
+    (:data:`aurl.shipped.STYLES_DEFAULT`), instead of the default transformer (which has
+    neither a latent nor styles); each says so on stderr."""
+    from aurl.shipped import STYLES_DEFAULT, VAE_DEFAULT, default_for
 
-    from aurl.shipped import VAE_DEFAULT, shipped_models
-
-    wants = args.variations or args.interpolate
-    if not wants or args.checkpoint or args.model or args.engine == "onnx":
+    if args.checkpoint or args.model or args.engine == "onnx":
         return
-    if VAE_DEFAULT in shipped_models(SHIPPED):
-        args.model = VAE_DEFAULT
+    if args.variations or args.interpolate:
         what = "--variations" if args.variations else "--interpolate"
-        print(f"{what}: using the shipped VAE {VAE_DEFAULT!r} (the default model has no latent)",
-              file=sys.stderr)  # fmt: skip
+        args.model = default_for(what, VAE_DEFAULT, "VAE", "the default model has no latent",
+                                 SHIPPED)  # fmt: skip
+    elif args.style:
+        args.model = default_for("--style", STYLES_DEFAULT, "style model",
+                                 "the default model has no styles", SHIPPED)  # fmt: skip
 
 
 def require_torch(what: str) -> None:
