@@ -348,3 +348,46 @@ def test_cli_infill_of_every_note_says_so(tmp_path: Path, capsys) -> None:
     assert main(["infill", str(piece), "--bars", "1-1", "--out", str(tmp_path / "out")]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "no given notes (the span held every note)" in line and "nan" not in line, line
+
+
+def test_a_shift_skips_an_edge_of_the_span_where_nothing_could_follow() -> None:
+    """An empty free span (the first bar of a piece whose first note is at beat 4): a short
+    shift landing on the span's end, where no given note starts or ends and no new note is left
+    to close, could be followed only by another short shift, which the grammar forbids. Such a
+    row had nothing allowed (the NaN weights of `aurl infill --bars 1-1` on a piece starting
+    late or in 7/8); the shift now reaches past that step to the next event."""
+    from aurl.data.vocab import Vocab
+    from aurl.generation.compose import plan_allows
+
+    vocab = Vocab()
+    plan = make_plan(make_notes([4], [1], [72]), vocab, free_span=(0.0, 2.0), max_free=2)
+    shifts = np.flatnonzero(plan_allows(vocab, plan, [])[vocab.time_shift : vocab.velocity]) + 1
+    assert shifts.tolist() == [*range(1, 64), 128]  # not 64: the idle end of the span (beat 2)
+    after = plan_allows(vocab, plan, [vocab.shift_id(128)])
+    assert after[vocab.velocity : vocab.sustain_on].all()  # the given C5's velocity, then its on
+    # a new note sounding at the span's end must close there: that step is not idle
+    start = [vocab.velocity + 22, vocab.note_on_id(60)]
+    shifts = np.flatnonzero(plan_allows(vocab, plan, start)[vocab.time_shift : vocab.velocity])
+    assert (shifts + 1).tolist() == list(range(1, 65))
+
+
+def test_infill_of_an_empty_first_bar_never_leaves_a_row_without_a_token() -> None:
+    """The tiny model infills bar 1 of a melody starting at beat 8,000, 6 seeds, 2 particles:
+    no row ever had an empty mask (``fallbacks`` counts them) and no weight is NaN (seed 0
+    warned of a NaN before the fix)."""
+    import warnings
+
+    import torch
+
+    from aurl.config import load_config
+    from aurl.models import build_model
+
+    torch.manual_seed(0)
+    tiny = build_model(load_config(preset="tiny")).eval()
+    notes = make_notes(8000 + 0.5 * np.arange(8), [0.5] * 8, [60, 62, 64, 65, 67, 65, 64, 62])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for seed in range(6):
+            options = ComposeOptions(particles=2, seed=seed)
+            out = infill(tiny, notes, (0.0, 4.0), options=options)
+            assert out[0].stats["fallbacks"] == 0 and np.isfinite(out[0].stats["log_weight"])

@@ -387,11 +387,25 @@ class _Masks:
                 m[END] = True
             elif not row.short_shift:
                 gap = min(plan.next_event(row.t) - row.t, self.max_shift)
-                if plan.free_start <= row.t < plan.free_end:
-                    m[self.vocab.time_shift : self.vocab.time_shift + gap] = True
-                else:
-                    m[self.vocab.shift_id(gap)] = True
+                reach = gap  # where the shift to the next event goes
+                if gap < self.max_shift and self.idle(row, row.t + gap):
+                    reach = min(plan.next_event(row.t + gap) - row.t, self.max_shift)
+                if plan.free_start <= row.t < plan.free_end:  # or any shorter one, in the span
+                    m[self.vocab.time_shift : self.vocab.time_shift + gap - 1] = True
+                m[self.vocab.shift_id(reach)] = True
         return m
+
+    def idle(self, row: _Row, t: int) -> bool:
+        """Nothing could follow a short shift to step ``t`` but another shift, which the
+        grammar forbids: an edge of the free span with no given event there and no free note
+        to close (say the span is an empty bar, or its bar line falls between the notes of a
+        piece in 7/8). A shift skips such a step instead of landing on it."""
+        plan = self.plan
+        live = (
+            t >= plan.end or bool(plan.ons.get(t)) or bool(plan.offs.get(t))
+            or plan.free_start <= t < plan.free_end or (t >= plan.free_end and bool(row.free))
+        )  # fmt: skip
+        return not live
 
     def advance(self, row: _Row, tok: int) -> bool:
         """Step ``row`` past ``tok``; True when ``tok`` was a given note's event."""
