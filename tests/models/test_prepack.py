@@ -67,20 +67,26 @@ def test_a_weight_changed_in_place_is_packed_again():
     layer = torch.nn.Linear(32, 64)
     packs = PrepackedLinears(torch.nn.Sequential(layer))
     x = torch.randn(8, 1, 32)
-    with torch.no_grad(), packs:
-        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    with torch.no_grad():
+        with packs.rows(8):
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
         layer.weight.mul_(1.5)  # in place: the version moves, the storage stays
-        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        with packs.rows(8):
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert packs.calls == 2
     assert "forward" not in layer.__dict__  # the plain module again outside the block
 
 
-def test_training_and_one_row_calls_stay_plain():
+@needs_mkl
+def test_other_shapes_and_training_stay_plain_inside_the_block():
     layer = torch.nn.Linear(32, 64)
     packs = PrepackedLinears(torch.nn.Sequential(layer))
-    with packs:
+    with packs.rows(8):
         y = layer(torch.randn(8, 32, requires_grad=True))  # grad mode: the plain call
         assert y.grad_fn is not None
         with torch.no_grad():
-            layer(torch.randn(1, 32))
+            layer(torch.randn(5, 32))  # another caller's row count
+            layer(torch.randn(32, 8).t())  # not contiguous
     assert packs.calls == 0
+    with torch.no_grad(), packs.rows(1):  # one row: nothing is patched
+        assert "forward" not in layer.__dict__

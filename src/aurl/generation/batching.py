@@ -45,6 +45,7 @@ from aurl.models.prepack import PrepackedLinears
 from aurl.models.prepack import available as prepacked_available
 
 COMPACT_MIN = 64  # cache positions no live row reads, before the batch's cache moves down
+_PLAIN = contextlib.nullcontext()
 
 
 @dataclass(eq=False)
@@ -162,7 +163,7 @@ class ContinuousBatcher:
         self.state: Any = None  # the model's DecodeState for self.rows
         self.logits: torch.Tensor | None = None  # (B, V) after each row's last token
         self._pool: list[torch.Tensor] = []  # KV cache buffers of ``slots`` rows (k..., v...)
-        self._linears: Any = contextlib.nullcontext()  # around the batched decode call
+        self._linears: PrepackedLinears | None = None  # for the batched decode call
         if prepack and slots > 1 and self.device.type == "cpu" and prepacked_available():
             self._linears = PrepackedLinears(model)
 
@@ -258,7 +259,8 @@ class ContinuousBatcher:
                 mask = None
                 if self.state.key_mask is not None:  # new positions are the rows' own tokens
                     mask = torch.ones(len(self.rows), 1, dtype=torch.bool, device=self.device)
-                with self._linears:
+                packed = self._linears.rows(len(self.rows)) if self._linears else _PLAIN
+                with packed:
                     self.logits = self.model.step(ids, self.state, attention_mask=mask)[:, -1]
         return stepped
 

@@ -16,12 +16,14 @@ the CPU, not a promise, so each (layer, rows, threads) is checked once, on rando
 those of the plain model, so batching does not change what a request generates.
 
 :class:`PrepackedLinears` routes a model's ``nn.Linear`` layers through their packs only inside
-``with prepacked:`` (the batcher's decode call); training, prefixes and every other caller see
-the plain modules. A weight changed in place after packing (its version moves) is packed again.
+``with prepacked.rows(n):`` (the batcher's decode call); training, prefixes and every other
+caller see the plain modules. A weight changed in place since it was packed (its version moved)
+is packed again when the next such block starts.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -42,9 +44,10 @@ def available() -> bool:
 class PrepackedLinears:
     """The fp32 ``nn.Linear`` layers of ``model`` (on the CPU), packed on first use.
 
-    Use as a context manager around a decode call: inside it each layer takes its packed path
-    for the row counts where that path was checked equal to ``F.linear``. Not reentrant; one
-    thread enters it (other threads calling the model meanwhile get equal results too).
+    ``with prepacked.rows(n):`` around a decode call of ``n`` rows: inside it the layers whose
+    packed call was checked equal to ``F.linear`` at ``n`` rows (and the current thread count)
+    take it; the others, and every call of another shape or with gradients, stay plain. One
+    thread enters it at a time (another thread calling the model meanwhile gets equal results).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -57,29 +60,44 @@ class PrepackedLinears:
         self._packs: dict[nn.Linear, tuple[int, int, Tensor]] = {}
         # (layer, rows, threads) -> whether the packed call equals F.linear there
         self._exact: dict[tuple[nn.Linear, int, int], bool] = {}
-        self._forwards = {m: self._forward_of(m) for m in self.layers}
+        self._plain: set[tuple[int, int]] = set()  # (rows, threads) where no layer is exact
+        self._rows = 0
+        self._patched: list[nn.Linear] = []
         self.calls = 0  # packed calls made (the rest went to F.linear)
 
+    def rows(self, n: int) -> AbstractContextManager:
+        """The context for a decode call of ``n`` rows: this object, or a no-op where every
+        layer stays plain (one row: MKL's gemv, which copies nothing; row counts where the
+        packed kernel rounds differently)."""
+        if n < 2 or (n, torch.get_num_threads()) in self._plain:
+            return nullcontext()
+        self._rows = n
+        return self
+
     def __enter__(self) -> PrepackedLinears:
-        for m, forward in self._forwards.items():
-            m.__dict__["forward"] = forward  # shadows nn.Linear.forward for this instance
+        rows, threads = self._rows, torch.get_num_threads()
+        for m in self.layers:
+            packed = self._pack(m)
+            if self._checked(m, packed, rows, threads):
+                m.__dict__["forward"] = self._forward_of(m, packed, rows)  # shadows the class's
+                self._patched.append(m)
+        if not self._patched:
+            self._plain.add((rows, threads))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for m in self._forwards:
+        for m in self._patched:
             m.__dict__.pop("forward", None)
+        self._patched.clear()
 
-    def _forward_of(self, layer: nn.Linear) -> Any:
+    def _forward_of(self, layer: nn.Linear, packed: Tensor, rows: int) -> Any:
+        w, b, size = layer.weight, layer.bias, rows * layer.in_features
+
         def forward(x: Tensor) -> Tensor:
-            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            plain = rows < 2 or torch.is_grad_enabled() or x.dtype != torch.float32
-            if plain or not x.is_contiguous():  # one row: MKL's gemv, which copies nothing
-                return F.linear(x, layer.weight, layer.bias)
-            packed = self._pack(layer)
-            if not self._checked(layer, packed, rows):
-                return F.linear(x, layer.weight, layer.bias)
+            if x.numel() != size or torch.is_grad_enabled() or not x.is_contiguous():
+                return F.linear(x, w, b)  # another caller's shape, or training
             self.calls += 1
-            return torch.ops.mkl._mkl_linear(x, packed, layer.weight, layer.bias, rows)
+            return torch.ops.mkl._mkl_linear(x, packed, w, b, rows)
 
         return forward
 
@@ -92,10 +110,11 @@ class PrepackedLinears:
         self._packs[layer] = (w._version, w.data_ptr(), packed)
         for key in [k for k in self._exact if k[0] is layer]:  # new weights: check again
             del self._exact[key]
+        self._plain.clear()
         return packed
 
-    def _checked(self, layer: nn.Linear, packed: Tensor, rows: int) -> bool:
-        key = (layer, rows, torch.get_num_threads())
+    def _checked(self, layer: nn.Linear, packed: Tensor, rows: int, threads: int) -> bool:
+        key = (layer, rows, threads)
         exact = self._exact.get(key)
         if exact is None:
             g = torch.Generator().manual_seed(rows)
