@@ -53,13 +53,14 @@ def test_batched_decode_equals_the_plain_model_bit_for_bit(model):
 @needs_mkl
 def test_the_packed_path_runs_where_it_is_exact(model):
     b = ContinuousBatcher(model, slots=8)
+    assert b._linears is PrepackedLinears.of(model)  # one set of packs per model
+    before = b._linears.calls
     for seed in range(8):
         b.add(GenerationConfig(max_tokens=30, min_tokens=20, seed=seed))
     for _ in range(10):
         b.step()
-    assert isinstance(b._linears, PrepackedLinears)
-    # every Linear of the 8-row decode step: 2 blocks x 4, the head, the grammar features' 2
-    assert b._linears.calls >= 9 * len(b._linears.layers)
+    # every Linear (2 blocks x 4, the head, the grammar features' 2) of each 8-row decode call
+    assert b._linears.calls - before == 10 * len(b._linears.layers) == 10 * 11
 
 
 @needs_mkl

@@ -165,7 +165,7 @@ class ContinuousBatcher:
         self._pool: list[torch.Tensor] = []  # KV cache buffers of ``slots`` rows (k..., v...)
         self._linears: PrepackedLinears | None = None  # for the batched decode call
         if prepack and slots > 1 and self.device.type == "cpu" and prepacked_available():
-            self._linears = PrepackedLinears(model)
+            self._linears = PrepackedLinears.of(model)  # shared by the model's batchers
 
     # -- requests ------------------------------------------------------------------------------
 
