@@ -1,7 +1,7 @@
 """Prepacked Linear weights (aurl.models.prepack): the batcher's decode call gives the plain
 model's logits bit for bit at every batch size (1-3 rows, where MKL's packed kernel rounds
-differently, stay on F.linear), runs packed where it is exact, and packs a weight again once it
-changed in place."""
+differently, stay on F.linear) and runs packed where it is exact; a weight changed in place is
+packed again; calls of another shape, with gradients, or on a layer cast since stay plain."""
 
 from __future__ import annotations
 
@@ -91,3 +91,14 @@ def test_other_shapes_and_training_stay_plain_inside_the_block():
     assert packs.calls == 0
     with torch.no_grad(), packs.rows(1):  # one row: nothing is patched
         assert "forward" not in layer.__dict__
+
+
+@needs_mkl
+def test_a_layer_cast_since_it_was_listed_stays_plain():
+    layer = torch.nn.Linear(32, 64)
+    packs = PrepackedLinears(torch.nn.Sequential(layer))
+    layer.to(torch.float64)
+    x = torch.randn(8, 32, dtype=torch.float64)
+    with torch.no_grad(), packs.rows(8):
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert packs.calls == 0

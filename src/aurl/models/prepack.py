@@ -91,6 +91,8 @@ class PrepackedLinears:
     def __enter__(self) -> PrepackedLinears:
         rows, threads = self._rows, torch.get_num_threads()
         for m in self.layers:
+            if not m.weight.is_cpu or m.weight.dtype != torch.float32:  # moved or cast since
+                continue
             packed = self._pack(m)
             if self._checked(m, packed, rows, threads):
                 m.__dict__["forward"] = self._forward_of(m, packed, rows)  # shadows the class's
