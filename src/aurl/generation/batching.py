@@ -130,7 +130,7 @@ class ContinuousBatcher:
             one-row call costs nearly as much as a whole batch's step.
         prepack: On a CPU model with MKL, run the batched decode call's Linear layers on
             weights packed once (:mod:`aurl.models.prepack`: the same results bit for bit, or
-            the plain call; ~12% less CPU for an 8-row step of the shipped model). Off: plain.
+            the plain call; 6-9% less CPU for an 8-row step of the shipped model). Off: plain.
 
     Not thread-safe: one thread calls :meth:`add`, :meth:`cancel` and :meth:`step`.
     """
