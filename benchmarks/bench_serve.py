@@ -74,6 +74,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each thread of a process so far, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def decode_cpu(pid: int, before: dict[int, float]) -> float:
+    """CPU seconds of the server's decode thread since ``before`` (``thread_cpu``): its
+    busiest thread but the event loop's (the main thread)."""
+    now = thread_cpu(pid)
+    return max((now[t] - before.get(t, 0.0) for t in now if t != pid), default=0.0)
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -137,13 +156,13 @@ async def leave_mid_stream(url: str) -> bool:
     return False
 
 
-def batcher_steps(rows: int, steps: int, model) -> tuple[float, float]:
+def batcher_steps(rows: int, steps: int, model, prepack: bool = True) -> tuple[float, float]:
     """Thread CPU ms per decode step of a batcher holding ``rows`` rows, and of its model
     calls alone (every row decodes to the same length: min_tokens holds END off)."""
     from aurl.config import GenerationConfig
     from aurl.generation.batching import ContinuousBatcher
 
-    b = ContinuousBatcher(model, slots=16)
+    b = ContinuousBatcher(model, slots=16, prepack=prepack)
     for i in range(rows):
         b.add(GenerationConfig(max_tokens=steps + 40, min_tokens=steps + 20, seed=i))
     for _ in range(8):  # admit, and past the first tokens
@@ -169,14 +188,14 @@ def batcher_steps(rows: int, steps: int, model) -> tuple[float, float]:
     return 1e3 * total / steps, 1e3 * spent[0] / steps
 
 
-def batcher_churn(model, clients: int, per_client: int, tokens: int) -> float:
+def batcher_churn(model, clients: int, per_client: int, tokens: int, prepack: bool = True) -> float:
     """Thread CPU ms per token of ``clients`` that each send ``per_client`` requests of
     ``tokens`` tokens one after another, straight to a batcher as the server drives it (rows
     join and leave all the time; fold_starts as in the server)."""
     from aurl.config import GenerationConfig
     from aurl.generation.batching import ContinuousBatcher
 
-    b = ContinuousBatcher(model, slots=16, fold_starts=True)
+    b = ContinuousBatcher(model, slots=16, fold_starts=True, prepack=prepack)
     left, seeds = dict.fromkeys(range(clients), per_client), iter(range(10**6))
 
     def add(client: int) -> None:
@@ -206,10 +225,11 @@ def batcher_ratio(rounds: int = 4, steps: int = 60, wide: int = 8) -> None:
 
     torch.set_num_threads(1)
     model = load_model(None, "cpu")
-    one, many = [], []
+    one, many, plain = [], [], []
     for _ in range(rounds):
         one.append(batcher_steps(1, steps, model))
         many.append(batcher_steps(wide, steps, model))
+        plain.append(batcher_steps(wide, steps, model, prepack=False))
     med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
     s1, m1, s8, m8 = med(one, 0), med(one, 1), med(many, 0), med(many, 1)
     print(f"batcher, thread CPU per step (median of {rounds} rounds x {steps} steps): "
@@ -218,29 +238,73 @@ def batcher_ratio(rounds: int = 4, steps: int = 60, wide: int = 8) -> None:
     print(f"batcher tokens per CPU second, {wide} rows / 1 row: {wide * s1 / s8:.2f}x "
           f"(a {wide}-row step costs {s8 / s1:.2f} one-row steps); load "
           f"{os.getloadavg()[0]:.1f}")  # fmt: skip
-    one, many = [], []
-    for _ in range(2):
+    p8 = med(plain, 0)
+    print(f"  the same {wide} rows without prepacked Linear weights: {p8:.2f} ms a step (model "
+          f"{med(plain, 1):.2f}): {wide * s1 / p8:.2f}x; prepacked saves {1 - s8 / p8:.1%}")  # fmt: skip
+    one, many, plain = [], [], []
+    for _ in range(3):
         one.append(batcher_churn(model, 1, 2, 96))
         many.append(batcher_churn(model, wide, 2, 96))
-    c1, c8 = statistics.median(one), statistics.median(many)
+        plain.append(batcher_churn(model, wide, 2, 96, prepack=False))
+    c1, c8, p8 = statistics.median(one), statistics.median(many), statistics.median(plain)
     print(f"batcher with rows joining and leaving (96-token requests, 2 per client), thread CPU "
-          f"per token: 1 client {c1:.2f} ms, {wide} clients {c8:.2f} ms: {c1 / c8:.2f}x; load "
+          f"per token: 1 client {c1:.2f} ms, {wide} clients {c8:.2f} ms: {c1 / c8:.2f}x "
+          f"(without prepacked weights {p8:.2f} ms: {c1 / p8:.2f}x); load "
           f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"prepacked Linear weights, {wide} clients joining and leaving: logits equal to the "
+        f"plain batcher's at every step, ids equal: {prepack_exact(model, wide)}"
+    )
+
+
+def prepack_exact(model, clients: int, per_client: int = 2, tokens: int = 96) -> bool:
+    """Two batchers, with and without prepacked Linear weights, driven alike (rows joining
+    and leaving as the server drives them): True when every step's logits are equal bit for
+    bit and every request's ids too."""
+    import torch
+
+    from aurl.config import GenerationConfig
+    from aurl.generation.batching import ContinuousBatcher
+
+    lanes = [ContinuousBatcher(model, slots=16, fold_starts=True, prepack=p) for p in (True, False)]
+    left, seeds, rows = dict.fromkeys(range(clients), per_client), iter(range(10**6)), [[], []]
+
+    def add(client: int) -> None:
+        left[client] -= 1
+        cfg = GenerationConfig(max_tokens=tokens, min_tokens=tokens - 8, seed=next(seeds))
+        for lane, b in zip(rows, lanes):
+            lane.append(b.add(cfg, tag=client))
+
+    for c in range(clients):
+        add(c)
+    while lanes[0].busy:
+        stepped = [b.step() for b in lanes]
+        if [r.tag for r in stepped[0]] != [r.tag for r in stepped[1]]:
+            return False
+        if lanes[0].rows and not torch.equal(lanes[0].logits, lanes[1].logits):
+            return False
+        for row in stepped[0]:
+            if row.finished and left[row.tag] > 0:
+                add(row.tag)
+    return [r.ids for r in rows[0]] == [r.ids for r in rows[1]]
 
 
 def ratio_rounds(url: str, pid: int, tokens: int, rounds: int) -> list[tuple[float, float]]:
     """Phases 1 and 2 ``rounds`` times, alternated: per round (aggregate tokens/s of 8 clients
-    / of 1 client, server CPU per token of 1 client / of 8)."""
+    / of 1 client, server CPU per token of 1 client / of 8, 1-client tokens/s, 8-client
+    tokens/s, decode-thread CPU per token of 1 client / of 8, and those two in ms)."""
     out = []
     for _ in range(rounds):
-        c0 = cpu_seconds(pid)
+        c0, t0 = cpu_seconds(pid), thread_cpu(pid)
         s1 = summary(*asyncio.run(clients(url, 1, 4, tokens)))
-        c1 = cpu_seconds(pid)
+        c1, d1, t1 = cpu_seconds(pid), decode_cpu(pid, t0), thread_cpu(pid)
         s8 = summary(*asyncio.run(clients(url, 8, 2, tokens)))
-        c8 = cpu_seconds(pid)
+        c8, d8 = cpu_seconds(pid), decode_cpu(pid, t1)
         assert s1["errors"] == s8["errors"] == 0, (s1, s8)
         cpu1, cpu8 = (c1 - c0) / s1["tokens"], (c8 - c1) / s8["tokens"]
-        out.append((s8["tok_s"] / s1["tok_s"], cpu1 / cpu8, s1["tok_s"], s8["tok_s"]))
+        dec1, dec8 = d1 / s1["tokens"], d8 / s8["tokens"]
+        out.append((s8["tok_s"] / s1["tok_s"], cpu1 / cpu8, s1["tok_s"], s8["tok_s"], dec1 / dec8,
+                    1e3 * dec1, 1e3 * dec8))  # fmt: skip
     return out
 
 
@@ -261,12 +325,14 @@ def compare(sources: list[Path], tokens: int, rounds: int, threads: int) -> None
                 db.unlink(missing_ok=True)
     med = statistics.median
     print(f"phases 1-2, {rounds} rounds alternated, medians; load {os.getloadavg()[0]:.1f}")
-    print("| source | 8 clients / 1 (tokens/s) | server CPU per token 1 / 8 | 1 client tokens/s |"
-          " 8 clients tokens/s |")  # fmt: skip
-    print("|---|---|---|---|---|")
+    print("| source | 8 clients / 1 (tokens/s) | server CPU per token 1 / 8 | decode thread CPU"
+          " per token 1 / 8 (ms) | 1 client tokens/s | 8 clients tokens/s |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for src, rs in results.items():
         print(f"| {src} | {med(r[0] for r in rs):.2f}x | {med(r[1] for r in rs):.2f}x | "
-              f"{med(r[2] for r in rs):.0f} | {med(r[3] for r in rs):.0f} |")  # fmt: skip
+              f"{med(r[4] for r in rs):.2f}x ({med(r[5] for r in rs):.3f} / "
+              f"{med(r[6] for r in rs):.3f}) | {med(r[2] for r in rs):.0f} | "
+              f"{med(r[3] for r in rs):.0f} |")  # fmt: skip
 
 
 def main() -> None:
