@@ -210,6 +210,9 @@ CASES = {
     "generate key empty": ([*GEN, "--key", ""], 2, "--key"),
     "harmonize key empty": ([*HARM, "--key", ""], 2, "--key"),
     "evaluate style empty": ([*EVAL, "--style", ""], 2, "--style"),
+    # --style without a model takes the shipped `styles`: a name it lacks is its one line
+    "generate style unknown, no model": (["generate", "--style", "jazz", "--out", "{out}"], 2,
+                                         "--style jazz: unknown style; this model knows chorale"),
     # damaged export / adapter configs: AttributeError, TypeError; alpha -1 ran
     "onnx config a list": (["generate", "--engine", "onnx", "--checkpoint", "{dir}/onnx_list",
                             "--out", "{out}"], 1, "onnx_list/config.json"),

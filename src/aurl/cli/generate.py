@@ -358,8 +358,25 @@ def default_vae(args: argparse.Namespace) -> None:
         args.model = default_for(what, VAE_DEFAULT, "VAE", "the default model has no latent",
                                  SHIPPED)  # fmt: skip
     elif args.style:
+        _known_style(SHIPPED / STYLES_DEFAULT, args.style)  # a bad name: its one error line only
         args.model = default_for("--style", STYLES_DEFAULT, "style model",
                                  "the default model has no styles", SHIPPED)  # fmt: skip
+
+
+def _known_style(folder: Path, name: str) -> None:
+    """Raise the style error of ``name`` for the model in ``folder`` (its ``config.json``'s
+    ``model.styles``) before anything is said or loaded; an unreadable config is left to the
+    model's own load to report."""
+    import json
+
+    from aurl.models.style import style_id
+
+    try:
+        styles = json.loads((folder / "config.json").read_text())["model"]["styles"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(styles, list) and all(isinstance(s, str) for s in styles):
+        style_id(tuple(styles), name)
 
 
 def require_torch(what: str) -> None:
