@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     transfer_keep(args)  # --keep without --variations fails before anything loads
     if args.voices is not None and not 1 <= args.voices <= 8:
         raise ConfigError(f"--voices {args.voices}: give 1 to 8 (4 for SATB)")
-    default_vae(args)
+    default_model(args)
     n = args.steps if args.interpolate else args.num_samples
     stem = f"sample_seed{args.seed}"
     paths = output_paths(args.out, n, formats, stem=stem)
@@ -344,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
     return finish(args, config, TorchEngine(model), model, paths, settings, t0)
 
 
-def default_vae(args: argparse.Namespace) -> None:
+def default_model(args: argparse.Namespace) -> None:
     """No ``--model`` / ``--checkpoint``: ``--variations`` / ``--interpolate`` take the shipped
     VAE (:data:`aurl.shipped.VAE_DEFAULT`), ``--style`` the shipped style model
     (:data:`aurl.shipped.STYLES_DEFAULT`), instead of the default transformer (which has
