@@ -146,3 +146,21 @@ def assert_same_midi(ours: bytes, reference: bytes) -> None:
 def same_midi():
     """:func:`assert_same_midi`, for tests in any folder."""
     return assert_same_midi
+
+
+@pytest.fixture(scope="session")
+def style_pieces():
+    """``(vocab_config) -> [(style, file, ids, meter)]``: the 15 held-out pieces of
+    tests/fixtures/styles/ (3 per style of the shipped style models), by style then name."""
+
+    def pieces(vocab_config) -> list:
+        import numpy as np
+
+        from aurl.data.meter import read_meter
+        from aurl.data.tokenizer import Tokenizer
+
+        tok = Tokenizer(vocab_config)
+        return [(f.parent.name, f, np.asarray(tok.encode_file(f), dtype=np.int64), read_meter(f))
+                for f in sorted((FIXTURES / "styles").glob("*/*.mid"))]  # fmt: skip
+
+    return pieces

@@ -20,7 +20,6 @@ from aurl.cli import main
 SHIPPED = Path(aurl.__file__).parent / "pretrained"
 MODEL = SHIPPED / "styles"
 CHORALES = SHIPPED.parent / "data" / "bundled" / "bach-chorales"
-PIECES = Path(__file__).parent / "fixtures" / "styles"
 STYLES = ("chorale", "classical", "folk", "palestrina", "renaissance")
 # the first 8 chorales of the tune-grouped test split (as tests/test_pretrained.py scores the
 # default): measured 2.487 under `chorale` (2.491 with no style), the default model 2.590 on the
@@ -50,14 +49,9 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def pieces(model) -> list[tuple[str, Path, np.ndarray, tuple[int, int]]]:
+def pieces(model, style_pieces) -> list[tuple[str, Path, np.ndarray, tuple[int, int]]]:
     """(style, file, ids, meter) of the 15 held-out pieces, by style then name."""
-    from aurl.data.meter import read_meter
-    from aurl.data.tokenizer import Tokenizer
-
-    tok = Tokenizer(model.vocab_config)
-    return [(s, f, np.asarray(tok.encode_file(f), dtype=np.int64), read_meter(f))
-            for s in STYLES for f in sorted((PIECES / s).glob("*.mid"))]  # fmt: skip
+    return style_pieces(model.vocab_config)
 
 
 def test_the_styles_model_is_the_default_taught_five_styles(model):

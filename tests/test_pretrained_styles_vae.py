@@ -49,14 +49,9 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def pieces(model) -> list[tuple[str, Path, np.ndarray, tuple[int, int]]]:
-    """(style, file, ids, meter) of the 12 held-out pieces, by style then name."""
-    from aurl.data.meter import read_meter
-    from aurl.data.tokenizer import Tokenizer
-
-    tok = Tokenizer(model.vocab_config)
-    return [(s, f, np.asarray(tok.encode_file(f), dtype=np.int64), read_meter(f))
-            for s in STYLES for f in sorted((PIECES / s).glob("*.mid"))]  # fmt: skip
+def pieces(model, style_pieces) -> list[tuple[str, Path, np.ndarray, tuple[int, int]]]:
+    """(style, file, ids, meter) of the 15 held-out pieces, by style then name."""
+    return style_pieces(model.vocab_config)
 
 
 def test_the_styles_model_is_a_vae_with_five_styles(model, pieces):
