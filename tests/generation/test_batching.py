@@ -202,3 +202,30 @@ def test_note_stream_follows_the_decoders_edge_rules(model):
     )
     assert len(got) == len(want_rows) == 4
     np.testing.assert_allclose(np.array(got), np.array(want_rows), atol=1e-9)
+
+
+@pytest.mark.parametrize("fold_starts", [False, True])
+def test_rows_of_different_styles_each_equal_their_own_generate(fold_starts):
+    """A model with styles: rows asking for each style, or none, share one batch (each row's
+    style id rides in the decode state) and each gives its own generate() ids; a style the
+    model lacks is refused when the request is added."""
+    from aurl.errors import ConfigError
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(
+        ModelConfig(), d_model=32, n_layers=2, n_heads=2, dropout=0.0, max_seq_len=96,
+        styles=("chorale", "folk"), style_dropout=0.0,
+    )  # fmt: skip
+    styled = MusicTransformerVAEGAN(config, VocabConfig()).eval()
+    with torch.no_grad():  # a trained-looking table: the styles move the logits apart
+        styled.style.table.weight.normal_(0.0, 1.0)
+    reqs = [Req(GenerationConfig(max_tokens=30, seed=1, style=s)) for s in ("chorale", "folk", "")]
+    b = ContinuousBatcher(styled, slots=4, fold_starts=fold_starts)  # True: as the server runs
+    arrivals = {0: [(reqs[0], None), (reqs[1], None)], 4: [(reqs[2], None)]}
+    run(b, arrivals, check=lambda step: False)  # alone_logits knows no style: ids compared
+    got = [r.row.ids for r in reqs]
+    for req, ids in zip(reqs, got):
+        assert ids == generate(styled, req.cfg)[0].ids.tolist(), req.cfg.style
+    assert got[0] != got[1]  # same seed, another style: another piece
+    with pytest.raises(ConfigError, match="unknown style; this model knows chorale, folk"):
+        b.add(GenerationConfig(style="jazz"))

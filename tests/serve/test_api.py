@@ -486,3 +486,38 @@ def test_openapi_documents_the_schemas(client):
     docs = client.get("/docs")
     assert docs.status_code == 200 and "temperature" in docs.text and "/api/infill" in docs.text
     assert np.isfinite(props["top_p"]["maximum"])
+
+
+def test_a_style_models_requests_name_a_style(tmp_path, tiny):
+    """`style` picks one of the model's styles (listed in /api/health): the reply is what
+    `aurl generate --style` decodes with the same seed; a name the model lacks, or any name on a
+    model without styles, is a 422 naming the field."""
+    import dataclasses
+
+    import torch
+
+    from aurl.config import GenerationConfig
+    from aurl.data.tokenizer import Tokenizer
+    from aurl.generation.generate import generate
+    from aurl.models import MusicTransformerVAEGAN
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny.config, styles=("chorale", "folk"), style_dropout=0.0)
+    styled = MusicTransformerVAEGAN(config, tiny.vocab_config).eval()
+    with torch.no_grad():
+        styled.style.table.weight.normal_(0.0, 1.0)
+    with make_client(tmp_path, {"styled": styled, "tiny": tiny}) as client:
+        details = client.get("/api/health").json()["details"]
+        assert [d["styles"] for d in details] == [["chorale", "folk"], []]
+        replies = {}
+        for style in ("chorale", "folk"):
+            r = client.post("/api/generate", json={"max_tokens": 60, "seed": 5, "style": style})
+            assert r.status_code == 200, r.text
+            want = generate(styled, GenerationConfig(max_tokens=60, seed=5, style=style))[0]
+            assert r.content == Tokenizer(styled.vocab_config).decode_to_bytes(want.ids)
+            replies[style] = r.content
+        assert replies["chorale"] != replies["folk"]
+        r = client.post("/api/generate", json={"max_tokens": 16, "style": "jazz"})
+        assert "this model knows chorale, folk" in error_of(r, 422, field="style")
+        r = client.post("/api/generate", json={"max_tokens": 16, "style": "folk", "model": "tiny"})
+        assert "trained without styles" in error_of(r, 422, field="style")

@@ -60,6 +60,7 @@ class Row:
     primer_length: int
     mask_state: MaskState
     latents: Any = None
+    style: torch.Tensor | None = None  # (1,) style id of a model with styles (-1: none)
     seen: torch.Tensor | None = None  # (1, V) ids generated so far (repetition penalty)
     offset: int = 0  # cache position of the row's first cached token
     finished: bool = False  # emitted END
@@ -181,6 +182,7 @@ class ContinuousBatcher:
 
         Raises:
             ConstraintError: bad constraints, beam search, or a primer that breaks the grammar.
+            ConfigError: ``config.style`` is not one of the model's styles.
         """
         if config.beam > 1:
             raise ConstraintError("beam search does not batch with other requests: use beam 1")
@@ -202,13 +204,15 @@ class ContinuousBatcher:
         if self.model.config.mode in ("vae", "vae_gan"):
             g = torch.Generator(device=self.device).manual_seed(config.seed)
             latents = self.model.sample_prior(1, generator=g)
+        style = self._style(config.style)
         seen = None
         if options.repetition_penalty != 1.0:
             seen = torch.zeros(1, self.vocab.size, dtype=torch.bool, device=self.device)
         row = Row(
             config=config, masker=masker, options=options, generator=generator,
             ids=prefix.tolist(), primer_length=len(prefix),
-            mask_state=_primed(masker, prefix_t), latents=latents, seen=seen, tag=tag,
+            mask_state=_primed(masker, prefix_t), latents=latents, style=style, seen=seen,
+            tag=tag,
         )  # fmt: skip
         self.pending.append(row)
         return row
@@ -220,6 +224,17 @@ class ContinuousBatcher:
         fraction of a torch op; the model's device otherwise. The masks are the same
         (``tests/engines/test_numpy_paths.py``), so are the ids."""
         return None if self.device.type == "cpu" else self.device
+
+    def _style(self, name: str) -> torch.Tensor | None:
+        """The (1,) style id of a request (-1: none) on a model with styles, so that rows with
+        and without a style share one batch; None on a model without (where a name raises)."""
+        from aurl.models.style import style_id
+
+        styles = tuple(getattr(self.model.config, "styles", ()))
+        sid = style_id(styles, name)  # raises ConfigError for a name the model lacks
+        if not styles:
+            return None
+        return torch.full((1,), sid, dtype=torch.long, device=self.device)
 
     def cancel(self, row: Row) -> None:
         """Stop ``row``: it leaves the batch (or the queue) at the next :meth:`step`."""
@@ -422,7 +437,7 @@ class ContinuousBatcher:
         states = []
         for j, row in enumerate(rows):
             state = self.model.init_state(1, device=self.device, latents=row.latents,
-                                          capacity=1)  # fmt: skip
+                                          capacity=1, style=row.style)  # fmt: skip
             self._slot_cache(state, first + j)
             state.pos = pos
             state.key_mask = torch.zeros(1, self.window, dtype=torch.bool, device=self.device)
@@ -497,7 +512,7 @@ class ContinuousBatcher:
             ids = torch.as_tensor(row.ids, device=self.device)[None]  # (1, L)
             history = ids[:, : ids.shape[1] - k]
             state = self.model.init_state(
-                1, device=self.device, latents=row.latents, capacity=1,
+                1, device=self.device, latents=row.latents, capacity=1, style=row.style,
                 history=history if history.shape[1] > 0 else None,
             )  # fmt: skip
             self._slot_cache(state, first + j)

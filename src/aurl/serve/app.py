@@ -100,6 +100,10 @@ class GenerateOptions(JsonBody):
     repetition_penalty: float = Field(1.0, gt=0, le=100, description="> 1 discourages repeats")
     key: str = Field("", max_length=40, description="e.g. 'D minor'; 'primer': the primer's")
     key_strictness: float = Field(1.0, ge=0, le=1, description="1 masks out-of-key notes")
+    style: str = Field(
+        "", max_length=40, description="one of the model's styles (its `styles` in "
+        "/api/health, e.g. the shipped `styles` model's 'folk'); '': none",
+    )  # fmt: skip
     pitch_low: int = Field(21, ge=0, le=127)
     pitch_high: int = Field(108, ge=0, le=127)
     tempo: float | None = Field(None, gt=0, le=1000, description="fixed tempo in BPM")
@@ -135,6 +139,7 @@ class HealthModel(BaseModel):
     waiting: int
     slots: int
     composing: int = Field(0, description="harmonize / infill requests running (one at a time)")
+    styles: list[str] = Field([], description="the styles a request's `style` may name")
 
 
 class Health(BaseModel):
@@ -323,7 +328,7 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
                 name=name, vocab_size=srv.vocab.size, mode=srv.model.config.mode,
                 parameters=sum(p.numel() for p in srv.model.parameters()),
                 active=st["active"], waiting=st["waiting"], slots=st["slots"],
-                composing=st["composing"],
+                composing=st["composing"], styles=list(srv.model.config.styles),
             ))  # fmt: skip
         first = next(iter(servers.values()))
         return Health(status="ok", models=list(servers), vocab_size=first.vocab.size,
@@ -775,7 +780,7 @@ def _generation_config(
         "top_p": opts.top_p, "min_p": opts.min_p, "repetition_penalty": opts.repetition_penalty,
         "key": opts.key, "key_strictness": opts.key_strictness, "pitch_low": opts.pitch_low,
         "pitch_high": opts.pitch_high, "density": opts.density, "polyphony_cap": opts.polyphony,
-        "min_tokens": opts.min_tokens,
+        "min_tokens": opts.min_tokens, "style": opts.style,
     }  # fmt: skip
     if opts.max_tokens is not None:
         values["max_tokens"] = opts.max_tokens
@@ -822,6 +827,14 @@ def _check_constraints(config: Any, srv: ModelServer, opts: GenerateOptions) -> 
             step()
         except ConstraintError as e:
             raise FieldError(str(e), field=field) from None
+    if config.style:  # the style error the batcher would raise when the job starts
+        from aurl.errors import ConfigError
+        from aurl.models.style import style_id
+
+        try:
+            style_id(tuple(srv.model.config.styles), config.style)
+        except ConfigError as e:
+            raise FieldError(str(e).removeprefix("--"), field="style") from None
 
 
 def _primer_ids(ids: np.ndarray, srv: ModelServer, opts: GenerateOptions) -> np.ndarray:
