@@ -58,13 +58,13 @@ def client(tmp_path, tiny):
 
 
 class LiveServer:
-    """`aurl serve --port 0` in a subprocess, with the shipped model."""
+    """`aurl serve --port 0` in a subprocess, with the shipped model (or ``args``' models)."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, args: tuple[str, ...] = ()) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
         self.db = db
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aurl", "serve", "--port", "0", "--db", str(db)],
+            [sys.executable, "-m", "aurl", "serve", "--port", "0", "--db", str(db), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )  # fmt: skip
         line = self.proc.stdout.readline()  # the address line, printed once it listens

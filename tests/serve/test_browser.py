@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import symusic
 
+from tests.serve.conftest import LiveServer
 from tests.serve.test_formats_and_parts import xml_parts
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -96,3 +97,28 @@ def test_listening_page_records_an_answer_in_sqlite(browser, live_server):
     page.goto(live_server.url + "/listen/results")
     assert "chorales" in page.inner_text("#results")
     page.close()
+
+
+def test_the_style_menu_lists_the_models_styles_and_sends_the_choice(browser, tmp_path):
+    """`aurl serve --model chorales styles`: the Style menu offers none for the
+    chorale model and the five styles for `styles`; Generate sends the chosen one."""
+    server = LiveServer(tmp_path / "listen.sqlite", ("--model", "chorales", "styles"))
+    try:
+        page = browser.new_page()
+        sent: list[str] = []
+        page.on("websocket", lambda ws: ws.on("framesent", lambda f: sent.append(str(f))))
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelectorAll('#model option').length == 2")
+        menu = "Array.from(document.querySelectorAll('#style option')).map(o => o.value)"
+        assert page.evaluate(menu) == [""]
+        page.select_option("#model", "styles")
+        assert page.evaluate(menu) == ["", "chorale", "classical", "folk", "palestrina",
+                                       "renaissance"]  # fmt: skip
+        page.select_option("#style", "folk")
+        page.fill("#seconds", "3")
+        page.click("#generate")
+        page.wait_for_selector("#download:not([disabled])", timeout=60_000)
+        assert any('"style":"folk"' in f and '"model":"styles"' in f for f in sent), sent
+        page.close()
+    finally:
+        server.stop()

@@ -72,6 +72,7 @@ function options() {
   if ($("model").value) o.model = $("model").value;
   if ($("seconds").value) o.seconds = +$("seconds").value;
   if ($("key").value.trim()) o.key = $("key").value.trim();
+  if ($("style").value) o.style = $("style").value;
   if ($("tempo").value) o.tempo = +$("tempo").value;
   if (primerB64) o.primer = primerB64;
   return o;
@@ -172,6 +173,13 @@ async function init() {
   try {
     const h = await (await fetch("/api/health")).json();
     for (const name of h.models) { const o = document.createElement("option"); o.value = o.textContent = name; $("model").appendChild(o); }
+    // the Style menu lists the chosen model's styles (none for a model trained without them)
+    const styles = () => {
+      const d = h.details.find((m) => m.name === $("model").value) || { styles: [] };
+      $("style").replaceChildren(...["", ...(d.styles || [])].map((s) => { const o = document.createElement("option"); o.value = s; o.textContent = s || "none"; return o; }));
+    };
+    $("model").onchange = styles;
+    styles();
   } catch (e) { status("cannot reach the server: " + e, true); }
   $("generate").onclick = generate;
   $("harmonize").onclick = () => harmonize().catch((e) => status(String(e), true));
