@@ -25,18 +25,6 @@ VAE_DEFAULT = "styles-vae"
 STYLES_DEFAULT = "styles"
 
 
-def default_for(what: str, name: str, kind: str, why: str, root: Path = ROOT) -> str | None:
-    """``name`` when it is shipped under ``root`` (else None), said on stderr as ``what: using
-    the shipped KIND 'name' (why)``: the model a flag that the default model cannot serve
-    (``--variations``, ``--style``) falls back to when no model is named."""
-    import sys
-
-    if name not in shipped_models(root):
-        return None
-    print(f"{what}: using the shipped {kind} {name!r} ({why})", file=sys.stderr)
-    return name
-
-
 def shipped_models(root: Path = ROOT) -> dict[str, Path]:
     """Name -> folder of every shipped model under ``root`` (the default first)."""
     models = {DEFAULT: root} if (root / "config.json").is_file() else {}

@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.model or args.checkpoint) and not args.style:
         raise ConfigError("--model / --checkpoint choose the model of --style: add --style")
     if args.style and not (args.model or args.checkpoint):
-        from aurl.shipped import STYLES_DEFAULT, default_for
+        from aurl.cli.generate import default_for
+        from aurl.shipped import STYLES_DEFAULT
 
         args.model = default_for("--style", STYLES_DEFAULT, "style model",
                                  "the default model has no styles")  # fmt: skip

@@ -349,32 +349,51 @@ def default_model(args: argparse.Namespace) -> None:
     VAE (:data:`aurl.shipped.VAE_DEFAULT`), ``--style`` the shipped style model
     (:data:`aurl.shipped.STYLES_DEFAULT`), instead of the default transformer (which has
     neither a latent nor styles); each says so on stderr."""
-    from aurl.shipped import STYLES_DEFAULT, VAE_DEFAULT, default_for
+    from aurl.shipped import STYLES_DEFAULT, VAE_DEFAULT
 
     if args.checkpoint or args.model or args.engine == "onnx":
         return
     if args.variations or args.interpolate:
         what = "--variations" if args.variations else "--interpolate"
-        args.model = default_for(what, VAE_DEFAULT, "VAE", "the default model has no latent",
-                                 SHIPPED)  # fmt: skip
+        args.model = default_for(what, VAE_DEFAULT, "VAE", "the default model has no latent")
     elif args.style:
         _known_style(SHIPPED / STYLES_DEFAULT, args.style)  # a bad name: its one error line only
         args.model = default_for("--style", STYLES_DEFAULT, "style model",
-                                 "the default model has no styles", SHIPPED)  # fmt: skip
+                                 "the default model has no styles")  # fmt: skip
+
+
+def default_for(what: str, name: str, kind: str, why: str) -> str | None:
+    """``name`` when it is shipped (else None), said on stderr as ``what: using the shipped
+    KIND 'name' (why)``: the model a flag that the default model cannot serve (``--variations``,
+    ``--style``) falls back to when no model is named."""
+    import sys
+
+    from aurl.shipped import shipped_models
+
+    if name not in shipped_models(SHIPPED):
+        return None
+    print(f"{what}: using the shipped {kind} {name!r} ({why})", file=sys.stderr)
+    return name
+
+
+def model_section(folder: Path) -> dict:
+    """The ``model`` section of ``folder``'s ``config.json``, read without torch; {} when it
+    cannot be read (the model's own load reports that)."""
+    import json
+
+    try:
+        model = json.loads((folder / "config.json").read_text()).get("model", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return model if isinstance(model, dict) else {}
 
 
 def _known_style(folder: Path, name: str) -> None:
-    """Raise the style error of ``name`` for the model in ``folder`` (its ``config.json``'s
-    ``model.styles``) before anything is said or loaded; an unreadable config is left to the
-    model's own load to report."""
-    import json
-
+    """Raise the style error of ``name`` for the model in ``folder`` (its ``model.styles``)
+    before anything is said or loaded."""
     from aurl.models.style import style_id
 
-    try:
-        styles = json.loads((folder / "config.json").read_text())["model"]["styles"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
+    styles = model_section(folder).get("styles")
     if isinstance(styles, list) and all(isinstance(s, str) for s in styles):
         style_id(tuple(styles), name)
 
@@ -402,13 +421,9 @@ def int8_onnx_engine(args: argparse.Namespace, config):
     if has_bf16() or (config.beam > 1) or args.variations or args.interpolate:
         return None
     import importlib.util
-    import json
 
     folder = model_folder(args.checkpoint, args.model)
-    try:
-        model = json.loads((folder / "config.json").read_text()).get("model", {})
-    except (OSError, json.JSONDecodeError):
-        return None  # the torch loader names the problem
+    model = model_section(folder)  # {}: the torch loader names the problem
     if model.get("mode") != "transformer" or model.get("attention", "full") != "full":
         return None
     if importlib.util.find_spec("onnxruntime") is None:
