@@ -180,7 +180,7 @@ def piece_styles(model: Any, cache: Any, rows: Any, style: str | None) -> list[i
     """
     if not style:
         return None
-    from aurl.models.style import style_id
+    from aurl.style_ids import style_id
 
     styles = tuple(getattr(model.config, "styles", ()))
     if style == "each":
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(f"--ngram-order {args.ngram_order}: {e}; choose a lower order") from None
     if args.style:  # a style the model lacks fails before the --out folder is made
-        from aurl.models.style import style_id
+        from aurl.style_ids import style_id
 
         styles = tuple(getattr(model.config, "styles", ()))
         if args.style != "each" or not styles:

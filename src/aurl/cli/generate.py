@@ -42,10 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_argument(p)
     add_adapter_argument(p)
     engine = p.add_argument(
-        "--engine", choices=("torch", "onnx"), default="torch",
-        help="torch (default) or onnx: onnxruntime on the CPU, never imports torch (the shipped "
+        "--engine", choices=("torch", "onnx", "native"), default="torch",
+        help="torch (default); onnx: onnxruntime on the CPU, never imports torch (the shipped "
         "model's graphs are written once to ~/.cache/aurl/onnx, see docs/design.md); their "
-        "precision: %(default_precision)s, unless --int8 / --int4 / --fp32",
+        "precision: %(default_precision)s, unless --int8 / --int4 / --fp32; native: Aurl's own "
+        "compiled decode step on the CPU, reads the model folder directly, never imports torch "
+        "or onnxruntime; int8 weights unless --fp32 (docs/design.md)",
     )  # fmt: skip
     engine.default_precision = default_precision()
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="pieces (default 1)")
@@ -316,6 +318,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--adapter is merged into a torch model: drop --int8")
     if args.int4 and args.engine != "onnx":
         raise ConfigError("--int4 chooses the onnx engine's graphs: add --engine onnx")
+    if args.engine == "native":
+        engine = native_engine(args)
+        return finish(args, config, engine, None, paths, settings, t0)
     if args.engine == "onnx":
         engine = onnx_engine(args)
         return finish(args, config, engine, None, paths, settings, t0)
@@ -353,7 +358,7 @@ def default_model(args: argparse.Namespace) -> None:
 
     if args.checkpoint or args.model or args.engine == "onnx":
         return
-    if args.variations or args.interpolate:
+    if (args.variations or args.interpolate) and args.engine != "native":  # native: refused
         what = "--variations" if args.variations else "--interpolate"
         args.model = default_for(what, VAE_DEFAULT, "VAE", "the default model has no latent")
     elif args.style:
@@ -391,7 +396,7 @@ def model_section(folder: Path) -> dict:
 def _known_style(folder: Path, name: str) -> None:
     """Raise the style error of ``name`` for the model in ``folder`` (its ``model.styles``)
     before anything is said or loaded."""
-    from aurl.models.style import style_id
+    from aurl.style_ids import style_id
 
     styles = model_section(folder).get("styles")
     if isinstance(styles, list) and all(isinstance(s, str) for s in styles):
@@ -478,6 +483,38 @@ def onnx_engine(args: argparse.Namespace):
             f"--format onnx --checkpoint {folder} --out DIR` and pass --checkpoint DIR"
         )
     return OnnxEngine(folder, threads=args.threads)
+
+
+def native_engine(args: argparse.Namespace):
+    """The native engine (:class:`aurl.engines.native_engine.NativeEngine`) of ``--checkpoint``
+    (a model folder) or of the shipped model ``--model`` (default: the default model): int8
+    weights, or fp32 with ``--fp32``.
+
+    Raises:
+        ConfigError: a flag the native engine cannot honour, or no compiled step.
+        CheckpointError: not a model folder, or a damaged one.
+    """
+    from aurl.errors import CheckpointError, ConfigError
+
+    unsupported = {
+        "--variations": args.variations and "VAE latents run on --engine torch",
+        "--interpolate": args.interpolate and "VAE latents run on --engine torch",
+        "--device": args.device != "cpu" and "the native step runs on the CPU only",
+        "--adapter": args.adapter and "a LoRA adapter is merged into a torch model",
+    }
+    for flag, why in unsupported.items():
+        if why:
+            raise ConfigError(f"--engine native does not support {flag}: {why}")
+    from aurl.engines.native_engine import NativeEngine, load_library
+
+    load_library()  # a missing compiled step fails before the weights are read
+    folder = model_folder(args.checkpoint, args.model)
+    if (folder / "decoder.onnx").is_file() and not (folder / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"--checkpoint {folder} is an ONNX export: --engine native reads a model folder "
+            "(config.json + model.safetensors); use --engine onnx for an export"
+        )
+    return NativeEngine(folder, weights="fp32" if args.fp32 else "int8")
 
 
 def chosen_precision(args: argparse.Namespace, *, quantized: str = "int4") -> str:

@@ -260,16 +260,19 @@ def style_tensor(engine: Any, config: GenerationConfig, batch: int) -> Any:
     """
     if not config.style:
         return None
-    if engine.numpy:  # checked first: aurl.models.style imports torch
+    from aurl.style_ids import style_id
+
+    if engine.numpy and not getattr(engine, "takes_style", False):
         raise ConfigError(
             f"--style {config.style}: the onnx engine takes no style (its export has no style "
-            "input); use --engine torch"
+            "input); use --engine torch or --engine native"
         )
-    import torch
-
-    from aurl.models.style import style_id
-
     sid = style_id(tuple(getattr(engine.config, "styles", ())), config.style)
+    if engine.numpy:
+        import numpy as np
+
+        return np.full(batch, sid, dtype=np.int64)
+    import torch
 
     return torch.full((batch,), sid, dtype=torch.long, device=engine.device)
 

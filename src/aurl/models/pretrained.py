@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +27,11 @@ import torch
 from aurl.config import ModelConfig, VocabConfig, build, to_dict
 from aurl.errors import CheckpointError, ConfigError
 from aurl.fileio import atomic_write, atomic_write_text
+from aurl.safetensors_io import (  # noqa: F401  (read_header: part of this module's API)
+    FLOAT_DTYPES,
+    read_header,
+)
+from aurl.safetensors_io import check_safetensors as _check_safetensors
 
 if TYPE_CHECKING:
     from aurl.models.model import MusicTransformerVAEGAN
@@ -96,79 +100,6 @@ def trained_window(folder: str | Path) -> int | None:
         return None
     ok = isinstance(window, int) and not isinstance(window, bool) and window > 0
     return window if ok else None
-
-
-def _check_safetensors(path: Path) -> None:
-    """Refuse anything that is not a safetensors file before any parser sees it: a pickle
-    (``torch.save``) begins with 0x80, a zip-format ``torch.save`` with ``PK``. A safetensors
-    file begins with its header's length (8 bytes, little-endian) and then ``{``: that length's
-    first byte may be 0x80 too (a 5,248-byte header), so ``{`` at byte 8 decides first."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    if head[8:9] == b"{":
-        return  # the header parser checks the length and every tensor next
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise CheckpointError(
-            f"{path} holds a pickle (torch.save) payload, not safetensors: refusing to load it "
-            "(pickles can run code); convert it with save_pretrained from a trusted session"
-        )
-    raise CheckpointError(f"{path} is not a safetensors file: re-save it with save_pretrained")
-
-
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1,
-}  # fmt: skip
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-
-
-def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{name: (dtype, shape)}`` from a safetensors header, checked against the file's size.
-
-    Raises:
-        CheckpointError: truncated, damaged, or a tensor of an unknown dtype or whose bytes
-            lie outside the file.
-    """
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > min(size - 8, MAX_HEADER_BYTES):
-            raise CheckpointError(
-                f"{path}: header of {n} bytes in a file of {size}: truncated or damaged, "
-                "re-save it with save_pretrained"
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: damaged safetensors header ({e})") from None
-    data_bytes = size - 8 - n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: damaged header entry for {name!r}") from None
-        if dtype not in DTYPE_BYTES:
-            raise CheckpointError(f"{path}: {name} has the unknown dtype {dtype!r}")
-        nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
-        if (
-            min(shape, default=0) < 0
-            or not 0 <= start <= end <= data_bytes
-            or end - start != nbytes
-        ):
-            raise CheckpointError(
-                f"{path}: {name} ({dtype} {list(shape)}) does not fit in the file's "
-                f"{data_bytes} data bytes: truncated or damaged, re-save it with save_pretrained"
-            )
-        out[name] = (dtype, shape)
-    return out
 
 
 def _dtype_name(t: torch.Tensor) -> str:

@@ -17,15 +17,11 @@ compute exactly as before.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
 from aurl.config import ModelConfig
-from aurl.errors import ConfigError
-
-NO_STYLE = -1
+from aurl.style_ids import NO_STYLE, style_id  # noqa: F401  (re-exported)
 
 
 class StyleEmbedding(nn.Module):
@@ -49,24 +45,6 @@ class StyleEmbedding(nn.Module):
             style = style.masked_fill(dropped, NO_STYLE)
         known = (style >= 0).to(self.table.weight.dtype)  # (B,)
         return (self.table(style.clamp(min=0)) * known[:, None])[:, None, :]  # (B, 1, D)
-
-
-def style_id(styles: Sequence[str], name: str) -> int:
-    """The id of style ``name`` among a model's ``styles``; ``""`` -> :data:`NO_STYLE`.
-
-    Raises:
-        ConfigError: the model has no styles, or none called ``name`` (the message lists them).
-    """
-    if not name:
-        return NO_STYLE
-    if not styles:
-        raise ConfigError(
-            f"--style {name}: this model was trained without styles (model.styles is empty); "
-            "drop --style or use a model trained with styles"
-        )
-    if name not in styles:
-        raise ConfigError(f"--style {name}: unknown style; this model knows {', '.join(styles)}")
-    return list(styles).index(name)
 
 
 def style_embedding(config: ModelConfig) -> StyleEmbedding | None:

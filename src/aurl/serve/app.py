@@ -829,7 +829,7 @@ def _check_constraints(config: Any, srv: ModelServer, opts: GenerateOptions) -> 
             raise FieldError(str(e), field=field) from None
     if config.style:  # the style error the batcher would raise when the job starts
         from aurl.errors import ConfigError
-        from aurl.models.style import style_id
+        from aurl.style_ids import style_id
 
         try:
             style_id(tuple(srv.model.config.styles), config.style)

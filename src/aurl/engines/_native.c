@@ -1,0 +1,573 @@
+/* The native engine's decode step: one token for B rows through every block of the decoder,
+ * int8 or fp32 weights, KV cache in fp32, in one call (aurl.engines.native_engine drives it
+ * through ctypes; this file is built as the extension module aurl.engines._native, whose only
+ * Python-visible content is the module itself).
+ *
+ * Why a step of our own: onnxruntime's int8 MatMul at one token runs its general GEMM kernel
+ * over panels of the weights and reads them from DRAM at 54-67% of what one core can stream,
+ * its GroupQueryAttention the cache at ~55% (BENCHMARKS.md, issue 17, the seventh and later
+ * passes). Here each weight row is one contiguous stream, four rows at a time, and attention
+ * reads each cached key and value row once, front to back.
+ *
+ * The math is the model's (aurl.models.model, aurl.models.layers): pre-norm blocks,
+ * x += proj(attention(rotary(qkv(norm1(x))))), x += out(gelu_tanh(fc(norm2(x)))), then the
+ * final norm and the tied head. int8 weights: per output row symmetric (w = q * scale[row]);
+ * activations quantized per row of the batch, symmetric, to int8 before each int8 product
+ * (the integer dot product is exact; the two scales multiply the int32 sum).
+ *
+ * Instruction sets: AVX2 + FMA kernels compiled with target attributes and chosen at run time
+ * (__builtin_cpu_supports), portable C otherwise, so one build runs on any x86-64 and on other
+ * architectures (portable C only there).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define AURL_X86 1
+#include <immintrin.h>
+#endif
+
+enum { LIN_F32 = 0, LIN_S8 = 1 };
+
+#ifndef PREFETCH
+#define PREFETCH 8192 /* bytes ahead of the weights being read (best of 1-16 KB measured) */
+#endif
+
+typedef struct {
+    const void *w;       /* (n, k) row-major: float (LIN_F32) or int8 (LIN_S8) */
+    const float *scale;  /* (n) per-row scale of int8 weights, else NULL */
+    const float *bias;   /* (n) or NULL */
+    int32_t n, k, kind, pad;
+} Lin;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    Lin qkv, proj, fc, out;
+} Layer;
+
+typedef struct {
+    int32_t d, heads, head_dim, ff, vocab, layers;
+    const Layer *layer;
+    const float *lnf_w, *lnf_b;
+    Lin head;
+    const float *cos, *sin; /* (rot_len, head_dim / 2) */
+    int32_t rot_len, pad;
+} Model;
+
+static int have_avx2 = -1;
+
+static int use_avx2(void) {
+#ifdef AURL_X86
+    if (have_avx2 < 0) {
+        __builtin_cpu_init();
+        have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return have_avx2;
+#else
+    return 0;
+#endif
+}
+
+/* ---- int8 activations ------------------------------------------------------------------- */
+
+/* x (k) -> q (k) int8 with x ~ q * scale; returns scale (0 for a zero row). */
+static float quantize_row(const float *x, int k, int8_t *q) {
+    float m = 0.f;
+    for (int i = 0; i < k; i++) {
+        float a = fabsf(x[i]);
+        m = a > m ? a : m;
+    }
+    if (m == 0.f) {
+        memset(q, 0, (size_t)k);
+        return 0.f;
+    }
+    float inv = 127.f / m;
+    for (int i = 0; i < k; i++) q[i] = (int8_t)lrintf(x[i] * inv);
+    return m / 127.f;
+}
+
+/* ---- products: y (B, n) = x (B, k) @ W^T (+ bias), accumulate: y += --------------------- */
+
+static void lin_f32_c(const Lin *L, int B, const float *x, float *y, int acc) {
+    const float *W = (const float *)L->w;
+    for (int b = 0; b < B; b++)
+        for (int r = 0; r < L->n; r++) {
+            const float *w = W + (size_t)r * L->k, *xb = x + (size_t)b * L->k;
+            float s = 0.f;
+            for (int j = 0; j < L->k; j++) s += w[j] * xb[j];
+            if (L->bias) s += L->bias[r];
+            y[(size_t)b * L->n + r] = acc ? y[(size_t)b * L->n + r] + s : s;
+        }
+}
+
+static void lin_s8_c(const Lin *L, int B, const int8_t *q, const float *qs, float *y, int acc) {
+    const int8_t *W = (const int8_t *)L->w;
+    for (int b = 0; b < B; b++)
+        for (int r = 0; r < L->n; r++) {
+            const int8_t *w = W + (size_t)r * L->k, *xb = q + (size_t)b * L->k;
+            int32_t s = 0;
+            for (int j = 0; j < L->k; j++) s += (int32_t)w[j] * xb[j];
+            float v = (float)s * L->scale[r] * qs[b];
+            if (L->bias) v += L->bias[r];
+            y[(size_t)b * L->n + r] = acc ? y[(size_t)b * L->n + r] + v : v;
+        }
+}
+
+#ifdef AURL_X86
+__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) static inline int32_t hsum256i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* fp32 weights, k a multiple of 8: four weight rows at a time, each row against every batch row
+ * while the four rows are in L1 */
+__attribute__((target("avx2,fma"))) static void lin_f32_avx2(const Lin *L, int B, const float *x,
+                                                              float *y, int acc) {
+    const float *W = (const float *)L->w;
+    const int n = L->n, k = L->k;
+    int r = 0;
+    for (; r + 4 <= n; r += 4) {
+        const float *w0 = W + (size_t)r * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+        for (int b = 0; b < B; b++) {
+            const float *xb = x + (size_t)b * k;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int j = 0; j < k; j += 8) {
+                _mm_prefetch((const char *)w0 + PREFETCH + 16 * j, _MM_HINT_T0);
+                _mm_prefetch((const char *)w0 + PREFETCH + 16 * j + 64, _MM_HINT_T0);
+                __m256 xv = _mm256_loadu_ps(xb + j);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), xv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), xv, a3);
+            }
+            float s[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+            float *yb = y + (size_t)b * n + r;
+            for (int i = 0; i < 4; i++) {
+                float v = s[i] + (L->bias ? L->bias[r + i] : 0.f);
+                yb[i] = acc ? yb[i] + v : v;
+            }
+        }
+    }
+    for (; r < n; r++)
+        for (int b = 0; b < B; b++) {
+            const float *w = W + (size_t)r * k, *xb = x + (size_t)b * k;
+            __m256 a = _mm256_setzero_ps();
+            for (int j = 0; j < k; j += 8)
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(xb + j), a);
+            float v = hsum256(a) + (L->bias ? L->bias[r] : 0.f);
+            y[(size_t)b * n + r] = acc ? y[(size_t)b * n + r] + v : v;
+        }
+}
+
+/* int8 weights x int8 activations, k a multiple of 32. VPMADDUBSW takes unsigned x signed
+ * bytes: |x| as the unsigned side and w with x's sign as the signed one (VPSIGNB), so each
+ * pair sums at most 2 * 127 * 127 < 2^15 (no saturation: neither side is ever -128). */
+__attribute__((target("avx2,fma"))) static void lin_s8_avx2(const Lin *L, int B, const int8_t *q,
+                                                             const float *qs, float *y, int acc) {
+    const int8_t *W = (const int8_t *)L->w;
+    const int n = L->n, k = L->k;
+    const __m256i ones = _mm256_set1_epi16(1);
+    int r = 0;
+    for (; r + 4 <= n; r += 4) {
+        const int8_t *w0 = W + (size_t)r * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+        for (int b = 0; b < B; b++) {
+            const int8_t *xb = q + (size_t)b * k;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            for (int j = 0; j < k; j += 32) {
+                /* the four rows are one contiguous block read 128 bytes per iteration: fetch
+                 * the block's bytes PREFETCH ahead (the hardware prefetcher alone, on four
+                 * interleaved streams, keeps too few reads in flight from DRAM) */
+                _mm_prefetch((const char *)(w0 + PREFETCH + 4 * j), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w0 + PREFETCH + 4 * j + 64), _MM_HINT_T0);
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xb + j));
+                __m256i ax = _mm256_sign_epi8(xv, xv);
+#define AURL_DOT(a, w)                                                                        \
+    a = _mm256_add_epi32(                                                                     \
+        a, _mm256_madd_epi16(                                                                 \
+               _mm256_maddubs_epi16(                                                          \
+                   ax, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)((w) + j)), xv)), \
+               ones))
+                AURL_DOT(a0, w0);
+                AURL_DOT(a1, w1);
+                AURL_DOT(a2, w2);
+                AURL_DOT(a3, w3);
+            }
+            int32_t s[4] = {hsum256i(a0), hsum256i(a1), hsum256i(a2), hsum256i(a3)};
+            float *yb = y + (size_t)b * n + r;
+            for (int i = 0; i < 4; i++) {
+                float v = (float)s[i] * L->scale[r + i] * qs[b] + (L->bias ? L->bias[r + i] : 0.f);
+                yb[i] = acc ? yb[i] + v : v;
+            }
+        }
+    }
+    for (; r < n; r++) {
+        const int8_t *w0 = W + (size_t)r * k;
+        for (int b = 0; b < B; b++) {
+            const int8_t *xb = q + (size_t)b * k;
+            __m256i a0 = _mm256_setzero_si256();
+            for (int j = 0; j < k; j += 32) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xb + j));
+                __m256i ax = _mm256_sign_epi8(xv, xv);
+                AURL_DOT(a0, w0);
+            }
+            float v = (float)hsum256i(a0) * L->scale[r] * qs[b] + (L->bias ? L->bias[r] : 0.f);
+            y[(size_t)b * n + r] = acc ? y[(size_t)b * n + r] + v : v;
+        }
+    }
+#undef AURL_DOT
+}
+#endif
+
+/* y (B, n) (=|+=) x (B, k) @ W^T + bias; qbuf: B * k int8 scratch, qs: B floats */
+static void linear(const Lin *L, int B, const float *x, float *y, int acc, int8_t *qbuf,
+                   float *qs) {
+    if (L->kind == LIN_S8) {
+        for (int b = 0; b < B; b++)
+            qs[b] = quantize_row(x + (size_t)b * L->k, L->k, qbuf + (size_t)b * L->k);
+#ifdef AURL_X86
+        if (use_avx2() && L->k % 32 == 0) {
+            lin_s8_avx2(L, B, qbuf, qs, y, acc);
+            return;
+        }
+#endif
+        lin_s8_c(L, B, qbuf, qs, y, acc);
+        return;
+    }
+#ifdef AURL_X86
+    if (use_avx2() && L->k % 8 == 0) {
+        lin_f32_avx2(L, B, x, y, acc);
+        return;
+    }
+#endif
+    lin_f32_c(L, B, x, y, acc);
+}
+
+/* ---- the rest of a block ----------------------------------------------------------------- */
+
+static void layer_norm(const float *x, const float *w, const float *b, int d, float *y) {
+    float mean = 0.f, var = 0.f;
+    for (int i = 0; i < d; i++) mean += x[i];
+    mean /= (float)d;
+    for (int i = 0; i < d; i++) {
+        float c = x[i] - mean;
+        var += c * c;
+    }
+    float inv = 1.f / sqrtf(var / (float)d + 1e-5f);
+    for (int i = 0; i < d; i++) y[i] = (x[i] - mean) * inv * w[i] + b[i];
+}
+
+#ifdef AURL_X86
+/* e^x for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+ * (relative error < 2e-7 on [-87, 88]; inputs clamped there) */
+__attribute__((target("avx2,fma"))) static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* tanh-GELU as x * sigmoid(2u) = x / (1 + e^(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3) */
+__attribute__((target("avx2,fma"))) static void gelu_tanh_avx2(float *x, int n) {
+    const __m256 c2 = _mm256_set1_ps(-2.f * 0.7978845608028654f), k = _mm256_set1_ps(0.044715f);
+    const __m256 one = _mm256_set1_ps(1.f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256 u = _mm256_mul_ps(c2, _mm256_fmadd_ps(_mm256_mul_ps(k, v), _mm256_mul_ps(v, v), v));
+        _mm256_storeu_ps(x + i, _mm256_div_ps(v, _mm256_add_ps(one, exp256(u))));
+    }
+    for (; i < n; i++) {
+        float v = x[i];
+        x[i] = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    }
+}
+#endif
+
+static void gelu_tanh(float *x, int n) {
+#ifdef AURL_X86
+    if (use_avx2()) {
+        gelu_tanh_avx2(x, n);
+        return;
+    }
+#endif
+    const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+    for (int i = 0; i < n; i++) {
+        float v = x[i];
+        x[i] = 0.5f * v * (1.f + tanhf(c * (v + 0.044715f * v * v * v)));
+    }
+}
+
+/* half-rotation rotary of one head's vector at table row p */
+static void rotate(float *x, const float *cs, const float *sn, int half) {
+    for (int i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cs[i] - b * sn[i];
+        x[i + half] = b * cs[i] + a * sn[i];
+    }
+}
+
+#ifdef AURL_X86
+__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+    }
+    float s = hsum256(_mm256_add_ps(s0, s1));
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+__attribute__((target("avx2,fma"))) static void axpy_avx2(float a, const float *x, float *y,
+                                                           int n) {
+    __m256 av = _mm256_set1_ps(a);
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+    for (; j < n; j++) y[j] += a * x[j];
+}
+#endif
+
+static float dot(const float *a, const float *b, int n) {
+#ifdef AURL_X86
+    if (use_avx2()) return dot_avx2(a, b, n);
+#endif
+    float s = 0.f;
+    for (int j = 0; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+static void axpy(float a, const float *x, float *y, int n) {
+#ifdef AURL_X86
+    if (use_avx2()) {
+        axpy_avx2(a, x, y, n);
+        return;
+    }
+#endif
+    for (int j = 0; j < n; j++) y[j] += a * x[j];
+}
+
+/* the cache rows PREFETCH bytes after row t of hd floats, one line per 64 bytes */
+#ifdef AURL_X86
+#define PREFETCH_ROWS(base, t, hd)                                                    \
+    for (int c_ = 0; c_ < (hd) * 4; c_ += 64)                                         \
+        _mm_prefetch((const char *)((base) + (size_t)(t) * (hd)) + PREFETCH + c_, _MM_HINT_T0)
+#else
+#define PREFETCH_ROWS(base, t, hd)
+#endif
+
+#ifdef AURL_X86
+/* softmax(q . K[0..n) * scale) . V[0..n) for one 64-wide head: q and the output accumulators
+ * live in registers; the scores of 8 keys at a time reduced in one transpose of sums */
+__attribute__((target("avx2,fma"))) static void head64_avx2(const float *q, const float *K,
+                                                             const float *V, int n, float scale,
+                                                             float *scores, float *out) {
+    __m256 q0 = _mm256_loadu_ps(q), q1 = _mm256_loadu_ps(q + 8), q2 = _mm256_loadu_ps(q + 16),
+           q3 = _mm256_loadu_ps(q + 24), q4 = _mm256_loadu_ps(q + 32), q5 = _mm256_loadu_ps(q + 40),
+           q6 = _mm256_loadu_ps(q + 48), q7 = _mm256_loadu_ps(q + 56);
+    const __m256 sc = _mm256_set1_ps(scale);
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+#define ROWDOT(r)                                                                              \
+    _mm256_fmadd_ps(q7, _mm256_loadu_ps((r) + 56), _mm256_fmadd_ps(q6, _mm256_loadu_ps((r) + 48), \
+    _mm256_fmadd_ps(q5, _mm256_loadu_ps((r) + 40), _mm256_fmadd_ps(q4, _mm256_loadu_ps((r) + 32), \
+    _mm256_add_ps(_mm256_fmadd_ps(q3, _mm256_loadu_ps((r) + 24), _mm256_fmadd_ps(q2,            \
+    _mm256_loadu_ps((r) + 16), _mm256_mul_ps(q1, _mm256_loadu_ps((r) + 8)))),                    \
+    _mm256_mul_ps(q0, _mm256_loadu_ps(r)))))))
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const float *r = K + (size_t)t * 64;
+        for (int c = 0; c < 8 * 256; c += 64) _mm_prefetch((const char *)r + PREFETCH + c, _MM_HINT_T0);
+        __m256 a0 = ROWDOT(r), a1 = ROWDOT(r + 64), a2 = ROWDOT(r + 128), a3 = ROWDOT(r + 192),
+               a4 = ROWDOT(r + 256), a5 = ROWDOT(r + 320), a6 = ROWDOT(r + 384),
+               a7 = ROWDOT(r + 448);
+        /* 8 vectors -> the vector of their 8 sums */
+        __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+        __m256 h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
+        __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+        __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20);
+        __m256 hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+        __m256 s = _mm256_mul_ps(_mm256_add_ps(lo, hi), sc);
+        _mm256_storeu_ps(scores + t, s);
+        mx = _mm256_max_ps(mx, s);
+    }
+    float m = -INFINITY, tmp[8];
+    _mm256_storeu_ps(tmp, mx);
+    for (int i = 0; i < 8; i++) m = tmp[i] > m ? tmp[i] : m;
+    for (; t < n; t++) {
+        float s = hsum256(ROWDOT(K + (size_t)t * 64)) * scale;
+        scores[t] = s;
+        m = s > m ? s : m;
+    }
+#undef ROWDOT
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum8 = _mm256_setzero_ps();
+    t = 0;
+    for (; t + 8 <= n; t += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + t), mv));
+        _mm256_storeu_ps(scores + t, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float sum = hsum256(sum8);
+    for (; t < n; t++) {
+        scores[t] = expf(scores[t] - m);
+        sum += scores[t];
+    }
+    __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, o4 = o0, o5 = o0, o6 = o0, o7 = o0;
+    for (t = 0; t < n; t++) {
+        const float *r = V + (size_t)t * 64;
+        _mm_prefetch((const char *)r + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)r + PREFETCH + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)r + PREFETCH + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)r + PREFETCH + 192, _MM_HINT_T0);
+        __m256 p = _mm256_broadcast_ss(scores + t);
+        o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r), o0);
+        o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 8), o1);
+        o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 16), o2);
+        o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 24), o3);
+        o4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 32), o4);
+        o5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 40), o5);
+        o6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 48), o6);
+        o7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 56), o7);
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
+    _mm256_storeu_ps(out, _mm256_mul_ps(o0, inv));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(o1, inv));
+    _mm256_storeu_ps(out + 16, _mm256_mul_ps(o2, inv));
+    _mm256_storeu_ps(out + 24, _mm256_mul_ps(o3, inv));
+    _mm256_storeu_ps(out + 32, _mm256_mul_ps(o4, inv));
+    _mm256_storeu_ps(out + 40, _mm256_mul_ps(o5, inv));
+    _mm256_storeu_ps(out + 48, _mm256_mul_ps(o6, inv));
+    _mm256_storeu_ps(out + 56, _mm256_mul_ps(o7, inv));
+}
+#endif
+
+/* attention of one token (row b, all heads) at position pos over the cache's 0..pos.
+ * qkv: (3 * d) the projection (q and k rotated here, k and v written into the cache);
+ * kc, vc: (B, H, cap, hd); out: (d); scores: (pos + 1) scratch */
+static void attend(const Model *m, float *qkv, float *kc, float *vc, int b, int cap, int pos,
+                   float *out, float *scores) {
+    const int H = m->heads, hd = m->head_dim, d = m->d, half = hd / 2;
+    const float *cs = m->cos + (size_t)pos * half, *sn = m->sin + (size_t)pos * half;
+    const float scale = 1.f / sqrtf((float)hd);
+    for (int h = 0; h < H; h++) {
+        float *q = qkv + h * hd, *k = qkv + d + h * hd, *v = qkv + 2 * d + h * hd;
+        rotate(q, cs, sn, half);
+        rotate(k, cs, sn, half);
+        size_t base = ((size_t)b * H + h) * cap * hd;
+        float *K = kc + base, *V = vc + base;
+        memcpy(K + (size_t)pos * hd, k, sizeof(float) * hd);
+        memcpy(V + (size_t)pos * hd, v, sizeof(float) * hd);
+#ifdef AURL_X86
+        if (hd == 64 && use_avx2()) {
+            head64_avx2(q, K, V, pos + 1, scale, scores, out + h * hd);
+            continue;
+        }
+#endif
+        float mx = -INFINITY;
+        for (int t = 0; t <= pos; t++) {
+            PREFETCH_ROWS(K, t, hd);
+            float s = dot(q, K + (size_t)t * hd, hd) * scale;
+            scores[t] = s;
+            mx = s > mx ? s : mx;
+        }
+        float sum = 0.f;
+        for (int t = 0; t <= pos; t++) {
+            scores[t] = expf(scores[t] - mx);
+            sum += scores[t];
+        }
+        float *o = out + h * hd, inv = 1.f / sum;
+        memset(o, 0, sizeof(float) * hd);
+        for (int t = 0; t <= pos; t++) {
+            PREFETCH_ROWS(V, t, hd);
+            axpy(scores[t] * inv, V + (size_t)t * hd, o, hd);
+        }
+    }
+}
+
+/* Scratch floats aurl_step needs for B rows and a cache of cap positions. */
+int64_t aurl_scratch_floats(const Model *m, int B, int cap) {
+    int64_t d = m->d, wide = m->ff > 3 * d ? m->ff : 3 * d;
+    return (int64_t)B * (2 * d + wide) + cap + B;
+}
+
+/* Scratch int8 bytes aurl_step needs for B rows. */
+int64_t aurl_scratch_bytes(const Model *m, int B) {
+    int64_t k = m->ff > m->d ? m->ff : m->d;
+    return (int64_t)B * k;
+}
+
+/* One token for each of B rows at cache position pos: x (B, d) the summed input embeddings
+ * (overwritten: the residual stream), kc[i], vc[i] each layer's (B, H, cap, hd) cache,
+ * logits (B, vocab) out. Returns 0, or -1 on arguments out of range. */
+int aurl_step(const Model *m, int B, float *x, float *const *kc, float *const *vc, int cap,
+              int pos, float *logits, float *scratch, int8_t *qbuf) {
+    if (B < 1 || pos < 0 || pos >= cap || pos >= m->rot_len || m->head_dim % 2) return -1;
+    const int d = m->d;
+    int wide = m->ff > 3 * d ? m->ff : 3 * d;
+    float *h = scratch, *att = h + (size_t)B * d, *big = att + (size_t)B * d;
+    float *scores = big + (size_t)B * wide, *qs = scores + cap;
+    for (int l = 0; l < m->layers; l++) {
+        const Layer *L = m->layer + l;
+        for (int b = 0; b < B; b++)
+            layer_norm(x + (size_t)b * d, L->ln1_w, L->ln1_b, d, h + (size_t)b * d);
+        linear(&L->qkv, B, h, big, 0, qbuf, qs);
+        for (int b = 0; b < B; b++)
+            attend(m, big + (size_t)b * 3 * d, kc[l], vc[l], b, cap, pos, att + (size_t)b * d,
+                   scores);
+        linear(&L->proj, B, att, x, 1, qbuf, qs);
+        for (int b = 0; b < B; b++)
+            layer_norm(x + (size_t)b * d, L->ln2_w, L->ln2_b, d, h + (size_t)b * d);
+        linear(&L->fc, B, h, big, 0, qbuf, qs);
+        gelu_tanh(big, B * m->ff);
+        linear(&L->out, B, big, x, 1, qbuf, qs);
+    }
+    for (int b = 0; b < B; b++)
+        layer_norm(x + (size_t)b * d, m->lnf_w, m->lnf_b, d, h + (size_t)b * d);
+    linear(&m->head, B, h, logits, 0, qbuf, qs);
+    return 0;
+}
+
+/* Which kernels this process runs: 1 AVX2 + FMA, 0 portable C. */
+int aurl_kernels(void) { return use_avx2(); }
+
+/* Choose the kernels: 0 portable C, 1 AVX2 + FMA where the CPU has them (the tests hold the
+ * two paths to the same logits). Returns the kernels now in use. */
+int aurl_set_kernels(int avx2) {
+    have_avx2 = -1;
+    int can = use_avx2();
+    have_avx2 = avx2 && can;
+    return have_avx2;
+}
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_native",
+    "The native engine's decode step (C functions called through ctypes: "
+    "aurl.engines.native_engine).",
+    -1, NULL, NULL, 0, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,447 @@
+"""The native engine: Aurl's own decode step in C (:file:`_native.c`), numpy around it, no torch
+and no onnxruntime.
+
+It reads a model folder (``config.json`` + ``model.safetensors``: a shipped model or a
+checkpoint's ``model/``) directly, quantizes the blocks' and the head's weights to int8 per
+output row when it loads them (or keeps them fp32: ``weights="fp32"``), and steps one token for
+every row of the batch per C call: all blocks, the final norm and the tied head. The input
+embedding (token, musical time, meter, grammar features, style) is summed in numpy from the same
+per-token inputs the onnx engine feeds its graph (:mod:`aurl.engines.features`).
+
+Why: at one token per step, onnxruntime's int8 MatMul and its GroupQueryAttention read weights
+and cache at 54-67% of what one core streams (BENCHMARKS.md, issue 17); here every weight row and
+every cached key and value row is one contiguous stream.
+
+Duck-typed like the model for the generation loop (:mod:`aurl.engines`): ``init_state``,
+``step`` (logits as numpy (B, T, V) float32), ``grammar_state``, ``reorder``. Unlike the onnx
+export it takes the model's styles (``init_state(style=...)``).
+
+Supported: ``transformer`` mode with ``full`` attention, as the ONNX export (no latent
+conditioning, no windowed attention) and music ids only (no fill-in-the-middle sentinels or
+anticipation controls): :func:`check_supported` names what is not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aurl.config import ModelConfig, VocabConfig, build
+from aurl.data.vocab import Vocab
+from aurl.engines.features import Features, FeatureState
+from aurl.errors import CheckpointError, ConfigError
+from aurl.safetensors_io import read_arrays
+
+WEIGHTS = ("int8", "fp32")
+LIN_F32, LIN_S8 = 0, 1
+ROTARY_BASE = 10000.0  # aurl.models.layers.Rotary
+
+
+class _Lin(ctypes.Structure):
+    _fields_ = [
+        ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+        ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("kind", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+    ]  # fmt: skip
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p), ("ln2_w", ctypes.c_void_p),
+        ("ln2_b", ctypes.c_void_p), ("qkv", _Lin), ("proj", _Lin), ("fc", _Lin), ("out", _Lin),
+    ]  # fmt: skip
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("d", ctypes.c_int32), ("heads", ctypes.c_int32), ("head_dim", ctypes.c_int32),
+        ("ff", ctypes.c_int32), ("vocab", ctypes.c_int32), ("layers", ctypes.c_int32),
+        ("layer", ctypes.POINTER(_Layer)), ("lnf_w", ctypes.c_void_p), ("lnf_b", ctypes.c_void_p),
+        ("head", _Lin), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+        ("rot_len", ctypes.c_int32), ("pad", ctypes.c_int32),
+    ]  # fmt: skip
+
+
+_LIB: Any = None
+
+
+def load_library() -> Any:
+    """The compiled step (``aurl.engines._native``) through ctypes, or a :class:`ConfigError`
+    saying how to build it."""
+    global _LIB
+    if _LIB is not None:
+        return _LIB
+    try:
+        spec = importlib.util.find_spec("aurl.engines._native")
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+        spec = None
+    if spec is None or not spec.origin:
+        raise ConfigError(
+            "--engine native needs Aurl's compiled step (aurl.engines._native), which this "
+            "installation lacks (no C compiler when it was installed): install a C compiler "
+            "(apt-get install gcc) and reinstall Aurl, or use --engine onnx"
+        )
+    lib = ctypes.CDLL(spec.origin)
+    p, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.aurl_step.argtypes = [p, i32, p, p, p, i32, i32, p, p, p]
+    lib.aurl_step.restype = i32
+    lib.aurl_scratch_floats.argtypes = [p, i32, i32]
+    lib.aurl_scratch_floats.restype = ctypes.c_int64
+    lib.aurl_scratch_bytes.argtypes = [p, i32]
+    lib.aurl_scratch_bytes.restype = ctypes.c_int64
+    lib.aurl_kernels.argtypes = []
+    lib.aurl_kernels.restype = i32
+    lib.aurl_set_kernels.argtypes = [i32]
+    lib.aurl_set_kernels.restype = i32
+    _LIB = lib
+    return lib
+
+
+def kernels() -> str:
+    """Which kernels the step runs on this CPU: ``avx2`` or ``portable``."""
+    return "avx2" if load_library().aurl_kernels() else "portable"
+
+
+def set_kernels(name: str) -> str:
+    """Run the step on ``avx2`` kernels (where the CPU has AVX2 and FMA) or the ``portable``
+    C ones (what other CPUs run); returns the kernels now in use."""
+    if name not in ("avx2", "portable"):
+        raise ValueError(f"kernels are 'avx2' or 'portable', not {name!r}")
+    return "avx2" if load_library().aurl_set_kernels(int(name == "avx2")) else "portable"
+
+
+def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` (n, k) -> int8 (n, k) and float32 scales (n,) with ``w ~ q * scale[:, None]``:
+    symmetric, one scale per output row (a zero row gets scale 0)."""
+    w = np.asarray(w, dtype=np.float32)
+    m = np.abs(w).max(axis=1)
+    scale = (m / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.rint(w / safe[:, None]).clip(-127, 127).astype(np.int8)
+    return q, scale
+
+
+def check_supported(config: ModelConfig, where: str = "the model") -> None:
+    """Raise :class:`ConfigError` naming the setting of ``config`` the native engine lacks."""
+    if config.mode != "transformer":
+        raise ConfigError(
+            f"--engine native runs model.mode 'transformer'; {where} is {config.mode!r} (latent "
+            "conditioning): use --engine torch"
+        )
+    if config.attention != "full":
+        raise ConfigError(
+            f"--engine native runs model.attention 'full'; {where} uses {config.attention!r}: "
+            "use --engine torch"
+        )
+    if config.fim or config.anticipation:
+        what = "model.fim" if config.fim else "model.anticipation"
+        raise ConfigError(
+            f"--engine native runs music ids only; {where} has {what} (ids above the "
+            "vocabulary): use --engine torch"
+        )
+
+
+def read_model_folder(folder: str | Path) -> tuple[ModelConfig, VocabConfig, dict]:
+    """The model config, vocab config and weights (numpy) of a model folder.
+
+    Raises:
+        CheckpointError: not a model folder, or a damaged config or weights file.
+    """
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} does not exist: --engine native reads a model folder (config.json and "
+            "model.safetensors: a checkpoint's model/ or a shipped model)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged: {e}") from None
+    if meta.get("format") != "aurl-model":
+        raise CheckpointError(
+            f"{path} is not an Aurl model folder (format {meta.get('format')!r}, expected "
+            "'aurl-model'); for an ONNX export use --engine onnx"
+        )
+    try:
+        model = build(ModelConfig, meta.get("model", {}), prefix="model")
+        vocab = build(VocabConfig, meta.get("vocab", {}), prefix="vocab")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model, vocab, read_arrays(folder / "model.safetensors")
+
+
+@dataclass
+class NativeState:
+    """The decode state of the native engine."""
+
+    keys: list[np.ndarray]  # per layer (B, H, capacity, hd) float32, rotated keys
+    values: list[np.ndarray]  # per layer (B, H, capacity, hd) float32
+    features: FeatureState
+    capacity: int
+    style: np.ndarray | None = None  # (B,) style ids, -1: none
+    pos: int = 0
+    inputs: dict[str, np.ndarray] | None = None  # one-token inputs, refilled in place
+    pointers: Any = field(default=None, repr=False)  # the caches' addresses for the C step
+
+    @property
+    def grammar(self) -> Any:
+        return self.features.grammar
+
+
+class NativeEngine:
+    """A model folder on Aurl's own C decode step.
+
+    Args:
+        folder: a model folder (``config.json`` + ``model.safetensors``).
+        weights: ``int8`` (the blocks' and the head's weights quantized per output row; the
+            embeddings stay float32) or ``fp32``.
+
+    Raises:
+        CheckpointError: not a model folder, damaged, or weights that do not fit the config.
+        ConfigError: the compiled step is missing, or the model has a feature the engine lacks
+            (:func:`check_supported`).
+    """
+
+    numpy = True
+    takes_style = True  # init_state(style=...): the model's style embedding
+
+    def __init__(self, folder: str | Path, *, weights: str = "int8") -> None:
+        if weights not in WEIGHTS:
+            raise ConfigError(
+                f"native weights must be one of {', '.join(WEIGHTS)}, not {weights!r}"
+            )
+        self.lib = load_library()
+        self.folder, self.weights = Path(folder), weights
+        self.config, self.vocab_config, tensors = read_model_folder(folder)
+        check_supported(self.config, where=str(self.folder))
+        self.vocab = Vocab(self.vocab_config)
+        self.device = "cpu"
+        c = self.config
+        self.features = Features(
+            self.vocab, musical_time=c.musical_position, grammar_features=c.grammar_features,
+            meter=c.meter,
+        )  # fmt: skip
+        try:
+            self._load(tensors)
+        except KeyError as e:
+            raise CheckpointError(
+                f"{self.folder / 'model.safetensors'} lacks the tensor {e.args[0]!r} its "
+                "config.json implies: the folder mixes models"
+            ) from None
+        self._scratch: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    # -- weights --------------------------------------------------------------------------
+
+    def _f32(self, t: dict, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        a = np.ascontiguousarray(t[name], dtype=np.float32)
+        if a.shape != shape:
+            raise CheckpointError(
+                f"{self.folder / 'model.safetensors'}: {name} is {list(a.shape)}, its "
+                f"config.json implies {list(shape)}: the folder mixes models"
+            )
+        self._keep.append(a)
+        return a
+
+    def _lin(self, t: dict, name: str, n: int, k: int, bias: bool = True) -> _Lin:
+        w = self._f32(t, f"{name}.weight", (n, k))
+        b = self._f32(t, f"{name}.bias", (n,)).ctypes.data if bias else None
+        if self.weights == "int8":
+            q, scale = quantize_rows(w)
+            self._keep += [q, scale]
+            return _Lin(q.ctypes.data, scale.ctypes.data, b, n, k, LIN_S8, 0)
+        return _Lin(w.ctypes.data, None, b, n, k, LIN_F32, 0)
+
+    def _load(self, t: dict) -> None:
+        c, V = self.config, self.vocab.size
+        D, H, F = c.d_model, c.n_heads, c.ff_mult * c.d_model
+        hd = D // H
+        self._keep: list[np.ndarray] = []  # every array the C structures point into
+        f = self._f32
+        self.embed = f(t, "embed.weight", (V, D))
+        self.tables: dict[str, np.ndarray] = {}
+        if c.musical_position:
+            for name in ("phase", "beat", "tempo") + (("meter",) if c.meter else ()):
+                self.tables[name] = np.ascontiguousarray(t[f"time.{name}.weight"], np.float32)
+        if c.grammar_features:
+            P = self.vocab.n_pitches
+            g = "grammar_features"
+            self.sounding_t = np.ascontiguousarray(f(t, f"{g}.sounding.weight", (D, P)).T)
+            self.age_t = np.ascontiguousarray(f(t, f"{g}.age.weight", (D, P)).T)
+            self.tables["family"] = np.ascontiguousarray(t[f"{g}.family.weight"], np.float32)
+            vc = self.vocab_config
+            spb = vc.steps_per_beat if vc.time_unit == "beat" else 1.0 / (2.0 * vc.step_seconds)
+            self.beats_per_step = np.float32(1.0 / spb)
+        self.styles = tuple(c.styles)
+        self.style_table = f(t, "style.table.weight", (len(c.styles), D)) if c.styles else None
+        layers = (_Layer * c.n_layers)()
+        for i in range(c.n_layers):
+            p = f"blocks.{i}"
+            layers[i] = _Layer(
+                f(t, f"{p}.norm1.weight", (D,)).ctypes.data, f(t, f"{p}.norm1.bias", (D,)).ctypes.data,
+                f(t, f"{p}.norm2.weight", (D,)).ctypes.data, f(t, f"{p}.norm2.bias", (D,)).ctypes.data,
+                self._lin(t, f"{p}.attn.qkv", 3 * D, D), self._lin(t, f"{p}.attn.proj", D, D),
+                self._lin(t, f"{p}.ff.fc", F, D), self._lin(t, f"{p}.ff.proj", D, F),
+            )  # fmt: skip
+        # rotary tables as aurl.models.layers.Rotary computes them (float32 throughout)
+        inv = (1.0 / ROTARY_BASE ** (np.arange(0, hd, 2, dtype=np.float32) / hd)).astype(np.float32)
+        freqs = np.outer(np.arange(c.max_seq_len, dtype=np.float32), inv).astype(np.float32)
+        self._cos, self._sin = np.cos(freqs), np.sin(freqs)
+        self._layers = layers
+        self.model = _Model(
+            D, H, hd, F, V, c.n_layers, layers,
+            f(t, "norm.weight", (D,)).ctypes.data, f(t, "norm.bias", (D,)).ctypes.data,
+            self._lin(t, "embed", V, D, bias=False), self._cos.ctypes.data, self._sin.ctypes.data,
+            c.max_seq_len, 0,
+        )  # fmt: skip
+        self.heads, self.head_dim = H, hd
+
+    # -- the loop's calls -----------------------------------------------------------------
+
+    def init_state(
+        self,
+        batch_size: int,
+        *,
+        capacity: int | None = None,
+        history: np.ndarray | None = None,
+        latents: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        meter: np.ndarray | None = None,
+        style: Any = None,
+    ) -> NativeState:
+        """A fresh state for ``batch_size`` rows: ``history`` (B, n) sets the musical time and
+        grammar features without entering the cache; ``meter`` (B, 2) the time signatures;
+        ``style`` (B,) style ids of a model with styles (-1: none)."""
+        if latents is not None:
+            raise ConfigError("the native engine has no latent conditioning: use --engine torch")
+        feats = self.features.initial(batch_size, meter)
+        if history is not None and history.shape[1] > 0:
+            _, feats = self.features(np.asarray(history, dtype=np.int64), feats)
+        capacity = capacity or self.config.max_seq_len
+        if capacity > self.config.max_seq_len:  # the rotary tables end there
+            raise ValueError(
+                f"capacity {capacity} exceeds the model's context ({self.config.max_seq_len})"
+            )
+        if style is not None:
+            style = np.broadcast_to(np.asarray(style, dtype=np.int64), (batch_size,)).copy()
+            if self.style_table is None:
+                style = None  # as the model: a style given to a model without styles is ignored
+            elif (style >= len(self.styles)).any():
+                raise ConfigError(
+                    f"style id {int(style.max())} is not one of the model's {len(self.styles)} styles"
+                )
+        shape = (batch_size, self.heads, capacity, self.head_dim)
+        keys = [np.zeros(shape, np.float32) for _ in range(self.config.n_layers)]
+        values = [np.zeros(shape, np.float32) for _ in range(self.config.n_layers)]
+        return self._state(keys, values, feats, capacity, style, 0)
+
+    def _state(self, keys: list, values: list, feats: FeatureState, capacity: int,
+               style: np.ndarray | None, pos: int) -> NativeState:  # fmt: skip
+        n = len(keys)
+        ptrs = ((ctypes.c_void_p * n)(*[k.ctypes.data for k in keys]),
+                (ctypes.c_void_p * n)(*[v.ctypes.data for v in values]))  # fmt: skip
+        return NativeState(keys, values, feats, capacity, style, pos, pointers=ptrs)
+
+    def embed_inputs(self, feed: dict[str, np.ndarray], style: np.ndarray | None) -> np.ndarray:
+        """(B, T, D) float32: the summed input embeddings of the per-token inputs ``feed``
+        (:mod:`aurl.engines.features`), as the model's input layer."""
+        x = self.embed[feed["ids"]]
+        tb = self.tables
+        if "phase" in tb:
+            x += tb["phase"][feed["phase"]]
+            x += tb["beat"][feed["beat"]]
+            x += tb["tempo"][feed["tempo"]]
+            if "meter" in tb:
+                x += tb["meter"][feed["bar_beats"]][:, None]
+        if "family" in tb:
+            age = np.log1p(feed["age"] * self.beats_per_step)
+            x += feed["sounding"] @ self.sounding_t
+            x += age @ self.age_t
+            x += tb["family"][feed["family"]]
+        if style is not None:
+            known = style >= 0
+            x += (self.style_table[np.where(known, style, 0)] * known[:, None])[:, None]
+        return x
+
+    def _buffers(self, B: int, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = (B, capacity)
+        if key not in self._scratch:
+            m = ctypes.byref(self.model)
+            floats = np.empty(self.lib.aurl_scratch_floats(m, B, capacity), np.float32)
+            qbuf = np.empty(self.lib.aurl_scratch_bytes(m, B), np.int8)
+            logits = np.empty((B, self.vocab.size), np.float32)
+            self._scratch[key] = (floats, qbuf, logits)
+        return self._scratch[key]
+
+    def _run(self, x: np.ndarray, state: NativeState) -> np.ndarray:
+        """One token per row from its input embeddings ``x`` (B, D) float32, contiguous (the
+        C step overwrites it); returns the logits buffer (B, V) (reused: copy to keep)."""
+        B = x.shape[0]
+        floats, qbuf, logits = self._buffers(B, state.capacity)
+        keys, values = state.pointers
+        rc = self.lib.aurl_step(
+            ctypes.byref(self.model), B, x.ctypes.data, keys, values, state.capacity, state.pos,
+            logits.ctypes.data, floats.ctypes.data, qbuf.ctypes.data,
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(f"native step refused position {state.pos} of {state.capacity}")
+        state.pos += 1
+        return logits
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab.size):
+            bad = int(ids.max() if ids.max() >= self.vocab.size else ids.min())
+            raise ConfigError(
+                f"id {bad} is not one of the vocabulary's {self.vocab.size} music ids: the native "
+                "engine runs music ids only (use --engine torch)"
+            )
+
+    def step(self, ids: np.ndarray, state: NativeState, **_: Any) -> np.ndarray:
+        """Feed ``ids`` (B, T) after what ``state`` has seen; returns their logits (B, T, V)
+        float32 (a new array) and advances ``state`` in place."""
+        ids = np.asarray(ids, dtype=np.int64)
+        B, T = ids.shape
+        if state.pos + T > state.capacity:
+            raise ValueError(
+                f"decode state is full ({state.capacity} positions): start a new state"
+            )
+        self._check_ids(ids)
+        if T == 1:
+            fresh = state.inputs is None
+            if fresh:
+                state.inputs = self.features.buffers(B)
+            state.features = self.features.advance_into(
+                ids[:, 0], state.features, state.inputs, fresh=fresh
+            )
+            x = np.ascontiguousarray(self.embed_inputs(state.inputs, state.style)[:, 0])
+            return self._run(x, state)[:, None].copy()
+        feed, state.features = self.features(ids, state.features)
+        state.inputs = None  # the one-token buffers must be refilled whole
+        x = self.embed_inputs(feed, state.style)
+        out = np.empty((B, T, self.vocab.size), np.float32)
+        for j in range(T):
+            out[:, j] = self._run(np.ascontiguousarray(x[:, j]), state)
+        return out
+
+    def grammar_state(self, state: NativeState) -> Any:
+        """The grammar state after every token fed so far (numpy), or None without grammar
+        features."""
+        return state.features.grammar
+
+    def reorder(self, state: NativeState, rows: np.ndarray) -> NativeState:
+        """The state of rows ``rows`` (beam search)."""
+        keys = [np.ascontiguousarray(k[rows]) for k in state.keys]
+        values = [np.ascontiguousarray(v[rows]) for v in state.values]
+        style = state.style[rows] if state.style is not None else None
+        return self._state(
+            keys, values, state.features.take(rows), state.capacity, style, state.pos
+        )

@@ -1,0 +1,287 @@
+"""The native engine (Aurl's own C decode step): the torch model's logits in fp32, int8 within the
+issue's 0.02 bits/note, the portable kernels equal to the AVX2 ones, states that interleave and
+reorder, a generation that never imports torch or onnxruntime, and one line for every bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aurl.cli import main
+from aurl.cli.generate import SHIPPED
+from aurl.config import GenerationConfig
+from aurl.data.grammar import Grammar
+from aurl.data.meter import read_meter
+from aurl.data.tokenizer import Tokenizer
+from aurl.data.vocab import Kind
+from aurl.errors import CheckpointError, ConfigError
+from aurl.generation.generate import generate, make_masker
+
+native = pytest.importorskip("aurl.engines.native_engine")
+NativeEngine = native.NativeEngine
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+STYLES = SHIPPED / "styles"
+
+
+def _log_probs(z: np.ndarray) -> np.ndarray:
+    m = z.max(-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def _piece(engine, name: str = "bach_bwv269.mid", n: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    f = Path(__file__).resolve().parents[1] / "fixtures" / "midi" / name
+    ids = np.asarray(Tokenizer(engine.vocab_config).encode_file(f), dtype=np.int64)[:n]
+    return ids[None], np.array([read_meter(f)])
+
+
+def _native_logits(engine, ids, meter, style=None, prefill: int = 200) -> np.ndarray:
+    """Logits of ``ids`` through a prefill of ``prefill`` tokens, then one token per step."""
+    s = engine.init_state(1, capacity=512, meter=meter, style=style)
+    first = engine.step(ids[:, :prefill], s)
+    rest = [engine.step(ids[:, j : j + 1], s) for j in range(prefill, ids.shape[1])]
+    return np.concatenate([first, *rest], 1)
+
+
+@pytest.mark.parametrize("folder, style", [(SHIPPED, None), (STYLES, 2)], ids=["default", "styles"])
+def test_fp32_logits_equal_the_torch_model(folder, style) -> None:
+    """A real chorale through the prefill and 100 single steps: the log-probs equal the torch
+    model's to 1e-4 (measured 2e-5; the issue's bar for an engine in fp32), meter and style
+    included (the style model with style 2 of its five)."""
+    import torch
+
+    from aurl.models.pretrained import load_pretrained
+
+    model = load_pretrained(folder).float().eval()
+    engine = NativeEngine(folder, weights="fp32")
+    ids, meter = _piece(engine)
+    kw = {} if style is None else {"style": torch.tensor([style])}
+    with torch.no_grad():
+        st = model.init_state(1, capacity=512, meter=torch.as_tensor(meter), **kw)
+        want = [model.step(torch.as_tensor(ids[:, :200]), st)]
+        want += [model.step(torch.as_tensor(ids[:, j : j + 1]), st) for j in range(200, 300)]
+    want = torch.cat(want, 1).numpy()
+    got = _native_logits(engine, ids, meter, None if style is None else np.array([style]))
+    assert np.abs(_log_probs(got) - _log_probs(want)).max() < 1e-4
+
+
+def _bits_per_note(engine) -> float:
+    vocab = engine.vocab
+    bits = notes = 0.0
+    for f in sorted((Path(__file__).resolve().parents[1] / "fixtures" / "midi").glob("bach_*.mid")):
+        ids, meter = _piece(engine, f.name, 512)
+        z = engine.step(ids, engine.init_state(1, capacity=512, meter=meter))
+        bits -= np.take_along_axis(_log_probs(z)[0, :-1], ids[0, 1:, None], 1).sum() / np.log(2)
+        notes += int((vocab.kind[ids[0, 1:]] == Kind.NOTE_ON).sum())
+    return bits / notes
+
+
+def test_int8_bits_per_note_within_0_02_of_fp32() -> None:
+    """The issue's bar for int8 weights: bits per note within 0.02 of fp32 (the shipped model on
+    the four chorales of tests/fixtures; the whole test split is in BENCHMARKS.md)."""
+    fp32 = _bits_per_note(NativeEngine(SHIPPED, weights="fp32"))
+    int8 = _bits_per_note(NativeEngine(SHIPPED, weights="int8"))
+    assert abs(int8 - fp32) < 0.02
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_portable_kernels_equal_the_avx2_ones(weights) -> None:
+    """What CPUs without AVX2 (and ARM) run gives the AVX2 kernels' logits: fp32 to 1e-4;
+    int8 whose integer products are exact but whose activations round to int8 after GELUs
+    computed two ways, to 0.002 bits per token over the four chorales."""
+    if native.set_kernels("avx2") != "avx2":
+        pytest.skip("this CPU has no AVX2: only the portable kernels run here")
+    engine = NativeEngine(SHIPPED, weights=weights)
+    ids, meter = _piece(engine, n=160)
+    try:
+        fast = _native_logits(engine, ids, meter, prefill=80)
+        fast_bits = _bits_per_note(engine)
+        assert native.set_kernels("portable") == "portable"
+        slow = _native_logits(engine, ids, meter, prefill=80)
+        slow_bits = _bits_per_note(engine)
+    finally:
+        native.set_kernels("avx2")
+    if weights == "fp32":
+        assert np.abs(_log_probs(fast) - _log_probs(slow)).max() < 1e-4
+    assert abs(fast_bits - slow_bits) < 0.002
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_model, tmp_path_factory) -> Path:
+    return tiny_model.save_pretrained(tmp_path_factory.mktemp("tiny-native") / "model")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"key": "D minor", "key_strictness": 1.0, "pitch_low": 48, "pitch_high": 84},
+        {"tempo": 100.0, "instruments": (0, 5), "density": 2.0},
+        {"window": 24, "window_overlap": 8, "seconds": 6.0, "max_tokens": 1000},  # slides
+    ],
+)
+def test_greedy_pieces_equal_the_torch_engine(tiny_model, tiny_folder, overrides) -> None:
+    """The tiny model (16-wide heads: the generic attention path), greedy under constraints,
+    two rows: the same ids as the torch engine, through the prefill, the steps, the numpy
+    masker and the sliding window."""
+    cfg = GenerationConfig(**{"temperature": 0.0, "max_tokens": 96, "seed": 0, **overrides})
+    want = generate(tiny_model, cfg, num_samples=2)
+    engine = NativeEngine(tiny_folder, weights="fp32")
+    got = generate(engine, cfg, num_samples=2, masker=make_masker(engine.vocab, cfg, None))
+    for a, b in zip(want, got):
+        assert np.array_equal(a.ids, b.ids)
+
+
+def test_sampled_int8_pieces_are_valid_and_seeded() -> None:
+    engine = NativeEngine(SHIPPED)
+    cfg = GenerationConfig(max_tokens=120, top_p=0.9, seed=3)
+    first = generate(engine, cfg, num_samples=3)
+    again = generate(engine, cfg, num_samples=3)
+    grammar = Grammar(engine.vocab, cfg.polyphony_cap)
+    for a, b in zip(first, again):
+        assert np.array_equal(a.ids, b.ids)
+        assert grammar.count_violations(a.ids) == 0
+
+
+def test_rows_states_and_reorder_are_independent() -> None:
+    """Two rows in one batch, two states stepped in turn (sharing the engine's scratch), and
+    the batch's rows swapped mid-piece (each row's cache, features and inputs follow it):
+    every logit equals each piece decoded alone."""
+    engine = NativeEngine(SHIPPED, weights="fp32")
+    a, meter = _piece(engine, "bach_bwv269.mid", 90)
+    b, _ = _piece(engine, "bach_bwv347.mid", 90)
+    alone = [_native_logits(engine, x, meter, prefill=40)[0] for x in (a, b)]
+    s = engine.init_state(2, capacity=512, meter=np.repeat(meter, 2, 0))
+    s1, s2 = (engine.init_state(1, capacity=512, meter=meter) for _ in range(2))
+    rows = [engine.step(np.concatenate([a, b])[:, :40], s)]
+    one, two = [engine.step(a[:, :40], s1)], [engine.step(b[:, :40], s2)]
+    order = [0, 1]  # which piece each row decodes
+    for j in range(40, 90):
+        if j == 60:
+            s, order = engine.reorder(s, np.array([1, 0])), [1, 0]
+        out = engine.step(np.concatenate([(a, b)[p] for p in order])[:, j : j + 1], s)
+        rows.append(out[order])  # back in piece order
+        one.append(engine.step(a[:, j : j + 1], s1))
+        two.append(engine.step(b[:, j : j + 1], s2))
+    rows = np.concatenate(rows, 1)
+    for i, single in enumerate((one, two)):
+        assert np.abs(rows[i] - alone[i]).max() < 1e-4
+        assert np.abs(np.concatenate(single, 1)[0] - alone[i]).max() == 0
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )  # fmt: skip
+
+
+def test_cli_generation_never_imports_torch_or_onnxruntime(tmp_path) -> None:
+    """`aurl generate --engine native` with a style (the shipped style model, taken by
+    --style), a key and a meter, in a fresh process: MIDI files, and neither torch nor
+    onnxruntime ever imported."""
+    out = tmp_path / "pieces"
+    code = (
+        "import sys\nfrom aurl.cli import main\n"
+        f"rc = main(['generate', '--engine', 'native', '--out', {str(out)!r}, '--max-tokens', "
+        "'64', '--key', 'G major', '--num-samples', '2', '--meter', '3/4', '--style', 'folk'])\n"
+        "assert rc == 0\nprint('torch' in sys.modules, 'onnxruntime' in sys.modules)\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False False"
+    assert sorted(p.name for p in out.glob("*.mid")) == [
+        "sample_seed0_000.mid", "sample_seed0_001.mid",
+    ]  # fmt: skip
+
+
+def test_missing_compiled_step_is_one_line(tmp_path) -> None:
+    code = (
+        "import sys\nsys.modules['aurl.engines._native'] = None\nfrom aurl.cli import main\n"
+        f"sys.exit(main(['generate', '--engine', 'native', '--out', {str(tmp_path)!r}]))\n"
+    )
+    r = _run(code)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "install a C compiler" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, name",
+    [
+        (["--variations", "x.mid"], "--variations"),
+        (["--interpolate", "a.mid", "b.mid"], "--interpolate"),
+        (["--device", "cuda"], "--device"),
+        (["--adapter", "lora"], "--adapter"),
+    ],
+)
+def test_unsupported_flags_name_the_flag(tmp_path, capsys, flags, name) -> None:
+    assert main(["generate", "--engine", "native", "--out", str(tmp_path), *flags]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--engine native does not support {name}:" in lines[0]
+
+
+def _copy(tmp_path: Path, folder: Path = SHIPPED) -> Path:
+    out = tmp_path / "model"
+    out.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, out / name)
+    return out
+
+
+def _config(folder: Path, change) -> Path:
+    meta = json.loads((folder / "config.json").read_text())
+    change(meta)
+    (folder / "config.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "damage, error, message",
+    [
+        (lambda f: _config(f, lambda m: m["model"].update(d_model=128)), CheckpointError,
+         r"embed.weight is \[774, 256\], its config.json implies \[774, 128\]"),
+        (lambda f: _config(f, lambda m: m["model"].update(mode="vae")), ConfigError,
+         "model.mode 'transformer'"),
+        (lambda f: _config(f, lambda m: m["model"].update(attention="local")), ConfigError,
+         "model.attention 'full'"),
+        (lambda f: _config(f, lambda m: m.update(format="aurl-onnx")), CheckpointError,
+         "not an Aurl model folder"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"\x80\x04K\x01."), CheckpointError,
+         "pickle"),
+        (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:4000]),
+         CheckpointError, "truncated or damaged"),
+        (lambda f: (f / "config.json").write_text("{"), CheckpointError, "is damaged"),
+    ],
+)  # fmt: skip
+def test_bad_model_folders_are_refused(tmp_path, damage, error, message) -> None:
+    folder = _copy(tmp_path)
+    damage(folder)
+    with pytest.raises(error, match=message):
+        NativeEngine(folder)
+
+
+def test_an_export_folder_is_one_line(tiny_export, tmp_path, capsys) -> None:
+    args = ["generate", "--engine", "native", "--checkpoint", str(tiny_export)]
+    assert main([*args, "--out", str(tmp_path)]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "is an ONNX export: --engine native reads a model folder" in lines[0]
+
+
+def test_ids_outside_the_vocabulary_and_a_full_state_are_refused() -> None:
+    engine = NativeEngine(SHIPPED)
+    s = engine.init_state(1, capacity=4)
+    with pytest.raises(ConfigError, match="id 774 is not one of the vocabulary's 774"):
+        engine.step(np.array([[774]]), s)
+    engine.step(np.array([[0, 5, 6, 7]]), s)
+    with pytest.raises(ValueError, match="decode state is full"):
+        engine.step(np.array([[5]]), s)
+    with pytest.raises(ConfigError, match="style id 9"):
+        NativeEngine(STYLES).init_state(1, style=np.array([9]))
