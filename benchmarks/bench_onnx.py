@@ -68,7 +68,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "aurl" / "pretrained"
-VARIANTS = ("hf", "torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8", "onnx-int4")
+VARIANTS = ("hf", "torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8", "onnx-int4",
+            "native-fp32", "native-int8")  # fmt: skip
 DEFAULT_VARIANTS = VARIANTS  # int4: `--engine onnx`'s default where the CPU has dot products
 LABELS = {
     "hf": "HF `generate` fp32",
@@ -77,6 +78,8 @@ LABELS = {
     "onnx-fp32": "onnxruntime fp32 (`--engine onnx --fp32`)",
     "onnx-int8": "onnxruntime int8 (`--engine onnx --int8`)",
     "onnx-int4": "onnxruntime int4 (`--engine onnx` on AVX2 / VNNI, MatMulNBits)",
+    "native-fp32": "Aurl's C step fp32 (`--engine native --fp32`)",
+    "native-int8": "Aurl's C step int8 (`--engine native`)",
 }
 
 
@@ -102,10 +105,12 @@ def torch_model(shape: str):
 
 
 def prepare(shape: str, folder: Path, int4: bool = False) -> None:
-    """The fp32 and int8 exports of the model (and the int4 one if ``int4``), once per run."""
+    """The fp32 and int8 exports of the model (and the int4 one if ``int4``), once per run, and
+    its model folder (``model/``: what the native engine reads)."""
     from aurl.models.onnx_export import export_onnx
 
     model = torch_model(shape)
+    model.save_pretrained(folder / "model")
     export_onnx(model, folder / "fp32")
     export_onnx(model, folder / "int8", int8=True)
     if int4:
@@ -184,6 +189,10 @@ def runner(variant: str, shape: str, tokens: int, threads: int, folder: Path):
         from aurl.engines.onnx_engine import OnnxEngine
 
         model = OnnxEngine(folder / variant.split("-")[1], threads=threads)
+    elif variant.startswith("native"):
+        from aurl.engines.native_engine import NativeEngine
+
+        model = NativeEngine(folder / "model", weights=variant.split("-")[1])
     else:
         import torch
 
@@ -325,7 +334,9 @@ def decode(args: argparse.Namespace, folder: Path, cpu: str, load: str) -> None:
         }  # fmt: skip
         print(f"| {LABELS[v]} | {wall_r:.0f} | {fmt_ratio(ratios['tokens_per_s'])} | "
               f"{cpu_r:.0f} | {fmt_ratio(ratios['tokens_per_cpu_s'])} | {cpu} |")  # fmt: skip
-    pairs = [("onnx-fp32", "onnx-int8"), ("torch-fp32", "torch-int8"), ("onnx-int8", "onnx-int4")]
+    pairs = [("onnx-fp32", "onnx-int8"), ("torch-fp32", "torch-int8"), ("onnx-int8", "onnx-int4"),
+             ("onnx-int4", "native-int8"), ("onnx-int8", "native-int8"),
+             ("onnx-fp32", "native-fp32")]  # fmt: skip
     for a_name, b_name in pairs:  # one precision against another of the same engine, piece by piece
         a_runs, b_runs = results.get(a_name), results.get(b_name)
         if a_runs and b_runs:
@@ -676,6 +687,10 @@ def parity(folder: Path, window: int) -> None:
     rows_out = {"PyTorch fp32": ref}
     for weights in [w for w in ("fp32", "int8", "int4") if (folder / w).is_dir()]:
         rows_out[f"onnxruntime {weights}"] = bits(OnnxEngine(folder / weights))
+    from aurl.engines.native_engine import NativeEngine
+
+    for weights in ("fp32", "int8"):
+        rows_out[f"Aurl's C step {weights}"] = bits(NativeEngine(SHIPPED, weights=weights))
     n = sum(len(x) for x in pieces)
     fp32 = rows_out.get("onnxruntime fp32", ref)
     print(f"bits/note, tune-grouped test split of the bundled chorales: {len(pieces)} pieces, "

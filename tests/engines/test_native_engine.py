@@ -216,6 +216,7 @@ def test_missing_compiled_step_is_one_line(tmp_path) -> None:
 @pytest.mark.parametrize(
     "flags, name",
     [
+        (["--beam", "3"], "--beam"),
         (["--variations", "x.mid"], "--variations"),
         (["--interpolate", "a.mid", "b.mid"], "--interpolate"),
         (["--device", "cuda"], "--device"),

@@ -497,6 +497,7 @@ def native_engine(args: argparse.Namespace):
     from aurl.errors import CheckpointError, ConfigError
 
     unsupported = {
+        "--beam": (args.beam or 1) > 1 and "beam search runs on --engine torch",
         "--variations": args.variations and "VAE latents run on --engine torch",
         "--interpolate": args.interpolate and "VAE latents run on --engine torch",
         "--device": args.device != "cpu" and "the native step runs on the CPU only",

@@ -7,16 +7,18 @@ grammar state after the tokens fed, when the engine keeps one, else None), plus 
 torch).
 
 - :class:`aurl.engines.torch_engine.TorchEngine` wraps a ``MusicTransformerVAEGAN``;
-- :class:`aurl.engines.onnx_engine.OnnxEngine` runs an ONNX export on onnxruntime, numpy only.
+- :class:`aurl.engines.onnx_engine.OnnxEngine` runs an ONNX export on onnxruntime, numpy only;
+- :class:`aurl.engines.native_engine.NativeEngine` runs a model folder on Aurl's own compiled
+  decode step (``_native.c``), numpy only, neither torch nor onnxruntime.
 
-This package imports neither torch nor onnxruntime at import time.
+This package imports neither torch, onnxruntime nor the compiled step at import time.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-ENGINES = ("torch", "onnx")
+ENGINES = ("torch", "onnx", "native")
 
 
 def as_engine(model: Any) -> Any:
