@@ -43,6 +43,24 @@ def test_generation_runs_without_the_torch_extra(tiny_export, tmp_path) -> None:
     assert (tmp_path / "pieces" / "sample_seed0_000.mid").stat().st_size > 100
 
 
+def test_native_generation_runs_without_the_torch_extra_or_onnxruntime(tmp_path) -> None:
+    """`aurl generate --engine native` on the shipped default with the [torch] extra's packages
+    and onnxruntime unimportable: the model folder is read by Aurl's own safetensors reader."""
+    code = (
+        BLOCK
+        + "sys.modules['onnxruntime'] = None\n"
+        + (
+            "from aurl.cli import main\n"
+            f"rc = main(['generate', '--engine', 'native', '--out', {str(tmp_path / 'pieces')!r}, "
+            "'--max-tokens', '48', '--key', 'D minor'])\n"
+            "print('rc', rc)\n"
+        )
+    )
+    r = _run(code, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "rc 0", r.stderr
+    assert (tmp_path / "pieces" / "sample_seed0_000.mid").stat().st_size > 100
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [
