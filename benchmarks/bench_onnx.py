@@ -172,6 +172,11 @@ def limit_rows(folder: Path, shape: str, tokens: int) -> list[str]:
         lines.append(f"{weights}: weights {w / 1e6:.1f} MB per token, with the cache "
                      f"{total / 1e6:.1f} MB: at most {read * 1e9 / total:.0f} tokens/s "
                      f"({read * 1e9 / w:.0f} from the weights alone)")  # fmt: skip
+    if (folder / "int8").is_dir():  # the native int8 engine: the same weights, a half-float cache
+        w = bytes_per_token(folder / "int8" / meta["graphs"]["decoder"])
+        total = w + kv / 2 * tokens / 2
+        lines.append(f"native int8 (keys and values in half floats): with the cache "
+                     f"{total / 1e6:.1f} MB: at most {read * 1e9 / total:.0f} tokens/s")  # fmt: skip
     return lines
 
 

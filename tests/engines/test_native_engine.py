@@ -114,6 +114,30 @@ def test_portable_kernels_equal_the_avx2_ones(weights) -> None:
     assert abs(fast_bits - slow_bits) < 0.002
 
 
+def test_half_cache_rounds_as_f16c() -> None:
+    """The int8 engine keeps keys and values as half floats: the portable conversion rounds as
+    the F16C instruction does (nearest even). Layer 0's keys and values of a prefill come from
+    the same floats on both paths (exact int8 products, shared norm and rotary), so they must
+    be equal bit for bit."""
+    if native.set_kernels("avx2") != "avx2":
+        pytest.skip("this CPU has no AVX2: only the portable kernels run here")
+    engine = NativeEngine(SHIPPED)
+    ids, meter = _piece(engine, n=200)
+    caches = []
+    try:
+        for kernels in ("avx2", "portable"):
+            native.set_kernels(kernels)
+            s = engine.init_state(1, capacity=256, meter=meter)
+            engine.step(ids, s)
+            caches.append((s.keys[0][:, :, :200].copy(), s.values[0][:, :, :200].copy()))
+    finally:
+        native.set_kernels("avx2")
+    (k1, v1), (k2, v2) = caches
+    assert k1.dtype == np.float16 and np.abs(k1).max() > 1
+    assert np.array_equal(k1.view(np.uint16), k2.view(np.uint16))
+    assert np.array_equal(v1.view(np.uint16), v2.view(np.uint16))
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tiny_model, tmp_path_factory) -> Path:
     return tiny_model.save_pretrained(tmp_path_factory.mktemp("tiny-native") / "model")
@@ -286,3 +310,33 @@ def test_ids_outside_the_vocabulary_and_a_full_state_are_refused() -> None:
         engine.step(np.array([[5]]), s)
     with pytest.raises(ConfigError, match="style id 9"):
         NativeEngine(STYLES).init_state(1, style=np.array([9]))
+
+
+def test_harmonize_on_the_native_engine_keeps_the_melody_without_torch(tmp_path) -> None:
+    """`aurl harmonize --engine native` (the shipped default, int8) in a fresh process: four
+    parts whose soprano is the given melody note for note, and neither torch nor onnxruntime
+    imported."""
+    import symusic
+
+    from aurl.data.notes import make_notes, notes_from_score
+    from aurl.generation.compose import melody_kept, parts_score
+    from aurl.generation.export import write_midi
+
+    melody = make_notes(list(range(8)), 1, [67, 69, 71, 72, 74, 72, 71, 67])
+    write_midi(parts_score([("Melody", melody)]), tmp_path / "m.mid")
+    out = tmp_path / "out"
+    code = (
+        "import sys\nfrom aurl.cli import main\n"
+        f"assert main(['harmonize', {str(tmp_path / 'm.mid')!r}, '--engine', 'native', "
+        f"'--out', {str(out)!r}]) == 0\n"
+        "print('torch' in sys.modules, 'onnxruntime' in sys.modules)\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False False"
+    score = symusic.Score(str(out / "m_harmonized_seed0_000.mid"))
+    assert sorted(t.name for t in score.tracks) == ["Alto", "Bass", "Soprano", "Tenor"]
+    soprano = next(t for t in score.tracks if t.name == "Soprano")
+    one = symusic.Score(score.tpq)
+    one.tracks.append(soprano.copy())
+    assert melody_kept(notes_from_score(one), melody) == 1.0

@@ -82,10 +82,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     engine = p.add_argument(
-        "--engine", choices=("torch", "onnx"), default="torch",
-        help="torch (default) or onnx: onnxruntime, about 3x less CPU per token; the model's "
+        "--engine", choices=("torch", "onnx", "native"), default="torch",
+        help="torch (default); onnx: onnxruntime, about 3x less CPU per token; the model's "
         "graphs are written once to ~/.cache/aurl/onnx (or give an export folder as "
-        "--checkpoint); their precision: %(default_precision)s, unless --int8 / --int4 / --fp32",
+        "--checkpoint); their precision: %(default_precision)s, unless --int8 / --int4 / --fp32; "
+        "native: Aurl's own compiled decode step on the model folder, int8 unless --fp32",
     )  # fmt: skip
     engine.default_precision = default_precision(COMPOSING_QUANTIZED)
     add_precision_arguments(
@@ -157,7 +158,8 @@ def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, An
     from aurl.config import MIN_TEMPERATURE
 
     flag = precision_flag(args)
-    if flag and args.engine != "onnx":
+    native_flag = args.engine == "native" and flag in ("--int8", "--fp32")
+    if flag and args.engine != "onnx" and not native_flag:
         raise ConfigError(f"{flag} chooses the onnx engine's graphs: add --engine onnx")
     checks.finite(args.temperature, "--temperature", least=MIN_TEMPERATURE, most=100)
     checks.count(args.num_samples, "--num-samples")
@@ -180,6 +182,12 @@ def _model(args: argparse.Namespace) -> Any:
 
     if getattr(args, "engine", "torch") == "onnx":
         return composing_model(_onnx_engine(args))
+    if getattr(args, "engine", "torch") == "native":
+        from aurl.cli.generate import model_folder
+        from aurl.engines.native_engine import NativeEngine
+
+        folder = model_folder(args.checkpoint, args.model)
+        return composing_model(NativeEngine(folder, weights="fp32" if args.fp32 else "int8"))
     import torch
 
     from aurl.cli.generate import load_model

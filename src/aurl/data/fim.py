@@ -41,9 +41,9 @@ allowed from ``MID`` to the end of the middle.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from aurl.data.grammar import Grammar, GrammarState
 from aurl.data.vocab import FIM_EOM as EOM
@@ -52,6 +52,9 @@ from aurl.data.vocab import FIM_PRE as PRE
 from aurl.data.vocab import FIM_SENTINELS as SENTINELS
 from aurl.data.vocab import FIM_SUF as SUF
 from aurl.data.vocab import PAD, Kind, Vocab
+
+if TYPE_CHECKING:  # torch is imported by the functions that use it: composing on a numpy
+    import torch  # engine imports this module without torch
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,8 @@ def draw_fim(
 def collate_fim(items: list[FimWindow], pad_id: int = PAD) -> dict[str, torch.Tensor]:
     """``fim_source`` (B, S) padded with PAD, ``fim_pos`` (B, T) -1 on padding, ``fim_middle``
     (B, T) bool, for ids (B, T) padded to the longest item."""
+    import torch
+
     T = max(len(w.ids) for w in items)
     S = max(len(w.source) for w in items)
     source = torch.full((len(items), S), pad_id, dtype=torch.long)
@@ -212,6 +217,8 @@ def fim_allowed(
         middle: (B, T) bool, where EOM may come next.
         state: The grammar state each source row starts from.
     """
+    import torch
+
     B, T = ids.shape
     V = grammar.vocab.size
     after = grammar.sequence_masks(source, state)  # (B, S, V): allowed after source[:, :s+1]

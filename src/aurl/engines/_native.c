@@ -1,7 +1,7 @@
 /* The native engine's decode step: one token for B rows through every block of the decoder,
- * int8 or fp32 weights, KV cache in fp32, in one call (aurl.engines.native_engine drives it
- * through ctypes; this file is built as the extension module aurl.engines._native, whose only
- * Python-visible content is the module itself).
+ * int8 weights with a KV cache of half floats, or fp32 weights and cache, in one call
+ * (aurl.engines.native_engine drives it through ctypes; this file is built as the extension
+ * module aurl.engines._native, whose only Python-visible content is the module itself).
  *
  * Why a step of our own: onnxruntime's int8 MatMul at one token runs its general GEMM kernel
  * over panels of the weights and reads them from DRAM at 54-67% of what one core can stream,
@@ -55,8 +55,10 @@ typedef struct {
     const float *lnf_w, *lnf_b;
     Lin head;
     const float *cos, *sin; /* (rot_len, head_dim / 2) */
-    int32_t rot_len, pad;
+    int32_t rot_len, kv_half; /* kv_half: the cache holds IEEE half floats, else floats */
 } Model;
+
+#define MAX_HEAD_DIM 512
 
 static int have_avx2 = -1;
 
@@ -64,12 +66,52 @@ static int use_avx2(void) {
 #ifdef AURL_X86
     if (have_avx2 < 0) {
         __builtin_cpu_init();
-        have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
     }
     return have_avx2;
 #else
     return 0;
 #endif
+}
+
+/* ---- half floats (the int8 engine's KV cache), portable: round to nearest even, as F16C -- */
+
+static uint16_t f2h(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, mant = x & 0x7fffff;
+    int32_t exp = (int32_t)((x >> 23) & 0xff);
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (mant ? 0x200 | (mant >> 13) : 0));
+    int32_t e = exp - 112; /* the half's biased exponent */
+    if (e >= 0x1f) return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) { /* a half subnormal, or zero */
+        if (e < -10) return (uint16_t)sign;
+        mant |= 0x800000;
+        uint32_t shift = (uint32_t)(14 - e), h = mant >> shift;
+        uint32_t rem = mant & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((uint32_t)e << 10) | (mant >> 13), rem = mant & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++; /* a carry into the exponent is right */
+    return (uint16_t)(sign | h);
+}
+
+static float h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, x;
+    float f;
+    if (e == 0) {
+        f = (float)m * 5.9604644775390625e-8f; /* m * 2^-24 */
+        memcpy(&x, &f, 4);
+        x |= sign;
+    } else if (e == 0x1f) {
+        x = sign | 0x7f800000 | (m << 13);
+    } else {
+        x = sign | ((e + 112) << 23) | (m << 13);
+    }
+    memcpy(&f, &x, 4);
+    return f;
 }
 
 /* ---- int8 activations ------------------------------------------------------------------- */
@@ -371,36 +413,48 @@ static void axpy(float a, const float *x, float *y, int n) {
     for (int j = 0; j < n; j++) y[j] += a * x[j];
 }
 
-/* the cache rows PREFETCH bytes after row t of hd floats, one line per 64 bytes */
+/* the bytes PREFETCH after the n bytes at p, one line per 64 bytes */
 #ifdef AURL_X86
-#define PREFETCH_ROWS(base, t, hd)                                                    \
-    for (int c_ = 0; c_ < (hd) * 4; c_ += 64)                                         \
-        _mm_prefetch((const char *)((base) + (size_t)(t) * (hd)) + PREFETCH + c_, _MM_HINT_T0)
+#define PREFETCH_BYTES(p, n)                                 \
+    for (size_t c_ = 0; c_ < (size_t)(n); c_ += 64)          \
+        _mm_prefetch((const char *)(p) + PREFETCH + c_, _MM_HINT_T0)
 #else
-#define PREFETCH_ROWS(base, t, hd)
+#define PREFETCH_BYTES(p, n)
 #endif
 
 #ifdef AURL_X86
 /* softmax(q . K[0..n) * scale) . V[0..n) for one 64-wide head: q and the output accumulators
  * live in registers; the scores of 8 keys at a time reduced in one transpose of sums */
-__attribute__((target("avx2,fma"))) static void head64_avx2(const float *q, const float *K,
-                                                             const float *V, int n, float scale,
-                                                             float *scores, float *out) {
+#define AVX2_F16 __attribute__((target("avx2,fma,f16c")))
+
+/* 8 cache values from element i of a float or half (``half``) row */
+AVX2_F16 static inline __attribute__((always_inline)) __m256 ld8(const void *p, size_t i,
+                                                                  int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+                : _mm256_loadu_ps((const float *)p + i);
+}
+
+AVX2_F16 static inline __attribute__((always_inline)) void head64_impl(
+    const float *q, const void *K, const void *V, int n, float scale, float *scores, float *out,
+    int half) {
+    const char *Kb = (const char *)K, *Vb = (const char *)V;
+    const size_t row = half ? 128 : 256; /* bytes per cached row */
     __m256 q0 = _mm256_loadu_ps(q), q1 = _mm256_loadu_ps(q + 8), q2 = _mm256_loadu_ps(q + 16),
            q3 = _mm256_loadu_ps(q + 24), q4 = _mm256_loadu_ps(q + 32), q5 = _mm256_loadu_ps(q + 40),
            q6 = _mm256_loadu_ps(q + 48), q7 = _mm256_loadu_ps(q + 56);
     const __m256 sc = _mm256_set1_ps(scale);
     __m256 mx = _mm256_set1_ps(-INFINITY);
-#define ROWDOT(r)                                                                              \
-    _mm256_fmadd_ps(q7, _mm256_loadu_ps((r) + 56), _mm256_fmadd_ps(q6, _mm256_loadu_ps((r) + 48), \
-    _mm256_fmadd_ps(q5, _mm256_loadu_ps((r) + 40), _mm256_fmadd_ps(q4, _mm256_loadu_ps((r) + 32), \
-    _mm256_add_ps(_mm256_fmadd_ps(q3, _mm256_loadu_ps((r) + 24), _mm256_fmadd_ps(q2,            \
-    _mm256_loadu_ps((r) + 16), _mm256_mul_ps(q1, _mm256_loadu_ps((r) + 8)))),                    \
-    _mm256_mul_ps(q0, _mm256_loadu_ps(r)))))))
+#define ROWDOT(r)                                                                            \
+    _mm256_fmadd_ps(q7, ld8(K, (r) + 56, half), _mm256_fmadd_ps(q6, ld8(K, (r) + 48, half),   \
+    _mm256_fmadd_ps(q5, ld8(K, (r) + 40, half), _mm256_fmadd_ps(q4, ld8(K, (r) + 32, half),   \
+    _mm256_add_ps(_mm256_fmadd_ps(q3, ld8(K, (r) + 24, half), _mm256_fmadd_ps(q2,             \
+    ld8(K, (r) + 16, half), _mm256_mul_ps(q1, ld8(K, (r) + 8, half)))),                       \
+    _mm256_mul_ps(q0, ld8(K, (r), half)))))))
     int t = 0;
     for (; t + 8 <= n; t += 8) {
-        const float *r = K + (size_t)t * 64;
-        for (int c = 0; c < 8 * 256; c += 64) _mm_prefetch((const char *)r + PREFETCH + c, _MM_HINT_T0);
+        const size_t r = (size_t)t * 64;
+        for (size_t c = 0; c < 8 * row; c += 64)
+            _mm_prefetch(Kb + t * row + PREFETCH + c, _MM_HINT_T0);
         __m256 a0 = ROWDOT(r), a1 = ROWDOT(r + 64), a2 = ROWDOT(r + 128), a3 = ROWDOT(r + 192),
                a4 = ROWDOT(r + 256), a5 = ROWDOT(r + 320), a6 = ROWDOT(r + 384),
                a7 = ROWDOT(r + 448);
@@ -418,7 +472,7 @@ __attribute__((target("avx2,fma"))) static void head64_avx2(const float *q, cons
     _mm256_storeu_ps(tmp, mx);
     for (int i = 0; i < 8; i++) m = tmp[i] > m ? tmp[i] : m;
     for (; t < n; t++) {
-        float s = hsum256(ROWDOT(K + (size_t)t * 64)) * scale;
+        float s = hsum256(ROWDOT((size_t)t * 64)) * scale;
         scores[t] = s;
         m = s > m ? s : m;
     }
@@ -438,20 +492,17 @@ __attribute__((target("avx2,fma"))) static void head64_avx2(const float *q, cons
     }
     __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, o4 = o0, o5 = o0, o6 = o0, o7 = o0;
     for (t = 0; t < n; t++) {
-        const float *r = V + (size_t)t * 64;
-        _mm_prefetch((const char *)r + PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char *)r + PREFETCH + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)r + PREFETCH + 128, _MM_HINT_T0);
-        _mm_prefetch((const char *)r + PREFETCH + 192, _MM_HINT_T0);
+        const size_t r = (size_t)t * 64;
+        for (size_t c = 0; c < row; c += 64) _mm_prefetch(Vb + t * row + PREFETCH + c, _MM_HINT_T0);
         __m256 p = _mm256_broadcast_ss(scores + t);
-        o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r), o0);
-        o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 8), o1);
-        o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 16), o2);
-        o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 24), o3);
-        o4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 32), o4);
-        o5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 40), o5);
-        o6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 48), o6);
-        o7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(r + 56), o7);
+        o0 = _mm256_fmadd_ps(p, ld8(V, r, half), o0);
+        o1 = _mm256_fmadd_ps(p, ld8(V, r + 8, half), o1);
+        o2 = _mm256_fmadd_ps(p, ld8(V, r + 16, half), o2);
+        o3 = _mm256_fmadd_ps(p, ld8(V, r + 24, half), o3);
+        o4 = _mm256_fmadd_ps(p, ld8(V, r + 32, half), o4);
+        o5 = _mm256_fmadd_ps(p, ld8(V, r + 40, half), o5);
+        o6 = _mm256_fmadd_ps(p, ld8(V, r + 48, half), o6);
+        o7 = _mm256_fmadd_ps(p, ld8(V, r + 56, half), o7);
     }
     const __m256 inv = _mm256_set1_ps(1.f / sum);
     _mm256_storeu_ps(out, _mm256_mul_ps(o0, inv));
@@ -463,34 +514,82 @@ __attribute__((target("avx2,fma"))) static void head64_avx2(const float *q, cons
     _mm256_storeu_ps(out + 48, _mm256_mul_ps(o6, inv));
     _mm256_storeu_ps(out + 56, _mm256_mul_ps(o7, inv));
 }
+
+AVX2_F16 static void head64_f32(const float *q, const void *K, const void *V, int n, float scale,
+                                float *scores, float *out) {
+    head64_impl(q, K, V, n, scale, scores, out, 0);
+}
+
+AVX2_F16 static void head64_f16(const float *q, const void *K, const void *V, int n, float scale,
+                                float *scores, float *out) {
+    head64_impl(q, K, V, n, scale, scores, out, 1);
+}
+
+/* one cache row written: floats, or halves rounded to nearest even */
+AVX2_F16 static void put_row_avx2(void *dst, const float *x, int n, int half) {
+    if (!half) {
+        memcpy(dst, x, sizeof(float) * (size_t)n);
+        return;
+    }
+    uint16_t *h = (uint16_t *)dst;
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) h[i] = f2h(x[i]);
+}
 #endif
+
+static void put_row(void *dst, const float *x, int n, int half) {
+#ifdef AURL_X86
+    if (use_avx2()) {
+        put_row_avx2(dst, x, n, half);
+        return;
+    }
+#endif
+    if (!half) {
+        memcpy(dst, x, sizeof(float) * (size_t)n);
+        return;
+    }
+    for (int i = 0; i < n; i++) ((uint16_t *)dst)[i] = f2h(x[i]);
+}
+
+/* row t of a float or half cache as floats: the row itself, or converted into tmp */
+static const float *get_row(const void *base, size_t t, int n, int half, float *tmp) {
+    if (!half) return (const float *)base + t * (size_t)n;
+    const uint16_t *h = (const uint16_t *)base + t * (size_t)n;
+    for (int i = 0; i < n; i++) tmp[i] = h2f(h[i]);
+    return tmp;
+}
 
 /* attention of one token (row b, all heads) at position pos over the cache's 0..pos.
  * qkv: (3 * d) the projection (q and k rotated here, k and v written into the cache);
- * kc, vc: (B, H, cap, hd); out: (d); scores: (pos + 1) scratch */
-static void attend(const Model *m, float *qkv, float *kc, float *vc, int b, int cap, int pos,
+ * kc, vc: (B, H, cap, hd) floats or halves (m->kv_half); out: (d); scores: (pos + 1) scratch */
+static void attend(const Model *m, float *qkv, void *kc, void *vc, int b, int cap, int pos,
                    float *out, float *scores) {
-    const int H = m->heads, hd = m->head_dim, d = m->d, half = hd / 2;
+    const int H = m->heads, hd = m->head_dim, d = m->d, half = hd / 2, kvh = m->kv_half;
+    const size_t esize = kvh ? 2 : 4;
     const float *cs = m->cos + (size_t)pos * half, *sn = m->sin + (size_t)pos * half;
     const float scale = 1.f / sqrtf((float)hd);
+    float tmp[MAX_HEAD_DIM];
     for (int h = 0; h < H; h++) {
         float *q = qkv + h * hd, *k = qkv + d + h * hd, *v = qkv + 2 * d + h * hd;
         rotate(q, cs, sn, half);
         rotate(k, cs, sn, half);
-        size_t base = ((size_t)b * H + h) * cap * hd;
-        float *K = kc + base, *V = vc + base;
-        memcpy(K + (size_t)pos * hd, k, sizeof(float) * hd);
-        memcpy(V + (size_t)pos * hd, v, sizeof(float) * hd);
+        size_t base = (((size_t)b * H + h) * cap) * hd * esize;
+        char *K = (char *)kc + base, *V = (char *)vc + base;
+        put_row(K + (size_t)pos * hd * esize, k, hd, kvh);
+        put_row(V + (size_t)pos * hd * esize, v, hd, kvh);
 #ifdef AURL_X86
         if (hd == 64 && use_avx2()) {
-            head64_avx2(q, K, V, pos + 1, scale, scores, out + h * hd);
+            (kvh ? head64_f16 : head64_f32)(q, K, V, pos + 1, scale, scores, out + h * hd);
             continue;
         }
 #endif
         float mx = -INFINITY;
         for (int t = 0; t <= pos; t++) {
-            PREFETCH_ROWS(K, t, hd);
-            float s = dot(q, K + (size_t)t * hd, hd) * scale;
+            PREFETCH_BYTES(K + (size_t)t * hd * esize, hd * esize);
+            float s = dot(q, get_row(K, (size_t)t, hd, kvh, tmp), hd) * scale;
             scores[t] = s;
             mx = s > mx ? s : mx;
         }
@@ -502,8 +601,8 @@ static void attend(const Model *m, float *qkv, float *kc, float *vc, int b, int 
         float *o = out + h * hd, inv = 1.f / sum;
         memset(o, 0, sizeof(float) * hd);
         for (int t = 0; t <= pos; t++) {
-            PREFETCH_ROWS(V, t, hd);
-            axpy(scores[t] * inv, V + (size_t)t * hd, o, hd);
+            PREFETCH_BYTES(V + (size_t)t * hd * esize, hd * esize);
+            axpy(scores[t] * inv, get_row(V, (size_t)t, hd, kvh, tmp), o, hd);
         }
     }
 }
@@ -523,9 +622,11 @@ int64_t aurl_scratch_bytes(const Model *m, int B) {
 /* One token for each of B rows at cache position pos: x (B, d) the summed input embeddings
  * (overwritten: the residual stream), kc[i], vc[i] each layer's (B, H, cap, hd) cache,
  * logits (B, vocab) out. Returns 0, or -1 on arguments out of range. */
-int aurl_step(const Model *m, int B, float *x, float *const *kc, float *const *vc, int cap,
+int aurl_step(const Model *m, int B, float *x, void *const *kc, void *const *vc, int cap,
               int pos, float *logits, float *scratch, int8_t *qbuf) {
-    if (B < 1 || pos < 0 || pos >= cap || pos >= m->rot_len || m->head_dim % 2) return -1;
+    if (B < 1 || pos < 0 || pos >= cap || pos >= m->rot_len || m->head_dim % 2 ||
+        m->head_dim > MAX_HEAD_DIM)
+        return -1;
     const int d = m->d;
     int wide = m->ff > 3 * d ? m->ff : 3 * d;
     float *h = scratch, *att = h + (size_t)B * d, *big = att + (size_t)B * d;

@@ -3,7 +3,8 @@ and no onnxruntime.
 
 It reads a model folder (``config.json`` + ``model.safetensors``: a shipped model or a
 checkpoint's ``model/``) directly, quantizes the blocks' and the head's weights to int8 per
-output row when it loads them (or keeps them fp32: ``weights="fp32"``), and steps one token for
+output row when it loads them, with a KV cache of half floats (or keeps both fp32:
+``weights="fp32"``), and steps one token for
 every row of the batch per C call: all blocks, the final norm and the tied head. The input
 embedding (token, musical time, meter, grammar features, style) is summed in numpy from the same
 per-token inputs the onnx engine feeds its graph (:mod:`aurl.engines.features`).
@@ -64,7 +65,7 @@ class _Model(ctypes.Structure):
         ("ff", ctypes.c_int32), ("vocab", ctypes.c_int32), ("layers", ctypes.c_int32),
         ("layer", ctypes.POINTER(_Layer)), ("lnf_w", ctypes.c_void_p), ("lnf_b", ctypes.c_void_p),
         ("head", _Lin), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
-        ("rot_len", ctypes.c_int32), ("pad", ctypes.c_int32),
+        ("rot_len", ctypes.c_int32), ("kv_half", ctypes.c_int32),
     ]  # fmt: skip
 
 
@@ -139,6 +140,12 @@ def check_supported(config: ModelConfig, where: str = "the model") -> None:
             f"--engine native runs model.attention 'full'; {where} uses {config.attention!r}: "
             "use --engine torch"
         )
+    hd = config.d_model // max(config.n_heads, 1)
+    if hd % 2 or hd > 512:
+        raise ConfigError(
+            f"--engine native runs heads of an even width up to 512; {where} has {hd} "
+            "(model.d_model / model.n_heads): use --engine torch"
+        )
     if config.fim or config.anticipation:
         what = "model.fim" if config.fim else "model.anticipation"
         raise ConfigError(
@@ -183,8 +190,8 @@ def read_model_folder(folder: str | Path) -> tuple[ModelConfig, VocabConfig, dic
 class NativeState:
     """The decode state of the native engine."""
 
-    keys: list[np.ndarray]  # per layer (B, H, capacity, hd) float32, rotated keys
-    values: list[np.ndarray]  # per layer (B, H, capacity, hd) float32
+    keys: list[np.ndarray]  # per layer (B, H, capacity, hd), rotated keys (float16 with int8
+    values: list[np.ndarray]  # weights, else float32); values likewise
     features: FeatureState
     capacity: int
     style: np.ndarray | None = None  # (B,) style ids, -1: none
@@ -221,6 +228,9 @@ class NativeEngine:
             )
         self.lib = load_library()
         self.folder, self.weights = Path(folder), weights
+        # int8 weights keep keys and values as half floats (half the attention's bytes; their
+        # rounding, 2^-11, is far below the weights'); fp32 keeps the model's floats exactly
+        self.kv_dtype = np.float16 if weights == "int8" else np.float32
         self.config, self.vocab_config, tensors = read_model_folder(folder)
         check_supported(self.config, where=str(self.folder))
         self.vocab = Vocab(self.vocab_config)
@@ -266,7 +276,7 @@ class NativeEngine:
         hd = D // H
         self._keep: list[np.ndarray] = []  # every array the C structures point into
         f = self._f32
-        self.embed = f(t, "embed.weight", (V, D))
+        self.token_table = f(t, "embed.weight", (V, D))
         self.tables: dict[str, np.ndarray] = {}
         if c.musical_position:
             for name in ("phase", "beat", "tempo") + (("meter",) if c.meter else ()):
@@ -300,7 +310,7 @@ class NativeEngine:
             D, H, hd, F, V, c.n_layers, layers,
             f(t, "norm.weight", (D,)).ctypes.data, f(t, "norm.bias", (D,)).ctypes.data,
             self._lin(t, "embed", V, D, bias=False), self._cos.ctypes.data, self._sin.ctypes.data,
-            c.max_seq_len, 0,
+            c.max_seq_len, int(self.kv_dtype == np.float16),
         )  # fmt: skip
         self.heads, self.head_dim = H, hd
 
@@ -340,8 +350,8 @@ class NativeEngine:
                     f"style id {int(style.max())} is not one of the model's {len(self.styles)} styles"
                 )
         shape = (batch_size, self.heads, capacity, self.head_dim)
-        keys = [np.zeros(shape, np.float32) for _ in range(self.config.n_layers)]
-        values = [np.zeros(shape, np.float32) for _ in range(self.config.n_layers)]
+        keys = [np.zeros(shape, self.kv_dtype) for _ in range(self.config.n_layers)]
+        values = [np.zeros(shape, self.kv_dtype) for _ in range(self.config.n_layers)]
         return self._state(keys, values, feats, capacity, style, 0)
 
     def _state(self, keys: list, values: list, feats: FeatureState, capacity: int,
@@ -354,7 +364,7 @@ class NativeEngine:
     def embed_inputs(self, feed: dict[str, np.ndarray], style: np.ndarray | None) -> np.ndarray:
         """(B, T, D) float32: the summed input embeddings of the per-token inputs ``feed``
         (:mod:`aurl.engines.features`), as the model's input layer."""
-        x = self.embed[feed["ids"]]
+        x = self.token_table[feed["ids"]]
         tb = self.tables
         if "phase" in tb:
             x += tb["phase"][feed["phase"]]
