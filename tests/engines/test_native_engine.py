@@ -268,15 +268,29 @@ def _config(folder: Path, change) -> Path:
     return folder
 
 
+def _nan_weight(folder: Path) -> None:
+    """One NaN in a block's weights, written as safetensors by the format's own writer."""
+    from safetensors.numpy import save_file
+
+    from aurl.safetensors_io import read_arrays
+
+    tensors = {k: v.copy() for k, v in read_arrays(folder / "model.safetensors").items()}
+    tensors["blocks.1.ff.fc.weight"][3, 5] = np.nan
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
 @pytest.mark.parametrize(
     "damage, error, message",
     [
         (lambda f: _config(f, lambda m: m["model"].update(d_model=128)), CheckpointError,
          r"embed.weight is \[774, 256\], its config.json implies \[774, 128\]"),
+        (lambda f: _config(f, lambda m: m["model"].update(n_layers=2)), CheckpointError,
+         r"holds tensors its config.json does not use \(blocks.2.attn.proj.bias"),
         (lambda f: _config(f, lambda m: m["model"].update(mode="vae")), ConfigError,
          "model.mode 'transformer'"),
         (lambda f: _config(f, lambda m: m["model"].update(attention="local")), ConfigError,
          "model.attention 'full'"),
+        (_nan_weight, CheckpointError, "blocks.1.ff.fc.weight holds NaN or infinite values"),
         (lambda f: _config(f, lambda m: m.update(format="aurl-onnx")), CheckpointError,
          "not an Aurl model folder"),
         (lambda f: (f / "model.safetensors").write_bytes(b"\x80\x04K\x01."), CheckpointError,

@@ -251,8 +251,20 @@ class NativeEngine:
 
     # -- weights --------------------------------------------------------------------------
 
-    def _f32(self, t: dict, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def _table(self, t: dict, name: str) -> np.ndarray:
+        """The tensor ``name`` as contiguous float32, refused if not finite (as the torch loader
+        refuses a diverged run)."""
+        self._used.add(name)
         a = np.ascontiguousarray(t[name], dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise CheckpointError(
+                f"{self.folder / 'model.safetensors'}: {name} holds NaN or infinite values (a "
+                "diverged run?): use an earlier checkpoint"
+            )
+        return a
+
+    def _f32(self, t: dict, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        a = self._table(t, name)
         if a.shape != shape:
             raise CheckpointError(
                 f"{self.folder / 'model.safetensors'}: {name} is {list(a.shape)}, its "
@@ -275,18 +287,19 @@ class NativeEngine:
         D, H, F = c.d_model, c.n_heads, c.ff_mult * c.d_model
         hd = D // H
         self._keep: list[np.ndarray] = []  # every array the C structures point into
+        self._used: set[str] = set()
         f = self._f32
         self.token_table = f(t, "embed.weight", (V, D))
         self.tables: dict[str, np.ndarray] = {}
         if c.musical_position:
             for name in ("phase", "beat", "tempo") + (("meter",) if c.meter else ()):
-                self.tables[name] = np.ascontiguousarray(t[f"time.{name}.weight"], np.float32)
+                self.tables[name] = self._table(t, f"time.{name}.weight")
         if c.grammar_features:
             P = self.vocab.n_pitches
             g = "grammar_features"
             self.sounding_t = np.ascontiguousarray(f(t, f"{g}.sounding.weight", (D, P)).T)
             self.age_t = np.ascontiguousarray(f(t, f"{g}.age.weight", (D, P)).T)
-            self.tables["family"] = np.ascontiguousarray(t[f"{g}.family.weight"], np.float32)
+            self.tables["family"] = self._table(t, f"{g}.family.weight")
             vc = self.vocab_config
             spb = vc.steps_per_beat if vc.time_unit == "beat" else 1.0 / (2.0 * vc.step_seconds)
             self.beats_per_step = np.float32(1.0 / spb)
@@ -313,6 +326,13 @@ class NativeEngine:
             c.max_seq_len, int(self.kv_dtype == np.float16),
         )  # fmt: skip
         self.heads, self.head_dim = H, hd
+        unused = sorted(set(t) - self._used)
+        if unused:
+            raise CheckpointError(
+                f"{self.folder / 'model.safetensors'} holds tensors its config.json does not use "
+                f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}): the folder mixes "
+                "models"
+            )
 
     # -- the loop's calls -----------------------------------------------------------------
 
