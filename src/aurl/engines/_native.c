@@ -607,6 +607,60 @@ static void attend(const Model *m, float *qkv, void *kc, void *vc, int b, int ca
     }
 }
 
+/* The input layer's tables (aurl.models.model: token, musical time, meter, grammar features,
+ * style); a NULL table is a feature the model lacks. Rows are d floats. */
+typedef struct {
+    const float *token, *phase, *beat, *tempo, *meter, *family, *sounding_t, *age_t, *style;
+    int32_t n_token, n_phase, n_beat, n_tempo, n_meter, n_family, n_style, pitches;
+    float beats_per_step;
+    int32_t pad;
+} Embed;
+
+static int row_ok(int64_t i, int32_t n) { return i >= 0 && i < n; }
+
+/* x (B, d) = the summed input embedding of one token per row, from the onnx graph's per-token
+ * inputs (aurl.engines.features: each (B,) but sounding and age (B, P)); bar_beats and style
+ * may be NULL, a style id -1 is no style. Only sounding pitches add their rows (the others add
+ * zeros). Returns 0, or -1 for an index outside its table. */
+int aurl_embed(const Model *m, const Embed *e, int B, const int64_t *ids, const int64_t *phase,
+               const int64_t *beat, const int64_t *tempo, const int64_t *bar_beats,
+               const float *sounding, const float *age, const int64_t *family,
+               const int64_t *style, float *x) {
+    const int d = m->d, P = e->pitches;
+    for (int b = 0; b < B; b++) {
+        float *xb = x + (size_t)b * d;
+        if (!row_ok(ids[b], e->n_token)) return -1;
+        memcpy(xb, e->token + (size_t)ids[b] * d, sizeof(float) * d);
+        if (e->phase) {
+            if (!row_ok(phase[b], e->n_phase) || !row_ok(beat[b], e->n_beat) ||
+                !row_ok(tempo[b], e->n_tempo))
+                return -1;
+            axpy(1.f, e->phase + (size_t)phase[b] * d, xb, d);
+            axpy(1.f, e->beat + (size_t)beat[b] * d, xb, d);
+            axpy(1.f, e->tempo + (size_t)tempo[b] * d, xb, d);
+            if (e->meter) {
+                if (!row_ok(bar_beats[b], e->n_meter)) return -1;
+                axpy(1.f, e->meter + (size_t)bar_beats[b] * d, xb, d);
+            }
+        }
+        if (e->family) {
+            const float *sb = sounding + (size_t)b * P, *ab = age + (size_t)b * P;
+            for (int p = 0; p < P; p++) {
+                if (sb[p] != 0.f) axpy(sb[p], e->sounding_t + (size_t)p * d, xb, d);
+                if (ab[p] != 0.f)
+                    axpy(log1pf(ab[p] * e->beats_per_step), e->age_t + (size_t)p * d, xb, d);
+            }
+            if (!row_ok(family[b], e->n_family)) return -1;
+            axpy(1.f, e->family + (size_t)family[b] * d, xb, d);
+        }
+        if (e->style && style && style[b] >= 0) {
+            if (!row_ok(style[b], e->n_style)) return -1;
+            axpy(1.f, e->style + (size_t)style[b] * d, xb, d);
+        }
+    }
+    return 0;
+}
+
 /* Scratch floats aurl_step needs for B rows and a cache of cap positions. */
 int64_t aurl_scratch_floats(const Model *m, int B, int cap) {
     int64_t d = m->d, wide = m->ff > 3 * d ? m->ff : 3 * d;

@@ -69,6 +69,16 @@ class _Model(ctypes.Structure):
     ]  # fmt: skip
 
 
+class _Embed(ctypes.Structure):
+    _fields_ = [
+        *[(n, ctypes.c_void_p) for n in ("token", "phase", "beat", "tempo", "meter", "family",
+                                         "sounding_t", "age_t", "style")],
+        *[(f"n_{n}", ctypes.c_int32) for n in ("token", "phase", "beat", "tempo", "meter",
+                                               "family", "style")],
+        ("pitches", ctypes.c_int32), ("beats_per_step", ctypes.c_float), ("pad", ctypes.c_int32),
+    ]  # fmt: skip
+
+
 _LIB: Any = None
 
 
@@ -96,6 +106,8 @@ def load_library() -> Any:
     lib.aurl_scratch_floats.restype = ctypes.c_int64
     lib.aurl_scratch_bytes.argtypes = [p, i32]
     lib.aurl_scratch_bytes.restype = ctypes.c_int64
+    lib.aurl_embed.argtypes = [p, p, i32] + [p] * 10
+    lib.aurl_embed.restype = i32
     lib.aurl_kernels.argtypes = []
     lib.aurl_kernels.restype = i32
     lib.aurl_set_kernels.argtypes = [i32]
@@ -198,6 +210,7 @@ class NativeState:
     pos: int = 0
     inputs: dict[str, np.ndarray] | None = None  # one-token inputs, refilled in place
     pointers: Any = field(default=None, repr=False)  # the caches' addresses for the C step
+    x: np.ndarray | None = field(default=None, repr=False)  # (B, D) one token's embeddings
 
     @property
     def grammar(self) -> Any:
@@ -326,6 +339,7 @@ class NativeEngine:
             c.max_seq_len, int(self.kv_dtype == np.float16),
         )  # fmt: skip
         self.heads, self.head_dim = H, hd
+        self.embedding = self._embed_struct()
         unused = sorted(set(t) - self._used)
         if unused:
             raise CheckpointError(
@@ -333,6 +347,20 @@ class NativeEngine:
                 f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}): the folder mixes "
                 "models"
             )
+
+    def _embed_struct(self) -> _Embed:
+        """The input layer's tables for the C embedding of one-token steps."""
+        e = _Embed()
+        e.token, e.n_token = self.token_table.ctypes.data, len(self.token_table)
+        for name, table in self.tables.items():
+            setattr(e, name, table.ctypes.data)
+            setattr(e, f"n_{name}", len(table))
+        if "family" in self.tables:
+            e.sounding_t, e.age_t = self.sounding_t.ctypes.data, self.age_t.ctypes.data
+            e.pitches, e.beats_per_step = self.vocab.n_pitches, float(self.beats_per_step)
+        if self.style_table is not None:
+            e.style, e.n_style = self.style_table.ctypes.data, len(self.style_table)
+        return e
 
     # -- the loop's calls -----------------------------------------------------------------
 
@@ -402,6 +430,24 @@ class NativeEngine:
             x += (self.style_table[np.where(known, style, 0)] * known[:, None])[:, None]
         return x
 
+    def _embed_one(self, state: NativeState) -> np.ndarray:
+        """(B, D) the input embeddings of the one-token inputs in ``state.inputs``, summed in C
+        into a buffer of the state (the step overwrites it)."""
+        inputs = state.inputs
+        B = inputs["ids"].shape[0]
+        if state.x is None or state.x.shape[0] != B:
+            state.x = np.empty((B, self.config.d_model), np.float32)
+        ptr = lambda name: inputs[name].ctypes.data if name in inputs else None  # noqa: E731
+        style = state.style.ctypes.data if state.style is not None else None
+        rc = self.lib.aurl_embed(
+            ctypes.byref(self.model), ctypes.byref(self.embedding), B, ptr("ids"), ptr("phase"),
+            ptr("beat"), ptr("tempo"), ptr("bar_beats"), ptr("sounding"), ptr("age"),
+            ptr("family"), style, state.x.ctypes.data,
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError("native embedding: an input index outside its table")
+        return state.x
+
     def _buffers(self, B: int, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         key = (B, capacity)
         if key not in self._scratch:
@@ -452,8 +498,7 @@ class NativeEngine:
             state.features = self.features.advance_into(
                 ids[:, 0], state.features, state.inputs, fresh=fresh
             )
-            x = np.ascontiguousarray(self.embed_inputs(state.inputs, state.style)[:, 0])
-            return self._run(x, state)[:, None].copy()
+            return self._run(self._embed_one(state), state)[:, None].copy()
         feed, state.features = self.features(ids, state.features)
         state.inputs = None  # the one-token buffers must be refilled whole
         x = self.embed_inputs(feed, state.style)
