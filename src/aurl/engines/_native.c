@@ -134,13 +134,24 @@ static float quantize_row(const float *x, int k, int8_t *q) {
 
 /* ---- products: y (B, n) = x (B, k) @ W^T (+ bias), accumulate: y += --------------------- */
 
+/* a . b in eight running sums (which the compiler turns into vector code: one running sum
+ * would be a chain of dependent adds it may not reorder) */
+static float dot_c(const float *a, const float *b, int n) {
+    float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int i = 0; i < 8; i++) s[i] += a[j + i] * b[j + i];
+    float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; j < n; j++) t += a[j] * b[j];
+    return t;
+}
+
 static void lin_f32_c(const Lin *L, int B, const float *x, float *y, int acc) {
     const float *W = (const float *)L->w;
     for (int b = 0; b < B; b++)
         for (int r = 0; r < L->n; r++) {
             const float *w = W + (size_t)r * L->k, *xb = x + (size_t)b * L->k;
-            float s = 0.f;
-            for (int j = 0; j < L->k; j++) s += w[j] * xb[j];
+            float s = dot_c(w, xb, L->k);
             if (L->bias) s += L->bias[r];
             y[(size_t)b * L->n + r] = acc ? y[(size_t)b * L->n + r] + s : s;
         }
@@ -398,9 +409,7 @@ static float dot(const float *a, const float *b, int n) {
 #ifdef AURL_X86
     if (use_avx2()) return dot_avx2(a, b, n);
 #endif
-    float s = 0.f;
-    for (int j = 0; j < n; j++) s += a[j] * b[j];
-    return s;
+    return dot_c(a, b, n);
 }
 
 static void axpy(float a, const float *x, float *y, int n) {

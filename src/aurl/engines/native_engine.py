@@ -241,9 +241,12 @@ class NativeEngine:
             )
         self.lib = load_library()
         self.folder, self.weights = Path(folder), weights
-        # int8 weights keep keys and values as half floats (half the attention's bytes; their
-        # rounding, 2^-11, is far below the weights'); fp32 keeps the model's floats exactly
-        self.kv_dtype = np.float16 if weights == "int8" else np.float32
+        # int8 weights keep keys and values as half floats where the CPU converts them in
+        # hardware (F16C, with the AVX2 kernels): half the attention's bytes, a rounding (2^-11)
+        # far below the weights'; elsewhere the portable kernels would convert in software,
+        # slower than reading floats. fp32 keeps the model's floats exactly.
+        half = weights == "int8" and kernels() == "avx2"
+        self.kv_dtype = np.float16 if half else np.float32
         self.config, self.vocab_config, tensors = read_model_folder(folder)
         check_supported(self.config, where=str(self.folder))
         self.vocab = Vocab(self.vocab_config)
