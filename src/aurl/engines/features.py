@@ -127,6 +127,17 @@ class Features:
             onset=np.zeros((batch, self.P), dtype=np.int64), bar=bar,
         )  # fmt: skip
 
+    def start(
+        self, batch: int, meter: np.ndarray | None = None, history: np.ndarray | None = None
+    ) -> FeatureState:
+        """The state before a numpy engine's first token: :meth:`initial`, then the ``history``
+        (B, n) ids that set the musical time and grammar features without entering the cache
+        (the tokens a sliding window left behind)."""
+        state = self.initial(batch, meter)
+        if history is not None and history.shape[1] > 0:
+            _, state = self(np.asarray(history, dtype=np.int64), state)
+        return state
+
     def buffers(self, batch: int) -> dict[str, np.ndarray]:
         """Input arrays for one token per row, for :meth:`advance_into` to fill: (B, 1) each,
         (B, 1, P) float32 ``sounding`` and ``age``, (B,) ``bar_beats``; only the model's inputs."""
@@ -262,3 +273,12 @@ class Features:
             out["family"] = family
             snd, onset = now[:, -1], onsets[:, -1]
         return out, replace(state, ticks=ticks, tempo=tempo, grammar=g, sounding=snd, onset=onset)
+
+
+def cache_capacity(capacity: int | None, context: int) -> int:
+    """A numpy engine's KV cache length: ``capacity``, by default the model's ``context``
+    (``max_seq_len``: where the rotary tables end), never more."""
+    capacity = capacity or context
+    if capacity > context:
+        raise ValueError(f"capacity {capacity} exceeds the model's context ({context})")
+    return capacity

@@ -35,7 +35,7 @@ import numpy as np
 
 from aurl.config import ModelConfig, VocabConfig, build
 from aurl.data.vocab import Vocab
-from aurl.engines.features import Features, FeatureState
+from aurl.engines.features import Features, FeatureState, cache_capacity
 from aurl.errors import CheckpointError, ConfigError
 from aurl.safetensors_io import read_arrays
 
@@ -384,14 +384,8 @@ class NativeEngine:
         ``style`` (B,) style ids of a model with styles (-1: none)."""
         if latents is not None:
             raise ConfigError("the native engine has no latent conditioning: use --engine torch")
-        feats = self.features.initial(batch_size, meter)
-        if history is not None and history.shape[1] > 0:
-            _, feats = self.features(np.asarray(history, dtype=np.int64), feats)
-        capacity = capacity or self.config.max_seq_len
-        if capacity > self.config.max_seq_len:  # the rotary tables end there
-            raise ValueError(
-                f"capacity {capacity} exceeds the model's context ({self.config.max_seq_len})"
-            )
+        feats = self.features.start(batch_size, meter, history)
+        capacity = cache_capacity(capacity, self.config.max_seq_len)  # the rotary tables' end
         if style is not None:
             style = np.broadcast_to(np.asarray(style, dtype=np.int64), (batch_size,)).copy()
             if self.style_table is None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from aurl.config import ModelConfig, VocabConfig, build
 from aurl.data.vocab import Vocab
-from aurl.engines.features import Features, FeatureState
+from aurl.engines.features import Features, FeatureState, cache_capacity
 from aurl.errors import CheckpointError, ConfigError
 
 FORMAT, VERSION = "aurl-onnx", 3  # as aurl.models.onnx_export (held equal by the tests)
@@ -224,14 +224,8 @@ class OnnxEngine:
         (exports of meter models; default 4/4; ignored by others, as by the model)."""
         if latents is not None:
             raise ConfigError("the onnx engine has no latent conditioning: use --engine torch")
-        feats = self.features.initial(batch_size, meter)
-        if history is not None and history.shape[1] > 0:
-            _, feats = self.features(np.asarray(history, dtype=np.int64), feats)
-        capacity = capacity or self.config.max_seq_len
-        if capacity > self.config.max_seq_len:  # the graph's rotary tables end there
-            raise ValueError(
-                f"capacity {capacity} exceeds the model's context ({self.config.max_seq_len})"
-            )
+        feats = self.features.start(batch_size, meter, history)
+        capacity = cache_capacity(capacity, self.config.max_seq_len)  # the rotary tables' end
         shape = (batch_size, self.heads, capacity, self.head_dim)
         cache = [np.zeros(shape, np.float32) for _ in self.cache_names]
         return self._state(cache, feats, capacity, 0)
