@@ -61,12 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_precision_arguments(
         p,
         int8="int8 weights, faster on CPU: PyTorch's int8 on the torch engine (onnxruntime's "
-        "int8 graphs on a CPU without bf16); with --engine onnx the model's int8 graphs",
+        "int8 graphs on a CPU without bf16); with --engine onnx the model's int8 graphs; "
+        "--engine native's default",
         int4="with --engine onnx: the model's int4 graphs (onnxruntime MatMulNBits, 4-bit "
         "weights in blocks of 32), the default on CPUs with integer dot products (AVX2, VNNI, "
         "ARM dotprod)",
         fp32="fp32 weights: the torch engine's default; with --engine onnx the model's fp32 "
-        "graphs (the default on CPUs without integer dot products)",
+        "graphs (the default on CPUs without integer dot products); with --engine native fp32 "
+        "weights and cache (the torch model's logits to 1e-5)",
     )
     p.add_argument(
         "--min-tokens", type=int, metavar="N", help="no END before N generated tokens (default 0)"
