@@ -354,3 +354,28 @@ def test_harmonize_on_the_native_engine_keeps_the_melody_without_torch(tmp_path)
     one = symusic.Score(score.tpq)
     one.tracks.append(soprano.copy())
     assert melody_kept(notes_from_score(one), melody) == 1.0
+
+
+def test_an_install_without_a_c_compiler_goes_on(tmp_path) -> None:
+    """The compiled step is an optional extension: `pip install .` with no working compiler
+    installs the rest, and `--engine native` then says in one line what to do."""
+    target = tmp_path / "site"
+    root = SRC.parent
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(root)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "CC": "/bin/false"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    engines = target / "aurl" / "engines"
+    assert (engines / "native_engine.py").is_file() and not list(engines.glob("_native*.so"))
+    code = (
+        "import sys\nfrom aurl.cli import main\n"
+        f"sys.exit(main(['generate', '--engine', 'native', '--out', {str(tmp_path / 'out')!r}]))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path,
+    )  # fmt: skip
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "install a C compiler" in lines[0], r.stderr
