@@ -211,6 +211,11 @@ class NativeState:
     inputs: dict[str, np.ndarray] | None = None  # one-token inputs, refilled in place
     pointers: Any = field(default=None, repr=False)  # the caches' addresses for the C step
     x: np.ndarray | None = field(default=None, repr=False)  # (B, D) one token's embeddings
+    embed_args: tuple | None = field(default=None, repr=False)  # the C embedding's arguments
+
+    @property
+    def x_address(self) -> int:
+        return self.embed_args[-1]
 
     @property
     def grammar(self) -> Any:
@@ -263,7 +268,7 @@ class NativeEngine:
                 f"{self.folder / 'model.safetensors'} lacks the tensor {e.args[0]!r} its "
                 "config.json implies: the folder mixes models"
             ) from None
-        self._scratch: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._scratch: dict[tuple[int, int], tuple] = {}
 
     # -- weights --------------------------------------------------------------------------
 
@@ -343,6 +348,7 @@ class NativeEngine:
         )  # fmt: skip
         self.heads, self.head_dim = H, hd
         self.embedding = self._embed_struct()
+        self._model_ref = ctypes.byref(self.model)
         unused = sorted(set(t) - self._used)
         if unused:
             raise CheckpointError(
@@ -430,40 +436,43 @@ class NativeEngine:
     def _embed_one(self, state: NativeState) -> np.ndarray:
         """(B, D) the input embeddings of the one-token inputs in ``state.inputs``, summed in C
         into a buffer of the state (the step overwrites it)."""
-        inputs = state.inputs
-        B = inputs["ids"].shape[0]
-        if state.x is None or state.x.shape[0] != B:
+        if state.embed_args is None:  # addresses taken once per input buffers (.ctypes is slow)
+            inputs = state.inputs
+            B = inputs["ids"].shape[0]
             state.x = np.empty((B, self.config.d_model), np.float32)
-        ptr = lambda name: inputs[name].ctypes.data if name in inputs else None  # noqa: E731
-        style = state.style.ctypes.data if state.style is not None else None
-        rc = self.lib.aurl_embed(
-            ctypes.byref(self.model), ctypes.byref(self.embedding), B, ptr("ids"), ptr("phase"),
-            ptr("beat"), ptr("tempo"), ptr("bar_beats"), ptr("sounding"), ptr("age"),
-            ptr("family"), style, state.x.ctypes.data,
-        )  # fmt: skip
-        if rc != 0:
+            names = ("ids", "phase", "beat", "tempo", "bar_beats", "sounding", "age", "family")
+            state.embed_args = (
+                ctypes.byref(self.model), ctypes.byref(self.embedding), B,
+                *[inputs[n].ctypes.data if n in inputs else None for n in names],
+                state.style.ctypes.data if state.style is not None else None,
+                state.x.ctypes.data,
+            )  # fmt: skip
+        if self.lib.aurl_embed(*state.embed_args) != 0:
             raise ValueError("native embedding: an input index outside its table")
         return state.x
 
-    def _buffers(self, B: int, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _buffers(self, B: int, capacity: int) -> tuple[np.ndarray, tuple]:
+        """The logits buffer (B, V) and the C step's scratch addresses for B rows and a cache
+        of ``capacity`` (made once per shape, reused: copy the logits to keep them)."""
         key = (B, capacity)
         if key not in self._scratch:
             m = ctypes.byref(self.model)
             floats = np.empty(self.lib.aurl_scratch_floats(m, B, capacity), np.float32)
             qbuf = np.empty(self.lib.aurl_scratch_bytes(m, B), np.int8)
             logits = np.empty((B, self.vocab.size), np.float32)
-            self._scratch[key] = (floats, qbuf, logits)
-        return self._scratch[key]
+            addresses = (logits.ctypes.data, floats.ctypes.data, qbuf.ctypes.data)
+            self._scratch[key] = (logits, addresses, floats, qbuf)  # the arrays kept alive
+        return self._scratch[key][:2]
 
     def _run(self, x: np.ndarray, state: NativeState) -> np.ndarray:
         """One token per row from its input embeddings ``x`` (B, D) float32, contiguous (the
         C step overwrites it); returns the logits buffer (B, V) (reused: copy to keep)."""
         B = x.shape[0]
-        floats, qbuf, logits = self._buffers(B, state.capacity)
+        logits, (out, floats, qbuf) = self._buffers(B, state.capacity)
         keys, values = state.pointers
         rc = self.lib.aurl_step(
-            ctypes.byref(self.model), B, x.ctypes.data, keys, values, state.capacity, state.pos,
-            logits.ctypes.data, floats.ctypes.data, qbuf.ctypes.data,
+            self._model_ref, B, x.ctypes.data if x is not state.x else state.x_address, keys,
+            values, state.capacity, state.pos, out, floats, qbuf,
         )  # fmt: skip
         if rc != 0:
             raise ValueError(f"native step refused position {state.pos} of {state.capacity}")
@@ -471,8 +480,9 @@ class NativeEngine:
         return logits
 
     def _check_ids(self, ids: np.ndarray) -> None:
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab.size):
-            bad = int(ids.max() if ids.max() >= self.vocab.size else ids.min())
+        low, high = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+        if low < 0 or high >= self.vocab.size:
+            bad = high if high >= self.vocab.size else low
             raise ConfigError(
                 f"id {bad} is not one of the vocabulary's {self.vocab.size} music ids: the native "
                 "engine runs music ids only (use --engine torch)"
@@ -491,7 +501,7 @@ class NativeEngine:
         if T == 1:
             fresh = state.inputs is None
             if fresh:
-                state.inputs = self.features.buffers(B)
+                state.inputs, state.embed_args = self.features.buffers(B), None
             state.features = self.features.advance_into(
                 ids[:, 0], state.features, state.inputs, fresh=fresh
             )
