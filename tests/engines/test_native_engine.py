@@ -379,3 +379,48 @@ def test_an_install_without_a_c_compiler_goes_on(tmp_path) -> None:
     )  # fmt: skip
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "install a C compiler" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.musical_position=false", "model.grammar_features=false", "model.meter=false"],
+        ["model.meter=false", "model.n_layers=1"],
+        ["model.d_model=64", "model.n_heads=1"],  # one 64-wide head: the AVX2 attention kernel
+        ["model.d_model=96", "model.n_heads=3", "model.ff_mult=2"],  # 32-wide heads
+        ["model.styles=[a,b,c]"],
+    ],
+    ids=["no-features", "no-meter-1-layer", "head-64", "heads-32", "styles"],
+)
+def test_fp32_logits_equal_the_torch_model_on_other_shapes(overrides, tmp_path) -> None:
+    """Random models of other shapes and inputs (no musical time or grammar features, no meter,
+    one layer, 64- and 32-wide heads, styles), saved as model folders: two rows through a
+    prefill and single steps give the torch model's log-probs to 1e-4."""
+    import torch
+
+    from aurl.config import load_config
+    from aurl.models import build_model
+
+    torch.manual_seed(1)
+    cfg = load_config(preset="tiny", overrides=["model.mode=transformer", *overrides])
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # sharp attention: an initialized model's is nearly uniform
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(8.0)
+    folder = model.save_pretrained(tmp_path / "model")
+    engine = NativeEngine(folder, weights="fp32")
+    ids = np.concatenate(
+        [_piece(engine, n, 120)[0] for n in ("bach_bwv269.mid", "bach_bwv347.mid")]
+    )
+    style = np.array([2, -1]) if cfg.model.styles else None
+    kw = {"style": torch.as_tensor(style)} if style is not None else {}
+    with torch.no_grad():
+        st = model.init_state(2, capacity=256, **kw)
+        want = [model.step(torch.as_tensor(ids[:, :60]), st)]
+        want += [model.step(torch.as_tensor(ids[:, j : j + 1]), st) for j in range(60, 120)]
+    want = torch.cat(want, 1).numpy()
+    s = engine.init_state(2, capacity=256, style=style)
+    got = [engine.step(ids[:, :60], s)] + [
+        engine.step(ids[:, j : j + 1], s) for j in range(60, 120)
+    ]
+    assert np.abs(_log_probs(np.concatenate(got, 1)) - _log_probs(want)).max() < 1e-4
