@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -93,10 +94,44 @@ NUMPY_DTYPES = {
 }  # fmt: skip
 
 
-def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of the safetensors file at ``path`` as a numpy array (BF16 widened to
-    float32), after :func:`check_safetensors` and :func:`read_header`; read-only views of one
-    read of the file.
+class Tensors(Mapping):
+    """The tensors of a checked safetensors file by name, each read from the file when it is
+    asked for (BF16 widened to float32): a file with more or larger tensors than its reader
+    uses costs only the bytes that reader takes."""
+
+    def __init__(self, path: Path, header: dict, offsets: dict[str, tuple[int, int]], base: int):
+        self.path, self._header, self._offsets, self._base = path, header, offsets, base
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        dtype, shape = self._header[name]
+        start, end = self._offsets[name]
+        with self.path.open("rb") as f:
+            f.seek(self._base + start)
+            data = f.read(end - start)
+        if len(data) != end - start:
+            raise CheckpointError(f"{self.path}: {name} is cut short: the file changed while read")
+        if dtype == "BF16":
+            bits = np.frombuffer(data, np.uint16).astype(np.uint32)
+            return (bits << 16).view(np.float32).reshape(shape)
+        return np.frombuffer(data, NUMPY_DTYPES[dtype], math.prod(shape)).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._header)
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor's shape, from the header (nothing read)."""
+        if not hasattr(self, "_shapes"):
+            self._shapes = {name: shape for name, (_, shape) in self._header.items()}
+        return self._shapes
+
+
+def read_arrays(path: str | Path) -> Tensors:
+    """The tensors of the safetensors file at ``path`` as numpy arrays by name (read-only, each
+    read when asked for: :class:`Tensors`), after :func:`check_safetensors` and
+    :func:`read_header`.
 
     Raises:
         CheckpointError: not a safetensors file, or damaged (see :func:`read_header`).
@@ -107,14 +142,5 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
     with path.open("rb") as f:
         n = int.from_bytes(f.read(8), "little")
         raw = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, (dtype, shape) in header.items():
-        start, end = (int(x) for x in raw[name]["data_offsets"])
-        if dtype == "BF16":
-            bits = np.frombuffer(data, np.uint16, (end - start) // 2, start).astype(np.uint32)
-            out[name] = (bits << 16).view(np.float32).reshape(shape)
-        else:
-            count = math.prod(shape)
-            out[name] = np.frombuffer(data, NUMPY_DTYPES[dtype], count, start).reshape(shape)
-    return out
+    offsets = {name: tuple(int(x) for x in raw[name]["data_offsets"]) for name in header}
+    return Tensors(path, header, offsets, 8 + n)

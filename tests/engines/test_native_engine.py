@@ -424,3 +424,29 @@ def test_fp32_logits_equal_the_torch_model_on_other_shapes(overrides, tmp_path) 
         engine.step(ids[:, j : j + 1], s) for j in range(60, 120)
     ]
     assert np.abs(_log_probs(np.concatenate(got, 1)) - _log_probs(want)).max() < 1e-4
+
+
+def test_weights_larger_than_memory_are_refused_before_reading(tmp_path) -> None:
+    """A (sparse) safetensors file whose header declares twice this machine's memory in
+    float32: refused from the header, in one line, without reading the data."""
+    import struct
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cols = 2 * memory // (4 * 774) + 1
+    header = json.dumps(
+        {
+            "embed.weight": {
+                "dtype": "F32",
+                "shape": [774, cols],
+                "data_offsets": [0, 774 * cols * 4],
+            }
+        }
+    ).encode()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(SHIPPED / "config.json", folder / "config.json")
+    with (folder / "model.safetensors").open("wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 774 * cols * 4)  # a hole: no data written
+    with pytest.raises(CheckpointError, match="GiB of weights as float32, more than this machine"):
+        NativeEngine(folder)

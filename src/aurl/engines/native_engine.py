@@ -195,7 +195,27 @@ def read_model_folder(folder: str | Path) -> tuple[ModelConfig, VocabConfig, dic
         vocab = build(VocabConfig, meta.get("vocab", {}), prefix="vocab")
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return model, vocab, read_arrays(folder / "model.safetensors")
+    tensors = read_arrays(folder / "model.safetensors")
+    check_memory(tensors, folder / "model.safetensors")
+    return model, vocab, tensors
+
+
+def check_memory(tensors: Any, path: Path) -> None:
+    """Refuse, before reading any weight, a file whose tensors as float32 would not fit in this
+    machine's memory (loading it would only end in the kernel killing the process)."""
+    import math
+    import os
+
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform: nothing to check
+        return
+    need = 4 * sum(math.prod(shape) for shape in tensors.shapes().values())
+    if need > memory:
+        raise CheckpointError(
+            f"{path} holds {need / 2**30:.0f} GiB of weights as float32, more than this "
+            f"machine's {memory / 2**30:.0f} GiB of memory: choose a smaller model"
+        )
 
 
 @dataclass
@@ -284,13 +304,14 @@ class NativeEngine:
             )
         return a
 
-    def _f32(self, t: dict, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        a = self._table(t, name)
-        if a.shape != shape:
+    def _f32(self, t: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        have = tuple(t.shapes()[name]) if name in t else None  # from the header: nothing read
+        if have is not None and have != shape:
             raise CheckpointError(
-                f"{self.folder / 'model.safetensors'}: {name} is {list(a.shape)}, its "
+                f"{self.folder / 'model.safetensors'}: {name} is {list(have)}, its "
                 f"config.json implies {list(shape)}: the folder mixes models"
             )
+        a = self._table(t, name)
         self._keep.append(a)
         return a
 
