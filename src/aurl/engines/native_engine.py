@@ -250,6 +250,9 @@ class NativeEngine:
         weights: ``int8`` (the blocks' and the head's weights quantized per output row; the
             embeddings stay float32) or ``fp32``.
 
+    One engine serves any number of states, one call at a time: its scratch buffers are
+    shared, so threads that decode at once each need their own engine.
+
     Raises:
         CheckpointError: not a model folder, damaged, or weights that do not fit the config.
         ConfigError: the compiled step is missing, or the model has a feature the engine lacks
