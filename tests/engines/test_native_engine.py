@@ -298,6 +298,8 @@ def _nan_weight(folder: Path) -> None:
         (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:4000]),
          CheckpointError, "truncated or damaged"),
         (lambda f: (f / "config.json").write_text("{"), CheckpointError, "is damaged"),
+        (lambda f: (f / "model.safetensors").unlink(), CheckpointError,
+         "model.safetensors does not exist: --engine native reads a model folder"),
     ],
 )  # fmt: skip
 def test_bad_model_folders_are_refused(tmp_path, damage, error, message) -> None:
@@ -450,3 +452,58 @@ def test_weights_larger_than_memory_are_refused_before_reading(tmp_path) -> None
         f.truncate(8 + len(header) + 774 * cols * 4)  # a hole: no data written
     with pytest.raises(CheckpointError, match="GiB of weights as float32, more than this machine"):
         NativeEngine(folder)
+
+
+FUZZ = """
+import json, random, shutil, sys
+from pathlib import Path
+import numpy as np
+from aurl.engines.native_engine import NativeEngine
+from aurl.errors import AurlError
+src, folder = Path(sys.argv[1]), Path(sys.argv[2])
+data = (src / "model.safetensors").read_bytes()
+n = int.from_bytes(data[:8], "little")
+rng = random.Random(0)
+shutil.copy(src / "config.json", folder / "config.json")
+outcomes = {"refused": 0, "ran": 0}
+for i in range(40):
+    b, mode = bytearray(data), i % 4
+    if mode == 0:  # the header: letters and digits for others, so that it stays JSON (names,
+        # dtypes, shapes and offsets change) or, now and then, any byte
+        for _ in range(rng.randint(1, 3)):
+            j = rng.randrange(8, 8 + n)
+            if chr(b[j]).isalnum():
+                b[j] = ord(rng.choice("0123456789FIUBabcdefghijklmnopqrstuvwxyz"))
+            elif rng.random() < 0.2:
+                b[j] = rng.randrange(256)
+    elif mode == 1:
+        b = b[: rng.randrange(len(b))]
+    elif mode == 2:  # the weights' bytes: NaN, infinities, huge values
+        for _ in range(rng.randint(1, 50)):
+            b[rng.randrange(8 + n, len(b))] = rng.randrange(256)
+    else:  # the header's length
+        b[0:8] = rng.randrange(2**40).to_bytes(8, "little")
+    (folder / "model.safetensors").write_bytes(bytes(b))
+    try:
+        engine = NativeEngine(folder)
+        state = engine.init_state(1, capacity=64)
+        engine.step(np.array([[0, 5, 10]]), state)
+        engine.step(np.array([[7]]), state)
+        outcomes["ran"] += 1
+    except AurlError:
+        outcomes["refused"] += 1
+print(json.dumps(outcomes))
+"""
+
+
+def test_damaged_weights_are_refused_or_run_never_crash(tmp_path) -> None:
+    """40 damaged copies of the shipped weights (header bytes, truncations, weight bytes, the
+    header's length), each loaded and stepped in a child process: every one is refused with an
+    Aurl error or runs; none raises anything else or takes the process down."""
+    r = subprocess.run(
+        [sys.executable, "-c", FUZZ, str(SHIPPED), str(tmp_path)], capture_output=True,
+        text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(SRC)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    outcomes = json.loads(r.stdout.strip().splitlines()[-1])
+    assert outcomes["refused"] + outcomes["ran"] == 40 and outcomes["refused"] >= 20

@@ -2,16 +2,18 @@
 and no onnxruntime.
 
 It reads a model folder (``config.json`` + ``model.safetensors``: a shipped model or a
-checkpoint's ``model/``) directly, quantizes the blocks' and the head's weights to int8 per
-output row when it loads them, with a KV cache of half floats (or keeps both fp32:
-``weights="fp32"``), and steps one token for
-every row of the batch per C call: all blocks, the final norm and the tied head. The input
-embedding (token, musical time, meter, grammar features, style) is summed in numpy from the same
-per-token inputs the onnx engine feeds its graph (:mod:`aurl.engines.features`).
+checkpoint's ``model/``) directly and quantizes the blocks' and the head's weights to int8 per
+output row as it loads them, with keys and values cached as half floats where the CPU converts
+them in hardware (``weights="fp32"`` keeps weights and cache in fp32: the torch model's logits
+to 1e-5). One C call steps one token for every row of the batch through all blocks, the final
+norm and the tied head; one more sums that token's input embedding (token, musical time, meter,
+grammar features, style) from the per-token inputs the onnx engine feeds its graph
+(:mod:`aurl.engines.features`). A first call of several tokens sums their embeddings in numpy and
+steps them one by one.
 
 Why: at one token per step, onnxruntime's int8 MatMul and its GroupQueryAttention read weights
-and cache at 54-67% of what one core streams (BENCHMARKS.md, issue 17); here every weight row and
-every cached key and value row is one contiguous stream.
+and cache at 40-53% of what one core streams; here every weight row and every cached key and
+value row is one contiguous, prefetched stream (BENCHMARKS.md, issue 17, tenth pass).
 
 Duck-typed like the model for the generation loop (:mod:`aurl.engines`): ``init_state``,
 ``step`` (logits as numpy (B, T, V) float32), ``grammar_state``, ``reorder``. Unlike the onnx
@@ -98,7 +100,13 @@ def load_library() -> Any:
             "installation lacks (no C compiler when it was installed): install a C compiler "
             "(apt-get install gcc) and reinstall Aurl, or use --engine onnx"
         )
-    lib = ctypes.CDLL(spec.origin)
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError as e:  # damaged, or built for another machine
+        raise ConfigError(
+            f"Aurl's compiled step {spec.origin} cannot be loaded ({e}): reinstall Aurl on this "
+            "machine, or use --engine onnx"
+        ) from None
     p, i32 = ctypes.c_void_p, ctypes.c_int
     lib.aurl_step.argtypes = [p, i32, p, p, p, i32, i32, p, p, p]
     lib.aurl_step.restype = i32
@@ -195,8 +203,17 @@ def read_model_folder(folder: str | Path) -> tuple[ModelConfig, VocabConfig, dic
         vocab = build(VocabConfig, meta.get("vocab", {}), prefix="vocab")
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    tensors = read_arrays(folder / "model.safetensors")
-    check_memory(tensors, folder / "model.safetensors")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{weights} does not exist: --engine native reads a model folder (config.json and "
+            "model.safetensors, as save_pretrained writes it)"
+        )
+    try:
+        tensors = read_arrays(weights)
+    except OSError as e:  # unreadable: permissions, a vanished file
+        raise CheckpointError(f"{weights} cannot be read ({e.strerror or e})") from None
+    check_memory(tensors, weights)
     return model, vocab, tensors
 
 
