@@ -324,6 +324,8 @@ def test_ids_outside_the_vocabulary_and_a_full_state_are_refused() -> None:
     engine.step(np.array([[0, 5, 6, 7]]), s)
     with pytest.raises(ValueError, match="decode state is full"):
         engine.step(np.array([[5]]), s)
+    with pytest.raises(ValueError, match="2 rows of ids for a state of 1 rows"):
+        engine.step(np.array([[5], [6]]), engine.init_state(1, capacity=4))
     with pytest.raises(ConfigError, match="style id 9"):
         NativeEngine(STYLES).init_state(1, style=np.array([9]))
 

@@ -534,6 +534,8 @@ class NativeEngine:
         float32 (a new array) and advances ``state`` in place."""
         ids = np.asarray(ids, dtype=np.int64)
         B, T = ids.shape
+        if state.keys[0].shape[0] != B:  # the C step writes B rows of the state's cache
+            raise ValueError(f"{B} rows of ids for a state of {state.keys[0].shape[0]} rows")
         if state.pos + T > state.capacity:
             raise ValueError(
                 f"decode state is full ({state.capacity} positions): start a new state"
