@@ -509,3 +509,22 @@ def test_damaged_weights_are_refused_or_run_never_crash(tmp_path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     outcomes = json.loads(r.stdout.strip().splitlines()[-1])
     assert outcomes["refused"] + outcomes["ran"] == 40 and outcomes["refused"] >= 20
+
+
+def test_evaluate_task_on_the_native_engine(tmp_path, capsys) -> None:
+    """`aurl evaluate --task harmonize --engine native` decodes on the native engine (and says
+    so), keeping every melody note; `--engine` without `--task`, and `--int4` on it, are one
+    line each."""
+    out = tmp_path / "eval"
+    args = ["evaluate", "--task", "harmonize", "--limit", "1", "--engine", "native"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "decoding on the native (int8) engine" in capsys.readouterr().out
+    rows = json.loads((out / "harmonize.json").read_text())["rows"]
+    assert rows["forcing"]["melody_kept"] == rows["forcing+smc8"]["melody_kept"] == 1.0
+    for argv, says in (
+        (["evaluate", "--data", "d", "--engine", "native"], "--engine native chooses what decodes"),
+        ([*args, "--int4"], "--int4 chooses the onnx engine's graphs"),
+    ):
+        assert main([*argv, "--out", str(tmp_path / "x")]) != 0
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0]

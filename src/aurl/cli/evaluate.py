@@ -46,6 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "chorale (--split), compare with Bach (likelihood, four-part rules, chords, cadences)",
     )  # fmt: skip
     p.add_argument("--limit", type=int, metavar="N", help="--task: the first N chorales only")
+    p.add_argument(
+        "--engine", choices=("onnx", "native", "torch"), default="onnx",
+        help="--task: what decodes the harmonizations: onnx (default; torch where onnxruntime "
+        "is missing), native (Aurl's compiled step, int8 unless --fp32: ~1.4x faster here) or "
+        "torch",
+    )  # fmt: skip
     add_precision_arguments(
         p,
         int8="--task: decode on the model's int8 onnx graphs, the default on CPUs with integer "
@@ -225,6 +231,11 @@ def run(args: argparse.Namespace) -> int:
     flag = precision_flag(args)
     if flag and not args.task:
         raise ConfigError(f"{flag} chooses --task's onnx graphs: add --task harmonize or drop it")
+    if args.engine != "onnx" and not args.task:
+        raise ConfigError(f"--engine {args.engine} chooses what decodes --task: add --task "
+                          "harmonize or drop it")  # fmt: skip
+    if flag and (args.engine == "torch" or (args.engine == "native" and flag == "--int4")):
+        raise ConfigError(f"{flag} chooses the onnx engine's graphs: add --engine onnx")
     checks.out_dir(args.out)
     checks.workers(args.workers)
     checks.nonempty(args.style, "--style", "a style of the model's model.styles or 'each'")

@@ -277,6 +277,7 @@ class NativeEngine:
     """
 
     numpy = True
+    kind = "native"  # what a report names it
     takes_style = True  # init_state(style=...): the model's style embedding
 
     def __init__(self, folder: str | Path, *, weights: str = "int8") -> None:

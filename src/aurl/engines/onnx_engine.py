@@ -137,7 +137,8 @@ class OnnxEngine:
         ConfigError: onnxruntime is not installed.
     """
 
-    numpy = True  # the loop keeps its arrays in numpy
+    numpy = True
+    kind = "onnx"  # what a report names it  # the loop keeps its arrays in numpy
 
     def __init__(self, folder: str | Path, *, threads: int = 1) -> None:
         meta = read_export_config(folder)

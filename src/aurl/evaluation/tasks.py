@@ -412,7 +412,9 @@ def onnx_engine_of(
 
 
 def task_engine(args: Any, model: Any) -> Any:
-    """What ``aurl evaluate --task`` decodes ``model`` with: its onnx engine, whose precision
+    """What ``aurl evaluate --task`` decodes ``model`` with: ``--engine native`` its native
+    engine (int8, or fp32 with ``--fp32``), ``--engine torch`` None (torch); by default its onnx
+    engine, whose precision
     follows the composing commands' rule (:func:`aurl.cli.generate.chosen_precision`:
     ``--int8`` / ``--int4`` / ``--fp32``, else :data:`aurl.engines.cpu.COMPOSING_QUANTIZED`,
     int8, where the CPU has integer dot products, fp32 elsewhere); None (torch) for an anticipation model, whose exports carry no controls,
@@ -421,6 +423,15 @@ def task_engine(args: Any, model: Any) -> Any:
     from aurl.engines.cpu import COMPOSING_QUANTIZED
     from aurl.generation.anticipation import supports_anticipation
 
+    engine = getattr(args, "engine", "onnx")
+    if engine == "torch":
+        return None
+    if engine == "native":  # a model it cannot run is refused in one line, not decoded by torch
+        from aurl.cli.generate import model_folder
+        from aurl.engines.native_engine import NativeEngine
+
+        folder = model_folder(args.checkpoint, getattr(args, "model", None))
+        return NativeEngine(folder, weights="fp32" if getattr(args, "fp32", False) else "int8")
     if supports_anticipation(model):
         return None
     precision = chosen_precision(args, quantized=COMPOSING_QUANTIZED)
@@ -449,7 +460,7 @@ def run_task(args: Any, load_model: Any) -> int:
         )
     model, _, _ = load_model(args.checkpoint, args.device, getattr(args, "model", None))
     engine = task_engine(args, model)
-    where = "torch" if engine is None else f"onnx ({engine.weights})"
+    where = "torch" if engine is None else f"{engine.kind} ({engine.weights})"
     print(f"decoding on the {where} engine")
     t0 = time.perf_counter()
     result = evaluate_harmonize(model, files, seed=args.seed, engine=engine, progress=bar)
