@@ -325,7 +325,7 @@ class NativeEngine:
             )
         return a
 
-    def _f32(self, t: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def _f32(self, t: Any, name: str, shape: tuple[int, ...], keep: bool = True) -> np.ndarray:
         have = tuple(t.shapes()[name]) if name in t else None  # from the header: nothing read
         if have is not None and have != shape:
             raise CheckpointError(
@@ -333,11 +333,17 @@ class NativeEngine:
                 f"config.json implies {list(shape)}: the folder mixes models"
             )
         a = self._table(t, name)
-        self._keep.append(a)
+        if keep:  # an array the C step points into
+            self._keep.append(a)
         return a
 
-    def _lin(self, t: dict, name: str, n: int, k: int, bias: bool = True) -> _Lin:
-        w = self._f32(t, f"{name}.weight", (n, k))
+    def _lin(
+        self, t: Any, name: str, n: int, k: int, bias: bool = True, w: np.ndarray | None = None
+    ) -> _Lin:
+        """The C structure of the linear layer ``name`` ((n, k) weight, ``w`` when given: the
+        tied head's is the token table); int8 weights keep only their quantized copy."""
+        if w is None:
+            w = self._f32(t, f"{name}.weight", (n, k), keep=self.weights == "fp32")
         b = self._f32(t, f"{name}.bias", (n,)).ctypes.data if bias else None
         if self.weights == "int8":
             q, scale = quantize_rows(w)
@@ -385,7 +391,8 @@ class NativeEngine:
         self.model = _Model(
             D, H, hd, F, V, c.n_layers, layers,
             f(t, "norm.weight", (D,)).ctypes.data, f(t, "norm.bias", (D,)).ctypes.data,
-            self._lin(t, "embed", V, D, bias=False), self._cos.ctypes.data, self._sin.ctypes.data,
+            self._lin(t, "embed", V, D, bias=False, w=self.token_table),
+            self._cos.ctypes.data, self._sin.ctypes.data,
             c.max_seq_len, int(self.kv_dtype == np.float16),
         )  # fmt: skip
         self.heads, self.head_dim = H, hd
