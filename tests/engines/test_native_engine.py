@@ -528,3 +528,55 @@ def test_evaluate_task_on_the_native_engine(tmp_path, capsys) -> None:
         assert main([*argv, "--out", str(tmp_path / "x")]) != 0
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and says in lines[0]
+
+
+PORTABLE_CHECK = """
+import sys
+import numpy as np, torch
+from aurl.data.meter import read_meter
+from aurl.data.tokenizer import Tokenizer
+from aurl.engines.native_engine import NativeEngine, kernels
+from aurl.models.pretrained import load_pretrained
+folder, midi = sys.argv[1], sys.argv[2]
+model = load_pretrained(folder).float().eval()
+engine = NativeEngine(folder, weights="fp32")
+ids = np.asarray(Tokenizer(engine.vocab_config).encode_file(midi), dtype=np.int64)[None, :120]
+meter = np.array([read_meter(midi)])
+with torch.no_grad():
+    want = model.step(torch.as_tensor(ids), model.init_state(1, capacity=256,
+                      meter=torch.as_tensor(meter))).numpy()  # fmt: skip
+s = engine.init_state(1, capacity=256, meter=meter)
+got = np.concatenate([engine.step(ids[:, :60], s)] + [engine.step(ids[:, j : j + 1], s)
+                     for j in range(60, 120)], 1)  # fmt: skip
+lp = lambda z: z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+print(kernels(), float(np.abs(lp(got) - lp(want)).max()))
+"""
+
+
+def test_the_portable_only_build_compiles_and_equals_the_torch_model(tmp_path) -> None:
+    """What ARM gets: the step compiled without any x86 code (``AURL_PORTABLE_ONLY``), warning
+    free, loaded through ``$AURL_NATIVE_LIBRARY`` in a child process: the shipped model's fp32
+    log-probs equal the torch model's to 1e-4 on the portable kernels."""
+    import shutil as sh
+    import sysconfig
+
+    cc = sh.which("gcc") or sh.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    lib = tmp_path / "native_portable.so"
+    r = subprocess.run(
+        [cc, "-O2", "-std=c11", "-Wall", "-Wextra", "-fno-math-errno", "-DAURL_PORTABLE_ONLY",
+         "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
+         str(SRC / "aurl" / "engines" / "_native.c"), "-o", str(lib), "-lm"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    midi = Path(__file__).resolve().parents[1] / "fixtures" / "midi" / "bach_bwv269.mid"
+    r = subprocess.run(
+        [sys.executable, "-c", PORTABLE_CHECK, str(SHIPPED), str(midi)], capture_output=True,
+        text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(SRC), "AURL_NATIVE_LIBRARY": str(lib)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    kernels, diff = r.stdout.split()
+    assert kernels == "portable" and float(diff) < 1e-4

@@ -26,7 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(AURL_PORTABLE_ONLY)
 #define AURL_X86 1
 #include <immintrin.h>
 #endif
