@@ -237,6 +237,14 @@ def test_missing_compiled_step_is_one_line(tmp_path) -> None:
     assert len(lines) == 1 and "install a C compiler" in lines[0], r.stderr
 
 
+def test_threads_are_one_line_of_notice(tmp_path, capsys) -> None:
+    args = ["generate", "--engine", "native", "--threads", "2", "--max-tokens", "16"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["--threads 2: the native engine decodes on one thread (one core's memory "
+                     "bandwidth is what its step needs)"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "flags, name",
     [

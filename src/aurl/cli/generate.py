@@ -511,6 +511,11 @@ def native_engine(args: argparse.Namespace):
     from aurl.engines.native_engine import NativeEngine, load_library
 
     load_library()  # a missing compiled step fails before the weights are read
+    if args.threads != 1:
+        import sys
+
+        print(f"--threads {args.threads}: the native engine decodes on one thread (one core's "
+              "memory bandwidth is what its step needs)", file=sys.stderr)  # fmt: skip
     folder = model_folder(args.checkpoint, args.model)
     if (folder / "decoder.onnx").is_file() and not (folder / "model.safetensors").is_file():
         raise CheckpointError(
