@@ -47,6 +47,12 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         CheckpointError: truncated, damaged, or a tensor of an unknown dtype or whose bytes
             lie outside the file.
     """
+    return _layout(path)[0]
+
+
+def _layout(path: Path) -> tuple[dict, dict[str, tuple[int, int]], int]:
+    """:func:`read_header`'s entries, each tensor's ``(start, end)`` among the data bytes, and
+    where the data bytes begin."""
     size = path.stat().st_size
     with path.open("rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -63,7 +69,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged safetensors header ({e})") from None
     data_bytes = size - 8 - n
-    out = {}
+    out, offsets = {}, {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -84,8 +90,8 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 f"{path}: {name} ({dtype} {list(shape)}) does not fit in the file's "
                 f"{data_bytes} data bytes: truncated or damaged, re-save it with save_pretrained"
             )
-        out[name] = (dtype, shape)
-    return out
+        out[name], offsets[name] = (dtype, shape), (start, end)
+    return out, offsets, 8 + n
 
 
 NUMPY_DTYPES = {
@@ -101,6 +107,7 @@ class Tensors(Mapping):
 
     def __init__(self, path: Path, header: dict, offsets: dict[str, tuple[int, int]], base: int):
         self.path, self._header, self._offsets, self._base = path, header, offsets, base
+        self._shapes = {name: shape for name, (_, shape) in header.items()}
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape = self._header[name]
@@ -123,8 +130,6 @@ class Tensors(Mapping):
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Each tensor's shape, from the header (nothing read)."""
-        if not hasattr(self, "_shapes"):
-            self._shapes = {name: shape for name, (_, shape) in self._header.items()}
         return self._shapes
 
 
@@ -138,9 +143,4 @@ def read_arrays(path: str | Path) -> Tensors:
     """
     path = Path(path)
     check_safetensors(path)
-    header = read_header(path)
-    with path.open("rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        raw = json.loads(f.read(n))
-    offsets = {name: tuple(int(x) for x in raw[name]["data_offsets"]) for name in header}
-    return Tensors(path, header, offsets, 8 + n)
+    return Tensors(path, *_layout(path))

@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from aurl.engines import ENGINES
+
 MUSICXML = (".musicxml", ".xml", ".mxl")
 
 
@@ -82,7 +84,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     engine = p.add_argument(
-        "--engine", choices=("torch", "onnx", "native"), default="torch",
+        "--engine", choices=ENGINES, default="torch",
         help="torch (default); onnx: onnxruntime, about 3x less CPU per token; the model's "
         "graphs are written once to ~/.cache/aurl/onnx (or give an export folder as "
         "--checkpoint); their precision: %(default_precision)s, unless --int8 / --int4 / --fp32; "

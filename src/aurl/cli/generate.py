@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from aurl.engines import ENGINES
 from aurl.engines.cpu import PRECISIONS
 
 SHIPPED = Path(__file__).resolve().parent.parent / "pretrained"
@@ -42,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_argument(p)
     add_adapter_argument(p)
     engine = p.add_argument(
-        "--engine", choices=("torch", "onnx", "native"), default="torch",
+        "--engine", choices=ENGINES, default="torch",
         help="torch (default); onnx: onnxruntime on the CPU, never imports torch (the shipped "
         "model's graphs are written once to ~/.cache/aurl/onnx, see docs/design.md); their "
         "precision: %(default_precision)s, unless --int8 / --int4 / --fp32; native: Aurl's own "

@@ -254,10 +254,6 @@ class NativeState:
     embed_args: tuple | None = field(default=None, repr=False)  # the C embedding's arguments
 
     @property
-    def x_address(self) -> int:
-        return self.embed_args[-1]
-
-    @property
     def grammar(self) -> Any:
         return self.features.grammar
 
@@ -485,9 +481,9 @@ class NativeEngine:
             x += (self.style_table[np.where(known, style, 0)] * known[:, None])[:, None]
         return x
 
-    def _embed_one(self, state: NativeState) -> np.ndarray:
-        """(B, D) the input embeddings of the one-token inputs in ``state.inputs``, summed in C
-        into a buffer of the state (the step overwrites it)."""
+    def _embed_one(self, state: NativeState) -> int:
+        """The address of the (B, D) input embeddings of the one-token inputs in
+        ``state.inputs``, summed in C into a buffer of the state (the step overwrites it)."""
         if state.embed_args is None:  # addresses taken once per input buffers (.ctypes is slow)
             inputs = state.inputs
             B = inputs["ids"].shape[0]
@@ -501,7 +497,7 @@ class NativeEngine:
             )  # fmt: skip
         if self.lib.aurl_embed(*state.embed_args) != 0:
             raise ValueError("native embedding: an input index outside its table")
-        return state.x
+        return state.embed_args[-1]
 
     def _buffers(self, B: int, capacity: int) -> tuple[np.ndarray, tuple]:
         """The logits buffer (B, V) and the C step's scratch addresses for B rows and a cache
@@ -516,16 +512,15 @@ class NativeEngine:
             self._scratch[key] = (logits, addresses, floats, qbuf)  # the arrays kept alive
         return self._scratch[key][:2]
 
-    def _run(self, x: np.ndarray, state: NativeState) -> np.ndarray:
-        """One token per row from its input embeddings ``x`` (B, D) float32, contiguous (the
-        C step overwrites it); returns the logits buffer (B, V) (reused: copy to keep)."""
-        B = x.shape[0]
+    def _run(self, x: int, B: int, state: NativeState) -> np.ndarray:
+        """One token per row from the address ``x`` of its input embeddings (B, D) float32,
+        contiguous (the C step overwrites them); returns the logits buffer (B, V) (reused: copy
+        to keep)."""
         logits, (out, floats, qbuf) = self._buffers(B, state.capacity)
         keys, values = state.pointers
         rc = self.lib.aurl_step(
-            self._model_ref, B, x.ctypes.data if x is not state.x else state.x_address, keys,
-            values, state.capacity, state.pos, out, floats, qbuf,
-        )  # fmt: skip
+            self._model_ref, B, x, keys, values, state.capacity, state.pos, out, floats, qbuf
+        )
         if rc != 0:
             raise ValueError(f"native step refused position {state.pos} of {state.capacity}")
         state.pos += 1
@@ -559,13 +554,14 @@ class NativeEngine:
             state.features = self.features.advance_into(
                 ids[:, 0], state.features, state.inputs, fresh=fresh
             )
-            return self._run(self._embed_one(state), state)[:, None].copy()
+            return self._run(self._embed_one(state), B, state)[:, None].copy()
         feed, state.features = self.features(ids, state.features)
         state.inputs = None  # the one-token buffers must be refilled whole
         x = self.embed_inputs(feed, state.style)
         out = np.empty((B, T, self.vocab.size), np.float32)
         for j in range(T):
-            out[:, j] = self._run(np.ascontiguousarray(x[:, j]), state)
+            xj = np.ascontiguousarray(x[:, j])  # alive through the call
+            out[:, j] = self._run(xj.ctypes.data, B, state)
         return out
 
     def grammar_state(self, state: NativeState) -> Any:
