@@ -32,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument(
         "--key", metavar="KEY", help="favour this key for the new voices, e.g. 'G major'"
     )
+    h.add_argument(
+        "--no-cadences", dest="cadences", action="store_false",
+        help="do not lean towards a cadence where the melody's phrases end (by default the "
+        "voices lean to V7-I under a tonic note and to V under a dominant one there, and with "
+        "--particles the rows that arrive on a cadence replace those that do not)",
+    )  # fmt: skip
     _common(h)
     h.set_defaults(func=run_harmonize)
 
@@ -75,8 +81,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="results (default 1)")
     p.add_argument(
         "--particles", type=int, default=1, metavar="K",
-        help="sequential Monte Carlo rows per result (default 1: forcing alone, the measured "
-        "default; 8 reaches more cadences at phrase ends for ~5-6x the CPU)",
+        help="sequential Monte Carlo rows per result (default 1: forcing alone, the fast "
+        "path; 8 fits the voices to the melody better, at ~8x the CPU)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="default 1")
@@ -238,7 +244,7 @@ def _options(args: argparse.Namespace, key: str = "") -> Any:
 
     return ComposeOptions(
         num_samples=args.num_samples, particles=args.particles, temperature=args.temperature,
-        seed=args.seed, key=key,
+        seed=args.seed, key=key, cadences=getattr(args, "cadences", True),
     )  # fmt: skip
 
 

@@ -213,14 +213,16 @@ def cadence_rate(notes: np.ndarray, melody: np.ndarray, key: Any) -> float:
 class Variant:
     """One way of decoding: a name, the number of SMC particles (1: forcing alone), and the
     :class:`aurl.generation.compose.ComposeOptions` switches ``melody_key`` (bias towards the
-    melody's key), ``voice_leading`` (mask parallel fifths and octaves) and ``consonance``
-    (bias against dissonances with the melody note)."""
+    melody's key), ``voice_leading`` (mask parallel fifths and octaves), ``consonance``
+    (bias against dissonances with the melody note) and ``cadences`` (lean towards a cadence
+    at the melody's phrase ends; with particles, keep the rows that arrive on one)."""
 
     name: str
     particles: int
     melody_key: bool = True
     voice_leading: bool = True
     consonance: float = 0.7
+    cadences: bool = True
 
 
 VARIANTS = (Variant("forcing", 1), Variant("forcing+smc8", 8))
@@ -303,7 +305,7 @@ def evaluate_harmonize(
             t0 = time.perf_counter()
             opts = ComposeOptions(
                 particles=v.particles, seed=seed, melody_key=v.melody_key,
-                voice_leading=v.voice_leading, consonance=v.consonance,
+                voice_leading=v.voice_leading, consonance=v.consonance, cadences=v.cadences,
             )  # fmt: skip
             (c,) = harmonize(model if engine is None else engine, line, options=opts, meter=meter)
             seconds = time.perf_counter() - t0

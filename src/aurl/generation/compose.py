@@ -58,6 +58,7 @@ MIN_MELODY_PITCH = 52  # E3: lower, three voices cannot go under the melody
 MAX_MELODY_PITCH = 96
 MIN_FREE_PITCH, MAX_FREE_PITCH = 33, 84  # where the model's own notes may go (A1..C6)
 NEAR_STEP = 5  # semitones: an earlier note this close may be the one a new note continues
+CADENCE_STRICTNESS = 0.97  # the lean of the model's notes towards a cadence at phrase ends
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +90,13 @@ class ComposeOptions:
             of their step get ``log(1 - consonance)`` (0: none). In the canonical order the notes
             below the melody come before its NOTE_ON at each step, so without it the model
             chooses each chord before it sees the melody note the chord sounds under.
+        cadences: In :func:`harmonize` (with a key: ``key`` or ``melody_key``), lean towards
+            a cadence at each of the melody's phrase ends
+            (:func:`aurl.analysis.structure.phrase_boundaries`): the model's notes there lean to
+            the chord the melody note calls for (:meth:`Arrivals.of_melody`), and with
+            ``particles > 1`` the rows that arrive on a cadence in the key
+            (:func:`aurl.analysis.chords.detect_cadences`) replace those that do not, where
+            some do (:class:`Arrivals`).
     """
 
     num_samples: int = 1
@@ -101,6 +109,7 @@ class ComposeOptions:
     melody_key: bool = True
     voice_leading: bool = True
     consonance: float = 0.7
+    cadences: bool = True
 
 
 @dataclass
@@ -450,6 +459,120 @@ class _Masks:
 
 
 # --------------------------------------------------------------------------------------------
+# Phrase ends: rows that arrive on a cadence
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """Where a melody's phrases arrive, the key their cadences are read in and the
+    proposal's lean towards them: what :func:`decode` steers to.
+
+    The lean (``spans``, :meth:`of_melody`) shapes every row's proposal near an arrival. With
+    particles, once every row of a sample is ``lookahead`` steps past an arrival (so the chord struck
+    there is complete), each row's notes so far (the given ones, ``given``, and its own, cut at
+    that step) are read as :func:`aurl.evaluation.tasks.cadence_rate` reads a finished
+    harmonization: chords per beat, and a cadence (authentic, plagal, half or deceptive) when
+    the chord sounding at the arrival and the one before it make one in ``key``. Where some rows
+    of a sample arrive on a cadence and some do not, the sample's rows are resampled by weight
+    from those that do (a potential of zero on the others: sequential Monte Carlo steered by the
+    analysis, as :func:`aurl.generation.cadence.generate_phrased` steers generated pieces).
+
+    Attributes:
+        steps: Arrival steps, ascending.
+        key: The :class:`aurl.analysis.keys.Key` the cadences are read in.
+        given: The given notes (beats).
+        lookahead: Steps past an arrival before its rows are judged.
+        spans: ``(start, end, bias)``: from step ``start`` to ``end`` the model's NOTE_ONs and
+            NOTE_OFFs get the (V,) ``bias`` (:meth:`bias`).
+    """
+
+    steps: tuple[int, ...]
+    key: Any
+    given: np.ndarray
+    lookahead: int
+    spans: tuple[tuple[int, int, np.ndarray], ...] = ()
+
+    @classmethod
+    def of_melody(
+        cls, line: np.ndarray, key_name: str, vocab: Vocab, strictness: float = CADENCE_STRICTNESS
+    ) -> Arrivals | None:
+        """The arrivals of a melody's phrases (None without a key or a phrase), with the
+        proposal's lean towards a cadence: where the melody arrives on a note of the tonic
+        triad, the model's NOTE_ONs of the beat before lean to the dominant seventh chord's
+        pitch classes and those of the arrival's beat to the tonic triad's; where it arrives on a
+        note of the dominant triad (a half cadence), the arrival's to that triad's. Other
+        pitch classes get ``log(1 - strictness)`` there (the importance weights correct for it).
+        The fifth of the key (in both triads) takes the half cadence, as at most of Bach's
+        fermatas on it."""
+        from aurl.analysis.keys import parse_key
+        from aurl.analysis.structure import phrase_boundaries
+
+        phrases = phrase_boundaries(line)
+        if not key_name or not phrases:
+            return None
+        key = parse_key(key_name)
+        spb = vocab.config.steps_per_beat
+        steps = tuple(sorted({int(round(p.arrival * spb)) for p in phrases}))
+        tonic = (0, 4, 7) if key.mode == "major" else (0, 3, 7)
+        dominant, dominant7 = (7, 11, 2), (7, 11, 2, 5)
+        spans = []
+        onsets = np.round(line["onset"] * spb).astype(np.int64)
+        for t in steps:
+            at = np.flatnonzero(onsets == t)
+            if not len(at):
+                continue
+            m = (int(line["pitch"][at[-1]]) - key.tonic) % 12
+            if m in tonic and m not in dominant:
+                spans.append((t - spb, t, _pc_bias(vocab, key.tonic, dominant7, strictness)))
+                spans.append((t, t + spb, _pc_bias(vocab, key.tonic, tonic, strictness)))
+            elif m in dominant:
+                spans.append((t, t + spb, _pc_bias(vocab, key.tonic, dominant, strictness)))
+        return cls(steps=steps, key=key, given=line, lookahead=spb, spans=tuple(spans))
+
+    def bias(self, t: int) -> np.ndarray | None:
+        """The (V,) lean of the model's NOTE_ONs and NOTE_OFFs at step ``t`` (None: none
+        there)."""
+        for start, end, b in self.spans:
+            if start <= t < end:
+                return b
+        return None
+
+    def cadence_at(self, row: _Row, arrival: int, cut: int, spb: int) -> bool:
+        """Whether ``row``'s notes up to step ``cut`` arrive on a cadence at step ``arrival``."""
+        from aurl.analysis.chords import detect_cadences, recognize_chords
+
+        cut_beats = cut / spb
+        given = self.given[self.given["onset"] < cut_beats - 1e-9].copy()
+        given["duration"] = np.minimum(given["duration"], cut_beats - given["onset"])
+        own = [(a, b, p) for a, b, p, _ in row.made if a < cut]
+        own += [(a, cut, p) for p, a in row.free.items() if a < cut]
+        notes = np.zeros(len(own), dtype=NOTE_DTYPE)
+        if own:
+            made = np.array(own, dtype=np.int64)
+            notes["onset"] = made[:, 0] / spb
+            notes["duration"] = (np.minimum(made[:, 1], cut) - made[:, 0]) / spb
+            notes["pitch"] = made[:, 2]
+            notes["velocity"] = DEFAULT_VELOCITY
+        both = np.concatenate([given, notes])
+        both = both[both["duration"] > 0]
+        chords = recognize_chords(both)
+        return bool(detect_cadences(chords, self.key, arrivals=[arrival / spb]))
+
+
+def _pc_bias(vocab: Vocab, tonic: int, degrees: tuple[int, ...], strictness: float) -> np.ndarray:
+    """(V,) bias: NOTE_ONs whose pitch class is none of ``degrees`` above ``tonic`` get
+    ``log(1 - strictness)``, NOTE_OFFs of those pitch classes ``-log(1 - strictness)`` (a note
+    held into the chord from the one before is let go)."""
+    bias = np.zeros(vocab.size)
+    for kind, sign in ((Kind.NOTE_ON, 1.0), (Kind.NOTE_OFF, -1.0)):
+        ids = np.flatnonzero(vocab.kind == kind)
+        inside = np.isin((vocab.value[ids] - tonic) % 12, degrees)
+        bias[ids[~inside]] = sign * math.log(1.0 - strictness)
+    return bias
+
+
+# --------------------------------------------------------------------------------------------
 # The engine seam
 # --------------------------------------------------------------------------------------------
 
@@ -637,9 +760,12 @@ def decode(
     plan: Plan,
     options: ComposeOptions = ComposeOptions(),
     *,
+    arrivals: Arrivals | None = None,
     progress: Progress = silent,
 ) -> list[Composition]:
-    """Sample ``options.num_samples`` compositions that hold ``plan``'s given events.
+    """Sample ``options.num_samples`` compositions that hold ``plan``'s given events (with
+    ``arrivals``, leaning towards cadences at its phrase ends, and with ``options.particles >
+    1`` keeping the rows that arrive on one).
 
     Returns:
         One :class:`Composition` per sample (``score`` None: the callers build it), its
@@ -668,8 +794,13 @@ def decode(
         bias = scale_bias(vocab, options.key, options.key_strictness)
     free_on = np.zeros(vocab.size, dtype=bool)
     free_on[vocab.note_on : vocab.note_off] = True
+    any_off = np.zeros(vocab.size, dtype=bool)
+    any_off[vocab.note_off : vocab.note_off + vocab.n_pitches] = True
     against_top = dissonance_bias(vocab, options.consonance if plan.melody_top else 0.0)
     resamples = fallbacks = n = 0
+    spb = vocab.config.steps_per_beat
+    due = list(arrivals.steps) if arrivals is not None and K > 1 else []  # arrivals to judge
+    judged = steered = 0
     limit = 64 + 8 * (plan.end + 1)  # a bug guard: far more tokens than any plan needs
     for _ in progress(iter(int, 1), desc="compose"):
         if all(r.ended for r in rows):
@@ -690,6 +821,9 @@ def decode(
         is_free_on = free_on[None, :] & keep
         top = np.array([r.top % 12 if r.top >= 0 else 12 for r in rows])
         proposal = proposal + np.where(is_free_on, bias[None, :] + against_top[top], 0.0)
+        if arrivals is not None and arrivals.spans:  # the lean towards a cadence
+            lean = np.stack([_or_zero(arrivals.bias(r.t), vocab.size) for r in rows])
+            proposal = proposal + np.where(is_free_on | (any_off[None, :] & keep), lean, 0.0)
         logq = proposal - _logsumexp(proposal)[:, None]
         u = rng.random(B)
         cdf = np.cumsum(np.exp(logq), axis=1)
@@ -706,26 +840,35 @@ def decode(
         gstate = grammar.advance(gstate, tok.astype(np.int64))
         logits = engine.step(tok.astype(np.int64), state)
         n += 1
+        index = np.arange(B)
         if K > 1 and n % options.resample_every == 0:
             w = weight.reshape(S, K)
             pw = np.exp(w - w.max(1, keepdims=True))
             ess = pw.sum(1) ** 2 / (pw**2).sum(1)
-            if (ess < K / 2).any():
-                index = np.arange(B)
-                for s in np.flatnonzero(ess < K / 2):
-                    p = pw[s] / pw[s].sum()
-                    pos = (rng.random() + np.arange(K)) / K  # systematic resampling
-                    pick = np.minimum(np.searchsorted(np.cumsum(p), pos), K - 1)
-                    index[s * K : (s + 1) * K] = s * K + pick
-                    # resampled rows share the mean weight (the estimate of p(given) stays)
-                    weight[s * K : (s + 1) * K] = _logsumexp(w[s]) - math.log(K)
-                rows = [rows[i].copy() for i in index]
-                state = engine.reorder(state, index)
-                gstate = _index_grammar(gstate, index)
-                logits = logits[index]
-                resamples += 1
+            for s in np.flatnonzero(ess < K / 2):
+                index[s * K : (s + 1) * K] = s * K + _systematic(w[s], rng)
+                # resampled rows share the mean weight (the estimate of p(given) stays)
+                weight[s * K : (s + 1) * K] = _logsumexp(w[s]) - math.log(K)
+        while due and all(r.ended or r.t >= min(due[0] + arrivals.lookahead, plan.end)
+                          for r in rows):  # fmt: skip
+            arrival = due.pop(0)
+            cut = min(arrival + arrivals.lookahead, plan.end)
+            judged += 1
+            for s in range(S):
+                ok = np.array([arrivals.cadence_at(rows[i], arrival, cut, spb)
+                               for i in index[s * K : (s + 1) * K]])  # fmt: skip
+                if ok.any() and not ok.all():  # keep the rows that arrive on a cadence
+                    w = np.where(ok, weight[index[s * K : (s + 1) * K]], -np.inf)
+                    index[s * K : (s + 1) * K] = index[s * K : (s + 1) * K][_systematic(w, rng)]
+                    weight[s * K : (s + 1) * K] = _logsumexp(w) - math.log(K)
+                    steered += 1
+        if (index != np.arange(B)).any():
+            rows = [rows[i].copy() for i in index]
+            state = engine.reorder(state, index)
+            gstate = _index_grammar(gstate, index)
+            logits = logits[index]
+            resamples += 1
     out = []
-    spb = vocab.config.steps_per_beat
     for s in range(S):
         best = s * K + int(np.argmax(weight[s * K : (s + 1) * K]))
         r = rows[best]
@@ -749,9 +892,23 @@ def decode(
             "resamples": resamples,
             "particles": K,
             "fallbacks": fallbacks,
+            "arrivals_judged": judged,
+            "arrivals_steered": steered,
         }
         out.append(Composition(notes=notes, stats=stats))
     return out
+
+
+def _or_zero(bias: np.ndarray | None, size: int) -> np.ndarray:
+    return np.zeros(size) if bias is None else bias
+
+
+def _systematic(log_weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Systematic resampling: ``len(log_weights)`` indices drawn by weight (-inf: never)."""
+    K = len(log_weights)
+    p = np.exp(log_weights - np.max(log_weights))
+    pos = (rng.random() + np.arange(K)) / K
+    return np.minimum(np.searchsorted(np.cumsum(p / p.sum()), pos), K - 1)
 
 
 def _index_grammar(gstate: Any, index: np.ndarray) -> Any:
@@ -863,7 +1020,10 @@ def harmonize(
     anticipating = supports_anticipation(model)  # the model also reads the melody ahead
     if anticipating:
         engine = AnticipationEngine(model, plan, meter=meter)
-    results = decode(engine, plan, options, progress=progress)
+    arrivals = None
+    if options.cadences:
+        arrivals = Arrivals.of_melody(line, options.key, engine.vocab)
+    results = decode(engine, plan, options, arrivals=arrivals, progress=progress)
     names = voice_names(voices)
     for c in results:
         parts = [(names[0], line)]

@@ -45,7 +45,8 @@ COOKIE = "aurl_token"
 MAX_FIELD_BYTES = 64 * 1024  # room for the form fields / JSON around an uploaded file
 MUSICXML = "application/vnd.recordare.musicxml+xml"
 PARTICLES_HELP = (
-    "sequential Monte Carlo rows (1: forcing alone, the default; 8: more cadences, ~5-6x the time)"
+    "sequential Monte Carlo rows (1: forcing alone, the default; 8: voices that fit the melody "
+    "better, ~8x the time)"
 )
 FORMAT_HELP = "the reply: 'midi' (a MIDI file) or 'musicxml' (quantized to sixteenth notes)"
 
