@@ -152,3 +152,28 @@ def test_particles_keep_the_rows_that_arrive_on_a_cadence(engine, chorales) -> N
             if any(verdicts):
                 assert kept, (arrival, verdicts)
     assert steered >= 2
+
+
+def test_cli_no_cadences_turns_the_lean_off(engine, tmp_path) -> None:
+    """``aurl harmonize --no-cadences`` decodes as ``cadences=False`` does: the same seed gives
+    other voices than the default, and its help says what it does."""
+    import symusic
+
+    from aurl.cli import main
+
+    chorale = held_out_chorales()[3]  # bwv133.6: 8 phrases
+    written = {}
+    for flag in ([], ["--no-cadences"]):
+        out = tmp_path / ("off" if flag else "on")
+        rc = main(["harmonize", str(chorale), "--engine", "native", "--out", str(out), *flag])
+        assert rc == 0
+        (mid,) = out.glob("*.mid")
+        score = symusic.Score(str(mid))
+        written[bool(flag)] = sorted(
+            (n.time, n.pitch) for t in score.tracks if t.name != "Soprano" for n in t.notes
+        )
+    assert written[False] != written[True]
+    from aurl.cli import build_parser
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["harmonize"].format_help()
+    assert "--no-cadences" in help_text and "phrases end" in help_text
