@@ -1,5 +1,6 @@
-"""Cadences at phrase ends when harmonizing held-out chorales: forcing and 8-particle SMC, each
-with and without the lean towards cadences (``ComposeOptions.cadences``), on the native engine
+"""Cadences at phrase ends and the upper voices' spacing when harmonizing held-out chorales:
+forcing and 8-particle SMC, with and without the leans towards cadences and towards upper voices
+within an octave (``ComposeOptions.cadences``, ``ComposeOptions.spacing``), on the native engine
 (int8) of the shipped model, scored as ``aurl evaluate --task harmonize`` scores them (Bach's
 row is the reference; the likelihood line runs the torch model).
 
@@ -17,10 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
-VARIANTS = ("forcing", "forcing, cadences", "smc8", "smc8, cadences")
+#: name -> (particles, cadences, spacing): the decoder before the two leans, each lean added,
+#: and the defaults (both), for forcing and for 8 particles
+VARIANTS = {
+    "forcing, neither": (1, False, 0.0),
+    "forcing, cadences": (1, True, 0.0),
+    "forcing, cadences + spacing (default)": (1, True, 0.9),
+    "smc8, neither": (8, False, 0.0),
+    "smc8, cadences + spacing (default)": (8, True, 0.9),
+}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -30,8 +40,8 @@ def run(args: argparse.Namespace) -> dict:
     from aurl.shipped import shipped_model
 
     variants = tuple(
-        Variant(name, 8 if name.startswith("smc8") else 1, cadences=name.endswith("cadences"))
-        for name in VARIANTS
+        Variant(name, k, cadences=cadences, spacing=spacing)
+        for name, (k, cadences, spacing) in VARIANTS.items()
     )
     files = held_out_chorales()[args.first : args.first + args.count]
     t0 = time.perf_counter()
@@ -52,9 +62,7 @@ def merge(parts: list[dict]) -> dict:
     rows = {}
     for name, items in pieces.items():
         keys = [k for k in items[0] if k not in ("moves", "parallels", "slices")]
-        rows[name] = {
-            k: float(np.nanmean([r[k] for r in items], dtype=np.float64)) for k in keys
-        }
+        rows[name] = {k: float(np.nanmean([r[k] for r in items], dtype=np.float64)) for k in keys}
         moves = sum(r["moves"] for r in items)
         rows[name]["parallels_per_100_moves"] = (
             100.0 * sum(r["parallels"] for r in items) / max(1, moves)
@@ -92,7 +100,7 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier --write files")
     args = ap.parse_args()
     if args.merge:
-        parts = [json.loads(open(p).read()) for p in args.merge]
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
     else:
         parts = [run(args)]
         if args.write:

@@ -105,7 +105,7 @@ def test_the_lean_names_the_cadence_the_melody_arrives_at(engine) -> None:
 
 def test_leaning_reaches_several_times_more_cadences_at_phrase_ends(engine, chorales) -> None:
     """Forcing on 8 held-out chorales, seeds 0 and 1 (70 phrase ends), cadences read in the
-    melody's key: measured 7 without the lean, 35 with it (41 chorales, seed 0 in
+    melody's key: measured 11 without the lean, 37 with it (41 chorales, seed 0 in
     BENCHMARKS.md: 0.14 vs 0.57 of phrase ends; Bach 0.65)."""
     hits = {False: 0, True: 0}
     total = 0
@@ -121,7 +121,7 @@ def test_leaning_reaches_several_times_more_cadences_at_phrase_ends(engine, chor
                 notes = np.sort(np.concatenate([line, c.notes]), order=["onset", "pitch"])
                 hits[lean] += round(cadence_rate(notes, line, key) * n)
     assert total == 70
-    assert hits[False] <= 12 and hits[True] >= 28 and hits[True] >= 2.5 * hits[False], hits
+    assert hits[False] <= 14 and hits[True] >= 30 and hits[True] >= 2.5 * hits[False], hits
 
 
 def test_particles_keep_the_rows_that_arrive_on_a_cadence(engine, chorales) -> None:
@@ -177,3 +177,47 @@ def test_cli_no_cadences_turns_the_lean_off(engine, tmp_path) -> None:
 
     help_text = build_parser()._subparsers._group_actions[0].choices["harmonize"].format_help()
     assert "--no-cadences" in help_text and "phrases end" in help_text
+
+
+def test_the_spacing_lean_names_the_notes_too_far_apart(engine) -> None:
+    """Hand-computed: under a melody C5 (72) with the model's G2 and G3 sounding (2 of 3 notes),
+    a third note above G3 completes the chord: below A#4 (more than an octave under the melody)
+    or above A#4's octave over G3 (more than an octave over the tenor) it is too wide."""
+    from aurl.generation.compose import _wide
+
+    line = make_notes(onset=[0, 4], duration=[4, 4], pitch=[72, 74])
+    plan = make_plan(line, engine.vocab, ceiling=True, max_free=3)
+    row = _Row(plan)
+    row.free, row.phase, row.lo = {43: 0, 55: 0}, 1, 55
+    assert row.top == 72
+    assert _wide(row, plan).tolist() == [56, 57, 58, 59, 68, 69, 70, 71]
+    row.free = {55: 0}  # two notes after it: it does not complete the chord
+    assert _wide(row, plan) is None
+    row.free, row.lo = {43: 0, 55: 0, 60: 0}, 60  # the chord is full already
+    assert _wide(row, plan) is None
+    row.free, row.phase, row.lo = {43: 0, 64: 0}, 0, -1  # a new note above E4 only
+    assert _wide(row, plan) is None or min(_wide(row, plan)) > 64
+
+
+def test_spacing_lean_brings_the_upper_voices_within_an_octave(engine, chorales) -> None:
+    """Forcing on 8 held-out chorales, seeds 0 and 1: slices whose soprano and alto, or alto and tenor,
+    are more than an octave apart, per 100 slices of all pieces, with and without the lean
+    (41 chorales in BENCHMARKS.md, per piece: 9.3 -> 3.1 and 4.4 -> 2.5; Bach 1.4)."""
+    from aurl.evaluation.tasks import slices, voice_rules
+    from aurl.generation.voices import assign_voices
+
+    rate = {}
+    for spacing in (0.0, 0.9):
+        wide = total = 0
+        for voices in chorales:
+            line = melody_line(voices[0])
+            for seed in (0, 1):
+                options = ComposeOptions(particles=1, spacing=spacing, seed=seed)
+                (c,) = harmonize(engine, line, options=options)
+                v = assign_voices(c.notes, 3)
+                parts = [line] + [c.notes[v == i] for i in range(3)]
+                rules = voice_rules(parts)
+                wide += rules["spacing_per_100_slices"] * rules["slices"] / 100
+                total += len(slices(parts))
+        rate[spacing] = 100 * wide / total
+    assert rate[0.0] >= 3.5 and rate[0.9] <= 0.65 * rate[0.0], rate  # measured 4.02, 2.30

@@ -214,8 +214,9 @@ class Variant:
     """One way of decoding: a name, the number of SMC particles (1: forcing alone), and the
     :class:`aurl.generation.compose.ComposeOptions` switches ``melody_key`` (bias towards the
     melody's key), ``voice_leading`` (mask parallel fifths and octaves), ``consonance``
-    (bias against dissonances with the melody note) and ``cadences`` (lean towards a cadence
-    at the melody's phrase ends; with particles, keep the rows that arrive on one)."""
+    (bias against dissonances with the melody note), ``cadences`` (lean towards a cadence
+    at the melody's phrase ends; with particles, keep the rows that arrive on one) and
+    ``spacing`` (bias against upper voices more than an octave apart)."""
 
     name: str
     particles: int
@@ -223,6 +224,7 @@ class Variant:
     voice_leading: bool = True
     consonance: float = 0.7
     cadences: bool = True
+    spacing: float = 0.9
 
 
 VARIANTS = (Variant("forcing", 1), Variant("forcing+smc8", 8))
@@ -306,6 +308,7 @@ def evaluate_harmonize(
             opts = ComposeOptions(
                 particles=v.particles, seed=seed, melody_key=v.melody_key,
                 voice_leading=v.voice_leading, consonance=v.consonance, cadences=v.cadences,
+                spacing=v.spacing,
             )  # fmt: skip
             (c,) = harmonize(model if engine is None else engine, line, options=opts, meter=meter)
             seconds = time.perf_counter() - t0

@@ -97,6 +97,11 @@ class ComposeOptions:
             ``particles > 1`` the rows that arrive on a cadence in the key
             (:func:`aurl.analysis.chords.detect_cadences`) replace those that do not, where
             some do (:class:`Arrivals`).
+        spacing: In :func:`harmonize`, a NOTE_ON of the model that completes the chord (the
+            last of ``voices - 1`` notes, with none of the model's notes above it) more than an
+            octave under the melody note, or more than an octave over the next note down when
+            two are below it, gets ``log(1 - spacing)`` (0: none): the textbook spacing of the
+            upper voices, which :func:`aurl.evaluation.tasks.voice_rules` counts.
     """
 
     num_samples: int = 1
@@ -110,6 +115,7 @@ class ComposeOptions:
     voice_leading: bool = True
     consonance: float = 0.7
     cadences: bool = True
+    spacing: float = 0.9
 
 
 @dataclass
@@ -797,6 +803,8 @@ def decode(
     any_off = np.zeros(vocab.size, dtype=bool)
     any_off[vocab.note_off : vocab.note_off + vocab.n_pitches] = True
     against_top = dissonance_bias(vocab, options.consonance if plan.melody_top else 0.0)
+    spacing = options.spacing if plan.melody_top else 0.0
+    spacing_low = math.log(1.0 - spacing) if 0 < spacing < 1 else (-np.inf if spacing else 0.0)
     resamples = fallbacks = n = 0
     spb = vocab.config.steps_per_beat
     due = list(arrivals.steps) if arrivals is not None and K > 1 else []  # arrivals to judge
@@ -821,6 +829,11 @@ def decode(
         is_free_on = free_on[None, :] & keep
         top = np.array([r.top % 12 if r.top >= 0 else 12 for r in rows])
         proposal = proposal + np.where(is_free_on, bias[None, :] + against_top[top], 0.0)
+        if spacing_low < 0:  # the upper voices within an octave of each other
+            for b, r in enumerate(rows):
+                wide = _wide(r, plan)
+                if wide is not None:
+                    proposal[b, wide + vocab.note_on - vocab.config.pitch_min] += spacing_low
         if arrivals is not None and arrivals.spans:  # the lean towards a cadence
             lean = np.stack([_or_zero(arrivals.bias(r.t), vocab.size) for r in rows])
             proposal = proposal + np.where(is_free_on | (any_off[None, :] & keep), lean, 0.0)
@@ -897,6 +910,21 @@ def decode(
         }
         out.append(Composition(notes=notes, stats=stats))
     return out
+
+
+def _wide(row: _Row, plan: Plan) -> np.ndarray | None:
+    """The pitches a new NOTE_ON of the model would sound more than an octave from its upper
+    neighbour (the melody) or lower neighbour (with two below it) as the top note of a full
+    chord (None: such a note would not complete the chord, or nothing is too wide)."""
+    if row.top < 0 or len(row.free) + 1 != plan.max_free:
+        return None
+    below = sorted(row.free)  # a note above all of them is the chord's top (the alto)
+    floor = max(row.lo if row.phase == 1 else -1, below[-1] if below else -1)
+    p = np.arange(max(floor + 1, MIN_FREE_PITCH), min(row.top, MAX_FREE_PITCH + 1))
+    wide = row.top - p > 12
+    if len(below) >= 2:
+        wide |= p - below[-1] > 12
+    return p[wide] if wide.any() else None
 
 
 def _or_zero(bias: np.ndarray | None, size: int) -> np.ndarray:
