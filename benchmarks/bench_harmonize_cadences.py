@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> dict:
     variants = tuple(
         Variant(name, k, cadences=cadences, spacing=spacing)
         for name, (k, cadences, spacing) in VARIANTS.items()
+        if not args.only or name in args.only
     )
     files = held_out_chorales()[args.first : args.first + args.count]
     t0 = time.perf_counter()
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=0, help="first held-out chorale")
     ap.add_argument("--count", type=int, default=1000, help="how many (default: all 41)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="+", metavar="ROW", help=f"rows of {list(VARIANTS)}")
     ap.add_argument("--write", metavar="JSON", help="keep the per-piece metrics for --merge")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier --write files")
     args = ap.parse_args()

@@ -59,6 +59,7 @@ MAX_MELODY_PITCH = 96
 MIN_FREE_PITCH, MAX_FREE_PITCH = 33, 84  # where the model's own notes may go (A1..C6)
 NEAR_STEP = 5  # semitones: an earlier note this close may be the one a new note continues
 CADENCE_STRICTNESS = 0.97  # the lean of the model's notes towards a cadence at phrase ends
+JUDGED_BEATS = 8  # beats before a phrase end that the judge of its cadence reads
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,9 +476,9 @@ class Arrivals:
     proposal's lean towards them: what :func:`decode` steers to.
 
     The lean (``spans``, :meth:`of_melody`) shapes every row's proposal near an arrival. With
-    particles, once every row of a sample is ``lookahead`` steps past an arrival (so the chord struck
-    there is complete), each row's notes so far (the given ones, ``given``, and its own, cut at
-    that step) are read as :func:`aurl.evaluation.tasks.cadence_rate` reads a finished
+    particles, once every row of a sample is ``lookahead`` steps past an arrival (so the chord
+    struck there is complete), each row's notes from :data:`JUDGED_BEATS` before the arrival to
+    that step (the given ones, ``given``, and its own, cut there) are read as :func:`aurl.evaluation.tasks.cadence_rate` reads a finished
     harmonization: chords per beat, and a cadence (authentic, plagal, half or deceptive) when
     the chord sounding at the arrival and the one before it make one in ``key``. Where some rows
     of a sample arrive on a cadence and some do not, the sample's rows are resampled by weight
@@ -498,6 +499,16 @@ class Arrivals:
     given: np.ndarray
     lookahead: int
     spans: tuple[tuple[int, int, np.ndarray], ...] = ()
+
+    def __post_init__(self) -> None:
+        # the span of each step (the first that holds it), and the given notes' ends in beats
+        last = max((end for _, end, _ in self.spans), default=0)
+        table = np.full(last, -1, dtype=np.int64)
+        for i in range(len(self.spans) - 1, -1, -1):
+            start, end, _ = self.spans[i]
+            table[max(start, 0) : end] = i
+        object.__setattr__(self, "_span_at", table)
+        object.__setattr__(self, "given_ends", self.given["onset"] + self.given["duration"])
 
     @classmethod
     def of_melody(
@@ -539,31 +550,31 @@ class Arrivals:
     def bias(self, t: int) -> np.ndarray | None:
         """The (V,) lean of the model's NOTE_ONs and NOTE_OFFs at step ``t`` (None: none
         there)."""
-        for start, end, b in self.spans:
-            if start <= t < end:
-                return b
-        return None
+        i = int(self._span_at[t]) if 0 <= t < len(self._span_at) else -1
+        return self.spans[i][2] if i >= 0 else None
 
     def cadence_at(self, row: _Row, arrival: int, cut: int, spb: int) -> bool:
-        """Whether ``row``'s notes up to step ``cut`` arrive on a cadence at step ``arrival``."""
+        """Whether ``row``'s notes up to step ``cut`` arrive on a cadence at step ``arrival``
+        (read from :data:`JUDGED_BEATS` whole beats before the arrival's beat on, so a long
+        piece costs the same per phrase end as a short one)."""
         from aurl.analysis.chords import detect_cadences, recognize_chords
 
-        cut_beats = cut / spb
-        given = self.given[self.given["onset"] < cut_beats - 1e-9].copy()
-        given["duration"] = np.minimum(given["duration"], cut_beats - given["onset"])
-        own = [(a, b, p) for a, b, p, _ in row.made if a < cut]
-        own += [(a, cut, p) for p, a in row.free.items() if a < cut]
-        notes = np.zeros(len(own), dtype=NOTE_DTYPE)
-        if own:
-            made = np.array(own, dtype=np.int64)
-            notes["onset"] = made[:, 0] / spb
-            notes["duration"] = (np.minimum(made[:, 1], cut) - made[:, 0]) / spb
-            notes["pitch"] = made[:, 2]
-            notes["velocity"] = DEFAULT_VELOCITY
-        both = np.concatenate([given, notes])
-        both = both[both["duration"] > 0]
-        chords = recognize_chords(both)
-        return bool(detect_cadences(chords, self.key, arrivals=[arrival / spb]))
+        base = max(0, arrival // spb - JUDGED_BEATS) * spb  # a whole beat: the cells stay put
+        given = self.given[self.given_ends > base / spb + 1e-9]
+        steps = np.stack([np.round(given["onset"] * spb), np.round(self.given_ends[
+            self.given_ends > base / spb + 1e-9] * spb)], 1).astype(np.int64)  # fmt: skip
+        spans = [(a, b, int(p)) for (a, b), p in zip(steps.tolist(), given["pitch"])]
+        spans += [(a, b, p) for a, b, p, _ in row.made if b > base]
+        spans += [(a, cut, p) for p, a in row.free.items()]
+        spans = [(max(a, base), min(b, cut), p) for a, b, p in spans if a < cut]
+        spans = np.array([x for x in spans if x[1] > x[0]], dtype=np.int64).reshape(-1, 3)
+        notes = np.zeros(len(spans), dtype=NOTE_DTYPE)
+        notes["onset"] = (spans[:, 0] - base) / spb
+        notes["duration"] = (spans[:, 1] - spans[:, 0]) / spb
+        notes["pitch"] = spans[:, 2]
+        notes["velocity"] = DEFAULT_VELOCITY
+        chords = recognize_chords(notes)
+        return bool(detect_cadences(chords, self.key, arrivals=[(arrival - base) / spb]))
 
 
 def _pc_bias(vocab: Vocab, tonic: int, degrees: tuple[int, ...], strictness: float) -> np.ndarray:
@@ -834,8 +845,9 @@ def decode(
                 wide = _wide(r, plan)
                 if wide is not None:
                     proposal[b, wide + vocab.note_on - vocab.config.pitch_min] += spacing_low
-        if arrivals is not None and arrivals.spans:  # the lean towards a cadence
-            lean = np.stack([_or_zero(arrivals.bias(r.t), vocab.size) for r in rows])
+        leans = [arrivals.bias(r.t) for r in rows] if arrivals is not None else []
+        if any(b is not None for b in leans):  # the lean towards a cadence
+            lean = np.stack([_or_zero(b, vocab.size) for b in leans])
             proposal = proposal + np.where(is_free_on | (any_off[None, :] & keep), lean, 0.0)
         logq = proposal - _logsumexp(proposal)[:, None]
         u = rng.random(B)
