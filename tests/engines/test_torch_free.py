@@ -135,3 +135,22 @@ def test_the_readme_commands_name_real_extras_and_parse() -> None:
     assert installed[0] == ["torch"] and "torch" in _requirement_names(extras["torch"])
     assert all(set(names) <= set(extras) for names in installed)
     assert parsed >= 5  # corpus, prepare, generate; export, generate --engine onnx
+
+
+def test_harmonizing_by_default_needs_neither_torch_nor_onnxruntime(tmp_path) -> None:
+    """`aurl harmonize` with no --engine on the shipped default (its default, auto, runs the
+    native step) with the [torch] extra's packages and onnxruntime unimportable."""
+    melody = ROOT / "src/aurl/data/bundled/bach-chorales/bach_bwv117.4.mid"
+    code = (
+        BLOCK
+        + "sys.modules['onnxruntime'] = None\n"
+        + (
+            "from aurl.cli import main\n"
+            f"rc = main(['harmonize', {str(melody)!r}, '--out', {str(tmp_path / 'h')!r}])\n"
+            "print('rc', rc)\n"
+        )
+    )
+    r = _run(code, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "rc 0", r.stderr
+    assert "given notes kept 100%" in r.stdout
+    assert (tmp_path / "h" / "bach_bwv117.4_harmonized_seed0_000.mid").stat().st_size > 100
