@@ -39,8 +39,9 @@ def tiny():
     torch.set_num_threads(threads)
 
 
-def make_client(tmp_path: Path, models: dict, **settings):
-    """A TestClient on a fresh app (the caller uses it as a context manager)."""
+def make_client(tmp_path: Path, models: dict, composers: dict | None = None, **settings):
+    """A TestClient on a fresh app (the caller uses it as a context manager); ``composers``:
+    as :func:`aurl.serve.app.create_app`'s."""
     from fastapi.testclient import TestClient
 
     from aurl.serve.app import Settings, create_app
@@ -48,7 +49,7 @@ def make_client(tmp_path: Path, models: dict, **settings):
 
     limits = Limits(**settings.pop("limits", {}))
     s = Settings(limits=limits, db=tmp_path / "listen.sqlite", **settings)
-    return TestClient(create_app(models, s), base_url="http://127.0.0.1")
+    return TestClient(create_app(models, s, composers), base_url="http://127.0.0.1")
 
 
 @pytest.fixture

@@ -521,3 +521,29 @@ def test_a_style_models_requests_name_a_style(tmp_path, tiny):
         assert "this model knows chorale, folk" in error_of(r, 422, field="style")
         r = client.post("/api/generate", json={"max_tokens": 16, "style": "folk", "model": "tiny"})
         assert "trained without styles" in error_of(r, 422, field="style")
+
+
+def test_the_server_harmonizes_as_the_cli_does_by_default(tmp_path):
+    """With the composer `aurl serve` builds (the native engine of the model folder, as the
+    composing commands' `--engine auto`), /api/harmonize answers with the voices
+    `aurl harmonize` writes for the same file and seed."""
+    native = pytest.importorskip("aurl.engines.native_engine")
+    from aurl.cli import main
+    from aurl.cli.generate import SHIPPED, load_model
+
+    composer = native.native_where_it_runs(SHIPPED)
+    if composer is None:
+        pytest.skip("no compiled native step on this installation")
+    melody = tmp_path / "tune.mid"
+    melody.write_bytes(_excerpt("bach_bwv121.6.mid", 16, tracks=1))
+    assert main(["harmonize", str(melody), "--out", str(tmp_path / "cli"), "--seed", "5"]) == 0
+    (written,) = (tmp_path / "cli").glob("*.mid")
+    models = {"chorales": load_model(None, "cpu")}
+    with make_client(tmp_path, models, composers={"chorales": composer}) as c:
+        r = c.post("/api/harmonize", files={"file": ("tune.mid", melody.read_bytes())},
+                   data={"seed": "5"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    got, cli = _by_track(r.content), _by_track(written.read_bytes())
+    assert list(got) == list(cli) == ["Soprano", "Alto", "Tenor", "Bass"]
+    for name in got:
+        np.testing.assert_array_equal(got[name], cli[name])

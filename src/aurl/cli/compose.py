@@ -217,15 +217,9 @@ def _native_where_it_runs(args: argparse.Namespace) -> Any:
     windowed attention, ids above the vocabulary; not a model folder), and torch decodes: a
     folder that torch cannot read either gets torch's own message."""
     from aurl.cli.generate import model_folder
-    from aurl.errors import CheckpointError, ConfigError
+    from aurl.engines.native_engine import native_where_it_runs
 
-    folder = model_folder(args.checkpoint, args.model)
-    try:
-        from aurl.engines.native_engine import NativeEngine
-
-        return NativeEngine(folder)
-    except (ConfigError, CheckpointError):
-        return None
+    return native_where_it_runs(model_folder(args.checkpoint, args.model))
 
 
 def _onnx_engine(args: argparse.Namespace) -> Any:

@@ -577,3 +577,14 @@ class NativeEngine:
         return self._state(
             keys, values, state.features.take(rows), state.capacity, style, state.pos
         )
+
+
+def native_where_it_runs(folder: str | Path, *, weights: str = "int8") -> NativeEngine | None:
+    """The native engine of ``folder``, or None where it does not run it: no compiled step on
+    this installation, a model the step lacks (a VAE, local attention, ids above the
+    vocabulary), or not a model folder (the caller's torch path then speaks for it). What
+    ``--engine auto`` and the server's composing endpoints decode with."""
+    try:
+        return NativeEngine(folder, weights=weights)
+    except (ConfigError, CheckpointError):
+        return None

@@ -195,12 +195,19 @@ class Settings:
     db: Path = Path("aurl-listen.sqlite")
 
 
-def create_app(models: dict[str, Any], settings: Settings | None = None) -> FastAPI:
+def create_app(
+    models: dict[str, Any],
+    settings: Settings | None = None,
+    composers: dict[str, Any] | None = None,
+) -> FastAPI:
     """The app serving ``models`` (name -> a loaded model in eval mode).
 
     Args:
         models: At least one model; the first is the default.
         settings: Limits, token, host policy and the listening test's database.
+        composers: Per model name, the engine of the same weights that harmonize and infill
+            decode with (``aurl serve``: the native engine where it runs the model, as the
+            composing commands' ``--engine auto``); absent: the model itself.
     """
     if not models:
         raise ConfigError("aurl serve needs at least one model")
@@ -224,7 +231,9 @@ def create_app(models: dict[str, Any], settings: Settings | None = None) -> Fast
         description="Compose, harmonize, infill and analyse MIDI with Aurl. Errors are JSON "
         '`{"error", "limit", "field"}` with a 4xx status. See docs/serve.md.',
     )
-    servers.update({name: ModelServer(name, m, lim) for name, m in models.items()})
+    composers = composers or {}
+    servers.update({name: ModelServer(name, m, lim, composers.get(name))
+                    for name, m in models.items()})  # fmt: skip
     store = listen.Store(s.db)
     app.state.servers, app.state.store, app.state.settings = servers, store, s
     if s.loopback:  # a page elsewhere cannot reach this server through DNS rebinding
@@ -1031,7 +1040,7 @@ async def _compose(
 
     from aurl.generation.compose import composing_model
 
-    model = composing_model(srv.model) if composing else srv.model
+    model = composing_model(srv.composer or srv.model) if composing else srv.model
     deadline = clock.deadline
     gone = threading.Event()
 

@@ -96,12 +96,15 @@ class Job:
 class ModelServer:
     """A model, its tokenizer and the thread that decodes its requests."""
 
-    def __init__(self, name: str, model: Any, limits: Limits) -> None:
+    def __init__(self, name: str, model: Any, limits: Limits, composer: Any = None) -> None:
         from aurl.config import DataConfig
         from aurl.data.tokenizer import Tokenizer
         from aurl.generation.batching import ContinuousBatcher
 
         self.name, self.model, self.limits = name, model, limits
+        # what harmonize / infill decode with: an engine of the same weights (the native one,
+        # as the composing commands' default), or None: the torch model itself
+        self.composer = composer
         self.vocab = model.vocab
         self.tokenizer = Tokenizer(model.vocab_config, DataConfig())
         self.device = model.embed.weight.device
