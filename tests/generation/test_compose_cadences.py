@@ -121,7 +121,12 @@ def test_leaning_reaches_several_times_more_cadences_at_phrase_ends(engine, chor
                 (c,) = harmonize(engine, line, options=ComposeOptions(
                     particles=1, seed=seed, cadences=lean))  # fmt: skip
                 notes = np.sort(np.concatenate([line, c.notes]), order=["onset", "pitch"])
-                hits[lean] += round(cadence_rate(notes, line, key) * n)
+                hit = round(cadence_rate(notes, line, key) * n)
+                assert (c.stats["cadences"], c.stats["phrase_ends"]) == (
+                    hit,
+                    n,
+                )  # what the CLI says
+                hits[lean] += hit
     assert total == 70
     assert hits[False] <= 14 and hits[True] >= 30 and hits[True] >= 2.5 * hits[False], hits
 

@@ -414,3 +414,19 @@ def detect_cadences(
                 )
             )
     return out
+
+
+def arrival_cadences(
+    notes: np.ndarray, arrivals: Sequence[float], key: Key | Sequence[KeySegment]
+) -> list[bool]:
+    """Whether each arrival (a beat where a phrase reaches its final note) arrives on a cadence:
+    the chord sounding there (of :func:`recognize_chords` over ``notes``) and the one before it
+    make one in ``key`` (:func:`detect_cadences`)."""
+    chords = recognize_chords(notes)
+    found = {c.beat for c in detect_cadences(chords, key, arrivals=arrivals)}
+    starts = np.array([c.start for c in chords if c.quality != "N"])
+    out = []
+    for t in arrivals:  # the chord sounding at the arrival is the one detect_cadences judged
+        i = int(np.searchsorted(starts, t, side="right")) - 1
+        out.append(bool(i >= 0 and float(starts[i]) in found))
+    return out

@@ -285,6 +285,8 @@ def _write(results: list, paths: list, given: Any, kept_track: str | None) -> No
                          "given note")  # fmt: skip
             else:  # the span held every note (0 of 0 kept read "nan%")
                 about = "no given notes (the span held every note)"
+            if "phrase_ends" in s:  # harmonizing: what the listener hears at each phrase end
+                about += f", cadences at {s['cadences']} of {s['phrase_ends']} phrase ends"
             print(
                 f"{targets['mid'].stem}: {len(c.notes)} new notes, {about}, "
                 f"{s['tokens']} tokens, {s['seconds']:.1f} s"

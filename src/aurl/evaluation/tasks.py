@@ -187,21 +187,13 @@ def pitch_class_agreement(notes: np.ndarray, reference: np.ndarray) -> float:
 
 def cadence_rate(notes: np.ndarray, melody: np.ndarray, key: Any) -> float:
     """Share of the melody's phrase ends that arrive on a cadence (NaN: no phrases)."""
-    from aurl.analysis.chords import detect_cadences, recognize_chords
+    from aurl.analysis.chords import arrival_cadences
     from aurl.analysis.structure import phrase_boundaries
 
     phrases = phrase_boundaries(melody)
     if not phrases:
         return float("nan")
-    arrivals = [p.arrival for p in phrases]
-    chords = recognize_chords(notes)
-    found = {c.beat for c in detect_cadences(chords, key, arrivals=arrivals)}
-    starts = np.array([c.start for c in chords if c.quality != "N"])
-    hit = 0
-    for t in arrivals:  # the chord sounding at the arrival is the one detect_cadences judged
-        i = int(np.searchsorted(starts, t, side="right")) - 1
-        hit += int(i >= 0 and float(starts[i]) in found)
-    return hit / len(arrivals)
+    return float(np.mean(arrival_cadences(notes, [p.arrival for p in phrases], key)))
 
 
 # --------------------------------------------------------------------------------------------

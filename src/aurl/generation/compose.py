@@ -557,7 +557,7 @@ class Arrivals:
         """Whether ``row``'s notes up to step ``cut`` arrive on a cadence at step ``arrival``
         (read from :data:`JUDGED_BEATS` whole beats before the arrival's beat on, so a long
         piece costs the same per phrase end as a short one)."""
-        from aurl.analysis.chords import detect_cadences, recognize_chords
+        from aurl.analysis.chords import arrival_cadences
 
         base = max(0, arrival // spb - JUDGED_BEATS) * spb  # a whole beat: the cells stay put
         given = self.given[self.given_ends > base / spb + 1e-9]
@@ -573,8 +573,24 @@ class Arrivals:
         notes["duration"] = (spans[:, 1] - spans[:, 0]) / spb
         notes["pitch"] = spans[:, 2]
         notes["velocity"] = DEFAULT_VELOCITY
-        chords = recognize_chords(notes)
-        return bool(detect_cadences(chords, self.key, arrivals=[(arrival - base) / spb]))
+        return arrival_cadences(notes, [(arrival - base) / spb], self.key)[0]
+
+
+def phrase_end_cadences(line: np.ndarray, notes: np.ndarray, key_name: str) -> dict[str, int]:
+    """``{"phrase_ends", "cadences"}``: the melody's phrase ends
+    (:func:`aurl.analysis.structure.phrase_boundaries`) and how many of them the melody with
+    ``notes`` under it arrives on a cadence in the key (as ``aurl evaluate --task harmonize``
+    reads them); empty without a key."""
+    from aurl.analysis.chords import arrival_cadences
+    from aurl.analysis.keys import parse_key
+    from aurl.analysis.structure import phrase_boundaries
+
+    phrases = phrase_boundaries(line)
+    if not key_name or not phrases:
+        return {}
+    both = np.sort(np.concatenate([line, notes]), order=["onset", "pitch"])
+    hits = arrival_cadences(both, [p.arrival for p in phrases], parse_key(key_name))
+    return {"phrase_ends": len(phrases), "cadences": int(sum(hits))}
 
 
 def _pc_bias(vocab: Vocab, tonic: int, degrees: tuple[int, ...], strictness: float) -> np.ndarray:
@@ -1066,6 +1082,7 @@ def harmonize(
     results = decode(engine, plan, options, arrivals=arrivals, progress=progress)
     names = voice_names(voices)
     for c in results:
+        c.stats.update(phrase_end_cadences(line, c.notes, options.key))
         parts = [(names[0], line)]
         v = assign_voices(c.notes, voices - 1)
         parts += [(names[i + 1], c.notes[v == i]) for i in range(voices - 1)]
