@@ -1,6 +1,7 @@
-"""Cadences at phrase ends and the upper voices' spacing when harmonizing held-out chorales:
-forcing and 8-particle SMC, with and without the leans towards cadences and towards upper voices
-within an octave (``ComposeOptions.cadences``, ``ComposeOptions.spacing``), on the native engine
+"""Cadences at phrase ends, the upper voices' spacing and the voices' ranges when harmonizing
+held-out chorales: forcing and 8-particle SMC, with and without the leans towards cadences,
+upper voices within an octave and each voice in its range (``ComposeOptions.cadences``,
+``spacing``, ``ranges``), on the native engine
 (int8) of the shipped model, scored as ``aurl evaluate --task harmonize`` scores them (Bach's
 row is the reference; the likelihood line runs the torch model).
 
@@ -22,14 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-#: name -> (particles, cadences, spacing): the decoder before the two leans, each lean added,
-#: and the defaults (both), for forcing and for 8 particles
+#: name -> (particles, cadences, spacing, ranges): the decoder before the three leans, each
+#: lean added, and the defaults (all three), for forcing and for 8 particles
 VARIANTS = {
-    "forcing, neither": (1, False, 0.0),
-    "forcing, cadences": (1, True, 0.0),
-    "forcing, cadences + spacing (default)": (1, True, 0.9),
-    "smc8, neither": (8, False, 0.0),
-    "smc8, cadences + spacing (default)": (8, True, 0.9),
+    "forcing, none": (1, False, 0.0, 0.0),
+    "forcing, cadences": (1, True, 0.0, 0.0),
+    "forcing, cadences + spacing": (1, True, 0.9, 0.0),
+    "forcing, cadences + spacing + ranges (default)": (1, True, 0.9, 0.9),
+    "smc8, none": (8, False, 0.0, 0.0),
+    "smc8, cadences + spacing + ranges (default)": (8, True, 0.9, 0.9),
 }
 
 
@@ -40,8 +42,8 @@ def run(args: argparse.Namespace) -> dict:
     from aurl.shipped import shipped_model
 
     variants = tuple(
-        Variant(name, k, cadences=cadences, spacing=spacing)
-        for name, (k, cadences, spacing) in VARIANTS.items()
+        Variant(name, k, cadences=cadences, spacing=spacing, ranges=ranges)
+        for name, (k, cadences, spacing, ranges) in VARIANTS.items()
         if not args.only or name in args.only
     )
     files = held_out_chorales()[args.first : args.first + args.count]

@@ -29,6 +29,7 @@ from aurl.generation.compose import (
     melody_line,
 )
 
+ALONE = {"spacing": 0.0, "ranges": 0.0}  # the other leans off: each test measures its own
 pytestmark = pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no model")
 native = pytest.importorskip("aurl.engines.native_engine")
 
@@ -107,8 +108,8 @@ def test_the_lean_names_the_cadence_the_melody_arrives_at(engine) -> None:
 
 def test_leaning_reaches_several_times_more_cadences_at_phrase_ends(engine, chorales) -> None:
     """Forcing on 8 held-out chorales, seeds 0 and 1 (70 phrase ends), cadences read in the
-    melody's key: measured 11 without the lean, 37 with it (41 chorales, seed 0 in
-    BENCHMARKS.md: 0.14 vs 0.57 of phrase ends; Bach 0.65)."""
+    melody's key, the other leans off: measured 7 without the lean, 35 with it (41 chorales,
+    seed 0 in BENCHMARKS.md: 0.14 vs 0.57 of phrase ends; Bach 0.65)."""
     hits = {False: 0, True: 0}
     total = 0
     for voices in chorales:
@@ -119,7 +120,7 @@ def test_leaning_reaches_several_times_more_cadences_at_phrase_ends(engine, chor
             total += n
             for lean in (False, True):
                 (c,) = harmonize(engine, line, options=ComposeOptions(
-                    particles=1, seed=seed, cadences=lean))  # fmt: skip
+                    particles=1, seed=seed, cadences=lean, **ALONE))  # fmt: skip
                 notes = np.sort(np.concatenate([line, c.notes]), order=["onset", "pitch"])
                 hit = round(cadence_rate(notes, line, key) * n)
                 assert (c.stats["cadences"], c.stats["phrase_ends"]) == (
@@ -128,7 +129,7 @@ def test_leaning_reaches_several_times_more_cadences_at_phrase_ends(engine, chor
                 )  # what the CLI says
                 hits[lean] += hit
     assert total == 70
-    assert hits[False] <= 14 and hits[True] >= 30 and hits[True] >= 2.5 * hits[False], hits
+    assert hits[False] <= 10 and hits[True] >= 30 and hits[True] >= 3 * hits[False], hits
 
 
 def test_particles_keep_the_rows_that_arrive_on_a_cadence(engine, chorales) -> None:
@@ -149,7 +150,7 @@ def test_particles_keep_the_rows_that_arrive_on_a_cadence(engine, chorales) -> N
         plain = Arrivals.of_melody(line, melody_key(line), engine.vocab)
         recorded = Recorded(**{f: getattr(plain, f) for f in plain.__dataclass_fields__})
         plan = make_plan(line, engine.vocab, ceiling=True, max_free=3, voice_leading=True)
-        options = ComposeOptions(particles=4, seed=0, key=melody_key(line))
+        options = ComposeOptions(particles=4, seed=0, key=melody_key(line), **ALONE)
         (c,) = decode(engine, plan, options, arrivals=recorded)
         steered += c.stats["arrivals_steered"]
         final = _judged(plain, c.notes, engine.vocab, plan)
@@ -207,9 +208,10 @@ def test_the_spacing_lean_names_the_notes_too_far_apart(engine) -> None:
 
 
 def test_spacing_lean_brings_the_upper_voices_within_an_octave(engine, chorales) -> None:
-    """Forcing on 8 held-out chorales, seeds 0 and 1: slices whose soprano and alto, or alto and tenor,
-    are more than an octave apart, per 100 slices of all pieces, with and without the lean
-    (41 chorales in BENCHMARKS.md, per piece: 9.3 -> 3.1 and 4.4 -> 2.5; Bach 1.4)."""
+    """Forcing on 8 held-out chorales, seeds 0 and 1, the range lean off: slices whose soprano
+    and alto, or alto and tenor, are more than an octave apart, per 100 slices of all pieces,
+    with and without the lean (41 chorales in BENCHMARKS.md, per piece: 9.3 -> 3.1 and 4.4 ->
+    2.5; Bach 1.4)."""
     from aurl.evaluation.tasks import slices, voice_rules
     from aurl.generation.voices import assign_voices
 
@@ -219,7 +221,7 @@ def test_spacing_lean_brings_the_upper_voices_within_an_octave(engine, chorales)
         for voices in chorales:
             line = melody_line(voices[0])
             for seed in (0, 1):
-                options = ComposeOptions(particles=1, spacing=spacing, seed=seed)
+                options = ComposeOptions(particles=1, spacing=spacing, seed=seed, ranges=0.0)
                 (c,) = harmonize(engine, line, options=options)
                 v = assign_voices(c.notes, 3)
                 parts = [line] + [c.notes[v == i] for i in range(3)]
@@ -228,3 +230,47 @@ def test_spacing_lean_brings_the_upper_voices_within_an_octave(engine, chorales)
                 total += len(slices(parts))
         rate[spacing] = 100 * wide / total
     assert rate[0.0] >= 3.5 and rate[0.9] <= 0.65 * rate[0.0], rate  # measured 4.02, 2.30
+
+
+def test_the_range_lean_names_the_notes_outside_their_voice(engine) -> None:
+    """Hand-computed with the SATB ranges (bass 40-60, tenor 48-67, alto 55-74): a new note's
+    voice is its rank among the model's notes sounding below it."""
+    from aurl.generation.compose import _out_of_range, _rank_ranges
+    from aurl.generation.voices import SATB_RANGES
+
+    ranks = _rank_ranges(3)
+    assert ranks.tolist() == [list(SATB_RANGES[3]), list(SATB_RANGES[2]), list(SATB_RANGES[1])]
+    assert _rank_ranges(1).tolist() == [list(SATB_RANGES[3])]  # two voices: S and B
+    line = make_notes(onset=[0], duration=[4], pitch=[72])
+    row = _Row(make_plan(line, engine.vocab, ceiling=True, max_free=3))
+    out = set(_out_of_range(row, ranks).tolist())  # nothing sounds: a bass
+    assert out == set(range(33, 40)) | set(range(61, 85))
+    row.free = {43: 0}  # above G2 a tenor, below it a bass
+    out = set(_out_of_range(row, ranks).tolist())
+    assert out == set(range(33, 40)) | set(range(44, 48)) | set(range(68, 85))
+    row.free = {43: 0, 55: 0}  # above G3 an alto
+    out = set(_out_of_range(row, ranks).tolist())
+    assert out == set(range(33, 40)) | set(range(44, 48)) | set(range(75, 85))
+
+
+def test_range_lean_keeps_the_voices_in_their_ranges(engine, chorales) -> None:
+    """Forcing on 8 held-out chorales, seeds 0 and 1: the model's notes outside their voice's
+    range, per 100 notes of all pieces (41 chorales in BENCHMARKS.md: 1.4 -> 0.5, Bach 0.4)."""
+    from aurl.evaluation.tasks import voice_rules
+    from aurl.generation.voices import assign_voices
+
+    rate = {}
+    for ranges in (0.0, 0.9):
+        out = total = 0
+        for voices in chorales:
+            line = melody_line(voices[0])
+            for seed in (0, 1):
+                options = ComposeOptions(particles=1, ranges=ranges, seed=seed)
+                (c,) = harmonize(engine, line, options=options)
+                v = assign_voices(c.notes, 3)
+                parts = [line] + [c.notes[v == i] for i in range(3)]
+                n = sum(len(p) for p in parts)
+                out += voice_rules(parts)["out_of_range_per_100_notes"] * n / 100
+                total += n
+        rate[ranges] = 100 * out / total
+    assert rate[0.0] >= 1.2 and rate[0.9] <= 0.35 * rate[0.0], rate  # measured 1.58, 0.40

@@ -207,8 +207,9 @@ class Variant:
     :class:`aurl.generation.compose.ComposeOptions` switches ``melody_key`` (bias towards the
     melody's key), ``voice_leading`` (mask parallel fifths and octaves), ``consonance``
     (bias against dissonances with the melody note), ``cadences`` (lean towards a cadence
-    at the melody's phrase ends; with particles, keep the rows that arrive on one) and
-    ``spacing`` (bias against upper voices more than an octave apart)."""
+    at the melody's phrase ends; with particles, keep the rows that arrive on one),
+    ``spacing`` (bias against upper voices more than an octave apart) and ``ranges`` (bias
+    against notes outside their voice's range)."""
 
     name: str
     particles: int
@@ -217,6 +218,7 @@ class Variant:
     consonance: float = 0.7
     cadences: bool = True
     spacing: float = 0.9
+    ranges: float = 0.9
 
 
 VARIANTS = (Variant("forcing", 1), Variant("forcing+smc8", 8))
@@ -300,7 +302,7 @@ def evaluate_harmonize(
             opts = ComposeOptions(
                 particles=v.particles, seed=seed, melody_key=v.melody_key,
                 voice_leading=v.voice_leading, consonance=v.consonance, cadences=v.cadences,
-                spacing=v.spacing,
+                spacing=v.spacing, ranges=v.ranges,
             )  # fmt: skip
             (c,) = harmonize(model if engine is None else engine, line, options=opts, meter=meter)
             seconds = time.perf_counter() - t0

@@ -103,6 +103,10 @@ class ComposeOptions:
             octave under the melody note, or more than an octave over the next note down when
             two are below it, gets ``log(1 - spacing)`` (0: none): the textbook spacing of the
             upper voices, which :func:`aurl.evaluation.tasks.voice_rules` counts.
+        ranges: In :func:`harmonize` with SATB voices, a NOTE_ON of the model outside the
+            textbook range (:data:`aurl.generation.voices.SATB_RANGES`) of the voice it would
+            sound as (its rank among the model's notes sounding below it: bass, tenor, alto)
+            gets ``log(1 - ranges)`` (0: none).
     """
 
     num_samples: int = 1
@@ -117,6 +121,7 @@ class ComposeOptions:
     consonance: float = 0.7
     cadences: bool = True
     spacing: float = 0.9
+    ranges: float = 0.9
 
 
 @dataclass
@@ -831,6 +836,8 @@ def decode(
     any_off[vocab.note_off : vocab.note_off + vocab.n_pitches] = True
     against_top = dissonance_bias(vocab, options.consonance if plan.melody_top else 0.0)
     spacing = options.spacing if plan.melody_top else 0.0
+    ranks = _rank_ranges(plan.max_free) if plan.melody_top else None
+    range_low = math.log(1.0 - options.ranges) if ranks is not None and options.ranges else 0.0
     spacing_low = math.log(1.0 - spacing) if 0 < spacing < 1 else (-np.inf if spacing else 0.0)
     resamples = fallbacks = n = 0
     spb = vocab.config.steps_per_beat
@@ -856,6 +863,11 @@ def decode(
         is_free_on = free_on[None, :] & keep
         top = np.array([r.top % 12 if r.top >= 0 else 12 for r in rows])
         proposal = proposal + np.where(is_free_on, bias[None, :] + against_top[top], 0.0)
+        if range_low < 0:  # each voice in its range
+            for b, r in enumerate(rows):
+                out = _out_of_range(r, ranks)
+                if out is not None:
+                    proposal[b, out + vocab.note_on - vocab.config.pitch_min] += range_low
         if spacing_low < 0:  # the upper voices within an octave of each other
             for b, r in enumerate(rows):
                 wide = _wide(r, plan)
@@ -938,6 +950,26 @@ def decode(
         }
         out.append(Composition(notes=notes, stats=stats))
     return out
+
+
+def _rank_ranges(free_voices: int) -> np.ndarray | None:
+    """(free_voices, 2) the SATB range of the model's voices from the bottom (bass first),
+    under a melody; None where the voices are not SATB's."""
+    from aurl.generation.voices import SATB, SATB_RANGES, voice_names
+
+    names = voice_names(free_voices + 1)[1:][::-1]
+    if not all(n in SATB for n in names):
+        return None
+    return np.array([SATB_RANGES[SATB.index(n)] for n in names], dtype=np.int64)
+
+
+def _out_of_range(row: _Row, ranks: np.ndarray) -> np.ndarray | None:
+    """The pitches a new NOTE_ON of the model would sound out of the range of the voice of its
+    rank (how many of the model's notes sound below it; None: nothing out of range)."""
+    p = np.arange(MIN_FREE_PITCH, MAX_FREE_PITCH + 1)
+    rank = np.minimum(np.searchsorted(np.sort(list(row.free)), p), len(ranks) - 1)
+    out = (p < ranks[rank, 0]) | (p > ranks[rank, 1])
+    return p[out] if out.any() else None
 
 
 def _wide(row: _Row, plan: Plan) -> np.ndarray | None:
