@@ -21,8 +21,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 #: name -> (particles, cadences, spacing, ranges): the decoder before the three leans, each
 #: lean added, and the defaults (all three), for forcing and for 8 particles
 VARIANTS = {
@@ -57,41 +55,22 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def merge(parts: list[dict]) -> dict:
-    """Rows of several runs: per-piece means, parallels pooled over moves."""
+    """Rows of several runs' pieces together (:func:`aurl.evaluation.tasks.pooled_rows`)."""
+    from aurl.evaluation.tasks import pooled_rows
+
     pieces: dict[str, list[dict]] = {}
     for part in parts:
         for name, items in part["pieces"].items():
             pieces.setdefault(name, []).extend(items)
-    rows = {}
-    for name, items in pieces.items():
-        keys = [k for k in items[0] if k not in ("moves", "parallels", "slices")]
-        rows[name] = {k: float(np.nanmean([r[k] for r in items], dtype=np.float64)) for k in keys}
-        moves = sum(r["moves"] for r in items)
-        rows[name]["parallels_per_100_moves"] = (
-            100.0 * sum(r["parallels"] for r in items) / max(1, moves)
-        )
-    return {"rows": rows, "files": sum(p["files"] for p in parts)}
+    return {"rows": pooled_rows(pieces), "files": sum(p["files"] for p in parts)}
 
 
 def table(result: dict) -> str:
-    cols = [
-        ("parallels_per_100_moves", "par. 5ths/8ves /100 moves"),
-        ("crossings_per_100_slices", "crossings /100 slices"),
-        ("spacing_per_100_slices", "spacing > 8ve /100 slices"),
-        ("out_of_range_per_100_notes", "out of range /100 notes"),
-        ("chord_agreement", "chord agreement"),
-        ("pc_agreement", "pitch-class agreement"),
-        ("cadence_rate", "**cadence at phrase ends**"),
-        ("given_bits_per_note", "bits per melody note"),
-        ("melody_kept", "melody kept"),
-        ("seconds", "s per piece"),
-    ]
-    lines = [f"{result['files']} chorales", "",
-             "| row | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]  # fmt: skip
-    for name, row in result["rows"].items():
-        cells = [f"{row.get(k, float('nan')):.3f}" for k, _ in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    from aurl.evaluation.tasks import HARMONIZE_COLUMNS, rows_table
+
+    columns = [*HARMONIZE_COLUMNS[:-2], ("given_bits_per_note", "bits per melody note"),
+               *HARMONIZE_COLUMNS[-2:]]  # fmt: skip
+    return "\n".join([f"{result['files']} chorales", "", *rows_table(result["rows"], columns)])
 
 
 def main() -> None:

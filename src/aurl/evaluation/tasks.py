@@ -324,15 +324,7 @@ def evaluate_harmonize(
                 "melody_kept": melody_kept(got[0], line), "seconds": seconds,
                 "given_bits_per_note": c.stats["given_bits_per_note"],
             })  # fmt: skip
-    rows = {}
-    for name, items in per.items():
-        keys = [k for k in items[0] if k not in ("moves", "parallels", "slices")] if items else []
-        rows[name] = {k: _mean(items, k) for k in keys}
-        if items:  # pooled parallels: per 100 moves over all pieces together
-            moves = sum(r["moves"] for r in items)
-            rows[name]["parallels_per_100_moves"] = (
-                100.0 * sum(r["parallels"] for r in items) / max(1, moves)
-            )
+    rows = pooled_rows(per)
     notes = sum(r["notes"] for r in likelihood)
     lik = {
         "atb_notes": notes,
@@ -341,6 +333,48 @@ def evaluate_harmonize(
         "tokens_outside_plan": sum(r["outside"] for r in likelihood),
     }
     return {"rows": rows, "likelihood": lik, "files": len(files), "pieces": per}
+
+
+def pooled_rows(per: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Each row's metrics over its pieces (:func:`evaluate_harmonize`'s ``pieces``, or several
+    runs' pieces together): the mean of each, but parallels pooled per 100 moves over all
+    pieces together."""
+    rows = {}
+    for name, items in per.items():
+        keys = [k for k in items[0] if k not in ("moves", "parallels", "slices")] if items else []
+        rows[name] = {k: _mean(items, k) for k in keys}
+        if items:
+            moves = sum(r["moves"] for r in items)
+            rows[name]["parallels_per_100_moves"] = (
+                100.0 * sum(r["parallels"] for r in items) / max(1, moves)
+            )
+    return rows
+
+
+#: The columns of :func:`harmonize_table`: (metric, heading).
+HARMONIZE_COLUMNS = (
+    ("parallels_per_100_moves", "par. 5ths/8ves /100 moves"),
+    ("crossings_per_100_slices", "crossings /100 slices"),
+    ("spacing_per_100_slices", "spacing > 8ve /100 slices"),
+    ("out_of_range_per_100_notes", "out of range /100 notes"),
+    ("chord_agreement", "chord agreement"),
+    ("pc_agreement", "pitch-class agreement"),
+    ("cadence_rate", "cadence at phrase ends"),
+    ("melody_kept", "melody kept"),
+    ("seconds", "s per piece"),
+)
+
+
+def rows_table(rows: dict[str, dict[str, float]], columns=HARMONIZE_COLUMNS) -> list[str]:
+    """The Markdown table lines of ``rows`` (name -> metrics) in ``columns``."""
+    lines = [
+        "| row | " + " | ".join(c[1] for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name, row in rows.items():
+        cells = [f"{row.get(k, float('nan')):.3f}" for k, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _encode_notes(notes: np.ndarray, tokenizer: Any, path: Path) -> np.ndarray:
@@ -355,24 +389,7 @@ def _encode_notes(notes: np.ndarray, tokenizer: Any, path: Path) -> np.ndarray:
 def harmonize_table(result: dict[str, Any]) -> str:
     """The Markdown table of :func:`evaluate_harmonize` (rules and harmony per row, likelihood
     below)."""
-    cols = [
-        ("parallels_per_100_moves", "par. 5ths/8ves /100 moves"),
-        ("crossings_per_100_slices", "crossings /100 slices"),
-        ("spacing_per_100_slices", "spacing > 8ve /100 slices"),
-        ("out_of_range_per_100_notes", "out of range /100 notes"),
-        ("chord_agreement", "chord agreement"),
-        ("pc_agreement", "pitch-class agreement"),
-        ("cadence_rate", "cadence at phrase ends"),
-        ("melody_kept", "melody kept"),
-        ("seconds", "s per piece"),
-    ]
-    lines = [
-        "| row | " + " | ".join(c[1] for c in cols) + " |",
-        "|---|" + "---|" * len(cols),
-    ]
-    for name, row in result["rows"].items():
-        cells = [f"{row.get(k, float('nan')):.3f}" for k, _ in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines = rows_table(result["rows"])
     lik = result["likelihood"]
     lines += [
         "",
