@@ -193,8 +193,7 @@ def _model(args: argparse.Namespace) -> Any:
     if getattr(args, "engine", "torch") == "auto":
         native = _native_where_it_runs(args)
         if native is not None:
-            return composing_model(native)
-        args.engine = "torch"
+            return composing_model(native)  # else on to torch below
     if getattr(args, "engine", "torch") == "onnx":
         return composing_model(_onnx_engine(args))
     if getattr(args, "engine", "torch") == "native":

@@ -566,10 +566,10 @@ class Arrivals:
         from aurl.analysis.chords import arrival_cadences
 
         base = max(0, arrival // spb - JUDGED_BEATS) * spb  # a whole beat: the cells stay put
-        given = self.given[self.given_ends > base / spb + 1e-9]
-        steps = np.stack([np.round(given["onset"] * spb), np.round(self.given_ends[
-            self.given_ends > base / spb + 1e-9] * spb)], 1).astype(np.int64)  # fmt: skip
-        spans = [(a, b, int(p)) for (a, b), p in zip(steps.tolist(), given["pitch"])]
+        late = self.given_ends > base / spb + 1e-9  # the given notes still sounding at base
+        on = np.round(self.given["onset"][late] * spb).astype(np.int64).tolist()
+        off = np.round(self.given_ends[late] * spb).astype(np.int64).tolist()
+        spans = list(zip(on, off, self.given["pitch"][late].tolist()))
         spans += [(a, b, p) for a, b, p, _ in row.made if b > base]
         spans += [(a, cut, p) for p, a in row.free.items()]
         spans = [(max(a, base), min(b, cut), p) for a, b, p in spans if a < cut]
@@ -776,7 +776,7 @@ def dissonance_bias(vocab: Vocab, strictness: float) -> np.ndarray:
     if strictness <= 0:
         return bias
     on = np.flatnonzero(vocab.kind == Kind.NOTE_ON)
-    penalty = math.log(1.0 - strictness) if strictness < 1.0 else -np.inf
+    penalty = _penalty(strictness)
     for pc in range(12):
         bias[pc, on[np.isin((pc - vocab.value[on]) % 12, DISSONANT)]] = penalty
     return bias
@@ -838,8 +838,8 @@ def decode(
     against_top = dissonance_bias(vocab, options.consonance if plan.melody_top else 0.0)
     spacing = options.spacing if plan.melody_top else 0.0
     ranks = _rank_ranges(plan.max_free) if plan.melody_top else None
-    range_low = math.log(1.0 - options.ranges) if ranks is not None and options.ranges else 0.0
-    spacing_low = math.log(1.0 - spacing) if 0 < spacing < 1 else (-np.inf if spacing else 0.0)
+    range_low = _penalty(options.ranges) if ranks is not None else 0.0
+    spacing_low = _penalty(spacing)
     resamples = fallbacks = n = 0
     spb = vocab.config.steps_per_beat
     due = list(arrivals.steps) if arrivals is not None and K > 1 else []  # arrivals to judge
@@ -954,6 +954,13 @@ def decode(
         }
         out.append(Composition(notes=notes, stats=stats))
     return out
+
+
+def _penalty(strictness: float) -> float:
+    """``log(1 - strictness)``: 0 for none, -inf for 1 (never)."""
+    if strictness <= 0:
+        return 0.0
+    return math.log(1.0 - strictness) if strictness < 1.0 else -np.inf
 
 
 def _rank_ranges(free_voices: int) -> np.ndarray | None:
