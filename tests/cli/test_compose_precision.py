@@ -69,7 +69,7 @@ def test_evaluate_task_follows_generates_rule(monkeypatch, tmp_path, flags, extr
     [
         (["harmonize", "m.mid", "--int8"], "--int8 chooses the onnx engine's graphs"),
         (["infill", "m.mid", "--bars", "1-1", "--int4"], "--int4 chooses the onnx engine's graphs"),
-        (["generate", "--int4"], "--int4 chooses the onnx engine's graphs: add --engine onnx"),
+        (["generate", "--engine", "torch", "--int4"], "--int4 chooses the onnx engine's graphs: add --engine onnx"),
         (["evaluate", "--data", "d", "--fp32"], "--fp32 chooses --task's onnx graphs"),
         (["evaluate", "--data", "d", "--int4"], "--int4 chooses --task's onnx graphs"),
     ],

@@ -43,15 +43,17 @@ def test_generation_runs_without_the_torch_extra(tiny_export, tmp_path) -> None:
     assert (tmp_path / "pieces" / "sample_seed0_000.mid").stat().st_size > 100
 
 
-def test_native_generation_runs_without_the_torch_extra_or_onnxruntime(tmp_path) -> None:
-    """`aurl generate --engine native` on the shipped default with the [torch] extra's packages
-    and onnxruntime unimportable: the model folder is read by Aurl's own safetensors reader."""
+@pytest.mark.parametrize("engine", [[], ["--engine", "native"]], ids=["default", "native"])
+def test_native_generation_runs_without_the_torch_extra_or_onnxruntime(engine, tmp_path) -> None:
+    """`aurl generate` (its default, auto, runs the native step) and `--engine native` on the
+    shipped default with the [torch] extra's packages and onnxruntime unimportable: the model
+    folder is read by Aurl's own safetensors reader."""
     code = (
         BLOCK
         + "sys.modules['onnxruntime'] = None\n"
         + (
             "from aurl.cli import main\n"
-            f"rc = main(['generate', '--engine', 'native', '--out', {str(tmp_path / 'pieces')!r}, "
+            f"rc = main(['generate', *{engine!r}, '--out', {str(tmp_path / 'pieces')!r}, "
             "'--max-tokens', '48', '--key', 'D minor'])\n"
             "print('rc', rc)\n"
         )
@@ -59,12 +61,16 @@ def test_native_generation_runs_without_the_torch_extra_or_onnxruntime(tmp_path)
     r = _run(code, tmp_path)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "rc 0", r.stderr
     assert (tmp_path / "pieces" / "sample_seed0_000.mid").stat().st_size > 100
+    header = (tmp_path / "pieces" / "sample_seed0.yaml").read_text().splitlines()[1]
+    assert header.startswith("# engine: native, int8 weights of "), header
 
 
 @pytest.mark.parametrize(
     "argv, says",
     [
-        (["generate", "--out", "OUT"], "pip install 'aurl[torch]'"),  # the torch engine
+        (["generate", "--engine", "torch", "--out", "OUT"], "pip install 'aurl[torch]'"),
+        # the default (auto) goes to torch for what the native step does not do
+        (["generate", "--beam", "2", "--out", "OUT"], "pip install 'aurl[torch]'"),
         (["export", "--format", "onnx", "--out", "OUT"], "pip install 'aurl[torch]'"),
         # the shipped model's graphs are not cached yet: writing them needs torch
         (["generate", "--engine", "onnx", "--out", "OUT"], "where aurl[torch] is installed"),

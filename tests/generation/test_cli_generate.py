@@ -149,7 +149,9 @@ def test_int8_generation_gives_valid_pieces(
             ran["linear", module.weight.dtype] += 1
 
     out = tmp_path / "int8"
-    args = ["--checkpoint", str(checkpoint), "--num-samples", "3", "--max-tokens", "64"]
+    # --engine torch: the torch path's --int8 (the default, auto, would run the native step)
+    args = ["--checkpoint", str(checkpoint), "--engine", "torch", "--num-samples", "3",
+            "--max-tokens", "64"]  # fmt: skip
     handle = register_module_forward_hook(record)
     try:
         code, stdout, err = run(capsys, *args, "--int8", "--out", str(out))

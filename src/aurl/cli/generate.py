@@ -43,8 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_argument(p)
     add_adapter_argument(p)
     engine = p.add_argument(
-        "--engine", choices=ENGINES, default="torch",
-        help="torch (default); onnx: onnxruntime on the CPU, never imports torch (the shipped "
+        "--engine", choices=("auto", *ENGINES), default="auto",
+        help="auto (default): native where it runs the model and the flags, else torch (--beam, "
+        "--variations, --interpolate, --adapter, --device cuda), onnx for --int4 or an ONNX "
+        "export folder; torch: PyTorch; onnx: onnxruntime on the CPU, never imports torch (the shipped "
         "model's graphs are written once to ~/.cache/aurl/onnx, see docs/design.md); their "
         "precision: %(default_precision)s, unless --int8 / --int4 / --fp32; native: Aurl's own "
         "compiled decode step on the CPU, reads the model folder directly, never imports torch "
@@ -319,8 +321,12 @@ def run(args: argparse.Namespace) -> int:
     check_free([*paths, {"settings": settings}], force=args.force)
     if args.adapter and args.int8 and args.engine != "onnx":
         raise ConfigError("--adapter is merged into a torch model: drop --int8")
-    if args.int4 and args.engine != "onnx":
+    if args.int4 and args.engine not in ("onnx", "auto"):
         raise ConfigError("--int4 chooses the onnx engine's graphs: add --engine onnx")
+    if args.engine == "auto":
+        engine = auto_engine(args)
+        if engine is not None:
+            return finish(args, config, engine, None, paths, settings, t0)
     if args.engine == "native":
         engine = native_engine(args)
         return finish(args, config, engine, None, paths, settings, t0)
@@ -334,7 +340,8 @@ def run(args: argparse.Namespace) -> int:
     model_folder(
         args.checkpoint, args.model
     )  # a wrong path or name fails here, before torch loads (~1 s)
-    require_torch("--engine torch")
+    require_torch("--engine torch" if args.engine != "auto" else "this model with these flags "
+                  "(--engine auto: the native engine does not run them here)")
     import torch
 
     checks.device(args.device)
@@ -442,6 +449,38 @@ def int8_onnx_engine(args: argparse.Namespace, config):
     return load_shipped_onnx(folder, precision="int8", threads=args.threads)
 
 
+def auto_engine(args: argparse.Namespace):
+    """``--engine auto``: the native engine of the model folder (int8, or fp32 with ``--fp32``)
+    where it runs the model and the flags; the onnx engine for ``--int4`` or an ONNX export
+    folder; None where torch decodes (``--beam``, ``--variations``, ``--interpolate``,
+    ``--adapter``, ``--device cuda``; a model the native step lacks, or no compiled step on this
+    installation; a folder neither can read gets torch's own message)."""
+    if args.int4:  # only onnx has int4 graphs: a flag it cannot honour is its own error
+        return onnx_engine(args)
+    if args.device != "cpu" or (args.beam or 1) > 1:
+        return None
+    if args.variations or args.interpolate or args.adapter:
+        return None
+    folder = model_folder(args.checkpoint, args.model)
+    if (folder / "decoder.onnx").is_file() and not (folder / "model.safetensors").is_file():
+        return onnx_engine(args)  # an ONNX export folder
+    from aurl.engines.native_engine import native_where_it_runs
+
+    engine = native_where_it_runs(folder, weights="fp32" if args.fp32 else "int8")
+    if engine is not None:
+        _one_thread(args)
+    return engine
+
+
+def _one_thread(args: argparse.Namespace) -> None:
+    """Say that ``--threads N`` does not apply to the native engine (one core's bandwidth)."""
+    if args.threads != 1:
+        import sys
+
+        print(f"--threads {args.threads}: the native engine decodes on one thread (one core's "
+              "memory bandwidth is what its step needs)", file=sys.stderr)  # fmt: skip
+
+
 def onnx_engine(args: argparse.Namespace):
     """The onnx engine of ``--checkpoint`` (an export folder) or of the shipped model.
 
@@ -512,11 +551,7 @@ def native_engine(args: argparse.Namespace):
     from aurl.engines.native_engine import NativeEngine, load_library
 
     load_library()  # a missing compiled step fails before the weights are read
-    if args.threads != 1:
-        import sys
-
-        print(f"--threads {args.threads}: the native engine decodes on one thread (one core's "
-              "memory bandwidth is what its step needs)", file=sys.stderr)  # fmt: skip
+    _one_thread(args)
     folder = model_folder(args.checkpoint, args.model)
     if (folder / "decoder.onnx").is_file() and not (folder / "model.safetensors").is_file():
         raise CheckpointError(
@@ -657,11 +692,19 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
     # (which says what the config does not: --keep, --cadence, --variations FILE, --engine)
     resolved = Config(vocab=vocab_config, model=engine.config, generation=config)
     header = "# " + shlex.join(["aurl", *getattr(args, "argv", ["generate"])]) + "\n"
-    if engine.numpy:  # which graphs: the precision is the CPU's default unless a flag chose
-        header += f"# engine: onnx, {engine.weights} graphs in {engine.folder}\n"
+    header += f"# engine: {engine_line(engine)}\n"
     print(f"wrote {atomic_write_text(settings, header + resolved.to_yaml())}")
     print(f"generated {n} piece(s) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def engine_line(engine) -> str:
+    """What decoded, for the settings file's header: torch and its device, or the numpy engine
+    with its weights (the precision is the CPU's default unless a flag chose) and folder."""
+    if engine.name == "torch":
+        return f"torch on {engine.device}"
+    what = "weights of" if engine.name == "native" else "graphs in"
+    return f"{engine.name}, {engine.weights} {what} {engine.folder}"
 
 
 def transfer_keep(args: argparse.Namespace) -> str:

@@ -3,7 +3,7 @@
 An engine is duck-typed: ``init_state(batch, *, capacity, history, latents, meter)`` -> state,
 ``step(ids, state)`` -> logits (B, T, V) advancing the state, ``grammar_state(state)`` (the
 grammar state after the tokens fed, when the engine keeps one, else None), plus ``vocab``, ``config`` (the model config: ``max_seq_len``, ``mode``),
-``device`` and ``numpy`` (True: ids, logits and states are numpy arrays and nothing imports
+``device``, ``name`` (``aurl generate --engine``'s word for it) and ``numpy`` (True: ids, logits and states are numpy arrays and nothing imports
 torch).
 
 - :class:`aurl.engines.torch_engine.TorchEngine` wraps a ``MusicTransformerVAEGAN``;

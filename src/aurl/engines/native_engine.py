@@ -275,6 +275,7 @@ class NativeEngine:
             (:func:`check_supported`).
     """
 
+    name = "native"  # what `aurl generate --engine` calls it
     numpy = True
     kind = "native"  # what a report names it
     takes_style = True  # init_state(style=...): the model's style embedding

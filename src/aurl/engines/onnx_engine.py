@@ -137,6 +137,7 @@ class OnnxEngine:
         ConfigError: onnxruntime is not installed.
     """
 
+    name = "onnx"  # what `aurl generate --engine` calls it
     numpy = True
     kind = "onnx"  # what a report names it  # the loop keeps its arrays in numpy
 

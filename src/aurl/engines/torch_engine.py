@@ -14,6 +14,7 @@ class TorchEngine:
         model: a ``MusicTransformerVAEGAN`` (or its int8 copy) in eval mode.
     """
 
+    name = "torch"  # what `aurl generate --engine` calls it
     numpy = False
 
     def __init__(self, model: Any) -> None:
