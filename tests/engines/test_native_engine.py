@@ -92,8 +92,16 @@ def test_int8_bits_per_note_within_0_02_of_fp32() -> None:
     assert abs(int8 - fp32) < 0.02
 
 
+@pytest.fixture
+def best_kernels():
+    """The kernels this process started with, restored after the test changes them."""
+    before = native.kernels()
+    yield before
+    native.set_kernels(before)
+
+
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_portable_kernels_equal_the_avx2_ones(weights) -> None:
+def test_portable_kernels_equal_the_avx2_ones(weights, best_kernels) -> None:
     """What CPUs without AVX2 (and ARM) run gives the AVX2 kernels' logits: fp32 to 1e-4;
     int8 whose integer products are exact but whose activations round to int8 after GELUs
     computed two ways, to 0.002 bits per token over the four chorales."""
@@ -101,20 +109,82 @@ def test_portable_kernels_equal_the_avx2_ones(weights) -> None:
         pytest.skip("this CPU has no AVX2: only the portable kernels run here")
     engine = NativeEngine(SHIPPED, weights=weights)
     ids, meter = _piece(engine, n=160)
-    try:
-        fast = _native_logits(engine, ids, meter, prefill=80)
-        fast_bits = _bits_per_note(engine)
-        assert native.set_kernels("portable") == "portable"
-        slow = _native_logits(engine, ids, meter, prefill=80)
-        slow_bits = _bits_per_note(engine)
-    finally:
-        native.set_kernels("avx2")
+    fast = _native_logits(engine, ids, meter, prefill=80)
+    fast_bits = _bits_per_note(engine)
+    assert native.set_kernels("portable") == "portable"
+    slow = _native_logits(engine, ids, meter, prefill=80)
+    slow_bits = _bits_per_note(engine)
     if weights == "fp32":
         assert np.abs(_log_probs(fast) - _log_probs(slow)).max() < 1e-4
     assert abs(fast_bits - slow_bits) < 0.002
 
 
-def test_half_cache_rounds_as_f16c() -> None:
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 9])
+def test_vnni_kernels_equal_the_avx2_ones_bit_for_bit(rows, best_kernels) -> None:
+    """The int8 products on AVX512-VNNI (four weight rows against four batch rows at a time,
+    activations offset by 128 and each weight row's sum taken off) give the AVX2 kernel's exact
+    integer sums, so the same logits bit for bit: the shipped model, a prefill and 40 single
+    steps of ``rows`` rows of different real chorales (every remainder of the four-row blocks;
+    the head's 774 rows leave two)."""
+    if native.set_kernels("avx512vnni") != "avx512vnni":
+        pytest.skip("this CPU has no AVX512-VNNI")
+    engine = NativeEngine(SHIPPED)
+    files = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "midi").glob("bach_*.mid"))
+    pieces = [_piece(engine, files[i % len(files)].name, n=120 + 5 * i)[0] for i in range(rows)]
+    ids = np.concatenate([p[:, -120:] for p in pieces])  # row i: chorale i % 4, its own window
+    meter = np.array([read_meter(files[i % len(files)]) for i in range(rows)])
+    got = {}
+    for kernels in ("avx512vnni", "avx2"):
+        assert native.set_kernels(kernels) == kernels
+        s = engine.init_state(rows, capacity=256, meter=meter)
+        got[kernels] = np.concatenate(
+            [engine.step(ids[:, :80], s)] + [engine.step(ids[:, j : j + 1], s) for j in range(80, 120)],
+            axis=1,
+        )
+    assert np.isfinite(got["avx2"]).all() and np.abs(got["avx2"]).max() > 1
+    assert np.array_equal(got["avx512vnni"], got["avx2"])
+
+
+@pytest.mark.parametrize("weights, rows", [("int8", 1), ("int8", 3), ("fp32", 2)])
+def test_a_prefill_equals_one_token_steps_bit_for_bit(weights, rows) -> None:
+    """A prefill (one C call per 64 tokens of every row, the rows' products batched) gives what
+    the C step gives for the same input embeddings one token at a time, bit for bit: logits,
+    caches and the steps after it. ``rows`` rows of different real chorales, 150 tokens after a
+    first 10 (three calls, one of them short, from a position past 0), then 5 single steps.
+    Against feeding the tokens one at a time through ``step`` (whose one-token embedding is
+    summed in C, in another order than numpy's), fp32 log-probs agree to 1e-4 (int8 ones
+    differ more: a last-bit difference can move an activation across an int8 step)."""
+    engine = NativeEngine(SHIPPED, weights=weights)
+    files = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "midi").glob("bach_*.mid"))
+    ids = np.concatenate([_piece(engine, files[i].name, n=165)[0] for i in range(rows)])
+    meter = np.array([read_meter(files[i]) for i in range(rows)])
+    got = {}
+    for way in ("prefill", "c steps", "steps"):
+        s = engine.init_state(rows, capacity=256, meter=meter)
+        first = engine.step(ids[:, :10], s)
+        if way == "prefill":
+            mid = engine.step(ids[:, 10:160], s)
+        elif way == "c steps":  # the prefill's own inputs, one token per C step
+            feed, s.features = engine.features(ids[:, 10:160], s.features)
+            x = engine.embed_inputs(feed, s.style)
+            mid = []
+            for j in range(150):
+                xj = np.ascontiguousarray(x[:, j])
+                mid.append(engine._run(xj.ctypes.data, rows, s)[:, None].copy())
+            mid = np.concatenate(mid, 1)
+        else:
+            mid = np.concatenate([engine.step(ids[:, j : j + 1], s) for j in range(10, 160)], 1)
+        rest = [engine.step(ids[:, j : j + 1], s) for j in range(160, 165)]
+        got[way] = (np.concatenate([first, mid, *rest], 1), s.keys[-1].copy(), s.pos)
+    (a, ka, pa), (b, kb, pb) = got["prefill"], got["c steps"]
+    assert pa == pb == 165 and np.abs(a).max() > 1
+    assert np.array_equal(ka, kb)
+    assert np.array_equal(a, b)
+    if weights == "fp32":
+        assert np.abs(_log_probs(a) - _log_probs(got["steps"][0])).max() < 1e-4
+
+
+def test_half_cache_rounds_as_f16c(best_kernels) -> None:
     """The int8 engine keeps keys and values as half floats: the portable conversion rounds as
     the F16C instruction does (nearest even). Layer 0's keys and values of a prefill come from
     the same floats on both paths (exact int8 products, shared norm and rotary), so they must
@@ -124,14 +194,11 @@ def test_half_cache_rounds_as_f16c() -> None:
     engine = NativeEngine(SHIPPED)
     ids, meter = _piece(engine, n=200)
     caches = []
-    try:
-        for kernels in ("avx2", "portable"):
-            native.set_kernels(kernels)
-            s = engine.init_state(1, capacity=256, meter=meter)
-            engine.step(ids, s)
-            caches.append((s.keys[0][:, :, :200].copy(), s.values[0][:, :, :200].copy()))
-    finally:
-        native.set_kernels("avx2")
+    for kernels in ("avx2", "portable"):
+        native.set_kernels(kernels)
+        s = engine.init_state(1, capacity=256, meter=meter)
+        engine.step(ids, s)
+        caches.append((s.keys[0][:, :, :200].copy(), s.values[0][:, :, :200].copy()))
     (k1, v1), (k2, v2) = caches
     assert k1.dtype == np.float16 and np.abs(k1).max() > 1
     assert np.array_equal(k1.view(np.uint16), k2.view(np.uint16))

@@ -17,7 +17,10 @@
  *
  * Instruction sets: AVX2 + FMA kernels compiled with target attributes and chosen at run time
  * (__builtin_cpu_supports), portable C otherwise, so one build runs on any x86-64 and on other
- * architectures (portable C only there).
+ * architectures (portable C only there). Where the CPU has AVX512-VNNI, the int8 products run on
+ * VPDPBUSD, four weight rows against four batch rows at a time (the rows of a batch share each
+ * weight read: SMC particles, the cadence search's rows); their integer sums are the AVX2
+ * kernel's, so the logits are the same bit for bit.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -42,6 +45,7 @@ typedef struct {
     const float *scale;  /* (n) per-row scale of int8 weights, else NULL */
     const float *bias;   /* (n) or NULL */
     int32_t n, k, kind, pad;
+    const int32_t *wsum; /* (n) each int8 row's sum (the VNNI kernel's offset), else NULL */
 } Lin;
 
 typedef struct {
@@ -60,20 +64,36 @@ typedef struct {
 
 #define MAX_HEAD_DIM 512
 
-static int have_avx2 = -1;
+/* the kernels in use: 0 portable C, 1 AVX2 + FMA (+ F16C), 2 that and AVX512-VNNI for the int8
+ * products (-1: not chosen yet: the best this CPU has) */
+static int level = -1;
 
-static int use_avx2(void) {
+static int best_level(void) {
 #ifdef AURL_X86
-    if (have_avx2 < 0) {
-        __builtin_cpu_init();
-        have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
-    }
-    return have_avx2;
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+          __builtin_cpu_supports("f16c")))
+        return 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vnni")
+               ? 2
+               : 1;
 #else
     return 0;
 #endif
 }
+
+static int use_avx2(void) {
+    if (level < 0) level = best_level();
+    return level >= 1;
+}
+
+#ifdef AURL_X86
+static int use_vnni(void) {
+    if (level < 0) level = best_level();
+    return level >= 2;
+}
+#endif
 
 /* ---- half floats (the int8 engine's KV cache), portable: round to nearest even, as F16C -- */
 
@@ -116,8 +136,37 @@ static float h2f(uint16_t h) {
 
 /* ---- int8 activations ------------------------------------------------------------------- */
 
+#ifdef AURL_X86
+/* quantize_row's AVX2 form, k a multiple of 8: the same max, products and rounding (to nearest
+ * even, as lrintf in the default mode), so the same bytes */
+__attribute__((target("avx2,fma"))) static float quantize_row_avx2(const float *x, int k,
+                                                                    int8_t *q) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mv = _mm256_setzero_ps();
+    for (int i = 0; i < k; i += 8) mv = _mm256_max_ps(mv, _mm256_and_ps(_mm256_loadu_ps(x + i), absmask));
+    float t[8], m = 0.f;
+    _mm256_storeu_ps(t, mv);
+    for (int i = 0; i < 8; i++) m = t[i] > m ? t[i] : m;
+    if (m == 0.f) {
+        memset(q, 0, (size_t)k);
+        return 0.f;
+    }
+    const __m256 inv = _mm256_set1_ps(127.f / m);
+    for (int i = 0; i < k; i += 8) {
+        __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+        __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        _mm_storel_epi64((__m128i *)(q + i), _mm_packs_epi16(w, w));
+    }
+    return m / 127.f;
+}
+#endif
+
+
 /* x (k) -> q (k) int8 with x ~ q * scale; returns scale (0 for a zero row). */
 static float quantize_row(const float *x, int k, int8_t *q) {
+#ifdef AURL_X86
+    if (use_avx2() && k % 8 == 0) return quantize_row_avx2(x, k, q);
+#endif
     float m = 0.f;
     for (int i = 0; i < k; i++) {
         float a = fabsf(x[i]);
@@ -282,15 +331,155 @@ __attribute__((target("avx2,fma"))) static void lin_s8_avx2(const Lin *L, int B,
     }
 #undef AURL_DOT
 }
+
+/* int8 weights x int8 activations with AVX512-VNNI, k a multiple of 64. VPDPBUSD multiplies
+ * unsigned by signed bytes, so the activations go in offset by 128 (x ^ 0x80 = x + 128, 1..255)
+ * and each row's 128 * sum(w) (wsum, computed at load) comes off the int32 sum: the same exact
+ * integer as the AVX2 kernel's, so the same logits bit for bit. Each weight row is read once
+ * for up to four batch rows (their 16 sums in registers), four weight rows at a time. */
+#ifndef PREFETCH_VNNI
+#define PREFETCH_VNNI PREFETCH
+#endif
+#define AVX512_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")))
+
+/* the int32 sums of four weight rows (w0 + i * k) against NB <= 4 batch rows (x0 + b * k), k a
+ * multiple of 64: out[b][i] (the rows past NB get zeros). Named accumulators: an array of them
+ * made GCC shuffle and spill. NB is a constant in each caller below, so the unused rows' code
+ * goes away. */
+AVX512_VNNI static inline __attribute__((always_inline)) void s8_quad_impl(
+    const int8_t *w0, int k, const int8_t *x0, int NB, int fetch, int32_t out[4][4]) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00,
+            a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00,
+            a31 = a00, a32 = a00, a33 = a00;
+    const int8_t *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+    const int8_t *x1 = x0 + k, *x2 = x1 + k, *x3 = x2 + k;
+    for (int j = 0; j < k; j += 64) {
+        if (fetch) /* the four rows are one contiguous block, read 256 bytes per iteration */
+            for (int c = 0; c < 256; c += 64)
+                _mm_prefetch((const char *)(w0 + PREFETCH + 4 * j + c), _MM_HINT_T0);
+#define LOADX(x) _mm512_xor_si512(_mm512_loadu_si512((const void *)((x) + j)), flip)
+        const __m512i u0 = LOADX(x0), u1 = NB > 1 ? LOADX(x1) : flip,
+                      u2 = NB > 2 ? LOADX(x2) : flip, u3 = NB > 3 ? LOADX(x3) : flip;
+#undef LOADX
+#define ROW(wi, a0, a1, a2, a3)                                     \
+    do {                                                            \
+        const __m512i w = _mm512_loadu_si512((const void *)((wi) + j)); \
+        a0 = _mm512_dpbusd_epi32(a0, u0, w);                        \
+        if (NB > 1) a1 = _mm512_dpbusd_epi32(a1, u1, w);            \
+        if (NB > 2) a2 = _mm512_dpbusd_epi32(a2, u2, w);            \
+        if (NB > 3) a3 = _mm512_dpbusd_epi32(a3, u3, w);            \
+    } while (0)
+        ROW(w0, a00, a01, a02, a03);
+        ROW(w1, a10, a11, a12, a13);
+        ROW(w2, a20, a21, a22, a23);
+        ROW(w3, a30, a31, a32, a33);
+#undef ROW
+    }
+    /* each sum's halves added, then two transposes of sums (as head64's): batch rows 0-1, 2-3 */
+#define HALVES(a) _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1))
+#define SUMS8(v0, v1, v2, v3, v4, v5, v6, v7, dst)                                              \
+    do {                                                                                         \
+        __m256i h0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(HALVES(v0), HALVES(v1)),             \
+                                          _mm256_hadd_epi32(HALVES(v2), HALVES(v3)));            \
+        __m256i h4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(HALVES(v4), HALVES(v5)),             \
+                                          _mm256_hadd_epi32(HALVES(v6), HALVES(v7)));            \
+        _mm256_storeu_si256((__m256i *)(dst),                                                    \
+                            _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20),      \
+                                             _mm256_permute2x128_si256(h0123, h4567, 0x31)));    \
+    } while (0)
+    SUMS8(a00, a10, a20, a30, a01, a11, a21, a31, &out[0][0]);
+    if (NB > 2) SUMS8(a02, a12, a22, a32, a03, a13, a23, a33, &out[2][0]);
+#undef SUMS8
+#undef HALVES
+}
+
+AVX512_VNNI static void s8_quad_vnni(const int8_t *w0, int k, const int8_t *x0, int NB, int fetch,
+                                     int32_t out[4][4]) {
+    switch (NB) {
+    case 4: s8_quad_impl(w0, k, x0, 4, fetch, out); break;
+    case 3: s8_quad_impl(w0, k, x0, 3, fetch, out); break;
+    case 2: s8_quad_impl(w0, k, x0, 2, fetch, out); break;
+    default: s8_quad_impl(w0, k, x0, 1, fetch, out);
+    }
+}
+
+/* the sums of one weight row against NB <= 4 batch rows: out[b][0] */
+AVX512_VNNI static void s8_row_vnni(const int8_t *w0, int k, const int8_t *x0, int NB,
+                                    int32_t out[4][4]) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int b = 0; b < NB; b++) {
+        const int8_t *xb = x0 + (size_t)b * k;
+        __m512i a = _mm512_setzero_si512();
+        for (int j = 0; j < k; j += 64)
+            a = _mm512_dpbusd_epi32(
+                a, _mm512_xor_si512(_mm512_loadu_si512((const void *)(xb + j)), flip),
+                _mm512_loadu_si512((const void *)(w0 + j)));
+        out[b][0] = _mm512_reduce_add_epi32(a);
+    }
+}
+
+AVX512_VNNI static void lin_s8_vnni(const Lin *L, int B, const int8_t *q, const float *qs,
+                                    float *y, int acc) {
+    const int8_t *W = (const int8_t *)L->w;
+    const int n = L->n, k = L->k;
+    int32_t s[4][4];
+    for (int r = 0; r < n; r += 4) {
+        const int R = n - r < 4 ? n - r : 4;
+        const int8_t *w0 = W + (size_t)r * k;
+        for (int b0 = 0; b0 < B; b0 += 4) {
+            const int NB = B - b0 < 4 ? B - b0 : 4, fetch = b0 == 0;
+            const int8_t *x0 = q + (size_t)b0 * k;
+            if (R == 4) {
+                s8_quad_vnni(w0, k, x0, NB, fetch, s);
+            } else {
+                for (int i = 0; i < R; i++) {
+                    int32_t t[4][4];
+                    s8_row_vnni(w0 + (size_t)i * k, k, x0, NB, t);
+                    for (int b = 0; b < NB; b++) s[b][i] = t[b][0];
+                }
+            }
+            if (R == 4) { /* four outputs per batch row at once, in the scalar order of ops */
+                const __m128i off = _mm_slli_epi32(_mm_loadu_si128((const __m128i *)(L->wsum + r)), 7);
+                const __m128 sc = _mm_loadu_ps(L->scale + r);
+                const __m128 bi = L->bias ? _mm_loadu_ps(L->bias + r) : _mm_setzero_ps();
+                for (int b = 0; b < NB; b++) {
+                    float *yb = y + (size_t)(b0 + b) * n + r;
+                    __m128 f = _mm_cvtepi32_ps(
+                        _mm_sub_epi32(_mm_loadu_si128((const __m128i *)s[b]), off));
+                    f = _mm_add_ps(_mm_mul_ps(_mm_mul_ps(f, sc), _mm_set1_ps(qs[b0 + b])), bi);
+                    _mm_storeu_ps(yb, acc ? _mm_add_ps(_mm_loadu_ps(yb), f) : f);
+                }
+                continue;
+            }
+            for (int b = 0; b < NB; b++) {
+                float *yb = y + (size_t)(b0 + b) * n + r;
+                for (int i = 0; i < R; i++) {
+                    int32_t v = s[b][i] - 128 * L->wsum[r + i];
+                    float f = (float)v * L->scale[r + i] * qs[b0 + b] +
+                              (L->bias ? L->bias[r + i] : 0.f);
+                    yb[i] = acc ? yb[i] + f : f;
+                }
+            }
+        }
+    }
+}
 #endif
 
-/* y (B, n) (=|+=) x (B, k) @ W^T + bias; qbuf: B * k int8 scratch, qs: B floats */
+/* y (B, n) (=|+=) x (B, k) @ W^T + bias; qbuf: B * k int8 scratch, qs: B floats; stream: one
+ * row whose weights come from memory (the AVX2 kernel keeps pace with it better: VNNI measured
+ * 0.6-1.0x of it on the 26M model's 26 MB at one row, 1.2x on the shipped model's 3.3 MB) */
 static void linear(const Lin *L, int B, const float *x, float *y, int acc, int8_t *qbuf,
-                   float *qs) {
+                   float *qs, int stream) {
+    (void)stream; /* read by the x86 kernels' choice only */
     if (L->kind == LIN_S8) {
         for (int b = 0; b < B; b++)
             qs[b] = quantize_row(x + (size_t)b * L->k, L->k, qbuf + (size_t)b * L->k);
 #ifdef AURL_X86
+        if (use_vnni() && L->wsum && L->k % 64 == 0 && !stream) {
+            lin_s8_vnni(L, B, qbuf, qs, y, acc);
+            return;
+        }
         if (use_avx2() && L->k % 32 == 0) {
             lin_s8_avx2(L, B, qbuf, qs, y, acc);
             return;
@@ -670,6 +859,10 @@ int aurl_embed(const Model *m, const Embed *e, int B, const int64_t *ids, const 
     return 0;
 }
 
+#ifndef STREAM_BYTES
+#define STREAM_BYTES (8 << 20) /* between the shipped model's 3.3 MB and the 26M model's 26 MB */
+#endif
+
 /* Scratch floats aurl_step needs for B rows and a cache of cap positions. */
 int64_t aurl_scratch_floats(const Model *m, int B, int cap) {
     int64_t d = m->d, wide = m->ff > 3 * d ? m->ff : 3 * d;
@@ -682,49 +875,70 @@ int64_t aurl_scratch_bytes(const Model *m, int B) {
     return (int64_t)B * k;
 }
 
-/* One token for each of B rows at cache position pos: x (B, d) the summed input embeddings
- * (overwritten: the residual stream), kc[i], vc[i] each layer's (B, H, cap, hd) cache,
- * logits (B, vocab) out. Returns 0, or -1 on arguments out of range. */
-int aurl_step(const Model *m, int B, float *x, void *const *kc, void *const *vc, int cap,
-              int pos, float *logits, float *scratch, int8_t *qbuf) {
-    if (B < 1 || pos < 0 || pos >= cap || pos >= m->rot_len || m->head_dim % 2 ||
-        m->head_dim > MAX_HEAD_DIM)
+/* T tokens for each of B rows at cache positions pos .. pos + T - 1: x (B * T, d) the summed
+ * input embeddings, row b * T + t (overwritten: the residual stream), kc[i], vc[i] each layer's
+ * (B, H, cap, hd) cache, logits (B * T, vocab) out. The B * T rows go through each product
+ * together (the batched kernels read each weight once for them) and attend in order, each
+ * over its row's cache up to its own position: the logits of single steps, bit for bit.
+ * Scratch for B * T rows (aurl_scratch_floats, aurl_scratch_bytes). Returns 0, or -1 on
+ * arguments out of range. */
+int aurl_prefill(const Model *m, int B, int T, float *x, void *const *kc, void *const *vc,
+                 int cap, int pos, float *logits, float *scratch, int8_t *qbuf) {
+    if (B < 1 || T < 1 || pos < 0 || pos > cap - T || pos > m->rot_len - T ||
+        m->head_dim % 2 || m->head_dim > MAX_HEAD_DIM)
         return -1;
-    const int d = m->d;
+    const int d = m->d, N = B * T;
     int wide = m->ff > 3 * d ? m->ff : 3 * d;
-    float *h = scratch, *att = h + (size_t)B * d, *big = att + (size_t)B * d;
-    float *scores = big + (size_t)B * wide, *qs = scores + cap;
+    float *h = scratch, *att = h + (size_t)N * d, *big = att + (size_t)N * d;
+    float *scores = big + (size_t)N * wide, *qs = scores + cap;
+    /* one row, and more int8 weights than STREAM_BYTES: they stream from memory */
+    int64_t bytes = (int64_t)m->head.n * m->head.k;
     for (int l = 0; l < m->layers; l++) {
         const Layer *L = m->layer + l;
-        for (int b = 0; b < B; b++)
-            layer_norm(x + (size_t)b * d, L->ln1_w, L->ln1_b, d, h + (size_t)b * d);
-        linear(&L->qkv, B, h, big, 0, qbuf, qs);
-        for (int b = 0; b < B; b++)
-            attend(m, big + (size_t)b * 3 * d, kc[l], vc[l], b, cap, pos, att + (size_t)b * d,
-                   scores);
-        linear(&L->proj, B, att, x, 1, qbuf, qs);
-        for (int b = 0; b < B; b++)
-            layer_norm(x + (size_t)b * d, L->ln2_w, L->ln2_b, d, h + (size_t)b * d);
-        linear(&L->fc, B, h, big, 0, qbuf, qs);
-        gelu_tanh(big, B * m->ff);
-        linear(&L->out, B, big, x, 1, qbuf, qs);
+        bytes += (int64_t)L->qkv.n * L->qkv.k + (int64_t)L->proj.n * L->proj.k +
+                 (int64_t)L->fc.n * L->fc.k + (int64_t)L->out.n * L->out.k;
     }
-    for (int b = 0; b < B; b++)
-        layer_norm(x + (size_t)b * d, m->lnf_w, m->lnf_b, d, h + (size_t)b * d);
-    linear(&m->head, B, h, logits, 0, qbuf, qs);
+    const int stream = N == 1 && bytes > STREAM_BYTES;
+    for (int l = 0; l < m->layers; l++) {
+        const Layer *L = m->layer + l;
+        for (int r = 0; r < N; r++)
+            layer_norm(x + (size_t)r * d, L->ln1_w, L->ln1_b, d, h + (size_t)r * d);
+        linear(&L->qkv, N, h, big, 0, qbuf, qs, stream);
+        for (int r = 0; r < N; r++) /* row r: batch row r / T at position pos + r % T */
+            attend(m, big + (size_t)r * 3 * d, kc[l], vc[l], r / T, cap, pos + r % T,
+                   att + (size_t)r * d, scores);
+        linear(&L->proj, N, att, x, 1, qbuf, qs, stream);
+        for (int r = 0; r < N; r++)
+            layer_norm(x + (size_t)r * d, L->ln2_w, L->ln2_b, d, h + (size_t)r * d);
+        linear(&L->fc, N, h, big, 0, qbuf, qs, stream);
+        gelu_tanh(big, N * m->ff);
+        linear(&L->out, N, big, x, 1, qbuf, qs, stream);
+    }
+    for (int r = 0; r < N; r++)
+        layer_norm(x + (size_t)r * d, m->lnf_w, m->lnf_b, d, h + (size_t)r * d);
+    linear(&m->head, N, h, logits, 0, qbuf, qs, stream);
     return 0;
 }
 
-/* Which kernels this process runs: 1 AVX2 + FMA, 0 portable C. */
-int aurl_kernels(void) { return use_avx2(); }
+/* One token for each of B rows at cache position pos (aurl_prefill with T = 1). */
+int aurl_step(const Model *m, int B, float *x, void *const *kc, void *const *vc, int cap,
+              int pos, float *logits, float *scratch, int8_t *qbuf) {
+    return aurl_prefill(m, B, 1, x, kc, vc, cap, pos, logits, scratch, qbuf);
+}
 
-/* Choose the kernels: 0 portable C, 1 AVX2 + FMA where the CPU has them (the tests hold the
- * two paths to the same logits). Returns the kernels now in use. */
-int aurl_set_kernels(int avx2) {
-    have_avx2 = -1;
-    int can = use_avx2();
-    have_avx2 = avx2 && can;
-    return have_avx2;
+/* Which kernels this process runs: 2 AVX512-VNNI int8 products (and AVX2 for the rest),
+ * 1 AVX2 + FMA, 0 portable C. */
+int aurl_kernels(void) {
+    use_avx2();
+    return level;
+}
+
+/* Choose the kernels (as aurl_kernels numbers them), at most what the CPU has (the tests hold
+ * the paths to the same logits). Returns the kernels now in use. */
+int aurl_set_kernels(int want) {
+    int can = best_level();
+    level = want < 0 ? 0 : want < can ? want : can;
+    return level;
 }
 
 static struct PyModuleDef module = {
