@@ -10,7 +10,8 @@ The held-out chorales can be split over processes (``--first``, ``--count``, one
 pooled over moves as the task pools them.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_harmonize_cadences.py \
-        [--first 0 --count 21] [--seed 0] [--write part.json]
+        [--first 0 --count 21] [--seed 0] [--write part.json] [--only ROW ...]
+        [--strictness 0.97 0.997 [--strictness-of forcing smc8]]
       .venv/bin/python benchmarks/bench_harmonize_cadences.py --merge part0.json part1.json
 """
 
@@ -44,6 +45,12 @@ def run(args: argparse.Namespace) -> dict:
         for name, (k, cadences, spacing, ranges) in VARIANTS.items()
         if not args.only or name in args.only
     )
+    for s in args.strictness or ():  # the defaults, but the cadence lean's strictness
+        variants += tuple(
+            Variant(f"{kind}, cadence strictness {s:g}", k, cadence_strictness=s)
+            for kind, k in (("forcing", 1), ("smc8", 8))
+            if kind in args.strictness_of
+        )
     files = held_out_chorales()[args.first : args.first + args.count]
     t0 = time.perf_counter()
     res = evaluate_harmonize(
@@ -79,6 +86,10 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=1000, help="how many (default: all 41)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="+", metavar="ROW", help=f"rows of {list(VARIANTS)}")
+    ap.add_argument("--strictness", type=float, nargs="+", metavar="S",
+                    help="rows of the defaults with the cadence lean's strictness S")
+    ap.add_argument("--strictness-of", nargs="+", default=["forcing"],
+                    choices=["forcing", "smc8"], help="which decoders --strictness rows use")
     ap.add_argument("--write", metavar="JSON", help="keep the per-piece metrics for --merge")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier --write files")
     args = ap.parse_args()

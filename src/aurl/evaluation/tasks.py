@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from aurl.data.notes import notes_from_score
+from aurl.generation.compose import CADENCE_STRICTNESS
 from aurl.progress import Progress, silent
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "bundled" / "bach-chorales"
@@ -217,6 +218,7 @@ class Variant:
     voice_leading: bool = True
     consonance: float = 0.7
     cadences: bool = True
+    cadence_strictness: float = CADENCE_STRICTNESS
     spacing: float = 0.9
     ranges: float = 0.9
 
@@ -302,7 +304,7 @@ def evaluate_harmonize(
             opts = ComposeOptions(
                 particles=v.particles, seed=seed, melody_key=v.melody_key,
                 voice_leading=v.voice_leading, consonance=v.consonance, cadences=v.cadences,
-                spacing=v.spacing, ranges=v.ranges,
+                cadence_strictness=v.cadence_strictness, spacing=v.spacing, ranges=v.ranges,
             )  # fmt: skip
             (c,) = harmonize(model if engine is None else engine, line, options=opts, meter=meter)
             seconds = time.perf_counter() - t0

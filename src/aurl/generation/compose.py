@@ -58,7 +58,7 @@ MIN_MELODY_PITCH = 52  # E3: lower, three voices cannot go under the melody
 MAX_MELODY_PITCH = 96
 MIN_FREE_PITCH, MAX_FREE_PITCH = 33, 84  # where the model's own notes may go (A1..C6)
 NEAR_STEP = 5  # semitones: an earlier note this close may be the one a new note continues
-CADENCE_STRICTNESS = 0.97  # the lean of the model's notes towards a cadence at phrase ends
+CADENCE_STRICTNESS = 0.995  # the lean of the model's notes towards a cadence at phrase ends (BENCHMARKS.md)
 JUDGED_BEATS = 8  # beats before a phrase end that the judge of its cadence reads
 
 
@@ -98,6 +98,8 @@ class ComposeOptions:
             ``particles > 1`` the rows that arrive on a cadence in the key
             (:func:`aurl.analysis.chords.detect_cadences`) replace those that do not, where
             some do (:class:`Arrivals`).
+        cadence_strictness: How hard ``cadences`` leans: the model's notes outside the chord
+            there get ``log(1 - cadence_strictness)`` (in ``[0, 1)``).
         spacing: In :func:`harmonize`, a NOTE_ON of the model that completes the chord (the
             last of ``voices - 1`` notes, with none of the model's notes above it) more than an
             octave under the melody note, or more than an octave over the next note down when
@@ -120,6 +122,7 @@ class ComposeOptions:
     voice_leading: bool = True
     consonance: float = 0.7
     cadences: bool = True
+    cadence_strictness: float = CADENCE_STRICTNESS
     spacing: float = 0.9
     ranges: float = 0.9
 
@@ -1123,7 +1126,9 @@ def harmonize(
         engine = AnticipationEngine(model, plan, meter=meter)
     arrivals = None
     if options.cadences:
-        arrivals = Arrivals.of_melody(line, options.key, engine.vocab)
+        arrivals = Arrivals.of_melody(
+            line, options.key, engine.vocab, strictness=options.cadence_strictness
+        )
     results = decode(engine, plan, options, arrivals=arrivals, progress=progress)
     names = voice_names(voices)
     for c in results:
