@@ -615,9 +615,16 @@ class NativeEngine:
         return state.features.grammar
 
     def reorder(self, state: NativeState, rows: np.ndarray) -> NativeState:
-        """The state of rows ``rows`` (beam search)."""
-        keys = [np.ascontiguousarray(k[rows]) for k in state.keys]
-        values = [np.ascontiguousarray(v[rows]) for v in state.values]
+        """The state of rows ``rows`` (beam search, SMC resampling): a new state; only the
+        cache positions written so far are copied (the step reads none past them)."""
+        rows, pos = np.asarray(rows), state.pos
+        keys, values = [], []
+        for old, new in ((state.keys, keys), (state.values, values)):
+            for a in old:
+                b = np.empty((len(rows), *a.shape[1:]), a.dtype)
+                for i, r in enumerate(rows.tolist()):  # one copy each (a[rows] makes two)
+                    b[i, :, :pos] = a[r, :, :pos]
+                new.append(b)
         style = state.style[rows] if state.style is not None else None
         return self._state(
             keys, values, state.features.take(rows), state.capacity, style, state.pos
