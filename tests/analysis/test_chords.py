@@ -77,6 +77,27 @@ def test_inversions_and_labels():
     assert [roman_numeral(c, key, inversion=True) for c in chords] == ["I6", "I64", "V42"]
 
 
+def test_a_diminished_seventh_with_the_leading_tone_is_viio7_in_every_inversion():
+    """B D F Ab voiced from each of its notes: the recognizer's root follows the bass (the
+    chord is symmetric), the numeral in C minor and C major is viio7 with the inversion's
+    figure, and each resolves to the tonic as an authentic cadence. Eb Gb A C, which lacks the
+    leading tone, keeps its own root."""
+    voicings = [[47, 62, 65, 68], [50, 59, 65, 68], [53, 59, 62, 68], [44, 59, 62, 65]]
+    for key in ("c", "C"):
+        k = parse_key(key)
+        tonic = [48, 63 if key == "c" else 64, 67, 72]
+        numerals = []
+        for v in voicings:
+            chords = recognize_chords(block_chords([v, tonic], beats=1.0), merge=False)
+            assert chords[0].quality == "dim7" and chords[0].root == v[0] % 12  # bass as root
+            numerals.append(roman_numeral(chords[0], k, inversion=True))
+            found = detect_cadences(chords, k, arrivals=[1.0])
+            assert [(c.kind, c.approach) for c in found] == [("authentic", "viio7")]
+        assert numerals == ["viio7", "viio65", "viio43", "viio42"]
+    other = Chord(0.0, 1.0, 3, "dim7", 3, 1.0)  # Eb dim7: no B
+    assert roman_numeral(other, parse_key("c")) == "iiio7"
+
+
 @pytest.mark.parametrize(
     ("root", "quality", "key", "numeral"),
     [

@@ -223,6 +223,17 @@ _TRIAD_FIGURES = {1: "6", 2: "64"}
 _SEVENTH_FIGURES = {1: "65", 2: "43", 3: "42"}
 
 
+def in_key(chord: Chord, key: Key) -> Chord:
+    """``chord`` as read in ``key``: a diminished seventh chord that holds the key's leading
+    tone has it as its root (the chord is symmetric, so the recognizer's root is only the bass
+    or the first of four equal names: vii°7 in its inversions read as ii°7, iv°7 or vi°7);
+    every other chord as it is."""
+    lead = (key.tonic + 11) % 12
+    if chord.quality == "dim7" and (lead - chord.root) % 3 == 0 and chord.root != lead:
+        return Chord(chord.start, chord.end, lead, chord.quality, chord.bass, chord.score)
+    return chord
+
+
 def roman_numeral(chord: Chord, key: Key, *, inversion: bool = False) -> str:
     """Roman numeral of a chord in a key, e.g. ``"V7"``, ``"ii"``, ``"viio"``, ``"bVI"``.
 
@@ -240,6 +251,7 @@ def roman_numeral(chord: Chord, key: Key, *, inversion: bool = False) -> str:
     """
     if chord.quality == "N":
         return "N"
+    chord = in_key(chord, key)
     degree = (chord.root - key.tonic) % 12
     base = (_MAJOR_DEGREES if key.mode == "major" else _MINOR_DEGREES)[degree]
     lower = chord.quality in _LOWER
@@ -339,13 +351,15 @@ class Cadence:
 def classify_cadence(approach: Chord, arrival: Chord, key: Key) -> str | None:
     """The cadence kind of an approach -> arrival chord pair at a phrase end, or None.
 
-    - authentic: V or V7 (or the leading-tone viio / viio7 / viiø7) -> I or i
+    - authentic: V or V7 (or the leading-tone viio / viio7 / viiø7; a diminished seventh chord
+      holding the leading tone is viio7 in any inversion, :func:`in_key`) -> I or i
     - plagal: IV or iv -> I or i
     - deceptive: V or V7 -> vi (major) / VI (minor)
     - half: the phrase ends on a major V (whatever comes before)
     """
     if "N" in (approach.quality, arrival.quality):
         return None
+    approach = in_key(approach, key)
     a = (approach.root - key.tonic) % 12
     b = (arrival.root - key.tonic) % 12
     dominant = a == 7 and approach.quality in _DOMINANT_QUALITIES
