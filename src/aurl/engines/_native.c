@@ -143,7 +143,8 @@ __attribute__((target("avx2,fma"))) static float quantize_row_avx2(const float *
                                                                     int8_t *q) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 mv = _mm256_setzero_ps();
-    for (int i = 0; i < k; i += 8) mv = _mm256_max_ps(mv, _mm256_and_ps(_mm256_loadu_ps(x + i), absmask));
+    for (int i = 0; i < k; i += 8)
+        mv = _mm256_max_ps(mv, _mm256_and_ps(_mm256_loadu_ps(x + i), absmask));
     float t[8], m = 0.f;
     _mm256_storeu_ps(t, mv);
     for (int i = 0; i < 8; i++) m = t[i] > m ? t[i] : m;
@@ -160,7 +161,6 @@ __attribute__((target("avx2,fma"))) static float quantize_row_avx2(const float *
     return m / 127.f;
 }
 #endif
-
 
 /* x (k) -> q (k) int8 with x ~ q * scale; returns scale (0 for a zero row). */
 static float quantize_row(const float *x, int k, int8_t *q) {
@@ -440,7 +440,8 @@ AVX512_VNNI static void lin_s8_vnni(const Lin *L, int B, const int8_t *q, const 
                 }
             }
             if (R == 4) { /* four outputs per batch row at once, in the scalar order of ops */
-                const __m128i off = _mm_slli_epi32(_mm_loadu_si128((const __m128i *)(L->wsum + r)), 7);
+                const __m128i off =
+                    _mm_slli_epi32(_mm_loadu_si128((const __m128i *)(L->wsum + r)), 7);
                 const __m128 sc = _mm_loadu_ps(L->scale + r);
                 const __m128 bi = L->bias ? _mm_loadu_ps(L->bias + r) : _mm_setzero_ps();
                 for (int b = 0; b < NB; b++) {
