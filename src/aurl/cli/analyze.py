@@ -171,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
     elif src.is_file():
         files = [src]
     else:
-        raise DataError(f"{src} does not exist: give a MIDI file or a folder of them")
+        from aurl.fileio import not_a_file
+
+        raise DataError(f"{src} {not_a_file(src)}: give a MIDI file or a folder of them")
 
     guesser = _StyleGuesser(args) if args.style else None  # a bad model fails before any work
     results, skipped = [], []

@@ -119,9 +119,11 @@ def soundfont(path: str | None, flag: str = "--soundfont") -> str | None:
 
     if path is None:
         return None
+    from aurl.fileio import not_a_file
+
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{flag} {path} does not exist: give an .sf2 or .sf3 file")
+    if why := not_a_file(p):
+        raise ConfigError(f"{flag} {path} {why}: give an .sf2 or .sf3 file")
     try:
         with p.open("rb") as f:
             head = f.read(12)

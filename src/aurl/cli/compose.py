@@ -124,10 +124,11 @@ def read_score(path: str | Path) -> Any:
 
     from aurl.data.midi_io import read_score as read_midi_score
     from aurl.errors import MidiReadError
+    from aurl.fileio import not_a_file
 
     path = Path(path)
-    if not path.is_file():
-        raise MidiReadError(f"{path} does not exist: give a MIDI or MusicXML file")
+    if why := not_a_file(path):
+        raise MidiReadError(f"{path} {why}: give a MIDI or MusicXML file")
     try:
         if path.suffix.lower() in MUSICXML:
             import tempfile

@@ -193,7 +193,8 @@ def _load_bytes(path: Path, cfg: DataConfig) -> bytes:
     except OSError as e:
         raise MidiReadError(f"{path}: cannot read ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise MidiReadError(f"{path}: not a file")
+        what = "a folder" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
+        raise MidiReadError(f"{path}: not a file ({what}): give a MIDI file")
     if st.st_size == 0:
         raise MidiReadError(f"{path}: empty file (zero bytes)")
     if st.st_size > cfg.max_file_bytes:
