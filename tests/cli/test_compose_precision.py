@@ -58,7 +58,7 @@ def test_evaluate_task_follows_generates_rule(monkeypatch, tmp_path, flags, extr
     from aurl.evaluation.tasks import task_engine
 
     weights = _weights(monkeypatch, flags, weights)
-    argv = ["evaluate", "--task", "harmonize", *extra, "--out", str(tmp_path)]
+    argv = ["evaluate", "--task", "harmonize", "--engine", "onnx", *extra, "--out", str(tmp_path)]
     engine = task_engine(build_parser(argv).parse_args(argv), load_model(None, "cpu"))
     assert engine.weights == weights
     assert engine.folder == _folder(weights)
@@ -95,7 +95,7 @@ def test_two_precisions_are_an_argparse_error(tmp_path, capsys, command, pair) -
     from aurl.cli import main
 
     argv = {"generate": ["generate", "--engine", "onnx"], "harmonize": ["harmonize", "m.mid"],
-            "evaluate": ["evaluate", "--task", "harmonize"]}[command]  # fmt: skip
+            "evaluate": ["evaluate", "--task", "harmonize", "--engine", "onnx"]}[command]  # fmt: skip
     with pytest.raises(SystemExit) as exit_:
         main([*argv, *pair, "--max-tokens", "8", "--out", str(tmp_path)])
     assert exit_.value.code == 2

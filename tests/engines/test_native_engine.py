@@ -587,18 +587,19 @@ def test_damaged_weights_are_refused_or_run_never_crash(tmp_path) -> None:
 
 
 def test_evaluate_task_on_the_native_engine(tmp_path, capsys) -> None:
-    """`aurl evaluate --task harmonize --engine native` decodes on the native engine (and says
-    so), keeping every melody note; `--engine` without `--task`, and `--int4` on it, are one
-    line each."""
+    """`aurl evaluate --task harmonize` decodes on the native engine by default, as `aurl
+    harmonize` does (and says so), keeping every melody note; `--engine` without `--task`, and
+    `--int4` off the onnx engine, are one line each."""
     out = tmp_path / "eval"
-    args = ["evaluate", "--task", "harmonize", "--limit", "1", "--engine", "native"]
+    args = ["evaluate", "--task", "harmonize", "--limit", "1"]
     assert main([*args, "--out", str(out)]) == 0
     assert "decoding on the native (int8) engine" in capsys.readouterr().out
     rows = json.loads((out / "harmonize.json").read_text())["rows"]
     assert rows["forcing"]["melody_kept"] == rows["forcing+smc8"]["melody_kept"] == 1.0
     for argv, says in (
         (["evaluate", "--data", "d", "--engine", "native"], "--engine native chooses what decodes"),
-        ([*args, "--int4"], "--int4 chooses the onnx engine's graphs"),
+        ([*args, "--engine", "native", "--int4"], "--int4 chooses the onnx engine's graphs"),
+        ([*args, "--int4"], "--int4 chooses the onnx engine's graphs: add --engine onnx"),
     ):
         assert main([*argv, "--out", str(tmp_path / "x")]) != 0
         lines = capsys.readouterr().err.strip().splitlines()

@@ -47,18 +47,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--limit", type=int, metavar="N", help="--task: the first N chorales only")
     p.add_argument(
-        "--engine", choices=("onnx", "native", "torch"), default="onnx",
-        help="--task: what decodes the harmonizations: onnx (default; torch where onnxruntime "
-        "is missing), native (Aurl's compiled step, int8 unless --fp32: ~1.4x faster here) or "
-        "torch",
+        "--engine", choices=("auto", "onnx", "native", "torch"), default="auto",
+        help="--task: what decodes the harmonizations: auto (default, as for aurl harmonize: "
+        "native where it runs the model, else torch), native (Aurl's compiled step, int8 "
+        "unless --fp32), onnx (the model's onnx graphs; torch where onnxruntime is missing) "
+        "or torch",
     )  # fmt: skip
     add_precision_arguments(
         p,
-        int8="--task: decode on the model's int8 onnx graphs, the default on CPUs with integer "
-        "dot products (AVX2, VNNI, ARM dotprod), as for aurl harmonize; the default: "
-        "%(default_precision)s",
-        int4="--task: decode on the model's int4 onnx graphs",
-        fp32="--task: decode on the model's fp32 onnx graphs (the default on other CPUs)",
+        int8="--task --engine onnx (or native): decode on the model's int8 graphs, the onnx "
+        "default on CPUs with integer dot products (AVX2, VNNI, ARM dotprod), as for aurl "
+        "harmonize; the default: %(default_precision)s",
+        int4="--task --engine onnx: decode on the model's int4 onnx graphs",
+        fp32="--task --engine onnx (or native): decode on the model's fp32 weights (the onnx "
+        "default on other CPUs)",
         quantized=COMPOSING_QUANTIZED,
     )
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
@@ -231,10 +233,11 @@ def run(args: argparse.Namespace) -> int:
     flag = precision_flag(args)
     if flag and not args.task:
         raise ConfigError(f"{flag} chooses --task's onnx graphs: add --task harmonize or drop it")
-    if args.engine != "onnx" and not args.task:
+    if args.engine != "auto" and not args.task:
         raise ConfigError(f"--engine {args.engine} chooses what decodes --task: add --task "
                           "harmonize or drop it")  # fmt: skip
-    if flag and (args.engine == "torch" or (args.engine == "native" and flag == "--int4")):
+    native_flag = args.engine == "native" and flag in ("--int8", "--fp32")
+    if flag and args.engine != "onnx" and not native_flag:  # aurl harmonize's rule
         raise ConfigError(f"{flag} chooses the onnx engine's graphs: add --engine onnx")
     checks.out_dir(args.out)
     checks.workers(args.workers)

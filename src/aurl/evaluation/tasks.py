@@ -430,20 +430,32 @@ def onnx_engine_of(
 
 
 def task_engine(args: Any, model: Any) -> Any:
-    """What ``aurl evaluate --task`` decodes ``model`` with: ``--engine native`` its native
-    engine (int8, or fp32 with ``--fp32``), ``--engine torch`` None (torch); by default its onnx
-    engine, whose precision
-    follows the composing commands' rule (:func:`aurl.cli.generate.chosen_precision`:
-    ``--int8`` / ``--int4`` / ``--fp32``, else :data:`aurl.engines.cpu.COMPOSING_QUANTIZED`,
-    int8, where the CPU has integer dot products, fp32 elsewhere); None (torch) for an anticipation model, whose exports carry no controls,
-    or where :func:`onnx_engine_of` finds no onnx engine."""
+    """What ``aurl evaluate --task`` decodes ``model`` with, by ``aurl harmonize``'s rule:
+    ``--engine auto`` (the default) the native engine (int8) where it runs the model folder,
+    else torch (None), so the table measures what ``aurl harmonize`` writes; ``--engine
+    native`` its native engine (int8, or fp32 with ``--fp32``); ``--engine torch`` None;
+    ``--engine onnx`` its onnx engine, whose precision follows the composing commands' rule
+    (:func:`aurl.cli.generate.chosen_precision`: ``--int8`` / ``--int4`` / ``--fp32``, else
+    :data:`aurl.engines.cpu.COMPOSING_QUANTIZED`, int8, where the CPU has integer dot products,
+    fp32 elsewhere), or None (torch) for an anticipation model, whose exports carry no
+    controls, or where :func:`onnx_engine_of` finds no onnx engine."""
     from aurl.cli.generate import chosen_precision
     from aurl.engines.cpu import COMPOSING_QUANTIZED
     from aurl.generation.anticipation import supports_anticipation
 
-    engine = getattr(args, "engine", "onnx")
+    engine = getattr(args, "engine", "auto")
     if engine == "torch":
         return None
+    if engine == "auto":
+        from aurl.cli.generate import model_folder
+        from aurl.engines.native_engine import native_where_it_runs
+        from aurl.errors import AurlError
+
+        try:
+            folder = model_folder(args.checkpoint, getattr(args, "model", None))
+        except AurlError:  # not a model folder: torch loaded it, torch decodes
+            return None
+        return native_where_it_runs(folder)
     if engine == "native":  # a model it cannot run is refused in one line, not decoded by torch
         from aurl.cli.generate import model_folder
         from aurl.engines.native_engine import NativeEngine
