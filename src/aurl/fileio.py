@@ -65,7 +65,8 @@ def file_sha256(path: str | Path) -> str:
 def not_a_file(path: str | Path) -> str | None:
     """Why ``path`` is not a regular file to read, as the end of an error line ("does not exist",
     "is a folder", "is not a regular file (a device, pipe or socket)"); None when it is one.
-    Stats only, never opens: opening a FIFO or a device can block forever."""
+    Stats only, never opens: opening a FIFO or a device can block forever. Other errors of
+    ``stat`` (a folder it may not search) are raised: the command line names them."""
     import stat
 
     try:
@@ -74,8 +75,6 @@ def not_a_file(path: str | Path) -> str | None:
         return "does not exist"
     except NotADirectoryError:
         return "does not exist (a folder on its path is a file)"
-    except OSError as e:
-        return f"cannot be read ({e.strerror or e})"
     if stat.S_ISREG(mode):
         return None
     if stat.S_ISDIR(mode):
