@@ -225,8 +225,8 @@ CASES = {
     "adapter alpha -1": ([*GEN, "--adapter", "{dir}/adapter_alpha"], 1,
                          "adapter.json is damaged or not an Aurl adapter (alpha is -1"),
     # -- session 16: a folder or a device where a file belongs was called missing -------------
-    "harmonize a folder": (["harmonize", "{corpus}", "--checkpoint", "{tiny}", "--out", "{out}"],
-                           1, "corpus is a folder: give a MIDI or MusicXML file"),
+    "infill a folder": (["infill", "{corpus}", "--bars", "1-2", "--checkpoint", "{tiny}",
+                         "--out", "{out}"], 1, "corpus is a folder: give a MIDI or MusicXML file"),
     "accompany a device": (["accompany", "/dev/null", "--checkpoint", "{tiny}", "--out", "{out}"],
                            1, "/dev/null is not a regular file (a device, pipe or socket)"),
     "infill a missing file": (["infill", "{dir}/none.mid", "--bars", "1-2", "--checkpoint",

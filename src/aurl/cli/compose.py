@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "voices under it. Example:\n  aurl harmonize tune.mid --out harmonized/ --num-samples 4",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    h.add_argument("melody", metavar="MELODY", help="MIDI or MusicXML file")
+    h.add_argument("melody", metavar="MELODY",
+                   help="MIDI or MusicXML file, or a folder of them (each harmonized; one that "
+                   "cannot be is reported and skipped)")  # fmt: skip
     h.add_argument("--voices", type=int, default=4, help="voices in all, melody included (2-4)")
     h.add_argument(
         "--key", metavar="KEY", help="favour this key for the new voices, e.g. 'G major'"
@@ -65,7 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "voices around them, above and below. Example:\n  aurl accompany alto.mid --out acc/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    a.add_argument("part", metavar="PART", help="MIDI or MusicXML file")
+    a.add_argument("part", metavar="PART",
+                   help="MIDI or MusicXML file, or a folder of them (each accompanied; one that "
+                   "cannot be is reported and skipped)")  # fmt: skip
     a.add_argument("--voices", type=int, default=4, help="voices in all, the part included")
     _common(a)
     a.set_defaults(func=run_accompany)
@@ -314,7 +318,6 @@ def run_harmonize(args: argparse.Namespace) -> int:
     from aurl.analysis.keys import parse_key
     from aurl.cli import checks
     from aurl.errors import ConfigError, ConstraintError
-    from aurl.generation.compose import TimeMap, harmonize, melody_line, top_track, track_notes
 
     if not 2 <= args.voices <= 4:
         raise ConfigError(f"--voices {args.voices}: give 2, 3 or 4")
@@ -324,17 +327,81 @@ def run_harmonize(args: argparse.Namespace) -> int:
             parse_key(args.key)
         except Exception as e:  # noqa: BLE001
             raise ConstraintError(f"--key {args.key!r}: {e}") from None
-    score = read_score(args.melody)
+    if Path(args.melody).is_dir():
+        return _each_file(args, args.melody, "harmonized", _harmonize_one)
+    _harmonize_one(args, args.melody, None)
+    return 0
+
+
+def _harmonize_one(args: argparse.Namespace, melody: str | Path, model: Any) -> Any:
+    """Harmonize one file (``model`` None: load it once the file and names are checked);
+    returns the model, for the next file of a folder."""
+    from aurl.generation.compose import TimeMap, harmonize, melody_line, top_track, track_notes
+
+    score = read_score(melody)
     name, notes = top_track(track_notes(score))
-    line = melody_line(notes, name=f"{args.melody} ({name})")  # bad melodies fail here
-    paths, _ = _prepare(args, args.melody, "harmonized")
-    model = _model(args)
-    progress = _say_length(args.melody, len(line), args.voices)
+    line = melody_line(notes, name=f"{melody} ({name})")  # bad melodies fail here
+    paths, _ = _prepare(args, melody, "harmonized")
+    model = model or _model(args)
+    progress = _say_length(str(melody), len(line), args.voices)
     results = harmonize(
         model, line, voices=args.voices, options=_options(args, args.key or ""),
         qpm=first_qpm(score), like=score, meter=TimeMap.of_score(score).meter, progress=progress,
     )  # fmt: skip
     _write(results, paths, line, "Soprano")
+    return model
+
+
+#: what a folder given to ``aurl harmonize`` / ``aurl accompany`` is read for
+COMPOSE_SUFFIXES = (".mid", ".midi", ".kar", *MUSICXML)
+
+
+def _each_file(args: argparse.Namespace, folder: str, kind: str, one: Any) -> int:
+    """A batch: ``one(args, path, model)`` for each MIDI / MusicXML file directly in
+    ``folder``, in name order, the model loaded once. A file that cannot be composed on (it
+    cannot be read, holds no melody, spans pitches the model lacks) is reported on stderr as
+    ``skipped FILE: why`` and the batch goes on; the last line counts both. Every output name
+    is checked free before any work.
+
+    Raises:
+        DataError: the folder holds no such file, or none of them could be composed on.
+        ConfigError: two files would write the same names (``a.mid`` and ``a.musicxml``), or
+            an output file exists (without ``--force``).
+    """
+    import sys
+
+    from aurl.errors import AurlError, ConfigError, DataError
+    from aurl.generation.export import check_free, output_paths
+
+    files = sorted(p for p in Path(folder).iterdir()
+                   if p.suffix.lower() in COMPOSE_SUFFIXES and p.is_file())  # fmt: skip
+    if not files:
+        raise DataError(f"{folder} holds no MIDI or MusicXML files "
+                        f"({', '.join(COMPOSE_SUFFIXES)}): give a file or such a folder")  # fmt: skip
+    stems: dict[str, Path] = {}
+    for p in files:
+        if p.stem in stems:
+            raise ConfigError(f"{stems[p.stem]} and {p} would write the same files: move one "
+                              "of them out of the folder")  # fmt: skip
+        stems[p.stem] = p
+    _, formats = _prepare(args, files[0], kind)  # the options: the batch's, not a file's
+    for p in files:  # every name free before the first piece, as for one file
+        stem = f"{p.stem}_{kind}_seed{args.seed}"
+        check_free(output_paths(args.out, args.num_samples, formats, stem=stem), force=args.force)
+    model, done, skipped = _model(args), 0, 0  # a model that cannot load stops the batch
+    for p in files:
+        try:
+            model = one(args, p, model)
+            done += 1
+        except AurlError as e:  # this file's, not the batch's: say so and go on
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            named = first if first.startswith(str(p)) else f"{p}: {first}"
+            print(f"skipped {named}", file=sys.stderr, flush=True)
+            skipped += 1
+    if not done:
+        raise DataError(f"no file in {folder} could be {kind} ({skipped} skipped, said above)")
+    print(f"{kind} {done} of {len(files)} files in {folder}"
+          + (f"; skipped {skipped} (said above)" if skipped else ""))  # fmt: skip
     return 0
 
 
@@ -354,28 +421,39 @@ def _say_length(melody: str, notes: int, voices: int) -> Any:
 
 
 def run_accompany(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from aurl.data.notes import pitched
-    from aurl.errors import ConfigError, ConstraintError
-    from aurl.generation.compose import TimeMap, accompany, track_notes
+    from aurl.errors import ConfigError
 
     if not 2 <= args.voices <= 4:
         raise ConfigError(f"--voices {args.voices}: give 2, 3 or 4")
-    score = read_score(args.part)
+    if Path(args.part).is_dir():
+        return _each_file(args, args.part, "accompanied", _accompany_one)
+    _accompany_one(args, args.part, None)
+    return 0
+
+
+def _accompany_one(args: argparse.Namespace, part: str | Path, model: Any) -> Any:
+    """Accompany one file (``model`` None: load it once the file and names are checked);
+    returns the model, for the next file of a folder."""
+    import numpy as np
+
+    from aurl.data.notes import pitched
+    from aurl.errors import ConstraintError
+    from aurl.generation.compose import TimeMap, accompany, track_notes
+
+    score = read_score(part)
     tracks = track_notes(score)
     notes = pitched(np.concatenate([n for _, n in tracks])) if tracks else []
     if len(notes) == 0:
         what = "drums only" if tracks else "no notes"
-        raise ConstraintError(f"{args.part} has {what}: give a part with pitched notes")
+        raise ConstraintError(f"{part} has {what}: give a part with pitched notes")
     name = tracks[0][0] if len(tracks) == 1 else "Part"
-    paths, _ = _prepare(args, args.part, "accompanied")
-    model = _model(args)
+    paths, _ = _prepare(args, part, "accompanied")
+    model = model or _model(args)
     vc = model.vocab_config
     lo, hi = int(notes["pitch"].min()), int(notes["pitch"].max())
     if lo < vc.pitch_min or hi > vc.pitch_max:  # forced notes the vocabulary cannot write
         raise ConstraintError(
-            f"{args.part} spans MIDI pitches {lo}..{hi}, the model's are {vc.pitch_min}.."
+            f"{part} spans MIDI pitches {lo}..{hi}, the model's are {vc.pitch_min}.."
             f"{vc.pitch_max}: transpose it by octaves into that range"
         )
     from aurl.progress import bar
@@ -385,7 +463,7 @@ def run_accompany(args: argparse.Namespace) -> int:
         qpm=first_qpm(score), like=score, meter=TimeMap.of_score(score).meter, progress=bar,
     )  # fmt: skip
     _write(results, paths, np.sort(notes, order=["onset", "pitch"]), name)
-    return 0
+    return model
 
 
 def parse_range(text: str, flag: str, *, integer: bool) -> tuple[float, float]:
