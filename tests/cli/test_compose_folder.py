@@ -99,3 +99,33 @@ def test_accompany_a_folder(folder, tmp_path, capsys) -> None:
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
         f"accompanied 2 of 3 files in {folder}"
     )
+
+
+def test_a_file_that_kills_the_reader_costs_that_file(folder, tmp_path, capsys, monkeypatch):
+    """Each file is read once in a worker process first: a reader that dies on one (here made
+    to, by a signal; symusic once did, on damaged bytes) skips that file, which is never read
+    in the command's own process, and the others are harmonized."""
+    import os
+    import signal
+
+    from aurl.cli import compose
+
+    read, one = compose.read_score, compose._harmonize_one
+
+    def dies_on_b(path):
+        if Path(path).name == "b_chorale.mid":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return read(path)
+
+    def never_b(args, path, model):
+        assert Path(path).name != "b_chorale.mid", "read in the command's own process"
+        return one(args, path, model)
+
+    monkeypatch.setattr(compose, "read_score", dies_on_b)  # the workers are forked: they see it
+    monkeypatch.setattr(compose, "_harmonize_one", never_b)
+    out = tmp_path / "out"
+    assert main(["harmonize", str(folder), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    sig = int(signal.SIGSEGV)
+    assert f"skipped {folder / 'b_chorale.mid'}: reader crashed (signal {sig})" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["a_tune_harmonized_seed0_000.mid"]

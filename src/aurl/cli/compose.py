@@ -352,6 +352,17 @@ def _harmonize_one(args: argparse.Namespace, melody: str | Path, model: Any) -> 
     return model
 
 
+def _probe_read(path: Path) -> str | None:
+    """:func:`read_score` in a worker process: None where the file reads, else why not."""
+    from aurl.errors import AurlError
+
+    try:
+        read_score(path)
+    except AurlError as e:
+        return str(e)
+    return None
+
+
 #: what a folder given to ``aurl harmonize`` / ``aurl accompany`` is read for
 COMPOSE_SUFFIXES = (".mid", ".midi", ".kar", *MUSICXML)
 
@@ -359,18 +370,19 @@ COMPOSE_SUFFIXES = (".mid", ".midi", ".kar", *MUSICXML)
 def _each_file(args: argparse.Namespace, folder: str, kind: str, one: Any) -> int:
     """A batch: ``one(args, path, model)`` for each MIDI / MusicXML file directly in
     ``folder``, in name order, the model loaded once. A file that cannot be composed on (it
-    cannot be read, holds no melody, spans pitches the model lacks) is reported on stderr as
-    ``skipped FILE: why`` and the batch goes on; the last line counts both. Every output name
-    is checked free before any work.
+    cannot be read, crashes or hangs the reader in a worker process, holds no melody, spans
+    pitches the model lacks) is reported on stderr as ``skipped FILE: why`` and the batch goes
+    on; the last line counts both. Every output name is checked free before any work.
 
     Raises:
         DataError: the folder holds no such file, or none of them could be composed on.
         ConfigError: two files would write the same names (``a.mid`` and ``a.musicxml``), or
             an output file exists (without ``--force``).
     """
+    import os
     import sys
 
-    from aurl.errors import AurlError, ConfigError, DataError
+    from aurl.errors import AurlError, ConfigError, DataError, MidiReadError
     from aurl.generation.export import check_free, output_paths
 
     files = sorted(p for p in Path(folder).iterdir()
@@ -388,9 +400,17 @@ def _each_file(args: argparse.Namespace, folder: str, kind: str, one: Any) -> in
     for p in files:  # every name free before the first piece, as for one file
         stem = f"{p.stem}_{kind}_seed{args.seed}"
         check_free(output_paths(args.out, args.num_samples, formats, stem=stem), force=args.force)
+    # each file read once in a worker process first: one that crashes or hangs the reader
+    # costs that file, not the batch (docs/design.md, "Hostile input")
+    from aurl.data.isolate import Failed, in_order, isolated_map
+
+    workers = min(os.cpu_count() or 1, len(files))
+    probes = list(in_order(isolated_map(_probe_read, files, workers=workers)))
     model, done, skipped = _model(args), 0, 0  # a model that cannot load stops the batch
-    for p in files:
+    for p, probe in zip(files, probes):
         try:
+            if probe is not None:
+                raise MidiReadError(probe.reason if isinstance(probe, Failed) else probe)
             model = one(args, p, model)
             done += 1
         except AurlError as e:  # this file's, not the batch's: say so and go on
