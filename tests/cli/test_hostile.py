@@ -100,6 +100,14 @@ def files(tmp_path_factory) -> dict[str, str]:
         (d / name).mkdir()
         (d / name / "adapter.json").write_text(json.dumps(meta))
         (d / name / "adapter.safetensors").write_bytes(b"")
+    # session 16: training runs given as --checkpoint (an exported model, a LoRA adapter,
+    # checkpoints only)
+    shutil.copytree(d / "tiny", d / "run_full" / "model")
+    (d / "run_full" / "checkpoints").mkdir()
+    (d / "run_lora" / "adapter").mkdir(parents=True)
+    (d / "run_lora" / "adapter" / "adapter.json").write_text("{}")
+    (d / "run_lora" / "checkpoints").mkdir()
+    (d / "run_ckpt" / "checkpoints").mkdir(parents=True)
     return {
         "dir": str(d), "tiny": str(d / "tiny"), "out": str(d / "out"), "afile": str(d / "afile"),
         "chorale": str(CHORALE), "high": str(_melody(d / "high.mid", 127)), "cfg": str(d / "cfg.yaml"),
@@ -236,6 +244,16 @@ CASES = {
                            "--soundfont {corpus} is a folder"),
     "analyze a device": (["analyze", "/dev/null", "--out", "{out}"], 1,
                          "/dev/null is not a regular file"),
+    # a training run's folder as --checkpoint: "config.json does not exist", or (evaluate, a
+    # LoRA run) "weights do not fit this model"
+    "generate a run folder": (["generate", "--checkpoint", "{dir}/run_full", "--out", "{out}"],
+                              1, "give --checkpoint {dir}/run_full/model"),
+    "harmonize a LoRA run": (["harmonize", "{chorale}", "--checkpoint", "{dir}/run_lora",
+                              "--out", "{out}"], 1, "give --adapter {dir}/run_lora/adapter"),
+    "generate a run not exported": (["generate", "--checkpoint", "{dir}/run_ckpt", "--out",
+                                     "{out}"], 1, "aurl checkpoint export {dir}/run_ckpt"),
+    "evaluate a LoRA run": (["evaluate", "--checkpoint", "{dir}/run_lora", "--data", "{good}",
+                             "--out", "{out}"], 1, "is a LoRA training run: give --adapter"),
 }
 # fmt: on
 

@@ -115,6 +115,9 @@ def load_model(
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(f"--checkpoint {path} does not exist: check the path")
+    if (path / "adapter" / "adapter.json").is_file():  # its checkpoints hold LoRA weights
+        raise CheckpointError(f"--checkpoint {path} is a LoRA training run: give --adapter "
+                              f"{path / 'adapter'} with the model it tuned")  # fmt: skip
     from aurl.models import build_model
     from aurl.training.checkpoint import load_checkpoint
 

@@ -244,7 +244,23 @@ def model_folder(checkpoint: str | None, model: str | None = None) -> Path:
     folder = Path(checkpoint)
     if not folder.is_dir():
         raise CheckpointError(f"--checkpoint {folder} is not a folder: give a model folder")
+    if not (folder / "config.json").is_file() and (hint := run_folder_hint(folder)):
+        raise CheckpointError(f"--checkpoint {folder} is a training run, not a model: {hint}")
     return folder
+
+
+def run_folder_hint(run: Path) -> str:
+    """What to give instead of a training run's folder (``aurl train --out RUN``): its
+    exported model (``RUN/model``), its LoRA adapter (``RUN/adapter``), or the export command
+    for a run that wrote checkpoints only; "" when ``run`` does not look like a run."""
+    if (run / "model" / "config.json").is_file():
+        return f"give --checkpoint {run / 'model'} (its exported weights)"
+    if (run / "adapter" / "adapter.json").is_file():
+        return f"give --adapter {run / 'adapter'} (its LoRA adapter) with the model it tuned"
+    if (run / "checkpoints").is_dir():
+        return (f"export its weights first (aurl checkpoint export {run} --out {run / 'model'}), "
+                f"then give --checkpoint {run / 'model'}")  # fmt: skip
+    return ""
 
 
 def load_model(checkpoint: str | None, device: str, model_name: str | None = None):
