@@ -85,7 +85,6 @@ def test_primer_continuation_in_the_primers_key(checkpoint, tmp_path, capsys, fi
         (["--pitch-range", "61", "61", "--key", "C major"], "no note can be played"),
         (["--tempo", "fast"], "--tempo"),
         (["--format", "mid,mp3"], "--format"),
-        (["--format", "wav"], "--soundfont"),
         (["--variations", "x.mid"], "VAE model"),
         (["--key", "primer"], "needs --primer"),
     ],

@@ -90,7 +90,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="default 1")
-    p.add_argument("--format", default="mid", metavar="LIST", help="mid,musicxml,png")
+    p.add_argument("--format", default="mid", metavar="LIST",
+                   help="mid,musicxml,png,wav (wav: the built-in synthesizer)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     engine = p.add_argument(
@@ -167,8 +168,6 @@ def _prepare(args: argparse.Namespace, source: str, kind: str) -> tuple[list, An
     from aurl.generation.export import check_free, output_paths, parse_formats
 
     formats = parse_formats(args.format)
-    if "wav" in formats:
-        raise ConfigError("--format wav is not offered here: write mid and render it")
     from aurl.cli import checks
     from aurl.config import MIN_TEMPERATURE
 

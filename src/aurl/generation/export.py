@@ -18,7 +18,7 @@ import numpy as np
 
 from aurl.data.midi_io import MidiData
 from aurl.data.midi_write import midi_bytes
-from aurl.errors import AurlError, ConfigError, ConstraintError
+from aurl.errors import AurlError, ConfigError
 from aurl.fileio import atomic_write
 
 FORMATS = ("mid", "musicxml", "png", "wav")
@@ -210,8 +210,8 @@ def export_piece(
     becomes a score only for the formats that need one (MusicXML, WAV), so MIDI and PNG alone
     never import symusic.
 
-    Raises:
-        ConstraintError: WAV asked for without a SoundFont.
+    WAV: through ``soundfont`` (symusic's SoundFont synthesizer) where one is given, else the
+    built-in synthesizer (:mod:`aurl.generation.synth`).
     """
     written = []
     for fmt, path in paths.items():
@@ -222,9 +222,12 @@ def export_piece(
         elif fmt == "png":
             written.append(write_piano_roll(notes, path, title=title))
         elif fmt == "wav":
-            if soundfont is None:
-                raise ConstraintError("--format wav needs --soundfont PATH (an .sf2 or .sf3 file)")
-            written.append(write_wav(as_score(score), path, soundfont))
+            if soundfont is None:  # the built-in synthesizer: no SoundFont, no symusic
+                from aurl.generation import synth
+
+                written.append(synth.write_wav(notes, path))
+            else:
+                written.append(write_wav(as_score(score), path, soundfont))
     return written
 
 
