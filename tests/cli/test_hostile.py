@@ -252,8 +252,6 @@ CASES = {
                               "--out", "{out}"], 1, "give --adapter {dir}/run_lora/adapter"),
     "generate a run not exported": (["generate", "--checkpoint", "{dir}/run_ckpt", "--out",
                                      "{out}"], 1, "aurl checkpoint export {dir}/run_ckpt"),
-    "evaluate a LoRA run": (["evaluate", "--checkpoint", "{dir}/run_lora", "--data", "{good}",
-                             "--out", "{out}"], 1, "is a LoRA training run: give --adapter"),
 }
 # fmt: on
 

@@ -260,3 +260,28 @@ def test_a_boolean_training_window_is_not_a_window(base_dir, tmp_path):
         meta["window"] = window
         (folder / "config.json").write_text(json.dumps(meta))
         assert trained_window(folder) == expected
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["checkpoint", "export", "{run}", "--out", "{out}"], "is a checkpoint of a LoRA fine-tune"),
+        (["checkpoint", "average", "{run}", "--out", "{out}"], "is a checkpoint of a LoRA fine-tune"),
+        (["evaluate", "--checkpoint", "{run}", "--data", "{cache}", "--samples", "0", "--out",
+          "{out}"], "is a checkpoint of a LoRA fine-tune"),
+        (["generate", "--checkpoint", "{run}", "--out", "{out}"], "is a training run, not a model"),
+    ],
+    ids=["export", "average", "evaluate", "generate"],
+)  # fmt: skip
+def test_a_lora_run_where_a_model_belongs_names_its_adapter(lora_run, fixture_cache, tmp_path,
+                                                           capsys, argv, says):  # fmt: skip
+    """A LoRA run's checkpoints hold the adapters in the wrapped model: where a plain model's
+    weights are wanted, the one line names the adapter folder to give instead (it was "weights
+    do not fit this model" from the strict load)."""
+    out = tmp_path / "out"
+    argv = [a.format(run=lora_run, out=out, cache=fixture_cache) for a in argv]
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], lines
+    assert f"--adapter {lora_run / 'adapter'}" in lines[0]
+    assert not out.exists()

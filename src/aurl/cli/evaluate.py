@@ -115,13 +115,11 @@ def load_model(
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(f"--checkpoint {path} does not exist: check the path")
-    if (path / "adapter" / "adapter.json").is_file():  # its checkpoints hold LoRA weights
-        raise CheckpointError(f"--checkpoint {path} is a LoRA training run: give --adapter "
-                              f"{path / 'adapter'} with the model it tuned")  # fmt: skip
     from aurl.models import build_model
-    from aurl.training.checkpoint import load_checkpoint
+    from aurl.training.checkpoint import load_checkpoint, not_lora
 
     ck = load_checkpoint(path, map_location=device)
+    not_lora(ck.path, ck.state)  # its weights are an adapter's
     model = build_model(ck.config).to(device)
     ck.load_weights(model)
     run_dir = path if (path / "checkpoints").is_dir() else ck.path.parent.parent

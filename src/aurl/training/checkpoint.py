@@ -101,6 +101,24 @@ class Checkpoint:
         load_weights(unwrap(model), self.path / "model.safetensors")
 
 
+def not_lora(path: Path, state: dict[str, Any]) -> None:
+    """Refuse a LoRA fine-tune's checkpoint where a plain model's weights are wanted (export,
+    average, evaluate; a resumed fine-tune loads them into its wrapped model, as it should): its
+    weights file holds the adapters inside the wrapped model, which no plain model loads.
+
+    Raises:
+        CheckpointError: naming the adapter folder the run writes instead.
+    """
+    lora = (state.get("finetune") or {}).get("lora")
+    if lora:
+        run = Path(path).parent.parent
+        raise CheckpointError(
+            f"{path} is a checkpoint of a LoRA fine-tune (rank {lora.get('rank')}): its "
+            f"weights are the adapter's; give --adapter {run / 'adapter'} (written when the "
+            "run ends) with the model it tuned"
+        )
+
+
 def save_checkpoint(
     run_dir: str | Path,
     *,
@@ -368,6 +386,7 @@ def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
     for p in paths:
         verify(p)
         state = json.loads((Path(p) / "state.json").read_text())
+        not_lora(Path(p), state)
         cfg = config_from_dict(state["config"])
         if config is not None and (cfg.model != config.model or cfg.vocab != config.vocab):
             raise CheckpointError(
@@ -406,6 +425,7 @@ def export_weights(source: str | Path, out: str | Path, *, dtype: str = "float32
     from safetensors.torch import load_file, save_file
 
     c = load_checkpoint(export_source(source))
+    not_lora(c.path, c.state)
     model = _model_from(c.config, load_file(str(c.path / "model.safetensors")))
     out = model.save_pretrained(out, window=c.config.data.window)
     if dtype != "float32":
