@@ -96,9 +96,8 @@ def test_accompany_a_folder(folder, tmp_path, capsys) -> None:
     assert sorted(p.name for p in out.iterdir()) == [
         "a_tune_accompanied_seed0_000.mid", "b_chorale_accompanied_seed0_000.mid"
     ]  # fmt: skip
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
-        f"accompanied 2 of 3 files in {folder}"
-    )
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"accompanied 2 of 3 files in {folder}")
 
 
 def test_a_file_that_kills_the_reader_costs_that_file(folder, tmp_path, capsys, monkeypatch):

@@ -18,7 +18,8 @@ import numpy as np
 from aurl.data.notes import DRUM_PROGRAM
 from aurl.fileio import atomic_write
 
-SAMPLE_RATE = 22050  # Hz: every fundamental and the partials under 11 kHz (higher ones are left out)
+# Hz: every fundamental, and the partials under 11 kHz (higher ones are left out)
+SAMPLE_RATE = 22050
 # relative amplitudes of the partials 1, 2, 3, ...: a soft organ flue pipe
 PARTIALS = (1.0, 0.45, 0.22, 0.12, 0.06)
 ATTACK_S, RELEASE_S, DECAY_S = 0.012, 0.08, 2.5  # envelope: rise, fall after the end, sag
