@@ -267,6 +267,38 @@ def test_rows_states_and_reorder_are_independent() -> None:
         assert np.abs(np.concatenate(single, 1)[0] - alone[i]).max() == 0
 
 
+def test_reorder_writes_into_a_dead_states_caches_and_never_a_held_ones() -> None:
+    """SMC resamples every few tokens: a reorder writes into the caches of a state nothing
+    holds any more (fresh arrays cost a page fault per 4 KiB: about half of a reorder), never
+    into those of a state still held. Three rows of one piece resampled through a chain of
+    states while the first is kept: every row, and the kept state decoded on afterwards, give
+    the piece's logits decoded alone."""
+    import gc
+
+    engine = NativeEngine(SHIPPED, weights="fp32")
+    a, meter = _piece(engine, "bach_bwv269.mid", 80)
+    alone = _native_logits(engine, a, meter, prefill=30)[0]
+    kept = engine.init_state(3, capacity=512, meter=np.repeat(meter, 3, 0))
+    engine.step(np.repeat(a[:, :30], 3, 0), kept)
+    held = {id(k) for k in kept.keys + kept.values}
+    s = engine.reorder(kept, np.array([2, 0, 1]))
+    for j in range(30, 80):
+        if j % 10 == 5:  # the state replaced here dies: its caches become the spare set
+            s = engine.reorder(s, np.array([1, 1, 0]))
+            gc.collect()
+            assert not held & {id(k) for k in s.keys + s.values}, j
+        out = engine.step(np.repeat(a[:, j : j + 1], 3, 0), s)
+        assert np.abs(out[:, 0] - alone[j]).max() < 1e-4, j
+    dropped = [id(k) for k in s.keys]
+    s = engine.reorder(s, np.array([0, 1, 2]))  # s's old caches are now the spare set
+    gc.collect()
+    s = engine.reorder(s, np.array([2, 1, 0]))  # ... and are written into here
+    assert [id(k) for k in s.keys] == dropped
+    for j in range(30, 80):  # the kept state, untouched by every reorder since
+        out = engine.step(np.repeat(a[:, j : j + 1], 3, 0), kept)
+        assert np.abs(out[:, 0] - alone[j]).max() < 1e-4, j
+
+
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -30,6 +30,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,9 @@ class NativeEngine:
                 "config.json implies: the folder mixes models"
             ) from None
         self._scratch: dict[tuple[int, int], tuple] = {}
+        # the caches of one state nothing holds any more, for the next reorder to write into
+        # (fresh arrays would pay a page fault per 4 KiB written: ~half of a reorder's time)
+        self._spare: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
 
     # -- weights --------------------------------------------------------------------------
 
@@ -481,7 +485,11 @@ class NativeEngine:
         n = len(keys)
         ptrs = ((ctypes.c_void_p * n)(*[k.ctypes.data for k in keys]),
                 (ctypes.c_void_p * n)(*[v.ctypes.data for v in values]))  # fmt: skip
-        return NativeState(keys, values, feats, capacity, style, pos, pointers=ptrs)
+        state = NativeState(keys, values, feats, capacity, style, pos, pointers=ptrs)
+        # when the state is gone, its caches become the spare set (one kept: memory stays
+        # bounded); a state still held anywhere is never written into
+        weakref.finalize(state, _keep_spare, self._spare, keys, values)
+        return state
 
     def embed_inputs(self, feed: dict[str, np.ndarray], style: np.ndarray | None) -> np.ndarray:
         """(B, T, D) float32: the summed input embeddings of the per-token inputs ``feed``
@@ -618,10 +626,14 @@ class NativeEngine:
         """The state of rows ``rows`` (beam search, SMC resampling): a new state; only the
         cache positions written so far are copied (the step reads none past them)."""
         rows, pos = np.asarray(rows), state.pos
+        shape = (len(rows), *state.keys[0].shape[1:])
+        spare = self._spare.pop() if self._spare else None
+        if spare is not None and (spare[0][0].shape, spare[0][0].dtype) != (shape, self.kv_dtype):
+            spare = None  # another shape: dropped
         keys, values = [], []
-        for old, new in ((state.keys, keys), (state.values, values)):
-            for a in old:
-                b = np.empty((len(rows), *a.shape[1:]), a.dtype)
+        for j, (old, new) in enumerate(((state.keys, keys), (state.values, values))):
+            for layer, a in enumerate(old):
+                b = spare[j][layer] if spare is not None else np.empty(shape, a.dtype)
                 for i, r in enumerate(rows.tolist()):  # one copy each (a[rows] makes two)
                     b[i, :, :pos] = a[r, :, :pos]
                 new.append(b)
@@ -629,6 +641,11 @@ class NativeEngine:
         return self._state(
             keys, values, state.features.take(rows), state.capacity, style, state.pos
         )
+
+
+def _keep_spare(spare: list, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+    """A dead state's caches become the engine's one spare set (a finalizer: holds no state)."""
+    spare[:] = [(keys, values)]
 
 
 def native_where_it_runs(folder: str | Path, *, weights: str = "int8") -> NativeEngine | None:
