@@ -547,3 +547,39 @@ def test_the_server_harmonizes_as_the_cli_does_by_default(tmp_path):
     assert list(got) == list(cli) == ["Soprano", "Alto", "Tenor", "Bass"]
     for name in got:
         np.testing.assert_array_equal(got[name], cli[name])
+
+
+def test_the_server_accompanies_as_the_cli_does(tmp_path):
+    """/api/accompany (the composer `aurl serve` builds, as for harmonizing) answers with the
+    voices `aurl accompany` writes for the same part and seed: the part kept note for note on
+    its own track, the others around it."""
+    native = pytest.importorskip("aurl.engines.native_engine")
+    from aurl.cli import main
+    from aurl.cli.generate import SHIPPED, load_model
+
+    composer = native.native_where_it_runs(SHIPPED)
+    if composer is None:
+        pytest.skip("no compiled native step on this installation")
+    score = symusic.Score.from_midi(_excerpt("bach_bwv121.6.mid", 16))
+    alto = symusic.Score(score.tpq)
+    alto.tempos, alto.time_signatures = score.tempos, score.time_signatures
+    alto.tracks.append(score.tracks[1].copy())  # the Alto alone
+    part = tmp_path / "alto.mid"
+    part.write_bytes(alto.dumps_midi())
+    assert main(["accompany", str(part), "--out", str(tmp_path / "cli"), "--seed", "5"]) == 0
+    (written,) = (tmp_path / "cli").glob("*.mid")
+    models = {"chorales": load_model(None, "cpu")}
+    with make_client(tmp_path, models, composers={"chorales": composer}) as c:
+        r = c.post("/api/accompany", files={"file": ("alto.mid", part.read_bytes())},
+                   data={"seed": "5"})  # fmt: skip
+        three = c.post("/api/accompany", files={"file": ("alto.mid", part.read_bytes())},
+                       data={"seed": "5", "voices": "3", "format": "musicxml"})  # fmt: skip
+        drums = c.post("/api/accompany", files={"file": ("d.mid", _drums_midi())})
+    assert r.status_code == 200, r.text
+    got, cli = _by_track(r.content), _by_track(written.read_bytes())
+    assert sorted(got) == sorted(cli) and len(got) == 4 and "Alto" in got
+    for name in got:
+        np.testing.assert_array_equal(got[name], cli[name])
+    np.testing.assert_array_equal(got["Alto"], _by_track(alto.dumps_midi())["Alto"])
+    assert three.status_code == 200 and "musicxml" in three.headers["content-type"]
+    assert "drums only" in error_of(drums, 422, field="file")

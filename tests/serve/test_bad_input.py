@@ -16,6 +16,7 @@ UPLOADS = {  # endpoint -> the fields that make a good request besides the file
     "/api/analyze": {},
     "/api/notes": {},
     "/api/harmonize": {"particles": "1"},
+    "/api/accompany": {"particles": "1"},
     "/api/infill": {"bars": "1-1", "particles": "1"},
     "/api/musicxml": {},
 }

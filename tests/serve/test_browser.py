@@ -19,6 +19,7 @@ from tests.serve.conftest import LiveServer
 from tests.serve.test_formats_and_parts import xml_parts
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHORALE = Path(__file__).resolve().parents[1] / "fixtures" / "midi" / "bach_bwv269.mid"
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -77,6 +78,40 @@ def test_studio_generates_streams_and_downloads_a_midi_file(browser, live_server
     first_ms = int(page.get_attribute("#roll", "data-first-note-ms"))
     print(f"studio: first note on the roll {first_ms} ms after Generate")
     assert offhost == []  # the page loaded nothing from anywhere else
+    page.close()
+
+
+def test_studio_accompanies_an_uploaded_part(browser, live_server, tmp_path):
+    """Choose an alto line, press Accompany: the roll shows the four voices, and the download
+    holds the alto note for note on its own track with Soprano, Tenor and Bass around it."""
+    bach = symusic.Score(str(CHORALE))
+    alto = symusic.Score(bach.tpq)
+    alto.tempos, alto.time_signatures = bach.tempos, bach.time_signatures
+    (track,) = [t.copy() for t in bach.tracks if t.name == "Alto"]
+    track.notes = track.notes.filter(lambda n: n.time < 8 * bach.tpq)  # two bars
+    alto.tracks.append(track)
+    part = tmp_path / "alto.mid"
+    alto.dump_midi(str(part))
+    page = browser.new_page(accept_downloads=True)
+    page.goto(live_server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.set_input_files("#melody", str(part))
+    page.click("#accompany")
+    page.wait_for_function("['accompanied', 'error'].some((w) => document.getElementById("
+                           "'status').textContent.startsWith(w)) || document.getElementById("
+                           "'status').classList.contains('error')", timeout=60_000)  # fmt: skip
+    assert page.text_content("#status") == "accompanied"
+    with page.expect_download() as info:
+        page.click("#download")
+    path = tmp_path / "accompanied.mid"
+    info.value.save_as(path)
+    result = symusic.Score(str(path))
+    got = {t.name: t for t in result.tracks}
+    assert sorted(got) == ["Alto", "Bass", "Soprano", "Tenor"]
+    beats = [(n.time / result.tpq, n.pitch) for n in got["Alto"].notes]
+    assert beats == [(n.time / bach.tpq, n.pitch) for n in track.notes]
+    shown = int(page.get_attribute("#roll", "data-notes"))
+    assert shown == sum(len(t.notes) for t in got.values())
     page.close()
 
 

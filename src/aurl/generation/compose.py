@@ -108,7 +108,12 @@ class ComposeOptions:
         ranges: In :func:`harmonize` with SATB voices, a NOTE_ON of the model outside the
             textbook range (:data:`aurl.generation.voices.SATB_RANGES`) of the voice it would
             sound as (its rank among the model's notes sounding below it: bass, tenor, alto)
-            gets ``log(1 - ranges)`` (0: none).
+            gets ``log(1 - ranges)`` (0: none); in :func:`accompany`, the ranges of the voices
+            around the part.
+        around: In :func:`accompany`, how hard the model's voices keep their places around
+            the given part (as many above it as the part's voice has above it in SATB, the
+            rest below): a NOTE_ON on a side that has its voices already, and moving on with a
+            voice above missing, get ``log(1 - around)`` (0: none).
     """
 
     num_samples: int = 1
@@ -125,6 +130,7 @@ class ComposeOptions:
     cadence_strictness: float = CADENCE_STRICTNESS
     spacing: float = 0.9
     ranges: float = 0.9
+    around: float = 0.9999
 
 
 @dataclass
@@ -178,6 +184,8 @@ class Plan:
     event_steps: np.ndarray  # sorted steps with given events, edges and the end
     voice_leading: bool = False  # mask NOTE_ONs that form parallel 5ths/8ves (see _Masks)
     melody_top: bool = False  # the given notes are a melody above everything (harmonize)
+    # accompany: the model's voices to keep above the given part (the rest below it); -1: none
+    above: int = -1
 
     def ceiling_at(self, t: int) -> int:
         i = int(np.searchsorted(self.ceiling_steps, t, side="right")) - 1
@@ -210,9 +218,10 @@ def make_plan(
     max_free: int = 3,
     qpm: float = 120.0,
     voice_leading: bool = False,
+    above: int = -1,
 ) -> Plan:
     """The :class:`Plan` for given notes (beats) and a free span in beats (default: from the
-    first given onset to the last given end).
+    first given onset to the last given end); ``above``: see :attr:`Plan.above`.
 
     Raises:
         ConstraintError: the vocabulary counts time in seconds (the plan needs beats).
@@ -255,7 +264,7 @@ def make_plan(
     return Plan(
         offs=offs, ons=ons, free_start=a, free_end=b, end=end, ceiling_steps=steps, ceiling=top,
         max_free=max_free, tempo_bin=int(vocab.tempo_bin(qpm)), event_steps=steps,
-        voice_leading=voice_leading, melody_top=ceiling,
+        voice_leading=voice_leading, melody_top=ceiling, above=above,
     )  # fmt: skip
 
 
@@ -334,8 +343,8 @@ class _Masks:
             hi = min(f, plan.ceiling_at(row.t), MAX_FREE_PITCH + 1)
             taken = row.given | set(row.free) | set(row.ons)
             cand = [p for p in range(max(lo + 1, MIN_FREE_PITCH), hi) if p not in taken]
-            if cand and plan.voice_leading and plan.melody_top:
-                cand = self.parallel_free(row, cand)
+            if cand and plan.voice_leading and (plan.melody_top or plan.above >= 0):
+                cand = self.parallel_free(row, cand, around=plan.above >= 0)
             if cand:
                 if row.velocity is not None:
                     m[[self.on0 + p - self.pmin for p in cand]] = True
@@ -343,7 +352,7 @@ class _Masks:
                     m[self.vel] = True
 
     @staticmethod
-    def parallel_free(row: _Row, cand: list[int]) -> list[int]:
+    def parallel_free(row: _Row, cand: list[int], around: bool = False) -> list[int]:
         """The candidate pitches of a new free note that move in no parallel fifth or octave.
 
         A free note continues, in the last slice (the notes sounding at the last onset), either
@@ -355,7 +364,9 @@ class _Masks:
         parallel with the melody (the highest given pitch: the top voice) or with a free note
         below it (onsets come in ascending pitch, so those are known). A parallel: both voices
         of a pair move, the same way, from one interval to the same interval class, 0
-        (unison/octave) or 7 (fifth), as :func:`aurl.evaluation.tasks.voice_rules` counts."""
+        (unison/octave) or 7 (fifth), as :func:`aurl.evaluation.tasks.voice_rules` counts.
+        ``around`` (accompany): the given pitch is a voice with the model's above it too, and
+        candidates above it are checked against it as well."""
         if not row.prev_free:
             return cand
         prev = np.asarray(row.prev_free, dtype=np.int64)
@@ -372,7 +383,7 @@ class _Masks:
         others = [(int(q), src[k], c > q) for k, q in enumerate(lower)
                   for src in sources(lower, np.arange(len(lower)))]  # fmt: skip
         if row.top >= 0 and row.prev_top >= 0:
-            others.append((row.top, row.prev_top, c < row.top))
+            others.append((row.top, row.prev_top, (c != row.top) if around else c < row.top))
         bad = np.zeros(len(c), dtype=bool)
         for q, pq, side in others:
             if q == pq or pq < 0:
@@ -838,10 +849,21 @@ def decode(
     free_on[vocab.note_on : vocab.note_off] = True
     any_off = np.zeros(vocab.size, dtype=bool)
     any_off[vocab.note_off : vocab.note_off + vocab.n_pitches] = True
-    against_top = dissonance_bias(vocab, options.consonance if plan.melody_top else 0.0)
+    around = plan.above >= 0  # accompany: voices above and below a given part
+    against_top = dissonance_bias(
+        vocab, options.consonance if plan.melody_top or around else 0.0
+    )
     spacing = options.spacing if plan.melody_top else 0.0
     ranks = _rank_ranges(plan.max_free) if plan.melody_top else None
+    if around:
+        ranks = _around_ranges(plan.max_free + 1, plan.above)
     range_low = _penalty(options.ranges) if ranks is not None else 0.0
+    around_low = _penalty(options.around) if around else 0.0
+    shift_ids = np.zeros(vocab.size, dtype=bool)
+    shift_ids[vocab.time_shift : vocab.time_shift + vocab.config.max_shift_steps] = True
+    shift_ids[END] = True
+    vel_ids = np.zeros(vocab.size, dtype=bool)
+    vel_ids[vocab.velocity : vocab.sustain_on] = True
     spacing_low = _penalty(spacing)
     resamples = fallbacks = n = 0
     spb = vocab.config.steps_per_beat
@@ -869,9 +891,20 @@ def decode(
         proposal = proposal + np.where(is_free_on, bias[None, :] + against_top[top], 0.0)
         if range_low < 0:  # each voice in its range
             for b, r in enumerate(rows):
-                out = _out_of_range(r, ranks)
+                out = _out_of_range(r, ranks, around)
                 if out is not None:
+                    if around and r.k_on < len(r.ons):  # not the given note due next
+                        out = out[~np.isin(out, r.ons[r.k_on :])]
                     proposal[b, out + vocab.note_on - vocab.config.pitch_min] += range_low
+        if around_low < 0:  # accompany: as many voices above the part as the plan keeps there
+            for b, r in enumerate(rows):
+                full, short, release = _around(r, plan)
+                if full is not None:
+                    proposal[b, full + vocab.note_on - vocab.config.pitch_min] += around_low
+                if short:
+                    proposal[b] += np.where(shift_ids, around_low, 0.0)
+                if release:  # anything but a NOTE_OFF: a voice below ends, one comes above
+                    proposal[b] += np.where(shift_ids | free_on | vel_ids, around_low, 0.0)
         if spacing_low < 0:  # the upper voices within an octave of each other
             for b, r in enumerate(rows):
                 wide = _wide(r, plan)
@@ -977,11 +1010,44 @@ def _rank_ranges(free_voices: int) -> np.ndarray | None:
     return np.array([SATB_RANGES[SATB.index(n)] for n in names], dtype=np.int64)
 
 
-def _out_of_range(row: _Row, ranks: np.ndarray) -> np.ndarray | None:
+def _around_ranges(voices: int, above: int) -> np.ndarray | None:
+    """(voices - 1, 2) the SATB range of the model's voices from the bottom (bass first) around
+    a given part with ``above`` of them over it; None where the voices are not SATB's."""
+    from aurl.generation.voices import SATB, SATB_RANGES, voice_names
+
+    names = list(voice_names(voices))
+    if not all(n in SATB for n in names):
+        return None
+    del names[above]  # the part's own
+    return np.array([SATB_RANGES[SATB.index(n)] for n in names[::-1]], dtype=np.int64)
+
+
+def _around(row: _Row, plan: Plan) -> tuple[np.ndarray | None, bool, bool]:
+    """Accompany's lean (:attr:`Plan.above`): the pitches a new NOTE_ON of the model would put
+    on a side of the given part whose voices are all there already (None: no such pitch);
+    whether moving on (a TIME_SHIFT, END) would leave fewer voices above the part than the
+    plan keeps there, with room for another; and whether, with no room (the part moved above
+    a held voice), a voice should end here first (the step's NOTE_OFFs still open)."""
+    if plan.above < 0 or row.top < 0:
+        return None, False, False
+    below = sum(p < row.top for p in row.free)
+    over = sum(p > row.top for p in row.free)
+    p = np.arange(MIN_FREE_PITCH, MAX_FREE_PITCH + 1)
+    full = ((p < row.top) & (below >= plan.max_free - plan.above)) | (
+        (p > row.top) & (over >= plan.above))  # fmt: skip
+    missing = over < plan.above
+    room = len(row.free) < plan.max_free
+    short = missing and room and row.done_here()
+    release = missing and not room and row.phase == 0 and not row.after_velocity
+    return (p[full] if full.any() else None), short, release
+
+
+def _out_of_range(row: _Row, ranks: np.ndarray, around: bool = False) -> np.ndarray | None:
     """The pitches a new NOTE_ON of the model would sound out of the range of the voice of its
     rank (how many of the model's notes sound below it; None: nothing out of range). Only the
-    model's own pitches, under the melody note (``row.top``): the melody's NOTE_ON is given."""
-    hi = MAX_FREE_PITCH + 1 if row.top < 0 else min(row.top, MAX_FREE_PITCH + 1)
+    model's own pitches, under the melody note (``row.top``): the melody's NOTE_ON is given;
+    ``around`` (accompany): above the given part's note too."""
+    hi = MAX_FREE_PITCH + 1 if row.top < 0 or around else min(row.top, MAX_FREE_PITCH + 1)
     p = np.arange(MIN_FREE_PITCH, hi)
     rank = np.minimum(np.searchsorted(np.sort(list(row.free)), p), len(ranks) - 1)
     out = (p < ranks[rank, 0]) | (p > ranks[rank, 1])
@@ -1156,9 +1222,12 @@ def accompany(
 ) -> list[Composition]:
     """Compose ``voices - 1`` voices around a part (kept exactly), above and below it.
 
-    The part's track keeps its name; the new voices take the SATB names the part does not
-    (the part's place among them: its median pitch ranked against theirs). ``meter``: as in
-    :func:`harmonize`.
+    The part is one of the SATB voices (:func:`part_voice`: by its track name, else by its
+    pitch): the model keeps as many voices above it as that voice has above it, the rest below
+    (``options.around``), each in its range (``options.ranges``), consonant with the part
+    (``options.consonance``) and without parallel fifths or octaves against it or each other
+    (``options.voice_leading``). The part's track keeps its name; the new voices take the
+    other SATB names, top down. ``meter``: as in :func:`harmonize`.
 
     Raises:
         ConstraintError: no pitched notes, or a model that cannot compose.
@@ -1169,19 +1238,33 @@ def accompany(
     if len(notes) == 0:
         raise ConstraintError(f"{part_name} has no pitched notes: give a part to accompany")
     engine = as_engine(model, meter=meter)
-    plan = make_plan(notes, engine.vocab, ceiling=False, max_free=voices - 1, qpm=qpm)
+    above = part_voice(notes, voices, part_name)
+    plan = make_plan(notes, engine.vocab, ceiling=False, max_free=voices - 1, qpm=qpm,
+                     voice_leading=options.voice_leading, above=above)  # fmt: skip
     results = decode(engine, plan, options, progress=progress)
     for c in results:
         v = assign_voices(c.notes, voices - 1)
         groups = [c.notes[v == i] for i in range(voices - 1)]
-        medians = [float(np.median(g["pitch"])) if len(g) else 0.0 for g in groups]
-        place = sum(m > float(np.median(notes["pitch"])) for m in medians)
         names = list(voice_names(voices))
-        own = names.pop(place)
-        parts = [(f"{part_name}" if part_name else own, notes)]
+        own = names.pop(above)
+        parts = [(part_name or own, notes)]
         parts += list(zip(names, groups))
         c.score = parts_score(parts, like=like)
     return results
+
+
+def part_voice(notes: np.ndarray, voices: int, name: str = "") -> int:
+    """Which of ``voice_names(voices)`` (0: the top) a given part is: the one its track name
+    names (any case), else the one whose textbook range (:data:`~aurl.generation.voices.
+    SATB_RANGES`) centres nearest its median pitch."""
+    from aurl.generation.voices import SATB, SATB_RANGES, voice_names
+
+    names = [n.lower() for n in voice_names(voices)]
+    if name.strip().lower() in names:
+        return names.index(name.strip().lower())
+    median = float(np.median(notes["pitch"]))
+    centre = [sum(SATB_RANGES[SATB.index(n.title())]) / 2 for n in names]
+    return int(np.argmin([abs(median - c) for c in centre]))
 
 
 def infill(

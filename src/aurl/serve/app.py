@@ -508,6 +508,46 @@ def create_app(
         midi = await _compose(srv, run, clock, request)
         return await _reply(midi, format, "harmonized", clock, request)
 
+    @app.post("/api/accompany", tags=["compose"], responses={**ERRORS, 200: {
+        "content": {"audio/midi": {}, MUSICXML: {}}, "description": "the part and its voices"}})  # fmt: skip
+    async def accompany(
+        request: Request,
+        file: Annotated[UploadFile, File(description="a MIDI file: the part (every track of it)")],
+        model: str | None = Form(None, max_length=100),
+        seed: int = Form(0, ge=0, le=2**63 - 1),
+        voices: int = Form(4, ge=2, le=4, description="voices in all, the part included"),
+        particles: int = Form(1, ge=1, le=16, description=PARTICLES_HELP),
+        format: Literal["midi", "musicxml"] = Form("midi", description=FORMAT_HELP),
+    ):
+        """Compose the other voices around the uploaded part, above and below it (``aurl
+        accompany``): the part is kept note for note on its own track. A client that goes away
+        stops the work."""
+        from aurl.data.notes import pitched
+
+        await _only_fields(request, "file", "model", "seed", "voices", "particles", "format")
+        from aurl.generation import compose
+
+        clock = Clock(lim)
+        srv = _server(servers, model)
+        data = await _read_upload(file, lim)
+        tracks, times = await _upload_piece(data, file.filename, clock)
+        name = file.filename or "file"
+        notes = pitched(np.concatenate([n for _, n in tracks])) if tracks else []
+        if len(notes) == 0:
+            what = "drums only" if tracks else "no notes"
+            return _error(422, f"{name} has {what}: give a part with pitched notes", field="file")
+        part = tracks[0][0] if len(tracks) == 1 else "Part"
+        opts = compose.ComposeOptions(seed=seed, particles=particles)
+
+        def run(m: Any, progress: Any) -> Any:
+            (c,) = compose.accompany(m, notes, voices=voices, part_name=part, options=opts,
+                                     qpm=times.first_qpm, like=times.like_score(),
+                                     meter=times.meter, progress=progress)  # fmt: skip
+            return c.score
+
+        midi = await _compose(srv, run, clock, request)
+        return await _reply(midi, format, "accompanied", clock, request)
+
     @app.post("/api/infill", tags=["compose"], responses={**ERRORS, 200: {
         "content": {"audio/midi": {}, MUSICXML: {}}, "description": "the piece with new bars"}})  # fmt: skip
     async def infill(

@@ -120,6 +120,20 @@ async function harmonize() {
   status("harmonized");
 }
 
+async function accompany() {
+  const f = $("melody").files[0];
+  if (!f) return status("choose a part file first", true);
+  const form = new FormData();
+  form.append("file", f);
+  form.append("seed", $("seed").value || "0");
+  if ($("model").value) form.append("model", $("model").value);
+  status("accompanying...");
+  const r = await fetch("/api/accompany", { method: "POST", body: form });
+  if (!r.ok) return status(await errorText(r), true);
+  await showMidi(await r.blob(), "accompanied.mid");
+  status("accompanied");
+}
+
 async function infill() {
   if (!midiBlob) return status("generate or load a piece first", true);
   if (!selection) return status("drag on the roll to select the part to fill in", true);
@@ -183,6 +197,7 @@ async function init() {
   } catch (e) { status("cannot reach the server: " + e, true); }
   $("generate").onclick = generate;
   $("harmonize").onclick = () => harmonize().catch((e) => status(String(e), true));
+  $("accompany").onclick = () => accompany().catch((e) => status(String(e), true));
   $("infill").onclick = () => infill().catch((e) => status(String(e), true));
   $("download").onclick = download;
   $("download-xml").onclick = () => downloadXml().catch((e) => status(String(e), true));
