@@ -850,9 +850,7 @@ def decode(
     any_off = np.zeros(vocab.size, dtype=bool)
     any_off[vocab.note_off : vocab.note_off + vocab.n_pitches] = True
     around = plan.above >= 0  # accompany: voices above and below a given part
-    against_top = dissonance_bias(
-        vocab, options.consonance if plan.melody_top or around else 0.0
-    )
+    against_top = dissonance_bias(vocab, options.consonance if plan.melody_top or around else 0.0)
     spacing = options.spacing if plan.melody_top else 0.0
     ranks = _rank_ranges(plan.max_free) if plan.melody_top else None
     if around:
