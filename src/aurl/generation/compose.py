@@ -100,7 +100,8 @@ class ComposeOptions:
             some do (:class:`Arrivals`).
         cadence_strictness: How hard ``cadences`` leans: the model's notes outside the chord
             there get ``log(1 - cadence_strictness)`` (in ``[0, 1)``).
-        spacing: In :func:`harmonize`, a NOTE_ON of the model that completes the chord (the
+        spacing: In :func:`harmonize` (and :func:`accompany`, :func:`_around_wide`), a
+            NOTE_ON of the model that completes the chord (the
             last of ``voices - 1`` notes, with none of the model's notes above it) more than an
             octave under the melody note, or more than an octave over the next note down when
             two are below it, gets ``log(1 - spacing)`` (0: none): the textbook spacing of the
@@ -857,6 +858,7 @@ def decode(
         ranks = _around_ranges(plan.max_free + 1, plan.above)
     range_low = _penalty(options.ranges) if ranks is not None else 0.0
     around_low = _penalty(options.around) if around else 0.0
+    around_spacing = _penalty(options.spacing) if around else 0.0
     shift_ids = np.zeros(vocab.size, dtype=bool)
     shift_ids[vocab.time_shift : vocab.time_shift + vocab.config.max_shift_steps] = True
     shift_ids[END] = True
@@ -903,6 +905,11 @@ def decode(
                     proposal[b] += np.where(shift_ids, around_low, 0.0)
                 if release:  # anything but a NOTE_OFF: a voice below ends, one comes above
                     proposal[b] += np.where(shift_ids | free_on | vel_ids, around_low, 0.0)
+                wide = _around_wide(r, plan) if around_spacing < 0 else None
+                if wide is not None:
+                    if r.k_on < len(r.ons):  # not the given note due next
+                        wide = wide[~np.isin(wide, r.ons[r.k_on :])]
+                    proposal[b, wide + vocab.note_on - vocab.config.pitch_min] += around_spacing
         if spacing_low < 0:  # the upper voices within an octave of each other
             for b, r in enumerate(rows):
                 wide = _wide(r, plan)
@@ -1038,6 +1045,26 @@ def _around(row: _Row, plan: Plan) -> tuple[np.ndarray | None, bool, bool]:
     short = missing and room and row.done_here()
     release = missing and not room and row.phase == 0 and not row.after_velocity
     return (p[full] if full.any() else None), short, release
+
+
+def _around_wide(row: _Row, plan: Plan) -> np.ndarray | None:
+    """Accompany's spacing: the pitches a new NOTE_ON of the model would put more than an
+    octave above the note under it as an upper voice (with two or more sounding below it), or,
+    as the last of the model's voices under the part, more than an octave under the part's
+    note where that is an upper voice (None: no such pitch). SATB's textbook spacing: soprano
+    and alto, alto and tenor within an octave."""
+    if plan.above < 0 or row.top < 0:
+        return None
+    floor = row.lo if row.phase == 1 else -1  # the step's last NOTE_ON: new ones go above it
+    p = np.arange(max(floor + 1, MIN_FREE_PITCH), MAX_FREE_PITCH + 1)
+    sounding = np.array(sorted({*row.free, *row.given, row.top}), dtype=np.int64)
+    under = np.searchsorted(sounding, p)  # notes below each candidate
+    below_next = np.where(under > 0, sounding[np.maximum(under - 1, 0)], -1)
+    wide = (under >= 2) & (p - below_next > 12)
+    below_part = sum(q < row.top for q in row.free)
+    last_under = (p < row.top) & (below_part + 1 == plan.max_free - plan.above)
+    wide |= last_under & (plan.max_free - plan.above >= 2) & (row.top - p > 12)
+    return p[wide] if wide.any() else None
 
 
 def _out_of_range(row: _Row, ranks: np.ndarray, around: bool = False) -> np.ndarray | None:
