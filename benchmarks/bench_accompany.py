@@ -13,6 +13,7 @@ native engine (forcing, the command's default), and scored:
 - ``kept``: the part's notes found note for note in the result.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_accompany.py [--limit N] [--seed S]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_accompany.py --infill   # one voice
 """
 
 from __future__ import annotations
@@ -46,12 +47,58 @@ def above_share(part: np.ndarray, others: list[np.ndarray], want: int) -> float:
     return float((above[sounding] == want).mean())
 
 
+def infill_table(files: list, engine, seed: int) -> None:
+    """``--infill``: bars 3-6 (beats 8-24) of each voice in turn written again under the others
+    (``aurl infill --part NAME``): the share of the new notes that start between the voice's
+    neighbours, and parallels per 100 moves in the whole piece (Bach's own alongside)."""
+    from aurl.generation.compose import infill, piece_notes
+
+    print("| voice written again | new notes between their neighbours | parallels /100 moves |")
+    print("|---|---|---|")
+    bach_par = bach_moves = 0
+    for k, name in enumerate(SATB):
+        between, count, par, moves = 0, 0, 0, 0
+        for f in files:
+            score = read_score(f)
+            tracks = track_notes(score)
+            if sorted(n for n, _ in tracks) != sorted(SATB):
+                continue
+            bach = dict(tracks)
+            notes, owner = piece_notes(tracks)
+            chosen = owner == [n for n, _ in tracks].index(name)
+            (c,) = infill(engine, notes, (8.0, 24.0), chosen, qpm=first_qpm(score),
+                          options=ComposeOptions(seed=seed, particles=1),
+                          meter=TimeMap.of_score(score).meter)  # fmt: skip
+            others = [bach[n] for n in SATB if n != name]
+            for n in c.notes:
+                t = n["onset"]
+                now = [int(o["pitch"][s].max()) for o in others if (s := (o["onset"] <= t + 1e-9)
+                       & (o["onset"] + o["duration"] > t + 1e-9)).any()]  # fmt: skip
+                between += sum(q > n["pitch"] for q in now) == min(k, len(now))
+                count += 1
+            part = bach[name]
+            kept = part[(part["onset"] < 8.0) | (part["onset"] >= 24.0)]
+            voice = np.sort(np.concatenate([kept, c.notes]), order=["onset", "pitch"])
+            rules = voice_rules([voice if n == name else bach[n] for n in SATB])
+            par, moves = par + rules["parallels"], moves + rules["moves"]
+            if k == 0:
+                theirs = voice_rules([bach[n] for n in SATB])
+                bach_par, bach_moves = bach_par + theirs["parallels"], bach_moves + theirs["moves"]
+        print(f"| {name} | {between / count:.3f} ({count}) | {100 * par / moves:.3f} |")
+    print(f"| bach | | {100 * bach_par / bach_moves:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=0, help="the first N chorales only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the table's numbers here")
+    ap.add_argument("--infill", action="store_true", help="infill of one voice instead")
     args = ap.parse_args()
+    if args.infill:
+        files = held_out_chorales(BUNDLED, "test")[: args.limit or None]
+        infill_table(files, NativeEngine(shipped_model(), weights="int8"), args.seed)
+        return
     files = held_out_chorales(BUNDLED, "test")[: args.limit or None]
     engine = NativeEngine(shipped_model(), weights="int8")
     rows: dict[str, dict[str, list[float]]] = {}

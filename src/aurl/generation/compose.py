@@ -187,6 +187,8 @@ class Plan:
     melody_top: bool = False  # the given notes are a melody above everything (harmonize)
     # accompany: the model's voices to keep above the given part (the rest below it); -1: none
     above: int = -1
+    # infill of one voice: the given voices to keep above the model's notes; -1: none
+    rank: int = -1
 
     def ceiling_at(self, t: int) -> int:
         i = int(np.searchsorted(self.ceiling_steps, t, side="right")) - 1
@@ -220,9 +222,10 @@ def make_plan(
     qpm: float = 120.0,
     voice_leading: bool = False,
     above: int = -1,
+    rank: int = -1,
 ) -> Plan:
     """The :class:`Plan` for given notes (beats) and a free span in beats (default: from the
-    first given onset to the last given end); ``above``: see :attr:`Plan.above`.
+    first given onset to the last given end); ``above``, ``rank``: see :class:`Plan`.
 
     Raises:
         ConstraintError: the vocabulary counts time in seconds (the plan needs beats).
@@ -265,7 +268,7 @@ def make_plan(
     return Plan(
         offs=offs, ons=ons, free_start=a, free_end=b, end=end, ceiling_steps=steps, ceiling=top,
         max_free=max_free, tempo_bin=int(vocab.tempo_bin(qpm)), event_steps=steps,
-        voice_leading=voice_leading, melody_top=ceiling, above=above,
+        voice_leading=voice_leading, melody_top=ceiling, above=above, rank=rank,
     )  # fmt: skip
 
 
@@ -290,6 +293,7 @@ class _Row:
         self.onset_here = True
         self.prev_free: list[int] = []  # free pitches of the last slice, ascending
         self.prev_top = -1  # the given (melody) pitch of the last slice, -1: none
+        self.prev_given: list[int] = []  # the given pitches of the last slice, ascending
         self.enter(plan, 0)
 
     def copy(self) -> _Row:
@@ -305,6 +309,7 @@ class _Row:
         if self.onset_here:  # leaving a slice (a step where notes started): remember it
             self.prev_free = sorted(self.free)
             self.prev_top = max(self.given, default=-1)
+            self.prev_given = sorted(self.given)
             self.onset_here = False
         self.t = t
         ons = plan.ons.get(t, [])
@@ -857,7 +862,7 @@ def decode(
     if around:
         ranks = _around_ranges(plan.max_free + 1, plan.above)
     range_low = _penalty(options.ranges) if ranks is not None else 0.0
-    around_low = _penalty(options.around) if around else 0.0
+    around_low = _penalty(options.around) if around or plan.rank >= 0 else 0.0
     around_spacing = _penalty(options.spacing) if around else 0.0
     shift_ids = np.zeros(vocab.size, dtype=bool)
     shift_ids[vocab.time_shift : vocab.time_shift + vocab.config.max_shift_steps] = True
@@ -896,7 +901,12 @@ def decode(
                     if around and r.k_on < len(r.ons):  # not the given note due next
                         out = out[~np.isin(out, r.ons[r.k_on :])]
                     proposal[b, out + vocab.note_on - vocab.config.pitch_min] += range_low
-        if around_low < 0:  # accompany: as many voices above the part as the plan keeps there
+        if around_low < 0 and plan.rank >= 0:  # infill of one voice: between its neighbours
+            for b, r in enumerate(rows):
+                for wrong in (_between(r, plan), _parallel_between(r, plan)):
+                    if wrong is not None:
+                        proposal[b, wrong + vocab.note_on - vocab.config.pitch_min] += around_low
+        if around_low < 0 and around:  # accompany: the part's count of voices above it
             for b, r in enumerate(rows):
                 full, short, release = _around(r, plan)
                 if full is not None:
@@ -1045,6 +1055,46 @@ def _around(row: _Row, plan: Plan) -> tuple[np.ndarray | None, bool, bool]:
     short = missing and room and row.done_here()
     release = missing and not room and row.phase == 0 and not row.after_velocity
     return (p[full] if full.any() else None), short, release
+
+
+def _between(row: _Row, plan: Plan) -> np.ndarray | None:
+    """Infill of one voice (:attr:`Plan.rank`): the pitches a new NOTE_ON of the model would
+    sound at with another count of the given notes sounding above it than the voice has (as
+    many as sound, where fewer do; None: no such pitch), so that a new alto stays between the
+    soprano and the tenor."""
+    if plan.rank < 0:
+        return None
+    given = np.array(sorted({*row.given, *row.ons}), dtype=np.int64)
+    if len(given) == 0:
+        return None
+    p = np.arange(MIN_FREE_PITCH, MAX_FREE_PITCH + 1)
+    over = len(given) - np.searchsorted(given, p, side="right")
+    wrong = (over != min(plan.rank, len(given))) & ~np.isin(p, given)
+    return p[wrong] if wrong.any() else None
+
+
+def _parallel_between(row: _Row, plan: Plan) -> np.ndarray | None:
+    """Infill of one voice: the pitches a new NOTE_ON of the model would reach in parallel
+    fifths or octaves with a given voice (None: none). The voices are read by rank: the given
+    notes of the last slice and of this one, as many in each, pair up in pitch order, and the
+    new voice continues its own last note; a pair moving the same way from one interval to the
+    same fifth or octave class is a parallel, as :func:`aurl.evaluation.tasks.voice_rules`
+    counts."""
+    if plan.rank < 0 or len(row.prev_free) != 1:
+        return None
+    now = sorted({*row.given, *row.ons})
+    if not now or len(now) != len(row.prev_given):
+        return None
+    pp = row.prev_free[0]
+    c = np.arange(MIN_FREE_PITCH, MAX_FREE_PITCH + 1)
+    bad = np.zeros(len(c), dtype=bool)
+    for q, pq in zip(now, row.prev_given):
+        if q == pq:
+            continue
+        iv, piv = np.abs(c - q) % 12, abs(pp - pq) % 12
+        same_way = np.sign(c - pp) == np.sign(q - pq)
+        bad |= (c != pp) & same_way & (iv == piv) & (piv in (0, 7))
+    return c[bad] if bad.any() else None
 
 
 def _around_wide(row: _Row, plan: Plan) -> np.ndarray | None:
@@ -1292,6 +1342,19 @@ def part_voice(notes: np.ndarray, voices: int, name: str = "") -> int:
     return int(np.argmin([abs(median - c) for c in centre]))
 
 
+def voice_rank(voice: np.ndarray, others: np.ndarray) -> int:
+    """How many of ``others``' notes sound above ``voice`` (one line) at its onsets, the most
+    common count: its place among the other voices (0: the top; -1: no onset with any other
+    note sounding, no rule)."""
+    counts = []
+    ends = others["onset"] + others["duration"]
+    for n in voice:
+        sounding = (others["onset"] <= n["onset"] + 1e-9) & (ends > n["onset"] + 1e-9)
+        if sounding.any():
+            counts.append(int((others["pitch"][sounding] > n["pitch"]).sum()))
+    return int(np.bincount(counts).argmax()) if counts else -1
+
+
 def infill(
     model: Any,
     notes: np.ndarray,
@@ -1307,8 +1370,11 @@ def infill(
     """Regenerate the notes that start in ``span`` (beats, [start, end)), of the notes selected
     by ``part`` (a bool mask over ``notes``, or over their pitched notes only; None: all),
     keeping every other note; drum notes are set aside. At most
-    ``max_free`` new notes sound at once (default: the chosen notes' own most at once).
-    ``meter``: the piece's time signature, as in :func:`harmonize`.
+    ``max_free`` new notes sound at once (default: the chosen notes' own most at once). One
+    voice regenerated (``part`` given, one note at a time) keeps its place among the others
+    (:func:`voice_rank` of the notes it replaces: a new alto between soprano and tenor),
+    leaned as ``options.around``. ``meter``: the piece's time signature, as in
+    :func:`harmonize`.
 
     Returns:
         Compositions whose ``notes`` are the new notes only (``score`` None: the caller puts
@@ -1335,8 +1401,10 @@ def infill(
     given = notes[~regen]
     if max_free is None:  # as many voices as the replaced notes had at once (at least one)
         max_free = max(1, max_polyphony(notes[chosen]))
+    rank = voice_rank(notes[regen], notes[~chosen]) if part is not None and max_free == 1 else -1
     engine = as_engine(model, meter=meter)
-    plan = make_plan(given, engine.vocab, free_span=(a, min(b, last)), max_free=max_free, qpm=qpm)
+    plan = make_plan(given, engine.vocab, free_span=(a, min(b, last)), max_free=max_free,
+                     qpm=qpm, rank=rank)  # fmt: skip
     from aurl.generation.fim import FimEngine, supports_fim
 
     if not supports_fim(model):
