@@ -189,6 +189,7 @@ class Plan:
     above: int = -1
     # infill of one voice: the given voices to keep above the model's notes; -1: none
     rank: int = -1
+    voice_before: int = -1  # infill of one voice: its kept note sounding into the span, -1: none
 
     def ceiling_at(self, t: int) -> int:
         i = int(np.searchsorted(self.ceiling_steps, t, side="right")) - 1
@@ -223,9 +224,11 @@ def make_plan(
     voice_leading: bool = False,
     above: int = -1,
     rank: int = -1,
+    voice_before: int = -1,
 ) -> Plan:
     """The :class:`Plan` for given notes (beats) and a free span in beats (default: from the
-    first given onset to the last given end); ``above``, ``rank``: see :class:`Plan`.
+    first given onset to the last given end); ``above``, ``rank``, ``voice_before``: see
+    :class:`Plan`.
 
     Raises:
         ConstraintError: the vocabulary counts time in seconds (the plan needs beats).
@@ -269,6 +272,7 @@ def make_plan(
         offs=offs, ons=ons, free_start=a, free_end=b, end=end, ceiling_steps=steps, ceiling=top,
         max_free=max_free, tempo_bin=int(vocab.tempo_bin(qpm)), event_steps=steps,
         voice_leading=voice_leading, melody_top=ceiling, above=above, rank=rank,
+        voice_before=voice_before,
     )  # fmt: skip
 
 
@@ -1080,15 +1084,23 @@ def _parallel_between(row: _Row, plan: Plan) -> np.ndarray | None:
     new voice continues its own last note; a pair moving the same way from one interval to the
     same fifth or octave class is a parallel, as :func:`aurl.evaluation.tasks.voice_rules`
     counts."""
-    if plan.rank < 0 or len(row.prev_free) != 1:
+    if plan.rank < 0:
+        return None
+    prev_given = row.prev_given
+    if len(row.prev_free) == 1:
+        pp = row.prev_free[0]
+    elif not row.prev_free and not row.made and not row.free and plan.voice_before in prev_given:
+        pp = plan.voice_before  # the span's first note: the voice's own note before it
+        prev_given = list(prev_given)
+        prev_given.remove(pp)
+    else:
         return None
     now = sorted({*row.given, *row.ons})
-    if not now or len(now) != len(row.prev_given):
+    if not now or len(now) != len(prev_given):
         return None
-    pp = row.prev_free[0]
     c = np.arange(MIN_FREE_PITCH, MAX_FREE_PITCH + 1)
     bad = np.zeros(len(c), dtype=bool)
-    for q, pq in zip(now, row.prev_given):
+    for q, pq in zip(now, prev_given):
         if q == pq:
             continue
         iv, piv = np.abs(c - q) % 12, abs(pp - pq) % 12
@@ -1402,9 +1414,12 @@ def infill(
     if max_free is None:  # as many voices as the replaced notes had at once (at least one)
         max_free = max(1, max_polyphony(notes[chosen]))
     rank = voice_rank(notes[regen], notes[~chosen]) if part is not None and max_free == 1 else -1
+    before = notes[chosen & ~regen & (notes["onset"] < a - 1e-9)]
+    into = before[before["onset"] + before["duration"] >= a - 1e-6]  # sounding up to the span
+    voice_before = int(into["pitch"][np.argmax(into["onset"])]) if rank >= 0 and len(into) else -1
     engine = as_engine(model, meter=meter)
     plan = make_plan(given, engine.vocab, free_span=(a, min(b, last)), max_free=max_free,
-                     qpm=qpm, rank=rank)  # fmt: skip
+                     qpm=qpm, rank=rank, voice_before=voice_before)  # fmt: skip
     from aurl.generation.fim import FimEngine, supports_fim
 
     if not supports_fim(model):
