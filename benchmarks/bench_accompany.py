@@ -86,6 +86,38 @@ def infill_table(files: list, engine, seed: int) -> None:
                 bach_par, bach_moves = bach_par + theirs["parallels"], bach_moves + theirs["moves"]
         print(f"| {name} | {between / count:.3f} ({count}) | {100 * par / moves:.3f} |")
     print(f"| bach | | {100 * bach_par / bach_moves:.3f} |")
+    every_voice_table(files, engine, seed)
+
+
+def every_voice_table(files: list, engine, seed: int) -> None:
+    """Beats 8-24 of every voice written again (``aurl infill --bars 3-6``): the four-part
+    rules of the span alone (the new notes in four voices by ``assign_voices``), against
+    Bach's own notes of the same spans."""
+    from aurl.generation.compose import infill, piece_notes
+    from aurl.generation.voices import assign_voices
+
+    sums: dict[str, list[float]] = {"model": [0, 0, 0, 0], "bach": [0, 0, 0, 0]}
+    for f in files:
+        score = read_score(f)
+        tracks = track_notes(score)
+        if sorted(n for n, _ in tracks) != sorted(SATB):
+            continue
+        bach = dict(tracks)
+        notes, _ = piece_notes(tracks)
+        (c,) = infill(engine, notes, (8.0, 24.0), None, qpm=first_qpm(score),
+                      options=ComposeOptions(seed=seed, particles=1),
+                      meter=TimeMap.of_score(score).meter)  # fmt: skip
+        v = assign_voices(c.notes, 4)
+        span = [b[(b["onset"] >= 8.0) & (b["onset"] < 24.0)] for b in (bach[n] for n in SATB)]
+        for who, voices in (("model", [c.notes[v == i] for i in range(4)]), ("bach", span)):
+            r = voice_rules(voices)
+            wide = r["spacing_per_100_slices"] * r["slices"] / 100
+            sums[who] = [a + b for a, b in zip(sums[who], (r["parallels"], r["moves"], wide,
+                                                            r["slices"]))]  # fmt: skip
+    print("\n| every voice of bars 3-6 | parallels /100 moves | spacing > 8ve /100 slices |")
+    print("|---|---|---|")
+    for who, (par, moves, wide, n) in sums.items():
+        print(f"| {who} | {100 * par / moves:.3f} | {100 * wide / n:.2f} |")
 
 
 def main() -> None:

@@ -353,8 +353,8 @@ class _Masks:
             hi = min(f, plan.ceiling_at(row.t), MAX_FREE_PITCH + 1)
             taken = row.given | set(row.free) | set(row.ons)
             cand = [p for p in range(max(lo + 1, MIN_FREE_PITCH), hi) if p not in taken]
-            if cand and plan.voice_leading and (plan.melody_top or plan.above >= 0):
-                cand = self.parallel_free(row, cand, around=plan.above >= 0)
+            if cand and plan.voice_leading:
+                cand = self.parallel_free(row, cand, around=not plan.melody_top)
             if cand:
                 if row.velocity is not None:
                     m[[self.on0 + p - self.pmin for p in cand]] = True
@@ -867,7 +867,8 @@ def decode(
         ranks = _around_ranges(plan.max_free + 1, plan.above)
     range_low = _penalty(options.ranges) if ranks is not None else 0.0
     around_low = _penalty(options.around) if around or plan.rank >= 0 else 0.0
-    around_spacing = _penalty(options.spacing) if around else 0.0
+    every_voice = not plan.melody_top and not around and plan.rank < 0  # infill, every voice
+    around_spacing = _penalty(options.spacing) if around or every_voice else 0.0
     shift_ids = np.zeros(vocab.size, dtype=bool)
     shift_ids[vocab.time_shift : vocab.time_shift + vocab.config.max_shift_steps] = True
     shift_ids[END] = True
@@ -919,7 +920,9 @@ def decode(
                     proposal[b] += np.where(shift_ids, around_low, 0.0)
                 if release:  # anything but a NOTE_OFF: a voice below ends, one comes above
                     proposal[b] += np.where(shift_ids | free_on | vel_ids, around_low, 0.0)
-                wide = _around_wide(r, plan) if around_spacing < 0 else None
+        if around_spacing < 0:  # upper voices within an octave (accompany, infill)
+            for b, r in enumerate(rows):
+                wide = _around_wide(r, plan)
                 if wide is not None:
                     if r.k_on < len(r.ons):  # not the given note due next
                         wide = wide[~np.isin(wide, r.ons[r.k_on :])]
@@ -1110,19 +1113,23 @@ def _parallel_between(row: _Row, plan: Plan) -> np.ndarray | None:
 
 
 def _around_wide(row: _Row, plan: Plan) -> np.ndarray | None:
-    """Accompany's spacing: the pitches a new NOTE_ON of the model would put more than an
-    octave above the note under it as an upper voice (with two or more sounding below it), or,
-    as the last of the model's voices under the part, more than an octave under the part's
-    note where that is an upper voice (None: no such pitch). SATB's textbook spacing: soprano
-    and alto, alto and tenor within an octave."""
-    if plan.above < 0 or row.top < 0:
+    """Accompany's (and infill's of every voice) spacing: the pitches a new NOTE_ON of the
+    model would put more than an octave above the note under it as an upper voice (with two or
+    more sounding below it), or, as the last of the model's voices under the part (accompany),
+    more than an octave under the part's note where that is an upper voice (None: no such
+    pitch). SATB's textbook spacing: soprano and alto, alto and tenor within an octave."""
+    if plan.melody_top or plan.rank >= 0 or (plan.above >= 0 and row.top < 0):
         return None
     floor = row.lo if row.phase == 1 else -1  # the step's last NOTE_ON: new ones go above it
     p = np.arange(max(floor + 1, MIN_FREE_PITCH), MAX_FREE_PITCH + 1)
-    sounding = np.array(sorted({*row.free, *row.given, row.top}), dtype=np.int64)
+    sounding = np.array(sorted({*row.free, *row.given, *row.ons}), dtype=np.int64)
+    if len(sounding) < 2:  # no candidate has two notes under it
+        return None
     under = np.searchsorted(sounding, p)  # notes below each candidate
     below_next = np.where(under > 0, sounding[np.maximum(under - 1, 0)], -1)
     wide = (under >= 2) & (p - below_next > 12)
+    if plan.above < 0:  # infill of every voice: no part to keep the voices around
+        return p[wide] if wide.any() else None
     below_part = sum(q < row.top for q in row.free)
     last_under = (p < row.top) & (below_part + 1 == plan.max_free - plan.above)
     wide |= last_under & (plan.max_free - plan.above >= 2) & (row.top - p > 12)
@@ -1419,7 +1426,8 @@ def infill(
     voice_before = int(into["pitch"][np.argmax(into["onset"])]) if rank >= 0 and len(into) else -1
     engine = as_engine(model, meter=meter)
     plan = make_plan(given, engine.vocab, free_span=(a, min(b, last)), max_free=max_free,
-                     qpm=qpm, rank=rank, voice_before=voice_before)  # fmt: skip
+                     qpm=qpm, rank=rank, voice_before=voice_before,
+                     voice_leading=options.voice_leading and rank < 0)  # fmt: skip
     from aurl.generation.fim import FimEngine, supports_fim
 
     if not supports_fim(model):
