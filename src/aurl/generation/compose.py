@@ -114,7 +114,9 @@ class ComposeOptions:
         around: In :func:`accompany`, how hard the model's voices keep their places around
             the given part (as many above it as the part's voice has above it in SATB, the
             rest below): a NOTE_ON on a side that has its voices already, and moving on with a
-            voice above missing, get ``log(1 - around)`` (0: none).
+            voice above missing, get ``log(1 - around)`` (0: none). In :func:`infill` of one
+            voice, how hard it keeps its place among the given voices and out of parallels
+            with them.
     """
 
     num_samples: int = 1
@@ -171,6 +173,9 @@ class Plan:
             ``ceiling_steps[i]`` on (NO_CEILING: no limit).
         max_free: most of the model's notes sounding at once.
         tempo_bin: the TEMPO token's bin.
+        above: :func:`accompany`: the model's voices to keep above the given part.
+        rank, voice_before: :func:`infill` of one voice: the given voices to keep above it,
+            and the pitch of its own kept note sounding into the span.
     """
 
     offs: dict[int, list[int]]
