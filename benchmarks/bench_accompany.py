@@ -14,6 +14,8 @@ native engine (forcing, the command's default), and scored:
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_accompany.py [--limit N] [--seed S]
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_accompany.py --infill   # one voice
+
+(``aurl evaluate --task accompany`` gives the alto, tenor and bass rows with the same scoring.)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 
 from aurl.cli.compose import first_qpm, read_score
 from aurl.engines.native_engine import NativeEngine
-from aurl.evaluation.tasks import BUNDLED, held_out_chorales, slices, voice_rules
+from aurl.evaluation.tasks import BUNDLED, held_out_chorales, voice_rules, voices_above
 from aurl.generation.compose import ComposeOptions, TimeMap, accompany, track_notes
 from aurl.generation.voices import SATB
 from aurl.shipped import shipped_model
@@ -38,13 +40,6 @@ RULES = ("parallels_per_100_moves", "crossings_per_100_slices", "spacing_per_100
 def by_rank(tracks: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
     """The tracks' notes, highest median pitch first."""
     return [n for _, n in sorted(tracks, key=lambda t: -float(np.median(t[1]["pitch"])))]
-
-
-def above_share(part: np.ndarray, others: list[np.ndarray], want: int) -> float:
-    grid = slices([part, *others])
-    sounding = grid[:, 0] >= 0
-    above = (grid[:, 1:] > grid[:, :1]).sum(1)
-    return float((above[sounding] == want).mean())
 
 
 def infill_table(files: list, engine, seed: int) -> None:
@@ -159,7 +154,7 @@ def main() -> None:
             r.setdefault("kept", []).append(float(kept))
             others = [n for nm, n in out if nm != name] if len(got) == len(out) else [
                 n for _, n in out][1:]  # fmt: skip
-            r.setdefault("above", []).append(above_share(part, others, k))
+            r.setdefault("above", []).append(voices_above(part, others, k))
             rules = voice_rules(by_rank(out))
             for key in RULES:
                 r.setdefault(key, []).append(rules[key])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from aurl.cli.compose import first_qpm, read_score
-from aurl.evaluation.tasks import BUNDLED, held_out_chorales, slices, voice_rules
+from aurl.evaluation.tasks import BUNDLED, held_out_chorales, voice_rules, voices_above
 from aurl.generation.compose import ComposeOptions, TimeMap, accompany, part_voice, track_notes
 from aurl.generation.voices import SATB
 
@@ -31,13 +31,6 @@ def engine():
     return found
 
 
-def _above_share(part: np.ndarray, others: list[np.ndarray], want: int) -> float:
-    """Of the slices where the part sounds, the share with ``want`` of ``others`` above it."""
-    grid = slices([part, *others])
-    sounding = grid[:, 0] >= 0
-    return float(((grid[:, 1:] > grid[:, :1]).sum(1)[sounding] == want).mean())
-
-
 @pytest.mark.parametrize("name", ["Alto", "Tenor", "Bass"])
 def test_the_voices_go_around_the_part(engine, name) -> None:
     shares, parallels, moves = [], 0, 0
@@ -53,7 +46,7 @@ def test_the_voices_go_around_the_part(engine, name) -> None:
         assert [n for n, _ in out][0] == name and sorted(n for n, _ in out) == sorted(SATB)
         kept = np.sort(dict(out)[name], order=["onset", "pitch"])
         np.testing.assert_array_equal(kept[["onset", "pitch"]], part[["onset", "pitch"]])
-        shares.append(_above_share(part, [n for nm, n in out if nm != name], SATB.index(name)))
+        shares.append(voices_above(part, [n for nm, n in out if nm != name], SATB.index(name)))
         ranked = sorted((n for _, n in out), key=lambda n: -float(np.median(n["pitch"])))
         rules, theirs = voice_rules(ranked), voice_rules([bach[n] for n in SATB])
         parallels, moves = parallels + rules["parallels"], moves + rules["moves"]
@@ -162,3 +155,22 @@ def test_infilled_bars_move_without_parallels_and_keep_the_upper_voices_close(en
     # 5.4x Bach's spacing; over all 41 chorales 0.026 per 100 moves and 2.0x: BENCHMARKS.md)
     assert parallels / moves <= 1.5 * BACH_PARALLELS, (parallels, moves)
     assert wide / n_slices <= 1.5 * bach_wide / bach_slices, (wide, n_slices)
+
+
+def test_evaluate_task_accompany_writes_its_table(tmp_path, capsys) -> None:
+    """`aurl evaluate --task accompany --limit 1`: one chorale's alto, tenor and bass each
+    accompanied, the table on stdout and in accompany.md / accompany.json, every part kept."""
+    import json
+
+    from aurl.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--task", "accompany", "--limit", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "decoding on the native (int8) engine" in printed and "| Tenor given |" in printed
+    rows = json.loads((out / "accompany.json").read_text())["rows"]
+    assert list(rows) == ["bach", "Alto given", "Tenor given", "Bass given"]
+    for name in ("Alto given", "Tenor given", "Bass given"):
+        assert rows[name]["part_kept"] == 1.0 and rows[name]["above"] >= 0.9
+    title = (out / "accompany.md").read_text().splitlines()[0]
+    assert title.startswith("# Accompanying a voice of held-out chorales (1 files")

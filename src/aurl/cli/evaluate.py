@@ -41,9 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "four-track chorales with a manifest.json, default the bundled Bach chorales)",
     )  # fmt: skip
     p.add_argument(
-        "--task", choices=["harmonize"],
-        help="evaluate a composing task instead: harmonize the soprano of each held-out "
-        "chorale (--split), compare with Bach (likelihood, four-part rules, chords, cadences)",
+        "--task", choices=["harmonize", "accompany"],
+        help="evaluate a composing task instead, on each held-out chorale (--split): "
+        "harmonize its soprano and compare with Bach (likelihood, four-part rules, chords, "
+        "cadences); accompany its alto, tenor and bass in turn (the voices above and below "
+        "the part, four-part rules)",
     )  # fmt: skip
     p.add_argument("--limit", type=int, metavar="N", help="--task: the first N chorales only")
     p.add_argument(

@@ -405,6 +405,79 @@ def harmonize_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The columns of :func:`accompany_table`: (metric, heading).
+ACCOMPANY_COLUMNS = (
+    ("above", "voices above the part as SATB"),
+    ("parallels_per_100_moves", "par. 5ths/8ves /100 moves"),
+    ("crossings_per_100_slices", "crossings /100 slices"),
+    ("spacing_per_100_slices", "spacing > 8ve /100 slices"),
+    ("out_of_range_per_100_notes", "out of range /100 notes"),
+    ("part_kept", "part kept"),
+    ("seconds", "s per piece"),
+)
+
+
+def voices_above(part: np.ndarray, others: list[np.ndarray], want: int) -> float:
+    """Of the slices where ``part`` sounds, the share with exactly ``want`` of ``others``
+    sounding above it (a voice with the right count of voices over it)."""
+    grid = slices([part, *others])
+    sounding = grid[:, 0] >= 0
+    return float(((grid[:, 1:] > grid[:, :1]).sum(1)[sounding] == want).mean())
+
+
+def evaluate_accompany(
+    model: Any,
+    files: list[Path],
+    *,
+    seed: int = 0,
+    engine: Any = None,
+    progress: Progress = silent,
+) -> dict[str, Any]:
+    """Accompany the alto, the tenor and the bass of each chorale in ``files`` in turn (the
+    other three voices composed around it, :func:`aurl.generation.compose.accompany`, forcing)
+    and score the four voices (read by rank of median pitch) with the rules of four-part
+    writing, the share of slices with the part's SATB count of voices above it, and the part
+    kept note for note.
+
+    Returns:
+        ``{"rows": {name: averaged metrics}, "pieces": per-piece metrics, "files": n}``; rows
+        ``bach`` and ``Alto given``, ``Tenor given``, ``Bass given``.
+    """
+    from aurl.data.meter import read_meter
+    from aurl.generation.compose import ComposeOptions, accompany, track_notes
+    from aurl.generation.voices import SATB
+
+    per: dict[str, list[dict]] = {"bach": [], **{f"{n} given": [] for n in SATB[1:]}}
+    for path in progress(files, total=len(files), desc="accompany"):
+        voices = chorale_voices(path)
+        meter = read_meter(path)
+        per["bach"].append({**voice_rules(voices), "above": 1.0, "part_kept": 1.0,
+                            "seconds": 0.0})  # fmt: skip
+        for k, name in enumerate(SATB[1:], start=1):
+            part = np.sort(voices[k], order=["onset", "pitch"])
+            t0 = time.perf_counter()
+            (c,) = accompany(model if engine is None else engine, part, voices=4,
+                             part_name=name, options=ComposeOptions(seed=seed, particles=1),
+                             meter=meter)  # fmt: skip
+            seconds = time.perf_counter() - t0
+            out = track_notes(c.score)
+            mine = dict(out).get(name, part[:0])
+            kept = np.array_equal(np.sort(mine, order=["onset", "pitch"])[["onset", "pitch"]],
+                                  part[["onset", "pitch"]])  # fmt: skip
+            ranked = sorted((n for _, n in out), key=lambda n: -float(np.median(n["pitch"])))
+            others = [n for nm, n in out if nm != name]
+            per[f"{name} given"].append({
+                **voice_rules(ranked), "above": voices_above(part, others, k),
+                "part_kept": float(kept), "seconds": seconds,
+            })  # fmt: skip
+    return {"rows": pooled_rows(per), "pieces": per, "files": len(files)}
+
+
+def accompany_table(result: dict[str, Any]) -> str:
+    """The Markdown table of :func:`evaluate_accompany`."""
+    return "\n".join(rows_table(result["rows"], ACCOMPANY_COLUMNS))
+
+
 def onnx_engine_of(
     checkpoint: str | None, model: str | None = None, *, precision: str = "fp32"
 ) -> Any:
@@ -493,17 +566,23 @@ def run_task(args: Any, load_model: Any) -> int:
     where = "torch" if engine is None else f"{engine.kind} ({engine.weights})"
     print(f"decoding on the {where} engine")
     t0 = time.perf_counter()
-    result = evaluate_harmonize(model, files, seed=args.seed, engine=engine, progress=bar)
-    table = harmonize_table(result)
+    task = getattr(args, "task", "harmonize")
+    if task == "accompany":
+        result = evaluate_accompany(model, files, seed=args.seed, engine=engine, progress=bar)
+        table = accompany_table(result)
+    else:
+        result = evaluate_harmonize(model, files, seed=args.seed, engine=engine, progress=bar)
+        table = harmonize_table(result)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     body = {k: v for k, v in result.items() if k != "pieces"}
-    atomic_write_text(out / "harmonize.json", json.dumps(body, indent=1, default=float) + "\n")
+    title = {"accompany": "Accompanying a voice of", "harmonize": "Harmonizing"}[task]
+    atomic_write_text(out / f"{task}.json", json.dumps(body, indent=1, default=float) + "\n")
     atomic_write_text(
-        out / "harmonize.md",
-        f"# Harmonizing held-out chorales ({len(files)} files, split {args.split})\n\n{table}\n",
+        out / f"{task}.md",
+        f"# {title} held-out chorales ({len(files)} files, split {args.split})\n\n{table}\n",
     )
     print(table)
-    print(f"wrote {out / 'harmonize.md'} and {out / 'harmonize.json'} "
+    print(f"wrote {out / f'{task}.md'} and {out / f'{task}.json'} "
           f"in {time.perf_counter() - t0:.0f} s")  # fmt: skip
     return 0
