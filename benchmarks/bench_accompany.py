@@ -42,6 +42,15 @@ def by_rank(tracks: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
     return [n for _, n in sorted(tracks, key=lambda t: -float(np.median(t[1]["pitch"])))]
 
 
+def satb_chorales(files: list):
+    """(score, tracks) of each file whose tracks are the four SATB voices."""
+    for f in files:
+        score = read_score(f)
+        tracks = track_notes(score)
+        if sorted(n for n, _ in tracks) == sorted(SATB):
+            yield score, tracks
+
+
 def infill_table(files: list, engine, seed: int) -> None:
     """``--infill``: bars 3-6 (beats 8-24) of each voice in turn written again under the others
     (``aurl infill --part NAME``): the share of the new notes that start between the voice's
@@ -53,11 +62,7 @@ def infill_table(files: list, engine, seed: int) -> None:
     bach_par = bach_moves = 0
     for k, name in enumerate(SATB):
         between, count, par, moves = 0, 0, 0, 0
-        for f in files:
-            score = read_score(f)
-            tracks = track_notes(score)
-            if sorted(n for n, _ in tracks) != sorted(SATB):
-                continue
+        for score, tracks in satb_chorales(files):
             bach = dict(tracks)
             notes, owner = piece_notes(tracks)
             chosen = owner == [n for n, _ in tracks].index(name)
@@ -92,11 +97,7 @@ def every_voice_table(files: list, engine, seed: int) -> None:
     from aurl.generation.voices import assign_voices
 
     sums: dict[str, list[float]] = {"model": [0, 0, 0, 0], "bach": [0, 0, 0, 0]}
-    for f in files:
-        score = read_score(f)
-        tracks = track_notes(score)
-        if sorted(n for n, _ in tracks) != sorted(SATB):
-            continue
+    for score, tracks in satb_chorales(files):
         bach = dict(tracks)
         notes, _ = piece_notes(tracks)
         (c,) = infill(engine, notes, (8.0, 24.0), None, qpm=first_qpm(score),

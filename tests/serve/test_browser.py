@@ -157,3 +157,35 @@ def test_the_style_menu_lists_the_models_styles_and_sends_the_choice(browser, tm
         page.close()
     finally:
         server.stop()
+
+
+def test_studio_harmonizes_an_uploaded_melody(browser, live_server, tmp_path):
+    """Choose a melody, press Harmonize: the download holds it note for note on the Soprano
+    track, Alto, Tenor and Bass under it."""
+    bach = symusic.Score(str(CHORALE))
+    tune = symusic.Score(bach.tpq)
+    tune.tempos, tune.time_signatures = bach.tempos, bach.time_signatures
+    (track,) = [t.copy() for t in bach.tracks if t.name == "Soprano" and len(t.notes)]
+    track.notes = track.notes.filter(lambda n: n.time < 8 * bach.tpq)  # two bars
+    tune.tracks.append(track)
+    melody = tmp_path / "tune.mid"
+    tune.dump_midi(str(melody))
+    page = browser.new_page(accept_downloads=True)
+    page.goto(live_server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.set_input_files("#melody", str(melody))
+    page.click("#harmonize")
+    page.wait_for_function("['harmonized', 'error'].some((w) => document.getElementById("
+                           "'status').textContent.startsWith(w)) || document.getElementById("
+                           "'status').classList.contains('error')", timeout=60_000)  # fmt: skip
+    assert page.text_content("#status") == "harmonized"
+    with page.expect_download() as info:
+        page.click("#download")
+    path = tmp_path / "harmonized.mid"
+    info.value.save_as(path)
+    result = symusic.Score(str(path))
+    got = {t.name: t for t in result.tracks}
+    assert sorted(got) == ["Alto", "Bass", "Soprano", "Tenor"]
+    beats = [(n.time / result.tpq, n.pitch) for n in got["Soprano"].notes]
+    assert beats == [(n.time / bach.tpq, n.pitch) for n in track.notes]
+    page.close()

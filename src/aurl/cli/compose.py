@@ -326,10 +326,7 @@ def run_harmonize(args: argparse.Namespace) -> int:
             parse_key(args.key)
         except Exception as e:  # noqa: BLE001
             raise ConstraintError(f"--key {args.key!r}: {e}") from None
-    if Path(args.melody).is_dir():
-        return _each_file(args, args.melody, "harmonized", _harmonize_one)
-    _harmonize_one(args, args.melody, None)
-    return 0
+    return _file_or_folder(args, args.melody, "harmonized", _harmonize_one)
 
 
 def _harmonize_one(args: argparse.Namespace, melody: str | Path, model: Any) -> Any:
@@ -364,6 +361,14 @@ def _probe_read(path: Path) -> str | None:
 
 #: what a folder given to ``aurl harmonize`` / ``aurl accompany`` is read for
 COMPOSE_SUFFIXES = (".mid", ".midi", ".kar", *MUSICXML)
+
+
+def _file_or_folder(args: argparse.Namespace, path: str, kind: str, one: Any) -> int:
+    """``one(args, path, None)`` for a file, :func:`_each_file` for a folder."""
+    if Path(path).is_dir():
+        return _each_file(args, path, kind, one)
+    one(args, path, None)
+    return 0
 
 
 def _each_file(args: argparse.Namespace, folder: str, kind: str, one: Any) -> int:
@@ -444,10 +449,7 @@ def run_accompany(args: argparse.Namespace) -> int:
 
     if not 2 <= args.voices <= 4:
         raise ConfigError(f"--voices {args.voices}: give 2, 3 or 4")
-    if Path(args.part).is_dir():
-        return _each_file(args, args.part, "accompanied", _accompany_one)
-    _accompany_one(args, args.part, None)
-    return 0
+    return _file_or_folder(args, args.part, "accompanied", _accompany_one)
 
 
 def _accompany_one(args: argparse.Namespace, part: str | Path, model: Any) -> Any:

@@ -106,33 +106,24 @@ function generate() {
   ws.onerror = () => status("the connection to the server failed", true);
 }
 
-async function harmonize() {
+// Harmonize or accompany the chosen file: `verb` is the endpoint ("harmonize"), `what` the
+// file it wants, `doing` / `done` the status words.
+async function composeAround(verb, what, doing, done) {
   const f = $("melody").files[0];
-  if (!f) return status("choose a melody file first", true);
+  if (!f) return status(`choose a ${what} file first`, true);
   const form = new FormData();
   form.append("file", f);
   form.append("seed", $("seed").value || "0");
   if ($("model").value) form.append("model", $("model").value);
-  status("harmonizing...");
-  const r = await fetch("/api/harmonize", { method: "POST", body: form });
+  status(`${doing}...`);
+  const r = await fetch(`/api/${verb}`, { method: "POST", body: form });
   if (!r.ok) return status(await errorText(r), true);
-  await showMidi(await r.blob(), "harmonized.mid");
-  status("harmonized");
+  await showMidi(await r.blob(), `${done}.mid`);
+  status(done);
 }
 
-async function accompany() {
-  const f = $("melody").files[0];
-  if (!f) return status("choose a part file first", true);
-  const form = new FormData();
-  form.append("file", f);
-  form.append("seed", $("seed").value || "0");
-  if ($("model").value) form.append("model", $("model").value);
-  status("accompanying...");
-  const r = await fetch("/api/accompany", { method: "POST", body: form });
-  if (!r.ok) return status(await errorText(r), true);
-  await showMidi(await r.blob(), "accompanied.mid");
-  status("accompanied");
-}
+const harmonize = () => composeAround("harmonize", "melody", "harmonizing", "harmonized");
+const accompany = () => composeAround("accompany", "part", "accompanying", "accompanied");
 
 async function infill() {
   if (!midiBlob) return status("generate or load a piece first", true);
