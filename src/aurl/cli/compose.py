@@ -468,6 +468,12 @@ def _accompany_one(args: argparse.Namespace, part: str | Path, model: Any) -> An
         what = "drums only" if tracks else "no notes"
         raise ConstraintError(f"{part} has {what}: give a part with pitched notes")
     name = tracks[0][0] if len(tracks) == 1 else "Part"
+    if len(tracks) > 1:  # say so: a whole score given as the part is rarely what was meant
+        import sys
+
+        names = ", ".join(n for n, _ in tracks)
+        print(f"{part}: its {len(tracks)} tracks ({names}) are accompanied as one part; give "
+              "one track's file to accompany a single voice", file=sys.stderr)  # fmt: skip
     paths, _ = _prepare(args, part, "accompanied")
     model = model or _model(args)
     vc = model.vocab_config
