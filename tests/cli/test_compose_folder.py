@@ -101,8 +101,10 @@ def test_accompany_a_folder(folder, tmp_path, capsys) -> None:
     assert last.startswith(f"accompanied 2 of 3 files in {folder}")
     # the whole chorale, not one voice of it: said on stderr, once, naming its tracks
     said = [line for line in captured.err.splitlines() if "accompanied as one part" in line]
-    assert said == [f"{folder / 'b_chorale.mid'}: its 4 tracks (Soprano, Alto, Tenor, Bass) are "
-                    "accompanied as one part; give one track's file to accompany a single voice"]
+    assert said == [
+        f"{folder / 'b_chorale.mid'}: its 4 tracks (Soprano, Alto, Tenor, Bass) are "
+        "accompanied as one part; give one track's file to accompany a single voice"
+    ]
 
 
 def test_a_file_that_kills_the_reader_costs_that_file(folder, tmp_path, capsys, monkeypatch):
