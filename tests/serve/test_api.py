@@ -120,6 +120,7 @@ def test_notes_endpoint_gives_seconds(client):
     assert [p for p, _, _, _ in rows] == want["pitch"].tolist()
     np.testing.assert_allclose([s for _, s, _, _ in rows], want["onset_s"], atol=1e-4)
     assert max(e for _, _, e, _ in rows) == pytest.approx(22.5, abs=0.05)
+    assert r.json()["tracks"] == ["Soprano", "Alto", "Tenor", "Bass"]  # what `part` names
 
 
 BUNDLED = Path(__file__).resolve().parents[2] / "src/aurl/data/bundled/bach-chorales"

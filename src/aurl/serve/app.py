@@ -460,7 +460,8 @@ def create_app(
         request: Request, file: Annotated[UploadFile, File(description="a MIDI file")]
     ) -> dict[str, Any]:
         """The file's notes as ``[pitch, start, end, velocity]`` rows in seconds (what the
-        studio draws), and the bar length in beats."""
+        studio draws), the bar length in beats, and its tracks' names (what the composing
+        endpoints' ``part`` takes)."""
         await _only_fields(request, "file")
         clock = Clock(lim)
         data = await _read_upload(file, lim)
@@ -469,7 +470,8 @@ def create_app(
         rows = [[p, round(o, 4), round(o + d, 4), v] for p, o, d, v in
                 zip(n["pitch"], n["onset_s"], n["duration_s"], n["velocity"])]  # fmt: skip
         beats = [round(x, 4) for x in n["onset"]]
-        return {"notes": rows, "onset_beats": beats, "beats_per_bar": result["beats_per_bar"]}
+        return {"notes": rows, "onset_beats": beats, "beats_per_bar": result["beats_per_bar"],
+                "tracks": result["tracks"]}  # fmt: skip
 
     @app.post("/api/harmonize", tags=["compose"], responses={**ERRORS, 200: {
         "content": {"audio/midi": {}, MUSICXML: {}}, "description": "the harmonization"}})  # fmt: skip

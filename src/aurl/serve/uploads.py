@@ -110,19 +110,20 @@ def _limit_self(memory_mb: int, cpu_seconds: float) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _read_notes(path: Path) -> tuple[Any, float]:
-    """Notes (drums kept) and the bar length in beats from the first time signature (4 when
-    there is none)."""
+def _read_notes(path: Path) -> tuple[Any, float, list[str]]:
+    """Notes (drums kept), the bar length in beats from the first time signature (4 when
+    there is none), and the names of the tracks with notes (what ``part`` names)."""
     from aurl.config import DataConfig
     from aurl.data.midi_io import read_midi
     from aurl.data.notes import notes_from_score
+    from aurl.generation.compose import track_notes
 
     score, _ = read_midi(path, DataConfig(drums="keep"))
     bpb = 4.0
     sigs = _raw_meter(path).signatures
     if sigs:
         bpb = sigs[0][1] * 4.0 / sigs[0][2]
-    return notes_from_score(score), bpb
+    return notes_from_score(score), bpb, [name for name, _ in track_notes(score)]
 
 
 def _raw_meter(path: Path) -> Any:
@@ -186,10 +187,10 @@ def _run_task(task: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
         return _read_piece(path)
     if task == "musicxml":
         return _musicxml(path)
-    notes, beats_per_bar = _read_notes(path)
+    notes, beats_per_bar, tracks = _read_notes(path)
     if task == "notes":
         cols = {name: notes[name].tolist() for name in notes.dtype.names}
-        return {"notes": cols, "beats_per_bar": beats_per_bar}
+        return {"notes": cols, "beats_per_bar": beats_per_bar, "tracks": tracks}
     from aurl.analysis.report import analyze_notes
 
     bpb = float(options.get("beats_per_bar") or beats_per_bar)

@@ -62,9 +62,18 @@ async function showMidi(blob, name) {
   const r = await fetch("/api/notes", { method: "POST", body: form });
   if (!r.ok) throw new Error(await errorText(r));
   const j = await r.json();
+  setParts(j.tracks || []);
   midiBlob = blob;
   setDownloads(true);
   setNotes(j.notes.map(([pitch, start, end, velocity]) => ({ pitch, start, end, velocity })));
+}
+
+// The piece's tracks in the Part menu (Infill writes the chosen one again; "all": every one).
+function setParts(names) {
+  const menu = $("part");
+  const keep = menu.value;
+  menu.replaceChildren(new Option("all", ""), ...names.map((n, i) => new Option(n, String(i))));
+  menu.value = names.map((_, i) => String(i)).includes(keep) ? keep : "";
 }
 
 function options() {
@@ -82,6 +91,7 @@ function generate() {
   if (socket) socket.close();
   AurlSynth.stop();
   setNotes([]);
+  setParts([]);  // a generated piece is one part
   midiBlob = null; setDownloads(false);
   const t0 = performance.now();
   let first = null;
@@ -131,6 +141,7 @@ async function infill() {
   const form = new FormData();
   form.append("file", midiBlob, "piece.mid");
   form.append("span", `${selection[0].toFixed(2)}-${selection[1].toFixed(2)}`);
+  if ($("part").value) form.append("part", $("part").value);
   form.append("seed", $("seed").value || "0");
   if ($("model").value) form.append("model", $("model").value);
   status("filling in...");
