@@ -13,9 +13,10 @@ native engine (forcing, the command's default), and scored:
 - ``kept``: the part's notes found note for note in the result.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_accompany.py [--limit N] [--seed S]
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_accompany.py --infill   # one voice
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_accompany.py --infill
 
-(``aurl evaluate --task accompany`` gives the alto, tenor and bass rows with the same scoring.)
+(``aurl evaluate --task accompany`` gives the alto, tenor and bass rows with the same scoring;
+``--infill`` is ``aurl evaluate --task infill``'s table: ``evaluation.tasks.evaluate_infill``.)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -42,80 +44,6 @@ def by_rank(tracks: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
     return [n for _, n in sorted(tracks, key=lambda t: -float(np.median(t[1]["pitch"])))]
 
 
-def satb_chorales(files: list):
-    """(score, tracks) of each file whose tracks are the four SATB voices."""
-    for f in files:
-        score = read_score(f)
-        tracks = track_notes(score)
-        if sorted(n for n, _ in tracks) == sorted(SATB):
-            yield score, tracks
-
-
-def infill_table(files: list, engine, seed: int) -> None:
-    """``--infill``: bars 3-6 (beats 8-24) of each voice in turn written again under the others
-    (``aurl infill --part NAME``): the share of the new notes that start between the voice's
-    neighbours, and parallels per 100 moves in the whole piece (Bach's own alongside)."""
-    from aurl.generation.compose import infill, piece_notes
-
-    print("| voice written again | new notes between their neighbours | parallels /100 moves |")
-    print("|---|---|---|")
-    bach_par = bach_moves = 0
-    for k, name in enumerate(SATB):
-        between, count, par, moves = 0, 0, 0, 0
-        for score, tracks in satb_chorales(files):
-            bach = dict(tracks)
-            notes, owner = piece_notes(tracks)
-            chosen = owner == [n for n, _ in tracks].index(name)
-            (c,) = infill(engine, notes, (8.0, 24.0), chosen, qpm=first_qpm(score),
-                          options=ComposeOptions(seed=seed, particles=1),
-                          meter=TimeMap.of_score(score).meter)  # fmt: skip
-            others = [bach[n] for n in SATB if n != name]
-            for n in c.notes:
-                t = n["onset"]
-                now = [int(o["pitch"][s].max()) for o in others if (s := (o["onset"] <= t + 1e-9)
-                       & (o["onset"] + o["duration"] > t + 1e-9)).any()]  # fmt: skip
-                between += sum(q > n["pitch"] for q in now) == min(k, len(now))
-                count += 1
-            part = bach[name]
-            kept = part[(part["onset"] < 8.0) | (part["onset"] >= 24.0)]
-            voice = np.sort(np.concatenate([kept, c.notes]), order=["onset", "pitch"])
-            rules = voice_rules([voice if n == name else bach[n] for n in SATB])
-            par, moves = par + rules["parallels"], moves + rules["moves"]
-            if k == 0:
-                theirs = voice_rules([bach[n] for n in SATB])
-                bach_par, bach_moves = bach_par + theirs["parallels"], bach_moves + theirs["moves"]
-        print(f"| {name} | {between / count:.3f} ({count}) | {100 * par / moves:.3f} |")
-    print(f"| bach | | {100 * bach_par / bach_moves:.3f} |")
-    every_voice_table(files, engine, seed)
-
-
-def every_voice_table(files: list, engine, seed: int) -> None:
-    """Beats 8-24 of every voice written again (``aurl infill --bars 3-6``): the four-part
-    rules of the span alone (the new notes in four voices by ``assign_voices``), against
-    Bach's own notes of the same spans."""
-    from aurl.generation.compose import infill, piece_notes
-    from aurl.generation.voices import assign_voices
-
-    sums: dict[str, list[float]] = {"model": [0, 0, 0, 0], "bach": [0, 0, 0, 0]}
-    for score, tracks in satb_chorales(files):
-        bach = dict(tracks)
-        notes, _ = piece_notes(tracks)
-        (c,) = infill(engine, notes, (8.0, 24.0), None, qpm=first_qpm(score),
-                      options=ComposeOptions(seed=seed, particles=1),
-                      meter=TimeMap.of_score(score).meter)  # fmt: skip
-        v = assign_voices(c.notes, 4)
-        span = [b[(b["onset"] >= 8.0) & (b["onset"] < 24.0)] for b in (bach[n] for n in SATB)]
-        for who, voices in (("model", [c.notes[v == i] for i in range(4)]), ("bach", span)):
-            r = voice_rules(voices)
-            wide = r["spacing_per_100_slices"] * r["slices"] / 100
-            sums[who] = [a + b for a, b in zip(sums[who], (r["parallels"], r["moves"], wide,
-                                                            r["slices"]))]  # fmt: skip
-    print("\n| every voice of bars 3-6 | parallels /100 moves | spacing > 8ve /100 slices |")
-    print("|---|---|---|")
-    for who, (par, moves, wide, n) in sums.items():
-        print(f"| {who} | {100 * par / moves:.3f} | {100 * wide / n:.2f} |")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=0, help="the first N chorales only")
@@ -123,9 +51,13 @@ def main() -> None:
     ap.add_argument("--json", help="write the table's numbers here")
     ap.add_argument("--infill", action="store_true", help="infill of one voice instead")
     args = ap.parse_args()
-    if args.infill:
+    if args.infill:  # the library's task, as `aurl evaluate --task infill` runs it
+        from aurl.evaluation.tasks import evaluate_infill, infill_table
+
         files = held_out_chorales(BUNDLED, "test")[: args.limit or None]
-        infill_table(files, NativeEngine(shipped_model(), weights="int8"), args.seed)
+        engine = NativeEngine(shipped_model(), weights="int8")
+        model = SimpleNamespace(vocab_config=engine.vocab_config)  # unused: engine decodes
+        print(infill_table(evaluate_infill(model, files, seed=args.seed, engine=engine)))
         return
     files = held_out_chorales(BUNDLED, "test")[: args.limit or None]
     engine = NativeEngine(shipped_model(), weights="int8")

@@ -174,3 +174,23 @@ def test_evaluate_task_accompany_writes_its_table(tmp_path, capsys) -> None:
         assert rows[name]["part_kept"] == 1.0 and rows[name]["above"] >= 0.9
     title = (out / "accompany.md").read_text().splitlines()[0]
     assert title.startswith("# Accompanying a voice of held-out chorales (1 files")
+
+
+def test_evaluate_task_infill_writes_its_table(tmp_path, capsys) -> None:
+    """`aurl evaluate --task infill --limit 2`: bars 3-6 of two chorales written again, each
+    voice alone and every voice at once; the table in infill.md / infill.json, with the
+    numbers the library's measure gives (each voice between its neighbours; the bars alone
+    without parallels)."""
+    import json
+
+    from aurl.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--task", "infill", "--limit", "2", "--out", str(out)]) == 0
+    assert "| every voice |" in capsys.readouterr().out
+    rows = json.loads((out / "infill.json").read_text())["rows"]
+    assert list(rows) == ["bach", *(f"{n} alone" for n in SATB), "every voice"]
+    # measured 0.93 / 0.96 / 0.90 / 1.00 (without the lean: 0.07-0.39 for the upper voices)
+    assert all(rows[f"{n} alone"]["between"] >= 0.85 for n in SATB), rows
+    assert rows["every voice"]["span_parallels_per_100_moves"] == 0.0
+    assert (out / "infill.md").read_text().startswith("# Writing bars 3-6 again in held-out")

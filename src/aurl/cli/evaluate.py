@@ -41,11 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "four-track chorales with a manifest.json, default the bundled Bach chorales)",
     )  # fmt: skip
     p.add_argument(
-        "--task", choices=["harmonize", "accompany"],
+        "--task", choices=["harmonize", "accompany", "infill"],
         help="evaluate a composing task instead, on each held-out chorale (--split): "
         "harmonize its soprano and compare with Bach (likelihood, four-part rules, chords, "
         "cadences); accompany its alto, tenor and bass in turn (the voices above and below "
-        "the part, four-part rules)",
+        "the part, four-part rules); infill: write bars 3-6 again, each voice alone and every "
+        "voice at once (the voice's place, parallels, spacing)",
     )  # fmt: skip
     p.add_argument("--limit", type=int, metavar="N", help="--task: the first N chorales only")
     p.add_argument(

@@ -374,7 +374,7 @@ def rows_table(rows: dict[str, dict[str, float]], columns=HARMONIZE_COLUMNS) -> 
         "|---|" + "---|" * len(columns),
     ]
     for name, row in rows.items():
-        cells = [f"{row.get(k, float('nan')):.3f}" for k, _ in columns]
+        cells = [f"{row[k]:.3f}" if k in row else "" for k, _ in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -478,6 +478,101 @@ def accompany_table(result: dict[str, Any]) -> str:
     return "\n".join(rows_table(result["rows"], ACCOMPANY_COLUMNS))
 
 
+#: The columns of :func:`infill_table`: (metric, heading).
+INFILL_COLUMNS = (
+    ("between", "new notes between their neighbours"),
+    ("parallels_per_100_moves", "par. 5ths/8ves /100 moves, whole piece"),
+    ("span_parallels_per_100_moves", "par. 5ths/8ves /100 moves, the bars alone"),
+    ("span_spacing_per_100_slices", "spacing > 8ve /100 slices, the bars alone"),
+)
+#: The bars :func:`evaluate_infill` writes again: beats 8-24 (bars 3-6 of a piece in 4/4).
+INFILL_SPAN = (8.0, 24.0)
+
+
+def evaluate_infill(
+    model: Any,
+    files: list[Path],
+    *,
+    seed: int = 0,
+    engine: Any = None,
+    progress: Progress = silent,
+) -> dict[str, Any]:
+    """Write bars 3-6 (:data:`INFILL_SPAN`) of each chorale in ``files`` again, each voice
+    alone (:func:`aurl.generation.compose.infill` with its ``part``) and every voice at once,
+    forcing, and score them: for one voice, the share of its new notes that start between
+    their neighbours (its SATB count of the other voices' notes above them) and the parallels
+    of the whole piece; for every voice, the bars' own four-part rules (the new notes read as
+    four voices), against Bach's notes of the same bars.
+
+    Returns:
+        ``{"rows": {name: metrics}, "files": n}``; rows ``bach``, ``Soprano alone`` ..
+        ``Bass alone`` and ``every voice``, parallels and shares pooled over the pieces.
+    """
+    from aurl.data.meter import read_meter
+    from aurl.generation.compose import ComposeOptions, infill
+    from aurl.generation.voices import SATB, assign_voices
+
+    a, b = INFILL_SPAN
+    opts = ComposeOptions(seed=seed, particles=1)
+    m = model if engine is None else engine
+    sums: dict[str, dict[str, float]] = {}
+
+    def add(row: str, **counts: float) -> None:
+        into = sums.setdefault(row, {})
+        for k, v in counts.items():
+            into[k] = into.get(k, 0.0) + v
+
+    def wide(r: dict) -> float:
+        return r["spacing_per_100_slices"] * r["slices"] / 100
+
+    for path in progress(files, total=len(files), desc="infill"):
+        voices = chorale_voices(path)
+        meter = read_meter(path)
+        notes = np.concatenate(voices)
+        owner = np.concatenate([np.full(len(v), i) for i, v in enumerate(voices)])
+        order = np.lexsort((notes["pitch"], notes["onset"]))
+        notes, owner = notes[order], owner[order]
+        whole = voice_rules(voices)
+        span = voice_rules([v[(v["onset"] >= a) & (v["onset"] < b)] for v in voices])
+        add("bach", par=whole["parallels"], moves=whole["moves"], span_par=span["parallels"],
+            span_moves=span["moves"], wide=wide(span), slices=span["slices"])  # fmt: skip
+        for k, name in enumerate(SATB):
+            (c,) = infill(m, notes, (a, b), owner == k, options=opts, meter=meter)
+            others = [v for i, v in enumerate(voices) if i != k]
+            between = 0
+            for n in c.notes:
+                t = n["onset"]
+                now = [int(o["pitch"][s].max()) for o in others if (s := (o["onset"] <= t + 1e-9)
+                       & (o["onset"] + o["duration"] > t + 1e-9)).any()]  # fmt: skip
+                between += sum(q > n["pitch"] for q in now) == min(k, len(now))
+            kept = voices[k][(voices[k]["onset"] < a) | (voices[k]["onset"] >= b)]
+            voice = np.sort(np.concatenate([kept, c.notes]), order=["onset", "pitch"])
+            r = voice_rules([voice if i == k else v for i, v in enumerate(voices)])
+            add(f"{name} alone", between=between, new=len(c.notes), par=r["parallels"],
+                moves=r["moves"])  # fmt: skip
+        (c,) = infill(m, notes, (a, b), None, options=opts, meter=meter)
+        v = assign_voices(c.notes, 4)
+        r = voice_rules([c.notes[v == i] for i in range(4)])
+        add("every voice", span_par=r["parallels"], span_moves=r["moves"], wide=wide(r),
+            slices=r["slices"])  # fmt: skip
+    rows: dict[str, dict[str, float]] = {}
+    for name, t in sums.items():
+        row = rows.setdefault(name, {})
+        if "new" in t:
+            row["between"] = t["between"] / max(1, t["new"])
+        if "moves" in t:
+            row["parallels_per_100_moves"] = 100 * t["par"] / max(1, t["moves"])
+        if "span_moves" in t:
+            row["span_parallels_per_100_moves"] = 100 * t["span_par"] / max(1, t["span_moves"])
+            row["span_spacing_per_100_slices"] = 100 * t["wide"] / max(1, t["slices"])
+    return {"rows": rows, "files": len(files)}
+
+
+def infill_table(result: dict[str, Any]) -> str:
+    """The Markdown table of :func:`evaluate_infill`."""
+    return "\n".join(rows_table(result["rows"], INFILL_COLUMNS))
+
+
 def onnx_engine_of(
     checkpoint: str | None, model: str | None = None, *, precision: str = "fp32"
 ) -> Any:
@@ -570,13 +665,17 @@ def run_task(args: Any, load_model: Any) -> int:
     if task == "accompany":
         result = evaluate_accompany(model, files, seed=args.seed, engine=engine, progress=bar)
         table = accompany_table(result)
+    elif task == "infill":
+        result = evaluate_infill(model, files, seed=args.seed, engine=engine, progress=bar)
+        table = infill_table(result)
     else:
         result = evaluate_harmonize(model, files, seed=args.seed, engine=engine, progress=bar)
         table = harmonize_table(result)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     body = {k: v for k, v in result.items() if k != "pieces"}
-    title = {"accompany": "Accompanying a voice of", "harmonize": "Harmonizing"}[task]
+    title = {"accompany": "Accompanying a voice of", "harmonize": "Harmonizing",
+             "infill": "Writing bars 3-6 again in"}[task]  # fmt: skip
     atomic_write_text(out / f"{task}.json", json.dumps(body, indent=1, default=float) + "\n")
     atomic_write_text(
         out / f"{task}.md",
