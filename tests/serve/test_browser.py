@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 import symusic
@@ -81,34 +82,60 @@ def test_studio_generates_streams_and_downloads_a_midi_file(browser, live_server
     page.close()
 
 
-def test_studio_accompanies_an_uploaded_part(browser, live_server, tmp_path):
-    """Choose an alto line, press Accompany: the roll shows the four voices, and the download
-    holds the alto note for note on its own track with Soprano, Tenor and Bass around it."""
+def _voice_file(tmp_path: Path, name: str) -> tuple[Path, Any, Any]:
+    """A MIDI file of the fixture chorale's first two bars of voice ``name``; returns the
+    path, the chorale's score and that voice's track."""
     bach = symusic.Score(str(CHORALE))
-    alto = symusic.Score(bach.tpq)
-    alto.tempos, alto.time_signatures = bach.tempos, bach.time_signatures
-    (track,) = [t.copy() for t in bach.tracks if t.name == "Alto"]
+    one = symusic.Score(bach.tpq)
+    one.tempos, one.time_signatures = bach.tempos, bach.time_signatures
+    (track,) = [t.copy() for t in bach.tracks if t.name == name and len(t.notes)]
     track.notes = track.notes.filter(lambda n: n.time < 8 * bach.tpq)  # two bars
-    alto.tracks.append(track)
-    part = tmp_path / "alto.mid"
-    alto.dump_midi(str(part))
+    one.tracks.append(track)
+    path = tmp_path / f"{name.lower()}.mid"
+    one.dump_midi(str(path))
+    return path, bach, track
+
+
+def _studio(browser, live_server):
     page = browser.new_page(accept_downloads=True)
     page.goto(live_server.url + "/")
     page.wait_for_function("document.querySelectorAll('#model option').length > 0")
-    page.set_input_files("#melody", str(part))
-    page.click("#accompany")
-    page.wait_for_function("['accompanied', 'error'].some((w) => document.getElementById("
+    return page
+
+
+def _press(page, button: str, done: str) -> None:
+    """Click ``button`` and wait until the status says ``done`` (or an error, then fail)."""
+    page.click(button)
+    page.wait_for_function(f"['{done}', 'error'].some((w) => document.getElementById("
                            "'status').textContent.startsWith(w)) || document.getElementById("
                            "'status').classList.contains('error')", timeout=60_000)  # fmt: skip
-    assert page.text_content("#status") == "accompanied"
+    assert page.text_content("#status") == done
+
+
+def _download(page, path: Path) -> Any:
     with page.expect_download() as info:
         page.click("#download")
-    path = tmp_path / "accompanied.mid"
     info.value.save_as(path)
-    result = symusic.Score(str(path))
+    return symusic.Score(str(path))
+
+
+@pytest.mark.parametrize(
+    "voice, button, done", [("Soprano", "#harmonize", "harmonized"),
+                            ("Alto", "#accompany", "accompanied")],
+)  # fmt: skip
+def test_studio_composes_around_an_uploaded_voice(browser, live_server, tmp_path, voice,
+                                                  button, done):  # fmt: skip
+    """Choose a soprano line and press Harmonize, or an alto line and press Accompany: the
+    roll shows the four voices, and the download holds the given voice note for note on its
+    own track with the other three SATB voices around it."""
+    path, bach, track = _voice_file(tmp_path, voice)
+    page = _studio(browser, live_server)
+    page.set_input_files("#melody", str(path))
+    _press(page, button, done)
+    result = _download(page, tmp_path / f"{done}.mid")
     got = {t.name: t for t in result.tracks}
     assert sorted(got) == ["Alto", "Bass", "Soprano", "Tenor"]
-    beats = [(n.time / result.tpq, n.pitch) for n in got["Alto"].notes]
+    beats = [(n.time / result.tpq, n.pitch) for n in got[voice].notes]
     assert beats == [(n.time / bach.tpq, n.pitch) for n in track.notes]
     shown = int(page.get_attribute("#roll", "data-notes"))
     assert shown == sum(len(t.notes) for t in got.values())
@@ -159,61 +186,20 @@ def test_the_style_menu_lists_the_models_styles_and_sends_the_choice(browser, tm
         server.stop()
 
 
-def test_studio_harmonizes_an_uploaded_melody(browser, live_server, tmp_path):
-    """Choose a melody, press Harmonize: the download holds it note for note on the Soprano
-    track, Alto, Tenor and Bass under it."""
-    bach = symusic.Score(str(CHORALE))
-    tune = symusic.Score(bach.tpq)
-    tune.tempos, tune.time_signatures = bach.tempos, bach.time_signatures
-    (track,) = [t.copy() for t in bach.tracks if t.name == "Soprano" and len(t.notes)]
-    track.notes = track.notes.filter(lambda n: n.time < 8 * bach.tpq)  # two bars
-    tune.tracks.append(track)
-    melody = tmp_path / "tune.mid"
-    tune.dump_midi(str(melody))
-    page = browser.new_page(accept_downloads=True)
-    page.goto(live_server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
-    page.set_input_files("#melody", str(melody))
-    page.click("#harmonize")
-    page.wait_for_function("['harmonized', 'error'].some((w) => document.getElementById("
-                           "'status').textContent.startsWith(w)) || document.getElementById("
-                           "'status').classList.contains('error')", timeout=60_000)  # fmt: skip
-    assert page.text_content("#status") == "harmonized"
-    with page.expect_download() as info:
-        page.click("#download")
-    path = tmp_path / "harmonized.mid"
-    info.value.save_as(path)
-    result = symusic.Score(str(path))
-    got = {t.name: t for t in result.tracks}
-    assert sorted(got) == ["Alto", "Bass", "Soprano", "Tenor"]
-    beats = [(n.time / result.tpq, n.pitch) for n in got["Soprano"].notes]
-    assert beats == [(n.time / bach.tpq, n.pitch) for n in track.notes]
-    page.close()
-
-
 def test_studio_infills_one_part_of_a_loaded_piece(browser, live_server, tmp_path):
     """Load a chorale, choose Alto in the Part menu (filled with the file's tracks), select
     seconds 2-6 and press Infill: the download keeps every other voice note for note and the
     alto outside the selection, and writes the alto inside it again."""
-    page = browser.new_page(accept_downloads=True)
-    page.goto(live_server.url + "/")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page = _studio(browser, live_server)
     page.set_input_files("#primer", str(CHORALE))
     page.wait_for_function("document.querySelectorAll('#part option').length == 5")
     names = page.eval_on_selector_all("#part option", "os => os.map((o) => o.textContent)")
     assert names == ["all", "Soprano", "Alto", "Tenor", "Bass"]
     page.select_option("#part", label="Alto")
     page.evaluate("selection = [2, 6]; redraw()")  # what a drag on the roll sets
-    page.click("#infill")
-    page.wait_for_function("['filled in', 'error'].some((w) => document.getElementById("
-                           "'status').textContent.startsWith(w)) || document.getElementById("
-                           "'status').classList.contains('error')", timeout=60_000)  # fmt: skip
-    assert page.text_content("#status") == "filled in"
-    with page.expect_download() as info:
-        page.click("#download")
-    path = tmp_path / "infilled.mid"
-    info.value.save_as(path)
-    got = {t.name: t for t in symusic.Score(str(path)).to("second").tracks if len(t.notes)}
+    _press(page, "#infill", "filled in")
+    result = _download(page, tmp_path / "infilled.mid").to("second")
+    got = {t.name: t for t in result.tracks if len(t.notes)}
     from aurl.config import DataConfig
     from aurl.data.midi_io import read_midi
 
