@@ -64,7 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "accompany",
         help="compose the other voices around a part",
         description="Keep the notes of PART (a MIDI or MusicXML file) and compose the other "
-        "voices around them, above and below. Example:\n  aurl accompany alto.mid --out acc/",
+        "voices around them, above and below, as four-part writing does: the part is the SATB "
+        "voice its track names (else the one whose range is nearest its pitch), an alto gets a "
+        "soprano above it and a tenor and a bass below. Example:\n"
+        "  aurl accompany alto.mid --out acc/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a.add_argument("part", metavar="PART",
