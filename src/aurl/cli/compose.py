@@ -56,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     span = i.add_mutually_exclusive_group(required=True)
     span.add_argument("--bars", metavar="A-B", help="bars to regenerate, e.g. 3-4")
     span.add_argument("--span", metavar="S-T", help="seconds to regenerate, e.g. 4.5-9")
-    i.add_argument("--part", metavar="NAME|INDEX", help="regenerate only this track")
+    i.add_argument("--part", metavar="NAME|INDEX",
+                   help="regenerate only this track (it keeps its place among the others: a "
+                   "new alto between the soprano and the tenor)")  # fmt: skip
     _common(i)
     i.set_defaults(func=run_infill)
 
