@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from aurl.cli.compose import first_qpm, read_score
-from aurl.evaluation.tasks import BUNDLED, held_out_chorales, voice_rules, voices_above
+from aurl.evaluation.tasks import (
+    BUNDLED,
+    held_out_chorales,
+    voice_rules,
+    voices_above,
+    voices_between,
+)
 from aurl.generation.compose import ComposeOptions, TimeMap, accompany, part_voice, track_notes
 from aurl.generation.voices import SATB
 
@@ -82,18 +88,6 @@ def test_part_voice_reads_the_name_then_the_pitch(pitches, name, voices, want) -
     assert part_voice(make_notes([0, 1, 2], 1, pitches), voices, name) == want
 
 
-def _between_share(new: np.ndarray, others: list[np.ndarray], rank: int) -> float:
-    """Of the new notes, the share that start with exactly ``rank`` of the other voices'
-    sounding notes above them and the rest below (a voice between its neighbours)."""
-    ok = []
-    for n in new:
-        t, p = n["onset"], int(n["pitch"])
-        now = [int(o["pitch"][s].max()) for o in others
-               if (s := (o["onset"] <= t + 1e-9) & (o["onset"] + o["duration"] > t + 1e-9)).any()]  # fmt: skip
-        ok.append(sum(q > p for q in now) == min(rank, len(now)) and p not in now)
-    return float(np.mean(ok))
-
-
 @pytest.mark.parametrize("name", ["Soprano", "Alto", "Tenor"])
 def test_an_infilled_voice_keeps_its_place_among_the_others(engine, name) -> None:
     """`aurl infill --part NAME`: bars 3-6 of one voice written again, under the others. The
@@ -113,13 +107,13 @@ def test_an_infilled_voice_keeps_its_place_among_the_others(engine, name) -> Non
                       options=ComposeOptions(seed=0, particles=1),
                       meter=TimeMap.of_score(score).meter)  # fmt: skip
         others = [bach[n] for n in SATB if n != name]
-        shares.append(_between_share(c.notes, others, SATB.index(name)))
+        shares.append(voices_between(c.notes, others, SATB.index(name)) / len(c.notes))
         part = bach[name]
         kept = part[(part["onset"] < 8.0) | (part["onset"] >= 24.0)]
         voice = np.sort(np.concatenate([kept, c.notes]), order=["onset", "pitch"])
         rules = voice_rules([voice if n == name else bach[n] for n in SATB])
         parallels, moves = parallels + rules["parallels"], moves + rules["moves"]
-    # measured: means 0.938 / 0.913 / 0.939 (without the lean 0.05 / 0.09 / 0.51); parallels
+    # measured: means 0.930 / 0.924 / 0.933 (without the lean 0.06 / 0.08 / 0.44); parallels
     # 1 / 0 / 0 in ~2,700 moves (without the parallels lean 5 / 4 / 9, the bar ~2)
     assert np.mean(shares) >= 0.9, shares
     assert parallels / moves <= 1.5 * BACH_PARALLELS, (parallels, moves)

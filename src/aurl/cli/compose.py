@@ -462,17 +462,12 @@ def _accompany_one(args: argparse.Namespace, part: str | Path, model: Any) -> An
     returns the model, for the next file of a folder."""
     import numpy as np
 
-    from aurl.data.notes import pitched
     from aurl.errors import ConstraintError
-    from aurl.generation.compose import TimeMap, accompany, track_notes
+    from aurl.generation.compose import TimeMap, accompany, part_of, track_notes
 
     score = read_score(part)
     tracks = track_notes(score)
-    notes = pitched(np.concatenate([n for _, n in tracks])) if tracks else []
-    if len(notes) == 0:
-        what = "drums only" if tracks else "no notes"
-        raise ConstraintError(f"{part} has {what}: give a part with pitched notes")
-    name = tracks[0][0] if len(tracks) == 1 else "Part"
+    notes, name = part_of(tracks, str(part))
     if len(tracks) > 1:  # say so: a whole score given as the part is rarely what was meant
         import sys
 

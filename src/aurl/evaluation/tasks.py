@@ -425,6 +425,18 @@ def voices_above(part: np.ndarray, others: list[np.ndarray], want: int) -> float
     return float(((grid[:, 1:] > grid[:, :1]).sum(1)[sounding] == want).mean())
 
 
+def voices_between(new: np.ndarray, others: list[np.ndarray], rank: int) -> int:
+    """How many of the notes ``new`` start with ``rank`` of the ``others``' sounding notes above
+    them (as many as sound, where fewer do): a voice between its neighbours."""
+    count = 0
+    for n in new:
+        t = n["onset"]
+        now = [int(o["pitch"][s].max()) for o in others
+               if (s := (o["onset"] <= t + 1e-9) & (o["onset"] + o["duration"] > t + 1e-9)).any()]  # fmt: skip
+        count += sum(q > n["pitch"] for q in now) == min(rank, len(now))
+    return count
+
+
 def evaluate_accompany(
     model: Any,
     files: list[Path],
@@ -538,13 +550,7 @@ def evaluate_infill(
             span_moves=span["moves"], wide=wide(span), slices=span["slices"])  # fmt: skip
         for k, name in enumerate(SATB):
             (c,) = infill(m, notes, (a, b), owner == k, options=opts, meter=meter)
-            others = [v for i, v in enumerate(voices) if i != k]
-            between = 0
-            for n in c.notes:
-                t = n["onset"]
-                now = [int(o["pitch"][s].max()) for o in others if (s := (o["onset"] <= t + 1e-9)
-                       & (o["onset"] + o["duration"] > t + 1e-9)).any()]  # fmt: skip
-                between += sum(q > n["pitch"] for q in now) == min(k, len(now))
+            between = voices_between(c.notes, [v for i, v in enumerate(voices) if i != k], k)
             kept = voices[k][(voices[k]["onset"] < a) | (voices[k]["onset"] >= b)]
             voice = np.sort(np.concatenate([kept, c.notes]), order=["onset", "pitch"])
             r = voice_rules([voice if i == k else v for i, v in enumerate(voices)])

@@ -1352,6 +1352,20 @@ def accompany(
     return results
 
 
+def part_of(tracks: list[tuple[str, np.ndarray]], name: str) -> tuple[np.ndarray, str]:
+    """The part :func:`accompany` keeps, from a file's ``(name, notes)`` tracks: every pitched
+    note, named by the track when there is one, else ``Part``.
+
+    Raises:
+        ConstraintError: no pitched note (``name``: the file, for the message).
+    """
+    notes = pitched(np.concatenate([n for _, n in tracks])) if tracks else np.zeros(0, NOTE_DTYPE)
+    if len(notes) == 0:
+        what = "drums only" if tracks else "no notes"
+        raise ConstraintError(f"{name} has {what}: give a part with pitched notes")
+    return notes, tracks[0][0] if len(tracks) == 1 else "Part"
+
+
 def part_voice(notes: np.ndarray, voices: int, name: str = "") -> int:
     """Which of ``voice_names(voices)`` (0: the top) a given part is: the one its track name
     names (any case), else the one whose textbook range (:data:`~aurl.generation.voices.

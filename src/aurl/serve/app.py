@@ -524,21 +524,18 @@ def create_app(
         """Compose the other voices around the uploaded part, above and below it (``aurl
         accompany``): the part is kept note for note on its own track. A client that goes away
         stops the work."""
-        from aurl.data.notes import pitched
-
         await _only_fields(request, "file", "model", "seed", "voices", "particles", "format")
+        from aurl.errors import ConstraintError
         from aurl.generation import compose
 
         clock = Clock(lim)
         srv = _server(servers, model)
         data = await _read_upload(file, lim)
         tracks, times = await _upload_piece(data, file.filename, clock)
-        name = file.filename or "file"
-        notes = pitched(np.concatenate([n for _, n in tracks])) if tracks else []
-        if len(notes) == 0:
-            what = "drums only" if tracks else "no notes"
-            return _error(422, f"{name} has {what}: give a part with pitched notes", field="file")
-        part = tracks[0][0] if len(tracks) == 1 else "Part"
+        try:
+            notes, part = compose.part_of(tracks, file.filename or "file")
+        except ConstraintError as e:
+            return _error(422, str(e), field="file")
         opts = compose.ComposeOptions(seed=seed, particles=particles)
 
         def run(m: Any, progress: Any) -> Any:
