@@ -301,7 +301,6 @@ class _Row:
         self.given_nll = 0.0
         self.onset_here = True
         self.prev_free: list[int] = []  # free pitches of the last slice, ascending
-        self.prev_top = -1  # the given (melody) pitch of the last slice, -1: none
         self.prev_given: list[int] = []  # the given pitches of the last slice, ascending
         self.enter(plan, 0)
 
@@ -317,7 +316,6 @@ class _Row:
         takes, and every free note at the end of the free span, are closed here)."""
         if self.onset_here:  # leaving a slice (a step where notes started): remember it
             self.prev_free = sorted(self.free)
-            self.prev_top = max(self.given, default=-1)
             self.prev_given = sorted(self.given)
             self.onset_here = False
         self.t = t
@@ -329,6 +327,11 @@ class _Row:
         self.top = max(ons) if ons else max(held, default=-1)  # the given pitch after t
         self.k_off = self.k_on = 0
         self.phase, self.lo = 0, -1
+
+    @property
+    def prev_top(self) -> int:
+        """The given (melody) pitch of the last slice, -1: none."""
+        return self.prev_given[-1] if self.prev_given else -1
 
     def done_here(self) -> bool:
         return self.k_off == len(self.offs) and self.k_on == len(self.ons)
