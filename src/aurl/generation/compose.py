@@ -49,6 +49,7 @@ import numpy as np
 from aurl.data.notes import DRUM_PROGRAM, NOTE_DTYPE, pitched
 from aurl.data.vocab import END, PAD, START, Kind, Vocab
 from aurl.errors import ConstraintError
+from aurl.generation.voice_leading import ABOVE, EITHER, refused
 from aurl.progress import Progress, silent
 
 CHORALE_FAMILY = 0  # the family the shipped model's chorales are written in (piano, program 0)
@@ -57,7 +58,6 @@ NO_CEILING = 128
 MIN_MELODY_PITCH = 52  # E3: lower, three voices cannot go under the melody
 MAX_MELODY_PITCH = 96
 MIN_FREE_PITCH, MAX_FREE_PITCH = 33, 84  # where the model's own notes may go (A1..C6)
-NEAR_STEP = 5  # semitones: an earlier note this close may be the one a new note continues
 CADENCE_STRICTNESS = 0.995  # the lean of the model's notes towards a cadence at phrase ends (BENCHMARKS.md)
 JUDGED_BEATS = 8  # beats before a phrase end that the judge of its cadence reads
 
@@ -371,47 +371,18 @@ class _Masks:
 
     @staticmethod
     def parallel_free(row: _Row, cand: list[int], around: bool = False) -> list[int]:
-        """The candidate pitches of a new free note that move in no parallel fifth or octave.
-
-        A free note continues, in the last slice (the notes sounding at the last onset), either
-        the free note of the same rank counted from the bottom (where the voices keep sounding,
-        as in a four-part chorale, this is the S/A/T/B split) or any free pitch within
-        :data:`NEAR_STEP` semitones (where a voice has entered, dropped out or crossed another:
-        what :func:`aurl.generation.voices.assign_voices`'s least-motion rule may then pick,
-        ties included); a candidate is refused when any reading makes a
-        parallel with the melody (the highest given pitch: the top voice) or with a free note
-        below it (onsets come in ascending pitch, so those are known). A parallel: both voices
-        of a pair move, the same way, from one interval to the same interval class, 0
-        (unison/octave) or 7 (fifth), as :func:`aurl.evaluation.tasks.voice_rules` counts.
-        ``around`` (accompany): the given pitch is a voice with the model's above it too, and
-        candidates above it are checked against it as well."""
+        """The candidate pitches of a new free note that move in no parallel fifth or octave
+        (:mod:`aurl.generation.voice_leading`) with a free note below it or with the melody
+        (the highest given pitch: the top voice). ``around`` (accompany): the given pitch is a
+        voice with the model's above it too, and candidates above it are checked against it
+        as well."""
         if not row.prev_free:
             return cand
-        prev = np.asarray(row.prev_free, dtype=np.int64)
-        c = np.asarray(cand, dtype=np.int64)
-        lower = np.array(sorted(row.free), dtype=np.int64)
-
-        def sources(x: np.ndarray, rank: np.ndarray) -> list[np.ndarray]:
-            """Predecessor pitches of ``x`` under each reading (-1: none)."""
-            by_rank = np.where(rank < len(prev), prev[np.minimum(rank, len(prev) - 1)], -1)
-            near = [np.where(np.abs(x - p) <= NEAR_STEP, p, -1) for p in prev.tolist()]
-            return [by_rank, *near]
-
-        c_src = sources(c, np.searchsorted(lower, c))
-        others = [(int(q), src[k], c > q) for k, q in enumerate(lower)
-                  for src in sources(lower, np.arange(len(lower)))]  # fmt: skip
+        extra = ()
         if row.top >= 0 and row.prev_top >= 0:
-            others.append((row.top, row.prev_top, (c != row.top) if around else c < row.top))
-        bad = np.zeros(len(c), dtype=bool)
-        for q, pq, side in others:
-            if q == pq or pq < 0:
-                continue
-            for pp in c_src:
-                move = (pp >= 0) & (c != pp) & (pp != pq)
-                iv, piv = np.abs(c - q) % 12, np.abs(pp - pq) % 12
-                same_way = np.sign(c - pp) == np.sign(q - pq)
-                bad |= side & move & same_way & (iv == piv) & ((iv == 0) | (iv == 7))
-        return c[~bad].tolist()
+            extra = ((row.top, row.prev_top, EITHER if around else ABOVE),)
+        bad = refused(row.prev_free, sorted(row.free), min(cand), max(cand) + 1, extra)
+        return [c for c in cand if c not in bad]
 
     def allowed(self, row: _Row) -> np.ndarray:
         """(V,) bool: what the plan allows next in ``row``."""
