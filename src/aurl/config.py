@@ -289,6 +289,11 @@ class GenerationConfig:
     seed: int = _num(0, 0, 2**63 - 1)  # torch's and numpy's generators take 64 bits
     meter: str = ""  # time signature the bars follow, e.g. "3/4" (meter models); "": 4/4
     style: str = ""  # one of the model's model.styles (style models); "": no style
+    # no NOTE_ON moving in parallel fifths / octaves with a lower voice (voice writing, e.g.
+    # `aurl generate --voices 4`; aurl.generation.voice_leading)
+    voice_leading: bool = False
+    voices: int = _num(0, 0, 16)  # the voices the piece is written in (voice leading reads a
+    # full chord by rank); 0: unknown
 
     def __post_init__(self) -> None:
         if 0 < self.temperature < MIN_TEMPERATURE:

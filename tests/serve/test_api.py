@@ -60,6 +60,27 @@ def test_generate_returns_a_midi_file_with_the_cli_defaults(client, tiny):
     assert midi_notes(r.content) > 0
 
 
+def test_generate_with_voice_leading_decodes_what_the_library_does(client, tiny):
+    from aurl.config import GenerationConfig
+    from aurl.data.tokenizer import Tokenizer
+    from aurl.generation.generate import generate
+
+    body = {"max_tokens": 300, "seed": 2, "voice_leading": True, "voices": 4}
+    r = client.post("/api/generate", json=body)
+    assert r.status_code == 200, r.text
+    config = GenerationConfig(max_tokens=300, seed=2, voice_leading=True, voices=4)
+    piece = generate(tiny, config)[0]
+    assert r.content == Tokenizer(tiny.vocab_config).decode_to_bytes(piece.ids)
+    # the random model plays too few notes to move in parallels: the options reach the config
+    from aurl.serve.app import GenerateOptions, Limits, _generation_config
+
+    srv = client.app.state.servers["tiny"]
+    got = _generation_config(GenerateOptions(**body), srv, Limits(), None)
+    assert (got.voice_leading, got.voices) == (True, 4)
+    error_of(client.post("/api/generate", json={**body, "voice_leading": 1}), 422,
+             field="voice_leading")  # fmt: skip
+
+
 def test_an_empty_body_object_uses_the_defaults(client):
     r = client.post("/api/generate", json={"max_tokens": 16})
     assert r.status_code == 200

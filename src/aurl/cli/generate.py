@@ -101,6 +101,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--density", type=float, metavar="D", help="target notes per beat")
     c.add_argument("--polyphony", type=int, metavar="N", help="most notes sounding at once")
     c.add_argument(
+        "--voice-leading", action=argparse.BooleanOptionalAction, default=None,
+        help="never start a note that moves in parallel fifths or octaves with a lower voice, "
+        "read against the chord before it as --voices splits the piece (default: on with "
+        "--voices, off otherwise)",
+    )  # fmt: skip
+    c.add_argument(
         "--meter", metavar="N/D",
         help="time signature the bars follow, e.g. 3/4 (models trained with model.meter; "
         "default 4/4)",
@@ -196,6 +202,12 @@ def generation_config(args: argparse.Namespace):
         from aurl.data.meter import parse_meter
 
         values["meter"] = "{}/{}".format(*parse_meter(args.meter))
+    leading = getattr(args, "voice_leading", None)
+    if leading is None:  # voices asked for: written as voices
+        leading = bool(getattr(args, "voices", None))
+    if leading:
+        values["voice_leading"] = True
+        values["voices"] = getattr(args, "voices", None) or 0
     return build(GenerationConfig, values, prefix="generation")
 
 

@@ -51,6 +51,7 @@ NEG_INF = float("-inf")
 DENSITY_STRENGTH = 2.0  # bias per unit of log(target / actual density) on NOTE_ON
 DENSITY_MAX_BIAS = 8.0
 MIN_TOKENS = 8  # the shortest limit that leaves room for one note and a clean END
+PARALLEL_MEMO = 65536  # voice leading: (last slice, sounding) pairs remembered per masker
 END_HOLD_BEATS = 1.0  # quarter notes: the shortest final chord of a piece limited in seconds
 
 
@@ -69,6 +70,11 @@ class MaskState:
     seconds: torch.Tensor  # (B,) float64 elapsed seconds, primer included
     all_started: bool  # every row has played a note
     onset: Any = None  # (B,) float64 time step of the latest NOTE_ON (-inf: none), end rule only
+    # voice leading only (``Constraints.voice_leading``): the last slice, (B, P) bool, the
+    # pitches sounding when time last moved on from a step where a note started; and (B,) bool,
+    # a note has started at the current step
+    last_slice: Any = None
+    fresh: Any = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +243,10 @@ class Constraints:
         hold_beats: With ``seconds``: the piece ends inside its last this many beats, where no
             note starts, on notes struck at least that long before (0: off; the module's end
             rule).
+        voice_leading: No NOTE_ON that moves in a parallel fifth or octave with a note
+            sounding below it (:mod:`aurl.generation.voice_leading`, read against the last
+            slice).
+        voices: The voices the piece is written in (0: unknown), for ``voice_leading``.
     """
 
     static: np.ndarray
@@ -246,6 +256,8 @@ class Constraints:
     seconds: float = 0.0
     min_tokens: int = 0
     hold_beats: float = 0.0
+    voice_leading: bool = False
+    voices: int = 0
 
 
 def end_hold_beats(meter: str = "") -> float:
@@ -306,6 +318,8 @@ def build_constraints(vocab: Vocab, config: GenerationConfig) -> Constraints:
         seconds=config.seconds,
         min_tokens=config.min_tokens,
         hold_beats=end_hold_beats(config.meter) if config.seconds > 0 else 0.0,
+        voice_leading=config.voice_leading,
+        voices=config.voices,
     )
 
 
@@ -409,7 +423,11 @@ class LogitMasker:
             or bool(constraints.families)
             or constraints.seconds > 0
             or constraints.min_tokens > 0  # where the grammar allows END alone
+            or constraints.voice_leading
         )
+        self.voice_leading = constraints.voice_leading
+        self._parallel_memo: dict[bytes, np.ndarray] = {}  # (last slice, sounding) -> refused
+        self.pitches = np.arange(vocab.config.pitch_min, vocab.config.pitch_min + vocab.n_pitches)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -420,11 +438,13 @@ class LogitMasker:
                 grammar=self.grammar.initial_numpy_state(batch), step=0,
                 notes=np.zeros(batch, dtype=np.int64), seconds=np.zeros(batch), all_started=False,
                 onset=np.full(batch, -np.inf) if self.hold_steps else None,
+                **self._no_slice(batch, None),
             )  # fmt: skip
         import torch
 
         d = self.device
         return MaskState(
+            **self._no_slice(batch, d),
             grammar=self.grammar.initial_state(batch, d),
             step=0,
             notes=torch.zeros(batch, dtype=torch.long, device=d),
@@ -434,6 +454,19 @@ class LogitMasker:
             if self.hold_steps
             else None,
         )
+
+    def _no_slice(self, batch: int, device: Any) -> dict[str, Any]:
+        """The voice-leading fields of a state before any note (none when it is off)."""
+        if not self.voice_leading:
+            return {}
+        last_slice = np.zeros((batch, self.vocab.n_pitches), dtype=bool)
+        fresh = np.zeros(batch, dtype=bool)
+        if device is None:
+            return {"last_slice": last_slice, "fresh": fresh}
+        import torch
+
+        return {"last_slice": torch.as_tensor(last_slice, device=device),
+                "fresh": torch.as_tensor(fresh, device=device)}  # fmt: skip
 
     def _tempo_bin(self, grammar_tempo: torch.Tensor) -> torch.Tensor:
         where = self._np.where if self.numpy else self._torch.where
@@ -462,31 +495,45 @@ class LogitMasker:
             steps = state.grammar.time[:, None].double() + t.shift_steps[ids].cumsum(1)
             at = torch.where(kind == Kind.NOTE_ON, steps, -math.inf).max(1).values
             onset = torch.maximum(onset, at)
+        scan = self.grammar.scan(ids, state.grammar)
+        slices = {}
+        if self.voice_leading:  # once per primer: in numpy, back to the device
+            last_slice, fresh = _slice_after(
+                state.last_slice.cpu().numpy(), state.fresh.cpu().numpy(),
+                kind.cpu().numpy(), scan.any_sounding.cpu().numpy(),
+            )  # fmt: skip
+            d = state.fresh.device
+            slices = {"last_slice": torch.as_tensor(last_slice, device=d),
+                      "fresh": torch.as_tensor(fresh, device=d)}  # fmt: skip
         return MaskState(
-            grammar=self.grammar.state_after(ids, state.grammar),
+            grammar=scan.state_after(),
             step=state.step,
             notes=state.notes + (kind == Kind.NOTE_ON).sum(1),
             seconds=seconds,
             all_started=state.all_started,
             onset=onset,
+            **slices,
         )
 
     def _prime_numpy(self, state: MaskState, ids: np.ndarray) -> MaskState:
         """:meth:`prime` in numpy, token by token (a primer is fed once)."""
         g, seconds, t, onset = state.grammar, state.seconds, self.t, state.onset
+        last_slice, fresh = state.last_slice, state.fresh
         for j in range(ids.shape[1]):
             if self.count_seconds:  # at the tempo in force before the token
                 seconds = (
                     seconds
                     + t.shift_steps[ids[:, j]] * t.seconds_per_step[self._tempo_bin(g.tempo)]
                 )
+            if fresh is not None:
+                last_slice, fresh = _next_slice(last_slice, fresh, ids[:, j], g, t, np.where)
             g = self.grammar.advance(g, ids[:, j])
             if onset is not None:
                 onset = np.where(t.is_note_on[ids[:, j]], g.time, onset)
         return MaskState(
             grammar=g, step=state.step,
             notes=state.notes + (t.kind[ids] == Kind.NOTE_ON).sum(1), seconds=seconds,
-            all_started=state.all_started, onset=onset,
+            all_started=state.all_started, onset=onset, last_slice=last_slice, fresh=fresh,
         )  # fmt: skip
 
     def advance(self, state: MaskState, ids: torch.Tensor, grammar: Any = None) -> MaskState:
@@ -503,10 +550,12 @@ class LogitMasker:
             sps = t.seconds_per_step[self._tempo_bin(state.grammar.tempo)]
             seconds = seconds + t.shift_steps[ids] * sps
         grammar = grammar if grammar is not None else self.grammar.advance(state.grammar, ids)
-        onset = state.onset
+        onset, last_slice, fresh = state.onset, state.last_slice, state.fresh
+        where = np.where if self.numpy else self._torch.where
         if onset is not None:  # a NOTE_ON does not move time: the grammar's time is its own
-            where = np.where if self.numpy else self._torch.where
             onset = where(t.is_note_on[ids], grammar.time, onset)
+        if fresh is not None:
+            last_slice, fresh = _next_slice(last_slice, fresh, ids, state.grammar, t, where)
         return MaskState(
             grammar=grammar,
             step=state.step + 1,
@@ -514,6 +563,8 @@ class LogitMasker:
             seconds=seconds,
             all_started=state.all_started or bool((notes > 0).all()),
             onset=onset,
+            last_slice=last_slice,
+            fresh=fresh,
         )
 
     def finished(self, state: MaskState) -> torch.Tensor:
@@ -587,6 +638,8 @@ class LogitMasker:
             # Rows that must end: no new notes, no shifts; END as soon as the grammar lets.
             keep = keep & ~(late[:, None] & t.blocks_end)
             stop = late if stop is None else stop | late
+        if self.voice_leading:
+            keep = self._no_parallels(keep, allowed, state, x)
         if stop is not None:
             end_now = (stop & allowed[:, END])[:, None]
             keep = x.where(end_now, t.end_only, keep)
@@ -614,6 +667,50 @@ class LogitMasker:
         land = left[:, None] - t.shift_steps  # (B, V) steps left after each shift
         short = t.is_shift & (land < H - 0.5) & (since[:, None] + t.shift_steps < H - 0.5)
         return keep & ~short, last
+
+    def _no_parallels(self, keep: Any, allowed: Any, state: MaskState, x: Any) -> Any:
+        """``keep`` without the NOTE_ONs that would move in a parallel fifth or octave with a
+        note sounding below them (:func:`aurl.generation.voice_leading.parallels_with`, against
+        the last slice). Judged on the host, row by row, where a row may start a note."""
+        on, g = self.note_on_ids, state.grammar
+        if x.numpy:
+            last, sounding = x.of(state.last_slice), x.of(g.sounding).any(1)
+            can = allowed[:, on].any(1)
+        else:
+            last, sounding = state.last_slice.cpu().numpy(), g.sounding.any(1).cpu().numpy()
+            can = allowed[:, on].any(1).cpu().numpy()
+        rows = np.flatnonzero(can & last.any(1)).tolist()
+        if not rows:
+            return keep
+        bad = np.stack([self._parallels(last[r], sounding[r]) for r in rows])
+        if x.numpy:
+            keep = keep.copy() if keep is allowed else keep
+            keep[rows, on] = keep[rows, on] & ~bad
+            return keep
+        import torch
+
+        drop = torch.zeros_like(keep)
+        drop[rows, on] = torch.as_tensor(bad, device=keep.device)
+        return keep & ~drop
+
+    def _parallels(self, last: np.ndarray, sounding: np.ndarray) -> np.ndarray:
+        """(P,) bool, the NOTE_ON pitches refused after the last slice ``last`` with
+        ``sounding`` (both (P,) bool), remembered: a piece's chords come back, and the rows of a
+        search share their past."""
+        key = last.tobytes() + sounding.tobytes()
+        bad = self._parallel_memo.get(key)
+        if bad is None:
+            from aurl.generation.voice_leading import refused
+
+            low, n = int(self.pitches[0]), len(self.pitches)
+            prev, now = (np.flatnonzero(last) + low).tolist(), (np.flatnonzero(sounding) + low).tolist()
+            bad = np.zeros(n, dtype=bool)
+            voices = self.constraints.voices
+            bad[[p - low for p in refused(prev, now, low, low + n, voices=voices)]] = True
+            if len(self._parallel_memo) >= PARALLEL_MEMO:
+                self._parallel_memo.clear()
+            self._parallel_memo[key] = bad
+        return bad
 
     def _repair(self, keep: Any, allowed: Any, x: Any) -> Any:
         """``keep`` with dead VELOCITYs removed and empty rows refilled (see :meth:`constrain`):
@@ -673,6 +770,35 @@ class LogitMasker:
             kept = allowed & static_keep
             keep = x.where(kept.any(-1)[:, None], kept, allowed)
         return x.where(allowed[:, END : END + 1], x.tables.end_only, keep)
+
+
+def _next_slice(last_slice: Any, fresh: Any, ids: Any, before: Any, t: Any, where: Any):
+    """The voice-leading fields (:class:`MaskState`) after one more token ``ids`` (B,) per row;
+    ``before`` is the grammar's state before it. A shift leaving a step where a note started
+    makes the notes sounding there the last slice."""
+    shift = t.is_shift[ids]
+    leave = shift & fresh
+    sounding = before.sounding.any(1)  # (B, P), any family
+    return where(leave[:, None], sounding, last_slice), (fresh & ~shift) | t.is_note_on[ids]
+
+
+def _slice_after(
+    last_slice: np.ndarray, fresh: np.ndarray, kind: np.ndarray, sounding: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_next_slice` over a primer at once (numpy): ``kind`` (B, T) its tokens' kinds,
+    ``sounding`` (B, T, P) the pitches sounding after each."""
+    on, shift = kind == Kind.NOTE_ON, kind == Kind.TIME_SHIFT
+    pos = np.arange(kind.shape[1])
+    last_on = np.maximum.accumulate(np.where(on, pos, -1), axis=1)
+    last_shift = np.maximum.accumulate(np.where(shift, pos, -1), axis=1)
+    # after token j: a note has started since the last shift (before any shift: or before j)
+    fresh_after = (last_on > last_shift) | ((last_shift < 0) & fresh[:, None])
+    fresh_before = np.concatenate([fresh[:, None], fresh_after[:, :-1]], axis=1)
+    leave = np.where(shift & fresh_before, pos, -1).max(1)  # the last shift leaving an onset
+    rows = np.flatnonzero(leave >= 0)
+    last_slice = last_slice.copy()
+    last_slice[rows] = sounding[rows, leave[rows]]  # a shift changes no sounding note
+    return last_slice, fresh_after[:, -1]
 
 
 class _Backend:

@@ -29,7 +29,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile, WebSocket, WebSock
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -116,6 +116,14 @@ class GenerateOptions(JsonBody):
     )
     density: float = Field(0.0, ge=0, le=64, description="target notes per beat (0: free)")
     polyphony: int = Field(8, ge=1, le=128, description="most notes sounding at once")
+    voice_leading: StrictBool = Field(
+        False, description="no note that moves in parallel fifths or octaves with a lower "
+        "voice (`aurl generate --voice-leading`, its default with --voices)",
+    )  # fmt: skip
+    voices: int = Field(
+        0, ge=0, le=16, description="with voice_leading: the voices the piece is written in "
+        "(a chord of that many notes is read voice by voice from the bottom); 0: unknown",
+    )  # fmt: skip
     seed: int = Field(0, ge=0, le=2**63 - 1)
     primer: str | None = Field(None, description="a MIDI file to continue, base64")
     primer_seconds: float = Field(0.0, ge=0, le=3600, description="use only its first S s")
@@ -829,7 +837,8 @@ def _generation_config(
         "top_p": opts.top_p, "min_p": opts.min_p, "repetition_penalty": opts.repetition_penalty,
         "key": opts.key, "key_strictness": opts.key_strictness, "pitch_low": opts.pitch_low,
         "pitch_high": opts.pitch_high, "density": opts.density, "polyphony_cap": opts.polyphony,
-        "min_tokens": opts.min_tokens, "style": opts.style,
+        "min_tokens": opts.min_tokens, "style": opts.style, "voice_leading": opts.voice_leading,
+        "voices": opts.voices,
     }  # fmt: skip
     if opts.max_tokens is not None:
         values["max_tokens"] = opts.max_tokens
