@@ -5,8 +5,9 @@ Runs the README's kind of command as a user does (``aurl generate --num-samples 
 after the other for each seed so load drifts hit them alike:
 
 - ``--voices 4 --no-voice-leading``: before;
-- ``--voices 4``: voice leading as shipped, knowing the four voices (a full last slice is
-  read by rank);
+- ``--voices 4 --spacing 0``: the parallels rule alone, knowing the four voices (a full last
+  slice is read by rank);
+- ``--voices 4``: voice leading as shipped, the same and the spacing lean;
 - ``--voice-leading`` without ``--voices``: the wide net (every reading within NEAR_STEP too:
   the voices unknown, as ``/api/generate`` with ``voice_leading`` and no ``voices``), the
   piece split into four voices here as ``--voices 4`` splits it.
@@ -142,10 +143,11 @@ def main() -> None:
     aurl = str(Path(sys.executable).with_name("aurl"))
     rows = {
         "before (--voices 4 --no-voice-leading)": ["--voices", "4", "--no-voice-leading"],
+        "parallels alone (--voices 4 --spacing 0)": ["--voices", "4", "--spacing", "0"],
         "voice leading, voices known (--voices 4)": ["--voices", "4"],
         "voice leading, the wide net (--voice-leading)": ["--voice-leading"],
     }
-    refusal = {1: bach_refused(4), 2: bach_refused(0)}
+    refusal = {1: bach_refused(4), 2: bach_refused(4), 3: bach_refused(0)}
     got: dict[str, dict] = {name: {"voices": [], "whole": [], "seconds": []} for name in rows}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:

@@ -294,6 +294,9 @@ class GenerationConfig:
     voice_leading: bool = False
     voices: int = _num(0, 0, 16)  # the voices the piece is written in (voice leading reads a
     # full chord by rank); 0: unknown
+    # a note more than an octave above the note under it (the lowest excepted) gets
+    # log(1 - spacing): upper voices within an octave, as four-part writing keeps them (0: off)
+    spacing: float = _num(0.0, 0.0, 0.999)
 
     def __post_init__(self) -> None:
         if 0 < self.temperature < MIN_TEMPERATURE:

@@ -193,13 +193,42 @@ def test_generate_with_voices_writes_them_without_parallels(tmp_path, capsys) ->
 
 
 @pytest.mark.parametrize(
-    "flags, leading, voices",
-    [([], False, 0), (["--voices", "4"], True, 4), (["--voices", "3", "--no-voice-leading"], False, 0),
-     (["--voice-leading"], True, 0)],
+    "flags, want",
+    [([], (False, 0, 0.0)), (["--voices", "4"], (True, 4, 0.9)),
+     (["--voices", "3", "--no-voice-leading"], (False, 0, 0.0)),
+     (["--voice-leading"], (True, 0, 0.9)), (["--voices", "4", "--spacing", "0"], (True, 4, 0.0))],
 )  # fmt: skip
-def test_voices_turn_voice_leading_on(flags, leading, voices) -> None:
+def test_voices_turn_voice_leading_on(flags, want) -> None:
     from aurl.cli import build_parser
     from aurl.cli.generate import generation_config
 
     config = generation_config(build_parser().parse_args(["generate", *flags, "--out", "x"]))
-    assert (config.voice_leading, config.voices) == (leading, voices)
+    assert (config.voice_leading, config.voices, config.spacing) == want
+
+
+@pytest.mark.parametrize("numpy", [True, False])
+def test_the_spacing_lean_is_on_notes_an_octave_above_an_upper_voice(numpy: bool) -> None:
+    vocab = Vocab()
+    V, low = vocab.size, vocab.config.pitch_min
+
+    def bias(*pitches: int) -> dict[float, list[int]]:
+        """The NOTE_ON bias after ``pitches`` started together, by value: pitches."""
+        ids = _ids(vocab, ("vel", 20), *(("on", p) for p in pitches))
+        masker = make_masker(vocab, GenerationConfig(spacing=0.9), None if numpy else "cpu")
+        prefix = ids[None] if numpy else torch.as_tensor(ids[None])
+        state = masker.prime(masker.initial_state(1), prefix)
+        out = (masker.apply_numpy(np.zeros((1, V), np.float32), state)[0] if numpy
+               else masker.apply(torch.zeros(1, V), state)[0].numpy())  # fmt: skip
+        on = out[vocab.note_on : vocab.note_off]
+        values: dict[float, list[int]] = {}
+        for i in np.flatnonzero(np.isfinite(on)).tolist():
+            values.setdefault(round(float(on[i]), 4), []).append(i + low)
+        return values
+
+    # C3 (the bass) and E3: a note over E3 more than an octave up (F4 and higher) leans off by
+    # log(0.1); up to E4 it does not
+    got = bias(48, 52)
+    assert got[round(float(np.log(0.1)), 4)] == list(range(65, 109))
+    assert got[0.0] == list(range(53, 65))
+    # over the bass alone any gap is free (bass and tenor may lie further apart)
+    assert set(bias(48)) == {0.0}

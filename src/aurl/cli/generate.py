@@ -15,6 +15,8 @@ from typing import Any
 from aurl.engines import ENGINES
 from aurl.engines.cpu import PRECISIONS
 
+VOICE_SPACING = 0.9  # --spacing with voice leading: harmonize's ComposeOptions.spacing
+
 SHIPPED = Path(__file__).resolve().parent.parent / "pretrained"
 
 
@@ -103,8 +105,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--voice-leading", action=argparse.BooleanOptionalAction, default=None,
         help="never start a note that moves in parallel fifths or octaves with a lower voice, "
-        "read against the chord before it as --voices splits the piece (default: on with "
-        "--voices, off otherwise)",
+        "read against the chord before it as --voices splits the piece, and keep the upper "
+        "voices within an octave (--spacing); default: on with --voices, off otherwise",
+    )  # fmt: skip
+    c.add_argument(
+        "--spacing", type=float, metavar="S",
+        help=f"0..0.999: a note more than an octave above the note under it (the lowest "
+        f"excepted) gets log(1 - S) (default {VOICE_SPACING} with voice leading, else 0)",
     )  # fmt: skip
     c.add_argument(
         "--meter", metavar="N/D",
@@ -208,6 +215,9 @@ def generation_config(args: argparse.Namespace):
     if leading:
         values["voice_leading"] = True
         values["voices"] = getattr(args, "voices", None) or 0
+    spacing = getattr(args, "spacing", None)
+    if spacing is not None or leading:
+        values["spacing"] = VOICE_SPACING if spacing is None else spacing
     return build(GenerationConfig, values, prefix="generation")
 
 

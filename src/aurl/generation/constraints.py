@@ -247,6 +247,9 @@ class Constraints:
             sounding below it (:mod:`aurl.generation.voice_leading`, read against the last
             slice).
         voices: The voices the piece is written in (0: unknown), for ``voice_leading``.
+        spacing: A NOTE_ON more than an octave above the highest note sounding under it, with
+            another under that one (an upper voice too far from the next: the lowest voice
+            may lie further), gets ``log(1 - spacing)`` (0: off).
     """
 
     static: np.ndarray
@@ -258,6 +261,7 @@ class Constraints:
     hold_beats: float = 0.0
     voice_leading: bool = False
     voices: int = 0
+    spacing: float = 0.0
 
 
 def end_hold_beats(meter: str = "") -> float:
@@ -320,6 +324,7 @@ def build_constraints(vocab: Vocab, config: GenerationConfig) -> Constraints:
         hold_beats=end_hold_beats(config.meter) if config.seconds > 0 else 0.0,
         voice_leading=config.voice_leading,
         voices=config.voices,
+        spacing=config.spacing,
     )
 
 
@@ -391,7 +396,7 @@ class LogitMasker:
             not_end=~t.is_end, not_velocity=~t.is_velocity, not_blocks_end=~t.blocks_end,
             shift_steps=t.shift_steps, seconds_per_step=t.seconds_per_step,
             note_on_count=t.is_note_on.astype(np.int64),  # (V,) 1 for NOTE_ON ids
-            is_shift=t.is_shift,
+            is_shift=t.is_shift, pitch_index=np.arange(vocab.n_pitches),
         )  # fmt: skip
         self._np = _Backend(tables, numpy=True)
         self.device = None
@@ -426,6 +431,7 @@ class LogitMasker:
             or constraints.voice_leading
         )
         self.voice_leading = constraints.voice_leading
+        self.spacing_penalty = math.log1p(-constraints.spacing)  # log(1 - spacing)
         self._parallel_memo: dict[bytes, np.ndarray] = {}  # (last slice, sounding) -> refused
         self.pitches = np.arange(vocab.config.pitch_min, vocab.config.pitch_min + vocab.n_pitches)
 
@@ -640,6 +646,9 @@ class LogitMasker:
             stop = late if stop is None else stop | late
         if self.voice_leading:
             keep = self._no_parallels(keep, allowed, state, x)
+        if cons.spacing > 0:
+            wide = self._wide(state, x)
+            soft = wide if soft is None else soft + wide
         if stop is not None:
             end_now = (stop & allowed[:, END])[:, None]
             keep = x.where(end_now, t.end_only, keep)
@@ -692,6 +701,19 @@ class LogitMasker:
         drop = torch.zeros_like(keep)
         drop[rows, on] = torch.as_tensor(bad, device=keep.device)
         return keep & ~drop
+
+    def _wide(self, state: MaskState, x: Any) -> Any:
+        """(B, V) the spacing lean (:class:`Constraints`): ``log(1 - spacing)`` on the NOTE_ONs
+        more than an octave above the highest sounding note under them, with another under
+        that one; vectorised over rows (no host synchronisation)."""
+        t = x.tables
+        sounding = x.of(state.grammar.sounding).any(1)  # (B, P)
+        pitch = t.pitch_index
+        # at a silent pitch, the notes sounding at or below it are those below it
+        count = x.cumsum(sounding)
+        top = x.cummax(x.where(sounding, pitch, -100))  # the highest of them
+        wide = ~sounding & (count >= 2) & (pitch - top > 12)
+        return x.note_on_bias(wide, self.note_on_ids, self.spacing_penalty)
 
     def _parallels(self, last: np.ndarray, sounding: np.ndarray) -> np.ndarray:
         """(P,) bool, the NOTE_ON pitches refused after the last slice ``last`` with
@@ -812,6 +834,32 @@ class _Backend:
             import torch
 
             self.where, self.floor = torch.where, torch.floor
+
+    def cumsum(self, a: Any) -> Any:
+        """Running count along the last axis of a (B, n) bool array."""
+        if self.numpy:
+            return np.cumsum(a, axis=1)
+        return a.long().cumsum(1)
+
+    def cummax(self, a: Any) -> Any:
+        """Running maximum along the last axis of a (B, n) array."""
+        if self.numpy:
+            return np.maximum.accumulate(a, axis=1)
+        import torch
+
+        return torch.cummax(a, dim=1).values
+
+    def note_on_bias(self, rows: Any, note_on: slice, value: float) -> Any:
+        """(B, V) float32: ``value`` where ``rows`` (B, P) is set, in the NOTE_ON block."""
+        B, V = rows.shape[0], len(self.tables.shift_steps)
+        if self.numpy:
+            bias = np.zeros((B, V), np.float32)
+        else:
+            import torch
+
+            bias = torch.zeros((B, V), dtype=torch.float32, device=rows.device)
+        bias[:, note_on] = rows * value
+        return bias
 
     def of(self, tensor: torch.Tensor) -> Any:
         """A state tensor in this backend (a numpy view on the CPU)."""

@@ -124,6 +124,11 @@ class GenerateOptions(JsonBody):
         0, ge=0, le=16, description="with voice_leading: the voices the piece is written in "
         "(a chord of that many notes is read voice by voice from the bottom); 0: unknown",
     )  # fmt: skip
+    spacing: float = Field(
+        0.0, ge=0, le=0.999, description="a note more than an octave above the note under it "
+        "(the lowest excepted) gets log(1 - spacing): upper voices within an octave (`aurl "
+        "generate --spacing`, 0.9 with voice leading there)",
+    )  # fmt: skip
     seed: int = Field(0, ge=0, le=2**63 - 1)
     primer: str | None = Field(None, description="a MIDI file to continue, base64")
     primer_seconds: float = Field(0.0, ge=0, le=3600, description="use only its first S s")
@@ -838,7 +843,7 @@ def _generation_config(
         "key": opts.key, "key_strictness": opts.key_strictness, "pitch_low": opts.pitch_low,
         "pitch_high": opts.pitch_high, "density": opts.density, "polyphony_cap": opts.polyphony,
         "min_tokens": opts.min_tokens, "style": opts.style, "voice_leading": opts.voice_leading,
-        "voices": opts.voices,
+        "voices": opts.voices, "spacing": opts.spacing,
     }  # fmt: skip
     if opts.max_tokens is not None:
         values["max_tokens"] = opts.max_tokens
