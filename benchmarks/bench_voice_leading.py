@@ -5,9 +5,10 @@ Runs the README's kind of command as a user does (``aurl generate --num-samples 
 after the other for each seed so load drifts hit them alike:
 
 - ``--voices 4 --no-voice-leading``: before;
-- ``--voices 4 --spacing 0``: the parallels rule alone, knowing the four voices (a full last
-  slice is read by rank);
-- ``--voices 4``: voice leading as shipped, the same and the spacing lean;
+- ``--voices 4 --spacing 0 --ranges 0``: the parallels rule alone, knowing the four voices (a
+  full last slice is read by rank);
+- ``--voices 4 --ranges 0``: and the spacing lean;
+- ``--voices 4``: voice leading as shipped, and the range lean;
 - ``--voice-leading`` without ``--voices``: the wide net (every reading within NEAR_STEP too:
   the voices unknown, as ``/api/generate`` with ``voice_leading`` and no ``voices``), the
   piece split into four voices here as ``--voices 4`` splits it.
@@ -143,11 +144,13 @@ def main() -> None:
     aurl = str(Path(sys.executable).with_name("aurl"))
     rows = {
         "before (--voices 4 --no-voice-leading)": ["--voices", "4", "--no-voice-leading"],
-        "parallels alone (--voices 4 --spacing 0)": ["--voices", "4", "--spacing", "0"],
+        "parallels alone (--voices 4 --spacing 0 --ranges 0)":
+            ["--voices", "4", "--spacing", "0", "--ranges", "0"],
+        "parallels + spacing (--voices 4 --ranges 0)": ["--voices", "4", "--ranges", "0"],
         "voice leading, voices known (--voices 4)": ["--voices", "4"],
         "voice leading, the wide net (--voice-leading)": ["--voice-leading"],
     }
-    refusal = {1: bach_refused(4), 2: bach_refused(4), 3: bach_refused(0)}
+    refusal = {1: bach_refused(4), 2: bach_refused(4), 3: bach_refused(4), 4: bach_refused(0)}
     got: dict[str, dict] = {name: {"voices": [], "whole": [], "seconds": []} for name in rows}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:

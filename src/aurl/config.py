@@ -297,6 +297,9 @@ class GenerationConfig:
     # a note more than an octave above the note under it (the lowest excepted) gets
     # log(1 - spacing): upper voices within an octave, as four-part writing keeps them (0: off)
     spacing: float = _num(0.0, 0.0, 0.999)
+    # with voices SATB's (2-4): a note outside the range of the voice of its rank from the
+    # bottom gets log(1 - ranges) (0: off)
+    ranges: float = _num(0.0, 0.0, 0.999)
 
     def __post_init__(self) -> None:
         if 0 < self.temperature < MIN_TEMPERATURE:

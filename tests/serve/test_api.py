@@ -65,10 +65,12 @@ def test_generate_with_voice_leading_decodes_what_the_library_does(client, tiny)
     from aurl.data.tokenizer import Tokenizer
     from aurl.generation.generate import generate
 
-    body = {"max_tokens": 300, "seed": 2, "voice_leading": True, "voices": 4, "spacing": 0.9}
+    body = {"max_tokens": 300, "seed": 2, "voice_leading": True, "voices": 4, "spacing": 0.9,
+            "ranges": 0.9}
     r = client.post("/api/generate", json=body)
     assert r.status_code == 200, r.text
-    config = GenerationConfig(max_tokens=300, seed=2, voice_leading=True, voices=4, spacing=0.9)
+    config = GenerationConfig(max_tokens=300, seed=2, voice_leading=True, voices=4, spacing=0.9,
+                              ranges=0.9)  # fmt: skip
     piece = generate(tiny, config)[0]
     assert r.content == Tokenizer(tiny.vocab_config).decode_to_bytes(piece.ids)
     # the random model plays too few notes to move in parallels: the options reach the config
@@ -76,7 +78,7 @@ def test_generate_with_voice_leading_decodes_what_the_library_does(client, tiny)
 
     srv = client.app.state.servers["tiny"]
     got = _generation_config(GenerateOptions(**body), srv, Limits(), None)
-    assert (got.voice_leading, got.voices, got.spacing) == (True, 4, 0.9)
+    assert (got.voice_leading, got.voices, got.spacing, got.ranges) == (True, 4, 0.9, 0.9)
     error_of(client.post("/api/generate", json={**body, "voice_leading": 1}), 422,
              field="voice_leading")  # fmt: skip
 

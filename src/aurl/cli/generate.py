@@ -15,7 +15,7 @@ from typing import Any
 from aurl.engines import ENGINES
 from aurl.engines.cpu import PRECISIONS
 
-VOICE_SPACING = 0.9  # --spacing with voice leading: harmonize's ComposeOptions.spacing
+VOICE_LEAN = 0.9  # --spacing, --ranges with voice leading: harmonize's ComposeOptions values
 
 SHIPPED = Path(__file__).resolve().parent.parent / "pretrained"
 
@@ -111,7 +111,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--spacing", type=float, metavar="S",
         help=f"0..0.999: a note more than an octave above the note under it (the lowest "
-        f"excepted) gets log(1 - S) (default {VOICE_SPACING} with voice leading, else 0)",
+        f"excepted) gets log(1 - S) (default {VOICE_LEAN} with voice leading, else 0)",
+    )  # fmt: skip
+    c.add_argument(
+        "--ranges", type=float, metavar="R",
+        help=f"0..0.999, with --voices 2-4: a note outside the textbook range of the SATB voice "
+        f"of its rank from the bottom gets log(1 - R) (default {VOICE_LEAN} with voice "
+        "leading, else 0)",
     )  # fmt: skip
     c.add_argument(
         "--meter", metavar="N/D",
@@ -215,9 +221,10 @@ def generation_config(args: argparse.Namespace):
     if leading:
         values["voice_leading"] = True
         values["voices"] = getattr(args, "voices", None) or 0
-    spacing = getattr(args, "spacing", None)
-    if spacing is not None or leading:
-        values["spacing"] = VOICE_SPACING if spacing is None else spacing
+    for name in ("spacing", "ranges"):  # the leans of voice writing: on with voice leading
+        lean = getattr(args, name, None)
+        if lean is not None or leading:
+            values[name] = VOICE_LEAN if lean is None else lean
     return build(GenerationConfig, values, prefix="generation")
 
 

@@ -250,6 +250,9 @@ class Constraints:
         spacing: A NOTE_ON more than an octave above the highest note sounding under it, with
             another under that one (an upper voice too far from the next: the lowest voice
             may lie further), gets ``log(1 - spacing)`` (0: off).
+        ranges: With ``voices`` SATB's (2-4), a NOTE_ON outside the textbook range of the
+            voice of its rank from the bottom (:func:`voice_ranges`) gets ``log(1 - ranges)``
+            (0: off).
     """
 
     static: np.ndarray
@@ -262,6 +265,7 @@ class Constraints:
     voice_leading: bool = False
     voices: int = 0
     spacing: float = 0.0
+    ranges: float = 0.0
 
 
 def end_hold_beats(meter: str = "") -> float:
@@ -325,12 +329,27 @@ def build_constraints(vocab: Vocab, config: GenerationConfig) -> Constraints:
         voice_leading=config.voice_leading,
         voices=config.voices,
         spacing=config.spacing,
+        ranges=config.ranges,
     )
 
 
 # --------------------------------------------------------------------------------------------
 # The masker: grammar + constraints
 # --------------------------------------------------------------------------------------------
+
+
+def voice_ranges(voices: int) -> np.ndarray | None:
+    """(voices, 2) the textbook ranges (MIDI pitches) of ``voices`` SATB voices from the
+    bottom (bass first), as :func:`aurl.generation.voices.voice_names` names them; None where
+    they are not SATB's (1 voice, or more than 4)."""
+    from aurl.generation.voices import SATB, SATB_RANGES, voice_names
+
+    if voices < 2:
+        return None
+    names = voice_names(voices)
+    if not all(n in SATB for n in names):
+        return None
+    return np.array([SATB_RANGES[SATB.index(n)] for n in names[::-1]], dtype=np.int64)
 
 
 def _block(vocab: Vocab, kind: Kind) -> slice:
@@ -387,6 +406,9 @@ class LogitMasker:
         # Before the first note: no time, no END, no pedal, so a note comes within 3 tokens.
         pedal = (t.kind == Kind.SUSTAIN_ON) | (t.kind == Kind.SUSTAIN_OFF)
         beats = t.shift_steps.astype(np.float32) * np.float32(t.beats_per_step)  # (V,) shifts
+        # the range of each voice by rank (voice writing), and its lean
+        ranges = voice_ranges(constraints.voices) if constraints.ranges > 0 else None
+        self.ranges_penalty = math.log1p(-constraints.ranges) if ranges is not None else 0.0
         # The tables constrain() reads, as numpy arrays and (device given) torch tensors.
         tables = SimpleNamespace(
             keep_table=None if keep_table.all() else keep_table, static_keep=static_keep,
@@ -397,6 +419,8 @@ class LogitMasker:
             shift_steps=t.shift_steps, seconds_per_step=t.seconds_per_step,
             note_on_count=t.is_note_on.astype(np.int64),  # (V,) 1 for NOTE_ON ids
             is_shift=t.is_shift, pitch_index=np.arange(vocab.n_pitches),
+            rank_ranges=(np.zeros((1, 2), np.int64) if ranges is None
+                         else ranges - vocab.config.pitch_min),  # pitch offsets, bass first
         )  # fmt: skip
         self._np = _Backend(tables, numpy=True)
         self.device = None
@@ -646,9 +670,9 @@ class LogitMasker:
             stop = late if stop is None else stop | late
         if self.voice_leading:
             keep = self._no_parallels(keep, allowed, state, x)
-        if cons.spacing > 0:
-            wide = self._wide(state, x)
-            soft = wide if soft is None else soft + wide
+        if self.spacing_penalty < 0 or self.ranges_penalty < 0:
+            leans = self._voice_leans(state, x)
+            soft = leans if soft is None else soft + leans
         if stop is not None:
             end_now = (stop & allowed[:, END])[:, None]
             keep = x.where(end_now, t.end_only, keep)
@@ -702,18 +726,28 @@ class LogitMasker:
         drop[rows, on] = torch.as_tensor(bad, device=keep.device)
         return keep & ~drop
 
-    def _wide(self, state: MaskState, x: Any) -> Any:
-        """(B, V) the spacing lean (:class:`Constraints`): ``log(1 - spacing)`` on the NOTE_ONs
-        more than an octave above the highest sounding note under them, with another under
-        that one; vectorised over rows (no host synchronisation)."""
+    def _voice_leans(self, state: MaskState, x: Any) -> Any:
+        """(B, V) the leans of voice writing (:class:`Constraints`): ``log(1 - spacing)`` on
+        the NOTE_ONs more than an octave above the highest sounding note under them, with
+        another under that one; ``log(1 - ranges)`` on those outside the range of the voice of
+        their rank (how many notes sound under them). Vectorised over rows: running counts and
+        maxima over the pitches, no host synchronisation."""
         t = x.tables
         sounding = x.of(state.grammar.sounding).any(1)  # (B, P)
         pitch = t.pitch_index
         # at a silent pitch, the notes sounding at or below it are those below it
         count = x.cumsum(sounding)
-        top = x.cummax(x.where(sounding, pitch, -100))  # the highest of them
-        wide = ~sounding & (count >= 2) & (pitch - top > 12)
-        return x.note_on_bias(wide, self.note_on_ids, self.spacing_penalty)
+        bias = 0.0
+        if self.spacing_penalty < 0:
+            top = x.cummax(x.where(sounding, pitch, -100))  # the highest of them
+            wide = ~sounding & (count >= 2) & (pitch - top > 12)
+            bias = wide * self.spacing_penalty
+        if self.ranges_penalty < 0:
+            low, high = t.rank_ranges[:, 0], t.rank_ranges[:, 1]
+            rank = x.where(count < len(low), count, len(low) - 1)
+            out = ~sounding & ((pitch < low[rank]) | (pitch > high[rank]))
+            bias = bias + out * self.ranges_penalty
+        return x.note_on_bias(bias, self.note_on_ids)
 
     def _parallels(self, last: np.ndarray, sounding: np.ndarray) -> np.ndarray:
         """(P,) bool, the NOTE_ON pitches refused after the last slice ``last`` with
@@ -849,8 +883,8 @@ class _Backend:
 
         return torch.cummax(a, dim=1).values
 
-    def note_on_bias(self, rows: Any, note_on: slice, value: float) -> Any:
-        """(B, V) float32: ``value`` where ``rows`` (B, P) is set, in the NOTE_ON block."""
+    def note_on_bias(self, rows: Any, note_on: slice) -> Any:
+        """(B, V) float32: ``rows`` (B, P) in the NOTE_ON block, zero elsewhere."""
         B, V = rows.shape[0], len(self.tables.shift_steps)
         if self.numpy:
             bias = np.zeros((B, V), np.float32)
@@ -858,7 +892,7 @@ class _Backend:
             import torch
 
             bias = torch.zeros((B, V), dtype=torch.float32, device=rows.device)
-        bias[:, note_on] = rows * value
+        bias[:, note_on] = rows
         return bias
 
     def of(self, tensor: torch.Tensor) -> Any:

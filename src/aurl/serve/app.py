@@ -129,6 +129,11 @@ class GenerateOptions(JsonBody):
         "(the lowest excepted) gets log(1 - spacing): upper voices within an octave (`aurl "
         "generate --spacing`, 0.9 with voice leading there)",
     )  # fmt: skip
+    ranges: float = Field(
+        0.0, ge=0, le=0.999, description="with voices 2-4: a note outside the textbook range "
+        "of the SATB voice of its rank from the bottom gets log(1 - ranges) (`aurl generate "
+        "--ranges`, 0.9 with voice leading there)",
+    )  # fmt: skip
     seed: int = Field(0, ge=0, le=2**63 - 1)
     primer: str | None = Field(None, description="a MIDI file to continue, base64")
     primer_seconds: float = Field(0.0, ge=0, le=3600, description="use only its first S s")
@@ -843,7 +848,7 @@ def _generation_config(
         "key": opts.key, "key_strictness": opts.key_strictness, "pitch_low": opts.pitch_low,
         "pitch_high": opts.pitch_high, "density": opts.density, "polyphony_cap": opts.polyphony,
         "min_tokens": opts.min_tokens, "style": opts.style, "voice_leading": opts.voice_leading,
-        "voices": opts.voices, "spacing": opts.spacing,
+        "voices": opts.voices, "spacing": opts.spacing, "ranges": opts.ranges,
     }  # fmt: skip
     if opts.max_tokens is not None:
         values["max_tokens"] = opts.max_tokens
