@@ -195,7 +195,7 @@ def test_generate_with_voices_writes_them_without_parallels(tmp_path, capsys) ->
 @pytest.mark.parametrize(
     "flags, want",
     [([], (False, 0, 0.0, 0.0)), (["--voices", "4"], (True, 4, 0.9, 0.9)),
-     (["--voices", "3", "--no-voice-leading"], (False, 0, 0.0, 0.0)),
+     (["--voices", "3", "--no-voice-leading"], (False, 3, 0.0, 0.0)),
      (["--voice-leading"], (True, 0, 0.9, 0.9)),
      (["--voices", "4", "--spacing", "0", "--ranges", "0.5"], (True, 4, 0.0, 0.5))],
 )  # fmt: skip

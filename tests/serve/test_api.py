@@ -63,6 +63,7 @@ def test_generate_returns_a_midi_file_with_the_cli_defaults(client, tiny):
 def test_generate_with_voice_leading_decodes_what_the_library_does(client, tiny):
     from aurl.config import GenerationConfig
     from aurl.data.tokenizer import Tokenizer
+    from aurl.generation.export import voice_score
     from aurl.generation.generate import generate
 
     body = {"max_tokens": 300, "seed": 2, "voice_leading": True, "voices": 4, "spacing": 0.9,
@@ -72,7 +73,8 @@ def test_generate_with_voice_leading_decodes_what_the_library_does(client, tiny)
     config = GenerationConfig(max_tokens=300, seed=2, voice_leading=True, voices=4, spacing=0.9,
                               ranges=0.9)  # fmt: skip
     piece = generate(tiny, config)[0]
-    assert r.content == Tokenizer(tiny.vocab_config).decode_to_bytes(piece.ids)
+    score = Tokenizer(tiny.vocab_config).decode_to_score(piece.ids)
+    assert r.content == voice_score(score, 4).dumps_midi()
     # the random model plays too few notes to move in parallels: the options reach the config
     from aurl.serve.app import GenerateOptions, Limits, _generation_config
 
@@ -81,6 +83,27 @@ def test_generate_with_voice_leading_decodes_what_the_library_does(client, tiny)
     assert (got.voice_leading, got.voices, got.spacing, got.ranges) == (True, 4, 0.9, 0.9)
     error_of(client.post("/api/generate", json={**body, "voice_leading": 1}), 422,
              field="voice_leading")  # fmt: skip
+
+
+def test_generate_in_voices_replies_with_their_tracks(client, tiny):
+    from aurl.config import GenerationConfig
+    from aurl.data.tokenizer import Tokenizer
+    from aurl.generation.export import voice_score
+    from aurl.generation.generate import generate
+
+    body = {"max_tokens": 200, "seed": 5, "voices": 4}
+    r = client.post("/api/generate", json=body)
+    assert r.status_code == 200, r.text
+    piece = generate(tiny, GenerationConfig(max_tokens=200, seed=5, voices=4))[0]
+    want = voice_score(Tokenizer(tiny.vocab_config).decode_to_score(piece.ids), 4).dumps_midi()
+    assert r.content == want  # `aurl generate --voices 4`'s split
+    names = [t.name for t in symusic.Score.from_midi(r.content).tracks]
+    assert names == ["Soprano", "Alto", "Tenor", "Bass"]
+    with client.websocket_connect("/api/generate/stream") as ws:  # the stream's file too
+        ws.send_text(json.dumps(body))
+        while (m := ws.receive_json())["type"] != "done":
+            pass
+    assert base64.b64decode(m["midi"]) == want
 
 
 def test_an_empty_body_object_uses_the_defaults(client):

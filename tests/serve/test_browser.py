@@ -217,3 +217,23 @@ def test_studio_infills_one_part_of_a_loaded_piece(browser, live_server, tmp_pat
     assert rows(got["Alto"], False) == rows(bach["Alto"], False)
     assert rows(got["Alto"], True) and rows(got["Alto"], True) != rows(bach["Alto"], True)
     page.close()
+
+
+def test_studio_generates_in_voices_and_lists_them_as_parts(browser, live_server, tmp_path):
+    """Voices: SATB sends `aurl generate --voices 4`'s options; the piece comes back on four
+    tracks, which the Part menu then offers (for Infill of one voice)."""
+    page = _studio(browser, live_server)
+    sent: list[str] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda f: sent.append(str(f))))
+    page.fill("#seconds", "6")
+    page.select_option("#voices", "4")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#part option').length == 5",
+                           timeout=60_000)  # fmt: skip
+    names = page.eval_on_selector_all("#part option", "os => os.map((o) => o.textContent)")
+    assert names == ["all", "Soprano", "Alto", "Tenor", "Bass"]
+    assert any('"voices":4' in f and '"voice_leading":true' in f for f in sent), sent
+    score = _download(page, tmp_path / "voices.mid")
+    assert [t.name for t in score.tracks] == ["Soprano", "Alto", "Tenor", "Bass"]
+    assert int(page.get_attribute("#roll", "data-notes")) == sum(len(t.notes) for t in score.tracks)
+    page.close()

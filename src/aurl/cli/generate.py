@@ -215,12 +215,14 @@ def generation_config(args: argparse.Namespace):
         from aurl.data.meter import parse_meter
 
         values["meter"] = "{}/{}".format(*parse_meter(args.meter))
+    voices = getattr(args, "voices", None) or 0
+    if voices:
+        values["voices"] = voices  # the voices the piece is written in
     leading = getattr(args, "voice_leading", None)
     if leading is None:  # voices asked for: written as voices
-        leading = bool(getattr(args, "voices", None))
+        leading = bool(voices)
     if leading:
         values["voice_leading"] = True
-        values["voices"] = getattr(args, "voices", None) or 0
     for name in ("spacing", "ranges"):  # the leans of voice writing: on with voice leading
         lean = getattr(args, name, None)
         if lean is not None or leading:

@@ -121,8 +121,10 @@ class GenerateOptions(JsonBody):
         "voice (`aurl generate --voice-leading`, its default with --voices)",
     )  # fmt: skip
     voices: int = Field(
-        0, ge=0, le=16, description="with voice_leading: the voices the piece is written in "
-        "(a chord of that many notes is read voice by voice from the bottom); 0: unknown",
+        0, ge=0, le=8, description="the voices the piece is written in (`aurl generate "
+        "--voices`): the reply's notes on that many tracks (Soprano, Alto, Tenor, Bass for 4), "
+        "and with voice_leading a chord of that many notes read voice by voice from the "
+        "bottom; 0: one track, the voices unknown",
     )  # fmt: skip
     spacing: float = Field(
         0.0, ge=0, le=0.999, description="a note more than an octave above the note under it "
@@ -399,7 +401,7 @@ def create_app(
             return await _generate_with_cadence(opts, request)
         srv, job, clock = await start_job(opts)
         ids = await _until_done_or_gone(job, request)
-        midi = await asyncio.to_thread(srv.tokenizer.decode_to_bytes, np.asarray(ids))
+        midi = await asyncio.to_thread(srv.piece_midi, ids, job.config.voices)
         return await _reply(midi, opts.format, f"aurl_seed{opts.seed}", clock, request, headers={
             "X-Aurl-Tokens": str(len(ids) - job.row.primer_length)})  # fmt: skip
 
@@ -425,7 +427,7 @@ def create_app(
                 progress=progress,
             )  # fmt: skip
             tokens.append(len(piece.generated))
-            return srv.tokenizer.decode_to_score(piece.ids)
+            return srv.piece_score(piece.ids, config.voices)
 
         midi = await _compose(srv, run, clock, request, composing=False)
         return await _reply(midi, opts.format, f"aurl_seed{opts.seed}", clock, request,
@@ -992,7 +994,7 @@ async def _stream_job(ws: WebSocket, srv: ModelServer, job: Any) -> None:
                     await ws.send_json({"type": "note", **n})
                     sent += 1
         ids = np.asarray(job.row.ids)
-        midi = await asyncio.to_thread(srv.tokenizer.decode_to_bytes, ids)
+        midi = await asyncio.to_thread(srv.piece_midi, ids, job.config.voices)
         await ws.send_json({"type": "done", "tokens": int(len(ids) - job.row.primer_length),
                             "notes": sent, "midi": base64.b64encode(midi).decode()})  # fmt: skip
         await ws.close()

@@ -212,6 +212,21 @@ class ModelServer:
             items = self._outbox.pop(loop, [])
         self._deliver(items)
 
+    def piece_score(self, ids: Any, voices: int = 0) -> Any:
+        """The piece of ``ids`` as a symusic score: one track, or ``voices`` tracks (Soprano,
+        Alto, Tenor, Bass for 4) as ``aurl generate --voices`` writes it
+        (:func:`aurl.generation.export.voice_score`)."""
+        score = self.tokenizer.decode_to_score(np.asarray(ids))
+        if voices:
+            from aurl.generation.export import voice_score
+
+            score = voice_score(score, voices)
+        return score
+
+    def piece_midi(self, ids: Any, voices: int = 0) -> bytes:
+        """:meth:`piece_score` as the bytes of a MIDI file."""
+        return self.piece_score(ids, voices).dumps_midi()
+
     def stats(self) -> dict[str, Any]:
         return {
             "active": len(self.batcher.rows),

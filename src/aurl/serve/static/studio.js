@@ -83,6 +83,9 @@ function options() {
   if ($("key").value.trim()) o.key = $("key").value.trim();
   if ($("style").value) o.style = $("style").value;
   if ($("tempo").value) o.tempo = +$("tempo").value;
+  if ($("voices").value) {  // `aurl generate --voices N`: its voice leading and leans too
+    Object.assign(o, { voices: +$("voices").value, voice_leading: true, spacing: 0.9, ranges: 0.9 });
+  }
   if (primerB64) o.primer = primerB64;
   return o;
 }
@@ -91,7 +94,7 @@ function generate() {
   if (socket) socket.close();
   AurlSynth.stop();
   setNotes([]);
-  setParts([]);  // a generated piece is one part
+  setParts([]);  // until the piece is done: then one part, or its voices
   midiBlob = null; setDownloads(false);
   const t0 = performance.now();
   let first = null;
@@ -108,7 +111,10 @@ function generate() {
     } else if (m.type === "done") {
       midiBlob = b64ToBlob(m.midi);
       setDownloads(true);
-      status(`${m.notes} notes, ${m.tokens} tokens in ${((performance.now() - t0) / 1000).toFixed(1)} s (first note after ${first === null ? "-" : Math.round(first)} ms)`);
+      const said = `${m.notes} notes, ${m.tokens} tokens in ${((performance.now() - t0) / 1000).toFixed(1)} s (first note after ${first === null ? "-" : Math.round(first)} ms)`;
+      status(said);
+      // in voices: their tracks in the Part menu, for Infill of one voice
+      if ($("voices").value) showMidi(midiBlob, "generated.mid").then(() => status(said), (e) => status(String(e), true));
     } else if (m.type === "error") {
       status(m.error, true);
     }
