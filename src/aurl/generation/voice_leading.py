@@ -19,8 +19,8 @@ Where the caller knows how many voices the piece has (free generation with ``--v
 the last slice holds that many notes, a note continues the note of its rank alone: every voice
 sounds, and the least-motion rule splits a full chord by rank. The nearness readings are a wide
 net: run over the held-out chorales they refuse 6.6% of Bach's own notes, the rank alone
-1.3% (Bach moves in 0.05 parallels per 100 moves; BENCHMARKS.md, "Free generation's voice
-leading"). The composing commands keep the wide net: read by rank, forcing around a given
+1.3% (Bach moves in 0.05 parallels per 100 moves; BENCHMARKS.md, "Free generation in
+voices"). The composing commands keep the wide net: read by rank, forcing around a given
 melody moved in 1.7x Bach's parallels (docs/design.md).
 """
 
