@@ -6,6 +6,7 @@ the shipped model's pieces read as four voices."""
 from __future__ import annotations
 
 import random
+import re
 from bisect import bisect_left
 
 import numpy as np
@@ -182,6 +183,10 @@ def test_generate_with_voices_writes_them_without_parallels(tmp_path, capsys) ->
         args = ["generate", "--num-samples", "4", "--seconds", "12", "--voices", "4", "--seed", "1"]
         assert main([*args, flag, "--out", str(out)]) == 0, capsys.readouterr().err
         got[flag] = _parallels(out)
+        # each piece's line says what its tracks hold
+        said = re.findall(r"(\d+) parallel 5ths/8ves in (\d+) moves", capsys.readouterr().out)
+        assert len(said) == 4
+        assert tuple(map(sum, zip(*[(int(p), int(m)) for p, m in said]))) == got[flag]
         settings = load_config(out / "sample_seed1.yaml").generation
         assert settings.voice_leading == (flag == "--voice-leading")
     # measured: 1 parallel fifth / octave in 571 moves, against 7 in 561 (1.25 per 100;

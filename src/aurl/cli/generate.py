@@ -801,7 +801,21 @@ def write_pieces(
         for path in written:
             print(f"wrote {path}")
         wanted = f" (asked {config.key})" if config.key else ""
+        leading = f", {_parallels_line(notes, voices)}" if voices and voices > 1 else ""
         print(
             f"{name}: {duration:.1f} s, {len(notes)} notes, {len(piece.ids)} tokens, "
-            f"key {key}{wanted}"
+            f"key {key}{wanted}{leading}"
         )
+
+
+def _parallels_line(notes, voices: int) -> str:
+    """'N parallel 5ths/8ves in M moves' of the piece split as ``--voices`` writes it (the rule
+    ``aurl evaluate --task harmonize`` counts)."""
+    from aurl.data.notes import pitched
+    from aurl.evaluation.tasks import voice_rules
+    from aurl.generation.voices import assign_voices
+
+    notes = pitched(notes)
+    voice = assign_voices(notes, voices)
+    rules = voice_rules([notes[voice == v] for v in range(voices)])
+    return f"{rules['parallels']} parallel 5ths/8ves in {rules['moves']} moves"
