@@ -80,7 +80,7 @@ def test_aggregate_counts_progressions_and_cadences():
 
 
 def test_chorale_report_with_plots(tmp_path):
-    notes, beats_per_bar = read_piece(FIXTURES / "bach_bwv269.mid")
+    notes, beats_per_bar, _ = read_piece(FIXTURES / "bach_bwv269.mid")
     assert beats_per_bar == 3.0  # 3/4
     result = analyze_notes(notes, name="bwv269", beats_per_bar=beats_per_bar)
     assert result["key"]["name"] == "G major"  # music21 and the score's signature agree

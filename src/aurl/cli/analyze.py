@@ -98,13 +98,19 @@ def style_classifier(args: argparse.Namespace, styles: tuple[str, ...]):
 
 
 def read_piece(path: Path):
-    """Notes and bar length (beats) of one file; raises MidiReadError when unreadable."""
+    """Notes, bar length (beats) and voices (its tracks, where they are voices, else None:
+    :func:`aurl.analysis.report.voice_tracks`) of one file; raises MidiReadError when
+    unreadable."""
     from aurl.config import DataConfig
     from aurl.data.midi_io import read_midi
     from aurl.data.notes import notes_from_score
 
+    from aurl.analysis.report import voice_tracks
+    from aurl.generation.compose import track_notes
+
     score, _ = read_midi(path, DataConfig(drums="keep"))
-    return notes_from_score(score), _beats_per_bar(path)
+    voices = voice_tracks(track_notes(score))  # a file whose tracks are voices
+    return notes_from_score(score), _beats_per_bar(path), voices
 
 
 def _read_in_worker(path: Path):
@@ -187,14 +193,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipped {path}: {error}", file=sys.stderr)
             skipped.append({"file": str(path), "error": error})
             continue
-        notes, beats_per_bar = piece
+        notes, beats_per_bar, voices = piece
         bpb = args.beats_per_bar or beats_per_bar
         resolution = 1.0 if args.chords_per == "beat" else bpb / 2
         name = str(path.relative_to(src)) if src.is_dir() else path.name
         # a file name that is not UTF-8 (surrogates from os.fsdecode) cannot go into the
         # UTF-8 reports: its bad bytes show as U+FFFD there
         name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        result = analyze_notes(notes, name=name, beats_per_bar=bpb, resolution=resolution)
+        result = analyze_notes(
+            notes, name=name, beats_per_bar=bpb, resolution=resolution, voices=voices
+        )
         if guesser is not None:
             guess = guesser(path)
             result["style"] = guess.to_dict()

@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from aurl.analysis import part_writing
 from aurl.data.notes import notes_from_score
 from aurl.generation.compose import CADENCE_STRICTNESS
 from aurl.progress import Progress, silent
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "bundled" / "bach-chorales"
-PERFECT = (0, 7)  # interval classes of parallel octaves/unisons and fifths
 
 
 def held_out_chorales(folder: str | Path = BUNDLED, split: str = "test") -> list[Path]:
@@ -76,66 +76,34 @@ def chorale_voices(path: str | Path) -> list[np.ndarray]:
 
 
 def slices(voices: list[np.ndarray]) -> np.ndarray:
-    """(n_slices, n_voices) pitch sounding in each voice at every onset of any voice (-1: rest).
-
-    A voice holding a chord (more than one note at once) reads as its highest note."""
-    onsets = np.unique(np.concatenate([v["onset"] for v in voices if len(v)]))
-    grid = np.full((len(onsets), len(voices)), -1, dtype=np.int64)
-    for j, v in enumerate(voices):
-        for n in np.sort(v, order=["onset", "pitch"]):
-            inside = (onsets >= n["onset"] - 1e-9) & (onsets < n["onset"] + n["duration"] - 1e-9)
-            grid[inside, j] = np.maximum(grid[inside, j], int(n["pitch"]))
-    return grid
+    """(n_slices, n_voices) pitch sounding in each voice at every onset of any voice (-1: rest;
+    :func:`aurl.analysis.part_writing.slices`)."""
+    return part_writing.slices(voices)[1]
 
 
 def voice_rules(voices: list[np.ndarray]) -> dict[str, float]:
-    """Rule-breaking rates of four voices (S, A, T, B; see the module docstring).
+    """Rule-breaking rates of four voices (S, A, T, B; see the module docstring), counted by
+    :mod:`aurl.analysis.part_writing`.
 
     Returns:
         ``parallels_per_100_moves``, ``crossings_per_100_slices``,
         ``spacing_per_100_slices``, ``out_of_range_per_100_notes``, and the counts
         ``moves``, ``parallels``, ``slices``.
     """
-    from aurl.generation.voices import SATB_RANGES
-
     grid = slices(voices)
-    a, b = grid[:-1], grid[1:]  # consecutive slices
-    moves = parallels = 0
-    n = grid.shape[1]
-    for i in range(n):
-        for j in range(i + 1, n):
-            sound = (a[:, i] >= 0) & (a[:, j] >= 0) & (b[:, i] >= 0) & (b[:, j] >= 0)
-            di, dj = b[:, i] - a[:, i], b[:, j] - a[:, j]
-            moving = sound & ((di != 0) | (dj != 0))
-            before = np.abs(a[:, i] - a[:, j]) % 12
-            after = np.abs(b[:, i] - b[:, j]) % 12
-            same_way = (np.sign(di) == np.sign(dj)) & (di != 0)
-            par = moving & same_way & (before == after) & np.isin(after, PERFECT)
-            moves += int(moving.sum())
-            parallels += int(par.sum())
-
-    def both(x: int, y: int) -> np.ndarray:
-        return (grid[:, x] >= 0) & (grid[:, y] >= 0)
-
-    crossings = sum(
-        int((both(k, k + 1) & (grid[:, k + 1] > grid[:, k])).sum()) for k in range(n - 1)
-    )
-    spacing = sum(
-        int((both(k, k + 1) & (grid[:, k] - grid[:, k + 1] > 12)).sum())
-        for k in range(min(2, n - 1))
-    )
-    out = total = 0
-    for v, (lo, hi) in zip(voices, SATB_RANGES):
-        out += int(((v["pitch"] < lo) | (v["pitch"] > hi)).sum())
-        total += len(v)
+    moves, parallels = part_writing.parallels(grid)
+    crossings = len(part_writing.crossings(grid))
+    spacing = len(part_writing.wide(grid))
+    out = len(part_writing.out_of_range(voices))
+    total = sum(len(v) for v in voices[: len(part_writing.SATB_RANGES)])
     s = max(1, len(grid))
     return {
-        "parallels_per_100_moves": 100.0 * parallels / max(1, moves),
+        "parallels_per_100_moves": 100.0 * len(parallels) / max(1, moves),
         "crossings_per_100_slices": 100.0 * crossings / s,
         "spacing_per_100_slices": 100.0 * spacing / s,
         "out_of_range_per_100_notes": 100.0 * out / max(1, total),
         "moves": moves,
-        "parallels": parallels,
+        "parallels": len(parallels),
         "slices": len(grid),
     }
 

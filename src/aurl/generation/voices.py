@@ -23,10 +23,7 @@ from itertools import combinations
 
 import numpy as np
 
-SATB = ("Soprano", "Alto", "Tenor", "Bass")
-# Comfortable ranges (MIDI pitches) for four-part writing, as in harmony textbooks
-# (e.g. Aldwell & Schachter): S C4-G5, A G3-D5, T C3-G4, B E2-C4.
-SATB_RANGES = ((60, 79), (55, 74), (48, 67), (40, 60))
+from aurl.analysis.part_writing import SATB, SATB_RANGES  # noqa: F401  (the voices' names, ranges)
 
 
 def voice_names(n: int) -> tuple[str, ...]:
