@@ -153,6 +153,16 @@ def test_analyze_returns_the_analysis_json(client):
     assert body["status"] == "ok" and body["name"] == "bwv66.mid"
     assert body["key"]["name"] == "F# minor"  # BWV 66.6 is in F# minor
     assert body["notes"] > 100 and body["cadences"]
+    # its tracks are voices: `aurl analyze`'s part writing comes too (the same counts)
+    from aurl.analysis import part_writing as pw
+    from aurl.analysis.report import voice_tracks
+    from aurl.data.midi_io import read_midi
+    from aurl.generation.compose import track_notes
+
+    voices = voice_tracks(track_notes(read_midi(CHORALE)[0]))
+    assert body["voice_leading"]["voices"] == ["Soprano", "Alto", "Tenor", "Bass"]
+    want = pw.faults([n for _, n in voices], [name for name, _ in voices])["counts"]
+    assert body["voice_leading"]["counts"] == want and want["moves"] > 200  # 214
 
 
 def test_notes_endpoint_gives_seconds(client):

@@ -110,9 +110,10 @@ def _limit_self(memory_mb: int, cpu_seconds: float) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _read_notes(path: Path) -> tuple[Any, float, list[str]]:
+def _read_notes(path: Path) -> tuple[Any, float, list[tuple[str, Any]]]:
     """Notes (drums kept), the bar length in beats from the first time signature (4 when
-    there is none), and the names of the tracks with notes (what ``part`` names)."""
+    there is none), and the tracks with notes, ``(name, notes)`` (the names: what ``part``
+    names)."""
     from aurl.config import DataConfig
     from aurl.data.midi_io import read_midi
     from aurl.data.notes import notes_from_score
@@ -123,7 +124,7 @@ def _read_notes(path: Path) -> tuple[Any, float, list[str]]:
     sigs = _raw_meter(path).signatures
     if sigs:
         bpb = sigs[0][1] * 4.0 / sigs[0][2]
-    return notes_from_score(score), bpb, [name for name, _ in track_notes(score)]
+    return notes_from_score(score), bpb, track_notes(score)
 
 
 def _raw_meter(path: Path) -> Any:
@@ -190,11 +191,13 @@ def _run_task(task: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
     notes, beats_per_bar, tracks = _read_notes(path)
     if task == "notes":
         cols = {name: notes[name].tolist() for name in notes.dtype.names}
-        return {"notes": cols, "beats_per_bar": beats_per_bar, "tracks": tracks}
-    from aurl.analysis.report import analyze_notes
+        return {"notes": cols, "beats_per_bar": beats_per_bar,
+                "tracks": [name for name, _ in tracks]}  # fmt: skip
+    from aurl.analysis.report import analyze_notes, voice_tracks
 
     bpb = float(options.get("beats_per_bar") or beats_per_bar)
-    return analyze_notes(notes, name=str(options.get("name", "")), beats_per_bar=bpb)
+    return analyze_notes(notes, name=str(options.get("name", "")), beats_per_bar=bpb,
+                         voices=voice_tracks(tracks))  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
