@@ -42,6 +42,7 @@ def test_faults_name_each_broken_rule_with_its_beat() -> None:
         (3.0, "out of range", ("Bass",)),
     ]
     assert got["faults"][0]["pitches"] == [[72, 48], [74, 50]] and got["faults"][0]["from_beat"] == 0
+    assert [f["second"] for f in got["faults"]] == [0.5, 1.0, 1.0, 1.5]  # 120 BPM: half a second a beat
     assert got["counts"]["moves"] == 6 + 6 + 6 and got["ranges_judged"]
     # the rates of `aurl evaluate --task` count the same faults
     rules = voice_rules(satb(*CHORDS))

@@ -237,3 +237,23 @@ def test_studio_generates_in_voices_and_lists_them_as_parts(browser, live_server
     assert [t.name for t in score.tracks] == ["Soprano", "Alto", "Tenor", "Bass"]
     assert int(page.get_attribute("#roll", "data-notes")) == sum(len(t.notes) for t in score.tracks)
     page.close()
+
+
+def test_check_voices_marks_the_faults_on_the_roll(browser, live_server, tmp_path):
+    """Load a four-track exercise with one parallel octave, a crossing, a wide spacing and a
+    bass note out of range; Check voices marks the four on the roll and counts them."""
+    from tests.analysis.test_part_writing import CHORDS, _write, satb
+
+    from aurl.analysis.part_writing import SATB
+
+    path = _write(list(zip(SATB, satb(*CHORDS))), tmp_path / "exercise.mid")
+    page = _studio(browser, live_server)
+    page.set_input_files("#primer", str(path))
+    page.wait_for_function("document.querySelectorAll('#part option').length == 5")
+    page.click("#check")
+    page.wait_for_function("document.getElementById('roll').dataset.faults === '4'",
+                           timeout=30_000)  # fmt: skip
+    said = page.text_content("#status")
+    assert said.startswith("Soprano, Alto, Tenor, Bass: 0 parallel fifths, 1 parallel octaves")
+    assert "1 crossings, 1 wide spacings, 1 out of range" in said
+    page.close()

@@ -97,29 +97,43 @@ def out_of_range(voices: list[np.ndarray]) -> list[tuple[int, int]]:
     return out
 
 
+def _onset_seconds(voices: list[np.ndarray], onsets: np.ndarray) -> np.ndarray:
+    """The time in seconds of each onset (beats) of ``onsets``, from the notes starting there."""
+    beats = np.concatenate([v["onset"] for v in voices if len(v)] or [np.zeros(0)])
+    seconds = np.concatenate([v["onset_s"] for v in voices if len(v)] or [np.zeros(0)])
+    order = np.argsort(beats, kind="stable")
+    at = np.searchsorted(beats[order], onsets - 1e-9)
+    return seconds[order][np.minimum(at, len(order) - 1)] if len(order) else onsets * 0.0
+
+
 def faults(voices: list[np.ndarray], names: list[str]) -> dict[str, Any]:
     """Where ``voices`` (highest first, named ``names``) break the rules: counts (moves,
-    slices, notes) and each fault with its beat (JSON-ready). Ranges are judged only where the
-    names are SATB's, in order."""
+    slices, notes) and each fault with its beat and second (JSON-ready). Ranges are judged only
+    where the names are SATB's, in order."""
     onsets, grid = slices(voices)
+    seconds = _onset_seconds(voices, onsets)
     moves, par = parallels(grid)
     items: list[dict[str, Any]] = []
     for t, i, j, iv in par:
         items.append({"beat": float(onsets[t + 1]), "from_beat": float(onsets[t]),
+                      "second": float(seconds[t + 1]),
                       "rule": "parallel octaves" if iv == 0 else "parallel fifths",
                       "voices": [names[i], names[j]],
                       "pitches": [[int(grid[t, i]), int(grid[t, j])],
                                   [int(grid[t + 1, i]), int(grid[t + 1, j])]]})  # fmt: skip
     for t, k in crossings(grid):
-        items.append({"beat": float(onsets[t]), "rule": "crossing", "voices": [names[k], names[k + 1]],
+        items.append({"beat": float(onsets[t]), "second": float(seconds[t]), "rule": "crossing",
+                      "voices": [names[k], names[k + 1]],
                       "pitches": [int(grid[t, k]), int(grid[t, k + 1])]})  # fmt: skip
     for t, k, gap in wide(grid):
-        items.append({"beat": float(onsets[t]), "rule": "spacing", "voices": [names[k], names[k + 1]],
+        items.append({"beat": float(onsets[t]), "second": float(seconds[t]), "rule": "spacing",
+                      "voices": [names[k], names[k + 1]],
                       "pitches": [int(grid[t, k]), int(grid[t, k + 1])], "semitones": gap})  # fmt: skip
     satb = list(names) == list(SATB[: len(names)]) and len(names) == len(SATB)
     for v, i in out_of_range(voices) if satb else []:
         lo, hi = SATB_RANGES[v]
-        items.append({"beat": float(voices[v]["onset"][i]), "rule": "out of range",
+        items.append({"beat": float(voices[v]["onset"][i]),
+                      "second": float(voices[v]["onset_s"][i]), "rule": "out of range",
                       "voices": [names[v]], "pitches": [int(voices[v]["pitch"][i])],
                       "range": [lo, hi]})  # fmt: skip
     items.sort(key=lambda f: (f["beat"], f["rule"]))

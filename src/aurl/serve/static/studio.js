@@ -5,13 +5,17 @@
 const $ = (id) => document.getElementById(id);
 const LOW = 21, HIGH = 108, ROW = 5, PPS = 60;  // pitch range, px per semitone, px per second
 let notes = [], midiBlob = null, selection = null, socket = null, primerB64 = null, drawQueued = false;
+let faults = [];  // the piece's part-writing faults (Check voices), drawn on the roll
 
 function status(text, isError) {
   $("status").textContent = text;
   $("status").className = isError ? "error" : "";
 }
 
-function setNotes(list) { notes = list; redraw(); }
+function setNotes(list) { notes = list; faults = []; redraw(); }
+
+const FAULT_MARK = { "parallel fifths": ["P5", "#d32f2f"], "parallel octaves": ["P8", "#d32f2f"],
+  "crossing": ["X", "#ef6c00"], "spacing": ["S", "#ef6c00"], "out of range": ["R", "#6a1b9a"] };
 
 function redraw() {
   if (drawQueued) return;
@@ -31,6 +35,15 @@ function redraw() {
       g.fillStyle = `hsl(${210 - n.velocity}, 70%, 45%)`;
       g.fillRect(n.start * PPS, (HIGH - n.pitch) * ROW, Math.max(2, (n.end - n.start) * PPS - 1), ROW - 1);
     }
+    g.font = "11px sans-serif";
+    for (const f of faults) {
+      const [mark, color] = FAULT_MARK[f.rule] || ["?", "#000"];
+      const x = f.second * PPS;
+      g.strokeStyle = g.fillStyle = color;
+      g.beginPath(); g.moveTo(x, 12); g.lineTo(x, c.height); g.stroke();
+      g.fillText(mark, x + 2, 10);
+    }
+    c.dataset.faults = String(faults.length);
     c.dataset.notes = String(notes.length);
     $("note-count").textContent = String(notes.length);
   });
@@ -157,6 +170,21 @@ async function infill() {
   status("filled in");
 }
 
+// Check voices: the piece's tracks read as voices (POST /api/analyze), each fault marked.
+async function checkVoices() {
+  if (!midiBlob) return status("generate or load a piece first", true);
+  const form = new FormData();
+  form.append("file", midiBlob, "piece.mid");
+  status("checking the voices...");
+  const r = await fetch("/api/analyze", { method: "POST", body: form });
+  if (!r.ok) return status(await errorText(r), true);
+  const v = (await r.json()).voice_leading;
+  if (!v) return status("its tracks are not voices: generate with Voices SATB, or load a file with one voice per track", true);
+  faults = v.faults; redraw();
+  const c = v.counts;
+  status(`${v.voices.join(", ")}: ${c["parallel fifths"]} parallel fifths, ${c["parallel octaves"]} parallel octaves in ${c.moves} moves; ${c.crossing} crossings, ${c.spacing} wide spacings, ${c["out of range"]} out of range (marked P5, P8, X, S, R)`);
+}
+
 function setDownloads(on) { $("download").disabled = $("download-xml").disabled = !on; }
 
 function save(blob, name) {
@@ -209,6 +237,7 @@ async function init() {
   $("infill").onclick = () => infill().catch((e) => status(String(e), true));
   $("download").onclick = download;
   $("download-xml").onclick = () => downloadXml().catch((e) => status(String(e), true));
+  $("check").onclick = () => checkVoices().catch((e) => status(String(e), true));
   $("play").onclick = () => AurlSynth.play(notes, () => {});
   $("stop").onclick = () => AurlSynth.stop();
   $("primer").onchange = async () => {
