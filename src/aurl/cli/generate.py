@@ -105,8 +105,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--voice-leading", action=argparse.BooleanOptionalAction, default=None,
         help="never start a note that moves in parallel fifths or octaves with a lower voice, "
-        "read against the chord before it as --voices splits the piece, and keep the upper "
-        "voices within an octave (--spacing); default: on with --voices, off otherwise",
+        "read against the chord before it as --voices splits the piece, and lean to keep the "
+        "upper voices within an octave (--spacing) and each voice in its range (--ranges); "
+        "default: on with --voices, off otherwise",
     )  # fmt: skip
     c.add_argument(
         "--spacing", type=float, metavar="S",
@@ -152,7 +153,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the built-in synthesizer (an organ-like tone, 22 kHz mono)")  # fmt: skip
     o.add_argument(
         "--voices", type=int, metavar="N",
-        help="write the notes as N voices on N tracks (4: Soprano, Alto, Tenor, Bass)",
+        help="write the notes as N voices on N tracks (4: Soprano, Alto, Tenor, Bass), decoded "
+        "as voices (--voice-leading; --no-voice-leading decodes them freely)",
     )  # fmt: skip
     o.add_argument("--force", action="store_true", help="overwrite existing files")
     o.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")

@@ -703,7 +703,7 @@ class LogitMasker:
 
     def _no_parallels(self, keep: Any, allowed: Any, state: MaskState, x: Any) -> Any:
         """``keep`` without the NOTE_ONs that would move in a parallel fifth or octave with a
-        note sounding below them (:func:`aurl.generation.voice_leading.parallels_with`, against
+        note sounding below them (:func:`aurl.generation.voice_leading.refused`, against
         the last slice). Judged on the host, row by row, where a row may start a note."""
         on, g = self.note_on_ids, state.grammar
         if x.numpy:
