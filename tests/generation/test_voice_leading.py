@@ -267,3 +267,23 @@ def test_the_range_lean_is_on_notes_outside_the_voice_of_their_rank(numpy: bool)
     # three voices (S, A, B): over the bass the alto; unknown voices: no lean
     assert leaned(3, 48) == [49, 50, 51, 52, 53, 54, *range(75, 109)]
     assert leaned(0, 48) == []
+
+
+def test_harmonize_says_the_parallels_its_file_holds(tmp_path, capsys) -> None:
+    """The composing commands' line counts the written voices as `aurl analyze` does."""
+    from pathlib import Path
+
+    import symusic
+
+    from aurl.analysis import part_writing as pw
+    from aurl.analysis.report import voice_tracks
+    from aurl.cli import main
+    from aurl.generation.compose import track_notes
+
+    chorale = Path(__file__).resolve().parents[1] / "fixtures" / "midi" / "bach_bwv269.mid"
+    assert main(["harmonize", str(chorale), "--out", str(tmp_path)]) == 0
+    said = re.findall(r"(\d+) parallel 5ths/8ves in (\d+) moves", capsys.readouterr().out)
+    (written,) = tmp_path.glob("*.mid")
+    voices = voice_tracks(track_notes(symusic.Score(str(written))))
+    moves, found = pw.parallels(pw.slices([n for _, n in voices])[1])
+    assert said == [(str(len(found)), str(moves))] and moves > 300

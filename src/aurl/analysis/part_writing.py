@@ -65,6 +65,12 @@ def parallels(grid: np.ndarray) -> tuple[int, list[tuple[int, int, int, int]]]:
     return moves, sorted(found)
 
 
+def parallels_line(voices: list[np.ndarray]) -> str:
+    """'N parallel 5ths/8ves in M moves': what the commands that write voices say of them."""
+    moves, found = parallels(slices(voices)[1])
+    return f"{len(found)} parallel 5ths/8ves in {moves} moves"
+
+
 def _both(grid: np.ndarray, x: int, y: int) -> np.ndarray:
     return (grid[:, x] >= 0) & (grid[:, y] >= 0)
 

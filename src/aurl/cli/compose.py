@@ -295,10 +295,22 @@ def _write(results: list, paths: list, given: Any, kept_track: str | None) -> No
                 about = "no given notes (the span held every note)"
             if "phrase_ends" in s:  # harmonizing: what the listener hears at each phrase end
                 about += f", cadences at {s['cadences']} of {s['phrase_ends']} phrase ends"
+            about += _voices_said(targets["mid"])
             print(
                 f"{targets['mid'].stem}: {len(c.notes)} new notes, {about}, "
                 f"{s['tokens']} tokens, {s['seconds']:.1f} s"
             )
+
+
+def _voices_said(path: Path) -> str:
+    """', N parallel 5ths/8ves in M moves' of the written file's voices ('' when its tracks
+    are not voices)."""
+    from aurl.analysis.part_writing import parallels_line
+    from aurl.analysis.report import voice_tracks
+    from aurl.generation.compose import track_notes
+
+    voices = voice_tracks(track_notes(read_score(path)))
+    return f", {parallels_line([n for _, n in voices])}" if voices else ""
 
 
 def _read_back(path: Path, track: str | None) -> Any:

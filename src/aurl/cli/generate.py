@@ -813,11 +813,10 @@ def write_pieces(
 def _parallels_line(notes, voices: int) -> str:
     """'N parallel 5ths/8ves in M moves' of the piece split as ``--voices`` writes it (the rule
     ``aurl evaluate --task harmonize`` counts)."""
+    from aurl.analysis.part_writing import parallels_line
     from aurl.data.notes import pitched
-    from aurl.evaluation.tasks import voice_rules
     from aurl.generation.voices import assign_voices
 
     notes = pitched(notes)
     voice = assign_voices(notes, voices)
-    rules = voice_rules([notes[voice == v] for v in range(voices)])
-    return f"{rules['parallels']} parallel 5ths/8ves in {rules['moves']} moves"
+    return parallels_line([notes[voice == v] for v in range(voices)])
