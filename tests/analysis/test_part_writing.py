@@ -106,3 +106,12 @@ def test_a_chorale_reads_as_satb_and_a_piano_part_as_no_voices() -> None:
     # unnamed tracks read as numbered voices, highest first
     named = voice_tracks([("", bass), ("", make_notes([0, 1], 1.0, [72, 74]))])
     assert [name for name, _ in named] == ["Voice 1", "Voice 2"] and named[0][1]["pitch"][0] == 72
+
+
+def test_a_long_piece_lists_the_first_faults_and_counts_them_all() -> None:
+    # 1,500 beats with the alto over the soprano throughout: 1,500 crossings
+    n = 1500
+    voices = [make_notes(np.arange(n), 1.0, [60] * n), make_notes(np.arange(n), 1.0, [64] * n)]
+    got = pw.faults(voices, ["Voice 1", "Voice 2"])
+    assert got["counts"]["crossing"] == n and len(got["faults"]) == pw.MAX_LISTED
+    assert got["faults"][-1]["beat"] == pw.MAX_LISTED - 1

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 PERFECT = (0, 7)  # interval classes of parallel octaves / unisons and fifths
+MAX_LISTED = 1000  # faults listed with their beats (the counts count them all)
 SATB = ("Soprano", "Alto", "Tenor", "Bass")
 # Comfortable ranges (MIDI pitches) for four-part writing, as in harmony textbooks
 # (e.g. Aldwell & Schachter): S C4-G5, A G3-D5, T C3-G4, B E2-C4.
@@ -39,9 +40,12 @@ def slices(voices: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     onsets = np.unique(np.concatenate([v["onset"] for v in voices if len(v)] or [np.zeros(0)]))
     grid = np.full((len(onsets), len(voices)), -1, dtype=np.int64)
     for j, v in enumerate(voices):
-        for n in np.sort(v, order=["onset", "pitch"]):
-            inside = (onsets >= n["onset"] - 1e-9) & (onsets < n["onset"] + n["duration"] - 1e-9)
-            grid[inside, j] = np.maximum(grid[inside, j], int(n["pitch"]))
+        # the slices each note sounds in: onset <= slice < end (1e-9 beats of slack)
+        lo = np.searchsorted(onsets, v["onset"] - 1e-9).tolist()
+        hi = np.searchsorted(onsets, v["onset"] + v["duration"] - 1e-9).tolist()
+        for a, b, p in zip(lo, hi, v["pitch"].tolist()):
+            if a < b:
+                grid[a:b, j] = np.maximum(grid[a:b, j], p)
     return onsets, grid
 
 
@@ -114,8 +118,8 @@ def _onset_seconds(voices: list[np.ndarray], onsets: np.ndarray) -> np.ndarray:
 
 def faults(voices: list[np.ndarray], names: list[str]) -> dict[str, Any]:
     """Where ``voices`` (highest first, named ``names``) break the rules: counts (moves,
-    slices, notes) and each fault with its beat and second (JSON-ready). Ranges are judged only
-    where the names are SATB's, in order."""
+    slices, notes) and each fault with its beat and second, the first :data:`MAX_LISTED` of
+    them (JSON-ready). Ranges are judged only where the names are SATB's, in order."""
     onsets, grid = slices(voices)
     seconds = _onset_seconds(voices, onsets)
     moves, par = parallels(grid)
@@ -146,4 +150,5 @@ def faults(voices: list[np.ndarray], names: list[str]) -> dict[str, Any]:
     counts = {"moves": moves, "slices": len(grid), "notes": int(sum(len(v) for v in voices))}
     for rule in ("parallel fifths", "parallel octaves", "crossing", "spacing", "out of range"):
         counts[rule] = sum(f["rule"] == rule for f in items)
-    return {"voices": list(names), "counts": counts, "faults": items, "ranges_judged": satb}
+    return {"voices": list(names), "counts": counts, "faults": items[:MAX_LISTED],
+            "ranges_judged": satb}  # fmt: skip

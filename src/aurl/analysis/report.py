@@ -635,10 +635,12 @@ def _voice_leading_blocks(v: dict[str, Any], beats_per_bar: float) -> list[Block
         rows.append([where, f["rule"], " / ".join(f["voices"]), what])
     blocks: list[Block] = [("h2", "Voice leading"), ("p", said)]
     if rows:
-        more = len(v["faults"]) - len(rows)
+        total = sum(c[k] for k in ("parallel fifths", "parallel octaves", "crossing", "spacing",
+                                   "out of range"))  # fmt: skip
         blocks.append(_table(["where", "rule", "voices", "pitches"], rows))
-        if more > 0:
-            blocks.append(("p", f"... and {more} more (analysis.json lists every one)."))
+        if total > len(rows):
+            blocks.append(("p", f"... and {total - len(rows)} more (analysis.json lists the "
+                                f"first {len(v['faults'])})."))  # fmt: skip
     return blocks
 
 
