@@ -287,3 +287,35 @@ def test_harmonize_says_the_parallels_its_file_holds(tmp_path, capsys) -> None:
     voices = voice_tracks(track_notes(symusic.Score(str(written))))
     moves, found = pw.parallels(pw.slices([n for _, n in voices])[1])
     assert said == [(str(len(found)), str(moves))] and moves > 300
+
+
+@pytest.mark.parametrize("voices, cap", [(0, 8), (4, 8), (4, 4)])
+def test_the_dense_mask_of_a_torch_device_is_the_host_rule(voices: int, cap: int) -> None:
+    """What a GPU runs (`_no_parallels_dense`, torch over the batch, no host wait) against the
+    host's row-by-row rule, at every step of three chorales decoded side by side, on the CPU."""
+    from pathlib import Path
+
+    from aurl.config import DataConfig
+    from aurl.data.tokenizer import Tokenizer
+
+    vocab = Vocab()
+    tokenizer = Tokenizer(vocab.config, DataConfig())
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "midi"
+    files = ["bach_bwv66.6.mid", "bach_bwv269.mid", "bach_bwv269.mid"]  # (a row repeated)
+    rows = [tokenizer.encode_file(folder / f) for f in files]
+    T = 260
+    ids = torch.as_tensor(np.stack([np.asarray(r[:T]) for r in rows]))
+    config = GenerationConfig(voice_leading=True, voices=voices, polyphony_cap=cap)
+    masker = make_masker(vocab, config, "cpu")  # cap 4: slices as full as the dense tensor
+    state = masker.prime(masker.initial_state(3), ids[:, :1])
+    compared = refused_somewhere = 0
+    for j in range(1, T):
+        allowed = masker.grammar.allowed(state.grammar)
+        dense, _ = masker.constrain(state, allowed)  # torch: the dense path
+        host, _ = masker.constrain(state, allowed.numpy().copy())  # numpy: the host path
+        assert np.array_equal(dense.numpy(), host), j
+        compared += 1
+        refused_somewhere += int((allowed.numpy() & ~host).any())
+        state = masker.advance(state, ids[:, j])
+    # steps where the rule refused a note the grammar allowed: 212 (voices unknown), 149 (4)
+    assert compared == T - 1 and refused_somewhere > 120, refused_somewhere

@@ -52,6 +52,7 @@ DENSITY_STRENGTH = 2.0  # bias per unit of log(target / actual density) on NOTE_
 DENSITY_MAX_BIAS = 8.0
 MIN_TOKENS = 8  # the shortest limit that leaves room for one note and a clean END
 PARALLEL_MEMO = 65536  # voice leading: (last slice, sounding) pairs remembered per masker
+DENSE_VOICES = 12  # voice leading on a torch device: dense up to this polyphony cap, else host
 END_HOLD_BEATS = 1.0  # quarter notes: the shortest final chord of a piece limited in seconds
 
 
@@ -704,8 +705,12 @@ class LogitMasker:
     def _no_parallels(self, keep: Any, allowed: Any, state: MaskState, x: Any) -> Any:
         """``keep`` without the NOTE_ONs that would move in a parallel fifth or octave with a
         note sounding below them (:func:`aurl.generation.voice_leading.refused`, against
-        the last slice). Judged on the host, row by row, where a row may start a note."""
+        the last slice). On the host, row by row where a row may start a note; on a torch
+        device (a GPU) the same rule dense over the batch (:meth:`_no_parallels_dense`), so
+        no step waits for the host."""
         on, g = self.note_on_ids, state.grammar
+        if not x.numpy and self.grammar.polyphony_cap <= DENSE_VOICES:
+            return self._no_parallels_dense(keep, state)
         if x.numpy:
             last, sounding = x.of(state.last_slice), x.of(g.sounding).any(1)
             can = allowed[:, on].any(1)
@@ -724,6 +729,50 @@ class LogitMasker:
 
         drop = torch.zeros_like(keep)
         drop[rows, on] = torch.as_tensor(bad, device=keep.device)
+        return keep & ~drop
+
+    def _no_parallels_dense(self, keep: Any, state: MaskState) -> Any:
+        """:meth:`_no_parallels` in torch over the whole batch at once: every (lower voice,
+        its reading, the candidate's reading, candidate) of
+        :func:`aurl.generation.voice_leading.refused` as one (B, K, 1+K, 1+K, P) tensor, K the
+        polyphony cap (the most notes a slice holds; :data:`DENSE_VOICES` at most). Equal to
+        the host rule (tested on the CPU)."""
+        import torch
+
+        from aurl.generation.voice_leading import NEAR_STEP
+
+        pitch = self._torch.tables.pitch_index  # (P,) pitch offsets: differences are semitones
+        K, none = min(self.grammar.polyphony_cap, len(pitch)), -10_000
+        last, now = state.last_slice, state.grammar.sounding.any(1)  # (B, P)
+
+        def ascending(mask: Any) -> tuple[Any, Any]:  # (B, K) pitches, `none` past the last
+            v = torch.where(mask, pitch, -none).sort(dim=1).values[:, :K]
+            return torch.where(v < -none, v, none), v < -none
+
+        prev, prev_ok = ascending(last)
+        q, q_ok = ascending(now)
+        n_prev = last.sum(1, keepdim=True)  # (B, 1)
+        near = (n_prev != self.constraints.voices)[:, :, None]  # (B, 1, 1): not a full slice
+        # the lower voices' readings (B, K, 1 + K): by rank, then each earlier note near it
+        q_near = near & prev_ok[:, None, :] & ((q[:, :, None] - prev[:, None, :]).abs() <= NEAR_STEP)
+        qf = torch.cat([prev[:, :, None], torch.where(q_near, prev[:, None, :], none)], dim=2)
+        moved = q_ok[:, :, None] & (qf != none) & (qf != q[:, :, None])
+        # the candidates' readings (B, 1 + K, P): the note of their rank, each earlier one near
+        below = now.long().cumsum(1) - now.long()  # notes sounding under each pitch
+        by_rank = torch.gather(prev, 1, below.clamp(max=K - 1))
+        by_rank = torch.where(below < n_prev, by_rank, none)
+        c_near = near & prev_ok[:, :, None] & ((pitch - prev[:, :, None]).abs() <= NEAR_STEP)
+        cf = torch.cat([by_rank[:, None, :], torch.where(c_near, prev[:, :, None], none)], dim=1)
+        Q, QF = q[:, :, None, None, None], qf[:, :, :, None, None]
+        CF = cf[:, None, None, :, :]
+        interval = (pitch - Q).abs() % 12
+        bad = (
+            moved[:, :, :, None, None] & (CF != none) & (pitch > Q) & (CF != pitch) & (CF != QF)
+            & ((interval == 0) | (interval == 7)) & ((CF - QF).abs() % 12 == interval)
+            & (torch.sign(pitch - CF) == torch.sign(Q - QF))
+        )  # fmt: skip
+        drop = torch.zeros_like(keep)
+        drop[:, self.note_on_ids] = bad.flatten(1, 3).any(1)
         return keep & ~drop
 
     def _voice_leans(self, state: MaskState, x: Any) -> Any:
