@@ -28,9 +28,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
+from aurl.analysis.part_writing import PERFECT  # interval classes: unison / octave, fifth
+
 NEAR_STEP = 5  # semitones: an earlier note this close may be the one a new note continues
 BELOW, ABOVE, EITHER = 0, 1, 2  # which candidates a voice is judged against: above it, below, any
-PERFECT = (0, 7)  # interval classes: unison / octave, fifth
 
 
 def refused(
