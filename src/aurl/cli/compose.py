@@ -275,9 +275,10 @@ def _options(args: argparse.Namespace, key: str = "") -> Any:
 
 
 def _write(results: list, paths: list, given: Any, kept_track: str | None) -> None:
-    """Write each result; read the MIDI back and check that the given notes are all there."""
+    """Write each result; read the MIDI back, check that the given notes are all there and
+    count the parallels of its voices."""
     from aurl.data.notes import notes_from_score
-    from aurl.generation.compose import melody_kept
+    from aurl.generation.compose import melody_kept, track_notes
     from aurl.generation.export import export_piece
 
     for c, targets in zip(results, paths):
@@ -287,39 +288,38 @@ def _write(results: list, paths: list, given: Any, kept_track: str | None) -> No
             print(f"wrote {path}")
         if "mid" in targets:
             s = c.stats
+            tracks = track_notes(read_score(targets["mid"]))  # the file as written
             if len(given):
-                kept = melody_kept(_read_back(targets["mid"], kept_track), given)
+                kept = melody_kept(_kept_notes(tracks, kept_track), given)
                 about = (f"given notes kept {kept:.0%}, {s['given_bits_per_note']:.2f} bits per "
                          "given note")  # fmt: skip
             else:  # the span held every note (0 of 0 kept read "nan%")
                 about = "no given notes (the span held every note)"
             if "phrase_ends" in s:  # harmonizing: what the listener hears at each phrase end
                 about += f", cadences at {s['cadences']} of {s['phrase_ends']} phrase ends"
-            about += _voices_said(targets["mid"])
+            about += _voices_said(tracks)
             print(
                 f"{targets['mid'].stem}: {len(c.notes)} new notes, {about}, "
                 f"{s['tokens']} tokens, {s['seconds']:.1f} s"
             )
 
 
-def _voices_said(path: Path) -> str:
-    """', N parallel 5ths/8ves in M moves' of the written file's voices ('' when its tracks
-    are not voices)."""
+def _voices_said(tracks: list) -> str:
+    """', N parallel 5ths/8ves in M moves' of a written file's voices, from its tracks ('' when
+    they are not voices)."""
     from aurl.analysis.part_writing import parallels_line
     from aurl.analysis.report import voice_tracks
-    from aurl.generation.compose import track_notes
 
-    voices = voice_tracks(track_notes(read_score(path)))
+    voices = voice_tracks(tracks)
     return f", {parallels_line([n for _, n in voices])}" if voices else ""
 
 
-def _read_back(path: Path, track: str | None) -> Any:
+def _kept_notes(tracks: list, track: str | None) -> Any:
+    """The notes of the written track ``track`` (all of them when None)."""
     import numpy as np
 
     from aurl.data.notes import empty_notes
-    from aurl.generation.compose import track_notes
 
-    tracks = track_notes(read_score(path))
     if track is None:
         return np.concatenate([n for _, n in tracks]) if tracks else empty_notes()
     return next((n for name, n in tracks if name == track), empty_notes())
