@@ -139,7 +139,7 @@ def faults(voices: list[np.ndarray], names: list[str]) -> dict[str, Any]:
         items.append({"beat": float(onsets[t]), "second": float(seconds[t]), "rule": "spacing",
                       "voices": [names[k], names[k + 1]],
                       "pitches": [int(grid[t, k]), int(grid[t, k + 1])], "semitones": gap})  # fmt: skip
-    satb = list(names) == list(SATB[: len(names)]) and len(names) == len(SATB)
+    satb = list(names) == list(SATB)
     for v, i in out_of_range(voices) if satb else []:
         lo, hi = SATB_RANGES[v]
         items.append({"beat": float(voices[v]["onset"][i]),

@@ -1002,25 +1002,20 @@ def _penalty(strictness: float) -> float:
 
 def _rank_ranges(free_voices: int) -> np.ndarray | None:
     """(free_voices, 2) the SATB range of the model's voices from the bottom (bass first),
-    under a melody; None where the voices are not SATB's."""
-    from aurl.generation.voices import SATB, SATB_RANGES, voice_names
+    under a melody (the soprano's, last, dropped); None where the voices are not SATB's."""
+    from aurl.generation.voices import voice_ranges
 
-    names = voice_names(free_voices + 1)[1:][::-1]
-    if not all(n in SATB for n in names):
-        return None
-    return np.array([SATB_RANGES[SATB.index(n)] for n in names], dtype=np.int64)
+    ranges = voice_ranges(free_voices + 1)
+    return None if ranges is None else ranges[:-1]
 
 
 def _around_ranges(voices: int, above: int) -> np.ndarray | None:
     """(voices - 1, 2) the SATB range of the model's voices from the bottom (bass first) around
     a given part with ``above`` of them over it; None where the voices are not SATB's."""
-    from aurl.generation.voices import SATB, SATB_RANGES, voice_names
+    from aurl.generation.voices import voice_ranges
 
-    names = list(voice_names(voices))
-    if not all(n in SATB for n in names):
-        return None
-    del names[above]  # the part's own
-    return np.array([SATB_RANGES[SATB.index(n)] for n in names[::-1]], dtype=np.int64)
+    ranges = voice_ranges(voices)
+    return None if ranges is None else np.delete(ranges, voices - 1 - above, axis=0)
 
 
 def _around(row: _Row, plan: Plan) -> tuple[np.ndarray | None, bool, bool]:

@@ -252,7 +252,8 @@ class Constraints:
             another under that one (an upper voice too far from the next: the lowest voice
             may lie further), gets ``log(1 - spacing)`` (0: off).
         ranges: With ``voices`` SATB's (2-4), a NOTE_ON outside the textbook range of the
-            voice of its rank from the bottom (:func:`voice_ranges`) gets ``log(1 - ranges)``
+            voice of its rank from the bottom (:func:`aurl.generation.voices.voice_ranges`)
+            gets ``log(1 - ranges)``
             (0: off).
     """
 
@@ -339,20 +340,6 @@ def build_constraints(vocab: Vocab, config: GenerationConfig) -> Constraints:
 # --------------------------------------------------------------------------------------------
 
 
-def voice_ranges(voices: int) -> np.ndarray | None:
-    """(voices, 2) the textbook ranges (MIDI pitches) of ``voices`` SATB voices from the
-    bottom (bass first), as :func:`aurl.generation.voices.voice_names` names them; None where
-    they are not SATB's (1 voice, or more than 4)."""
-    from aurl.generation.voices import SATB, SATB_RANGES, voice_names
-
-    if voices < 2:
-        return None
-    names = voice_names(voices)
-    if not all(n in SATB for n in names):
-        return None
-    return np.array([SATB_RANGES[SATB.index(n)] for n in names[::-1]], dtype=np.int64)
-
-
 def _block(vocab: Vocab, kind: Kind) -> slice:
     """The ids of ``kind``, which the vocabulary lays out as one block."""
     ids = np.flatnonzero(vocab.kind == kind)
@@ -408,6 +395,8 @@ class LogitMasker:
         pedal = (t.kind == Kind.SUSTAIN_ON) | (t.kind == Kind.SUSTAIN_OFF)
         beats = t.shift_steps.astype(np.float32) * np.float32(t.beats_per_step)  # (V,) shifts
         # the range of each voice by rank (voice writing), and its lean
+        from aurl.generation.voices import voice_ranges
+
         ranges = voice_ranges(constraints.voices) if constraints.ranges > 0 else None
         self.ranges_penalty = math.log1p(-constraints.ranges) if ranges is not None else 0.0
         # The tables constrain() reads, as numpy arrays and (device given) torch tensors.

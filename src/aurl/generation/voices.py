@@ -37,6 +37,18 @@ def voice_names(n: int) -> tuple[str, ...]:
     return tuple(f"Voice {i + 1}" for i in range(n))
 
 
+def voice_ranges(voices: int) -> np.ndarray | None:
+    """(voices, 2) the textbook ranges (MIDI pitches) of ``voices`` SATB voices from the
+    bottom (bass first), as :func:`voice_names` names them; None where they are not SATB's
+    (1 voice, or more than 4)."""
+    if voices < 2:
+        return None
+    names = voice_names(voices)
+    if not all(n in SATB for n in names):
+        return None
+    return np.array([SATB_RANGES[SATB.index(n)] for n in names[::-1]], dtype=np.int64)
+
+
 def assign_voices(notes: np.ndarray, n: int) -> np.ndarray:
     """Voice index (0 = highest) of every note of a note array (see the module docstring).
 
