@@ -79,6 +79,36 @@ def test_a_voice_that_drops_out_is_read_by_nearest_pitch() -> None:
     assert 65 not in free and 64 in free
 
 
+def test_an_infilled_voice_moves_into_its_kept_note_without_parallels() -> None:
+    """`aurl infill --part`: the last new note of the voice moves to the voice's own kept note
+    after the span; a pitch that would make that move a parallel fifth or octave with a given
+    voice is named for the lean (`_parallel_after`), and only where a note started now would
+    sound up to that kept note."""
+    from aurl.generation.compose import _parallel_after, _Row
+
+    vocab = Vocab()
+    # the soprano C5 (beats 0-1) steps up to D5 (beat 1); the alto is written again in beats
+    # 0-1 and keeps its G4 at beat 1 (a fifth under D5)
+    given = make_notes([0, 1, 1], 1, [72, 74, 67])
+    plan = make_plan(given, vocab, free_span=(0.0, 1.0), max_free=1, rank=1,
+                     voice_after=(67, 1.0))  # fmt: skip
+    assert plan.after is not None
+    assert (plan.after.pitch, plan.after.step, plan.after.since) == (67, 32, 0)
+    assert plan.after.others == (74,)
+    bad = set(_parallel_after(_Row(plan), plan).tolist())
+    # F4 -> G4 under C5 -> D5: parallel fifths; F3 too (a twelfth); both rising with the soprano
+    assert {65, 53}.issubset(bad)
+    # E4 (a sixth into a fifth), A4 (contrary motion into the fifth), G4 (oblique): allowed
+    assert not {64, 69, 67} & bad
+    # a note started before the soprano's last onset in the span does not sound up to the kept
+    # note: nothing is named there
+    given = make_notes([0, 0.5, 1, 1], [0.5, 0.5, 1, 1], [71, 72, 74, 67])
+    plan = make_plan(given, vocab, free_span=(0.0, 1.0), max_free=1, rank=1,
+                     voice_after=(67, 1.0))  # fmt: skip
+    assert plan.after.since == 16
+    assert _parallel_after(_Row(plan), plan) is None
+
+
 def test_scale_bias_keeps_the_leading_tone_of_a_minor_key() -> None:
     vocab = Vocab()
     bias = scale_bias(vocab, "A minor", 0.9)

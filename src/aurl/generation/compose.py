@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -159,6 +159,16 @@ class Composition:
 # --------------------------------------------------------------------------------------------
 
 
+class VoiceAfter(NamedTuple):
+    """:func:`infill` of one voice: its kept note after the span, which the last new note
+    moves to."""
+
+    pitch: int
+    step: int  # where it starts
+    since: int  # the last given onset before it: a new note from here on sounds up to it
+    others: tuple[int, ...]  # the other given pitches sounding as it starts, ascending
+
+
 @dataclass(frozen=True)
 class Plan:
     """What is forced and where the model may write, in steps (1/32 beat in beat mode).
@@ -176,6 +186,7 @@ class Plan:
         above: :func:`accompany`: the model's voices to keep above the given part.
         rank, voice_before: :func:`infill` of one voice: the given voices to keep above it,
             and the pitch of its own kept note sounding into the span.
+        after: :func:`infill` of one voice: its own kept note after the span (None: none).
     """
 
     offs: dict[int, list[int]]
@@ -195,6 +206,7 @@ class Plan:
     # infill of one voice: the given voices to keep above the model's notes; -1: none
     rank: int = -1
     voice_before: int = -1  # infill of one voice: its kept note sounding into the span, -1: none
+    after: VoiceAfter | None = None  # infill of one voice: its kept note after the span
 
     def ceiling_at(self, t: int) -> int:
         i = int(np.searchsorted(self.ceiling_steps, t, side="right")) - 1
@@ -230,10 +242,12 @@ def make_plan(
     above: int = -1,
     rank: int = -1,
     voice_before: int = -1,
+    voice_after: tuple[int, float] | None = None,
 ) -> Plan:
     """The :class:`Plan` for given notes (beats) and a free span in beats (default: from the
     first given onset to the last given end); ``above``, ``rank``, ``voice_before``: see
-    :class:`Plan`.
+    :class:`Plan`; ``voice_after``: (pitch, onset in beats) of the voice's kept note after the
+    span (None: none).
 
     Raises:
         ConstraintError: the vocabulary counts time in seconds (the plan needs beats).
@@ -277,8 +291,30 @@ def make_plan(
         offs=offs, ons=ons, free_start=a, free_end=b, end=end, ceiling_steps=steps, ceiling=top,
         max_free=max_free, tempo_bin=int(vocab.tempo_bin(qpm)), event_steps=steps,
         voice_leading=voice_leading, melody_top=ceiling, above=above, rank=rank,
-        voice_before=voice_before,
+        voice_before=voice_before, after=_voice_after(voice_after, on, off, pitch, ons, spb, a),
     )  # fmt: skip
+
+
+def _voice_after(
+    after: tuple[int, float] | None,
+    on: np.ndarray,
+    off: np.ndarray,
+    pitch: np.ndarray,
+    ons: dict[int, list[int]],
+    spb: int,
+    free_start: int,
+) -> VoiceAfter | None:
+    """The :class:`VoiceAfter` of a voice's kept note ``after`` (pitch, onset in beats), read
+    against the given notes' steps (None: no such note)."""
+    if after is None:
+        return None
+    p, step = int(after[0]), int(round(after[1] * spb))
+    since = max((s for s in ons if s < step), default=free_start)
+    sounding = sorted(pitch[(on <= step) & (off > step)].tolist())
+    if p not in sounding:
+        return None
+    sounding.remove(p)
+    return VoiceAfter(pitch=p, step=step, since=since, others=tuple(sounding))
 
 
 # --------------------------------------------------------------------------------------------
@@ -887,7 +923,8 @@ def decode(
                     proposal[b, out + vocab.note_on - vocab.config.pitch_min] += range_low
         if around_low < 0 and plan.rank >= 0:  # infill of one voice: between its neighbours
             for b, r in enumerate(rows):
-                for wrong in (_between(r, plan), _parallel_between(r, plan)):
+                for wrong in (_between(r, plan), _parallel_between(r, plan),
+                              _parallel_after(r, plan)):  # fmt: skip
                     if wrong is not None:
                         proposal[b, wrong + vocab.note_on - vocab.config.pitch_min] += around_low
         if around_low < 0 and around:  # accompany: the part's count of voices above it
@@ -1083,6 +1120,29 @@ def _parallel_between(row: _Row, plan: Plan) -> np.ndarray | None:
         iv, piv = np.abs(c - q) % 12, abs(pp - pq) % 12
         same_way = np.sign(c - pp) == np.sign(q - pq)
         bad |= (c != pp) & same_way & (iv == piv) & (piv in (0, 7))
+    return c[bad] if bad.any() else None
+
+
+def _parallel_after(row: _Row, plan: Plan) -> np.ndarray | None:
+    """Infill of one voice: the pitches a new NOTE_ON of the model would move from in parallel
+    fifths or octaves with a given voice into the voice's own kept note after the span (None:
+    none, or a note started now would not be the last before it). Read as
+    :func:`_parallel_between` reads: the given notes sounding now and as that note starts,
+    paired in pitch order."""
+    after = plan.after
+    if plan.rank < 0 or after is None or not after.since <= row.t < min(plan.free_end, after.step):
+        return None
+    now = sorted({*row.given, *row.ons})
+    if not now or len(now) != len(after.others):
+        return None
+    c = np.arange(MIN_FREE_PITCH, MAX_FREE_PITCH + 1)
+    bad = np.zeros(len(c), dtype=bool)
+    for q, qn in zip(now, after.others):
+        niv = abs(after.pitch - qn) % 12
+        if q == qn or niv not in (0, 7):
+            continue
+        same_way = np.sign(after.pitch - c) == np.sign(qn - q)
+        bad |= (c != after.pitch) & same_way & (np.abs(c - q) % 12 == niv)
     return c[bad] if bad.any() else None
 
 
@@ -1412,9 +1472,14 @@ def infill(
     before = notes[chosen & ~regen & (notes["onset"] < a - 1e-9)]
     into = before[before["onset"] + before["duration"] >= a - 1e-6]  # sounding up to the span
     voice_before = int(into["pitch"][np.argmax(into["onset"])]) if rank >= 0 and len(into) else -1
+    later = notes[chosen & ~regen & (notes["onset"] >= b - 1e-9)]
+    voice_after = None
+    if rank >= 0 and len(later):  # the voice's own kept note after the span
+        first = np.argmin(later["onset"])
+        voice_after = (int(later["pitch"][first]), float(later["onset"][first]))
     engine = as_engine(model, meter=meter)
     plan = make_plan(given, engine.vocab, free_span=(a, min(b, last)), max_free=max_free,
-                     qpm=qpm, rank=rank, voice_before=voice_before,
+                     qpm=qpm, rank=rank, voice_before=voice_before, voice_after=voice_after,
                      voice_leading=options.voice_leading and rank < 0)  # fmt: skip
     from aurl.generation.fim import FimEngine, supports_fim
 
