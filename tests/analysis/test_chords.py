@@ -54,6 +54,28 @@ def test_ii_v_i_in_b_flat():
     assert progression(recognize_chords(triads, resolution=2.0), key) == ["ii", "V", "I"]
 
 
+def test_applied_dominants_and_leading_tone_chords_are_named_by_their_target():
+    """A chromatic chord resolving as the dominant (a fifth above) or leading-tone chord (a
+    semitone below) of the next diatonic chord reads V7/vi, viio7/V..., not III7 or #ivo7;
+    diatonic chords, and chords into the tonic or that do not resolve so, keep their numerals."""
+    key = parse_key("C major")
+    # C, E7, Am, F#dim7 over C (named by its bass), G, D7, G, C; then E7 into F (no resolution)
+    voicings = [[48, 64, 67, 72], [52, 62, 68, 71], [45, 64, 69, 72], [48, 63, 66, 69],
+                [43, 62, 67, 71], [50, 60, 66, 69], [43, 62, 67, 71], [48, 64, 67, 72],
+                [52, 62, 68, 71], [53, 65, 69, 72]]  # fmt: skip
+    chords = recognize_chords(block_chords(voicings), resolution=2.0)
+    assert [c.label for c in chords] == ["C", "E7", "Am", "Cdim7", "G", "D7", "G", "C", "E7",
+                                         "F"]  # fmt: skip
+    assert progression(chords, key) == ["I", "V7/vi", "vi", "viio7/V", "V", "V7/V", "V", "I",
+                                        "III7", "IV"]  # fmt: skip
+    assert progression(chords, key, inversion=True)[1:4] == ["V7/vi", "vi", "viio43/V"]
+    # in A minor the E major chord is the key's own V, and G#dim7 its own viio7
+    minor = block_chords([[45, 64, 69, 72], [40, 62, 68, 71], [45, 64, 69, 72],
+                          [44, 62, 65, 71], [45, 64, 69, 72]])  # fmt: skip
+    assert progression(recognize_chords(minor, resolution=2.0), parse_key("A minor")) == [
+        "i", "V7", "i", "viio7", "i"]  # fmt: skip
+
+
 @pytest.mark.parametrize("quality", list(QUALITIES))
 def test_every_template_is_recognised_in_root_position(quality):
     root = 2  # D

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aurl.analysis.keys import Key, KeySegment, chroma
+from aurl.analysis.keys import Key, KeySegment, chroma, make_key
 from aurl.analysis.melody import sounding_extreme
 from aurl.data.notes import pitched
 
@@ -281,17 +281,62 @@ def key_at(key: Key | Sequence[KeySegment], beat: float) -> Key:
     return key[max(i, 0)].key
 
 
+# (degree above the tonic, quality) of the chords each mode holds (minor: natural and harmonic)
+_DIATONIC = {
+    "major": {(0, "maj"), (2, "min"), (4, "min"), (5, "maj"), (7, "maj"), (9, "min"),
+              (11, "dim"), (0, "maj7"), (2, "min7"), (4, "min7"), (5, "maj7"), (7, "7"),
+              (9, "min7"), (11, "hdim7")},
+    "minor": {(0, "min"), (2, "dim"), (3, "maj"), (3, "aug"), (5, "min"), (7, "maj"),
+              (7, "min"), (8, "maj"), (10, "maj"), (11, "dim"), (0, "min7"), (2, "hdim7"),
+              (3, "maj7"), (5, "min7"), (7, "7"), (8, "maj7"), (10, "7"), (11, "dim7")},
+}  # fmt: skip
+_TRIAD_OF = {"maj": "maj", "7": "maj", "maj7": "maj", "min": "min", "min7": "min"}
+
+
+def secondary_numeral(
+    chord: Chord, target: Chord, key: Key, *, inversion: bool = False
+) -> str | None:
+    """``chord`` read as an applied chord of the ``target`` that follows it (``"V7/vi"``,
+    ``"viio7/V"``, ``"V65/ii"``), or None: ``chord`` belongs to ``key`` as it is, or is no
+    dominant (major triad, dominant seventh) a fifth above the target's root nor leading-tone
+    chord (diminished, half-diminished, diminished seventh) a semitone below it, or the target
+    is the tonic, silence or no major or minor chord."""
+    if chord.quality == "N" or target.quality not in _TRIAD_OF:
+        return None
+    degree = (target.root - key.tonic) % 12
+    if degree == 0 or (degree, _TRIAD_OF[target.quality]) not in _DIATONIC[key.mode]:
+        return None
+    own = in_key(chord, key)  # the key's own viio7 by its leading tone, whatever note named it
+    if ((own.root - key.tonic) % 12, own.quality) in _DIATONIC[key.mode]:
+        return None
+    local = make_key(target.root, "major" if _TRIAD_OF[target.quality] == "maj" else "minor")
+    dominant = chord.quality in _DOMINANT_QUALITIES and (chord.root - target.root) % 12 == 7
+    leading = chord.quality in _LEADING_TONE_QUALITIES and (
+        in_key(chord, local).root == (target.root - 1) % 12)  # fmt: skip
+    if not (dominant or leading):
+        return None
+    of = roman_numeral(Chord(0.0, 0.0, target.root, _TRIAD_OF[target.quality], -1, 0.0), key)
+    return roman_numeral(chord, local, inversion=inversion) + "/" + of
+
+
 def progression(
     chords: Sequence[Chord], key: Key | Sequence[KeySegment], *, inversion: bool = False
 ) -> list[str]:
-    """Roman numerals of the chords, silences and immediate repeats removed."""
-    out: list[str] = []
-    for c in chords:
-        if c.quality == "N":
-            continue
+    """Roman numerals of the chords, silences and immediate repeats removed; a chromatic chord
+    that resolves as an applied dominant or leading-tone chord of the next is named so
+    (:func:`secondary_numeral`: ``III7 vi`` reads ``V7/vi vi``)."""
+    sounding = [c for c in chords if c.quality != "N"]
+    runs: list[tuple[Chord, str]] = []  # the first chord of each run of one numeral
+    for c in sounding:
         rn = roman_numeral(c, key_at(key, c.start), inversion=inversion)
-        if not out or out[-1] != rn:
-            out.append(rn)
+        if not runs or runs[-1][1] != rn:
+            runs.append((c, rn))
+    out = [rn for _, rn in runs]
+    for i in range(len(runs) - 1):
+        (c, _), (target, _) = runs[i], runs[i + 1]
+        applied = secondary_numeral(c, target, key_at(key, c.start), inversion=inversion)
+        if applied is not None:
+            out[i] = applied
     return out
 
 
