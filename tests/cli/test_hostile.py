@@ -108,6 +108,10 @@ def files(tmp_path_factory) -> dict[str, str]:
     (d / "run_lora" / "adapter" / "adapter.json").write_text("{}")
     (d / "run_lora" / "checkpoints").mkdir()
     (d / "run_ckpt" / "checkpoints").mkdir(parents=True)
+    # session 17: --task folders whose manifest.json is not a manifest
+    for name, text in {"manifest_list": "[]", "manifest_text": "not JSON"}.items():
+        (d / name).mkdir()
+        (d / name / "manifest.json").write_text(text)
     return {
         "dir": str(d), "tiny": str(d / "tiny"), "out": str(d / "out"), "afile": str(d / "afile"),
         "chorale": str(CHORALE), "high": str(_melody(d / "high.mid", 127)), "cfg": str(d / "cfg.yaml"),
@@ -252,6 +256,19 @@ CASES = {
                               "--out", "{out}"], 1, "give --adapter {dir}/run_lora/adapter"),
     "generate a run not exported": (["generate", "--checkpoint", "{dir}/run_ckpt", "--out",
                                      "{out}"], 1, "aurl checkpoint export {dir}/run_ckpt"),
+    # -- session 17: the commands added since session 7 ------------------------------------------
+    # evaluate --task: a manifest that is not one was a TypeError / JSONDecodeError; a missing
+    # folder "had no four-track chorales"; '' ran on the bundled chorales
+    "task manifest a list": (["evaluate", "--task", "infill", "--checkpoint", "{tiny}", "--data",
+                              "{dir}/manifest_list", "--out", "{out}"], 1,
+                             "manifest_list/manifest.json is damaged"),
+    "task manifest not JSON": (["evaluate", "--task", "accompany", "--checkpoint", "{tiny}",
+                                "--data", "{dir}/manifest_text", "--out", "{out}"], 1,
+                               "manifest_text/manifest.json is damaged"),
+    "task data missing": (["evaluate", "--task", "harmonize", "--checkpoint", "{tiny}", "--data",
+                           "{dir}/none", "--out", "{out}"], 1, "--data {dir}/none does not exist"),
+    "task data empty": (["evaluate", "--task", "harmonize", "--checkpoint", "{tiny}", "--data", "",
+                         "--out", "{out}"], 2, "--data ''"),
 }
 # fmt: on
 
@@ -295,3 +312,48 @@ def test_file_names_that_are_not_utf8_are_read_and_reported(files, tmp_path) -> 
     assert main(["analyze", str(src), "--out", str(tmp_path / "an"), "--no-plots"]) == 0
     report = json.loads((tmp_path / "an" / "chor\udce4le" / "analysis.json").read_text())
     assert report["name"] == "chor\ufffdle.mid"
+
+
+def _voices(path: Path, pitches: tuple[int, ...], n: int = 16) -> Path:
+    """A file of one track per pitch (a voice of ``n`` quarter notes each)."""
+    import symusic
+
+    score = symusic.Score(480)
+    for k, pitch in enumerate(pitches):
+        track = symusic.Track(f"v{k}", 0, False)
+        for i in range(n):
+            track.notes.append(symusic.Note(i * 480, 480, pitch + i % 3, 80))
+        score.tracks.append(track)
+    score.dump_midi(str(path))
+    return path
+
+
+@pytest.mark.parametrize("task", ["harmonize", "accompany", "infill"])
+def test_evaluate_task_skips_the_files_it_cannot_evaluate(task, files, tmp_path, capsys) -> None:
+    """A --task folder holding files that are not four-voice chorales once stopped at the first
+    (IndexError for one track, ValueError for none, RuntimeError "did not end" for pitches the
+    model lacks, a ConstraintError naming no file): each is now said as ``skipped FILE: why``
+    and the chorales are evaluated."""
+    folder = tmp_path / "chorales"
+    folder.mkdir()
+    shutil.copy(CHORALE, folder / "good.mid")
+    (folder / "empty.mid").write_bytes(b"")
+    _voices(folder / "one.mid", (67,))
+    _voices(folder / "high.mid", (120, 67, 60, 48))  # a soprano above the vocabulary
+    names = ["good.mid", "empty.mid", "one.mid", "high.mid"]
+    (folder / "manifest.json").write_text(json.dumps(
+        {"files": [{"file": n, "split": "test", "tracks": 4} for n in names]}
+    ))  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["evaluate", "--task", task, "--checkpoint", files["tiny"], "--data", str(folder),
+            "--out", str(out), "--engine", "torch"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 3, captured.err
+    for name, why in (("empty.mid", "empty file"), ("one.mid", "1 track(s) with notes"),
+                      ("high.mid", "spans MIDI pitches")):  # fmt: skip
+        assert any(str(folder / name) in line and why in line for line in skipped), skipped
+    assert "Traceback" not in captured.err and "Warning" not in captured.err, captured.err
+    assert "evaluated 1 of 4 chorales; skipped 3" in captured.out
+    assert json.loads((out / f"{task}.json").read_text())["files"] == 1

@@ -250,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit {args.limit}: give 1 or more chorales (omit it for all)")
     checks.device(args.device)
     if args.task:
+        # '' ran on the bundled chorales, as if --data were not given
+        checks.nonempty(args.data, "--data", "a folder of four-track chorales")
         if args.style:
             raise ConfigError(f"--style {args.style} scores a split; --task harmonize takes none")
         from aurl.evaluation.tasks import run_task

@@ -41,6 +41,7 @@ import numpy as np
 
 from aurl.analysis import part_writing
 from aurl.data.notes import notes_from_score
+from aurl.errors import AurlError
 from aurl.generation.compose import CADENCE_STRICTNESS
 from aurl.progress import Progress, silent
 
@@ -53,21 +54,68 @@ def held_out_chorales(folder: str | Path = BUNDLED, split: str = "test") -> list
     folder = Path(folder)
     manifest = folder / "manifest.json"
     if manifest.is_file():
-        files = json.loads(manifest.read_text())["files"]
-        return sorted(
-            folder / f["file"] for f in files if f.get("split") == split and f.get("tracks") == 4
-        )
+        from aurl.errors import DataError
+
+        try:
+            files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+            return sorted(
+                folder / f["file"]
+                for f in files
+                if f.get("split") == split and f.get("tracks") == 4
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, UTF-8, shape
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(
+                f"{manifest} is damaged or not an Aurl manifest ({why}): it should be "
+                '{"files": [{"file": NAME, "split": SPLIT, "tracks": 4}, ...]} as aurl data '
+                "corpus writes it; remove it to split the folder by file name"
+            ) from None
     from aurl.data.split import split_of
 
     return sorted(p for p in folder.glob("*.mid") if split_of(p.name) == split)
 
 
 def chorale_voices(path: str | Path) -> list[np.ndarray]:
-    """The four voices (S, A, T, B note arrays) of a four-track chorale MIDI file."""
+    """The four voices (S, A, T, B note arrays) of a four-track chorale MIDI file.
+
+    Raises:
+        MidiReadError: the file cannot be read.
+        DataError: fewer than four tracks with notes.
+    """
     from aurl.data.midi_io import read_score
+    from aurl.errors import DataError
     from aurl.generation.compose import track_notes
 
-    return [notes for _, notes in track_notes(read_score(path).to("tick"))[:4]]
+    tracks = track_notes(read_score(path).to("tick"))
+    if len(tracks) < 4:
+        raise DataError(
+            f"{path} has {len(tracks)} track(s) with notes: a chorale has four (Soprano, Alto, "
+            "Tenor, Bass), one voice a track"
+        )
+    return [notes for _, notes in tracks[:4]]
+
+
+def _in_vocabulary(voices: list[np.ndarray], vocab_config: Any, path: Path) -> None:
+    """Raise :class:`ConstraintError` where a voice of ``path`` sounds a pitch the model's
+    vocabulary lacks: a given note it cannot write (composing once ran to "did not end")."""
+    from aurl.errors import ConstraintError
+
+    pitch = np.concatenate([v["pitch"] for v in voices])
+    lo, hi = int(pitch.min()), int(pitch.max())
+    if lo < vocab_config.pitch_min or hi > vocab_config.pitch_max:
+        raise ConstraintError(
+            f"{path} spans MIDI pitches {lo}..{hi}, the model's are {vocab_config.pitch_min}.."
+            f"{vocab_config.pitch_max}: transpose it by octaves into that range"
+        )
+
+
+def _skip(skipped: Any, path: Path, error: Exception) -> None:
+    """Report ``path``'s ``error`` through ``skipped(path, why)``, or raise it when there is no
+    ``skipped`` (the evaluations' default: a library caller sees the error)."""
+    if skipped is None:
+        raise error
+    why = str(error).splitlines()[0] if str(error) else type(error).__name__
+    skipped(path, why)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,6 +256,7 @@ def evaluate_harmonize(
     max_beats: float | None = None,
     engine: Any = None,
     progress: Progress = silent,
+    skipped: Any = None,
 ) -> dict[str, Any]:
     """Harmonize the soprano of each chorale in ``files`` with each variant; score everything.
 
@@ -220,10 +269,13 @@ def evaluate_harmonize(
         engine: What the variants decode with (e.g. an onnx engine of the same weights);
             None: ``model``.
         progress: Progress helper over files.
+        skipped: ``skipped(path, why)`` for a file that cannot be evaluated (unreadable, not
+            four voices, a melody that cannot be harmonized), which is then left out; None:
+            its error is raised.
 
     Returns:
-        ``{"rows": {name: averaged metrics}, "pieces": per-piece metrics, "files": n}``; rows
-        ``bach`` (the reference) and one per variant.
+        ``{"rows": {name: averaged metrics}, "pieces": per-piece metrics, "files": n}``
+        (``n`` the files evaluated); rows ``bach`` (the reference) and one per variant.
     """
     import symusic
 
@@ -244,8 +296,12 @@ def evaluate_harmonize(
     tokenizer = Tokenizer(model.vocab_config)
     per: dict[str, list[dict]] = {"bach": [], **{v.name: [] for v in variants}}
     likelihood: list[dict] = []
-    for path in progress(files, total=len(files), desc="harmonize"):
+
+    def chorale(path: Path) -> tuple[dict, dict[str, dict]]:
+        """The likelihood and the rows of one chorale."""
+        rows: dict[str, dict] = {}
         voices = chorale_voices(path)
+        _in_vocabulary(voices, model.vocab_config, path)
         if max_beats is not None:
             voices = [v[v["onset"] < max_beats] for v in voices]
             for v in voices:
@@ -259,14 +315,14 @@ def evaluate_harmonize(
         ls = (score_anticipated if supports_anticipation(model) else score_plan)(
             model, plan, ids, meter=meter
         )
-        likelihood.append({
+        lik = {
             "conditional": ls.conditional_bits, "unconditional": ls.unconditional_bits,
             "notes": ls.free_notes, "outside": ls.outside,
-        })  # fmt: skip
-        per["bach"].append({
+        }  # fmt: skip
+        rows["bach"] = {
             **voice_rules(voices), "chord_agreement": 1.0, "pc_agreement": 1.0,
             "cadence_rate": cadence_rate(bach, line, key), "melody_kept": 1.0, "seconds": 0.0,
-        })  # fmt: skip
+        }  # fmt: skip
         for v in variants:
             t0 = time.perf_counter()
             opts = ComposeOptions(
@@ -287,13 +343,26 @@ def evaluate_harmonize(
                         one.tracks.append(tracks[name].copy())
                     got.append(notes_from_score(one))
             full = np.sort(np.concatenate(got), order=["onset", "pitch"])
-            per[v.name].append({
+            rows[v.name] = {
                 **voice_rules(got), "chord_agreement": chord_agreement(full, bach),
                 "pc_agreement": pitch_class_agreement(full, bach),
                 "cadence_rate": cadence_rate(full, line, key),
                 "melody_kept": melody_kept(got[0], line), "seconds": seconds,
                 "given_bits_per_note": c.stats["given_bits_per_note"],
-            })  # fmt: skip
+            }  # fmt: skip
+        return lik, rows
+
+    done = 0
+    for path in progress(files, total=len(files), desc="harmonize"):
+        try:
+            piece, rows = chorale(path)
+        except AurlError as e:  # this chorale's, not the run's
+            _skip(skipped, path, e)
+            continue
+        likelihood.append(piece)
+        for name, row in rows.items():
+            per[name].append(row)
+        done += 1
     rows = pooled_rows(per)
     notes = sum(r["notes"] for r in likelihood)
     lik = {
@@ -302,7 +371,7 @@ def evaluate_harmonize(
         "unconditional_bits_per_note": sum(r["unconditional"] for r in likelihood) / max(1, notes),
         "tokens_outside_plan": sum(r["outside"] for r in likelihood),
     }
-    return {"rows": rows, "likelihood": lik, "files": len(files), "pieces": per}
+    return {"rows": rows, "likelihood": lik, "files": done, "pieces": per}
 
 
 def pooled_rows(per: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
@@ -387,9 +456,12 @@ ACCOMPANY_COLUMNS = (
 
 def voices_above(part: np.ndarray, others: list[np.ndarray], want: int) -> float:
     """Of the slices where ``part`` sounds, the share with exactly ``want`` of ``others``
-    sounding above it (a voice with the right count of voices over it)."""
+    sounding above it (a voice with the right count of voices over it); NaN where it never
+    sounds (zero-length notes: numpy's "mean of empty slice" warning once)."""
     grid = slices([part, *others])
     sounding = grid[:, 0] >= 0
+    if not sounding.any():
+        return float("nan")
     return float(((grid[:, 1:] > grid[:, :1]).sum(1)[sounding] == want).mean())
 
 
@@ -412,27 +484,31 @@ def evaluate_accompany(
     seed: int = 0,
     engine: Any = None,
     progress: Progress = silent,
+    skipped: Any = None,
 ) -> dict[str, Any]:
     """Accompany the alto, the tenor and the bass of each chorale in ``files`` in turn (the
     other three voices composed around it, :func:`aurl.generation.compose.accompany`, forcing)
     and score the four voices (read by rank of median pitch) with the rules of four-part
     writing, the share of slices with the part's SATB count of voices above it, and the part
-    kept note for note.
+    kept note for note. ``skipped``: as in :func:`evaluate_harmonize`.
 
     Returns:
-        ``{"rows": {name: averaged metrics}, "pieces": per-piece metrics, "files": n}``; rows
-        ``bach`` and ``Alto given``, ``Tenor given``, ``Bass given``.
+        ``{"rows": {name: averaged metrics}, "pieces": per-piece metrics, "files": n}``
+        (``n`` the files evaluated); rows ``bach`` and ``Alto given``, ``Tenor given``,
+        ``Bass given``.
     """
     from aurl.data.meter import read_meter
     from aurl.generation.compose import ComposeOptions, accompany, track_notes
     from aurl.generation.voices import SATB
 
     per: dict[str, list[dict]] = {"bach": [], **{f"{n} given": [] for n in SATB[1:]}}
-    for path in progress(files, total=len(files), desc="accompany"):
+
+    def chorale(path: Path) -> dict[str, dict]:
+        """The rows of one chorale."""
         voices = chorale_voices(path)
+        _in_vocabulary(voices, model.vocab_config, path)
         meter = read_meter(path)
-        per["bach"].append({**voice_rules(voices), "above": 1.0, "part_kept": 1.0,
-                            "seconds": 0.0})  # fmt: skip
+        rows = {"bach": {**voice_rules(voices), "above": 1.0, "part_kept": 1.0, "seconds": 0.0}}
         for k, name in enumerate(SATB[1:], start=1):
             part = np.sort(voices[k], order=["onset", "pitch"])
             t0 = time.perf_counter()
@@ -446,11 +522,23 @@ def evaluate_accompany(
                                   part[["onset", "pitch"]])  # fmt: skip
             ranked = sorted((n for _, n in out), key=lambda n: -float(np.median(n["pitch"])))
             others = [n for nm, n in out if nm != name]
-            per[f"{name} given"].append({
+            rows[f"{name} given"] = {
                 **voice_rules(ranked), "above": voices_above(part, others, k),
                 "part_kept": float(kept), "seconds": seconds,
-            })  # fmt: skip
-    return {"rows": pooled_rows(per), "pieces": per, "files": len(files)}
+            }  # fmt: skip
+        return rows
+
+    done = 0
+    for path in progress(files, total=len(files), desc="accompany"):
+        try:
+            rows = chorale(path)
+        except AurlError as e:  # this chorale's, not the run's
+            _skip(skipped, path, e)
+            continue
+        for name, row in rows.items():
+            per[name].append(row)
+        done += 1
+    return {"rows": pooled_rows(per), "pieces": per, "files": done}
 
 
 def accompany_table(result: dict[str, Any]) -> str:
@@ -476,17 +564,20 @@ def evaluate_infill(
     seed: int = 0,
     engine: Any = None,
     progress: Progress = silent,
+    skipped: Any = None,
 ) -> dict[str, Any]:
     """Write bars 3-6 (:data:`INFILL_SPAN`) of each chorale in ``files`` again, each voice
     alone (:func:`aurl.generation.compose.infill` with its ``part``) and every voice at once,
     forcing, and score them: for one voice, the share of its new notes that start between
     their neighbours (its SATB count of the other voices' notes above them) and the parallels
     of the whole piece; for every voice, the bars' own four-part rules (the new notes read as
-    four voices), against Bach's notes of the same bars.
+    four voices), against Bach's notes of the same bars. ``skipped``: as in
+    :func:`evaluate_harmonize`.
 
     Returns:
-        ``{"rows": {name: metrics}, "files": n}``; rows ``bach``, ``Soprano alone`` ..
-        ``Bass alone`` and ``every voice``, parallels and shares pooled over the pieces.
+        ``{"rows": {name: metrics}, "files": n}`` (``n`` the files evaluated); rows ``bach``,
+        ``Soprano alone`` .. ``Bass alone`` and ``every voice``, parallels and shares pooled
+        over the pieces.
     """
     from aurl.data.meter import read_meter
     from aurl.generation.compose import ComposeOptions, infill
@@ -505,8 +596,11 @@ def evaluate_infill(
     def wide(r: dict) -> float:
         return r["spacing_per_100_slices"] * r["slices"] / 100
 
-    for path in progress(files, total=len(files), desc="infill"):
+    def chorale(path: Path) -> list[tuple[str, dict[str, float]]]:
+        """The counts of one chorale, by row."""
+        counts: list[tuple[str, dict[str, float]]] = []
         voices = chorale_voices(path)
+        _in_vocabulary(voices, model.vocab_config, path)
         meter = read_meter(path)
         notes = np.concatenate(voices)
         owner = np.concatenate([np.full(len(v), i) for i, v in enumerate(voices)])
@@ -514,21 +608,34 @@ def evaluate_infill(
         notes, owner = notes[order], owner[order]
         whole = voice_rules(voices)
         span = voice_rules([v[(v["onset"] >= a) & (v["onset"] < b)] for v in voices])
-        add("bach", par=whole["parallels"], moves=whole["moves"], span_par=span["parallels"],
-            span_moves=span["moves"], wide=wide(span), slices=span["slices"])  # fmt: skip
+        counts.append(("bach", dict(par=whole["parallels"], moves=whole["moves"],
+                       span_par=span["parallels"], span_moves=span["moves"], wide=wide(span),
+                       slices=span["slices"])))  # fmt: skip
         for k, name in enumerate(SATB):
             (c,) = infill(m, notes, (a, b), owner == k, options=opts, meter=meter)
             between = voices_between(c.notes, [v for i, v in enumerate(voices) if i != k], k)
             kept = voices[k][(voices[k]["onset"] < a) | (voices[k]["onset"] >= b)]
             voice = np.sort(np.concatenate([kept, c.notes]), order=["onset", "pitch"])
             r = voice_rules([voice if i == k else v for i, v in enumerate(voices)])
-            add(f"{name} alone", between=between, new=len(c.notes), par=r["parallels"],
-                moves=r["moves"])  # fmt: skip
+            counts.append((f"{name} alone", dict(between=between, new=len(c.notes),
+                           par=r["parallels"], moves=r["moves"])))  # fmt: skip
         (c,) = infill(m, notes, (a, b), None, options=opts, meter=meter)
         v = assign_voices(c.notes, 4)
         r = voice_rules([c.notes[v == i] for i in range(4)])
-        add("every voice", span_par=r["parallels"], span_moves=r["moves"], wide=wide(r),
-            slices=r["slices"])  # fmt: skip
+        counts.append(("every voice", dict(span_par=r["parallels"], span_moves=r["moves"],
+                       wide=wide(r), slices=r["slices"])))  # fmt: skip
+        return counts
+
+    done = 0
+    for path in progress(files, total=len(files), desc="infill"):
+        try:
+            counts = chorale(path)
+        except AurlError as e:  # this chorale's, not the run's
+            _skip(skipped, path, e)
+            continue
+        for row, c in counts:
+            add(row, **c)
+        done += 1
     rows: dict[str, dict[str, float]] = {}
     for name, t in sums.items():
         row = rows.setdefault(name, {})
@@ -539,7 +646,7 @@ def evaluate_infill(
         if "span_moves" in t:
             row["span_parallels_per_100_moves"] = 100 * t["span_par"] / max(1, t["span_moves"])
             row["span_spacing_per_100_slices"] = 100 * t["wide"] / max(1, t["slices"])
-    return {"rows": rows, "files": len(files)}
+    return {"rows": rows, "files": done}
 
 
 def infill_table(result: dict[str, Any]) -> str:
@@ -614,14 +721,26 @@ def run_task(args: Any, load_model: Any) -> int:
     """``aurl evaluate --task harmonize``: the table into ``OUT/harmonize.md`` and the numbers
     into ``OUT/harmonize.json`` (written atomically), the table also on stdout.
 
+    A chorale that cannot be evaluated (unreadable, not four voices, a part the model cannot
+    compose around) is said on stderr as ``skipped FILE: why`` and left out; the rest go on.
+
     Raises:
-        DataError: no four-track chorales in the split.
+        DataError: ``--data`` is not a folder, no four-track chorales in the split, or none of
+            them could be evaluated.
     """
+    import sys
+
     from aurl.errors import DataError
     from aurl.fileio import atomic_write_text
     from aurl.progress import bar
 
-    folder = Path(args.data) if args.data else BUNDLED
+    folder = Path(args.data) if args.data is not None else BUNDLED
+    if not folder.is_dir():  # once "has no four-track chorales" for a missing folder
+        from aurl.fileio import not_a_file
+
+        what = not_a_file(folder) or "is a file"
+        raise DataError(f"--data {folder} {what}: give a folder of four-track chorales (aurl "
+                        "data corpus writes one), or leave --data out for the bundled ones")  # fmt: skip
     files = held_out_chorales(folder, args.split)
     if args.limit:
         files = files[: args.limit]
@@ -636,15 +755,21 @@ def run_task(args: Any, load_model: Any) -> int:
     print(f"decoding on the {where} engine")
     t0 = time.perf_counter()
     task = getattr(args, "task", "harmonize")
-    if task == "accompany":
-        result = evaluate_accompany(model, files, seed=args.seed, engine=engine, progress=bar)
-        table = accompany_table(result)
-    elif task == "infill":
-        result = evaluate_infill(model, files, seed=args.seed, engine=engine, progress=bar)
-        table = infill_table(result)
-    else:
-        result = evaluate_harmonize(model, files, seed=args.seed, engine=engine, progress=bar)
-        table = harmonize_table(result)
+    skipped: list[Path] = []
+
+    def skip(path: Path, why: str) -> None:
+        print(f"skipped {why if why.startswith(str(path)) else f'{path}: {why}'}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        skipped.append(path)
+
+    run = {"accompany": evaluate_accompany, "infill": evaluate_infill}.get(task, evaluate_harmonize)
+    result = run(model, files, seed=args.seed, engine=engine, progress=bar, skipped=skip)
+    if not result["files"]:
+        raise DataError(f"no chorale in {folder} could be evaluated ({len(skipped)} skipped, "
+                        "said above)")  # fmt: skip
+    table = {"accompany": accompany_table, "infill": infill_table}.get(task, harmonize_table)(
+        result
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     body = {k: v for k, v in result.items() if k != "pieces"}
@@ -653,9 +778,12 @@ def run_task(args: Any, load_model: Any) -> int:
     atomic_write_text(out / f"{task}.json", json.dumps(body, indent=1, default=float) + "\n")
     atomic_write_text(
         out / f"{task}.md",
-        f"# {title} held-out chorales ({len(files)} files, split {args.split})\n\n{table}\n",
+        f"# {title} held-out chorales ({result['files']} files, split {args.split})\n\n{table}\n",
     )
     print(table)
+    if skipped:
+        print(f"evaluated {result['files']} of {len(files)} chorales; skipped {len(skipped)} "
+              "(said above)")  # fmt: skip
     print(f"wrote {out / f'{task}.md'} and {out / f'{task}.json'} "
           f"in {time.perf_counter() - t0:.0f} s")  # fmt: skip
     return 0
