@@ -112,6 +112,20 @@ def files(tmp_path_factory) -> dict[str, str]:
     for name, text in {"manifest_list": "[]", "manifest_text": "not JSON"}.items():
         (d / name).mkdir()
         (d / name / "manifest.json").write_text(text)
+    import symusic
+
+    edges = symusic.Score(480)  # MIDI pitches 0 and 127, past every model's vocabulary
+    track = symusic.Track("edges", 0, False)
+    for i in range(8):
+        track.notes.append(symusic.Note(i * 480, 480, 0 if i % 2 else 127, 80))
+    edges.tracks.append(track)
+    edges.dump_midi(str(d / "edges.mid"))
+    drums = symusic.Score(480)
+    track = symusic.Track("drums", 0, True)
+    for i in range(8):
+        track.notes.append(symusic.Note(i * 480, 240, 36 + i % 4, 100))
+    drums.tracks.append(track)
+    drums.dump_midi(str(d / "drums.mid"))
     return {
         "dir": str(d), "tiny": str(d / "tiny"), "out": str(d / "out"), "afile": str(d / "afile"),
         "chorale": str(CHORALE), "high": str(_melody(d / "high.mid", 127)), "cfg": str(d / "cfg.yaml"),
@@ -269,6 +283,16 @@ CASES = {
                            "{dir}/none", "--out", "{out}"], 1, "--data {dir}/none does not exist"),
     "task data empty": (["evaluate", "--task", "harmonize", "--checkpoint", "{tiny}", "--data", "",
                          "--out", "{out}"], 2, "--data ''"),
+    # infill: '' fell through to --span (AttributeError); kept notes the model cannot write
+    # ran to RuntimeError "composing did not end within 2120 tokens"; drums only: a line naming
+    # no file
+    "infill bars empty": (["infill", "{chorale}", "--bars", "", "--checkpoint", "{tiny}", "--out",
+                           "{out}"], 2, "--bars ''"),
+    "infill pitches past the model": (["infill", "{dir}/edges.mid", "--bars", "1-1",
+                                       "--checkpoint", "{tiny}", "--out", "{out}"], 1,
+                                      "edges.mid spans MIDI pitches 0..127"),
+    "infill drums only": (["infill", "{dir}/drums.mid", "--bars", "1-1", "--checkpoint", "{tiny}",
+                           "--out", "{out}"], 1, "drums.mid holds drums only"),
 }
 # fmt: on
 

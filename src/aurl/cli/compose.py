@@ -474,7 +474,6 @@ def _accompany_one(args: argparse.Namespace, part: str | Path, model: Any) -> An
     returns the model, for the next file of a folder."""
     import numpy as np
 
-    from aurl.errors import ConstraintError
     from aurl.generation.compose import TimeMap, accompany, part_of, track_notes
 
     score = read_score(part)
@@ -488,13 +487,7 @@ def _accompany_one(args: argparse.Namespace, part: str | Path, model: Any) -> An
               "one track's file to accompany a single voice", file=sys.stderr)  # fmt: skip
     paths, _ = _prepare(args, part, "accompanied")
     model = model or _model(args)
-    vc = model.vocab_config
-    lo, hi = int(notes["pitch"].min()), int(notes["pitch"].max())
-    if lo < vc.pitch_min or hi > vc.pitch_max:  # forced notes the vocabulary cannot write
-        raise ConstraintError(
-            f"{part} spans MIDI pitches {lo}..{hi}, the model's are {vc.pitch_min}.."
-            f"{vc.pitch_max}: transpose it by octaves into that range"
-        )
+    _in_vocabulary(notes, model.vocab_config, part)
     from aurl.progress import bar
 
     results = accompany(
@@ -503,6 +496,24 @@ def _accompany_one(args: argparse.Namespace, part: str | Path, model: Any) -> An
     )  # fmt: skip
     _write(results, paths, np.sort(notes, order=["onset", "pitch"]), name)
     return model
+
+
+def _in_vocabulary(notes: Any, vc: Any, name: str | Path) -> None:
+    """Raise :class:`ConstraintError` where the given (forced) pitched ``notes`` of ``name``
+    reach past the model's pitches (``vc``: its vocabulary config): notes it cannot write ran
+    composing to "did not end within N tokens"."""
+    from aurl.data.notes import pitched
+    from aurl.errors import ConstraintError
+
+    notes = pitched(notes)
+    if not len(notes):
+        return
+    lo, hi = int(notes["pitch"].min()), int(notes["pitch"].max())
+    if lo < vc.pitch_min or hi > vc.pitch_max:
+        raise ConstraintError(
+            f"{name} spans MIDI pitches {lo}..{hi}, the model's are {vc.pitch_min}.."
+            f"{vc.pitch_max}: transpose it by octaves into that range"
+        )
 
 
 def parse_range(text: str, flag: str, *, integer: bool) -> tuple[float, float]:
@@ -541,8 +552,10 @@ def run_infill(args: argparse.Namespace) -> int:
     if not tracks:
         raise ConstraintError(f"{args.piece} has no notes: nothing to infill around")
     notes, owner = piece_notes(tracks)
+    if (notes["program"] == DRUM_PROGRAM).all():  # once a line naming no file (compose.infill)
+        raise ConstraintError(f"{args.piece} holds drums only: nothing pitched to infill around")
     times = TimeMap.of_score(score)
-    if args.bars:
+    if args.bars is not None:  # '' once fell through to --span (AttributeError)
         a, b = parse_range(args.bars, "--bars", integer=True)
         last = float((notes["onset"] + notes["duration"]).max())
         span = times.bar_span(a, b, last, name=str(args.piece), field="--bars")
@@ -565,6 +578,7 @@ def run_infill(args: argparse.Namespace) -> int:
         raise ConfigError(f"--part {args.part!r} is a drum track: choose a pitched part to infill")
     paths, _ = _prepare(args, args.piece, "infilled")
     model = _model(args)
+    _in_vocabulary(notes[~infill_regenerated(notes, span, part)], model.vocab_config, args.piece)
     from aurl.progress import bar
 
     results = infill(
