@@ -1168,8 +1168,10 @@ def _part_index(part: str, tracks: list, filename: str) -> int:
     names = [n.lower() for n, _ in tracks]
     if part.strip().lower() in names:
         return names.index(part.strip().lower())
-    if part.strip().isdigit() and int(part) < len(tracks):
-        return int(part)
+    index = part.strip()
+    # ASCII digits only: str.isdigit() is also true of '²', which int() refuses (a 500)
+    if index.isascii() and index.isdigit() and int(index) < len(tracks):
+        return int(index)
     listed = ", ".join(f"{i}:{n}" for i, (n, _) in enumerate(tracks))
     raise PartError(f"part {part!r}: {filename} has no such track; its tracks are {listed}")
 

@@ -1,0 +1,24 @@
+"""Hostile requests that once got a 500, a crash of the handler, or an error naming no field:
+each now gets one 4xx whose JSON names the field (found by an adversarial sweep over the
+endpoints; tests/serve/test_bad_input.py holds the earlier sweep)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serve.conftest import make_client
+from tests.serve.test_api import CHORALE, error_of
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, tiny):
+    with make_client(tmp_path_factory.mktemp("hostile"), {"tiny": tiny}) as c:
+        yield c
+
+
+@pytest.mark.parametrize("part", ["\u00b2", "\u00b9", "\u0661", "\uff11"])
+def test_infill_part_of_digits_python_reads_but_int_refuses_is_422(client, part):
+    # '²'.isdigit() is True and int('²') raises: the request was a 500
+    r = client.post("/api/infill", files={"file": ("c.mid", CHORALE.read_bytes())},
+                    data={"bars": "1-1", "part": part})  # fmt: skip
+    assert "0:Soprano" in error_of(r, 422, field="part")
