@@ -22,3 +22,19 @@ def test_infill_part_of_digits_python_reads_but_int_refuses_is_422(client, part)
     r = client.post("/api/infill", files={"file": ("c.mid", CHORALE.read_bytes())},
                     data={"bars": "1-1", "part": part})  # fmt: skip
     assert "0:Soprano" in error_of(r, 422, field="part")
+
+
+@pytest.mark.parametrize("name", ["\u65e5\u672c\u8a9e.mid", 'a"b\\c.mid', "\u00e9t\u00e9.mid"])
+def test_musicxml_of_a_file_named_in_any_script_is_a_reply(client, name):
+    # the upload's name went into the Content-Disposition header as it came: a header is
+    # Latin-1, so a Japanese name was a 500
+    from urllib.parse import unquote
+
+    r = client.post("/api/musicxml", files={"file": (name, CHORALE.read_bytes())})
+    assert r.status_code == 200, r.text
+    disposition = r.headers["content-disposition"]
+    assert disposition.isascii() and disposition.count('"') == 2
+    if name.isascii():  # the client sends '"' as %22 (and the name comes back so)
+        return
+    stem = name.rsplit(".", 1)[0]
+    assert unquote(disposition.split("filename*=UTF-8''")[1]) == f"{stem}.musicxml"

@@ -1153,13 +1153,23 @@ async def _reply(
     """``midi`` as the reply in ``fmt``: the bytes themselves, or MusicXML made from them in
     the parsing process (music21 never loads in the server)."""
     if fmt == "midi":
-        disposition = f'attachment; filename="{stem}.mid"'
+        disposition = _attachment(f"{stem}.mid")
         return Response(midi, media_type="audio/midi",
                         headers={**(headers or {}), "Content-Disposition": disposition})  # fmt: skip
     result = await clock.parse(midi, "musicxml", name=name, most=max(clock.lim.parse_seconds, 30))
-    disposition = f'attachment; filename="{stem}.musicxml"'
+    disposition = _attachment(f"{stem}.musicxml")
     return Response(result["musicxml"].encode("utf-8"), media_type=MUSICXML,
                     headers={**(headers or {}), "Content-Disposition": disposition})  # fmt: skip
+
+
+def _attachment(name: str) -> str:
+    """A Content-Disposition header for ``name`` (from the upload's file name, any text): an
+    ASCII ``filename`` with no quote, backslash or control character, and the name itself as
+    RFC 6266's ``filename*``. (The name as it came was a 500: a header is Latin-1, one line.)"""
+    from urllib.parse import quote
+
+    plain = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name.encode('utf-8', 'replace'), safe='')}"
 
 
 def _part_index(part: str, tracks: list, filename: str) -> int:
