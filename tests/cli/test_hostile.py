@@ -293,6 +293,13 @@ CASES = {
                                       "edges.mid spans MIDI pitches 0..127"),
     "infill drums only": (["infill", "{dir}/drums.mid", "--bars", "1-1", "--checkpoint", "{tiny}",
                            "--out", "{out}"], 1, "drums.mid holds drums only"),
+    # generate --voices 17: "generation.voices: 17 is out of range; allowed [0, 16]" (9..16
+    # refused too); --ranges without SATB voices leaned nothing, silently; --meter '' ran in 4/4
+    "voices 17": ([*GEN, "--voices", "17"], 2, "--voices 17: give 1 to 8"),
+    "voices -1": ([*GEN, "--voices", "-1"], 2, "--voices -1: give 1 to 8"),
+    "ranges without voices": ([*GEN, "--ranges", "0.5"], 2, "--ranges 0.5"),
+    "ranges with 6 voices": ([*GEN, "--ranges", "0.5", "--voices", "6"], 2, "--ranges 0.5"),
+    "meter empty": ([*GEN, "--meter", ""], 2, "--meter ''"),
 }
 # fmt: on
 

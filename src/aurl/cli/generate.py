@@ -16,6 +16,7 @@ from aurl.engines import ENGINES
 from aurl.engines.cpu import PRECISIONS
 
 VOICE_LEAN = 0.9  # --spacing, --ranges with voice leading: harmonize's ComposeOptions values
+MAX_VOICES = 8  # --voices: tracks the piece is written in
 
 SHIPPED = Path(__file__).resolve().parent.parent / "pretrained"
 
@@ -213,11 +214,16 @@ def generation_config(args: argparse.Namespace):
     style = checks.nonempty(getattr(args, "style", None), "--style", "a model.styles name")
     if style:
         values["style"] = style
-    if args.meter:
+    # '' ran in 4/4, as if --meter were not given
+    if checks.nonempty(getattr(args, "meter", None), "--meter", "a time signature such as 3/4"):
         from aurl.data.meter import parse_meter
 
         values["meter"] = "{}/{}".format(*parse_meter(args.meter))
-    voices = getattr(args, "voices", None) or 0
+    voices = getattr(args, "voices", None)
+    # checked here, not by the config (0..16): 17 once read "generation.voices: 17 is out of
+    # range; allowed [0, 16]", and 9..16 are refused too
+    if voices is not None and not 1 <= voices <= MAX_VOICES:
+        raise ConfigError(f"--voices {voices}: give 1 to {MAX_VOICES} (4 for SATB)")
     if voices:
         values["voices"] = voices  # the voices the piece is written in
     leading = getattr(args, "voice_leading", None)
@@ -229,7 +235,12 @@ def generation_config(args: argparse.Namespace):
         lean = getattr(args, name, None)
         if lean is not None or leading:
             values[name] = VOICE_LEAN if lean is None else lean
-    return build(GenerationConfig, values, prefix="generation")
+    config = build(GenerationConfig, values, prefix="generation")
+    ranges = getattr(args, "ranges", None)
+    if ranges and not 2 <= config.voices <= 4:  # SATB's (voices.voice_ranges): it leaned nothing
+        raise ConfigError(f"--ranges {ranges} leans each voice into its SATB range: add "
+                          "--voices 2, 3 or 4 (or leave --ranges out)")  # fmt: skip
+    return config
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
@@ -358,8 +369,6 @@ def run(args: argparse.Namespace) -> int:
     if len(conditioning) > 1:
         raise ConfigError(f"use one of --primer, --variations, --interpolate (got {conditioning})")
     transfer_keep(args)  # --keep without --variations fails before anything loads
-    if args.voices is not None and not 1 <= args.voices <= 8:
-        raise ConfigError(f"--voices {args.voices}: give 1 to 8 (4 for SATB)")
     default_model(args)
     n = args.steps if args.interpolate else args.num_samples
     stem = f"sample_seed{args.seed}"
