@@ -126,6 +126,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         track.notes.append(symusic.Note(i * 480, 240, 36 + i % 4, 100))
     drums.tracks.append(track)
     drums.dump_midi(str(d / "drums.mid"))
+    (d / "empty.mid").write_bytes(b"")
     return {
         "dir": str(d), "tiny": str(d / "tiny"), "out": str(d / "out"), "afile": str(d / "afile"),
         "chorale": str(CHORALE), "high": str(_melody(d / "high.mid", 127)), "cfg": str(d / "cfg.yaml"),
@@ -300,6 +301,10 @@ CASES = {
     "ranges without voices": ([*GEN, "--ranges", "0.5"], 2, "--ranges 0.5"),
     "ranges with 6 voices": ([*GEN, "--ranges", "0.5", "--voices", "6"], 2, "--ranges 0.5"),
     "meter empty": ([*GEN, "--meter", ""], 2, "--meter ''"),
+    # analyze FILE unreadable: "skipped FILE: FILE: why" and "error: cannot analyse FILE: FILE:
+    # why", two lines
+    "analyze an empty file": (["analyze", "{dir}/empty.mid", "--out", "{out}"], 1,
+                              "cannot analyse {dir}/empty.mid: empty file"),
 }
 # fmt: on
 

@@ -190,7 +190,9 @@ def run(args: argparse.Namespace) -> int:
     for path, piece in zip(files, bar(pieces, total=len(files), desc="analyze")):
         if isinstance(piece, (str, Failed)):
             error = piece if isinstance(piece, str) else f"{path}: {piece.reason}"
-            print(f"skipped {path}: {error}", file=sys.stderr)
+            if src.is_dir():  # one file: its error line alone (once "skipped" and the error)
+                print(f"skipped {error if error.startswith(str(path)) else f'{path}: {error}'}",
+                      file=sys.stderr)  # fmt: skip
             skipped.append({"file": str(path), "error": error})
             continue
         notes, beats_per_bar, voices = piece
@@ -227,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
             ranked = sorted(styles.items(), key=lambda kv: (-kv[1], kv[0]))
             print("styles: " + ", ".join(f"{s} {n}" for s, n in ranked))
     elif skipped:
-        raise DataError(f"cannot analyse {src}: {skipped[0]['error']}")
+        error = skipped[0]["error"]  # the reader's line names the file
+        named = error if error.startswith(str(src)) else f"{src}: {error}"
+        raise DataError(f"cannot analyse {named}: give a MIDI file")
     print(f"report in {out}")
     return 0
