@@ -38,3 +38,27 @@ def test_musicxml_of_a_file_named_in_any_script_is_a_reply(client, name):
         return
     stem = name.rsplit(".", 1)[0]
     assert unquote(disposition.split("filename*=UTF-8''")[1]) == f"{stem}.musicxml"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [b'{"max_tokens": 40}', b"\xff\xfe", "[" * 100_000 + "]" * 100_000, '{"seed": ' + "9" * 5000 + "}",
+     "hello"],
+    ids=["binary", "binary-not-utf8", "deep", "5000-digits", "not-json"],
+)  # fmt: skip
+def test_stream_first_message_that_json_loads_chokes_on_is_an_error_message(client, first):
+    # a binary frame (KeyError 'text'), deep nesting (RecursionError) and a 5,000-digit number
+    # (ValueError) raised out of the handler: the socket closed with no message saying why
+    from starlette.websockets import WebSocketDisconnect
+
+    with client.websocket_connect("/api/generate/stream") as ws:
+        ws.send_bytes(first) if isinstance(first, bytes) else ws.send_text(first)
+        m = ws.receive_json()
+        if first == b'{"max_tokens": 40}':  # JSON in a binary frame reads as in a text one
+            assert m["type"] in ("note", "done"), m
+            return
+        assert m["type"] == "error" and m["status"] == 422, m
+        assert "not JSON" in m["error"], m
+        with pytest.raises(WebSocketDisconnect) as e:
+            ws.receive_json()
+        assert e.value.code == 4422

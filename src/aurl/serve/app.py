@@ -15,7 +15,6 @@ import binascii
 import contextlib
 import dataclasses
 import hmac
-import json
 import logging
 import random
 import time
@@ -445,12 +444,11 @@ def create_app(
             return
         await ws.accept()
         try:
-            first = await asyncio.wait_for(ws.receive_text(), timeout=30)
-            opts = GenerateOptions.model_validate(json.loads(first))
+            opts = await _first_options(ws)
             srv, job, _ = await start_job(opts)
         except WebSocketDisconnect:
             return
-        except (asyncio.TimeoutError, json.JSONDecodeError, ValidationError, AurlError) as e:
+        except (asyncio.TimeoutError, ValidationError, AurlError) as e:
             await _ws_error(ws, e)
             return
         await _stream_job(ws, srv, job)
@@ -951,6 +949,26 @@ async def _until_done_or_gone(job: Any, request: Request) -> list[int]:
             task.cancel()
 
 
+async def _first_options(ws: WebSocket) -> GenerateOptions:
+    """The stream's first message, a text or binary frame, as GenerateOptions. Pydantic's JSON
+    parser reads it: json.loads raised out of the handler (no error message, no 4xxx close) on
+    a binary frame, on arrays nested 100,000 deep (RecursionError) and on a 5,000-digit number
+    (ValueError); here each is a 422 naming the body."""
+    msg = await asyncio.wait_for(ws.receive(), timeout=30)
+    if msg["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(msg.get("code", 1000))
+    data = msg["text"] if msg.get("text") is not None else msg.get("bytes") or b""
+    try:
+        return GenerateOptions.model_validate_json(data)
+    except ValidationError as e:
+        bad = [x["msg"].removeprefix("Invalid JSON: ") for x in e.errors()
+               if x["type"] == "json_invalid"]  # fmt: skip
+        if bad:
+            raise FieldError(f"the first message is not JSON ({bad[0]}): send the options as "
+                             "a JSON object", field="body") from None  # fmt: skip
+        raise
+
+
 async def _ws_error(ws: WebSocket, e: Exception) -> None:
     status, limit = 422, None
     if isinstance(e, (LimitError, UploadError)):
@@ -959,8 +977,6 @@ async def _ws_error(ws: WebSocket, e: Exception) -> None:
         message, status, limit = "no options within 30 s: send them first", 408, "options_seconds"
     elif isinstance(e, ValidationError):
         message = _validation_message(e.errors())
-    elif isinstance(e, json.JSONDecodeError):
-        message = f"the first message is not JSON ({e.msg}): send the options as a JSON object"
     else:
         message = str(e)
     try:
