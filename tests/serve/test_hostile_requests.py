@@ -62,3 +62,39 @@ def test_stream_first_message_that_json_loads_chokes_on_is_an_error_message(clie
         with pytest.raises(WebSocketDisconnect) as e:
             ws.receive_json()
         assert e.value.code == 4422
+
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    "path, body, headers",
+    [("/api/generate", b'{"key": "\xff\xfe"}', JSON),
+     ("/api/generate", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON),
+     ("/api/generate", b'{"seed": ' + b"9" * 5000 + b"}", JSON),
+     ("/api/analyze", b"--x\r\n", {"content-type": "multipart/form-data"}),
+     ("/api/analyze", b"garbage" * 10, {"content-type": "multipart/form-data; boundary=zzz"})],
+    ids=["not-utf8", "deep", "5000-digits", "no-boundary", "bad-multipart"],
+)  # fmt: skip
+def test_bodies_starlette_cannot_parse_get_the_error_shape_naming_the_body(
+    client, path, body, headers
+):
+    # these were 400 {"detail": "There was an error parsing the body"}: not the documented
+    # {"error", "limit", "field"}, naming nothing
+    msg = error_of(client.post(path, content=body, headers=headers), 400, field="body")
+    assert "send" in msg
+
+
+def test_unknown_paths_and_methods_get_the_error_shape(client):
+    assert "/docs" in error_of(client.get("/api/nope"), 404)
+    r = client.get("/api/generate")
+    assert "/docs" in error_of(r, 405) and r.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    "body, headers",
+    [(b"max_tokens=40", {"content-type": "application/x-www-form-urlencoded"}),
+     (b"null", JSON), (b"[1]", JSON), (b"", JSON)],
+)  # fmt: skip
+def test_a_body_that_is_no_object_names_the_body(client, body, headers):
+    error_of(client.post("/api/generate", content=body, headers=headers), 422, field="body")

@@ -30,6 +30,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from aurl.errors import AurlError, ConfigError
@@ -259,6 +260,25 @@ def create_app(
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*LOOPBACK_HOSTS, "testserver"])
 
     # -- errors --------------------------------------------------------------------------------
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        """Starlette's own errors in the error shape (they were ``{"detail"}``, naming nothing):
+        a body it cannot parse (400: not UTF-8, nested too deep for json.loads, a number of over
+        4,300 digits, a broken multipart form), an unknown path (404), a wrong method (405)."""
+        path, code = request.url.path, exc.status_code
+        if code == 400:
+            multipart = "multipart" in request.headers.get("content-type", "")
+            what = ("multipart/form-data with the MIDI file in the field 'file'" if multipart
+                    else "a JSON object in UTF-8 (numbers of at most 4,300 digits)")  # fmt: skip
+            message, field = f"body: {str(exc.detail).rstrip('.')} (at {path}): send {what}", "body"
+        elif code in (404, 405):
+            message, field = f"{request.method} {path}: {exc.detail}: see /docs", None
+        else:
+            message, field = f"{path}: {exc.detail}", None
+        r = _error(code, message, field=field)
+        r.headers.update(exc.headers or {})
+        return r
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -759,6 +779,8 @@ def _first_field(errors: Any) -> str | None:
         loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "form")]
         if loc:
             return ".".join(loc)
+        if tuple(e.get("loc", ())) == ("body",):  # the body as a whole: not an object, absent
+            return "body"
     return None
 
 
