@@ -98,3 +98,32 @@ def test_unknown_paths_and_methods_get_the_error_shape(client):
 )  # fmt: skip
 def test_a_body_that_is_no_object_names_the_body(client, body, headers):
     error_of(client.post("/api/generate", content=body, headers=headers), 422, field="body")
+
+
+def _midi(pitches: list[int], *, drums: bool = False) -> bytes:
+    import symusic
+
+    s, t = symusic.Score(480), symusic.Track(name="tune", is_drum=drums)
+    for i, p in enumerate(pitches):
+        t.notes.append(symusic.Note(i * 480, 480, p, 80))
+    s.tracks.append(t)
+    return s.dumps_midi()
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [(_midi([]), "no notes"), (_midi([36, 38, 36, 42], drums=True), "drums only"),
+     (_midi([30, 32, 34, 35]), "transpose")],
+    ids=["no-notes", "drums", "too-low"],
+)  # fmt: skip
+def test_harmonize_names_the_file_for_a_melody_it_cannot_go_under(client, data, words):
+    # accompany and infill named the file; harmonize's 422 named no field
+    r = client.post("/api/harmonize", files={"file": ("m.mid", data)}, data={"particles": "1"})
+    assert words in error_of(r, 422, field="file")
+
+
+@pytest.mark.parametrize("key", ["H major", "\u00c9 major", "primer"])
+def test_harmonize_names_the_key_it_cannot_read(client, key):
+    r = client.post("/api/harmonize", files={"file": ("c.mid", CHORALE.read_bytes())},
+                    data={"key": key})  # fmt: skip
+    assert "unknown key" in error_of(r, 422, field="key")

@@ -527,6 +527,7 @@ def create_app(
         kept note for note on the Soprano track. A client that goes away stops the work."""
         await _only_fields(request, "file", "model", "seed", "key", "voices", "particles",
                            "format")  # fmt: skip
+        from aurl.errors import ConstraintError
         from aurl.generation import compose
 
         clock = Clock(lim)
@@ -536,7 +537,10 @@ def create_app(
         data = await _read_upload(file, lim)
         tracks, times = await _upload_piece(data, file.filename, clock)
         name, notes = compose.top_track(tracks)
-        line = compose.melody_line(notes, name=f"{file.filename or 'file'} ({name})")
+        try:  # no notes, drums only, chords, a range the voices cannot go under: the file's
+            line = compose.melody_line(notes, name=f"{file.filename or 'file'} ({name})")
+        except ConstraintError as e:
+            return _error(422, str(e), field="file")
         opts = compose.ComposeOptions(seed=seed, key=key, particles=particles)
 
         def run(m: Any, progress: Any) -> Any:
@@ -1241,7 +1245,7 @@ def _check_key(key: str) -> None:
     try:
         parse_key(key)
     except Exception as e:  # noqa: BLE001 - any parse failure is one clear line
-        raise ConfigError(f"key {key!r}: {e}") from None
+        raise FieldError(f"key {key!r}: {e}", field="key") from None
 
 
 async def _make_trial(srv: ModelServer, store: listen.Store, lim: Limits) -> dict[str, Any]:
