@@ -127,6 +127,13 @@ def files(tmp_path_factory) -> dict[str, str]:
     drums.tracks.append(track)
     drums.dump_midi(str(d / "drums.mid"))
     (d / "empty.mid").write_bytes(b"")
+    for name, notes in {"endless": [(0, 1), (1, 1025)], "stray": [(0, 1), (4098, 1)]}.items():
+        score = symusic.Score(480)  # a note past 1024 beats; a note after 4097 beats of silence
+        track = symusic.Track("Alto", 0, False)
+        for beat, beats in notes:
+            track.notes.append(symusic.Note(beat * 480, beats * 480, 67, 80))
+        score.tracks.append(track)
+        score.dump_midi(str(d / f"{name}.mid"))
     return {
         "dir": str(d), "tiny": str(d / "tiny"), "out": str(d / "out"), "afile": str(d / "afile"),
         "chorale": str(CHORALE), "high": str(_melody(d / "high.mid", 127)), "cfg": str(d / "cfg.yaml"),
@@ -301,6 +308,15 @@ CASES = {
     "ranges without voices": ([*GEN, "--ranges", "0.5"], 2, "--ranges 0.5"),
     "ranges with 6 voices": ([*GEN, "--ranges", "0.5", "--voices", "6"], 2, "--ranges 0.5"),
     "meter empty": ([*GEN, "--meter", ""], 2, "--meter ''"),
+    # harmonize / accompany / infill: the voices were composed under all of a note of 100,000
+    # beats or a silence of 8,000 (a two-note file announced ~25 tokens and ran ~1,000,000)
+    "harmonize an endless note": (["harmonize", "{dir}/endless.mid", "--checkpoint", "{tiny}",
+                                   "--out", "{out}"], 1,
+                                  "endless.mid: the note at beat 2 lasts 1025 beats"),
+    "accompany a stray note": (["accompany", "{dir}/stray.mid", "--checkpoint", "{tiny}", "--out",
+                                "{out}"], 1, "stray.mid: 4097 beats of silence before the note"),
+    "infill a stray note": (["infill", "{dir}/stray.mid", "--bars", "1-1", "--checkpoint",
+                             "{tiny}", "--out", "{out}"], 1, "stray.mid: 4097 beats of silence"),
     # analyze FILE unreadable: "skipped FILE: FILE: why" and "error: cannot analyse FILE: FILE:
     # why", two lines
     "analyze an empty file": (["analyze", "{dir}/empty.mid", "--out", "{out}"], 1,
@@ -393,3 +409,13 @@ def test_evaluate_task_skips_the_files_it_cannot_evaluate(task, files, tmp_path,
     assert "Traceback" not in captured.err and "Warning" not in captured.err, captured.err
     assert "evaluated 1 of 4 chorales; skipped 3" in captured.out
     assert json.loads((out / f"{task}.json").read_text())["files"] == 1
+
+
+def test_harmonize_estimate_counts_the_beats_a_melody_holds_or_rests() -> None:
+    """A two-note melody over 200 beats was announced as ~25 tokens and decoded 2,046 (the
+    voices move under the rest): the estimate counts the beats where they outnumber the notes,
+    and a melody of a note a beat keeps its old count."""
+    from aurl.cli.eta import harmonize_tokens
+
+    assert harmonize_tokens(2, 4, 200.0) > 1_000
+    assert harmonize_tokens(36, 4, 30.0) == harmonize_tokens(36, 4) == 450

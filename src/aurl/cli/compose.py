@@ -148,13 +148,54 @@ def read_score(path: str | Path) -> Any:
             with tempfile.TemporaryDirectory() as tmp:
                 mid = Path(tmp) / "score.mid"
                 converter.parse(str(path)).write("midi", fp=str(mid))
-                return symusic.Score(str(mid)).to("tick")  # written by music21 just now
-        return read_midi_score(path).to("tick")  # checked bytes only (aurl.data.smf)
+                score = symusic.Score(str(mid)).to("tick")  # written by music21 just now
+        else:
+            score = read_midi_score(path).to("tick")  # checked bytes only (aurl.data.smf)
     except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MidiReadError(
             f"{path} cannot be read ({first}): give a MIDI or MusicXML file"
         ) from None
+    _no_absurd_ticks(score, path)
+    return score
+
+
+def _no_absurd_ticks(score: Any, path: Path) -> None:
+    """Raise :class:`MidiReadError` where ``score`` (ticks) holds what :mod:`aurl.data.midi_io`
+    repairs as absurd ticks: a note longer than ``MAX_DURATION_BEATS`` or a silence between
+    notes longer than ``MAX_GAP_BEATS``. The composing commands keep the given notes as they
+    are, so they refuse such a file rather than repair it: the voices were composed under all
+    of it (a two-note file with a note of 100,000 beats ran past 46,000 tokens in 70 s, about
+    a million to go, after announcing ~25)."""
+    import numpy as np
+
+    from aurl.data.midi_io import MAX_DURATION_BEATS, MAX_GAP_BEATS
+    from aurl.errors import MidiReadError
+
+    notes = [t.notes.numpy() for t in score.tracks if len(t.notes)]
+    if not notes:
+        return
+    tpq = score.ticks_per_quarter
+    time = np.concatenate([n["time"] for n in notes]).astype(np.int64)
+    duration = np.concatenate([n["duration"] for n in notes]).astype(np.int64)
+    longest = int(np.argmax(duration))
+    if duration[longest] > MAX_DURATION_BEATS * tpq:
+        raise MidiReadError(
+            f"{path}: the note at beat {time[longest] / tpq + 1:g} lasts "
+            f"{duration[longest] / tpq:g} beats, more than {MAX_DURATION_BEATS} (~8.5 min at "
+            "120 BPM): shorten it"
+        )
+    order = np.argsort(time, kind="stable")
+    t = time[order]
+    reach = np.maximum.accumulate(t + np.maximum(duration[order], 0))  # end of the music so far
+    gaps = t[1:] - reach[:-1]
+    if len(gaps) and gaps.max() > MAX_GAP_BEATS * tpq:
+        i = int(np.argmax(gaps)) + 1
+        raise MidiReadError(
+            f"{path}: {gaps[i - 1] / tpq:g} beats of silence before the note at beat "
+            f"{t[i] / tpq + 1:g}, more than {MAX_GAP_BEATS} (~34 min at 120 BPM; a stray note far "
+            "past the music?): remove the silence or the notes after it"
+        )
 
 
 def first_qpm(score: Any) -> float:
@@ -356,7 +397,8 @@ def _harmonize_one(args: argparse.Namespace, melody: str | Path, model: Any) -> 
     line = melody_line(notes, name=f"{melody} ({name})")  # bad melodies fail here
     paths, _ = _prepare(args, melody, "harmonized")
     model = model or _model(args)
-    progress = _say_length(str(melody), len(line), args.voices)
+    beats = float((line["onset"] + line["duration"]).max() - line["onset"].min())
+    progress = _say_length(str(melody), len(line), args.voices, beats)
     results = harmonize(
         model, line, voices=args.voices, options=_options(args, args.key or ""),
         qpm=first_qpm(score), like=score, meter=TimeMap.of_score(score).meter, progress=progress,
@@ -446,15 +488,16 @@ def _each_file(args: argparse.Namespace, folder: str, kind: str, one: Any) -> in
     return 0
 
 
-def _say_length(melody: str, notes: int, voices: int) -> Any:
-    """Say on stderr how many tokens harmonizing ``notes`` melody notes takes (estimated), and
-    return the progress helper that reports the time left (:mod:`aurl.cli.eta`). No melody is
-    too long: 10,000 notes is ~125,000 tokens, tens of minutes on one core, said up front."""
+def _say_length(melody: str, notes: int, voices: int, beats: float = 0.0) -> Any:
+    """Say on stderr how many tokens harmonizing ``notes`` melody notes over ``beats`` beats
+    takes (estimated), and return the progress helper that reports the time left
+    (:mod:`aurl.cli.eta`). No melody is too long: 10,000 notes is ~125,000 tokens, tens of
+    minutes on one core, said up front."""
     import sys
 
     from aurl.cli.eta import LONG_TOKENS, estimated, harmonize_tokens
 
-    tokens = harmonize_tokens(notes, voices)
+    tokens = harmonize_tokens(notes, voices, beats)
     long = " (a long run: progress and the time left follow here)" if tokens > LONG_TOKENS else ""
     print(f"{melody}: {notes:,} melody notes in {voices} voices, about {tokens:,} tokens to "
           f"compose{long}", file=sys.stderr, flush=True)  # fmt: skip

@@ -18,12 +18,16 @@ from aurl.progress import Progress, bar
 LONG_TOKENS = 20_000
 
 
-def harmonize_tokens(notes: int, voices: int) -> int:
-    """Tokens ``aurl harmonize`` decodes for a melody of ``notes`` notes, estimated: 5 per
-    melody note plus 2.5 per note per other voice (the shipped model, forcing: 7.3-7.7 tokens
-    per melody note in 2 voices, 10.0-10.4 in 3, 11.5-12.7 in 4, over two chorales' sopranos
-    and a 200-note line; docs/design.md, "Hostile inputs, session 8")."""
-    return max(1, round(notes * (5 + 2.5 * (voices - 1))))
+def harmonize_tokens(notes: int, voices: int, beats: float = 0.0) -> int:
+    """Tokens ``aurl harmonize`` decodes for a melody of ``notes`` notes lasting ``beats``
+    beats, estimated: 5 per melody note plus 2.5 per other voice for each note or, where the
+    melody holds or rests longer than a beat a note, each beat (the shipped model, forcing:
+    7.3-7.7 tokens per melody note in 2 voices, 10.0-10.4 in 3, 11.5-12.7 in 4, over two
+    chorales' sopranos and a 200-note line; docs/design.md, "Hostile inputs, session 8"; under
+    a note of 1,000 beats 3.7 tokens a beat in 4 voices, under a rest of 200 beats 4.9 in 2,
+    7.6 in 3, 10.2 in 4: a two-note melody of 200 beats was announced as ~25 tokens, not
+    ~1,500, and took 2,046)."""
+    return max(1, round(5 * notes + 2.5 * (voices - 1) * max(notes, beats)))
 
 
 def minutes(seconds: float) -> str:
