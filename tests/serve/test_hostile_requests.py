@@ -127,3 +127,25 @@ def test_harmonize_names_the_key_it_cannot_read(client, key):
     r = client.post("/api/harmonize", files={"file": ("c.mid", CHORALE.read_bytes())},
                     data={"key": key})  # fmt: skip
     assert "unknown key" in error_of(r, 422, field="key")
+
+
+def test_a_content_length_of_a_digit_int_refuses_is_413_not_a_500(client):
+    # h11 refuses 'Content-Length: ²' before the app; the guard itself raised on it (int('²'))
+    import asyncio
+
+    sent = []
+    scope = {"type": "http", "method": "POST", "path": "/api/generate", "raw_path": b"/api/generate",
+             "query_string": b"", "http_version": "1.1", "scheme": "http", "root_path": "",
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5),
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                         (b"content-length", b"\xb2")]}  # fmt: skip
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(client.app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert b'"limit":"max_upload_bytes"' in sent[1]["body"]

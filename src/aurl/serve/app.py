@@ -329,7 +329,9 @@ def create_app(
             if length is None:
                 return _error(411, "send a Content-Length header with the body",
                               limit="max_upload_bytes")  # fmt: skip
-            if not length.isdigit() or int(length) > most:
+            # ASCII digits: '²'.isdigit() is True and int('²') raises (h11 refuses such a
+            # header before the app, a laxer ASGI server might not)
+            if not (length.isascii() and length.isdigit()) or int(length) > most:
                 return _error(413, f"the body is {length} bytes, over this server's limit "
                               f"max_upload_bytes={lim.max_upload_bytes} for a MIDI file",
                               limit="max_upload_bytes")  # fmt: skip
