@@ -369,7 +369,7 @@ def test_a_body_that_is_not_json_or_not_an_object(client):
 def test_primer_that_is_not_base64_or_not_midi(client):
     assert "base64" in error_of(client.post("/api/generate", json={"primer": "@@@"}), 422)
     junk = base64.b64encode(b"RIFF not a midi file at all").decode()
-    msg = error_of(client.post("/api/generate", json={"primer": junk}), 422, field="file")
+    msg = error_of(client.post("/api/generate", json={"primer": junk}), 422, field="primer")
     assert "primer" in msg and "MIDI" in msg
 
 

@@ -149,3 +149,12 @@ def test_a_content_length_of_a_digit_int_refuses_is_413_not_a_500(client):
     asyncio.run(client.app(scope, receive, send))
     assert sent[0]["status"] == 413
     assert b'"limit":"max_upload_bytes"' in sent[1]["body"]
+
+
+@pytest.mark.parametrize("data", [b"A", b"MThd\x00\x00\x00\x06\x00\x01", b"\x00" * 64])
+def test_a_primer_that_is_not_midi_names_the_primer(client, data):
+    # it named "file", a field the JSON body of /api/generate does not have
+    import base64
+
+    r = client.post("/api/generate", json={"primer": base64.b64encode(data).decode()})
+    assert "primer" in error_of(r, 422, field="primer")

@@ -291,7 +291,7 @@ def create_app(
     @app.exception_handler(UploadError)
     async def _upload(request: Request, exc: UploadError):
         return _error(exc.status, str(exc), limit=exc.limit,
-                      field="file" if exc.status < 500 else None)  # fmt: skip
+                      field=exc.field if exc.status < 500 else None)  # fmt: skip
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, exc: FieldError):
@@ -391,11 +391,15 @@ def create_app(
         primer = None
         if opts.primer:
             data = _b64(opts.primer, lim)
-            result = await clock.parse(
-                data, "ids", name="primer",
-                options={"vocab": dataclasses.asdict(srv.model.vocab_config),
-                         "polyphony_cap": opts.polyphony},
-            )  # fmt: skip
+            try:
+                result = await clock.parse(
+                    data, "ids", name="primer",
+                    options={"vocab": dataclasses.asdict(srv.model.vocab_config),
+                             "polyphony_cap": opts.polyphony},
+                )  # fmt: skip
+            except UploadError as e:  # the JSON body has no field "file"
+                e.field = "primer"
+                raise
             primer = _primer_ids(np.asarray(result["ids"], dtype=np.int64), srv, opts)
         return srv, _generation_config(opts, srv, lim, primer), primer
 

@@ -33,9 +33,12 @@ TASKS = ("ids", "notes", "piece", "analyze", "musicxml")
 class UploadError(MidiReadError):
     """An upload could not be parsed (bad file, or the parser crashed or ran out of time)."""
 
-    def __init__(self, message: str, *, limit: str | None = None, status: int = 422) -> None:
+    def __init__(
+        self, message: str, *, limit: str | None = None, status: int = 422, field: str = "file"
+    ) -> None:
         super().__init__(message)
         self.limit, self.status = limit, status
+        self.field = field  # the request field that held the bytes (a 4xx names it)
 
 
 async def parse_upload(
