@@ -317,6 +317,14 @@ CASES = {
                                 "{out}"], 1, "stray.mid: 4097 beats of silence before the note"),
     "infill a stray note": (["infill", "{dir}/stray.mid", "--bars", "1-1", "--checkpoint",
                              "{tiny}", "--out", "{out}"], 1, "stray.mid: 4097 beats of silence"),
+    # train: the samples' generation settings stopped the run at its first sample (step 1000 by
+    # default), after config.yaml, train.log and tb/ were written, naming "--key"
+    "train sample key unknown": ([*GOOD, "training.sample_every=1", "generation.key=Q"], 2,
+                                 "generation.key: unknown key 'Q'"),
+    "train sample tokens 3": ([*GOOD, "training.sample_every=1", "training.sample_tokens=3"], 2,
+                              "training.sample_tokens"),
+    "train sample pitches empty": ([*GOOD, "training.sample_every=1", "generation.pitch_low=90",
+                                    "generation.pitch_high=60"], 2, "pitch range 90..60 is empty"),
     # analyze FILE unreadable: "skipped FILE: FILE: why" and "error: cannot analyse FILE: FILE:
     # why", two lines
     "analyze an empty file": (["analyze", "{dir}/empty.mid", "--out", "{out}"], 1,

@@ -472,6 +472,39 @@ def check_fim(config: Config) -> None:
         )
 
 
+def check_samples(config: Config) -> None:
+    """The settings of the training samples (``config.generation``, ``training.sample_tokens``
+    long), checked as :func:`_sample` uses them, before the run folder is written: a bad one
+    once stopped the run at its first sample (step ``training.sample_every``, 1000 by default)
+    with a line naming a flag ``aurl train`` does not have (``--key: unknown key 'Q'``).
+
+    Raises:
+        ConfigError: naming the ``generation.*`` setting and what to do.
+    """
+    if not config.training.sample_every:
+        return
+    from aurl.analysis.keys import parse_key
+    from aurl.data.vocab import Vocab
+    from aurl.errors import AurlError
+    from aurl.generation.generate import make_masker
+    from aurl.style_ids import style_id
+
+    gen = dataclasses.replace(config.generation, max_tokens=config.training.sample_tokens)
+    if gen.key:
+        try:
+            parse_key(gen.key)
+        except AurlError as e:
+            raise ConfigError(f"generation.key: {e}") from None
+    try:
+        make_masker(Vocab(config.vocab), gen, None)
+        style_id(tuple(config.model.styles), gen.style)
+    except AurlError as e:
+        raise ConfigError(
+            f"the training samples' generation settings: {e}; change that generation.* (or "
+            "training.sample_tokens) override, or set training.sample_every=0"
+        ) from None
+
+
 def check_pack(config: Config) -> None:
     """Packed rows (``data.pack``) hold windows in time order under full causal attention, one
     row length: a transformer without FIM, anticipation or a window curriculum."""
@@ -506,6 +539,7 @@ def _open_run(config: Config, run_dir: Path, resume, echo, d: distributed.Dist, 
     check_precision(t.precision, d.device)
     check_fim(config)
     check_pack(config)
+    check_samples(config)
     plan = stage_plan(config)
     ends = np.cumsum([s for _, s in plan]).tolist()
     cache = open_cache(config)
