@@ -158,3 +158,23 @@ def test_a_primer_that_is_not_midi_names_the_primer(client, data):
 
     r = client.post("/api/generate", json={"primer": base64.b64encode(data).decode()})
     assert "primer" in error_of(r, 422, field="primer")
+
+
+def test_infill_of_the_drum_track_names_the_part(client):
+    # `aurl infill --part kit` refuses a drum part; the server wrote new pitched notes onto the
+    # drum track, which came back a piano track
+    import symusic
+
+    s = symusic.Score(480)
+    kit, tune = symusic.Track(name="kit", is_drum=True), symusic.Track(name="tune")
+    for i in range(4):
+        kit.notes.append(symusic.Note(i * 480, 240, 36, 100))
+        tune.notes.append(symusic.Note(i * 480, 480, 67 + i, 80))
+    s.tracks.extend([kit, tune])
+    files = {"file": ("d.mid", s.dumps_midi())}
+    for part in ("kit", "0"):
+        r = client.post("/api/infill", files=files, data={"bars": "1-1", "part": part})
+        assert "1:tune" in error_of(r, 422, field="part")
+    r = client.post("/api/infill", files=files, data={"bars": "1-1", "part": "tune"})
+    assert r.status_code == 200, r.text
+    assert [t.is_drum for t in symusic.Score.from_midi(r.content).tracks] == [True, False]

@@ -649,6 +649,12 @@ def create_app(
         except ConfigError as e:
             return _error(422, str(e), field="bars" if bars is not None else "span")
         index = None if part is None else _part_index(part, tracks, file.filename or "file")
+        if index is not None and not len(pitched(tracks[index][1])):  # as `aurl infill --part`
+            # (its new pitched notes went onto the drum track, which lost its drum flag)
+            pitched_tracks = ", ".join(f"{i}:{n}" for i, (n, x) in enumerate(tracks)
+                                       if len(pitched(x)))  # fmt: skip
+            raise PartError(f"part {part!r} is a drum track: choose a pitched part to infill "
+                            f"({pitched_tracks})")  # fmt: skip
         # infill() takes the part as a mask over the pitched notes (it sets drums aside)
         chosen = None if index is None else (owner == index)[notes["program"] != DRUM_PROGRAM]
         opts = compose.ComposeOptions(seed=seed, particles=particles)
