@@ -427,3 +427,36 @@ def test_harmonize_estimate_counts_the_beats_a_melody_holds_or_rests() -> None:
 
     assert harmonize_tokens(2, 4, 200.0) > 1_000
     assert harmonize_tokens(36, 4, 30.0) == harmonize_tokens(36, 4) == 450
+
+
+def test_voices_of_a_40_track_infill_are_assigned_without_trying_every_subset() -> None:
+    """``aurl infill PIECE --bars 2-3`` of a 40-track piece (every voice) spreads the new notes
+    over the tracks with :func:`assign_voices`, which tried each subset of the free voices:
+    C(40, 20) at an onset where 20 notes start (the command ran past 120 s). Now it finishes
+    at once, each new note in its own voice, highest note to the highest voice."""
+    import signal
+
+    import numpy as np
+
+    from aurl.data.notes import NOTE_DTYPE
+    from aurl.generation.voices import assign_voices
+
+    notes = np.zeros(60, dtype=NOTE_DTYPE)
+    notes["onset"] = np.r_[np.zeros(40), np.ones(20)]  # 40 voices, then 20 of them again
+    notes["duration"] = 1.0
+    notes["pitch"] = np.r_[30 + 2 * np.arange(40), 31 + 4 * np.arange(20)]
+
+    def too_long(*_):
+        raise TimeoutError("assign_voices searched for more than 20 s")
+
+    old = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, 20.0)
+    try:
+        voice = assign_voices(notes, 40)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    second = voice[40:]
+    assert len(set(second.tolist())) == 20  # one voice each
+    by_pitch = np.argsort(-notes["pitch"][40:], kind="stable")
+    assert (np.diff(second[by_pitch]) > 0).all()  # highest note, highest voice (index 0)
