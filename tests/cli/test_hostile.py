@@ -460,3 +460,19 @@ def test_voices_of_a_40_track_infill_are_assigned_without_trying_every_subset() 
     assert len(set(second.tolist())) == 20  # one voice each
     by_pitch = np.argsort(-notes["pitch"][40:], kind="stable")
     assert (np.diff(second[by_pitch]) > 0).all()  # highest note, highest voice (index 0)
+
+
+def test_analyze_a_folder_of_unreadable_files_fails_naming_each(tmp_path, capsys) -> None:
+    """A folder whose every MIDI file is unreadable was "analysed 0 of 2 files" with exit 0:
+    now each is said as ``skipped FILE: why`` and the command fails naming the folder."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "empty.mid").write_bytes(b"")
+    (folder / "text.mid").write_text("<score-partwise/>")
+    assert main(["analyze", str(folder), "--out", str(tmp_path / "out"), "--no-plots"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith(f"error: no file in {folder} could be read (2 unreadable"), lines
+    assert [line.split(":")[0] for line in lines[:-1]] == [
+        f"skipped {folder / 'empty.mid'}",
+        f"skipped {folder / 'text.mid'}",
+    ]

@@ -216,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
         line = result["key"]["name"] if result.get("key") else result["message"]
         if src.is_file():
             print(f"{name}: {line}; form {result.get('structure', {}).get('form', '-')}")
+    if src.is_dir() and not results:  # once "analysed 0 of N files", exit 0
+        raise DataError(f"no file in {src} could be read ({len(skipped)} unreadable, said "
+                        "above): give MIDI files")  # fmt: skip
     if src.is_dir():
         agg = aggregate(results, skipped)
         write_aggregate_report(agg, out, plots=not args.no_plots)
