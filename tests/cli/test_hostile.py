@@ -476,3 +476,62 @@ def test_analyze_a_folder_of_unreadable_files_fails_naming_each(tmp_path, capsys
         f"skipped {folder / 'empty.mid'}",
         f"skipped {folder / 'text.mid'}",
     ]
+
+
+@pytest.mark.parametrize("meter", [(0, 4), (1, 32)])
+def test_analyze_reads_a_time_signature_it_cannot_use_as_4_4(meter, tmp_path, capsys) -> None:
+    """A first time signature of 0/4 stopped ``aurl analyze`` (ZeroDivisionError); 1/32 made a
+    bar of 0.125 beats, under the shortest --beats-per-bar takes (a 2,000-beat file: 16,000
+    bars, 96 s and 7.9 GB). Now 0/4 reads as 4/4 (the data layer's rule) and a bar is at least
+    0.25 beats."""
+    import symusic
+
+    score = symusic.Score(480)
+    score.time_signatures.append(symusic.TimeSignature(0, *meter))
+    track = symusic.Track("part", 0, False)
+    for i in range(16):
+        track.notes.append(symusic.Note(i * 480, 480, 60 + (i * 7) % 12, 80))
+    score.tracks.append(track)
+    score.dump_midi(str(tmp_path / "meter.mid"))
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "meter.mid"), "--out", str(out), "--no-plots"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    bar = json.loads((out / "analysis.json").read_text())["beats_per_bar"]
+    assert bar == (4.0 if meter == (0, 4) else 0.25)
+
+
+def test_structure_of_a_periodic_piece_of_4000_bars_chooses_its_boundaries_at_once() -> None:
+    """A periodic piece read in bars of a quarter beat (4,000 bars, 199,199 repeats) made
+    800,000 boundary candidates, each checked against every chosen bar: ~36 s here, where the
+    rest of the structure takes ~4 s; now one candidate per (bar, gap), the nearest chosen bars
+    found by bisection. (A deadline, as a hang has no other test.)"""
+    import signal
+
+    import numpy as np
+
+    from aurl.analysis.structure import analyze_structure
+    from aurl.data.notes import NOTE_DTYPE
+
+    parts = []
+    for base in (72, 67, 60, 48):
+        part = np.zeros(1000, dtype=NOTE_DTYPE)
+        part["onset"] = np.arange(1000.0)
+        part["duration"] = 1.0
+        part["pitch"] = base + (np.arange(1000) * 7) % 5
+        part["velocity"] = 80
+        parts.append(part)
+    notes = np.sort(np.concatenate(parts), order=["onset", "pitch"])
+
+    def too_long(*_):
+        raise TimeoutError("analyze_structure took more than 20 s")
+
+    old = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, 20.0)
+    try:
+        structure = analyze_structure(notes, beats_per_bar=0.25)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    bounds = structure.boundaries
+    assert bounds[0] == 0 and bounds[-1] == 4000 and bounds == sorted(bounds)
+    assert min(np.diff(bounds)) >= 2  # min_bars apart

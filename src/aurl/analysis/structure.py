@@ -11,6 +11,7 @@ an earlier one gets its letter, a looser match a primed letter (A'), anything el
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -250,11 +251,21 @@ def analyze_structure(
     # the kernel cannot resolve changes closer than its half width: bars inside one section
     # differ too, and would otherwise split it
     candidates += [(float(nov[i]), i, max(half_width, min_bars)) for i in peaks]
+    # one candidate per (bar, gap), its strongest: a weaker copy comes later and is refused
+    # either way (its bar is chosen, or whatever refused the strongest is chosen still); the
+    # nearest chosen bar on each side decides (bisect). A periodic piece of 8,000 bars once
+    # made 3.2 million candidates, each checked against every chosen bar (minutes).
+    strongest: dict[tuple[int, int], float] = {}
+    for strength, bar, gap in candidates:
+        if strength > strongest.get((bar, gap), -np.inf):
+            strongest[(bar, gap)] = strength
     chosen = [0, n]
-    for _, bar, gap in sorted(candidates, key=lambda c: (-c[0], c[1])):
-        if all(abs(bar - c) >= gap for c in chosen):
-            chosen.append(bar)
-    bounds = sorted(chosen)
+    for (bar, gap), _ in sorted(strongest.items(), key=lambda c: (-c[1], c[0][0])):
+        at = bisect.bisect_left(chosen, bar)
+        near = min(abs(bar - c) for c in chosen[max(0, at - 1) : at + 1])
+        if near >= gap:
+            chosen.insert(at, bar)
+    bounds = chosen
     return Structure(beats_per_bar, sim, nov, bounds, label_sections(sim, bounds), repeats)
 
 
