@@ -391,3 +391,37 @@ def test_infill_of_an_empty_first_bar_never_leaves_a_row_without_a_token() -> No
             options = ComposeOptions(particles=2, seed=seed)
             out = infill(tiny, notes, (0.0, 4.0), options=options)
             assert out[0].stats["fallbacks"] == 0 and np.isfinite(out[0].stats["log_weight"])
+
+
+def test_infill_of_one_voice_among_twenty_never_leaves_a_row_without_a_token() -> None:
+    """Twenty voices held in block chords, one of them infilled in its second bar: the
+    grammar's cap on sounding notes makes room for the 19 given ones and the model's (it was 16,
+    so every row's mask emptied: ``fallbacks``, a NaN weight and a RuntimeWarning)."""
+    import warnings
+
+    import torch
+
+    from aurl.config import load_config
+    from aurl.models import build_model
+
+    torch.manual_seed(0)
+    tiny = build_model(load_config(preset="tiny")).eval()
+    onsets = np.repeat(np.arange(8.0), 20)
+    pitches = np.tile(np.arange(20) * 2 + 40, 8)
+    notes = make_notes(onsets, [1.0] * len(onsets), pitches)
+    part = pitches == pitches.max()  # the top voice
+    assert make_plan(notes, tiny.vocab, max_free=1).polyphony_cap == 21
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        (c,) = infill(tiny, notes, (4.0, 8.0), part, options=ComposeOptions(particles=1))
+    assert c.stats["fallbacks"] == 0 and np.isfinite(c.stats["log_weight"])
+    assert len(c.notes) >= 1
+
+
+def test_given_notes_past_the_model_pitches_are_refused_before_decoding() -> None:
+    """A given note the vocabulary has no id for is refused by the plan, naming the pitches
+    and the model's range (it ran composing into "did not end within N tokens")."""
+    from aurl.data.vocab import Vocab
+
+    with pytest.raises(ConstraintError, match=r"span MIDI pitches 12\.\.60, the model's are 21\.\.108"):
+        make_plan(make_notes([0, 1], 1, [12, 60]), Vocab())

@@ -206,11 +206,18 @@ class Plan:
     # infill of one voice: the given voices to keep above the model's notes; -1: none
     rank: int = -1
     voice_before: int = -1  # infill of one voice: its kept note sounding into the span, -1: none
+    given_most: int = 0  # most given notes sounding at once
     after: VoiceAfter | None = None  # infill of one voice: its kept note after the span
 
     def ceiling_at(self, t: int) -> int:
         i = int(np.searchsorted(self.ceiling_steps, t, side="right")) - 1
         return int(self.ceiling[i]) if i >= 0 else NO_CEILING
+
+    @property
+    def polyphony_cap(self) -> int:
+        """The grammar's cap on notes sounding at once: room for every given note and the
+        model's own (16 and ``max_free + 8`` at least, as the training data's cap)."""
+        return max(16, self.max_free + 8, self.given_most + self.max_free)
 
     def next_event(self, t: int) -> int:
         i = int(np.searchsorted(self.event_steps, t, side="right"))
@@ -250,13 +257,22 @@ def make_plan(
     span (None: none).
 
     Raises:
-        ConstraintError: the vocabulary counts time in seconds (the plan needs beats).
+        ConstraintError: the vocabulary counts time in seconds (the plan needs beats), or a
+            given note's pitch is not one of the vocabulary's (the model could not write it).
     """
-    if vocab.config.time_unit != "beat":
+    vc = vocab.config
+    if vc.time_unit != "beat":
         raise ConstraintError(
             "this checkpoint counts time in seconds (vocab.time_unit=seconds): composing around "
             "given notes needs a beat-time model such as the shipped one"
         )
+    if len(given):
+        lo, hi = int(given["pitch"].min()), int(given["pitch"].max())
+        if lo < vc.pitch_min or hi > vc.pitch_max:
+            raise ConstraintError(
+                f"the given notes span MIDI pitches {lo}..{hi}, the model's are "
+                f"{vc.pitch_min}..{vc.pitch_max}: transpose them by octaves into that range"
+            )
     spb = vocab.config.steps_per_beat
     on, off = note_steps(given, spb) if len(given) else (np.zeros(0, int), np.zeros(0, int))
     pitch = given["pitch"].astype(np.int64)
@@ -292,6 +308,7 @@ def make_plan(
         max_free=max_free, tempo_bin=int(vocab.tempo_bin(qpm)), event_steps=steps,
         voice_leading=voice_leading, melody_top=ceiling, above=above, rank=rank,
         voice_before=voice_before, after=_voice_after(voice_after, on, off, pitch, ons, spb, a),
+        given_most=max_polyphony(given),
     )  # fmt: skip
 
 
@@ -858,7 +875,7 @@ def decode(
     S, K = options.num_samples, max(1, options.particles)
     B = S * K
     rng = np.random.default_rng(options.seed)
-    grammar = Grammar(vocab, polyphony_cap=max(16, plan.max_free + 8))
+    grammar = Grammar(vocab, polyphony_cap=plan.polyphony_cap)
     prefix = np.array([START, vocab.tempo + plan.tempo_bin, vocab.instrument + CHORALE_FAMILY])
     ids = np.tile(prefix, (B, 1))
     gstate = grammar.initial_numpy_state(B)  # numpy all along: the loop never needs torch
@@ -1820,7 +1837,7 @@ def score_plan(
         with torch.no_grad():
             m = None if meter is None else torch.tensor([meter])
             logits = model(torch.as_tensor(ids)[None], meter=m).logits[0].float().numpy()  # (T, V)
-    grammar = Grammar(vocab, polyphony_cap=max(16, plan.max_free + 8))
+    grammar = Grammar(vocab, polyphony_cap=plan.polyphony_cap)
     g = grammar.sequence_masks(torch.as_tensor(ids)[None])[0].numpy()  # (T, V)
     masks = _Masks(vocab, plan)
     row = _Row(plan)
