@@ -54,6 +54,16 @@ def test_faults_name_each_broken_rule_with_its_beat() -> None:
     assert pw.parallels(np.array([[67, 60], [81, 62]]))[1] == [(0, 0, 1, 7)]
 
 
+def test_spacing_judges_every_neighbouring_pair_but_the_lowest() -> None:
+    """Three voices (S, A, B): the soprano 14 semitones over the alto is a spacing fault, the
+    alto 19 over the bass is not (the bass may lie far under the others), nor are two voices
+    two octaves apart."""
+    three = np.array([[74, 60, 41], [72, 64, 45]])
+    assert pw.wide(three) == [(0, 0, 14)]
+    assert pw.wide(np.array([[84, 60]])) == []
+    assert [k for _, k, _ in pw.wide(np.array([[86, 72, 58, 40]]))] == [0, 1]  # SATB: S-A, A-T
+
+
 def _write(tracks: list[tuple[str, list[np.ndarray]]], path: Path) -> Path:
     score = symusic.Score(480)
     for name, notes in tracks:

@@ -89,10 +89,11 @@ def crossings(grid: np.ndarray) -> list[tuple[int, int]]:
 
 
 def wide(grid: np.ndarray) -> list[tuple[int, int, int]]:
-    """``(t, k, semitones)``: upper voices ``k`` and ``k + 1`` (S-A, A-T) more than an octave
-    apart in slice ``t``."""
+    """``(t, k, semitones)``: upper voices ``k`` and ``k + 1`` more than an octave apart in
+    slice ``t``: every neighbouring pair but the lowest (S-A, A-T in SATB; S-A of three
+    voices; none of two), as ``generation.spacing`` leans."""
     out = []
-    for k in range(min(2, grid.shape[1] - 1)):
+    for k in range(grid.shape[1] - 2):
         gap = grid[:, k] - grid[:, k + 1]
         out += [(int(t), k, int(gap[t])) for t in np.flatnonzero(_both(grid, k, k + 1) & (gap > 12))]
     return sorted(out)
