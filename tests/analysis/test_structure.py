@@ -119,3 +119,17 @@ def test_phrase_cadences_reads_each_arrival_and_the_last() -> None:
     cadences, last = phrase_cadences(notes, [first])
     assert last is not None and (last.beat, last.kind) == (3.0, "authentic")
     assert phrase_cadences(notes, []) == ([], None)
+
+
+def test_a_piece_past_the_bar_cap_is_read_in_groups_of_bars():
+    """6,000 half-beat bars: the self-similarity is of 2,000 groups of three (1.5 beats), not
+    a 6,000 x 6,000 matrix (a piece of 32,000 quarter-beat bars once asked 8 GB); a piece
+    under the cap keeps its bars."""
+    from aurl.analysis.structure import MAX_BARS, analyze_structure
+
+    onsets = np.arange(0, 3000, 0.5)
+    notes = make_notes(onsets, 0.5, 60 + np.arange(len(onsets)) % 16)
+    s = analyze_structure(notes, beats_per_bar=0.5)
+    assert s.beats_per_bar == 1.5 and s.similarity.shape == (2000, 2000) <= (MAX_BARS, MAX_BARS)
+    short = analyze_structure(notes[:400], beats_per_bar=4.0)
+    assert short.beats_per_bar == 4.0 and short.similarity.shape == (50, 50)

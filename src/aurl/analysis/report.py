@@ -192,6 +192,7 @@ def _structure_dict(s: st.Structure) -> dict[str, Any]:
     step = max(1, -(-len(s.similarity) // MAX_SIMILARITY_CELLS))
     return {
         "bars": int(len(s.similarity)),
+        "beats_per_bar": s.beats_per_bar,  # the piece's, or a multiple: a long piece's groups
         "form": s.form,
         "sections": [vars(x) for x in s.sections],
         "boundaries": s.boundaries,
@@ -517,7 +518,8 @@ def write_report(result: dict[str, Any], out: str | Path, *, plots: bool = True)
         (
             "p",
             f"{result['pitched_notes']} pitched notes over {result['beats']} beats "
-            f"({result['structure']['bars']} bars of {result['beats_per_bar']:g} beats). "
+            f"({result['structure']['bars']} bars of "
+            f"{result['structure']['beats_per_bar']:g} beats). "
             + (
                 f"Key: {key['name']} (correlation {key['confidence']})."
                 if key

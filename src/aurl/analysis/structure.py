@@ -12,6 +12,7 @@ an earlier one gets its letter, a looser match a primed letter (A'), anything el
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -203,6 +204,9 @@ def _letter(i: int) -> str:
     return chr(ord("A") + i) if i < 26 else f"Z{i - 25}"
 
 
+MAX_BARS = 2048  # bars of one self-similarity matrix (32 MB); longer pieces group their bars
+
+
 def analyze_structure(
     notes: np.ndarray,
     *,
@@ -228,8 +232,15 @@ def analyze_structure(
         half_width: Novelty kernel half width, in bars.
 
     Returns:
-        The :class:`Structure` (no sections for a piece without pitched notes).
+        The :class:`Structure` (no sections for a piece without pitched notes). Past
+        :data:`MAX_BARS` bars, bars are read in groups (its ``beats_per_bar`` a multiple of
+        the one asked): the similarity matrix grows with the square of the bar count (a
+        piece of 32,000 quarter-beat bars once asked 8 GB).
     """
+    notes = pitched(notes)
+    if len(notes):
+        bars = float(np.max(notes["onset"] + notes["duration"])) / beats_per_bar
+        beats_per_bar *= max(1, math.ceil(bars / MAX_BARS - 1e-9))
     feats = bar_features(notes, beats_per_bar)
     n = len(feats)
     sim = self_similarity(feats)
