@@ -178,3 +178,28 @@ def test_infill_of_the_drum_track_names_the_part(client):
     r = client.post("/api/infill", files=files, data={"bars": "1-1", "part": "tune"})
     assert r.status_code == 200, r.text
     assert [t.is_drum for t in symusic.Score.from_midi(r.content).tracks] == [True, False]
+
+
+def _late_note(beat: int) -> bytes:
+    import symusic
+
+    s, t = symusic.Score(480), symusic.Track(name="late")
+    t.notes.append(symusic.Note(beat * 480, 480, 67, 80))
+    t.notes.append(symusic.Note(beat * 480 + 480, 480, 69, 80))
+    s.tracks.append(t)
+    return s.dumps_midi()
+
+
+@pytest.mark.parametrize(
+    "path, data",
+    [("/api/harmonize", {"particles": "1"}), ("/api/accompany", {"particles": "1"}),
+     ("/api/infill", {"bars": "1-1"})],
+)  # fmt: skip
+def test_a_piece_after_hours_of_silence_is_refused_naming_the_file(client, path, data):
+    # a note at beat 500,000 was composed toward, token by token: the composing slot was held
+    # until request_seconds (tens of seconds on the tiny model)
+    r = client.post(path, files={"file": ("late.mid", _late_note(500_000))}, data=data)
+    assert "beat 500001" in error_of(r, 422, field="file")
+    # a lead-in under MAX_GAP_BEATS (4096) is music, composed as before
+    r = client.post(path, files={"file": ("late.mid", _late_note(8))}, data=data)
+    assert r.status_code == 200, r.text

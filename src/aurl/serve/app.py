@@ -861,7 +861,25 @@ async def _upload_piece(data: bytes, name: str | None, clock: Clock) -> tuple[li
         for field in NOTE_DTYPE.names:
             notes[field] = cols[field]
         tracks.append((str(t["name"]), notes))
+    _no_long_lead_in(tracks, name or "file")
     return tracks, TimeMap.from_json(result["time_map"])
+
+
+def _no_long_lead_in(tracks: list, name: str) -> None:
+    """Refuse (422 naming the file) a piece whose first note comes after more than
+    ``MAX_GAP_BEATS`` of silence: the reading repairs a stray note after such a silence
+    *between* notes, not before the first one, and composing walks the silence token by token
+    (one note at tick 2**28, beat 559,241, held the composing slot ~45 s on the tiny model and
+    until ``request_seconds`` on the shipped one)."""
+    from aurl.data.midi_io import MAX_GAP_BEATS
+
+    onsets = [float(n["onset"].min()) for _, n in tracks if len(n)]
+    if onsets and min(onsets) > MAX_GAP_BEATS:
+        raise FieldError(
+            f"{name}: its first note starts at beat {min(onsets) + 1:g}, after more than "
+            f"{MAX_GAP_BEATS} beats of silence (~34 min at 120 BPM): remove the silence",
+            field="file",
+        )  # fmt: skip
 
 
 def _generation_config(
