@@ -203,3 +203,22 @@ def test_a_piece_after_hours_of_silence_is_refused_naming_the_file(client, path,
     # a lead-in under MAX_GAP_BEATS (4096) is music, composed as before
     r = client.post(path, files={"file": ("late.mid", _late_note(8))}, data=data)
     assert r.status_code == 200, r.text
+
+
+def test_musicxml_of_a_file_with_a_tempo_of_zero_is_written(client):
+    # a Set Tempo of 0 us per beat reads as an infinite BPM: the MusicXML writer raised
+    # OverflowError (a 422 blaming a 'MIDI parser' crash) for a file every other endpoint reads
+    import struct
+
+    def track(body: bytes) -> bytes:
+        body += b"\x00\xff\x2f\x00"
+        return b"MTrk" + struct.pack(">I", len(body)) + body
+
+    notes = b"".join(b"\x00\x90" + bytes([p, 80]) + b"\x83\x60\x80" + bytes([p, 0])
+                     for p in (67, 69, 71))  # fmt: skip
+    data = (b"MThd" + struct.pack(">IHHH", 6, 1, 2, 480) + track(b"\x00\xff\x51\x03\x00\x00\x00")
+            + track(notes))  # fmt: skip
+    assert client.post("/api/notes", files={"file": ("t.mid", data)}).status_code == 200
+    r = client.post("/api/musicxml", files={"file": ("t.mid", data)})
+    assert r.status_code == 200, r.text
+    assert r.text.count("<note") == 3

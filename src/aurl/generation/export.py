@@ -10,6 +10,7 @@ and :func:`check_free` refuses to overwrite existing files unless ``force`` is s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,9 @@ def score_to_music21(score: Any, *, grid: int = GRID_PER_BEAT) -> Any:
             element.volume.velocity = int(arr["velocity"][members[0]])
             part.insert(start, element)
         out.insert(0, part)
-    if len(out.parts) and len(score.tempos):
-        out.parts[0].insert(0, tempo.MetronomeMark(number=round(float(score.tempos[0].qpm))))
+    qpm = float(score.tempos[0].qpm) if len(score.tempos) else math.nan
+    if len(out.parts) and math.isfinite(qpm):  # a Set Tempo of 0 us per beat reads as inf
+        out.parts[0].insert(0, tempo.MetronomeMark(number=max(1, round(qpm))))
     return out
 
 
