@@ -96,6 +96,25 @@ def test_aurl_analyze_reports_the_voice_leading_of_a_file_in_voices(tmp_path) ->
     assert pooled["files"] == 2 and pooled["parallel octaves"] == 2 and pooled["moves"] == 2 * got["counts"]["moves"]
 
 
+def test_aurl_analyze_reads_musicxml_parts_as_voices(tmp_path, capsys) -> None:
+    """A MusicXML chorale (music21's writing of the fixture's four parts) is analysed as its
+    MIDI is: the same key, its parts read as SATB voices; in a folder a .xml that is no score
+    is skipped naming it, and the rest analysed (MusicXML once: 'not a MIDI file')."""
+    from music21 import converter
+
+    xml = tmp_path / "in" / "bwv269.musicxml"
+    xml.parent.mkdir()
+    converter.parse(str(FIXTURES / "bach_bwv269.mid")).write("musicxml", fp=str(xml))
+    (tmp_path / "in" / "notes.xml").write_text("<shopping><item>milk</item></shopping>")
+    assert main(["analyze", str(xml), "--out", str(tmp_path / "a"), "--no-plots"]) == 0
+    got = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert got["key"]["name"] == "G major"
+    assert len(got["voice_leading"]["voices"]) == 4 and got["voice_leading"]["counts"]["moves"] > 400
+    assert main(["analyze", str(tmp_path / "in"), "--out", str(tmp_path / "b"), "--no-plots"]) == 0
+    assert f"skipped {tmp_path / 'in' / 'notes.xml'} cannot be read" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "analysis.json").read_text())["voice_leading"]["files"] == 1
+
+
 def test_a_chorale_reads_as_satb_and_a_piano_part_as_no_voices() -> None:
     from aurl.data.midi_io import read_score
     from aurl.generation.compose import track_notes

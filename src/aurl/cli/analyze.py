@@ -16,19 +16,22 @@ import sys
 from pathlib import Path
 
 MIDI_SUFFIXES = {".mid", ".midi", ".kar", ".rmi"}
+MUSICXML = {".musicxml", ".xml", ".mxl"}  # read through music21 (aurl.cli.compose.read_score)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",
-        help="musical analysis of MIDI files: keys, chords, cadences, form, melody",
-        description="Analyse a MIDI file or a folder of them: global and local keys, chords "
+        help="musical analysis of MIDI / MusicXML files: keys, chords, cadences, form, melody",
+        description="Analyse a MIDI or MusicXML file or a folder of them: global and local "
+        "keys, chords "
         "and Roman numerals, progression statistics, cadences, bar self-similarity and form "
         "labels, melody contour, intervals and motifs. Writes JSON, a Markdown and an HTML "
         "report with plots; for a folder also a corpus summary.",
     )
     p.add_argument(
-        "path", metavar="FILE_OR_DIR", help="a MIDI file or a folder (searched recursively)"
+        "path", metavar="FILE_OR_DIR",
+        help="a MIDI or MusicXML file, or a folder of them (searched recursively)"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="report folder")
     p.add_argument(
@@ -77,6 +80,14 @@ class _StyleGuesser:
         from aurl.data.meter import read_meter
         from aurl.evaluation.style import classify_style
 
+        if path.suffix.lower() in MUSICXML:  # read as MIDI, as read_piece reads it
+            import tempfile
+
+            from aurl.cli.compose import musicxml_as_midi
+
+            with tempfile.TemporaryDirectory() as tmp:
+                return self(musicxml_as_midi(path, Path(tmp)))
+
         meter = read_meter(path) if self.model.config.meter else None
         ids = self.tokenizer.encode_file(path)
         return classify_style(self.model, ids, window=self.window, meter=meter,
@@ -99,8 +110,8 @@ def style_classifier(args: argparse.Namespace, styles: tuple[str, ...]):
 
 def read_piece(path: Path):
     """Notes, bar length (beats) and voices (its tracks, where they are voices, else None:
-    :func:`aurl.analysis.report.voice_tracks`) of one file; raises MidiReadError when
-    unreadable."""
+    :func:`aurl.analysis.report.voice_tracks`) of one MIDI or MusicXML file (its parts are
+    the tracks); raises MidiReadError when unreadable."""
     from aurl.config import DataConfig
     from aurl.data.midi_io import read_midi
     from aurl.data.notes import notes_from_score
@@ -108,9 +119,32 @@ def read_piece(path: Path):
     from aurl.analysis.report import voice_tracks
     from aurl.generation.compose import track_notes
 
+    if path.suffix.lower() in MUSICXML:
+        return _read_musicxml(path)
     score, _ = read_midi(path, DataConfig(drums="keep"))
     voices = voice_tracks(track_notes(score))  # a file whose tracks are voices
     return notes_from_score(score), _beats_per_bar(path), voices
+
+
+def _read_musicxml(path: Path):
+    """:func:`read_piece` of a MusicXML file: written as MIDI by music21 in a temporary
+    folder, read as a MIDI file is; errors name ``path``."""
+    import tempfile
+
+    from aurl.cli.compose import musicxml_as_midi
+    from aurl.errors import MidiReadError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mid = musicxml_as_midi(path, Path(tmp))
+        except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MidiReadError(f"{path} cannot be read ({first}): give a MIDI or MusicXML "
+                                "file") from None  # fmt: skip
+        try:
+            return read_piece(mid)
+        except MidiReadError as e:
+            raise MidiReadError(str(e).replace(str(mid), str(path))) from None
 
 
 def _read_in_worker(path: Path):
@@ -174,15 +208,17 @@ def run(args: argparse.Namespace) -> int:
         import os
 
         os.scandir(src).close()  # rglob hides a folder it may not list: say so, not "no MIDI"
-        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES)
+        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES | MUSICXML)
         if not files:
-            raise DataError(f"{src} holds no MIDI files (*.mid, *.midi): point at a MIDI folder")
+            raise DataError(f"{src} holds no MIDI files (*.mid, *.midi) or MusicXML files "
+                            "(*.musicxml, *.xml, *.mxl): point at a folder of them")  # fmt: skip
     elif src.is_file():
         files = [src]
     else:
         from aurl.fileio import not_a_file
 
-        raise DataError(f"{src} {not_a_file(src)}: give a MIDI file or a folder of them")
+        raise DataError(f"{src} {not_a_file(src)}: give a MIDI or MusicXML file or a "
+                        "folder of them")  # fmt: skip
 
     guesser = _StyleGuesser(args) if args.style else None  # a bad model fails before any work
     results, skipped = [], []
@@ -221,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: {line}; form {result.get('structure', {}).get('form', '-')}")
     if src.is_dir() and not results:  # once "analysed 0 of N files", exit 0
         raise DataError(f"no file in {src} could be read ({len(skipped)} unreadable, said "
-                        "above): give MIDI files")  # fmt: skip
+                        "above): give MIDI or MusicXML files")  # fmt: skip
     if src.is_dir():
         agg = aggregate(results, skipped)
         write_aggregate_report(agg, out, plots=not args.no_plots)

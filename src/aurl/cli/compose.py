@@ -124,6 +124,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def musicxml_as_midi(path: Path, folder: Path) -> Path:
+    """The MusicXML file ``path`` written by music21 as ``folder/score.mid`` (its parts as
+    named tracks); music21's own exceptions pass through."""
+    from music21 import converter
+
+    mid = folder / "score.mid"
+    converter.parse(str(path)).write("midi", fp=str(mid))
+    return mid
+
+
 def read_score(path: str | Path) -> Any:
     """A tick ``symusic.Score`` of a MIDI or MusicXML file.
 
@@ -143,11 +153,8 @@ def read_score(path: str | Path) -> Any:
         if path.suffix.lower() in MUSICXML:
             import tempfile
 
-            from music21 import converter
-
             with tempfile.TemporaryDirectory() as tmp:
-                mid = Path(tmp) / "score.mid"
-                converter.parse(str(path)).write("midi", fp=str(mid))
+                mid = musicxml_as_midi(path, Path(tmp))
                 score = symusic.Score(str(mid)).to("tick")  # written by music21 just now
         else:
             score = read_midi_score(path).to("tick")  # checked bytes only (aurl.data.smf)
