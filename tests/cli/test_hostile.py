@@ -127,8 +127,10 @@ def files(tmp_path_factory) -> dict[str, str]:
     drums.tracks.append(track)
     drums.dump_midi(str(d / "drums.mid"))
     (d / "empty.mid").write_bytes(b"")
-    for name, notes in {"endless": [(0, 1), (1, 1025)], "stray": [(0, 1), (4098, 1)]}.items():
-        score = symusic.Score(480)  # a note past 1024 beats; a note after 4097 beats of silence
+    pieces = {"endless": [(0, 1), (1, 1025)], "stray": [(0, 1), (4098, 1)], "late": [(4098, 1)]}
+    for name, notes in pieces.items():
+        # a note past 1024 beats; a note after 4097 beats of silence; a first note after 4098
+        score = symusic.Score(480)
         track = symusic.Track("Alto", 0, False)
         for beat, beats in notes:
             track.notes.append(symusic.Note(beat * 480, beats * 480, 67, 80))
@@ -317,6 +319,15 @@ CASES = {
                                 "{out}"], 1, "stray.mid: 4097 beats of silence before the note"),
     "infill a stray note": (["infill", "{dir}/stray.mid", "--bars", "1-1", "--checkpoint",
                              "{tiny}", "--out", "{out}"], 1, "stray.mid: 4097 beats of silence"),
+    # the silence before the first note (the server refused it; the commands walked it: one
+    # note at beat 559,241 ran 218 s on the tiny model); --part '²' (a digit to str.isdigit,
+    # not to int: ValueError)
+    "harmonize a late first note": (["harmonize", "{dir}/late.mid", "--checkpoint", "{tiny}",
+                                     "--out", "{out}"], 1,
+                                    "late.mid: 4098 beats of silence before the note at beat 4099"),
+    "infill part superscript": (["infill", "{chorale}", "--bars", "1-1", "--part", "\u00b2",
+                                 "--checkpoint", "{tiny}", "--out", "{out}"], 2,
+                                "--part '\u00b2': no such track"),
     # train: the samples' generation settings stopped the run at its first sample (step 1000 by
     # default), after config.yaml, train.log and tb/ were written, naming "--key"
     "train sample key unknown": ([*GOOD, "training.sample_every=1", "generation.key=Q"], 2,

@@ -168,15 +168,13 @@ def read_score(path: str | Path) -> Any:
 
 
 def _no_absurd_ticks(score: Any, path: Path) -> None:
-    """Raise :class:`MidiReadError` where ``score`` (ticks) holds what :mod:`aurl.data.midi_io`
-    repairs as absurd ticks: a note longer than ``MAX_DURATION_BEATS`` or a silence between
-    notes longer than ``MAX_GAP_BEATS``. The composing commands keep the given notes as they
-    are, so they refuse such a file rather than repair it: the voices were composed under all
-    of it (a two-note file with a note of 100,000 beats ran past 46,000 tokens in 70 s, about
-    a million to go, after announcing ~25)."""
+    """Raise :class:`MidiReadError` naming ``path`` where ``score`` (ticks) holds what
+    :mod:`aurl.data.midi_io` repairs as absurd ticks (:func:`~aurl.data.midi_io.absurd_timing`:
+    a note too long, a silence too long, before the first note too): the composing commands
+    keep the given notes as they are, so they refuse such a file rather than repair it."""
     import numpy as np
 
-    from aurl.data.midi_io import MAX_DURATION_BEATS, MAX_GAP_BEATS
+    from aurl.data.midi_io import absurd_timing
     from aurl.errors import MidiReadError
 
     notes = [t.notes.numpy() for t in score.tracks if len(t.notes)]
@@ -185,24 +183,8 @@ def _no_absurd_ticks(score: Any, path: Path) -> None:
     tpq = score.ticks_per_quarter
     time = np.concatenate([n["time"] for n in notes]).astype(np.int64)
     duration = np.concatenate([n["duration"] for n in notes]).astype(np.int64)
-    longest = int(np.argmax(duration))
-    if duration[longest] > MAX_DURATION_BEATS * tpq:
-        raise MidiReadError(
-            f"{path}: the note at beat {time[longest] / tpq + 1:g} lasts "
-            f"{duration[longest] / tpq:g} beats, more than {MAX_DURATION_BEATS} (~8.5 min at "
-            "120 BPM): shorten it"
-        )
-    order = np.argsort(time, kind="stable")
-    t = time[order]
-    reach = np.maximum.accumulate(t + np.maximum(duration[order], 0))  # end of the music so far
-    gaps = t[1:] - reach[:-1]
-    if len(gaps) and gaps.max() > MAX_GAP_BEATS * tpq:
-        i = int(np.argmax(gaps)) + 1
-        raise MidiReadError(
-            f"{path}: {gaps[i - 1] / tpq:g} beats of silence before the note at beat "
-            f"{t[i] / tpq + 1:g}, more than {MAX_GAP_BEATS} (~34 min at 120 BPM; a stray note far "
-            "past the music?): remove the silence or the notes after it"
-        )
+    if why := absurd_timing(time / tpq, duration / tpq):
+        raise MidiReadError(f"{path}: {why}")
 
 
 def first_qpm(score: Any) -> float:
@@ -618,7 +600,7 @@ def run_infill(args: argparse.Namespace) -> int:
         names = [n.lower() for n, _ in tracks]
         if args.part.lower() in names:
             index = names.index(args.part.lower())
-        elif args.part.isdigit() and int(args.part) < len(tracks):
+        elif args.part.isascii() and args.part.isdigit() and int(args.part) < len(tracks):
             index = int(args.part)
         else:
             listed = ", ".join(f"{i}:{n}" for i, (n, _) in enumerate(tracks))

@@ -44,6 +44,33 @@ from aurl.errors import MidiReadError
 
 MAX_GAP_BEATS = 4096  # ~34 min of silence at 120 BPM: anything after that is a stray event
 MAX_DURATION_BEATS = 1024  # ~8.5 min at 120 BPM: longer notes are clipped to this
+
+
+def absurd_timing(onsets: np.ndarray, durations: np.ndarray) -> str | None:
+    """Why notes at ``onsets`` lasting ``durations`` (beats, from the piece's start) cannot be
+    kept as they are, or None: a note longer than :data:`MAX_DURATION_BEATS`, or a silence of
+    more than :data:`MAX_GAP_BEATS` before a note (the first one's from beat 0 included). The
+    reading repairs such ticks; a caller that must keep the given notes as they are (the
+    composing commands and the server) refuses them instead, since composing walks the
+    silence and the held note token by token (a two-note file once ran toward a million
+    tokens after announcing ~25)."""
+    onsets, durations = np.asarray(onsets, float), np.asarray(durations, float)
+    if len(onsets) == 0:
+        return None
+    longest = int(np.argmax(durations))
+    if durations[longest] > MAX_DURATION_BEATS:
+        return (f"the note at beat {onsets[longest] + 1:g} lasts {durations[longest]:g} beats, "
+                f"more than {MAX_DURATION_BEATS} (~8.5 min at 120 BPM): shorten it")  # fmt: skip
+    order = np.argsort(onsets, kind="stable")
+    t = onsets[order]
+    reach = np.maximum.accumulate(t + np.maximum(durations[order], 0.0))  # the music so far
+    gaps = t - np.concatenate([[0.0], reach[:-1]])  # silence before each note
+    i = int(np.argmax(gaps))
+    if gaps[i] > MAX_GAP_BEATS:
+        return (f"{gaps[i]:g} beats of silence before the note at beat {t[i] + 1:g}, more than "
+                f"{MAX_GAP_BEATS} (~34 min at 120 BPM; a stray note far past the music?): "
+                "remove the silence or the notes after it")  # fmt: skip
+    return None
 DRUM_FAMILY = 14  # kept drums share GM family 14 ("percussive"): the vocabulary has 16 families
 MIN_TPQ = 1
 FALLBACK_MAX_BYTES = 8 * 1024 * 1024  # the mido fallback is a Python loop: bound its time
