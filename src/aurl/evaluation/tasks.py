@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,21 @@ def _in_vocabulary(voices: list[np.ndarray], vocab_config: Any, path: Path) -> N
             f"{path} spans MIDI pitches {lo}..{hi}, the model's are {vocab_config.pitch_min}.."
             f"{vocab_config.pitch_max}: transpose it by octaves into that range"
         )
+
+
+def _each_chorale(
+    files: list[Path], evaluate: Callable[[Path], Any], skipped: Any, progress: Any, desc: str
+) -> Iterator[Any]:
+    """``evaluate(path)`` of each of ``files`` under a ``progress`` bar; a chorale whose
+    evaluation raises :class:`AurlError` is that chorale's failure, not the run's: reported
+    through :func:`_skip` and left out."""
+    for path in progress(files, total=len(files), desc=desc):
+        try:
+            result = evaluate(path)
+        except AurlError as e:
+            _skip(skipped, path, e)
+            continue
+        yield result
 
 
 def _skip(skipped: Any, path: Path, error: Exception) -> None:
@@ -353,12 +369,7 @@ def evaluate_harmonize(
         return lik, rows
 
     done = 0
-    for path in progress(files, total=len(files), desc="harmonize"):
-        try:
-            piece, rows = chorale(path)
-        except AurlError as e:  # this chorale's, not the run's
-            _skip(skipped, path, e)
-            continue
+    for piece, rows in _each_chorale(files, chorale, skipped, progress, "harmonize"):
         likelihood.append(piece)
         for name, row in rows.items():
             per[name].append(row)
@@ -529,12 +540,7 @@ def evaluate_accompany(
         return rows
 
     done = 0
-    for path in progress(files, total=len(files), desc="accompany"):
-        try:
-            rows = chorale(path)
-        except AurlError as e:  # this chorale's, not the run's
-            _skip(skipped, path, e)
-            continue
+    for rows in _each_chorale(files, chorale, skipped, progress, "accompany"):
         for name, row in rows.items():
             per[name].append(row)
         done += 1
@@ -627,12 +633,7 @@ def evaluate_infill(
         return counts
 
     done = 0
-    for path in progress(files, total=len(files), desc="infill"):
-        try:
-            counts = chorale(path)
-        except AurlError as e:  # this chorale's, not the run's
-            _skip(skipped, path, e)
-            continue
+    for counts in _each_chorale(files, chorale, skipped, progress, "infill"):
         for row, c in counts:
             add(row, **c)
         done += 1
