@@ -1,5 +1,6 @@
-"""A long ``aurl harmonize`` says how long it is up front and reports the time left while it
-runs, off a terminal too (session 8: a 10,000-note melody was minutes of silence)."""
+"""A long ``aurl harmonize`` (``accompany``, ``infill``) says how long it is up front and
+reports the time left while it runs, off a terminal too (session 8: a 10,000-note melody was
+minutes of silence; session 18: accompany and infill said nothing)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aurl.cli.eta import estimated, harmonize_tokens, minutes
+from aurl.cli.eta import estimated, harmonize_tokens, infill_tokens, minutes
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "midi"
 
@@ -79,3 +80,35 @@ def test_harmonize_says_its_length_up_front(tmp_path, capsys):
     assert code == 0
     err = capsys.readouterr().err
     assert "tune.mid: 12 melody notes in 3 voices, about 120 tokens to compose\n" in err
+
+
+def test_the_infill_estimate_is_near_what_an_infill_decodes(shipped):
+    """The shipped model writing bars 3-6 of a chorale again, every voice and the alto alone:
+    the whole piece is decoded, 2.1-2.5 tokens a note; the estimate says 2.4."""
+    from aurl.cli.compose import read_score
+    from aurl.generation.compose import ComposeOptions, infill, piece_notes, track_notes
+
+    tracks = track_notes(read_score(FIXTURES / "bach_bwv66.6.mid"))
+    notes, owner = piece_notes(tracks)
+    for part in (None, owner == 1):
+        (c,) = infill(shipped, notes, (8.0, 24.0), part, options=ComposeOptions(particles=1))
+        assert abs(c.stats["tokens"] / infill_tokens(len(notes)) - 1) < 0.15, c.stats["tokens"]
+
+
+def test_accompany_and_infill_say_their_length_up_front(tmp_path, capsys):
+    from aurl.cli import main
+
+    chorale = FIXTURES / "bach_bwv66.6.mid"
+    assert main(["infill", str(chorale), "--bars", "3-6", "--part", "alto", "--out",
+                 str(tmp_path / "i")]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"{chorale}: 163 notes, bars 3-6 of Alto written again, about 391 tokens to compose\n" in err
+    import symusic
+
+    score = symusic.Score(str(chorale))
+    alto = symusic.Score(score.tpq)
+    alto.tracks.append(next(t for t in score.tracks if t.name == "Alto").copy())
+    alto.dump_midi(str(tmp_path / "alto.mid"))
+    assert main(["accompany", str(tmp_path / "alto.mid"), "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "alto.mid: 42 notes of the part in 4 voices, about 525 tokens to compose\n" in err

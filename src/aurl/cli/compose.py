@@ -387,7 +387,10 @@ def _harmonize_one(args: argparse.Namespace, melody: str | Path, model: Any) -> 
     paths, _ = _prepare(args, melody, "harmonized")
     model = model or _model(args)
     beats = float((line["onset"] + line["duration"]).max() - line["onset"].min())
-    progress = _say_length(str(melody), len(line), args.voices, beats)
+    from aurl.cli.eta import harmonize_tokens
+
+    progress = _say_length(str(melody), f"{len(line):,} melody notes in {args.voices} voices",
+                           harmonize_tokens(len(line), args.voices, beats), "harmonize")  # fmt: skip
     results = harmonize(
         model, line, voices=args.voices, options=_options(args, args.key or ""),
         qpm=first_qpm(score), like=score, meter=TimeMap.of_score(score).meter, progress=progress,
@@ -477,20 +480,19 @@ def _each_file(args: argparse.Namespace, folder: str, kind: str, one: Any) -> in
     return 0
 
 
-def _say_length(melody: str, notes: int, voices: int, beats: float = 0.0) -> Any:
-    """Say on stderr how many tokens harmonizing ``notes`` melody notes over ``beats`` beats
-    takes (estimated), and return the progress helper that reports the time left
-    (:mod:`aurl.cli.eta`). No melody is too long: 10,000 notes is ~125,000 tokens, tens of
-    minutes on one core, said up front."""
+def _say_length(name: str, what: str, tokens: int, command: str) -> Any:
+    """Say on stderr how many tokens composing ``name`` takes (estimated, :mod:`aurl.cli.eta`)
+    and return the progress helper that reports the time left: a tqdm bar on a terminal, a
+    line a minute elsewhere. No piece is too long: a melody of 10,000 notes is ~125,000
+    tokens, tens of minutes on one core, said up front."""
     import sys
 
-    from aurl.cli.eta import LONG_TOKENS, estimated, harmonize_tokens
+    from aurl.cli.eta import LONG_TOKENS, estimated
 
-    tokens = harmonize_tokens(notes, voices, beats)
     long = " (a long run: progress and the time left follow here)" if tokens > LONG_TOKENS else ""
-    print(f"{melody}: {notes:,} melody notes in {voices} voices, about {tokens:,} tokens to "
-          f"compose{long}", file=sys.stderr, flush=True)  # fmt: skip
-    return estimated(tokens, "harmonize")
+    print(f"{name}: {what}, about {tokens:,} tokens to compose{long}", file=sys.stderr,
+          flush=True)  # fmt: skip
+    return estimated(tokens, command)
 
 
 def run_accompany(args: argparse.Namespace) -> int:
@@ -520,11 +522,17 @@ def _accompany_one(args: argparse.Namespace, part: str | Path, model: Any) -> An
     paths, _ = _prepare(args, part, "accompanied")
     model = model or _model(args)
     _in_vocabulary(notes, model.vocab_config, part)
-    from aurl.progress import bar
+    from aurl.cli.eta import harmonize_tokens
+    from aurl.data.notes import pitched
 
+    given = pitched(notes)
+    ends = given["onset"] + given["duration"]
+    beats = float(ends.max() - given["onset"].min()) if len(given) else 0.0
+    progress = _say_length(str(part), f"{len(given):,} notes of the part in {args.voices} voices",
+                           harmonize_tokens(len(given), args.voices, beats), "accompany")  # fmt: skip
     results = accompany(
         model, notes, voices=args.voices, part_name=name, options=_options(args),
-        qpm=first_qpm(score), like=score, meter=TimeMap.of_score(score).meter, progress=bar,
+        qpm=first_qpm(score), like=score, meter=TimeMap.of_score(score).meter, progress=progress,
     )  # fmt: skip
     _write(results, paths, np.sort(notes, order=["onset", "pitch"]), name)
     return model
@@ -611,11 +619,17 @@ def run_infill(args: argparse.Namespace) -> int:
     paths, _ = _prepare(args, args.piece, "infilled")
     model = _model(args)
     _in_vocabulary(notes[~infill_regenerated(notes, span, part)], model.vocab_config, args.piece)
-    from aurl.progress import bar
+    from aurl.cli.eta import infill_tokens
+    from aurl.data.notes import pitched
 
+    n = len(pitched(notes))  # the whole piece is decoded, the kept notes forced
+    where = f"bars {args.bars}" if args.bars is not None else f"seconds {args.span}"
+    where += f" of {tracks[index][0]}" if index is not None else ""
+    progress = _say_length(str(args.piece), f"{n:,} notes, {where} written again",
+                           infill_tokens(n), "infill")  # fmt: skip
     results = infill(
         model, notes, span, part, options=_options(args), qpm=first_qpm(score),
-        meter=times.meter, progress=bar,
+        meter=times.meter, progress=progress,
     )  # fmt: skip
     kept = notes[~infill_regenerated(notes, span, part)]
     for c in results:
