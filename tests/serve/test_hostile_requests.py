@@ -222,3 +222,12 @@ def test_musicxml_of_a_file_with_a_tempo_of_zero_is_written(client):
     r = client.post("/api/musicxml", files={"file": ("t.mid", data)})
     assert r.status_code == 200, r.text
     assert r.text.count("<note") == 3
+
+
+@pytest.mark.parametrize(("body", "field"), [({"pitch_high": 10}, "pitch_high"),
+                                             ({"pitch_low": 120}, "pitch_low"),
+                                             ({"pitch_low": 70, "pitch_high": 60}, "pitch_low")])
+def test_an_empty_pitch_range_names_the_bound_the_request_gave(client, body, field):
+    # pitch_high under the default pitch_low (21) named pitch_low, which the request never sent
+    r = client.post("/api/generate", json={"max_tokens": 40, **body})
+    error_of(r, 422, field=field)

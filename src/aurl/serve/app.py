@@ -936,8 +936,12 @@ def _check_constraints(config: Any, srv: ModelServer, opts: GenerateOptions) -> 
 
     vocab = srv.vocab
     room = config.min_tokens <= config.max_tokens - c.MIN_TOKENS
+    # the range names the bound the request gave (pitch_high alone under the default low once
+    # named pitch_low)
+    given = opts.model_fields_set & {"pitch_low", "pitch_high"}
+    pitch_field = "pitch_high" if given == {"pitch_high"} else "pitch_low"
     steps = (
-        ("pitch_low", lambda: c.pitch_range_bias(vocab, config.pitch_low, config.pitch_high)),
+        (pitch_field, lambda: c.pitch_range_bias(vocab, config.pitch_low, config.pitch_high)),
         ("key", lambda: config.key and c.key_bias(vocab, config.key, config.key_strictness)),
         ("tempo_range" if opts.tempo_range is not None else "tempo",
          lambda: c.tempo_bias(vocab, config.tempo, config.tempo_range)),
