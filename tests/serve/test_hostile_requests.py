@@ -231,3 +231,10 @@ def test_an_empty_pitch_range_names_the_bound_the_request_gave(client, body, fie
     # pitch_high under the default pitch_low (21) named pitch_low, which the request never sent
     r = client.post("/api/generate", json={"max_tokens": 40, **body})
     error_of(r, 422, field=field)
+
+
+def test_musicxml_of_a_piece_after_hours_of_silence_is_refused_at_once(client):
+    # music21 measured out the silence until the parse limit (30 s) ran out, then a 422
+    # naming parse_seconds; now the reading refuses it, naming the note
+    r = client.post("/api/musicxml", files={"file": ("late.mid", _late_note(500_000))})
+    assert "beats of silence before the note at beat 500001" in error_of(r, 422, field="file")

@@ -168,22 +168,14 @@ def read_score(path: str | Path) -> Any:
 
 
 def _no_absurd_ticks(score: Any, path: Path) -> None:
-    """Raise :class:`MidiReadError` naming ``path`` where ``score`` (ticks) holds what
+    """Raise :class:`MidiReadError` naming ``path`` where ``score`` holds what
     :mod:`aurl.data.midi_io` repairs as absurd ticks (:func:`~aurl.data.midi_io.absurd_timing`:
     a note too long, a silence too long, before the first note too): the composing commands
     keep the given notes as they are, so they refuse such a file rather than repair it."""
-    import numpy as np
-
-    from aurl.data.midi_io import absurd_timing
+    from aurl.data.midi_io import absurd_score_timing
     from aurl.errors import MidiReadError
 
-    notes = [t.notes.numpy() for t in score.tracks if len(t.notes)]
-    if not notes:
-        return
-    tpq = score.ticks_per_quarter
-    time = np.concatenate([n["time"] for n in notes]).astype(np.int64)
-    duration = np.concatenate([n["duration"] for n in notes]).astype(np.int64)
-    if why := absurd_timing(time / tpq, duration / tpq):
+    if why := absurd_score_timing(score):
         raise MidiReadError(f"{path}: {why}")
 
 

@@ -35,6 +35,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +78,19 @@ FALLBACK_MAX_BYTES = 8 * 1024 * 1024  # the mido fallback is a Python loop: boun
 # symusic's own sanitizer on: measured on the fuzz corpus (docs/design.md, "Hostile input"),
 # the mode in which no checked mutant crashed a process; the repairs stay ours (smf, repair)
 SANITIZE_DATA = True
+
+
+def absurd_score_timing(score: Any) -> str | None:
+    """:func:`absurd_timing` of the notes of a ``symusic`` score (any time unit: read in
+    ticks), or None."""
+    score = score.to("tick")
+    notes = [t.notes.numpy() for t in score.tracks if len(t.notes)]
+    if not notes:
+        return None
+    tpq = score.ticks_per_quarter
+    time = np.concatenate([n["time"] for n in notes]).astype(np.int64)
+    duration = np.concatenate([n["duration"] for n in notes]).astype(np.int64)
+    return absurd_timing(time / tpq, duration / tpq)
 
 
 @dataclass

@@ -163,13 +163,15 @@ def _read_piece(path: Path) -> dict[str, Any]:
 
 def _musicxml(path: Path) -> dict[str, Any]:
     """The file as MusicXML text (quantized as ``aurl generate --format musicxml`` writes it)."""
-    from aurl.data.midi_io import read_score
+    from aurl.data.midi_io import absurd_score_timing, read_score
     from aurl.errors import MidiReadError
     from aurl.generation.export import score_to_music21
 
     score = read_score(path)
     if sum(len(t.notes) for t in score.tracks) == 0:
         raise MidiReadError("upload: no notes to write as MusicXML")
+    if why := absurd_score_timing(score):  # music21 would spend the whole parse limit on it
+        raise MidiReadError(f"upload: {why}")
     out = path.with_suffix(".musicxml")
     score_to_music21(score).write("musicxml", fp=str(out))
     return {"musicxml": out.read_text(encoding="utf-8")}
