@@ -238,3 +238,28 @@ def test_musicxml_of_a_piece_after_hours_of_silence_is_refused_at_once(client):
     # naming parse_seconds; now the reading refuses it, naming the note
     r = client.post("/api/musicxml", files={"file": ("late.mid", _late_note(500_000))})
     assert "beats of silence before the note at beat 500001" in error_of(r, 422, field="file")
+
+
+def _notes(*notes: tuple[int, int]) -> bytes:
+    import symusic
+
+    s, t = symusic.Score(480), symusic.Track(name="odd")
+    for beat, beats in notes:
+        t.notes.append(symusic.Note(beat * 480, beats * 480, 67, 80))
+    s.tracks.append(t)
+    return s.dumps_midi()
+
+
+@pytest.mark.parametrize(
+    "notes, words",
+    [(((0, 1), (1, 2000)), "the note at beat 2 lasts 2000 beats, more than 1024"),
+     (((0, 1), (5000, 1)), "4999 beats of silence before the note at beat 5001, more than 4096")],
+    ids=["long-note", "stray-note"],
+)  # fmt: skip
+@pytest.mark.parametrize("path, data", [("/api/harmonize", {"particles": "1"}),
+                                        ("/api/infill", {"bars": "1-1"})])  # fmt: skip
+def test_composing_refuses_what_the_reading_would_repair(client, path, data, notes, words):
+    # the reading clips a note past 1,024 beats and drops notes after 4,096 beats of silence;
+    # the endpoints composed around the repaired piece (200) where the commands refuse the file
+    r = client.post(path, files={"file": ("odd.mid", _notes(*notes))}, data=data)
+    assert words in error_of(r, 422, field="file")

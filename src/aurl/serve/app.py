@@ -861,23 +861,7 @@ async def _upload_piece(data: bytes, name: str | None, clock: Clock) -> tuple[li
         for field in NOTE_DTYPE.names:
             notes[field] = cols[field]
         tracks.append((str(t["name"]), notes))
-    _no_absurd_timing(tracks, name or "file")
     return tracks, TimeMap.from_json(result["time_map"])
-
-
-def _no_absurd_timing(tracks: list, name: str) -> None:
-    """Refuse (422 naming the file) a piece the composing commands refuse too
-    (:func:`aurl.data.midi_io.absurd_timing`): a note too long, or a silence too long before
-    a note, the first one's included. The reading repairs a stray note after such a silence
-    *between* notes, not before the first one, and composing walks the silence token by token
-    (one note at tick 2**28, beat 559,241, held the composing slot ~45 s on the tiny model and
-    until ``request_seconds`` on the shipped one)."""
-    from aurl.data.midi_io import absurd_timing
-
-    notes = [n for _, n in tracks if len(n)]
-    if notes and (why := absurd_timing(np.concatenate([n["onset"] for n in notes]),
-                                       np.concatenate([n["duration"] for n in notes]))):  # fmt: skip
-        raise FieldError(f"{name}: {why}", field="file")
 
 
 def _generation_config(

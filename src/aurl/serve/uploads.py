@@ -147,10 +147,16 @@ def _raw_meter(path: Path) -> Any:
 def _read_piece(path: Path) -> dict[str, Any]:
     """The file's tracks with notes (name and note columns each) and its time map."""
     from aurl.config import DataConfig
-    from aurl.data.midi_io import read_midi
+    from aurl.data.midi_io import absurd_score_timing, read_midi, read_score
+    from aurl.errors import MidiReadError
     from aurl.generation.compose import TimeMap, track_notes
 
     score, _ = read_midi(path, DataConfig(drums="keep"))
+    # the file as sent, before the reading's repairs: the composing commands refuse what it
+    # would repair here (a note clipped, notes after a long silence dropped), and so does the
+    # server, rather than compose around notes the upload does not hold
+    if why := absurd_score_timing(read_score(path)):
+        raise MidiReadError(why)
     meter = _raw_meter(path)
     times = TimeMap(signatures=meter.signatures, tempos=TimeMap.of_score(score).tempos,
                     keys=meter.keys)  # fmt: skip
