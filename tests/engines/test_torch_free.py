@@ -21,7 +21,8 @@ BLOCK = "import sys\nfor m in ('torch', 'safetensors', 'onnx', 'tensorboard'):\n
 def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "AURL_CACHE": str(tmp_path / "cache")}
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+        cwd=tmp_path,  # what a command writes where it runs stays out of the checkout
     )
 
 
@@ -72,6 +73,8 @@ def test_native_generation_runs_without_the_torch_extra_or_onnxruntime(engine, t
         # the default (auto) goes to torch for what the native step does not do
         (["generate", "--beam", "2", "--out", "OUT"], "pip install 'aurl[torch]'"),
         (["export", "--format", "onnx", "--out", "OUT"], "pip install 'aurl[torch]'"),
+        (["train", "--data", "OUT", "--out", "OUT"], "aurl train needs PyTorch"),
+        (["serve", "--port", "0"], "aurl serve needs PyTorch"),
         # the shipped model's graphs are not cached yet: writing them needs torch
         (["generate", "--engine", "onnx", "--out", "OUT"], "where aurl[torch] is installed"),
     ],

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write the bundled corpus (music21's scores) as MIDI files",
         description="Write a corpus of MIDI files converted from the scores that ship inside "
         "music21, with a manifest.json (source, composer, title, duration, notes, split). "
-        "'bach-chorales' (~370 chorales) is bundled pre-converted and copies instantly; "
+        "'bach-chorales' (350 chorales) is bundled pre-converted and copies instantly; "
         "'classical' adds Beethoven, Mozart, Haydn, Schubert and Schumann (converted: minutes); "
         "'palestrina' (the masses, grouped by mass), 'renaissance' (Josquin, Monteverdi, "
         "Trecento, ...) and 'all' (every corpus, one subfolder each, a style label per piece: "

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--int4", action="store_true",
         help="4-bit MatMul weights (onnxruntime MatMulNBits, blocks of 32): smaller and faster "
-        "than --int8 on CPU, within 0.005 bits/note of fp32; what --engine onnx takes by "
+        "than --int8 on CPU, within 0.008 bits/note of fp32; what --engine onnx takes by "
         "default on CPUs with integer dot products (see BENCHMARKS.md)",
     )  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the .onnx files")

@@ -471,16 +471,18 @@ def _known_style(folder: Path, name: str) -> None:
         style_id(tuple(styles), name)
 
 
-def require_torch(what: str) -> None:
-    """Raise :class:`ConfigError` with the install command when torch is missing."""
+def require_torch(
+    what: str, instead: str = " (or generate with --engine onnx --checkpoint EXPORT_DIR)"
+) -> None:
+    """Raise :class:`ConfigError` with the install command (and ``instead``, what runs
+    without it) when torch is missing."""
     import importlib.util
 
     from aurl.errors import ConfigError
 
     if importlib.util.find_spec("torch") is None:
         raise ConfigError(
-            f"{what} needs PyTorch, which is not installed: pip install 'aurl[torch]' "
-            "(or generate with --engine onnx --checkpoint EXPORT_DIR)"
+            f"{what} needs PyTorch, which is not installed: pip install 'aurl[torch]'{instead}"
         )
 
 

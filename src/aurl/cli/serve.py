@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give 1 or more")
     if args.request_seconds <= 0:
         raise ConfigError(f"--request-seconds {args.request_seconds:g}: give a positive time")
+    from aurl.cli.generate import require_torch
+
+    require_torch("aurl serve", "")  # the models load with torch (a ModuleNotFoundError)
     folders = model_folders(args)
     from aurl.serve.listen import Store
 

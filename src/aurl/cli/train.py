@@ -87,6 +87,9 @@ MAX_LORA_RANK = 4096
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from aurl.cli.generate import require_torch
+
+    require_torch("aurl train", "")  # before the trainer's imports (a ModuleNotFoundError)
     from aurl.cli import checks
     from aurl.errors import ConfigError
     from aurl.progress import bar
