@@ -47,9 +47,18 @@ def make_client(tmp_path: Path, models: dict, composers: dict | None = None, **s
     from aurl.serve.app import Settings, create_app
     from aurl.serve.engine import Limits
 
+    class LoopbackClient(TestClient):
+        """HTTP and WebSockets at 127.0.0.1 (TestClient's sockets say ``Host: testserver``,
+        which a loopback server refuses)."""
+
+        def websocket_connect(self, url: str, *args, **kwargs):
+            from urllib.parse import urljoin
+
+            return super().websocket_connect(urljoin("ws://127.0.0.1", url), *args, **kwargs)
+
     limits = Limits(**settings.pop("limits", {}))
     s = Settings(limits=limits, db=tmp_path / "listen.sqlite", **settings)
-    return TestClient(create_app(models, s, composers), base_url="http://127.0.0.1")
+    return LoopbackClient(create_app(models, s, composers), base_url="http://127.0.0.1")
 
 
 @pytest.fixture

@@ -263,3 +263,15 @@ def test_composing_refuses_what_the_reading_would_repair(client, path, data, not
     # the endpoints composed around the repaired piece (200) where the commands refuse the file
     r = client.post(path, files={"file": ("odd.mid", _notes(*notes))}, data=data)
     assert words in error_of(r, 422, field="file")
+
+
+@pytest.mark.parametrize("host", ["evil.example", "testserver", "127.0.0.1.evil.example:80", ""])
+def test_a_host_that_is_no_loopback_name_gets_the_error_shape(client, host):
+    # Starlette's host check answered 400 in plain text, and let 'testserver' in for the tests
+    r = client.get("/api/health", headers={"host": host})
+    assert "127.0.0.1, localhost and [::1] only" in error_of(r, 400, field="host")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost", "LOCALHOST:1", "[::1]:8000"])
+def test_loopback_hosts_are_served(client, host):
+    assert client.get("/api/health", headers={"host": host}).status_code == 200

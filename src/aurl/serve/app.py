@@ -31,7 +31,6 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from aurl.errors import AurlError, ConfigError
 from aurl.serve import listen
@@ -198,6 +197,35 @@ ERRORS = {
 }  # fmt: skip
 
 
+def host_name(header: str) -> str:
+    """The host of a Host header, lower case, its port dropped: ``[::1]:8000`` -> ``[::1]``."""
+    header = header.strip().lower()
+    if header.startswith("["):  # an IPv6 literal: its colons are not the port's
+        return header[: header.find("]") + 1] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class _LoopbackHosts:
+    """Refuse a request (HTTP or WebSocket) whose Host is no loopback name (:data:`LOOPBACK_HOSTS`)
+    with 400 in the error shape, ``field: "host"``: a page elsewhere cannot reach a loopback
+    server through DNS rebinding (Starlette's TrustedHostMiddleware answered in plain text, and
+    let ``testserver`` in for the tests)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in LOOPBACK_HOSTS:
+                reply = _error(400, f"Host {host!r}: this server answers on 127.0.0.1, "
+                               "localhost and [::1] only (to serve others: aurl serve --host "
+                               "ADDRESS with AURL_TOKEN set)", field="host")  # fmt: skip
+                await reply(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _error(status: int, message: str, *, limit: str | None = None, field: str | None = None):
     return JSONResponse({"error": message, "limit": limit, "field": field}, status_code=status)
 
@@ -257,7 +285,7 @@ def create_app(
     store = listen.Store(s.db)
     app.state.servers, app.state.store, app.state.settings = servers, store, s
     if s.loopback:  # a page elsewhere cannot reach this server through DNS rebinding
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*LOOPBACK_HOSTS, "testserver"])
+        app.add_middleware(_LoopbackHosts)
 
     # -- errors --------------------------------------------------------------------------------
 
