@@ -423,5 +423,5 @@ def test_given_notes_past_the_model_pitches_are_refused_before_decoding() -> Non
     and the model's range (it ran composing into "did not end within N tokens")."""
     from aurl.data.vocab import Vocab
 
-    with pytest.raises(ConstraintError, match=r"span MIDI pitches 12\.\.60, the model's are 21\.\.108"):
+    with pytest.raises(ConstraintError, match=r"the given part spans MIDI pitches 12\.\.60, the model's are 21\.\.108"):
         make_plan(make_notes([0, 1], 1, [12, 60]), Vocab())

@@ -500,7 +500,7 @@ def _accompany_one(args: argparse.Namespace, part: str | Path, model: Any) -> An
     returns the model, for the next file of a folder."""
     import numpy as np
 
-    from aurl.generation.compose import TimeMap, accompany, part_of, track_notes
+    from aurl.generation.compose import TimeMap, accompany, in_vocabulary, part_of, track_notes
 
     score = read_score(part)
     tracks = track_notes(score)
@@ -513,7 +513,7 @@ def _accompany_one(args: argparse.Namespace, part: str | Path, model: Any) -> An
               "one track's file to accompany a single voice", file=sys.stderr)  # fmt: skip
     paths, _ = _prepare(args, part, "accompanied")
     model = model or _model(args)
-    _in_vocabulary(notes, model.vocab_config, part)
+    in_vocabulary(notes, model.vocab_config, part)
     from aurl.cli.eta import harmonize_tokens
     from aurl.data.notes import pitched
 
@@ -528,24 +528,6 @@ def _accompany_one(args: argparse.Namespace, part: str | Path, model: Any) -> An
     )  # fmt: skip
     _write(results, paths, np.sort(notes, order=["onset", "pitch"]), name)
     return model
-
-
-def _in_vocabulary(notes: Any, vc: Any, name: str | Path) -> None:
-    """Raise :class:`ConstraintError` where the given (forced) pitched ``notes`` of ``name``
-    reach past the model's pitches (``vc``: its vocabulary config): notes it cannot write ran
-    composing to "did not end within N tokens"."""
-    from aurl.data.notes import pitched
-    from aurl.errors import ConstraintError
-
-    notes = pitched(notes)
-    if not len(notes):
-        return
-    lo, hi = int(notes["pitch"].min()), int(notes["pitch"].max())
-    if lo < vc.pitch_min or hi > vc.pitch_max:
-        raise ConstraintError(
-            f"{name} spans MIDI pitches {lo}..{hi}, the model's are {vc.pitch_min}.."
-            f"{vc.pitch_max}: transpose it by octaves into that range"
-        )
 
 
 def parse_range(text: str, flag: str, *, integer: bool) -> tuple[float, float]:
@@ -572,6 +554,7 @@ def run_infill(args: argparse.Namespace) -> int:
     from aurl.errors import ConfigError, ConstraintError
     from aurl.generation.compose import (
         TimeMap,
+        in_vocabulary,
         infill,
         infill_regenerated,
         infill_score,
@@ -610,7 +593,7 @@ def run_infill(args: argparse.Namespace) -> int:
         raise ConfigError(f"--part {args.part!r} is a drum track: choose a pitched part to infill")
     paths, _ = _prepare(args, args.piece, "infilled")
     model = _model(args)
-    _in_vocabulary(notes[~infill_regenerated(notes, span, part)], model.vocab_config, args.piece)
+    in_vocabulary(notes[~infill_regenerated(notes, span, part)], model.vocab_config, args.piece)
     from aurl.cli.eta import infill_tokens
     from aurl.data.notes import pitched
 

@@ -43,7 +43,7 @@ import numpy as np
 from aurl.analysis import part_writing
 from aurl.data.notes import notes_from_score
 from aurl.errors import AurlError
-from aurl.generation.compose import CADENCE_STRICTNESS
+from aurl.generation.compose import CADENCE_STRICTNESS, in_vocabulary
 from aurl.progress import Progress, silent
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "bundled" / "bach-chorales"
@@ -94,20 +94,6 @@ def chorale_voices(path: str | Path) -> list[np.ndarray]:
             "Tenor, Bass), one voice a track"
         )
     return [notes for _, notes in tracks[:4]]
-
-
-def _in_vocabulary(voices: list[np.ndarray], vocab_config: Any, path: Path) -> None:
-    """Raise :class:`ConstraintError` where a voice of ``path`` sounds a pitch the model's
-    vocabulary lacks: a given note it cannot write (composing once ran to "did not end")."""
-    from aurl.errors import ConstraintError
-
-    pitch = np.concatenate([v["pitch"] for v in voices])
-    lo, hi = int(pitch.min()), int(pitch.max())
-    if lo < vocab_config.pitch_min or hi > vocab_config.pitch_max:
-        raise ConstraintError(
-            f"{path} spans MIDI pitches {lo}..{hi}, the model's are {vocab_config.pitch_min}.."
-            f"{vocab_config.pitch_max}: transpose it by octaves into that range"
-        )
 
 
 def _each_chorale(
@@ -317,7 +303,7 @@ def evaluate_harmonize(
         """The likelihood and the rows of one chorale."""
         rows: dict[str, dict] = {}
         voices = chorale_voices(path)
-        _in_vocabulary(voices, model.vocab_config, path)
+        in_vocabulary(np.concatenate(voices), model.vocab_config, path)
         if max_beats is not None:
             voices = [v[v["onset"] < max_beats] for v in voices]
             for v in voices:
@@ -517,7 +503,7 @@ def evaluate_accompany(
     def chorale(path: Path) -> dict[str, dict]:
         """The rows of one chorale."""
         voices = chorale_voices(path)
-        _in_vocabulary(voices, model.vocab_config, path)
+        in_vocabulary(np.concatenate(voices), model.vocab_config, path)
         meter = read_meter(path)
         rows = {"bach": {**voice_rules(voices), "above": 1.0, "part_kept": 1.0, "seconds": 0.0}}
         for k, name in enumerate(SATB[1:], start=1):
@@ -606,7 +592,7 @@ def evaluate_infill(
         """The counts of one chorale, by row."""
         counts: list[tuple[str, dict[str, float]]] = []
         voices = chorale_voices(path)
-        _in_vocabulary(voices, model.vocab_config, path)
+        in_vocabulary(np.concatenate(voices), model.vocab_config, path)
         meter = read_meter(path)
         notes = np.concatenate(voices)
         owner = np.concatenate([np.full(len(v), i) for i, v in enumerate(voices)])

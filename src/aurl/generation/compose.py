@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -237,6 +238,21 @@ def note_steps(notes: np.ndarray, steps_per_beat: int) -> tuple[np.ndarray, np.n
     return on, off
 
 
+def in_vocabulary(notes: np.ndarray, vc: Any, name: str | Path) -> None:
+    """Raise :class:`ConstraintError` where pitched ``notes`` (of ``name``: a file, "the given
+    notes") sound a pitch the vocabulary ``vc`` (its config) lacks: a given note the model
+    cannot write ran composing to "did not end within N tokens"."""
+    notes = pitched(notes)
+    if not len(notes):
+        return
+    lo, hi = int(notes["pitch"].min()), int(notes["pitch"].max())
+    if lo < vc.pitch_min or hi > vc.pitch_max:
+        raise ConstraintError(
+            f"{name} spans MIDI pitches {lo}..{hi}, the model's are {vc.pitch_min}.."
+            f"{vc.pitch_max}: transpose it by octaves into that range"
+        )
+
+
 def make_plan(
     given: np.ndarray,
     vocab: Vocab,
@@ -266,13 +282,7 @@ def make_plan(
             "this checkpoint counts time in seconds (vocab.time_unit=seconds): composing around "
             "given notes needs a beat-time model such as the shipped one"
         )
-    if len(given):
-        lo, hi = int(given["pitch"].min()), int(given["pitch"].max())
-        if lo < vc.pitch_min or hi > vc.pitch_max:
-            raise ConstraintError(
-                f"the given notes span MIDI pitches {lo}..{hi}, the model's are "
-                f"{vc.pitch_min}..{vc.pitch_max}: transpose them by octaves into that range"
-            )
+    in_vocabulary(given, vc, "the given part")
     spb = vocab.config.steps_per_beat
     on, off = note_steps(given, spb) if len(given) else (np.zeros(0, int), np.zeros(0, int))
     pitch = given["pitch"].astype(np.int64)
