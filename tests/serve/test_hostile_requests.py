@@ -275,3 +275,14 @@ def test_a_host_that_is_no_loopback_name_gets_the_error_shape(client, host):
 @pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost", "LOCALHOST:1", "[::1]:8000"])
 def test_loopback_hosts_are_served(client, host):
     assert client.get("/api/health", headers={"host": host}).status_code == 200
+
+
+def test_a_file_only_the_repairing_reader_takes_is_still_composed(client):
+    # SMPTE timing: the raw reader refuses it, read_midi repairs it; the raw read that looks
+    # for absurd timing (and the meter) must not turn that repair into a 422
+    from pathlib import Path
+
+    smpte = Path(__file__).resolve().parents[1] / "fixtures" / "edge" / "smpte.mid"
+    r = client.post("/api/harmonize", files={"file": ("smpte.mid", smpte.read_bytes())},
+                    data={"particles": "1"})  # fmt: skip
+    assert r.status_code == 200, r.text

@@ -155,9 +155,13 @@ def _read_piece(path: Path) -> dict[str, Any]:
     # the file as sent, before the reading's repairs: the composing commands refuse what it
     # would repair here (a note clipped, notes after a long silence dropped), and so does the
     # server, rather than compose around notes the upload does not hold
-    if why := absurd_score_timing(read_score(path)):
+    try:  # the raw reader refuses some files read_midi repairs: those keep no meter either
+        raw = read_score(path)
+    except MidiReadError:
+        raw = None
+    if raw is not None and (why := absurd_score_timing(raw)):
         raise MidiReadError(why)
-    meter = _raw_meter(path)
+    meter = TimeMap() if raw is None else TimeMap.of_score(raw)  # _raw_meter, read once
     times = TimeMap(signatures=meter.signatures, tempos=TimeMap.of_score(score).tempos,
                     keys=meter.keys)  # fmt: skip
     tracks = [
