@@ -548,3 +548,22 @@ def test_structure_of_a_periodic_piece_of_4000_bars_chooses_its_boundaries_at_on
     assert structure.beats_per_bar == 0.5 and len(structure.similarity) == 2000
     assert bounds[0] == 0 and bounds[-1] == 2000 and bounds == sorted(bounds)
     assert min(np.diff(bounds)) >= 2  # min_bars apart
+
+
+def test_analyze_notes_too_far_apart_for_a_local_key(tmp_path, capsys) -> None:
+    """Two notes 32 beats apart (a MIDI file, or a MusicXML ``<forward>`` of 10**9
+    divisions) leave every key window one pitch class: no local key segment, and the cadences
+    were read in that empty list (IndexError in ``key_at``). Now they are read in the global
+    key and the report is written."""
+    import symusic
+
+    score = symusic.Score(480)
+    track = symusic.Track("part", 0, False)
+    for beat, pitch in ((0, 60), (32, 62)):
+        track.notes.append(symusic.Note(beat * 480, 240, pitch, 90))
+    score.tracks.append(track)
+    score.dump_midi(str(tmp_path / "far.mid"))
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "far.mid"), "--out", str(out), "--no-plots"]) == 0
+    report = json.loads((out / "analysis.json").read_text())
+    assert report["key"] and report["key_segments"] == [] and "cadences" in report

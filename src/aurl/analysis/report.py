@@ -142,7 +142,11 @@ def analyze_notes(
     if key is not None:
         prog = ch.progression(chords, key)
         states, matrix = ch.transition_matrix(prog)
-        cadences = ch.detect_cadences(chords, segments, arrivals=[ph.arrival for ph in phrases])
+        # no local key where every window holds one pitch class (notes 8 bars apart): the
+        # cadences are read in the global key
+        cadences = ch.detect_cadences(
+            chords, segments or key, arrivals=[ph.arrival for ph in phrases]
+        )
         out["progression"] = prog
         out["ngrams"] = {
             str(n): [[list(g), c] for g, c in ch.ngram_counts(prog, n).most_common(TOP)]
