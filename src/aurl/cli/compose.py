@@ -126,11 +126,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def musicxml_as_midi(path: Path, folder: Path) -> Path:
     """The MusicXML file ``path`` written by music21 as ``folder/score.mid`` (its parts as
-    named tracks); music21's own exceptions pass through."""
+    named tracks); music21's own exceptions pass through.
+
+    ``forceSource``: without it music21 pickles each score it parses into its scratch folder
+    (``/tmp/music21``, shared) and unpickles that file on the next parse of the same path
+    when it is newer than the score: a pickle planted there runs its code, and a score
+    replaced by an older-dated one is read as the old one."""
     from music21 import converter
 
     mid = folder / "score.mid"
-    converter.parse(str(path)).write("midi", fp=str(mid))
+    converter.parse(str(path), forceSource=True).write("midi", fp=str(mid))
     return mid
 
 
