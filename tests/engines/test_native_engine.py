@@ -386,6 +386,22 @@ def _nan_weight(folder: Path) -> None:
     save_file(tensors, str(folder / "model.safetensors"))
 
 
+def _tensors(folder: Path, change) -> None:
+    """The weights rewritten after ``change(tensors)`` (a dict of numpy arrays) by the format's
+    own writer."""
+    from safetensors.numpy import save_file
+
+    from aurl.safetensors_io import read_arrays
+
+    tensors = {k: v.copy() for k, v in read_arrays(folder / "model.safetensors").items()}
+    change(tensors)
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+def _narrow(name: str, cols: int):
+    return lambda f: _tensors(f, lambda t: t.__setitem__(name, t[name][:, :cols].copy()))
+
+
 @pytest.mark.parametrize(
     "damage, error, message",
     [
@@ -398,6 +414,15 @@ def _nan_weight(folder: Path) -> None:
         (lambda f: _config(f, lambda m: m["model"].update(attention="local")), ConfigError,
          "model.attention 'full'"),
         (_nan_weight, CheckpointError, "blocks.1.ff.fc.weight holds NaN or infinite values"),
+        # the input layer's tables, which the C embedding reads d_model floats a row of
+        (_narrow("time.phase.weight", 128), CheckpointError,
+         r"time.phase.weight is \[32, 128\], its config.json implies \[32, 256\]"),
+        (_narrow("grammar_features.family.weight", 8), CheckpointError,
+         r"family.weight is \[17, 8\], its config.json implies \[17, 256\]"),
+        (lambda f: _tensors(f, lambda t: t.__setitem__("time.tempo.weight", t["time.tempo.weight"][:2].copy())),
+         CheckpointError, r"time.tempo.weight is \[2, 256\], its config.json implies \[33, 256\]"),
+        (lambda f: _tensors(f, lambda t: t.update({k: v.astype(np.int8) for k, v in t.items()})),
+         CheckpointError, "embed.weight is stored as int8, the model needs floats"),
         (lambda f: _config(f, lambda m: m.update(format="aurl-onnx")), CheckpointError,
          "not an Aurl model folder"),
         (lambda f: (f / "model.safetensors").write_bytes(b"\x80\x04K\x01."), CheckpointError,

@@ -39,7 +39,14 @@ import numpy as np
 
 from aurl.config import ModelConfig, VocabConfig, build
 from aurl.data.vocab import Vocab
-from aurl.engines.features import Features, FeatureState, cache_capacity
+from aurl.engines.features import (
+    BEATS_PER_BAR,
+    MAX_BEATS,
+    PHASE_BINS,
+    Features,
+    FeatureState,
+    cache_capacity,
+)
 from aurl.errors import CheckpointError, ConfigError
 from aurl.safetensors_io import read_arrays
 
@@ -338,26 +345,30 @@ class NativeEngine:
 
     # -- weights --------------------------------------------------------------------------
 
-    def _table(self, t: dict, name: str) -> np.ndarray:
-        """The tensor ``name`` as contiguous float32, refused if not finite (as the torch loader
-        refuses a diverged run)."""
-        self._used.add(name)
-        a = np.ascontiguousarray(t[name], dtype=np.float32)
-        if not np.isfinite(a).all():
-            raise CheckpointError(
-                f"{self.folder / 'model.safetensors'}: {name} holds NaN or infinite values (a "
-                "diverged run?): use an earlier checkpoint"
-            )
-        return a
-
     def _f32(self, t: Any, name: str, shape: tuple[int, ...], keep: bool = True) -> np.ndarray:
+        """The tensor ``name`` as contiguous float32, refused if its shape is not ``shape`` (the
+        C step indexes it by the config's sizes), if it is stored as integers (the torch loader
+        refuses those too) or if it is not finite (as the torch loader refuses a diverged run)."""
+        path = self.folder / "model.safetensors"
         have = tuple(t.shapes()[name]) if name in t else None  # from the header: nothing read
         if have is not None and have != shape:
             raise CheckpointError(
-                f"{self.folder / 'model.safetensors'}: {name} is {list(have)}, its "
-                f"config.json implies {list(shape)}: the folder mixes models"
+                f"{path}: {name} is {list(have)}, its config.json implies {list(shape)}: the "
+                "folder mixes models"
             )
-        a = self._table(t, name)
+        self._used.add(name)
+        raw = t[name]
+        if raw.dtype.kind != "f":
+            raise CheckpointError(
+                f"{path}: {name} is stored as {raw.dtype}, the model needs floats: re-save it "
+                "with save_pretrained"
+            )
+        a = np.ascontiguousarray(raw, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise CheckpointError(
+                f"{path}: {name} holds NaN or infinite values (a diverged run?): use an earlier "
+                "checkpoint"
+            )
         if keep:  # an array the C step points into
             self._keep.append(a)
         return a
@@ -386,15 +397,20 @@ class NativeEngine:
         f = self._f32
         self.token_table = f(t, "embed.weight", (V, D))
         self.tables: dict[str, np.ndarray] = {}
-        if c.musical_position:
-            for name in ("phase", "beat", "tempo") + (("meter",) if c.meter else ()):
-                self.tables[name] = self._table(t, f"time.{name}.weight")
+        if c.musical_position:  # rows as aurl.models.model.MusicalTime's tables
+            rows = {"phase": PHASE_BINS, "beat": MAX_BEATS if c.meter else BEATS_PER_BAR,
+                    "tempo": self.vocab_config.tempo_bins + 1}  # fmt: skip
+            if c.meter:
+                rows["meter"] = MAX_BEATS + 1
+            for name, n in rows.items():
+                self.tables[name] = f(t, f"time.{name}.weight", (n, D))
         if c.grammar_features:
             P = self.vocab.n_pitches
             g = "grammar_features"
             self.sounding_t = np.ascontiguousarray(f(t, f"{g}.sounding.weight", (D, P)).T)
             self.age_t = np.ascontiguousarray(f(t, f"{g}.age.weight", (D, P)).T)
-            self.tables["family"] = self._table(t, f"{g}.family.weight")
+            n = self.vocab_config.num_instruments + 1
+            self.tables["family"] = f(t, f"{g}.family.weight", (n, D))
             vc = self.vocab_config
             spb = vc.steps_per_beat if vc.time_unit == "beat" else 1.0 / (2.0 * vc.step_seconds)
             self.beats_per_step = np.float32(1.0 / spb)
