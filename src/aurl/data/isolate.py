@@ -12,6 +12,11 @@ again in the caller (``fn`` reports bad input in its result, as every caller her
 The time bound of a file is ``TIME_BOUND_S + TIME_PER_MIB_S`` per MiB of it (5 s for any file
 up to a few hundred KiB, 133 s for the 64 MiB maximum): reading and tokenizing a valid file
 takes well under a second per MiB, so only a hang reaches it.
+
+A worker may also allocate at most ``MEMORY_BOUND_BYTES`` beyond what it held when it started
+(``RLIMIT_DATA``): a reader that runs away with memory (music21 building a time signature of
+10**9 beats grew by ~85 MB/s, and a file padded to 16 MiB gets minutes) fails its item,
+``Failed("reader ran out of memory (over 4 GiB)")``, instead of taking the machine.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 
 TIME_BOUND_S = 5.0
 TIME_PER_MIB_S = 2.0
+MEMORY_BOUND_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -54,12 +60,28 @@ def death_reason(exitcode: int | None) -> str:
     return f"reader exited with status {exitcode}"
 
 
+def _bound_memory(extra: int) -> None:
+    """Let this process allocate at most ``extra`` bytes beyond its data now (``RLIMIT_DATA``
+    counts the heap and private anonymous mappings: every allocation Python and numpy make)."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            held = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: no bound
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = held + extra if hard == resource.RLIM_INFINITY else min(hard, held + extra)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+
+
 def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) -> None:
     """Worker loop: receive (index, item), send back (index, ok, result or exception)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     faulthandler.disable()  # a crash is reported once, by the parent, as one line
     if initializer is not None:
         initializer(*initargs)
+    _bound_memory(MEMORY_BOUND_BYTES)
     while True:
         task = conn.recv()
         if task is None:
@@ -67,6 +89,9 @@ def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) ->
         i, item = task
         try:
             conn.send((i, True, fn(item)))
+        except MemoryError:  # the bound above: this item's, not a bug
+            conn.send((i, True, Failed(f"reader ran out of memory (over "
+                                       f"{MEMORY_BOUND_BYTES / 2**30:g} GiB)")))  # fmt: skip
         except Exception as e:  # a bug in fn: raised again in the parent
             conn.send((i, False, e))
 
