@@ -9,7 +9,8 @@ after the other for each seed so load drifts hit them alike:
   full last slice is read by rank);
 - ``--voices 4 --ranges 0``: and the spacing lean;
 - ``--voices 4``: voice leading as shipped, and the range lean;
-- ``--voice-leading`` without ``--voices``: the wide net (every reading within NEAR_STEP too:
+- ``--voices 0 --voice-leading`` (the voices not said; before the shipped model said 4, what
+  ``--voice-leading`` alone meant): the wide net (every reading within NEAR_STEP too:
   the voices unknown, as ``/api/generate`` with ``voice_leading`` and no ``voices``), the
   piece split into four voices here as ``--voices 4`` splits it.
 
@@ -148,7 +149,7 @@ def main() -> None:
             ["--voices", "4", "--spacing", "0", "--ranges", "0"],
         "parallels + spacing (--voices 4 --ranges 0)": ["--voices", "4", "--ranges", "0"],
         "voice leading, voices known (--voices 4)": ["--voices", "4"],
-        "voice leading, the wide net (--voice-leading)": ["--voice-leading"],
+        "voice leading, the wide net (--voices 0 --voice-leading)": ["--voices", "0", "--voice-leading"],
     }
     refusal = {1: bach_refused(4), 2: bach_refused(4), 3: bach_refused(4), 4: bach_refused(0)}
     got: dict[str, dict] = {name: {"voices": [], "whole": [], "seconds": []} for name in rows}

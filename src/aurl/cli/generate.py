@@ -155,7 +155,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--voices", type=int, metavar="N",
         help="write the notes as N voices on N tracks (4: Soprano, Alto, Tenor, Bass), decoded "
-        "as voices (--voice-leading; --no-voice-leading decodes them freely)",
+        "as voices (--voice-leading; --no-voice-leading decodes them freely); 0: one track, "
+        "decoded freely. Default: the voices the model is written in (its config.json's "
+        "'voices': 4 for the shipped chorales), else 0",
     )  # fmt: skip
     o.add_argument("--force", action="store_true", help="overwrite existing files")
     o.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
@@ -222,8 +224,8 @@ def generation_config(args: argparse.Namespace):
     voices = getattr(args, "voices", None)
     # checked here, not by the config (0..16): 17 once read "generation.voices: 17 is out of
     # range; allowed [0, 16]", and 9..16 are refused too
-    if voices is not None and not 1 <= voices <= MAX_VOICES:
-        raise ConfigError(f"--voices {voices}: give 1 to {MAX_VOICES} (4 for SATB)")
+    if voices is not None and not 0 <= voices <= MAX_VOICES:
+        raise ConfigError(f"--voices {voices}: give 1 to {MAX_VOICES} (4 for SATB; 0: one track)")
     if voices:
         values["voices"] = voices  # the voices the piece is written in
     leading = getattr(args, "voice_leading", None)
@@ -357,6 +359,8 @@ def run(args: argparse.Namespace) -> int:
     from aurl.generation.export import check_free, output_paths, parse_formats
 
     t0 = time.perf_counter()
+    default_model(args)
+    default_voices(args)
     config = generation_config(args)
     formats = parse_formats(args.format)
     checks.soundfont(args.soundfont)
@@ -369,7 +373,6 @@ def run(args: argparse.Namespace) -> int:
     if len(conditioning) > 1:
         raise ConfigError(f"use one of --primer, --variations, --interpolate (got {conditioning})")
     transfer_keep(args)  # --keep without --variations fails before anything loads
-    default_model(args)
     n = args.steps if args.interpolate else args.num_samples
     stem = f"sample_seed{args.seed}"
     paths = output_paths(args.out, n, formats, stem=stem)
@@ -433,6 +436,45 @@ def default_model(args: argparse.Namespace) -> None:
         _known_style(SHIPPED / STYLES_DEFAULT, args.style)  # a bad name: its one error line only
         args.model = default_for("--style", STYLES_DEFAULT, "style model",
                                  "the default model has no styles")  # fmt: skip
+
+
+def default_voices(args: argparse.Namespace) -> None:
+    """No ``--voices``: the voices the model is written in (:func:`model_voices`; the shipped
+    chorales: 4), said on stderr by :func:`finish` once every check has passed; a model that
+    names none leaves the piece one free track."""
+    if args.voices is not None:
+        return
+    folder = model_folder(args.checkpoint, args.model)  # a wrong path or name: its one line
+    args.voices = model_voices(folder)
+    args.model_voices = bool(args.voices)
+
+
+def model_voices(folder: Path) -> int:
+    """The voices the music of the model in ``folder`` is written in: its ``config.json``'s
+    ``voices`` (1 to :data:`MAX_VOICES`), the default of ``aurl generate --voices``; 0 where it
+    names none or the file cannot be read (the model's own load reports that).
+
+    Raises:
+        CheckpointError: ``voices`` is there but not a whole number 1 to :data:`MAX_VOICES`.
+    """
+    import json
+
+    from aurl.errors import CheckpointError
+
+    path = folder / "config.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    voices = meta.get("voices", 0) if isinstance(meta, dict) else 0
+    if voices == 0 and not isinstance(voices, bool):
+        return 0
+    if isinstance(voices, bool) or not isinstance(voices, int) or not 1 <= voices <= MAX_VOICES:
+        raise CheckpointError(
+            f"{path}: 'voices' is {json.dumps(voices)[:40]}: give the voices the model's music "
+            f"is written in, 1 to {MAX_VOICES} (4 for SATB), or remove the key"
+        )
+    return voices
 
 
 def default_for(what: str, name: str, kind: str, why: str) -> str | None:
@@ -668,6 +710,7 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
     """Primer, constraints, latents, generation and the written files, for either engine
     (``model``: the torch model behind a torch engine, for VAE latents; None for onnx)."""
     import gc
+    import sys
     import time
 
     from aurl.config import DataConfig
@@ -718,6 +761,9 @@ def finish(args, config, engine, model, paths, settings, t0: float) -> int:
         else:
             latents = prior_latents(model, n, args.seed)
     keep = transfer_keep(args)
+    if getattr(args, "model_voices", False):  # said once every check has passed
+        print(f"--voices {args.voices}: the voices this model is written in (--voices 0: one "
+              "track, decoded freely)", file=sys.stderr)  # fmt: skip
     if keep != "none":  # the file's rhythm / contour kept (aurl.generation.transfer)
         from aurl.generation.transfer import transfer_config, transfer_masker
 

@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
     require_torch("aurl serve", "")  # the models load with torch (a ModuleNotFoundError)
     folders = model_folders(args)
+    from aurl.cli.generate import model_voices
+
+    voices = {name: model_voices(folder) for name, folder in folders.items()}  # a bad key: 1 line
     from aurl.serve.listen import Store
 
     Store(args.db).close()  # an unusable --db, or no upload folder: one line before models load
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, request_seconds=args.request_seconds,
     )  # fmt: skip
     settings = Settings(limits=limits, token=token, loopback=loopback, db=Path(args.db))
-    app = create_app(models, settings, composers)
+    app = create_app(models, settings, composers, voices)
     import socket
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

@@ -160,6 +160,9 @@ class HealthModel(BaseModel):
     slots: int
     composing: int = Field(0, description="harmonize / infill requests running (one at a time)")
     styles: list[str] = Field([], description="the styles a request's `style` may name")
+    voices: int = Field(0, description="the voices the model is written in (its config.json's "
+                        "`voices`, `aurl generate`'s default; 0: none said): the studio's Voices "
+                        "default, not the API's")  # fmt: skip
 
 
 class Health(BaseModel):
@@ -247,6 +250,7 @@ def create_app(
     models: dict[str, Any],
     settings: Settings | None = None,
     composers: dict[str, Any] | None = None,
+    voices: dict[str, int] | None = None,
 ) -> FastAPI:
     """The app serving ``models`` (name -> a loaded model in eval mode).
 
@@ -256,6 +260,8 @@ def create_app(
         composers: Per model name, the engine of the same weights that harmonize and infill
             decode with (``aurl serve``: the native engine where it runs the model, as the
             composing commands' ``--engine auto``); absent: the model itself.
+        voices: Per model name, the voices it is written in (``cli.generate.model_voices``),
+            reported by ``/api/health`` for the studio's Voices menu; absent: 0.
     """
     if not models:
         raise ConfigError("aurl serve needs at least one model")
@@ -279,7 +285,7 @@ def create_app(
         description="Compose, harmonize, infill and analyse MIDI with Aurl. Errors are JSON "
         '`{"error", "limit", "field"}` with a 4xx status. See docs/serve.md.',
     )
-    composers = composers or {}
+    composers, voices = composers or {}, voices or {}
     servers.update({name: ModelServer(name, m, lim, composers.get(name))
                     for name, m in models.items()})  # fmt: skip
     store = listen.Store(s.db)
@@ -408,6 +414,7 @@ def create_app(
                 parameters=sum(p.numel() for p in srv.model.parameters()),
                 active=st["active"], waiting=st["waiting"], slots=st["slots"],
                 composing=st["composing"], styles=list(srv.model.config.styles),
+                voices=voices.get(name, 0),
             ))  # fmt: skip
         first = next(iter(servers.values()))
         return Health(status="ok", models=list(servers), vocab_size=first.vocab.size,

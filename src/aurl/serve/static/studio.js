@@ -223,10 +223,13 @@ async function init() {
   try {
     const h = await (await fetch("/api/health")).json();
     for (const name of h.models) { const o = document.createElement("option"); o.value = o.textContent = name; $("model").appendChild(o); }
-    // the Style menu lists the chosen model's styles (none for a model trained without them)
+    // the Style menu lists the chosen model's styles (none for a model trained without them);
+    // the Voices menu starts at the voices the model is written in (`aurl generate`'s default)
     const styles = () => {
       const d = h.details.find((m) => m.name === $("model").value) || { styles: [] };
       $("style").replaceChildren(...["", ...(d.styles || [])].map((s) => { const o = document.createElement("option"); o.value = s; o.textContent = s || "none"; return o; }));
+      const v = String(d.voices || "");
+      $("voices").value = [...$("voices").options].some((o) => o.value === v) ? v : "";
     };
     $("model").onchange = styles;
     styles();

@@ -1,0 +1,90 @@
+"""The voices a model is written in (its ``config.json``'s ``voices``): the default of
+``aurl generate --voices`` (``cli.generate.model_voices``). The shipped chorales say 4, so the
+README's command writes Soprano, Alto, Tenor and Bass tracks, decoded as voices; ``--voices 0``
+asks for one free track; a value that is not 1-8 is refused in one line naming the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from aurl.cli import main
+from aurl.config import load_config
+
+SAID = "--voices 4: the voices this model is written in"
+
+
+def _tracks(path) -> list[str]:
+    from symusic import Score
+
+    return [t.name for t in Score(str(path)).tracks if len(t.notes)]
+
+
+def test_the_shipped_chorales_are_written_in_their_four_voices(tmp_path, capsys) -> None:
+    args = ["generate", "--num-samples", "1", "--seconds", "8", "--seed", "1"]
+    assert main([*args, "--out", str(tmp_path / "d")]) == 0
+    cap = capsys.readouterr()
+    assert SAID in cap.err
+    assert _tracks(tmp_path / "d" / "sample_seed1_000.mid") == ["Soprano", "Alto", "Tenor", "Bass"]
+    assert "parallel 5ths/8ves in" in cap.out  # the piece's line reads its voices
+    g = load_config(tmp_path / "d" / "sample_seed1.yaml").generation
+    assert (g.voices, g.voice_leading, g.spacing, g.ranges) == (4, True, 0.9, 0.9)
+
+    assert main([*args, "--voices", "0", "--out", str(tmp_path / "free")]) == 0
+    cap = capsys.readouterr()
+    assert SAID not in cap.err and "parallel" not in cap.out
+    assert len(_tracks(tmp_path / "free" / "sample_seed1_000.mid")) == 1
+    g = load_config(tmp_path / "free" / "sample_seed1.yaml").generation
+    assert (g.voices, g.voice_leading, g.spacing, g.ranges) == (0, False, 0.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random model saved as a model folder (the ``tiny`` preset)."""
+    import torch
+
+    from aurl.config import load_config as load
+    from aurl.models import build_model
+    from aurl.models.pretrained import save_pretrained
+
+    torch.manual_seed(0)
+    return save_pretrained(build_model(load(preset="tiny")).eval(), tmp_path_factory.mktemp("m"))
+
+
+def _with_voices(tiny_folder, tmp_path, voices):
+    folder = shutil.copytree(tiny_folder, tmp_path / "model")
+    meta = json.loads((folder / "config.json").read_text())
+    meta["voices"] = voices
+    (folder / "config.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_model_folder_names_its_voices(tiny_folder, tmp_path, capsys) -> None:
+    folder = _with_voices(tiny_folder, tmp_path, 3)
+    args = ["generate", "--checkpoint", str(folder), "--engine", "torch", "--max-tokens", "160",
+            "--min-tokens", "120", "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    assert "--voices 3: the voices this model" in capsys.readouterr().err
+    assert load_config(tmp_path / "o" / "sample_seed0.yaml").generation.voices == 3
+    assert set(_tracks(tmp_path / "o" / "sample_seed0_000.mid")) <= {"Soprano", "Alto", "Bass"}
+    # a folder without the key (every model trained before it): one free track, as before
+    assert main([*args[:2], str(tiny_folder), *args[3:], "--force"]) == 0
+    assert "--voices" not in capsys.readouterr().err
+    assert load_config(tmp_path / "o" / "sample_seed0.yaml").generation.voices == 0
+
+
+@pytest.mark.parametrize("bad", [9, -1, 2.5, "4", True, None, [4]])
+def test_voices_that_are_no_count_are_refused_naming_the_file(
+    tiny_folder, tmp_path, capsys, bad
+) -> None:
+    folder = _with_voices(tiny_folder, tmp_path, bad)
+    out = tmp_path / "o"
+    assert main(["generate", "--checkpoint", str(folder), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(folder / "config.json") in err[0] and "'voices'" in err[0], err
+    assert not out.exists()
+    # an explicit --voices does not read it
+    assert main(["generate", "--checkpoint", str(folder), "--engine", "torch", "--voices", "2",
+                 "--max-tokens", "40", "--out", str(out)]) == 0  # fmt: skip
