@@ -160,6 +160,14 @@ def _broken(tiny_export: Path, tmp_path: Path, change) -> Path:
         (lambda m: m["vocab"].update(velocity_bins=16), "vocabulary of 774 ids"),
         (lambda m: m.update(format="aurl-model"), "not an ONNX export"),
         (lambda m: m["inputs"].remove("bar_beats"), "take no bar_beats input"),
+        # the sizes the engine makes its caches by: missing, text, absurd, another model's
+        (lambda m: m.pop("n_layers"), "n_layers is None, its model config gives 2"),
+        (lambda m: m.update(n_heads="x"), "n_heads is 'x', its model config gives 2"),
+        (lambda m: m.update(n_layers=10**9), "n_layers is 1000000000, its model config gives 2"),
+        (lambda m: m.update(head_dim=8, n_heads=4), "n_heads is 4, its model config gives 2"),
+        (lambda m: m.update(graphs={}), "'graphs' names no 'decoder' file"),
+        # a graph input config.json does not list is one nothing would bind
+        (lambda m: m["inputs"].remove("family"), "takes the input 'family', which"),
     ],
 )
 def test_bad_export_folders_are_refused(tiny_export, tmp_path, change, message) -> None:

@@ -107,6 +107,19 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
             f"{path} is damaged: 'inputs' must be a list of names and 'graphs' a mapping of "
             "file names; export the model again"
         )
+    if not isinstance(graphs.get("decoder"), str):
+        raise CheckpointError(
+            f"{path} is damaged: 'graphs' names no 'decoder' file; export the model again"
+        )
+    shape = {"n_layers": model_cfg.n_layers, "n_heads": model_cfg.n_heads,
+             "head_dim": model_cfg.d_model // model_cfg.n_heads}  # fmt: skip
+    for key, want in shape.items():  # the engine sizes its caches by these
+        have = meta.get(key)
+        if type(have) is not int or have != want:
+            raise CheckpointError(
+                f"{path}: {key} is {have!r}, its model config gives {want}: the folder mixes "
+                "exports; export the model again"
+            )
     if model_cfg.meter and "phase" in inputs and "bar_beats" not in inputs:
         raise CheckpointError(
             f"{path}: the model has meter conditioning (model.meter) but its graphs take no "
@@ -207,6 +220,12 @@ class OnnxEngine:
             raise CheckpointError(
                 f"{path} has more layers than the {self.n_layers} of its {CONFIG}: the folder "
                 "mixes exports; export the model again"
+            )
+        unfed = [x.name for x in self.session.get_inputs() if x.name not in want_inputs]
+        if unfed:  # onnxruntime would refuse the first step: nothing binds it
+            raise CheckpointError(
+                f"{path} takes the input {unfed[0]!r}, which {self.folder / CONFIG} does not "
+                "list: the folder mixes exports; export the model again"
             )
 
     def init_state(
