@@ -175,6 +175,36 @@ def test_bad_export_folders_are_refused(tiny_export, tmp_path, change, message) 
         OnnxEngine(_broken(tiny_export, tmp_path, change))
 
 
+def test_nan_scales_and_a_short_rotary_table_are_refused(tiny_model, tmp_path) -> None:
+    """An int8 export whose weight scales are NaN gave NaN logits that the sampler drew
+    pieces from: refused at load. A config.json whose model.max_seq_len exceeds the graph's
+    rotary table (512): onnxruntime's failure past it (a traceback) is a CheckpointError naming
+    the graph (one line through the commands)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from aurl.models.onnx_export import export_onnx
+
+    folder = export_onnx(tiny_model, tmp_path / "int8", int8=True)
+    graph = onnx.load(str(folder / "decoder.onnx"))
+    for init in graph.graph.initializer:
+        if init.name.endswith("_scale"):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.nan, init.name))
+    onnx.save(graph, str(folder / "decoder.onnx"))
+    with pytest.raises(CheckpointError, match="gives NaN or infinite logits for a first token"):
+        OnnxEngine(folder)
+    longer = lambda m: m["model"].update(max_seq_len=4096)  # noqa: E731
+    folder = _broken(export_onnx(tiny_model, tmp_path / "fp32"), tmp_path, longer)
+    engine = OnnxEngine(folder)
+    with pytest.raises(CheckpointError, match=r"decoder.onnx failed at position 0 \(cos_cache"):
+        engine.step(np.zeros((1, 520), np.int64), engine.init_state(1, capacity=600))
+    state = engine.init_state(1, capacity=600)
+    engine.step(np.zeros((1, 500), np.int64), state)
+    with pytest.raises(CheckpointError, match=r"failed at position 512 \(cos_cache dimension 0"):
+        for _ in range(20):
+            engine.step(np.array([[5]]), state)
+
+
 def test_a_model_folder_is_not_an_export(tmp_path, capsys) -> None:
     from aurl.cli.generate import SHIPPED
 

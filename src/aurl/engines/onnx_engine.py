@@ -172,6 +172,7 @@ class OnnxEngine:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 4  # its failures are raised (one line each), never logged too
         self.device = "cpu"
         path = self.folder / meta["graphs"]["decoder"]
         try:
@@ -185,6 +186,16 @@ class OnnxEngine:
         self.io = self.session.io_binding()
         self._bound: Any = None  # the state whose one-token inputs the binding holds
         self._logits: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
+        # one first token (a cache of one position: ~1 ms): a graph whose weights or int8 /
+        # int4 scales are NaN or infinite gives no finite logit, and the sampler would draw
+        # from NaN pieces that look valid
+        first = self.step(np.zeros((1, 1), np.int64), self.init_state(1, capacity=1))
+        if not np.isfinite(first).all():
+            raise CheckpointError(
+                f"{path} gives NaN or infinite logits for a first token (damaged weights or "
+                "scales): export the model again"
+            )
+        self._bound = None
 
     def _check_graph(self, path: Path) -> None:
         """The graph's own inputs and static sizes agree with its ``config.json`` (a graph
@@ -295,7 +306,7 @@ class OnnxEngine:
         self._bound = None  # the one-token inputs must be bound again
         logits, value = self._logits_buffer(B, T)
         io.bind_ortvalue_output("logits", value)
-        self.session.run_with_iobinding(io)
+        self._run(state)
         state.pos = T
         return logits.copy()
 
@@ -321,9 +332,23 @@ class OnnxEngine:
         state.features = self.features.advance_into(ids, state.features, inputs, fresh=fresh)
         inputs["seqlens_k"][:] = state.pos
         inputs["total_sequence_length"][()] = state.pos + 1
-        self.session.run_with_iobinding(self.io)
+        self._run(state)
         state.pos += 1
         return self._logits[(B, 1)][0].copy()
+
+    def _run(self, state: OnnxState) -> None:
+        """Run the bound graph; a failure inside onnxruntime (a graph whose sizes differ from
+        its config.json's, as a rotary table shorter than ``model.max_seq_len``) is a
+        :class:`CheckpointError` naming the graph, not onnxruntime's own exception."""
+        try:
+            self.session.run_with_iobinding(self.io)
+        except Exception as e:  # onnxruntime raises its own untyped failures
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            why = why.split("Status Message: ")[-1].rstrip(".")  # onnxruntime's own reason
+            raise CheckpointError(
+                f"{self.folder / self.meta['graphs']['decoder']} failed at position {state.pos} "
+                f"({why}): the graph does not match its {CONFIG}; export the model again"
+            ) from None
 
     def grammar_state(self, state: OnnxState) -> Any:
         """The grammar state after every token fed so far (numpy), or None without grammar
