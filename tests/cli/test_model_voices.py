@@ -88,3 +88,24 @@ def test_voices_that_are_no_count_are_refused_naming_the_file(
     # an explicit --voices does not read it
     assert main(["generate", "--checkpoint", str(folder), "--engine", "torch", "--voices", "2",
                  "--max-tokens", "40", "--out", str(out)]) == 0  # fmt: skip
+
+
+def test_voices_are_written_without_symusic(tmp_path) -> None:
+    """The default command writes its four voices from the decoded table
+    (``generation.export.voice_data``): symusic, ~0.1 s of a cold start, is never imported."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    code = (
+        "import sys\nfrom aurl.cli import main\n"
+        f"assert main(['generate', '--max-tokens', '200', '--out', {str(tmp_path)!r}]) == 0\n"
+        "print('symusic' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(src)}, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert SAID in r.stderr and r.stdout.strip().splitlines()[-1] == "False"
+    assert _tracks(tmp_path / "sample_seed0_000.mid") == ["Soprano", "Alto", "Tenor", "Bass"]

@@ -82,3 +82,40 @@ def test_voice_score_writes_four_named_tracks_and_musicxml_parts(tmp_path: Path)
     assert means == sorted(means, reverse=True)
     m21 = score_to_music21(split)
     assert [p.partName for p in m21.parts] == list(SATB)
+
+
+@pytest.mark.parametrize("name", THREE)
+@pytest.mark.parametrize("n", [4, 3])
+def test_voice_data_splits_a_table_as_voice_score_splits_its_score(name: str, n: int) -> None:
+    """``aurl generate`` writes voices from the decoded table (:func:`voice_data`, no symusic):
+    the same tracks, names, programs and notes as :func:`voice_score` of its score, drums kept
+    after the voices. The chorale's notes on one track, as a decoded piece holds them, with a
+    drum track (a NOTE_ON of family 14 decodes to one) and a second program beside them."""
+    from aurl.data.midi_io import MidiData
+    from aurl.data.midi_write import midi_bytes
+    from aurl.generation.export import voice_data
+
+    notes = notes_from_score(symusic.Score(str(CHORALES / name)))
+    k = len(notes)
+    tpq = 480
+    drum = np.arange(0, 8 * tpq, tpq)
+    data = MidiData(
+        tpq=tpq, time=np.concatenate([np.round(notes["onset"] * tpq).astype(np.int64), drum]),
+        duration=np.concatenate([np.round(notes["duration"] * tpq).astype(np.int64),
+                                 np.full(len(drum), 60)]),
+        pitch=np.concatenate([notes["pitch"], np.full(len(drum), 36)]).astype(np.int64),
+        velocity=np.full(k + len(drum), 90, dtype=np.int64),
+        track=np.concatenate([np.arange(k) % 2, np.full(len(drum), 2)]).astype(np.int64),
+        tracks=[("organ", 19, False), ("strings", 48, False), ("drums", 0, True)],
+        tempo_time=np.zeros(1, np.int64), tempo_qpm=np.array([84.0]),
+    )  # fmt: skip
+    want = voice_score(data.to_score(), n)
+    got = symusic.Score.from_midi(midi_bytes(voice_data(data, n)))
+
+    def tracks(score) -> list:  # a chord's notes in either order (3 voices: a voice holds two)
+        return [(t.name, t.program, t.is_drum, sorted(zip(*(t.notes.numpy()[f].tolist()
+                 for f in ("time", "duration", "pitch", "velocity"))))) for t in score.tracks]  # fmt: skip
+
+    assert [t[0] for t in tracks(got)][:n] == list(SATB if n == 4 else ("Soprano", "Alto", "Bass"))
+    assert tracks(got) == tracks(want)
+    assert [t.mspq for t in got.tempos] == [t.mspq for t in want.tempos]

@@ -836,7 +836,7 @@ def write_pieces(
     pieces, paths, tokenizer, config, *, soundfont: str | None, voices: int | None = None
 ) -> None:
     """Decode, export and print what was written with a one-line summary per piece (split into
-    ``voices`` tracks when given, see :func:`aurl.generation.export.voice_score`)."""
+    ``voices`` tracks when given, see :func:`aurl.generation.export.voice_data`)."""
     from aurl.analysis.keys import estimate_key
     from aurl.data.tokenizer import data_to_notes
     from aurl.errors import DataError
@@ -846,10 +846,10 @@ def write_pieces(
         data = tokenizer.decode_to_data(piece.ids)  # MIDI and PNG need no symusic score
         notes = data_to_notes(data)
         score = data
-        if voices:
-            from aurl.generation.export import voice_score
+        if voices:  # as a table: MIDI and PNG still need no symusic score
+            from aurl.generation.export import voice_data
 
-            score = voice_score(data.to_score(), voices)
+            score = voice_data(data, voices)
         duration = float((notes["onset_s"] + notes["duration_s"]).max()) if len(notes) else 0.0
         try:
             key = estimate_key(notes).name
