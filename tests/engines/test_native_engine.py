@@ -713,3 +713,75 @@ def test_the_portable_only_build_compiles_and_equals_the_torch_model(tmp_path) -
     assert r.returncode == 0, r.stderr[-2000:]
     kernels, diff = r.stdout.split()
     assert kernels == "portable" and float(diff) < 1e-4
+
+
+MISUSE = """
+import ctypes, copy, json, sys
+import numpy as np
+from aurl.engines.native_engine import NativeEngine
+folder = sys.argv[1]
+int8, fp32 = NativeEngine(folder), NativeEngine(folder, weights="fp32")
+out = {}
+def refused(call):
+    try:
+        call()
+    except ValueError as e:
+        return str(e).split(":")[0]
+    return "ran"
+ids = np.array([[0, 5, 6], [0, 5, 6]])
+s = int8.init_state(2, capacity=16)  # half-float caches stepped by fp32 code: overrun
+out["fp32 engine, int8 state"] = refused(lambda: fp32.step(ids, s))
+s = int8.init_state(1, capacity=8)
+s.capacity = 200  # the C step would write past the 8 positions the caches hold
+out["capacity changed"] = refused(lambda: [int8.step(np.array([[5]]), s) for _ in range(150)])
+lib, m = int8.lib, int8.model
+def bad(change):  # a copy of the model structure, one field wrong
+    b = type(m).from_buffer_copy(m)
+    change(b)
+    return ctypes.byref(b)
+x = np.zeros((2, 64, m.d), np.float32)
+s = int8.init_state(2, capacity=64)
+logits = np.zeros((2 * 64, m.vocab), np.float32)
+floats, qbuf = int8._scratch_arrays(2 * 64, 64)
+def prefill(model, B=2, T=64, kc=s.pointers[0]):
+    return lib.aurl_prefill(model, B, T, x.ctypes.data, kc, s.pointers[1], 64, 0,
+                            logits.ctypes.data, floats.ctypes.data, qbuf.ctypes.data)
+for name, change in {
+    "heads x 2": lambda b: setattr(b, "heads", 2 * m.heads),
+    "head width 0": lambda b: setattr(b, "head_dim", 0),
+    "layers 0": lambda b: setattr(b, "layers", 0),
+    "vocab + 1": lambda b: setattr(b, "vocab", m.vocab + 1),
+    "no head weights": lambda b: setattr(b.head, "w", None),
+    "int8 head without scales": lambda b: setattr(b.head, "scale", None),
+    "ff x 2": lambda b: setattr(b, "ff", 2 * m.ff),
+    "rotary None": lambda b: setattr(b, "cos", None),
+}.items():
+    out[name] = prefill(bad(change))
+out["rows x tokens past int32"] = lib.aurl_prefill(
+    bad(lambda b: setattr(b, "rot_len", 2**31 - 1)), 2**16, 2**16, x.ctypes.data,
+    s.pointers[0], s.pointers[1], 2**31 - 1, 0, logits.ctypes.data, floats.ctypes.data,
+    qbuf.ctypes.data)
+out["no key cache"] = prefill(ctypes.byref(m), kc=None)
+out["scratch of 0 rows"] = lib.aurl_scratch_floats(ctypes.byref(m), 0, 8)
+out["embedding without ids"] = lib.aurl_embed(ctypes.byref(m), ctypes.byref(int8.embedding), 1,
+                                              *[None] * 10)
+out["a good call"] = prefill(ctypes.byref(m))
+print(json.dumps(out))
+"""
+
+
+def test_misuse_of_the_step_is_an_exception_never_a_crash() -> None:
+    """What a bug elsewhere could hand the compiled step, in a child process (a crash would
+    take it down): a state stepped by another engine (int8 caches of half floats under the
+    fp32 engine: a heap overrun, abort), a state's capacity changed (a segfault), and the C
+    entry points called with a model structure whose sizes disagree, tables missing, rows x
+    tokens past int32, no caches or inputs: each a ValueError from the engine or -1 from the
+    library, and a good call still 0."""
+    r = _run(MISUSE.replace("sys.argv[1]", repr(str(SHIPPED))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out.pop("fp32 engine, int8 state") == out.pop("capacity changed") == (
+        "a decode state made by another engine (or with its capacity changed)"
+    )
+    assert out.pop("a good call") == 0
+    assert out == dict.fromkeys(out, -1)

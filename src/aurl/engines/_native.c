@@ -806,6 +806,32 @@ static void attend(const Model *m, float *qkv, void *kc, void *vc, int b, int ca
     }
 }
 
+/* A linear layer of n outputs over k inputs, its weights (and an int8 layer's scales) there. */
+static int lin_ok(const Lin *L, int64_t n, int64_t k) {
+    return L->w && L->n == n && L->k == k &&
+           (L->kind == LIN_F32 || (L->kind == LIN_S8 && L->scale));
+}
+
+/* The model's sizes agree with each other and every table the step reads is there: the
+ * entry points refuse (return -1) a structure they would index out of bounds (the Python
+ * side builds it from a checked config; this holds a bug there, or a caller of the library
+ * of its own, to the same). O(layers): nothing next to a step. */
+static int model_ok(const Model *m) {
+    if (!m || m->d < 1 || m->heads < 1 || m->head_dim < 2 || m->head_dim % 2 ||
+        m->head_dim > MAX_HEAD_DIM || (int64_t)m->heads * m->head_dim != m->d || m->ff < 1 ||
+        m->vocab < 1 || m->layers < 1 || !m->layer || m->rot_len < 1 || !m->cos || !m->sin ||
+        !m->lnf_w || !m->lnf_b || !lin_ok(&m->head, m->vocab, m->d))
+        return 0;
+    const int64_t d = m->d;
+    for (int l = 0; l < m->layers; l++) {
+        const Layer *L = m->layer + l;
+        if (!L->ln1_w || !L->ln1_b || !L->ln2_w || !L->ln2_b || !lin_ok(&L->qkv, 3 * d, d) ||
+            !lin_ok(&L->proj, d, d) || !lin_ok(&L->fc, m->ff, d) || !lin_ok(&L->out, d, m->ff))
+            return 0;
+    }
+    return 1;
+}
+
 /* The input layer's tables (aurl.models.model: token, musical time, meter, grammar features,
  * style); a NULL table is a feature the model lacks. Rows are d floats. */
 typedef struct {
@@ -820,11 +846,17 @@ static int row_ok(int64_t i, int32_t n) { return i >= 0 && i < n; }
 /* x (B, d) = the summed input embedding of one token per row, from the onnx graph's per-token
  * inputs (aurl.engines.features: each (B,) but sounding and age (B, P)); bar_beats and style
  * may be NULL, a style id -1 is no style. Only sounding pitches add their rows (the others add
- * zeros). Returns 0, or -1 for an index outside its table. */
+ * zeros). Returns 0, or -1 for an index outside its table or an input or table missing. */
 int aurl_embed(const Model *m, const Embed *e, int B, const int64_t *ids, const int64_t *phase,
                const int64_t *beat, const int64_t *tempo, const int64_t *bar_beats,
                const float *sounding, const float *age, const int64_t *family,
                const int64_t *style, float *x) {
+    if (B < 0 || !model_ok(m) || !e || !e->token || !ids || !x ||
+        (e->phase && (!e->beat || !e->tempo || !phase || !beat || !tempo)) ||
+        (e->meter && !bar_beats) ||
+        (e->family && (!e->sounding_t || !e->age_t || e->pitches < 0 || !sounding || !age ||
+                       !family)))
+        return -1;
     const int d = m->d, P = e->pitches;
     for (int b = 0; b < B; b++) {
         float *xb = x + (size_t)b * d;
@@ -864,14 +896,17 @@ int aurl_embed(const Model *m, const Embed *e, int B, const int64_t *ids, const 
 #define STREAM_BYTES (8 << 20) /* between the shipped model's 3.3 MB and the 26M model's 26 MB */
 #endif
 
-/* Scratch floats aurl_step needs for B rows and a cache of cap positions. */
+/* Scratch floats aurl_step needs for B rows and a cache of cap positions (-1: a model or
+ * sizes it refuses). */
 int64_t aurl_scratch_floats(const Model *m, int B, int cap) {
+    if (B < 1 || cap < 1 || !model_ok(m)) return -1;
     int64_t d = m->d, wide = m->ff > 3 * d ? m->ff : 3 * d;
     return (int64_t)B * (2 * d + wide) + cap + B;
 }
 
-/* Scratch int8 bytes aurl_step needs for B rows. */
+/* Scratch int8 bytes aurl_step needs for B rows (-1: a model or size it refuses). */
 int64_t aurl_scratch_bytes(const Model *m, int B) {
+    if (B < 1 || !model_ok(m)) return -1;
     int64_t k = m->ff > m->d ? m->ff : m->d;
     return (int64_t)B * k;
 }
@@ -885,9 +920,11 @@ int64_t aurl_scratch_bytes(const Model *m, int B) {
  * arguments out of range. */
 int aurl_prefill(const Model *m, int B, int T, float *x, void *const *kc, void *const *vc,
                  int cap, int pos, float *logits, float *scratch, int8_t *qbuf) {
-    if (B < 1 || T < 1 || pos < 0 || pos > cap - T || pos > m->rot_len - T ||
-        m->head_dim % 2 || m->head_dim > MAX_HEAD_DIM)
+    if (B < 1 || T < 1 || B > INT32_MAX / T || pos < 0 || pos > cap - T || !model_ok(m) ||
+        pos > m->rot_len - T || !x || !kc || !vc || !logits || !scratch || !qbuf)
         return -1;
+    for (int l = 0; l < m->layers; l++)
+        if (!kc[l] || !vc[l]) return -1;
     const int d = m->d, N = B * T;
     int wide = m->ff > 3 * d ? m->ff : 3 * d;
     float *h = scratch, *att = h + (size_t)N * d, *big = att + (size_t)N * d;

@@ -281,6 +281,7 @@ class NativeState:
     pointers: Any = field(default=None, repr=False)  # the caches' addresses for the C step
     x: np.ndarray | None = field(default=None, repr=False)  # (B, D) one token's embeddings
     embed_args: tuple | None = field(default=None, repr=False)  # the C embedding's arguments
+    engine: Any = field(default=None, repr=False)  # the engine whose shapes the caches have
 
     @property
     def grammar(self) -> Any:
@@ -501,7 +502,7 @@ class NativeEngine:
         n = len(keys)
         ptrs = ((ctypes.c_void_p * n)(*[k.ctypes.data for k in keys]),
                 (ctypes.c_void_p * n)(*[v.ctypes.data for v in values]))  # fmt: skip
-        state = NativeState(keys, values, feats, capacity, style, pos, pointers=ptrs)
+        state = NativeState(keys, values, feats, capacity, style, pos, pointers=ptrs, engine=self)
         # when the state is gone, its caches become the spare set (one kept: memory stays
         # bounded); a state still held anywhere is never written into
         weakref.finalize(state, _keep_spare, self._spare, keys, values)
@@ -551,13 +552,21 @@ class NativeEngine:
         of ``capacity`` (made once per shape, reused: copy the logits to keep them)."""
         key = (B, capacity)
         if key not in self._scratch:
-            m = ctypes.byref(self.model)
-            floats = np.empty(self.lib.aurl_scratch_floats(m, B, capacity), np.float32)
-            qbuf = np.empty(self.lib.aurl_scratch_bytes(m, B), np.int8)
+            floats, qbuf = self._scratch_arrays(B, capacity)
             logits = np.empty((B, self.vocab.size), np.float32)
             addresses = (logits.ctypes.data, floats.ctypes.data, qbuf.ctypes.data)
             self._scratch[key] = (logits, addresses, floats, qbuf)  # the arrays kept alive
         return self._scratch[key][:2]
+
+    def _scratch_arrays(self, rows: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        """The C step's float and int8 scratch for ``rows`` token-rows and a cache of
+        ``capacity`` positions, as large as the library says."""
+        m = ctypes.byref(self.model)
+        floats = self.lib.aurl_scratch_floats(m, rows, capacity)
+        qbytes = self.lib.aurl_scratch_bytes(m, rows)
+        if floats < 0 or qbytes < 0:
+            raise ValueError(f"native step refused {rows} rows and a cache of {capacity}")
+        return np.empty(floats, np.float32), np.empty(qbytes, np.int8)
 
     def _run(self, x: int, B: int, state: NativeState) -> np.ndarray:
         """One token per row from the address ``x`` of its input embeddings (B, D) float32,
@@ -587,6 +596,13 @@ class NativeEngine:
         float32 (a new array) and advances ``state`` in place."""
         ids = np.asarray(ids, dtype=np.int64)
         B, T = ids.shape
+        if state.engine is not self or state.keys[0].shape[2] != state.capacity:
+            # the C step writes and reads the caches by this engine's sizes (layers, heads,
+            # head width, cache dtype) up to state.capacity: another's would be overrun
+            raise ValueError(
+                "a decode state made by another engine (or with its capacity changed): step a "
+                "state with the engine whose init_state or reorder made it"
+            )
         if state.keys[0].shape[0] != B:  # the C step writes B rows of the state's cache
             raise ValueError(f"{B} rows of ids for a state of {state.keys[0].shape[0]} rows")
         if state.pos + T > state.capacity:
@@ -616,9 +632,7 @@ class NativeEngine:
         """``T`` tokens per row from the address ``x`` of their input embeddings (B, T, D)
         float32, contiguous (overwritten), in one C call: their products batched over the
         B * T rows, the logits of T single steps bit for bit; returns them (B, T, V)."""
-        m = ctypes.byref(self.model)  # scratch of its own: prefills come in many sizes
-        floats = np.empty(self.lib.aurl_scratch_floats(m, B * T, state.capacity), np.float32)
-        qbuf = np.empty(self.lib.aurl_scratch_bytes(m, B * T), np.int8)
+        floats, qbuf = self._scratch_arrays(B * T, state.capacity)  # its own: many sizes
         logits = np.empty((B, T, self.vocab.size), np.float32)
         keys, values = state.pointers
         rc = self.lib.aurl_prefill(
