@@ -109,3 +109,21 @@ def test_voices_are_written_without_symusic(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     assert SAID in r.stderr and r.stdout.strip().splitlines()[-1] == "False"
     assert _tracks(tmp_path / "sample_seed0_000.mid") == ["Soprano", "Alto", "Tenor", "Bass"]
+
+
+@pytest.mark.parametrize(
+    "flags, want",
+    [([], 4), (["--voices", "2"], 2), (["--voices", "0"], 0), (["--adapter", "A"], None),
+     (["--model", "styles"], 0), (["--model", "chorales"], 4)],
+)  # fmt: skip
+def test_whose_voices_the_default_is(flags, want) -> None:
+    """The model's voices are the default unless ``--voices`` says otherwise; an adapter tuned
+    the model to other music (``aurl train --lora`` on folk tunes: one line), so with
+    ``--adapter`` the piece stays one free track; the shipped ``styles`` says none."""
+    from aurl.cli import build_parser
+    from aurl.cli.generate import default_voices, generation_config
+
+    args = build_parser().parse_args(["generate", *flags, "--out", "x"])
+    default_voices(args)
+    assert args.voices == want
+    assert generation_config(args).voices == (want or 0)

@@ -441,8 +441,9 @@ def default_model(args: argparse.Namespace) -> None:
 def default_voices(args: argparse.Namespace) -> None:
     """No ``--voices``: the voices the model is written in (:func:`model_voices`; the shipped
     chorales: 4), said on stderr by :func:`finish` once every check has passed; a model that
-    names none leaves the piece one free track."""
-    if args.voices is not None:
+    names none leaves the piece one free track, and so does ``--adapter``: it tuned the model
+    to other music (the folk tunes of the README's example are one line, not four voices)."""
+    if args.voices is not None or getattr(args, "adapter", None):
         return
     folder = model_folder(args.checkpoint, args.model)  # a wrong path or name: its one line
     args.voices = model_voices(folder)
