@@ -208,3 +208,20 @@ def test_the_weights_hash_is_remembered_until_the_file_changes(tmp_path, monkeyp
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
     assert shipped.weights_digest(weights) == file_sha256(weights) != want
+
+
+def test_a_damaged_cached_export_says_to_remove_it(tiny_model, tmp_path, monkeypatch) -> None:
+    """A cached export damaged on disk (its graph cut short) is refused in one line that says
+    which cache folder to remove: the user never wrote that export, so "export the model
+    again" alone told them nothing they could do."""
+    from aurl.engines.shipped import load_shipped_onnx
+    from aurl.errors import CheckpointError
+
+    monkeypatch.setenv("AURL_CACHE", str(tmp_path / "cache"))
+    folder = _model(tiny_model, tmp_path)
+    export = ensure_shipped_onnx(folder, log=lambda _: None)
+    graph = export / "decoder.onnx"
+    graph.write_bytes(graph.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=f"remove {export} and run again") as e:
+        load_shipped_onnx(folder, log=lambda _: None)
+    assert len(str(e.value).splitlines()) == 1

@@ -157,14 +157,19 @@ def load_shipped_onnx(shipped: Path, *, precision: str = "fp32", threads: int = 
         CheckpointError: see :func:`ensure_shipped_onnx` and the engine.
     """
     from aurl.engines.onnx_engine import OnnxEngine
+    from aurl.errors import CheckpointError
 
     for _ in range(3):
         folder = ensure_shipped_onnx(shipped, precision=precision, log=log)
         with _held(folder / "config.json", exclusive=False) as held:
             if held:
-                return OnnxEngine(folder, threads=threads)
-    from aurl.errors import CheckpointError
-
+                try:
+                    return OnnxEngine(folder, threads=threads)
+                except CheckpointError as e:  # damaged in the cache: no export of the user's
+                    raise CheckpointError(
+                        f"{e} (Aurl's cached export of {shipped}: remove {folder} and run "
+                        "again to have it written anew)"
+                    ) from None
     raise CheckpointError(
         f"{folder} was removed three times while loading it (another run pruning the cache "
         f"{folder.parent}?): run again, or set AURL_CACHE to a folder of your own"
