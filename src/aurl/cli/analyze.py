@@ -83,10 +83,10 @@ class _StyleGuesser:
         if path.suffix.lower() in MUSICXML:  # read as MIDI, as read_piece reads it
             import tempfile
 
-            from aurl.cli.compose import musicxml_as_midi
+            from aurl.cli.compose import musicxml_isolated
 
             with tempfile.TemporaryDirectory() as tmp:
-                return self(musicxml_as_midi(path, Path(tmp)))
+                return self(musicxml_isolated(path, Path(tmp)))
 
         meter = read_meter(path) if self.model.config.meter else None
         ids = self.tokenizer.encode_file(path)
@@ -112,11 +112,10 @@ def read_piece(path: Path):
     """Notes, bar length (beats) and voices (its tracks, where they are voices, else None:
     :func:`aurl.analysis.report.voice_tracks`) of one MIDI or MusicXML file (its parts are
     the tracks); raises MidiReadError when unreadable."""
+    from aurl.analysis.report import voice_tracks
     from aurl.config import DataConfig
     from aurl.data.midi_io import read_midi
     from aurl.data.notes import notes_from_score
-
-    from aurl.analysis.report import voice_tracks
     from aurl.generation.compose import track_notes
 
     if path.suffix.lower() in MUSICXML:
@@ -137,6 +136,8 @@ def _read_musicxml(path: Path):
     with tempfile.TemporaryDirectory() as tmp:
         try:
             mid = musicxml_as_midi(path, Path(tmp))
+        except (MidiReadError, MemoryError):  # its own line; the worker's memory bound
+            raise
         except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise MidiReadError(f"{path} cannot be read ({first}): give a MIDI or MusicXML "
@@ -188,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         write_report,
     )
     from aurl.cli import checks
+    from aurl.cli.compose import read_seconds
     from aurl.data.isolate import Failed, in_order, isolated_map
     from aurl.errors import ConfigError, DataError
     from aurl.progress import bar
@@ -225,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     styles: dict[str, int] = {}
     # read in worker processes: a reader that crashes or hangs on a file skips that file
     workers = min(os.cpu_count() or 1, len(files))
-    pieces = in_order(isolated_map(_read_in_worker, files, workers=workers))
+    pieces = in_order(isolated_map(_read_in_worker, files, workers=workers, seconds=read_seconds))
     for path, piece in zip(files, bar(pieces, total=len(files), desc="analyze")):
         if isinstance(piece, (str, Failed)):
             error = piece if isinstance(piece, str) else f"{path}: {piece.reason}"
@@ -273,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
     elif skipped:
         error = skipped[0]["error"]  # the reader's line names the file
         named = error if error.startswith(str(src)) else f"{src}: {error}"
-        raise DataError(f"cannot analyse {named}: give a MIDI file")
+        # the reader's line may say what to do already ("...: give a MIDI or MusicXML file")
+        tail = "" if ": give " in named else ": give a MIDI or MusicXML file"
+        raise DataError(f"cannot analyse {named}{tail}")
     print(f"report in {out}")
     return 0

@@ -124,29 +124,144 @@ def _common(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+# music21 reads MusicXML in Python, and its time grows faster than the file: Beethoven's
+# op. 18/1 i (music21's corpus, 1.4 MiB of XML in a 40 KB .mxl) takes 30 s here (26 s of it
+# writing the MIDI), a one-part score of 4,000 bars (0.5 MiB) 22 s. A file's bound in a worker
+# process (aurl.data.isolate) is these per MiB of the XML music21 reads, not of the archive.
+MUSICXML_TIME_S = 10.0
+MUSICXML_TIME_PER_MIB_S = 40.0
+
+
+def musicxml_bytes(path: str | Path) -> int:
+    """The bytes of XML music21 reads for ``path``: the file's size, or for an ``.mxl``
+    archive its largest member's declared size (what reading it unpacks, and no more:
+    :mod:`zipfile` stops a member at its declared size)."""
+    import os
+    import zipfile
+
+    path, size = Path(path), 0
+    try:
+        size = os.stat(path).st_size
+        if path.suffix.lower() == ".mxl" and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                size = max((i.file_size for i in z.infolist()), default=0)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        pass  # unreadable or a damaged archive: music21 says why when it reads it
+    return size
+
+
+def read_seconds(path: str | Path) -> float:
+    """The time bound of reading ``path`` in a worker process: a MIDI file's
+    (:func:`aurl.data.isolate.time_bound`), or :data:`MUSICXML_TIME_S` plus
+    :data:`MUSICXML_TIME_PER_MIB_S` per MiB of a MusicXML file's XML."""
+    from aurl.data.isolate import time_bound
+
+    if Path(path).suffix.lower() not in MUSICXML:
+        return time_bound(path)
+    return MUSICXML_TIME_S + MUSICXML_TIME_PER_MIB_S * musicxml_bytes(path) / 2**20
+
+
 def musicxml_as_midi(path: Path, folder: Path) -> Path:
     """The MusicXML file ``path`` written by music21 as ``folder/score.mid`` (its parts as
-    named tracks); music21's own exceptions pass through.
+    named tracks), in this process; music21's own exceptions pass through, its warnings are
+    not printed (the error, where there is one, is the line).
 
     ``forceSource``: without it music21 pickles each score it parses into its scratch folder
     (``/tmp/music21``, shared) and unpickles that file on the next parse of the same path
     when it is newer than the score: a pickle planted there runs its code, and a score
-    replaced by an older-dated one is read as the old one."""
+    replaced by an older-dated one is read as the old one.
+
+    Raises:
+        MidiReadError: the XML is over ``data.max_file_bytes`` (64 MiB): an ``.mxl`` of 1 MB
+            unpacked 1 GiB into memory, and music21 grew to 5.4 GB on it.
+    """
+    import warnings
+
     from music21 import converter
 
+    from aurl.config import DataConfig
+    from aurl.errors import MidiReadError
+
+    most = DataConfig().max_file_bytes
+    if (size := musicxml_bytes(path)) > most:
+        raise MidiReadError(f"{path}: {size:,} bytes of XML, over the {most // 2**20} MiB a "
+                            "score may have: give a smaller MusicXML file")  # fmt: skip
     mid = folder / "score.mid"
-    converter.parse(str(path), forceSource=True).write("midi", fp=str(mid))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converter.parse(str(path), forceSource=True).write("midi", fp=str(mid))
     return mid
 
 
+def _musicxml_in_worker(task: tuple[Path, Path]) -> str | None:
+    """:func:`musicxml_as_midi` in a worker process: None when written, else why not."""
+    path, folder = task
+    try:
+        musicxml_as_midi(path, folder)
+    except MemoryError:  # past the worker's bound: aurl.data.isolate says so
+        raise
+    except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def musicxml_isolated(path: Path, folder: Path) -> Path:
+    """:func:`musicxml_as_midi` run in a worker process (:mod:`aurl.data.isolate`): music21
+    is Python, and a score it loops or grows on (a time signature of 10**9 beats, a repeat
+    of a million times, 20,000 bars) costs :func:`read_seconds` and 4 GiB at most, not the
+    command.
+
+    Raises:
+        MidiReadError: naming ``path``, when music21 fails, hangs or runs out of memory.
+    """
+    from aurl.data.isolate import Failed, isolated_map
+    from aurl.errors import MidiReadError
+
+    ((_, why),) = isolated_map(_musicxml_in_worker, [(path, folder)],
+                               seconds=lambda task: read_seconds(task[0]))  # fmt: skip
+    if isinstance(why, Failed):
+        why = why.reason
+    if why is not None:
+        if why.startswith(str(path)):  # the size check's line names the file already
+            raise MidiReadError(why)
+        raise MidiReadError(f"{path} cannot be read ({why}): give a MIDI or MusicXML file")
+    return folder / "score.mid"
+
+
+def _musicxml_score(path: Path) -> Any:
+    """:func:`read_score` of a MusicXML file: music21 writes it as MIDI in a worker process
+    (:func:`musicxml_isolated`; here, where this is one already: a reader worker of
+    :mod:`aurl.data.isolate` may start no process), read back as any MIDI file is (it was
+    written from untrusted XML); errors name ``path``."""
+    import multiprocessing
+    import tempfile
+
+    from aurl.data.midi_io import read_score as read_midi_score
+    from aurl.errors import MidiReadError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            here = multiprocessing.current_process().daemon
+            mid = (musicxml_as_midi if here else musicxml_isolated)(path, Path(tmp))
+        except MidiReadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MidiReadError(f"{path} cannot be read ({first}): give a MIDI or MusicXML "
+                                "file") from None  # fmt: skip
+        try:
+            return read_midi_score(mid).to("tick")
+        except MidiReadError as e:
+            raise MidiReadError(str(e).replace(str(mid), str(path))) from None
+
+
 def read_score(path: str | Path) -> Any:
-    """A tick ``symusic.Score`` of a MIDI or MusicXML file.
+    """A tick ``symusic.Score`` of a MIDI or MusicXML file (MusicXML read by music21 in a
+    worker process).
 
     Raises:
         MidiReadError: missing, unreadable or not a MIDI / MusicXML file.
     """
-    import symusic
-
     from aurl.data.midi_io import read_score as read_midi_score
     from aurl.errors import MidiReadError
     from aurl.fileio import not_a_file
@@ -154,20 +269,16 @@ def read_score(path: str | Path) -> Any:
     path = Path(path)
     if why := not_a_file(path):
         raise MidiReadError(f"{path} {why}: give a MIDI or MusicXML file")
-    try:
-        if path.suffix.lower() in MUSICXML:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                mid = musicxml_as_midi(path, Path(tmp))
-                score = symusic.Score(str(mid)).to("tick")  # written by music21 just now
-        else:
+    if path.suffix.lower() in MUSICXML:
+        score = _musicxml_score(path)  # its errors name the file
+    else:
+        try:
             score = read_midi_score(path).to("tick")  # checked bytes only (aurl.data.smf)
-    except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MidiReadError(
-            f"{path} cannot be read ({first}): give a MIDI or MusicXML file"
-        ) from None
+        except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MidiReadError(
+                f"{path} cannot be read ({first}): give a MIDI or MusicXML file"
+            ) from None
     _no_absurd_ticks(score, path)
     return score
 
@@ -457,7 +568,8 @@ def _each_file(args: argparse.Namespace, folder: str, kind: str, one: Any) -> in
     from aurl.data.isolate import Failed, in_order, isolated_map
 
     workers = min(os.cpu_count() or 1, len(files))
-    probes = list(in_order(isolated_map(_probe_read, files, workers=workers)))
+    probes = list(in_order(isolated_map(_probe_read, files, workers=workers,
+                                        seconds=read_seconds)))  # fmt: skip
     model, done, skipped = _model(args), 0, 0  # a model that cannot load stops the batch
     for p, probe in zip(files, probes):
         try:
