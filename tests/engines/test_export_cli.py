@@ -44,3 +44,34 @@ def test_export_without_a_model_exports_the_shipped_one(tmp_path) -> None:
     assert meta["source"] == {"model": str(SHIPPED)} and meta["weights"] == "fp32"
     assert meta["model"]["d_model"] == shipped["model"]["d_model"]
     assert meta["n_layers"] == shipped["model"]["n_layers"]
+
+
+def test_heads_onnxruntime_cannot_run_are_one_line(tmp_path, capsys) -> None:
+    """onnxruntime's GroupQueryAttention runs heads whose width is a multiple of 8: a model of
+    4-wide heads was exported without a word and every generation from the export then failed
+    inside onnxruntime (a traceback). The export refuses it in one line; an export made before
+    (its config.json saying so) is refused when the engine loads it."""
+    import pytest
+    import torch
+
+    from aurl.config import load_config
+    from aurl.engines.onnx_engine import OnnxEngine
+    from aurl.errors import CheckpointError
+    from aurl.models import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(preset="tiny", overrides=["model.d_model=8", "model.n_heads=2"])
+    folder = build_model(cfg).eval().save_pretrained(tmp_path / "model")
+    out = tmp_path / "export"
+    assert main(["export", "--format", "onnx", "--checkpoint", str(folder), "--out", str(out)]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "multiple of 8 (onnxruntime's GroupQueryAttention)" in lines[0]
+    assert not out.exists()
+    out.mkdir()
+    meta = json.loads((folder / "config.json").read_text())
+    meta.update(format="aurl-onnx", version=3, vocab_size=774, n_layers=2, n_heads=2, head_dim=4,
+                inputs=["ids"], graphs={"decoder": "decoder.onnx"})  # fmt: skip
+    (out / "config.json").write_text(json.dumps(meta))
+    (out / "decoder.onnx").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="heads 4 wide, which onnxruntime's"):
+        OnnxEngine(out)

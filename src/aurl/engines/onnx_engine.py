@@ -120,6 +120,11 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
                 f"{path}: {key} is {have!r}, its model config gives {want}: the folder mixes "
                 "exports; export the model again"
             )
+    if meta["head_dim"] % 8:  # aurl.models.onnx_export.HEAD_MULTIPLE (exports made before it)
+        raise CheckpointError(
+            f"{path}: heads {meta['head_dim']} wide, which onnxruntime's GroupQueryAttention "
+            "does not run (a multiple of 8): use --engine native or torch on the model folder"
+        )
     if model_cfg.meter and "phase" in inputs and "bar_beats" not in inputs:
         raise CheckpointError(
             f"{path}: the model has meter conditioning (model.meter) but its graphs take no "

@@ -72,6 +72,10 @@ DECODER = "decoder.onnx"
 CONFIG = "config.json"
 
 
+#: onnxruntime's GroupQueryAttention runs only heads whose width is a multiple of this
+HEAD_MULTIPLE = 8
+
+
 def check_exportable(model: MusicTransformerVAEGAN) -> None:
     """Raise :class:`CheckpointError` naming the setting the ONNX graphs cannot express."""
     c = model.config
@@ -84,6 +88,13 @@ def check_exportable(model: MusicTransformerVAEGAN) -> None:
         raise CheckpointError(
             f"ONNX export supports model.attention 'full', this model uses {c.attention!r}: "
             "use the torch engine"
+        )
+    hd = c.d_model // c.n_heads
+    if hd % HEAD_MULTIPLE:
+        raise CheckpointError(
+            f"ONNX export needs heads of a width that is a multiple of {HEAD_MULTIPLE} "
+            f"(onnxruntime's GroupQueryAttention), this model's are {hd} (model.d_model / "
+            "model.n_heads): use --engine native or the torch engine"
         )
 
 
