@@ -63,6 +63,7 @@ typedef struct {
 } Model;
 
 #define MAX_HEAD_DIM 512
+#define MAX_WIDTH (1 << 24) /* d and ff: 3 * d and any row's index within int32 */
 
 /* the kernels in use: 0 portable C, 1 AVX2 + FMA (+ F16C), 2 that and AVX512-VNNI for the int8
  * products (-1: not chosen yet: the best this CPU has) */
@@ -817,7 +818,8 @@ static int lin_ok(const Lin *L, int64_t n, int64_t k) {
  * side builds it from a checked config; this holds a bug there, or a caller of the library
  * of its own, to the same). O(layers): nothing next to a step. */
 static int model_ok(const Model *m) {
-    if (!m || m->d < 1 || m->heads < 1 || m->head_dim < 2 || m->head_dim % 2 ||
+    if (!m || m->d < 1 || m->d > MAX_WIDTH || m->ff > MAX_WIDTH || m->heads < 1 ||
+        m->head_dim < 2 || m->head_dim % 2 ||
         m->head_dim > MAX_HEAD_DIM || (int64_t)m->heads * m->head_dim != m->d || m->ff < 1 ||
         m->vocab < 1 || m->layers < 1 || !m->layer || m->rot_len < 1 || !m->cos || !m->sin ||
         !m->lnf_w || !m->lnf_b || !lin_ok(&m->head, m->vocab, m->d))
@@ -949,7 +951,8 @@ int aurl_prefill(const Model *m, int B, int T, float *x, void *const *kc, void *
         for (int r = 0; r < N; r++)
             layer_norm(x + (size_t)r * d, L->ln2_w, L->ln2_b, d, h + (size_t)r * d);
         linear(&L->fc, N, h, big, 0, qbuf, qs, stream);
-        gelu_tanh(big, N * m->ff);
+        for (int r = 0; r < N; r++) /* a row at a time: N * ff may pass int32 */
+            gelu_tanh(big + (size_t)r * m->ff, m->ff);
         linear(&L->out, N, big, x, 1, qbuf, qs, stream);
     }
     for (int r = 0; r < N; r++)
