@@ -371,3 +371,22 @@ def test_a_graph_from_another_export_is_one_line(
     assert main([*args, "--out", str(tmp_path / "pieces")]) != 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "the folder mixes exports; export the model again" in lines[0]
+
+
+def test_a_graph_onnxruntime_cannot_load_is_one_line_and_nothing_on_stdout(
+    tiny_export, tmp_path, capsys
+) -> None:
+    """A graph with a byte of an operator's name damaged (not UTF-8): onnxruntime's "fallback"
+    to the same CPU provider printed a banner of four lines to stdout and failed again; now the
+    one line on stderr is all."""
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    graph = bytearray((folder / "decoder.onnx").read_bytes())
+    at = graph.find(b'"\x08Identity') + 5  # an op_type field's text
+    graph[at] = 0xF9
+    (folder / "decoder.onnx").write_bytes(bytes(graph))
+    args = ["generate", "--engine", "onnx", "--checkpoint", str(folder), "--max-tokens", "16"]
+    assert main([*args, "--out", str(tmp_path / "pieces")]) != 0
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert "decoder.onnx cannot be loaded by onnxruntime" in err

@@ -181,7 +181,11 @@ class OnnxEngine:
         self.device = "cpu"
         path = self.folder / meta["graphs"]["decoder"]
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            # no "fallback" (to the same CPU provider), which prints a banner of four lines to
+            # stdout before failing again
+            self.session = ort.InferenceSession(
+                str(path), opts, providers=["CPUExecutionProvider"], enable_fallback=0
+            )
         except Exception as e:  # onnxruntime raises its own untyped failures
             raise CheckpointError(f"{path} cannot be loaded by onnxruntime: {e}") from None
         self.cache_names = [
