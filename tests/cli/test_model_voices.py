@@ -127,3 +127,27 @@ def test_whose_voices_the_default_is(flags, want) -> None:
     default_voices(args)
     assert args.voices == want
     assert generation_config(args).voices == (want or 0)
+
+
+def test_the_meter_asked_and_the_key_found_are_in_the_files(tmp_path, capsys) -> None:
+    """``--meter 3/4`` pieces carry a 3/4 time signature, and every piece the key its summary
+    line names: the MIDI file's signatures and the MusicXML's bars and key (both were 4/4 and
+    keyless)."""
+    import re
+
+    from music21 import converter
+    from symusic import Score
+
+    from aurl.analysis.keys import parse_key
+
+    args = ["generate", "--seconds", "8", "--seed", "2", "--meter", "3/4", "--format",
+            "mid,musicxml", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    key = parse_key(re.search(r"key ([A-G][#b]? (?:major|minor))", capsys.readouterr().out)[1])
+    score = Score(str(tmp_path / "sample_seed2_000.mid"))
+    assert [(t.time, t.numerator, t.denominator) for t in score.time_signatures] == [(0, 3, 4)]
+    assert [(k.key, k.tonality) for k in score.key_signatures] == [(key.sharps, key.mode == "minor")]
+    xml = converter.parse(str(tmp_path / "sample_seed2_000.musicxml"), forceSource=True)
+    for part in xml.parts:
+        assert {t.ratioString for t in part.recurse().getElementsByClass("TimeSignature")} == {"3/4"}
+        assert {k.sharps for k in part.recurse().getElementsByClass("KeySignature")} == {key.sharps}

@@ -48,6 +48,29 @@ def test_many_tracks_drums_pedal_and_tempi(same_midi) -> None:
     same_midi(midi_bytes(data), data.to_score().dumps_midi())
 
 
+@pytest.mark.parametrize(
+    "times, keys, tempos",
+    [([(0, 3, 4)], [(0, -4, 0)], [0]), ([(0, 6, 8), (1920, 2, 2)], [(0, 3, 1), (960, -2, 1)], []),
+     ([(0, 5, 16)], [], [0, 480]), ([], [(0, 7, 0), (480, -7, 1)], [480])],
+)  # fmt: skip
+def test_time_and_key_signatures_are_written(times, keys, tempos, same_midi) -> None:
+    """What generation knows of its piece (the meter asked, the key found) is in the file:
+    time and key signatures beside the tempos, as symusic writes them."""
+    import symusic
+
+    data = MidiData(
+        tpq=480, time=np.array([0, 480]), duration=np.array([480, 480]), pitch=np.array([60, 64]),
+        velocity=np.array([90, 90]), track=np.array([0, 0]), tracks=[("Soprano", 0, False)],
+        tempo_time=np.array(tempos, np.int64), tempo_qpm=np.full(len(tempos), 90.0),
+        time_signatures=times, key_signatures=keys,
+    )  # fmt: skip
+    ours = midi_bytes(data)
+    same_midi(ours, data.to_score().dumps_midi())
+    score = symusic.Score.from_midi(ours)
+    assert [(t.time, t.numerator, t.denominator) for t in score.time_signatures] == times
+    assert [(k.time, k.key, k.tonality) for k in score.key_signatures] == keys
+
+
 def test_an_empty_table_is_a_valid_file() -> None:
     import symusic
 

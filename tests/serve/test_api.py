@@ -46,24 +46,35 @@ def test_health_names_models_and_vocabulary(client):
     assert h["details"][0]["active"] == 0 and h["limits"]["max_upload_bytes"] == 1_000_000
 
 
-def test_generate_returns_a_midi_file_with_the_cli_defaults(client, tiny):
-    from aurl.config import GenerationConfig
+def _as_written(tiny, ids, voices: int = 0, meter: str = "") -> bytes:
+    """What ``aurl generate [--voices N]`` writes for ``ids`` (the voices split through symusic,
+    ``voice_score``): the piece's key and the meter asked as signatures."""
     from aurl.data.tokenizer import Tokenizer
+    from aurl.generation.export import signed, voice_score
+
+    data = Tokenizer(tiny.vocab_config).decode_to_data(ids)
+    signed(data, meter)
+    score = data.to_score()
+    return (voice_score(score, voices) if voices else score).dumps_midi()
+
+
+def test_generate_returns_a_midi_file_with_the_cli_defaults(client, tiny, same_midi):
+    from aurl.config import GenerationConfig
     from aurl.generation.generate import generate
 
     r = client.post("/api/generate", json={"max_tokens": 120, "seed": 5})
     assert r.status_code == 200 and r.headers["content-type"] == "audio/midi"
-    # one request alone decodes what `aurl generate` decodes with the same options and seed
+    # one request alone decodes what `aurl generate` decodes with the same options and seed,
+    # and writes it as the command does: the key found in the file
     piece = generate(tiny, GenerationConfig(max_tokens=120, seed=5))[0]
-    assert r.content == Tokenizer(tiny.vocab_config).decode_to_bytes(piece.ids)
+    same_midi(r.content, _as_written(tiny, piece.ids))
+    assert len(symusic.Score.from_midi(r.content).key_signatures) == 1
     assert int(r.headers["x-aurl-tokens"]) == len(piece.generated)
     assert midi_notes(r.content) > 0
 
 
-def test_generate_with_voice_leading_decodes_what_the_library_does(client, tiny):
+def test_generate_with_voice_leading_decodes_what_the_library_does(client, tiny, same_midi):
     from aurl.config import GenerationConfig
-    from aurl.data.tokenizer import Tokenizer
-    from aurl.generation.export import voice_score
     from aurl.generation.generate import generate
 
     body = {"max_tokens": 300, "seed": 2, "voice_leading": True, "voices": 4, "spacing": 0.9,
@@ -73,8 +84,7 @@ def test_generate_with_voice_leading_decodes_what_the_library_does(client, tiny)
     config = GenerationConfig(max_tokens=300, seed=2, voice_leading=True, voices=4, spacing=0.9,
                               ranges=0.9)  # fmt: skip
     piece = generate(tiny, config)[0]
-    score = Tokenizer(tiny.vocab_config).decode_to_score(piece.ids)
-    assert r.content == voice_score(score, 4).dumps_midi()
+    same_midi(r.content, _as_written(tiny, piece.ids, 4))
     # the random model plays too few notes to move in parallels: the options reach the config
     from aurl.serve.app import GenerateOptions, Limits, _generation_config
 
@@ -85,25 +95,22 @@ def test_generate_with_voice_leading_decodes_what_the_library_does(client, tiny)
              field="voice_leading")  # fmt: skip
 
 
-def test_generate_in_voices_replies_with_their_tracks(client, tiny):
+def test_generate_in_voices_replies_with_their_tracks(client, tiny, same_midi):
     from aurl.config import GenerationConfig
-    from aurl.data.tokenizer import Tokenizer
-    from aurl.generation.export import voice_score
     from aurl.generation.generate import generate
 
     body = {"max_tokens": 200, "seed": 5, "voices": 4}
     r = client.post("/api/generate", json=body)
     assert r.status_code == 200, r.text
     piece = generate(tiny, GenerationConfig(max_tokens=200, seed=5, voices=4))[0]
-    want = voice_score(Tokenizer(tiny.vocab_config).decode_to_score(piece.ids), 4).dumps_midi()
-    assert r.content == want  # `aurl generate --voices 4`'s split
+    same_midi(r.content, _as_written(tiny, piece.ids, 4))  # `aurl generate --voices 4`'s split
     names = [t.name for t in symusic.Score.from_midi(r.content).tracks]
     assert names == ["Soprano", "Alto", "Tenor", "Bass"]
     with client.websocket_connect("/api/generate/stream") as ws:  # the stream's file too
         ws.send_text(json.dumps(body))
         while (m := ws.receive_json())["type"] != "done":
             pass
-    assert base64.b64decode(m["midi"]) == want
+    assert base64.b64decode(m["midi"]) == r.content
 
 
 def test_an_empty_body_object_uses_the_defaults(client):
@@ -545,7 +552,7 @@ def test_openapi_documents_the_schemas(client):
     assert np.isfinite(props["top_p"]["maximum"])
 
 
-def test_a_style_models_requests_name_a_style(tmp_path, tiny):
+def test_a_style_models_requests_name_a_style(tmp_path, tiny, same_midi):
     """`style` picks one of the model's styles (listed in /api/health): the reply is what
     `aurl generate --style` decodes with the same seed; a name the model lacks, or any name on a
     model without styles, is a 422 naming the field."""
@@ -571,7 +578,7 @@ def test_a_style_models_requests_name_a_style(tmp_path, tiny):
             r = client.post("/api/generate", json={"max_tokens": 60, "seed": 5, "style": style})
             assert r.status_code == 200, r.text
             want = generate(styled, GenerationConfig(max_tokens=60, seed=5, style=style))[0]
-            assert r.content == Tokenizer(styled.vocab_config).decode_to_bytes(want.ids)
+            same_midi(r.content, _as_written(styled, want.ids))
             replies[style] = r.content
         assert replies["chorale"] != replies["folk"]
         r = client.post("/api/generate", json={"max_tokens": 16, "style": "jazz"})

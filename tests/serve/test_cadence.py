@@ -9,12 +9,11 @@ import json
 
 import pytest
 
-from tests.serve.test_api import error_of
+from tests.serve.test_api import _as_written, error_of
 
 
-def test_cadence_phrases_is_the_clis_search(client, tiny):
+def test_cadence_phrases_is_the_clis_search(client, tiny, same_midi):
     from aurl.config import GenerationConfig
-    from aurl.data.tokenizer import Tokenizer
     from aurl.generation.cadence import CADENCE_MODES, generate_with_cadence
     from aurl.serve.engine import Limits
 
@@ -23,7 +22,7 @@ def test_cadence_phrases_is_the_clis_search(client, tiny):
     assert searched.status_code == 200 and searched.headers["content-type"] == "audio/midi"
     config = GenerationConfig(seconds=6, max_tokens=Limits().max_tokens, seed=3)
     (piece,) = generate_with_cadence(tiny, config, options=CADENCE_MODES["phrases"])
-    assert searched.content == Tokenizer(tiny.vocab_config).decode_to_bytes(piece.ids)
+    same_midi(searched.content, _as_written(tiny, piece.ids))
     assert int(searched.headers["x-aurl-tokens"]) == len(piece.generated)
     plain = client.post("/api/generate", json=body)  # the server's default: 'off', the batch
     assert plain.status_code == 200 and plain.content != searched.content

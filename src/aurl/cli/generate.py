@@ -838,24 +838,19 @@ def write_pieces(
 ) -> None:
     """Decode, export and print what was written with a one-line summary per piece (split into
     ``voices`` tracks when given, see :func:`aurl.generation.export.voice_data`)."""
-    from aurl.analysis.keys import estimate_key
     from aurl.data.tokenizer import data_to_notes
-    from aurl.errors import DataError
-    from aurl.generation.export import export_piece
+    from aurl.generation.export import export_piece, signed
 
     for piece, targets in zip(pieces, paths):
         data = tokenizer.decode_to_data(piece.ids)  # MIDI and PNG need no symusic score
         notes = data_to_notes(data)
+        duration = float((notes["onset_s"] + notes["duration_s"]).max()) if len(notes) else 0.0
+        key = signed(data, config.meter)  # the meter asked and the key found, in the file
         score = data
         if voices:  # as a table: MIDI and PNG still need no symusic score
             from aurl.generation.export import voice_data
 
             score = voice_data(data, voices)
-        duration = float((notes["onset_s"] + notes["duration_s"]).max()) if len(notes) else 0.0
-        try:
-            key = estimate_key(notes).name
-        except DataError:
-            key = "no key"
         name = next(iter(targets.values())).stem
         written = export_piece(score, notes, targets, soundfont=soundfont, title=name)
         for path in written:

@@ -164,6 +164,10 @@ class MidiData:
     pedal_track: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     pedal_on: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     name: str = "<score>"  # the file, for error messages
+    # written, not read (what generation knows of its piece: the meter asked, the key found):
+    # (tick, numerator, denominator) and (tick, sharps (negative: flats), minor 0 / 1)
+    time_signatures: list[tuple[int, int, int]] = field(default_factory=list)
+    key_signatures: list[tuple[int, int, int]] = field(default_factory=list)
 
     def track_family(self, num_instruments: int = 16) -> np.ndarray:
         """(n_tracks,) family of each track."""
@@ -186,6 +190,10 @@ class MidiData:
         if len(self.tempo_time):
             mspq = np.round(60e6 / self.tempo_qpm).astype(np.int32)
             score.tempos = symusic.Tempo.from_numpy(self.tempo_time.astype(np.int32), mspq)
+        for tick, numerator, denominator in self.time_signatures:
+            score.time_signatures.append(symusic.TimeSignature(tick, numerator, denominator))
+        for tick, sharps, minor in self.key_signatures:
+            score.key_signatures.append(symusic.KeySignature(tick, sharps, minor))
         # group by track keeping (time, pitch) order within each: a stable 16-bit radix sort
         order = np.argsort((self.time << 7) + self.pitch)  # by time, then pitch
         order = order[np.argsort(self.track[order].astype(np.int16), kind="stable")]

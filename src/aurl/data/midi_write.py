@@ -9,7 +9,8 @@ the same sustain-pedal events (``tests/data/test_midi_write.py`` reads both file
 
 Layout (SMF format 1, the table's ticks per quarter):
 
-- track 1, the conductor: every tempo as a Set Tempo meta event (omitted when there are none);
+- track 1, the conductor: every time signature, key signature and tempo as a meta event, in
+  that order within a tick (omitted when there are none);
 - then one track per table track, in order: its name (when not empty), a Program Change at
   tick 0, the pedal's Control Change 64 (127 down, 0 up), NOTE_OFF (velocity 64) and NOTE_ON
   events; at one tick: pedal first, then offs, then ons (a re-struck pitch ends before it
@@ -57,6 +58,12 @@ def _events(ticks: np.ndarray, messages: list[bytes]) -> bytes:
     return bytes(out + b"\x00\xff\x2f\x00")
 
 
+def _time_signature(numerator: int, denominator: int) -> bytes:
+    """A Time Signature meta event: the denominator as a power of two, 24 clocks a click,
+    8 thirty-seconds a quarter."""
+    return bytes((0xFF, 0x58, 4, numerator, max(denominator, 1).bit_length() - 1, 24, 8))
+
+
 def channel_of(index: int, drum: bool) -> int:
     """The MIDI channel of the ``index``-th track: 9 for drums, else ``index % 15`` skipping 9."""
     if drum:
@@ -68,11 +75,17 @@ def channel_of(index: int, drum: bool) -> int:
 def midi_bytes(md: MidiData) -> bytes:
     """The bytes of a Standard MIDI File holding ``md`` (see the module docstring)."""
     chunks = []
-    if len(md.tempo_time):
-        mspq = np.round(60e6 / np.asarray(md.tempo_qpm, np.float64)).astype(np.int64)
-        order = np.argsort(md.tempo_time, kind="stable")
-        msgs = [b"\xff\x51\x03" + int(m).to_bytes(3, "big") for m in mspq[order].tolist()]
-        chunks.append(_chunk(_events(np.asarray(md.tempo_time)[order], msgs)))
+    mspq = np.round(60e6 / np.asarray(md.tempo_qpm, np.float64)).astype(np.int64)
+    conductor = [  # (tick, order within the tick, message)
+        *((t, 0, _time_signature(n, d)) for t, n, d in md.time_signatures),
+        *((t, 1, bytes((0xFF, 0x59, 2, sharps & 0xFF, minor))) for t, sharps, minor in md.key_signatures),
+        *((t, 2, b"\xff\x51\x03" + m.to_bytes(3, "big"))
+          for t, m in zip(np.asarray(md.tempo_time).tolist(), mspq.tolist())),
+    ]  # fmt: skip
+    if conductor:
+        conductor.sort(key=lambda e: e[:2])  # stable: tempos keep their order within a tick
+        ticks = np.array([e[0] for e in conductor], dtype=np.int64)
+        chunks.append(_chunk(_events(ticks, [e[2] for e in conductor])))
     # notes by (onset, pitch), as MidiData.to_score orders them
     by_onset = np.lexsort((md.pitch, md.time))
     for i, (name, program, drum) in enumerate(md.tracks):

@@ -89,13 +89,19 @@ def score_to_music21(score: Any, *, grid: int = GRID_PER_BEAT) -> Any:
 
     The beat is the score's quarter note (its ticks per quarter, written from the TEMPO tokens),
     and the first tempo becomes a metronome mark, so the notation follows the generated tempo.
+    The score's time and key signatures go into every part (music21 bars the parts by them;
+    without one, 4/4), and pitches are spelled in the key in force (:func:`spelling`: Ab, not
+    G#, in F minor).
     """
     import symusic
-    from music21 import chord, instrument, note, stream, tempo
+    from music21 import chord, instrument, key, meter, note, stream, tempo
 
     if score.ttype != symusic.TimeUnit.tick:
         score = score.to("tick")
     tpq = float(score.tpq)
+    signatures = [(t.time / tpq, f"{t.numerator}/{t.denominator}") for t in score.time_signatures
+                  if 0 < t.numerator <= 64 and t.denominator in (1, 2, 4, 8, 16, 32, 64)]  # fmt: skip
+    keys = [(k.time / tpq, int(k.key)) for k in score.key_signatures if -7 <= k.key <= 7]
     out = stream.Score()
     for track in score.tracks:
         arr = track.notes.numpy()
@@ -108,6 +114,10 @@ def score_to_music21(score: Any, *, grid: int = GRID_PER_BEAT) -> Any:
         drum = track.is_drum
         part.insert(0, instrument.UnpitchedPercussion() if drum else
                     instrument.instrumentFromMidiProgram(int(track.program)))  # fmt: skip
+        for at, ratio in signatures:
+            part.insert(at, meter.TimeSignature(ratio))
+        for at, sharps in () if drum else keys:
+            part.insert(at, key.KeySignature(sharps))
         groups: dict[tuple[float, float], list[int]] = {}
         for i in np.lexsort((arr["pitch"], onset)):
             groups.setdefault((float(onset[i]), float(duration[i])), []).append(int(i))
@@ -119,12 +129,49 @@ def score_to_music21(score: Any, *, grid: int = GRID_PER_BEAT) -> Any:
                 else chord.Chord(pitches, quarterLength=length)
             )
             element.volume.velocity = int(arr["velocity"][members[0]])
+            if keys and not drum:  # spelled in the key in force at the onset
+                _, sharps = next((k for k in reversed(keys) if k[0] <= start), keys[0])
+                names = spelling(sharps)
+                for p in element.pitches:
+                    _respell(p, names)
             part.insert(start, element)
         out.insert(0, part)
     qpm = float(score.tempos[0].qpm) if len(score.tempos) else math.nan
     if len(out.parts) and math.isfinite(qpm):  # a Set Tempo of 0 us per beat reads as inf
         out.parts[0].insert(0, tempo.MetronomeMark(number=max(1, round(qpm))))
     return out
+
+
+_LETTERS = "CDEFGAB"
+_NATURAL = (0, 2, 4, 5, 7, 9, 11)  # the letters' pitch classes
+_FIFTHS = "FCGDAEB"  # the letters along the line of fifths (F = -1, C = 0, G = 1, ...)
+
+
+def spelling(sharps: int) -> dict[int, tuple[str, int]]:
+    """Pitch class -> (letter, alteration) under a key signature of ``sharps`` (negative:
+    flats): each pitch class gets the name nearest, on the line of fifths, to the middle of
+    the key's scale with its relative minor's raised sixth and seventh (``sharps + 3.5``). The
+    key's own notes keep their names, a minor's raised notes are sharpened (D minor's C#, not
+    Db), and so is a chromatic note that leads to a degree of the key (F major's B of V/V, G
+    minor's C#; a file's signature seldom says its mode); a flattened seventh stays flat (C
+    major's Bb)."""
+    out = {}
+    for pc in range(12):
+        base = (7 * pc) % 12  # a position of this pitch class; the others are 12 apart
+        pos = min((base + 12 * k for k in range(-2, 2)), key=lambda x: abs(x - (sharps + 3.5)))
+        out[pc] = (_FIFTHS[(pos + 1) % 7], (pos + 1) // 7)
+    return out
+
+
+def _respell(p: Any, names: dict[int, tuple[str, int]]) -> None:
+    """Spell the music21 pitch ``p`` as ``names`` says for its pitch class, sounding the same."""
+    from music21 import pitch
+
+    midi = p.midi
+    letter, alter = names[midi % 12]
+    p.step = letter
+    p.accidental = pitch.Accidental(alter) if alter else None
+    p.octave = (midi - alter - _NATURAL[_LETTERS.index(letter)]) // 12 - 1
 
 
 def write_musicxml(score: Any, path: str | Path) -> Path:
@@ -289,6 +336,26 @@ def voice_score(score: Any, n: int) -> Any:
     ]
     tracks += [t.copy() for t in score.tracks if t.is_drum]
     return score_like(score, tracks)
+
+
+def signed(data: MidiData, meter: str = "") -> str:
+    """Write into a decoded table what generation knows of its piece, at tick 0: the meter asked
+    (``generation.meter``, e.g. ``3/4``; none: no time signature, 4/4 implied) and the key its
+    notes are in (:func:`aurl.analysis.keys.estimate_key`), so a notation program bars and
+    spells it (:func:`score_to_music21` too). Returns the key's name, "no key" where the notes
+    hold none (no key signature then)."""
+    from aurl.analysis.keys import estimate_key
+    from aurl.data.tokenizer import data_to_notes
+    from aurl.errors import DataError
+
+    data.time_signatures = [(0, *map(int, meter.split("/")))] if meter else []
+    try:
+        key = estimate_key(data_to_notes(data))
+    except DataError:
+        data.key_signatures = []
+        return "no key"
+    data.key_signatures = [(0, key.sharps, int(key.mode == "minor"))]
+    return key.name
 
 
 def voice_data(data: MidiData, n: int) -> MidiData:

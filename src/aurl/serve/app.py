@@ -461,7 +461,7 @@ def create_app(
             return await _generate_with_cadence(opts, request)
         srv, job, clock = await start_job(opts)
         ids = await _until_done_or_gone(job, request)
-        midi = await asyncio.to_thread(srv.piece_midi, ids, job.config.voices)
+        midi = await asyncio.to_thread(srv.piece_midi, ids, job.config.voices, job.config.meter)
         return await _reply(midi, opts.format, f"aurl_seed{opts.seed}", clock, request, headers={
             "X-Aurl-Tokens": str(len(ids) - job.row.primer_length)})  # fmt: skip
 
@@ -487,7 +487,7 @@ def create_app(
                 progress=progress,
             )  # fmt: skip
             tokens.append(len(piece.generated))
-            return srv.piece_score(piece.ids, config.voices)
+            return srv.piece_score(piece.ids, config.voices, config.meter)
 
         midi = await _compose(srv, run, clock, request, composing=False)
         return await _reply(midi, opts.format, f"aurl_seed{opts.seed}", clock, request,
@@ -1087,7 +1087,7 @@ async def _stream_job(ws: WebSocket, srv: ModelServer, job: Any) -> None:
                     await ws.send_json({"type": "note", **n})
                     sent += 1
         ids = np.asarray(job.row.ids)
-        midi = await asyncio.to_thread(srv.piece_midi, ids, job.config.voices)
+        midi = await asyncio.to_thread(srv.piece_midi, ids, job.config.voices, job.config.meter)
         await ws.send_json({"type": "done", "tokens": int(len(ids) - job.row.primer_length),
                             "notes": sent, "midi": base64.b64encode(midi).decode()})  # fmt: skip
         await ws.close()

@@ -212,20 +212,20 @@ class ModelServer:
             items = self._outbox.pop(loop, [])
         self._deliver(items)
 
-    def piece_score(self, ids: Any, voices: int = 0) -> Any:
-        """The piece of ``ids`` as a symusic score: one track, or ``voices`` tracks (Soprano,
-        Alto, Tenor, Bass for 4) as ``aurl generate --voices`` writes it
-        (:func:`aurl.generation.export.voice_score`)."""
-        score = self.tokenizer.decode_to_score(np.asarray(ids))
-        if voices:
-            from aurl.generation.export import voice_score
+    def piece_score(self, ids: Any, voices: int = 0, meter: str = "") -> Any:
+        """The piece of ``ids`` as a symusic score, as ``aurl generate`` writes it: one track, or
+        ``voices`` tracks (Soprano, Alto, Tenor, Bass for 4;
+        :func:`aurl.generation.export.voice_data`), with the ``meter`` asked and the key found
+        (:func:`aurl.generation.export.signed`)."""
+        from aurl.generation.export import signed, voice_data
 
-            score = voice_score(score, voices)
-        return score
+        data = self.tokenizer.decode_to_data(np.asarray(ids))
+        signed(data, meter)
+        return (voice_data(data, voices) if voices else data).to_score()
 
-    def piece_midi(self, ids: Any, voices: int = 0) -> bytes:
+    def piece_midi(self, ids: Any, voices: int = 0, meter: str = "") -> bytes:
         """:meth:`piece_score` as the bytes of a MIDI file."""
-        return self.piece_score(ids, voices).dumps_midi()
+        return self.piece_score(ids, voices, meter).dumps_midi()
 
     def stats(self) -> dict[str, Any]:
         return {
