@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from aurl.errors import ConfigError
 from aurl.models.model import MusicTransformerVAEGAN
 
 
@@ -61,7 +62,19 @@ def quantize_int8(
     model: MusicTransformerVAEGAN, dtype: torch.dtype = torch.bfloat16
 ) -> MusicTransformerVAEGAN:
     """A copy of ``model`` for inference: backbone linears and output head with int8 weights,
-    every other weight, the activations and the KV cache in ``dtype``."""
+    every other weight, the activations and the KV cache in ``dtype``.
+
+    Raises:
+        ConfigError: ``model.d_model`` is not a multiple of 32 (every quantized layer reads
+            d_model or ff_mult x d_model inputs, which the int8 kernel takes in blocks of 32).
+    """
+    d = model.config.d_model
+    if d % 32:
+        raise ConfigError(
+            f"int8 weights on the torch engine need model.d_model a multiple of 32 (the int8 "
+            f"kernel reads its inputs in blocks of 32); this model's is {d}: use --engine "
+            "native (int8 of its own) or leave out --int8"
+        )
     q = copy.deepcopy(model).eval()  # quantized from the fp32 weights
     for block in q.blocks:
         for parent in (block.attn, block.ff):
