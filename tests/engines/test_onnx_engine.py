@@ -390,3 +390,26 @@ def test_a_graph_onnxruntime_cannot_load_is_one_line_and_nothing_on_stdout(
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert "decoder.onnx cannot be loaded by onnxruntime" in err
+
+
+def test_a_state_of_another_engine_is_refused(tiny_model, tiny_export, tmp_path) -> None:
+    """A state made by an engine of a one-layer export, stepped by the two-layer one: only its
+    two cache buffers were bound, the second layer's stayed bound to an earlier state's (or
+    to memory freed since), and it ran on, silently wrong; now a ValueError."""
+    import dataclasses
+
+    import torch
+
+    from aurl.models import MusicTransformerVAEGAN
+    from aurl.models.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    one = dataclasses.replace(tiny_model.config, n_layers=1)
+    other = OnnxEngine(export_onnx(MusicTransformerVAEGAN(one, tiny_model.vocab_config).eval(),
+                                   tmp_path / "one-layer"))  # fmt: skip
+    engine = OnnxEngine(tiny_export)
+    engine.step(np.zeros((1, 3), np.int64), engine.init_state(1, capacity=16))
+    state = other.init_state(1, capacity=16)
+    other.step(np.zeros((1, 3), np.int64), state)
+    with pytest.raises(ValueError, match="a decode state made by another engine"):
+        engine.step(np.array([[7]]), state)

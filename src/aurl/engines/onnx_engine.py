@@ -14,7 +14,7 @@ token but the logits returned.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class OnnxState:
     capacity: int
     pos: int = 0  # tokens in the cache
     inputs: dict[str, np.ndarray] | None = None  # one-token inputs, bound while stepping
+    engine: Any = field(default=None, repr=False)  # whose graph the caches are bound to
 
     @property
     def grammar(self) -> Any:  # what the loop reads as the model's grammar state
@@ -275,7 +276,7 @@ class OnnxEngine:
         self, cache: list[np.ndarray], feats: FeatureState, capacity: int, pos: int
     ) -> OnnxState:
         values = [self._ort.OrtValue.ortvalue_from_numpy(c) for c in cache]
-        return OnnxState(cache, values, feats, capacity, pos)
+        return OnnxState(cache, values, feats, capacity, pos, engine=self)
 
     def _bind_cache(self, state: OnnxState) -> None:
         """Bind ``state``'s buffers as the past inputs and present outputs."""
@@ -297,6 +298,11 @@ class OnnxEngine:
         float32 (a new array) and advances ``state`` in place."""
         ids = np.asarray(ids, dtype=np.int64)
         B, T = ids.shape
+        if state.engine is not self:  # its caches fit another graph: some inputs stay unbound
+            raise ValueError(
+                "a decode state made by another engine: step a state with the engine whose "
+                "init_state or reorder made it"
+            )
         if state.pos + T > state.capacity:
             raise ValueError(
                 f"decode state is full ({state.capacity} positions): start a new state"
