@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,14 @@ from aurl.errors import ConfigError
 from aurl.fileio import atomic_write_text
 
 PRESET_DIR = Path(__file__).parent / "configs"
+# a config is a few hundred bytes; PyYAML reads ~5 MB a second, in Python
+MAX_CONFIG_BYTES = 2**20
+# a value as an error line shows it: a YAML alias bomb (9 lists of 9 of ... 9**9 strings, a
+# few hundred bytes of file) is shown in its first items, never expanded (repr of the whole
+# took minutes and gigabytes)
+_shown = reprlib.Repr()
+_shown.maxlevel, _shown.maxstring, _shown.maxother, _shown.maxlong = 2, 60, 60, 40
+_shown.maxlist = _shown.maxtuple = _shown.maxdict = _shown.maxset = 4
 
 
 def _num(default: Any, lo: float | None = None, hi: float | None = None, **kw: Any) -> Any:
@@ -431,7 +440,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+            raise ConfigError(
+                f"{key}: {_shown.repr(value)} is not allowed; choose one of {list(allowed)}"
+            )
         return value
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -444,43 +455,48 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: {value!r} is not allowed")
+        raise ConfigError(errors[0] if errors else f"{key}: {_shown.repr(value)} is not allowed")
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_shown.repr(value)}")
         if len(args) == 2 and args[1] is ...:
             return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(
-                f"{key}: expected {len(args)} items ({_type_name(tp)}), got {value!r}"
+                f"{key}: expected {len(args)} items ({_type_name(tp)}), got "
+                f"{_shown.repr(value)}"
             )
         return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_shown.repr(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {_shown.repr(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):  # NaN passes every range check; inf overflows later
-                raise ConfigError(f"{key}: {value!r} is not a finite number: give a number")
+                raise ConfigError(
+                    f"{key}: {_shown.repr(value)} is not a finite number: give a number"
+                )
             return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {_shown.repr(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {_shown.repr(value)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping of {tp.__name__} fields, got {_shown.repr(value)}"
+            )
         return build(tp, value, prefix=key)
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a coding error
 
@@ -490,7 +506,7 @@ def build(cls: type, values: dict[str, Any] | None = None, *, prefix: str = "") 
     if values is not None and not isinstance(values, dict):  # e.g. a damaged file's list
         raise ConfigError(
             f"{prefix or cls.__name__}: expected a mapping of keys, got {type(values).__name__} "
-            f"{str(values)[:40]!r}"
+            f"{_shown.repr(values)}"
         )
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
@@ -500,7 +516,8 @@ def build(cls: type, values: dict[str, Any] | None = None, *, prefix: str = "") 
         key = f"{prefix}.{name}" if prefix else name
         if name not in names:
             raise ConfigError(
-                f"unknown config key {key!r}; known keys here: {', '.join(sorted(names))}"
+                f"unknown config key {_shown.repr(key)}; known keys here: "
+                f"{', '.join(sorted(names))}"
             )
         coerced = _coerce(key, value, hints[name])
         lo, hi = names[name].metadata.get("range", (None, None))
@@ -526,9 +543,21 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a config YAML, resolving ``base:`` inheritance (relative to the file)."""
+    import os
+
+    from aurl.fileio import not_a_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: check the path")
+    try:  # stat only: opening a FIFO or a device (base: /dev/zero) could block or never end
+        why = not_a_file(path)
+        size = os.stat(path).st_size if why is None else 0
+    except (OSError, ValueError) as e:  # a symlink loop; a NUL in the name
+        why = f"cannot be read ({getattr(e, 'strerror', None) or e})"
+    if why is not None:
+        raise ConfigError(f"config file {path} {why}: give a YAML file")
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {size:,} bytes, over the {MAX_CONFIG_BYTES:,} "
+                          "a config may have: give a YAML file of config keys")  # fmt: skip
     if path.resolve() in _seen:
         raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
     import yaml
@@ -536,6 +565,11 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply: give a YAML file of "
+                          "config keys") from None  # fmt: skip
+    except ValueError as e:  # an integer of more than 4,300 digits
         raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text: give a YAML file") from None
@@ -546,6 +580,9 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base: {_shown.repr(base)}: give a file name or "
+                          "a preset name")  # fmt: skip
     base_path = Path(base) if Path(base).is_absolute() else path.parent / base
     if not base_path.is_file() and (PRESET_DIR / f"{base}.yaml").is_file():
         base_path = PRESET_DIR / f"{base}.yaml"
@@ -564,7 +601,7 @@ def parse_override(item: str) -> dict[str, Any]:
 
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: > 4,300 digits
         value = raw
     if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
         with contextlib.suppress(ValueError):
@@ -591,7 +628,7 @@ def load_config(
 ) -> Config:
     """Defaults, then the preset, then the YAML file, then ``key=value`` overrides."""
     merged: dict[str, Any] = {}
-    if preset:
+    if preset is not None:  # '' is no preset's name: it ran as if none were given
         preset_path = PRESET_DIR / f"{preset}.yaml"
         if not preset_path.is_file():
             raise ConfigError(f"unknown preset {preset!r}; choose one of {preset_names()}")
