@@ -441,6 +441,20 @@ def test_bad_model_folders_are_refused(tmp_path, damage, error, message) -> None
         NativeEngine(folder)
 
 
+def test_weights_too_large_for_float32_are_refused(tmp_path, capsys) -> None:
+    """A row of 3e38 (finite, so past the NaN check) in a block's weights: every fp32 logit was
+    NaN and `generate --engine native --fp32` wrote a piece drawn from them with exit 0; now
+    the engine refuses the folder when it loads (one first token), in one line."""
+    folder = _copy(tmp_path)
+    _tensors(folder, lambda t: t["blocks.0.attn.qkv.weight"].__setitem__(0, 3e38))
+    with pytest.raises(CheckpointError, match="logits for a first token are NaN or infinite"):
+        NativeEngine(folder, weights="fp32")
+    args = ["generate", "--engine", "native", "--fp32", "--checkpoint", str(folder)]
+    assert main([*args, "--max-tokens", "16", "--out", str(tmp_path / "pieces")]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "weights too large for float32" in lines[0]
+
+
 def test_an_export_folder_is_one_line(tiny_export, tmp_path, capsys) -> None:
     args = ["generate", "--engine", "native", "--checkpoint", str(tiny_export)]
     assert main([*args, "--out", str(tmp_path)]) != 0

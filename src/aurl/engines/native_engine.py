@@ -343,6 +343,16 @@ class NativeEngine:
         # the caches of one state nothing holds any more, for the next reorder to write into
         # (fresh arrays would pay a page fault per 4 KiB written: ~half of a reorder's time)
         self._spare: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
+        # one first token (a cache of one position: well under 1 ms): finite weights too large
+        # for float32 products (a row of 3e38) give NaN logits, and the sampler would draw
+        # pieces from them that look valid
+        first = self.step(np.zeros((1, 1), np.int64), self.init_state(1, capacity=1))
+        if not np.isfinite(first).all():
+            raise CheckpointError(
+                f"{self.folder / 'model.safetensors'}: the model's logits for a first token are "
+                "NaN or infinite (weights too large for float32): use an earlier checkpoint"
+            )
+        self._spare.clear()
 
     # -- weights --------------------------------------------------------------------------
 
