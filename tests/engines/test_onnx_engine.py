@@ -413,3 +413,22 @@ def test_a_state_of_another_engine_is_refused(tiny_model, tiny_export, tmp_path)
     other.step(np.zeros((1, 3), np.int64), state)
     with pytest.raises(ValueError, match="a decode state made by another engine"):
         engine.step(np.array([[7]]), state)
+
+
+def test_prefills_of_many_lengths_keep_no_logits(tiny_export) -> None:
+    """Each prefill length's (B, T, V) logits buffer was kept for the engine's life (a
+    composing run prefills pieces of every length: 125 prefills of 8 rows held 366 MB); now a
+    prefill's logits are returned and only the last one is kept."""
+    import tracemalloc
+
+    engine = OnnxEngine(tiny_export)
+    engine.step(np.zeros((8, 2), np.int64), engine.init_state(8, capacity=256))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for T in range(3, 120, 3):
+            engine.step(np.zeros((8, T), np.int64), engine.init_state(8, capacity=256))
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 8 * 120 * 774 * 4 * 2  # at most the last prefill's logits and some change

@@ -195,7 +195,8 @@ class OnnxEngine:
         self._check_graph(path)
         self.io = self.session.io_binding()
         self._bound: Any = None  # the state whose one-token inputs the binding holds
-        self._logits: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
+        self._logits: dict[int, tuple[np.ndarray, Any]] = {}  # one-token steps' per batch size
+        self._prefill_out: Any = None  # the last prefill's logits, which the binding points into
         # one first token (a cache of one position: ~1 ms): a graph whose weights or int8 /
         # int4 scales are NaN or infinite gives no finite logit, and the sampler would draw
         # from NaN pieces that look valid
@@ -285,13 +286,12 @@ class OnnxEngine:
             io.bind_ortvalue_input(f"past_{name}", value)
             io.bind_ortvalue_output(f"present_{name}", value)
 
-    def _logits_buffer(self, B: int, T: int) -> tuple[np.ndarray, Any]:
-        """A reused (B, T, V) float32 output buffer and its OrtValue."""
-        key = (B, T)
-        if key not in self._logits:
-            buf = np.empty((B, T, self.vocab.size), np.float32)
-            self._logits[key] = (buf, self._ort.OrtValue.ortvalue_from_numpy(buf))
-        return self._logits[key]
+    def _logits_buffer(self, B: int) -> tuple[np.ndarray, Any]:
+        """A reused (B, 1, V) float32 output buffer of one-token steps and its OrtValue."""
+        if B not in self._logits:
+            buf = np.empty((B, 1, self.vocab.size), np.float32)
+            self._logits[B] = (buf, self._ort.OrtValue.ortvalue_from_numpy(buf))
+        return self._logits[B]
 
     def step(self, ids: np.ndarray, state: OnnxState, **_: Any) -> np.ndarray:
         """Feed ``ids`` (B, T) after what ``state`` has seen; returns their logits (B, T, V)
@@ -319,11 +319,15 @@ class OnnxEngine:
         io.bind_cpu_input("total_sequence_length", np.array(T, np.int32))
         self._bind_cache(state)
         self._bound = None  # the one-token inputs must be bound again
-        logits, value = self._logits_buffer(B, T)
-        io.bind_ortvalue_output("logits", value)
+        # a buffer of this call's own, returned as is: prefills come in every length, and one
+        # kept per (B, T) held every length's logits for the engine's life (~3 MB a prefill of
+        # a chorale); this one is kept only until the next prefill (the binding points into it)
+        logits = np.empty((B, T, self.vocab.size), np.float32)
+        self._prefill_out = (logits, self._ort.OrtValue.ortvalue_from_numpy(logits))
+        io.bind_ortvalue_output("logits", self._prefill_out[1])
         self._run(state)
         state.pos = T
-        return logits.copy()
+        return logits
 
     def _step_one(self, ids: np.ndarray, state: OnnxState) -> np.ndarray:
         """One token per row: the state's own input buffers, bound once and refilled in
@@ -341,7 +345,7 @@ class OnnxEngine:
             for name, value in zip(self.cache_names, state.values):
                 io.bind_ortvalue_input(f"past_{name}", value)
                 io.bind_ortvalue_output(f"present_{name}", value)
-            io.bind_ortvalue_output("logits", self._logits_buffer(B, 1)[1])
+            io.bind_ortvalue_output("logits", self._logits_buffer(B)[1])
             self._bound = state
         inputs = state.inputs
         state.features = self.features.advance_into(ids, state.features, inputs, fresh=fresh)
@@ -349,7 +353,7 @@ class OnnxEngine:
         inputs["total_sequence_length"][()] = state.pos + 1
         self._run(state)
         state.pos += 1
-        return self._logits[(B, 1)][0].copy()
+        return self._logits[B][0].copy()
 
     def _run(self, state: OnnxState) -> None:
         """Run the bound graph; a failure inside onnxruntime (a graph whose sizes differ from
