@@ -37,7 +37,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
+import stat
 import time
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -52,7 +54,7 @@ from aurl.data.corpora import manifest_labels
 from aurl.data.meter import read_meter
 from aurl.data.vocab import Kind, Vocab
 from aurl.errors import AurlError, ConfigError, DataError
-from aurl.fileio import atomic_write, atomic_write_text, fsync_path
+from aurl.fileio import atomic_write, atomic_write_text, fsync_path, temp_path
 from aurl.progress import Progress, silent
 
 FORMAT = 2  # 2: time signatures in the index
@@ -62,6 +64,10 @@ TOKEN_DTYPE = np.dtype("<u2")
 HASH_BYTES = 16
 DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MB per shard file
 # The DataConfig fields that change what the tokenizer writes; a change invalidates every entry.
+# the shard files _ShardWriter names: <run time>-<8 hex>-<k>.u16
+_SHARD_NAME = re.compile(r"\d{14}-[0-9a-f]{8}-\d{5,}\.u16")
+# the files a cache folder holds besides its shards (their temporary names are removed)
+_OWN_FILES = ("index.npz", "meta.json", "config.yaml")
 TOKENIZER_FIELDS = ("out_of_range", "drums", "max_events_per_file", "max_file_bytes")
 
 
@@ -218,11 +224,50 @@ class _Index:
             raise DataError(
                 f"cache index {path} is unreadable ({e}); delete the cache folder and prepare again"
             ) from None
+        if not isinstance(meta, dict):
+            raise _damaged(path, "its meta is not a mapping")
         if meta.get("format") != FORMAT:
             if stale:
                 return cls.empty()
             raise _stale_error(path, meta.get("format"))
-        return cls(paths, cols, hashes, list(meta.pop("shards")), meta.pop("failed", []), meta)
+        if not isinstance(meta.get("shards"), list) or not isinstance(meta.get("failed", []), list):
+            raise _damaged(path, "its meta lists no shards")
+        index = cls(paths, cols, hashes, list(meta.pop("shards")), meta.pop("failed", []), meta)
+        if why := index.damage():
+            raise _damaged(path, why)
+        return index
+
+    def damage(self) -> str | None:
+        """What does not hang together in these rows, or None: a damaged or hand-edited index
+        once raised IndexError, KeyError or AttributeError deep in training or prepare."""
+        n, cols = len(self.paths), self.cols
+        if any(len(v) != n for v in cols.values()) or self.hashes.shape != (n, HASH_BYTES):
+            return "its columns have different lengths"
+        if any(not isinstance(s, str) or not _SHARD_NAME.fullmatch(s) for s in self.shards):
+            return "a shard name that is not one this cache writes"
+        if n and not 0 <= cols["shard"].min() <= cols["shard"].max() < len(self.shards):
+            return "a file in a shard it does not list"
+        if n and (cols["offset"].min() < 0 or cols["length"].min() < 0):
+            return "a negative offset or length"
+        if n and cols["split"].max() >= len(SPLITS):
+            return "a split past test"
+        return None
+
+    def intact(self, folder: Path) -> np.ndarray:
+        """(N,) bool: each file's tokens lie inside its shard file (False for every file of a
+        shard that is missing, cut short or not a file)."""
+        tokens = []
+        for name in self.shards:
+            try:
+                st = os.stat(folder / "shards" / name)
+            except OSError:
+                tokens.append(-1)
+                continue
+            tokens.append(st.st_size // TOKEN_DTYPE.itemsize if stat.S_ISREG(st.st_mode) else -1)
+        if not len(self):
+            return np.ones(0, dtype=bool)
+        end = self.cols["offset"].astype(np.int64) + self.cols["length"]
+        return end <= np.array(tokens, np.int64)[self.cols["shard"]]
 
     def save(self, path: Path) -> None:
         encoded = [p.encode(errors="surrogateescape") for p in self.paths]
@@ -278,6 +323,11 @@ def _format_of(path: Path) -> Any:
             return json.loads(str(z["meta"])).get("format")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
+
+
+def _damaged(path: Path, why: str) -> DataError:
+    return DataError(f"cache index {path} is damaged ({why}); delete the cache folder and "
+                     "prepare again")  # fmt: skip
 
 
 def _stale_error(path: Path, found: Any) -> DataError:
@@ -354,6 +404,12 @@ class _ShardWriter:
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
+    for name, kind in ((".lock", "a file"), ("index.npz", "a file"), ("shards", "a folder")):
+        with contextlib.suppress(OSError):  # absent: made below
+            mode = os.stat(folder / name).st_mode
+            if stat.S_ISDIR(mode) != (kind == "a folder"):
+                raise DataError(f"cache {folder} is damaged ({name} is not {kind}); delete the "
+                                "cache folder and prepare again")  # fmt: skip
     with open(folder / ".lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -368,16 +424,18 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _clean_unreferenced(folder: Path, keep: Iterable[str]) -> None:
-    """Delete shard and temp files no committed index refers to (a crash's leftovers)."""
+    """Delete shard and temp files no committed index refers to (a crash's leftovers): only
+    names this module writes, since ``--out`` may be a folder of the user's own files (their
+    ``*.tmp`` files and ``shards/*`` were deleted)."""
     keep = set(keep)
     shard_dir = folder / "shards"
     if shard_dir.is_dir():
         for p in shard_dir.iterdir():
-            if p.name not in keep:
+            if p.name not in keep and _SHARD_NAME.fullmatch(p.name):
                 p.unlink()
-    for pattern in ("*.tmp", ".*.tmp.*"):  # older and current temp names
-        for p in folder.glob(pattern):
-            p.unlink()
+    for name in _OWN_FILES:  # current and older temp names
+        for tmp in (temp_path(folder / name), folder / f"{name}.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _commit(folder: Path, index: _Index, writer: _ShardWriter | None) -> _Index:
@@ -632,6 +690,11 @@ def prepare(
     with _locked(folder):
         index_file = folder / "index.npz"
         old = _Index.load(index_file, stale=True) if index_file.is_file() else _Index.empty()
+        if not (intact := old.intact(folder)).all():  # a shard cut short or gone: redo its files
+            kept = old.select(intact)
+            kept.failed = old.failed
+            kept.drop_unused_shards()
+            old = kept
         # leftovers of a crash go now; the committed index's shards stay until the next commit
         _clean_unreferenced(folder, old.shards)
         if {k: old.meta.get(k) for k in fp} != fp:
@@ -838,6 +901,15 @@ class TokenCache:
         self.styles: np.ndarray = self._index.cols["style"].astype(np.int64)
         self.style_names: list[str] = list(self.meta.get("styles", []))
         self.failed: list[dict[str, Any]] = self._index.failed
+        if not (intact := self._index.intact(self.path)).all():
+            i = int(np.flatnonzero(~intact)[0])
+            shard = self.path / "shards" / self._index.shards[int(self._index.cols["shard"][i])]
+            raise DataError(
+                f"cache {self.path}: {int((~intact).sum())} files' tokens lie past the end of "
+                f"their shard ({shard} is missing or cut short): run 'aurl data prepare "
+                f"MIDI_DIR --out {self.path}' again"
+            )
+        self._vocab_size = Vocab(self.vocab_config).size
         self._maps: dict[int, np.ndarray] = {}
         self._pid = os.getpid()
 
@@ -875,9 +947,16 @@ class TokenCache:
         if mm is None:
             path = self.path / "shards" / self._index.shards[s]
             try:
-                mm = self._maps[s] = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+                mm = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
             except (OSError, ValueError) as e:
                 raise DataError(f"cache shard {path} cannot be read ({e}): prepare again") from None
+            if len(mm) and int(mm.max()) >= self._vocab_size:  # once per shard and process
+                raise DataError(
+                    f"cache shard {path} holds token id {int(mm.max())}, past the "
+                    f"{self._vocab_size} of this cache's vocabulary: delete the cache folder "
+                    "and prepare again"
+                )
+            self._maps[s] = mm
         off = int(cols["offset"][i])
         return mm[off : off + int(cols["length"][i])]
 
