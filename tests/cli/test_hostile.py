@@ -567,3 +567,11 @@ def test_analyze_notes_too_far_apart_for_a_local_key(tmp_path, capsys) -> None:
     assert main(["analyze", str(tmp_path / "far.mid"), "--out", str(out), "--no-plots"]) == 0
     report = json.loads((out / "analysis.json").read_text())
     assert report["key"] and report["key_segments"] == [] and "cadences" in report
+
+
+def test_prepare_shard_empty_is_no_part(files, tmp_path, capsys) -> None:
+    """``aurl data prepare --shard ''`` prepared the whole folder, as if the flag were absent."""
+    out = tmp_path / "part"
+    assert main(["data", "prepare", files["corpus"], "--out", str(out), "--shard", ""]) == 1
+    assert "--shard '': expected i/n" in capsys.readouterr().err
+    assert not (out / "index.npz").exists()

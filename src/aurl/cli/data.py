@@ -137,7 +137,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     checks.out_dir(args.out)
     checks.workers(args.workers)
     config = config_from_args(args)
-    shard = parse_shard(args.shard) if args.shard else None
+    shard = parse_shard(args.shard) if args.shard is not None else None  # "": no part
     report = prepare(
         args.dir, args.out, vocab_config=config.vocab, data_config=config.data,
         workers=args.workers, shard=shard, progress=bar,
