@@ -148,3 +148,22 @@ def test_prepare_into_a_folder_of_the_users_files_keeps_them(made, tmp_path) -> 
     assert all(p.read_text() == "mine" for p in mine)
     assert not leftover.exists()
     assert len(TokenCache(out)) == 3 and os.path.isfile(out / "index.npz")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_fifo_or_a_device_named_mid_fails_at_once(made, tmp_path, monkeypatch) -> None:
+    """A FIFO named ``x.mid`` (its hash's open blocks) or a link to ``/dev/zero`` (the hash never
+    ends) cost prepare the whole time bound each, as 'reader timed out'; now each is a failed
+    file, said as what it is, at once (the bound is cut to 2 s here: a timeout would show)."""
+    from aurl.data import isolate
+
+    monkeypatch.setattr(isolate, "TIME_BOUND_S", 2.0)
+    folder = Path(shutil.copytree(made[0], tmp_path / "midi"))
+    os.mkfifo(folder / "fifo.mid")
+    os.symlink("/dev/zero", folder / "zero.mid")
+    report = prepare(folder, tmp_path / "cache", workers=1)
+    assert report.tokenized == 3
+    assert dict(report.failed) == {
+        name: "not a regular file (a device, pipe or socket): give a MIDI file"
+        for name in ("fifo.mid", "zero.mid")
+    }

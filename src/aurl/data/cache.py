@@ -488,6 +488,9 @@ def _work(task: tuple[str, bytes | None]) -> tuple:
     path = _WORKER["root"] / relpath
     try:
         st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO blocks the hash's open, /dev/zero never ends
+            return ("failed", relpath, None, 0, 0,
+                    "not a regular file (a device, pipe or socket): give a MIDI file")  # fmt: skip
         digest = file_hash(path)
         if digest == old_hash:
             return ("same", relpath, digest, st.st_size, st.st_mtime_ns)
