@@ -794,8 +794,48 @@ def test_misuse_of_the_step_is_an_exception_never_a_crash() -> None:
     r = _run(MISUSE.replace("sys.argv[1]", repr(str(SHIPPED))))
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out.pop("fp32 engine, int8 state") == out.pop("capacity changed") == (
-        "a decode state made by another engine (or with its capacity changed)"
-    )
+    refused = "a decode state made by another engine (or with its capacity changed)"
+    assert out.pop("fp32 engine, int8 state") == out.pop("capacity changed") == refused
     assert out.pop("a good call") == 0
     assert out == dict.fromkeys(out, -1)
+
+
+def test_a_build_of_another_version_is_refused(tmp_path) -> None:
+    """The step is built in place and an update of the source does not rebuild it: a build
+    whose structures differ (here the model's has one more field, as a build from before or
+    after a change of the step would) was called with this module's layout and read the
+    wrong fields; now refused at load with a ConfigError saying to rebuild it (--engine auto
+    goes on without it)."""
+    import shutil as sh
+    import sysconfig
+
+    cc = sh.which("gcc") or sh.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    source = (SRC / "aurl" / "engines" / "_native.c").read_text()
+    fields = "    int32_t rot_len, kv_half; /* kv_half"
+    assert fields in source
+    other = source.replace(fields, "    int32_t rot_len, kv_half, added; /* kv_half")
+    (tmp_path / "other.c").write_text(other)
+    lib = tmp_path / "other.so"
+    r = subprocess.run(
+        [cc, "-O0", "-std=c11", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
+         str(tmp_path / "other.c"), "-o", str(lib), "-lm"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    code = (
+        "from aurl.engines.native_engine import NativeEngine, native_where_it_runs\n"
+        "from aurl.errors import ConfigError\n"
+        f"assert native_where_it_runs({str(SHIPPED)!r}) is None\n"
+        "try:\n"
+        f"    NativeEngine({str(SHIPPED)!r})\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(SRC), "AURL_NATIVE_LIBRARY": str(lib)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "was built from another version of Aurl" in r.stdout and "rebuild it" in r.stdout

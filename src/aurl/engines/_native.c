@@ -967,6 +967,15 @@ int aurl_step(const Model *m, int B, float *x, void *const *kc, void *const *vc,
     return aurl_prefill(m, B, 1, x, kc, vc, cap, pos, logits, scratch, qbuf);
 }
 
+/* The sizes of the structures the Python side lays out with ctypes (Lin, Layer, Model,
+ * Embed) into sizes[0..n); returns how many there are. A build of another version (an in-place
+ * build left from before an update) is refused on them rather than read with another layout. */
+int aurl_layout(int64_t *sizes, int n) {
+    const int64_t s[4] = {sizeof(Lin), sizeof(Layer), sizeof(Model), sizeof(Embed)};
+    for (int i = 0; i < n && i < 4; i++) sizes[i] = s[i];
+    return 4;
+}
+
 /* Which kernels this process runs: 2 AVX512-VNNI int8 products (and AVX2 for the rest),
  * 1 AVX2 + FMA, 0 portable C. */
 int aurl_kernels(void) {

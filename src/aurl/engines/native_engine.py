@@ -137,8 +137,26 @@ def load_library() -> Any:
     lib.aurl_kernels.restype = i32
     lib.aurl_set_kernels.argtypes = [i32]
     lib.aurl_set_kernels.restype = i32
+    check_layout(lib, spec.origin)
     _LIB = lib
     return lib
+
+
+def check_layout(lib: Any, origin: str) -> None:
+    """Refuse a compiled step whose structures differ from this module's (a build of another
+    version: the extension is built in place and is not rebuilt by an update of the source),
+    which the C step would read with the wrong layout."""
+    want = [ctypes.sizeof(t) for t in (_Lin, _Layer, _Model, _Embed)]
+    have = (ctypes.c_int64 * len(want))()
+    layout = getattr(lib, "aurl_layout", None)  # missing in builds before it
+    if layout is not None:
+        layout.argtypes, layout.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+    if layout is None or layout(have, len(want)) != len(want) or list(have) != want:
+        raise ConfigError(
+            f"Aurl's compiled step {origin} was built from another version of Aurl (its "
+            "structures differ from this one's): rebuild it (pip install -e . in the checkout, "
+            "or reinstall Aurl), or use --engine onnx"
+        )
 
 
 #: the step's kernels, as the C library numbers them: portable C (what other CPUs run), AVX2 +
