@@ -87,13 +87,14 @@ def test_cli_generation_never_imports_torch(tiny_export, tmp_path) -> None:
 def test_cli_midi_equals_the_symusic_writer(tiny_export, tmp_path, same_midi) -> None:
     """The files `aurl generate --engine onnx` writes without symusic hold what symusic writes
     for the same generated ids (the tiny model's pieces: many instruments, tempo changes,
-    pedal), note for note."""
+    pedal), note for note, and the key found as its signature (``export.signed``)."""
     import json
 
     from aurl.cli import main
     from aurl.config import DataConfig, GenerationConfig
     from aurl.data.tokenizer import Tokenizer
     from aurl.engines.onnx_engine import OnnxEngine
+    from aurl.generation.export import signed
     from aurl.generation.generate import generate
 
     engine = OnnxEngine(tiny_export)
@@ -106,6 +107,7 @@ def test_cli_midi_equals_the_symusic_writer(tiny_export, tmp_path, same_midi) ->
         ids = generate(engine, config)[0].ids  # the CLI's piece: same engine, seed, settings
         data = tokenizer.decode_to_data(ids)
         assert len(data.tracks) > 1 and len(data.tempo_time) > 1, json.dumps(data.tracks)
+        signed(data)
         same_midi((out / f"sample_seed{seed}_000.mid").read_bytes(), data.to_score().dumps_midi())
 
 
