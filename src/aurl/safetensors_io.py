@@ -91,6 +91,21 @@ def _layout(path: Path) -> tuple[dict, dict[str, tuple[int, int]], int]:
                 f"{data_bytes} data bytes: truncated or damaged, re-save it with save_pretrained"
             )
         out[name], offsets[name] = (dtype, shape), (start, end)
+    # the data indexed whole, in order, without holes or shared bytes (the format's own rule,
+    # which the torch loader enforces): a tensor given another's bytes was read as it
+    at = 0
+    for name, (start, end) in sorted(offsets.items(), key=lambda item: item[1]):
+        if start != at:
+            raise CheckpointError(
+                f"{path}: {name} starts at data byte {start}, not {at}: its tensors overlap or "
+                "leave a gap (damaged), re-save it with save_pretrained"
+            )
+        at = end
+    if at != data_bytes:
+        raise CheckpointError(
+            f"{path}: its tensors end at data byte {at} of {data_bytes}: damaged, re-save it "
+            "with save_pretrained"
+        )
     return out, offsets, 8 + n
 
 

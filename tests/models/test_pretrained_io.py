@@ -79,6 +79,38 @@ def test_header_lies_about_a_tensor_refused(saved):
     assert "does not fit in the file" in _load(saved)
 
 
+@pytest.mark.parametrize("how", ["overlap", "gap", "short"])
+def test_a_header_whose_tensors_overlap_or_leave_gaps_is_refused(saved, how):
+    """Every tensor's bytes where they fit, yet two of them share bytes (one tensor given
+    another's offsets: the torch loader refused it, the torch-free reader that the native
+    engine uses read it and generated), leave a hole, or leave bytes unindexed at the end: the
+    format indexes its data whole, without holes (safetensors' own rule), so each is refused."""
+    from aurl.safetensors_io import read_arrays
+
+    data = (saved / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    names = sorted((k for k in header if k != "__metadata__"),
+                   key=lambda k: header[k]["data_offsets"])  # fmt: skip
+    tail = data[8 + n :]
+    if how == "overlap":  # a tensor reads the bytes of an earlier one of its size
+        size = {k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in names}
+        first, later = next((a, b) for i, a in enumerate(names) for b in names[i + 1 :]
+                            if size[a] == size[b] > 0)  # fmt: skip
+        header[later]["data_offsets"] = header[first]["data_offsets"]
+    elif how == "gap":  # every tensor moved 4 bytes on: a hole at the start
+        for k in names:
+            header[k]["data_offsets"] = [x + 4 for x in header[k]["data_offsets"]]
+        tail = b"\0" * 4 + tail
+    else:  # bytes past the last tensor
+        tail = tail + b"\0" * 16
+    raw = json.dumps(header).encode()
+    (saved / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + tail)
+    assert "CheckpointError" in _load(saved)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        read_arrays(saved / "model.safetensors")
+
+
 @pytest.mark.parametrize("mode", ["transformer", "vae", "vae_gan"])
 def test_implied_sizes_read_the_config_back(tmp_path, mode):
     """What check_sizes compares: every size it reads off a header equals the config's."""
