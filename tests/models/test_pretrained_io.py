@@ -154,3 +154,21 @@ def test_absurd_config_sizes_refused_before_allocating(saved, sizes, reason):
     outcome, grown_kib = res
     assert outcome.startswith("CheckpointError") and reason in outcome, outcome
     assert grown_kib < 50 * 1024, grown_kib
+
+
+def test_finite_weights_whose_logits_overflow_are_refused(saved, tmp_path):
+    """A row of 3e38 passes the NaN / infinity check of the weights, yet every logit is NaN:
+    sampling from them stopped in torch.multinomial with a traceback (generate --engine torch,
+    found by helper 47). One first token at load refuses it, naming the file; the command says
+    it in one line."""
+    from safetensors.torch import load_file
+
+    from aurl.cli import main
+
+    tensors = load_file(str(saved / "model.safetensors"))
+    name = next(k for k in tensors if k.endswith("attn.qkv.weight"))
+    tensors[name][0] = 3e38
+    save_file(tensors, str(saved / "model.safetensors"))
+    assert "logits for a piece's first tokens are NaN or infinite" in _load(saved)
+    assert main(["generate", "--engine", "torch", "--checkpoint", str(saved), "--max-tokens",
+                 "40", "--out", str(tmp_path / "out")]) == 1  # fmt: skip

@@ -256,7 +256,31 @@ def load_pretrained(
     check_finite(weights, tensors)
     model.load_state_dict(fill_tied(tensors, model.state_dict()))
     model.eval()
+    check_first_logits(weights, model)
     return model
+
+
+def check_first_logits(weights: Path, model: MusicTransformerVAEGAN) -> None:
+    """Refuse finite weights whose products overflow float32 (a row of 3e38): the logits of a
+    piece's first tokens are NaN or infinite, and sampling from them stopped in
+    ``torch.multinomial`` with a traceback. Six tokens (two notes struck, time moving on, one
+    released: attention over several keys, where an overflowing query first shows) through the
+    model, ~2 ms for the shipped one; the numpy engines check one token at load."""
+    from aurl.data.vocab import START, Vocab
+
+    vocab = Vocab(model.vocab_config)
+    low = vocab.config.pitch_min
+    phrase = [START, vocab.velocity + vocab.config.velocity_bins // 2, vocab.note_on_id(low + 39),
+              vocab.note_on_id(low + 43), vocab.shift_id(vocab.config.max_shift_steps // 16),
+              vocab.note_off_id(low + 39)]  # fmt: skip
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(torch.tensor([phrase], dtype=torch.long, device=device)).logits
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(
+            f"{weights}: the model's logits for a piece's first tokens are NaN or infinite "
+            "(weights too large for float32 products?): use an earlier checkpoint"
+        )
 
 
 def check_finite(weights: Path, tensors: dict[str, torch.Tensor]) -> None:
