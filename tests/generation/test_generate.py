@@ -5,6 +5,7 @@ VAE conditioning."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -338,3 +339,16 @@ def test_long_limits_grow_the_buffer(model, monkeypatch) -> None:
     large = generate(model, GenerationConfig(max_tokens=40, seed=2), num_samples=3)
     assert all(np.array_equal(a.ids, b.ids) for a, b in zip(small, large))
     assert max(len(p.ids) for p in small) > 16
+
+
+@pytest.mark.parametrize(
+    "primer, message",
+    [(np.array([0, 774]), "outside the vocabulary's 0..773"), (np.array([0, -1]), "outside"),
+     (np.array([], np.int64), "of shape (0,)"), (np.zeros((1, 1, 1), np.int64), "of shape"),
+     (np.array([0.0, 4.0]), "outside"), (np.array([5, 4]), "must start with START")],
+)  # fmt: skip
+def test_a_primer_of_ids_the_model_lacks_is_refused(model, primer, message) -> None:
+    """A library caller's primer: an id past the vocabulary was an IndexError, an empty one an
+    IndexError, -1 read as INSTRUMENT_15 (numpy wraps it); each is one ConstraintError."""
+    with pytest.raises(ConstraintError, match=re.escape(message)):
+        generate(model, GenerationConfig(max_tokens=20), primer=primer)

@@ -392,8 +392,17 @@ def _room(buffer: Any, n: int, arrays: Any) -> Any:
     return arrays.cat(buffer, arrays.full(buffer.shape[0], CHUNK))
 
 
-def _prefix(primer: np.ndarray | None, batch: int, arrays: Any) -> Any:
-    """(B, P) prefix: START alone, or the primer (1-d shared, or 2-d one per row)."""
+def _prefix(primer: np.ndarray | None, batch: int, arrays: Any, size: int) -> Any:
+    """(B, P) prefix: START alone, or the primer (1-d shared, or 2-d one per row) of ids below
+    ``size`` (an id past the vocabulary was an IndexError, -1 read as the last id)."""
+    if primer is not None:
+        ids = np.asarray(primer)
+        if ids.ndim not in (1, 2) or ids.shape[-1] == 0:
+            raise ConstraintError(
+                f"a primer of shape {ids.shape}: give ids (P,) or (B, P), START first"
+            )
+        if ids.dtype.kind not in "iu" or int(ids.min()) < 0 or int(ids.max()) >= size:
+            raise ConstraintError(f"a primer holds ids outside the vocabulary's 0..{size - 1}")
     p = arrays.prefix(primer, batch)
     if p.shape[0] != batch:
         raise ConstraintError(
@@ -454,7 +463,7 @@ def generate(
         raise ConfigError("steered sampling runs without --beam")
     arrays = _arrays(engine)
     masker = masker or make_masker(vocab, config, None if engine.numpy else engine.device)
-    prefix = _prefix(primer, num_samples, arrays)
+    prefix = _prefix(primer, num_samples, arrays, vocab.size)
     bad = arrays.first_violation(masker.grammar, prefix)
     if bad is not None:
         row, col = bad
