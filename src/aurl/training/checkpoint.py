@@ -109,11 +109,12 @@ def not_lora(path: Path, state: dict[str, Any]) -> None:
     Raises:
         CheckpointError: naming the adapter folder the run writes instead.
     """
-    lora = (state.get("finetune") or {}).get("lora")
+    finetune = state.get("finetune") or {}
+    lora = finetune.get("lora") if isinstance(finetune, dict) else None
     if lora:
         run = Path(path).parent.parent
         raise CheckpointError(
-            f"{path} is a checkpoint of a LoRA fine-tune (rank {lora.get('rank')}): its "
+            f"{path} is a checkpoint of a LoRA fine-tune (rank {lora.get('rank') if isinstance(lora, dict) else lora}): its "
             f"weights are the adapter's; give --adapter {run / 'adapter'} (written when the "
             "run ends) with the model it tuned"
         )
@@ -219,11 +220,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def checkpoint_metrics(path: str | Path) -> dict[str, float]:
-    """The metrics a checkpoint recorded (unverified: for ranking and listing only)."""
-    try:
-        return json.loads((Path(path) / "state.json").read_text()).get("metrics", {})
-    except (OSError, ValueError):
+    """The metrics a checkpoint recorded (unverified: for ranking and listing only): its
+    finite numbers; {} where ``state.json`` is no regular file (a FIFO blocked the listing for
+    ever) or holds no mapping of metrics (a list, a loss ``"low"``: tracebacks)."""
+    state = Path(path) / "state.json"
+    if not state.is_file():
         return {}
+    try:
+        metrics = json.loads(state.read_text()).get("metrics", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(metrics, dict):
+        return {}
+    return {
+        k: float(v) for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(float(v))
+    }  # fmt: skip
 
 
 def best_checkpoints(run_dir: str | Path, n: int, key: str = "valid_loss") -> list[Path]:
@@ -277,25 +289,16 @@ def verify(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Verify and read a checkpoint folder (or a run folder: its latest checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
-    if not (path / "manifest.json").exists() and (path / "checkpoints").is_dir():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise CheckpointError(
-                f"run folder {path} holds no complete checkpoint: train longer or pick another"
-            )
-        path = latest
-    verify(path)
+def read_state(path: Path) -> tuple[dict[str, Any], Config]:
+    """``state.json`` of a verified checkpoint folder and the config it holds.
+
+    Raises:
+        CheckpointError: naming the file, where it is no object with an integer ``step`` and a
+            ``config`` mapping, of another format, or its config is invalid.
+    """
     try:
         state = json.loads((path / "state.json").read_text())
-        train_state = torch.load(
-            path / "train_state.pt", map_location=map_location, weights_only=True
-        )
-    except Exception as e:  # the unpickler refuses objects: say so, do not execute them
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from e
     if (
         not isinstance(state, dict)
@@ -315,6 +318,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         config = config_from_dict(state["config"])
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {path} holds an invalid config: {e}") from e
+    return state, config
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Verify and read a checkpoint folder (or a run folder: its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    if not (path / "manifest.json").exists() and (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(
+                f"run folder {path} holds no complete checkpoint: train longer or pick another"
+            )
+        path = latest
+    verify(path)
+    try:
+        train_state = torch.load(
+            path / "train_state.pt", map_location=map_location, weights_only=True
+        )
+    except Exception as e:  # the unpickler refuses objects: say so, do not execute them
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from e
+    state, config = read_state(path)
     return Checkpoint(
         path=path,
         step=int(state["step"]),
@@ -369,6 +395,21 @@ def _model_from(config: Config, weights: dict[str, torch.Tensor]) -> torch.nn.Mo
     return model.eval()
 
 
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file; a file cut short (its manifest written
+    to match) is one line naming it, not safetensors' own exception."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint file {path} cannot be read ({str(e).splitlines()[0]}): pick another "
+            "checkpoint"
+        ) from None
+
+
 def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
     """Average the weights of verified checkpoints into a pretrained model folder.
 
@@ -376,8 +417,6 @@ def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
     ``MusicTransformerVAEGAN.from_pretrained``) and returns the folder. Averaging the last few
     good checkpoints usually gives a slightly lower validation loss than any one of them.
     """
-    from safetensors.torch import load_file
-
     if not paths:
         raise CheckpointError("no checkpoints to average: the run has none with a validation loss")
     total: dict[str, torch.Tensor] = {}
@@ -385,15 +424,22 @@ def average_checkpoints(paths: list[Path], out: str | Path) -> Path:
     config = None
     for p in paths:
         verify(p)
-        state = json.loads((Path(p) / "state.json").read_text())
+        state, cfg = read_state(Path(p))
         not_lora(Path(p), state)
-        cfg = config_from_dict(state["config"])
         if config is not None and (cfg.model != config.model or cfg.vocab != config.vocab):
             raise CheckpointError(
                 f"{p} has another architecture than {paths[0]}: average checkpoints of one run"
             )
         config = cfg
-        for k, v in load_file(str(Path(p) / "model.safetensors")).items():
+        weights = _weights(Path(p) / "model.safetensors")
+        if total and (weights.keys() != total.keys()
+                      or any(v.shape != total[k].shape for k, v in weights.items())):  # fmt: skip
+            # a sum over other names or shapes fails, or (a name missing) averages wrongly
+            raise CheckpointError(
+                f"{p} holds other weights (names or shapes) than {paths[0]}: average "
+                "checkpoints of one run"
+            )
+        for k, v in weights.items():
             dtypes[k] = v.dtype
             # accumulate in float64: the mean of N float32 tensors is then exact to float32
             total[k] = (total.get(k, 0) + v.double()) if v.is_floating_point() else v
@@ -426,7 +472,7 @@ def export_weights(source: str | Path, out: str | Path, *, dtype: str = "float32
 
     c = load_checkpoint(export_source(source))
     not_lora(c.path, c.state)
-    model = _model_from(c.config, load_file(str(c.path / "model.safetensors")))
+    model = _model_from(c.config, _weights(c.path / "model.safetensors"))
     out = model.save_pretrained(out, window=c.config.data.window)
     if dtype != "float32":
         weights = Path(out) / "model.safetensors"
