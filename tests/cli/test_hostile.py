@@ -340,6 +340,17 @@ CASES = {
     # why", two lines
     "analyze an empty file": (["analyze", "{dir}/empty.mid", "--out", "{out}"], 1,
                               "cannot analyse {dir}/empty.mid: empty file"),
+    # -- session 19: '' as a path is Path(''), the current folder: it was checked, prepared,
+    # analysed or harmonized (file by file), and a cache or a report written into it
+    "check path empty": (["data", "check", ""], 2, "PATH '': give a file or folder name"),
+    "prepare dir empty": (["data", "prepare", "", "--out", "{out}"], 2, "DIR ''"),
+    "prepare out empty": (["data", "prepare", "{corpus}", "--out", ""], 2, "--out ''"),
+    "analyze path empty": (["analyze", "", "--out", "{out}"], 2, "FILE_OR_DIR ''"),
+    "analyze out empty": (["analyze", "{chorale}", "--out", ""], 2, "--out ''"),
+    "harmonize melody empty": (["harmonize", "", "--checkpoint", "{tiny}", "--out", "{out}"], 2,
+                               "'' is no file name"),
+    "accompany part empty": (["accompany", "", "--checkpoint", "{tiny}", "--out", "{out}"], 2,
+                             "'' is no file name"),
 }
 # fmt: on
 

@@ -524,6 +524,10 @@ COMPOSE_SUFFIXES = (".mid", ".midi", ".kar", *MUSICXML)
 
 def _file_or_folder(args: argparse.Namespace, path: str, kind: str, one: Any) -> int:
     """``one(args, path, None)`` for a file, :func:`_each_file` for a folder."""
+    from aurl.errors import ConfigError
+
+    if not path.strip():  # Path('') is the current folder: it was composed on, file by file
+        raise ConfigError(f"{path!r} is no file name: give a MIDI or MusicXML file or a folder")
     if Path(path).is_dir():
         return _each_file(args, path, kind, one)
     one(args, path, None)

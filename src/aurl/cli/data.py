@@ -107,6 +107,15 @@ def run_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named(value: str, what: str) -> None:
+    """Refuse ``''`` for a path: ``Path('')`` is the current folder, which was checked, read
+    or written into in its place."""
+    from aurl.errors import ConfigError
+
+    if not value.strip():
+        raise ConfigError(f"{what} {value!r}: give a file or folder name")
+
+
 def run_check(args: argparse.Namespace) -> int:
     import json
     import sys
@@ -117,6 +126,7 @@ def run_check(args: argparse.Namespace) -> int:
     from aurl.progress import bar
 
     checks.workers(args.workers)
+    _named(args.path, "PATH")
     config = config_from_args(args)
     try:
         result = check_paths(args.path, config, workers=args.workers, progress=bar)
@@ -134,6 +144,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     from aurl.data.cache import parse_shard, prepare
     from aurl.progress import bar
 
+    _named(args.dir, "DIR")
+    _named(args.out, "--out")
     checks.out_dir(args.out)
     checks.workers(args.workers)
     config = config_from_args(args)
