@@ -65,8 +65,9 @@ def file_sha256(path: str | Path) -> str:
 def not_a_file(path: str | Path) -> str | None:
     """Why ``path`` is not a regular file to read, as the end of an error line ("does not exist",
     "is a folder", "is not a regular file (a device, pipe or socket)"); None when it is one.
-    Stats only, never opens: opening a FIFO or a device can block forever. Other errors of
-    ``stat`` (a folder it may not search) are raised: the command line names them."""
+    Stats only, never opens: opening a FIFO or a device can block forever. A permission error
+    of ``stat`` (a folder it may not search) is raised: the command line names it."""
+    import errno
     import stat
 
     try:
@@ -75,6 +76,12 @@ def not_a_file(path: str | Path) -> str | None:
         return "does not exist"
     except NotADirectoryError:
         return "does not exist (a folder on its path is a file)"
+    except PermissionError:
+        raise
+    except OSError as e:  # a symbolic link loop (ELOOP), a name too long: an OSError traceback
+        if e.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        return f"cannot be read ({e.strerror or e})"
     if stat.S_ISREG(mode):
         return None
     if stat.S_ISDIR(mode):

@@ -72,6 +72,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     save_file(tensors, str(weights), metadata={"format": "pt"})
 
     (d / "afile").write_text("a file, not a folder")
+    os.symlink("loop.mid", d / "loop.mid")  # a link to itself
     (d / "cfg.yaml").write_bytes(b"model:\n  d_model: \xe4\xf6\n")  # Latin-1, not UTF-8
     cache = d / "cache"
     cache.mkdir()
@@ -351,6 +352,19 @@ CASES = {
                                "'' is no file name"),
     "accompany part empty": (["accompany", "", "--checkpoint", "{tiny}", "--out", "{out}"], 2,
                              "'' is no file name"),
+    # --out '' was the current folder for every other command (cli.checks.out_dir)
+    "generate out empty": ([*GEN[:3], "--out", "", *GEN[5:]], 2, "--out '': give a folder"),
+    "harmonize out empty": ([*HARM[:4], "--out", ""], 2, "--out '': give a folder"),
+    "evaluate out empty": ([*EVAL[:5], "--out", ""], 2, "--out '': give a folder"),
+    "export out empty": (["export", "--format", "onnx", "--checkpoint", "{tiny}", "--out", ""], 2,
+                         "--out '': give a folder"),
+    "checkpoint export out empty": (["checkpoint", "export", "{ckpt}", "--out", ""], 2,
+                                    "--out '': give a folder"),
+    # a symbolic link loop was an OSError traceback (fileio.not_a_file)
+    "analyze a link loop": (["analyze", "{dir}/loop.mid", "--out", "{out}"], 1,
+                            "loop.mid is a loop of symbolic links"),
+    "harmonize a link loop": (["harmonize", "{dir}/loop.mid", *HARM[2:]], 1,
+                              "loop.mid is a loop of symbolic links"),
 }
 # fmt: on
 

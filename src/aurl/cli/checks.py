@@ -25,6 +25,8 @@ def out_dir(path: str, flag: str = "--out") -> Path:
 
     if "\0" in path:
         raise ConfigError(f"{flag} {path!r}: a path cannot hold a NUL byte")
+    if not path.strip():  # Path('') is the current folder: the output went into it
+        raise ConfigError(f"{flag} {path!r}: give a folder to write into")
     folder = Path(path)
     for p in (folder, *folder.parents):
         if p.exists() or p.is_symlink():
