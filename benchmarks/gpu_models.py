@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--margin", type=float, default=0.8, help="share of the budget for steps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--style", help="score the test split under this style")
+    p.add_argument("--voices", type=int, default=0,
+                   help="the voices the model is written in (checkpoint export --voices)")  # fmt: skip
     p.add_argument(
         "--init-from", metavar="BASE",
         help="start both runs from this model (aurl train --init-from: shipped, a name, a folder)",
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     report["valid"] = [(r["step"], r["bits_per_note"]) for r in recs if r.get("kind") == "valid"]
     report["last_step"] = max((r["step"] for r in recs if "step" in r), default=0)
     model = out / f"{args.job}-model"
-    call(["checkpoint", "export", str(run), "--out", str(model), "--dtype", args.dtype])
+    call(["checkpoint", "export", str(run), "--out", str(model), "--dtype", args.dtype,
+          "--voices", str(args.voices)])  # fmt: skip
     report["test"] = score(model, eval_cache, device, args.style)
     report["total_wall_s"] = time.perf_counter() - t0
     (out / f"{args.job}.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -70,7 +70,7 @@ job() { timeout $((BUDGET + 100)) $PY benchmarks/gpu_models.py --out "$W/models"
 JOBS=()
 for j in ${JOBS_RUN:-styles}; do
   case $j in
-    small) job --job small --cache "$CACHE" --preset small "${MODELS[@]}" -- "${SETS[@]}" \
+    small) job --job small --cache "$CACHE" --preset small --voices 4 "${MODELS[@]}" -- "${SETS[@]}" \
              "${RECIPE[@]}" & ;;
     styles) job --job styles --cache "$ALL" --eval-cache "$CACHE" --style chorale --preset small \
               --init-from shipped "${MODELS[@]}" -- "${SETS[@]}" "${RECIPE[@]}" \

@@ -151,3 +151,30 @@ def test_the_meter_asked_and_the_key_found_are_in_the_files(tmp_path, capsys) ->
     for part in xml.parts:
         assert {t.ratioString for t in part.recurse().getElementsByClass("TimeSignature")} == {"3/4"}
         assert {k.sharps for k in part.recurse().getElementsByClass("KeySignature")} == {key.sharps}
+
+
+def test_checkpoint_export_records_the_voices(tmp_path, capsys) -> None:
+    """``aurl checkpoint export --voices 4`` writes ``"voices": 4`` beside the weights, so a
+    chorale model of one's own (or the next shipped release, ``benchmarks/gpu_models.py
+    --voices 4``) writes four voices by default; without it nothing is recorded; 9 is refused."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    chorale = Path(__file__).resolve().parents[1] / "fixtures" / "midi" / "bach_bwv269.mid"
+    (tmp_path / "corpus").mkdir()
+    shutil.copy(chorale, tmp_path / "corpus" / "a.mid")
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    assert main(["data", "prepare", str(tmp_path / "corpus"), "--out", str(cache),
+                 "--workers", "1"]) == 0  # fmt: skip
+    assert main(["train", "--preset", "tiny", "--data", str(cache), "--out", str(run),
+                 "training.max_steps=1", "training.sample_every=0", "data.window=64",
+                 "data.batch_size=2"]) == 0, capsys.readouterr().err  # fmt: skip
+    for voices, want in (("4", 4), ("0", None)):
+        out = tmp_path / f"model{voices}"
+        assert main(["checkpoint", "export", str(run), "--out", str(out), "--voices", voices]) == 0
+        assert json.loads((out / "config.json").read_text()).get("voices") == want
+    capsys.readouterr()
+    assert main(["checkpoint", "export", str(run), "--out", str(tmp_path / "m9"), "--voices",
+                 "9"]) == 2  # fmt: skip
+    assert "--voices 9" in capsys.readouterr().err

@@ -77,6 +77,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
         help="store the weights in this precision (bfloat16/float16 halve the file)",
     )  # fmt: skip
+    exp.add_argument(
+        "--voices", type=int, default=0, metavar="N",
+        help="the voices the model's music is written in (4 for chorales trained on SATB "
+        "files), recorded in its config.json: 'aurl generate' then writes N voice tracks by "
+        "default; 0 (default): not recorded, one free track",
+    )  # fmt: skip
     exp.set_defaults(func=run_export)
     c.set_defaults(func=lambda args: c.print_help() or 2)
 
@@ -184,6 +190,11 @@ def run_export(args: argparse.Namespace) -> int:
     from aurl.training.checkpoint import export_weights
 
     checks.out_dir(args.out)
-    out = export_weights(args.checkpoint, args.out, dtype=args.dtype)
+    from aurl.cli.generate import MAX_VOICES
+    from aurl.errors import ConfigError
+
+    if not 0 <= args.voices <= MAX_VOICES:
+        raise ConfigError(f"--voices {args.voices}: give 1 to {MAX_VOICES} (4 for SATB), or 0")
+    out = export_weights(args.checkpoint, args.out, dtype=args.dtype, voices=args.voices)
     print(f"exported {out}")
     return 0

@@ -821,12 +821,14 @@ class MusicTransformerVAEGAN(nn.Module):
         parts = " ".join(f"{k} {human(v)}" for k, v in self.parameter_counts().items())
         return f"parameters {parts}"
 
-    def save_pretrained(self, folder: str | Path, *, window: int | None = None) -> Path:
+    def save_pretrained(
+        self, folder: str | Path, *, window: int | None = None, voices: int = 0
+    ) -> Path:
         """Weights as safetensors plus ``config.json`` (model and vocab config; the training
-        window when given)."""
+        window and the voices the music is written in, when given)."""
         from aurl.models.pretrained import save_pretrained
 
-        return save_pretrained(self, folder, window=window)
+        return save_pretrained(self, folder, window=window, voices=voices)
 
     @classmethod
     def from_pretrained(

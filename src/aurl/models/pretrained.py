@@ -63,12 +63,19 @@ def model_config_dict(config: ModelConfig) -> dict:
 
 
 def save_pretrained(
-    model: MusicTransformerVAEGAN, folder: str | Path, *, window: int | None = None
+    model: MusicTransformerVAEGAN,
+    folder: str | Path,
+    *,
+    window: int | None = None,
+    voices: int = 0,
 ) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``folder`` (created if needed).
 
     ``window``: the training windows' length (``data.window``), recorded so that evaluation
     scores the model in windows of the length it learned (read by :func:`trained_window`).
+    ``voices``: the voices the model's music is written in (``aurl checkpoint export
+    --voices``), ``aurl generate``'s default ``--voices`` (``cli.generate.model_voices``);
+    0: not recorded.
     """
     from safetensors.torch import save_model
 
@@ -83,6 +90,8 @@ def save_pretrained(
     }
     if window is not None:
         meta["window"] = int(window)
+    if voices:
+        meta["voices"] = int(voices)
     # shared (tied) tensors stored once
     atomic_write(
         folder / WEIGHTS, lambda tmp: save_model(model, str(tmp), metadata={"format": "pt"})

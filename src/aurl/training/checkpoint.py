@@ -463,17 +463,20 @@ def export_source(source: str | Path) -> Path:
     return source
 
 
-def export_weights(source: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
+def export_weights(
+    source: str | Path, out: str | Path, *, dtype: str = "float32", voices: int = 0
+) -> Path:
     """The weights alone of one checkpoint (or a run's best, else latest) as a pretrained folder.
 
     ``dtype`` ``bfloat16``/``float16`` halves the file (the weights load back into float32).
+    ``voices``: recorded in its ``config.json`` (:func:`~aurl.models.pretrained.save_pretrained`).
     """
     from safetensors.torch import load_file, save_file
 
     c = load_checkpoint(export_source(source))
     not_lora(c.path, c.state)
     model = _model_from(c.config, _weights(c.path / "model.safetensors"))
-    out = model.save_pretrained(out, window=c.config.data.window)
+    out = model.save_pretrained(out, window=c.config.data.window, voices=voices)
     if dtype != "float32":
         weights = Path(out) / "model.safetensors"
         tensors = load_file(str(weights))
