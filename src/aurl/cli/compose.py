@@ -275,12 +275,29 @@ def read_score(path: str | Path) -> Any:
         try:
             score = read_midi_score(path).to("tick")  # checked bytes only (aurl.data.smf)
         except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise MidiReadError(
-                f"{path} cannot be read ({first}): give a MIDI or MusicXML file"
-            ) from None
+            score = _smpte_score(path)
+            if score is None:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise MidiReadError(
+                    f"{path} cannot be read ({first}): give a MIDI or MusicXML file"
+                ) from None
     _no_absurd_ticks(score, path)
     return score
+
+
+def _smpte_score(path: Path) -> Any:
+    """The score of a MIDI file timed in SMPTE frames (which symusic's reader refuses), as the
+    repairing reader converts it to ticks, when that conversion is its only repair (the given
+    notes kept as they are, as the composing commands keep them); else None. ``aurl analyze``
+    and the server's composing read such files the same way."""
+    from aurl.config import DataConfig
+    from aurl.data.midi_io import read_midi
+
+    try:
+        score, report = read_midi(path, DataConfig(drums="keep"))
+    except Exception:  # noqa: BLE001 - the caller reports the first reader's error
+        return None
+    return score.to("tick") if set(report.repairs) == {"smpte"} else None
 
 
 def _no_absurd_ticks(score: Any, path: Path) -> None:
