@@ -81,12 +81,9 @@ class _StyleGuesser:
         from aurl.evaluation.style import classify_style
 
         if path.suffix.lower() in MUSICXML:  # read as MIDI, as read_piece reads it
-            import tempfile
+            from aurl.cli.compose import musicxml_read
 
-            from aurl.cli.compose import musicxml_isolated
-
-            with tempfile.TemporaryDirectory() as tmp:
-                return self(musicxml_isolated(path, Path(tmp)))
+            return musicxml_read(path, self)
 
         meter = read_meter(path) if self.model.config.meter else None
         ids = self.tokenizer.encode_file(path)
@@ -126,26 +123,11 @@ def read_piece(path: Path):
 
 
 def _read_musicxml(path: Path):
-    """:func:`read_piece` of a MusicXML file: written as MIDI by music21 in a temporary
-    folder, read as a MIDI file is; errors name ``path``."""
-    import tempfile
+    """:func:`read_piece` of a MusicXML file (:func:`aurl.cli.compose.musicxml_read`: written
+    as MIDI by music21, read as a MIDI file is; errors name ``path``)."""
+    from aurl.cli.compose import musicxml_read
 
-    from aurl.cli.compose import musicxml_as_midi
-    from aurl.errors import MidiReadError
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mid = musicxml_as_midi(path, Path(tmp))
-        except (MidiReadError, MemoryError):  # its own line; the worker's memory bound
-            raise
-        except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise MidiReadError(f"{path} cannot be read ({first}): give a MIDI or MusicXML "
-                                "file") from None  # fmt: skip
-        try:
-            return read_piece(mid)
-        except MidiReadError as e:
-            raise MidiReadError(str(e).replace(str(mid), str(path))) from None
+    return musicxml_read(path, read_piece)
 
 
 def _read_in_worker(path: Path):

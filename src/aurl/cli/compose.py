@@ -228,31 +228,38 @@ def musicxml_isolated(path: Path, folder: Path) -> Path:
     return folder / "score.mid"
 
 
-def _musicxml_score(path: Path) -> Any:
-    """:func:`read_score` of a MusicXML file: music21 writes it as MIDI in a worker process
-    (:func:`musicxml_isolated`; here, where this is one already: a reader worker of
-    :mod:`aurl.data.isolate` may start no process), read back as any MIDI file is (it was
-    written from untrusted XML); errors name ``path``."""
+def musicxml_read(path: Path, read: Any) -> Any:
+    """``read`` of the MIDI file music21 writes for the MusicXML file ``path`` in a temporary
+    folder: in a worker process (:func:`musicxml_isolated`), or here where this is one already
+    (a reader worker of :mod:`aurl.data.isolate`, whose bounds hold, may start no process).
+    The MIDI is read as any MIDI file is (it was written from untrusted XML); errors name
+    ``path``, and a worker's MemoryError is left to its memory bound."""
     import multiprocessing
     import tempfile
 
-    from aurl.data.midi_io import read_score as read_midi_score
     from aurl.errors import MidiReadError
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
             here = multiprocessing.current_process().daemon
             mid = (musicxml_as_midi if here else musicxml_isolated)(path, Path(tmp))
-        except MidiReadError:
+        except (MidiReadError, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001 - any parser failure is one clear line
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise MidiReadError(f"{path} cannot be read ({first}): give a MIDI or MusicXML "
                                 "file") from None  # fmt: skip
         try:
-            return read_midi_score(mid).to("tick")
+            return read(mid)
         except MidiReadError as e:
             raise MidiReadError(str(e).replace(str(mid), str(path))) from None
+
+
+def _musicxml_score(path: Path) -> Any:
+    """:func:`read_score` of a MusicXML file (:func:`musicxml_read`)."""
+    from aurl.data.midi_io import read_score as read_midi_score
+
+    return musicxml_read(path, lambda mid: read_midi_score(mid).to("tick"))
 
 
 def read_score(path: str | Path) -> Any:
