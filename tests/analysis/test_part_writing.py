@@ -104,7 +104,7 @@ def test_aurl_analyze_reads_musicxml_parts_as_voices(tmp_path, capsys) -> None:
 
     xml = tmp_path / "in" / "bwv269.musicxml"
     xml.parent.mkdir()
-    converter.parse(str(FIXTURES / "bach_bwv269.mid")).write("musicxml", fp=str(xml))
+    converter.parse(str(FIXTURES / "bach_bwv269.mid"), forceSource=True).write("musicxml", fp=str(xml))
     (tmp_path / "in" / "notes.xml").write_text("<shopping><item>milk</item></shopping>")
     assert main(["analyze", str(xml), "--out", str(tmp_path / "a"), "--no-plots"]) == 0
     got = json.loads((tmp_path / "a" / "analysis.json").read_text())

@@ -154,7 +154,7 @@ def test_one_chorale_converts_like_the_bundled_file_and_the_fixture(tmp_path, fi
 def test_one_chorale_has_music21s_notes(tmp_path):
     from music21 import corpus
 
-    score = corpus.parse("bach/bwv66.6.mxl").stripTies()
+    score = corpus.parse("bach/bwv66.6.mxl", forceSource=True).stripTies()
     pitches = sorted(p.midi for n in score.recurse().notes for p in n.pitches)
     convert_score(Source("bach/bwv66.6.mxl", "J.S. Bach", "t"), tmp_path / "a.mid")
     ours = notes_from_file(tmp_path / "a.mid")
@@ -276,7 +276,7 @@ def test_classical_corpus_converts_a_score_beside_the_copied_chorales(tmp_path, 
     assert entry["tracks"] == len(midi.tracks) == 2  # the two staves
     assert entry["notes"] == midi.note_num()
     # the notes are music21's: the same pitches, each note as often as the repeats play it
-    score = m21corpus.parse(rel).stripTies()
+    score = m21corpus.parse(rel, forceSource=True).stripTies()
     pitches = collections.Counter(p.midi for n in score.recurse().notes for p in n.pitches)
     ours = collections.Counter(notes_from_file(tmp_path / "out" / entry["file"])["pitch"].tolist())
     assert set(ours) == set(pitches)

@@ -177,7 +177,7 @@ def test_cli_harmonize_writes_satb_midi_and_musicxml(tmp_path: Path, capsys) -> 
     assert len(mid.key_signatures) == len(original.key_signatures)
     from music21 import converter
 
-    parsed = converter.parse(str(out / "tune_harmonized_seed0_000.musicxml"))
+    parsed = converter.parse(str(out / "tune_harmonized_seed0_000.musicxml"), forceSource=True)
     assert [p.partName for p in parsed.parts] == list(SATB)
 
 

@@ -55,7 +55,7 @@ def test_musicxml_is_quantized_and_keeps_every_pitch(score, tmp_path) -> None:
     from music21 import converter
 
     path = write_musicxml(score, tmp_path / "x.musicxml")
-    parsed = converter.parse(str(path)).stripTies()  # notes across barlines are tied pairs
+    parsed = converter.parse(str(path), forceSource=True).stripTies()  # notes across barlines are tied pairs
     pitches = sorted(p.midi for n in parsed.flatten().notes for p in n.pitches)
     assert pitches == sorted(notes_from_score(score)["pitch"].tolist())
     offsets = np.array([float(n.offset) for n in score_to_music21(score).flatten().notes])
