@@ -44,7 +44,7 @@ def pad_pickups(corpus: Path, out: Path) -> Counter:
     shutil.copy(corpus / "manifest.json", out / "manifest.json")
     pads = Counter()
     for entry in manifest["files"]:
-        first = m21corpus.parse(entry["source"]).parts[0].getElementsByClass("Measure")[0]
+        first = m21corpus.parse(entry["source"], forceSource=True).parts[0].getElementsByClass("Measure")[0]
         pad = float(first.barDuration.quarterLength - first.duration.quarterLength)
         pads[pad] += 1
         score = symusic.Score(str(corpus / entry["file"]))

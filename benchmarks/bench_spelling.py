@@ -29,7 +29,7 @@ def main() -> None:
     total = ours = plain = 0
     for f in files:
         name = f.stem.removeprefix("bach_")
-        bach = Counter(p.nameWithOctave for n in corpus.parse("bach/" + name).recurse().notes
+        bach = Counter(p.nameWithOctave for n in corpus.parse("bach/" + name, forceSource=True).recurse().notes
                        for p in n.pitches)  # fmt: skip
         pitches = [p for n in score_to_music21(symusic.Score(str(f))).recurse().notes
                    for p in n.pitches]  # fmt: skip
