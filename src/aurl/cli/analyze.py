@@ -176,9 +176,8 @@ def run(args: argparse.Namespace) -> int:
     from aurl.errors import ConfigError, DataError
     from aurl.progress import bar
 
-    for value, what in ((args.path, "FILE_OR_DIR"), (args.out, "--out")):
-        if not value.strip():  # Path('') is the current folder: it was read, or written
-            raise ConfigError(f"{what} {value!r}: give a file or folder name")
+    if not args.path.strip():  # Path('') is the current folder: it was read ('' --out: out_dir)
+        raise ConfigError(f"FILE_OR_DIR {args.path!r}: give a file or folder name")
     if args.beats_per_bar != 0:  # 0: each file's own; a tiny bar is billions of key windows
         checks.finite(args.beats_per_bar, "--beats-per-bar", least=MIN_BAR, most=64)
     checks.out_dir(args.out)

@@ -145,8 +145,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     from aurl.progress import bar
 
     _named(args.dir, "DIR")
-    _named(args.out, "--out")
-    checks.out_dir(args.out)
+    checks.out_dir(args.out)  # '' too
     checks.workers(args.workers)
     config = config_from_args(args)
     shard = parse_shard(args.shard) if args.shard is not None else None  # "": no part

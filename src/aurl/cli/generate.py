@@ -845,7 +845,7 @@ def write_pieces(
         data = tokenizer.decode_to_data(piece.ids)  # MIDI and PNG need no symusic score
         notes = data_to_notes(data)
         duration = float((notes["onset_s"] + notes["duration_s"]).max()) if len(notes) else 0.0
-        key = signed(data, config.meter)  # the meter asked and the key found, in the file
+        key = signed(data, config.meter, notes)  # the meter asked and the key found, in the file
         score = data
         if voices:  # as a table: MIDI and PNG still need no symusic score
             from aurl.generation.export import voice_data

@@ -338,19 +338,19 @@ def voice_score(score: Any, n: int) -> Any:
     return score_like(score, tracks)
 
 
-def signed(data: MidiData, meter: str = "") -> str:
+def signed(data: MidiData, meter: str = "", notes: np.ndarray | None = None) -> str:
     """Write into a decoded table what generation knows of its piece, at tick 0: the meter asked
     (``generation.meter``, e.g. ``3/4``; none: no time signature, 4/4 implied) and the key its
-    notes are in (:func:`aurl.analysis.keys.estimate_key`), so a notation program bars and
-    spells it (:func:`score_to_music21` too). Returns the key's name, "no key" where the notes
-    hold none (no key signature then)."""
+    notes are in (:func:`aurl.analysis.keys.estimate_key`; ``notes``: the table's, when the
+    caller has them), so a notation program bars and spells it (:func:`score_to_music21` too).
+    Returns the key's name, "no key" where the notes hold none (no key signature then)."""
     from aurl.analysis.keys import estimate_key
     from aurl.data.tokenizer import data_to_notes
     from aurl.errors import DataError
 
     data.time_signatures = [(0, *map(int, meter.split("/")))] if meter else []
     try:
-        key = estimate_key(data_to_notes(data))
+        key = estimate_key(data_to_notes(data) if notes is None else notes)
     except DataError:
         data.key_signatures = []
         return "no key"
